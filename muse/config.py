@@ -1,0 +1,302 @@
+"""Typed configuration for every Muse component, the named presets, and YAML override loading.
+
+Every component is a frozen dataclass. YAML files hold only what differs from the defaults:
+`load(Cls, path, overrides)` starts from the dataclass (or a named preset), applies the YAML, then
+`key.sub=value` overrides, and rejects unknown keys with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class VQGANConfig:
+    """Convolutional VQGAN (Esser et al.) with an l2-normalised, factorised codebook (ViT-VQGAN)."""
+
+    resolution: int = 256  # image side the tokenizer is trained at
+    in_channels: int = 3
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # one downsample between levels: f = 2**(len-1)
+    num_res_blocks: int = 2
+    z_channels: int = 256
+    codebook_size: int = 8192
+    codebook_dim: int = 32  # low-dimensional lookup space; all codes stay in use (Yu et al. 2022)
+    commitment_weight: float = 0.25
+    dead_code_threshold: float = 1e-3  # EMA usage under which a code is restarted from the batch
+    # Decoder-only widening/deepening for the decoder fine-tune stage (Muse §2.5); None = as encoder.
+    decoder_base_channels: int | None = None
+    decoder_num_res_blocks: int | None = None
+    disc_channels: int = 64
+    disc_layers: int = 3
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def tokens_per_side(self) -> int:
+        return self.resolution // self.downsample_factor
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """A T5-family encoder. `name_or_path` loads a Hugging Face model (local dir or s3://, never a
+    download); None builds a small T5 encoder from these numbers with the byte-level ByT5 tokenizer."""
+
+    name_or_path: str | None = None
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    d_kv: int = 16
+    d_ff: int = 256
+    vocab_size: int = 384  # ByT5: 3 specials + 256 bytes + 125 extra ids
+    max_length: int = 128  # tokens kept per caption (bytes for ByT5)
+
+
+@dataclass(frozen=True)
+class BaseTransformerConfig:
+    """Base masked transformer over low-res image tokens (Muse §2.2)."""
+
+    codebook_size: int = 8192
+    tokens_per_side: int = 16
+    hidden: int = 2048
+    layers: int = 48
+    heads: int = 32
+    mlp: int = 8192
+    text_dim: int = 4096  # T5-XXL width, projected linearly into `hidden`
+    kv_heads: int | None = None  # cross-attention K/V heads (grouped-query); None = heads
+    dropout: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens_per_side**2
+
+
+@dataclass(frozen=True)
+class SuperResTransformerConfig:
+    """Super-res transformer (Muse §2.3): low-res tokens encoded by their own layers; high-res tokens
+    cross-attend to the text and the low-res encoding."""
+
+    lo_codebook_size: int = 8192
+    hi_codebook_size: int = 8192
+    lo_tokens_per_side: int = 16
+    hi_tokens_per_side: int = 64
+    hidden: int = 1024
+    lo_layers: int = 16
+    hi_layers: int = 32
+    heads: int = 16
+    mlp: int = 4096
+    text_dim: int = 4096
+    kv_heads: int | None = None
+    dropout: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.hi_tokens_per_side**2
+
+
+@dataclass(frozen=True)
+class MuseConfig:
+    """Everything in a model root: one config per component."""
+
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    vqgan_lo: VQGANConfig = field(default_factory=VQGANConfig)
+    vqgan_hi: VQGANConfig = field(default_factory=VQGANConfig)
+    base: BaseTransformerConfig = field(default_factory=BaseTransformerConfig)
+    superres: SuperResTransformerConfig = field(default_factory=SuperResTransformerConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets. Paper sizes follow Muse (arXiv 2301.00704) Table/§4; `tiny` trains on 2 CPU cores.
+
+T5_XXL_DIM = 4096
+
+PRESETS: dict[str, Any] = {
+    # Tokenizers
+    "vqgan-f16-8192": VQGANConfig(resolution=256, channel_mult=(1, 1, 2, 2, 4)),
+    "vqgan-f8-8192": VQGANConfig(resolution=512, channel_mult=(1, 2, 2, 4)),
+    "vqgan-tiny": VQGANConfig(
+        resolution=64, base_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=1,
+        z_channels=64, codebook_size=512, codebook_dim=16, disc_channels=32, disc_layers=2,
+    ),
+    "vqgan-hi-tiny": VQGANConfig(
+        resolution=128, base_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=1,
+        z_channels=64, codebook_size=512, codebook_dim=16, disc_channels=32, disc_layers=2,
+    ),
+    # Text encoders
+    "t5-tiny": TextEncoderConfig(),
+    "t5-xxl": TextEncoderConfig(name_or_path="google/t5-v1_1-xxl", d_model=T5_XXL_DIM),
+    # Transformers
+    "base-632m": BaseTransformerConfig(hidden=1280, layers=24, heads=20, mlp=5120),
+    "base-3b": BaseTransformerConfig(hidden=2048, layers=48, heads=32, mlp=8192, kv_heads=8),
+    "base-tiny": BaseTransformerConfig(
+        codebook_size=512, tokens_per_side=8, hidden=128, layers=4, heads=4, mlp=512, text_dim=64,
+    ),
+    "superres-268m": SuperResTransformerConfig(hidden=640, lo_layers=16, hi_layers=32, heads=10, mlp=2048),
+    "superres-tiny": SuperResTransformerConfig(
+        lo_codebook_size=512, hi_codebook_size=512, lo_tokens_per_side=8, hi_tokens_per_side=16,
+        hidden=128, lo_layers=2, hi_layers=4, heads=4, mlp=512, text_dim=64,
+    ),
+}
+
+# Whole model roots by name: component preset names.
+MODEL_PRESETS: dict[str, dict[str, str]] = {
+    "tiny": {
+        "text_encoder": "t5-tiny", "vqgan_lo": "vqgan-tiny", "vqgan_hi": "vqgan-hi-tiny",
+        "base": "base-tiny", "superres": "superres-tiny",
+    },
+    "muse-632m": {
+        "text_encoder": "t5-xxl", "vqgan_lo": "vqgan-f16-8192", "vqgan_hi": "vqgan-f8-8192",
+        "base": "base-632m", "superres": "superres-268m",
+    },
+    "muse-3b": {
+        "text_encoder": "t5-xxl", "vqgan_lo": "vqgan-f16-8192", "vqgan_hi": "vqgan-f8-8192",
+        "base": "base-3b", "superres": "superres-268m",
+    },
+}
+
+
+def preset(name: str) -> Any:
+    """A component preset by name."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def model_preset(name: str) -> MuseConfig:
+    """A whole model root's config by name ("tiny", "muse-632m", "muse-3b")."""
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(MODEL_PRESETS))}")
+    return MuseConfig(**{part: preset(p) for part, p in MODEL_PRESETS[name].items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Dict / YAML conversion with strict keys.
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict (tuples become lists)."""
+    return json_ready(dataclasses.asdict(cfg))
+
+
+def json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], base: T | None = None) -> T:
+    """Build `cls` from `data` on top of `base` (or the defaults); unknown keys raise ValueError."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls) if f.init}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(
+            f"{cls.__name__}: unknown key(s) {unknown}; valid keys: {sorted(known)}"
+        )
+    current = base if base is not None else cls()
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        changes[key] = _coerce(hints[key], value, getattr(current, key), f"{cls.__name__}.{key}")
+    return replace(current, **changes)
+
+
+def _coerce(hint: Any, value: Any, current: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if is_dataclass(hint):
+        return from_dict(hint, value, current if is_dataclass(current) else None)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(inner[0], value, current, where)
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        elem = args[0] if args else Any
+        return tuple(_coerce(elem, v, None, where) for v in value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"{where}: expected a bool, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
+        try:
+            out = hint(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}") from None
+        if hint is int and isinstance(value, float) and value != out:
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return out
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """["a.b=3", "c=[1,2]"] -> {"a": {"b": 3}, "c": [1, 2]} (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge of b onto a."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+         base: T | None = None) -> T:
+    """Config of type `cls`: `base` (or defaults) <- YAML file at `path` <- `overrides`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of keys to values")
+        data = loaded
+    data = merge(data, parse_overrides(list(overrides)))
+    return from_dict(cls, data, base)

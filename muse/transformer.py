@@ -1,0 +1,274 @@
+"""Muse's masked image transformers (arXiv 2301.00704 §2.2–2.3).
+
+The base model sees a grid of VQGAN token ids in which some are replaced by a [MASK] id and predicts
+the original id at every position, conditioned on text:
+
+    tokens (B, N) ──embed + 2D positions──▶ x (B, N, C)
+    for each block:  x += SelfAttn(LN(x))              image tokens attend to each other
+                     x += CrossAttn(LN(x), context)     ... and to the projected text
+                     x += MLP(LN(x))
+    logits = Linear(LN(x))  (B, N, codebook_size)
+
+The text side of cross-attention does not change while an image is decoded, so its keys and values
+are computed once per request by `encode_context` and reused at every sampling step. A learned "null"
+context token is always present: dropping the text for classifier-free guidance means masking out
+every text position, which leaves the null token (no empty-softmax NaNs, no extra encoder call).
+
+The super-res model (§2.3) first encodes the low-res token grid with its own self-attention layers;
+high-res tokens then cross-attend to the concatenation [text ; low-res encoding].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from muse.config import BaseTransformerConfig, SuperResTransformerConfig
+
+
+@dataclass
+class Context:
+    """Per-request cross-attention keys/values, one (k, v) pair per block, and the key mask."""
+
+    keys: list[torch.Tensor]  # each (B, Hkv, L, Dh)
+    values: list[torch.Tensor]  # each (B, Hkv, L, Dh)
+    mask: torch.Tensor  # (B, L) bool, True = attend
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    def repeat(self, n: int) -> Context:
+        """Each request repeated n times in a row (for n images per prompt)."""
+        rep = lambda t: t.repeat_interleave(n, dim=0)  # noqa: E731
+        return Context([rep(k) for k in self.keys], [rep(v) for v in self.values], rep(self.mask))
+
+    def index(self, idx: torch.Tensor | slice) -> Context:
+        return Context([k[idx] for k in self.keys], [v[idx] for v in self.values], self.mask[idx])
+
+    @staticmethod
+    def cat(contexts: list[Context]) -> Context:
+        """Stack contexts along the batch, padding the key length (padded keys are masked out)."""
+        length = max(c.mask.shape[1] for c in contexts)
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = length - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+        n_blocks = len(contexts[0].keys)
+        keys = [torch.cat([pad(c.keys[i], 2) for c in contexts]) for i in range(n_blocks)]
+        values = [torch.cat([pad(c.values[i], 2) for c in contexts]) for i in range(n_blocks)]
+        return Context(keys, values, torch.cat([pad(c.mask, 1) for c in contexts]))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, hidden: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+        self.out = nn.Linear(hidden, hidden, bias=False)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
+
+
+class CrossAttention(nn.Module):
+    """Queries from image tokens; keys/values from the context, precomputed by `kv`."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
+        self.q = nn.Linear(hidden, hidden, bias=False)
+        self.k = nn.Linear(hidden, kv_heads * self.head_dim, bias=False)
+        self.v = nn.Linear(hidden, kv_heads * self.head_dim, bias=False)
+        self.out = nn.Linear(hidden, hidden, bias=False)
+        self.dropout = dropout
+
+    def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, L, _ = context.shape
+        k = self.k(context).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(context).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
+        return k, v  # (B, Hkv, L, Dh)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q = self.q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
+        if self.kv_heads != self.heads:
+            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(y.transpose(1, 2).reshape(B, N, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, mlp: int, dropout: float):
+        super().__init__()
+        self.up = nn.Linear(hidden, mlp)
+        self.down = nn.Linear(mlp, hidden)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.down(F.gelu(self.up(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; cross-attention is optional (the low-res encoder has none)."""
+
+    def __init__(self, hidden: int, heads: int, mlp: int, dropout: float, kv_heads: int | None = None,
+                 cross: bool = True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden)
+        self.attn = SelfAttention(hidden, heads, dropout)
+        self.cross = CrossAttention(hidden, heads, kv_heads or heads, dropout) if cross else None
+        self.norm2 = nn.LayerNorm(hidden) if cross else None
+        self.norm3 = nn.LayerNorm(hidden)
+        self.mlp = MLP(hidden, mlp, dropout)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        if self.cross is not None:
+            x = x + self.cross(self.norm2(x), k, v, mask)
+        return x + self.mlp(self.norm3(x))
+
+
+class TokenEmbedding(nn.Module):
+    """Token ids (codebook + one [MASK] id) to vectors, plus learned 2D (row + column) positions."""
+
+    def __init__(self, codebook_size: int, side: int, hidden: int):
+        super().__init__()
+        self.side = side
+        self.tokens = nn.Embedding(codebook_size + 1, hidden)
+        self.rows = nn.Parameter(torch.zeros(side, 1, hidden))
+        self.cols = nn.Parameter(torch.zeros(1, side, hidden))
+        nn.init.normal_(self.rows, std=0.02)
+        nn.init.normal_(self.cols, std=0.02)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = (self.rows + self.cols).view(self.side * self.side, -1)  # (N, C)
+        return self.tokens(ids) + pos  # (B, N, C)
+
+
+class TextProjection(nn.Module):
+    """Text embeddings (B, L, D_text) -> (B, 1 + L, C) with the learned null token in front."""
+
+    def __init__(self, text_dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(text_dim, hidden)
+        self.null = nn.Parameter(torch.zeros(1, 1, hidden))
+        nn.init.normal_(self.null, std=0.02)
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B = text.shape[0]
+        x = torch.cat([self.null.expand(B, -1, -1), self.proj(text)], dim=1)
+        mask = torch.cat([text_mask.new_ones(B, 1), text_mask], dim=1).bool()
+        return x, mask
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+
+
+class MaskedTransformer(nn.Module):
+    """The base model: predicts low-res VQGAN token ids from partially masked ids and text."""
+
+    def __init__(self, config: BaseTransformerConfig):
+        super().__init__()
+        c = config
+        if c.hidden % c.heads or (c.kv_heads and c.heads % c.kv_heads):
+            raise ValueError(f"hidden {c.hidden} / heads {c.heads} / kv_heads {c.kv_heads} do not divide")
+        self.config = c
+        self.codebook_size = c.codebook_size
+        self.mask_token_id = c.codebook_size  # one id past the codebook
+        self.num_tokens = c.num_tokens
+        self.embed = TokenEmbedding(c.codebook_size, c.tokens_per_side, c.hidden)
+        self.text = TextProjection(c.text_dim, c.hidden)
+        self.blocks = nn.ModuleList(
+            Block(c.hidden, c.heads, c.mlp, c.dropout, c.kv_heads) for _ in range(c.layers)
+        )
+        self.norm = nn.LayerNorm(c.hidden)
+        self.head = nn.Linear(c.hidden, c.codebook_size)
+        self.apply(_init_weights)
+
+    def encode_context(self, text: torch.Tensor, text_mask: torch.Tensor) -> Context:
+        """Cross-attention K/V for every block, once per request. text (B, L, D_text), mask (B, L).
+        A request whose mask is all False is unconditional (only the null token remains)."""
+        ctx, mask = self.text(text, text_mask)  # (B, 1+L, C)
+        kvs = [block.cross.kv(ctx) for block in self.blocks]
+        return Context([k for k, _ in kvs], [v for _, v in kvs], mask)
+
+    def forward(self, ids: torch.Tensor, context: Context) -> torch.Tensor:
+        """ids (B, N) with [MASK] = codebook_size -> logits (B, N, codebook_size)."""
+        x = self.embed(ids)
+        for block, k, v in zip(self.blocks, context.keys, context.values):
+            x = block(x, k, v, context.mask)
+        return self.head(self.norm(x))
+
+
+class SuperResTransformer(nn.Module):
+    """Predicts high-res token ids from masked high-res ids, text, and the low-res token grid."""
+
+    def __init__(self, config: SuperResTransformerConfig):
+        super().__init__()
+        c = config
+        if c.hidden % c.heads or (c.kv_heads and c.heads % c.kv_heads):
+            raise ValueError(f"hidden {c.hidden} / heads {c.heads} / kv_heads {c.kv_heads} do not divide")
+        self.config = c
+        self.codebook_size = c.hi_codebook_size
+        self.mask_token_id = c.hi_codebook_size
+        self.num_tokens = c.num_tokens
+        self.lo_embed = TokenEmbedding(c.lo_codebook_size, c.lo_tokens_per_side, c.hidden)
+        self.lo_blocks = nn.ModuleList(
+            Block(c.hidden, c.heads, c.mlp, c.dropout, cross=False) for _ in range(c.lo_layers)
+        )
+        self.lo_norm = nn.LayerNorm(c.hidden)
+        self.text = TextProjection(c.text_dim, c.hidden)
+        self.embed = TokenEmbedding(c.hi_codebook_size, c.hi_tokens_per_side, c.hidden)
+        self.blocks = nn.ModuleList(
+            Block(c.hidden, c.heads, c.mlp, c.dropout, c.kv_heads) for _ in range(c.hi_layers)
+        )
+        self.norm = nn.LayerNorm(c.hidden)
+        self.head = nn.Linear(c.hidden, c.hi_codebook_size)
+        self.apply(_init_weights)
+
+    def encode_context(self, text: torch.Tensor, text_mask: torch.Tensor, lo_ids: torch.Tensor) -> Context:
+        """Encode the low-res grid (B, n_lo) and build K/V over [null ; text ; low-res] once per request.
+        The low-res encoding stays visible when the text is dropped: guidance acts on the text only."""
+        lo = self.lo_embed(lo_ids.reshape(lo_ids.shape[0], -1))
+        for block in self.lo_blocks:
+            lo = block(lo)
+        lo = self.lo_norm(lo)  # (B, n_lo, C)
+        txt, txt_mask = self.text(text, text_mask)  # (B, 1+L, C)
+        ctx = torch.cat([txt, lo], dim=1)
+        mask = torch.cat([txt_mask, txt_mask.new_ones(lo.shape[:2])], dim=1)
+        kvs = [block.cross.kv(ctx) for block in self.blocks]
+        return Context([k for k, _ in kvs], [v for _, v in kvs], mask)
+
+    def forward(self, ids: torch.Tensor, context: Context) -> torch.Tensor:
+        """ids (B, N_hi) with [MASK] = hi_codebook_size -> logits (B, N_hi, hi_codebook_size)."""
+        x = self.embed(ids)
+        for block, k, v in zip(self.blocks, context.keys, context.values):
+            x = block(x, k, v, context.mask)
+        return self.head(self.norm(x))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
