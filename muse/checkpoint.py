@@ -1,0 +1,192 @@
+"""Model components on disk: a directory holding `config.json` + `model.safetensors`, local or s3://.
+
+    ROOT/                   a model root, what training writes and sampling/serving load
+      text_encoder/         config.json, model.safetensors, t5_config.json, tokenizer files
+      vqgan_lo/  vqgan_hi/  config.json, model.safetensors
+      base/      superres/  config.json, model.safetensors
+
+config.json is {"kind", "format_version", "config": {dataclass fields}}. Loading never unpickles:
+weights are safetensors and configs are JSON validated against the dataclasses (missing keys take
+their defaults, so older checkpoints stay loadable; unknown keys are rejected).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from muse import storage
+from muse.config import (
+    BaseTransformerConfig,
+    SuperResTransformerConfig,
+    TextEncoderConfig,
+    VQGANConfig,
+    from_dict,
+    model_preset,
+    to_dict,
+)
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+COMPONENTS = ("text_encoder", "vqgan_lo", "vqgan_hi", "base", "superres")
+# Components a root must have for text-to-image at base resolution; the rest are optional.
+REQUIRED_COMPONENTS = ("text_encoder", "vqgan_lo", "base")
+
+
+class CheckpointError(ValueError):
+    """A component directory is missing, incomplete or corrupt."""
+
+
+def _kinds() -> dict[str, tuple[type, type]]:
+    # Imported here: checkpoint is imported by the model modules' users, not the other way round.
+    from muse.text import TextEncoder
+    from muse.transformer import MaskedTransformer, SuperResTransformer
+    from muse.vqgan import VQGAN
+
+    return {
+        "text_encoder": (TextEncoderConfig, TextEncoder),
+        "vqgan": (VQGANConfig, VQGAN),
+        "base": (BaseTransformerConfig, MaskedTransformer),
+        "superres": (SuperResTransformerConfig, SuperResTransformer),
+    }
+
+
+def kind_of(model: nn.Module) -> str:
+    for kind, (_, cls) in _kinds().items():
+        if isinstance(model, cls):
+            return kind
+    raise TypeError(f"not a muse component: {type(model).__name__}")
+
+
+def save_component(model: nn.Module, uri: str, extra: dict[str, Any] | None = None) -> None:
+    """Write `model` (with its `.config`) as a component directory at a local path or s3:// URI.
+    `extra` (JSON-ready) is stored in config.json under "extra" (e.g. training step)."""
+    meta = {"kind": kind_of(model), "format_version": FORMAT_VERSION, "config": to_dict(model.config)}
+    if extra:
+        meta["extra"] = extra
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model, os.path.join(tmp, WEIGHTS_FILE))
+        if hasattr(model, "save_extra"):
+            model.save_extra(tmp)
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+        # config.json last: a directory with a config.json is complete.
+        names = sorted(os.listdir(tmp), key=lambda n: n == CONFIG_FILE)
+        if not storage.is_s3(uri):
+            storage.makedirs(uri)
+        for name in names:
+            with open(os.path.join(tmp, name), "rb") as f:
+                storage.write_bytes(storage.join(uri, name), f.read())
+
+
+def read_component_config(uri: str) -> tuple[str, Any]:
+    """(kind, config dataclass) of the component at `uri`."""
+    meta = _read_meta(uri)
+    return meta["kind"], _parse_config(meta, uri)
+
+
+def component_extra(uri: str) -> dict[str, Any]:
+    return _read_meta(uri).get("extra", {})
+
+
+def _read_meta(uri: str) -> dict[str, Any]:
+    cfg_uri = storage.join(uri, CONFIG_FILE)
+    if not storage.exists(cfg_uri):
+        raise CheckpointError(f"no checkpoint at {uri}: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        meta = json.loads(storage.read_text(cfg_uri))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_uri} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict) or "kind" not in meta or "config" not in meta:
+        raise CheckpointError(f"{cfg_uri} is not a muse component config (needs 'kind' and 'config')")
+    if meta.get("format_version", 1) > FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_uri}: format_version {meta['format_version']} is newer than this code")
+    if meta["kind"] not in _kinds():
+        raise CheckpointError(f"{cfg_uri}: unknown kind {meta['kind']!r}; known {sorted(_kinds())}")
+    return meta
+
+
+def _parse_config(meta: dict[str, Any], uri: str) -> Any:
+    config_cls, _ = _kinds()[meta["kind"]]
+    try:
+        return from_dict(config_cls, meta["config"])
+    except ValueError as e:
+        raise CheckpointError(f"{uri}/{CONFIG_FILE}: {e}") from e
+
+
+def load_component(uri: str, device: str | torch.device = "cpu", expect_kind: str | None = None) -> nn.Module:
+    """Build the component at `uri` and load its weights (safetensors only), in eval mode."""
+    meta = _read_meta(uri)
+    kind = meta["kind"]
+    if expect_kind is not None and kind != expect_kind:
+        raise CheckpointError(f"{uri} holds a {kind!r} component, expected {expect_kind!r}")
+    config = _parse_config(meta, uri)
+    _, model_cls = _kinds()[kind]
+    with tempfile.TemporaryDirectory() as tmp:
+        local = _localise(uri, tmp)
+        weights = os.path.join(local, WEIGHTS_FILE)
+        if not os.path.exists(weights):
+            raise CheckpointError(f"no {WEIGHTS_FILE} in {uri}")
+        model = model_cls.from_saved(config, local) if hasattr(model_cls, "from_saved") else model_cls(config)
+        try:
+            missing, unexpected = load_model(model, weights, strict=False)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{weights} in {uri} is corrupt or does not match its config: {e}") from e
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{uri}: weights do not match the {kind} config "
+                f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+            )
+    return model.to(device).eval()
+
+
+def _localise(uri: str, tmp: str) -> str:
+    """A local directory with the component's files (downloads from S3 into `tmp`)."""
+    if not storage.is_s3(uri):
+        fs_path = storage.filesystem(uri)[1]
+        return fs_path
+    prefix = uri.rstrip("/") + "/"
+    for f in storage.list_files(uri):
+        rel = f[len(prefix):]
+        dest = os.path.join(tmp, rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with open(dest, "wb") as out:
+            out.write(storage.read_bytes(f))
+    return tmp
+
+
+def component_uri(root: str, name: str) -> str:
+    if name not in COMPONENTS:
+        raise ValueError(f"unknown component {name!r}; components are {COMPONENTS}")
+    return storage.join(root, name)
+
+
+def has_component(root: str, name: str) -> bool:
+    return storage.exists(storage.join(component_uri(root, name), CONFIG_FILE))
+
+
+def build_component(name: str, config: Any) -> nn.Module:
+    """A randomly initialised component for a model-root slot."""
+    kind = "vqgan" if name.startswith("vqgan") else name
+    _, cls = _kinds()[kind]
+    return cls.build(config) if hasattr(cls, "build") else cls(config)
+
+
+def init_model_root(preset_name: str, out: str, seed: int = 0,
+                    components: tuple[str, ...] = COMPONENTS) -> dict[str, nn.Module]:
+    """Write randomly initialised components of a model preset (e.g. "tiny") into a model root."""
+    config = model_preset(preset_name)
+    models = {}
+    for i, name in enumerate(components):
+        torch.manual_seed(seed + i)
+        models[name] = build_component(name, getattr(config, name))
+        save_component(models[name], component_uri(out, name))
+    return models

@@ -1,0 +1,96 @@
+"""`muse`: one command for every stage. Each subcommand is a thin front for a module's `main(argv)`,
+so `muse tokenize ...` and `python -m pipelines.tokenize ...` are the same program."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module with main(argv), one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "presets": ("muse.cli", "list every preset with its parameter count"),
+    "init": ("muse.cli", "write a randomly initialised model root from a preset"),
+    "synth": ("muse.data.synthetic", "write the built-in synthetic captioned-shapes corpus"),
+    "tokenize": ("pipelines.tokenize", "tokenize an image-caption corpus into Parquet token shards (Ray Data)"),
+    "train": ("jobs.cli", "train a stage (vqgan, base, superres, decoder) or all of them (Ray Train)"),
+    "generate": ("muse.generate_cli", "text to image, writing PNGs"),
+    "inpaint": ("muse.generate_cli", "regenerate the masked part of an image"),
+    "outpaint": ("muse.generate_cli", "extend an image beyond its borders"),
+    "edit": ("muse.generate_cli", "mask-free editing of an image toward a new prompt"),
+    "serve": ("serve.cli", "serve a model root over HTTP (Ray Serve)"),
+    "eval": ("muse.evaluate", "evaluate a model root: attribute judge, PSNR, token accuracy"),
+}
+
+
+def presets_main(argv: list[str] | None = None) -> None:
+    """Print every component preset and model preset with its parameter count (meta device)."""
+    argparse.ArgumentParser(prog="muse presets", description=presets_main.__doc__).parse_args(argv)
+    import torch
+
+    from muse.checkpoint import build_component
+    from muse.config import MODEL_PRESETS, PRESETS, TextEncoderConfig, VQGANConfig, BaseTransformerConfig
+
+    def slot(cfg) -> str:
+        if isinstance(cfg, VQGANConfig):
+            return "vqgan_lo"
+        if isinstance(cfg, TextEncoderConfig):
+            return "text_encoder"
+        return "base" if isinstance(cfg, BaseTransformerConfig) else "superres"
+
+    counts: dict[str, int | None] = {}
+    print(f"{'preset':<18} {'kind':<13} {'parameters':>14}")
+    for name, cfg in PRESETS.items():
+        if isinstance(cfg, TextEncoderConfig) and cfg.name_or_path:
+            counts[name] = None  # pretrained: size comes from its files
+            print(f"{name:<18} {'text_encoder':<13} {'(pretrained)':>14}")
+            continue
+        with torch.device("meta"):
+            model = build_component(slot(cfg), cfg)
+        counts[name] = sum(p.numel() for p in model.parameters())
+        print(f"{name:<18} {slot(cfg).replace('_lo', ''):<13} {counts[name]:>14,}")
+    print()
+    for name, parts in MODEL_PRESETS.items():
+        known = [counts[p] for p in parts.values() if counts[p] is not None]
+        print(f"model {name:<12} {' + '.join(parts.values())}  ({sum(known):,} trainable-from-scratch parameters)")
+
+
+def init_main(argv: list[str] | None = None) -> None:
+    """Write a randomly initialised model root, to try the plumbing before anything is trained."""
+    from muse.config import MODEL_PRESETS
+
+    parser = argparse.ArgumentParser(prog="muse init", description=init_main.__doc__)
+    parser.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS))
+    parser.add_argument("--out", required=True, help="model root to write (local path or s3://)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from muse.checkpoint import init_model_root
+
+    init_model_root(args.preset, args.out, seed=args.seed)
+    print(f"wrote a random {args.preset} model root to {args.out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        print("usage: muse <command> [options]   (muse <command> --help for each)\n\ncommands:")
+        for name, (_, text) in SUBCOMMANDS.items():
+            print(f"  {name:<10} {text}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nmuse: unknown command {argv[0]!r}", file=sys.stderr)
+            raise SystemExit(2)
+        return
+    name, rest = argv[0], argv[1:]
+    if name == "presets":
+        return presets_main(rest)
+    if name == "init":
+        return init_main(rest)
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    # Modules serving several subcommands take the subcommand as their first argument.
+    if SUBCOMMANDS[name][0] == "muse.generate_cli":
+        return module.main([name, *rest])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""The image tokenizer: a convolutional VQGAN (Esser et al. 2021) with a factorised, l2-normalised
+codebook (ViT-VQGAN, Yu et al. 2022), as Muse uses it (arXiv 2301.00704 §2.1, §2.5).
+
+    images (B, 3, H, W) ──Encoder──▶ z (B, z_channels, h, w)          h = H / f, f = 2**(levels-1)
+        ──project to codebook_dim, l2-normalise──▶ nearest code by cosine ──▶ ids (B, h, w)
+        ──unit-norm codes (B, codebook_dim, h, w)──Decoder──▶ images (B, 3, H, W)
+
+Encoder and decoder are ResNet stacks (GroupNorm + SiLU) with one 2x down/upsample between the levels
+of `channel_mult` and self-attention at the lowest resolution. The low-dimensional cosine lookup keeps
+every code reachable; on top of it each code's usage is tracked as an EMA and, in training, codes that
+fall under `dead_code_threshold` are restarted from encoder outputs of the current batch.
+
+Losses from `forward`: the trainer adds `reconstruction + codebook_loss + commitment_loss` (the
+commitment term is already scaled by `commitment_weight`) plus the adversarial term from
+`PatchDiscriminator`, weighted adaptively through `decoder_last_layer_weight()`.
+
+Decoder fine-tune (§2.5): `widen_decoder` builds a VQGAN with a wider/deeper decoder that tokenizes
+exactly like the old one, and `freeze_for_decoder_finetune` leaves only the decoder trainable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from muse.config import VQGANConfig
+
+
+@dataclass
+class VQGANOutput:
+    recon: torch.Tensor  # (B, 3, H, W), not clamped
+    ids: torch.Tensor  # (B, h, w) long
+    codebook_loss: torch.Tensor  # scalar: pulls codes towards encoder outputs
+    commitment_loss: torch.Tensor  # scalar, already times commitment_weight: pulls encoder to codes
+    perplexity: torch.Tensor  # scalar: exp(entropy) of this batch's code histogram
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.norm1 = group_norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = group_norm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions of a (small) feature map."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)  # (B, 1, HW, C)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
+        return x + self.out(y.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: VQGANConfig):
+        super().__init__()
+        widths = [c.base_channels * m for m in c.channel_mult]
+        self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
+        layers: list[nn.Module] = []
+        prev = widths[0]
+        for level, width in enumerate(widths):
+            for _ in range(c.num_res_blocks):
+                layers.append(ResBlock(prev, width))
+                prev = width
+            if level < len(widths) - 1:
+                layers.append(Downsample(width))
+        self.down = nn.Sequential(*layers)
+        self.mid = nn.Sequential(ResBlock(prev, prev), AttnBlock(prev), ResBlock(prev, prev))
+        self.norm_out = group_norm(prev)
+        self.conv_out = nn.Conv2d(prev, c.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.down(self.conv_in(x)))  # (B, C_top, h, w)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, z_channels, h, w)
+
+
+class Decoder(nn.Module):
+    """Mirror of the encoder; width and depth come from the decoder_* fields when they are set."""
+
+    def __init__(self, c: VQGANConfig):
+        super().__init__()
+        base = c.decoder_base_channels or c.base_channels
+        depth = c.decoder_num_res_blocks or c.num_res_blocks
+        widths = [base * m for m in c.channel_mult]
+        prev = widths[-1]
+        self.conv_in = nn.Conv2d(c.codebook_dim, prev, 3, padding=1)
+        self.mid = nn.Sequential(ResBlock(prev, prev), AttnBlock(prev), ResBlock(prev, prev))
+        layers: list[nn.Module] = []
+        for level in reversed(range(len(widths))):
+            for _ in range(depth):
+                layers.append(ResBlock(prev, widths[level]))
+                prev = widths[level]
+            if level > 0:
+                layers.append(Upsample(prev))
+        self.up = nn.Sequential(*layers)
+        self.norm_out = group_norm(prev)
+        self.conv_out = nn.Conv2d(prev, c.in_channels, 3, padding=1)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        h = self.up(self.mid(self.conv_in(codes)))  # (B, C_0, H, W)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
+
+
+class VectorQuantizer(nn.Module):
+    """Factorised cosine-similarity lookup with EMA usage tracking and dead-code restarts.
+
+    `usage[k]` is an EMA of code k's share of the assignments, scaled by codebook_size so that uniform
+    use reads 1.0; it starts at 0, so the first training batch seeds every code from encoder outputs.
+    A restarted code's usage is reset to 1.0, which gives it ~ln(1/threshold)/(1-decay) steps to be
+    picked. Restarts run only in training mode and only while the codebook is trainable. Under
+    torch.distributed the histogram is summed over ranks and new codes come from rank 0, so every
+    rank keeps the same codebook.
+    """
+
+    def __init__(self, in_dim: int, codebook_size: int, codebook_dim: int, commitment_weight: float,
+                 dead_code_threshold: float, decay: float = 0.99):
+        super().__init__()
+        self.codebook_size, self.codebook_dim = codebook_size, codebook_dim
+        self.commitment_weight, self.dead_code_threshold, self.decay = commitment_weight, dead_code_threshold, decay
+        self.proj = nn.Linear(in_dim, codebook_dim)
+        self.codebook = nn.Parameter(torch.empty(codebook_size, codebook_dim))
+        self.register_buffer("usage", torch.zeros(codebook_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.codebook)
+        nn.init.zeros_(self.usage)
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """Encoder output (B, C, h, w) -> unit vectors (B, h, w, codebook_dim) in float32."""
+        with torch.autocast(z.device.type, enabled=False):
+            return F.normalize(self.proj(z.permute(0, 2, 3, 1)).float(), dim=-1)
+
+    def codes(self) -> torch.Tensor:
+        return F.normalize(self.codebook.float(), dim=-1)  # (K, d)
+
+    def lookup(self, z: torch.Tensor) -> torch.Tensor:
+        """Unit vectors (B, h, w, d) -> ids (B, h, w) of the nearest code by cosine similarity."""
+        return (z @ self.codes().t()).argmax(dim=-1)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, h, w) -> unit-norm codes (B, d, h, w), the decoder's input."""
+        return F.embedding(ids, self.codes()).permute(0, 3, 1, 2)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """z (B, C, h, w) -> (codes (B, d, h, w) with straight-through gradient, ids (B, h, w),
+        codebook_loss, commitment_loss, perplexity)."""
+        learning = self.training and self.codebook.requires_grad
+        zn = self.project(z)  # (B, h, w, d)
+        if learning:
+            self.restart_dead_codes(zn.detach().flatten(0, 2))
+        ids = self.lookup(zn)  # (B, h, w)
+        q = F.embedding(ids, self.codes())  # (B, h, w, d)
+        codebook_loss = F.mse_loss(q, zn.detach())
+        commitment_loss = self.commitment_weight * F.mse_loss(zn, q.detach())
+        counts = torch.bincount(ids.flatten(), minlength=self.codebook_size).float()  # (K,)
+        if learning:
+            self.update_usage(counts)
+        p = counts / counts.sum()
+        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+        q = zn + (q - zn).detach()  # straight-through estimator
+        return q.permute(0, 3, 1, 2).to(z.dtype), ids, codebook_loss, commitment_loss, perplexity
+
+    @torch.no_grad()
+    def update_usage(self, counts: torch.Tensor) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+        share = counts * (self.codebook_size / counts.sum().clamp_min(1.0))  # uniform use = 1.0
+        self.usage.mul_(self.decay).add_(share, alpha=1.0 - self.decay)
+
+    @torch.no_grad()
+    def restart_dead_codes(self, candidates: torch.Tensor) -> int:
+        """Re-initialise codes whose usage is under the threshold from random rows of candidates
+        (N, d), typically this batch's projected encoder outputs. Returns how many were restarted."""
+        dead = (self.usage < self.dead_code_threshold).nonzero().squeeze(1)  # (n,)
+        if dead.numel() == 0:
+            return 0
+        pick = torch.randint(candidates.shape[0], (dead.numel(),), device=candidates.device)
+        fresh = candidates[pick] + 1e-3 * torch.randn_like(candidates[pick])  # noise splits repeats
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(fresh, src=0)
+        self.codebook[dead] = F.normalize(fresh, dim=-1).to(self.codebook.dtype)
+        self.usage[dead] = 1.0
+        return dead.numel()
+
+
+class VQGAN(nn.Module):
+    def __init__(self, config: VQGANConfig):
+        super().__init__()
+        c = config
+        if c.resolution % c.downsample_factor:
+            raise ValueError(f"resolution {c.resolution} is not a multiple of f={c.downsample_factor}")
+        self.config = c
+        self.encoder = Encoder(c)
+        self.quantizer = VectorQuantizer(c.z_channels, c.codebook_size, c.codebook_dim, c.commitment_weight,
+                                         c.dead_code_threshold)
+        self.decoder = Decoder(c)
+        self.apply(_init_weights)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        f = self.config.downsample_factor
+        if images.ndim != 4 or images.shape[1] != self.config.in_channels or images.shape[2] % f or images.shape[3] % f:
+            raise ValueError(f"images must be (B, {self.config.in_channels}, H, W) with H, W multiples of {f}, "
+                             f"got {tuple(images.shape)}")
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> token ids (B, H/f, W/f) long. No side effects."""
+        self._check_images(images)
+        return self.quantizer.lookup(self.quantizer.project(self.encoder(images)))
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """token ids (B, h, w) -> images (B, 3, h*f, w*f) clamped to [-1, 1]."""
+        if ids.ndim != 3:
+            raise ValueError(f"ids must be (B, h, w), got {tuple(ids.shape)}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.config.codebook_size):
+            raise ValueError(f"ids must lie in [0, {self.config.codebook_size})")
+        codes = self.quantizer.embed(ids).to(self.decoder.conv_in.weight.dtype)  # (B, d, h, w)
+        return self.decoder(codes).clamp(-1.0, 1.0)
+
+    def forward(self, images: torch.Tensor) -> VQGANOutput:
+        """Training pass: reconstruction (unclamped) and the quantizer's losses and statistics."""
+        self._check_images(images)
+        codes, ids, codebook_loss, commitment_loss, perplexity = self.quantizer(self.encoder(images))
+        return VQGANOutput(self.decoder(codes), ids, codebook_loss, commitment_loss, perplexity)
+
+    def decoder_last_layer_weight(self) -> torch.Tensor:
+        """The decoder's output conv weight, for the adaptive adversarial weight (Esser et al. eq. 7)."""
+        return self.decoder.conv_out.weight
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al.) with GroupNorm instead of BatchNorm: images (B, 3, H, W) -> logits
+    (B, 1, h', w'), one real/fake score per overlapping patch, for hinge losses."""
+
+    def __init__(self, config: VQGANConfig):
+        super().__init__()
+        ch = config.disc_channels
+        layers: list[nn.Module] = [nn.Conv2d(config.in_channels, ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        prev = ch
+        for n in range(1, config.disc_layers + 1):
+            width = ch * min(2**n, 8)
+            stride = 2 if n < config.disc_layers else 1
+            layers += [nn.Conv2d(prev, width, 4, stride=stride, padding=1, bias=False), group_norm(width),
+                       nn.LeakyReLU(0.2)]
+            prev = width
+        layers.append(nn.Conv2d(prev, 1, 4, stride=1, padding=1))
+        self.net = nn.Sequential(*layers)
+        self.config = config
+        self.apply(_init_weights)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)  # (B, 1, h', w')
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.kaiming_normal_(module.weight, nonlinearity="linear")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.GroupNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def widen_decoder(vqgan: VQGAN, decoder_base_channels: int, decoder_num_res_blocks: int) -> VQGAN:
+    """A new VQGAN with a freshly initialised wider/deeper decoder and copies of the encoder and the
+    quantizer (codebook, projection, usage), so it maps images to exactly the same ids (Muse §2.5)."""
+    config = replace(vqgan.config, decoder_base_channels=decoder_base_channels,
+                     decoder_num_res_blocks=decoder_num_res_blocks)
+    ref = vqgan.quantizer.codebook
+    wide = VQGAN(config).to(device=ref.device, dtype=ref.dtype)
+    wide.encoder.load_state_dict(vqgan.encoder.state_dict())
+    wide.quantizer.load_state_dict(vqgan.quantizer.state_dict())
+    return wide
+
+
+def freeze_for_decoder_finetune(vqgan: VQGAN) -> VQGAN:
+    """Freeze everything but the decoder; a frozen codebook is also never restarted."""
+    for p in vqgan.parameters():
+        p.requires_grad_(False)
+    for p in vqgan.decoder.parameters():
+        p.requires_grad_(True)
+    return vqgan

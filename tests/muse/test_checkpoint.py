@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+
+from muse import storage
+from muse.checkpoint import (
+    COMPONENTS, CheckpointError, component_uri, has_component, init_model_root, load_component,
+    read_component_config, save_component,
+)
+from muse.config import preset
+from muse.transformer import MaskedTransformer
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_component_round_trip_local(tmp_path):
+    torch.manual_seed(0)
+    model = MaskedTransformer(preset("base-tiny"))
+    save_component(model, str(tmp_path / "base"))
+    assert sorted(p.name for p in (tmp_path / "base").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = load_component(str(tmp_path / "base"))
+    assert isinstance(loaded, MaskedTransformer) and loaded.config == model.config
+    assert _same_weights(model, loaded)
+    kind, cfg = read_component_config(str(tmp_path / "base"))
+    assert kind == "base" and cfg == preset("base-tiny")
+
+
+def test_model_root_round_trip_on_s3(s3_bucket):
+    root = f"{s3_bucket}/models/tiny"
+    models = init_model_root("tiny", root, seed=3)
+    assert all(has_component(root, c) for c in COMPONENTS)
+    for name in COMPONENTS:
+        loaded = load_component(component_uri(root, name))
+        assert _same_weights(models[name], loaded), name
+    # The text encoder comes back with its tokenizer and encodes identically.
+    te = load_component(component_uri(root, "text_encoder"))
+    a, _ = models["text_encoder"](["a red circle"])
+    b, _ = te(["a red circle"])
+    assert torch.allclose(a, b)
+
+
+def test_missing_checkpoint_is_clear(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_component(str(tmp_path / "nothing"))
+
+
+def test_corrupt_weights_are_clear(tmp_path):
+    model = MaskedTransformer(preset("base-tiny"))
+    save_component(model, str(tmp_path / "base"))
+    (tmp_path / "base" / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_component(str(tmp_path / "base"))
+
+
+def test_corrupt_and_mismatched_configs_are_clear(tmp_path):
+    model = MaskedTransformer(preset("base-tiny"))
+    path = tmp_path / "base"
+    save_component(model, str(path))
+    meta = json.loads((path / "config.json").read_text())
+    meta["config"]["hidden"] = 64  # weights no longer fit
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError):
+        load_component(str(path))
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_component(str(path))
+    meta["config"] = {"hidden": 128, "no_such_key": 1}
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="no_such_key"):
+        load_component(str(path))
+
+
+def test_wrong_kind_is_rejected(tmp_path):
+    save_component(MaskedTransformer(preset("base-tiny")), str(tmp_path / "base"))
+    with pytest.raises(CheckpointError, match="expected 'superres'"):
+        load_component(str(tmp_path / "base"), expect_kind="superres")
+
+
+def test_no_pickle_files_written(tmp_path):
+    init_model_root("tiny", str(tmp_path / "root"))
+    for f in storage.list_files(str(tmp_path / "root")):
+        assert not f.endswith((".bin", ".pt", ".pth", ".pkl")), f
