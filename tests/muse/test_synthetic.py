@@ -1,0 +1,168 @@
+import io
+import json
+import random
+import tarfile
+from collections import deque
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from muse.data import synthetic as syn
+from muse.data.synthetic import COLORS, Group, Scene, caption, parse_caption, render, sample_scene
+
+
+def components(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Bounding boxes (x0, y0, x1, y1) of the 4-connected components of a boolean mask."""
+    seen = np.zeros_like(mask, dtype=bool)
+    boxes = []
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        seen[y, x] = True
+        queue, ys, xs = deque([(y, x)]), [y], [x]
+        while queue:
+            cy, cx = queue.popleft()
+            for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+                    ys.append(ny)
+                    xs.append(nx)
+        boxes.append((min(xs), min(ys), max(xs) + 1, max(ys) + 1))
+    return boxes
+
+
+def test_captions_read_as_specified():
+    assert caption(Scene((Group("red", "circle", 1),))) == "a red circle"
+    assert caption(Scene((Group("blue", "square", 3),))) == "three blue squares"
+    two = Scene((Group("green", "triangle", 2, "left"), Group("yellow", "square", 1, "right")))
+    assert caption(two) == "two green triangles on the left and a yellow square on the right"
+    stacked = Scene((Group("purple", "circle", 1, "top"), Group("orange", "square", 3, "bottom")))
+    assert caption(stacked) == "a purple circle at the top and three orange squares at the bottom"
+
+
+def test_parse_caption_inverts_caption():
+    rng = random.Random(1)
+    for _ in range(300):
+        scene = sample_scene(rng)
+        assert parse_caption(caption(scene)) == scene
+    assert parse_caption("  Two Red Circles. ") == Scene((Group("red", "circle", 2),))
+
+
+@pytest.mark.parametrize("bad", [
+    "a red circles", "two red circle", "a pink circle", "four red circles", "a red hexagon",
+    "a red circle on the left and a blue square on the left", "a red circle on the left",
+    "a red circle at the top and a blue square on the right", "",
+])
+def test_parse_caption_refuses_other_text(bad):
+    with pytest.raises(ValueError):
+        parse_caption(bad)
+
+
+def test_scene_validation():
+    with pytest.raises(ValueError):
+        Group("red", "circle", 4)
+    with pytest.raises(ValueError):
+        Scene((Group("red", "circle", 1, "left"),))
+    with pytest.raises(ValueError):
+        Scene((Group("red", "circle", 1, "left"), Group("red", "square", 1, "bottom")))
+
+
+def test_render_draws_exactly_what_the_caption_says():
+    size = 128
+    rng = random.Random(7)
+    for _ in range(40):
+        scene = sample_scene(rng)
+        a = np.asarray(render(scene, size, rng)).astype(int)
+        drawn = 0
+        for group in scene.groups:
+            mask = (np.abs(a - np.array(COLORS[group.color])).sum(-1) == 0)
+            half = size // 2
+            region = {"left": np.s_[:, :half], "right": np.s_[:, half:], "top": np.s_[:half, :],
+                      "bottom": np.s_[half:, :], None: np.s_[:, :]}[group.position]
+            inside = np.zeros_like(mask)
+            inside[region] = mask[region]
+            mask = inside
+            boxes = components(mask)
+            assert len(boxes) == group.count, caption(scene)  # none overlap or merge
+            for x0, y0, x1, y1 in boxes:
+                side = max(x1 - x0, y1 - y0)
+                assert size / 8 - 1 <= side <= size / 5 + 1
+                cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+                where = {"left": cx < size / 2, "right": cx > size / 2,
+                         "top": cy < size / 2, "bottom": cy > size / 2, None: True}
+                assert where[group.position], caption(scene)
+            drawn += mask.sum()
+        white = (a == 255).all(-1).sum()
+        assert white + drawn == size * size  # nothing but the groups on a white background
+
+
+def test_shapes_are_distinguishable():
+    img = np.asarray(render(Scene((Group("red", "circle"),)), 64, random.Random(0)))
+    fill = {}
+    for shape in syn.SHAPES:
+        a = np.asarray(render(Scene((Group("red", shape),)), 200, random.Random(0)))
+        mask = (a == COLORS["red"]).all(-1)
+        x0, y0, x1, y1 = components(mask)[0]
+        fill[shape] = mask.sum() / ((x1 - x0) * (y1 - y0))
+    assert fill["square"] > 0.97 and 0.72 < fill["circle"] < 0.84 and 0.4 < fill["triangle"] < 0.6
+    assert img.shape == (64, 64, 3)
+
+
+def test_holdout_pairs_are_deterministic_and_keep_every_color_and_shape():
+    held = syn.holdout_pairs(0.25, seed=3)
+    assert held == syn.holdout_pairs(0.25, seed=3) and len(held) == round(0.25 * 18)
+    assert held != syn.holdout_pairs(0.25, seed=4)
+    train = [p for p in syn.all_pairs() if p not in held]
+    assert {c for c, _ in train} == set(COLORS) and {s for _, s in train} == set(syn.SHAPES)
+    rng = random.Random(0)
+    for _ in range(500):
+        assert not (sample_scene(rng, train).pairs & set(held))
+    assert syn.holdout_pairs(0.0) == ()
+    with pytest.raises(ValueError, match="at most"):
+        syn.holdout_pairs(0.9)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "folder", "webdataset"])
+def test_write_corpus_formats(tmp_path, fmt):
+    out = tmp_path / fmt
+    syn.main(["--out", str(out), "--n", "7", "--size", "32", "--seed", "5", "--format", fmt,
+              "--shard-size", "4", "--holdout-fraction", "0.2"])
+    pairs: list[tuple[bytes, str]] = []
+    if fmt == "parquet":
+        files = sorted(out.glob("*.parquet"))
+        assert [f.name for f in files] == ["part-00000.parquet", "part-00001.parquet"]
+        for f in files:
+            t = pq.read_table(f)
+            pairs += list(zip(t["image"].to_pylist(), t["caption"].to_pylist()))
+    elif fmt == "folder":
+        for png in sorted(out.glob("*.png")):
+            pairs.append((png.read_bytes(), png.with_suffix(".txt").read_text()))
+    else:
+        files = sorted(out.glob("*.tar"))
+        assert len(files) == 2
+        for f in files:
+            with tarfile.open(f) as tar:
+                members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+            for name in sorted(n for n in members if n.endswith(".png")):
+                pairs.append((members[name], members[name[:-4] + ".txt"].decode()))
+    assert len(pairs) == 7
+    holdout = json.loads((out / "holdout.json").read_text())
+    held = {tuple(p) for p in holdout["pairs"]}
+    assert len(held) == 4 and holdout["eval_captions"]
+    for text in holdout["eval_captions"]:
+        assert parse_caption(text).pairs & held
+    for i, (image, text) in enumerate(pairs):
+        scene = parse_caption(text)
+        assert not scene.pairs & held
+        expected_scene, expected_img = syn.sample(i, 5, 32, [p for p in syn.all_pairs() if p not in held])
+        assert scene == expected_scene  # deterministic per (seed, index)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(image))), np.asarray(expected_img))
+
+
+def test_cli_rejects_bad_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        syn.main(["--out", str(tmp_path), "--n", "3", "--holdout-fraction", "1.5"])
+    assert "holdout fraction" in capsys.readouterr().err
