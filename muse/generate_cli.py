@@ -1,0 +1,167 @@
+"""`muse generate | inpaint | outpaint | edit`: sample from a model root and write PNGs.
+
+    muse generate --prompt "a red circle" --preset tiny --seed 0 --out out/
+    muse inpaint  --image in.png --mask mask.png --prompt "a blue square" --checkpoint ROOT --out out/
+    muse outpaint --image in.png --direction left --scale 0.75 --prompt "..." --checkpoint ROOT --out out/
+    muse edit     --image in.png --prompt "a green circle" --checkpoint s3://bucket/model --out out/
+
+Each writes <name>_<i>.png per image (prompt-major) and, for more than one image, grid.png.
+`main(argv)` takes the subcommand first: `python -m muse.generate_cli generate --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Callable
+
+from PIL import Image
+
+COMMANDS = ("generate", "inpaint", "outpaint", "edit")
+
+
+def _common(parser: argparse.ArgumentParser, steps: bool = True) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="ROOT",
+                     help="model root to load (local path or s3://) holding text_encoder/, vqgan_lo/, base/ "
+                          "and optionally vqgan_hi/ + superres/")
+    src.add_argument("--preset", choices=["tiny"], help="random weights of a preset instead, the same as `muse init --preset tiny` writes "
+                          "(tries the plumbing)")
+    parser.add_argument("--prompt", required=True, help="what the image should show")
+    parser.add_argument("--negative-prompt", default=None,
+                        help="what to steer away from (replaces the unconditional branch of guidance)")
+    parser.add_argument("--n", type=int, default=1, help="images to write (default 1)")
+    if steps:
+        parser.add_argument("--steps", type=int, default=24, help="base decoding steps (default 24)")
+    parser.add_argument("--superres-steps", type=int, default=8, help="super-res decoding steps (default 8)")
+    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    parser.add_argument("--no-superres", action="store_true",
+                        help="stop at the base resolution (required when the root has no super-res stage)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--out", required=True, help="directory to write PNGs into (created if missing)")
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    if command == "generate":
+        p = argparse.ArgumentParser(prog="muse generate", description="Text to image: write PNGs for a prompt.")
+        _common(p)
+    elif command == "inpaint":
+        p = argparse.ArgumentParser(
+            prog="muse inpaint",
+            description="Regenerate the masked part of an image under a prompt; the rest is kept.")
+        p.add_argument("--image", required=True, help="input image file (local path or s3://)")
+        p.add_argument("--mask", required=True,
+                       help="mask image of the same size: white (non-zero) = regenerate, black = keep")
+        _common(p)
+    elif command == "outpaint":
+        p = argparse.ArgumentParser(prog="muse outpaint", description="Extend an image beyond its borders.")
+        p.add_argument("--image", required=True, help="input image file (local path or s3://)")
+        p.add_argument("--direction", default="all", choices=["all", "left", "right", "up", "down"],
+                       help="where new content goes: 'all' shrinks the image into the centre; a side shifts "
+                            "the image away from it (default all)")
+        p.add_argument("--scale", type=float, default=0.5,
+                       help="share of the output side the original image still covers, in (0, 1) (default 0.5)")
+        _common(p)
+    elif command == "edit":
+        p = argparse.ArgumentParser(
+            prog="muse edit",
+            description="Mask-free editing: repeatedly resample a random share of the image's tokens under "
+                        "the new prompt, keeping its layout.")
+        p.add_argument("--image", required=True, help="input image file (local path or s3://)")
+        p.add_argument("--iterations", type=int, default=100, help="resampling iterations (default 100)")
+        p.add_argument("--fraction", type=float, default=0.08,
+                       help="share of tokens resampled per iteration (default 0.08)")
+        p.add_argument("--top-k", type=int, default=3, help="sample among the k likeliest tokens (default 3)")
+        _common(p, steps=False)
+    else:
+        raise ValueError(f"unknown command {command!r}; commands are {COMMANDS}")
+    return p
+
+
+def run(command: str, args: argparse.Namespace) -> list[str]:
+    """Run a parsed command; returns the paths written."""
+    from muse.pipeline import MusePipeline
+
+    if args.checkpoint:
+        pipe = MusePipeline.from_pretrained(args.checkpoint, device=args.device)
+    else:
+        # Weights seeded 0, as `muse init --preset tiny` writes them; --seed is for sampling.
+        pipe = MusePipeline.from_preset(args.preset, seed=0, device=args.device)
+    common = dict(negative_prompt=args.negative_prompt, num_images=args.n, superres_steps=args.superres_steps,
+                  guidance_scale=args.guidance, seed=args.seed, superres=not args.no_superres)
+    if command == "generate":
+        images = pipe(args.prompt, steps=args.steps, **common)
+    elif command == "inpaint":
+        images = pipe.inpaint(args.image, args.mask, args.prompt, steps=args.steps, **common)
+    elif command == "outpaint":
+        images = pipe.outpaint(args.image, args.prompt, direction=args.direction, scale=args.scale,
+                               steps=args.steps, **common)
+    else:
+        images = pipe.edit(args.image, args.prompt, iterations=args.iterations, fraction=args.fraction,
+                           top_k=args.top_k, **common)
+    return write_images(images, args.out, command)
+
+
+def write_images(images: list[Image.Image], out: str, name: str) -> list[str]:
+    """<out>/<name>_<i>.png for each image, plus <out>/grid.png when there are several."""
+    os.makedirs(out, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(os.path.join(out, f"{name}_{i:02d}.png"))
+        img.save(paths[-1])
+    if len(images) > 1:
+        paths.append(os.path.join(out, "grid.png"))
+        grid(images).save(paths[-1])
+    return paths
+
+
+def grid(images: list[Image.Image]) -> Image.Image:
+    """Images of one size tiled row-major in a near-square grid."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    out = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    for i, img in enumerate(images):
+        out.paste(img, ((i % cols) * w, (i // cols) * h))
+    return out
+
+
+def _command_main(command: str) -> Callable[[list[str] | None], int]:
+    def main_(argv: list[str] | None = None) -> int:
+        args = build_parser(command).parse_args(argv)
+        try:
+            paths = run(command, args)
+        except ValueError as e:  # bad input: one clear line, not a traceback
+            print(f"muse {command}: error: {e}", file=sys.stderr)
+            return 2
+        for path in paths:
+            print(path)
+        return 0
+
+    main_.__name__ = f"{command}_main"
+    main_.__doc__ = f"`muse {command}` with its arguments (no subcommand)."
+    return main_
+
+
+generate_main = _command_main("generate")
+inpaint_main = _command_main("inpaint")
+outpaint_main = _command_main("outpaint")
+edit_main = _command_main("edit")
+MAINS = {"generate": generate_main, "inpaint": inpaint_main, "outpaint": outpaint_main, "edit": edit_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """argv = [command, *options], command one of generate / inpaint / outpaint / edit."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: muse {{{','.join(COMMANDS)}}} [options]   (--help after a command for its options)",
+              file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    return MAINS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""Text to image in one process: text encoder -> base transformer -> super-res transformer -> VQGAN.
+
+    prompts ──T5──▶ TextCondition ──base_tokens──▶ lo ids (B·n, h, w) ──superres_tokens──▶ hi ids
+                                                                           ──VQGAN_hi.decode──▶ PIL
+
+`base_tokens` / `superres_tokens` are the two token stages as plain functions (the serving layer calls
+them per deployment); `MusePipeline` holds the five components of a model root and adds prompts,
+seeds, editing (inpaint / outpaint / mask-free edit) and PIL in and out.
+
+Each stage encodes its cross-attention context once per request (conditional, and unconditional or
+negative when guidance is on) and hands it to `sampling.generate`. Image i of a call with seed s draws
+from its own generator seeded s + i in both stages, so it does not depend on the other images.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from muse import checkpoint, editing, sampling, storage
+from muse.data.images import ImageRejected, decode_image, pil_to_tensor, tensor_to_pil, to_rgb
+from muse.transformer import Context, MaskedTransformer, SuperResTransformer
+
+OUTPUTS = ("pil", "tokens")
+StageCallback = Callable[[str, int, torch.Tensor], None]  # (stage, step, ids)
+
+
+@dataclass
+class TextCondition:
+    """Text encoder output for B prompts: embeddings (B, L, D) and mask (B, L) bool."""
+
+    embeddings: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.embeddings.shape[0]
+
+    def repeat(self, n: int) -> TextCondition:
+        """Each prompt repeated n times in a row."""
+        return TextCondition(self.embeddings.repeat_interleave(n, 0), self.mask.repeat_interleave(n, 0))
+
+    def null(self) -> TextCondition:
+        """The unconditional branch: every text position masked out (only the null token remains)."""
+        return TextCondition(self.embeddings, torch.zeros_like(self.mask))
+
+
+def stage_contexts(model: torch.nn.Module, cond: TextCondition, negative: TextCondition | None, *,
+                   guided: bool, lo_ids: torch.Tensor | None = None, repeat: int = 1) -> tuple[Context, Context | None]:
+    """(context, uncond_context) for one stage, each encoded once. The base model's contexts are
+    encoded per prompt and repeated `repeat` times; the super-res model's are encoded per row of
+    `lo_ids` (whose rows are the prompts' images, prompt-major). uncond is None when not guided; it
+    comes from `negative` when given, else from the null text."""
+    dtype = next(model.parameters()).dtype
+
+    def encode(c: TextCondition) -> Context:
+        emb, mask = c.embeddings.to(dtype), c.mask.bool()
+        if lo_ids is None:
+            return model.encode_context(emb, mask).repeat(repeat) if repeat > 1 else model.encode_context(emb, mask)
+        return model.encode_context(emb, mask, lo_ids)
+
+    def rows(c: TextCondition, what: str) -> TextCondition:
+        target = cond.batch_size if lo_ids is None else lo_ids.shape[0]
+        if c.batch_size == target:
+            return c
+        if c.batch_size == 0 or target % c.batch_size:
+            raise ValueError(f"{what} has {c.batch_size} rows, which does not divide {target}")
+        return c.repeat(target // c.batch_size)
+
+    cond = rows(cond, "cond")
+    context = encode(cond)
+    if not guided:
+        return context, None
+    return context, encode(rows(negative, "negative") if negative is not None else cond.null())
+
+
+def base_tokens(base: MaskedTransformer, cond: TextCondition, negative: TextCondition | None = None, *,
+                num_images: int = 1, steps: int = 24, guidance_scale: float | torch.Tensor = 4.0,
+                generator: sampling.Generators, temperature: float = 4.5,
+                callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Low-res token ids (B·num_images, h, w) for B prompts, prompt-major. `generator`: one, or one
+    per output row. `negative` (B or 1 rows) replaces the unconditional branch of guidance."""
+    guided = bool((torch.as_tensor(guidance_scale) != 0).any())
+    ctx, uncond = stage_contexts(base, cond, negative, guided=guided, repeat=num_images)
+    ids = sampling.generate(base, ctx, uncond, steps=steps, guidance_scale=guidance_scale, generator=generator,
+                            temperature=temperature, callback=callback)
+    side = base.config.tokens_per_side
+    return ids.view(-1, side, side)
+
+
+def superres_tokens(superres: SuperResTransformer, cond: TextCondition, lo_ids: torch.Tensor,
+                    negative: TextCondition | None = None, *, steps: int = 8,
+                    guidance_scale: float | torch.Tensor = 4.0, generator: sampling.Generators,
+                    temperature: float = 4.5,
+                    callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """High-res token ids (B', H, W) for low-res ids (B', h, w); `cond` has B' rows or divides B'
+    (then each prompt's rows are consecutive, as `base_tokens` returns them)."""
+    guided = bool((torch.as_tensor(guidance_scale) != 0).any())
+    ctx, uncond = stage_contexts(superres, cond, negative, guided=guided, lo_ids=lo_ids)
+    ids = sampling.generate(superres, ctx, uncond, steps=steps, guidance_scale=guidance_scale,
+                            generator=generator, temperature=temperature, callback=callback)
+    side = superres.config.hi_tokens_per_side
+    return ids.view(-1, side, side)
+
+
+class MusePipeline:
+    """The components of a model root and every way of sampling from them.
+
+    text_encoder, vqgan_lo and base are required; vqgan_hi and superres come together or not at all.
+    Images come out at vqgan_hi's resolution through super-res, else at vqgan_lo's.
+    """
+
+    def __init__(self, text_encoder: torch.nn.Module, vqgan_lo: torch.nn.Module, base: MaskedTransformer,
+                 vqgan_hi: torch.nn.Module | None = None, superres: SuperResTransformer | None = None):
+        if (vqgan_hi is None) != (superres is None):
+            raise ValueError("vqgan_hi and superres go together: give both or neither")
+        self.text_encoder, self.vqgan_lo, self.base = text_encoder, vqgan_lo, base
+        self.vqgan_hi, self.superres = vqgan_hi, superres
+        _check_compatible(vqgan_lo, base, vqgan_hi, superres)
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, root_uri: str, device: str | torch.device = "cpu") -> MusePipeline:
+        """Load a model root (local path, file:// or s3://). vqgan_hi + superres are loaded when present."""
+        parts = {name: checkpoint.load_component(checkpoint.component_uri(root_uri, name), device=device)
+                 for name in checkpoint.REQUIRED_COMPONENTS}
+        if checkpoint.has_component(root_uri, "superres") or checkpoint.has_component(root_uri, "vqgan_hi"):
+            for name in ("vqgan_hi", "superres"):
+                parts[name] = checkpoint.load_component(checkpoint.component_uri(root_uri, name), device=device)
+        return cls(**parts)
+
+    @classmethod
+    def from_preset(cls, name: str = "tiny", seed: int = 0, device: str | torch.device = "cpu") -> MusePipeline:
+        """Random weights for a model preset, identical to `checkpoint.init_model_root(name, root, seed)`
+        (component i seeded seed + i). The global torch RNG is left as it was."""
+        from muse.config import model_preset
+
+        config = model_preset(name)
+        parts = {}
+        with torch.random.fork_rng(devices=[]):
+            for i, part in enumerate(checkpoint.COMPONENTS):
+                torch.manual_seed(seed + i)
+                parts[part] = checkpoint.build_component(part, getattr(config, part)).to(device).eval()
+        return cls(**parts)
+
+    def save_pretrained(self, root_uri: str) -> None:
+        """Write every component as a model root that `from_pretrained` loads."""
+        for name in checkpoint.COMPONENTS:
+            model = getattr(self, name)
+            if model is not None:
+                checkpoint.save_component(model, checkpoint.component_uri(root_uri, name))
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> MusePipeline:
+        """Move every component (and cast the transformers and VQGANs to `dtype`; the text encoder
+        keeps its own precision: its embeddings are cast when a stage reads them)."""
+        for name in checkpoint.COMPONENTS:
+            model = getattr(self, name)
+            if model is not None:
+                model.to(device=device, dtype=dtype if name != "text_encoder" else None)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    @property
+    def resolution(self) -> int:
+        """Side of the images this pipeline writes through super-res (or at base when it has none)."""
+        return (self.vqgan_hi or self.vqgan_lo).config.resolution
+
+    def encode_prompts(self, prompts: list[str]) -> TextCondition:
+        with torch.no_grad():
+            emb, mask = self.text_encoder(list(prompts))
+        return TextCondition(emb, mask)
+
+    # -- text to image -------------------------------------------------------------------------
+    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+                 num_images: int = 1, steps: int = 24, superres_steps: int = 8, guidance_scale: float = 4.0,
+                 seed: int | None = None, output: str = "pil", superres: bool = True,
+                 callback: StageCallback | None = None, temperature: float = 4.5) -> list[Image.Image] | torch.Tensor:
+        """Images for each prompt (prompt-major: all of prompt 0's images first).
+
+        negative_prompt: one for all prompts or one per prompt; None = the unconditional branch.
+        seed: image i uses a generator seeded seed + i (None = drawn from torch's global RNG).
+        output "pil" -> list of PIL images; "tokens" -> the last stage's ids (B·n, side, side).
+        callback(stage, step, ids), stage "base" or "superres", after each decoding step.
+        """
+        prompts = _prompts(prompt)
+        negatives = _negatives(negative_prompt, len(prompts))
+        self._check(steps=steps, superres_steps=superres_steps, num_images=num_images,
+                    guidance_scale=guidance_scale, output=output, superres=superres)
+        gens = self._generators(seed, len(prompts) * num_images)
+        cond = self.encode_prompts(prompts)
+        negative = self.encode_prompts(negatives) if negatives is not None else None
+        lo = base_tokens(self.base, cond, negative, num_images=num_images, steps=steps,
+                         guidance_scale=guidance_scale, generator=gens, temperature=temperature,
+                         callback=_stage(callback, "base"))
+        if not superres:
+            return lo if output == "tokens" else self._to_pil(self.vqgan_lo, lo)
+        hi = superres_tokens(self.superres, cond, lo, negative, steps=superres_steps, guidance_scale=guidance_scale,
+                             generator=gens, temperature=temperature, callback=_stage(callback, "superres"))
+        return hi if output == "tokens" else self._to_pil(self.vqgan_hi, hi)
+
+    # -- editing -------------------------------------------------------------------------------
+    def inpaint(self, image: Any, mask: Any, prompt: str, negative_prompt: str | None = None, num_images: int = 1,
+                steps: int = 24, superres_steps: int = 8, guidance_scale: float = 4.0, seed: int | None = None,
+                output: str = "pil", superres: bool = True,
+                callback: StageCallback | None = None) -> list[Image.Image] | torch.Tensor:
+        """Regenerate the masked part of `image` under `prompt`.
+
+        image: PIL image, encoded bytes, a path (local or s3://) or a (3, H, W) tensor in [-1, 1].
+        mask: same size as the image (PIL image, image file/bytes, array or tensor (H, W)); non-zero =
+            regenerate.
+        A token is regenerated when any pixel of its patch is masked; the rest stay fixed."""
+        img = _load_image(image, "image")
+        pixel_mask = _load_mask(mask, img.size)
+        lo_img, hi_img = self._image_tensors(img, superres)
+        side = self.base.config.tokens_per_side
+        regen = editing.token_mask_from_pixels(_square_mask(pixel_mask)[None], side)  # (1, h, w)
+        return self._fill(lo_img, hi_img, regen, prompt, negative_prompt, num_images, steps, superres_steps,
+                          guidance_scale, seed, output, superres, callback)
+
+    def outpaint(self, image: Any, prompt: str, direction: str = "all", scale: float = 0.5,
+                 negative_prompt: str | None = None, num_images: int = 1, steps: int = 24, superres_steps: int = 8,
+                 guidance_scale: float = 4.0, seed: int | None = None, output: str = "pil", superres: bool = True,
+                 callback: StageCallback | None = None) -> list[Image.Image] | torch.Tensor:
+        """Extend `image` beyond its borders (see `editing.outpaint_canvas`): direction "all" shrinks it
+        to `scale` of the side in the centre; "left"/"right"/"up"/"down" shift it so it covers `scale`
+        of the canvas and the strip on that side is new. The output keeps the model's resolution."""
+        if direction not in editing.DIRECTIONS:
+            raise ValueError(f"direction must be one of {editing.DIRECTIONS}, got {direction!r}")
+        if not 0 < scale < 1:
+            raise ValueError(f"scale must be in (0, 1), got {scale}")
+        img = _load_image(image, "image")
+        lo_img, hi_img = self._image_tensors(img, superres)
+        lo_canvas, new = editing.outpaint_canvas(lo_img, direction, scale)
+        hi_canvas = editing.outpaint_canvas(hi_img, direction, scale)[0] if hi_img is not None else None
+        regen = editing.token_mask_from_pixels(new, self.base.config.tokens_per_side)
+        return self._fill(lo_canvas, hi_canvas, regen, prompt, negative_prompt, num_images, steps, superres_steps,
+                          guidance_scale, seed, output, superres, callback)
+
+    def edit(self, image: Any, prompt: str, negative_prompt: str | None = None, num_images: int = 1,
+             iterations: int = 100, fraction: float = 0.08, guidance_scale: float = 4.0, top_k: int | None = 3,
+             superres_steps: int = 8, seed: int | None = None, output: str = "pil", superres: bool = True,
+             callback: StageCallback | None = None) -> list[Image.Image] | torch.Tensor:
+        """Mask-free editing: starting from the image's tokens, resample a random `fraction` of them
+        `iterations` times under `prompt` (guidance, top-k). Through super-res, high-res tokens are
+        regenerated where the low-res tokens changed and kept elsewhere. Stage names: "edit", "superres"."""
+        (prompt_,) = _prompts([prompt] if isinstance(prompt, str) else prompt, single=True)
+        negatives = _negatives(negative_prompt, 1)
+        self._check(steps=iterations, superres_steps=superres_steps, num_images=num_images,
+                    guidance_scale=guidance_scale, output=output, superres=superres, steps_name="iterations")
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        img = _load_image(image, "image")
+        lo_img, hi_img = self._image_tensors(img, superres)
+        gens = self._generators(seed, num_images)
+        cond = self.encode_prompts([prompt_])
+        negative = self.encode_prompts(negatives) if negatives is not None else None
+        source = self.vqgan_lo.encode(lo_img).repeat(num_images, 1, 1)  # (n, h, w)
+        ctx, uncond = stage_contexts(self.base, cond, negative, guided=guidance_scale != 0, repeat=num_images)
+        lo = editing.edit_tokens(self.base, ctx, uncond, source, iterations=iterations, fraction=fraction,
+                                 guidance_scale=guidance_scale, top_k=top_k, generator=gens,
+                                 callback=_stage(callback, "edit"))
+        if not superres:
+            return lo if output == "tokens" else self._to_pil(self.vqgan_lo, lo)
+        hi_side = self.superres.config.hi_tokens_per_side
+        regen_hi = editing.upsample_token_mask(lo != source, hi_side)
+        hi = self._superres_fill(cond, negative, lo, hi_img, regen_hi, superres_steps, guidance_scale, gens, callback)
+        return hi if output == "tokens" else self._to_pil(self.vqgan_hi, hi)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _fill(self, lo_img, hi_img, regen, prompt, negative_prompt, num_images, steps, superres_steps,
+              guidance_scale, seed, output, superres, callback):
+        """Inpainting on both stages: lo tokens decoded where `regen` (1, h, w); hi tokens where the
+        upsampled mask says, conditioned on the new lo tokens; known tokens fixed on both."""
+        (prompt_,) = _prompts([prompt] if isinstance(prompt, str) else prompt, single=True)
+        negatives = _negatives(negative_prompt, 1)
+        self._check(steps=steps, superres_steps=superres_steps, num_images=num_images,
+                    guidance_scale=guidance_scale, output=output, superres=superres)
+        gens = self._generators(seed, num_images)
+        cond = self.encode_prompts([prompt_])
+        negative = self.encode_prompts(negatives) if negatives is not None else None
+        n = num_images
+        source = self.vqgan_lo.encode(lo_img).repeat(n, 1, 1)  # (n, h, w)
+        regen = regen.to(self.device).repeat(n, 1, 1)
+        ctx, uncond = stage_contexts(self.base, cond, negative, guided=guidance_scale != 0, repeat=n)
+        lo = editing.inpaint_tokens(self.base, ctx, uncond, source, regen, steps=steps,
+                                    guidance_scale=guidance_scale, generator=gens, callback=_stage(callback, "base"))
+        if not superres:
+            return lo if output == "tokens" else self._to_pil(self.vqgan_lo, lo)
+        regen_hi = editing.upsample_token_mask(regen, self.superres.config.hi_tokens_per_side)
+        hi = self._superres_fill(cond, negative, lo, hi_img, regen_hi, superres_steps, guidance_scale, gens, callback)
+        return hi if output == "tokens" else self._to_pil(self.vqgan_hi, hi)
+
+    def _superres_fill(self, cond, negative, lo, hi_img, regen_hi, steps, guidance_scale, gens, callback):
+        n = lo.shape[0]
+        source_hi = self.vqgan_hi.encode(hi_img).repeat(n, 1, 1)  # (n, H, W)
+        ctx, uncond = stage_contexts(self.superres, cond, negative, guided=guidance_scale != 0, lo_ids=lo)
+        return editing.inpaint_tokens(self.superres, ctx, uncond, source_hi, regen_hi, steps=steps,
+                                      guidance_scale=guidance_scale, generator=gens,
+                                      callback=_stage(callback, "superres"))
+
+    def _image_tensors(self, img: Image.Image, superres: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(1, 3, r, r) at the base VQGAN's resolution, and at the high-res one when super-res runs."""
+        def at(vqgan) -> torch.Tensor:
+            dtype = next(vqgan.parameters()).dtype
+            return pil_to_tensor(img, vqgan.config.resolution)[None].to(self.device, dtype)
+
+        return at(self.vqgan_lo), (at(self.vqgan_hi) if superres and self.vqgan_hi is not None else None)
+
+    def _to_pil(self, vqgan, ids: torch.Tensor) -> list[Image.Image]:
+        with torch.no_grad():
+            images = vqgan.decode(ids)
+        return [tensor_to_pil(x) for x in images]
+
+    def _generators(self, seed: int | None, rows: int) -> list[torch.Generator]:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        return [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(rows)]
+
+    def _check(self, *, steps, superres_steps, num_images, guidance_scale, output, superres, steps_name="steps"):
+        for name, value in ((steps_name, steps), ("num_images", num_images)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if superres and (not isinstance(superres_steps, int) or superres_steps < 1):
+            raise ValueError(f"superres_steps must be an integer >= 1, got {superres_steps!r}")
+        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if superres and self.superres is None:
+            raise ValueError("superres=True but this pipeline has no super-res stage (vqgan_hi + superres); "
+                             "pass superres=False")
+
+
+def _stage(callback: StageCallback | None, stage: str) -> Callable[[int, torch.Tensor], None] | None:
+    if callback is None:
+        return None
+    return lambda step, ids: callback(stage, step, ids)
+
+
+def _prompts(prompt: str | Sequence[str], single: bool = False) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f"prompt must be a non-empty string or a list of them, got {prompt!r}")
+    if single and len(prompts) != 1:
+        raise ValueError(f"prompt must be one string here, got {len(prompts)}")
+    return prompts
+
+
+def _negatives(negative_prompt: str | Sequence[str] | None, n: int) -> list[str] | None:
+    if negative_prompt is None:
+        return None
+    negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negatives) != n or not all(isinstance(p, str) and p.strip() for p in negatives):
+        raise ValueError(f"negative_prompt must be None, a non-empty string, or {n} non-empty strings "
+                         f"(one per prompt), got {negative_prompt!r}")
+    return negatives
+
+
+def _load_image(image: Any, name: str) -> Image.Image:
+    """PIL image, encoded bytes, a local/s3 path or a (3, H, W) tensor in [-1, 1] -> RGB PIL."""
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, torch.Tensor):
+        try:
+            return tensor_to_pil(image)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if not path or not storage.exists(path):
+            raise ValueError(f"{name}: no file at {path!r}")
+        try:
+            image = storage.read_bytes(path)
+        except OSError as e:
+            raise ValueError(f"{name}: cannot read {path!r}: {e}") from None
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        try:
+            return decode_image(bytes(image))
+        except ImageRejected as e:
+            raise ValueError(f"{name}: not a readable image ({e})") from None
+    raise ValueError(f"{name} must be a PIL image, bytes, a path or a (3, H, W) tensor, got {type(image).__name__}")
+
+
+def _load_mask(mask: Any, size: tuple[int, int]) -> torch.Tensor:
+    """A mask the size (W, H) of the image -> (H, W) bool, True = regenerate."""
+    if isinstance(mask, (str, os.PathLike, bytes, bytearray)):
+        mask = _load_image(mask, "mask")
+    if isinstance(mask, Image.Image):
+        mask = np.asarray(mask.convert("L"))
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(np.array(mask))  # a writable copy
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask must be a PIL image, an array or a tensor, got {type(mask).__name__}")
+    if mask.dim() == 3 and mask.shape[0] == 1:
+        mask = mask[0]
+    width, height = size
+    if tuple(mask.shape) != (height, width):
+        raise ValueError(f"mask must have the image's size {width}x{height} (H, W) = ({height}, {width}), "
+                         f"got shape {tuple(mask.shape)}")
+    masked = mask.cpu() != 0
+    if not masked.any():
+        raise ValueError("mask is empty: nothing to regenerate")
+    return masked
+
+
+def _square_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The centre square of an (H, W) mask: the crop `pil_to_tensor` takes from the image."""
+    height, width = mask.shape
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return mask[top:top + side, left:left + side]
+
+
+def _check_compatible(vqgan_lo, base, vqgan_hi, superres) -> None:
+    lo, b = vqgan_lo.config, base.config
+    if (lo.codebook_size, lo.tokens_per_side) != (b.codebook_size, b.tokens_per_side):
+        raise ValueError(f"base expects {b.tokens_per_side}x{b.tokens_per_side} tokens of {b.codebook_size} codes, "
+                         f"vqgan_lo gives {lo.tokens_per_side}x{lo.tokens_per_side} of {lo.codebook_size}")
+    if superres is not None:
+        hi, s = vqgan_hi.config, superres.config
+        if (s.lo_codebook_size, s.lo_tokens_per_side) != (b.codebook_size, b.tokens_per_side):
+            raise ValueError("superres low-res tokens do not match the base model's")
+        if (s.hi_codebook_size, s.hi_tokens_per_side) != (hi.codebook_size, hi.tokens_per_side):
+            raise ValueError("superres high-res tokens do not match vqgan_hi's")

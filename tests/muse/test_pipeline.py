@@ -1,0 +1,274 @@
+"""MusePipeline and the two token stages: a fake transformer for what each branch sees, the tiny preset
+(random weights) for everything end to end, and the CLI."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from muse import checkpoint, generate_cli
+from muse.pipeline import MusePipeline, TextCondition, base_tokens, superres_tokens
+from muse.transformer import Context
+
+STEPS = dict(steps=3, superres_steps=2)
+
+
+class FakeBase(torch.nn.Module):
+    """encode_context tags each row with its first embedding value (0 when the text is masked out);
+    forward returns fixed logits shifted by the tag and records the tags of every forward."""
+
+    def __init__(self, side: int = 4, codebook_size: int = 8):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))  # gives the stage a parameter dtype
+        self.config = type("Cfg", (), {"tokens_per_side": side})()
+        self.num_tokens, self.codebook_size, self.mask_token_id = side * side, codebook_size, codebook_size
+        self.logits = torch.randn(side * side, codebook_size, generator=torch.Generator().manual_seed(0))
+        self.encoded: list[torch.Tensor] = []
+        self.forward_tags: list[list[float]] = []
+
+    def encode_context(self, text: torch.Tensor, mask: torch.Tensor) -> Context:
+        self.encoded.append(mask.clone())
+        tag = (text[:, 0, 0] * mask.any(dim=1)).view(-1, 1, 1, 1)
+        return Context([tag], [tag], torch.ones(text.shape[0], 1, dtype=torch.bool))
+
+    def forward(self, ids: torch.Tensor, ctx: Context) -> torch.Tensor:
+        tags = ctx.keys[0][:, 0, 0, 0]
+        self.forward_tags.append(tags.tolist())
+        return self.logits + tags[:, None, None]
+
+
+def cond(*values: float) -> TextCondition:
+    emb = torch.tensor(values).view(-1, 1, 1).expand(-1, 3, 2).clone()
+    return TextCondition(emb, torch.ones(len(values), 3, dtype=torch.bool))
+
+
+def test_base_tokens_encodes_each_context_once_and_the_negative_reaches_uncond():
+    model = FakeBase()
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    ids = base_tokens(model, cond(1.0, 2.0), cond(7.0, 8.0), num_images=2, steps=6, guidance_scale=3.0, generator=gens)
+    assert ids.shape == (4, 4, 4) and not (ids == model.mask_token_id).any()
+    assert len(model.encoded) == 2  # cond + negative, once for 6 steps and 2 images per prompt
+    assert len(model.forward_tags) == 6
+    # From step 1 on the batched forward is [cond rows ; negative rows], prompt-major.
+    assert model.forward_tags[-1] == [1.0, 1.0, 2.0, 2.0, 7.0, 7.0, 8.0, 8.0]
+
+
+def test_base_tokens_without_negative_uses_the_null_text_and_without_guidance_no_uncond():
+    model = FakeBase()
+    base_tokens(model, cond(1.0), steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert model.encoded[0].all() and not model.encoded[1].any()  # second context: text masked out
+    assert model.forward_tags[-1] == [1.0, 0.0]
+    model = FakeBase()
+    base_tokens(model, cond(1.0), cond(5.0), steps=4, guidance_scale=0.0, generator=torch.Generator().manual_seed(0))
+    assert len(model.encoded) == 1 and all(tags == [1.0] for tags in model.forward_tags)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models are far too small for intra-op threads to pay; on a shared 2-core machine
+    spinning OpenMP threads make each call 5-20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe() -> MusePipeline:
+    return MusePipeline.from_preset("tiny", seed=0)
+
+
+def test_text_to_image_two_stages_gives_images_of_the_right_size(pipe):
+    stages: list[tuple[str, int]] = []
+    images = pipe(["a red circle", "two blue squares"], num_images=2, seed=5,
+                  callback=lambda stage, step, ids: stages.append((stage, step)), **STEPS)
+    assert len(images) == 4
+    assert all(isinstance(im, Image.Image) and im.size == (128, 128) and im.mode == "RGB" for im in images)
+    assert stages == [("base", 0), ("base", 1), ("base", 2), ("superres", 0), ("superres", 1)]
+    lo = pipe("a red circle", seed=5, superres=False, steps=3)
+    assert len(lo) == 1 and lo[0].size == (64, 64)
+
+
+def test_seed_reproduces_tokens_and_image_i_is_seed_plus_i(pipe):
+    a = pipe("a red circle", seed=3, output="tokens", **STEPS)
+    b = pipe("a red circle", seed=3, output="tokens", **STEPS)
+    c = pipe("a red circle", seed=4, output="tokens", **STEPS)
+    assert a.shape == (1, 16, 16) and a.dtype == torch.long
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    two = pipe("a red circle", seed=3, num_images=2, output="tokens", superres=False, steps=3)
+    one = pipe("a red circle", seed=4, output="tokens", superres=False, steps=3)
+    assert not torch.equal(two[0], two[1])
+    torch.testing.assert_close(two[1], one[0], rtol=0, atol=0)
+
+
+def test_contexts_are_encoded_once_per_stage_and_negative_prompt_replaces_null(pipe, monkeypatch):
+    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"base": [], "superres": []}
+    for stage in seen:
+        model = getattr(pipe, stage)
+        real = model.encode_context
+
+        def spy(text, mask, *rest, _real=real, _log=seen[stage]):
+            _log.append((text.clone(), mask.clone()))
+            return _real(text, mask, *rest)
+
+        monkeypatch.setattr(model, "encode_context", spy)
+    pipe("a red circle", seed=0, steps=5, superres_steps=3)
+    assert [len(v) for v in seen.values()] == [2, 2]  # cond + uncond, whatever the number of steps
+    assert seen["base"][0][1].any() and not seen["base"][1][1].any()  # uncond = text masked out
+
+    for log in seen.values():
+        log.clear()
+    pipe("a red circle", negative_prompt="a blue square", seed=0, **STEPS)
+    negative = pipe.encode_prompts(["a blue square"])
+    for stage in ("base", "superres"):
+        text, mask = seen[stage][1]
+        assert torch.equal(mask, negative.mask)
+        torch.testing.assert_close(text, negative.embeddings)
+
+
+def test_from_pretrained_round_trip_equals_from_preset(tmp_path):
+    checkpoint.init_model_root("tiny", str(tmp_path / "root"), seed=2)
+    loaded = MusePipeline.from_pretrained(str(tmp_path / "root"))
+    built = MusePipeline.from_preset("tiny", seed=2)
+    kwargs = dict(seed=7, output="tokens", **STEPS)
+    assert torch.equal(loaded("a red circle", **kwargs), built("a red circle", **kwargs))
+    assert not torch.equal(MusePipeline.from_preset("tiny", seed=3)("a red circle", **kwargs),
+                           built("a red circle", **kwargs))
+
+
+def test_save_pretrained_to_s3_and_load_base_only_root(pipe, s3_bucket, tmp_path):
+    root = f"{s3_bucket}/model"
+    pipe.save_pretrained(root)
+    loaded = MusePipeline.from_pretrained(root)
+    kwargs = dict(seed=1, output="tokens", **STEPS)
+    assert torch.equal(loaded("a red circle", **kwargs), pipe("a red circle", **kwargs))
+
+    for name in ("text_encoder", "vqgan_lo", "base"):  # a root without super-res
+        checkpoint.save_component(getattr(pipe, name), str(tmp_path / "lo" / name))
+    base_only = MusePipeline.from_pretrained(str(tmp_path / "lo"))
+    assert base_only.superres is None and base_only.resolution == 64
+    assert base_only("a red circle", superres=False, steps=2)[0].size == (64, 64)
+    with pytest.raises(ValueError, match="superres"):
+        base_only("a red circle", steps=2)
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo() -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda p, im: p("", steps=1), "prompt"),
+    (lambda p, im: p(["a cat", "  "], steps=1), "prompt"),
+    (lambda p, im: p([], steps=1), "prompt"),
+    (lambda p, im: p("a cat", steps=0), "steps"),
+    (lambda p, im: p("a cat", steps=2, superres_steps=0), "superres_steps"),
+    (lambda p, im: p("a cat", num_images=0), "num_images"),
+    (lambda p, im: p("a cat", guidance_scale=-1.0), "guidance_scale"),
+    (lambda p, im: p("a cat", output="jpeg"), "output"),
+    (lambda p, im: p("a cat", seed=-1), "seed"),
+    (lambda p, im: p(["a", "b"], negative_prompt=["c"]), "negative_prompt"),
+    (lambda p, im: p.inpaint(im, np.ones((64, 64)), "a cat", steps=1), "mask"),
+    (lambda p, im: p.inpaint(im, np.zeros((96, 96)), "a cat", steps=1), "mask"),
+    (lambda p, im: p.inpaint(b"not an image", np.ones((96, 96)), "a cat", steps=1), "image"),
+    (lambda p, im: p.inpaint("/nonexistent/x.png", np.ones((96, 96)), "a cat"), "image"),
+    (lambda p, im: p.inpaint(im, np.ones((96, 96)), "", steps=1), "prompt"),
+    (lambda p, im: p.outpaint(im, "a cat", direction="north"), "direction"),
+    (lambda p, im: p.outpaint(im, "a cat", scale=1.0), "scale"),
+    (lambda p, im: p.edit(im, "a cat", iterations=0), "iterations"),
+    (lambda p, im: p.edit(im, "a cat", fraction=2.0), "fraction"),
+    (lambda p, im: p.edit(12, "a cat"), "image"),
+])
+def test_bad_input_raises_value_error_naming_the_parameter(pipe, photo, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(pipe, photo)
+
+
+def test_inpaint_keeps_known_tokens_at_base_and_through_superres(pipe, photo):
+    mask = np.zeros((96, 96), np.uint8)
+    mask[:, 48:] = 255  # regenerate the right half
+    lo_src = pipe.vqgan_lo.encode(pipe._image_tensors(photo, True)[0])[0]
+    hi_src = pipe.vqgan_hi.encode(pipe._image_tensors(photo, True)[1])[0]
+    lo = pipe.inpaint(_png(photo), Image.fromarray(mask), "a red circle", seed=0, output="tokens",
+                      superres=False, steps=3)[0]
+    assert torch.equal(lo[:, :4], lo_src[:, :4])  # left half kept (8x8 tokens)
+    assert not torch.equal(lo[:, 4:], lo_src[:, 4:])
+    hi = pipe.inpaint(photo, mask, "a red circle", seed=0, output="tokens", **STEPS)[0]
+    assert torch.equal(hi[:, :8], hi_src[:, :8])  # 16x16 high-res tokens: left half kept
+    assert not torch.equal(hi[:, 8:], hi_src[:, 8:])
+    images = pipe.inpaint(photo, mask, "a red circle", seed=0, num_images=2, **STEPS)
+    assert [im.size for im in images] == [(128, 128)] * 2
+
+
+def test_outpaint_keeps_the_placed_image_tokens(pipe, photo):
+    from muse.editing import outpaint_canvas
+
+    lo_img = pipe._image_tensors(photo, False)[0]
+    canvas, _ = outpaint_canvas(lo_img, "left", 0.5)
+    canvas_ids = pipe.vqgan_lo.encode(canvas)[0]
+    lo = pipe.outpaint(photo, "a red circle", direction="left", scale=0.5, seed=0, output="tokens",
+                       superres=False, steps=3)[0]
+    assert torch.equal(lo[:, 4:], canvas_ids[:, 4:]) and not torch.equal(lo[:, :4], canvas_ids[:, :4])
+    out = pipe.outpaint(photo, "a red circle", seed=0, **STEPS)
+    assert out[0].size == (128, 128)
+
+
+def test_edit_changes_part_of_the_tokens_and_superres_keeps_unchanged_regions(pipe, photo):
+    lo_src = pipe.vqgan_lo.encode(pipe._image_tensors(photo, False)[0])[0]
+    lo = pipe.edit(photo, "a red circle", iterations=3, fraction=0.1, seed=0, output="tokens", superres=False)[0]
+    changed = (lo != lo_src).sum().item()
+    assert 0 < changed <= 3 * round(0.1 * 64)
+    hi = pipe.edit(photo, "a red circle", iterations=3, fraction=0.1, seed=0, output="tokens", superres_steps=2)[0]
+    hi_src = pipe.vqgan_hi.encode(pipe._image_tensors(photo, True)[1])[0]
+    kept = (lo == lo_src).repeat_interleave(2, 0).repeat_interleave(2, 1)  # lo token -> 2x2 hi tokens
+    assert torch.equal(hi[kept], hi_src[kept])
+    assert pipe.edit(photo, "a red circle", iterations=2, superres_steps=1, seed=0)[0].size == (128, 128)
+
+
+def test_superres_tokens_accepts_prompt_major_rows(pipe):
+    c = pipe.encode_prompts(["a red circle", "a blue square"])
+    lo = torch.randint(0, 512, (4, 8, 8), generator=torch.Generator().manual_seed(0))
+    hi = superres_tokens(pipe.superres, c, lo, steps=2, generator=torch.Generator().manual_seed(0))
+    assert hi.shape == (4, 16, 16) and hi.max() < 512 and hi.min() >= 0
+
+
+def test_cli_generate_and_inpaint_write_pngs(tmp_path, photo, capsys):
+    out = tmp_path / "gen"
+    rc = generate_cli.main(["generate", "--prompt", "a red circle", "--preset", "tiny", "--n", "2",
+                            "--steps", "2", "--superres-steps", "1", "--seed", "3", "--out", str(out)])
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["generate_00.png", "generate_01.png", "grid.png"]
+    assert Image.open(out / "generate_00.png").size == (128, 128)
+    assert Image.open(out / "grid.png").size == (256, 128)
+    assert str(out / "generate_00.png") in capsys.readouterr().out
+
+    photo.save(tmp_path / "in.png")
+    mask = np.zeros((96, 96), np.uint8)
+    mask[:48] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    rc = generate_cli.main(["inpaint", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                            "--prompt", "a red circle", "--preset", "tiny", "--steps", "2", "--no-superres",
+                            "--out", str(tmp_path / "inp")])
+    assert rc == 0 and Image.open(tmp_path / "inp" / "inpaint_00.png").size == (64, 64)
+
+
+def test_cli_bad_input_exits_2_with_a_message_and_help_exits_0(tmp_path, capsys):
+    rc = generate_cli.main(["edit", "--image", str(tmp_path / "missing.png"), "--prompt", "x",
+                            "--preset", "tiny", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "image" in capsys.readouterr().err
+    for command in generate_cli.COMMANDS:
+        with pytest.raises(SystemExit) as exc:
+            generate_cli.main([command, "--help"])
+        assert exc.value.code == 0
+        assert f"muse {command}" in capsys.readouterr().out
