@@ -1,0 +1,399 @@
+"""The HTTP ingress: an OpenAI-compatible images API and a web page, in front of the model DAG.
+
+    POST /v1/images/generations   JSON; `stream: true` answers with server-sent events
+    POST /v1/images/edits         multipart: image, optional mask, prompt, ...
+    GET  /v1/models  /v1/files/<id>.png  /healthz  /
+
+Each request chains the model deployments by handing one call's DeploymentResponse to the next
+(text -> base -> super-res -> decoder), so token grids go from replica to replica and only PNG bytes
+come back here. Streaming is the exception: partial grids come back for previews (the decoder turns
+them into PNGs), and the base stage's final grid is handed on to super-res from here.
+
+Every failure is answered in OpenAI's error shape. A replica that dies mid-request is retried on the
+replacement Serve starts (a few times, within the request timeout); a request past the timeout is
+cancelled and answered 504; Serve's back-pressure (max_queued_requests) is answered 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import secrets
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from muse import checkpoint
+from serve.config import AppArgs
+from serve.deployments import Decode
+from serve.files import FileStore
+from serve.images import UploadError, prepare_edit
+from serve.schemas import (
+    BASE_ALIAS, SUPERRES_ALIAS, APIError, GenerationRequest, check_common, check_prompt, check_unknown_fields,
+    error_response, resolve_size, validation_param,
+)
+
+logger = logging.getLogger("ray.serve")
+STATIC = Path(__file__).parent / "static"
+RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0)  # after a replica died under a request
+
+
+@serve.ingress()
+class Ingress:
+    """Builds its FastAPI app per replica (`__serve_build_asgi_app__`) from the typed args."""
+
+    def __init__(self, text_encoder, base, superres, decoder, args: AppArgs):
+        self.text, self.base, self.superres, self.decoder = text_encoder, base, superres, decoder
+        self.args = args
+        self.limits, self.sampling = args.limits, args.sampling
+        _, lo = checkpoint.read_component_config(checkpoint.component_uri(args.checkpoint, "vqgan_lo"))
+        self.lo_side, self.lo_tokens = lo.resolution, lo.tokens_per_side
+        self.hi_side = None
+        if superres is not None:
+            _, hi = checkpoint.read_component_config(checkpoint.component_uri(args.checkpoint, "vqgan_hi"))
+            self.hi_side = hi.resolution
+        self.files = FileStore(args.files)
+        self.page = (STATIC / "index.html").read_text()
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_fastapi(self)
+
+    # -- the model DAG -------------------------------------------------------------------------
+    def side(self, stage: str) -> int:
+        return self.hi_side if stage == "hi" else self.lo_side
+
+    def decodes(self, n: int, seed: int, steps: int | None, superres_steps: int | None,
+                guidance: float | None, base_default: int | None = None) -> tuple[Decode, Decode]:
+        g = self.sampling.guidance_scale if guidance is None else guidance
+        lo_steps = steps if steps is not None else (base_default or self.sampling.steps)
+        hi_steps = superres_steps if superres_steps is not None else self.sampling.superres_steps
+        return Decode(n, lo_steps, g, seed), Decode(n, hi_steps, g, seed)
+
+    async def generate(self, req: GenerationRequest, stage: str, seed: int) -> list[bytes]:
+        lo_decode, hi_decode = self.decodes(req.n, seed, req.steps, req.superres_steps, req.guidance_scale)
+
+        def chain():
+            cond = self.text.encode.remote(req.prompt, req.negative_prompt)
+            tokens = self.base.generate.remote(cond, lo_decode)
+            if stage == "hi":
+                tokens = self.superres.generate.remote(cond, tokens, hi_decode)
+            return self.decoder.decode.remote(tokens, stage)
+
+        return await self.call(chain)
+
+    async def edit(self, image: bytes, mask: bytes | None, prompt: str, negative: str | None, n: int, stage: str,
+                   seed: int, steps: int | None, superres_steps: int | None, guidance: float | None) -> list[bytes]:
+        sides = {"lo": self.lo_side, **({"hi": self.hi_side} if stage == "hi" else {})}
+        try:
+            edit = await asyncio.to_thread(prepare_edit, image, mask, sides, self.lo_tokens,
+                                           self.limits.max_image_pixels)
+        except UploadError as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_image") from None
+        mask_free = edit.regenerate is None
+        lo_decode, hi_decode = self.decodes(n, seed, steps, superres_steps, guidance,
+                                            base_default=self.sampling.edit_iterations if mask_free else None)
+
+        def chain():
+            cond = self.text.encode.remote(prompt, negative)
+            source = self.decoder.encode.remote(edit.images["lo"], "lo")
+            if mask_free:
+                tokens = self.base.edit.remote(cond, lo_decode, source, lo_decode.steps, self.sampling.edit_fraction)
+            else:
+                tokens = self.base.generate.remote(cond, lo_decode, source, edit.regenerate)
+            if stage == "hi":
+                source_hi = self.decoder.encode.remote(edit.images["hi"], "hi")
+                tokens = self.superres.generate.remote(cond, tokens, hi_decode, source_hi)
+            return self.decoder.decode.remote(tokens, stage)
+
+        return await self.call(chain)
+
+    async def call(self, chain: Callable[[], Any]) -> Any:
+        """Run `chain()` (-> DeploymentResponse) to its result, within the request timeout,
+        re-running it when a replica died under it."""
+        deadline = time.monotonic() + self.limits.request_timeout_s
+        for attempt in range(len(RETRY_DELAYS_S) + 1):
+            response = chain()
+            try:
+                return await asyncio.wait_for(_result(response), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise APIError(504, f"the request took longer than {self.limits.request_timeout_s:g} s",
+                               type="server_error", code="timeout") from None
+            except BackPressureError:
+                raise APIError(503, "the server is at capacity; retry shortly", type="server_error",
+                               code="overloaded") from None
+            except Exception as e:  # noqa: BLE001 - sorted below
+                if not _replica_lost(e):
+                    raise
+                if attempt == len(RETRY_DELAYS_S) or time.monotonic() + RETRY_DELAYS_S[attempt] > deadline:
+                    raise APIError(503, "a model replica failed and no replacement is up yet; retry shortly",
+                                   type="server_error", code="replica_unavailable") from None
+                logger.warning("a replica died under a request (%s); retrying", type(e).__name__)
+                await asyncio.sleep(RETRY_DELAYS_S[attempt])
+
+    async def stream(self, req: GenerationRequest, stage: str, seed: int, base_url: str) -> AsyncIterator[str]:
+        """Server-sent events: `image_generation.partial_image` previews every `preview_every` steps
+        of each stage, then one `image_generation.completed` per image."""
+        lo_decode, hi_decode = self.decodes(req.n, seed, req.steps, req.superres_steps, req.guidance_scale)
+        size = f"{self.side(stage)}x{self.side(stage)}"
+        partial = 0
+        try:
+            async with asyncio.timeout(self.limits.request_timeout_s):
+                cond = self.text.encode.remote(req.prompt, req.negative_prompt)
+                tokens = None
+                for name, deployment, args in (("base", self.base, (lo_decode,)),
+                                               ("superres", self.superres, (hi_decode,))):
+                    if name == "superres" and stage != "hi":
+                        break
+                    call_args = (cond, *args) if tokens is None else (cond, tokens, *args)
+                    events = deployment.options(stream=True).stream.remote(*call_args)
+                    try:
+                        async for event in events:
+                            if event["done"]:
+                                tokens = event["ids"]
+                                continue
+                            previews = await self.decoder.preview.remote(event["ids"], "lo" if name == "base" else "hi")
+                            for i, png in enumerate(previews):
+                                yield sse("image_generation.partial_image", {
+                                    "b64_json": _b64(png), "index": i, "partial_image_index": partial, "stage": name,
+                                    "step": event["step"], "steps": event["steps"], "size": size})
+                            partial += 1
+                    finally:
+                        events.cancel()
+                pngs = await self.decoder.decode.remote(tokens, stage)
+                for i, png in enumerate(pngs):
+                    yield sse("image_generation.completed", {
+                        **self.image_item(png, "url" if req.response_format == "url" else "b64_json", base_url),
+                        "index": i, "seed": seed + i, "size": size})
+        except TimeoutError:
+            yield sse("error", {"error": _error_body("the request took longer than the timeout", "timeout")})
+        except Exception as e:  # noqa: BLE001 - headers are sent: report in-band and end the stream
+            logger.exception("stream failed")
+            yield sse("error", {"error": _error_body(f"generation failed: {type(e).__name__}", "server_error")})
+
+    # -- responses -----------------------------------------------------------------------------
+    def image_item(self, png: bytes, response_format: str, base_url: str) -> dict:
+        if response_format == "b64_json":
+            return {"b64_json": _b64(png)}
+        base = (self.args.files.public_url or base_url).rstrip("/")
+        return {"url": f"{base}/v1/files/{self.files.put(png)}.png"}
+
+    def images_response(self, pngs: list[bytes], response_format: str, seed: int, stage: str, base_url: str) -> dict:
+        side = self.side(stage)
+        return {
+            "created": int(time.time()),
+            "data": [{**self.image_item(png, response_format, base_url), "revised_prompt": None, "seed": seed + i}
+                     for i, png in enumerate(pngs)],
+            "size": f"{side}x{side}",
+            "output_format": "png",
+        }
+
+    def authorized(self, header: bytes | None) -> bool:
+        if not self.args.api_key:
+            return True
+        expected = f"Bearer {self.args.api_key}".encode()
+        return header is not None and hmac.compare_digest(header, expected)
+
+
+def _b64(png: bytes) -> str:
+    return base64.b64encode(png).decode("ascii")
+
+
+async def _result(response: Any) -> Any:
+    return await response
+
+
+def _replica_lost(e: BaseException) -> bool:
+    """Did a replica die (or go away) under this request, here or in a deployment it called?"""
+    lost = (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError, ReplicaUnavailableError)
+    while e is not None:
+        if isinstance(e, lost):
+            return True
+        e = e.cause if isinstance(e, RayTaskError) else e.__cause__
+    return False
+
+
+def _error_body(message: str, code: str, type: str = "server_error", param: str | None = None) -> dict:
+    return {"message": message, "type": type, "param": param, "code": code}
+
+
+def sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps({'type': event, **data})}\n\n"
+
+
+def _seed(seed: int | None) -> int:
+    return seed if seed is not None else secrets.randbelow(2**62)
+
+
+def build_fastapi(ing: Ingress) -> FastAPI:
+    """The ASGI app of one ingress replica."""
+    app = FastAPI(title="Muse images API", docs_url=None, redoc_url=None, openapi_url=None)
+    limits = ing.limits
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError):
+        return error_response(e.status, e.message, e.param, e.code, e.type)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        param = validation_param(tuple(first.get("loc", ())))
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            param, message = None, "the request body is not valid JSON"
+        elif first.get("type") == "missing":
+            message = f"'{param}' is required"
+        elif param:
+            message = f"'{param}': {message}"
+        return error_response(400, message, param, "invalid_value" if first.get("type") != "missing" else "missing")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException):
+        return error_response(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception):
+        logger.exception("unhandled error")
+        return error_response(500, f"internal error: {type(e).__name__}", type="server_error", code="server_error")
+
+    app.add_middleware(Guard, ingress=ing)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(ing.page)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        sizes = {f"{ing.lo_side}x{ing.lo_side}": "base", BASE_ALIAS: "base (alias)"}
+        if ing.hi_side is not None:
+            sizes.update({f"{ing.hi_side}x{ing.hi_side}": "super-res", SUPERRES_ALIAS: "super-res (alias)"})
+        return {"object": "list", "data": [{
+            "id": ing.args.model_name, "object": "model", "created": 0, "owned_by": "muse-on-ray",
+            "sizes": sizes, "default_size": f"{ing.lo_side}x{ing.lo_side}",
+            "defaults": ing.sampling.model_dump(), "limits": limits.model_dump(exclude={"request_timeout_s"}),
+        }]}
+
+    @app.get("/v1/files/{name}")
+    async def files(name: str) -> Response:
+        data = ing.files.get(name.removesuffix(".png")) if name.endswith(".png") else None
+        if data is None:
+            raise APIError(404, "no such file (or it has expired)", param="file", code="not_found")
+        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.post("/v1/images/generations")
+    async def generations(req: GenerationRequest, request: Request):
+        check_unknown_fields(req)
+        check_prompt(req.prompt, limits)
+        check_prompt(req.negative_prompt, limits, "negative_prompt", required=False)
+        check_common(req.n, req.steps, req.superres_steps, req.guidance_scale, limits)
+        stage = resolve_size(req.size, ing.lo_side, ing.hi_side)
+        seed = _seed(req.seed)
+        base_url = str(request.base_url)
+        if req.stream:
+            return StreamingResponse(ing.stream(req, stage, seed, base_url), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        pngs = await ing.generate(req, stage, seed)
+        return ing.images_response(pngs, req.response_format, seed, stage, base_url)
+
+    @app.post("/v1/images/edits")
+    async def edits(
+        request: Request,
+        image: UploadFile = File(...),
+        prompt: str = Form(...),
+        mask: UploadFile | None = File(None),
+        n: int = Form(1),
+        size: str | None = Form(None),
+        response_format: str = Form("url"),
+        negative_prompt: str | None = Form(None),
+        seed: int | None = Form(None, ge=0, lt=2**63),
+        steps: int | None = Form(None),
+        superres_steps: int | None = Form(None),
+        guidance_scale: float | None = Form(None),
+        model: str | None = Form(None),  # OpenAI's; one model per server
+        user: str | None = Form(None),  # OpenAI's; unused
+    ):
+        check_prompt(prompt, limits)
+        check_prompt(negative_prompt, limits, "negative_prompt", required=False)
+        check_common(n, steps, superres_steps, guidance_scale, limits)
+        if response_format not in ("url", "b64_json"):
+            raise APIError(400, "'response_format' must be 'url' or 'b64_json'", param="response_format",
+                           code="invalid_value")
+        stage = resolve_size(size, ing.lo_side, ing.hi_side)
+        form = await request.form()
+        unknown = sorted(set(form) - {"image", "prompt", "mask", "n", "size", "response_format", "negative_prompt",
+                                      "seed", "steps", "superres_steps", "guidance_scale", "model", "user",
+                                      "quality", "background", "input_fidelity", "output_format"})
+        if unknown:
+            raise APIError(400, f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0],
+                           code="unknown_parameter")
+        seed_ = _seed(seed)
+        pngs = await ing.edit(await image.read(), await mask.read() if mask is not None else None, prompt,
+                              negative_prompt, n, stage, seed_, steps, superres_steps, guidance_scale)
+        return ing.images_response(pngs, response_format, seed_, stage, str(request.base_url))
+
+    return app
+
+
+class Guard:
+    """ASGI middleware that answers before any route runs: 401 for /v1/ requests without the API
+    key (when one is configured; the web page, /healthz and file URLs stay open), and 413 for a body
+    over `max_body_bytes`, by Content-Length or, for chunked uploads, while it is read (the body is
+    buffered here, so routes never see more than the limit)."""
+
+    def __init__(self, app, ingress: Ingress):
+        self.app, self.ingress = app, ingress
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        path = scope["path"][len(scope.get("root_path", "")):] if scope["path"].startswith(
+            scope.get("root_path", "")) else scope["path"]
+        if path.startswith("/v1/") and not path.startswith("/v1/files/") and \
+                not self.ingress.authorized(headers.get(b"authorization")):
+            return await error_response(401, "Incorrect API key provided: send 'Authorization: Bearer <key>'",
+                                        code="invalid_api_key",
+                                        headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        limit = self.ingress.limits.max_body_bytes
+        too_large = error_response(413, f"the request body is over {limit} bytes", code="request_too_large")
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return await too_large(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await too_large(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)

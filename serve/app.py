@@ -1,0 +1,49 @@
+"""The serving application: one deployment per model, chained under a FastAPI ingress.
+
+    app = Ingress.bind(TextEncoder.bind(root), BaseGenerator.bind(root, ...),
+                       SuperResGenerator.bind(root, ...), Decoder.bind(root), args)
+
+`build_app(args)` is what `serve run serve.app:build_app checkpoint=ROOT`, `serve deploy
+serve/config.yaml` and `muse serve` call. Every deployment's replicas or autoscaling, CPUs, GPU
+fraction and concurrency come from `AppArgs` through `.options(...)`; the super-res stage is left out
+when the model root has none (then only the base size is served).
+"""
+
+from __future__ import annotations
+
+import os
+
+from ray import serve
+from ray.serve import Application
+
+from muse import checkpoint
+from serve.api import Ingress
+from serve.config import AppArgs
+from serve.deployments import BaseGenerator, Decoder, SuperResGenerator, TextEncoder
+
+
+def build_app(args: AppArgs) -> Application:
+    """The Serve application for `args` (a pydantic model; Serve validates a config's `args` dict
+    into it). The API key comes from `args.api_key`, else from the environment variable
+    `args.api_key_env` where the app is built; with neither, the API is open (loopback use)."""
+    if isinstance(args, dict):
+        args = AppArgs.model_validate(args)
+    missing = [c for c in checkpoint.REQUIRED_COMPONENTS if not checkpoint.has_component(args.checkpoint, c)]
+    if missing:
+        raise ValueError(f"model root {args.checkpoint} lacks {missing}; `muse init --out DIR` writes a random one")
+    api_key = args.api_key or os.environ.get(args.api_key_env) or None
+    args = args.model_copy(update={"api_key": api_key})
+    root, device, sampling = args.checkpoint, args.device, args.sampling
+
+    def deployment(cls, name: str, options: dict):
+        return serve.deployment(cls, name=name).options(**options)
+
+    text = deployment(TextEncoder, "TextEncoder", args.text_encoder.options()).bind(root, device)
+    base = deployment(BaseGenerator, "BaseGenerator", args.base.options()).bind(
+        root, device, args.base.batching, sampling.temperature, sampling.preview_every)
+    superres = None
+    if checkpoint.has_component(root, "superres") and checkpoint.has_component(root, "vqgan_hi"):
+        superres = deployment(SuperResGenerator, "SuperResGenerator", args.superres.options()).bind(
+            root, device, args.superres.batching, sampling.temperature, sampling.preview_every)
+    decoder = deployment(Decoder, "Decoder", args.decoder.options()).bind(root, device)
+    return deployment(Ingress, "Ingress", args.ingress.options()).bind(text, base, superres, decoder, args)

@@ -1,0 +1,74 @@
+"""`muse serve`: serve a model root over HTTP on this machine with one command.
+
+    muse serve --checkpoint ROOT [--port 8000] [--host 127.0.0.1] [--config serve/config.yaml]
+
+starts Ray (or joins the cluster in RAY_ADDRESS), starts Serve's HTTP proxy on host:port, deploys
+`serve.app:build_app` and blocks until Ctrl-C. `--config` takes a Ray Serve config file (the args of
+its first application are used; `serve/config.yaml` is one) or a plain YAML mapping of AppArgs
+fields; --checkpoint overrides its `checkpoint`. Set MUSE_API_KEY to require
+`Authorization: Bearer <key>` on /v1/; without a key the API is open, so keep the default loopback host.
+
+Ray 2.60 turns token authentication on for its own cluster APIs (`ray.init` writes the token); the
+jobs CLI and SDK then need RAY_AUTH_MODE=token. The images API above is separate from that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+
+APP_NAME = "muse"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="muse serve", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="The API: POST /v1/images/generations, POST /v1/images/edits, "
+                                            "GET /v1/models, GET /healthz, and a web page at /.")
+    parser.add_argument("--checkpoint", help="model root (local path or s3://); required unless --config has it")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    parser.add_argument("--config", help="YAML: a Ray Serve config (serve/config.yaml) or a mapping of AppArgs")
+    parser.add_argument("--num-cpus", type=int, default=max(4, os.cpu_count() or 1),
+                        help="logical CPUs of a local Ray (default: max(4, cores)); ignored with RAY_ADDRESS")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from serve.config import AppArgs, load_args
+
+    data = load_args(args.config) if args.config else {}
+    if args.checkpoint:
+        data["checkpoint"] = args.checkpoint
+    if "checkpoint" not in data:
+        raise SystemExit("muse serve: give --checkpoint ROOT (or a config with `checkpoint`)")
+    app_args = AppArgs.model_validate(data)
+
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(app_args), name=APP_NAME, route_prefix="/", blocking=False)
+        print(f"serving {app_args.checkpoint} at http://{args.host}:{args.port}/  (Ctrl-C to stop)", flush=True)
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Typed arguments of the serving app: what `build_app(args)` takes, what `serve/config.yaml` holds
+under `applications[].args`, and what `muse serve --config` reads.
+
+Every deployment's resources (replicas or autoscaling, CPUs, GPU fractions, concurrency) and every
+batcher's size and wait come from here; nothing is hard-coded in a decorator. Unknown keys are
+rejected, so a typo in the YAML fails at deploy time instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Autoscaling(Strict):
+    """Ray Serve autoscaling for one deployment (a subset of `ray.serve.config.AutoscalingConfig`)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+
+class Deployment(Strict):
+    """Resources and concurrency of one deployment. Exactly one of `num_replicas` / `autoscaling`
+    decides the replica count (autoscaling wins when both are given; the default is one replica)."""
+
+    num_replicas: int | None = Field(None, ge=1)
+    autoscaling: Autoscaling | None = None
+    num_cpus: float = Field(0.25, ge=0)  # a replica claims 1 CPU unless told otherwise
+    num_gpus: float = Field(0.0, ge=0)  # fractions share one GPU between deployments
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(-1, ge=-1)  # -1: unbounded; else callers get 503 past it
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for `Deployment.options(...)`."""
+        out: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+        }
+        if self.autoscaling is not None:
+            out["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
+        else:
+            out["num_replicas"] = self.num_replicas or 1
+        return out
+
+
+class Batching(Strict):
+    """`@serve.batch` settings: requests from different callers decoded as one batch. A batch of 1
+    turns batching off."""
+
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+
+
+class Generator(Deployment):
+    """A transformer deployment (base or super-res): resources plus its batcher."""
+
+    batching: Batching = Batching()
+
+    @model_validator(mode="after")
+    def _room_for_batches(self) -> Generator:
+        if self.max_ongoing_requests < self.batching.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests {self.max_ongoing_requests} must be >= max_batch_size "
+                f"{self.batching.max_batch_size}, or a batch can never fill"
+            )
+        return self
+
+
+class Limits(Strict):
+    """What the HTTP API accepts; requests beyond these get a 400 / 413 in OpenAI's error shape."""
+
+    max_prompt_chars: int = Field(1000, ge=1)
+    max_images: int = Field(4, ge=1)  # `n`
+    max_steps: int = Field(100, ge=1)
+    max_guidance_scale: float = Field(30.0, ge=0)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    request_timeout_s: float = Field(300.0, gt=0)
+
+
+class Sampling(Strict):
+    """Defaults for fields a request leaves out."""
+
+    steps: int = Field(24, ge=1)  # base decoding steps (Muse: 24)
+    superres_steps: int = Field(8, ge=1)  # super-res decoding steps (Muse: 8)
+    guidance_scale: float = Field(4.0, ge=0)
+    temperature: float = Field(4.5, ge=0)  # annealed Gumbel noise on the confidence
+    edit_iterations: int = Field(100, ge=1)  # mask-free editing (Muse §3.3: ~100 at ~8%)
+    edit_fraction: float = Field(0.08, gt=0, le=1)
+    preview_every: int = Field(4, ge=1)  # streaming: one preview every k decoding steps
+
+
+class Files(Strict):
+    """Where PNGs for `response_format: "url"` live until they expire. Without `uri` they are kept in
+    the ingress replica's memory (fine for one ingress replica); with a local directory or s3:// URI
+    shared by all ingress replicas, any replica can serve any URL."""
+
+    uri: str | None = None
+    ttl_s: float = Field(3600.0, gt=0)
+    max_files: int = Field(512, ge=1)  # in-memory store only: oldest dropped first
+    public_url: str | None = None  # base of returned URLs; default: the URL the request came in on
+
+
+class AppArgs(Strict):
+    """Everything `build_app` needs. Only `checkpoint` is required."""
+
+    checkpoint: str  # model root, local path or s3://
+    device: str = "cpu"
+    model_name: str = "muse"  # the id advertised by GET /v1/models
+    api_key: str | None = None  # when None, the environment variable `api_key_env` is read
+    api_key_env: str = "MUSE_API_KEY"
+    limits: Limits = Limits()
+    sampling: Sampling = Sampling()
+    files: Files = Files()
+    ingress: Deployment = Deployment(max_ongoing_requests=64)
+    text_encoder: Deployment = Deployment()
+    base: Generator = Generator()
+    superres: Generator = Generator()
+    decoder: Deployment = Deployment()
+
+
+def load_args(path: str | Path, app_name: str | None = None) -> dict[str, Any]:
+    """The `args` mapping of a YAML file: either a Ray Serve config (`applications: [{args: ...}]`,
+    the first application or the one named `app_name`) or a plain mapping of AppArgs fields."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping")
+    if "applications" not in data:
+        return data
+    apps = data["applications"] or []
+    for app in apps:
+        if app_name is None or app.get("name") == app_name:
+            return dict(app.get("args") or {})
+    raise ValueError(f"{path}: no application named {app_name!r}")

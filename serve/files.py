@@ -1,0 +1,73 @@
+"""Short-lived PNGs behind `response_format: "url"`: GET /v1/files/<id>.png.
+
+An id is `<expiry unix seconds>-<32 hex chars>`: unguessable (128 random bits, so the URL itself is
+the credential, as with OpenAI's signed URLs) and self-expiring (the expiry is read from the id, no
+index needed). Two backends: the ingress replica's memory (an LRU capped at `max_files`), or a
+directory / s3:// prefix through `muse.storage` that every ingress replica shares, swept of expired
+files every tenth of the TTL.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+
+from muse import storage
+from serve.config import Files
+
+ID_PATTERN = re.compile(r"^(\d{10,12})-([0-9a-f]{32})$")
+
+
+class FileStore:
+    def __init__(self, config: Files, clock=time.time):
+        self.config = config
+        self.clock = clock
+        self._memory: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        self._last_sweep = 0.0
+        if config.uri is not None and not storage.is_s3(config.uri):
+            storage.makedirs(config.uri)
+
+    def put(self, data: bytes) -> str:
+        """Store PNG bytes; returns the id."""
+        now = self.clock()
+        file_id = f"{int(now + self.config.ttl_s)}-{secrets.token_hex(16)}"
+        if self.config.uri is None:
+            with self._lock:
+                self._drop_expired(now)
+                self._memory[file_id] = data
+                while len(self._memory) > self.config.max_files:
+                    self._memory.popitem(last=False)
+        else:
+            storage.write_bytes(self._uri(file_id), data)
+            if now - self._last_sweep > self.config.ttl_s / 10:
+                self._last_sweep = now
+                self._sweep(now)
+        return file_id
+
+    def get(self, file_id: str) -> bytes | None:
+        """The bytes, or None when the id is malformed, unknown or expired."""
+        match = ID_PATTERN.match(file_id)
+        if match is None or int(match.group(1)) < self.clock():
+            return None
+        if self.config.uri is None:
+            with self._lock:
+                return self._memory.get(file_id)
+        uri = self._uri(file_id)
+        return storage.read_bytes(uri) if storage.exists(uri) else None
+
+    def _uri(self, file_id: str) -> str:
+        return storage.join(self.config.uri, f"{file_id}.png")
+
+    def _drop_expired(self, now: float) -> None:
+        for key in [k for k in self._memory if int(k.split("-", 1)[0]) < now]:
+            del self._memory[key]
+
+    def _sweep(self, now: float) -> None:
+        for uri in storage.list_files(self.config.uri):
+            match = ID_PATTERN.match(uri.rsplit("/", 1)[-1].removesuffix(".png"))
+            if match is not None and int(match.group(1)) < now:
+                storage.delete(uri)

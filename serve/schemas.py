@@ -1,0 +1,119 @@
+"""Request and response shapes of the images API (OpenAI Images API, plus Muse's own fields) and
+OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`.
+
+Sizes: the model root decides what it can produce, its base resolution ("lo") and, when it has a
+super-res stage, the super-res resolution ("hi"). A request may name either as "WxH", or use the
+aliases "256x256" (= base) and "512x512" (= through super-res) on any model, so clients written for
+the paper's 256/512 model work unchanged. Anything else is a 400.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from serve.config import Limits
+
+BASE_ALIAS, SUPERRES_ALIAS = "256x256", "512x512"
+# Fields of OpenAI's request that existing clients may send and that do not apply to this model:
+# accepted and ignored (one model per server; PNG only). Any other unknown field is a 400.
+OPENAI_IGNORED = ("model", "quality", "style", "user", "background", "moderation", "output_compression",
+                  "partial_images", "input_fidelity")
+
+
+class APIError(Exception):
+    """Raised by route code; rendered as OpenAI's error object with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   type: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class GenerationRequest(BaseModel):
+    """POST /v1/images/generations."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str
+    n: int = Field(1, ge=1)
+    size: str | None = None  # default: the base resolution
+    response_format: Literal["url", "b64_json"] = "url"
+    output_format: Literal["png"] = "png"
+    stream: bool = False
+    negative_prompt: str | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    steps: int | None = Field(None, ge=1)
+    superres_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0)
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
+def check_unknown_fields(req: BaseModel) -> None:
+    """Unknown fields are a 400 naming the field, except OpenAI's that do not apply here."""
+    for key in (req.model_extra or {}):
+        if key not in OPENAI_IGNORED:
+            raise APIError(400, f"Unrecognized request argument supplied: {key}", param=key, code="unknown_parameter")
+
+
+def check_prompt(prompt: str | None, limits: Limits, param: str = "prompt", required: bool = True) -> None:
+    if prompt is None or not prompt.strip():
+        if required or prompt is not None:
+            raise APIError(400, f"'{param}' must be a non-empty string", param=param, code="invalid_value")
+        return
+    if len(prompt) > limits.max_prompt_chars:
+        raise APIError(400, f"'{param}' is {len(prompt)} characters; the maximum is {limits.max_prompt_chars}",
+                       param=param, code="string_above_max_length")
+
+
+def check_common(n: int, steps: int | None, superres_steps: int | None, guidance_scale: float | None,
+                 limits: Limits) -> None:
+    if not 1 <= n <= limits.max_images:
+        raise APIError(400, f"'n' must be between 1 and {limits.max_images}, got {n}", param="n", code="invalid_value")
+    for name, value in (("steps", steps), ("superres_steps", superres_steps)):
+        if value is not None and not 1 <= value <= limits.max_steps:
+            raise APIError(400, f"'{name}' must be between 1 and {limits.max_steps}, got {value}", param=name,
+                           code="invalid_value")
+    if guidance_scale is not None and not 0 <= guidance_scale <= limits.max_guidance_scale:
+        raise APIError(400, f"'guidance_scale' must be between 0 and {limits.max_guidance_scale}, got "
+                            f"{guidance_scale}", param="guidance_scale", code="invalid_value")
+
+
+def resolve_size(size: str | None, lo_side: int, hi_side: int | None) -> str:
+    """The stage ("lo" or "hi") a requested size maps to; APIError(400) for any other size."""
+    native = {f"{lo_side}x{lo_side}": "lo"}
+    if hi_side is not None:
+        native[f"{hi_side}x{hi_side}"] = "hi"
+    if size is None:
+        return "lo"
+    size = size.strip().lower()
+    if size in native:
+        return native[size]
+    if size == BASE_ALIAS:
+        return "lo"
+    if size == SUPERRES_ALIAS and hi_side is not None:
+        return "hi"
+    offered = sorted(native) + [BASE_ALIAS] + ([SUPERRES_ALIAS] if hi_side is not None else [])
+    raise APIError(400, f"size {size!r} is not supported; this model produces {', '.join(offered)}",
+                   param="size", code="invalid_size")
+
+
+def validation_param(loc: tuple) -> str | None:
+    """The field name of a pydantic/FastAPI error location such as ("body", "n")."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
+    return ".".join(parts) or None
