@@ -1,0 +1,262 @@
+"""`muse eval`: how good is a model root?
+
+- Synthetic corpus (a `holdout.json` beside it): generate images for prompts built from seen
+  (color, shape) pairings and for the held-out ones, and score each with the attribute judge
+  (muse/judge.py), separately for seen and held-out prompts.
+- VQGAN reconstruction PSNR on images the tokenizers never trained on.
+- Masked-token accuracy of the base (and super-res) transformer at a fixed mask rate.
+- Real corpora: CLIP score and FID in CLIP feature space when the user gives a local CLIP model
+  directory (`--clip DIR`, Hugging Face format); nothing is ever downloaded.
+
+Writes `report.json` and a PNG grid (prompt -> image) into `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from muse import storage
+from muse.data.images import pil_to_tensor
+from muse.data.synthetic import all_pairs, caption, render, sample_scene
+from muse.judge import judge, summarize
+from muse.masking import mask_tokens
+
+Generate = Callable[[list[str], int], list[Image.Image]]  # (prompts, seed) -> one image per prompt
+
+
+def read_holdout(corpus: str) -> dict:
+    path = storage.join(corpus, "holdout.json")
+    if not storage.exists(path):
+        raise ValueError(f"{corpus} has no holdout.json: is it a synthetic corpus written by `muse synth`?")
+    return json.loads(storage.read_text(path))
+
+
+def seen_prompts(holdout: dict, n: int, seed: int = 0) -> list[str]:
+    """n captions that use only training pairings (never a held-out one)."""
+    held = {tuple(p) for p in holdout.get("pairs", [])}
+    allowed = [p for p in all_pairs() if p not in held]
+    rng = random.Random(f"muse-eval-seen:{seed}")
+    return [caption(sample_scene(rng, allowed)) for _ in range(n)]
+
+
+def judge_prompts(generate: Generate, prompts: Sequence[str], seed: int, batch: int = 8,
+                  desc: str = "judging") -> list[dict]:
+    """Generate one image per prompt and judge it. Returns rows with prompt, verdict and image."""
+    rows = []
+    for start in tqdm(range(0, len(prompts), batch), desc=desc, unit="batch"):
+        chunk = list(prompts[start:start + batch])
+        for prompt, image in zip(chunk, generate(chunk, seed + start)):
+            rows.append({"prompt": prompt, "image": image, "verdict": judge(image, prompt)})
+    return rows
+
+
+def image_grid(rows: list[dict], cell: int = 128, columns: int = 4) -> Image.Image:
+    """Prompt -> image grid with the prompt and the judge's verdict under each image."""
+    text_h = 40
+    count = max(len(rows), 1)
+    cols = min(columns, count)
+    grid = Image.new("RGB", (cols * cell, math.ceil(count / cols) * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, row in enumerate(rows):
+        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
+        grid.paste(row["image"].convert("RGB").resize((cell, cell), Image.NEAREST), (x, y))
+        words, lines = row["prompt"].split(), [""]
+        for w in words:  # wrap at ~cell/6 characters
+            if len(lines[-1]) + len(w) + 1 > cell // 6:
+                lines.append("")
+            lines[-1] = f"{lines[-1]} {w}".strip()
+        mark = "ok" if row.get("verdict") is not None and row["verdict"].correct else "x"
+        draw.text((x + 2, y + cell + 1), "\n".join(lines[:2]) + f" [{mark}]", fill="black")
+    return grid
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB between images in [-1, 1]."""
+    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def heldout_images(n: int, size: int, seed: int = 10_000) -> list[tuple[str, Image.Image]]:
+    """Fresh synthetic samples (a seed no corpus uses by default) with their captions."""
+    rng = random.Random(f"muse-eval-images:{seed}")
+    out = []
+    for _ in range(n):
+        scene = sample_scene(rng)
+        out.append((caption(scene), render(scene, size, rng)))
+    return out
+
+
+@torch.no_grad()
+def reconstruction_psnr(vqgan, images: list[Image.Image]) -> float:
+    x = torch.stack([pil_to_tensor(img, vqgan.config.resolution) for img in images])
+    return psnr(x, vqgan.decode(vqgan.encode(x)))
+
+
+@torch.no_grad()
+def token_accuracy(pipe, samples: list[tuple[str, Image.Image]], mask_rate: float = 0.5, seed: int = 0) -> dict:
+    """Masked-token accuracy of the base (and super-res) model at a fixed mask rate."""
+    from muse.losses import masked_token_accuracy
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = [c for c, _ in samples]
+    cond = pipe.encode_prompts(prompts)
+    lo_img = torch.stack([pil_to_tensor(img, pipe.vqgan_lo.config.resolution) for _, img in samples])
+    lo = pipe.vqgan_lo.encode(lo_img).flatten(1)
+    rates = torch.full((len(samples),), mask_rate)
+    masked, mask = mask_tokens(lo, rates, pipe.base.mask_token_id, g)
+    ctx = pipe.base.encode_context(cond.embeddings, cond.mask)
+    out = {"mask_rate": mask_rate, "base": masked_token_accuracy(pipe.base(masked, ctx), lo, mask).item()}
+    if pipe.superres is not None and pipe.vqgan_hi is not None:
+        hi_img = torch.stack([pil_to_tensor(img, pipe.vqgan_hi.config.resolution) for _, img in samples])
+        hi = pipe.vqgan_hi.encode(hi_img).flatten(1)
+        masked, mask = mask_tokens(hi, rates, pipe.superres.mask_token_id, g)
+        ctx = pipe.superres.encode_context(cond.embeddings, cond.mask, lo)
+        out["superres"] = masked_token_accuracy(pipe.superres(masked, ctx), hi, mask).item()
+    return out
+
+
+# -- CLIP score and FID (user-supplied CLIP weights only) -----------------------------------------
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_clip(path: str | None):
+    """(model, tokenizer) from a local Hugging Face CLIP directory; None with a message if absent."""
+    if not path:
+        return None
+    from transformers import AutoTokenizer, CLIPModel
+
+    try:
+        return CLIPModel.from_pretrained(path, local_files_only=True).eval(), \
+            AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--clip {path!r} is not a local Hugging Face CLIP model directory ({e})") from e
+
+
+@torch.no_grad()
+def clip_features(clip, images: list[Image.Image], prompts: list[str] | None = None):
+    model, tokenizer = clip
+    size = model.config.vision_config.image_size
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    pixels = torch.stack([
+        (torch.from_numpy(np.array(img.convert("RGB").resize((size, size), Image.BICUBIC))).permute(2, 0, 1)
+         .float() / 255 - mean) / std for img in images])
+    img = model.get_image_features(pixel_values=pixels)
+    img = getattr(img, "pooler_output", img)
+    if prompts is None:
+        return img, None
+    tok = tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt")
+    txt = model.get_text_features(**tok)
+    return img, getattr(txt, "pooler_output", txt)
+
+
+def clip_score(image_features: torch.Tensor, text_features: torch.Tensor) -> float:
+    """Mean of 100 * max(cos(image, text), 0) (Hessel et al. 2021, w = 1... scaled by 100)."""
+    cos = torch.nn.functional.cosine_similarity(image_features, text_features, dim=-1)
+    return float((100 * cos.clamp(min=0)).mean())
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """FID between two feature sets (n, d): |mu_a - mu_b|^2 + Tr(Sa + Sb - 2 (Sa Sb)^1/2)."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    eig = np.linalg.eigvals(sa @ sb)
+    covmean_trace = np.sqrt(np.clip(eig.real, 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * covmean_trace)
+
+
+# -- the command ------------------------------------------------------------------------------------
+
+def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: int = 16, seed: int = 0,
+             clip_path: str | None = None, reference_images: int = 32) -> dict:
+    """Run every evaluation that applies and write report.json + grid.png into `out`."""
+    report: dict = {}
+    rows: list[dict] = []
+    if corpus is not None:
+        holdout = read_holdout(corpus)
+        seen = judge_prompts(generate, seen_prompts(holdout, n_seen, seed), seed, desc="seen prompts")
+        held = judge_prompts(generate, holdout.get("eval_captions", []), seed + 1, desc="held-out prompts")
+        report["judge"] = {
+            "seen": summarize([r["verdict"] for r in seen]),
+            "held_out": summarize([r["verdict"] for r in held]),
+            "held_out_pairs": holdout.get("pairs", []),
+            "prompts": [{"prompt": r["prompt"], "set": s, **r["verdict"].as_dict()}
+                        for s, group in (("seen", seen), ("held_out", held)) for r in group],
+        }
+        rows = seen + held
+    if pipe is not None:
+        samples = heldout_images(reference_images, pipe.vqgan_lo.config.resolution)
+        report["psnr_db"] = {"vqgan_lo": reconstruction_psnr(pipe.vqgan_lo, [im for _, im in samples])}
+        if pipe.vqgan_hi is not None:
+            hi = heldout_images(reference_images, pipe.vqgan_hi.config.resolution)
+            report["psnr_db"]["vqgan_hi"] = reconstruction_psnr(pipe.vqgan_hi, [im for _, im in hi])
+        report["masked_token_accuracy"] = token_accuracy(pipe, samples, seed=seed)
+    clip = load_clip(clip_path)
+    if clip is None:
+        report["clip"] = "skipped: pass --clip DIR (a local Hugging Face CLIP model) for CLIP score and FID"
+    elif rows:
+        img_f, txt_f = clip_features(clip, [r["image"] for r in rows], [r["prompt"] for r in rows])
+        ref = heldout_images(max(len(rows), 8), 224, seed=seed + 77)
+        ref_f, _ = clip_features(clip, [im for _, im in ref])
+        report["clip"] = {"clip_score": clip_score(img_f, txt_f),
+                          "fid_clip_features": frechet_distance(img_f.numpy(), ref_f.numpy()),
+                          "n": len(rows)}
+    storage.makedirs(out)
+    storage.write_text(storage.join(out, "report.json"), json.dumps(report, indent=1))
+    if rows:
+        import io
+
+        buf = io.BytesIO()
+        image_grid(rows).save(buf, format="PNG")
+        storage.write_bytes(storage.join(out, "grid.png"), buf.getvalue())
+    return report
+
+
+def pipeline_generator(pipe, *, steps: int, superres_steps: int, guidance_scale: float, superres: bool) -> Generate:
+    def generate(prompts: list[str], seed: int) -> list[Image.Image]:
+        return pipe(prompts, steps=steps, superres_steps=superres_steps, guidance_scale=guidance_scale,
+                    seed=seed, superres=superres)
+    return generate
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="muse eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="model root (local or s3://)")
+    parser.add_argument("--corpus", help="synthetic corpus with holdout.json, for the attribute judge")
+    parser.add_argument("--out", required=True, help="directory for report.json and grid.png")
+    parser.add_argument("--n-seen", type=int, default=16, help="seen-pairing prompts to judge")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--superres-steps", type=int, default=8)
+    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--no-superres", action="store_true", help="judge base-resolution images")
+    parser.add_argument("--clip", help="local Hugging Face CLIP model directory for CLIP score / FID")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from muse.pipeline import MusePipeline
+
+    torch.set_grad_enabled(False)
+    pipe = MusePipeline.from_pretrained(args.checkpoint)
+    superres = not args.no_superres and pipe.superres is not None
+    gen = pipeline_generator(pipe, steps=args.steps, superres_steps=args.superres_steps,
+                             guidance_scale=args.guidance, superres=superres)
+    report = evaluate(gen, pipe, args.corpus, args.out, n_seen=args.n_seen, seed=args.seed, clip_path=args.clip)
+    summary = {k: v for k, v in report.items() if k != "judge"}
+    if "judge" in report:
+        summary["judge"] = {k: report["judge"][k] for k in ("seen", "held_out")}
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {storage.join(args.out, 'report.json')}")
+
+
+if __name__ == "__main__":
+    main()
