@@ -14,6 +14,7 @@ from its own generator seeded s + i in both stages, so it does not depend on the
 
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -324,8 +325,13 @@ class MusePipeline:
     def _generators(self, seed: int | None, rows: int) -> list[torch.Generator]:
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        try:
+            value = operator.index(seed)  # ints and numpy ints; not floats or strings
+        except TypeError:
+            value = -1
+        if value < 0 or isinstance(seed, bool):
             raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        seed = value
         return [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(rows)]
 
     def _check(self, *, steps, superres_steps, num_images, guidance_scale, output, superres, steps_name="steps"):
@@ -340,7 +346,7 @@ class MusePipeline:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if superres and self.superres is None:
             raise ValueError("superres=True but this pipeline has no super-res stage (vqgan_hi + superres); "
-                             "pass superres=False")
+                             "pass superres=False (--no-superres on the command line)")
 
 
 def _stage(callback: StageCallback | None, stage: str) -> Callable[[int, torch.Tensor], None] | None:
