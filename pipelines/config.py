@@ -1,0 +1,102 @@
+"""Typed configuration of the tokenization job (`muse tokenize --config YAML`).
+
+The YAML holds only what differs from these defaults; unknown keys are rejected (`muse.config.load`).
+Image sizes are not configured here: they come from the VQGAN configs in the model root, so the
+pixels always match the tokenizer that encodes them. The defaults fit a laptop (CPU actors, one of
+each); `configs/tokenize-gpu.yaml` is the shape of a GPU-cluster run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from muse.config import load
+
+TEXT_STORAGE = ("ids", "embeddings")
+FORMATS = ("auto", "parquet", "folder", "webdataset")
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    """Where the image bytes and captions are in each source format."""
+
+    image_column: str = "image"  # Parquet: column of encoded image bytes
+    caption_column: str = "caption"  # Parquet: column of captions (string or bytes)
+    # Folder: a JSONL/CSV file mapping image files to captions (path relative to the folder, or a
+    # URI). None: sidecar `<stem>.txt` files, or captions.jsonl / captions.csv when the folder has one.
+    captions_file: str | None = None
+    file_field: str = "file"  # captions file: field holding the image path relative to the folder
+    caption_field: str = "caption"  # captions file: field holding the caption
+    image_extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+    # Parquet files and folders are cut into parts of this many rows; one WebDataset tar is one part.
+    # A part is the unit of resumption: one output shard, published once.
+    rows_per_part: int = 1000
+    block_rows: int = 256  # rows per block a read task yields
+
+    def __post_init__(self):
+        if self.rows_per_part < 1 or self.block_rows < 1:
+            raise ValueError("reader.rows_per_part and reader.block_rows must be positive")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Decoding limits and the CPU tasks that apply them."""
+
+    min_side: int = 32  # images with a shorter side are rejected (too_small)
+    max_pixels: int = 64_000_000  # images with more pixels are rejected unread (too_many_pixels)
+    max_caption_chars: int = 1024  # longer captions are cut to this many characters
+    batch_size: int = 32
+    num_cpus: float = 1.0  # per preprocessing task
+
+    def __post_init__(self):
+        if self.min_side < 1 or self.max_pixels < 1 or self.max_caption_chars < 1 or self.batch_size < 1:
+            raise ValueError("preprocess limits and batch_size must be positive")
+        if self.num_cpus <= 0:
+            raise ValueError("preprocess.num_cpus must be > 0")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One actor pool: how many actors, what each claims, and the rows per model call."""
+
+    min_size: int = 1
+    max_size: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0  # > 0 runs the model on CUDA
+    batch_size: int = 32
+
+    def __post_init__(self):
+        if not 1 <= self.min_size <= self.max_size:
+            raise ValueError(f"pool sizes need 1 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
+        if self.num_cpus < 0 or self.num_gpus < 0 or self.batch_size < 1:
+            raise ValueError("pool num_cpus/num_gpus must be >= 0 and batch_size >= 1")
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    vqgan_lo: PoolConfig = field(default_factory=PoolConfig)
+    vqgan_hi: PoolConfig = field(default_factory=PoolConfig)
+    text: PoolConfig = field(default_factory=lambda: PoolConfig(num_cpus=0.5, batch_size=128))
+    # "ids": T5 token ids trimmed to the true length (training re-encodes them with the frozen text
+    # encoder); "embeddings": fp16 encoder output trimmed to the true length, plus the ids.
+    text_storage: str = "ids"
+    precision: str = "bf16"  # model dtype on CUDA ("bf16", "fp16", "fp32"); CPU always runs fp32
+    write_threads: int = 4  # shard uploads in flight on the driver
+    examples_per_reason: int = 5  # example keys kept per reject reason in rejects.json
+    ray_progress_bars: bool = False  # Ray Data's per-operator bars, beside the parts bar
+
+    def __post_init__(self):
+        if self.text_storage not in TEXT_STORAGE:
+            raise ValueError(f"text_storage must be one of {TEXT_STORAGE}, got {self.text_storage!r}")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"precision must be bf16, fp16 or fp32, got {self.precision!r}")
+        if self.write_threads < 1 or self.examples_per_reason < 0:
+            raise ValueError("write_threads must be >= 1 and examples_per_reason >= 0")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TokenizeConfig:
+    """Defaults <- YAML at `path` <- `key.sub=value` overrides; unknown keys raise ValueError."""
+    return load(TokenizeConfig, path, overrides)

@@ -1,0 +1,79 @@
+"""Preprocessing: corpus rows -> fixed-size RGB pixels and clean captions, or a counted reject.
+
+`preprocess_batch` is a plain function on a pyarrow batch (a Ray Data task; also callable without
+Ray). For each data row it
+
+- decodes the caption as UTF-8 (invalid bytes: `caption_not_utf8`), strips it and caps its length
+  (nothing left: `empty_caption`);
+- decodes the image with `muse.data.images.decode_image_and_size`: EXIF orientation, every mode to
+  RGB, alpha on white, a pixel limit checked from the header (`too_many_pixels`), a minimum side
+  (`too_small`), anything undecodable or truncated (`corrupt_image`);
+- resizes the shorter side and centre-crops to each tokenizer's size, as raw uint8 RGB bytes in
+  `pixels_lo` (and `pixels_hi`).
+
+A rejected row is kept, with its reason and without pixels, so the consumer can count it against
+its part; the model UDFs skip it. End rows (see `pipelines.readers`) pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from muse.data.images import ImageRejected, decode_image_and_size, to_uint8_array
+from pipelines.config import PreprocessConfig
+
+EMPTY_CAPTION = "empty_caption"
+CAPTION_NOT_UTF8 = "caption_not_utf8"
+
+
+def clean_caption(raw: bytes, max_chars: int) -> tuple[str, str]:
+    """(caption, reject reason or "")."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "", CAPTION_NOT_UTF8
+    text = " ".join(text.replace("\x00", " ").split())[:max_chars].strip()
+    return text, ("" if text else EMPTY_CAPTION)
+
+
+def preprocess_batch(batch: pa.Table, *, lo_size: int, hi_size: int | None,
+                     cfg: PreprocessConfig) -> pa.Table:
+    """Corpus rows -> rows with `caption` (string), `width`, `height`, `pixels_lo`, `pixels_hi`
+    (raw (size, size, 3) uint8 bytes, empty when rejected) and `reject_reason` filled in."""
+    n = batch.num_rows
+    images = batch.column("image").to_pylist()
+    raw_captions = batch.column("caption").to_pylist()
+    part_rows = batch.column("part_rows").to_numpy()
+    reasons = batch.column("reject_reason").to_pylist()
+    captions, widths, heights = [""] * n, np.zeros(n, np.int32), np.zeros(n, np.int32)
+    pixels_lo: list[bytes] = [b""] * n
+    pixels_hi: list[bytes] = [b""] * n
+    draft = max(lo_size, hi_size or 0)
+    for i in range(n):
+        if part_rows[i] != -1 or reasons[i]:
+            continue  # an end row, or refused by the reader already
+        captions[i], reasons[i] = clean_caption(raw_captions[i] or b"", cfg.max_caption_chars)
+        if reasons[i]:
+            continue
+        try:
+            img, (widths[i], heights[i]) = decode_image_and_size(
+                images[i], max_pixels=cfg.max_pixels, min_side=cfg.min_side, draft_size=draft)
+            pixels_lo[i] = to_uint8_array(img, lo_size).tobytes()
+            if hi_size:
+                pixels_hi[i] = to_uint8_array(img, hi_size).tobytes()
+        except ImageRejected as e:
+            reasons[i] = e.reason
+    out = batch.drop_columns(["image", "caption", "reject_reason"])
+    columns = {
+        "caption": pa.array(captions, pa.string()),
+        "reject_reason": pa.array(reasons, pa.string()),
+        "width": pa.array(widths, pa.int32()),
+        "height": pa.array(heights, pa.int32()),
+        "pixels_lo": pa.array(pixels_lo, pa.binary()),
+    }
+    if hi_size:
+        columns["pixels_hi"] = pa.array(pixels_hi, pa.binary())
+    for name, col in columns.items():
+        out = out.append_column(name, col)
+    return out

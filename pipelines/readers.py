@@ -1,0 +1,383 @@
+"""Corpus readers: Parquet, image folders and WebDataset tars, local, file:// or s3://, as Ray Data.
+
+A corpus is cut into *parts* on the driver (`plan_parts`): a Parquet file or a `rows_per_part` slice
+of one, a `rows_per_part` run of a folder's sorted images, or one tar. A part has an id derived only
+from where it comes from, is read by one Ray read task, and becomes one output shard, so a re-run
+can skip every finished part without opening it.
+
+A read task yields rows with the corpus columns
+
+    key      stable id: the source URI + "#" + row index (Parquet), + "#" + sample key (tar),
+             or the image URI itself (folder)
+    image    encoded image bytes
+    caption  caption bytes as stored (decoded and validated by preprocessing, so a bad encoding
+             is a counted reject rather than a crash)
+
+and the bookkeeping columns `part`, `index` (row number in the part), `part_rows` (-1 on data rows)
+and `reject_reason` ("" or why the reader itself refused the row: missing caption or image, or an
+unreadable source). After its rows each task yields one *end row* (`index` -1, `part_rows` = rows in
+the part) so whoever consumes the stream knows when a part is complete. A source that is corrupt
+(not Parquet, truncated tar) never fails the job: the rows read so far are kept and one
+`unreadable_source` row records it. I/O errors still raise, so Ray retries the task.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import posixpath
+import tarfile
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from muse import storage
+from pipelines.config import ReaderConfig
+
+MISSING_CAPTION = "missing_caption"
+MISSING_IMAGE = "missing_image"
+UNREADABLE_SOURCE = "unreadable_source"
+
+ROW_SCHEMA = pa.schema([
+    ("key", pa.string()), ("image", pa.binary()), ("caption", pa.binary()), ("part", pa.string()),
+    ("index", pa.int64()), ("part_rows", pa.int64()), ("reject_reason", pa.string()),
+])
+# Errors that mean "this file is bad", as opposed to "the store is unreachable" (which should raise).
+_BAD_SOURCE = (pa.ArrowInvalid, tarfile.TarError, EOFError, zlib.error, UnicodeDecodeError,
+               json.JSONDecodeError, ValueError, KeyError)
+
+
+@dataclass(frozen=True)
+class Part:
+    """A unit of reading, tokenizing and publishing. `items` lists a folder part's images as
+    (image uri, caption uri or None, inline caption or None)."""
+
+    id: str
+    format: str
+    uri: str
+    start: int = 0
+    stop: int | None = None
+    items: tuple[tuple[str, str | None, str | None], ...] = ()
+
+    def describe(self) -> dict:
+        d = {"part": self.id, "format": self.format, "source": self.uri}
+        if self.format == "parquet":
+            d |= {"start": self.start, "stop": self.stop}
+        elif self.format == "folder":
+            d |= {"first": self.items[0][0] if self.items else None, "images": len(self.items)}
+        return d
+
+
+def part_id(*fields: object) -> str:
+    return hashlib.sha1("\x1f".join(map(str, fields)).encode()).hexdigest()[:20]
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning (driver).
+
+
+def detect_format(uri: str, cfg: ReaderConfig) -> str:
+    """parquet, webdataset or folder, from a file's extension or a directory's contents."""
+    files = [uri] if not storage.is_dir(uri) else storage.list_files(uri)
+    if not files or (len(files) == 1 and not storage.exists(files[0])):
+        raise ValueError(f"no input at {uri}")
+    exts = {_ext(f) for f in files}
+    if "parquet" in exts:
+        return "parquet"
+    if {"tar", "tgz"} & exts or any(f.endswith(".tar.gz") for f in files):
+        return "webdataset"
+    if exts & set(cfg.image_extensions):
+        return "folder"
+    raise ValueError(f"cannot tell the format of {uri}: no .parquet, .tar or image files; pass --format")
+
+
+def plan_parts(uri: str, format: str, cfg: ReaderConfig) -> list[Part]:
+    """Every part of the corpus at `uri` (a file or a directory), in a deterministic order."""
+    if format == "auto":
+        format = detect_format(uri, cfg)
+    files = storage.list_files(uri) if storage.is_dir(uri) else [uri]
+    if format == "parquet":
+        return _plan_parquet([f for f in files if _ext(f) == "parquet"], cfg)
+    if format == "webdataset":
+        tars = [f for f in files if _ext(f) in ("tar", "tgz") or f.endswith(".tar.gz")]
+        return [Part(part_id("webdataset", f), "webdataset", f) for f in tars]
+    if format == "folder":
+        return _plan_folder(uri, files, cfg)
+    raise ValueError(f"unknown format {format!r}")
+
+
+def _ext(uri: str) -> str:
+    return posixpath.basename(uri).rsplit(".", 1)[-1].lower() if "." in posixpath.basename(uri) else ""
+
+
+def _plan_parquet(files: list[str], cfg: ReaderConfig) -> list[Part]:
+    def rows(f: str) -> tuple[int | None, list[str]]:
+        try:
+            fs, path = storage.filesystem(f)
+            with fs.open_input_file(path) as fh:
+                meta = pq.ParquetFile(fh).metadata
+            return meta.num_rows, meta.schema.to_arrow_schema().names
+        except _BAD_SOURCE:
+            return None, []
+
+    with ThreadPoolExecutor(16) as pool:
+        infos = list(pool.map(rows, files))
+    wanted = {cfg.image_column, cfg.caption_column}
+    if files and not any(wanted <= set(names) for _, names in infos):
+        seen = next((names for n, names in infos if names), [])
+        raise ValueError(
+            f"no Parquet file has both columns {sorted(wanted)} (reader.image_column / "
+            f"reader.caption_column); columns found: {seen}"
+        )
+    parts = []
+    for f, (n, _) in zip(files, infos):
+        if n is None:  # unreadable footer: one part that reports it
+            parts.append(Part(part_id("parquet", f, 0, None), "parquet", f))
+            continue
+        for start in range(0, max(n, 1), cfg.rows_per_part):
+            stop = min(n, start + cfg.rows_per_part)
+            parts.append(Part(part_id("parquet", f, start, stop), "parquet", f, start, stop))
+    return parts
+
+
+def _plan_folder(uri: str, files: list[str], cfg: ReaderConfig) -> list[Part]:
+    exts = set(cfg.image_extensions)
+    images = [f for f in files if _ext(f) in exts]
+    root = uri.rstrip("/")
+    captions = _captions_table(root, files, cfg)
+    sidecars = {f for f in files if _ext(f) == "txt"}
+    items = []
+    for img in images:
+        rel = _relative(root, img)
+        txt = img.rsplit(".", 1)[0] + ".txt"
+        if captions is not None:
+            items.append((img, None, captions.get(rel, captions.get(posixpath.basename(rel)))))
+        else:
+            items.append((img, txt if txt in sidecars else None, None))
+    parts = []
+    for start in range(0, len(items), cfg.rows_per_part):
+        chunk = tuple(items[start:start + cfg.rows_per_part])
+        pid = part_id("folder", root, *(_relative(root, i[0]) for i in chunk))
+        parts.append(Part(pid, "folder", root, start, start + len(chunk), chunk))
+    return parts
+
+
+def _relative(root: str, uri: str) -> str:
+    root_path = storage.filesystem(root)[1]
+    return storage.filesystem(uri)[1][len(root_path):].lstrip("/")
+
+
+def _captions_table(root: str, files: list[str], cfg: ReaderConfig) -> dict[str, str] | None:
+    """{relative image path: caption} from the captions JSONL/CSV, or None for sidecar captions."""
+    source = cfg.captions_file
+    if source is None:
+        top = {_relative(root, f) for f in files if posixpath.basename(f).startswith("captions.")}
+        source = next((name for name in ("captions.jsonl", "captions.csv") if name in top), None)
+    if source is None:
+        return None
+    path = source if "://" in source or source.startswith("/") else storage.join(root, source)
+    text = storage.read_bytes(path).decode("utf-8", errors="surrogateescape")
+    if path.endswith(".jsonl") or path.endswith(".json"):
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        records = list(csv.DictReader(io.StringIO(text)))
+    table = {}
+    for r in records:
+        if cfg.file_field not in r or cfg.caption_field not in r:
+            raise ValueError(f"{path}: each record needs {cfg.file_field!r} and {cfg.caption_field!r} "
+                             f"(reader.file_field / reader.caption_field); got {sorted(r)}")
+        table[str(r[cfg.file_field]).removeprefix("./")] = str(r[cfg.caption_field])
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading one part (inside a Ray read task, or anywhere).
+
+
+class _Rows:
+    """Collects rows of one part into blocks of `block_rows`."""
+
+    def __init__(self, part: Part, block_rows: int):
+        self.part, self.block_rows, self.count = part, block_rows, 0
+        self.cols: dict[str, list] = {n: [] for n in ROW_SCHEMA.names}
+
+    def add(self, key: str, image: bytes, caption: bytes | None, reason: str = "") -> pa.Table | None:
+        for name, value in zip(ROW_SCHEMA.names, (key, image, caption or b"", self.part.id,
+                                                  self.count, -1, reason)):
+            self.cols[name].append(value)
+        self.count += 1
+        return self.flush() if len(self.cols["key"]) >= self.block_rows else None
+
+    def flush(self) -> pa.Table | None:
+        if not self.cols["key"]:
+            return None
+        table = pa.table(self.cols, schema=ROW_SCHEMA)
+        self.cols = {n: [] for n in ROW_SCHEMA.names}
+        return table
+
+    def end(self) -> pa.Table:
+        return pa.table({"key": [""], "image": [b""], "caption": [b""], "part": [self.part.id],
+                         "index": [-1], "part_rows": [self.count], "reject_reason": [""]},
+                        schema=ROW_SCHEMA)
+
+
+def read_part(part: Part, cfg: ReaderConfig) -> Iterator[pa.Table]:
+    """Blocks of corpus rows for `part`, ending with its end row."""
+    rows = _Rows(part, cfg.block_rows)
+    reader = {"parquet": _read_parquet, "webdataset": _read_tar, "folder": _read_folder}[part.format]
+    try:
+        for block in reader(part, cfg, rows):
+            if block is not None:
+                yield block
+    except _BAD_SOURCE as e:
+        rows.add(f"{part.uri}#error", b"", b"", UNREADABLE_SOURCE)
+        print(f"[tokenize] unreadable source {part.uri}: {type(e).__name__}: {e}")
+    last = rows.flush()
+    if last is not None:
+        yield last
+    yield rows.end()
+
+
+def _read_parquet(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Table | None]:
+    fs, path = storage.filesystem(part.uri)
+    with fs.open_input_file(path) as fh:
+        pf = pq.ParquetFile(fh)
+        stop = pf.metadata.num_rows if part.stop is None else part.stop
+        groups, first, offset = [], None, 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if offset < stop and offset + n > part.start:
+                groups.append(g)
+                first = offset if first is None else first
+            offset += n
+        if not groups:
+            return
+        row = first
+        for batch in pf.iter_batches(batch_size=cfg.block_rows, row_groups=groups,
+                                     columns=[cfg.image_column, cfg.caption_column]):
+            images = batch.column(cfg.image_column).to_pylist()
+            captions = batch.column(cfg.caption_column)
+            if pa.types.is_string(captions.type) or pa.types.is_large_string(captions.type):
+                captions = captions.cast(pa.binary() if pa.types.is_string(captions.type) else pa.large_binary())
+            captions = captions.to_pylist()  # bytes: invalid UTF-8 is preprocessing's to count
+            for image, text in zip(images, captions):
+                if part.start <= row < stop:
+                    yield _add(rows, f"{part.uri}#{row}", image, text)
+                row += 1
+
+
+def _add(rows: _Rows, key: str, image: bytes | None, caption: str | bytes | None) -> pa.Table | None:
+    caption = caption.encode("utf-8", errors="surrogateescape") if isinstance(caption, str) else caption
+    reason = MISSING_IMAGE if not image else MISSING_CAPTION if caption is None else ""
+    return rows.add(key, image or b"", caption, reason)
+
+
+def _read_folder(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Table | None]:
+    for image_uri, caption_uri, inline in part.items:
+        image = storage.read_bytes(image_uri)
+        if caption_uri is not None:
+            caption = storage.read_bytes(caption_uri)
+        else:
+            caption = inline.encode("utf-8", errors="surrogateescape") if inline is not None else None
+        yield _add(rows, image_uri, image, caption)
+
+
+def _read_tar(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Table | None]:
+    """WebDataset: consecutive members sharing a key (path up to the first dot of the basename) form
+    a sample; the image is the first member with an image extension, the caption `txt`/`caption`,
+    or `json` with a "caption" or "text" field."""
+    fs, path = storage.filesystem(part.uri)
+    exts = set(cfg.image_extensions)
+    seen: set[str] = set()
+    with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        key, sample = None, {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            dirname, base = posixpath.split(member.name)
+            if base.startswith("."):
+                continue
+            stem, _, ext = base.partition(".")
+            member_key = posixpath.join(dirname, stem)
+            if member_key != key and key is not None:
+                yield _tar_sample(rows, part, key, sample, exts, seen)
+                sample = {}
+            key = member_key
+            sample[ext.lower()] = tar.extractfile(member).read()
+        if key is not None:
+            yield _tar_sample(rows, part, key, sample, exts, seen)
+
+
+def _tar_sample(rows: _Rows, part: Part, key: str, sample: dict[str, bytes], exts: set[str],
+                seen: set[str]) -> pa.Table | None:
+    name = f"{part.uri}#{key}"
+    if name in seen:  # a key repeated later in the tar: keep keys unique
+        name = f"{name}#{rows.count}"
+    seen.add(name)
+    image = next((v for k, v in sample.items() if k in exts), None)
+    caption = sample.get("txt", sample.get("caption"))
+    if caption is None and "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+            text = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
+            caption = text.encode("utf-8") if isinstance(text, str) else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            caption = None
+    return _add(rows, name, image, caption)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data.
+
+
+def corpus_datasource(parts: list[Part], cfg: ReaderConfig):
+    """A Ray Data datasource with one read task per part."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class CorpusDatasource(Datasource):
+        def get_name(self) -> str:
+            return "Corpus"
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
+            return [
+                ReadTask(lambda p=p: read_part(p, cfg),
+                         BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
+                                       input_files=[p.uri]),
+                         schema=ROW_SCHEMA)
+                for p in parts
+            ]
+
+    return CorpusDatasource()
+
+
+def read_parts(parts: list[Part], cfg: ReaderConfig, num_cpus: float = 1.0):
+    """Ray Dataset of corpus rows (with bookkeeping columns and end rows) for `parts`."""
+    import ray
+
+    return ray.data.read_datasource(corpus_datasource(parts, cfg), override_num_blocks=max(1, len(parts)),
+                                    num_cpus=num_cpus)
+
+
+def read_corpus(uri: str, format: str = "auto", cfg: ReaderConfig | None = None):
+    """Ray Dataset of the corpus at `uri`: one row per readable sample, columns key, image, caption
+    (bytes). Rows the reader refused (no caption, no image, unreadable file) are left out."""
+    import pyarrow.compute as pc
+
+    cfg = cfg or ReaderConfig()
+    parts = plan_parts(uri, format, cfg)
+
+    def keep(batch: pa.Table) -> pa.Table:
+        ok = pc.and_(pc.equal(batch["part_rows"], -1), pc.equal(batch["reject_reason"], ""))
+        return batch.filter(ok).select(["key", "image", "caption"])
+
+    return read_parts(parts, cfg).map_batches(keep, batch_format="pyarrow", batch_size=None)
