@@ -1,0 +1,143 @@
+"""`muse train all`: the whole staged recipe from a raw corpus to a model root.
+
+    text encoder (written from its preset when ROOT has none)
+    -> vqgan (vqgan_lo, then vqgan_hi)          on the corpus
+    -> tokenize (pipelines.tokenize)             corpus -> ROOT/tokens (or --tokens)
+    -> base and superres                         concurrently when the cluster has room for both
+    -> decoder                                   fine-tunes vqgan_hi's (else vqgan_lo's) decoder
+
+A stage whose output is finished is skipped: each export records {"finished": true, "stage": ...} in
+its component's config.json "extra" (the decoder stage adds "decoder_finetuned"). Tokenization skips
+finished parts by itself and is not run at all once base and super-res are finished. Interrupted
+anywhere, the same command picks up where it stopped: finished stages are skipped and an unfinished
+Ray Train run resumes from its last checkpoint (same run name and storage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from jobs.config import TrainConfig, load_config
+from jobs.loop import ensure_ray
+from jobs.stages import add_common_args, cli_overrides, decoder_component, run_stage, vqgan_components
+from muse import checkpoint, storage
+
+TRANSFORMERS = ("base", "superres")
+
+
+def component_extra(root: str, name: str) -> dict:
+    if not checkpoint.has_component(root, name):
+        return {}
+    return checkpoint.component_extra(checkpoint.component_uri(root, name))
+
+
+def finished(root: str, name: str, stages: tuple[str, ...]) -> bool:
+    """Whether ROOT/<name> was exported at the end of a run of one of `stages`."""
+    extra = component_extra(root, name)
+    return bool(extra.get("finished")) and extra.get("stage") in stages
+
+
+def decoder_finished(root: str, name: str) -> bool:
+    return bool(component_extra(root, name).get("decoder_finetuned"))
+
+
+def ensure_text_encoder(cfg: TrainConfig, root: str) -> None:
+    """Write ROOT/text_encoder from `cfg.text_encoder` when missing (frozen: it is never trained)."""
+    if checkpoint.has_component(root, "text_encoder"):
+        return
+    from muse.config import preset
+    from muse.text import TextEncoder
+
+    encoder = TextEncoder.build(preset(cfg.text_encoder))
+    checkpoint.save_component(encoder, checkpoint.component_uri(root, "text_encoder"))
+    print(f"[all] wrote the frozen text encoder ({cfg.text_encoder}) to {root}/text_encoder")
+
+
+def fit_together(cfg: TrainConfig, resources: dict[str, float]) -> bool:
+    """Whether base and super-res trainers fit in the cluster at the same time."""
+    need_cpu = sum(s.scaling.num_workers * s.scaling.cpus_per_worker for s in (cfg.base, cfg.superres))
+    need_gpu = sum(s.scaling.num_workers * s.scaling.gpus_per_worker for s in (cfg.base, cfg.superres)
+                   if s.scaling.use_gpu)
+    return need_cpu <= resources.get("CPU", 0.0) and need_gpu <= resources.get("GPU", 0.0)
+
+
+def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = None, format: str = "auto") -> dict:
+    """Run every unfinished stage; returns {stage: "trained" | "skipped"} with seconds per stage."""
+    import ray
+
+    ensure_ray()
+    tokens = tokens or storage.join(root, "tokens")
+    report: dict[str, str] = {}
+
+    def timed(name: str, fn) -> None:
+        start = time.time()
+        fn()
+        report[name] = f"trained in {time.time() - start:.0f}s"
+        print(f"[all] {name} done in {time.time() - start:.0f}s", flush=True)
+
+    ensure_text_encoder(cfg, root)
+    for component in vqgan_components(cfg, None):
+        if finished(root, component, ("vqgan", "decoder")):
+            report[component] = "skipped (finished)"
+            continue
+        timed(component, lambda c=component: run_stage("vqgan", cfg, corpus, root, component=c, format=format))
+
+    wanted = [s for s in TRANSFORMERS if s == "base" or checkpoint.has_component(root, "vqgan_hi")]
+    todo = [s for s in wanted if not finished(root, s, (s,))]
+    if todo:
+        from pipelines import tokenize
+
+        timed("tokenize", lambda: tokenize.run(corpus, tokens, tokenize.resolve_models(root), cfg.tokenize,
+                                               format, progress=any(getattr(cfg, s).run.progress for s in todo)))
+    else:
+        report["tokenize"] = "skipped (base and super-res finished)"
+    for s in wanted:
+        if s not in todo:
+            report[s] = "skipped (finished)"
+    if len(todo) == 2 and cfg.concurrent and fit_together(cfg, ray.cluster_resources()):
+        print("[all] training base and super-res concurrently", flush=True)
+        with ThreadPoolExecutor(2, thread_name_prefix="train") as pool:
+            start = time.time()
+            futures = {s: pool.submit(run_stage, s, cfg, tokens, root) for s in todo}
+            for s, future in futures.items():
+                future.result()
+                report[s] = f"trained in {time.time() - start:.0f}s (concurrently)"
+    else:
+        for s in todo:
+            timed(s, lambda s=s: run_stage(s, cfg, tokens, root))
+
+    component = decoder_component(root, cfg.decoder.component)
+    if decoder_finished(root, component):
+        report["decoder"] = "skipped (finished)"
+    else:
+        timed("decoder", lambda: run_stage("decoder", cfg, corpus, root, component=component, format=format))
+    print("[all] " + "; ".join(f"{k}: {v}" for k, v in report.items()), flush=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="muse train all",
+        description="Train everything from a raw image-caption corpus: vqgan -> tokenize -> base and "
+                    "super-res -> decoder fine-tune, into the model root --output. Finished stages are "
+                    "skipped, so re-running the same command resumes after an interruption.",
+        epilog="example: muse train all --config configs/train_tiny.yaml --corpus data/synth --output models/tiny",
+    )
+    parser.add_argument("--corpus", required=True,
+                        help="image-caption corpus (Parquet, image folder or WebDataset; local, file:// or s3://)")
+    parser.add_argument("--tokens", help="where token shards go (default ROOT/tokens)")
+    parser.add_argument("--format", default="auto", choices=("auto", "parquet", "folder", "webdataset"),
+                        help="corpus format (default: detect)")
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, cli_overrides(args, ["vqgan", "base", "superres", "decoder"]))
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    train_all(cfg, args.corpus, args.output, args.tokens, args.format)
+
+
+if __name__ == "__main__":
+    main()

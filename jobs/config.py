@@ -1,0 +1,218 @@
+"""Typed configuration of every training stage (`muse train ... --config YAML`).
+
+One `TrainConfig` covers the whole staged recipe; each stage reads its own section, so the same YAML
+drives `muse train base` and `muse train all`. YAML files hold only what differs from these defaults
+(`configs/train_*.yaml`); unknown keys are rejected with the list of valid ones. The defaults are the
+paper's cluster recipe (Muse arXiv 2301.00704 §4: lr 1e-4, 5000 warm-up steps, cosine decay,
+weight decay 0.045, β = (0.9, 0.96)); `configs/train_tiny.yaml` shrinks it to 2 CPU cores.
+
+Model architectures are preset names (`muse.config.PRESETS`). A transformer's codebook size, token
+grid and text width are taken from the VQGAN and text encoder already in the model root, so a preset
+never disagrees with the tokens it is trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from muse.config import PRESETS, BaseTransformerConfig, SuperResTransformerConfig, TextEncoderConfig, VQGANConfig
+from muse.config import load
+from pipelines.config import TokenizeConfig
+
+STRATEGIES = ("ddp", "fsdp")
+STAGES = ("vqgan", "base", "superres", "decoder")
+DECODER_COMPONENTS = ("auto", "vqgan_lo", "vqgan_hi")
+
+DEFAULT_PROMPTS = (
+    "a red circle",
+    "two blue squares",
+    "three green triangles",
+    "a yellow square on the left and a purple circle on the right",
+)
+
+
+def _check_preset(name: str | None, kind: type, where: str) -> None:
+    if name is None:
+        return
+    if name not in PRESETS or not isinstance(PRESETS[name], kind):
+        known = sorted(k for k, v in PRESETS.items() if isinstance(v, kind))
+        raise ValueError(f"{where}: {name!r} is not a {kind.__name__} preset; known: {known}")
+
+
+@dataclass(frozen=True)
+class ScalingSettings:
+    """Ray Train workers. `cpus_per_worker` may be fractional (tests, small machines)."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # only with use_gpu
+    # "ddp": DistributedDataParallel through ray.train.torch.prepare_model. "fsdp": FSDP2
+    # (torch fully_shard) per attention/MLP module, parameters, gradients and optimizer state
+    # sharded over the workers: the option for base-3b. Works on CPU (gloo) as well as GPU.
+    strategy: str = "ddp"
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ValueError("scaling.num_workers must be >= 1 (Ray Train V2 does not persist checkpoints "
+                             "with num_workers=0)")
+        if self.cpus_per_worker <= 0 or (self.use_gpu and self.gpus_per_worker <= 0):
+            raise ValueError("scaling.cpus_per_worker and scaling.gpus_per_worker must be > 0")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"scaling.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+
+    def resources_per_worker(self) -> dict[str, float]:
+        res = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            res["GPU"] = self.gpus_per_worker
+        return res
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """AdamW with linear warm-up and cosine decay, gradient clipping, EMA of the weights."""
+
+    lr: float = 1e-4
+    betas: tuple[float, ...] = (0.9, 0.96)
+    weight_decay: float = 0.045  # not applied to biases, norms, embeddings and positions
+    warmup_steps: int = 5000
+    final_lr_fraction: float = 0.0  # the cosine ends at lr * this
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    ema_decay: float = 0.9999  # 0 = no EMA (the raw weights are exported)
+
+    def __post_init__(self):
+        if self.lr <= 0 or len(self.betas) != 2 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError("optim: lr > 0, two betas, warmup_steps >= 0 and grad_clip >= 0 are required")
+        if not 0.0 <= self.ema_decay < 1.0 or not 0.0 <= self.final_lr_fraction <= 1.0:
+            raise ValueError("optim.ema_decay must be in [0, 1) and final_lr_fraction in [0, 1]")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Steps, batches, checkpoints, samples and failure handling of one Ray Train run."""
+
+    max_steps: int = 100_000
+    batch_size: int = 32  # per worker
+    seed: int = 0
+    log_every: int = 50  # print a metrics line and ray.train.report the metrics
+    checkpoint_every: int = 1000  # report a checkpoint (and always at the last step)
+    sample_every: int = 1000  # write a sample grid PNG to ROOT/samples/<run>/; 0 = never
+    keep_checkpoints: int = 2
+    max_failures: int = 3  # worker-group restarts from the last checkpoint before the run fails
+    storage_path: str | None = None  # Ray Train storage, local or s3://; None = ROOT/runs
+    name: str | None = None  # run name under storage_path; None = the stage's component name
+    bf16: bool = True  # mixed precision on GPU; CPU always trains in fp32
+    shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer; 0 = no shuffle
+    # Read (and decode) the data once into Ray's object store instead of streaming it every epoch:
+    # for data that fits in memory (the tiny demo), where re-reading each epoch would dominate.
+    cache_data: bool = False
+    peak_tflops: float | None = None  # accelerator peak for MFU; None = by GPU name, no MFU on CPU
+    progress: bool = True  # tqdm bar on the rank-0 worker
+    # Fault injection, for checking recovery end to end: the last worker exits (os._exit) once when
+    # it reaches this step; a marker file in the run directory keeps it from firing again.
+    fail_at_step: int | None = None
+
+    def __post_init__(self):
+        positive = (self.max_steps, self.batch_size, self.log_every, self.checkpoint_every, self.keep_checkpoints)
+        if min(positive) < 1:
+            raise ValueError("run: max_steps, batch_size, log_every, checkpoint_every and keep_checkpoints "
+                             "must be >= 1")
+        if self.sample_every < 0 or self.max_failures < -1 or self.shuffle_buffer < 0:
+            raise ValueError("run: sample_every >= 0, max_failures >= -1 and shuffle_buffer >= 0 are required")
+
+
+@dataclass(frozen=True)
+class TransformerStage:
+    """Base or super-res: masked-token training on token shards (Muse §2.2–2.4)."""
+
+    model: str = "base-632m"
+    label_smoothing: float = 0.1
+    text_dropout: float = 0.1  # share of samples trained unconditionally (text mask all False), for CFG
+    sample_prompts: tuple[str, ...] = DEFAULT_PROMPTS  # base sample grids; super-res uses data rows
+    sample_steps: int = 12
+    sample_guidance: float = 3.0
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    def __post_init__(self):
+        if not 0.0 <= self.text_dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError("text_dropout and label_smoothing must be in [0, 1)")
+        if self.sample_steps < 1:
+            raise ValueError("sample_steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class GANSettings:
+    """Reconstruction + codebook/commitment, then a hinge PatchGAN with the adaptive weight of
+    Esser et al.; an LPIPS-style perceptual term only when VGG16 weights are supplied."""
+
+    disc_start: int = 20_000  # steps before the adversarial loss (and the discriminator) start
+    disc_weight: float = 0.1  # times the adaptive weight
+    disc_lr: float | None = None  # None = optim.lr
+    perceptual_weights: str | None = None  # VGG16 (+ LPIPS heads) .safetensors; None = no perceptual loss
+    perceptual_weight: float = 1.0
+
+
+def _vqgan_optim() -> OptimSettings:
+    return OptimSettings(lr=1e-4, betas=(0.5, 0.9), weight_decay=0.0, warmup_steps=1000, ema_decay=0.0)
+
+
+@dataclass(frozen=True)
+class VQGANStage:
+    """Trains the low-res (f16) and high-res (f8) tokenizers on raw images, one run each."""
+
+    lo_model: str = "vqgan-f16-8192"
+    hi_model: str | None = "vqgan-f8-8192"  # None = no high-res tokenizer (and no super-res)
+    sample_images: int = 8  # reconstructions in each sample grid
+    gan: GANSettings = field(default_factory=GANSettings)
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    optim: OptimSettings = field(default_factory=_vqgan_optim)
+    run: RunSettings = field(default_factory=lambda: RunSettings(batch_size=8))
+
+    def __post_init__(self):
+        _check_preset(self.lo_model, VQGANConfig, "vqgan.lo_model")
+        _check_preset(self.hi_model, VQGANConfig, "vqgan.hi_model")
+
+
+@dataclass(frozen=True)
+class DecoderStage:
+    """Muse §2.5: a wider/deeper VQGAN decoder fine-tuned with encoder, codebook and transformers frozen."""
+
+    component: str = "auto"  # "auto" = vqgan_hi when the root has one (the decoder images come from), else vqgan_lo
+    decoder_base_channels: int = 256
+    decoder_num_res_blocks: int = 4
+    sample_images: int = 8
+    gan: GANSettings = field(default_factory=lambda: GANSettings(disc_start=0))
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    optim: OptimSettings = field(default_factory=_vqgan_optim)
+    run: RunSettings = field(default_factory=lambda: RunSettings(batch_size=8, max_steps=20_000))
+
+    def __post_init__(self):
+        if self.component not in DECODER_COMPONENTS:
+            raise ValueError(f"decoder.component must be one of {DECODER_COMPONENTS}, got {self.component!r}")
+        if self.decoder_base_channels < 1 or self.decoder_num_res_blocks < 1:
+            raise ValueError("decoder.decoder_base_channels and decoder_num_res_blocks must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    text_encoder: str = "t5-xxl"  # preset written to ROOT/text_encoder by `train all` when missing
+    vqgan: VQGANStage = field(default_factory=VQGANStage)
+    base: TransformerStage = field(default_factory=TransformerStage)
+    superres: TransformerStage = field(default_factory=lambda: TransformerStage(
+        model="superres-268m", sample_steps=8))
+    decoder: DecoderStage = field(default_factory=DecoderStage)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    concurrent: bool = True  # `train all`: base and super-res at once when the cluster has room for both
+
+    def __post_init__(self):
+        _check_preset(self.text_encoder, TextEncoderConfig, "text_encoder")
+        _check_preset(self.base.model, BaseTransformerConfig, "base.model")
+        _check_preset(self.superres.model, SuperResTransformerConfig, "superres.model")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Defaults <- YAML at `path` <- `key.sub=value` overrides; unknown keys raise ValueError."""
+    return load(TrainConfig, path, overrides)

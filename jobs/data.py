@@ -1,0 +1,93 @@
+"""Training data as Ray Datasets (built on the driver) and the collate functions workers apply.
+
+- Token shards (`pipelines.shards`, written by `muse tokenize`) for base and super-res: `tokens_lo`
+  (and `tokens_hi`) int16 lists, and the caption as `text_ids` (re-encoded by the frozen text
+  encoder on the worker) or as fp16 `text_emb` + `text_len`.
+- Raw images for the VQGAN and decoder stages, through the tokenization pipeline's own readers and
+  preprocessing (`pipelines.readers`, `pipelines.preprocess`), so a tokenizer is trained on exactly
+  the pixels it will later encode.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from muse.data.images import uint8_to_tensor
+from pipelines import readers, shards
+from pipelines.config import TokenizeConfig
+from pipelines.preprocess import preprocess_batch
+
+
+def token_dataset(uri: str, *, hi: bool, materialize: bool = False):
+    """(Ray Dataset of the token shards under `uri`, their metadata)."""
+    info = shards.shard_info(uri)
+    if hi and not info.get("tokens_hi_side"):
+        raise ValueError(f"the token shards under {uri} have no tokens_hi: tokenize with a vqgan_hi in the "
+                         "model root to train super-res")
+    columns = ["tokens_lo"] + (["tokens_hi"] if hi else [])
+    columns += ["text_emb", "text_len"] if info.get("text_storage") == "embeddings" else ["text_ids"]
+    ds = shards.read_token_shards(uri, columns=columns)
+    return (ds.materialize() if materialize else ds), info
+
+
+def image_dataset(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto", materialize: bool = False):
+    """Ray Dataset with one column `pixels` (raw (size, size, 3) uint8 RGB bytes) of every accepted
+    image of the corpus at `uri`, decoded, resized and centre-cropped as tokenization does it."""
+    parts = readers.plan_parts(uri, format, cfg.reader)
+    if not parts:
+        raise ValueError(f"no images in the corpus at {uri}")
+    ds = readers.read_parts(parts, cfg.reader, num_cpus=cfg.preprocess.num_cpus)
+    ds = ds.map_batches(preprocess_batch, batch_format="pyarrow", batch_size=cfg.preprocess.batch_size,
+                        num_cpus=cfg.preprocess.num_cpus,
+                        fn_kwargs={"lo_size": size, "hi_size": None, "cfg": cfg.preprocess})
+    ds = ds.map_batches(_accepted_pixels, batch_format="pyarrow", batch_size=None)
+    return ds.materialize() if materialize else ds
+
+
+def _accepted_pixels(batch: pa.Table) -> pa.Table:
+    ok = pc.and_(pc.equal(batch["part_rows"], -1), pc.equal(batch["reject_reason"], ""))
+    return batch.filter(ok).select(["pixels_lo"]).rename_columns(["pixels"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Collate (worker side): numpy batches from iter_torch_batches -> tensors.
+
+
+def collate_images(batch: dict[str, np.ndarray], size: int) -> dict[str, torch.Tensor]:
+    raw = list(batch["pixels"])
+    pixels = np.frombuffer(b"".join(bytes(r) for r in raw), np.uint8).reshape(len(raw), size, size, 3)
+    return {"images": uint8_to_tensor(pixels)}  # (B, 3, H, W) in [-1, 1]
+
+
+def _stack(column: np.ndarray) -> np.ndarray:
+    return np.stack([np.asarray(x) for x in column]) if column.dtype == object else np.asarray(column)
+
+
+def pad_rows(rows: list[np.ndarray], dtype=np.int64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable-length rows -> (padded (B, L, ...) tensor, mask (B, L) bool). L >= 1."""
+    length = max(1, max(len(r) for r in rows))
+    shape = (len(rows), length) + tuple(np.asarray(rows[0]).shape[1:])
+    out = np.zeros(shape, dtype=dtype)
+    mask = np.zeros((len(rows), length), dtype=bool)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+        mask[i, :len(r)] = True
+    return torch.from_numpy(out), torch.from_numpy(mask)
+
+
+def collate_tokens(batch: dict[str, np.ndarray], text_dim: int | None = None) -> dict[str, torch.Tensor]:
+    """Token shard rows -> tokens_lo (B, n_lo) long, [tokens_hi (B, n_hi)], and the text as
+    text_ids (B, L) long or text_emb (B, L, D) float, with text_mask (B, L) bool."""
+    out = {k: torch.from_numpy(_stack(batch[k]).astype(np.int64)) for k in ("tokens_lo", "tokens_hi") if k in batch}
+    if "text_emb" in batch:
+        lengths = np.asarray(batch["text_len"]).astype(int)
+        rows = [np.asarray(e, np.float32).reshape(n, -1) for e, n in zip(batch["text_emb"], lengths)]
+        if text_dim is not None and rows and rows[0].shape[1] != text_dim:
+            raise ValueError(f"text_emb rows have width {rows[0].shape[1]}, the model expects {text_dim}")
+        out["text_emb"], out["text_mask"] = pad_rows(rows, np.float32)
+    else:
+        out["text_ids"], out["text_mask"] = pad_rows([np.asarray(r) for r in batch["text_ids"]])
+    return out

@@ -1,0 +1,303 @@
+"""The Ray Train layer shared by every stage: one per-worker loop and one `TorchTrainer` builder.
+
+    driver:  fit_stage(stage, section, job, dataset)
+               TorchTrainer(train_loop_per_worker, ScalingConfig(workers, GPUs, CPUs per worker),
+                            RunConfig(name, storage_path [+ S3 filesystem], FailureConfig, CheckpointConfig),
+                            datasets={"train": dataset})
+    worker:  build the stage's StageWorker -> restore ray.train.get_checkpoint() if any
+             -> epochs of get_dataset_shard("train").iter_torch_batches(...) until max_steps:
+                  train_step -> metrics line / report every log_every -> sample grid every sample_every
+                  -> checkpoint + report every checkpoint_every and at the last step
+             -> export the stage's component(s) into the model root
+
+A failed worker (or node) makes Ray Train restart the whole worker group (FailureConfig.max_failures);
+the new workers resume from the last reported checkpoint with the step counter, optimizer, scheduler,
+EMA and sample/token counters it holds. Calling `fit_stage` again with the same run name and storage
+resumes a run the driver lost. The data stream restarts its epoch on resume (Ray Data iterators
+have no position to restore); with shuffling that is a fresh random order, so no sample is favoured.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from jobs.common import EMA, load_training_state, peak_flops, save_training_state
+from jobs.parallel import WorkerEnv, allreduce_mean
+from muse import storage
+from muse.config import from_dict
+
+# stage -> "module:StageWorker class"
+WORKERS = {
+    "vqgan": "jobs.vqgan:VQGANWorker",
+    "base": "jobs.base:BaseWorker",
+    "superres": "jobs.superres:SuperResWorker",
+    "decoder": "jobs.decoder:DecoderWorker",
+}
+
+
+class StageWorker:
+    """What the loop needs from a stage, on one worker. Subclasses set `config_class`, build
+    `modules` / `optimizers` / `schedulers` / `ema` in __init__ and implement the methods below."""
+
+    config_class: type = object
+
+    def __init__(self, section: Any, job: dict, env: WorkerEnv):
+        self.section, self.job, self.env = section, job, env
+        self.modules: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, Any] = {}
+        self.ema: EMA | None = None
+        self.generator = torch.Generator(device=env.device)
+
+    def reseed(self, step: int) -> None:
+        """Per-rank randomness (masks, dropout of text) that differs after a resume."""
+        self.generator.manual_seed(self.section.run.seed * 100_003 + self.env.rank * 7919 + step)
+
+    def collate(self, batch: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def train_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+        """One optimizer step; returns metrics, with "loss" and the "tokens"/"flops" this worker did."""
+        raise NotImplementedError
+
+    def sample_grid(self, step: int):
+        """A PIL image on rank 0 (None elsewhere); every rank calls it (FSDP gathers)."""
+        return None
+
+    def export(self, step: int) -> None:
+        """Write the stage's component(s) into the model root; every rank calls it."""
+        raise NotImplementedError
+
+
+def worker_class(stage: str) -> type[StageWorker]:
+    if stage not in WORKERS:
+        raise ValueError(f"unknown stage {stage!r}; stages are {sorted(WORKERS)}")
+    module, name = WORKERS[stage].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side.
+
+
+def train_loop_per_worker(job: dict) -> None:
+    import ray.train
+
+    from jobs.common import save_png
+    from jobs.parallel import ray_worker_env
+
+    cls = worker_class(job["stage"])
+    section = from_dict(cls.config_class, job["section"])
+    run = section.run
+    env = ray_worker_env(section.scaling.strategy, run.bf16)
+    torch.manual_seed(run.seed)  # identical initial weights on every rank
+    worker = cls(section, job, env)
+    step, counters = 0, {"samples": 0.0, "tokens": 0.0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            meta = load_training_state(d, modules=worker.modules, optimizers=worker.optimizers,
+                                       schedulers=worker.schedulers, ema=worker.ema)
+        step, counters = int(meta["step"]), meta["counters"]
+    resumed_from = step
+    tag = f"[{job['run_name']}]"
+    if env.is_main:
+        print(f"{tag} {'resuming from step ' + str(step) if checkpoint else 'starting'}: "
+              f"{env.world_size} worker(s) on {env.device.type}, strategy {section.scaling.strategy}, "
+              f"{run.max_steps} steps of {run.batch_size}/worker", flush=True)
+    peak = peak_flops(env.device, run.peak_tflops)
+    bar = _progress_bar(job, run, step) if env.is_main and run.progress else None
+    shard = ray.train.get_dataset_shard("train")
+    window = {"time": 0.0, "tokens": 0.0, "flops": 0.0, "samples": 0.0, "steps": 0}
+    sums: dict[str, float] = {}
+    epoch = 0
+    while step < run.max_steps:
+        worker.reseed(step)
+        batches = shard.iter_torch_batches(
+            batch_size=run.batch_size, collate_fn=_collate_fn(worker.collate), drop_last=True,
+            local_shuffle_buffer_size=run.shuffle_buffer or None,
+            local_shuffle_seed=run.seed + 1000 * epoch + env.rank + step if run.shuffle_buffer else None)
+        seen, tick = 0, time.perf_counter()
+        for batch in batches:
+            seen += 1
+            metrics = worker.train_step(batch, step)
+            step += 1
+            _fail_once_if_asked(run, job, env, step)
+            window["time"] += time.perf_counter() - tick
+            for key in ("tokens", "flops", "samples"):
+                window[key] += metrics.get(key, 0.0)
+            window["steps"] += 1
+            counters["samples"] += metrics.pop("samples", 0.0) * env.world_size
+            counters["tokens"] += metrics.pop("tokens", 0.0) * env.world_size
+            metrics.pop("flops", None)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if bar is not None:
+                bar.update(1)
+            last = step >= run.max_steps
+            report = None
+            if step % run.log_every == 0 or last or step % run.checkpoint_every == 0:
+                report = _metrics(sums, window, env, peak, step, resumed_from, worker)
+                report["samples_seen"] = counters["samples"]
+                sums, window = {}, {"time": 0.0, "tokens": 0.0, "flops": 0.0, "samples": 0.0, "steps": 0}
+                if env.is_main:
+                    print(f"{tag} " + "  ".join(_fmt(k, v) for k, v in report.items()), flush=True)
+            if run.sample_every and (step % run.sample_every == 0 or last):
+                grid = worker.sample_grid(step)
+                if grid is not None and env.is_main:
+                    save_png(grid, storage.join(job["samples_dir"], f"step_{step:06d}.png"))
+            if step % run.checkpoint_every == 0 or last:
+                _report_checkpoint(worker, env, step, counters, report)
+            elif report is not None:
+                ray.train.report(report)
+            tick = time.perf_counter()
+            if last:
+                break
+        if seen == 0:
+            raise ValueError(f"{tag} the data gives no full batch of {run.batch_size} per worker "
+                             f"({env.world_size} workers): use a smaller run.batch_size or more data")
+        epoch += 1
+    if bar is not None:
+        bar.close()
+    worker.export(step)
+
+
+def _metrics(sums: dict, window: dict, env: WorkerEnv, peak: float | None, step: int, resumed_from: int,
+             worker: StageWorker) -> dict[str, float]:
+    """Mean metrics over the window and the workers, plus throughput (all ranks call it)."""
+    n = max(window["steps"], 1)
+    means = {k: v / n for k, v in sums.items()}
+    seconds = max(window["time"], 1e-9)
+    local = {"tokens_per_s_per_worker": window["tokens"] / seconds,
+             "samples_per_s_per_worker": window["samples"] / seconds, "flops": window["flops"] / seconds}
+    merged = allreduce_mean(means | local, env)
+    out = {"step": float(step)} | {k: v for k, v in merged.items() if k != "flops"}
+    out["tokens_per_s"] = merged["tokens_per_s_per_worker"] * env.world_size
+    if peak:
+        out["mfu"] = merged["flops"] / peak
+    out["lr"] = next(iter(worker.optimizers.values())).param_groups[0]["lr"] if worker.optimizers else 0.0
+    out["resumed_from"] = float(resumed_from)
+    return out
+
+
+def _fmt(key: str, value: float) -> str:
+    if key in ("step", "resumed_from"):
+        return f"{key} {int(value)}"
+    if key == "lr":
+        return f"lr {value:.2e}"
+    return f"{key} {value:.4g}"
+
+
+def _report_checkpoint(worker: StageWorker, env: WorkerEnv, step: int, counters: dict, report: dict | None):
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        save_training_state(d, step=step, env=env, modules=worker.modules, optimizers=worker.optimizers,
+                            schedulers=worker.schedulers, ema=worker.ema, counters=dict(counters))
+        checkpoint = ray.train.Checkpoint.from_directory(d) if env.is_main else None
+        ray.train.report(report or {"step": float(step)}, checkpoint=checkpoint)
+
+
+def _fail_once_if_asked(run, job: dict, env: WorkerEnv, step: int) -> None:
+    """Fault injection (run.fail_at_step): the last rank dies once, as a crashed process would."""
+    if run.fail_at_step is None or step != run.fail_at_step or env.rank != env.world_size - 1:
+        return
+    marker = storage.join(job["run_dir"], f"fault_injected_at_step_{step}")
+    if storage.exists(marker):
+        return
+    storage.write_text(marker, f"worker rank {env.rank} exited at step {step}\n")
+    print(f"[{job['run_name']}] fault injection: rank {env.rank} exits at step {step}", flush=True)
+    sys.stdout.flush()
+    os._exit(1)
+
+
+def _collate_fn(fn):
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class Collate(NumpyBatchCollateFn):
+        def __call__(self, batch):
+            return fn(batch)
+
+    return Collate()
+
+
+def _progress_bar(job: dict, run, step: int):
+    from ray.experimental.tqdm_ray import tqdm
+
+    bar = tqdm(desc=job["run_name"], total=run.max_steps, unit="step")
+    bar.update(step)
+    return bar
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side.
+
+
+def run_location(root: str, run, default_name: str) -> tuple[str, str]:
+    """(storage_path URI, run name): run.storage_path or ROOT/runs, and run.name or the default."""
+    return run.storage_path or storage.join(root, "runs"), run.name or default_name
+
+
+def fit_stage(stage: str, section: Any, job: dict, dataset) -> Any:
+    """Build and run the stage's TorchTrainer; returns the ray.train.Result (raises on failure)."""
+    import ray
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+    from muse.config import to_dict
+
+    run, scaling = section.run, section.scaling
+    storage_uri, name = run_location(job["root"], run, job["component"])
+    if storage.is_s3(storage_uri):
+        fs, path = storage.s3_filesystem(), storage_uri[len("s3://"):].rstrip("/")
+    else:
+        fs, path = None, storage.filesystem(storage_uri)[1]
+        os.makedirs(path, exist_ok=True)
+    job = dict(job, stage=stage, section=to_dict(section), run_name=name,
+               run_dir=storage.join(storage_uri, name),
+               samples_dir=job.get("samples_dir") or storage.join(job["root"], "samples", name))
+    trainer = _trainer_class()(
+        train_loop_per_worker,
+        train_loop_config=job,
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=scaling.resources_per_worker()),
+        run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=run.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints)),
+        datasets={"train": dataset},
+    )
+    return trainer.fit()
+
+
+def _trainer_class():
+    """TorchTrainer without the PlacementGroupCleaner callback of Ray 2.60. The cleaner treats one
+    missed State API answer as "controller dead" and removes the live run's placement group, which
+    kills healthy workers on a busy machine (ray-project/ray#65447 review; seen here on 2 cores). It
+    only matters when a controller dies ungracefully, and the driver's Ray job cleans up after that."""
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [cb for cb in super()._create_default_callbacks()
+                    if type(cb).__name__ != "PlacementGroupCleanerCallback"]
+
+    return Trainer
+
+
+def ensure_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (e.g. under `ray job submit`) or start a local Ray; Ray Data's
+    per-operator progress bars are turned off (each stage has its own bar on the rank-0 worker)."""
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    ray.data.DataContext.get_current().enable_progress_bars = False

@@ -1,0 +1,194 @@
+"""The masked-token recipe shared by the base and super-res stages (Muse §2.2–2.4).
+
+Per step, on each worker:
+
+    tokens (B, N) ──arccos mask rate r_b, mask round(r_b·N) random positions──▶ masked ids
+    text ids ──frozen text encoder (loaded once per worker)──▶ emb (B, L, D), mask (B, L)
+    text dropout: for each sample with probability p (0.1) the text mask becomes all False
+                  (only the learned null token remains: the unconditional branch of CFG)
+    logits = model(masked ids, encode_context(emb, mask[, low-res ids]))       (B, N, K)
+    loss = label-smoothed cross-entropy on masked positions; AdamW, warm-up + cosine, grad clipping,
+           EMA of the weights (the exported component holds the EMA weights)
+
+bf16 autocast on GPU (DDP) or FSDP's bf16 parameters; CPU runs fp32. Metrics: loss, masked-token
+accuracy, share of samples whose text was dropped, tokens/s and (GPU) MFU from 6·params·tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from jobs.common import EMA, build_optimizer, build_scheduler, clip_grad_norm, export_state
+from jobs.config import TransformerStage
+from jobs.data import collate_tokens
+from jobs.loop import StageWorker
+from jobs.parallel import WorkerEnv, transformer_fsdp_units, wrap
+from muse import checkpoint
+from muse.config import from_dict
+from muse.losses import masked_token_accuracy, masked_token_loss
+from muse.masking import mask_tokens, sample_mask_rates
+
+
+class TrainWrapper(nn.Module):
+    """One forward from (masked ids, text) to logits, so DDP/FSDP see the context encoder run
+    inside the wrapped module's forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                lo_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if lo_ids is None:
+            ctx = self.model.encode_context(text, text_mask)
+        else:
+            ctx = self.model.encode_context(text, text_mask, lo_ids)
+        return self.model(ids, ctx)  # (B, N, K)
+
+
+def drop_text(text_mask: torch.Tensor, p: float, generator: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classifier-free guidance dropout: each row's mask becomes all False with probability p.
+    Returns (new mask (B, L), dropped (B,) bool)."""
+    dropped = torch.rand(text_mask.shape[0], generator=generator, device=text_mask.device) < p
+    return text_mask & ~dropped[:, None], dropped
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str = "model.") -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def linear_flops(model: nn.Module, tokens_for) -> float:
+    """6 · Σ_linear params · tokens that pass through it (forward + backward)."""
+    return sum(6.0 * m.weight.numel() * tokens_for(name)
+               for name, m in model.named_modules() if isinstance(m, nn.Linear))
+
+
+class MaskedWorker(StageWorker):
+    """Shared by BaseWorker and SuperResWorker; they set `target` and the few hooks below."""
+
+    config_class = TransformerStage
+    target = "tokens_lo"  # the token column the model predicts
+    kind = "base"
+
+    def __init__(self, section: TransformerStage, job: dict, env: WorkerEnv):
+        super().__init__(section, job, env)
+        self.root = job["root"]
+        self.text_dim = job["data_meta"].get("text_dim")
+        self.uses_ids = job["data_meta"].get("text_storage", "ids") != "embeddings"
+        self.text_encoder = self._load_text_encoder() if self.uses_ids else None
+        self.model_config = from_dict(self.config_type(), job["model_config"])
+        model = checkpoint.build_component(self.kind, self.model_config)
+        self.mask_id = model.mask_token_id
+        self.wrapper = wrap(TrainWrapper(model), env, transformer_fsdp_units(model))
+        self.modules = {"model": self.wrapper}
+        self.optimizers = {"model": build_optimizer(self.wrapper, section.optim, env)}
+        self.schedulers = {"model": build_scheduler(self.optimizers["model"], section.optim, section.run.max_steps)}
+        self.ema = EMA(self.wrapper, section.optim.ema_decay) if section.optim.ema_decay > 0 else None
+        self._eval_model: nn.Module | None = None
+
+    # -- hooks for the two stages ----------------------------------------------------------------
+    def config_type(self) -> type:
+        raise NotImplementedError
+
+    def lo_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return None
+
+    def flops_per_sample(self, text_len: int) -> float:
+        raise NotImplementedError
+
+    def matmul_flops(self, tokens_for) -> float:
+        """6 · Σ_linear params · tokens through it, counted once on a meta-device copy of the model."""
+        if not hasattr(self, "_flops_model"):
+            with torch.device("meta"):
+                self._flops_model = checkpoint.build_component(self.kind, self.model_config)
+        return linear_flops(self._flops_model, tokens_for)
+
+    # -- shared ------------------------------------------------------------------------------------
+    def _load_text_encoder(self) -> nn.Module:
+        if not checkpoint.has_component(self.root, "text_encoder"):
+            raise ValueError(f"the model root {self.root} has no text_encoder/: the shards hold text ids, "
+                             "which the frozen text encoder of the root turns into embeddings")
+        enc = checkpoint.load_component(checkpoint.component_uri(self.root, "text_encoder"), device=self.env.device,
+                                        expect_kind="text_encoder")
+        for p in enc.parameters():
+            p.requires_grad_(False)
+        return enc.eval()
+
+    def collate(self, batch: dict) -> dict[str, torch.Tensor]:
+        return collate_tokens(batch, self.text_dim)
+
+    @torch.no_grad()
+    def text_condition(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = batch["text_mask"].to(self.env.device)
+        if "text_emb" in batch:
+            return batch["text_emb"].to(self.env.device), mask
+        with self.env.autocast():
+            emb = self.text_encoder.encode_ids(batch["text_ids"].to(self.env.device), mask)
+        return emb.float(), mask
+
+    def train_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+        s, env = self.section, self.env
+        ids = batch[self.target].to(env.device)  # (B, N)
+        B, N = ids.shape
+        emb, text_mask = self.text_condition(batch)  # (B, L, D), (B, L)
+        text_mask, dropped = drop_text(text_mask, s.text_dropout, self.generator)
+        rates = sample_mask_rates(B, generator=self.generator, device=env.device)  # (B,)
+        masked_ids, mask = mask_tokens(ids, rates, self.mask_id, generator=self.generator)
+        lo = self.lo_ids(batch)
+        with env.autocast():
+            logits = self.wrapper(masked_ids, emb, text_mask, lo)  # (B, N, K)
+        loss = masked_token_loss(logits, ids, mask, label_smoothing=s.label_smoothing)
+        loss.backward()
+        grad_norm = clip_grad_norm(self.wrapper, s.optim.grad_clip)
+        opt = self.optimizers["model"]
+        opt.step()
+        self.schedulers["model"].step()
+        opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(step)
+        acc = masked_token_accuracy(logits.detach(), ids, mask)
+        return {"loss": float(loss.detach()), "acc": float(acc), "grad_norm": grad_norm,
+                "text_dropped": float(dropped.float().mean()), "mask_rate": float(mask.float().mean()),
+                "tokens": float(B * N), "samples": float(B), "flops": B * self.flops_per_sample(emb.shape[1])}
+
+    def eval_model(self) -> nn.Module | None:
+        """The EMA (or raw) weights in a plain model on rank 0; None elsewhere. Every rank calls it."""
+        state = export_state(self.wrapper, self.ema, self.env)
+        if state is None:
+            return None
+        if self._eval_model is None:
+            self._eval_model = checkpoint.build_component(self.kind, self.model_config).to(self.env.device)
+        self._eval_model.load_state_dict(strip_prefix(state))
+        return self._eval_model.eval()
+
+    def export(self, step: int) -> None:
+        model = self.eval_model()
+        if model is None:
+            return
+        uri = checkpoint.component_uri(self.root, self.kind)
+        checkpoint.save_component(model.cpu(), uri, extra=finished_extra(self.kind, step, self.job))
+        print(f"[{self.job['run_name']}] exported {'EMA ' if self.ema else ''}weights at step {step} to {uri}",
+              flush=True)
+
+    def vqgan(self, name: str) -> nn.Module | None:
+        """A VQGAN of the root for decoding sample grids (rank 0), or None when the root has none."""
+        cache = getattr(self, "_vqgans", {})
+        self._vqgans = cache
+        if name not in cache:
+            cache[name] = (checkpoint.load_component(checkpoint.component_uri(self.root, name), device=self.env.device)
+                           if checkpoint.has_component(self.root, name) else None)
+        return cache[name]
+
+    def sampling_text_encoder(self) -> nn.Module | None:
+        if self.text_encoder is None and checkpoint.has_component(self.root, "text_encoder"):
+            self.text_encoder = self._load_text_encoder()
+        return self.text_encoder
+
+
+def finished_extra(stage: str, step: int, job: dict) -> dict[str, Any]:
+    """What a stage records in its component's config.json "extra": `train all` skips finished stages."""
+    return {"finished": True, "stage": stage, "step": int(step), "run": job.get("run_name")}

@@ -1,0 +1,164 @@
+"""Stage `vqgan`: the low-res (f16) and high-res (f8) image tokenizers, trained on raw images.
+
+    muse train vqgan --config configs/train_tiny.yaml --data CORPUS --output ROOT [--component vqgan_lo]
+    python -m jobs.vqgan ...
+
+Images come through the tokenization pipeline's readers and preprocessing (`jobs.data.image_dataset`).
+Per step (Esser et al. 2021, Muse §2.1):
+
+    recon, codebook, commitment = vqgan(images)
+    nll = L1 + L2 (+ w_p · LPIPS when perceptual weights are supplied)
+    loss = nll + codebook + commitment                     (+ λ · hinge_g after gan.disc_start, with
+                                                              λ = disc_weight · |∇nll| / |∇g| at the
+                                                              decoder's last layer)
+    discriminator (after disc_start): hinge_d(D(images), D(recon))
+
+Gradients are averaged over the workers explicitly (jobs.parallel.allreduce_grads): two models and
+the adaptive weight's autograd.grad do not fit DDP's one-forward-one-backward contract. Sample grids
+pair fixed images with their reconstructions; the component is exported to ROOT/vqgan_lo or vqgan_hi.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from jobs.common import EMA, build_optimizer, build_scheduler, clip_grad_norm, export_state, image_grid
+from jobs.config import VQGANStage
+from jobs.data import collate_images
+from jobs.loop import StageWorker
+from jobs.masked import finished_extra
+from jobs.parallel import WorkerEnv, allreduce_grads
+from muse import checkpoint
+from muse.config import VQGANConfig, from_dict
+from muse.data.images import tensor_to_pil
+from muse.losses import adaptive_disc_weight, hinge_d_loss, hinge_g_loss, reconstruction_loss
+from muse.vqgan import VQGAN, PatchDiscriminator
+
+
+class VQGANWorker(StageWorker):
+    config_class = VQGANStage
+    stage = "vqgan"
+
+    def __init__(self, section, job: dict, env: WorkerEnv):
+        super().__init__(section, job, env)
+        self.root, self.component = job["root"], job["component"]
+        self.vq_config = from_dict(VQGANConfig, job["model_config"])
+        self.size = self.vq_config.resolution
+        self.vqgan = self.build_vqgan().to(env.device).train()
+        self.disc = PatchDiscriminator(self.vq_config).to(env.device).train()
+        gan, optim, steps = section.gan, section.optim, section.run.max_steps
+        self.perceptual = None
+        if gan.perceptual_weights:
+            from jobs.perceptual import load_perceptual
+
+            self.perceptual = load_perceptual(gan.perceptual_weights, env.device)
+        self.trainable = [p for p in self.vqgan.parameters() if p.requires_grad]
+        self.modules = {"vqgan": self.vqgan, "disc": self.disc}
+        self.optimizers = {"vqgan": build_optimizer(self.vqgan, optim, env),
+                           "disc": build_optimizer(self.disc, optim, env, lr=gan.disc_lr)}
+        self.schedulers = {"vqgan": build_scheduler(self.optimizers["vqgan"], optim, steps),
+                           "disc": build_scheduler(self.optimizers["disc"], optim, max(1, steps - gan.disc_start))}
+        self.ema = EMA(self.vqgan, optim.ema_decay) if optim.ema_decay > 0 else None
+
+    def build_vqgan(self) -> VQGAN:
+        return VQGAN(self.vq_config)
+
+    def collate(self, batch: dict) -> dict[str, torch.Tensor]:
+        return collate_images(batch, self.size)
+
+    def train_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+        gan, env = self.section.gan, self.env
+        images = batch["images"].to(env.device)  # (B, 3, H, W)
+        if env.is_main and not hasattr(self, "_sample_images"):
+            self._sample_images = images[: self.section.sample_images].clone()
+        adversarial = step >= gan.disc_start
+        with env.autocast():
+            out = self.vqgan(images)
+        recon = out.recon.float()
+        rec = reconstruction_loss(images, recon)
+        nll = rec
+        metrics = {}
+        if self.perceptual is not None:
+            perceptual = self.perceptual(images, recon)
+            nll = nll + gan.perceptual_weight * perceptual
+            metrics["perceptual"] = float(perceptual.detach())
+        loss = nll + out.codebook_loss + out.commitment_loss
+        if adversarial:
+            self.disc.requires_grad_(False)
+            with env.autocast():
+                g_loss = hinge_g_loss(self.disc(out.recon).float())
+            weight = gan.disc_weight * adaptive_disc_weight(nll, g_loss, self.vqgan.decoder_last_layer_weight())
+            loss = loss + weight * g_loss
+            self.disc.requires_grad_(True)
+            metrics |= {"g_loss": float(g_loss.detach()), "disc_weight": float(weight)}
+        loss.backward()
+        allreduce_grads(self.trainable, env)
+        metrics["grad_norm"] = clip_grad_norm(self.vqgan, self.section.optim.grad_clip)
+        self._step("vqgan")
+        if self.ema is not None:
+            self.ema.update(step)
+        if adversarial:
+            with env.autocast():
+                d_loss = hinge_d_loss(self.disc(images).float(), self.disc(out.recon.detach()).float())
+            d_loss.backward()
+            allreduce_grads(list(self.disc.parameters()), env)
+            clip_grad_norm(self.disc, self.section.optim.grad_clip)
+            self._step("disc")
+            metrics["d_loss"] = float(d_loss.detach())
+        mse = torch.mean((recon.detach().clamp(-1, 1) - images) ** 2)
+        h, w = out.ids.shape[1:]
+        return metrics | {
+            "loss": float(loss.detach()), "rec": float(rec.detach()), "codebook": float(out.codebook_loss.detach()),
+            "commit": float(out.commitment_loss.detach()), "perplexity": float(out.perplexity),
+            "psnr": float(10 * torch.log10(4.0 / mse.clamp_min(1e-10))),
+            "tokens": float(images.shape[0] * h * w), "samples": float(images.shape[0]),
+        }
+
+    def _step(self, name: str) -> None:
+        opt = self.optimizers[name]
+        opt.step()
+        self.schedulers[name].step()
+        opt.zero_grad(set_to_none=True)
+
+    def eval_vqgan(self) -> VQGAN | None:
+        """A plain VQGAN with the exported weights (EMA when on), on rank 0."""
+        state = export_state(self.vqgan, self.ema, self.env)
+        if state is None:
+            return None
+        model = VQGAN(self.vqgan.config).to(self.env.device)
+        model.load_state_dict(state)
+        return model.eval()
+
+    @torch.no_grad()
+    def sample_grid(self, step: int):
+        model = self.eval_vqgan()
+        if model is None or not hasattr(self, "_sample_images"):
+            return None
+        images = self._sample_images
+        columns = [images] + self.reconstructions(model, images)
+        rows = [[tensor_to_pil(col[i]) for col in columns] for i in range(images.shape[0])]
+        return image_grid(rows)
+
+    def reconstructions(self, model: VQGAN, images: torch.Tensor) -> list[torch.Tensor]:
+        return [model.decode(model.encode(images))]
+
+    def export(self, step: int) -> None:
+        model = self.eval_vqgan()
+        if model is None:
+            return
+        uri = checkpoint.component_uri(self.root, self.component)
+        checkpoint.save_component(model.cpu(), uri, extra=self.export_extra(step))
+        print(f"[{self.job['run_name']}] exported {self.component} at step {step} to {uri}", flush=True)
+
+    def export_extra(self, step: int) -> dict:
+        return finished_extra(self.stage, step, self.job)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jobs.stages import stage_main
+
+    stage_main("vqgan", argv)
+
+
+if __name__ == "__main__":
+    main()
