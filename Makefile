@@ -17,10 +17,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	# Headless Chromium for the web-page test (Debian's package; the test skips, saying why, if it cannot install).
+	bash scripts/install_browser.sh || echo "chromium could not be installed: the browser test will skip"
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m muse.demo --output demo_output
+	$(PY) -m jobs.demo --output demo_output
 
 bench: $(STAMP)
 	$(PY) benchmarks/model_forward.py
