@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import itertools
 import json
 import logging
 import secrets
@@ -46,7 +47,8 @@ from serve.schemas import (
 
 logger = logging.getLogger("ray.serve")
 STATIC = Path(__file__).parent / "static"
-RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0)  # after a replica died under a request
+RETRY_BACKOFF_S = (0.25, 0.5, 1.0, 2.0)  # waits between re-runs after a replica died under a request
+RETRY_WINDOW_S = 60.0  # how long a request waits for a replacement replica (within its timeout)
 
 
 @serve.ingress()
@@ -119,10 +121,11 @@ class Ingress:
         return await self.call(chain)
 
     async def call(self, chain: Callable[[], Any]) -> Any:
-        """Run `chain()` (-> DeploymentResponse) to its result, within the request timeout,
-        re-running it when a replica died under it."""
-        deadline = time.monotonic() + self.limits.request_timeout_s
-        for attempt in range(len(RETRY_DELAYS_S) + 1):
+        """Run `chain()` (-> DeploymentResponse) to its result within the request timeout, re-running
+        it (with backoff, for up to RETRY_WINDOW_S) when a replica died under it."""
+        start = time.monotonic()
+        deadline = start + self.limits.request_timeout_s
+        for attempt in itertools.count():
             response = chain()
             try:
                 return await asyncio.wait_for(_result(response), max(0.0, deadline - time.monotonic()))
@@ -136,11 +139,12 @@ class Ingress:
             except Exception as e:  # noqa: BLE001 - sorted below
                 if not _replica_lost(e):
                     raise
-                if attempt == len(RETRY_DELAYS_S) or time.monotonic() + RETRY_DELAYS_S[attempt] > deadline:
-                    raise APIError(503, "a model replica failed and no replacement is up yet; retry shortly",
+                wait = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                if time.monotonic() + wait > min(deadline, start + RETRY_WINDOW_S):
+                    raise APIError(503, "a model replica failed and no replacement came up in time; retry",
                                    type="server_error", code="replica_unavailable") from None
                 logger.warning("a replica died under a request (%s); retrying", type(e).__name__)
-                await asyncio.sleep(RETRY_DELAYS_S[attempt])
+                await asyncio.sleep(wait)
 
     async def stream(self, req: GenerationRequest, stage: str, seed: int, base_url: str) -> AsyncIterator[str]:
         """Server-sent events: `image_generation.partial_image` previews every `preview_every` steps
@@ -167,15 +171,15 @@ class Ingress:
                             for i, png in enumerate(previews):
                                 yield sse("image_generation.partial_image", {
                                     "b64_json": _b64(png), "index": i, "partial_image_index": partial, "stage": name,
-                                    "step": event["step"], "steps": event["steps"], "size": size})
+                                    "step": event["step"], "steps": event["steps"], **_event_fields(size)})
                             partial += 1
                     finally:
                         events.cancel()
                 pngs = await self.decoder.decode.remote(tokens, stage)
-                for i, png in enumerate(pngs):
+                for i, png in enumerate(pngs):  # always b64_json, as OpenAI's streams; a URL too if asked
+                    url = self.image_item(png, "url", base_url) if req.response_format == "url" else {}
                     yield sse("image_generation.completed", {
-                        **self.image_item(png, "url" if req.response_format == "url" else "b64_json", base_url),
-                        "index": i, "seed": seed + i, "size": size})
+                        "b64_json": _b64(png), **url, "index": i, "seed": seed + i, **_event_fields(size)})
         except TimeoutError:
             yield sse("error", {"error": _error_body("the request took longer than the timeout", "timeout")})
         except Exception as e:  # noqa: BLE001 - headers are sent: report in-band and end the stream
@@ -204,6 +208,12 @@ class Ingress:
             return True
         expected = f"Bearer {self.args.api_key}".encode()
         return header is not None and hmac.compare_digest(header, expected)
+
+
+def _event_fields(size: str) -> dict:
+    """Fields OpenAI's image stream events carry, so its client parses ours."""
+    return {"size": size, "created_at": int(time.time()), "output_format": "png", "background": "opaque",
+            "quality": "auto"}
 
 
 def _b64(png: bytes) -> str:
@@ -308,7 +318,7 @@ def build_fastapi(ing: Ingress) -> FastAPI:
             return StreamingResponse(ing.stream(req, stage, seed, base_url), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         pngs = await ing.generate(req, stage, seed)
-        return ing.images_response(pngs, req.response_format, seed, stage, base_url)
+        return ing.images_response(pngs, req.response_format or "url", seed, stage, base_url)
 
     @app.post("/v1/images/edits")
     async def edits(

@@ -47,7 +47,7 @@ class GenerationRequest(BaseModel):
     prompt: str
     n: int = Field(1, ge=1)
     size: str | None = None  # default: the base resolution
-    response_format: Literal["url", "b64_json"] = "url"
+    response_format: Literal["url", "b64_json"] | None = None  # "url" unless streaming (see api.stream)
     output_format: Literal["png"] = "png"
     stream: bool = False
     negative_prompt: str | None = None

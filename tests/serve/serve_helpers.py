@@ -1,0 +1,69 @@
+"""Constants and helpers shared by the serve tests (imported by name: pytest puts this folder on
+sys.path)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+from PIL import Image
+
+APP = "muse"
+KEY = "test-key-123"
+# Small step counts keep the suite fast on two cores; batching waits long enough that concurrent
+# requests reliably share a batch.
+TEST_ARGS = {
+    "api_key": KEY,
+    "sampling": {"steps": 6, "superres_steps": 3, "preview_every": 2, "edit_iterations": 6},
+    "base": {"batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2}},
+    "superres": {"batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2}},
+    "limits": {"max_body_bytes": 1 << 20, "max_images": 4, "max_prompt_chars": 200, "request_timeout_s": 120},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class App:
+    url: str
+    key: str
+    root: str
+    client: httpx.Client  # sends the API key
+
+    def generate(self, **body) -> httpx.Response:
+        return self.client.post("/v1/images/generations", json=body)
+
+
+def png_array(data: bytes | str) -> np.ndarray:
+    """PNG bytes or base64 -> (H, W, 3) uint8."""
+    if isinstance(data, str):
+        data = base64.b64decode(data)
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def pil_array(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("RGB"))
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/healthz", timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def assert_same_image(got: np.ndarray, want: np.ndarray) -> None:
+    """Same tokens decode to the same picture up to float rounding across processes with different
+    thread counts (a pixel may round one step apart); a single different token changes a whole
+    8x8 patch by far more."""
+    assert got.shape == want.shape, (got.shape, want.shape)
+    diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+    assert diff.max() <= 2, f"images differ: {(diff > 2).sum()} values by more than 2 (max {diff.max()})"

@@ -1,0 +1,202 @@
+"""The images API over real HTTP on loopback, against a running Serve app with a tiny random model:
+both sizes, URLs, reproducibility against the one-process pipeline, batching across callers,
+streaming, edits, and the official `openai` client."""
+
+from __future__ import annotations
+
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from serve_helpers import APP, TEST_ARGS, assert_same_image, pil_array, png_array
+
+STEPS = TEST_ARGS["sampling"]["steps"]
+SR_STEPS = TEST_ARGS["sampling"]["superres_steps"]
+
+
+def test_models_advertises_the_sizes_the_model_produces(muse_app):
+    body = muse_app.client.get("/v1/models").json()
+    model = body["data"][0]
+    assert body["object"] == "list" and model["id"] == "muse"
+    assert set(model["sizes"]) == {"64x64", "128x128", "256x256", "512x512"}
+    assert model["default_size"] == "64x64"
+
+
+def test_health_and_page(muse_app):
+    assert httpx.get(muse_app.url + "/healthz").json() == {"status": "ok"}
+    page = httpx.get(muse_app.url + "/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "Muse on Ray" in page.text and "v1/images/generations" in page.text
+
+
+@pytest.mark.parametrize("size, side", [("64x64", 64), ("256x256", 64), ("128x128", 128), ("512x512", 128)])
+def test_generation_at_both_sizes_matches_the_pipeline(muse_app, pipe, size, side):
+    r = muse_app.generate(prompt="a red circle", size=size, n=2, seed=5, response_format="b64_json")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["size"] == f"{side}x{side}" and len(body["data"]) == 2
+    assert [d["seed"] for d in body["data"]] == [5, 6]
+    images = [png_array(d["b64_json"]) for d in body["data"]]
+    assert all(img.shape == (side, side, 3) for img in images)
+    expected = pipe("a red circle", num_images=2, steps=STEPS, superres_steps=SR_STEPS, seed=5, superres=side == 128)
+    for got, want in zip(images, expected):
+        assert_same_image(got, pil_array(want))
+    assert not np.array_equal(images[0], images[1])
+
+
+def test_url_response_can_be_fetched(muse_app):
+    r = muse_app.generate(prompt="a blue square", size="512x512", seed=1)  # url is the default format
+    assert r.status_code == 200, r.text
+    url = r.json()["data"][0]["url"]
+    assert url.startswith(muse_app.url + "/v1/files/") and url.endswith(".png")
+    fetched = httpx.get(url)  # no API key needed: the URL is the credential
+    assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+    assert png_array(fetched.content).shape == (128, 128, 3)
+    missing = httpx.get(muse_app.url + "/v1/files/9999999999-" + "0" * 32 + ".png")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_negative_prompt_and_guidance_follow_the_pipeline(muse_app, pipe):
+    r = muse_app.generate(prompt="a green triangle", negative_prompt="blurry", guidance_scale=2.5, steps=4,
+                          seed=9, response_format="b64_json")
+    assert r.status_code == 200, r.text
+    want = pipe("a green triangle", negative_prompt="blurry", guidance_scale=2.5, steps=4, seed=9, superres=False)
+    assert_same_image(png_array(r.json()["data"][0]["b64_json"]), pil_array(want[0]))
+
+
+def test_requests_from_different_callers_share_a_batch_and_keep_their_own_images(muse_app, pipe):
+    from ray import serve
+
+    base = serve.get_deployment_handle("BaseGenerator", app_name=APP)
+    before = base.stats.remote().result()["batch_sizes"]
+    # Mixed seeds, step counts, guidance and n: each must come out as if it ran alone.
+    requests = [dict(prompt=f"shape {i}", seed=100 + i, steps=STEPS if i % 2 else 4, guidance_scale=float(i % 3),
+                     n=1 + i % 2, response_format="b64_json", size="64x64") for i in range(6)]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        responses = list(pool.map(lambda body: muse_app.generate(**body), requests))
+    after = base.stats.remote().result()["batch_sizes"]
+    new_batches = {int(k): v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
+    assert max(new_batches) > 1, f"no batch held more than one request: {new_batches}"
+    for body, r in zip(requests, responses):
+        assert r.status_code == 200, r.text
+        want = pipe(body["prompt"], num_images=body["n"], steps=body["steps"], guidance_scale=body["guidance_scale"],
+                    seed=body["seed"], superres=False)
+        for got, img in zip(r.json()["data"], want):
+            assert_same_image(png_array(got["b64_json"]), pil_array(img))
+
+
+def _events(response: httpx.Response) -> list[tuple[str, dict]]:
+    events, name = [], None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line[len("event: "):]
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line[len("data: "):])))
+    return events
+
+
+def test_stream_sends_previews_then_the_final_image(muse_app):
+    body = dict(prompt="a yellow star", size="128x128", seed=3, stream=True, n=2)
+    with muse_app.client.stream("POST", "/v1/images/generations", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = _events(r)
+    kinds = [name for name, _ in events]
+    assert kinds[-2:] == ["image_generation.completed"] * 2, kinds
+    partial = [data for name, data in events if name == "image_generation.partial_image"]
+    # preview_every=2: base steps 2, 4 (of 6), super-res step 2 (of 3); one preview per image each.
+    assert [(p["stage"], p["step"]) for p in partial if p["index"] == 0] == [("base", 2), ("base", 4), ("superres", 2)]
+    assert [p["partial_image_index"] for p in partial if p["index"] == 0] == [0, 1, 2]
+    assert png_array(partial[0]["b64_json"]).shape == (64, 64, 3)
+    assert png_array(partial[-1]["b64_json"]).shape == (128, 128, 3)
+    # The streamed final image is the same as the non-streamed one for the same request.
+    plain = muse_app.generate(**{**body, "stream": False, "response_format": "b64_json"}).json()["data"]
+    finals = sorted((data for name, data in events if name == "image_generation.completed"), key=lambda d: d["index"])
+    for final, ref in zip(finals, plain):
+        assert_same_image(png_array(final["b64_json"]), png_array(ref["b64_json"]))
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _picture(size: int = 96, seed: int = 0) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(size, size, 3) * 255).astype(np.uint8))
+
+
+def test_inpainting_with_a_mask_matches_the_pipeline(muse_app, pipe):
+    image = _picture()
+    mask = Image.new("RGBA", image.size, (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (10, 20, 60, 50))  # transparent = regenerate
+    r = muse_app.client.post("/v1/images/edits", files={"image": ("i.png", _png(image)), "mask": ("m.png", _png(mask))},
+                             data={"prompt": "a purple circle", "size": "128x128", "n": "2", "seed": "4",
+                                   "response_format": "b64_json"})
+    assert r.status_code == 200, r.text
+    regen = np.zeros((96, 96), bool)
+    regen[20:50, 10:60] = True
+    want = pipe.inpaint(image, regen, "a purple circle", num_images=2, steps=STEPS, superres_steps=SR_STEPS, seed=4)
+    for got, img in zip(r.json()["data"], want):
+        assert_same_image(png_array(got["b64_json"]), pil_array(img))
+
+
+def test_transparent_canvas_outpaints_and_opaque_image_is_edited_mask_free(muse_app, pipe):
+    canvas = Image.new("RGBA", (96, 96), (0, 0, 0, 0))
+    canvas.paste(_picture(48, seed=1), (24, 24))  # the picture in the middle of a transparent canvas
+    r = muse_app.client.post("/v1/images/edits", files={"image": ("c.png", _png(canvas))},
+                             data={"prompt": "a landscape", "size": "64x64", "seed": "2", "response_format": "b64_json"})
+    assert r.status_code == 200, r.text
+    new = np.ones((96, 96), bool)
+    new[24:72, 24:72] = False
+    want = pipe.inpaint(canvas, new, "a landscape", steps=STEPS, seed=2, superres=False)
+    assert_same_image(png_array(r.json()["data"][0]["b64_json"]), pil_array(want[0]))
+
+    opaque = _picture(seed=3)
+    r = muse_app.client.post("/v1/images/edits", files={"image": ("o.png", _png(opaque))},
+                             data={"prompt": "make it blue", "size": "128x128", "seed": "8", "steps": "5",
+                                   "response_format": "b64_json"})
+    assert r.status_code == 200, r.text
+    want = pipe.edit(opaque, "make it blue", iterations=5, superres_steps=SR_STEPS, seed=8)
+    assert_same_image(png_array(r.json()["data"][0]["b64_json"]), pil_array(want[0]))
+
+
+def test_official_openai_client(muse_app, pipe):
+    import openai
+
+    client = openai.OpenAI(base_url=muse_app.url + "/v1", api_key=muse_app.key, max_retries=0, timeout=120)
+    result = client.images.generate(prompt="a red circle", size="512x512", n=2, response_format="b64_json",
+                                    extra_body={"seed": 5})
+    assert len(result.data) == 2
+    want = pipe("a red circle", num_images=2, steps=STEPS, superres_steps=SR_STEPS, seed=5)
+    assert_same_image(png_array(result.data[1].b64_json), pil_array(want[1]))
+
+    by_url = client.images.generate(prompt="a red circle", size="256x256", model="dall-e-2")
+    assert png_array(httpx.get(by_url.data[0].url).content).shape == (64, 64, 3)
+
+    image = _picture()
+    mask = Image.new("RGBA", image.size, (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 48, 96))
+    edited = client.images.edit(image=("image.png", _png(image), "image/png"), mask=("mask.png", _png(mask), "image/png"),
+                                prompt="a tree", size="256x256", response_format="b64_json", extra_body={"seed": 1})
+    regen = np.zeros((96, 96), bool)
+    regen[:, :48] = True
+    want = pipe.inpaint(image, regen, "a tree", steps=STEPS, seed=1, superres=False)
+    assert_same_image(png_array(edited.data[0].b64_json), pil_array(want[0]))
+
+    events = list(client.images.generate(prompt="a red circle", size="64x64", stream=True, extra_body={"seed": 5}))
+    assert [e.type for e in events][-1] == "image_generation.completed"
+    assert {e.type for e in events[:-1]} == {"image_generation.partial_image"}
+    assert_same_image(png_array(events[-1].b64_json),
+                                  pil_array(pipe("a red circle", steps=STEPS, seed=5, superres=False)[0]))
+
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.generate(prompt="x", size="1024x1024")
+    assert err.value.body["param"] == "size"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=muse_app.url + "/v1", api_key="wrong", max_retries=0).images.generate(prompt="x")

@@ -1,0 +1,42 @@
+"""A model replica killed mid-test is replaced by Serve, and requests (the one in flight included,
+which the ingress re-runs on the replacement) succeed."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import ray
+from ray import serve
+
+from serve_helpers import APP, TEST_ARGS, assert_same_image, pil_array, png_array
+
+
+def _replica_actor(deployment: str, replica_id: str):
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["name"].endswith(f"{APP}#{deployment}#{replica_id}"):
+            return ray.get_actor(entry["name"], namespace=entry["namespace"])
+    raise AssertionError(f"no actor for replica {replica_id} of {deployment}")
+
+
+def test_killed_base_replica_is_replaced_and_requests_succeed(muse_app, pipe):
+    base = serve.get_deployment_handle("BaseGenerator", app_name=APP)
+    before = base.stats.remote().result()["replica"]
+    body = dict(prompt="a white moon", size="64x64", seed=21, steps=100, response_format="b64_json")
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(muse_app.generate, **body)  # 100 decoding steps: still running at the kill
+        time.sleep(1.0)
+        ray.kill(_replica_actor("BaseGenerator", before), no_restart=True)
+        r = in_flight.result(timeout=150)
+    assert r.status_code == 200, r.text
+    want = pipe("a white moon", steps=100, seed=21, superres=False)
+    assert_same_image(png_array(r.json()["data"][0]["b64_json"]), pil_array(want[0]))
+
+    after = base.stats.remote().result()["replica"]
+    assert after != before, "Serve did not start a new replica"
+    for seed in (1, 2):  # and later requests, through super-res too, keep working
+        r = muse_app.generate(prompt="a white moon", size="128x128", seed=seed, response_format="b64_json")
+        assert r.status_code == 200, r.text
+        want = pipe("a white moon", steps=TEST_ARGS["sampling"]["steps"],
+                    superres_steps=TEST_ARGS["sampling"]["superres_steps"], seed=seed)
+        assert_same_image(png_array(r.json()["data"][0]["b64_json"]), pil_array(want[0]))

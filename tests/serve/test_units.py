@@ -1,0 +1,211 @@
+"""The serving pieces that need no Ray: sizes, typed config, the URL store, edit inputs, previews,
+the HTTP layer with and without an API key, and batched decoding without Serve."""
+
+from __future__ import annotations
+
+import io
+import types
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from serve.config import AppArgs, Deployment, Files, Generator, Limits, Sampling, load_args
+from serve.files import FileStore
+from serve.images import UploadError, fill_masked, grey_out, prepare_edit
+from serve.schemas import APIError, resolve_size
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("size, stage", [(None, "lo"), ("64x64", "lo"), ("256x256", "lo"), ("128x128", "hi"),
+                                         ("512x512", "hi"), (" 512X512 ", "hi")])
+def test_sizes_map_to_stages(size, stage):
+    assert resolve_size(size, 64, 128) == stage
+
+
+@pytest.mark.parametrize("size, hi", [("100x100", 128), ("1024x1024", 128), ("512x512", None), ("128x128", None),
+                                      ("", 128), ("64", 128)])
+def test_other_sizes_are_refused(size, hi):
+    with pytest.raises(APIError) as err:
+        resolve_size(size, 64, hi)
+    assert err.value.status == 400 and err.value.param == "size"
+
+
+def test_shipped_serve_config_is_valid_and_typed():
+    args = AppArgs.model_validate(load_args(REPO / "serve" / "config.yaml"))
+    assert args.base.autoscaling.max_replicas == 4 and args.base.batching.max_batch_size == 16
+    opts = args.base.options()
+    assert opts["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in opts
+    assert opts["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0}
+    assert Deployment(num_replicas=3).options()["num_replicas"] == 3
+
+
+@pytest.mark.parametrize("data", [
+    {"checkpoint": "x", "bogus": 1},
+    {"checkpoint": "x", "base": {"batching": {"max_batch_size": 64}, "max_ongoing_requests": 8}},
+    {"checkpoint": "x", "decoder": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}},
+    {"checkpoint": "x", "base": {"num_cpus": -1}},
+    {},
+])
+def test_bad_config_is_refused(data):
+    with pytest.raises(ValueError):
+        AppArgs.model_validate(data)
+
+
+def test_load_args_accepts_a_plain_mapping(tmp_path):
+    path = tmp_path / "args.yaml"
+    path.write_text("checkpoint: /models/tiny\nbase:\n  batching: {max_batch_size: 2}\n")
+    assert AppArgs.model_validate(load_args(path)).base == Generator(batching={"max_batch_size": 2})
+
+
+def test_file_store_in_memory_expires_and_caps():
+    now = [1_800_000_000.0]
+    store = FileStore(Files(ttl_s=10, max_files=2), clock=lambda: now[0])
+    a, b = store.put(b"a"), store.put(b"b")
+    assert store.get(a) == b"a" and store.get(b) == b"b"
+    c = store.put(b"c")  # over max_files: the oldest goes
+    assert store.get(a) is None and store.get(c) == b"c"
+    now[0] += 11
+    assert store.get(b) is None and store.get(c) is None
+    for bad in ("", "../etc/passwd", "1-abc", c + "x", c.upper()):
+        assert store.get(bad) is None
+
+
+def test_file_store_on_shared_storage_sweeps_expired(tmp_path):
+    now = [1_800_000_000.0]
+    store = FileStore(Files(uri=str(tmp_path / "files"), ttl_s=100), clock=lambda: now[0])
+    old = store.put(b"old")
+    assert store.get(old) == b"old" and (tmp_path / "files" / f"{old}.png").exists()
+    assert FileStore(Files(uri=str(tmp_path / "files")), clock=lambda: now[0]).get(old) == b"old"  # another replica
+    now[0] += 101
+    new = store.put(b"new")  # sweeps
+    assert store.get(old) is None and not (tmp_path / "files" / f"{old}.png").exists()
+    assert store.get(new) == b"new"
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_prepare_edit_marks_the_tokens_under_transparent_pixels():
+    image = Image.new("RGBA", (128, 96), (10, 200, 30, 255))  # centre square: x in [16, 112)
+    image.paste((0, 0, 0, 0), (16, 0, 40, 24))  # the top-left 24x24 of the square -> tokens (0..1, 0..1) of 8x8
+    edit = prepare_edit(_png(image), None, {"lo": 64, "hi": 128}, 8, max_pixels=10**6)
+    assert edit.images["lo"].shape == (64, 64, 3) and edit.images["hi"].shape == (128, 128, 3)
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[:2, :2] = True
+    assert torch.equal(edit.regenerate, expected)
+    assert tuple(edit.images["lo"][40, 40]) == (10, 200, 30)
+
+    mask = Image.new("RGBA", (128, 96), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (100, 84, 112, 96))  # bottom-right corner of the square
+    edit = prepare_edit(_png(image.convert("RGB")), _png(mask), {"lo": 64}, 8, max_pixels=10**6)
+    assert edit.regenerate.nonzero().tolist() == [[7, 7]]
+    assert prepare_edit(_png(image.convert("RGB")), None, {"lo": 64}, 8, max_pixels=10**6).regenerate is None
+
+
+@pytest.mark.parametrize("image, mask, param", [
+    (b"junk", None, "image"),
+    (None, b"junk", "mask"),
+    (None, "small", "mask"),
+    ("big", None, "image"),
+])
+def test_prepare_edit_refuses_bad_uploads(image, mask, param):
+    ok = _png(Image.new("RGB", (32, 32)))
+    image = {None: ok, "big": _png(Image.new("1", (200, 200)))}.get(image, image)
+    mask = {"small": _png(Image.new("RGBA", (16, 32)))}.get(mask, mask)
+    with pytest.raises(UploadError) as err:
+        prepare_edit(image, mask, {"lo": 64}, 8, max_pixels=100 * 100)
+    assert err.value.param == param
+
+
+def test_previews_grey_out_undecided_tokens():
+    ids = torch.tensor([[[3, 512], [512, 7]]])
+    filled, masked = fill_masked(ids, 512)
+    assert filled.tolist() == [[[3, 0], [0, 7]]] and masked.tolist() == [[[False, True], [True, False]]]
+    images = torch.full((1, 3, 16, 16), 0.5)
+    out = grey_out(images, masked)
+    assert (out[:, :, :8, 8:] == 0).all() and (out[:, :, 8:, :8] == 0).all()
+    assert (out[:, :, :8, :8] == 0.5).all() and (out[:, :, 8:, 8:] == 0.5).all()
+
+
+def _fake_ingress(api_key: str | None):
+    """What build_fastapi reads from an Ingress, with no models behind it."""
+    from serve.api import Ingress
+
+    args = AppArgs(checkpoint="unused", api_key=api_key)
+    ing = types.SimpleNamespace(args=args, limits=Limits(), sampling=Sampling(), lo_side=64, hi_side=128,
+                                files=FileStore(Files()), page="<html>Muse on Ray</html>")
+    ing.authorized = lambda header: Ingress.authorized(ing, header)
+    return ing
+
+
+async def _models(key: str | None, header: dict) -> int:
+    from serve.api import build_fastapi
+
+    transport = httpx.ASGITransport(app=build_fastapi(_fake_ingress(key)))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        return (await client.get("/v1/models", headers=header)).status_code
+
+
+def test_api_is_open_without_a_key_and_closed_with_one():
+    import asyncio
+
+    assert asyncio.run(_models(None, {})) == 200
+    assert asyncio.run(_models("s3cret", {})) == 401
+    assert asyncio.run(_models("s3cret", {"Authorization": "Bearer s3cret"})) == 200
+    assert asyncio.run(_models("s3cret", {"Authorization": "Bearer s3cre"})) == 401
+
+
+def test_build_app_reads_the_key_from_the_environment(tmp_path, monkeypatch):
+    from muse.checkpoint import init_model_root
+    from serve.app import build_app
+
+    with pytest.raises(ValueError, match="lacks"):
+        build_app(AppArgs(checkpoint=str(tmp_path / "empty")))
+    root = str(tmp_path / "root")
+    init_model_root("tiny", root, components=("text_encoder", "vqgan_lo", "base"))
+    monkeypatch.setenv("MUSE_API_KEY", "from-env")
+    app = build_app({"checkpoint": root})
+    ingress = app._bound_deployment
+    assert ingress.name == "Ingress"
+    text, base, superres, decoder, args = ingress.init_args
+    assert superres is None  # no super-res stage in this root: only the base size is served
+    assert args.api_key == "from-env"
+
+
+def test_batched_decoding_gives_each_request_its_own_image(tmp_path):
+    """Without Serve: a batch of jobs with different steps, guidance, seeds, n and negative prompts
+    decodes to exactly what each job gives alone."""
+    from muse.checkpoint import init_model_root
+    from serve.config import Batching
+    from serve.deployments import BaseGenerator, Decode, TextEncoder, _Job
+
+    root = str(tmp_path / "root")
+    init_model_root("tiny", root, components=("text_encoder", "vqgan_lo", "base"))
+    text, base = TextEncoder(root), BaseGenerator(root, "cpu", Batching(), 4.5, 2)
+    jobs = [_Job(text.encode("a red circle"), Decode(2, 4, 3.0, 1)),
+            _Job(text.encode("a much longer prompt about squares", "blurry"), Decode(1, 4, 2.0, 7)),
+            _Job(text.encode("three"), Decode(1, 3, 0.0, 7))]
+    together = base._decode_jobs(jobs)
+    for job, tokens in zip(jobs, together):
+        alone = base._decode_jobs([job])[0]
+        assert torch.equal(alone.ids, tokens.ids) and tokens.ids.shape == (job.decode.n, 8, 8)
+        assert all(torch.equal(a, b) for a, b in zip(alone.rng, tokens.rng))
+    assert not torch.equal(together[0].ids[0], together[0].ids[1])  # rows of one request differ
+    assert not (together[1].ids == together[2].ids).all()  # same seed, different prompt and steps
+
+
+def test_cli_needs_a_checkpoint(tmp_path):
+    from serve.cli import main, parse_args
+
+    args = parse_args(["--checkpoint", "/m", "--port", "9000"])
+    assert (args.checkpoint, args.port, args.host) == ("/m", 9000, "127.0.0.1")
+    with pytest.raises(SystemExit, match="checkpoint"):
+        main([])
+    assert parse_args([]).config is None
