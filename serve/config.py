@@ -15,6 +15,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+# @serve.batch batches formed while a generator is busy that wait to merge into its next decode
+# (see deployments._TokenGenerator._run_batch); a replica then holds up to this many batches.
+MERGED_BATCHES = 4
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -74,12 +79,15 @@ class Generator(Deployment):
 
     batching: Batching = Batching()
 
+    max_ongoing_requests: int = Field(64, ge=1)
+
     @model_validator(mode="after")
     def _room_for_batches(self) -> Generator:
-        if self.max_ongoing_requests < self.batching.max_batch_size:
+        need = self.batching.max_batch_size * MERGED_BATCHES
+        if self.max_ongoing_requests < need:
             raise ValueError(
-                f"max_ongoing_requests {self.max_ongoing_requests} must be >= max_batch_size "
-                f"{self.batching.max_batch_size}, or a batch can never fill"
+                f"max_ongoing_requests {self.max_ongoing_requests} must be >= max_batch_size x {MERGED_BATCHES} "
+                f"= {need}: a replica holds up to {MERGED_BATCHES} batches that merge while the model is busy"
             )
         return self
 

@@ -33,7 +33,7 @@ from ray import serve
 
 from muse import checkpoint, editing, sampling
 from muse.data.images import uint8_to_tensor
-from serve.config import Batching
+from serve.config import MERGED_BATCHES, Batching
 from serve.images import fill_masked, grey_out, png_bytes
 
 SEED_MODULUS = 2**63
@@ -131,7 +131,10 @@ class _TokenGenerator:
             self.model.config.hi_tokens_per_side
         self.temperature = temperature
         self.preview_every = preview_every
-        self.batch_sizes: Counter[int] = Counter()
+        self.max_batch_size = batching.max_batch_size
+        self.batch_sizes: Counter[int] = Counter()  # requests per model decode
+        self._pending: list[tuple[_Job, asyncio.Future]] = []
+        self._model_busy = asyncio.Lock()
         self._decode_batch.set_max_batch_size(batching.max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
@@ -139,8 +142,28 @@ class _TokenGenerator:
         raise NotImplementedError
 
     async def _run_batch(self, jobs: list[_Job]) -> list[Tokens]:
-        self.batch_sizes[len(jobs)] += 1
-        return await asyncio.to_thread(self._decode_jobs, jobs)
+        """Decode a batch that @serve.batch formed. Serve forms the next batch from whatever arrived
+        within `batch_wait_timeout_s` even while the model is still busy with the previous one, so
+        under load it would queue many small batches; instead, batches that arrive while the model
+        is busy wait here and the next decode takes all of them (up to max_batch_size requests)."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in jobs]
+        self._pending.extend(zip(jobs, futures))
+        while not all(f.done() for f in futures):
+            async with self._model_busy:
+                if all(f.done() for f in futures):
+                    break
+                take, self._pending = self._pending[:self.max_batch_size], self._pending[self.max_batch_size:]
+                self.batch_sizes[len(take)] += 1
+                try:
+                    results = await asyncio.to_thread(self._decode_jobs, [job for job, _ in take])
+                except Exception as e:  # noqa: BLE001 - every request of this decode gets the error
+                    for _, future in take:
+                        future.set_exception(e)
+                else:
+                    for (_, future), tokens in zip(take, results):
+                        future.set_result(tokens)
+        return [f.result() for f in futures]
 
     def _decode_jobs(self, jobs: list[_Job]) -> list[Tokens]:
         """Each job's Tokens; jobs with the same step count share one decode."""
@@ -239,8 +262,8 @@ class BaseGenerator(_TokenGenerator):
 
     component = "base"
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # overridden from config in __init__
-    async def _decode_batch(self, jobs: list[_Job]) -> list[Tokens]:
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=MERGED_BATCHES)
+    async def _decode_batch(self, jobs: list[_Job]) -> list[Tokens]:  # size and wait set from config in __init__
         return await self._run_batch(jobs)
 
     def _context(self, emb, mask, jobs):
@@ -287,8 +310,8 @@ class SuperResGenerator(_TokenGenerator):
 
     component = "superres"
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # overridden from config in __init__
-    async def _decode_batch(self, jobs: list[_Job]) -> list[Tokens]:
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=MERGED_BATCHES)
+    async def _decode_batch(self, jobs: list[_Job]) -> list[Tokens]:  # size and wait set from config in __init__
         return await self._run_batch(jobs)
 
     def _context(self, emb, mask, jobs):
