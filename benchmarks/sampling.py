@@ -68,17 +68,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object], device: str, repeats: int) -> tuple[float, object]:
-    """(median seconds over `repeats` after one warm-up, last result)."""
-    out = fn()
-    times = []
+def timed(fns: dict[str, Callable[[], object]], device: str, repeats: int,
+          warmup: bool = True) -> tuple[dict[str, float], dict]:
+    """Median seconds of each fn over `repeats` (after one warm-up call each), and each fn's last
+    result. The fns take turns within every repeat, so a load change on a shared machine hits them alike."""
+    outs = {name: fn() for name, fn in fns.items()} if warmup else {}
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            outs[name] = fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, outs
 
 
 def stage(model, cond: TextCondition, steps: int, scale: float, seed: int, naive: bool,
@@ -103,20 +106,23 @@ def stage(model, cond: TextCondition, steps: int, scale: float, seed: int, naive
 
 def bench_pipeline(pipe: MusePipeline, cond_fn: Callable[[int], TextCondition], batch: int, steps: int,
                    sr_steps: int, scale: float, device: str, repeats: int) -> dict[str, dict[str, float]]:
-    """Seconds for text, base, super-res and decode at one batch size, optimized and naive."""
-    rows: dict[str, dict[str, float]] = {}
+    """Seconds for text, base, super-res and decode at one batch size, optimized and naive (the two
+    loops decode the same inputs; text encoding and VQGAN decoding are shared)."""
+    modes = ("optimized", "naive")
+    side = pipe.superres.config.hi_tokens_per_side
     with torch.inference_mode():
-        t_text, cond = timed(lambda: cond_fn(batch), device, repeats)
-        for mode in ("optimized", "naive"):
-            naive = mode == "naive"
-            t_base, lo = timed(lambda: stage(pipe.base, cond, steps, scale, 0, naive), device, repeats)
-            lo = lo.view(batch, pipe.base.config.tokens_per_side, -1)
-            t_sr, hi = timed(lambda: stage(pipe.superres, cond, sr_steps, scale, 0, naive, lo), device, repeats)
-            side = pipe.superres.config.hi_tokens_per_side
-            t_dec, _ = timed(lambda: pipe.vqgan_hi.decode(hi.view(batch, side, side)), device, repeats)
-            rows[mode] = dict(text=t_text, base=t_base, superres=t_sr, decode=t_dec,
-                              total=t_text + t_base + t_sr + t_dec)
-    return rows
+        t_text, out = timed({"text": lambda: cond_fn(batch)}, device, repeats)
+        cond = out["text"]
+        t_base, lo = timed({m: (lambda m=m: stage(pipe.base, cond, steps, scale, 0, m == "naive")) for m in modes},
+                           device, repeats)
+        lo_ids = lo["optimized"].view(batch, pipe.base.config.tokens_per_side, -1)
+        t_sr, hi = timed({m: (lambda m=m: stage(pipe.superres, cond, sr_steps, scale, 0, m == "naive", lo_ids))
+                          for m in modes}, device, repeats)
+        t_dec, _ = timed({"decode": lambda: pipe.vqgan_hi.decode(hi["optimized"].view(batch, side, side))},
+                         device, repeats)
+    common = t_text["text"] + t_dec["decode"]
+    return {m: dict(text=t_text["text"], base=t_base[m], superres=t_sr[m], decode=t_dec["decode"],
+                    total=common + t_base[m] + t_sr[m]) for m in modes}
 
 
 def bench_paper_base(device: str, dtype: torch.dtype, repeats: int, scale: float, text_len: int,
@@ -128,16 +134,15 @@ def bench_paper_base(device: str, dtype: torch.dtype, repeats: int, scale: float
     base = build_component("base", cfg).to(device=device, dtype=dtype).eval()
     text = torch.randn(1, text_len, cfg.text_dim, device=device)
     cond = TextCondition(text, torch.ones(1, text_len, dtype=torch.bool, device=device))
-    out: dict[str, float] = {}
     with torch.inference_mode():
-        for mode in ("optimized", "naive"):
-            start = time.perf_counter()
-            stage(base, cond, 1, scale, 0, mode == "naive")  # warm-up, and a guard on the budget
-            _sync(device)
-            if time.perf_counter() - start > budget_s:
-                return f"skipped: one step took {time.perf_counter() - start:.1f} s, over the {budget_s:.0f} s budget"
-            out[mode], _ = timed(lambda: stage(base, cond, 1, scale, 0, mode == "naive"), device, repeats)
-    return out
+        start = time.perf_counter()
+        stage(base, cond, 1, scale, 0, False)  # warm-up, and a guard on the budget
+        _sync(device)
+        if time.perf_counter() - start > budget_s:
+            return f"skipped: one step took {time.perf_counter() - start:.1f} s, over the {budget_s:.0f} s budget"
+        times, _ = timed({m: (lambda m=m: stage(base, cond, 1, scale, 0, m == "naive"))
+                          for m in ("optimized", "naive")}, device, repeats, warmup=False)
+    return times
 
 
 def build_paper_pipeline(name: str, device: str, dtype: torch.dtype) -> MusePipeline:
