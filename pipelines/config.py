@@ -48,10 +48,11 @@ class PreprocessConfig:
     max_caption_chars: int = 1024  # longer captions are cut to this many characters
     batch_size: int = 32
     num_cpus: float = 1.0  # per preprocessing task
+    memory_mb: int = 512  # memory reserved per preprocessing task: one max_pixels image decodes in it
 
     def __post_init__(self):
-        if self.min_side < 1 or self.max_pixels < 1 or self.max_caption_chars < 1 or self.batch_size < 1:
-            raise ValueError("preprocess limits and batch_size must be positive")
+        if min(self.min_side, self.max_pixels, self.max_caption_chars, self.batch_size, self.memory_mb) < 1:
+            raise ValueError("preprocess limits, batch_size and memory_mb must be positive")
         if self.num_cpus <= 0:
             raise ValueError("preprocess.num_cpus must be > 0")
 

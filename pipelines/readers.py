@@ -309,7 +309,10 @@ def _read_tar(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Table |
                 yield _tar_sample(rows, part, key, sample, exts, seen)
                 sample = {}
             key = member_key
-            sample[ext.lower()] = tar.extractfile(member).read()
+            data = tar.extractfile(member).read()
+            if len(data) != member.size:
+                raise tarfile.ReadError(f"{member.name}: truncated ({len(data)} of {member.size} bytes)")
+            sample[ext.lower()] = data
         if key is not None:
             yield _tar_sample(rows, part, key, sample, exts, seen)
 

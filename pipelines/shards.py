@@ -123,6 +123,10 @@ class ShardWriter:
                 still.append(f)
         self.pending = still
 
+    def abort(self) -> None:
+        """Stop: let publishes already running finish (each is atomic), drop the rest."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
     def close(self) -> list[dict]:
         """Wait for every publish; raise if one failed or a part never completed."""
         try:

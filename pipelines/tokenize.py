@@ -241,10 +241,6 @@ def _pool(ds, udf: type, kwargs: dict, pool: PoolConfig):
     )
 
 
-def _spread() -> dict:
-    return {"scheduling_strategy": "SPREAD"}
-
-
 def _device(pool: PoolConfig) -> str:
     return "cuda" if pool.num_gpus > 0 else "cpu"
 
@@ -254,11 +250,11 @@ def build(cfg: TokenizeConfig, parts: list[readers.Part], models: Models, lo_siz
     """read -> preprocess -> VQGAN-lo -> [VQGAN-hi] -> text, as one streaming Ray Dataset whose
     rows (plus each part's end row) the driver collects into shards."""
     ds = readers.read_parts(parts, cfg.reader, num_cpus=cfg.preprocess.num_cpus)
-    # Decoding stays a task pool of its own that fans out over every CPU of the cluster: a remote
-    # args function keeps Ray from fusing it into the first model pool (it fuses ops whose remote
-    # args are equal, as on CPU-only runs), which would cap decoding at that pool's size.
+    # Decoding is a task pool of its own that fans out over every CPU of the cluster. Its memory
+    # reservation also keeps Ray from fusing it into the first model pool (Ray fuses ops with equal
+    # remote args, as on CPU-only runs), which would cap decoding at that pool's size.
     ds = ds.map_batches(preprocess_batch, batch_format="pyarrow", batch_size=cfg.preprocess.batch_size,
-                        num_cpus=cfg.preprocess.num_cpus, ray_remote_args_fn=_spread,
+                        num_cpus=cfg.preprocess.num_cpus, memory=cfg.preprocess.memory_mb * 2**20,
                         fn_kwargs={"lo_size": lo_size, "hi_size": hi_size, "cfg": cfg.preprocess})
     stages = [("pixels_lo", "tokens_lo", models.vqgan_lo, cfg.vqgan_lo)]
     if models.vqgan_hi:
@@ -348,8 +344,12 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
             for batch in build(cfg, todo, models, lo_size, hi_size).iter_batches(
                     batch_size=None, batch_format="pyarrow"):
                 writer.add(batch)
-        finally:
+        except BaseException:
+            writer.abort()  # finished publishes stay; unfinished parts are redone by the next run
+            raise
+        else:
             writer.close()
+        finally:
             bar.close()
     seconds = time.time() - start
     totals = shards.summarize(output, list(shards.finished_parts(output).values()), cfg.examples_per_reason)

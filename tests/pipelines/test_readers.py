@@ -1,0 +1,153 @@
+import io
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from corpora import good, write_folder, write_parquet, write_tar
+from muse import storage
+from pipelines.config import ReaderConfig
+from pipelines.readers import detect_format, plan_parts, read_corpus, read_part
+
+
+def rows_of(parts, cfg):
+    """(data rows, end rows) of every part, as dicts."""
+    data, ends = [], []
+    for part in parts:
+        for block in read_part(part, cfg):
+            for row in block.to_pylist():
+                (ends if row["index"] == -1 else data).append(row)
+    return data, ends
+
+
+def corpus(n: int):
+    return [(f"s{i}", *good(i, 40), "") for i in range(n)]
+
+
+def test_parquet_parts_keys_and_row_ranges(tmp_path):
+    rows = [(name, image, caption.encode(), r) for name, image, caption, r in corpus(7)]
+    write_parquet(tmp_path / "a.parquet", rows, "jpg", "txt", row_group_size=2)
+    cfg = ReaderConfig(image_column="jpg", caption_column="txt", rows_per_part=3, block_rows=2)
+    parts = plan_parts(str(tmp_path), "auto", cfg)
+    assert [(p.start, p.stop) for p in parts] == [(0, 3), (3, 6), (6, 7)]
+    assert len({p.id for p in parts}) == 3 and parts == plan_parts(str(tmp_path), "parquet", cfg)
+    data, ends = rows_of(parts, cfg)
+    path = str(tmp_path / "a.parquet")
+    assert [r["key"] for r in data] == [f"{path}#{i}" for i in range(7)]
+    assert [r["image"] for r in data] == [r[1] for r in rows]
+    assert [r["caption"] for r in data] == [r[2] for r in rows]
+    assert [e["part_rows"] for e in ends] == [3, 3, 1]
+    assert all(r["reject_reason"] == "" and r["part_rows"] == -1 for r in data)
+
+
+def test_parquet_string_captions_and_missing_values(tmp_path):
+    image, caption = good(0, 40)
+    table = pa.table({"image": pa.array([image, None, image], pa.binary()),
+                      "caption": pa.array([caption, caption, None], pa.string())})
+    pq.write_table(table, tmp_path / "b.parquet")
+    data, _ = rows_of(plan_parts(str(tmp_path), "auto", ReaderConfig()), ReaderConfig())
+    assert data[0]["caption"] == caption.encode()
+    assert [r["reject_reason"] for r in data] == ["", "missing_image", "missing_caption"]
+
+
+def test_parquet_without_the_columns_is_a_config_error(tmp_path):
+    pq.write_table(pa.table({"img": [b"x"]}), tmp_path / "c.parquet")
+    with pytest.raises(ValueError, match="image_column"):
+        plan_parts(str(tmp_path), "auto", ReaderConfig())
+
+
+def test_corrupt_parquet_is_one_counted_row_not_a_crash(tmp_path):
+    rows = [(n, i, c.encode(), r) for n, i, c, r in corpus(2)]
+    write_parquet(tmp_path / "ok.parquet", rows)
+    (tmp_path / "zz.parquet").write_bytes(b"PAR1 garbage")
+    parts = plan_parts(str(tmp_path), "auto", ReaderConfig())
+    data, ends = rows_of(parts, ReaderConfig())
+    assert len(parts) == 2 and len(data) == 3
+    assert data[-1]["reject_reason"] == "unreadable_source" and data[-1]["key"].endswith("zz.parquet#error")
+    assert [e["part_rows"] for e in ends] == [2, 1]
+
+
+def test_folder_with_sidecar_captions(tmp_path):
+    rows = [(n, i, c.encode(), r) for n, i, c, r in corpus(5)]
+    write_folder(tmp_path / "f", rows)
+    (tmp_path / "f" / "nocap.png").write_bytes(rows[0][1])
+    (tmp_path / "f" / "notes.json").write_text("{}")  # ignored
+    cfg = ReaderConfig(rows_per_part=4)
+    assert detect_format(str(tmp_path / "f"), cfg) == "folder"
+    parts = plan_parts(str(tmp_path / "f"), "auto", cfg)
+    assert [len(p.items) for p in parts] == [4, 2]
+    data, ends = rows_of(parts, cfg)
+    by_key = {r["key"].rsplit("/", 1)[-1]: r for r in data}
+    assert by_key["nocap.png"]["reject_reason"] == "missing_caption"
+    for name, image, caption, _ in rows:
+        assert by_key[f"{name}.img.png"]["image"] == image
+        assert by_key[f"{name}.img.png"]["caption"] == caption
+    assert sum(e["part_rows"] for e in ends) == 6
+
+
+def test_folder_with_captions_jsonl_and_csv(tmp_path):
+    rows = [(n, i, c.encode(), r) for n, i, c, r in corpus(3)]
+    write_folder(tmp_path / "j", rows, sidecar=False)
+    data, _ = rows_of(plan_parts(str(tmp_path / "j"), "auto", ReaderConfig()), ReaderConfig())
+    assert sorted(r["caption"] for r in data) == sorted(r[2] for r in rows)
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "x.png").write_bytes(rows[0][1])
+    (folder / "meta.csv").write_text('path,text\nx.png,"a caption, with a comma"\n')
+    cfg = ReaderConfig(captions_file="meta.csv", file_field="path", caption_field="text")
+    data, _ = rows_of(plan_parts(str(folder), "auto", cfg), cfg)
+    assert [r["caption"] for r in data] == [b"a caption, with a comma"]
+
+
+def test_webdataset_txt_and_json_captions_and_missing_members(tmp_path):
+    rows = [(n, i, c.encode(), r) for n, i, c, r in corpus(3)]
+    write_tar(tmp_path / "a.tar", rows)
+    write_tar(tmp_path / "b.tar", rows[:2], caption_ext="json")
+    with tarfile.open(tmp_path / "c.tar", "w") as tar:  # a caption with no image
+        info = tarfile.TarInfo("lonely.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    cfg = ReaderConfig()
+    parts = plan_parts(str(tmp_path), "auto", cfg)
+    assert [p.format for p in parts] == ["webdataset"] * 3
+    data, ends = rows_of(parts, cfg)
+    assert [e["part_rows"] for e in ends] == [3, 2, 1]
+    a = str(tmp_path / "a.tar")
+    assert [r["key"] for r in data[:3]] == [f"{a}#s0", f"{a}#s1", f"{a}#s2"]
+    assert [r["caption"] for r in data[:5]] == [r[2] for r in rows] + [r[2] for r in rows[:2]]
+    assert data[5]["reject_reason"] == "missing_image"
+
+
+def test_truncated_tar_keeps_rows_before_the_damage(tmp_path):
+    rows = [(n, i, c.encode(), r) for n, i, c, r in corpus(4)]
+    write_tar(tmp_path / "t.tar", rows)
+    with tarfile.open(tmp_path / "t.tar") as tar:
+        cut = tar.getmember("s2.png").offset_data + 50  # inside the third image
+    (tmp_path / "t.tar").write_bytes((tmp_path / "t.tar").read_bytes()[:cut])
+    parts = plan_parts(str(tmp_path / "t.tar"), "auto", ReaderConfig())
+    got, ends = rows_of(parts, ReaderConfig())
+    assert got[-1]["reject_reason"] == "unreadable_source"
+    kept = [r for r in got if not r["reject_reason"]]
+    assert [r["image"] for r in kept] == [r[1] for r in rows[:2]]
+    assert ends[0]["part_rows"] == len(got)
+
+
+def test_parquet_on_s3(s3_bucket):
+    rows = [(n, i, c.encode(), r) for n, i, c, r in corpus(3)]
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image": [r[1] for r in rows], "caption": [r[2] for r in rows]}), buf)
+    storage.write_bytes(f"{s3_bucket}/corpus/p.parquet", buf.getvalue())
+    parts = plan_parts(f"{s3_bucket}/corpus", "auto", ReaderConfig())
+    data, _ = rows_of(parts, ReaderConfig())
+    assert [r["key"] for r in data] == [f"{s3_bucket}/corpus/p.parquet#{i}" for i in range(3)]
+    assert [r["image"] for r in data] == [r[1] for r in rows]
+
+
+def test_read_corpus_through_ray(ray_session, tmp_path):
+    rows = [(n, i, c.encode(), r) for n, i, c, r in corpus(5)]
+    write_tar(tmp_path / "a.tar", rows[:3])
+    write_tar(tmp_path / "b.tar", rows[3:])
+    got = read_corpus(f"file://{tmp_path}", "webdataset").take_all()
+    assert sorted(r["caption"] for r in got) == sorted(r[2] for r in rows)
+    assert set(got[0]) == {"key", "image", "caption"}

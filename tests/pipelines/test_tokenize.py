@@ -1,0 +1,275 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from corpora import expected_counts, good, mixed_rows, write_folder, write_parquet, write_tar
+from muse import storage
+from muse.checkpoint import component_uri, load_component
+from pipelines import shards
+from pipelines.config import PreprocessConfig, load_config
+from pipelines.preprocess import preprocess_batch
+from pipelines.readers import ROW_SCHEMA
+from pipelines.tokenize import main, resolve_models, run
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pixels_of(image: bytes, size: int, hi: int | None = None) -> torch.Tensor:
+    """The pipeline's own preprocessing of one image -> (1, 3, size, size) in [-1, 1]."""
+    row = pa.table({"key": ["k"], "image": [image], "caption": [b"c"], "part": ["p"], "index": [0],
+                    "part_rows": [-1], "reject_reason": [""]}, schema=ROW_SCHEMA)
+    out = preprocess_batch(row, lo_size=size, hi_size=hi, cfg=PreprocessConfig(min_side=16))
+    a = np.frombuffer(out["pixels_lo"][0].as_py(), np.uint8).reshape(1, size, size, 3)
+    return torch.from_numpy(a.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def keys_once(table: pa.Table) -> Counter:
+    counts = Counter(table["key"].to_pylist())
+    assert max(counts.values()) == 1, [k for k, n in counts.items() if n > 1][:3]
+    return counts
+
+
+def test_folder_corpus_end_to_end(ray_session, tmp_path, tiny_root, fast_cfg):
+    rows = mixed_rows()
+    write_folder(tmp_path / "corpus", rows)
+    out = str(tmp_path / "tokens")
+    totals = run(str(tmp_path / "corpus"), out, resolve_models(tiny_root), fast_cfg, progress=False)
+
+    rejects = json.loads(storage.read_text(storage.join(out, "rejects.json")))
+    assert rejects["by_reason"] == expected_counts(rows) and rejects["total"] == 6
+    assert rejects["examples"]["too_many_pixels"][0].endswith("bomb.img.png")
+    table = shards.load_token_shards(out)
+    good_names = {r[0] for r in rows if not r[3]}
+    assert {k.rsplit("/", 1)[-1].split(".")[0] for k in keys_once(table)} == good_names
+    assert totals["accepted"] == table.num_rows == 9 and totals["parts"] == 4
+
+    info = shards.shard_info(out)
+    assert info == {"tokens_lo_side": 8, "tokens_hi_side": 16, "text_storage": "ids", "text_dim": 64,
+                    "format_version": 1}
+    assert table.schema.field("tokens_lo").type == pa.list_(pa.int16())
+    assert table.schema.field("text_ids").type == pa.list_(pa.int32())
+    assert "text_emb" not in table.column_names
+
+    # Every row carries the tokens of its own image and caption (no row misalignment in batches).
+    lo = load_component(component_uri(tiny_root, "vqgan_lo"))
+    hi = load_component(component_uri(tiny_root, "vqgan_hi"))
+    text = load_component(component_uri(tiny_root, "text_encoder"))
+    by_name = {r[0]: r for r in rows if not r[3]}
+    expect_lo = {n: lo.encode(pixels_of(r[1], 64)).flatten().numpy() for n, r in by_name.items()}
+    expect_hi = {n: hi.encode(pixels_of(r[1], 128)).flatten().numpy() for n, r in by_name.items()}
+    for row in table.to_pylist():
+        name = row["key"].rsplit("/", 1)[-1].split(".")[0]
+        caption = by_name[name][2].decode()
+        assert row["caption"] == caption
+        # A random VQGAN has near-tie codes that a different batch composition can flip (float
+        # sums differ with batch shape), so ids agree only mostly; alignment must be exact: each
+        # row matches its own image's tokens, and far better than any other image's.
+        for got, expect in ((row["tokens_lo"], expect_lo), (row["tokens_hi"], expect_hi)):
+            agree = {n: float((np.asarray(got) == t).mean()) for n, t in expect.items()}
+            others = max(v for n, v in agree.items() if n != name)
+            assert agree[name] >= 0.8 and agree[name] >= others + 0.3, (name, agree)
+        ids, mask = text.tokenize([caption])
+        assert row["text_ids"] == ids[0][mask[0]].tolist()
+        assert (row["width"], row["height"]) == ((72, 72) if name in ("cmyk", "png16", "rgba") else (80, 80))
+
+    assert shards.read_token_shards(out).count() == table.num_rows
+    summary = json.loads(storage.read_text(storage.join(out, "manifest.json")))
+    assert summary["shards"] == [f.rsplit("/", 1)[-1] for f in shards.token_shard_files(out)]
+
+
+def test_embeddings_from_webdataset_load_as_training_input(ray_session, tmp_path, tiny_root,
+                                                           tiny_root_lo_only, fast_cfg):
+    rows = [(f"w{i}", *good(i, 64), "") for i in range(6)]
+    rows = [(n, img, cap.encode(), r) for n, img, cap, r in rows]
+    write_tar(tmp_path / "a.tar", rows[:4])
+    write_tar(tmp_path / "b.tar", rows[4:], caption_ext="json")
+    out = str(tmp_path / "tokens")
+    cfg = replace(fast_cfg, text_storage="embeddings")
+    run(f"file://{tmp_path}", out, resolve_models(tiny_root_lo_only), cfg, format="webdataset", progress=False)
+
+    table = shards.load_token_shards(out)
+    keys_once(table)
+    assert table.num_rows == 6 and "tokens_hi" not in table.column_names
+    assert table.schema.field("text_emb").type == pa.list_(pa.float16())
+    text = load_component(component_uri(tiny_root_lo_only, "text_encoder"))
+    for row in table.to_pylist():
+        with torch.no_grad():
+            emb, mask = text([row["caption"]])
+        n = int(mask.sum())
+        assert row["text_len"] == n == len(row["text_ids"])
+        got = np.asarray(row["text_emb"], np.float32).reshape(n, text.dim)
+        np.testing.assert_allclose(got, emb[0, :n].numpy(), rtol=1e-2, atol=1e-2)
+
+    # What a training step does with a batch of shard rows: token grid + text -> masked-token loss.
+    from muse.losses import masked_token_loss
+    from muse.masking import mask_tokens, sample_mask_rates
+
+    info = shards.shard_info(out)
+    base = load_component(component_uri(tiny_root, "base"))
+    tokens = torch.tensor(table["tokens_lo"].to_pylist(), dtype=torch.long)  # (B, h*w)
+    assert tokens.shape == (6, info["tokens_lo_side"] ** 2)
+    lengths = table["text_len"].to_pylist()
+    emb = torch.zeros(6, max(lengths), info["text_dim"])
+    text_mask = torch.zeros(6, max(lengths), dtype=torch.bool)
+    for i, (flat, n) in enumerate(zip(table["text_emb"].to_pylist(), lengths)):
+        emb[i, :n] = torch.tensor(flat).view(n, -1)
+        text_mask[i, :n] = True
+    g = torch.Generator().manual_seed(0)
+    masked, mask = mask_tokens(tokens, sample_mask_rates(6, generator=g), base.mask_token_id, generator=g)
+    loss = masked_token_loss(base(masked, base.encode_context(emb, text_mask)), tokens, mask)
+    assert torch.isfinite(loss) and loss > 0
+
+
+def test_s3_input_and_output(ray_session, s3_bucket, tiny_root_lo_only, fast_cfg):
+    import io
+
+    import pyarrow.parquet as pq
+
+    rows = [r for r in mixed_rows() if r[0] in ("good0", "good1", "good2", "rgba", "garbage", "tiny")]
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image": [r[1] for r in rows], "caption": [r[2] for r in rows]}), buf)
+    storage.write_bytes(f"{s3_bucket}/corpus/part-0.parquet", buf.getvalue())
+    out = f"{s3_bucket}/tokens"
+    run(f"{s3_bucket}/corpus", out, resolve_models(tiny_root_lo_only), fast_cfg, progress=False)
+
+    files = storage.list_files(out)
+    assert storage.join(out, "rejects.json") in files and storage.join(out, shards.JOB_FILE) in files
+    rejects = json.loads(storage.read_text(storage.join(out, "rejects.json")))
+    assert rejects["by_reason"] == {"corrupt_image": 1, "too_small": 1}
+    table = shards.load_token_shards(out)
+    assert sorted(keys_once(table)) == sorted(f"{s3_bucket}/corpus/part-0.parquet#{i}" for i in (0, 1, 2, 3))
+    assert shards.read_token_shards(out, columns=["key"]).count() == 4
+
+
+def corpus_of_parts(tmp_path, n_files: int = 4, per_file: int = 6) -> tuple[str, set[str], dict]:
+    """Parquet files of good rows plus a bad one or two each; rows_per_part 4 cuts each in two."""
+    bad = {r[0]: r for r in mixed_rows() if r[3]}
+    accepted, rejects = set(), Counter()
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for f in range(n_files):
+        rows = [(f"g{f}-{i}", *good(f * 10 + i, 40), "") for i in range(per_file)]
+        rows = [(n, img, cap.encode(), r) for n, img, cap, r in rows]
+        rows.insert(2, bad["garbage"] if f % 2 else bad["empty_caption"])
+        path = folder / f"c{f}.parquet"
+        write_parquet(path, rows)
+        for i, r in enumerate(rows):
+            if r[3]:
+                rejects[r[3]] += 1
+            else:
+                accepted.add(f"{path}#{i}")
+    return str(folder), accepted, dict(rejects)
+
+
+def test_crash_after_some_parts_then_rerun_is_exactly_once(ray_session, tmp_path, tiny_root_lo_only,
+                                                            fast_cfg):
+    corpus, accepted, rejects = corpus_of_parts(tmp_path)
+    out = str(tmp_path / "tokens")
+    models = resolve_models(tiny_root_lo_only)
+    seen = []
+
+    def crash_after_two(entry):
+        seen.append(entry)
+        if len(seen) == 2:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(corpus, out, models, fast_cfg, on_published=crash_after_two, progress=False)
+    finished = shards.finished_parts(out)
+    assert 2 <= len(finished) < 8
+
+    totals = run(corpus, out, models, fast_cfg, progress=False)
+    assert totals["run_parts"] == 8 - len(finished) and totals["parts"] == 8
+    assert set(keys_once(shards.load_token_shards(out))) == accepted
+    assert json.loads(storage.read_text(storage.join(out, "rejects.json")))["by_reason"] == rejects
+
+    # Finished: a third run does nothing (and needs no Ray).
+    again = run(corpus, out, models, fast_cfg, progress=False)
+    assert again["run_parts"] == 0 and again["accepted"] == len(accepted)
+
+    # A resumed run must match what produced the shards.
+    with pytest.raises(ValueError, match="text_storage"):
+        run(corpus, out, models, replace(fast_cfg, text_storage="embeddings"), progress=False)
+    with pytest.raises(ValueError, match="preprocess"):
+        run(corpus, out, models, replace(fast_cfg, preprocess=replace(fast_cfg.preprocess, max_pixels=10)),
+            progress=False)
+    os.remove(os.path.join(corpus, "c3.parquet"))
+    with pytest.raises(ValueError, match="not in the input"):
+        run(corpus, out, models, fast_cfg, progress=False)
+
+
+def test_sigkill_mid_run_then_rerun_is_exactly_once(ray_session, tmp_path, tiny_root_lo_only, fast_cfg):
+    corpus, accepted, rejects = corpus_of_parts(tmp_path, n_files=6)
+    out = str(tmp_path / "tokens")
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("reader: {rows_per_part: 4, block_rows: 4}\n"
+                        "preprocess: {num_cpus: 0.5, batch_size: 8, min_side: 16}\n"
+                        "vqgan_lo: {num_cpus: 0.5, batch_size: 8}\nvqgan_hi: {num_cpus: 0.5, batch_size: 8}\n"
+                        "text: {num_cpus: 0.5, batch_size: 16}\nwrite_threads: 2\n")
+    assert load_config(cfg_file) == fast_cfg
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address,
+               PYTHONPATH=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.tokenize", "--input", corpus, "--output", out,
+         "--checkpoint", tiny_root_lo_only, "--config", str(cfg_file), "--no-progress"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = os.path.join(out, shards.MANIFEST_DIR)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(manifest) and os.listdir(manifest):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the job ended before a part was published"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = shards.finished_parts(out)
+    assert 1 <= len(finished) < 12, "killed mid-run"
+
+    # Also a kill between a shard and its manifest entry: the shard is there, the entry is not.
+    with_shard = next(p for p, e in finished.items() if e["shard"])
+    os.remove(os.path.join(manifest, f"{with_shard}.json"))
+    assert os.path.exists(os.path.join(out, shards.shard_name(with_shard)))
+
+    totals = run(corpus, out, resolve_models(tiny_root_lo_only), fast_cfg, progress=False)
+    assert totals["run_parts"] == 12 - len(finished) + 1
+    assert set(keys_once(shards.load_token_shards(out))) == accepted
+    assert totals["rejects"]["by_reason"] == rejects
+
+
+def test_cli(tmp_path, tiny_root, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "--checkpoint" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("vqgan_lo: {num_gpu: 1}\n")
+    with pytest.raises(SystemExit):
+        main(["--input", ".", "--output", str(tmp_path), "--checkpoint", tiny_root, "--config", str(bad)])
+    assert "num_gpu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--input", ".", "--output", str(tmp_path), "--checkpoint", str(tmp_path)])
+    assert "vqgan_lo" in capsys.readouterr().err
+
+
+def test_model_flags_override_the_root(tiny_root, tiny_root_lo_only):
+    m = resolve_models(tiny_root)
+    assert m.vqgan_hi == component_uri(tiny_root, "vqgan_hi")
+    assert resolve_models(tiny_root_lo_only).vqgan_hi is None
+    m = resolve_models(tiny_root_lo_only, vqgan_hi=component_uri(tiny_root, "vqgan_hi"),
+                       text_encoder="/elsewhere/t5")
+    assert m.vqgan_hi == component_uri(tiny_root, "vqgan_hi") and m.text_encoder == "/elsewhere/t5"
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(REPO, "configs"))
+                                        if f.startswith("tokenize")))
+def test_shipped_configs_load(name):
+    load_config(os.path.join(REPO, "configs", name))
