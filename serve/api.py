@@ -85,12 +85,12 @@ class Ingress:
     async def generate(self, req: GenerationRequest, stage: str, seed: int) -> list[bytes]:
         lo_decode, hi_decode = self.decodes(req.n, seed, req.steps, req.superres_steps, req.guidance_scale)
 
-        def chain():
-            cond = self.text.encode.remote(req.prompt, req.negative_prompt)
-            tokens = self.base.generate.remote(cond, lo_decode)
+        def chain() -> list:
+            calls = [self.text.encode.remote(req.prompt, req.negative_prompt)]
+            calls.append(self.base.generate.remote(calls[0], lo_decode))
             if stage == "hi":
-                tokens = self.superres.generate.remote(cond, tokens, hi_decode)
-            return self.decoder.decode.remote(tokens, stage)
+                calls.append(self.superres.generate.remote(calls[0], calls[-1], hi_decode))
+            return [*calls, self.decoder.decode.remote(calls[-1], stage)]
 
         return await self.call(chain)
 
@@ -106,31 +106,34 @@ class Ingress:
         lo_decode, hi_decode = self.decodes(n, seed, steps, superres_steps, guidance,
                                             base_default=self.sampling.edit_iterations if mask_free else None)
 
-        def chain():
+        def chain() -> list:
             cond = self.text.encode.remote(prompt, negative)
             source = self.decoder.encode.remote(edit.images["lo"], "lo")
             if mask_free:
                 tokens = self.base.edit.remote(cond, lo_decode, source, lo_decode.steps, self.sampling.edit_fraction)
             else:
                 tokens = self.base.generate.remote(cond, lo_decode, source, edit.regenerate)
+            calls = [cond, source, tokens]
             if stage == "hi":
-                source_hi = self.decoder.encode.remote(edit.images["hi"], "hi")
-                tokens = self.superres.generate.remote(cond, tokens, hi_decode, source_hi)
-            return self.decoder.decode.remote(tokens, stage)
+                calls.append(self.decoder.encode.remote(edit.images["hi"], "hi"))
+                calls.append(self.superres.generate.remote(cond, tokens, hi_decode, calls[-1]))
+            return [*calls, self.decoder.decode.remote(calls[-1], stage)]
 
         return await self.call(chain)
 
-    async def call(self, chain: Callable[[], Any]) -> Any:
-        """Run `chain()` (-> DeploymentResponse) to its result within the request timeout, re-running
-        it (with backoff, for up to RETRY_WINDOW_S) when a replica died under it."""
+    async def call(self, chain: Callable[[], list]) -> Any:
+        """Run `chain()` (-> the DeploymentResponses it started, the final one last) to its result
+        within the request timeout, re-running it (with backoff, for up to RETRY_WINDOW_S) when a
+        replica died under it. On timeout every call of the chain is cancelled."""
         start = time.monotonic()
         deadline = start + self.limits.request_timeout_s
         for attempt in itertools.count():
-            response = chain()
+            calls = chain()
             try:
-                return await asyncio.wait_for(_result(response), max(0.0, deadline - time.monotonic()))
+                return await asyncio.wait_for(_result(calls[-1]), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                response.cancel()
+                for response in calls:
+                    response.cancel()
                 raise APIError(504, f"the request took longer than {self.limits.request_timeout_s:g} s",
                                type="server_error", code="timeout") from None
             except BackPressureError:

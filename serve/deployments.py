@@ -133,6 +133,7 @@ class _TokenGenerator:
         self.preview_every = preview_every
         self.max_batch_size = batching.max_batch_size
         self.batch_sizes: Counter[int] = Counter()  # requests per model decode
+        self.streams: Counter[str] = Counter()  # "completed" / "stopped" (the caller went away)
         self._pending: list[tuple[_Job, asyncio.Future]] = []
         self._model_busy = asyncio.Lock()
         self._decode_batch.set_max_batch_size(batching.max_batch_size)
@@ -240,6 +241,7 @@ class _TokenGenerator:
                 loop.call_soon_threadsafe(queue.put_nowait, (steps, None, e))
 
         worker = loop.run_in_executor(None, run)
+        finished = False
         try:
             while True:
                 step, ids, error = await queue.get()
@@ -247,14 +249,16 @@ class _TokenGenerator:
                     raise error
                 yield {"step": step, "steps": steps, "ids": ids, "done": step == steps}  # ids: Tokens when done
                 if step == steps:
+                    finished = True
                     break
         finally:
             cancelled.set()
+            self.streams["completed" if finished else "stopped"] += 1
             await asyncio.shield(worker)
 
     def stats(self) -> dict:
-        """Batch sizes seen so far and this replica's id (for tests and operators)."""
-        return {"replica": _replica_id(), "batch_sizes": dict(self.batch_sizes)}
+        """Requests per decode so far, streams completed or stopped early, and this replica's id."""
+        return {"replica": _replica_id(), "batch_sizes": dict(self.batch_sizes), "streams": dict(self.streams)}
 
 
 class BaseGenerator(_TokenGenerator):

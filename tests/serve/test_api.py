@@ -200,3 +200,23 @@ def test_official_openai_client(muse_app, pipe):
     assert err.value.body["param"] == "size"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=muse_app.url + "/v1", api_key="wrong", max_retries=0).images.generate(prompt="x")
+
+
+def test_a_stream_whose_client_leaves_stops_decoding(muse_app):
+    import time
+
+    from ray import serve
+
+    base = serve.get_deployment_handle("BaseGenerator", app_name=APP)
+    before = base.stats.remote().result()["streams"]
+    body = dict(prompt="a long decode", size="64x64", seed=1, stream=True, steps=100)
+    with muse_app.client.stream("POST", "/v1/images/generations", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                assert json.loads(line[6:])["step"] == 2
+                break  # leave after the first preview, 98 steps early
+    deadline = time.monotonic() + 30
+    while (after := base.stats.remote().result()["streams"]).get("stopped", 0) == before.get("stopped", 0):
+        assert time.monotonic() < deadline, f"the base stream was not stopped: {after}"
+        time.sleep(0.2)
+    assert after.get("completed", 0) == before.get("completed", 0)

@@ -209,3 +209,80 @@ def test_cli_needs_a_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="checkpoint"):
         main([])
     assert parse_args([]).config is None
+
+
+def test_serve_config_args_reach_build_app_the_way_serve_passes_them(tmp_path):
+    """`serve run serve/config.yaml` hands build_app the YAML's `args` through Serve's own builder call."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from muse.checkpoint import init_model_root
+    from serve.app import build_app
+
+    root = str(tmp_path / "root")
+    init_model_root("tiny", root)
+    args = load_args(REPO / "serve" / "config.yaml")
+    app = call_user_app_builder_with_args_if_necessary(build_app, {**args, "checkpoint": root, "api_key": "k"})
+    *handles, built = app._bound_deployment.init_args
+    assert built.checkpoint == root and built.base.batching.max_batch_size == 16 and built.api_key == "k"
+    assert handles[2] is not None  # super-res present in this root
+    with pytest.raises(ValueError):
+        call_user_app_builder_with_args_if_necessary(build_app, {"checkpoint": root, "bogus": 1})
+
+
+class _FakeResponse:
+    """Stands in for a DeploymentResponse: awaitable, cancellable."""
+
+    def __init__(self, result=None, error: BaseException | None = None, delay: float = 0.0):
+        self.result, self.error, self.delay, self.cancelled = result, error, delay, False
+
+    def __await__(self):
+        return self._wait().__await__()
+
+    async def _wait(self):
+        import asyncio
+
+        await asyncio.sleep(self.delay)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_calls_retry_on_a_lost_replica_and_time_out_with_504(monkeypatch):
+    import asyncio
+
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    import serve.api as api
+
+    monkeypatch.setattr(api, "RETRY_BACKOFF_S", (0.01,))
+    ingress = types.SimpleNamespace(limits=Limits(request_timeout_s=0.5))
+    call = lambda chain: asyncio.run(api.Ingress.call(ingress, chain))  # noqa: E731
+
+    attempts = []
+
+    def flaky():
+        attempts.append(1)
+        first = len(attempts) == 1
+        return [_FakeResponse(), _FakeResponse(error=ActorDiedError() if first else None, result="png")]
+
+    assert call(flaky) == "png" and len(attempts) == 2
+
+    hanging = [_FakeResponse(), _FakeResponse(delay=30)]
+    with pytest.raises(APIError) as err:
+        call(lambda: hanging)
+    assert err.value.status == 504 and all(r.cancelled for r in hanging)
+
+    with pytest.raises(APIError) as err:
+        call(lambda: [_FakeResponse(error=BackPressureError(num_queued_requests=9, max_queued_requests=8))])
+    assert err.value.status == 503 and err.value.code == "overloaded"
+
+    with pytest.raises(APIError) as err:  # a replica that never comes back: 503 once the window is spent
+        call(lambda: [_FakeResponse(error=ActorDiedError())])
+    assert err.value.status == 503 and err.value.code == "replica_unavailable"
+
+    with pytest.raises(ZeroDivisionError):  # anything else is not retried
+        call(lambda: [_FakeResponse(error=ZeroDivisionError())])
