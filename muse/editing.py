@@ -59,9 +59,9 @@ def outpaint_canvas(images: torch.Tensor, direction: str = "all", scale: float =
     if direction == "all":
         h, w = max(1, round(H * scale)), max(1, round(W * scale))
         top, left = (H - h) // 2, (W - w) // 2
-        canvas[:, :, top:top + h, left:left + w] = F.interpolate(
-            images, size=(h, w), mode="bilinear", antialias=True, align_corners=False
-        )
+        canvas[:, :, top:top + h, left:left + w] = F.interpolate(  # float32: no low-precision kernel on CPU
+            images.float(), size=(h, w), mode="bilinear", antialias=True, align_corners=False
+        ).to(images.dtype)
         known[:, top:top + h, left:left + w] = True
     elif direction in ("left", "right"):
         keep = max(1, round(W * scale))

@@ -91,6 +91,12 @@ def test_outpaint_canvas_marks_the_new_region(direction):
         assert new[0, 48:].all() and torch.equal(canvas[..., :48, :], images[..., 16:, :])
 
 
+def test_outpaint_canvas_keeps_low_precision_dtype():
+    images = torch.rand(1, 3, 16, 16, dtype=torch.bfloat16)
+    canvas, new = editing.outpaint_canvas(images, "all", 0.5)
+    assert canvas.dtype == torch.bfloat16 and new.sum() == 16 * 16 - 8 * 8
+
+
 def test_outpaint_canvas_rejects_bad_arguments():
     images = torch.zeros(1, 3, 8, 8)
     with pytest.raises(ValueError, match="direction"):
