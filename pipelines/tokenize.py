@@ -25,7 +25,8 @@ Text storage (`text_storage` in the config):
 
 Run: `muse tokenize --input URI --output URI --checkpoint ROOT` or, on a cluster,
 `ray job submit --working-dir . -- python -m pipelines.tokenize ...` (Ray 2.60 uses token auth: set
-RAY_AUTH_MODE=token for the jobs CLI). Set RAY_ADDRESS to join a running cluster.
+RAY_AUTH_MODE=token for the jobs CLI). Set RAY_ADDRESS to join a running cluster (RAY_ADDRESS=auto
+for one started with `ray start`); without it a local Ray is started for the run.
 """
 
 from __future__ import annotations
@@ -375,7 +376,7 @@ def _init_ray(cfg: TokenizeConfig, has_hi: bool) -> None:
         return
     pools = [cfg.vqgan_lo, cfg.text] + ([cfg.vqgan_hi] if has_hi else [])
     need = sum(p.min_size * p.num_cpus for p in pools) + 2 * cfg.preprocess.num_cpus
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)))
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need)))
 
 
 def _factor(vqgan: dict) -> int:

@@ -1,0 +1,271 @@
+"""Tokenization throughput: the Ray Data pipeline against a plain single-process loop, same files.
+
+Both paths run the same code on the same synthetic corpus (PNG at --size px, in Parquet): read,
+decode + resize (pipelines.preprocess), VQGAN-lo and VQGAN-hi encode, caption tokenization. The loop
+also times each step, which says what the bottleneck is. The Ray figure is end to end (actor start
+included) and steady state (from the first published part to the last). On a GPU (`--device cuda`)
+the VQGAN pools take one GPU between them and the table adds images/s per GPU and how busy the GPU
+was (nvidia-smi samples while the pipeline runs). Model weights are random: throughput does not
+depend on them.
+
+    python benchmarks/tokenize.py [--n 512] [--size 256] [--preset tiny] [--results benchmarks/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This file shares its name with the standard library's `tokenize` (which `inspect`, `linecache`
+# and friends import): run as a script, its folder would shadow it, so take the folder off the path.
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse
+import io
+import platform
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from muse.checkpoint import component_uri, init_model_root, load_component, save_component
+from muse.config import MODEL_PRESETS, from_dict, preset
+from muse.data.images import uint8_to_tensor
+from muse.data.synthetic import write_corpus
+from muse.text import TextEncoder
+from pipelines.config import TokenizeConfig
+from pipelines.preprocess import preprocess_batch
+from pipelines.readers import plan_parts, read_part
+from pipelines.tokenize import load_tokenizer, resolve_models, run
+
+SECTION = "## Tokenization (benchmarks/tokenize.py)"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, load average {load:.1f} at start"
+
+
+def model_root(preset_name: str, root: str) -> None:
+    """vqgan_lo, vqgan_hi of the preset; the offline t5-tiny text encoder (T5-XXL needs its files)."""
+    init_model_root(preset_name, root, components=("vqgan_lo", "vqgan_hi"))
+    save_component(TextEncoder.build(preset("t5-tiny")), component_uri(root, "text_encoder"))
+
+
+def plain_loop(corpus: str, root: str, out: str, cfg: TokenizeConfig, device: str) -> dict:
+    """One process, no Ray: read -> preprocess -> encode -> write, one part at a time."""
+    start = time.perf_counter()
+    lo = load_component(component_uri(root, "vqgan_lo"), device=device)
+    hi = load_component(component_uri(root, "vqgan_hi"), device=device)
+    tokenizer, max_length = load_tokenizer(component_uri(root, "text_encoder"))
+    lo_size, hi_size = lo.config.resolution, hi.config.resolution
+    timing = {"read": 0.0, "decode": 0.0, "vqgan_lo": 0.0, "vqgan_hi": 0.0, "text": 0.0, "write": 0.0}
+    n = 0
+    os.makedirs(out, exist_ok=True)
+
+    def tick(step: str, t0: float) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        timing[step] += now - t0
+        return now
+
+    for part in plan_parts(corpus, "parquet", cfg.reader):
+        t = time.perf_counter()
+        blocks = list(read_part(part, cfg.reader))
+        t = tick("read", t)
+        batch = pa.concat_tables([preprocess_batch(b, lo_size=lo_size, hi_size=hi_size, cfg=cfg.preprocess)
+                                  for b in blocks])
+        batch = batch.filter(pc.equal(batch["part_rows"], -1))
+        t = tick("decode", t)
+        columns = {}
+        for name, model, size, bs in (("lo", lo, lo_size, cfg.vqgan_lo.batch_size),
+                                      ("hi", hi, hi_size, cfg.vqgan_hi.batch_size)):
+            raw = batch[f"pixels_{name}"].to_pylist()
+            ids = []
+            for i in range(0, len(raw), bs):
+                chunk = raw[i:i + bs]
+                pixels = np.frombuffer(b"".join(chunk), np.uint8).reshape(len(chunk), size, size, 3)
+                with torch.inference_mode():
+                    ids.append(model.encode(uint8_to_tensor(pixels).to(device)).flatten(1).cpu())
+            columns[f"tokens_{name}"] = torch.cat(ids).to(torch.int16).numpy().tolist()
+            t = tick(f"vqgan_{name}", t)
+        columns["text_ids"] = tokenizer(batch["caption"].to_pylist(), truncation=True,
+                                        max_length=max_length)["input_ids"]
+        t = tick("text", t)
+        table = pa.table({"key": batch["key"], "caption": batch["caption"], **columns})
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        with open(os.path.join(out, f"{part.id}.parquet"), "wb") as f:
+            f.write(buf.getvalue())
+        tick("write", t)
+        n += table.num_rows
+    seconds = time.perf_counter() - start
+    return {"images": n, "seconds": seconds, "per_image_ms": {k: 1000 * v / max(n, 1) for k, v in timing.items()}}
+
+
+class GPUSampler:
+    """Mean GPU utilisation (%) from nvidia-smi, sampled every 0.2 s while running."""
+
+    def __init__(self):
+        self.samples: list[float] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5).stdout
+                self.samples.append(float(out.split()[0]))
+            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                pass
+            time.sleep(0.2)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.samples)) if self.samples else None
+
+
+def ray_pipeline(corpus: str, root: str, out: str, cfg: TokenizeConfig) -> dict:
+    import ray
+
+    start = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=False)
+    ready = time.perf_counter()
+    stamps: list[tuple[float, int]] = []
+    lock = threading.Lock()
+
+    def published(entry: dict) -> None:
+        with lock:
+            stamps.append((time.perf_counter(), entry["accepted"]))
+
+    with GPUSampler() if torch.cuda.is_available() and cfg.vqgan_lo.num_gpus else _Null() as gpu:
+        totals = run(corpus, out, resolve_models(root), cfg, progress=False, on_published=published)
+    end = time.perf_counter()
+    stamps.sort()
+    steady = (sum(n for _, n in stamps[1:]) / (stamps[-1][0] - stamps[0][0])
+              if len(stamps) > 2 and stamps[-1][0] > stamps[0][0] else None)
+    return {"images": totals["accepted"], "seconds": end - start, "ray_init_s": ready - start,
+            "steady_images_per_s": steady, "gpu_util": getattr(gpu, "mean", None)}
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def bench_config(device: str, cores: int) -> TokenizeConfig:
+    if device == "cuda":
+        return from_dict(TokenizeConfig, {
+            "reader": {"rows_per_part": 256},
+            "preprocess": {"num_cpus": 1, "batch_size": 32},
+            "vqgan_lo": {"num_gpus": 0.5, "num_cpus": 1, "batch_size": 128},
+            "vqgan_hi": {"num_gpus": 0.5, "num_cpus": 1, "batch_size": 64},
+            "text": {"num_cpus": 1, "batch_size": 256},
+        })
+    # CPU: half-CPU actors, one of each, like configs/tokenize-local.yaml; decode tasks fill the rest.
+    return from_dict(TokenizeConfig, {
+        "reader": {"rows_per_part": 32},
+        "preprocess": {"num_cpus": 0.5, "batch_size": 16},
+        "vqgan_lo": {"num_cpus": 0.5, "batch_size": 16, "max_size": max(1, cores // 4)},
+        "vqgan_hi": {"num_cpus": 0.5, "batch_size": 16, "max_size": max(1, cores // 4)},
+        "text": {"num_cpus": 0.5, "batch_size": 64},
+    })
+
+
+def table(args, mach: str, loop: dict, ray_: dict) -> str:
+    loop_rate = loop["images"] / loop["seconds"]
+    ray_rate = ray_["images"] / ray_["seconds"]
+    steady = ray_["steady_images_per_s"]
+    split = ", ".join(f"{k} {v:.1f}" for k, v in loop["per_image_ms"].items())
+    lines = [
+        f"Machine: {mach}. Corpus: {args.n} synthetic PNGs at {args.size}px in Parquet; preset "
+        f"`{args.preset}` VQGANs (random weights), t5-tiny tokenizer (ids); device {args.device}.",
+        "",
+        "| path | images | seconds | images/s |",
+        "|---|---:|---:|---:|",
+        f"| plain single-process loop | {loop['images']} | {loop['seconds']:.1f} | {loop_rate:.1f} |",
+        f"| Ray Data pipeline, end to end (incl. {ray_['ray_init_s']:.1f}s Ray start, actor start-up) | "
+        f"{ray_['images']} | {ray_['seconds']:.1f} | {ray_rate:.1f} |",
+        f"| Ray Data pipeline, steady state (first to last published part) | | | "
+        f"{steady:.1f} |" if steady else "| Ray Data pipeline, steady state | | | n/a (too few parts) |",
+        "",
+        f"Plain loop, ms per image by step: {split}.",
+    ]
+    if ray_.get("gpu_util") is not None:
+        lines.append(f"GPU: {ray_rate:.1f} images/s per GPU end to end; mean utilisation {ray_['gpu_util']:.0f}%.")
+    return "\n".join(lines)
+
+
+def write_section(path: str, body: str) -> None:
+    """Replace (or append) only this benchmark's section of RESULTS.md."""
+    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
+    start = text.find(SECTION)
+    if start == -1:
+        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{body}\n"
+    else:
+        nxt = text.find("\n## ", start + len(SECTION))
+        rest = text[nxt:] if nxt != -1 else "\n"
+        text = text[:start] + f"{SECTION}\n\n{body}\n" + rest
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=512, help="images in the corpus (default 512)")
+    parser.add_argument("--size", type=int, default=256, help="side of the source images (default 256)")
+    parser.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS),
+                        help="model preset whose VQGANs tokenize (default tiny)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        choices=("cpu", "cuda"))
+    parser.add_argument("--results", help="write this section into RESULTS.md at this path")
+    args = parser.parse_args(argv)
+
+    mach = machine()
+    cfg = bench_config(args.device, os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus, root = os.path.join(tmp, "corpus"), os.path.join(tmp, "root")
+        write_corpus(corpus, args.n, size=args.size, seed=0, shard_size=256)
+        model_root(args.preset, root)
+        if args.device == "cpu":
+            torch.set_num_threads(os.cpu_count() or 1)
+        loop = plain_loop(corpus, root, os.path.join(tmp, "loop"), cfg, args.device)
+        ray_ = ray_pipeline(corpus, root, os.path.join(tmp, "ray"), replace(cfg))
+    body = table(args, mach, loop, ray_)
+    print(body)
+    if args.results:
+        write_section(args.results, body)
+
+
+if __name__ == "__main__":
+    main()
