@@ -104,8 +104,8 @@ class RunSettings:
     name: str | None = None  # run name under storage_path; None = the stage's component name
     bf16: bool = True  # mixed precision on GPU; CPU always trains in fp32
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer; 0 = no shuffle
-    # Read (and decode) the data once into Ray's object store instead of streaming it every epoch:
-    # for data that fits in memory (the tiny demo), where re-reading each epoch would dominate.
+    # Read (and decode) the data once, on the driver, into Ray's object store instead of streaming it
+    # from storage every epoch: for data that fits in memory (the tiny demo), where reading dominates.
     cache_data: bool = False
     peak_tflops: float | None = None  # accelerator peak for MFU; None = by GPU name, no MFU on CPU
     progress: bool = True  # tqdm bar on the rank-0 worker
@@ -128,7 +128,7 @@ class TransformerStage:
 
     model: str = "base-632m"
     label_smoothing: float = 0.1
-    text_dropout: float = 0.1  # share of samples trained unconditionally (text mask all False), for CFG
+    text_dropout: float = 0.1  # share of samples whose text is dropped (mask all False), for CFG; <= 0.5
     sample_prompts: tuple[str, ...] = DEFAULT_PROMPTS  # base sample grids; super-res uses data rows
     sample_steps: int = 12
     sample_guidance: float = 3.0
@@ -137,8 +137,11 @@ class TransformerStage:
     run: RunSettings = field(default_factory=RunSettings)
 
     def __post_init__(self):
-        if not 0.0 <= self.text_dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError("text_dropout and label_smoothing must be in [0, 1)")
+        if not 0.0 <= self.text_dropout <= 0.5:
+            raise ValueError(f"text_dropout is the share of samples whose text is dropped (Muse: 0.1); "
+                             f"{self.text_dropout} would train mostly unconditionally (a keep rate?): use [0, 0.5]")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError("label_smoothing must be in [0, 1)")
         if self.sample_steps < 1:
             raise ValueError("sample_steps must be >= 1")
 

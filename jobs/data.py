@@ -21,30 +21,50 @@ from pipelines.config import TokenizeConfig
 from pipelines.preprocess import preprocess_batch
 
 
-def token_dataset(uri: str, *, hi: bool, materialize: bool = False):
-    """(Ray Dataset of the token shards under `uri`, their metadata)."""
+def token_dataset(uri: str, *, hi: bool, cache: bool = False):
+    """(Ray Dataset of the token shards under `uri`, their metadata). `cache` reads them once on the
+    driver into the object store (small data) instead of streaming them from storage every epoch."""
     info = shards.shard_info(uri)
     if hi and not info.get("tokens_hi_side"):
         raise ValueError(f"the token shards under {uri} have no tokens_hi: tokenize with a vqgan_hi in the "
                          "model root to train super-res")
     columns = ["tokens_lo"] + (["tokens_hi"] if hi else [])
     columns += ["text_emb", "text_len"] if info.get("text_storage") == "embeddings" else ["text_ids"]
-    ds = shards.read_token_shards(uri, columns=columns)
-    return (ds.materialize() if materialize else ds), info
+    if cache:
+        import ray.data
+
+        return ray.data.from_arrow(shards.load_token_shards(uri, columns=columns)), info
+    return shards.read_token_shards(uri, columns=columns), info
 
 
-def image_dataset(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto", materialize: bool = False):
+def image_dataset(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto", cache: bool = False):
     """Ray Dataset with one column `pixels` (raw (size, size, 3) uint8 RGB bytes) of every accepted
-    image of the corpus at `uri`, decoded, resized and centre-cropped as tokenization does it."""
+    image of the corpus at `uri`, decoded, resized and centre-cropped as tokenization does it.
+    `cache` runs the same reader and preprocessing functions once on the driver and keeps the pixels
+    in the object store (small corpora) instead of decoding every image again each epoch."""
     parts = readers.plan_parts(uri, format, cfg.reader)
     if not parts:
         raise ValueError(f"no images in the corpus at {uri}")
+    if cache:
+        import ray.data
+
+        return ray.data.from_arrow(read_images(uri, size, cfg, format))
+    kwargs = {"lo_size": size, "hi_size": None, "cfg": cfg.preprocess}
     ds = readers.read_parts(parts, cfg.reader, num_cpus=cfg.preprocess.num_cpus)
     ds = ds.map_batches(preprocess_batch, batch_format="pyarrow", batch_size=cfg.preprocess.batch_size,
-                        num_cpus=cfg.preprocess.num_cpus,
-                        fn_kwargs={"lo_size": size, "hi_size": None, "cfg": cfg.preprocess})
-    ds = ds.map_batches(_accepted_pixels, batch_format="pyarrow", batch_size=None)
-    return ds.materialize() if materialize else ds
+                        num_cpus=cfg.preprocess.num_cpus, fn_kwargs=kwargs)
+    return ds.map_batches(_accepted_pixels, batch_format="pyarrow", batch_size=None)
+
+
+def read_images(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto") -> pa.Table:
+    """The `pixels` table of `image_dataset`, read in this process with the same functions (no Ray)."""
+    kwargs = {"lo_size": size, "hi_size": None, "cfg": cfg.preprocess}
+    tables = [_accepted_pixels(preprocess_batch(block, **kwargs))
+              for part in readers.plan_parts(uri, format, cfg.reader) for block in readers.read_part(part, cfg.reader)]
+    table = pa.concat_tables(tables) if tables else None
+    if table is None or table.num_rows == 0:
+        raise ValueError(f"no image of the corpus at {uri} passed preprocessing")
+    return table
 
 
 def _accepted_pixels(batch: pa.Table) -> pa.Table:

@@ -204,6 +204,9 @@ def _report_checkpoint(worker: StageWorker, env: WorkerEnv, step: int, counters:
                             schedulers=worker.schedulers, ema=worker.ema, counters=dict(counters))
         checkpoint = ray.train.Checkpoint.from_directory(d) if env.is_main else None
         ray.train.report(report or {"step": float(step)}, checkpoint=checkpoint)
+    # The controller registers a reported checkpoint when it next polls the workers; a worker that
+    # died before that would lose it. Wait until it is committed, so a restart resumes from here.
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
 def _fail_once_if_asked(run, job: dict, env: WorkerEnv, step: int) -> None:
@@ -299,5 +302,8 @@ def ensure_ray() -> None:
     import ray.data
 
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        # A local Ray gets at least 4 logical CPUs even on 2 cores, so a trainer's workers and the
+        # data tasks feeding them never wait on each other (RAY_ADDRESS joins a cluster as it is).
+        local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(4, os.cpu_count() or 1)}
+        ray.init(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}, **local)
     ray.data.DataContext.get_current().enable_progress_bars = False

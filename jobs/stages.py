@@ -88,7 +88,7 @@ def _run_transformer(stage: str, cfg: TrainConfig, data: str, root: str):
     from jobs.data import token_dataset
 
     section = getattr(cfg, stage)
-    dataset, info = token_dataset(data, hi=stage == "superres", materialize=section.run.cache_data)
+    dataset, info = token_dataset(data, hi=stage == "superres", cache=section.run.cache_data)
     if info.get("text_storage", "ids") != "embeddings" and not checkpoint.has_component(root, "text_encoder"):
         raise ValueError(f"the token shards hold text ids but the model root {root} has no text_encoder/ to "
                          "encode them (write one with `muse init` or train with `muse train all`)")
@@ -106,7 +106,7 @@ def _run_vqgan(cfg: TrainConfig, data: str, root: str, component: str, format: s
     vq_cfg = preset(section.lo_model if component == "vqgan_lo" else section.hi_model)
     if section.run.name:
         section = replace(section, run=replace(section.run, name=f"{section.run.name}_{component}"))
-    dataset = image_dataset(data, vq_cfg.resolution, cfg.tokenize, format, materialize=section.run.cache_data)
+    dataset = image_dataset(data, vq_cfg.resolution, cfg.tokenize, format, cache=section.run.cache_data)
     job = {"root": root, "component": component, "model_config": to_dict(vq_cfg), "data_meta": {}}
     return fit_stage("vqgan", section, job, dataset)
 
@@ -128,7 +128,7 @@ def _run_decoder(cfg: TrainConfig, data: str, root: str, component: str, format:
     if not checkpoint.has_component(root, component):
         raise ValueError(f"the model root {root} has no {component}/ to fine-tune the decoder of")
     wide = widened_config(root, component, section)
-    dataset = image_dataset(data, wide.resolution, cfg.tokenize, format, materialize=section.run.cache_data)
+    dataset = image_dataset(data, wide.resolution, cfg.tokenize, format, cache=section.run.cache_data)
     job = {"root": root, "component": component, "model_config": to_dict(wide), "data_meta": {}}
     section = replace(section, run=replace(section.run, name=section.run.name or f"decoder_{component}"))
     return fit_stage("decoder", section, job, dataset)

@@ -1,0 +1,89 @@
+"""`muse train all` orchestration: stage order, skipping finished stages, base and super-res
+concurrently when the cluster has room. Stages are replaced by fakes that write what a real
+export writes (config.json with its "extra"), so this runs in a second without Ray."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from jobs_helpers import tiny_config
+
+from jobs import all as train_all_module
+from muse import checkpoint, storage
+
+
+def write_fake_component(root: str, name: str, extra: dict) -> None:
+    kind = "vqgan" if name.startswith("vqgan") else name
+    storage.write_text(storage.join(root, name, "config.json"),
+                       json.dumps({"kind": kind, "format_version": 1, "config": {}, "extra": extra}))
+
+
+class FakeStages:
+    def __init__(self, root: str):
+        self.root, self.calls, self.active, self.overlap = root, [], 0, False
+        self.lock = threading.Lock()
+
+    def run_stage(self, stage, cfg, data, root, component=None, format="auto"):
+        with self.lock:
+            self.calls.append(component if stage in ("vqgan",) else stage)
+            self.active += 1
+            self.overlap |= self.active > 1
+        time.sleep(0.2)
+        name = component if stage in ("vqgan", "decoder") else stage
+        extra = {"finished": True, "stage": stage} | ({"decoder_finetuned": True} if stage == "decoder" else {})
+        write_fake_component(root, name, extra)
+        with self.lock:
+            self.active -= 1
+        return []
+
+    def tokenize(self, corpus, tokens, models, cfg, format, progress=True):
+        self.calls.append("tokenize")
+        return {}
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    from pipelines import tokenize
+
+    root = str(tmp_path / "root")
+    stages = FakeStages(root)
+    monkeypatch.setattr(train_all_module, "ensure_ray", lambda: None)
+    monkeypatch.setattr(train_all_module, "run_stage", stages.run_stage)
+    monkeypatch.setattr(tokenize, "run", stages.tokenize)
+    monkeypatch.setattr(tokenize, "resolve_models", lambda root: None)
+    monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 8.0})
+    return stages
+
+
+def test_runs_every_stage_in_order_then_skips_them_all(fake):
+    cfg = tiny_config()
+    report = train_all_module.train_all(cfg, "corpus", fake.root)
+    assert fake.calls[:3] == ["vqgan_lo", "vqgan_hi", "tokenize"]
+    assert sorted(fake.calls[3:5]) == ["base", "superres"] and fake.calls[5:] == ["decoder"]
+    assert fake.overlap  # base and super-res ran at the same time
+    assert checkpoint.has_component(fake.root, "text_encoder")  # written from the t5-tiny preset
+    assert checkpoint.component_extra(checkpoint.component_uri(fake.root, "vqgan_hi"))["decoder_finetuned"]
+    assert "trained" in report["base"]
+
+    fake.calls.clear()
+    report = train_all_module.train_all(cfg, "corpus", fake.root)
+    assert fake.calls == []  # nothing left to do, not even tokenization
+    assert all(v.startswith("skipped") for v in report.values())
+
+
+def test_resumes_after_the_last_finished_stage(fake):
+    for name in ("vqgan_lo", "vqgan_hi"):
+        write_fake_component(fake.root, name, {"finished": True, "stage": "vqgan"})
+    write_fake_component(fake.root, "base", {"finished": True, "stage": "base"})
+    write_fake_component(fake.root, "superres", {})  # e.g. from `muse init`: random, not trained
+    train_all_module.train_all(tiny_config("concurrent=false"), "corpus", fake.root)
+    assert fake.calls == ["tokenize", "superres", "decoder"]
+
+
+def test_sequential_when_the_cluster_has_no_room_for_both(fake, monkeypatch):
+    monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 1.0})
+    train_all_module.train_all(tiny_config(), "corpus", fake.root)
+    assert not fake.overlap and fake.calls[3:5] == ["base", "superres"]

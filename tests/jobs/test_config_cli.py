@@ -1,0 +1,70 @@
+"""Training configs (YAML overrides only, strict keys) and the `muse train` command line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+from jobs_helpers import REPO
+
+from jobs import cli
+from jobs.config import load_config
+from jobs.stages import cli_overrides
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("train_*.yaml")), ids=lambda p: p.name)
+def test_every_training_yaml_loads(path: Path):
+    cfg = load_config(path)
+    assert cfg.base.model.startswith("base-") and cfg.superres.model.startswith("superres-")
+
+
+def test_tiny_and_3b_configs_hold_what_they_promise():
+    tiny = load_config(REPO / "configs" / "train_tiny.yaml")
+    assert (tiny.text_encoder, tiny.vqgan.lo_model, tiny.base.model) == ("t5-tiny", "vqgan-tiny", "base-tiny")
+    assert tiny.base.text_dropout == 0.1  # the default, not overridden
+    big = load_config(REPO / "configs" / "train_3b.yaml")
+    assert big.base.model == "base-3b" and big.base.scaling.strategy == "fsdp" and big.base.scaling.use_gpu
+
+
+def test_unknown_keys_and_bad_values_are_rejected(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base:\n  optim:\n    learning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="learning_rate.*valid keys"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="num_workers"):
+        load_config(None, ["base.scaling.num_workers=0"])
+    with pytest.raises(ValueError, match="strategy"):
+        load_config(None, ["base.scaling.strategy=zero3"])
+    with pytest.raises(ValueError, match="not a BaseTransformerConfig preset"):
+        load_config(None, ["base.model=superres-tiny"])
+    with pytest.raises(ValueError, match="text_dropout.*dropped"):
+        load_config(None, ["base.text_dropout=0.9"])  # a keep-probability passed as the drop rate
+
+
+def test_command_line_flags_become_typed_overrides():
+    args = argparse.Namespace(workers=4, max_steps=100, cpus_per_worker=None, storage="s3://b/runs",
+                              gpus_per_worker=1.0, no_progress=True, set=["base.optim.lr=3e-4"])
+    cfg = load_config(None, cli_overrides(args, ["base"]))
+    assert cfg.base.scaling.num_workers == 4 and cfg.base.scaling.use_gpu and cfg.base.scaling.gpus_per_worker == 1.0
+    assert cfg.base.run.max_steps == 100 and cfg.base.run.storage_path == "s3://b/runs"
+    assert cfg.base.run.progress is False and cfg.base.optim.lr == 3e-4
+    assert cfg.superres.scaling.num_workers == 1  # other stages untouched
+
+
+@pytest.mark.parametrize("stage", ["vqgan", "base", "superres", "decoder", "all"])
+def test_every_stage_has_help(stage, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([stage, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"muse train {stage}" in out and "--output" in out and "--config" in out
+
+
+def test_train_without_a_known_stage_lists_the_stages(capsys):
+    cli.main([])
+    out = capsys.readouterr().out
+    assert all(stage in out for stage in cli.COMMANDS)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bogus"])
+    assert exit_info.value.code == 2

@@ -1,0 +1,122 @@
+"""The per-worker training steps of every stage, in-process (one worker, no Ray): on a tiny fixed set
+the loss falls; text dropout hits ~10% of the samples, not ~90%."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs.loop import worker_class
+from jobs.masked import drop_text
+from jobs.parallel import WorkerEnv
+from jobs.stages import token_model_config
+from muse import storage
+from muse.config import preset, to_dict
+
+from jobs_helpers import tiny_config
+
+
+def make_worker(stage: str, section, root: str, model_config, data_meta=None, component=None):
+    job = {"root": root, "component": component or stage, "model_config": to_dict(model_config),
+           "data_meta": data_meta or {}, "run_name": f"test_{stage}", "stage": stage}
+    torch.manual_seed(0)
+    worker = worker_class(stage)(section, job, WorkerEnv())
+    worker.reseed(0)
+    return worker
+
+
+def numpy_batch(table, rows: int) -> dict:
+    """The first `rows` rows as Ray's numpy batch format (list columns are object arrays)."""
+    return {name: table[name].slice(0, rows).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def token_table(tiny_data):
+    return pq.read_table([f for f in storage.list_files(tiny_data.tokens) if f.endswith(".parquet")][0])
+
+
+def image_batch(tiny_data, size: int, rows: int) -> dict:
+    from jobs.data import read_images
+    from pipelines.config import TokenizeConfig
+
+    return numpy_batch(read_images(tiny_data.corpus, size, TokenizeConfig()), rows)
+
+
+def train(worker, batch: dict, steps: int) -> list[dict]:
+    collated = worker.collate(batch)
+    return [worker.train_step(collated, step) for step in range(steps)]
+
+
+def test_drop_text_rate_is_ten_percent_not_ninety():
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.ones(64, 12, dtype=torch.bool)
+    rates = []
+    for _ in range(300):
+        new, dropped = drop_text(mask, 0.1, gen)
+        assert torch.equal(~new.any(1), dropped)  # a dropped row is all False, the others untouched
+        assert torch.equal(new[~dropped], mask[~dropped])
+        rates.append(dropped.float().mean().item())
+    assert abs(np.mean(rates) - 0.1) < 0.01
+
+
+def test_base_loss_falls_and_text_is_dropped_for_a_tenth(tiny_data):
+    table = token_table(tiny_data)
+    info = {"tokens_lo_side": 8, "tokens_hi_side": 16, "text_storage": "ids", "text_dim": 64}
+    cfg = tiny_config("base.optim.lr=3e-3", "base.optim.warmup_steps=0", "base.optim.ema_decay=0.9",
+                      "base.run.max_steps=30")
+    model_cfg = token_model_config("base-tiny", tiny_data.root, tiny_data.tokens, info, superres=False)
+    worker = make_worker("base", cfg.base, tiny_data.root, model_cfg, info)
+    seen_masks = []
+    forward = worker.wrapper.forward
+    worker.wrapper.forward = lambda ids, text, mask, lo=None: (seen_masks.append(mask.clone()), forward(ids, text, mask, lo))[1]
+    metrics = train(worker, numpy_batch(table, 12), 30)
+    first = np.mean([m["loss"] for m in metrics[:4]])
+    last = np.mean([m["loss"] for m in metrics[-4:]])
+    assert last < first - 0.5, (first, last)
+    dropped = torch.cat([~m.any(1) for m in seen_masks]).float().mean().item()  # what the model saw
+    assert dropped == pytest.approx(np.mean([m["text_dropped"] for m in metrics]))
+    assert 0.02 < dropped < 0.2  # 360 samples: 10% ± 4.5 sigma, and nowhere near 90%
+    assert all(0.0 < m["mask_rate"] <= 1.0 for m in metrics)
+    assert metrics[-1]["acc"] > metrics[0]["acc"]
+
+
+def test_superres_loss_falls(tiny_data):
+    table = token_table(tiny_data)
+    info = {"tokens_lo_side": 8, "tokens_hi_side": 16, "text_storage": "ids", "text_dim": 64}
+    cfg = tiny_config("superres.optim.lr=3e-3", "superres.optim.warmup_steps=0", "superres.run.max_steps=15")
+    model_cfg = token_model_config("superres-tiny", tiny_data.root, tiny_data.tokens, info, superres=True)
+    worker = make_worker("superres", cfg.superres, tiny_data.root, model_cfg, info)
+    metrics = train(worker, numpy_batch(table, 4), 15)
+    assert np.mean([m["loss"] for m in metrics[-3:]]) < np.mean([m["loss"] for m in metrics[:3]]) - 0.3
+
+
+def test_vqgan_reconstruction_loss_falls_and_gan_starts_after_warmup(tiny_data):
+    cfg = tiny_config("vqgan.optim.lr=2e-3", "vqgan.optim.warmup_steps=0", "vqgan.gan.disc_start=8",
+                      "vqgan.run.max_steps=10")
+    worker = make_worker("vqgan", cfg.vqgan, tiny_data.root, preset("vqgan-tiny"), component="vqgan_lo")
+    metrics = train(worker, image_batch(tiny_data, 64, 4), 10)
+    assert metrics[-1]["rec"] < 0.7 * metrics[0]["rec"], [m["rec"] for m in metrics]
+    assert all("d_loss" not in m for m in metrics[:8]) and all("d_loss" in m for m in metrics[8:])
+    grid = worker.sample_grid(10)
+    assert grid.size[0] > 2 * 64  # image | reconstruction, side by side
+
+
+def test_decoder_finetune_trains_only_the_decoder(tiny_data, tmp_path):
+    from muse.checkpoint import component_uri, load_component
+
+    from jobs.decoder import widened_config
+
+    cfg = tiny_config("decoder.optim.lr=2e-3", "decoder.optim.warmup_steps=0", "decoder.decoder_base_channels=16",
+                      "decoder.gan.disc_start=100", "decoder.run.max_steps=8")
+    wide = widened_config(tiny_data.root, "vqgan_lo", cfg.decoder)
+    worker = make_worker("decoder", cfg.decoder, tiny_data.root, wide, component="vqgan_lo")
+    before = {k: v.clone() for k, v in worker.vqgan.state_dict().items()}
+    metrics = train(worker, image_batch(tiny_data, 64, 4), 8)
+    assert metrics[-1]["rec"] < 0.8 * metrics[0]["rec"]
+    after = worker.vqgan.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("decoder.") for k in changed)
+    original = load_component(component_uri(tiny_data.root, "vqgan_lo"))
+    images = worker.collate(image_batch(tiny_data, 64, 4))["images"]
+    assert torch.equal(original.encode(images), worker.vqgan.encode(images))  # same tokens as before
