@@ -15,8 +15,8 @@ Batching: BaseGenerator and SuperResGenerator collect requests from different ca
 from its request's seed (row i of a request with seed s uses s + i), so a request's image does not
 depend on what it was batched with. Each stage returns its rows' generator states beside the ids and
 the next stage continues from them, exactly as `MusePipeline` does: the server and the one-process
-pipeline give the same image for the same seed. Model work runs in a worker thread so the replica's event loop
-keeps accepting requests (and filling the next batch) meanwhile.
+pipeline give the same image for the same seed. Model work runs in a worker thread so the replica's
+event loop keeps accepting requests (and filling the next batch) meanwhile.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ class _TokenGenerator:
         self.batch_sizes: Counter[int] = Counter()  # requests per model decode
         self.streams: Counter[str] = Counter()  # "completed" / "stopped" (the caller went away)
         self._pending: list[tuple[_Job, asyncio.Future]] = []
-        self._model_busy = asyncio.Lock()
+        self._worker: asyncio.Task | None = None
         self._decode_batch.set_max_batch_size(batching.max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
@@ -145,26 +145,33 @@ class _TokenGenerator:
     async def _run_batch(self, jobs: list[_Job]) -> list[Tokens]:
         """Decode a batch that @serve.batch formed. Serve forms the next batch from whatever arrived
         within `batch_wait_timeout_s` even while the model is still busy with the previous one, so
-        under load it would queue many small batches; instead, batches that arrive while the model
-        is busy wait here and the next decode takes all of them (up to max_batch_size requests)."""
+        under load it would queue many small batches; instead, batches wait in one queue that a
+        single worker drains, each decode taking everything waiting (up to max_batch_size requests).
+        A caller that goes away cancels its futures and the worker skips them."""
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in jobs]
         self._pending.extend(zip(jobs, futures))
-        while not all(f.done() for f in futures):
-            async with self._model_busy:
-                if all(f.done() for f in futures):
-                    break
-                take, self._pending = self._pending[:self.max_batch_size], self._pending[self.max_batch_size:]
-                self.batch_sizes[len(take)] += 1
-                try:
-                    results = await asyncio.to_thread(self._decode_jobs, [job for job, _ in take])
-                except Exception as e:  # noqa: BLE001 - every request of this decode gets the error
-                    for _, future in take:
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._work())
+        return list(await asyncio.gather(*futures))
+
+    async def _work(self) -> None:
+        while self._pending:
+            take, self._pending = self._pending[:self.max_batch_size], self._pending[self.max_batch_size:]
+            take = [(job, future) for job, future in take if not future.done()]
+            if not take:
+                continue
+            self.batch_sizes[len(take)] += 1
+            try:
+                results = await asyncio.to_thread(self._decode_jobs, [job for job, _ in take])
+            except Exception as e:  # noqa: BLE001 - every request of this decode gets the error
+                for _, future in take:
+                    if not future.done():
                         future.set_exception(e)
-                else:
-                    for (_, future), tokens in zip(take, results):
+            else:
+                for (_, future), tokens in zip(take, results):
+                    if not future.done():
                         future.set_result(tokens)
-        return [f.result() for f in futures]
 
     def _decode_jobs(self, jobs: list[_Job]) -> list[Tokens]:
         """Each job's Tokens; jobs with the same step count share one decode."""

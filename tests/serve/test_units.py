@@ -280,9 +280,25 @@ def test_calls_retry_on_a_lost_replica_and_time_out_with_504(monkeypatch):
         call(lambda: [_FakeResponse(error=BackPressureError(num_queued_requests=9, max_queued_requests=8))])
     assert err.value.status == 503 and err.value.code == "overloaded"
 
+    monkeypatch.setattr(api, "RETRY_WINDOW_S", 0.1)
+    ingress.limits = Limits(request_timeout_s=30)
     with pytest.raises(APIError) as err:  # a replica that never comes back: 503 once the window is spent
         call(lambda: [_FakeResponse(error=ActorDiedError())])
     assert err.value.status == 503 and err.value.code == "replica_unavailable"
 
     with pytest.raises(ZeroDivisionError):  # anything else is not retried
         call(lambda: [_FakeResponse(error=ZeroDivisionError())])
+
+
+def test_deployments_load_their_models_from_s3(s3_bucket):
+    """Each deployment class loads its component from an s3:// model root (a local S3 server)."""
+    from muse.checkpoint import init_model_root
+    from serve.config import Batching
+    from serve.deployments import BaseGenerator, Decode, Decoder, TextEncoder, _Job
+
+    root = f"{s3_bucket}/models/tiny"
+    init_model_root("tiny", root, components=("text_encoder", "vqgan_lo", "base"))
+    text, base, decoder = TextEncoder(root), BaseGenerator(root, "cpu", Batching(), 4.5, 2), Decoder(root)
+    (tokens,) = base._decode_jobs([_Job(text.encode("a red circle"), Decode(1, 2, 1.0, 0))])
+    (png,) = decoder.decode(tokens, "lo")
+    assert Image.open(io.BytesIO(png)).size == (64, 64) and set(decoder.vqgans) == {"lo"}
