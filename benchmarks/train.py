@@ -1,0 +1,186 @@
+"""Training throughput of the base stage: tokens/s per worker, and MFU on a GPU.
+
+CPU (default): the real Ray Train path (`jobs.stages.run_stage("base", ...)`: TorchTrainer, gloo,
+dataset shards, the masked-token step, checkpoint at the end) with 1 and then 2 workers of one CPU
+each, in the same run, on synthetic token shards. The reported rate is the last logging window
+(the second half of the steps), so worker start-up and the first steps are not in it.
+
+    python benchmarks/train.py [--presets base-tiny] [--workers 1,2] [--steps 40] [--batch-size 16]
+
+GPU (`--device cuda`): one worker in-process (no Ray) running `jobs.base.BaseWorker.train_step` in
+bf16 on random tokens and random 4096-d text embeddings standing in for T5-XXL:
+
+    python benchmarks/train.py --device cuda --presets base-632m,base-3b --batch-size 64 [--compile]
+
+MFU = model FLOPs/s ÷ peak bf16 FLOP/s (H100/H200 SXM: 989 TFLOP/s dense; `--peak-tflops` to
+override), with model FLOPs = 6 · Σ(linear params × tokens through them) + 12 · layers · hidden ·
+N · (N + L) for attention (fwd + bwd; the frozen text encoder is not counted).
+Text is stored as embeddings in the synthetic shards, so the numbers are the transformer step alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a script, this folder would come first on sys.path and benchmarks/tokenize.py would shadow
+# the standard library's tokenize: put the repository root there instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from muse.config import preset  # noqa: E402
+
+TEXT_LEN = 16
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}; {os.cpu_count()} logical cores; {gpu}; torch {torch.__version__}"
+
+
+def write_shards(out: str, cfg, text_dim: int, rows: int, seed: int = 0) -> None:
+    """Random token shards with fp16 text embeddings (pipelines.shards schema, text_storage "embeddings")."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.shards import shard_name, shard_schema
+
+    rng = np.random.default_rng(seed)
+    n = cfg.num_tokens
+    meta = {"tokens_lo_side": cfg.tokens_per_side, "tokens_hi_side": None, "text_storage": "embeddings",
+            "text_dim": text_dim}
+    schema = shard_schema(has_hi=False, text_storage="embeddings", meta=meta)
+    table = pa.table({
+        "key": [str(i) for i in range(rows)], "caption": ["synthetic"] * rows,
+        "tokens_lo": list(rng.integers(0, cfg.codebook_size, (rows, n), dtype=np.int16)),
+        "text_ids": [np.ones(TEXT_LEN, np.int32)] * rows,
+        "text_emb": list(rng.standard_normal((rows, TEXT_LEN * text_dim)).astype(np.float16)),
+        "text_len": [TEXT_LEN] * rows, "width": [256] * rows, "height": [256] * rows,
+    }).cast(schema)
+    os.makedirs(out, exist_ok=True)
+    pq.write_table(table, os.path.join(out, shard_name("bench")))
+
+
+def cpu_ray(presets: list[str], workers: list[int], steps: int, batch: int) -> list[dict]:
+    import ray
+
+    from jobs.config import load_config
+    from jobs.stages import run_stage
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=max(4, 2 * max(workers)), include_dashboard=False,
+                 log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    rows = []
+    for name in presets:
+        cfg = preset(name)
+        with tempfile.TemporaryDirectory() as tmp:
+            tokens, root = os.path.join(tmp, "tokens"), os.path.join(tmp, "root")
+            write_shards(tokens, cfg, cfg.text_dim, rows=max(workers) * batch * 4)
+            for w in workers:
+                section = {"model": name, "scaling.num_workers": w, "scaling.cpus_per_worker": 1,
+                           "run.max_steps": steps, "run.batch_size": batch, "run.log_every": steps // 2,
+                           "run.checkpoint_every": steps, "run.sample_every": 0, "run.progress": False,
+                           "run.cache_data": True, "run.max_failures": 0, "run.name": f"bench_{name}_{w}",
+                           "optim.warmup_steps": 1}
+                train_cfg = load_config(None, [f"base.{k}={v}" for k, v in section.items()])
+                start = time.time()
+                [result] = run_stage("base", train_cfg, tokens, root)
+                m = result.metrics
+                rows.append({"preset": name, "device": "cpu", "workers": w, "batch_per_worker": batch,
+                             "tokens_per_s_per_worker": m["tokens_per_s_per_worker"],
+                             "tokens_per_s": m["tokens_per_s"], "wall_s": time.time() - start})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def gpu_inprocess(presets: list[str], steps: int, batch: int, peak_tflops: float | None, compile: bool) -> list[dict]:
+    from jobs.base import BaseWorker
+    from jobs.common import peak_flops
+    from jobs.config import load_config
+    from jobs.parallel import WorkerEnv
+    from muse.config import T5_XXL_DIM, to_dict
+
+    device = torch.device("cuda")
+    peak = peak_flops(device, peak_tflops)
+    rows = []
+    for name in presets:
+        cfg = preset(name)
+        section = load_config(None, [f"base.model={name}", f"base.run.max_steps={steps + 5}",
+                                     "base.optim.warmup_steps=1"]).base
+        job = {"root": tempfile.mkdtemp(), "component": "base", "model_config": to_dict(cfg), "run_name": "bench",
+               "data_meta": {"text_storage": "embeddings", "text_dim": T5_XXL_DIM}}
+        worker = BaseWorker(section, job, WorkerEnv(device=device, bf16=True))
+        if compile:
+            worker.wrapper = torch.compile(worker.wrapper)
+        worker.reseed(0)
+        batch_data = {"tokens_lo": torch.randint(0, cfg.codebook_size, (batch, cfg.num_tokens), device=device),
+                      "text_emb": torch.randn(batch, TEXT_LEN, T5_XXL_DIM, device=device),
+                      "text_mask": torch.ones(batch, TEXT_LEN, dtype=torch.bool, device=device)}
+        for step in range(5):
+            worker.train_step(batch_data, step)
+        torch.cuda.synchronize()
+        start, flops = time.perf_counter(), 0.0
+        for step in range(steps):
+            flops += worker.train_step(batch_data, step)["flops"]
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        params = sum(p.numel() for p in worker.wrapper.parameters())
+        rows.append({"preset": name, "device": torch.cuda.get_device_name(0), "workers": 1, "batch_per_worker": batch,
+                     "params": params, "tokens_per_s_per_worker": batch * cfg.num_tokens * steps / seconds,
+                     "tflops": flops / seconds / 1e12, "mfu": flops / seconds / peak if peak else None,
+                     "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30})
+        print(json.dumps(rows[-1]), flush=True)
+        del worker
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--presets", default=None, help="comma-separated base presets (cpu: base-tiny; "
+                                                        "cuda: base-632m,base-3b)")
+    parser.add_argument("--workers", default="1,2", help="CPU: Ray Train worker counts to compare (default 1,2)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (cpu default 40, cuda 20)")
+    parser.add_argument("--batch-size", type=int, default=None, help="per worker (cpu default 16, cuda 32)")
+    parser.add_argument("--peak-tflops", type=float, help="accelerator peak bf16 TFLOP/s for MFU")
+    parser.add_argument("--compile", action="store_true", help="cuda: torch.compile the model")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    if args.device == "cpu":
+        presets = (args.presets or "base-tiny").split(",")
+        rows = cpu_ray(presets, [int(w) for w in args.workers.split(",")], args.steps or 40, args.batch_size or 16)
+    else:
+        if not torch.cuda.is_available():
+            parser.error("--device cuda needs a CUDA GPU")
+        presets = (args.presets or "base-632m,base-3b").split(",")
+        rows = gpu_inprocess(presets, args.steps or 20, args.batch_size or 32, args.peak_tflops, args.compile)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    for r in rows:
+        mfu = f"  MFU {r['mfu']:.1%}" if r.get("mfu") else ""
+        print(f"{r['preset']:<10} {r['device']:<6} workers {r['workers']}  batch/worker {r['batch_per_worker']}  "
+              f"tokens/s/worker {r['tokens_per_s_per_worker']:,.0f}{mfu}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Every stage through Ray Train: 2 CPU workers (gloo), a few steps on tiny data, checkpoints reported
+and exported components that the pipeline loads. One worker is killed mid-run and the run resumes
+from its last checkpoint; one run keeps its checkpoints and model root on the loopback S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from jobs_helpers import copy_tree, ray_test_config
+from safetensors.torch import load_file
+
+from jobs.stages import run_stage
+from muse import checkpoint, storage
+
+
+def checkpoint_files(result) -> set[str]:
+    with result.checkpoint.as_directory() as d:
+        return set(os.listdir(d))
+
+
+def trainer_state(result) -> tuple[dict, dict]:
+    with result.checkpoint.as_directory() as d:
+        meta = json.load(open(os.path.join(d, "trainer_state.json")))
+        return meta, load_file(os.path.join(d, "model.optim.safetensors"))
+
+
+def test_vqgan_stage_trains_reports_and_exports(ray_session, tiny_data, tmp_path):
+    root = copy_tree(tiny_data.root, str(tmp_path / "root"))
+    before = checkpoint.load_component(checkpoint.component_uri(root, "vqgan_lo"))
+    cfg = ray_test_config("vqgan", "vqgan.run.max_steps=3", "vqgan.run.checkpoint_every=3",
+                          "vqgan.run.sample_every=3", "vqgan.run.batch_size=2", "vqgan.gan.disc_start=2",
+                          "vqgan.run.cache_data=false")  # streamed through the tokenizer's Ray Data readers
+    [result] = run_stage("vqgan", cfg, tiny_data.corpus, root, component="vqgan_lo")
+    assert result.metrics["step"] == 3 and "d_loss" in result.metrics  # the GAN started at step 2
+    assert checkpoint_files(result) == {"vqgan.safetensors", "disc.safetensors", "vqgan.optim.safetensors",
+                                        "disc.optim.safetensors", "trainer_state.json"}
+    uri = checkpoint.component_uri(root, "vqgan_lo")
+    after = checkpoint.load_component(uri)
+    assert checkpoint.component_extra(uri) | {"run": None} == {"finished": True, "stage": "vqgan", "step": 3,
+                                                               "run": None}
+    assert not torch.equal(before.decoder.conv_out.weight, after.decoder.conv_out.weight)
+    assert os.path.exists(os.path.join(root, "samples", "vqgan_lo", "step_000003.png"))
+
+
+def test_decoder_stage_widens_and_keeps_the_tokens(ray_session, tiny_data, tmp_path):
+    root = copy_tree(tiny_data.root, str(tmp_path / "root"))
+    cfg = ray_test_config("decoder", "decoder.run.max_steps=2", "decoder.run.batch_size=2",
+                          "decoder.decoder_base_channels=16", "decoder.decoder_num_res_blocks=2",
+                          "decoder.run.cache_data=true")
+    [result] = run_stage("decoder", cfg, tiny_data.corpus, root, component="vqgan_lo")
+    assert result.metrics["step"] == 2
+    uri = checkpoint.component_uri(root, "vqgan_lo")
+    wide, old = checkpoint.load_component(uri), checkpoint.load_component(checkpoint.component_uri(tiny_data.root, "vqgan_lo"))
+    assert (wide.config.decoder_base_channels, wide.config.decoder_num_res_blocks) == (16, 2)
+    assert checkpoint.component_extra(uri)["decoder_finetuned"]
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert torch.equal(wide.encode(images), old.encode(images))  # encoder and codebook untouched
+    assert wide.decode(wide.encode(images)).shape == (2, 3, 64, 64)
+
+
+def test_superres_fsdp_with_checkpoints_and_model_root_on_s3(ray_session, tiny_data, s3_bucket):
+    from muse.pipeline import MusePipeline
+
+    root = copy_tree(tiny_data.root, f"{s3_bucket}/models/tiny")
+    tokens = copy_tree(tiny_data.tokens, f"{s3_bucket}/tokens")
+    cfg = ray_test_config("superres", "superres.scaling.strategy=fsdp", "superres.run.max_steps=4",
+                          "superres.run.batch_size=2", "superres.run.sample_every=4", "superres.sample_steps=2",
+                          "superres.run.cache_data=false")
+    [result] = run_stage("superres", cfg, tokens, root)
+    assert result.metrics["step"] == 4 and result.metrics["tokens_per_s"] > 0
+    run_files = storage.list_files(f"{root}/runs/superres")
+    saved = {f.rsplit("/", 1)[-1] for f in run_files if "/checkpoint_" in f}
+    assert {"model.safetensors", "ema.safetensors", "model.optim.safetensors", "trainer_state.json"} <= saved
+    assert result.checkpoint.path.startswith(root[len("s3://"):])  # through the S3 storage_filesystem
+    meta, optim = trainer_state(result)
+    assert meta["step"] == 4 and meta["counters"]["samples"] == 4 * 2 * 2
+    assert storage.exists(f"{root}/samples/superres/step_000004.png")
+    pipe = MusePipeline.from_pretrained(root)
+    [image] = pipe("two blue squares", steps=2, superres_steps=2, seed=0)
+    assert image.size == (128, 128)
+
+
+def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint(ray_session, tiny_data, tmp_path):
+    from muse.pipeline import MusePipeline
+
+    root = copy_tree(tiny_data.root, str(tmp_path / "root"))
+    batch = 4
+    cfg = ray_test_config("base", "base.run.max_steps=6", "base.run.checkpoint_every=2",
+                          f"base.run.batch_size={batch}", "base.run.fail_at_step=3", "base.run.max_failures=1",
+                          "base.run.cache_data=true")
+    [result] = run_stage("base", cfg, tiny_data.tokens, root)
+    assert storage.exists(os.path.join(root, "runs", "base", "fault_injected_at_step_3"))  # it did die
+    assert result.metrics["step"] == 6
+    assert result.metrics["resumed_from"] == 2  # the replacement group restarted from step 2, not 0
+    meta, optim = trainer_state(result)
+    assert meta["step"] == 6
+    assert meta["counters"]["samples"] == 6 * batch * 2  # steps 1-2 and 3-6 counted, step 3's retry once
+    assert meta["schedulers"]["model"]["last_epoch"] == 6
+    assert float(optim["0.step"]) == 6  # AdamW's own step count came back from the checkpoint
+    extra = checkpoint.component_extra(checkpoint.component_uri(root, "base"))
+    assert extra["finished"] and extra["step"] == 6
+    pipe = MusePipeline.from_pretrained(root)
+    [image] = pipe("a red circle", steps=2, guidance_scale=2.0, superres=False, seed=0)
+    assert image.size == (64, 64)
