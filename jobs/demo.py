@@ -80,8 +80,11 @@ def provenance_check(served, pipe, args, steps: int | None) -> dict:
     local = pipe([prompt], steps=steps or args.sampling.steps, superres_steps=args.sampling.superres_steps,
                  guidance_scale=args.sampling.guidance_scale, temperature=args.sampling.temperature,
                  seed=seed, superres=pipe.superres is not None)[0]
-    diff = float(np.abs(remote - np.asarray(local, dtype=np.int16)).mean())
-    return {"prompt": prompt, "seed": seed, "mean_abs_pixel_difference": diff, "identical": diff == 0.0}
+    diff = np.abs(remote - np.asarray(local, dtype=np.int16))
+    # Tokens are bit-identical; the decoder's float kernels may round a few pixels differently
+    # across processes, so "matches" allows sub-level noise (random weights differ by tens of levels).
+    return {"prompt": prompt, "seed": seed, "mean_abs_pixel_difference": float(diff.mean()),
+            "max_abs_pixel_difference": int(diff.max()), "matches": bool(diff.mean() < 0.5)}
 
 
 def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tuple[str, ...] = (),
