@@ -33,6 +33,7 @@ APP = "muse_bench"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="model root (default: a tiny random one in a temp dir)")
+    p.add_argument("--device", default="cpu", help="torch device of the model replicas, e.g. cuda")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--duration", type=float, default=15.0,
                    help="measured seconds per concurrency level and mode (split over --rounds windows)")
@@ -100,7 +101,7 @@ def deploy(root: str, mode: str, args: argparse.Namespace) -> None:
 
     batch = {"max_batch_size": args.max_batch_size if mode == "on" else 1, "batch_wait_timeout_s": args.batch_wait}
     gen = {"batching": batch, "max_ongoing_requests": max(64, 4 * args.max_batch_size)}
-    app_args = AppArgs(checkpoint=root, api_key="", sampling={"steps": args.steps, "superres_steps": args.superres_steps},
+    app_args = AppArgs(checkpoint=root, device=args.device, api_key="", sampling={"steps": args.steps, "superres_steps": args.superres_steps},
                        base=gen, superres=gen, ingress={"max_ongoing_requests": 128})
     serve.run(build_app(app_args), name=f"{APP}_{mode}", route_prefix=MODES[mode], blocking=False)
 
