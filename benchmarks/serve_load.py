@@ -100,9 +100,11 @@ def deploy(root: str, mode: str, args: argparse.Namespace) -> None:
     from serve.config import AppArgs
 
     batch = {"max_batch_size": args.max_batch_size if mode == "on" else 1, "batch_wait_timeout_s": args.batch_wait}
-    gen = {"batching": batch, "max_ongoing_requests": max(64, 4 * args.max_batch_size)}
-    app_args = AppArgs(checkpoint=root, device=args.device, api_key="", sampling={"steps": args.steps, "superres_steps": args.superres_steps},
-                       base=gen, superres=gen, ingress={"max_ongoing_requests": 128})
+    gpu = {"num_gpus": 0.1} if args.device.startswith("cuda") else {}  # 2 apps x 4 models share one GPU
+    gen = {"batching": batch, "max_ongoing_requests": max(64, 4 * args.max_batch_size), **gpu}
+    app_args = AppArgs(checkpoint=root, device=args.device, api_key="",
+                       sampling={"steps": args.steps, "superres_steps": args.superres_steps},
+                       base=gen, superres=gen, text_encoder=gpu, decoder=gpu, ingress={"max_ongoing_requests": 128})
     serve.run(build_app(app_args), name=f"{APP}_{mode}", route_prefix=MODES[mode], blocking=False)
 
 

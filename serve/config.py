@@ -144,6 +144,16 @@ class AppArgs(Strict):
     superres: Generator = Generator()
     decoder: Deployment = Deployment()
 
+    @model_validator(mode="after")
+    def _gpus_for_cuda(self) -> AppArgs:
+        if self.device.startswith("cuda"):
+            models = ("text_encoder", "base", "superres", "decoder")
+            starved = [name for name in models if getattr(self, name).num_gpus <= 0]
+            if starved:
+                raise ValueError(f"device {self.device!r} needs num_gpus > 0 (a fraction is fine) for {starved}: "
+                                 "Ray hides the GPUs from replicas that do not ask for one")
+        return self
+
 
 def load_args(path: str | Path, app_name: str | None = None) -> dict[str, Any]:
     """The `args` mapping of a YAML file: either a Ray Serve config (`applications: [{args: ...}]`,

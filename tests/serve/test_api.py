@@ -150,7 +150,8 @@ def test_transparent_canvas_outpaints_and_opaque_image_is_edited_mask_free(muse_
     canvas = Image.new("RGBA", (96, 96), (0, 0, 0, 0))
     canvas.paste(_picture(48, seed=1), (24, 24))  # the picture in the middle of a transparent canvas
     r = muse_app.client.post("/v1/images/edits", files={"image": ("c.png", _png(canvas))},
-                             data={"prompt": "a landscape", "size": "64x64", "seed": "2", "response_format": "b64_json"})
+                             data={"prompt": "a landscape", "size": "64x64", "seed": "2",
+                                   "response_format": "b64_json"})
     assert r.status_code == 200, r.text
     new = np.ones((96, 96), bool)
     new[24:72, 24:72] = False
@@ -182,7 +183,8 @@ def test_official_openai_client(muse_app, pipe):
     image = _picture()
     mask = Image.new("RGBA", image.size, (0, 0, 0, 255))
     mask.paste((0, 0, 0, 0), (0, 0, 48, 96))
-    edited = client.images.edit(image=("image.png", _png(image), "image/png"), mask=("mask.png", _png(mask), "image/png"),
+    edited = client.images.edit(image=("image.png", _png(image), "image/png"),
+                                mask=("mask.png", _png(mask), "image/png"),
                                 prompt="a tree", size="256x256", response_format="b64_json", extra_body={"seed": 1})
     regen = np.zeros((96, 96), bool)
     regen[:, :48] = True

@@ -122,7 +122,8 @@ def test_api_key_is_required_when_configured(muse_app):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": muse_app.key},
                     {"Authorization": f"Basic {muse_app.key}"}):
         for method, path in (("GET", "/v1/models"), ("POST", "/v1/images/generations"), ("POST", "/v1/images/edits")):
-            r = httpx.request(method, url + path, headers=headers, json=GOOD if method == "POST" else None, timeout=FAST)
+            body = GOOD if method == "POST" else None
+            r = httpx.request(method, url + path, headers=headers, json=body, timeout=FAST)
             error = r.json()["error"]
             assert r.status_code == 401 and error["code"] == "invalid_api_key", (headers, path, r.text)
     # The key is checked before the body is even read: no 413 leaks what the limit is.

@@ -48,6 +48,7 @@ def test_shipped_serve_config_is_valid_and_typed():
     {"checkpoint": "x", "base": {"batching": {"max_batch_size": 64}, "max_ongoing_requests": 8}},
     {"checkpoint": "x", "decoder": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}},
     {"checkpoint": "x", "base": {"num_cpus": -1}},
+    {"checkpoint": "x", "device": "cuda"},  # replicas without a GPU fraction would see no GPU
     {},
 ])
 def test_bad_config_is_refused(data):
