@@ -160,26 +160,26 @@ class VQGANTokens:
 
 
 def load_tokenizer(uri: str):
-    """(tokenizer, max_length) of a text encoder, without building the encoder (ids need no model)."""
+    """(tokenizer, max_length) of a text encoder, without building the encoder (ids need no model).
+    `uri`: a muse text_encoder component, or a Hugging Face directory or cache name; local or s3://."""
     import tempfile
 
     from transformers import AutoTokenizer, ByT5Tokenizer
 
     cfg = text_encoder_config(uri)
-    if cfg is None:
-        return AutoTokenizer.from_pretrained(uri, local_files_only=True), TextEncoderConfig().max_length
+    max_length = (cfg or TextEncoderConfig()).max_length
     tok_config = storage.join(uri, "tokenizer_config.json")
-    if storage.exists(tok_config) and json.loads(storage.read_text(tok_config)).get(
+    if cfg is not None and storage.exists(tok_config) and json.loads(storage.read_text(tok_config)).get(
             "tokenizer_class", "").startswith("ByT5"):
-        return ByT5Tokenizer(), cfg.max_length
+        return ByT5Tokenizer(), max_length  # byte-level: no vocabulary files
     with tempfile.TemporaryDirectory() as tmp:
         local = uri
-        if storage.is_s3(uri):
-            for f in storage.list_files(uri):
-                if not f.endswith(".safetensors"):
+        if storage.is_s3(uri):  # the tokenizer files only, not the weights
+            for f in storage.list_files(uri, recursive=False):
+                if not f.endswith((".safetensors", ".bin")):
                     storage.write_bytes(os.path.join(tmp, f.rsplit("/", 1)[-1]), storage.read_bytes(f))
             local = tmp
-        return AutoTokenizer.from_pretrained(local, local_files_only=True), cfg.max_length
+        return AutoTokenizer.from_pretrained(local, local_files_only=True), max_length
 
 
 class TextTokens:
