@@ -32,7 +32,8 @@ def build_app(args: AppArgs) -> Application:
     if missing:
         raise ValueError(f"model root {args.checkpoint} lacks {missing}; `muse init --out DIR` writes a random one")
     api_key = args.api_key or os.environ.get(args.api_key_env) or None
-    args = args.model_copy(update={"api_key": api_key})
+    root = args.checkpoint if "://" in args.checkpoint else os.path.abspath(args.checkpoint)
+    args = args.model_copy(update={"api_key": api_key, "checkpoint": root})  # replicas run elsewhere
     root, device, sampling = args.checkpoint, args.device, args.sampling
 
     def deployment(cls, name: str, options: dict):
