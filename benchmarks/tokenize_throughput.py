@@ -7,7 +7,7 @@ without the Ray start (actor start-up stays in). On a GPU (`--device cuda`) the 
 one GPU and the table adds images/s per GPU and how busy the GPU was (nvidia-smi samples while the
 pipeline runs). Model weights are random: throughput does not depend on them.
 
-    python benchmarks/tokenize.py [--n 512] [--size 256] [--preset tiny] [--results benchmarks/RESULTS.md]
+    python benchmarks/tokenize_throughput.py [--n 512] [--size 256] [--preset tiny] [--results benchmarks/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from pipelines.preprocess import preprocess_batch
 from pipelines.readers import plan_parts, read_part
 from pipelines.tokenize import load_tokenizer, resolve_models, run
 
-SECTION = "## Tokenization (benchmarks/tokenize.py)"
+SECTION = "## Tokenization (benchmarks/tokenize_throughput.py)"
 
 
 def machine() -> str:
