@@ -78,13 +78,14 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
         print(f"[all] {name} done in {time.time() - start:.0f}s", flush=True)
 
     ensure_text_encoder(cfg, root)
-    for component in vqgan_components(cfg, None):
+    for component in vqgan_components(cfg, None) if "vqgan" in cfg.stages else []:
         if finished(root, component, ("vqgan", "decoder")):
             report[component] = "skipped (finished)"
             continue
         timed(component, lambda c=component: run_stage("vqgan", cfg, corpus, root, component=c, format=format))
 
-    wanted = [s for s in TRANSFORMERS if s == "base" or checkpoint.has_component(root, "vqgan_hi")]
+    has_hi = checkpoint.has_component(root, "vqgan_hi")
+    wanted = [s for s in TRANSFORMERS if s in cfg.stages and (s == "base" or has_hi)]
     todo = [s for s in wanted if not finished(root, s, (s,))]
     if todo:
         from pipelines import tokenize
@@ -92,7 +93,7 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
         timed("tokenize", lambda: tokenize.run(corpus, tokens, tokenize.resolve_models(root), cfg.tokenize,
                                                format, progress=any(getattr(cfg, s).run.progress for s in todo)))
     else:
-        report["tokenize"] = "skipped (base and super-res finished)"
+        report["tokenize"] = "skipped (no transformer left to train)"
     for s in wanted:
         if s not in todo:
             report[s] = "skipped (finished)"
@@ -109,9 +110,9 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
             timed(s, lambda s=s: run_stage(s, cfg, tokens, root))
 
     component = decoder_component(root, cfg.decoder.component)
-    if decoder_finished(root, component):
+    if "decoder" in cfg.stages and decoder_finished(root, component):
         report["decoder"] = "skipped (finished)"
-    else:
+    elif "decoder" in cfg.stages:
         timed("decoder", lambda: run_stage("decoder", cfg, corpus, root, component=component, format=format))
     print("[all] " + "; ".join(f"{k}: {v}" for k, v in report.items()), flush=True)
     return report

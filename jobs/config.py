@@ -168,6 +168,10 @@ class VQGANStage:
 
     lo_model: str = "vqgan-f16-8192"
     hi_model: str | None = "vqgan-f8-8192"  # None = no high-res tokenizer (and no super-res)
+    # Start the high-res tokenizer from the trained ROOT/vqgan_lo (the two presets must differ only in
+    # resolution; the VQGAN is convolutional): fine-tuning at the higher resolution costs far less
+    # than training from scratch, and both tokenizers share a codebook.
+    hi_init_from_lo: bool = False
     sample_images: int = 8  # reconstructions in each sample grid
     gan: GANSettings = field(default_factory=GANSettings)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
@@ -209,8 +213,12 @@ class TrainConfig:
     decoder: DecoderStage = field(default_factory=DecoderStage)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     concurrent: bool = True  # `train all`: base and super-res at once when the cluster has room for both
+    stages: tuple[str, ...] = STAGES  # what `train all` runs (e.g. without "decoder": no decoder fine-tune)
 
     def __post_init__(self):
+        unknown = sorted(set(self.stages) - set(STAGES))
+        if unknown:
+            raise ValueError(f"stages: unknown {unknown}; stages are {list(STAGES)}")
         _check_preset(self.text_encoder, TextEncoderConfig, "text_encoder")
         _check_preset(self.base.model, BaseTransformerConfig, "base.model")
         _check_preset(self.superres.model, SuperResTransformerConfig, "superres.model")

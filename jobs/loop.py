@@ -117,7 +117,7 @@ def train_loop_per_worker(job: dict) -> None:
     bar = _progress_bar(job, run, step) if env.is_main and run.progress else None
     shard = ray.train.get_dataset_shard("train")
     window = {"time": 0.0, "tokens": 0.0, "flops": 0.0, "samples": 0.0, "steps": 0}
-    sums: dict[str, float] = {}
+    sums: dict[str, tuple[float, int]] = {}
     epoch = 0
     while step < run.max_steps:
         worker.reseed(step)
@@ -138,8 +138,9 @@ def train_loop_per_worker(job: dict) -> None:
             counters["samples"] += metrics.pop("samples", 0.0) * env.world_size
             counters["tokens"] += metrics.pop("tokens", 0.0) * env.world_size
             metrics.pop("flops", None)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
+            for k, v in metrics.items():  # (sum, count): some metrics exist only on some steps
+                total, count = sums.get(k, (0.0, 0))
+                sums[k] = (total + v, count + 1)
             if bar is not None:
                 bar.update(1)
             last = step >= run.max_steps
@@ -173,8 +174,7 @@ def train_loop_per_worker(job: dict) -> None:
 def _metrics(sums: dict, window: dict, env: WorkerEnv, peak: float | None, step: int, resumed_from: int,
              worker: StageWorker) -> dict[str, float]:
     """Mean metrics over the window and the workers, plus throughput (all ranks call it)."""
-    n = max(window["steps"], 1)
-    means = {k: v / n for k, v in sums.items()}
+    means = {k: total / count for k, (total, count) in sums.items()}
     seconds = max(window["time"], 1e-9)
     local = {"tokens_per_s_per_worker": window["tokens"] / seconds,
              "samples_per_s_per_worker": window["samples"] / seconds, "flops": window["flops"] / seconds}

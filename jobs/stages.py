@@ -108,7 +108,21 @@ def _run_vqgan(cfg: TrainConfig, data: str, root: str, component: str, format: s
         section = replace(section, run=replace(section.run, name=f"{section.run.name}_{component}"))
     dataset = image_dataset(data, vq_cfg.resolution, cfg.tokenize, format, cache=section.run.cache_data)
     job = {"root": root, "component": component, "model_config": to_dict(vq_cfg), "data_meta": {}}
+    if component == "vqgan_hi" and section.hi_init_from_lo:
+        job["init_from"] = _lo_for_hi_init(root, vq_cfg)
     return fit_stage("vqgan", section, job, dataset)
+
+
+def _lo_for_hi_init(root: str, hi_cfg) -> str:
+    """ROOT/vqgan_lo, checked to have the high-res tokenizer's architecture (all but resolution)."""
+    uri = checkpoint.component_uri(root, "vqgan_lo")
+    if not checkpoint.has_component(root, "vqgan_lo"):
+        raise ValueError(f"vqgan.hi_init_from_lo: the model root {root} has no vqgan_lo/ to start vqgan_hi from")
+    lo_cfg = checkpoint.read_component_config(uri)[1]
+    if replace(lo_cfg, resolution=hi_cfg.resolution) != hi_cfg:
+        raise ValueError("vqgan.hi_init_from_lo needs vqgan.lo_model and vqgan.hi_model to differ only in "
+                         f"resolution; got {lo_cfg} and {hi_cfg}")
+    return uri
 
 
 def decoder_component(root: str, component: str) -> str:

@@ -61,7 +61,10 @@ class VQGANWorker(StageWorker):
         self.ema = EMA(self.vqgan, optim.ema_decay) if optim.ema_decay > 0 else None
 
     def build_vqgan(self) -> VQGAN:
-        return VQGAN(self.vq_config)
+        model = VQGAN(self.vq_config)
+        if self.job.get("init_from"):  # vqgan.hi_init_from_lo (a resumed run then loads its checkpoint)
+            model.load_state_dict(checkpoint.load_component(self.job["init_from"], expect_kind="vqgan").state_dict())
+        return model
 
     def collate(self, batch: dict) -> dict[str, torch.Tensor]:
         return collate_images(batch, self.size)

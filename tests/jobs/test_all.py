@@ -87,3 +87,8 @@ def test_sequential_when_the_cluster_has_no_room_for_both(fake, monkeypatch):
     monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 1.0})
     train_all_module.train_all(tiny_config(), "corpus", fake.root)
     assert not fake.overlap and fake.calls[3:5] == ["base", "superres"]
+
+
+def test_only_the_configured_stages_run(fake):
+    train_all_module.train_all(tiny_config("stages=[vqgan,base]"), "corpus", fake.root)
+    assert fake.calls == ["vqgan_lo", "vqgan_hi", "tokenize", "base"]

@@ -18,9 +18,9 @@ from muse.config import preset, to_dict
 from jobs_helpers import tiny_config
 
 
-def make_worker(stage: str, section, root: str, model_config, data_meta=None, component=None):
+def make_worker(stage: str, section, root: str, model_config, data_meta=None, component=None, **job_extra):
     job = {"root": root, "component": component or stage, "model_config": to_dict(model_config),
-           "data_meta": data_meta or {}, "run_name": f"test_{stage}", "stage": stage}
+           "data_meta": data_meta or {}, "run_name": f"test_{stage}", "stage": stage} | job_extra
     torch.manual_seed(0)
     worker = worker_class(stage)(section, job, WorkerEnv())
     worker.reseed(0)
@@ -120,3 +120,18 @@ def test_decoder_finetune_trains_only_the_decoder(tiny_data, tmp_path):
     original = load_component(component_uri(tiny_data.root, "vqgan_lo"))
     images = worker.collate(image_batch(tiny_data, 64, 4))["images"]
     assert torch.equal(original.encode(images), worker.vqgan.encode(images))  # same tokens as before
+
+
+def test_hi_tokenizer_can_start_from_the_trained_lo_one(tiny_data):
+    from jobs.stages import _lo_for_hi_init
+    from muse.checkpoint import load_component
+
+    uri = _lo_for_hi_init(tiny_data.root, preset("vqgan-hi-tiny"))
+    cfg = tiny_config("vqgan.hi_init_from_lo=true")
+    worker = make_worker("vqgan", cfg.vqgan, tiny_data.root, preset("vqgan-hi-tiny"), component="vqgan_hi",
+                         init_from=uri)
+    lo = load_component(uri)
+    assert worker.vqgan.config.resolution == 128
+    assert all(torch.equal(a, b) for a, b in zip(worker.vqgan.state_dict().values(), lo.state_dict().values()))
+    with pytest.raises(ValueError, match="differ only in"):
+        _lo_for_hi_init(tiny_data.root, preset("vqgan-f8-8192"))
