@@ -221,7 +221,9 @@ class VectorQuantizer(nn.Module):
         fresh = candidates[pick] + 1e-3 * torch.randn_like(candidates[pick])  # noise splits repeats
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(fresh, src=0)
-        self.codebook[dead] = F.normalize(fresh, dim=-1).to(self.codebook.dtype)
+        # In place on .data: a graph from an earlier forward that is not yet backpropagated stays
+        # valid (a dead code was not picked in it, so its rows carry no gradient there).
+        self.codebook.data[dead] = F.normalize(fresh, dim=-1).to(self.codebook.dtype)
         self.usage[dead] = 1.0
         return dead.numel()
 
