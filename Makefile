@@ -19,7 +19,9 @@ install: $(STAMP)
 test: $(STAMP)
 	# Headless Chromium for the web-page test (Debian's package; the test skips, saying why, if it cannot install).
 	bash scripts/install_browser.sh || echo "chromium could not be installed: the browser test will skip"
-	$(PY) -m pytest -q tests
+	# One torch thread per process: Ray workers and the test process share 2 cores, and oversubscribed
+	# threads slow every CPU op several-fold.
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo --output demo_output
