@@ -25,6 +25,9 @@ def test_demo_loop_end_to_end(ray_session, tmp_path):
     from muse.pipeline import MusePipeline
     from pipelines.shards import load_token_shards
 
+    from ray import serve
+
+    serve.shutdown()  # the demo starts its own Serve on its own port; the serve tests' app may still be up
     out = tmp_path / "demo"
     report = run_demo(str(out), overrides=tuple(STEPS), corpus_size=48, n_seen=3, eval_steps=3)
     root = str(out / "checkpoint")
