@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 
 import torch
@@ -44,16 +45,24 @@ def parameter_table() -> list[tuple[str, str, int]]:
     return rows
 
 
-def _time(fn, device: str, repeats: int) -> float:
-    fn()  # warm-up
+def _once(fn, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
+    fn()
     if device == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
+    return time.perf_counter() - start
+
+
+def _paired_medians(a, b, device: str, repeats: int) -> tuple[float, float]:
+    """Median seconds of a and b, run in turns so load changes on a shared machine hit both alike."""
+    a(), b()  # warm-up
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(_once(a, device))
+        tb.append(_once(b, device))
+    return statistics.median(ta), statistics.median(tb)
 
 
 @torch.inference_mode()
@@ -68,8 +77,8 @@ def throughput(name: str, batch: int, device: str, dtype: torch.dtype, repeats: 
         extra = (torch.randint(0, cfg.lo_codebook_size, (batch, cfg.lo_tokens_per_side**2), device=device),)
     ids = torch.randint(0, model.codebook_size, (batch, model.num_tokens), device=device)
     ctx = model.encode_context(text, mask, *extra)
-    cached = _time(lambda: model(ids, ctx), device, repeats)
-    naive = _time(lambda: model(ids, model.encode_context(text, mask, *extra)), device, repeats)
+    cached, naive = _paired_medians(lambda: model(ids, ctx),
+                                    lambda: model(ids, model.encode_context(text, mask, *extra)), device, repeats)
     tokens = batch * model.num_tokens
     return tokens / cached, tokens / naive
 
@@ -78,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="base-tiny,superres-tiny,base-632m,superres-268m")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args(argv)
