@@ -20,24 +20,17 @@ Text is stored as embeddings in the synthetic shards, so the numbers are the tra
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-import sys
+import platform
+import tempfile
+import time
 
-# Run as a script, this folder would come first on sys.path and benchmarks/tokenize.py would shadow
-# the standard library's tokenize: put the repository root there instead.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+import numpy as np
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from muse.config import preset  # noqa: E402
+from muse.config import preset
 
 TEXT_LEN = 16
 

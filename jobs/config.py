@@ -172,6 +172,7 @@ class VQGANStage:
     # resolution; the VQGAN is convolutional): fine-tuning at the higher resolution costs far less
     # than training from scratch, and both tokenizers share a codebook.
     hi_init_from_lo: bool = False
+    hi_max_steps: int | None = None  # steps of the high-res run (e.g. a short fine-tune); None = run.max_steps
     sample_images: int = 8  # reconstructions in each sample grid
     gan: GANSettings = field(default_factory=GANSettings)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
@@ -179,6 +180,8 @@ class VQGANStage:
     run: RunSettings = field(default_factory=lambda: RunSettings(batch_size=8))
 
     def __post_init__(self):
+        if self.hi_max_steps is not None and self.hi_max_steps < 1:
+            raise ValueError("vqgan.hi_max_steps must be >= 1 (or null)")
         _check_preset(self.lo_model, VQGANConfig, "vqgan.lo_model")
         _check_preset(self.hi_model, VQGANConfig, "vqgan.hi_model")
 

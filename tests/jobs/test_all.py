@@ -14,6 +14,8 @@ from jobs_helpers import tiny_config
 from jobs import all as train_all_module
 from muse import checkpoint, storage
 
+ALL_STAGES = "stages=[vqgan,base,superres,decoder]"
+
 
 def write_fake_component(root: str, name: str, extra: dict) -> None:
     kind = "vqgan" if name.startswith("vqgan") else name
@@ -59,7 +61,7 @@ def fake(monkeypatch, tmp_path):
 
 
 def test_runs_every_stage_in_order_then_skips_them_all(fake):
-    cfg = tiny_config()
+    cfg = tiny_config(ALL_STAGES)
     report = train_all_module.train_all(cfg, "corpus", fake.root)
     assert fake.calls[:3] == ["vqgan_lo", "vqgan_hi", "tokenize"]
     assert sorted(fake.calls[3:5]) == ["base", "superres"] and fake.calls[5:] == ["decoder"]
@@ -79,13 +81,13 @@ def test_resumes_after_the_last_finished_stage(fake):
         write_fake_component(fake.root, name, {"finished": True, "stage": "vqgan"})
     write_fake_component(fake.root, "base", {"finished": True, "stage": "base"})
     write_fake_component(fake.root, "superres", {})  # e.g. from `muse init`: random, not trained
-    train_all_module.train_all(tiny_config("concurrent=false"), "corpus", fake.root)
+    train_all_module.train_all(tiny_config(ALL_STAGES, "concurrent=false"), "corpus", fake.root)
     assert fake.calls == ["tokenize", "superres", "decoder"]
 
 
 def test_sequential_when_the_cluster_has_no_room_for_both(fake, monkeypatch):
     monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 1.0})
-    train_all_module.train_all(tiny_config(), "corpus", fake.root)
+    train_all_module.train_all(tiny_config(ALL_STAGES), "corpus", fake.root)
     assert not fake.overlap and fake.calls[3:5] == ["base", "superres"]
 
 

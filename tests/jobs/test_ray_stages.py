@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
 import torch
 from jobs_helpers import copy_tree, ray_test_config
 from safetensors.torch import load_file
