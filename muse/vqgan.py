@@ -6,8 +6,9 @@ codebook (ViT-VQGAN, Yu et al. 2022), as Muse uses it (arXiv 2301.00704 §2.1, �
         ──unit-norm codes (B, codebook_dim, h, w)──Decoder──▶ images (B, 3, H, W)
 
 Encoder and decoder are ResNet stacks (GroupNorm + SiLU) with one 2x down/upsample between the levels
-of `channel_mult` and self-attention at the lowest resolution. The low-dimensional cosine lookup keeps
-every code reachable; on top of it each code's usage is tracked as an EMA and, in training, codes that
+of `channel_mult` and self-attention at the lowest resolution; the tiny presets use plain strided
+conv stacks instead (`num_res_blocks=0`, `mid_block=False`), which train faster on CPU. The
+low-dimensional cosine lookup keeps every code reachable; on top of it each code's usage is tracked as an EMA and, in training, codes that
 fall under `dead_code_threshold` are restarted from encoder outputs of the current batch.
 
 Losses from `forward`: the trainer adds `reconstruction + codebook_loss + commitment_loss` (the
@@ -76,21 +77,25 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, out_channels: int | None = None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H/2, W/2)
 
 
 class Upsample(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, out_channels: int | None = None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+
+
+def mid_block(channels: int) -> nn.Module:
+    return nn.Sequential(ResBlock(channels, channels), AttnBlock(channels), ResBlock(channels, channels))
 
 
 class Encoder(nn.Module):
@@ -105,9 +110,13 @@ class Encoder(nn.Module):
                 layers.append(ResBlock(prev, width))
                 prev = width
             if level < len(widths) - 1:
-                layers.append(Downsample(width))
+                # Without residual blocks (num_res_blocks=0) the strided conv also changes the width.
+                layers.append(Downsample(prev, prev if c.num_res_blocks else widths[level + 1]))
+                prev = layers[-1].conv.out_channels
+                if not c.num_res_blocks:
+                    layers += [group_norm(prev), nn.SiLU()]
         self.down = nn.Sequential(*layers)
-        self.mid = nn.Sequential(ResBlock(prev, prev), AttnBlock(prev), ResBlock(prev, prev))
+        self.mid = mid_block(prev) if c.mid_block else nn.Identity()
         self.norm_out = group_norm(prev)
         self.conv_out = nn.Conv2d(prev, c.z_channels, 3, padding=1)
 
@@ -126,14 +135,17 @@ class Decoder(nn.Module):
         widths = [base * m for m in c.channel_mult]
         prev = widths[-1]
         self.conv_in = nn.Conv2d(c.codebook_dim, prev, 3, padding=1)
-        self.mid = nn.Sequential(ResBlock(prev, prev), AttnBlock(prev), ResBlock(prev, prev))
+        self.mid = mid_block(prev) if c.mid_block else nn.Identity()
         layers: list[nn.Module] = []
         for level in reversed(range(len(widths))):
             for _ in range(depth):
                 layers.append(ResBlock(prev, widths[level]))
                 prev = widths[level]
             if level > 0:
-                layers.append(Upsample(prev))
+                layers.append(Upsample(prev, prev if depth else widths[level - 1]))
+                prev = layers[-1].conv.out_channels
+                if not depth:
+                    layers += [group_norm(prev), nn.SiLU()]
         self.up = nn.Sequential(*layers)
         self.norm_out = group_norm(prev)
         self.conv_out = nn.Conv2d(prev, c.in_channels, 3, padding=1)
@@ -212,12 +224,16 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def restart_dead_codes(self, candidates: torch.Tensor) -> int:
-        """Re-initialise codes whose usage is under the threshold from random rows of candidates
-        (N, d), typically this batch's projected encoder outputs. Returns how many were restarted."""
+        """Re-initialise codes whose usage is under the threshold from rows of candidates (N, d),
+        typically this batch's projected encoder outputs, drawn with probability proportional to how
+        badly the current codebook fits them (1 - best cosine, as in k-means++ seeding): on images
+        that are mostly background, uniform draws would spend the new codes on the background again.
+        Returns how many were restarted."""
         dead = (self.usage < self.dead_code_threshold).nonzero().squeeze(1)  # (n,)
         if dead.numel() == 0:
             return 0
-        pick = torch.randint(candidates.shape[0], (dead.numel(),), device=candidates.device)
+        misfit = 1.0 - (candidates @ self.codes().t()).amax(dim=-1)  # (N,) in [0, 2]
+        pick = torch.multinomial(misfit.clamp_min(0.0) + 1e-6, dead.numel(), replacement=True)
         fresh = candidates[pick] + 1e-3 * torch.randn_like(candidates[pick])  # noise splits repeats
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(fresh, src=0)
@@ -232,6 +248,8 @@ class VQGAN(nn.Module):
     def __init__(self, config: VQGANConfig):
         super().__init__()
         c = config
+        if c.num_res_blocks < 0 or (c.decoder_num_res_blocks or 0) < 0:
+            raise ValueError("num_res_blocks and decoder_num_res_blocks must be >= 0")
         if c.resolution % c.downsample_factor:
             raise ValueError(f"resolution {c.resolution} is not a multiple of f={c.downsample_factor}")
         self.config = c

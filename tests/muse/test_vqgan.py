@@ -12,8 +12,11 @@ from muse.config import preset
 from muse.vqgan import PatchDiscriminator, VQGAN, VQGANOutput, freeze_for_decoder_finetune, widen_decoder
 
 TINY = preset("vqgan-tiny")
-# A smaller tokenizer for the training tests: f8 over 32px images, a 64-code codebook.
-SMALL = replace(TINY, resolution=32, base_channels=16, z_channels=32, codebook_size=64, codebook_dim=8)
+# A smaller tokenizer for the training tests: f8 over 32px images, a 64-code codebook, in the
+# ResNet form of the paper-size presets (residual blocks, attention bottleneck, slow restarts).
+SMALL = replace(TINY, resolution=32, base_channels=16, z_channels=32, codebook_size=64, codebook_dim=8,
+                num_res_blocks=1, mid_block=True, dead_code_threshold=1e-3)
+PLAIN = replace(SMALL, num_res_blocks=0, mid_block=False)  # the tiny presets' form
 STEPS_OVERFIT = 150  # MSE falls ~40x by here (~7x by step 100)
 STEPS_USAGE = 120  # codes collapse to ~7 of 64 by step 50; restarts revive ~50 by step 120
 
@@ -113,9 +116,26 @@ def test_gradients_reach_every_trainable_parameter():
     assert g.abs().sum() > 0
 
 
-def test_overfits_a_few_images():
+def test_plain_form_has_no_residual_or_attention_blocks():
+    from muse.vqgan import AttnBlock, ResBlock
+
+    model = VQGAN(PLAIN).eval()
+    assert not any(isinstance(m, (ResBlock, AttnBlock)) for m in model.modules())
+    assert any(isinstance(m, (ResBlock, AttnBlock)) for m in VQGAN(SMALL).modules())
+    ids = model.encode(torch.zeros(2, 3, 32, 32))
+    assert ids.shape == (2, 4, 4) and model.decode(ids).shape == (2, 3, 32, 32)
+    # The decoder fine-tune may still give the plain tokenizer a residual decoder.
+    wide = widen_decoder(model, decoder_base_channels=24, decoder_num_res_blocks=1)
+    assert any(isinstance(m, ResBlock) for m in wide.decoder.modules())
+    assert torch.equal(wide.encode(torch.zeros(2, 3, 32, 32)), ids)
+    with pytest.raises(ValueError, match="num_res_blocks"):
+        VQGAN(replace(PLAIN, num_res_blocks=-1))
+
+
+@pytest.mark.parametrize("config", [SMALL, PLAIN], ids=["resnet", "plain"])
+def test_overfits_a_few_images(config):
     torch.manual_seed(0)
-    model = VQGAN(SMALL).train()
+    model = VQGAN(config).train()
     images = shapes(4, 32, torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     before = F.mse_loss(model.eval().decode(model.encode(images)), images).item()
@@ -169,6 +189,23 @@ def test_dead_codes_are_restarted_from_the_batch_in_training_only():
     assert (cos > 0.99).all(), cos
     # ... and they are alive again.
     assert (q.usage[dead] > SMALL.dead_code_threshold).all()
+
+
+def test_restarts_draw_the_candidates_the_codebook_fits_worst():
+    # Mostly-background batches: candidates that a live code already fits must not take the
+    # restarted codes; the one the codebook misses must.
+    torch.manual_seed(0)
+    q = VQGAN(SMALL).quantizer
+    d = SMALL.codebook_dim
+    background, shape = F.one_hot(torch.tensor(0), d).float(), F.one_hot(torch.tensor(1), d).float()
+    with torch.no_grad():
+        q.codebook.copy_(background.expand(SMALL.codebook_size, d))
+    q.usage.fill_(1.0)
+    dead = torch.tensor([3, 9, 27])
+    q.usage[dead] = 0.0
+    candidates = torch.cat([background.expand(500, d), shape[None]])  # 500 fitted rows, 1 missed row
+    assert q.restart_dead_codes(candidates) == 3
+    assert (q.codes()[dead] @ shape > 0.99).all()  # uniform draws would pick it 0.6% of the time
 
 
 def test_restart_between_forwards_keeps_the_earlier_graph_valid():
