@@ -68,7 +68,8 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
     import ray
 
     ensure_ray()
-    tokens = tokens or storage.join(root, "tokens")
+    corpus, root = storage.absolute(corpus), storage.absolute(root)
+    tokens = storage.absolute(tokens or storage.join(root, "tokens"))
     report: dict[str, str] = {}
 
     def timed(name: str, fn) -> None:

@@ -102,6 +102,7 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
     from serve.app import build_app
     from serve.config import AppArgs, Deployment, Generator
 
+    output = storage.absolute(output)
     corpus, root = storage.join(output, "corpus"), storage.join(output, "checkpoint")
     timings: dict[str, float] = {}
     started_ray = not ray.is_initialized()

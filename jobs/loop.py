@@ -246,7 +246,7 @@ def _progress_bar(job: dict, run, step: int):
 
 def run_location(root: str, run, default_name: str) -> tuple[str, str]:
     """(storage_path URI, run name): run.storage_path or ROOT/runs, and run.name or the default."""
-    return run.storage_path or storage.join(root, "runs"), run.name or default_name
+    return storage.absolute(run.storage_path or storage.join(root, "runs")), run.name or default_name
 
 
 def fit_stage(stage: str, section: Any, job: dict, dataset) -> Any:

@@ -67,6 +67,7 @@ def run_stage(stage: str, cfg: TrainConfig, data: str, root: str, *, component: 
     export into the model root `root`; returns the Ray Train results (one per trained component)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+    data, root = storage.absolute(data), storage.absolute(root)
     ensure_ray()
     if stage in ("base", "superres"):
         return [_run_transformer(stage, cfg, data, root)]

@@ -48,6 +48,17 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def absolute(uri: str) -> str:
+    """The same location as an absolute path/URI. Workers of a Ray Train run start in their own
+    directory, so a relative local path handed to them would land somewhere else."""
+    uri = str(uri)
+    if is_s3(uri):
+        return uri
+    if uri.startswith("file://"):
+        return "file://" + os.path.abspath(uri[len("file://"):])
+    return os.path.abspath(uri)
+
+
 def join(uri: str, *parts: str) -> str:
     uri = str(uri)
     if is_s3(uri) or uri.startswith("file://"):

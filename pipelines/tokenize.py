@@ -310,6 +310,7 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     from tqdm import tqdm
 
     cfg = cfg or TokenizeConfig()
+    input_uri, output = storage.absolute(input_uri), storage.absolute(output)
     spec = job_spec(input_uri, cfg, models)
     lo_size = spec["vqgan_lo"]["resolution"]
     hi_size = spec["vqgan_hi"]["resolution"] if spec["vqgan_hi"] else None

@@ -26,8 +26,12 @@ def trainer_state(result) -> tuple[dict, dict]:
         return meta, load_file(os.path.join(d, "model.optim.safetensors"))
 
 
-def test_vqgan_stage_trains_reports_and_exports(ray_session, tiny_data, tmp_path):
-    root = copy_tree(tiny_data.root, str(tmp_path / "root"))
+def test_vqgan_stage_trains_reports_and_exports(ray_session, tiny_data, tmp_path, monkeypatch):
+    copy_tree(tiny_data.root, str(tmp_path / "root"))
+    # A relative root, as `muse train ... --output root` gives it: Ray Train workers run in their own
+    # directory, so the export must still land under the caller's working directory.
+    monkeypatch.chdir(tmp_path)
+    root = "root"
     before = checkpoint.load_component(checkpoint.component_uri(root, "vqgan_lo"))
     cfg = ray_test_config("vqgan", "vqgan.run.max_steps=3", "vqgan.run.checkpoint_every=3",
                           "vqgan.run.sample_every=3", "vqgan.run.batch_size=2", "vqgan.gan.disc_start=2",
@@ -41,7 +45,8 @@ def test_vqgan_stage_trains_reports_and_exports(ray_session, tiny_data, tmp_path
     assert checkpoint.component_extra(uri) | {"run": None} == {"finished": True, "stage": "vqgan", "step": 3,
                                                                "run": None}
     assert not torch.equal(before.decoder.conv_out.weight, after.decoder.conv_out.weight)
-    assert os.path.exists(os.path.join(root, "samples", "vqgan_lo", "step_000003.png"))
+    assert os.path.exists(tmp_path / "root" / "samples" / "vqgan_lo" / "step_000003.png")
+    assert os.path.isdir(tmp_path / "root" / "runs")  # Ray Train's run folder too
 
 
 def test_decoder_stage_widens_and_keeps_the_tokens(ray_session, tiny_data, tmp_path):

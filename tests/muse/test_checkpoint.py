@@ -84,3 +84,13 @@ def test_no_pickle_files_written(tmp_path):
     init_model_root("tiny", str(tmp_path / "root"))
     for f in storage.list_files(str(tmp_path / "root")):
         assert not f.endswith((".bin", ".pt", ".pth", ".pkl")), f
+
+
+def test_storage_absolute_pins_relative_local_paths(tmp_path, monkeypatch):
+    from muse import storage
+
+    monkeypatch.chdir(tmp_path)
+    assert storage.absolute("out/root") == str(tmp_path / "out" / "root")
+    assert storage.absolute("file://out") == f"file://{tmp_path / 'out'}"
+    assert storage.absolute("s3://bucket/root") == "s3://bucket/root"
+    assert storage.absolute("/already/absolute") == "/already/absolute"
