@@ -6,8 +6,10 @@
 Writes into --output (default demo_output/):
   corpus/       the synthetic corpus and holdout.json
   checkpoint/   the trained model root (`muse serve --checkpoint demo_output/checkpoint` serves it)
-  grid.png      prompt -> served image, with the judge's verdict
-  report.json   judge accuracy (seen vs held-out pairings), PSNR, masked-token accuracy, stage times
+  grid.png      prompt -> served image (base + super-res), with the judge's verdict
+  grid_base.png the same prompts through the base stage alone
+  report.json   judge accuracy (seen vs held-out pairings, and the chance level of the same images
+                judged against other prompts) for both, PSNR, masked-token accuracy, stage times
 
 Every stage is skipped when its output already exists, so a second run only serves and evaluates.
 """
@@ -87,6 +89,17 @@ def provenance_check(served, pipe, args, steps: int | None) -> dict:
             "max_abs_pixel_difference": int(diff.max()), "matches": bool(diff.mean() < 0.5)}
 
 
+def judge_line(summary: dict) -> str:
+    """'seen: color 0.35 (chance 0.10), ...; held-out: ...' for the console."""
+    parts = []
+    for name, label in (("seen", "seen"), ("held_out", "held-out")):
+        got, chance = summary.get(name, {}), summary.get("chance", {}).get(name, {})
+        attrs = ", ".join(f"{k} {got[k]:.2f} (chance {chance.get(k, float('nan')):.2f})"
+                          for k in ("color", "shape", "count", "placement", "correct") if k in got)
+        parts.append(f"{label} [n={got.get('n', 0)}]: {attrs}")
+    return "; ".join(parts)
+
+
 def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tuple[str, ...] = (),
              corpus_size: int = 2000, image_size: int = 128, holdout_fraction: float = 0.2, n_seen: int = 24,
              eval_steps: int | None = None, num_cpus: int | None = None) -> dict:
@@ -138,7 +151,9 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
         pipe = MusePipeline.from_pretrained(root)
         size = "512x512" if pipe.superres is not None else "256x256"
         served = http_generate(url, size, eval_steps)
-        report = evaluate(served, pipe, corpus, output, n_seen=n_seen)
+        # The base stage's own images too ("256x256": no super-res), judged the same way.
+        served_base = http_generate(url, "256x256", eval_steps) if pipe.superres is not None else None
+        report = evaluate(served, pipe, corpus, output, n_seen=n_seen, base_generate=served_base)
         report["served_matches_checkpoint"] = provenance_check(served, pipe, args, eval_steps)
         timings["eval_s"] = time.time() - start
         report["stages"] = stages
@@ -150,12 +165,9 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
         serve.shutdown()
         if started_ray:
             ray.shutdown()
-    judge = report.get("judge", {})
-    print("[demo] judge accuracy (whole scene correct): "
-          f"seen {judge.get('seen', {}).get('correct', float('nan')):.2f}, "
-          f"held-out {judge.get('held_out', {}).get('correct', float('nan')):.2f}; "
-          f"per attribute (seen): " + ", ".join(f"{k} {v:.2f}" for k, v in judge.get("seen", {}).items()
-                                               if k not in ("n", "correct")), flush=True)
+    for key, what in (("judge_base", "base stage"), ("judge", "full chain")):
+        if key in report:
+            print(f"[demo] judge, {what}: {judge_line(report[key])}", flush=True)
     print(f"[demo] wrote {storage.join(output, 'grid.png')} and report.json; "
           f"serve it again with: muse serve --checkpoint {root}", flush=True)
     return report

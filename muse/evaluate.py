@@ -59,6 +59,32 @@ def judge_prompts(generate: Generate, prompts: Sequence[str], seed: int, batch: 
     return rows
 
 
+def chance_level(rows: list[dict]) -> dict[str, float]:
+    """The same images judged against another prompt of the set (the next one that differs): what
+    images that ignore their prompts score, given what this model draws."""
+    verdicts = []
+    for i, row in enumerate(rows):
+        other = next((r["prompt"] for r in rows[i + 1:] + rows[:i] if r["prompt"] != row["prompt"]), None)
+        if other is not None:
+            verdicts.append(judge(row["image"], other))
+    return summarize(verdicts)
+
+
+def judge_sets(generate: Generate, holdout: dict, n_seen: int, seed: int, label: str = "") -> tuple[dict, list[dict]]:
+    """Judge seen-pairing prompts and the held-out ones: (summary for report.json, rows)."""
+    seen = judge_prompts(generate, seen_prompts(holdout, n_seen, seed), seed, desc=f"{label}seen prompts")
+    held = judge_prompts(generate, holdout.get("eval_captions", []), seed + 1, desc=f"{label}held-out prompts")
+    summary = {
+        "seen": summarize([r["verdict"] for r in seen]),
+        "held_out": summarize([r["verdict"] for r in held]),
+        "chance": {"seen": chance_level(seen), "held_out": chance_level(held)},
+        "held_out_pairs": holdout.get("pairs", []),
+        "prompts": [{"prompt": r["prompt"], "set": s, **r["verdict"].as_dict()}
+                    for s, group in (("seen", seen), ("held_out", held)) for r in group],
+    }
+    return summary, seen + held
+
+
 def image_grid(rows: list[dict], cell: int = 128, columns: int = 4) -> Image.Image:
     """Prompt -> image grid with the prompt and the judge's verdict under each image."""
     text_h = 40
@@ -178,22 +204,18 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 # -- the command ------------------------------------------------------------------------------------
 
 def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: int = 16, seed: int = 0,
-             clip_path: str | None = None, reference_images: int = 32) -> dict:
-    """Run every evaluation that applies and write report.json + grid.png into `out`."""
+             clip_path: str | None = None, reference_images: int = 32, base_generate: Generate | None = None) -> dict:
+    """Run every evaluation that applies and write report.json + grid.png into `out`.
+    `base_generate` (images from the base stage alone) adds `judge_base` and grid_base.png, so a
+    weak super-res stage cannot hide what the base model draws."""
     report: dict = {}
     rows: list[dict] = []
+    base_rows: list[dict] = []
     if corpus is not None:
         holdout = read_holdout(corpus)
-        seen = judge_prompts(generate, seen_prompts(holdout, n_seen, seed), seed, desc="seen prompts")
-        held = judge_prompts(generate, holdout.get("eval_captions", []), seed + 1, desc="held-out prompts")
-        report["judge"] = {
-            "seen": summarize([r["verdict"] for r in seen]),
-            "held_out": summarize([r["verdict"] for r in held]),
-            "held_out_pairs": holdout.get("pairs", []),
-            "prompts": [{"prompt": r["prompt"], "set": s, **r["verdict"].as_dict()}
-                        for s, group in (("seen", seen), ("held_out", held)) for r in group],
-        }
-        rows = seen + held
+        report["judge"], rows = judge_sets(generate, holdout, n_seen, seed)
+        if base_generate is not None:
+            report["judge_base"], base_rows = judge_sets(base_generate, holdout, n_seen, seed, label="base: ")
     if pipe is not None:
         samples = heldout_images(reference_images, pipe.vqgan_lo.config.resolution)
         report["psnr_db"] = {"vqgan_lo": reconstruction_psnr(pipe.vqgan_lo, [im for _, im in samples])}
@@ -213,12 +235,13 @@ def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: 
                           "n": len(rows)}
     storage.makedirs(out)
     storage.write_text(storage.join(out, "report.json"), json.dumps(report, indent=1))
-    if rows:
-        import io
+    import io
 
-        buf = io.BytesIO()
-        image_grid(rows).save(buf, format="PNG")
-        storage.write_bytes(storage.join(out, "grid.png"), buf.getvalue())
+    for name, grid_rows in (("grid.png", rows), ("grid_base.png", base_rows)):
+        if grid_rows:
+            buf = io.BytesIO()
+            image_grid(grid_rows).save(buf, format="PNG")
+            storage.write_bytes(storage.join(out, name), buf.getvalue())
     return report
 
 
@@ -250,10 +273,14 @@ def main(argv: list[str] | None = None) -> None:
     superres = not args.no_superres and pipe.superres is not None
     gen = pipeline_generator(pipe, steps=args.steps, superres_steps=args.superres_steps,
                              guidance_scale=args.guidance, superres=superres)
-    report = evaluate(gen, pipe, args.corpus, args.out, n_seen=args.n_seen, seed=args.seed, clip_path=args.clip)
-    summary = {k: v for k, v in report.items() if k != "judge"}
-    if "judge" in report:
-        summary["judge"] = {k: report["judge"][k] for k in ("seen", "held_out")}
+    base_gen = pipeline_generator(pipe, steps=args.steps, superres_steps=args.superres_steps,
+                                  guidance_scale=args.guidance, superres=False) if superres else None
+    report = evaluate(gen, pipe, args.corpus, args.out, n_seen=args.n_seen, seed=args.seed, clip_path=args.clip,
+                      base_generate=base_gen)
+    summary = {k: v for k, v in report.items() if k not in ("judge", "judge_base")}
+    for key in ("judge", "judge_base"):
+        if key in report:
+            summary[key] = {k: report[key][k] for k in ("seen", "held_out", "chance")}
     print(json.dumps(summary, indent=1))
     print(f"wrote {storage.join(args.out, 'report.json')}")
 

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from muse.data.synthetic import render, sample_scene, parse_caption, write_corpus
 from muse.evaluate import evaluate, frechet_distance, psnr, seen_prompts
@@ -37,9 +38,16 @@ def test_evaluate_scores_an_oracle_high_and_a_blank_model_low(tmp_path):
     write_corpus(str(corpus), n=4, size=64, holdout_fraction=0.2)
     report = evaluate(_oracle, None, str(corpus), str(tmp_path / "oracle"), n_seen=12)
     assert report["judge"]["seen"]["correct"] >= 0.9 and report["judge"]["held_out"]["correct"] >= 0.9
-    assert (tmp_path / "oracle" / "grid.png").exists()
+    # Chance level: the oracle's images judged against other prompts of the set mostly fail.
+    chance = report["judge"]["chance"]
+    assert chance["seen"]["n"] == 12 and chance["seen"]["correct"] <= 0.25, chance
+    assert (tmp_path / "oracle" / "grid.png").exists() and not (tmp_path / "oracle" / "grid_base.png").exists()
+    # A separate base-stage generator gets its own judgement and grid.
+    report = evaluate(_oracle, None, str(corpus), str(tmp_path / "both"), n_seen=4,
+                      base_generate=lambda prompts, seed: [Image.new("RGB", (64, 64), "white") for _ in prompts])
+    assert report["judge"]["seen"]["correct"] >= 0.9 and report["judge_base"]["seen"]["correct"] == 0.0
+    assert (tmp_path / "both" / "grid_base.png").exists()
     assert "skipped" in report["clip"]
-    from PIL import Image
 
     blank = lambda prompts, seed: [Image.new("RGB", (64, 64), "white") for _ in prompts]  # noqa: E731
     report = evaluate(blank, None, str(corpus), str(tmp_path / "blank"), n_seen=12)
