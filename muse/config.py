@@ -128,8 +128,8 @@ PRESETS: dict[str, Any] = {
     "vqgan-f16-8192": VQGANConfig(resolution=256, channel_mult=(1, 1, 2, 2, 4)),
     "vqgan-f8-8192": VQGANConfig(resolution=512, channel_mult=(1, 2, 2, 4)),
     # Plain conv stacks without residual or bottleneck blocks, and quick dead-code restarts: on the
-    # synthetic corpus this keeps colours apart ~3x sooner at ~1/3 of the step time of the ResNet
-    # form (benchmarks/RESULTS.md, Training); the paper-size presets keep the ResNet form.
+    # synthetic corpus this keeps colours apart from ~500 steps instead of ~1,000, at ~1/4 of the
+    # step time of the ResNet form (benchmarks/vqgan_recipe.py); the paper-size presets keep the ResNet form.
     "vqgan-tiny": VQGANConfig(
         resolution=64, base_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=0, mid_block=False,
         z_channels=64, codebook_size=512, codebook_dim=16, dead_code_threshold=0.3, disc_channels=32, disc_layers=2,
