@@ -101,6 +101,9 @@ class SuperResTransformerConfig:
     text_dim: int = 4096
     kv_heads: int | None = None
     dropout: float = 0.0
+    # Not in the paper: also add each low-res token's encoding to the high-res positions it covers, so
+    # the spatial alignment need not be learned through cross-attention alone (for short CPU runs).
+    lo_skip: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -150,7 +153,7 @@ PRESETS: dict[str, Any] = {
     "superres-268m": SuperResTransformerConfig(hidden=640, lo_layers=16, hi_layers=32, heads=10, mlp=2048),
     "superres-tiny": SuperResTransformerConfig(
         lo_codebook_size=512, hi_codebook_size=512, lo_tokens_per_side=8, hi_tokens_per_side=16,
-        hidden=128, lo_layers=2, hi_layers=4, heads=4, mlp=512, text_dim=64,
+        hidden=128, lo_layers=2, hi_layers=4, heads=4, mlp=512, text_dim=64, lo_skip=True,
     ),
 }
 

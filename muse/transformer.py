@@ -36,6 +36,7 @@ class Context:
     keys: list[torch.Tensor]  # each (B, Hkv, L, Dh)
     values: list[torch.Tensor]  # each (B, Hkv, L, Dh)
     mask: torch.Tensor  # (B, L) bool, True = attend
+    input_bias: torch.Tensor | None = None  # (B, N, C) added to the token embeddings (super-res lo_skip)
 
     @property
     def batch_size(self) -> int:
@@ -44,10 +45,12 @@ class Context:
     def repeat(self, n: int) -> Context:
         """Each request repeated n times in a row (for n images per prompt)."""
         rep = lambda t: t.repeat_interleave(n, dim=0)  # noqa: E731
-        return Context([rep(k) for k in self.keys], [rep(v) for v in self.values], rep(self.mask))
+        bias = None if self.input_bias is None else rep(self.input_bias)
+        return Context([rep(k) for k in self.keys], [rep(v) for v in self.values], rep(self.mask), bias)
 
     def index(self, idx: torch.Tensor | slice) -> Context:
-        return Context([k[idx] for k in self.keys], [v[idx] for v in self.values], self.mask[idx])
+        bias = None if self.input_bias is None else self.input_bias[idx]
+        return Context([k[idx] for k in self.keys], [v[idx] for v in self.values], self.mask[idx], bias)
 
     @staticmethod
     def cat(contexts: list[Context]) -> Context:
@@ -65,7 +68,8 @@ class Context:
         n_blocks = len(contexts[0].keys)
         keys = [torch.cat([pad(c.keys[i], 2) for c in contexts]) for i in range(n_blocks)]
         values = [torch.cat([pad(c.values[i], 2) for c in contexts]) for i in range(n_blocks)]
-        return Context(keys, values, torch.cat([pad(c.mask, 1) for c in contexts]))
+        bias = None if contexts[0].input_bias is None else torch.cat([c.input_bias for c in contexts])
+        return Context(keys, values, torch.cat([pad(c.mask, 1) for c in contexts]), bias)
 
 
 class SelfAttention(nn.Module):
@@ -247,7 +251,10 @@ class SuperResTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(c.hidden)
         self.head = nn.Linear(c.hidden, c.hi_codebook_size)
+        self.lo_skip = nn.Linear(c.hidden, c.hidden) if c.lo_skip else None
         self.apply(_init_weights)
+        if self.lo_skip is not None:  # starts as the paper's model; the skip grows in as it helps
+            nn.init.zeros_(self.lo_skip.weight)
 
     def encode_context(self, text: torch.Tensor, text_mask: torch.Tensor, lo_ids: torch.Tensor) -> Context:
         """Encode the low-res grid (B, n_lo) and build K/V over [null ; text ; low-res] once per request.
@@ -260,11 +267,23 @@ class SuperResTransformer(nn.Module):
         ctx = torch.cat([txt, lo], dim=1)
         mask = torch.cat([txt_mask, txt_mask.new_ones(lo.shape[:2])], dim=1)
         kvs = [block.cross.kv(ctx) for block in self.blocks]
-        return Context([k for k, _ in kvs], [v for _, v in kvs], mask)
+        return Context([k for k, _ in kvs], [v for _, v in kvs], mask, self.lo_skip_bias(lo))
+
+    def lo_skip_bias(self, lo: torch.Tensor) -> torch.Tensor | None:
+        """Low-res encodings (B, n_lo, C) -> (B, N_hi, C): each one copied to the high-res positions
+        it covers, through `lo_skip`; None without it."""
+        if self.lo_skip is None:
+            return None
+        c = self.config
+        grid = lo.transpose(1, 2).reshape(lo.shape[0], lo.shape[2], c.lo_tokens_per_side, c.lo_tokens_per_side)
+        up = F.interpolate(grid, size=(c.hi_tokens_per_side, c.hi_tokens_per_side), mode="nearest")
+        return self.lo_skip(up.flatten(2).transpose(1, 2))
 
     def forward(self, ids: torch.Tensor, context: Context) -> torch.Tensor:
         """ids (B, N_hi) with [MASK] = hi_codebook_size -> logits (B, N_hi, hi_codebook_size)."""
         x = self.embed(ids)
+        if context.input_bias is not None:
+            x = x + context.input_bias
         for block, k, v in zip(self.blocks, context.keys, context.values):
             x = block(x, k, v, context.mask)
         return self.head(self.norm(x))

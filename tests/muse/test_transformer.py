@@ -78,3 +78,29 @@ def test_context_cat_pads_and_matches_separate_forwards():
     assert torch.allclose(joint[0], model(ids, c1)[0], atol=1e-5)
     assert torch.allclose(joint[1], model(ids, c2)[0], atol=1e-5)
     assert Context.cat([c1, c2]).repeat(3).batch_size == 6
+
+
+def test_superres_lo_skip_copies_each_low_res_token_to_the_positions_it_covers():
+    torch.manual_seed(0)
+    assert preset("superres-tiny").lo_skip and not preset("superres-268m").lo_skip  # paper model unchanged
+    model = SuperResTransformer(preset("superres-tiny")).eval()
+    assert torch.count_nonzero(model.lo_skip.weight) == 0  # starts as the cross-attention-only model
+    torch.nn.init.normal_(model.lo_skip.weight)
+    emb, mask = _text()
+    lo_ids = torch.randint(0, 512, (2, 8, 8))
+    ctx = model.encode_context(emb, mask, lo_ids)
+    assert ctx.input_bias.shape == (2, 256, 128)
+    bias = ctx.input_bias.view(2, 16, 16, 128)
+    assert torch.equal(bias[:, 2, 4], bias[:, 3, 5]) and not torch.equal(bias[:, 2, 4], bias[:, 4, 4])
+    # Context operations carry the bias along with the keys and values.
+    assert ctx.repeat(3).input_bias.shape[0] == 6 and ctx.index(slice(1, 2)).input_bias.shape[0] == 1
+    both = Context.cat([ctx, ctx.index(slice(0, 1))])
+    assert both.input_bias.shape[0] == 3
+    hi = torch.full((2, 256), model.mask_token_id)
+    with torch.no_grad():
+        separate = model(hi, ctx)
+        joined = model(torch.cat([hi, hi[:1]]), both)
+    torch.testing.assert_close(joined[:2], separate, atol=1e-5, rtol=1e-5)
+    no_bias = Context(ctx.keys, ctx.values, ctx.mask)
+    with torch.no_grad():
+        assert not torch.allclose(model(hi, no_bias), separate)  # the bias reaches the logits
