@@ -1,7 +1,8 @@
 """`make demo`: the whole platform on one machine, CPU only, with the tiny presets.
 
     synthetic corpus (held-out pairings) ─▶ Ray Train: VQGANs ─▶ Ray Data: tokenize ─▶
-    Ray Train: base + super-res ─▶ decoder fine-tune ─▶ Ray Serve ─▶ HTTP requests ─▶ judge + report
+    Ray Train: base + super-res ─▶ Ray Serve ─▶ HTTP requests ─▶ judge + report
+    (the decoder fine-tune runs too when the config's `stages` lists it; configs/demo.yaml does not)
 
 Writes into --output (default demo_output/):
   corpus/       the synthetic corpus and holdout.json
