@@ -36,26 +36,13 @@ from muse.data.synthetic import all_pairs, caption, sample
 from muse.judge import judge, summarize
 from muse.losses import reconstruction_loss
 from muse.vqgan import VQGAN, VectorQuantizer
+from sampling import machine  # benchmarks/sampling.py: the same machine line as the other scripts
 
 FORMS = {
     "plain": {},
     "resnet": {"num_res_blocks": 1, "mid_block": True, "dead_code_threshold": 1e-3},
     "resnet-new": {"num_res_blocks": 1, "mid_block": True},
 }
-
-
-def describe_machine() -> str:
-    import os
-    import platform
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}; {os.cpu_count()} logical cores; {torch.get_num_threads()} torch threads; no GPU used; "
-            f"torch {torch.__version__}; load average {os.getloadavg()[0]:.1f} at start")
 
 
 def load_images(first: int, n: int, size: int) -> tuple[list[str], torch.Tensor]:
@@ -133,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown forms {sorted(unknown)}; known: {', '.join(FORMS)}")
     torch.set_num_threads(args.threads)
-    print(f"machine: {describe_machine()}")
+    print(f"machine: {machine('cpu')}")
     _, train = load_images(0, args.images, 64)
     held = load_images(100_000, 64, 64)
     rows = [row for form in forms for row in run_form(form, args, train, held)]
