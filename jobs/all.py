@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from jobs.config import TrainConfig, load_config
 from jobs.loop import ensure_ray
+from jobs.progress import Reporter, say, set_verbose, start_display, stop_display
 from jobs.stages import add_common_args, cli_overrides, decoder_component, run_stage, vqgan_components
 from muse import checkpoint, storage
 
@@ -52,7 +53,7 @@ def ensure_text_encoder(cfg: TrainConfig, root: str) -> None:
 
     encoder = TextEncoder.build(preset(cfg.text_encoder))
     checkpoint.save_component(encoder, checkpoint.component_uri(root, "text_encoder"))
-    print(f"[all] wrote the frozen text encoder ({cfg.text_encoder}) to {root}/text_encoder")
+    say(f"[all] wrote the frozen text encoder ({cfg.text_encoder}) to {root}/text_encoder")
 
 
 def fit_together(cfg: TrainConfig, resources: dict[str, float]) -> bool:
@@ -76,7 +77,7 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
         start = time.time()
         fn()
         report[name] = f"trained in {time.time() - start:.0f}s"
-        print(f"[all] {name} done in {time.time() - start:.0f}s", flush=True)
+        say(f"[all] {name} done in {time.time() - start:.0f}s")
 
     ensure_text_encoder(cfg, root)
     for component in vqgan_components(cfg, None) if "vqgan" in cfg.stages else []:
@@ -91,15 +92,18 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
     if todo:
         from pipelines import tokenize
 
+        show = any(getattr(cfg, s).run.progress for s in todo)
+        board = start_display() if show else None
+        reporter = Reporter(board, "tokenize", None, unit="parts", rate_unit="part/s") if board else None
         timed("tokenize", lambda: tokenize.run(corpus, tokens, tokenize.resolve_models(root), cfg.tokenize,
-                                               format, progress=any(getattr(cfg, s).run.progress for s in todo)))
+                                               format, progress=show, reporter=reporter))
     else:
         report["tokenize"] = "skipped (no transformer left to train)"
     for s in wanted:
         if s not in todo:
             report[s] = "skipped (finished)"
     if len(todo) == 2 and cfg.concurrent and fit_together(cfg, ray.cluster_resources()):
-        print("[all] training base and super-res concurrently", flush=True)
+        say("[all] training base and super-res concurrently")
         with ThreadPoolExecutor(2, thread_name_prefix="train") as pool:
             start = time.time()
             futures = {s: pool.submit(run_stage, s, cfg, tokens, root) for s in todo}
@@ -115,7 +119,7 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
         report["decoder"] = "skipped (finished)"
     elif "decoder" in cfg.stages:
         timed("decoder", lambda: run_stage("decoder", cfg, corpus, root, component=component, format=format))
-    print("[all] " + "; ".join(f"{k}: {v}" for k, v in report.items()), flush=True)
+    say("[all] " + "; ".join(f"{k}: {v}" for k, v in report.items()))
     return report
 
 
@@ -134,11 +138,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="corpus format (default: detect)")
     add_common_args(parser)
     args = parser.parse_args(argv)
+    set_verbose(args.verbose)
     try:
         cfg = load_config(args.config, cli_overrides(args, ["vqgan", "base", "superres", "decoder"]))
     except (ValueError, OSError) as e:
         parser.error(str(e))
-    train_all(cfg, args.corpus, args.output, args.tokens, args.format)
+    try:
+        train_all(cfg, args.corpus, args.output, args.tokens, args.format)
+    finally:
+        stop_display()
 
 
 if __name__ == "__main__":

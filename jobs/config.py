@@ -102,7 +102,10 @@ class RunSettings:
     max_failures: int = 3  # worker-group restarts from the last checkpoint before the run fails
     storage_path: str | None = None  # Ray Train storage, local or s3://; None = ROOT/runs
     name: str | None = None  # run name under storage_path; None = the stage's component name
-    bf16: bool = True  # mixed precision on GPU; CPU always trains in fp32
+    bf16: bool = True  # mixed precision on GPU
+    # bf16 autocast on CPU: ~1.4x faster transformer steps where the CPU has AVX512-BF16/AMX (weights,
+    # optimizer and loss stay fp32); off by default, since CPUs without it run bf16 slower
+    cpu_bf16: bool = False
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer; 0 = no shuffle
     # Read (and decode) the data once, on the driver, into Ray's object store instead of streaming it
     # from storage every epoch: for data that fits in memory (the tiny demo), where reading dominates.

@@ -29,6 +29,8 @@ import urllib.request
 
 from PIL import Image
 
+from jobs.loop import worker_env
+from jobs.progress import quiet_ray_loggers, ray_init_kwargs, set_verbose, stop_display
 from muse import storage
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
@@ -90,15 +92,24 @@ def provenance_check(served, pipe, args, steps: int | None) -> dict:
             "max_abs_pixel_difference": int(diff.max()), "matches": bool(diff.mean() < 0.5)}
 
 
-def judge_line(summary: dict) -> str:
-    """'seen: color 0.35 (chance 0.10), ...; held-out: ...' for the console."""
-    parts = []
-    for name, label in (("seen", "seen"), ("held_out", "held-out")):
-        got, chance = summary.get(name, {}), summary.get("chance", {}).get(name, {})
-        attrs = ", ".join(f"{k} {got[k]:.2f} (chance {chance.get(k, float('nan')):.2f})"
-                          for k in ("color", "shape", "count", "placement", "correct") if k in got)
-        parts.append(f"{label} [n={got.get('n', 0)}]: {attrs}")
-    return "; ".join(parts)
+ATTRIBUTES = (("color", "colour"), ("shape", "shape"), ("count", "count"), ("placement", "placement"),
+              ("correct", "whole scene"))
+
+
+def judge_table(report: dict) -> str:
+    """The judge's figures as a console table: one row per stage and prompt set, chance in brackets."""
+    header = f"{'':<28}" + "".join(f"{label:>15}" for _, label in ATTRIBUTES)
+    rows = [header]
+    for key, stage in (("judge_base", "base (256x256)"), ("judge", "full chain (512x512)")):
+        summary = report.get(key)
+        if not summary:
+            continue
+        for name, label in (("seen", "seen"), ("held_out", "held-out")):
+            got, chance = summary.get(name, {}), summary.get("chance", {}).get(name, {})
+            cells = "".join(f"{got[k]:>7.2f} ({chance.get(k, float('nan')):.2f})" if k in got else f"{'-':>15}"
+                            for k, _ in ATTRIBUTES)
+            rows.append(f"{stage + ', ' + label + ' n=' + str(got.get('n', 0)):<28}{cells}")
+    return "\n".join(rows)
 
 
 def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tuple[str, ...] = (),
@@ -119,9 +130,12 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
     output = storage.absolute(output)
     corpus, root = storage.join(output, "corpus"), storage.join(output, "checkpoint")
     timings: dict[str, float] = {}
+    began = time.time()
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+                 runtime_env={"env_vars": worker_env()}, **ray_init_kwargs())
+    quiet_ray_loggers()
     try:
         start = time.time()
         if storage.exists(storage.join(corpus, "holdout.json")):
@@ -133,7 +147,10 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
 
         start = time.time()
         train_cfg = load_config(config, list(overrides))
-        stages = train_all(train_cfg, corpus, root, tokens=storage.join(output, "tokens"))
+        try:
+            stages = train_all(train_cfg, corpus, root, tokens=storage.join(output, "tokens"))
+        finally:
+            stop_display()
         timings["training_s"] = time.time() - start
 
         start = time.time()
@@ -166,11 +183,14 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
         serve.shutdown()
         if started_ray:
             ray.shutdown()
-    for key, what in (("judge_base", "base stage"), ("judge", "full chain")):
-        if key in report:
-            print(f"[demo] judge, {what}: {judge_line(report[key])}", flush=True)
-    print(f"[demo] wrote {storage.join(output, 'grid.png')} and report.json; "
-          f"serve it again with: muse serve --checkpoint {root}", flush=True)
+    minutes = (time.time() - began) / 60
+    print(f"\n[demo] done in {minutes:.1f} min. The attribute judge on served images (chance level in brackets):",
+          flush=True)
+    print(judge_table(report), flush=True)
+    print(f"\n[demo] outputs in {output}:\n"
+          f"  grid.png, grid_base.png   prompt -> served image, full chain and base stage, with the verdicts\n"
+          f"  report.json               every figure above, stage times, the provenance check\n"
+          f"  checkpoint/               the model root: muse serve --checkpoint {root}", flush=True)
     return report
 
 
@@ -183,7 +203,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="training config override, e.g. --set base.run.max_steps=100 (repeatable)")
     parser.add_argument("--corpus-size", type=int, default=2000)
     parser.add_argument("--n-seen", type=int, default=24, help="seen-pairing prompts to judge")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray's own logs and every worker's lines instead of one progress line per stage")
     args = parser.parse_args(argv)
+    set_verbose(args.verbose)
     run_demo(args.output, config=args.config, overrides=tuple(args.set), corpus_size=args.corpus_size,
              n_seen=args.n_seen)
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from jobs.common import EMA, load_training_state, peak_flops, save_training_state
 from jobs.parallel import WorkerEnv, allreduce_mean
+from jobs.progress import Reporter, format_seconds, quiet_ray_loggers, ray_init_kwargs, start_display
 from muse import storage
 from muse.config import from_dict
 
@@ -48,6 +49,7 @@ class StageWorker:
     `modules` / `optimizers` / `schedulers` / `ema` in __init__ and implement the methods below."""
 
     config_class: type = object
+    console_metrics: tuple[str, ...] = ("loss",)  # shown on the stage's live progress line
 
     def __init__(self, section: Any, job: dict, env: WorkerEnv):
         self.section, self.job, self.env = section, job, env
@@ -97,7 +99,11 @@ def train_loop_per_worker(job: dict) -> None:
     cls = worker_class(job["stage"])
     section = from_dict(cls.config_class, job["section"])
     run = section.run
-    env = ray_worker_env(section.scaling.strategy, run.bf16)
+    env = ray_worker_env(section.scaling.strategy, run.bf16, run.cpu_bf16)
+    if env.device.type == "cpu":
+        # As many torch threads as CPUs claimed: stages that share a small machine (base and
+        # super-res side by side) would otherwise each start a pool as wide as the machine.
+        torch.set_num_threads(max(1, int(section.scaling.cpus_per_worker)))
     torch.manual_seed(run.seed)  # identical initial weights on every rank
     worker = cls(section, job, env)
     step, counters = 0, {"samples": 0.0, "tokens": 0.0}
@@ -114,7 +120,9 @@ def train_loop_per_worker(job: dict) -> None:
               f"{env.world_size} worker(s) on {env.device.type}, strategy {section.scaling.strategy}, "
               f"{run.max_steps} steps of {run.batch_size}/worker", flush=True)
     peak = peak_flops(env.device, run.peak_tflops)
-    bar = _progress_bar(job, run, step) if env.is_main and run.progress else None
+    reporter = (Reporter(job.get("progress_board"), job["run_name"], run.max_steps, start_done=step)
+                if env.is_main and run.progress else None)
+    started, live = time.time(), {}
     shard = ray.train.get_dataset_shard("train")
     window = {"time": 0.0, "tokens": 0.0, "flops": 0.0, "samples": 0.0, "steps": 0}
     sums: dict[str, tuple[float, int]] = {}
@@ -141,8 +149,11 @@ def train_loop_per_worker(job: dict) -> None:
             for k, v in metrics.items():  # (sum, count): some metrics exist only on some steps
                 total, count = sums.get(k, (0.0, 0))
                 sums[k] = (total + v, count + 1)
-            if bar is not None:
-                bar.update(1)
+            if reporter is not None:
+                for k in worker.console_metrics:  # smoothed: single steps are noisy
+                    if k in metrics:
+                        live[k] = metrics[k] if k not in live else 0.9 * live[k] + 0.1 * metrics[k]
+                reporter.update(step, live)
             last = step >= run.max_steps
             report = None
             if step % run.log_every == 0 or last or step % run.checkpoint_every == 0:
@@ -166,9 +177,12 @@ def train_loop_per_worker(job: dict) -> None:
             raise ValueError(f"{tag} the data gives no full batch of {run.batch_size} per worker "
                              f"({env.world_size} workers): use a smaller run.batch_size or more data")
         epoch += 1
-    if bar is not None:
-        bar.close()
     worker.export(step)
+    if reporter is not None:
+        took = time.time() - started
+        shown = ", ".join(f"{k} {v:.3g}" for k, v in live.items())
+        reporter.finish(f"{step} steps ({step - resumed_from} this run) in {format_seconds(took)}"
+                        f"{', ' + shown if shown else ''}; exported to {job['root']}")
 
 
 def _metrics(sums: dict, window: dict, env: WorkerEnv, peak: float | None, step: int, resumed_from: int,
@@ -232,14 +246,6 @@ def _collate_fn(fn):
     return Collate()
 
 
-def _progress_bar(job: dict, run, step: int):
-    from ray.experimental.tqdm_ray import tqdm
-
-    bar = tqdm(desc=job["run_name"], total=run.max_steps, unit="step")
-    bar.update(step)
-    return bar
-
-
 # ---------------------------------------------------------------------------------------------
 # Driver side.
 
@@ -265,6 +271,7 @@ def fit_stage(stage: str, section: Any, job: dict, dataset) -> Any:
         fs, path = None, storage.filesystem(storage_uri)[1]
         os.makedirs(path, exist_ok=True)
     job = dict(job, stage=stage, section=to_dict(section), run_name=name,
+               progress_board=start_display() if run.progress else None,
                run_dir=storage.join(storage_uri, name),
                samples_dir=job.get("samples_dir") or storage.join(job["root"], "samples", name))
     trainer = _trainer_class()(
@@ -296,8 +303,8 @@ def _trainer_class():
 
 
 def ensure_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (e.g. under `ray job submit`) or start a local Ray; Ray Data's
-    per-operator progress bars are turned off (each stage has its own bar on the rank-0 worker)."""
+    """Join the cluster in RAY_ADDRESS (e.g. under `ray job submit`) or start a local Ray, quiet unless
+    verbose; Ray Data's per-operator progress bars are turned off (each stage has its own line)."""
     import ray
     import ray.data
 
@@ -305,5 +312,13 @@ def ensure_ray() -> None:
         # A local Ray gets at least 4 logical CPUs even on 2 cores, so a trainer's workers and the
         # data tasks feeding them never wait on each other (RAY_ADDRESS joins a cluster as it is).
         local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(4, os.cpu_count() or 1)}
-        ray.init(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}, **local)
+        ray.init(runtime_env={"env_vars": worker_env()}, **local, **ray_init_kwargs())
+    quiet_ray_loggers()
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for Ray workers: the console verbosity travels with them."""
+    from jobs.progress import VERBOSE_ENV
+
+    return {"TOKENIZERS_PARALLELISM": "false", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "")}

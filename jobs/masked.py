@@ -10,8 +10,9 @@ Per step, on each worker:
     loss = label-smoothed cross-entropy on masked positions; AdamW, warm-up + cosine, grad clipping,
            EMA of the weights (the exported component holds the EMA weights)
 
-bf16 autocast on GPU (DDP) or FSDP's bf16 parameters; CPU runs fp32. Metrics: loss, masked-token
-accuracy, share of samples whose text was dropped, tokens/s and (GPU) MFU from 6·params·tokens.
+bf16 autocast on GPU (DDP) or FSDP's bf16 parameters; CPU runs fp32 unless run.cpu_bf16. Metrics:
+loss, masked-token accuracy, share of samples whose text was dropped, tokens/s and (GPU) MFU from
+6·params·tokens.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class MaskedWorker(StageWorker):
     """Shared by BaseWorker and SuperResWorker; they set `target` and the few hooks below."""
 
     config_class = TransformerStage
+    console_metrics = ("loss", "acc")
     target = "tokens_lo"  # the token column the model predicts
     kind = "base"
 

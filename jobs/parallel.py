@@ -27,7 +27,7 @@ class WorkerEnv:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     strategy: str = "ddp"
-    bf16: bool = False  # mixed precision active (GPU and run.bf16)
+    bf16: bool = False  # mixed precision active (run.bf16 on GPU, run.cpu_bf16 on CPU)
 
     @property
     def is_main(self) -> bool:
@@ -42,19 +42,19 @@ class WorkerEnv:
         return self.strategy == "fsdp" and self.distributed
 
     def autocast(self):
-        """bf16 autocast under DDP on GPU; FSDP casts through its mixed-precision policy instead."""
-        enabled = self.bf16 and self.device.type == "cuda" and not self.sharded
+        """bf16 autocast (DDP or one worker); FSDP casts through its mixed-precision policy instead."""
+        enabled = self.bf16 and not self.sharded
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def ray_worker_env(strategy: str, bf16: bool) -> WorkerEnv:
+def ray_worker_env(strategy: str, bf16: bool, cpu_bf16: bool = False) -> WorkerEnv:
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     return WorkerEnv(ctx.get_world_rank(), ctx.get_world_size(), device, strategy,
-                     bf16 and device.type == "cuda")
+                     bf16 and device.type == "cuda" or cpu_bf16 and device.type == "cpu")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

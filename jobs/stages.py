@@ -15,6 +15,7 @@ from typing import Any
 
 from jobs.config import STAGES, TrainConfig, load_config
 from jobs.loop import ensure_ray, fit_stage
+from jobs.progress import say, set_verbose, stop_display
 from muse import checkpoint, storage
 from muse.config import preset, to_dict
 
@@ -57,7 +58,7 @@ def token_model_config(name: str, root: str, data: str, info: dict, superres: bo
     adapted = replace(cfg, **changes)
     diff = {k: v for k, v in changes.items() if getattr(cfg, k) != v}
     if diff:
-        print(f"[{'superres' if superres else 'base'}] preset {name} adapted to the data: {diff}")
+        say(f"[{'superres' if superres else 'base'}] preset {name} adapted to the data: {diff}")
     return adapted
 
 
@@ -117,14 +118,17 @@ def _run_vqgan(cfg: TrainConfig, data: str, root: str, component: str, format: s
 
 
 def _lo_for_hi_init(root: str, hi_cfg) -> str:
-    """ROOT/vqgan_lo, checked to have the high-res tokenizer's architecture (all but resolution)."""
+    """ROOT/vqgan_lo, checked to fit the high-res tokenizer: the same architecture at another
+    resolution (its weights are copied), or lo grown by one level (`muse.vqgan.grow`)."""
+    from muse.vqgan import grown_config
+
     uri = checkpoint.component_uri(root, "vqgan_lo")
     if not checkpoint.has_component(root, "vqgan_lo"):
         raise ValueError(f"vqgan.hi_init_from_lo: the model root {root} has no vqgan_lo/ to start vqgan_hi from")
     lo_cfg = checkpoint.read_component_config(uri)[1]
-    if replace(lo_cfg, resolution=hi_cfg.resolution) != hi_cfg:
-        raise ValueError("vqgan.hi_init_from_lo needs vqgan.lo_model and vqgan.hi_model to differ only in "
-                         f"resolution; got {lo_cfg} and {hi_cfg}")
+    if replace(lo_cfg, resolution=hi_cfg.resolution) != hi_cfg and grown_config(lo_cfg) != hi_cfg:
+        raise ValueError("vqgan.hi_init_from_lo needs vqgan.hi_model to be vqgan.lo_model at another resolution, "
+                         f"or grown by one level at twice the resolution; got {lo_cfg} and {hi_cfg}")
     return uri
 
 
@@ -175,7 +179,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                                           "(run.storage_path; default ROOT/runs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set base.optim.lr=3e-4 (repeatable)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress line (logs, CI)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray's own logs and every worker's lines instead of one progress line per stage")
 
 
 def cli_overrides(args: argparse.Namespace, sections: list[str]) -> list[str]:
@@ -209,12 +215,22 @@ def stage_main(stage: str, argv: list[str] | None = None) -> None:
         parser.add_argument("--component", choices=choices,
                             help="which tokenizer: vqgan both (default), decoder auto = vqgan_hi when present")
     args = parser.parse_args(argv)
+    set_verbose(args.verbose)
     try:
         cfg = load_config(args.config, cli_overrides(args, [stage]))
     except (ValueError, OSError) as e:
         parser.error(str(e))
-    results = run_stage(stage, cfg, args.data, args.output, component=getattr(args, "component", None),
-                        format=getattr(args, "format", "auto"))
+    try:
+        results = run_stage(stage, cfg, args.data, args.output, component=getattr(args, "component", None),
+                            format=getattr(args, "format", "auto"))
+    finally:
+        stop_display()
     for result in results:
-        summary = {k: round(v, 4) for k, v in (result.metrics or {}).items() if isinstance(v, float)}
-        print(f"{stage}: finished {summary} checkpoint {result.checkpoint.path if result.checkpoint else None}")
+        print(f"{stage}: {result_summary(result)}", flush=True)
+
+
+def result_summary(result) -> str:
+    """One line for a finished Ray Train run: its last metrics that a person reads, and the checkpoint."""
+    metrics = result.metrics or {}
+    shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("step", "loss", "acc", "psnr", "tokens_per_s") if k in metrics)
+    return f"finished ({shown}); checkpoint {result.checkpoint.path if result.checkpoint else None}"

@@ -32,12 +32,13 @@ from muse import checkpoint
 from muse.config import VQGANConfig, from_dict
 from muse.data.images import tensor_to_pil
 from muse.losses import adaptive_disc_weight, hinge_d_loss, hinge_g_loss, reconstruction_loss
-from muse.vqgan import VQGAN, PatchDiscriminator
+from muse.vqgan import VQGAN, PatchDiscriminator, grow
 
 
 class VQGANWorker(StageWorker):
     config_class = VQGANStage
     stage = "vqgan"
+    console_metrics = ("loss", "psnr")
 
     def __init__(self, section, job: dict, env: WorkerEnv):
         super().__init__(section, job, env)
@@ -63,7 +64,10 @@ class VQGANWorker(StageWorker):
     def build_vqgan(self) -> VQGAN:
         model = VQGAN(self.vq_config)
         if self.job.get("init_from"):  # vqgan.hi_init_from_lo (a resumed run then loads its checkpoint)
-            model.load_state_dict(checkpoint.load_component(self.job["init_from"], expect_kind="vqgan").state_dict())
+            lo = checkpoint.load_component(self.job["init_from"], expect_kind="vqgan")
+            if lo.config.tokens_per_side == self.vq_config.tokens_per_side and lo.config != self.vq_config:
+                return grow(lo)  # one more level at twice the resolution (checked by the driver)
+            model.load_state_dict(lo.state_dict())
         return model
 
     def collate(self, batch: dict) -> dict[str, torch.Tensor]:

@@ -78,6 +78,9 @@ class BaseTransformerConfig:
     text_dim: int = 4096  # T5-XXL width, projected linearly into `hidden`
     kv_heads: int | None = None  # cross-attention K/V heads (grouped-query); None = heads
     dropout: float = 0.0
+    # Not in the paper: trainable self-attention layers over the projected text, for text encoders
+    # that carry no meaning of their own (the random offline T5 of the tiny preset). 0 = the paper.
+    text_layers: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -101,6 +104,7 @@ class SuperResTransformerConfig:
     text_dim: int = 4096
     kv_heads: int | None = None
     dropout: float = 0.0
+    text_layers: int = 0  # as BaseTransformerConfig.text_layers
     # Not in the paper: also add each low-res token's encoding to the high-res positions it covers, so
     # the spatial alignment need not be learned through cross-attention alone (for short CPU runs).
     lo_skip: bool = False
@@ -130,16 +134,18 @@ PRESETS: dict[str, Any] = {
     # Tokenizers
     "vqgan-f16-8192": VQGANConfig(resolution=256, channel_mult=(1, 1, 2, 2, 4)),
     "vqgan-f8-8192": VQGANConfig(resolution=512, channel_mult=(1, 2, 2, 4)),
-    # Plain conv stacks without residual or bottleneck blocks, and quick dead-code restarts: on the
-    # synthetic corpus this keeps colours apart from ~500 steps instead of ~1,000, at ~1/4 of the
-    # step time of the ResNet form (benchmarks/vqgan_recipe.py); the paper-size presets keep the ResNet form.
+    # The tiny tokenizers (benchmarks/demo_ceiling.py, RESULTS.md): plain strided conv stacks without
+    # residual or bottleneck blocks (~1/4 of the ResNet form's step time, colours learnt sooner), f4 at
+    # 64 px so that the base grid is the paper's 16x16 (at f8, 8x8, a shape covers one or two tokens and
+    # no transformer can draw it), an 8-d lookup space, and the high-res tokenizer as the low-res one
+    # grown by one level (`muse.vqgan.grow`: 128 px, f8, the same 16x16 grid), fine-tuned from it.
     "vqgan-tiny": VQGANConfig(
-        resolution=64, base_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=0, mid_block=False,
-        z_channels=64, codebook_size=512, codebook_dim=16, dead_code_threshold=0.3, disc_channels=32, disc_layers=2,
+        resolution=64, base_channels=32, channel_mult=(1, 2, 4), num_res_blocks=0, mid_block=False,
+        z_channels=64, codebook_size=512, codebook_dim=8, disc_channels=32, disc_layers=2,
     ),
     "vqgan-hi-tiny": VQGANConfig(
-        resolution=128, base_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=0, mid_block=False,
-        z_channels=64, codebook_size=512, codebook_dim=16, dead_code_threshold=0.3, disc_channels=32, disc_layers=2,
+        resolution=128, base_channels=32, channel_mult=(1, 1, 2, 4), num_res_blocks=0, mid_block=False,
+        z_channels=64, codebook_size=512, codebook_dim=8, disc_channels=32, disc_layers=2,
     ),
     # Text encoders
     "t5-tiny": TextEncoderConfig(),
@@ -147,13 +153,14 @@ PRESETS: dict[str, Any] = {
     # Transformers
     "base-632m": BaseTransformerConfig(hidden=1280, layers=24, heads=20, mlp=5120),
     "base-3b": BaseTransformerConfig(hidden=2048, layers=48, heads=32, mlp=8192, kv_heads=8),
+    # The tiny transformers read the random offline T5 through two trainable text layers (text_layers).
     "base-tiny": BaseTransformerConfig(
-        codebook_size=512, tokens_per_side=8, hidden=128, layers=4, heads=4, mlp=512, text_dim=64,
+        codebook_size=512, tokens_per_side=16, hidden=128, layers=4, heads=4, mlp=512, text_dim=64, text_layers=2,
     ),
     "superres-268m": SuperResTransformerConfig(hidden=640, lo_layers=16, hi_layers=32, heads=10, mlp=2048),
     "superres-tiny": SuperResTransformerConfig(
-        lo_codebook_size=512, hi_codebook_size=512, lo_tokens_per_side=8, hi_tokens_per_side=16,
-        hidden=128, lo_layers=2, hi_layers=4, heads=4, mlp=512, text_dim=64, lo_skip=True,
+        lo_codebook_size=512, hi_codebook_size=512, lo_tokens_per_side=16, hi_tokens_per_side=16,
+        hidden=128, lo_layers=2, hi_layers=3, heads=4, mlp=512, text_dim=64, lo_skip=True, text_layers=1,
     ),
 }
 

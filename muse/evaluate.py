@@ -122,6 +122,25 @@ def heldout_images(n: int, size: int, seed: int = 10_000) -> list[tuple[str, Ima
 
 
 @torch.no_grad()
+def tokenizer_ceiling(vqgan, samples: list[tuple[str, Image.Image]], batch: int = 32) -> dict:
+    """The attribute judge on the tokenizer's reconstructions (encode, then decode) next to the same
+    images resized to the tokenizer's resolution without it: what any transformer trained on these
+    tokens can at best draw. samples: (caption, image) pairs."""
+    from muse.data.images import tensor_to_pil
+
+    size = vqgan.config.resolution
+    originals, recons = [], []
+    for start in range(0, len(samples), batch):
+        chunk = samples[start:start + batch]
+        x = torch.stack([pil_to_tensor(img, size) for _, img in chunk])
+        y = vqgan.decode(vqgan.encode(x.to(next(vqgan.parameters()).device)))
+        for (text, _), a, b in zip(chunk, x, y):
+            originals.append(judge(tensor_to_pil(a), text))
+            recons.append(judge(tensor_to_pil(b), text))
+    return {"resolution": size, "reconstructions": summarize(recons), "originals": summarize(originals)}
+
+
+@torch.no_grad()
 def reconstruction_psnr(vqgan, images: list[Image.Image]) -> float:
     x = torch.stack([pil_to_tensor(img, vqgan.config.resolution) for img in images])
     return psnr(x, vqgan.decode(vqgan.encode(x)))
@@ -204,7 +223,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 # -- the command ------------------------------------------------------------------------------------
 
 def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: int = 16, seed: int = 0,
-             clip_path: str | None = None, reference_images: int = 32, base_generate: Generate | None = None) -> dict:
+             clip_path: str | None = None, reference_images: int = 32, base_generate: Generate | None = None,
+             ceiling_images: int = 200) -> dict:
     """Run every evaluation that applies and write report.json + grid.png into `out`.
     `base_generate` (images from the base stage alone) adds `judge_base` and grid_base.png, so a
     weak super-res stage cannot hide what the base model draws."""
@@ -223,6 +243,10 @@ def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: 
             hi = heldout_images(reference_images, pipe.vqgan_hi.config.resolution)
             report["psnr_db"]["vqgan_hi"] = reconstruction_psnr(pipe.vqgan_hi, [im for _, im in hi])
         report["masked_token_accuracy"] = token_accuracy(pipe, samples, seed=seed)
+        judged = heldout_images(ceiling_images, 128, seed=seed + 55)
+        report["tokenizer_ceiling"] = {name: tokenizer_ceiling(vq, judged)
+                                       for name, vq in (("vqgan_lo", pipe.vqgan_lo), ("vqgan_hi", pipe.vqgan_hi))
+                                       if vq is not None}
     clip = load_clip(clip_path)
     if clip is None:
         report["clip"] = "skipped: pass --clip DIR (a local Hugging Face CLIP model) for CLIP score and FID"

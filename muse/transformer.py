@@ -80,10 +80,13 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(hidden, hidden, bias=False)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, C); mask (B, N) bool, True = may be attended to (None = all)."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
 
 
@@ -142,8 +145,8 @@ class Block(nn.Module):
         self.mlp = MLP(hidden, mlp, dropout)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+                mask: torch.Tensor | None = None, self_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), self_mask)
         if self.cross is not None:
             x = x + self.cross(self.norm2(x), k, v, mask)
         return x + self.mlp(self.norm3(x))
@@ -167,19 +170,30 @@ class TokenEmbedding(nn.Module):
 
 
 class TextProjection(nn.Module):
-    """Text embeddings (B, L, D_text) -> (B, 1 + L, C) with the learned null token in front."""
+    """Text embeddings (B, L, D_text) -> (B, 1 + L, C) with the learned null token in front.
 
-    def __init__(self, text_dim: int, hidden: int):
+    With `layers` > 0 a small trainable self-attention trunk runs over [null ; text] (padding masked
+    out, so a prompt's context never depends on what it is batched with). Not in the paper, whose T5
+    is pretrained and carries meaning; a randomly initialised frozen T5 (the offline tiny preset) only
+    carries byte identity and position, and the trunk learns to read the words from them."""
+
+    def __init__(self, text_dim: int, hidden: int, layers: int = 0, heads: int = 4, mlp: int | None = None):
         super().__init__()
         self.proj = nn.Linear(text_dim, hidden)
         self.null = nn.Parameter(torch.zeros(1, 1, hidden))
         nn.init.normal_(self.null, std=0.02)
+        self.layers = nn.ModuleList(
+            Block(hidden, heads, mlp or 4 * hidden, 0.0, cross=False) for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(hidden) if layers else None
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B = text.shape[0]
-        x = torch.cat([self.null.expand(B, -1, -1), self.proj(text)], dim=1)
+        x = torch.cat([self.null.expand(B, -1, -1), self.proj(text)], dim=1)  # (B, 1+L, C)
         mask = torch.cat([text_mask.new_ones(B, 1), text_mask], dim=1).bool()
-        return x, mask
+        for layer in self.layers:
+            x = layer(x, self_mask=mask)
+        return (x if self.norm is None else self.norm(x)), mask
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -204,7 +218,7 @@ class MaskedTransformer(nn.Module):
         self.mask_token_id = c.codebook_size  # one id past the codebook
         self.num_tokens = c.num_tokens
         self.embed = TokenEmbedding(c.codebook_size, c.tokens_per_side, c.hidden)
-        self.text = TextProjection(c.text_dim, c.hidden)
+        self.text = TextProjection(c.text_dim, c.hidden, c.text_layers, c.heads, c.mlp)
         self.blocks = nn.ModuleList(
             Block(c.hidden, c.heads, c.mlp, c.dropout, c.kv_heads) for _ in range(c.layers)
         )
@@ -244,7 +258,7 @@ class SuperResTransformer(nn.Module):
             Block(c.hidden, c.heads, c.mlp, c.dropout, cross=False) for _ in range(c.lo_layers)
         )
         self.lo_norm = nn.LayerNorm(c.hidden)
-        self.text = TextProjection(c.text_dim, c.hidden)
+        self.text = TextProjection(c.text_dim, c.hidden, c.text_layers, c.heads, c.mlp)
         self.embed = TokenEmbedding(c.hi_codebook_size, c.hi_tokens_per_side, c.hidden)
         self.blocks = nn.ModuleList(
             Block(c.hidden, c.heads, c.mlp, c.dropout, c.kv_heads) for _ in range(c.hi_layers)

@@ -345,3 +345,35 @@ def freeze_for_decoder_finetune(vqgan: VQGAN) -> VQGAN:
     for p in vqgan.decoder.parameters():
         p.requires_grad_(True)
     return vqgan
+
+
+def grown_config(lo: VQGANConfig) -> VQGANConfig:
+    """`lo` at twice the resolution with the same token grid: one more level, as wide as lo's first."""
+    return replace(lo, resolution=2 * lo.resolution, channel_mult=(lo.channel_mult[0],) + tuple(lo.channel_mult))
+
+
+def grow(lo: VQGAN) -> VQGAN:
+    """A tokenizer for twice `lo`'s resolution with the same token grid (f doubles): one new stride-2
+    level at the full-resolution end of the encoder and of the decoder; every other layer and the
+    quantizer (codebook, projection, usage) are copied from `lo`. Its codes start out meaning what
+    `lo`'s mean, so fine-tuning it costs a fraction of training a high-res tokenizer from scratch."""
+    big = VQGAN(grown_config(lo.config)).to(device=lo.quantizer.codebook.device, dtype=lo.quantizer.codebook.dtype)
+    source = lo.state_dict()
+    # The encoder's new level sits at its start: lo's down.i is big's down.(i + shift). The decoder's
+    # new level sits at its end: up.i is the same module in both. Everything else keeps its name.
+    shift = len(big.encoder.down) - len(lo.encoder.down)
+    target = {}
+    for name, tensor in source.items():
+        if name.startswith("encoder.conv_in."):
+            continue  # lo's input conv reads pixels at lo's resolution; big's reads them at twice that
+        if name.startswith("encoder.down."):
+            index, rest = name[len("encoder.down."):].split(".", 1)
+            name = f"encoder.down.{int(index) + shift}.{rest}"
+        target[name] = tensor
+    own = big.state_dict()
+    mismatched = [k for k, v in target.items() if k not in own or own[k].shape != v.shape]
+    if mismatched:
+        raise ValueError(f"cannot grow this VQGAN (layers that do not line up: {mismatched[:4]})")
+    own.update(target)
+    big.load_state_dict(own)
+    return big

@@ -303,9 +303,10 @@ def _check_resumable(out: str, spec: dict, finished: dict[str, dict], planned: s
 
 def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None = None,
         format: str = "auto", on_published: Callable[[dict], None] | None = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, reporter=None) -> dict:
     """Tokenize every unfinished part of the corpus at `input_uri` into `output`; returns totals.
-    `on_published(entry)` is called (on a writer thread) after each part is published."""
+    `on_published(entry)` is called (on a writer thread) after each part is published. Progress is a
+    tqdm bar, or goes to `reporter` (jobs.progress.Reporter: `update(done, metrics)`, `finish(line)`)."""
     import ray
     from tqdm import tqdm
 
@@ -327,7 +328,10 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
                 "tokens_hi_side": hi_size // _factor(spec["vqgan_hi"]) if hi_size else None,
                 "text_storage": cfg.text_storage, "text_dim": text_dim}
         schema = shards.shard_schema(has_hi=hi_size is not None, text_storage=cfg.text_storage, meta=meta)
-        bar = tqdm(total=len(todo), unit="part", desc="tokenize", disable=not progress, smoothing=0.1)
+        bar = tqdm(total=len(todo), unit="part", desc="tokenize", disable=not progress or reporter is not None,
+                   smoothing=0.1)
+        if reporter is not None:
+            reporter.total = len(todo)
         lock = threading.Lock()
 
         def published(entry: dict) -> None:
@@ -336,6 +340,8 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
                 rows += entry["rows"]
                 bar.update(1)
                 bar.set_postfix(images_per_s=f"{rows / max(time.time() - start, 1e-9):.1f}", refresh=False)
+                if reporter is not None:
+                    reporter.update(bar.n, {"images/s": rows / max(time.time() - start, 1e-9)})
             if on_published is not None:
                 on_published(entry)
 
@@ -356,9 +362,13 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     seconds = time.time() - start
     totals = shards.summarize(output, list(shards.finished_parts(output).values()), cfg.examples_per_reason)
     reasons = ", ".join(f"{k} {v}" for k, v in totals["rejects"]["by_reason"].items()) or "none"
-    print(f"tokenize: {totals['accepted']} accepted, {totals['rejected']} rejected ({reasons}) in "
-          f"{totals['parts']} parts; this run {len(todo)} parts ({len(parts) - len(todo)} already done), "
-          f"{rows} samples in {seconds:.1f}s ({rows / max(seconds, 1e-9):.1f} samples/s) -> {output}")
+    line = (f"{totals['accepted']} accepted, {totals['rejected']} rejected ({reasons}) in "
+            f"{totals['parts']} parts; this run {len(todo)} parts ({len(parts) - len(todo)} already done), "
+            f"{rows} samples in {seconds:.1f}s ({rows / max(seconds, 1e-9):.1f} samples/s) -> {output}")
+    if reporter is not None:
+        reporter.finish(line)
+    else:
+        print(f"tokenize: {line}", flush=True)
     return totals | {"run_parts": len(todo), "run_rows": rows, "seconds": seconds}
 
 

@@ -91,3 +91,33 @@ def test_evaluate_with_tiny_pipeline_and_clip(tmp_path):
 def test_missing_holdout_is_clear(tmp_path):
     with pytest.raises(ValueError, match="holdout.json"):
         evaluate(_oracle, None, str(tmp_path), str(tmp_path / "o"))
+
+
+class _PixelTokenizer(torch.nn.Module):
+    """A 'tokenizer' whose round trip is exact (or blank): the ceiling must read the images as they are."""
+
+    def __init__(self, blank: bool):
+        super().__init__()
+        from muse.config import preset
+
+        self.config = preset("vqgan-tiny")
+        self.blank = blank
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def encode(self, x):
+        return x
+
+    def decode(self, x):
+        return torch.ones_like(x) if self.blank else x
+
+
+def test_tokenizer_ceiling_judges_reconstructions_beside_the_originals():
+    from muse.evaluate import heldout_images, tokenizer_ceiling
+
+    samples = heldout_images(24, 128)
+    exact = tokenizer_ceiling(_PixelTokenizer(blank=False), samples)
+    assert exact["resolution"] == 64 and exact["originals"]["n"] == 24
+    assert exact["originals"]["correct"] >= 0.9  # the judge reads 64 px renders
+    assert exact["reconstructions"] == exact["originals"]
+    blank = tokenizer_ceiling(_PixelTokenizer(blank=True), samples)
+    assert blank["reconstructions"]["color"] == 0.0 and blank["originals"] == exact["originals"]

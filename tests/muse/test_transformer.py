@@ -1,7 +1,13 @@
 import torch
 
+from dataclasses import replace
+
 from muse.config import preset
 from muse.transformer import Context, MaskedTransformer, SuperResTransformer
+
+
+# Super-res from an 8x8 low-res grid to the 16x16 high-res one: the skip's copying is visible.
+SUPERRES_8_TO_16 = replace(preset("superres-tiny"), lo_tokens_per_side=8)
 
 
 def _text(B=2, L=5, D=64):
@@ -18,13 +24,13 @@ def test_base_shapes_and_dtypes():
     emb, mask = _text()
     ids = torch.randint(0, model.codebook_size + 1, (2, model.num_tokens))
     logits = model(ids, model.encode_context(emb, mask))
-    assert logits.shape == (2, 64, 512) and logits.dtype == torch.float32
+    assert logits.shape == (2, 256, 512) and logits.dtype == torch.float32
     assert model.mask_token_id == 512
 
 
 def test_superres_shapes():
     torch.manual_seed(0)
-    model = SuperResTransformer(preset("superres-tiny"))
+    model = SuperResTransformer(SUPERRES_8_TO_16)
     emb, mask = _text()
     lo = torch.randint(0, 512, (2, 8, 8))
     hi = torch.full((2, 256), model.mask_token_id)
@@ -35,7 +41,7 @@ def test_superres_shapes():
 def test_gradients_reach_every_parameter():
     torch.manual_seed(0)
     for model, extra in [(MaskedTransformer(preset("base-tiny")), ()),
-                         (SuperResTransformer(preset("superres-tiny")), (torch.randint(0, 512, (2, 64)),))]:
+                         (SuperResTransformer(SUPERRES_8_TO_16), (torch.randint(0, 512, (2, 64)),))]:
         emb, mask = _text()
         ids = torch.randint(0, model.codebook_size + 1, (2, model.num_tokens))
         model(ids, model.encode_context(emb, mask, *extra)).logsumexp(-1).mean().backward()
@@ -48,7 +54,7 @@ def test_padded_text_positions_are_ignored():
     model = MaskedTransformer(preset("base-tiny")).eval()
     emb, mask = _text(B=1)
     mask[0, 3:] = False
-    ids = torch.randint(0, 512, (1, 64))
+    ids = torch.randint(0, 512, (1, 256))
     a = model(ids, model.encode_context(emb, mask))
     emb2 = emb.clone()
     emb2[0, 3:] = 100.0  # garbage in padded slots must not matter
@@ -60,7 +66,7 @@ def test_unconditional_context_differs_and_has_no_nans():
     torch.manual_seed(0)
     model = MaskedTransformer(preset("base-tiny")).eval()
     emb, mask = _text(B=1)
-    ids = torch.randint(0, 512, (1, 64))
+    ids = torch.randint(0, 512, (1, 256))
     cond = model(ids, model.encode_context(emb, mask))
     uncond = model(ids, model.encode_context(emb, torch.zeros_like(mask)))
     assert torch.isfinite(uncond).all()
@@ -73,7 +79,7 @@ def test_context_cat_pads_and_matches_separate_forwards():
     e1, m1 = torch.randn(1, 4, 64), torch.ones(1, 4, dtype=torch.bool)
     e2, m2 = torch.randn(1, 7, 64), torch.ones(1, 7, dtype=torch.bool)
     c1, c2 = model.encode_context(e1, m1), model.encode_context(e2, m2)
-    ids = torch.randint(0, 512, (1, 64))
+    ids = torch.randint(0, 512, (1, 256))
     joint = model(ids.repeat(2, 1), Context.cat([c1, c2]))
     assert torch.allclose(joint[0], model(ids, c1)[0], atol=1e-5)
     assert torch.allclose(joint[1], model(ids, c2)[0], atol=1e-5)
@@ -83,7 +89,7 @@ def test_context_cat_pads_and_matches_separate_forwards():
 def test_superres_lo_skip_copies_each_low_res_token_to_the_positions_it_covers():
     torch.manual_seed(0)
     assert preset("superres-tiny").lo_skip and not preset("superres-268m").lo_skip  # paper model unchanged
-    model = SuperResTransformer(preset("superres-tiny")).eval()
+    model = SuperResTransformer(SUPERRES_8_TO_16).eval()
     assert torch.count_nonzero(model.lo_skip.weight) == 0  # starts as the cross-attention-only model
     torch.nn.init.normal_(model.lo_skip.weight)
     emb, mask = _text()

@@ -15,7 +15,7 @@ TINY = preset("vqgan-tiny")
 # A smaller tokenizer for the training tests: f8 over 32px images, a 64-code codebook, in the
 # ResNet form of the paper-size presets (residual blocks, attention bottleneck, slow restarts).
 SMALL = replace(TINY, resolution=32, base_channels=16, z_channels=32, codebook_size=64, codebook_dim=8,
-                num_res_blocks=1, mid_block=True, dead_code_threshold=1e-3)
+                channel_mult=(1, 2, 2, 4), num_res_blocks=1, mid_block=True, dead_code_threshold=1e-3)
 PLAIN = replace(SMALL, num_res_blocks=0, mid_block=False)  # the tiny presets' form
 STEPS_OVERFIT = 150  # MSE falls ~40x by here (~7x by step 100)
 STEPS_USAGE = 120  # codes collapse to ~7 of 64 by step 50; restarts revive ~50 by step 120
@@ -289,3 +289,23 @@ def test_paper_presets_have_sane_sizes(name):
     params = sum(p.numel() for p in model.parameters())
     assert 20e6 < params < 150e6, params
     assert model.quantizer.codebook.shape == (8192, cfg.codebook_dim)
+
+
+def test_grow_doubles_the_resolution_keeps_the_grid_and_copies_every_lower_layer():
+    from muse.vqgan import grow
+
+    torch.manual_seed(0)
+    lo = VQGAN(PLAIN).eval()
+    hi = grow(lo).eval()
+    assert hi.config.resolution == 2 * lo.config.resolution
+    assert hi.config.tokens_per_side == lo.config.tokens_per_side
+    assert torch.equal(hi.quantizer.codebook, lo.quantizer.codebook)
+    shift = len(hi.encoder.down) - len(lo.encoder.down)
+    for i, module in enumerate(lo.encoder.down):
+        for (_, a), (_, b) in zip(module.state_dict().items(), hi.encoder.down[i + shift].state_dict().items()):
+            assert torch.equal(a, b)
+    for i, module in enumerate(lo.decoder.up):
+        for (_, a), (_, b) in zip(module.state_dict().items(), hi.decoder.up[i].state_dict().items()):
+            assert torch.equal(a, b)
+    ids = hi.encode(torch.zeros(2, 3, 64, 64))
+    assert ids.shape == (2, 4, 4) and hi.decode(ids).shape == (2, 3, 64, 64)

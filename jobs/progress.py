@@ -1,0 +1,215 @@
+"""Console progress for long stages: one live line per running stage, one summary line as each ends.
+
+Ray forwards every worker's stdout to the driver, and a tqdm bar on a Ray Train worker reaches the
+console twice, between Ray Train's own "Reporting training result" lines. So at the default verbosity
+the workers print nothing to the console (their lines stay in Ray's log files): the rank-0 worker of a
+stage sends its progress to a small `ProgressBoard` actor, and the driver draws from it
+
+    vqgan_lo      1200/2000 steps   9.8 step/s  ETA 1m22s  psnr 24.1
+    tokenize        12/16 parts    84.0 img/s   ETA 0m04s
+    ✓ vqgan_hi    done: 400 steps in 2m05s, psnr 27.3
+
+redrawn in place on a terminal, and as plain lines every `interval` seconds otherwise (a CI log, or
+`ray job submit`, whose driver output is a log). `--verbose` (or MUSE_VERBOSE=1) turns this off and
+brings back Ray's own logs and the workers' lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+VERBOSE_ENV = "MUSE_VERBOSE"
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false", "no")
+
+
+def set_verbose(on: bool) -> None:
+    """`--verbose` of every entry point; the environment carries it to Ray workers started later."""
+    if on:
+        os.environ[VERBOSE_ENV] = "1"
+
+
+def ray_init_kwargs() -> dict[str, Any]:
+    """ray.init arguments for the console: quiet unless verbose."""
+    if verbose():
+        return {}
+    return {"log_to_driver": False, "logging_level": logging.WARNING}
+
+
+def quiet_ray_loggers() -> None:
+    """Ray's driver-side INFO lines (Serve deploys, Data plans, Train runs) are noise at the default verbosity."""
+    if verbose():
+        return
+    for name in ("ray", "ray.serve", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def progress_line(name: str, state: dict) -> str:
+    """'name  done/total unit  rate  ETA  metric value ...' for one running stage."""
+    done, total, unit = state.get("done", 0), state.get("total"), state.get("unit", "steps")
+    rate, rate_unit = state.get("rate"), state.get("rate_unit", "step/s")
+    parts = [f"{name:<12}", f"{done:>6}/{total} {unit}" if total else f"{done:>6} {unit}"]
+    if rate:
+        parts.append(f"{rate:7.1f} {rate_unit}")
+        if total and state.get("rate_of_done", True):
+            parts.append(f"ETA {format_seconds((total - done) / rate)}")
+    parts += [f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in state.get("metrics", {}).items()]
+    return "  ".join(parts)
+
+
+class Board:
+    """What the live lines are drawn from: the state of each running stage and the finished summaries.
+    Runs as a Ray actor (`ProgressBoard`) so that Ray Train workers anywhere in the cluster can post."""
+
+    def __init__(self):
+        self.states: dict[str, dict] = {}
+        self.finished: list[str] = []
+
+    def update(self, name: str, state: dict) -> None:
+        self.states[name] = state
+
+    def finish(self, name: str, summary: str) -> None:
+        self.states.pop(name, None)
+        self.finished.append(f"✓ {name:<12} {summary}")
+
+    def note(self, line: str) -> None:
+        self.finished.append(line)
+
+    def poll(self, seen: int) -> tuple[dict[str, dict], list[str]]:
+        """(running states, summaries after the first `seen`)."""
+        return dict(self.states), self.finished[seen:]
+
+
+_board = None
+_display: Display | None = None
+_lock = threading.Lock()
+
+
+def board():
+    """This driver's ProgressBoard actor (created on first use; Ray must be initialised)."""
+    global _board
+    with _lock:
+        if _board is None:
+            import ray
+
+            _board = ray.remote(num_cpus=0)(Board).options(max_concurrency=4).remote()
+        return _board
+
+
+class Display:
+    """Driver thread that draws the board: in place on a terminal, as periodic lines otherwise."""
+
+    def __init__(self, handle, stream=None, interval: float | None = None):
+        self.handle, self.stream = handle, stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.interval = interval if interval is not None else (0.5 if self.tty else 30.0)
+        self.seen, self.drawn, self.last_plain = 0, 0, 0.0
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="muse-progress", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop_event.wait(0.5 if self.tty else 1.0):
+            self.draw()
+        self.draw(final=True)
+
+    def draw(self, final: bool = False) -> None:
+        import ray
+
+        try:
+            states, finished = ray.get(self.handle.poll.remote(self.seen), timeout=10)
+        except Exception:  # the actor went with a Ray shutdown; nothing left to draw
+            return
+        self.seen += len(finished)
+        lines = [progress_line(name, state) for name, state in states.items()]
+        if self.tty:
+            out = "\x1b[1A\x1b[2K" * self.drawn  # up and clear the previous live lines
+            out += "".join(f"{line}\n" for line in finished)
+            live = [] if final else lines
+            out += "".join(f"\x1b[2K{line}\n" for line in live)
+            self.drawn = len(live)
+            self.stream.write(out)
+        else:
+            out = "".join(f"{line}\n" for line in finished)
+            now = time.time()
+            if lines and not final and now - self.last_plain >= self.interval:
+                out += "".join(f"  {line}\n" for line in lines)
+                self.last_plain = now
+            self.stream.write(out)
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=15)
+
+
+def start_display() -> Any | None:
+    """Start drawing this driver's board (once); returns the board handle for workers, or None when
+    verbose (then workers print their own lines)."""
+    global _display
+    if verbose():
+        return None
+    handle = board()
+    with _lock:
+        if _display is None:
+            _display = Display(handle)
+    return handle
+
+
+def stop_display() -> None:
+    """Draw what is left and stop (before Ray shuts down)."""
+    global _display, _board
+    with _lock:
+        display, _display = _display, None
+    if display is not None:
+        display.close()
+    _board = None
+
+
+def say(line: str) -> None:
+    """Print a line on the driver's console; above the live lines while they are drawn."""
+    with _lock:
+        active = _display is not None
+    if active:
+        _board.note.remote(line)
+    else:
+        print(line, flush=True)
+
+
+class Reporter:
+    """What a stage posts: `update(done, metrics)` at most every `every` seconds, `finish(summary)`.
+    With no board handle (verbose, or no Ray) it does nothing: the caller's own prints are the log."""
+
+    def __init__(self, handle, name: str, total: int | None, unit: str = "steps", rate_unit: str = "step/s",
+                 every: float = 1.0, start_done: int = 0):
+        self.handle, self.name, self.total, self.unit, self.rate_unit = handle, name, total, unit, rate_unit
+        self.every, self.last = every, 0.0
+        self.start, self.start_done = time.time(), start_done
+
+    def update(self, done: int, metrics: dict[str, Any] | None = None, force: bool = False) -> None:
+        if self.handle is None:
+            return
+        now = time.time()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        rate = (done - self.start_done) / max(now - self.start, 1e-9)
+        state = {"done": done, "total": self.total, "unit": self.unit, "rate": rate, "rate_unit": self.rate_unit,
+                 "metrics": metrics or {}}
+        self.handle.update.remote(self.name, state)
+
+    def finish(self, summary: str) -> None:
+        if self.handle is not None:
+            self.handle.finish.remote(self.name, summary)
