@@ -81,6 +81,8 @@ class BaseTransformerConfig:
     # Not in the paper: trainable self-attention layers over the projected text, for text encoders
     # that carry no meaning of their own (the random offline T5 of the tiny preset). 0 = the paper.
     text_layers: int = 0
+    # Not in the paper (aMUSEd-512 does it): p x p tokens share one trunk position (TokenPatches). 1 = Muse.
+    token_patch: int = 1
 
     @property
     def num_tokens(self) -> int:
@@ -105,6 +107,7 @@ class SuperResTransformerConfig:
     kv_heads: int | None = None
     dropout: float = 0.0
     text_layers: int = 0  # as BaseTransformerConfig.text_layers
+    token_patch: int = 1  # as BaseTransformerConfig.token_patch, over the high-res grid
     # Not in the paper: also add each low-res token's encoding to the high-res positions it covers, so
     # the spatial alignment need not be learned through cross-attention alone (for short CPU runs).
     lo_skip: bool = False
@@ -153,14 +156,17 @@ PRESETS: dict[str, Any] = {
     # Transformers
     "base-632m": BaseTransformerConfig(hidden=1280, layers=24, heads=20, mlp=5120),
     "base-3b": BaseTransformerConfig(hidden=2048, layers=48, heads=32, mlp=8192, kv_heads=8),
-    # The tiny transformers read the random offline T5 through two trainable text layers (text_layers).
+    # The tiny transformers read the random offline T5 through trainable text layers (text_layers), and
+    # 2x2 tokens share a trunk position (token_patch), a third of the step time on a 16x16 grid.
     "base-tiny": BaseTransformerConfig(
         codebook_size=512, tokens_per_side=16, hidden=128, layers=4, heads=4, mlp=512, text_dim=64, text_layers=2,
+        token_patch=2,
     ),
     "superres-268m": SuperResTransformerConfig(hidden=640, lo_layers=16, hi_layers=32, heads=10, mlp=2048),
     "superres-tiny": SuperResTransformerConfig(
         lo_codebook_size=512, hi_codebook_size=512, lo_tokens_per_side=16, hi_tokens_per_side=16,
         hidden=128, lo_layers=2, hi_layers=3, heads=4, mlp=512, text_dim=64, lo_skip=True, text_layers=1,
+        token_patch=2,
     ),
 }
 

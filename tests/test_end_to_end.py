@@ -11,7 +11,8 @@ pytestmark = pytest.mark.slow
 
 STEPS = [
     "stages=[vqgan,base,superres,decoder]",  # the demo leaves the decoder fine-tune out; CI covers it
-    "vqgan.run.max_steps=6", "vqgan.run.checkpoint_every=6", "vqgan.run.sample_every=6", "vqgan.run.log_every=3",
+    "vqgan.run.max_steps=6", "vqgan.hi_max_steps=4", "vqgan.run.checkpoint_every=6", "vqgan.run.sample_every=6",
+    "vqgan.run.log_every=3",
     "base.run.max_steps=6", "base.run.checkpoint_every=6", "base.run.sample_every=6", "base.run.log_every=3",
     "superres.run.max_steps=4", "superres.run.checkpoint_every=4", "superres.run.sample_every=4",
     "superres.run.log_every=2",

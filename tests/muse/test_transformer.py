@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from dataclasses import replace
@@ -110,3 +111,28 @@ def test_superres_lo_skip_copies_each_low_res_token_to_the_positions_it_covers()
     no_bias = Context(ctx.keys, ctx.values, ctx.mask)
     with torch.no_grad():
         assert not torch.allclose(model(hi, no_bias), separate)  # the bias reaches the logits
+
+
+def test_token_patches_group_neighbouring_tokens_and_give_each_token_its_own_logits():
+    from muse.transformer import TokenPatches
+
+    patches = TokenPatches(side=4, p=2, hidden=1)
+    with torch.no_grad():
+        patches.down.weight.copy_(torch.tensor([[1.0, 10.0, 100.0, 1000.0]]))
+        patches.down.bias.zero_()
+    x = torch.arange(16, dtype=torch.float32).view(1, 16, 1)  # token t of the 4x4 grid holds t
+    folded = patches.fold(x)
+    assert folded.shape == (1, 4, 1)
+    # Patch (0, 0) holds tokens 0, 1 (its top row) and 4, 5; patch (1, 1) holds 10, 11, 14, 15.
+    assert folded[0, 0, 0].item() == 0 * 1 + 1 * 10 + 4 * 100 + 5 * 1000
+    assert folded[0, 3, 0].item() == 10 * 1 + 11 * 10 + 14 * 100 + 15 * 1000
+    assert patches.unfold(folded).shape == (1, 16, 1)
+    with pytest.raises(ValueError, match="token_patch"):
+        TokenPatches(side=5, p=2, hidden=1)
+    # In a model, the tokens that share a position still get logits of their own.
+    torch.manual_seed(0)
+    model = MaskedTransformer(preset("base-tiny")).eval()
+    assert model.config.token_patch == 2
+    emb, mask = _text(B=1)
+    logits = model(torch.full((1, 256), model.mask_token_id), model.encode_context(emb, mask))
+    assert not torch.allclose(logits[0, 0], logits[0, 1])
