@@ -98,7 +98,7 @@ ATTRIBUTES = (("color", "colour"), ("shape", "shape"), ("count", "count"), ("pla
 
 def judge_table(report: dict) -> str:
     """The judge's figures as a console table: one row per stage and prompt set, chance in brackets."""
-    header = f"{'':<28}" + "".join(f"{label:>15}" for _, label in ATTRIBUTES)
+    header = f"{'':<38}" + "".join(f"{label:>15}" for _, label in ATTRIBUTES)
     rows = [header]
     for key, stage in (("judge_base", "base (256x256)"), ("judge", "full chain (512x512)")):
         summary = report.get(key)
@@ -106,9 +106,9 @@ def judge_table(report: dict) -> str:
             continue
         for name, label in (("seen", "seen"), ("held_out", "held-out")):
             got, chance = summary.get(name, {}), summary.get("chance", {}).get(name, {})
-            cells = "".join(f"{got[k]:>7.2f} ({chance.get(k, float('nan')):.2f})" if k in got else f"{'-':>15}"
+            cells = "".join(f"{got[k]:>8.2f} ({chance.get(k, float('nan')):.2f})" if k in got else f"{'-':>15}"
                             for k, _ in ATTRIBUTES)
-            rows.append(f"{stage + ', ' + label + ' n=' + str(got.get('n', 0)):<28}{cells}")
+            rows.append(f"{stage + ', ' + label + ' n=' + str(got.get('n', 0)):<38}{cells}")
     return "\n".join(rows)
 
 
@@ -180,9 +180,10 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
         storage.write_text(storage.join(output, "report.json"), json.dumps(report, indent=1))
         serve.delete("muse-demo")
     finally:
-        serve.shutdown()
         if started_ray:
-            ray.shutdown()
+            ray.shutdown()  # takes Serve with it (serve.shutdown() here races the controller's own exit)
+        else:
+            serve.shutdown()
     minutes = (time.time() - began) / 60
     print(f"\n[demo] done in {minutes:.1f} min. The attribute judge on served images (chance level in brackets):",
           flush=True)

@@ -111,8 +111,9 @@ def board():
 class Display:
     """Driver thread that draws the board: in place on a terminal, as periodic lines otherwise."""
 
-    def __init__(self, handle, stream=None, interval: float | None = None):
-        self.handle, self.stream = handle, stream or sys.stdout
+    def __init__(self, poll, stream=None, interval: float | None = None):
+        """poll(seen) -> (running states, summaries after the first `seen`), e.g. Board.poll."""
+        self.poll, self.stream = poll, stream or sys.stdout
         self.tty = self.stream.isatty()
         self.interval = interval if interval is not None else (0.5 if self.tty else 30.0)
         self.seen, self.drawn, self.last_plain = 0, 0, 0.0
@@ -126,11 +127,9 @@ class Display:
         self.draw(final=True)
 
     def draw(self, final: bool = False) -> None:
-        import ray
-
         try:
-            states, finished = ray.get(self.handle.poll.remote(self.seen), timeout=10)
-        except Exception:  # the actor went with a Ray shutdown; nothing left to draw
+            states, finished = self.poll(self.seen)
+        except Exception:  # the board went with a Ray shutdown; nothing left to draw
             return
         self.seen += len(finished)
         lines = [progress_line(name, state) for name, state in states.items()]
@@ -164,7 +163,9 @@ def start_display() -> Any | None:
     handle = board()
     with _lock:
         if _display is None:
-            _display = Display(handle)
+            import ray
+
+            _display = Display(lambda seen: ray.get(handle.poll.remote(seen), timeout=10))
     return handle
 
 
@@ -196,7 +197,7 @@ class Reporter:
                  every: float = 1.0, start_done: int = 0):
         self.handle, self.name, self.total, self.unit, self.rate_unit = handle, name, total, unit, rate_unit
         self.every, self.last = every, 0.0
-        self.start, self.start_done = time.time(), start_done
+        self.mark, self.mark_done, self.rate = time.time(), start_done, None
 
     def update(self, done: int, metrics: dict[str, Any] | None = None, force: bool = False) -> None:
         if self.handle is None:
@@ -205,7 +206,13 @@ class Reporter:
         if not force and now - self.last < self.every:
             return
         self.last = now
-        rate = (done - self.start_done) / max(now - self.start, 1e-9)
+        if self.rate is None:  # the first post: the time before it is start-up, not a rate
+            self.mark, self.mark_done, self.rate = now, done, 0.0
+        elif done > self.mark_done:  # a smoothed recent rate
+            recent = (done - self.mark_done) / max(now - self.mark, 1e-9)
+            self.rate = recent if not self.rate else 0.7 * self.rate + 0.3 * recent
+            self.mark, self.mark_done = now, done
+        rate = self.rate
         state = {"done": done, "total": self.total, "unit": self.unit, "rate": rate, "rate_unit": self.rate_unit,
                  "metrics": metrics or {}}
         self.handle.update.remote(self.name, state)

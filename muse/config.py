@@ -138,16 +138,17 @@ PRESETS: dict[str, Any] = {
     "vqgan-f16-8192": VQGANConfig(resolution=256, channel_mult=(1, 1, 2, 2, 4)),
     "vqgan-f8-8192": VQGANConfig(resolution=512, channel_mult=(1, 2, 2, 4)),
     # The tiny tokenizers (benchmarks/demo_ceiling.py, RESULTS.md): plain strided conv stacks without
-    # residual or bottleneck blocks (~1/4 of the ResNet form's step time, colours learnt sooner), f4 at
-    # 64 px so that the base grid is the paper's 16x16 (at f8, 8x8, a shape covers one or two tokens and
-    # no transformer can draw it), an 8-d lookup space, and the high-res tokenizer as the low-res one
-    # grown by one level (`muse.vqgan.grow`: 128 px, f8, the same 16x16 grid), fine-tuned from it.
+    # residual or bottleneck blocks (~1/4 of the ResNet form's step time, colours learnt sooner), an
+    # 8-d lookup space. The 128 px tokenizer is the 64 px one at twice the resolution, fine-tuned from
+    # it: a 16x16 grid, the paper's base grid, which is what the full chain is drawn from. (A 16x16 grid
+    # at 64 px, f4 with `grow` for the high-res tokenizer, reconstructs better at 64 px but leaves the
+    # base transformer 4x the tokens, too many to learn in the demo's minutes on a CPU.)
     "vqgan-tiny": VQGANConfig(
-        resolution=64, base_channels=32, channel_mult=(1, 2, 4), num_res_blocks=0, mid_block=False,
+        resolution=64, base_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=0, mid_block=False,
         z_channels=64, codebook_size=512, codebook_dim=8, disc_channels=32, disc_layers=2,
     ),
     "vqgan-hi-tiny": VQGANConfig(
-        resolution=128, base_channels=32, channel_mult=(1, 1, 2, 4), num_res_blocks=0, mid_block=False,
+        resolution=128, base_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=0, mid_block=False,
         z_channels=64, codebook_size=512, codebook_dim=8, disc_channels=32, disc_layers=2,
     ),
     # Text encoders
@@ -156,15 +157,15 @@ PRESETS: dict[str, Any] = {
     # Transformers
     "base-632m": BaseTransformerConfig(hidden=1280, layers=24, heads=20, mlp=5120),
     "base-3b": BaseTransformerConfig(hidden=2048, layers=48, heads=32, mlp=8192, kv_heads=8),
-    # The tiny transformers read the random offline T5 through trainable text layers (text_layers), and
-    # 2x2 tokens share a trunk position (token_patch), a third of the step time on a 16x16 grid.
+    # The tiny transformers read the random offline T5 through trainable text layers (text_layers); the
+    # super-res model's 16x16 grid puts 2x2 tokens on one trunk position (token_patch), a third of the
+    # step time.
     "base-tiny": BaseTransformerConfig(
-        codebook_size=512, tokens_per_side=16, hidden=128, layers=4, heads=4, mlp=512, text_dim=64, text_layers=2,
-        token_patch=2,
+        codebook_size=512, tokens_per_side=8, hidden=128, layers=4, heads=4, mlp=512, text_dim=64, text_layers=2,
     ),
     "superres-268m": SuperResTransformerConfig(hidden=640, lo_layers=16, hi_layers=32, heads=10, mlp=2048),
     "superres-tiny": SuperResTransformerConfig(
-        lo_codebook_size=512, hi_codebook_size=512, lo_tokens_per_side=16, hi_tokens_per_side=16,
+        lo_codebook_size=512, hi_codebook_size=512, lo_tokens_per_side=8, hi_tokens_per_side=16,
         hidden=128, lo_layers=2, hi_layers=3, heads=4, mlp=512, text_dim=64, lo_skip=True, text_layers=1,
         token_patch=2,
     ),

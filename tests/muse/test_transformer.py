@@ -1,14 +1,11 @@
 import pytest
 import torch
 
-from dataclasses import replace
-
 from muse.config import preset
 from muse.transformer import Context, MaskedTransformer, SuperResTransformer
 
 
-# Super-res from an 8x8 low-res grid to the 16x16 high-res one: the skip's copying is visible.
-SUPERRES_8_TO_16 = replace(preset("superres-tiny"), lo_tokens_per_side=8)
+SUPERRES_8_TO_16 = preset("superres-tiny")  # an 8x8 low-res grid to the 16x16 high-res one
 
 
 def _text(B=2, L=5, D=64):
@@ -25,7 +22,7 @@ def test_base_shapes_and_dtypes():
     emb, mask = _text()
     ids = torch.randint(0, model.codebook_size + 1, (2, model.num_tokens))
     logits = model(ids, model.encode_context(emb, mask))
-    assert logits.shape == (2, 256, 512) and logits.dtype == torch.float32
+    assert logits.shape == (2, 64, 512) and logits.dtype == torch.float32
     assert model.mask_token_id == 512
 
 
@@ -55,7 +52,7 @@ def test_padded_text_positions_are_ignored():
     model = MaskedTransformer(preset("base-tiny")).eval()
     emb, mask = _text(B=1)
     mask[0, 3:] = False
-    ids = torch.randint(0, 512, (1, 256))
+    ids = torch.randint(0, 512, (1, 64))
     a = model(ids, model.encode_context(emb, mask))
     emb2 = emb.clone()
     emb2[0, 3:] = 100.0  # garbage in padded slots must not matter
@@ -67,7 +64,7 @@ def test_unconditional_context_differs_and_has_no_nans():
     torch.manual_seed(0)
     model = MaskedTransformer(preset("base-tiny")).eval()
     emb, mask = _text(B=1)
-    ids = torch.randint(0, 512, (1, 256))
+    ids = torch.randint(0, 512, (1, 64))
     cond = model(ids, model.encode_context(emb, mask))
     uncond = model(ids, model.encode_context(emb, torch.zeros_like(mask)))
     assert torch.isfinite(uncond).all()
@@ -80,7 +77,7 @@ def test_context_cat_pads_and_matches_separate_forwards():
     e1, m1 = torch.randn(1, 4, 64), torch.ones(1, 4, dtype=torch.bool)
     e2, m2 = torch.randn(1, 7, 64), torch.ones(1, 7, dtype=torch.bool)
     c1, c2 = model.encode_context(e1, m1), model.encode_context(e2, m2)
-    ids = torch.randint(0, 512, (1, 256))
+    ids = torch.randint(0, 512, (1, 64))
     joint = model(ids.repeat(2, 1), Context.cat([c1, c2]))
     assert torch.allclose(joint[0], model(ids, c1)[0], atol=1e-5)
     assert torch.allclose(joint[1], model(ids, c2)[0], atol=1e-5)
@@ -131,8 +128,9 @@ def test_token_patches_group_neighbouring_tokens_and_give_each_token_its_own_log
         TokenPatches(side=5, p=2, hidden=1)
     # In a model, the tokens that share a position still get logits of their own.
     torch.manual_seed(0)
-    model = MaskedTransformer(preset("base-tiny")).eval()
+    model = SuperResTransformer(preset("superres-tiny")).eval()
     assert model.config.token_patch == 2
     emb, mask = _text(B=1)
-    logits = model(torch.full((1, 256), model.mask_token_id), model.encode_context(emb, mask))
+    context = model.encode_context(emb, mask, torch.randint(0, 512, (1, 8, 8)))
+    logits = model(torch.full((1, 256), model.mask_token_id), context)
     assert not torch.allclose(logits[0, 0], logits[0, 1])

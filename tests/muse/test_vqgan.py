@@ -15,7 +15,7 @@ TINY = preset("vqgan-tiny")
 # A smaller tokenizer for the training tests: f8 over 32px images, a 64-code codebook, in the
 # ResNet form of the paper-size presets (residual blocks, attention bottleneck, slow restarts).
 SMALL = replace(TINY, resolution=32, base_channels=16, z_channels=32, codebook_size=64, codebook_dim=8,
-                channel_mult=(1, 2, 2, 4), num_res_blocks=1, mid_block=True, dead_code_threshold=1e-3)
+                num_res_blocks=1, mid_block=True, dead_code_threshold=1e-3)
 PLAIN = replace(SMALL, num_res_blocks=0, mid_block=False)  # the tiny presets' form
 STEPS_OVERFIT = 150  # MSE falls ~40x by here (~7x by step 100)
 STEPS_USAGE = 120  # codes collapse to ~7 of 64 by step 50; restarts revive ~50 by step 120
