@@ -21,7 +21,7 @@ test: $(STAMP)
 	bash scripts/install_browser.sh || echo "chromium could not be installed: the browser test will skip"
 	# One torch thread per process: Ray workers and the test process share 2 cores, and oversubscribed
 	# threads slow every CPU op several-fold.
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q --durations=25 tests
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo --output demo_output

@@ -52,7 +52,7 @@ def judge_prompts(generate: Generate, prompts: Sequence[str], seed: int, batch: 
                   desc: str = "judging") -> list[dict]:
     """Generate one image per prompt and judge it. Returns rows with prompt, verdict and image."""
     rows = []
-    for start in tqdm(range(0, len(prompts), batch), desc=desc, unit="batch"):
+    for start in tqdm(range(0, len(prompts), batch), desc=desc, unit="batch", disable=None):  # no bar in logs
         chunk = list(prompts[start:start + batch])
         for prompt, image in zip(chunk, generate(chunk, seed + start)):
             rows.append({"prompt": prompt, "image": image, "verdict": judge(image, prompt)})
