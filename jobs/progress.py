@@ -160,15 +160,15 @@ class Display:
 
 def start_display() -> Any | None:
     """Start drawing this driver's board (once); returns the board handle for workers, or None when
-    verbose (then workers print their own lines)."""
+    verbose (then workers print their own lines) or when Ray is not running here."""
     global _display
-    if verbose():
+    import ray
+
+    if verbose() or not ray.is_initialized():
         return None
     handle = board()
     with _lock:
         if _display is None:
-            import ray
-
             _display = Display(lambda seen: ray.get(handle.poll.remote(seen), timeout=10))
     return handle
 

@@ -138,18 +138,18 @@ PRESETS: dict[str, Any] = {
     "vqgan-f16-8192": VQGANConfig(resolution=256, channel_mult=(1, 1, 2, 2, 4)),
     "vqgan-f8-8192": VQGANConfig(resolution=512, channel_mult=(1, 2, 2, 4)),
     # The tiny tokenizers (benchmarks/demo_ceiling.py, RESULTS.md): plain strided conv stacks without
-    # residual or bottleneck blocks (~1/4 of the ResNet form's step time, colours learnt sooner), an
-    # 8-d lookup space. The 128 px tokenizer is the 64 px one at twice the resolution, fine-tuned from
+    # residual or bottleneck blocks (~1/4 of the ResNet form's step time, colours learnt sooner) and
+    # quick dead-code restarts drawn by misfit (threshold 0.3). The 128 px tokenizer is the 64 px one at twice the resolution, fine-tuned from
     # it: a 16x16 grid, the paper's base grid, which is what the full chain is drawn from. (A 16x16 grid
     # at 64 px, f4 with `grow` for the high-res tokenizer, reconstructs better at 64 px but leaves the
     # base transformer 4x the tokens, too many to learn in the demo's minutes on a CPU.)
     "vqgan-tiny": VQGANConfig(
         resolution=64, base_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=0, mid_block=False,
-        z_channels=64, codebook_size=512, codebook_dim=8, disc_channels=32, disc_layers=2,
+        z_channels=64, codebook_size=512, codebook_dim=16, dead_code_threshold=0.3, disc_channels=32, disc_layers=2,
     ),
     "vqgan-hi-tiny": VQGANConfig(
         resolution=128, base_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=0, mid_block=False,
-        z_channels=64, codebook_size=512, codebook_dim=8, disc_channels=32, disc_layers=2,
+        z_channels=64, codebook_size=512, codebook_dim=16, dead_code_threshold=0.3, disc_channels=32, disc_layers=2,
     ),
     # Text encoders
     "t5-tiny": TextEncoderConfig(),

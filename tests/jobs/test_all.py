@@ -41,7 +41,7 @@ class FakeStages:
             self.active -= 1
         return []
 
-    def tokenize(self, corpus, tokens, models, cfg, format, progress=True):
+    def tokenize(self, corpus, tokens, models, cfg, format, progress=True, reporter=None):
         self.calls.append("tokenize")
         return {}
 

@@ -133,5 +133,13 @@ def test_hi_tokenizer_can_start_from_the_trained_lo_one(tiny_data):
     lo = load_component(uri)
     assert worker.vqgan.config.resolution == 128
     assert all(torch.equal(a, b) for a, b in zip(worker.vqgan.state_dict().values(), lo.state_dict().values()))
-    with pytest.raises(ValueError, match="differ only in"):
+    with pytest.raises(ValueError, match="at another resolution, or grown"):
         _lo_for_hi_init(tiny_data.root, preset("vqgan-f8-8192"))
+    # lo grown by one level (muse.vqgan.grow) is the other accepted start.
+    from muse.vqgan import grown_config
+
+    grown = grown_config(lo.config)
+    assert _lo_for_hi_init(tiny_data.root, grown) == uri
+    worker = make_worker("vqgan", cfg.vqgan, tiny_data.root, grown, component="vqgan_hi", init_from=uri)
+    assert worker.vqgan.config == grown
+    assert torch.equal(worker.vqgan.quantizer.codebook, lo.quantizer.codebook)

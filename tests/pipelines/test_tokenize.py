@@ -73,11 +73,15 @@ def test_folder_corpus_end_to_end(ray_session, tmp_path, tiny_root, fast_cfg):
         assert row["caption"] == caption
         # A random VQGAN has near-tie codes that a different batch composition can flip (float
         # sums differ with batch shape), so ids agree only mostly; alignment must be exact: each
-        # row matches its own image's tokens, and far better than any other image's.
-        for got, expect in ((row["tokens_lo"], expect_lo), (row["tokens_hi"], expect_hi)):
-            agree = {n: float((np.asarray(got) == t).mean()) for n, t in expect.items()}
-            others = max(v for n, v in agree.items() if n != name)
-            assert agree[name] >= 0.8 and agree[name] >= others + 0.3, (name, agree)
+        # row matches its own image's tokens, and where two images' tokens differ (the white
+        # background often gives them the same ids) it follows its own image far more than the other.
+        for got, expect in ((np.asarray(row["tokens_lo"]), expect_lo), (np.asarray(row["tokens_hi"]), expect_hi)):
+            assert (got == expect[name]).mean() >= 0.8, name
+            for other, theirs in expect.items():
+                differ = expect[name] != theirs
+                if other != name and differ.sum() >= 4:
+                    own, swapped = (got[differ] == expect[name][differ]).mean(), (got[differ] == theirs[differ]).mean()
+                    assert own >= swapped + 0.3, (name, other, own, swapped)
         ids, mask = text.tokenize([caption])
         assert row["text_ids"] == ids[0][mask[0]].tolist()
         assert (row["width"], row["height"]) == ((72, 72) if name in ("cmyk", "png16", "rgba") else (80, 80))
