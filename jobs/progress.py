@@ -44,15 +44,16 @@ def ray_init_kwargs() -> dict[str, Any]:
     # actor pools), which the raylet would report as a warning scaled to its start-up concurrency
     # (the core count); read when ray.init starts the raylet, ignored when joining a cluster.
     os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(4, os.cpu_count() or 1)))
-    return {"log_to_driver": False, "logging_level": logging.WARNING}
+    return {"log_to_driver": False, "logging_level": logging.ERROR}
 
 
 def quiet_ray_loggers() -> None:
-    """Ray's driver-side INFO lines (Serve deploys, Data plans, Train runs) are noise at the default verbosity."""
+    """Ray's driver-side lines (Serve deploys, Data plans and their warnings about settings chosen on
+    purpose, Train runs) are noise at the default verbosity; errors still show."""
     if verbose():
         return
     for name in ("ray", "ray.serve", "ray.data", "ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def format_seconds(seconds: float) -> str:
