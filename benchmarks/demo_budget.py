@@ -61,7 +61,9 @@ def row(budget: float, report: dict) -> dict:
         "full_seen_color": judged("judge", "seen", "color"),
         "full_held": judged("judge", "held_out", "correct"),
         "chance_full_seen": report.get("judge", {}).get("chance", {}).get("seen", {}).get("correct", float("nan")),
-        "training_s": report.get("timings_s", {}).get("training_s", float("nan")),
+        # A budget whose stages were all finished before is only served and judged: no training time.
+        "training_s": (float("nan") if all(str(v).startswith("skipped") for v in seconds.values())
+                       else report.get("timings_s", {}).get("training_s", float("nan"))),
     }
 
 
