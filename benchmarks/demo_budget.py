@@ -43,7 +43,7 @@ def scaled_overrides(config: str, budget: float) -> list[str]:
 
 
 def row(budget: float, report: dict) -> dict:
-    seconds = {k: v for k, v in report.get("stages", {}).items()}
+    stages = dict(report.get("stages", {}))  # stage -> "trained in Ns" or "skipped (...)"
     ceiling = report.get("tokenizer_ceiling", {})
 
     def judged(key: str, subset: str, attr: str) -> float:
@@ -51,7 +51,7 @@ def row(budget: float, report: dict) -> dict:
 
     return {
         "budget": budget,
-        "stages": seconds,
+        "stages": stages,
         "ceiling_lo": ceiling.get("vqgan_lo", {}).get("reconstructions", {}).get("correct", float("nan")),
         "ceiling_hi": ceiling.get("vqgan_hi", {}).get("reconstructions", {}).get("correct", float("nan")),
         "base_seen": judged("judge_base", "seen", "correct"),
@@ -62,7 +62,7 @@ def row(budget: float, report: dict) -> dict:
         "full_held": judged("judge", "held_out", "correct"),
         "chance_full_seen": report.get("judge", {}).get("chance", {}).get("seen", {}).get("correct", float("nan")),
         # A budget whose stages were all finished before is only served and judged: no training time.
-        "training_s": (float("nan") if all(str(v).startswith("skipped") for v in seconds.values())
+        "training_s": (float("nan") if all(str(v).startswith("skipped") for v in stages.values())
                        else report.get("timings_s", {}).get("training_s", float("nan"))),
     }
 

@@ -3,11 +3,11 @@
 Ray forwards every worker's stdout to the driver, and a tqdm bar on a Ray Train worker reaches the
 console twice, between Ray Train's own "Reporting training result" lines. So at the default verbosity
 the workers print nothing to the console (their lines stay in Ray's log files): the rank-0 worker of a
-stage sends its progress to a small `ProgressBoard` actor, and the driver draws from it
+stage sends its progress to a small `Board` actor, and the driver draws from it
 
     vqgan_lo      1200/2000 steps   9.8 step/s  ETA 1m22s  psnr 24.1
     tokenize        12/16 parts    84.0 img/s   ETA 0m04s
-    ✓ vqgan_hi    done: 400 steps in 2m05s, psnr 27.3
+    ✓ vqgan_hi     400 steps (400 this run) in 2m05s, loss 0.04, psnr 27.3; exported to ROOT
 
 redrawn in place on a terminal, and as plain lines every `interval` seconds otherwise (a CI log, or
 `ray job submit`, whose driver output is a log). `--verbose` (or MUSE_VERBOSE=1) turns this off and
@@ -68,7 +68,7 @@ def progress_line(name: str, state: dict) -> str:
     parts = [f"{name:<12}", f"{done:>6}/{total} {unit}" if total else f"{done:>6} {unit}"]
     if rate:
         parts.append(f"{rate:7.1f} {rate_unit}")
-        if total and state.get("rate_of_done", True):
+        if total:
             parts.append(f"ETA {format_seconds((total - done) / rate)}")
     parts += [f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in state.get("metrics", {}).items()]
     return "  ".join(parts)
@@ -76,7 +76,7 @@ def progress_line(name: str, state: dict) -> str:
 
 class Board:
     """What the live lines are drawn from: the state of each running stage and the finished summaries.
-    Runs as a Ray actor (`ProgressBoard`) so that Ray Train workers anywhere in the cluster can post."""
+    Runs as a Ray actor so that Ray Train workers anywhere in the cluster can post."""
 
     def __init__(self):
         self.states: dict[str, dict] = {}
