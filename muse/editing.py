@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from muse import sampling
-from muse.transformer import Context
+from muse.context import Context
 
 DIRECTIONS = ("all", "left", "right", "up", "down")
 
@@ -88,7 +88,7 @@ def inpaint_tokens(
     steps: int,
     guidance_scale: float | torch.Tensor = 0.0,
     generator: sampling.Generators,
-    temperature: float = 4.5,
+    choice_temperature: float = 4.5,
     callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """ids (B, h, w) or (B, N) of the source image; regenerate (same shape) bool, True = decode anew.
@@ -98,7 +98,7 @@ def inpaint_tokens(
     B = ids.shape[0]
     out = sampling.generate(
         model, context, uncond_context, steps=steps, guidance_scale=guidance_scale, generator=generator,
-        temperature=temperature, init_ids=ids.reshape(B, -1), fixed=~regenerate.reshape(B, -1).bool(),
+        choice_temperature=choice_temperature, init_ids=ids.reshape(B, -1), fixed=~regenerate.reshape(B, -1).bool(),
         callback=callback,
     )
     return out.view(ids.shape)
@@ -137,17 +137,18 @@ def edit_tokens(
     joint = sampling.cfg_context(context, uncond_context) if guided else None
     allowed = torch.ones_like(cur, dtype=torch.bool) if editable is None else editable.reshape(B, N).bool()
     n_pick = (allowed.sum(dim=1).float() * fraction).round().clamp(min=1).long()  # (B,)
+    draws = sampling.row_uniforms(gens, (B, iterations, 2, N), cur.device)  # [which positions, token sample]
 
     with torch.no_grad():
         for it in range(iterations):
             # A random subset of n_pick allowed positions per row: the lowest random scores.
-            scores = sampling.uniform((B, N), gens, cur.device).masked_fill(~allowed, 2.0)
+            scores = draws[:, it, 0].masked_fill(~allowed, 2.0)
             ranks = scores.argsort(dim=1).argsort(dim=1)
             pick = ranks < n_pick[:, None]  # (B, N)
             inputs = torch.where(pick, torch.full_like(cur, mask_id), cur)
-            logits = sampling.guided_logits(model, inputs, context, joint, scale)
-            sampled, _ = sampling.sample_tokens(logits, gens, top_k=top_k)
-            cur = torch.where(pick, sampled, cur)
+            logits = sampling.guided_logits(model, inputs, context, joint, scale, pick)
+            sampled, _ = sampling.sample_tokens(logits, draws[:, it, 1][pick], top_k=top_k)
+            cur = cur.masked_scatter(pick, sampled)
             if callback is not None:
                 callback(it, cur)
     return cur.view(shape)

@@ -9,13 +9,15 @@ seeds, editing (inpaint / outpaint / mask-free edit) and PIL in and out.
 
 Each stage encodes its cross-attention context once per request (conditional, and unconditional or
 negative when guidance is on) and hands it to `sampling.generate`. Image i of a call with seed s draws
-from its own generator seeded s + i in both stages, so it does not depend on the other images.
+from its own generator, seeded `sampling.image_seed(s, i)`, in both stages, so it does not depend on
+the other images, and no two seeds share an image.
 """
 
 from __future__ import annotations
 
 import operator
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -25,7 +27,8 @@ from PIL import Image
 
 from muse import checkpoint, editing, sampling, storage
 from muse.data.images import ImageRejected, decode_image, pil_to_tensor, tensor_to_pil, to_rgb
-from muse.transformer import Context, MaskedTransformer, SuperResTransformer
+from muse.context import Context
+from muse.transformer import MaskedTransformer, SuperResTransformer
 
 OUTPUTS = ("pil", "tokens")
 StageCallback = Callable[[str, int, torch.Tensor], None]  # (stage, step, ids)
@@ -56,7 +59,8 @@ def stage_contexts(model: torch.nn.Module, cond: TextCondition, negative: TextCo
     """(context, uncond_context) for one stage, each encoded once. The base model's contexts are
     encoded per prompt and repeated `repeat` times; the super-res model's are encoded per row of
     `lo_ids` (whose rows are the prompts' images, prompt-major). uncond is None when not guided; it
-    comes from `negative` when given, else from the null text."""
+    comes from `negative` when given, else it is the model's null context (the base model's is one
+    cached row that serves every row)."""
     dtype = next(model.parameters()).dtype
 
     def encode(c: TextCondition) -> Context:
@@ -77,19 +81,21 @@ def stage_contexts(model: torch.nn.Module, cond: TextCondition, negative: TextCo
     context = encode(cond)
     if not guided:
         return context, None
-    return context, encode(rows(negative, "negative") if negative is not None else cond.null())
+    if negative is not None:
+        return context, encode(rows(negative, "negative"))
+    return context, model.null_context() if lo_ids is None else model.null_context(lo_ids)
 
 
 def base_tokens(base: MaskedTransformer, cond: TextCondition, negative: TextCondition | None = None, *,
                 num_images: int = 1, steps: int = 24, guidance_scale: float | torch.Tensor = 4.0,
-                generator: sampling.Generators, temperature: float = 4.5,
+                generator: sampling.Generators, choice_temperature: float = 4.5,
                 callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Low-res token ids (B·num_images, h, w) for B prompts, prompt-major. `generator`: one, or one
     per output row. `negative` (B or 1 rows) replaces the unconditional branch of guidance."""
     guided = bool((torch.as_tensor(guidance_scale) != 0).any())
     ctx, uncond = stage_contexts(base, cond, negative, guided=guided, repeat=num_images)
     ids = sampling.generate(base, ctx, uncond, steps=steps, guidance_scale=guidance_scale, generator=generator,
-                            temperature=temperature, callback=callback)
+                            choice_temperature=choice_temperature, callback=callback)
     side = base.config.tokens_per_side
     return ids.view(-1, side, side)
 
@@ -97,14 +103,14 @@ def base_tokens(base: MaskedTransformer, cond: TextCondition, negative: TextCond
 def superres_tokens(superres: SuperResTransformer, cond: TextCondition, lo_ids: torch.Tensor,
                     negative: TextCondition | None = None, *, steps: int = 8,
                     guidance_scale: float | torch.Tensor = 4.0, generator: sampling.Generators,
-                    temperature: float = 4.5,
+                    choice_temperature: float = 4.5,
                     callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """High-res token ids (B', H, W) for low-res ids (B', h, w); `cond` has B' rows or divides B'
     (then each prompt's rows are consecutive, as `base_tokens` returns them)."""
     guided = bool((torch.as_tensor(guidance_scale) != 0).any())
     ctx, uncond = stage_contexts(superres, cond, negative, guided=guided, lo_ids=lo_ids)
     ids = sampling.generate(superres, ctx, uncond, steps=steps, guidance_scale=guidance_scale,
-                            generator=generator, temperature=temperature, callback=callback)
+                            generator=generator, choice_temperature=choice_temperature, callback=callback)
     side = superres.config.hi_tokens_per_side
     return ids.view(-1, side, side)
 
@@ -183,56 +189,66 @@ class MusePipeline:
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                  num_images: int = 1, steps: int = 24, superres_steps: int = 8, guidance_scale: float = 4.0,
                  seed: int | None = None, output: str = "pil", superres: bool = True,
-                 callback: StageCallback | None = None, temperature: float = 4.5) -> list[Image.Image] | torch.Tensor:
+                 callback: StageCallback | None = None, choice_temperature: float = 4.5,
+                 temperature: float | None = None) -> list[Image.Image] | torch.Tensor:
         """Images for each prompt (prompt-major: all of prompt 0's images first).
 
         negative_prompt: one for all prompts or one per prompt; None = the unconditional branch.
-        seed: image i uses a generator seeded seed + i (None = drawn from torch's global RNG).
+        seed: output image i draws from `sampling.image_seed(seed, i)` in both stages, so the same seed
+            and settings give the same images, and image i does not depend on how many were asked
+            for (None = a seed drawn from torch's global RNG).
         output "pil" -> list of PIL images; "tokens" -> the last stage's ids (B·n, side, side).
         callback(stage, step, ids), stage "base" or "superres", after each decoding step.
+        choice_temperature: MaskGIT's re-masking noise (`temperature` is its old name).
         """
+        req = Request(num_images, steps, superres_steps, guidance_scale, _choice_temperature(choice_temperature,
+                      temperature), seed, output, superres, callback)
         prompts = _prompts(prompt)
         negatives = _negatives(negative_prompt, len(prompts))
-        self._check(steps=steps, superres_steps=superres_steps, num_images=num_images,
-                    guidance_scale=guidance_scale, output=output, superres=superres)
+        self._check(req)
         gens = self._generators(seed, len(prompts) * num_images)
         cond = self.encode_prompts(prompts)
         negative = self.encode_prompts(negatives) if negatives is not None else None
         lo = base_tokens(self.base, cond, negative, num_images=num_images, steps=steps,
-                         guidance_scale=guidance_scale, generator=gens, temperature=temperature,
+                         guidance_scale=guidance_scale, generator=gens, choice_temperature=req.choice_temperature,
                          callback=_stage(callback, "base"))
         if not superres:
             return lo if output == "tokens" else self._to_pil(self.vqgan_lo, lo)
         hi = superres_tokens(self.superres, cond, lo, negative, steps=superres_steps, guidance_scale=guidance_scale,
-                             generator=gens, temperature=temperature, callback=_stage(callback, "superres"))
+                             generator=gens, choice_temperature=req.choice_temperature,
+                             callback=_stage(callback, "superres"))
         return hi if output == "tokens" else self._to_pil(self.vqgan_hi, hi)
 
     # -- editing -------------------------------------------------------------------------------
     def inpaint(self, image: Any, mask: Any, prompt: str, negative_prompt: str | None = None, num_images: int = 1,
                 steps: int = 24, superres_steps: int = 8, guidance_scale: float = 4.0, seed: int | None = None,
-                output: str = "pil", superres: bool = True,
-                callback: StageCallback | None = None) -> list[Image.Image] | torch.Tensor:
+                output: str = "pil", superres: bool = True, callback: StageCallback | None = None,
+                choice_temperature: float = 4.5) -> list[Image.Image] | torch.Tensor:
         """Regenerate the masked part of `image` under `prompt`.
 
         image: PIL image, encoded bytes, a path (local or s3://) or a (3, H, W) tensor in [-1, 1].
         mask: same size as the image (PIL image, image file/bytes, array or tensor (H, W)); non-zero =
             regenerate.
         A token is regenerated when any pixel of its patch is masked; the rest stay fixed."""
+        req = Request(num_images, steps, superres_steps, guidance_scale, choice_temperature, seed, output, superres,
+                      callback)
         img = _load_image(image, "image")
         pixel_mask = _load_mask(mask, img.size)
         lo_img, hi_img = self._image_tensors(img, superres)
         side = self.base.config.tokens_per_side
         regen = editing.token_mask_from_pixels(_square_mask(pixel_mask)[None], side)  # (1, h, w)
-        return self._fill(lo_img, hi_img, regen, prompt, negative_prompt, num_images, steps, superres_steps,
-                          guidance_scale, seed, output, superres, callback)
+        return self._fill(lo_img, hi_img, regen, prompt, negative_prompt, req)
 
     def outpaint(self, image: Any, prompt: str, direction: str = "all", scale: float = 0.5,
                  negative_prompt: str | None = None, num_images: int = 1, steps: int = 24, superres_steps: int = 8,
                  guidance_scale: float = 4.0, seed: int | None = None, output: str = "pil", superres: bool = True,
-                 callback: StageCallback | None = None) -> list[Image.Image] | torch.Tensor:
+                 callback: StageCallback | None = None,
+                 choice_temperature: float = 4.5) -> list[Image.Image] | torch.Tensor:
         """Extend `image` beyond its borders (see `editing.outpaint_canvas`): direction "all" shrinks it
         to `scale` of the side in the centre; "left"/"right"/"up"/"down" shift it so it covers `scale`
         of the canvas and the strip on that side is new. The output keeps the model's resolution."""
+        req = Request(num_images, steps, superres_steps, guidance_scale, choice_temperature, seed, output, superres,
+                      callback)
         if direction not in editing.DIRECTIONS:
             raise ValueError(f"direction must be one of {editing.DIRECTIONS}, got {direction!r}")
         if not 0 < scale < 1:
@@ -242,8 +258,7 @@ class MusePipeline:
         lo_canvas, new = editing.outpaint_canvas(lo_img, direction, scale)
         hi_canvas = editing.outpaint_canvas(hi_img, direction, scale)[0] if hi_img is not None else None
         regen = editing.token_mask_from_pixels(new, self.base.config.tokens_per_side)
-        return self._fill(lo_canvas, hi_canvas, regen, prompt, negative_prompt, num_images, steps, superres_steps,
-                          guidance_scale, seed, output, superres, callback)
+        return self._fill(lo_canvas, hi_canvas, regen, prompt, negative_prompt, req)
 
     def edit(self, image: Any, prompt: str, negative_prompt: str | None = None, num_images: int = 1,
              iterations: int = 100, fraction: float = 0.08, guidance_scale: float = 4.0, top_k: int | None = 3,
@@ -252,10 +267,11 @@ class MusePipeline:
         """Mask-free editing: starting from the image's tokens, resample a random `fraction` of them
         `iterations` times under `prompt` (guidance, top-k). Through super-res, high-res tokens are
         regenerated where the low-res tokens changed and kept elsewhere. Stage names: "edit", "superres"."""
+        req = Request(num_images, iterations, superres_steps, guidance_scale, seed=seed, output=output,
+                      superres=superres, callback=callback, steps_name="iterations")
         (prompt_,) = _prompts([prompt] if isinstance(prompt, str) else prompt, single=True)
         negatives = _negatives(negative_prompt, 1)
-        self._check(steps=iterations, superres_steps=superres_steps, num_images=num_images,
-                    guidance_scale=guidance_scale, output=output, superres=superres, steps_name="iterations")
+        self._check(req)
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         if top_k is not None and top_k < 1:
@@ -274,40 +290,41 @@ class MusePipeline:
             return lo if output == "tokens" else self._to_pil(self.vqgan_lo, lo)
         hi_side = self.superres.config.hi_tokens_per_side
         regen_hi = editing.upsample_token_mask(lo != source, hi_side)
-        hi = self._superres_fill(cond, negative, lo, hi_img, regen_hi, superres_steps, guidance_scale, gens, callback)
+        hi = self._superres_fill(cond, negative, lo, hi_img, regen_hi, req, gens)
         return hi if output == "tokens" else self._to_pil(self.vqgan_hi, hi)
 
     # -- internals -----------------------------------------------------------------------------
-    def _fill(self, lo_img, hi_img, regen, prompt, negative_prompt, num_images, steps, superres_steps,
-              guidance_scale, seed, output, superres, callback):
+    def _fill(self, lo_img, hi_img, regen: torch.Tensor, prompt: str, negative_prompt: str | None, req: Request):
         """Inpainting on both stages: lo tokens decoded where `regen` (1, h, w); hi tokens where the
         upsampled mask says, conditioned on the new lo tokens; known tokens fixed on both."""
         (prompt_,) = _prompts([prompt] if isinstance(prompt, str) else prompt, single=True)
         negatives = _negatives(negative_prompt, 1)
-        self._check(steps=steps, superres_steps=superres_steps, num_images=num_images,
-                    guidance_scale=guidance_scale, output=output, superres=superres)
-        gens = self._generators(seed, num_images)
+        self._check(req)
+        n = req.num_images
+        gens = self._generators(req.seed, n)
         cond = self.encode_prompts([prompt_])
         negative = self.encode_prompts(negatives) if negatives is not None else None
-        n = num_images
         source = self.vqgan_lo.encode(lo_img).repeat(n, 1, 1)  # (n, h, w)
         regen = regen.to(self.device).repeat(n, 1, 1)
-        ctx, uncond = stage_contexts(self.base, cond, negative, guided=guidance_scale != 0, repeat=n)
-        lo = editing.inpaint_tokens(self.base, ctx, uncond, source, regen, steps=steps,
-                                    guidance_scale=guidance_scale, generator=gens, callback=_stage(callback, "base"))
-        if not superres:
-            return lo if output == "tokens" else self._to_pil(self.vqgan_lo, lo)
+        ctx, uncond = stage_contexts(self.base, cond, negative, guided=req.guidance_scale != 0, repeat=n)
+        lo = editing.inpaint_tokens(self.base, ctx, uncond, source, regen, steps=req.steps,
+                                    guidance_scale=req.guidance_scale, generator=gens,
+                                    choice_temperature=req.choice_temperature, callback=_stage(req.callback, "base"))
+        if not req.superres:
+            return lo if req.output == "tokens" else self._to_pil(self.vqgan_lo, lo)
         regen_hi = editing.upsample_token_mask(regen, self.superres.config.hi_tokens_per_side)
-        hi = self._superres_fill(cond, negative, lo, hi_img, regen_hi, superres_steps, guidance_scale, gens, callback)
-        return hi if output == "tokens" else self._to_pil(self.vqgan_hi, hi)
+        hi = self._superres_fill(cond, negative, lo, hi_img, regen_hi, req, gens)
+        return hi if req.output == "tokens" else self._to_pil(self.vqgan_hi, hi)
 
-    def _superres_fill(self, cond, negative, lo, hi_img, regen_hi, steps, guidance_scale, gens, callback):
+    def _superres_fill(self, cond: TextCondition, negative: TextCondition | None, lo: torch.Tensor,
+                       hi_img: torch.Tensor, regen_hi: torch.Tensor, req: Request, gens: list[torch.Generator]):
         n = lo.shape[0]
         source_hi = self.vqgan_hi.encode(hi_img).repeat(n, 1, 1)  # (n, H, W)
-        ctx, uncond = stage_contexts(self.superres, cond, negative, guided=guidance_scale != 0, lo_ids=lo)
-        return editing.inpaint_tokens(self.superres, ctx, uncond, source_hi, regen_hi, steps=steps,
-                                      guidance_scale=guidance_scale, generator=gens,
-                                      callback=_stage(callback, "superres"))
+        ctx, uncond = stage_contexts(self.superres, cond, negative, guided=req.guidance_scale != 0, lo_ids=lo)
+        return editing.inpaint_tokens(self.superres, ctx, uncond, source_hi, regen_hi, steps=req.superres_steps,
+                                      guidance_scale=req.guidance_scale, generator=gens,
+                                      choice_temperature=req.choice_temperature,
+                                      callback=_stage(req.callback, "superres"))
 
     def _image_tensors(self, img: Image.Image, superres: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(1, 3, r, r) at the base VQGAN's resolution, and at the high-res one when super-res runs."""
@@ -331,22 +348,45 @@ class MusePipeline:
             value = -1
         if value < 0 or isinstance(seed, bool):
             raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
-        seed = value
-        return [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(rows)]
+        return sampling.image_generators(value, rows, self.device)
 
-    def _check(self, *, steps, superres_steps, num_images, guidance_scale, output, superres, steps_name="steps"):
-        for name, value in ((steps_name, steps), ("num_images", num_images)):
+    def _check(self, req: Request) -> None:
+        for name, value in ((req.steps_name, req.steps), ("num_images", req.num_images)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if superres and (not isinstance(superres_steps, int) or superres_steps < 1):
-            raise ValueError(f"superres_steps must be an integer >= 1, got {superres_steps!r}")
-        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
-        if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        if superres and self.superres is None:
+        if req.superres and (not isinstance(req.superres_steps, int) or req.superres_steps < 1):
+            raise ValueError(f"superres_steps must be an integer >= 1, got {req.superres_steps!r}")
+        g = req.guidance_scale
+        if not isinstance(g, (int, float)) or isinstance(g, bool) or g < 0:
+            raise ValueError(f"guidance_scale must be a number >= 0, got {g!r}")
+        if req.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {req.output!r}")
+        if req.superres and self.superres is None:
             raise ValueError("superres=True but this pipeline has no super-res stage (vqgan_hi + superres); "
                              "pass superres=False (--no-superres on the command line)")
+
+
+@dataclass(frozen=True)
+class Request:
+    """The settings every way of sampling shares, checked in one place (`MusePipeline._check`)."""
+
+    num_images: int = 1
+    steps: int = 24  # base decoding steps, or mask-free edit iterations (steps_name says which)
+    superres_steps: int = 8
+    guidance_scale: float = 4.0
+    choice_temperature: float = 4.5
+    seed: int | None = None
+    output: str = "pil"
+    superres: bool = True
+    callback: StageCallback | None = None
+    steps_name: str = "steps"
+
+
+def _choice_temperature(choice_temperature: float, temperature: float | None) -> float:
+    if temperature is None:
+        return choice_temperature
+    warnings.warn(sampling.RENAMED_TEMPERATURE, DeprecationWarning, stacklevel=3)
+    return temperature
 
 
 def _stage(callback: StageCallback | None, stage: str) -> Callable[[int, torch.Tensor], None] | None:

@@ -2,32 +2,44 @@
 
 Start from a grid in which every free token is [MASK]. At step s of S:
 
-    logits = model(ids, context)                       one forward over all N tokens   (B, N, K)
+    logits = model(ids, context)[masked]               one forward, logits only where still masked (M, K)
     logits = (1 + t_s)·ℓ_cond − t_s·ℓ_uncond           classifier-free guidance, t_s = scale·s/(S−1)
-    x ~ softmax(logits)   at every masked position     (optionally only among the top-k ids)
+    x ~ softmax(logits)                                 (optionally only among the top-k ids)
     confidence = log p(x) + τ·(1 − (s+1)/S)·Gumbel      annealed noise; decoded tokens get +inf
-    re-mask the ⌊N_free·γ((s+1)/S)⌋ least confident     γ = cosine (or linear) schedule, 0 at s = S−1
+    re-mask the least confident, keeping              γ = cosine (or linear) schedule, 0 at s = S−1
+        min(⌊N_free·γ((s+1)/S)⌋, masked − 1) masked    (MaskGIT's clamp: every step decodes a token)
 
-so after the last step no [MASK] is left. The conditional and unconditional branches run as one
-batched forward over a context concatenated once before the loop; the text K/V inside `context` are
-computed by the caller once per request (`model.encode_context`) and never inside the loop. A negative
-prompt is simply a different `uncond_context`.
+so after the last step no [MASK] is left. A grid with fewer free tokens than steps (a small inpainting
+region) is decoded in as many steps as it has free tokens, and the loop stops once nothing is masked.
+
+What each step costs is the forward pass: the conditional and unconditional branches run as one
+batched forward (the unconditional one over the model's cached one-token null context, or a negative
+prompt's), logits come out only at masked positions, guidance is applied in place (a `lerp_` into the
+unconditional half), and softmax, sampling and log p work in that same buffer. Sampling inverts the
+CDF blockwise (√K blocks, then one block), so no cumulative sum over the whole codebook is formed.
+At most the forward's own output, two (M, K) logits tensors, is alive at once; logits stay in the
+model's dtype (bf16 on GPU) with float32 reductions.
 
 Randomness comes only from the explicit `generator`: one `torch.Generator` for the whole batch, or one
-per row, in which case each row's draws depend on its own generator alone, so a batched server gives a
-request the same tokens as running it by itself (given the same logits).
+per row. Each row's uniforms for the whole request (one per token per step to sample, one for the
+confidence noise) are drawn from its own generator up front, so a batched server gives a request the
+same tokens as running it by itself (given the same logits), and the loop makes no per-row calls.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
+from muse.context import Context, ContextStack
 from muse.masking import num_masked_after_step
-from muse.transformer import Context
 
 Generators = torch.Generator | Sequence[torch.Generator]
+RENAMED_TEMPERATURE = ("`temperature` is the choice temperature of MaskGIT's re-masking noise, not a softmax "
+                       "temperature; it is now called `choice_temperature`")
 
 
 def generate(
@@ -38,26 +50,33 @@ def generate(
     steps: int,
     guidance_scale: float | torch.Tensor = 0.0,
     generator: Generators,
-    temperature: float = 4.5,
+    choice_temperature: float = 4.5,
     schedule: str = "cosine",
     init_ids: torch.Tensor | None = None,
     fixed: torch.Tensor | None = None,
     top_k: int | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    temperature: float | None = None,
 ) -> torch.Tensor:
     """Decode token ids (B, N) long with no [MASK] left.
 
-    model: `model(ids (B, N), context) -> logits (B, N, K)` with `.mask_token_id` and `.num_tokens`.
-    context / uncond_context: from `model.encode_context`, B rows each (an uncond_context of one row is
-        broadcast). Guidance needs `uncond_context`; a guidance scale of 0 never runs it.
+    model: `model(ids (B, N), context, select=(B, N) bool) -> logits (M, K)` at the selected
+        positions, with `.mask_token_id` and `.num_tokens` (a `TokenTransformer`).
+    context / uncond_context: from `model.encode_context` / `model.null_context`, B rows each (an
+        uncond_context of one row serves every row). Guidance needs `uncond_context`; a guidance
+        scale of 0 never runs it.
     guidance_scale: target t (float or (B,) tensor), reached on the last step.
     generator: one torch.Generator or a list of B (one per row).
-    temperature: τ, the Gumbel-noise scale on the confidence, annealed linearly to 0.
+    choice_temperature: τ, the scale of the Gumbel noise on the confidence, annealed linearly to 0
+        (MaskGIT's choice temperature; `temperature` is its old name, still accepted with a warning).
     init_ids (B, N) and fixed (B, N) bool: positions where `fixed` is True keep `init_ids` and are
         never resampled (inpainting); without `fixed`, every non-[MASK] id of init_ids is kept.
     top_k: sample only among the k most likely ids at each position (None = the full codebook).
     callback(step, ids): after each step, with the current ids ([MASK] where still undecided).
     """
+    if temperature is not None:
+        warnings.warn(RENAMED_TEMPERATURE, DeprecationWarning, stacklevel=2)
+        choice_temperature = temperature
     B = context.batch_size
     N, mask_id = model.num_tokens, model.mask_token_id
     device = context.mask.device
@@ -68,98 +87,128 @@ def generate(
     if bool((scale != 0).any()) and uncond_context is None:
         raise ValueError("guidance_scale != 0 needs an uncond_context")
     joint = cfg_context(context, uncond_context) if bool((scale != 0).any()) else None
+    ids = initial_ids(B, N, mask_id, device, init_ids, fixed)
+    draws = row_uniforms(gens, (B, steps, 2, N), device)  # [token sample, confidence noise] per step
 
-    if init_ids is None:
-        if fixed is not None:
-            raise ValueError("fixed needs init_ids")
-        ids = torch.full((B, N), mask_id, dtype=torch.long, device=device)
-    else:
-        init_ids = init_ids.reshape(B, N).to(device=device, dtype=torch.long)
-        fixed = (init_ids != mask_id) if fixed is None else fixed.reshape(B, N).to(device=device, dtype=torch.bool)
-        if bool((init_ids[fixed] == mask_id).any()):
-            raise ValueError("fixed positions of init_ids must not be [MASK]")
-        ids = torch.where(fixed, init_ids, torch.full_like(init_ids, mask_id))
-    n_free = (ids == mask_id).sum(dim=1).tolist()  # tokens to decode, per row
-    n_remask = torch.tensor(  # (steps, B): still masked after each step
-        [[num_masked_after_step(s, steps, n, schedule) for n in n_free] for s in range(steps)], device=device
-    )
+    n_free = (ids == mask_id).sum(dim=1)  # (B,) tokens to decode
+    steps = min(steps, int(n_free.max()))  # never more steps than tokens: each step decodes one or more
+    keep = torch.tensor(  # (steps, B): still masked after each step by the schedule
+        [[num_masked_after_step(s, steps, n, schedule) for n in n_free.tolist()] for s in range(steps)],
+        device=device, dtype=torch.long,
+    ).reshape(steps, B)
 
     with torch.no_grad():
         for step in range(steps):
             masked = ids == mask_id  # (B, N)
+            n_masked = masked.sum(dim=1)
+            if not bool(n_masked.any()):
+                break
             ramp = step / (steps - 1) if steps > 1 else 1.0  # guidance ramps 0 -> scale
-            logits = guided_logits(model, ids, context, joint if ramp > 0 else None, scale * ramp)  # (B, N, K)
-            sampled, logp = sample_tokens(logits, gens, top_k=top_k)  # (B, N), (B, N)
-            sampled = torch.where(masked, sampled, ids)
+            logits = guided_logits(model, ids, context, joint if ramp > 0 else None, scale * ramp, masked)
+            picked, logp = sample_tokens(logits, draws[:, step, 0][masked], top_k=top_k)  # (M,), (M,)
+            sampled = ids.masked_scatter(masked, picked)
 
             # Confidence of this step's samples; everything decoded earlier (or fixed) is kept.
-            noise_scale = temperature * (1.0 - (step + 1) / steps)
-            confidence = logp + noise_scale * gumbel_noise((B, N), gens, device)
-            confidence = torch.where(masked, confidence, torch.full_like(confidence, float("inf")))
+            noise_scale = choice_temperature * (1.0 - (step + 1) / steps)
+            confidence = torch.full((B, N), float("inf"), device=device)
+            confidence[masked] = logp + noise_scale * gumbel(draws[:, step, 1][masked])
             order = confidence.argsort(dim=1, stable=True)  # least confident first
             ranks = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=device).expand(B, N))
-            ids = torch.where(ranks < n_remask[step][:, None], torch.full_like(ids, mask_id), sampled)
+            remain = torch.minimum(keep[step], n_masked - 1).clamp(min=0)  # MaskGIT's clamp
+            ids = torch.where(ranks < remain[:, None], torch.full_like(ids, mask_id), sampled)
             if callback is not None:
                 callback(step, ids)
     return ids
 
 
-def cfg_context(context: Context, uncond_context: Context | None) -> Context | None:
-    """[cond ; uncond] along the batch, built once per request for the batched guided forward."""
+def initial_ids(B: int, N: int, mask_id: int, device: torch.device, init_ids: torch.Tensor | None,
+                fixed: torch.Tensor | None) -> torch.Tensor:
+    """The starting grid: all [MASK], or `init_ids` kept where `fixed` (default: where not [MASK])."""
+    if init_ids is None:
+        if fixed is not None:
+            raise ValueError("fixed needs init_ids")
+        return torch.full((B, N), mask_id, dtype=torch.long, device=device)
+    init_ids = init_ids.reshape(B, N).to(device=device, dtype=torch.long)
+    fixed = (init_ids != mask_id) if fixed is None else fixed.reshape(B, N).to(device=device, dtype=torch.bool)
+    if bool((init_ids[fixed] == mask_id).any()):
+        raise ValueError("fixed positions of init_ids must not be [MASK]")
+    return torch.where(fixed, init_ids, torch.full_like(init_ids, mask_id))
+
+
+def cfg_context(context: Context, uncond_context: Context | None) -> ContextStack | None:
+    """[cond ; uncond] along the batch for the batched guided forward, without padding: each part
+    attends to its own keys, and a one-row uncond_context (the null text) serves every row."""
     if uncond_context is None:
         return None
     B = context.batch_size
-    if uncond_context.batch_size == 1 and B > 1:
-        uncond_context = uncond_context.repeat(B)
-    if uncond_context.batch_size != B:
+    if uncond_context.batch_size not in (1, B):
         raise ValueError(f"uncond_context has {uncond_context.batch_size} rows, context has {B}")
-    return Context.cat([context, uncond_context])
+    return ContextStack([context, uncond_context], [B, B])
 
 
-def guided_logits(model: torch.nn.Module, ids: torch.Tensor, context: Context, joint: Context | None,
-                  t: torch.Tensor) -> torch.Tensor:
-    """(1 + t)·ℓ_cond − t·ℓ_uncond as float32 (B, N, K), t (B,): one forward of 2B rows over
-    `joint` = cfg_context(...); with joint None, one forward of B rows on `context` alone (no guidance)."""
+def guided_logits(model: torch.nn.Module, ids: torch.Tensor, context: Context, joint: ContextStack | None,
+                  t: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+    """(1 + t)·ℓ_cond − t·ℓ_uncond, t (B,), in the model's dtype: one forward of 2B rows over `joint`
+    = cfg_context(...); with joint None, one forward of B rows on `context` alone (no guidance).
+    With `select` ((B, N) bool) only the selected positions' logits (M, K), else (B, N, K)."""
     if joint is None:
-        return model(ids, context).float()
-    cond, uncond = model(torch.cat([ids, ids]), joint).float().chunk(2)  # (B, N, K) each
-    t = t.to(cond.dtype)[:, None, None]
-    return (1 + t) * cond - t * uncond
+        return model(ids, context, select=select)
+    both = model(torch.cat([ids, ids]), joint, select=None if select is None else torch.cat([select, select]))
+    cond, uncond = both.chunk(2)
+    weight = (1 + t).to(both.dtype)
+    weight = weight[:, None, None] if select is None else weight[:, None].expand_as(select)[select][:, None]
+    return uncond.lerp_(cond, weight)  # uncond + (1 + t)(cond − uncond), written over uncond
 
 
-def sample_tokens(logits: torch.Tensor, generators: list[torch.Generator] | torch.Generator,
-                  top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One id per position from softmax(logits) (B, N, K) by inverse-CDF sampling (one uniform per
-    token, so per-row generators stay cheap). Returns (ids (B, N) long, log p(ids) (B, N))."""
-    B, N, K = logits.shape
-    logp = logits.float().log_softmax(dim=-1)
+def sample_tokens(logits: torch.Tensor, u: torch.Tensor, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One id per row of `logits` (M, K), which is overwritten (it ends as the probabilities), by
+    inverting the CDF at the uniforms `u` (M,). Returns (ids (M,) long, log p(ids) (M,) float32)."""
+    M, K = logits.shape
     if top_k is not None and top_k < K:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        kth = logp.topk(top_k, dim=-1).values[..., -1:]  # (B, N, 1)
-        logp = logp.masked_fill(logp < kth, float("-inf")).log_softmax(dim=-1)
-    cdf = logp.exp().cumsum(dim=-1)  # (B, N, K)
-    total = cdf[..., -1:]
-    u = uniform((B, N), generators, logits.device)[..., None]
-    # Strictly below the total, so the search lands on an id with non-zero probability.
-    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    ids = torch.searchsorted(cdf, target, right=True).clamp(max=K - 1).squeeze(-1)  # (B, N)
-    return ids, logp.gather(-1, ids[..., None]).squeeze(-1)
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (M, 1)
+        logits.masked_fill_(logits < kth, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    probs = logits.sub_(lse).exp_()  # in place: softmax
+    ids = inverse_cdf(probs, u)
+    return ids, probs.gather(1, ids[:, None]).squeeze(1).float().log()
 
 
-def uniform(shape: tuple[int, int], generators: list[torch.Generator] | torch.Generator,
-            device: torch.device) -> torch.Tensor:
-    """U[0, 1) of shape (B, ...), row b drawn from generators[b] (or all rows from one generator)."""
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The id whose CDF interval holds u·total, per row of probs (M, K) >= 0: first among ~√K blocks
+    by their mass, then within the one block, so only (M, √K) cumulative sums are formed. An id of
+    zero probability is never returned."""
+    M, K = probs.shape
+    size = 1 << (max(K - 1, 1).bit_length() + 1) // 2  # block size, a power of two near √K
+    if K % size:
+        probs = torch.nn.functional.pad(probs, (0, size - K % size))  # zero mass, never picked
+    blocks = probs.view(M, -1, size)  # (M, G, size)
+    cdf = blocks.sum(-1, dtype=torch.float32).cumsum(-1)  # (M, G)
+    total = cdf[:, -1:]
+    target = torch.minimum(u.float()[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    g = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[1] - 1)  # (M, 1)
+    before = torch.where(g > 0, cdf.gather(1, (g - 1).clamp(min=0)), torch.zeros_like(target))
+    inner = blocks[torch.arange(M, device=probs.device), g[:, 0]].float().cumsum(-1)  # (M, size)
+    rest = torch.minimum(target - before, torch.nextafter(inner[:, -1:], torch.zeros_like(target)))
+    j = torch.searchsorted(inner, rest, right=True).clamp(max=size - 1)
+    return (g * size + j)[:, 0]
+
+
+def gumbel(u: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise from uniforms."""
+    u = u.clamp(min=1e-20, max=1 - 1e-7)
+    return -torch.log(-torch.log(u))
+
+
+def row_uniforms(generators: list[torch.Generator] | torch.Generator, shape: tuple[int, ...],
+                 device: torch.device) -> torch.Tensor:
+    """U[0, 1) of shape (B, ...), row b drawn from generators[b] in one call (or all rows from one
+    generator)."""
     if isinstance(generators, torch.Generator):
         return torch.rand(shape, generator=generators, device=generators.device).to(device)
     rows = [torch.rand(shape[1:], generator=g, device=g.device) for g in generators]
     return torch.stack(rows).to(device)
-
-
-def gumbel_noise(shape: tuple[int, int], generators: list[torch.Generator] | torch.Generator,
-                 device: torch.device) -> torch.Tensor:
-    u = uniform(shape, generators, device).clamp(min=1e-20, max=1 - 1e-7)
-    return -torch.log(-torch.log(u))
 
 
 def row_generators(generator: Generators, batch: int) -> list[torch.Generator] | torch.Generator:
@@ -180,3 +229,16 @@ def guidance_scales(guidance_scale: float | torch.Tensor, batch: int, device: to
     if scale.shape != (batch,):
         raise ValueError(f"guidance_scale must be a float or a ({batch},) tensor, got shape {tuple(scale.shape)}")
     return scale
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index` of a request with `seed`: derived from the pair (seed, index)
+    (numpy's SeedSequence spawn key), so no two requests share an image stream, and image i of a
+    seed is the same whatever the number of images asked for."""
+    state = np.random.SeedSequence(entropy=seed, spawn_key=(index,)).generate_state(1, np.uint64)[0]
+    return int(state) & (2**63 - 1)
+
+
+def image_generators(seed: int, n: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per image of a request, seeded `image_seed(seed, i)`."""
+    return [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in range(n)]

@@ -13,6 +13,9 @@ The text side of cross-attention does not change while an image is decoded, so i
 are computed once per request by `encode_context` and reused at every sampling step. A learned "null"
 context token is always present: dropping the text for classifier-free guidance means masking out
 every text position, which leaves the null token (no empty-softmax NaNs, no extra encoder call).
+The sampler's unconditional branch is that null token alone (`null_context`, cached per model).
+Shared by both models (`TokenTransformer`); `forward(..., select=mask)` computes logits only at the
+selected positions, which is all the sampler needs.
 
 The super-res model (§2.3) first encodes the low-res token grid with its own self-attention layers;
 high-res tokens then cross-attend to the concatenation [text ; low-res encoding].
@@ -20,56 +23,14 @@ high-res tokens then cross-attend to the concatenation [text ; low-res encoding]
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from muse.config import BaseTransformerConfig, SuperResTransformerConfig
+from muse.context import Context, ContextStack
 
-
-@dataclass
-class Context:
-    """Per-request cross-attention keys/values, one (k, v) pair per block, and the key mask."""
-
-    keys: list[torch.Tensor]  # each (B, Hkv, L, Dh)
-    values: list[torch.Tensor]  # each (B, Hkv, L, Dh)
-    mask: torch.Tensor  # (B, L) bool, True = attend
-    input_bias: torch.Tensor | None = None  # (B, N, C) added to the token embeddings (super-res lo_skip)
-
-    @property
-    def batch_size(self) -> int:
-        return self.mask.shape[0]
-
-    def repeat(self, n: int) -> Context:
-        """Each request repeated n times in a row (for n images per prompt)."""
-        rep = lambda t: t.repeat_interleave(n, dim=0)  # noqa: E731
-        bias = None if self.input_bias is None else rep(self.input_bias)
-        return Context([rep(k) for k in self.keys], [rep(v) for v in self.values], rep(self.mask), bias)
-
-    def index(self, idx: torch.Tensor | slice) -> Context:
-        bias = None if self.input_bias is None else self.input_bias[idx]
-        return Context([k[idx] for k in self.keys], [v[idx] for v in self.values], self.mask[idx], bias)
-
-    @staticmethod
-    def cat(contexts: list[Context]) -> Context:
-        """Stack contexts along the batch, padding the key length (padded keys are masked out)."""
-        length = max(c.mask.shape[1] for c in contexts)
-
-        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
-            missing = length - t.shape[dim]
-            if missing == 0:
-                return t
-            shape = list(t.shape)
-            shape[dim] = missing
-            return torch.cat([t, t.new_zeros(shape)], dim=dim)
-
-        n_blocks = len(contexts[0].keys)
-        keys = [torch.cat([pad(c.keys[i], 2) for c in contexts]) for i in range(n_blocks)]
-        values = [torch.cat([pad(c.values[i], 2) for c in contexts]) for i in range(n_blocks)]
-        bias = None if contexts[0].input_bias is None else torch.cat([c.input_bias for c in contexts])
-        return Context(keys, values, torch.cat([pad(c.mask, 1) for c in contexts]), bias)
+AnyContext = Context | ContextStack
 
 
 class SelfAttention(nn.Module):
@@ -91,7 +52,8 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Queries from image tokens; keys/values from the context, precomputed by `kv`."""
+    """Queries from image tokens; keys/values from the context, precomputed once per request by `kv`
+    (grouped K/V heads are expanded there, once, not at every decoding step)."""
 
     def __init__(self, hidden: int, heads: int, kv_heads: int, dropout: float):
         super().__init__()
@@ -106,17 +68,15 @@ class CrossAttention(nn.Module):
         B, L, _ = context.shape
         k = self.k(context).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(context).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
-        return k, v  # (B, Hkv, L, Dh)
-
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        q = self.q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
-        )
+        return k, v  # (B, H, L, Dh)
+
+    def forward(self, x: torch.Tensor, context: AnyContext, layer: int) -> torch.Tensor:
+        B, N, C = x.shape
+        q = self.q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
+        y = context.attend(layer, q, self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, N, C))
 
 
@@ -144,11 +104,11 @@ class Block(nn.Module):
         self.norm3 = nn.LayerNorm(hidden)
         self.mlp = MLP(hidden, mlp, dropout)
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, self_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: AnyContext | None = None, layer: int = 0,
+                self_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), self_mask)
         if self.cross is not None:
-            x = x + self.cross(self.norm2(x), k, v, mask)
+            x = x + self.cross(self.norm2(x), context, layer)
         return x + self.mlp(self.norm3(x))
 
 
@@ -197,17 +157,6 @@ class TokenPatches(nn.Module):
         return self.norm(x)  # (B, side², C)
 
 
-def trunk(x: torch.Tensor, blocks: nn.ModuleList, norm: nn.Module, patches: TokenPatches | None,
-          context: Context) -> torch.Tensor:
-    """Token vectors (B, N, C) through the cross-attending blocks -> normed vectors (B, N, C)."""
-    if patches is not None:
-        x = patches.fold(x)
-    for block, k, v in zip(blocks, context.keys, context.values):
-        x = block(x, k, v, context.mask)
-    x = norm(x)
-    return x if patches is None else patches.unfold(x)
-
-
 class TextProjection(nn.Module):
     """Text embeddings (B, L, D_text) -> (B, 1 + L, C) with the learned null token in front.
 
@@ -244,65 +193,100 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, std=0.02)
 
 
-class MaskedTransformer(nn.Module):
-    """The base model: predicts low-res VQGAN token ids from partially masked ids and text."""
+class TokenTransformer(nn.Module):
+    """What the base and super-res models share: token embedding, the text projection, the
+    cross-attending blocks and the logits head.
 
-    def __init__(self, config: BaseTransformerConfig):
+        ids (B, N) ──embed (+ input_bias)──▶ [fold patches] ──blocks(context)──▶ norm ──▶ [unfold] ──head──▶ logits
+
+    A subclass builds its `Context` in `encode_context`; `forward` is the same for both."""
+
+    def __init__(self, config, codebook_size: int, tokens_per_side: int, layers: int):
         super().__init__()
         c = config
         if c.hidden % c.heads or (c.kv_heads and c.heads % c.kv_heads):
             raise ValueError(f"hidden {c.hidden} / heads {c.heads} / kv_heads {c.kv_heads} do not divide")
         self.config = c
-        self.codebook_size = c.codebook_size
-        self.mask_token_id = c.codebook_size  # one id past the codebook
-        self.num_tokens = c.num_tokens
-        self.embed = TokenEmbedding(c.codebook_size, c.tokens_per_side, c.hidden)
-        self.text = TextProjection(c.text_dim, c.hidden, c.text_layers, c.heads, c.mlp)
-        self.blocks = nn.ModuleList(
-            Block(c.hidden, c.heads, c.mlp, c.dropout, c.kv_heads) for _ in range(c.layers)
-        )
+        self.codebook_size = codebook_size
+        self.mask_token_id = codebook_size  # one id past the codebook
+        self.num_tokens = tokens_per_side**2
+        self.embed = TokenEmbedding(codebook_size, tokens_per_side, c.hidden)
+        self.text_proj = TextProjection(c.text_dim, c.hidden, c.text_layers, c.heads, c.mlp)
+        self.blocks = nn.ModuleList(Block(c.hidden, c.heads, c.mlp, c.dropout, c.kv_heads) for _ in range(layers))
         self.norm = nn.LayerNorm(c.hidden)
-        self.patches = TokenPatches(c.tokens_per_side, c.token_patch, c.hidden) if c.token_patch > 1 else None
-        self.head = nn.Linear(c.hidden, c.codebook_size)
+        self.patches = TokenPatches(tokens_per_side, c.token_patch, c.hidden) if c.token_patch > 1 else None
+        self.head = nn.Linear(c.hidden, codebook_size)
+        self._register_load_state_dict_pre_hook(_rename_legacy_keys)
+
+    def _context(self, vectors: torch.Tensor, mask: torch.Tensor, input_bias: torch.Tensor | None = None) -> Context:
+        """K/V of every block over context vectors (B, L, C)."""
+        kvs = [block.cross.kv(vectors) for block in self.blocks]
+        return Context([k for k, _ in kvs], [v for _, v in kvs], mask, input_bias)
+
+    def _empty_text(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """No text at all: (1, 0, D_text) and its (1, 0) mask. Encodes the same context as any text
+        whose positions are all masked out, with nothing to mask."""
+        p = self.text_proj.proj.weight
+        return p.new_zeros(1, 0, self.config.text_dim), torch.zeros(1, 0, dtype=torch.bool, device=p.device)
+
+    def forward(self, ids: torch.Tensor, context: AnyContext, select: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, N) with [MASK] = codebook_size -> logits (B, N, codebook_size); with `select`
+        ((B, N) bool), only the selected positions' logits (M, codebook_size), in row-major order:
+        the head's matmul and the logits' memory are spent only where a token is still to be drawn."""
+        x = self.embed(ids)
+        if context.input_bias is not None:
+            x = x + context.input_bias
+        if self.patches is not None:
+            x = self.patches.fold(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, context, layer)
+        x = self.norm(x)
+        if self.patches is not None:
+            x = self.patches.unfold(x)
+        return self.head(x if select is None else x[select])
+
+
+def _rename_legacy_keys(state_dict, prefix, *args) -> None:
+    """Checkpoints written before the text projection was named `text_proj` call it `text`."""
+    for key in [k for k in state_dict if k.startswith(prefix + "text.")]:
+        state_dict[prefix + "text_proj." + key[len(prefix) + 5:]] = state_dict.pop(key)
+
+
+class MaskedTransformer(TokenTransformer):
+    """The base model: predicts low-res VQGAN token ids from partially masked ids and text."""
+
+    def __init__(self, config: BaseTransformerConfig):
+        super().__init__(config, config.codebook_size, config.tokens_per_side, config.layers)
+        self._null: tuple[tuple, Context] | None = None
         self.apply(_init_weights)
 
     def encode_context(self, text: torch.Tensor, text_mask: torch.Tensor) -> Context:
         """Cross-attention K/V for every block, once per request. text (B, L, D_text), mask (B, L).
         A request whose mask is all False is unconditional (only the null token remains)."""
-        ctx, mask = self.text(text, text_mask)  # (B, 1+L, C)
-        kvs = [block.cross.kv(ctx) for block in self.blocks]
-        return Context([k for k, _ in kvs], [v for _, v in kvs], mask)
+        return self._context(*self.text_proj(text, text_mask))  # over (B, 1+L, C)
 
-    def forward(self, ids: torch.Tensor, context: Context) -> torch.Tensor:
-        """ids (B, N) with [MASK] = codebook_size -> logits (B, N, codebook_size)."""
-        return self.head(trunk(self.embed(ids), self.blocks, self.norm, self.patches, context))
+    def null_context(self) -> Context:
+        """The unconditional context (the null token alone, one row, no mask), cached: computed once
+        per device, dtype and version of the weights, not once per request."""
+        params = list(self.parameters())
+        key = (params[0].device, params[0].dtype, tuple(p._version for p in params))
+        if self._null is None or self._null[0] != key:
+            with torch.no_grad():
+                self._null = (key, self.encode_context(*self._empty_text()))
+        return self._null[1]
 
 
-class SuperResTransformer(nn.Module):
+class SuperResTransformer(TokenTransformer):
     """Predicts high-res token ids from masked high-res ids, text, and the low-res token grid."""
 
     def __init__(self, config: SuperResTransformerConfig):
-        super().__init__()
         c = config
-        if c.hidden % c.heads or (c.kv_heads and c.heads % c.kv_heads):
-            raise ValueError(f"hidden {c.hidden} / heads {c.heads} / kv_heads {c.kv_heads} do not divide")
-        self.config = c
-        self.codebook_size = c.hi_codebook_size
-        self.mask_token_id = c.hi_codebook_size
-        self.num_tokens = c.num_tokens
+        super().__init__(c, c.hi_codebook_size, c.hi_tokens_per_side, c.hi_layers)
         self.lo_embed = TokenEmbedding(c.lo_codebook_size, c.lo_tokens_per_side, c.hidden)
         self.lo_blocks = nn.ModuleList(
             Block(c.hidden, c.heads, c.mlp, c.dropout, cross=False) for _ in range(c.lo_layers)
         )
         self.lo_norm = nn.LayerNorm(c.hidden)
-        self.text = TextProjection(c.text_dim, c.hidden, c.text_layers, c.heads, c.mlp)
-        self.embed = TokenEmbedding(c.hi_codebook_size, c.hi_tokens_per_side, c.hidden)
-        self.blocks = nn.ModuleList(
-            Block(c.hidden, c.heads, c.mlp, c.dropout, c.kv_heads) for _ in range(c.hi_layers)
-        )
-        self.norm = nn.LayerNorm(c.hidden)
-        self.patches = TokenPatches(c.hi_tokens_per_side, c.token_patch, c.hidden) if c.token_patch > 1 else None
-        self.head = nn.Linear(c.hidden, c.hi_codebook_size)
         self.lo_skip = nn.Linear(c.hidden, c.hidden) if c.lo_skip else None
         self.apply(_init_weights)
         if self.lo_skip is not None:  # starts as the paper's model; the skip grows in as it helps
@@ -315,11 +299,14 @@ class SuperResTransformer(nn.Module):
         for block in self.lo_blocks:
             lo = block(lo)
         lo = self.lo_norm(lo)  # (B, n_lo, C)
-        txt, txt_mask = self.text(text, text_mask)  # (B, 1+L, C)
+        txt, txt_mask = self.text_proj(text.expand(lo.shape[0], -1, -1), text_mask.expand(lo.shape[0], -1))
         ctx = torch.cat([txt, lo], dim=1)
         mask = torch.cat([txt_mask, txt_mask.new_ones(lo.shape[:2])], dim=1)
-        kvs = [block.cross.kv(ctx) for block in self.blocks]
-        return Context([k for k, _ in kvs], [v for _, v in kvs], mask, self.lo_skip_bias(lo))
+        return self._context(ctx, mask, self.lo_skip_bias(lo))
+
+    def null_context(self, lo_ids: torch.Tensor) -> Context:
+        """The unconditional context for each low-res grid: [null ; low-res], with no mask."""
+        return self.encode_context(*self._empty_text(), lo_ids)
 
     def lo_skip_bias(self, lo: torch.Tensor) -> torch.Tensor | None:
         """Low-res encodings (B, n_lo, C) -> (B, N_hi, C): each one copied to the high-res positions
@@ -330,13 +317,6 @@ class SuperResTransformer(nn.Module):
         grid = lo.transpose(1, 2).reshape(lo.shape[0], lo.shape[2], c.lo_tokens_per_side, c.lo_tokens_per_side)
         up = F.interpolate(grid, size=(c.hi_tokens_per_side, c.hi_tokens_per_side), mode="nearest")
         return self.lo_skip(up.flatten(2).transpose(1, 2))
-
-    def forward(self, ids: torch.Tensor, context: Context) -> torch.Tensor:
-        """ids (B, N_hi) with [MASK] = hi_codebook_size -> logits (B, N_hi, hi_codebook_size)."""
-        x = self.embed(ids)
-        if context.input_bias is not None:
-            x = x + context.input_bias
-        return self.head(trunk(x, self.blocks, self.norm, self.patches, context))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -182,7 +182,7 @@ class Ingress:
                 for i, png in enumerate(pngs):  # always b64_json, as OpenAI's streams; a URL too if asked
                     url = self.image_item(png, "url", base_url) if req.response_format == "url" else {}
                     yield sse("image_generation.completed", {
-                        "b64_json": _b64(png), **url, "index": i, "seed": seed + i, **_event_fields(size)})
+                        "b64_json": _b64(png), **url, "index": i, "seed": seed, **_event_fields(size)})
         except TimeoutError:
             yield sse("error", {"error": _error_body("the request took longer than the timeout", "timeout")})
         except Exception as e:  # noqa: BLE001 - headers are sent: report in-band and end the stream
@@ -200,7 +200,8 @@ class Ingress:
         side = self.side(stage)
         return {
             "created": int(time.time()),
-            "data": [{**self.image_item(png, response_format, base_url), "revised_prompt": None, "seed": seed + i}
+            "data": [{**self.image_item(png, response_format, base_url), "revised_prompt": None, "seed": seed,
+              "index": i}
                      for i, png in enumerate(pngs)],
             "size": f"{side}x{side}",
             "output_format": "png",

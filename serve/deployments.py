@@ -36,7 +36,6 @@ from muse.data.images import uint8_to_tensor
 from serve.config import MERGED_BATCHES, Batching
 from serve.images import fill_masked, grey_out, png_bytes
 
-SEED_MODULUS = 2**63
 
 
 @dataclass
@@ -215,7 +214,7 @@ class _TokenGenerator:
                 .to(dev) for j in jobs])
         ids = sampling.generate(
             self.model, context, uncond, steps=steps, guidance_scale=scale, generator=gens,
-            temperature=self.temperature, init_ids=init_ids, fixed=fixed, callback=callback,
+            choice_temperature=self.temperature, init_ids=init_ids, fixed=fixed, callback=callback,
         ).view(-1, self.side, self.side).cpu()
         out, start = [], 0
         for j in jobs:
@@ -368,14 +367,14 @@ def _negative(cond: TextCond) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _generators(job: _Job, device: torch.device) -> list[torch.Generator]:
-    """Row i: seeded seed + i, or resumed from the previous stage's state for that row."""
+    """Row i: seeded from (seed, i), or resumed from the previous stage's state for that row."""
     gens = []
     for i in range(job.decode.n):
         g = torch.Generator(device=device)
         if job.lo is not None:
             g.set_state(job.lo.rng[i])
         else:
-            g.manual_seed((job.decode.seed + i) % SEED_MODULUS)
+            g.manual_seed(sampling.image_seed(job.decode.seed, i))
         gens.append(g)
     return gens
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fakes import context_tags, selected
 
 from muse import editing
-from muse.transformer import Context
+from muse.context import Context
 
 
 class FakeTransformer(torch.nn.Module):
@@ -20,10 +21,10 @@ class FakeTransformer(torch.nn.Module):
         self.direction = 2 * torch.randn(self.num_tokens, codebook_size, generator=g)
         self.inputs: list[torch.Tensor] = []
 
-    def forward(self, ids: torch.Tensor, ctx: Context) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, ctx: Context, select: torch.Tensor | None = None) -> torch.Tensor:
         self.inputs.append(ids.clone())
-        tags = ctx.keys[0][:, 0, 0, 0]
-        return self.base + tags[:, None, None] * self.direction
+        tags = context_tags(ctx)
+        return selected(self.base + tags[:, None, None] * self.direction, select)
 
 
 def ctx(*tags: float) -> Context:

@@ -12,7 +12,8 @@ from PIL import Image
 
 from muse import checkpoint, generate_cli
 from muse.pipeline import MusePipeline, TextCondition, base_tokens, superres_tokens
-from muse.transformer import Context
+from muse.context import Context
+from fakes import context_tags, selected
 
 STEPS = dict(steps=3, superres_steps=2)
 
@@ -35,10 +36,13 @@ class FakeBase(torch.nn.Module):
         tag = (text[:, 0, 0] * mask.any(dim=1)).view(-1, 1, 1, 1)
         return Context([tag], [tag], torch.ones(text.shape[0], 1, dtype=torch.bool))
 
-    def forward(self, ids: torch.Tensor, ctx: Context) -> torch.Tensor:
-        tags = ctx.keys[0][:, 0, 0, 0]
+    def null_context(self) -> Context:
+        return self.encode_context(torch.zeros(1, 1, 1), torch.zeros(1, 1, dtype=torch.bool))
+
+    def forward(self, ids: torch.Tensor, ctx: Context, select: torch.Tensor | None = None) -> torch.Tensor:
+        tags = context_tags(ctx)
         self.forward_tags.append(tags.tolist())
-        return self.logits + tags[:, None, None]
+        return selected(self.logits + tags[:, None, None], select)
 
 
 def cond(*values: float) -> TextCondition:
@@ -93,16 +97,22 @@ def test_text_to_image_two_stages_gives_images_of_the_right_size(pipe):
     assert len(lo) == 1 and lo[0].size == (64, 64)
 
 
-def test_seed_reproduces_tokens_and_image_i_is_seed_plus_i(pipe):
+def test_seed_reproduces_tokens_and_image_i_depends_on_seed_and_i_alone(pipe):
     a = pipe("a red circle", seed=3, output="tokens", **STEPS)
     b = pipe("a red circle", seed=3, output="tokens", **STEPS)
     c = pipe("a red circle", seed=4, output="tokens", **STEPS)
     assert a.shape == (1, 16, 16) and a.dtype == torch.long
     assert torch.equal(a, b) and not torch.equal(a, c)
+    three = pipe("a red circle", seed=3, num_images=3, output="tokens", superres=False, steps=3)
     two = pipe("a red circle", seed=3, num_images=2, output="tokens", superres=False, steps=3)
-    one = pipe("a red circle", seed=4, output="tokens", superres=False, steps=3)
+    next_seed = pipe("a red circle", seed=4, num_images=2, output="tokens", superres=False, steps=3)
     assert not torch.equal(two[0], two[1])
-    torch.testing.assert_close(two[1], one[0], rtol=0, atol=0)
+    torch.testing.assert_close(three[:2], two, rtol=0, atol=0)  # image i does not depend on n
+    # Seeds 3 and 4 share no image (with seed + i they shared all but one).
+    assert not any(torch.equal(x, y) for x in two for y in next_seed)
+    from muse import sampling
+
+    assert sampling.image_seed(3, 1) != sampling.image_seed(4, 0)
 
 
 def test_contexts_are_encoded_once_per_stage_and_negative_prompt_replaces_null(pipe, monkeypatch):
@@ -116,9 +126,15 @@ def test_contexts_are_encoded_once_per_stage_and_negative_prompt_replaces_null(p
             return _real(text, mask, *rest)
 
         monkeypatch.setattr(model, "encode_context", spy)
+    pipe.base._null = None  # the null context is cached per model: start without it
     pipe("a red circle", seed=0, steps=5, superres_steps=3)
     assert [len(v) for v in seen.values()] == [2, 2]  # cond + uncond, whatever the number of steps
-    assert seen["base"][0][1].any() and not seen["base"][1][1].any()  # uncond = text masked out
+    assert seen["base"][0][1].any() and seen["base"][1][1].shape == (1, 0)  # uncond = no text at all
+    assert seen["superres"][1][1].shape == (1, 0)
+    for log in seen.values():
+        log.clear()
+    pipe("a blue square", seed=0, steps=5, superres_steps=3)
+    assert [len(v) for v in seen.values()] == [1, 2]  # the base model's null context is reused
 
     for log in seen.values():
         log.clear()

@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+from fakes import context_tags, selected
 
 from muse import sampling
-from muse.transformer import Context
+from muse.context import Context
 
 N, K = 16, 8
 
@@ -25,11 +26,11 @@ class FakeTransformer(torch.nn.Module):
         self.direction = 2 * torch.randn(num_tokens, codebook_size, generator=g)
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def forward(self, ids: torch.Tensor, ctx: Context) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, ctx: Context, select: torch.Tensor | None = None) -> torch.Tensor:
         assert ids.shape == (ctx.batch_size, self.num_tokens)
-        tags = ctx.keys[0][:, 0, 0, 0]  # (B,)
+        tags = context_tags(ctx)  # (B,)
         self.calls.append((ids.clone(), tags.clone()))
-        return self.base + tags[:, None, None] * self.direction
+        return selected(self.base + tags[:, None, None] * self.direction, select)
 
 
 def ctx(*tags: float) -> Context:
@@ -140,9 +141,9 @@ def test_guidance_ramp_reaches_target_on_last_step():
     seen: list[float] = []
     real = sampling.guided_logits
 
-    def spy(model_, ids, context, joint, t):
+    def spy(model_, ids, context, joint, t, select=None):
         seen.append(float(t[0]) if joint is not None else 0.0)
-        return real(model_, ids, context, joint, t)
+        return real(model_, ids, context, joint, t, select)
 
     sampling.guided_logits = spy
     try:
@@ -188,7 +189,7 @@ def test_fixed_positions_are_kept_and_schedule_counts_only_free_tokens():
 def test_temperature_changes_the_decoding_order():
     model = FakeTransformer(num_tokens=64)
     order = lambda temp: sampling.generate(  # noqa: E731
-        model, ctx(0.0), steps=8, temperature=temp, generator=gen(11), top_k=1,
+        model, ctx(0.0), steps=8, choice_temperature=temp, generator=gen(11), top_k=1,
         callback=lambda s, ids: orders.append(ids.clone()),
     )
     orders: list[torch.Tensor] = []
@@ -199,3 +200,66 @@ def test_temperature_changes_the_decoding_order():
     # Same final tokens (top-1), but which tokens are committed first depends on the noise.
     assert torch.equal(cold[-1], orders[-1])
     assert any(not torch.equal(a, b) for a, b in zip(cold[:-1], orders[:-1]))
+
+
+def test_old_temperature_name_still_works_with_a_warning():
+    model = FakeTransformer()
+    new = sampling.generate(model, ctx(0.5), steps=4, choice_temperature=2.0, generator=gen(1))
+    with pytest.warns(DeprecationWarning, match="choice_temperature"):
+        old = sampling.generate(model, ctx(0.5), steps=4, temperature=2.0, generator=gen(1))
+    assert torch.equal(new, old)
+
+
+def test_small_region_takes_one_step_per_token_and_stops_when_nothing_is_masked():
+    """MaskGIT's clamp: every step decodes at least one token, so 3 free tokens need 3 forwards of
+    the 24 asked for, not 24; a grid with nothing to decode needs none."""
+    model = FakeTransformer()
+    init = torch.randint(0, K, (1, N), generator=gen(0))
+    fixed = torch.ones(1, N, dtype=torch.bool)
+    fixed[0, [2, 7, 11]] = False
+    out = sampling.generate(model, ctx(1.0), ctx(0.0), steps=24, guidance_scale=2.0, generator=gen(1),
+                            init_ids=init, fixed=fixed)
+    assert len(model.calls) == 3
+    assert not (out == model.mask_token_id).any() and torch.equal(out[fixed], init[fixed])
+    model.calls.clear()
+    none_free = sampling.generate(model, ctx(1.0), steps=24, generator=gen(1), init_ids=init)
+    assert torch.equal(none_free, init) and not model.calls
+
+
+def test_forward_logits_only_at_masked_positions():
+    model = FakeTransformer()
+    seen: list[int] = []
+    sampling.generate(model, ctx(1.0), steps=4, generator=gen(0),
+                      callback=lambda s, ids: seen.append(int((ids == model.mask_token_id).sum())))
+    # The fake records ids; the sampler asked for logits where ids were [MASK] before each step.
+    masked_before = [int((ids == model.mask_token_id).sum()) for ids, _ in model.calls]
+    assert masked_before == [N] + seen[:-1]
+
+
+def _reference_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    cdf = probs.double().cumsum(-1)
+    return torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=probs.shape[1] - 1)
+
+
+@pytest.mark.parametrize("K_", [512, 10, 8192])
+def test_blockwise_inverse_cdf_matches_the_full_cumulative_sum(K_):
+    g = gen(0)
+    probs = torch.softmax(3 * torch.randn(400, K_, generator=g), dim=-1)
+    probs[:, 1] = 0.0  # an impossible id
+    u = torch.rand(400, generator=g)
+    got = sampling.inverse_cdf(probs, u)
+    want = _reference_inverse_cdf(probs, u)
+    assert (got == want).float().mean() >= 0.99  # the same inverse, up to float rounding at boundaries
+    assert not (got == 1).any() and got.max() < K_
+
+
+def test_sampled_frequencies_follow_the_softmax():
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0, 0.5]]).expand(20000, -1).contiguous()
+    u = torch.rand(20000, generator=gen(3))
+    ids, logp = sampling.sample_tokens(logits.clone(), u)
+    want = torch.softmax(logits[0], -1)
+    freq = torch.bincount(ids, minlength=5).float() / 20000
+    torch.testing.assert_close(freq, want, atol=0.015, rtol=0)
+    torch.testing.assert_close(logp, want.log()[ids])
+    top1, _ = sampling.sample_tokens(logits[:100].clone(), u[:100], top_k=1)
+    assert (top1 == 0).all()

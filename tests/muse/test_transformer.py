@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from muse.config import preset
-from muse.transformer import Context, MaskedTransformer, SuperResTransformer
+from muse.context import Context, ContextStack
+from muse.transformer import MaskedTransformer, SuperResTransformer
 
 
 SUPERRES_8_TO_16 = preset("superres-tiny")  # an 8x8 low-res grid to the 16x16 high-res one
@@ -134,3 +135,63 @@ def test_token_patches_group_neighbouring_tokens_and_give_each_token_its_own_log
     context = model.encode_context(emb, mask, torch.randint(0, 512, (1, 8, 8)))
     logits = model(torch.full((1, 256), model.mask_token_id), context)
     assert not torch.allclose(logits[0, 0], logits[0, 1])
+
+
+def test_context_stack_matches_separate_forwards_and_broadcasts_a_one_row_context():
+    torch.manual_seed(0)
+    model = MaskedTransformer(preset("base-tiny")).eval()
+    emb, mask = _text(B=2, L=6)  # row 1 is padded: a masked context
+    cond, null = model.encode_context(emb, mask), model.null_context()
+    assert not cond.dense and null.dense and null.batch_size == 1
+    ids = torch.randint(0, 513, (2, 64))
+    with torch.no_grad():
+        joint = model(torch.cat([ids, ids]), ContextStack([cond, null], [2, 2]))
+        torch.testing.assert_close(joint[:2], model(ids, cond), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(joint[2:], model(ids, null.repeat(2)), atol=1e-5, rtol=1e-5)
+
+
+def test_null_context_is_the_fully_masked_text_and_is_cached_until_the_weights_change():
+    torch.manual_seed(0)
+    model = MaskedTransformer(preset("base-tiny")).eval()
+    emb, mask = _text(B=1)
+    ids = torch.randint(0, 513, (1, 64))
+    with torch.no_grad():
+        masked_out = model(ids, model.encode_context(emb, torch.zeros_like(mask)))
+        torch.testing.assert_close(model(ids, model.null_context()), masked_out, atol=1e-5, rtol=1e-5)
+        assert model.null_context() is model.null_context()
+        before = model.null_context()
+        model.text_proj.null.add_(1.0)  # a training step changes the weights in place
+        assert model.null_context() is not before
+
+
+def test_select_gives_the_logits_of_the_selected_positions_only():
+    torch.manual_seed(0)
+    model = SuperResTransformer(SUPERRES_8_TO_16).eval()
+    emb, mask = _text()
+    ctx = model.encode_context(emb, mask, torch.randint(0, 512, (2, 64)))
+    ids = torch.randint(0, 513, (2, 256))
+    select = torch.rand(2, 256) < 0.3
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, ctx, select=select), model(ids, ctx)[select])
+
+
+def test_grouped_kv_heads_are_expanded_once_in_the_context():
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = MaskedTransformer(replace(preset("base-tiny"), kv_heads=2)).eval()
+    emb, mask = _text()
+    ctx = model.encode_context(emb, mask)
+    assert ctx.keys[0].shape[1] == model.config.heads  # stored per query head: nothing to expand per step
+    assert model.blocks[0].cross.k.out_features == 2 * model.config.hidden // model.config.heads
+
+
+def test_checkpoints_from_before_the_text_proj_rename_still_load():
+    torch.manual_seed(0)
+    model = MaskedTransformer(preset("base-tiny"))
+    old = {("text." + k[len("text_proj."):] if k.startswith("text_proj.") else k): v
+           for k, v in model.state_dict().items()}
+    fresh = MaskedTransformer(preset("base-tiny"))
+    result = fresh.load_state_dict(old, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(fresh.text_proj.proj.weight, model.text_proj.proj.weight)

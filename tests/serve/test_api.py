@@ -40,7 +40,7 @@ def test_generation_at_both_sizes_matches_the_pipeline(muse_app, pipe, size, sid
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["size"] == f"{side}x{side}" and len(body["data"]) == 2
-    assert [d["seed"] for d in body["data"]] == [5, 6]
+    assert [(d["seed"], d["index"]) for d in body["data"]] == [(5, 0), (5, 1)]
     images = [png_array(d["b64_json"]) for d in body["data"]]
     assert all(img.shape == (side, side, 3) for img in images)
     expected = pipe("a red circle", num_images=2, steps=STEPS, superres_steps=SR_STEPS, seed=5, superres=side == 128)

@@ -1,0 +1,100 @@
+"""Cross-attention context: what a transformer's image tokens attend to, encoded once per request.
+
+`Context` holds one (keys, values) pair per block, already expanded to every query head, and the key
+mask. When no key is masked (no padding), attention runs without a mask, which lets
+`scaled_dot_product_attention` pick its fused kernels. `ContextStack` puts contexts of different
+lengths on top of each other along the batch without padding: classifier-free guidance runs the
+conditional rows and the unconditional ones (a single null token) as one forward, and each block
+attends each part to its own keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Context:
+    """Per-request cross-attention keys/values, one (k, v) pair per block, and the key mask."""
+
+    keys: list[torch.Tensor]  # each (B, H, L, Dh)
+    values: list[torch.Tensor]  # each (B, H, L, Dh)
+    mask: torch.Tensor  # (B, L) bool, True = attend
+    input_bias: torch.Tensor | None = None  # (B, N, C) added to the token embeddings (super-res lo_skip)
+    dense: bool = field(init=False)  # no key masked: attention needs no mask
+
+    def __post_init__(self):
+        self.dense = bool(self.mask.all())
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    def attend(self, layer: int, q: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+        """Attention of queries q (B, H, N, Dh) over this context's keys of block `layer`."""
+        k, v = self.keys[layer], self.values[layer]
+        if k.shape[0] != q.shape[0]:  # a one-row context (the null text) serves every row
+            k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
+        mask = None if self.dense else self.mask[:, None, None, :]
+        if mask is not None and mask.shape[0] != q.shape[0]:
+            mask = mask.expand(q.shape[0], -1, -1, -1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+    def repeat(self, n: int) -> Context:
+        """Each request repeated n times in a row (for n images per prompt)."""
+        rep = lambda t: t.repeat_interleave(n, dim=0)  # noqa: E731
+        bias = None if self.input_bias is None else rep(self.input_bias)
+        return Context([rep(k) for k in self.keys], [rep(v) for v in self.values], rep(self.mask), bias)
+
+    def index(self, idx: torch.Tensor | slice) -> Context:
+        bias = None if self.input_bias is None else self.input_bias[idx]
+        return Context([k[idx] for k in self.keys], [v[idx] for v in self.values], self.mask[idx], bias)
+
+    @staticmethod
+    def cat(contexts: list[Context]) -> Context:
+        """Stack contexts along the batch, padding the key length (padded keys are masked out).
+        `ContextStack` does the same without padding."""
+        length = max(c.mask.shape[1] for c in contexts)
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = length - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+        n_blocks = len(contexts[0].keys)
+        keys = [torch.cat([pad(c.keys[i], 2) for c in contexts]) for i in range(n_blocks)]
+        values = [torch.cat([pad(c.values[i], 2) for c in contexts]) for i in range(n_blocks)]
+        bias = None if contexts[0].input_bias is None else torch.cat([c.input_bias for c in contexts])
+        return Context(keys, values, torch.cat([pad(c.mask, 1) for c in contexts]), bias)
+
+
+class ContextStack:
+    """Contexts stacked along the batch, each serving `rows` consecutive rows (a one-row context
+    may serve many: it is broadcast, never copied). Attention runs per part, so parts of different
+    lengths need no padding and a dense part keeps the unmasked kernels."""
+
+    def __init__(self, parts: list[Context], rows: list[int] | None = None):
+        self.parts = list(parts)
+        self.rows = [c.batch_size for c in self.parts] if rows is None else list(rows)
+        for c, n in zip(self.parts, self.rows):
+            if c.batch_size not in (1, n):
+                raise ValueError(f"a context of {c.batch_size} rows cannot serve {n}")
+        biases = [c.input_bias for c in self.parts]
+        if any(b is None for b in biases) != all(b is None for b in biases):
+            raise ValueError("either every stacked context has an input_bias or none has")
+        self.input_bias = None if biases[0] is None else torch.cat(
+            [b.expand(n, -1, -1) for b, n in zip(biases, self.rows)])
+
+    @property
+    def batch_size(self) -> int:
+        return sum(self.rows)
+
+    def attend(self, layer: int, q: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+        outs = [c.attend(layer, part, dropout) for c, part in zip(self.parts, q.split(self.rows))]
+        return torch.cat(outs)
