@@ -171,6 +171,15 @@ class MusePipeline:
                 model.to(device=device, dtype=dtype if name != "text_encoder" else None)
         return self
 
+    def compile(self, mode: str | None = None) -> MusePipeline:
+        """Compile the fixed-shape step of both transformers (`TokenTransformer.compile_step`): CUDA
+        graphs on a GPU. The first decode at each batch size pays the compile; a failure falls back
+        to the eager step with a warning."""
+        for model in (self.base, self.superres):
+            if model is not None:
+                model.compile_step(mode)
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.base.parameters()).device

@@ -23,6 +23,8 @@ high-res tokens then cross-attend to the concatenation [text ; low-res encoding]
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -233,6 +235,11 @@ class TokenTransformer(nn.Module):
         """ids (B, N) with [MASK] = codebook_size -> logits (B, N, codebook_size); with `select`
         ((B, N) bool), only the selected positions' logits (M, codebook_size), in row-major order:
         the head's matmul and the logits' memory are spent only where a token is still to be drawn."""
+        x = self._features(ids, context)
+        return self.head(x if select is None else x[select])
+
+    def features(self, ids: torch.Tensor, context: AnyContext) -> torch.Tensor:
+        """The fixed-shape part of a step: ids (B, N) -> normed token vectors (B, N, C)."""
         x = self.embed(ids)
         if context.input_bias is not None:
             x = x + context.input_bias
@@ -241,10 +248,29 @@ class TokenTransformer(nn.Module):
         for layer, block in enumerate(self.blocks):
             x = block(x, context, layer)
         x = self.norm(x)
-        if self.patches is not None:
-            x = self.patches.unfold(x)
-        return self.head(x if select is None else x[select])
+        return x if self.patches is None else self.patches.unfold(x)
 
+    def compile_step(self, mode: str | None = None) -> TokenTransformer:
+        """Run `features` through `torch.compile` from now on (mode None: "reduce-overhead", i.e. CUDA
+        graphs, on a GPU; inductor's default on CPU). Shapes are fixed per batch size, so a decode
+        compiles once per (batch, guided or not). If compiling or running the compiled step fails,
+        the model warns once and runs eagerly: the compiled path is never needed for correctness."""
+        if mode is None:
+            mode = "reduce-overhead" if next(self.parameters()).is_cuda else "default"
+        self._compiled = torch.compile(self.features, mode=mode, dynamic=False)
+        return self
+
+    def _features(self, ids: torch.Tensor, context: AnyContext) -> torch.Tensor:
+        compiled = getattr(self, "_compiled", None)
+        if compiled is None or torch.is_grad_enabled():
+            return self.features(ids, context)
+        try:
+            return compiled(ids, context)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the eager step
+            warnings.warn(f"the compiled step failed ({type(e).__name__}: {str(e)[:200]}); running eagerly",
+                          RuntimeWarning, stacklevel=3)
+            self._compiled = None
+            return self.features(ids, context)
 
 def _rename_legacy_keys(state_dict, prefix, *args) -> None:
     """Checkpoints written before the text projection was named `text_proj` call it `text`."""

@@ -195,3 +195,24 @@ def test_checkpoints_from_before_the_text_proj_rename_still_load():
     result = fresh.load_state_dict(old, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     assert torch.equal(fresh.text_proj.proj.weight, model.text_proj.proj.weight)
+
+
+def test_a_failing_compiled_step_falls_back_to_the_eager_one(monkeypatch):
+    torch.manual_seed(0)
+    model = MaskedTransformer(preset("base-tiny")).eval()
+    emb, mask = _text()
+    ctx = model.encode_context(emb, mask)
+    ids = torch.randint(0, 513, (2, 64))
+    with torch.no_grad():
+        eager = model(ids, ctx)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
+    model.compile_step()
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="running eagerly"):
+        fallback = model(ids, ctx)
+    torch.testing.assert_close(fallback, eager)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, ctx), eager)  # warned once, eager from then on
