@@ -18,7 +18,7 @@ lean loop with `torch.compile`d steps (CUDA graphs on GPU). Same weights, same i
     604M U-ViT vs our base-632m) and a small pair; also each transformer's GFLOP per guided step.
 --memory: peak memory of one guided super-res-268m step at batch 1 (512 px: 64x64 tokens, 8192
     codes), legacy vs lean: on GPU from the allocator, on CPU as the peak RSS over the RSS before the
-    step, each loop in its own process.
+    step (the peak is reset just before it), each loop in its own process.
 Random weights throughout (speed does not depend on them). Paper presets skip the T5-XXL encoder:
 random 4096-d text embeddings of --text-len tokens stand in.
 """
@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -173,6 +172,9 @@ def build_paper_pipeline(name: str, device: str, dtype: torch.dtype) -> MusePipe
 
 def bench_peer(device: str, dtype: torch.dtype, steps: int, guidance: float, repeats: dict[str, int]) -> None:
     import amused_peer as peer
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # its deprecation and dtype notices, once per model
 
     print(f"\nagainst aMUSEd (diffusers AmusedPipeline, random weights): 16x16 tokens, 8192 codes, 256 px, "
           f"{steps} steps, CFG {guidance}, batch 1, VQ decode included, text encoding excluded")
@@ -209,14 +211,27 @@ def memory_step(loop: str, device: str, dtype: torch.dtype, text_len: int) -> di
             stage(model, cond, 1, 4.0, 0, loop, lo)
             torch.cuda.synchronize()
             return {"peak_extra_mib": (torch.cuda.max_memory_allocated() - before) / 2**20}
-        with open("/proc/self/statm") as f:
-            before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        reset = _reset_peak_rss()
+        before = _rss_kib("VmRSS")
         start = time.perf_counter()
         stage(model, cond, 1, 4.0, 0, loop, lo)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {"peak_extra_mib": (peak - before) / 2**20, "lower_bound": peak <= peak_before,
+        return {"peak_extra_mib": (_rss_kib("VmHWM") - before) / 1024, "exact": reset,
                 "seconds": time.perf_counter() - start}
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def bench_memory(device: str, dtype_name: str, text_len: int) -> None:
@@ -233,7 +248,7 @@ def bench_memory(device: str, dtype_name: str, text_len: int) -> None:
                                   "--dtype", dtype_name, "--text-len", str(text_len), "--threads",
                                   str(torch.get_num_threads())], capture_output=True, text=True, check=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])
-        note = " (a lower bound: the process peaked earlier)" if result.get("lower_bound") else ""
+        note = "" if result.get("exact", True) else " (peak RSS could not be reset: includes the model build)"
         print(f"  {loop:<7} {result['peak_extra_mib']:8.0f} MiB above the model and inputs "
               f"= {result['peak_extra_mib'] / unit:.1f} (B, N, K) tensors{note}", flush=True)
 

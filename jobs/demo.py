@@ -83,7 +83,7 @@ def provenance_check(served, pipe, args, steps: int | None) -> dict:
     prompt, seed = "two red circles on the left and a blue square on the right", 1234
     remote = np.asarray(served([prompt], seed)[0], dtype=np.int16)
     local = pipe([prompt], steps=steps or args.sampling.steps, superres_steps=args.sampling.superres_steps,
-                 guidance_scale=args.sampling.guidance_scale, temperature=args.sampling.temperature,
+                 guidance_scale=args.sampling.guidance_scale, choice_temperature=args.sampling.choice_temperature,
                  seed=seed, superres=pipe.superres is not None)[0]
     diff = np.abs(remote - np.asarray(local, dtype=np.int16))
     # Tokens are bit-identical; the decoder's float kernels may round a few pixels differently

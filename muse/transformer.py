@@ -76,7 +76,14 @@ class CrossAttention(nn.Module):
         return k, v  # (B, H, L, Dh)
 
     def forward(self, x: torch.Tensor, context: AnyContext, layer: int) -> torch.Tensor:
+        if isinstance(context, ContextStack):  # each part of the batch attends to its own context
+            return torch.cat([self(part, c, layer) for part, c in zip(x.split(context.rows), context.parts)])
         B, N, C = x.shape
+        v = context.values[layer]
+        if context.dense and v.shape[2] == 1 and not self.training:
+            # One key (the null context): attention returns its value whatever the query, so the
+            # query projection and the attention are skipped: exact, and ~1/14 of a guided base step.
+            return self.out(v.transpose(1, 2).reshape(v.shape[0], 1, C)).expand(B, N, C)
         q = self.q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
         y = context.attend(layer, q, self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, N, C))
@@ -343,7 +350,3 @@ class SuperResTransformer(TokenTransformer):
         grid = lo.transpose(1, 2).reshape(lo.shape[0], lo.shape[2], c.lo_tokens_per_side, c.lo_tokens_per_side)
         up = F.interpolate(grid, size=(c.hi_tokens_per_side, c.hi_tokens_per_side), mode="nearest")
         return self.lo_skip(up.flatten(2).transpose(1, 2))
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -41,10 +41,11 @@ def build_app(args: AppArgs) -> Application:
 
     text = deployment(TextEncoder, "TextEncoder", args.text_encoder.options()).bind(root, device)
     base = deployment(BaseGenerator, "BaseGenerator", args.base.options()).bind(
-        root, device, args.base.batching, sampling.temperature, sampling.preview_every)
+        root, device, args.base.batching, sampling.choice_temperature, sampling.preview_every, sampling.compile)
     superres = None
     if checkpoint.has_component(root, "superres") and checkpoint.has_component(root, "vqgan_hi"):
         superres = deployment(SuperResGenerator, "SuperResGenerator", args.superres.options()).bind(
-            root, device, args.superres.batching, sampling.temperature, sampling.preview_every)
+            root, device, args.superres.batching, sampling.choice_temperature, sampling.preview_every,
+            sampling.compile)
     decoder = deployment(Decoder, "Decoder", args.decoder.options()).bind(root, device)
     return deployment(Ingress, "Ingress", args.ingress.options()).bind(text, base, superres, decoder, args)

@@ -8,11 +8,14 @@ rejected, so a typo in the YAML fails at deploy time instead of being silently i
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from muse.sampling import RENAMED_TEMPERATURE
 
 
 # @serve.batch batches formed while a generator is busy that wait to merge into its next decode
@@ -110,10 +113,20 @@ class Sampling(Strict):
     steps: int = Field(24, ge=1)  # base decoding steps (Muse: 24)
     superres_steps: int = Field(8, ge=1)  # super-res decoding steps (Muse: 8)
     guidance_scale: float = Field(4.0, ge=0)
-    temperature: float = Field(4.5, ge=0)  # annealed Gumbel noise on the confidence
+    choice_temperature: float = Field(4.5, ge=0)  # MaskGIT's annealed Gumbel noise on the re-masking confidence
+    compile: bool = False  # torch.compile each generator's step (CUDA graphs on GPU); eager if that fails
     edit_iterations: int = Field(100, ge=1)  # mask-free editing (Muse §3.3: ~100 at ~8%)
     edit_fraction: float = Field(0.08, gt=0, le=1)
     preview_every: int = Field(4, ge=1)  # streaming: one preview every k decoding steps
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_temperature(cls, data):
+        if isinstance(data, dict) and "temperature" in data:
+            warnings.warn(f"sampling.{RENAMED_TEMPERATURE}", DeprecationWarning, stacklevel=2)
+            data = {k: v for k, v in data.items() if k != "temperature"} | {
+                "choice_temperature": data.get("choice_temperature", data["temperature"])}
+        return data
 
 
 class Files(Strict):

@@ -121,14 +121,16 @@ class _TokenGenerator:
 
     component = ""
 
-    def __init__(self, checkpoint_root: str, device: str, batching: Batching, temperature: float,
-                 preview_every: int):
+    def __init__(self, checkpoint_root: str, device: str, batching: Batching, choice_temperature: float,
+                 preview_every: int, compile_step: bool = False):
         self.device = torch.device(device)
         self.model = checkpoint.load_component(checkpoint.component_uri(checkpoint_root, self.component),
                                                device=self.device, expect_kind=self.component)
         self.side = self.model.config.tokens_per_side if self.component == "base" else \
             self.model.config.hi_tokens_per_side
-        self.temperature = temperature
+        if compile_step:
+            self.model.compile_step()
+        self.choice_temperature = choice_temperature
         self.preview_every = preview_every
         self.max_batch_size = batching.max_batch_size
         self.batch_sizes: Counter[int] = Counter()  # requests per model decode
@@ -214,7 +216,7 @@ class _TokenGenerator:
                 .to(dev) for j in jobs])
         ids = sampling.generate(
             self.model, context, uncond, steps=steps, guidance_scale=scale, generator=gens,
-            choice_temperature=self.temperature, init_ids=init_ids, fixed=fixed, callback=callback,
+            choice_temperature=self.choice_temperature, init_ids=init_ids, fixed=fixed, callback=callback,
         ).view(-1, self.side, self.side).cpu()
         out, start = [], 0
         for j in jobs:
