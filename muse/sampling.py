@@ -16,9 +16,9 @@ What each step costs is the forward pass: the conditional and unconditional bran
 batched forward (the unconditional one over the model's cached one-token null context, or a negative
 prompt's), logits come out only at masked positions, guidance is applied in place (a `lerp_` into the
 unconditional half), and softmax, sampling and log p work in that same buffer. Sampling inverts the
-CDF blockwise (√K blocks, then one block), so no cumulative sum over the whole codebook is formed.
-At most the forward's own output, two (M, K) logits tensors, is alive at once; logits stay in the
-model's dtype (bf16 on GPU) with float32 reductions.
+CDF blockwise (√K blocks, then one block), so no cumulative sum over the whole codebook is formed,
+and log p comes from the normaliser. No (M, K) tensor is allocated besides the forward's own output
+(two of them with guidance); logits stay in the model's dtype (bf16 on GPU), reductions in float32.
 
 Randomness comes only from the explicit `generator`: one `torch.Generator` for the whole batch, or one
 per row. Each row's uniforms for the whole request (one per token per step to sample, one for the
@@ -161,18 +161,20 @@ def guided_logits(model: torch.nn.Module, ids: torch.Tensor, context: Context, j
 
 
 def sample_tokens(logits: torch.Tensor, u: torch.Tensor, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One id per row of `logits` (M, K), which is overwritten (it ends as the probabilities), by
-    inverting the CDF at the uniforms `u` (M,). Returns (ids (M,) long, log p(ids) (M,) float32)."""
+    """One id per row of `logits` (M, K), which is overwritten (it ends as unnormalised
+    probabilities), by inverting the CDF at the uniforms `u` (M,). Returns (ids (M,) long,
+    log p(ids) (M,) float32)."""
     M, K = logits.shape
     if top_k is not None and top_k < K:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (M, 1)
         logits.masked_fill_(logits < kth, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    probs = logits.sub_(lse).exp_()  # in place: softmax
+    # Softmax in place (logsumexp would allocate an (M, K) temporary): p ∝ exp(ℓ − max ℓ).
+    probs = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    total = probs.sum(dim=-1, dtype=torch.float32)
     ids = inverse_cdf(probs, u)
-    return ids, probs.gather(1, ids[:, None]).squeeze(1).float().log()
+    return ids, probs.gather(1, ids[:, None]).squeeze(1).float().log() - total.log()
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
