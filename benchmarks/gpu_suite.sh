@@ -7,18 +7,18 @@
 #
 # What it runs, in this order, each under its own `timeout` (seconds) so one hung benchmark cannot
 # eat the budget; a failing or timed-out step is recorded and the suite goes on:
-#   sampling-e2e           110  sampling.py: 512 px through base-632m + superres-268m (24 + 8 steps, CFG),
+#   sampling-e2e           120  sampling.py: 512 px through base-632m + superres-268m (24 + 8 steps, CFG),
 #                               bf16, batch 1 and 8, legacy / lean / compiled loops (--compile both)
-#   sampling-paper-memory   40  sampling.py --paper --memory: base-632m one guided step legacy vs lean;
+#   sampling-paper-memory   30  sampling.py --paper --memory: base-632m one guided step legacy vs lean;
 #                               peak memory of one super-res-268m step at batch 1
-#   sampling-peer           40  sampling.py --peer: against diffusers' AmusedPipeline (random weights),
+#   sampling-peer           45  sampling.py --peer: against diffusers' AmusedPipeline (random weights),
 #                               equal and small size (needs diffusers: pip install -e '.[bench]')
 #   forward                 30  model_forward.py: forward tokens/s of base-632m and superres-268m, bf16
-#   train-632m              35  train.py --device cuda: training tokens/s and MFU of base-632m, batch 64
-#   train-3b                65  train.py --device cuda: the same for base-3b, batch 32 (~90 GiB: H200 yes,
+#   train                   35  train.py --device cuda: training tokens/s and MFU of base-632m, batch 64
+#   train-3b                60  train.py --device cuda: the same for base-3b, batch 32 (~90 GiB: H200 yes,
 #                               80 GB H100 likely OOM, which is then recorded as its failure)
-#   tokenize                50  tokenize_throughput.py --device cuda: plain loop vs Ray Data, muse-632m VQGANs
-#   serve                   80  serve_load.py --device cuda: closed-loop HTTP load at concurrency 1, 4, 16,
+#   tokenize                45  tokenize_throughput.py --device cuda: plain loop vs Ray Data, muse-632m VQGANs
+#   serve                   85  serve_load.py --device cuda: closed-loop HTTP load at concurrency 1, 4, 16,
 #                               batching on vs off, tiny model through super-res (128x128)
 # The limits add up to 450 s; a deadline of 470 s from the start (GPU_SUITE_DEADLINE) caps the whole
 # run, setup included: a step that would pass it gets only the time left, or is skipped and recorded.
@@ -60,7 +60,7 @@ set -u
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 2
 
-STEPS=(sampling-e2e sampling-paper-memory sampling-peer forward train-632m train-3b tokenize serve)
+STEPS=(sampling-e2e sampling-paper-memory sampling-peer forward train train-3b tokenize serve)
 
 usage() { sed -n '2,/^$/{s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
 
@@ -200,11 +200,20 @@ EOF
 INDEX=0
 selected() { [[ -z $ONLY || ",$ONLY," == *",$1,"* ]]; }
 
-progress() { printf '[%d/%d] %-22s %s\n' "$INDEX" "${#STEPS[@]}" "$1" "$2"; }
+shquote() {  # the command as one shell line, quoting only the words that need it
+    local out="" w
+    for w in "$@"; do
+        if [[ -n $w && $w =~ ^[A-Za-z0-9_./=,:+@%-]+$ ]]; then out+="$w "; else out+="'${w//\'/\'\\\'\'}' "; fi
+    done
+    printf '%s' "${out% }"
+}
+
+# One console line per step: its name when it starts, its outcome on the same line when it ends.
+progress_start() { printf '[%d/%d] %-22s ' "$INDEX" "${#STEPS[@]}" "$1"; }
 
 finish() {  # finish NAME STATUS WALL NOTE
     SUMMARY+=("$(printf '%-22s %-10s %8s s  %s' "$1" "$2" "$3" "$4")")
-    progress "$1" "$(printf '%-9s %6s s  %s' "$2" "$3" "$4")"
+    printf '%-9s %6s s  %s\n' "$2" "$3" "$4"
 }
 
 skip() {
@@ -212,9 +221,7 @@ skip() {
     INDEX=$((INDEX + 1))
     selected "$name" || return 0
     if [[ $LIST == 1 ]]; then printf '%-22s skipped: %s\n' "$name" "$why"; return 0; fi
-    rule "step $INDEX/${#STEPS[@]}: $name" "SKIPPED: $why"
-    N_SKIP=$((N_SKIP + 1))
-    finish "$name" skipped - "$why"
+    skip_recorded "$name" "$why"
 }
 
 step() {
@@ -223,9 +230,10 @@ step() {
     INDEX=$((INDEX + 1))
     selected "$name" || return 0
     local cmd
-    cmd=$(printf '%q ' "$@")
+    cmd=$(shquote "$@")
     if [[ $LIST == 1 ]]; then printf '%-22s %4ss  %s\n' "$name" "$limit" "$cmd"; return 0; fi
-    left=$(awk -v s="$START" -v n="$EPOCHREALTIME" -v d="$DEADLINE" 'BEGIN { printf "%d", d - (n - s) }')
+    # Time left before the deadline, less 12 s for the kill grace and the clean-up below.
+    left=$(awk -v s="$START" -v n="$EPOCHREALTIME" -v d="$DEADLINE" 'BEGIN { printf "%d", d - (n - s) - 12 }')
     if ((left < 15)); then
         skip_recorded "$name" "the suite's ${DEADLINE} s deadline is reached ($left s left)"
         return 0
@@ -240,13 +248,14 @@ step() {
     fi
     rule "step $INDEX/${#STEPS[@]}: $name   (timeout $limit s${note:+; $note})" \
          "command: cd $REPO && PYTHONPATH=$PYTHONPATH $cmd" "started: $(date -u '+%H:%M:%S UTC')" ""
-    progress "$name" "running (timeout $limit s) ..."
+    progress_start "$name"
     pidfile=$(mktemp)
     t0=$EPOCHREALTIME
     # setsid: the step gets its own session, so whatever it leaves running (Ray's daemons and workers
     # start their own process groups) is found by session id below and ended.
-    timeout --kill-after=10 "$limit" setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" "$@" \
-        </dev/null >>"$RESULTS" 2>&1
+    local launch=()
+    command -v setsid >/dev/null && launch=(setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile")
+    timeout --kill-after=10 "$limit" "${launch[@]}" "$@" </dev/null >>"$RESULTS" 2>&1
     rc=$?
     wall=$(elapsed "$t0")
     sid=$(cat "$pidfile" 2>/dev/null)
@@ -269,7 +278,8 @@ step() {
     finish "$name" "$status" "$wall" "rc=$rc${note:+; $note}"
 }
 
-skip_recorded() {  # a step that was selected but cannot run (INDEX already counted)
+skip_recorded() {  # a step that was selected but does not run (INDEX already counted)
+    progress_start "$1"
     rule "step $INDEX/${#STEPS[@]}: $1" "SKIPPED: $2"
     N_SKIP=$((N_SKIP + 1))
     finish "$1" skipped - "$2"
@@ -280,21 +290,21 @@ skip_recorded() {  # a step that was selected but cannot run (INDEX already coun
 
 gpu_steps() {
     local s=benchmarks/sampling.py
-    step sampling-e2e 110 "" -- "$PY" $s --model muse-632m --device cuda --dtype bf16 --batches 1,8 \
+    step sampling-e2e 120 "" -- "$PY" $s --model muse-632m --device cuda --dtype bf16 --batches 1,8 \
         --steps 24 --superres-steps 8 --repeats 3 --compile both
-    step sampling-paper-memory 40 "" -- "$PY" $s --batches '' --paper --paper-repeats 10 --memory \
+    step sampling-paper-memory 30 "" -- "$PY" $s --batches '' --paper --paper-repeats 10 --memory \
         --device cuda --dtype bf16
-    step sampling-peer 40 "diffusers" -- "$PY" $s --batches '' --peer --peer-repeats small=5,equal=5 \
+    step sampling-peer 45 "diffusers" -- "$PY" $s --batches '' --peer --peer-repeats small=5,equal=5 \
         --device cuda --dtype bf16
     step forward 30 "" -- "$PY" benchmarks/model_forward.py --presets base-632m,superres-268m --batch 8 \
         --repeats 10 --device cuda --dtype bf16
     # Separate invocations, so that base-3b running out of memory or time leaves base-632m's result.
-    step train-632m 35 "" -- "$PY" benchmarks/train.py --device cuda --presets base-632m --batch-size 64 --steps 20
-    step train-3b 65 "" -- "$PY" benchmarks/train.py --device cuda --presets base-3b --batch-size 32 --steps 10
-    step tokenize 50 "ray" -- "$PY" benchmarks/tokenize_throughput.py --device cuda --preset muse-632m \
+    step train 35 "" -- "$PY" benchmarks/train.py --device cuda --presets base-632m --batch-size 64 --steps 20
+    step train-3b 60 "" -- "$PY" benchmarks/train.py --device cuda --presets base-3b --batch-size 32 --steps 20
+    step tokenize 45 "ray" -- "$PY" benchmarks/tokenize_throughput.py --device cuda --preset muse-632m \
         --n 512 --size 256
     # No GPU-fraction flag: serve_load.py gives each deployment 0.1 GPU when --device is cuda.
-    step serve 80 "ray fastapi httpx" -- "$PY" benchmarks/serve_load.py --device cuda --size 128x128 \
+    step serve 85 "ray fastapi httpx" -- "$PY" benchmarks/serve_load.py --device cuda --size 128x128 \
         --concurrency 1 4 16 --duration 4 --rounds 2 --warmup 0.5 --num-cpus 16
 }
 
@@ -307,7 +317,7 @@ dry_steps() {
     step forward 60 "" -- "$PY" benchmarks/model_forward.py --presets base-tiny,superres-tiny --batch 2 \
         --repeats 2 --device cpu --dtype fp32
     # train.py's CPU path is the Ray Train one (the cuda path is in-process): tiny, 1 worker, 4 steps.
-    step train-632m 180 "ray" -- "$PY" benchmarks/train.py --device cpu --presets base-tiny --workers 1 \
+    step train 180 "ray" -- "$PY" benchmarks/train.py --device cpu --presets base-tiny --workers 1 \
         --batch-size 4 --steps 4
     skip train-3b "needs a GPU: base-3b only (the dry run's train step above covers the script)"
     step tokenize 180 "ray" -- "$PY" benchmarks/tokenize_throughput.py --device cpu --preset tiny --n 16 --size 64

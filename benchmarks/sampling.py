@@ -244,9 +244,12 @@ def bench_memory(device: str, dtype_name: str, text_len: int) -> None:
         if device.startswith("cuda"):
             result = memory_step(loop, device, DTYPES[dtype_name], text_len)
         else:  # a fresh process per loop: RSS peaks cannot be reset
+            # glibc: every block of 64 KiB or more is its own mapping, returned on free, so the peak
+            # RSS follows the live tensors instead of what the heap kept from earlier steps.
+            env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
             out = subprocess.run([sys.executable, __file__, "--memory-child", loop, "--device", device,
                                   "--dtype", dtype_name, "--text-len", str(text_len), "--threads",
-                                  str(torch.get_num_threads())], capture_output=True, text=True, check=True)
+                                  str(torch.get_num_threads())], capture_output=True, text=True, check=True, env=env)
             result = json.loads(out.stdout.strip().splitlines()[-1])
         note = "" if result.get("exact", True) else " (peak RSS could not be reset: includes the model build)"
         print(f"  {loop:<7} {result['peak_extra_mib']:8.0f} MiB above the model and inputs "

@@ -6,9 +6,12 @@ drives `muse train base` and `muse train all`. YAML files hold only what differs
 paper's cluster recipe (Muse arXiv 2301.00704 §4: lr 1e-4, 5000 warm-up steps, cosine decay,
 weight decay 0.045, β = (0.9, 0.96)); `configs/train_tiny.yaml` shrinks it to 2 CPU cores.
 
-Model architectures are preset names (`muse.config.PRESETS`). A transformer's codebook size, token
-grid and text width are taken from the VQGAN and text encoder already in the model root, so a preset
-never disagrees with the tokens it is trained on.
+Model architectures are preset names (`muse.config.PRESETS`). The root decides: a transformer stage
+without a preset (`model: null`, the default) continues the component already in the model root, in
+its architecture and from its weights, and refuses tokens that do not fit it; a root without one gets
+the paper's preset. A named preset trains from scratch and replaces the root's component. A preset's
+codebook size, token grid and text width are taken from the tokens and the root's VQGAN and text
+encoder, so it never disagrees with the tokens it is trained on.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pipelines.config import TokenizeConfig
 
 STRATEGIES = ("ddp", "fsdp")
 STAGES = ("vqgan", "base", "superres", "decoder")
+PAPER_PRESETS = {"base": "base-632m", "superres": "superres-268m"}  # for a root without that component
 DECODER_COMPONENTS = ("auto", "vqgan_lo", "vqgan_hi")
 
 DEFAULT_PROMPTS = (
@@ -129,7 +133,9 @@ class RunSettings:
 class TransformerStage:
     """Base or super-res: masked-token training on token shards (Muse §2.2–2.4)."""
 
-    model: str = "base-632m"
+    # None: the architecture of the component already in the model root, fine-tuned from its weights
+    # (the root decides), or the paper's preset for an empty root. A preset name replaces it, as asked.
+    model: str | None = None
     label_smoothing: float = 0.1
     text_dropout: float = 0.1  # share of samples whose text is dropped (mask all False), for CFG; <= 0.5
     sample_prompts: tuple[str, ...] = DEFAULT_PROMPTS  # base sample grids; super-res uses data rows
@@ -214,8 +220,7 @@ class TrainConfig:
     text_encoder: str = "t5-xxl"  # preset written to ROOT/text_encoder by `train all` when missing
     vqgan: VQGANStage = field(default_factory=VQGANStage)
     base: TransformerStage = field(default_factory=TransformerStage)
-    superres: TransformerStage = field(default_factory=lambda: TransformerStage(
-        model="superres-268m", sample_steps=8))
+    superres: TransformerStage = field(default_factory=lambda: TransformerStage(sample_steps=8))
     decoder: DecoderStage = field(default_factory=DecoderStage)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     concurrent: bool = True  # `train all`: base and super-res at once when the cluster has room for both

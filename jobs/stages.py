@@ -13,7 +13,7 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from jobs.config import STAGES, TrainConfig, load_config
+from jobs.config import PAPER_PRESETS, STAGES, TrainConfig, load_config
 from jobs.loop import ensure_ray, fit_stage
 from jobs.progress import say, set_verbose, stop_display
 from muse import checkpoint, storage
@@ -36,7 +36,7 @@ def _tokenize_spec(data: str) -> dict:
     return json.loads(storage.read_text(path)) if storage.exists(path) else {}
 
 
-def token_model_config(name: str, root: str, data: str, info: dict, superres: bool):
+def token_model_config(name: str, root: str, data: str, info: dict, superres: bool, quiet: bool = False):
     """The transformer preset `name`, with codebook sizes, token grids and text width taken from the
     token shards (and the tokenizers that made them, else the root's), so model and data agree."""
     cfg = preset(name)
@@ -57,9 +57,39 @@ def token_model_config(name: str, root: str, data: str, info: dict, superres: bo
         changes |= {"codebook_size": lo["codebook_size"]} if lo else {}
     adapted = replace(cfg, **changes)
     diff = {k: v for k, v in changes.items() if getattr(cfg, k) != v}
-    if diff:
+    if diff and not quiet:
         say(f"[{'superres' if superres else 'base'}] preset {name} adapted to the data: {diff}")
     return adapted
+
+
+def transformer_config(stage: str, model: str | None, root: str, data: str, info: dict):
+    """(model config, component URI to start from or None). The root decides: without an explicit
+    preset, a root that already holds the stage's component is continued in that architecture from its
+    weights, and a mismatch with the tokens is refused; an empty root gets the paper's preset. An
+    explicit preset is trained from scratch and replaces what the root holds, said out loud."""
+    superres = stage == "superres"
+    existing = _component_config(root, stage)
+    if model is None and existing is not None:
+        cfg = checkpoint.read_component_config(checkpoint.component_uri(root, stage))[1]
+        wanted = token_model_config(PAPER_PRESETS[stage], root, data, info, superres=superres, quiet=True)
+        fields = (("lo_tokens_per_side", "hi_tokens_per_side", "lo_codebook_size", "hi_codebook_size")
+                  if superres else ("tokens_per_side", "codebook_size")) + ("text_dim",)
+        diff = {f: (getattr(cfg, f), getattr(wanted, f)) for f in fields if getattr(cfg, f) != getattr(wanted, f)}
+        if diff:
+            raise ValueError(
+                f"the model root's {stage} does not fit these tokens (root vs data: {diff}); give "
+                f"--model PRESET (or {stage}.model in the config) to train a new {stage} that replaces it")
+        say(f"[{stage}] continues the model root's {stage} ({_describe(cfg)}) from its weights")
+        return cfg, checkpoint.component_uri(root, stage)
+    cfg = token_model_config(model or PAPER_PRESETS[stage], root, data, info, superres=superres)
+    if existing is not None and existing != to_dict(cfg):
+        say(f"[{stage}] trains {model} ({_describe(cfg)}) from scratch; it replaces the root's {stage} when done")
+    return cfg, None
+
+
+def _describe(cfg) -> str:
+    layers = getattr(cfg, "layers", None) or getattr(cfg, "hi_layers", None)
+    return f"{layers} layers, hidden {cfg.hidden}"
 
 
 def run_stage(stage: str, cfg: TrainConfig, data: str, root: str, *, component: str | None = None,
@@ -94,8 +124,9 @@ def _run_transformer(stage: str, cfg: TrainConfig, data: str, root: str):
     if info.get("text_storage", "ids") != "embeddings" and not checkpoint.has_component(root, "text_encoder"):
         raise ValueError(f"the token shards hold text ids but the model root {root} has no text_encoder/ to "
                          "encode them (write one with `muse init` or train with `muse train all`)")
-    model_cfg = token_model_config(section.model, root, data, info, superres=stage == "superres")
-    job = {"root": root, "component": stage, "model_config": to_dict(model_cfg), "data_meta": info}
+    model_cfg, init_from = transformer_config(stage, section.model, root, data, info)
+    job = {"root": root, "component": stage, "model_config": to_dict(model_cfg), "data_meta": info,
+           "init_from": init_from}
     return fit_stage(stage, section, job, dataset)
 
 
@@ -186,7 +217,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 def cli_overrides(args: argparse.Namespace, sections: list[str]) -> list[str]:
     """The command-line flags as `section.key=value` overrides for each stage section they apply to."""
-    flags = {"scaling.num_workers": args.workers, "run.max_steps": args.max_steps,
+    flags = {"scaling.num_workers": args.workers, "run.max_steps": args.max_steps, "model": getattr(args, "model", None),
              "scaling.cpus_per_worker": args.cpus_per_worker, "run.storage_path": args.storage}
     if args.gpus_per_worker is not None:
         flags |= {"scaling.use_gpu": args.gpus_per_worker > 0}
@@ -208,6 +239,10 @@ def stage_main(stage: str, argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--data", required=True, help=DATA_HELP[stage])
     add_common_args(parser)
+    if stage in ("base", "superres"):
+        parser.add_argument("--model", help=f"{stage} preset to train from scratch, replacing the root's {stage} "
+                                            f"(default: continue the root's {stage}, or {PAPER_PRESETS[stage]} "
+                                            "in a root without one)")
     if stage in ("vqgan", "decoder"):
         parser.add_argument("--format", default="auto", choices=("auto", "parquet", "folder", "webdataset"),
                             help="corpus format (default: detect)")

@@ -88,13 +88,16 @@ def test_superres_fsdp_with_checkpoints_and_model_root_on_s3(ray_session, tiny_d
 
 
 def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint(ray_session, tiny_data, tmp_path):
+    """Also the README's path: no model named, so the root's own tiny base is continued."""
     from muse.pipeline import MusePipeline
 
     root = copy_tree(tiny_data.root, str(tmp_path / "root"))
+    before = checkpoint.read_component_config(checkpoint.component_uri(root, "base"))[1]
     batch = 4
     cfg = ray_test_config("base", "base.run.max_steps=6", "base.run.checkpoint_every=2",
                           f"base.run.batch_size={batch}", "base.run.fail_at_step=3", "base.run.max_failures=1",
-                          "base.run.cache_data=true")
+                          "base.run.cache_data=true", "base.model=null")
+    assert cfg.base.model is None
     [result] = run_stage("base", cfg, tiny_data.tokens, root)
     assert storage.exists(os.path.join(root, "runs", "base", "fault_injected_at_step_3"))  # it did die
     assert result.metrics["step"] == 6
@@ -106,6 +109,7 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint
     assert float(optim["0.step"]) == 6  # AdamW's own step count came back from the checkpoint
     extra = checkpoint.component_extra(checkpoint.component_uri(root, "base"))
     assert extra["finished"] and extra["step"] == 6
+    assert checkpoint.read_component_config(checkpoint.component_uri(root, "base"))[1] == before  # still tiny
     pipe = MusePipeline.from_pretrained(root)
     [image] = pipe("a red circle", steps=2, guidance_scale=2.0, superres=False, seed=0)
     assert image.size == (64, 64)
