@@ -31,12 +31,13 @@
 # It is written as the steps run, so a run killed from outside keeps the steps already done.
 # The console gets one short line per step.
 #
-# Python: GPU_SUITE_PYTHON (or --python) if given, else .venv/bin/python. Without a .venv the script
-# runs `make install` (the README's install: torch 2.13.0, where PyPI's Linux wheel is the CUDA
-# build, then -e .[dev]) and adds -e .[bench] (diffusers, for --peer). If that fails (no package
-# registry) and the machine's python3 has a CUDA torch, it uses python3 and skips, saying so, the
-# steps whose packages are missing. --wheels DIR (GPU_SUITE_WHEELS) installs wheels from DIR without
-# an index (into a temporary target on PYTHONPATH): the way to bring ray/diffusers to an offline
+# Python: GPU_SUITE_PYTHON (or --python) if given, else .venv/bin/python. Without a .venv, and if pip
+# reaches a package index, the script runs `make install` (the README's install: torch 2.13.0, whose
+# PyPI Linux wheel is the CUDA build, then -e .[dev]) and adds -e .[bench] (diffusers, for --peer);
+# that time counts against the deadline. Offline, or if that fails, and the machine's python3 has a
+# CUDA torch, it uses that python3 (the repo on PYTHONPATH) and skips, saying so, the steps whose
+# packages it lacks. --wheels DIR (GPU_SUITE_WHEELS) installs the wheels in DIR with no index and no
+# dependencies into a temporary folder on PYTHONPATH: the way to bring ray or diffusers to an offline
 # machine. In GPU mode, if torch does not see a GPU the script says so and stops: it never
 # benchmarks the CPU by accident.
 #
@@ -123,6 +124,10 @@ has_modules() {  # has_modules "ray diffusers": all importable with $PY?
 
 torch_sees_cuda() { "$1" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; }
 
+registry_reachable() {  # can pip reach a package index from here? (fails fast when offline)
+    timeout 30 python3 -m pip index versions --retries 0 --timeout 5 pip >/dev/null 2>&1
+}
+
 setup_python() {
     local log t0
     if [[ -z $PY && -x $REPO/.venv/bin/python ]]; then
@@ -130,19 +135,29 @@ setup_python() {
     elif [[ -z $PY ]]; then
         log=$(mktemp)
         t0=$EPOCHREALTIME
-        say "setup: no .venv: running 'make install' (the README's install), then -e .[bench] ..."
-        rec "setup: no .venv; running: make install && .venv/bin/python -m pip install -q -e '.[bench]'"
-        if timeout 360 make install >"$log" 2>&1 &&
-           { timeout 180 .venv/bin/python -m pip install -q -e '.[bench]' >>"$log" 2>&1 ||
-             echo "pip install -e .[bench] failed: the aMUSEd peer step will be skipped" >>"$log"; }; then
-            PY=$REPO/.venv/bin/python
-        elif [[ $DRY_RUN == 0 ]] && command -v python3 >/dev/null && torch_sees_cuda python3; then
-            PY=$(command -v python3)
-            echo "make install failed; falling back to $PY, whose torch sees the GPU (steps whose packages it lacks are skipped)" >>"$log"
+        if registry_reachable; then
+            say "setup: no .venv: running 'make install' (the README's install), then -e .[bench] ..."
+            rec "setup: no .venv; running: make install && .venv/bin/python -m pip install -q -e '.[bench]'"
+            if timeout 360 make install >"$log" 2>&1; then
+                PY=$REPO/.venv/bin/python
+                timeout 180 "$PY" -m pip install -q -e '.[bench]' >>"$log" 2>&1 ||
+                    echo "pip install -e .[bench] failed: the aMUSEd peer step will be skipped" >>"$log"
+            else
+                echo "make install failed; removing the half-made .venv" >>"$log"
+                rm -rf "$REPO/.venv"
+            fi
+        else
+            echo "no .venv, and pip reaches no package index from here: make install cannot run" >>"$log"
         fi
-        rec "setup output ($(elapsed "$t0") s):" "$(cat "$log")"
+        if [[ -z $PY && $DRY_RUN == 0 ]] && command -v python3 >/dev/null && torch_sees_cuda python3; then
+            PY=$(command -v python3)
+            echo "falling back to $PY, whose torch sees the GPU; PYTHONPATH holds the repo, and the steps" \
+                 "needing packages it lacks are skipped (--wheels DIR brings them)" >>"$log"
+        fi
+        rec "setup ($(elapsed "$t0") s):" "$(cat "$log")"
+        say "setup: $(tail -n 1 "$log" | cut -c1-160)"
         rm -f "$log"
-        [[ -n $PY ]] || { say "setup: make install failed (see $RESULTS); no Python with torch to run"; return 1; }
+        [[ -n $PY ]] || { rec "STOPPED: no Python with torch to run the benchmarks."; return 1; }
     fi
     if [[ -n $WHEELS ]]; then
         local site=${TMPDIR:-/tmp}/gpu_suite_site
@@ -153,19 +168,26 @@ setup_python() {
             rec "setup: the wheels could not be installed; going on without them"
         fi
     fi
-    "$PY" -c 'import torch' >/dev/null 2>&1 || { say "setup: $PY cannot import torch"; rec "setup: $PY cannot import torch"; return 1; }
+    if ! "$PY" -c 'import torch' >/dev/null 2>&1; then
+        rec "STOPPED: $PY cannot import torch (a half-made .venv? remove it, or set GPU_SUITE_PYTHON)."
+        say "setup: $PY cannot import torch (a half-made .venv? remove it, or set GPU_SUITE_PYTHON)"
+        return 1
+    fi
 }
 
 # ---------------------------------------------------------------------------------------------
 # Header
 
-header() {
+title() {
     rec "Muse on Ray: GPU benchmark suite ($([[ $DRY_RUN == 1 ]] && echo 'DRY RUN: CPU, tiny settings' || echo 'GPU'))"
     rec "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')   host: $(hostname)   cores: $(nproc)   kernel: $(uname -r)"
     rec "repo: $REPO   commit: $(git rev-parse HEAD 2>/dev/null || echo 'unknown (no .git)')$(
         [[ -n $(git status --porcelain 2>/dev/null | head -1) ]] && echo ' + uncommitted changes')"
+    rec "deadline: ${DEADLINE} s from the start, setup included; steps: ${ONLY:-all}"
+}
+
+header() {
     rec "python: $PY   PYTHONPATH=$PYTHONPATH"
-    rec "deadline: ${DEADLINE} s from the start; steps: ${ONLY:-all}"
     rule "nvidia-smi"
     if command -v nvidia-smi >/dev/null; then
         timeout 30 nvidia-smi >>"$RESULTS" 2>&1
@@ -225,7 +247,7 @@ skip() {
 }
 
 step() {
-    local name=$1 limit=$2 needs=$3 left status note="" rc t0 wall pidfile sid leftovers
+    local name=$1 limit=$2 needs=$3 left status note="" rc t0 wall pidfile sid leftovers first_line
     shift 4  # name, limit, modules, --
     INDEX=$((INDEX + 1))
     selected "$name" || return 0
@@ -249,6 +271,7 @@ step() {
     rule "step $INDEX/${#STEPS[@]}: $name   (timeout $limit s${note:+; $note})" \
          "command: cd $REPO && PYTHONPATH=$PYTHONPATH $cmd" "started: $(date -u '+%H:%M:%S UTC')" ""
     progress_start "$name"
+    first_line=$(($(wc -l <"$RESULTS") + 1))
     pidfile=$(mktemp)
     t0=$EPOCHREALTIME
     # setsid: the step gets its own session, so whatever it leaves running (Ray's daemons and workers
@@ -269,10 +292,11 @@ step() {
     fi
     if ((rc == 0)); then
         status=ok; N_PASS=$((N_PASS + 1))
-    elif ((rc == 124 || rc == 137)); then
+    elif ((rc == 124)) || { ((rc == 137)) && awk -v w="$wall" -v l="$limit" 'BEGIN { exit !(w >= l) }'; }; then
         status="TIMED-OUT"; N_FAIL=$((N_FAIL + 1)); note="${note:+$note; }killed after $limit s"
-    else
-        status="FAILED"; N_FAIL=$((N_FAIL + 1)); note="${note:+$note; }$(tail -n 40 "$RESULTS" | grep -E 'Error|error:|Exception' | tail -n 1 | cut -c1-100)"
+    else  # the step's last error line, if any (137 before the limit: SIGKILL, e.g. out of host memory)
+        status="FAILED"; N_FAIL=$((N_FAIL + 1))
+        note="${note:+$note; }$(tail -n +"$first_line" "$RESULTS" | grep -E 'Error|error:|Exception|Killed' | tail -n 1 | cut -c1-100)"
     fi
     rec "" "--- $name: exit status $rc ($status), wall time $wall s${note:+ ($note)}"
     finish "$name" "$status" "$wall" "rc=$rc${note:+; $note}"
@@ -338,10 +362,8 @@ fi
 mkdir -p "$(dirname "$RESULTS")" && : >"$RESULTS" || { echo "gpu_suite.sh: cannot write $RESULTS" >&2; exit 2; }
 say "gpu_suite: $([[ $DRY_RUN == 1 ]] && echo 'dry run (CPU, tiny settings)' || echo 'GPU run'); results in $RESULTS"
 
-if ! setup_python; then
-    rec "STOPPED: no Python with torch; nothing benchmarked."
-    exit 2
-fi
+title
+setup_python || exit 2
 header
 if [[ $DRY_RUN == 0 ]] && ! torch_sees_cuda "$PY"; then
     msg="STOPPED: torch in $PY does not see a GPU ($("$PY" -c 'import torch; print(f"torch {torch.__version__}, CUDA build {torch.version.cuda}")' 2>&1 | tail -n 1)). Nothing was benchmarked: this suite never measures the CPU by accident."
