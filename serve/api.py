@@ -22,12 +22,13 @@ import hmac
 import itertools
 import json
 import logging
+import math
 import secrets
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from ray import serve
@@ -39,10 +40,10 @@ from muse import checkpoint
 from serve.config import AppArgs
 from serve.deployments import Decode
 from serve.files import FileStore
-from serve.images import UploadError, prepare_edit
+from serve.images import Output, UploadError, prepare_edit
 from serve.schemas import (
-    BASE_ALIAS, SUPERRES_ALIAS, APIError, GenerationRequest, check_common, check_prompt, check_unknown_fields,
-    error_response, resolve_size, validation_param,
+    FIELDS, OUTPUT_FORMATS, APIError, GenerationRequest, check_common, check_prompt, check_unknown_fields,
+    error_response, resolve_size, supported_sizes, usage, validation_param,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -61,10 +62,10 @@ class Ingress:
         self.limits, self.sampling = args.limits, args.sampling
         _, lo = checkpoint.read_component_config(checkpoint.component_uri(args.checkpoint, "vqgan_lo"))
         self.lo_side, self.lo_tokens = lo.resolution, lo.tokens_per_side
-        self.hi_side = None
+        self.hi_side = self.hi_tokens = None
         if superres is not None:
             _, hi = checkpoint.read_component_config(checkpoint.component_uri(args.checkpoint, "vqgan_hi"))
-            self.hi_side = hi.resolution
+            self.hi_side, self.hi_tokens = hi.resolution, hi.tokens_per_side
         self.files = FileStore(args.files)
         self.page = (STATIC / "index.html").read_text()
 
@@ -75,6 +76,10 @@ class Ingress:
     def side(self, stage: str) -> int:
         return self.hi_side if stage == "hi" else self.lo_side
 
+    def usage(self, prompt: str, n: int, stage: str) -> dict:
+        tokens = self.lo_tokens**2 + (self.hi_tokens**2 if stage == "hi" else 0)
+        return usage(prompt, n, tokens)
+
     def decodes(self, n: int, seed: int, steps: int | None, superres_steps: int | None,
                 guidance: float | None, base_default: int | None = None) -> tuple[Decode, Decode]:
         g = self.sampling.guidance_scale if guidance is None else guidance
@@ -82,7 +87,7 @@ class Ingress:
         hi_steps = superres_steps if superres_steps is not None else self.sampling.superres_steps
         return Decode(n, lo_steps, g, seed), Decode(n, hi_steps, g, seed)
 
-    async def generate(self, req: GenerationRequest, stage: str, seed: int) -> list[bytes]:
+    async def generate(self, req: GenerationRequest, stage: str, seed: int, out: Output) -> list[bytes]:
         lo_decode, hi_decode = self.decodes(req.n, seed, req.steps, req.superres_steps, req.guidance_scale)
 
         def chain() -> list:
@@ -90,12 +95,13 @@ class Ingress:
             calls.append(self.base.generate.remote(calls[0], lo_decode))
             if stage == "hi":
                 calls.append(self.superres.generate.remote(calls[0], calls[-1], hi_decode))
-            return [*calls, self.decoder.decode.remote(calls[-1], stage)]
+            return [*calls, self.decoder.decode.remote(calls[-1], stage, out)]
 
         return await self.call(chain)
 
     async def edit(self, image: bytes, mask: bytes | None, prompt: str, negative: str | None, n: int, stage: str,
-                   seed: int, steps: int | None, superres_steps: int | None, guidance: float | None) -> list[bytes]:
+                   seed: int, steps: int | None, superres_steps: int | None, guidance: float | None,
+                   out: Output) -> list[bytes]:
         sides = {"lo": self.lo_side, **({"hi": self.hi_side} if stage == "hi" else {})}
         try:
             edit = await asyncio.to_thread(prepare_edit, image, mask, sides, self.lo_tokens,
@@ -117,7 +123,7 @@ class Ingress:
             if stage == "hi":
                 calls.append(self.decoder.encode.remote(edit.images["hi"], "hi"))
                 calls.append(self.superres.generate.remote(cond, tokens, hi_decode, calls[-1]))
-            return [*calls, self.decoder.decode.remote(calls[-1], stage)]
+            return [*calls, self.decoder.decode.remote(calls[-1], stage, out)]
 
         return await self.call(chain)
 
@@ -149,12 +155,19 @@ class Ingress:
                 logger.warning("a replica died under a request (%s); retrying", type(e).__name__)
                 await asyncio.sleep(wait)
 
-    async def stream(self, req: GenerationRequest, stage: str, seed: int, base_url: str) -> AsyncIterator[str]:
-        """Server-sent events: `image_generation.partial_image` previews every `preview_every` steps
-        of each stage, then one `image_generation.completed` per image."""
+    async def stream(self, req: GenerationRequest, stage: str, seed: int, base_url: str,
+                     out: Output) -> AsyncIterator[str]:
+        """Server-sent events: `image_generation.partial_image` previews (every `preview_every` steps
+        of each stage, or `partial_images` of them spread over the decode), then one
+        `image_generation.completed` per image, with `usage` on each."""
         lo_decode, hi_decode = self.decodes(req.n, seed, req.steps, req.superres_steps, req.guidance_scale)
-        size = f"{self.side(stage)}x{self.side(stage)}"
-        partial = 0
+        size = f"{out.side}x{out.side}"
+        fields = _event_fields(size, out.format)
+        every = self.sampling.preview_every
+        stages = [lo_decode.steps] + ([hi_decode.steps] if stage == "hi" else [])
+        offered = sum((steps - 1) // every for steps in stages)  # previews the deployments send
+        keep = _spread(offered, req.partial_images)
+        partial = seen = 0
         try:
             async with asyncio.timeout(self.limits.request_timeout_s):
                 cond = self.text.encode.remote(req.prompt, req.negative_prompt)
@@ -170,19 +183,24 @@ class Ingress:
                             if event["done"]:
                                 tokens = event["ids"]
                                 continue
-                            previews = await self.decoder.preview.remote(event["ids"], "lo" if name == "base" else "hi")
+                            seen += 1
+                            if seen - 1 not in keep:
+                                continue
+                            previews = await self.decoder.preview.remote(event["ids"], "lo" if name == "base" else "hi",
+                                                                         out)
                             for i, png in enumerate(previews):
                                 yield sse("image_generation.partial_image", {
                                     "b64_json": _b64(png), "index": i, "partial_image_index": partial, "stage": name,
-                                    "step": event["step"], "steps": event["steps"], **_event_fields(size)})
+                                    "step": event["step"], "steps": event["steps"], **fields})
                             partial += 1
                     finally:
                         events.cancel()
-                pngs = await self.decoder.decode.remote(tokens, stage)
+                pngs = await self.decoder.decode.remote(tokens, stage, out)
+                used = self.usage(req.prompt, req.n, stage)
                 for i, png in enumerate(pngs):  # always b64_json, as OpenAI's streams; a URL too if asked
-                    url = self.image_item(png, "url", base_url) if req.response_format == "url" else {}
+                    url = self.image_item(png, "url", base_url, out.format) if req.response_format == "url" else {}
                     yield sse("image_generation.completed", {
-                        "b64_json": _b64(png), **url, "index": i, "seed": seed, **_event_fields(size)})
+                        "b64_json": _b64(png), **url, "index": i, "seed": seed, "usage": used, **fields})
         except TimeoutError:
             yield sse("error", {"error": _error_body("the request took longer than the timeout", "timeout")})
         except Exception as e:  # noqa: BLE001 - headers are sent: report in-band and end the stream
@@ -190,34 +208,42 @@ class Ingress:
             yield sse("error", {"error": _error_body(f"generation failed: {type(e).__name__}", "server_error")})
 
     # -- responses -----------------------------------------------------------------------------
-    def image_item(self, png: bytes, response_format: str, base_url: str) -> dict:
+    def image_item(self, data: bytes, response_format: str, base_url: str, fmt: str = "png") -> dict:
         if response_format == "b64_json":
-            return {"b64_json": _b64(png)}
+            return {"b64_json": _b64(data)}
         base = (self.args.files.public_url or base_url).rstrip("/")
-        return {"url": f"{base}/v1/files/{self.files.put(png)}.png"}
+        return {"url": f"{base}/v1/files/{self.files.put(data)}.{fmt}"}
 
-    def images_response(self, pngs: list[bytes], response_format: str, seed: int, stage: str, base_url: str) -> dict:
-        side = self.side(stage)
+    def images_response(self, images: list[bytes], response_format: str, seed: int, out: Output, base_url: str,
+                        used: dict) -> dict:
         return {
             "created": int(time.time()),
-            "data": [{**self.image_item(png, response_format, base_url), "revised_prompt": None, "seed": seed,
-              "index": i}
-                     for i, png in enumerate(pngs)],
-            "size": f"{side}x{side}",
-            "output_format": "png",
+            "data": [{**self.image_item(data, response_format, base_url, out.format), "revised_prompt": None,
+                      "seed": seed, "index": i} for i, data in enumerate(images)],
+            "size": f"{out.side}x{out.side}",
+            "output_format": out.format,
+            "usage": used,
         }
 
     def authorized(self, header: bytes | None) -> bool:
         if not self.args.api_key:
             return True
-        expected = f"Bearer {self.args.api_key}".encode()
-        return header is not None and hmac.compare_digest(header, expected)
+        scheme, _, token = (header or b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.args.api_key.encode())
 
 
-def _event_fields(size: str) -> dict:
+def _event_fields(size: str, output_format: str = "png") -> dict:
     """Fields OpenAI's image stream events carry, so its client parses ours."""
-    return {"size": size, "created_at": int(time.time()), "output_format": "png", "background": "opaque",
+    return {"size": size, "created_at": int(time.time()), "output_format": output_format, "background": "opaque",
             "quality": "auto"}
+
+
+def _spread(offered: int, wanted: int | None) -> set[int]:
+    """Which of `offered` previews to send: all (wanted None), or `wanted` of them spread evenly,
+    the last one included."""
+    if wanted is None or wanted >= offered:
+        return set(range(offered))
+    return {offered - 1 - round(i * offered / wanted) for i in range(wanted)}
 
 
 def _b64(png: bytes) -> str:
@@ -293,9 +319,11 @@ def build_fastapi(ing: Ingress) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        sizes = {f"{ing.lo_side}x{ing.lo_side}": "base", BASE_ALIAS: "base (alias)"}
-        if ing.hi_side is not None:
-            sizes.update({f"{ing.hi_side}x{ing.hi_side}": "super-res", SUPERRES_ALIAS: "super-res (alias)"})
+        sizes = {}
+        for size, stage in supported_sizes(ing.lo_side, ing.hi_side).items():
+            native, asked = ing.lo_side if stage == "lo" else ing.hi_side, int(size.split("x")[0])
+            name = "base" if stage == "lo" else "super-res"
+            sizes[size] = name if native == asked else f"{name}, drawn at {native}x{native} and resampled"
         return {"object": "list", "data": [{
             "id": ing.args.model_name, "object": "model", "created": 0, "owned_by": "muse-on-ray",
             "sizes": sizes, "default_size": f"{ing.lo_side}x{ing.lo_side}",
@@ -304,10 +332,11 @@ def build_fastapi(ing: Ingress) -> FastAPI:
 
     @app.get("/v1/files/{name}")
     async def files(name: str) -> Response:
-        data = ing.files.get(name.removesuffix(".png")) if name.endswith(".png") else None
+        stem, _, ext = name.rpartition(".")
+        data = ing.files.get(stem) if ext in OUTPUT_FORMATS else None
         if data is None:
             raise APIError(404, "no such file (or it has expired)", param="file", code="not_found")
-        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+        return Response(data, media_type=OUTPUT_FORMATS[ext], headers={"Cache-Control": "private, max-age=3600"})
 
     @app.post("/v1/images/generations")
     async def generations(req: GenerationRequest, request: Request):
@@ -315,52 +344,95 @@ def build_fastapi(ing: Ingress) -> FastAPI:
         check_prompt(req.prompt, limits)
         check_prompt(req.negative_prompt, limits, "negative_prompt", required=False)
         check_common(req.n, req.steps, req.superres_steps, req.guidance_scale, limits)
-        stage = resolve_size(req.size, ing.lo_side, ing.hi_side)
+        stage, side = resolve_size(req.size, ing.lo_side, ing.hi_side)
+        out = Output(side, req.output_format, req.output_compression)
         seed = _seed(req.seed)
         base_url = str(request.base_url)
         if req.stream:
-            return StreamingResponse(ing.stream(req, stage, seed, base_url), media_type="text/event-stream",
+            return StreamingResponse(ing.stream(req, stage, seed, base_url, out), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        pngs = await ing.generate(req, stage, seed)
-        return ing.images_response(pngs, req.response_format or "url", seed, stage, base_url)
+        images = await ing.generate(req, stage, seed, out)
+        return ing.images_response(images, req.response_format or "url", seed, out, base_url,
+                                   ing.usage(req.prompt, req.n, stage))
 
     @app.post("/v1/images/edits")
-    async def edits(
-        request: Request,
-        image: UploadFile = File(...),
-        prompt: str = Form(...),
-        mask: UploadFile | None = File(None),
-        n: int = Form(1),
-        size: str | None = Form(None),
-        response_format: str = Form("url"),
-        negative_prompt: str | None = Form(None),
-        seed: int | None = Form(None, ge=0, lt=2**63),
-        steps: int | None = Form(None),
-        superres_steps: int | None = Form(None),
-        guidance_scale: float | None = Form(None),
-        model: str | None = Form(None),  # OpenAI's; one model per server
-        user: str | None = Form(None),  # OpenAI's; unused
-    ):
-        check_prompt(prompt, limits)
-        check_prompt(negative_prompt, limits, "negative_prompt", required=False)
-        check_common(n, steps, superres_steps, guidance_scale, limits)
-        if response_format not in ("url", "b64_json"):
-            raise APIError(400, "'response_format' must be 'url' or 'b64_json'", param="response_format",
-                           code="invalid_value")
-        stage = resolve_size(size, ing.lo_side, ing.hi_side)
+    async def edits(request: Request):
+        """Multipart, as OpenAI's: `image` (or `image[]`, as openai-python sends a list: one image is
+        used, more are a 400), optional `mask`, and the fields of `FIELDS`; empty values are absent."""
         form = await request.form()
-        unknown = sorted(set(form) - {"image", "prompt", "mask", "n", "size", "response_format", "negative_prompt",
-                                      "seed", "steps", "superres_steps", "guidance_scale", "model", "user",
-                                      "quality", "background", "input_fidelity", "output_format"})
+        unknown = sorted(set(form) - set(FIELDS) - {"image", "image[]", "mask"})
         if unknown:
             raise APIError(400, f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0],
                            code="unknown_parameter")
+        images = form.getlist("image") + form.getlist("image[]")
+        if len(images) != 1 or not hasattr(images[0], "read"):
+            raise APIError(400, f"give exactly one image file ('image' or 'image[]'), got {len(images)}",
+                           param="image", code="invalid_value")
+        mask = form.get("mask")
+        if mask is not None and not hasattr(mask, "read"):
+            raise APIError(400, "'mask' must be an image file", param="mask", code="invalid_value")
+        f = _EditForm(form)
+        prompt, negative = f.text("prompt"), f.text("negative_prompt")
+        check_prompt(prompt, limits)
+        check_prompt(negative, limits, "negative_prompt", required=False)
+        n, steps, superres_steps = f.integer("n", 1), f.integer("steps"), f.integer("superres_steps")
+        guidance, seed = f.number("guidance_scale"), f.integer("seed")
+        check_common(n, steps, superres_steps, guidance, limits)
+        if seed is not None and not 0 <= seed < 2**63:
+            raise APIError(400, "'seed' must be between 0 and 2**63 - 1", param="seed", code="invalid_value")
+        response_format = f.text("response_format") or "url"
+        if response_format not in ("url", "b64_json"):
+            raise APIError(400, "'response_format' must be 'url' or 'b64_json'", param="response_format",
+                           code="invalid_value")
+        output_format = f.text("output_format") or "png"
+        if output_format not in OUTPUT_FORMATS:
+            raise APIError(400, f"'output_format' must be one of {sorted(OUTPUT_FORMATS)}", param="output_format",
+                           code="invalid_value")
+        quality = f.integer("output_compression")
+        if quality is not None and not 0 <= quality <= 100:
+            raise APIError(400, "'output_compression' must be between 0 and 100", param="output_compression",
+                           code="invalid_value")
+        if f.text("stream") not in (None, "false", "False", "0"):
+            raise APIError(400, "streaming edits are not supported; leave out 'stream'", param="stream",
+                           code="invalid_value")
+        stage, side = resolve_size(f.text("size"), ing.lo_side, ing.hi_side)
+        out = Output(side, output_format, quality)
         seed_ = _seed(seed)
-        pngs = await ing.edit(await image.read(), await mask.read() if mask is not None else None, prompt,
-                              negative_prompt, n, stage, seed_, steps, superres_steps, guidance_scale)
-        return ing.images_response(pngs, response_format, seed_, stage, str(request.base_url))
+        data = await ing.edit(await images[0].read(), await mask.read() if mask is not None else None, prompt,
+                              negative, n, stage, seed_, steps, superres_steps, guidance, out)
+        return ing.images_response(data, response_format, seed_, out, str(request.base_url),
+                                   ing.usage(prompt, n, stage))
 
     return app
+
+
+class _EditForm:
+    """Typed reads of a multipart form's text fields; an empty value is an absent one (as a null)."""
+
+    def __init__(self, form):
+        self.form = form
+
+    def text(self, name: str) -> str | None:
+        value = self.form.get(name)
+        return None if value is None or value == "" or value == "null" else str(value)
+
+    def integer(self, name: str, default: int | None = None) -> int | None:
+        value = self.text(name)
+        try:
+            return default if value is None else int(value)
+        except ValueError:
+            raise APIError(400, f"'{name}' must be an integer, got {value!r}", param=name,
+                           code="invalid_type") from None
+
+    def number(self, name: str) -> float | None:
+        value = self.text(name)
+        try:
+            number = None if value is None else float(value)
+        except ValueError:
+            number = math.nan
+        if number is not None and not math.isfinite(number):
+            raise APIError(400, f"'{name}' must be a finite number, got {value!r}", param=name, code="invalid_type")
+        return number
 
 
 class Guard:

@@ -34,7 +34,7 @@ from ray import serve
 from muse import checkpoint, editing, sampling
 from muse.data.images import uint8_to_tensor
 from serve.config import MERGED_BATCHES, Batching
-from serve.images import fill_masked, grey_out, png_bytes
+from serve.images import Output, fill_masked, grey_out, image_bytes
 
 
 
@@ -395,18 +395,18 @@ class Decoder:
         return checkpoint.load_component(checkpoint.component_uri(root, name), device=self.device, expect_kind="vqgan")
 
     @torch.no_grad()
-    def decode(self, tokens: Tokens, stage: str) -> list[bytes]:
-        """Tokens (n, h, w) -> n PNGs."""
+    def decode(self, tokens: Tokens, stage: str, out: Output = Output()) -> list[bytes]:
+        """Tokens (n, h, w) -> n encoded images (PNG at the stage's resolution by default)."""
         images = self.vqgans[stage].decode(tokens.ids.to(self.device)).cpu()
-        return [png_bytes(img) for img in images]
+        return [image_bytes(img, out) for img in images]
 
     @torch.no_grad()
-    def preview(self, ids: torch.Tensor, stage: str) -> list[bytes]:
-        """A partially decoded grid (n, h, w) with [MASK] ids -> n PNGs, undecided patches grey."""
+    def preview(self, ids: torch.Tensor, stage: str, out: Output = Output()) -> list[bytes]:
+        """A partially decoded grid (n, h, w) with [MASK] ids -> n images, undecided patches grey."""
         vqgan = self.vqgans[stage]
         filled, masked = fill_masked(ids, vqgan.config.codebook_size)
         images = grey_out(vqgan.decode(filled.to(self.device)).cpu(), masked)
-        return [png_bytes(img) for img in images]
+        return [image_bytes(img, out) for img in images]
 
     @torch.no_grad()
     def encode(self, image: np.ndarray, stage: str) -> torch.Tensor:

@@ -32,11 +32,33 @@ class UploadError(ValueError):
         self.param = param
 
 
-def png_bytes(image: torch.Tensor) -> bytes:
-    """(3, H, W) float in [-1, 1] -> PNG bytes."""
+@dataclass(frozen=True)
+class Output:
+    """How a request wants its images: the side in pixels and the file format (png, jpeg, webp;
+    `quality` 0-100 for the lossy ones)."""
+
+    side: int | None = None  # None: the stage's own resolution
+    format: str = "png"
+    quality: int | None = None
+
+
+def image_bytes(image: torch.Tensor, out: Output = Output()) -> bytes:
+    """(3, H, W) float in [-1, 1] -> encoded bytes at `out.side` (bicubic resampling when the stage's
+    resolution differs: OpenAI clients get the size they asked for)."""
+    pil = tensor_to_pil(image)
+    if out.side is not None and pil.size != (out.side, out.side):
+        pil = pil.resize((out.side, out.side), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
-    tensor_to_pil(image).save(buf, format="PNG")
+    if out.format == "png":
+        pil.save(buf, format="PNG")
+    else:
+        pil.save(buf, format=out.format.upper(), quality=100 if out.quality is None else out.quality)
     return buf.getvalue()
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    """(3, H, W) float in [-1, 1] -> PNG bytes at the image's own size."""
+    return image_bytes(image)
 
 
 def read_upload(data: bytes, param: str, max_pixels: int) -> Image.Image:
@@ -80,6 +102,10 @@ def prepare_edit(image_bytes: bytes, mask_bytes: bytes | None, sides: dict[str, 
             raise UploadError("mask", f"mask is {alpha_source.width}x{alpha_source.height} but image is "
                                       f"{image.width}x{image.height}; they must match")
     transparent = np.asarray(alpha_source.getchannel("A")) < TRANSPARENT_BELOW  # (H, W)
+    if mask_bytes is not None and not transparent.any():
+        raise UploadError("mask", "the mask has no transparent pixels, so nothing would be regenerated; make the "
+                                  "area to repaint transparent, or send no mask (with an opaque image) for a "
+                                  "mask-free edit of the whole image")
     rgb = to_rgb(image)
     images = {stage: to_uint8_array(rgb, side) for stage, side in sides.items()}
     if not transparent.any():

@@ -2,9 +2,13 @@
 OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`.
 
 Sizes: the model root decides what it can produce, its base resolution ("lo") and, when it has a
-super-res stage, the super-res resolution ("hi"). A request may name either as "WxH", or use the
-aliases "256x256" (= base) and "512x512" (= through super-res) on any model, so clients written for
-the paper's 256/512 model work unchanged. Anything else is a 400.
+super-res stage, the super-res resolution ("hi"). A request may name either as "WxH", or "256x256"
+(the base stage) and "512x512" (through super-res) on any model, so clients written for the paper's
+256/512 model work unchanged; "auto" (or no size) is the base stage. The image returned always has the
+size asked for: where the stage's own resolution differs (the tiny root draws 64 and 128 px), it is
+resampled, and `/v1/models` says so. Anything else is a 400 naming the sizes on offer.
+
+Both routes share one list of fields (`FIELDS`); an explicit JSON null means "not given".
 """
 
 from __future__ import annotations
@@ -13,15 +17,18 @@ import math
 from typing import Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve.config import Limits
 
 BASE_ALIAS, SUPERRES_ALIAS = "256x256", "512x512"
 # Fields of OpenAI's request that existing clients may send and that do not apply to this model:
 # accepted and ignored (one model per server; PNG only). Any other unknown field is a 400.
-OPENAI_IGNORED = ("model", "quality", "style", "user", "background", "moderation", "output_compression",
-                  "partial_images", "input_fidelity")
+OPENAI_IGNORED = ("model", "quality", "style", "user", "background", "moderation", "input_fidelity")
+OUTPUT_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# Every field either route takes (the edit route adds image, image[] and mask).
+FIELDS = ("prompt", "n", "size", "response_format", "output_format", "output_compression", "stream",
+          "partial_images", "negative_prompt", "seed", "steps", "superres_steps", "guidance_scale") + OPENAI_IGNORED
 
 
 class APIError(Exception):
@@ -46,15 +53,25 @@ class GenerationRequest(BaseModel):
 
     prompt: str
     n: int = Field(1, ge=1)
-    size: str | None = None  # default: the base resolution
+    size: str | None = None  # default ("auto"): the base resolution
     response_format: Literal["url", "b64_json"] | None = None  # "url" unless streaming (see api.stream)
-    output_format: Literal["png"] = "png"
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)  # jpeg/webp quality; default 100
     stream: bool = False
+    partial_images: int | None = Field(None, ge=0, le=3)  # streamed previews; None: every preview_every steps
     negative_prompt: str | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     steps: int | None = Field(None, ge=1)
     superres_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_absent(cls, data):
+        """OpenAI's SDKs send explicit nulls for optional fields: they mean the default."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k == "prompt"}
+        return data
 
     @field_validator("guidance_scale")
     @classmethod
@@ -94,23 +111,33 @@ def check_common(n: int, steps: int | None, superres_steps: int | None, guidance
                             f"{guidance_scale}", param="guidance_scale", code="invalid_value")
 
 
-def resolve_size(size: str | None, lo_side: int, hi_side: int | None) -> str:
-    """The stage ("lo" or "hi") a requested size maps to; APIError(400) for any other size."""
-    native = {f"{lo_side}x{lo_side}": "lo"}
-    if hi_side is not None:
-        native[f"{hi_side}x{hi_side}"] = "hi"
-    if size is None:
-        return "lo"
-    size = size.strip().lower()
-    if size in native:
-        return native[size]
-    if size == BASE_ALIAS:
-        return "lo"
-    if size == SUPERRES_ALIAS and hi_side is not None:
-        return "hi"
-    offered = sorted(native) + [BASE_ALIAS] + ([SUPERRES_ALIAS] if hi_side is not None else [])
-    raise APIError(400, f"size {size!r} is not supported; this model produces {', '.join(offered)}",
+def resolve_size(size: str | None, lo_side: int, hi_side: int | None) -> tuple[str, int]:
+    """(stage "lo" or "hi", output side in pixels) for a requested size; APIError(400) otherwise."""
+    offered = supported_sizes(lo_side, hi_side)
+    size = "auto" if size is None else size.strip().lower()
+    if size == "auto":
+        return "lo", lo_side
+    if size in offered:
+        return offered[size], int(size.split("x")[0])
+    raise APIError(400, f"size {size!r} is not supported; this model produces {', '.join(offered)} (or 'auto')",
                    param="size", code="invalid_size")
+
+
+def supported_sizes(lo_side: int, hi_side: int | None) -> dict[str, str]:
+    """Every size a client may ask for -> the stage that draws it."""
+    sizes = {f"{lo_side}x{lo_side}": "lo", BASE_ALIAS: "lo"}
+    if hi_side is not None:
+        sizes |= {f"{hi_side}x{hi_side}": "hi", SUPERRES_ALIAS: "hi"}
+    return sizes
+
+
+def usage(prompt: str, images: int, tokens_per_image: int) -> dict:
+    """OpenAI's `usage` block: input = the prompt's UTF-8 bytes (what the byte-level offline encoder
+    reads; an estimate for T5's own tokenizer), output = the image tokens decoded."""
+    text = len(prompt.encode())
+    out = images * tokens_per_image
+    return {"input_tokens": text, "output_tokens": out, "total_tokens": text + out,
+            "input_tokens_details": {"text_tokens": text, "image_tokens": 0}}
 
 
 def validation_param(loc: tuple) -> str | None:

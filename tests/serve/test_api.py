@@ -24,6 +24,7 @@ def test_models_advertises_the_sizes_the_model_produces(muse_app):
     model = body["data"][0]
     assert body["object"] == "list" and model["id"] == "muse"
     assert set(model["sizes"]) == {"64x64", "128x128", "256x256", "512x512"}
+    assert model["sizes"]["256x256"] == "base, drawn at 64x64 and resampled"
     assert model["default_size"] == "64x64"
 
 
@@ -34,7 +35,12 @@ def test_health_and_page(muse_app):
     assert "Muse on Ray" in page.text and "v1/images/generations" in page.text
 
 
-@pytest.mark.parametrize("size, side", [("64x64", 64), ("256x256", 64), ("128x128", 128), ("512x512", 128)])
+def resampled(image: Image.Image, side: int) -> np.ndarray:
+    """The pipeline's image as the API returns it at `side` (bicubic, when the stage draws another size)."""
+    return pil_array(image if image.size == (side, side) else image.resize((side, side), Image.Resampling.BICUBIC))
+
+
+@pytest.mark.parametrize("size, side", [("64x64", 64), ("256x256", 256), ("128x128", 128), ("512x512", 512)])
 def test_generation_at_both_sizes_matches_the_pipeline(muse_app, pipe, size, side):
     r = muse_app.generate(prompt="a red circle", size=size, n=2, seed=5, response_format="b64_json")
     assert r.status_code == 200, r.text
@@ -43,9 +49,10 @@ def test_generation_at_both_sizes_matches_the_pipeline(muse_app, pipe, size, sid
     assert [(d["seed"], d["index"]) for d in body["data"]] == [(5, 0), (5, 1)]
     images = [png_array(d["b64_json"]) for d in body["data"]]
     assert all(img.shape == (side, side, 3) for img in images)
-    expected = pipe("a red circle", num_images=2, steps=STEPS, superres_steps=SR_STEPS, seed=5, superres=side == 128)
+    expected = pipe("a red circle", num_images=2, steps=STEPS, superres_steps=SR_STEPS, seed=5,
+                    superres=size in ("128x128", "512x512"))
     for got, want in zip(images, expected):
-        assert_same_image(got, pil_array(want))
+        assert_same_image(got, resampled(want, side))
     assert not np.array_equal(images[0], images[1])
 
 
@@ -56,7 +63,7 @@ def test_url_response_can_be_fetched(muse_app):
     assert url.startswith(muse_app.url + "/v1/files/") and url.endswith(".png")
     fetched = httpx.get(url)  # no API key needed: the URL is the credential
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
-    assert png_array(fetched.content).shape == (128, 128, 3)
+    assert png_array(fetched.content).shape == (512, 512, 3)
     missing = httpx.get(muse_app.url + "/v1/files/9999999999-" + "0" * 32 + ".png")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
 
@@ -111,7 +118,8 @@ def test_stream_sends_previews_then_the_final_image(muse_app):
     # preview_every=2: base steps 2, 4 (of 6), super-res step 2 (of 3); one preview per image each.
     assert [(p["stage"], p["step"]) for p in partial if p["index"] == 0] == [("base", 2), ("base", 4), ("superres", 2)]
     assert [p["partial_image_index"] for p in partial if p["index"] == 0] == [0, 1, 2]
-    assert png_array(partial[0]["b64_json"]).shape == (64, 64, 3)
+    # Previews come at the size asked for, base-stage ones resampled from 64 px.
+    assert png_array(partial[0]["b64_json"]).shape == (128, 128, 3)
     assert png_array(partial[-1]["b64_json"]).shape == (128, 128, 3)
     # The streamed final image is the same as the non-streamed one for the same request.
     plain = muse_app.generate(**{**body, "stream": False, "response_format": "b64_json"}).json()["data"]
@@ -175,10 +183,10 @@ def test_official_openai_client(muse_app, pipe):
                                     extra_body={"seed": 5})
     assert len(result.data) == 2
     want = pipe("a red circle", num_images=2, steps=STEPS, superres_steps=SR_STEPS, seed=5)
-    assert_same_image(png_array(result.data[1].b64_json), pil_array(want[1]))
+    assert_same_image(png_array(result.data[1].b64_json), resampled(want[1], 512))
 
     by_url = client.images.generate(prompt="a red circle", size="256x256", model="dall-e-2")
-    assert png_array(httpx.get(by_url.data[0].url).content).shape == (64, 64, 3)
+    assert png_array(httpx.get(by_url.data[0].url).content).shape == (256, 256, 3)
 
     image = _picture()
     mask = Image.new("RGBA", image.size, (0, 0, 0, 255))
@@ -189,7 +197,7 @@ def test_official_openai_client(muse_app, pipe):
     regen = np.zeros((96, 96), bool)
     regen[:, :48] = True
     want = pipe.inpaint(image, regen, "a tree", steps=STEPS, seed=1, superres=False)
-    assert_same_image(png_array(edited.data[0].b64_json), pil_array(want[0]))
+    assert_same_image(png_array(edited.data[0].b64_json), resampled(want[0], 256))
 
     events = list(client.images.generate(prompt="a red circle", size="64x64", stream=True, extra_body={"seed": 5}))
     assert [e.type for e in events][-1] == "image_generation.completed"
@@ -222,3 +230,47 @@ def test_a_stream_whose_client_leaves_stops_decoding(muse_app):
         assert time.monotonic() < deadline, f"the base stream was not stopped: {after}"
         time.sleep(0.2)
     assert after.get("completed", 0) == before.get("completed", 0)
+
+
+def test_openai_clients_as_they_really_call(muse_app, pipe):
+    """size "auto", explicit nulls, a lower-case bearer, usage, partial_images, jpeg/webp, image[]."""
+    import openai
+
+    client = openai.OpenAI(base_url=muse_app.url + "/v1", api_key=muse_app.key, max_retries=0, timeout=120)
+    auto = client.images.generate(prompt="a red circle", size="auto", response_format="b64_json",
+                                  extra_body={"seed": 2})
+    assert png_array(auto.data[0].b64_json).shape == (64, 64, 3)
+    assert auto.usage.output_tokens == 64 and auto.usage.input_tokens == len("a red circle")
+
+    nulls = dict(prompt="a red circle", n=None, size=None, seed=2, steps=None, response_format="b64_json",
+                 negative_prompt=None, output_format=None, stream=None, partial_images=None)
+    r = httpx.post(muse_app.url + "/v1/images/generations", json=nulls,
+                   headers={"Authorization": f"bearer {muse_app.key}"}, timeout=120)  # lower-case scheme
+    assert r.status_code == 200, r.text
+    assert_same_image(png_array(r.json()["data"][0]["b64_json"]), png_array(auto.data[0].b64_json))
+
+    events = list(client.images.generate(prompt="a red circle", size="128x128", stream=True, partial_images=1,
+                                         extra_body={"seed": 5}))
+    assert [e.type for e in events] == ["image_generation.partial_image", "image_generation.completed"]
+    assert events[-1].usage.output_tokens == 64 + 256  # base and super-res grids
+
+    jpeg = client.images.generate(prompt="a red circle", size="512x512", output_format="jpeg",
+                                  response_format="b64_json", extra_body={"seed": 2, "output_compression": 90})
+    import base64
+
+    picture = Image.open(io.BytesIO(base64.b64decode(jpeg.data[0].b64_json)))
+    assert picture.format == "JPEG" and picture.size == (512, 512)
+
+    image = _picture()
+    two = [("image[]", ("a.png", _png(image), "image/png")), ("image[]", ("b.png", _png(image), "image/png"))]
+    r = muse_app.client.post("/v1/images/edits", files=two, data={"prompt": "x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+    edited = client.images.edit(image=[("image.png", _png(image), "image/png")], prompt="make it blue",
+                                size="64x64", response_format="b64_json", output_format="webp",
+                                extra_body={"seed": 3, "steps": 2})
+    assert Image.open(io.BytesIO(base64.b64decode(edited.data[0].b64_json))).format == "WEBP"
+    opaque_mask = Image.new("RGBA", image.size, (0, 0, 0, 255))
+    r = muse_app.client.post("/v1/images/edits", files={"image": ("i.png", _png(image), "image/png"),
+                                                        "mask": ("m.png", _png(opaque_mask), "image/png")},
+                             data={"prompt": "x"})
+    assert r.status_code == 400 and "no transparent pixels" in r.json()["error"]["message"]

@@ -62,6 +62,7 @@ def test_page_generates_with_live_previews_and_inpaints(muse_app, browser):
         .observe(document.getElementById('progress'), {childList: true})""")
     page.click("#generate")
     page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=120_000)
+    assert page.text_content("#status") == "done (seed 5)"  # the seed the server used, from the stream
     assert any("base step" in p for p in previews) and any("superres step" in p for p in previews), previews
     assert page.eval_on_selector("#result", "img => img.src.startsWith('data:image/png;base64,')")
     page.wait_for_function("document.getElementById('result').naturalWidth === 128")
