@@ -85,6 +85,10 @@ def provenance_check(served, pipe, args, steps: int | None) -> dict:
     local = pipe([prompt], steps=steps or args.sampling.steps, superres_steps=args.sampling.superres_steps,
                  guidance_scale=args.sampling.guidance_scale, choice_temperature=args.sampling.choice_temperature,
                  seed=seed, superres=pipe.superres is not None)[0]
+    if local.size != remote.shape[1::-1]:  # the API resamples to the size asked for, bicubic
+        from PIL import Image
+
+        local = local.resize(remote.shape[1::-1], Image.Resampling.BICUBIC)
     diff = np.abs(remote - np.asarray(local, dtype=np.int16))
     # Tokens are bit-identical; the decoder's float kernels may round a few pixels differently
     # across processes, so "matches" allows sub-level noise (random weights differ by tens of levels).
