@@ -182,8 +182,8 @@ class VectorQuantizer(nn.Module):
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
         """Encoder output (B, C, h, w) -> unit vectors (B, h, w, codebook_dim) in float32."""
-        with torch.autocast(z.device.type, enabled=False):
-            return F.normalize(self.proj(z.permute(0, 2, 3, 1)).float(), dim=-1)
+        with torch.autocast(z.device.type, enabled=False):  # the code search needs float32
+            return F.normalize(self.proj(z.permute(0, 2, 3, 1).to(self.proj.weight.dtype)).float(), dim=-1)
 
     def codes(self) -> torch.Tensor:
         return F.normalize(self.codebook.float(), dim=-1)  # (K, d)

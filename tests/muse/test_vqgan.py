@@ -309,3 +309,20 @@ def test_grow_doubles_the_resolution_keeps_the_grid_and_copies_every_lower_layer
             assert torch.equal(a, b)
     ids = hi.encode(torch.zeros(2, 3, 64, 64))
     assert ids.shape == (2, 4, 4) and hi.decode(ids).shape == (2, 3, 64, 64)
+
+
+def test_forward_runs_under_cpu_bf16_autocast_with_a_float32_code_search():
+    """run.cpu_bf16 on the VQGAN stage: the encoder runs in bf16, the quantizer's projection and
+    nearest-code search in float32."""
+    import torch
+
+    from muse.config import preset
+    from muse.vqgan import VQGAN
+
+    torch.manual_seed(0)
+    model = VQGAN(preset("vqgan-tiny"))
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.ids.shape == (2, 8, 8) and torch.isfinite(out.recon.float()).all()
+    assert out.codebook_loss.dtype == torch.float32  # the quantizer's losses stay in float32
