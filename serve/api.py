@@ -198,7 +198,7 @@ class Ingress:
                 pngs = await self.decoder.decode.remote(tokens, stage, out)
                 used = self.usage(req.prompt, req.n, stage)
                 for i, png in enumerate(pngs):  # always b64_json, as OpenAI's streams; a URL too if asked
-                    url = self.image_item(png, "url", base_url, out.format) if req.response_format == "url" else {}
+                    url = await self.image_item(png, "url", base_url, out.format) if req.response_format == "url" else {}
                     yield sse("image_generation.completed", {
                         "b64_json": _b64(png), **url, "index": i, "seed": seed, "usage": used, **fields})
         except TimeoutError:
@@ -208,18 +208,19 @@ class Ingress:
             yield sse("error", {"error": _error_body(f"generation failed: {type(e).__name__}", "server_error")})
 
     # -- responses -----------------------------------------------------------------------------
-    def image_item(self, data: bytes, response_format: str, base_url: str, fmt: str = "png") -> dict:
+    async def image_item(self, data: bytes, response_format: str, base_url: str, fmt: str = "png") -> dict:
         if response_format == "b64_json":
             return {"b64_json": _b64(data)}
         base = (self.args.files.public_url or base_url).rstrip("/")
-        return {"url": f"{base}/v1/files/{self.files.put(data)}.{fmt}"}
+        file_id = await asyncio.to_thread(self.files.put, data)  # disk or S3: off the event loop
+        return {"url": f"{base}/v1/files/{file_id}.{fmt}"}
 
-    def images_response(self, images: list[bytes], response_format: str, seed: int, out: Output, base_url: str,
-                        used: dict) -> dict:
+    async def images_response(self, images: list[bytes], response_format: str, seed: int, out: Output,
+                              base_url: str, used: dict) -> dict:
+        items = [await self.image_item(data, response_format, base_url, out.format) for data in images]
         return {
             "created": int(time.time()),
-            "data": [{**self.image_item(data, response_format, base_url, out.format), "revised_prompt": None,
-                      "seed": seed, "index": i} for i, data in enumerate(images)],
+            "data": [{**item, "revised_prompt": None, "seed": seed, "index": i} for i, item in enumerate(items)],
             "size": f"{out.side}x{out.side}",
             "output_format": out.format,
             "usage": used,
@@ -333,7 +334,7 @@ def build_fastapi(ing: Ingress) -> FastAPI:
     @app.get("/v1/files/{name}")
     async def files(name: str) -> Response:
         stem, _, ext = name.rpartition(".")
-        data = ing.files.get(stem) if ext in OUTPUT_FORMATS else None
+        data = await asyncio.to_thread(ing.files.get, stem) if ext in OUTPUT_FORMATS else None
         if data is None:
             raise APIError(404, "no such file (or it has expired)", param="file", code="not_found")
         return Response(data, media_type=OUTPUT_FORMATS[ext], headers={"Cache-Control": "private, max-age=3600"})
@@ -352,8 +353,8 @@ def build_fastapi(ing: Ingress) -> FastAPI:
             return StreamingResponse(ing.stream(req, stage, seed, base_url, out), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         images = await ing.generate(req, stage, seed, out)
-        return ing.images_response(images, req.response_format or "url", seed, out, base_url,
-                                   ing.usage(req.prompt, req.n, stage))
+        return await ing.images_response(images, req.response_format or "url", seed, out, base_url,
+                                         ing.usage(req.prompt, req.n, stage))
 
     @app.post("/v1/images/edits")
     async def edits(request: Request):
@@ -400,8 +401,8 @@ def build_fastapi(ing: Ingress) -> FastAPI:
         seed_ = _seed(seed)
         data = await ing.edit(await images[0].read(), await mask.read() if mask is not None else None, prompt,
                               negative, n, stage, seed_, steps, superres_steps, guidance, out)
-        return ing.images_response(data, response_format, seed_, out, str(request.base_url),
-                                   ing.usage(prompt, n, stage))
+        return await ing.images_response(data, response_format, seed_, out, str(request.base_url),
+                                         ing.usage(prompt, n, stage))
 
     return app
 

@@ -37,15 +37,18 @@ def build_app(args: AppArgs) -> Application:
     root, device, sampling = args.checkpoint, args.device, args.sampling
 
     def deployment(cls, name: str, options: dict):
+        # A replica being replaced finishes what it holds: at least one request's time.
+        options = {"graceful_shutdown_timeout_s": args.limits.request_timeout_s, **options}
         return serve.deployment(cls, name=name).options(**options)
 
     text = deployment(TextEncoder, "TextEncoder", args.text_encoder.options()).bind(root, device)
     base = deployment(BaseGenerator, "BaseGenerator", args.base.options()).bind(
-        root, device, args.base.batching, sampling.choice_temperature, sampling.preview_every, sampling.compile)
+        root, device, args.base.batching, sampling.choice_temperature, sampling.preview_every, sampling.compile,
+        args.limits.request_timeout_s)
     superres = None
     if checkpoint.has_component(root, "superres") and checkpoint.has_component(root, "vqgan_hi"):
         superres = deployment(SuperResGenerator, "SuperResGenerator", args.superres.options()).bind(
             root, device, args.superres.batching, sampling.choice_temperature, sampling.preview_every,
-            sampling.compile)
+            sampling.compile, args.limits.request_timeout_s)
     decoder = deployment(Decoder, "Decoder", args.decoder.options()).bind(root, device)
     return deployment(Ingress, "Ingress", args.ingress.options()).bind(text, base, superres, decoder, args)

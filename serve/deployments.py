@@ -12,7 +12,7 @@ Batching: BaseGenerator and SuperResGenerator collect requests from different ca
 `@serve.batch` (size and wait from config). A batch is split by step count; each group is one
 `sampling.generate` call in which classifier-free guidance stays one batched forward over
 [cond ; uncond], guidance is a per-row tensor, and every row draws from its own generator seeded
-from its request's seed (row i of a request with seed s uses s + i), so a request's image does not
+from its request's seed (row i of a request with seed s: `sampling.image_seed(s, i)`), so a request's image does not
 depend on what it was batched with. Each stage returns its rows' generator states beside the ids and
 the next stage continues from them, exactly as `MusePipeline` does: the server and the one-process
 pipeline give the same image for the same seed. Model work runs in a worker thread so the replica's
@@ -22,7 +22,9 @@ event loop keeps accepting requests (and filling the next batch) meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
@@ -122,7 +124,7 @@ class _TokenGenerator:
     component = ""
 
     def __init__(self, checkpoint_root: str, device: str, batching: Batching, choice_temperature: float,
-                 preview_every: int, compile_step: bool = False):
+                 preview_every: int, compile_step: bool = False, stuck_after_s: float = 300.0):
         self.device = torch.device(device)
         self.model = checkpoint.load_component(checkpoint.component_uri(checkpoint_root, self.component),
                                                device=self.device, expect_kind=self.component)
@@ -131,6 +133,9 @@ class _TokenGenerator:
         if compile_step:
             self.model.compile_step()
         self.choice_temperature = choice_temperature
+        self.stuck_after_s = stuck_after_s
+        self._decoding = 0  # decodes in flight (batched, streamed or edits)
+        self._last_step = time.monotonic()  # when any of them last finished a step
         self.preview_every = preview_every
         self.max_batch_size = batching.max_batch_size
         self.batch_sizes: Counter[int] = Counter()  # requests per model decode
@@ -174,6 +179,32 @@ class _TokenGenerator:
                     if not future.done():
                         future.set_result(tokens)
 
+    def check_health(self) -> None:
+        """Serve's health probe: fails when decodes are in flight but none has finished a step for
+        `stuck_after_s` (a hung kernel or device), or when the device cannot run a tiny op."""
+        idle = time.monotonic() - self._last_step
+        if self._decoding and idle > self.stuck_after_s:
+            raise RuntimeError(f"{self._decoding} decode(s) in flight and no step finished for {idle:.0f} s")
+        torch.ones(1, device=self.device).add_(1).cpu()  # raises on a broken device
+
+    def _progress(self, callback: Callable[[int, torch.Tensor], None] | None):
+        """A step callback that records progress for `check_health`, then calls `callback`."""
+        def on_step(step: int, ids: torch.Tensor) -> None:
+            self._last_step = time.monotonic()
+            if callback is not None:
+                callback(step, ids)
+        return on_step
+
+    @contextlib.contextmanager
+    def _in_flight(self):
+        if not self._decoding:
+            self._last_step = time.monotonic()  # idle time before a decode is not a stall
+        self._decoding += 1
+        try:
+            yield
+        finally:
+            self._decoding -= 1
+
     def _decode_jobs(self, jobs: list[_Job]) -> list[Tokens]:
         """Each job's Tokens; jobs with the same step count share one decode."""
         groups: dict[int, list[int]] = defaultdict(list)
@@ -214,10 +245,12 @@ class _TokenGenerator:
             fixed = torch.cat([
                 (~j.regenerate if j.regenerate is not None else torch.zeros(j.decode.n, n_tok, dtype=torch.bool))
                 .to(dev) for j in jobs])
-        ids = sampling.generate(
-            self.model, context, uncond, steps=steps, guidance_scale=scale, generator=gens,
-            choice_temperature=self.choice_temperature, init_ids=init_ids, fixed=fixed, callback=callback,
-        ).view(-1, self.side, self.side).cpu()
+        with self._in_flight():
+            ids = sampling.generate(
+                self.model, context, uncond, steps=steps, guidance_scale=scale, generator=gens,
+                choice_temperature=self.choice_temperature, init_ids=init_ids, fixed=fixed,
+                callback=self._progress(callback),
+            ).view(-1, self.side, self.side).cpu()
         out, start = [], 0
         for j in jobs:
             rows = slice(start, start + j.decode.n)
@@ -310,10 +343,11 @@ class BaseGenerator(_TokenGenerator):
             uncond = self.model.encode_context(rows(emb), rows(mask))
         gens = _generators(job, dev)
         source = job.init_ids.view(1, self.side, self.side).expand(n, -1, -1)
-        ids = editing.edit_tokens(
-            self.model, context, uncond, source.to(dev), iterations=iterations, fraction=fraction,
-            guidance_scale=job.decode.guidance_scale, generator=gens,
-        ).cpu()
+        with self._in_flight():
+            ids = editing.edit_tokens(
+                self.model, context, uncond, source.to(dev), iterations=iterations, fraction=fraction,
+                guidance_scale=job.decode.guidance_scale, generator=gens, callback=self._progress(None),
+            ).cpu()
         return Tokens(ids, [g.get_state() for g in gens], ids != source)
 
 

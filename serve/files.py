@@ -4,7 +4,8 @@ An id is `<expiry unix seconds>-<32 hex chars>`: unguessable (128 random bits, s
 the credential, as with OpenAI's signed URLs) and self-expiring (the expiry is read from the id, no
 index needed). Two backends: the ingress replica's memory (an LRU capped at `max_files`), or a
 directory / s3:// prefix through `muse.storage` that every ingress replica shares, swept of expired
-files every tenth of the TTL.
+files every tenth of the TTL in a background thread. Calls block on storage: the ingress makes them
+off its event loop (`asyncio.to_thread`).
 """
 
 from __future__ import annotations
@@ -43,9 +44,12 @@ class FileStore:
                     self._memory.popitem(last=False)
         else:
             storage.write_bytes(self._uri(file_id), data)
-            if now - self._last_sweep > self.config.ttl_s / 10:
-                self._last_sweep = now
-                self._sweep(now)
+            with self._lock:
+                due = now - self._last_sweep > self.config.ttl_s / 10
+                if due:
+                    self._last_sweep = now
+            if due:  # listing a shared prefix can be slow: sweep beside the request, not in it
+                threading.Thread(target=self._sweep, args=(now,), name="file-sweeper", daemon=True).start()
         return file_id
 
     def get(self, file_id: str) -> bytes | None:

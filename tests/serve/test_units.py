@@ -4,6 +4,7 @@ the HTTP layer with and without an API key, and batched decoding without Serve."
 from __future__ import annotations
 
 import io
+import time
 import types
 from pathlib import Path
 
@@ -83,8 +84,12 @@ def test_file_store_on_shared_storage_sweeps_expired(tmp_path):
     assert store.get(old) == b"old" and (tmp_path / "files" / f"{old}.png").exists()
     assert FileStore(Files(uri=str(tmp_path / "files")), clock=lambda: now[0]).get(old) == b"old"  # another replica
     now[0] += 101
-    new = store.put(b"new")  # sweeps
-    assert store.get(old) is None and not (tmp_path / "files" / f"{old}.png").exists()
+    new = store.put(b"new")  # starts a sweep in the background
+    assert store.get(old) is None  # expired at once, by its id
+    deadline = time.monotonic() + 10
+    while (tmp_path / "files" / f"{old}.png").exists():
+        assert time.monotonic() < deadline, "the expired file was never swept"
+        time.sleep(0.05)
     assert store.get(new) == b"new"
 
 
@@ -304,3 +309,23 @@ def test_deployments_load_their_models_from_s3(s3_bucket):
     (tokens,) = base._decode_jobs([_Job(text.encode("a red circle"), Decode(1, 2, 1.0, 0))])
     (png,) = decoder.decode(tokens, "lo")
     assert Image.open(io.BytesIO(png)).size == (64, 64) and set(decoder.vqgans) == {"lo"}
+
+
+def test_health_check_fails_on_a_stalled_decode_and_passes_again_after_it(tmp_path):
+    from muse.checkpoint import init_model_root
+    from serve.config import Batching
+    from serve.deployments import BaseGenerator
+
+    root = str(tmp_path / "root")
+    init_model_root("tiny", root, components=("text_encoder", "vqgan_lo", "base"))
+    base = BaseGenerator(root, "cpu", Batching(), 4.5, 2, stuck_after_s=5.0)
+    base.check_health()  # idle
+    with base._in_flight():
+        base.check_health()  # just started
+        base._last_step -= 6.0  # no step finished for 6 s
+        with pytest.raises(RuntimeError, match="no step finished"):
+            base.check_health()
+        base._progress(None)(0, torch.zeros(1))  # a step finishes
+        base.check_health()
+    base._last_step -= 60.0
+    base.check_health()  # nothing in flight: idle is not stuck
