@@ -8,6 +8,7 @@ temporary name and renamed; an S3 object is a single PUT.
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import uuid
@@ -25,14 +26,27 @@ def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+S3_MAX_ATTEMPTS = 10  # per request; MUSE_S3_MAX_ATTEMPTS overrides
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
+    """One S3 client per process and setting (endpoint, region, attempts), shared by every call and
+    thread. Requests that S3 throttles (503 SlowDown) or whose connection drops are retried with
+    the AWS SDK's standard exponential backoff, up to S3_MAX_ATTEMPTS times: a hot prefix slows a
+    job down instead of killing it."""
     endpoint = s3_endpoint()
-    kwargs: dict = {}
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    attempts = int(os.environ.get("MUSE_S3_MAX_ATTEMPTS", S3_MAX_ATTEMPTS))
+    return _s3_filesystem(endpoint, region, attempts)
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str | None, attempts: int) -> pafs.S3FileSystem:
+    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)}
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
         kwargs["scheme"] = parsed.scheme or "https"
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)

@@ -1,0 +1,42 @@
+"""S3 as a hot prefix serves it: a real proxy between us and the S3 server on loopback answers a
+third of the requests 503 SlowDown and drops one connection in eleven. Storage calls ride it out."""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlparse
+
+import pytest
+from fault_proxy import FaultProxy
+
+from muse import storage
+
+
+@pytest.fixture
+def hot_prefix(s3_server, monkeypatch):
+    up = urlparse(s3_server)
+    proxy = FaultProxy((up.hostname, up.port), throttle=1 / 3, drop=1 / 11, seed=0)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    yield proxy
+    proxy.close()
+
+
+def test_reads_writes_and_listings_survive_throttling_and_dropped_connections(s3_bucket, hot_prefix):
+    """SlowDown is retried with the SDK's throttling backoff (about half a second), so few objects."""
+    prefix = f"{s3_bucket}/objects"
+    for i in range(6):
+        storage.write_bytes(f"{prefix}/{i:02d}.bin", bytes([i]) * 5000)
+    assert storage.list_files(prefix) == [f"{prefix}/{i:02d}.bin" for i in range(6)]
+    assert all(storage.read_bytes(f"{prefix}/{i:02d}.bin") == bytes([i]) * 5000 for i in range(6))
+    assert storage.exists(f"{prefix}/03.bin") and not storage.exists(f"{prefix}/nope.bin")
+    counts = hot_prefix.counts
+    assert counts["throttled"] >= 5 and counts["dropped"] >= 1, counts  # the faults were real
+
+
+def test_without_retries_the_same_faults_fail(s3_bucket, hot_prefix, monkeypatch):
+    monkeypatch.setenv("MUSE_S3_MAX_ATTEMPTS", "1")
+    with pytest.raises(OSError):
+        for i in range(10):
+            storage.write_bytes(f"{s3_bucket}/once/{i:02d}.bin", b"x")
+            storage.read_bytes(f"{s3_bucket}/once/{i:02d}.bin")
