@@ -50,6 +50,7 @@ logger = logging.getLogger("ray.serve")
 STATIC = Path(__file__).parent / "static"
 RETRY_BACKOFF_S = (0.25, 0.5, 1.0, 2.0)  # waits between re-runs after a replica died under a request
 RETRY_WINDOW_S = 60.0  # how long a request waits for a replacement replica (within its timeout)
+RETRY_AFTER_S = 1  # the Retry-After of a 503 (at capacity, no replica) or 429
 
 
 @serve.ingress()
@@ -284,7 +285,9 @@ def build_fastapi(ing: Ingress) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
-        return error_response(e.status, e.message, e.param, e.code, e.type)
+        # Over capacity or no replica: tell clients (OpenAI's SDKs read it) when to come back.
+        retry = {"Retry-After": str(RETRY_AFTER_S)} if e.status in (429, 503) else None
+        return error_response(e.status, e.message, e.param, e.code, e.type, headers=retry)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, e: RequestValidationError):

@@ -166,7 +166,30 @@ def test_api_is_open_without_a_key_and_closed_with_one():
     assert asyncio.run(_models(None, {})) == 200
     assert asyncio.run(_models("s3cret", {})) == 401
     assert asyncio.run(_models("s3cret", {"Authorization": "Bearer s3cret"})) == 200
+    assert asyncio.run(_models("s3cret", {"Authorization": "bearer s3cret"})) == 200  # the scheme's case is free
     assert asyncio.run(_models("s3cret", {"Authorization": "Bearer s3cre"})) == 401
+    assert asyncio.run(_models("s3cret", {"Authorization": "Basic s3cret"})) == 401
+
+
+def test_an_overloaded_server_says_when_to_retry():
+    import asyncio
+
+    from serve.api import build_fastapi
+
+    async def overloaded(*_):
+        raise APIError(503, "the server is at capacity; retry shortly", type="server_error", code="overloaded")
+
+    ing = _fake_ingress(None)
+    ing.generate = overloaded
+
+    async def post() -> httpx.Response:
+        transport = httpx.ASGITransport(app=build_fastapi(ing))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/v1/images/generations", json={"prompt": "a red circle"})
+
+    r = asyncio.run(post())
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "overloaded"
 
 
 def test_build_app_reads_the_key_from_the_environment(tmp_path, monkeypatch):
