@@ -83,9 +83,10 @@ class MaskedWorker(StageWorker):
         self.uses_ids = job["data_meta"].get("text_storage", "ids") != "embeddings"
         self.text_encoder = self._load_text_encoder() if self.uses_ids else None
         self.model_config = from_dict(self.config_type(), job["model_config"])
-        model = checkpoint.build_component(self.kind, self.model_config)
         if job.get("init_from"):  # the root's own component, continued (a resumed run then loads its checkpoint)
-            model.load_state_dict(checkpoint.load_component(job["init_from"], expect_kind=self.kind).state_dict())
+            model = checkpoint.load_component(job["init_from"], expect_kind=self.kind).train()
+        else:
+            model = checkpoint.build_component(self.kind, self.model_config)
         self.mask_id = model.mask_token_id
         self.wrapper = wrap(TrainWrapper(model), env, transformer_fsdp_units(model))
         self.modules = {"model": self.wrapper}

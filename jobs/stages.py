@@ -68,9 +68,10 @@ def transformer_config(stage: str, model: str | None, root: str, data: str, info
     weights, and a mismatch with the tokens is refused; an empty root gets the paper's preset. An
     explicit preset is trained from scratch and replaces what the root holds, said out loud."""
     superres = stage == "superres"
-    existing = _component_config(root, stage)
+    uri = checkpoint.component_uri(root, stage)
+    existing = checkpoint.read_component_config(uri)[1] if checkpoint.has_component(root, stage) else None
     if model is None and existing is not None:
-        cfg = checkpoint.read_component_config(checkpoint.component_uri(root, stage))[1]
+        cfg = existing
         wanted = token_model_config(PAPER_PRESETS[stage], root, data, info, superres=superres, quiet=True)
         fields = (("lo_tokens_per_side", "hi_tokens_per_side", "lo_codebook_size", "hi_codebook_size")
                   if superres else ("tokens_per_side", "codebook_size")) + ("text_dim",)
@@ -80,9 +81,9 @@ def transformer_config(stage: str, model: str | None, root: str, data: str, info
                 f"the model root's {stage} does not fit these tokens (root vs data: {diff}); give "
                 f"--model PRESET (or {stage}.model in the config) to train a new {stage} that replaces it")
         say(f"[{stage}] continues the model root's {stage} ({_describe(cfg)}) from its weights")
-        return cfg, checkpoint.component_uri(root, stage)
+        return cfg, uri
     cfg = token_model_config(model or PAPER_PRESETS[stage], root, data, info, superres=superres)
-    if existing is not None and existing != to_dict(cfg):
+    if existing is not None and existing != cfg:
         say(f"[{stage}] trains {model} ({_describe(cfg)}) from scratch; it replaces the root's {stage} when done")
     return cfg, None
 

@@ -4,13 +4,14 @@
 mask. When no key is masked (no padding), attention runs without a mask, which lets
 `scaled_dot_product_attention` pick its fused kernels. `ContextStack` puts contexts of different
 lengths on top of each other along the batch without padding: classifier-free guidance runs the
-conditional rows and the unconditional ones (a single null token) as one forward, and each block
-attends each part to its own keys.
+conditional rows and the unconditional ones (a single null token) as one forward, and each block's
+cross-attention attends each part to its own keys (`CrossAttention.forward`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +25,12 @@ class Context:
     values: list[torch.Tensor]  # each (B, H, L, Dh)
     mask: torch.Tensor  # (B, L) bool, True = attend
     input_bias: torch.Tensor | None = None  # (B, N, C) added to the token embeddings (super-res lo_skip)
-    dense: bool = field(init=False)  # no key masked: attention needs no mask
 
-    def __post_init__(self):
-        self.dense = bool(self.mask.all())
+    @functools.cached_property
+    def dense(self) -> bool:
+        """No key is masked, so attention needs no mask. Read once, on first use: a host sync, which
+        contexts only built on the way to another (repeat, index, cat) never pay."""
+        return bool(self.mask.all())
 
     @property
     def batch_size(self) -> int:
@@ -76,8 +79,8 @@ class Context:
 
 class ContextStack:
     """Contexts stacked along the batch, each serving `rows` consecutive rows (a one-row context
-    may serve many: it is broadcast, never copied). Attention runs per part, so parts of different
-    lengths need no padding and a dense part keeps the unmasked kernels."""
+    may serve many: it is broadcast, never copied). Cross-attention runs per part, so parts of
+    different lengths need no padding and a dense part keeps the unmasked kernels."""
 
     def __init__(self, parts: list[Context], rows: list[int] | None = None):
         self.parts = list(parts)
@@ -94,7 +97,3 @@ class ContextStack:
     @property
     def batch_size(self) -> int:
         return sum(self.rows)
-
-    def attend(self, layer: int, q: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
-        outs = [c.attend(layer, part, dropout) for c, part in zip(self.parts, q.split(self.rows))]
-        return torch.cat(outs)

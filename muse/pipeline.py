@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import operator
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -210,8 +209,8 @@ class MusePipeline:
         callback(stage, step, ids), stage "base" or "superres", after each decoding step.
         choice_temperature: MaskGIT's re-masking noise (`temperature` is its old name).
         """
-        req = Request(num_images, steps, superres_steps, guidance_scale, _choice_temperature(choice_temperature,
-                      temperature), seed, output, superres, callback)
+        req = Request(num_images, steps, superres_steps, guidance_scale,
+                      sampling.renamed_temperature(choice_temperature, temperature), seed, output, superres, callback)
         prompts = _prompts(prompt)
         negatives = _negatives(negative_prompt, len(prompts))
         self._check(req)
@@ -389,13 +388,6 @@ class Request:
     superres: bool = True
     callback: StageCallback | None = None
     steps_name: str = "steps"
-
-
-def _choice_temperature(choice_temperature: float, temperature: float | None) -> float:
-    if temperature is None:
-        return choice_temperature
-    warnings.warn(sampling.RENAMED_TEMPERATURE, DeprecationWarning, stacklevel=3)
-    return temperature
 
 
 def _stage(callback: StageCallback | None, stage: str) -> Callable[[int, torch.Tensor], None] | None:

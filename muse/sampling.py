@@ -74,9 +74,7 @@ def generate(
     top_k: sample only among the k most likely ids at each position (None = the full codebook).
     callback(step, ids): after each step, with the current ids ([MASK] where still undecided).
     """
-    if temperature is not None:
-        warnings.warn(RENAMED_TEMPERATURE, DeprecationWarning, stacklevel=2)
-        choice_temperature = temperature
+    choice_temperature = renamed_temperature(choice_temperature, temperature)
     B = context.batch_size
     N, mask_id = model.num_tokens, model.mask_token_id
     device = context.mask.device
@@ -119,6 +117,15 @@ def generate(
             if callback is not None:
                 callback(step, ids)
     return ids
+
+
+def renamed_temperature(choice_temperature: float, temperature: float | None, stacklevel: int = 3) -> float:
+    """`temperature`, the old name of `choice_temperature`, when given (with a DeprecationWarning
+    pointing at the caller's caller)."""
+    if temperature is None:
+        return choice_temperature
+    warnings.warn(RENAMED_TEMPERATURE, DeprecationWarning, stacklevel=stacklevel)
+    return temperature
 
 
 def initial_ids(B: int, N: int, mask_id: int, device: torch.device, init_ids: torch.Tensor | None,

@@ -80,7 +80,7 @@ class CrossAttention(nn.Module):
             return torch.cat([self(part, c, layer) for part, c in zip(x.split(context.rows), context.parts)])
         B, N, C = x.shape
         v = context.values[layer]
-        if context.dense and v.shape[2] == 1 and not self.training:
+        if not self.training and v.shape[2] == 1 and context.dense:
             # One key (the null context): attention returns its value whatever the query, so the
             # query projection and the attention are skipped: exact, and ~1/14 of a guided base step.
             return self.out(v.transpose(1, 2).reshape(v.shape[0], 1, C)).expand(B, N, C)

@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from muse import checkpoint
 from serve.config import AppArgs
-from serve.deployments import Decode
+from serve.deployments import Decode, preview_after
 from serve.files import FileStore
 from serve.images import Output, UploadError, prepare_edit
 from serve.schemas import (
@@ -166,7 +166,7 @@ class Ingress:
         fields = _event_fields(size, out.format)
         every = self.sampling.preview_every
         stages = [lo_decode.steps] + ([hi_decode.steps] if stage == "hi" else [])
-        offered = sum((steps - 1) // every for steps in stages)  # previews the deployments send
+        offered = sum(preview_after(s, steps, every) for steps in stages for s in range(steps))
         keep = _spread(offered, req.partial_images)
         partial = seen = 0
         try:

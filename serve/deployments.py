@@ -271,7 +271,7 @@ class _TokenGenerator:
         def on_step(step: int, ids: torch.Tensor) -> None:
             if cancelled.is_set():
                 raise _Cancelled
-            if (step + 1) % self.preview_every == 0 and step + 1 < steps:
+            if preview_after(step, steps, self.preview_every):
                 loop.call_soon_threadsafe(queue.put_nowait, (step + 1, ids.view(shape).cpu().clone(), None))
 
         def run() -> None:
@@ -400,6 +400,12 @@ def _negative(cond: TextCond) -> tuple[torch.Tensor, torch.Tensor]:
     if cond.neg_emb is not None:
         return cond.neg_emb, cond.neg_mask
     return torch.zeros_like(cond.emb[:, :1]), torch.zeros_like(cond.mask[:, :1])
+
+
+def preview_after(step: int, steps: int, every: int) -> bool:
+    """Whether a stream sends a preview after decoding step `step` (0-based) of `steps`: every
+    `every` steps, never after the last (the final grid follows instead)."""
+    return (step + 1) % every == 0 and step + 1 < steps
 
 
 def _generators(job: _Job, device: torch.device) -> list[torch.Generator]:

@@ -56,10 +56,6 @@ def image_bytes(image: torch.Tensor, out: Output = Output()) -> bytes:
     return buf.getvalue()
 
 
-def png_bytes(image: torch.Tensor) -> bytes:
-    """(3, H, W) float in [-1, 1] -> PNG bytes at the image's own size."""
-    return image_bytes(image)
-
 
 def read_upload(data: bytes, param: str, max_pixels: int) -> Image.Image:
     """Encoded bytes -> an RGBA PIL image; UploadError for anything unreadable or too large."""

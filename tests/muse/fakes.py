@@ -7,8 +7,10 @@ import torch
 
 def context_tags(ctx) -> torch.Tensor:
     """The number each row of a fake context carries (B,): its single key's value, read back through
-    the context's own attention (one key, so the output is that key's value), which works the same
-    for a Context and a ContextStack."""
+    the context's own attention (one key, so the output is that key's value); a ContextStack's parts
+    in order, a one-row part repeated for the rows it serves."""
+    if hasattr(ctx, "parts"):
+        return torch.cat([context_tags(c).expand(n) for c, n in zip(ctx.parts, ctx.rows)])
     q = torch.ones(ctx.batch_size, 1, 1, 1)
     return ctx.attend(0, q)[:, 0, 0, 0]
 
