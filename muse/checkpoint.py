@@ -12,9 +12,11 @@ their defaults, so older checkpoints stay loadable; unknown keys are rejected).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,15 +25,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from muse import storage
-from muse.config import (
-    BaseTransformerConfig,
-    SuperResTransformerConfig,
-    TextEncoderConfig,
-    VQGANConfig,
-    from_dict,
-    model_preset,
-    to_dict,
-)
+from muse.config import from_dict, model_preset, to_dict
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -45,25 +39,64 @@ class CheckpointError(ValueError):
     """A component directory is missing, incomplete or corrupt."""
 
 
-def _kinds() -> dict[str, tuple[type, type]]:
-    # Imported here: checkpoint is imported by the model modules' users, not the other way round.
-    from muse.text import TextEncoder
-    from muse.transformer import MaskedTransformer, SuperResTransformer
-    from muse.vqgan import VQGAN
+@dataclass(frozen=True)
+class Kind:
+    """What a component's `kind` (in its config.json) names: its config and model classes, as
+    "module:Name" (imported on first use, so this module imports no model code), the model-root slot
+    role it fills, and its model family (a root holds one family)."""
 
-    return {
-        "text_encoder": (TextEncoderConfig, TextEncoder),
-        "vqgan": (VQGANConfig, VQGAN),
-        "base": (BaseTransformerConfig, MaskedTransformer),
-        "superres": (SuperResTransformerConfig, SuperResTransformer),
-    }
+    config: str
+    model: str
+    role: str  # "text_encoder" | "vqgan" | "base" | "superres"
+    family: str  # "muse" | "amused"
+
+
+# Every component kind, registered here and only here (`register` adds one from outside).
+KINDS: dict[str, Kind] = {
+    "text_encoder": Kind("muse.config:TextEncoderConfig", "muse.text:TextEncoder", "text_encoder", "muse"),
+    "vqgan": Kind("muse.config:VQGANConfig", "muse.vqgan:VQGAN", "vqgan", "muse"),
+    "base": Kind("muse.config:BaseTransformerConfig", "muse.transformer:MaskedTransformer", "base", "muse"),
+    "superres": Kind("muse.config:SuperResTransformerConfig", "muse.transformer:SuperResTransformer",
+                     "superres", "muse"),
+    "clip_text": Kind("muse.config:CLIPTextConfig", "muse.clip:CLIPTextEncoder", "text_encoder", "amused"),
+    "vq": Kind("muse.config:VQConfig", "muse.vq:VQModel", "vqgan", "amused"),
+    "uvit": Kind("muse.config:UViTConfig", "muse.uvit:UViT", "base", "amused"),
+}
+
+
+def register(name: str, kind: Kind) -> None:
+    KINDS[name] = kind
+
+
+def _resolve(ref: str) -> type:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _kinds() -> dict[str, tuple[type, type]]:
+    """kind -> (config class, model class)."""
+    return {name: (_resolve(k.config), _resolve(k.model)) for name, k in KINDS.items()}
 
 
 def kind_of(model: nn.Module) -> str:
     for kind, (_, cls) in _kinds().items():
+        if type(model) is cls:
+            return kind
+    for kind, (_, cls) in _kinds().items():
         if isinstance(model, cls):
             return kind
     raise TypeError(f"not a muse component: {type(model).__name__}")
+
+
+def kind_of_config(config: Any) -> str:
+    for kind, (config_cls, _) in _kinds().items():
+        if type(config) is config_cls:
+            return kind
+    raise TypeError(f"not a muse component config: {type(config).__name__}")
+
+
+def family_of(model: nn.Module) -> str:
+    return KINDS[kind_of(model)].family
 
 
 def save_component(model: nn.Module, uri: str, extra: dict[str, Any] | None = None) -> None:
@@ -126,7 +159,7 @@ def load_component(uri: str, device: str | torch.device = "cpu", expect_kind: st
     """Build the component at `uri` and load its weights (safetensors only), in eval mode."""
     meta = _read_meta(uri)
     kind = meta["kind"]
-    if expect_kind is not None and kind != expect_kind:
+    if expect_kind is not None and expect_kind not in (kind, KINDS[kind].role):
         raise CheckpointError(f"{uri} holds a {kind!r} component, expected {expect_kind!r}")
     config = _parse_config(meta, uri)
     _, model_cls = _kinds()[kind]
@@ -174,8 +207,11 @@ def has_component(root: str, name: str) -> bool:
 
 
 def build_component(name: str, config: Any) -> nn.Module:
-    """A randomly initialised component for a model-root slot."""
-    kind = "vqgan" if name.startswith("vqgan") else name
+    """A randomly initialised component for a model-root slot (its kind follows from the config)."""
+    kind = kind_of_config(config)
+    role = "vqgan" if name.startswith("vqgan") else name
+    if KINDS[kind].role != role:
+        raise ValueError(f"a {kind!r} config cannot fill the {name!r} slot")
     _, cls = _kinds()[kind]
     return cls.build(config) if hasattr(cls, "build") else cls(config)
 

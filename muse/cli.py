@@ -11,6 +11,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "presets": ("muse.cli", "list every preset with its parameter count"),
     "init": ("muse.cli", "write a randomly initialised model root from a preset"),
+    "import": ("muse.amused", "import pretrained weights as a model root (aMUSEd, diffusers format)"),
     "synth": ("muse.data.synthetic", "write the built-in synthetic captioned-shapes corpus"),
     "tokenize": ("pipelines.tokenize", "tokenize an image-caption corpus into Parquet token shards (Ray Data)"),
     "train": ("jobs.cli", "train a stage (vqgan, base, superres, decoder) or all of them (Ray Train)"),

@@ -117,6 +117,79 @@ class SuperResTransformerConfig:
         return self.hi_tokens_per_side**2
 
 
+# ---------------------------------------------------------------------------------------------
+# The aMUSEd family (imported from diffusers checkpoints by `muse import amused`; muse/amused.py).
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """A CLIP text encoder with its projection (aMUSEd: CLIP-L/14). Its architecture is saved beside
+    the weights (clip_config.json); these fields are what the rest of the model root reads."""
+
+    name_or_path: str | None = None  # where it was imported from (informational)
+    hidden: int = 768  # width of the hidden states (and of the pooled projection: one sequence holds both)
+    max_length: int = 77  # prompts are padded to this many tokens, as aMUSEd does
+
+
+@dataclass(frozen=True)
+class VQConfig:
+    """diffusers' `VQModel` (taming-style conv encoder/decoder, codebook lookup), as aMUSEd uses it:
+    images in [0, 1] at the model's boundary, ids from the nearest code."""
+
+    resolution: int = 256
+    in_channels: int = 3
+    out_channels: int = 3
+    channels: tuple[int, ...] = (128, 256, 256, 512, 768)  # one 2x downsample between levels
+    layers_per_block: int = 2  # res blocks per encoder level (decoder: one more)
+    groups: int = 32  # GroupNorm groups
+    latent_channels: int = 64
+    codebook_size: int = 8192
+    codebook_dim: int | None = None  # None = latent_channels
+    mid_attention: bool = False  # aMUSEd's VQ has none
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+    @property
+    def tokens_per_side(self) -> int:
+        return self.resolution // self.downsample_factor
+
+
+@dataclass(frozen=True)
+class UViTConfig:
+    """aMUSEd's U-ViT (diffusers `UVit2DModel`): conv stages of ConvNeXt blocks with cross-attention
+    around a transformer of RMSNorm / adaLN / GEGLU layers; amused-256 by default."""
+
+    codebook_size: int = 8192
+    vocab_size: int = 8256  # embedding rows (codebook + [MASK], rounded up)
+    mask_token_id: int = 8255  # aMUSEd's: the last row
+    tokens_per_side: int = 16
+    hidden: int = 1024
+    layers: int = 22
+    heads: int = 16
+    mlp: int = 2816  # GEGLU inner width
+    embed_dim: int = 768  # token embedding width (diffusers' in_channels)
+    conv_channels: int = 768  # width of the conv stages (block_out_channels)
+    res_blocks: int = 3  # per conv stage
+    conv_heads: int = 12
+    downsample: bool = False  # amused-512: 2x2 stride-2 conv before the transformer ...
+    upsample: bool = False  # ... and a transposed conv after it
+    text_dim: int = 768  # CLIP hidden width; the text input is [pooled ; hidden states]
+    text_len: int = 77  # CLIP tokens per prompt
+    micro_cond_dim: int = 256  # sinusoidal width of each micro-condition
+    # [orig_width, orig_height, crop_top, crop_left, aesthetic]: aMUSEd's default is [res, res, 0, 0, 6]
+    micro_conds: tuple[float, ...] = (256, 256, 0, 0, 6)
+    bias: bool = False
+    eps: float = 1e-6
+    affine: bool = True  # RMSNorm / LayerNorm weights
+    dropout: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens_per_side**2
+
+
 @dataclass(frozen=True)
 class MuseConfig:
     """Everything in a model root: one config per component."""
@@ -170,6 +243,19 @@ PRESETS: dict[str, Any] = {
         token_patch=2,
     ),
 }
+
+# aMUSEd (import the released weights with `muse import amused`; these list their architectures).
+AMUSED_PRESETS: dict[str, Any] = {
+    "clip-vit-l-14": CLIPTextConfig(name_or_path="openai/clip-vit-large-patch14"),
+    "vq-amused-f16": VQConfig(),
+    "uvit-amused-256": UViTConfig(),
+    "uvit-amused-512": UViTConfig(tokens_per_side=32, downsample=True, upsample=True, micro_conds=(512, 512, 0, 0, 6)),
+}
+AMUSED_MODELS: dict[str, dict[str, str]] = {
+    "amused-256": {"text_encoder": "clip-vit-l-14", "vqgan_lo": "vq-amused-f16", "base": "uvit-amused-256"},
+    "amused-512": {"text_encoder": "clip-vit-l-14", "vqgan_lo": "vq-amused-f16", "base": "uvit-amused-512"},
+}
+PRESETS.update(AMUSED_PRESETS)
 
 # Whole model roots by name: component preset names.
 MODEL_PRESETS: dict[str, dict[str, str]] = {

@@ -2,7 +2,8 @@
 
 `Context` holds one (keys, values) pair per block, already expanded to every query head, and the key
 mask. When no key is masked (no padding), attention runs without a mask, which lets
-`scaled_dot_product_attention` pick its fused kernels. `ContextStack` puts contexts of different
+`scaled_dot_product_attention` pick its fused kernels. A model with adaptive norms (aMUSEd's U-ViT)
+also keeps one conditioning vector per row (`adaptive`), computed with the K/V. `ContextStack` puts contexts of different
 lengths on top of each other along the batch without padding: classifier-free guidance runs the
 conditional rows and the unconditional ones (a single null token) as one forward, and each block's
 cross-attention attends each part to its own keys (`CrossAttention.forward`).
@@ -25,6 +26,7 @@ class Context:
     values: list[torch.Tensor]  # each (B, H, L, Dh)
     mask: torch.Tensor  # (B, L) bool, True = attend
     input_bias: torch.Tensor | None = None  # (B, N, C) added to the token embeddings (super-res lo_skip)
+    adaptive: torch.Tensor | None = None  # (B, D) conditioning of adaptive norms (U-ViT: pooled text + micro-conds)
 
     @functools.cached_property
     def dense(self) -> bool:
@@ -48,13 +50,14 @@ class Context:
 
     def repeat(self, n: int) -> Context:
         """Each request repeated n times in a row (for n images per prompt)."""
-        rep = lambda t: t.repeat_interleave(n, dim=0)  # noqa: E731
-        bias = None if self.input_bias is None else rep(self.input_bias)
-        return Context([rep(k) for k in self.keys], [rep(v) for v in self.values], rep(self.mask), bias)
+        rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
+        return Context([rep(k) for k in self.keys], [rep(v) for v in self.values], rep(self.mask),
+                       rep(self.input_bias), rep(self.adaptive))
 
     def index(self, idx: torch.Tensor | slice) -> Context:
-        bias = None if self.input_bias is None else self.input_bias[idx]
-        return Context([k[idx] for k in self.keys], [v[idx] for v in self.values], self.mask[idx], bias)
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return Context([k[idx] for k in self.keys], [v[idx] for v in self.values], self.mask[idx],
+                       pick(self.input_bias), pick(self.adaptive))
 
     @staticmethod
     def cat(contexts: list[Context]) -> Context:
@@ -74,7 +77,8 @@ class Context:
         keys = [torch.cat([pad(c.keys[i], 2) for c in contexts]) for i in range(n_blocks)]
         values = [torch.cat([pad(c.values[i], 2) for c in contexts]) for i in range(n_blocks)]
         bias = None if contexts[0].input_bias is None else torch.cat([c.input_bias for c in contexts])
-        return Context(keys, values, torch.cat([pad(c.mask, 1) for c in contexts]), bias)
+        adaptive = None if contexts[0].adaptive is None else torch.cat([c.adaptive for c in contexts])
+        return Context(keys, values, torch.cat([pad(c.mask, 1) for c in contexts]), bias, adaptive)
 
 
 class ContextStack:
@@ -97,3 +101,10 @@ class ContextStack:
     @property
     def batch_size(self) -> int:
         return sum(self.rows)
+
+    @functools.cached_property
+    def flat(self) -> Context:
+        """The parts as one Context of `batch_size` rows (one-row parts repeated, key lengths padded
+        and masked), built once per stack: for models that attend every row in one call."""
+        parts = [c.repeat(n) if c.batch_size == 1 and n > 1 else c for c, n in zip(self.parts, self.rows)]
+        return parts[0] if len(parts) == 1 else Context.cat(parts)

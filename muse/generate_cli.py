@@ -39,7 +39,7 @@ def _common(parser: argparse.ArgumentParser, steps: bool = True) -> None:
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     parser.add_argument("--no-superres", action="store_true",
-                        help="stop at the base resolution (required when the root has no super-res stage)")
+                        help="stop at the base resolution (a root without a super-res stage always does)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--out", required=True, help="directory to write PNGs into (created if missing)")
 
@@ -90,8 +90,10 @@ def run(command: str, args: argparse.Namespace) -> list[str]:
     else:
         # Weights seeded 0, as `muse init --preset tiny` writes them; --seed is for sampling.
         pipe = MusePipeline.from_preset(args.preset, seed=0, device=args.device)
+    # A root without a super-res stage (an imported aMUSEd one) stops at the base resolution.
+    superres = not args.no_superres and pipe.superres is not None
     common = dict(negative_prompt=args.negative_prompt, num_images=args.n, superres_steps=args.superres_steps,
-                  guidance_scale=args.guidance, seed=args.seed, superres=not args.no_superres)
+                  guidance_scale=args.guidance, seed=args.seed, superres=superres)
     if command == "generate":
         images = pipe(args.prompt, steps=args.steps, **common)
     elif command == "inpaint":

@@ -127,7 +127,7 @@ class MusePipeline:
             raise ValueError("vqgan_hi and superres go together: give both or neither")
         self.text_encoder, self.vqgan_lo, self.base = text_encoder, vqgan_lo, base
         self.vqgan_hi, self.superres = vqgan_hi, superres
-        _check_compatible(vqgan_lo, base, vqgan_hi, superres)
+        _check_compatible(text_encoder, vqgan_lo, base, vqgan_hi, superres)
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -374,6 +374,14 @@ class MusePipeline:
                              "pass superres=False (--no-superres on the command line)")
 
 
+def _is_component(model) -> bool:
+    try:
+        checkpoint.kind_of(model)
+    except TypeError:  # a stand-in (tests' fakes)
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Request:
     """The settings every way of sampling shares, checked in one place (`MusePipeline._check`)."""
@@ -470,8 +478,21 @@ def _square_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask[top:top + side, left:left + side]
 
 
-def _check_compatible(vqgan_lo, base, vqgan_hi, superres) -> None:
+def _check_compatible(text_encoder, vqgan_lo, base, vqgan_hi, superres) -> None:
+    parts = {"text_encoder": text_encoder, "vqgan_lo": vqgan_lo, "base": base, "vqgan_hi": vqgan_hi,
+             "superres": superres}
+    families = {name: checkpoint.family_of(m) for name, m in parts.items()
+                if m is not None and _is_component(m)}
+    if len(set(families.values())) > 1:
+        raise ValueError(f"a model root holds one model family; these components mix them: {families}")
     lo, b = vqgan_lo.config, base.config
+    width = getattr(text_encoder, "dim", None)
+    if isinstance(width, int) and width != b.text_dim:
+        raise ValueError(f"the text encoder gives {width}-wide embeddings but base reads text_dim {b.text_dim}: "
+                         "load the text encoder the transformer was trained with")
+    if superres is not None and isinstance(width, int) and width != superres.config.text_dim:
+        raise ValueError(f"the text encoder gives {width}-wide embeddings but superres reads text_dim "
+                         f"{superres.config.text_dim}")
     if (lo.codebook_size, lo.tokens_per_side) != (b.codebook_size, b.tokens_per_side):
         raise ValueError(f"base expects {b.tokens_per_side}x{b.tokens_per_side} tokens of {b.codebook_size} codes, "
                          f"vqgan_lo gives {lo.tokens_per_side}x{lo.tokens_per_side} of {lo.codebook_size}")

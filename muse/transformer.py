@@ -202,7 +202,34 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, std=0.02)
 
 
-class TokenTransformer(nn.Module):
+class StepCompiler:
+    """`compile_step` for a model whose per-step work is `features(ids, context)`: the base and
+    super-res transformers here, and aMUSEd's U-ViT (muse/uvit.py)."""
+
+    def compile_step(self, mode: str | None = None) -> StepCompiler:
+        """Run `features` through `torch.compile` from now on (mode None: "reduce-overhead", i.e. CUDA
+        graphs, on a GPU; inductor's default on CPU). Shapes are fixed per batch size, so a decode
+        compiles once per (batch, guided or not). If compiling or running the compiled step fails,
+        the model warns once and runs eagerly: the compiled path is never needed for correctness."""
+        if mode is None:
+            mode = "reduce-overhead" if next(self.parameters()).is_cuda else "default"
+        self._compiled = torch.compile(self.features, mode=mode, dynamic=False)
+        return self
+
+    def _features(self, ids: torch.Tensor, context: AnyContext) -> torch.Tensor:
+        compiled = getattr(self, "_compiled", None)
+        if compiled is None or torch.is_grad_enabled():
+            return self.features(ids, context)
+        try:
+            return compiled(ids, context)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the eager step
+            warnings.warn(f"the compiled step failed ({type(e).__name__}: {str(e)[:200]}); running eagerly",
+                          RuntimeWarning, stacklevel=3)
+            self._compiled = None
+            return self.features(ids, context)
+
+
+class TokenTransformer(StepCompiler, nn.Module):
     """What the base and super-res models share: token embedding, the text projection, the
     cross-attending blocks and the logits head.
 
@@ -257,27 +284,6 @@ class TokenTransformer(nn.Module):
         x = self.norm(x)
         return x if self.patches is None else self.patches.unfold(x)
 
-    def compile_step(self, mode: str | None = None) -> TokenTransformer:
-        """Run `features` through `torch.compile` from now on (mode None: "reduce-overhead", i.e. CUDA
-        graphs, on a GPU; inductor's default on CPU). Shapes are fixed per batch size, so a decode
-        compiles once per (batch, guided or not). If compiling or running the compiled step fails,
-        the model warns once and runs eagerly: the compiled path is never needed for correctness."""
-        if mode is None:
-            mode = "reduce-overhead" if next(self.parameters()).is_cuda else "default"
-        self._compiled = torch.compile(self.features, mode=mode, dynamic=False)
-        return self
-
-    def _features(self, ids: torch.Tensor, context: AnyContext) -> torch.Tensor:
-        compiled = getattr(self, "_compiled", None)
-        if compiled is None or torch.is_grad_enabled():
-            return self.features(ids, context)
-        try:
-            return compiled(ids, context)
-        except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the eager step
-            warnings.warn(f"the compiled step failed ({type(e).__name__}: {str(e)[:200]}); running eagerly",
-                          RuntimeWarning, stacklevel=3)
-            self._compiled = None
-            return self.features(ids, context)
 
 def _rename_legacy_keys(state_dict, prefix, *args) -> None:
     """Checkpoints written before the text projection was named `text_proj` call it `text`."""

@@ -1,0 +1,95 @@
+"""The CLIP text encoder of aMUSEd: prompts -> [pooled projection ; penultimate hidden states].
+
+aMUSEd conditions its U-ViT on two things from CLIP-L/14 (transformers' `CLIPTextModelWithProjection`,
+prompts padded to 77 tokens, no attention mask): the hidden states before the last layer, for
+cross-attention, and the projected pooled embedding, for the adaptive norms. Both go out as one
+sequence (B, 1 + 77, D), pooled first, with an all-True mask, so the pair travels wherever Muse's
+(embeddings, mask) does: the pipeline, the serving deployments, token shards. The U-ViT splits it.
+
+Everything loads from the component directory (clip_config.json + tokenizer files); nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from muse.config import CLIPTextConfig
+
+CLIP_CONFIG_FILE = "clip_config.json"
+
+
+class CLIPTextEncoder(nn.Module):
+    """Call with a list of prompts; returns (embeddings (B, 1 + L, D), mask (B, 1 + L) all True)."""
+
+    def __init__(self, config: CLIPTextConfig, model: nn.Module, tokenizer):
+        super().__init__()
+        c = model.config
+        if c.hidden_size != c.projection_dim:
+            raise ValueError(f"CLIP hidden width {c.hidden_size} != projection width {c.projection_dim}: "
+                             "the pooled projection and the hidden states share one sequence")
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @classmethod
+    def from_transformers(cls, model: nn.Module, tokenizer, name_or_path: str | None = None) -> CLIPTextEncoder:
+        config = CLIPTextConfig(name_or_path=name_or_path, hidden=model.config.hidden_size,
+                                max_length=int(min(tokenizer.model_max_length, model.config.max_position_embeddings)))
+        return cls(config, model.eval(), tokenizer)
+
+    @classmethod
+    def load_pretrained(cls, model_dir: str, tokenizer_dir: str | None = None) -> CLIPTextEncoder:
+        """From Hugging Face folders (a local path; the tokenizer may sit in its own folder)."""
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        model = CLIPTextModelWithProjection.from_pretrained(model_dir, local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir or model_dir, local_files_only=True)
+        return cls.from_transformers(model.float(), tokenizer, model_dir)
+
+    # -- checkpoint hooks (muse/checkpoint.py) -------------------------------------------------
+    def save_extra(self, directory: str) -> None:
+        with open(os.path.join(directory, CLIP_CONFIG_FILE), "w") as f:
+            json.dump(self.model.config.to_dict(), f, indent=1, default=str)
+        self.tokenizer.save_pretrained(directory)
+
+    @classmethod
+    def from_saved(cls, config: CLIPTextConfig, directory: str) -> CLIPTextEncoder:
+        """The architecture and tokenizer saved by `save_extra` (weights loaded by the caller)."""
+        from transformers import CLIPTextConfig as HFConfig
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        with open(os.path.join(directory, CLIP_CONFIG_FILE)) as f:
+            hf = HFConfig.from_dict(json.load(f))
+        tokenizer = CLIPTokenizer.from_pretrained(directory, local_files_only=True)
+        return cls(config, CLIPTextModelWithProjection(hf).eval(), tokenizer)
+
+    # -- encoding -----------------------------------------------------------------------------
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts -> ids (B, max_length), padded as aMUSEd pads; mask (B, max_length) all True
+        (aMUSEd's text encoder and transformer attend to the padding)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                             max_length=self.config.max_length, return_tensors="pt")["input_ids"]
+        ids = ids.to(next(self.model.parameters()).device)
+        return ids, torch.ones_like(ids, dtype=torch.bool)
+
+    def encode_ids(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, L) -> [pooled ; penultimate hidden states] (B, 1 + L, D)."""
+        out = self.model(input_ids=ids, output_hidden_states=True)
+        hidden = out.hidden_states[-2]
+        return torch.cat([out.text_embeds[:, None].to(hidden.dtype), hidden], dim=1)
+
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, _ = self.tokenize(prompts)
+        emb = self.encode_ids(ids)
+        return emb, torch.ones(emb.shape[:2], dtype=torch.bool, device=emb.device)

@@ -1,0 +1,202 @@
+"""`muse import amused`: diffusers' AmusedPipeline with random weights, saved with `save_pretrained`,
+imported, and checked number for number against diffusers. Nothing is downloaded: the CLIP
+tokenizer's vocabulary (bytes only, no merges) is written here.
+
+The architectures are amused-256's and amused-512's, shrunk for CI time in width and depth only
+(ARCH below): U-ViT hidden 1024 -> 64, 22 -> 2 layers, 16 -> 4 heads, MLP 2816 -> 176, conv stages
+768 -> 48 channels (12 -> 4 heads), token embedding 768 -> 32; CLIP 768 -> 32 wide, 12 -> 2 layers;
+VQ level widths (128, 256, 256, 512, 768) -> (8, 16, 16, 32, 32), GroupNorm 32 -> 4 groups. Kept as
+released: 3 res blocks per conv stage, micro-conditioning (5 x 256), 8192 codes (8256 embedding rows,
+[MASK] last), 64 latent channels, 5 VQ levels (f16), 2 res blocks per level, 77 text tokens, the
+16x16 (256) / 32x32 with down+upsample (512) token grids.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from muse import checkpoint  # noqa: E402
+from muse.amused import AmusedImportError, import_amused, main as import_main  # noqa: E402
+from muse.context import ContextStack  # noqa: E402
+from muse.pipeline import MusePipeline  # noqa: E402
+
+WIDTH = 32  # CLIP width = the U-ViT's text width and pooled width
+ARCH = {
+    "amused-256": dict(sample_size=16, downsample=False, upsample=False),
+    "amused-512": dict(sample_size=32, downsample=True, upsample=True),
+}
+UVIT_SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=176,
+                  in_channels=32, block_out_channels=48, block_num_heads=4, num_res_blocks=3,
+                  cond_embed_dim=WIDTH, encoder_hidden_size=WIDTH, micro_cond_encode_dim=256,
+                  micro_cond_embed_dim=1280, codebook_size=8192, vocab_size=8256, use_bias=False)
+VQ_SMALL = dict(act_fn="silu", block_out_channels=(8, 16, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 5,
+                up_block_types=("UpDecoderBlock2D",) * 5, in_channels=3, out_channels=3, latent_channels=64,
+                layers_per_block=2, norm_num_groups=4, num_vq_embeddings=8192, mid_block_add_attention=False,
+                lookup_from_codebook=True, force_upcast=True)
+PROMPTS = ["a red circle on a blue field", "two cats"]
+
+
+def byte_tokenizer():
+    """A CLIP tokenizer whose vocabulary is the 256 byte symbols (alone and word-final) and no merges."""
+    from transformers import CLIPTokenizer
+
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    extra = [b for b in range(256) if b not in printable]
+    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def randomise(model: torch.nn.Module, seed: int) -> None:
+    """Perturb every parameter, so zero-initialised ones (GRN, biases) take part in the comparison."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def build_amused(arch: str):
+    from diffusers import AmusedPipeline, AmusedScheduler, UVit2DModel, VQModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer = byte_tokenizer()
+    clip = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=WIDTH,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    transformer = UVit2DModel(**UVIT_SMALL, **ARCH[arch])
+    vqvae = VQModel(**VQ_SMALL)
+    for i, m in enumerate((clip, transformer, vqvae)):
+        randomise(m, i)
+    pipe = AmusedPipeline(vqvae=vqvae, tokenizer=tokenizer, text_encoder=clip, transformer=transformer,
+                          scheduler=AmusedScheduler(mask_token_id=UVIT_SMALL["vocab_size"] - 1))
+    return pipe.to(torch.float32).set_progress_bar_config(disable=True) or pipe
+
+
+@pytest.fixture(scope="module", params=list(ARCH))
+def imported(request, tmp_path_factory):
+    """(arch, diffusers pipeline, our pipeline loaded from the imported root, root)."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    pipe = build_amused(request.param)
+    pipe.save_pretrained(tmp / "src")
+    root = str(tmp / "root")
+    assert import_main(["amused", "--source", str(tmp / "src"), "--out", root]) == 0
+    return request.param, pipe, MusePipeline.from_pretrained(root), root
+
+
+def diffusers_text(pipe, prompts):
+    ids = pipe.tokenizer(prompts, return_tensors="pt", padding="max_length", truncation=True,
+                         max_length=pipe.tokenizer.model_max_length).input_ids
+    out = pipe.text_encoder(ids, output_hidden_states=True)
+    return out.text_embeds, out.hidden_states[-2]
+
+
+def test_root_is_our_format_with_explicit_kinds(imported):
+    _, _, ours, root = imported
+    kinds = {name: checkpoint.read_component_config(checkpoint.component_uri(root, name))[0]
+             for name in ("text_encoder", "vqgan_lo", "base")}
+    assert kinds == {"text_encoder": "clip_text", "vqgan_lo": "vq", "base": "uvit"}
+    files = [p.name for p in __import__("pathlib").Path(root).rglob("*")]
+    assert not any(f.endswith((".bin", ".pt", ".pkl", ".ckpt")) for f in files)
+    assert not checkpoint.has_component(root, "superres")
+
+
+@torch.no_grad()
+def test_clip_hidden_states_and_pooled_equal(imported):
+    _, pipe, ours, _ = imported
+    pooled, hidden = diffusers_text(pipe, PROMPTS)
+    emb, mask = ours.encode_prompts(PROMPTS).embeddings, ours.encode_prompts(PROMPTS).mask
+    assert emb.shape == (2, 78, WIDTH) and bool(mask.all())
+    torch.testing.assert_close(emb[:, 1:], hidden, rtol=0, atol=1e-6)
+    torch.testing.assert_close(emb[:, 0], pooled, rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_transformer_logits_equal_diffusers(imported):
+    arch, pipe, ours, _ = imported
+    side = ARCH[arch]["sample_size"]
+    res = side * 16
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 8192, (2, side * side), generator=g)
+    ids[torch.rand(ids.shape, generator=g) < 0.6] = 8255  # [MASK]
+    pooled, hidden = diffusers_text(pipe, PROMPTS)
+    micro = torch.tensor([[res, res, 0, 0, 6]] * 2, dtype=torch.float32)
+    ref = pipe.transformer(ids.view(2, side, side), micro_conds=micro, pooled_text_emb=pooled,
+                           encoder_hidden_states=hidden)  # (B, K, s, s)
+    ref = ref.permute(0, 2, 3, 1).reshape(2, side * side, -1)
+
+    cond = ours.encode_prompts(PROMPTS)
+    ctx = ours.base.encode_context(cond.embeddings, cond.mask)
+    logits = ours.base(ids, ctx)
+    assert logits.shape == ref.shape == (2, side * side, 8192)
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+    select = ids == 8255
+    torch.testing.assert_close(ours.base(ids, ctx, select=select), logits[select], rtol=1e-5, atol=1e-5)
+
+    # The unconditional branch is the empty prompt, and the guided forward is one batch of [cond ; uncond].
+    null_pooled, null_hidden = diffusers_text(pipe, [""])
+    ref_u = pipe.transformer(ids.view(2, side, side), micro_conds=micro, pooled_text_emb=null_pooled.expand(2, -1),
+                             encoder_hidden_states=null_hidden.expand(2, -1, -1))
+    ref_u = ref_u.permute(0, 2, 3, 1).reshape(2, side * side, -1)
+    both = ours.base(torch.cat([ids, ids]), ContextStack([ctx, ours.base.null_context()], [2, 2]))
+    torch.testing.assert_close(both[:2], ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(both[2:], ref_u, rtol=1e-4, atol=1e-4)
+    dropped = ours.base.encode_context(cond.embeddings, torch.zeros_like(cond.mask))  # serving's dropped text
+    torch.testing.assert_close(ours.base(ids, dropped), ref_u, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_vq_encode_ids_identical_and_decode_equal(imported):
+    _, pipe, ours, _ = imported
+    g = torch.Generator().manual_seed(2)
+    images = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1  # ours take [-1, 1]; aMUSEd's VQ [0, 1]
+    latents = pipe.vqvae.encode((images + 1) / 2).latents
+    ref_ids = pipe.vqvae.quantize(latents)[2][2].reshape(2, 4, 4)
+    ids = ours.vqgan_lo.encode(images)
+    assert torch.equal(ids, ref_ids)
+
+    codes = torch.randint(0, 8192, (2, 4, 4), generator=g)
+    ref = pipe.vqvae.decode(codes.flatten(), force_not_quantize=True, shape=(2, 4, 4, 64)).sample
+    torch.testing.assert_close(ours.vqgan_lo.decode_codes(codes), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.vqgan_lo.decode(codes), ref.clip(0, 1) * 2 - 1, rtol=0, atol=5e-5)
+
+
+def test_pipeline_generates_at_the_released_size(imported, tmp_path):
+    arch, _, ours, root = imported
+    res = ARCH[arch]["sample_size"] * 16
+    images = ours(["a red circle", "two cats"], steps=3, guidance_scale=3.0, seed=0, superres=False)
+    assert [im.size for im in images] == [(res, res)] * 2
+    first = ours(["a red circle"], steps=3, guidance_scale=3.0, seed=0, superres=False, output="tokens")
+    again = ours(["a red circle"], steps=3, guidance_scale=3.0, seed=0, superres=False, output="tokens")
+    assert torch.equal(first, again) and first.shape == (1, res // 16, res // 16)
+    if arch == "amused-256":
+        from muse.generate_cli import main as generate_main
+
+        out = tmp_path / "out"
+        assert generate_main(["generate", "--checkpoint", root, "--prompt", "a cat", "--steps", "2",
+                              "--out", str(out)]) == 0
+        assert (out / "generate_00.png").exists()
+
+
+def test_a_muse_component_cannot_join_an_amused_root(imported):
+    _, _, ours, _ = imported
+    muse_tiny = MusePipeline.from_preset("tiny")
+    with pytest.raises(ValueError, match="family|text_dim|tokens"):
+        MusePipeline(muse_tiny.text_encoder, ours.vqgan_lo, ours.base)
+
+
+def test_not_an_amused_directory_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(AmusedImportError, match="not an aMUSEd pipeline"):
+        import_amused(str(tmp_path), str(tmp_path / "root"))
+    assert import_main(["amused", "--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
+    assert "model_index.json" in capsys.readouterr().err
