@@ -258,9 +258,12 @@ class UViT(StepCompiler, nn.Module):
         uncond = ~text_mask.bool().any(dim=1)  # (B,)
         if bool(uncond.any()):
             null = self.null_text.to(dtype)
-            if text.shape[1] != null.shape[1]:
+            if bool(uncond.all()):  # any placeholder (serving sends one masked position) will do
+                text = null.expand(B, -1, -1)
+            elif text.shape[1] != null.shape[1]:
                 raise ValueError(f"text of {text.shape[1]} positions; this model reads {null.shape[1]}")
-            text = torch.where(uncond[:, None, None], null, text)
+            else:
+                text = torch.where(uncond[:, None, None], null, text)
         pooled, hidden = text[:, 0], text[:, 1:]
         if micro_conds is None:
             micro_conds = torch.tensor(self.config.micro_conds, device=text.device).expand(B, -1)

@@ -150,8 +150,10 @@ def test_transformer_logits_equal_diffusers(imported):
     both = ours.base(torch.cat([ids, ids]), ContextStack([ctx, ours.base.null_context()], [2, 2]))
     torch.testing.assert_close(both[:2], ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(both[2:], ref_u, rtol=1e-4, atol=1e-4)
-    dropped = ours.base.encode_context(cond.embeddings, torch.zeros_like(cond.mask))  # serving's dropped text
+    dropped = ours.base.encode_context(cond.embeddings, torch.zeros_like(cond.mask))  # the pipeline's null()
     torch.testing.assert_close(ours.base(ids, dropped), ref_u, rtol=1e-4, atol=1e-4)
+    placeholder = ours.base.encode_context(torch.zeros(2, 1, WIDTH), torch.zeros(2, 1, dtype=torch.bool))  # serving's
+    torch.testing.assert_close(ours.base(ids, placeholder), ref_u, rtol=1e-4, atol=1e-4)
 
 
 @torch.no_grad()
@@ -200,3 +202,22 @@ def test_not_an_amused_directory_is_a_clear_error(tmp_path, capsys):
         import_amused(str(tmp_path), str(tmp_path / "root"))
     assert import_main(["amused", "--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
     assert "model_index.json" in capsys.readouterr().err
+
+
+def test_serving_deployments_run_the_imported_root(imported):
+    """The Serve deployments' model code without Serve: text -> batched decode -> PNG at the root's size."""
+    import io
+
+    from PIL import Image
+
+    from serve.config import Batching
+    from serve.deployments import BaseGenerator, Decode, Decoder, TextEncoder, _Job
+
+    arch, _, _, root = imported
+    res = ARCH[arch]["sample_size"] * 16
+    text, base, decoder = TextEncoder(root), BaseGenerator(root, "cpu", Batching(), 4.5, 2), Decoder(root)
+    jobs = [_Job(text.encode("a red circle"), Decode(1, 2, 3.0, 0)),
+            _Job(text.encode("two cats", "blurry"), Decode(1, 2, 3.0, 1))]
+    for tokens in base._decode_jobs(jobs):
+        (png,) = decoder.decode(tokens, "lo")
+        assert Image.open(io.BytesIO(png)).size == (res, res)
