@@ -49,9 +49,8 @@ def machine() -> str:
 def write_shards(out: str, cfg, text_dim: int, rows: int, seed: int = 0) -> None:
     """Random token shards with fp16 text embeddings (pipelines.shards schema, text_storage "embeddings")."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from pipelines.shards import shard_name, shard_schema
+    from pipelines.shards import shard_schema, write_table
 
     rng = np.random.default_rng(seed)
     n = cfg.num_tokens
@@ -65,8 +64,7 @@ def write_shards(out: str, cfg, text_dim: int, rows: int, seed: int = 0) -> None
         "text_emb": list(rng.standard_normal((rows, TEXT_LEN * text_dim)).astype(np.float16)),
         "text_len": [TEXT_LEN] * rows, "width": [256] * rows, "height": [256] * rows,
     }).cast(schema)
-    os.makedirs(out, exist_ok=True)
-    pq.write_table(table, os.path.join(out, shard_name("bench")))
+    write_table(out, table)
 
 
 def cpu_ray(presets: list[str], workers: list[int], steps: int, batch: int) -> list[dict]:

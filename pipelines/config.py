@@ -85,7 +85,9 @@ class TokenizeConfig:
     # encoder); "embeddings": fp16 encoder output trimmed to the true length, plus the ids.
     text_storage: str = "ids"
     precision: str = "bf16"  # model dtype on CUDA ("bf16", "fp16", "fp32"); CPU always runs fp32
-    write_threads: int = 4  # shard uploads in flight on the driver
+    write_cpus: float = 0.25  # per writer task: Parquet encoding and the upload of one block's shards
+    commit_seconds: float = 10.0  # the driver commits finished parts to the manifest this often
+    io_task_retries: int = 4  # Ray retries a read or write task that still fails on storage I/O
     examples_per_reason: int = 5  # example keys kept per reject reason in rejects.json
     ray_progress_bars: bool = False  # Ray Data's per-operator bars, beside the parts bar
 
@@ -94,8 +96,10 @@ class TokenizeConfig:
             raise ValueError(f"text_storage must be one of {TEXT_STORAGE}, got {self.text_storage!r}")
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be bf16, fp16 or fp32, got {self.precision!r}")
-        if self.write_threads < 1 or self.examples_per_reason < 0:
-            raise ValueError("write_threads must be >= 1 and examples_per_reason >= 0")
+        if self.write_cpus <= 0 or self.commit_seconds < 0 or self.io_task_retries < 0 \
+                or self.examples_per_reason < 0:
+            raise ValueError("write_cpus must be > 0; commit_seconds, io_task_retries and "
+                             "examples_per_reason >= 0")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TokenizeConfig:

@@ -17,16 +17,20 @@ and the bookkeeping columns `part`, `index` (row number in the part), `part_rows
 and `reject_reason` ("" or why the reader itself refused the row: missing caption or image, or an
 unreadable source). After its rows each task yields one *end row* (`index` -1, `part_rows` = rows in
 the part) so whoever consumes the stream knows when a part is complete. A source that is corrupt
-(not Parquet, truncated tar) never fails the job: the rows read so far are kept and one
-`unreadable_source` row records it. I/O errors still raise, so Ray retries the task.
+(not Parquet, truncated tar, a Parquet file without the configured columns) never fails the job: the
+rows read so far are kept and one `unreadable_source` row records it. Storage errors raise: each S3
+request is retried with backoff by the filesystem, then the task by Ray (`io_task_retries`). Any
+other error is a bug and fails the job.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import io
 import json
+import lzma
 import posixpath
 import tarfile
 import zlib
@@ -48,9 +52,24 @@ ROW_SCHEMA = pa.schema([
     ("key", pa.string()), ("image", pa.binary()), ("caption", pa.binary()), ("part", pa.string()),
     ("index", pa.int64()), ("part_rows", pa.int64()), ("reject_reason", pa.string()),
 ])
-# Errors that mean "this file is bad", as opposed to "the store is unreachable" (which should raise).
-_BAD_SOURCE = (pa.ArrowInvalid, tarfile.TarError, EOFError, zlib.error, UnicodeDecodeError,
-               json.JSONDecodeError, ValueError, KeyError)
+
+
+class BadSource(Exception):
+    """The source is readable but not a corpus file of the configured shape."""
+
+
+# Errors that mean "this file is bad", as opposed to "the store failed" or a bug (which raise).
+_BAD_SOURCE = (BadSource, pa.ArrowInvalid, tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile,
+               lzma.LZMAError, UnicodeDecodeError, json.JSONDecodeError)
+
+
+def is_bad_source(e: BaseException) -> bool:
+    """Whether `e` says that the file itself is bad (permanent: a counted reject). pyarrow reports
+    corrupt data inside a file ("Corrupt snappy compressed data") as a bare OSError; storage errors
+    carry an errno (local) or an AWS error code (S3), and stay errors."""
+    if isinstance(e, _BAD_SOURCE):
+        return True
+    return type(e) is OSError and e.errno is None and "AWS Error" not in str(e)
 
 
 @dataclass(frozen=True)
@@ -82,11 +101,9 @@ def part_id(*fields: object) -> str:
 # Planning (driver).
 
 
-def detect_format(uri: str, cfg: ReaderConfig) -> str:
+def detect_format(uri: str, cfg: ReaderConfig, files: list[str] | None = None) -> str:
     """parquet, webdataset or folder, from a file's extension or a directory's contents."""
-    files = [uri] if not storage.is_dir(uri) else storage.list_files(uri)
-    if not files or (len(files) == 1 and not storage.exists(files[0])):
-        raise ValueError(f"no input at {uri}")
+    files = _input_files(uri) if files is None else files
     exts = {_ext(f) for f in files}
     if "parquet" in exts:
         return "parquet"
@@ -97,11 +114,21 @@ def detect_format(uri: str, cfg: ReaderConfig) -> str:
     raise ValueError(f"cannot tell the format of {uri}: no .parquet, .tar or image files; pass --format")
 
 
+def canonical(uri: str) -> str:
+    """One spelling per location: absolute, no file:// scheme, no trailing slash. `s3://b/c` and
+    `s3://b/c/` (or `/d` and `file:///d/`) name the same corpus, parts and keys."""
+    uri = storage.absolute(str(uri)).removeprefix("file://")
+    if storage.is_s3(uri):
+        return "s3://" + uri[len("s3://"):].rstrip("/")
+    return uri.rstrip("/") or "/"
+
+
 def plan_parts(uri: str, format: str, cfg: ReaderConfig) -> list[Part]:
     """Every part of the corpus at `uri` (a file or a directory), in a deterministic order."""
+    uri = canonical(uri)
+    files = _input_files(uri)
     if format == "auto":
-        format = detect_format(uri, cfg)
-    files = storage.list_files(uri) if storage.is_dir(uri) else [uri]
+        format = detect_format(uri, cfg, files)
     if format == "parquet":
         return _plan_parquet([f for f in files if _ext(f) == "parquet"], cfg)
     if format == "webdataset":
@@ -110,6 +137,14 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig) -> list[Part]:
     if format == "folder":
         return _plan_folder(uri, files, cfg)
     raise ValueError(f"unknown format {format!r}")
+
+
+def _input_files(uri: str) -> list[str]:
+    """`uri` itself, or every file below it (one listing)."""
+    files = [uri] if not storage.is_dir(uri) else storage.list_files(uri)
+    if not files or (len(files) == 1 and not storage.exists(files[0])):
+        raise ValueError(f"no input at {uri}")
+    return files
 
 
 def _ext(uri: str) -> str:
@@ -123,7 +158,9 @@ def _plan_parquet(files: list[str], cfg: ReaderConfig) -> list[Part]:
             with fs.open_input_file(path) as fh:
                 meta = pq.ParquetFile(fh).metadata
             return meta.num_rows, meta.schema.to_arrow_schema().names
-        except _BAD_SOURCE:
+        except Exception as e:
+            if not is_bad_source(e):
+                raise
             return None, []
 
     with ThreadPoolExecutor(16) as pool:
@@ -149,7 +186,7 @@ def _plan_parquet(files: list[str], cfg: ReaderConfig) -> list[Part]:
 def _plan_folder(uri: str, files: list[str], cfg: ReaderConfig) -> list[Part]:
     exts = set(cfg.image_extensions)
     images = [f for f in files if _ext(f) in exts]
-    root = uri.rstrip("/")
+    root = uri
     captions = _captions_table(root, files, cfg)
     sidecars = {f for f in files if _ext(f) == "txt"}
     items = []
@@ -169,8 +206,8 @@ def _plan_folder(uri: str, files: list[str], cfg: ReaderConfig) -> list[Part]:
 
 
 def _relative(root: str, uri: str) -> str:
-    root_path = storage.filesystem(root)[1]
-    return storage.filesystem(uri)[1][len(root_path):].lstrip("/")
+    """`uri` below `root` (listed from it, so in the same spelling), without building a client."""
+    return uri[len(root):].lstrip("/")
 
 
 def _captions_table(root: str, files: list[str], cfg: ReaderConfig) -> dict[str, str] | None:
@@ -235,7 +272,9 @@ def read_part(part: Part, cfg: ReaderConfig) -> Iterator[pa.Table]:
         for block in reader(part, cfg, rows):
             if block is not None:
                 yield block
-    except _BAD_SOURCE as e:
+    except Exception as e:
+        if not is_bad_source(e):
+            raise
         rows.add(f"{part.uri}#error", b"", b"", UNREADABLE_SOURCE)
         print(f"[tokenize] unreadable source {part.uri}: {type(e).__name__}: {e}")
     last = rows.flush()
@@ -248,6 +287,9 @@ def _read_parquet(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Tab
     fs, path = storage.filesystem(part.uri)
     with fs.open_input_file(path) as fh:
         pf = pq.ParquetFile(fh)
+        missing = {cfg.image_column, cfg.caption_column} - set(pf.schema_arrow.names)
+        if missing:
+            raise BadSource(f"no column {sorted(missing)}")
         stop = pf.metadata.num_rows if part.stop is None else part.stop
         groups, first, offset = [], None, 0
         for g in range(pf.metadata.num_row_groups):
@@ -363,12 +405,13 @@ def corpus_datasource(parts: list[Part], cfg: ReaderConfig):
     return CorpusDatasource()
 
 
-def read_parts(parts: list[Part], cfg: ReaderConfig, num_cpus: float = 1.0):
+def read_parts(parts: list[Part], cfg: ReaderConfig, num_cpus: float = 1.0,
+               ray_remote_args: dict | None = None):
     """Ray Dataset of corpus rows (with bookkeeping columns and end rows) for `parts`."""
     import ray
 
     return ray.data.read_datasource(corpus_datasource(parts, cfg), override_num_blocks=max(1, len(parts)),
-                                    num_cpus=num_cpus)
+                                    num_cpus=num_cpus, ray_remote_args=ray_remote_args)
 
 
 def read_corpus(uri: str, format: str = "auto", cfg: ReaderConfig | None = None):

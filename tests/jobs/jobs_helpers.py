@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import shutil
 from pathlib import Path
 
@@ -24,7 +23,7 @@ def write_token_shards(root: str, corpus: str, out: str) -> None:
 
     from muse.checkpoint import component_uri, load_component
     from muse.data.images import pil_to_tensor
-    from pipelines.shards import shard_name, shard_schema
+    from pipelines.shards import shard_schema, write_table
 
     table = pa.concat_tables([pq.read_table(f) for f in storage.list_files(corpus) if f.endswith(".parquet")])
     images = [Image.open(io.BytesIO(b)).convert("RGB") for b in table["image"].to_pylist()]
@@ -45,8 +44,7 @@ def write_token_shards(root: str, corpus: str, out: str) -> None:
         "text_ids": [r[m].astype(np.int32) for r, m in zip(ids.numpy(), mask.numpy())],
         "width": [128] * len(captions), "height": [128] * len(captions),
     }).cast(schema)
-    os.makedirs(out, exist_ok=True)
-    pq.write_table(rows, os.path.join(out, shard_name("test")))
+    write_table(out, rows)
 
 
 def copy_tree(src: str, dst: str) -> str:

@@ -35,5 +35,6 @@ def fast_cfg() -> TokenizeConfig:
         "vqgan_lo": {"num_cpus": 0.5, "batch_size": 8},
         "vqgan_hi": {"num_cpus": 0.5, "batch_size": 8},
         "text": {"num_cpus": 0.5, "batch_size": 16},
-        "write_threads": 2,
+        "write_cpus": 0.25,
+        "commit_seconds": 0,
     })

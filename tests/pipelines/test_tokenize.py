@@ -9,13 +9,15 @@ from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from corpora import expected_counts, good, mixed_rows, write_folder, write_parquet, write_tar
 from muse import storage
 from muse.checkpoint import component_uri, load_component
-from pipelines import shards
+from pipelines import manifest, shards
 from pipelines.config import PreprocessConfig, load_config
 from pipelines.preprocess import preprocess_batch
 from pipelines.readers import ROW_SCHEMA
@@ -55,7 +57,7 @@ def test_folder_corpus_end_to_end(ray_session, tmp_path, tiny_root, fast_cfg):
 
     info = shards.shard_info(out)
     assert info == {"tokens_lo_side": 8, "tokens_hi_side": 16, "text_storage": "ids", "text_dim": 64,
-                    "format_version": 1}
+                    "format_version": 2}
     assert table.schema.field("tokens_lo").type == pa.list_(pa.int16())
     assert table.schema.field("text_ids").type == pa.list_(pa.int32())
     assert "text_emb" not in table.column_names
@@ -88,7 +90,8 @@ def test_folder_corpus_end_to_end(ray_session, tmp_path, tiny_root, fast_cfg):
 
     assert shards.read_token_shards(out).count() == table.num_rows
     summary = json.loads(storage.read_text(storage.join(out, "manifest.json")))
-    assert summary["shards"] == [f.rsplit("/", 1)[-1] for f in shards.token_shard_files(out)]
+    assert summary == {"parts": 4, "rows": 15, "accepted": 9, "rejected": 6,
+                       "files": len(shards.token_shard_files(out))}
 
 
 def test_embeddings_from_webdataset_load_as_training_input(ray_session, tmp_path, tiny_root,
@@ -134,10 +137,8 @@ def test_embeddings_from_webdataset_load_as_training_input(ray_session, tmp_path
     assert torch.isfinite(loss) and loss > 0
 
 
-def test_s3_input_and_output(ray_session, s3_bucket, tiny_root_lo_only, fast_cfg):
+def test_s3_input_and_output_and_trailing_slashes(ray_session, s3_bucket, tiny_root_lo_only, fast_cfg):
     import io
-
-    import pyarrow.parquet as pq
 
     rows = [r for r in mixed_rows() if r[0] in ("good0", "good1", "good2", "rgba", "garbage", "tiny")]
     buf = io.BytesIO()
@@ -153,6 +154,13 @@ def test_s3_input_and_output(ray_session, s3_bucket, tiny_root_lo_only, fast_cfg
     table = shards.load_token_shards(out)
     assert sorted(keys_once(table)) == sorted(f"{s3_bucket}/corpus/part-0.parquet#{i}" for i in (0, 1, 2, 3))
     assert shards.read_token_shards(out, columns=["key"]).count() == 4
+
+    # The same job spelled with trailing slashes resumes it: nothing to do, nothing refused.
+    for corpus, tokens in ((f"{s3_bucket}/corpus/", out), (f"{s3_bucket}/corpus", f"{out}/"),
+                           (f"{s3_bucket}/corpus//", f"{out}/")):
+        again = run(corpus, tokens, resolve_models(tiny_root_lo_only), fast_cfg, progress=False)
+        assert again["run_parts"] == 0 and again["accepted"] == 4
+    assert json.loads(storage.read_text(storage.join(out, shards.JOB_FILE)))["input"] == f"{s3_bucket}/corpus"
 
 
 def corpus_of_parts(tmp_path, n_files: int = 4, per_file: int = 6) -> tuple[str, set[str], dict]:
@@ -191,11 +199,11 @@ def test_crash_after_some_parts_then_rerun_is_exactly_once(ray_session, tmp_path
 
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(corpus, out, models, fast_cfg, on_published=crash_after_two, progress=False)
-    finished = shards.finished_parts(out)
-    assert 2 <= len(finished) < 24
+    finished = manifest.read_manifest(out).num_rows
+    assert 2 <= finished < 24
 
     totals = run(corpus, out, models, fast_cfg, progress=False)
-    assert totals["run_parts"] == 24 - len(finished) and totals["parts"] == 24
+    assert totals["run_parts"] == 24 - finished and totals["parts"] == 24
     assert set(keys_once(shards.load_token_shards(out))) == accepted
     assert json.loads(storage.read_text(storage.join(out, "rejects.json")))["by_reason"] == rejects
 
@@ -221,7 +229,7 @@ def test_sigkill_mid_run_then_rerun_is_exactly_once(ray_session, tmp_path, tiny_
     cfg_file.write_text("reader: {rows_per_part: 4, block_rows: 4}\n"
                         "preprocess: {num_cpus: 0.5, batch_size: 8, min_side: 16}\n"
                         "vqgan_lo: {num_cpus: 0.5, batch_size: 8}\nvqgan_hi: {num_cpus: 0.5, batch_size: 8}\n"
-                        "text: {num_cpus: 0.5, batch_size: 16}\nwrite_threads: 2\n")
+                        "text: {num_cpus: 0.5, batch_size: 16}\nwrite_cpus: 0.25\ncommit_seconds: 0\n")
     assert load_config(cfg_file) == fast_cfg
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address,
                PYTHONPATH=REPO)
@@ -229,25 +237,29 @@ def test_sigkill_mid_run_then_rerun_is_exactly_once(ray_session, tmp_path, tiny_
         [sys.executable, "-m", "pipelines.tokenize", "--input", corpus, "--output", out,
          "--checkpoint", tiny_root_lo_only, "--config", str(cfg_file), "--no-progress"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manifest = os.path.join(out, shards.MANIFEST_DIR)
+    logs = os.path.join(out, manifest.MANIFEST_DIR)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(manifest) and any(f.endswith(".json") for f in os.listdir(manifest)):
-            break  # (a .json.tmp-* file is a publish in progress)
+        if os.path.isdir(logs) and any(f.endswith(".parquet") for f in os.listdir(logs)):
+            break  # (a .parquet.tmp-* file is a commit in progress)
         time.sleep(0.02)
     assert proc.poll() is None, "the job ended before a part was published"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = shards.finished_parts(out)
-    assert 1 <= len(finished) < 12, "killed mid-run"
+    finished = manifest.read_manifest(out)
+    assert 1 <= finished.num_rows < 12, "killed mid-run"
 
-    # Also a kill between a shard and its manifest entry: the shard is there, the entry is not.
-    with_shard = next(p for p, e in finished.items() if e["shard"])
-    os.remove(os.path.join(manifest, f"{with_shard}.json"))
-    assert os.path.exists(os.path.join(out, shards.shard_name(with_shard)))
+    # Also a kill after a part's shards were written but before its entry was committed: the
+    # shard files are there, the entry is not. The re-run removes them and redoes the part.
+    first = os.path.join(logs, sorted(f for f in os.listdir(logs) if f.endswith(".parquet"))[0])
+    lost = pq.read_table(first)
+    os.remove(first)
+    lost_files = [os.path.join(out, f) for f in pc.list_flatten(lost["files"]).to_pylist()]
+    assert lost_files and all(os.path.exists(f) for f in lost_files)
 
     totals = run(corpus, out, resolve_models(tiny_root_lo_only), fast_cfg, progress=False)
-    assert totals["run_parts"] == 12 - len(finished) + 1
+    assert totals["run_parts"] == 12 - finished.num_rows + lost.num_rows
+    assert totals["removed"] >= len(lost_files) and not any(os.path.exists(f) for f in lost_files)
     assert set(keys_once(shards.load_token_shards(out))) == accepted
     assert totals["rejects"]["by_reason"] == rejects
 

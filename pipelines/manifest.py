@@ -1,0 +1,262 @@
+"""The manifest of a token-shard output: which parts are finished and which files hold their rows.
+
+A part is finished when its entry is in the manifest, and only files named there are published:
+training reads the file list from here, never by listing the shard prefix, so a file that a failed
+run left behind is never read. The manifest is a few Parquet files under `OUTPUT/_manifest/`, read
+in one scan however many parts there are:
+
+    log-<run>-<seq>.parquet   entries a run committed, one file per flush (every `commit_seconds`)
+    manifest-<run>.parquet    every entry, written when a run ends; the files it merged are deleted
+
+Entry schema: `part`, `run`, `source` (JSON: format, source URI, row range), `rows` (data rows read),
+`accepted`, `rejects` (map reason -> count) and `files` (shard paths relative to OUTPUT).
+
+Writers run on Ray workers (`pipelines.shards.write_block`) and report one small record per block
+and part: the row index ranges it held, the part's row count when the part's end row was in it, its
+counts and its file. `PartAssembler` (driver) joins them: a part whose ranges cover all its rows is
+committed. Nothing per sample reaches the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from muse import storage
+
+MANIFEST_DIR = "_manifest"
+SHARDS_DIR = "shards"
+CLEAN_MARK = "_clean"  # in a run's shard folder: every file in it is in the manifest
+REJECTS_FILE = "rejects.json"
+SUMMARY_FILE = "manifest.json"
+
+SCHEMA = pa.schema([
+    ("part", pa.string()), ("run", pa.string()), ("source", pa.string()), ("rows", pa.int64()),
+    ("accepted", pa.int64()), ("rejects", pa.map_(pa.string(), pa.int64())), ("files", pa.list_(pa.string())),
+])
+
+
+def new_run_id() -> str:
+    """Sortable by start time, unique across drivers."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def _manifest_files(out: str) -> list[str]:
+    files = storage.list_files(storage.join(out, MANIFEST_DIR), recursive=False)
+    if any(f.endswith(".json") for f in files):
+        raise ValueError(f"{out} was written by an older version of muse tokenize (one JSON per part); "
+                         "tokenize into a new --output")
+    return [f for f in files if f.endswith(".parquet")]
+
+
+def read_manifest(out: str) -> pa.Table:
+    """Every finished part of `out`, one row each (empty when nothing is finished)."""
+    return _read(_manifest_files(out))
+
+
+def _read(files: list[str]) -> pa.Table:
+    if not files:
+        return SCHEMA.empty_table()
+    import pyarrow.dataset as pads
+
+    fs, _ = storage.filesystem(files[0])
+    table = pads.dataset([storage.filesystem(f)[1] for f in files], schema=SCHEMA, format="parquet",
+                         filesystem=fs).to_table()
+    if pc.count_distinct(table["part"]).as_py() == table.num_rows:
+        return table
+    # A run that died between writing its merged file and deleting the logs: identical copies.
+    _, first = np.unique(table["part"].to_numpy(zero_copy_only=False), return_index=True)
+    return table.take(pa.array(np.sort(first)))
+
+
+def write_entries(out: str, name: str, entries: list[dict] | pa.Table) -> None:
+    table = entries if isinstance(entries, pa.Table) else pa.Table.from_pylist(entries, schema=SCHEMA)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd")
+    storage.write_bytes(storage.join(out, MANIFEST_DIR, name), buf.getvalue().to_pybytes())
+
+
+def compact(out: str, run: str) -> pa.Table:
+    """Merge the manifest into one file, delete the files it merged; return it."""
+    files = _manifest_files(out)
+    table = _read(files)
+    if len(files) > 1:
+        name = f"manifest-{run}.parquet"
+        write_entries(out, name, table)
+        _delete_all([f for f in files if not f.endswith("/" + name)])
+    return table
+
+
+class ManifestLog:
+    """Commits finished parts: buffered, then written as one log file per flush. A crash loses at
+    most the entries of one interval, whose parts the next run redoes."""
+
+    def __init__(self, out: str, run: str, flush_seconds: float):
+        self.out, self.run, self.flush_seconds = out, run, flush_seconds
+        self.pending: list[dict] = []
+        self.seq = 0
+        self.last = time.monotonic()
+
+    def add(self, entry: dict) -> list[dict]:
+        self.pending.append(entry)
+        return self.flush_if_due()
+
+    def flush_if_due(self) -> list[dict]:
+        return self.flush() if time.monotonic() - self.last >= self.flush_seconds else []
+
+    def flush(self) -> list[dict]:
+        """Write the pending entries; returns them (now durable)."""
+        self.last = time.monotonic()
+        if not self.pending:
+            return []
+        done, self.pending = self.pending, []
+        write_entries(self.out, f"log-{self.run}-{self.seq:06d}.parquet", done)
+        self.seq += 1
+        return done
+
+
+# ---------------------------------------------------------------------------------------------
+# Joining the writers' records into finished parts (driver).
+
+
+@dataclass
+class _Open:
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # disjoint, sorted
+    expected: int | None = None
+    rows: int = 0
+    accepted: int = 0
+    rejects: Counter = field(default_factory=Counter)
+    files: list[str] = field(default_factory=list)
+    conflict: bool = False
+
+
+class PartAssembler:
+    """Collects the writers' per-block records; `add` returns a part's manifest entry once its rows
+    are all written. A record whose rows were already covered (a retried task) is dropped; one that
+    overlaps them only in part leaves its part unfinished, so no row is ever committed twice. Either
+    way the run is not `clean`: it left a file that the next run removes."""
+
+    def __init__(self, run: str, sources: dict[str, str], examples_per_reason: int):
+        self.run, self.sources = run, sources
+        self.open: dict[str, _Open] = {}
+        self.clean, self.wrote = True, False
+        self.examples: dict[str, list[str]] = {}
+        self.max_examples = examples_per_reason
+
+    def add(self, rec: dict) -> dict | None:
+        part = rec["part"]
+        state = self.open.setdefault(part, _Open())
+        flat = rec["ranges"]
+        new = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+        if any(a < d and c < b for a, b in new for c, d in state.ranges):
+            self.clean = False
+            if not all(any(c <= a and b <= d for c, d in state.ranges) for a, b in new):
+                state.conflict = True
+            return None
+        state.ranges = _merge(state.ranges + new)
+        if rec["part_rows"] >= 0:
+            state.expected = rec["part_rows"]
+        state.rows += rec["rows"]
+        state.accepted += rec["accepted"]
+        state.rejects.update(dict(rec["rejects"] or []))
+        if rec["file"]:
+            state.files.append(rec["file"])
+            self.wrote = True
+        for reason, keys in json.loads(rec["examples"] or "{}").items():
+            have = self.examples.setdefault(reason, [])
+            have.extend(keys[: max(0, self.max_examples - len(have))])
+        if state.conflict or state.expected is None or sum(b - a for a, b in state.ranges) < state.expected:
+            return None
+        del self.open[part]
+        return {"part": part, "run": self.run, "source": self.sources.get(part, ""), "rows": state.rows,
+                "accepted": state.accepted, "rejects": sorted(state.rejects.items()),
+                "files": sorted(state.files)}
+
+    def incomplete(self) -> list[str]:
+        return sorted(self.open)
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint ranges with touching ones joined."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(b, out[-1][1]))
+        else:
+            out.append((a, b))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Repair and totals.
+
+
+def remove_stale(out: str, manifest: pa.Table) -> int:
+    """Delete the shard files that runs which did not end cleanly left outside the manifest (a part
+    they wrote but never committed, a duplicate block); returns how many. Runs that ended cleanly are
+    not listed again."""
+    fs, root = storage.filesystem(storage.join(out, SHARDS_DIR))
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
+    dirty = [i.path for i in infos if i.type == pafs.FileType.Directory
+             and fs.get_file_info(f"{i.path}/{CLEAN_MARK}").type == pafs.FileType.NotFound]
+    if not dirty:
+        return 0
+    base = storage.filesystem(out)[1].rstrip("/") + "/"
+    referenced = set(pc.list_flatten(manifest["files"]).to_pylist())
+    stale = []
+    for run_dir in dirty:
+        files = fs.get_file_info(pafs.FileSelector(run_dir, recursive=True))
+        stale += [i.path for i in files if i.type == pafs.FileType.File
+                  and i.path.removeprefix(base) not in referenced]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(fs.delete_file, stale))
+    for run_dir in dirty:
+        mark_clean(out, run_dir.removeprefix(base).removeprefix(SHARDS_DIR + "/"))
+    return len(stale)
+
+
+def mark_clean(out: str, run: str) -> None:
+    storage.write_bytes(storage.join(out, SHARDS_DIR, run, CLEAN_MARK), b"")
+
+
+def _delete_all(uris: list[str]) -> None:
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(storage.delete, uris))
+
+
+def summarize(out: str, manifest: pa.Table, examples: dict[str, list[str]], per_reason: int = 5) -> dict:
+    """Write rejects.json (counts of every finished part, example keys of this run and earlier ones)
+    and manifest.json (totals); return the totals."""
+    rejects = manifest["rejects"].combine_chunks()
+    by_reason: dict[str, int] = {}
+    if len(rejects.keys):
+        sums = pa.table({"reason": rejects.keys, "n": rejects.items}).group_by("reason").aggregate(
+            [("n", "sum")])
+        by_reason = dict(sorted(zip(sums["reason"].to_pylist(), sums["n_sum"].to_pylist())))
+    path = storage.join(out, REJECTS_FILE)
+    old = json.loads(storage.read_text(path)).get("examples", {}) if storage.exists(path) else {}
+    merged = {}
+    for reason in sorted(set(old) | set(examples)):
+        keys = list(dict.fromkeys(old.get(reason, []) + examples.get(reason, [])))
+        merged[reason] = keys[:per_reason]
+    rejects = {"total": sum(by_reason.values()), "by_reason": by_reason, "examples": merged}
+    storage.write_text(path, json.dumps(rejects, indent=1))
+    totals = {
+        "parts": manifest.num_rows,
+        "rows": pc.sum(manifest["rows"]).as_py() or 0,
+        "accepted": pc.sum(manifest["accepted"]).as_py() or 0,
+        "rejected": rejects["total"],
+        "files": pc.sum(pc.list_value_length(manifest["files"])).as_py() or 0,
+    }
+    storage.write_text(storage.join(out, SUMMARY_FILE), json.dumps(totals, indent=1))
+    return totals | {"rejects": rejects}

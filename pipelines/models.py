@@ -1,0 +1,164 @@
+"""The model UDFs of tokenization: one model per actor, loaded in `__init__`, called per batch.
+
+Each model runs in its own Ray Data actor pool (`pipelines.tokenize.build`). Rows that an earlier
+stage rejected, and the end rows of parts (see `pipelines.readers`), pass through without a model
+call and get nulls in the new columns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from muse import storage
+from muse.config import TextEncoderConfig
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def text_encoder_config(uri: str) -> TextEncoderConfig | None:
+    """The TextEncoderConfig of a muse component, or None for a Hugging Face directory/name."""
+    from muse.checkpoint import CheckpointError, read_component_config
+
+    try:
+        kind, cfg = read_component_config(uri)
+    except (CheckpointError, OSError, ValueError):
+        return None
+    if kind != "text_encoder":
+        raise ValueError(f"{uri} holds a {kind!r} component, not a text encoder")
+    return cfg
+
+
+def _setup_torch(device: str, num_cpus: float):
+    import torch
+
+    if device == "cpu":
+        torch.set_num_threads(max(1, int(num_cpus)))
+    return torch
+
+
+def _autocast(torch, device: str, dtype):
+    """Mixed precision on CUDA; CPU runs fp32."""
+    import contextlib
+
+    if device == "cpu" or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _list_column(values: list[np.ndarray], ok: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    """A list<value_type> column: values[i] for each row where ok, null elsewhere."""
+    lengths = np.zeros(len(ok), np.int64)
+    lengths[ok] = [len(v) for v in values]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat = np.concatenate(values) if values else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, value_type), mask=pa.array(~ok))
+
+
+def _accepted(batch: pa.Table) -> np.ndarray:
+    """Rows to run a model on: data rows that no stage rejected."""
+    return pc.and_(pc.equal(batch["part_rows"], -1), pc.equal(batch["reject_reason"], "")).to_numpy(
+        zero_copy_only=False)
+
+
+class VQGANTokens:
+    """pixels (raw uint8 RGB, the VQGAN's resolution) -> token ids, int16 flattened row-major."""
+
+    def __init__(self, uri: str, pixels: str, tokens: str, device: str, precision: str, num_cpus: float):
+        from muse.checkpoint import load_component
+
+        self.torch = _setup_torch(device, num_cpus)
+        self.model = load_component(uri, device=device, expect_kind="vqgan")
+        self.size = self.model.config.resolution
+        if self.model.config.codebook_size > 32768:
+            raise ValueError("token shards store ids as int16: codebook_size must be <= 32768")
+        self.pixels, self.tokens, self.device = pixels, tokens, device
+        self.dtype = getattr(self.torch, DTYPES[precision])
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from muse.data.images import uint8_to_tensor
+
+        ok = _accepted(batch)
+        values: list[np.ndarray] = []
+        if ok.any():
+            raw = batch[self.pixels].filter(pa.array(ok)).to_pylist()
+            pixels = np.frombuffer(b"".join(raw), np.uint8).reshape(len(raw), self.size, self.size, 3)
+            images = uint8_to_tensor(pixels).to(self.device, non_blocking=True)  # (B, 3, H, W)
+            with self.torch.inference_mode(), _autocast(self.torch, self.device, self.dtype):
+                ids = self.model.encode(images)  # (B, h, w)
+            values = list(ids.flatten(1).to(self.torch.int16).cpu().numpy())
+        out = batch.drop_columns([self.pixels])
+        return out.append_column(self.tokens, _list_column(values, ok, pa.int16()))
+
+
+def load_tokenizer(uri: str):
+    """(tokenizer, max_length) of a text encoder, without building the encoder (ids need no model).
+    `uri`: a muse text_encoder component, or a Hugging Face directory or cache name; local or s3://."""
+    import tempfile
+
+    from transformers import AutoTokenizer, ByT5Tokenizer
+
+    cfg = text_encoder_config(uri)
+    max_length = (cfg or TextEncoderConfig()).max_length
+    tok_config = storage.join(uri, "tokenizer_config.json")
+    if cfg is not None and storage.exists(tok_config) and json.loads(storage.read_text(tok_config)).get(
+            "tokenizer_class", "").startswith("ByT5"):
+        return ByT5Tokenizer(), max_length  # byte-level: no vocabulary files
+    with tempfile.TemporaryDirectory() as tmp:
+        local = uri
+        if storage.is_s3(uri):  # the tokenizer files only, not the weights
+            for f in storage.list_files(uri, recursive=False):
+                if not f.endswith((".safetensors", ".bin")):
+                    storage.write_bytes(os.path.join(tmp, f.rsplit("/", 1)[-1]), storage.read_bytes(f))
+            local = tmp
+        return AutoTokenizer.from_pretrained(local, local_files_only=True), max_length
+
+
+class TextTokens:
+    """captions -> `text_ids` (list<int32>, true length); with embeddings also `text_emb`
+    (list<float16>, text_len x dim flattened) and `text_len`."""
+
+    def __init__(self, uri: str, text_storage: str, device: str, precision: str, num_cpus: float):
+        self.torch = _setup_torch(device, num_cpus)
+        self.embeddings = text_storage == "embeddings"
+        self.device = device
+        self.dtype = getattr(self.torch, DTYPES[precision])
+        if self.embeddings:
+            from muse.checkpoint import load_component
+            from muse.text import TextEncoder
+
+            if text_encoder_config(uri) is not None:
+                self.encoder = load_component(uri, device=device, expect_kind="text_encoder")
+            else:
+                self.encoder = TextEncoder.load_pretrained(uri).to(device)
+        else:
+            self.tokenizer, self.max_length = load_tokenizer(uri)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ok = _accepted(batch)
+        captions = [c for c, keep in zip(batch["caption"].to_pylist(), ok) if keep]
+        ids: list[np.ndarray] = []
+        emb: list[np.ndarray] = []
+        if captions and not self.embeddings:
+            out = self.tokenizer(captions, truncation=True, max_length=self.max_length)
+            ids = [np.asarray(x, np.int32) for x in out["input_ids"]]
+        elif captions:
+            torch = self.torch
+            with torch.inference_mode(), _autocast(torch, self.device, self.dtype):
+                tok, mask = self.encoder.tokenize(captions)  # (B, L)
+                hidden = self.encoder.encode_ids(tok, mask)  # (B, L, D)
+            lengths = mask.sum(1).tolist()
+            tok, hidden = tok.cpu().numpy(), hidden.to(torch.float16).cpu().numpy()
+            ids = [tok[i, :n].astype(np.int32) for i, n in enumerate(lengths)]
+            emb = [hidden[i, :n].reshape(-1) for i, n in enumerate(lengths)]
+        out = batch.append_column("text_ids", _list_column(ids, ok, pa.int32()))
+        if self.embeddings:
+            lengths = np.zeros(len(ok), np.int32)
+            lengths[ok] = [len(x) for x in ids]
+            out = out.append_column("text_emb", _list_column(emb, ok, pa.float16()))
+            out = out.append_column("text_len", pa.array(lengths, pa.int32()))
+        return out
