@@ -25,35 +25,34 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def presets_main(argv: list[str] | None = None) -> None:
-    """Print every component preset and model preset with its parameter count (meta device)."""
+    """Print every component preset and model preset, by family, with parameter counts (meta device)."""
     argparse.ArgumentParser(prog="muse presets", description=presets_main.__doc__).parse_args(argv)
     import torch
 
-    from muse.checkpoint import build_component
-    from muse.config import MODEL_PRESETS, PRESETS, TextEncoderConfig, VQGANConfig, BaseTransformerConfig
-
-    def slot(cfg) -> str:
-        if isinstance(cfg, VQGANConfig):
-            return "vqgan_lo"
-        if isinstance(cfg, TextEncoderConfig):
-            return "text_encoder"
-        return "base" if isinstance(cfg, BaseTransformerConfig) else "superres"
+    from muse.checkpoint import KINDS, build_component, kind_of_config
+    from muse.config import AMUSED_MODELS, MODEL_PRESETS, PRESETS
 
     counts: dict[str, int | None] = {}
-    print(f"{'preset':<18} {'kind':<13} {'parameters':>14}")
+    print(f"{'preset':<18} {'family':<7} {'kind':<13} {'parameters':>14}")
     for name, cfg in PRESETS.items():
-        if isinstance(cfg, TextEncoderConfig) and cfg.name_or_path:
+        kind = kind_of_config(cfg)
+        family, role = KINDS[kind].family, KINDS[kind].role
+        if role == "text_encoder" and cfg.name_or_path:
             counts[name] = None  # pretrained: size comes from its files
-            print(f"{name:<18} {'text_encoder':<13} {'(pretrained)':>14}")
+            print(f"{name:<18} {family:<7} {kind:<13} {'(pretrained)':>14}")
             continue
         with torch.device("meta"):
-            model = build_component(slot(cfg), cfg)
+            model = build_component("vqgan_lo" if role == "vqgan" else role, cfg)
         counts[name] = sum(p.numel() for p in model.parameters())
-        print(f"{name:<18} {slot(cfg).replace('_lo', ''):<13} {counts[name]:>14,}")
+        print(f"{name:<18} {family:<7} {kind:<13} {counts[name]:>14,}")
     print()
     for name, parts in MODEL_PRESETS.items():
         known = [counts[p] for p in parts.values() if counts[p] is not None]
-        print(f"model {name:<12} {' + '.join(parts.values())}  ({sum(known):,} trainable-from-scratch parameters)")
+        print(f"model {name:<12} muse    {' + '.join(parts.values())}  ({sum(known):,} trainable-from-scratch parameters)")
+    for name, parts in AMUSED_MODELS.items():
+        known = [counts[p] for p in parts.values() if counts[p] is not None]
+        print(f"model {name:<12} amused  {' + '.join(parts.values())}  ({sum(known):,} parameters besides CLIP; "
+              f"`muse import amused --source DIR --out ROOT` loads the released weights)")
 
 
 def init_main(argv: list[str] | None = None) -> None:
