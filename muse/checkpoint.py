@@ -178,7 +178,8 @@ def load_component(uri: str, device: str | torch.device = "cpu", expect_kind: st
                 f"{uri}: weights do not match the {kind} config "
                 f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
             )
-    return model.to(device).eval()
+    # A component may keep its own precision on a device (the text encoder's config.dtype).
+    return (model.place(device) if hasattr(model, "place") else model.to(device)).eval()
 
 
 def _localise(uri: str, tmp: str) -> str:

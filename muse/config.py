@@ -63,6 +63,7 @@ class TextEncoderConfig:
     d_ff: int = 256
     vocab_size: int = 384  # ByT5: 3 specials + 256 bytes + 125 extra ids
     max_length: int = 128  # tokens kept per caption (bytes for ByT5)
+    dtype: str = "auto"  # "float32" | "bfloat16" | "auto" (bfloat16 on a GPU, float32 on a CPU); never float16
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
 """The frozen text encoder: a T5-family encoder and its tokenizer -> (embeddings (B,L,D), mask (B,L)).
 
 Muse conditions on frozen T5-XXL embeddings (§2.1). Real weights load from a Hugging Face model
-directory, local or s3://, or from a local Hugging Face cache; nothing is ever downloaded. With no
+directory, local or s3://, or from a local Hugging Face cache; nothing is ever downloaded. Weights
+are safetensors or, as several official T5 folders ship them, pytorch_model.bin read with
+`weights_only=True`; they load in `TextEncoderConfig.dtype` (bfloat16 on a GPU by default: T5-XXL is
+~19 GB in float32; never float16, in which T5 v1.1 overflows). With no
 `name_or_path`, a small T5 encoder is built from `TextEncoderConfig` with the byte-level ByT5
 tokenizer, which needs no vocabulary files: the offline default, trainable like any other part.
 """
@@ -19,6 +22,7 @@ from muse import storage
 from muse.config import TextEncoderConfig
 
 T5_CONFIG_FILE = "t5_config.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _download_dir(uri: str, dest: str) -> str:
@@ -33,6 +37,78 @@ def _download_dir(uri: str, dest: str) -> str:
         with open(local, "wb") as out:
             out.write(storage.read_bytes(f))
     return dest
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """A config's dtype name -> torch dtype; "auto" is bfloat16 on a GPU and float32 elsewhere.
+    float16 is refused: T5 v1.1 (and its XXL) overflows in it."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"text encoder dtype must be one of {sorted(DTYPES)} or 'auto', got {name!r} "
+                         "(float16 is not offered: T5 v1.1 overflows in it)")
+    return DTYPES[name]
+
+
+def _local_folder(name_or_path: str) -> str:
+    """A local directory, or a hub name already in the local Hugging Face cache (never downloads)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name_or_path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any lookup failure means: not here
+        raise ValueError(f"text encoder {name_or_path!r} is neither a local directory nor in the local Hugging "
+                         f"Face cache (nothing is downloaded): give a local or s3:// directory ({e})") from e
+
+
+def read_state_dict(folder: str) -> dict[str, torch.Tensor]:
+    """The weights in a Hugging Face folder: safetensors (single or sharded), else pytorch_model.bin
+    (single or sharded) through `torch.load(weights_only=True)`, which runs no pickled code."""
+    from safetensors.torch import load_file
+
+    for weights, index, load in (
+        ("model.safetensors", "model.safetensors.index.json", load_file),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json",
+         lambda f: torch.load(f, map_location="cpu", weights_only=True)),
+    ):
+        if os.path.exists(os.path.join(folder, weights)):
+            return load(os.path.join(folder, weights))
+        if os.path.exists(os.path.join(folder, index)):
+            with open(os.path.join(folder, index)) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(load(os.path.join(folder, shard)))
+            return state
+    raise ValueError(f"no weights in {folder}: expected model.safetensors or pytorch_model.bin (or their "
+                     "sharded index)")
+
+
+def load_t5_encoder(folder: str, dtype: torch.dtype) -> nn.Module:
+    """T5EncoderModel from a folder's config.json and weights (an encoder-only or a full T5
+    checkpoint: the decoder's weights are skipped), built on the meta device and filled in place,
+    so only one copy of the weights is ever in memory."""
+    from transformers import T5Config, T5EncoderModel
+
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise ValueError(f"no config.json in {folder}: not a Hugging Face T5 directory")
+    t5 = T5Config.from_pretrained(folder, local_files_only=True)
+    state = read_state_dict(folder)
+    with torch.device("meta"):
+        model = T5EncoderModel(t5)
+    wanted = model.state_dict()
+    state = {k: v for k, v in state.items() if k in wanted}
+    if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
+        state["shared.weight"] = state["encoder.embed_tokens.weight"]
+    state.setdefault("encoder.embed_tokens.weight", state.get("shared.weight"))
+    missing = sorted(k for k in wanted if state.get(k) is None)
+    if missing:
+        raise ValueError(f"{folder}: the weights are not a T5 encoder's (missing {missing[:5]})")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+    model.encoder.embed_tokens = model.shared  # tied, as T5EncoderModel builds them
+    return model.eval()
 
 
 class TextEncoder(nn.Module):
@@ -64,26 +140,32 @@ class TextEncoder(nn.Module):
         return cls.load_pretrained(config.name_or_path, config)
 
     @classmethod
-    def load_pretrained(cls, name_or_path: str, config: TextEncoderConfig | None = None) -> TextEncoder:
-        """A Hugging Face T5-family encoder from a local dir, an s3:// dir, or the local HF cache."""
-        from transformers import AutoTokenizer, T5EncoderModel
+    def load_pretrained(cls, name_or_path: str, config: TextEncoderConfig | None = None,
+                        device: str | torch.device = "cpu") -> TextEncoder:
+        """A Hugging Face T5-family encoder from a local dir, an s3:// dir, or the local HF cache, in
+        `config.dtype` ("auto": bfloat16 on a GPU, float32 on a CPU)."""
+        from dataclasses import replace
+
+        from transformers import AutoTokenizer
 
         if storage.is_s3(name_or_path):
             with tempfile.TemporaryDirectory() as tmp:
-                return cls.load_pretrained(_download_dir(name_or_path, tmp), config)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
-            model = T5EncoderModel.from_pretrained(name_or_path, local_files_only=True, use_safetensors=True)
-        except (OSError, ValueError) as e:
-            raise ValueError(
-                f"text encoder {name_or_path!r} not found locally (no downloads are made): give a "
-                f"local or s3:// directory holding a Hugging Face T5 encoder ({e})"
-            ) from e
+                return cls.load_pretrained(_download_dir(name_or_path, tmp), config, device)
         base = config or TextEncoderConfig()
-        from dataclasses import replace
-
+        folder = _local_folder(name_or_path)
+        model = load_t5_encoder(folder, resolve_dtype(base.dtype, device))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, ImportError) as e:
+            raise ValueError(f"text encoder {name_or_path!r}: its tokenizer does not load from {folder} "
+                             f"(T5's own tokenizer needs sentencepiece): {e}") from e
         config = replace(base, name_or_path=name_or_path, d_model=model.config.d_model)
         return cls(config, model.eval(), tokenizer)
+
+    def place(self, device: str | torch.device) -> TextEncoder:
+        """Move to `device` in the dtype the config asks for (checkpoint.load_component calls this)."""
+        self.model.to(device=device, dtype=resolve_dtype(self.config.dtype, device))
+        return self
 
     # -- checkpoint hooks (muse/checkpoint.py) -------------------------------------------------
     def save_extra(self, directory: str) -> None:

@@ -24,7 +24,7 @@ def test_max_length_truncates():
 
 
 def test_missing_pretrained_path_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="not found locally"):
+    with pytest.raises(ValueError, match="neither a local directory nor in the local Hugging Face cache"):
         TextEncoder.load_pretrained(str(tmp_path / "nope"))
 
 
@@ -41,3 +41,78 @@ def test_loads_a_hugging_face_t5_directory(tmp_path):
     ids, mask = enc.tokenize(["hello"])
     ref = hf.eval()(input_ids=ids, attention_mask=mask.long()).last_hidden_state
     assert torch.allclose(emb, ref, atol=1e-6)
+
+
+def _t5_folder(path, full: bool = False, weights: str = "bin"):
+    """A Hugging Face T5 folder as official ones ship: config.json, a tokenizer, and only
+    pytorch_model.bin (or model.safetensors); `full` = an encoder-decoder checkpoint."""
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
+                   feed_forward_proj="gated-gelu")
+    hf = (T5ForConditionalGeneration if full else T5EncoderModel)(cfg).eval()
+    path.mkdir()
+    cfg.save_pretrained(path)
+    ByT5Tokenizer().save_pretrained(path)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    if weights == "bin":
+        torch.save(state, path / "pytorch_model.bin")  # the legacy format, as an official folder holds it
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.clone() for k, v in state.items()}, str(path / "model.safetensors"))
+    return hf.encoder if full else hf
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_a_t5_folder_with_only_pytorch_model_bin_loads(tmp_path, full):
+    hf = _t5_folder(tmp_path / "t5", full=full)
+    enc = TextEncoder.load_pretrained(str(tmp_path / "t5"))
+    assert enc.dim == 32 and not any(p.is_meta for p in enc.parameters())
+    ids, mask = enc.tokenize(["hello there"])
+    emb, _ = enc(["hello there"])
+    ref = hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    torch.testing.assert_close(emb, ref * mask[..., None], rtol=0, atol=1e-6)
+
+
+def test_bin_loading_never_unpickles_code(tmp_path, monkeypatch):
+    _t5_folder(tmp_path / "t5")
+    seen = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k.get("weights_only")) or real_load(*a, **k))
+    TextEncoder.load_pretrained(str(tmp_path / "t5"))
+    assert seen == [True]
+
+
+def test_dtype_option(tmp_path):
+    from dataclasses import replace
+
+    from muse.text import resolve_dtype
+
+    _t5_folder(tmp_path / "t5", weights="safetensors")
+    enc = TextEncoder.load_pretrained(str(tmp_path / "t5"), replace(preset("t5-tiny"), dtype="bfloat16"))
+    assert {p.dtype for p in enc.parameters()} == {torch.bfloat16}
+    emb, _ = enc(["hello"])
+    assert emb.dtype == torch.bfloat16 and torch.isfinite(emb).all()
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("auto", "cuda:0") == torch.bfloat16
+    with pytest.raises(ValueError, match="float16 is not offered"):
+        resolve_dtype("float16", "cpu")
+
+
+def test_a_folder_without_weights_says_so(tmp_path):
+    from transformers import T5Config
+
+    T5Config(d_model=32).save_pretrained(tmp_path / "t5")
+    with pytest.raises(ValueError, match="no weights in .*pytorch_model.bin"):
+        TextEncoder.load_pretrained(str(tmp_path / "t5"))
+
+
+def test_a_text_encoder_of_the_wrong_width_is_a_clear_error(tmp_path):
+    from muse.pipeline import MusePipeline
+
+    _t5_folder(tmp_path / "t5")
+    tiny = MusePipeline.from_preset("tiny")  # its transformers read 64-wide text
+    wrong = TextEncoder.load_pretrained(str(tmp_path / "t5"))  # 32 wide
+    with pytest.raises(ValueError, match="32-wide embeddings but base reads text_dim 64"):
+        MusePipeline(wrong, tiny.vqgan_lo, tiny.base, tiny.vqgan_hi, tiny.superres)
