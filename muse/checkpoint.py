@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from muse import storage
@@ -156,7 +156,11 @@ def _parse_config(meta: dict[str, Any], uri: str) -> Any:
 
 
 def load_component(uri: str, device: str | torch.device = "cpu", expect_kind: str | None = None) -> nn.Module:
-    """Build the component at `uri` and load its weights (safetensors only), in eval mode."""
+    """Build the component at `uri` and load its weights (safetensors only), in eval mode.
+
+    The model is built on the meta device and its tensors are the loaded ones (`assign=True`): no
+    random initialisation, and one copy of the weights in memory (a 3B transformer would otherwise
+    hold two, and spend minutes initialising what is then overwritten)."""
     meta = _read_meta(uri)
     kind = meta["kind"]
     if expect_kind is not None and expect_kind not in (kind, KINDS[kind].role):
@@ -168,11 +172,18 @@ def load_component(uri: str, device: str | torch.device = "cpu", expect_kind: st
         weights = os.path.join(local, WEIGHTS_FILE)
         if not os.path.exists(weights):
             raise CheckpointError(f"no {WEIGHTS_FILE} in {uri}")
-        model = model_cls.from_saved(config, local) if hasattr(model_cls, "from_saved") else model_cls(config)
         try:
-            missing, unexpected = load_model(model, weights, strict=False)
+            state = load_file(weights)
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"{weights} in {uri} is corrupt or does not match its config: {e}") from e
+        build = lambda: model_cls.from_saved(config, local) if hasattr(model_cls, "from_saved") else model_cls(config)  # noqa: E731
+        with torch.device("meta"):
+            model = build()
+        missing, unexpected = _assign(model, state, uri)
+        if missing and all(name in _non_persistent(model) for name in missing):
+            # Buffers computed at construction, not saved (CLIP's position ids): build for real.
+            model = build()
+            missing, unexpected = _assign(model, state, uri)
         if missing or unexpected:
             raise CheckpointError(
                 f"{uri}: weights do not match the {kind} config "
@@ -180,6 +191,42 @@ def load_component(uri: str, device: str | torch.device = "cpu", expect_kind: st
             )
     # A component may keep its own precision on a device (the text encoder's config.dtype).
     return (model.place(device) if hasattr(model, "place") else model.to(device)).eval()
+
+
+def _assign(model: nn.Module, state: dict[str, torch.Tensor], uri: str) -> tuple[list[str], list[str]]:
+    """Load `state` into `model` as its own tensors (cast to each parameter's dtype, as a copy would).
+    Returns (tensors still unset, keys the model does not have). A tensor the file stores once for
+    two tied names (safetensors drops duplicates) is set through either name."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and value.dtype != own[key].dtype and own[key].is_floating_point():
+            state[key] = value.to(own[key].dtype)
+    tied: dict[int, list[str]] = {}
+    for name, t in _tensors(model):
+        tied.setdefault(id(t), []).append(name)
+    try:
+        _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{uri}: weights do not match its config: {e}") from e
+    current = dict(_tensors(model))
+    for names in tied.values():  # assigning one name of a tied pair unties it: tie the rest again
+        loaded = [n for n in names if not current[n].is_meta]
+        for name in names:
+            if loaded and current[name].is_meta:
+                prefix, _, leaf = name.rpartition(".")
+                module = model.get_submodule(prefix)
+                table = module._parameters if leaf in module._parameters else module._buffers
+                table[leaf] = current[loaded[0]]
+    return [n for n, t in _tensors(model) if t.is_meta], list(unexpected)
+
+
+def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+
+
+def _non_persistent(model: nn.Module) -> set[str]:
+    return {f"{prefix}.{name}" if prefix else name for prefix, m in model.named_modules()
+            for name in m._non_persistent_buffers_set}
 
 
 def _localise(uri: str, tmp: str) -> str:

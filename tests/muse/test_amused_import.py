@@ -205,19 +205,23 @@ def test_not_an_amused_directory_is_a_clear_error(tmp_path, capsys):
 
 
 def test_serving_deployments_run_the_imported_root(imported):
-    """The Serve deployments' model code without Serve: text -> batched decode -> PNG at the root's size."""
+    """The Serve deployments' methods without Serve: text -> tokens -> PNG at the root's size."""
+    import asyncio
     import io
 
     from PIL import Image
 
     from serve.config import Batching
-    from serve.deployments import BaseGenerator, Decode, Decoder, TextEncoder, _Job
+    from serve.deployments import BaseGenerator, Decode, Decoder, TextEncoder
 
     arch, _, _, root = imported
     res = ARCH[arch]["sample_size"] * 16
     text, base, decoder = TextEncoder(root), BaseGenerator(root, "cpu", Batching(), 4.5, 2), Decoder(root)
-    jobs = [_Job(text.encode("a red circle"), Decode(1, 2, 3.0, 0)),
-            _Job(text.encode("two cats", "blurry"), Decode(1, 2, 3.0, 1))]
-    for tokens in base._decode_jobs(jobs):
-        (png,) = decoder.decode(tokens, "lo")
-        assert Image.open(io.BytesIO(png)).size == (res, res)
+
+    async def both():
+        return await asyncio.gather(base.generate(text.encode("a red circle"), Decode(1, 2, 3.0, 0)),
+                                    base.generate(text.encode("two cats", "blurry"), Decode(2, 2, 3.0, 1)))
+
+    for tokens, n in zip(asyncio.run(both()), (1, 2)):
+        pngs = decoder.decode(tokens, "lo")
+        assert [Image.open(io.BytesIO(png)).size for png in pngs] == [(res, res)] * n

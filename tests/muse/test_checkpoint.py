@@ -94,3 +94,30 @@ def test_storage_absolute_pins_relative_local_paths(tmp_path, monkeypatch):
     assert storage.absolute("file://out") == f"file://{tmp_path / 'out'}"
     assert storage.absolute("s3://bucket/root") == "s3://bucket/root"
     assert storage.absolute("/already/absolute") == "/already/absolute"
+
+
+def test_components_are_built_on_the_meta_device_and_filled_from_the_file(tmp_path, monkeypatch):
+    """No random initialisation before loading: the model is built on the meta device and its
+    tensors are the file's; weights tied in the model (T5's embeddings) stay tied."""
+    from muse.checkpoint import component_uri, init_model_root, load_component
+    from muse.transformer import MaskedTransformer
+
+    root = str(tmp_path / "root")
+    saved = init_model_root("tiny", root, components=("text_encoder", "base"))
+    built_on = []
+    real_init = MaskedTransformer.__init__
+
+    def spy(self, config):
+        real_init(self, config)
+        built_on.append(self.head.weight.device.type)
+
+    monkeypatch.setattr(MaskedTransformer, "__init__", spy)
+    base = load_component(component_uri(root, "base"))
+    assert built_on == ["meta"]
+    assert not any(t.is_meta for t in list(base.parameters()) + list(base.buffers()))
+    for (name, ours), theirs in zip(base.state_dict().items(), saved["base"].state_dict().values()):
+        assert torch.equal(ours, theirs), name
+    text = load_component(component_uri(root, "text_encoder"))
+    t5 = text.model
+    assert t5.shared.weight is t5.encoder.embed_tokens.weight and not t5.shared.weight.is_meta
+    assert torch.equal(t5.shared.weight, saved["text_encoder"].model.shared.weight)
