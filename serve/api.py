@@ -2,55 +2,50 @@
 
     POST /v1/images/generations   JSON; `stream: true` answers with server-sent events
     POST /v1/images/edits         multipart: image, optional mask, prompt, ...
-    GET  /v1/models  /v1/files/<id>.png  /healthz  /
+    GET  /v1/models  /v1/files/<id>.<format>  /healthz  /
 
 Each request chains the model deployments by handing one call's DeploymentResponse to the next
-(text -> base -> super-res -> decoder), so token grids go from replica to replica and only PNG bytes
-come back here. Streaming is the exception: partial grids come back for previews (the decoder turns
-them into PNGs), and the base stage's final grid is handed on to super-res from here.
+(text -> base -> super-res -> decoder), so token grids go from replica to replica and only image
+bytes come back here. Where each concern lives:
 
-Every failure is answered in OpenAI's error shape. A replica that dies mid-request is retried on the
-replacement Serve starts (a few times, within the request timeout); a request past the timeout is
-cancelled and answered 504; Serve's back-pressure (max_queued_requests) is answered 503.
+    serve/chain.py      running a chain: timeout, cancellation, retries on a lost replica, errors
+    serve/streaming.py  server-sent events, admitted before the first byte
+    serve/responses.py  b64_json or file URLs
+    serve/guard.py      API key, body size, admission (429 past `max_in_flight`)
+    serve/schemas.py    request fields and validation
+
+Every failure is answered in OpenAI's error shape, never as a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hmac
-import itertools
-import json
 import logging
 import math
 import secrets
-import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from muse import checkpoint
+from serve.chain import run_chain
 from serve.config import AppArgs
-from serve.deployments import Decode, preview_after
-from serve.files import FileStore
+from serve.deployments import Decode
+from serve.guard import RETRY_AFTER_S, Guard
 from serve.images import Output, UploadError, prepare_edit
+from serve.responses import Responses
 from serve.schemas import (
     FIELDS, OUTPUT_FORMATS, APIError, GenerationRequest, check_common, check_prompt, check_unknown_fields,
     error_response, resolve_size, supported_sizes, usage, validation_param,
 )
+from serve.streaming import open_stream
 
 logger = logging.getLogger("ray.serve")
 STATIC = Path(__file__).parent / "static"
-RETRY_BACKOFF_S = (0.25, 0.5, 1.0, 2.0)  # waits between re-runs after a replica died under a request
-RETRY_WINDOW_S = 60.0  # how long a request waits for a replacement replica (within its timeout)
-RETRY_AFTER_S = 1  # the Retry-After of a 503 (at capacity, no replica) or 429
 
 
 @serve.ingress()
@@ -67,7 +62,7 @@ class Ingress:
         if superres is not None:
             _, hi = checkpoint.read_component_config(checkpoint.component_uri(args.checkpoint, "vqgan_hi"))
             self.hi_side, self.hi_tokens = hi.resolution, hi.tokens_per_side
-        self.files = FileStore(args.files)
+        self.responses = Responses(args.files)
         self.page = (STATIC / "index.html").read_text()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -128,150 +123,8 @@ class Ingress:
 
         return await self.call(chain)
 
-    async def call(self, chain: Callable[[], list]) -> Any:
-        """Run `chain()` (-> the DeploymentResponses it started, the final one last) to its result
-        within the request timeout, re-running it (with backoff, for up to RETRY_WINDOW_S) when a
-        replica died under it. On timeout every call of the chain is cancelled."""
-        start = time.monotonic()
-        deadline = start + self.limits.request_timeout_s
-        for attempt in itertools.count():
-            calls = chain()
-            try:
-                return await asyncio.wait_for(_result(calls[-1]), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                for response in calls:
-                    response.cancel()
-                raise APIError(504, f"the request took longer than {self.limits.request_timeout_s:g} s",
-                               type="server_error", code="timeout") from None
-            except BackPressureError:
-                raise APIError(503, "the server is at capacity; retry shortly", type="server_error",
-                               code="overloaded") from None
-            except Exception as e:  # noqa: BLE001 - sorted below
-                if not _replica_lost(e):
-                    raise
-                wait = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
-                if time.monotonic() + wait > min(deadline, start + RETRY_WINDOW_S):
-                    raise APIError(503, "a model replica failed and no replacement came up in time; retry",
-                                   type="server_error", code="replica_unavailable") from None
-                logger.warning("a replica died under a request (%s); retrying", type(e).__name__)
-                await asyncio.sleep(wait)
-
-    async def stream(self, req: GenerationRequest, stage: str, seed: int, base_url: str,
-                     out: Output) -> AsyncIterator[str]:
-        """Server-sent events: `image_generation.partial_image` previews (every `preview_every` steps
-        of each stage, or `partial_images` of them spread over the decode), then one
-        `image_generation.completed` per image, with `usage` on each."""
-        lo_decode, hi_decode = self.decodes(req.n, seed, req.steps, req.superres_steps, req.guidance_scale)
-        size = f"{out.side}x{out.side}"
-        fields = _event_fields(size, out.format)
-        every = self.sampling.preview_every
-        stages = [lo_decode.steps] + ([hi_decode.steps] if stage == "hi" else [])
-        offered = sum(preview_after(s, steps, every) for steps in stages for s in range(steps))
-        keep = _spread(offered, req.partial_images)
-        partial = seen = 0
-        try:
-            async with asyncio.timeout(self.limits.request_timeout_s):
-                cond = self.text.encode.remote(req.prompt, req.negative_prompt)
-                tokens = None
-                for name, deployment, args in (("base", self.base, (lo_decode,)),
-                                               ("superres", self.superres, (hi_decode,))):
-                    if name == "superres" and stage != "hi":
-                        break
-                    call_args = (cond, *args) if tokens is None else (cond, tokens, *args)
-                    events = deployment.options(stream=True).stream.remote(*call_args)
-                    try:
-                        async for event in events:
-                            if event["done"]:
-                                tokens = event["ids"]
-                                continue
-                            seen += 1
-                            if seen - 1 not in keep:
-                                continue
-                            previews = await self.decoder.preview.remote(event["ids"], "lo" if name == "base" else "hi",
-                                                                         out)
-                            for i, png in enumerate(previews):
-                                yield sse("image_generation.partial_image", {
-                                    "b64_json": _b64(png), "index": i, "partial_image_index": partial, "stage": name,
-                                    "step": event["step"], "steps": event["steps"], **fields})
-                            partial += 1
-                    finally:
-                        events.cancel()
-                pngs = await self.decoder.decode.remote(tokens, stage, out)
-                used = self.usage(req.prompt, req.n, stage)
-                for i, png in enumerate(pngs):  # always b64_json, as OpenAI's streams; a URL too if asked
-                    url = await self.image_item(png, "url", base_url, out.format) if req.response_format == "url" else {}
-                    yield sse("image_generation.completed", {
-                        "b64_json": _b64(png), **url, "index": i, "seed": seed, "usage": used, **fields})
-        except TimeoutError:
-            yield sse("error", {"error": _error_body("the request took longer than the timeout", "timeout")})
-        except Exception as e:  # noqa: BLE001 - headers are sent: report in-band and end the stream
-            logger.exception("stream failed")
-            yield sse("error", {"error": _error_body(f"generation failed: {type(e).__name__}", "server_error")})
-
-    # -- responses -----------------------------------------------------------------------------
-    async def image_item(self, data: bytes, response_format: str, base_url: str, fmt: str = "png") -> dict:
-        if response_format == "b64_json":
-            return {"b64_json": _b64(data)}
-        base = (self.args.files.public_url or base_url).rstrip("/")
-        file_id = await asyncio.to_thread(self.files.put, data)  # disk or S3: off the event loop
-        return {"url": f"{base}/v1/files/{file_id}.{fmt}"}
-
-    async def images_response(self, images: list[bytes], response_format: str, seed: int, out: Output,
-                              base_url: str, used: dict) -> dict:
-        items = [await self.image_item(data, response_format, base_url, out.format) for data in images]
-        return {
-            "created": int(time.time()),
-            "data": [{**item, "revised_prompt": None, "seed": seed, "index": i} for i, item in enumerate(items)],
-            "size": f"{out.side}x{out.side}",
-            "output_format": out.format,
-            "usage": used,
-        }
-
-    def authorized(self, header: bytes | None) -> bool:
-        if not self.args.api_key:
-            return True
-        scheme, _, token = (header or b"").partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.args.api_key.encode())
-
-
-def _event_fields(size: str, output_format: str = "png") -> dict:
-    """Fields OpenAI's image stream events carry, so its client parses ours."""
-    return {"size": size, "created_at": int(time.time()), "output_format": output_format, "background": "opaque",
-            "quality": "auto"}
-
-
-def _spread(offered: int, wanted: int | None) -> set[int]:
-    """Which of `offered` previews to send: all (wanted None), or `wanted` of them spread evenly,
-    the last one included."""
-    if wanted is None or wanted >= offered:
-        return set(range(offered))
-    return {offered - 1 - round(i * offered / wanted) for i in range(wanted)}
-
-
-def _b64(png: bytes) -> str:
-    return base64.b64encode(png).decode("ascii")
-
-
-async def _result(response: Any) -> Any:
-    return await response
-
-
-def _replica_lost(e: BaseException) -> bool:
-    """Did a replica die (or go away) under this request, here or in a deployment it called?"""
-    lost = (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError, ReplicaUnavailableError)
-    while e is not None:
-        if isinstance(e, lost):
-            return True
-        e = e.cause if isinstance(e, RayTaskError) else e.__cause__
-    return False
-
-
-def _error_body(message: str, code: str, type: str = "server_error", param: str | None = None) -> dict:
-    return {"message": message, "type": type, "param": param, "code": code}
-
-
-def sse(event: str, data: dict) -> str:
-    return f"event: {event}\ndata: {json.dumps({'type': event, **data})}\n\n"
+    async def call(self, chain) -> list[bytes]:
+        return await run_chain(chain, self.limits.request_timeout_s, self.limits.max_retries)
 
 
 def _seed(seed: int | None) -> int:
@@ -308,10 +161,13 @@ def build_fastapi(ing: Ingress) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception):
+        # A bug here, not the caller's fault; a 503 with Retry-After keeps clients' retry logic simple.
         logger.exception("unhandled error")
-        return error_response(500, f"internal error: {type(e).__name__}", type="server_error", code="server_error")
+        return error_response(503, f"internal error: {type(e).__name__}", type="server_error", code="server_error",
+                              headers={"Retry-After": str(RETRY_AFTER_S)})
 
-    app.add_middleware(Guard, ingress=ing)
+    app.add_middleware(Guard, api_key=ing.args.api_key, max_body_bytes=limits.max_body_bytes,
+                       max_in_flight=limits.max_in_flight)
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
@@ -337,7 +193,7 @@ def build_fastapi(ing: Ingress) -> FastAPI:
     @app.get("/v1/files/{name}")
     async def files(name: str) -> Response:
         stem, _, ext = name.rpartition(".")
-        data = await asyncio.to_thread(ing.files.get, stem) if ext in OUTPUT_FORMATS else None
+        data = await ing.responses.file(stem) if ext in OUTPUT_FORMATS else None
         if data is None:
             raise APIError(404, "no such file (or it has expired)", param="file", code="not_found")
         return Response(data, media_type=OUTPUT_FORMATS[ext], headers={"Cache-Control": "private, max-age=3600"})
@@ -352,12 +208,13 @@ def build_fastapi(ing: Ingress) -> FastAPI:
         out = Output(side, req.output_format, req.output_compression)
         seed = _seed(req.seed)
         base_url = str(request.base_url)
-        if req.stream:
-            return StreamingResponse(ing.stream(req, stage, seed, base_url, out), media_type="text/event-stream",
+        if req.stream:  # admitted (or refused with a 503) before the first event
+            events = await open_stream(ing, req, stage, seed, base_url, out)
+            return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         images = await ing.generate(req, stage, seed, out)
-        return await ing.images_response(images, req.response_format or "url", seed, out, base_url,
-                                         ing.usage(req.prompt, req.n, stage))
+        return await ing.responses.images(images, req.response_format or "url", seed, out, base_url,
+                                          ing.usage(req.prompt, req.n, stage))
 
     @app.post("/v1/images/edits")
     async def edits(request: Request):
@@ -404,8 +261,8 @@ def build_fastapi(ing: Ingress) -> FastAPI:
         seed_ = _seed(seed)
         data = await ing.edit(await images[0].read(), await mask.read() if mask is not None else None, prompt,
                               negative, n, stage, seed_, steps, superres_steps, guidance, out)
-        return await ing.images_response(data, response_format, seed_, out, str(request.base_url),
-                                         ing.usage(prompt, n, stage))
+        return await ing.responses.images(data, response_format, seed_, out, str(request.base_url),
+                                          ing.usage(prompt, n, stage))
 
     return app
 
@@ -437,53 +294,3 @@ class _EditForm:
         if number is not None and not math.isfinite(number):
             raise APIError(400, f"'{name}' must be a finite number, got {value!r}", param=name, code="invalid_type")
         return number
-
-
-class Guard:
-    """ASGI middleware that answers before any route runs: 401 for /v1/ requests without the API
-    key (when one is configured; the web page, /healthz and file URLs stay open), and 413 for a body
-    over `max_body_bytes`, by Content-Length or, for chunked uploads, while it is read (the body is
-    buffered here, so routes never see more than the limit)."""
-
-    def __init__(self, app, ingress: Ingress):
-        self.app, self.ingress = app, ingress
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        path = scope["path"][len(scope.get("root_path", "")):] if scope["path"].startswith(
-            scope.get("root_path", "")) else scope["path"]
-        if path.startswith("/v1/") and not path.startswith("/v1/files/") and \
-                not self.ingress.authorized(headers.get(b"authorization")):
-            return await error_response(401, "Incorrect API key provided: send 'Authorization: Bearer <key>'",
-                                        code="invalid_api_key",
-                                        headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
-        limit = self.ingress.limits.max_body_bytes
-        too_large = error_response(413, f"the request body is over {limit} bytes", code="request_too_large")
-        declared = headers.get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return await too_large(scope, receive, send)
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                return await too_large(scope, receive, send)
-            if not message.get("more_body", False):
-                break
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)

@@ -18,11 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from muse.sampling import RENAMED_TEMPERATURE
 
 
-# @serve.batch batches formed while a generator is busy that wait to merge into its next decode
-# (see deployments._TokenGenerator._run_batch); a replica then holds up to this many batches.
-MERGED_BATCHES = 4
-
-
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -53,7 +48,7 @@ class Deployment(Strict):
     num_cpus: float = Field(0.25, ge=0)  # a replica claims 1 CPU unless told otherwise
     num_gpus: float = Field(0.0, ge=0)  # fractions share one GPU between deployments
     max_ongoing_requests: int = Field(32, ge=1)
-    max_queued_requests: int = Field(-1, ge=-1)  # -1: unbounded; else callers get 503 past it
+    max_queued_requests: int = Field(32, ge=-1)  # callers past it get a quick 503 (-1: unbounded, not advised)
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments for `Deployment.options(...)`."""
@@ -70,28 +65,36 @@ class Deployment(Strict):
 
 
 class Batching(Strict):
-    """`@serve.batch` settings: requests from different callers decoded as one batch. A batch of 1
-    turns batching off."""
+    """The step scheduler of a generator replica (serve/scheduler.py): requests from different
+    callers share each forward, up to `max_rows` rows. An image takes one row, two with guidance
+    (conditional + unconditional). `max_rows: 1` turns batching off."""
 
-    max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_rows: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)  # an idle replica waits this long to gather a batch
 
 
 class Generator(Deployment):
-    """A transformer deployment (base or super-res): resources plus its batcher."""
+    """A transformer deployment (base or super-res): resources plus its scheduler's row budget.
+
+    A replica holds `max_ongoing_requests` requests: enough to fill the row budget and have the next
+    ones waiting; Serve queues `max_queued_requests` more, then answers 503. Autoscaling should
+    target about the requests that fill the budget (max_rows / 2 guided images), not more than
+    a replica holds, so replicas are added when batches are full, not before."""
 
     batching: Batching = Batching()
-
-    max_ongoing_requests: int = Field(64, ge=1)
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(16, ge=-1)
 
     @model_validator(mode="after")
-    def _room_for_batches(self) -> Generator:
-        need = self.batching.max_batch_size * MERGED_BATCHES
-        if self.max_ongoing_requests < need:
-            raise ValueError(
-                f"max_ongoing_requests {self.max_ongoing_requests} must be >= max_batch_size x {MERGED_BATCHES} "
-                f"= {need}: a replica holds up to {MERGED_BATCHES} batches that merge while the model is busy"
-            )
+    def _consistent(self) -> Generator:
+        fill = max(1, self.batching.max_rows // 2)  # guided one-image requests that fill a forward
+        if self.max_ongoing_requests < fill:
+            raise ValueError(f"max_ongoing_requests {self.max_ongoing_requests} < max_rows / 2 = {fill}: "
+                             "the row budget could never fill")
+        target = self.autoscaling.target_ongoing_requests if self.autoscaling else None
+        if target is not None and target > self.max_ongoing_requests:
+            raise ValueError(f"autoscaling target_ongoing_requests {target} > max_ongoing_requests "
+                             f"{self.max_ongoing_requests}: a replica can never reach it")
         return self
 
 
@@ -105,6 +108,8 @@ class Limits(Strict):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=1)
     request_timeout_s: float = Field(300.0, gt=0)
+    max_in_flight: int = Field(48, ge=1)  # image requests per ingress replica; more get a quick 429
+    max_retries: int = Field(1, ge=0, le=2)  # re-runs after a replica was lost (never after one crashed under it)
 
 
 class Sampling(Strict):

@@ -14,14 +14,17 @@ from PIL import Image
 
 APP = "muse"
 KEY = "test-key-123"
-# Small step counts keep the suite fast on two cores; batching waits long enough that concurrent
-# requests reliably share a batch.
+# Small step counts keep the suite fast on two cores; an idle scheduler waits long enough that
+# concurrent requests reliably share a batch. Queues are small so an overload test reaches them.
 TEST_ARGS = {
     "api_key": KEY,
     "sampling": {"steps": 6, "superres_steps": 3, "preview_every": 2, "edit_iterations": 6},
-    "base": {"batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2}},
-    "superres": {"batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2}},
-    "limits": {"max_body_bytes": 1 << 20, "max_images": 4, "max_prompt_chars": 200, "request_timeout_s": 120},
+    "base": {"batching": {"max_rows": 16, "batch_wait_timeout_s": 0.2}, "max_ongoing_requests": 12,
+             "max_queued_requests": 8},
+    "superres": {"batching": {"max_rows": 16, "batch_wait_timeout_s": 0.2}, "max_ongoing_requests": 12,
+                 "max_queued_requests": 8},
+    "limits": {"max_body_bytes": 1 << 20, "max_images": 4, "max_prompt_chars": 200, "request_timeout_s": 120,
+               "max_in_flight": 24},
 }
 
 

@@ -3,6 +3,7 @@ the HTTP layer with and without an API key, and batched decoding without Serve."
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 import types
@@ -38,16 +39,21 @@ def test_other_sizes_are_refused(size, hi):
 
 def test_shipped_serve_config_is_valid_and_typed():
     args = AppArgs.model_validate(load_args(REPO / "serve" / "config.yaml"))
-    assert args.base.autoscaling.max_replicas == 4 and args.base.batching.max_batch_size == 16
+    assert args.base.autoscaling.max_replicas == 4 and args.base.batching.max_rows == 32
     opts = args.base.options()
     assert opts["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in opts
     assert opts["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0}
     assert Deployment(num_replicas=3).options()["num_replicas"] == 3
+    for name in ("ingress", "text_encoder", "base", "superres", "decoder"):  # finite queues everywhere
+        assert getattr(args, name).options()["max_queued_requests"] > 0
+    assert args.base.autoscaling.target_ongoing_requests == args.base.batching.max_rows / 2  # fills a forward
 
 
 @pytest.mark.parametrize("data", [
     {"checkpoint": "x", "bogus": 1},
-    {"checkpoint": "x", "base": {"batching": {"max_batch_size": 64}, "max_ongoing_requests": 8}},
+    {"checkpoint": "x", "base": {"batching": {"max_rows": 64}, "max_ongoing_requests": 8}},
+    {"checkpoint": "x", "base": {"max_ongoing_requests": 16, "autoscaling": {"target_ongoing_requests": 32}}},
+    {"checkpoint": "x", "limits": {"max_retries": 5}},
     {"checkpoint": "x", "decoder": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}},
     {"checkpoint": "x", "base": {"num_cpus": -1}},
     {"checkpoint": "x", "device": "cuda"},  # replicas without a GPU fraction would see no GPU
@@ -60,8 +66,8 @@ def test_bad_config_is_refused(data):
 
 def test_load_args_accepts_a_plain_mapping(tmp_path):
     path = tmp_path / "args.yaml"
-    path.write_text("checkpoint: /models/tiny\nbase:\n  batching: {max_batch_size: 2}\n")
-    assert AppArgs.model_validate(load_args(path)).base == Generator(batching={"max_batch_size": 2})
+    path.write_text("checkpoint: /models/tiny\nbase:\n  batching: {max_rows: 2}\n")
+    assert AppArgs.model_validate(load_args(path)).base == Generator(batching={"max_rows": 2})
 
 
 def test_file_store_in_memory_expires_and_caps():
@@ -143,13 +149,11 @@ def test_previews_grey_out_undecided_tokens():
 
 def _fake_ingress(api_key: str | None):
     """What build_fastapi reads from an Ingress, with no models behind it."""
-    from serve.api import Ingress
+    from serve.responses import Responses
 
     args = AppArgs(checkpoint="unused", api_key=api_key)
-    ing = types.SimpleNamespace(args=args, limits=Limits(), sampling=Sampling(), lo_side=64, hi_side=128,
-                                files=FileStore(Files()), page="<html>Muse on Ray</html>")
-    ing.authorized = lambda header: Ingress.authorized(ing, header)
-    return ing
+    return types.SimpleNamespace(args=args, limits=Limits(), sampling=Sampling(), lo_side=64, hi_side=128,
+                                 responses=Responses(Files()), page="<html>Muse on Ray</html>")
 
 
 async def _models(key: str | None, header: dict) -> int:
@@ -209,28 +213,6 @@ def test_build_app_reads_the_key_from_the_environment(tmp_path, monkeypatch):
     assert args.api_key == "from-env"
 
 
-def test_batched_decoding_gives_each_request_its_own_image(tmp_path):
-    """Without Serve: a batch of jobs with different steps, guidance, seeds, n and negative prompts
-    decodes to exactly what each job gives alone."""
-    from muse.checkpoint import init_model_root
-    from serve.config import Batching
-    from serve.deployments import BaseGenerator, Decode, TextEncoder, _Job
-
-    root = str(tmp_path / "root")
-    init_model_root("tiny", root, components=("text_encoder", "vqgan_lo", "base"))
-    text, base = TextEncoder(root), BaseGenerator(root, "cpu", Batching(), 4.5, 2)
-    jobs = [_Job(text.encode("a red circle"), Decode(2, 4, 3.0, 1)),
-            _Job(text.encode("a much longer prompt about squares", "blurry"), Decode(1, 4, 2.0, 7)),
-            _Job(text.encode("three"), Decode(1, 3, 0.0, 7))]
-    together = base._decode_jobs(jobs)
-    for job, tokens in zip(jobs, together):
-        alone = base._decode_jobs([job])[0]
-        assert torch.equal(alone.ids, tokens.ids) and tokens.ids.shape == (job.decode.n, 8, 8)
-        assert all(torch.equal(a, b) for a, b in zip(alone.rng, tokens.rng))
-    assert not torch.equal(together[0].ids[0], together[0].ids[1])  # rows of one request differ
-    assert not (together[1].ids == together[2].ids).all()  # same seed, different prompt and steps
-
-
 def test_cli_needs_a_checkpoint(tmp_path):
     from serve.cli import main, parse_args
 
@@ -253,7 +235,7 @@ def test_serve_config_args_reach_build_app_the_way_serve_passes_them(tmp_path):
     args = load_args(REPO / "serve" / "config.yaml")
     app = call_user_app_builder_with_args_if_necessary(build_app, {**args, "checkpoint": root, "api_key": "k"})
     *handles, built = app._bound_deployment.init_args
-    assert built.checkpoint == root and built.base.batching.max_batch_size == 16 and built.api_key == "k"
+    assert built.checkpoint == root and built.base.batching.max_rows == 32 and built.api_key == "k"
     assert handles[2] is not None  # super-res present in this root
     with pytest.raises(ValueError):
         call_user_app_builder_with_args_if_necessary(build_app, {"checkpoint": root, "bogus": 1})
@@ -280,24 +262,24 @@ class _FakeResponse:
         self.cancelled = True
 
 
-def test_calls_retry_on_a_lost_replica_and_time_out_with_504(monkeypatch):
+def test_chains_retry_a_lost_replica_at_most_max_retries_and_never_a_crashed_one(monkeypatch):
     import asyncio
 
-    from ray.exceptions import ActorDiedError
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
     from ray.serve.exceptions import BackPressureError
 
-    import serve.api as api
+    import serve.chain as chain_mod
 
-    monkeypatch.setattr(api, "RETRY_BACKOFF_S", (0.01,))
-    ingress = types.SimpleNamespace(limits=Limits(request_timeout_s=0.5))
-    call = lambda chain: asyncio.run(api.Ingress.call(ingress, chain))  # noqa: E731
+    monkeypatch.setattr(chain_mod, "RETRY_BACKOFF_S", (0.01,))
+    call = lambda chain, timeout=0.5, retries=1: asyncio.run(chain_mod.run_chain(chain, timeout, retries))  # noqa: E731
 
     attempts = []
 
     def flaky():
         attempts.append(1)
         first = len(attempts) == 1
-        return [_FakeResponse(), _FakeResponse(error=ActorDiedError() if first else None, result="png")]
+        lost = ActorUnavailableError("unreachable", b"0" * 16)
+        return [_FakeResponse(), _FakeResponse(error=lost if first else None, result="png")]
 
     assert call(flaky) == "png" and len(attempts) == 2
 
@@ -310,26 +292,42 @@ def test_calls_retry_on_a_lost_replica_and_time_out_with_504(monkeypatch):
         call(lambda: [_FakeResponse(error=BackPressureError(num_queued_requests=9, max_queued_requests=8))])
     assert err.value.status == 503 and err.value.code == "overloaded"
 
-    monkeypatch.setattr(api, "RETRY_WINDOW_S", 0.1)
-    ingress.limits = Limits(request_timeout_s=30)
-    with pytest.raises(APIError) as err:  # a replica that never comes back: 503 once the window is spent
-        call(lambda: [_FakeResponse(error=ActorDiedError())])
-    assert err.value.status == 503 and err.value.code == "replica_unavailable"
+    attempts.clear()
 
-    with pytest.raises(ZeroDivisionError):  # anything else is not retried
-        call(lambda: [_FakeResponse(error=ZeroDivisionError())])
+    def always_lost():
+        attempts.append(1)
+        return [_FakeResponse(error=ActorUnavailableError("unreachable", b"0" * 16))]
+
+    with pytest.raises(APIError) as err:  # one re-run, then 503
+        call(always_lost, timeout=30)
+    assert err.value.status == 503 and err.value.code == "replica_unavailable" and len(attempts) == 2
+
+    attempts.clear()
+
+    def crashing():  # the replica's process died while running the request: maybe the request did it
+        attempts.append(1)
+        return [_FakeResponse(error=ActorDiedError())]
+
+    with pytest.raises(APIError) as err:
+        call(crashing, timeout=30)
+    assert err.value.code == "replica_crashed" and len(attempts) == 1
+
+    failed = RayTaskError("generate", "traceback", IndexError("index out of range"))
+    with pytest.raises(APIError) as err:  # the model failed on this request: a 503, not a 500
+        call(lambda: [_FakeResponse(error=failed)])
+    assert err.value.status == 503 and err.value.code == "model_error"
 
 
 def test_deployments_load_their_models_from_s3(s3_bucket):
     """Each deployment class loads its component from an s3:// model root (a local S3 server)."""
     from muse.checkpoint import init_model_root
     from serve.config import Batching
-    from serve.deployments import BaseGenerator, Decode, Decoder, TextEncoder, _Job
+    from serve.deployments import BaseGenerator, Decode, Decoder, TextEncoder
 
     root = f"{s3_bucket}/models/tiny"
     init_model_root("tiny", root, components=("text_encoder", "vqgan_lo", "base"))
     text, base, decoder = TextEncoder(root), BaseGenerator(root, "cpu", Batching(), 4.5, 2), Decoder(root)
-    (tokens,) = base._decode_jobs([_Job(text.encode("a red circle"), Decode(1, 2, 1.0, 0))])
+    tokens = asyncio.run(base.generate(text.encode("a red circle"), Decode(1, 2, 1.0, 0)))
     (png,) = decoder.decode(tokens, "lo")
     assert Image.open(io.BytesIO(png)).size == (64, 64) and set(decoder.vqgans) == {"lo"}
 
@@ -342,13 +340,15 @@ def test_health_check_fails_on_a_stalled_decode_and_passes_again_after_it(tmp_pa
     root = str(tmp_path / "root")
     init_model_root("tiny", root, components=("text_encoder", "vqgan_lo", "base"))
     base = BaseGenerator(root, "cpu", Batching(), 4.5, 2, stuck_after_s=5.0)
+    sched = base.scheduler
     base.check_health()  # idle
-    with base._in_flight():
-        base.check_health()  # just started
-        base._last_step -= 6.0  # no step finished for 6 s
-        with pytest.raises(RuntimeError, match="no step finished"):
-            base.check_health()
-        base._progress(None)(0, torch.zeros(1))  # a step finishes
+    sched.active.append(object())  # a task in flight
+    base.check_health()  # just started
+    sched.last_progress -= 6.0  # no step finished for 6 s
+    with pytest.raises(RuntimeError, match="no step finished"):
         base.check_health()
-    base._last_step -= 60.0
+    sched.last_progress = time.monotonic()  # a step finishes
+    base.check_health()
+    sched.active.clear()
+    sched.last_progress -= 60.0
     base.check_health()  # nothing in flight: idle is not stuck

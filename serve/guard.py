@@ -1,0 +1,83 @@
+"""ASGI middleware in front of every route: the API key, the body size limit and admission.
+
+    401  /v1/ requests without the API key (when one is configured; the web page, /healthz and file
+         URLs stay open). The Bearer scheme is matched case-insensitively.
+    413  a body over `max_body_bytes`, by Content-Length or, for chunked uploads, while it is read
+         (the body is buffered here, so routes never see more than the limit).
+    429  an image request while `max_in_flight` are already in flight on this ingress replica,
+         answered at once with Retry-After: excess load is told to come back instead of queueing.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from serve.schemas import error_response
+
+RETRY_AFTER_S = 1  # the Retry-After of a 503 (at capacity, no replica) or 429
+IMAGE_ROUTES = ("/v1/images/",)
+
+
+def authorized(api_key: str | None, header: bytes | None) -> bool:
+    if not api_key:
+        return True
+    scheme, _, token = (header or b"").partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), api_key.encode())
+
+
+class Guard:
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, max_in_flight: int):
+        self.app, self.api_key = app, api_key
+        self.max_body_bytes, self.max_in_flight = max_body_bytes, max_in_flight
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        root = scope.get("root_path", "")
+        path = scope["path"][len(root):] if scope["path"].startswith(root) else scope["path"]
+        if path.startswith("/v1/") and not path.startswith("/v1/files/") and \
+                not authorized(self.api_key, headers.get(b"authorization")):
+            return await error_response(401, "Incorrect API key provided: send 'Authorization: Bearer <key>'",
+                                        code="invalid_api_key",
+                                        headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        limit = self.max_body_bytes
+        too_large = error_response(413, f"the request body is over {limit} bytes", code="request_too_large")
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return await too_large(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        image_request = path.startswith(IMAGE_ROUTES)
+        if image_request and self.in_flight >= self.max_in_flight:
+            return await error_response(429, "too many requests in flight; retry shortly", type="rate_limit_error",
+                                        code="rate_limit_exceeded",
+                                        headers={"Retry-After": str(RETRY_AFTER_S)})(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await too_large(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        if not image_request:
+            return await self.app(scope, replay, send)
+        self.in_flight += 1  # held until the response (a stream included) has been sent
+        try:
+            return await self.app(scope, replay, send)
+        finally:
+            self.in_flight -= 1

@@ -1,0 +1,127 @@
+"""The generator replicas' step scheduler without Serve: batched work (plain, streamed, inpainting,
+mask-free edits) decodes to exactly what each request gives alone and what the one-process pipeline
+gives; the row budget holds; a cancelled task frees its rows at the next step; a poison task fails
+alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from muse import editing, sampling
+from muse.pipeline import TextCondition, base_tokens, stage_contexts
+from serve.config import Batching
+from serve.deployments import BaseGenerator, Decode, TextEncoder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from muse.checkpoint import init_model_root
+
+    root = str(tmp_path_factory.mktemp("sched") / "root")
+    init_model_root("tiny", root, components=("text_encoder", "vqgan_lo", "base"))
+    return TextEncoder(root), BaseGenerator(root, "cpu", Batching(max_rows=64, batch_wait_timeout_s=0.0), 4.5, 2)
+
+
+def _calls(base, text):
+    """(name, coroutine factory, what it must equal) for mixed work."""
+    inpaint_src = torch.randint(0, base.model.codebook_size, (1, 8, 8))
+    region = torch.zeros(8, 8, dtype=torch.bool)
+    region[2:5, 3:7] = True
+    return [
+        lambda: base.generate(text.encode("a red circle"), Decode(2, 4, 3.0, 1)),
+        lambda: base.generate(text.encode("a much longer prompt about squares", "blurry"), Decode(1, 5, 2.0, 7)),
+        lambda: base.generate(text.encode("three"), Decode(1, 3, 0.0, 7)),
+        lambda: base.generate(text.encode("fill"), Decode(2, 4, 2.0, 3), inpaint_src, region),
+        lambda: base.edit(text.encode("edit me"), Decode(1, 5, 4.0, 5), inpaint_src, 5, 0.1),
+        lambda: _streamed(base, text.encode("streamed"), Decode(1, 6, 4.0, 11)),
+    ]
+
+
+async def _streamed(base, cond, decode):
+    async for event in base.stream(cond, decode):
+        if event["kind"] == "done":
+            return event["ids"]
+
+
+def test_batched_work_of_every_kind_gives_each_request_its_own_tokens(models):
+    text, base = models
+    calls = _calls(base, text)
+
+    async def together():
+        return await asyncio.gather(*(c() for c in calls))
+
+    before = dict(base.scheduler.stats.tasks_per_forward)
+    batched = asyncio.run(together())
+    grew = {k: v - before.get(k, 0) for k, v in base.scheduler.stats.tasks_per_forward.items()}
+    assert max(k for k, v in grew.items() if v) == len(calls)  # every kind shared a forward
+    for call, got in zip(calls, batched):
+        alone = asyncio.run(call())
+        assert torch.equal(alone.ids, got.ids)
+        assert all(torch.equal(a, b) for a, b in zip(alone.rng, got.rng))
+        assert (alone.changed is None) == (got.changed is None)
+    assert not torch.equal(batched[0].ids[0], batched[0].ids[1])  # rows of one request differ
+    assert base.scheduler.in_flight_rows == 0
+
+
+def test_scheduled_decodes_match_the_library(models):
+    """What muse.sampling / muse.editing give for the same request in one process."""
+    text, base = models
+    cond = text.encode("a blue square")
+    got = asyncio.run(base.generate(cond, Decode(2, 5, 3.0, 4)))
+    tc = TextCondition(cond.emb, cond.mask)
+    want = base_tokens(base.model, tc, num_images=2, steps=5, guidance_scale=3.0,
+                       generator=sampling.image_generators(4, 2))
+    assert torch.equal(got.ids, want)
+
+    src = torch.randint(0, base.model.codebook_size, (1, 8, 8))
+    got = asyncio.run(base.edit(cond, Decode(1, 4, 4.0, 2), src, 4, 0.1))
+    ctx, unc = stage_contexts(base.model, tc, None, guided=True)
+    want = editing.edit_tokens(base.model, ctx, unc, src, iterations=4, fraction=0.1, guidance_scale=4.0,
+                               generator=sampling.image_generators(2, 1))
+    assert torch.equal(got.ids, want)
+
+
+def test_row_budget_cancellation_and_poison(models):
+    text, base = models
+    sched = base.scheduler
+    cond = text.encode("budget")
+
+    async def run():
+        sched.max_rows = 4  # two guided images
+        seen = []
+        real_step = sched._step
+
+        def step(tasks):
+            seen.append(sum(t.cost for t in tasks))
+            real_step(tasks)
+
+        sched._step = step
+        try:
+            long = asyncio.create_task(base.generate(cond, Decode(1, 60, 4.0, 1)))
+            others = [asyncio.create_task(base.generate(cond, Decode(1, 4, 4.0, s))) for s in range(3)]
+            await asyncio.sleep(0.2)
+            long.cancel()
+            done = await asyncio.gather(*others)
+            await asyncio.sleep(0.05)
+            assert sched.in_flight_rows == 0 and not sched.active
+            assert max(seen) <= 4 and len(seen) < 60  # the cancelled decode left early
+            # A poison task (a token id past the codebook: the embedding fails in the shared forward).
+            bad = torch.full((1, 8, 8), 10**6)
+            region = torch.zeros(8, 8, dtype=torch.bool)
+            region[0, 0] = True
+            sched.max_rows = 64
+            good = [base.generate(cond, Decode(1, 4, 4.0, s)) for s in range(3)]
+            results = await asyncio.gather(base.generate(cond, Decode(1, 4, 4.0, 9), bad, region), *good,
+                                           return_exceptions=True)
+            return done, results
+        finally:
+            sched._step = real_step
+
+    done, results = asyncio.run(run())
+    assert isinstance(results[0], IndexError)
+    for s, tokens in enumerate(results[1:]):
+        assert torch.equal(tokens.ids, done[s].ids)  # the others are untouched
+    assert base.scheduler.stats.outcomes["cancelled"] >= 1
