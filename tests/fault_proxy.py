@@ -16,13 +16,15 @@ SLOW_DOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown<
 
 class FaultProxy:
     """Forwards each connection's first request to `upstream` (host, port) unless a fault is drawn.
-    `throttle` and `drop` are probabilities per request; `counts` says what happened."""
+    `throttle` and `drop` are probabilities per request; `counts` says what happened and `requests`
+    lists the request lines ("PUT /bucket/key HTTP/1.1") in arrival order."""
 
     def __init__(self, upstream: tuple[str, int], throttle: float, drop: float, seed: int = 0):
         self.upstream, self.throttle, self.drop = upstream, throttle, drop
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts = {"forwarded": 0, "throttled": 0, "dropped": 0}
+        self.requests: list[str] = []
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -52,6 +54,7 @@ class FaultProxy:
                 fault = "dropped" if draw < self.drop else "throttled" if draw < self.drop + self.throttle \
                     else "forwarded"
                 self.counts[fault] += 1
+                self.requests.append(request.split(b"\r\n", 1)[0].decode("latin-1"))
             if fault == "dropped":
                 client.shutdown(socket.SHUT_RDWR)  # the connection closes with no answer at all
                 return

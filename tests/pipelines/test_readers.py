@@ -151,3 +151,43 @@ def test_read_corpus_through_ray(ray_session, tmp_path):
     got = read_corpus(f"file://{tmp_path}", "webdataset").take_all()
     assert sorted(r["caption"] for r in got) == sorted(r[2] for r in rows)
     assert set(got[0]) == {"key", "image", "caption"}
+
+
+def test_bad_files_are_rejects_by_reason(tmp_path):
+    """Permanent damage is a counted reject: no Parquet footer, corrupt compressed pages (pyarrow's
+    bare OSError), a file without the configured columns."""
+    rows = [(n, i, c.encode(), r) for n, i, c, r in corpus(6)]
+    write_parquet(tmp_path / "a_ok.parquet", rows)
+    write_parquet(tmp_path / "b_corrupt.parquet", rows, row_group_size=2)
+    data = (tmp_path / "b_corrupt.parquet").read_bytes()
+    first = pq.ParquetFile(tmp_path / "b_corrupt.parquet").metadata.row_group(1).column(0)
+    start = first.dictionary_page_offset or first.data_page_offset
+    (tmp_path / "b_corrupt.parquet").write_bytes(data[:start + 40] + b"\x00" * 2000 + data[start + 2040:])
+    pq.write_table(pa.table({"img": [b"x"]}), tmp_path / "c_columns.parquet")
+    (tmp_path / "d_garbage.parquet").write_bytes(b"PAR1 garbage")
+    parts = plan_parts(str(tmp_path), "auto", ReaderConfig())
+    data, ends = rows_of(parts, ReaderConfig())
+    bad = {r["key"].rsplit("/", 1)[-1] for r in data if r["reject_reason"] == "unreadable_source"}
+    assert bad == {"b_corrupt.parquet#error", "c_columns.parquet#error", "d_garbage.parquet#error"}
+    assert [e["part_rows"] for e in ends] == [6, 1, 1, 1]
+
+
+@pytest.mark.parametrize("error", [
+    KeyError("image"), ValueError("a bug"), TypeError("a bug"),  # code bugs fail the job
+    OSError("When reading information for key 'c/p.parquet': AWS Error NETWORK_CONNECTION during "
+            "HeadObject operation: curlCode: 56"),  # storage: retried by the filesystem, then Ray
+    ConnectionResetError(104, "Connection reset by peer"),
+])
+def test_bugs_and_storage_errors_raise_instead_of_becoming_rejects(tmp_path, monkeypatch, error):
+    from pipelines import readers
+
+    rows = [(n, i, c.encode(), r) for n, i, c, r in corpus(2)]
+    write_parquet(tmp_path / "a.parquet", rows)
+
+    def broken(part, cfg, rows):
+        yield None
+        raise error
+
+    monkeypatch.setattr(readers, "_read_parquet", broken)
+    with pytest.raises(type(error)):
+        rows_of(plan_parts(str(tmp_path), "auto", ReaderConfig()), ReaderConfig())

@@ -1,0 +1,98 @@
+"""Exactly once, piece by piece: the writers' records joined into parts, stale shards of failed runs
+never read and removed, a re-run that accepts no row of a part."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from corpora import good, write_parquet
+from pipelines import manifest, shards
+from pipelines.tokenize import resolve_models, run
+
+
+def record(part, start, stop, part_rows=-1, file=None, rejects=()):
+    return {"part": part, "ranges": [start, stop] if stop > start else [], "part_rows": part_rows,
+            "rows": stop - start, "accepted": stop - start - sum(n for _, n in rejects),
+            "rejects": list(rejects), "examples": "{}", "file": file}
+
+
+def test_a_part_is_committed_once_all_its_rows_are_written():
+    parts = manifest.PartAssembler("r", {"p": "{}"}, examples_per_reason=2)
+    assert parts.add(record("p", 4, 8, file="b")) is None
+    assert parts.add(record("p", 0, 0, part_rows=10)) is None  # the end row came early
+    assert parts.add(record("p", 0, 4, file="a", rejects=[("too_small", 1)])) is None
+    entry = parts.add(record("p", 8, 10))  # rejected rows only: no file
+    assert entry == {"part": "p", "run": "r", "source": "{}", "rows": 10, "accepted": 9,
+                     "rejects": [("too_small", 1)], "files": ["a", "b"]}
+    assert parts.incomplete() == [] and parts.clean
+    empty = parts.add(record("q", 0, 0, part_rows=0))  # a part with no rows at all
+    assert empty["rows"] == 0 and empty["files"] == []
+
+
+def test_rows_delivered_twice_are_never_committed_twice():
+    parts = manifest.PartAssembler("r", {}, examples_per_reason=2)
+    parts.add(record("p", 0, 4, file="a"))
+    assert parts.add(record("p", 0, 4, file="a2")) is None and not parts.clean  # a retried block
+    entry = parts.add(record("p", 4, 6, part_rows=6, file="b"))
+    assert entry["files"] == ["a", "b"] and entry["rows"] == 6
+    # Rows that overlap only in part cannot be split out of their file: the part stays unfinished.
+    parts.add(record("q", 0, 4, file="c"))
+    assert parts.add(record("q", 2, 6, part_rows=6, file="d")) is None
+    assert parts.add(record("q", 4, 6, file="e")) is None and parts.incomplete() == ["q"]
+
+
+def stale_block(part: str, n: int, schema: pa.Schema) -> pa.Table:
+    """Tokenized rows of `part` as the writer stage receives them."""
+    return pa.table({
+        "key": [f"stale-{i}" for i in range(n)] + [""], "caption": ["old"] * (n + 1),
+        "tokens_lo": [np.zeros(64, np.int16)] * (n + 1), "text_ids": [np.ones(3, np.int32)] * (n + 1),
+        "width": [40] * (n + 1), "height": [40] * (n + 1), "part": [part] * (n + 1),
+        "index": list(range(n)) + [-1], "part_rows": [-1] * n + [n], "reject_reason": [""] * (n + 1),
+    }).cast(pa.schema([*schema, ("part", pa.string()), ("index", pa.int64()), ("part_rows", pa.int64()),
+                       ("reject_reason", pa.string())]))
+
+
+def test_stale_shard_of_a_failed_run_is_never_read_and_a_rerun_removes_it(ray_session, tmp_path,
+                                                                          tiny_root_lo_only, fast_cfg):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rows = [(f"g{i}", *good(i, 40), "") for i in range(4)]
+    write_parquet(corpus / "a.parquet", [(n, img, cap.encode(), r) for n, img, cap, r in rows])
+    write_parquet(corpus / "b.parquet", [(f"bad{i}", b"not an image", b"a caption", "corrupt_image")
+                                         for i in range(4)])
+    out = str(tmp_path / "tokens")
+    models = resolve_models(tiny_root_lo_only)
+    from pipelines.readers import plan_parts
+
+    part_b = next(p.id for p in plan_parts(str(corpus), "auto", fast_cfg.reader) if p.uri.endswith("b.parquet"))
+    meta = {"tokens_lo_side": 8, "tokens_hi_side": None, "text_storage": "ids", "text_dim": 64}
+    schema = shards.shard_schema(has_hi=False, text_storage="ids", meta=meta)
+    # A failed run's worker wrote a shard of part b (from rows it had then), and the run died before
+    # committing it: training must not read it, whether or not anything else is published.
+    rec = shards.write_block(stale_block(part_b, 3, schema), out=out, run="failed", schema=schema,
+                             examples=5).to_pylist()[0]
+    stale = os.path.join(out, rec["file"])
+    assert os.path.exists(stale) and rec["accepted"] == 3
+    with pytest.raises(FileNotFoundError, match="no published token shards"):
+        shards.token_shard_files(out)
+
+    # The re-run accepts no row of part b: no shard of b is left, old or new.
+    totals = run(str(corpus), out, models, fast_cfg, progress=False)
+    assert totals["removed"] == 1 and not os.path.exists(stale)
+    assert totals["accepted"] == 4 and totals["rejects"]["by_reason"] == {"corrupt_image": 4}
+    entry = next(e for e in manifest.read_manifest(out).to_pylist() if e["part"] == part_b)
+    assert entry["files"] == [] and entry["accepted"] == 0 and entry["rows"] == 4
+    assert sorted(shards.load_token_shards(out)["key"].to_pylist()) == [f"{corpus}/a.parquet#{i}" for i in range(4)]
+
+    # Written after the manifest exists: still not read, by any reader training uses.
+    shards.write_block(stale_block(part_b, 2, schema), out=out, run="failed-again", schema=schema, examples=5)
+    assert not any(k.startswith("stale-") for k in shards.load_token_shards(out)["key"].to_pylist())
+    assert shards.read_token_shards(out, columns=["key"]).count() == 4
+    from jobs.data import token_dataset
+
+    assert token_dataset(out, hi=False)[0].count() == 4
+    summary = json.loads(open(os.path.join(out, "manifest.json")).read())
+    assert summary["parts"] == 2 and summary["accepted"] == 4
