@@ -98,3 +98,49 @@ def flops_per_step(kind: str, pipe, base) -> tuple[float, float]:
     with torch.inference_mode(), FlopCounterMode(display=False) as mine:
         base(torch.full((2, SIDE * SIDE), base.mask_token_id, device=dev), joint)
     return peer.get_total_flops() / 1e9, mine.get_total_flops() / 1e9
+
+
+def imported(pipe, device: str, dtype: torch.dtype):
+    """The peer's own transformer and VQ converted by `muse.amused` (what `muse import amused` writes,
+    without the files): the same weights, run by our modules and our sampler."""
+    from muse.amused import UVIT_KEYS, VQ_KEYS, renamed, uvit_config, vq_config
+    from muse.uvit import UViT
+    from muse.vq import VQModel
+
+    vq = VQModel(vq_config(dict(pipe.vqvae.config), SIDE))
+    vq.load_state_dict(renamed({k: v.float() for k, v in pipe.vqvae.state_dict().items()}, VQ_KEYS, vq))
+    uvit = UViT(uvit_config(dict(pipe.transformer.config), vq.config.resolution, TEXT_LEN,
+                            pipe.scheduler.config.mask_token_id))
+    state = renamed({k: v.float() for k, v in pipe.transformer.state_dict().items()}, UVIT_KEYS, uvit)
+    uvit.load_state_dict(state, strict=False)
+    return uvit.to(device, dtype).eval(), vq.to(device, dtype).eval()
+
+
+def amused_batch_runner(pipe, batch: int, steps: int, guidance: float, device: str, dtype: torch.dtype):
+    """diffusers' pipeline from text embeddings (CLIP-L widths), `batch` images of one prompt."""
+    g = torch.Generator().manual_seed(0)
+    text = dict(prompt_embeds=torch.randn(1, 768, generator=g), encoder_hidden_states=torch.randn(1, TEXT_LEN, 768, generator=g),
+                negative_prompt_embeds=torch.randn(1, 768, generator=g),
+                negative_encoder_hidden_states=torch.randn(1, TEXT_LEN, 768, generator=g))
+    text = {k: v.to(device, dtype) for k, v in text.items()}
+
+    def run():
+        with torch.inference_mode():
+            return pipe(num_inference_steps=steps, guidance_scale=guidance, output_type="pt", num_images_per_prompt=batch,
+                        generator=torch.Generator(device).manual_seed(0), **text).images
+    return run
+
+
+def imported_runner(uvit, vq, batch: int, steps: int, guidance: float, device: str, dtype: torch.dtype):
+    """Our pipeline's stages on the imported modules: one prompt's [pooled ; hidden states], `batch`
+    images, the empty prompt's context as the unconditional branch. aMUSEd's guidance g is our t = g - 1."""
+    g = torch.Generator().manual_seed(0)
+    cond = TextCondition(torch.randn(1, 1 + TEXT_LEN, 768, generator=g).to(device, dtype),
+                         torch.ones(1, 1 + TEXT_LEN, dtype=torch.bool, device=device))
+
+    def run():
+        with torch.inference_mode():
+            ids = base_tokens(uvit, cond, num_images=batch, steps=steps, guidance_scale=guidance - 1,
+                              generator=sampling.image_generators(0, batch, device))
+            return vq.decode(ids)
+    return run

@@ -16,6 +16,8 @@ lean loop with `torch.compile`d steps (CUDA graphs on GPU). Same weights, same i
 --peer: diffusers' AmusedPipeline with random weights (benchmarks/amused_peer.py) against ours at
     16x16 tokens, 8192 codes, 256 px, 12 steps, CFG 10, batch 1: an equal-size pair (aMUSEd-256's
     604M U-ViT vs our base-632m) and a small pair; also each transformer's GFLOP per guided step.
+--imported: aMUSEd-256 at its released size (random weights) run by diffusers' AmusedPipeline and by
+    our pipeline on the same weights imported (`muse.amused`), 12 steps, CFG 10, batch 1 and 8.
 --memory: peak memory of one guided super-res-268m step at batch 1 (512 px: 64x64 tokens, 8192
     codes), legacy vs lean: on GPU from the allocator, on CPU as the peak RSS over the RSS before the
     step (the peak is reset just before it), each loop in its own process.
@@ -197,6 +199,28 @@ def bench_peer(device: str, dtype: torch.dtype, steps: int, guidance: float, rep
         del pipe, base, vqgan
 
 
+def bench_imported(device: str, dtype: torch.dtype, steps: int, guidance: float, batches: list[int],
+                   repeats: int, size: str = "equal") -> None:
+    """aMUSEd-256 (603.5M U-ViT + 146M VQ; "small": a 13M U-ViT) as diffusers runs it and as our
+    pipeline runs it after import."""
+    import amused_peer as peer
+
+    pipe = peer.amused(size, device, dtype)
+    uvit, vq = peer.imported(pipe, device, dtype)
+    print(f"\naMUSEd-256 ({size}) imported vs diffusers, {device} {str(dtype).split('.')[-1]}, {steps} steps, CFG {guidance}, "
+          f"text encoding left out, median of {repeats}:")
+    header = f"{'batch':>5} {'diffusers s':>11} {'ours s':>8} {'diffusers ms/step':>17} {'ours ms/step':>12} " \
+             f"{'ours s/image':>12} {'speedup':>8}"
+    print(header + "\n" + "-" * len(header))
+    for batch in batches:
+        fns = {"diffusers": peer.amused_batch_runner(pipe, batch, steps, guidance, device, dtype),
+               "ours": peer.imported_runner(uvit, vq, batch, steps, guidance, device, dtype)}
+        t, outs = timed(fns, device, repeats)
+        assert tuple(outs["ours"].shape) == tuple(outs["diffusers"].shape), (outs["ours"].shape, outs["diffusers"].shape)
+        print(f"{batch:>5} {t['diffusers']:>11.2f} {t['ours']:>8.2f} {1e3 * t['diffusers'] / steps:>17.1f} "
+              f"{1e3 * t['ours'] / steps:>12.1f} {t['ours'] / batch:>12.3f} {t['diffusers'] / t['ours']:>7.2f}x", flush=True)
+
+
 def memory_step(loop: str, device: str, dtype: torch.dtype, text_len: int) -> dict[str, float]:
     """One guided super-res-268m step at batch 1 with `loop`: extra peak memory in MiB."""
     torch.manual_seed(0)
@@ -277,6 +301,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peer-steps", type=int, default=12)
     parser.add_argument("--peer-guidance", type=float, default=10.0)
     parser.add_argument("--peer-repeats", default="small=3,equal=2", help="timed runs per pair")
+    parser.add_argument("--imported", action="store_true",
+                        help="aMUSEd-256 at its real size: diffusers vs our pipeline on the imported weights")
+    parser.add_argument("--imported-batches", default="1,8")
+    parser.add_argument("--imported-repeats", type=int, default=2)
+    parser.add_argument("--imported-size", default="equal", choices=["equal", "small"],
+                        help="equal: aMUSEd-256's released size; small: a 13M U-ViT (a quick check)")
     parser.add_argument("--memory", action="store_true", help="peak memory of one super-res-268m step")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -323,6 +353,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.peer:
         repeats = {k: int(v) for k, v in (kv.split("=") for kv in args.peer_repeats.split(","))}
         bench_peer(args.device, dtype, args.peer_steps, args.peer_guidance, repeats)
+    if args.imported:
+        bench_imported(args.device, dtype, args.peer_steps, args.peer_guidance,
+                       [int(b) for b in args.imported_batches.split(",")], args.imported_repeats, args.imported_size)
     if args.memory:
         bench_memory(args.device, args.dtype, args.text_len)
 
