@@ -374,14 +374,6 @@ class MusePipeline:
                              "pass superres=False (--no-superres on the command line)")
 
 
-def _is_component(model) -> bool:
-    try:
-        checkpoint.kind_of(model)
-    except TypeError:  # a stand-in (tests' fakes)
-        return False
-    return True
-
-
 @dataclass(frozen=True)
 class Request:
     """The settings every way of sampling shares, checked in one place (`MusePipeline._check`)."""
@@ -481,9 +473,8 @@ def _square_mask(mask: torch.Tensor) -> torch.Tensor:
 def _check_compatible(text_encoder, vqgan_lo, base, vqgan_hi, superres) -> None:
     parts = {"text_encoder": text_encoder, "vqgan_lo": vqgan_lo, "base": base, "vqgan_hi": vqgan_hi,
              "superres": superres}
-    families = {name: checkpoint.family_of(m) for name, m in parts.items()
-                if m is not None and _is_component(m)}
-    if len(set(families.values())) > 1:
+    families = {name: checkpoint.family_of(m) for name, m in parts.items() if m is not None}
+    if len(set(families.values()) - {None}) > 1:
         raise ValueError(f"a model root holds one model family; these components mix them: {families}")
     lo, b = vqgan_lo.config, base.config
     width = getattr(text_encoder, "dim", None)
