@@ -124,6 +124,17 @@ def save_component(model: nn.Module, uri: str, extra: dict[str, Any] | None = No
                 storage.write_bytes(storage.join(uri, name), f.read())
 
 
+def save_reference(config: Any, uri: str) -> None:
+    """A component that names the directory its weights live in (config.name_or_path: a Hugging Face
+    folder, local or s3://) instead of holding a copy: config.json only. For pretrained text encoders,
+    so that model roots share one T5-XXL (~19 GB in float32) rather than each copying it."""
+    kind = kind_of_config(config)
+    if not getattr(config, "name_or_path", None) or not hasattr(_kinds()[kind][1], "from_reference"):
+        raise ValueError(f"a {kind!r} component cannot be saved as a reference (needs name_or_path)")
+    meta = {"kind": kind, "format_version": FORMAT_VERSION, "config": to_dict(config), "reference": True}
+    storage.write_text(storage.join(uri, CONFIG_FILE), json.dumps(meta, indent=2))
+
+
 def read_component_config(uri: str) -> tuple[str, Any]:
     """(kind, config dataclass) of the component at `uri`."""
     meta = _read_meta(uri)
@@ -171,6 +182,8 @@ def load_component(uri: str, device: str | torch.device = "cpu", expect_kind: st
         raise CheckpointError(f"{uri} holds a {kind!r} component, expected {expect_kind!r}")
     config = _parse_config(meta, uri)
     _, model_cls = _kinds()[kind]
+    if meta.get("reference"):  # the weights stay where config.name_or_path says
+        return model_cls.from_reference(config, device).eval()
     with tempfile.TemporaryDirectory() as tmp:
         local = _localise(uri, tmp)
         weights = os.path.join(local, WEIGHTS_FILE)
@@ -275,6 +288,10 @@ def init_model_root(preset_name: str, out: str, seed: int = 0,
     models = {}
     for i, name in enumerate(components):
         torch.manual_seed(seed + i)
-        models[name] = build_component(name, getattr(config, name))
-        save_component(models[name], component_uri(out, name))
+        part = getattr(config, name)
+        models[name] = build_component(name, part)
+        if getattr(part, "name_or_path", None):  # pretrained (T5-XXL): referenced, not copied
+            save_reference(part, component_uri(out, name))
+        else:
+            save_component(models[name], component_uri(out, name))
     return models

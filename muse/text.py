@@ -162,6 +162,11 @@ class TextEncoder(nn.Module):
         config = replace(base, name_or_path=name_or_path, d_model=model.config.d_model)
         return cls(config, model.eval(), tokenizer)
 
+    @classmethod
+    def from_reference(cls, config: TextEncoderConfig, device: str | torch.device = "cpu") -> TextEncoder:
+        """The encoder a model root references (checkpoint.save_reference), loaded from its folder."""
+        return cls.load_pretrained(config.name_or_path, config, device).place(device)
+
     def place(self, device: str | torch.device) -> TextEncoder:
         """Move to `device` in the dtype the config asks for (checkpoint.load_component calls this)."""
         self.model.to(device=device, dtype=resolve_dtype(self.config.dtype, device))

@@ -116,3 +116,29 @@ def test_a_text_encoder_of_the_wrong_width_is_a_clear_error(tmp_path):
     wrong = TextEncoder.load_pretrained(str(tmp_path / "t5"))  # 32 wide
     with pytest.raises(ValueError, match="32-wide embeddings but base reads text_dim 64"):
         MusePipeline(wrong, tiny.vqgan_lo, tiny.base, tiny.vqgan_hi, tiny.superres)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_root_may_reference_its_text_encoder(tmp_path, where, request):
+    """The root's text_encoder/ holds only config.json naming a T5 folder (local or on S3)."""
+    from dataclasses import replace
+
+    from muse import storage
+    from muse.checkpoint import WEIGHTS_FILE, component_uri, load_component, save_reference
+
+    hf = _t5_folder(tmp_path / "t5")
+    folder = str(tmp_path / "t5")
+    if where == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        for f in (tmp_path / "t5").iterdir():
+            storage.write_bytes(f"{bucket}/encoders/t5/{f.name}", f.read_bytes())
+        folder = f"{bucket}/encoders/t5"
+    root = str(tmp_path / "root")
+    save_reference(replace(preset("t5-tiny"), name_or_path=folder, d_model=32), component_uri(root, "text_encoder"))
+    assert not (tmp_path / "root" / "text_encoder" / WEIGHTS_FILE).exists()
+    enc = load_component(component_uri(root, "text_encoder"), expect_kind="text_encoder")
+    ids, mask = enc.tokenize(["hello"])
+    ref = hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    torch.testing.assert_close(enc(["hello"])[0], ref, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="reference"):
+        save_reference(preset("t5-tiny"), str(tmp_path / "other"))
