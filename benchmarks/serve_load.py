@@ -1,16 +1,22 @@
-"""Closed-loop HTTP load on the serving app, on loopback: requests/s, p50/p99 latency and errors at
-several concurrencies, with @serve.batch batching on and off in the same run.
+"""HTTP load on the serving app, on loopback, with batching on and off in the same run.
 
     python benchmarks/serve_load.py                      # tiny random model, 24 base steps, 64x64
+    python benchmarks/serve_load.py --open-loop          # + 0.5x / 1x / 2x of measured capacity
     python benchmarks/serve_load.py --checkpoint ROOT --size 512x512 --duration 20
 
-Each of `concurrency` clients sends a request, waits for the answer, and sends the next, for
-`duration` seconds (after a short warm-up); requests go only to 127.0.0.1 and each has a timeout,
-so the load is bounded in count and time. Two copies of the app run side by side: "on" batches with
-max_batch_size `--max-batch-size`, "off" with max_batch_size 1 for the base and super-res
-deployments, everything else identical; they take turns in short windows so that load swings on a
-shared machine hit both alike.
-Prints a Markdown table (for benchmarks/RESULTS.md) and optionally writes JSON.
+Closed loop: each of `concurrency` clients sends a request, waits for the answer, and sends the next,
+for `duration` seconds (after a short warm-up): requests/s, p50/p99 latency and errors.
+Open loop (`--open-loop`): capacity is measured first (closed loop at the highest concurrency,
+batching on); then requests arrive at fixed intervals at 0.5x, 1x and 2x that rate whatever the
+answers: accepted req/s, p50/p99 of accepted requests, rejected (429/503) and other 5xx or failed
+counts, and the histogram of rows per base forward. Then cancellation recovery: 8 streams leave
+after their first preview; the time until the base scheduler holds no rows, and the next request's
+latency against an idle one.
+Two copies of the app run side by side: "on" with the scheduler's row budget `--max-rows`, "off"
+with a budget of 1 (one request per forward), everything else identical; they take turns in short
+windows so that load swings on a shared machine hit both alike. Requests go only to 127.0.0.1 and
+each has a timeout, so the load is bounded in count and time.
+Prints Markdown tables (for benchmarks/RESULTS.md) and optionally writes JSON.
 """
 
 from __future__ import annotations
@@ -42,8 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", default="64x64", help="requested size (the base size, or super-res)")
     p.add_argument("--steps", type=int, default=24, help="base decoding steps (Muse: 24)")
     p.add_argument("--superres-steps", type=int, default=8)
-    p.add_argument("--max-batch-size", type=int, default=16, help="batch size when batching is on")
+    p.add_argument("--max-rows", type=int, default=32, help="row budget per forward when batching is on")
     p.add_argument("--batch-wait", type=float, default=0.01, help="batch_wait_timeout_s when batching is on")
+    p.add_argument("--open-loop", action="store_true", help="also run open-loop load at --loads x capacity")
+    p.add_argument("--loads", type=float, nargs="+", default=[0.5, 1.0, 2.0])
+    p.add_argument("--open-duration", type=float, default=10.0, help="seconds of arrivals per load and mode")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
     p.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the local Ray")
     p.add_argument("--json", help="write the results here as JSON")
@@ -99,20 +108,86 @@ def deploy(root: str, mode: str, args: argparse.Namespace) -> None:
     from serve.app import build_app
     from serve.config import AppArgs
 
-    batch = {"max_batch_size": args.max_batch_size if mode == "on" else 1, "batch_wait_timeout_s": args.batch_wait}
+    batch = {"max_rows": args.max_rows if mode == "on" else 1, "batch_wait_timeout_s": args.batch_wait}
     gpu = {"num_gpus": 0.1} if args.device.startswith("cuda") else {}  # 2 apps x 4 models share one GPU
-    gen = {"batching": batch, "max_ongoing_requests": max(64, 4 * args.max_batch_size), **gpu}
+    gen = {"batching": batch, "max_ongoing_requests": max(32, args.max_rows), **gpu}  # queues: the defaults
     app_args = AppArgs(checkpoint=root, device=args.device, api_key="",
                        sampling={"steps": args.steps, "superres_steps": args.superres_steps},
-                       base=gen, superres=gen, text_encoder=gpu, decoder=gpu, ingress={"max_ongoing_requests": 128})
+                       base=gen, superres=gen, text_encoder=gpu, decoder=gpu)
     serve.run(build_app(app_args), name=f"{APP}_{mode}", route_prefix=MODES[mode], blocking=False)
 
 
-def decode_sizes(mode: str) -> dict[int, int]:
+def base_stats(mode: str) -> dict:
     from ray import serve
 
-    stats = serve.get_deployment_handle("BaseGenerator", app_name=f"{APP}_{mode}").stats.remote().result()
-    return {int(k): v for k, v in stats["batch_sizes"].items()}
+    return serve.get_deployment_handle("BaseGenerator", app_name=f"{APP}_{mode}").stats.remote().result()
+
+
+def decode_sizes(mode: str, key: str = "batch_sizes") -> dict[int, int]:
+    """Requests ("batch_sizes") or budget rows ("rows_per_forward") per base forward so far."""
+    return {int(k): v for k, v in base_stats(mode)[key].items()}
+
+
+def grown(before: dict[int, int], after: dict[int, int]) -> dict[int, int]:
+    return {k: v - before.get(k, 0) for k, v in sorted(after.items()) if v > before.get(k, 0)}
+
+
+async def open_loop(url: str, rate: float, duration: float, body: dict, timeout: float) -> dict:
+    """Requests sent every 1/rate s for `duration` s, answered or not -> counts and latencies."""
+    n = max(1, round(rate * duration))
+    codes: list[int] = []
+    accepted: list[float] = []
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http:
+        start = time.perf_counter()
+
+        async def one(i: int) -> None:
+            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            sent = time.perf_counter()
+            try:
+                r = await http.post("/v1/images/generations", json={**body, "seed": i})
+                code = r.status_code
+            except httpx.HTTPError:
+                code = 0  # no answer within the timeout, or a dropped connection
+            codes.append(code)
+            if code == 200:
+                accepted.append(time.perf_counter() - sent)
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+        elapsed = time.perf_counter() - start
+    lat = sorted(accepted)
+    q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")  # noqa: E731
+    return {"sent": n, "accepted": len(lat), "accepted_rps": len(lat) / elapsed, "p50_s": q(0.5), "p99_s": q(0.99),
+            "rejected": sum(c in (429, 503) for c in codes), "errors": sum(c == 0 or (c >= 500 and c != 503)
+                                                                          for c in codes),
+            "slowest_s": max(lat) if lat else float("nan")}
+
+
+async def cancellation_recovery(url: str, mode: str, body: dict, timeout: float, streams: int = 8) -> dict:
+    """`streams` long streams leave after their first preview -> seconds until the base scheduler
+    holds no rows, and the next request's latency over an idle one's."""
+    async with httpx.AsyncClient(base_url=url, timeout=timeout) as http:
+        async def timed() -> float:
+            sent = time.perf_counter()
+            await http.post("/v1/images/generations", json=body)
+            return time.perf_counter() - sent
+
+        idle = min([await timed() for _ in range(3)])
+
+        async def leave_early(i: int) -> None:
+            stream = {**body, "stream": True, "steps": 100, "seed": 1000 + i}
+            async with http.stream("POST", "/v1/images/generations", json=stream) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        return
+
+        await asyncio.gather(*(leave_early(i) for i in range(streams)))
+        gone = time.perf_counter()
+        while base_stats(mode)["in_flight_rows"] and time.perf_counter() - gone < timeout:
+            await asyncio.sleep(0.01)
+        freed = time.perf_counter() - gone
+        after = await timed()
+    return {"rows_freed_s": freed, "idle_s": idle, "next_s": after}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -159,6 +234,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"batching {mode:>3}  c={c:>2}  {row['rps']:6.2f} req/s  p50 {row['p50_s']:.3f}s  "
                       f"p99 {row['p99_s']:.3f}s  errors {row['errors']}  requests per base decode "
                       f"{row['base_decode_sizes']}", flush=True)
+        if args.open_loop:
+            results += run_open_loop(port, body, args, results)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -168,15 +245,56 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"\n{platform.node()}: {os.cpu_count()} cores, load average at the end {load}; size {args.size}, "
           f"{args.steps} base steps{'' if args.size == '64x64' else f' + {args.superres_steps} super-res'}, "
           f"{args.duration:g} s per level and mode in {args.rounds} alternating windows\n")
-    print("| batching | concurrency | req/s | p50 (s) | p99 (s) | errors | requests per base decode (size: count) |")
+    print("| batching | concurrency | req/s | p50 (s) | p99 (s) | errors | requests per base forward (size: count) |")
     print("|---|---|---|---|---|---|---|")
-    for r in sorted(results, key=lambda r: (r["batching"] != "on", r["concurrency"])):
+    for r in sorted([r for r in results if "concurrency" in r], key=lambda r: (r["batching"] != "on", r["concurrency"])):
         print(f"| {r['batching']} | {r['concurrency']} | {r['rps']:.2f} | {r['p50_s']:.3f} | {r['p99_s']:.3f} | "
               f"{r['errors']} | {r['base_decode_sizes']} |")
+    open_rows = [r for r in results if "load" in r]
+    if open_rows:
+        print("\n| batching | load | offered req/s | accepted req/s | p50 (s) | p99 (s) | rejected (429/503) | "
+              "5xx / failed | budget rows per base forward (rows: count) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in sorted(open_rows, key=lambda r: (r["batching"] != "on", r["load"])):
+            print(f"| {r['batching']} | {r['load']:g}x | {r['offered_rps']:.2f} | {r['accepted_rps']:.2f} | "
+                  f"{r['p50_s']:.3f} | {r['p99_s']:.3f} | {r['rejected']} | {r['errors']} | {r['rows_per_forward']} |")
+        print("\n| batching | 8 streams leave: rows freed after (s) | idle request (s) | next request (s) |")
+        print("|---|---|---|---|")
+        for r in results:
+            if "rows_freed_s" in r:
+                print(f"| {r['batching']} | {r['rows_freed_s']:.3f} | {r['idle_s']:.3f} | {r['next_s']:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=1)
     return results
+
+
+def run_open_loop(port: int, body: dict, args: argparse.Namespace, closed: list[dict]) -> list[dict]:
+    """0.5x / 1x / 2x of the capacity the closed loop measured (batching on, highest concurrency),
+    both modes taking turns at each load; then cancellation recovery per mode."""
+    top = max(args.concurrency)
+    capacity = next(r["rps"] for r in closed if r["batching"] == "on" and r["concurrency"] == top)
+    print(f"\ncapacity (closed loop, c={top}, batching on): {capacity:.2f} req/s", flush=True)
+    rows = []
+    for load in args.loads:
+        for mode, prefix in MODES.items():
+            before = decode_sizes(mode, "rows_per_forward")
+            row = asyncio.run(open_loop(f"http://127.0.0.1:{port}{prefix}", load * capacity, args.open_duration,
+                                        body, args.timeout))
+            row = {"batching": mode, "load": load, "offered_rps": load * capacity, **row,
+                   "rows_per_forward": grown(before, decode_sizes(mode, "rows_per_forward"))}
+            rows.append(row)
+            print(f"open loop {mode:>3} {load:g}x  accepted {row['accepted_rps']:.2f} req/s  p50 {row['p50_s']:.3f}s  "
+                  f"p99 {row['p99_s']:.3f}s  rejected {row['rejected']}  5xx/failed {row['errors']}", flush=True)
+            deadline = time.perf_counter() + args.timeout
+            while base_stats(mode)["in_flight_rows"] and time.perf_counter() < deadline:
+                time.sleep(0.1)  # drained before the next window
+    for mode, prefix in MODES.items():
+        rec = asyncio.run(cancellation_recovery(f"http://127.0.0.1:{port}{prefix}", mode, body, args.timeout))
+        rows.append({"batching": mode, **rec})
+        print(f"cancellation {mode:>3}: rows freed after {rec['rows_freed_s']:.3f}s, next request "
+              f"{rec['next_s']:.3f}s (idle {rec['idle_s']:.3f}s)", flush=True)
+    return rows
 
 
 if __name__ == "__main__":
