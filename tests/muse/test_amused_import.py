@@ -24,6 +24,7 @@ transformers = pytest.importorskip("transformers")
 from muse import checkpoint  # noqa: E402
 from muse.amused import AmusedImportError, import_amused, main as import_main  # noqa: E402
 from muse.context import ContextStack  # noqa: E402
+from muse.data.images import pil_to_tensor  # noqa: E402
 from muse.pipeline import MusePipeline  # noqa: E402
 
 WIDTH = 32  # CLIP width = the U-ViT's text width and pooled width
@@ -187,6 +188,21 @@ def test_pipeline_generates_at_the_released_size(imported, tmp_path):
         assert generate_main(["generate", "--checkpoint", root, "--prompt", "a cat", "--steps", "2",
                               "--out", str(out)]) == 0
         assert (out / "generate_00.png").exists()
+
+
+def test_editing_runs_on_the_imported_root(imported):
+    """Inpainting keeps the tokens outside the mask; outpainting and mask-free editing run."""
+    arch, _, ours, _ = imported
+    if arch != "amused-256":
+        pytest.skip("one architecture is enough for the editing paths")
+    image = ours(["a red circle"], steps=2, guidance_scale=3.0, seed=0, superres=False)[0]
+    mask = torch.zeros(256, 256)
+    mask[:, :128] = 1
+    source = ours.vqgan_lo.encode(pil_to_tensor(image, 256)[None])
+    ids = ours.inpaint(image, mask, "a blue square", steps=2, seed=1, superres=False, output="tokens")
+    assert torch.equal(ids[0, :, 8:], source[0, :, 8:])
+    assert ours.outpaint(image, "a field", steps=2, seed=1, superres=False)[0].size == (256, 256)
+    assert ours.edit(image, "a green circle", iterations=2, seed=1, superres=False)[0].size == (256, 256)
 
 
 def test_a_muse_component_cannot_join_an_amused_root(imported):
