@@ -11,8 +11,9 @@
 #                               bf16, batch 1 and 8, legacy / lean / compiled loops (--compile both)
 #   sampling-paper-memory   30  sampling.py --paper --memory: base-632m one guided step legacy vs lean;
 #                               peak memory of one super-res-268m step at batch 1
-#   sampling-peer           45  sampling.py --peer: against diffusers' AmusedPipeline (random weights),
-#                               equal and small size (needs diffusers: pip install -e '.[bench]')
+#   sampling-peer           60  sampling.py --peer: against diffusers' AmusedPipeline (random weights),
+#                               equal and small size; --imported: the same aMUSEd-256 weights run by
+#                               diffusers and by our pipeline after import, batch 1 and 8 (needs diffusers)
 #   forward                 30  model_forward.py: forward tokens/s of base-632m and superres-268m, bf16
 #   train                   35  train.py --device cuda: training tokens/s and MFU of base-632m, batch 64
 #   train-3b                60  train.py --device cuda: the same for base-3b, batch 32 (~90 GiB: H200 yes,
@@ -20,7 +21,7 @@
 #   tokenize                45  tokenize_throughput.py --device cuda: plain loop vs Ray Data, muse-632m VQGANs
 #   serve                   85  serve_load.py --device cuda: closed-loop HTTP load at concurrency 1, 4, 16,
 #                               batching on vs off, tiny model through super-res (128x128)
-# The limits add up to 450 s; a deadline of 470 s from the start (GPU_SUITE_DEADLINE) caps the whole
+# The limits add up to 465 s; a deadline of 470 s from the start (GPU_SUITE_DEADLINE) caps the whole
 # run, setup included: a step that would pass it gets only the time left, or is skipped and recorded.
 # Most steps end well inside their limits; their wall times are in the results file.
 #
@@ -318,8 +319,8 @@ gpu_steps() {
         --steps 24 --superres-steps 8 --repeats 3 --compile both
     step sampling-paper-memory 30 "" -- "$PY" $s --batches '' --paper --paper-repeats 10 --memory \
         --device cuda --dtype bf16
-    step sampling-peer 45 "diffusers" -- "$PY" $s --batches '' --peer --peer-repeats small=5,equal=5 \
-        --device cuda --dtype bf16
+    step sampling-peer 60 "diffusers" -- "$PY" $s --batches '' --peer --peer-repeats small=5,equal=5 \
+        --imported --imported-batches 1,8 --imported-repeats 5 --device cuda --dtype bf16
     step forward 30 "" -- "$PY" benchmarks/model_forward.py --presets base-632m,superres-268m --batch 8 \
         --repeats 10 --device cuda --dtype bf16
     # Separate invocations, so that base-3b running out of memory or time leaves base-632m's result.
