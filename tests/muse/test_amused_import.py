@@ -241,3 +241,12 @@ def test_serving_deployments_run_the_imported_root(imported):
     for tokens, n in zip(asyncio.run(both()), (1, 2)):
         pngs = decoder.decode(tokens, "lo")
         assert [Image.open(io.BytesIO(png)).size for png in pngs] == [(res, res)] * n
+
+
+def test_presets_list_both_families(capsys):
+    from muse.cli import main
+
+    main(["presets"])
+    out = capsys.readouterr().out
+    assert "uvit-amused-256" in out and "603,537,664" in out  # aMUSEd-256's U-ViT as released
+    assert "model amused-512" in out and "model muse-632m" in out
