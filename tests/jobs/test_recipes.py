@@ -4,7 +4,6 @@ the loss falls; text dropout hits ~10% of the samples, not ~90%."""
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -12,8 +11,8 @@ from jobs.loop import worker_class
 from jobs.masked import drop_text
 from jobs.parallel import WorkerEnv
 from jobs.stages import token_model_config
-from muse import storage
 from muse.config import preset, to_dict
+from pipelines.shards import load_token_shards
 
 from jobs_helpers import tiny_config
 
@@ -33,7 +32,7 @@ def numpy_batch(table, rows: int) -> dict:
 
 
 def token_table(tiny_data):
-    return pq.read_table([f for f in storage.list_files(tiny_data.tokens) if f.endswith(".parquet")][0])
+    return load_token_shards(tiny_data.tokens)
 
 
 def image_batch(tiny_data, size: int, rows: int) -> dict:
