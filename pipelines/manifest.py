@@ -149,12 +149,16 @@ class PartAssembler:
     def __init__(self, run: str, sources: dict[str, str], examples_per_reason: int):
         self.run, self.sources = run, sources
         self.open: dict[str, _Open] = {}
+        self.done: set[str] = set()
         self.clean, self.wrote = True, False
         self.examples: dict[str, list[str]] = {}
         self.max_examples = examples_per_reason
 
     def add(self, rec: dict) -> dict | None:
         part = rec["part"]
+        if part in self.done:  # a retried block of a part already committed
+            self.clean = False
+            return None
         state = self.open.setdefault(part, _Open())
         flat = rec["ranges"]
         new = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
@@ -178,6 +182,7 @@ class PartAssembler:
         if state.conflict or state.expected is None or sum(b - a for a, b in state.ranges) < state.expected:
             return None
         del self.open[part]
+        self.done.add(part)
         return {"part": part, "run": self.run, "source": self.sources.get(part, ""), "rows": state.rows,
                 "accepted": state.accepted, "rejects": sorted(state.rejects.items()),
                 "files": sorted(state.files)}

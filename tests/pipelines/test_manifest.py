@@ -38,6 +38,7 @@ def test_rows_delivered_twice_are_never_committed_twice():
     assert parts.add(record("p", 0, 4, file="a2")) is None and not parts.clean  # a retried block
     entry = parts.add(record("p", 4, 6, part_rows=6, file="b"))
     assert entry["files"] == ["a", "b"] and entry["rows"] == 6
+    assert parts.add(record("p", 4, 6, part_rows=6, file="b")) is None and parts.incomplete() == []
     # Rows that overlap only in part cannot be split out of their file: the part stays unfinished.
     parts.add(record("q", 0, 4, file="c"))
     assert parts.add(record("q", 2, 6, part_rows=6, file="d")) is None
