@@ -76,14 +76,15 @@ def read_weights(folder: str) -> dict[str, torch.Tensor]:
     """A diffusers folder's state dict (one safetensors file, a sharded one, or a .bin), in float32."""
     names = sorted(os.listdir(folder))
     index = [n for n in names if n.endswith(".safetensors.index.json")]
-    single = [n for n in names if n.endswith(".safetensors") and n.count(".") == 1]
+    # The plain file first; a folder holding only a variant (model.fp16.safetensors) uses that.
+    single = sorted((n for n in names if n.endswith(".safetensors")), key=lambda n: n.count("."))
     state: dict[str, torch.Tensor] = {}
-    if single:
-        state = load_file(os.path.join(folder, single[0]))
-    elif index:
+    if index:  # sharded: the index names the shards
         shards = sorted(set(read_json(os.path.join(folder, index[0]))["weight_map"].values()))
         for shard in shards:
             state.update(load_file(os.path.join(folder, shard)))
+    elif single:
+        state = load_file(os.path.join(folder, single[0]))
     elif any(n.endswith(".bin") for n in names):
         path = os.path.join(folder, next(n for n in names if n.endswith(".bin")))
         state = torch.load(path, map_location="cpu", weights_only=True)
