@@ -47,12 +47,15 @@ UVIT_KEYS = [
     (r"^transformer_layers\.(\d+)\.attn1\.", r"layers.\1.attn."),
     (r"^transformer_layers\.(\d+)\.attn2\.", r"layers.\1.cross."), (r"^transformer_layers\.", "layers."),
     (r"\.norm(\d)\.linear\.", r".norm\1.mod."), (r"\.ff\.net\.0\.proj\.", ".ff.proj."), (r"\.ff\.net\.2\.", ".ff.out."),
-    (r"^mlm_layer\.conv1\.", "head_proj."), (r"^mlm_layer\.layer_norm\.", "head_norm."), (r"^mlm_layer\.conv2\.", "head."),
+    (r"^mlm_layer\.conv1\.", "head_proj."), (r"^mlm_layer\.layer_norm\.", "head_norm."),
+    (r"^mlm_layer\.conv2\.", "head."),
     (r"\.to_q\.", ".q."), (r"\.to_k\.", ".k."), (r"\.to_v\.", ".v."), (r"\.to_out\.0\.", ".out."),
 ]
 VQ_KEYS = [
-    (r"\.down_blocks\.(\d+)\.resnets\.", r".levels.\1.blocks."), (r"\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r".levels.\1.conv."),
-    (r"\.up_blocks\.(\d+)\.resnets\.", r".levels.\1.blocks."), (r"\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.", r".levels.\1.conv."),
+    (r"\.down_blocks\.(\d+)\.resnets\.", r".levels.\1.blocks."),
+    (r"\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r".levels.\1.conv."),
+    (r"\.up_blocks\.(\d+)\.resnets\.", r".levels.\1.blocks."),
+    (r"\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.", r".levels.\1.conv."),
     (r"\.mid_block\.resnets\.0\.", ".mid.res1."), (r"\.mid_block\.resnets\.1\.", ".mid.res2."),
     (r"\.mid_block\.attentions\.0\.group_norm\.", ".mid.attn.norm."), (r"\.mid_block\.attentions\.0\.", ".mid.attn."),
     (r"\.conv_shortcut\.", ".skip."), (r"\.conv_norm_out\.", ".norm_out."), (r"^quantize\.embedding\.", "codebook."),
@@ -171,7 +174,8 @@ def load_amused(source: str) -> dict[str, nn.Module]:
     vq.load_state_dict(renamed(read_weights(os.path.join(source, "vqvae")), VQ_KEYS, vq))
     cfg = uvit_config(t_cfg, vq.config.resolution, text_encoder.config.max_length, mask_id)
     if cfg.text_dim != text_encoder.dim:
-        raise AmusedImportError(f"the transformer reads {cfg.text_dim}-wide text, the CLIP encoder gives {text_encoder.dim}")
+        raise AmusedImportError(f"the transformer reads {cfg.text_dim}-wide text, the CLIP encoder gives "
+                                f"{text_encoder.dim}")
     if cfg.codebook_size != vq.config.codebook_size:
         raise AmusedImportError(f"transformer codebook {cfg.codebook_size} != vqvae codebook {vq.config.codebook_size}")
     uvit = UViT(cfg)

@@ -193,7 +193,10 @@ def load_component(uri: str, device: str | torch.device = "cpu", expect_kind: st
             state = load_file(weights)
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"{weights} in {uri} is corrupt or does not match its config: {e}") from e
-        build = lambda: model_cls.from_saved(config, local) if hasattr(model_cls, "from_saved") else model_cls(config)  # noqa: E731
+
+        def build() -> nn.Module:
+            return model_cls.from_saved(config, local) if hasattr(model_cls, "from_saved") else model_cls(config)
+
         with torch.device("meta"):
             model = build()
         missing, unexpected = _assign(model, state, uri)

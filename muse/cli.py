@@ -48,7 +48,8 @@ def presets_main(argv: list[str] | None = None) -> None:
     print()
     for name, parts in MODEL_PRESETS.items():
         known = [counts[p] for p in parts.values() if counts[p] is not None]
-        print(f"model {name:<12} muse    {' + '.join(parts.values())}  ({sum(known):,} trainable-from-scratch parameters)")
+        print(f"model {name:<12} muse    {' + '.join(parts.values())}  "
+              f"({sum(known):,} trainable-from-scratch parameters)")
     for name, parts in AMUSED_MODELS.items():
         known = [counts[p] for p in parts.values() if counts[p] is not None]
         print(f"model {name:<12} amused  {' + '.join(parts.values())}  ({sum(known):,} parameters besides CLIP; "

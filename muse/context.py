@@ -3,10 +3,11 @@
 `Context` holds one (keys, values) pair per block, already expanded to every query head, and the key
 mask. When no key is masked (no padding), attention runs without a mask, which lets
 `scaled_dot_product_attention` pick its fused kernels. A model with adaptive norms (aMUSEd's U-ViT)
-also keeps one conditioning vector per row (`adaptive`), computed with the K/V. `ContextStack` puts contexts of different
-lengths on top of each other along the batch without padding: classifier-free guidance runs the
-conditional rows and the unconditional ones (a single null token) as one forward, and each block's
-cross-attention attends each part to its own keys (`CrossAttention.forward`).
+also keeps one conditioning vector per row (`adaptive`), computed with the K/V. `ContextStack` puts
+contexts of different lengths on top of each other along the batch without padding: classifier-free
+guidance runs the conditional rows and the unconditional ones (a single null token) as one forward,
+and each block's cross-attention attends each part to its own keys (`CrossAttention.forward`); a
+model that attends all rows at once reads the stack as one padded Context (`ContextStack.flat`).
 """
 
 from __future__ import annotations
