@@ -153,8 +153,6 @@ class Stats:
     rows_per_forward: Counter = field(default_factory=Counter)  # rows of the budget per shared forward
     tasks_per_forward: Counter = field(default_factory=Counter)
     outcomes: Counter = field(default_factory=Counter)  # completed / cancelled / failed
-    active_rows: int = 0
-    waiting: int = 0
 
 
 class Scheduler:
@@ -233,7 +231,6 @@ class Scheduler:
                     if not task.done:
                         self.active.append(task)
                         task.events.put_nowait(("admitted",))
-            self.stats.active_rows, self.stats.waiting = self.in_flight_rows, len(self.waiting)
             if not self.active:
                 continue
             step = list(self.active)
@@ -245,7 +242,6 @@ class Scheduler:
                 self._deliver(task)
                 if task.done and task in self.active:
                     self.active.remove(task)
-            self.stats.active_rows, self.stats.waiting = self.in_flight_rows, len(self.waiting)
 
     def _deliver(self, task: Task) -> None:
         for event in task.outbox:

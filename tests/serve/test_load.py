@@ -76,17 +76,22 @@ def test_disconnected_streams_free_their_rows_at_once(muse_app):
 
 def test_open_loop_burst_is_pushed_back_quickly_and_service_recovers(muse_app):
     """90 requests in 1.5 s, several times what the app holds (24 in flight at the ingress, 12 + 8
-    queued at the base generator): accepted ones are served, the rest get 429 / 503 at once."""
+    queued at the base generator): accepted ones are served, the rest get 429 / 503 at once; a
+    stream is either admitted and completes, or refused before its first event."""
     _wait_idle()
     results: list[tuple[int, float, str | None]] = []
     lock = threading.Lock()
 
     def one(i: int) -> None:
         start = time.monotonic()
+        stream = i % 5 == 0
+        body = dict(prompt=f"burst {i}", size="64x64", seed=i, stream=stream)
         with httpx.Client(base_url=muse_app.url, headers=muse_app.client.headers, timeout=60) as client:
-            r = client.post("/v1/images/generations", json=dict(prompt=f"burst {i}", size="64x64", seed=i))
+            r = client.post("/v1/images/generations", json=body)
         if r.status_code != 200:
-            assert r.json()["error"]["code"], r.text  # OpenAI's error shape
+            assert r.json()["error"]["code"], r.text  # OpenAI's error shape, not an event stream
+        elif stream:
+            assert "image_generation.completed" in r.text and "event: error" not in r.text
         with lock:
             results.append((r.status_code, time.monotonic() - start, r.headers.get("retry-after")))
 
