@@ -75,12 +75,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSettings, tota
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip in place; returns the global norm as a 0-d tensor on the device (no host sync)."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
-        return 0.0
+        return torch.zeros(())
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return float(full_tensor(norm)) if is_dtensor(norm) else float(norm)
+    return (full_tensor(norm) if is_dtensor(norm) else norm).detach()
 
 
 class EMA:

@@ -49,6 +49,11 @@ class ScalingSettings:
     """Ray Train workers. `cpus_per_worker` may be fractional (tests, small machines)."""
 
     num_workers: int = 1
+    # Elastic training: with min_workers set, Ray Train runs with any number of workers in
+    # [min_workers, num_workers] that fits, and regrows toward num_workers as nodes return, so a lost
+    # node no longer stalls the run. Checkpoints hold full (gathered) state, so a run resumes on any
+    # worker count; the batch per worker stays, so the global batch follows the worker count.
+    min_workers: int | None = None
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # only with use_gpu
@@ -61,10 +66,17 @@ class ScalingSettings:
         if self.num_workers < 1:
             raise ValueError("scaling.num_workers must be >= 1 (Ray Train V2 does not persist checkpoints "
                              "with num_workers=0)")
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise ValueError(f"scaling.min_workers must be in [1, num_workers={self.num_workers}] or null, "
+                             f"got {self.min_workers}")
         if self.cpus_per_worker <= 0 or (self.use_gpu and self.gpus_per_worker <= 0):
             raise ValueError("scaling.cpus_per_worker and scaling.gpus_per_worker must be > 0")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"scaling.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+
+    def workers(self) -> int | tuple[int, int]:
+        """ScalingConfig.num_workers: a fixed count, or (min, max) for elastic training."""
+        return self.num_workers if self.min_workers is None else (self.min_workers, self.num_workers)
 
     def resources_per_worker(self) -> dict[str, float]:
         res = {"CPU": self.cpus_per_worker}
@@ -103,7 +115,9 @@ class RunSettings:
     checkpoint_every: int = 1000  # report a checkpoint (and always at the last step)
     sample_every: int = 1000  # write a sample grid PNG to ROOT/samples/<run>/; 0 = never
     keep_checkpoints: int = 2
-    max_failures: int = 3  # worker-group restarts from the last checkpoint before the run fails
+    # Worker-group restarts from the last checkpoint before the run fails (-1 = no limit). Weeks on
+    # many nodes see many node losses; a crash that repeats at once still ends the run after this many.
+    max_failures: int = 100
     storage_path: str | None = None  # Ray Train storage, local or s3://; None = ROOT/runs
     name: str | None = None  # run name under storage_path; None = the stage's component name
     bf16: bool = True  # mixed precision on GPU
@@ -167,6 +181,15 @@ class GANSettings:
     perceptual_weight: float = 1.0
 
 
+def _refuse_fsdp(scaling: ScalingSettings, stage: str) -> None:
+    """The VQGAN and decoder stages are small: every worker holds the whole model and the gradients are
+    averaged over the workers. Sharding them would only add communication, so fsdp is refused rather
+    than silently ignored."""
+    if scaling.strategy != "ddp":
+        raise ValueError(f"{stage}.scaling.strategy: {scaling.strategy!r} is for the transformer stages; the "
+                         f"{stage} stage replicates its model on every worker: use 'ddp'")
+
+
 def _vqgan_optim() -> OptimSettings:
     return OptimSettings(lr=1e-4, betas=(0.5, 0.9), weight_decay=0.0, warmup_steps=1000, ema_decay=0.0)
 
@@ -192,6 +215,7 @@ class VQGANStage:
         if self.hi_max_steps is not None and self.hi_max_steps < 1:
             raise ValueError("vqgan.hi_max_steps must be >= 1 (or null)")
         _check_preset(self.lo_model, VQGANConfig, "vqgan.lo_model")
+        _refuse_fsdp(self.scaling, "vqgan")
         _check_preset(self.hi_model, VQGANConfig, "vqgan.hi_model")
 
 
@@ -213,6 +237,7 @@ class DecoderStage:
             raise ValueError(f"decoder.component must be one of {DECODER_COMPONENTS}, got {self.component!r}")
         if self.decoder_base_channels < 1 or self.decoder_num_res_blocks < 1:
             raise ValueError("decoder.decoder_base_channels and decoder_num_res_blocks must be >= 1")
+        _refuse_fsdp(self.scaling, "decoder")
 
 
 @dataclass(frozen=True)

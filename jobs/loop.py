@@ -20,6 +20,7 @@ have no position to restore); with shuffling that is a fresh random order, so no
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 import tempfile
@@ -66,8 +67,9 @@ class StageWorker:
     def collate(self, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def train_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
-        """One optimizer step; returns metrics, with "loss" and the "tokens"/"flops" this worker did."""
+    def train_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, Any]:
+        """One optimizer step; returns metrics, with "loss" and the "tokens"/"flops"/"samples" this worker
+        did (floats). The other metrics may be 0-d device tensors: the loop syncs them only when it logs."""
         raise NotImplementedError
 
     def sample_grid(self, step: int):
@@ -125,7 +127,7 @@ def train_loop_per_worker(job: dict) -> None:
     started, live = time.time(), {}
     shard = ray.train.get_dataset_shard("train")
     window = {"time": 0.0, "tokens": 0.0, "flops": 0.0, "samples": 0.0, "steps": 0}
-    sums: dict[str, tuple[float, int]] = {}
+    sums: dict[str, tuple[Any, int]] = {}  # device tensors until a log step
     epoch = 0
     while step < run.max_steps:
         worker.reseed(step)
@@ -150,7 +152,7 @@ def train_loop_per_worker(job: dict) -> None:
                 total, count = sums.get(k, (0.0, 0))
                 sums[k] = (total + v, count + 1)
             if reporter is not None:
-                for k in worker.console_metrics:  # smoothed: single steps are noisy
+                for k in worker.console_metrics:  # smoothed on the device; the reporter syncs when it posts
                     if k in metrics:
                         live[k] = metrics[k] if k not in live else 0.9 * live[k] + 0.1 * metrics[k]
                 reporter.update(step, live)
@@ -180,7 +182,7 @@ def train_loop_per_worker(job: dict) -> None:
     worker.export(step)
     if reporter is not None:
         took = time.time() - started
-        shown = ", ".join(f"{k} {v:.3g}" for k, v in live.items())
+        shown = ", ".join(f"{k} {float(v):.3g}" for k, v in live.items())
         reporter.finish(f"{step} steps ({step - resumed_from} this run) in {format_seconds(took)}"
                         f"{', ' + shown if shown else ''}; exported to {job['root']}")
 
@@ -188,7 +190,7 @@ def train_loop_per_worker(job: dict) -> None:
 def _metrics(sums: dict, window: dict, env: WorkerEnv, peak: float | None, step: int, resumed_from: int,
              worker: StageWorker) -> dict[str, float]:
     """Mean metrics over the window and the workers, plus throughput (all ranks call it)."""
-    means = {k: total / count for k, (total, count) in sums.items()}
+    means = {k: float(total) / count for k, (total, count) in sums.items()}  # the window's one host sync
     seconds = max(window["time"], 1e-9)
     local = {"tokens_per_s_per_worker": window["tokens"] / seconds,
              "samples_per_s_per_worker": window["samples"] / seconds, "flops": window["flops"] / seconds}
@@ -277,7 +279,7 @@ def fit_stage(stage: str, section: Any, job: dict, dataset) -> Any:
     trainer = _trainer_class()(
         train_loop_per_worker,
         train_loop_config=job,
-        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+        scaling_config=ScalingConfig(num_workers=scaling.workers(), use_gpu=scaling.use_gpu,
                                      resources_per_worker=scaling.resources_per_worker()),
         run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=run.max_failures),
@@ -287,17 +289,33 @@ def fit_stage(stage: str, section: Any, job: dict, dataset) -> Any:
     return trainer.fit()
 
 
+PLACEMENT_GROUP_CLEANER = "PlacementGroupCleanerCallback"
+CLEANER_OVERRIDE_RAY = "2.60."  # the Ray release the override below was checked against
+
+
 def _trainer_class():
     """TorchTrainer without the PlacementGroupCleaner callback of Ray 2.60. The cleaner treats one
     missed State API answer as "controller dead" and removes the live run's placement group, which
     kills healthy workers on a busy machine (ray-project/ray#65447 review; seen here on 2 cores). It
-    only matters when a controller dies ungracefully, and the driver's Ray job cleans up after that."""
+    only matters when a controller dies ungracefully, and the driver's Ray job cleans up after that.
+    `_create_default_callbacks` is private, so the override applies only to the Ray release it was
+    checked against; any other release runs the stock trainer, and a missing callback is logged."""
+    import ray
     from ray.train.torch import TorchTrainer
+
+    log = logging.getLogger(__name__)
+    if not ray.__version__.startswith(CLEANER_OVERRIDE_RAY) or not hasattr(TorchTrainer, "_create_default_callbacks"):
+        log.info("Ray %s: the stock TorchTrainer (the placement-group cleaner override is for Ray %sx)",
+                 ray.__version__, CLEANER_OVERRIDE_RAY)
+        return TorchTrainer
 
     class Trainer(TorchTrainer):
         def _create_default_callbacks(self):
-            return [cb for cb in super()._create_default_callbacks()
-                    if type(cb).__name__ != "PlacementGroupCleanerCallback"]
+            callbacks = super()._create_default_callbacks()
+            kept = [cb for cb in callbacks if type(cb).__name__ != PLACEMENT_GROUP_CLEANER]
+            if len(kept) == len(callbacks):
+                log.warning("Ray %s has no %s: nothing to remove", ray.__version__, PLACEMENT_GROUP_CLEANER)
+            return kept
 
     return Trainer
 

@@ -156,8 +156,9 @@ class MaskedWorker(StageWorker):
         if self.ema is not None:
             self.ema.update(step)
         acc = masked_token_accuracy(logits.detach(), ids, mask)
-        return {"loss": float(loss.detach()), "acc": float(acc), "grad_norm": grad_norm,
-                "text_dropped": float(dropped.float().mean()), "mask_rate": float(mask.float().mean()),
+        # Metrics stay on the device: the loop syncs them only when it logs.
+        return {"loss": loss.detach(), "acc": acc.detach(), "grad_norm": grad_norm,
+                "text_dropped": dropped.float().mean(), "mask_rate": mask.float().mean(),
                 "tokens": float(B * N), "samples": float(B), "flops": B * self.flops_per_sample(emb.shape[1])}
 
     def eval_model(self) -> nn.Module | None:

@@ -218,8 +218,9 @@ class Reporter:
             self.rate = recent if not self.rate else 0.7 * self.rate + 0.3 * recent
             self.mark, self.mark_done = now, done
         rate = self.rate
+        # Metrics may be device tensors: converted here, at most once per `every` seconds.
         state = {"done": done, "total": self.total, "unit": self.unit, "rate": rate, "rate_unit": self.rate_unit,
-                 "metrics": metrics or {}}
+                 "metrics": {k: float(v) for k, v in (metrics or {}).items()}}
         self.handle.update.remote(self.name, state)
 
     def finish(self, summary: str) -> None:

@@ -88,7 +88,7 @@ class VQGANWorker(StageWorker):
         if self.perceptual is not None:
             perceptual = self.perceptual(images, recon)
             nll = nll + gan.perceptual_weight * perceptual
-            metrics["perceptual"] = float(perceptual.detach())
+            metrics["perceptual"] = perceptual.detach()
         loss = nll + out.codebook_loss + out.commitment_loss
         if adversarial:
             self.disc.requires_grad_(False)
@@ -97,7 +97,7 @@ class VQGANWorker(StageWorker):
             weight = gan.disc_weight * adaptive_disc_weight(nll, g_loss, self.vqgan.decoder_last_layer_weight())
             loss = loss + weight * g_loss
             self.disc.requires_grad_(True)
-            metrics |= {"g_loss": float(g_loss.detach()), "disc_weight": float(weight)}
+            metrics |= {"g_loss": g_loss.detach(), "disc_weight": torch.as_tensor(weight).detach()}
         loss.backward()
         allreduce_grads(self.trainable, env)
         metrics["grad_norm"] = clip_grad_norm(self.vqgan, self.section.optim.grad_clip)
@@ -111,13 +111,14 @@ class VQGANWorker(StageWorker):
             allreduce_grads(list(self.disc.parameters()), env)
             clip_grad_norm(self.disc, self.section.optim.grad_clip)
             self._step("disc")
-            metrics["d_loss"] = float(d_loss.detach())
+            metrics["d_loss"] = d_loss.detach()
         mse = torch.mean((recon.detach().clamp(-1, 1) - images) ** 2)
+        # Metrics stay on the device (0-d tensors): the loop syncs them only when it logs.
         h, w = out.ids.shape[1:]
         return metrics | {
-            "loss": float(loss.detach()), "rec": float(rec.detach()), "codebook": float(out.codebook_loss.detach()),
-            "commit": float(out.commitment_loss.detach()), "perplexity": float(out.perplexity),
-            "psnr": float(10 * torch.log10(4.0 / mse.clamp_min(1e-10))),
+            "loss": loss.detach(), "rec": rec.detach(), "codebook": out.codebook_loss.detach(),
+            "commit": out.commitment_loss.detach(), "perplexity": out.perplexity.detach(),
+            "psnr": 10 * torch.log10(4.0 / mse.clamp_min(1e-10)),
             "tokens": float(images.shape[0] * h * w), "samples": float(images.shape[0]),
         }
 

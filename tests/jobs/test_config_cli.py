@@ -68,3 +68,34 @@ def test_train_without_a_known_stage_lists_the_stages(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["bogus"])
     assert exit_info.value.code == 2
+
+
+def test_elastic_scaling_and_failure_policy():
+    from jobs.config import ScalingSettings
+
+    cfg = load_config(None, ["base.scaling.num_workers=8", "base.scaling.min_workers=2"])
+    assert cfg.base.scaling.workers() == (2, 8)  # Ray Train's elastic (min, max)
+    assert ScalingSettings(num_workers=4).workers() == 4
+    assert cfg.base.run.max_failures == 100  # long runs survive many node losses by default
+    for bad in ("0", "9"):
+        with pytest.raises(ValueError, match="min_workers"):
+            load_config(None, ["base.scaling.num_workers=8", f"base.scaling.min_workers={bad}"])
+
+
+@pytest.mark.parametrize("stage", ["vqgan", "decoder"])
+def test_gan_stages_refuse_fsdp_instead_of_ignoring_it(stage):
+    with pytest.raises(ValueError, match=f"{stage}.scaling.strategy.*ddp"):
+        load_config(None, [f"{stage}.scaling.strategy=fsdp"])
+    assert load_config(None, ["base.scaling.strategy=fsdp"]).base.scaling.strategy == "fsdp"
+
+
+def test_placement_group_cleaner_override_only_on_the_checked_ray(monkeypatch):
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    from jobs import loop
+
+    assert ray.__version__.startswith(loop.CLEANER_OVERRIDE_RAY)
+    assert loop._trainer_class() is not TorchTrainer and issubclass(loop._trainer_class(), TorchTrainer)
+    monkeypatch.setattr(ray, "__version__", "9.0.0")
+    assert loop._trainer_class() is TorchTrainer  # another release: the stock trainer, not a blind override

@@ -47,6 +47,15 @@ def train(worker, batch: dict, steps: int) -> list[dict]:
     return [worker.train_step(collated, step) for step in range(steps)]
 
 
+def assert_no_host_sync(metrics: list[dict]) -> None:
+    """A step's metrics stay 0-d device tensors (only the counts are floats), so train_step never waits
+    for the device; the loop converts them when it logs."""
+    counts = {"tokens", "samples", "flops"}
+    for m in metrics:
+        kept = {k: type(v).__name__ for k, v in m.items() if k not in counts and not isinstance(v, torch.Tensor)}
+        assert not kept, f"metrics synced to the host inside train_step: {kept}"
+
+
 def test_drop_text_rate_is_ten_percent_not_ninety():
     gen = torch.Generator().manual_seed(0)
     mask = torch.ones(64, 12, dtype=torch.bool)
@@ -78,6 +87,7 @@ def test_base_loss_falls_and_text_is_dropped_for_a_tenth(tiny_data):
     assert 0.02 < dropped < 0.2  # 360 samples: 10% ± 4.5 sigma, and nowhere near 90%
     assert all(0.0 < m["mask_rate"] <= 1.0 for m in metrics)
     assert metrics[-1]["acc"] > metrics[0]["acc"]
+    assert_no_host_sync(metrics)
 
 
 def test_superres_loss_falls(tiny_data):
@@ -97,6 +107,7 @@ def test_vqgan_reconstruction_loss_falls_and_gan_starts_after_warmup(tiny_data):
     metrics = train(worker, image_batch(tiny_data, 64, 4), 10)
     assert metrics[-1]["rec"] < 0.7 * metrics[0]["rec"], [m["rec"] for m in metrics]
     assert all("d_loss" not in m for m in metrics[:8]) and all("d_loss" in m for m in metrics[8:])
+    assert_no_host_sync(metrics)
     grid = worker.sample_grid(10)
     assert grid.size[0] > 2 * 64  # image | reconstruction, side by side
 
