@@ -352,3 +352,41 @@ def test_health_check_fails_on_a_stalled_decode_and_passes_again_after_it(tmp_pa
     sched.active.clear()
     sched.last_progress -= 60.0
     base.check_health()  # nothing in flight: idle is not stuck
+
+
+class _RefusedStream:
+    """A deployment stream that Serve refuses (its queue is full) when first iterated."""
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        from ray.serve.exceptions import BackPressureError
+
+        raise BackPressureError(num_queued_requests=9, max_queued_requests=8)
+
+    def cancel(self):
+        pass
+
+
+def test_a_stream_that_cannot_be_admitted_gets_a_503_before_any_event():
+    import asyncio
+
+    from serve.api import Ingress, build_fastapi
+
+    ing = _fake_ingress(None)
+    call = types.SimpleNamespace(remote=lambda *a: None)
+    ing.text = types.SimpleNamespace(encode=call)
+    ing.base = types.SimpleNamespace(options=lambda **_: types.SimpleNamespace(
+        stream=types.SimpleNamespace(remote=lambda *a: _RefusedStream())))
+    ing.superres = ing.decoder = None
+    ing.decodes = lambda *a, **k: Ingress.decodes(ing, *a, **k)
+
+    async def post() -> httpx.Response:
+        transport = httpx.ASGITransport(app=build_fastapi(ing))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/v1/images/generations", json={"prompt": "a red circle", "stream": True})
+
+    r = asyncio.run(post())
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.headers["content-type"].startswith("application/json") and r.json()["error"]["code"] == "overloaded"
