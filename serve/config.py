@@ -119,7 +119,10 @@ class Sampling(Strict):
     superres_steps: int = Field(8, ge=1)  # super-res decoding steps (Muse: 8)
     guidance_scale: float = Field(4.0, ge=0)
     choice_temperature: float = Field(4.5, ge=0)  # MaskGIT's annealed Gumbel noise on the re-masking confidence
-    compile: bool = False  # torch.compile each generator's step (CUDA graphs on GPU); eager if that fails
+    # torch.compile each generator's step (CUDA graphs on GPU); eager if that fails. The scheduler's
+    # batches change shape as requests join and leave: each new shape compiles once, up to torch's
+    # recompile limit, and runs eagerly past it.
+    compile: bool = False
     edit_iterations: int = Field(100, ge=1)  # mask-free editing (Muse §3.3: ~100 at ~8%)
     edit_fraction: float = Field(0.08, gt=0, le=1)
     preview_every: int = Field(4, ge=1)  # streaming: one preview every k decoding steps
