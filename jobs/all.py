@@ -16,6 +16,7 @@ Ray Train run resumes from its last checkpoint (same run name and storage).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -64,9 +65,35 @@ def fit_together(cfg: TrainConfig, resources: dict[str, float]) -> bool:
     return need_cpu <= resources.get("CPU", 0.0) and need_gpu <= resources.get("GPU", 0.0)
 
 
+def trainer_bundles(cfg: TrainConfig) -> list[dict[str, float]]:
+    """One resource bundle per worker of both transformer trainers."""
+    return [s.scaling.resources_per_worker() for s in (cfg.base, cfg.superres) for _ in range(s.scaling.num_workers)]
+
+
+def room_for_both(cfg: TrainConfig, resources, request, autoscaling: bool, wait_s: float,
+                  sleep=time.sleep, clock=time.monotonic) -> bool:
+    """Whether base and super-res can train side by side. What is up now is not the answer on a cluster
+    that scales from zero GPUs, so on an autoscaling cluster the autoscaler is asked for both trainers'
+    bundles (`request`, i.e. ray.autoscaler.sdk.request_resources) and given up to `wait_s` to add them.
+    resources() -> the cluster's current totals. A local Ray has no autoscaler: what it has is the answer."""
+    if fit_together(cfg, resources()):
+        return True
+    if not autoscaling or wait_s <= 0:
+        return False
+    request(bundles=trainer_bundles(cfg))
+    deadline = clock() + wait_s
+    while clock() < deadline:
+        sleep(min(10.0, max(0.0, deadline - clock())))
+        if fit_together(cfg, resources()):
+            return True
+    request(bundles=[])  # withdrawn: the trainers' own placement groups ask for what each needs
+    return False
+
+
 def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = None, format: str = "auto") -> dict:
     """Run every unfinished stage; returns {stage: "trained" | "skipped"} with seconds per stage."""
     import ray
+    from ray.autoscaler.sdk import request_resources
 
     ensure_ray()
     corpus, root = storage.absolute(corpus), storage.absolute(root)
@@ -102,7 +129,9 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
     for s in wanted:
         if s not in todo:
             report[s] = "skipped (finished)"
-    if len(todo) == 2 and cfg.concurrent and fit_together(cfg, ray.cluster_resources()):
+    if len(todo) == 2 and cfg.concurrent and room_for_both(
+            cfg, ray.cluster_resources, request_resources, autoscaling=bool(os.environ.get("RAY_ADDRESS")),
+            wait_s=cfg.concurrent_wait_s):
         say("[all] training base and super-res concurrently")
         with ThreadPoolExecutor(2, thread_name_prefix="train") as pool:
             start = time.time()

@@ -249,6 +249,9 @@ class TrainConfig:
     decoder: DecoderStage = field(default_factory=DecoderStage)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     concurrent: bool = True  # `train all`: base and super-res at once when the cluster has room for both
+    # How long `train all` (on a cluster, RAY_ADDRESS set) waits for the autoscaler to add room for both
+    # trainers before training them one after the other.
+    concurrent_wait_s: float = 600.0
     stages: tuple[str, ...] = STAGES  # what `train all` runs (e.g. without "decoder": no decoder fine-tune)
 
     def __post_init__(self):

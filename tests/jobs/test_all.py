@@ -94,3 +94,48 @@ def test_sequential_when_the_cluster_has_no_room_for_both(fake, monkeypatch):
 def test_only_the_configured_stages_run(fake):
     train_all_module.train_all(tiny_config("stages=[vqgan,base]"), "corpus", fake.root)
     assert fake.calls == ["vqgan_lo", "vqgan_hi", "tokenize", "base"]
+
+
+class FakeAutoscaler:
+    """The cluster as the autoscaler grows it: no GPUs until both trainers' bundles are requested,
+    then one more GPU node per poll."""
+
+    def __init__(self, node_gpus: float = 2.0):
+        self.gpus, self.node_gpus, self.requests, self.now = 0.0, node_gpus, [], 0.0
+
+    def resources(self):
+        return {"CPU": 64.0, "GPU": self.gpus}
+
+    def request(self, bundles):
+        self.requests.append(bundles)
+
+    def sleep(self, seconds):
+        self.now += seconds
+        if self.requests and self.requests[-1]:
+            self.gpus += self.node_gpus
+
+
+GPU_TRAINERS = ["base.scaling.use_gpu=true", "base.scaling.num_workers=2",
+                "superres.scaling.use_gpu=true", "superres.scaling.num_workers=2"]
+
+
+def test_train_all_asks_the_autoscaler_instead_of_reading_what_is_up():
+    cfg = tiny_config(*GPU_TRAINERS)
+    cluster = FakeAutoscaler()
+    assert train_all_module.room_for_both(cfg, cluster.resources, cluster.request, autoscaling=True,
+                                          wait_s=600, sleep=cluster.sleep, clock=lambda: cluster.now)
+    assert cluster.requests == [[{"CPU": 1.0, "GPU": 1.0}] * 4]  # both trainers' workers, asked for at once
+    assert cluster.gpus >= 4
+
+
+def test_train_all_runs_stages_in_turn_when_the_cluster_cannot_grow():
+    cfg = tiny_config(*GPU_TRAINERS)
+    local = FakeAutoscaler(node_gpus=0.0)
+    # A local Ray (no autoscaler) does not wait; an autoscaler that adds nothing is given up on and its
+    # request withdrawn.
+    assert not train_all_module.room_for_both(cfg, local.resources, local.request, autoscaling=False, wait_s=600,
+                                              sleep=local.sleep, clock=lambda: local.now)
+    assert local.requests == [] and local.now == 0
+    assert not train_all_module.room_for_both(cfg, local.resources, local.request, autoscaling=True, wait_s=60,
+                                              sleep=local.sleep, clock=lambda: local.now)
+    assert local.requests[-1] == [] and local.now >= 60

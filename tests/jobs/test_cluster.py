@@ -37,3 +37,14 @@ def test_head_cpu_workers_and_autoscaled_gpu_workers(cluster):
     assert gpu["node_config"]["InstanceType"].startswith(("p", "g"))
     setup = " ".join(cluster["setup_commands"])
     assert "pip install" in setup and "-e ." in setup and "~/muse-on-ray" in cluster["file_mounts"]
+
+
+def test_gpu_workers_fit_for_training(cluster):
+    """One zone, a cluster placement group, EFA devices in the container, and pinned versions."""
+    assert "," not in cluster["provider"]["availability_zone"]  # NCCL never crosses zones
+    gpu = cluster["available_node_types"]["gpu_worker"]
+    assert gpu["node_config"]["Placement"]["GroupName"]
+    assert "--device=/dev/infiniband" in gpu["docker"]["worker_run_options"]
+    image = cluster["docker"]["image"]
+    assert image.startswith("rayproject/ray:2.60.") and "latest" not in image
+    assert any("torch==" in c for c in cluster["setup_commands"])
