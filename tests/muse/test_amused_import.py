@@ -276,3 +276,17 @@ def test_weights_are_read_from_sharded_variant_and_bin_folders(tmp_path):
     assert torch.equal(read_weights(str(legacy))["x"], torch.ones(2))
     with pytest.raises(AmusedImportError, match="no weights"):
         read_weights(str(tmp_path))
+
+
+@pytest.mark.parametrize("imported", ["amused-256"], indirect=True)  # one architecture covers storage
+def test_import_writes_to_s3_and_loads_back(imported, s3_bucket):
+    arch, _, ours, root = imported
+    src = str(__import__("pathlib").Path(root).parent / "src")
+    remote = f"{s3_bucket}/roots/{arch}"
+    assert import_main(["amused", "--source", src, "--out", remote]) == 0
+    again = MusePipeline.from_pretrained(remote)
+    ids = torch.randint(0, 8192, (1, 256))
+    cond = ours.encode_prompts(["a cat"])
+    a = ours.base(ids, ours.base.encode_context(cond.embeddings, cond.mask))
+    b = again.base(ids, again.base.encode_context(cond.embeddings, cond.mask))
+    assert torch.equal(a, b)
