@@ -124,7 +124,9 @@ class RunSettings:
     # bf16 autocast on CPU: ~1.4x faster transformer steps where the CPU has AVX512-BF16/AMX (weights,
     # optimizer and loss stay fp32); off by default, since CPUs without it run bf16 slower
     cpu_bf16: bool = False
-    shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer; 0 = no shuffle
+    # Rows in each worker's local shuffle buffer (0 = no shuffle): thousands, so rows of several files mix
+    # (token rows are a few KB; with text_storage: embeddings a row is up to ~1 MB, so lower it there).
+    shuffle_buffer: int = 4096
     # Read (and decode) the data once, on the driver, into Ray's object store instead of streaming it
     # from storage every epoch: for data that fits in memory (the tiny demo), where reading dominates.
     cache_data: bool = False

@@ -10,20 +10,29 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from muse import storage
 from muse.data.images import uint8_to_tensor
 from pipelines import readers, shards
 from pipelines.config import TokenizeConfig
 from pipelines.preprocess import preprocess_batch
 
 
-def token_dataset(uri: str, *, hi: bool, cache: bool = False):
+def token_dataset(uri: str, *, hi: bool, cache: bool = False, shuffle_seed: int | None = None):
     """(Ray Dataset of the token shards under `uri`, their metadata). `cache` reads them once on the
-    driver into the object store (small data) instead of streaming them from storage every epoch."""
+    driver into the object store (small data) instead of streaming them from storage every epoch.
+
+    Streamed shards are read in a seeded file permutation that Ray Data draws afresh for every pass
+    over the data (every epoch, and the new pass a restarted worker group starts): `shuffle_seed`,
+    which the driver derives from the run's newest checkpoint (`data_order_seed`), so a resumed run
+    begins a new permutation instead of the corpus's first files. Rows within a file are mixed by
+    each worker's local shuffle buffer (run.shuffle_buffer)."""
     info = shards.shard_info(uri)
     if hi and not info.get("tokens_hi_side"):
         raise ValueError(f"the token shards under {uri} have no tokens_hi: tokenize with a vqgan_hi in the "
@@ -34,7 +43,30 @@ def token_dataset(uri: str, *, hi: bool, cache: bool = False):
         import ray.data
 
         return ray.data.from_arrow(shards.load_token_shards(uri, columns=columns)), info
-    return shards.read_token_shards(uri, columns=columns), info
+    return read_shuffled(shards.token_shard_files(uri), columns, shuffle_seed), info
+
+
+def read_shuffled(files: list[str], columns: list[str], seed: int | None):
+    """The Parquet files as a Ray Dataset, in a file order drawn from `seed` anew for every execution."""
+    import ray.data
+    from ray.data import FileShuffleConfig
+
+    fs, _ = storage.filesystem(files[0])
+    shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True) if seed is not None else None
+    ds = ray.data.read_parquet([storage.filesystem(f)[1] for f in files], filesystem=fs, shuffle=shuffle)
+    return ds.select_columns(columns)
+
+
+def data_order_seed(run_seed: int, run_dir: str) -> int:
+    """The file-order seed of a run (re)started now: run.seed mixed with the name of the newest
+    checkpoint in its run directory, so each resume point reads a different permutation while a
+    restart from the same checkpoint reads the same one."""
+    newest = ""
+    if storage.exists(run_dir):
+        names = {f[len(run_dir):].lstrip("/").split("/")[0] for f in storage.list_files(run_dir)}
+        newest = max((n for n in names if n.startswith("checkpoint_")), default="")
+    digest = hashlib.sha256(f"{run_seed}:{newest}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 def image_dataset(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto", cache: bool = False):

@@ -13,8 +13,10 @@
 A failed worker (or node) makes Ray Train restart the whole worker group (FailureConfig.max_failures);
 the new workers resume from the last reported checkpoint with the step counter, optimizer, scheduler,
 EMA and sample/token counters it holds. Calling `fit_stage` again with the same run name and storage
-resumes a run the driver lost. The data stream restarts its epoch on resume (Ray Data iterators
-have no position to restore); with shuffling that is a fresh random order, so no sample is favoured.
+resumes a run the driver lost. Ray Data iterators have no position to restore, so a resumed run does
+not continue the data stream where it was: it starts a fresh seeded permutation of the shard files
+(`jobs.data.token_dataset`), not the first files again, and rows mix in a local shuffle buffer of
+thousands of rows. An epoch cut short by a failure is not completed first.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from jobs.config import PAPER_PRESETS, STAGES, TrainConfig, load_config
-from jobs.loop import ensure_ray, fit_stage
+from jobs.loop import ensure_ray, fit_stage, run_location
 from jobs.progress import say, set_verbose, stop_display
 from muse import checkpoint, storage
 from muse.config import preset, to_dict
@@ -118,10 +118,12 @@ def vqgan_components(cfg: TrainConfig, component: str | None) -> list[str]:
 
 
 def _run_transformer(stage: str, cfg: TrainConfig, data: str, root: str):
-    from jobs.data import token_dataset
+    from jobs.data import data_order_seed, token_dataset
 
     section = getattr(cfg, stage)
-    dataset, info = token_dataset(data, hi=stage == "superres", cache=section.run.cache_data)
+    storage_uri, name = run_location(root, section.run, stage)
+    seed = data_order_seed(section.run.seed, storage.join(storage_uri, name))
+    dataset, info = token_dataset(data, hi=stage == "superres", cache=section.run.cache_data, shuffle_seed=seed)
     if info.get("text_storage", "ids") != "embeddings" and not checkpoint.has_component(root, "text_encoder"):
         raise ValueError(f"the token shards hold text ids but the model root {root} has no text_encoder/ to "
                          "encode them (write one with `muse init` or train with `muse train all`)")
