@@ -249,7 +249,10 @@ def summarize(out: str, manifest: pa.Table, examples: dict[str, list[str]], per_
             [("n", "sum")])
         by_reason = dict(sorted(zip(sums["reason"].to_pylist(), sums["n_sum"].to_pylist())))
     path = storage.join(out, REJECTS_FILE)
-    old = json.loads(storage.read_text(path)).get("examples", {}) if storage.exists(path) else {}
+    try:
+        old = json.loads(storage.read_text(path)).get("examples", {})
+    except FileNotFoundError:
+        old = {}
     merged = {}
     for reason in sorted(set(old) | set(examples)):
         keys = list(dict.fromkeys(old.get(reason, []) + examples.get(reason, [])))

@@ -153,8 +153,11 @@ def job_spec(input_uri: str, cfg: TokenizeConfig, models: Models) -> dict:
 
 def _check_resumable(out: str, spec: dict, finished: set[str], planned: set[str]) -> None:
     path = storage.join(out, shards.JOB_FILE)
-    if storage.exists(path):
+    try:
         old = json.loads(storage.read_text(path))
+    except FileNotFoundError:
+        old = None
+    if old is not None:
         changed = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
         if changed:
             raise ValueError(f"{out} holds shards made with different {', '.join(changed)}; "
@@ -163,7 +166,7 @@ def _check_resumable(out: str, spec: dict, finished: set[str], planned: set[str]
     if stale:
         raise ValueError(f"{len(stale)} finished part(s) in {out} are not in the input any more (the corpus "
                          "changed since the first run); write to a new --output")
-    if not storage.exists(path):
+    if old is None:
         storage.write_text(path, json.dumps(spec, indent=1))
 
 
