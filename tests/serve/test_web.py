@@ -84,3 +84,40 @@ def test_page_generates_with_live_previews_and_inpaints(muse_app, browser):
     assert result_after.startswith("data:image/png;base64,") and result_after != result_before
     assert not errors, errors
     page.close()
+
+
+def test_editor_before_and_after_an_image_layout_touch_and_no_blank_inpaint(muse_app, browser):
+    """The brush controls stay clickable before any image exists, painting a blank editor sends
+    nothing, and a touch pointer paints (the brush canvas does not scroll the page)."""
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(muse_app.url + "/")
+    for control in ("#brushsize", "#clear", "#inpaint"):  # not covered by the editor's canvases
+        hit = page.evaluate("""(sel) => { const r = document.querySelector(sel).getBoundingClientRect();
+            const el = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+            return el && el.closest(sel) !== null; }""", control)
+        assert hit, f"{control} is covered"
+    assert page.eval_on_selector("#brush", "c => getComputedStyle(c).touchAction") == "none"
+    box = page.locator("#brush").bounding_box()
+    page.mouse.move(box["x"] + 10, box["y"] + 10)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 40, box["y"] + 40, steps=4)
+    page.mouse.up()
+    assert not page.is_enabled("#inpaint")  # a blank canvas is never inpainted
+
+    # With an image in the editor (any PNG: the editor takes what the result pane shows), touch paints.
+    page.evaluate("""() => { const c = document.createElement('canvas'); c.width = c.height = 64;
+        c.getContext('2d').fillRect(0, 0, 64, 64); loadEditor(c.toDataURL('image/png')); }""")
+    page.wait_for_function("document.getElementById('brush').width === 64")
+    page.evaluate("""() => { const b = document.getElementById('brush'), r = b.getBoundingClientRect();
+        const at = (type, f) => b.dispatchEvent(new PointerEvent(type, { pointerType: 'touch', pointerId: 7,
+            isPrimary: true, bubbles: true, clientX: r.left + r.width * f, clientY: r.top + r.height * f }));
+        at('pointerdown', 0.3); at('pointermove', 0.5); window.dispatchEvent(new PointerEvent('pointerup')); }""")
+    assert page.is_enabled("#inpaint")
+    painted = page.evaluate("""() => { const b = document.getElementById('brush');
+        const d = b.getContext('2d').getImageData(0, 0, b.width, b.height).data;
+        let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return n; }""")
+    assert painted > 20
+    assert not errors, errors
+    page.close()
