@@ -20,7 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "outpaint": ("muse.generate_cli", "extend an image beyond its borders"),
     "edit": ("muse.generate_cli", "mask-free editing of an image toward a new prompt"),
     "serve": ("serve.cli", "serve a model root over HTTP (Ray Serve)"),
-    "eval": ("muse.evaluate", "evaluate a model root: attribute judge, PSNR, token accuracy"),
+    "eval": ("muse.evaluate", "evaluate a model root: attribute judge, PSNR, token accuracy; corpus FID, CLIP score"),
 }
 
 

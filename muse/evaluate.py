@@ -5,8 +5,13 @@
   (muse/judge.py), separately for seen and held-out prompts.
 - VQGAN reconstruction PSNR on images the tokenizers never trained on.
 - Masked-token accuracy of the base (and super-res) transformer at a fixed mask rate.
-- Real corpora: CLIP score and FID in CLIP feature space when the user gives a local CLIP model
-  directory (`--clip DIR`, Hugging Face format); nothing is ever downloaded.
+- Real corpora (Parquet, image folder or WebDataset; local or s3://): the model draws one image per
+  caption of --n corpus rows (default 2,000; below 500 it refuses: FID is not a measurement there),
+  scored by FID against those rows' own images and by CLIP score against their captions
+  (muse/eval_corpus.py). FID needs --fid-net: a TorchScript feature network such as NVlabs'
+  inception-2015-12-05.pt (Inception FID, the one papers report) or a local Hugging Face CLIP
+  folder (FID in CLIP space, not comparable with Inception FID). CLIP score needs --clip, a local
+  Hugging Face CLIP folder (a full CLIPModel with its tokenizer). Nothing is ever downloaded.
 
 Writes `report.json` and a PNG grid (prompt -> image) into `--out`.
 """
@@ -19,7 +24,6 @@ import math
 import random
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
@@ -27,6 +31,7 @@ from tqdm import tqdm
 from muse import storage
 from muse.data.images import pil_to_tensor
 from muse.data.synthetic import all_pairs, caption, render, sample_scene
+from muse.fid import clip_pixels
 from muse.judge import judge, summarize
 from muse.masking import mask_tokens
 
@@ -100,8 +105,8 @@ def image_grid(rows: list[dict], cell: int = 128, columns: int = 4) -> Image.Ima
             if len(lines[-1]) + len(w) + 1 > cell // 6:
                 lines.append("")
             lines[-1] = f"{lines[-1]} {w}".strip()
-        mark = "ok" if row.get("verdict") is not None and row["verdict"].correct else "x"
-        draw.text((x + 2, y + cell + 1), "\n".join(lines[:2]) + f" [{mark}]", fill="black")
+        mark = "" if "verdict" not in row else " [ok]" if row["verdict"].correct else " [x]"
+        draw.text((x + 2, y + cell + 1), "\n".join(lines[:2]) + mark, fill="black")
     return grid
 
 
@@ -133,7 +138,8 @@ def tokenizer_ceiling(vqgan, samples: list[tuple[str, Image.Image]], batch: int 
     for start in range(0, len(samples), batch):
         chunk = samples[start:start + batch]
         x = torch.stack([pil_to_tensor(img, size) for _, img in chunk])
-        y = vqgan.decode(vqgan.encode(x.to(next(vqgan.parameters()).device)))
+        p = next(vqgan.parameters())
+        y = vqgan.decode(vqgan.encode(x.to(p.device, p.dtype))).float().cpu()
         for (text, _), a, b in zip(chunk, x, y):
             originals.append(judge(tensor_to_pil(a), text))
             recons.append(judge(tensor_to_pil(b), text))
@@ -142,8 +148,9 @@ def tokenizer_ceiling(vqgan, samples: list[tuple[str, Image.Image]], batch: int 
 
 @torch.no_grad()
 def reconstruction_psnr(vqgan, images: list[Image.Image]) -> float:
+    p = next(vqgan.parameters())
     x = torch.stack([pil_to_tensor(img, vqgan.config.resolution) for img in images])
-    return psnr(x, vqgan.decode(vqgan.encode(x)))
+    return psnr(x, vqgan.decode(vqgan.encode(x.to(p.device, p.dtype))).float().cpu())
 
 
 @torch.no_grad()
@@ -154,35 +161,38 @@ def token_accuracy(pipe, samples: list[tuple[str, Image.Image]], mask_rate: floa
     g = torch.Generator().manual_seed(seed)
     prompts = [c for c, _ in samples]
     cond = pipe.encode_prompts(prompts)
-    lo_img = torch.stack([pil_to_tensor(img, pipe.vqgan_lo.config.resolution) for _, img in samples])
-    lo = pipe.vqgan_lo.encode(lo_img).flatten(1)
     rates = torch.full((len(samples),), mask_rate)
-    masked, mask = mask_tokens(lo, rates, pipe.base.mask_token_id, g)
-    ctx = pipe.base.encode_context(cond.embeddings, cond.mask)
-    out = {"mask_rate": mask_rate, "base": masked_token_accuracy(pipe.base(masked, ctx), lo, mask).item()}
+
+    def ids(vqgan) -> torch.Tensor:  # on the CPU, where the masking generator lives
+        p = next(vqgan.parameters())
+        img = torch.stack([pil_to_tensor(im, vqgan.config.resolution) for _, im in samples])
+        return vqgan.encode(img.to(p.device, p.dtype)).flatten(1).cpu()
+
+    def accuracy(model, ids: torch.Tensor, ctx) -> float:
+        masked, mask = mask_tokens(ids, rates, model.mask_token_id, g)
+        logits = model(masked.to(pipe.device), ctx).float()
+        return masked_token_accuracy(logits, ids.to(pipe.device), mask.to(pipe.device)).item()
+
+    dtype = next(pipe.base.parameters()).dtype
+    emb, mask = cond.embeddings.to(dtype), cond.mask
+    lo = ids(pipe.vqgan_lo)
+    out = {"mask_rate": mask_rate, "base": accuracy(pipe.base, lo, pipe.base.encode_context(emb, mask))}
     if pipe.superres is not None and pipe.vqgan_hi is not None:
-        hi_img = torch.stack([pil_to_tensor(img, pipe.vqgan_hi.config.resolution) for _, img in samples])
-        hi = pipe.vqgan_hi.encode(hi_img).flatten(1)
-        masked, mask = mask_tokens(hi, rates, pipe.superres.mask_token_id, g)
-        ctx = pipe.superres.encode_context(cond.embeddings, cond.mask, lo)
-        out["superres"] = masked_token_accuracy(pipe.superres(masked, ctx), hi, mask).item()
+        ctx = pipe.superres.encode_context(emb, mask, lo.to(pipe.device))
+        out["superres"] = accuracy(pipe.superres, ids(pipe.vqgan_hi), ctx)
     return out
 
 
-# -- CLIP score and FID (user-supplied CLIP weights only) -----------------------------------------
+# -- CLIP score (user-supplied CLIP weights only) -------------------------------------------------
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def load_clip(path: str | None):
-    """(model, tokenizer) from a local Hugging Face CLIP directory; None with a message if absent."""
+def load_clip(path: str | None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a local Hugging Face CLIP directory; None if no path is given."""
     if not path:
         return None
     from transformers import AutoTokenizer, CLIPModel
 
     try:
-        return CLIPModel.from_pretrained(path, local_files_only=True).eval(), \
+        return CLIPModel.from_pretrained(path, local_files_only=True).to(device, dtype).eval(), \
             AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"--clip {path!r} is not a local Hugging Face CLIP model directory ({e})") from e
@@ -190,34 +200,23 @@ def load_clip(path: str | None):
 
 @torch.no_grad()
 def clip_features(clip, images: list[Image.Image], prompts: list[str] | None = None):
+    """(image features, text features or None) as float32 on the CPU."""
     model, tokenizer = clip
-    size = model.config.vision_config.image_size
-    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
-    pixels = torch.stack([
-        (torch.from_numpy(np.array(img.convert("RGB").resize((size, size), Image.BICUBIC))).permute(2, 0, 1)
-         .float() / 255 - mean) / std for img in images])
+    p = next(model.parameters())
+    pixels = clip_pixels(images, model.config.vision_config.image_size).to(p.device, p.dtype)
     img = model.get_image_features(pixel_values=pixels)
-    img = getattr(img, "pooler_output", img)
+    img = getattr(img, "pooler_output", img).float().cpu()  # some transformers versions return the output object
     if prompts is None:
         return img, None
-    tok = tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt")
+    tok = tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt").to(p.device)
     txt = model.get_text_features(**tok)
-    return img, getattr(txt, "pooler_output", txt)
+    return img, getattr(txt, "pooler_output", txt).float().cpu()
 
 
 def clip_score(image_features: torch.Tensor, text_features: torch.Tensor) -> float:
     """Mean of 100 * max(cos(image, text), 0) (Hessel et al. 2021, w = 1... scaled by 100)."""
     cos = torch.nn.functional.cosine_similarity(image_features, text_features, dim=-1)
     return float((100 * cos.clamp(min=0)).mean())
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """FID between two feature sets (n, d): |mu_a - mu_b|^2 + Tr(Sa + Sb - 2 (Sa Sb)^1/2)."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    eig = np.linalg.eigvals(sa @ sb)
-    covmean_trace = np.sqrt(np.clip(eig.real, 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * covmean_trace)
 
 
 # -- the command ------------------------------------------------------------------------------------
@@ -247,16 +246,13 @@ def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: 
         report["tokenizer_ceiling"] = {name: tokenizer_ceiling(vq, judged)
                                        for name, vq in (("vqgan_lo", pipe.vqgan_lo), ("vqgan_hi", pipe.vqgan_hi))
                                        if vq is not None}
-    clip = load_clip(clip_path)
+    # No FID here: a few dozen judged images are far too few (see muse/eval_corpus.py).
+    clip = load_clip(clip_path, device=pipe.device if pipe is not None else "cpu")
     if clip is None:
-        report["clip"] = "skipped: pass --clip DIR (a local Hugging Face CLIP model) for CLIP score and FID"
+        report["clip"] = "skipped: pass --clip DIR (a local Hugging Face CLIP model) for CLIP score"
     elif rows:
         img_f, txt_f = clip_features(clip, [r["image"] for r in rows], [r["prompt"] for r in rows])
-        ref = heldout_images(max(len(rows), 8), 224, seed=seed + 77)
-        ref_f, _ = clip_features(clip, [im for _, im in ref])
-        report["clip"] = {"clip_score": clip_score(img_f, txt_f),
-                          "fid_clip_features": frechet_distance(img_f.numpy(), ref_f.numpy()),
-                          "n": len(rows)}
+        report["clip"] = {"clip_score": clip_score(img_f, txt_f), "n": len(rows)}
     storage.makedirs(out)
     storage.write_text(storage.join(out, "report.json"), json.dumps(report, indent=1))
     import io
@@ -276,27 +272,73 @@ def pipeline_generator(pipe, *, steps: int, superres_steps: int, guidance_scale:
     return generate
 
 
+def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """'auto': CUDA when present; bf16 there, fp32 on the CPU."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    return dev, getattr(torch, dtype)
+
+
 def main(argv: list[str] | None = None) -> None:
+    from muse.eval_corpus import FORMATS, CorpusEvalConfig
+    from muse.fid import DEFAULT_N, FEATURE_NET_HELP, MIN_N
+
     parser = argparse.ArgumentParser(prog="muse eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="model root (local or s3://)")
-    parser.add_argument("--corpus", help="synthetic corpus with holdout.json, for the attribute judge")
+    parser.add_argument("--corpus", help="a synthetic corpus (with holdout.json) for the attribute judge, "
+                                         "or a real corpus for FID / CLIP score")
+    parser.add_argument("--corpus-format", choices=("synthetic",) + FORMATS, default="auto",
+                        help="auto: synthetic when the corpus has holdout.json, else detected from its files")
     parser.add_argument("--out", required=True, help="directory for report.json and grid.png")
-    parser.add_argument("--n-seen", type=int, default=16, help="seen-pairing prompts to judge")
+    parser.add_argument("--n-seen", type=int, default=16, help="synthetic: seen-pairing prompts to judge")
+    parser.add_argument("--n", type=int, default=DEFAULT_N,
+                        help=f"real corpus: captions to draw and corpus images to compare with (>= {MIN_N})")
+    parser.add_argument("--allow-small-n", action="store_true",
+                        help=f"real corpus: run with n < {MIN_N} as a smoke test; the report says not comparable")
+    parser.add_argument("--fid-net", help=f"real corpus: FID feature network, {FEATURE_NET_HELP}")
+    parser.add_argument("--clip", help="local Hugging Face CLIP folder (CLIPModel + tokenizer) for CLIP score")
+    parser.add_argument("--batch", type=int, default=16, help="real corpus: prompts per generation call")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="the model's transformers and VQGANs, and on a real corpus the CLIP and CLIP "
+                             "feature networks (auto: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--superres-steps", type=int, default=8)
     parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--no-superres", action="store_true", help="judge base-resolution images")
-    parser.add_argument("--clip", help="local Hugging Face CLIP model directory for CLIP score / FID")
+    parser.add_argument("--no-superres", action="store_true", help="evaluate base-resolution images")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from muse.pipeline import MusePipeline
 
+    fmt = args.corpus_format
+    if args.corpus and fmt == "auto" and storage.exists(storage.join(args.corpus, "holdout.json")):
+        fmt = "synthetic"
+    real = args.corpus is not None and fmt != "synthetic"
+    if real:  # fail on a bad n or missing networks before loading the model
+        cfg = CorpusEvalConfig(n=args.n, allow_small_n=args.allow_small_n, format=fmt, batch=args.batch,
+                               seed=args.seed)
+        from muse.fid import check_n
+
+        check_n(cfg.n, cfg.allow_small_n)
+        if not (args.fid_net or args.clip):
+            parser.error(f"a real corpus needs --fid-net ({FEATURE_NET_HELP}) and/or --clip (a local CLIP folder)")
+    device, dtype = resolve_device(args.device, args.dtype)
     torch.set_grad_enabled(False)
-    pipe = MusePipeline.from_pretrained(args.checkpoint)
+    pipe = MusePipeline.from_pretrained(args.checkpoint).to(device, dtype)
     superres = not args.no_superres and pipe.superres is not None
     gen = pipeline_generator(pipe, steps=args.steps, superres_steps=args.superres_steps,
                              guidance_scale=args.guidance, superres=superres)
+    if real:
+        from muse.eval_corpus import run
+
+        report = run(gen, args.corpus, cfg, args.out, fid_net=args.fid_net, clip_path=args.clip,
+                     device=device, dtype=dtype)
+        print(json.dumps(report, indent=1))
+        print(f"wrote {storage.join(args.out, 'report.json')}")
+        return
     base_gen = pipeline_generator(pipe, steps=args.steps, superres_steps=args.superres_steps,
                                   guidance_scale=args.guidance, superres=False) if superres else None
     report = evaluate(gen, pipe, args.corpus, args.out, n_seen=args.n_seen, seed=args.seed, clip_path=args.clip,

@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from muse.data.synthetic import render, sample_scene, parse_caption, write_corpus
-from muse.evaluate import evaluate, frechet_distance, psnr, seen_prompts
+from muse.data.synthetic import render, parse_caption, write_corpus
+from muse.evaluate import evaluate, psnr, seen_prompts
+from muse.fid import frechet_distance
 from muse.pipeline import MusePipeline
 
 
@@ -56,25 +57,42 @@ def test_evaluate_scores_an_oracle_high_and_a_blank_model_low(tmp_path):
     assert saved["judge"]["seen"]["n"] == 12
 
 
-def test_evaluate_with_tiny_pipeline_and_clip(tmp_path):
+VISION = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+          "image_size": 32, "patch_size": 8}
+
+
+def _tiny_clip(path) -> str:
+    """A tiny random CLIP (model + tokenizer) saved locally: it stands in for user-supplied weights."""
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
+    torch.manual_seed(0)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "red</w>": 3}
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
+    cfg = CLIPConfig(text_config={"vocab_size": 4, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "max_position_embeddings": 77},
+                     vision_config=VISION, projection_dim=8)
+    CLIPModel(cfg).save_pretrained(path / "clip")
+    tok.save_pretrained(path / "clip")
+    return str(path / "clip")
+
+
+def _tiny_clip_vision(path) -> str:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(**VISION)).save_pretrained(path / "vision")
+    return str(path / "vision")
+
+
+def test_evaluate_with_tiny_pipeline_and_clip(tmp_path):
     torch.manual_seed(0)
     pipe = MusePipeline.from_preset("tiny", seed=0)
     corpus = tmp_path / "corpus"
     write_corpus(str(corpus), n=4, size=64, holdout_fraction=0.2)
-    # A tiny random CLIP saved locally stands in for user-supplied weights.
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "red</w>": 3}
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
-    cfg = CLIPConfig(text_config={"vocab_size": 4, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                                  "num_attention_heads": 2, "max_position_embeddings": 77},
-                     vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                                    "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-                     projection_dim=8)
-    CLIPModel(cfg).save_pretrained(tmp_path / "clip")
-    tok.save_pretrained(tmp_path / "clip")
+    _tiny_clip(tmp_path)
 
     def generate(prompts, seed):
         return pipe(prompts, steps=2, guidance_scale=2.0, seed=seed, superres=False)
@@ -85,7 +103,7 @@ def test_evaluate_with_tiny_pipeline_and_clip(tmp_path):
     assert all(np.isfinite(v) for v in report["psnr_db"].values())
     assert 0.0 <= report["masked_token_accuracy"]["base"] <= 1.0 and "superres" in report["masked_token_accuracy"]
     assert report["clip"]["n"] == 4 + len(json.loads((corpus / "holdout.json").read_text())["eval_captions"])
-    assert np.isfinite(report["clip"]["clip_score"]) and np.isfinite(report["clip"]["fid_clip_features"])
+    assert np.isfinite(report["clip"]["clip_score"]) and "fid_clip_features" not in report["clip"]
 
 
 def test_missing_holdout_is_clear(tmp_path):
@@ -121,3 +139,120 @@ def test_tokenizer_ceiling_judges_reconstructions_beside_the_originals():
     assert exact["reconstructions"] == exact["originals"]
     blank = tokenizer_ceiling(_PixelTokenizer(blank=True), samples)
     assert blank["reconstructions"]["color"] == 0.0 and blank["originals"] == exact["originals"]
+
+
+# -- FID and CLIP score on real corpora ----------------------------------------------------------
+
+def test_frechet_distance_matches_the_closed_form_for_non_commuting_covariances():
+    rng = np.random.default_rng(1)
+    d = 3
+    qa, qb = np.linalg.qr(rng.normal(size=(d, d)))[0], np.linalg.qr(rng.normal(size=(d, d)))[0]
+    sa, sb = qa @ np.diag([1.0, 2.0, 3.0]) @ qa.T, qb @ np.diag([0.5, 4.0, 1.5]) @ qb.T
+    a = rng.multivariate_normal(np.zeros(d), sa, size=20_000)
+    b = rng.multivariate_normal(np.ones(d), sb, size=20_000)
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    # Tr((Ca Cb)^1/2) from the eigenvalues of the product (real and >= 0 for PSD matrices).
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca + cb) - 2 * np.sqrt(
+        np.linalg.eigvals(ca @ cb).real).sum()
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+
+
+def _noise_images(n, seed, shift=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(np.clip(rng.integers(0, 160, (32, 32, 3)) + shift, 0, 255).astype(np.uint8))
+            for _ in range(n)]
+
+
+def test_fid_with_a_local_clip_vision_model(tmp_path):
+    from muse.fid import features, load_feature_net
+
+    net = load_feature_net(_tiny_clip_vision(tmp_path))
+    images = _noise_images(48, seed=0)
+    f = features(net, images, batch=16)
+    assert f.shape == (48, 16) and net.name == "clip:vision"
+    assert abs(frechet_distance(f, features(net, images))) < 1e-6
+    other = frechet_distance(f, features(net, _noise_images(48, seed=1)))  # same distribution
+    shifted = frechet_distance(f, features(net, _noise_images(48, seed=1, shift=90)))
+    assert shifted > 3 * other > 0
+
+
+def test_torchscript_feature_net_gets_uint8_images_and_return_features(tmp_path):
+    from muse.fid import features, load_feature_net
+
+    class Inceptionish(torch.nn.Module):
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            assert x.dtype == torch.uint8 and return_features
+            return x.float().mean(dim=(2, 3))
+
+    torch.jit.script(Inceptionish()).save(str(tmp_path / "net.pt"))
+    net = load_feature_net(str(tmp_path / "net.pt"))
+    assert features(net, _noise_images(4, seed=0)).shape == (4, 3)
+    with pytest.raises(ValueError, match="TorchScript"):
+        load_feature_net(str(tmp_path / "missing.pt"))
+
+
+def test_fid_refuses_small_n_and_says_why(tmp_path):
+    from muse.evaluate import main
+    from muse.fid import check_n
+
+    with pytest.raises(ValueError, match=r"n=100 is below 500: .*rank-deficient.*--allow-small-n"):
+        check_n(100)
+    check_n(100, allow_small_n=True)
+    check_n(500)
+    corpus = tmp_path / "corpus"
+    write_corpus(str(corpus), n=4, size=32, holdout_fraction=0.0)
+    # Refused before the model root is even opened.
+    with pytest.raises(ValueError, match="below 500"):
+        main(["--checkpoint", str(tmp_path / "nowhere"), "--corpus", str(corpus), "--corpus-format", "parquet",
+              "--out", str(tmp_path / "out"), "--n", "100", "--clip", "x"])
+
+
+@pytest.mark.parametrize("format", ["parquet", "folder"])
+def test_corpus_eval_prompts_are_corpus_captions_and_scores_are_finite(tmp_path, format):
+    import pyarrow.parquet as pq
+
+    from muse.eval_corpus import CorpusEvalConfig, evaluate_corpus
+    from muse.evaluate import load_clip
+    from muse.fid import load_feature_net
+
+    corpus = tmp_path / "corpus"
+    write_corpus(str(corpus), n=12, size=32, format=format)
+    if format == "parquet":
+        captions = {c for f in corpus.glob("*.parquet") for c in pq.read_table(f)["caption"].to_pylist()}
+    else:
+        captions = {f.read_text() for f in corpus.rglob("*.txt")}
+    seen = []
+
+    def generate(prompts, seed):
+        seen.extend(prompts)
+        return _noise_images(len(prompts), seed)
+
+    cfg = CorpusEvalConfig(n=10, allow_small_n=True, batch=4)
+    net = load_feature_net(_tiny_clip_vision(tmp_path))
+    report, rows = evaluate_corpus(generate, str(corpus), cfg, feature_net=net, clip=load_clip(_tiny_clip(tmp_path)))
+    assert len(seen) == 10 and len(set(seen)) == 10 and set(seen) <= captions
+    assert [r["prompt"] for r in rows] == seen
+    assert report["n"] == 10 and report["comparable"] is False and "not comparable" in report["note"]
+    assert np.isfinite(report["fid"]["value"]) and report["fid"]["dim"] == 16
+    assert all(np.isfinite(v) for v in report["clip_score"].values())
+    with pytest.raises(ValueError, match="gave only 12 usable"):
+        evaluate_corpus(generate, str(corpus), CorpusEvalConfig(n=20, allow_small_n=True),
+                        clip=load_clip(str(tmp_path / "clip")))
+    with pytest.raises(ValueError, match="--fid-net"):
+        evaluate_corpus(generate, str(corpus), cfg)
+
+
+def test_muse_eval_cli_on_a_real_corpus(tmp_path):
+    from muse.evaluate import main
+
+    MusePipeline.from_preset("tiny", seed=0).save_pretrained(str(tmp_path / "root"))
+    corpus = tmp_path / "corpus"
+    write_corpus(str(corpus), n=6, size=32, holdout_fraction=0.0)
+    main(["--checkpoint", str(tmp_path / "root"), "--corpus", str(corpus), "--corpus-format", "parquet",
+          "--out", str(tmp_path / "out"), "--n", "6", "--allow-small-n", "--clip", _tiny_clip(tmp_path),
+          "--fid-net", _tiny_clip_vision(tmp_path), "--device", "cpu", "--dtype", "float32",
+          "--steps", "2", "--no-superres", "--batch", "3"])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["n"] == 6 and report["comparable"] is False and report["device"] == "cpu"
+    assert report["fid"]["features"] == "clip:vision" and np.isfinite(report["fid"]["value"])
+    assert np.isfinite(report["clip_score"]["generated"]) and (tmp_path / "out" / "grid.png").exists()

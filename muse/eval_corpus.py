@@ -1,0 +1,146 @@
+"""`muse eval` on a real corpus: FID against the corpus's own images and CLIP score on its captions.
+
+n (image, caption) pairs are drawn from the corpus (Parquet, image folder or WebDataset; local or
+s3://), read in-process by the tokenize job's readers. The model draws one image per caption; FID
+compares those images with the n corpus images (muse/fid.py), and the CLIP score compares each
+image with its caption, next to the same score for the corpus images themselves (what the data
+reaches). The report names the feature network, n, and whether n is large enough to compare.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from muse import fid
+from muse.data.images import ImageRejected, decode_image
+
+FORMATS = ("auto", "parquet", "folder", "webdataset")
+
+
+@dataclass(frozen=True)
+class CorpusEvalConfig:
+    n: int = fid.DEFAULT_N  # generated images and reference images, each
+    allow_small_n: bool = False  # below fid.MIN_N: a smoke run, reported as not comparable
+    format: str = "auto"  # corpus format, as `muse tokenize --format`
+    batch: int = 16  # prompts per generation call
+    seed: int = 0  # which corpus rows, and the generation seeds
+    max_caption_chars: int = 1024
+
+    def __post_init__(self):
+        if self.n < 2 or self.batch < 1:
+            raise ValueError("n must be >= 2 and batch >= 1")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+
+
+def corpus_samples(uri: str, n: int, *, seed: int = 0, format: str = "auto",
+                   max_caption_chars: int = 1024) -> list[tuple[str, Image.Image]]:
+    """n (caption, image) pairs from the corpus at `uri`. Parts are visited in a seeded order and each
+    gives a seeded random subset of its usable rows, so the sample spans at least ~32 parts of a
+    large corpus without reading all of it. Rows the tokenize job would reject are skipped."""
+    from pipelines.config import ReaderConfig  # the readers import Ray only in their Ray Data wrappers
+    from pipelines.preprocess import clean_caption
+    from pipelines.readers import plan_parts, read_part
+
+    cfg = ReaderConfig()
+    parts = plan_parts(uri, format, cfg)
+    rng = random.Random(f"muse-eval-corpus:{seed}")
+    rng.shuffle(parts)
+    per_part = max(math.ceil(1.25 * n / len(parts)), math.ceil(n / 32))
+    out: list[tuple[str, Image.Image]] = []
+    for part in parts:
+        rows = [(raw_image, raw_caption) for block in read_part(part, cfg)
+                for raw_image, raw_caption, reason, index in zip(
+                    block["image"].to_pylist(), block["caption"].to_pylist(),
+                    block["reject_reason"].to_pylist(), block["index"].to_pylist())
+                if index >= 0 and not reason]
+        rng.shuffle(rows)
+        kept = 0
+        for raw_image, raw_caption in rows:
+            text, why = clean_caption(raw_caption, max_caption_chars)
+            if why:
+                continue
+            try:
+                image = decode_image(raw_image)
+            except ImageRejected:
+                continue
+            out.append((text, image))
+            kept += 1
+            if kept == per_part or len(out) == n:
+                break
+        if len(out) == n:
+            return out
+    raise ValueError(f"{uri} gave only {len(out)} usable (image, caption) rows of the {n} asked for; "
+                     f"lower --n (FID wants >= {fid.MIN_N})")
+
+
+def generate_images(generate, prompts: list[str], seed: int, batch: int) -> list[Image.Image]:
+    images: list[Image.Image] = []
+    for start in tqdm(range(0, len(prompts), batch), desc="generating", unit="batch", disable=None):
+        images.extend(generate(prompts[start:start + batch], seed + start))
+    return images
+
+
+@torch.no_grad()
+def clip_scores(clip, images: list[Image.Image], prompts: list[str], batch: int = 64) -> float:
+    """Mean CLIP score over (image, prompt) pairs, `batch` at a time."""
+    from muse.evaluate import clip_features, clip_score
+
+    pairs = [clip_features(clip, images[i:i + batch], prompts[i:i + batch]) for i in range(0, len(images), batch)]
+    return clip_score(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))
+
+
+def evaluate_corpus(generate, uri: str, cfg: CorpusEvalConfig, *, feature_net: fid.FeatureNet | None = None,
+                    clip=None) -> tuple[dict, list[dict]]:
+    """FID and CLIP score of `generate` ((prompts, seed) -> images) against the corpus at `uri`:
+    (report, the first 16 prompts with their images for a grid)."""
+    fid.check_n(cfg.n, cfg.allow_small_n)
+    if feature_net is None and clip is None:
+        raise ValueError(f"nothing to measure: FID needs --fid-net ({fid.FEATURE_NET_HELP}); "
+                         "CLIP score needs --clip (a local Hugging Face CLIP folder)")
+    samples = corpus_samples(uri, cfg.n, seed=cfg.seed, format=cfg.format, max_caption_chars=cfg.max_caption_chars)
+    prompts, reference = [c for c, _ in samples], [im for _, im in samples]
+    images = generate_images(generate, prompts, cfg.seed, cfg.batch)
+    report: dict = {"corpus": uri, "n": cfg.n, "comparable": cfg.n >= fid.MIN_N, "prompts": "corpus captions"}
+    if not report["comparable"]:
+        report["note"] = f"n < {fid.MIN_N} (--allow-small-n): a smoke run; FID at this n is not comparable"
+    if feature_net is not None:
+        gen_f, ref_f = fid.features(feature_net, images), fid.features(feature_net, reference)
+        report["fid"] = {"value": fid.frechet_distance(gen_f, ref_f), "features": feature_net.name,
+                         "dim": int(gen_f.shape[1])}
+    else:
+        report["fid"] = f"skipped: pass --fid-net ({fid.FEATURE_NET_HELP})"
+    if clip is not None:
+        report["clip_score"] = {"generated": clip_scores(clip, images, prompts),
+                                "corpus_images": clip_scores(clip, reference, prompts)}
+    else:
+        report["clip_score"] = "skipped: pass --clip DIR (a local Hugging Face CLIP folder)"
+    return report, [{"prompt": p, "image": im} for p, im in zip(prompts[:16], images[:16])]
+
+
+def run(generate, uri: str, cfg: CorpusEvalConfig, out: str, *, fid_net: str | None, clip_path: str | None,
+        device: torch.device, dtype: torch.dtype) -> dict:
+    """Load the user's networks, evaluate, and write report.json and grid.png into `out`."""
+    import io
+    import json
+
+    from muse import storage
+    from muse.evaluate import image_grid, load_clip
+
+    fid.check_n(cfg.n, cfg.allow_small_n)  # before any loading
+    net = fid.load_feature_net(fid_net, device, dtype) if fid_net else None
+    clip = load_clip(clip_path, device, dtype)
+    report, rows = evaluate_corpus(generate, uri, cfg, feature_net=net, clip=clip)
+    report |= {"device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+    storage.makedirs(out)
+    storage.write_text(storage.join(out, "report.json"), json.dumps(report, indent=1))
+    buf = io.BytesIO()
+    image_grid(rows).save(buf, format="PNG")
+    storage.write_bytes(storage.join(out, "grid.png"), buf.getvalue())
+    return report
