@@ -16,6 +16,11 @@ MFU = model FLOPs/s ÷ peak bf16 FLOP/s (H100/H200 SXM: 989 TFLOP/s dense; `--pe
 override), with model FLOPs = 6 · Σ(linear params × tokens through them) + 12 · layers · hidden ·
 N · (N + L) for attention (fwd + bwd; the frozen text encoder is not counted).
 Text is stored as embeddings in the synthetic shards, so the numbers are the transformer step alone.
+
+Text ids against stored embeddings (`--text-storage TEXT_PRESET`): the same base step in one process,
+alternating, once running the frozen text encoder on every batch and once reading its stored output:
+
+    python benchmarks/train.py --text-storage t5-tiny [--presets base-tiny] [--device cuda]
 """
 
 from __future__ import annotations
@@ -141,6 +146,55 @@ def gpu_inprocess(presets: list[str], steps: int, batch: int, peak_tflops: float
     return rows
 
 
+def text_storage_compare(name: str, text_preset: str, steps: int, batch: int, device: torch.device) -> list[dict]:
+    """The base step with the frozen text encoder run on every step (shards of text ids) against the
+    same step reading stored embeddings (text_storage "embeddings"), in one process, alternating."""
+    from jobs.base import BaseWorker
+    from jobs.config import load_config
+    from jobs.parallel import WorkerEnv
+    from muse import checkpoint
+    from dataclasses import replace
+
+    from muse.config import to_dict
+
+    text_cfg = preset(text_preset)
+    cfg = replace(preset(name), text_dim=text_cfg.d_model)
+    root = tempfile.mkdtemp()
+    torch.manual_seed(0)
+    encoder = checkpoint.build_component("text_encoder", text_cfg)
+    checkpoint.save_component(encoder, checkpoint.component_uri(root, "text_encoder"))
+    ids, mask = encoder.tokenize(["two red squares on the left and a blue circle on the right"] * batch)
+    with torch.no_grad():
+        emb = encoder.encode_ids(ids, mask)
+    tokens = torch.randint(0, cfg.codebook_size, (batch, cfg.num_tokens))
+    section = load_config(None, [f"base.run.max_steps={2 * steps + 10}", "base.optim.warmup_steps=1"]).base
+    workers, batches = {}, {}
+    for storage in ("ids", "embeddings"):
+        job = {"root": root, "component": "base", "model_config": to_dict(cfg), "run_name": "bench",
+               "data_meta": {"text_storage": storage, "text_dim": text_cfg.d_model}}
+        workers[storage] = BaseWorker(section, job, WorkerEnv(device=device, bf16=device.type == "cuda"))
+        workers[storage].reseed(0)
+        text = {"text_ids": ids, "text_mask": mask} if storage == "ids" else {"text_emb": emb, "text_mask": mask}
+        batches[storage] = {k: v.to(device) for k, v in ({"tokens_lo": tokens} | text).items()}
+    seconds = {"ids": 0.0, "embeddings": 0.0}
+    for step in range(steps + 3):
+        for storage, worker in workers.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            worker.train_step(batches[storage], step)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if step >= 3:  # warm-up steps are not timed
+                seconds[storage] += time.perf_counter() - start
+    rows = [{"preset": name, "device": device.type, "text": f"{text_preset} {storage}", "workers": 1,
+             "batch_per_worker": batch, "s_per_step": seconds[storage] / steps,
+             "tokens_per_s_per_worker": batch * cfg.num_tokens * steps / seconds[storage]} for storage in seconds]
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -152,10 +206,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="per worker (cpu default 16, cuda 32)")
     parser.add_argument("--peak-tflops", type=float, help="accelerator peak bf16 TFLOP/s for MFU")
     parser.add_argument("--compile", action="store_true", help="cuda: torch.compile the model")
+    parser.add_argument("--text-storage", metavar="TEXT_PRESET",
+                        help="instead: the base step from text ids (the frozen encoder runs every step) against "
+                             "stored embeddings, in one process, with this text-encoder preset (e.g. t5-tiny)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f}", flush=True)
-    if args.device == "cpu":
+    if args.text_storage:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda needs a CUDA GPU")
+        rows = text_storage_compare((args.presets or "base-tiny").split(",")[0], args.text_storage,
+                                    args.steps or 20, args.batch_size or 16, torch.device(args.device))
+    elif args.device == "cpu":
         presets = (args.presets or "base-tiny").split(",")
         rows = cpu_ray(presets, [int(w) for w in args.workers.split(",")], args.steps or 40, args.batch_size or 16)
     else:
@@ -166,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     for r in rows:
         mfu = f"  MFU {r['mfu']:.1%}" if r.get("mfu") else ""
-        print(f"{r['preset']:<10} {r['device']:<6} workers {r['workers']}  batch/worker {r['batch_per_worker']}  "
+        text = f"  {r['text']:<22}" if "text" in r else ""
+        print(f"{r['preset']:<10} {r['device']:<6}{text} workers {r['workers']}  batch/worker {r['batch_per_worker']}  "
               f"tokens/s/worker {r['tokens_per_s_per_worker']:,.0f}{mfu}")
     if args.json:
         with open(args.json, "w") as f:
