@@ -20,7 +20,8 @@ Text is stored as embeddings in the synthetic shards, so the numbers are the tra
 Text ids against stored embeddings (`--text-storage TEXT_PRESET`): the same base step in one process,
 alternating, once running the frozen text encoder on every batch and once reading its stored output:
 
-    python benchmarks/train.py --text-storage t5-tiny [--presets base-tiny] [--device cuda]
+    python benchmarks/train.py --text-storage t5-tiny [--presets base-tiny]
+    python benchmarks/train.py --text-storage t5-xxl-shape --presets base-632m --device cuda --batch-size 32
 """
 
 from __future__ import annotations
@@ -157,7 +158,10 @@ def text_storage_compare(name: str, text_preset: str, steps: int, batch: int, de
 
     from muse.config import to_dict
 
-    text_cfg = preset(text_preset)
+    # "t5-xxl-shape": random weights at T5-XXL encoder's shape (24 layers, 4096 wide, 64 heads of 64, FF 10240),
+    # for its cost on a machine without the real weights.
+    text_cfg = (TextEncoderConfig(d_model=4096, num_layers=24, num_heads=64, d_kv=64, d_ff=10240)
+                if text_preset == "t5-xxl-shape" else preset(text_preset))
     cfg = replace(preset(name), text_dim=text_cfg.d_model)
     root = tempfile.mkdtemp()
     torch.manual_seed(0)
@@ -208,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="cuda: torch.compile the model")
     parser.add_argument("--text-storage", metavar="TEXT_PRESET",
                         help="instead: the base step from text ids (the frozen encoder runs every step) against "
-                             "stored embeddings, in one process, with this text-encoder preset (e.g. t5-tiny)")
+                             "stored embeddings, in one process, with this text-encoder preset (e.g. t5-tiny), or "
+                             "t5-xxl-shape: random weights at T5-XXL's encoder size")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f}", flush=True)
