@@ -21,9 +21,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from jobs.config import TrainConfig, load_config
+from jobs.decoder import decoder_component
 from jobs.loop import ensure_ray
 from jobs.progress import Reporter, say, set_verbose, start_display, stop_display
-from jobs.stages import add_common_args, cli_overrides, decoder_component, run_stage, vqgan_components
+from jobs.stage import add_common_args, add_format_arg, cli_overrides
+from jobs.stages import run_stage
+from jobs.vqgan import CORPUS_HELP, vqgan_components
 from muse import checkpoint, storage
 
 TRANSFORMERS = ("base", "superres")
@@ -156,15 +159,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="muse train all",
         description="Train everything from a raw image-caption corpus: vqgan -> tokenize -> base and "
-                    "super-res -> decoder fine-tune, into the model root --output. Finished stages are "
+                    "super-res -> decoder fine-tune, into the model root --checkpoint. Finished stages are "
                     "skipped, so re-running the same command resumes after an interruption.",
-        epilog="example: muse train all --config configs/train_tiny.yaml --corpus data/synth --output models/tiny",
+        epilog="example: muse train all --config configs/train_tiny.yaml --corpus data/synth --checkpoint models/tiny",
     )
-    parser.add_argument("--corpus", required=True,
-                        help="image-caption corpus (Parquet, image folder or WebDataset; local, file:// or s3://)")
+    parser.add_argument("--corpus", required=True, help=CORPUS_HELP)
     parser.add_argument("--tokens", help="where token shards go (default ROOT/tokens)")
-    parser.add_argument("--format", default="auto", choices=("auto", "parquet", "folder", "webdataset"),
-                        help="corpus format (default: detect)")
+    add_format_arg(parser)
     add_common_args(parser)
     args = parser.parse_args(argv)
     set_verbose(args.verbose)
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as e:
         parser.error(str(e))
     try:
-        train_all(cfg, args.corpus, args.output, args.tokens, args.format)
+        train_all(cfg, args.corpus, args.checkpoint, args.tokens, args.format)
     finally:
         stop_display()
 

@@ -1,6 +1,6 @@
 """Stage `base`: the base masked transformer on low-res token shards (Muse §2.2).
 
-    muse train base --config configs/train_tiny.yaml --data TOKENS --output ROOT
+    muse train base --config configs/train_tiny.yaml --tokens TOKENS --checkpoint ROOT
     python -m jobs.base ...            (the same, for `ray job submit --working-dir . -- python -m jobs.base ...`)
 
 Reads token shards written by `muse tokenize`, re-encodes their text ids with ROOT/text_encoder,
@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from jobs import masked
 from jobs.common import image_grid
 from jobs.masked import MaskedWorker
+from jobs.stage import Stage
 from muse.config import BaseTransformerConfig
 from muse.data.images import tensor_to_pil
 
@@ -59,10 +61,19 @@ class BaseWorker(MaskedWorker):
         return image_grid(rows, prompts)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from jobs.stages import stage_main
+STAGE = Stage(
+    name="base",
+    summary="train the base transformer on token shards",
+    worker=BaseWorker,
+    build=lambda cfg, data, root, component, format: masked.build("base", BaseWorker, cfg, data, root),
+    data="tokens",
+    data_help="token shards written by `muse tokenize` (local or s3://)",
+    add_args=masked.model_arg("base"),
+)
 
-    stage_main("base", argv)
+
+def main(argv: list[str] | None = None) -> None:
+    STAGE.main(argv)
 
 
 if __name__ == "__main__":

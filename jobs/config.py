@@ -24,6 +24,8 @@ from muse.config import load
 from pipelines.config import TokenizeConfig
 
 STRATEGIES = ("ddp", "fsdp")
+# Every stage, in recipe order: stage X is defined in the module jobs.X (its `STAGE`, see jobs.stages)
+# and configured by the TrainConfig section X below.
 STAGES = ("vqgan", "base", "superres", "decoder")
 PAPER_PRESETS = {"base": "base-632m", "superres": "superres-268m"}  # for a root without that component
 DECODER_COMPONENTS = ("auto", "vqgan_lo", "vqgan_hi")

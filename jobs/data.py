@@ -14,14 +14,13 @@ import hashlib
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from muse import storage
 from muse.data.images import uint8_to_tensor
 from pipelines import readers, shards
 from pipelines.config import TokenizeConfig
-from pipelines.preprocess import preprocess_batch
+from pipelines.preprocess import preprocessed, preprocessed_local
 
 
 def token_dataset(uri: str, *, hi: bool, cache: bool = False, shuffle_seed: int | None = None):
@@ -81,18 +80,14 @@ def image_dataset(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto"
         import ray.data
 
         return ray.data.from_arrow(read_images(uri, size, cfg, format))
-    kwargs = {"lo_size": size, "hi_size": None, "cfg": cfg.preprocess}
-    ds = readers.read_parts(parts, cfg.reader, num_cpus=cfg.preprocess.num_cpus)
-    ds = ds.map_batches(preprocess_batch, batch_format="pyarrow", batch_size=cfg.preprocess.batch_size,
-                        num_cpus=cfg.preprocess.num_cpus, fn_kwargs=kwargs)
+    ds = preprocessed(parts, cfg, lo_size=size, hi_size=None)
     return ds.map_batches(_accepted_pixels, batch_format="pyarrow", batch_size=None)
 
 
 def read_images(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto") -> pa.Table:
     """The `pixels` table of `image_dataset`, read in this process with the same functions (no Ray)."""
-    kwargs = {"lo_size": size, "hi_size": None, "cfg": cfg.preprocess}
-    tables = [_accepted_pixels(preprocess_batch(block, **kwargs))
-              for part in readers.plan_parts(uri, format, cfg.reader) for block in readers.read_part(part, cfg.reader)]
+    parts = readers.plan_parts(uri, format, cfg.reader)
+    tables = [_accepted_pixels(block) for block in preprocessed_local(parts, cfg, lo_size=size, hi_size=None)]
     table = pa.concat_tables(tables) if tables else None
     if table is None or table.num_rows == 0:
         raise ValueError(f"no image of the corpus at {uri} passed preprocessing")
@@ -100,8 +95,7 @@ def read_images(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto") 
 
 
 def _accepted_pixels(batch: pa.Table) -> pa.Table:
-    ok = pc.and_(pc.equal(batch["part_rows"], -1), pc.equal(batch["reject_reason"], ""))
-    return batch.filter(ok).select(["pixels_lo"]).rename_columns(["pixels"])
+    return batch.filter(readers.accepted(batch)).select(["pixels_lo"]).rename_columns(["pixels"])
 
 
 # ---------------------------------------------------------------------------------------------

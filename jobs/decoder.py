@@ -1,6 +1,6 @@
 """Stage `decoder`: decoder fine-tuning (Muse §2.5).
 
-    muse train decoder --config configs/train_tiny.yaml --data CORPUS --output ROOT
+    muse train decoder --config configs/train_tiny.yaml --corpus CORPUS --checkpoint ROOT
     python -m jobs.decoder ...
 
 Loads ROOT/vqgan_hi (or vqgan_lo; `decoder.component`), replaces its decoder by a wider/deeper one
@@ -13,11 +13,17 @@ new decoder; the export replaces the component in the root (config.json records 
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import torch
 
-from jobs.config import DecoderStage
-from jobs.vqgan import VQGANWorker
+from jobs.config import DecoderStage, TrainConfig
+from jobs.loop import fit_stage
+from jobs.stage import Stage
+from jobs.vqgan import CORPUS_HELP, VQGAN_COMPONENTS, VQGANWorker, corpus_args
 from muse import checkpoint
+from muse.config import to_dict
 from muse.vqgan import VQGAN, freeze_for_decoder_finetune, widen_decoder
 
 
@@ -46,8 +52,6 @@ class DecoderWorker(VQGANWorker):
 
 def widened_config(root: str, component: str, section: DecoderStage):
     """The config of ROOT/<component> with the decoder widths of `section` (computed on the driver)."""
-    from dataclasses import replace
-
     kind, cfg = checkpoint.read_component_config(checkpoint.component_uri(root, component))
     if kind != "vqgan":
         raise ValueError(f"{root}/{component} is a {kind!r} component, not a VQGAN")
@@ -55,10 +59,42 @@ def widened_config(root: str, component: str, section: DecoderStage):
                    decoder_num_res_blocks=section.decoder_num_res_blocks)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from jobs.stages import stage_main
+def decoder_component(root: str, component: str) -> str:
+    if component == "auto":
+        return "vqgan_hi" if checkpoint.has_component(root, "vqgan_hi") else "vqgan_lo"
+    return component
 
-    stage_main("decoder", argv)
+
+def build(cfg: TrainConfig, data: str, root: str, component: str | None, format: str) -> list[Any]:
+    from jobs.data import image_dataset
+    from jobs.perceptual import check_weights
+
+    section = cfg.decoder
+    check_weights(section.gan.perceptual_weights)
+    component = decoder_component(root, component or section.component)
+    if not checkpoint.has_component(root, component):
+        raise ValueError(f"the model root {root} has no {component}/ to fine-tune the decoder of")
+    wide = widened_config(root, component, section)
+    dataset = image_dataset(data, wide.resolution, cfg.tokenize, format, cache=section.run.cache_data)
+    job = {"root": root, "component": component, "model_config": to_dict(wide), "data_meta": {}}
+    section = replace(section, run=replace(section.run, name=section.run.name or f"decoder_{component}"))
+    return [fit_stage(DecoderWorker, section, job, dataset)]
+
+
+STAGE = Stage(
+    name="decoder",
+    summary="fine-tune a wider/deeper VQGAN decoder (encoder, codebook, transformers frozen)",
+    worker=DecoderWorker,
+    build=build,
+    data="corpus",
+    data_help=CORPUS_HELP,
+    add_args=corpus_args(("auto",) + VQGAN_COMPONENTS, "which tokenizer's decoder (default: decoder.component; "
+                                                       "auto = vqgan_hi when the root has one)"),
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    STAGE.main(argv)
 
 
 if __name__ == "__main__":

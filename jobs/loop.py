@@ -1,6 +1,6 @@
 """The Ray Train layer shared by every stage: one per-worker loop and one `TorchTrainer` builder.
 
-    driver:  fit_stage(stage, section, job, dataset)
+    driver:  fit_stage(worker class, section, job, dataset)
                TorchTrainer(train_loop_per_worker, ScalingConfig(workers, GPUs, CPUs per worker),
                             RunConfig(name, storage_path [+ S3 filesystem], FailureConfig, CheckpointConfig),
                             datasets={"train": dataset})
@@ -38,15 +38,6 @@ from jobs.progress import Reporter, format_seconds, quiet_ray_loggers, ray_init_
 from muse import storage
 from muse.config import from_dict
 
-# stage -> "module:StageWorker class"
-WORKERS = {
-    "vqgan": "jobs.vqgan:VQGANWorker",
-    "base": "jobs.base:BaseWorker",
-    "superres": "jobs.superres:SuperResWorker",
-    "decoder": "jobs.decoder:DecoderWorker",
-}
-
-
 class StageWorker:
     """What the loop needs from a stage, on one worker. Subclasses set `config_class`, build
     `modules` / `optimizers` / `schedulers` / `ema` in __init__ and implement the methods below."""
@@ -83,10 +74,23 @@ class StageWorker:
         raise NotImplementedError
 
 
-def worker_class(stage: str) -> type[StageWorker]:
-    if stage not in WORKERS:
-        raise ValueError(f"unknown stage {stage!r}; stages are {sorted(WORKERS)}")
-    module, name = WORKERS[stage].split(":")
+def finished_extra(stage: str, step: int, job: dict) -> dict[str, Any]:
+    """What a stage records in its component's config.json "extra": `train all` skips finished stages."""
+    return {"finished": True, "stage": stage, "step": int(step), "run": job.get("run_name")}
+
+
+def worker_path(cls: type) -> str:
+    """"module:Class" for the workers to import. A stage started as `python -m jobs.<stage>` defines its
+    worker in __main__, which the workers do not have: they import it by the module's real name."""
+    module = cls.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules[module], "__spec__", None)
+        module = spec.name if spec is not None else module
+    return f"{module}:{cls.__qualname__}"
+
+
+def import_worker(path: str) -> type[StageWorker]:
+    module, name = path.split(":")
     return getattr(importlib.import_module(module), name)
 
 
@@ -100,7 +104,7 @@ def train_loop_per_worker(job: dict) -> None:
     from jobs.common import save_png
     from jobs.parallel import ray_worker_env
 
-    cls = worker_class(job["stage"])
+    cls = import_worker(job["worker"])
     section = from_dict(cls.config_class, job["section"])
     run = section.run
     env = ray_worker_env(section.scaling.strategy, run.bf16, run.cpu_bf16)
@@ -259,8 +263,9 @@ def run_location(root: str, run, default_name: str) -> tuple[str, str]:
     return storage.absolute(run.storage_path or storage.join(root, "runs")), run.name or default_name
 
 
-def fit_stage(stage: str, section: Any, job: dict, dataset) -> Any:
-    """Build and run the stage's TorchTrainer; returns the ray.train.Result (raises on failure)."""
+def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset) -> Any:
+    """Build and run the TorchTrainer whose workers run `worker`; returns the ray.train.Result (raises
+    on failure)."""
     import ray
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -274,7 +279,7 @@ def fit_stage(stage: str, section: Any, job: dict, dataset) -> Any:
     else:
         fs, path = None, storage.filesystem(storage_uri)[1]
         os.makedirs(path, exist_ok=True)
-    job = dict(job, stage=stage, section=to_dict(section), run_name=name,
+    job = dict(job, worker=worker_path(worker), section=to_dict(section), run_name=name,
                progress_board=start_display() if run.progress else None,
                run_dir=storage.join(storage_uri, name),
                samples_dir=job.get("samples_dir") or storage.join(job["root"], "samples", name))

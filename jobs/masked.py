@@ -13,22 +13,29 @@ Per step, on each worker:
 bf16 autocast on GPU (DDP) or FSDP's bf16 parameters; CPU runs fp32 unless run.cpu_bf16. Metrics:
 loss, masked-token accuracy, share of samples whose text was dropped, tokens/s and (GPU) MFU from
 6·params·tokens.
+
+The driver half (`build`, `transformer_config`) picks the architecture, which the root decides (see
+jobs.config), and makes the token dataset; base and super-res differ only in `hi`.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from jobs.common import EMA, build_optimizer, build_scheduler, clip_grad_norm, export_state
-from jobs.config import TransformerStage
+from jobs.config import PAPER_PRESETS, TrainConfig, TransformerStage
 from jobs.data import collate_tokens
-from jobs.loop import StageWorker
+from jobs.loop import StageWorker, finished_extra, fit_stage, run_location
 from jobs.parallel import WorkerEnv, transformer_fsdp_units, wrap
-from muse import checkpoint
-from muse.config import from_dict
+from jobs.progress import say
+from muse import checkpoint, storage
+from muse.config import from_dict, preset, to_dict
 from muse.losses import masked_token_accuracy, masked_token_loss
 from muse.masking import mask_tokens, sample_mask_rates
 
@@ -195,6 +202,103 @@ class MaskedWorker(StageWorker):
         return self.text_encoder
 
 
-def finished_extra(stage: str, step: int, job: dict) -> dict[str, Any]:
-    """What a stage records in its component's config.json "extra": `train all` skips finished stages."""
-    return {"finished": True, "stage": stage, "step": int(step), "run": job.get("run_name")}
+
+# ---------------------------------------------------------------------------------------------
+# Driver side.
+
+
+def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, root: str) -> list[Any]:
+    """The token dataset and the architecture for `stage` ("base" or "superres"), then its run."""
+    from jobs.data import data_order_seed, token_dataset
+
+    section = getattr(cfg, stage)
+    storage_uri, name = run_location(root, section.run, stage)
+    seed = data_order_seed(section.run.seed, storage.join(storage_uri, name))
+    dataset, info = token_dataset(data, hi=stage == "superres", cache=section.run.cache_data, shuffle_seed=seed)
+    if info.get("text_storage", "ids") != "embeddings" and not checkpoint.has_component(root, "text_encoder"):
+        raise ValueError(f"the token shards hold text ids but the model root {root} has no text_encoder/ to "
+                         "encode them (write one with `muse init` or train with `muse train all`)")
+    model_cfg, init_from = transformer_config(stage, section.model, root, data, info)
+    job = {"root": root, "component": stage, "model_config": to_dict(model_cfg), "data_meta": info,
+           "init_from": init_from}
+    return [fit_stage(worker, section, job, dataset)]
+
+
+def model_arg(stage: str):
+    """The `--model` flag of a transformer stage."""
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model", help=f"{stage} preset to train from scratch, replacing the root's {stage} "
+                                            f"(default: continue the root's {stage}, or {PAPER_PRESETS[stage]} "
+                                            "in a root without one)")
+    return add
+
+
+def _component_config(root: str, name: str) -> dict | None:
+    if not checkpoint.has_component(root, name):
+        return None
+    return to_dict(checkpoint.read_component_config(checkpoint.component_uri(root, name))[1])
+
+
+def _tokenize_spec(data: str) -> dict:
+    """What produced the token shards (`_job.json` of pipelines.tokenize), or {}."""
+    from pipelines.shards import JOB_FILE
+
+    path = storage.join(data, JOB_FILE)
+    return json.loads(storage.read_text(path)) if storage.exists(path) else {}
+
+
+def token_model_config(name: str, root: str, data: str, info: dict, superres: bool, quiet: bool = False):
+    """The transformer preset `name`, with codebook sizes, token grids and text width taken from the
+    token shards (and the tokenizers that made them, else the root's), so model and data agree."""
+    cfg = preset(name)
+    spec = _tokenize_spec(data)
+    lo = spec.get("vqgan_lo") or _component_config(root, "vqgan_lo")
+    hi = spec.get("vqgan_hi") or _component_config(root, "vqgan_hi")
+    text = _component_config(root, "text_encoder")
+    changes: dict[str, Any] = {}
+    text_dim = info.get("text_dim") or (text or {}).get("d_model")
+    if text_dim:
+        changes["text_dim"] = int(text_dim)
+    if superres:
+        changes |= {"lo_tokens_per_side": info["tokens_lo_side"], "hi_tokens_per_side": info["tokens_hi_side"]}
+        changes |= {"lo_codebook_size": lo["codebook_size"]} if lo else {}
+        changes |= {"hi_codebook_size": hi["codebook_size"]} if hi else {}
+    else:
+        changes["tokens_per_side"] = info["tokens_lo_side"]
+        changes |= {"codebook_size": lo["codebook_size"]} if lo else {}
+    adapted = replace(cfg, **changes)
+    diff = {k: v for k, v in changes.items() if getattr(cfg, k) != v}
+    if diff and not quiet:
+        say(f"[{'superres' if superres else 'base'}] preset {name} adapted to the data: {diff}")
+    return adapted
+
+
+def transformer_config(stage: str, model: str | None, root: str, data: str, info: dict):
+    """(model config, component URI to start from or None). The root decides: without an explicit
+    preset, a root that already holds the stage's component is continued in that architecture from its
+    weights, and a mismatch with the tokens is refused; an empty root gets the paper's preset. An
+    explicit preset is trained from scratch and replaces what the root holds, said out loud."""
+    superres = stage == "superres"
+    uri = checkpoint.component_uri(root, stage)
+    existing = checkpoint.read_component_config(uri)[1] if checkpoint.has_component(root, stage) else None
+    if model is None and existing is not None:
+        cfg = existing
+        wanted = token_model_config(PAPER_PRESETS[stage], root, data, info, superres=superres, quiet=True)
+        fields = (("lo_tokens_per_side", "hi_tokens_per_side", "lo_codebook_size", "hi_codebook_size")
+                  if superres else ("tokens_per_side", "codebook_size")) + ("text_dim",)
+        diff = {f: (getattr(cfg, f), getattr(wanted, f)) for f in fields if getattr(cfg, f) != getattr(wanted, f)}
+        if diff:
+            raise ValueError(
+                f"the model root's {stage} does not fit these tokens (root vs data: {diff}); give "
+                f"--model PRESET (or {stage}.model in the config) to train a new {stage} that replaces it")
+        say(f"[{stage}] continues the model root's {stage} ({_describe(cfg)}) from its weights")
+        return cfg, uri
+    cfg = token_model_config(model or PAPER_PRESETS[stage], root, data, info, superres=superres)
+    if existing is not None and existing != cfg:
+        say(f"[{stage}] trains {model} ({_describe(cfg)}) from scratch; it replaces the root's {stage} when done")
+    return cfg, None
+
+
+def _describe(cfg) -> str:
+    layers = getattr(cfg, "layers", None) or getattr(cfg, "hi_layers", None)
+    return f"{layers} layers, hidden {cfg.hidden}"

@@ -1,6 +1,6 @@
 """Stage `superres`: the super-res transformer on low-res + high-res token shards (Muse §2.3).
 
-    muse train superres --config configs/train_tiny.yaml --data TOKENS --output ROOT
+    muse train superres --config configs/train_tiny.yaml --tokens TOKENS --checkpoint ROOT
     python -m jobs.superres ...
 
 The same masked-token recipe as `base` (jobs.masked) on `tokens_hi`, conditioned on the text and the
@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from jobs import masked
 from jobs.common import image_grid
 from jobs.masked import MaskedWorker
+from jobs.stage import Stage
 from muse.config import SuperResTransformerConfig
 from muse.data.images import tensor_to_pil
 
@@ -77,10 +79,19 @@ class SuperResWorker(MaskedWorker):
         return image_grid(grid, labels)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from jobs.stages import stage_main
+STAGE = Stage(
+    name="superres",
+    summary="train the super-res transformer on token shards with tokens_hi",
+    worker=SuperResWorker,
+    build=lambda cfg, data, root, component, format: masked.build("superres", SuperResWorker, cfg, data, root),
+    data="tokens",
+    data_help="token shards with tokens_hi written by `muse tokenize` (local or s3://)",
+    add_args=masked.model_arg("superres"),
+)
 
-    stage_main("superres", argv)
+
+def main(argv: list[str] | None = None) -> None:
+    STAGE.main(argv)
 
 
 if __name__ == "__main__":

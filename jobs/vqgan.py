@@ -1,6 +1,6 @@
 """Stage `vqgan`: the low-res (f16) and high-res (f8) image tokenizers, trained on raw images.
 
-    muse train vqgan --config configs/train_tiny.yaml --data CORPUS --output ROOT [--component vqgan_lo]
+    muse train vqgan --config configs/train_tiny.yaml --corpus CORPUS --checkpoint ROOT [--component vqgan_lo]
     python -m jobs.vqgan ...
 
 Images come through the tokenization pipeline's readers and preprocessing (`jobs.data.image_dataset`).
@@ -20,16 +20,20 @@ pair fixed images with their reconstructions; the component is exported to ROOT/
 
 from __future__ import annotations
 
+import argparse
+from dataclasses import replace
+from typing import Any
+
 import torch
 
 from jobs.common import EMA, build_optimizer, build_scheduler, clip_grad_norm, export_state, image_grid
-from jobs.config import VQGANStage
+from jobs.config import TrainConfig, VQGANStage
 from jobs.data import collate_images
-from jobs.loop import StageWorker
-from jobs.masked import finished_extra
+from jobs.loop import StageWorker, finished_extra, fit_stage
 from jobs.parallel import WorkerEnv, allreduce_grads
+from jobs.stage import Stage, add_format_arg
 from muse import checkpoint
-from muse.config import VQGANConfig, from_dict
+from muse.config import VQGANConfig, from_dict, preset, to_dict
 from muse.data.images import tensor_to_pil
 from muse.losses import adaptive_disc_weight, hinge_d_loss, hinge_g_loss, reconstruction_loss
 from muse.vqgan import VQGAN, PatchDiscriminator, grow
@@ -162,10 +166,83 @@ class VQGANWorker(StageWorker):
         return finished_extra(self.stage, step, self.job)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from jobs.stages import stage_main
+# ---------------------------------------------------------------------------------------------
+# Driver side.
 
-    stage_main("vqgan", argv)
+VQGAN_COMPONENTS = ("vqgan_lo", "vqgan_hi")
+
+
+def vqgan_components(cfg: TrainConfig, component: str | None) -> list[str]:
+    wanted = list(VQGAN_COMPONENTS) if component in (None, "both") else [component]
+    if "vqgan_hi" in wanted and cfg.vqgan.hi_model is None:
+        if component == "vqgan_hi":
+            raise ValueError("vqgan.hi_model is null: there is no high-res tokenizer to train")
+        wanted.remove("vqgan_hi")
+    return wanted
+
+
+def build(cfg: TrainConfig, data: str, root: str, component: str | None, format: str) -> list[Any]:
+    """One run per tokenizer asked for (both by default), low-res first."""
+    return [_build_one(cfg, data, root, c, format) for c in vqgan_components(cfg, component)]
+
+
+def _build_one(cfg: TrainConfig, data: str, root: str, component: str, format: str):
+    from jobs.data import image_dataset
+    from jobs.perceptual import check_weights
+
+    section = cfg.vqgan
+    check_weights(section.gan.perceptual_weights)
+    vq_cfg = preset(section.lo_model if component == "vqgan_lo" else section.hi_model)
+    if section.run.name:
+        section = replace(section, run=replace(section.run, name=f"{section.run.name}_{component}"))
+    if component == "vqgan_hi" and section.hi_max_steps:
+        section = replace(section, run=replace(section.run, max_steps=section.hi_max_steps))
+    dataset = image_dataset(data, vq_cfg.resolution, cfg.tokenize, format, cache=section.run.cache_data)
+    job = {"root": root, "component": component, "model_config": to_dict(vq_cfg), "data_meta": {}}
+    if component == "vqgan_hi" and section.hi_init_from_lo:
+        job["init_from"] = lo_for_hi_init(root, vq_cfg)
+    return fit_stage(VQGANWorker, section, job, dataset)
+
+
+def lo_for_hi_init(root: str, hi_cfg) -> str:
+    """ROOT/vqgan_lo, checked to fit the high-res tokenizer: the same architecture at another
+    resolution (its weights are copied), or lo grown by one level (`muse.vqgan.grow`)."""
+    from muse.vqgan import grown_config
+
+    uri = checkpoint.component_uri(root, "vqgan_lo")
+    if not checkpoint.has_component(root, "vqgan_lo"):
+        raise ValueError(f"vqgan.hi_init_from_lo: the model root {root} has no vqgan_lo/ to start vqgan_hi from")
+    lo_cfg = checkpoint.read_component_config(uri)[1]
+    if replace(lo_cfg, resolution=hi_cfg.resolution) != hi_cfg and grown_config(lo_cfg) != hi_cfg:
+        raise ValueError("vqgan.hi_init_from_lo needs vqgan.hi_model to be vqgan.lo_model at another resolution, "
+                         f"or grown by one level at twice the resolution; got {lo_cfg} and {hi_cfg}")
+    return uri
+
+
+CORPUS_HELP = "image-caption corpus (Parquet, image folder or WebDataset; local, file:// or s3://)"
+
+
+def corpus_args(components: tuple[str, ...], help: str):
+    """--format and --component, for the stages that train a tokenizer on a corpus."""
+    def add(parser: argparse.ArgumentParser) -> None:
+        add_format_arg(parser)
+        parser.add_argument("--component", choices=components, help=help)
+    return add
+
+
+STAGE = Stage(
+    name="vqgan",
+    summary="train the low-res and high-res VQGAN tokenizers on raw images",
+    worker=VQGANWorker,
+    build=build,
+    data="corpus",
+    data_help=CORPUS_HELP,
+    add_args=corpus_args(("both",) + VQGAN_COMPONENTS, "which tokenizer (default: both, low-res first)"),
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    STAGE.main(argv)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ import os
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from muse import storage
 from muse.config import TextEncoderConfig
+from pipelines import readers
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -60,9 +60,8 @@ def _list_column(values: list[np.ndarray], ok: np.ndarray, value_type: pa.DataTy
 
 
 def _accepted(batch: pa.Table) -> np.ndarray:
-    """Rows to run a model on: data rows that no stage rejected."""
-    return pc.and_(pc.equal(batch["part_rows"], -1), pc.equal(batch["reject_reason"], "")).to_numpy(
-        zero_copy_only=False)
+    """Rows to run a model on, as a numpy mask."""
+    return readers.accepted(batch).to_numpy(zero_copy_only=False)
 
 
 class VQGANTokens:

@@ -12,16 +12,23 @@ Ray). For each data row it
   `pixels_lo` (and `pixels_hi`).
 
 A rejected row is kept, with its reason and without pixels, so the consumer can count it against
-its part; the model UDFs skip it. End rows (see `pipelines.readers`) pass through unchanged.
+its part; the model UDFs skip it (`pipelines.readers.accepted`). End rows (see `pipelines.readers`)
+pass through unchanged.
+
+`preprocessed` is the read -> preprocess chain as a Ray Dataset, `preprocessed_local` the same chain
+in this process; tokenization and the tokenizer-training stages both read images through them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from muse.data.images import ImageRejected, decode_image_and_size, to_uint8_array
-from pipelines.config import PreprocessConfig
+from pipelines import readers
+from pipelines.config import PreprocessConfig, TokenizeConfig
 
 EMPTY_CAPTION = "empty_caption"
 CAPTION_NOT_UTF8 = "caption_not_utf8"
@@ -77,3 +84,23 @@ def preprocess_batch(batch: pa.Table, *, lo_size: int, hi_size: int | None,
     for name, col in columns.items():
         out = out.append_column(name, col)
     return out
+
+
+def preprocessed(parts: list[readers.Part], cfg: TokenizeConfig, lo_size: int, hi_size: int | None,
+                 ray_remote_args: dict | None = None):
+    """Ray Dataset of the corpus rows of `parts` after `preprocess_batch` (rejects and end rows kept)."""
+    ds = readers.read_parts(parts, cfg.reader, num_cpus=cfg.preprocess.num_cpus, ray_remote_args=ray_remote_args)
+    # Decoding is a task pool of its own that fans out over every CPU of the cluster. Its memory
+    # reservation also keeps Ray from fusing it into the first model pool (Ray fuses ops with equal
+    # remote args, as on CPU-only runs), which would cap decoding at that pool's size.
+    return ds.map_batches(preprocess_batch, batch_format="pyarrow", batch_size=cfg.preprocess.batch_size,
+                          num_cpus=cfg.preprocess.num_cpus, memory=cfg.preprocess.memory_mb * 2**20,
+                          fn_kwargs={"lo_size": lo_size, "hi_size": hi_size, "cfg": cfg.preprocess})
+
+
+def preprocessed_local(parts: list[readers.Part], cfg: TokenizeConfig, lo_size: int,
+                       hi_size: int | None) -> Iterator[pa.Table]:
+    """The blocks of `preprocessed`, read and preprocessed in this process (no Ray)."""
+    for part in parts:
+        for block in readers.read_part(part, cfg.reader):
+            yield preprocess_batch(block, lo_size=lo_size, hi_size=hi_size, cfg=cfg.preprocess)

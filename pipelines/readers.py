@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from muse import storage
@@ -405,6 +406,12 @@ def corpus_datasource(parts: list[Part], cfg: ReaderConfig):
     return CorpusDatasource()
 
 
+def accepted(batch: pa.Table) -> pa.ChunkedArray:
+    """Which rows are data that no stage rejected (not end rows, no reject reason): the one filter
+    that tokenization's model UDFs and training's image data apply."""
+    return pc.and_(pc.equal(batch["part_rows"], -1), pc.equal(batch["reject_reason"], ""))
+
+
 def read_parts(parts: list[Part], cfg: ReaderConfig, num_cpus: float = 1.0,
                ray_remote_args: dict | None = None):
     """Ray Dataset of corpus rows (with bookkeeping columns and end rows) for `parts`."""
@@ -417,13 +424,10 @@ def read_parts(parts: list[Part], cfg: ReaderConfig, num_cpus: float = 1.0,
 def read_corpus(uri: str, format: str = "auto", cfg: ReaderConfig | None = None):
     """Ray Dataset of the corpus at `uri`: one row per readable sample, columns key, image, caption
     (bytes). Rows the reader refused (no caption, no image, unreadable file) are left out."""
-    import pyarrow.compute as pc
-
     cfg = cfg or ReaderConfig()
     parts = plan_parts(uri, format, cfg)
 
     def keep(batch: pa.Table) -> pa.Table:
-        ok = pc.and_(pc.equal(batch["part_rows"], -1), pc.equal(batch["reject_reason"], ""))
-        return batch.filter(ok).select(["key", "image", "caption"])
+        return batch.filter(accepted(batch)).select(["key", "image", "caption"])
 
     return read_parts(parts, cfg).map_batches(keep, batch_format="pyarrow", batch_size=None)

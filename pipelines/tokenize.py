@@ -51,7 +51,7 @@ from muse.config import to_dict
 from pipelines import manifest, readers, shards
 from pipelines.config import FORMATS, PoolConfig, TokenizeConfig, load_config
 from pipelines.models import TextTokens, VQGANTokens, load_tokenizer, text_encoder_config
-from pipelines.preprocess import preprocess_batch
+from pipelines.preprocess import preprocessed
 
 __all__ = ["Models", "build", "load_tokenizer", "main", "resolve_models", "run"]
 
@@ -108,13 +108,7 @@ def build(cfg: TokenizeConfig, parts: list[readers.Part], models: Models, lo_siz
     whose rows are the writers' small per-block records (`shards.RECORD_SCHEMA`)."""
     # Ray 2.60 has no named parameter for task retries, only the (deprecated) remote args.
     io_retries = {"max_retries": cfg.io_task_retries, "retry_exceptions": [OSError]}
-    ds = readers.read_parts(parts, cfg.reader, num_cpus=cfg.preprocess.num_cpus, ray_remote_args=io_retries)
-    # Decoding is a task pool of its own that fans out over every CPU of the cluster. Its memory
-    # reservation also keeps Ray from fusing it into the first model pool (Ray fuses ops with equal
-    # remote args, as on CPU-only runs), which would cap decoding at that pool's size.
-    ds = ds.map_batches(preprocess_batch, batch_format="pyarrow", batch_size=cfg.preprocess.batch_size,
-                        num_cpus=cfg.preprocess.num_cpus, memory=cfg.preprocess.memory_mb * 2**20,
-                        fn_kwargs={"lo_size": lo_size, "hi_size": hi_size, "cfg": cfg.preprocess})
+    ds = preprocessed(parts, cfg, lo_size, hi_size, ray_remote_args=io_retries)
     stages = [("pixels_lo", "tokens_lo", models.vqgan_lo, cfg.vqgan_lo)]
     if models.vqgan_hi:
         stages.append(("pixels_hi", "tokens_hi", models.vqgan_hi, cfg.vqgan_hi))

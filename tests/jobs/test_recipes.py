@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.loop import worker_class
-from jobs.masked import drop_text
+from jobs import stages
+from jobs.masked import drop_text, token_model_config
 from jobs.parallel import WorkerEnv
-from jobs.stages import token_model_config
 from muse.config import preset, to_dict
 from pipelines.shards import load_token_shards
 
@@ -21,7 +20,7 @@ def make_worker(stage: str, section, root: str, model_config, data_meta=None, co
     job = {"root": root, "component": component or stage, "model_config": to_dict(model_config),
            "data_meta": data_meta or {}, "run_name": f"test_{stage}", "stage": stage} | job_extra
     torch.manual_seed(0)
-    worker = worker_class(stage)(section, job, WorkerEnv())
+    worker = stages.get(stage).worker(section, job, WorkerEnv())
     worker.reseed(0)
     return worker
 
@@ -133,10 +132,10 @@ def test_decoder_finetune_trains_only_the_decoder(tiny_data, tmp_path):
 
 
 def test_hi_tokenizer_can_start_from_the_trained_lo_one(tiny_data):
-    from jobs.stages import _lo_for_hi_init
+    from jobs.vqgan import lo_for_hi_init
     from muse.checkpoint import load_component
 
-    uri = _lo_for_hi_init(tiny_data.root, preset("vqgan-hi-tiny"))
+    uri = lo_for_hi_init(tiny_data.root, preset("vqgan-hi-tiny"))
     cfg = tiny_config("vqgan.hi_init_from_lo=true")
     worker = make_worker("vqgan", cfg.vqgan, tiny_data.root, preset("vqgan-hi-tiny"), component="vqgan_hi",
                          init_from=uri)
@@ -144,12 +143,12 @@ def test_hi_tokenizer_can_start_from_the_trained_lo_one(tiny_data):
     assert worker.vqgan.config.resolution == 128
     assert all(torch.equal(a, b) for a, b in zip(worker.vqgan.state_dict().values(), lo.state_dict().values()))
     with pytest.raises(ValueError, match="at another resolution, or grown"):
-        _lo_for_hi_init(tiny_data.root, preset("vqgan-f8-8192"))
+        lo_for_hi_init(tiny_data.root, preset("vqgan-f8-8192"))
     # lo grown by one level (muse.vqgan.grow) is the other accepted start.
     from muse.vqgan import grown_config
 
     grown = grown_config(lo.config)
-    assert _lo_for_hi_init(tiny_data.root, grown) == uri
+    assert lo_for_hi_init(tiny_data.root, grown) == uri
     worker = make_worker("vqgan", cfg.vqgan, tiny_data.root, grown, component="vqgan_hi", init_from=uri)
     assert worker.vqgan.config == grown
     assert torch.equal(worker.vqgan.quantizer.codebook, lo.quantizer.codebook)

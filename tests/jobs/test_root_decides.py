@@ -1,11 +1,11 @@
-"""Which architecture a transformer stage trains (`jobs.stages.transformer_config`): the root's own
+"""Which architecture a transformer stage trains (`jobs.masked.transformer_config`): the root's own
 component unless a preset is asked for; a mismatch with the tokens is refused. No Ray needed."""
 
 from __future__ import annotations
 
 import pytest
 
-from jobs.stages import transformer_config
+from jobs.masked import transformer_config
 from muse import checkpoint
 from muse.config import preset
 

@@ -1,0 +1,132 @@
+"""What a training stage is: one `Stage` value per stage module, holding everything the driver, the
+registry (`jobs.stages`) and `muse train <stage>` need.
+
+    STAGE = Stage(name, summary, worker=StageWorker subclass, build=driver builder,
+                  data="corpus" | "tokens", data_help, add_args=the stage's own flags)
+
+`Stage.train` is the driver entry (absolute paths, Ray up, then `build`); `Stage.main` is the stage's
+command line. This module imports no stage module, so stage modules import it without a cycle.
+
+Flag names are the same on every `muse train` command and match the rest of the platform:
+`--corpus` (raw images), `--tokens` (token shards), `--checkpoint ROOT` (the model root, as tokenize,
+generate and serve call it). The older `--data` and `--output` stay as aliases.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from jobs.config import load_config
+from jobs.loop import ensure_ray
+from jobs.progress import set_verbose, stop_display
+from muse import storage
+
+DATA_KINDS = {"corpus": "data/synth", "tokens": "data/tokens"}  # --<kind> -> example path
+FORMATS = ("auto", "parquet", "folder", "webdataset")
+
+
+def _no_args(parser: argparse.ArgumentParser) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage. `build(cfg, data, root, component, format) -> [ray.train.Result]` runs on the driver
+    with absolute URIs and Ray up: it makes the dataset and the job and calls `jobs.loop.fit_stage`.
+    `component` and `format` come from `--component` / `--format` where the stage has them."""
+
+    name: str
+    summary: str  # one line in `muse train --help`
+    worker: type  # the jobs.loop.StageWorker subclass each Ray Train worker runs
+    build: Callable[..., list]
+    data: str  # "corpus" or "tokens": what the stage reads, and the name of its data flag
+    data_help: str
+    add_args: Callable[[argparse.ArgumentParser], None] = _no_args
+
+    def __post_init__(self):
+        if self.data not in DATA_KINDS:
+            raise ValueError(f"stage {self.name}: data must be one of {sorted(DATA_KINDS)}, got {self.data!r}")
+
+    def train(self, cfg, data: str, root: str, *, component: str | None = None, format: str = "auto") -> list[Any]:
+        """Train on `data` and export into the model root `root`; the Ray Train results."""
+        data, root = storage.absolute(data), storage.absolute(root)
+        ensure_ray()
+        return self.build(cfg, data, root, component, format)
+
+    def parser(self) -> argparse.ArgumentParser:
+        flag = f"--{self.data}"
+        parser = argparse.ArgumentParser(
+            prog=f"muse train {self.name}",
+            description=f"{self.summary[:1].upper()}{self.summary[1:]}, with Ray Train, and export it into the "
+                        "model root. Re-running with the same --checkpoint (and run name) resumes from the last "
+                        "checkpoint.",
+            epilog=f"example: muse train {self.name} --config configs/train_tiny.yaml {flag} {DATA_KINDS[self.data]} "
+                   "--checkpoint models/tiny. On a cluster: RAY_AUTH_MODE=token ray job submit --working-dir . -- "
+                   f"python -m jobs.{self.name} {flag} s3://... --checkpoint s3://...",
+        )
+        parser.add_argument(flag, "--data", dest="data", required=True, metavar=self.data.upper(),
+                            help=self.data_help)
+        add_common_args(parser)
+        self.add_args(parser)
+        return parser
+
+    def main(self, argv: list[str] | None = None) -> None:
+        parser = self.parser()
+        args = parser.parse_args(argv)
+        set_verbose(args.verbose)
+        try:
+            cfg = load_config(args.config, cli_overrides(args, [self.name]))
+        except (ValueError, OSError) as e:
+            parser.error(str(e))
+        try:
+            results = self.train(cfg, args.data, args.checkpoint, component=getattr(args, "component", None),
+                                 format=getattr(args, "format", "auto"))
+        finally:
+            stop_display()
+        for result in results:
+            print(f"{self.name}: {result_summary(result)}", flush=True)
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """The flags every `muse train` command takes."""
+    parser.add_argument("--config", help="training YAML with only what differs from the defaults "
+                                         "(e.g. configs/train_tiny.yaml); see jobs/config.py")
+    parser.add_argument("--checkpoint", "--output", dest="checkpoint", required=True, metavar="ROOT",
+                        help="model root to write components into (local or s3://), the --checkpoint that "
+                             "tokenize, generate and serve read; runs go to ROOT/runs and sample grids to ROOT/samples")
+    parser.add_argument("--workers", type=int, help="Ray Train workers (scaling.num_workers)")
+    parser.add_argument("--gpus-per-worker", type=float, help="GPUs per worker; > 0 trains on GPU")
+    parser.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (may be fractional)")
+    parser.add_argument("--max-steps", type=int, help="optimizer steps (run.max_steps)")
+    parser.add_argument("--storage", help="Ray Train storage for runs and checkpoints, local or s3:// "
+                                          "(run.storage_path; default ROOT/runs)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config field, e.g. --set base.optim.lr=3e-4 (repeatable)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress line (logs, CI)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray's own logs and every worker's lines instead of one progress line per stage")
+
+
+def add_format_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", default="auto", choices=FORMATS, help="corpus format (default: detect)")
+
+
+def cli_overrides(args: argparse.Namespace, sections: list[str]) -> list[str]:
+    """The command-line flags as `section.key=value` overrides for each stage section they apply to."""
+    flags = {"scaling.num_workers": args.workers, "run.max_steps": args.max_steps, "model": getattr(args, "model", None),
+             "scaling.cpus_per_worker": args.cpus_per_worker, "run.storage_path": args.storage}
+    if args.gpus_per_worker is not None:
+        flags |= {"scaling.use_gpu": args.gpus_per_worker > 0}
+        flags |= {"scaling.gpus_per_worker": args.gpus_per_worker} if args.gpus_per_worker > 0 else {}
+    if args.no_progress:
+        flags["run.progress"] = False
+    return [f"{s}.{k}={v}" for s in sections for k, v in flags.items() if v is not None] + list(args.set)
+
+
+def result_summary(result) -> str:
+    """One line for a finished Ray Train run: its last metrics that a person reads, and the checkpoint."""
+    metrics = result.metrics or {}
+    shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("step", "loss", "acc", "psnr", "tokens_per_s") if k in metrics)
+    return f"finished ({shown}); checkpoint {result.checkpoint.path if result.checkpoint else None}"
