@@ -159,11 +159,17 @@ class TransformerStage:
     sample_prompts: tuple[str, ...] = DEFAULT_PROMPTS  # base sample grids; super-res uses data rows
     sample_steps: int = 12
     sample_guidance: float = 3.0
+    # LoRA fine-tuning (muse.lora) of the root's own component: rank r adapters on the attention
+    # projections, every other weight frozen; the export folds them in. 0 = train every weight.
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # None = lora_rank (scale 1)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     run: RunSettings = field(default_factory=RunSettings)
 
     def __post_init__(self):
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 = no LoRA), got {self.lora_rank}")
         if not 0.0 <= self.text_dropout <= 0.5:
             raise ValueError(f"text_dropout is the share of samples whose text is dropped (Muse: 0.1); "
                              f"{self.text_dropout} would train mostly unconditionally (a keep rate?): use [0, 0.5]")

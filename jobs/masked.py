@@ -36,6 +36,7 @@ from jobs.parallel import WorkerEnv, transformer_fsdp_units, wrap
 from jobs.progress import say
 from muse import checkpoint, storage
 from muse.config import from_dict, preset, to_dict
+from muse.lora import add_lora, merge_lora
 from muse.losses import masked_token_accuracy, masked_token_loss
 from muse.masking import mask_tokens, sample_mask_rates
 
@@ -92,8 +93,13 @@ class MaskedWorker(StageWorker):
         self.model_config = from_dict(self.config_type(), job["model_config"])
         if job.get("init_from"):  # the root's own component, continued (a resumed run then loads its checkpoint)
             model = checkpoint.load_component(job["init_from"], expect_kind=self.kind).train()
+        elif section.lora_rank:
+            raise ValueError(f"{self.kind}.lora_rank: LoRA adapts the component already in the model root, and "
+                             f"{self.root} has no {self.kind}/ (or --model asked for another architecture)")
         else:
             model = checkpoint.build_component(self.kind, self.model_config)
+        if section.lora_rank:
+            add_lora(model, section.lora_rank, section.lora_alpha)
         self.mask_id = model.mask_token_id
         self.wrapper = wrap(TrainWrapper(model), env, transformer_fsdp_units(model))
         self.modules = {"model": self.wrapper}
@@ -173,6 +179,11 @@ class MaskedWorker(StageWorker):
         state = export_state(self.wrapper, self.ema, self.env)
         if state is None:
             return None
+        if self.section.lora_rank:  # the adapters folded into plain weights: the root's keys and modules
+            model = checkpoint.build_component(self.kind, self.model_config).to(self.env.device)
+            add_lora(model, self.section.lora_rank, self.section.lora_alpha)
+            model.load_state_dict(strip_prefix(state))
+            return merge_lora(model).eval()
         if self._eval_model is None:
             self._eval_model = checkpoint.build_component(self.kind, self.model_config).to(self.env.device)
         self._eval_model.load_state_dict(strip_prefix(state))
@@ -230,6 +241,8 @@ def model_arg(stage: str):
         parser.add_argument("--model", help=f"{stage} preset to train from scratch, replacing the root's {stage} "
                                             f"(default: continue the root's {stage}, or {PAPER_PRESETS[stage]} "
                                             "in a root without one)")
+        parser.add_argument("--lora-rank", type=int, help=f"fine-tune the root's {stage} through rank-r LoRA "
+                                                          "adapters, its weights frozen (exported merged)")
     return add
 
 

@@ -116,6 +116,7 @@ def add_format_arg(parser: argparse.ArgumentParser) -> None:
 def cli_overrides(args: argparse.Namespace, sections: list[str]) -> list[str]:
     """The command-line flags as `section.key=value` overrides for each stage section they apply to."""
     flags = {"scaling.num_workers": args.workers, "run.max_steps": args.max_steps, "model": getattr(args, "model", None),
+             "lora_rank": getattr(args, "lora_rank", None),
              "scaling.cpus_per_worker": args.cpus_per_worker, "run.storage_path": args.storage}
     if args.gpus_per_worker is not None:
         flags |= {"scaling.use_gpu": args.gpus_per_worker > 0}
