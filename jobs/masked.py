@@ -90,7 +90,9 @@ class MaskedWorker(StageWorker):
         self.text_dim = job["data_meta"].get("text_dim")
         self.uses_ids = job["data_meta"].get("text_storage", "ids") != "embeddings"
         self.text_encoder = self._load_text_encoder() if self.uses_ids else None
-        self.model_config = from_dict(self.config_type(), job["model_config"])
+        # The root's component may be of another family (an imported aMUSEd U-ViT fills the base slot).
+        config_type = checkpoint.config_class(job["model_kind"]) if job.get("model_kind") else self.config_type()
+        self.model_config = from_dict(config_type, job["model_config"])
         if job.get("init_from"):  # the root's own component, continued (a resumed run then loads its checkpoint)
             model = checkpoint.load_component(job["init_from"], expect_kind=self.kind).train()
         elif section.lora_rank:
@@ -146,6 +148,10 @@ class MaskedWorker(StageWorker):
             return batch["text_emb"].to(self.env.device), mask
         with self.env.autocast():
             emb = self.text_encoder.encode_ids(batch["text_ids"].to(self.env.device), mask)
+        if emb.shape[1] != mask.shape[1]:
+            # An encoder that pads to its own length and prepends a pooled vector (CLIP, as aMUSEd
+            # trains it) attends to every position it returns.
+            mask = torch.ones(emb.shape[:2], dtype=torch.bool, device=emb.device)
         return emb.float(), mask
 
     def train_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
@@ -231,7 +237,7 @@ def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, r
                          "encode them (write one with `muse init` or train with `muse train all`)")
     model_cfg, init_from = transformer_config(stage, section.model, root, data, info)
     job = {"root": root, "component": stage, "model_config": to_dict(model_cfg), "data_meta": info,
-           "init_from": init_from}
+           "init_from": init_from, "model_kind": checkpoint.kind_of_config(model_cfg)}
     return [fit_stage(worker, section, job, dataset)]
 
 

@@ -88,6 +88,13 @@ def kind_of(model: nn.Module) -> str:
     raise TypeError(f"not a muse component: {type(model).__name__}")
 
 
+def config_class(kind: str) -> type:
+    """The config dataclass of a component kind."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown component kind {kind!r}; known: {sorted(KINDS)}")
+    return _resolve(KINDS[kind].config)
+
+
 def kind_of_config(config: Any) -> str:
     for kind, (config_cls, _) in _kinds().items():
         if type(config) is config_cls:

@@ -84,7 +84,13 @@ class CLIPTextEncoder(nn.Module):
         return ids, torch.ones_like(ids, dtype=torch.bool)
 
     def encode_ids(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """ids (B, L) -> [pooled ; penultimate hidden states] (B, 1 + L, D)."""
+        """ids (B, L) -> [pooled ; penultimate hidden states] (B, 1 + max_length, D). Ids trimmed to
+        their length (token shards, `mask` False past it) are padded back as `tokenize` pads, so
+        training sees what sampling sees."""
+        if mask is not None and (ids.shape[1] != self.config.max_length or not bool(mask.all())):
+            pad = self.tokenizer.pad_token_id
+            ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad))[:, : self.config.max_length]
+            ids = torch.nn.functional.pad(ids, (0, self.config.max_length - ids.shape[1]), value=pad)
         out = self.model(input_ids=ids, output_hidden_states=True)
         hidden = out.hidden_states[-2]
         return torch.cat([out.text_embeds[:, None].to(hidden.dtype), hidden], dim=1)

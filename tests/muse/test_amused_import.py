@@ -14,7 +14,10 @@ released: 3 res blocks per conv stage, micro-conditioning (5 x 256), 8192 codes 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -290,3 +293,53 @@ def test_import_writes_to_s3_and_loads_back(imported, s3_bucket):
     a = ours.base(ids, ours.base.encode_context(cond.embeddings, cond.mask))
     b = again.base(ids, again.base.encode_context(cond.embeddings, cond.mask))
     assert torch.equal(a, b)
+
+
+def test_base_stage_fine_tunes_the_imported_uvit_with_lora(imported):
+    """`muse train base --lora-rank r` on an imported root: the worker adapts the U-ViT from shard-style
+    rows (VQ ids, CLIP ids trimmed to their length), only the adapters move, the export is merged."""
+    from jobs.config import load_config
+    from jobs.masked import transformer_config
+    from jobs.parallel import WorkerEnv
+    from jobs.stages import get as stage
+    from muse import checkpoint
+    from muse.config import to_dict
+
+    arch, _, ours, root = imported
+    if arch != "amused-256":
+        pytest.skip("one architecture is enough for the training path")
+    text = ours.text_encoder
+    images = torch.rand(2, 3, ours.resolution, ours.resolution) * 2 - 1
+    ids = ours.vqgan_lo.encode(images).flatten(1)  # what `muse tokenize` stores with the imported VQ
+    full, _ = text.tokenize(PROMPTS)
+    lengths = (full != text.tokenizer.pad_token_id).sum(1).tolist()
+    trimmed = torch.zeros(2, max(lengths), dtype=torch.long)
+    mask = torch.zeros(2, max(lengths), dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        trimmed[i, :n], mask[i, :n] = full[i, :n], True
+    side = int(round(ids.shape[1] ** 0.5))
+    info = {"tokens_lo_side": side, "tokens_hi_side": None, "text_dim": text.dim, "text_storage": "ids"}
+    copy = str(Path(root).parent / "finetune")
+    shutil.copytree(root, copy)
+    model_cfg, init_from = transformer_config("base", None, copy, None, info)
+    cfg = load_config(None, ["base.lora_rank=2", "base.optim.warmup_steps=0", "base.optim.lr=1e-2",
+                             "base.optim.ema_decay=0", "base.run.max_steps=3"])
+    job = {"root": copy, "component": "base", "model_config": to_dict(model_cfg), "data_meta": info,
+           "run_name": "lora", "stage": "base", "init_from": init_from,
+           "model_kind": checkpoint.kind_of_config(model_cfg)}
+    worker = stage("base").worker(cfg.base, job, WorkerEnv())
+    worker.reseed(0)
+    before = {k: v.clone() for k, v in checkpoint.load_component(init_from).state_dict().items()}
+    batch = {"tokens_lo": ids, "text_ids": trimmed, "text_mask": mask}
+    emb, emb_mask = worker.text_condition(batch)
+    torch.testing.assert_close(emb, text.encode_ids(full))  # trimmed ids padded back as sampling pads them
+    assert emb_mask.all()
+    losses = [float(worker.train_step(batch, step)["loss"]) for step in range(3)]
+    assert all(np.isfinite(losses))
+    worker.export(3)
+    after = checkpoint.load_component(checkpoint.component_uri(copy, "base")).state_dict()
+    assert set(after) == set(before)
+    changed = [k for k in before if not torch.equal(after[k], before[k])]
+    assert changed and all(k.endswith(("q.weight", "k.weight", "v.weight", "out.weight")) for k in changed)
+    again = MusePipeline.from_pretrained(copy)
+    assert again(PROMPTS[0], steps=2, seed=0, superres=False)[0].size == (ours.resolution, ours.resolution)
