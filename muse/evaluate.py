@@ -311,8 +311,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-superres", action="store_true", help="evaluate base-resolution images")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from muse.pipeline import MusePipeline
-
     fmt = args.corpus_format
     if args.corpus and fmt == "auto" and storage.exists(storage.join(args.corpus, "holdout.json")):
         fmt = "synthetic"
@@ -325,8 +323,19 @@ def main(argv: list[str] | None = None) -> None:
         check_n(cfg.n, cfg.allow_small_n)
         if not (args.fid_net or args.clip):
             parser.error(f"a real corpus needs --fid-net ({FEATURE_NET_HELP}) and/or --clip (a local CLIP folder)")
+    else:
+        cfg = None
     device, dtype = resolve_device(args.device, args.dtype)
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # scoped: main() also runs inside other programs (tests, notebooks)
+        _evaluate_root(args, cfg, device, dtype)
+
+
+def _evaluate_root(args, cfg: CorpusEvalConfig | None, device, dtype) -> None:
+    """Generate from the root and score it: the real-corpus report when `cfg` is given, else the
+    synthetic corpus's attribute judge."""
+    from muse.pipeline import MusePipeline
+
+    real = cfg is not None
     pipe = MusePipeline.from_pretrained(args.checkpoint).to(device, dtype)
     superres = not args.no_superres and pipe.superres is not None
     gen = pipeline_generator(pipe, steps=args.steps, superres_steps=args.superres_steps,

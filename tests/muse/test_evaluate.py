@@ -256,3 +256,4 @@ def test_muse_eval_cli_on_a_real_corpus(tmp_path):
     assert report["n"] == 6 and report["comparable"] is False and report["device"] == "cpu"
     assert report["fid"]["features"] == "clip:vision" and np.isfinite(report["fid"]["value"])
     assert np.isfinite(report["clip_score"]["generated"]) and (tmp_path / "out" / "grid.png").exists()
+    assert torch.is_grad_enabled()  # main() leaves the calling program's autograd as it found it
