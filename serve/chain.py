@@ -20,7 +20,8 @@ import time
 from typing import Any, Callable
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError, RayServeException,
+                                  ReplicaUnavailableError)
 
 from serve.schemas import APIError
 
@@ -84,6 +85,10 @@ def replica_lost(e: BaseException | None) -> BaseException | None:
     while e is not None:
         if isinstance(e, lost):
             return e
+        # Serve's router wraps "an upstream actor died before finishing a dependent task" (the replica
+        # that produced this call's input) in a RayServeException, whose cause may not survive the trip.
+        if isinstance(e, RayServeException) and "actor died" in str(e):
+            return e
         e = e.cause if isinstance(e, RayTaskError) else e.__cause__
     return None
 
@@ -99,7 +104,10 @@ def crashed(e: BaseException) -> bool:
 
 def _cancel(calls: list) -> None:
     for response in calls:
-        response.cancel()
+        try:
+            response.cancel()
+        except Exception:  # noqa: BLE001 - a call that already failed (its replica died) has nothing to free
+            logger.debug("cancel of a failed call raised", exc_info=True)
 
 
 async def _result(response: Any) -> Any:

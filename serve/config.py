@@ -159,7 +159,10 @@ class AppArgs(Strict):
     limits: Limits = Limits()
     sampling: Sampling = Sampling()
     files: Files = Files()
-    ingress: Deployment = Deployment(max_ongoing_requests=64)
+    # The ingress's own Serve queue only holds requests on their way to its admission check, which
+    # answers past `limits.max_in_flight` with a quick 429 in OpenAI's shape; a deep queue keeps Serve's
+    # plain-text 503 for floods far beyond it.
+    ingress: Deployment = Deployment(max_ongoing_requests=64, max_queued_requests=512)
     text_encoder: Deployment = Deployment()
     base: Generator = Generator()
     superres: Generator = Generator()

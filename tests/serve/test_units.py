@@ -390,3 +390,14 @@ def test_a_stream_that_cannot_be_admitted_gets_a_503_before_any_event():
     r = asyncio.run(post())
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert r.headers["content-type"].startswith("application/json") and r.json()["error"]["code"] == "overloaded"
+
+
+def test_an_upstream_replica_lost_behind_serves_wrapper_is_a_lost_replica():
+    from ray.serve.exceptions import RayServeException
+
+    from serve.chain import crashed, replica_lost
+
+    wrapped = RayServeException("Request to deployment 'SuperResGenerator' failed because an upstream actor "
+                                "died before finishing a dependent task. Ray reported: ...")
+    assert replica_lost(wrapped) is wrapped and not crashed(wrapped)  # re-run on a replacement
+    assert replica_lost(RayServeException("something else")) is None  # other Serve errors are not retried
