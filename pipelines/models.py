@@ -20,15 +20,16 @@ from pipelines import readers
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def text_encoder_config(uri: str) -> TextEncoderConfig | None:
-    """The TextEncoderConfig of a muse component, or None for a Hugging Face directory/name."""
-    from muse.checkpoint import CheckpointError, read_component_config
+def text_encoder_config(uri: str):
+    """The config of a muse text-encoder component (T5, or an imported aMUSEd root's CLIP), or None for
+    a Hugging Face directory/name."""
+    from muse.checkpoint import KINDS, CheckpointError, read_component_config
 
     try:
         kind, cfg = read_component_config(uri)
     except (CheckpointError, OSError, ValueError):
         return None
-    if kind != "text_encoder":
+    if KINDS[kind].role != "text_encoder":
         raise ValueError(f"{uri} holds a {kind!r} component, not a text encoder")
     return cfg
 
@@ -130,6 +131,9 @@ class TextTokens:
             from muse.checkpoint import load_component
             from muse.text import TextEncoder
 
+            if text_encoder_config(uri) is not None and not isinstance(text_encoder_config(uri), TextEncoderConfig):
+                raise ValueError(f"text_storage 'embeddings' stores T5 encoders' outputs; {uri} is another text "
+                                 "encoder (CLIP, an imported aMUSEd root): tokenize with text_storage 'ids'")
             if text_encoder_config(uri) is not None:
                 self.encoder = load_component(uri, device=device, expect_kind="text_encoder")
             else:

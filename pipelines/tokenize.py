@@ -195,7 +195,7 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
         meta = {"tokens_lo_side": lo_size // _factor(spec["vqgan_lo"]),
                 "tokens_hi_side": hi_size // _factor(spec["vqgan_hi"]) if hi_size else None,
                 "text_storage": cfg.text_storage,
-                "text_dim": spec["text_encoder"]["d_model"] if spec["text_encoder"] else None}
+                "text_dim": _text_dim(spec["text_encoder"])}
         schema = shards.shard_schema(has_hi=hi_size is not None, text_storage=cfg.text_storage, meta=meta)
         bar = tqdm(total=len(todo), unit="part", desc="tokenize", disable=not progress or reporter is not None,
                    smoothing=0.1)
@@ -273,8 +273,17 @@ def _init_ray(cfg: TokenizeConfig, has_hi: bool) -> None:
              runtime_env={"env_vars": env | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
 
 
+def _text_dim(text: dict | None) -> int | None:
+    """Width of a text encoder config: T5's d_model, or CLIP's hidden (an imported aMUSEd root)."""
+    if not text:
+        return None
+    return text["d_model"] if "d_model" in text else text["hidden"]
+
+
 def _factor(vqgan: dict) -> int:
-    return 2 ** (len(vqgan["channel_mult"]) - 1)
+    """Downsampling factor of a tokenizer config: our VQGAN's channel_mult, or the imported VQ's channels."""
+    levels = vqgan["channel_mult"] if "channel_mult" in vqgan else vqgan["channels"]
+    return 2 ** (len(levels) - 1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -343,3 +343,26 @@ def test_base_stage_fine_tunes_the_imported_uvit_with_lora(imported):
     assert changed and all(k.endswith(("q.weight", "k.weight", "v.weight", "out.weight")) for k in changed)
     again = MusePipeline.from_pretrained(copy)
     assert again(PROMPTS[0], steps=2, seed=0, superres=False)[0].size == (ours.resolution, ours.resolution)
+
+
+def test_tokenize_a_corpus_with_the_imported_root(imported, ray_session, tmp_path):
+    """`muse tokenize --checkpoint ROOT` with an imported root: the VQ writes the token grid, CLIP's
+    tokenizer the caption ids, and the shards say the CLIP width."""
+    from muse.data.synthetic import write_corpus
+    from pipelines import shards, tokenize
+    from pipelines.config import TokenizeConfig
+
+    arch, _, ours, root = imported
+    if arch != "amused-256":
+        pytest.skip("one architecture is enough for the tokenization path")
+    write_corpus(str(tmp_path / "corpus"), 12, size=64, holdout_fraction=0.0)
+    tokenize.run(str(tmp_path / "corpus"), str(tmp_path / "tokens"), tokenize.resolve_models(root),
+                 TokenizeConfig(), "auto", progress=False)
+    table = shards.load_token_shards(str(tmp_path / "tokens"))
+    info = shards.shard_info(str(tmp_path / "tokens"))
+    side = ours.vqgan_lo.config.tokens_per_side
+    assert table.num_rows == 12 and info["tokens_lo_side"] == side and info["text_dim"] == ours.text_encoder.dim
+    row = table.slice(0, 1).to_pylist()[0]
+    assert len(row["tokens_lo"]) == side * side
+    decoded = ours.text_encoder.tokenizer.decode(row["text_ids"], skip_special_tokens=True)
+    assert decoded.replace(" ", "") == row["caption"].replace(" ", "")
