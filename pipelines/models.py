@@ -131,10 +131,11 @@ class TextTokens:
             from muse.checkpoint import load_component
             from muse.text import TextEncoder
 
-            if text_encoder_config(uri) is not None and not isinstance(text_encoder_config(uri), TextEncoderConfig):
+            config = text_encoder_config(uri)  # one read of the component's config.json
+            if config is not None and not isinstance(config, TextEncoderConfig):
                 raise ValueError(f"text_storage 'embeddings' stores T5 encoders' outputs; {uri} is another text "
                                  "encoder (CLIP, an imported aMUSEd root): tokenize with text_storage 'ids'")
-            if text_encoder_config(uri) is not None:
+            if config is not None:
                 self.encoder = load_component(uri, device=device, expect_kind="text_encoder")
             else:
                 self.encoder = TextEncoder.load_pretrained(uri).to(device)
