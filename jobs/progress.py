@@ -41,9 +41,10 @@ def ray_init_kwargs() -> dict[str, Any]:
     if verbose():
         return {}
     # A local Ray on a small machine runs more worker processes than cores by design (fractional-CPU
-    # actor pools), which the raylet would report as a warning scaled to its start-up concurrency
-    # (the core count); read when ray.init starts the raylet, ignored when joining a cluster.
-    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(4, os.cpu_count() or 1)))
+    # actor pools, two training stages side by side), which the raylet reports as a warning once they
+    # reach 4x its start-up concurrency (the core count); read when ray.init starts the raylet,
+    # ignored when joining a cluster.
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(8, os.cpu_count() or 1)))
     return {"log_to_driver": False, "logging_level": logging.ERROR}
 
 
