@@ -246,6 +246,57 @@ def test_serving_deployments_run_the_imported_root(imported):
         assert [Image.open(io.BytesIO(png)).size for png in pngs] == [(res, res)] * n
 
 
+@pytest.mark.parametrize("imported", ["amused-256"], indirect=True)  # one architecture: a Serve app costs ~20 s
+def test_imported_root_serves_over_http(imported, ray_session):
+    """`muse serve` on the imported root: the OpenAI images API answers with the root's size, and a
+    size the root cannot produce is a 400 with a message."""
+    import base64
+    import io
+    import socket
+    import time
+
+    import httpx
+    from PIL import Image
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.config import AppArgs, Deployment, Generator
+
+    _, _, _, root = imported
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.shutdown()  # another test's Serve may still be up, on its own port
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    small, gen = Deployment(num_cpus=0.25), Generator(num_cpus=0.5)
+    args = AppArgs(checkpoint=root, api_key="k", sampling={"steps": 2}, text_encoder=small, decoder=small,
+                   ingress=small, base=gen, superres=gen)
+    serve.run(build_app(args), name="amused", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, timeout=120, headers={"Authorization": "Bearer k"}) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if client.get("/healthz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "the app did not come up in 120 s"
+                time.sleep(0.5)
+            ok = client.post("/v1/images/generations", json={"prompt": "a red circle", "n": 2, "seed": 3,
+                                                               "response_format": "b64_json"})
+            assert ok.status_code == 200, ok.text
+            sizes = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).size for d in ok.json()["data"]]
+            assert sizes == [(256, 256)] * 2
+            models = client.get("/v1/models").json()
+            assert models["data"], models
+            bad = client.post("/v1/images/generations", json={"prompt": "a red circle", "size": "7x7"})
+            assert bad.status_code == 400 and bad.json()["error"]["message"], bad.text
+    finally:
+        serve.shutdown()
+
+
 def test_presets_list_both_families(capsys):
     from muse.cli import main
 
