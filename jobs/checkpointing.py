@@ -1,0 +1,164 @@
+"""Training checkpoints: every rank writes its own shards, Ray Train uploads them in the background, and
+a run resumes on any number of workers.
+
+Checkpoint directory (each rank reports its own; Ray Train merges them under one checkpoint in storage):
+
+    shard-<rank + 1>-model-00001-of-00001.safetensors   this rank's pieces of every tensor
+    trainer_state.json     (rank 0) format, step, counters, scheduler states, optimizer param_groups
+
+The shards are written by `torch.distributed.checkpoint` (DCP) through its safetensors storage: each
+file is plain safetensors whose header records where its pieces sit in the full tensors, so loading
+reshards to any worker count and strategy (FSDP on 2 workers -> one plain worker, and back). Nothing
+is pickled: no DCP `.metadata` file (its default writer pickles one), no `torch.save` of objects;
+non-tensor state goes in the JSON. State dicts come from DCP's `get_state_dict` / `set_state_dict`,
+which use the same parameter names for plain, DDP and FSDP modules.
+
+Tensor keys: "module/<name>/<fqn>", "optim/<name>/<fqn>/<key>" (exp_avg, step, ...), "ema/<param name>".
+
+Checkpoints of format_version 1 (full tensors gathered to rank 0: `jobs.common.save_training_state`)
+still load, on any worker count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
+
+from jobs import common
+from jobs.common import EMA, STATE_FILE
+from jobs.parallel import WorkerEnv, is_dtensor, local
+
+FORMAT = "torch-dcp-safetensors"
+FORMAT_VERSION = 2
+
+
+def _ema_tensors(ema: EMA) -> dict[str, torch.Tensor]:
+    """The EMA shadows laid out like their parameters (DTensors under FSDP), sharing their storage."""
+    out = {}
+    for name, p, s in zip(ema.names, ema.params, ema.shadow):
+        if is_dtensor(p):
+            from torch.distributed.tensor import DTensor
+
+            s = DTensor.from_local(s, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+        out[f"ema/{name}"] = s
+    return out
+
+
+def _state(modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+           ema: EMA | None) -> tuple[dict[str, torch.Tensor], dict[str, tuple[dict, dict | None]], dict]:
+    """(flat tensors for DCP, nested state dicts per module, JSON-ready optimizer meta). The flat
+    tensors are the nested dicts' own tensors, so loading into them fills the nested dicts too."""
+    unknown = set(optimizers) - set(modules)
+    if unknown:
+        raise ValueError(f"optimizers {sorted(unknown)} have no module of the same name")
+    flat: dict[str, torch.Tensor] = {}
+    nested: dict[str, tuple[dict, dict | None]] = {}
+    meta: dict[str, Any] = {}
+    for name, module in modules.items():
+        opts = [optimizers[name]] if name in optimizers else []
+        model_sd, optim_sd = get_state_dict(module, opts)
+        flat.update({f"module/{name}/{k}": v for k, v in model_sd.items()})
+        if opts:
+            scalars = {}
+            for fqn, per_param in optim_sd["state"].items():
+                for key, value in per_param.items():
+                    if torch.is_tensor(value):
+                        flat[f"optim/{name}/{fqn}/{key}"] = value
+                    else:
+                        scalars[f"{fqn}/{key}"] = value
+            meta[name] = {"param_groups": _jsonable(optim_sd["param_groups"]), "scalars": scalars}
+        nested[name] = (model_sd, optim_sd if opts else None)
+    if ema is not None:
+        flat.update(_ema_tensors(ema))
+    return flat, nested, meta
+
+
+def _jsonable(groups: list[dict]) -> list[dict]:
+    out = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in groups]
+    json.dumps(out)  # raises here rather than half-way through writing a checkpoint
+    return out
+
+
+def save_sharded(directory: str, *, step: int, env: WorkerEnv, modules: dict[str, nn.Module],
+                 optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any], ema: EMA | None,
+                 counters: dict[str, float], extra: dict[str, Any] | None = None) -> None:
+    """Write this rank's shards into `directory` (and the JSON on rank 0). Every rank calls it: DCP
+    agrees on who writes which piece (a replicated tensor is written once) through the process group."""
+    flat, _, optim_meta = _state(modules, optimizers, ema)
+    dcp.save(flat, storage_writer=HuggingFaceStorageWriter(directory, save_distributed=True))
+    if env.is_main:
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "counters": counters,
+                "world_size": env.world_size, "strategy": env.strategy,
+                "schedulers": {k: s.state_dict() for k, s in schedulers.items()}, "optimizers": optim_meta,
+                **(extra or {})}
+        tmp = os.path.join(directory, STATE_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(tmp, os.path.join(directory, STATE_FILE))
+
+
+def read_meta(directory: str) -> dict:
+    with open(os.path.join(directory, STATE_FILE)) as f:
+        return json.load(f)
+
+
+def load_training_state(directory: str, *, modules: dict[str, nn.Module],
+                        optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any],
+                        ema: EMA | None) -> dict:
+    """Restore a checkpoint of either format on every rank (any worker count); returns the JSON meta."""
+    meta = read_meta(directory)
+    if meta.get("format") != FORMAT:
+        return common.load_training_state(directory, modules=modules, optimizers=optimizers,
+                                          schedulers=schedulers, ema=ema)
+    if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise ValueError(f"checkpoint format {meta['format_version']} is newer than this code")
+    saved_keys = _saved_keys(directory)
+    restart_ema = ema is not None and not any(k.startswith("ema/") for k in saved_keys)
+    flat, nested, _ = _state(modules, optimizers, None if restart_ema else ema)
+    missing = set(flat) - saved_keys
+    if missing:
+        raise ValueError(f"{directory} does not match the model: missing {sorted(missing)[:5]}")
+    dcp.load(flat, storage_reader=HuggingFaceStorageReader(directory))  # fills `nested` in place
+    for name, module in modules.items():
+        model_sd, optim_sd = nested[name]
+        if optim_sd is None:
+            set_model_state_dict(module, model_sd)
+            continue
+        saved = meta["optimizers"][name]
+        for key, value in saved["scalars"].items():
+            fqn, _, k = key.rpartition("/")
+            optim_sd["state"].setdefault(fqn, {})[k] = value
+        optim_sd["param_groups"] = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()}
+                                    for g in saved["param_groups"]]
+        set_state_dict(module, [optimizers[name]], model_state_dict=model_sd, optim_state_dict=optim_sd)
+    if ema is not None:
+        # A run that turns EMA on starts the average from the loaded weights.
+        loaded = [local(p).detach() for p in ema.params] if restart_ema else _loaded_ema(flat, ema)
+        with torch.no_grad():
+            for s, value in zip(ema.shadow, loaded):
+                s.copy_(value)
+    for name, sched in schedulers.items():
+        sched.load_state_dict(meta["schedulers"][name])
+    return meta
+
+
+def _loaded_ema(flat: dict[str, torch.Tensor], ema: EMA) -> list[torch.Tensor]:
+    return [flat[f"ema/{n}"].to_local() if is_dtensor(flat[f"ema/{n}"]) else flat[f"ema/{n}"] for n in ema.names]
+
+
+def _saved_keys(directory: str) -> set[str]:
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for name in os.listdir(directory):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(directory, name), framework="pt") as f:
+                keys.update(f.keys())
+    return keys

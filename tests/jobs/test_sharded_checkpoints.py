@@ -1,0 +1,150 @@
+"""Sharded checkpoints (jobs.checkpointing) reshard on load: a run saved by one plain worker resumes on
+2 FSDP workers (gloo) and a run saved by those 2 workers resumes on one, with the model, AdamW state,
+EMA, schedule and step counter exactly where they were. The 2 workers are forked processes, not Ray,
+so this takes seconds; tests/jobs/test_ray_stages.py resumes a real 2-worker Ray Train run on 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from jobs.checkpointing import FORMAT, load_training_state, save_sharded
+from jobs.common import EMA, build_optimizer, build_scheduler, save_training_state
+from jobs.config import OptimSettings
+from jobs.masked import TrainWrapper
+from jobs.parallel import WorkerEnv, fsdp_wrap, full_tensor, transformer_fsdp_units
+from muse.config import preset
+from muse.transformer import MaskedTransformer
+
+BATCH_SEEDS = (11, 12, 13, 14)  # the data of steps 1..4
+
+
+class Run:
+    """A tiny base transformer with the stage's optimizer, schedule and EMA."""
+
+    def __init__(self, env: WorkerEnv):
+        torch.manual_seed(0)
+        model = MaskedTransformer(replace(preset("base-tiny"), layers=1, text_layers=1))  # few tensors: fast
+        wrapper = TrainWrapper(model)  # the base stage's module: FSDP runs the context encoder inside it
+        self.model = fsdp_wrap(wrapper, transformer_fsdp_units(model), env) if env.world_size > 1 else wrapper
+        optim = OptimSettings(lr=1e-3, warmup_steps=2)
+        self.opt = build_optimizer(self.model, optim, env)
+        self.sched = build_scheduler(self.opt, optim, total_steps=20)
+        self.ema = EMA(self.model, 0.9)
+        self.env = env
+
+    def state(self) -> dict:
+        return {"modules": {"model": self.model}, "optimizers": {"model": self.opt},
+                "schedulers": {"model": self.sched}, "ema": self.ema}
+
+    def loss(self, seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, 512, (4, 64), generator=gen)
+        logits = self.model(ids, torch.randn(4, 5, 64, generator=gen), torch.ones(4, 5, dtype=torch.bool))
+        return nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
+
+    def step(self, step: int) -> float:
+        """Every worker takes the same batch, so gradients averaged over 1 or 2 workers are equal."""
+        loss = self.loss(BATCH_SEEDS[step])
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad()
+        self.ema.update(step)
+        return loss.item()
+
+    def save(self, directory: str, step: int) -> None:
+        save_sharded(directory, step=step, env=self.env, counters={"samples": 8.0 * step}, **self.state())
+
+    def load(self, directory: str) -> dict:
+        return load_training_state(directory, **self.state())
+
+    def full(self) -> dict[str, torch.Tensor]:
+        """Weights, AdamW state and EMA as full tensors by name (a collective under FSDP)."""
+        out = {f"w/{n}": full_tensor(p) for n, p in self.model.named_parameters()}
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for p, st in self.opt.state.items():
+            out |= {f"opt/{names[id(p)]}/{k}": full_tensor(v) for k, v in st.items()}
+        return out | {f"ema/{k}": v for k, v in self.ema.full_state().items()}
+
+
+def _two_workers(rank: int, port: int, load_dir: str, save_dir: str, out: str) -> None:
+    """Rank `rank` of 2 FSDP workers: resume from `load_dir` (saved by one worker), check the next loss,
+    take step 3 and save the run to `save_dir`."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        run = Run(WorkerEnv(rank, 2, torch.device("cpu"), "fsdp"))
+        meta = run.load(load_dir)
+        with torch.no_grad():
+            resumed_loss = run.loss(BATCH_SEEDS[2]).item()
+        loss = run.step(2)
+        run.save(save_dir, step=3)
+        full = run.full()
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in full.items()}, os.path.join(out, "full.safetensors"))
+            with open(os.path.join(out, "result.json"), "w") as f:
+                json.dump({"step": meta["step"], "resumed_loss": resumed_loss, "loss": loss,
+                           "last_epoch": run.sched.last_epoch}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_a_run_reshards_from_one_worker_to_two_fsdp_workers_and_back(tmp_path):
+    one, two, out = (str(tmp_path / n) for n in ("saved_by_1", "saved_by_2", "out"))
+    os.makedirs(out)
+    ref = Run(WorkerEnv())
+    for step in range(2):
+        ref.step(step)
+    ref.save(one, step=2)
+    assert json.load(open(os.path.join(one, "trainer_state.json")))["format"] == FORMAT
+    assert not [f for f in os.listdir(one) if not f.endswith((".safetensors", ".json"))]  # nothing pickled
+    with torch.no_grad():
+        expected_resumed_loss = ref.loss(BATCH_SEEDS[2]).item()
+    expected_loss = ref.step(2)  # the single worker's own step 3
+
+    # 1 -> 2: fork two workers (no Ray, no fresh interpreter: seconds).
+    mp.start_processes(_two_workers, args=(_free_port(), one, two, out), nprocs=2, start_method="fork")
+    got = json.load(open(os.path.join(out, "result.json")))
+    assert got["step"] == 2 and got["last_epoch"] == 3
+    assert abs(got["resumed_loss"] - expected_resumed_loss) < 1e-5  # the loss continues where it was
+    assert abs(got["loss"] - expected_loss) < 1e-5
+    assert_same(load_file(os.path.join(out, "full.safetensors")), ref.full())
+    assert len([f for f in os.listdir(two) if f.endswith(".safetensors")]) == 2  # one file per rank
+
+    # 2 -> 1: a fresh single worker loads what the two saved.
+    back = Run(WorkerEnv())
+    meta = back.load(two)
+    assert meta["step"] == 3 and meta["world_size"] == 2 and meta["counters"]["samples"] == 24.0
+    assert back.sched.last_epoch == 3 and back.opt.param_groups[0]["lr"] == ref.opt.param_groups[0]["lr"]
+    assert_same(back.full(), ref.full())
+    assert abs(back.step(3) - ref.step(3)) < 1e-5
+
+
+def test_full_state_checkpoints_of_format_1_still_load(tmp_path):
+    ref = Run(WorkerEnv())
+    ref.step(0)
+    save_training_state(str(tmp_path), step=1, env=WorkerEnv(), counters={}, **ref.state())
+    back = Run(WorkerEnv())
+    assert back.load(str(tmp_path))["step"] == 1
+    assert_same(back.full(), ref.full())
