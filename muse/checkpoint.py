@@ -12,10 +12,13 @@ their defaults, so older checkpoints stay loadable; unknown keys are rejected).
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,23 +115,74 @@ def family_of(model: nn.Module) -> str | None:
 
 def save_component(model: nn.Module, uri: str, extra: dict[str, Any] | None = None) -> None:
     """Write `model` (with its `.config`) as a component directory at a local path or s3:// URI.
-    `extra` (JSON-ready) is stored in config.json under "extra" (e.g. training step)."""
+    `extra` (JSON-ready) is stored in config.json under "extra" (e.g. training step).
+
+    Replacing a component is atomic on a local filesystem: the new files are written into a hidden
+    sibling directory that then trades places with the old one in one rename, so a crash at any point
+    leaves the old component or the new one, whole. S3 has no rename: the files are single PUTs,
+    config.json last, so a crash in between leaves the new weights under the old config.json (a
+    changed architecture then fails to load with CheckpointError rather than loading half a model)."""
     meta = {"kind": kind_of(model), "format_version": FORMAT_VERSION, "config": to_dict(model.config)}
     if extra:
         meta["extra"] = extra
-    with tempfile.TemporaryDirectory() as tmp:
-        save_model(model, os.path.join(tmp, WEIGHTS_FILE))
-        if hasattr(model, "save_extra"):
-            model.save_extra(tmp)
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
-        # config.json last: a directory with a config.json is complete.
-        names = sorted(os.listdir(tmp), key=lambda n: n == CONFIG_FILE)
-        if not storage.is_s3(uri):
-            storage.makedirs(uri)
-        for name in names:
-            with open(os.path.join(tmp, name), "rb") as f:
-                storage.write_bytes(storage.join(uri, name), f.read())
+    if storage.is_s3(uri):
+        with tempfile.TemporaryDirectory() as tmp:
+            _write_component(model, meta, tmp)
+            for name in sorted(os.listdir(tmp), key=lambda n: n == CONFIG_FILE):  # config.json last
+                with open(os.path.join(tmp, name), "rb") as f:
+                    storage.write_bytes(storage.join(uri, name), f.read())
+        return
+    path = storage.filesystem(uri)[1]
+    parent, name = os.path.split(path.rstrip("/"))
+    os.makedirs(parent, exist_ok=True)
+    for stale in os.listdir(parent):  # left by an export that was killed
+        if stale.startswith(f".{name}.staging-") or stale.startswith(f".{name}.old-"):
+            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+    staged = tempfile.mkdtemp(prefix=f".{name}.staging-", dir=parent)
+    try:
+        _write_component(model, meta, staged)
+        _switch(staged, path)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)  # after a switch: the old component
+
+
+def _write_component(model: nn.Module, meta: dict[str, Any], directory: str) -> None:
+    save_model(model, os.path.join(directory, WEIGHTS_FILE))
+    if hasattr(model, "save_extra"):
+        model.save_extra(directory)
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+    for entry in os.scandir(directory):
+        if entry.is_file():
+            with open(entry.path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _switch(staged: str, path: str) -> None:
+    """Put the directory `staged` at `path`; the old directory at `path`, if any, ends up at `staged`."""
+    if not os.path.exists(path):
+        os.rename(staged, path)
+        os.makedirs(staged)  # the caller removes it
+        return
+    if _exchange(staged, path):
+        return
+    # No atomic exchange (not Linux, or a filesystem without it): two renames, with a moment between
+    # them where `path` is missing (the old component then sits at .<name>.old-*).
+    old = f"{os.path.dirname(staged)}/.{os.path.basename(path)}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(path, old)
+    os.rename(staged, path)
+    os.rename(old, staged)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def save_reference(config: Any, uri: str) -> None:
