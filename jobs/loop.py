@@ -7,13 +7,15 @@
     worker:  build the stage's StageWorker -> restore ray.train.get_checkpoint() if any
              -> epochs of get_dataset_shard("train").iter_torch_batches(...) until max_steps:
                   train_step -> metrics line / report every log_every -> sample grid every sample_every
-                  -> checkpoint + report every checkpoint_every and at the last step
+                  -> checkpoint every checkpoint_every and at the last step: each rank writes its
+                     shards locally and reports them; Ray Train uploads them in the background
              -> export the stage's component(s) into the model root
 
 A failed worker (or node) makes Ray Train restart the whole worker group (FailureConfig.max_failures);
-the new workers resume from the last reported checkpoint with the step counter, optimizer, scheduler,
-EMA and sample/token counters it holds. Calling `fit_stage` again with the same run name and storage
-resumes a run the driver lost. Ray Data iterators have no position to restore, so a resumed run does
+the new workers resume from the last checkpoint whose upload finished, with the step counter,
+optimizer, scheduler, EMA and sample/token counters it holds. Calling `fit_stage` again with the same
+run name and storage resumes a run the driver lost, on any number of workers (`jobs.checkpointing`
+reshards). Ray Data iterators have no position to restore, so a resumed run does
 not continue the data stream where it was: it starts a fresh seeded permutation of the shard files
 (`jobs.data.token_dataset`), not the first files again, and rows mix in a local shuffle buffer of
 thousands of rows. An epoch cut short by a failure is not completed first.
@@ -32,9 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from jobs.common import EMA, load_training_state, peak_flops, save_training_state
+from jobs.checkpointing import load_training_state, save_sharded
+from jobs.common import EMA, peak_flops
 from jobs.parallel import WorkerEnv, allreduce_mean
-from jobs.progress import Reporter, format_seconds, quiet_ray_loggers, ray_init_kwargs, start_display
+from jobs.progress import Reporter, format_seconds, quiet_ray_loggers, start_display
 from muse import storage
 from muse.config import from_dict
 
@@ -134,6 +137,7 @@ def train_loop_per_worker(job: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     window = {"time": 0.0, "tokens": 0.0, "flops": 0.0, "samples": 0.0, "steps": 0}
     sums: dict[str, tuple[Any, int]] = {}  # device tensors until a log step
+    stall: float | None = None  # seconds the last checkpoint held training up, for the next report
     epoch = 0
     while step < run.max_steps:
         worker.reseed(step)
@@ -167,6 +171,8 @@ def train_loop_per_worker(job: dict) -> None:
             if step % run.log_every == 0 or last or step % run.checkpoint_every == 0:
                 report = _metrics(sums, window, env, peak, step, resumed_from, worker)
                 report["samples_seen"] = counters["samples"]
+                if stall is not None:
+                    report["checkpoint_stall_s"], stall = stall, None
                 sums, window = {}, {"time": 0.0, "tokens": 0.0, "flops": 0.0, "samples": 0.0, "steps": 0}
                 if env.is_main:
                     print(f"{tag} " + "  ".join(_fmt(k, v) for k, v in report.items()), flush=True)
@@ -175,9 +181,9 @@ def train_loop_per_worker(job: dict) -> None:
                 if grid is not None and env.is_main:
                     save_png(grid, storage.join(job["samples_dir"], f"step_{step:06d}.png"))
             if step % run.checkpoint_every == 0 or last:
-                _report_checkpoint(worker, env, step, counters, report)
+                stall = _report_checkpoint(worker, env, step, counters, report)
             elif report is not None:
-                ray.train.report(report)
+                _report(report)
             tick = time.perf_counter()
             if last:
                 break
@@ -218,27 +224,44 @@ def _fmt(key: str, value: float) -> str:
     return f"{key} {value:.4g}"
 
 
-def _report_checkpoint(worker: StageWorker, env: WorkerEnv, step: int, counters: dict, report: dict | None):
+def _report(metrics: dict, checkpoint=None) -> None:
+    """Every report is asynchronous: Ray Train keeps reports in order, so a synchronous one would wait
+    for a checkpoint upload still in flight."""
     import ray.train
 
-    with tempfile.TemporaryDirectory() as d:
-        save_training_state(d, step=step, env=env, modules=worker.modules, optimizers=worker.optimizers,
-                            schedulers=worker.schedulers, ema=worker.ema, counters=dict(counters))
-        checkpoint = ray.train.Checkpoint.from_directory(d) if env.is_main else None
-        ray.train.report(report or {"step": float(step)}, checkpoint=checkpoint)
-    # The controller registers a reported checkpoint when it next polls the workers; a worker that
-    # died before that would lose it. Wait until it is committed, so a restart resumes from here.
-    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+
+
+def _report_checkpoint(worker: StageWorker, env: WorkerEnv, step: int, counters: dict,
+                       report: dict | None) -> float:
+    """Every rank writes its shards to a local directory of its own and reports it; Ray Train uploads it
+    in a background thread (one upload at a time), merges the ranks' directories into one checkpoint,
+    registers it once every rank's upload is done, and then deletes the local directory. Training goes
+    on meanwhile; a crash during the upload resumes from the checkpoint before. Returns the seconds
+    training was held up (writing the local shards, and the report's barrier)."""
+    import ray.train
+
+    start = time.perf_counter()
+    directory = tempfile.mkdtemp(prefix=f"muse-checkpoint-{step:08d}-")  # Ray deletes it after the upload
+    save_sharded(directory, step=step, env=env, modules=worker.modules, optimizers=worker.optimizers,
+                 schedulers=worker.schedulers, ema=worker.ema, counters=dict(counters))
+    _report(report or {"step": float(step)}, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    return time.perf_counter() - start
 
 
 def _fail_once_if_asked(run, job: dict, env: WorkerEnv, step: int) -> None:
     """Fault injection (run.fail_at_step): the last rank dies once, as a crashed process would."""
+    import ray.train
+
     if run.fail_at_step is None or step != run.fail_at_step or env.rank != env.world_size - 1:
         return
     marker = storage.join(job["run_dir"], f"fault_injected_at_step_{step}")
     if storage.exists(marker):
         return
     storage.write_text(marker, f"worker rank {env.rank} exited at step {step}\n")
+    # The crash comes after the checkpoints reported so far are uploaded, so where it resumes from
+    # does not depend on the upload's speed.
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
     print(f"[{job['run_name']}] fault injection: rank {env.rank} exits at step {step}", flush=True)
     sys.stdout.flush()
     os._exit(1)
@@ -328,16 +351,16 @@ def _trainer_class():
 
 
 def ensure_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (e.g. under `ray job submit`) or start a local Ray, quiet unless
-    verbose; Ray Data's per-operator progress bars are turned off (each stage has its own line)."""
-    import ray
+    """Join Ray (`jobs.cluster.join_ray`: RAY_ADDRESS, a `ray start` cluster on this node, or a local
+    Ray), quiet unless verbose; Ray Data's per-operator progress bars are turned off (each stage has
+    its own line)."""
     import ray.data
 
-    if not ray.is_initialized():
-        # A local Ray gets at least 4 logical CPUs even on 2 cores, so a trainer's workers and the
-        # data tasks feeding them never wait on each other (RAY_ADDRESS joins a cluster as it is).
-        local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(4, os.cpu_count() or 1)}
-        ray.init(runtime_env={"env_vars": worker_env()}, **local, **ray_init_kwargs())
+    from jobs.cluster import join_ray
+
+    # A local Ray gets at least 4 logical CPUs even on 2 cores, so a trainer's workers and the data
+    # tasks feeding them never wait on each other (a cluster is joined as it is).
+    join_ray(worker_env(), num_cpus=max(4, os.cpu_count() or 1))
     quiet_ray_loggers()
     ray.data.DataContext.get_current().enable_progress_bars = False
 

@@ -1,11 +1,17 @@
 """Every stage through Ray Train: 2 CPU workers (gloo), a few steps on tiny data, checkpoints reported
 and exported components that the pipeline loads. One worker is killed mid-run and the run resumes
-from its last checkpoint; one run keeps its checkpoints and model root on the loopback S3 server."""
+from its last checkpoint; one run keeps its checkpoints and model root on the loopback S3 server and
+resumes on 1 worker while a slow checkpoint upload goes on."""
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
 
 import torch
 from jobs_helpers import copy_tree, ray_test_config
@@ -21,9 +27,21 @@ def checkpoint_files(result) -> set[str]:
 
 
 def trainer_state(result) -> tuple[dict, dict]:
+    """The checkpoint's JSON and its tensors (the pieces of every rank's shard file)."""
     with result.checkpoint.as_directory() as d:
         meta = json.load(open(os.path.join(d, "trainer_state.json")))
-        return meta, load_file(os.path.join(d, "model.optim.safetensors"))
+        tensors = {}
+        for name in sorted(os.listdir(d)):
+            if name.endswith(".safetensors"):
+                tensors.update(load_file(os.path.join(d, name)))
+        return meta, tensors
+
+
+def optimizer_steps(tensors: dict) -> set[float]:
+    return {float(v) for k, v in tensors.items() if k.startswith("optim/") and k.endswith("/step")}
+
+
+SHARDS = {f"shard-0000{r}-model-00001-of-00001.safetensors" for r in (1, 2)}  # one per rank of 2
 
 
 def test_vqgan_stage_trains_reports_and_exports(ray_session, tiny_data, tmp_path, monkeypatch):
@@ -38,8 +56,7 @@ def test_vqgan_stage_trains_reports_and_exports(ray_session, tiny_data, tmp_path
                           "vqgan.run.cache_data=false")  # streamed through the tokenizer's Ray Data readers
     [result] = run_stage("vqgan", cfg, tiny_data.corpus, root, component="vqgan_lo")
     assert result.metrics["step"] == 3 and "d_loss" in result.metrics  # the GAN started at step 2
-    assert checkpoint_files(result) == {"vqgan.safetensors", "disc.safetensors", "vqgan.optim.safetensors",
-                                        "disc.optim.safetensors", "trainer_state.json"}
+    assert checkpoint_files(result) == SHARDS | {"trainer_state.json"}  # each rank's shards, merged by Ray
     uri = checkpoint.component_uri(root, "vqgan_lo")
     after = checkpoint.load_component(uri)
     assert checkpoint.component_extra(uri) | {"run": None} == {"finished": True, "stage": "vqgan", "step": 3,
@@ -65,7 +82,37 @@ def test_decoder_stage_widens_and_keeps_the_tokens(ray_session, tiny_data, tmp_p
     assert wide.decode(wide.encode(images)).shape == (2, 3, 64, 64)
 
 
-def test_superres_fsdp_with_checkpoints_and_model_root_on_s3(ray_session, tiny_data, s3_bucket):
+UPLOAD_DELAY_S = 5.0
+
+
+@pytest.fixture
+def slow_checkpoint_store(s3_server):
+    """A second endpoint onto the loopback S3 server's buckets (moto keeps them per process) whose first
+    upload of a checkpoint shard takes UPLOAD_DELAY_S longer, as a large upload would."""
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    state = SimpleNamespace(delayed=0)
+    app = DomainDispatcherApplication(create_backend_app)
+
+    def slow(environ, start_response):
+        if (environ["REQUEST_METHOD"] == "PUT" and "/checkpoint_" in environ["PATH_INFO"]
+                and environ["PATH_INFO"].endswith(".safetensors") and not state.delayed):
+            state.delayed += 1
+            time.sleep(UPLOAD_DELAY_S)
+        return app(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, slow, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    yield state
+    server.shutdown()
+    thread.join()
+
+
+def test_superres_fsdp_with_checkpoints_and_model_root_on_s3(ray_session, tiny_data, s3_bucket,
+                                                             slow_checkpoint_store, monkeypatch):
     from muse.pipeline import MusePipeline
 
     root = copy_tree(tiny_data.root, f"{s3_bucket}/models/tiny")
@@ -77,7 +124,7 @@ def test_superres_fsdp_with_checkpoints_and_model_root_on_s3(ray_session, tiny_d
     assert result.metrics["step"] == 4 and result.metrics["tokens_per_s"] > 0
     run_files = storage.list_files(f"{root}/runs/superres")
     saved = {f.rsplit("/", 1)[-1] for f in run_files if "/checkpoint_" in f}
-    assert {"model.safetensors", "ema.safetensors", "model.optim.safetensors", "trainer_state.json"} <= saved
+    assert SHARDS | {"trainer_state.json"} <= saved
     assert result.checkpoint.path.startswith(root[len("s3://"):])  # through the S3 storage_filesystem
     meta, optim = trainer_state(result)
     assert meta["step"] == 4 and meta["counters"]["samples"] == 4 * 2 * 2
@@ -85,6 +132,20 @@ def test_superres_fsdp_with_checkpoints_and_model_root_on_s3(ray_session, tiny_d
     pipe = MusePipeline.from_pretrained(root)
     [image] = pipe("two blue squares", steps=2, superres_steps=2, seed=0)
     assert image.size == (128, 128)
+
+    # The same run resumes on 1 worker (the FSDP shards of 2 load into one plain model) and checkpoints
+    # into a store whose first checkpoint upload takes UPLOAD_DELAY_S: training does not wait for it.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", slow_checkpoint_store.endpoint)  # the driver's storage_filesystem
+    cfg = ray_test_config("superres", "superres.scaling.num_workers=1", "superres.run.max_steps=6",
+                          "superres.run.checkpoint_every=1", "superres.run.batch_size=2",
+                          "superres.run.cache_data=false")
+    [resumed] = run_stage("superres", cfg, tokens, root)
+    assert resumed.metrics["resumed_from"] == 4 and resumed.metrics["step"] == 6
+    meta, _ = trainer_state(resumed)
+    assert meta["step"] == 6 and meta["world_size"] == 1
+    assert meta["counters"]["samples"] == 4 * 2 * 2 + 2 * 2  # the step counter and counters continue
+    assert slow_checkpoint_store.delayed == 1
+    assert resumed.metrics["checkpoint_stall_s"] < UPLOAD_DELAY_S  # step 5's checkpoint held step 6 up less
 
 
 def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint(ray_session, tiny_data, tmp_path):
@@ -106,7 +167,7 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint
     assert meta["step"] == 6
     assert meta["counters"]["samples"] == 6 * batch * 2  # steps 1-2 and 3-6 counted, step 3's retry once
     assert meta["schedulers"]["model"]["last_epoch"] == 6
-    assert float(optim["0.step"]) == 6  # AdamW's own step count came back from the checkpoint
+    assert optimizer_steps(optim) == {6.0}  # AdamW's own step count came back from the checkpoint
     extra = checkpoint.component_extra(checkpoint.component_uri(root, "base"))
     assert extra["finished"] and extra["step"] == 6
     assert checkpoint.read_component_config(checkpoint.component_uri(root, "base"))[1] == before  # still tiny
