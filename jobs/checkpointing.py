@@ -51,18 +51,21 @@ def _ema_tensors(ema: EMA) -> dict[str, torch.Tensor]:
     return out
 
 
-def _state(modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-           ema: EMA | None) -> tuple[dict[str, torch.Tensor], dict[str, tuple[dict, dict | None]], dict]:
+def _state(modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer], ema: EMA | None,
+           unstepped: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, tuple[dict, dict | None]], dict]:
     """(flat tensors for DCP, nested state dicts per module, JSON-ready optimizer meta). The flat
-    tensors are the nested dicts' own tensors, so loading into them fills the nested dicts too."""
+    tensors are the nested dicts' own tensors, so loading into them fills the nested dicts too.
+    Optimizers named in `unstepped` have no state to save: they are left out of DCP's state dicts,
+    whose first use of an optimizer takes a zero step that would start its Adam step count early."""
     unknown = set(optimizers) - set(modules)
     if unknown:
         raise ValueError(f"optimizers {sorted(unknown)} have no module of the same name")
     flat: dict[str, torch.Tensor] = {}
     nested: dict[str, tuple[dict, dict | None]] = {}
-    meta: dict[str, Any] = {}
+    meta: dict[str, Any] = {name: {"param_groups": _jsonable(optimizers[name].state_dict()["param_groups"]),
+                                   "unstepped": True} for name in unstepped}
     for name, module in modules.items():
-        opts = [optimizers[name]] if name in optimizers else []
+        opts = [optimizers[name]] if name in optimizers and name not in unstepped else []
         model_sd, optim_sd = get_state_dict(module, opts)
         flat.update({f"module/{name}/{k}": v for k, v in model_sd.items()})
         if opts:
@@ -91,7 +94,8 @@ def save_sharded(directory: str, *, step: int, env: WorkerEnv, modules: dict[str
                  counters: dict[str, float], extra: dict[str, Any] | None = None) -> None:
     """Write this rank's shards into `directory` (and the JSON on rank 0). Every rank calls it: DCP
     agrees on who writes which piece (a replicated tensor is written once) through the process group."""
-    flat, _, optim_meta = _state(modules, optimizers, ema)
+    unstepped = {name for name, opt in optimizers.items() if not opt.state}
+    flat, _, optim_meta = _state(modules, optimizers, ema, unstepped)
     dcp.save(flat, storage_writer=HuggingFaceStorageWriter(directory, save_distributed=True))
     if env.is_main:
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "counters": counters,
@@ -121,7 +125,8 @@ def load_training_state(directory: str, *, modules: dict[str, nn.Module],
         raise ValueError(f"checkpoint format {meta['format_version']} is newer than this code")
     saved_keys = _saved_keys(directory)
     restart_ema = ema is not None and not any(k.startswith("ema/") for k in saved_keys)
-    flat, nested, _ = _state(modules, optimizers, None if restart_ema else ema)
+    unstepped = {name for name, saved in meta["optimizers"].items() if saved.get("unstepped")}
+    flat, nested, _ = _state(modules, optimizers, None if restart_ema else ema, unstepped)
     missing = set(flat) - saved_keys
     if missing:
         raise ValueError(f"{directory} does not match the model: missing {sorted(missing)[:5]}")
@@ -130,6 +135,9 @@ def load_training_state(directory: str, *, modules: dict[str, nn.Module],
         model_sd, optim_sd = nested[name]
         if optim_sd is None:
             set_model_state_dict(module, model_sd)
+            if name in unstepped:  # no state yet: only its hyperparameters (lr, ...)
+                for group, saved in zip(optimizers[name].param_groups, meta["optimizers"][name]["param_groups"]):
+                    group.update({k: tuple(v) if k == "betas" else v for k, v in saved.items() if k != "params"})
             continue
         saved = meta["optimizers"][name]
         for key, value in saved["scalars"].items():

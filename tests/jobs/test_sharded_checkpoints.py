@@ -148,3 +148,15 @@ def test_full_state_checkpoints_of_format_1_still_load(tmp_path):
     back = Run(WorkerEnv())
     assert back.load(str(tmp_path))["step"] == 1
     assert_same(back.full(), ref.full())
+
+
+def test_an_optimizer_that_has_not_stepped_is_saved_without_stepping_it(tmp_path):
+    """The VQGAN stage's discriminator optimizer waits for gan.disc_start: a checkpoint before that
+    must not give it a state (AdamW's bias correction would then count one step too many)."""
+    ref = Run(WorkerEnv())
+    ref.save(str(tmp_path), step=0)
+    assert not ref.opt.state
+    back = Run(WorkerEnv())
+    back.load(str(tmp_path))
+    assert not back.opt.state
+    assert back.step(0) == ref.step(0)
