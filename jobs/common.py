@@ -1,7 +1,8 @@
 """Pieces every training stage shares: AdamW param groups, warm-up + cosine schedule, EMA of weights,
-the checkpoint format (never pickle), sample grids and throughput accounting.
+the full-state checkpoint format (never pickle), sample grids and throughput accounting.
 
-Checkpoint directory (what `ray.train.report(checkpoint=...)` persists):
+The full-state checkpoint (format_version 1; training now writes sharded checkpoints,
+`jobs.checkpointing`, which still loads this one and benchmarks/train.py compares against it):
 
     <module>.safetensors        full weights of each trained module (model, discriminator)
     ema.safetensors             EMA weights of the trained parameters (when EMA is on)
