@@ -22,6 +22,11 @@ alternating, once running the frozen text encoder on every batch and once readin
 
     python benchmarks/train.py --text-storage t5-tiny [--presets base-tiny]
     python benchmarks/train.py --text-storage t5-xxl-shape --presets base-632m --device cuda --batch-size 32
+
+Checkpoint save time and step stall, today's full gather against sharded asynchronous checkpoints, 1 and
+2 workers, uploads to a local S3 server (benchmarks/train_checkpoints.py):
+
+    python benchmarks/train.py --checkpoint-bench [--presets base-tiny] [--steps 20] [--every 5]
 """
 
 from __future__ import annotations
@@ -214,10 +219,22 @@ def main(argv: list[str] | None = None) -> None:
                         help="instead: the base step from text ids (the frozen encoder runs every step) against "
                              "stored embeddings, in one process, with this text-encoder preset (e.g. t5-tiny), or "
                              "t5-xxl-shape: random weights at T5-XXL's encoder size")
+    parser.add_argument("--checkpoint-bench", action="store_true",
+                        help="instead: checkpoint save time and step stall, today's full gather against sharded "
+                             "asynchronous checkpoints, in one Ray Train run per worker count, uploads to a local "
+                             "S3 server (benchmarks/train_checkpoints.py)")
+    parser.add_argument("--every", type=int, default=5, help="--checkpoint-bench: steps between checkpoints")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f}", flush=True)
-    if args.text_storage:
+    if args.checkpoint_bench:
+        from train_checkpoints import print_table, run
+
+        rows = run((args.presets or "base-tiny").split(","), [int(w) for w in args.workers.split(",")],
+                   args.steps or 20, args.every, args.batch_size or 8)
+        print(f"load average at the end {os.getloadavg()[0]:.1f}")
+        print_table(rows)
+    elif args.text_storage:
         if args.device == "cuda" and not torch.cuda.is_available():
             parser.error("--device cuda needs a CUDA GPU")
         rows = text_storage_compare((args.presets or "base-tiny").split(",")[0], args.text_storage,
@@ -230,12 +247,13 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--device cuda needs a CUDA GPU")
         presets = (args.presets or "base-632m,base-3b").split(",")
         rows = gpu_inprocess(presets, args.steps or 20, args.batch_size or 32, args.peak_tflops, args.compile)
-    print(f"load average at the end {os.getloadavg()[0]:.1f}")
-    for r in rows:
-        mfu = f"  MFU {r['mfu']:.1%}" if r.get("mfu") else ""
-        text = f"  {r['text']:<22}" if "text" in r else ""
-        print(f"{r['preset']:<10} {r['device']:<6}{text} workers {r['workers']}  batch/worker {r['batch_per_worker']}  "
-              f"tokens/s/worker {r['tokens_per_s_per_worker']:,.0f}{mfu}")
+    if not args.checkpoint_bench:
+        print(f"load average at the end {os.getloadavg()[0]:.1f}")
+        for r in rows:
+            mfu = f"  MFU {r['mfu']:.1%}" if r.get("mfu") else ""
+            text = f"  {r['text']:<22}" if "text" in r else ""
+            print(f"{r['preset']:<10} {r['device']:<6}{text} workers {r['workers']}  batch/worker "
+                  f"{r['batch_per_worker']}  tokens/s/worker {r['tokens_per_s_per_worker']:,.0f}{mfu}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "rows": rows}, f, indent=1)
