@@ -58,7 +58,8 @@ def bench_loop(config: dict) -> None:
     def step() -> float:
         start = time.perf_counter()
         ids = torch.randint(0, cfg.codebook_size, (batch, cfg.num_tokens), generator=gen)
-        logits = wrapper(ids, torch.randn(batch, 16, cfg.text_dim, generator=gen), torch.ones(batch, 16, dtype=torch.bool))
+        text = torch.randn(batch, 16, cfg.text_dim, generator=gen)
+        logits = wrapper(ids, text, torch.ones(batch, 16, dtype=torch.bool))
         nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
         opt.step()
         sched.step()
@@ -81,7 +82,8 @@ def bench_loop(config: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
                 save_training_state(d, step=i, env=env, counters={}, **state)
                 saved = time.perf_counter()
-                ray.train.report({"step": i}, checkpoint=ray.train.Checkpoint.from_directory(d) if env.is_main else None)
+                ckpt = ray.train.Checkpoint.from_directory(d) if env.is_main else None
+                ray.train.report({"step": i}, checkpoint=ckpt)
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         else:  # what jobs.loop does now
             d = tempfile.mkdtemp(prefix="muse-bench-checkpoint-")

@@ -91,7 +91,7 @@ def _jsonable(groups: list[dict]) -> list[dict]:
 
 def save_sharded(directory: str, *, step: int, env: WorkerEnv, modules: dict[str, nn.Module],
                  optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any], ema: EMA | None,
-                 counters: dict[str, float], extra: dict[str, Any] | None = None) -> None:
+                 counters: dict[str, float]) -> None:
     """Write this rank's shards into `directory` (and the JSON on rank 0). Every rank calls it: DCP
     agrees on who writes which piece (a replicated tensor is written once) through the process group."""
     unstepped = {name for name, opt in optimizers.items() if not opt.state}
@@ -100,8 +100,7 @@ def save_sharded(directory: str, *, step: int, env: WorkerEnv, modules: dict[str
     if env.is_main:
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "counters": counters,
                 "world_size": env.world_size, "strategy": env.strategy,
-                "schedulers": {k: s.state_dict() for k, s in schedulers.items()}, "optimizers": optim_meta,
-                **(extra or {})}
+                "schedulers": {k: s.state_dict() for k, s in schedulers.items()}, "optimizers": optim_meta}
         tmp = os.path.join(directory, STATE_FILE + ".tmp")
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=1)
