@@ -16,7 +16,7 @@ which use the same parameter names for plain, DDP and FSDP modules.
 Tensor keys: "module/<name>/<fqn>", "optim/<name>/<fqn>/<key>" (exp_avg, step, ...), "ema/<param name>".
 
 On resume from S3 every node downloads the merged checkpoint once (`Checkpoint.as_directory`), and
-each rank then reads only the pieces of its own shards from it.
+each rank then reads from it only the pieces that its own shards need.
 
 Checkpoints of format_version 1 (full tensors gathered to rank 0: `jobs.common.save_training_state`)
 still load, on any worker count.
