@@ -29,8 +29,9 @@ import urllib.request
 
 from PIL import Image
 
+from jobs.cluster import join_ray
 from jobs.loop import worker_env
-from jobs.progress import quiet_ray_loggers, ray_init_kwargs, set_verbose, stop_display
+from jobs.progress import quiet_ray_loggers, set_verbose, stop_display
 from muse import storage
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
@@ -135,10 +136,7 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
     corpus, root = storage.join(output, "corpus"), storage.join(output, "checkpoint")
     timings: dict[str, float] = {}
     began = time.time()
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-                 runtime_env={"env_vars": worker_env()}, **ray_init_kwargs())
+    started_ray = join_ray(worker_env(), num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
     quiet_ray_loggers()
     try:
         start = time.time()

@@ -2,7 +2,8 @@
 
     muse serve --checkpoint ROOT [--port 8000] [--host 127.0.0.1] [--config serve/config.yaml]
 
-starts Ray (or joins the cluster in RAY_ADDRESS), starts Serve's HTTP proxy on host:port, deploys
+joins Ray as every entry point does (`jobs.cluster`: RAY_ADDRESS, a `ray start` cluster on this
+node, or a new local Ray), starts Serve's HTTP proxy on host:port, deploys
 `serve.app:build_app` and blocks until Ctrl-C. `--config` takes a Ray Serve config file (the args of
 its first application are used; `serve/config.yaml` is one) or a plain YAML mapping of AppArgs
 fields; --checkpoint overrides its `checkpoint`. Set MUSE_API_KEY to require
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     parser.add_argument("--config", help="YAML: a Ray Serve config (serve/config.yaml) or a mapping of AppArgs")
     parser.add_argument("--num-cpus", type=int, default=max(4, os.cpu_count() or 1),
-                        help="logical CPUs of a local Ray (default: max(4, cores)); ignored with RAY_ADDRESS")
+                        help="logical CPUs of a local Ray (default: max(4, cores)); ignored when joining a cluster")
     return parser.parse_args(argv)
 
 
@@ -50,12 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from ray import serve
 
+    from jobs.cluster import join_ray
     from serve.app import build_app
 
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+    join_ray(num_cpus=args.num_cpus, include_dashboard=False, quiet=False)  # replicas' logs stay on the console
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

@@ -1,0 +1,46 @@
+"""Joining Ray: one way for every entry point (tokenize, the training jobs, the demo, serve).
+
+In this order:
+1. RAY_ADDRESS (set by `ray job submit`, or by hand): join that cluster;
+2. a cluster started on this node with `ray start` (the address it records, which `ray.init()` finds
+   by itself): join it;
+3. otherwise start a local Ray for this process.
+
+A cluster is sized by whoever started it, so `num_cpus` and the other start-up options apply to a
+local instance only; the workers' environment goes to both. Never `address="auto"`: beyond the
+`ray start` cluster it falls back to any Ray process on the machine, e.g. another user's test run.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def cluster_address() -> str | None:
+    """The cluster to join: RAY_ADDRESS, else the one `ray start` last started on this node, else None."""
+    from ray._private.utils import read_ray_address
+
+    return os.environ.get("RAY_ADDRESS") or read_ray_address() or None
+
+
+def join_ray(env: dict[str, str] | None = None, *, num_cpus: int | None = None,
+             local_env: dict[str, str] | None = None, quiet: bool = True, **local: Any) -> bool:
+    """Connect this process to Ray as the module says, unless it is connected already. `env`: the
+    workers' environment; `local_env`, `num_cpus` and `local` (other `ray.init` options): for a local
+    instance only. `quiet`: the console settings of `jobs.progress.ray_init_kwargs`. Returns whether
+    a local instance was started (the caller's to shut down)."""
+    import ray
+
+    from jobs.progress import ray_init_kwargs
+
+    if ray.is_initialized():
+        return False
+    console = ray_init_kwargs() if quiet else {}
+    address = cluster_address()
+    if address is not None:
+        ray.init(address=address, runtime_env={"env_vars": dict(env or {})}, **console)
+        return False
+    ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": dict(env or {}) | dict(local_env or {})},
+             **local, **console)
+    return True

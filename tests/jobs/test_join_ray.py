@@ -1,0 +1,42 @@
+"""jobs.cluster.join_ray: which Ray each entry point joins, with ray.init recorded (nothing started)."""
+
+import pytest
+import ray
+import ray._private.utils
+
+from jobs.cluster import join_ray
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """ray.init recorded; no RAY_ADDRESS, no `ray start` cluster, no Ray connected."""
+    recorded: list[dict] = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray._private.utils, "read_ray_address", lambda temp_dir=None: None)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: recorded.append(kw))
+    return recorded
+
+
+def test_a_new_local_ray_takes_the_local_options(calls):
+    assert join_ray({"A": "1"}, num_cpus=6, local_env={"B": "2"}, include_dashboard=False, quiet=False) is True
+    assert calls == [{"address": "local", "num_cpus": 6, "runtime_env": {"env_vars": {"A": "1", "B": "2"}},
+                      "include_dashboard": False}]
+
+
+def test_ray_address_is_joined_as_it_is(calls, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert join_ray({"A": "1"}, num_cpus=6, local_env={"B": "2"}, include_dashboard=False, quiet=False) is False
+    assert calls == [{"address": "10.0.0.5:6379", "runtime_env": {"env_vars": {"A": "1"}}}]
+
+
+def test_a_ray_start_cluster_on_the_node_is_joined(calls, monkeypatch):
+    monkeypatch.setattr(ray._private.utils, "read_ray_address", lambda temp_dir=None: "127.0.0.1:6380")
+    assert join_ray(num_cpus=6) is False
+    assert calls[0]["address"] == "127.0.0.1:6380" and "num_cpus" not in calls[0]
+    assert calls[0]["log_to_driver"] is False  # quiet by default (jobs.progress.ray_init_kwargs)
+
+
+def test_a_connected_process_stays_as_it_is(calls, monkeypatch):
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    assert join_ray(num_cpus=6) is False and calls == []
