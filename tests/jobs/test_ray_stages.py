@@ -1,7 +1,8 @@
 """Every stage through Ray Train: 2 CPU workers (gloo), a few steps on tiny data, checkpoints reported
 and exported components that the pipeline loads. One worker is killed mid-run and the run resumes
-from its last checkpoint; one run keeps its checkpoints and model root on the loopback S3 server and
-resumes on 1 worker while a slow checkpoint upload goes on."""
+from its last checkpoint; one run keeps its checkpoints and model root on the loopback S3 server, with
+checkpoint uploads slowed down (training does not wait for them). Resuming on another number of
+workers is tests/jobs/test_sharded_checkpoints.py (a Ray Train run more would cost ~40 s)."""
 
 from __future__ import annotations
 
@@ -117,6 +118,8 @@ def test_superres_fsdp_with_checkpoints_and_model_root_on_s3(ray_session, tiny_d
 
     root = copy_tree(tiny_data.root, f"{s3_bucket}/models/tiny")
     tokens = copy_tree(tiny_data.tokens, f"{s3_bucket}/tokens")
+    # Ray Train's storage (the driver's filesystem) is an endpoint whose first checkpoint upload is slow.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", slow_checkpoint_store.endpoint)
     cfg = ray_test_config("superres", "superres.scaling.strategy=fsdp", "superres.run.max_steps=4",
                           "superres.run.batch_size=2", "superres.run.sample_every=4", "superres.sample_steps=2",
                           "superres.run.cache_data=false")
@@ -133,19 +136,8 @@ def test_superres_fsdp_with_checkpoints_and_model_root_on_s3(ray_session, tiny_d
     [image] = pipe("two blue squares", steps=2, superres_steps=2, seed=0)
     assert image.size == (128, 128)
 
-    # The same run resumes on 1 worker (the FSDP shards of 2 load into one plain model) and checkpoints
-    # into a store whose first checkpoint upload takes UPLOAD_DELAY_S: training does not wait for it.
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", slow_checkpoint_store.endpoint)  # the driver's storage_filesystem
-    cfg = ray_test_config("superres", "superres.scaling.num_workers=1", "superres.run.max_steps=6",
-                          "superres.run.checkpoint_every=1", "superres.run.batch_size=2",
-                          "superres.run.cache_data=false")
-    [resumed] = run_stage("superres", cfg, tokens, root)
-    assert resumed.metrics["resumed_from"] == 4 and resumed.metrics["step"] == 6
-    meta, _ = trainer_state(resumed)
-    assert meta["step"] == 6 and meta["world_size"] == 1
-    assert meta["counters"]["samples"] == 4 * 2 * 2 + 2 * 2  # the step counter and counters continue
     assert slow_checkpoint_store.delayed == 1
-    assert resumed.metrics["checkpoint_stall_s"] < UPLOAD_DELAY_S  # step 5's checkpoint held step 6 up less
+    assert result.metrics["checkpoint_stall_s"] < UPLOAD_DELAY_S  # step 2's checkpoint did not wait for its upload
 
 
 def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint(ray_session, tiny_data, tmp_path):
