@@ -3,9 +3,9 @@
 Both paths run the same code on the same synthetic corpus (PNG at --size px, in Parquet): read,
 decode + resize (pipelines.preprocess), VQGAN-lo and VQGAN-hi encode, caption tokenization. The loop
 also times each step, which says what the bottleneck is. The Ray figures are end to end, and
-without the Ray start (actor start-up stays in). On a GPU (`--device cuda`) the VQGAN pools share
-one GPU and the table adds images/s per GPU and how busy the GPU was (nvidia-smi samples while the
-pipeline runs). Model weights are random: throughput does not depend on them.
+without the Ray start (actor start-up stays in), and the bytes per image each stage hands on. On a
+GPU (`--device cuda`) each VQGAN actor holds both VQGANs on one GPU and the table adds images/s per
+GPU and how busy the GPU was (nvidia-smi samples while the pipeline runs). Model weights are random: throughput does not depend on them.
 
     python benchmarks/tokenize_throughput.py [--n 512] [--size 256] [--preset tiny] [--results benchmarks/RESULTS.md]
 """
@@ -23,6 +23,7 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.a
 import argparse
 import io
 import platform
+import re
 import subprocess
 import tempfile
 import threading
@@ -161,7 +162,24 @@ def ray_pipeline(corpus: str, root: str, out: str, cfg: TokenizeConfig) -> dict:
         totals = run(corpus, out, resolve_models(root), cfg, progress=False)
     end = time.perf_counter()
     return {"images": totals["accepted"], "seconds": end - start, "ray_init_s": ready - start,
-            "gpu_util": getattr(gpu, "mean", None)}
+            "gpu_util": getattr(gpu, "mean", None), "bytes_out": bytes_out(totals["stats"])}
+
+
+def bytes_out(stats: str) -> dict[str, int]:
+    """{operator: bytes of the blocks it output} from `Dataset.stats()`: what each stage hands on
+    through the object store (the last one, the writers, outputs only small records)."""
+    out, name = {}, None
+    for line in stats.splitlines():
+        head = re.match(r"\s*Operator \d+ (.+?): ", line)
+        if head:
+            name = head.group(1)
+            while name in out:  # two operators of one UDF (one pool per VQGAN)
+                name += "'"
+            out[name] = 0
+        total = re.search(r"Output size bytes per block: .* (\d+) total", line)
+        if total and name:
+            out[name] += int(total.group(1))
+    return {k: v for k, v in out.items() if v}
 
 
 class _Null:
@@ -177,16 +195,17 @@ def bench_config(device: str, cores: int) -> TokenizeConfig:
         return from_dict(TokenizeConfig, {
             "reader": {"rows_per_part": 256},
             "preprocess": {"num_cpus": 1, "batch_size": 32},
-            "vqgan_lo": {"num_gpus": 0.5, "num_cpus": 1, "batch_size": 128},
-            "vqgan_hi": {"num_gpus": 0.5, "num_cpus": 1, "batch_size": 64},
+            "vqgan_lo": {"num_gpus": 1, "num_cpus": 1, "batch_size": 128},  # both VQGANs per actor
+            "vqgan_hi": {"batch_size": 64},
             "text": {"num_cpus": 1, "batch_size": 256},
         })
-    # CPU: half-CPU actors, one of each, like configs/tokenize-local.yaml; decode tasks fill the rest.
+    # CPU: half-CPU actors, like configs/tokenize-local.yaml; decode tasks fill the rest. The VQGAN
+    # pool (each actor holds both VQGANs) gets the actors two one-model pools would have had.
     return from_dict(TokenizeConfig, {
         "reader": {"rows_per_part": 32},
         "preprocess": {"num_cpus": 0.5, "batch_size": 16},
-        "vqgan_lo": {"num_cpus": 0.5, "batch_size": 16, "max_size": max(1, cores // 4)},
-        "vqgan_hi": {"num_cpus": 0.5, "batch_size": 16, "max_size": max(1, cores // 4)},
+        "vqgan_lo": {"num_cpus": 0.5, "batch_size": 16, "max_size": 2 * max(1, cores // 4)},
+        "vqgan_hi": {"batch_size": 16},
         "text": {"num_cpus": 0.5, "batch_size": 64},
     })
 
@@ -207,6 +226,9 @@ def table(args, mach: str, loop: dict, ray_: dict) -> str:
         f"| Ray Data pipeline, end to end | {ray_['images']} | {ray_['seconds']:.1f} | {ray_rate:.1f} |",
         f"| Ray Data pipeline, without the {ray_['ray_init_s']:.1f}s Ray start (actor start-up included) | "
         f"{ray_['images']} | {ray_['seconds'] - ray_['ray_init_s']:.1f} | {after_init:.1f} |",
+        "",
+        "Bytes per image each pipeline stage hands on (Ray Data's block sizes): "
+        + ", ".join(f"{k} {v / max(ray_['images'], 1):,.0f}" for k, v in ray_["bytes_out"].items()) + ".",
         "",
         "Plain loop, ms per image by step: " + ", ".join(f"{k} {v:.1f}" for k, v in steps.items())
         + f". Models take {model_ms / max(sum(steps.values()), 1e-9):.0%} of the time, decoding "

@@ -29,8 +29,9 @@ class ReaderConfig:
     file_field: str = "file"  # captions file: field holding the image path relative to the folder
     caption_field: str = "caption"  # captions file: field holding the caption
     image_extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-    # Parquet files and folders are cut into parts of this many rows; one WebDataset tar is one part.
-    # A part is the unit of resumption: one output shard, published once.
+    # Folders are cut into parts of this many images; Parquet files into runs of whole row groups of
+    # at most this many rows (a larger row group is a part of its own); one WebDataset tar is one
+    # part. A part is the unit of resumption, published once.
     rows_per_part: int = 1000
     block_rows: int = 256  # rows per block a read task yields
 
@@ -78,6 +79,8 @@ class PoolConfig:
 class TokenizeConfig:
     reader: ReaderConfig = field(default_factory=ReaderConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    # The VQGAN actor pool: each actor holds vqgan_lo and, when the root has one, vqgan_hi, so the
+    # high-res pixels go to no actor that does not encode them. vqgan_hi sets only its model's batch.
     vqgan_lo: PoolConfig = field(default_factory=PoolConfig)
     vqgan_hi: PoolConfig = field(default_factory=PoolConfig)
     text: PoolConfig = field(default_factory=lambda: PoolConfig(num_cpus=0.5, batch_size=128))
@@ -96,6 +99,9 @@ class TokenizeConfig:
             raise ValueError(f"text_storage must be one of {TEXT_STORAGE}, got {self.text_storage!r}")
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be bf16, fp16 or fp32, got {self.precision!r}")
+        if self.vqgan_hi != PoolConfig(batch_size=self.vqgan_hi.batch_size):
+            raise ValueError("vqgan_hi sets only batch_size: both VQGANs run in each actor of the vqgan_lo pool "
+                             "(the high-res pixels go to no other actor); set sizes, CPUs and GPUs in vqgan_lo")
         if self.write_cpus <= 0 or self.commit_seconds < 0 or self.io_task_retries < 0 \
                 or self.examples_per_reason < 0:
             raise ValueError("write_cpus must be > 0; commit_seconds, io_task_retries and "

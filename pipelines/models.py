@@ -1,8 +1,8 @@
-"""The model UDFs of tokenization: one model per actor, loaded in `__init__`, called per batch.
+"""The model UDFs of tokenization: models loaded once per actor in `__init__`, called per batch.
 
-Each model runs in its own Ray Data actor pool (`pipelines.tokenize.build`). Rows that an earlier
-stage rejected, and the end rows of parts (see `pipelines.readers`), pass through without a model
-call and get nulls in the new columns.
+The image tokenizers share one Ray Data actor pool (`ImageTokens`), the text model has its own
+(`pipelines.tokenize.build`). Rows that an earlier stage rejected, and the end rows of parts (see
+`pipelines.readers`), pass through without a model call and get nulls in the new columns.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pyarrow as pa
 from muse import storage
 from muse.config import TextEncoderConfig
 from pipelines import readers
+from pipelines.preprocess import unpack_pixels
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -66,9 +67,12 @@ def _accepted(batch: pa.Table) -> np.ndarray:
 
 
 class VQGANTokens:
-    """pixels (raw uint8 RGB, the VQGAN's resolution) -> token ids, int16 flattened row-major."""
+    """pixels (uint8 RGB at the VQGAN's resolution, as `pipelines.preprocess.pack_pixels` ships them)
+    -> token ids, int16 flattened row-major; the pixel column is dropped. `batch_size` rows per
+    model call (default: the whole batch)."""
 
-    def __init__(self, uri: str, pixels: str, tokens: str, device: str, precision: str, num_cpus: float):
+    def __init__(self, uri: str, pixels: str, tokens: str, device: str, precision: str, num_cpus: float,
+                 batch_size: int | None = None):
         from muse.checkpoint import load_component
 
         self.torch = _setup_torch(device, num_cpus)
@@ -76,7 +80,7 @@ class VQGANTokens:
         self.size = self.model.config.resolution
         if self.model.config.codebook_size > 32768:
             raise ValueError("token shards store ids as int16: codebook_size must be <= 32768")
-        self.pixels, self.tokens, self.device = pixels, tokens, device
+        self.pixels, self.tokens, self.device, self.batch_size = pixels, tokens, device, batch_size
         self.dtype = getattr(self.torch, DTYPES[precision])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -84,15 +88,31 @@ class VQGANTokens:
 
         ok = _accepted(batch)
         values: list[np.ndarray] = []
-        if ok.any():
-            raw = batch[self.pixels].filter(pa.array(ok)).to_pylist()
-            pixels = np.frombuffer(b"".join(raw), np.uint8).reshape(len(raw), self.size, self.size, 3)
+        raw = batch[self.pixels].filter(pa.array(ok)).to_pylist() if ok.any() else []
+        step = self.batch_size or max(1, len(raw))
+        for start in range(0, len(raw), step):
+            pixels = np.stack([unpack_pixels(r, self.size) for r in raw[start:start + step]])
             images = uint8_to_tensor(pixels).to(self.device, non_blocking=True)  # (B, 3, H, W)
             with self.torch.inference_mode(), _autocast(self.torch, self.device, self.dtype):
                 ids = self.model.encode(images)  # (B, h, w)
-            values = list(ids.flatten(1).to(self.torch.int16).cpu().numpy())
+            values += list(ids.flatten(1).to(self.torch.int16).cpu().numpy())
         out = batch.drop_columns([self.pixels])
         return out.append_column(self.tokens, _list_column(values, ok, pa.int16()))
+
+
+class ImageTokens:
+    """Every image tokenizer of the root in one actor: vqgan_lo, then vqgan_hi when there is one.
+    Each pixel column goes straight to the actor that encodes it and is dropped there, so the large
+    high-res pixels never ride through a pool that does not use them (one object-store hop, not two).
+    `tokenizers`: VQGANTokens arguments (uri, pixels, tokens, batch_size) per model."""
+
+    def __init__(self, tokenizers: list[dict], device: str, precision: str, num_cpus: float):
+        self.stages = [VQGANTokens(**t, device=device, precision=precision, num_cpus=num_cpus) for t in tokenizers]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch
 
 
 def load_tokenizer(uri: str):

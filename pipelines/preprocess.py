@@ -8,8 +8,14 @@ Ray). For each data row it
 - decodes the image with `muse.data.images.decode_image_and_size`: EXIF orientation, every mode to
   RGB, alpha on white, a pixel limit checked from the header (`too_many_pixels`), a minimum side
   (`too_small`), anything undecodable or truncated (`corrupt_image`);
-- resizes the shorter side and centre-crops to each tokenizer's size, as raw uint8 RGB bytes in
-  `pixels_lo` (and `pixels_hi`).
+- resizes the shorter side and centre-crops to each tokenizer's size, as uint8 RGB in `pixels_lo`
+  (and `pixels_hi`): raw bytes, or with `pack` (tokenization) LZ4-compressed where that saves a
+  quarter or more (`pack_pixels`).
+
+Why LZ4 and not PNG/WebP: pixels at the tokenizer's size are already downscaled. Flat or upscaled
+images (synthetic corpora, small sources) compress 15-50x with LZ4 at ~0.1 ms; photos gain under
+1.1x and ride raw, since a lossless image codec saves them at most 1.5x for 10-70 ms of CPU per
+image (encode here, decode in the GPU actor), and CPU is what decoding already runs short of.
 
 A rejected row is kept, with its reason and without pixels, so the consumer can count it against
 its part; the model UDFs skip it (`pipelines.readers.accepted`). End rows (see `pipelines.readers`)
@@ -44,10 +50,27 @@ def clean_caption(raw: bytes, max_chars: int) -> tuple[str, str]:
     return text, ("" if text else EMPTY_CAPTION)
 
 
+def pack_pixels(pixels: np.ndarray) -> bytes:
+    """(size, size, 3) uint8 -> raw bytes, or LZ4 where that is at most 3/4 of raw (the length
+    tells them apart: raw is exactly size*size*3 bytes)."""
+    raw = pixels.tobytes()
+    packed = pa.compress(raw, codec="lz4", asbytes=True)
+    return packed if len(packed) * 4 <= len(raw) * 3 else raw
+
+
+def unpack_pixels(data: bytes, size: int) -> np.ndarray:
+    """The inverse of `pack_pixels` (raw bytes pass through): (size, size, 3) uint8."""
+    n = size * size * 3
+    if len(data) != n:
+        data = pa.decompress(data, decompressed_size=n, codec="lz4", asbytes=True)
+    return np.frombuffer(data, np.uint8).reshape(size, size, 3)
+
+
 def preprocess_batch(batch: pa.Table, *, lo_size: int, hi_size: int | None,
-                     cfg: PreprocessConfig) -> pa.Table:
+                     cfg: PreprocessConfig, pack: bool = False) -> pa.Table:
     """Corpus rows -> rows with `caption` (string), `width`, `height`, `pixels_lo`, `pixels_hi`
-    (raw (size, size, 3) uint8 bytes, empty when rejected) and `reject_reason` filled in."""
+    ((size, size, 3) uint8 bytes, raw or with `pack` as `pack_pixels` makes them; empty when
+    rejected) and `reject_reason` filled in."""
     n = batch.num_rows
     images = batch.column("image").to_pylist()
     raw_captions = batch.column("caption").to_pylist()
@@ -57,6 +80,7 @@ def preprocess_batch(batch: pa.Table, *, lo_size: int, hi_size: int | None,
     pixels_lo: list[bytes] = [b""] * n
     pixels_hi: list[bytes] = [b""] * n
     draft = max(lo_size, hi_size or 0)
+    encode = pack_pixels if pack else np.ndarray.tobytes
     for i in range(n):
         if part_rows[i] != -1 or reasons[i]:
             continue  # an end row, or refused by the reader already
@@ -66,9 +90,9 @@ def preprocess_batch(batch: pa.Table, *, lo_size: int, hi_size: int | None,
         try:
             img, (widths[i], heights[i]) = decode_image_and_size(
                 images[i], max_pixels=cfg.max_pixels, min_side=cfg.min_side, draft_size=draft)
-            pixels_lo[i] = to_uint8_array(img, lo_size).tobytes()
+            pixels_lo[i] = encode(to_uint8_array(img, lo_size))
             if hi_size:
-                pixels_hi[i] = to_uint8_array(img, hi_size).tobytes()
+                pixels_hi[i] = encode(to_uint8_array(img, hi_size))
         except ImageRejected as e:
             reasons[i] = e.reason
     out = batch.drop_columns(["image", "caption", "reject_reason"])
@@ -87,7 +111,7 @@ def preprocess_batch(batch: pa.Table, *, lo_size: int, hi_size: int | None,
 
 
 def preprocessed(parts: list[readers.Part], cfg: TokenizeConfig, lo_size: int, hi_size: int | None,
-                 ray_remote_args: dict | None = None):
+                 ray_remote_args: dict | None = None, pack: bool = False):
     """Ray Dataset of the corpus rows of `parts` after `preprocess_batch` (rejects and end rows kept)."""
     ds = readers.read_parts(parts, cfg.reader, num_cpus=cfg.preprocess.num_cpus, ray_remote_args=ray_remote_args)
     # Decoding is a task pool of its own that fans out over every CPU of the cluster. Its memory
@@ -95,7 +119,7 @@ def preprocessed(parts: list[readers.Part], cfg: TokenizeConfig, lo_size: int, h
     # remote args, as on CPU-only runs), which would cap decoding at that pool's size.
     return ds.map_batches(preprocess_batch, batch_format="pyarrow", batch_size=cfg.preprocess.batch_size,
                           num_cpus=cfg.preprocess.num_cpus, memory=cfg.preprocess.memory_mb * 2**20,
-                          fn_kwargs={"lo_size": lo_size, "hi_size": hi_size, "cfg": cfg.preprocess})
+                          fn_kwargs={"lo_size": lo_size, "hi_size": hi_size, "cfg": cfg.preprocess, "pack": pack})
 
 
 def preprocessed_local(parts: list[readers.Part], cfg: TokenizeConfig, lo_size: int,

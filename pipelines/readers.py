@@ -1,7 +1,8 @@
 """Corpus readers: Parquet, image folders and WebDataset tars, local, file:// or s3://, as Ray Data.
 
-A corpus is cut into *parts* on the driver (`plan_parts`): a Parquet file or a `rows_per_part` slice
-of one, a `rows_per_part` run of a folder's sorted images, or one tar. A part has an id derived only
+A corpus is cut into *parts* on the driver (`plan_parts`): a run of whole row groups of a Parquet
+file (as many as fit in `rows_per_part`, at least one, so no row group is downloaded by two parts),
+a `rows_per_part` run of a folder's sorted images, or one tar. A part has an id derived only
 from where it comes from, is read by one Ray read task, and becomes one output shard, so a re-run
 can skip every finished part without opening it.
 
@@ -153,12 +154,14 @@ def _ext(uri: str) -> str:
 
 
 def _plan_parquet(files: list[str], cfg: ReaderConfig) -> list[Part]:
-    def rows(f: str) -> tuple[int | None, list[str]]:
+    def rows(f: str) -> tuple[list[int] | None, list[str]]:
+        """(rows of each row group, column names), from the footer."""
         try:
             fs, path = storage.filesystem(f)
             with fs.open_input_file(path) as fh:
                 meta = pq.ParquetFile(fh).metadata
-            return meta.num_rows, meta.schema.to_arrow_schema().names
+            groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            return groups, meta.schema.to_arrow_schema().names
         except Exception as e:
             if not is_bad_source(e):
                 raise
@@ -174,14 +177,27 @@ def _plan_parquet(files: list[str], cfg: ReaderConfig) -> list[Part]:
             f"reader.caption_column); columns found: {seen}"
         )
     parts = []
-    for f, (n, _) in zip(files, infos):
-        if n is None:  # unreadable footer: one part that reports it
+    for f, (groups, _) in zip(files, infos):
+        if groups is None:  # unreadable footer: one part that reports it
             parts.append(Part(part_id("parquet", f, 0, None), "parquet", f))
             continue
-        for start in range(0, max(n, 1), cfg.rows_per_part):
-            stop = min(n, start + cfg.rows_per_part)
+        for start, stop in _row_group_runs(groups, cfg.rows_per_part):
             parts.append(Part(part_id("parquet", f, start, stop), "parquet", f, start, stop))
     return parts
+
+
+def _row_group_runs(groups: list[int], rows_per_part: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of consecutive whole row groups, each as many as fit in
+    `rows_per_part` (a larger group is a part of its own); one empty range for an empty file."""
+    runs, start, stop = [], 0, 0
+    for n in groups:
+        if stop > start and stop - start + n > rows_per_part:
+            runs.append((start, stop))
+            start = stop
+        stop += n
+    if stop > start or not runs:
+        runs.append((start, stop))
+    return runs
 
 
 def _plan_folder(uri: str, files: list[str], cfg: ReaderConfig) -> list[Part]:

@@ -1,12 +1,15 @@
 """Tokenize an image-caption corpus into Parquet token shards with Ray Data.
 
-    read (one task per part) -> preprocess (CPU tasks) -> VQGAN-lo pool -> [VQGAN-hi pool] -> text pool
+    read (one task per part) -> preprocess (CPU tasks) -> VQGAN pool (lo [+ hi]) -> text pool
         -> write (CPU tasks: each block's rows of each part to a shard file) -> driver: small
            records only; commits each part to the manifest once all its rows are written
 
-Each model runs in its own actor pool (`compute=ray.data.ActorPoolStrategy`, `pipelines.models`),
-loaded once per actor from the model root; pool sizes, CPUs/GPUs per actor and batch sizes come from
-`TokenizeConfig`, so a cluster gives the VQGANs whole GPUs while decoding fans out over every CPU.
+The models run in actor pools (`compute=ray.data.ActorPoolStrategy`, `pipelines.models`), loaded
+once per actor from the model root: one pool for the image tokenizers (each actor holds vqgan_lo and
+vqgan_hi, so each pixel array goes only to the actor that encodes it), one for the text. Pool sizes,
+CPUs/GPUs per actor and batch sizes come from `TokenizeConfig`, so a cluster gives the VQGAN actors
+whole GPUs while decoding fans out over every CPU. Pixels travel at the tokenizers' sizes, LZ4-packed
+where that pays (`pipelines.preprocess.pack_pixels`).
 Image sizes come from the VQGAN configs in the model root. Bad samples never fail the job: they are
 rejected by reason, counted in rejects.json and skipped by the model UDFs. No sample passes through
 the driver: workers write the shards, the driver plans, commits small per-part records and reports,
@@ -33,8 +36,8 @@ Text storage (`text_storage` in the config):
 
 Run: `muse tokenize --input URI --output URI --checkpoint ROOT` or, on a cluster,
 `ray job submit --working-dir . -- python -m pipelines.tokenize ...` (Ray 2.60 uses token auth: set
-RAY_AUTH_MODE=token for the jobs CLI). Set RAY_ADDRESS to join a running cluster (RAY_ADDRESS=auto
-for one started with `ray start`); without it a local Ray is started for the run.
+RAY_AUTH_MODE=token for the jobs CLI). It joins Ray as every entry point does (`jobs.cluster`): the
+cluster in RAY_ADDRESS, else one started on this node with `ray start`, else a local Ray for the run.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from muse import storage
 from muse.config import to_dict
 from pipelines import manifest, readers, shards
 from pipelines.config import FORMATS, PoolConfig, TokenizeConfig, load_config
-from pipelines.models import TextTokens, VQGANTokens, load_tokenizer, text_encoder_config
+from pipelines.models import ImageTokens, TextTokens, load_tokenizer, text_encoder_config
 from pipelines.preprocess import preprocessed
 
 __all__ = ["Models", "build", "load_tokenizer", "main", "resolve_models", "run"]
@@ -104,17 +107,18 @@ def _device(pool: PoolConfig) -> str:
 
 def build(cfg: TokenizeConfig, parts: list[readers.Part], models: Models, lo_size: int,
           hi_size: int | None, *, output: str, run: str, schema):
-    """read -> preprocess -> VQGAN-lo -> [VQGAN-hi] -> text -> write, as one streaming Ray Dataset
-    whose rows are the writers' small per-block records (`shards.RECORD_SCHEMA`)."""
+    """read -> preprocess -> VQGANs -> text -> write, as one streaming Ray Dataset whose rows are the
+    writers' small per-block records (`shards.RECORD_SCHEMA`)."""
     # Ray 2.60 has no named parameter for task retries, only the (deprecated) remote args.
     io_retries = {"max_retries": cfg.io_task_retries, "retry_exceptions": [OSError]}
-    ds = preprocessed(parts, cfg, lo_size, hi_size, ray_remote_args=io_retries)
-    stages = [("pixels_lo", "tokens_lo", models.vqgan_lo, cfg.vqgan_lo)]
+    ds = preprocessed(parts, cfg, lo_size, hi_size, ray_remote_args=io_retries, pack=True)
+    tokenizers = [{"uri": models.vqgan_lo, "pixels": "pixels_lo", "tokens": "tokens_lo",
+                   "batch_size": cfg.vqgan_lo.batch_size}]
     if models.vqgan_hi:
-        stages.append(("pixels_hi", "tokens_hi", models.vqgan_hi, cfg.vqgan_hi))
-    for pixels, tokens, uri, pool in stages:
-        ds = _pool(ds, VQGANTokens, {"uri": uri, "pixels": pixels, "tokens": tokens, "device": _device(pool),
-                                     "precision": cfg.precision, "num_cpus": pool.num_cpus}, pool)
+        tokenizers.append({"uri": models.vqgan_hi, "pixels": "pixels_hi", "tokens": "tokens_hi",
+                           "batch_size": cfg.vqgan_hi.batch_size})
+    ds = _pool(ds, ImageTokens, {"tokenizers": tokenizers, "device": _device(cfg.vqgan_lo),
+                                 "precision": cfg.precision, "num_cpus": cfg.vqgan_lo.num_cpus}, cfg.vqgan_lo)
     ds = _pool(ds, TextTokens, {"uri": models.text_encoder, "text_storage": cfg.text_storage,
                                 "device": _device(cfg.text), "precision": cfg.precision,
                                 "num_cpus": cfg.text.num_cpus}, cfg.text)
@@ -180,6 +184,8 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     lo_size = spec["vqgan_lo"]["resolution"]
     hi_size = spec["vqgan_hi"]["resolution"] if spec["vqgan_hi"] else None
     parts = readers.plan_parts(input_uri, format, cfg.reader)
+    if any(p.format == "parquet" for p in parts):
+        spec["parquet_parts"] = "whole row groups"  # outputs of the earlier row slices do not resume
     done = manifest.read_manifest(output)
     finished = set(done["part"].to_pylist())
     _check_resumable(output, spec, finished, {p.id for p in parts})
@@ -191,7 +197,7 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
               + (f"; removed {removed} files a failed run left" if removed else ""), flush=True)
     run_id, rows, examples, stats = manifest.new_run_id(), 0, {}, ""
     if todo:
-        _init_ray(cfg, hi_size is not None)
+        _init_ray(cfg)
         meta = {"tokens_lo_side": lo_size // _factor(spec["vqgan_lo"]),
                 "tokens_hi_side": hi_size // _factor(spec["vqgan_hi"]) if hi_size else None,
                 "text_storage": cfg.text_storage,
@@ -251,26 +257,22 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
                      "stats": stats}
 
 
-def _init_ray(cfg: TokenizeConfig, has_hi: bool) -> None:
-    """Join the cluster in RAY_ADDRESS (as under `ray job submit`), or start a local Ray with enough
-    logical CPUs for one actor of each pool plus read and preprocessing tasks: on a small machine,
-    pools that claim every CPU would leave the read tasks unschedulable, a deadlock. The job's
-    workers get this driver's S3 endpoint: on a cluster they inherit the node's environment."""
+def _init_ray(cfg: TokenizeConfig) -> None:
+    """Join Ray the platform's way (`jobs.cluster.join_ray`: RAY_ADDRESS, a `ray start` cluster on this
+    node, or a local Ray). A local Ray gets enough logical CPUs for one actor of each pool plus read
+    and preprocessing tasks: on a small machine, pools that claim every CPU would leave the read tasks
+    unschedulable, a deadlock. The job's workers get this driver's S3 endpoint: on a cluster they
+    inherit the rest of the node's environment."""
     import math
 
-    import ray
+    from jobs.cluster import join_ray
 
-    if ray.is_initialized():
-        return
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MUSE_S3_MAX_ATTEMPTS")
            if k in os.environ}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env})
-        return
-    pools = [cfg.vqgan_lo, cfg.text] + ([cfg.vqgan_hi] if has_hi else [])
-    need = sum(p.min_size * p.num_cpus for p in pools) + 2 * cfg.preprocess.num_cpus + cfg.write_cpus
-    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1, math.ceil(need)),
-             runtime_env={"env_vars": env | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    pools = sum(p.min_size * p.num_cpus for p in (cfg.vqgan_lo, cfg.text))
+    need = pools + 2 * cfg.preprocess.num_cpus + cfg.write_cpus
+    join_ray(env, num_cpus=max(4, os.cpu_count() or 1, math.ceil(need)),
+             local_env={"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
 
 
 def _text_dim(text: dict | None) -> int | None:

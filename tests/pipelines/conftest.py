@@ -33,7 +33,7 @@ def fast_cfg() -> TokenizeConfig:
         "reader": {"rows_per_part": 4, "block_rows": 4},
         "preprocess": {"num_cpus": 0.5, "batch_size": 8, "min_side": 16},
         "vqgan_lo": {"num_cpus": 0.5, "batch_size": 8},
-        "vqgan_hi": {"num_cpus": 0.5, "batch_size": 8},
+        "vqgan_hi": {"batch_size": 4},  # runs in the vqgan_lo actors, in two calls per batch
         "text": {"num_cpus": 0.5, "batch_size": 16},
         "write_cpus": 0.25,
         "commit_seconds": 0,

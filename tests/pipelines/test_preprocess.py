@@ -4,7 +4,7 @@ import pytest
 
 from corpora import expected_counts, mixed_rows
 from pipelines.config import PreprocessConfig
-from pipelines.preprocess import clean_caption, preprocess_batch
+from pipelines.preprocess import clean_caption, pack_pixels, preprocess_batch, unpack_pixels
 from pipelines.readers import ROW_SCHEMA
 
 
@@ -77,6 +77,19 @@ def test_rows_the_reader_refused_pass_through_untouched():
     batch = batch_of(rows).set_column(6, "reject_reason", pa.array(["missing_caption"]))
     out = preprocess_batch(batch, lo_size=32, hi_size=None, cfg=CFG)
     assert out["reject_reason"].to_pylist() == ["missing_caption"] and out["pixels_lo"][0].as_py() == b""
+
+
+def test_packed_pixels_are_the_same_pixels_and_smaller_only_where_it_pays():
+    rows = [r for r in mixed_rows() if r[0] in ("good0", "rgba")]
+    raw = preprocess_batch(batch_of(rows), lo_size=32, hi_size=64, cfg=CFG)
+    packed = preprocess_batch(batch_of(rows), lo_size=32, hi_size=64, cfg=CFG, pack=True)
+    for column, size in (("pixels_lo", 32), ("pixels_hi", 64)):
+        for r, p in zip(raw[column].to_pylist(), packed[column].to_pylist()):
+            assert len(r) == size * size * 3 and len(p) * 4 <= len(r) * 3  # flat synthetic images: packed
+            assert unpack_pixels(p, size).tobytes() == r
+    noise = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    assert pack_pixels(noise) == noise.tobytes()  # incompressible (photos): raw, unpacked for free
+    assert (unpack_pixels(pack_pixels(noise), 16) == noise).all()
 
 
 @pytest.mark.parametrize("raw, expected", [

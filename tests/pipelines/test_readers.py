@@ -30,15 +30,24 @@ def test_parquet_parts_keys_and_row_ranges(tmp_path):
     write_parquet(tmp_path / "a.parquet", rows, "jpg", "txt", row_group_size=2)
     cfg = ReaderConfig(image_column="jpg", caption_column="txt", rows_per_part=3, block_rows=2)
     parts = plan_parts(str(tmp_path), "auto", cfg)
-    assert [(p.start, p.stop) for p in parts] == [(0, 3), (3, 6), (6, 7)]
+    # Whole row groups of 2, as many as fit in 3 rows: no group is read by two parts.
+    assert [(p.start, p.stop) for p in parts] == [(0, 2), (2, 4), (4, 7)]
     assert len({p.id for p in parts}) == 3 and parts == plan_parts(str(tmp_path), "parquet", cfg)
     data, ends = rows_of(parts, cfg)
     path = str(tmp_path / "a.parquet")
     assert [r["key"] for r in data] == [f"{path}#{i}" for i in range(7)]
     assert [r["image"] for r in data] == [r[1] for r in rows]
     assert [r["caption"] for r in data] == [r[2] for r in rows]
-    assert [e["part_rows"] for e in ends] == [3, 3, 1]
+    assert [e["part_rows"] for e in ends] == [2, 2, 3]
     assert all(r["reject_reason"] == "" and r["part_rows"] == -1 for r in data)
+
+    # Smaller groups are gathered up to rows_per_part; a larger group is a part of its own.
+    write_parquet(tmp_path / "a.parquet", rows, "jpg", "txt", row_group_size=1)
+    assert [(p.start, p.stop) for p in plan_parts(str(tmp_path), "auto", cfg)] == [(0, 3), (3, 6), (6, 7)]
+    write_parquet(tmp_path / "a.parquet", rows, "jpg", "txt", row_group_size=5)
+    parts = plan_parts(str(tmp_path), "auto", cfg)
+    assert [(p.start, p.stop) for p in parts] == [(0, 5), (5, 7)]
+    assert [r["key"] for r in rows_of(parts, cfg)[0]] == [f"{path}#{i}" for i in range(7)]
 
 
 def test_parquet_string_captions_and_missing_values(tmp_path):

@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import replace
@@ -164,7 +165,8 @@ def test_s3_input_and_output_and_trailing_slashes(ray_session, s3_bucket, tiny_r
 
 
 def corpus_of_parts(tmp_path, n_files: int = 4, per_file: int = 6) -> tuple[str, set[str], dict]:
-    """Parquet files of good rows plus a bad one or two each; rows_per_part 4 cuts each in two."""
+    """Parquet files of good rows plus a bad one each, in row groups of 4: rows_per_part 4 cuts each
+    in two."""
     bad = {r[0]: r for r in mixed_rows() if r[3]}
     accepted, rejects = set(), Counter()
     folder = tmp_path / "corpus"
@@ -174,7 +176,7 @@ def corpus_of_parts(tmp_path, n_files: int = 4, per_file: int = 6) -> tuple[str,
         rows = [(n, img, cap.encode(), r) for n, img, cap, r in rows]
         rows.insert(2, bad["garbage"] if f % 2 else bad["empty_caption"])
         path = folder / f"c{f}.parquet"
-        write_parquet(path, rows)
+        write_parquet(path, rows, row_group_size=4)
         for i, r in enumerate(rows):
             if r[3]:
                 rejects[r[3]] += 1
@@ -228,7 +230,7 @@ def test_sigkill_mid_run_then_rerun_is_exactly_once(ray_session, tmp_path, tiny_
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text("reader: {rows_per_part: 4, block_rows: 4}\n"
                         "preprocess: {num_cpus: 0.5, batch_size: 8, min_side: 16}\n"
-                        "vqgan_lo: {num_cpus: 0.5, batch_size: 8}\nvqgan_hi: {num_cpus: 0.5, batch_size: 8}\n"
+                        "vqgan_lo: {num_cpus: 0.5, batch_size: 8}\nvqgan_hi: {batch_size: 4}\n"
                         "text: {num_cpus: 0.5, batch_size: 16}\nwrite_cpus: 0.25\ncommit_seconds: 0\n")
     assert load_config(cfg_file) == fast_cfg
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address,
@@ -264,6 +266,57 @@ def test_sigkill_mid_run_then_rerun_is_exactly_once(ray_session, tmp_path, tiny_
     assert totals["rejects"]["by_reason"] == rejects
 
 
+def _kill_a_vqgan_actor_mid_task(job_id: str, stop: threading.Event, killed: list) -> None:
+    """SIGKILL a VQGAN actor of this job while it runs a batch (its process title then ends in
+    `.submit`). Only this session's GCS is asked for actors, so no process of another Ray on the
+    machine can be picked; the state API would need the dashboard."""
+    from ray._private import state
+
+    actor = None
+    while not stop.is_set() and not killed:
+        if actor is None:
+            actor = next(((a, i["Pid"]) for a, i in state.actors(actor_state_name="ALIVE").items()
+                          if i["JobID"] == job_id and "(ImageTokens)" in i["ActorClassName"] and i["Pid"]), None)
+        elif b"ImageTokens" in (title := _title(actor[1])) and title.rstrip(b"\0").endswith(b".submit"):
+            os.kill(actor[1], signal.SIGKILL)
+            killed.append(actor)
+        elif not title:
+            actor = None  # gone (the pool scaled down or was restarted): look again
+        time.sleep(0.005)
+
+
+def _title(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+def test_sigkill_of_a_worker_mid_run_is_exactly_once(ray_session, tmp_path, tiny_root_lo_only, fast_cfg):
+    # Ray Data restarts a dead pool actor (max_restarts=-1) and retries its batch on the new one
+    # (max_task_retries=-1); a retried block is written to the same file name. The run itself must
+    # finish, with every sample once.
+    from ray._private import state
+
+    corpus, accepted, rejects = corpus_of_parts(tmp_path, n_files=3)
+    out = str(tmp_path / "tokens")
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_a_vqgan_actor_mid_task, daemon=True,
+                              args=(ray_session.get_runtime_context().get_job_id(), stop, killed))
+    killer.start()
+    try:
+        totals = run(corpus, out, resolve_models(tiny_root_lo_only), fast_cfg, progress=False)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no VQGAN actor was caught running a batch"
+    assert state.actors(killed[0][0])["NumRestarts"] >= 1
+    assert totals["run_parts"] == totals["parts"] == 6
+    assert set(keys_once(shards.load_token_shards(out))) == accepted
+    assert totals["rejects"]["by_reason"] == rejects
+
+
 def test_cli(tmp_path, tiny_root, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
@@ -276,6 +329,12 @@ def test_cli(tmp_path, tiny_root, capsys):
     with pytest.raises(SystemExit):
         main(["--input", ".", "--output", str(tmp_path), "--checkpoint", str(tmp_path)])
     assert "vqgan_lo" in capsys.readouterr().err
+
+
+def test_vqgan_hi_shares_the_vqgan_lo_actors():
+    assert load_config(None, ["vqgan_hi.batch_size=4"]).vqgan_hi.batch_size == 4
+    with pytest.raises(ValueError, match="vqgan_hi sets only batch_size"):
+        load_config(None, ["vqgan_hi.num_gpus=1"])
 
 
 def test_model_flags_override_the_root(tiny_root, tiny_root_lo_only):

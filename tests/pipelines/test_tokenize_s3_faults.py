@@ -38,7 +38,8 @@ def test_tokenize_through_throttling_and_dropped_connections(ray_session, s3_ser
         rows.insert(2, garbage[:3])
         buf = io.BytesIO()
         pq.write_table(pa.table({"image": [r[1] for r in rows], "caption": [r[2].encode() if isinstance(r[2], str)
-                                                                              else r[2] for r in rows]}), buf)
+                                                                              else r[2] for r in rows]}), buf,
+                       row_group_size=3)  # two parts per file (parts are whole row groups)
         storage.write_bytes(f"{s3_bucket}/corpus/c{f}.parquet", buf.getvalue())
         expected |= {f"{s3_bucket}/corpus/c{f}.parquet#{i}" for i in range(len(rows)) if i != 2}
     cfg_file = tmp_path / "cfg.yaml"
