@@ -143,7 +143,7 @@ def save_component(model: nn.Module, uri: str, extra: dict[str, Any] | None = No
         _write_component(model, meta, staged)
         _switch(staged, path)
     finally:
-        shutil.rmtree(staged, ignore_errors=True)  # after a switch: the old component
+        shutil.rmtree(staged, ignore_errors=True)  # after a switch: the old component, if there was one
 
 
 def _write_component(model: nn.Module, meta: dict[str, Any], directory: str) -> None:
@@ -162,7 +162,6 @@ def _switch(staged: str, path: str) -> None:
     """Put the directory `staged` at `path`; the old directory at `path`, if any, ends up at `staged`."""
     if not os.path.exists(path):
         os.rename(staged, path)
-        os.makedirs(staged)  # the caller removes it
         return
     if _exchange(staged, path):
         return

@@ -252,20 +252,17 @@ def test_imported_root_serves_over_http(imported, ray_session):
     size the root cannot produce is a 400 with a message."""
     import base64
     import io
-    import socket
-    import time
 
     import httpx
     from PIL import Image
     from ray import serve
 
+    from jobs.demo import free_port, wait_healthy
     from serve.app import build_app
     from serve.config import AppArgs, Deployment, Generator
 
     _, _, _, root = imported
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.shutdown()  # another test's Serve may still be up, on its own port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     small, gen = Deployment(num_cpus=0.25), Generator(num_cpus=0.5)
@@ -274,16 +271,8 @@ def test_imported_root_serves_over_http(imported, ray_session):
     serve.run(build_app(args), name="amused", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     try:
+        wait_healthy(url, timeout=120)
         with httpx.Client(base_url=url, timeout=120, headers={"Authorization": "Bearer k"}) as client:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if client.get("/healthz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, "the app did not come up in 120 s"
-                time.sleep(0.5)
             ok = client.post("/v1/images/generations", json={"prompt": "a red circle", "n": 2, "seed": 3,
                                                                "response_format": "b64_json"})
             assert ok.status_code == 200, ok.text
