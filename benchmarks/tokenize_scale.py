@@ -6,7 +6,8 @@ invocation and on the same local Ray:
 
 - the Ray Data pipeline (`pipelines.tokenize.run`), in its own driver process joined to the Ray
   started here, so the driver's CPU-seconds and peak RSS are those of the driver process alone
-  (`getrusage(RUSAGE_SELF)`; workers, raylet and GCS are other processes);
+  (`getrusage(RUSAGE_SELF)`; workers, raylet and GCS are other processes). The CPU-seconds of the
+  coordinator actor that runs Ray Data's streaming executor are reported beside them;
 - the plain single-process loop as the naive baseline: the same reader, preprocessing, model UDFs
   and shard writer called one after the other in one process, torch on every core.
 
@@ -110,6 +111,7 @@ def as_driver(corpus: str, out: str, root: str) -> dict:
     cpu0, rss0, start = _cpu_s(), _rss_mb(), time.time()
     totals = run(corpus, out, models, cfg, progress=False)
     return {"seconds": time.time() - start, "accepted": totals["accepted"], "cpu_s": _cpu_s() - cpu0,
+            "coordinator_cpu_s": totals["coordinator_cpu_s"],
             "cpu_s_process": _cpu_s(), "rss_start_mb": rss0,
             "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -194,12 +196,13 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\nmachine: {machine()}\n")
     print("| images | pipeline s | pipeline images/s | driver CPU-s (run / process) | driver CPU, % of a core "
-          "| driver ms CPU per image | driver RSS MB (start of run / peak) | plain loop s | loop images/s "
-          "| load average (1/5/15 min, before -> after) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "| coordinator CPU-s | driver ms CPU per image | driver RSS MB (start of run / peak) | plain loop s "
+          "| loop images/s | load average (1/5/15 min, before -> after) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for n, pipe, loop, loads in rows:
         print(f"| {n:,} | {pipe['seconds']:.1f} | {n / pipe['seconds']:.0f} | {pipe['cpu_s']:.1f} / "
               f"{pipe['cpu_s_process']:.1f} | {100 * pipe['cpu_s'] / pipe['seconds']:.1f} | "
+              f"{pipe['coordinator_cpu_s']:.1f} | "
               f"{1000 * pipe['cpu_s'] / n:.3f} | {pipe['rss_start_mb']:.0f} / {pipe['rss_peak_mb']:.0f} | "
               f"{loop['seconds']:.1f} | {n / loop['seconds']:.0f} | {loads} |")
     first, last = rows[0][1], rows[-1][1]

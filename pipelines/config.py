@@ -83,6 +83,7 @@ class TokenizeConfig:
     # high-res pixels go to no actor that does not encode them. vqgan_hi sets only its model's batch.
     vqgan_lo: PoolConfig = field(default_factory=PoolConfig)
     vqgan_hi: PoolConfig = field(default_factory=PoolConfig)
+    # The text-encoder pool, for text_storage "embeddings" only (ids are added by the preprocessing tasks).
     text: PoolConfig = field(default_factory=lambda: PoolConfig(num_cpus=0.5, batch_size=128))
     # "ids": T5 token ids trimmed to the true length (training re-encodes them with the frozen text
     # encoder); "embeddings": fp16 encoder output trimmed to the true length, plus the ids.

@@ -7,6 +7,7 @@ The image tokenizers share one Ray Data actor pool (`ImageTokens`), the text mod
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -52,7 +53,7 @@ def _autocast(torch, device: str, dtype):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def _list_column(values: list[np.ndarray], ok: np.ndarray, value_type: pa.DataType) -> pa.Array:
+def list_column(values: list[np.ndarray], ok: np.ndarray, value_type: pa.DataType) -> pa.Array:
     """A list<value_type> column: values[i] for each row where ok, null elsewhere."""
     lengths = np.zeros(len(ok), np.int64)
     lengths[ok] = [len(v) for v in values]
@@ -97,7 +98,7 @@ class VQGANTokens:
                 ids = self.model.encode(images)  # (B, h, w)
             values += list(ids.flatten(1).to(self.torch.int16).cpu().numpy())
         out = batch.drop_columns([self.pixels])
-        return out.append_column(self.tokens, _list_column(values, ok, pa.int16()))
+        return out.append_column(self.tokens, list_column(values, ok, pa.int16()))
 
 
 class ImageTokens:
@@ -138,9 +139,24 @@ def load_tokenizer(uri: str):
         return AutoTokenizer.from_pretrained(local, local_files_only=True), max_length
 
 
+@functools.lru_cache(maxsize=4)
+def cached_tokenizer(uri: str):
+    """`load_tokenizer`, once per worker process: Ray reuses the processes of the preprocessing tasks,
+    so a tokenizer on S3 is fetched once per process, not once per block."""
+    return load_tokenizer(uri)
+
+
+def caption_ids(tokenizer, max_length: int, captions: list[str]) -> list[np.ndarray]:
+    """Token ids of each caption, truncated to `max_length`, at their true length."""
+    out = tokenizer(captions, truncation=True, max_length=max_length)
+    return [np.asarray(x, np.int32) for x in out["input_ids"]]
+
+
 class TextTokens:
     """captions -> `text_ids` (list<int32>, true length); with embeddings also `text_emb`
-    (list<float16>, text_len x dim flattened) and `text_len`."""
+    (list<float16>, text_len x dim flattened) and `text_len`. Tokenization runs this as an actor pool
+    for embeddings only: ids alone need no model, so the preprocessing tasks add them
+    (`pipelines.preprocess.preprocess_batch`)."""
 
     def __init__(self, uri: str, text_storage: str, device: str, precision: str, num_cpus: float):
         self.torch = _setup_torch(device, num_cpus)
@@ -168,8 +184,7 @@ class TextTokens:
         ids: list[np.ndarray] = []
         emb: list[np.ndarray] = []
         if captions and not self.embeddings:
-            out = self.tokenizer(captions, truncation=True, max_length=self.max_length)
-            ids = [np.asarray(x, np.int32) for x in out["input_ids"]]
+            ids = caption_ids(self.tokenizer, self.max_length, captions)
         elif captions:
             torch = self.torch
             with torch.inference_mode(), _autocast(torch, self.device, self.dtype):
@@ -179,10 +194,10 @@ class TextTokens:
             tok, hidden = tok.cpu().numpy(), hidden.to(torch.float16).cpu().numpy()
             ids = [tok[i, :n].astype(np.int32) for i, n in enumerate(lengths)]
             emb = [hidden[i, :n].reshape(-1) for i, n in enumerate(lengths)]
-        out = batch.append_column("text_ids", _list_column(ids, ok, pa.int32()))
+        out = batch.append_column("text_ids", list_column(ids, ok, pa.int32()))
         if self.embeddings:
             lengths = np.zeros(len(ok), np.int32)
             lengths[ok] = [len(x) for x in ids]
-            out = out.append_column("text_emb", _list_column(emb, ok, pa.float16()))
+            out = out.append_column("text_emb", list_column(emb, ok, pa.float16()))
             out = out.append_column("text_len", pa.array(lengths, pa.int32()))
         return out

@@ -67,10 +67,11 @@ def unpack_pixels(data: bytes, size: int) -> np.ndarray:
 
 
 def preprocess_batch(batch: pa.Table, *, lo_size: int, hi_size: int | None,
-                     cfg: PreprocessConfig, pack: bool = False) -> pa.Table:
+                     cfg: PreprocessConfig, pack: bool = False, text_ids: str | None = None) -> pa.Table:
     """Corpus rows -> rows with `caption` (string), `width`, `height`, `pixels_lo`, `pixels_hi`
     ((size, size, 3) uint8 bytes, raw or with `pack` as `pack_pixels` makes them; empty when
-    rejected) and `reject_reason` filled in."""
+    rejected) and `reject_reason` filled in; with `text_ids` (a text encoder's URI, whose tokenizer
+    needs no model) also the captions' token ids, `text_ids` (list<int32>, null when rejected)."""
     n = batch.num_rows
     images = batch.column("image").to_pylist()
     raw_captions = batch.column("caption").to_pylist()
@@ -105,13 +106,24 @@ def preprocess_batch(batch: pa.Table, *, lo_size: int, hi_size: int | None,
     }
     if hi_size:
         columns["pixels_hi"] = pa.array(pixels_hi, pa.binary())
+    if text_ids:
+        columns["text_ids"] = _caption_ids(text_ids, captions, reasons, part_rows)
     for name, col in columns.items():
         out = out.append_column(name, col)
     return out
 
 
+def _caption_ids(uri: str, captions: list[str], reasons: list[str], part_rows: np.ndarray) -> pa.Array:
+    from pipelines.models import cached_tokenizer, caption_ids, list_column
+
+    ok = (part_rows == -1) & np.array([r == "" for r in reasons], bool)
+    tokenizer, max_length = cached_tokenizer(uri)
+    kept = [c for c, keep in zip(captions, ok) if keep]
+    return list_column(caption_ids(tokenizer, max_length, kept) if kept else [], ok, pa.int32())
+
+
 def preprocessed(parts: list[readers.Part], cfg: TokenizeConfig, lo_size: int, hi_size: int | None,
-                 ray_remote_args: dict | None = None, pack: bool = False):
+                 ray_remote_args: dict | None = None, pack: bool = False, text_ids: str | None = None):
     """Ray Dataset of the corpus rows of `parts` after `preprocess_batch` (rejects and end rows kept)."""
     ds = readers.read_parts(parts, cfg.reader, num_cpus=cfg.preprocess.num_cpus, ray_remote_args=ray_remote_args)
     # Decoding is a task pool of its own that fans out over every CPU of the cluster. Its memory
@@ -119,7 +131,8 @@ def preprocessed(parts: list[readers.Part], cfg: TokenizeConfig, lo_size: int, h
     # remote args, as on CPU-only runs), which would cap decoding at that pool's size.
     return ds.map_batches(preprocess_batch, batch_format="pyarrow", batch_size=cfg.preprocess.batch_size,
                           num_cpus=cfg.preprocess.num_cpus, memory=cfg.preprocess.memory_mb * 2**20,
-                          fn_kwargs={"lo_size": lo_size, "hi_size": hi_size, "cfg": cfg.preprocess, "pack": pack})
+                          fn_kwargs={"lo_size": lo_size, "hi_size": hi_size, "cfg": cfg.preprocess, "pack": pack,
+                                     "text_ids": text_ids})
 
 
 def preprocessed_local(parts: list[readers.Part], cfg: TokenizeConfig, lo_size: int,

@@ -1,19 +1,22 @@
 """Tokenize an image-caption corpus into Parquet token shards with Ray Data.
 
-    read (one task per part) -> preprocess (CPU tasks) -> VQGAN pool (lo [+ hi]) -> text pool
-        -> write (CPU tasks: each block's rows of each part to a shard file) -> driver: small
-           records only; commits each part to the manifest once all its rows are written
+    read (one task per part) -> preprocess (CPU tasks; caption ids) -> VQGAN pool (lo [+ hi])
+        [-> text-encoder pool] -> write (CPU tasks: each block's rows of each part to a shard file)
+        -> driver: small records only; commits each part to the manifest once all its rows are written
 
 The models run in actor pools (`compute=ray.data.ActorPoolStrategy`, `pipelines.models`), loaded
 once per actor from the model root: one pool for the image tokenizers (each actor holds vqgan_lo and
-vqgan_hi, so each pixel array goes only to the actor that encodes it), one for the text. Pool sizes,
-CPUs/GPUs per actor and batch sizes come from `TokenizeConfig`, so a cluster gives the VQGAN actors
-whole GPUs while decoding fans out over every CPU. Pixels travel at the tokenizers' sizes, LZ4-packed
-where that pays (`pipelines.preprocess.pack_pixels`).
+vqgan_hi, so each pixel array goes only to the actor that encodes it), and one for the text encoder
+when the shards store its embeddings (`text_storage: embeddings`). Token ids alone need no model:
+the preprocessing tasks add them. Pool sizes, CPUs/GPUs per actor and batch sizes come from
+`TokenizeConfig`, so a cluster gives the VQGAN actors whole GPUs while decoding fans out over every
+CPU. Pixels travel at the tokenizers' sizes, LZ4-packed where that pays
+(`pipelines.preprocess.pack_pixels`).
 Image sizes come from the VQGAN configs in the model root. Bad samples never fail the job: they are
 rejected by reason, counted in rejects.json and skipped by the model UDFs. No sample passes through
-the driver: workers write the shards, the driver plans, commits small per-part records and reports,
-so its CPU and memory do not grow with the corpus.
+the driver: workers write the shards, and Ray Data's streaming executor runs in a coordinator actor
+(`Coordinator`), so the driver only plans, commits small per-part records and reports; its CPU and
+memory do not grow with the corpus or the length of the run.
 
 Resumable, exactly once (see pipelines.manifest): a part is finished when its manifest entry, which
 names its shard files, is committed; a re-run skips finished parts without reading them, deletes the
@@ -107,11 +110,14 @@ def _device(pool: PoolConfig) -> str:
 
 def build(cfg: TokenizeConfig, parts: list[readers.Part], models: Models, lo_size: int,
           hi_size: int | None, *, output: str, run: str, schema):
-    """read -> preprocess -> VQGANs -> text -> write, as one streaming Ray Dataset whose rows are the
-    writers' small per-block records (`shards.RECORD_SCHEMA`)."""
+    """read -> preprocess -> VQGANs [-> text encoder] -> write, as one streaming Ray Dataset whose rows
+    are the writers' small per-block records (`shards.RECORD_SCHEMA`)."""
     # Ray 2.60 has no named parameter for task retries, only the (deprecated) remote args.
     io_retries = {"max_retries": cfg.io_task_retries, "retry_exceptions": [OSError]}
-    ds = preprocessed(parts, cfg, lo_size, hi_size, ray_remote_args=io_retries, pack=True)
+    # Token ids need only the tokenizer: the preprocessing tasks add them, and no text pool runs.
+    ids_only = cfg.text_storage == "ids"
+    ds = preprocessed(parts, cfg, lo_size, hi_size, ray_remote_args=io_retries, pack=True,
+                      text_ids=models.text_encoder if ids_only else None)
     tokenizers = [{"uri": models.vqgan_lo, "pixels": "pixels_lo", "tokens": "tokens_lo",
                    "batch_size": cfg.vqgan_lo.batch_size}]
     if models.vqgan_hi:
@@ -119,9 +125,10 @@ def build(cfg: TokenizeConfig, parts: list[readers.Part], models: Models, lo_siz
                            "batch_size": cfg.vqgan_hi.batch_size})
     ds = _pool(ds, ImageTokens, {"tokenizers": tokenizers, "device": _device(cfg.vqgan_lo),
                                  "precision": cfg.precision, "num_cpus": cfg.vqgan_lo.num_cpus}, cfg.vqgan_lo)
-    ds = _pool(ds, TextTokens, {"uri": models.text_encoder, "text_storage": cfg.text_storage,
-                                "device": _device(cfg.text), "precision": cfg.precision,
-                                "num_cpus": cfg.text.num_cpus}, cfg.text)
+    if not ids_only:
+        ds = _pool(ds, TextTokens, {"uri": models.text_encoder, "text_storage": cfg.text_storage,
+                                    "device": _device(cfg.text), "precision": cfg.precision,
+                                    "num_cpus": cfg.text.num_cpus}, cfg.text)
     # Workers write: a task per block, part of the stream, so Ray Data's backpressure reaches it.
     ds = ds.map_batches(shards.write_block, batch_format="pyarrow", batch_size=None, num_cpus=cfg.write_cpus,
                         fn_kwargs={"out": output, "run": run, "schema": schema,
@@ -129,6 +136,31 @@ def build(cfg: TokenizeConfig, parts: list[readers.Part], models: Models, lo_siz
     ds.context.enable_progress_bars = cfg.ray_progress_bars
     ds.context.raise_original_map_exception = True  # an OSError stays one, so Ray retries the writer
     return ds
+
+
+class Coordinator:
+    """Runs the dataset's streaming executor in a process of its own, as Ray Train's split
+    coordinator does, and streams the writers' records to the driver. Ray Data's scheduling loop
+    wakes ten times a second or more for as long as a job runs and costs a share of a core
+    (`benchmarks/tokenize_scale.py` reports it); here it costs that on a worker, so the driver does
+    per-part work only and stays flat however long the job runs. The actor is owned by the driver:
+    if the driver dies, it dies, and with it the pools it owns."""
+
+    def __init__(self, *args, **kwargs):
+        from jobs.progress import quiet_ray_loggers
+
+        quiet_ray_loggers()
+        self.ds = build(*args, **kwargs)
+
+    def records(self):
+        yield from self.ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+    def finish(self) -> tuple[str, float]:
+        """(Ray Data's per-stage stats, CPU-seconds this process has used)."""
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return self.ds.stats(), usage.ru_utime + usage.ru_stime
 
 
 def job_spec(input_uri: str, cfg: TokenizeConfig, models: Models) -> dict:
@@ -195,8 +227,10 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     if progress and reporter is None:
         print(f"tokenize: planned {len(parts)} parts in {time.time() - start:.1f}s, {len(todo)} to do"
               + (f"; removed {removed} files a failed run left" if removed else ""), flush=True)
-    run_id, rows, examples, stats = manifest.new_run_id(), 0, {}, ""
+    run_id, rows, examples, stats, coordinator_cpu_s = manifest.new_run_id(), 0, {}, "", 0.0
     if todo:
+        import ray
+
         _init_ray(cfg)
         meta = {"tokens_lo_side": lo_size // _factor(spec["vqgan_lo"]),
                 "tokens_hi_side": hi_size // _factor(spec["vqgan_hi"]) if hi_size else None,
@@ -223,26 +257,29 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
                 if on_published is not None:
                     on_published(entry)
 
-        ds = build(cfg, todo, models, lo_size, hi_size, output=output, run=run_id, schema=schema)
+        coordinator = ray.remote(num_cpus=0, max_restarts=0)(Coordinator).remote(
+            cfg, todo, models, lo_size, hi_size, output=output, run=run_id, schema=schema)
         try:
-            for records in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for record in records.to_pylist():
+            for ref in coordinator.records.options(num_returns="streaming").remote():
+                for record in ray.get(ref).to_pylist():
                     entry = assembler.add(record)
                     if entry is not None:
                         published(log.add(entry))
                 published(log.flush_if_due())
+            stats, coordinator_cpu_s = ray.get(coordinator.finish.remote())
         except BaseException:
             log.flush()  # parts finished before the failure stay finished
             raise
         finally:
             bar.close()
+            ray.kill(coordinator)  # stops the pools too: they belong to it
         published(log.flush())
         missing = assembler.incomplete()
         if missing:
             raise RuntimeError(f"{len(missing)} part(s) ended incomplete, e.g. {missing[:3]}; re-run to finish")
         if assembler.wrote and assembler.clean:
             manifest.mark_clean(output, run_id)
-        examples, stats = assembler.examples, ds.stats()
+        examples = assembler.examples
     seconds = time.time() - start
     totals = manifest.summarize(output, manifest.compact(output, run_id), examples, cfg.examples_per_reason)
     reasons = ", ".join(f"{k} {v}" for k, v in totals["rejects"]["by_reason"].items()) or "none"
@@ -254,7 +291,7 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     elif progress:
         print(f"tokenize: {line}", flush=True)
     return totals | {"run_parts": len(todo), "run_rows": rows, "seconds": seconds, "removed": removed,
-                     "stats": stats}
+                     "stats": stats, "coordinator_cpu_s": coordinator_cpu_s}
 
 
 def _init_ray(cfg: TokenizeConfig) -> None:
@@ -269,7 +306,9 @@ def _init_ray(cfg: TokenizeConfig) -> None:
 
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MUSE_S3_MAX_ATTEMPTS")
            if k in os.environ}
-    pools = sum(p.min_size * p.num_cpus for p in (cfg.vqgan_lo, cfg.text))
+    pools = cfg.vqgan_lo.min_size * cfg.vqgan_lo.num_cpus
+    if cfg.text_storage == "embeddings":
+        pools += cfg.text.min_size * cfg.text.num_cpus
     need = pools + 2 * cfg.preprocess.num_cpus + cfg.write_cpus
     join_ray(env, num_cpus=max(4, os.cpu_count() or 1, math.ceil(need)),
              local_env={"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
