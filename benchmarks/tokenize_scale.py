@@ -205,9 +205,11 @@ def main(argv: list[str] | None = None) -> None:
               f"{pipe['coordinator_cpu_s']:.1f} | "
               f"{1000 * pipe['cpu_s'] / n:.3f} | {pipe['rss_start_mb']:.0f} / {pipe['rss_peak_mb']:.0f} | "
               f"{loop['seconds']:.1f} | {n / loop['seconds']:.0f} | {loads} |")
-    first, last = rows[0][1], rows[-1][1]
-    print(f"\ndriver CPU-s of the run, {rows[-1][0]:,} vs {rows[0][0]:,} images: "
-          f"{last['cpu_s'] / first['cpu_s']:.2f}x; peak RSS {last['rss_peak_mb'] / first['rss_peak_mb']:.2f}x")
+    first = rows[0][1]
+    print()
+    for n, pipe, _, _ in rows[1:]:
+        print(f"{n:,} vs {rows[0][0]:,} images: driver CPU-s of the run {pipe['cpu_s'] / first['cpu_s']:.2f}x, "
+              f"peak RSS {pipe['rss_peak_mb'] / first['rss_peak_mb']:.2f}x")
 
 
 if __name__ == "__main__":
