@@ -46,7 +46,16 @@ def test_folder_corpus_end_to_end(ray_session, tmp_path, tiny_root, fast_cfg):
     rows = mixed_rows()
     write_folder(tmp_path / "corpus", rows)
     out = str(tmp_path / "tokens")
-    totals = run(str(tmp_path / "corpus"), out, resolve_models(tiny_root), fast_cfg, progress=False)
+    driver_threads: set[str] = set()
+
+    def published(entry):
+        driver_threads.update(t.name for t in threading.enumerate())
+
+    totals = run(str(tmp_path / "corpus"), out, resolve_models(tiny_root), fast_cfg, on_published=published,
+                 progress=False)
+    # Ray Data's executor ran in the coordinator actor, not here: the driver only commits records.
+    assert driver_threads and not any(t.startswith("StreamingExecutor") for t in driver_threads), driver_threads
+    assert totals["coordinator_cpu_s"] > 0
 
     rejects = json.loads(storage.read_text(storage.join(out, "rejects.json")))
     assert rejects["by_reason"] == expected_counts(rows) and rejects["total"] == 6
