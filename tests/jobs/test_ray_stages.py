@@ -2,7 +2,8 @@
 and exported components that the pipeline loads. One worker is killed mid-run and the run resumes
 from its last checkpoint; one run keeps its checkpoints and model root on the loopback S3 server, with
 checkpoint uploads slowed down (training does not wait for them). Resuming on another number of
-workers is tests/jobs/test_sharded_checkpoints.py (a Ray Train run more would cost ~40 s)."""
+workers: the S3 run's two FSDP ranks resume on one worker and then on two again; exact state
+equality across a reshard is tests/jobs/test_sharded_checkpoints.py."""
 
 from __future__ import annotations
 
@@ -138,6 +139,26 @@ def test_superres_fsdp_with_checkpoints_and_model_root_on_s3(ray_session, tiny_d
 
     assert slow_checkpoint_store.delayed == 1
     assert result.metrics["checkpoint_stall_s"] < UPLOAD_DELAY_S  # step 2's checkpoint did not wait for its upload
+
+    # Resharding through Ray Train: the two FSDP ranks' shards resume on one worker, which goes on.
+    one = ray_test_config("superres", "superres.scaling.strategy=fsdp", "superres.scaling.num_workers=1",
+                          "superres.run.max_steps=6", "superres.run.batch_size=2", "superres.run.sample_every=0",
+                          "superres.sample_steps=2", "superres.run.cache_data=false")
+    [again] = run_stage("superres", one, tokens, root)
+    assert again.metrics["resumed_from"] == 4 and again.metrics["step"] == 6
+    meta, tensors = trainer_state(again)
+    assert meta["step"] == 6 and meta["counters"]["samples"] == 4 * 2 * 2 + 2 * 2
+    assert optimizer_steps(tensors) == {6.0}  # AdamW's state came through the 2 -> 1 reshard
+    assert checkpoint_files(again) == {"shard-00001-model-00001-of-00001.safetensors", "trainer_state.json"}
+    # And back: the one rank's shard resumes on two FSDP workers.
+    two = ray_test_config("superres", "superres.scaling.strategy=fsdp", "superres.run.max_steps=8",
+                          "superres.run.batch_size=2", "superres.run.sample_every=0", "superres.sample_steps=2",
+                          "superres.run.cache_data=false")
+    [third] = run_stage("superres", two, tokens, root)
+    assert third.metrics["resumed_from"] == 6 and third.metrics["step"] == 8
+    meta, tensors = trainer_state(third)
+    assert meta["counters"]["samples"] == 4 * 2 * 2 + 2 * 2 + 2 * 2 * 2 and optimizer_steps(tensors) == {8.0}
+    assert checkpoint_files(third) == SHARDS | {"trainer_state.json"}
 
 
 def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint(ray_session, tiny_data, tmp_path):
