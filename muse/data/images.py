@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 # Why a sample was refused; counted by reason in rejects.json.
 CORRUPT = "corrupt_image"
@@ -143,6 +146,8 @@ def to_uint8_array(img: Image.Image, size: int) -> np.ndarray:
 
 def uint8_to_tensor(arrays: np.ndarray) -> torch.Tensor:
     """(B,H,W,3) or (H,W,3) uint8 -> (B,3,H,W) or (3,H,W) float in [-1, 1]."""
+    import torch  # here, not at the top: decoding tasks use this module without torch
+
     t = torch.from_numpy(np.require(arrays, dtype=np.uint8, requirements=["C", "W"])).float()
     t = t.permute(0, 3, 1, 2) if t.ndim == 4 else t.permute(2, 0, 1)
     return t / 127.5 - 1.0
@@ -155,6 +160,8 @@ def pil_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
 
 def tensor_to_pil(t: torch.Tensor) -> Image.Image:
     """(3,H,W) or (1,3,H,W) float in [-1, 1] -> PIL RGB."""
+    import torch
+
     if t.ndim == 4 and t.shape[0] == 1:
         t = t[0]
     if t.ndim != 3 or t.shape[0] != 3:
