@@ -15,8 +15,8 @@ which use the same parameter names for plain, DDP and FSDP modules.
 
 Tensor keys: "module/<name>/<fqn>", "optim/<name>/<fqn>/<key>" (exp_avg, step, ...), "ema/<param name>".
 
-On resume from S3 every node downloads the merged checkpoint once (`Checkpoint.as_directory`), and
-each rank then reads from it only the pieces that its own shards need.
+On resume from S3 every node downloads the merged checkpoint once (`resume_directory`), and each rank
+then reads from it only the pieces that its own shards need.
 
 Checkpoints of format_version 1 (full tensors gathered to rank 0: `jobs.common.save_training_state`)
 still load, on any worker count.
@@ -24,8 +24,13 @@ still load, on any worker count.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -108,6 +113,40 @@ def save_sharded(directory: str, *, step: int, env: WorkerEnv, modules: dict[str
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=1)
         os.replace(tmp, os.path.join(directory, STATE_FILE))
+
+
+@contextlib.contextmanager
+def resume_directory(checkpoint, local_rank: int) -> Iterator[str]:
+    """A Ray Train checkpoint as a local directory, downloaded once per node.
+
+    `Checkpoint.as_directory` is not safe for this: a rank that arrives after another rank's download
+    has finished takes the lock and downloads again into the same directory, rewriting files that the
+    first rank is reading ("incomplete metadata" from safetensors). Here the first rank writes a
+    marker after its download and later ranks read what is there. Local checkpoints are used in place.
+    Every rank must enter (the exit is a barrier before the node's copy is removed)."""
+    import pyarrow.fs
+    import torch.distributed as dist
+    from filelock import FileLock
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    name = hashlib.sha1(checkpoint.path.encode()).hexdigest()[:16]
+    local_dir = os.path.join(tempfile.gettempdir(), f"muse-resume-{name}")
+    marker = os.path.join(local_dir, ".downloaded")
+    try:
+        with FileLock(local_dir + ".lock"):
+            if not os.path.exists(marker):
+                checkpoint.to_directory(local_dir)
+                open(marker, "w").close()
+        yield local_dir
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank of this node has read its pieces
+        if local_rank == 0:
+            shutil.rmtree(local_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.remove(local_dir + ".lock")
 
 
 def read_meta(directory: str) -> dict:

@@ -118,7 +118,8 @@ def judge_table(report: dict) -> str:
 
 
 def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tuple[str, ...] = (),
-             corpus_size: int = 2000, image_size: int = 128, holdout_fraction: float = 0.2, n_seen: int = 24,
+             corpus_size: int = 2000, image_size: int = 128, holdout_fraction: float = 0.2, corpus_grid: int = 8,
+             n_seen: int = 24,
              eval_steps: int | None = None, num_cpus: int | None = None) -> dict:
     """Run (or resume) the demo; returns the report that is also written to OUTPUT/report.json."""
     import ray
@@ -144,7 +145,7 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
             print(f"[demo] corpus: reusing {corpus}", flush=True)
         else:
             print(f"[demo] corpus: writing {corpus_size} synthetic {image_size}px images to {corpus}", flush=True)
-            write_corpus(corpus, corpus_size, size=image_size, holdout_fraction=holdout_fraction)
+            write_corpus(corpus, corpus_size, size=image_size, holdout_fraction=holdout_fraction, grid=corpus_grid)
         timings["corpus_s"] = time.time() - start
 
         start = time.time()
@@ -205,13 +206,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="training config override, e.g. --set base.run.max_steps=100 (repeatable)")
     parser.add_argument("--corpus-size", type=int, default=2000)
+    parser.add_argument("--corpus-grid", type=int, default=8,
+                        help="shapes drawn on a GRID x GRID lattice, the base tokenizer's token grid, so each "
+                             "shape is one token (default 8); 0 places them freely")
     parser.add_argument("--n-seen", type=int, default=24, help="seen-pairing prompts to judge")
     parser.add_argument("--verbose", action="store_true",
                         help="Ray's own logs and every worker's lines instead of one progress line per stage")
     args = parser.parse_args(argv)
     set_verbose(args.verbose)
     run_demo(args.output, config=args.config, overrides=tuple(args.set), corpus_size=args.corpus_size,
-             n_seen=args.n_seen)
+             corpus_grid=args.corpus_grid, n_seen=args.n_seen)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from jobs.checkpointing import load_training_state, save_sharded
+from jobs.checkpointing import load_training_state, resume_directory, save_sharded
 from jobs.common import EMA, peak_flops
 from jobs.parallel import WorkerEnv, allreduce_mean
 from jobs.progress import Reporter, format_seconds, quiet_ray_loggers, start_display
@@ -120,7 +120,7 @@ def train_loop_per_worker(job: dict) -> None:
     step, counters = 0, {"samples": 0.0, "tokens": 0.0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
+        with resume_directory(checkpoint, ray.train.get_context().get_local_rank()) as d:
             meta = load_training_state(d, modules=worker.modules, optimizers=worker.optimizers,
                                        schedulers=worker.schedulers, ema=worker.ema)
         step, counters = int(meta["step"]), meta["counters"]

@@ -160,3 +160,33 @@ def test_an_optimizer_that_has_not_stepped_is_saved_without_stepping_it(tmp_path
     back.load(str(tmp_path))
     assert not back.opt.state
     assert back.step(0) == ref.step(0)
+
+
+def test_resume_directory_downloads_once_per_node_and_never_rewrites_a_copy_in_use(s3_bucket, tmp_path):
+    """Ray's Checkpoint.as_directory lets a rank that arrives after another's download download
+    again into the same directory, rewriting files the first rank is reading; resume_directory
+    downloads once, and the node's copy lives until local rank 0 is done."""
+    from ray.train import Checkpoint
+
+    from jobs.checkpointing import resume_directory
+    from muse import storage
+
+    uri = f"{s3_bucket}/run/checkpoint_000001"
+    storage.write_bytes(f"{uri}/shard-1-model-00001-of-00001.safetensors", b"x" * 1000)
+    storage.write_text(f"{uri}/trainer_state.json", "{}")
+    checkpoint = Checkpoint(uri)
+    with resume_directory(checkpoint, local_rank=0) as first:
+        shard = os.path.join(first, "shard-1-model-00001-of-00001.safetensors")
+        before = os.stat(shard)
+        with resume_directory(checkpoint, local_rank=1) as second:  # a later rank on the same node
+            assert second == first
+            after = os.stat(shard)
+            assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+        assert os.path.exists(shard)  # rank 1 leaving does not remove rank 0's copy
+        with open(shard, "rb") as f:
+            assert f.read() == b"x" * 1000
+    assert not os.path.exists(first)
+    local = Checkpoint.from_directory(str(tmp_path))
+    with resume_directory(local, local_rank=0) as d:
+        assert d == str(tmp_path)  # local checkpoints are read in place, never copied or removed
+    assert tmp_path.exists()
