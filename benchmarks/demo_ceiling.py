@@ -31,10 +31,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=200, help="images to judge (default 200)")
     parser.add_argument("--size", type=int, default=128, help="render size of the scenes (default 128, as the demo)")
     parser.add_argument("--seed", type=int, default=55)
+    parser.add_argument("--grid", type=int, default=8,
+                        help="scene layout: shapes on a GRID x GRID lattice as in the demo's corpus (default 8), "
+                             "0 placed freely")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     print(machine("cpu"))
-    samples = heldout_images(args.n, args.size, seed=args.seed)
+    samples = heldout_images(args.n, args.size, seed=args.seed, grid=args.grid)
     print(f"{'':<34}" + "".join(f"{a:>11}" for a in ATTRS))
     for name in ("vqgan_lo", "vqgan_hi"):
         if not checkpoint.has_component(args.checkpoint, name):

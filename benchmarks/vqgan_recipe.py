@@ -44,13 +44,15 @@ FORMS = {
     "shipped": {},
     "resnet": {"num_res_blocks": 1, "mid_block": True, "dead_code_threshold": 1e-3},
     "resnet-new": {"num_res_blocks": 1, "mid_block": True, "codebook_dim": 16, "dead_code_threshold": 0.3},
+    "codes-64": {"codebook_size": 64, "dead_code_threshold": 0.01},
+    "rare-codes": {"dead_code_threshold": 0.01},
 }
 
 
-def load_images(first: int, n: int, size: int) -> tuple[list[str], torch.Tensor]:
+def load_images(first: int, n: int, size: int, grid: int = 0) -> tuple[list[str], torch.Tensor]:
     captions, images = [], []
     for i in range(first, first + n):
-        scene, img = sample(i, 0, size, all_pairs())
+        scene, img = sample(i, 0, size, all_pairs(), grid)
         captions.append(caption(scene))
         images.append(torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
     return captions, torch.stack(images)
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--images", type=int, default=2000, help="training images (64 px)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--grid", type=int, default=0,
+                        help="corpus layout: shapes on a GRID x GRID lattice (8: the demo's corpus), 0 free")
     args = parser.parse_args(argv)
     forms = args.forms.split(",")
     unknown = set(forms) - set(FORMS)
@@ -123,8 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown forms {sorted(unknown)}; known: {', '.join(FORMS)}")
     torch.set_num_threads(args.threads)
     print(f"machine: {machine('cpu')}")
-    _, train = load_images(0, args.images, 64)
-    held = load_images(100_000, 64, 64)
+    _, train = load_images(0, args.images, 64, args.grid)
+    held = load_images(100_000, 64, 64, args.grid)
     rows = [row for form in forms for row in run_form(form, args, train, held)]
 
     print(f"\nvqgan-tiny on the synthetic corpus, batch {args.batch}, {args.threads} torch threads\n")

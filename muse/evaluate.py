@@ -116,13 +116,14 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def heldout_images(n: int, size: int, seed: int = 10_000) -> list[tuple[str, Image.Image]]:
-    """Fresh synthetic samples (a seed no corpus uses by default) with their captions."""
+def heldout_images(n: int, size: int, seed: int = 10_000, grid: int = 0) -> list[tuple[str, Image.Image]]:
+    """Fresh synthetic samples (a seed no corpus uses by default) with their captions, laid out as a
+    corpus written with `grid` (0: free placement)."""
     rng = random.Random(f"muse-eval-images:{seed}")
     out = []
     for _ in range(n):
         scene = sample_scene(rng)
-        out.append((caption(scene), render(scene, size, rng)))
+        out.append((caption(scene), render(scene, size, rng, grid)))
     return out
 
 
@@ -230,19 +231,21 @@ def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: 
     report: dict = {}
     rows: list[dict] = []
     base_rows: list[dict] = []
+    grid = 0  # the corpus's layout, so the tokenizers are judged on images like those they learnt
     if corpus is not None:
         holdout = read_holdout(corpus)
+        grid = holdout.get("grid", 0)
         report["judge"], rows = judge_sets(generate, holdout, n_seen, seed)
         if base_generate is not None:
             report["judge_base"], base_rows = judge_sets(base_generate, holdout, n_seen, seed, label="base: ")
     if pipe is not None:
-        samples = heldout_images(reference_images, pipe.vqgan_lo.config.resolution)
+        samples = heldout_images(reference_images, pipe.vqgan_lo.config.resolution, grid=grid)
         report["psnr_db"] = {"vqgan_lo": reconstruction_psnr(pipe.vqgan_lo, [im for _, im in samples])}
         if pipe.vqgan_hi is not None:
-            hi = heldout_images(reference_images, pipe.vqgan_hi.config.resolution)
+            hi = heldout_images(reference_images, pipe.vqgan_hi.config.resolution, grid=grid)
             report["psnr_db"]["vqgan_hi"] = reconstruction_psnr(pipe.vqgan_hi, [im for _, im in hi])
         report["masked_token_accuracy"] = token_accuracy(pipe, samples, seed=seed)
-        judged = heldout_images(ceiling_images, 128, seed=seed + 55)
+        judged = heldout_images(ceiling_images, 128, seed=seed + 55, grid=grid)
         report["tokenizer_ceiling"] = {name: tokenizer_ceiling(vq, judged)
                                        for name, vq in (("vqgan_lo", pipe.vqgan_lo), ("vqgan_hi", pipe.vqgan_hi))
                                        if vq is not None}
