@@ -223,8 +223,14 @@ def remove_stale(out: str, manifest: pa.Table) -> int:
         files = fs.get_file_info(pafs.FileSelector(run_dir, recursive=True))
         stale += [i.path for i in files if i.type == pafs.FileType.File
                   and i.path.removeprefix(base) not in referenced]
+    def delete(path: str) -> None:
+        try:
+            fs.delete_file(path)
+        except FileNotFoundError:
+            pass  # a write task of the failed run, still finishing, renamed its temporary file: gone is the goal
+
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(fs.delete_file, stale))
+        list(pool.map(delete, stale))
     for run_dir in dirty:
         mark_clean(out, run_dir.removeprefix(base).removeprefix(SHARDS_DIR + "/"))
     return len(stale)
