@@ -102,6 +102,12 @@ class EMA:
         d = min(self.decay, (1 + step) / (10 + step))
         torch._foreach_lerp_(self.shadow, [local(p).detach().float() for p in self.params], 1.0 - d)
 
+    @torch.no_grad()
+    def copy_from_weights(self, name: str) -> None:
+        """Reset one parameter's average to its current weights (after a jump such as a codebook seeding)."""
+        i = self.names.index(name)
+        self.shadow[i].copy_(local(self.params[i]).detach().float())
+
     def full_state(self) -> dict[str, torch.Tensor]:
         """Full EMA tensors by parameter name (a collective under FSDP)."""
         out = {}

@@ -215,6 +215,9 @@ class VQGANStage:
     # than training from scratch, and both tokenizers share a codebook.
     hi_init_from_lo: bool = False
     hi_max_steps: int | None = None  # steps of the high-res run (e.g. a short fine-tune); None = run.max_steps
+    # Steps run as a plain autoencoder (no quantizer) before the codebook is seeded by k-means++ from
+    # their latents (muse.vqgan.VectorQuantizer.seed); 0 = quantize from the first step.
+    quantizer_warmup_steps: int = 0
     sample_images: int = 8  # reconstructions in each sample grid
     gan: GANSettings = field(default_factory=GANSettings)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
@@ -224,6 +227,8 @@ class VQGANStage:
     def __post_init__(self):
         if self.hi_max_steps is not None and self.hi_max_steps < 1:
             raise ValueError("vqgan.hi_max_steps must be >= 1 (or null)")
+        if self.quantizer_warmup_steps < 0:
+            raise ValueError("vqgan.quantizer_warmup_steps must be >= 0")
         _check_preset(self.lo_model, VQGANConfig, "vqgan.lo_model")
         _refuse_fsdp(self.scaling, "vqgan")
         _check_preset(self.hi_model, VQGANConfig, "vqgan.hi_model")

@@ -41,6 +41,9 @@ class DecoderWorker(VQGANWorker):
         self.original = self.original.to(self.env.device) if self.env.is_main else None
         return freeze_for_decoder_finetune(wide)
 
+    def quantizer_warmup_steps(self) -> int:
+        return 0  # the encoder and codebook are frozen: tokens must not change
+
     def reconstructions(self, model: VQGAN, images: torch.Tensor) -> list[torch.Tensor]:
         ids = model.encode(images)
         old = [self.original.decode(ids)] if self.original is not None else []

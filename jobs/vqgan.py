@@ -13,6 +13,9 @@ Per step (Esser et al. 2021, Muse §2.1):
                                                               decoder's last layer)
     discriminator (after disc_start): hinge_d(D(images), D(recon))
 
+With `vqgan.quantizer_warmup_steps` the first steps train a plain autoencoder (the decoder reads the
+unit-norm latents) and the codebook is then seeded by k-means++ from the latents of the last of them.
+
 Gradients are averaged over the workers explicitly (jobs.parallel.allreduce_grads): two models and
 the adaptive weight's autograd.grad do not fit DDP's one-forward-one-backward contract. Sample grids
 pair fixed images with their reconstructions; the component is exported to ROOT/vqgan_lo or vqgan_hi.
@@ -21,6 +24,7 @@ pair fixed images with their reconstructions; the component is exported to ROOT/
 from __future__ import annotations
 
 import argparse
+from collections import deque
 from dataclasses import replace
 from typing import Any
 
@@ -37,6 +41,9 @@ from muse.config import VQGANConfig, from_dict, preset, to_dict
 from muse.data.images import tensor_to_pil
 from muse.losses import adaptive_disc_weight, hinge_d_loss, hinge_g_loss, reconstruction_loss
 from muse.vqgan import VQGAN, PatchDiscriminator, grow
+
+
+SEED_CANDIDATES_PER_CODE = 32
 
 
 class VQGANWorker(StageWorker):
@@ -64,6 +71,8 @@ class VQGANWorker(StageWorker):
         self.schedulers = {"vqgan": build_scheduler(self.optimizers["vqgan"], optim, steps),
                            "disc": build_scheduler(self.optimizers["disc"], optim, max(1, steps - gan.disc_start))}
         self.ema = EMA(self.vqgan, optim.ema_decay) if optim.ema_decay > 0 else None
+        # Latents of the last autoencoder steps, enough for SEED_CANDIDATES_PER_CODE per code.
+        self.seed_latents: deque[torch.Tensor] = deque()
 
     def build_vqgan(self) -> VQGAN:
         model = VQGAN(self.vq_config)
@@ -83,8 +92,9 @@ class VQGANWorker(StageWorker):
         if env.is_main and not hasattr(self, "_sample_images"):
             self._sample_images = images[: self.section.sample_images].clone()
         adversarial = step >= gan.disc_start
+        warming = step < self.quantizer_warmup_steps()
         with env.autocast():
-            out = self.vqgan(images)
+            out = self.vqgan(images, quantize=not warming)
         recon = out.recon.float()
         rec = reconstruction_loss(images, recon)
         nll = rec
@@ -106,6 +116,10 @@ class VQGANWorker(StageWorker):
         allreduce_grads(self.trainable, env)
         metrics["grad_norm"] = clip_grad_norm(self.vqgan, self.section.optim.grad_clip)
         self._step("vqgan")
+        if warming:
+            self.keep_for_seeding(out.latents)
+            if step == self.quantizer_warmup_steps() - 1:
+                self.seed_codebook()
         if self.ema is not None:
             self.ema.update(step)
         if adversarial:
@@ -125,6 +139,26 @@ class VQGANWorker(StageWorker):
             "psnr": 10 * torch.log10(4.0 / mse.clamp_min(1e-10)),
             "tokens": float(images.shape[0] * h * w), "samples": float(images.shape[0]),
         }
+
+    def quantizer_warmup_steps(self) -> int:
+        return self.section.quantizer_warmup_steps
+
+    def keep_for_seeding(self, latents: torch.Tensor) -> None:
+        self.seed_latents.append(latents.flatten(0, 2).float())
+        cap = SEED_CANDIDATES_PER_CODE * self.vq_config.codebook_size
+        while sum(t.shape[0] for t in self.seed_latents) - self.seed_latents[0].shape[0] >= cap:
+            self.seed_latents.popleft()
+
+    def seed_codebook(self) -> None:
+        """k-means++ codes from the warm-up's last latents; the EMA copy (if any) takes them too."""
+        quantizer = self.vqgan.quantizer
+        quantizer.seed(torch.cat(list(self.seed_latents)))
+        self.seed_latents.clear()
+        if self.ema is not None:
+            self.ema.copy_from_weights("quantizer.codebook")
+        if self.env.is_main:
+            print(f"[{self.job['run_name']}] seeded {quantizer.codebook_size} codes by k-means++ after "
+                  f"{self.quantizer_warmup_steps()} autoencoder steps", flush=True)
 
     def _step(self, name: str) -> None:
         opt = self.optimizers[name]
@@ -213,7 +247,8 @@ def lo_for_hi_init(root: str, hi_cfg) -> str:
     if not checkpoint.has_component(root, "vqgan_lo"):
         raise ValueError(f"vqgan.hi_init_from_lo: the model root {root} has no vqgan_lo/ to start vqgan_hi from")
     lo_cfg = checkpoint.read_component_config(uri)[1]
-    if replace(lo_cfg, resolution=hi_cfg.resolution) != hi_cfg and grown_config(lo_cfg) != hi_cfg:
+    same = replace(lo_cfg, resolution=hi_cfg.resolution) == hi_cfg
+    if not same and (lo_cfg.form != "conv" or grown_config(lo_cfg) != hi_cfg):
         raise ValueError("vqgan.hi_init_from_lo needs vqgan.hi_model to be vqgan.lo_model at another resolution, "
                          f"or grown by one level at twice the resolution; got {lo_cfg} and {hi_cfg}")
     return uri

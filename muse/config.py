@@ -21,9 +21,14 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class VQGANConfig:
-    """Convolutional VQGAN (Esser et al.) with an l2-normalised, factorised codebook (ViT-VQGAN)."""
+    """Convolutional VQGAN (Esser et al.) with an l2-normalised, factorised codebook (ViT-VQGAN).
+
+    `form` "patch" (the tiny presets) reads each f x f patch on its own: a patchifying conv and 1x1
+    layers of width base_channels (num_res_blocks hidden ones), no spatial mixing; channel_mult then
+    only sets f."""
 
     resolution: int = 256  # image side the tokenizer is trained at
+    form: str = "conv"  # "conv" (ResNet or plain strided conv stacks) | "patch"
     in_channels: int = 3
     base_channels: int = 128
     channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # one downsample between levels: f = 2**(len-1)
@@ -211,19 +216,22 @@ PRESETS: dict[str, Any] = {
     # Tokenizers
     "vqgan-f16-8192": VQGANConfig(resolution=256, channel_mult=(1, 1, 2, 2, 4)),
     "vqgan-f8-8192": VQGANConfig(resolution=512, channel_mult=(1, 2, 2, 4)),
-    # The tiny tokenizers (benchmarks/demo_ceiling.py, RESULTS.md): plain strided conv stacks without
-    # residual or bottleneck blocks (~1/4 of the ResNet form's step time, colours learnt sooner) and
-    # quick dead-code restarts drawn by misfit (threshold 0.3). The 128 px tokenizer is the 64 px one at twice the resolution, fine-tuned from
-    # it: a 16x16 grid, the paper's base grid, which is what the full chain is drawn from. (A 16x16 grid
-    # at 64 px, f4 with `grow` for the high-res tokenizer, reconstructs better at 64 px but leaves the
-    # base transformer 4x the tokens, too many to learn in the demo's minutes on a CPU.)
+    # The tiny tokenizers (benchmarks/vqgan_recipe.py, RESULTS.md): the patch form, each 8x8 patch read
+    # and drawn on its own through one hidden 1x1 layer of width 256, with quick dead-code restarts
+    # drawn by misfit (threshold 0.3). On the demo's grid corpus a shape is one token at 64 px and 2x2
+    # at 128 px, and this form gives it its own code within a few hundred steps, where the plain
+    # strided conv stacks (whose tokens also see the neighbouring cells) were still far off after
+    # 2,000. The 128 px tokenizer has the 16x16 grid, the paper's base grid, that the full chain is
+    # drawn from.
     "vqgan-tiny": VQGANConfig(
-        resolution=64, base_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=0, mid_block=False,
-        z_channels=64, codebook_size=512, codebook_dim=16, dead_code_threshold=0.3, disc_channels=32, disc_layers=2,
+        resolution=64, form="patch", base_channels=256, channel_mult=(1, 2, 2, 4), num_res_blocks=1,
+        mid_block=False, z_channels=64, codebook_size=512, codebook_dim=16, dead_code_threshold=0.3,
+        disc_channels=32, disc_layers=2,
     ),
     "vqgan-hi-tiny": VQGANConfig(
-        resolution=128, base_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=0, mid_block=False,
-        z_channels=64, codebook_size=512, codebook_dim=16, dead_code_threshold=0.3, disc_channels=32, disc_layers=2,
+        resolution=128, form="patch", base_channels=256, channel_mult=(1, 2, 2, 4), num_res_blocks=1,
+        mid_block=False, z_channels=64, codebook_size=512, codebook_dim=16, dead_code_threshold=0.3,
+        disc_channels=32, disc_layers=2,
     ),
     # Text encoders
     "t5-tiny": TextEncoderConfig(),

@@ -7,9 +7,17 @@ codebook (ViT-VQGAN, Yu et al. 2022), as Muse uses it (arXiv 2301.00704 ยง2.1, ย
 
 Encoder and decoder are ResNet stacks (GroupNorm + SiLU) with one 2x down/upsample between the levels
 of `channel_mult` and self-attention at the lowest resolution; the tiny presets use plain strided
-conv stacks instead (`num_res_blocks=0`, `mid_block=False`), which train faster on CPU. The
-low-dimensional cosine lookup keeps every code reachable; on top of it each code's usage is tracked as an EMA and, in training, codes that
-fall under `dead_code_threshold` are restarted from encoder outputs of the current batch.
+conv stacks instead (`num_res_blocks=0`, `mid_block=False`), which train faster on CPU, or read each
+f x f patch on its own (`form="patch"`: a patchifying conv and 1x1 layers, no spatial mixing), so
+that content aligned with the token grid maps to one code whatever its neighbours are. The
+low-dimensional cosine lookup keeps every code reachable; on top of it each code's usage is tracked
+as an EMA and, in training, codes that fall under `dead_code_threshold` are restarted from encoder
+outputs of the current batch.
+
+A trainer may first run the model as a plain autoencoder (`forward(images, quantize=False)`: the
+decoder reads the unit-norm projected encoder outputs), then seed the codebook from those outputs
+by k-means++ (`VectorQuantizer.seed`): the codes then start where the data is and no early collapse
+onto a few codes has to be undone by restarts.
 
 Losses from `forward`: the trainer adds `reconstruction + codebook_loss + commitment_loss` (the
 commitment term is already scaled by `commitment_weight`) plus the adversarial term from
@@ -39,6 +47,7 @@ class VQGANOutput:
     codebook_loss: torch.Tensor  # scalar: pulls codes towards encoder outputs
     commitment_loss: torch.Tensor  # scalar, already times commitment_weight: pulls encoder to codes
     perplexity: torch.Tensor  # scalar: exp(entropy) of this batch's code histogram
+    latents: torch.Tensor  # (B, h, w, codebook_dim) unit-norm projected encoder outputs, detached
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -155,6 +164,40 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
 
 
+class PatchEncoder(nn.Module):
+    """Each f x f patch on its own: a patchifying conv (kernel = stride = f), then 1x1 layers."""
+
+    def __init__(self, c: VQGANConfig):
+        super().__init__()
+        width, f = c.base_channels, c.downsample_factor
+        layers: list[nn.Module] = [nn.Conv2d(c.in_channels, width, f, stride=f)]
+        for _ in range(c.num_res_blocks):
+            layers += [nn.GELU(), nn.Conv2d(width, width, 1)]
+        self.net = nn.Sequential(*layers, nn.GELU(), nn.Conv2d(width, c.z_channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, z_channels, H/f, W/f)
+
+
+class PatchDecoder(nn.Module):
+    """Each code back to its f x f patch: 1x1 layers, then an unpatchifying transposed conv."""
+
+    def __init__(self, c: VQGANConfig):
+        super().__init__()
+        width = c.decoder_base_channels or c.base_channels
+        depth = c.decoder_num_res_blocks or c.num_res_blocks
+        f = c.downsample_factor
+        self.conv_in = nn.Conv2d(c.codebook_dim, width, 1)
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.GELU(), nn.Conv2d(width, width, 1)]
+        self.hidden = nn.Sequential(*layers, nn.GELU())
+        self.conv_out = nn.ConvTranspose2d(width, c.in_channels, f, stride=f)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(self.hidden(self.conv_in(codes)))  # (B, 3, h*f, w*f)
+
+
 class VectorQuantizer(nn.Module):
     """Factorised cosine-similarity lookup with EMA usage tracking and dead-code restarts.
 
@@ -196,24 +239,51 @@ class VectorQuantizer(nn.Module):
         """ids (B, h, w) -> unit-norm codes (B, d, h, w), the decoder's input."""
         return F.embedding(ids, self.codes()).permute(0, 3, 1, 2)
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, z: torch.Tensor, quantize: bool = True) -> tuple[torch.Tensor, ...]:
         """z (B, C, h, w) -> (codes (B, d, h, w) with straight-through gradient, ids (B, h, w),
-        codebook_loss, commitment_loss, perplexity)."""
-        learning = self.training and self.codebook.requires_grad
+        codebook_loss, commitment_loss, perplexity, unit-norm latents (B, h, w, d) detached).
+        quantize=False passes the unit-norm latents on instead of codes (an autoencoder warm-up): no
+        code losses, no usage update, no restarts; ids and perplexity still say where they would go."""
+        learning = quantize and self.training and self.codebook.requires_grad
         zn = self.project(z)  # (B, h, w, d)
         if learning:
             self.restart_dead_codes(zn.detach().flatten(0, 2))
-        ids = self.lookup(zn)  # (B, h, w)
+        ids = self.lookup(zn.detach())  # (B, h, w)
+        counts = torch.bincount(ids.flatten(), minlength=self.codebook_size).float()  # (K,)
+        p = counts / counts.sum()
+        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+        if not quantize:
+            zero = zn.new_zeros(())
+            return zn.permute(0, 3, 1, 2).to(z.dtype), ids, zero, zero, perplexity, zn.detach()
         q = F.embedding(ids, self.codes())  # (B, h, w, d)
         codebook_loss = F.mse_loss(q, zn.detach())
         commitment_loss = self.commitment_weight * F.mse_loss(zn, q.detach())
-        counts = torch.bincount(ids.flatten(), minlength=self.codebook_size).float()  # (K,)
         if learning:
             self.update_usage(counts)
-        p = counts / counts.sum()
-        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
         q = zn + (q - zn).detach()  # straight-through estimator
-        return q.permute(0, 3, 1, 2).to(z.dtype), ids, codebook_loss, commitment_loss, perplexity
+        return q.permute(0, 3, 1, 2).to(z.dtype), ids, codebook_loss, commitment_loss, perplexity, zn.detach()
+
+    @torch.no_grad()
+    def seed(self, candidates: torch.Tensor) -> None:
+        """Set every code by k-means++ seeding over candidates (N, d), unit-norm encoder outputs:
+        each next code is drawn with probability proportional to 1 - its best cosine to the codes
+        so far, so every distinct kind of patch gets a code before any kind gets a second one.
+        Usage restarts at 1.0 (uniform). Under torch.distributed rank 0's codes are broadcast."""
+        candidates = F.normalize(candidates.float(), dim=-1)
+        gen = torch.Generator(device=candidates.device).manual_seed(0)
+        first = torch.randint(candidates.shape[0], (1,), generator=gen, device=candidates.device)
+        codes = candidates.new_empty(self.codebook_size, self.codebook_dim)
+        codes[0] = candidates[first[0]]
+        best = candidates @ codes[0]  # (N,) best cosine to the codes so far
+        for k in range(1, self.codebook_size):
+            pick = torch.multinomial((1.0 - best).clamp_min(0.0) + 1e-6, 1, generator=gen)[0]
+            codes[k] = candidates[pick]
+            best = torch.maximum(best, candidates @ codes[k])
+        codes += 1e-3 * torch.randn(codes.shape, generator=gen, device=codes.device)  # splits repeats
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(codes, src=0)
+        self.codebook.data.copy_(F.normalize(codes, dim=-1).to(self.codebook.dtype))
+        self.usage.fill_(1.0)
 
     @torch.no_grad()
     def update_usage(self, counts: torch.Tensor) -> None:
@@ -252,12 +322,18 @@ class VQGAN(nn.Module):
             raise ValueError("num_res_blocks and decoder_num_res_blocks must be >= 0")
         if c.resolution % c.downsample_factor:
             raise ValueError(f"resolution {c.resolution} is not a multiple of f={c.downsample_factor}")
+        if c.form not in ("conv", "patch"):
+            raise ValueError(f"form must be 'conv' or 'patch', got {c.form!r}")
         self.config = c
-        self.encoder = Encoder(c)
+        patch = c.form == "patch"
+        self.encoder = PatchEncoder(c) if patch else Encoder(c)
         self.quantizer = VectorQuantizer(c.z_channels, c.codebook_size, c.codebook_dim, c.commitment_weight,
                                          c.dead_code_threshold)
-        self.decoder = Decoder(c)
-        self.apply(_init_weights)
+        self.decoder = PatchDecoder(c) if patch else Decoder(c)
+        # The patch form keeps PyTorch's default (fan-in uniform) initialisation: measured to learn
+        # the demo's corpus faster than the conv stacks' Kaiming-normal one.
+        for module in (self.quantizer,) if patch else (self,):
+            module.apply(_init_weights)
 
     def _check_images(self, images: torch.Tensor) -> None:
         f = self.config.downsample_factor
@@ -281,11 +357,12 @@ class VQGAN(nn.Module):
         codes = self.quantizer.embed(ids).to(self.decoder.conv_in.weight.dtype)  # (B, d, h, w)
         return self.decoder(codes).clamp(-1.0, 1.0)
 
-    def forward(self, images: torch.Tensor) -> VQGANOutput:
-        """Training pass: reconstruction (unclamped) and the quantizer's losses and statistics."""
+    def forward(self, images: torch.Tensor, quantize: bool = True) -> VQGANOutput:
+        """Training pass: reconstruction (unclamped) and the quantizer's losses and statistics.
+        quantize=False decodes the unit-norm latents instead of codes (an autoencoder warm-up)."""
         self._check_images(images)
-        codes, ids, codebook_loss, commitment_loss, perplexity = self.quantizer(self.encoder(images))
-        return VQGANOutput(self.decoder(codes), ids, codebook_loss, commitment_loss, perplexity)
+        codes, ids, codebook_loss, commitment_loss, perplexity, latents = self.quantizer(self.encoder(images), quantize)
+        return VQGANOutput(self.decoder(codes), ids, codebook_loss, commitment_loss, perplexity, latents)
 
     def decoder_last_layer_weight(self) -> torch.Tensor:
         """The decoder's output conv weight, for the adaptive adversarial weight (Esser et al. eq. 7)."""
@@ -349,6 +426,8 @@ def freeze_for_decoder_finetune(vqgan: VQGAN) -> VQGAN:
 
 def grown_config(lo: VQGANConfig) -> VQGANConfig:
     """`lo` at twice the resolution with the same token grid: one more level, as wide as lo's first."""
+    if lo.form != "conv":
+        raise ValueError("only a conv-form VQGAN can be grown by a level (a patch-form one is trained at its size)")
     return replace(lo, resolution=2 * lo.resolution, channel_mult=(lo.channel_mult[0],) + tuple(lo.channel_mult))
 
 

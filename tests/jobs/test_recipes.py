@@ -111,12 +111,33 @@ def test_vqgan_reconstruction_loss_falls_and_gan_starts_after_warmup(tiny_data):
     assert grid.size[0] > 2 * 64  # image | reconstruction, side by side
 
 
+def test_vqgan_autoencoder_warmup_then_seeds_the_codebook(tiny_data):
+    cfg = tiny_config("vqgan.quantizer_warmup_steps=3", "vqgan.optim.warmup_steps=0", "vqgan.run.max_steps=5")
+    worker = make_worker("vqgan", cfg.vqgan, tiny_data.root, preset("vqgan-tiny"), component="vqgan_lo")
+    quantizer = worker.vqgan.quantizer
+    initial = quantizer.codebook.detach().clone()
+    batch = worker.collate(image_batch(tiny_data, 64, 4))
+    for step in range(2):
+        metrics = worker.train_step(batch, step)
+        assert float(metrics["commit"]) == 0.0  # a plain autoencoder: no code losses, no restarts
+        assert torch.equal(quantizer.codebook, initial) and not quantizer.usage.any()
+    worker.train_step(batch, 2)  # the last warm-up step seeds the codes from the latents kept so far
+    assert not torch.equal(quantizer.codebook, initial) and torch.equal(quantizer.usage, torch.ones_like(quantizer.usage))
+    assert not worker.seed_latents  # the candidates are released
+    latents = worker.vqgan(batch["images"], quantize=False).latents.flatten(0, 2)
+    codes = torch.nn.functional.normalize(quantizer.codebook.detach(), dim=-1)
+    assert (latents @ codes.t()).amax(dim=-1).min() > 0.95  # every latent of the data has a code close by
+    assert float(worker.train_step(batch, 3)["commit"]) > 0.0  # then it trains as a VQGAN
+    with pytest.raises(ValueError, match="quantizer_warmup_steps"):
+        tiny_config("vqgan.quantizer_warmup_steps=-1")
+
+
 def test_decoder_finetune_trains_only_the_decoder(tiny_data, tmp_path):
     from muse.checkpoint import component_uri, load_component
 
     from jobs.decoder import widened_config
 
-    cfg = tiny_config("decoder.optim.lr=2e-3", "decoder.optim.warmup_steps=0", "decoder.decoder_base_channels=16",
+    cfg = tiny_config("decoder.optim.lr=1e-2", "decoder.optim.warmup_steps=0", "decoder.decoder_base_channels=64",
                       "decoder.gan.disc_start=100", "decoder.run.max_steps=8")
     wide = widened_config(tiny_data.root, "vqgan_lo", cfg.decoder)
     worker = make_worker("decoder", cfg.decoder, tiny_data.root, wide, component="vqgan_lo")
@@ -131,9 +152,12 @@ def test_decoder_finetune_trains_only_the_decoder(tiny_data, tmp_path):
     assert torch.equal(original.encode(images), worker.vqgan.encode(images))  # same tokens as before
 
 
-def test_hi_tokenizer_can_start_from_the_trained_lo_one(tiny_data):
+def test_hi_tokenizer_can_start_from_the_trained_lo_one(tiny_data, tmp_path):
+    from dataclasses import replace
+
     from jobs.vqgan import lo_for_hi_init
-    from muse.checkpoint import load_component
+    from muse.checkpoint import component_uri, load_component, save_component
+    from muse.vqgan import VQGAN, grown_config
 
     uri = lo_for_hi_init(tiny_data.root, preset("vqgan-hi-tiny"))
     cfg = tiny_config("vqgan.hi_init_from_lo=true")
@@ -144,11 +168,11 @@ def test_hi_tokenizer_can_start_from_the_trained_lo_one(tiny_data):
     assert all(torch.equal(a, b) for a, b in zip(worker.vqgan.state_dict().values(), lo.state_dict().values()))
     with pytest.raises(ValueError, match="at another resolution, or grown"):
         lo_for_hi_init(tiny_data.root, preset("vqgan-f8-8192"))
-    # lo grown by one level (muse.vqgan.grow) is the other accepted start.
-    from muse.vqgan import grown_config
-
-    grown = grown_config(lo.config)
-    assert lo_for_hi_init(tiny_data.root, grown) == uri
-    worker = make_worker("vqgan", cfg.vqgan, tiny_data.root, grown, component="vqgan_hi", init_from=uri)
+    # A conv-form lo grown by one level (muse.vqgan.grow) is the other accepted start.
+    conv_lo = VQGAN(replace(lo.config, form="conv", base_channels=16, num_res_blocks=0))
+    save_component(conv_lo, component_uri(str(tmp_path), "vqgan_lo"))
+    grown = grown_config(conv_lo.config)
+    conv_uri = lo_for_hi_init(str(tmp_path), grown)
+    worker = make_worker("vqgan", cfg.vqgan, str(tmp_path), grown, component="vqgan_hi", init_from=conv_uri)
     assert worker.vqgan.config == grown
-    assert torch.equal(worker.vqgan.quantizer.codebook, lo.quantizer.codebook)
+    assert torch.equal(worker.vqgan.quantizer.codebook, conv_lo.quantizer.codebook)

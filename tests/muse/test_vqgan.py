@@ -14,9 +14,10 @@ from muse.vqgan import PatchDiscriminator, VQGAN, VQGANOutput, freeze_for_decode
 TINY = preset("vqgan-tiny")
 # A smaller tokenizer for the training tests: f8 over 32px images, a 64-code codebook, in the
 # ResNet form of the paper-size presets (residual blocks, attention bottleneck, slow restarts).
-SMALL = replace(TINY, resolution=32, base_channels=16, z_channels=32, codebook_size=64, codebook_dim=8,
+SMALL = replace(TINY, form="conv", resolution=32, base_channels=16, z_channels=32, codebook_size=64, codebook_dim=8,
                 num_res_blocks=1, mid_block=True, dead_code_threshold=1e-3)
-PLAIN = replace(SMALL, num_res_blocks=0, mid_block=False)  # the tiny presets' form
+PLAIN = replace(SMALL, num_res_blocks=0, mid_block=False)  # the tiny presets' earlier form
+PATCH = replace(SMALL, form="patch", base_channels=64, num_res_blocks=1, mid_block=False)  # the tiny presets' form
 STEPS_OVERFIT = 150  # MSE falls ~40x by here (~7x by step 100)
 STEPS_USAGE = 120  # codes collapse to ~7 of 64 by step 50; restarts revive ~50 by step 120
 
@@ -132,21 +133,80 @@ def test_plain_form_has_no_residual_or_attention_blocks():
         VQGAN(replace(PLAIN, num_res_blocks=-1))
 
 
-@pytest.mark.parametrize("config", [SMALL, PLAIN], ids=["resnet", "plain"])
-def test_overfits_a_few_images(config):
+def test_patch_form_reads_and_draws_each_patch_on_its_own():
+    torch.manual_seed(0)
+    model = VQGAN(PATCH).eval()
+    assert TINY.form == "patch" and preset("vqgan-hi-tiny").form == "patch"
+    images = shapes(2, 32, torch.Generator().manual_seed(0))
+    latents = model(images).latents  # (2, 4, 4, d)
+    changed = images.clone()
+    changed[:, :, 8:16, 16:24] = -changed[:, :, 8:16, 16:24]  # one 8x8 patch: token (1, 2)
+    moved = (model(changed).latents - latents).abs().amax(dim=-1) > 1e-6  # (2, 4, 4)
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[1, 2] = True
+    assert torch.equal(moved, expected.expand(2, 4, 4))  # no other token sees that patch
+    ids = model.encode(images)
+    other = ids.clone()
+    other[:, 3, 0] = (ids[:, 3, 0] + 1) % PATCH.codebook_size
+    differs = (model.decode(other) != model.decode(ids)).any(dim=1)  # (2, 32, 32)
+    assert differs[:, 24:, :8].flatten(1).any(dim=1).all()  # that token's patch changes in each image
+    assert not differs[:, :24].any() and not differs[:, :, 8:].any()  # and nothing else does
+    assert model.decoder_last_layer_weight() is model.decoder.conv_out.weight
+    with pytest.raises(ValueError, match="form"):
+        VQGAN(replace(PATCH, form="vit"))
+
+
+def test_autoencoder_pass_then_kmeans_seeding_gives_every_kind_of_patch_its_own_code():
+    """quantize=False decodes the unit-norm latents and leaves the codebook alone; `seed` then puts
+    a code on each distinct latent before any gets a second one (k-means++)."""
+    torch.manual_seed(0)
+    model = VQGAN(PATCH).train()
+    colors = torch.rand(6, 3, 1, 1, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    # 6 kinds of 8x8 patch (flat colours), tiled in varying order over 4x4-token images.
+    order = torch.randint(6, (8, 4, 4), generator=torch.Generator().manual_seed(3))
+    images = colors[order].permute(0, 3, 1, 4, 2, 5).expand(8, 3, 4, 8, 4, 8).reshape(8, 3, 32, 32)
+    before = (model.quantizer.codebook.clone(), model.quantizer.usage.clone())
+    out = model(images, quantize=False)
+    assert out.codebook_loss == 0 and out.commitment_loss == 0
+    assert torch.allclose(out.latents.norm(dim=-1), torch.ones(()), atol=1e-5)
+    assert torch.allclose(out.recon, model.decoder(out.latents.permute(0, 3, 1, 2)), atol=1e-6)
+    assert torch.equal(model.quantizer.codebook, before[0]) and torch.equal(model.quantizer.usage, before[1])
+    model.quantizer.seed(out.latents.flatten(0, 2))
+    assert torch.equal(model.quantizer.usage, torch.ones(PATCH.codebook_size))
+    ids = model.eval().encode(images)
+    kinds = {int(k): set(ids[order == k].tolist()) for k in range(6)}
+    assert all(len(codes) == 1 for codes in kinds.values()), kinds  # one code per kind of patch
+    assert len(set.union(*kinds.values())) == 6  # and no two kinds share one
+
+
+def test_only_a_conv_form_tokenizer_can_be_grown():
+    from muse.vqgan import grow
+
+    with pytest.raises(ValueError, match="conv-form"):
+        grow(VQGAN(PATCH))
+
+
+@pytest.mark.parametrize("config,lr,warmup,fall", [(SMALL, 2e-3, 0, 10), (PLAIN, 2e-3, 0, 10), (PATCH, 5e-3, 30, 5)],
+                         ids=["resnet", "plain", "patch"])
+def test_overfits_a_few_images(config, lr, warmup, fall):
+    """The patch form as its recipe trains it (autoencoder steps, then k-means++ codes); it has no
+    context across patches, so these off-grid discs fall ~7x in the steps where the conv forms fall 10x+."""
     torch.manual_seed(0)
     model = VQGAN(config).train()
     images = shapes(4, 32, torch.Generator().manual_seed(0))
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     before = F.mse_loss(model.eval().decode(model.encode(images)), images).item()
     model.train()
-    for _ in range(STEPS_OVERFIT):
-        loss = total_loss(model(images), images)
+    for step in range(STEPS_OVERFIT):
+        out = model(images, quantize=step >= warmup)
+        if step == warmup - 1:
+            model.quantizer.seed(out.latents.flatten(0, 2))
+        loss = total_loss(out, images)
         opt.zero_grad()
         loss.backward()
         opt.step()
     after = F.mse_loss(model.eval().decode(model.encode(images)), images).item()
-    assert after < before / 10, (before, after)
+    assert after < before / fall, (before, after)
 
 
 def test_codebook_stays_in_use_on_varied_images():
