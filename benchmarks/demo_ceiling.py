@@ -19,7 +19,8 @@ import time
 import torch
 
 from muse import checkpoint
-from muse.evaluate import heldout_images, tokenizer_ceiling
+from muse.data.synthetic import all_pairs
+from muse.evaluate import heldout_images, read_holdout, tokenizer_ceiling
 from sampling import machine  # benchmarks/sampling.py: the same machine line as the other scripts
 
 ATTRS = ("color", "shape", "count", "placement", "correct")
@@ -31,13 +32,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=200, help="images to judge (default 200)")
     parser.add_argument("--size", type=int, default=128, help="render size of the scenes (default 128, as the demo)")
     parser.add_argument("--seed", type=int, default=55)
+    parser.add_argument("--corpus", help="judge only scenes of the pairings this corpus trains on (its holdout.json); "
+                                         "default: every pairing")
     parser.add_argument("--grid", type=int, default=8,
                         help="scene layout: shapes on a GRID x GRID lattice as in the demo's corpus (default 8), "
                              "0 placed freely")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     print(machine("cpu"))
-    samples = heldout_images(args.n, args.size, seed=args.seed, grid=args.grid)
+    pairs = None
+    if args.corpus:
+        held = {tuple(p) for p in read_holdout(args.corpus).get("pairs", [])}
+        pairs = [p for p in all_pairs() if p not in held]
+    samples = heldout_images(args.n, args.size, seed=args.seed, grid=args.grid, pairs=pairs)
     print(f"{'':<34}" + "".join(f"{a:>11}" for a in ATTRS))
     for name in ("vqgan_lo", "vqgan_hi"):
         if not checkpoint.has_component(args.checkpoint, name):

@@ -34,6 +34,11 @@ from jobs.loop import worker_env
 from jobs.progress import quiet_ray_loggers, set_verbose, stop_display
 from muse import storage
 
+# What the demo's server uses when a request leaves them out: on the tiny model, guidance 4 (the serve
+# default) fills the canvas with shapes and guidance 0 leaves it nearly blank; guidance 1 with a
+# milder choice temperature and 12 steps judged best (benchmarks/RESULTS.md).
+DEMO_SAMPLING = {"steps": 12, "superres_steps": 8, "guidance_scale": 1.0, "choice_temperature": 2.0}
+
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 
 
@@ -131,7 +136,7 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
     from muse.evaluate import evaluate
     from muse.pipeline import MusePipeline
     from serve.app import build_app
-    from serve.config import AppArgs, Deployment, Generator
+    from serve.config import AppArgs, Deployment, Generator, Sampling
 
     output = storage.absolute(output)
     corpus, root = storage.join(output, "corpus"), storage.join(output, "checkpoint")
@@ -161,7 +166,8 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
         url = f"http://127.0.0.1:{port}"
         small = Deployment(num_cpus=0.25)
         gen = Generator(num_cpus=0.5)
-        args = AppArgs(checkpoint=root, text_encoder=small, decoder=small, ingress=small, base=gen, superres=gen)
+        args = AppArgs(checkpoint=root, text_encoder=small, decoder=small, ingress=small, base=gen, superres=gen,
+                       sampling=Sampling(**DEMO_SAMPLING))
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(args), name="muse-demo", route_prefix="/", blocking=False)
         wait_healthy(url)

@@ -116,13 +116,14 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def heldout_images(n: int, size: int, seed: int = 10_000, grid: int = 0) -> list[tuple[str, Image.Image]]:
+def heldout_images(n: int, size: int, seed: int = 10_000, grid: int = 0,
+                   pairs: Sequence[tuple[str, str]] | None = None) -> list[tuple[str, Image.Image]]:
     """Fresh synthetic samples (a seed no corpus uses by default) with their captions, laid out as a
-    corpus written with `grid` (0: free placement)."""
+    corpus written with `grid` (0: free placement), drawing only `pairs` (default: every pairing)."""
     rng = random.Random(f"muse-eval-images:{seed}")
     out = []
     for _ in range(n):
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, pairs)
         out.append((caption(scene), render(scene, size, rng, grid)))
     return out
 
@@ -245,10 +246,16 @@ def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: 
             hi = heldout_images(reference_images, pipe.vqgan_hi.config.resolution, grid=grid)
             report["psnr_db"]["vqgan_hi"] = reconstruction_psnr(pipe.vqgan_hi, [im for _, im in hi])
         report["masked_token_accuracy"] = token_accuracy(pipe, samples, seed=seed)
-        judged = heldout_images(ceiling_images, 128, seed=seed + 55, grid=grid)
-        report["tokenizer_ceiling"] = {name: tokenizer_ceiling(vq, judged)
-                                       for name, vq in (("vqgan_lo", pipe.vqgan_lo), ("vqgan_hi", pipe.vqgan_hi))
-                                       if vq is not None}
+        # Judged on scenes of the pairings the corpus has (what the transformers learn from) and,
+        # apart, of the held-out ones, which the tokenizers never saw either.
+        held = sorted(tuple(p) for p in holdout.get("pairs", [])) if corpus is not None else []
+        sets = {"tokenizer_ceiling": [p for p in all_pairs() if p not in held]}
+        if held:
+            sets["tokenizer_ceiling_held_out"] = held
+        tokenizers = [(n, vq) for n, vq in (("vqgan_lo", pipe.vqgan_lo), ("vqgan_hi", pipe.vqgan_hi)) if vq is not None]
+        for key, pairs in sets.items():
+            judged = heldout_images(ceiling_images, 128, seed=seed + 55, grid=grid, pairs=pairs)
+            report[key] = {name: tokenizer_ceiling(vq, judged) for name, vq in tokenizers}
     # No FID here: a few dozen judged images are far too few (see muse/eval_corpus.py).
     clip = load_clip(clip_path, device=pipe.device if pipe is not None else "cpu")
     if clip is None:
