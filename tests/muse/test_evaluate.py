@@ -141,6 +141,18 @@ def test_tokenizer_ceiling_judges_reconstructions_beside_the_originals():
     assert blank["reconstructions"]["color"] == 0.0 and blank["originals"] == exact["originals"]
 
 
+def test_ceiling_images_can_be_limited_to_some_pairings():
+    """report.json judges the tokenizers on scenes of the corpus's pairings and of the held-out ones apart."""
+    from muse.data.synthetic import parse_caption
+    from muse.evaluate import heldout_images
+
+    pairs = [("red", "circle"), ("blue", "square")]
+    samples = heldout_images(30, 64, grid=8, pairs=pairs)
+    drawn = {(g.color, g.shape) for text, _ in samples for g in parse_caption(text).groups}
+    assert drawn == set(pairs)
+    assert [t for t, _ in heldout_images(5, 64)] == [t for t, _ in heldout_images(5, 64, pairs=None)]
+
+
 # -- FID and CLIP score on real corpora ----------------------------------------------------------
 
 def test_frechet_distance_matches_the_closed_form_for_non_commuting_covariances():
