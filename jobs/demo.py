@@ -124,8 +124,8 @@ def judge_table(report: dict) -> str:
 
 def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tuple[str, ...] = (),
              corpus_size: int = 2000, image_size: int = 128, holdout_fraction: float = 0.2, corpus_grid: int = 8,
-             n_seen: int = 24,
-             eval_steps: int | None = None, num_cpus: int | None = None) -> dict:
+             n_seen: int = 24, eval_steps: int | None = None, num_cpus: int | None = None,
+             ceiling_images: int = 200) -> dict:
     """Run (or resume) the demo; returns the report that is also written to OUTPUT/report.json."""
     import ray
     from ray import serve
@@ -180,7 +180,8 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
         served = http_generate(url, size, eval_steps)
         # The base stage's own images too ("256x256": no super-res), judged the same way.
         served_base = http_generate(url, "256x256", eval_steps) if pipe.superres is not None else None
-        report = evaluate(served, pipe, corpus, output, n_seen=n_seen, base_generate=served_base)
+        report = evaluate(served, pipe, corpus, output, n_seen=n_seen, base_generate=served_base,
+                          ceiling_images=ceiling_images)
         report["served_matches_checkpoint"] = provenance_check(served, pipe, args, eval_steps)
         timings["eval_s"] = time.time() - start
         report["stages"] = stages

@@ -29,7 +29,7 @@ def test_demo_loop_end_to_end(ray_session, tmp_path):
 
     serve.shutdown()  # the demo starts its own Serve on its own port; the serve tests' app may still be up
     out = tmp_path / "demo"
-    report = run_demo(str(out), overrides=tuple(STEPS), corpus_size=48, n_seen=3, eval_steps=3)
+    report = run_demo(str(out), overrides=tuple(STEPS), corpus_size=48, n_seen=3, eval_steps=3, ceiling_images=16)
     root = str(out / "checkpoint")
 
     # Every stage left its output, and each fed the next.
@@ -55,6 +55,7 @@ def test_demo_loop_end_to_end(ray_session, tmp_path):
     # Served images come from the trained checkpoint: identical to this process's pipeline on the
     # trained root, and different from the same pipeline with random weights.
     assert report["served_matches_checkpoint"]["matches"], report["served_matches_checkpoint"]
+    assert set(report["tokenizer_ceiling"]) == set(report["tokenizer_ceiling_held_out"]) == {"vqgan_lo", "vqgan_hi"}
     trained = MusePipeline.from_pretrained(root)
     random_pipe = MusePipeline.from_preset("tiny", seed=0)
     prompt = report["served_matches_checkpoint"]["prompt"]

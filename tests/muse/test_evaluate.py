@@ -98,8 +98,12 @@ def test_evaluate_with_tiny_pipeline_and_clip(tmp_path):
         return pipe(prompts, steps=2, guidance_scale=2.0, seed=seed, superres=False)
 
     report = evaluate(generate, pipe, str(corpus), str(tmp_path / "out"), n_seen=4, clip_path=str(tmp_path / "clip"),
-                      reference_images=4)
+                      reference_images=4, ceiling_images=8)
     assert set(report["psnr_db"]) == {"vqgan_lo", "vqgan_hi"}
+    # The tokenizers judged on scenes of the corpus's pairings and, apart, of its held-out ones.
+    for key in ("tokenizer_ceiling", "tokenizer_ceiling_held_out"):
+        assert set(report[key]) == {"vqgan_lo", "vqgan_hi"}
+        assert report[key]["vqgan_lo"]["reconstructions"]["n"] == 8
     assert all(np.isfinite(v) for v in report["psnr_db"].values())
     assert 0.0 <= report["masked_token_accuracy"]["base"] <= 1.0 and "superres" in report["masked_token_accuracy"]
     assert report["clip"]["n"] == 4 + len(json.loads((corpus / "holdout.json").read_text())["eval_captions"])
