@@ -19,8 +19,7 @@ import time
 import torch
 
 from muse import checkpoint
-from muse.data.synthetic import all_pairs
-from muse.evaluate import heldout_images, read_holdout, tokenizer_ceiling
+from muse.evaluate import heldout_images, read_holdout, tokenizer_ceiling, training_pairs
 from sampling import machine  # benchmarks/sampling.py: the same machine line as the other scripts
 
 ATTRS = ("color", "shape", "count", "placement", "correct")
@@ -40,10 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     print(machine("cpu"))
-    pairs = None
-    if args.corpus:
-        held = {tuple(p) for p in read_holdout(args.corpus).get("pairs", [])}
-        pairs = [p for p in all_pairs() if p not in held]
+    pairs = training_pairs(read_holdout(args.corpus)) if args.corpus else None
     samples = heldout_images(args.n, args.size, seed=args.seed, grid=args.grid, pairs=pairs)
     print(f"{'':<34}" + "".join(f"{a:>11}" for a in ATTRS))
     for name in ("vqgan_lo", "vqgan_hi"):

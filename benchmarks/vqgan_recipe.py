@@ -18,7 +18,7 @@ starts from `configs/demo.yaml`'s `vqgan` section and changes only what is liste
                   residual-attention-residual bottleneck), lr 1e-3, no seeding
 
 Images are the demo corpus's: scenes rendered at --render px (128, as `make demo` writes them) and
-reduced to the tokenizer's size as the pipeline does (`muse.data.images.resize_center_crop`). Every
+reduced to the tokenizer's size as the pipeline does (`muse.data.images.pil_to_tensor`). Every
 --every steps the attribute judge (`muse.judge`) reads reconstructions of 64 held-out scenes, upscaled
 to 128 px when smaller: "colour", "shape" and "whole" (the share right in every attribute). The
 ground-truth images score 1.00.
@@ -32,14 +32,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from jobs.config import load_config
 from jobs.parallel import WorkerEnv
 from jobs.vqgan import VQGANWorker
 from muse.config import preset, to_dict
-from muse.data.images import resize_center_crop, tensor_to_pil
+from muse.data.images import pil_to_tensor, tensor_to_pil
 from muse.data.synthetic import all_pairs, caption, sample
 from muse.judge import judge, summarize
 from sampling import machine  # benchmarks/sampling.py: the same machine line as the other scripts
@@ -60,9 +59,8 @@ def load_images(first: int, n: int, size: int, render: int, grid: int) -> tuple[
     captions, images = [], []
     for i in range(first, first + n):
         scene, img = sample(i, 0, render, all_pairs(), grid)
-        pixels = np.asarray(resize_center_crop(img.convert("RGB"), size), dtype=np.float32)
         captions.append(caption(scene))
-        images.append(torch.from_numpy(pixels / 127.5 - 1).permute(2, 0, 1))
+        images.append(pil_to_tensor(img, size))
     return captions, torch.stack(images)
 
 

@@ -73,6 +73,7 @@ class VQGANWorker(StageWorker):
         self.ema = EMA(self.vqgan, optim.ema_decay) if optim.ema_decay > 0 else None
         # Latents of the last autoencoder steps, enough for SEED_CANDIDATES_PER_CODE per code.
         self.seed_latents: deque[torch.Tensor] = deque()
+        self.seed_rows = 0
 
     def build_vqgan(self) -> VQGAN:
         model = VQGAN(self.vq_config)
@@ -145,15 +146,17 @@ class VQGANWorker(StageWorker):
 
     def keep_for_seeding(self, latents: torch.Tensor) -> None:
         self.seed_latents.append(latents.flatten(0, 2).float())
+        self.seed_rows += self.seed_latents[-1].shape[0]
         cap = SEED_CANDIDATES_PER_CODE * self.vq_config.codebook_size
-        while sum(t.shape[0] for t in self.seed_latents) - self.seed_latents[0].shape[0] >= cap:
-            self.seed_latents.popleft()
+        while self.seed_rows - self.seed_latents[0].shape[0] >= cap:  # the oldest batch is not needed
+            self.seed_rows -= self.seed_latents.popleft().shape[0]
 
     def seed_codebook(self) -> None:
         """k-means++ codes from the warm-up's last latents; the EMA copy (if any) takes them too."""
         quantizer = self.vqgan.quantizer
         quantizer.seed(torch.cat(list(self.seed_latents)))
         self.seed_latents.clear()
+        self.seed_rows = 0
         if self.ema is not None:
             self.ema.copy_from_weights("quantizer.codebook")
         if self.env.is_main:

@@ -45,10 +45,15 @@ def read_holdout(corpus: str) -> dict:
     return json.loads(storage.read_text(path))
 
 
+def training_pairs(holdout: dict) -> list[tuple[str, str]]:
+    """The (color, shape) pairings a corpus with this holdout.json draws: every one not held out."""
+    held = {tuple(p) for p in holdout.get("pairs", [])}
+    return [p for p in all_pairs() if p not in held]
+
+
 def seen_prompts(holdout: dict, n: int, seed: int = 0) -> list[str]:
     """n captions that use only training pairings (never a held-out one)."""
-    held = {tuple(p) for p in holdout.get("pairs", [])}
-    allowed = [p for p in all_pairs() if p not in held]
+    allowed = training_pairs(holdout)
     rng = random.Random(f"muse-eval-seen:{seed}")
     return [caption(sample_scene(rng, allowed)) for _ in range(n)]
 
@@ -249,7 +254,7 @@ def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: 
         # Judged on scenes of the pairings the corpus has (what the transformers learn from) and,
         # apart, of the held-out ones, which the tokenizers never saw either.
         held = sorted(tuple(p) for p in holdout.get("pairs", [])) if corpus is not None else []
-        sets = {"tokenizer_ceiling": [p for p in all_pairs() if p not in held]}
+        sets = {"tokenizer_ceiling": training_pairs(holdout) if corpus is not None else all_pairs()}
         if held:
             sets["tokenizer_ceiling_held_out"] = held
         tokenizers = [(n, vq) for n, vq in (("vqgan_lo", pipe.vqgan_lo), ("vqgan_hi", pipe.vqgan_hi)) if vq is not None]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,7 +13,7 @@ from jobs.config import load_config
 from jobs.parallel import WorkerEnv
 from jobs.vqgan import VQGANWorker
 from muse.config import preset, to_dict
-from muse.data.images import resize_center_crop
+from muse.data.images import pil_to_tensor
 from muse.data.synthetic import all_pairs, sample
 from muse.evaluate import heldout_images, tokenizer_ceiling
 
@@ -31,13 +30,8 @@ def one_thread():
 
 def corpus_images(n: int, grid: int) -> torch.Tensor:
     """The demo corpus's first n images as the pipeline feeds the 64 px tokenizer: rendered at 128 px,
-    reduced to 64 (bicubic, `resize_center_crop`), in [-1, 1]."""
-    out = []
-    for i in range(n):
-        _, img = sample(i, 0, 128, all_pairs(), grid)
-        pixels = np.asarray(resize_center_crop(img, 64), dtype=np.float32)
-        out.append(torch.from_numpy(pixels / 127.5 - 1).permute(2, 0, 1))
-    return torch.stack(out)
+    reduced to 64 (bicubic), in [-1, 1]."""
+    return torch.stack([pil_to_tensor(sample(i, 0, 128, all_pairs(), grid)[1], 64) for i in range(n)])
 
 
 def test_demo_tokenizer_recipe_reconstructs_scenes_the_judge_reads_right(one_thread):
