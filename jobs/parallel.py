@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -42,9 +43,19 @@ class WorkerEnv:
         return self.strategy == "fsdp" and self.distributed
 
     def autocast(self):
-        """bf16 autocast (DDP or one worker); FSDP casts through its mixed-precision policy instead."""
+        """bf16 autocast (DDP or one worker); FSDP casts through its mixed-precision policy instead.
+        In bf16 on a CPU, attention also takes the math kernel: the CPU flash kernel's bf16 backward
+        made a tiny transformer's whole step ~1.4x slower (benchmarks/RESULTS.md, CPU attention)."""
         enabled = self.bf16 and not self.sharded
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        cast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        if not (enabled and self.device.type == "cpu"):
+            return cast
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(cast)
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        return stack
 
 
 def ray_worker_env(strategy: str, bf16: bool, cpu_bf16: bool = False) -> WorkerEnv:

@@ -121,3 +121,18 @@ def test_perceptual_loss_needs_user_weights_and_never_downloads(tmp_path):
     torch.save(weights, tmp_path / "vgg16.pt")
     with pytest.raises(ValueError, match="safetensors"):
         load_perceptual(str(tmp_path / "vgg16.pt"))
+
+
+def test_cpu_bf16_training_takes_the_math_attention_kernel():
+    """bf16 on a CPU: the flash kernel's backward is the slow one, so attention runs as matmuls there,
+    with the same result; fp32 keeps PyTorch's choice."""
+    q, k, v = (torch.randn(2, 4, 16, 8, requires_grad=True) for _ in range(3))
+    with WorkerEnv(bf16=True).autocast():
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert y.dtype == torch.bfloat16
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
+    with WorkerEnv(bf16=False).autocast():
+        assert torch.backends.cuda.flash_sdp_enabled()
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.allclose(y.float(), ref, atol=3e-2)
