@@ -23,6 +23,11 @@ alternating, once running the frozen text encoder on every batch and once readin
     python benchmarks/train.py --text-storage t5-tiny [--presets base-tiny]
     python benchmarks/train.py --text-storage t5-xxl-shape --presets base-632m --device cuda --batch-size 32
 
+The CPU attention kernel (`--cpu-attention`): `BaseWorker.train_step` in one process, alternating, in
+fp32 and in bf16 autocast, each with the flash and the math SDPA kernel (the worker takes math in bf16):
+
+    python benchmarks/train.py --cpu-attention [--presets base-tiny] [--batch-size 32] [--steps 30]
+
 Checkpoint save time and step stall, today's full gather against sharded asynchronous checkpoints, 1 and
 2 workers, uploads to a local S3 server (benchmarks/train_checkpoints.py):
 
@@ -204,6 +209,60 @@ def text_storage_compare(name: str, text_preset: str, steps: int, batch: int, de
     return rows
 
 
+def cpu_attention_compare(name: str, steps: int, batch: int) -> list[dict]:
+    """The base step on CPU in fp32 and bf16, each with the flash and the math attention kernel, alternating.
+    The worker's own bf16 context picks math; the flash rows replace it with plain autocast."""
+    import contextlib
+    from dataclasses import replace
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from jobs.base import BaseWorker
+    from jobs.config import load_config
+    from jobs.parallel import WorkerEnv
+    from muse.config import to_dict
+
+    class PlainAutocastEnv(WorkerEnv):  # the step before the math kernel: autocast only
+        def autocast(self):
+            return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
+
+    cfg = preset(name)
+    text_dim = cfg.text_dim
+    section = load_config(None, [f"base.run.max_steps={4 * steps + 20}", "base.optim.warmup_steps=1"]).base
+    job = {"root": tempfile.mkdtemp(), "component": "base", "model_config": to_dict(cfg), "run_name": "bench",
+           "data_meta": {"text_storage": "embeddings", "text_dim": text_dim}}
+    g = torch.Generator().manual_seed(0)
+    data = {"tokens_lo": torch.randint(0, cfg.codebook_size, (batch, cfg.num_tokens), generator=g),
+            "text_emb": torch.randn(batch, TEXT_LEN, text_dim, generator=g),
+            "text_mask": torch.ones(batch, TEXT_LEN, dtype=torch.bool)}
+    variants = {}
+    for precision in ("fp32", "bf16"):
+        for kernel in ("flash", "math"):
+            env_cls = PlainAutocastEnv if kernel == "flash" else WorkerEnv
+            torch.manual_seed(0)
+            worker = BaseWorker(section, job, env_cls(bf16=precision == "bf16"))
+            worker.reseed(0)
+            # fp32 has no kernel of its own in the worker: pin it here; bf16 math comes from the worker.
+            backend = SDPBackend.FLASH_ATTENTION if kernel == "flash" else SDPBackend.MATH
+            pin = ((lambda b=backend: sdpa_kernel([b])) if precision == "fp32" or kernel == "flash"
+                   else contextlib.nullcontext)
+            variants[(precision, kernel)] = (worker, pin)
+    seconds = dict.fromkeys(variants, 0.0)
+    for step in range(steps + 3):
+        for key, (worker, pin) in variants.items():
+            start = time.perf_counter()
+            with pin():
+                worker.train_step(data, step)
+            if step >= 3:
+                seconds[key] += time.perf_counter() - start
+    rows = [{"preset": name, "device": "cpu", "text": f"{p} {k}", "workers": 1, "batch_per_worker": batch,
+             "s_per_step": s / steps, "tokens_per_s_per_worker": batch * cfg.num_tokens * steps / s}
+            for (p, k), s in seconds.items()]
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -219,6 +278,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="instead: the base step from text ids (the frozen encoder runs every step) against "
                              "stored embeddings, in one process, with this text-encoder preset (e.g. t5-tiny), or "
                              "t5-xxl-shape: random weights at T5-XXL's encoder size")
+    parser.add_argument("--cpu-attention", action="store_true",
+                        help="instead: the base step on CPU in fp32 and bf16, each with the flash and the math "
+                             "attention kernel, in one process, alternating")
     parser.add_argument("--checkpoint-bench", action="store_true",
                         help="instead: checkpoint save time and step stall, today's full gather against sharded "
                              "asynchronous checkpoints, in one Ray Train run per worker count, uploads to a local "
@@ -234,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
                    args.steps or 20, args.every, args.batch_size or 8)
         print(f"load average at the end {os.getloadavg()[0]:.1f}")
         print_table(rows)
+    elif args.cpu_attention:
+        rows = cpu_attention_compare((args.presets or "base-tiny").split(",")[0], args.steps or 30,
+                                     args.batch_size or 32)
     elif args.text_storage:
         if args.device == "cuda" and not torch.cuda.is_available():
             parser.error("--device cuda needs a CUDA GPU")

@@ -105,16 +105,14 @@ def train_loop_per_worker(job: dict) -> None:
     import ray.train
 
     from jobs.common import save_png
-    from jobs.parallel import ray_worker_env
+    from jobs.parallel import configure_cpu_worker, ray_worker_env
 
     cls = import_worker(job["worker"])
     section = from_dict(cls.config_class, job["section"])
     run = section.run
     env = ray_worker_env(section.scaling.strategy, run.bf16, run.cpu_bf16)
     if env.device.type == "cpu":
-        # As many torch threads as CPUs claimed: stages that share a small machine (base and
-        # super-res side by side) would otherwise each start a pool as wide as the machine.
-        torch.set_num_threads(max(1, int(section.scaling.cpus_per_worker)))
+        configure_cpu_worker(section.scaling.cpus_per_worker)
     torch.manual_seed(run.seed)  # identical initial weights on every rank
     worker = cls(section, job, env)
     step, counters = 0, {"samples": 0.0, "tokens": 0.0}

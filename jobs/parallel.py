@@ -58,6 +58,19 @@ class WorkerEnv:
         return stack
 
 
+def configure_cpu_worker(cpus: float) -> None:
+    """Torch settings for a training worker on CPUs, called in its training thread before any op.
+
+    - As many torch threads as CPUs claimed: stages that share a small machine (base and super-res
+      side by side) would otherwise each start a pool as wide as the machine.
+    - Denormal floats flushed to zero: small gradients late in training are denormals, which x86
+      CPUs handle in microcode; a VQGAN step ran 4x slower on an Intel Xeon (benchmarks/RESULTS.md,
+      CPU denormals). The flag is per thread and new threads inherit it, hence before any pool starts.
+    """
+    torch.set_num_threads(max(1, int(cpus)))
+    torch.set_flush_denormal(True)
+
+
 def ray_worker_env(strategy: str, bf16: bool, cpu_bf16: bool = False) -> WorkerEnv:
     import ray.train
     import ray.train.torch

@@ -19,7 +19,7 @@ from jobs.common import (
     save_training_state,
 )
 from jobs.config import OptimSettings
-from jobs.parallel import WorkerEnv
+from jobs.parallel import WorkerEnv, configure_cpu_worker
 from muse.config import preset
 from muse.transformer import MaskedTransformer
 
@@ -136,3 +136,28 @@ def test_cpu_bf16_training_takes_the_math_attention_kernel():
         assert torch.backends.cuda.flash_sdp_enabled()
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     assert torch.allclose(y.float(), ref, atol=3e-2)
+
+
+def test_cpu_training_workers_flush_denormals_in_their_thread_and_the_threads_it_starts():
+    """configure_cpu_worker runs in Ray Train's training thread: denormals there, and in threads it
+    starts afterwards, become zero; other threads keep IEEE behaviour."""
+    import threading
+
+    tiny = torch.tensor([1e-39])  # a float32 denormal
+    seen = {}
+
+    def training_thread():
+        configure_cpu_worker(1)
+        seen["training"] = float(tiny * 1.0)
+        child = threading.Thread(target=lambda: seen.update(child=float(tiny * 1.0)))
+        child.start()
+        child.join()
+        seen["threads"] = torch.get_num_threads()
+
+    threads = torch.get_num_threads()
+    worker = threading.Thread(target=training_thread)
+    worker.start()
+    worker.join()
+    torch.set_num_threads(threads)
+    assert seen["training"] == 0.0 and seen["child"] == 0.0 and seen["threads"] == 1
+    assert float(tiny * 1.0) > 0  # this thread was not touched
