@@ -28,6 +28,13 @@ fp32 and in bf16 autocast, each with the flash and the math SDPA kernel (the wor
 
     python benchmarks/train.py --cpu-attention [--presets base-tiny] [--batch-size 32] [--steps 30]
 
+Denormal floats on CPU (`--cpu-denormals`): the 128 px tiny VQGAN's training step
+(`VQGANWorker.train_step`, demo config) on 800 images of the demo's corpus, run once in a thread that flushes
+denormals to zero (what Ray Train workers do, `jobs.parallel.configure_cpu_worker`) and once in a
+thread that does not, same seed and data, rate per window of steps:
+
+    python benchmarks/train.py --cpu-denormals [--steps 300] [--batch-size 8]
+
 Checkpoint save time and step stall, today's full gather against sharded asynchronous checkpoints, 1 and
 2 workers, uploads to a local S3 server (benchmarks/train_checkpoints.py):
 
@@ -263,6 +270,54 @@ def cpu_attention_compare(name: str, steps: int, batch: int) -> list[dict]:
     return rows
 
 
+def cpu_denormals_compare(steps: int, batch: int, window: int = 50) -> list[dict]:
+    """The tiny 128 px VQGAN step with and without flushing denormals, each in its own thread (the flag
+    is per thread), one after the other on the same images."""
+    import threading
+
+    from jobs.config import load_config
+    from jobs.data import collate_images, read_images
+    from jobs.vqgan import VQGANWorker
+    from jobs.parallel import WorkerEnv
+    from muse.config import to_dict
+    from muse.data.synthetic import write_corpus
+
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
+    cfg = load_config(demo, [f"vqgan.run.max_steps={steps}"])
+    section, vq_cfg = cfg.vqgan, preset(cfg.vqgan.hi_model)
+    with tempfile.TemporaryDirectory() as corpus:  # the demo's corpus, read as the stage reads it
+        write_corpus(corpus, 800, size=vq_cfg.resolution, holdout_fraction=0.2, grid=8)
+        pixels = read_images(corpus, vq_cfg.resolution, cfg.tokenize).column("pixels").to_numpy(zero_copy_only=False)
+    images = collate_images({"pixels": pixels}, vq_cfg.resolution)["images"]
+    rows, threads = [], torch.get_num_threads()  # a new thread would otherwise start from the default
+
+    def run(flush: bool) -> None:
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(flush)
+        job = {"root": "", "component": "vqgan_hi", "model_config": to_dict(vq_cfg), "data_meta": {},
+               "run_name": "bench", "stage": "vqgan"}
+        torch.manual_seed(0)
+        worker = VQGANWorker(section, job, WorkerEnv())
+        start = time.perf_counter()
+        for step in range(steps):
+            worker.reseed(step)
+            first = step * batch % len(images)
+            worker.train_step({"images": images[first:first + batch]}, step)
+            if (step + 1) % window == 0:
+                took = time.perf_counter() - start
+                rows.append({"preset": section.hi_model, "device": "cpu", "text": f"flush {flush} to {step + 1}",
+                             "workers": 1, "batch_per_worker": batch, "s_per_step": took / window,
+                             "tokens_per_s_per_worker": batch * vq_cfg.tokens_per_side ** 2 * window / took})
+                print(json.dumps(rows[-1]), flush=True)
+                start = time.perf_counter()
+
+    for flush in (True, False):
+        thread = threading.Thread(target=run, args=(flush,))
+        thread.start()
+        thread.join()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -281,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpu-attention", action="store_true",
                         help="instead: the base step on CPU in fp32 and bf16, each with the flash and the math "
                              "attention kernel, in one process, alternating")
+    parser.add_argument("--cpu-denormals", action="store_true",
+                        help="instead: the tiny 128 px VQGAN step with and without flushing denormal floats")
     parser.add_argument("--checkpoint-bench", action="store_true",
                         help="instead: checkpoint save time and step stall, today's full gather against sharded "
                              "asynchronous checkpoints, in one Ray Train run per worker count, uploads to a local "
@@ -299,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cpu_attention:
         rows = cpu_attention_compare((args.presets or "base-tiny").split(",")[0], args.steps or 30,
                                      args.batch_size or 32)
+    elif args.cpu_denormals:
+        rows = cpu_denormals_compare(args.steps or 300, args.batch_size or 8)
     elif args.text_storage:
         if args.device == "cuda" and not torch.cuda.is_available():
             parser.error("--device cuda needs a CUDA GPU")
