@@ -218,10 +218,8 @@ def text_storage_compare(name: str, text_preset: str, steps: int, batch: int, de
 
 def cpu_attention_compare(name: str, steps: int, batch: int) -> list[dict]:
     """The base step on CPU in fp32 and bf16, each with the flash and the math attention kernel, alternating.
-    The worker's own bf16 context picks math; the flash rows replace it with plain autocast."""
-    import contextlib
-    from dataclasses import replace
-
+    Each variant pins its kernel around the step; the flash rows also replace the worker's bf16 context,
+    which would pick math inside it, with plain autocast."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from jobs.base import BaseWorker
@@ -234,13 +232,12 @@ def cpu_attention_compare(name: str, steps: int, batch: int) -> list[dict]:
             return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
 
     cfg = preset(name)
-    text_dim = cfg.text_dim
     section = load_config(None, [f"base.run.max_steps={4 * steps + 20}", "base.optim.warmup_steps=1"]).base
     job = {"root": tempfile.mkdtemp(), "component": "base", "model_config": to_dict(cfg), "run_name": "bench",
-           "data_meta": {"text_storage": "embeddings", "text_dim": text_dim}}
+           "data_meta": {"text_storage": "embeddings", "text_dim": cfg.text_dim}}
     g = torch.Generator().manual_seed(0)
     data = {"tokens_lo": torch.randint(0, cfg.codebook_size, (batch, cfg.num_tokens), generator=g),
-            "text_emb": torch.randn(batch, TEXT_LEN, text_dim, generator=g),
+            "text_emb": torch.randn(batch, TEXT_LEN, cfg.text_dim, generator=g),
             "text_mask": torch.ones(batch, TEXT_LEN, dtype=torch.bool)}
     variants = {}
     for precision in ("fp32", "bf16"):
@@ -249,16 +246,13 @@ def cpu_attention_compare(name: str, steps: int, batch: int) -> list[dict]:
             torch.manual_seed(0)
             worker = BaseWorker(section, job, env_cls(bf16=precision == "bf16"))
             worker.reseed(0)
-            # fp32 has no kernel of its own in the worker: pin it here; bf16 math comes from the worker.
             backend = SDPBackend.FLASH_ATTENTION if kernel == "flash" else SDPBackend.MATH
-            pin = ((lambda b=backend: sdpa_kernel([b])) if precision == "fp32" or kernel == "flash"
-                   else contextlib.nullcontext)
-            variants[(precision, kernel)] = (worker, pin)
+            variants[(precision, kernel)] = (worker, backend)
     seconds = dict.fromkeys(variants, 0.0)
     for step in range(steps + 3):
-        for key, (worker, pin) in variants.items():
+        for key, (worker, backend) in variants.items():
             start = time.perf_counter()
-            with pin():
+            with sdpa_kernel([backend]):
                 worker.train_step(data, step)
             if step >= 3:
                 seconds[key] += time.perf_counter() - start
@@ -277,13 +271,13 @@ def cpu_denormals_compare(steps: int, batch: int, window: int = 50) -> list[dict
 
     from jobs.config import load_config
     from jobs.data import collate_images, read_images
+    from jobs.demo import DEFAULT_CONFIG as DEMO_CONFIG
     from jobs.vqgan import VQGANWorker
     from jobs.parallel import WorkerEnv
     from muse.config import to_dict
     from muse.data.synthetic import write_corpus
 
-    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
-    cfg = load_config(demo, [f"vqgan.run.max_steps={steps}"])
+    cfg = load_config(DEMO_CONFIG, [f"vqgan.run.max_steps={steps}"])
     section, vq_cfg = cfg.vqgan, preset(cfg.vqgan.hi_model)
     with tempfile.TemporaryDirectory() as corpus:  # the demo's corpus, read as the stage reads it
         write_corpus(corpus, 800, size=vq_cfg.resolution, holdout_fraction=0.2, grid=8)

@@ -237,7 +237,7 @@ def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: 
     report: dict = {}
     rows: list[dict] = []
     base_rows: list[dict] = []
-    grid = 0  # the corpus's layout, so the tokenizers are judged on images like those they learnt
+    grid, holdout = 0, {}  # the corpus's layout, so the tokenizers are judged on images like those they learnt
     if corpus is not None:
         holdout = read_holdout(corpus)
         grid = holdout.get("grid", 0)
@@ -253,8 +253,8 @@ def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: 
         report["masked_token_accuracy"] = token_accuracy(pipe, samples, seed=seed)
         # Judged on scenes of the pairings the corpus has (what the transformers learn from) and,
         # apart, of the held-out ones, which the tokenizers never saw either.
-        held = sorted(tuple(p) for p in holdout.get("pairs", [])) if corpus is not None else []
-        sets = {"tokenizer_ceiling": training_pairs(holdout) if corpus is not None else all_pairs()}
+        held = sorted(tuple(p) for p in holdout.get("pairs", []))
+        sets = {"tokenizer_ceiling": training_pairs(holdout)}  # every pairing without a corpus
         if held:
             sets["tokenizer_ceiling_held_out"] = held
         tokenizers = [(n, vq) for n, vq in (("vqgan_lo", pipe.vqgan_lo), ("vqgan_hi", pipe.vqgan_hi)) if vq is not None]
