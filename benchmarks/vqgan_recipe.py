@@ -39,7 +39,7 @@ from jobs.parallel import WorkerEnv
 from jobs.vqgan import VQGANWorker
 from muse.config import preset, to_dict
 from muse.data.images import pil_to_tensor, tensor_to_pil
-from muse.data.synthetic import all_pairs, caption, sample
+from muse.data.synthetic import all_pairs, caption, holdout_pairs, sample
 from muse.judge import judge, summarize
 from sampling import machine  # benchmarks/sampling.py: the same machine line as the other scripts
 
@@ -55,10 +55,11 @@ FORMS = {
 }
 
 
-def load_images(first: int, n: int, size: int, render: int, grid: int) -> tuple[list[str], torch.Tensor]:
+def load_images(first: int, n: int, size: int, render: int, grid: int,
+                pairs: list | None = None) -> tuple[list[str], torch.Tensor]:
     captions, images = [], []
     for i in range(first, first + n):
-        scene, img = sample(i, 0, render, all_pairs(), grid)
+        scene, img = sample(i, 0, render, pairs or all_pairs(), grid)
         captions.append(caption(scene))
         images.append(pil_to_tensor(img, size))
     return captions, torch.stack(images)
@@ -116,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="a further override of demo.yaml for every form, e.g. vqgan.optim.lr=1e-2 (repeatable)")
     parser.add_argument("--grid", type=int, default=8,
                         help="corpus layout: shapes on a GRID x GRID lattice (default 8, the demo's corpus), 0 free")
+    parser.add_argument("--holdout-fraction", type=float, default=0.0,
+                        help="keep this share of colour-shape pairings out of training and judging, as the demo's "
+                             "corpus does (its default 0.2); 0: every pairing")
     args = parser.parse_args(argv)
     forms = args.forms.split(",")
     unknown = set(forms) - set(FORMS)
@@ -123,12 +127,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown forms {sorted(unknown)}; known: {', '.join(FORMS)}")
     torch.set_num_threads(args.threads)
     print(f"machine: {machine('cpu')}")
-    _, train = load_images(0, args.images, args.size, args.render, args.grid)
-    held = load_images(100_000, 64, args.size, args.render, args.grid)
+    held_out = set(holdout_pairs(args.holdout_fraction))
+    pairs = [p for p in all_pairs() if p not in held_out]
+    _, train = load_images(0, args.images, args.size, args.render, args.grid, pairs)
+    held = load_images(100_000, 64, args.size, args.render, args.grid, pairs)
     rows = [row for form in forms for row in run_form(form, args, train, held)]
 
-    print(f"\ntiny tokenizers at {args.size} px on the demo corpus (rendered at {args.render} px, grid {args.grid}), "
-          f"batch {args.batch}, {args.threads} torch threads\n")
+    print(f"\ntiny tokenizers at {args.size} px on the demo corpus (rendered at {args.render} px, grid {args.grid}, "
+          f"{len(pairs)} of {len(all_pairs())} pairings), batch {args.batch}, {args.threads} torch threads\n")
     print("| form | step | s/step | train s | PSNR dB | colour | shape | whole |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -48,16 +48,33 @@ def decoder_finished(root: str, name: str) -> bool:
     return bool(component_extra(root, name).get("decoder_finetuned"))
 
 
-def ensure_text_encoder(cfg: TrainConfig, root: str) -> None:
-    """Write ROOT/text_encoder from `cfg.text_encoder` when missing (frozen: it is never trained)."""
+VOCAB_CAPTIONS = 100_000  # captions a "bpe" text encoder's vocabulary is fitted to
+
+
+def ensure_text_encoder(cfg: TrainConfig, root: str, corpus: str, format: str = "auto") -> None:
+    """Write ROOT/text_encoder from `cfg.text_encoder` when missing (frozen: it is never trained),
+    its weights seeded so that a re-made root encodes alike; a "bpe" tokenizer is fitted to the first
+    VOCAB_CAPTIONS captions of the corpus."""
     if checkpoint.has_component(root, "text_encoder"):
         return
+    import torch
+
     from muse.config import preset
     from muse.text import TextEncoder
+    from pipelines.readers import sample_captions
 
-    encoder = TextEncoder.build(preset(cfg.text_encoder))
+    text_cfg = preset(cfg.text_encoder)
+    captions = None
+    if text_cfg.name_or_path is None and text_cfg.tokenizer == "bpe":
+        captions = sample_captions(corpus, VOCAB_CAPTIONS, format)
+        if not captions:
+            raise ValueError(f"{corpus} has no readable captions to fit the text encoder's vocabulary to")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        encoder = TextEncoder.build(text_cfg, captions)
     checkpoint.save_component(encoder, checkpoint.component_uri(root, "text_encoder"))
-    say(f"[all] wrote the frozen text encoder ({cfg.text_encoder}) to {root}/text_encoder")
+    fitted = f", vocabulary of {len(encoder.tokenizer)} fitted to {len(captions)} captions" if captions else ""
+    say(f"[all] wrote the frozen text encoder ({cfg.text_encoder}{fitted}) to {root}/text_encoder")
 
 
 def fit_together(cfg: TrainConfig, resources: dict[str, float]) -> bool:
@@ -109,7 +126,7 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
         report[name] = f"trained in {time.time() - start:.0f}s"
         say(f"[all] {name} done in {time.time() - start:.0f}s")
 
-    ensure_text_encoder(cfg, root)
+    ensure_text_encoder(cfg, root, corpus, format)
     for component in vqgan_components(cfg, None) if "vqgan" in cfg.stages else []:
         if finished(root, component, ("vqgan", "decoder")):
             report[component] = "skipped (finished)"

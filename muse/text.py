@@ -6,7 +6,8 @@ are safetensors or, as several official T5 folders ship them, pytorch_model.bin 
 `weights_only=True`; they load in `TextEncoderConfig.dtype` (bfloat16 on a GPU by default: T5-XXL is
 ~19 GB in float32; never float16, in which T5 v1.1 overflows). With no
 `name_or_path`, a small T5 encoder is built from `TextEncoderConfig` with the byte-level ByT5
-tokenizer, which needs no vocabulary files: the offline default, trainable like any other part.
+tokenizer, which needs no vocabulary files (the offline default), or with a byte-level BPE vocabulary
+fitted to the corpus's captions (`fit_bpe_tokenizer`), saved beside the weights as tokenizer.json.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -111,6 +113,29 @@ def load_t5_encoder(folder: str, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
+# T5's special ids: padding 0, end of sequence 1, unknown 2 (ByT5 keeps them too).
+BPE_SPECIALS = ("<pad>", "</s>", "<unk>")
+
+
+def fit_bpe_tokenizer(captions: Iterable[str], vocab_size: int):
+    """A byte-level BPE tokenizer (Hugging Face `tokenizers`) fitted to `captions`, at most
+    `vocab_size` tokens, with T5's special ids and an end-of-sequence token after every caption.
+    Byte-level: any text encodes, words it never saw as pieces or bytes, so nothing maps to <unk>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BPE_SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(captions, trainer)
+    eos = tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=1 << 20)
+
+
 class TextEncoder(nn.Module):
     """Tokenizer + T5 encoder. Call with a list of prompts; returns (embeddings, mask)."""
 
@@ -125,18 +150,26 @@ class TextEncoder(nn.Module):
         return int(self.model.config.d_model)
 
     @classmethod
-    def build(cls, config: TextEncoderConfig) -> TextEncoder:
-        """From config: a small random T5 encoder (name_or_path None) or pretrained weights."""
+    def build(cls, config: TextEncoderConfig, captions: Iterable[str] | None = None) -> TextEncoder:
+        """From config: a small random T5 encoder (name_or_path None) or pretrained weights. A "bpe"
+        tokenizer is fitted to `captions` (a sample of the corpus's) here."""
         from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
         if config.name_or_path is None:
+            if config.tokenizer == "bpe":
+                if captions is None:
+                    raise ValueError("a text encoder with tokenizer 'bpe' fits its vocabulary to the corpus's "
+                                     "captions: pass them (muse train all does, from the corpus it trains on)")
+                tokenizer = fit_bpe_tokenizer(captions, config.vocab_size)
+            else:
+                tokenizer = ByT5Tokenizer()
             t5 = T5Config(
                 vocab_size=config.vocab_size, d_model=config.d_model, d_kv=config.d_kv,
                 d_ff=config.d_ff, num_layers=config.num_layers, num_heads=config.num_heads,
                 feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False,
                 use_cache=False,
             )
-            return cls(config, T5EncoderModel(t5).eval(), ByT5Tokenizer())
+            return cls(config, T5EncoderModel(t5).eval(), tokenizer)
         return cls.load_pretrained(config.name_or_path, config)
 
     @classmethod

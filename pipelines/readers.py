@@ -447,3 +447,10 @@ def read_corpus(uri: str, format: str = "auto", cfg: ReaderConfig | None = None)
         return batch.filter(accepted(batch)).select(["key", "image", "caption"])
 
     return read_parts(parts, cfg).map_batches(keep, batch_format="pyarrow", batch_size=None)
+
+
+def sample_captions(uri: str, n: int, format: str = "auto", cfg: ReaderConfig | None = None) -> list[str]:
+    """Up to `n` captions of the corpus at `uri`, from its first parts (read by Ray tasks, streamed
+    and stopped once `n` are in): what a text encoder's vocabulary is fitted to."""
+    rows = read_corpus(uri, format, cfg).select_columns(["caption"]).limit(n).take_all()
+    return [r["caption"].decode("utf-8", errors="replace") for r in rows]

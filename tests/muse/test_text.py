@@ -17,6 +17,41 @@ def test_offline_default_builds_and_encodes():
     assert not torch.allclose(emb[0, :5], emb[1, :5])
 
 
+CAPTIONS = ["two red squares on the left and a blue circle on the right", "a green triangle",
+            "three yellow circles at the top and a red square at the bottom", "a purple square"] * 20
+
+
+def test_bpe_encoder_fits_the_captions_and_round_trips_through_a_checkpoint(tmp_path):
+    from muse import checkpoint
+
+    torch.manual_seed(0)
+    enc = TextEncoder.build(preset("t5-tiny-bpe"), CAPTIONS)
+    caption = CAPTIONS[0]
+    ids, mask = enc.tokenize([caption, "a hexagon, über Ünïcode 🙂", ""])
+    assert int(mask[0].sum()) == len(caption.split()) + 1  # a token per word, then end of sequence
+    assert len(enc.tokenizer) <= enc.config.vocab_size == enc.model.config.vocab_size
+    tok = enc.tokenizer
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)  # T5's special ids
+    assert int(mask[2].sum()) == 1 and ids[2, 0] == 1  # the empty prompt is end of sequence alone
+    assert not (ids[1][mask[1]] == tok.unk_token_id).any()  # byte-level: unseen words come as pieces
+    assert tok.decode(ids[1][mask[1]], skip_special_tokens=True).strip() == "a hexagon, über Ünïcode 🙂"
+    checkpoint.save_component(enc, str(tmp_path / "te"))
+    again = checkpoint.load_component(str(tmp_path / "te"))
+    assert torch.equal(again.tokenize([caption])[0], enc.tokenize([caption])[0])
+    assert torch.allclose(again([caption])[0], enc([caption])[0])
+
+
+def test_bpe_encoder_needs_captions_and_room_for_the_bytes():
+    with pytest.raises(ValueError, match="fits its vocabulary to the corpus's captions"):
+        TextEncoder.build(preset("t5-tiny-bpe"))
+    from muse.config import TextEncoderConfig
+
+    with pytest.raises(ValueError, match="vocab_size must be >= 259"):
+        TextEncoderConfig(tokenizer="bpe", vocab_size=100)
+    with pytest.raises(ValueError, match="'byt5' or 'bpe'"):
+        TextEncoderConfig(tokenizer="sentencepiece")
+
+
 def test_max_length_truncates():
     enc = TextEncoder.build(preset("t5-tiny"))
     ids, mask = enc.tokenize(["x" * 1000])

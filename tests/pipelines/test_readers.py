@@ -8,7 +8,7 @@ import pytest
 from corpora import good, write_folder, write_parquet, write_tar
 from muse import storage
 from pipelines.config import ReaderConfig
-from pipelines.readers import detect_format, plan_parts, read_corpus, read_part
+from pipelines.readers import detect_format, plan_parts, read_corpus, read_part, sample_captions
 
 
 def rows_of(parts, cfg):
@@ -160,6 +160,18 @@ def test_read_corpus_through_ray(ray_session, tmp_path):
     got = read_corpus(f"file://{tmp_path}", "webdataset").take_all()
     assert sorted(r["caption"] for r in got) == sorted(r[2] for r in rows)
     assert set(got[0]) == {"key", "image", "caption"}
+
+
+def test_sample_captions_stops_at_n_and_leaves_rejected_rows_out(ray_session, tmp_path):
+    rows = [(n, i, c.encode(), r) for n, i, c, r in corpus(6)]
+    rows[2] = (rows[2][0], b"", rows[2][2], rows[2][3])  # a reject (no image) keeps its caption out
+    write_tar(tmp_path / "a.tar", rows[:3])
+    write_tar(tmp_path / "b.tar", rows[3:])
+    captions = {r[2].decode() for i, r in enumerate(rows) if i != 2}
+    got = sample_captions(f"file://{tmp_path}", 100, "webdataset")
+    assert sorted(got) == sorted(captions) and all(isinstance(c, str) for c in got)
+    few = sample_captions(f"file://{tmp_path}", 2, "webdataset")
+    assert len(few) == 2 and set(few) <= captions
 
 
 def test_bad_files_are_rejects_by_reason(tmp_path):
