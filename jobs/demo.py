@@ -35,9 +35,9 @@ from jobs.progress import quiet_ray_loggers, set_verbose, stop_display
 from muse import storage
 
 # What the demo's server uses when a request leaves them out: on the tiny model, guidance 4 (the serve
-# default) fills the canvas with shapes and guidance 0 leaves it nearly blank; guidance 1 with a
-# milder choice temperature and 12 steps judged best (benchmarks/RESULTS.md).
-DEMO_SAMPLING = {"steps": 12, "superres_steps": 8, "guidance_scale": 1.0, "choice_temperature": 2.0}
+# default) fills the canvas with shapes and guidance 0 leaves it nearly blank; guidance 1 with the
+# serve defaults' 24 steps and choice temperature judged best (benchmarks/RESULTS.md).
+DEMO_SAMPLING = {"steps": 24, "superres_steps": 8, "guidance_scale": 1.0, "choice_temperature": 4.5}
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 
