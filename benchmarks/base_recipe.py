@@ -1,0 +1,198 @@
+"""What the tiny base model learns from a demo's tokens: the stage's own step (`jobs.base.BaseWorker`)
+in one process, judged on served-style images and probed for whether it counts what is on its canvas.
+
+    python benchmarks/base_recipe.py --demo demo_output                       # the demo's recipe
+    python benchmarks/base_recipe.py --demo demo_output --text-encoder bpe    # a BPE vocabulary over the same T5
+    python benchmarks/base_recipe.py --demo demo_output --set base.run.max_steps=4800 --eval-at 2400
+    python benchmarks/base_recipe.py --demo demo_output --mask-rates uniform
+
+A `make demo` output holds what this needs: the corpus (captions and held-out pairings), the token
+shards, and the root's tokenizers and text encoder. Training follows `configs/demo.yaml`'s base section
+(overridable with --set) on stored text embeddings, so the frozen encoder runs once, not every step.
+`--text-encoder bpe` fits a `t5-tiny-bpe` vocabulary to the shards' captions and re-encodes them.
+
+At each --eval-at step, and at the end, the EMA weights go into a root beside the demo's other
+components, and that root draws --prompts seen-type prompts through the base stage with the sampling
+given (--sampling, JSON), judged by `muse.judge`: colour, shape, count, placement, whole scene, and
+how many images have fewer ("under") or more ("over") shapes than the prompt asks for.
+
+The canvas probe: rows of the shards with a share r of their tokens masked at random. The model's
+expected number of shapes among the masked cells (the sum of 1 - p(background) there) is compared with
+the true number. A model that reads the caption's counts and the shapes already visible is exact; one
+that ignores the canvas does no better than "blind" (the caption's total times r, told the total).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from jobs.base import BaseWorker
+from jobs.config import load_config
+from jobs.data import collate_tokens
+from jobs.parallel import WorkerEnv, configure_cpu_worker
+from muse import checkpoint, masking
+from muse.config import preset, to_dict
+from pipelines import shards
+from sampling import machine  # benchmarks/sampling.py: the same machine line as the other scripts
+
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
+SERVED = {"steps": 24, "guidance_scale": 1.0, "choice_temperature": 4.5}  # jobs.demo.DEMO_SAMPLING's base part
+
+
+def shard_captions(table) -> list[str]:
+    """Captions back from ByT5 ids (one id per byte, offset by its 3 special ids)."""
+    return [bytes(i - 3 for i in row if i >= 3).decode("utf-8", "replace") for row in table.column("text_ids").to_pylist()]
+
+
+def load_rows(tokens: str, encoder, rebuild_ids: bool) -> dict[str, torch.Tensor]:
+    table = shards.load_token_shards(tokens, columns=["tokens_lo", "text_ids"])
+    data = collate_tokens({k: np.asarray(table.column(k).to_pylist(), dtype=object) for k in ("tokens_lo", "text_ids")})
+    if rebuild_ids:
+        data["text_ids"], data["text_mask"] = encoder.tokenize(shard_captions(table))
+    with torch.no_grad():
+        data["text_emb"] = encoder.encode_ids(data["text_ids"], data["text_mask"]).float()
+    return data
+
+
+@torch.no_grad()
+def canvas_probe(model, data: dict, rows: int = 512, rates=(0.1, 0.3, 0.6, 1.0)) -> list[dict]:
+    ids, emb, mask_t = data["tokens_lo"][:rows], data["text_emb"][:rows], data["text_mask"][:rows]
+    background = torch.mode(ids.flatten()).values.item()
+    context = model.encode_context(emb, mask_t)
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for r in rates:
+        masked, mask = masking.mask_tokens(ids, torch.full((len(ids),), r), model.mask_token_id, generator=gen)
+        p_shape = 1 - model(masked, context).float().softmax(-1)[..., background]
+        expected = (p_shape * mask).sum(1)
+        true = ((ids != background) & mask).sum(1).float()
+        blind = (ids != background).sum(1).float() * mask.float().mean(1)
+        out.append({"rate": r, "model_error": (expected - true).abs().mean().item(),
+                    "blind_error": (blind - true).abs().mean().item(),
+                    "rounded_exact": (expected.round() == true).float().mean().item()})
+    return out
+
+
+def judge_base(root: str, corpus: str, prompts: int, sampling: dict) -> dict:
+    from muse.data.synthetic import parse_caption
+    from muse.evaluate import read_holdout, seen_prompts
+    from muse.judge import find_blobs, judge, summarize
+    from muse.pipeline import MusePipeline
+
+    pipe = MusePipeline.from_pretrained(root)
+    chosen = seen_prompts(read_holdout(corpus), prompts, 0)
+    verdicts, surplus = [], []
+    for i in range(0, len(chosen), 8):
+        chunk = chosen[i:i + 8]
+        for prompt, image in zip(chunk, pipe(chunk, superres=False, seed=i, **sampling)):
+            verdicts.append(judge(image, prompt))
+            surplus.append(len(find_blobs(image)) - sum(g.count for g in parse_caption(prompt).groups))
+    return summarize(verdicts) | {"under": sum(s < 0 for s in surplus), "over": sum(s > 0 for s in surplus)}
+
+
+def export_root(worker: BaseWorker, demo_root: str, encoder_dir: str, out: str) -> str:
+    """A root of the demo's components with the trained base (and the text encoder trained on)."""
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    for name in ("vqgan_lo", "vqgan_hi", "superres"):
+        if checkpoint.has_component(demo_root, name):
+            os.symlink(os.path.abspath(checkpoint.component_uri(demo_root, name)), os.path.join(out, name))
+    os.symlink(os.path.abspath(encoder_dir), os.path.join(out, "text_encoder"))
+    checkpoint.save_component(worker.eval_model(), checkpoint.component_uri(out, "base"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", required=True, help="a `make demo` output directory")
+    parser.add_argument("--out", default=None, help="where the judged roots go (default: DEMO/base_recipe)")
+    parser.add_argument("--text-encoder", choices=("root", "bpe"), default="root",
+                        help="the demo root's text encoder, or a t5-tiny-bpe fitted to the shards' captions")
+    parser.add_argument("--mask-rates", choices=("arccos", "uniform"), default="arccos",
+                        help="training mask rates: Muse's arccos density or uniform on (0, 1]")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a further override of demo.yaml, e.g. base.run.max_steps=4800 (repeatable)")
+    parser.add_argument("--eval-at", default="", help="comma-separated steps to judge at besides the last")
+    parser.add_argument("--prompts", type=int, default=96, help="seen-type prompts judged")
+    parser.add_argument("--sampling", default=json.dumps(SERVED), help="base sampling, JSON")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    configure_cpu_worker(args.threads)
+    print(f"machine: {machine('cpu')}", flush=True)
+    demo_root = os.path.join(args.demo, "checkpoint")
+    out = args.out or os.path.join(args.demo, "base_recipe")
+    os.makedirs(out, exist_ok=True)
+    section = load_config(DEMO_CONFIG, args.set).base
+    steps = section.run.max_steps
+    if args.mask_rates == "uniform":  # the worker looks the function up in its module at each step
+        import jobs.masked
+
+        jobs.masked.sample_mask_rates = lambda b, generator=None, device=None: torch.rand(
+            b, generator=generator, device=device).clamp(min=1e-6)
+
+    encoder_dir = checkpoint.component_uri(demo_root, "text_encoder")
+    if args.text_encoder == "bpe":
+        from muse.text import TextEncoder
+
+        table = shards.load_token_shards(os.path.join(args.demo, "tokens"), columns=["text_ids"])
+        torch.manual_seed(0)
+        encoder_dir = os.path.join(out, "text_encoder_bpe")
+        checkpoint.save_component(TextEncoder.build(preset("t5-tiny-bpe"), shard_captions(table)), encoder_dir)
+    encoder = checkpoint.load_component(encoder_dir, expect_kind="text_encoder").eval()
+    data = load_rows(os.path.join(args.demo, "tokens"), encoder, rebuild_ids=args.text_encoder == "bpe")
+    rows = len(data["tokens_lo"])
+    model_cfg = replace(preset(section.model or "base-tiny"), text_dim=encoder.dim)
+    job = {"root": demo_root, "component": "base", "model_config": to_dict(model_cfg), "run_name": "base_recipe",
+           "data_meta": {"text_storage": "embeddings", "text_dim": encoder.dim}}
+    torch.manual_seed(0)
+    worker = BaseWorker(section, job, WorkerEnv(bf16=section.run.cpu_bf16))
+    worker.reseed(0)
+    print(f"{rows} rows, captions of {data['text_mask'].sum(1).float().mean():.1f} tokens on average "
+          f"({args.text_encoder} text encoder); {steps} steps of {section.run.batch_size}", flush=True)
+
+    gen = torch.Generator().manual_seed(1)
+    batch, order, at = section.run.batch_size, torch.randperm(rows, generator=gen), 0
+    evals = sorted({int(s) for s in args.eval_at.split(",") if s} | {steps})
+    sampling, results, train_s, recent = json.loads(args.sampling), [], 0.0, []
+    for step in range(steps):
+        if at + batch > rows:
+            order, at = torch.randperm(rows, generator=gen), 0
+        idx = order[at:at + batch]
+        at += batch
+        start = time.perf_counter()
+        metrics = worker.train_step({k: data[k][idx] for k in ("tokens_lo", "text_emb", "text_mask")}, step)
+        recent.append(float(metrics["loss"]))
+        train_s += time.perf_counter() - start
+        if (step + 1) % 200 == 0:
+            print(f"  step {step + 1}  loss {np.mean(recent):.4f}  {train_s / (step + 1):.3f} s/step", flush=True)
+            recent = []
+        if step + 1 in evals:
+            root = export_root(worker, demo_root, encoder_dir, os.path.join(out, f"step{step + 1}"))
+            judged = judge_base(root, os.path.join(args.demo, "corpus"), args.prompts, sampling)
+            probe = canvas_probe(worker.eval_model(), data)
+            results.append({"step": step + 1, "train_s": train_s, **judged, "probe": probe})
+            print(json.dumps(results[-1]), flush=True)
+
+    print(f"\nbase on {args.demo}'s tokens, {args.text_encoder} text encoder, {args.mask_rates} mask rates, "
+          f"batch {batch}, {args.threads} torch thread(s); {args.prompts} seen prompts, sampling {sampling}\n")
+    print("| step | train s | colour | shape | count | placement | whole | under | over | probe error r=0.1 / 0.3 / 0.6 / 1.0 (blind) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in results:
+        probe = " / ".join(f"{p['model_error']:.2f}" for p in r["probe"])
+        blind = " / ".join(f"{p['blind_error']:.2f}" for p in r["probe"])
+        print(f"| {r['step']} | {r['train_s']:.0f} | {r['color']:.2f} | {r['shape']:.2f} | {r['count']:.2f} | "
+              f"{r['placement']:.2f} | {r['correct']:.2f} | {r['under']} | {r['over']} | {probe} ({blind}) |")
+
+
+if __name__ == "__main__":
+    main()
