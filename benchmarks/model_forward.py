@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from muse.checkpoint import build_component
-from muse.config import PRESETS, BaseTransformerConfig, SuperResTransformerConfig, TextEncoderConfig, VQGANConfig
+from muse.checkpoint import KINDS, kind_of_config, parameter_count
+from muse.config import PRESETS, BaseTransformerConfig, SuperResTransformerConfig
 from muse.transformer import MaskedTransformer, SuperResTransformer
 
 
@@ -35,13 +35,11 @@ def machine() -> str:
 def parameter_table() -> list[tuple[str, str, int]]:
     rows = []
     for name, cfg in PRESETS.items():
-        if isinstance(cfg, TextEncoderConfig) and cfg.name_or_path:
+        if getattr(cfg, "name_or_path", None):  # pretrained: its size comes from its files
             continue
-        slot = {VQGANConfig: "vqgan_lo", TextEncoderConfig: "text_encoder",
-                BaseTransformerConfig: "base", SuperResTransformerConfig: "superres"}[type(cfg)]
-        with torch.device("meta"):
-            model = build_component(slot, cfg)
-        rows.append((name, slot.replace("_lo", ""), sum(p.numel() for p in model.parameters())))
+        kind = kind_of_config(cfg)
+        role = KINDS[kind].role
+        rows.append((name, kind, parameter_count("vqgan_lo" if role == "vqgan" else role, cfg)))
     return rows
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import dataclasses
 import json
 import os
 import shutil
@@ -342,6 +343,16 @@ def build_component(name: str, config: Any) -> nn.Module:
         raise ValueError(f"a {kind!r} config cannot fill the {name!r} slot")
     _, cls = _kinds()[kind]
     return cls.build(config) if hasattr(cls, "build") else cls(config)
+
+
+def parameter_count(name: str, config: Any) -> int:
+    """Parameters of component `name` built from `config` on the meta device (nothing allocated). A
+    "bpe" text encoder's vocabulary is fitted only when a root is made; its size is the config's."""
+    if getattr(config, "tokenizer", None) == "bpe":
+        config = dataclasses.replace(config, tokenizer="byt5")
+    with torch.device("meta"):
+        model = build_component(name, config)
+    return sum(p.numel() for p in model.parameters())
 
 
 def init_model_root(preset_name: str, out: str, seed: int = 0,

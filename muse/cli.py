@@ -27,9 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 def presets_main(argv: list[str] | None = None) -> None:
     """Print every component preset and model preset, by family, with parameter counts (meta device)."""
     argparse.ArgumentParser(prog="muse presets", description=presets_main.__doc__).parse_args(argv)
-    import torch
-
-    from muse.checkpoint import KINDS, build_component, kind_of_config
+    from muse.checkpoint import KINDS, kind_of_config, parameter_count
     from muse.config import AMUSED_MODELS, MODEL_PRESETS, PRESETS
 
     counts: dict[str, int | None] = {}
@@ -41,9 +39,7 @@ def presets_main(argv: list[str] | None = None) -> None:
             counts[name] = None  # pretrained: size comes from its files
             print(f"{name:<18} {family:<7} {kind:<13} {'(pretrained)':>14}")
             continue
-        with torch.device("meta"):
-            model = build_component("vqgan_lo" if role == "vqgan" else role, cfg)
-        counts[name] = sum(p.numel() for p in model.parameters())
+        counts[name] = parameter_count("vqgan_lo" if role == "vqgan" else role, cfg)
         print(f"{name:<18} {family:<7} {kind:<13} {counts[name]:>14,}")
     print()
     for name, parts in MODEL_PRESETS.items():
