@@ -47,16 +47,16 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 SERVED = {"steps": 24, "guidance_scale": 1.0, "choice_temperature": 4.5}  # jobs.demo.DEMO_SAMPLING's base part
 
 
-def shard_captions(table) -> list[str]:
-    """Captions back from ByT5 ids (one id per byte, offset by its 3 special ids)."""
-    return [bytes(i - 3 for i in row if i >= 3).decode("utf-8", "replace") for row in table.column("text_ids").to_pylist()]
+def shard_captions(table, tokenizer) -> list[str]:
+    """The captions back from the shards' ids, through the tokenizer that made them."""
+    return tokenizer.batch_decode(table.column("text_ids").to_pylist(), skip_special_tokens=True)
 
 
-def load_rows(tokens: str, encoder, rebuild_ids: bool) -> dict[str, torch.Tensor]:
-    table = shards.load_token_shards(tokens, columns=["tokens_lo", "text_ids"])
+def load_rows(table, encoder, captions: list[str] | None) -> dict[str, torch.Tensor]:
+    """Training rows of the shards; `captions` re-encoded by `encoder` when given (a new vocabulary)."""
     data = collate_tokens({k: np.asarray(table.column(k).to_pylist(), dtype=object) for k in ("tokens_lo", "text_ids")})
-    if rebuild_ids:
-        data["text_ids"], data["text_mask"] = encoder.tokenize(shard_captions(table))
+    if captions is not None:
+        data["text_ids"], data["text_mask"] = encoder.tokenize(captions)
     with torch.no_grad():
         data["text_emb"] = encoder.encode_ids(data["text_ids"], data["text_mask"]).float()
     return data
@@ -126,7 +126,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
     configure_cpu_worker(args.threads)
     print(f"machine: {machine('cpu')}", flush=True)
     demo_root = os.path.join(args.demo, "checkpoint")
@@ -140,16 +139,19 @@ def main(argv: list[str] | None = None) -> None:
         jobs.masked.sample_mask_rates = lambda b, generator=None, device=None: torch.rand(
             b, generator=generator, device=device).clamp(min=1e-6)
 
+    table = shards.load_token_shards(os.path.join(args.demo, "tokens"), columns=["tokens_lo", "text_ids"])
     encoder_dir = checkpoint.component_uri(demo_root, "text_encoder")
+    captions = None
     if args.text_encoder == "bpe":
         from muse.text import TextEncoder
 
-        table = shards.load_token_shards(os.path.join(args.demo, "tokens"), columns=["text_ids"])
+        root_encoder = checkpoint.load_component(encoder_dir, expect_kind="text_encoder")
+        captions = shard_captions(table, root_encoder.tokenizer)
         torch.manual_seed(0)
         encoder_dir = os.path.join(out, "text_encoder_bpe")
-        checkpoint.save_component(TextEncoder.build(preset("t5-tiny-bpe"), shard_captions(table)), encoder_dir)
+        checkpoint.save_component(TextEncoder.build(preset("t5-tiny-bpe"), captions), encoder_dir)
     encoder = checkpoint.load_component(encoder_dir, expect_kind="text_encoder").eval()
-    data = load_rows(os.path.join(args.demo, "tokens"), encoder, rebuild_ids=args.text_encoder == "bpe")
+    data = load_rows(table, encoder, captions)
     rows = len(data["tokens_lo"])
     model_cfg = replace(preset(section.model or "base-tiny"), text_dim=encoder.dim)
     job = {"root": demo_root, "component": "base", "model_config": to_dict(model_cfg), "run_name": "base_recipe",

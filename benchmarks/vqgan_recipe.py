@@ -56,10 +56,10 @@ FORMS = {
 
 
 def load_images(first: int, n: int, size: int, render: int, grid: int,
-                pairs: list | None = None) -> tuple[list[str], torch.Tensor]:
+                pairs: list) -> tuple[list[str], torch.Tensor]:
     captions, images = [], []
     for i in range(first, first + n):
-        scene, img = sample(i, 0, render, pairs or all_pairs(), grid)
+        scene, img = sample(i, 0, render, pairs, grid)
         captions.append(caption(scene))
         images.append(pil_to_tensor(img, size))
     return captions, torch.stack(images)

@@ -13,8 +13,8 @@ their defaults, so older checkpoints stay loadable; unknown keys are rejected).
 from __future__ import annotations
 
 import ctypes
-import importlib
 import dataclasses
+import importlib
 import json
 import os
 import shutil
