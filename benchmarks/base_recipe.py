@@ -5,6 +5,7 @@ in one process, judged on served-style images and probed for whether it counts w
     python benchmarks/base_recipe.py --demo demo_output --text-encoder bpe    # a BPE vocabulary over the same T5
     python benchmarks/base_recipe.py --demo demo_output --set base.run.max_steps=4800 --eval-at 2400
     python benchmarks/base_recipe.py --demo demo_output --mask-rates uniform
+    python benchmarks/base_recipe.py --demo demo_output --model-set layers=8 --trace
 
 A `make demo` output holds what this needs: the corpus (captions and held-out pairings), the token
 shards, and the root's tokenizers and text encoder. Training follows `configs/demo.yaml`'s base section
@@ -20,11 +21,16 @@ The canvas probe: rows of the shards with a share r of their tokens masked at ra
 expected number of shapes among the masked cells (the sum of 1 - p(background) there) is compared with
 the true number. A model that reads the caption's counts and the shapes already visible is exact; one
 that ignores the canvas does no better than "blind" (the caption's total times r, told the total).
+
+`--trace` follows the judged decoding itself: after each sampling step, the shapes a prompt still
+needs (its total minus the shapes decoded so far) against the model's expected number among the cells
+still masked. A model that counts keeps the two equal while background is decoded around the shapes.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -81,7 +87,25 @@ def canvas_probe(model, data: dict, rows: int = 512, rates=(0.1, 0.3, 0.6, 1.0))
     return out
 
 
-def judge_base(root: str, corpus: str, prompts: int, sampling: dict) -> dict:
+def content_biased_masks(ids: torch.Tensor, rates: torch.Tensor, mask_id: int, generator=None, share: float = 1.0):
+    """`masking.mask_tokens` with round(rate * N) positions per row drawn without replacement in
+    proportion to 1 / (their token's count in the row) for a `share` of the rows (uniform for the rest):
+    an exponential race, the smallest of -log(u) / weight masked first."""
+    B, N = ids.shape
+    n_masked = (rates * N).round().clamp(min=1, max=N).long()
+    weight = (ids[:, :, None] == ids[:, None, :]).sum(-1).float().reciprocal()  # (B, N)
+    biased = torch.rand(B, generator=generator, device=ids.device) < share
+    weight = torch.where(biased[:, None], weight, torch.ones_like(weight))
+    race = -torch.rand(B, N, generator=generator, device=ids.device).clamp(min=1e-12).log() / weight
+    mask = race.argsort(dim=1).argsort(dim=1) < n_masked[:, None]
+    return torch.where(mask, torch.full_like(ids, mask_id), ids), mask
+
+
+def judge_base(root: str, corpus: str, prompts: int, sampling: dict, background: int | None = None) -> dict:
+    """The judge on base-stage images of `prompts` seen-type prompts. With `background` (the
+    background token id), also a decoding trace: after each step, the mean number of shapes still
+    needed (the caption's total minus the shapes decoded so far) and the model's expected number
+    among the cells still masked (conditional logits, the sum of 1 - p(background))."""
     from muse.data.synthetic import parse_caption
     from muse.evaluate import read_holdout, seen_prompts
     from muse.judge import find_blobs, judge, summarize
@@ -89,13 +113,34 @@ def judge_base(root: str, corpus: str, prompts: int, sampling: dict) -> dict:
 
     pipe = MusePipeline.from_pretrained(root)
     chosen = seen_prompts(read_holdout(corpus), prompts, 0)
-    verdicts, surplus = [], []
+    verdicts, surplus, trace = [], [], {}
     for i in range(0, len(chosen), 8):
         chunk = chosen[i:i + 8]
-        for prompt, image in zip(chunk, pipe(chunk, superres=False, seed=i, **sampling)):
+        totals = torch.tensor([sum(g.count for g in parse_caption(p).groups) for p in chunk])
+        if background is not None:
+            text = pipe.encode_prompts(chunk)
+            context = pipe.base.encode_context(text.embeddings, text.mask)
+
+        def follow(stage: str, step: int, ids: torch.Tensor) -> None:
+            masked = ids == pipe.base.mask_token_id
+            with torch.no_grad():
+                p_shape = 1 - pipe.base(ids, context).float().softmax(-1)[..., background]
+            needed = totals - ((ids != background) & ~masked).sum(1)
+            row = trace.setdefault(step, {"masked": 0.0, "needed": 0.0, "expected": 0.0, "n": 0})
+            row["masked"] += masked.sum().item()
+            row["needed"] += needed.sum().item()
+            row["expected"] += (p_shape * masked).sum().item()
+            row["n"] += len(ids)
+
+        images = pipe(chunk, superres=False, seed=i, callback=follow if background is not None else None, **sampling)
+        for prompt, image in zip(chunk, images):
             verdicts.append(judge(image, prompt))
             surplus.append(len(find_blobs(image)) - sum(g.count for g in parse_caption(prompt).groups))
-    return summarize(verdicts) | {"under": sum(s < 0 for s in surplus), "over": sum(s > 0 for s in surplus)}
+    out = summarize(verdicts) | {"under": sum(s < 0 for s in surplus), "over": sum(s > 0 for s in surplus)}
+    if trace:
+        out["trace"] = [{"step": step, **{k: round(v / row["n"], 2) for k, v in row.items() if k != "n"}}
+                        for step, row in sorted(trace.items())]
+    return out
 
 
 def export_root(worker: BaseWorker, demo_root: str, encoder_dir: str, out: str) -> str:
@@ -118,12 +163,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="the demo root's text encoder, or a t5-tiny-bpe fitted to the shards' captions")
     parser.add_argument("--mask-rates", choices=("arccos", "uniform"), default="arccos",
                         help="training mask rates: Muse's arccos density or uniform on (0, 1]")
+    parser.add_argument("--content-masking", type=float, default=0.0, metavar="SHARE",
+                        help="share of training rows whose masks favour rare tokens (a position's weight is 1 / "
+                             "the count of its token in its row): the decoder's states, background shown, shapes hidden")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a further override of demo.yaml, e.g. base.run.max_steps=4800 (repeatable)")
+    parser.add_argument("--model-set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a change to the base preset's architecture, e.g. layers=8 (repeatable)")
     parser.add_argument("--eval-at", default="", help="comma-separated steps to judge at besides the last")
     parser.add_argument("--prompts", type=int, default=96, help="seen-type prompts judged")
     parser.add_argument("--sampling", default=json.dumps(SERVED), help="base sampling, JSON")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--trace", action="store_true",
+                        help="also trace decoding: shapes still needed against the model's expectation, per step")
     args = parser.parse_args(argv)
 
     configure_cpu_worker(args.threads)
@@ -139,6 +191,11 @@ def main(argv: list[str] | None = None) -> None:
         jobs.masked.sample_mask_rates = lambda b, generator=None, device=None: torch.rand(
             b, generator=generator, device=device).clamp(min=1e-6)
 
+    if args.content_masking:
+        import jobs.masked
+
+        jobs.masked.mask_tokens = functools.partial(content_biased_masks, share=args.content_masking)
+
     table = shards.load_token_shards(os.path.join(args.demo, "tokens"), columns=["tokens_lo", "text_ids"])
     encoder_dir = checkpoint.component_uri(demo_root, "text_encoder")
     captions = None
@@ -153,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     encoder = checkpoint.load_component(encoder_dir, expect_kind="text_encoder").eval()
     data = load_rows(table, encoder, captions)
     rows = len(data["tokens_lo"])
-    model_cfg = replace(preset(section.model or "base-tiny"), text_dim=encoder.dim)
+    changes = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.model_set)}
+    model_cfg = replace(preset(section.model or "base-tiny"), text_dim=encoder.dim, **changes)
     job = {"root": demo_root, "component": "base", "model_config": to_dict(model_cfg), "run_name": "base_recipe",
            "data_meta": {"text_storage": "embeddings", "text_dim": encoder.dim}}
     torch.manual_seed(0)
@@ -180,12 +238,14 @@ def main(argv: list[str] | None = None) -> None:
             recent = []
         if step + 1 in evals:
             root = export_root(worker, demo_root, encoder_dir, os.path.join(out, f"step{step + 1}"))
-            judged = judge_base(root, os.path.join(args.demo, "corpus"), args.prompts, sampling)
+            background = torch.mode(data["tokens_lo"].flatten()).values.item() if args.trace else None
+            judged = judge_base(root, os.path.join(args.demo, "corpus"), args.prompts, sampling, background)
             probe = canvas_probe(worker.eval_model(), data)
             results.append({"step": step + 1, "train_s": train_s, **judged, "probe": probe})
             print(json.dumps(results[-1]), flush=True)
 
-    print(f"\nbase on {args.demo}'s tokens, {args.text_encoder} text encoder, {args.mask_rates} mask rates, "
+    print(f"\nbase on {args.demo}'s tokens, {args.text_encoder} text encoder, {args.mask_rates} mask rates"
+          f"{f' ({args.content_masking:.0%} of rows content-biased)' if args.content_masking else ''}, "
           f"batch {batch}, {args.threads} torch thread(s); {args.prompts} seen prompts, sampling {sampling}\n")
     print("| step | train s | colour | shape | count | placement | whole | under | over | probe error r=0.1 / 0.3 / 0.6 / 1.0 (blind) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -194,6 +254,12 @@ def main(argv: list[str] | None = None) -> None:
         blind = " / ".join(f"{p['blind_error']:.2f}" for p in r["probe"])
         print(f"| {r['step']} | {r['train_s']:.0f} | {r['color']:.2f} | {r['shape']:.2f} | {r['count']:.2f} | "
               f"{r['placement']:.2f} | {r['correct']:.2f} | {r['under']} | {r['over']} | {probe} ({blind}) |")
+    if "trace" in results[-1]:
+        print(f"\ndecoding trace at step {results[-1]['step']}, means over the prompts after each decoding step:\n")
+        print("| decoding step | cells masked | shapes still needed | expected among masked |")
+        print("|---:|---:|---:|---:|")
+        for t in results[-1]["trace"]:
+            print(f"| {t['step'] + 1} | {t['masked']:.1f} | {t['needed']:.2f} | {t['expected']:.2f} |")
 
 
 if __name__ == "__main__":
