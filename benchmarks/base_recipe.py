@@ -5,7 +5,7 @@ in one process, judged on served-style images and probed for whether it counts w
     python benchmarks/base_recipe.py --demo demo_output --text-encoder bpe    # a BPE vocabulary over the same T5
     python benchmarks/base_recipe.py --demo demo_output --set base.run.max_steps=4800 --eval-at 2400
     python benchmarks/base_recipe.py --demo demo_output --mask-rates uniform
-    python benchmarks/base_recipe.py --demo demo_output --model-set layers=8 --trace
+    python benchmarks/base_recipe.py --demo demo_output --model-set heads=8 --seed 1 --trace
 
 A `make demo` output holds what this needs: the corpus (captions and held-out pairings), the token
 shards, and the root's tokenizers and text encoder. Training follows `configs/demo.yaml`'s base section
@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-at", default="", help="comma-separated steps to judge at besides the last")
     parser.add_argument("--prompts", type=int, default=96, help="seen-type prompts judged")
     parser.add_argument("--sampling", default=json.dumps(SERVED), help="base sampling, JSON")
+    parser.add_argument("--seed", type=int, default=0, help="initial weights, masks and data order")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--trace", action="store_true",
                         help="also trace decoding: shapes still needed against the model's expectation, per step")
@@ -214,13 +215,13 @@ def main(argv: list[str] | None = None) -> None:
     model_cfg = replace(preset(section.model or "base-tiny"), text_dim=encoder.dim, **changes)
     job = {"root": demo_root, "component": "base", "model_config": to_dict(model_cfg), "run_name": "base_recipe",
            "data_meta": {"text_storage": "embeddings", "text_dim": encoder.dim}}
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     worker = BaseWorker(section, job, WorkerEnv(bf16=section.run.cpu_bf16))
-    worker.reseed(0)
+    worker.reseed(args.seed)
     print(f"{rows} rows, captions of {data['text_mask'].sum(1).float().mean():.1f} tokens on average "
           f"({args.text_encoder} text encoder); {steps} steps of {section.run.batch_size}", flush=True)
 
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(args.seed + 1)
     batch, order, at = section.run.batch_size, torch.randperm(rows, generator=gen), 0
     evals = sorted({int(s) for s in args.eval_at.split(",") if s} | {steps})
     sampling, results, train_s, recent = json.loads(args.sampling), [], 0.0, []
