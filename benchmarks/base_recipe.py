@@ -6,6 +6,7 @@ in one process, judged on served-style images and probed for whether it counts w
     python benchmarks/base_recipe.py --demo demo_output --set base.run.max_steps=4800 --eval-at 2400
     python benchmarks/base_recipe.py --demo demo_output --mask-rates uniform
     python benchmarks/base_recipe.py --demo demo_output --model-set heads=8 --seed 1 --trace
+    python benchmarks/base_recipe.py --demo demo_output --canonical-codes --trace
 
 A `make demo` output holds what this needs: the corpus (captions and held-out pairings), the token
 shards, and the root's tokenizers and text encoder. Training follows `configs/demo.yaml`'s base section
@@ -30,6 +31,7 @@ still masked. A model that counts keeps the two equal while background is decode
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 import os
@@ -85,6 +87,25 @@ def canvas_probe(model, data: dict, rows: int = 512, rates=(0.1, 0.3, 0.6, 1.0))
                     "blind_error": (blind - true).abs().mean().item(),
                     "rounded_exact": (expected.round() == true).float().mean().item()})
     return out
+
+
+def canonical_codes(ids: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, int, int]:
+    """Every colour-shape pair's codes (read off the one-group rows) replaced by its most frequent
+    one: what the base model would see from a tokenizer with one code per pair. The tiny tokenizers
+    give a pair 2-5 codes, one for inner cells and others for cells on the image's border, which the
+    resize to 64 px draws differently. Returns (ids, codes before, codes after)."""
+    from muse.data.synthetic import parse_caption
+
+    background = torch.mode(ids.flatten()).values.item()
+    seen: dict[tuple, collections.Counter] = collections.defaultdict(collections.Counter)
+    for row, caption in zip(ids, captions):
+        groups = parse_caption(caption).groups
+        if len(groups) == 1:
+            seen[groups[0].pair].update(row[row != background].tolist())
+    lookup = torch.arange(int(ids.max()) + 1)
+    for counts in seen.values():
+        lookup[list(counts)] = counts.most_common(1)[0][0]
+    return lookup[ids], sum(len(c) for c in seen.values()), len(seen)
 
 
 def content_biased_masks(ids: torch.Tensor, rates: torch.Tensor, mask_id: int, generator=None, share: float = 1.0):
@@ -166,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--content-masking", type=float, default=0.0, metavar="SHARE",
                         help="share of training rows whose masks favour rare tokens (a position's weight is 1 / "
                              "the count of its token in its row): the decoder's states, background shown, shapes hidden")
+    parser.add_argument("--canonical-codes", action="store_true",
+                        help="train on tokens with one code per colour-shape pair (its most frequent)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a further override of demo.yaml, e.g. base.run.max_steps=4800 (repeatable)")
     parser.add_argument("--model-set", action="append", default=[], metavar="FIELD=VALUE",
@@ -210,6 +233,10 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint.save_component(TextEncoder.build(preset("t5-tiny-bpe"), captions), encoder_dir)
     encoder = checkpoint.load_component(encoder_dir, expect_kind="text_encoder").eval()
     data = load_rows(table, encoder, captions)
+    if args.canonical_codes:
+        texts = captions or shard_captions(table, encoder.tokenizer)
+        data["tokens_lo"], before, after = canonical_codes(data["tokens_lo"], texts)
+        print(f"canonical codes: {before} codes of {after} colour-shape pairs -> one each", flush=True)
     rows = len(data["tokens_lo"])
     changes = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.model_set)}
     model_cfg = replace(preset(section.model or "base-tiny"), text_dim=encoder.dim, **changes)
