@@ -42,6 +42,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+import jobs.masked
 from jobs.base import BaseWorker
 from jobs.config import load_config
 from jobs.data import collate_tokens
@@ -70,10 +71,14 @@ def load_rows(table, encoder, captions: list[str] | None) -> dict[str, torch.Ten
     return data
 
 
+def background_id(ids: torch.Tensor) -> int:
+    """The most frequent token of the grids: the empty canvas."""
+    return torch.mode(ids.flatten()).values.item()
+
+
 @torch.no_grad()
-def canvas_probe(model, data: dict, rows: int = 512, rates=(0.1, 0.3, 0.6, 1.0)) -> list[dict]:
+def canvas_probe(model, data: dict, background: int, rows: int = 512, rates=(0.1, 0.3, 0.6, 1.0)) -> list[dict]:
     ids, emb, mask_t = data["tokens_lo"][:rows], data["text_emb"][:rows], data["text_mask"][:rows]
-    background = torch.mode(ids.flatten()).values.item()
     context = model.encode_context(emb, mask_t)
     gen = torch.Generator().manual_seed(0)
     out = []
@@ -89,14 +94,13 @@ def canvas_probe(model, data: dict, rows: int = 512, rates=(0.1, 0.3, 0.6, 1.0))
     return out
 
 
-def canonical_codes(ids: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, int, int]:
+def canonical_codes(ids: torch.Tensor, captions: list[str], background: int) -> tuple[torch.Tensor, int, int]:
     """Every colour-shape pair's codes (read off the one-group rows) replaced by its most frequent
     one: what the base model would see from a tokenizer with one code per pair. The tiny tokenizers
     give a pair 2-5 codes, one for inner cells and others for cells on the image's border, which the
     resize to 64 px draws differently. Returns (ids, codes before, codes after)."""
     from muse.data.synthetic import parse_caption
 
-    background = torch.mode(ids.flatten()).values.item()
     seen: dict[tuple, collections.Counter] = collections.defaultdict(collections.Counter)
     for row, caption in zip(ids, captions):
         groups = parse_caption(caption).groups
@@ -138,25 +142,25 @@ def judge_base(root: str, corpus: str, prompts: int, sampling: dict, background:
     for i in range(0, len(chosen), 8):
         chunk = chosen[i:i + 8]
         totals = torch.tensor([sum(g.count for g in parse_caption(p).groups) for p in chunk])
+        follow = None
         if background is not None:
             text = pipe.encode_prompts(chunk)
             context = pipe.base.encode_context(text.embeddings, text.mask)
 
-        def follow(stage: str, step: int, ids: torch.Tensor) -> None:
-            masked = ids == pipe.base.mask_token_id
-            with torch.no_grad():
-                p_shape = 1 - pipe.base(ids, context).float().softmax(-1)[..., background]
-            needed = totals - ((ids != background) & ~masked).sum(1)
-            row = trace.setdefault(step, {"masked": 0.0, "needed": 0.0, "expected": 0.0, "n": 0})
-            row["masked"] += masked.sum().item()
-            row["needed"] += needed.sum().item()
-            row["expected"] += (p_shape * masked).sum().item()
-            row["n"] += len(ids)
+            def follow(stage: str, step: int, ids: torch.Tensor) -> None:
+                masked = ids == pipe.base.mask_token_id
+                with torch.no_grad():  # logits only where still masked, as the sampler computes them
+                    p_shape = 1 - pipe.base(ids, context, select=masked).float().softmax(-1)[:, background]
+                row = trace.setdefault(step, {"masked": 0.0, "needed": 0.0, "expected": 0.0, "n": 0})
+                row["masked"] += masked.sum().item()
+                row["needed"] += (totals - ((ids != background) & ~masked).sum(1)).sum().item()
+                row["expected"] += p_shape.sum().item()
+                row["n"] += len(ids)
 
-        images = pipe(chunk, superres=False, seed=i, callback=follow if background is not None else None, **sampling)
-        for prompt, image in zip(chunk, images):
+        images = pipe(chunk, superres=False, seed=i, callback=follow, **sampling)
+        for prompt, image, total in zip(chunk, images, totals.tolist()):
             verdicts.append(judge(image, prompt))
-            surplus.append(len(find_blobs(image)) - sum(g.count for g in parse_caption(prompt).groups))
+            surplus.append(len(find_blobs(image)) - total)
     out = summarize(verdicts) | {"under": sum(s < 0 for s in surplus), "over": sum(s > 0 for s in surplus)}
     if trace:
         out["trace"] = [{"step": step, **{k: round(v / row["n"], 2) for k, v in row.items() if k != "n"}}
@@ -209,15 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(out, exist_ok=True)
     section = load_config(DEMO_CONFIG, args.set).base
     steps = section.run.max_steps
-    if args.mask_rates == "uniform":  # the worker looks the function up in its module at each step
-        import jobs.masked
-
+    # The worker looks its masking functions up in jobs.masked at each step, so they are replaced there.
+    if args.mask_rates == "uniform":
         jobs.masked.sample_mask_rates = lambda b, generator=None, device=None: torch.rand(
             b, generator=generator, device=device).clamp(min=1e-6)
 
     if args.content_masking:
-        import jobs.masked
-
         jobs.masked.mask_tokens = functools.partial(content_biased_masks, share=args.content_masking)
 
     table = shards.load_token_shards(os.path.join(args.demo, "tokens"), columns=["tokens_lo", "text_ids"])
@@ -233,9 +234,10 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint.save_component(TextEncoder.build(preset("t5-tiny-bpe"), captions), encoder_dir)
     encoder = checkpoint.load_component(encoder_dir, expect_kind="text_encoder").eval()
     data = load_rows(table, encoder, captions)
+    background = background_id(data["tokens_lo"])
     if args.canonical_codes:
         texts = captions or shard_captions(table, encoder.tokenizer)
-        data["tokens_lo"], before, after = canonical_codes(data["tokens_lo"], texts)
+        data["tokens_lo"], before, after = canonical_codes(data["tokens_lo"], texts, background)
         print(f"canonical codes: {before} codes of {after} colour-shape pairs -> one each", flush=True)
     rows = len(data["tokens_lo"])
     changes = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.model_set)}
@@ -266,9 +268,9 @@ def main(argv: list[str] | None = None) -> None:
             recent = []
         if step + 1 in evals:
             root = export_root(worker, demo_root, encoder_dir, os.path.join(out, f"step{step + 1}"))
-            background = torch.mode(data["tokens_lo"].flatten()).values.item() if args.trace else None
-            judged = judge_base(root, os.path.join(args.demo, "corpus"), args.prompts, sampling, background)
-            probe = canvas_probe(worker.eval_model(), data)
+            judged = judge_base(root, os.path.join(args.demo, "corpus"), args.prompts, sampling,
+                                background if args.trace else None)
+            probe = canvas_probe(worker.eval_model(), data, background)
             results.append({"step": step + 1, "train_s": train_s, **judged, "probe": probe})
             print(json.dumps(results[-1]), flush=True)
 
