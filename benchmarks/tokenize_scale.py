@@ -4,8 +4,9 @@ For each corpus size (tiny synthetic PNGs of 32-64 px in Parquet files of 1,000 
 `tiny` model root with the low-res VQGAN and the ByT5 tokenizer, text ids) it runs, in the same
 invocation and on the same local Ray:
 
-- the Ray Data pipeline (`pipelines.tokenize.run`), in its own driver process joined to the Ray
-  started here, so the driver's CPU-seconds and peak RSS are those of the driver process alone
+- the Ray Data pipeline (`pipelines.tokenize.run`) with decoding in the VQGAN actors (what CPU
+  actors get) and, with `--placements actors tasks`, as a task pool of its own (what GPU actors
+  get), each in its own driver process joined to the Ray started here, so the driver's CPU-seconds and peak RSS are those of the driver process alone
   (`getrusage(RUSAGE_SELF)`; workers, raylet and GCS are other processes). The CPU-seconds of the
   coordinator actor that runs Ray Data's streaming executor are reported beside them;
 - the plain single-process loop as the naive baseline: the same reader, preprocessing, model UDFs
@@ -14,7 +15,7 @@ invocation and on the same local Ray:
 Goals (issue 12): the 32k run's driver CPU-seconds at most 1.5x the 2k run's, driver RSS flat, the
 pipeline faster than the loop. Prints the machine and its load average with the table.
 
-    python benchmarks/tokenize_scale.py [--sizes 2000 8000 32000] [--work DIR]
+    python benchmarks/tokenize_scale.py [--sizes 2000 8000 32000] [--placements actors tasks] [--work DIR]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ CONFIG = {  # sized for throughput on a few cores; see configs/tokenize-*.yaml f
     # One block per part: Ray Data's scheduling costs the driver per task, so per block.
     "reader": {"rows_per_part": 1000, "block_rows": 1000},
     "preprocess": {"num_cpus": 0.5, "batch_size": 250},
-    "vqgan_lo": {"num_cpus": 1, "min_size": 1, "max_size": 2, "batch_size": 250},
+    "vqgan_lo": {"num_cpus": 1, "min_size": 2, "max_size": 2, "batch_size": 250},  # one actor per core, from the start
     "text": {"num_cpus": 0.5, "batch_size": 500},
     "write_cpus": 0.25,
 }
@@ -100,13 +101,13 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def as_driver(corpus: str, out: str, root: str) -> dict:
+def as_driver(corpus: str, out: str, root: str, placement: str) -> dict:
     """One tokenization job; this process is its driver."""
     from muse.config import from_dict
     from pipelines.config import TokenizeConfig
     from pipelines.tokenize import resolve_models, run
 
-    cfg = from_dict(TokenizeConfig, CONFIG)
+    cfg = from_dict(TokenizeConfig, CONFIG | {"preprocess": CONFIG["preprocess"] | {"placement": placement}})
     models = resolve_models(root)
     cpu0, rss0, start = _cpu_s(), _rss_mb(), time.time()
     totals = run(corpus, out, models, cfg, progress=False)
@@ -145,8 +146,9 @@ def as_loop(corpus: str, out: str, root: str) -> dict:
     return {"seconds": time.time() - start, "accepted": accepted}
 
 
-def child(mode: str, corpus: str, out: str, root: str, env: dict | None = None) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), f"--{mode}", corpus, "--out", out, "--root", root]
+def child(mode: str, corpus: str, out: str, root: str, env: dict | None = None, placement: str = "auto") -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), f"--{mode}", corpus, "--out", out, "--root", root,
+           "--placement", placement]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     if proc.returncode:
         raise RuntimeError(f"{mode} failed:\n{proc.stderr[-3000:]}")
@@ -156,14 +158,18 @@ def child(mode: str, corpus: str, out: str, root: str, env: dict | None = None) 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 8000, 32000])
+    parser.add_argument("--placements", nargs="+", choices=["actors", "tasks"], default=["actors"],
+                        help="where the pipeline decodes (preprocess.placement); each is run at every size")
     parser.add_argument("--work", help="folder for the corpus, model root and outputs (default: a temp dir)")
     parser.add_argument("--driver", metavar="CORPUS", help=argparse.SUPPRESS)
     parser.add_argument("--loop", metavar="CORPUS", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
+    parser.add_argument("--placement", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.driver or args.loop:
-        result = as_driver(args.driver, args.out, args.root) if args.driver else as_loop(args.loop, args.out, args.root)
+        result = (as_driver(args.driver, args.out, args.root, args.placement) if args.driver
+                  else as_loop(args.loop, args.out, args.root))
         print(json.dumps(result), flush=True)
         return
 
@@ -187,29 +193,34 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.sizes:
         corpus = corpus_of(work, n, full)
         before = load()
-        pipe = child("driver", corpus, os.path.join(work, f"tokens-{n}-{time.time():.0f}"), root, env)
+        pipes = {p: child("driver", corpus, os.path.join(work, f"tokens-{n}-{p}-{time.time():.0f}"), root, env, p)
+                 for p in args.placements}
         loop = child("loop", corpus, os.path.join(work, f"loop-{n}-{time.time():.0f}"), root)
-        assert pipe["accepted"] == loop["accepted"] == n, (pipe, loop)
-        rows.append((n, pipe, loop, f"{before} -> {load()}"))
-        print(json.dumps({"images": n, "pipeline": pipe, "loop": loop}), flush=True)
+        for placement, pipe in pipes.items():
+            assert pipe["accepted"] == loop["accepted"] == n, (pipe, loop)
+            rows.append((n, placement, pipe, loop, f"{before} -> {load()}"))
+            print(json.dumps({"images": n, "placement": placement, "pipeline": pipe, "loop": loop}), flush=True)
     ray.shutdown()
 
     print(f"\nmachine: {machine()}\n")
-    print("| images | pipeline s | pipeline images/s | driver CPU-s (run / process) | driver CPU, % of a core "
+    print("| images | decoding in | pipeline s | pipeline images/s | driver CPU-s (run / process) | driver CPU, % of a core "
           "| coordinator CPU-s | driver ms CPU per image | driver RSS MB (start of run / peak) | plain loop s "
           "| loop images/s | load average (1/5/15 min, before -> after) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for n, pipe, loop, loads in rows:
-        print(f"| {n:,} | {pipe['seconds']:.1f} | {n / pipe['seconds']:.0f} | {pipe['cpu_s']:.1f} / "
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for n, placement, pipe, loop, loads in rows:
+        print(f"| {n:,} | {placement} | {pipe['seconds']:.1f} | {n / pipe['seconds']:.0f} | {pipe['cpu_s']:.1f} / "
               f"{pipe['cpu_s_process']:.1f} | {100 * pipe['cpu_s'] / pipe['seconds']:.1f} | "
               f"{pipe['coordinator_cpu_s']:.1f} | "
               f"{1000 * pipe['cpu_s'] / n:.3f} | {pipe['rss_start_mb']:.0f} / {pipe['rss_peak_mb']:.0f} | "
               f"{loop['seconds']:.1f} | {n / loop['seconds']:.0f} | {loads} |")
-    first = rows[0][1]
     print()
-    for n, pipe, _, _ in rows[1:]:
-        print(f"{n:,} vs {rows[0][0]:,} images: driver CPU-s of the run {pipe['cpu_s'] / first['cpu_s']:.2f}x, "
-              f"peak RSS {pipe['rss_peak_mb'] / first['rss_peak_mb']:.2f}x")
+    for placement in args.placements:
+        mine = [(n, pipe, loop) for n, p, pipe, loop, _ in rows if p == placement]
+        first = mine[0][1]
+        for n, pipe, loop in mine:
+            print(f"decoding in {placement}, {n:,} images: pipeline {loop['seconds'] / pipe['seconds']:.2f}x the "
+                  f"loop's speed; vs {mine[0][0]:,} images: driver CPU-s of the run "
+                  f"{pipe['cpu_s'] / first['cpu_s']:.2f}x, peak RSS {pipe['rss_peak_mb'] / first['rss_peak_mb']:.2f}x")
 
 
 if __name__ == "__main__":

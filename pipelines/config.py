@@ -40,22 +40,31 @@ class ReaderConfig:
             raise ValueError("reader.rows_per_part and reader.block_rows must be positive")
 
 
+PLACEMENTS = ("auto", "tasks", "actors")
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Decoding limits and the CPU tasks that apply them."""
+    """Decoding limits, and where decoding runs: "tasks" (a CPU task pool of its own that fans out over
+    every CPU of the cluster, what GPU actors need), "actors" (inside the image-tokenizer actors, before
+    their model: no object-store hop of pixels and no processes of its own, what CPU actors need), or
+    "auto": actors when the image-tokenizer pool runs on CPU, tasks when it has GPUs."""
 
     min_side: int = 32  # images with a shorter side are rejected (too_small)
     max_pixels: int = 64_000_000  # images with more pixels are rejected unread (too_many_pixels)
     max_caption_chars: int = 1024  # longer captions are cut to this many characters
     batch_size: int = 32
-    num_cpus: float = 1.0  # per preprocessing task
-    memory_mb: int = 512  # memory reserved per preprocessing task: one max_pixels image decodes in it
+    num_cpus: float = 1.0  # per preprocessing task (and per read task)
+    memory_mb: int = 512  # memory reserved per decoding task or actor: one max_pixels image decodes in it
+    placement: str = "auto"
 
     def __post_init__(self):
         if min(self.min_side, self.max_pixels, self.max_caption_chars, self.batch_size, self.memory_mb) < 1:
             raise ValueError("preprocess limits, batch_size and memory_mb must be positive")
         if self.num_cpus <= 0:
             raise ValueError("preprocess.num_cpus must be > 0")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"preprocess.placement must be one of {PLACEMENTS}, got {self.placement!r}")
 
 
 @dataclass(frozen=True)

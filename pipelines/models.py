@@ -17,7 +17,7 @@ import pyarrow as pa
 from muse import storage
 from muse.config import TextEncoderConfig
 from pipelines import readers
-from pipelines.preprocess import unpack_pixels
+from pipelines.preprocess import preprocess_batch, unpack_pixels
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -105,12 +105,19 @@ class ImageTokens:
     """Every image tokenizer of the root in one actor: vqgan_lo, then vqgan_hi when there is one.
     Each pixel column goes straight to the actor that encodes it and is dropped there, so the large
     high-res pixels never ride through a pool that does not use them (one object-store hop, not two).
-    `tokenizers`: VQGANTokens arguments (uri, pixels, tokens, batch_size) per model."""
+    `tokenizers`: VQGANTokens arguments (uri, pixels, tokens, batch_size) per model. With `preprocess`
+    (`preprocess_batch` keyword arguments) the actor decodes the corpus rows it is given itself."""
 
-    def __init__(self, tokenizers: list[dict], device: str, precision: str, num_cpus: float):
+    def __init__(self, tokenizers: list[dict], device: str, precision: str, num_cpus: float,
+                 preprocess: dict | None = None):
         self.stages = [VQGANTokens(**t, device=device, precision=precision, num_cpus=num_cpus) for t in tokenizers]
+        self.preprocess = preprocess
+        if preprocess and preprocess.get("text_ids"):
+            cached_tokenizer(preprocess["text_ids"])  # loaded with the models, not in the first batch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.preprocess is not None:
+            batch = preprocess_batch(batch, **self.preprocess)
         for stage in self.stages:
             batch = stage(batch)
         return batch

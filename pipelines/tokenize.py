@@ -1,6 +1,6 @@
 """Tokenize an image-caption corpus into Parquet token shards with Ray Data.
 
-    read (one task per part) -> preprocess (CPU tasks; caption ids) -> VQGAN pool (lo [+ hi])
+    read (one task per part) -> preprocess (caption ids) -> VQGAN pool (lo [+ hi])
         [-> text-encoder pool] -> write (CPU tasks: each block's rows of each part to a shard file)
         -> driver: small records only; commits each part to the manifest once all its rows are written
 
@@ -8,10 +8,11 @@ The models run in actor pools (`compute=ray.data.ActorPoolStrategy`, `pipelines.
 once per actor from the model root: one pool for the image tokenizers (each actor holds vqgan_lo and
 vqgan_hi, so each pixel array goes only to the actor that encodes it), and one for the text encoder
 when the shards store its embeddings (`text_storage: embeddings`). Token ids alone need no model:
-the preprocessing tasks add them. Pool sizes, CPUs/GPUs per actor and batch sizes come from
-`TokenizeConfig`, so a cluster gives the VQGAN actors whole GPUs while decoding fans out over every
-CPU. Pixels travel at the tokenizers' sizes, LZ4-packed where that pays
-(`pipelines.preprocess.pack_pixels`).
+decoding adds them. Pool sizes, CPUs/GPUs per actor and batch sizes come from `TokenizeConfig`, so
+a cluster gives the VQGAN actors whole GPUs while decoding fans out over every CPU as tasks of its
+own, its pixels travelling at the tokenizers' sizes, LZ4-packed where that pays
+(`pipelines.preprocess.pack_pixels`). When the VQGAN actors run on CPU, they decode their own rows
+(`preprocess.placement`): a separate pool would only move the pixels once more.
 Image sizes come from the VQGAN configs in the model root. Bad samples never fail the job: they are
 rejected by reason, counted in rejects.json and skipped by the model UDFs. No sample passes through
 the driver: workers write the shards, and Ray Data's streaming executor runs in a coordinator actor
@@ -94,18 +95,26 @@ def resolve_models(checkpoint: str | None, vqgan: str | None = None, vqgan_hi: s
 # The dataset and the job.
 
 
-def _pool(ds, udf: type, kwargs: dict, pool: PoolConfig):
+def _pool(ds, udf: type, kwargs: dict, pool: PoolConfig, **ray_remote_args):
     import ray
 
     return ds.map_batches(
         udf, fn_constructor_kwargs=kwargs, batch_format="pyarrow", batch_size=pool.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
-        num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
+        num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, **ray_remote_args,
     )
 
 
 def _device(pool: PoolConfig) -> str:
     return "cuda" if pool.num_gpus > 0 else "cpu"
+
+
+def decodes_in_actors(cfg: TokenizeConfig) -> bool:
+    """Whether the image-tokenizer actors decode their own rows (`PreprocessConfig.placement`). On CPU
+    a decoding pool of its own only adds an object-store hop of the pixels and processes that each
+    load the libraries: benchmarks/RESULTS.md, "Decoding in the CPU actors"."""
+    placement = cfg.preprocess.placement
+    return placement == "actors" or (placement == "auto" and cfg.vqgan_lo.num_gpus == 0)
 
 
 def build(cfg: TokenizeConfig, parts: list[readers.Part], models: Models, lo_size: int,
@@ -114,17 +123,23 @@ def build(cfg: TokenizeConfig, parts: list[readers.Part], models: Models, lo_siz
     are the writers' small per-block records (`shards.RECORD_SCHEMA`)."""
     # Ray 2.60 has no named parameter for task retries, only the (deprecated) remote args.
     io_retries = {"max_retries": cfg.io_task_retries, "retry_exceptions": [OSError]}
-    # Token ids need only the tokenizer: the preprocessing tasks add them, and no text pool runs.
+    # Token ids need only the tokenizer: decoding adds them, and no text pool runs.
     ids_only = cfg.text_storage == "ids"
-    ds = preprocessed(parts, cfg, lo_size, hi_size, ray_remote_args=io_retries, pack=True,
-                      text_ids=models.text_encoder if ids_only else None)
+    decode = {"lo_size": lo_size, "hi_size": hi_size, "text_ids": models.text_encoder if ids_only else None}
     tokenizers = [{"uri": models.vqgan_lo, "pixels": "pixels_lo", "tokens": "tokens_lo",
                    "batch_size": cfg.vqgan_lo.batch_size}]
     if models.vqgan_hi:
         tokenizers.append({"uri": models.vqgan_hi, "pixels": "pixels_hi", "tokens": "tokens_hi",
                            "batch_size": cfg.vqgan_hi.batch_size})
-    ds = _pool(ds, ImageTokens, {"tokenizers": tokenizers, "device": _device(cfg.vqgan_lo),
-                                 "precision": cfg.precision, "num_cpus": cfg.vqgan_lo.num_cpus}, cfg.vqgan_lo)
+    actor = {"tokenizers": tokenizers, "device": _device(cfg.vqgan_lo), "precision": cfg.precision,
+             "num_cpus": cfg.vqgan_lo.num_cpus}
+    if decodes_in_actors(cfg):
+        ds = readers.read_parts(parts, cfg.reader, num_cpus=cfg.preprocess.num_cpus, ray_remote_args=io_retries)
+        ds = _pool(ds, ImageTokens, actor | {"preprocess": decode | {"cfg": cfg.preprocess}}, cfg.vqgan_lo,
+                   memory=cfg.preprocess.memory_mb * 2**20)
+    else:
+        ds = preprocessed(parts, cfg, ray_remote_args=io_retries, pack=True, **decode)
+        ds = _pool(ds, ImageTokens, actor, cfg.vqgan_lo)
     if not ids_only:
         ds = _pool(ds, TextTokens, {"uri": models.text_encoder, "text_storage": cfg.text_storage,
                                     "device": _device(cfg.text), "precision": cfg.precision,

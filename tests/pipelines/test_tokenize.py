@@ -22,7 +22,7 @@ from pipelines import manifest, shards
 from pipelines.config import PreprocessConfig, load_config
 from pipelines.preprocess import preprocess_batch
 from pipelines.readers import ROW_SCHEMA
-from pipelines.tokenize import main, resolve_models, run
+from pipelines.tokenize import decodes_in_actors, main, resolve_models, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -42,7 +42,9 @@ def keys_once(table: pa.Table) -> Counter:
     return counts
 
 
-def test_folder_corpus_end_to_end(ray_session, tmp_path, tiny_root, fast_cfg):
+@pytest.mark.parametrize("placement", ["actors", "tasks"])  # decoding in the VQGAN actors, or a pool of its own
+def test_folder_corpus_end_to_end(ray_session, tmp_path, tiny_root, fast_cfg, placement):
+    fast_cfg = replace(fast_cfg, preprocess=replace(fast_cfg.preprocess, placement=placement))
     rows = mixed_rows()
     write_folder(tmp_path / "corpus", rows)
     out = str(tmp_path / "tokens")
@@ -338,6 +340,16 @@ def test_cli(tmp_path, tiny_root, capsys):
     with pytest.raises(SystemExit):
         main(["--input", ".", "--output", str(tmp_path), "--checkpoint", str(tmp_path)])
     assert "vqgan_lo" in capsys.readouterr().err
+
+
+def test_decoding_runs_in_cpu_actors_and_beside_gpu_actors():
+    cfg = load_config(None)
+    assert cfg.preprocess.placement == "auto" and decodes_in_actors(cfg)
+    assert not decodes_in_actors(load_config(os.path.join(REPO, "configs", "tokenize-gpu.yaml")))
+    assert not decodes_in_actors(load_config(None, ["preprocess.placement=tasks"]))
+    assert decodes_in_actors(load_config(None, ["preprocess.placement=actors", "vqgan_lo.num_gpus=1"]))
+    with pytest.raises(ValueError, match="placement"):
+        load_config(None, ["preprocess.placement=driver"])
 
 
 def test_vqgan_hi_shares_the_vqgan_lo_actors():
