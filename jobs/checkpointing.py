@@ -18,6 +18,11 @@ Tensor keys: "module/<name>/<fqn>", "optim/<name>/<fqn>/<key>" (exp_avg, step, .
 On resume from S3 every node downloads the merged checkpoint once (`resume_directory`), and each rank
 then reads from it only the pieces that its own shards need.
 
+Each rank writes its shards to a local staging directory (`staging_directory`) that Ray Train deletes
+once uploaded. A worker that dies mid-upload leaves its directory behind, a checkpoint's worth of
+disk per failure; the next worker on the node removes the directories of processes that are gone
+(`remove_orphaned_staging`).
+
 Checkpoints of format_version 1 (full tensors gathered to rank 0: `jobs.common.save_training_state`)
 still load, on any worker count.
 """
@@ -45,6 +50,41 @@ from jobs.parallel import WorkerEnv, is_dtensor, local
 
 FORMAT = "torch-dcp-safetensors"
 FORMAT_VERSION = 2
+
+
+STAGING_PREFIX = "muse-checkpoint-"
+
+
+def staging_directory(step: int, parent: str | None = None) -> str:
+    """A new local directory for this process's shards of the checkpoint at `step`; its name carries
+    the process id, so that an orphan can be told from a directory still being uploaded."""
+    return tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-{step:08d}-", dir=parent)
+
+
+def remove_orphaned_staging(parent: str | None = None) -> list[str]:
+    """Delete the staging directories under `parent` (default: the temp dir) whose process no longer
+    runs: their uploads died with it, so no checkpoint refers to them. Returns what was removed."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(parent):
+        if not name.startswith(STAGING_PREFIX):
+            continue
+        fields = name[len(STAGING_PREFIX):].split("-")  # pid, step, mkdtemp's suffix (no "-" in it)
+        if len(fields) != 3 or not fields[0].isdigit() or _process_runs(int(fields[0])):
+            continue  # a name without a pid (older code), or a live process's (a reused pid errs on keeping)
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        removed.append(name)
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _ema_tensors(ema: EMA) -> dict[str, torch.Tensor]:

@@ -27,14 +27,14 @@ import importlib
 import logging
 import os
 import sys
-import tempfile
 import time
 from typing import Any
 
 import torch
 from torch import nn
 
-from jobs.checkpointing import load_training_state, resume_directory, save_sharded
+from jobs.checkpointing import (load_training_state, remove_orphaned_staging, resume_directory, save_sharded,
+                                staging_directory)
 from jobs.common import EMA, peak_flops
 from jobs.parallel import WorkerEnv, allreduce_mean
 from jobs.progress import Reporter, format_seconds, quiet_ray_loggers, start_display
@@ -113,6 +113,9 @@ def train_loop_per_worker(job: dict) -> None:
     env = ray_worker_env(section.scaling.strategy, run.bf16, run.cpu_bf16)
     if env.device.type == "cpu":
         configure_cpu_worker(section.scaling.cpus_per_worker)
+    removed = remove_orphaned_staging()
+    if removed:
+        print(f"[{job['run_name']}] removed {len(removed)} checkpoint staging dir(s) of crashed workers", flush=True)
     torch.manual_seed(run.seed)  # identical initial weights on every rank
     worker = cls(section, job, env)
     step, counters = 0, {"samples": 0.0, "tokens": 0.0}
@@ -240,7 +243,7 @@ def _report_checkpoint(worker: StageWorker, env: WorkerEnv, step: int, counters:
     import ray.train
 
     start = time.perf_counter()
-    directory = tempfile.mkdtemp(prefix=f"muse-checkpoint-{step:08d}-")  # Ray deletes it after the upload
+    directory = staging_directory(step)  # Ray deletes it after the upload
     save_sharded(directory, step=step, env=env, modules=worker.modules, optimizers=worker.optimizers,
                  schedulers=worker.schedulers, ema=worker.ema, counters=dict(counters))
     _report(report or {"step": float(step)}, checkpoint=ray.train.Checkpoint.from_directory(directory))

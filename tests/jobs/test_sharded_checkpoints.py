@@ -190,3 +190,24 @@ def test_resume_directory_downloads_once_per_node_and_never_rewrites_a_copy_in_u
     with resume_directory(local, local_rank=0) as d:
         assert d == str(tmp_path)  # local checkpoints are read in place, never copied or removed
     assert tmp_path.exists()
+
+
+def test_staging_directories_of_dead_workers_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from jobs.checkpointing import remove_orphaned_staging, staging_directory
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs (reaped), as a worker killed mid-upload leaves
+    orphan = tmp_path / f"muse-checkpoint-{dead.pid}-00000600-abc123"
+    orphan.mkdir()
+    (orphan / "shard-1-model-00001-of-00001.safetensors").write_bytes(b"x" * 1000)
+    mine = staging_directory(800, parent=str(tmp_path))  # this process's: its upload may be in flight
+    older = tmp_path / "muse-checkpoint-00000600-xyz789"  # older code's name, no pid: cannot tell, kept
+    older.mkdir()
+    other = tmp_path / "not-a-checkpoint"
+    other.mkdir()
+    assert remove_orphaned_staging(str(tmp_path)) == [orphan.name]
+    assert not orphan.exists() and os.path.isdir(mine) and older.exists() and other.exists()
+    assert os.path.basename(mine).startswith(f"muse-checkpoint-{os.getpid()}-00000800-")
