@@ -202,6 +202,11 @@ def read_component_config(uri: str) -> tuple[str, Any]:
     return meta["kind"], _parse_config(meta, uri)
 
 
+def is_reference(uri: str) -> bool:
+    """Whether the component at `uri` names the directory of its weights (`save_reference`)."""
+    return bool(_read_meta(uri).get("reference"))
+
+
 def component_extra(uri: str) -> dict[str, Any]:
     return _read_meta(uri).get("extra", {})
 

@@ -65,6 +65,51 @@ def _local_folder(name_or_path: str) -> str:
                          f"Face cache (nothing is downloaded): give a local or s3:// directory ({e})") from e
 
 
+def text_encoder_config(uri: str):
+    """The config of a muse text-encoder component (T5, or an imported aMUSEd root's CLIP), or None for
+    a Hugging Face directory/name."""
+    from muse.checkpoint import KINDS, CheckpointError, read_component_config
+
+    try:
+        kind, cfg = read_component_config(uri)
+    except (CheckpointError, OSError, ValueError):
+        return None
+    if KINDS[kind].role != "text_encoder":
+        raise ValueError(f"{uri} holds a {kind!r} component, not a text encoder")
+    return cfg
+
+
+def load_tokenizer(uri: str):
+    """(tokenizer, max_length) of a text encoder, without building the encoder (ids need no model).
+    `uri`: a muse text_encoder component, or a Hugging Face directory or cache name; local or s3://. A
+    component that references its weights (T5-XXL, `checkpoint.save_reference`) has its tokenizer
+    with them, in the directory it names."""
+    from transformers import AutoTokenizer, ByT5Tokenizer
+
+    from muse.checkpoint import is_reference
+
+    cfg = text_encoder_config(uri)
+    max_length = (cfg or TextEncoderConfig()).max_length
+    if cfg is not None and is_reference(uri):
+        uri, cfg = cfg.name_or_path, None
+    tok_config = storage.join(uri, "tokenizer_config.json")
+    if cfg is not None and storage.exists(tok_config) and json.loads(storage.read_text(tok_config)).get(
+            "tokenizer_class", "").startswith("ByT5"):
+        return ByT5Tokenizer(), max_length  # byte-level: no vocabulary files
+    with tempfile.TemporaryDirectory() as tmp:
+        local = uri
+        if storage.is_s3(uri):  # the tokenizer files only, not the weights
+            for f in storage.list_files(uri, recursive=False):
+                if not f.endswith((".safetensors", ".bin")):
+                    storage.write_bytes(os.path.join(tmp, f.rsplit("/", 1)[-1]), storage.read_bytes(f))
+            local = tmp
+        try:
+            return AutoTokenizer.from_pretrained(local, local_files_only=True), max_length
+        except (OSError, ValueError, ImportError) as e:
+            raise ValueError(f"text encoder {uri!r}: its tokenizer does not load (T5's own tokenizer needs "
+                             f"sentencepiece): {e}") from e
+
+
 def read_state_dict(folder: str) -> dict[str, torch.Tensor]:
     """The weights in a Hugging Face folder: safetensors (single or sharded), else pytorch_model.bin
     (single or sharded) through `torch.load(weights_only=True)`, which runs no pickled code."""

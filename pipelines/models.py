@@ -8,32 +8,16 @@ The image tokenizers share one Ray Data actor pool (`ImageTokens`), the text mod
 from __future__ import annotations
 
 import functools
-import json
-import os
 
 import numpy as np
 import pyarrow as pa
 
-from muse import storage
 from muse.config import TextEncoderConfig
+from muse.text import load_tokenizer, text_encoder_config
 from pipelines import readers
 from pipelines.preprocess import preprocess_batch, unpack_pixels
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def text_encoder_config(uri: str):
-    """The config of a muse text-encoder component (T5, or an imported aMUSEd root's CLIP), or None for
-    a Hugging Face directory/name."""
-    from muse.checkpoint import KINDS, CheckpointError, read_component_config
-
-    try:
-        kind, cfg = read_component_config(uri)
-    except (CheckpointError, OSError, ValueError):
-        return None
-    if KINDS[kind].role != "text_encoder":
-        raise ValueError(f"{uri} holds a {kind!r} component, not a text encoder")
-    return cfg
 
 
 def _setup_torch(device: str, num_cpus: float):
@@ -121,29 +105,6 @@ class ImageTokens:
         for stage in self.stages:
             batch = stage(batch)
         return batch
-
-
-def load_tokenizer(uri: str):
-    """(tokenizer, max_length) of a text encoder, without building the encoder (ids need no model).
-    `uri`: a muse text_encoder component, or a Hugging Face directory or cache name; local or s3://."""
-    import tempfile
-
-    from transformers import AutoTokenizer, ByT5Tokenizer
-
-    cfg = text_encoder_config(uri)
-    max_length = (cfg or TextEncoderConfig()).max_length
-    tok_config = storage.join(uri, "tokenizer_config.json")
-    if cfg is not None and storage.exists(tok_config) and json.loads(storage.read_text(tok_config)).get(
-            "tokenizer_class", "").startswith("ByT5"):
-        return ByT5Tokenizer(), max_length  # byte-level: no vocabulary files
-    with tempfile.TemporaryDirectory() as tmp:
-        local = uri
-        if storage.is_s3(uri):  # the tokenizer files only, not the weights
-            for f in storage.list_files(uri, recursive=False):
-                if not f.endswith((".safetensors", ".bin")):
-                    storage.write_bytes(os.path.join(tmp, f.rsplit("/", 1)[-1]), storage.read_bytes(f))
-            local = tmp
-        return AutoTokenizer.from_pretrained(local, local_files_only=True), max_length
 
 
 @functools.lru_cache(maxsize=4)

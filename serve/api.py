@@ -32,6 +32,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from muse import checkpoint
+from muse.text import load_tokenizer
 from serve.chain import run_chain
 from serve.config import AppArgs
 from serve.deployments import Decode
@@ -64,6 +65,8 @@ class Ingress:
             self.hi_side, self.hi_tokens = hi.resolution, hi.tokens_per_side
         self.responses = Responses(args.files)
         self.page = (STATIC / "index.html").read_text()
+        # The tokenizer alone (no weights): `usage` counts the prompt as the text encoder reads it.
+        self.tokenizer, self.max_text_tokens = load_tokenizer(checkpoint.component_uri(args.checkpoint, "text_encoder"))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_fastapi(self)
@@ -74,7 +77,8 @@ class Ingress:
 
     def usage(self, prompt: str, n: int, stage: str) -> dict:
         tokens = self.lo_tokens**2 + (self.hi_tokens**2 if stage == "hi" else 0)
-        return usage(prompt, n, tokens)
+        text = len(self.tokenizer(prompt, truncation=True, max_length=self.max_text_tokens)["input_ids"])
+        return usage(text, n, tokens)
 
     def decodes(self, n: int, seed: int, steps: int | None, superres_steps: int | None,
                 guidance: float | None, base_default: int | None = None) -> tuple[Decode, Decode]:

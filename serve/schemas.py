@@ -131,13 +131,12 @@ def supported_sizes(lo_side: int, hi_side: int | None) -> dict[str, str]:
     return sizes
 
 
-def usage(prompt: str, images: int, tokens_per_image: int) -> dict:
-    """OpenAI's `usage` block: input = the prompt's UTF-8 bytes (what the byte-level offline encoder
-    reads; an estimate for T5's own tokenizer), output = the image tokens decoded."""
-    text = len(prompt.encode())
+def usage(text_tokens: int, images: int, tokens_per_image: int) -> dict:
+    """OpenAI's `usage` block: input = the prompt's tokens in the model's own text tokenizer (what
+    the text encoder reads, after its length cap), output = the image tokens decoded."""
     out = images * tokens_per_image
-    return {"input_tokens": text, "output_tokens": out, "total_tokens": text + out,
-            "input_tokens_details": {"text_tokens": text, "image_tokens": 0}}
+    return {"input_tokens": text_tokens, "output_tokens": out, "total_tokens": text_tokens + out,
+            "input_tokens_details": {"text_tokens": text_tokens, "image_tokens": 0}}
 
 
 def validation_param(loc: tuple) -> str | None:

@@ -160,6 +160,7 @@ def test_a_root_may_reference_its_text_encoder(tmp_path, where, request):
 
     from muse import storage
     from muse.checkpoint import WEIGHTS_FILE, component_uri, load_component, save_reference
+    from muse.text import load_tokenizer
 
     hf = _t5_folder(tmp_path / "t5")
     folder = str(tmp_path / "t5")
@@ -175,5 +176,8 @@ def test_a_root_may_reference_its_text_encoder(tmp_path, where, request):
     ids, mask = enc.tokenize(["hello"])
     ref = hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state
     torch.testing.assert_close(enc(["hello"])[0], ref, rtol=0, atol=1e-6)
+    # The tokenizer alone (what tokenization and the API's usage count need) comes from the named folder.
+    tokenizer, max_length = load_tokenizer(component_uri(root, "text_encoder"))
+    assert tokenizer(["hello"])["input_ids"][0] == ids[0][mask[0]].tolist() and max_length == enc.config.max_length
     with pytest.raises(ValueError, match="reference"):
         save_reference(preset("t5-tiny"), str(tmp_path / "other"))

@@ -15,6 +15,9 @@ from PIL import Image
 
 from serve_helpers import APP, TEST_ARGS, assert_same_image, pil_array, png_array
 
+from muse.checkpoint import component_uri
+from muse.text import load_tokenizer
+
 STEPS = TEST_ARGS["sampling"]["steps"]
 SR_STEPS = TEST_ARGS["sampling"]["superres_steps"]
 
@@ -240,7 +243,9 @@ def test_openai_clients_as_they_really_call(muse_app, pipe):
     auto = client.images.generate(prompt="a red circle", size="auto", response_format="b64_json",
                                   extra_body={"seed": 2})
     assert png_array(auto.data[0].b64_json).shape == (64, 64, 3)
-    assert auto.usage.output_tokens == 64 and auto.usage.input_tokens == len("a red circle")
+    # input: the prompt in the root's tokenizer (ByT5 here: 12 bytes and the end token), not its bytes
+    tokenizer, _ = load_tokenizer(component_uri(muse_app.root, "text_encoder"))
+    assert auto.usage.output_tokens == 64 and auto.usage.input_tokens == len(tokenizer("a red circle")["input_ids"]) == 13
 
     nulls = dict(prompt="a red circle", n=None, size=None, seed=2, steps=None, response_format="b64_json",
                  negative_prompt=None, output_format=None, stream=None, partial_images=None)
