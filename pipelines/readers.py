@@ -257,8 +257,8 @@ def _captions_table(root: str, files: list[str], cfg: ReaderConfig) -> dict[str,
 class _Rows:
     """Collects rows of one part into blocks of `block_rows`."""
 
-    def __init__(self, part: Part, block_rows: int):
-        self.part, self.block_rows, self.count = part, block_rows, 0
+    def __init__(self, part: Part, block_rows: int, images: bool = True):
+        self.part, self.block_rows, self.images, self.count = part, block_rows, images, 0
         self.cols: dict[str, list] = {n: [] for n in ROW_SCHEMA.names}
 
     def add(self, key: str, image: bytes, caption: bytes | None, reason: str = "") -> pa.Table | None:
@@ -281,9 +281,11 @@ class _Rows:
                         schema=ROW_SCHEMA)
 
 
-def read_part(part: Part, cfg: ReaderConfig) -> Iterator[pa.Table]:
-    """Blocks of corpus rows for `part`, ending with its end row."""
-    rows = _Rows(part, cfg.block_rows)
+def read_part(part: Part, cfg: ReaderConfig, images: bool = True) -> Iterator[pa.Table]:
+    """Blocks of corpus rows for `part`, ending with its end row. `images=False` reads the captions
+    only (image files and Parquet image columns are not read; the image column stays empty), for what
+    needs no pixels, such as fitting a vocabulary."""
+    rows = _Rows(part, cfg.block_rows, images)
     reader = {"parquet": _read_parquet, "webdataset": _read_tar, "folder": _read_folder}[part.format]
     try:
         for block in reader(part, cfg, rows):
@@ -318,9 +320,9 @@ def _read_parquet(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Tab
         if not groups:
             return
         row = first
-        for batch in pf.iter_batches(batch_size=cfg.block_rows, row_groups=groups,
-                                     columns=[cfg.image_column, cfg.caption_column]):
-            images = batch.column(cfg.image_column).to_pylist()
+        columns = [cfg.image_column, cfg.caption_column] if rows.images else [cfg.caption_column]
+        for batch in pf.iter_batches(batch_size=cfg.block_rows, row_groups=groups, columns=columns):
+            images = batch.column(cfg.image_column).to_pylist() if rows.images else [_UNREAD] * batch.num_rows
             captions = batch.column(cfg.caption_column)
             if pa.types.is_string(captions.type) or pa.types.is_large_string(captions.type):
                 captions = captions.cast(pa.binary() if pa.types.is_string(captions.type) else pa.large_binary())
@@ -331,15 +333,18 @@ def _read_parquet(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Tab
                 row += 1
 
 
+_UNREAD = b"\x01"  # captions only: an image is there, its bytes are not read (nor kept)
+
+
 def _add(rows: _Rows, key: str, image: bytes | None, caption: str | bytes | None) -> pa.Table | None:
     caption = caption.encode("utf-8", errors="surrogateescape") if isinstance(caption, str) else caption
     reason = MISSING_IMAGE if not image else MISSING_CAPTION if caption is None else ""
-    return rows.add(key, image or b"", caption, reason)
+    return rows.add(key, (image or b"") if rows.images else b"", caption, reason)
 
 
 def _read_folder(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Table | None]:
     for image_uri, caption_uri, inline in part.items:
-        image = storage.read_bytes(image_uri)
+        image = storage.read_bytes(image_uri) if rows.images else _UNREAD
         if caption_uri is not None:
             caption = storage.read_bytes(caption_uri)
         else:
@@ -368,6 +373,9 @@ def _read_tar(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Table |
                 yield _tar_sample(rows, part, key, sample, exts, seen)
                 sample = {}
             key = member_key
+            if not rows.images and ext.lower() in exts:
+                sample[ext.lower()] = _UNREAD if member.size else b""
+                continue
             data = tar.extractfile(member).read()
             if len(data) != member.size:
                 raise tarfile.ReadError(f"{member.name}: truncated ({len(data)} of {member.size} bytes)")
@@ -398,8 +406,8 @@ def _tar_sample(rows: _Rows, part: Part, key: str, sample: dict[str, bytes], ext
 # Ray Data.
 
 
-def corpus_datasource(parts: list[Part], cfg: ReaderConfig):
-    """A Ray Data datasource with one read task per part."""
+def corpus_datasource(parts: list[Part], cfg: ReaderConfig, images: bool = True):
+    """A Ray Data datasource with one read task per part (`read_part`)."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
@@ -412,7 +420,7 @@ def corpus_datasource(parts: list[Part], cfg: ReaderConfig):
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
             return [
-                ReadTask(lambda p=p: read_part(p, cfg),
+                ReadTask(lambda p=p: read_part(p, cfg, images),
                          BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
                                        input_files=[p.uri]),
                          schema=ROW_SCHEMA)
@@ -429,28 +437,29 @@ def accepted(batch: pa.Table) -> pa.ChunkedArray:
 
 
 def read_parts(parts: list[Part], cfg: ReaderConfig, num_cpus: float = 1.0,
-               ray_remote_args: dict | None = None):
+               ray_remote_args: dict | None = None, images: bool = True):
     """Ray Dataset of corpus rows (with bookkeeping columns and end rows) for `parts`."""
     import ray
 
-    return ray.data.read_datasource(corpus_datasource(parts, cfg), override_num_blocks=max(1, len(parts)),
+    return ray.data.read_datasource(corpus_datasource(parts, cfg, images), override_num_blocks=max(1, len(parts)),
                                     num_cpus=num_cpus, ray_remote_args=ray_remote_args)
 
 
-def read_corpus(uri: str, format: str = "auto", cfg: ReaderConfig | None = None):
+def read_corpus(uri: str, format: str = "auto", cfg: ReaderConfig | None = None, images: bool = True):
     """Ray Dataset of the corpus at `uri`: one row per readable sample, columns key, image, caption
-    (bytes). Rows the reader refused (no caption, no image, unreadable file) are left out."""
+    (bytes). Rows the reader refused (no caption, no image, unreadable file) are left out. With
+    `images=False` the image column is empty and no image is read (see `read_part`)."""
     cfg = cfg or ReaderConfig()
     parts = plan_parts(uri, format, cfg)
 
     def keep(batch: pa.Table) -> pa.Table:
         return batch.filter(accepted(batch)).select(["key", "image", "caption"])
 
-    return read_parts(parts, cfg).map_batches(keep, batch_format="pyarrow", batch_size=None)
+    return read_parts(parts, cfg, images=images).map_batches(keep, batch_format="pyarrow", batch_size=None)
 
 
 def sample_captions(uri: str, n: int, format: str = "auto", cfg: ReaderConfig | None = None) -> list[str]:
     """Up to `n` captions of the corpus at `uri`, from its first parts (read by Ray tasks, streamed
     and stopped once `n` are in): what a text encoder's vocabulary is fitted to."""
-    rows = read_corpus(uri, format, cfg).select_columns(["caption"]).limit(n).take_all()
+    rows = read_corpus(uri, format, cfg, images=False).select_columns(["caption"]).limit(n).take_all()
     return [r["caption"].decode("utf-8", errors="replace") for r in rows]

@@ -174,6 +174,33 @@ def test_sample_captions_stops_at_n_and_leaves_rejected_rows_out(ray_session, tm
     assert len(few) == 2 and set(few) <= captions
 
 
+@pytest.mark.parametrize("form", ["folder", "parquet", "webdataset"])
+def test_captions_only_reads_no_image(tmp_path, form):
+    """What fits a vocabulary reads captions, not images: the folder's image files are deleted after
+    planning (reading one would fail), and no image bytes come out of any form."""
+    rows = [(n, i, c.encode(), r) for n, i, c, r in corpus(5)]
+    rows[1] = (rows[1][0], b"", rows[1][2], "")  # an empty image (tar, folder): still no caption of it
+    if form == "folder":
+        write_folder(tmp_path / "c", rows)
+    elif form == "parquet":
+        (tmp_path / "c").mkdir()
+        write_parquet(tmp_path / "c" / "a.parquet", rows)
+    else:
+        (tmp_path / "c").mkdir()
+        write_tar(tmp_path / "c" / "a.tar", rows)
+    parts = plan_parts(str(tmp_path / "c"), form, ReaderConfig())
+    if form == "folder":
+        for f in (tmp_path / "c").glob("*.png"):
+            f.unlink()
+    got = [r for p in parts for b in read_part(p, ReaderConfig(), images=False) for r in b.to_pylist()
+           if r["index"] != -1]
+    assert all(r["image"] == b"" for r in got)
+    kept = [r["caption"] for r in got if not r["reject_reason"]]
+    # Only the tar's stream shows an image's size; Parquet's column and the folder's files are not read.
+    skipped = {1} if form == "webdataset" else set()
+    assert sorted(kept) == sorted(r[2] for i, r in enumerate(rows) if i not in skipped)
+
+
 def test_bad_files_are_rejects_by_reason(tmp_path):
     """Permanent damage is a counted reject: no Parquet footer, corrupt compressed pages (pyarrow's
     bare OSError), a file without the configured columns."""
