@@ -6,9 +6,10 @@ invocation and on the same local Ray:
 
 - the Ray Data pipeline (`pipelines.tokenize.run`) with decoding in the VQGAN actors (what CPU
   actors get) and, with `--placements actors tasks`, as a task pool of its own (what GPU actors
-  get), each in its own driver process joined to the Ray started here, so the driver's CPU-seconds and peak RSS are those of the driver process alone
-  (`getrusage(RUSAGE_SELF)`; workers, raylet and GCS are other processes). The CPU-seconds of the
-  coordinator actor that runs Ray Data's streaming executor are reported beside them;
+  get), each in its own driver process joined to the Ray started here, so the driver's CPU-seconds
+  and peak RSS are those of the driver process alone (`getrusage(RUSAGE_SELF)`; workers, raylet and
+  GCS are other processes). The CPU-seconds of the coordinator actor that runs Ray Data's streaming
+  executor are reported beside them;
 - the plain single-process loop as the naive baseline: the same reader, preprocessing, model UDFs
   and shard writer called one after the other in one process, torch on every core.
 
@@ -146,9 +147,9 @@ def as_loop(corpus: str, out: str, root: str) -> dict:
     return {"seconds": time.time() - start, "accepted": accepted}
 
 
-def child(mode: str, corpus: str, out: str, root: str, env: dict | None = None, placement: str = "auto") -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), f"--{mode}", corpus, "--out", out, "--root", root,
-           "--placement", placement]
+def child(mode: str, corpus: str, out: str, root: str, env: dict | None = None, placement: str | None = None) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), f"--{mode}", corpus, "--out", out, "--root", root]
+    cmd += ["--placement", placement] if placement else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     if proc.returncode:
         raise RuntimeError(f"{mode} failed:\n{proc.stderr[-3000:]}")

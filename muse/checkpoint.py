@@ -198,13 +198,14 @@ def save_reference(config: Any, uri: str) -> None:
 
 def read_component_config(uri: str) -> tuple[str, Any]:
     """(kind, config dataclass) of the component at `uri`."""
+    return read_component_meta(uri)[:2]
+
+
+def read_component_meta(uri: str) -> tuple[str, Any, bool]:
+    """(kind, config dataclass, whether it names the directory of its weights: `save_reference`), in
+    one read of its config.json."""
     meta = _read_meta(uri)
-    return meta["kind"], _parse_config(meta, uri)
-
-
-def is_reference(uri: str) -> bool:
-    """Whether the component at `uri` names the directory of its weights (`save_reference`)."""
-    return bool(_read_meta(uri).get("reference"))
+    return meta["kind"], _parse_config(meta, uri), bool(meta.get("reference"))
 
 
 def component_extra(uri: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,15 +69,20 @@ def _local_folder(name_or_path: str) -> str:
 def text_encoder_config(uri: str):
     """The config of a muse text-encoder component (T5, or an imported aMUSEd root's CLIP), or None for
     a Hugging Face directory/name."""
-    from muse.checkpoint import KINDS, CheckpointError, read_component_config
+    return _text_component(uri)[0]
+
+
+def _text_component(uri: str) -> tuple[Any, bool]:
+    """(`text_encoder_config`, whether the component is a reference), from one read of config.json."""
+    from muse.checkpoint import KINDS, CheckpointError, read_component_meta
 
     try:
-        kind, cfg = read_component_config(uri)
+        kind, cfg, reference = read_component_meta(uri)
     except (CheckpointError, OSError, ValueError):
-        return None
+        return None, False
     if KINDS[kind].role != "text_encoder":
         raise ValueError(f"{uri} holds a {kind!r} component, not a text encoder")
-    return cfg
+    return cfg, reference
 
 
 def load_tokenizer(uri: str):
@@ -86,11 +92,9 @@ def load_tokenizer(uri: str):
     with them, in the directory it names."""
     from transformers import AutoTokenizer, ByT5Tokenizer
 
-    from muse.checkpoint import is_reference
-
-    cfg = text_encoder_config(uri)
+    cfg, reference = _text_component(uri)
     max_length = (cfg or TextEncoderConfig()).max_length
-    if cfg is not None and is_reference(uri):
+    if reference:
         uri, cfg = cfg.name_or_path, None
     tok_config = storage.join(uri, "tokenizer_config.json")
     if cfg is not None and storage.exists(tok_config) and json.loads(storage.read_text(tok_config)).get(
