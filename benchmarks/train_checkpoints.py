@@ -12,6 +12,9 @@ background). Reported, on rank 0, means over each half:
     stall_s      how long the training loop stood still for the checkpoint (save + report)
     next_step_s  the step right after a checkpoint, against step_s, the median of the other steps
 
+and, from the run's last checkpoint, resuming rank 0 as jobs.loop did before (its node downloads the
+whole checkpoint) and as it does now (ranged reads of its own pieces): MB fetched and seconds.
+
     python benchmarks/train.py --checkpoint-bench [--presets base-tiny] [--workers 1,2]
 """
 
@@ -95,15 +98,38 @@ def bench_loop(config: dict) -> None:
         rows[mode]["stall_s"].append(time.perf_counter() - start)
         after = mode
     upload_wait = time.perf_counter()
-    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    reported = ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    upload_left = time.perf_counter() - upload_wait
     summary = {m: {k: statistics.mean(v) for k, v in r.items() if v} for m, r in rows.items()}
+    summary["resume"] = resume_both_ways(reported[-1].checkpoint, state)
     summary["step_s"] = statistics.median(step_s)
     summary["params"] = sum(p.numel() for p in model.parameters())
-    summary["async_upload_left_at_end_s"] = time.perf_counter() - upload_wait
+    summary["async_upload_left_at_end_s"] = upload_left
     if env.is_main:
         from muse import storage
 
         storage.write_text(config["summary_uri"], json.dumps(summary))
+
+
+def resume_both_ways(checkpoint, state: dict) -> dict:
+    """Resume this rank from the last (sharded) checkpoint on S3 as jobs.loop did before (the node
+    downloads the whole checkpoint, then loads it from disk) and as it does now (ranged reads of the
+    pieces this rank needs): seconds and bytes fetched, each way."""
+    import pyarrow.fs as pafs
+
+    from jobs.checkpointing import load_training_state
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        pafs.copy_files(checkpoint.path, d, source_filesystem=checkpoint.filesystem,
+                        destination_filesystem=pafs.LocalFileSystem())
+        downloaded = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
+        load_training_state(d, **state)
+    download_s = time.perf_counter() - start
+    start, stats = time.perf_counter(), {}
+    load_training_state(checkpoint.path, filesystem=checkpoint.filesystem, stats=stats, **state)
+    return {"download_s": download_s, "download_mb": downloaded / 1e6,
+            "ranged_s": time.perf_counter() - start, "ranged_mb": stats["fetched_bytes"] / 1e6}
 
 
 def run(presets: list[str], workers: list[int], steps: int, every: int, batch: int) -> list[dict]:
@@ -146,6 +172,11 @@ def run(presets: list[str], workers: list[int], steps: int, every: int, batch: i
                 print(json.dumps(out[-1]), flush=True)
             print(f"  sharded uploads still running when the last step ended: "
                   f"{summary['async_upload_left_at_end_s']:.2f} s", flush=True)
+            r = summary["resume"]
+            print(f"  resuming rank 0 from the last checkpoint: whole download {r['download_mb']:.1f} MB in "
+                  f"{r['download_s']:.2f} s, ranged reads {r['ranged_mb']:.1f} MB in {r['ranged_s']:.2f} s",
+                  flush=True)
+            out[-1]["resume"] = r
     server.stop()
     return out
 

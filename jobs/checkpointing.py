@@ -15,8 +15,9 @@ which use the same parameter names for plain, DDP and FSDP modules.
 
 Tensor keys: "module/<name>/<fqn>", "optim/<name>/<fqn>/<key>" (exp_avg, step, ...), "ema/<param name>".
 
-On resume from S3 every node downloads the merged checkpoint once (`resume_directory`), and each rank
-then reads from it only the pieces that its own shards need.
+A run resumes from the checkpoint where it lies, local or S3 (`jobs.checkpoint_reader`): each rank
+fetches only the byte ranges of the pieces its own shards need, so no node downloads the whole
+checkpoint and none needs the disk for it.
 
 Each rank writes its shards to a local staging directory (`staging_directory`) that Ray Train deletes
 once uploaded. A worker that dies mid-upload leaves its directory behind, a checkpoint's worth of
@@ -24,13 +25,12 @@ disk per failure; the next worker on the node removes the directories of process
 (`remove_orphaned_staging`).
 
 Checkpoints of format_version 1 (full tensors gathered to rank 0: `jobs.common.save_training_state`)
-still load, on any worker count.
+still load, on any worker count (from S3 each rank downloads one to a temporary directory first).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -38,13 +38,15 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint import HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
 
 from jobs import common
+from jobs.checkpoint_reader import RangedCheckpointReader
 from jobs.common import EMA, STATE_FILE
 from jobs.parallel import WorkerEnv, is_dtensor, local
 
@@ -155,63 +157,39 @@ def save_sharded(directory: str, *, step: int, env: WorkerEnv, modules: dict[str
         os.replace(tmp, os.path.join(directory, STATE_FILE))
 
 
-@contextlib.contextmanager
-def resume_directory(checkpoint, local_rank: int) -> Iterator[str]:
-    """A Ray Train checkpoint as a local directory, downloaded once per node.
-
-    `Checkpoint.as_directory` is not safe for this: a rank that arrives after another rank's download
-    has finished takes the lock and downloads again into the same directory, rewriting files that the
-    first rank is reading ("incomplete metadata" from safetensors). Here the first rank writes a
-    marker after its download and later ranks read what is there. Local checkpoints are used in place.
-    Every rank must enter (the exit is a barrier before the node's copy is removed)."""
-    import pyarrow.fs
-    import torch.distributed as dist
-    from filelock import FileLock
-
-    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-        yield checkpoint.path
-        return
-    name = hashlib.sha1(checkpoint.path.encode()).hexdigest()[:16]
-    local_dir = os.path.join(tempfile.gettempdir(), f"muse-resume-{name}")
-    marker = os.path.join(local_dir, ".downloaded")
-    try:
-        with FileLock(local_dir + ".lock"):
-            if not os.path.exists(marker):
-                checkpoint.to_directory(local_dir)
-                open(marker, "w").close()
-        yield local_dir
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # every rank of this node has read its pieces
-        if local_rank == 0:
-            shutil.rmtree(local_dir, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                os.remove(local_dir + ".lock")
-
-
-def read_meta(directory: str) -> dict:
-    with open(os.path.join(directory, STATE_FILE)) as f:
-        return json.load(f)
+def read_meta(directory: str, filesystem: pafs.FileSystem | None = None) -> dict:
+    fs = filesystem or pafs.LocalFileSystem()
+    with fs.open_input_stream(f"{directory.rstrip('/')}/{STATE_FILE}") as f:
+        return json.loads(f.read())
 
 
 def load_training_state(directory: str, *, modules: dict[str, nn.Module],
                         optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any],
-                        ema: EMA | None) -> dict:
-    """Restore a checkpoint of either format on every rank (any worker count); returns the JSON meta."""
-    meta = read_meta(directory)
+                        ema: EMA | None, filesystem: pafs.FileSystem | None = None,
+                        stats: dict | None = None) -> dict:
+    """Restore a checkpoint of either format on every rank (any worker count); returns the JSON meta.
+    `directory` is a path on `filesystem` (a Ray Train checkpoint's `.path` and `.filesystem`), local
+    when no filesystem is given. `stats`, if given, gets this rank's "fetched_bytes" of the checkpoint's
+    "total_bytes"."""
+    fs = filesystem or pafs.LocalFileSystem()
+    meta = read_meta(directory, fs)
     if meta.get("format") != FORMAT:
-        return common.load_training_state(directory, modules=modules, optimizers=optimizers,
-                                          schedulers=schedulers, ema=ema)
+        with _local_copy(directory, fs) as local_dir:
+            return common.load_training_state(local_dir, modules=modules, optimizers=optimizers,
+                                              schedulers=schedulers, ema=ema)
     if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
         raise ValueError(f"checkpoint format {meta['format_version']} is newer than this code")
-    saved_keys = _saved_keys(directory)
+    reader = RangedCheckpointReader(fs, directory)
+    saved_keys = reader.keys()
     restart_ema = ema is not None and not any(k.startswith("ema/") for k in saved_keys)
     unstepped = {name for name, saved in meta["optimizers"].items() if saved.get("unstepped")}
     flat, nested, _ = _state(modules, optimizers, None if restart_ema else ema, unstepped)
     missing = set(flat) - saved_keys
     if missing:
         raise ValueError(f"{directory} does not match the model: missing {sorted(missing)[:5]}")
-    dcp.load(flat, storage_reader=HuggingFaceStorageReader(directory))  # fills `nested` in place
+    dcp.load(flat, storage_reader=reader)  # fills `nested` in place
+    if stats is not None:
+        stats.update(fetched_bytes=reader.bytes_read, total_bytes=reader.total_bytes)
     for name, module in modules.items():
         model_sd, optim_sd = nested[name]
         if optim_sd is None:
@@ -242,12 +220,12 @@ def _loaded_ema(flat: dict[str, torch.Tensor], ema: EMA) -> list[torch.Tensor]:
     return [flat[f"ema/{n}"].to_local() if is_dtensor(flat[f"ema/{n}"]) else flat[f"ema/{n}"] for n in ema.names]
 
 
-def _saved_keys(directory: str) -> set[str]:
-    from safetensors import safe_open
-
-    keys: set[str] = set()
-    for name in os.listdir(directory):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(directory, name), framework="pt") as f:
-                keys.update(f.keys())
-    return keys
+@contextlib.contextmanager
+def _local_copy(directory: str, fs: pafs.FileSystem) -> Iterator[str]:
+    """`directory` as a local path: itself when local, else a temporary download (format 1 only)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield directory
+        return
+    with tempfile.TemporaryDirectory(prefix="muse-resume-") as tmp:
+        pafs.copy_files(directory, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield tmp

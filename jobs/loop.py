@@ -33,8 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from jobs.checkpointing import (load_training_state, remove_orphaned_staging, resume_directory, save_sharded,
-                                staging_directory)
+from jobs.checkpointing import load_training_state, remove_orphaned_staging, save_sharded, staging_directory
 from jobs.common import EMA, peak_flops
 from jobs.parallel import WorkerEnv, allreduce_mean
 from jobs.progress import Reporter, format_seconds, quiet_ray_loggers, start_display
@@ -121,14 +120,17 @@ def train_loop_per_worker(job: dict) -> None:
     step, counters = 0, {"samples": 0.0, "tokens": 0.0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with resume_directory(checkpoint, ray.train.get_context().get_local_rank()) as d:
-            meta = load_training_state(d, modules=worker.modules, optimizers=worker.optimizers,
-                                       schedulers=worker.schedulers, ema=worker.ema)
+        fetched: dict = {}
+        meta = load_training_state(checkpoint.path, filesystem=checkpoint.filesystem, modules=worker.modules,
+                                   optimizers=worker.optimizers, schedulers=worker.schedulers, ema=worker.ema,
+                                   stats=fetched)
         step, counters = int(meta["step"]), meta["counters"]
     resumed_from = step
     tag = f"[{job['run_name']}]"
     if env.is_main:
-        print(f"{tag} {'resuming from step ' + str(step) if checkpoint else 'starting'}: "
+        read = (f" (this rank read {fetched['fetched_bytes'] / 1e6:,.1f} of the checkpoint's "
+                f"{fetched['total_bytes'] / 1e6:,.1f} MB)" if checkpoint and fetched else "")
+        print(f"{tag} {'resuming from step ' + str(step) + read if checkpoint else 'starting'}: "
               f"{env.world_size} worker(s) on {env.device.type}, strategy {section.scaling.strategy}, "
               f"{run.max_steps} steps of {run.batch_size}/worker", flush=True)
     peak = peak_flops(env.device, run.peak_tflops)

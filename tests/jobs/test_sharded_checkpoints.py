@@ -1,6 +1,7 @@
 """Sharded checkpoints (jobs.checkpointing) reshard on load: a run saved by one plain worker resumes on
 2 FSDP workers (gloo) and a run saved by those 2 workers resumes on one, with the model, AdamW state,
-EMA, schedule and step counter exactly where they were. The 2 workers are forked processes, not Ray,
+EMA, schedule and step counter exactly where they were; a checkpoint on S3 is read where it lies, each
+rank fetching only the bytes it needs. The 2 workers are forked processes, not Ray,
 so this takes seconds; tests/jobs/test_ray_stages.py resumes a real 2-worker Ray Train run on 1."""
 
 from __future__ import annotations
@@ -162,34 +163,74 @@ def test_an_optimizer_that_has_not_stepped_is_saved_without_stepping_it(tmp_path
     assert back.step(0) == ref.step(0)
 
 
-def test_resume_directory_downloads_once_per_node_and_never_rewrites_a_copy_in_use(s3_bucket, tmp_path):
-    """Ray's Checkpoint.as_directory lets a rank that arrives after another's download download
-    again into the same directory, rewriting files the first rank is reading; resume_directory
-    downloads once, and the node's copy lives until local rank 0 is done."""
-    from ray.train import Checkpoint
+def _upload(local_dir: str, uri: str):
+    """Copy a checkpoint directory to S3; returns (filesystem, path) as a Ray Train checkpoint has them."""
+    import pyarrow.fs as pafs
 
-    from jobs.checkpointing import resume_directory
     from muse import storage
 
-    uri = f"{s3_bucket}/run/checkpoint_000001"
-    storage.write_bytes(f"{uri}/shard-1-model-00001-of-00001.safetensors", b"x" * 1000)
-    storage.write_text(f"{uri}/trainer_state.json", "{}")
-    checkpoint = Checkpoint(uri)
-    with resume_directory(checkpoint, local_rank=0) as first:
-        shard = os.path.join(first, "shard-1-model-00001-of-00001.safetensors")
-        before = os.stat(shard)
-        with resume_directory(checkpoint, local_rank=1) as second:  # a later rank on the same node
-            assert second == first
-            after = os.stat(shard)
-            assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-        assert os.path.exists(shard)  # rank 1 leaving does not remove rank 0's copy
-        with open(shard, "rb") as f:
-            assert f.read() == b"x" * 1000
-    assert not os.path.exists(first)
-    local = Checkpoint.from_directory(str(tmp_path))
-    with resume_directory(local, local_rank=0) as d:
-        assert d == str(tmp_path)  # local checkpoints are read in place, never copied or removed
-    assert tmp_path.exists()
+    fs, path = storage.filesystem(uri)
+    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return fs, path
+
+
+def test_a_checkpoint_on_s3_is_read_in_place_and_the_run_continues(s3_bucket, tmp_path):
+    """Sharded (format 2) and full-state (format 1) checkpoints both resume from S3 itself."""
+    ref = Run(WorkerEnv())
+    for step in range(2):
+        ref.step(step)
+    ref.save(str(tmp_path / "sharded"), step=2)
+    os.makedirs(tmp_path / "full")
+    save_training_state(str(tmp_path / "full"), step=2, env=WorkerEnv(), counters={}, **ref.state())
+    for name in ("sharded", "full"):
+        fs, path = _upload(str(tmp_path / name), f"{s3_bucket}/run/{name}")
+        back = Run(WorkerEnv())
+        assert load_training_state(path, filesystem=fs, **back.state())["step"] == 2
+        assert_same(back.full(), ref.full())
+    assert abs(back.step(2) - ref.step(2)) < 1e-5
+
+
+class _Planner:
+    """The two LoadPlanner calls a StorageReader makes: where a piece goes, and that it arrived."""
+
+    def __init__(self, targets: dict[str, torch.Tensor]):
+        self.targets, self.committed = targets, []
+
+    def resolve_tensor(self, item):
+        return self.targets[item.dest_index.fqn]
+
+    def commit_tensor(self, item, tensor):
+        self.committed.append(item.dest_index.fqn)
+
+
+def test_a_rank_fetches_only_the_rows_of_the_pieces_it_needs(s3_bucket, tmp_path):
+    """What an FSDP rank resuming on more workers asks for: rows 250-499 (and columns 8-23) of a
+    saved tensor. Exactly those rows' bytes are fetched from S3, not the file."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+    from jobs.checkpoint_reader import RangedCheckpointReader
+
+    weights = {"w": torch.randn(1000, 64), "b": torch.randn(64), "step": torch.tensor(7.0)}
+    dcp.save(weights, storage_writer=HuggingFaceStorageWriter(str(tmp_path / "ckpt")), no_dist=True)
+    fs, path = _upload(str(tmp_path / "ckpt"), f"{s3_bucket}/ckpt")
+    reader = RangedCheckpointReader(fs, path, coalesce_gap=0)  # 0: count the bytes of each piece alone
+    meta = reader.read_metadata()
+    assert reader.keys() == {"w", "b", "step"} and meta.state_dict_metadata["w"].size == torch.Size([1000, 64])
+
+    def item(fqn, offsets, lengths):
+        zeros = [0] * len(offsets)
+        return ReadItem(type=LoadItemType.TENSOR, dest_index=MetadataIndex(fqn, zeros), dest_offsets=torch.Size(zeros),
+                        storage_index=MetadataIndex(fqn, zeros), storage_offsets=torch.Size(offsets),
+                        lengths=torch.Size(lengths))
+
+    planner = _Planner({"w": torch.zeros(250, 16), "step": torch.tensor(0.0)})
+    reader.read_data(LoadPlan([item("w", [250, 8], [250, 16]), item("step", [], [])]), planner).wait()
+    assert torch.equal(planner.targets["w"], weights["w"][250:500, 8:24])
+    assert planner.targets["step"].item() == 7.0 and sorted(planner.committed) == ["step", "w"]
+    assert reader.bytes_read == 250 * 64 * 4 + 4  # the rows and the scalar; the file is ~260 KB
 
 
 def test_staging_directories_of_dead_workers_are_removed_and_live_ones_kept(tmp_path):
