@@ -85,13 +85,47 @@ def _text_component(uri: str) -> tuple[Any, bool]:
     return cfg, reference
 
 
+BYT5_SPECIALS = ("<pad>", "</s>", "<unk>", *(f"<extra_id_{i}>" for i in range(125)))
+
+
+class ByT5Ids:
+    """ByT5Tokenizer's ids for the calls that tokenization and serving make (`tok(text_or_texts,
+    truncation=True, max_length=L)["input_ids"]`), without importing transformers (~0.7 s and 24 MB
+    in every tokenization actor) and ~20x faster per caption (2 us against 39).
+
+    A caption is its UTF-8 bytes + 3, cut to max_length - 1, then end of sequence (1): exactly what
+    ByT5Tokenizer gives unless the caption holds one of its special-token strings ("</s>", "<pad>",
+    "<unk>", "<extra_id_N>"), whose rules (stripping the whitespace around some, no second end token)
+    are its own; such a caption, and any other kind of call, goes to ByT5Tokenizer itself."""
+
+    def __init__(self):
+        self._hf = None
+
+    def __call__(self, text, truncation: bool = False, max_length: int | None = None, **kwargs):
+        texts = [text] if isinstance(text, str) else list(text)
+        if kwargs or (max_length is not None and max_length < 1) or any(
+                "<" in t and any(s in t for s in BYT5_SPECIALS) for t in texts):
+            return self.hf(text, truncation=truncation, max_length=max_length, **kwargs)
+        keep = max_length - 1 if truncation and max_length is not None else None
+        ids = [[b + 3 for b in t.encode("utf-8")[:keep]] + [1] for t in texts]
+        mask = [[1] * len(x) for x in ids]
+        return {"input_ids": ids[0], "attention_mask": mask[0]} if isinstance(text, str) else \
+            {"input_ids": ids, "attention_mask": mask}
+
+    @property
+    def hf(self):
+        if self._hf is None:
+            from transformers import ByT5Tokenizer
+
+            self._hf = ByT5Tokenizer()
+        return self._hf
+
+
 def load_tokenizer(uri: str):
     """(tokenizer, max_length) of a text encoder, without building the encoder (ids need no model).
     `uri`: a muse text_encoder component, or a Hugging Face directory or cache name; local or s3://. A
     component that references its weights (T5-XXL, `checkpoint.save_reference`) has its tokenizer
-    with them, in the directory it names."""
-    from transformers import AutoTokenizer, ByT5Tokenizer
-
+    with them, in the directory it names. ByT5 (the offline default) gets `ByT5Ids`."""
     cfg, reference = _text_component(uri)
     max_length = (cfg or TextEncoderConfig()).max_length
     if reference:
@@ -99,7 +133,9 @@ def load_tokenizer(uri: str):
     tok_config = storage.join(uri, "tokenizer_config.json")
     if cfg is not None and storage.exists(tok_config) and json.loads(storage.read_text(tok_config)).get(
             "tokenizer_class", "").startswith("ByT5"):
-        return ByT5Tokenizer(), max_length  # byte-level: no vocabulary files
+        return ByT5Ids(), max_length  # byte-level: no vocabulary files
+    from transformers import AutoTokenizer
+
     with tempfile.TemporaryDirectory() as tmp:
         local = uri
         if storage.is_s3(uri):  # the tokenizer files only, not the weights

@@ -181,3 +181,30 @@ def test_a_root_may_reference_its_text_encoder(tmp_path, where, request):
     assert tokenizer(["hello"])["input_ids"][0] == ids[0][mask[0]].tolist() and max_length == enc.config.max_length
     with pytest.raises(ValueError, match="reference"):
         save_reference(preset("t5-tiny"), str(tmp_path / "other"))
+
+
+def test_byt5_ids_match_the_byt5_tokenizer_without_importing_transformers():
+    import random
+    import subprocess
+    import sys
+
+    from transformers import ByT5Tokenizer
+
+    from muse.text import ByT5Ids
+
+    rng = random.Random(0)
+    alphabet = "ab <>/éß漢🙂\t\n\u00a0sunkpadextra_id0123456789"
+    captions = ["two red squares on the left", "", " ", "é🙂", "x</s>y", "x </s> y", "ab</s>", "<pad>", "\t<unk>\n",
+                "a <extra_id_0> b", "<extra_id_124>", "<extra_id_125>", "<extra_id_007>", "<extra_id_<pad>", "a" * 300]
+    captions += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40))) for _ in range(300)]
+    ours, theirs = ByT5Ids(), ByT5Tokenizer()
+    for max_length in (1, 2, 5, 128):
+        assert ours(captions, truncation=True, max_length=max_length)["input_ids"] == \
+            theirs(captions, truncation=True, max_length=max_length)["input_ids"]
+    for caption in captions[:20]:  # one string, as the API's usage count calls it
+        assert ours(caption, truncation=True, max_length=16)["input_ids"] == \
+            theirs(caption, truncation=True, max_length=16)["input_ids"]
+    probe = ("import sys; from muse.text import ByT5Ids; ids = ByT5Ids()(['a red circle'], truncation=True, "
+             "max_length=8)['input_ids']; assert ids == [[100, 35, 117, 104, 103, 35, 102, 1]], ids; "
+             "assert 'transformers' not in sys.modules")
+    subprocess.run([sys.executable, "-c", probe], check=True)
