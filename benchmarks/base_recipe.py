@@ -117,13 +117,11 @@ def content_biased_masks(ids: torch.Tensor, rates: torch.Tensor, mask_id: int, g
     proportion to 1 / (their token's count in the row) for a `share` of the rows (uniform for the rest):
     an exponential race, the smallest of -log(u) / weight masked first."""
     B, N = ids.shape
-    n_masked = (rates * N).round().clamp(min=1, max=N).long()
     weight = (ids[:, :, None] == ids[:, None, :]).sum(-1).float().reciprocal()  # (B, N)
     biased = torch.rand(B, generator=generator, device=ids.device) < share
     weight = torch.where(biased[:, None], weight, torch.ones_like(weight))
     race = -torch.rand(B, N, generator=generator, device=ids.device).clamp(min=1e-12).log() / weight
-    mask = race.argsort(dim=1).argsort(dim=1) < n_masked[:, None]
-    return torch.where(mask, torch.full_like(ids, mask_id), ids), mask
+    return masking.mask_tokens(ids, rates, mask_id, priority=race)
 
 
 def judge_base(root: str, corpus: str, prompts: int, sampling: dict, background: int | None = None) -> dict:

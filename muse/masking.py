@@ -23,14 +23,15 @@ def sample_mask_rates(batch: int, generator: torch.Generator | None = None,
     return torch.cos(math.pi / 2 * (1.0 - u)).clamp(min=1e-6)
 
 
-def mask_tokens(ids: torch.Tensor, rates: torch.Tensor, mask_id: int,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(ids: torch.Tensor, rates: torch.Tensor, mask_id: int, generator: torch.Generator | None = None,
+                priority: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace round(rate·N) random positions per row (at least one) by `mask_id`.
-    ids (B, N), rates (B,) -> (masked ids (B, N), mask (B, N) bool, True = masked)."""
+    ids (B, N), rates (B,) -> (masked ids (B, N), mask (B, N) bool, True = masked). `priority` (B, N),
+    if given, orders the positions instead of a uniform draw: the lowest are masked."""
     B, N = ids.shape
     n_masked = (rates * N).round().clamp(min=1, max=N).long()  # (B,)
-    scores = torch.rand(B, N, generator=generator, device=ids.device)
-    ranks = scores.argsort(dim=1).argsort(dim=1)  # each position's rank in a random order
+    scores = torch.rand(B, N, generator=generator, device=ids.device) if priority is None else priority
+    ranks = scores.argsort(dim=1).argsort(dim=1)  # each position's rank in that order
     mask = ranks < n_masked[:, None]
     return torch.where(mask, torch.full_like(ids, mask_id), ids), mask
 

@@ -22,6 +22,10 @@ def test_mask_tokens_masks_the_requested_count():
     masked, mask = mask_tokens(ids, torch.tensor([0.01, 0.25, 0.5, 1.0]), mask_id=10, generator=g)
     assert mask.sum(1).tolist() == [1, 25, 50, 100]
     assert (masked[mask] == 10).all() and (masked[~mask] == ids[~mask]).all()
+    priority = torch.arange(100.0).flip(0).expand(4, 100)  # the last positions first
+    _, ordered = mask_tokens(ids, torch.tensor([0.01, 0.25, 0.5, 1.0]), mask_id=10, priority=priority)
+    assert [row.nonzero().flatten().tolist() for row in ordered[:3]] == [[99], list(range(75, 100)),
+                                                                         list(range(50, 100))]
 
 
 def test_schedules():
