@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import importlib
 import json
 import os
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,57 +27,31 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from muse import storage
-from muse.config import from_dict, model_preset, to_dict
-
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-COMPONENTS = ("text_encoder", "vqgan_lo", "vqgan_hi", "base", "superres")
-# Components a root must have for text-to-image at base resolution; the rest are optional.
-REQUIRED_COMPONENTS = ("text_encoder", "vqgan_lo", "base")
-
-
-class CheckpointError(ValueError):
-    """A component directory is missing, incomplete or corrupt."""
-
-
-@dataclass(frozen=True)
-class Kind:
-    """What a component's `kind` (in its config.json) names: its config and model classes, as
-    "module:Name" (imported on first use, so this module imports no model code), the model-root slot
-    role it fills, and its model family (a root holds one family)."""
-
-    config: str
-    model: str
-    role: str  # "text_encoder" | "vqgan" | "base" | "superres"
-    family: str  # "muse" | "amused"
-
-
-# Every component kind, registered here and only here (`register` adds one from outside).
-KINDS: dict[str, Kind] = {
-    "text_encoder": Kind("muse.config:TextEncoderConfig", "muse.text:TextEncoder", "text_encoder", "muse"),
-    "vqgan": Kind("muse.config:VQGANConfig", "muse.vqgan:VQGAN", "vqgan", "muse"),
-    "base": Kind("muse.config:BaseTransformerConfig", "muse.transformer:MaskedTransformer", "base", "muse"),
-    "superres": Kind("muse.config:SuperResTransformerConfig", "muse.transformer:SuperResTransformer",
-                     "superres", "muse"),
-    "clip_text": Kind("muse.config:CLIPTextConfig", "muse.clip:CLIPTextEncoder", "text_encoder", "amused"),
-    "vq": Kind("muse.config:VQConfig", "muse.vq:VQModel", "vqgan", "amused"),
-    "uvit": Kind("muse.config:UViTConfig", "muse.uvit:UViT", "base", "amused"),
-}
-
-
-def register(name: str, kind: Kind) -> None:
-    KINDS[name] = kind
-
-
-def _resolve(ref: str) -> type:
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
+from muse.components import (  # noqa: F401 - re-exported: muse.checkpoint is where callers look
+    COMPONENTS,
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    KINDS,
+    REQUIRED_COMPONENTS,
+    WEIGHTS_FILE,
+    CheckpointError,
+    Kind,
+    component_extra,
+    component_uri,
+    config_class,
+    has_component,
+    parse_config,
+    read_component_config,
+    read_component_meta,
+    read_meta,
+    register,
+    resolve_ref,
+)
+from muse.config import model_preset, to_dict
 
 def _kinds() -> dict[str, tuple[type, type]]:
     """kind -> (config class, model class)."""
-    return {name: (_resolve(k.config), _resolve(k.model)) for name, k in KINDS.items()}
+    return {name: (resolve_ref(k.config), resolve_ref(k.model)) for name, k in KINDS.items()}
 
 
 def kind_of(model: nn.Module) -> str:
@@ -90,13 +62,6 @@ def kind_of(model: nn.Module) -> str:
         if isinstance(model, cls):
             return kind
     raise TypeError(f"not a muse component: {type(model).__name__}")
-
-
-def config_class(kind: str) -> type:
-    """The config dataclass of a component kind."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown component kind {kind!r}; known: {sorted(KINDS)}")
-    return _resolve(KINDS[kind].config)
 
 
 def kind_of_config(config: Any) -> str:
@@ -196,58 +161,17 @@ def save_reference(config: Any, uri: str) -> None:
     storage.write_text(storage.join(uri, CONFIG_FILE), json.dumps(meta, indent=2))
 
 
-def read_component_config(uri: str) -> tuple[str, Any]:
-    """(kind, config dataclass) of the component at `uri`."""
-    return read_component_meta(uri)[:2]
-
-
-def read_component_meta(uri: str) -> tuple[str, Any, bool]:
-    """(kind, config dataclass, whether it names the directory of its weights: `save_reference`), in
-    one read of its config.json."""
-    meta = _read_meta(uri)
-    return meta["kind"], _parse_config(meta, uri), bool(meta.get("reference"))
-
-
-def component_extra(uri: str) -> dict[str, Any]:
-    return _read_meta(uri).get("extra", {})
-
-
-def _read_meta(uri: str) -> dict[str, Any]:
-    cfg_uri = storage.join(uri, CONFIG_FILE)
-    if not storage.exists(cfg_uri):
-        raise CheckpointError(f"no checkpoint at {uri}: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
-    try:
-        meta = json.loads(storage.read_text(cfg_uri))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_uri} is not valid JSON: {e}") from e
-    if not isinstance(meta, dict) or "kind" not in meta or "config" not in meta:
-        raise CheckpointError(f"{cfg_uri} is not a muse component config (needs 'kind' and 'config')")
-    if meta.get("format_version", 1) > FORMAT_VERSION:
-        raise CheckpointError(f"{cfg_uri}: format_version {meta['format_version']} is newer than this code")
-    if meta["kind"] not in _kinds():
-        raise CheckpointError(f"{cfg_uri}: unknown kind {meta['kind']!r}; known {sorted(_kinds())}")
-    return meta
-
-
-def _parse_config(meta: dict[str, Any], uri: str) -> Any:
-    config_cls, _ = _kinds()[meta["kind"]]
-    try:
-        return from_dict(config_cls, meta["config"])
-    except ValueError as e:
-        raise CheckpointError(f"{uri}/{CONFIG_FILE}: {e}") from e
-
-
 def load_component(uri: str, device: str | torch.device = "cpu", expect_kind: str | None = None) -> nn.Module:
     """Build the component at `uri` and load its weights (safetensors only), in eval mode.
 
     The model is built on the meta device and its tensors are the loaded ones (`assign=True`): no
     random initialisation, and one copy of the weights in memory (a 3B transformer would otherwise
     hold two, and spend minutes initialising what is then overwritten)."""
-    meta = _read_meta(uri)
+    meta = read_meta(uri)
     kind = meta["kind"]
     if expect_kind is not None and expect_kind not in (kind, KINDS[kind].role):
         raise CheckpointError(f"{uri} holds a {kind!r} component, expected {expect_kind!r}")
-    config = _parse_config(meta, uri)
+    config = parse_config(meta, uri)
     _, model_cls = _kinds()[kind]
     if meta.get("reference"):  # the weights stay where config.name_or_path says
         return model_cls.from_reference(config, device).eval()
@@ -329,16 +253,6 @@ def _localise(uri: str, tmp: str) -> str:
         with open(dest, "wb") as out:
             out.write(storage.read_bytes(f))
     return tmp
-
-
-def component_uri(root: str, name: str) -> str:
-    if name not in COMPONENTS:
-        raise ValueError(f"unknown component {name!r}; components are {COMPONENTS}")
-    return storage.join(root, name)
-
-
-def has_component(root: str, name: str) -> bool:
-    return storage.exists(storage.join(component_uri(root, name), CONFIG_FILE))
 
 
 def build_component(name: str, config: Any) -> nn.Module:

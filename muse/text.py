@@ -16,13 +16,20 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 from torch import nn
 
 from muse import storage
 from muse.config import TextEncoderConfig
+from muse.tokenizer import (  # noqa: F401 - re-exported: muse.text is where callers look
+    BPE_SPECIALS,
+    BYT5_SPECIALS,
+    ByT5Ids,
+    fit_bpe_tokenizer,
+    load_tokenizer,
+    text_encoder_config,
+)
 
 T5_CONFIG_FILE = "t5_config.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -64,90 +71,6 @@ def _local_folder(name_or_path: str) -> str:
     except Exception as e:  # noqa: BLE001 - any lookup failure means: not here
         raise ValueError(f"text encoder {name_or_path!r} is neither a local directory nor in the local Hugging "
                          f"Face cache (nothing is downloaded): give a local or s3:// directory ({e})") from e
-
-
-def text_encoder_config(uri: str):
-    """The config of a muse text-encoder component (T5, or an imported aMUSEd root's CLIP), or None for
-    a Hugging Face directory/name."""
-    return _text_component(uri)[0]
-
-
-def _text_component(uri: str) -> tuple[Any, bool]:
-    """(`text_encoder_config`, whether the component is a reference), from one read of config.json."""
-    from muse.checkpoint import KINDS, CheckpointError, read_component_meta
-
-    try:
-        kind, cfg, reference = read_component_meta(uri)
-    except (CheckpointError, OSError, ValueError):
-        return None, False
-    if KINDS[kind].role != "text_encoder":
-        raise ValueError(f"{uri} holds a {kind!r} component, not a text encoder")
-    return cfg, reference
-
-
-BYT5_SPECIALS = ("<pad>", "</s>", "<unk>", *(f"<extra_id_{i}>" for i in range(125)))
-
-
-class ByT5Ids:
-    """ByT5Tokenizer's ids for the calls that tokenization and serving make (`tok(text_or_texts,
-    truncation=True, max_length=L)["input_ids"]`), without importing transformers (~0.7 s and 24 MB
-    in every tokenization actor) and ~20x faster per caption (2 us against 39).
-
-    A caption is its UTF-8 bytes + 3, cut to max_length - 1, then end of sequence (1): exactly what
-    ByT5Tokenizer gives unless the caption holds one of its special-token strings ("</s>", "<pad>",
-    "<unk>", "<extra_id_N>"), whose rules (stripping the whitespace around some, no second end token)
-    are its own; such a caption, and any other kind of call, goes to ByT5Tokenizer itself."""
-
-    def __init__(self):
-        self._hf = None
-
-    def __call__(self, text, truncation: bool = False, max_length: int | None = None, **kwargs):
-        texts = [text] if isinstance(text, str) else list(text)
-        if kwargs or (max_length is not None and max_length < 1) or any(
-                "<" in t and any(s in t for s in BYT5_SPECIALS) for t in texts):
-            return self.hf(text, truncation=truncation, max_length=max_length, **kwargs)
-        keep = max_length - 1 if truncation and max_length is not None else None
-        ids = [[b + 3 for b in t.encode("utf-8")[:keep]] + [1] for t in texts]
-        mask = [[1] * len(x) for x in ids]
-        return {"input_ids": ids[0], "attention_mask": mask[0]} if isinstance(text, str) else \
-            {"input_ids": ids, "attention_mask": mask}
-
-    @property
-    def hf(self):
-        if self._hf is None:
-            from transformers import ByT5Tokenizer
-
-            self._hf = ByT5Tokenizer()
-        return self._hf
-
-
-def load_tokenizer(uri: str):
-    """(tokenizer, max_length) of a text encoder, without building the encoder (ids need no model).
-    `uri`: a muse text_encoder component, or a Hugging Face directory or cache name; local or s3://. A
-    component that references its weights (T5-XXL, `checkpoint.save_reference`) has its tokenizer
-    with them, in the directory it names. ByT5 (the offline default) gets `ByT5Ids`."""
-    cfg, reference = _text_component(uri)
-    max_length = (cfg or TextEncoderConfig()).max_length
-    if reference:
-        uri, cfg = cfg.name_or_path, None
-    tok_config = storage.join(uri, "tokenizer_config.json")
-    if cfg is not None and storage.exists(tok_config) and json.loads(storage.read_text(tok_config)).get(
-            "tokenizer_class", "").startswith("ByT5"):
-        return ByT5Ids(), max_length  # byte-level: no vocabulary files
-    from transformers import AutoTokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = uri
-        if storage.is_s3(uri):  # the tokenizer files only, not the weights
-            for f in storage.list_files(uri, recursive=False):
-                if not f.endswith((".safetensors", ".bin")):
-                    storage.write_bytes(os.path.join(tmp, f.rsplit("/", 1)[-1]), storage.read_bytes(f))
-            local = tmp
-        try:
-            return AutoTokenizer.from_pretrained(local, local_files_only=True), max_length
-        except (OSError, ValueError, ImportError) as e:
-            raise ValueError(f"text encoder {uri!r}: its tokenizer does not load (T5's own tokenizer needs "
-                             f"sentencepiece): {e}") from e
 
 
 def read_state_dict(folder: str) -> dict[str, torch.Tensor]:
@@ -196,29 +119,6 @@ def load_t5_encoder(folder: str, dtype: torch.dtype) -> nn.Module:
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     model.encoder.embed_tokens = model.shared  # tied, as T5EncoderModel builds them
     return model.eval()
-
-
-# T5's special ids: padding 0, end of sequence 1, unknown 2 (ByT5 keeps them too).
-BPE_SPECIALS = ("<pad>", "</s>", "<unk>")
-
-
-def fit_bpe_tokenizer(captions: Iterable[str], vocab_size: int):
-    """A byte-level BPE tokenizer (Hugging Face `tokenizers`) fitted to `captions`, at most
-    `vocab_size` tokens, with T5's special ids and an end-of-sequence token after every caption.
-    Byte-level: any text encodes, words it never saw as pieces or bytes, so nothing maps to <unk>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BPE_SPECIALS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(captions, trainer)
-    eos = tok.token_to_id("</s>")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=1 << 20)
 
 
 class TextEncoder(nn.Module):

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from muse.config import TextEncoderConfig
-from muse.text import load_tokenizer, text_encoder_config
+from muse.tokenizer import load_tokenizer, text_encoder_config
 from pipelines import readers
 from pipelines.preprocess import preprocess_batch, unpack_pixels
 

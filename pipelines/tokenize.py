@@ -76,7 +76,7 @@ class Models:
 def resolve_models(checkpoint: str | None, vqgan: str | None = None, vqgan_hi: str | None = None,
                    text_encoder: str | None = None) -> Models:
     """The model root's vqgan_lo/, vqgan_hi/ (when present) and text_encoder/, each overridable."""
-    from muse.checkpoint import component_uri, has_component
+    from muse.components import component_uri, has_component
 
     def pick(flag: str | None, name: str, required: bool) -> str | None:
         if flag:
@@ -180,7 +180,7 @@ class Coordinator:
 
 def job_spec(input_uri: str, cfg: TokenizeConfig, models: Models) -> dict:
     """Everything that decides the content of the shards; a resumed run must match it."""
-    from muse.checkpoint import read_component_config
+    from muse.components import read_component_config
 
     lo = read_component_config(models.vqgan_lo)[1]
     hi = read_component_config(models.vqgan_hi)[1] if models.vqgan_hi else None

@@ -32,7 +32,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from muse import checkpoint
-from muse.text import load_tokenizer
+from muse.tokenizer import load_tokenizer
 from serve.chain import run_chain
 from serve.config import AppArgs
 from serve.deployments import Decode

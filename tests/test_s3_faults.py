@@ -3,7 +3,6 @@ third of the requests 503 SlowDown and drops one connection in eleven. Storage c
 
 from __future__ import annotations
 
-import os
 from urllib.parse import urlparse
 
 import pytest

@@ -43,7 +43,7 @@ def test_a_killed_export_leaves_the_old_component_and_the_next_export_replaces_i
     leftovers = [n for n in os.listdir(root) if n.startswith(".vqgan_hi.staging-")]
     assert leftovers and os.path.exists(os.path.join(root, leftovers[0], checkpoint.WEIGHTS_FILE))  # it died mid-write
     loaded = checkpoint.load_component(uri)
-    assert loaded.config == cfg and "extra" not in checkpoint._read_meta(uri)
+    assert loaded.config == cfg and "extra" not in checkpoint.read_meta(uri)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), old.state_dict().values()))
 
     checkpoint.save_component(VQGAN(wide), uri, extra={"decoder_finetuned": True})

@@ -371,3 +371,26 @@ def test_model_flags_override_the_root(tiny_root, tiny_root_lo_only):
                                         if f.startswith("tokenize")))
 def test_shipped_configs_load(name):
     load_config(os.path.join(REPO, "configs", name))
+
+
+def test_planning_and_caption_ids_never_import_torch(tiny_root, tmp_path):
+    """The driver, the coordinator that runs Ray Data's executor and the caption-id tasks plan, read
+    model configs and make ids: none of that needs torch, whose import is most of a Ray worker's start
+    (~0.8 s) and ~200 MB of its memory."""
+    write_folder(tmp_path / "corpus", [(f"good{i}", *good(i)[:1], good(i)[1].encode(), "") for i in range(2)])
+    probe = f"""
+import sys
+from pipelines import readers
+from pipelines.config import TokenizeConfig
+from pipelines.models import cached_tokenizer, caption_ids
+from pipelines.tokenize import Coordinator, job_spec, resolve_models
+models = resolve_models({tiny_root!r})
+cfg = TokenizeConfig()
+spec = job_spec({str(tmp_path / "corpus")!r}, cfg, models)
+parts = readers.plan_parts({str(tmp_path / "corpus")!r}, "auto", cfg.reader)
+tokenizer, max_length = cached_tokenizer(models.text_encoder)
+ids = caption_ids(tokenizer, max_length, ["a red circle"])
+assert spec["vqgan_lo"]["resolution"] > 0 and len(parts) == 1 and ids[0][-1] == 1, (spec, parts, ids)
+assert "torch" not in sys.modules and "transformers" not in sys.modules
+"""
+    subprocess.run([sys.executable, "-c", probe], check=True)

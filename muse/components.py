@@ -1,0 +1,119 @@
+"""What a model component is, read without torch: the kinds a component's config.json may name, the
+layout of a model root, and reading a component's kind and config (JSON only).
+
+`muse.checkpoint` builds, saves and loads the models themselves; this module is what processes that
+only plan or tokenize need (a tokenization job's coordinator, its caption-id tasks, an API front
+end), so that they start without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from muse import storage
+from muse.config import from_dict
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+COMPONENTS = ("text_encoder", "vqgan_lo", "vqgan_hi", "base", "superres")
+# Components a root must have for text-to-image at base resolution; the rest are optional.
+REQUIRED_COMPONENTS = ("text_encoder", "vqgan_lo", "base")
+
+
+class CheckpointError(ValueError):
+    """A component directory is missing, incomplete or corrupt."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a component's `kind` (in its config.json) names: its config and model classes, as
+    "module:Name" (imported on first use, so this module imports no model code), the model-root slot
+    role it fills, and its model family (a root holds one family)."""
+
+    config: str
+    model: str
+    role: str  # "text_encoder" | "vqgan" | "base" | "superres"
+    family: str  # "muse" | "amused"
+
+
+# Every component kind, registered here and only here (`register` adds one from outside).
+KINDS: dict[str, Kind] = {
+    "text_encoder": Kind("muse.config:TextEncoderConfig", "muse.text:TextEncoder", "text_encoder", "muse"),
+    "vqgan": Kind("muse.config:VQGANConfig", "muse.vqgan:VQGAN", "vqgan", "muse"),
+    "base": Kind("muse.config:BaseTransformerConfig", "muse.transformer:MaskedTransformer", "base", "muse"),
+    "superres": Kind("muse.config:SuperResTransformerConfig", "muse.transformer:SuperResTransformer",
+                     "superres", "muse"),
+    "clip_text": Kind("muse.config:CLIPTextConfig", "muse.clip:CLIPTextEncoder", "text_encoder", "amused"),
+    "vq": Kind("muse.config:VQConfig", "muse.vq:VQModel", "vqgan", "amused"),
+    "uvit": Kind("muse.config:UViTConfig", "muse.uvit:UViT", "base", "amused"),
+}
+
+
+def register(name: str, kind: Kind) -> None:
+    KINDS[name] = kind
+
+
+def resolve_ref(ref: str) -> type:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def config_class(kind: str) -> type:
+    """The config dataclass of a component kind."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown component kind {kind!r}; known: {sorted(KINDS)}")
+    return resolve_ref(KINDS[kind].config)
+
+
+def read_component_config(uri: str) -> tuple[str, Any]:
+    """(kind, config dataclass) of the component at `uri`."""
+    return read_component_meta(uri)[:2]
+
+
+def read_component_meta(uri: str) -> tuple[str, Any, bool]:
+    """(kind, config dataclass, whether it names the directory of its weights: `save_reference`), in
+    one read of its config.json."""
+    meta = read_meta(uri)
+    return meta["kind"], parse_config(meta, uri), bool(meta.get("reference"))
+
+
+def component_extra(uri: str) -> dict[str, Any]:
+    return read_meta(uri).get("extra", {})
+
+
+def read_meta(uri: str) -> dict[str, Any]:
+    cfg_uri = storage.join(uri, CONFIG_FILE)
+    if not storage.exists(cfg_uri):
+        raise CheckpointError(f"no checkpoint at {uri}: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        meta = json.loads(storage.read_text(cfg_uri))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_uri} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict) or "kind" not in meta or "config" not in meta:
+        raise CheckpointError(f"{cfg_uri} is not a muse component config (needs 'kind' and 'config')")
+    if meta.get("format_version", 1) > FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_uri}: format_version {meta['format_version']} is newer than this code")
+    if meta["kind"] not in KINDS:
+        raise CheckpointError(f"{cfg_uri}: unknown kind {meta['kind']!r}; known {sorted(KINDS)}")
+    return meta
+
+
+def parse_config(meta: dict[str, Any], uri: str) -> Any:
+    try:
+        return from_dict(config_class(meta["kind"]), meta["config"])
+    except ValueError as e:
+        raise CheckpointError(f"{uri}/{CONFIG_FILE}: {e}") from e
+
+
+def component_uri(root: str, name: str) -> str:
+    if name not in COMPONENTS:
+        raise ValueError(f"unknown component {name!r}; components are {COMPONENTS}")
+    return storage.join(root, name)
+
+
+def has_component(root: str, name: str) -> bool:
+    return storage.exists(storage.join(component_uri(root, name), CONFIG_FILE))
