@@ -127,6 +127,8 @@ def as_loop(corpus: str, out: str, root: str) -> dict:
     from pipelines.preprocess import preprocess_batch
     from pipelines.tokenize import resolve_models
 
+    import torch  # noqa: F401 - imported before the clock starts, as a loop script does at its top
+
     cfg = from_dict(TokenizeConfig, CONFIG)
     models = resolve_models(root)
     start = time.time()
