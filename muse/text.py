@@ -26,6 +26,7 @@ from muse.tokenizer import (  # noqa: F401 - re-exported: muse.text is where cal
     BPE_SPECIALS,
     BYT5_SPECIALS,
     ByT5Ids,
+    TokenizerJsonIds,
     fit_bpe_tokenizer,
     load_tokenizer,
     text_encoder_config,

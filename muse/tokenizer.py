@@ -72,19 +72,59 @@ class ByT5Ids:
         return self._hf
 
 
+# tokenizer_config.json's class for a tokenizer that is its tokenizer.json and nothing else (what
+# `fit_bpe_tokenizer` saves: transformers 5 writes the first name, earlier versions the second).
+TOKENIZER_JSON_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+class TokenizerJsonIds:
+    """Ids from a tokenizer.json through the `tokenizers` library, which is what transformers' fast
+    tokenizer calls for them, without importing transformers (1.6 s in a fresh process, torch
+    included). For the BPE vocabulary that `fit_bpe_tokenizer` fits; same call as `ByT5Ids`."""
+
+    def __init__(self, tokenizer_json: str):
+        self.tokenizer_json = tokenizer_json
+        self._backends: dict[int | None, Any] = {}  # one per truncation length: settings are per object
+
+    def __call__(self, text, truncation: bool = False, max_length: int | None = None, **kwargs):
+        if kwargs:
+            raise TypeError(f"caption ids take truncation and max_length only, not {sorted(kwargs)}")
+        length = max_length if truncation else None
+        backend = self._backends.get(length)
+        if backend is None:
+            from tokenizers import Tokenizer
+
+            backend = Tokenizer.from_str(self.tokenizer_json)
+            backend.no_padding()
+            if length is None:
+                backend.no_truncation()
+            else:
+                backend.enable_truncation(length)
+            self._backends[length] = backend
+        encodings = backend.encode_batch([text] if isinstance(text, str) else list(text))
+        ids, mask = [e.ids for e in encodings], [e.attention_mask for e in encodings]
+        return {"input_ids": ids[0], "attention_mask": mask[0]} if isinstance(text, str) else \
+            {"input_ids": ids, "attention_mask": mask}
+
+
 def load_tokenizer(uri: str):
     """(tokenizer, max_length) of a text encoder, without building the encoder (ids need no model).
     `uri`: a muse text_encoder component, or a Hugging Face directory or cache name; local or s3://. A
     component that references its weights (T5-XXL, `checkpoint.save_reference`) has its tokenizer
-    with them, in the directory it names. ByT5 (the offline default) gets `ByT5Ids`."""
+    with them, in the directory it names. The tokenizers of muse's own text encoders load without
+    transformers: ByT5 (the offline default) as `ByT5Ids`, a fitted BPE as `TokenizerJsonIds`."""
     cfg, reference = _text_component(uri)
     max_length = (cfg or TextEncoderConfig()).max_length
     if reference:
         uri, cfg = cfg.name_or_path, None
     tok_config = storage.join(uri, "tokenizer_config.json")
-    if cfg is not None and storage.exists(tok_config) and json.loads(storage.read_text(tok_config)).get(
-            "tokenizer_class", "").startswith("ByT5"):
-        return ByT5Ids(), max_length  # byte-level: no vocabulary files
+    if cfg is not None and storage.exists(tok_config):
+        tok_class = json.loads(storage.read_text(tok_config)).get("tokenizer_class", "")
+        if tok_class.startswith("ByT5"):
+            return ByT5Ids(), max_length  # byte-level: no vocabulary files
+        tok_json = storage.join(uri, "tokenizer.json")
+        if tok_class in TOKENIZER_JSON_CLASSES and storage.exists(tok_json):
+            return TokenizerJsonIds(storage.read_text(tok_json)), max_length
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:

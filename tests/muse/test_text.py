@@ -208,3 +208,31 @@ def test_byt5_ids_match_the_byt5_tokenizer_without_importing_transformers():
              "max_length=8)['input_ids']; assert ids == [[100, 35, 117, 104, 103, 35, 102, 1]], ids; "
              "assert 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", probe], check=True)
+
+
+def test_a_fitted_bpe_loads_for_ids_without_transformers_and_gives_its_ids(tmp_path):
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from muse import checkpoint
+    from muse.text import TokenizerJsonIds, load_tokenizer
+
+    enc = TextEncoder.build(preset("t5-tiny-bpe"), CAPTIONS)
+    uri = str(tmp_path / "te")
+    checkpoint.save_component(enc, uri)
+    ours, max_length = load_tokenizer(uri)
+    assert isinstance(ours, TokenizerJsonIds) and max_length == enc.config.max_length
+    theirs = AutoTokenizer.from_pretrained(uri, local_files_only=True)
+    captions = CAPTIONS[:4] + ["", " ", "a hexagon, über Ünïcode 🙂", "</s> <pad> <unk>", "red " * 200]
+    for length in (1, 3, 16, max_length):
+        assert ours(captions, truncation=True, max_length=length)["input_ids"] == \
+            theirs(captions, truncation=True, max_length=length)["input_ids"]
+    assert ours(captions[0], truncation=True, max_length=8)["input_ids"] == \
+        theirs(captions[0], truncation=True, max_length=8)["input_ids"]
+    assert ours(captions)["input_ids"] == theirs(captions)["input_ids"]  # no truncation
+    probe = (f"import sys; from muse.tokenizer import load_tokenizer; tok, n = load_tokenizer({uri!r}); "
+             "ids = tok(['a green triangle'], truncation=True, max_length=n)['input_ids']; "
+             "assert ids[0][-1] == 1, ids; assert 'transformers' not in sys.modules and 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", probe], check=True)
