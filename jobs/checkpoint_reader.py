@@ -166,10 +166,13 @@ class RangedCheckpointReader(StorageReader):
             self.bytes_read += len(buffer)
         for start, stop, item in items:
             piece = self.pieces[item.storage_index]
-            with warnings.catch_warnings():  # a read-only buffer: only ever copied from
-                warnings.simplefilter("ignore", UserWarning)
-                flat = torch.frombuffer(buffer, dtype=piece.dtype, count=(stop - start) // piece.dtype.itemsize,
-                                        offset=start - begin)
+            if stop == start:  # an empty piece (an FSDP shard of a tensor with fewer rows than ranks)
+                flat = torch.empty(0, dtype=piece.dtype)
+            else:
+                with warnings.catch_warnings():  # a read-only buffer: only ever copied from
+                    warnings.simplefilter("ignore", UserWarning)
+                    flat = torch.frombuffer(buffer, dtype=piece.dtype, count=(stop - start) // piece.dtype.itemsize,
+                                            offset=start - begin)
             tensor = flat.reshape((item.lengths[0], *piece.shape[1:]) if piece.shape else ())
             for dim in range(1, len(piece.shape)):
                 tensor = tensor.narrow(dim, item.storage_offsets[dim], item.lengths[dim])

@@ -226,10 +226,11 @@ def test_a_rank_fetches_only_the_rows_of_the_pieces_it_needs(s3_bucket, tmp_path
                         storage_index=MetadataIndex(fqn, zeros), storage_offsets=torch.Size(offsets),
                         lengths=torch.Size(lengths))
 
-    planner = _Planner({"w": torch.zeros(250, 16), "step": torch.tensor(0.0)})
-    reader.read_data(LoadPlan([item("w", [250, 8], [250, 16]), item("step", [], [])]), planner).wait()
+    planner = _Planner({"w": torch.zeros(250, 16), "step": torch.tensor(0.0), "b": torch.zeros(0)})
+    plan = LoadPlan([item("w", [250, 8], [250, 16]), item("step", [], []), item("b", [64], [0])])  # b: no rows
+    reader.read_data(plan, planner).wait()
     assert torch.equal(planner.targets["w"], weights["w"][250:500, 8:24])
-    assert planner.targets["step"].item() == 7.0 and sorted(planner.committed) == ["step", "w"]
+    assert planner.targets["step"].item() == 7.0 and sorted(planner.committed) == ["b", "step", "w"]
     assert reader.bytes_read == 250 * 64 * 4 + 4  # the rows and the scalar; the file is ~260 KB
 
 
