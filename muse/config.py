@@ -18,6 +18,10 @@ import yaml
 
 T = TypeVar("T")
 
+# The warning for the old name of MaskGIT's choice temperature (muse.sampling, serve.config).
+RENAMED_TEMPERATURE = ("`temperature` is the choice temperature of MaskGIT's re-masking noise, not a softmax "
+                       "temperature; it is now called `choice_temperature`")
+
 
 @dataclass(frozen=True)
 class VQGANConfig:

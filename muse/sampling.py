@@ -34,12 +34,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from muse.config import RENAMED_TEMPERATURE
 from muse.context import Context, ContextStack
 from muse.masking import num_masked_after_step
 
 Generators = torch.Generator | Sequence[torch.Generator]
-RENAMED_TEMPERATURE = ("`temperature` is the choice temperature of MaskGIT's re-masking noise, not a softmax "
-                       "temperature; it is now called `choice_temperature`")
 
 
 def generate(

@@ -31,18 +31,18 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from muse import checkpoint
+from muse import components
 from muse.tokenizer import load_tokenizer
 from serve.chain import run_chain
 from serve.config import AppArgs
-from serve.deployments import Decode
 from serve.guard import RETRY_AFTER_S, Guard
-from serve.images import Output, UploadError, prepare_edit
+from serve.images import UploadError, prepare_edit
 from serve.responses import Responses
 from serve.schemas import (
     FIELDS, OUTPUT_FORMATS, APIError, GenerationRequest, check_common, check_prompt, check_unknown_fields,
     error_response, resolve_size, supported_sizes, usage, validation_param,
 )
+from serve.specs import Decode, Output
 from serve.streaming import open_stream
 
 logger = logging.getLogger("ray.serve")
@@ -57,16 +57,17 @@ class Ingress:
         self.text, self.base, self.superres, self.decoder = text_encoder, base, superres, decoder
         self.args = args
         self.limits, self.sampling = args.limits, args.sampling
-        _, lo = checkpoint.read_component_config(checkpoint.component_uri(args.checkpoint, "vqgan_lo"))
+        _, lo = components.read_component_config(components.component_uri(args.checkpoint, "vqgan_lo"))
         self.lo_side, self.lo_tokens = lo.resolution, lo.tokens_per_side
         self.hi_side = self.hi_tokens = None
         if superres is not None:
-            _, hi = checkpoint.read_component_config(checkpoint.component_uri(args.checkpoint, "vqgan_hi"))
+            _, hi = components.read_component_config(components.component_uri(args.checkpoint, "vqgan_hi"))
             self.hi_side, self.hi_tokens = hi.resolution, hi.tokens_per_side
         self.responses = Responses(args.files)
         self.page = (STATIC / "index.html").read_text()
         # The tokenizer alone (no weights): `usage` counts the prompt as the text encoder reads it.
-        self.tokenizer, self.max_text_tokens = load_tokenizer(checkpoint.component_uri(args.checkpoint, "text_encoder"))
+        text_encoder = components.component_uri(args.checkpoint, "text_encoder")
+        self.tokenizer, self.max_text_tokens = load_tokenizer(text_encoder)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_fastapi(self)

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from muse.sampling import RENAMED_TEMPERATURE
+from muse.config import RENAMED_TEMPERATURE
 
 
 class Strict(BaseModel):

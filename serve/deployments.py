@@ -34,8 +34,9 @@ from muse import checkpoint, editing, sampling
 from muse.data.images import uint8_to_tensor
 from muse.pipeline import TextCondition, stage_contexts
 from serve.config import Batching
-from serve.images import Output, fill_masked, grey_out, image_bytes
+from serve.pixels import fill_masked, grey_out, image_bytes
 from serve.scheduler import DecodeTask, EditTask, Scheduler
+from serve.specs import Decode, Output, preview_after  # noqa: F401 - preview_after: where callers look
 
 
 @dataclass
@@ -46,16 +47,6 @@ class TextCond:
     mask: torch.Tensor  # (1, L) bool
     neg_emb: torch.Tensor | None = None  # (1, L', D) negative prompt, replaces the unconditional branch
     neg_mask: torch.Tensor | None = None
-
-
-@dataclass
-class Decode:
-    """How to decode one request's images."""
-
-    n: int
-    steps: int
-    guidance_scale: float
-    seed: int
 
 
 @dataclass
@@ -269,15 +260,9 @@ def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.reshape(-1)
 
 
-def _rows(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    """One (h, w) mask for all n rows -> (n, N)."""
-    return None if mask is None else mask.reshape(1, -1).expand(n, -1)
-
-
-def preview_after(step: int, steps: int, every: int) -> bool:
-    """Whether a stream sends a preview after decoding step `step` (0-based) of `steps`: every
-    `every` steps, never after the last (the final grid follows instead)."""
-    return (step + 1) % every == 0 and step + 1 < steps
+def _rows(mask: torch.Tensor | np.ndarray | None, n: int) -> torch.Tensor | None:
+    """One (h, w) mask for all n rows (a numpy array from the ingress) -> (n, N)."""
+    return None if mask is None else torch.as_tensor(mask).reshape(1, -1).expand(n, -1)
 
 
 def _generators(job: _Job, device: torch.device) -> list[torch.Generator]:

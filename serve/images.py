@@ -1,5 +1,5 @@
-"""Image plumbing of the HTTP API, free of Ray: PNG encoding, uploaded images and masks for
-/v1/images/edits, and stream previews of partially decoded token grids.
+"""Image plumbing of the HTTP API's ingress, free of Ray and torch: uploaded images and masks for
+/v1/images/edits (`serve.pixels` turns the models' outputs into image bytes).
 
 Edits follow OpenAI's convention: the pixels to regenerate are the transparent ones (alpha < 128) of
 the mask, or of the image itself when no mask is sent (the image's own transparency is composited
@@ -15,11 +15,10 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from muse.data.images import tensor_to_pil, to_rgb, to_uint8_array
-from muse.editing import token_mask_from_pixels
+from muse.data.images import to_rgb, to_uint8_array
+from serve.specs import Output  # noqa: F401 - re-exported: the API's image options
 
 TRANSPARENT_BELOW = 128  # alpha under this counts as transparent = regenerate
 
@@ -30,31 +29,6 @@ class UploadError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
-
-
-@dataclass(frozen=True)
-class Output:
-    """How a request wants its images: the side in pixels and the file format (png, jpeg, webp;
-    `quality` 0-100 for the lossy ones)."""
-
-    side: int | None = None  # None: the stage's own resolution
-    format: str = "png"
-    quality: int | None = None
-
-
-def image_bytes(image: torch.Tensor, out: Output = Output()) -> bytes:
-    """(3, H, W) float in [-1, 1] -> encoded bytes at `out.side` (bicubic resampling when the stage's
-    resolution differs: OpenAI clients get the size they asked for)."""
-    pil = tensor_to_pil(image)
-    if out.side is not None and pil.size != (out.side, out.side):
-        pil = pil.resize((out.side, out.side), Image.Resampling.BICUBIC)
-    buf = io.BytesIO()
-    if out.format == "png":
-        pil.save(buf, format="PNG")
-    else:
-        pil.save(buf, format=out.format.upper(), quality=100 if out.quality is None else out.quality)
-    return buf.getvalue()
-
 
 
 def read_upload(data: bytes, param: str, max_pixels: int) -> Image.Image:
@@ -81,7 +55,7 @@ class EditInput:
     """An edit request's image at each stage's resolution and the low-res tokens to regenerate."""
 
     images: dict[str, np.ndarray]  # stage -> (side, side, 3) uint8
-    regenerate: torch.Tensor | None  # (h, w) bool on the low-res token grid; None = mask-free editing
+    regenerate: np.ndarray | None  # (h, w) bool on the low-res token grid; None = mask-free editing
 
 
 def prepare_edit(image_bytes: bytes, mask_bytes: bytes | None, sides: dict[str, int], lo_tokens: int,
@@ -106,8 +80,18 @@ def prepare_edit(image_bytes: bytes, mask_bytes: bytes | None, sides: dict[str, 
     images = {stage: to_uint8_array(rgb, side) for stage, side in sides.items()}
     if not transparent.any():
         return EditInput(images, None)
-    pixels = torch.from_numpy(_centre_square(transparent).copy())[None]  # (1, S, S)
-    return EditInput(images, token_mask_from_pixels(pixels, lo_tokens)[0])
+    return EditInput(images, token_mask(_centre_square(transparent), lo_tokens))
+
+
+def token_mask(pixels: np.ndarray, tokens_per_side: int) -> np.ndarray:
+    """Pixel mask (H, W) -> token mask (t, t) bool: a token is regenerated when any pixel of its patch
+    is (`muse.editing.token_mask_from_pixels` in numpy, with adaptive max pooling's windows, so H and W
+    need not divide evenly): rows floor(i*H/t) to ceil((i+1)*H/t) for token row i."""
+    h, w = pixels.shape
+    t = tokens_per_side
+    rows = [(i * h // t, -(-(i + 1) * h // t)) for i in range(t)]
+    cols = [(j * w // t, -(-(j + 1) * w // t)) for j in range(t)]
+    return np.array([[pixels[r0:r1, c0:c1].any() for c0, c1 in cols] for r0, r1 in rows], dtype=bool)
 
 
 def _centre_square(a: np.ndarray) -> np.ndarray:
@@ -116,17 +100,3 @@ def _centre_square(a: np.ndarray) -> np.ndarray:
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     return a[top:top + side, left:left + side]
-
-
-def fill_masked(ids: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A partially decoded grid (B, h, w) -> (ids with [MASK] replaced by code 0, mask (B, h, w))."""
-    masked = ids == mask_id
-    return torch.where(masked, torch.zeros_like(ids), ids), masked
-
-
-def grey_out(images: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """Paint the pixel blocks of still-masked tokens grey (0 in [-1, 1]): images (B, 3, H, W),
-    masked (B, h, w) with H = h * f."""
-    f = images.shape[-1] // masked.shape[-1]
-    pixels = masked.repeat_interleave(f, dim=1).repeat_interleave(f, dim=2)[:, None]  # (B, 1, H, W)
-    return images.masked_fill(pixels, 0.0)

@@ -8,7 +8,7 @@ import time
 
 from serve.config import Files
 from serve.files import FileStore
-from serve.images import Output
+from serve.specs import Output
 from serve.streaming import b64
 
 

@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING, AsyncIterator
 from ray.serve.exceptions import BackPressureError
 
 from serve.chain import model_failed, overloaded, replica_lost
-from serve.deployments import preview_after
-from serve.images import Output
 from serve.schemas import APIError, GenerationRequest
+from serve.specs import Output, preview_after
 
 if TYPE_CHECKING:
     from serve.api import Ingress

@@ -10,13 +10,15 @@ import types
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from serve.config import AppArgs, Deployment, Files, Generator, Limits, Sampling, load_args
 from serve.files import FileStore
-from serve.images import UploadError, fill_masked, grey_out, prepare_edit
+from serve.images import UploadError, prepare_edit
+from serve.pixels import fill_masked, grey_out
 from serve.schemas import APIError, resolve_size
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,14 +114,39 @@ def test_prepare_edit_marks_the_tokens_under_transparent_pixels():
     assert edit.images["lo"].shape == (64, 64, 3) and edit.images["hi"].shape == (128, 128, 3)
     expected = torch.zeros(8, 8, dtype=torch.bool)
     expected[:2, :2] = True
-    assert torch.equal(edit.regenerate, expected)
+    assert isinstance(edit.regenerate, np.ndarray) and np.array_equal(edit.regenerate, expected.numpy())
     assert tuple(edit.images["lo"][40, 40]) == (10, 200, 30)
 
     mask = Image.new("RGBA", (128, 96), (0, 0, 0, 255))
     mask.paste((0, 0, 0, 0), (100, 84, 112, 96))  # bottom-right corner of the square
     edit = prepare_edit(_png(image.convert("RGB")), _png(mask), {"lo": 64}, 8, max_pixels=10**6)
-    assert edit.regenerate.nonzero().tolist() == [[7, 7]]
+    assert np.argwhere(edit.regenerate).tolist() == [[7, 7]]
     assert prepare_edit(_png(image.convert("RGB")), None, {"lo": 64}, 8, max_pixels=10**6).regenerate is None
+
+
+@pytest.mark.parametrize("side, tokens", [(64, 8), (100, 8), (37, 16), (16, 16), (200, 7)])
+def test_the_ingress_token_mask_is_the_models_pooled_mask(side, tokens):
+    """The ingress computes edit masks in numpy (it imports no torch); the library's torch version is
+    the reference, on sides that do and do not divide evenly."""
+    from muse.editing import token_mask_from_pixels
+    from serve.images import token_mask
+
+    gen = np.random.default_rng(side * tokens)
+    for density in (0.002, 0.05, 0.5):
+        pixels = gen.random((side, side)) < density
+        ours = token_mask(pixels, tokens)
+        theirs = token_mask_from_pixels(torch.from_numpy(pixels)[None], tokens)[0].numpy()
+        assert ours.shape == (tokens, tokens) and np.array_equal(ours, theirs)
+
+
+def test_the_ingress_imports_no_torch():
+    """The API's ingress replica parses, validates and forwards; torch would add ~1 s and ~180 MB to it."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; import serve.api, serve.images, serve.streaming, serve.responses; "
+             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]")
+    subprocess.run([sys.executable, "-c", probe], check=True)
 
 
 @pytest.mark.parametrize("image, mask, param", [
