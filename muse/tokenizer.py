@@ -72,15 +72,17 @@ class ByT5Ids:
         return self._hf
 
 
-# tokenizer_config.json's class for a tokenizer that is its tokenizer.json and nothing else (what
-# `fit_bpe_tokenizer` saves: transformers 5 writes the first name, earlier versions the second).
-TOKENIZER_JSON_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+# tokenizer_config.json's classes whose ids are their tokenizer.json's and nothing else: what
+# `fit_bpe_tokenizer` saves (transformers 5 writes the first name, earlier versions the second), and
+# T5's fast tokenizer (every setting of it lives in the tokenizer.json: tested, legacy or not).
+TOKENIZER_JSON_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast", "T5Tokenizer", "T5TokenizerFast")
 
 
 class TokenizerJsonIds:
     """Ids from a tokenizer.json through the `tokenizers` library, which is what transformers' fast
     tokenizer calls for them, without importing transformers (1.6 s in a fresh process, torch
-    included). For the BPE vocabulary that `fit_bpe_tokenizer` fits; same call as `ByT5Ids`."""
+    included). For the BPE vocabulary that `fit_bpe_tokenizer` fits and for T5 folders that ship a
+    tokenizer.json; same call as `ByT5Ids`."""
 
     def __init__(self, tokenizer_json: str):
         self.tokenizer_json = tokenizer_json
@@ -111,16 +113,16 @@ def load_tokenizer(uri: str):
     """(tokenizer, max_length) of a text encoder, without building the encoder (ids need no model).
     `uri`: a muse text_encoder component, or a Hugging Face directory or cache name; local or s3://. A
     component that references its weights (T5-XXL, `checkpoint.save_reference`) has its tokenizer
-    with them, in the directory it names. The tokenizers of muse's own text encoders load without
-    transformers: ByT5 (the offline default) as `ByT5Ids`, a fitted BPE as `TokenizerJsonIds`."""
+    with them, in the directory it names. Most load without transformers: muse's ByT5 (the offline
+    default) as `ByT5Ids`, a fitted BPE and a T5 folder with a tokenizer.json as `TokenizerJsonIds`."""
     cfg, reference = _text_component(uri)
     max_length = (cfg or TextEncoderConfig()).max_length
     if reference:
         uri, cfg = cfg.name_or_path, None
     tok_config = storage.join(uri, "tokenizer_config.json")
-    if cfg is not None and storage.exists(tok_config):
+    if storage.exists(tok_config):
         tok_class = json.loads(storage.read_text(tok_config)).get("tokenizer_class", "")
-        if tok_class.startswith("ByT5"):
+        if cfg is not None and tok_class.startswith("ByT5"):
             return ByT5Ids(), max_length  # byte-level: no vocabulary files
         tok_json = storage.join(uri, "tokenizer.json")
         if tok_class in TOKENIZER_JSON_CLASSES and storage.exists(tok_json):

@@ -236,3 +236,37 @@ def test_a_fitted_bpe_loads_for_ids_without_transformers_and_gives_its_ids(tmp_p
              "ids = tok(['a green triangle'], truncation=True, max_length=n)['input_ids']; "
              "assert ids[0][-1] == 1, ids; assert 'transformers' not in sys.modules and 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", probe], check=True)
+
+
+def test_a_t5_folder_with_a_tokenizer_json_gives_t5s_ids_without_transformers(tmp_path):
+    """T5 folders (flan-t5 and others) ship a tokenizer.json; a sentencepiece model trained here stands
+    in for T5's, saved by T5TokenizerFast as the hub's are, legacy and not."""
+    import io
+    import subprocess
+    import sys
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer, T5TokenizerFast
+
+    from muse.text import TokenizerJsonIds, load_tokenizer
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CAPTIONS), model_writer=model, vocab_size=40,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   hard_vocab_limit=False, minloglevel=2)
+    (tmp_path / "sp.model").write_bytes(model.getvalue())
+    captions = CAPTIONS[:4] + ["", " ", "RED  Squares!!", "über Ünïcode 🙂", "<extra_id_0> x", "a </s> b",
+                              "  around  ", "a\u00a0b", "red " * 200]
+    for legacy in (True, False):
+        folder = str(tmp_path / f"t5-legacy-{legacy}")
+        T5TokenizerFast(vocab_file=str(tmp_path / "sp.model"), extra_ids=10, legacy=legacy).save_pretrained(folder)
+        ours, max_length = load_tokenizer(folder)
+        theirs = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        assert isinstance(ours, TokenizerJsonIds)
+        for length in (1, 4, 16, max_length):
+            assert ours(captions, truncation=True, max_length=length)["input_ids"] == \
+                theirs(captions, truncation=True, max_length=length)["input_ids"]
+    probe = (f"import sys; from muse.tokenizer import load_tokenizer; tok, n = load_tokenizer({folder!r}); "
+             "ids = tok('a green triangle', truncation=True, max_length=n)['input_ids']; assert ids[-1] == 1, ids; "
+             "assert 'transformers' not in sys.modules and 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", probe], check=True)
