@@ -49,6 +49,7 @@ from muse.components import (  # noqa: F401 - re-exported: muse.checkpoint is wh
 )
 from muse.config import model_preset, to_dict
 
+
 def _kinds() -> dict[str, tuple[type, type]]:
     """kind -> (config class, model class)."""
     return {name: (resolve_ref(k.config), resolve_ref(k.model)) for name, k in KINDS.items()}

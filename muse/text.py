@@ -8,6 +8,7 @@ are safetensors or, as several official T5 folders ship them, pytorch_model.bin 
 `name_or_path`, a small T5 encoder is built from `TextEncoderConfig` with the byte-level ByT5
 tokenizer, which needs no vocabulary files (the offline default), or with a byte-level BPE vocabulary
 fitted to the corpus's captions (`fit_bpe_tokenizer`), saved beside the weights as tokenizer.json.
+Caption ids without the encoder (and without torch) come from `muse.tokenizer`.
 """
 
 from __future__ import annotations
@@ -22,15 +23,7 @@ from torch import nn
 
 from muse import storage
 from muse.config import TextEncoderConfig
-from muse.tokenizer import (  # noqa: F401 - re-exported: muse.text is where callers look
-    BPE_SPECIALS,
-    BYT5_SPECIALS,
-    ByT5Ids,
-    TokenizerJsonIds,
-    fit_bpe_tokenizer,
-    load_tokenizer,
-    text_encoder_config,
-)
+from muse.tokenizer import fit_bpe_tokenizer
 
 T5_CONFIG_FILE = "t5_config.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

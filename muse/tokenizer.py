@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from muse import storage
+from muse.components import KINDS, CheckpointError, read_component_meta
 from muse.config import TextEncoderConfig
 
 
@@ -25,8 +26,6 @@ def text_encoder_config(uri: str):
 
 def _text_component(uri: str) -> tuple[Any, bool]:
     """(`text_encoder_config`, whether the component is a reference), from one read of config.json."""
-    from muse.components import KINDS, CheckpointError, read_component_meta
-
     try:
         kind, cfg, reference = read_component_meta(uri)
     except (CheckpointError, OSError, ValueError):
@@ -58,10 +57,7 @@ class ByT5Ids:
                 "<" in t and any(s in t for s in BYT5_SPECIALS) for t in texts):
             return self.hf(text, truncation=truncation, max_length=max_length, **kwargs)
         keep = max_length - 1 if truncation and max_length is not None else None
-        ids = [[b + 3 for b in t.encode("utf-8")[:keep]] + [1] for t in texts]
-        mask = [[1] * len(x) for x in ids]
-        return {"input_ids": ids[0], "attention_mask": mask[0]} if isinstance(text, str) else \
-            {"input_ids": ids, "attention_mask": mask}
+        return _encoded(text, [[b + 3 for b in t.encode("utf-8")[:keep]] + [1] for t in texts])
 
     @property
     def hf(self):
@@ -103,10 +99,15 @@ class TokenizerJsonIds:
             else:
                 backend.enable_truncation(length)
             self._backends[length] = backend
-        encodings = backend.encode_batch([text] if isinstance(text, str) else list(text))
-        ids, mask = [e.ids for e in encodings], [e.attention_mask for e in encodings]
-        return {"input_ids": ids[0], "attention_mask": mask[0]} if isinstance(text, str) else \
-            {"input_ids": ids, "attention_mask": mask}
+        return _encoded(text, [e.ids for e in backend.encode_batch([text] if isinstance(text, str) else list(text))])
+
+
+def _encoded(text, ids: list[list[int]]) -> dict:
+    """A tokenizer call's result, as transformers shapes it: one sequence for a string, a list for a list
+    (no padding, so every attention mask is all ones)."""
+    mask = [[1] * len(x) for x in ids]
+    return {"input_ids": ids[0], "attention_mask": mask[0]} if isinstance(text, str) else \
+        {"input_ids": ids, "attention_mask": mask}
 
 
 def load_tokenizer(uri: str):

@@ -36,7 +36,7 @@ from muse.pipeline import TextCondition, stage_contexts
 from serve.config import Batching
 from serve.pixels import fill_masked, grey_out, image_bytes
 from serve.scheduler import DecodeTask, EditTask, Scheduler
-from serve.specs import Decode, Output, preview_after  # noqa: F401 - preview_after: where callers look
+from serve.specs import Decode, Output
 
 
 @dataclass

@@ -18,7 +18,6 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from muse.data.images import to_rgb, to_uint8_array
-from serve.specs import Output  # noqa: F401 - re-exported: the API's image options
 
 TRANSPARENT_BELOW = 128  # alpha under this counts as transparent = regenerate
 

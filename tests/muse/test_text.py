@@ -160,7 +160,7 @@ def test_a_root_may_reference_its_text_encoder(tmp_path, where, request):
 
     from muse import storage
     from muse.checkpoint import WEIGHTS_FILE, component_uri, load_component, save_reference
-    from muse.text import load_tokenizer
+    from muse.tokenizer import load_tokenizer
 
     hf = _t5_folder(tmp_path / "t5")
     folder = str(tmp_path / "t5")
@@ -190,7 +190,7 @@ def test_byt5_ids_match_the_byt5_tokenizer_without_importing_transformers():
 
     from transformers import ByT5Tokenizer
 
-    from muse.text import ByT5Ids
+    from muse.tokenizer import ByT5Ids
 
     rng = random.Random(0)
     alphabet = "ab <>/éß漢🙂\t\n\u00a0sunkpadextra_id0123456789"
@@ -204,7 +204,7 @@ def test_byt5_ids_match_the_byt5_tokenizer_without_importing_transformers():
     for caption in captions[:20]:  # one string, as the API's usage count calls it
         assert ours(caption, truncation=True, max_length=16)["input_ids"] == \
             theirs(caption, truncation=True, max_length=16)["input_ids"]
-    probe = ("import sys; from muse.text import ByT5Ids; ids = ByT5Ids()(['a red circle'], truncation=True, "
+    probe = ("import sys; from muse.tokenizer import ByT5Ids; ids = ByT5Ids()(['a red circle'], truncation=True, "
              "max_length=8)['input_ids']; assert ids == [[100, 35, 117, 104, 103, 35, 102, 1]], ids; "
              "assert 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", probe], check=True)
@@ -217,7 +217,7 @@ def test_a_fitted_bpe_loads_for_ids_without_transformers_and_gives_its_ids(tmp_p
     from transformers import AutoTokenizer
 
     from muse import checkpoint
-    from muse.text import TokenizerJsonIds, load_tokenizer
+    from muse.tokenizer import TokenizerJsonIds, load_tokenizer
 
     enc = TextEncoder.build(preset("t5-tiny-bpe"), CAPTIONS)
     uri = str(tmp_path / "te")
@@ -248,7 +248,7 @@ def test_a_t5_folder_with_a_tokenizer_json_gives_t5s_ids_without_transformers(tm
     import sentencepiece as spm
     from transformers import AutoTokenizer, T5TokenizerFast
 
-    from muse.text import TokenizerJsonIds, load_tokenizer
+    from muse.tokenizer import TokenizerJsonIds, load_tokenizer
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(CAPTIONS), model_writer=model, vocab_size=40,

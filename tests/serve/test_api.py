@@ -16,7 +16,7 @@ from PIL import Image
 from serve_helpers import APP, TEST_ARGS, assert_same_image, pil_array, png_array
 
 from muse.checkpoint import component_uri
-from muse.text import load_tokenizer
+from muse.tokenizer import load_tokenizer
 
 STEPS = TEST_ARGS["sampling"]["steps"]
 SR_STEPS = TEST_ARGS["sampling"]["superres_steps"]
