@@ -99,6 +99,12 @@ def part_id(*fields: object) -> str:
     return hashlib.sha1("\x1f".join(map(str, fields)).encode()).hexdigest()[:20]
 
 
+# How part ids name files: "relative" to the corpus (ids, shard names and so training's file order
+# are the same wherever the corpus lies), or "absolute" (outputs written before ids were relative,
+# which keep their ids so that they resume).
+PART_IDS = ("relative", "absolute")
+
+
 # ---------------------------------------------------------------------------------------------
 # Planning (driver).
 
@@ -125,19 +131,27 @@ def canonical(uri: str) -> str:
     return uri.rstrip("/") or "/"
 
 
-def plan_parts(uri: str, format: str, cfg: ReaderConfig) -> list[Part]:
-    """Every part of the corpus at `uri` (a file or a directory), in a deterministic order."""
+def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative") -> list[Part]:
+    """Every part of the corpus at `uri` (a file or a directory), in a deterministic order. Part ids
+    hash the files' paths below `uri` (`ids` "relative") or their full spelling ("absolute")."""
+    if ids not in PART_IDS:
+        raise ValueError(f"ids must be one of {PART_IDS}, got {ids!r}")
     uri = canonical(uri)
     files = _input_files(uri)
+    below = uri if files != [uri] else posixpath.dirname(uri)  # a file given alone: its basename
+
+    def named(f: str) -> str:
+        return f if ids == "absolute" else _relative(below, f)
+
     if format == "auto":
         format = detect_format(uri, cfg, files)
     if format == "parquet":
-        return _plan_parquet([f for f in files if _ext(f) == "parquet"], cfg)
+        return _plan_parquet([f for f in files if _ext(f) == "parquet"], cfg, named)
     if format == "webdataset":
         tars = [f for f in files if _ext(f) in ("tar", "tgz") or f.endswith(".tar.gz")]
-        return [Part(part_id("webdataset", f), "webdataset", f) for f in tars]
+        return [Part(part_id("webdataset", named(f)), "webdataset", f) for f in tars]
     if format == "folder":
-        return _plan_folder(uri, files, cfg)
+        return _plan_folder(uri, files, cfg, ids)
     raise ValueError(f"unknown format {format!r}")
 
 
@@ -153,7 +167,7 @@ def _ext(uri: str) -> str:
     return posixpath.basename(uri).rsplit(".", 1)[-1].lower() if "." in posixpath.basename(uri) else ""
 
 
-def _plan_parquet(files: list[str], cfg: ReaderConfig) -> list[Part]:
+def _plan_parquet(files: list[str], cfg: ReaderConfig, named) -> list[Part]:
     def rows(f: str) -> tuple[list[int] | None, list[str]]:
         """(rows of each row group, column names), from the footer."""
         try:
@@ -179,10 +193,10 @@ def _plan_parquet(files: list[str], cfg: ReaderConfig) -> list[Part]:
     parts = []
     for f, (groups, _) in zip(files, infos):
         if groups is None:  # unreadable footer: one part that reports it
-            parts.append(Part(part_id("parquet", f, 0, None), "parquet", f))
+            parts.append(Part(part_id("parquet", named(f), 0, None), "parquet", f))
             continue
         for start, stop in _row_group_runs(groups, cfg.rows_per_part):
-            parts.append(Part(part_id("parquet", f, start, stop), "parquet", f, start, stop))
+            parts.append(Part(part_id("parquet", named(f), start, stop), "parquet", f, start, stop))
     return parts
 
 
@@ -200,7 +214,7 @@ def _row_group_runs(groups: list[int], rows_per_part: int) -> list[tuple[int, in
     return runs
 
 
-def _plan_folder(uri: str, files: list[str], cfg: ReaderConfig) -> list[Part]:
+def _plan_folder(uri: str, files: list[str], cfg: ReaderConfig, ids: str) -> list[Part]:
     exts = set(cfg.image_extensions)
     images = [f for f in files if _ext(f) in exts]
     root = uri
@@ -217,7 +231,8 @@ def _plan_folder(uri: str, files: list[str], cfg: ReaderConfig) -> list[Part]:
     parts = []
     for start in range(0, len(items), cfg.rows_per_part):
         chunk = tuple(items[start:start + cfg.rows_per_part])
-        pid = part_id("folder", root, *(_relative(root, i[0]) for i in chunk))
+        names = [_relative(root, i[0]) for i in chunk]
+        pid = part_id("folder", *names) if ids == "relative" else part_id("folder", root, *names)
         parts.append(Part(pid, "folder", root, start, start + len(chunk), chunk))
     return parts
 

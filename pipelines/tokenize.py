@@ -196,12 +196,14 @@ def job_spec(input_uri: str, cfg: TokenizeConfig, models: Models) -> dict:
     }
 
 
-def _check_resumable(out: str, spec: dict, finished: set[str], planned: set[str]) -> None:
-    path = storage.join(out, shards.JOB_FILE)
+def _job_file(out: str) -> dict | None:
     try:
-        old = json.loads(storage.read_text(path))
+        return json.loads(storage.read_text(storage.join(out, shards.JOB_FILE)))
     except FileNotFoundError:
-        old = None
+        return None
+
+
+def _check_resumable(out: str, spec: dict, old: dict | None, finished: set[str], planned: set[str]) -> None:
     if old is not None:
         changed = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
         if changed:
@@ -212,7 +214,7 @@ def _check_resumable(out: str, spec: dict, finished: set[str], planned: set[str]
         raise ValueError(f"{len(stale)} finished part(s) in {out} are not in the input any more (the corpus "
                          "changed since the first run); write to a new --output")
     if old is None:
-        storage.write_text(path, json.dumps(spec, indent=1))
+        storage.write_text(storage.join(out, shards.JOB_FILE), json.dumps(spec, indent=1))
 
 
 def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None = None,
@@ -230,12 +232,15 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     spec = job_spec(input_uri, cfg, models)
     lo_size = spec["vqgan_lo"]["resolution"]
     hi_size = spec["vqgan_hi"]["resolution"] if spec["vqgan_hi"] else None
-    parts = readers.plan_parts(input_uri, format, cfg.reader)
+    old_spec = _job_file(output)
+    if old_spec is None or "part_ids" in old_spec:  # outputs from before relative ids keep theirs
+        spec["part_ids"] = "relative"
+    parts = readers.plan_parts(input_uri, format, cfg.reader, ids=spec.get("part_ids", "absolute"))
     if any(p.format == "parquet" for p in parts):
         spec["parquet_parts"] = "whole row groups"  # outputs of the earlier row slices do not resume
     done = manifest.read_manifest(output)
     finished = set(done["part"].to_pylist())
-    _check_resumable(output, spec, finished, {p.id for p in parts})
+    _check_resumable(output, spec, old_spec, finished, {p.id for p in parts})
     removed = manifest.remove_stale(output, done)
     del done
     todo = [p for p in parts if p.id not in finished]

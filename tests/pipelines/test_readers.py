@@ -50,6 +50,35 @@ def test_parquet_parts_keys_and_row_ranges(tmp_path):
     assert [r["key"] for r in rows_of(parts, cfg)[0]] == [f"{path}#{i}" for i in range(7)]
 
 
+def test_part_ids_do_not_depend_on_where_the_corpus_lies(tmp_path):
+    """Ids, and so shard names and training's file order, are the same for a corpus copied or moved;
+    "absolute" ids (outputs from before) hash the full paths."""
+    rows = [(n, i, c.encode(), r) for n, i, c, r in corpus(5)]
+    cfg = ReaderConfig(rows_per_part=2)
+    ids = {}
+    for place in ("a", "b/deeper"):
+        root = tmp_path / place
+        write_folder(root / "folder", rows)
+        (root / "parquet").mkdir()
+        (root / "tars").mkdir()
+        write_parquet(root / "parquet" / "x.parquet", rows, row_group_size=2)
+        write_tar(root / "tars" / "x.tar", rows)
+        for form in ("folder", "parquet", "tars"):
+            for scheme in ("relative", "absolute"):
+                ids[place, form, scheme] = [p.id for p in plan_parts(str(root / form), "auto", cfg, ids=scheme)]
+        # A single file is named by its basename, as it is inside its folder.
+        ids[place, "file", "relative"] = [p.id for p in plan_parts(str(root / "parquet" / "x.parquet"), "auto", cfg)]
+    for form in ("folder", "parquet", "tars", "file"):
+        assert ids["a", form, "relative"] == ids["b/deeper", form, "relative"]
+    assert ids["a", "file", "relative"] == ids["a", "parquet", "relative"]
+    for form in ("folder", "parquet", "tars"):
+        assert len(set(ids["a", form, "relative"])) == len(ids["a", form, "relative"]) >= 1
+        assert not set(ids["a", form, "absolute"]) & set(ids["b/deeper", form, "absolute"])
+        assert not set(ids["a", form, "absolute"]) & set(ids["a", form, "relative"])
+    with pytest.raises(ValueError, match="ids must be one of"):
+        plan_parts(str(tmp_path / "a" / "folder"), "auto", cfg, ids="hashed")
+
+
 def test_parquet_string_captions_and_missing_values(tmp_path):
     image, caption = good(0, 40)
     table = pa.table({"image": pa.array([image, None, image], pa.binary()),

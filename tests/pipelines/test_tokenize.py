@@ -18,11 +18,11 @@ import torch
 from corpora import expected_counts, good, mixed_rows, write_folder, write_parquet, write_tar
 from muse import storage
 from muse.checkpoint import component_uri, load_component
-from pipelines import manifest, shards
+from pipelines import manifest, readers, shards
 from pipelines.config import PreprocessConfig, load_config
 from pipelines.preprocess import preprocess_batch
 from pipelines.readers import ROW_SCHEMA
-from pipelines.tokenize import decodes_in_actors, main, resolve_models, run
+from pipelines.tokenize import decodes_in_actors, job_spec, main, resolve_models, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -233,6 +233,25 @@ def test_crash_after_some_parts_then_rerun_is_exactly_once(ray_session, tmp_path
     os.remove(os.path.join(corpus, "c3.parquet"))
     with pytest.raises(ValueError, match="not in the input"):
         run(corpus, out, models, fast_cfg, progress=False)
+
+
+def test_output_written_before_relative_part_ids_resumes_with_its_own(ray_session, tmp_path, tiny_root_lo_only,
+                                                                     fast_cfg):
+    """An output whose _job.json predates relative part ids keeps hashing full paths, so its finished
+    parts stay finished; a new output names parts by their paths below the corpus."""
+    corpus, accepted, _ = corpus_of_parts(tmp_path, n_files=1)
+    models = resolve_models(tiny_root_lo_only)
+    legacy, fresh = str(tmp_path / "legacy"), str(tmp_path / "fresh")
+    spec = job_spec(corpus, fast_cfg, models) | {"parquet_parts": "whole row groups"}
+    storage.write_text(storage.join(legacy, shards.JOB_FILE), json.dumps(spec))
+    run(corpus, legacy, models, fast_cfg, progress=False)
+    run(corpus, fresh, models, fast_cfg, progress=False)
+    for out, ids in ((legacy, "absolute"), (fresh, "relative")):
+        planned = {p.id for p in readers.plan_parts(corpus, "auto", fast_cfg.reader, ids=ids)}
+        assert set(manifest.read_manifest(out)["part"].to_pylist()) == planned
+        assert set(keys_once(shards.load_token_shards(out))) == accepted
+        assert run(corpus, out, models, fast_cfg, progress=False)["run_parts"] == 0
+    assert "part_ids" not in json.loads(storage.read_text(storage.join(legacy, shards.JOB_FILE)))
 
 
 def test_sigkill_mid_run_then_rerun_is_exactly_once(ray_session, tmp_path, tiny_root_lo_only, fast_cfg):
