@@ -124,7 +124,7 @@ def judge_table(report: dict) -> str:
 
 def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tuple[str, ...] = (),
              corpus_size: int = 2000, image_size: int = 128, holdout_fraction: float = 0.2, corpus_grid: int = 8,
-             n_seen: int = 24, eval_steps: int | None = None, num_cpus: int | None = None,
+             n_seen: int = 48, eval_steps: int | None = None, num_cpus: int | None = None,
              ceiling_images: int = 200) -> dict:
     """Run (or resume) the demo; returns the report that is also written to OUTPUT/report.json."""
     import ray
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus-grid", type=int, default=8,
                         help="shapes drawn on a GRID x GRID lattice, the base tokenizer's token grid, so each "
                              "shape is one token (default 8); 0 places them freely")
-    parser.add_argument("--n-seen", type=int, default=24, help="seen-pairing prompts to judge")
+    parser.add_argument("--n-seen", type=int, default=48, help="seen-pairing prompts to judge (default 48)")
     parser.add_argument("--verbose", action="store_true",
                         help="Ray's own logs and every worker's lines instead of one progress line per stage")
     args = parser.parse_args(argv)
