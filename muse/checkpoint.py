@@ -48,6 +48,7 @@ from muse.components import (  # noqa: F401 - re-exported: muse.checkpoint is wh
     resolve_ref,
 )
 from muse.config import model_preset, to_dict
+from muse.tokenizer import write_tokenizer_json
 
 
 def _kinds() -> dict[str, tuple[type, type]]:
@@ -153,13 +154,16 @@ def _exchange(a: str, b: str) -> bool:
 
 def save_reference(config: Any, uri: str) -> None:
     """A component that names the directory its weights live in (config.name_or_path: a Hugging Face
-    folder, local or s3://) instead of holding a copy: config.json only. For pretrained text encoders,
-    so that model roots share one T5-XXL (~19 GB in float32) rather than each copying it."""
+    folder, local or s3://) instead of holding a copy: config.json, and for a T5 folder that ships only
+    its sentencepiece model the tokenizer.json converted from it. For pretrained text encoders, so
+    that model roots share one T5-XXL (~19 GB in float32) rather than each copying it."""
     kind = kind_of_config(config)
     if not getattr(config, "name_or_path", None) or not hasattr(_kinds()[kind][1], "from_reference"):
         raise ValueError(f"a {kind!r} component cannot be saved as a reference (needs name_or_path)")
     meta = {"kind": kind, "format_version": FORMAT_VERSION, "config": to_dict(config), "reference": True}
     storage.write_text(storage.join(uri, CONFIG_FILE), json.dumps(meta, indent=2))
+    if KINDS[kind].role == "text_encoder":  # its caption ids then load without transformers
+        write_tokenizer_json(config.name_or_path, uri)
 
 
 def load_component(uri: str, device: str | torch.device = "cpu", expect_kind: str | None = None) -> nn.Module:

@@ -114,20 +114,52 @@ def load_tokenizer(uri: str):
     """(tokenizer, max_length) of a text encoder, without building the encoder (ids need no model).
     `uri`: a muse text_encoder component, or a Hugging Face directory or cache name; local or s3://. A
     component that references its weights (T5-XXL, `checkpoint.save_reference`) has its tokenizer
-    with them, in the directory it names. Most load without transformers: muse's ByT5 (the offline
-    default) as `ByT5Ids`, a fitted BPE and a T5 folder with a tokenizer.json as `TokenizerJsonIds`."""
+    with them, in the directory it names, or converted beside its config (`write_tokenizer_json`).
+    Most load without transformers: muse's ByT5 (the offline default) as `ByT5Ids`, a fitted BPE and
+    a T5 folder with a tokenizer.json (its own or converted) as `TokenizerJsonIds`."""
     cfg, reference = _text_component(uri)
     max_length = (cfg or TextEncoderConfig()).max_length
     if reference:
+        converted = storage.join(uri, TOKENIZER_JSON)
+        if storage.exists(converted):
+            return TokenizerJsonIds(storage.read_text(converted)), max_length
         uri, cfg = cfg.name_or_path, None
+    tok_class = _tokenizer_class(uri)
+    if cfg is not None and tok_class.startswith("ByT5"):
+        return ByT5Ids(), max_length  # byte-level: no vocabulary files
+    tok_json = storage.join(uri, TOKENIZER_JSON)
+    if tok_class in TOKENIZER_JSON_CLASSES and storage.exists(tok_json):
+        return TokenizerJsonIds(storage.read_text(tok_json)), max_length
+    return _transformers_tokenizer(uri), max_length
+
+
+def write_tokenizer_json(folder: str, out: str) -> bool:
+    """Write the tokenizer.json that transformers converts from a T5 `folder` shipping only its
+    sentencepiece model (t5-v1_1-xxl does) into `out`, a component that references the folder, so
+    that caption ids from it need neither transformers nor torch (`load_tokenizer`). Returns whether
+    one was written: not for folders that have a tokenizer.json or hold another kind of tokenizer, nor
+    where the conversion cannot run (no sentencepiece), which then loads through transformers."""
+    if _tokenizer_class(folder) not in TOKENIZER_JSON_CLASSES or storage.exists(storage.join(folder, TOKENIZER_JSON)):
+        return False
+    try:
+        backend = _transformers_tokenizer(folder).backend_tokenizer
+    except (ValueError, AttributeError):
+        return False
+    storage.write_text(storage.join(out, TOKENIZER_JSON), backend.to_str())
+    return True
+
+
+TOKENIZER_JSON = "tokenizer.json"
+
+
+def _tokenizer_class(uri: str) -> str:
+    """tokenizer_config.json's tokenizer_class, "" without one."""
     tok_config = storage.join(uri, "tokenizer_config.json")
-    if storage.exists(tok_config):
-        tok_class = json.loads(storage.read_text(tok_config)).get("tokenizer_class", "")
-        if cfg is not None and tok_class.startswith("ByT5"):
-            return ByT5Ids(), max_length  # byte-level: no vocabulary files
-        tok_json = storage.join(uri, "tokenizer.json")
-        if tok_class in TOKENIZER_JSON_CLASSES and storage.exists(tok_json):
-            return TokenizerJsonIds(storage.read_text(tok_json)), max_length
+    return json.loads(storage.read_text(tok_config)).get("tokenizer_class", "") if storage.exists(tok_config) else ""
+
+
+def _transformers_tokenizer(uri: str):
+    """AutoTokenizer of a Hugging Face directory (local, s3:// or a cache name); ValueError if it does not load."""
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,7 +170,7 @@ def load_tokenizer(uri: str):
                     storage.write_bytes(os.path.join(tmp, f.rsplit("/", 1)[-1]), storage.read_bytes(f))
             local = tmp
         try:
-            return AutoTokenizer.from_pretrained(local, local_files_only=True), max_length
+            return AutoTokenizer.from_pretrained(local, local_files_only=True)
         except (OSError, ValueError, ImportError) as e:
             raise ValueError(f"text encoder {uri!r}: its tokenizer does not load (T5's own tokenizer needs "
                              f"sentencepiece): {e}") from e

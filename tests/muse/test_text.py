@@ -1,3 +1,10 @@
+import io
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -121,7 +128,6 @@ def test_bin_loading_never_unpickles_code(tmp_path, monkeypatch):
 
 
 def test_dtype_option(tmp_path):
-    from dataclasses import replace
 
     from muse.text import resolve_dtype
 
@@ -156,7 +162,6 @@ def test_a_text_encoder_of_the_wrong_width_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_root_may_reference_its_text_encoder(tmp_path, where, request):
     """The root's text_encoder/ holds only config.json naming a T5 folder (local or on S3)."""
-    from dataclasses import replace
 
     from muse import storage
     from muse.checkpoint import WEIGHTS_FILE, component_uri, load_component, save_reference
@@ -185,8 +190,6 @@ def test_a_root_may_reference_its_text_encoder(tmp_path, where, request):
 
 def test_byt5_ids_match_the_byt5_tokenizer_without_importing_transformers():
     import random
-    import subprocess
-    import sys
 
     from transformers import ByT5Tokenizer
 
@@ -211,8 +214,6 @@ def test_byt5_ids_match_the_byt5_tokenizer_without_importing_transformers():
 
 
 def test_a_fitted_bpe_loads_for_ids_without_transformers_and_gives_its_ids(tmp_path):
-    import subprocess
-    import sys
 
     from transformers import AutoTokenizer
 
@@ -239,34 +240,69 @@ def test_a_fitted_bpe_loads_for_ids_without_transformers_and_gives_its_ids(tmp_p
 
 
 def test_a_t5_folder_with_a_tokenizer_json_gives_t5s_ids_without_transformers(tmp_path):
-    """T5 folders (flan-t5 and others) ship a tokenizer.json; a sentencepiece model trained here stands
-    in for T5's, saved by T5TokenizerFast as the hub's are, legacy and not."""
-    import io
-    import subprocess
-    import sys
+    """T5 folders (flan-t5 and others) ship a tokenizer.json: its ids, legacy and not."""
+    from transformers import AutoTokenizer
 
+    for legacy in (True, False):
+        folder = t5_tokenizer_folder(tmp_path, legacy)
+        _assert_t5_ids_without_transformers(folder, AutoTokenizer.from_pretrained(folder, local_files_only=True))
+
+
+def test_a_root_referencing_a_t5_folder_with_only_its_sentencepiece_model_gives_ids_without_transformers(tmp_path):
+    """t5-v1_1-xxl ships spiece.model and no tokenizer.json. A root that references such a folder keeps
+    the tokenizer.json that transformers converts from it, so its ids load without transformers and
+    equal AutoTokenizer's on the folder."""
+    from transformers import AutoTokenizer
+
+    from muse.checkpoint import component_uri, save_reference
+
+    for legacy in (True, False):
+        folder = t5_tokenizer_folder(tmp_path, legacy, tokenizer_json=False)
+        root = str(tmp_path / f"root-{legacy}")
+        save_reference(replace(preset("t5-tiny"), name_or_path=folder), component_uri(root, "text_encoder"))
+        assert os.path.exists(os.path.join(component_uri(root, "text_encoder"), "tokenizer.json"))
+        _assert_t5_ids_without_transformers(component_uri(root, "text_encoder"),
+                                            AutoTokenizer.from_pretrained(folder, local_files_only=True))
+
+
+def t5_tokenizer_folder(tmp_path, legacy: bool, tokenizer_json: bool = True) -> str:
+    """A T5 tokenizer folder as the hub's are, over a sentencepiece model trained here on the corpus's
+    captions in place of T5's: spiece.model and tokenizer_config.json (t5-v1_1-xxl ships these), plus
+    the tokenizer.json that transformers converts from them when `tokenizer_json` (flan-t5 ships one)."""
     import sentencepiece as spm
-    from transformers import AutoTokenizer, T5TokenizerFast
+    from transformers import AutoTokenizer
 
-    from muse.tokenizer import TokenizerJsonIds, load_tokenizer
-
+    folder = tmp_path / f"t5-legacy-{legacy}-json-{tokenizer_json}"
+    folder.mkdir()
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(CAPTIONS), model_writer=model, vocab_size=40,
                                    model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
                                    hard_vocab_limit=False, minloglevel=2)
-    (tmp_path / "sp.model").write_bytes(model.getvalue())
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "T5Tokenizer", "extra_ids": 10, "legacy": legacy, "model_max_length": 512,
+        "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    assert 2 not in tokenizer(CAPTIONS[0])["input_ids"]  # a real vocabulary: no <unk> in a corpus caption
+    if tokenizer_json:
+        tokenizer.save_pretrained(str(folder))
+    assert (folder / "tokenizer.json").exists() == tokenizer_json
+    return str(folder)
+
+
+def _assert_t5_ids_without_transformers(uri: str, theirs) -> None:
+    """`load_tokenizer(uri)` is a TokenizerJsonIds giving `theirs`'s ids at four lengths, hard strings
+    included, and loads in a process that imports neither transformers nor torch."""
+    from muse.tokenizer import TokenizerJsonIds, load_tokenizer
+
     captions = CAPTIONS[:4] + ["", " ", "RED  Squares!!", "über Ünïcode 🙂", "<extra_id_0> x", "a </s> b",
                               "  around  ", "a\u00a0b", "red " * 200]
-    for legacy in (True, False):
-        folder = str(tmp_path / f"t5-legacy-{legacy}")
-        T5TokenizerFast(vocab_file=str(tmp_path / "sp.model"), extra_ids=10, legacy=legacy).save_pretrained(folder)
-        ours, max_length = load_tokenizer(folder)
-        theirs = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        assert isinstance(ours, TokenizerJsonIds)
-        for length in (1, 4, 16, max_length):
-            assert ours(captions, truncation=True, max_length=length)["input_ids"] == \
-                theirs(captions, truncation=True, max_length=length)["input_ids"]
-    probe = (f"import sys; from muse.tokenizer import load_tokenizer; tok, n = load_tokenizer({folder!r}); "
+    ours, max_length = load_tokenizer(uri)
+    assert isinstance(ours, TokenizerJsonIds)
+    for length in (1, 4, 16, max_length):
+        assert ours(captions, truncation=True, max_length=length)["input_ids"] == \
+            theirs(captions, truncation=True, max_length=length)["input_ids"]
+    probe = (f"import sys; from muse.tokenizer import load_tokenizer; tok, n = load_tokenizer({uri!r}); "
              "ids = tok('a green triangle', truncation=True, max_length=n)['input_ids']; assert ids[-1] == 1, ids; "
              "assert 'transformers' not in sys.modules and 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", probe], check=True)
