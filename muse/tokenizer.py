@@ -72,6 +72,7 @@ class ByT5Ids:
 # `fit_bpe_tokenizer` saves (transformers 5 writes the first name, earlier versions the second), and
 # T5's fast tokenizer (every setting of it lives in the tokenizer.json: tested, legacy or not).
 TOKENIZER_JSON_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast", "T5Tokenizer", "T5TokenizerFast")
+TOKENIZER_JSON = "tokenizer.json"
 
 
 class TokenizerJsonIds:
@@ -147,9 +148,6 @@ def write_tokenizer_json(folder: str, out: str) -> bool:
         return False
     storage.write_text(storage.join(out, TOKENIZER_JSON), backend.to_str())
     return True
-
-
-TOKENIZER_JSON = "tokenizer.json"
 
 
 def _tokenizer_class(uri: str) -> str:
