@@ -196,7 +196,8 @@ def job_spec(input_uri: str, cfg: TokenizeConfig, models: Models) -> dict:
     }
 
 
-def _job_file(out: str) -> dict | None:
+def _read_job_spec(out: str) -> dict | None:
+    """The job spec an earlier run wrote to `out`, or None."""
     try:
         return json.loads(storage.read_text(storage.join(out, shards.JOB_FILE)))
     except FileNotFoundError:
@@ -232,10 +233,12 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     spec = job_spec(input_uri, cfg, models)
     lo_size = spec["vqgan_lo"]["resolution"]
     hi_size = spec["vqgan_hi"]["resolution"] if spec["vqgan_hi"] else None
-    old_spec = _job_file(output)
-    if old_spec is None or "part_ids" in old_spec:  # outputs from before relative ids keep theirs
-        spec["part_ids"] = "relative"
-    parts = readers.plan_parts(input_uri, format, cfg.reader, ids=spec.get("part_ids", "absolute"))
+    old_spec = _read_job_spec(output)
+    # Outputs written before part ids were relative have no "part_ids" and keep their absolute ids.
+    part_ids = "absolute" if old_spec is not None and "part_ids" not in old_spec else "relative"
+    if part_ids == "relative":
+        spec["part_ids"] = part_ids
+    parts = readers.plan_parts(input_uri, format, cfg.reader, ids=part_ids)
     if any(p.format == "parquet" for p in parts):
         spec["parquet_parts"] = "whole row groups"  # outputs of the earlier row slices do not resume
     done = manifest.read_manifest(output)
