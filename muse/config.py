@@ -105,6 +105,10 @@ class BaseTransformerConfig:
     text_layers: int = 0
     # Not in the paper (aMUSEd-512 does it): p x p tokens share one trunk position (TokenPatches). 1 = Muse.
     token_patch: int = 1
+    # Not in the paper: every position also reads how many times each code is visible on the canvas
+    # (TokenEmbedding). Attention averages, so "two of the three squares are drawn" reaches a position
+    # only weakly; the tiny base then leaves room for the shapes still missing (benchmarks/RESULTS.md).
+    canvas_counts: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -130,6 +134,7 @@ class SuperResTransformerConfig:
     dropout: float = 0.0
     text_layers: int = 0  # as BaseTransformerConfig.text_layers
     token_patch: int = 1  # as BaseTransformerConfig.token_patch, over the high-res grid
+    canvas_counts: bool = False  # as BaseTransformerConfig.canvas_counts, over the high-res tokens
     # Not in the paper: also add each low-res token's encoding to the high-res positions it covers, so
     # the spatial alignment need not be learned through cross-attention alone (for short CPU runs).
     lo_skip: bool = False
@@ -260,10 +265,11 @@ PRESETS: dict[str, Any] = {
     "base-632m": BaseTransformerConfig(hidden=1280, layers=24, heads=20, mlp=5120),
     "base-3b": BaseTransformerConfig(hidden=2048, layers=48, heads=32, mlp=8192, kv_heads=8),
     # The tiny transformers read the random offline T5 through trainable text layers (text_layers); the
-    # super-res model's 16x16 grid puts 2x2 tokens on one trunk position (token_patch), a third of the
-    # step time.
+    # tiny base reads how many of each code its canvas shows (canvas_counts); the super-res model's 16x16
+    # grid puts 2x2 tokens on one trunk position (token_patch), a third of the step time.
     "base-tiny": BaseTransformerConfig(
         codebook_size=512, tokens_per_side=8, hidden=128, layers=4, heads=4, mlp=512, text_dim=64, text_layers=2,
+        canvas_counts=True,
     ),
     "superres-268m": SuperResTransformerConfig(hidden=640, lo_layers=16, hi_layers=32, heads=10, mlp=2048),
     "superres-tiny": SuperResTransformerConfig(

@@ -122,20 +122,32 @@ class Block(nn.Module):
 
 
 class TokenEmbedding(nn.Module):
-    """Token ids (codebook + one [MASK] id) to vectors, plus learned 2D (row + column) positions."""
+    """Token ids (codebook + one [MASK] id) to vectors, plus learned 2D (row + column) positions.
 
-    def __init__(self, codebook_size: int, side: int, hidden: int):
+    With `canvas_counts`, every position also gets a learned map of how many times each code is
+    visible (not [MASK]) in its row: a sum over the canvas, where attention only averages. Zero at
+    initialisation, so the model starts as the paper's."""
+
+    def __init__(self, codebook_size: int, side: int, hidden: int, canvas_counts: bool = False):
         super().__init__()
-        self.side = side
+        self.side, self.codebook_size = side, codebook_size
         self.tokens = nn.Embedding(codebook_size + 1, hidden)
         self.rows = nn.Parameter(torch.zeros(side, 1, hidden))
         self.cols = nn.Parameter(torch.zeros(1, side, hidden))
         nn.init.normal_(self.rows, std=0.02)
         nn.init.normal_(self.cols, std=0.02)
+        # A parameter, not an nn.Linear, so that the models' weight init leaves it at zero.
+        self.counts = nn.Parameter(torch.zeros(codebook_size, hidden)) if canvas_counts else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         pos = (self.rows + self.cols).view(self.side * self.side, -1)  # (N, C)
-        return self.tokens(ids) + pos  # (B, N, C)
+        x = self.tokens(ids) + pos  # (B, N, C)
+        if self.counts is None:
+            return x
+        visible = ids < self.codebook_size  # [MASK] is the one id past the codebook
+        counts = x.new_zeros(ids.shape[0], self.codebook_size)
+        counts.scatter_add_(1, ids.clamp(max=self.codebook_size - 1), visible.to(x.dtype))
+        return x + ((counts / self.side) @ self.counts)[:, None]  # (B, 1, C): the same for every position
 
 
 class TokenPatches(nn.Module):
@@ -246,7 +258,7 @@ class TokenTransformer(StepCompiler, nn.Module):
         self.codebook_size = codebook_size
         self.mask_token_id = codebook_size  # one id past the codebook
         self.num_tokens = tokens_per_side**2
-        self.embed = TokenEmbedding(codebook_size, tokens_per_side, c.hidden)
+        self.embed = TokenEmbedding(codebook_size, tokens_per_side, c.hidden, c.canvas_counts)
         self.text_proj = TextProjection(c.text_dim, c.hidden, c.text_layers, c.heads, c.mlp)
         self.blocks = nn.ModuleList(Block(c.hidden, c.heads, c.mlp, c.dropout, c.kv_heads) for _ in range(layers))
         self.norm = nn.LayerNorm(c.hidden)

@@ -186,6 +186,44 @@ def test_grouped_kv_heads_are_expanded_once_in_the_context():
     assert model.blocks[0].cross.k.out_features == 2 * model.config.hidden // model.config.heads
 
 
+def test_canvas_counts_start_at_zero_and_give_every_position_the_visible_codes_counts():
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    with_counts = MaskedTransformer(preset("base-tiny")).eval()
+    assert with_counts.config.canvas_counts
+    plain = MaskedTransformer(replace(preset("base-tiny"), canvas_counts=False)).eval()
+    missing = plain.load_state_dict(with_counts.state_dict(), strict=False)
+    assert missing.unexpected_keys == ["embed.counts"] and not missing.missing_keys
+    emb, mask = _text()
+    ids = torch.randint(0, 512, (2, 64))
+    ids[:, ::3] = plain.mask_token_id
+    with torch.no_grad():  # zero at initialisation: exactly the model without them
+        assert torch.equal(with_counts(ids, with_counts.encode_context(emb, mask)),
+                           plain(ids, plain.encode_context(emb, mask)))
+        with_counts.embed.counts.normal_()
+    embed = with_counts.embed
+    one, other = ids.clone(), ids.clone()
+    one[:, 1], other[:, 1] = 7, 8  # one visible code changed, at position 1
+    masked = ids.clone()
+    masked[:, 1] = plain.mask_token_id
+    with torch.no_grad():
+        a, b, m = embed(one), embed(other), embed(masked)
+        base = embed.tokens(one) + (embed.rows + embed.cols).view(64, -1)
+        counts = torch.zeros(2, 512).scatter_add_(1, one.clamp(max=511), (one < 512).float())
+    assert not torch.allclose(a[:, 5], b[:, 5])  # every position sees the change, not only position 1
+    torch.testing.assert_close(a, base + (counts / 8 @ embed.counts)[:, None])
+    torch.testing.assert_close(m - embed.tokens(masked), a - embed.tokens(one) - (embed.counts[7] / 8))  # [MASK] counts nothing
+
+
+def test_configs_written_before_canvas_counts_load_without_them():
+    from muse.config import from_dict
+
+    old = {k: v for k, v in vars(preset("base-tiny")).items() if k != "canvas_counts"}
+    config = from_dict(type(preset("base-tiny")), old)
+    assert config.canvas_counts is False and MaskedTransformer(config).embed.counts is None
+
+
 def test_checkpoints_from_before_the_text_proj_rename_still_load():
     torch.manual_seed(0)
     model = MaskedTransformer(preset("base-tiny"))
