@@ -125,7 +125,7 @@ class TokenEmbedding(nn.Module):
     """Token ids (codebook + one [MASK] id) to vectors, plus learned 2D (row + column) positions.
 
     With `canvas_counts`, every position also gets a learned map of how many times each code is
-    visible (not [MASK]) in its row: a sum over the canvas, where attention only averages. Zero at
+    visible (not [MASK]) in its image: a sum over the canvas, where attention only averages. Zero at
     initialisation, so the model starts as the paper's."""
 
     def __init__(self, codebook_size: int, side: int, hidden: int, canvas_counts: bool = False):
@@ -147,6 +147,7 @@ class TokenEmbedding(nn.Module):
         visible = ids < self.codebook_size  # [MASK] is the one id past the codebook
         counts = x.new_zeros(ids.shape[0], self.codebook_size)
         counts.scatter_add_(1, ids.clamp(max=self.codebook_size - 1), visible.to(x.dtype))
+        # Counted in grid rows (/ side), so that a few shapes give inputs below 1 at any grid size.
         return x + ((counts / self.side) @ self.counts)[:, None]  # (B, 1, C): the same for every position
 
 

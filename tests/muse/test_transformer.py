@@ -193,8 +193,8 @@ def test_canvas_counts_start_at_zero_and_give_every_position_the_visible_codes_c
     with_counts = MaskedTransformer(preset("base-tiny")).eval()
     assert with_counts.config.canvas_counts
     plain = MaskedTransformer(replace(preset("base-tiny"), canvas_counts=False)).eval()
-    missing = plain.load_state_dict(with_counts.state_dict(), strict=False)
-    assert missing.unexpected_keys == ["embed.counts"] and not missing.missing_keys
+    keys = plain.load_state_dict(with_counts.state_dict(), strict=False)
+    assert keys.unexpected_keys == ["embed.counts"] and not keys.missing_keys
     emb, mask = _text()
     ids = torch.randint(0, 512, (2, 64))
     ids[:, ::3] = plain.mask_token_id
