@@ -130,7 +130,7 @@ class TokenEmbedding(nn.Module):
 
     def __init__(self, codebook_size: int, side: int, hidden: int, canvas_counts: bool = False):
         super().__init__()
-        self.side, self.codebook_size = side, codebook_size
+        self.side = side
         self.tokens = nn.Embedding(codebook_size + 1, hidden)
         self.rows = nn.Parameter(torch.zeros(side, 1, hidden))
         self.cols = nn.Parameter(torch.zeros(1, side, hidden))
@@ -144,9 +144,9 @@ class TokenEmbedding(nn.Module):
         x = self.tokens(ids) + pos  # (B, N, C)
         if self.counts is None:
             return x
-        visible = ids < self.codebook_size  # [MASK] is the one id past the codebook
-        counts = x.new_zeros(ids.shape[0], self.codebook_size)
-        counts.scatter_add_(1, ids.clamp(max=self.codebook_size - 1), visible.to(x.dtype))
+        codes = self.counts.shape[0]
+        # [MASK], the one id past the codebook, is counted in a last column and dropped.
+        counts = x.new_zeros(ids.shape[0], codes + 1).scatter_add_(1, ids, x.new_ones(ids.shape))[:, :codes]
         # Counted in grid rows (/ side), so that a few shapes give inputs below 1 at any grid size.
         return x + ((counts / self.side) @ self.counts)[:, None]  # (B, 1, C): the same for every position
 
