@@ -130,8 +130,11 @@ def train_loop_per_worker(job: dict) -> None:
     if env.is_main:
         read = (f" (this rank read {fetched['fetched_bytes'] / 1e6:,.1f} of the checkpoint's "
                 f"{fetched['total_bytes'] / 1e6:,.1f} MB)" if checkpoint and fetched else "")
+        precision = "bf16 autocast" if env.bf16 else "fp32"
+        if run.cpu_bf16 and env.device.type == "cpu" and not env.bf16:
+            precision += " (cpu_bf16 is set, but this CPU has no AVX512-BF16 or AMX: emulated bf16 is slower)"
         print(f"{tag} {'resuming from step ' + str(step) + read if checkpoint else 'starting'}: "
-              f"{env.world_size} worker(s) on {env.device.type}, strategy {section.scaling.strategy}, "
+              f"{env.world_size} worker(s) on {env.device.type}, strategy {section.scaling.strategy}, {precision}, "
               f"{run.max_steps} steps of {run.batch_size}/worker", flush=True)
     peak = peak_flops(env.device, run.peak_tflops)
     reporter = (Reporter(job.get("progress_board"), job["run_name"], run.max_steps, start_done=step)

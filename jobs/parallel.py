@@ -71,14 +71,30 @@ def configure_cpu_worker(cpus: float) -> None:
     torch.set_flush_denormal(True)
 
 
+def cpu_runs_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX). Without them bf16 is
+    emulated: a tiny base step in bf16 autocast ran 10x slower than in fp32 on an AVX2 AMD EPYC
+    (benchmarks/RESULTS.md, "bf16 only where the CPU has it")."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes
+        return False
+
+
+def uses_bf16(device: torch.device, bf16: bool, cpu_bf16: bool) -> bool:
+    """Mixed precision for a worker: run.bf16 on GPUs, run.cpu_bf16 on CPUs that run bf16 natively."""
+    if device.type == "cpu":
+        return cpu_bf16 and cpu_runs_bf16()
+    return bf16 and device.type == "cuda"
+
+
 def ray_worker_env(strategy: str, bf16: bool, cpu_bf16: bool = False) -> WorkerEnv:
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
-    return WorkerEnv(ctx.get_world_rank(), ctx.get_world_size(), device, strategy,
-                     bf16 and device.type == "cuda" or cpu_bf16 and device.type == "cpu")
+    return WorkerEnv(ctx.get_world_rank(), ctx.get_world_size(), device, strategy, uses_bf16(device, bf16, cpu_bf16))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

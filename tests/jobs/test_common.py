@@ -19,7 +19,7 @@ from jobs.common import (
     save_training_state,
 )
 from jobs.config import OptimSettings
-from jobs.parallel import WorkerEnv, configure_cpu_worker
+from jobs.parallel import WorkerEnv, configure_cpu_worker, uses_bf16
 from muse.config import preset
 from muse.transformer import MaskedTransformer
 
@@ -121,6 +121,19 @@ def test_perceptual_loss_needs_user_weights_and_never_downloads(tmp_path):
     torch.save(weights, tmp_path / "vgg16.pt")
     with pytest.raises(ValueError, match="safetensors"):
         load_perceptual(str(tmp_path / "vgg16.pt"))
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, False), (True, False, True), (False, True, True)])
+def test_cpu_bf16_only_where_the_cpu_has_bf16_instructions(monkeypatch, avx512_bf16, amx, expected):
+    """run.cpu_bf16 on a CPU without AVX512-BF16 or AMX would run emulated bf16, ~10x slower than fp32:
+    it is ignored there. GPUs follow run.bf16 alone."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert uses_bf16(cpu, bf16=True, cpu_bf16=True) is expected
+    assert uses_bf16(cpu, bf16=True, cpu_bf16=False) is False
+    assert uses_bf16(cuda, bf16=True, cpu_bf16=False) is True
+    assert uses_bf16(cuda, bf16=False, cpu_bf16=True) is False
 
 
 def test_cpu_bf16_training_takes_the_math_attention_kernel():
