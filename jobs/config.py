@@ -124,7 +124,7 @@ class RunSettings:
     name: str | None = None  # run name under storage_path; None = the stage's component name
     bf16: bool = True  # mixed precision on GPU
     # bf16 autocast on CPU: ~1.4x faster transformer steps where the CPU has AVX512-BF16/AMX (weights,
-    # optimizer and loss stay fp32). Ignored on CPUs without them, which emulate bf16 ~10x slower.
+    # optimizer and loss stay fp32). Ignored on CPUs without them, which emulate bf16 10-15x slower.
     cpu_bf16: bool = False
     # Rows in each worker's local shuffle buffer (0 = no shuffle): thousands, so rows of several files mix
     # (token rows are a few KB; with text_storage: embeddings a row is up to ~1 MB, so lower it there).

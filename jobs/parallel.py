@@ -73,7 +73,7 @@ def configure_cpu_worker(cpus: float) -> None:
 
 def cpu_runs_bf16() -> bool:
     """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX). Without them bf16 is
-    emulated: a tiny base step in bf16 autocast ran 10x slower than in fp32 on an AVX2 AMD EPYC
+    emulated: a tiny base step in bf16 autocast ran 10-15x slower than in fp32 on an AVX2 AMD EPYC
     (benchmarks/RESULTS.md, "bf16 only where the CPU has it")."""
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())

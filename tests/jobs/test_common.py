@@ -125,7 +125,7 @@ def test_perceptual_loss_needs_user_weights_and_never_downloads(tmp_path):
 
 @pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, False), (True, False, True), (False, True, True)])
 def test_cpu_bf16_only_where_the_cpu_has_bf16_instructions(monkeypatch, avx512_bf16, amx, expected):
-    """run.cpu_bf16 on a CPU without AVX512-BF16 or AMX would run emulated bf16, ~10x slower than fp32:
+    """run.cpu_bf16 on a CPU without AVX512-BF16 or AMX would run emulated bf16, 10-15x slower than fp32:
     it is ignored there. GPUs follow run.bf16 alone."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
