@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     job = {"root": demo_root, "component": "base", "model_config": to_dict(model_cfg), "run_name": "base_recipe",
            "data_meta": {"text_storage": "embeddings", "text_dim": encoder.dim}}
     torch.manual_seed(args.seed)
-    worker = BaseWorker(section, job, WorkerEnv(bf16=uses_bf16(torch.device("cpu"), bf16=False, cpu_bf16=section.run.cpu_bf16)))
+    cpu_bf16 = uses_bf16(torch.device("cpu"), bf16=False, cpu_bf16=section.run.cpu_bf16)
+    worker = BaseWorker(section, job, WorkerEnv(bf16=cpu_bf16))
     worker.reseed(args.seed)
     print(f"{rows} rows, captions of {data['text_mask'].sum(1).float().mean():.1f} tokens on average "
           f"({args.text_encoder} text encoder); {steps} steps of {section.run.batch_size}", flush=True)

@@ -94,7 +94,8 @@ def ray_worker_env(strategy: str, bf16: bool, cpu_bf16: bool = False) -> WorkerE
 
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
-    return WorkerEnv(ctx.get_world_rank(), ctx.get_world_size(), device, strategy, uses_bf16(device, bf16, cpu_bf16))
+    return WorkerEnv(ctx.get_world_rank(), ctx.get_world_size(), device, strategy,
+                     uses_bf16(device, bf16, cpu_bf16))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
