@@ -103,6 +103,9 @@ class BaseTransformerConfig:
     # Not in the paper: trainable self-attention layers over the projected text, for text encoders
     # that carry no meaning of their own (the random offline T5 of the tiny preset). 0 = the paper.
     text_layers: int = 0
+    # Not in the paper: "sinusoidal" adds fixed positions to the projected text before those layers
+    # (TextProjection), so they can tell which group of a caption a word belongs to. "none" = the paper.
+    text_positions: str = "none"
     # Not in the paper (aMUSEd-512 does it): p x p tokens share one trunk position (TokenPatches). 1 = Muse.
     token_patch: int = 1
     # Not in the paper: every position also reads how many times each code is visible on the canvas
@@ -133,6 +136,7 @@ class SuperResTransformerConfig:
     kv_heads: int | None = None
     dropout: float = 0.0
     text_layers: int = 0  # as BaseTransformerConfig.text_layers
+    text_positions: str = "none"  # as BaseTransformerConfig.text_positions
     token_patch: int = 1  # as BaseTransformerConfig.token_patch, over the high-res grid
     canvas_counts: bool = False  # as BaseTransformerConfig.canvas_counts, over the high-res tokens
     # Not in the paper: also add each low-res token's encoding to the high-res positions it covers, so
@@ -265,11 +269,12 @@ PRESETS: dict[str, Any] = {
     "base-632m": BaseTransformerConfig(hidden=1280, layers=24, heads=20, mlp=5120),
     "base-3b": BaseTransformerConfig(hidden=2048, layers=48, heads=32, mlp=8192, kv_heads=8),
     # The tiny transformers read the random offline T5 through trainable text layers (text_layers); the
-    # tiny base reads how many of each code its canvas shows (canvas_counts); the super-res model's 16x16
-    # grid puts 2x2 tokens on one trunk position (token_patch), a third of the step time.
+    # tiny base reads how many of each code its canvas shows (canvas_counts) and where each word of the
+    # prompt sits (text_positions); the super-res model's 16x16 grid puts 2x2 tokens on one trunk
+    # position (token_patch), a third of the step time.
     "base-tiny": BaseTransformerConfig(
         codebook_size=512, tokens_per_side=8, hidden=128, layers=4, heads=4, mlp=512, text_dim=64, text_layers=2,
-        canvas_counts=True,
+        canvas_counts=True, text_positions="sinusoidal",
     ),
     "superres-268m": SuperResTransformerConfig(hidden=640, lo_layers=16, hi_layers=32, heads=10, mlp=2048),
     "superres-tiny": SuperResTransformerConfig(

@@ -23,6 +23,7 @@ high-res tokens then cross-attend to the concatenation [text ; low-res encoding]
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -179,16 +180,38 @@ class TokenPatches(nn.Module):
         return self.norm(x)  # (B, side², C)
 
 
+TEXT_POSITIONS = ("none", "sinusoidal")
+
+
+def sinusoidal_positions(length: int, dim: int, device=None, dtype=None) -> torch.Tensor:
+    """(1, length, dim) fixed positions of "Attention is all you need": sines in the first half of the
+    channels, cosines in the second, wavelengths from 2*pi to 10,000*2*pi."""
+    half = dim // 2
+    freq = torch.exp(-math.log(10_000.0) * torch.arange(half, device=device, dtype=torch.float32) / half)
+    angle = torch.arange(length, device=device, dtype=torch.float32)[:, None] * freq[None]
+    table = torch.zeros(length, dim, device=device)
+    table[:, :half], table[:, half:2 * half] = angle.sin(), angle.cos()
+    return table[None].to(dtype or torch.float32)
+
+
 class TextProjection(nn.Module):
     """Text embeddings (B, L, D_text) -> (B, 1 + L, C) with the learned null token in front.
 
     With `layers` > 0 a small trainable self-attention trunk runs over [null ; text] (padding masked
     out, so a prompt's context never depends on what it is batched with). Not in the paper, whose T5
     is pretrained and carries meaning; a randomly initialised frozen T5 (the offline tiny preset) only
-    carries byte identity and position, and the trunk learns to read the words from them."""
+    carries byte identity and position, and the trunk learns to read the words from them.
 
-    def __init__(self, text_dim: int, hidden: int, layers: int = 0, heads: int = 4, mlp: int | None = None):
+    `positions` "sinusoidal" adds fixed sine/cosine positions to [null ; text] before the trunk (no
+    parameters, any length): the random T5's own sense of order is too weak for the trunk to tell the
+    first group of a caption from the second."""
+
+    def __init__(self, text_dim: int, hidden: int, layers: int = 0, heads: int = 4, mlp: int | None = None,
+                 positions: str = "none"):
         super().__init__()
+        if positions not in TEXT_POSITIONS:
+            raise ValueError(f"text positions {positions!r}: expected one of {TEXT_POSITIONS}")
+        self.positions = positions
         self.proj = nn.Linear(text_dim, hidden)
         self.null = nn.Parameter(torch.zeros(1, 1, hidden))
         nn.init.normal_(self.null, std=0.02)
@@ -200,6 +223,8 @@ class TextProjection(nn.Module):
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B = text.shape[0]
         x = torch.cat([self.null.expand(B, -1, -1), self.proj(text)], dim=1)  # (B, 1+L, C)
+        if self.positions == "sinusoidal":
+            x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device, x.dtype)
         mask = torch.cat([text_mask.new_ones(B, 1), text_mask], dim=1).bool()
         for layer in self.layers:
             x = layer(x, self_mask=mask)
@@ -260,7 +285,7 @@ class TokenTransformer(StepCompiler, nn.Module):
         self.mask_token_id = codebook_size  # one id past the codebook
         self.num_tokens = tokens_per_side**2
         self.embed = TokenEmbedding(codebook_size, tokens_per_side, c.hidden, c.canvas_counts)
-        self.text_proj = TextProjection(c.text_dim, c.hidden, c.text_layers, c.heads, c.mlp)
+        self.text_proj = TextProjection(c.text_dim, c.hidden, c.text_layers, c.heads, c.mlp, c.text_positions)
         self.blocks = nn.ModuleList(Block(c.hidden, c.heads, c.mlp, c.dropout, c.kv_heads) for _ in range(layers))
         self.norm = nn.LayerNorm(c.hidden)
         self.patches = TokenPatches(tokens_per_side, c.token_patch, c.hidden) if c.token_patch > 1 else None

@@ -254,3 +254,29 @@ def test_a_failing_compiled_step_falls_back_to_the_eager_one(monkeypatch):
     torch.testing.assert_close(fallback, eager)
     with torch.no_grad():
         torch.testing.assert_close(model(ids, ctx), eager)  # warned once, eager from then on
+
+
+def test_sinusoidal_text_positions_let_the_text_layers_tell_word_order_and_add_no_weights():
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    plain = MaskedTransformer(replace(preset("base-tiny"), text_positions="none")).eval()
+    ordered = MaskedTransformer(replace(preset("base-tiny"), text_positions="sinusoidal")).eval()
+    assert ordered.state_dict().keys() == plain.state_dict().keys()  # old tiny roots load either way
+    ordered.load_state_dict(plain.state_dict())
+    emb, mask = _text(B=1, L=6)
+    swapped = emb[:, [3, 1, 2, 0, 4, 5]]  # two words trade places
+    with torch.no_grad():
+        for model, order_matters in ((plain, False), (ordered, True)):
+            a, _ = model.text_proj(emb, mask)
+            b, _ = model.text_proj(swapped, mask)
+            same_set = torch.allclose(a[:, [0, 4, 2, 3, 1, 5, 6]], b, atol=1e-5)  # index 0 is the null token
+            assert same_set != order_matters
+        # padding after a prompt changes nothing the prompt's positions see
+        padded = torch.cat([emb, torch.randn(1, 3, 64)], dim=1)
+        padded_mask = torch.cat([mask, torch.zeros(1, 3, dtype=torch.bool)], dim=1)
+        short, _ = ordered.text_proj(emb, mask)
+        long, _ = ordered.text_proj(padded, padded_mask)
+        torch.testing.assert_close(long[:, :7], short)
+    with pytest.raises(ValueError, match="text positions"):
+        MaskedTransformer(replace(preset("base-tiny"), text_positions="rotary"))
