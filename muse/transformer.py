@@ -183,15 +183,13 @@ class TokenPatches(nn.Module):
 TEXT_POSITIONS = ("none", "sinusoidal")
 
 
-def sinusoidal_positions(length: int, dim: int, device=None, dtype=None) -> torch.Tensor:
-    """(1, length, dim) fixed positions of "Attention is all you need": sines in the first half of the
-    channels, cosines in the second, wavelengths from 2*pi to 10,000*2*pi."""
+def sinusoidal(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """values (M,) -> (M, dim) as [cos ; sin] of values·10000^(-i/(dim/2)): positions of "Attention is
+    all you need", aMUSEd's micro-conditioning (muse.uvit)."""
     half = dim // 2
-    freq = torch.exp(-math.log(10_000.0) * torch.arange(half, device=device, dtype=torch.float32) / half)
-    angle = torch.arange(length, device=device, dtype=torch.float32)[:, None] * freq[None]
-    table = torch.zeros(length, dim, device=device)
-    table[:, :half], table[:, half:2 * half] = angle.sin(), angle.cos()
-    return table[None].to(dtype or torch.float32)
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=values.device) / half)
+    angles = values.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
 class TextProjection(nn.Module):
@@ -210,8 +208,9 @@ class TextProjection(nn.Module):
     def __init__(self, text_dim: int, hidden: int, layers: int = 0, heads: int = 4, mlp: int | None = None,
                  positions: str = "none"):
         super().__init__()
-        if positions not in TEXT_POSITIONS:
-            raise ValueError(f"text positions {positions!r}: expected one of {TEXT_POSITIONS}")
+        if positions not in TEXT_POSITIONS or (positions == "sinusoidal" and hidden % 2):
+            raise ValueError(f"text positions {positions!r} at width {hidden}: expected one of "
+                             f"{TEXT_POSITIONS}, sinusoidal at an even width")
         self.positions = positions
         self.proj = nn.Linear(text_dim, hidden)
         self.null = nn.Parameter(torch.zeros(1, 1, hidden))
@@ -225,7 +224,7 @@ class TextProjection(nn.Module):
         B = text.shape[0]
         x = torch.cat([self.null.expand(B, -1, -1), self.proj(text)], dim=1)  # (B, 1+L, C)
         if self.positions == "sinusoidal":
-            x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device, x.dtype)
+            x = x + sinusoidal(torch.arange(x.shape[1], device=x.device), x.shape[2]).to(x.dtype)
         mask = torch.cat([text_mask.new_ones(B, 1), text_mask], dim=1).bool()
         for layer in self.layers:
             x = layer(x, self_mask=mask)

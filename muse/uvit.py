@@ -18,7 +18,6 @@ branch. The logits head is pointwise, so `forward(..., select=mask)` runs it onl
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ from torch import nn
 
 from muse.config import UViTConfig
 from muse.context import Context, ContextStack
-from muse.transformer import StepCompiler
+from muse.transformer import StepCompiler, sinusoidal
 
 
 class RMSNorm(nn.Module):
@@ -198,14 +197,6 @@ class ResStage(nn.Module):
         if self.up is not None:
             x = self.up(self.up_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
         return x
-
-
-def sinusoidal(values: torch.Tensor, dim: int) -> torch.Tensor:
-    """values (M,) -> (M, dim) as [cos ; sin] of values·10000^(-i/(dim/2))."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=values.device) / half)
-    angles = values.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
 class UViT(StepCompiler, nn.Module):
