@@ -203,7 +203,7 @@ class TextProjection(nn.Module):
     `positions` "sinusoidal" adds fixed sine/cosine positions to [null ; text] before the trunk (no
     parameters, any length): the random T5's own sense of order is too weak for the trunk to tell the
     first group of a caption from the second. It teaches the tiny base the sides of two-group scenes in
-    ~2,250-4,500 steps (benchmarks/RESULTS.md, "Fixed sinusoidal positions")."""
+    ~4,500 steps, longer than the demo trains (benchmarks/RESULTS.md, "Fixed sinusoidal positions")."""
 
     def __init__(self, text_dim: int, hidden: int, layers: int = 0, heads: int = 4, mlp: int | None = None,
                  positions: str = "none"):
