@@ -4,8 +4,6 @@
     -> vqgan (vqgan_lo, then vqgan_hi)          on the corpus
     -> tokenize (pipelines.tokenize)             corpus -> ROOT/tokens (or --tokens)
     -> base and superres                         concurrently when the cluster has room for both
-                                                 (on one node, the first to end leaves its CPUs to
-                                                 the other: jobs.cpu_share)
     -> decoder                                   fine-tunes vqgan_hi's (else vqgan_lo's) decoder
 
 A stage whose output is finished is skipped: each export records {"finished": true, "stage": ...} in
@@ -20,13 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 
-from jobs import cpu_share
 from jobs.config import TrainConfig, load_config
 from jobs.decoder import decoder_component
 from jobs.loop import ensure_ray
-from jobs.parallel import cpu_threads
 from jobs.progress import Reporter, say, set_verbose, start_display, stop_display
 from jobs.stage import add_common_args, add_format_arg, cli_overrides
 from jobs.stages import run_stage
@@ -157,18 +153,12 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
             cfg, ray.cluster_resources, request_resources, autoscaling=bool(os.environ.get("RAY_ADDRESS")),
             wait_s=cfg.concurrent_wait_s):
         say("[all] training base and super-res concurrently")
-        scalings = {s: getattr(cfg, s).scaling for s in todo}
-        with cpu_share.sharing(scalings) as share, ThreadPoolExecutor(2, thread_name_prefix="train") as pool:
+        with ThreadPoolExecutor(2, thread_name_prefix="train") as pool:
             start = time.time()
-            futures = {pool.submit(run_stage, s, cfg, tokens, root): s for s in todo}
-            for future in as_completed(futures):
-                s = futures[future]
+            futures = {s: pool.submit(run_stage, s, cfg, tokens, root) for s in todo}
+            for s, future in futures.items():
                 future.result()
                 report[s] = f"trained in {time.time() - start:.0f}s (concurrently)"
-                if share is not None:
-                    for other, cpus in ray.get(share.finish.remote(s)).items():
-                        say(f"[all] {s} done in {time.time() - start:.0f}s; {other} takes its CPUs "
-                            f"({cpus:g} per worker, {cpu_threads(cpus)} torch threads)")
     else:
         for s in todo:
             timed(s, lambda s=s: run_stage(s, cfg, tokens, root))

@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from jobs import cpu_share
 from jobs.checkpointing import load_training_state, remove_orphaned_staging, save_sharded, staging_directory
 from jobs.common import EMA, peak_flops
 from jobs.parallel import WorkerEnv, allreduce_mean
@@ -138,8 +137,6 @@ def train_loop_per_worker(job: dict) -> None:
               f"{env.world_size} worker(s) on {env.device.type}, strategy {section.scaling.strategy}, {precision}, "
               f"{run.max_steps} steps of {run.batch_size}/worker", flush=True)
     peak = peak_flops(env.device, run.peak_tflops)
-    budget = (cpu_share.ThreadBudget(job.get("cpu_share"), job["component"], section.scaling.cpus_per_worker)
-              if env.device.type == "cpu" else None)
     reporter = (Reporter(job.get("progress_board"), job["run_name"], run.max_steps, start_done=step)
                 if env.is_main and run.progress else None)
     started, live = time.time(), {}
@@ -160,9 +157,6 @@ def train_loop_per_worker(job: dict) -> None:
             metrics = worker.train_step(batch, step)
             step += 1
             _fail_once_if_asked(run, job, env, step)
-            if budget is not None and budget.poll() and env.is_main:
-                print(f"{tag} {budget.threads} torch threads per worker from step {step}: a stage that "
-                      "trained beside this one ended", flush=True)
             window["time"] += time.perf_counter() - tick
             for key in ("tokens", "flops", "samples"):
                 window[key] += metrics.get(key, 0.0)
@@ -315,7 +309,7 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset) -> An
         fs, path = None, storage.filesystem(storage_uri)[1]
         os.makedirs(path, exist_ok=True)
     job = dict(job, worker=worker_path(worker), section=to_dict(section), run_name=name,
-               progress_board=start_display() if run.progress else None, cpu_share=cpu_share.current(),
+               progress_board=start_display() if run.progress else None,
                run_dir=storage.join(storage_uri, name),
                samples_dir=job.get("samples_dir") or storage.join(job["root"], "samples", name))
     trainer = _trainer_class()(

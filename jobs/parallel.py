@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
@@ -59,23 +58,16 @@ class WorkerEnv:
         return stack
 
 
-def cpu_threads(cpus: float) -> int:
-    """Torch threads for a worker that holds `cpus` CPUs: never more than the cores it may run on
-    (a local Ray may count more CPUs than the machine has cores)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(int(cpus), cores))
-
-
 def configure_cpu_worker(cpus: float) -> None:
     """Torch settings for a training worker on CPUs, called in its training thread before any op.
 
-    - As many torch threads as CPUs claimed (`cpu_threads`): stages that share a small machine (base
-      and super-res side by side) would otherwise each start a pool as wide as the machine.
+    - As many torch threads as CPUs claimed: stages that share a small machine (base and super-res
+      side by side) would otherwise each start a pool as wide as the machine.
     - Denormal floats flushed to zero: small gradients late in training are denormals, which x86
       CPUs handle in microcode; a VQGAN step ran 4x slower on an Intel Xeon (benchmarks/RESULTS.md,
       CPU denormals). The flag is per thread and new threads inherit it, hence before any pool starts.
     """
-    torch.set_num_threads(cpu_threads(cpus))
+    torch.set_num_threads(max(1, int(cpus)))
     torch.set_flush_denormal(True)
 
 
