@@ -76,8 +76,10 @@ def test_disconnected_streams_free_their_rows_at_once(muse_app):
 
 def test_open_loop_burst_is_pushed_back_quickly_and_service_recovers(muse_app):
     """90 requests in 1.5 s, several times what the app holds (24 in flight at the ingress, 12 + 8
-    queued at the base generator): accepted ones are served, the rest get 429 / 503 at once; a
-    stream is either admitted and completes, or refused before its first event."""
+    queued at the base generator): accepted ones are served, the rest get 429 / 503 without waiting
+    for a turn (each refusal comes back before half of the accepted requests are served; on 2
+    busy cores both take seconds, so the bound is relative); a stream is either admitted and
+    completes, or refused before its first event."""
     _wait_idle()
     results: list[tuple[int, float, str | None]] = []
     lock = threading.Lock()
@@ -106,7 +108,8 @@ def test_open_loop_burst_is_pushed_back_quickly_and_service_recovers(muse_app):
     assert codes.count(200) >= 20 and codes.count(200) < 90, codes  # pushed back, not all queued
     rejected = [(dt, ra) for c, dt, ra in results if c != 200]
     assert all(ra is not None for _, ra in rejected)
-    assert max(dt for dt, _ in rejected) < 5.0, sorted(dt for dt, _ in rejected)[-5:]
+    served = sorted(dt for c, dt, _ in results if c == 200)
+    assert max(dt for dt, _ in rejected) < served[len(served) // 2], (sorted(dt for dt, _ in rejected)[-5:], served)
     assert max(dt for _, dt, _ in results) < 60.0
     _wait_idle()
     r = muse_app.generate(prompt="calm again", size="64x64", seed=1)
