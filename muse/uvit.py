@@ -18,7 +18,6 @@ branch. The logits head is pointwise, so `forward(..., select=mask)` runs it onl
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
