@@ -27,8 +27,8 @@ def token_dataset(uri: str, *, hi: bool, cache: bool = False, shuffle_seed: int 
     """(Ray Dataset of the token shards under `uri`, their metadata). `cache` reads them once on the
     driver into the object store (small data) instead of streaming them from storage every epoch.
 
-    Streamed shards are read in a seeded file permutation that Ray Data draws afresh for every pass
-    over the data (every epoch, and the new pass a restarted worker group starts): `shuffle_seed`,
+    Streamed shards are read in a seeded file permutation drawn afresh for every pass over the data
+    (every epoch, and the new pass a restarted worker group starts): `shuffle_seed`,
     which the driver derives from the run's newest checkpoint (`data_order_seed`), so a resumed run
     begins a new permutation instead of the corpus's first files. Rows within a file are mixed by
     each worker's local shuffle buffer (run.shuffle_buffer)."""
@@ -42,18 +42,7 @@ def token_dataset(uri: str, *, hi: bool, cache: bool = False, shuffle_seed: int 
         import ray.data
 
         return ray.data.from_arrow(shards.load_token_shards(uri, columns=columns)), info
-    return read_shuffled(shards.token_shard_files(uri), columns, shuffle_seed), info
-
-
-def read_shuffled(files: list[str], columns: list[str], seed: int | None):
-    """The Parquet files as a Ray Dataset, in a file order drawn from `seed` anew for every execution."""
-    import ray.data
-    from ray.data import FileShuffleConfig
-
-    fs, _ = storage.filesystem(files[0])
-    shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True) if seed is not None else None
-    ds = ray.data.read_parquet([storage.filesystem(f)[1] for f in files], filesystem=fs, shuffle=shuffle)
-    return ds.select_columns(columns)
+    return shards.read_token_shards(uri, columns, shuffle_seed), info
 
 
 def data_order_seed(run_seed: int, run_dir: str) -> int:

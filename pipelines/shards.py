@@ -160,10 +160,52 @@ def load_token_shards(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def read_token_shards(uri: str, columns: list[str] | None = None):
-    """Every published shard under `uri` as a Ray Dataset (streamed; what Ray Train workers consume)."""
+# A read or write task that still fails on storage I/O after the filesystem's own retries runs again.
+IO_TASK_RETRIES = 4
+
+
+def read_token_shards(uri: str, columns: list[str] | None = None, shuffle_seed: int | None = None):
+    """Every published shard under `uri` as a Ray Dataset, streamed (what Ray Train workers consume).
+
+    The files come from the manifest, so nothing lists storage or reads Parquet footers to plan the
+    read (Ray Data's own `read_parquet` starts a pool of footer-reading actors for every pass over the
+    data). With `shuffle_seed`, every pass reads the files in a new permutation drawn from the seed
+    and the pass's index, so a restart from the same state repeats its order."""
     import ray
 
     files = token_shard_files(uri)
-    fs, _ = storage.filesystem(files[0])
-    return ray.data.read_parquet([storage.filesystem(f)[1] for f in files], filesystem=fs, columns=columns)
+    return ray.data.read_datasource(token_shard_datasource(files, columns, shuffle_seed),
+                                    override_num_blocks=len(files),
+                                    ray_remote_args={"max_retries": IO_TASK_RETRIES, "retry_exceptions": [OSError]})
+
+
+def token_shard_datasource(files: list[str], columns: list[str] | None, shuffle_seed: int | None):
+    """A Ray Data datasource with one read task per shard file, yielding one block per row group."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    def read(file: str):
+        fs, path = storage.filesystem(file)
+        with fs.open_input_file(path) as f:
+            shard = pq.ParquetFile(f)
+            for group in range(shard.num_row_groups):
+                yield shard.read_row_group(group, columns=columns)
+
+    class TokenShards(Datasource):
+        def get_name(self) -> str:
+            return "TokenShards"
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
+            order = files
+            if shuffle_seed is not None:  # Ray Data counts the passes over a dataset (its own file shuffle uses it)
+                execution = getattr(data_context, "_execution_idx", 0) or 0
+                order = [files[i] for i in np.random.default_rng([shuffle_seed, execution]).permutation(len(files))]
+            return [ReadTask(lambda f=f: read(f), BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
+                                                                input_files=[f]),
+                             per_task_row_limit=per_task_row_limit)
+                    for f in order]
+
+    return TokenShards()

@@ -43,7 +43,9 @@ def test_a_resumed_run_reads_a_new_permutation_not_the_first_files(ray_session, 
     first_epoch = file_order(ds)
     assert sorted(first_epoch) == list(range(FILES))  # every file once per epoch
     assert first_epoch != list(range(FILES))  # not the sorted listing
-    # (Each later pass over `ds` draws a new permutation: FileShuffleConfig(reseed_after_execution=True).)
+    second_epoch = file_order(ds)  # each later pass over the dataset draws a new permutation
+    assert sorted(second_epoch) == list(range(FILES)) and second_epoch != first_epoch
+    assert file_order(token_dataset(out, hi=False, shuffle_seed=fresh)[0]) == first_epoch  # a restart repeats it
 
     storage.write_text(storage.join(run_dir, "checkpoint_2026-12-02_12-00-00.000001", "meta.json"), "{}")
     resumed = data_order_seed(0, run_dir)
