@@ -60,6 +60,10 @@ def ray_session(s3_server):
     with fractional CPUs never starve read tasks; S3 variables are set first so workers inherit them."""
     import ray
 
+    from jobs.cluster import LOCAL_DRIVER_ENV
+
+    for key, value in LOCAL_DRIVER_ENV.items():  # as a local instance of the jobs gets them
+        os.environ.setdefault(key, value)
     if not ray.is_initialized():
         ray.init(
             address="local",

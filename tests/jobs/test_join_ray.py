@@ -1,10 +1,12 @@
 """jobs.cluster.join_ray: which Ray each entry point joins, with ray.init recorded (nothing started)."""
 
+import os
+
 import pytest
 import ray
 import ray._private.utils
 
-from jobs.cluster import join_ray
+from jobs.cluster import LOCAL_DRIVER_ENV, join_ray
 
 
 @pytest.fixture
@@ -22,6 +24,21 @@ def test_a_new_local_ray_takes_the_local_options(calls):
     assert join_ray({"A": "1"}, num_cpus=6, local_env={"B": "2"}, include_dashboard=False, quiet=False) is True
     assert calls == [{"address": "local", "num_cpus": 6, "runtime_env": {"env_vars": {"A": "1", "B": "2"}},
                       "include_dashboard": False}]
+
+
+def test_only_a_local_ray_gets_the_local_driver_settings(calls, monkeypatch):
+    for key in LOCAL_DRIVER_ENV:  # (set, then removed: monkeypatch restores the original state after)
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    join_ray()
+    assert not any(key in os.environ for key in LOCAL_DRIVER_ENV)  # a cluster keeps Ray's own settings
+    monkeypatch.delenv("RAY_ADDRESS")
+    join_ray()
+    assert {key: os.environ[key] for key in LOCAL_DRIVER_ENV} == LOCAL_DRIVER_ENV
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    join_ray()
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"  # the user's own value wins
 
 
 def test_ray_address_is_joined_as_it_is(calls, monkeypatch):
