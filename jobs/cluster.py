@@ -22,6 +22,13 @@ from typing import Any
 LOCAL_DRIVER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
+def use_local_driver_env() -> None:
+    """LOCAL_DRIVER_ENV into this process's environment, before it starts a local Ray (a value the
+    user set stays)."""
+    for key, value in LOCAL_DRIVER_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def cluster_address() -> str | None:
     """The cluster to join: RAY_ADDRESS, else the one `ray start` last started on this node, else None."""
     from ray._private.utils import read_ray_address
@@ -46,8 +53,7 @@ def join_ray(env: dict[str, str] | None = None, *, num_cpus: int | None = None,
     if address is not None:
         ray.init(address=address, runtime_env={"env_vars": dict(env or {})}, **console)
         return False
-    for key, value in LOCAL_DRIVER_ENV.items():
-        os.environ.setdefault(key, value)
+    use_local_driver_env()
     ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": dict(env or {}) | dict(local_env or {})},
              **local, **console)
     return True

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from muse.config import load
 
+IO_TASK_RETRIES = 4  # the default of `io_task_retries`, also what training's shard reads get
+
 TEXT_STORAGE = ("ids", "embeddings")
 FORMATS = ("auto", "parquet", "folder", "webdataset")
 
@@ -100,7 +102,7 @@ class TokenizeConfig:
     precision: str = "bf16"  # model dtype on CUDA ("bf16", "fp16", "fp32"); CPU always runs fp32
     write_cpus: float = 0.25  # per writer task: Parquet encoding and the upload of one block's shards
     commit_seconds: float = 10.0  # the driver commits finished parts to the manifest this often
-    io_task_retries: int = 4  # Ray retries a read or write task that still fails on storage I/O
+    io_task_retries: int = IO_TASK_RETRIES  # Ray retries a read or write task that still fails on storage I/O
     examples_per_reason: int = 5  # example keys kept per reject reason in rejects.json
     ray_progress_bars: bool = False  # Ray Data's per-operator bars, beside the parts bar
 

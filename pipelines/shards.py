@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 
 from muse import storage
 from pipelines import manifest
+from pipelines.config import IO_TASK_RETRIES
 
 FORMAT_VERSION = 2
 JOB_FILE = "_job.json"
@@ -160,8 +161,11 @@ def load_token_shards(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-# A read or write task that still fails on storage I/O after the filesystem's own retries runs again.
-IO_TASK_RETRIES = 4
+def io_retry_args(retries: int) -> dict:
+    """Ray remote args that run a read or write task again when it still fails on storage I/O after
+    the filesystem's own retries. (Ray 2.60 has no named parameter for task retries, only these
+    deprecated remote args.)"""
+    return {"max_retries": retries, "retry_exceptions": [OSError]}
 
 
 def read_token_shards(uri: str, columns: list[str] | None = None, shuffle_seed: int | None = None):
@@ -176,7 +180,7 @@ def read_token_shards(uri: str, columns: list[str] | None = None, shuffle_seed: 
     files = token_shard_files(uri)
     return ray.data.read_datasource(token_shard_datasource(files, columns, shuffle_seed),
                                     override_num_blocks=len(files),
-                                    ray_remote_args={"max_retries": IO_TASK_RETRIES, "retry_exceptions": [OSError]})
+                                    ray_remote_args=io_retry_args(IO_TASK_RETRIES))
 
 
 def token_shard_datasource(files: list[str], columns: list[str] | None, shuffle_seed: int | None):

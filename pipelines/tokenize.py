@@ -121,8 +121,7 @@ def build(cfg: TokenizeConfig, parts: list[readers.Part], models: Models, lo_siz
           hi_size: int | None, *, output: str, run: str, schema):
     """read -> preprocess -> VQGANs [-> text encoder] -> write, as one streaming Ray Dataset whose rows
     are the writers' small per-block records (`shards.RECORD_SCHEMA`)."""
-    # Ray 2.60 has no named parameter for task retries, only the (deprecated) remote args.
-    io_retries = {"max_retries": cfg.io_task_retries, "retry_exceptions": [OSError]}
+    io_retries = shards.io_retry_args(cfg.io_task_retries)
     # Token ids need only the tokenizer: decoding adds them, and no text pool runs.
     ids_only = cfg.text_storage == "ids"
     decode = {"lo_size": lo_size, "hi_size": hi_size, "text_ids": models.text_encoder if ids_only else None}

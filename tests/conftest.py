@@ -60,10 +60,9 @@ def ray_session(s3_server):
     with fractional CPUs never starve read tasks; S3 variables are set first so workers inherit them."""
     import ray
 
-    from jobs.cluster import LOCAL_DRIVER_ENV
+    from jobs.cluster import use_local_driver_env
 
-    for key, value in LOCAL_DRIVER_ENV.items():  # as a local instance of the jobs gets them
-        os.environ.setdefault(key, value)
+    use_local_driver_env()  # as a local instance of the jobs gets it
     if not ray.is_initialized():
         ray.init(
             address="local",
