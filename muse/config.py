@@ -269,12 +269,11 @@ PRESETS: dict[str, Any] = {
     "base-632m": BaseTransformerConfig(hidden=1280, layers=24, heads=20, mlp=5120),
     "base-3b": BaseTransformerConfig(hidden=2048, layers=48, heads=32, mlp=8192, kv_heads=8),
     # The tiny transformers read the random offline T5 through trainable text layers (text_layers); the
-    # tiny base reads how many of each code its canvas shows (canvas_counts) and which group of its
-    # caption a word is in (text_positions); both put 2x2 tokens on one trunk position (token_patch),
-    # 2.2-2.5x cheaper steps for the base and a third of the step time for the super-res model.
+    # tiny base reads how many of each code its canvas shows (canvas_counts); the super-res model's 16x16
+    # grid puts 2x2 tokens on one trunk position (token_patch), a third of the step time.
     "base-tiny": BaseTransformerConfig(
         codebook_size=512, tokens_per_side=8, hidden=128, layers=4, heads=4, mlp=512, text_dim=64, text_layers=2,
-        canvas_counts=True, text_positions="sinusoidal", token_patch=2,
+        canvas_counts=True,
     ),
     "superres-268m": SuperResTransformerConfig(hidden=640, lo_layers=16, hi_layers=32, heads=10, mlp=2048),
     "superres-tiny": SuperResTransformerConfig(
