@@ -58,25 +58,27 @@ def main(argv: list[str] | None = None) -> None:
     # As the jobs join Ray; the workers import this checkout, as this process does.
     started_ray = join_ray(worker_env(), num_cpus=args.num_cpus, include_dashboard=False,
                            local_env={"OMP_NUM_THREADS": "1", "PYTHONPATH": REPO})
-    s, tokens, rows = args.stage, os.path.join(args.demo, "tokens"), []
-    with tempfile.TemporaryDirectory() as scratch:
-        root = os.path.join(scratch, "root")
-        shutil.copytree(os.path.join(args.demo, "checkpoint"), root, ignore=shutil.ignore_patterns("runs", "samples"))
-        for round_ in range(args.rounds):
-            for i, (workers, cpus, batch) in enumerate(layouts):
-                cfg = load_config(DEFAULT_CONFIG, [
-                    f"{s}.run.max_steps={args.steps}", f"{s}.run.checkpoint_every={args.steps}",
-                    f"{s}.run.sample_every=0", f"{s}.run.log_every={args.log_every}", f"{s}.run.progress=false",
-                    f"{s}.run.name=layout{round_}_{i}", f"{s}.scaling.num_workers={workers}",
-                    f"{s}.scaling.cpus_per_worker={cpus}", f"{s}.run.batch_size={batch}"])
-                start = time.perf_counter()
-                [result] = run_stage(s, cfg, tokens, root)
-                fit_s = time.perf_counter() - start
-                steps_per_s = result.metrics["samples_per_s_per_worker"] / batch
-                rows.append((f"{workers}x{cpus:g}x{batch}", steps_per_s, fit_s))
-                print(f"{rows[-1][0]}: {steps_per_s:.2f} step/s, fit {fit_s:.0f} s", flush=True)
-    if started_ray:
-        ray.shutdown()
+    try:
+        s, tokens, rows = args.stage, os.path.join(args.demo, "tokens"), []
+        with tempfile.TemporaryDirectory() as scratch:
+            root = os.path.join(scratch, "root")
+            shutil.copytree(os.path.join(args.demo, "checkpoint"), root, ignore=shutil.ignore_patterns("runs", "samples"))
+            for round_ in range(args.rounds):
+                for i, (workers, cpus, batch) in enumerate(layouts):
+                    cfg = load_config(DEFAULT_CONFIG, [
+                        f"{s}.run.max_steps={args.steps}", f"{s}.run.checkpoint_every={args.steps}",
+                        f"{s}.run.sample_every=0", f"{s}.run.log_every={args.log_every}", f"{s}.run.progress=false",
+                        f"{s}.run.name=layout{round_}_{i}", f"{s}.scaling.num_workers={workers}",
+                        f"{s}.scaling.cpus_per_worker={cpus}", f"{s}.run.batch_size={batch}"])
+                    start = time.perf_counter()
+                    [result] = run_stage(s, cfg, tokens, root)
+                    fit_s = time.perf_counter() - start
+                    steps_per_s = result.metrics["samples_per_s_per_worker"] / batch
+                    rows.append((f"{workers}x{cpus:g}x{batch}", steps_per_s, fit_s))
+                    print(f"{rows[-1][0]}: {steps_per_s:.2f} step/s, fit {fit_s:.0f} s", flush=True)
+    finally:
+        if started_ray:  # a failed fit must not leave the Ray this script started behind
+            ray.shutdown()
     print(f"\nload average {load()} at the end\n")
     print(f"{s}, {args.steps} steps per fit, steps/s over the last {args.log_every}\n")
     print("| workers x CPUs x batch per worker | step/s | fit s |\n|---|---:|---:|")
