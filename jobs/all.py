@@ -1,7 +1,7 @@
 """`muse train all`: the whole staged recipe from a raw corpus to a model root.
 
     text encoder (written from its preset when ROOT has none)
-    -> vqgan (vqgan_lo, then vqgan_hi)          on the corpus
+    -> vqgan (vqgan_lo, then vqgan_hi)          on the corpus's images, or on --images when given
     -> tokenize (pipelines.tokenize)             corpus -> ROOT/tokens (or --tokens)
     -> base and superres                         concurrently when the cluster has room for both
     -> decoder                                   fine-tunes vqgan_hi's (else vqgan_lo's) decoder
@@ -110,13 +110,17 @@ def room_for_both(cfg: TrainConfig, resources, request, autoscaling: bool, wait_
     return False
 
 
-def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = None, format: str = "auto") -> dict:
-    """Run every unfinished stage; returns {stage: "trained" | "skipped"} with seconds per stage."""
+def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = None, format: str = "auto",
+              images: str | None = None) -> dict:
+    """Run every unfinished stage; returns {stage: "trained" | "skipped"} with seconds per stage.
+    `images` (default: the corpus) is what the tokenizers learn from (the vqgan and decoder stages): a
+    tokenizer can learn from more images than have captions, as the paper's VQGAN is trained apart."""
     import ray
     from ray.autoscaler.sdk import request_resources
 
     ensure_ray()
     corpus, root = storage.absolute(corpus), storage.absolute(root)
+    images = storage.absolute(images) if images else corpus
     tokens = storage.absolute(tokens or storage.join(root, "tokens"))
     report: dict[str, str] = {}
 
@@ -131,7 +135,7 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
         if finished(root, component, ("vqgan", "decoder")):
             report[component] = "skipped (finished)"
             continue
-        timed(component, lambda c=component: run_stage("vqgan", cfg, corpus, root, component=c, format=format))
+        timed(component, lambda c=component: run_stage("vqgan", cfg, images, root, component=c, format=format))
 
     has_hi = checkpoint.has_component(root, "vqgan_hi")
     wanted = [s for s in TRANSFORMERS if s in cfg.stages and (s == "base" or has_hi)]
@@ -167,7 +171,7 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
     if "decoder" in cfg.stages and decoder_finished(root, component):
         report["decoder"] = "skipped (finished)"
     elif "decoder" in cfg.stages:
-        timed("decoder", lambda: run_stage("decoder", cfg, corpus, root, component=component, format=format))
+        timed("decoder", lambda: run_stage("decoder", cfg, images, root, component=component, format=format))
     say("[all] " + "; ".join(f"{k}: {v}" for k, v in report.items()))
     return report
 
@@ -182,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--corpus", required=True, help=CORPUS_HELP)
     parser.add_argument("--tokens", help="where token shards go (default ROOT/tokens)")
+    parser.add_argument("--images", help="a corpus whose images the tokenizers (vqgan, decoder) learn from instead "
+                                         "of --corpus's; same formats, captions unused")
     add_format_arg(parser)
     add_common_args(parser)
     args = parser.parse_args(argv)
@@ -191,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as e:
         parser.error(str(e))
     try:
-        train_all(cfg, args.corpus, args.checkpoint, args.tokens, args.format)
+        train_all(cfg, args.corpus, args.checkpoint, args.tokens, args.format, images=args.images)
     finally:
         stop_display()
 

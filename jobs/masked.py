@@ -100,9 +100,12 @@ class MaskedWorker(StageWorker):
                              f"{self.root} has no {self.kind}/ (or --model asked for another architecture)")
         else:
             model = checkpoint.build_component(self.kind, self.model_config)
+            self.set_code_vectors(model)
         if section.lora_rank:
             add_lora(model, section.lora_rank, section.lora_alpha)
         self.mask_id = model.mask_token_id
+        # Code classes (muse.transformer.TokenEmbedding) when the model reads codes through their vectors.
+        self.code_embedding = model.embed if getattr(self.model_config, "code_dim", 0) else None
         self.wrapper = wrap(TrainWrapper(model), env, transformer_fsdp_units(model))
         self.modules = {"model": self.wrapper}
         self.optimizers = {"model": build_optimizer(self.wrapper, section.optim, env)}
@@ -116,6 +119,21 @@ class MaskedWorker(StageWorker):
 
     def lo_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         return None
+
+    def code_vector_sources(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
+        """(token embedding, the root's tokenizer whose codes it reads) for a fresh model."""
+        return [(model.embed, "vqgan_lo")]
+
+    def set_code_vectors(self, model: nn.Module) -> None:
+        """A fresh model that reads codes through code vectors (`code_dim`) gets the root's tokenizers'."""
+        for embed, name in self.code_vector_sources(model):
+            if not getattr(embed, "code_dim", 0):
+                continue
+            if not checkpoint.has_component(self.root, name):
+                raise ValueError(f"{self.kind}: the model reads codes through its tokenizer's code vectors "
+                                 f"(code_dim), but the model root {self.root} has no {name}/ to take them from")
+            vq = checkpoint.load_component(checkpoint.component_uri(self.root, name))
+            embed.set_code_vectors(vq.quantizer.codes().detach())
 
     def flops_per_sample(self, text_len: int) -> float:
         raise NotImplementedError
@@ -157,6 +175,8 @@ class MaskedWorker(StageWorker):
     def train_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
         s, env = self.section, self.env
         ids = batch[self.target].to(env.device)  # (B, N)
+        if self.code_embedding is not None:
+            ids = self.code_embedding.classes(ids)
         B, N = ids.shape
         emb, text_mask = self.text_condition(batch)  # (B, L, D), (B, L)
         text_mask, dropped = drop_text(text_mask, s.text_dropout, self.generator)
@@ -165,7 +185,8 @@ class MaskedWorker(StageWorker):
         lo = self.lo_ids(batch)
         with env.autocast():
             logits = self.wrapper(masked_ids, emb, text_mask, lo)  # (B, N, K)
-        loss = masked_token_loss(logits, ids, mask, label_smoothing=s.label_smoothing)
+        undrawn = self.code_embedding.undrawn() if self.code_embedding is not None else None
+        loss = masked_token_loss(logits, ids, mask, label_smoothing=s.label_smoothing, undrawn=undrawn)
         loss.backward()
         grad_norm = clip_grad_norm(self.wrapper, s.optim.grad_clip)
         opt = self.optimizers["model"]
@@ -266,6 +287,16 @@ def _tokenize_spec(data: str) -> dict:
     return json.loads(storage.read_text(path)) if storage.exists(path) else {}
 
 
+def _code_dim(cfg, field: str, tokenizer: dict | None) -> dict:
+    """A preset that reads codes through code vectors takes their width from the tokenizer."""
+    if not getattr(cfg, field) or not tokenizer:
+        return {}
+    if not tokenizer.get("codebook_dim"):
+        raise ValueError(f"{field}: the preset reads codes through its tokenizer's code vectors, but that "
+                         f"tokenizer's config names no codebook_dim")
+    return {field: int(tokenizer["codebook_dim"])}
+
+
 def token_model_config(name: str, root: str, data: str, info: dict, superres: bool, quiet: bool = False):
     """The transformer preset `name`, with codebook sizes, token grids and text width taken from the
     token shards (and the tokenizers that made them, else the root's), so model and data agree."""
@@ -282,9 +313,11 @@ def token_model_config(name: str, root: str, data: str, info: dict, superres: bo
         changes |= {"lo_tokens_per_side": info["tokens_lo_side"], "hi_tokens_per_side": info["tokens_hi_side"]}
         changes |= {"lo_codebook_size": lo["codebook_size"]} if lo else {}
         changes |= {"hi_codebook_size": hi["codebook_size"]} if hi else {}
+        changes |= _code_dim(cfg, "lo_code_dim", lo) | _code_dim(cfg, "code_dim", hi)
     else:
         changes["tokens_per_side"] = info["tokens_lo_side"]
         changes |= {"codebook_size": lo["codebook_size"]} if lo else {}
+        changes |= _code_dim(cfg, "code_dim", lo)
     adapted = replace(cfg, **changes)
     diff = {k: v for k, v in changes.items() if getattr(cfg, k) != v}
     if diff and not quiet:

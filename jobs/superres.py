@@ -12,6 +12,7 @@ Exports the EMA weights to ROOT/superres/.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from jobs import masked
 from jobs.common import image_grid
@@ -29,6 +30,9 @@ class SuperResWorker(MaskedWorker):
 
     def config_type(self) -> type:
         return SuperResTransformerConfig
+
+    def code_vector_sources(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
+        return [(model.embed, "vqgan_hi"), (model.lo_embed, "vqgan_lo")]
 
     def lo_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["tokens_lo"].to(self.env.device)  # (B, n_lo)

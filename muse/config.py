@@ -112,6 +112,10 @@ class BaseTransformerConfig:
     # (TokenEmbedding). Attention averages, so "two of the three squares are drawn" reaches a position
     # only weakly; the tiny base then leaves room for the shapes still missing (benchmarks/RESULTS.md).
     canvas_counts: bool = False
+    # Not in the paper: > 0 reads codes through the tokenizer's code vectors of this width, held in the
+    # model, instead of a free embedding and logit row per code (TokenEmbedding), so that codes no
+    # caption's image used (held-out colour-shape pairings) compose from the codes they resemble.
+    code_dim: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -139,6 +143,8 @@ class SuperResTransformerConfig:
     text_positions: str = "none"  # as BaseTransformerConfig.text_positions
     token_patch: int = 1  # as BaseTransformerConfig.token_patch, over the high-res grid
     canvas_counts: bool = False  # as BaseTransformerConfig.canvas_counts, over the high-res tokens
+    code_dim: int = 0  # as BaseTransformerConfig.code_dim, for the high-res tokens (embedding and logits)
+    lo_code_dim: int = 0  # the same for the low-res tokens it reads
     # Not in the paper: also add each low-res token's encoding to the high-res positions it covers, so
     # the spatial alignment need not be learned through cross-attention alone (for short CPU runs).
     lo_skip: bool = False

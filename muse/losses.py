@@ -9,12 +9,20 @@ import torch.nn.functional as F
 
 
 def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                      label_smoothing: float = 0.1) -> torch.Tensor:
-    """Cross-entropy on masked positions only. logits (B, N, K), targets (B, N), mask (B, N) bool."""
+                      label_smoothing: float = 0.1, undrawn: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy on masked positions only. logits (B, N, K), targets (B, N), mask (B, N) bool.
+    `undrawn` ((K,) bool, a model that draws one code of each class: TokenEmbedding.undrawn) gets no
+    share of the label smoothing: it is spread over the codes the model can draw."""
     picked = logits[mask]  # (M, K): unmasked positions never reach the loss
     if picked.numel() == 0:
         return logits.sum() * 0.0
-    return F.cross_entropy(picked.float(), targets[mask], label_smoothing=label_smoothing)
+    picked, picked_targets = picked.float(), targets[mask]
+    if undrawn is None or label_smoothing == 0.0:
+        return F.cross_entropy(picked, picked_targets, label_smoothing=label_smoothing)
+    logp = F.log_softmax(picked, dim=-1)
+    nll = -logp.gather(1, picked_targets[:, None]).squeeze(1)
+    smooth = -logp[:, ~undrawn].mean(-1)
+    return ((1.0 - label_smoothing) * nll + label_smoothing * smooth).mean()
 
 
 @torch.no_grad()

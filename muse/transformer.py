@@ -122,32 +122,88 @@ class Block(nn.Module):
         return x + self.mlp(self.norm3(x))
 
 
+SAME_CODE_COSINE = 0.99  # code vectors this close are one code to a model that reads codes through them
+UNDRAWN_LOGIT = -1.0e4  # the logit of a code that is not drawn: exp() of it is 0 in every float type
+
+
 class TokenEmbedding(nn.Module):
     """Token ids (codebook + one [MASK] id) to vectors, plus learned 2D (row + column) positions.
 
     With `canvas_counts`, every position also gets a learned map of how many times each code is
     visible (not [MASK]) in its image: a sum over the canvas, where attention only averages. Zero at
-    initialisation, so the model starts as the paper's."""
+    initialisation, so the model starts as the paper's.
 
-    def __init__(self, codebook_size: int, side: int, hidden: int, canvas_counts: bool = False):
+    With `code_dim` > 0, codes are read through the tokenizer's code vectors (`code_vectors`, (K, d),
+    fixed, saved with the model; `set_code_vectors`) instead of a free row per code: a code's
+    embedding and canvas count are learned linear maps of what the code looks like, and
+    `TokenTransformer` does the same for its logits. A code that no training target used (a
+    colour-shape pairing held out of the captioned corpus, which the tokenizer learnt from other
+    images) then still has an embedding and a logit that compose from the pairings it shares a colour
+    or a shape with (benchmarks/RESULTS.md, "Code vectors")."""
+
+    def __init__(self, codebook_size: int, side: int, hidden: int, canvas_counts: bool = False, code_dim: int = 0):
         super().__init__()
-        self.side = side
-        self.tokens = nn.Embedding(codebook_size + 1, hidden)
+        self.side, self.codebook_size, self.code_dim = side, codebook_size, code_dim
+        if code_dim:
+            self.register_buffer("code_vectors", torch.zeros(codebook_size, code_dim))
+            # Each code's class: the first code whose vector it matches (set_code_vectors).
+            self.register_buffer("code_class", torch.arange(codebook_size))
+            self.code_in = nn.Linear(code_dim, hidden)
+            self.mask_embedding = nn.Parameter(torch.empty(hidden).normal_(std=0.02))
+        else:
+            self.tokens = nn.Embedding(codebook_size + 1, hidden)
         self.rows = nn.Parameter(torch.zeros(side, 1, hidden))
         self.cols = nn.Parameter(torch.zeros(1, side, hidden))
         nn.init.normal_(self.rows, std=0.02)
         nn.init.normal_(self.cols, std=0.02)
         # A parameter, not an nn.Linear, so that the models' weight init leaves it at zero.
-        self.counts = nn.Parameter(torch.zeros(codebook_size, hidden)) if canvas_counts else None
+        self.counts = nn.Parameter(torch.zeros(code_dim or codebook_size, hidden)) if canvas_counts else None
+
+    @torch.no_grad()
+    def set_code_vectors(self, vectors: torch.Tensor) -> None:
+        """The tokenizer's code vectors (codebook_size, code_dim), e.g. `VectorQuantizer.codes()`.
+
+        Codes whose vectors match (cosine > SAME_CODE_COSINE) are one class: each maps to the first of
+        them (`code_class`), and only that one gets a logit. A codebook kept in use by dead-code
+        restarts holds many copies of each kind of patch (the tiny tokenizers: 512 codes, ~20 kinds),
+        and logits that are maps of the vectors could not tell the copies apart."""
+        if not self.code_dim:
+            raise ValueError("this model reads codes through a free embedding (code_dim 0): it holds no code vectors")
+        if tuple(vectors.shape) != tuple(self.code_vectors.shape):
+            raise ValueError(f"code vectors must be {tuple(self.code_vectors.shape)} (codebook_size, code_dim), "
+                             f"got {tuple(vectors.shape)}")
+        self.code_vectors.copy_(vectors.to(self.code_vectors))
+        unit = F.normalize(self.code_vectors.float(), dim=-1)
+        same = (unit @ unit.t()) > SAME_CODE_COSINE  # (K, K), the diagonal True
+        self.code_class.copy_(same.int().argmax(dim=1))  # the first code each one matches (itself at worst)
+
+    def undrawn(self) -> torch.Tensor | None:
+        """(K,) bool: the codes that are not the first of their class, whose logits are floored."""
+        if not self.code_dim:
+            return None
+        return self.code_class != torch.arange(self.codebook_size, device=self.code_class.device)
+
+    def classes(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (any shape, [MASK] allowed) -> the id of each code's class; identity without code vectors."""
+        if not self.code_dim:
+            return ids
+        return torch.where(ids < self.codebook_size, self.code_class[ids.clamp(max=self.codebook_size - 1)], ids)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         pos = (self.rows + self.cols).view(self.side * self.side, -1)  # (N, C)
-        x = self.tokens(ids) + pos  # (B, N, C)
+        if self.code_dim:
+            table = torch.cat([self.code_in(self.code_vectors.to(self.code_in.weight.dtype)),
+                               self.mask_embedding[None].to(self.code_in.weight.dtype)])
+            x = F.embedding(ids, table) + pos
+        else:
+            x = self.tokens(ids) + pos  # (B, N, C)
         if self.counts is None:
             return x
-        codes = self.counts.shape[0]
+        codes = self.codebook_size
         # [MASK], the one id past the codebook, is counted in a last column and dropped.
         counts = x.new_zeros(ids.shape[0], codes + 1).scatter_add_(1, ids, x.new_ones(ids.shape))[:, :codes]
+        if self.code_dim:  # the sum of the visible codes' vectors, mapped
+            counts = counts @ self.code_vectors.to(counts.dtype)
         # Counted in grid rows (/ side), so that a few shapes give inputs below 1 at any grid size.
         return x + ((counts / self.side) @ self.counts)[:, None]  # (B, 1, C): the same for every position
 
@@ -284,12 +340,13 @@ class TokenTransformer(StepCompiler, nn.Module):
         self.codebook_size = codebook_size
         self.mask_token_id = codebook_size  # one id past the codebook
         self.num_tokens = tokens_per_side**2
-        self.embed = TokenEmbedding(codebook_size, tokens_per_side, c.hidden, c.canvas_counts)
+        self.embed = TokenEmbedding(codebook_size, tokens_per_side, c.hidden, c.canvas_counts, c.code_dim)
         self.text_proj = TextProjection(c.text_dim, c.hidden, c.text_layers, c.heads, c.mlp, c.text_positions)
         self.blocks = nn.ModuleList(Block(c.hidden, c.heads, c.mlp, c.dropout, c.kv_heads) for _ in range(layers))
         self.norm = nn.LayerNorm(c.hidden)
         self.patches = TokenPatches(tokens_per_side, c.token_patch, c.hidden) if c.token_patch > 1 else None
-        self.head = nn.Linear(c.hidden, codebook_size)
+        # With code vectors, each code's logit weights and bias are a linear map of its vector.
+        self.head = nn.Linear(c.code_dim, c.hidden + 1) if c.code_dim else nn.Linear(c.hidden, codebook_size)
         self._register_load_state_dict_pre_hook(_rename_legacy_keys)
 
     def _context(self, vectors: torch.Tensor, mask: torch.Tensor, input_bias: torch.Tensor | None = None) -> Context:
@@ -308,7 +365,17 @@ class TokenTransformer(StepCompiler, nn.Module):
         ((B, N) bool), only the selected positions' logits (M, codebook_size), in row-major order:
         the head's matmul and the logits' memory are spent only where a token is still to be drawn."""
         x = self._features(ids, context)
-        return self.head(x if select is None else x[select])
+        return self.logits(x if select is None else x[select])
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Normed token vectors (..., C) -> logits over the codebook (..., K)."""
+        if not self.config.code_dim:
+            return self.head(x)
+        w = self.head(self.embed.code_vectors.to(self.head.weight.dtype)).to(x.dtype)  # (K, C + 1)
+        logits = torch.addmm(w[:, -1], x.reshape(-1, x.shape[-1]), w[:, :-1].t()).view(*x.shape[:-1], w.shape[0])
+        # Only the first code of each class is ever drawn (TokenEmbedding.set_code_vectors). A finite
+        # floor, not -inf: guidance mixes two such logits, and -inf - -inf is NaN.
+        return logits.masked_fill(self.embed.undrawn(), UNDRAWN_LOGIT)
 
     def features(self, ids: torch.Tensor, context: AnyContext) -> torch.Tensor:
         """The fixed-shape part of a step: ids (B, N) -> normed token vectors (B, N, C)."""
@@ -359,7 +426,7 @@ class SuperResTransformer(TokenTransformer):
     def __init__(self, config: SuperResTransformerConfig):
         c = config
         super().__init__(c, c.hi_codebook_size, c.hi_tokens_per_side, c.hi_layers)
-        self.lo_embed = TokenEmbedding(c.lo_codebook_size, c.lo_tokens_per_side, c.hidden)
+        self.lo_embed = TokenEmbedding(c.lo_codebook_size, c.lo_tokens_per_side, c.hidden, code_dim=c.lo_code_dim)
         self.lo_blocks = nn.ModuleList(
             Block(c.hidden, c.heads, c.mlp, c.dropout, cross=False) for _ in range(c.lo_layers)
         )

@@ -26,11 +26,13 @@ def write_fake_component(root: str, name: str, extra: dict) -> None:
 class FakeStages:
     def __init__(self, root: str):
         self.root, self.calls, self.active, self.overlap = root, [], 0, False
+        self.data: dict[str, str] = {}  # stage or component -> the data it was given
         self.lock = threading.Lock()
 
     def run_stage(self, stage, cfg, data, root, component=None, format="auto"):
         with self.lock:
             self.calls.append(component if stage in ("vqgan",) else stage)
+            self.data[component if stage == "vqgan" else stage] = data
             self.active += 1
             self.overlap |= self.active > 1
         time.sleep(0.2)
@@ -43,6 +45,7 @@ class FakeStages:
 
     def tokenize(self, corpus, tokens, models, cfg, format, progress=True, reporter=None):
         self.calls.append("tokenize")
+        self.data["tokenize"] = corpus
         return {}
 
 
@@ -74,6 +77,14 @@ def test_runs_every_stage_in_order_then_skips_them_all(fake):
     report = train_all_module.train_all(cfg, "corpus", fake.root)
     assert fake.calls == []  # nothing left to do, not even tokenization
     assert all(v.startswith("skipped") for v in report.values())
+
+
+def test_tokenizers_learn_from_the_images_given_and_the_rest_from_the_corpus(fake, tmp_path):
+    corpus, images = str(tmp_path / "corpus"), str(tmp_path / "images")
+    train_all_module.train_all(tiny_config(ALL_STAGES, "concurrent=false"), corpus, fake.root, images=images)
+    assert fake.data["vqgan_lo"] == fake.data["vqgan_hi"] == fake.data["decoder"] == images
+    assert fake.data["tokenize"] == corpus
+    assert fake.data["base"] == fake.data["superres"] == storage.join(fake.root, "tokens")
 
 
 def test_resumes_after_the_last_finished_stage(fake):

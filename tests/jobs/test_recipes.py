@@ -99,6 +99,38 @@ def test_superres_loss_falls(tiny_data):
     assert np.mean([m["loss"] for m in metrics[-3:]]) < np.mean([m["loss"] for m in metrics[:3]]) - 0.3
 
 
+def test_fresh_transformers_take_the_code_vectors_of_the_roots_tokenizers(tiny_data, tmp_path):
+    from dataclasses import replace
+
+    from jobs.masked import _code_dim
+    from muse import checkpoint
+
+    info = {"tokens_lo_side": 8, "tokens_hi_side": 16, "text_storage": "ids", "text_dim": 64}
+    cfg = tiny_config("superres.optim.warmup_steps=0", "superres.run.max_steps=2")
+    lo = checkpoint.load_component(checkpoint.component_uri(tiny_data.root, "vqgan_lo"))
+    hi = checkpoint.load_component(checkpoint.component_uri(tiny_data.root, "vqgan_hi"))
+    assert _code_dim(replace(preset("superres-tiny"), lo_code_dim=1), "lo_code_dim", to_dict(lo.config)) == {
+        "lo_code_dim": lo.config.codebook_dim}  # the width comes from the tokenizer, not the preset
+    model_cfg = replace(token_model_config("superres-tiny", tiny_data.root, tiny_data.tokens, info, superres=True),
+                        code_dim=hi.config.codebook_dim, lo_code_dim=lo.config.codebook_dim)
+    worker = make_worker("superres", cfg.superres, tiny_data.root, model_cfg, info)
+    model = worker.wrapper.module.model if hasattr(worker.wrapper, "module") else worker.wrapper.model
+    torch.testing.assert_close(model.embed.code_vectors, hi.quantizer.codes())
+    torch.testing.assert_close(model.lo_embed.code_vectors, lo.quantizer.codes())
+    metrics = train(worker, numpy_batch(token_table(tiny_data), 4), 2)
+    assert np.isfinite([float(m["loss"]) for m in metrics]).all()
+    exported = worker.eval_model()  # the vectors travel with the weights
+    torch.testing.assert_close(exported.embed.code_vectors, hi.quantizer.codes())
+
+    bare = str(tmp_path / "bare")  # a root without its tokenizers: a clear error, not zero vectors
+    checkpoint.save_component(checkpoint.load_component(checkpoint.component_uri(tiny_data.root, "text_encoder")),
+                              checkpoint.component_uri(bare, "text_encoder"))
+    base_cfg = replace(token_model_config("base-tiny", tiny_data.root, tiny_data.tokens, info, superres=False),
+                       code_dim=lo.config.codebook_dim)
+    with pytest.raises(ValueError, match="no vqgan_lo/"):
+        make_worker("base", tiny_config().base, bare, base_cfg, info)
+
+
 def test_vqgan_reconstruction_loss_falls_and_gan_starts_after_warmup(tiny_data):
     cfg = tiny_config("vqgan.optim.lr=2e-3", "vqgan.optim.warmup_steps=0", "vqgan.gan.disc_start=8",
                       "vqgan.run.max_steps=10")

@@ -51,6 +51,22 @@ def test_masked_loss_ignores_unmasked_positions():
     assert torch.allclose(masked_token_loss(changed, targets, mask, label_smoothing=0.0), loss)
 
 
+def test_label_smoothing_spreads_only_over_the_codes_a_model_draws():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(2, 3, 6), torch.randint(0, 4, (2, 3))
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    undrawn = torch.tensor([False, False, False, False, True, True])
+    floored = logits.masked_fill(undrawn, -1.0e4)
+    # The same as smoothing over the four drawn codes alone...
+    expected = masked_token_loss(logits[..., :4], targets, mask, label_smoothing=0.1)
+    torch.testing.assert_close(masked_token_loss(floored, targets, mask, 0.1, undrawn=undrawn), expected)
+    # ...where spreading over all six would charge the floored codes' -1e4 log-probabilities.
+    assert masked_token_loss(floored, targets, mask, 0.1) > 100
+    # Without the mask, or without smoothing, it is plain cross-entropy.
+    torch.testing.assert_close(masked_token_loss(logits, targets, mask, 0.1, undrawn=torch.zeros(6, dtype=torch.bool)),
+                               masked_token_loss(logits, targets, mask, 0.1))
+
+
 def test_accuracy_and_hinge():
     logits = torch.zeros(1, 3, 4)
     logits[0, 0, 2] = 5

@@ -3,7 +3,7 @@ import torch
 
 from muse.config import preset
 from muse.context import Context, ContextStack
-from muse.transformer import MaskedTransformer, SuperResTransformer
+from muse.transformer import UNDRAWN_LOGIT, MaskedTransformer, SuperResTransformer
 
 
 SUPERRES_8_TO_16 = preset("superres-tiny")  # an 8x8 low-res grid to the 16x16 high-res one
@@ -280,3 +280,62 @@ def test_sinusoidal_text_positions_let_the_text_layers_tell_word_order_and_add_n
         torch.testing.assert_close(long[:, :7], short)
     with pytest.raises(ValueError, match="text positions"):
         MaskedTransformer(replace(preset("base-tiny"), text_positions="rotary"))
+
+
+def test_code_vectors_give_codes_an_embedding_and_a_logit_that_are_maps_of_their_vectors():
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = MaskedTransformer(replace(preset("base-tiny"), code_dim=16)).eval()
+    embed = model.embed
+    assert not hasattr(embed, "tokens") and embed.counts.shape == (16, 128)
+    vectors = torch.nn.functional.normalize(torch.randn(512, 16), dim=-1)
+    vectors[9] = vectors[7]  # two codes that look alike
+    model.embed.set_code_vectors(vectors)
+    with torch.no_grad():
+        embed.counts.normal_()
+    ids = torch.randint(0, 512, (2, 64))
+    ids[:, ::3] = model.mask_token_id
+    a, b = ids.clone(), ids.clone()
+    a[:, 1], b[:, 1] = 7, 9
+    emb, mask = _text()
+    with torch.no_grad():
+        # Codes with equal vectors are one class to the model: the same embedding and count, and only
+        # the first of them is drawn; targets are mapped to it.
+        torch.testing.assert_close(embed(a), embed(b))
+        logits = model(a, model.encode_context(emb, mask))
+        assert (logits[..., 9] == UNDRAWN_LOGIT).all() and (logits[..., 7] > UNDRAWN_LOGIT).all()
+        assert embed.undrawn().nonzero().flatten().tolist() == [9]
+        assert torch.equal(embed.classes(torch.tensor([9, 7, 3, 512])), torch.tensor([7, 7, 3, 512]))
+        # Guidance mixes two such logits: the floor stays finite, so no NaN.
+        null = model(a, model.null_context())
+        assert torch.isfinite(torch.lerp(null, logits, 3.0)).all()
+        # The canvas count is the sum of the visible codes' vectors, mapped; [MASK] counts nothing.
+        visible = (a < 512).float()
+        summed = (visible[..., None] * vectors[a.clamp(max=511)]).sum(1)
+        positions = (embed.rows + embed.cols).view(64, -1)
+        plain = torch.cat([embed.code_in(vectors), embed.mask_embedding[None]])[a] + positions
+        torch.testing.assert_close(embed(a), plain + (summed / 8 @ embed.counts)[:, None])
+    with pytest.raises(ValueError, match=r"\(512, 16\)"):
+        model.embed.set_code_vectors(torch.zeros(512, 8))
+    with pytest.raises(ValueError, match="code_dim 0"):
+        MaskedTransformer(preset("base-tiny")).embed.set_code_vectors(vectors)
+
+
+def test_code_vectors_are_saved_with_the_model_and_superres_reads_both_grids_through_them(tmp_path):
+    from dataclasses import replace
+
+    from muse import checkpoint
+
+    sr = SuperResTransformer(replace(SUPERRES_8_TO_16, code_dim=16, lo_code_dim=16)).eval()
+    sr.embed.set_code_vectors(torch.nn.functional.normalize(torch.randn(512, 16), dim=-1))
+    sr.lo_embed.set_code_vectors(torch.nn.functional.normalize(torch.randn(512, 16), dim=-1))
+    checkpoint.save_component(sr, str(tmp_path / "superres"))
+    loaded = checkpoint.load_component(str(tmp_path / "superres")).eval()
+    assert torch.equal(loaded.embed.code_vectors, sr.embed.code_vectors)
+    assert torch.equal(loaded.lo_embed.code_vectors, sr.lo_embed.code_vectors)
+    emb, mask = _text()
+    lo = torch.randint(0, 512, (2, 64))
+    hi = torch.full((2, 256), sr.mask_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(hi, loaded.encode_context(emb, mask, lo)), sr(hi, sr.encode_context(emb, mask, lo)))
