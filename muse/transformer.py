@@ -174,7 +174,8 @@ class TokenEmbedding(nn.Module):
                              f"got {tuple(vectors.shape)}")
         self.code_vectors.copy_(vectors.to(self.code_vectors))
         unit = F.normalize(self.code_vectors.float(), dim=-1)
-        same = (unit @ unit.t()) > SAME_CODE_COSINE  # (K, K), the diagonal True
+        same = (unit @ unit.t()) > SAME_CODE_COSINE  # (K, K)
+        same |= torch.eye(len(same), dtype=torch.bool, device=same.device)  # a zero vector is its own class
         self.code_class.copy_(same.int().argmax(dim=1))  # the first code each one matches (itself at worst)
 
     def undrawn(self) -> torch.Tensor | None:

@@ -316,6 +316,9 @@ def test_code_vectors_give_codes_an_embedding_and_a_logit_that_are_maps_of_their
         positions = (embed.rows + embed.cols).view(64, -1)
         plain = torch.cat([embed.code_in(vectors), embed.mask_embedding[None]])[a] + positions
         torch.testing.assert_close(embed(a), plain + (summed / 8 @ embed.counts)[:, None])
+    fresh = MaskedTransformer(replace(preset("base-tiny"), code_dim=16))  # vectors not set yet: all zero
+    fresh.embed.set_code_vectors(torch.zeros(512, 16))
+    assert not fresh.embed.undrawn().any()  # zero vectors match nothing, themselves included: own classes
     with pytest.raises(ValueError, match=r"\(512, 16\)"):
         model.embed.set_code_vectors(torch.zeros(512, 8))
     with pytest.raises(ValueError, match="code_dim 0"):
