@@ -79,6 +79,8 @@ def background_id(ids: torch.Tensor) -> int:
 @torch.no_grad()
 def canvas_probe(model, data: dict, background: int, rows: int = 512, rates=(0.1, 0.3, 0.6, 1.0)) -> list[dict]:
     ids, emb, mask_t = data["tokens_lo"][:rows], data["text_emb"][:rows], data["text_mask"][:rows]
+    # A model that reads codes through their vectors draws one code per class: count in classes.
+    ids, background = model.embed.classes(ids), int(model.embed.classes(torch.tensor(background)))
     context = model.encode_context(emb, mask_t)
     gen = torch.Generator().manual_seed(0)
     out = []
@@ -136,6 +138,8 @@ def judge_base(root: str, corpus: str, prompts: int, sampling: dict, background:
 
     pipe = MusePipeline.from_pretrained(root)
     chosen = seen_prompts(read_holdout(corpus), prompts, 0)
+    if background is not None:  # the class the model draws for the background (itself, without code vectors)
+        background = int(pipe.base.embed.classes(torch.tensor(background)))
     verdicts, surplus, trace = [], [], {}
     for i in range(0, len(chosen), 8):
         chunk = chosen[i:i + 8]
@@ -160,6 +164,12 @@ def judge_base(root: str, corpus: str, prompts: int, sampling: dict, background:
             verdicts.append(judge(image, prompt))
             surplus.append(len(find_blobs(image)) - total)
     out = summarize(verdicts) | {"under": sum(s < 0 for s in surplus), "over": sum(s > 0 for s in surplus)}
+    held = read_holdout(corpus).get("eval_captions", [])
+    if held:  # the held-out pairings' prompts (each pair alone at every count, and beside a seen pair)
+        held_verdicts = [judge(image, prompt) for i in range(0, len(held), 8)
+                         for prompt, image in zip(held[i:i + 8], pipe(held[i:i + 8], superres=False, seed=1000 + i,
+                                                                      **sampling))]
+        out["held_out"] = {k: v for k, v in summarize(held_verdicts).items() if k != "n"} | {"n": len(held_verdicts)}
     if trace:
         out["trace"] = [{"step": step, **{k: round(v / row["n"], 2) for k, v in row.items() if k != "n"}}
                         for step, row in sorted(trace.items())]
@@ -283,6 +293,13 @@ def main(argv: list[str] | None = None) -> None:
         blind = " / ".join(f"{p['blind_error']:.2f}" for p in r["probe"])
         print(f"| {r['step']} | {r['train_s']:.0f} | {r['color']:.2f} | {r['shape']:.2f} | {r['count']:.2f} | "
               f"{r['placement']:.2f} | {r['correct']:.2f} | {r['under']} | {r['over']} | {probe} ({blind}) |")
+    if "held_out" in results[-1]:
+        print("\nheld-out pairings' prompts (`holdout.json` eval_captions):\n")
+        print("| step | n | colour | shape | count | placement | whole |\n|---:|---:|---:|---:|---:|---:|---:|")
+        for r in results:
+            h = r["held_out"]
+            print(f"| {r['step']} | {h['n']} | {h['color']:.2f} | {h['shape']:.2f} | {h['count']:.2f} | "
+                  f"{h['placement']:.2f} | {h['correct']:.2f} |")
     if "trace" in results[-1]:
         print(f"\ndecoding trace at step {results[-1]['step']}, means over the prompts after each decoding step:\n")
         print("| decoding step | cells masked | shapes still needed | expected among masked |")

@@ -6,6 +6,8 @@
 
 Writes into --output (default demo_output/):
   corpus/       the synthetic corpus and holdout.json
+  images/       with --tokenizer-images all-pairings: as many images again, of every pairing, that
+                the tokenizers learn from instead of the corpus
   checkpoint/   the trained model root (`muse serve --checkpoint demo_output/checkpoint` serves it)
   grid.png      prompt -> served image (base + super-res), with the judge's verdict
   grid_base.png the same prompts through the base stage alone
@@ -38,6 +40,7 @@ from muse import storage
 # default) fills the canvas with shapes and guidance 0 leaves it nearly blank; guidance 1 with the
 # serve defaults' 24 steps and choice temperature judged best (benchmarks/RESULTS.md).
 DEMO_SAMPLING = {"steps": 24, "superres_steps": 8, "guidance_scale": 1.0, "choice_temperature": 4.5}
+TOKENIZER_IMAGES = ("corpus", "all-pairings")  # what the tokenizers learn from (--tokenizer-images)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 
@@ -125,8 +128,12 @@ def judge_table(report: dict) -> str:
 def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tuple[str, ...] = (),
              corpus_size: int = 2000, image_size: int = 128, holdout_fraction: float = 0.2, corpus_grid: int = 8,
              n_seen: int = 48, eval_steps: int | None = None, num_cpus: int | None = None,
-             ceiling_images: int = 200) -> dict:
-    """Run (or resume) the demo; returns the report that is also written to OUTPUT/report.json."""
+             ceiling_images: int = 200, tokenizer_images: str = "corpus") -> dict:
+    """Run (or resume) the demo; returns the report that is also written to OUTPUT/report.json.
+    tokenizer_images: what the tokenizers learn from, the captioned corpus ("corpus") or as many images
+    again of every colour-shape pairing ("all-pairings", written to OUTPUT/images)."""
+    if tokenizer_images not in TOKENIZER_IMAGES:
+        raise ValueError(f"tokenizer_images must be one of {TOKENIZER_IMAGES}, got {tokenizer_images!r}")
     import ray
     from ray import serve
 
@@ -140,6 +147,7 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
 
     output = storage.absolute(output)
     corpus, root = storage.join(output, "corpus"), storage.join(output, "checkpoint")
+    images = storage.join(output, "images") if tokenizer_images == "all-pairings" else None
     timings: dict[str, float] = {}
     began = time.time()
     started_ray = join_ray(worker_env(), num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
@@ -151,12 +159,18 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
         else:
             print(f"[demo] corpus: writing {corpus_size} synthetic {image_size}px images to {corpus}", flush=True)
             write_corpus(corpus, corpus_size, size=image_size, holdout_fraction=holdout_fraction, grid=corpus_grid)
+        if tokenizer_images == "all-pairings" and not storage.exists(storage.join(images, "holdout.json")):
+            # The tokenizers learn from images of every pairing, captions unused (as a tokenizer learns from
+            # a broad image set): the held-out pairings are kept from the transformers, which never see a
+            # caption or a token grid of one, not from the image codec.
+            print(f"[demo] tokenizer images: writing {corpus_size} more, every pairing, to {images}", flush=True)
+            write_corpus(images, corpus_size, size=image_size, seed=1, grid=corpus_grid)
         timings["corpus_s"] = time.time() - start
 
         start = time.time()
         train_cfg = load_config(config, list(overrides))
         try:
-            stages = train_all(train_cfg, corpus, root, tokens=storage.join(output, "tokens"))
+            stages = train_all(train_cfg, corpus, root, tokens=storage.join(output, "tokens"), images=images)
         finally:
             stop_display()
         timings["training_s"] = time.time() - start
@@ -217,12 +231,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="shapes drawn on a GRID x GRID lattice, the base tokenizer's token grid, so each "
                              "shape is one token (default 8); 0 places them freely")
     parser.add_argument("--n-seen", type=int, default=48, help="seen-pairing prompts to judge (default 48)")
+    parser.add_argument("--tokenizer-images", choices=TOKENIZER_IMAGES, default="corpus",
+                        help="what the tokenizers learn from: the captioned corpus (default), or as many images "
+                             "again of every colour-shape pairing, captions unused, so that they can draw the "
+                             "pairings the corpus holds out (with the -codes transformer presets: "
+                             "--set base.model=base-tiny-codes --set superres.model=superres-tiny-codes)")
     parser.add_argument("--verbose", action="store_true",
                         help="Ray's own logs and every worker's lines instead of one progress line per stage")
     args = parser.parse_args(argv)
     set_verbose(args.verbose)
     run_demo(args.output, config=args.config, overrides=tuple(args.set), corpus_size=args.corpus_size,
-             corpus_grid=args.corpus_grid, n_seen=args.n_seen)
+             corpus_grid=args.corpus_grid, n_seen=args.n_seen, tokenizer_images=args.tokenizer_images)
 
 
 if __name__ == "__main__":

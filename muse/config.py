@@ -243,6 +243,19 @@ class MuseConfig:
 
 T5_XXL_DIM = 4096
 
+# The tiny transformers read the random offline T5 through trainable text layers (text_layers); the
+# tiny base reads how many of each code its canvas shows (canvas_counts); the super-res model's 16x16
+# grid puts 2x2 tokens on one trunk position (token_patch), a third of the step time.
+_BASE_TINY = BaseTransformerConfig(
+    codebook_size=512, tokens_per_side=8, hidden=128, layers=4, heads=4, mlp=512, text_dim=64, text_layers=2,
+    canvas_counts=True,
+)
+_SUPERRES_TINY = SuperResTransformerConfig(
+    lo_codebook_size=512, hi_codebook_size=512, lo_tokens_per_side=8, hi_tokens_per_side=16,
+    hidden=128, lo_layers=2, hi_layers=3, heads=4, mlp=512, text_dim=64, lo_skip=True, text_layers=1,
+    token_patch=2,
+)
+
 PRESETS: dict[str, Any] = {
     # Tokenizers
     "vqgan-f16-8192": VQGANConfig(resolution=256, channel_mult=(1, 1, 2, 2, 4)),
@@ -274,19 +287,13 @@ PRESETS: dict[str, Any] = {
     # Transformers
     "base-632m": BaseTransformerConfig(hidden=1280, layers=24, heads=20, mlp=5120),
     "base-3b": BaseTransformerConfig(hidden=2048, layers=48, heads=32, mlp=8192, kv_heads=8),
-    # The tiny transformers read the random offline T5 through trainable text layers (text_layers); the
-    # tiny base reads how many of each code its canvas shows (canvas_counts); the super-res model's 16x16
-    # grid puts 2x2 tokens on one trunk position (token_patch), a third of the step time.
-    "base-tiny": BaseTransformerConfig(
-        codebook_size=512, tokens_per_side=8, hidden=128, layers=4, heads=4, mlp=512, text_dim=64, text_layers=2,
-        canvas_counts=True,
-    ),
+    "base-tiny": _BASE_TINY,
+    # The demo's: the same, reading codes through the tokenizers' code vectors (code_dim, set from the
+    # tokenizers when trained), so that a pairing the captioned corpus holds out can still be drawn.
+    "base-tiny-codes": replace(_BASE_TINY, code_dim=16),
     "superres-268m": SuperResTransformerConfig(hidden=640, lo_layers=16, hi_layers=32, heads=10, mlp=2048),
-    "superres-tiny": SuperResTransformerConfig(
-        lo_codebook_size=512, hi_codebook_size=512, lo_tokens_per_side=8, hi_tokens_per_side=16,
-        hidden=128, lo_layers=2, hi_layers=3, heads=4, mlp=512, text_dim=64, lo_skip=True, text_layers=1,
-        token_patch=2,
-    ),
+    "superres-tiny": _SUPERRES_TINY,
+    "superres-tiny-codes": replace(_SUPERRES_TINY, code_dim=16, lo_code_dim=16),
 }
 
 # aMUSEd (import the released weights with `muse import amused`; these list their architectures).
