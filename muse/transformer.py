@@ -139,7 +139,7 @@ class TokenEmbedding(nn.Module):
     `TokenTransformer` does the same for its logits. A code that no training target used (a
     colour-shape pairing held out of the captioned corpus, which the tokenizer learnt from other
     images) then still has an embedding and a logit that compose from the pairings it shares a colour
-    or a shape with (benchmarks/RESULTS.md, "Code vectors")."""
+    or a shape with (benchmarks/RESULTS.md, "Drawing the held-out pairings": partly so far)."""
 
     def __init__(self, codebook_size: int, side: int, hidden: int, canvas_counts: bool = False, code_dim: int = 0):
         super().__init__()
