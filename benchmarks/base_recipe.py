@@ -137,7 +137,8 @@ def judge_base(root: str, corpus: str, prompts: int, sampling: dict, background:
     from muse.pipeline import MusePipeline
 
     pipe = MusePipeline.from_pretrained(root)
-    chosen = seen_prompts(read_holdout(corpus), prompts, 0)
+    holdout = read_holdout(corpus)
+    chosen = seen_prompts(holdout, prompts, 0)
     if background is not None:  # the class the model draws for the background (itself, without code vectors)
         background = int(pipe.base.embed.classes(torch.tensor(background)))
     verdicts, surplus, trace = [], [], {}
@@ -164,12 +165,12 @@ def judge_base(root: str, corpus: str, prompts: int, sampling: dict, background:
             verdicts.append(judge(image, prompt))
             surplus.append(len(find_blobs(image)) - total)
     out = summarize(verdicts) | {"under": sum(s < 0 for s in surplus), "over": sum(s > 0 for s in surplus)}
-    held = read_holdout(corpus).get("eval_captions", [])
+    held = holdout.get("eval_captions", [])
     if held:  # the held-out pairings' prompts (each pair alone at every count, and beside a seen pair)
         held_verdicts = [judge(image, prompt) for i in range(0, len(held), 8)
                          for prompt, image in zip(held[i:i + 8], pipe(held[i:i + 8], superres=False, seed=1000 + i,
                                                                       **sampling))]
-        out["held_out"] = {k: v for k, v in summarize(held_verdicts).items() if k != "n"} | {"n": len(held_verdicts)}
+        out["held_out"] = summarize(held_verdicts)
     if trace:
         out["trace"] = [{"step": step, **{k: round(v / row["n"], 2) for k, v in row.items() if k != "n"}}
                         for step, row in sorted(trace.items())]
