@@ -39,6 +39,7 @@ from muse.config import from_dict, preset, to_dict
 from muse.lora import add_lora, merge_lora
 from muse.losses import masked_token_accuracy, masked_token_loss
 from muse.masking import mask_tokens, sample_mask_rates
+from muse.meta import meta_device
 
 
 class TrainWrapper(nn.Module):
@@ -141,7 +142,7 @@ class MaskedWorker(StageWorker):
     def matmul_flops(self, tokens_for) -> float:
         """6 · Σ_linear params · tokens through it, counted once on a meta-device copy of the model."""
         if not hasattr(self, "_flops_model"):
-            with torch.device("meta"):
+            with meta_device():
                 self._flops_model = checkpoint.build_component(self.kind, self.model_config)
         return linear_flops(self._flops_model, tokens_for)
 

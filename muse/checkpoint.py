@@ -48,6 +48,7 @@ from muse.components import (  # noqa: F401 - re-exported: muse.checkpoint is wh
     resolve_ref,
 )
 from muse.config import model_preset, to_dict
+from muse.meta import meta_device
 from muse.tokenizer import write_tokenizer_json
 
 
@@ -193,7 +194,7 @@ def load_component(uri: str, device: str | torch.device = "cpu", expect_kind: st
         def build() -> nn.Module:
             return model_cls.from_saved(config, local) if hasattr(model_cls, "from_saved") else model_cls(config)
 
-        with torch.device("meta"):
+        with meta_device():
             model = build()
         missing, unexpected = _assign(model, state, uri)
         if missing and all(name in _non_persistent(model) for name in missing):
@@ -275,7 +276,7 @@ def parameter_count(name: str, config: Any) -> int:
     "bpe" text encoder's vocabulary is fitted only when a root is made; its size is the config's."""
     if getattr(config, "tokenizer", None) == "bpe":
         config = dataclasses.replace(config, tokenizer="byt5")
-    with torch.device("meta"):
+    with meta_device():
         model = build_component(name, config)
     return sum(p.numel() for p in model.parameters())
 

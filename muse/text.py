@@ -23,6 +23,7 @@ from torch import nn
 
 from muse import storage
 from muse.config import TextEncoderConfig
+from muse.meta import meta_device
 from muse.tokenizer import fit_bpe_tokenizer
 
 T5_CONFIG_FILE = "t5_config.json"
@@ -100,7 +101,7 @@ def load_t5_encoder(folder: str, dtype: torch.dtype) -> nn.Module:
         raise ValueError(f"no config.json in {folder}: not a Hugging Face T5 directory")
     t5 = T5Config.from_pretrained(folder, local_files_only=True)
     state = read_state_dict(folder)
-    with torch.device("meta"):
+    with meta_device():
         model = T5EncoderModel(t5)
     wanted = model.state_dict()
     state = {k: v for k, v in state.items() if k in wanted}

@@ -86,6 +86,31 @@ def test_no_pickle_files_written(tmp_path):
         assert not f.endswith((".bin", ".pt", ".pth", ".pkl")), f
 
 
+def test_loading_a_component_skips_random_init_and_the_compiler_import(tmp_path):
+    """`normal_` on a meta tensor imports torch's compiler (seconds in each tokenizer actor or Serve
+    replica that loads a model); `meta_device` skips it, and random init off the meta device still draws."""
+    import subprocess
+    import sys
+
+    from muse.meta import meta_device
+
+    root = str(tmp_path / "root")
+    init_model_root("tiny", root, components=("vqgan_lo", "base", "superres"))
+    probe = f"""
+import sys
+from muse.checkpoint import component_uri, load_component
+for name in ("vqgan_lo", "base", "superres"):  # (a T5 text encoder imports it with transformers)
+    model = load_component(component_uri({root!r}, name))
+    assert not any(t.is_meta for t in model.state_dict().values()), name
+assert "torch._dynamo" not in sys.modules, "loading imported torch._dynamo"
+"""
+    subprocess.run([sys.executable, "-c", probe], check=True)
+    with meta_device():
+        embedding = torch.nn.Embedding(4, 3)
+        drawn = torch.nn.init.normal_(torch.empty(64, device="cpu"))
+    assert embedding.weight.is_meta and drawn.std() > 0.5
+
+
 def test_storage_absolute_pins_relative_local_paths(tmp_path, monkeypatch):
     from muse import storage
 
