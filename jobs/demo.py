@@ -128,10 +128,11 @@ def judge_table(report: dict) -> str:
 def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tuple[str, ...] = (),
              corpus_size: int = 2000, image_size: int = 128, holdout_fraction: float = 0.2, corpus_grid: int = 8,
              n_seen: int = 48, eval_steps: int | None = None, num_cpus: int | None = None,
-             ceiling_images: int = 200, tokenizer_images: str = "corpus") -> dict:
+             ceiling_images: int = 200, tokenizer_images: str = "corpus", n_held_out: int | None = None) -> dict:
     """Run (or resume) the demo; returns the report that is also written to OUTPUT/report.json.
     tokenizer_images: what the tokenizers learn from, the captioned corpus ("corpus") or as many images
-    again of every colour-shape pairing ("all-pairings", written to OUTPUT/images)."""
+    again of every colour-shape pairing ("all-pairings", written to OUTPUT/images). n_held_out: how many of
+    the corpus's held-out prompts are judged (default all)."""
     if tokenizer_images not in TOKENIZER_IMAGES:
         raise ValueError(f"tokenizer_images must be one of {TOKENIZER_IMAGES}, got {tokenizer_images!r}")
     import ray
@@ -195,7 +196,7 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
         # The base stage's own images too ("256x256": no super-res), judged the same way.
         served_base = http_generate(url, "256x256", eval_steps) if pipe.superres is not None else None
         report = evaluate(served, pipe, corpus, output, n_seen=n_seen, base_generate=served_base,
-                          ceiling_images=ceiling_images)
+                          ceiling_images=ceiling_images, n_held_out=n_held_out)
         report["served_matches_checkpoint"] = provenance_check(served, pipe, args, eval_steps)
         timings["eval_s"] = time.time() - start
         report["stages"] = stages

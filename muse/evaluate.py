@@ -80,10 +80,13 @@ def chance_level(rows: list[dict]) -> dict[str, float]:
     return summarize(verdicts)
 
 
-def judge_sets(generate: Generate, holdout: dict, n_seen: int, seed: int, label: str = "") -> tuple[dict, list[dict]]:
-    """Judge seen-pairing prompts and the held-out ones: (summary for report.json, rows)."""
+def judge_sets(generate: Generate, holdout: dict, n_seen: int, seed: int, label: str = "",
+               n_held_out: int | None = None) -> tuple[dict, list[dict]]:
+    """Judge seen-pairing prompts and the held-out ones (all of them, or the first n_held_out):
+    (summary for report.json, rows)."""
     seen = judge_prompts(generate, seen_prompts(holdout, n_seen, seed), seed, desc=f"{label}seen prompts")
-    held = judge_prompts(generate, holdout.get("eval_captions", []), seed + 1, desc=f"{label}held-out prompts")
+    held = judge_prompts(generate, holdout.get("eval_captions", [])[:n_held_out], seed + 1,
+                         desc=f"{label}held-out prompts")
     summary = {
         "seen": summarize([r["verdict"] for r in seen]),
         "held_out": summarize([r["verdict"] for r in held]),
@@ -230,7 +233,7 @@ def clip_score(image_features: torch.Tensor, text_features: torch.Tensor) -> flo
 
 def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: int = 16, seed: int = 0,
              clip_path: str | None = None, reference_images: int = 32, base_generate: Generate | None = None,
-             ceiling_images: int = 200) -> dict:
+             ceiling_images: int = 200, n_held_out: int | None = None) -> dict:
     """Run every evaluation that applies and write report.json + grid.png into `out`.
     `base_generate` (images from the base stage alone) adds `judge_base` and grid_base.png, so a
     weak super-res stage cannot hide what the base model draws."""
@@ -241,9 +244,10 @@ def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: 
     if corpus is not None:
         holdout = read_holdout(corpus)
         grid = holdout.get("grid", 0)
-        report["judge"], rows = judge_sets(generate, holdout, n_seen, seed)
+        report["judge"], rows = judge_sets(generate, holdout, n_seen, seed, n_held_out=n_held_out)
         if base_generate is not None:
-            report["judge_base"], base_rows = judge_sets(base_generate, holdout, n_seen, seed, label="base: ")
+            report["judge_base"], base_rows = judge_sets(base_generate, holdout, n_seen, seed, label="base: ",
+                                                         n_held_out=n_held_out)
     if pipe is not None:
         samples = heldout_images(reference_images, pipe.vqgan_lo.config.resolution, grid=grid)
         report["psnr_db"] = {"vqgan_lo": reconstruction_psnr(pipe.vqgan_lo, [im for _, im in samples])}

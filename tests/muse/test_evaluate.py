@@ -44,9 +44,10 @@ def test_evaluate_scores_an_oracle_high_and_a_blank_model_low(tmp_path):
     assert chance["seen"]["n"] == 12 and chance["seen"]["correct"] <= 0.25, chance
     assert (tmp_path / "oracle" / "grid.png").exists() and not (tmp_path / "oracle" / "grid_base.png").exists()
     # A separate base-stage generator gets its own judgement and grid.
-    report = evaluate(_oracle, None, str(corpus), str(tmp_path / "both"), n_seen=4,
+    report = evaluate(_oracle, None, str(corpus), str(tmp_path / "both"), n_seen=4, n_held_out=3,
                       base_generate=lambda prompts, seed: [Image.new("RGB", (64, 64), "white") for _ in prompts])
     assert report["judge"]["seen"]["correct"] >= 0.9 and report["judge_base"]["seen"]["correct"] == 0.0
+    assert report["judge"]["held_out"]["n"] == report["judge_base"]["held_out"]["n"] == 3  # the first 3 of 16
     assert (tmp_path / "both" / "grid_base.png").exists()
     assert "skipped" in report["clip"]
 
