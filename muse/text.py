@@ -8,7 +8,9 @@ are safetensors or, as several official T5 folders ship them, pytorch_model.bin 
 `name_or_path`, a small T5 encoder is built from `TextEncoderConfig` with the byte-level ByT5
 tokenizer, which needs no vocabulary files (the offline default), or with a byte-level BPE vocabulary
 fitted to the corpus's captions (`fit_bpe_tokenizer`), saved beside the weights as tokenizer.json.
-Caption ids without the encoder (and without torch) come from `muse.tokenizer`.
+Caption ids without the encoder (and without torch) come from `muse.tokenizer`. The encoder stack is
+`muse.t5` (transformers' T5 names and forward, without importing its modeling); a new random one takes
+transformers' T5 initialisation, so roots made before and after it match.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 from muse import storage
 from muse.config import TextEncoderConfig
 from muse.meta import meta_device
+from muse.t5 import T5Encoder, T5EncoderConfig
 from muse.tokenizer import fit_bpe_tokenizer
 
 T5_CONFIG_FILE = "t5_config.json"
@@ -91,18 +94,17 @@ def read_state_dict(folder: str) -> dict[str, torch.Tensor]:
                      "sharded index)")
 
 
-def load_t5_encoder(folder: str, dtype: torch.dtype) -> nn.Module:
-    """T5EncoderModel from a folder's config.json and weights (an encoder-only or a full T5
-    checkpoint: the decoder's weights are skipped), built on the meta device and filled in place,
+def load_t5_encoder(folder: str, dtype: torch.dtype) -> T5Encoder:
+    """The T5 encoder of a Hugging Face folder's config.json and weights (an encoder-only or a full
+    T5 checkpoint: the decoder's weights are skipped), built on the meta device and filled in place,
     so only one copy of the weights is ever in memory."""
-    from transformers import T5Config, T5EncoderModel
-
     if not os.path.exists(os.path.join(folder, "config.json")):
         raise ValueError(f"no config.json in {folder}: not a Hugging Face T5 directory")
-    t5 = T5Config.from_pretrained(folder, local_files_only=True)
+    with open(os.path.join(folder, "config.json")) as f:
+        t5 = T5EncoderConfig.from_dict(json.load(f))
     state = read_state_dict(folder)
     with meta_device():
-        model = T5EncoderModel(t5)
+        model = T5Encoder(t5)
     wanted = model.state_dict()
     state = {k: v for k, v in state.items() if k in wanted}
     if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
@@ -112,14 +114,14 @@ def load_t5_encoder(folder: str, dtype: torch.dtype) -> nn.Module:
     if missing:
         raise ValueError(f"{folder}: the weights are not a T5 encoder's (missing {missing[:5]})")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
-    model.encoder.embed_tokens = model.shared  # tied, as T5EncoderModel builds them
+    model.encoder.embed_tokens = model.shared  # tied again: assigning each name set its own tensor
     return model.eval()
 
 
 class TextEncoder(nn.Module):
     """Tokenizer + T5 encoder. Call with a list of prompts; returns (embeddings, mask)."""
 
-    def __init__(self, config: TextEncoderConfig, model: nn.Module, tokenizer):
+    def __init__(self, config: TextEncoderConfig, model: T5Encoder, tokenizer):
         super().__init__()
         self.config = config
         self.model = model
@@ -149,7 +151,10 @@ class TextEncoder(nn.Module):
                 feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False,
                 use_cache=False,
             )
-            return cls(config, T5EncoderModel(t5).eval(), tokenizer)
+            # Hugging Face's random initialisation of T5 (its scales per weight), into our module.
+            model = T5Encoder(T5EncoderConfig.from_dict(t5.to_dict()))
+            model.load_state_dict(T5EncoderModel(t5).state_dict())
+            return cls(config, model.eval(), tokenizer)
         return cls.load_pretrained(config.name_or_path, config)
 
     @classmethod
@@ -195,10 +200,10 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_saved(cls, config: TextEncoderConfig, directory: str) -> TextEncoder:
         """Rebuild the architecture and tokenizer saved by `save_extra` (weights loaded by the caller)."""
-        from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
+        from transformers import AutoTokenizer, ByT5Tokenizer
 
         with open(os.path.join(directory, T5_CONFIG_FILE)) as f:
-            t5 = T5Config.from_dict(json.load(f))
+            t5 = T5EncoderConfig.from_dict(json.load(f))
         tok_cfg_path = os.path.join(directory, "tokenizer_config.json")
         tok_class = ""
         if os.path.exists(tok_cfg_path):
@@ -208,7 +213,7 @@ class TextEncoder(nn.Module):
             tokenizer = ByT5Tokenizer()
         else:
             tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        return cls(config, T5EncoderModel(t5).eval(), tokenizer)
+        return cls(config, T5Encoder(t5).eval(), tokenizer)
 
     # -- encoding -----------------------------------------------------------------------------
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,7 +229,7 @@ class TextEncoder(nn.Module):
 
     def encode_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ids (B, L), mask (B, L) -> embeddings (B, L, D); padded positions are zeroed."""
-        hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        hidden = self.model(ids, mask)
         return hidden * mask[..., None].to(hidden.dtype)
 
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,46 @@ def test_offline_default_builds_and_encodes():
     assert not torch.allclose(emb[0, :5], emb[1, :5])
 
 
+@pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu", "gelu", "gated-silu"])
+def test_our_t5_encoder_equals_transformers_on_its_weights(feed_forward_proj):
+    """muse.t5 has T5EncoderModel's module and weight names and its forward: the same weights give the
+    same hidden states, padded keys included (three blocks, so the first block's position bias is shared)."""
+    from transformers import T5Config, T5EncoderModel
+
+    from muse.t5 import T5Encoder, T5EncoderConfig
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=300, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4,
+                   feed_forward_proj=feed_forward_proj, dropout_rate=0.0)
+    hf = T5EncoderModel(cfg).eval()
+    ours = T5Encoder(T5EncoderConfig.from_dict(cfg.to_dict())).eval()
+    ours.load_state_dict(hf.state_dict())  # strict: every name matches
+    ids = torch.randint(0, 300, (3, 150))  # past max_distance, so the log-spaced buckets are used
+    mask = torch.ones(3, 150, dtype=torch.bool)
+    mask[1, 100:], mask[2, 5:] = False, False
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        torch.testing.assert_close(ours(ids, mask), ref, rtol=1e-5, atol=1e-5)
+    assert T5Config.from_dict(ours.config.to_dict()).feed_forward_proj == feed_forward_proj
+
+
+def test_loading_a_text_encoder_does_not_import_transformers_modeling(tmp_path):
+    """Training workers and Serve replicas load the text encoder: transformers' T5 modeling (seconds to
+    import) stays out of them."""
+    from muse.checkpoint import component_uri, init_model_root
+
+    root = str(tmp_path / "root")
+    init_model_root("tiny", root, components=("text_encoder",))
+    probe = f"""
+import sys
+from muse.checkpoint import component_uri, load_component
+emb, mask = load_component(component_uri({root!r}, "text_encoder"))(["a red circle"])
+assert emb.shape[0] == 1 and mask.all()
+assert "transformers.modeling_utils" not in sys.modules and "torch._dynamo" not in sys.modules
+"""
+    subprocess.run([sys.executable, "-c", probe], check=True)
+
+
 CAPTIONS = ["two red squares on the left and a blue circle on the right", "a green triangle",
             "three yellow circles at the top and a red square at the bottom", "a purple square"] * 20
 
