@@ -30,6 +30,7 @@ from muse.t5 import T5Encoder, T5EncoderConfig
 from muse.tokenizer import fit_bpe_tokenizer
 
 T5_CONFIG_FILE = "t5_config.json"
+T5_MODEL_TYPES = ("t5", "mt5")  # config.json model types whose encoder is muse.t5's
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -101,7 +102,11 @@ def load_t5_encoder(folder: str, dtype: torch.dtype) -> T5Encoder:
     if not os.path.exists(os.path.join(folder, "config.json")):
         raise ValueError(f"no config.json in {folder}: not a Hugging Face T5 directory")
     with open(os.path.join(folder, "config.json")) as f:
-        t5 = T5EncoderConfig.from_dict(json.load(f))
+        values = json.load(f)
+    if values.get("model_type", "t5") not in T5_MODEL_TYPES:  # umT5 has a position bias in every block
+        raise ValueError(f"{folder} holds a {values['model_type']!r} model; the text encoder loads T5-family "
+                         f"encoders of the T5 architecture ({', '.join(T5_MODEL_TYPES)})")
+    t5 = T5EncoderConfig.from_dict(values)
     state = read_state_dict(folder)
     with meta_device():
         model = T5Encoder(t5)

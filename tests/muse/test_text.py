@@ -189,6 +189,14 @@ def test_a_folder_without_weights_says_so(tmp_path):
         TextEncoder.load_pretrained(str(tmp_path / "t5"))
 
 
+def test_a_folder_of_another_architecture_is_a_clear_error(tmp_path):
+    _t5_folder(tmp_path / "t5")
+    config = json.loads((tmp_path / "t5" / "config.json").read_text())
+    (tmp_path / "t5" / "config.json").write_text(json.dumps(config | {"model_type": "umt5"}))
+    with pytest.raises(ValueError, match="holds a 'umt5' model"):
+        TextEncoder.load_pretrained(str(tmp_path / "t5"))
+
+
 def test_a_text_encoder_of_the_wrong_width_is_a_clear_error(tmp_path):
     from muse.pipeline import MusePipeline
 
