@@ -1,6 +1,6 @@
 """The T5 encoder stack, with the module and weight names of Hugging Face's `T5EncoderModel`.
 
-Weights from any T5-family folder (and the text encoders of existing model roots) load into it by name.
+Weights of a T5 or mT5 folder (and the text encoders of existing model roots) load into it by name.
 It is ours so that a process that encodes text imports only torch: importing transformers' T5 modeling
 costs seconds (it imports torch's compiler), paid by every training worker and Serve replica that loads
 a text encoder. Dropout is left out: the encoder is frozen and runs in eval mode.
