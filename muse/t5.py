@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from muse.uvit import RMSNorm  # T5's layer norm: no mean, no bias, statistics in float32
+
 
 @dataclass
 class T5EncoderConfig:
@@ -65,22 +67,6 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": _gelu_tanh, "silu": F.silu}
 
 
-class T5LayerNorm(nn.Module):
-    """RMS norm without a mean or a bias, computed in float32, as T5 has it."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return self.weight * x
-
-
 def relative_buckets(relative: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
     """T5's bidirectional buckets of key position minus query position: exact near zero, log-spaced
     out to max_distance, one half of the buckets for each direction."""
@@ -125,7 +111,7 @@ class T5SelfAttentionLayer(nn.Module):
     def __init__(self, config: T5EncoderConfig, has_bias: bool):
         super().__init__()
         self.SelfAttention = T5Attention(config, has_bias)
-        self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return x + self.SelfAttention(self.layer_norm(x), bias)
@@ -154,7 +140,7 @@ class T5FeedForwardLayer(nn.Module):
     def __init__(self, config: T5EncoderConfig):
         super().__init__()
         self.DenseReluDense = T5DenseActDense(config)
-        self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.DenseReluDense(self.layer_norm(x))
@@ -174,7 +160,7 @@ class T5Stack(nn.Module):
         super().__init__()
         self.embed_tokens = embed_tokens
         self.block = nn.ModuleList([T5Block(config, has_bias=i == 0) for i in range(config.num_layers)])
-        self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.final_layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
 
 
 class T5Encoder(nn.Module):
