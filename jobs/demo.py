@@ -35,6 +35,7 @@ from jobs.cluster import join_ray
 from jobs.loop import worker_env
 from jobs.progress import quiet_ray_loggers, set_verbose, stop_display
 from muse import storage
+from muse.data.synthetic import GRID_LAYOUTS
 
 # What the demo's server uses when a request leaves them out: on the tiny model, guidance 4 (the serve
 # default) fills the canvas with shapes and guidance 0 leaves it nearly blank; guidance 1 with the
@@ -127,6 +128,7 @@ def judge_table(report: dict) -> str:
 
 def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tuple[str, ...] = (),
              corpus_size: int = 2000, image_size: int = 128, holdout_fraction: float = 0.2, corpus_grid: int = 8,
+             corpus_layout: str = "lines",
              n_seen: int = 48, eval_steps: int | None = None, num_cpus: int | None = None,
              ceiling_images: int = 200, tokenizer_images: str = "corpus", n_held_out: int | None = None) -> dict:
     """Run (or resume) the demo; returns the report that is also written to OUTPUT/report.json.
@@ -159,13 +161,14 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
             print(f"[demo] corpus: reusing {corpus}", flush=True)
         else:
             print(f"[demo] corpus: writing {corpus_size} synthetic {image_size}px images to {corpus}", flush=True)
-            write_corpus(corpus, corpus_size, size=image_size, holdout_fraction=holdout_fraction, grid=corpus_grid)
+            write_corpus(corpus, corpus_size, size=image_size, holdout_fraction=holdout_fraction, grid=corpus_grid,
+                         layout=corpus_layout)
         if tokenizer_images == "all-pairings" and not storage.exists(storage.join(images, "holdout.json")):
             # The tokenizers learn from images of every pairing, captions unused (as a tokenizer learns from
             # a broad image set): the held-out pairings are kept from the transformers, which never see a
             # caption or a token grid of one, not from the image codec.
             print(f"[demo] tokenizer images: writing {corpus_size} more, every pairing, to {images}", flush=True)
-            write_corpus(images, corpus_size, size=image_size, seed=1, grid=corpus_grid)
+            write_corpus(images, corpus_size, size=image_size, seed=1, grid=corpus_grid, layout=corpus_layout)
         timings["corpus_s"] = time.time() - start
 
         start = time.time()
@@ -231,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus-grid", type=int, default=8,
                         help="shapes drawn on a GRID x GRID lattice, the base tokenizer's token grid, so each "
                              "shape is one token (default 8); 0 places them freely")
+    parser.add_argument("--corpus-layout", choices=GRID_LAYOUTS, default="lines",
+                        help="where on the lattice: each group on its fixed line of cells, one image per caption "
+                             "(lines, default), or random cells of its side (scattered)")
     parser.add_argument("--n-seen", type=int, default=48, help="seen-pairing prompts to judge (default 48)")
     parser.add_argument("--tokenizer-images", choices=TOKENIZER_IMAGES, default="corpus",
                         help="what the tokenizers learn from: the captioned corpus (default), or as many images "
@@ -242,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     set_verbose(args.verbose)
     run_demo(args.output, config=args.config, overrides=tuple(args.set), corpus_size=args.corpus_size,
-             corpus_grid=args.corpus_grid, n_seen=args.n_seen, tokenizer_images=args.tokenizer_images)
+             corpus_grid=args.corpus_grid, corpus_layout=args.corpus_layout, n_seen=args.n_seen, tokenizer_images=args.tokenizer_images)
 
 
 if __name__ == "__main__":

@@ -244,11 +244,13 @@ class MuseConfig:
 T5_XXL_DIM = 4096
 
 # The tiny transformers read the random offline T5 through trainable text layers (text_layers); the
-# tiny base reads how many of each code its canvas shows (canvas_counts); the super-res model's 16x16
-# grid puts 2x2 tokens on one trunk position (token_patch), a third of the step time.
+# tiny base reads how many of each code its canvas shows (canvas_counts) and where in its caption a
+# word is (text_positions: which group of a two-group caption it belongs to); both put 2x2 tokens on
+# one trunk position (token_patch): 2.2x cheaper steps for the base, a third of the step time for the
+# super-res model. Measured on the demo's corpus in benchmarks/RESULTS.md, "One image per caption".
 _BASE_TINY = BaseTransformerConfig(
     codebook_size=512, tokens_per_side=8, hidden=128, layers=4, heads=4, mlp=512, text_dim=64, text_layers=2,
-    canvas_counts=True,
+    canvas_counts=True, text_positions="sinusoidal", token_patch=2,
 )
 _SUPERRES_TINY = SuperResTransformerConfig(
     lo_codebook_size=512, hi_codebook_size=512, lo_tokens_per_side=8, hi_tokens_per_side=16,

@@ -125,14 +125,16 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def heldout_images(n: int, size: int, seed: int = 10_000, grid: int = 0,
-                   pairs: Sequence[tuple[str, str]] | None = None) -> list[tuple[str, Image.Image]]:
+                   pairs: Sequence[tuple[str, str]] | None = None,
+                   layout: str = "scattered") -> list[tuple[str, Image.Image]]:
     """Fresh synthetic samples (a seed no corpus uses by default) with their captions, laid out as a
-    corpus written with `grid` (0: free placement), drawing only `pairs` (default: every pairing)."""
+    corpus written with `grid` (0: free placement) and `layout`, drawing only `pairs` (default: every
+    pairing)."""
     rng = random.Random(f"muse-eval-images:{seed}")
     out = []
     for _ in range(n):
         scene = sample_scene(rng, pairs)
-        out.append((caption(scene), render(scene, size, rng, grid)))
+        out.append((caption(scene), render(scene, size, rng, grid, layout)))
     return out
 
 
@@ -240,19 +242,20 @@ def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: 
     report: dict = {}
     rows: list[dict] = []
     base_rows: list[dict] = []
-    grid, holdout = 0, {}  # the corpus's layout, so the tokenizers are judged on images like those they learnt
+    holdout: dict = {}
     if corpus is not None:
         holdout = read_holdout(corpus)
-        grid = holdout.get("grid", 0)
         report["judge"], rows = judge_sets(generate, holdout, n_seen, seed, n_held_out=n_held_out)
         if base_generate is not None:
             report["judge_base"], base_rows = judge_sets(base_generate, holdout, n_seen, seed, label="base: ",
                                                          n_held_out=n_held_out)
+    # The corpus's layout, so the tokenizers are judged on images like those they learnt.
+    layout = {"grid": holdout.get("grid", 0), "layout": holdout.get("layout", "scattered")}
     if pipe is not None:
-        samples = heldout_images(reference_images, pipe.vqgan_lo.config.resolution, grid=grid)
+        samples = heldout_images(reference_images, pipe.vqgan_lo.config.resolution, **layout)
         report["psnr_db"] = {"vqgan_lo": reconstruction_psnr(pipe.vqgan_lo, [im for _, im in samples])}
         if pipe.vqgan_hi is not None:
-            hi = heldout_images(reference_images, pipe.vqgan_hi.config.resolution, grid=grid)
+            hi = heldout_images(reference_images, pipe.vqgan_hi.config.resolution, **layout)
             report["psnr_db"]["vqgan_hi"] = reconstruction_psnr(pipe.vqgan_hi, [im for _, im in hi])
         report["masked_token_accuracy"] = token_accuracy(pipe, samples, seed=seed)
         # Judged on scenes of the pairings the corpus has (what the transformers learn from) and,
@@ -263,7 +266,7 @@ def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: 
             sets["tokenizer_ceiling_held_out"] = held
         tokenizers = [(n, vq) for n, vq in (("vqgan_lo", pipe.vqgan_lo), ("vqgan_hi", pipe.vqgan_hi)) if vq is not None]
         for key, pairs in sets.items():
-            judged = heldout_images(ceiling_images, 128, seed=seed + 55, grid=grid, pairs=pairs)
+            judged = heldout_images(ceiling_images, 128, seed=seed + 55, pairs=pairs, **layout)
             report[key] = {name: tokenizer_ceiling(vq, judged) for name, vq in tokenizers}
     # No FID here: a few dozen judged images are far too few (see muse/eval_corpus.py).
     clip = load_clip(clip_path, device=pipe.device if pipe is not None else "cpu")

@@ -11,6 +11,13 @@ Shapes never overlap and each is 1/8-1/5 of the image side. With `grid` (the dem
 shape instead fills one cell of a grid x grid lattice, no two in touching cells: at a tokenizer's
 token grid each shape is then exactly one token, which lifts the bound that a per-patch code puts on
 reconstructions (free placement at f8: at most 0.11 whole scene with 512 codes, benchmarks/RESULTS.md).
+
+`layout` says where on the lattice: "scattered" (default) picks random free cells of the group's
+region; "lines" draws each group as a line of cells one apart, centred in its region (a column for
+left/right, a row otherwise), so a caption has exactly one image. Parallel decoding samples cells
+independently given the caption, so scattered layouts ask a model to agree across cells on which few
+hold the shapes; a small model trained briefly miscounts there (benchmarks/RESULTS.md, "One image per
+caption").
 Every caption parses back into its `Scene` (`parse_caption`), which is what an evaluation judge
 compares a generated image against.
 
@@ -55,6 +62,7 @@ POSITION_PHRASES: dict[str, str] = {
 BACKGROUND = (255, 255, 255)
 MIN_SHAPE, MAX_SHAPE = 1 / 8, 1 / 5  # shape size as a fraction of the image side
 FORMATS = ("parquet", "folder", "webdataset")
+GRID_LAYOUTS = ("scattered", "lines")  # where shapes go on the lattice (`grid` > 0)
 
 Pair = tuple[str, str]  # (color, shape)
 
@@ -192,14 +200,16 @@ def sample_scene(rng: random.Random, allowed_pairs: Iterable[Pair] | None = None
     return Scene(tuple(Group(c, s, rng.randint(1, 3), p) for (c, s), p in zip((first, second), pos)))
 
 
-def render(scene: Scene, size: int = 256, rng: random.Random | None = None, grid: int = 0) -> Image.Image:
+def render(scene: Scene, size: int = 256, rng: random.Random | None = None, grid: int = 0,
+           layout: str = "scattered") -> Image.Image:
     """Draw `scene` as a size x size RGB image. Shape sizes and places come from `rng`.
 
     grid > 0 draws every shape in one cell of a grid x grid lattice, no two shapes in touching cells
-    (diagonals included): with grid = a tokenizer's tokens per side, each shape is exactly one token."""
+    (diagonals included): with grid = a tokenizer's tokens per side, each shape is exactly one token.
+    layout "lines" (grid > 0 only) puts each group on its fixed line of cells instead of random ones."""
     if size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {size}")
-    _check_grid(grid, size)
+    _check_grid(grid, size, layout)
     rng = rng or random.Random(0)
     img = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(img)
@@ -210,17 +220,37 @@ def render(scene: Scene, size: int = 256, rng: random.Random | None = None, grid
     }
     taken: list[tuple[int, int]] = []
     for group in scene.groups:
-        boxes = (_place_on_grid(group.count, regions[group.position], size, grid, taken, rng) if grid
-                 else _place(group.count, regions[group.position], size, rng))
+        if layout == "lines":
+            boxes = _place_in_line(group.count, group.position, size, grid)
+        elif grid:
+            boxes = _place_on_grid(group.count, regions[group.position], size, grid, taken, rng)
+        else:
+            boxes = _place(group.count, regions[group.position], size, rng)
         for box in boxes:
             _draw_shape(draw, group.shape, box, COLORS[group.color])
     return img
 
 
-def _check_grid(grid: int, size: int) -> None:
+def _check_grid(grid: int, size: int, layout: str = "scattered") -> None:
     if grid < 0 or (grid and (grid < 8 or grid % 2 or size % grid)):
         raise ValueError(f"grid must be 0 (free placement) or an even number >= 8 that divides the image "
                          f"side {size}, got {grid}")
+    if layout not in GRID_LAYOUTS:
+        raise ValueError(f"layout must be one of {GRID_LAYOUTS}, got {layout!r}")
+    if layout != "scattered" and not grid:
+        raise ValueError(f"layout {layout!r} places shapes on a lattice: give a grid (e.g. 8)")
+
+
+def _place_in_line(count: int, position: str | None, size: int, grid: int) -> list[tuple]:
+    """`count` cells one apart on the group's line, centred along it, as boxes: a column two cells from
+    the middle for left/right (so the two groups never touch), a row two cells from it for top/bottom,
+    the row above the middle for a lone group. Inside the outer ring for every count."""
+    cell, mid = size // grid, grid // 2
+    across = {None: mid - 1, "left": mid - 2, "right": mid + 1, "top": mid - 2, "bottom": mid + 1}[position]
+    first = (grid - (2 * count - 1)) // 2
+    along = [first + 2 * i for i in range(count)]
+    cells = [(across, a) if position in ("left", "right") else (a, across) for a in along]
+    return [(cx * cell, cy * cell, (cx + 1) * cell, (cy + 1) * cell) for cx, cy in cells]
 
 
 def _place_on_grid(count: int, region: tuple[int, int, int, int], size: int, grid: int,
@@ -282,11 +312,11 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple, color: tuple[
 
 
 def sample(index: int, seed: int, size: int, allowed_pairs: Sequence[Pair],
-           grid: int = 0) -> tuple[Scene, Image.Image]:
+           grid: int = 0, layout: str = "scattered") -> tuple[Scene, Image.Image]:
     """Sample `index` of the corpus with `seed`: the same scene and image on every machine."""
     rng = random.Random(f"muse-synth:{seed}:{index}")
     scene = sample_scene(rng, allowed_pairs)
-    return scene, render(scene, size, rng, grid)
+    return scene, render(scene, size, rng, grid, layout)
 
 
 def png_bytes(img: Image.Image) -> bytes:
@@ -310,11 +340,12 @@ def eval_captions(held: Sequence[Pair], seed: int = 0) -> list[str]:
 
 
 def write_corpus(out: str, n: int, size: int = 256, seed: int = 0, holdout_fraction: float = 0.0,
-                 format: str = "parquet", shard_size: int = 1000, grid: int = 0) -> dict:
+                 format: str = "parquet", shard_size: int = 1000, grid: int = 0,
+                 layout: str = "scattered") -> dict:
     """Write n samples to `out` (local or s3://) as Parquet shards (image, caption), a folder of
     PNGs with sidecar .txt captions, or WebDataset tar shards; plus holdout.json (which records
-    `grid`, so evaluations render their scenes the same way). Returns a summary."""
-    _check_grid(grid, size)
+    `grid` and `layout`, so evaluations render their scenes the same way). Returns a summary."""
+    _check_grid(grid, size, layout)
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if n < 1 or shard_size < 1:
@@ -325,15 +356,16 @@ def write_corpus(out: str, n: int, size: int = 256, seed: int = 0, holdout_fract
     for start in range(0, n, shard_size):
         rows = []
         for i in range(start, min(n, start + shard_size)):
-            scene, img = sample(i, seed, size, allowed, grid)
+            scene, img = sample(i, seed, size, allowed, grid, layout)
             rows.append((f"{i:07d}", png_bytes(img), caption(scene)))
         _write_shard(out, format, start // shard_size, rows)
     info = {
-        "fraction": holdout_fraction, "seed": seed, "grid": grid,
+        "fraction": holdout_fraction, "seed": seed, "grid": grid, "layout": layout,
         "pairs": [list(p) for p in held], "eval_captions": eval_captions(held, seed),
     }
     storage.write_text(storage.join(out, "holdout.json"), json.dumps(info, indent=1))
-    return {"out": out, "n": n, "size": size, "format": format, "holdout_pairs": len(held), "grid": grid}
+    return {"out": out, "n": n, "size": size, "format": format, "holdout_pairs": len(held), "grid": grid,
+            "layout": layout}
 
 
 def _write_shard(out: str, format: str, shard: int, rows: list[tuple[str, bytes, str]]) -> None:
@@ -383,10 +415,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", type=int, default=0,
                         help="draw each shape in one cell of a GRID x GRID lattice (e.g. a tokenizer's "
                              "tokens per side), no two in touching cells; 0 places them freely (default)")
+    parser.add_argument("--layout", choices=GRID_LAYOUTS, default="scattered",
+                        help="with --grid: random cells of each group's region (scattered, default), or each "
+                             "group on its fixed line of cells (lines: one image per caption)")
     args = parser.parse_args(argv)
     try:
         summary = write_corpus(args.out, args.n, args.size, args.seed, args.holdout_fraction,
-                               args.format, args.shard_size, args.grid)
+                               args.format, args.shard_size, args.grid, args.layout)
     except ValueError as e:
         parser.error(str(e))
     print(f"wrote {summary['n']} {args.size}px images ({args.format}) to {args.out}; "
