@@ -39,7 +39,7 @@ from jobs.parallel import WorkerEnv
 from jobs.vqgan import VQGANWorker
 from muse.config import preset, to_dict
 from muse.data.images import pil_to_tensor, tensor_to_pil
-from muse.data.synthetic import all_pairs, caption, holdout_pairs, sample
+from muse.data.synthetic import GRID_LAYOUTS, all_pairs, caption, holdout_pairs, sample
 from muse.judge import judge, summarize
 from sampling import machine  # benchmarks/sampling.py: the same machine line as the other scripts
 
@@ -56,10 +56,10 @@ FORMS = {
 
 
 def load_images(first: int, n: int, size: int, render: int, grid: int,
-                pairs: list) -> tuple[list[str], torch.Tensor]:
+                pairs: list, layout: str = "scattered") -> tuple[list[str], torch.Tensor]:
     captions, images = [], []
     for i in range(first, first + n):
-        scene, img = sample(i, 0, render, pairs, grid)
+        scene, img = sample(i, 0, render, pairs, grid, layout)
         captions.append(caption(scene))
         images.append(pil_to_tensor(img, size))
     return captions, torch.stack(images)
@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="a further override of demo.yaml for every form, e.g. vqgan.optim.lr=1e-2 (repeatable)")
     parser.add_argument("--grid", type=int, default=8,
                         help="corpus layout: shapes on a GRID x GRID lattice (default 8, the demo's corpus), 0 free")
+    parser.add_argument("--layout", choices=GRID_LAYOUTS, default="lines",
+                        help="where on the lattice: lines (default, the demo's corpus) or scattered")
     parser.add_argument("--holdout-fraction", type=float, default=0.0,
                         help="keep this share of colour-shape pairings out of training and judging, as the demo's "
                              "corpus does (its default 0.2); 0: every pairing")
@@ -129,11 +131,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {machine('cpu')}")
     held_out = set(holdout_pairs(args.holdout_fraction))
     pairs = [p for p in all_pairs() if p not in held_out]
-    _, train = load_images(0, args.images, args.size, args.render, args.grid, pairs)
-    held = load_images(100_000, 64, args.size, args.render, args.grid, pairs)
+    _, train = load_images(0, args.images, args.size, args.render, args.grid, pairs, args.layout)
+    held = load_images(100_000, 64, args.size, args.render, args.grid, pairs, args.layout)
     rows = [row for form in forms for row in run_form(form, args, train, held)]
 
-    print(f"\ntiny tokenizers at {args.size} px on the demo corpus (rendered at {args.render} px, grid {args.grid}, "
+    print(f"\ntiny tokenizers at {args.size} px on the demo corpus (rendered at {args.render} px, grid {args.grid} "
+          f"{args.layout}, "
           f"{len(pairs)} of {len(all_pairs())} pairings), batch {args.batch}, {args.threads} torch threads\n")
     print("| form | step | s/step | train s | PSNR dB | colour | shape | whole |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -342,3 +342,43 @@ def test_code_vectors_are_saved_with_the_model_and_superres_reads_both_grids_thr
     hi = torch.full((2, 256), sr.mask_token_id)
     with torch.no_grad():
         torch.testing.assert_close(loaded(hi, loaded.encode_context(emb, mask, lo)), sr(hi, sr.encode_context(emb, mask, lo)))
+
+
+def test_cross_position_bias_starts_at_zero_and_steers_each_position_to_its_places_of_the_text():
+    """cross_position_bias: zero at first (the model without it, same weights); a large logit on one
+    (trunk position, text place) makes that position read that place alone; padded text stays unread
+    whatever its bias; the null context and stacked contexts take the same path."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    config = replace(preset("base-tiny"), cross_position_bias=8)
+    model = MaskedTransformer(config).eval()
+    plain = MaskedTransformer(preset("base-tiny")).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    assert [k for k in model.state_dict() if k not in plain.state_dict()] == [
+        f"blocks.{i}.cross.position_bias" for i in range(config.layers)]
+    emb, mask = _text(B=2, L=6)
+    ids = torch.randint(0, 513, (2, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, model.encode_context(emb, mask)),
+                                   plain(ids, plain.encode_context(emb, mask)), atol=1e-5, rtol=1e-5)
+        cross = model.blocks[0].cross
+        assert cross.position_bias.shape == (4, 16, 8)  # heads, 4x4 trunk positions (2x2 patches), places
+        x = torch.randn(2, 16, config.hidden)
+        context = model.encode_context(emb, mask)
+        values = context.values[0]  # (B, H, 1 + L, Dh)
+        cross.position_bias.zero_()
+        cross.position_bias[:, 3, 2] = 1e4  # position 3 reads place 2 (the second text token) only
+        cross.position_bias[:, 5, 6] = 1e4  # place 6 is padding in row 1: never read there
+        q = cross.q(x).view(2, 16, 4, 32).transpose(1, 2)
+        y = cross._attend_biased(q, context, 0, 0.0)  # (B, H, N, Dh)
+        torch.testing.assert_close(y[:, :, 3], values[:, :, 2], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y[0, :, 5], values[0, :, 6], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(y[1, :, 5], values[1, :, 6], atol=1e-3)
+        assert torch.isfinite(y).all()
+        # Places past the table share its last entry; the null context and stacks still work.
+        long_emb, long_mask = torch.randn(1, 20, 64), torch.ones(1, 20, dtype=torch.bool)
+        assert torch.isfinite(model(ids[:1], model.encode_context(long_emb, long_mask))).all()
+        joint = model(torch.cat([ids, ids]), ContextStack([context, model.null_context()], [2, 2]))
+        torch.testing.assert_close(joint[:2], model(ids, context), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(joint[2:], model(ids, model.null_context().repeat(2)), atol=1e-4, rtol=1e-4)
