@@ -116,11 +116,6 @@ class BaseTransformerConfig:
     # model, instead of a free embedding and logit row per code (TokenEmbedding), so that codes no
     # caption's image used (held-out colour-shape pairings) compose from the codes they resemble.
     code_dim: int = 0
-    # Not in the paper: > 0 gives each cross-attention a learned logit per head, trunk position and
-    # context position (the null token, then the text; positions from this one on share the last),
-    # zero at first. A position can then prefer parts of the caption (the first group's words for the
-    # left column) without waiting for queries and keys to line up (benchmarks/RESULTS.md).
-    cross_position_bias: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -153,7 +148,6 @@ class SuperResTransformerConfig:
     # Not in the paper: also add each low-res token's encoding to the high-res positions it covers, so
     # the spatial alignment need not be learned through cross-attention alone (for short CPU runs).
     lo_skip: bool = False
-    cross_position_bias: int = 0  # as BaseTransformerConfig.cross_position_bias, for the high-res blocks
 
     @property
     def num_tokens(self) -> int:

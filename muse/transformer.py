@@ -58,7 +58,7 @@ class CrossAttention(nn.Module):
     """Queries from image tokens; keys/values from the context, precomputed once per request by `kv`
     (grouped K/V heads are expanded there, once, not at every decoding step)."""
 
-    def __init__(self, hidden: int, heads: int, kv_heads: int, dropout: float, position_bias: tuple[int, int] = (0, 0)):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, dropout: float):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
         self.q = nn.Linear(hidden, hidden, bias=False)
@@ -66,10 +66,6 @@ class CrossAttention(nn.Module):
         self.v = nn.Linear(hidden, kv_heads * self.head_dim, bias=False)
         self.out = nn.Linear(hidden, hidden, bias=False)
         self.dropout = dropout
-        # (positions, text positions): a learned logit per head, image position and context position
-        # (the last one serves every later position), zero at first (BaseTransformerConfig.cross_position_bias).
-        positions, text = position_bias
-        self.position_bias = nn.Parameter(torch.zeros(heads, positions, text)) if positions and text else None
 
     def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, L, _ = context.shape
@@ -90,22 +86,8 @@ class CrossAttention(nn.Module):
             # query projection and the attention are skipped: exact, and ~1/14 of a guided base step.
             return self.out(v.transpose(1, 2).reshape(v.shape[0], 1, C)).expand(B, N, C)
         q = self.q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
-        dropout = self.dropout if self.training else 0.0
-        y = context.attend(layer, q, dropout) if self.position_bias is None else self._attend_biased(q, context, layer, dropout)
+        y = context.attend(layer, q, self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, N, C))
-
-    def _attend_biased(self, q: torch.Tensor, context: Context, layer: int, dropout: float) -> torch.Tensor:
-        """Attention with the learned (image position, context position) logits added: a position can
-        prefer some places of the caption from the first step, where a preference through queries and
-        keys grows from a product of two small weights. Masked keys get -inf as usual."""
-        B, N, L = q.shape[0], q.shape[2], context.keys[layer].shape[2]
-        k, v = context.keys[layer].expand(B, -1, -1, -1), context.values[layer].expand(B, -1, -1, -1)
-        places = torch.arange(L, device=q.device).clamp(max=self.position_bias.shape[2] - 1)
-        bias = self.position_bias[:, :N, places].to(q.dtype)  # (H, N, L)
-        masked = torch.zeros(context.mask.shape, dtype=q.dtype, device=q.device).masked_fill(
-            ~context.mask, float("-inf")).expand(B, -1)  # (B, L)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None] + masked[:, None, None, :],
-                                              dropout_p=dropout)
 
 
 class MLP(nn.Module):
@@ -123,11 +105,11 @@ class Block(nn.Module):
     """Pre-norm transformer block; cross-attention is optional (the low-res encoder has none)."""
 
     def __init__(self, hidden: int, heads: int, mlp: int, dropout: float, kv_heads: int | None = None,
-                 cross: bool = True, position_bias: tuple[int, int] = (0, 0)):
+                 cross: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden)
         self.attn = SelfAttention(hidden, heads, dropout)
-        self.cross = CrossAttention(hidden, heads, kv_heads or heads, dropout, position_bias) if cross else None
+        self.cross = CrossAttention(hidden, heads, kv_heads or heads, dropout) if cross else None
         self.norm2 = nn.LayerNorm(hidden) if cross else None
         self.norm3 = nn.LayerNorm(hidden)
         self.mlp = MLP(hidden, mlp, dropout)
@@ -361,9 +343,7 @@ class TokenTransformer(StepCompiler, nn.Module):
         self.num_tokens = tokens_per_side**2
         self.embed = TokenEmbedding(codebook_size, tokens_per_side, c.hidden, c.canvas_counts, c.code_dim)
         self.text_proj = TextProjection(c.text_dim, c.hidden, c.text_layers, c.heads, c.mlp, c.text_positions)
-        positions = (tokens_per_side // c.token_patch) ** 2 if c.cross_position_bias else 0
-        self.blocks = nn.ModuleList(Block(c.hidden, c.heads, c.mlp, c.dropout, c.kv_heads,
-                                          position_bias=(positions, c.cross_position_bias)) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(c.hidden, c.heads, c.mlp, c.dropout, c.kv_heads) for _ in range(layers))
         self.norm = nn.LayerNorm(c.hidden)
         self.patches = TokenPatches(tokens_per_side, c.token_patch, c.hidden) if c.token_patch > 1 else None
         # With code vectors, each code's logit weights and bias are a linear map of its vector.
