@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     set_verbose(args.verbose)
     run_demo(args.output, config=args.config, overrides=tuple(args.set), corpus_size=args.corpus_size,
-             corpus_grid=args.corpus_grid, corpus_layout=args.corpus_layout, n_seen=args.n_seen, tokenizer_images=args.tokenizer_images)
+             corpus_grid=args.corpus_grid, corpus_layout=args.corpus_layout, n_seen=args.n_seen,
+             tokenizer_images=args.tokenizer_images)
 
 
 if __name__ == "__main__":

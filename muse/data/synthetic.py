@@ -18,6 +18,7 @@ left/right, a row otherwise), so a caption has exactly one image. Parallel decod
 independently given the caption, so scattered layouts ask a model to agree across cells on which few
 hold the shapes; a small model trained briefly miscounts there (benchmarks/RESULTS.md, "One image per
 caption").
+
 Every caption parses back into its `Scene` (`parse_caption`), which is what an evaluation judge
 compares a generated image against.
 
