@@ -250,12 +250,12 @@ def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: 
             report["judge_base"], base_rows = judge_sets(base_generate, holdout, n_seen, seed, label="base: ",
                                                          n_held_out=n_held_out)
     # The corpus's layout, so the tokenizers are judged on images like those they learnt.
-    layout = {"grid": holdout.get("grid", 0), "layout": holdout.get("layout", "scattered")}
+    corpus_layout = {"grid": holdout.get("grid", 0), "layout": holdout.get("layout", "scattered")}
     if pipe is not None:
-        samples = heldout_images(reference_images, pipe.vqgan_lo.config.resolution, **layout)
+        samples = heldout_images(reference_images, pipe.vqgan_lo.config.resolution, **corpus_layout)
         report["psnr_db"] = {"vqgan_lo": reconstruction_psnr(pipe.vqgan_lo, [im for _, im in samples])}
         if pipe.vqgan_hi is not None:
-            hi = heldout_images(reference_images, pipe.vqgan_hi.config.resolution, **layout)
+            hi = heldout_images(reference_images, pipe.vqgan_hi.config.resolution, **corpus_layout)
             report["psnr_db"]["vqgan_hi"] = reconstruction_psnr(pipe.vqgan_hi, [im for _, im in hi])
         report["masked_token_accuracy"] = token_accuracy(pipe, samples, seed=seed)
         # Judged on scenes of the pairings the corpus has (what the transformers learn from) and,
@@ -266,7 +266,7 @@ def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: 
             sets["tokenizer_ceiling_held_out"] = held
         tokenizers = [(n, vq) for n, vq in (("vqgan_lo", pipe.vqgan_lo), ("vqgan_hi", pipe.vqgan_hi)) if vq is not None]
         for key, pairs in sets.items():
-            judged = heldout_images(ceiling_images, 128, seed=seed + 55, pairs=pairs, **layout)
+            judged = heldout_images(ceiling_images, 128, seed=seed + 55, pairs=pairs, **corpus_layout)
             report[key] = {name: tokenizer_ceiling(vq, judged) for name, vq in tokenizers}
     # No FID here: a few dozen judged images are far too few (see muse/eval_corpus.py).
     clip = load_clip(clip_path, device=pipe.device if pipe is not None else "cpu")
