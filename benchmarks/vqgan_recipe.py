@@ -84,9 +84,9 @@ def run_form(form: str, args, train: torch.Tensor, held: tuple[list[str], torch.
     section = cfg.vqgan
     job = {"root": "", "component": "vqgan_lo" if args.size == 64 else "vqgan_hi",
            "model_config": to_dict(model_cfg), "data_meta": {}, "run_name": form, "stage": "vqgan"}
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     worker = VQGANWorker(section, job, WorkerEnv())
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(args.seed + 1)
     rows, train_time = [], 0.0
     for step in range(args.steps):
         start = time.perf_counter()
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--images", type=int, default=2000, help="training images")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="initial weights and data order")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a further override of demo.yaml for every form, e.g. vqgan.optim.lr=1e-2 (repeatable)")
     parser.add_argument("--grid", type=int, default=8,
