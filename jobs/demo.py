@@ -130,7 +130,7 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
              corpus_size: int = 2000, image_size: int = 128, holdout_fraction: float = 0.2, corpus_grid: int = 8,
              corpus_layout: str = "lines",
              n_seen: int = 48, eval_steps: int | None = None, num_cpus: int | None = None,
-             ceiling_images: int = 200, tokenizer_images: str = "corpus", n_held_out: int | None = None) -> dict:
+             ceiling_images: int = 200, tokenizer_images: str = "all-pairings", n_held_out: int | None = None) -> dict:
     """Run (or resume) the demo; returns the report that is also written to OUTPUT/report.json.
     tokenizer_images: what the tokenizers learn from, the captioned corpus ("corpus") or as many images
     again of every colour-shape pairing ("all-pairings", written to OUTPUT/images). n_held_out: how many of
@@ -238,11 +238,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="where on the lattice: each group on its fixed line of cells, one image per caption "
                              "(lines, default), or random cells of its side (scattered)")
     parser.add_argument("--n-seen", type=int, default=48, help="seen-pairing prompts to judge (default 48)")
-    parser.add_argument("--tokenizer-images", choices=TOKENIZER_IMAGES, default="corpus",
-                        help="what the tokenizers learn from: the captioned corpus (default), or as many images "
-                             "again of every colour-shape pairing, captions unused, so that they can draw the "
-                             "pairings the corpus holds out (with the -codes transformer presets: "
-                             "--set base.model=base-tiny-codes --set superres.model=superres-tiny-codes)")
+    parser.add_argument("--tokenizer-images", choices=TOKENIZER_IMAGES, default="all-pairings",
+                        help="what the tokenizers learn from: as many images again as the corpus, of every "
+                             "colour-shape pairing, captions unused, so that they can draw the pairings the "
+                             "corpus holds out (default), or the captioned corpus alone")
     parser.add_argument("--verbose", action="store_true",
                         help="Ray's own logs and every worker's lines instead of one progress line per stage")
     args = parser.parse_args(argv)

@@ -134,7 +134,11 @@ class MaskedWorker(StageWorker):
                 raise ValueError(f"{self.kind}: the model reads codes through its tokenizer's code vectors "
                                  f"(code_dim), but the model root {self.root} has no {name}/ to take them from")
             vq = checkpoint.load_component(checkpoint.component_uri(self.root, name))
-            embed.set_code_vectors(vq.quantizer.codes().detach())
+            codebook = vq.quantizer.codes().detach()
+            if model.config.code_vectors == "pixels":
+                embed.set_code_vectors(vq.code_pixels(), same_by=codebook)
+            else:
+                embed.set_code_vectors(codebook)
 
     def flops_per_sample(self, text_len: int) -> float:
         raise NotImplementedError
@@ -289,9 +293,16 @@ def _tokenize_spec(data: str) -> dict:
 
 
 def _code_dim(cfg, field: str, tokenizer: dict | None) -> dict:
-    """A preset that reads codes through code vectors takes their width from the tokenizer."""
+    """A preset that reads codes through code vectors takes their width from the tokenizer: its
+    codebook's width, or for "pixels" its patches' (in_channels * f * f)."""
     if not getattr(cfg, field) or not tokenizer:
         return {}
+    if cfg.code_vectors == "pixels":
+        if tokenizer.get("form") != "patch":
+            raise ValueError(f"{field}: the preset reads codes as the patches they decode to (code_vectors "
+                             f"pixels), which needs a patch-form tokenizer; this one is {tokenizer.get('form')!r}")
+        f = 2 ** (len(tokenizer["channel_mult"]) - 1)
+        return {field: int(tokenizer.get("in_channels", 3)) * f * f}
     if not tokenizer.get("codebook_dim"):
         raise ValueError(f"{field}: the preset reads codes through its tokenizer's code vectors, but that "
                          f"tokenizer's config names no codebook_dim")

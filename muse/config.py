@@ -116,6 +116,10 @@ class BaseTransformerConfig:
     # model, instead of a free embedding and logit row per code (TokenEmbedding), so that codes no
     # caption's image used (held-out colour-shape pairings) compose from the codes they resemble.
     code_dim: int = 0
+    # What those vectors are: "codebook", the quantizer's unit code vectors; "pixels", the patch each code
+    # decodes to (patch-form tokenizers: in_channels * f * f wide), in which a colour and a shape are
+    # nearly linear parts (benchmarks/RESULTS.md, "Codes read as the patches they draw").
+    code_vectors: str = "codebook"
 
     @property
     def num_tokens(self) -> int:
@@ -145,6 +149,7 @@ class SuperResTransformerConfig:
     canvas_counts: bool = False  # as BaseTransformerConfig.canvas_counts, over the high-res tokens
     code_dim: int = 0  # as BaseTransformerConfig.code_dim, for the high-res tokens (embedding and logits)
     lo_code_dim: int = 0  # the same for the low-res tokens it reads
+    code_vectors: str = "codebook"  # as BaseTransformerConfig.code_vectors, for both
     # Not in the paper: also add each low-res token's encoding to the high-res positions it covers, so
     # the spatial alignment need not be learned through cross-attention alone (for short CPU runs).
     lo_skip: bool = False
@@ -292,10 +297,10 @@ PRESETS: dict[str, Any] = {
     "base-tiny": _BASE_TINY,
     # The demo's: the same, reading codes through the tokenizers' code vectors (code_dim, set from the
     # tokenizers when trained), so that a pairing the captioned corpus holds out can still be drawn.
-    "base-tiny-codes": replace(_BASE_TINY, code_dim=16),
+    "base-tiny-codes": replace(_BASE_TINY, code_dim=192, code_vectors="pixels"),
     "superres-268m": SuperResTransformerConfig(hidden=640, lo_layers=16, hi_layers=32, heads=10, mlp=2048),
     "superres-tiny": _SUPERRES_TINY,
-    "superres-tiny-codes": replace(_SUPERRES_TINY, code_dim=16, lo_code_dim=16),
+    "superres-tiny-codes": replace(_SUPERRES_TINY, code_dim=192, lo_code_dim=192, code_vectors="pixels"),
 }
 
 # aMUSEd (import the released weights with `muse import amused`; these list their architectures).

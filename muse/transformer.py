@@ -122,6 +122,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm3(x))
 
 
+CODE_VECTORS = ("codebook", "pixels")  # what a model with code_dim reads codes through
 SAME_CODE_COSINE = 0.99  # code vectors this close are one code to a model that reads codes through them
 UNDRAWN_LOGIT = -1.0e4  # the logit of a code that is not drawn: exp() of it is 0 in every float type
 
@@ -160,20 +161,24 @@ class TokenEmbedding(nn.Module):
         self.counts = nn.Parameter(torch.zeros(code_dim or codebook_size, hidden)) if canvas_counts else None
 
     @torch.no_grad()
-    def set_code_vectors(self, vectors: torch.Tensor) -> None:
-        """The tokenizer's code vectors (codebook_size, code_dim), e.g. `VectorQuantizer.codes()`.
+    def set_code_vectors(self, vectors: torch.Tensor, same_by: torch.Tensor | None = None) -> None:
+        """The tokenizer's code vectors (codebook_size, code_dim), e.g. `VectorQuantizer.codes()` or
+        `VQGAN.code_pixels()`.
 
-        Codes whose vectors match (cosine > SAME_CODE_COSINE) are one class: each maps to the first of
-        them (`code_class`), and only that one gets a logit. A codebook kept in use by dead-code
-        restarts holds many copies of each kind of patch (the tiny tokenizers: 512 codes, ~20 kinds),
-        and logits that are maps of the vectors could not tell the copies apart."""
+        Codes whose `same_by` vectors (default: `vectors`) match (cosine > SAME_CODE_COSINE) are one
+        class: each maps to the first of them (`code_class`), and only that one gets a logit. A codebook
+        kept in use by dead-code restarts holds many copies of each kind of patch (the tiny tokenizers:
+        512 codes, ~20 kinds), and logits that are maps of the vectors could not tell the copies apart.
+        Copies are told by the codebook: their decoded patches differ by a little noise."""
         if not self.code_dim:
             raise ValueError("this model reads codes through a free embedding (code_dim 0): it holds no code vectors")
         if tuple(vectors.shape) != tuple(self.code_vectors.shape):
             raise ValueError(f"code vectors must be {tuple(self.code_vectors.shape)} (codebook_size, code_dim), "
                              f"got {tuple(vectors.shape)}")
+        if same_by is not None and len(same_by) != len(vectors):
+            raise ValueError(f"same_by must give one vector per code ({len(vectors)}), got {len(same_by)}")
         self.code_vectors.copy_(vectors.to(self.code_vectors))
-        unit = F.normalize(self.code_vectors.float(), dim=-1)
+        unit = F.normalize((self.code_vectors if same_by is None else same_by).float(), dim=-1)
         same = (unit @ unit.t()) > SAME_CODE_COSINE  # (K, K)
         same |= torch.eye(len(same), dtype=torch.bool, device=same.device)  # a zero vector is its own class
         self.code_class.copy_(same.int().argmax(dim=1))  # the first code each one matches (itself at worst)
@@ -337,6 +342,8 @@ class TokenTransformer(StepCompiler, nn.Module):
         c = config
         if c.hidden % c.heads or (c.kv_heads and c.heads % c.kv_heads):
             raise ValueError(f"hidden {c.hidden} / heads {c.heads} / kv_heads {c.kv_heads} do not divide")
+        if c.code_vectors not in CODE_VECTORS:
+            raise ValueError(f"code_vectors {c.code_vectors!r}: expected one of {CODE_VECTORS}")
         self.config = c
         self.codebook_size = codebook_size
         self.mask_token_id = codebook_size  # one id past the codebook

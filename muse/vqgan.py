@@ -357,6 +357,17 @@ class VQGAN(nn.Module):
         codes = self.quantizer.embed(ids).to(self.decoder.conv_in.weight.dtype)  # (B, d, h, w)
         return self.decoder(codes).clamp(-1.0, 1.0)
 
+    @torch.no_grad()
+    def code_pixels(self) -> torch.Tensor:
+        """(codebook_size, in_channels * f * f): the patch each code decodes to, flattened. Only the patch
+        form decodes a code on its own; a conv decoder's output for one code depends on its neighbours."""
+        if self.config.form != "patch":
+            raise ValueError(f"code pixels need a patch-form tokenizer (each code decoded on its own); this "
+                             f"one is {self.config.form!r}")
+        K, f, ch = self.config.codebook_size, self.config.downsample_factor, self.config.in_channels
+        patches = self.decode(torch.arange(K, device=self.quantizer.codebook.device).view(1, 1, K))  # (1, ch, f, K*f)
+        return patches[0].view(ch, f, K, f).permute(2, 0, 1, 3).reshape(K, ch * f * f).float()
+
     def forward(self, images: torch.Tensor, quantize: bool = True) -> VQGANOutput:
         """Training pass: reconstruction (unclamped) and the quantizer's losses and statistics.
         quantize=False decodes the unit-norm latents instead of codes (an autoencoder warm-up)."""
