@@ -40,6 +40,7 @@ from muse.lora import add_lora, merge_lora
 from muse.losses import masked_token_accuracy, masked_token_loss
 from muse.masking import mask_tokens, sample_mask_rates
 from muse.meta import meta_device
+from muse.transformer import pixel_code_vectors
 
 
 class TrainWrapper(nn.Module):
@@ -136,7 +137,8 @@ class MaskedWorker(StageWorker):
             vq = checkpoint.load_component(checkpoint.component_uri(self.root, name))
             codebook = vq.quantizer.codes().detach()
             if model.config.code_vectors == "pixels":
-                embed.set_code_vectors(vq.code_pixels(), same_by=codebook)
+                vectors = pixel_code_vectors(vq.code_pixels(), vq.config.in_channels)
+                embed.set_code_vectors(vectors, same_by=codebook)
             else:
                 embed.set_code_vectors(codebook)
 
@@ -302,7 +304,7 @@ def _code_dim(cfg, field: str, tokenizer: dict | None) -> dict:
             raise ValueError(f"{field}: the preset reads codes as the patches they decode to (code_vectors "
                              f"pixels), which needs a patch-form tokenizer; this one is {tokenizer.get('form')!r}")
         f = 2 ** (len(tokenizer["channel_mult"]) - 1)
-        return {field: int(tokenizer.get("in_channels", 3)) * f * f}
+        return {field: (int(tokenizer.get("in_channels", 3)) + 1) * f * f}  # pixel_code_vectors' width
     if not tokenizer.get("codebook_dim"):
         raise ValueError(f"{field}: the preset reads codes through its tokenizer's code vectors, but that "
                          f"tokenizer's config names no codebook_dim")

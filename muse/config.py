@@ -117,8 +117,8 @@ class BaseTransformerConfig:
     # caption's image used (held-out colour-shape pairings) compose from the codes they resemble.
     code_dim: int = 0
     # What those vectors are: "codebook", the quantizer's unit code vectors; "pixels", the patch each code
-    # decodes to (patch-form tokenizers: in_channels * f * f wide), in which a colour and a shape are
-    # nearly linear parts (benchmarks/RESULTS.md, "Codes read as the patches they draw").
+    # decodes to and its outline (patch-form tokenizers: (in_channels + 1) * f * f wide,
+    # transformer.pixel_code_vectors), in which a colour and a shape are nearly separate parts.
     code_vectors: str = "codebook"
 
     @property
@@ -297,10 +297,10 @@ PRESETS: dict[str, Any] = {
     "base-tiny": _BASE_TINY,
     # The demo's: the same, reading codes through the tokenizers' code vectors (code_dim, set from the
     # tokenizers when trained), so that a pairing the captioned corpus holds out can still be drawn.
-    "base-tiny-codes": replace(_BASE_TINY, code_dim=192, code_vectors="pixels"),
+    "base-tiny-codes": replace(_BASE_TINY, code_dim=256, code_vectors="pixels"),
     "superres-268m": SuperResTransformerConfig(hidden=640, lo_layers=16, hi_layers=32, heads=10, mlp=2048),
     "superres-tiny": _SUPERRES_TINY,
-    "superres-tiny-codes": replace(_SUPERRES_TINY, code_dim=192, lo_code_dim=192, code_vectors="pixels"),
+    "superres-tiny-codes": replace(_SUPERRES_TINY, code_dim=256, lo_code_dim=256, code_vectors="pixels"),
 }
 
 # aMUSEd (import the released weights with `muse import amused`; these list their architectures).

@@ -183,7 +183,8 @@ def token_accuracy(pipe, samples: list[tuple[str, Image.Image]], mask_rate: floa
     def accuracy(model, ids: torch.Tensor, ctx) -> float:
         masked, mask = mask_tokens(ids, rates, model.mask_token_id, g)
         logits = model(masked.to(pipe.device), ctx).float()
-        return masked_token_accuracy(logits, ids.to(pipe.device), mask.to(pipe.device)).item()
+        targets = model.embed.classes(ids.to(pipe.device))  # copies of a code are one class to a code-vector model
+        return masked_token_accuracy(logits, targets, mask.to(pipe.device)).item()
 
     dtype = next(pipe.base.parameters()).dtype
     emb, mask = cond.embeddings.to(dtype), cond.mask

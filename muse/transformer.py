@@ -123,6 +123,19 @@ class Block(nn.Module):
 
 
 CODE_VECTORS = ("codebook", "pixels")  # what a model with code_dim reads codes through
+
+
+def pixel_code_vectors(pixels: torch.Tensor, channels: int = 3) -> torch.Tensor:
+    """Code vectors from the patches codes draw: pixels (K, channels * P) -> (K, (channels + 1) * P),
+    the pixels centred over the codebook, then each pixel's distance from that mean patch. A logit
+    that is linear in pixels alone can only score a colour where a shape puts it; the distances are
+    an outline that hardly depends on the colour, so a colour and a shape can be scored apart and a
+    pairing never seen as a target composes from its parts (benchmarks/RESULTS.md, "Codes read as
+    the patches they draw")."""
+    K = pixels.shape[0]
+    centred = pixels.float() - pixels.float().mean(dim=0)
+    outline = centred.view(K, channels, -1).norm(dim=1)  # (K, P)
+    return torch.cat([centred, outline], dim=1)
 SAME_CODE_COSINE = 0.99  # code vectors this close are one code to a model that reads codes through them
 UNDRAWN_LOGIT = -1.0e4  # the logit of a code that is not drawn: exp() of it is 0 in every float type
 
@@ -140,7 +153,7 @@ class TokenEmbedding(nn.Module):
     `TokenTransformer` does the same for its logits. A code that no training target used (a
     colour-shape pairing held out of the captioned corpus, which the tokenizer learnt from other
     images) then still has an embedding and a logit that compose from the pairings it shares a colour
-    or a shape with (benchmarks/RESULTS.md, "Drawing the held-out pairings": partly so far)."""
+    or a shape with (benchmarks/RESULTS.md, "Codes read as the patches they draw")."""
 
     def __init__(self, codebook_size: int, side: int, hidden: int, canvas_counts: bool = False, code_dim: int = 0):
         super().__init__()
@@ -178,7 +191,8 @@ class TokenEmbedding(nn.Module):
         if same_by is not None and len(same_by) != len(vectors):
             raise ValueError(f"same_by must give one vector per code ({len(vectors)}), got {len(same_by)}")
         self.code_vectors.copy_(vectors.to(self.code_vectors))
-        unit = F.normalize((self.code_vectors if same_by is None else same_by).float(), dim=-1)
+        unit = F.normalize((self.code_vectors if same_by is None else same_by.to(self.code_vectors)).float(),
+                           dim=-1)
         same = (unit @ unit.t()) > SAME_CODE_COSINE  # (K, K)
         same |= torch.eye(len(same), dtype=torch.bool, device=same.device)  # a zero vector is its own class
         self.code_class.copy_(same.int().argmax(dim=1))  # the first code each one matches (itself at worst)

@@ -131,6 +131,34 @@ def test_fresh_transformers_take_the_code_vectors_of_the_roots_tokenizers(tiny_d
         make_worker("base", tiny_config().base, bare, base_cfg, info)
 
 
+def test_demo_presets_read_codes_as_the_patches_the_roots_tokenizers_draw(tiny_data):
+    from dataclasses import replace
+
+    from jobs.masked import _code_dim
+    from muse import checkpoint
+    from muse.transformer import pixel_code_vectors
+
+    info = {"tokens_lo_side": 8, "tokens_hi_side": 16, "text_storage": "ids", "text_dim": 64}
+    cfg = tiny_config("superres.optim.warmup_steps=0", "superres.run.max_steps=2")
+    lo = checkpoint.load_component(checkpoint.component_uri(tiny_data.root, "vqgan_lo"))
+    hi = checkpoint.load_component(checkpoint.component_uri(tiny_data.root, "vqgan_hi"))
+    model_cfg = token_model_config("superres-tiny-codes", tiny_data.root, tiny_data.tokens, info, superres=True)
+    f = hi.config.downsample_factor
+    assert model_cfg.code_vectors == "pixels" and (model_cfg.code_dim, model_cfg.lo_code_dim) == (4 * f * f,) * 2
+    worker = make_worker("superres", cfg.superres, tiny_data.root, model_cfg, info)
+    model = worker.wrapper.module.model if hasattr(worker.wrapper, "module") else worker.wrapper.model
+    for embed, vq in ((model.embed, hi), (model.lo_embed, lo)):
+        torch.testing.assert_close(embed.code_vectors, pixel_code_vectors(vq.code_pixels()))
+    # one class per codebook entry that has copies, as with codebook vectors
+    same = (hi.quantizer.codes() @ hi.quantizer.codes().t()) > 0.99
+    assert torch.equal(model.embed.code_class, (same | torch.eye(len(same), dtype=torch.bool)).int().argmax(dim=1))
+    metrics = train(worker, numpy_batch(token_table(tiny_data), 4), 2)
+    assert np.isfinite([float(m["loss"]) for m in metrics]).all()
+    conv = to_dict(replace(lo.config, form="conv"))  # a conv decoder draws no code on its own
+    with pytest.raises(ValueError, match="patch-form"):
+        _code_dim(preset("base-tiny-codes"), "code_dim", conv)
+
+
 def test_vqgan_reconstruction_loss_falls_and_gan_starts_after_warmup(tiny_data):
     cfg = tiny_config("vqgan.optim.lr=2e-3", "vqgan.optim.warmup_steps=0", "vqgan.gan.disc_start=8",
                       "vqgan.run.max_steps=10")

@@ -274,3 +274,21 @@ def test_muse_eval_cli_on_a_real_corpus(tmp_path):
     assert report["fid"]["features"] == "clip:vision" and np.isfinite(report["fid"]["value"])
     assert np.isfinite(report["clip_score"]["generated"]) and (tmp_path / "out" / "grid.png").exists()
     assert torch.is_grad_enabled()  # main() leaves the calling program's autograd as it found it
+
+
+def test_token_accuracy_counts_copies_of_a_code_as_one_class():
+    """A model that reads codes through code vectors draws one code per class; a target that is a copy
+    of it is a hit, as in training."""
+    import random
+    from dataclasses import replace
+
+    from muse.evaluate import token_accuracy
+    from muse.transformer import MaskedTransformer
+
+    pipe = MusePipeline.from_preset("tiny", seed=0)
+    cfg = replace(pipe.base.config, code_dim=4)
+    pipe.base = MaskedTransformer(cfg).eval()
+    pipe.base.embed.set_code_vectors(torch.ones(cfg.codebook_size, 4))  # every code a copy of code 0
+    captions = ("a red circle", "two blue squares on the left and a green triangle on the right")
+    samples = [(c, render(parse_caption(c), 64, random.Random(i))) for i, c in enumerate(captions)]
+    assert token_accuracy(pipe, samples)["base"] == 1.0  # it can only draw code 0, the class of every target

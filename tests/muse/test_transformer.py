@@ -325,6 +325,53 @@ def test_code_vectors_give_codes_an_embedding_and_a_logit_that_are_maps_of_their
         MaskedTransformer(preset("base-tiny")).embed.set_code_vectors(vectors)
 
 
+def test_codes_can_be_told_apart_by_other_vectors_than_the_ones_read():
+    """Code pixels: copies of a codebook entry decode to patches that differ by noise, so which codes
+    are one class comes from the codebook (same_by), not from the pixels the model reads."""
+    from dataclasses import replace
+
+    model = MaskedTransformer(replace(preset("base-tiny"), code_dim=12, code_vectors="pixels"))
+    codebook = torch.nn.functional.normalize(torch.randn(512, 16), dim=-1)
+    codebook[9] = codebook[7]
+    pixels = torch.randn(512, 12)  # 7 and 9 draw slightly different patches
+    model.embed.set_code_vectors(pixels, same_by=codebook)
+    assert model.embed.undrawn().nonzero().flatten().tolist() == [9]
+    torch.testing.assert_close(model.embed.code_vectors, pixels)  # what the model reads
+    model.embed.set_code_vectors(pixels)  # by the pixels themselves: every code its own class
+    assert not model.embed.undrawn().any()
+    with pytest.raises(ValueError, match="one vector per code"):
+        model.embed.set_code_vectors(pixels, same_by=codebook[:100])
+    with pytest.raises(ValueError, match="code_vectors"):
+        MaskedTransformer(replace(preset("base-tiny"), code_dim=12, code_vectors="latents"))
+
+
+def test_pixel_code_vectors_score_a_colour_and_a_shape_apart():
+    """Patches of 2 colours x 2 shapes on a white ground: the outline part is nearly the same for both
+    colours of a shape, and a linear score that is (colour part) + (outline part) ranks the pairing
+    that neither part saw together first."""
+    from muse.transformer import pixel_code_vectors
+
+    white = torch.ones(3, 4, 4)
+    masks = {"square": torch.zeros(4, 4), "bar": torch.zeros(4, 4)}
+    masks["square"][1:3, 1:3] = 1
+    masks["bar"][:, 1] = 1
+    colours = {"red": torch.tensor([1.0, -1, -1]), "blue": torch.tensor([-1.0, -1, 1])}
+    names = [(c, m) for c in colours for m in masks]
+    pixels = torch.stack([torch.where(masks[m].bool(), colours[c][:, None, None], white).flatten() for c, m in names])
+    background = torch.ones(1, 48)
+    vectors = pixel_code_vectors(torch.cat([pixels, background.expand(4, -1)]))[:4]  # codebook mostly background
+    assert vectors.shape == (4, 64)
+    outline = vectors[:, 48:]
+    red_square, red_bar, blue_square, blue_bar = range(4)
+    # same shape, other colour: outlines far closer than those of another shape
+    assert (outline[red_square] - outline[blue_square]).norm() < 0.5 * (outline[red_square] - outline[red_bar]).norm()
+    # "blue" learnt from the blue bar, "square" from the red square: the blue square still ranks first
+    colour_part = torch.cat([vectors[blue_bar, :48] - vectors[red_bar, :48], torch.zeros(16)])
+    shape_part = torch.cat([torch.zeros(48), outline[red_square] - outline[red_bar]])
+    scores = vectors @ (colour_part + shape_part)
+    assert scores.argmax().item() == blue_square
+
+
 def test_code_vectors_are_saved_with_the_model_and_superres_reads_both_grids_through_them(tmp_path):
     from dataclasses import replace
 

@@ -156,6 +156,19 @@ def test_patch_form_reads_and_draws_each_patch_on_its_own():
         VQGAN(replace(PATCH, form="vit"))
 
 
+def test_code_pixels_are_the_patch_each_code_draws_on_its_own():
+    torch.manual_seed(0)
+    model = VQGAN(PATCH).eval()
+    f, K = PATCH.downsample_factor, PATCH.codebook_size
+    pixels = model.code_pixels()
+    assert pixels.shape == (K, 3 * f * f)
+    for code in (0, 5, K - 1):
+        alone = model.decode(torch.full((1, 1, 1), code))  # (1, 3, f, f)
+        torch.testing.assert_close(pixels[code], alone.flatten())
+    with pytest.raises(ValueError, match="patch-form"):
+        VQGAN(replace(PATCH, form="conv")).code_pixels()
+
+
 def test_autoencoder_pass_then_kmeans_seeding_gives_every_kind_of_patch_its_own_code():
     """quantize=False decodes the unit-norm latents and leaves the codebook alone; `seed` then puts
     a code on each distinct latent before any gets a second one (k-means++)."""
