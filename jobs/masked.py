@@ -296,7 +296,7 @@ def _tokenize_spec(data: str) -> dict:
 
 def _code_dim(cfg, field: str, tokenizer: dict | None) -> dict:
     """A preset that reads codes through code vectors takes their width from the tokenizer: its
-    codebook's width, or for "pixels" its patches' (in_channels * f * f)."""
+    codebook's width, or for "pixels" that of `pixel_code_vectors` ((in_channels + 1) * f * f)."""
     if not getattr(cfg, field) or not tokenizer:
         return {}
     if cfg.code_vectors == "pixels":

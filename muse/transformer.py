@@ -176,7 +176,7 @@ class TokenEmbedding(nn.Module):
     @torch.no_grad()
     def set_code_vectors(self, vectors: torch.Tensor, same_by: torch.Tensor | None = None) -> None:
         """The tokenizer's code vectors (codebook_size, code_dim), e.g. `VectorQuantizer.codes()` or
-        `VQGAN.code_pixels()`.
+        `pixel_code_vectors(VQGAN.code_pixels())`.
 
         Codes whose `same_by` vectors (default: `vectors`) match (cosine > SAME_CODE_COSINE) are one
         class: each maps to the first of them (`code_class`), and only that one gets a logit. A codebook
