@@ -35,12 +35,12 @@ from jobs.loop import StageWorker, finished_extra, fit_stage, run_location
 from jobs.parallel import WorkerEnv, transformer_fsdp_units, wrap
 from jobs.progress import say
 from muse import checkpoint, storage
-from muse.config import from_dict, preset, to_dict
+from muse.config import VQGANConfig, from_dict, preset, to_dict
 from muse.lora import add_lora, merge_lora
 from muse.losses import masked_token_accuracy, masked_token_loss
 from muse.masking import mask_tokens, sample_mask_rates
 from muse.meta import meta_device
-from muse.transformer import pixel_code_vectors
+from muse.transformer import pixel_code_dim, pixel_code_vectors
 
 
 class TrainWrapper(nn.Module):
@@ -300,11 +300,11 @@ def _code_dim(cfg, field: str, tokenizer: dict | None) -> dict:
     if not getattr(cfg, field) or not tokenizer:
         return {}
     if cfg.code_vectors == "pixels":
-        if tokenizer.get("form") != "patch":
+        try:
+            return {field: pixel_code_dim(from_dict(VQGANConfig, tokenizer))}
+        except ValueError as e:
             raise ValueError(f"{field}: the preset reads codes as the patches they decode to (code_vectors "
-                             f"pixels), which needs a patch-form tokenizer; this one is {tokenizer.get('form')!r}")
-        f = 2 ** (len(tokenizer["channel_mult"]) - 1)
-        return {field: (int(tokenizer.get("in_channels", 3)) + 1) * f * f}  # pixel_code_vectors' width
+                             f"pixels): {e}") from None
     if not tokenizer.get("codebook_dim"):
         raise ValueError(f"{field}: the preset reads codes through its tokenizer's code vectors, but that "
                          f"tokenizer's config names no codebook_dim")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from muse.config import BaseTransformerConfig, SuperResTransformerConfig
+from muse.config import BaseTransformerConfig, SuperResTransformerConfig, VQGANConfig
 from muse.context import Context, ContextStack
 
 AnyContext = Context | ContextStack
@@ -136,6 +136,16 @@ def pixel_code_vectors(pixels: torch.Tensor, channels: int = 3) -> torch.Tensor:
     centred = pixels.float() - pixels.float().mean(dim=0)
     outline = centred.view(K, channels, -1).norm(dim=1)  # (K, P)
     return torch.cat([centred, outline], dim=1)
+
+
+def pixel_code_dim(tokenizer: VQGANConfig) -> int:
+    """The width of `pixel_code_vectors` for a patch-form tokenizer's codes."""
+    if tokenizer.form != "patch":
+        raise ValueError(f"code pixels need a patch-form tokenizer (each code decoded on its own); this one is "
+                         f"{tokenizer.form!r}")
+    return (tokenizer.in_channels + 1) * tokenizer.downsample_factor**2
+
+
 SAME_CODE_COSINE = 0.99  # code vectors this close are one code to a model that reads codes through them
 UNDRAWN_LOGIT = -1.0e4  # the logit of a code that is not drawn: exp() of it is 0 in every float type
 
