@@ -102,7 +102,8 @@ def test_row_budget_cancellation_and_poison(models):
         try:
             long = asyncio.create_task(base.generate(cond, Decode(1, 60, 4.0, 1)))
             others = [asyncio.create_task(base.generate(cond, Decode(1, 4, 4.0, s))) for s in range(3)]
-            await asyncio.sleep(0.2)
+            while len(seen) < 4:  # cancel mid-decode however fast the steps run
+                await asyncio.sleep(0.005)
             long.cancel()
             done = await asyncio.gather(*others)
             await asyncio.sleep(0.05)
