@@ -40,7 +40,7 @@ from muse.lora import add_lora, merge_lora
 from muse.losses import masked_token_accuracy, masked_token_loss
 from muse.masking import mask_tokens, sample_mask_rates
 from muse.meta import meta_device
-from muse.transformer import pixel_code_dim, pixel_code_vectors
+from muse.code_vectors import pixel_code_dim, pixel_code_vectors
 
 
 class TrainWrapper(nn.Module):
@@ -128,6 +128,7 @@ class MaskedWorker(StageWorker):
 
     def set_code_vectors(self, model: nn.Module) -> None:
         """A fresh model that reads codes through code vectors (`code_dim`) gets the root's tokenizers'."""
+        pixels = {}
         for embed, name in self.code_vector_sources(model):
             if not getattr(embed, "code_dim", 0):
                 continue
@@ -137,10 +138,12 @@ class MaskedWorker(StageWorker):
             vq = checkpoint.load_component(checkpoint.component_uri(self.root, name))
             codebook = vq.quantizer.codes().detach()
             if model.config.code_vectors == "pixels":
-                vectors = pixel_code_vectors(vq.code_pixels(), vq.config.in_channels)
-                embed.set_code_vectors(vectors, same_by=codebook)
+                pixels[name] = vq.code_pixels()
+                embed.set_code_vectors(pixel_code_vectors(pixels[name], vq.config.in_channels), same_by=codebook)
             else:
                 embed.set_code_vectors(codebook)
+        if getattr(model, "pixel_prior", None) is not None:
+            model.pixel_prior.set_code_pixels(pixels["vqgan_lo"], pixels["vqgan_hi"])
 
     def flops_per_sample(self, text_len: int) -> float:
         raise NotImplementedError

@@ -153,6 +153,9 @@ class SuperResTransformerConfig:
     # Not in the paper: also add each low-res token's encoding to the high-res positions it covers, so
     # the spatial alignment need not be learned through cross-attention alone (for short CPU runs).
     lo_skip: bool = False
+    # Not in the paper: each high-res code's logit also scores how well its patch matches the upsampled
+    # low-res image there (muse/code_vectors.PixelPrior; patch-form tokenizers, code_vectors "pixels").
+    pixel_prior: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -300,7 +303,8 @@ PRESETS: dict[str, Any] = {
     "base-tiny-codes": replace(_BASE_TINY, code_dim=256, code_vectors="pixels"),
     "superres-268m": SuperResTransformerConfig(hidden=640, lo_layers=16, hi_layers=32, heads=10, mlp=2048),
     "superres-tiny": _SUPERRES_TINY,
-    "superres-tiny-codes": replace(_SUPERRES_TINY, code_dim=256, lo_code_dim=256, code_vectors="pixels"),
+    "superres-tiny-codes": replace(_SUPERRES_TINY, code_dim=256, lo_code_dim=256, code_vectors="pixels",
+                                   pixel_prior=True),
 }
 
 # aMUSEd (import the released weights with `muse import amused`; these list their architectures).

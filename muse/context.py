@@ -28,6 +28,7 @@ class Context:
     mask: torch.Tensor  # (B, L) bool, True = attend
     input_bias: torch.Tensor | None = None  # (B, N, C) added to the token embeddings (super-res lo_skip)
     adaptive: torch.Tensor | None = None  # (B, D) conditioning of adaptive norms (U-ViT: pooled text + micro-conds)
+    prior_pixels: torch.Tensor | None = None  # (B, N, D) the super-res pixel prior's upsampled low-res pixels
 
     @functools.cached_property
     def dense(self) -> bool:
@@ -53,12 +54,12 @@ class Context:
         """Each request repeated n times in a row (for n images per prompt)."""
         rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
         return Context([rep(k) for k in self.keys], [rep(v) for v in self.values], rep(self.mask),
-                       rep(self.input_bias), rep(self.adaptive))
+                       rep(self.input_bias), rep(self.adaptive), rep(self.prior_pixels))
 
     def index(self, idx: torch.Tensor | slice) -> Context:
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         return Context([k[idx] for k in self.keys], [v[idx] for v in self.values], self.mask[idx],
-                       pick(self.input_bias), pick(self.adaptive))
+                       pick(self.input_bias), pick(self.adaptive), pick(self.prior_pixels))
 
     @staticmethod
     def cat(contexts: list[Context]) -> Context:
@@ -77,9 +78,10 @@ class Context:
         n_blocks = len(contexts[0].keys)
         keys = [torch.cat([pad(c.keys[i], 2) for c in contexts]) for i in range(n_blocks)]
         values = [torch.cat([pad(c.values[i], 2) for c in contexts]) for i in range(n_blocks)]
-        bias = None if contexts[0].input_bias is None else torch.cat([c.input_bias for c in contexts])
-        adaptive = None if contexts[0].adaptive is None else torch.cat([c.adaptive for c in contexts])
-        return Context(keys, values, torch.cat([pad(c.mask, 1) for c in contexts]), bias, adaptive)
+        rows = lambda name: None if getattr(contexts[0], name) is None else torch.cat(  # noqa: E731
+            [getattr(c, name) for c in contexts])
+        return Context(keys, values, torch.cat([pad(c.mask, 1) for c in contexts]), rows("input_bias"),
+                       rows("adaptive"), rows("prior_pixels"))
 
 
 class ContextStack:
@@ -93,11 +95,14 @@ class ContextStack:
         for c, n in zip(self.parts, self.rows):
             if c.batch_size not in (1, n):
                 raise ValueError(f"a context of {c.batch_size} rows cannot serve {n}")
-        biases = [c.input_bias for c in self.parts]
-        if any(b is None for b in biases) != all(b is None for b in biases):
-            raise ValueError("either every stacked context has an input_bias or none has")
-        self.input_bias = None if biases[0] is None else torch.cat(
-            [b.expand(n, -1, -1) for b, n in zip(biases, self.rows)])
+        self.input_bias, self.prior_pixels = self._rows("input_bias"), self._rows("prior_pixels")
+
+    def _rows(self, name: str) -> torch.Tensor | None:
+        """A per-row (B, N, D) field of every part, stacked (a one-row part broadcast over its rows)."""
+        values = [getattr(c, name) for c in self.parts]
+        if any(v is None for v in values) != all(v is None for v in values):
+            raise ValueError(f"either every stacked context has an {name} or none has")
+        return None if values[0] is None else torch.cat([v.expand(n, -1, -1) for v, n in zip(values, self.rows)])
 
     @property
     def batch_size(self) -> int:

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from muse.config import BaseTransformerConfig, SuperResTransformerConfig, VQGANConfig
+from muse.code_vectors import CODE_VECTORS, PixelPrior, pixel_code_dim, pixel_code_vectors, pixel_patch_side  # noqa: F401
+from muse.config import BaseTransformerConfig, SuperResTransformerConfig
 from muse.context import Context, ContextStack
 
 AnyContext = Context | ContextStack
@@ -120,30 +121,6 @@ class Block(nn.Module):
         if self.cross is not None:
             x = x + self.cross(self.norm2(x), context, layer)
         return x + self.mlp(self.norm3(x))
-
-
-CODE_VECTORS = ("codebook", "pixels")  # what a model with code_dim reads codes through
-
-
-def pixel_code_vectors(pixels: torch.Tensor, channels: int = 3) -> torch.Tensor:
-    """Code vectors from the patches codes draw: pixels (K, channels * P) -> (K, (channels + 1) * P),
-    the pixels centred over the codebook, then each pixel's distance from that mean patch. A logit
-    that is linear in pixels alone can only score a colour where a shape puts it; the distances are
-    an outline that hardly depends on the colour, so a colour and a shape can be scored apart and a
-    pairing never seen as a target composes from its parts (benchmarks/RESULTS.md, "Codes read as
-    the patches they draw")."""
-    K = pixels.shape[0]
-    centred = pixels.float() - pixels.float().mean(dim=0)
-    outline = centred.view(K, channels, -1).norm(dim=1)  # (K, P)
-    return torch.cat([centred, outline], dim=1)
-
-
-def pixel_code_dim(tokenizer: VQGANConfig) -> int:
-    """The width of `pixel_code_vectors` for a patch-form tokenizer's codes."""
-    if tokenizer.form != "patch":
-        raise ValueError(f"code pixels need a patch-form tokenizer (each code decoded on its own); this one is "
-                         f"{tokenizer.form!r}")
-    return (tokenizer.in_channels + 1) * tokenizer.downsample_factor**2
 
 
 SAME_CODE_COSINE = 0.99  # code vectors this close are one code to a model that reads codes through them
@@ -397,14 +374,20 @@ class TokenTransformer(StepCompiler, nn.Module):
         ((B, N) bool), only the selected positions' logits (M, codebook_size), in row-major order:
         the head's matmul and the logits' memory are spent only where a token is still to be drawn."""
         x = self._features(ids, context)
-        return self.logits(x if select is None else x[select])
+        prior = getattr(context, "prior_pixels", None)
+        if select is not None:
+            x, prior = x[select], None if prior is None else prior[select]
+        return self.logits(x, prior)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Normed token vectors (..., C) -> logits over the codebook (..., K)."""
+    def logits(self, x: torch.Tensor, prior_pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """Normed token vectors (..., C) -> logits over the codebook (..., K); plus the pixel prior's
+        where the context carries upsampled low-res pixels (super-res with `pixel_prior`)."""
         if not self.config.code_dim:
             return self.head(x)
         w = self.head(self.embed.code_vectors.to(self.head.weight.dtype)).to(x.dtype)  # (K, C + 1)
         logits = torch.addmm(w[:, -1], x.reshape(-1, x.shape[-1]), w[:, :-1].t()).view(*x.shape[:-1], w.shape[0])
+        if prior_pixels is not None:
+            logits = self.pixel_prior(logits, prior_pixels.to(logits.dtype))
         # Only the first code of each class is ever drawn (TokenEmbedding.set_code_vectors). A finite
         # floor, not -inf: guidance mixes two such logits, and -inf - -inf is NaN.
         return logits.masked_fill(self.embed.undrawn(), UNDRAWN_LOGIT)
@@ -464,6 +447,13 @@ class SuperResTransformer(TokenTransformer):
         )
         self.lo_norm = nn.LayerNorm(c.hidden)
         self.lo_skip = nn.Linear(c.hidden, c.hidden) if c.lo_skip else None
+        self.pixel_prior = None
+        if c.pixel_prior:
+            if c.code_vectors != "pixels" or not c.code_dim or not c.lo_code_dim:
+                raise ValueError("pixel_prior reads the codes' pixels: it needs code_vectors 'pixels' and both "
+                                 "code_dim and lo_code_dim")
+            self.pixel_prior = PixelPrior(c.lo_codebook_size, c.lo_tokens_per_side, pixel_patch_side(c.lo_code_dim),
+                                          c.hi_codebook_size, c.hi_tokens_per_side, pixel_patch_side(c.code_dim))
         self.apply(_init_weights)
         if self.lo_skip is not None:  # starts as the paper's model; the skip grows in as it helps
             nn.init.zeros_(self.lo_skip.weight)
@@ -478,7 +468,10 @@ class SuperResTransformer(TokenTransformer):
         txt, txt_mask = self.text_proj(text.expand(lo.shape[0], -1, -1), text_mask.expand(lo.shape[0], -1))
         ctx = torch.cat([txt, lo], dim=1)
         mask = torch.cat([txt_mask, txt_mask.new_ones(lo.shape[:2])], dim=1)
-        return self._context(ctx, mask, self.lo_skip_bias(lo))
+        context = self._context(ctx, mask, self.lo_skip_bias(lo))
+        if self.pixel_prior is not None:
+            context.prior_pixels = self.pixel_prior.prior_pixels(lo_ids).to(lo.dtype)
+        return context
 
     def null_context(self, lo_ids: torch.Tensor) -> Context:
         """The unconditional context for each low-res grid: [null ; low-res], with no mask."""

@@ -136,7 +136,7 @@ def test_demo_presets_read_codes_as_the_patches_the_roots_tokenizers_draw(tiny_d
 
     from jobs.masked import _code_dim
     from muse import checkpoint
-    from muse.transformer import pixel_code_vectors
+    from muse.code_vectors import pixel_code_vectors
 
     info = {"tokens_lo_side": 8, "tokens_hi_side": 16, "text_storage": "ids", "text_dim": 64}
     cfg = tiny_config("superres.optim.warmup_steps=0", "superres.run.max_steps=2")
@@ -149,6 +149,9 @@ def test_demo_presets_read_codes_as_the_patches_the_roots_tokenizers_draw(tiny_d
     model = worker.wrapper.module.model if hasattr(worker.wrapper, "module") else worker.wrapper.model
     for embed, vq in ((model.embed, hi), (model.lo_embed, lo)):
         torch.testing.assert_close(embed.code_vectors, pixel_code_vectors(vq.code_pixels()))
+    # and super-res's pixel prior reads both tokenizers' patches
+    torch.testing.assert_close(model.pixel_prior.lo_pixels, lo.code_pixels())
+    torch.testing.assert_close(model.pixel_prior.hi_pixels, hi.code_pixels())
     # one class per codebook entry that has copies, as with codebook vectors
     same = (hi.quantizer.codes() @ hi.quantizer.codes().t()) > 0.99
     assert torch.equal(model.embed.code_class, (same | torch.eye(len(same), dtype=torch.bool)).int().argmax(dim=1))

@@ -349,7 +349,7 @@ def test_pixel_code_vectors_score_a_colour_and_a_shape_apart():
     """Patches of 2 colours x 2 shapes on a white ground: the outline part is nearly the same for both
     colours of a shape, and a linear score that is (colour part) + (outline part) ranks the pairing
     that neither part saw together first."""
-    from muse.transformer import pixel_code_vectors
+    from muse.code_vectors import pixel_code_vectors
 
     white = torch.ones(3, 4, 4)
     masks = {"square": torch.zeros(4, 4), "bar": torch.zeros(4, 4)}
