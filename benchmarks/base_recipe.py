@@ -177,16 +177,43 @@ def judge_base(root: str, corpus: str, prompts: int, sampling: dict, background:
     return out
 
 
-def export_root(worker: BaseWorker, demo_root: str, encoder_dir: str, out: str) -> str:
-    """A root of the demo's components with the trained base (and the text encoder trained on)."""
+def export_root(worker, demo_root: str, out: str, component: str, links: dict[str, str]) -> str:
+    """A root beside the demo's: `links` (component -> directory) linked in, the worker's EMA model
+    saved as `component`."""
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
-    for name in ("vqgan_lo", "vqgan_hi", "superres"):
-        if checkpoint.has_component(demo_root, name):
-            os.symlink(os.path.abspath(checkpoint.component_uri(demo_root, name)), os.path.join(out, name))
-    os.symlink(os.path.abspath(encoder_dir), os.path.join(out, "text_encoder"))
-    checkpoint.save_component(worker.eval_model(), checkpoint.component_uri(out, "base"))
+    for name, path in links.items():
+        os.symlink(os.path.abspath(path), os.path.join(out, name))
+    checkpoint.save_component(worker.eval_model(), checkpoint.component_uri(out, component))
     return out
+
+
+def demo_links(demo_root: str, names) -> dict[str, str]:
+    """The demo root's components among `names`, to link into a root (`export_root`)."""
+    return {n: checkpoint.component_uri(demo_root, n) for n in names if checkpoint.has_component(demo_root, n)}
+
+
+def train_in_process(worker, data: dict[str, torch.Tensor], keys, steps: int, batch: int, seed: int, evals,
+                     on_eval) -> None:
+    """The stage's own train_step over shuffled rows of `data` (a new permutation each epoch), a loss
+    line every 200 steps, and on_eval(step, train seconds) at each step in `evals`."""
+    rows = len(data[keys[0]])
+    gen = torch.Generator().manual_seed(seed + 1)
+    order, at, train_s, recent = torch.randperm(rows, generator=gen), 0, 0.0, []
+    for step in range(steps):
+        if at + batch > rows:
+            order, at = torch.randperm(rows, generator=gen), 0
+        idx = order[at:at + batch]
+        at += batch
+        start = time.perf_counter()
+        metrics = worker.train_step({k: data[k][idx] for k in keys}, step)
+        recent.append(float(metrics["loss"]))
+        train_s += time.perf_counter() - start
+        if (step + 1) % 200 == 0:
+            print(f"  step {step + 1}  loss {np.mean(recent):.4f}  {train_s / (step + 1):.3f} s/step", flush=True)
+            recent = []
+        if step + 1 in evals:
+            on_eval(step + 1, train_s)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -260,29 +287,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{rows} rows, captions of {data['text_mask'].sum(1).float().mean():.1f} tokens on average "
           f"({args.text_encoder} text encoder); {steps} steps of {section.run.batch_size}", flush=True)
 
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    batch, order, at = section.run.batch_size, torch.randperm(rows, generator=gen), 0
     evals = sorted({int(s) for s in args.eval_at.split(",") if s} | {steps})
-    sampling, results, train_s, recent = json.loads(args.sampling), [], 0.0, []
-    for step in range(steps):
-        if at + batch > rows:
-            order, at = torch.randperm(rows, generator=gen), 0
-        idx = order[at:at + batch]
-        at += batch
-        start = time.perf_counter()
-        metrics = worker.train_step({k: data[k][idx] for k in ("tokens_lo", "text_emb", "text_mask")}, step)
-        recent.append(float(metrics["loss"]))
-        train_s += time.perf_counter() - start
-        if (step + 1) % 200 == 0:
-            print(f"  step {step + 1}  loss {np.mean(recent):.4f}  {train_s / (step + 1):.3f} s/step", flush=True)
-            recent = []
-        if step + 1 in evals:
-            root = export_root(worker, demo_root, encoder_dir, os.path.join(out, f"step{step + 1}"))
-            judged = judge_base(root, os.path.join(args.demo, "corpus"), args.prompts, sampling,
-                                background if args.trace else None)
-            probe = canvas_probe(worker.eval_model(), data, background)
-            results.append({"step": step + 1, "train_s": train_s, **judged, "probe": probe})
-            print(json.dumps(results[-1]), flush=True)
+    sampling, results, batch = json.loads(args.sampling), [], section.run.batch_size
+    links = demo_links(demo_root, ("vqgan_lo", "vqgan_hi", "superres")) | {"text_encoder": encoder_dir}
+
+    def on_eval(step: int, train_s: float) -> None:
+        root = export_root(worker, demo_root, os.path.join(out, f"step{step}"), "base", links)
+        judged = judge_base(root, os.path.join(args.demo, "corpus"), args.prompts, sampling,
+                            background if args.trace else None)
+        probe = canvas_probe(worker.eval_model(), data, background)
+        results.append({"step": step, "train_s": train_s, **judged, "probe": probe})
+        print(json.dumps(results[-1]), flush=True)
+
+    train_in_process(worker, data, ("tokens_lo", "text_emb", "text_mask"), steps, batch, args.seed, evals, on_eval)
 
     print(f"\nbase on {args.demo}'s tokens, {args.text_encoder} text encoder, {args.mask_rates} mask rates"
           f"{f' ({args.content_masking:.0%} of rows content-biased)' if args.content_masking else ''}, "

@@ -23,8 +23,6 @@ import argparse
 import json
 import os
 import random
-import shutil
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -41,6 +39,7 @@ from muse.data.images import pil_to_tensor, tensor_to_pil
 from muse.evaluate import read_holdout, training_pairs
 from muse.pipeline import MusePipeline, superres_tokens
 from pipelines import shards
+from base_recipe import demo_links, export_root, train_in_process  # benchmarks/base_recipe.py
 from sampling import machine  # benchmarks/sampling.py: the same machine line as the other scripts
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
@@ -87,16 +86,6 @@ def judge_superres(pipe: MusePipeline, scenes, served: dict) -> tuple[dict, dict
     return judge.summarize(drawn), judge.summarize(recon)
 
 
-def export_root(worker: SuperResWorker, demo_root: str, out: str) -> str:
-    """A root of the demo's components with the trained super-res."""
-    shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(out)
-    for name in ("text_encoder", "vqgan_lo", "vqgan_hi", "base"):
-        os.symlink(os.path.abspath(checkpoint.component_uri(demo_root, name)), os.path.join(out, name))
-    checkpoint.save_component(worker.eval_model(), checkpoint.component_uri(out, "superres"))
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", required=True, help="a `make demo` output directory")
@@ -137,35 +126,26 @@ def main(argv: list[str] | None = None) -> None:
     scenes = {"seen": probe_scenes(holdout, args.scenes, False), "held-out": probe_scenes(holdout, args.scenes, True)}
     print(f"{name} {changes or ''}: {rows} rows, {steps} steps of {batch}, seed {args.seed}", flush=True)
 
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    order, at = torch.randperm(rows, generator=gen), 0
     evals = sorted({int(s) for s in args.eval_at.split(",") if s} | {steps})
-    results, train_s, recent = [], 0.0, []
-    for step in range(steps):
-        if at + batch > rows:
-            order, at = torch.randperm(rows, generator=gen), 0
-        idx = order[at:at + batch]
-        at += batch
-        start = time.perf_counter()
-        metrics = worker.train_step({k: data[k][idx] for k in ("tokens_lo", "tokens_hi", "text_emb", "text_mask")}, step)
-        recent.append(float(metrics["loss"]))
-        train_s += time.perf_counter() - start
-        if (step + 1) % 200 == 0:
-            print(f"  step {step + 1}  loss {np.mean(recent):.4f}  {train_s / (step + 1):.3f} s/step", flush=True)
-            recent = []
-        if step + 1 in evals:
-            pipe = MusePipeline.from_pretrained(export_root(worker, demo_root, os.path.join(out, f"step{step + 1}")))
-            row = {"step": step + 1, "train_s": round(train_s)}
-            for kind, judged in scenes.items():
-                row[kind], row[f"{kind} tokenizer"] = judge_superres(pipe, judged, SERVED)
-            held = holdout.get("eval_captions", [])
-            chain = [judge.judge(image, prompt) for i in range(0, len(held), 8)
-                     for prompt, image in zip(held[i:i + 8], pipe(held[i:i + 8], seed=1000 + i, steps=24, **SERVED))]
-            row["chain held-out"] = judge.summarize(chain)
-            if pipe.superres.pixel_prior is not None:
-                row["prior scale"] = round(pipe.superres.pixel_prior.scale.item(), 2)
-            results.append(row)
-            print(json.dumps(row), flush=True)
+    results, links = [], demo_links(demo_root, ("text_encoder", "vqgan_lo", "vqgan_hi", "base"))
+
+    def on_eval(step: int, train_s: float) -> None:
+        pipe = MusePipeline.from_pretrained(export_root(worker, demo_root, os.path.join(out, f"step{step}"),
+                                                        "superres", links))
+        row = {"step": step, "train_s": round(train_s)}
+        for kind, judged in scenes.items():
+            row[kind], row[f"{kind} tokenizer"] = judge_superres(pipe, judged, SERVED)
+        held = holdout.get("eval_captions", [])
+        chain = [judge.judge(image, prompt) for i in range(0, len(held), 8)
+                 for prompt, image in zip(held[i:i + 8], pipe(held[i:i + 8], seed=1000 + i, steps=24, **SERVED))]
+        row["chain held-out"] = judge.summarize(chain)
+        if pipe.superres.pixel_prior is not None:
+            row["prior scale"] = round(pipe.superres.pixel_prior.scale.item(), 2)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    train_in_process(worker, data, ("tokens_lo", "tokens_hi", "text_emb", "text_mask"), steps, batch, args.seed,
+                     evals, on_eval)
 
     print(f"\nsuper-res {name} {changes or ''} on {args.demo}'s tokens, batch {batch}, seed {args.seed}, "
           f"{args.threads} torch thread(s); sampling {SERVED}\n")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from muse.code_vectors import CODE_VECTORS, PixelPrior, pixel_code_dim, pixel_code_vectors, pixel_patch_side  # noqa: F401
+from muse.code_vectors import CODE_VECTORS, PixelPrior, pixel_patch_side
 from muse.config import BaseTransformerConfig, SuperResTransformerConfig
 from muse.context import Context, ContextStack
 
