@@ -4,9 +4,9 @@ ceiling, the base stage alone and the full chain, at several budgets, so the cho
     python benchmarks/demo_budget.py --out bench_budget                 # budgets 0.25, 0.5, 1.0
     python benchmarks/demo_budget.py --out bench_budget --budgets 0.5,1
 
-A budget b scales every stage's steps of configs/demo.yaml (vqgan, the high-res fine-tune, base,
-super-res) by b; everything else is the demo as `make demo` runs it: Ray Train stages, Ray Data
-tokenization, Ray Serve, HTTP requests, the attribute judge. Each budget writes a whole demo output
+A budget b scales every stage's steps of configs/demo.yaml (both tokenizers, their autoencoder
+warm-up, base, super-res) by b; everything else is the demo as `make demo` runs it: Ray Train stages,
+Ray Data tokenization, Ray Serve, HTTP requests, the attribute judge. Each budget writes a whole demo output
 under OUT/budget_<b>/, and a budget whose output exists is only served and judged again, so an
 interrupted run resumes. The table reports each stage's training seconds as measured in that run.
 """
@@ -22,7 +22,10 @@ import yaml
 from jobs.demo import DEFAULT_CONFIG, run_demo
 from sampling import machine  # benchmarks/sampling.py: the same machine line as the other scripts
 
-STEP_KEYS = ("vqgan.run.max_steps", "vqgan.hi_max_steps", "base.run.max_steps", "superres.run.max_steps")
+# The tokenizers' autoencoder warm-up scales with their steps: unscaled, a quarter budget's 250 low-res
+# steps would end inside the 400-step warm-up, before the codebook is seeded.
+STEP_KEYS = ("vqgan.run.max_steps", "vqgan.hi_max_steps", "vqgan.quantizer_warmup_steps", "base.run.max_steps",
+             "superres.run.max_steps")
 
 
 def scaled_overrides(config: str, budget: float) -> list[str]:
