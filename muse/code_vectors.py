@@ -105,6 +105,8 @@ class PixelPrior(nn.Module):
         return (2.0 * prior_pixels @ hi.t() - (hi * hi).sum(dim=1)) * (self.scale.to(prior_pixels.dtype) / d)
 
     def forward(self, logits: torch.Tensor, prior_pixels: torch.Tensor) -> torch.Tensor:
-        """The transformer's logits (..., K_hi), bounded, plus the prior's."""
+        """The transformer's logits (..., K_hi), bounded, plus the prior's, in float32 (prior logits
+        reach ~100, where bf16 would round the learned part's +-4 to halves)."""
         bound = LEARNED_LOGIT_BOUND
-        return bound * torch.tanh(logits / bound) + self.prior(prior_pixels)
+        with torch.autocast(logits.device.type, enabled=False):
+            return bound * torch.tanh(logits.float() / bound) + self.prior(prior_pixels.float())

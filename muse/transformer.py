@@ -387,7 +387,7 @@ class TokenTransformer(StepCompiler, nn.Module):
         w = self.head(self.embed.code_vectors.to(self.head.weight.dtype)).to(x.dtype)  # (K, C + 1)
         logits = torch.addmm(w[:, -1], x.reshape(-1, x.shape[-1]), w[:, :-1].t()).view(*x.shape[:-1], w.shape[0])
         if prior_pixels is not None:
-            logits = self.pixel_prior(logits, prior_pixels.to(logits.dtype))
+            logits = self.pixel_prior(logits, prior_pixels)
         # Only the first code of each class is ever drawn (TokenEmbedding.set_code_vectors). A finite
         # floor, not -inf: guidance mixes two such logits, and -inf - -inf is NaN.
         return logits.masked_fill(self.embed.undrawn(), UNDRAWN_LOGIT)
