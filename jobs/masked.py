@@ -267,9 +267,21 @@ def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, r
         raise ValueError(f"the token shards hold text ids but the model root {root} has no text_encoder/ to "
                          "encode them (write one with `muse init` or train with `muse train all`)")
     model_cfg, init_from = transformer_config(stage, section.model, root, data, info)
+    warning = label_smoothing_warning(stage, model_cfg, section.label_smoothing)
+    if warning:
+        say(warning)
     job = {"root": root, "component": stage, "model_config": to_dict(model_cfg), "data_meta": info,
            "init_from": init_from, "model_kind": checkpoint.kind_of_config(model_cfg)}
     return [fit_stage(worker, section, job, dataset)]
+
+
+def label_smoothing_warning(stage: str, model_cfg, label_smoothing: float) -> str | None:
+    """A console warning for label smoothing on a model that reads codes through code vectors."""
+    if not getattr(model_cfg, "code_dim", 0) or label_smoothing <= 0:
+        return None
+    return (f"[{stage}] warning: label_smoothing {label_smoothing:g} with a model that reads codes through code "
+            f"vectors: the tiny ones trained so drew noise (base 0.17, super-res 0.03 seen whole scenes; "
+            f"benchmarks/RESULTS.md); configs/demo.yaml sets {stage}.label_smoothing: 0")
 
 
 def model_arg(stage: str):

@@ -162,6 +162,15 @@ def test_demo_presets_read_codes_as_the_patches_the_roots_tokenizers_draw(tiny_d
         _code_dim(preset("base-tiny-codes"), "code_dim", conv)
 
 
+def test_label_smoothing_on_a_code_vector_model_is_warned_about():
+    from jobs.masked import label_smoothing_warning
+
+    warning = label_smoothing_warning("superres", preset("superres-tiny-codes"), 0.1)
+    assert "superres.label_smoothing: 0" in warning and "0.1" in warning
+    assert label_smoothing_warning("base", preset("base-tiny-codes"), 0.0) is None
+    assert label_smoothing_warning("base", preset("base-tiny"), 0.1) is None  # a free row per code
+
+
 def test_vqgan_reconstruction_loss_falls_and_gan_starts_after_warmup(tiny_data):
     cfg = tiny_config("vqgan.optim.lr=2e-3", "vqgan.optim.warmup_steps=0", "vqgan.gan.disc_start=8",
                       "vqgan.run.max_steps=10")
