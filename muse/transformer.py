@@ -18,7 +18,9 @@ Shared by both models (`TokenTransformer`); `forward(..., select=mask)` computes
 selected positions, which is all the sampler needs.
 
 The super-res model (§2.3) first encodes the low-res token grid with its own self-attention layers;
-high-res tokens then cross-attend to the concatenation [text ; low-res encoding].
+high-res tokens then cross-attend to the concatenation [text ; low-res encoding]. Models that read codes
+through code vectors, and super-res's pixel prior over the upsampled low-res image, are in
+muse/code_vectors.py.
 """
 
 from __future__ import annotations
