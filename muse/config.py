@@ -118,7 +118,7 @@ class BaseTransformerConfig:
     code_dim: int = 0
     # What those vectors are: "codebook", the quantizer's unit code vectors; "pixels", the patch each code
     # decodes to and its outline (patch-form tokenizers: (in_channels + 1) * f * f wide,
-    # transformer.pixel_code_vectors), in which a colour and a shape are nearly separate parts.
+    # code_vectors.pixel_code_vectors), in which a colour and a shape are nearly separate parts.
     code_vectors: str = "codebook"
 
     @property

@@ -376,7 +376,7 @@ class TokenTransformer(StepCompiler, nn.Module):
         ((B, N) bool), only the selected positions' logits (M, codebook_size), in row-major order:
         the head's matmul and the logits' memory are spent only where a token is still to be drawn."""
         x = self._features(ids, context)
-        prior = getattr(context, "prior_pixels", None)
+        prior = context.prior_pixels
         if select is not None:
             x, prior = x[select], None if prior is None else prior[select]
         return self.logits(x, prior)
@@ -472,7 +472,7 @@ class SuperResTransformer(TokenTransformer):
         mask = torch.cat([txt_mask, txt_mask.new_ones(lo.shape[:2])], dim=1)
         context = self._context(ctx, mask, self.lo_skip_bias(lo))
         if self.pixel_prior is not None:
-            context.prior_pixels = self.pixel_prior.prior_pixels(lo_ids).to(lo.dtype)
+            context.prior_pixels = self.pixel_prior.prior_pixels(lo_ids)  # float32: the prior adds in float32
         return context
 
     def null_context(self, lo_ids: torch.Tensor) -> Context:
