@@ -4,9 +4,9 @@ For each corpus size (tiny synthetic PNGs of 32-64 px in Parquet files of 1,000 
 `tiny` model root with the low-res VQGAN and the ByT5 tokenizer, text ids) it runs, in the same
 invocation and on the same local Ray:
 
-- the Ray Data pipeline (`pipelines.tokenize.run`) with decoding in the VQGAN actors (what CPU
-  actors get) and, with `--placements actors tasks`, as a task pool of its own (what GPU actors
-  get), each in its own driver process joined to the Ray started here, so the driver's CPU-seconds
+- the Ray Data pipeline (`pipelines.tokenize.run`) with whole parts in the VQGAN actors (read,
+  decoded, encoded and written there: what CPU actors get) and, with `--placements actors tasks`,
+  with read, decoding and write tasks beside the actors (what GPU actors get), each in its own driver process joined to the Ray started here, so the driver's CPU-seconds
   and peak RSS are those of the driver process alone (`getrusage(RUSAGE_SELF)`; workers, raylet and
   GCS are other processes). The CPU-seconds of the coordinator actor that runs Ray Data's streaming
   executor are reported beside them;
@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 8000, 32000])
     parser.add_argument("--placements", nargs="+", choices=["actors", "tasks"], default=["actors"],
-                        help="where the pipeline decodes (preprocess.placement); each is run at every size")
+                        help="preprocess.placement: whole parts in the actors, or tasks beside them; each is "
+                             "run at every size")
     parser.add_argument("--work", help="folder for the corpus, model root and outputs (default: a temp dir)")
     parser.add_argument("--driver", metavar="CORPUS", help=argparse.SUPPRESS)
     parser.add_argument("--loop", metavar="CORPUS", help=argparse.SUPPRESS)

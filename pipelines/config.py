@@ -48,15 +48,16 @@ PLACEMENTS = ("auto", "tasks", "actors")
 @dataclass(frozen=True)
 class PreprocessConfig:
     """Decoding limits, and where decoding runs: "tasks" (a CPU task pool of its own that fans out over
-    every CPU of the cluster, what GPU actors need), "actors" (inside the image-tokenizer actors, before
-    their model: no object-store hop of pixels and no processes of its own, what CPU actors need), or
-    "auto": actors when the image-tokenizer pool runs on CPU, tasks when it has GPUs."""
+    every CPU of the cluster, what GPU actors need; read and write tasks beside it), "actors" (the
+    image-tokenizer actors read, decode, encode and, with token ids, write whole parts: no object-store
+    hop and no processes of their own, what CPU actors need), or "auto": actors when the
+    image-tokenizer pool runs on CPU, tasks when it has GPUs."""
 
     min_side: int = 32  # images with a shorter side are rejected (too_small)
     max_pixels: int = 64_000_000  # images with more pixels are rejected unread (too_many_pixels)
     max_caption_chars: int = 1024  # longer captions are cut to this many characters
     batch_size: int = 32
-    num_cpus: float = 1.0  # per preprocessing task (and per read task)
+    num_cpus: float = 1.0  # per preprocessing task and per read task (placement "tasks")
     memory_mb: int = 512  # memory reserved per decoding task or actor: one max_pixels image decodes in it
     placement: str = "auto"
 
@@ -101,8 +102,10 @@ class TokenizeConfig:
     text_storage: str = "ids"
     precision: str = "bf16"  # model dtype on CUDA ("bf16", "fp16", "fp32"); CPU always runs fp32
     write_cpus: float = 0.25  # per writer task: Parquet encoding and the upload of one block's shards
+    # (none run where the CPU actors write their parts themselves)
     commit_seconds: float = 10.0  # the driver commits finished parts to the manifest this often
-    io_task_retries: int = IO_TASK_RETRIES  # Ray retries a read or write task that still fails on storage I/O
+    # Ray retries a read or write task that still fails on storage I/O, a CPU actor redoes its part
+    io_task_retries: int = IO_TASK_RETRIES
     examples_per_reason: int = 5  # example keys kept per reject reason in rejects.json
     ray_progress_bars: bool = False  # Ray Data's per-operator bars, beside the parts bar
 

@@ -1,13 +1,14 @@
 """The model UDFs of tokenization: models loaded once per actor in `__init__`, called per batch.
 
-The image tokenizers share one Ray Data actor pool (`ImageTokens`), the text model has its own
-(`pipelines.tokenize.build`). Rows that an earlier stage rejected, and the end rows of parts (see
+The image tokenizers share one Ray Data actor pool (`ImageTokens`; on CPU `PartTokens`, which also
+reads, decodes and writes whole parts), the text model has its own (`pipelines.tokenize.build`). Rows that an earlier stage rejected, and the end rows of parts (see
 `pipelines.readers`), pass through without a model call and get nulls in the new columns.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -89,22 +90,61 @@ class ImageTokens:
     """Every image tokenizer of the root in one actor: vqgan_lo, then vqgan_hi when there is one.
     Each pixel column goes straight to the actor that encodes it and is dropped there, so the large
     high-res pixels never ride through a pool that does not use them (one object-store hop, not two).
-    `tokenizers`: VQGANTokens arguments (uri, pixels, tokens, batch_size) per model. With `preprocess`
-    (`preprocess_batch` keyword arguments) the actor decodes the corpus rows it is given itself."""
+    `tokenizers`: VQGANTokens arguments (uri, pixels, tokens, batch_size) per model."""
 
-    def __init__(self, tokenizers: list[dict], device: str, precision: str, num_cpus: float,
-                 preprocess: dict | None = None):
+    def __init__(self, tokenizers: list[dict], device: str, precision: str, num_cpus: float):
         self.stages = [VQGANTokens(**t, device=device, precision=precision, num_cpus=num_cpus) for t in tokenizers]
-        self.preprocess = preprocess
-        if preprocess and preprocess.get("text_ids"):
-            cached_tokenizer(preprocess["text_ids"])  # loaded with the models, not in the first batch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.preprocess is not None:
-            batch = preprocess_batch(batch, **self.preprocess)
         for stage in self.stages:
             batch = stage(batch)
         return batch
+
+
+class PartTokens:
+    """All of tokenization for whole parts, in one actor: what CPU actors get, where any split only
+    moves data between processes on the same cores. For each part (`pipelines.readers.part_list`
+    rows) it reads the rows (`readers.read_part`), decodes them (`preprocess_batch` keyword arguments
+    in `preprocess`), encodes them with every image tokenizer of the root (`ImageTokens`), `rows` at a
+    time, and with `write` (`shards.write_block` keyword arguments) writes the part's shard and
+    returns its record only. Without `write` (a text pool follows) it returns the tokenized rows.
+
+    A storage error that outlasts the filesystem's own retries of each request (a stream broken
+    mid-read, an outage of seconds) redoes the part, at most `retries` times with backoff. This is
+    the loop Ray would run for a task; Ray Data cannot bound its retries of an actor's task, so a
+    lasting error would loop for ever. A redone part writes the same file and returns one record."""
+
+    def __init__(self, tokenizers: list[dict], device: str, precision: str, num_cpus: float, rows: int,
+                 reader, preprocess: dict, write: dict | None = None, retries: int = 4):
+        self.tokens = ImageTokens(tokenizers, device, precision, num_cpus)
+        self.rows, self.reader, self.preprocess, self.write, self.retries = rows, reader, preprocess, write, retries
+        if preprocess.get("text_ids"):
+            cached_tokenizer(preprocess["text_ids"])  # loaded with the models, not in the first part
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.concat_tables([self._part(readers.Part.from_json(p)) for p in batch["part"].to_pylist()])
+
+    def _part(self, part: readers.Part) -> pa.Table:
+        retried = 0
+        while True:
+            try:
+                return self._tokenize(part)
+            except OSError as e:
+                if retried == self.retries:
+                    raise
+                delay = 0.5 * 2 ** retried
+                retried += 1
+                print(f"[tokenize] part {part.id} ({part.uri}): {type(e).__name__}: {e}; "
+                      f"redone in {delay:.1f}s (retry {retried} of {self.retries})", flush=True)
+                time.sleep(delay)
+
+    def _tokenize(self, part: readers.Part) -> pa.Table:
+        from pipelines.shards import write_block
+
+        out = [self.tokens(preprocess_batch(block.slice(start, self.rows), **self.preprocess))
+               for block in readers.read_part(part, self.reader) for start in range(0, block.num_rows, self.rows)]
+        rows = pa.concat_tables(out)
+        return rows if self.write is None else write_block(rows, **self.write)
 
 
 @functools.lru_cache(maxsize=4)

@@ -3,8 +3,9 @@
 A corpus is cut into *parts* on the driver (`plan_parts`): a run of whole row groups of a Parquet
 file (as many as fit in `rows_per_part`, at least one, so no row group is downloaded by two parts),
 a `rows_per_part` run of a folder's sorted images, or one tar. A part has an id derived only
-from where it comes from, is read by one Ray read task, and becomes one output shard, so a re-run
-can skip every finished part without opening it.
+from where it comes from, is read by one Ray read task (or by the CPU actor that tokenizes it:
+`part_list`), and becomes one output shard, so a re-run can skip every finished part without
+opening it.
 
 A read task yields rows with the corpus columns
 
@@ -20,8 +21,8 @@ unreadable source). After its rows each task yields one *end row* (`index` -1, `
 the part) so whoever consumes the stream knows when a part is complete. A source that is corrupt
 (not Parquet, truncated tar, a Parquet file without the configured columns) never fails the job: the
 rows read so far are kept and one `unreadable_source` row records it. Storage errors raise: each S3
-request is retried with backoff by the filesystem, then the task by Ray (`io_task_retries`). Any
-other error is a bug and fails the job.
+request is retried with backoff by the filesystem, then the task by Ray (`io_task_retries`; a CPU
+actor redoes the part). Any other error is a bug and fails the job.
 """
 
 from __future__ import annotations
@@ -85,6 +86,15 @@ class Part:
     start: int = 0
     stop: int | None = None
     items: tuple[tuple[str, str | None, str | None], ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps({"id": self.id, "format": self.format, "uri": self.uri, "start": self.start,
+                           "stop": self.stop, "items": self.items})
+
+    @classmethod
+    def from_json(cls, text: str) -> Part:
+        d = json.loads(text)
+        return cls(**d | {"items": tuple(tuple(item) for item in d["items"])})
 
     def describe(self) -> dict:
         d = {"part": self.id, "format": self.format, "source": self.uri}
@@ -423,26 +433,33 @@ def _tar_sample(rows: _Rows, part: Part, key: str, sample: dict[str, bytes], ext
 
 def corpus_datasource(parts: list[Part], cfg: ReaderConfig, images: bool = True):
     """A Ray Data datasource with one read task per part (`read_part`)."""
+    return _part_datasource("Corpus", parts, lambda p: read_part(p, cfg, images), ROW_SCHEMA)
+
+
+PART_SCHEMA = pa.schema([("part", pa.string())])
+
+
+def _part_datasource(name: str, parts: list[Part], read, schema: pa.Schema):
+    """A Ray Data datasource with one read task per part, yielding the blocks of `read(part)`."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
-    class CorpusDatasource(Datasource):
+    class PartDatasource(Datasource):
         def get_name(self) -> str:
-            return "Corpus"
+            return name
 
         def estimate_inmemory_data_size(self) -> int | None:
             return None
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
             return [
-                ReadTask(lambda p=p: read_part(p, cfg, images),
-                         BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
-                                       input_files=[p.uri]),
-                         schema=ROW_SCHEMA)
+                ReadTask(lambda p=p: read(p),
+                         BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[p.uri]),
+                         schema=schema)
                 for p in parts
             ]
 
-    return CorpusDatasource()
+    return PartDatasource()
 
 
 def accepted(batch: pa.Table) -> pa.ChunkedArray:
@@ -458,6 +475,20 @@ def read_parts(parts: list[Part], cfg: ReaderConfig, num_cpus: float = 1.0,
 
     return ray.data.read_datasource(corpus_datasource(parts, cfg, images), override_num_blocks=max(1, len(parts)),
                                     num_cpus=num_cpus, ray_remote_args=ray_remote_args)
+
+
+def part_list(parts: list[Part], *, num_cpus: float, num_gpus: float, memory: float):
+    """Ray Dataset of one row per part, its `Part.to_json` (column `part`), for a pool that reads its
+    parts itself: given the pool's resources, Ray Data fuses these reads into the pool, so nothing is
+    read twice and no process of its own starts (`pipelines.models.PartTokens`)."""
+    import ray
+
+    def describe(part: Part) -> Iterator[pa.Table]:
+        yield pa.table({"part": [part.to_json()]}, schema=PART_SCHEMA)
+
+    return ray.data.read_datasource(_part_datasource("Parts", parts, describe, PART_SCHEMA),
+                                    override_num_blocks=max(1, len(parts)), num_cpus=num_cpus,
+                                    num_gpus=num_gpus, memory=memory)
 
 
 def read_corpus(uri: str, format: str = "auto", cfg: ReaderConfig | None = None, images: bool = True):

@@ -4,6 +4,9 @@
         [-> text-encoder pool] -> write (CPU tasks: each block's rows of each part to a shard file)
         -> driver: small records only; commits each part to the manifest once all its rows are written
 
+    on CPU: part list -> VQGAN pool (each actor reads, decodes, encodes and writes whole parts)
+        [-> text-encoder pool -> write] -> driver, as above
+
 The models run in actor pools (`compute=ray.data.ActorPoolStrategy`, `pipelines.models`), loaded
 once per actor from the model root: one pool for the image tokenizers (each actor holds vqgan_lo and
 vqgan_hi, so each pixel array goes only to the actor that encodes it), and one for the text encoder
@@ -11,8 +14,10 @@ when the shards store its embeddings (`text_storage: embeddings`). Token ids alo
 decoding adds them. Pool sizes, CPUs/GPUs per actor and batch sizes come from `TokenizeConfig`, so
 a cluster gives the VQGAN actors whole GPUs while decoding fans out over every CPU as tasks of its
 own, its pixels travelling at the tokenizers' sizes, LZ4-packed where that pays
-(`pipelines.preprocess.pack_pixels`). When the VQGAN actors run on CPU, they decode their own rows
-(`preprocess.placement`): a separate pool would only move the pixels once more.
+(`pipelines.preprocess.pack_pixels`). When the VQGAN actors run on CPU, each does all of a part
+(`preprocess.placement`, `pipelines.models.PartTokens`): read and write tasks and a decoding pool
+would only move the rows between processes that share the same cores, and start processes of their
+own (benchmarks/RESULTS.md, "Whole parts in the CPU actors").
 Image sizes come from the VQGAN configs in the model root. Bad samples never fail the job: they are
 rejected by reason, counted in rejects.json and skipped by the model UDFs. No sample passes through
 the driver: workers write the shards, and Ray Data's streaming executor runs in a coordinator actor
@@ -28,7 +33,8 @@ finished id in memory, and has nowhere to record rejected rows (which are never 
 re-run would count them again. The manifest skips whole parts unopened.
 
 Faults: every S3 request is retried with backoff by the filesystem (`muse.storage`); a read or write
-task that still fails on I/O is retried by Ray (`io_task_retries`). A source that is itself bad is a
+task that still fails on I/O is retried by Ray, and a part in a CPU actor is redone, each at most
+`io_task_retries` times. A source that is itself bad is a
 counted reject; any other error is a bug and fails the job.
 
 Text storage (`text_storage` in the config):
@@ -57,7 +63,7 @@ from muse import storage
 from muse.config import to_dict
 from pipelines import manifest, readers, shards
 from pipelines.config import FORMATS, PoolConfig, TokenizeConfig, load_config
-from pipelines.models import ImageTokens, TextTokens, load_tokenizer, text_encoder_config
+from pipelines.models import ImageTokens, PartTokens, TextTokens, load_tokenizer, text_encoder_config
 from pipelines.preprocess import preprocessed
 
 __all__ = ["Models", "build", "load_tokenizer", "main", "resolve_models", "run"]
@@ -95,11 +101,11 @@ def resolve_models(checkpoint: str | None, vqgan: str | None = None, vqgan_hi: s
 # The dataset and the job.
 
 
-def _pool(ds, udf: type, kwargs: dict, pool: PoolConfig, **ray_remote_args):
+def _pool(ds, udf: type, kwargs: dict, pool: PoolConfig, batch_size: int | None, **ray_remote_args):
     import ray
 
     return ds.map_batches(
-        udf, fn_constructor_kwargs=kwargs, batch_format="pyarrow", batch_size=pool.batch_size,
+        udf, fn_constructor_kwargs=kwargs, batch_format="pyarrow", batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
         num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, **ray_remote_args,
     )
@@ -110,9 +116,10 @@ def _device(pool: PoolConfig) -> str:
 
 
 def decodes_in_actors(cfg: TokenizeConfig) -> bool:
-    """Whether the image-tokenizer actors decode their own rows (`PreprocessConfig.placement`). On CPU
-    a decoding pool of its own only adds an object-store hop of the pixels and processes that each
-    load the libraries: benchmarks/RESULTS.md, "Decoding in the CPU actors"."""
+    """Whether the image-tokenizer actors read, decode and (with ids) write whole parts themselves
+    (`PreprocessConfig.placement`). On CPU, tasks of their own only add object-store hops and
+    processes that each load the libraries: benchmarks/RESULTS.md, "Decoding in the CPU actors" and
+    "Whole parts in the CPU actors"."""
     placement = cfg.preprocess.placement
     return placement == "actors" or (placement == "auto" and cfg.vqgan_lo.num_gpus == 0)
 
@@ -120,7 +127,7 @@ def decodes_in_actors(cfg: TokenizeConfig) -> bool:
 def build(cfg: TokenizeConfig, parts: list[readers.Part], models: Models, lo_size: int,
           hi_size: int | None, *, output: str, run: str, schema):
     """read -> preprocess -> VQGANs [-> text encoder] -> write, as one streaming Ray Dataset whose rows
-    are the writers' small per-block records (`shards.RECORD_SCHEMA`)."""
+    are the writers' small per-block (or, from CPU actors, per-part) records (`shards.RECORD_SCHEMA`)."""
     io_retries = shards.io_retry_args(cfg.io_task_retries)
     # Token ids need only the tokenizer: decoding adds them, and no text pool runs.
     ids_only = cfg.text_storage == "ids"
@@ -132,24 +139,33 @@ def build(cfg: TokenizeConfig, parts: list[readers.Part], models: Models, lo_siz
                            "batch_size": cfg.vqgan_hi.batch_size})
     actor = {"tokenizers": tokenizers, "device": _device(cfg.vqgan_lo), "precision": cfg.precision,
              "num_cpus": cfg.vqgan_lo.num_cpus}
-    if decodes_in_actors(cfg):
-        ds = readers.read_parts(parts, cfg.reader, num_cpus=cfg.preprocess.num_cpus, ray_remote_args=io_retries)
-        ds = _pool(ds, ImageTokens, actor | {"preprocess": decode | {"cfg": cfg.preprocess}}, cfg.vqgan_lo,
-                   memory=cfg.preprocess.memory_mb * 2**20)
+    in_actors = decodes_in_actors(cfg)
+    if in_actors:
+        # Whole parts in the actors: the part list's reads claim what the pool's actors claim, so
+        # Ray Data fuses them into the pool ("ReadParts->MapBatches(PartTokens)"), and with ids the
+        # actor writes too. Only the parts' records leave it.
+        memory = cfg.preprocess.memory_mb * 2**20
+        ds = readers.part_list(parts, num_cpus=cfg.vqgan_lo.num_cpus, num_gpus=cfg.vqgan_lo.num_gpus, memory=memory)
+        write = {"out": output, "run": run, "schema": schema, "examples": cfg.examples_per_reason}
+        ds = _pool(ds, PartTokens, actor | {"rows": cfg.vqgan_lo.batch_size, "reader": cfg.reader,
+                                            "preprocess": decode | {"cfg": cfg.preprocess},
+                                            "write": write if ids_only else None, "retries": cfg.io_task_retries},
+                   cfg.vqgan_lo, None, memory=memory)
     else:
         ds = preprocessed(parts, cfg, ray_remote_args=io_retries, pack=True, **decode)
-        ds = _pool(ds, ImageTokens, actor, cfg.vqgan_lo)
+        ds = _pool(ds, ImageTokens, actor, cfg.vqgan_lo, cfg.vqgan_lo.batch_size)
     if not ids_only:
         ds = _pool(ds, TextTokens, {"uri": models.text_encoder, "text_storage": cfg.text_storage,
                                     "device": _device(cfg.text), "precision": cfg.precision,
-                                    "num_cpus": cfg.text.num_cpus}, cfg.text)
-    # Workers write: a task per block, part of the stream, so Ray Data's backpressure reaches it.
-    ds = ds.map_batches(shards.write_block, batch_format="pyarrow", batch_size=None, num_cpus=cfg.write_cpus,
-                        fn_kwargs={"out": output, "run": run, "schema": schema,
-                                   "examples": cfg.examples_per_reason}, **io_retries)
+                                    "num_cpus": cfg.text.num_cpus}, cfg.text, cfg.text.batch_size)
     ds.context.enable_progress_bars = cfg.ray_progress_bars
     ds.context.raise_original_map_exception = True  # an OSError stays one, so Ray retries the writer
-    return ds
+    if ids_only and in_actors:
+        return ds  # written by the actors
+    # Workers write: a task per block, part of the stream, so Ray Data's backpressure reaches it.
+    return ds.map_batches(shards.write_block, batch_format="pyarrow", batch_size=None, num_cpus=cfg.write_cpus,
+                          fn_kwargs={"out": output, "run": run, "schema": schema,
+                                     "examples": cfg.examples_per_reason}, **io_retries)
 
 
 class Coordinator:

@@ -58,6 +58,11 @@ def test_folder_corpus_end_to_end(ray_session, tmp_path, tiny_root, fast_cfg, pl
     # Ray Data's executor ran in the coordinator actor, not here: the driver only commits records.
     assert driver_threads and not any(t.startswith("StreamingExecutor") for t in driver_threads), driver_threads
     assert totals["coordinator_cpu_s"] > 0
+    # In the CPU actors, each part is read, tokenized and written by one actor: no task of its own.
+    operators = [line.split(":")[0] for line in totals["stats"].splitlines() if line.startswith("Operator ")]
+    assert operators == (["Operator 1 ReadParts->MapBatches(PartTokens)"] if placement == "actors" else
+                         ["Operator 1 ReadCorpus", "Operator 2 MapBatches(preprocess_batch)",
+                          "Operator 3 MapBatches(ImageTokens)", "Operator 4 MapBatches(write_block)"]), totals["stats"]
 
     rejects = json.loads(storage.read_text(storage.join(out, "rejects.json")))
     assert rejects["by_reason"] == expected_counts(rows) and rejects["total"] == 6
@@ -297,7 +302,7 @@ def test_sigkill_mid_run_then_rerun_is_exactly_once(ray_session, tmp_path, tiny_
 
 
 def _kill_a_vqgan_actor_mid_task(job_id: str, stop: threading.Event, killed: list) -> None:
-    """SIGKILL a VQGAN actor of this job while it runs a batch (its process title then ends in
+    """SIGKILL a VQGAN actor of this job while it runs a part (its process title then ends in
     `.submit`). Only this session's GCS is asked for actors, so no process of another Ray on the
     machine can be picked; the state API would need the dashboard."""
     from ray._private import state
@@ -306,8 +311,8 @@ def _kill_a_vqgan_actor_mid_task(job_id: str, stop: threading.Event, killed: lis
     while not stop.is_set() and not killed:
         if actor is None:
             actor = next(((a, i["Pid"]) for a, i in state.actors(actor_state_name="ALIVE").items()
-                          if i["JobID"] == job_id and "(ImageTokens)" in i["ActorClassName"] and i["Pid"]), None)
-        elif b"ImageTokens" in (title := _title(actor[1])) and title.rstrip(b"\0").endswith(b".submit"):
+                          if i["JobID"] == job_id and "(PartTokens)" in i["ActorClassName"] and i["Pid"]), None)
+        elif b"PartTokens" in (title := _title(actor[1])) and title.rstrip(b"\0").endswith(b".submit"):
             os.kill(actor[1], signal.SIGKILL)
             killed.append(actor)
         elif not title:
@@ -324,8 +329,8 @@ def _title(pid: int) -> bytes:
 
 
 def test_sigkill_of_a_worker_mid_run_is_exactly_once(ray_session, tmp_path, tiny_root_lo_only, fast_cfg):
-    # Ray Data restarts a dead pool actor (max_restarts=-1) and retries its batch on the new one
-    # (max_task_retries=-1); a retried block is written to the same file name. The run itself must
+    # Ray Data restarts a dead pool actor (max_restarts=-1) and retries its part on the new one
+    # (max_task_retries=-1); a retried part is written to the same file name. The run itself must
     # finish, with every sample once.
     from ray._private import state
 
@@ -413,3 +418,45 @@ assert spec["vqgan_lo"]["resolution"] > 0 and len(parts) == 1 and ids[0][-1] == 
 assert "torch" not in sys.modules and "transformers" not in sys.modules
 """
     subprocess.run([sys.executable, "-c", probe], check=True)
+
+
+def _part_tokens(root: str, cfg, out: str, retries: int):
+    from pipelines.models import PartTokens
+
+    models = resolve_models(root)
+    schema = shards.shard_schema(has_hi=False, text_storage="ids",
+                                 meta={"tokens_lo_side": 8, "tokens_hi_side": None, "text_storage": "ids", "text_dim": 64})
+    tokenizers = [{"uri": models.vqgan_lo, "pixels": "pixels_lo", "tokens": "tokens_lo", "batch_size": 2}]
+    return PartTokens(tokenizers, "cpu", "fp32", 1, rows=3, reader=cfg.reader,
+                      preprocess={"lo_size": 64, "hi_size": None, "text_ids": models.text_encoder, "cfg": cfg.preprocess},
+                      write={"out": out, "run": "r", "schema": schema, "examples": 2}, retries=retries)
+
+
+def test_a_cpu_actor_redoes_a_part_after_a_storage_error_and_gives_up_after_its_retries(tmp_path, tiny_root_lo_only,
+                                                                                       fast_cfg, capsys):
+    rows = [(f"good{i}", *good(i)[:1], good(i)[1].encode(), "") for i in range(5)]
+    write_folder(tmp_path / "corpus", rows)
+    cfg = replace(fast_cfg, reader=replace(fast_cfg.reader, rows_per_part=5))
+    (part,) = readers.plan_parts(str(tmp_path / "corpus"), "auto", cfg.reader)
+    assert readers.Part.from_json(part.to_json()) == part
+    batch = pa.table({"part": [part.to_json()]})
+    image = tmp_path / "corpus" / "good3.img.png"
+    away = tmp_path / "away.png"
+
+    # The image is gone when the part is first read (a storage error, not a bad image), and back
+    # before the retry: the part is redone once, and its one record counts every row once.
+    image.rename(away)
+    threading.Timer(0.2, away.rename, [image]).start()
+    record = _part_tokens(tiny_root_lo_only, cfg, str(tmp_path / "out"), retries=2)(batch).to_pylist()
+    assert "retry 1 of 2" in capsys.readouterr().out
+    assert len(record) == 1 and record[0]["accepted"] == 5 and record[0]["part_rows"] == 5
+    shard = pq.read_table(tmp_path / "out" / record[0]["file"])
+    assert sorted(k.rsplit("/", 1)[-1] for k in shard["key"].to_pylist()) == [f"good{i}.img.png" for i in range(5)]
+
+    # A lasting storage error is raised after the retries, never counted as a reject.
+    image.rename(away)
+    start = time.time()
+    with pytest.raises(FileNotFoundError):
+        _part_tokens(tiny_root_lo_only, cfg, str(tmp_path / "out2"), retries=1)(batch)
+    assert time.time() - start >= 0.5 and "retry 1 of 1" in capsys.readouterr().out
+    assert not (tmp_path / "out2").exists()
