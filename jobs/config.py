@@ -154,7 +154,9 @@ class TransformerStage:
     # None: the architecture of the component already in the model root, fine-tuned from its weights
     # (the root decides), or the paper's preset for an empty root. A preset name replaces it, as asked.
     model: str | None = None
-    label_smoothing: float = 0.1
+    # None: Muse's 0.1, or 0 for a model that reads codes through code vectors (the tiny ones, trained
+    # with 0.1, drew noise: benchmarks/RESULTS.md, "Super-res that reads the low-res image").
+    label_smoothing: float | None = None
     text_dropout: float = 0.1  # share of samples whose text is dropped (mask all False), for CFG; <= 0.5
     sample_prompts: tuple[str, ...] = DEFAULT_PROMPTS  # base sample grids; super-res uses data rows
     sample_steps: int = 12
@@ -173,8 +175,8 @@ class TransformerStage:
         if not 0.0 <= self.text_dropout <= 0.5:
             raise ValueError(f"text_dropout is the share of samples whose text is dropped (Muse: 0.1); "
                              f"{self.text_dropout} would train mostly unconditionally (a keep rate?): use [0, 0.5]")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError("label_smoothing must be in [0, 1)")
+        if self.label_smoothing is not None and not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError("label_smoothing must be in [0, 1), or null for the model's default")
         if self.sample_steps < 1:
             raise ValueError("sample_steps must be >= 1")
 

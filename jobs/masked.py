@@ -108,6 +108,7 @@ class MaskedWorker(StageWorker):
         self.mask_id = model.mask_token_id
         # Code classes (muse.transformer.TokenEmbedding) when the model reads codes through their vectors.
         self.code_embedding = model.embed if getattr(self.model_config, "code_dim", 0) else None
+        self.label_smoothing = label_smoothing(self.model_config, section.label_smoothing)
         self.wrapper = wrap(TrainWrapper(model), env, transformer_fsdp_units(model))
         self.modules = {"model": self.wrapper}
         self.optimizers = {"model": build_optimizer(self.wrapper, section.optim, env)}
@@ -196,7 +197,7 @@ class MaskedWorker(StageWorker):
         with env.autocast():
             logits = self.wrapper(masked_ids, emb, text_mask, lo)  # (B, N, K)
         undrawn = self.code_embedding.undrawn() if self.code_embedding is not None else None
-        loss = masked_token_loss(logits, ids, mask, label_smoothing=s.label_smoothing, undrawn=undrawn)
+        loss = masked_token_loss(logits, ids, mask, label_smoothing=self.label_smoothing, undrawn=undrawn)
         loss.backward()
         grad_norm = clip_grad_norm(self.wrapper, s.optim.grad_clip)
         opt = self.optimizers["model"]
@@ -275,13 +276,25 @@ def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, r
     return [fit_stage(worker, section, job, dataset)]
 
 
-def label_smoothing_warning(stage: str, model_cfg, label_smoothing: float) -> str | None:
-    """A console warning for label smoothing on a model that reads codes through code vectors."""
-    if not getattr(model_cfg, "code_dim", 0) or label_smoothing <= 0:
+MUSE_LABEL_SMOOTHING = 0.1
+
+
+def label_smoothing(model_cfg, configured: float | None) -> float:
+    """The stage's label smoothing: as configured, else Muse's 0.1, or 0 for a model that reads codes
+    through code vectors (trained with 0.1, the tiny ones drew noise: the sampler draws the smoothed
+    tail, which such a model spreads over codes that look alike)."""
+    if configured is not None:
+        return configured
+    return 0.0 if getattr(model_cfg, "code_dim", 0) else MUSE_LABEL_SMOOTHING
+
+
+def label_smoothing_warning(stage: str, model_cfg, label_smoothing: float | None) -> str | None:
+    """A console warning for label smoothing set on a model that reads codes through code vectors."""
+    if not getattr(model_cfg, "code_dim", 0) or not label_smoothing:
         return None
     return (f"[{stage}] warning: label_smoothing {label_smoothing:g} with a model that reads codes through code "
             f"vectors: the tiny ones trained so drew noise (base 0.17, super-res 0.03 seen whole scenes; "
-            f"benchmarks/RESULTS.md); configs/demo.yaml sets {stage}.label_smoothing: 0")
+            f"benchmarks/RESULTS.md); leave {stage}.label_smoothing unset (0 for such a model) or set it to 0")
 
 
 def model_arg(stage: str):

@@ -162,13 +162,22 @@ def test_demo_presets_read_codes_as_the_patches_the_roots_tokenizers_draw(tiny_d
         _code_dim(preset("base-tiny-codes"), "code_dim", conv)
 
 
-def test_label_smoothing_on_a_code_vector_model_is_warned_about():
-    from jobs.masked import label_smoothing_warning
+def test_label_smoothing_defaults_to_none_on_a_code_vector_model_and_setting_it_is_warned_about():
+    from jobs.config import TransformerStage
+    from jobs.masked import label_smoothing, label_smoothing_warning
 
+    assert TransformerStage().label_smoothing is None
+    assert label_smoothing(preset("base-tiny-codes"), None) == 0.0
+    assert label_smoothing(preset("superres-tiny-codes"), None) == 0.0
+    assert label_smoothing(preset("base-tiny"), None) == 0.1 == label_smoothing(preset("base-632m"), None)
+    assert label_smoothing(preset("base-tiny-codes"), 0.05) == 0.05  # as configured
     warning = label_smoothing_warning("superres", preset("superres-tiny-codes"), 0.1)
-    assert "superres.label_smoothing: 0" in warning and "0.1" in warning
+    assert "superres.label_smoothing unset" in warning and "0.1" in warning
+    assert label_smoothing_warning("base", preset("base-tiny-codes"), None) is None
     assert label_smoothing_warning("base", preset("base-tiny-codes"), 0.0) is None
     assert label_smoothing_warning("base", preset("base-tiny"), 0.1) is None  # a free row per code
+    with pytest.raises(ValueError, match="label_smoothing"):
+        TransformerStage(label_smoothing=1.0)
 
 
 def test_vqgan_reconstruction_loss_falls_and_gan_starts_after_warmup(tiny_data):
