@@ -27,7 +27,7 @@ from muse import storage
 from muse.config import TextEncoderConfig
 from muse.meta import meta_device
 from muse.t5 import T5Encoder, T5EncoderConfig
-from muse.tokenizer import fit_bpe_tokenizer
+from muse.tokenizer import fit_bpe_tokenizer, load_saved_tokenizer
 
 T5_CONFIG_FILE = "t5_config.json"
 T5_MODEL_TYPES = ("t5", "mt5")  # config.json model types whose encoder is muse.t5's
@@ -205,32 +205,24 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_saved(cls, config: TextEncoderConfig, directory: str) -> TextEncoder:
         """Rebuild the architecture and tokenizer saved by `save_extra` (weights loaded by the caller)."""
-        from transformers import AutoTokenizer, ByT5Tokenizer
-
         with open(os.path.join(directory, T5_CONFIG_FILE)) as f:
             t5 = T5EncoderConfig.from_dict(json.load(f))
-        tok_cfg_path = os.path.join(directory, "tokenizer_config.json")
-        tok_class = ""
-        if os.path.exists(tok_cfg_path):
-            with open(tok_cfg_path) as f:
-                tok_class = json.load(f).get("tokenizer_class", "")
-        if tok_class.startswith("ByT5"):
-            tokenizer = ByT5Tokenizer()
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        return cls(config, T5Encoder(t5).eval(), tokenizer)
+        return cls(config, T5Encoder(t5).eval(), load_saved_tokenizer(directory))
 
     # -- encoding -----------------------------------------------------------------------------
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """prompts -> ids (B, L) long, mask (B, L) bool; padded to the longest, capped at max_length."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        out = self.tokenizer(
-            list(prompts), padding="longest", truncation=True, max_length=self.config.max_length,
-            return_tensors="pt",
-        )
+        rows = self.tokenizer(list(prompts), truncation=True, max_length=self.config.max_length)["input_ids"]
+        # Padded on the right to the longest, as transformers pads T5 (the tokenizer may be muse's own).
+        ids = torch.full((len(rows), max(map(len, rows), default=0)), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(ids.shape, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, :len(row)] = True
         device = next(self.model.parameters()).device
-        return out["input_ids"].to(device), out["attention_mask"].bool().to(device)
+        return ids.to(device), mask.to(device)
 
     def encode_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ids (B, L), mask (B, L) -> embeddings (B, L, D); padded positions are zeroed."""

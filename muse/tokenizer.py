@@ -48,6 +48,8 @@ class ByT5Ids:
     "<unk>", "<extra_id_N>"), whose rules (stripping the whitespace around some, no second end token)
     are its own; such a caption, and any other kind of call, goes to ByT5Tokenizer itself."""
 
+    pad_token_id = 0
+
     def __init__(self):
         self._hf = None
 
@@ -67,6 +69,12 @@ class ByT5Ids:
             self._hf = ByT5Tokenizer()
         return self._hf
 
+    def save_pretrained(self, directory: str) -> None:
+        self.hf.save_pretrained(directory)
+
+    def batch_decode(self, ids: list[list[int]], skip_special_tokens: bool = False) -> list[str]:
+        return self.hf.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+
 
 # tokenizer_config.json's classes whose ids are their tokenizer.json's and nothing else: what
 # `fit_bpe_tokenizer` saves (transformers 5 writes the first name, earlier versions the second), and
@@ -81,14 +89,29 @@ class TokenizerJsonIds:
     included). For the BPE vocabulary that `fit_bpe_tokenizer` fits and for T5 folders that ship a
     tokenizer.json; same call as `ByT5Ids`."""
 
-    def __init__(self, tokenizer_json: str):
+    def __init__(self, tokenizer_json: str, files: dict[str, str] | None = None):
         self.tokenizer_json = tokenizer_json
+        self.files = files or {TOKENIZER_JSON: tokenizer_json}  # what `save_pretrained` writes back
         self._backends: dict[int | None, Any] = {}  # one per truncation length: settings are per object
+
+    @property
+    def pad_token_id(self) -> int:
+        return self._backend(None).token_to_id("<pad>") or 0
+
+    def batch_decode(self, ids: list[list[int]], skip_special_tokens: bool = False) -> list[str]:
+        return self._backend(None).decode_batch(ids, skip_special_tokens=skip_special_tokens)
+
+    def save_pretrained(self, directory: str) -> None:
+        for name, text in self.files.items():
+            storage.write_text(storage.join(directory, name), text)
 
     def __call__(self, text, truncation: bool = False, max_length: int | None = None, **kwargs):
         if kwargs:
             raise TypeError(f"caption ids take truncation and max_length only, not {sorted(kwargs)}")
-        length = max_length if truncation else None
+        backend = self._backend(max_length if truncation else None)
+        return _encoded(text, [e.ids for e in backend.encode_batch([text] if isinstance(text, str) else list(text))])
+
+    def _backend(self, length: int | None):
         backend = self._backends.get(length)
         if backend is None:
             from tokenizers import Tokenizer
@@ -100,7 +123,7 @@ class TokenizerJsonIds:
             else:
                 backend.enable_truncation(length)
             self._backends[length] = backend
-        return _encoded(text, [e.ids for e in backend.encode_batch([text] if isinstance(text, str) else list(text))])
+        return backend
 
 
 def _encoded(text, ids: list[list[int]]) -> dict:
@@ -132,6 +155,24 @@ def load_tokenizer(uri: str):
     if tok_class in TOKENIZER_JSON_CLASSES and storage.exists(tok_json):
         return TokenizerJsonIds(storage.read_text(tok_json)), max_length
     return _transformers_tokenizer(uri), max_length
+
+
+# The files a tokenizer saves beside a text encoder's weights (transformers' `save_pretrained`).
+SAVED_TOKENIZER_FILES = (TOKENIZER_JSON, "tokenizer_config.json", "special_tokens_map.json")
+
+
+def load_saved_tokenizer(directory: str):
+    """The tokenizer a text-encoder component saved beside its weights, as `TextEncoder` calls it:
+    ByT5 and a tokenizer.json without importing transformers (~1.5 s in every process that loads a
+    text encoder: Serve's replica, each training worker), anything else through transformers."""
+    tok_class = _tokenizer_class(directory)
+    if tok_class.startswith("ByT5"):
+        return ByT5Ids()
+    if tok_class in TOKENIZER_JSON_CLASSES and storage.exists(storage.join(directory, TOKENIZER_JSON)):
+        files = {name: storage.read_text(storage.join(directory, name)) for name in SAVED_TOKENIZER_FILES
+                 if storage.exists(storage.join(directory, name))}
+        return TokenizerJsonIds(files[TOKENIZER_JSON], files)
+    return _transformers_tokenizer(directory)
 
 
 def write_tokenizer_json(folder: str, out: str) -> bool:

@@ -47,21 +47,45 @@ def test_our_t5_encoder_equals_transformers_on_its_weights(feed_forward_proj):
     assert T5Config.from_dict(ours.config.to_dict()).feed_forward_proj == feed_forward_proj
 
 
-def test_loading_a_text_encoder_does_not_import_transformers_modeling(tmp_path):
-    """Training workers and Serve replicas load the text encoder: transformers' T5 modeling (seconds to
-    import) stays out of them."""
+def test_loading_a_text_encoder_does_not_import_transformers(tmp_path):
+    """Training workers and Serve replicas load the text encoder: transformers (its T5 modeling and its
+    tokenizers, seconds to import) stays out of them, for a ByT5 and a fitted BPE vocabulary alike, and
+    the ids and padding are transformers' own."""
+    from muse import checkpoint
     from muse.checkpoint import component_uri, init_model_root
 
     root = str(tmp_path / "root")
     init_model_root("tiny", root, components=("text_encoder",))
-    probe = f"""
+    torch.manual_seed(0)
+    built = {"byt5": TextEncoder.build(preset("t5-tiny")), "bpe": TextEncoder.build(preset("t5-tiny-bpe"), CAPTIONS)}
+    checkpoint.save_component(built["bpe"], str(tmp_path / "bpe"))
+    prompts = [CAPTIONS[0], "", "a hexagon, über Ünïcode 🙂", "x" * 1000]
+    for name, uri in (("byt5", component_uri(root, "text_encoder")), ("bpe", str(tmp_path / "bpe"))):
+        probe = f"""
 import sys
-from muse.checkpoint import component_uri, load_component
-emb, mask = load_component(component_uri({root!r}, "text_encoder"))(["a red circle"])
+from muse.checkpoint import load_component
+enc = load_component({uri!r})
+ids, mask = enc.tokenize({prompts!r})
+print(ids.tolist(), mask.tolist())
+emb, mask = enc(["a red circle"])
 assert emb.shape[0] == 1 and mask.all()
-assert "transformers.modeling_utils" not in sys.modules and "torch._dynamo" not in sys.modules
+assert "transformers" not in sys.modules and "torch._dynamo" not in sys.modules, [m for m in sys.modules if m.startswith("transformers")][:3]
 """
-    subprocess.run([sys.executable, "-c", probe], check=True)
+        out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout
+        ids, mask = built[name].tokenize(prompts)  # transformers' tokenizer, padded by transformers
+        reference = built[name].tokenizer(prompts, padding="longest", truncation=True,
+                                          max_length=built[name].config.max_length, return_tensors="pt")
+        assert torch.equal(ids, reference["input_ids"]) and torch.equal(mask, reference["attention_mask"].bool())
+        assert out.strip() == f"{ids.tolist()} {mask.tolist()}", name
+    # A loaded BPE encoder decodes as transformers does, and saves its tokenizer again as it found it.
+    again = checkpoint.load_component(str(tmp_path / "bpe"))
+    rows = [built["bpe"].tokenizer(p)["input_ids"] for p in prompts]
+    assert again.tokenizer.batch_decode(rows, skip_special_tokens=True) == \
+        built["bpe"].tokenizer.batch_decode(rows, skip_special_tokens=True)
+    checkpoint.save_component(again, str(tmp_path / "bpe2"))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "bpe2" / f).read_text() == (tmp_path / "bpe" / f).read_text()
+    assert torch.equal(checkpoint.load_component(str(tmp_path / "bpe2")).tokenize(prompts)[0], ids)
 
 
 CAPTIONS = ["two red squares on the left and a blue circle on the right", "a green triangle",
