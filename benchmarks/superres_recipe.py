@@ -43,7 +43,8 @@ from base_recipe import demo_links, export_root, train_in_process  # benchmarks/
 from sampling import machine  # benchmarks/sampling.py: the same machine line as the other scripts
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
-SERVED = {"superres_steps": 8, "guidance_scale": 1.0, "choice_temperature": 4.5}  # jobs.demo.DEMO_SAMPLING's part
+SERVED = {"superres_steps": 8, "guidance_scale": 1.0, "choice_temperature": 4.5,  # jobs.demo.DEMO_SAMPLING's part
+          "superres_top_k": 1}
 SCENE_SIZE, GRID = 128, 8
 
 
@@ -79,7 +80,7 @@ def judge_superres(pipe: MusePipeline, scenes, served: dict) -> tuple[dict, dict
         lo = pipe.vqgan_lo.encode(pil_to_tensor(image, lo_size)[None])
         ids = superres_tokens(pipe.superres, pipe.encode_prompts([caption]), lo, steps=served["superres_steps"],
                               guidance_scale=served["guidance_scale"], generator=sampling.image_generators(i, 1),
-                              choice_temperature=served["choice_temperature"])
+                              choice_temperature=served["choice_temperature"], top_k=served["superres_top_k"])
         drawn.append(judge.judge(tensor_to_pil(pipe.vqgan_hi.decode(ids)[0]), caption))
         hi = pipe.vqgan_hi.encode(pil_to_tensor(image, pipe.vqgan_hi.config.resolution)[None])
         recon.append(judge.judge(tensor_to_pil(pipe.vqgan_hi.decode(hi)[0]), caption))

@@ -40,7 +40,11 @@ from muse.data.synthetic import GRID_LAYOUTS
 # What the demo's server uses when a request leaves them out: on the tiny model, guidance 4 (the serve
 # default) fills the canvas with shapes and guidance 0 leaves it nearly blank; guidance 1 with the
 # serve defaults' 24 steps and choice temperature judged best (benchmarks/RESULTS.md).
-DEMO_SAMPLING = {"steps": 24, "superres_steps": 8, "guidance_scale": 1.0, "choice_temperature": 4.5}
+# Super-res draws the likeliest code at each position: sampling the whole codebook drew a patch of
+# another colour in 3 of 192 seen prompts whose base image was right, the likeliest in none
+# (benchmarks/RESULTS.md, "Super-res drawing the likeliest code").
+DEMO_SAMPLING = {"steps": 24, "superres_steps": 8, "guidance_scale": 1.0, "choice_temperature": 4.5,
+                 "superres_top_k": 1}
 TOKENIZER_IMAGES = ("corpus", "all-pairings")  # what the tokenizers learn from (--tokenizer-images)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
@@ -94,7 +98,7 @@ def provenance_check(served, pipe, args, steps: int | None) -> dict:
     remote = np.asarray(served([prompt], seed)[0], dtype=np.int16)
     local = pipe([prompt], steps=steps or args.sampling.steps, superres_steps=args.sampling.superres_steps,
                  guidance_scale=args.sampling.guidance_scale, choice_temperature=args.sampling.choice_temperature,
-                 seed=seed, superres=pipe.superres is not None)[0]
+                 superres_top_k=args.sampling.superres_top_k, seed=seed, superres=pipe.superres is not None)[0]
     if local.size != remote.shape[1::-1]:  # the API resamples to the size asked for, bicubic
         from PIL import Image
 

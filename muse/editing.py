@@ -89,17 +89,19 @@ def inpaint_tokens(
     guidance_scale: float | torch.Tensor = 0.0,
     generator: sampling.Generators,
     choice_temperature: float = 4.5,
+    top_k: int | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """ids (B, h, w) or (B, N) of the source image; regenerate (same shape) bool, True = decode anew.
-    Known tokens are fixed (and seen by the model at every step). Returns ids in the shape of `ids`."""
+    Known tokens are fixed (and seen by the model at every step). Returns ids in the shape of `ids`.
+    `top_k`: each token drawn among the k likeliest codes (None: the whole codebook)."""
     if regenerate.shape != ids.shape:
         raise ValueError(f"regenerate mask {tuple(regenerate.shape)} must match ids {tuple(ids.shape)}")
     B = ids.shape[0]
     out = sampling.generate(
         model, context, uncond_context, steps=steps, guidance_scale=guidance_scale, generator=generator,
         choice_temperature=choice_temperature, init_ids=ids.reshape(B, -1), fixed=~regenerate.reshape(B, -1).bool(),
-        callback=callback,
+        top_k=top_k, callback=callback,
     )
     return out.view(ids.shape)
 

@@ -36,6 +36,10 @@ def _common(parser: argparse.ArgumentParser, steps: bool = True) -> None:
     if steps:
         parser.add_argument("--steps", type=int, default=24, help="base decoding steps (default 24)")
     parser.add_argument("--superres-steps", type=int, default=8, help="super-res decoding steps (default 8)")
+    if steps:
+        parser.add_argument("--superres-top-k", type=int, default=None,
+                            help="super-res draws each code among its k likeliest (1: the likeliest; default: "
+                                 "the whole codebook)")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     parser.add_argument("--no-superres", action="store_true",
@@ -95,12 +99,13 @@ def run(command: str, args: argparse.Namespace) -> list[str]:
     common = dict(negative_prompt=args.negative_prompt, num_images=args.n, superres_steps=args.superres_steps,
                   guidance_scale=args.guidance, seed=args.seed, superres=superres)
     if command == "generate":
-        images = pipe(args.prompt, steps=args.steps, **common)
+        images = pipe(args.prompt, steps=args.steps, superres_top_k=args.superres_top_k, **common)
     elif command == "inpaint":
-        images = pipe.inpaint(args.image, args.mask, args.prompt, steps=args.steps, **common)
+        images = pipe.inpaint(args.image, args.mask, args.prompt, steps=args.steps,
+                              superres_top_k=args.superres_top_k, **common)
     elif command == "outpaint":
         images = pipe.outpaint(args.image, args.prompt, direction=args.direction, scale=args.scale,
-                               steps=args.steps, **common)
+                               steps=args.steps, superres_top_k=args.superres_top_k, **common)
     else:
         images = pipe.edit(args.image, args.prompt, iterations=args.iterations, fraction=args.fraction,
                            top_k=args.top_k, **common)

@@ -87,14 +87,15 @@ def stage_contexts(model: torch.nn.Module, cond: TextCondition, negative: TextCo
 
 def base_tokens(base: MaskedTransformer, cond: TextCondition, negative: TextCondition | None = None, *,
                 num_images: int = 1, steps: int = 24, guidance_scale: float | torch.Tensor = 4.0,
-                generator: sampling.Generators, choice_temperature: float = 4.5,
+                generator: sampling.Generators, choice_temperature: float = 4.5, top_k: int | None = None,
                 callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Low-res token ids (B·num_images, h, w) for B prompts, prompt-major. `generator`: one, or one
-    per output row. `negative` (B or 1 rows) replaces the unconditional branch of guidance."""
+    per output row. `negative` (B or 1 rows) replaces the unconditional branch of guidance. `top_k`:
+    each token drawn among the k likeliest codes (None: the whole codebook)."""
     guided = bool((torch.as_tensor(guidance_scale) != 0).any())
     ctx, uncond = stage_contexts(base, cond, negative, guided=guided, repeat=num_images)
     ids = sampling.generate(base, ctx, uncond, steps=steps, guidance_scale=guidance_scale, generator=generator,
-                            choice_temperature=choice_temperature, callback=callback)
+                            choice_temperature=choice_temperature, top_k=top_k, callback=callback)
     side = base.config.tokens_per_side
     return ids.view(-1, side, side)
 
@@ -102,14 +103,16 @@ def base_tokens(base: MaskedTransformer, cond: TextCondition, negative: TextCond
 def superres_tokens(superres: SuperResTransformer, cond: TextCondition, lo_ids: torch.Tensor,
                     negative: TextCondition | None = None, *, steps: int = 8,
                     guidance_scale: float | torch.Tensor = 4.0, generator: sampling.Generators,
-                    choice_temperature: float = 4.5,
+                    choice_temperature: float = 4.5, top_k: int | None = None,
                     callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """High-res token ids (B', H, W) for low-res ids (B', h, w); `cond` has B' rows or divides B'
-    (then each prompt's rows are consecutive, as `base_tokens` returns them)."""
+    (then each prompt's rows are consecutive, as `base_tokens` returns them). `top_k` as in
+    `base_tokens`."""
     guided = bool((torch.as_tensor(guidance_scale) != 0).any())
     ctx, uncond = stage_contexts(superres, cond, negative, guided=guided, lo_ids=lo_ids)
     ids = sampling.generate(superres, ctx, uncond, steps=steps, guidance_scale=guidance_scale,
-                            generator=generator, choice_temperature=choice_temperature, callback=callback)
+                            generator=generator, choice_temperature=choice_temperature, top_k=top_k,
+                            callback=callback)
     side = superres.config.hi_tokens_per_side
     return ids.view(-1, side, side)
 
@@ -198,7 +201,7 @@ class MusePipeline:
                  num_images: int = 1, steps: int = 24, superres_steps: int = 8, guidance_scale: float = 4.0,
                  seed: int | None = None, output: str = "pil", superres: bool = True,
                  callback: StageCallback | None = None, choice_temperature: float = 4.5,
-                 temperature: float | None = None) -> list[Image.Image] | torch.Tensor:
+                 temperature: float | None = None, superres_top_k: int | None = None) -> list[Image.Image] | torch.Tensor:
         """Images for each prompt (prompt-major: all of prompt 0's images first).
 
         negative_prompt: one for all prompts or one per prompt; None = the unconditional branch.
@@ -208,9 +211,13 @@ class MusePipeline:
         output "pil" -> list of PIL images; "tokens" -> the last stage's ids (B·n, side, side).
         callback(stage, step, ids), stage "base" or "superres", after each decoding step.
         choice_temperature: MaskGIT's re-masking noise (`temperature` is its old name).
+        superres_top_k: super-res draws each code among its k likeliest (1: the likeliest, which keeps
+            the low-res image's colours where sampling the whole codebook sometimes does not:
+            benchmarks/RESULTS.md, "Super-res drawing the likeliest code"); None: the whole codebook.
         """
         req = Request(num_images, steps, superres_steps, guidance_scale,
-                      sampling.renamed_temperature(choice_temperature, temperature), seed, output, superres, callback)
+                      sampling.renamed_temperature(choice_temperature, temperature), seed, output, superres, callback,
+                      superres_top_k=superres_top_k)
         prompts = _prompts(prompt)
         negatives = _negatives(negative_prompt, len(prompts))
         self._check(req)
@@ -223,7 +230,7 @@ class MusePipeline:
         if not superres:
             return lo if output == "tokens" else self._to_pil(self.vqgan_lo, lo)
         hi = superres_tokens(self.superres, cond, lo, negative, steps=superres_steps, guidance_scale=guidance_scale,
-                             generator=gens, choice_temperature=req.choice_temperature,
+                             generator=gens, choice_temperature=req.choice_temperature, top_k=superres_top_k,
                              callback=_stage(callback, "superres"))
         return hi if output == "tokens" else self._to_pil(self.vqgan_hi, hi)
 
@@ -231,7 +238,8 @@ class MusePipeline:
     def inpaint(self, image: Any, mask: Any, prompt: str, negative_prompt: str | None = None, num_images: int = 1,
                 steps: int = 24, superres_steps: int = 8, guidance_scale: float = 4.0, seed: int | None = None,
                 output: str = "pil", superres: bool = True, callback: StageCallback | None = None,
-                choice_temperature: float = 4.5) -> list[Image.Image] | torch.Tensor:
+                choice_temperature: float = 4.5,
+                superres_top_k: int | None = None) -> list[Image.Image] | torch.Tensor:
         """Regenerate the masked part of `image` under `prompt`.
 
         image: PIL image, encoded bytes, a path (local or s3://) or a (3, H, W) tensor in [-1, 1].
@@ -239,7 +247,7 @@ class MusePipeline:
             regenerate.
         A token is regenerated when any pixel of its patch is masked; the rest stay fixed."""
         req = Request(num_images, steps, superres_steps, guidance_scale, choice_temperature, seed, output, superres,
-                      callback)
+                      callback, superres_top_k=superres_top_k)
         img = _load_image(image, "image")
         pixel_mask = _load_mask(mask, img.size)
         lo_img, hi_img = self._image_tensors(img, superres)
@@ -251,12 +259,13 @@ class MusePipeline:
                  negative_prompt: str | None = None, num_images: int = 1, steps: int = 24, superres_steps: int = 8,
                  guidance_scale: float = 4.0, seed: int | None = None, output: str = "pil", superres: bool = True,
                  callback: StageCallback | None = None,
-                 choice_temperature: float = 4.5) -> list[Image.Image] | torch.Tensor:
+                 choice_temperature: float = 4.5,
+                 superres_top_k: int | None = None) -> list[Image.Image] | torch.Tensor:
         """Extend `image` beyond its borders (see `editing.outpaint_canvas`): direction "all" shrinks it
         to `scale` of the side in the centre; "left"/"right"/"up"/"down" shift it so it covers `scale`
         of the canvas and the strip on that side is new. The output keeps the model's resolution."""
         req = Request(num_images, steps, superres_steps, guidance_scale, choice_temperature, seed, output, superres,
-                      callback)
+                      callback, superres_top_k=superres_top_k)
         if direction not in editing.DIRECTIONS:
             raise ValueError(f"direction must be one of {editing.DIRECTIONS}, got {direction!r}")
         if not 0 < scale < 1:
@@ -331,7 +340,7 @@ class MusePipeline:
         ctx, uncond = stage_contexts(self.superres, cond, negative, guided=req.guidance_scale != 0, lo_ids=lo)
         return editing.inpaint_tokens(self.superres, ctx, uncond, source_hi, regen_hi, steps=req.superres_steps,
                                       guidance_scale=req.guidance_scale, generator=gens,
-                                      choice_temperature=req.choice_temperature,
+                                      choice_temperature=req.choice_temperature, top_k=req.superres_top_k,
                                       callback=_stage(req.callback, "superres"))
 
     def _image_tensors(self, img: Image.Image, superres: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -367,6 +376,9 @@ class MusePipeline:
         g = req.guidance_scale
         if not isinstance(g, (int, float)) or isinstance(g, bool) or g < 0:
             raise ValueError(f"guidance_scale must be a number >= 0, got {g!r}")
+        k = req.superres_top_k
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise ValueError(f"superres_top_k must be an integer >= 1 or None, got {k!r}")
         if req.output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {req.output!r}")
         if req.superres and self.superres is None:
@@ -388,6 +400,7 @@ class Request:
     superres: bool = True
     callback: StageCallback | None = None
     steps_name: str = "steps"
+    superres_top_k: int | None = None
 
 
 def _stage(callback: StageCallback | None, stage: str) -> Callable[[int, torch.Tensor], None] | None:

@@ -49,6 +49,6 @@ def build_app(args: AppArgs) -> Application:
     if checkpoint.has_component(root, "superres") and checkpoint.has_component(root, "vqgan_hi"):
         superres = deployment(SuperResGenerator, "SuperResGenerator", args.superres.options()).bind(
             root, device, args.superres.batching, sampling.choice_temperature, sampling.preview_every,
-            sampling.compile, args.limits.request_timeout_s)
+            sampling.compile, args.limits.request_timeout_s, sampling.superres_top_k)
     decoder = deployment(Decoder, "Decoder", args.decoder.options()).bind(root, device)
     return deployment(Ingress, "Ingress", args.ingress.options()).bind(text, base, superres, decoder, args)

@@ -119,6 +119,8 @@ class Sampling(Strict):
     superres_steps: int = Field(8, ge=1)  # super-res decoding steps (Muse: 8)
     guidance_scale: float = Field(4.0, ge=0)
     choice_temperature: float = Field(4.5, ge=0)  # MaskGIT's annealed Gumbel noise on the re-masking confidence
+    # Super-res draws each code among its k likeliest (1: the likeliest); None: the whole codebook (Muse).
+    superres_top_k: int | None = Field(None, ge=1)
     # torch.compile each generator's step (CUDA graphs on GPU); eager if that fails. The scheduler's
     # batches change shape as requests join and leave: each new shape compiles once, up to torch's
     # recompile limit, and runs eagerly past it.

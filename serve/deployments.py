@@ -102,7 +102,8 @@ class _TokenGenerator:
     component = ""
 
     def __init__(self, checkpoint_root: str, device: str, batching: Batching, choice_temperature: float,
-                 preview_every: int, compile_step: bool = False, stuck_after_s: float = 300.0):
+                 preview_every: int, compile_step: bool = False, stuck_after_s: float = 300.0,
+                 top_k: int | None = None):
         torch.set_num_threads(1)  # one thread per replica: replicas share the node's cores
         self.device = torch.device(device)
         self.model = checkpoint.load_component(checkpoint.component_uri(checkpoint_root, self.component),
@@ -111,7 +112,7 @@ class _TokenGenerator:
             self.model.config.hi_tokens_per_side
         if compile_step:
             self.model.compile_step()
-        self.choice_temperature = choice_temperature
+        self.choice_temperature, self.top_k = choice_temperature, top_k  # top_k: codes drawn among the k likeliest
         self.stuck_after_s = stuck_after_s
         self.preview_every = preview_every
         self.scheduler = Scheduler(self.model, batching.max_rows, batching.batch_wait_timeout_s)
@@ -147,7 +148,7 @@ class _TokenGenerator:
         task.setup(self.model, job.decode.steps, torch.full((n,), float(job.decode.guidance_scale), device=dev),
                    gens, self.choice_temperature, init_ids, fixed,
                    finish=lambda ids: Tokens(ids.view(n, self.side, self.side).cpu(),
-                                             [g.get_state() for g in gens], changed))
+                                             [g.get_state() for g in gens], changed), top_k=self.top_k)
 
     async def _stream(self, job: _Job) -> AsyncIterator[dict]:
         """Yield {"kind": "admitted"} once the scheduler takes the job, {"kind": "preview", "step",

@@ -83,10 +83,11 @@ class DecodeTask(Task):
 
     def setup(self, model, steps: int, scale: torch.Tensor, generators: list[torch.Generator],
               choice_temperature: float, init_ids: torch.Tensor | None = None,
-              fixed: torch.Tensor | None = None, finish: Callable[[torch.Tensor], Any] | None = None) -> None:
+              fixed: torch.Tensor | None = None, finish: Callable[[torch.Tensor], Any] | None = None,
+              top_k: int | None = None) -> None:
         B, N, mask_id, dev = self.rows, model.num_tokens, model.mask_token_id, scale.device
         self.mask_id, self.N, self.requested_steps = mask_id, N, steps
-        self.scale, self.choice_temperature, self.finish = scale, choice_temperature, finish
+        self.scale, self.choice_temperature, self.finish, self.top_k = scale, choice_temperature, finish, top_k
         self.ids = sampling.initial_ids(B, N, mask_id, dev, init_ids, fixed)
         self.draws = sampling.row_uniforms(generators, (B, steps, 2, N), dev)  # as generate draws them
         n_free = (self.ids == mask_id).sum(dim=1)
@@ -103,7 +104,7 @@ class DecodeTask(Task):
     def advance(self, logits: torch.Tensor) -> None:
         ids, masked, step, dev = self.ids, self.masked, self.step, self.ids.device
         B, N = ids.shape
-        picked, logp = sampling.sample_tokens(logits, self.draws[:, step, 0][masked])
+        picked, logp = sampling.sample_tokens(logits, self.draws[:, step, 0][masked], top_k=self.top_k)
         sampled = ids.masked_scatter(masked, picked)
         noise_scale = self.choice_temperature * (1.0 - (step + 1) / self.steps)
         confidence = torch.full((B, N), float("inf"), device=dev)

@@ -194,6 +194,7 @@ def photo() -> Image.Image:
     (lambda p, im: p("a cat", guidance_scale=-1.0), "guidance_scale"),
     (lambda p, im: p("a cat", output="jpeg"), "output"),
     (lambda p, im: p("a cat", seed=-1), "seed"),
+    (lambda p, im: p("a cat", superres_top_k=0), "superres_top_k"),
     (lambda p, im: p(["a", "b"], negative_prompt=["c"]), "negative_prompt"),
     (lambda p, im: p.inpaint(im, np.ones((64, 64)), "a cat", steps=1), "mask"),
     (lambda p, im: p.inpaint(im, np.zeros((96, 96)), "a cat", steps=1), "mask"),
@@ -250,6 +251,31 @@ def test_edit_changes_part_of_the_tokens_and_superres_keeps_unchanged_regions(pi
     kept = (lo == lo_src).repeat_interleave(2, 0).repeat_interleave(2, 1)  # lo token -> 2x2 hi tokens
     assert torch.equal(hi[kept], hi_src[kept])
     assert pipe.edit(photo, "a red circle", iterations=2, superres_steps=1, seed=0)[0].size == (128, 128)
+
+
+def test_superres_top_k_one_draws_the_likeliest_code(pipe, photo):
+    """With one super-res step every position is decoded at once: under superres_top_k=1 each is the
+    likeliest code of the guided logits; sampling the whole codebook draws others."""
+    from muse import sampling
+    from muse.pipeline import stage_contexts
+
+    lo = pipe("a red circle", seed=2, output="tokens", superres=False, steps=3)
+    hi = pipe("a red circle", seed=2, output="tokens", steps=3, superres_steps=1, superres_top_k=1)
+    ctx, uncond = stage_contexts(pipe.superres, pipe.encode_prompts(["a red circle"]), None, guided=True, lo_ids=lo)
+    N = pipe.superres.num_tokens
+    with torch.no_grad():
+        logits = sampling.guided_logits(pipe.superres, torch.full((1, N), pipe.superres.mask_token_id), ctx,
+                                        sampling.cfg_context(ctx, uncond), torch.tensor([4.0]),
+                                        torch.ones(1, N, dtype=torch.bool))
+    assert torch.equal(hi.view(1, N), logits.argmax(-1).view(1, N))
+    sampled = pipe("a red circle", seed=2, output="tokens", steps=3, superres_steps=1)
+    assert not torch.equal(sampled, hi)
+    # Inpainting's super-res stage takes it too: the kept half stays, the regenerated half is drawn otherwise.
+    mask = np.zeros((96, 96), np.uint8)
+    mask[:, 48:] = 255
+    a = pipe.inpaint(photo, mask, "a red circle", seed=0, output="tokens", steps=3, superres_steps=2, superres_top_k=1)
+    b = pipe.inpaint(photo, mask, "a red circle", seed=0, output="tokens", steps=3, superres_steps=2)
+    assert not torch.equal(a, b) and torch.equal(a[0, :, :8], b[0, :, :8])
 
 
 def test_superres_tokens_accepts_prompt_major_rows(pipe):

@@ -17,11 +17,16 @@ from serve.deployments import BaseGenerator, Decode, TextEncoder
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def root(tmp_path_factory) -> str:
     from muse.checkpoint import init_model_root
 
     root = str(tmp_path_factory.mktemp("sched") / "root")
     init_model_root("tiny", root, components=("text_encoder", "vqgan_lo", "base"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def models(root):
     return TextEncoder(root), BaseGenerator(root, "cpu", Batching(max_rows=64, batch_wait_timeout_s=0.0), 4.5, 2)
 
 
@@ -82,6 +87,18 @@ def test_scheduled_decodes_match_the_library(models):
     want = editing.edit_tokens(base.model, ctx, unc, src, iterations=4, fraction=0.1, guidance_scale=4.0,
                                generator=sampling.image_generators(2, 1))
     assert torch.equal(got.ids, want)
+
+
+def test_a_generator_with_top_k_draws_as_the_library_does(models, root):
+    """A replica's `top_k` (serve's sampling.superres_top_k for super-res) reaches every step."""
+    text, base = models
+    greedy = BaseGenerator(root, "cpu", Batching(max_rows=64, batch_wait_timeout_s=0.0), 4.5, 2, top_k=1)
+    cond = text.encode("a blue square")
+    got = asyncio.run(greedy.generate(cond, Decode(2, 5, 3.0, 4)))
+    want = base_tokens(greedy.model, TextCondition(cond.emb, cond.mask), num_images=2, steps=5, guidance_scale=3.0,
+                       generator=sampling.image_generators(4, 2), top_k=1)
+    assert torch.equal(got.ids, want)
+    assert not torch.equal(got.ids, asyncio.run(base.generate(cond, Decode(2, 5, 3.0, 4))).ids)
 
 
 def test_row_budget_cancellation_and_poison(models):
