@@ -1,8 +1,9 @@
 """The model UDFs of tokenization: models loaded once per actor in `__init__`, called per batch.
 
 The image tokenizers share one Ray Data actor pool (`ImageTokens`; on CPU `PartTokens`, which also
-reads, decodes and writes whole parts), the text model has its own (`pipelines.tokenize.build`). Rows that an earlier stage rejected, and the end rows of parts (see
-`pipelines.readers`), pass through without a model call and get nulls in the new columns.
+reads, decodes and writes whole parts), the text model has its own (`pipelines.tokenize.build`).
+Rows that an earlier stage rejected, and the end rows of parts (see `pipelines.readers`), pass
+through without a model call and get nulls in the new columns.
 """
 
 from __future__ import annotations

@@ -34,8 +34,8 @@ re-run would count them again. The manifest skips whole parts unopened.
 
 Faults: every S3 request is retried with backoff by the filesystem (`muse.storage`); a read or write
 task that still fails on I/O is retried by Ray, and a part in a CPU actor is redone, each at most
-`io_task_retries` times. A source that is itself bad is a
-counted reject; any other error is a bug and fails the job.
+`io_task_retries` times. A source that is itself bad is a counted reject; any other error is a bug
+and fails the job.
 
 Text storage (`text_storage` in the config):
 - "ids" (default): T5/ByT5 token ids trimmed to the true length, ~100-500 bytes per caption.
@@ -139,6 +139,7 @@ def build(cfg: TokenizeConfig, parts: list[readers.Part], models: Models, lo_siz
                            "batch_size": cfg.vqgan_hi.batch_size})
     actor = {"tokenizers": tokenizers, "device": _device(cfg.vqgan_lo), "precision": cfg.precision,
              "num_cpus": cfg.vqgan_lo.num_cpus}
+    write = {"out": output, "run": run, "schema": schema, "examples": cfg.examples_per_reason}
     in_actors = decodes_in_actors(cfg)
     if in_actors:
         # Whole parts in the actors: the part list's reads claim what the pool's actors claim, so
@@ -146,7 +147,6 @@ def build(cfg: TokenizeConfig, parts: list[readers.Part], models: Models, lo_siz
         # actor writes too. Only the parts' records leave it.
         memory = cfg.preprocess.memory_mb * 2**20
         ds = readers.part_list(parts, num_cpus=cfg.vqgan_lo.num_cpus, num_gpus=cfg.vqgan_lo.num_gpus, memory=memory)
-        write = {"out": output, "run": run, "schema": schema, "examples": cfg.examples_per_reason}
         ds = _pool(ds, PartTokens, actor | {"rows": cfg.vqgan_lo.batch_size, "reader": cfg.reader,
                                             "preprocess": decode | {"cfg": cfg.preprocess},
                                             "write": write if ids_only else None, "retries": cfg.io_task_retries},
@@ -164,8 +164,7 @@ def build(cfg: TokenizeConfig, parts: list[readers.Part], models: Models, lo_siz
         return ds  # written by the actors
     # Workers write: a task per block, part of the stream, so Ray Data's backpressure reaches it.
     return ds.map_batches(shards.write_block, batch_format="pyarrow", batch_size=None, num_cpus=cfg.write_cpus,
-                          fn_kwargs={"out": output, "run": run, "schema": schema,
-                                     "examples": cfg.examples_per_reason}, **io_retries)
+                          fn_kwargs=write, **io_retries)
 
 
 class Coordinator:
