@@ -110,6 +110,20 @@ def provenance_check(served, pipe, args, steps: int | None) -> dict:
             "max_abs_pixel_difference": int(diff.max()), "matches": bool(diff.mean() < 0.5)}
 
 
+def training_precision(cfg) -> dict[str, str]:
+    """What each training stage ran in on this machine (run.cpu_bf16 takes effect only where the CPU
+    has bf16 instructions): demos of two machines differ where this does."""
+    import torch
+
+    from jobs.parallel import uses_bf16
+
+    def precision(section) -> str:
+        device = torch.device("cuda" if section.scaling.use_gpu else "cpu")
+        return "bf16 autocast" if uses_bf16(device, section.run.bf16, section.run.cpu_bf16) else "fp32"
+
+    return {stage: precision(getattr(cfg, stage)) for stage in ("vqgan", "base", "superres")}
+
+
 ATTRIBUTES = (("color", "colour"), ("shape", "shape"), ("count", "count"), ("placement", "placement"),
               ("correct", "whole scene"))
 
@@ -207,6 +221,7 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
         report["served_matches_checkpoint"] = provenance_check(served, pipe, args, eval_steps)
         timings["eval_s"] = time.time() - start
         report["stages"] = stages
+        report["precision"] = training_precision(train_cfg)
         report["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
         report["served_from"] = {"url": url, "checkpoint": root, "size": size}
         storage.write_text(storage.join(output, "report.json"), json.dumps(report, indent=1))
@@ -220,6 +235,7 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
     print(f"\n[demo] done in {minutes:.1f} min. The attribute judge on served images (chance level in brackets):",
           flush=True)
     print(judge_table(report), flush=True)
+    print("[demo] trained in " + ", ".join(f"{stage}: {p}" for stage, p in report["precision"].items()), flush=True)
     print(f"\n[demo] outputs in {output}:\n"
           f"  grid.png, grid_base.png   prompt -> served image, full chain and base stage, with the verdicts\n"
           f"  report.json               every figure above, stage times, the provenance check\n"

@@ -52,6 +52,11 @@ def test_demo_loop_end_to_end(ray_session, tmp_path):
     assert saved["judge_base"]["seen"]["n"] == 3 and "chance" in saved["judge_base"]  # base stage alone
     assert (out / "grid.png").exists() and (out / "grid_base.png").exists()
     assert set(saved["psnr_db"]) == {"vqgan_lo", "vqgan_hi"}
+    from jobs.parallel import cpu_runs_bf16
+
+    assert saved["precision"]["vqgan"] == "fp32"  # the demo's transformers ask for bf16 where the CPU has it
+    assert saved["precision"]["base"] == saved["precision"]["superres"] == \
+        ("bf16 autocast" if cpu_runs_bf16() else "fp32")
 
     # Served images come from the trained checkpoint: identical to this process's pipeline on the
     # trained root, and different from the same pipeline with random weights.
