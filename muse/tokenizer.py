@@ -148,29 +148,30 @@ def load_tokenizer(uri: str):
         if storage.exists(converted):
             return TokenizerJsonIds(storage.read_text(converted)), max_length
         uri, cfg = cfg.name_or_path, None
-    tok_class = _tokenizer_class(uri)
-    if cfg is not None and tok_class.startswith("ByT5"):
-        return ByT5Ids(), max_length  # byte-level: no vocabulary files
-    tok_json = storage.join(uri, TOKENIZER_JSON)
-    if tok_class in TOKENIZER_JSON_CLASSES and storage.exists(tok_json):
-        return TokenizerJsonIds(storage.read_text(tok_json)), max_length
-    return _transformers_tokenizer(uri), max_length
+    # A Hugging Face ByT5 folder keeps its own settings: only muse's ByT5 is the default ByT5Ids copies.
+    return load_saved_tokenizer(uri, byt5_ids=cfg is not None), max_length
 
 
 # The files a tokenizer saves beside a text encoder's weights (transformers' `save_pretrained`).
 SAVED_TOKENIZER_FILES = (TOKENIZER_JSON, "tokenizer_config.json", "special_tokens_map.json")
 
 
-def load_saved_tokenizer(directory: str):
-    """The tokenizer a text-encoder component saved beside its weights, as `TextEncoder` calls it:
-    ByT5 and a tokenizer.json without importing transformers (~1.5 s in every process that loads a
-    text encoder: Serve's replica, each training worker), anything else through transformers."""
-    tok_class = _tokenizer_class(directory)
-    if tok_class.startswith("ByT5"):
-        return ByT5Ids()
-    if tok_class in TOKENIZER_JSON_CLASSES and storage.exists(storage.join(directory, TOKENIZER_JSON)):
-        files = {name: storage.read_text(storage.join(directory, name)) for name in SAVED_TOKENIZER_FILES
-                 if storage.exists(storage.join(directory, name))}
+def load_saved_tokenizer(directory: str, byt5_ids: bool = True):
+    """The tokenizer saved in `directory` (local or s3://), as `TextEncoder` calls it: ByT5 (as
+    `ByT5Ids` when `byt5_ids`) and a tokenizer.json without importing transformers (~1.5 s in every
+    process that loads a text encoder: Serve's replica, each training worker), anything else through
+    transformers. Each file is read once."""
+    files = {}
+    for name in SAVED_TOKENIZER_FILES:
+        try:
+            files[name] = storage.read_text(storage.join(directory, name))
+        except FileNotFoundError:
+            pass
+    tok_class = json.loads(files["tokenizer_config.json"]).get("tokenizer_class", "") \
+        if "tokenizer_config.json" in files else ""
+    if byt5_ids and tok_class.startswith("ByT5"):
+        return ByT5Ids()  # byte-level: no vocabulary files
+    if tok_class in TOKENIZER_JSON_CLASSES and TOKENIZER_JSON in files:
         return TokenizerJsonIds(files[TOKENIZER_JSON], files)
     return _transformers_tokenizer(directory)
 

@@ -106,8 +106,8 @@ class PartTokens:
     """All of tokenization for whole parts, in one actor: what CPU actors get, where any split only
     moves data between processes on the same cores. For each part (`pipelines.readers.part_list`
     rows) it reads the rows (`readers.read_part`), decodes them (`preprocess_batch` keyword arguments
-    in `preprocess`), encodes them with every image tokenizer of the root (`ImageTokens`), `rows` at a
-    time, and with `write` (`shards.write_block` keyword arguments) writes the part's shard and
+    in `preprocess`), encodes them with every image tokenizer of the root (`ImageTokens`), the first
+    tokenizer's batch_size rows at a time, and with `write` (`shards.write_block` keyword arguments) writes the part's shard and
     returns its record only. Without `write` (a text pool follows) it returns the tokenized rows.
 
     A storage error that outlasts the filesystem's own retries of each request (a stream broken
@@ -115,10 +115,11 @@ class PartTokens:
     the loop Ray would run for a task; Ray Data cannot bound its retries of an actor's task, so a
     lasting error would loop for ever. A redone part writes the same file and returns one record."""
 
-    def __init__(self, tokenizers: list[dict], device: str, precision: str, num_cpus: float, rows: int,
+    def __init__(self, tokenizers: list[dict], device: str, precision: str, num_cpus: float,
                  reader, preprocess: dict, write: dict | None = None, retries: int = 4):
         self.tokens = ImageTokens(tokenizers, device, precision, num_cpus)
-        self.rows, self.reader, self.preprocess, self.write, self.retries = rows, reader, preprocess, write, retries
+        self.rows = tokenizers[0]["batch_size"]
+        self.reader, self.preprocess, self.write, self.retries = reader, preprocess, write, retries
         if preprocess.get("text_ids"):
             cached_tokenizer(preprocess["text_ids"])  # loaded with the models, not in the first part
 

@@ -38,7 +38,7 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -88,8 +88,7 @@ class Part:
     items: tuple[tuple[str, str | None, str | None], ...] = ()
 
     def to_json(self) -> str:
-        return json.dumps({"id": self.id, "format": self.format, "uri": self.uri, "start": self.start,
-                           "stop": self.stop, "items": self.items})
+        return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> Part:

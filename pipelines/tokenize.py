@@ -147,8 +147,7 @@ def build(cfg: TokenizeConfig, parts: list[readers.Part], models: Models, lo_siz
         # actor writes too. Only the parts' records leave it.
         memory = cfg.preprocess.memory_mb * 2**20
         ds = readers.part_list(parts, num_cpus=cfg.vqgan_lo.num_cpus, num_gpus=cfg.vqgan_lo.num_gpus, memory=memory)
-        ds = _pool(ds, PartTokens, actor | {"rows": cfg.vqgan_lo.batch_size, "reader": cfg.reader,
-                                            "preprocess": decode | {"cfg": cfg.preprocess},
+        ds = _pool(ds, PartTokens, actor | {"reader": cfg.reader, "preprocess": decode | {"cfg": cfg.preprocess},
                                             "write": write if ids_only else None, "retries": cfg.io_task_retries},
                    cfg.vqgan_lo, None, memory=memory)
     else:

@@ -427,7 +427,7 @@ def _part_tokens(root: str, cfg, out: str, retries: int):
     schema = shards.shard_schema(has_hi=False, text_storage="ids",
                                  meta={"tokens_lo_side": 8, "tokens_hi_side": None, "text_storage": "ids", "text_dim": 64})
     tokenizers = [{"uri": models.vqgan_lo, "pixels": "pixels_lo", "tokens": "tokens_lo", "batch_size": 2}]
-    return PartTokens(tokenizers, "cpu", "fp32", 1, rows=3, reader=cfg.reader,
+    return PartTokens(tokenizers, "cpu", "fp32", 1, reader=cfg.reader,
                       preprocess={"lo_size": 64, "hi_size": None, "text_ids": models.text_encoder, "cfg": cfg.preprocess},
                       write={"out": out, "run": "r", "schema": schema, "examples": 2}, retries=retries)
 
