@@ -192,7 +192,13 @@ def load_component(uri: str, device: str | torch.device = "cpu", expect_kind: st
             raise CheckpointError(f"{weights} in {uri} is corrupt or does not match its config: {e}") from e
 
         def build() -> nn.Module:
-            return model_cls.from_saved(config, local) if hasattr(model_cls, "from_saved") else model_cls(config)
+            if not hasattr(model_cls, "from_saved"):
+                return model_cls(config)
+            try:  # files beside the weights (a text encoder's architecture and tokenizer)
+                return model_cls.from_saved(config, local)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{uri}: the files beside {WEIGHTS_FILE} are missing or unreadable: "
+                                      f"{type(e).__name__}: {e}") from e
 
         with meta_device():
             model = build()
@@ -261,11 +267,15 @@ def _localise(uri: str, tmp: str) -> str:
     return tmp
 
 
+def slot_role(name: str) -> str:
+    """The role a model-root slot holds: "vqgan" for vqgan_lo / vqgan_hi, else the slot's name."""
+    return "vqgan" if name.startswith("vqgan") else name
+
+
 def build_component(name: str, config: Any) -> nn.Module:
     """A randomly initialised component for a model-root slot (its kind follows from the config)."""
     kind = kind_of_config(config)
-    role = "vqgan" if name.startswith("vqgan") else name
-    if KINDS[kind].role != role:
+    if KINDS[kind].role != slot_role(name):
         raise ValueError(f"a {kind!r} config cannot fill the {name!r} slot")
     _, cls = _kinds()[kind]
     return cls.build(config) if hasattr(cls, "build") else cls(config)

@@ -67,7 +67,7 @@ def init_main(argv: list[str] | None = None) -> None:
     print(f"wrote a random {args.preset} model root to {args.out}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
         print("usage: muse <command> [options]   (muse <command> --help for each)\n\ncommands:")
@@ -90,4 +90,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

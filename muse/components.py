@@ -95,7 +95,10 @@ def read_meta(uri: str) -> dict[str, Any]:
         raise CheckpointError(f"{cfg_uri} is not valid JSON: {e}") from e
     if not isinstance(meta, dict) or "kind" not in meta or "config" not in meta:
         raise CheckpointError(f"{cfg_uri} is not a muse component config (needs 'kind' and 'config')")
-    if meta.get("format_version", 1) > FORMAT_VERSION:
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{cfg_uri}: format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{cfg_uri}: format_version {meta['format_version']} is newer than this code")
     if meta["kind"] not in KINDS:
         raise CheckpointError(f"{cfg_uri}: unknown kind {meta['kind']!r}; known {sorted(KINDS)}")

@@ -41,12 +41,15 @@ def upsample_token_mask(mask: torch.Tensor, tokens_per_side: int) -> torch.Tenso
     return F.interpolate(mask[:, None].float(), size=(tokens_per_side, tokens_per_side), mode="nearest")[:, 0] > 0
 
 
-def outpaint_canvas(images: torch.Tensor, direction: str = "all", scale: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+def outpaint_canvas(images: torch.Tensor, direction: str = "all", scale: float = 0.5,
+                    known: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Place images (B, 3, H, W) on a canvas of the same size and mark what to generate.
 
     direction "all": the image is shrunk to `scale` of the side and centred; the border is new.
     "left" / "right" / "up" / "down": the image keeps its size and is shifted away from that side so
     that it covers `scale` of the canvas; the uncovered strip on that side is new.
+    known (B, H, W) bool: where the images hold a picture (default everywhere; a letterboxed image's
+    bands are not), moved with it, so the rest is new as well.
     Returns (canvas (B, 3, H, W) with 0 = grey where new, pixel mask (B, H, W) bool, True = new).
     """
     if direction not in DIRECTIONS:
@@ -54,28 +57,29 @@ def outpaint_canvas(images: torch.Tensor, direction: str = "all", scale: float =
     if not 0 < scale < 1:
         raise ValueError(f"scale must be in (0, 1), got {scale}")
     B, C, H, W = images.shape
+    source = torch.ones(B, H, W, dtype=torch.bool, device=images.device) if known is None else known.bool()
     canvas = images.new_zeros(B, C, H, W)
-    known = torch.zeros(B, H, W, dtype=torch.bool, device=images.device)
+    placed = torch.zeros(B, H, W, dtype=torch.bool, device=images.device)
     if direction == "all":
         h, w = max(1, round(H * scale)), max(1, round(W * scale))
         top, left = (H - h) // 2, (W - w) // 2
         canvas[:, :, top:top + h, left:left + w] = F.interpolate(  # float32: no low-precision kernel on CPU
             images.float(), size=(h, w), mode="bilinear", antialias=True, align_corners=False
         ).to(images.dtype)
-        known[:, top:top + h, left:left + w] = True
+        placed[:, top:top + h, left:left + w] = F.interpolate(source[:, None].float(), size=(h, w))[:, 0] > 0.5
     elif direction in ("left", "right"):
         keep = max(1, round(W * scale))
         if direction == "left":  # new content on the left: the image's left part moves right
-            canvas[..., W - keep:], known[..., W - keep:] = images[..., :keep], True
+            canvas[..., W - keep:], placed[..., W - keep:] = images[..., :keep], source[..., :keep]
         else:
-            canvas[..., :keep], known[..., :keep] = images[..., W - keep:], True
+            canvas[..., :keep], placed[..., :keep] = images[..., W - keep:], source[..., W - keep:]
     else:
         keep = max(1, round(H * scale))
         if direction == "up":
-            canvas[..., H - keep:, :], known[:, H - keep:, :] = images[..., :keep, :], True
+            canvas[..., H - keep:, :], placed[:, H - keep:, :] = images[..., :keep, :], source[:, :keep, :]
         else:
-            canvas[..., :keep, :], known[:, :keep, :] = images[..., H - keep:, :], True
-    return canvas, ~known
+            canvas[..., :keep, :], placed[:, :keep, :] = images[..., H - keep:, :], source[:, H - keep:, :]
+    return canvas, ~placed
 
 
 def inpaint_tokens(
@@ -129,7 +133,7 @@ def edit_tokens(
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     shape, B = ids.shape, ids.shape[0]
-    cur = ids.reshape(B, -1).long()
+    cur = ids.reshape(B, -1).long().to(context.mask.device)
     N, mask_id = cur.shape[1], model.mask_token_id
     gens = sampling.row_generators(generator, B)
     scale = sampling.guidance_scales(guidance_scale, B, cur.device)
@@ -138,7 +142,12 @@ def edit_tokens(
         raise ValueError("guidance_scale != 0 needs an uncond_context")
     joint = sampling.cfg_context(context, uncond_context) if guided else None
     allowed = torch.ones_like(cur, dtype=torch.bool) if editable is None else editable.reshape(B, N).bool()
-    n_pick = (allowed.sum(dim=1).float() * fraction).round().clamp(min=1).long()  # (B,)
+    allowed = allowed.to(cur.device)
+    n_allowed = allowed.sum(dim=1)
+    # At least one position per row, and none in a row with nothing editable.
+    n_pick = torch.minimum((n_allowed.float() * fraction).round().clamp(min=1).long(), n_allowed)  # (B,)
+    if not bool(n_allowed.any()):
+        return ids.clone()
     draws = sampling.row_uniforms(gens, (B, iterations, 2, N), cur.device)  # [which positions, token sample]
 
     with torch.no_grad():
@@ -146,7 +155,7 @@ def edit_tokens(
             # A random subset of n_pick allowed positions per row: the lowest random scores.
             scores = draws[:, it, 0].masked_fill(~allowed, 2.0)
             ranks = scores.argsort(dim=1).argsort(dim=1)
-            pick = ranks < n_pick[:, None]  # (B, N)
+            pick = (ranks < n_pick[:, None]) & allowed  # (B, N)
             inputs = torch.where(pick, torch.full_like(cur, mask_id), cur)
             logits = sampling.guided_logits(model, inputs, context, joint, scale, pick)
             sampled, _ = sampling.sample_tokens(logits, draws[:, it, 1][pick], top_k=top_k)

@@ -41,7 +41,8 @@ def _common(parser: argparse.ArgumentParser, steps: bool = True) -> None:
                             help="super-res draws each code among its k likeliest (1: the likeliest; default: "
                                  "the whole codebook)")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
-    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the request: image i draws from a generator seeded from (seed, i), so no two seeds share "
+                        "an image and the same seed and settings give the same images (default 0)")
     parser.add_argument("--no-superres", action="store_true",
                         help="stop at the base resolution (a root without a super-res stage always does)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -58,7 +59,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             description="Regenerate the masked part of an image under a prompt; the rest is kept.")
         p.add_argument("--image", required=True, help="input image file (local path or s3://)")
         p.add_argument("--mask", required=True,
-                       help="mask image of the same size: white (non-zero) = regenerate, black = keep")
+                       help="mask image of the same size: white = regenerate, black = keep; in a mask with "
+                            "transparency, the transparent pixels are regenerated (as the HTTP API reads one)")
         _common(p)
     elif command == "outpaint":
         p = argparse.ArgumentParser(prog="muse outpaint", description="Extend an image beyond its borders.")
@@ -87,8 +89,16 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 def run(command: str, args: argparse.Namespace) -> list[str]:
     """Run a parsed command; returns the paths written."""
+    import torch
+
     from muse.pipeline import MusePipeline
 
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this PyTorch sees no CUDA device (torch {torch.__version__})")
     if args.checkpoint:
         pipe = MusePipeline.from_pretrained(args.checkpoint, device=args.device)
     else:

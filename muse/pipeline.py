@@ -16,17 +16,17 @@ the other images, and no two seeds share an image.
 from __future__ import annotations
 
 import operator
-import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
-from muse import checkpoint, editing, sampling, storage
-from muse.data.images import ImageRejected, decode_image, pil_to_tensor, tensor_to_pil, to_rgb
+from muse import checkpoint, editing, sampling
 from muse.context import Context
+from muse.data.images import pil_to_tensor, tensor_to_pil
+from muse.image_inputs import centre_square, letterbox, load_image, load_mask
 from muse.transformer import MaskedTransformer, SuperResTransformer
 
 OUTPUTS = ("pil", "tokens")
@@ -135,12 +135,20 @@ class MusePipeline:
     # -- construction --------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, root_uri: str, device: str | torch.device = "cpu") -> MusePipeline:
-        """Load a model root (local path, file:// or s3://). vqgan_hi + superres are loaded when present."""
-        parts = {name: checkpoint.load_component(checkpoint.component_uri(root_uri, name), device=device)
-                 for name in checkpoint.REQUIRED_COMPONENTS}
-        if checkpoint.has_component(root_uri, "superres") or checkpoint.has_component(root_uri, "vqgan_hi"):
-            for name in ("vqgan_hi", "superres"):
-                parts[name] = checkpoint.load_component(checkpoint.component_uri(root_uri, name), device=device)
+        """Load a model root (local path, file:// or s3://). vqgan_hi + superres are loaded when both
+        are there; a root with only one of them (super-res still training) loads without super-res,
+        with a warning."""
+        def load(name: str) -> torch.nn.Module:
+            return checkpoint.load_component(checkpoint.component_uri(root_uri, name), device=device,
+                                             expect_kind=checkpoint.slot_role(name))
+
+        parts = {name: load(name) for name in checkpoint.REQUIRED_COMPONENTS}
+        present = [name for name in ("vqgan_hi", "superres") if checkpoint.has_component(root_uri, name)]
+        if len(present) == 2:
+            parts.update({name: load(name) for name in present})
+        elif present:
+            warnings.warn(f"{root_uri} has {present[0]}/ but not {({'vqgan_hi', 'superres'} - set(present)).pop()}/: "
+                          "loading it without the super-res stage", stacklevel=2)
         return cls(**parts)
 
     @classmethod
@@ -245,14 +253,19 @@ class MusePipeline:
         image: PIL image, encoded bytes, a path (local or s3://) or a (3, H, W) tensor in [-1, 1].
         mask: same size as the image (PIL image, image file/bytes, array or tensor (H, W)); non-zero =
             regenerate.
-        A token is regenerated when any pixel of its patch is masked; the rest stay fixed."""
+        A token is regenerated when any pixel of its patch is masked; the rest stay fixed. The model
+        sees the centre square of a non-square image (`muse.image_inputs`)."""
         req = Request(num_images, steps, superres_steps, guidance_scale, choice_temperature, seed, output, superres,
                       callback, superres_top_k=superres_top_k)
-        img = _load_image(image, "image")
-        pixel_mask = _load_mask(mask, img.size)
+        img = load_image(image, "image")
+        pixel_mask = load_mask(mask, img.size)
         lo_img, hi_img = self._image_tensors(img, superres)
-        side = self.base.config.tokens_per_side
-        regen = editing.token_mask_from_pixels(_square_mask(pixel_mask)[None], side)  # (1, h, w)
+        square = centre_square(pixel_mask)
+        if not square.any():
+            raise ValueError(f"the mask lies outside the centre {square.shape[0]}x{square.shape[0]} square of the "
+                             f"{img.width}x{img.height} image, which is all the model sees of it: crop the image "
+                             "to a square around what to repaint")
+        regen = editing.token_mask_from_pixels(square[None], self.base.config.tokens_per_side)  # (1, h, w)
         return self._fill(lo_img, hi_img, regen, prompt, negative_prompt, req)
 
     def outpaint(self, image: Any, prompt: str, direction: str = "all", scale: float = 0.5,
@@ -263,17 +276,21 @@ class MusePipeline:
                  superres_top_k: int | None = None) -> list[Image.Image] | torch.Tensor:
         """Extend `image` beyond its borders (see `editing.outpaint_canvas`): direction "all" shrinks it
         to `scale` of the side in the centre; "left"/"right"/"up"/"down" shift it so it covers `scale`
-        of the canvas and the strip on that side is new. The output keeps the model's resolution."""
+        of the canvas and the strip on that side is new. The output keeps the model's resolution. A
+        non-square image is letterboxed into the square, and its bands are drawn as well."""
         req = Request(num_images, steps, superres_steps, guidance_scale, choice_temperature, seed, output, superres,
                       callback, superres_top_k=superres_top_k)
         if direction not in editing.DIRECTIONS:
             raise ValueError(f"direction must be one of {editing.DIRECTIONS}, got {direction!r}")
         if not 0 < scale < 1:
             raise ValueError(f"scale must be in (0, 1), got {scale}")
-        img = _load_image(image, "image")
-        lo_img, hi_img = self._image_tensors(img, superres)
-        lo_canvas, new = editing.outpaint_canvas(lo_img, direction, scale)
-        hi_canvas = editing.outpaint_canvas(hi_img, direction, scale)[0] if hi_img is not None else None
+        img = load_image(image, "image")
+        pixels, inside = self._letterboxed(img, self.vqgan_lo)
+        lo_canvas, new = editing.outpaint_canvas(pixels, direction, scale, known=inside)
+        hi_canvas = None
+        if superres and self.vqgan_hi is not None:
+            pixels, inside = self._letterboxed(img, self.vqgan_hi)
+            hi_canvas = editing.outpaint_canvas(pixels, direction, scale, known=inside)[0]
         regen = editing.token_mask_from_pixels(new, self.base.config.tokens_per_side)
         return self._fill(lo_canvas, hi_canvas, regen, prompt, negative_prompt, req)
 
@@ -293,7 +310,7 @@ class MusePipeline:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-        img = _load_image(image, "image")
+        img = load_image(image, "image")
         lo_img, hi_img = self._image_tensors(img, superres)
         gens = self._generators(seed, num_images)
         cond = self.encode_prompts([prompt_])
@@ -350,6 +367,11 @@ class MusePipeline:
             return pil_to_tensor(img, vqgan.config.resolution)[None].to(self.device, dtype)
 
         return at(self.vqgan_lo), (at(self.vqgan_hi) if superres and self.vqgan_hi is not None else None)
+
+    def _letterboxed(self, img: Image.Image, vqgan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, 3, r, r) of the whole image letterboxed at vqgan's resolution, and (1, r, r) where it is."""
+        pixels, inside = letterbox(img, vqgan.config.resolution)
+        return pixels[None].to(self.device, next(vqgan.parameters()).dtype), inside[None].to(self.device)
 
     def _to_pil(self, vqgan, ids: torch.Tensor) -> list[Image.Image]:
         with torch.no_grad():
@@ -426,61 +448,6 @@ def _negatives(negative_prompt: str | Sequence[str] | None, n: int) -> list[str]
         raise ValueError(f"negative_prompt must be None, a non-empty string, or {n} non-empty strings "
                          f"(one per prompt), got {negative_prompt!r}")
     return negatives
-
-
-def _load_image(image: Any, name: str) -> Image.Image:
-    """PIL image, encoded bytes, a local/s3 path or a (3, H, W) tensor in [-1, 1] -> RGB PIL."""
-    if isinstance(image, Image.Image):
-        return to_rgb(image)
-    if isinstance(image, torch.Tensor):
-        try:
-            return tensor_to_pil(image)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
-    if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        if not path or not storage.exists(path):
-            raise ValueError(f"{name}: no file at {path!r}")
-        try:
-            image = storage.read_bytes(path)
-        except OSError as e:
-            raise ValueError(f"{name}: cannot read {path!r}: {e}") from None
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        try:
-            return decode_image(bytes(image))
-        except ImageRejected as e:
-            raise ValueError(f"{name}: not a readable image ({e})") from None
-    raise ValueError(f"{name} must be a PIL image, bytes, a path or a (3, H, W) tensor, got {type(image).__name__}")
-
-
-def _load_mask(mask: Any, size: tuple[int, int]) -> torch.Tensor:
-    """A mask the size (W, H) of the image -> (H, W) bool, True = regenerate."""
-    if isinstance(mask, (str, os.PathLike, bytes, bytearray)):
-        mask = _load_image(mask, "mask")
-    if isinstance(mask, Image.Image):
-        mask = np.asarray(mask.convert("L"))
-    if isinstance(mask, np.ndarray):
-        mask = torch.from_numpy(np.array(mask))  # a writable copy
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"mask must be a PIL image, an array or a tensor, got {type(mask).__name__}")
-    if mask.dim() == 3 and mask.shape[0] == 1:
-        mask = mask[0]
-    width, height = size
-    if tuple(mask.shape) != (height, width):
-        raise ValueError(f"mask must have the image's size {width}x{height} (H, W) = ({height}, {width}), "
-                         f"got shape {tuple(mask.shape)}")
-    masked = mask.cpu() != 0
-    if not masked.any():
-        raise ValueError("mask is empty: nothing to regenerate")
-    return masked
-
-
-def _square_mask(mask: torch.Tensor) -> torch.Tensor:
-    """The centre square of an (H, W) mask: the crop `pil_to_tensor` takes from the image."""
-    height, width = mask.shape
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
-    return mask[top:top + side, left:left + side]
 
 
 def _check_compatible(text_encoder, vqgan_lo, base, vqgan_hi, superres) -> None:

@@ -88,27 +88,40 @@ def generate(
     draws = row_uniforms(gens, (B, steps, 2, N), device)  # [token sample, confidence noise] per step
 
     n_free = (ids == mask_id).sum(dim=1)  # (B,) tokens to decode
-    steps = min(steps, int(n_free.max()))  # never more steps than tokens: each step decodes one or more
-    keep = torch.tensor(  # (steps, B): still masked after each step by the schedule
-        [[num_masked_after_step(s, steps, n, schedule) for n in n_free.tolist()] for s in range(steps)],
+    # Each row's own number of steps: never more than its tokens (each step decodes one or more), so
+    # its schedule, guidance ramp and noise do not depend on the rows batched beside it.
+    row_steps = [min(steps, n) for n in n_free.tolist()]
+    keep = torch.tensor(  # (steps, B): still masked after each step by each row's schedule
+        [[num_masked_after_step(s, rs, n, schedule) if s < rs else 0 for rs, n in zip(row_steps, n_free.tolist())]
+         for s in range(steps)],
         device=device, dtype=torch.long,
     ).reshape(steps, B)
+    # (steps, B): the guidance ramp (0 -> 1 over each row's steps) and the choice noise's scale
+    # (annealed to 0), made once so that the loop copies nothing to the device.
+    ramp_rows = [[min(s / (rs - 1), 1.0) if rs > 1 else float(rs == 1) for rs in row_steps] for s in range(steps)]
+    ramps = torch.tensor(ramp_rows, device=device).reshape(steps, B)
+    noise_scales = torch.tensor(
+        [[choice_temperature * max(0.0, 1.0 - (s + 1) / rs) if rs else 0.0 for rs in row_steps] for s in range(steps)],
+        device=device).reshape(steps, B)
+    guided_rows = (scale != 0).tolist()
+    # The unconditional branch runs only at steps where some guided row's ramp is above 0.
+    unguided_step = [not any(g and r > 0 for g, r in zip(guided_rows, row)) for row in ramp_rows]
 
     with torch.no_grad():
-        for step in range(steps):
+        for step in range(max(row_steps, default=0)):
             masked = ids == mask_id  # (B, N)
             n_masked = masked.sum(dim=1)
             if not bool(n_masked.any()):
                 break
-            ramp = step / (steps - 1) if steps > 1 else 1.0  # guidance ramps 0 -> scale
-            logits = guided_logits(model, ids, context, joint if ramp > 0 else None, scale * ramp, masked)
+            logits = guided_logits(model, ids, context, None if unguided_step[step] else joint,
+                                   scale * ramps[step], masked)
             picked, logp = sample_tokens(logits, draws[:, step, 0][masked], top_k=top_k)  # (M,), (M,)
             sampled = ids.masked_scatter(masked, picked)
 
             # Confidence of this step's samples; everything decoded earlier (or fixed) is kept.
-            noise_scale = choice_temperature * (1.0 - (step + 1) / steps)
             confidence = torch.full((B, N), float("inf"), device=device)
-            confidence[masked] = logp + noise_scale * gumbel(draws[:, step, 1][masked])
+            noise = noise_scales[step][:, None].expand(B, N)[masked]
+            confidence[masked] = logp + noise * gumbel(draws[:, step, 1][masked])
             order = confidence.argsort(dim=1, stable=True)  # least confident first
             ranks = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=device).expand(B, N))
             remain = torch.minimum(keep[step], n_masked - 1).clamp(min=0)  # MaskGIT's clamp

@@ -47,18 +47,21 @@ class ImageRejected(ValueError):
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1,
-                 draft_size: int | None = None) -> Image.Image:
+                 draft_size: int | None = None, keep_mode: bool = False) -> Image.Image:
     """Encoded bytes -> an upright 8-bit RGB PIL image, or ImageRejected.
 
     `min_side`/`max_pixels` are checked on the stored size before decoding. `draft_size` lets a JPEG
     decode at 1/2, 1/4 or 1/8 scale as long as both sides stay >= draft_size (the caller then resizes
-    to draft_size), so the result may be smaller than the stored image.
+    to draft_size), so the result may be smaller than the stored image. `keep_mode` returns the
+    decoded mode as stored (alpha kept) instead of RGB: what a mask is read from.
     """
-    return decode_image_and_size(data, max_pixels=max_pixels, min_side=min_side, draft_size=draft_size)[0]
+    return decode_image_and_size(data, max_pixels=max_pixels, min_side=min_side, draft_size=draft_size,
+                                 keep_mode=keep_mode)[0]
 
 
 def decode_image_and_size(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1,
-                          draft_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+                          draft_size: int | None = None,
+                          keep_mode: bool = False) -> tuple[Image.Image, tuple[int, int]]:
     """`decode_image`, plus the source (width, height) as displayed (after EXIF orientation)."""
     if not data:
         raise ImageRejected(CORRUPT, "empty file")
@@ -84,7 +87,7 @@ def decode_image_and_size(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, 
                 width, height = height, width  # displayed rotated by a quarter turn
             img.load()
             img = ImageOps.exif_transpose(img)
-            return to_rgb(img), (width, height)
+            return (img if keep_mode else to_rgb(img)), (width, height)
     except ImageRejected:
         raise
     except Image.DecompressionBombError as e:
@@ -133,9 +136,11 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     if (width, height) != (size, size):
         scale = size / min(width, height)
         new = (max(size, round(width * scale)), max(size, round(height * scale)))
-        img = img.resize(new, Image.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
         left, top = (new[0] - size) // 2, (new[1] - size) // 2
-        img = img.crop((left, top, left + size, top + size))
+        # Only the square's source box is resampled: resizing all of a 60000x32 strip first would
+        # take gigabytes for a few kilobytes of PNG.
+        box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
+        img = img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=3.0 if scale < 0.5 else None)
     return img
 
 

@@ -155,3 +155,30 @@ def test_mask_free_edit_rejects_bad_settings():
         editing.edit_tokens(model, ctx(1.0), ctx(0.0), ids, fraction=0.0, generator=gen(0))
     with pytest.raises(ValueError, match="iterations"):
         editing.edit_tokens(model, ctx(1.0), ctx(0.0), ids, iterations=0, generator=gen(0))
+
+
+def test_mask_free_edit_leaves_a_row_with_nothing_editable_alone():
+    model = FakeTransformer(side=8)
+    ids = torch.randint(0, 8, (2, 8, 8), generator=gen(3))
+    editable = torch.zeros(2, 8, 8, dtype=torch.bool)
+    editable[1, :4] = True  # row 0: nothing editable
+    out = editing.edit_tokens(model, ctx(1.0, 1.0), ctx(0.0), ids, iterations=10, fraction=0.25,
+                              editable=editable, generator=[gen(1), gen(2)])
+    assert torch.equal(out[0], ids[0])
+    assert torch.equal(out[1][~editable[1]], ids[1][~editable[1]]) and not torch.equal(out[1], ids[1])
+    nothing = editing.edit_tokens(model, ctx(1.0), ctx(0.0), ids[:1], iterations=3,
+                                  editable=torch.zeros(1, 8, 8, dtype=torch.bool), generator=gen(0))
+    assert torch.equal(nothing, ids[:1])
+
+
+def test_outpaint_canvas_marks_what_a_letterboxed_image_does_not_cover_as_new():
+    images = torch.rand(1, 3, 16, 16) * 2 - 1
+    known = torch.zeros(1, 16, 16, dtype=torch.bool)
+    known[:, 4:12] = True  # a 2:1 image letterboxed: bands above and below
+    canvas, new = editing.outpaint_canvas(images, "left", 0.5, known=known)
+    # The image's left half moves right; its bands stay new, and so does the strip on the left.
+    assert new[:, :, :8].all()
+    assert (~new[:, 4:12, 8:]).all() and new[:, :4, 8:].all() and new[:, 12:, 8:].all()
+    assert torch.equal(canvas[..., 4:12, 8:], images[..., 4:12, :8])
+    _, new_all = editing.outpaint_canvas(images, "all", 0.5, known=known)
+    assert int((~new_all).sum()) == 8 * 4  # the centre 8x8 holds the image's 8x4 rows that are real

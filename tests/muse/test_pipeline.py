@@ -314,3 +314,35 @@ def test_cli_bad_input_exits_2_with_a_message_and_help_exits_0(tmp_path, capsys)
             generate_cli.main([command, "--help"])
         assert exc.value.code == 0
         assert f"muse {command}" in capsys.readouterr().out
+
+
+def test_non_square_images_inpaint_their_centre_and_outpaint_whole(pipe):
+    """A 2:1 image: a mask outside the centre square the model sees is refused, not silently a
+    no-op; outpainting letterboxes the whole image, so its outer parts count."""
+    rng = np.random.default_rng(1)
+    wide = rng.integers(0, 256, (96, 192, 3), dtype=np.uint8)
+    mask = np.zeros((96, 192), np.uint8)
+    mask[:, :20] = 255  # only in the left strip the crop drops
+    with pytest.raises(ValueError, match="centre"):
+        pipe.inpaint(Image.fromarray(wide), mask, "a red circle", steps=1, superres=False)
+    other = wide.copy()
+    other[:, :40] = 255 - other[:, :40]  # differs only outside the centre square
+    kwargs = dict(direction="left", scale=0.5, seed=0, output="tokens", superres=False, steps=2)
+    a = pipe.outpaint(Image.fromarray(wide), "a red circle", **kwargs)
+    b = pipe.outpaint(Image.fromarray(other), "a red circle", **kwargs)
+    assert not torch.equal(a, b)
+
+
+def test_from_pretrained_checks_each_slot_and_loads_a_root_whose_superres_is_unfinished(tmp_path):
+    from muse.components import CheckpointError
+
+    root = tmp_path / "root"
+    checkpoint.init_model_root("tiny", str(root), seed=0)
+    (root / "superres").rename(tmp_path / "superres")  # super-res not trained yet
+    with pytest.warns(UserWarning, match="without the super-res stage"):
+        partial = MusePipeline.from_pretrained(str(root))
+    assert partial.superres is None and partial.vqgan_hi is None
+    (root / "base").rename(tmp_path / "base")
+    (root / "vqgan_hi").rename(root / "base")  # a VQGAN where the base transformer belongs
+    with pytest.raises(CheckpointError, match="expected 'base'"):
+        MusePipeline.from_pretrained(str(root))

@@ -263,3 +263,21 @@ def test_sampled_frequencies_follow_the_softmax():
     torch.testing.assert_close(logp, want.log()[ids])
     top1, _ = sampling.sample_tokens(logits[:100].clone(), u[:100], top_k=1)
     assert (top1 == 0).all()
+
+
+def test_a_row_decodes_as_alone_beside_rows_with_more_tokens_to_fill():
+    """Each row keeps its own number of steps, guidance ramp and noise: a row with 3 free tokens
+    batched beside a fully masked row decodes as it does alone (inpainting with per-row masks)."""
+    model = FakeTransformer()
+    init = torch.randint(0, K, (1, N), generator=gen(0))
+    fixed = torch.ones(1, N, dtype=torch.bool)
+    fixed[0, [2, 7, 11]] = False
+    for seed in range(12):
+        kwargs = dict(steps=8, guidance_scale=2.0, choice_temperature=4.5)
+        alone = sampling.generate(model, ctx(0.5), ctx(0.0), generator=[gen(seed)], init_ids=init, fixed=fixed,
+                                  **kwargs)
+        both = sampling.generate(model, ctx(0.5, 0.5), ctx(0.0), generator=[gen(seed), gen(seed + 100)],
+                                 init_ids=torch.cat([init, torch.full_like(init, model.mask_token_id)]),
+                                 fixed=torch.cat([fixed, torch.zeros_like(fixed)]), **kwargs)
+        assert torch.equal(both[0], alone[0]), seed
+        assert not (both == model.mask_token_id).any()

@@ -1,0 +1,80 @@
+"""Images and masks as the editing methods take them (muse/image_inputs.py): one reading of a mask
+whatever form it comes in."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from muse.image_inputs import letterbox, load_image, load_mask
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _forms(img: Image.Image, tmp_path) -> dict:
+    path = tmp_path / "mask.png"
+    img.save(path)
+    return {"pil": img, "bytes": _png(img), "path": str(path)}
+
+
+def test_transparent_pixels_are_regenerated_in_every_form(tmp_path):
+    """An RGBA mask, as OpenAI's edits take it: the transparent square is what is regenerated, read
+    the same from a PIL image, bytes or a file."""
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 3] = 255
+    rgba[8:16, 8:16, 3] = 0
+    expected = torch.zeros(32, 32, dtype=torch.bool)
+    expected[8:16, 8:16] = True
+    for form, mask in _forms(Image.fromarray(rgba, "RGBA"), tmp_path).items():
+        assert torch.equal(load_mask(mask, (32, 32)), expected), form
+
+
+def test_opaque_masks_regenerate_white_with_antialiased_edges_thresholded(tmp_path):
+    grey = np.zeros((32, 32), np.uint8)
+    grey[:, 16:] = 255
+    grey[:, 15] = 40  # an antialiased edge: not regenerated
+    grey[:, 14] = 200  # mostly white: regenerated
+    expected = torch.zeros(32, 32, dtype=torch.bool)
+    expected[:, 16:] = expected[:, 14] = True
+    for form, mask in _forms(Image.fromarray(grey, "L"), tmp_path).items():
+        assert torch.equal(load_mask(mask, (32, 32)), expected), form
+    opaque_rgba = Image.fromarray(grey, "L").convert("RGBA")  # alpha all 255: read by its grey
+    assert torch.equal(load_mask(opaque_rgba, (32, 32)), expected)
+    assert torch.equal(load_mask(grey, (32, 32)), torch.from_numpy(grey != 0))  # arrays: non-zero regenerates
+
+
+def test_empty_and_wrongly_sized_masks_are_refused():
+    with pytest.raises(ValueError, match="empty"):
+        load_mask(Image.new("L", (8, 8), 0), (8, 8))
+    with pytest.raises(ValueError, match="empty"):
+        load_mask(Image.new("RGBA", (8, 8), (255, 255, 255, 255)).convert("L").point(lambda v: 0), (8, 8))
+    with pytest.raises(ValueError, match="size"):
+        load_mask(np.ones((4, 8)), (8, 8))
+
+
+def test_image_tensors_must_be_float_in_minus_one_one():
+    assert load_image(torch.zeros(3, 4, 4), "image").size == (4, 4)
+    with pytest.raises(ValueError, match="float"):
+        load_image(torch.full((3, 4, 4), 200, dtype=torch.uint8), "image")
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        load_image(torch.full((3, 4, 4), 200.0), "image")
+
+
+def test_letterbox_keeps_the_whole_image_centred():
+    img = Image.new("RGB", (200, 100), (255, 0, 0))
+    pixels, inside = letterbox(img, 64)
+    assert pixels.shape == (3, 64, 64) and inside.shape == (64, 64)
+    assert inside[16:48].all() and not inside[:16].any() and not inside[48:].any()
+    assert torch.allclose(pixels[:, 16:48], torch.tensor([1.0, -1.0, -1.0])[:, None, None])
+    square = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 50, 3), dtype=np.uint8))
+    from muse.data.images import pil_to_tensor
+
+    assert torch.equal(letterbox(square, 64)[0], pil_to_tensor(square, 64))  # a square is as before
