@@ -8,6 +8,7 @@ rejected, so a typo in the YAML fails at deploy time instead of being silently i
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from muse.config import RENAMED_TEMPERATURE
+
+
+def cpu_threads(num_cpus: float | None) -> int:
+    """Torch threads for a replica that claims `num_cpus` CPUs: its whole CPUs, so a replica given 4
+    computes on 4; at least 1, and 1 for a fractional claim (such replicas share a core). Rounded to
+    Ray's resource unit (1e-4) first, so a claim of 4 read back as 3.99999 is still 4."""
+    return max(1, math.floor(round(num_cpus or 0, 4)))
 
 
 class Strict(BaseModel):
@@ -45,7 +53,7 @@ class Deployment(Strict):
 
     num_replicas: int | None = Field(None, ge=1)
     autoscaling: Autoscaling | None = None
-    num_cpus: float = Field(0.25, ge=0)  # a replica claims 1 CPU unless told otherwise
+    num_cpus: float = Field(0.25, ge=0)  # also its torch threads: cpu_threads(num_cpus)
     num_gpus: float = Field(0.0, ge=0)  # fractions share one GPU between deployments
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(32, ge=-1)  # callers past it get a quick 503 (-1: unbounded, not advised)

@@ -27,13 +27,14 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 import numpy as np
+import ray
 import torch
 from ray import serve
 
 from muse import checkpoint, editing, sampling
 from muse.data.images import uint8_to_tensor
 from muse.pipeline import TextCondition, stage_contexts
-from serve.config import Batching
+from serve.config import Batching, cpu_threads
 from serve.pixels import fill_masked, grey_out, image_bytes
 from serve.scheduler import DecodeTask, EditTask, Scheduler
 from serve.specs import Decode, Output
@@ -67,6 +68,17 @@ class _Job:
     lo: Tokens | None = None  # super-res only: the low-res stage's output
 
 
+def _claimed_cpus() -> float | None:
+    """The CPUs Ray reserved for this replica (its ray_actor_options, whether from AppArgs or a Serve
+    config's override); None outside a Ray worker (unit tests: one thread)."""
+    if not ray.is_initialized():  # get_runtime_context() would start a local Ray
+        return None
+    try:
+        return ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # noqa: BLE001 - not in a worker (a driver)
+        return None
+
+
 def _replica_id() -> str:
     try:
         return serve.get_replica_context().replica_id.unique_id
@@ -78,7 +90,7 @@ class TextEncoder:
     """Prompt and negative prompt -> T5 embeddings, once per request (reused at every step)."""
 
     def __init__(self, checkpoint_root: str, device: str = "cpu"):
-        torch.set_num_threads(1)  # one thread per replica: replicas share the node's cores
+        torch.set_num_threads(cpu_threads(_claimed_cpus()))  # the CPUs this replica claims
         self.device = torch.device(device)
         self.model = checkpoint.load_component(checkpoint.component_uri(checkpoint_root, "text_encoder"),
                                                device=self.device, expect_kind="text_encoder")
@@ -104,7 +116,7 @@ class _TokenGenerator:
     def __init__(self, checkpoint_root: str, device: str, batching: Batching, choice_temperature: float,
                  preview_every: int, compile_step: bool = False, stuck_after_s: float = 300.0,
                  top_k: int | None = None):
-        torch.set_num_threads(1)  # one thread per replica: replicas share the node's cores
+        torch.set_num_threads(cpu_threads(_claimed_cpus()))  # the CPUs this replica claims
         self.device = torch.device(device)
         self.model = checkpoint.load_component(checkpoint.component_uri(checkpoint_root, self.component),
                                                device=self.device, expect_kind=self.component)
@@ -284,7 +296,7 @@ class Decoder:
     token grids for edits."""
 
     def __init__(self, checkpoint_root: str, device: str = "cpu"):
-        torch.set_num_threads(1)  # one thread per replica: replicas share the node's cores
+        torch.set_num_threads(cpu_threads(_claimed_cpus()))  # the CPUs this replica claims
         self.device = torch.device(device)
         self.vqgans = {"lo": self._load(checkpoint_root, "vqgan_lo")}
         if checkpoint.has_component(checkpoint_root, "vqgan_hi"):
@@ -301,7 +313,8 @@ class Decoder:
 
     @torch.no_grad()
     def preview(self, ids: torch.Tensor, stage: str, out: Output = Output()) -> list[bytes]:
-        """A partially decoded grid (n, h, w) with [MASK] ids -> n images, undecided patches grey."""
+        """A partially decoded grid (n, h, w) with [MASK] ids (any id past the codebook) -> n images,
+        undecided patches grey."""
         vqgan = self.vqgans[stage]
         filled, masked = fill_masked(ids, vqgan.config.codebook_size)
         images = grey_out(vqgan.decode(filled.to(self.device)).cpu(), masked)

@@ -2,6 +2,7 @@
 
     401  /v1/ requests without the API key (when one is configured; the web page, /healthz and file
          URLs stay open). The Bearer scheme is matched case-insensitively.
+    400  a Content-Length that is not a non-negative integer.
     413  a body over `max_body_bytes`, by Content-Length or, for chunked uploads, while it is read
          (the body is buffered here, so routes never see more than the limit).
     429  an image request while `max_in_flight` are already in flight on this ingress replica,
@@ -45,7 +46,11 @@ class Guard:
         limit = self.max_body_bytes
         too_large = error_response(413, f"the request body is over {limit} bytes", code="request_too_large")
         declared = headers.get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        if declared is not None and not declared.isdigit():  # non-numeric or negative: malformed, not large
+            shown = declared[:40].decode("latin-1")
+            return await error_response(400, f"the Content-Length header must be a non-negative integer, got "
+                                             f"{shown!r}", code="invalid_content_length")(scope, receive, send)
+        if declared is not None and int(declared) > limit:
             return await too_large(scope, receive, send)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)

@@ -26,9 +26,11 @@ def image_bytes(image: torch.Tensor, out: Output = Output()) -> bytes:
     return buf.getvalue()
 
 
-def fill_masked(ids: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A partially decoded grid (B, h, w) -> (ids with [MASK] replaced by code 0, mask (B, h, w))."""
-    masked = ids == mask_id
+def fill_masked(ids: torch.Tensor, codebook_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A partially decoded grid (B, h, w) -> (ids with [MASK] replaced by code 0, mask (B, h, w)).
+    Every id past the codebook is [MASK]: Muse's mask id is the codebook size, aMUSEd's is 8255 with
+    8192 codes (its embedding table has spare rows)."""
+    masked = ids >= codebook_size
     return torch.where(masked, torch.zeros_like(ids), ids), masked
 
 

@@ -38,6 +38,7 @@ import torch
 from muse import sampling
 from muse.context import Context, ContextStack
 from muse.masking import num_masked_after_step
+from serve.specs import decode_steps, preview_after
 
 
 @dataclass
@@ -91,10 +92,12 @@ class DecodeTask(Task):
         self.ids = sampling.initial_ids(B, N, mask_id, dev, init_ids, fixed)
         self.draws = sampling.row_uniforms(generators, (B, steps, 2, N), dev)  # as generate draws them
         n_free = (self.ids == mask_id).sum(dim=1)
-        self.steps = min(steps, int(n_free.max()))
+        self.steps = decode_steps(steps, int(n_free.max()))
         self.keep = torch.tensor([[num_masked_after_step(s, self.steps, n, "cosine") for n in n_free.tolist()]
                                   for s in range(self.steps)], device=dev, dtype=torch.long).reshape(self.steps, B)
         self.step = 0
+        if self.steps == 0:  # nothing to decode (an edit that changed no token): the ids, as generate returns them
+            self.result, self.done = self.finish(self.ids), True
 
     def inputs(self) -> Step:
         ramp = self.step / (self.steps - 1) if self.steps > 1 else 1.0  # guidance ramps 0 -> scale
@@ -116,7 +119,7 @@ class DecodeTask(Task):
         self.step += 1
         if self.step == self.steps or not bool((self.ids == self.mask_id).any()):
             self.result, self.done = self.finish(self.ids), True
-        elif self.preview_every and (step + 1) % self.preview_every == 0 and step + 1 < self.requested_steps:
+        elif self.preview_every and preview_after(step, self.steps, self.preview_every):
             self.outbox.append(("preview", step + 1, self.requested_steps, self.ids.clone()))
 
 
@@ -228,10 +231,11 @@ class Scheduler:
             if admitted:
                 await asyncio.to_thread(self._prepare, admitted)
                 for task in admitted:
+                    if task.error is None:  # a task done at setup (nothing to decode) was admitted too
+                        task.events.put_nowait(("admitted",))
                     self._deliver(task)
                     if not task.done:
                         self.active.append(task)
-                        task.events.put_nowait(("admitted",))
             if not self.active:
                 continue
             step = list(self.active)

@@ -17,7 +17,8 @@ import math
 from typing import Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from serve.config import Limits
 
@@ -29,6 +30,7 @@ OUTPUT_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"
 # Every field either route takes (the edit route adds image, image[] and mask).
 FIELDS = ("prompt", "n", "size", "response_format", "output_format", "output_compression", "stream",
           "partial_images", "negative_prompt", "seed", "steps", "superres_steps", "guidance_scale") + OPENAI_IGNORED
+NUMBER_FIELDS = ("n", "output_compression", "partial_images", "seed", "steps", "superres_steps", "guidance_scale")
 
 
 class APIError(Exception):
@@ -57,7 +59,7 @@ class GenerationRequest(BaseModel):
     response_format: Literal["url", "b64_json"] | None = None  # "url" unless streaming (see api.stream)
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_compression: int | None = Field(None, ge=0, le=100)  # jpeg/webp quality; default 100
-    stream: bool = False
+    stream: StrictBool = False  # not "yes" nor 1
     partial_images: int | None = Field(None, ge=0, le=3)  # streamed previews; None: every preview_every steps
     negative_prompt: str | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
@@ -72,6 +74,14 @@ class GenerationRequest(BaseModel):
         if isinstance(data, dict):
             return {k: v for k, v in data.items() if v is not None or k == "prompt"}
         return data
+
+    @field_validator(*NUMBER_FIELDS, mode="before")
+    @classmethod
+    def _not_a_boolean(cls, v):
+        # Pydantic's lax mode reads true as 1: `n: true` is a client's mistake, not one image.
+        if isinstance(v, bool):
+            raise PydanticCustomError("number_type", "Input should be a number, not a boolean")
+        return v
 
     @field_validator("guidance_scale")
     @classmethod
@@ -96,6 +106,11 @@ def check_prompt(prompt: str | None, limits: Limits, param: str = "prompt", requ
     if len(prompt) > limits.max_prompt_chars:
         raise APIError(400, f"'{param}' is {len(prompt)} characters; the maximum is {limits.max_prompt_chars}",
                        param=param, code="string_above_max_length")
+    try:  # JSON may carry a lone surrogate ("\ud800"); the tokenizers would fail on it later, as a 503
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"'{param}' is not valid Unicode text (it holds a lone surrogate)", param=param,
+                       code="invalid_value") from None
 
 
 def check_common(n: int, steps: int | None, superres_steps: int | None, guidance_scale: float | None,

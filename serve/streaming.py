@@ -20,7 +20,7 @@ from ray.serve.exceptions import BackPressureError
 
 from serve.chain import model_failed, overloaded, replica_lost
 from serve.schemas import APIError, GenerationRequest
-from serve.specs import Output, preview_after
+from serve.specs import Output, previews_sent
 
 if TYPE_CHECKING:
     from serve.api import Ingress
@@ -60,8 +60,9 @@ async def _events(ing: Ingress, req: GenerationRequest, stage: str, seed: int, b
     lo_decode, hi_decode = ing.decodes(req.n, seed, req.steps, req.superres_steps, req.guidance_scale)
     fields = event_fields(f"{out.side}x{out.side}", out.format)
     every = ing.sampling.preview_every
-    stages = [lo_decode.steps] + ([hi_decode.steps] if stage == "hi" else [])
-    offered = sum(preview_after(s, steps, every) for steps in stages for s in range(steps))
+    # What the generators will send: a stage runs at most as many steps as it has tokens to decode.
+    stages = [(lo_decode.steps, ing.lo_tokens**2)] + ([(hi_decode.steps, ing.hi_tokens**2)] if stage == "hi" else [])
+    offered = sum(previews_sent(steps, tokens, every) for steps, tokens in stages)
     keep = spread(offered, req.partial_images)
     partial = seen = 0
     admitted = False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import socket
+import types
 from dataclasses import dataclass
 
 import httpx
@@ -70,3 +71,15 @@ def assert_same_image(got: np.ndarray, want: np.ndarray) -> None:
     assert got.shape == want.shape, (got.shape, want.shape)
     diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
     assert diff.max() <= 2, f"images differ: {(diff > 2).sum()} values by more than 2 (max {diff.max()})"
+
+
+def fake_ingress(api_key: str | None = None) -> types.SimpleNamespace:
+    """What build_fastapi (and a stream) reads from an Ingress, with no models behind it: the tiny
+    root's sides and token grids."""
+    from serve.config import AppArgs, Files, Limits, Sampling
+    from serve.responses import Responses
+
+    args = AppArgs(checkpoint="unused", api_key=api_key)
+    return types.SimpleNamespace(args=args, limits=Limits(), sampling=Sampling(), lo_side=64, hi_side=128,
+                                 lo_tokens=8, hi_tokens=16, responses=Responses(Files()),
+                                 page="<html>Muse on Ray</html>")

@@ -13,7 +13,8 @@ import torch
 from muse import editing, sampling
 from muse.pipeline import TextCondition, base_tokens, stage_contexts
 from serve.config import Batching
-from serve.deployments import BaseGenerator, Decode, TextEncoder
+from serve.deployments import BaseGenerator, Decode, TextEncoder, _Job
+from serve.specs import previews_sent
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +144,45 @@ def test_row_budget_cancellation_and_poison(models):
     for s, tokens in enumerate(results[1:]):
         assert torch.equal(tokens.ids, done[s].ids)  # the others are untouched
     assert base.scheduler.stats.outcomes["cancelled"] >= 1
+
+
+def test_a_task_with_nothing_to_decode_returns_its_ids_unchanged(models):
+    """An edit whose regenerated region is empty (super-res after a mask-free base edit that changed no
+    token): the library returns the ids unchanged after drawing its uniforms; so does the scheduler,
+    at admission, without a forward."""
+    text, base = models
+    cond = text.encode("keep")
+    src = torch.randint(0, base.model.codebook_size, (1, 8, 8))
+    nothing = torch.zeros(8, 8, dtype=torch.bool)
+    forwards = sum(base.scheduler.stats.tasks_per_forward.values())
+    got = asyncio.run(base.generate(cond, Decode(2, 4, 4.0, 3), src, nothing))
+    assert sum(base.scheduler.stats.tasks_per_forward.values()) == forwards
+    assert torch.equal(got.ids, src.expand(2, -1, -1)) and not got.changed.any()
+    gens = sampling.image_generators(3, 2)
+    ctx, unc = stage_contexts(base.model, TextCondition(cond.emb, cond.mask), None, guided=True, repeat=2)
+    want = sampling.generate(base.model, ctx, unc, steps=4, guidance_scale=4.0, generator=gens,
+                             init_ids=src.reshape(1, -1).expand(2, -1), fixed=torch.ones(2, 64, dtype=torch.bool))
+    assert torch.equal(got.ids.reshape(2, -1), want)
+    assert all(torch.equal(a, g.get_state()) for a, g in zip(got.rng, gens))  # the next stage continues alike
+
+    async def stream():
+        job = _Job(cond, Decode(1, 4, 4.0, 3), src.reshape(-1), nothing.reshape(1, -1))
+        return [event["kind"] async for event in base._stream(job)]
+
+    assert asyncio.run(stream()) == ["admitted", "done"]
+    assert base.scheduler.in_flight_rows == 0 and not base.scheduler.active
+
+
+@pytest.mark.parametrize("steps", [6, 100])
+def test_a_stream_sends_the_previews_the_ingress_counts(models, steps):
+    """The ingress picks `partial_images` among `previews_sent(steps, tokens, every)`: what a generator
+    really sends, also when `steps` exceeds the 8x8 = 64 tokens (it then runs 64 steps)."""
+    text, base = models
+
+    async def previews():
+        return [e["step"] async for e in base.stream(text.encode("count"), Decode(1, steps, 4.0, 0))
+                if e["kind"] == "preview"]
+
+    sent = asyncio.run(previews())
+    assert len(sent) == previews_sent(steps, base.model.num_tokens, base.preview_every)
+    assert sent == list(range(2, min(steps, 64), 2))  # every 2 steps, never after the last

@@ -15,11 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from serve.config import AppArgs, Deployment, Files, Generator, Limits, Sampling, load_args
+from serve.config import AppArgs, Deployment, Files, Generator, cpu_threads, load_args
 from serve.files import FileStore
 from serve.images import UploadError, prepare_edit
 from serve.pixels import fill_masked, grey_out
 from serve.schemas import APIError, resolve_size
+from serve_helpers import fake_ingress
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,6 +65,22 @@ def test_shipped_serve_config_is_valid_and_typed():
 def test_bad_config_is_refused(data):
     with pytest.raises(ValueError):
         AppArgs.model_validate(data)
+
+
+@pytest.mark.parametrize("num_cpus, threads", [(None, 1), (0, 1), (0.25, 1), (0.99, 1), (1, 1), (2.5, 2), (4, 4),
+                                               (3.99999, 4)])
+def test_a_replica_computes_on_the_whole_cpus_it_claims(num_cpus, threads):
+    assert cpu_threads(num_cpus) == threads
+
+
+def test_a_model_built_outside_ray_claims_nothing_and_starts_no_ray():
+    import ray
+
+    from serve.deployments import _claimed_cpus
+
+    if ray.is_initialized():
+        pytest.skip("this session already runs Ray")
+    assert _claimed_cpus() is None and not ray.is_initialized()  # get_runtime_context() would start one
 
 
 def test_load_args_accepts_a_plain_mapping(tmp_path):
@@ -168,25 +185,19 @@ def test_previews_grey_out_undecided_tokens():
     ids = torch.tensor([[[3, 512], [512, 7]]])
     filled, masked = fill_masked(ids, 512)
     assert filled.tolist() == [[[3, 0], [0, 7]]] and masked.tolist() == [[[False, True], [True, False]]]
+    # aMUSEd's [MASK] is 8255 with 8192 codes: every id past the codebook is undecided.
+    filled, masked = fill_masked(torch.tensor([[[8191, 8255], [8192, 0]]]), 8192)
+    assert filled.tolist() == [[[8191, 0], [0, 0]]] and masked.tolist() == [[[False, True], [True, False]]]
     images = torch.full((1, 3, 16, 16), 0.5)
     out = grey_out(images, masked)
     assert (out[:, :, :8, 8:] == 0).all() and (out[:, :, 8:, :8] == 0).all()
     assert (out[:, :, :8, :8] == 0.5).all() and (out[:, :, 8:, 8:] == 0.5).all()
 
 
-def _fake_ingress(api_key: str | None):
-    """What build_fastapi reads from an Ingress, with no models behind it."""
-    from serve.responses import Responses
-
-    args = AppArgs(checkpoint="unused", api_key=api_key)
-    return types.SimpleNamespace(args=args, limits=Limits(), sampling=Sampling(), lo_side=64, hi_side=128,
-                                 responses=Responses(Files()), page="<html>Muse on Ray</html>")
-
-
 async def _models(key: str | None, header: dict) -> int:
     from serve.api import build_fastapi
 
-    transport = httpx.ASGITransport(app=build_fastapi(_fake_ingress(key)))
+    transport = httpx.ASGITransport(app=build_fastapi(fake_ingress(key)))
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         return (await client.get("/v1/models", headers=header)).status_code
 
@@ -210,7 +221,7 @@ def test_an_overloaded_server_says_when_to_retry():
     async def overloaded(*_):
         raise APIError(503, "the server is at capacity; retry shortly", type="server_error", code="overloaded")
 
-    ing = _fake_ingress(None)
+    ing = fake_ingress(None)
     ing.generate = overloaded
 
     async def post() -> httpx.Response:
@@ -401,7 +412,7 @@ def test_a_stream_that_cannot_be_admitted_gets_a_503_before_any_event():
 
     from serve.api import Ingress, build_fastapi
 
-    ing = _fake_ingress(None)
+    ing = fake_ingress(None)
     call = types.SimpleNamespace(remote=lambda *a: None)
     ing.text = types.SimpleNamespace(encode=call)
     ing.base = types.SimpleNamespace(options=lambda **_: types.SimpleNamespace(

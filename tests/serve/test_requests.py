@@ -1,0 +1,153 @@
+"""Request validation in the HTTP layer, without Ray: what a client gets wrong is a 400 in OpenAI's
+error shape (never a 413, never a 503 that invites a retry), and a stream delivers the previews it
+promised."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import types
+
+import httpx
+import pytest
+
+from serve.guard import Guard
+from serve.schemas import APIError
+from serve_helpers import fake_ingress
+
+
+def _post(ing, **kwargs) -> httpx.Response:
+    from serve.api import build_fastapi
+
+    async def post() -> httpx.Response:
+        transport = httpx.ASGITransport(app=build_fastapi(ing))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/v1/images/generations", **kwargs)
+
+    return asyncio.run(post())
+
+
+def _checked_ingress():
+    """An ingress whose model chain answers a recognisable 503: a request that passed validation."""
+    ing = fake_ingress()
+
+    async def generate(*_):
+        raise APIError(503, "reached the models", type="server_error", code="reached")
+
+    ing.generate = generate
+    return ing
+
+
+def _assert_400(r: httpx.Response, param: str) -> None:
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+
+
+@pytest.mark.parametrize("param, bad, good", [
+    ("prompt", '"a red \\ud800 circle"', '"a red circle"'),  # a lone surrogate: valid JSON, not UTF-8 text
+    ("negative_prompt", '"\\udfff"', '"blurry"'),
+    ("n", "true", "1"),  # not one image
+    ("partial_images", "false", "1"),  # not 0
+    ("seed", "true", "1"),
+    ("steps", "true", "2"),
+    ("guidance_scale", "true", "1.5"),
+    ("stream", '"yes"', "false"),  # not true
+    ("stream", "1", "false"),
+])
+def test_malformed_fields_are_a_400_naming_the_field(param, bad, good):
+    ing = _checked_ingress()
+
+    def body(value: str) -> bytes:
+        fields = {"prompt": '"a red circle"', param: value}
+        return ("{" + ", ".join(f'"{k}": {v}' for k, v in fields.items()) + "}").encode()
+
+    headers = {"Content-Type": "application/json"}
+    _assert_400(_post(ing, content=body(bad), headers=headers), param)
+    # The same body with the field typed right gets past validation to the models.
+    assert _post(ing, content=body(good), headers=headers).json()["error"]["code"] == "reached"
+
+
+async def _guard(content_length: bytes, limit: int = 1024) -> tuple[int | None, dict]:
+    """(status, body) the Guard answers a POST declaring `content_length`; (None, {}) when it lets
+    the request through to the app."""
+    messages: list[dict] = []
+
+    async def app(scope, receive, send):
+        messages.append({"reached": True})
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message):
+        messages.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/images/generations", "root_path": "",
+             "headers": [(b"content-length", content_length), (b"content-type", b"application/json")]}
+    await Guard(app, None, limit, 4)(scope, receive, send)
+    if messages[0].get("reached"):
+        return None, {}
+    body = json.loads(b"".join(m.get("body", b"") for m in messages[1:]))
+    return messages[0]["status"], body
+
+
+@pytest.mark.parametrize("declared, status", [(b"abc", 400), (b"-5", 400), (b"", 400), (b"1e3", 400),
+                                              (b"1025", 413), (b"1024", None), (b"2", None)])
+def test_a_malformed_content_length_is_a_400_and_a_large_one_a_413(declared, status):
+    got, body = asyncio.run(_guard(declared))
+    assert got == status, body
+    if status == 400:
+        assert "Content-Length" in body["error"]["message"] and body["error"]["type"] == "invalid_request_error"
+
+
+class _Stream:
+    """A generator's stream as Serve hands it to the ingress: admitted, `previews` previews, done."""
+
+    def __init__(self, previews: int):
+        shown = [{"kind": "preview", "step": 4 * (i + 1), "steps": 100, "ids": i} for i in range(previews)]
+        self.events = iter([{"kind": "admitted"}, *shown, {"kind": "done", "ids": "grid"}])
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            return next(self.events)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    def cancel(self):
+        pass
+
+
+def _remote(fn) -> types.SimpleNamespace:
+    """A deployment method's handle: `.remote(...)` awaits to fn(...)."""
+    async def call(*args):
+        return fn(*args)
+    return types.SimpleNamespace(remote=call)
+
+
+def test_partial_images_are_delivered_when_steps_exceed_the_tokens():
+    """steps 100 over the tiny root's 8x8 = 64 tokens: the generator runs 64 steps and, previewing
+    every 4, sends 15 previews (tests/serve/test_scheduler.py checks that count on a real generator);
+    `partial_images: 1` must pick the last of those 15, not of the 24 that 100 steps would give."""
+    from serve.api import Ingress
+
+    ing = fake_ingress()
+    assert ing.sampling.preview_every == 4 and ing.lo_tokens == 8
+    ing.text = types.SimpleNamespace(encode=types.SimpleNamespace(remote=lambda *a: "cond"))  # passed on, not awaited
+    stream = types.SimpleNamespace(remote=lambda *a: _Stream(15))
+    ing.base = types.SimpleNamespace(options=lambda **_: types.SimpleNamespace(stream=stream))
+    ing.decoder = types.SimpleNamespace(preview=_remote(lambda ids, *a: [b"preview-%d" % ids]),
+                                        decode=_remote(lambda *a: [b"final"]))
+    ing.superres = None
+    ing.decodes = lambda *a, **k: Ingress.decodes(ing, *a, **k)
+    ing.usage = lambda *a: {}
+    r = _post(ing, json={"prompt": "a red circle", "stream": True, "steps": 100, "partial_images": 1,
+                         "size": "64x64"})
+    assert r.status_code == 200, r.text
+    events = [json.loads(line[len("data: "):]) for line in r.text.splitlines() if line.startswith("data: ")]
+    partial = [e for e in events if e["type"] == "image_generation.partial_image"]
+    assert [e["step"] for e in partial] == [60]  # the last preview the generator sent
+    assert [e["type"] for e in events][-1] == "image_generation.completed"
