@@ -29,6 +29,7 @@ same tokens as running it by itself (given the same logits), and the loop makes 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -87,48 +88,71 @@ def generate(
     ids = initial_ids(B, N, mask_id, device, init_ids, fixed)
     draws = row_uniforms(gens, (B, steps, 2, N), device)  # [token sample, confidence noise] per step
 
-    n_free = (ids == mask_id).sum(dim=1)  # (B,) tokens to decode
-    # Each row's own number of steps: never more than its tokens (each step decodes one or more), so
-    # its schedule, guidance ramp and noise do not depend on the rows batched beside it.
-    row_steps = [min(steps, n) for n in n_free.tolist()]
-    keep = torch.tensor(  # (steps, B): still masked after each step by each row's schedule
-        [[num_masked_after_step(s, rs, n, schedule) if s < rs else 0 for rs, n in zip(row_steps, n_free.tolist())]
-         for s in range(steps)],
-        device=device, dtype=torch.long,
-    ).reshape(steps, B)
-    # (steps, B): the guidance ramp (0 -> 1 over each row's steps) and the choice noise's scale
-    # (annealed to 0), made once so that the loop copies nothing to the device.
-    ramp_rows = [[min(s / (rs - 1), 1.0) if rs > 1 else float(rs == 1) for rs in row_steps] for s in range(steps)]
-    ramps = torch.tensor(ramp_rows, device=device).reshape(steps, B)
-    noise_scales = torch.tensor(
-        [[choice_temperature * max(0.0, 1.0 - (s + 1) / rs) if rs else 0.0 for rs in row_steps] for s in range(steps)],
-        device=device).reshape(steps, B)
-    guided_rows = (scale != 0).tolist()
-    # The unconditional branch runs only at steps where some guided row's ramp is above 0.
-    unguided_step = [not any(g and r > 0 for g, r in zip(guided_rows, row)) for row in ramp_rows]
+    plan = decode_plan((ids == mask_id).sum(dim=1).tolist(), steps, choice_temperature, (scale != 0).tolist(),
+                       schedule, device)
 
     with torch.no_grad():
-        for step in range(max(row_steps, default=0)):
+        for step in range(plan.steps):
             masked = ids == mask_id  # (B, N)
-            n_masked = masked.sum(dim=1)
-            if not bool(n_masked.any()):
+            if not bool(masked.any()):
                 break
-            logits = guided_logits(model, ids, context, None if unguided_step[step] else joint,
-                                   scale * ramps[step], masked)
+            logits = guided_logits(model, ids, context, joint if plan.guided[step] else None,
+                                   scale * plan.ramps[step], masked)
             picked, logp = sample_tokens(logits, draws[:, step, 0][masked], top_k=top_k)  # (M,), (M,)
-            sampled = ids.masked_scatter(masked, picked)
-
-            # Confidence of this step's samples; everything decoded earlier (or fixed) is kept.
-            confidence = torch.full((B, N), float("inf"), device=device)
-            noise = noise_scales[step][:, None].expand(B, N)[masked]
-            confidence[masked] = logp + noise * gumbel(draws[:, step, 1][masked])
-            order = confidence.argsort(dim=1, stable=True)  # least confident first
-            ranks = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=device).expand(B, N))
-            remain = torch.minimum(keep[step], n_masked - 1).clamp(min=0)  # MaskGIT's clamp
-            ids = torch.where(ranks < remain[:, None], torch.full_like(ids, mask_id), sampled)
+            ids = remask(ids, masked, picked, logp, draws[:, step, 1][masked], plan, step, mask_id)
             if callback is not None:
                 callback(step, ids)
     return ids
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Each row's schedule for one decode. A row runs min(steps, its tokens to decode) steps (each
+    step decodes one or more), and its mask schedule, guidance ramp and choice noise follow its own
+    step count, so a row decodes the same whatever rows are batched beside it."""
+
+    steps: int  # steps the loop runs: the most any row needs
+    keep: torch.Tensor  # (steps, B) long: tokens still masked after each step
+    ramps: torch.Tensor  # (steps, B): guidance ramp, 0 on a row's first step -> 1 on its last
+    noise: torch.Tensor  # (steps, B): the choice noise's scale, annealed to 0
+    guided: list[bool]  # per step: whether any guided row's ramp is above 0 (the unconditional branch runs)
+
+
+def decode_plan(n_free: list[int], steps: int, choice_temperature: float, guided_rows: list[bool],
+                schedule: str = "cosine", device: torch.device | str | None = None) -> DecodePlan:
+    """The plan for rows with `n_free` tokens to decode, asked for `steps`; made once per decode, so the
+    loop copies nothing to the device."""
+    row_steps = [min(steps, n) for n in n_free]
+    loop = max(row_steps, default=0)
+    keep = [[num_masked_after_step(s, rs, n, schedule) if s < rs else 0 for rs, n in zip(row_steps, n_free)]
+            for s in range(loop)]
+    ramps = [[min(s / (rs - 1), 1.0) if rs > 1 else float(rs == 1) for rs in row_steps] for s in range(loop)]
+    noise = [[choice_temperature * max(0.0, 1.0 - (s + 1) / rs) if rs else 0.0 for rs in row_steps]
+             for s in range(loop)]
+    B = len(n_free)
+    return DecodePlan(
+        steps=loop,
+        keep=torch.tensor(keep, device=device, dtype=torch.long).reshape(loop, B),
+        ramps=torch.tensor(ramps, device=device).reshape(loop, B),
+        noise=torch.tensor(noise, device=device).reshape(loop, B),
+        guided=[any(g and r > 0 for g, r in zip(guided_rows, row)) for row in ramps],
+    )
+
+
+def remask(ids: torch.Tensor, masked: torch.Tensor, picked: torch.Tensor, logp: torch.Tensor,
+           noise_u: torch.Tensor, plan: DecodePlan, step: int, mask_id: int) -> torch.Tensor:
+    """The ids after `step`: the samples `picked` (with log p `logp`) fill the `masked` positions, and
+    the least confident of them are masked again, as many as the plan keeps (MaskGIT's clamp: at least
+    one is decoded). Confidence is log p plus the plan's annealed Gumbel noise from the uniforms
+    `noise_u`; everything decoded earlier (or fixed) is kept."""
+    B, N = ids.shape
+    sampled = ids.masked_scatter(masked, picked)
+    confidence = torch.full((B, N), float("inf"), device=ids.device)
+    confidence[masked] = logp + plan.noise[step][:, None].expand(B, N)[masked] * gumbel(noise_u)
+    order = confidence.argsort(dim=1, stable=True)  # least confident first
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=ids.device).expand(B, N))
+    remain = torch.minimum(plan.keep[step], masked.sum(dim=1) - 1).clamp(min=0)
+    return torch.where(ranks < remain[:, None], torch.full_like(ids, mask_id), sampled)
 
 
 def renamed_temperature(choice_temperature: float, temperature: float | None, stacklevel: int = 3) -> float:

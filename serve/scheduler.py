@@ -37,8 +37,7 @@ import torch
 
 from muse import sampling
 from muse.context import Context, ContextStack
-from muse.masking import num_masked_after_step
-from serve.specs import decode_steps, preview_after
+from serve.specs import preview_after
 
 
 @dataclass
@@ -91,31 +90,22 @@ class DecodeTask(Task):
         self.scale, self.choice_temperature, self.finish, self.top_k = scale, choice_temperature, finish, top_k
         self.ids = sampling.initial_ids(B, N, mask_id, dev, init_ids, fixed)
         self.draws = sampling.row_uniforms(generators, (B, steps, 2, N), dev)  # as generate draws them
-        n_free = (self.ids == mask_id).sum(dim=1)
-        self.steps = decode_steps(steps, int(n_free.max()))
-        self.keep = torch.tensor([[num_masked_after_step(s, self.steps, n, "cosine") for n in n_free.tolist()]
-                                  for s in range(self.steps)], device=dev, dtype=torch.long).reshape(self.steps, B)
-        self.step = 0
+        guided_rows = (scale != 0).tolist() if self.guided else [False] * B
+        self.plan = sampling.decode_plan((self.ids == mask_id).sum(dim=1).tolist(), steps, choice_temperature,
+                                         guided_rows, "cosine", dev)
+        self.steps, self.step = self.plan.steps, 0
         if self.steps == 0:  # nothing to decode (an edit that changed no token): the ids, as generate returns them
             self.result, self.done = self.finish(self.ids), True
 
     def inputs(self) -> Step:
-        ramp = self.step / (self.steps - 1) if self.steps > 1 else 1.0  # guidance ramps 0 -> scale
         self.masked = self.ids == self.mask_id  # (B, N)
-        return Step(self.ids, self.masked, self.scale * ramp, self.guided and ramp > 0)
+        return Step(self.ids, self.masked, self.scale * self.plan.ramps[self.step], self.plan.guided[self.step])
 
     def advance(self, logits: torch.Tensor) -> None:
-        ids, masked, step, dev = self.ids, self.masked, self.step, self.ids.device
-        B, N = ids.shape
+        step, masked = self.step, self.masked
         picked, logp = sampling.sample_tokens(logits, self.draws[:, step, 0][masked], top_k=self.top_k)
-        sampled = ids.masked_scatter(masked, picked)
-        noise_scale = self.choice_temperature * (1.0 - (step + 1) / self.steps)
-        confidence = torch.full((B, N), float("inf"), device=dev)
-        confidence[masked] = logp + noise_scale * sampling.gumbel(self.draws[:, step, 1][masked])
-        order = confidence.argsort(dim=1, stable=True)  # least confident first
-        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=dev).expand(B, N))
-        remain = torch.minimum(self.keep[step], masked.sum(dim=1) - 1).clamp(min=0)  # MaskGIT's clamp
-        self.ids = torch.where(ranks < remain[:, None], torch.full_like(ids, self.mask_id), sampled)
+        self.ids = sampling.remask(self.ids, masked, picked, logp, self.draws[:, step, 1][masked], self.plan, step,
+                                   self.mask_id)
         self.step += 1
         if self.step == self.steps or not bool((self.ids == self.mask_id).any()):
             self.result, self.done = self.finish(self.ids), True

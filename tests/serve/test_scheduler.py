@@ -186,3 +186,34 @@ def test_a_stream_sends_the_previews_the_ingress_counts(models, steps):
     sent = asyncio.run(previews())
     assert len(sent) == previews_sent(steps, base.model.num_tokens, base.preview_every)
     assert sent == list(range(2, min(steps, 64), 2))  # every 2 steps, never after the last
+
+
+def test_rows_with_different_regions_decode_as_the_library_does(models):
+    """Super-res after a mask-free edit regenerates a different region in each row: each row keeps its
+    own step count, ramp and noise (muse.sampling.decode_plan), in the scheduler as in the library."""
+    from serve.scheduler import DecodeTask
+
+    text, base = models
+    cond = text.encode("two regions")
+    model = base.model
+    src = torch.randint(0, model.codebook_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    fixed = torch.ones(2, 64, dtype=torch.bool)
+    fixed[0, [3, 9, 20]] = False  # 3 tokens to decode
+    fixed[1, 10:50] = False  # 40
+    ctx, unc = stage_contexts(model, TextCondition(cond.emb, cond.mask), None, guided=True, repeat=2)
+    scale = torch.tensor([3.0, 3.0])
+    want = sampling.generate(model, ctx, unc, steps=6, guidance_scale=scale, generator=sampling.image_generators(5, 2),
+                             init_ids=src, fixed=fixed)
+    task = DecodeTask(2, True, prepare=lambda: None)
+    task.setup(model, 6, scale, sampling.image_generators(5, 2), 4.5, init_ids=src, fixed=fixed,
+               finish=lambda ids: ids)
+    joint = sampling.cfg_context(ctx, unc)
+    with torch.no_grad():
+        while not task.done:
+            step = task.inputs()
+            task.advance(sampling.guided_logits(model, step.ids, ctx, joint if step.guided else None, step.weight,
+                                                step.select))
+    assert torch.equal(task.result, want)
+    alone = sampling.generate(model, ctx.index(slice(0, 1)), unc, steps=6, guidance_scale=3.0,
+                              generator=sampling.image_generators(5, 1), init_ids=src[:1], fixed=fixed[:1])
+    assert torch.equal(alone[0], want[0])  # the 3-token row as if it were alone
