@@ -79,7 +79,14 @@ def prepare_edit(image_bytes: bytes, mask_bytes: bytes | None, sides: dict[str, 
     images = {stage: to_uint8_array(rgb, side) for stage, side in sides.items()}
     if not transparent.any():
         return EditInput(images, None)
-    return EditInput(images, token_mask(_centre_square(transparent), lo_tokens))
+    square = _centre_square(transparent)
+    if not square.any():
+        side = square.shape[0]
+        raise UploadError("mask" if mask_bytes is not None else "image",
+                          f"the transparent area lies outside the centre {side}x{side} square of the "
+                          f"{image.width}x{image.height} image, which is all the model sees of it; crop the image "
+                          "to a square around the area to repaint")
+    return EditInput(images, token_mask(square, lo_tokens))
 
 
 def token_mask(pixels: np.ndarray, tokens_per_side: int) -> np.ndarray:

@@ -140,6 +140,12 @@ def test_prepare_edit_marks_the_tokens_under_transparent_pixels():
     assert np.argwhere(edit.regenerate).tolist() == [[7, 7]]
     assert prepare_edit(_png(image.convert("RGB")), None, {"lo": 64}, 8, max_pixels=10**6).regenerate is None
 
+    outside = Image.new("RGBA", (128, 96), (0, 0, 0, 255))
+    outside.paste((0, 0, 0, 0), (0, 0, 12, 96))  # only left of the centre square: the model never sees it
+    with pytest.raises(UploadError, match="outside the centre") as err:
+        prepare_edit(_png(image.convert("RGB")), _png(outside), {"lo": 64}, 8, max_pixels=10**6)
+    assert err.value.param == "mask"
+
 
 @pytest.mark.parametrize("side, tokens", [(64, 8), (100, 8), (37, 16), (16, 16), (200, 7)])
 def test_the_ingress_token_mask_is_the_models_pooled_mask(side, tokens):
