@@ -60,10 +60,12 @@ def stage_contexts(model: torch.nn.Module, cond: TextCondition, negative: TextCo
     `lo_ids` (whose rows are the prompts' images, prompt-major). uncond is None when not guided; it
     comes from `negative` when given, else it is the model's null context (the base model's is one
     cached row that serves every row)."""
-    dtype = next(model.parameters()).dtype
+    weight = next(model.parameters())
+    if lo_ids is not None:
+        lo_ids = lo_ids.to(weight.device)
 
-    def encode(c: TextCondition) -> Context:
-        emb, mask = c.embeddings.to(dtype), c.mask.bool()
+    def encode(c: TextCondition) -> Context:  # on the model's device and in its dtype, wherever c came from
+        emb, mask = c.embeddings.to(weight.device, weight.dtype), c.mask.to(weight.device).bool()
         if lo_ids is None:
             return model.encode_context(emb, mask).repeat(repeat) if repeat > 1 else model.encode_context(emb, mask)
         return model.encode_context(emb, mask, lo_ids)
