@@ -116,6 +116,20 @@ def test_resize_center_crop_keeps_the_centre():
     assert np.asarray(out).mean() < 5  # only the black centre is left
 
 
+def test_resize_center_crop_of_a_thin_strip_resamples_only_the_square():
+    """A 200000x4 PNG is a few KB and within the pixel limit; scaling all of it to a short side of 256
+    before cropping took 3.5 GB. Only the centre square's box is resampled now (a fresh process's peak)."""
+    import subprocess
+    import sys
+
+    probe = ("import resource; from PIL import Image; from muse.data.images import resize_center_crop; "
+             "out = resize_center_crop(Image.new('RGB', (200000, 4), (255, 0, 0)), 256); "
+             "assert out.size == (256, 256) and out.getpixel((128, 128)) == (255, 0, 0); "
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+    peak_mb = int(subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout)
+    assert peak_mb < 300, peak_mb
+
+
 def test_tensor_round_trip():
     a = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     t = pil_to_tensor(Image.fromarray(a), 32)
