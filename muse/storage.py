@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import sys
 import uuid
 from urllib.parse import urlparse
 
@@ -126,14 +127,49 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
-def list_files(uri: str, recursive: bool = True) -> list[str]:
-    """Every file below `uri`, as URIs in the same scheme, sorted."""
+def list_files(uri: str, recursive: bool = True, broken_links: list[str] | None = None) -> list[str]:
+    """Every file below `uri`, as URIs in the same scheme, sorted. Locally, a file (or folder) whose
+    name is not UTF-8 is skipped and named on stderr: pyarrow cannot hold such a path, and one used to
+    fail the whole listing without naming it. A dangling symlink is left out, or appended to
+    `broken_links` when that is given."""
     fs, path = filesystem(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File)
-    if is_s3(uri):
-        return ["s3://" + p for p in files]
-    return files
+    if is_s3(uri) or not os.path.isdir(path):  # S3 keys are UTF-8; pyarrow's errors for the rest
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+        files = sorted(i.path for i in infos if i.type == pafs.FileType.File)
+        return ["s3://" + p for p in files] if is_s3(uri) else files
+    files, links, odd = [], [], []
+    _walk(path, recursive, files, links, odd, set())
+    if odd:
+        names = [p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for p in sorted(odd)]
+        print(f"[storage] skipped {len(odd)} path(s) below {path} whose names are not UTF-8: "
+              + ", ".join(names[:10]) + (", ..." if len(names) > 10 else ""), file=sys.stderr, flush=True)
+    if broken_links is not None:
+        broken_links.extend(sorted(links))
+    return sorted(files)
+
+
+def _walk(folder: str, recursive: bool, files: list[str], links: list[str], odd: list[str],
+          seen: set[tuple[int, int]]) -> None:
+    """Local listing as pyarrow's (symlinks followed), by str paths that may hold undecodable bytes
+    (surrogate-escaped), which are sorted into `odd` rather than raising."""
+    st = os.stat(folder)
+    if (st.st_dev, st.st_ino) in seen:  # a symlink loop
+        return
+    seen.add((st.st_dev, st.st_ino))
+    with os.scandir(folder) as entries:
+        for e in entries:
+            try:
+                e.name.encode("utf-8")
+            except UnicodeEncodeError:
+                odd.append(e.path)
+                continue
+            if e.is_dir():
+                if recursive:
+                    _walk(e.path, recursive, files, links, odd, seen)
+            elif e.is_file():
+                files.append(e.path)
+            elif e.is_symlink() and not os.path.exists(e.path):
+                links.append(e.path)
 
 
 def delete(uri: str) -> None:

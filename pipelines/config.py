@@ -58,7 +58,12 @@ class PreprocessConfig:
     max_caption_chars: int = 1024  # longer captions are cut to this many characters
     batch_size: int = 32
     num_cpus: float = 1.0  # per preprocessing task and per read task (placement "tasks")
-    memory_mb: int = 512  # memory reserved per decoding task or actor: one max_pixels image decodes in it
+    # Memory Ray reserves per decoding task or actor (for scheduling; not a cap). Decoding peaks at
+    # about 19 bytes per source pixel for an RGBA or 16-bit PNG (an 8000x8000 one, the max_pixels
+    # default: ~1.2 GB), ~7 for an RGB PNG, far less for a JPEG (decoded at reduced scale). 512 fits
+    # JPEGs and PNGs up to ~24 Mpx; for large RGBA/16-bit PNGs reserve 1536 or lower max_pixels
+    # (docs/tokenization.md). An image that still runs out is an `out_of_memory` reject.
+    memory_mb: int = 512
     placement: str = "auto"
 
     def __post_init__(self):

@@ -15,16 +15,26 @@ Writers run on Ray workers (`pipelines.shards.write_block`) and report one small
 and part: the row index ranges it held, the part's row count when the part's end row was in it, its
 counts and its file. `PartAssembler` (driver) joins them: a part whose ranges cover all its rows is
 committed. Nothing per sample reaches the driver.
+
+Two drivers on one output: a running driver keeps a heartbeat file in its run's shard folder
+(`Heartbeat`, rewritten every HEARTBEAT_SECONDS from its progress loop), and a starting driver's
+cleanup (`remove_stale`) refuses to start while another run's heartbeat is fresh, instead of
+deleting the shards that run has written but not yet committed. Ages are measured on the store's
+clock (file mtime, S3 LastModified) against the starting driver's own new heartbeat, so machines
+whose clocks disagree do not matter.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +49,9 @@ SHARDS_DIR = "shards"
 CLEAN_MARK = "_clean"  # in a run's shard folder: every file in it is in the manifest
 REJECTS_FILE = "rejects.json"
 SUMMARY_FILE = "manifest.json"
+HEARTBEAT = "_heartbeat"  # in a running driver's shard folder
+HEARTBEAT_SECONDS = 30.0  # how often a driver rewrites it
+HEARTBEAT_FRESH = 4 * HEARTBEAT_SECONDS  # a younger heartbeat: its driver is taken to be alive
 
 SCHEMA = pa.schema([
     ("part", pa.string()), ("run", pa.string()), ("source", pa.string()), ("rows", pa.int64()),
@@ -206,23 +219,64 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 # Repair and totals.
 
 
-def remove_stale(out: str, manifest: pa.Table) -> int:
+class OutputInUse(RuntimeError):
+    """Another driver is writing to this output."""
+
+
+class Heartbeat:
+    """Says that this driver is writing to `out`: a small file in its run's shard folder, rewritten
+    by `beat()` at most every `seconds` (from the driver's own loop, no thread of its own). A run
+    that ends deletes it; a driver that is killed leaves it to age."""
+
+    def __init__(self, out: str, run: str, seconds: float = HEARTBEAT_SECONDS):
+        self.out, self.run, self.seconds = out, run, seconds
+        self.uri = storage.join(out, SHARDS_DIR, run, HEARTBEAT)
+        self.last: float | None = None
+
+    def beat(self) -> None:
+        if self.last is not None and time.monotonic() - self.last < self.seconds:
+            return
+        storage.write_text(self.uri, json.dumps({"run": self.run, "host": socket.gethostname(), "pid": os.getpid()}))
+        self.last = time.monotonic()
+
+    def due_in(self) -> float:
+        """Seconds until the next beat is due: how long the driver's loop may wait."""
+        return 0.0 if self.last is None else max(0.0, self.seconds - (time.monotonic() - self.last))
+
+    def stop(self, remove_run: bool = False) -> None:
+        """Delete the heartbeat, or with `remove_run` the run's whole folder (for a run that wrote nothing)."""
+        storage.delete(storage.join(self.out, SHARDS_DIR, self.run) if remove_run else self.uri)
+
+
+def remove_stale(out: str, manifest: pa.Table, run: str | None = None, force: bool = False,
+                 fresh: float = HEARTBEAT_FRESH) -> int:
     """Delete the shard files that runs which did not end cleanly left outside the manifest (a part
     they wrote but never committed, a duplicate block); returns how many. Runs that ended cleanly are
-    not listed again."""
+    not listed again, nor `run` (this driver's, whose heartbeat is written). A run whose heartbeat
+    is younger than `fresh` seconds is a driver still writing: OutputInUse, unless `force`."""
     fs, root = storage.filesystem(storage.join(out, SHARDS_DIR))
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
-    dirty = [i.path for i in infos if i.type == pafs.FileType.Directory
+    dirty = [i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name != run
              and fs.get_file_info(f"{i.path}/{CLEAN_MARK}").type == pafs.FileType.NotFound]
     if not dirty:
         return 0
+    live = {} if force else _live_runs(fs, dirty, f"{root}/{run}/{HEARTBEAT}" if run else None, fresh)
+    if live:
+        (name, (age, who)), *more = sorted(live.items())
+        raise OutputInUse(
+            f"another run is writing to {out}: run {name.rsplit('/', 1)[-1]} ({who}) beat {age:.0f}s ago"
+            + (f", and {len(more)} more" if more else "") + f" (a running driver beats every "
+            f"{HEARTBEAT_SECONDS:.0f}s). Wait for it to end; if it is dead (killed under {fresh:.0f}s ago), "
+            "re-run with --force-cleanup, which deletes the shards it left uncommitted")
     base = storage.filesystem(out)[1].rstrip("/") + "/"
     referenced = set(pc.list_flatten(manifest["files"]).to_pylist())
-    stale = []
+    stale, beats = [], 0
     for run_dir in dirty:
         files = fs.get_file_info(pafs.FileSelector(run_dir, recursive=True))
         stale += [i.path for i in files if i.type == pafs.FileType.File
                   and i.path.removeprefix(base) not in referenced]
+        beats += any(i.base_name == HEARTBEAT for i in files)
+
     def delete(path: str) -> None:
         try:
             fs.delete_file(path)
@@ -233,7 +287,47 @@ def remove_stale(out: str, manifest: pa.Table) -> int:
         list(pool.map(delete, stale))
     for run_dir in dirty:
         mark_clean(out, run_dir.removeprefix(base).removeprefix(SHARDS_DIR + "/"))
-    return len(stale)
+    return len(stale) - beats  # shard files; a dead driver's heartbeat is not one
+
+
+def _live_runs(fs: pafs.FileSystem, runs: list[str], own: str | None, fresh: float) -> dict[str, tuple[float, str]]:
+    """{run folder: (heartbeat age in seconds, its driver)} of the `runs` whose heartbeat is younger
+    than `fresh` seconds by the store's clock (`own`, this driver's heartbeat, says what now is), less
+    those whose driver is known dead: on this host, a process that is gone."""
+    infos = fs.get_file_info([f"{r}/{HEARTBEAT}" for r in runs] + ([own] if own else []))
+    mine = infos.pop() if own else None
+    now = _utc(mine.mtime) if mine is not None and mine.mtime is not None else datetime.now(timezone.utc)
+    live = {}
+    for r, info in zip(runs, infos):
+        if info.type != pafs.FileType.File or (age := (now - _utc(info.mtime)).total_seconds()) >= fresh:
+            continue
+        try:
+            with fs.open_input_stream(info.path) as f:
+                who = json.loads(f.read())
+        except FileNotFoundError:
+            continue  # that run has just ended
+        except (OSError, ValueError):
+            who = {}
+        if who.get("host") == socket.gethostname() and not _alive(who.get("pid")):
+            continue
+        live[r] = (age, f"host {who.get('host', '?')}, pid {who.get('pid', '?')}")
+    return live
+
+
+def _utc(t: datetime) -> datetime:
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # unknown: assume the worst
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process, but alive
+    return True
 
 
 def mark_clean(out: str, run: str) -> None:

@@ -104,7 +104,7 @@ class ImageTokens:
 
 class PartTokens:
     """All of tokenization for whole parts, in one actor: what CPU actors get, where any split only
-    moves data between processes on the same cores. For each part (`pipelines.readers.part_list`
+    moves data between processes on the same cores. For each part (`pipelines.corpus_data.part_list`
     rows) it reads the rows (`readers.read_part`), decodes them (`preprocess_batch` keyword arguments
     in `preprocess`), encodes them with every image tokenizer of the root (`ImageTokens`), the first
     tokenizer's batch_size rows at a time, and with `write` (`shards.write_block` keyword arguments) writes the part's shard and

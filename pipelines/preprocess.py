@@ -3,11 +3,13 @@
 `preprocess_batch` is a plain function on a pyarrow batch (a Ray Data task; also callable without
 Ray). For each data row it
 
-- decodes the caption as UTF-8 (invalid bytes: `caption_not_utf8`), strips it and caps its length
-  (nothing left: `empty_caption`);
+- decodes the caption as UTF-8 (invalid bytes or a lone surrogate: `caption_not_utf8`), drops a
+  leading BOM, strips it and caps its length (nothing left: `empty_caption`);
 - decodes the image with `muse.data.images.decode_image_and_size`: EXIF orientation, every mode to
   RGB, alpha on white, a pixel limit checked from the header (`too_many_pixels`), a minimum side
-  (`too_small`), anything undecodable or truncated (`corrupt_image`);
+  (`too_small`), anything undecodable or truncated (`corrupt_image`), and an image whose decoding
+  or resizing runs out of memory (`out_of_memory`: a worker with a memory limit gets a MemoryError
+  for that sample alone, which must not fail the job);
 - resizes the shorter side and centre-crops to each tokenizer's size, as uint8 RGB in `pixels_lo`
   (and `pixels_hi`): raw bytes, or with `pack` (tokenization) LZ4-compressed where that saves a
   quarter or more (`pack_pixels`).
@@ -33,11 +35,12 @@ import numpy as np
 import pyarrow as pa
 
 from muse.data.images import ImageRejected, decode_image_and_size, to_uint8_array
-from pipelines import readers
+from pipelines import corpus_data, readers
 from pipelines.config import PreprocessConfig, TokenizeConfig
 
 EMPTY_CAPTION = "empty_caption"
 CAPTION_NOT_UTF8 = "caption_not_utf8"
+OUT_OF_MEMORY = "out_of_memory"
 
 
 def clean_caption(raw: bytes, max_chars: int) -> tuple[str, str]:
@@ -46,7 +49,7 @@ def clean_caption(raw: bytes, max_chars: int) -> tuple[str, str]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return "", CAPTION_NOT_UTF8
-    text = " ".join(text.replace("\x00", " ").split())[:max_chars].strip()
+    text = " ".join(text.removeprefix("\ufeff").replace("\x00", " ").split())[:max_chars].strip()
     return text, ("" if text else EMPTY_CAPTION)
 
 
@@ -96,6 +99,9 @@ def preprocess_batch(batch: pa.Table, *, lo_size: int, hi_size: int | None,
                 pixels_hi[i] = encode(to_uint8_array(img, hi_size))
         except ImageRejected as e:
             reasons[i] = e.reason
+        except MemoryError:  # one huge image is its own reject, not the job's failure
+            pixels_lo[i] = pixels_hi[i] = b""
+            reasons[i] = OUT_OF_MEMORY
     out = batch.drop_columns(["image", "caption", "reject_reason"])
     columns = {
         "caption": pa.array(captions, pa.string()),
@@ -125,7 +131,7 @@ def _caption_ids(uri: str, captions: list[str], reasons: list[str], part_rows: n
 def preprocessed(parts: list[readers.Part], cfg: TokenizeConfig, lo_size: int, hi_size: int | None,
                  ray_remote_args: dict | None = None, pack: bool = False, text_ids: str | None = None):
     """Ray Dataset of the corpus rows of `parts` after `preprocess_batch` (rejects and end rows kept)."""
-    ds = readers.read_parts(parts, cfg.reader, num_cpus=cfg.preprocess.num_cpus, ray_remote_args=ray_remote_args)
+    ds = corpus_data.read_parts(parts, cfg.reader, num_cpus=cfg.preprocess.num_cpus, ray_remote_args=ray_remote_args)
     # Decoding is a task pool of its own that fans out over every CPU of the cluster. Its memory
     # reservation also keeps Ray from fusing it into the first model pool (Ray fuses ops with equal
     # remote args, as on CPU-only runs), which would cap decoding at that pool's size.

@@ -1,11 +1,12 @@
-"""Corpus readers: Parquet, image folders and WebDataset tars, local, file:// or s3://, as Ray Data.
+"""Corpus readers: Parquet, image folders and WebDataset tars, local, file:// or s3://
+(`pipelines.corpus_data` wraps them as Ray Data).
 
 A corpus is cut into *parts* on the driver (`plan_parts`): a run of whole row groups of a Parquet
 file (as many as fit in `rows_per_part`, at least one, so no row group is downloaded by two parts),
 a `rows_per_part` run of a folder's sorted images, or one tar. A part has an id derived only
 from where it comes from, is read by one Ray read task (or by the CPU actor that tokenizes it:
-`part_list`), and becomes one output shard, so a re-run can skip every finished part without
-opening it.
+`corpus_data.part_list`), and becomes one output shard, so a re-run can skip every finished part
+without opening it.
 
 A read task yields rows with the corpus columns
 
@@ -16,21 +17,27 @@ A read task yields rows with the corpus columns
              is a counted reject rather than a crash)
 
 and the bookkeeping columns `part`, `index` (row number in the part), `part_rows` (-1 on data rows)
-and `reject_reason` ("" or why the reader itself refused the row: missing caption or image, or an
-unreadable source). After its rows each task yields one *end row* (`index` -1, `part_rows` = rows in
-the part) so whoever consumes the stream knows when a part is complete. A source that is corrupt
-(not Parquet, truncated tar, a Parquet file without the configured columns) never fails the job: the
-rows read so far are kept and one `unreadable_source` row records it. Storage errors raise: each S3
-request is retried with backoff by the filesystem, then the task by Ray (`io_task_retries`; a CPU
-actor redoes the part). Any other error is a bug and fails the job.
+and `reject_reason` ("" or why the reader itself refused the row: missing caption or image, a
+caption that is not text, or an unreadable source). After its rows each task yields one *end row*
+(`index` -1, `part_rows` = rows in the part) so whoever consumes the stream knows when a part is
+complete. A source that is corrupt (not Parquet, truncated tar, a Parquet file without the
+configured columns) never fails the job: the rows read so far are kept and one `unreadable_source`
+row records it. Bad text in one sample (a caption that is not UTF-8 or holds a lone surrogate, a
+tar member name that is not UTF-8) is that sample's reject, never the job's failure. Storage errors
+raise: each S3 request is retried with backoff by the filesystem, then the task by Ray
+(`io_task_retries`; a CPU actor redoes the part). Any other error is a bug and fails the job.
+
+What planning refuses, with a message, before any work: Parquet columns of the wrong type (the image
+column must hold bytes, or be a struct with a `bytes` field as Hugging Face `datasets` stores an
+Image feature; a string column of URLs is refused, since nothing here downloads; the caption column
+must be string or binary, one caption per row), and a captions file with a line that is not a JSON
+object (named by file and line).
 """
 
 from __future__ import annotations
 
-import csv
 import gzip
 import hashlib
-import io
 import json
 import lzma
 import posixpath
@@ -45,11 +52,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from muse import storage
+from pipelines.captions_file import CAPTION_NOT_TEXT, captions_table, inline_caption  # noqa: F401 (with the other reasons)
 from pipelines.config import ReaderConfig
 
 MISSING_CAPTION = "missing_caption"
 MISSING_IMAGE = "missing_image"
 UNREADABLE_SOURCE = "unreadable_source"
+
+CAPTION_EXTENSIONS = ("txt", "caption", "json")  # WebDataset members read as captions
 
 ROW_SCHEMA = pa.schema([
     ("key", pa.string()), ("image", pa.binary()), ("caption", pa.binary()), ("part", pa.string()),
@@ -78,14 +88,14 @@ def is_bad_source(e: BaseException) -> bool:
 @dataclass(frozen=True)
 class Part:
     """A unit of reading, tokenizing and publishing. `items` lists a folder part's images as
-    (image uri, caption uri or None, inline caption or None)."""
+    (image uri, caption uri or None, inline caption or None, reject reason found at planning or "")."""
 
     id: str
     format: str
     uri: str
     start: int = 0
     stop: int | None = None
-    items: tuple[tuple[str, str | None, str | None], ...] = ()
+    items: tuple[tuple[str, str | None, str | None, str], ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -146,7 +156,8 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative") 
     if ids not in PART_IDS:
         raise ValueError(f"ids must be one of {PART_IDS}, got {ids!r}")
     uri = canonical(uri)
-    files = _input_files(uri)
+    broken: list[str] = []
+    files = _input_files(uri, broken)
     below = uri if files != [uri] else posixpath.dirname(uri)  # a file given alone: its basename
 
     def named(f: str) -> str:
@@ -160,13 +171,13 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative") 
         tars = [f for f in files if _ext(f) in ("tar", "tgz") or f.endswith(".tar.gz")]
         return [Part(part_id("webdataset", named(f)), "webdataset", f) for f in tars]
     if format == "folder":
-        return _plan_folder(uri, files, cfg, ids)
+        return _plan_folder(uri, files, cfg, ids, broken)
     raise ValueError(f"unknown format {format!r}")
 
 
-def _input_files(uri: str) -> list[str]:
-    """`uri` itself, or every file below it (one listing)."""
-    files = [uri] if not storage.is_dir(uri) else storage.list_files(uri)
+def _input_files(uri: str, broken: list[str] | None = None) -> list[str]:
+    """`uri` itself, or every file below it (one listing; dangling symlinks go to `broken`)."""
+    files = [uri] if not storage.is_dir(uri) else storage.list_files(uri, broken_links=broken)
     if not files or (len(files) == 1 and not storage.exists(files[0])):
         raise ValueError(f"no input at {uri}")
     return files
@@ -177,28 +188,31 @@ def _ext(uri: str) -> str:
 
 
 def _plan_parquet(files: list[str], cfg: ReaderConfig, named) -> list[Part]:
-    def rows(f: str) -> tuple[list[int] | None, list[str]]:
-        """(rows of each row group, column names), from the footer."""
+    def rows(f: str) -> tuple[list[int] | None, pa.Schema | None]:
+        """(rows of each row group, Arrow schema), from the footer."""
         try:
             fs, path = storage.filesystem(f)
             with fs.open_input_file(path) as fh:
                 meta = pq.ParquetFile(fh).metadata
             groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-            return groups, meta.schema.to_arrow_schema().names
+            return groups, meta.schema.to_arrow_schema()
         except Exception as e:
             if not is_bad_source(e):
                 raise
-            return None, []
+            return None, None
 
     with ThreadPoolExecutor(16) as pool:
         infos = list(pool.map(rows, files))
     wanted = {cfg.image_column, cfg.caption_column}
-    if files and not any(wanted <= set(names) for _, names in infos):
-        seen = next((names for n, names in infos if names), [])
+    if files and not any(schema is not None and wanted <= set(schema.names) for _, schema in infos):
+        seen = next((schema.names for _, schema in infos if schema is not None), [])
         raise ValueError(
             f"no Parquet file has both columns {sorted(wanted)} (reader.image_column / "
             f"reader.caption_column); columns found: {seen}"
         )
+    for f, (_, schema) in zip(files, infos):
+        if schema is not None and wanted <= set(schema.names):
+            _check_column_types(f, schema, cfg)
     parts = []
     for f, (groups, _) in zip(files, infos):
         if groups is None:  # unreadable footer: one part that reports it
@@ -207,6 +221,38 @@ def _plan_parquet(files: list[str], cfg: ReaderConfig, named) -> list[Part]:
         for start, stop in _row_group_runs(groups, cfg.rows_per_part):
             parts.append(Part(part_id("parquet", named(f), start, stop), "parquet", f, start, stop))
     return parts
+
+
+_BYTES = (pa.types.is_binary, pa.types.is_large_binary)
+_TEXT = (pa.types.is_string, pa.types.is_large_string)
+
+
+def _is(t: pa.DataType, kinds) -> bool:
+    return any(k(t) for k in kinds)
+
+
+def _check_column_types(f: str, schema: pa.Schema, cfg: ReaderConfig) -> None:
+    """Refuse, before any work, columns that every row of the file would fail on (or, for URLs,
+    be rejected for): a whole-job problem, not a sample's."""
+    image, caption = schema.field(cfg.image_column).type, schema.field(cfg.caption_column).type
+    if _is(image, _TEXT):
+        raise ValueError(f"{f}: image column {cfg.image_column!r} holds strings ({image}), e.g. image URLs "
+                         "or paths; muse tokenize reads encoded image bytes and does not fetch URLs: "
+                         "download the images first (into this column as bytes, or a folder or tars)")
+    if pa.types.is_struct(image):
+        field = image.get_field_index("bytes")
+        if field < 0 or not _is(image.field(field).type, _BYTES):
+            raise ValueError(f"{f}: image column {cfg.image_column!r} is a struct ({image}) without a binary "
+                             "'bytes' field (as Hugging Face datasets stores an Image feature)")
+    elif not _is(image, _BYTES):
+        raise ValueError(f"{f}: image column {cfg.image_column!r} has type {image}; it must hold encoded "
+                         "image bytes (binary), or be a struct with a 'bytes' field")
+    if pa.types.is_list(caption) or pa.types.is_large_list(caption):
+        raise ValueError(f"{f}: caption column {cfg.caption_column!r} holds lists ({caption}), several captions "
+                         "per image; tokenization takes one: write one row per caption, or pick one")
+    if not _is(caption, _TEXT + _BYTES):
+        raise ValueError(f"{f}: caption column {cfg.caption_column!r} has type {caption}; it must be string "
+                         "or binary")
 
 
 def _row_group_runs(groups: list[int], rows_per_part: int) -> list[tuple[int, int]]:
@@ -223,20 +269,24 @@ def _row_group_runs(groups: list[int], rows_per_part: int) -> list[tuple[int, in
     return runs
 
 
-def _plan_folder(uri: str, files: list[str], cfg: ReaderConfig, ids: str) -> list[Part]:
+def _plan_folder(uri: str, files: list[str], cfg: ReaderConfig, ids: str,
+                 broken: list[str] | None = None) -> list[Part]:
     exts = set(cfg.image_extensions)
-    images = [f for f in files if _ext(f) in exts]
+    dangling = {f for f in broken or [] if _ext(f) in exts}  # counted as missing images, not dropped
+    images = sorted([f for f in files if _ext(f) in exts] + list(dangling))
     root = uri
-    captions = _captions_table(root, files, cfg)
+    captions = captions_table(root, files, cfg)
     sidecars = {f for f in files if _ext(f) == "txt"}
     items = []
     for img in images:
         rel = _relative(root, img)
         txt = img.rsplit(".", 1)[0] + ".txt"
+        reason = MISSING_IMAGE if img in dangling else ""
         if captions is not None:
-            items.append((img, None, captions.get(rel, captions.get(posixpath.basename(rel)))))
+            inline, bad = inline_caption(captions.get(rel, captions.get(posixpath.basename(rel))))
+            items.append((img, None, inline, reason or bad))
         else:
-            items.append((img, txt if txt in sidecars else None, None))
+            items.append((img, txt if txt in sidecars else None, None, reason))
     parts = []
     for start in range(0, len(items), cfg.rows_per_part):
         chunk = tuple(items[start:start + cfg.rows_per_part])
@@ -249,29 +299,6 @@ def _plan_folder(uri: str, files: list[str], cfg: ReaderConfig, ids: str) -> lis
 def _relative(root: str, uri: str) -> str:
     """`uri` below `root` (listed from it, so in the same spelling), without building a client."""
     return uri[len(root):].lstrip("/")
-
-
-def _captions_table(root: str, files: list[str], cfg: ReaderConfig) -> dict[str, str] | None:
-    """{relative image path: caption} from the captions JSONL/CSV, or None for sidecar captions."""
-    source = cfg.captions_file
-    if source is None:
-        top = {_relative(root, f) for f in files if posixpath.basename(f).startswith("captions.")}
-        source = next((name for name in ("captions.jsonl", "captions.csv") if name in top), None)
-    if source is None:
-        return None
-    path = source if "://" in source or source.startswith("/") else storage.join(root, source)
-    text = storage.read_bytes(path).decode("utf-8", errors="surrogateescape")
-    if path.endswith(".jsonl") or path.endswith(".json"):
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    else:
-        records = list(csv.DictReader(io.StringIO(text)))
-    table = {}
-    for r in records:
-        if cfg.file_field not in r or cfg.caption_field not in r:
-            raise ValueError(f"{path}: each record needs {cfg.file_field!r} and {cfg.caption_field!r} "
-                             f"(reader.file_field / reader.caption_field); got {sorted(r)}")
-        table[str(r[cfg.file_field]).removeprefix("./")] = str(r[cfg.caption_field])
-    return table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +373,7 @@ def _read_parquet(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Tab
         row = first
         columns = [cfg.image_column, cfg.caption_column] if rows.images else [cfg.caption_column]
         for batch in pf.iter_batches(batch_size=cfg.block_rows, row_groups=groups, columns=columns):
-            images = batch.column(cfg.image_column).to_pylist() if rows.images else [_UNREAD] * batch.num_rows
+            images = _image_bytes(batch.column(cfg.image_column)) if rows.images else [_UNREAD] * batch.num_rows
             captions = batch.column(cfg.caption_column)
             if pa.types.is_string(captions.type) or pa.types.is_large_string(captions.type):
                 captions = captions.cast(pa.binary() if pa.types.is_string(captions.type) else pa.large_binary())
@@ -357,22 +384,41 @@ def _read_parquet(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Tab
                 row += 1
 
 
+def _image_bytes(column: pa.Array) -> list[bytes | None]:
+    """An image column's bytes: binary as is, or a struct's `bytes` field (a Hugging Face Image
+    feature; null where the struct is null or holds only a path)."""
+    if pa.types.is_struct(column.type):
+        column = pc.struct_field(column, "bytes")
+    return column.to_pylist()
+
+
 _UNREAD = b"\x01"  # captions only: an image is there, its bytes are not read (nor kept)
 
 
-def _add(rows: _Rows, key: str, image: bytes | None, caption: str | bytes | None) -> pa.Table | None:
-    caption = caption.encode("utf-8", errors="surrogateescape") if isinstance(caption, str) else caption
-    reason = MISSING_IMAGE if not image else MISSING_CAPTION if caption is None else ""
-    return rows.add(key, (image or b"") if rows.images else b"", caption, reason)
+def _caption_bytes(text: str) -> bytes:
+    """UTF-8 of a caption decoded with surrogateescape (the original bytes come back). A lone
+    surrogate that came from elsewhere (a JSON escape such as "\\ud800") is kept as the invalid
+    UTF-8 it is, so preprocessing counts it as `caption_not_utf8` instead of the job failing."""
+    try:
+        return text.encode("utf-8", errors="surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", errors="surrogatepass")
+
+
+def _add(rows: _Rows, key: str, image: bytes | None, caption: str | bytes | None,
+         reason: str = "") -> pa.Table | None:
+    caption = _caption_bytes(caption) if isinstance(caption, str) else caption
+    reason = reason or (MISSING_IMAGE if not image else MISSING_CAPTION if caption is None else "")
+    return rows.add(key, (image or b"") if rows.images and not reason else b"", caption, reason)
 
 
 def _read_folder(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Table | None]:
-    for image_uri, caption_uri, inline in part.items:
+    for image_uri, caption_uri, inline, reason in part.items:
+        if reason:  # found at planning (a dangling symlink, a caption that is not text): nothing to read
+            yield rows.add(image_uri, b"", b"", reason)
+            continue
         image = storage.read_bytes(image_uri) if rows.images else _UNREAD
-        if caption_uri is not None:
-            caption = storage.read_bytes(caption_uri)
-        else:
-            caption = inline.encode("utf-8", errors="surrogateescape") if inline is not None else None
+        caption = storage.read_bytes(caption_uri) if caption_uri is not None else inline
         yield _add(rows, image_uri, image, caption)
 
 
@@ -382,6 +428,7 @@ def _read_tar(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Table |
     or `json` with a "caption" or "text" field."""
     fs, path = storage.filesystem(part.uri)
     exts = set(cfg.image_extensions)
+    wanted = exts | set(CAPTION_EXTENSIONS)
     seen: set[str] = set()
     with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
         key, sample = None, {}
@@ -397,6 +444,8 @@ def _read_tar(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Table |
                 yield _tar_sample(rows, part, key, sample, exts, seen)
                 sample = {}
             key = member_key
+            if ext.lower() not in wanted:
+                continue  # neither image nor caption (.mp4, .npy): never read, the stream skips it
             if not rows.images and ext.lower() in exts:
                 sample[ext.lower()] = _UNREAD if member.size else b""
                 continue
@@ -410,55 +459,22 @@ def _read_tar(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Table |
 
 def _tar_sample(rows: _Rows, part: Part, key: str, sample: dict[str, bytes], exts: set[str],
                 seen: set[str]) -> pa.Table | None:
+    # tarfile decodes a member name that is not UTF-8 with surrogateescape: show its bytes instead
+    key = key.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="backslashreplace")
     name = f"{part.uri}#{key}"
     if name in seen:  # a key repeated later in the tar: keep keys unique
         name = f"{name}#{rows.count}"
     seen.add(name)
     image = next((v for k, v in sample.items() if k in exts), None)
-    caption = sample.get("txt", sample.get("caption"))
+    caption, reason = sample.get("txt", sample.get("caption")), ""
     if caption is None and "json" in sample:
         try:
             meta = json.loads(sample["json"])
-            text = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
-            caption = text.encode("utf-8") if isinstance(text, str) else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            caption = None
-    return _add(rows, name, image, caption)
-
-
-# ---------------------------------------------------------------------------------------------
-# Ray Data.
-
-
-def corpus_datasource(parts: list[Part], cfg: ReaderConfig, images: bool = True):
-    """A Ray Data datasource with one read task per part (`read_part`)."""
-    return _part_datasource("Corpus", parts, lambda p: read_part(p, cfg, images), ROW_SCHEMA)
-
-
-PART_SCHEMA = pa.schema([("part", pa.string())])
-
-
-def _part_datasource(name: str, parts: list[Part], read, schema: pa.Schema):
-    """A Ray Data datasource with one read task per part, yielding the blocks of `read(part)`."""
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
-
-    class PartDatasource(Datasource):
-        def get_name(self) -> str:
-            return name
-
-        def estimate_inmemory_data_size(self) -> int | None:
-            return None
-
-        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
-            return [
-                ReadTask(lambda p=p: read(p),
-                         BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[p.uri]),
-                         schema=schema)
-                for p in parts
-            ]
-
-    return PartDatasource()
+        except (json.JSONDecodeError, UnicodeError):
+            meta = None
+        value = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
+        caption, reason = inline_caption(value)
+    return _add(rows, name, image, caption, reason if image else "")
 
 
 def accepted(batch: pa.Table) -> pa.ChunkedArray:
@@ -467,44 +483,13 @@ def accepted(batch: pa.Table) -> pa.ChunkedArray:
     return pc.and_(pc.equal(batch["part_rows"], -1), pc.equal(batch["reject_reason"], ""))
 
 
-def read_parts(parts: list[Part], cfg: ReaderConfig, num_cpus: float = 1.0,
-               ray_remote_args: dict | None = None, images: bool = True):
-    """Ray Dataset of corpus rows (with bookkeeping columns and end rows) for `parts`."""
-    import ray
-
-    return ray.data.read_datasource(corpus_datasource(parts, cfg, images), override_num_blocks=max(1, len(parts)),
-                                    num_cpus=num_cpus, ray_remote_args=ray_remote_args)
+# Moved to pipelines.corpus_data (the Ray Data wrappers); still importable from here.
+_MOVED = ("corpus_datasource", "PART_SCHEMA", "read_parts", "part_list", "read_corpus", "sample_captions")
 
 
-def part_list(parts: list[Part], *, num_cpus: float, num_gpus: float, memory: float):
-    """Ray Dataset of one row per part, its `Part.to_json` (column `part`), for a pool that reads its
-    parts itself: given the pool's resources, Ray Data fuses these reads into the pool, so nothing is
-    read twice and no process of its own starts (`pipelines.models.PartTokens`)."""
-    import ray
+def __getattr__(name: str):
+    if name in _MOVED:
+        from pipelines import corpus_data
 
-    def describe(part: Part) -> Iterator[pa.Table]:
-        yield pa.table({"part": [part.to_json()]}, schema=PART_SCHEMA)
-
-    return ray.data.read_datasource(_part_datasource("Parts", parts, describe, PART_SCHEMA),
-                                    override_num_blocks=max(1, len(parts)), num_cpus=num_cpus,
-                                    num_gpus=num_gpus, memory=memory)
-
-
-def read_corpus(uri: str, format: str = "auto", cfg: ReaderConfig | None = None, images: bool = True):
-    """Ray Dataset of the corpus at `uri`: one row per readable sample, columns key, image, caption
-    (bytes). Rows the reader refused (no caption, no image, unreadable file) are left out. With
-    `images=False` the image column is empty and no image is read (see `read_part`)."""
-    cfg = cfg or ReaderConfig()
-    parts = plan_parts(uri, format, cfg)
-
-    def keep(batch: pa.Table) -> pa.Table:
-        return batch.filter(accepted(batch)).select(["key", "image", "caption"])
-
-    return read_parts(parts, cfg, images=images).map_batches(keep, batch_format="pyarrow", batch_size=None)
-
-
-def sample_captions(uri: str, n: int, format: str = "auto", cfg: ReaderConfig | None = None) -> list[str]:
-    """Up to `n` captions of the corpus at `uri`, from its first parts (read by Ray tasks, streamed
-    and stopped once `n` are in): what a text encoder's vocabulary is fitted to."""
-    rows = read_corpus(uri, format, cfg, images=False).select_columns(["caption"]).limit(n).take_all()
-    return [r["caption"].decode("utf-8", errors="replace") for r in rows]
+        return getattr(corpus_data, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

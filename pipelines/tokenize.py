@@ -26,11 +26,15 @@ memory do not grow with the corpus or the length of the run.
 
 Resumable, exactly once (see pipelines.manifest): a part is finished when its manifest entry, which
 names its shard files, is committed; a re-run skips finished parts without reading them, deletes the
-files a failed run left uncommitted, and refuses to mix outputs of different models, settings or
-inputs (`s3://b/c` and `s3://b/c/` are the same input). Why not Ray Data's `CheckpointConfig`: it
-filters finished rows by id *after* re-reading and re-decoding the whole corpus, holds every
-finished id in memory, and has nowhere to record rejected rows (which are never written), so a
-re-run would count them again. The manifest skips whole parts unopened.
+files a failed run left uncommitted, and refuses to mix outputs of different models, settings,
+numerics (the VQGAN pool's device and precision) or inputs (`s3://b/c` and `s3://b/c/` are the same
+input, and so are `./root` and `/abs/root` models). A driver keeps a heartbeat in the output while
+it runs, and a second driver on the same output refuses to start instead of deleting the first
+one's uncommitted shards (`manifest.Heartbeat`; `--force-cleanup` when the first is known dead).
+Why not Ray Data's `CheckpointConfig`: it filters finished rows by id *after* re-reading and
+re-decoding the whole corpus, holds every finished id in memory, and has nowhere to record rejected
+rows (which are never written), so a re-run would count them again. The manifest skips whole parts
+unopened.
 
 Faults: every S3 request is retried with backoff by the filesystem (`muse.storage`); a read or write
 task that still fails on I/O is retried by Ray, and a part in a CPU actor is redone, each at most
@@ -61,7 +65,7 @@ from dataclasses import dataclass
 
 from muse import storage
 from muse.config import to_dict
-from pipelines import manifest, readers, shards
+from pipelines import corpus_data, manifest, readers, shards
 from pipelines.config import FORMATS, PoolConfig, TokenizeConfig, load_config
 from pipelines.models import ImageTokens, PartTokens, TextTokens, load_tokenizer, text_encoder_config
 from pipelines.preprocess import preprocessed
@@ -146,7 +150,7 @@ def build(cfg: TokenizeConfig, parts: list[readers.Part], models: Models, lo_siz
         # Ray Data fuses them into the pool ("ReadParts->MapBatches(PartTokens)"), and with ids the
         # actor writes too. Only the parts' records leave it.
         memory = cfg.preprocess.memory_mb * 2**20
-        ds = readers.part_list(parts, num_cpus=cfg.vqgan_lo.num_cpus, num_gpus=cfg.vqgan_lo.num_gpus, memory=memory)
+        ds = corpus_data.part_list(parts, num_cpus=cfg.vqgan_lo.num_cpus, num_gpus=cfg.vqgan_lo.num_gpus, memory=memory)
         ds = _pool(ds, PartTokens, actor | {"reader": cfg.reader, "preprocess": decode | {"cfg": cfg.preprocess},
                                             "write": write if ids_only else None, "retries": cfg.io_task_retries},
                    cfg.vqgan_lo, None, memory=memory)
@@ -200,13 +204,35 @@ def job_spec(input_uri: str, cfg: TokenizeConfig, models: Models) -> dict:
     text = text_encoder_config(models.text_encoder)
     reader = to_dict(cfg.reader)
     reader.pop("block_rows")
+    embeddings = cfg.text_storage == "embeddings"  # ids need no model: no text device
     return {
-        "input": input_uri, "models": to_dict(models), "text_storage": cfg.text_storage,
+        "input": input_uri, "models": {k: _model_uri(v) for k, v in to_dict(models).items()},
+        "text_storage": cfg.text_storage,
+        # The numerics of the token ids (and embeddings): CPU always runs fp32.
+        "device": {"vqgan": _device(cfg.vqgan_lo), "text": _device(cfg.text) if embeddings else None},
+        "precision": {"vqgan": _precision(cfg, cfg.vqgan_lo),
+                      "text": _precision(cfg, cfg.text) if embeddings else None},
         "vqgan_lo": to_dict(lo), "vqgan_hi": to_dict(hi) if hi else None,
         "text_encoder": to_dict(text) if text else None, "reader": reader,
         "preprocess": {k: getattr(cfg.preprocess, k) for k in ("min_side", "max_pixels", "max_caption_chars")},
         "format_version": shards.FORMAT_VERSION,
     }
+
+
+def _model_uri(uri: str | None) -> str | None:
+    """`readers.canonical` for a component's path or URI (`./root/x` and `/abs/root/x` are one
+    model); a Hugging Face cache name, which is no local path, stays as it is."""
+    if uri is None or not (storage.is_s3(uri) or uri.startswith("file://") or os.path.exists(uri)):
+        return uri
+    return readers.canonical(uri)
+
+
+def _precision(cfg: TokenizeConfig, pool: PoolConfig) -> str:
+    return cfg.precision if pool.num_gpus > 0 else "fp32"
+
+
+# Spec fields added later: an output whose _job.json lacks one resumes as if it matched.
+_LATER_FIELDS = ("device", "precision")
 
 
 def _read_job_spec(out: str) -> dict | None:
@@ -219,9 +245,12 @@ def _read_job_spec(out: str) -> dict | None:
 
 def _check_resumable(out: str, spec: dict, old: dict | None, finished: set[str], planned: set[str]) -> None:
     if old is not None:
-        changed = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+        changed = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k)
+                         and not (k in _LATER_FIELDS and k not in old))
         if changed:
-            raise ValueError(f"{out} holds shards made with different {', '.join(changed)}; "
+            detail = "".join(f"; {k}: {old.get(k)} then, {spec.get(k)} now" for k in changed
+                             if k in ("models", *_LATER_FIELDS))
+            raise ValueError(f"{out} holds shards made with different {', '.join(changed)}{detail}; "
                              "re-run with the same settings to resume, or write to a new --output")
     stale = finished - planned
     if stale:
@@ -233,19 +262,16 @@ def _check_resumable(out: str, spec: dict, old: dict | None, finished: set[str],
 
 def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None = None,
         format: str = "auto", on_published: Callable[[dict], None] | None = None,
-        progress: bool = True, reporter=None) -> dict:
+        progress: bool = True, reporter=None, force_cleanup: bool = False) -> dict:
     """Tokenize every unfinished part of the corpus at `input_uri` into `output`; returns totals.
     `on_published(entry)` is called on this thread once a part's manifest entry is committed.
     Progress is a tqdm bar, or goes to `reporter` (jobs.progress.Reporter: `update(done, metrics)`,
-    `finish(line)`)."""
-    from tqdm import tqdm
-
+    `finish(line)`). Another driver writing to `output` (a fresh heartbeat) is refused with
+    `manifest.OutputInUse`; `force_cleanup` takes it for dead and deletes what it left uncommitted."""
     cfg = cfg or TokenizeConfig()
     input_uri, output = readers.canonical(input_uri), readers.canonical(output)
     start = time.time()
     spec = job_spec(input_uri, cfg, models)
-    lo_size = spec["vqgan_lo"]["resolution"]
-    hi_size = spec["vqgan_hi"]["resolution"] if spec["vqgan_hi"] else None
     old_spec = _read_job_spec(output)
     # Outputs written before part ids were relative have no "part_ids" and keep their absolute ids.
     part_ids = "absolute" if old_spec is not None and "part_ids" not in old_spec else "relative"
@@ -257,17 +283,54 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     done = manifest.read_manifest(output)
     finished = set(done["part"].to_pylist())
     _check_resumable(output, spec, old_spec, finished, {p.id for p in parts})
-    removed = manifest.remove_stale(output, done)
-    del done
     todo = [p for p in parts if p.id not in finished]
-    if progress and reporter is None:
-        print(f"tokenize: planned {len(parts)} parts in {time.time() - start:.1f}s, {len(todo)} to do"
-              + (f"; removed {removed} files a failed run left" if removed else ""), flush=True)
-    run_id, rows, examples, stats, coordinator_cpu_s = manifest.new_run_id(), 0, {}, "", 0.0
+    run_id = manifest.new_run_id()
+    # The heartbeat is written before the cleanup looks for others': two drivers starting at once
+    # see each other and both refuse, rather than both going on.
+    heartbeat = manifest.Heartbeat(output, run_id)
+    heartbeat.beat()
+    try:
+        removed = manifest.remove_stale(output, done, run=run_id, force=force_cleanup)
+    except BaseException:
+        heartbeat.stop(remove_run=True)  # nothing of this run is written
+        raise
+    del done
+    try:
+        if progress and reporter is None:
+            print(f"tokenize: planned {len(parts)} parts in {time.time() - start:.1f}s, {len(todo)} to do"
+                  + (f"; removed {removed} files a failed run left" if removed else ""), flush=True)
+        totals = _run_parts(todo, cfg, models, spec, output, run_id, heartbeat, start, on_published, progress,
+                            reporter)
+    finally:
+        heartbeat.stop(remove_run=not todo)
+    seconds = totals["seconds"]
+    reasons = ", ".join(f"{k} {v}" for k, v in totals["rejects"]["by_reason"].items()) or "none"
+    line = (f"{totals['accepted']} accepted, {totals['rejected']} rejected ({reasons}) in "
+            f"{totals['parts']} parts; this run {len(todo)} parts ({len(parts) - len(todo)} already done), "
+            f"{totals['run_rows']} samples in {seconds:.1f}s ({totals['run_rows'] / max(seconds, 1e-9):.1f} "
+            f"samples/s) -> {output}")
+    if reporter is not None:
+        reporter.finish(line)
+    elif progress:
+        print(f"tokenize: {line}", flush=True)
+    return totals | {"removed": removed}
+
+
+def _run_parts(todo: list[readers.Part], cfg: TokenizeConfig, models: Models, spec: dict, output: str,
+               run_id: str, heartbeat: manifest.Heartbeat, start: float, on_published, progress: bool,
+               reporter) -> dict:
+    """Tokenize `todo` as run `run_id`, commit each part as it finishes, then compact the manifest
+    and write the totals; the driver's loop also keeps the heartbeat."""
+    from tqdm import tqdm
+
+    lo_size = spec["vqgan_lo"]["resolution"]
+    hi_size = spec["vqgan_hi"]["resolution"] if spec["vqgan_hi"] else None
+    rows, examples, stats, coordinator_cpu_s = 0, {}, "", 0.0
     if todo:
         import ray
 
         _init_ray(cfg)
+        heartbeat.beat()
         meta = {"tokens_lo_side": lo_size // _factor(spec["vqgan_lo"]),
                 "tokens_hi_side": hi_size // _factor(spec["vqgan_hi"]) if hi_size else None,
                 "text_storage": cfg.text_storage,
@@ -296,7 +359,16 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
         coordinator = ray.remote(num_cpus=0, max_restarts=0)(Coordinator).remote(
             cfg, todo, models, lo_size, hi_size, output=output, run=run_id, schema=schema)
         try:
-            for ref in coordinator.records.options(num_returns="streaming").remote():
+            records = coordinator.records.options(num_returns="streaming").remote()
+            while True:
+                heartbeat.beat()  # when due; waits below never outlast its interval
+                if not ray.wait([records], timeout=heartbeat.due_in())[0]:
+                    published(log.flush_if_due())
+                    continue
+                try:
+                    ref = next(records)
+                except StopIteration:
+                    break
                 for record in ray.get(ref).to_pylist():
                     entry = assembler.add(record)
                     if entry is not None:
@@ -316,17 +388,9 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
         if assembler.wrote and assembler.clean:
             manifest.mark_clean(output, run_id)
         examples = assembler.examples
-    seconds = time.time() - start
+    heartbeat.beat()
     totals = manifest.summarize(output, manifest.compact(output, run_id), examples, cfg.examples_per_reason)
-    reasons = ", ".join(f"{k} {v}" for k, v in totals["rejects"]["by_reason"].items()) or "none"
-    line = (f"{totals['accepted']} accepted, {totals['rejected']} rejected ({reasons}) in "
-            f"{totals['parts']} parts; this run {len(todo)} parts ({len(parts) - len(todo)} already done), "
-            f"{rows} samples in {seconds:.1f}s ({rows / max(seconds, 1e-9):.1f} samples/s) -> {output}")
-    if reporter is not None:
-        reporter.finish(line)
-    elif progress:
-        print(f"tokenize: {line}", flush=True)
-    return totals | {"run_parts": len(todo), "run_rows": rows, "seconds": seconds, "removed": removed,
+    return totals | {"run_parts": len(todo), "run_rows": rows, "seconds": time.time() - start,
                      "stats": stats, "coordinator_cpu_s": coordinator_cpu_s}
 
 
@@ -386,13 +450,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="override one config field, e.g. --set vqgan_lo.num_gpus=1 (repeatable)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar and no per-stage timing at the end (logs, CI)")
+    parser.add_argument("--force-cleanup", action="store_true",
+                        help="start even though another run's heartbeat in --output is fresh (that run "
+                             "is dead, e.g. killed a moment ago), deleting the shards it left uncommitted")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
         models = resolve_models(args.checkpoint, args.vqgan, args.vqgan_hi, args.text_encoder)
     except (ValueError, OSError) as e:
         parser.error(str(e))
-    totals = run(args.input, args.output, models, cfg, args.format, progress=not args.no_progress)
+    totals = run(args.input, args.output, models, cfg, args.format, progress=not args.no_progress,
+                 force_cleanup=args.force_cleanup)
     if totals["stats"] and not args.no_progress:
         print(totals["stats"], flush=True)
 

@@ -3,12 +3,17 @@ never read and removed, a re-run that accepts no row of a part."""
 
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from corpora import good, write_parquet
+from muse import storage
 from pipelines import manifest, shards
 from pipelines.tokenize import resolve_models, run
 
@@ -97,3 +102,69 @@ def test_stale_shard_of_a_failed_run_is_never_read_and_a_rerun_removes_it(ray_se
     assert token_dataset(out, hi=False)[0].count() == 4
     summary = json.loads(open(os.path.join(out, "manifest.json")).read())
     assert summary["parts"] == 2 and summary["accepted"] == 4
+
+
+def shard_file(out: str, run: str, name: str) -> str:
+    path = storage.join(out, manifest.SHARDS_DIR, run, name)
+    storage.write_bytes(path, b"rows not yet committed")
+    return path
+
+
+def age(out: str, run: str, seconds: float) -> None:
+    path = os.path.join(out, manifest.SHARDS_DIR, run, manifest.HEARTBEAT)
+    os.utime(path, (time.time() - seconds, time.time() - seconds))
+
+
+def test_a_running_drivers_heartbeat_keeps_its_shards_from_a_second_drivers_cleanup(tmp_path):
+    out = str(tmp_path / "tokens")
+    empty = manifest.SCHEMA.empty_table()
+    for run in ("running", "dead"):
+        manifest.Heartbeat(out, run).beat()
+    running, dead = shard_file(out, "running", "p-0-4.parquet"), shard_file(out, "dead", "q-0-4.parquet")
+    age(out, "dead", 10 * 60)
+    age(out, "running", manifest.HEARTBEAT_SECONDS)  # one beat ago: alive
+    me = manifest.Heartbeat(out, "me")
+    me.beat()
+    in_use = r"run running \(host .*, pid \d+\) beat 3\ds ago.*--force-cleanup"
+    with pytest.raises(manifest.OutputInUse, match=in_use):
+        manifest.remove_stale(out, empty, run="me")
+    assert os.path.exists(running) and os.path.exists(dead)  # refused: nothing touched
+
+    age(out, "running", manifest.HEARTBEAT_FRESH + 1)  # its driver stopped beating
+    assert manifest.remove_stale(out, empty, run="me") == 2
+    assert not os.path.exists(running) and not os.path.exists(dead) and os.path.exists(me.uri)
+    assert all(os.path.exists(os.path.join(out, manifest.SHARDS_DIR, r, manifest.CLEAN_MARK)) for r in ("running", "dead"))
+
+    # Forced: a fresh heartbeat is taken for a dead driver's.
+    manifest.Heartbeat(out, "killed").beat()
+    killed = shard_file(out, "killed", "r-0-4.parquet")
+    with pytest.raises(manifest.OutputInUse):
+        manifest.remove_stale(out, empty, run="me")
+    assert manifest.remove_stale(out, empty, run="me", force=True) == 1 and not os.path.exists(killed)
+
+
+def test_a_fresh_heartbeat_of_a_process_gone_from_this_host_is_stale(tmp_path):
+    """A driver killed on this machine (SIGKILL, then re-run at once) does not block its re-run."""
+    out = str(tmp_path / "tokens")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    beat = manifest.Heartbeat(out, "killed")
+    beat.beat()
+    storage.write_text(beat.uri, json.dumps({"run": "killed", "host": socket.gethostname(), "pid": gone.pid}))
+    left = shard_file(out, "killed", "p-0-4.parquet")
+    assert manifest.remove_stale(out, manifest.SCHEMA.empty_table()) == 1 and not os.path.exists(left)
+
+
+def test_heartbeats_on_s3_by_the_stores_clock(s3_bucket):
+    out = f"{s3_bucket}/tokens"
+    manifest.Heartbeat(out, "other").beat()
+    left = shard_file(out, "other", "p-0-4.parquet")
+    time.sleep(1.2)  # LastModified has whole seconds
+    me = manifest.Heartbeat(out, "me")
+    me.beat()
+    with pytest.raises(manifest.OutputInUse, match="run other"):
+        manifest.remove_stale(out, manifest.SCHEMA.empty_table(), run="me")
+    assert manifest.remove_stale(out, manifest.SCHEMA.empty_table(), run="me", fresh=1.0) == 1
+    assert not storage.exists(left) and storage.exists(me.uri)
+    me.stop(remove_run=True)
+    assert not storage.list_files(storage.join(out, manifest.SHARDS_DIR, "me"))

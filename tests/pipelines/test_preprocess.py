@@ -72,6 +72,26 @@ def test_min_side_and_pixel_limit_come_from_config():
     assert preprocess_batch(batch_of(rows), lo_size=32, hi_size=None, cfg=tight)["reject_reason"][0].as_py() == "too_many_pixels"
 
 
+def test_running_out_of_memory_on_one_image_is_its_reject(monkeypatch):
+    """A worker with a memory limit gets a MemoryError for one huge image: that row is rejected,
+    the others in its batch are kept."""
+    from pipelines import preprocess
+
+    rows = [r for r in mixed_rows() if r[0] in ("good0", "good1", "good2")]
+    real, calls = preprocess.to_uint8_array, []
+
+    def fails_on_the_second(img, size):
+        calls.append(size)
+        if len(calls) == 2:
+            raise MemoryError
+        return real(img, size)
+
+    monkeypatch.setattr(preprocess, "to_uint8_array", fails_on_the_second)
+    out = preprocess_batch(batch_of(rows), lo_size=32, hi_size=None, cfg=CFG)
+    assert out["reject_reason"].to_pylist() == ["", "out_of_memory", ""]
+    assert [len(p) for p in out["pixels_lo"].to_pylist()] == [32 * 32 * 3, 0, 32 * 32 * 3]
+
+
 def test_rows_the_reader_refused_pass_through_untouched():
     rows = [r for r in mixed_rows() if r[0] == "good1"]
     batch = batch_of(rows).set_column(6, "reject_reason", pa.array(["missing_caption"]))
@@ -99,6 +119,8 @@ def test_packed_pixels_are_the_same_pixels_and_smaller_only_where_it_pays():
     (b"caf\xe9", ("", "caption_not_utf8")),
     ("x" * 100, ("x" * 40, "")),
     ("na\u00efve caf\u00e9 \u2603".encode(), ("na\u00efve caf\u00e9 \u2603", "")),
+    ("\ufeffa red circle".encode(), ("a red circle", "")),  # a leading BOM is not caption text
+    ("bad \ud800".encode("utf-8", "surrogatepass"), ("", "caption_not_utf8")),  # a lone surrogate
 ])
 def test_clean_caption(raw, expected):
     raw = raw.encode() if isinstance(raw, str) else raw

@@ -8,7 +8,8 @@ import pytest
 from corpora import good, write_folder, write_parquet, write_tar
 from muse import storage
 from pipelines.config import ReaderConfig
-from pipelines.readers import detect_format, plan_parts, read_corpus, read_part, sample_captions
+from pipelines.corpus_data import read_corpus, sample_captions
+from pipelines.readers import detect_format, plan_parts, read_part
 
 
 def rows_of(parts, cfg):

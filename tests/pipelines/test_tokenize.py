@@ -355,7 +355,8 @@ def test_sigkill_of_a_worker_mid_run_is_exactly_once(ray_session, tmp_path, tiny
 def test_cli(tmp_path, tiny_root, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
-    assert e.value.code == 0 and "--checkpoint" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    assert e.value.code == 0 and "--checkpoint" in help_text and "--force-cleanup" in help_text
     bad = tmp_path / "bad.yaml"
     bad.write_text("vqgan_lo: {num_gpu: 1}\n")
     with pytest.raises(SystemExit):
@@ -460,3 +461,65 @@ def test_a_cpu_actor_redoes_a_part_after_a_storage_error_and_gives_up_after_its_
         _part_tokens(tiny_root_lo_only, cfg, str(tmp_path / "out2"), retries=1)(batch)
     assert time.time() - start >= 0.5 and "retry 1 of 1" in capsys.readouterr().out
     assert not (tmp_path / "out2").exists()
+
+
+def test_bad_text_is_counted_end_to_end_and_the_driver_beats_while_it_runs(ray_session, tmp_path, tiny_root_lo_only,
+                                                                          fast_cfg):
+    import io
+    import tarfile
+
+    samples = [("ok", b"a red circle"), ("surrogate", json.dumps({"caption": "bad \ud800"}).encode()),
+               ("caf\xe9", b"a cafe"), ("listed", json.dumps({"caption": ["x", "y"]}).encode())]
+    with tarfile.open(tmp_path / "a.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        for i, (name, caption) in enumerate(samples):
+            ext = "json" if caption.startswith(b"{") else "txt"
+            for member, data in ((f"{name}.png", good(i, 40)[0]), (f"{name}.{ext}", caption)):
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = str(tmp_path / "tokens")
+    beats = []
+
+    def published(entry):
+        beats.append(os.path.exists(os.path.join(out, manifest.SHARDS_DIR, entry["run"], manifest.HEARTBEAT)))
+
+    totals = run(str(tmp_path / "a.tar"), out, resolve_models(tiny_root_lo_only), fast_cfg, on_published=published,
+                 progress=False)
+    assert totals["accepted"] == 2 and totals["rejects"]["by_reason"] == {"caption_not_text": 1, "caption_not_utf8": 1}
+    assert sorted(k.rsplit("#", 1)[1] for k in shards.load_token_shards(out)["key"].to_pylist()) == ["caf\\xe9", "ok"]
+    assert beats == [True]  # a heartbeat while it ran, none once it ended
+    assert not [f for f in storage.list_files(out) if f.endswith(manifest.HEARTBEAT)]
+
+
+def test_the_job_spec_names_models_one_way_and_holds_the_numerics(tiny_root_lo_only, tmp_path, monkeypatch):
+    from pipelines.tokenize import _check_resumable, _model_uri
+
+    cfg = load_config(None)
+    monkeypatch.chdir(os.path.dirname(tiny_root_lo_only))
+    spec = job_spec("/corpus", cfg, resolve_models(tiny_root_lo_only))
+    assert job_spec("/corpus", cfg, resolve_models("./" + os.path.basename(tiny_root_lo_only) + "/")) == spec
+    assert spec["models"]["vqgan_lo"] == component_uri(tiny_root_lo_only, "vqgan_lo")
+    assert _model_uri("google/t5-v1_1-base") == "google/t5-v1_1-base"  # a Hugging Face cache name
+    assert spec["device"] == {"vqgan": "cpu", "text": None} and spec["precision"] == {"vqgan": "fp32", "text": None}
+    models = resolve_models(tiny_root_lo_only)
+    gpu = job_spec("/corpus", load_config(None, ["vqgan_lo.num_gpus=1", "precision=fp16"]), models)
+    assert gpu["device"]["vqgan"] == "cuda" and gpu["precision"]["vqgan"] == "fp16"
+    # CPU runs fp32 whatever precision says: no reason to refuse that resume.
+    assert job_spec("/corpus", load_config(None, ["precision=fp16"]), models) == spec
+
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError, match=r"different device, precision; device: \{'vqgan': 'cpu'.*'cuda'"):
+        _check_resumable(out, gpu, spec, set(), set())
+    old = {k: v for k, v in spec.items() if k not in ("device", "precision")}  # written before they were checked
+    _check_resumable(out, gpu, old, set(), set())
+
+
+def test_a_second_driver_on_an_output_in_use_refuses_before_touching_it(tmp_path, tiny_root_lo_only, fast_cfg):
+    corpus, _, _ = corpus_of_parts(tmp_path, n_files=1)
+    out = str(tmp_path / "tokens")
+    manifest.Heartbeat(out, "first").beat()  # a driver that is writing (this process: alive)
+    written = storage.join(out, manifest.SHARDS_DIR, "first", "p-0-4.parquet")
+    storage.write_bytes(written, b"not committed yet")
+    with pytest.raises(manifest.OutputInUse, match="another run is writing to"):
+        run(corpus, out, resolve_models(tiny_root_lo_only), fast_cfg, progress=False)
+    assert os.listdir(os.path.join(out, manifest.SHARDS_DIR)) == ["first"] and os.path.exists(written)

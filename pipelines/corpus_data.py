@@ -1,0 +1,85 @@
+"""The corpus as Ray Data: one read task per part (`pipelines.readers.read_part`), or one row per
+part for a pool that reads its parts itself (`part_list`). Planning and reading live in
+`pipelines.readers`; this module only wraps them (and is what imports Ray, lazily)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pyarrow as pa
+
+from pipelines.config import ReaderConfig
+from pipelines.readers import ROW_SCHEMA, Part, accepted, plan_parts, read_part
+
+PART_SCHEMA = pa.schema([("part", pa.string())])
+
+
+def corpus_datasource(parts: list[Part], cfg: ReaderConfig, images: bool = True):
+    """A Ray Data datasource with one read task per part (`read_part`)."""
+    return _part_datasource("Corpus", parts, lambda p: read_part(p, cfg, images), ROW_SCHEMA)
+
+
+def _part_datasource(name: str, parts: list[Part], read, schema: pa.Schema):
+    """A Ray Data datasource with one read task per part, yielding the blocks of `read(part)`."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class PartDatasource(Datasource):
+        def get_name(self) -> str:
+            return name
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
+            return [
+                ReadTask(lambda p=p: read(p),
+                         BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[p.uri]),
+                         schema=schema)
+                for p in parts
+            ]
+
+    return PartDatasource()
+
+
+def read_parts(parts: list[Part], cfg: ReaderConfig, num_cpus: float = 1.0,
+               ray_remote_args: dict | None = None, images: bool = True):
+    """Ray Dataset of corpus rows (with bookkeeping columns and end rows) for `parts`."""
+    import ray
+
+    return ray.data.read_datasource(corpus_datasource(parts, cfg, images), override_num_blocks=max(1, len(parts)),
+                                    num_cpus=num_cpus, ray_remote_args=ray_remote_args)
+
+
+def part_list(parts: list[Part], *, num_cpus: float, num_gpus: float, memory: float):
+    """Ray Dataset of one row per part, its `Part.to_json` (column `part`), for a pool that reads its
+    parts itself: given the pool's resources, Ray Data fuses these reads into the pool, so nothing is
+    read twice and no process of its own starts (`pipelines.models.PartTokens`)."""
+    import ray
+
+    def describe(part: Part) -> Iterator[pa.Table]:
+        yield pa.table({"part": [part.to_json()]}, schema=PART_SCHEMA)
+
+    return ray.data.read_datasource(_part_datasource("Parts", parts, describe, PART_SCHEMA),
+                                    override_num_blocks=max(1, len(parts)), num_cpus=num_cpus,
+                                    num_gpus=num_gpus, memory=memory)
+
+
+def read_corpus(uri: str, format: str = "auto", cfg: ReaderConfig | None = None, images: bool = True):
+    """Ray Dataset of the corpus at `uri`: one row per readable sample, columns key, image, caption
+    (bytes). Rows the reader refused (no caption, no image, unreadable file) are left out. With
+    `images=False` the image column is empty and no image is read (see `read_part`)."""
+    cfg = cfg or ReaderConfig()
+    parts = plan_parts(uri, format, cfg)
+
+    def keep(batch: pa.Table) -> pa.Table:
+        return batch.filter(accepted(batch)).select(["key", "image", "caption"])
+
+    return read_parts(parts, cfg, images=images).map_batches(keep, batch_format="pyarrow", batch_size=None)
+
+
+def sample_captions(uri: str, n: int, format: str = "auto", cfg: ReaderConfig | None = None) -> list[str]:
+    """Up to `n` captions of the corpus at `uri`, from its first parts (read by Ray tasks, streamed
+    and stopped once `n` are in): what a text encoder's vocabulary is fitted to."""
+    rows = read_corpus(uri, format, cfg, images=False).select_columns(["caption"]).limit(n).take_all()
+    return [r["caption"].decode("utf-8", errors="replace") for r in rows]

@@ -1,0 +1,177 @@
+"""Bad inputs that one sample (or one file name) carries: each is a counted reject or a clear
+planning error, never a job failure mid-run. Readers and preprocessing only, no Ray."""
+
+import io
+import json
+import os
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from corpora import good
+from muse import storage
+from pipelines.config import PreprocessConfig, ReaderConfig
+from pipelines.preprocess import preprocess_batch
+from pipelines.readers import plan_parts, read_part
+
+CFG = PreprocessConfig(min_side=16)
+
+
+def read(uri, cfg=ReaderConfig()) -> list[dict]:
+    """Every data row of the corpus at `uri` after preprocessing: key, caption, reject_reason."""
+    out = []
+    for part in plan_parts(str(uri), "auto", cfg):
+        for block in read_part(part, cfg):
+            done = preprocess_batch(block, lo_size=16, hi_size=None, cfg=CFG)
+            out += [{k: r[k] for k in ("key", "caption", "reject_reason")}
+                    for r in done.to_pylist() if r["index"] != -1]
+    return out
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_bad_text_in_a_tar_is_a_counted_reject(tmp_path):
+    image, caption = good(0, 40)
+    # GNU format with latin-1 names: "café" is stored as the byte 0xe9, which is not UTF-8.
+    with tarfile.open(tmp_path / "a.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        add(tar, "ok.png", image)
+        add(tar, "ok.txt", caption.encode())
+        add(tar, "surrogate.png", image)
+        add(tar, "surrogate.json", json.dumps({"caption": "bad \ud800 caption"}).encode())  # valid JSON
+        add(tar, "caf\xe9.png", image)
+        add(tar, "caf\xe9.txt", b"a cafe")
+        add(tar, "listed.png", image)
+        add(tar, "listed.json", json.dumps({"caption": ["two", "captions"]}).encode())
+        add(tar, "bom.png", image)
+        add(tar, "bom.txt", "\ufeffa red circle".encode())
+    rows = {r["key"].split("#", 1)[1]: r for r in read(tmp_path)}
+    assert rows["ok"]["reject_reason"] == "" and rows["ok"]["caption"] == caption
+    assert rows["surrogate"]["reject_reason"] == "caption_not_utf8"
+    assert rows["caf\\xe9"]["reject_reason"] == "" and rows["caf\\xe9"]["caption"] == "a cafe"  # key shows the byte
+    assert rows["listed"]["reject_reason"] == "caption_not_text"
+    assert rows["bom"]["caption"] == "a red circle"
+
+
+def test_tar_members_that_are_neither_image_nor_caption_are_not_read(tmp_path, monkeypatch):
+    image, caption = good(0, 40)
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        add(tar, "s0.png", image)
+        add(tar, "s0.mp4", b"\0" * 100_000)
+        add(tar, "s0.txt", caption.encode())
+        add(tar, "s1.npy", b"\0" * 10)  # a sample of its own, with neither: missing image
+    extracted = []
+    real = tarfile.TarFile.extractfile
+
+    def spy(self, member):
+        extracted.append(member.name)
+        return real(self, member)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", spy)
+    rows = read(tmp_path)
+    assert sorted(extracted) == ["s0.png", "s0.txt"]
+    assert [(r["key"].rsplit("#", 1)[1], r["reject_reason"]) for r in rows] == [("s0", ""), ("s1", "missing_image")]
+
+
+def test_captions_file_values_that_are_not_text(tmp_path):
+    image, _ = good(0, 40)
+    for name in ("text", "null", "absent", "number", "list", "surrogate", "bom", "unlisted"):
+        (tmp_path / f"{name}.png").write_bytes(image)
+    lines = [{"file": "text.png", "caption": "a red circle"}, {"file": "null.png", "caption": None},
+             {"file": "absent.png"}, {"file": "number.png", "caption": 3},
+             {"file": "list.png", "caption": ["x", "y"]}, {"file": "surrogate.png", "caption": "bad \ud800"},
+             {"file": "bom.png", "caption": "\ufeffa blue square"}]
+    # The file itself starts with a BOM, as editors on Windows write it.
+    (tmp_path / "captions.jsonl").write_bytes("\ufeff".encode() + "\n".join(map(json.dumps, lines)).encode())
+    rows = {r["key"].rsplit("/", 1)[1]: r for r in read(tmp_path)}
+    reasons = {k.removesuffix(".png"): r["reject_reason"] for k, r in rows.items()}
+    assert reasons == {"text": "", "null": "missing_caption", "absent": "missing_caption",
+                       "number": "caption_not_text", "list": "caption_not_text", "surrogate": "caption_not_utf8",
+                       "bom": "", "unlisted": "missing_caption"}
+    assert rows["text.png"]["caption"] == "a red circle" and rows["bom.png"]["caption"] == "a blue square"
+
+    # CSV: a row without its caption field (no comma) is a missing caption, not the text "None".
+    (tmp_path / "captions.jsonl").unlink()
+    (tmp_path / "captions.csv").write_text("file,caption\ntext.png,a red circle\nnull.png\n")
+    rows = {r["key"].rsplit("/", 1)[1]: r["reject_reason"] for r in read(tmp_path)}
+    assert rows["text.png"] == "" and rows["null.png"] == "missing_caption"
+
+
+def test_a_malformed_captions_file_fails_planning_naming_file_and_line(tmp_path):
+    (tmp_path / "a.png").write_bytes(good(0, 40)[0])
+    path = tmp_path / "captions.jsonl"
+    path.write_text('{"file": "a.png", "caption": "ok"}\n\n{"file": "b.png", "caption": "cut\n')
+    with pytest.raises(ValueError, match=rf"{path}, line 3: not valid JSON"):
+        plan_parts(str(tmp_path), "auto", ReaderConfig())
+    path.write_text('{"file": "a.png", "caption": "ok"}\n["a.png", "ok"]\n')
+    with pytest.raises(ValueError, match=rf"{path}, line 2: a record must be a JSON object, got list"):
+        plan_parts(str(tmp_path), "auto", ReaderConfig())
+    path.write_text('{"file": "a.png", "text": "ok"}\n')  # the configured caption_field is nowhere
+    with pytest.raises(ValueError, match="no record has 'caption'"):
+        plan_parts(str(tmp_path), "auto", ReaderConfig())
+
+
+def test_non_utf8_file_names_are_skipped_and_named(tmp_path, capfd):
+    image, caption = good(0, 40)
+    root = os.fsencode(tmp_path)
+    for name in (b"ok", b"caf\xe9"):
+        open(root + b"/" + name + b".png", "wb").write(image)
+        open(root + b"/" + name + b".txt", "wb").write(caption.encode())
+    os.mkdir(root + b"/d\xe9j\xe0")
+    open(root + b"/d\xe9j\xe0/inner.png", "wb").write(image)
+    files = storage.list_files(str(tmp_path))
+    assert files == [f"{tmp_path}/ok.png", f"{tmp_path}/ok.txt"]
+    err = capfd.readouterr().err
+    assert "skipped 3 path(s)" in err and "caf\\xe9.png" in err and "d\\xe9j\\xe0" in err
+    assert [r["reject_reason"] for r in read(tmp_path)] == [""]
+
+
+def test_dangling_symlinks_are_missing_images_not_dropped(tmp_path):
+    image, caption = good(0, 40)
+    (tmp_path / "a.png").write_bytes(image)
+    (tmp_path / "a.txt").write_text(caption)
+    os.symlink(tmp_path / "nowhere.png", tmp_path / "b.png")
+    (tmp_path / "b.txt").write_text("a caption")
+    os.symlink(tmp_path / "a.png", tmp_path / "c.png")  # a live link is an image like any other
+    (tmp_path / "c.txt").write_text(caption)
+    broken: list[str] = []
+    assert storage.list_files(str(tmp_path), broken_links=broken) == sorted(
+        f"{tmp_path}/{n}" for n in ("a.png", "a.txt", "b.txt", "c.png", "c.txt"))
+    assert broken == [f"{tmp_path}/b.png"]
+    rows = {r["key"].rsplit("/", 1)[1]: r["reject_reason"] for r in read(tmp_path)}
+    assert rows == {"a.png": "", "b.png": "missing_image", "c.png": ""}
+
+
+def write(path, columns: dict) -> None:
+    pq.write_table(pa.table(columns), path)
+
+
+def test_parquet_hugging_face_image_structs_are_read(tmp_path):
+    """`datasets`' Image feature: struct<bytes, path>; a null struct or one with a path only has no image."""
+    image, caption = good(0, 40)
+    kind = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    write(tmp_path / "hf.parquet", {
+        "image": pa.array([{"bytes": image, "path": "a.png"}, None, {"bytes": None, "path": "c.png"}], kind),
+        "caption": pa.array([caption, caption, caption], pa.large_string())})
+    rows = read(tmp_path)
+    assert [r["reject_reason"] for r in rows] == ["", "missing_image", "missing_image"]
+    assert rows[0]["caption"] == caption
+
+
+@pytest.mark.parametrize("image, caption, message", [
+    (pa.array(["https://example.com/a.jpg"]), pa.array(["c"]), "does not fetch URLs"),
+    (pa.array([1]), pa.array(["c"]), "type int64; it must hold encoded image bytes"),
+    (pa.array([{"path": "a.png"}]), pa.array(["c"]), "without a binary 'bytes' field"),
+    (pa.array([b"x"]), pa.array([["a", "b"]]), "holds lists"),
+    (pa.array([b"x"]), pa.array([1.5]), "type double; it must be string or binary"),
+])
+def test_parquet_columns_of_the_wrong_type_are_refused_at_planning(tmp_path, image, caption, message):
+    write(tmp_path / "a.parquet", {"image": image, "caption": caption})
+    with pytest.raises(ValueError, match=message) as e:
+        plan_parts(str(tmp_path), "auto", ReaderConfig())
+    assert str(tmp_path / "a.parquet") in str(e.value)
