@@ -88,7 +88,7 @@ def decode_image_and_size(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, 
             img.load()
             img = ImageOps.exif_transpose(img)
             return (img if keep_mode else to_rgb(img)), (width, height)
-    except ImageRejected:
+    except (ImageRejected, MemoryError):  # out of memory is the worker's state, not the file's fault
         raise
     except Image.DecompressionBombError as e:
         raise ImageRejected(TOO_MANY_PIXELS, str(e)) from None
