@@ -16,13 +16,14 @@ Ray Train run resumes from its last checkpoint (same run name and storage).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from jobs.cluster import cluster_may_grow
 from jobs.config import TrainConfig, load_config
 from jobs.decoder import decoder_component
 from jobs.loop import ensure_ray
+from jobs.preflight import DATA_CPUS, RunRefused
 from jobs.progress import Reporter, say, set_verbose, start_display, stop_display
 from jobs.stage import add_common_args, add_format_arg, cli_overrides
 from jobs.stages import run_stage
@@ -82,7 +83,8 @@ def fit_together(cfg: TrainConfig, resources: dict[str, float]) -> bool:
     need_cpu = sum(s.scaling.num_workers * s.scaling.cpus_per_worker for s in (cfg.base, cfg.superres))
     need_gpu = sum(s.scaling.num_workers * s.scaling.gpus_per_worker for s in (cfg.base, cfg.superres)
                    if s.scaling.use_gpu)
-    return need_cpu <= resources.get("CPU", 0.0) and need_gpu <= resources.get("GPU", 0.0)
+    # Both trainers' CPUs must leave Ray Data a CPU (jobs.preflight.DATA_CPUS), as one trainer's must.
+    return need_cpu + DATA_CPUS <= resources.get("CPU", 0.0) and need_gpu <= resources.get("GPU", 0.0)
 
 
 def trainer_bundles(cfg: TrainConfig) -> list[dict[str, float]]:
@@ -101,13 +103,17 @@ def room_for_both(cfg: TrainConfig, resources, request, autoscaling: bool, wait_
     if not autoscaling or wait_s <= 0:
         return False
     request(bundles=trainer_bundles(cfg))
-    deadline = clock() + wait_s
-    while clock() < deadline:
-        sleep(min(10.0, max(0.0, deadline - clock())))
-        if fit_together(cfg, resources()):
-            return True
-    request(bundles=[])  # withdrawn: the trainers' own placement groups ask for what each needs
-    return False
+    try:
+        deadline = clock() + wait_s
+        while clock() < deadline:
+            sleep(min(10.0, max(0.0, deadline - clock())))
+            if fit_together(cfg, resources()):
+                return True
+        return False
+    finally:
+        # A request stands until replaced: left in place it would keep both trainers' nodes as the
+        # cluster's minimum size after training. The trainers' own placement groups ask for what each needs.
+        request(bundles=[])
 
 
 def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = None, format: str = "auto",
@@ -154,7 +160,7 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
         if s not in todo:
             report[s] = "skipped (finished)"
     if len(todo) == 2 and cfg.concurrent and room_for_both(
-            cfg, ray.cluster_resources, request_resources, autoscaling=bool(os.environ.get("RAY_ADDRESS")),
+            cfg, ray.cluster_resources, request_resources, autoscaling=cluster_may_grow(),
             wait_s=cfg.concurrent_wait_s):
         say("[all] training base and super-res concurrently")
         with ThreadPoolExecutor(2, thread_name_prefix="train") as pool:
@@ -198,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(e))
     try:
         train_all(cfg, args.corpus, args.checkpoint, args.tokens, args.format, images=args.images)
+    except RunRefused as e:
+        stop_display()
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     finally:
         stop_display()
 

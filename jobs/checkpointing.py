@@ -4,7 +4,8 @@ a run resumes on any number of workers.
 Checkpoint directory (each rank reports its own; Ray Train merges them under one checkpoint in storage):
 
     shard-<rank + 1>-model-00001-of-00001.safetensors   this rank's pieces of every tensor
-    trainer_state.json     (rank 0) format, step, counters, scheduler states, optimizer param_groups
+    trainer_state.json     (rank 0) format, step, counters, scheduler states, optimizer param_groups,
+                           and the run's identity (model root, component, architecture: jobs.preflight)
 
 The shards are written by `torch.distributed.checkpoint` (DCP) through its safetensors storage: each
 file is plain safetensors whose header records where its pieces sit in the full tensors, so loading
@@ -23,6 +24,9 @@ Each rank writes its shards to a local staging directory (`staging_directory`) t
 once uploaded. A worker that dies mid-upload leaves its directory behind, a checkpoint's worth of
 disk per failure; the next worker on the node removes the directories of processes that are gone
 (`remove_orphaned_staging`).
+
+On load the optimizers keep the lr, betas and weight decay they were built with from the config, and
+the schedule its base lrs: the checkpoint's values would otherwise win without a word.
 
 Checkpoints of format_version 1 (full tensors gathered to rank 0: `jobs.common.save_training_state`)
 still load, on any worker count (from S3 each rank downloads one to a temporary directory first).
@@ -141,9 +145,10 @@ def _jsonable(groups: list[dict]) -> list[dict]:
 
 def save_sharded(directory: str, *, step: int, env: WorkerEnv, modules: dict[str, nn.Module],
                  optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any], ema: EMA | None,
-                 counters: dict[str, float]) -> None:
+                 counters: dict[str, float], identity: dict | None = None) -> None:
     """Write this rank's shards into `directory` (and the JSON on rank 0). Every rank calls it: DCP
-    agrees on who writes which piece (a replicated tensor is written once) through the process group."""
+    agrees on who writes which piece (a replicated tensor is written once) through the process group.
+    `identity`: the run's (`jobs.preflight.run_identity`), which the driver checks before resuming."""
     unstepped = {name for name, opt in optimizers.items() if not opt.state}
     flat, _, optim_meta = _state(modules, optimizers, ema, unstepped)
     dcp.save(flat, storage_writer=HuggingFaceStorageWriter(directory, save_distributed=True))
@@ -151,6 +156,8 @@ def save_sharded(directory: str, *, step: int, env: WorkerEnv, modules: dict[str
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "counters": counters,
                 "world_size": env.world_size, "strategy": env.strategy,
                 "schedulers": {k: s.state_dict() for k, s in schedulers.items()}, "optimizers": optim_meta}
+        if identity is not None:
+            meta["identity"] = identity
         tmp = os.path.join(directory, STATE_FILE + ".tmp")
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=1)
@@ -170,7 +177,65 @@ def load_training_state(directory: str, *, modules: dict[str, nn.Module],
     """Restore a checkpoint of either format on every rank (any worker count); returns the JSON meta.
     `directory` is a path on `filesystem` (a Ray Train checkpoint's `.path` and `.filesystem`), local
     when no filesystem is given. `stats`, if given, gets this rank's "fetched_bytes" of the checkpoint's
-    "total_bytes"."""
+    "total_bytes".
+
+    The optimizers' hyperparameters stay as configured (the optimizers and schedulers were built from
+    the config): the checkpoint's lr, betas and weight decay would otherwise silently win, and lowering
+    the lr after a divergence would change nothing. meta["config_changes"] names what differed."""
+    configured = hyperparameters(optimizers)
+    meta = _load(directory, modules=modules, optimizers=optimizers, schedulers=schedulers, ema=ema,
+                 filesystem=filesystem, stats=stats)
+    meta["config_changes"] = reapply_hyperparameters(optimizers, schedulers, configured)
+    return meta
+
+
+HYPERPARAMETERS = ("lr", "betas", "weight_decay")  # what the config sets in each param group
+
+
+def hyperparameters(optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, list[dict]]:
+    """Each optimizer's configured hyperparameters, per param group; "lr" is the schedule's base lr
+    (a scheduler keeps it in the group as "initial_lr", and "lr" is that times its factor)."""
+    out = {}
+    for name, opt in optimizers.items():
+        out[name] = [{"lr": g.get("initial_lr", g["lr"]), "betas": tuple(g["betas"]), "weight_decay": g["weight_decay"]}
+                     for g in opt.param_groups]
+    return out
+
+
+def reapply_hyperparameters(optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any],
+                            configured: dict[str, list[dict]]) -> list[str]:
+    """Put `configured` (from `hyperparameters` before loading) back into every param group and the
+    schedulers' base lrs, and set each group's lr from its schedule at the loaded step (so a changed lr,
+    warm-up or max_steps applies from the first resumed step). Returns "name key old -> new" for each
+    value the checkpoint had otherwise."""
+    changes: dict[tuple[str, str], set[tuple[Any, Any]]] = {}
+    for name, opt in optimizers.items():
+        loaded = hyperparameters({name: opt})[name]
+        for group, old, new in zip(opt.param_groups, loaded, configured[name]):
+            for key in HYPERPARAMETERS:
+                if old[key] != new[key]:
+                    changes.setdefault((name, key), set()).add((old[key], new[key]))
+            group.update(betas=new["betas"], weight_decay=new["weight_decay"])
+            group["initial_lr" if "initial_lr" in group else "lr"] = new["lr"]
+    for sched in schedulers.values():
+        groups = sched.optimizer.param_groups
+        sched.base_lrs = [g.get("initial_lr", g["lr"]) for g in groups]
+        if hasattr(sched, "lr_lambdas"):  # LambdaLR (jobs.common.build_scheduler): lr = base * factor(step)
+            lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+            for g, lr in zip(groups, lrs):
+                g["lr"] = lr
+            sched._last_lr = lrs
+    return [f"{name} {key} " + ", ".join(f"{_shown(a)} -> {_shown(b)}" for a, b in sorted(pairs, key=str))
+            for (name, key), pairs in changes.items()]
+
+
+def _shown(value: Any) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in value) + ")" if isinstance(value, tuple) else f"{value:g}"
+
+
+def _load(directory: str, *, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+          schedulers: dict[str, Any], ema: EMA | None, filesystem: pafs.FileSystem | None,
+          stats: dict | None) -> dict:
     fs = filesystem or pafs.LocalFileSystem()
     meta = read_meta(directory, fs)
     if meta.get("format") != FORMAT:

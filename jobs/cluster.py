@@ -36,6 +36,13 @@ def cluster_address() -> str | None:
     return os.environ.get("RAY_ADDRESS") or read_ray_address() or None
 
 
+def cluster_may_grow() -> bool:
+    """Whether the joined Ray may get more nodes than it has now. RAY_ADDRESS (what `ray job submit`
+    sets) is taken to mean a cluster with an autoscaler; a local Ray, or a `ray start` cluster on this
+    node found without it, is taken as it is."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
 def join_ray(env: dict[str, str] | None = None, *, num_cpus: int | None = None,
              local_env: dict[str, str] | None = None, quiet: bool = True, **local: Any) -> bool:
     """Connect this process to Ray as the module says, unless it is connected already. `env`: the

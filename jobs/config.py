@@ -9,7 +9,8 @@ weight decay 0.045, β = (0.9, 0.96)); `configs/train_tiny.yaml` shrinks it to 2
 Model architectures are preset names (`muse.config.PRESETS`). The root decides: a transformer stage
 without a preset (`model: null`, the default) continues the component already in the model root, in
 its architecture and from its weights, and refuses tokens that do not fit it; a root without one gets
-the paper's preset. A named preset trains from scratch and replaces the root's component. A preset's
+the paper's preset. A named preset trains from scratch and replaces the root's component (a run of the
+same name, root and preset resumes its checkpoints instead: `jobs.preflight`). A preset's
 codebook size, token grid and text width are taken from the tokens and the root's VQGAN and text
 encoder, so it never disagrees with the tokens it is trained on.
 """
@@ -216,7 +217,9 @@ class VQGANStage:
     # resolution; the VQGAN is convolutional): fine-tuning at the higher resolution costs far less
     # than training from scratch, and both tokenizers share a codebook.
     hi_init_from_lo: bool = False
-    hi_max_steps: int | None = None  # steps of the high-res run (e.g. a short fine-tune); None = run.max_steps
+    # Steps of the high-res run (e.g. a short fine-tune); None = run.max_steps. `--max-steps N` on the
+    # command line sets both (a smoke run stays short); `--set vqgan.hi_max_steps=...` after it still wins.
+    hi_max_steps: int | None = None
     # Steps run as a plain autoencoder (no quantizer) before the codebook is seeded by k-means++ from
     # their latents (muse.vqgan.VectorQuantizer.seed); 0 = quantize from the first step.
     quantizer_warmup_steps: int = 0

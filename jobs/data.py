@@ -18,7 +18,7 @@ import torch
 
 from muse import storage
 from muse.data.images import uint8_to_tensor
-from pipelines import readers, shards
+from pipelines import manifest, readers, shards
 from pipelines.config import TokenizeConfig
 from pipelines.preprocess import preprocessed, preprocessed_local
 
@@ -43,6 +43,16 @@ def token_dataset(uri: str, *, hi: bool, cache: bool = False, shuffle_seed: int 
 
         return ray.data.from_arrow(shards.load_token_shards(uri, columns=columns)), info
     return shards.read_token_shards(uri, columns, shuffle_seed), info
+
+
+def token_rows(uri: str) -> int | None:
+    """Rows of the published token shards under `uri`, from their manifest (no shard is read), or
+    None when the manifest cannot say."""
+    try:
+        accepted = manifest.read_manifest(uri)["accepted"].to_pylist()
+    except (OSError, ValueError, KeyError):
+        return None
+    return int(sum(n for n in accepted if n is not None))
 
 
 def data_order_seed(run_seed: int, run_dir: str) -> int:

@@ -79,7 +79,7 @@ def build(cfg: TrainConfig, data: str, root: str, component: str | None, format:
         raise ValueError(f"the model root {root} has no {component}/ to fine-tune the decoder of")
     wide = widened_config(root, component, section)
     dataset = image_dataset(data, wide.resolution, cfg.tokenize, format, cache=section.run.cache_data)
-    job = {"root": root, "component": component, "model_config": to_dict(wide), "data_meta": {}}
+    job = {"root": root, "component": component, "stage": "decoder", "model_config": to_dict(wide), "data_meta": {}}
     section = replace(section, run=replace(section.run, name=section.run.name or f"decoder_{component}"))
     return [fit_stage(DecoderWorker, section, job, dataset)]
 

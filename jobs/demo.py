@@ -33,6 +33,7 @@ from PIL import Image
 
 from jobs.cluster import join_ray
 from jobs.loop import worker_env
+from jobs.preflight import RunRefused
 from jobs.progress import quiet_ray_loggers, set_verbose, stop_display
 from muse import storage
 from muse.data.synthetic import GRID_LAYOUTS
@@ -45,6 +46,7 @@ from muse.data.synthetic import GRID_LAYOUTS
 # (benchmarks/RESULTS.md, "Super-res drawing the likeliest code").
 DEMO_SAMPLING = {"steps": 24, "superres_steps": 8, "guidance_scale": 1.0, "choice_temperature": 4.5,
                  "superres_top_k": 1}
+DEMO_APP = "muse-demo"  # the demo's Serve application: the only one it deletes
 TOKENIZER_IMAGES = ("corpus", "all-pairings")  # what the tokenizers learn from (--tokenizer-images)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
@@ -166,6 +168,7 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
     from serve.app import build_app
     from serve.config import AppArgs, Deployment, Generator, Sampling
 
+    train_cfg = load_config(config, list(overrides))  # a typo fails here, before Ray and the corpora
     output = storage.absolute(output)
     corpus, root = storage.join(output, "corpus"), storage.join(output, "checkpoint")
     images = storage.join(output, "images") if tokenizer_images == "all-pairings" else None
@@ -173,6 +176,7 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
     began = time.time()
     started_ray = join_ray(worker_env(), num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
     quiet_ray_loggers()
+    deployed = False
     try:
         start = time.time()
         if storage.exists(storage.join(corpus, "holdout.json")):
@@ -190,7 +194,6 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
         timings["corpus_s"] = time.time() - start
 
         start = time.time()
-        train_cfg = load_config(config, list(overrides))
         try:
             stages = train_all(train_cfg, corpus, root, tokens=storage.join(output, "tokens"), images=images)
         finally:
@@ -205,7 +208,8 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
         args = AppArgs(checkpoint=root, text_encoder=small, decoder=small, ingress=small, base=gen, superres=gen,
                        sampling=Sampling(**DEMO_SAMPLING))
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(args), name="muse-demo", route_prefix="/", blocking=False)
+        deployed = True  # from here on the app may exist, even if serve.run fails part-way
+        serve.run(build_app(args), name=DEMO_APP, route_prefix="/", blocking=False)
         wait_healthy(url)
         print(f"[demo] serving {root} at {url}", flush=True)
         timings["serve_start_s"] = time.time() - start
@@ -225,12 +229,18 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
         report["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
         report["served_from"] = {"url": url, "checkpoint": root, "size": size}
         storage.write_text(storage.join(output, "report.json"), json.dumps(report, indent=1))
-        serve.delete("muse-demo")
+        serve.delete(DEMO_APP)
+        deployed = False
     finally:
         if started_ray:
             ray.shutdown()  # takes Serve with it (serve.shutdown() here races the controller's own exit)
-        else:
-            serve.shutdown()
+        elif deployed:
+            # A joined cluster's Serve may run other users' apps: only the demo's own goes, and a failed
+            # delete does not hide the error that brought us here.
+            try:
+                serve.delete(DEMO_APP)
+            except Exception as e:
+                print(f"[demo] could not delete the Serve app {DEMO_APP}: {e}", flush=True)
     minutes = (time.time() - began) / 60
     print(f"\n[demo] done in {minutes:.1f} min. The attribute judge on served images (chance level in brackets):",
           flush=True)
@@ -266,9 +276,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="Ray's own logs and every worker's lines instead of one progress line per stage")
     args = parser.parse_args(argv)
     set_verbose(args.verbose)
-    run_demo(args.output, config=args.config, overrides=tuple(args.set), corpus_size=args.corpus_size,
-             corpus_grid=args.corpus_grid, corpus_layout=args.corpus_layout, n_seen=args.n_seen,
-             tokenizer_images=args.tokenizer_images)
+    from jobs.config import load_config
+
+    try:  # a usage error, said in one line before Ray starts and the corpora are written
+        load_config(args.config, list(args.set))
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    try:
+        run_demo(args.output, config=args.config, overrides=tuple(args.set), corpus_size=args.corpus_size,
+                 corpus_grid=args.corpus_grid, corpus_layout=args.corpus_layout, n_seen=args.n_seen,
+                 tokenizer_images=args.tokenizer_images)
+    except RunRefused as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,15 @@
 
 A failed worker (or node) makes Ray Train restart the whole worker group (FailureConfig.max_failures);
 the new workers resume from the last checkpoint whose upload finished, with the step counter,
-optimizer, scheduler, EMA and sample/token counters it holds. Calling `fit_stage` again with the same
-run name and storage resumes a run the driver lost, on any number of workers (`jobs.checkpointing`
-reshards). Ray Data iterators have no position to restore, so a resumed run does
-not continue the data stream where it was: it starts a fresh seeded permutation of the shard files
-(`jobs.data.token_dataset`), not the first files again, and rows mix in a local shuffle buffer of
-thousands of rows. An epoch cut short by a failure is not completed first.
+optimizer, scheduler, EMA and sample/token counters it holds; rank 0 puts each failed attempt's error
+on the console in one line. Calling `fit_stage` again with the same run name and storage resumes a
+run the driver lost, on any number of workers (`jobs.checkpointing` reshards), if its checkpoints
+belong to the same model root, component and architecture: the driver refuses others before the
+trainer starts, with what would fail on every attempt (`jobs.preflight`). Ray Data iterators have no
+position to restore, so a resumed run does not continue the data stream where it was: it starts a
+fresh seeded permutation of the shard files (`jobs.data.token_dataset`), not the first files again,
+and rows mix in a local shuffle buffer of thousands of rows. An epoch cut short by a failure is not
+completed first.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from torch import nn
 from jobs.checkpointing import load_training_state, remove_orphaned_staging, save_sharded, staging_directory
 from jobs.common import EMA, peak_flops
 from jobs.parallel import WorkerEnv, allreduce_mean
-from jobs.progress import Reporter, format_seconds, quiet_ray_loggers, start_display
+from jobs.preflight import RunRefused, check_resume, check_rows, data_cpu_problem, run_identity
+from jobs.progress import Reporter, format_seconds, quiet_ray_loggers, say, start_display
 from muse import storage
 from muse.config import from_dict
 
@@ -101,6 +105,42 @@ def import_worker(path: str) -> type[StageWorker]:
 
 
 def train_loop_per_worker(job: dict) -> None:
+    try:
+        _train_loop(job)
+    except Exception as e:
+        _post_failure(job, e)
+        raise
+
+
+def _post_failure(job: dict, error: Exception) -> None:
+    """At the default verbosity the workers' tracebacks stay in Ray's logs, and Ray Train restarts the
+    worker group up to run.max_failures times: rank 0 puts one line on the driver's console per failed
+    attempt, so a failure that repeats is seen at once."""
+    import ray
+    import ray.train
+
+    board = job.get("progress_board")
+    try:
+        if board is None or ray.train.get_context().get_world_rank() != 0:
+            return
+        message = (str(error).strip().splitlines() or [""])[0][:400]
+        stage = job.get("stage", job.get("component"))
+        line = (f"[{job['run_name']}] attempt failed: {type(error).__name__}: {message} (Ray Train restarts the "
+                f"workers from the last checkpoint, up to {stage}.run.max_failures times)")
+        ray.get(board.note.remote(line), timeout=10)  # waited for: the worker may be torn down next
+    except Exception:  # the console line is a courtesy; the error itself still propagates
+        pass
+
+
+def _console(job: dict, line: str) -> None:
+    """A line for the driver's console: through the progress board when there is one (the workers'
+    own output then stays in Ray's logs), and in the worker's log either way."""
+    print(line, flush=True)
+    if job.get("progress_board") is not None:
+        job["progress_board"].note.remote(line)  # not waited for: training goes on
+
+
+def _train_loop(job: dict) -> None:
     import ray.train
 
     from jobs.common import save_png
@@ -127,6 +167,9 @@ def train_loop_per_worker(job: dict) -> None:
         step, counters = int(meta["step"]), meta["counters"]
     resumed_from = step
     tag = f"[{job['run_name']}]"
+    if checkpoint is not None and meta.get("config_changes") and env.is_main:
+        _console(job, f"{tag} warning: the checkpoint's optimizer settings differ from the config, which now "
+                      f"applies: {'; '.join(meta['config_changes'])}")
     if env.is_main:
         read = (f" (this rank read {fetched['fetched_bytes'] / 1e6:,.1f} of the checkpoint's "
                 f"{fetched['total_bytes'] / 1e6:,.1f} MB)" if checkpoint and fetched else "")
@@ -250,7 +293,8 @@ def _report_checkpoint(worker: StageWorker, env: WorkerEnv, step: int, counters:
     start = time.perf_counter()
     directory = staging_directory(step)  # Ray deletes it after the upload
     save_sharded(directory, step=step, env=env, modules=worker.modules, optimizers=worker.optimizers,
-                 schedulers=worker.schedulers, ema=worker.ema, counters=dict(counters))
+                 schedulers=worker.schedulers, ema=worker.ema, counters=dict(counters),
+                 identity=worker.job.get("identity"))
     _report(report or {"step": float(step)}, checkpoint=ray.train.Checkpoint.from_directory(directory))
     return time.perf_counter() - start
 
@@ -292,9 +336,11 @@ def run_location(root: str, run, default_name: str) -> tuple[str, str]:
     return storage.absolute(run.storage_path or storage.join(root, "runs")), run.name or default_name
 
 
-def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset) -> Any:
+def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows: int | None = None) -> Any:
     """Build and run the TorchTrainer whose workers run `worker`; returns the ray.train.Result (raises
-    on failure)."""
+    on failure). `job` holds "root", "component", "model_config" (and "stage", the config section, when
+    it is not the component's name); `rows`: the dataset's row count where the caller knows it. What
+    would fail on every attempt is refused first (`jobs.preflight`)."""
     import ray
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -303,14 +349,22 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset) -> An
 
     run, scaling = section.run, section.scaling
     storage_uri, name = run_location(job["root"], run, job["component"])
+    run_dir = storage.join(storage_uri, name)
+    identity = run_identity(job)
+    check_resume(run_dir, identity, job.get("stage", job["component"]))
+    cached = _materialized(dataset)
+    if rows is None and cached:
+        rows = dataset.count()  # from the blocks' metadata: nothing is read
+    check_rows(name, rows, run.batch_size, scaling.num_workers)
+    if not cached:  # streamed: Ray Data's read tasks need CPUs beside the trainer's
+        _check_data_cpus(name, scaling)
     if storage.is_s3(storage_uri):
         fs, path = storage.s3_filesystem(), storage_uri[len("s3://"):].rstrip("/")
     else:
         fs, path = None, storage.filesystem(storage_uri)[1]
         os.makedirs(path, exist_ok=True)
-    job = dict(job, worker=worker_path(worker), section=to_dict(section), run_name=name,
-               progress_board=start_display() if run.progress else None,
-               run_dir=storage.join(storage_uri, name),
+    job = dict(job, worker=worker_path(worker), section=to_dict(section), run_name=name, identity=identity,
+               progress_board=start_display() if run.progress else None, run_dir=run_dir,
                samples_dir=job.get("samples_dir") or storage.join(job["root"], "samples", name))
     trainer = _trainer_class()(
         train_loop_per_worker,
@@ -323,6 +377,28 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset) -> An
         datasets={"train": dataset},
     )
     return trainer.fit()
+
+
+def _materialized(dataset) -> bool:
+    """Whether the dataset sits in the object store already (run.cache_data): no read tasks to feed."""
+    from ray.data.dataset import MaterializedDataset
+
+    return isinstance(dataset, MaterializedDataset)
+
+
+def _check_data_cpus(name: str, scaling) -> None:
+    """Refuse a trainer that leaves Ray Data no CPU on a cluster that cannot grow; on one that may
+    (the autoscaler can add nodes) only warn."""
+    import ray
+
+    from jobs.cluster import cluster_may_grow
+
+    problem = data_cpu_problem(name, scaling, float(ray.cluster_resources().get("CPU", 0.0)))
+    if problem is None:
+        return
+    if not cluster_may_grow():
+        raise RunRefused(problem)
+    say(f"warning: {problem} (unless the autoscaler adds nodes)")
 
 
 PLACEMENT_GROUP_CLEANER = "PlacementGroupCleanerCallback"

@@ -33,6 +33,7 @@ from jobs.config import PAPER_PRESETS, TrainConfig, TransformerStage
 from jobs.data import collate_tokens
 from jobs.loop import StageWorker, finished_extra, fit_stage, run_location
 from jobs.parallel import WorkerEnv, transformer_fsdp_units, wrap
+from jobs.preflight import RunRefused
 from jobs.progress import say
 from muse import checkpoint, storage
 from muse.config import VQGANConfig, from_dict, preset, to_dict
@@ -97,9 +98,8 @@ class MaskedWorker(StageWorker):
         self.model_config = from_dict(config_type, job["model_config"])
         if job.get("init_from"):  # the root's own component, continued (a resumed run then loads its checkpoint)
             model = checkpoint.load_component(job["init_from"], expect_kind=self.kind).train()
-        elif section.lora_rank:
-            raise ValueError(f"{self.kind}.lora_rank: LoRA adapts the component already in the model root, and "
-                             f"{self.root} has no {self.kind}/ (or --model asked for another architecture)")
+        elif section.lora_rank:  # the driver refuses this first (`lora_problem`); kept for direct callers
+            raise ValueError(lora_problem(self.kind, self.root, section.model))
         else:
             model = checkpoint.build_component(self.kind, self.model_config)
             self.set_code_vectors(model)
@@ -258,7 +258,7 @@ class MaskedWorker(StageWorker):
 
 def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, root: str) -> list[Any]:
     """The token dataset and the architecture for `stage` ("base" or "superres"), then its run."""
-    from jobs.data import data_order_seed, token_dataset
+    from jobs.data import data_order_seed, token_dataset, token_rows
 
     section = getattr(cfg, stage)
     storage_uri, name = run_location(root, section.run, stage)
@@ -268,12 +268,22 @@ def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, r
         raise ValueError(f"the token shards hold text ids but the model root {root} has no text_encoder/ to "
                          "encode them (write one with `muse init` or train with `muse train all`)")
     model_cfg, init_from = transformer_config(stage, section.model, root, data, info)
+    if section.lora_rank and init_from is None:
+        raise RunRefused(lora_problem(stage, root, section.model))
     warning = label_smoothing_warning(stage, model_cfg, section.label_smoothing)
     if warning:
         say(warning)
-    job = {"root": root, "component": stage, "model_config": to_dict(model_cfg), "data_meta": info,
-           "init_from": init_from, "model_kind": checkpoint.kind_of_config(model_cfg)}
-    return [fit_stage(worker, section, job, dataset)]
+    job = {"root": root, "component": stage, "stage": stage, "model_config": to_dict(model_cfg),
+           "data_meta": info, "init_from": init_from, "model_kind": checkpoint.kind_of_config(model_cfg)}
+    return [fit_stage(worker, section, job, dataset, rows=token_rows(data))]
+
+
+def lora_problem(stage: str, root: str, model: str | None = None) -> str:
+    """Why a LoRA run has nothing to adapt: a preset asked for (a new model), or a root without one."""
+    if model:
+        return (f"{stage}.lora_rank: LoRA adapts the component already in the model root, but --model / "
+                f"{stage}.model asks for a new {model}: leave it unset (after --config: --set {stage}.model=null)")
+    return f"{stage}.lora_rank: LoRA adapts the component already in the model root, and {root} has no {stage}/"
 
 
 MUSE_LABEL_SMOOTHING = 0.1
@@ -300,9 +310,13 @@ def label_smoothing_warning(stage: str, model_cfg, label_smoothing: float | None
 def model_arg(stage: str):
     """The `--model` flag of a transformer stage."""
     def add(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--model", help=f"{stage} preset to train from scratch, replacing the root's {stage} "
-                                            f"(default: continue the root's {stage}, or {PAPER_PRESETS[stage]} "
-                                            "in a root without one)")
+        parser.add_argument("--model", help=f"{stage} preset to train instead of the root's {stage}, which it "
+                                            "replaces when the run ends (default: continue the root's "
+                                            f"{stage}, or {PAPER_PRESETS[stage]} in a root without one). It starts "
+                                            "from scratch unless the run name (run.name, default "
+                                            f"'{stage}') has checkpoints of this preset on this root: then it "
+                                            "resumes them; checkpoints of another architecture or root are "
+                                            f"refused. For a fresh start: --set {stage}.run.name=NEW")
         parser.add_argument("--lora-rank", type=int, help=f"fine-tune the root's {stage} through rank-r LoRA "
                                                           "adapters, its weights frozen (exported merged)")
     return add

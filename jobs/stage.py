@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from jobs.config import load_config
 from jobs.loop import ensure_ray
+from jobs.preflight import RunRefused
 from jobs.progress import set_verbose, stop_display
 from muse import storage
 
@@ -61,7 +62,8 @@ class Stage:
             prog=f"muse train {self.name}",
             description=f"{self.summary[:1].upper()}{self.summary[1:]}, with Ray Train, and export it into the "
                         "model root. Re-running with the same --checkpoint (and run name) resumes from the last "
-                        "checkpoint.",
+                        "checkpoint; a run name whose checkpoints belong to another model root, component or "
+                        "architecture is refused (pass --set <stage>.run.name=NEW).",
             epilog=f"example: muse train {self.name} --config configs/train_tiny.yaml {flag} {DATA_KINDS[self.data]} "
                    "--checkpoint models/tiny. On a cluster: RAY_AUTH_MODE=token ray job submit --working-dir . -- "
                    f"python -m jobs.{self.name} {flag} s3://... --checkpoint s3://...",
@@ -83,6 +85,9 @@ class Stage:
         try:
             results = self.train(cfg, args.data, args.checkpoint, component=getattr(args, "component", None),
                                  format=getattr(args, "format", "auto"))
+        except RunRefused as e:  # would fail on every attempt: said once, as a usage error
+            stop_display()
+            parser.exit(2, f"{parser.prog}: error: {e}\n")
         finally:
             stop_display()
         for result in results:
@@ -99,7 +104,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="Ray Train workers (scaling.num_workers)")
     parser.add_argument("--gpus-per-worker", type=float, help="GPUs per worker; > 0 trains on GPU")
     parser.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (may be fractional)")
-    parser.add_argument("--max-steps", type=int, help="optimizer steps (run.max_steps)")
+    parser.add_argument("--max-steps", type=int, help="optimizer steps (run.max_steps); for the VQGAN stage, of both "
+                                                     "tokenizers' runs (vqgan.hi_max_steps too)")
     parser.add_argument("--storage", help="Ray Train storage for runs and checkpoints, local or s3:// "
                                           "(run.storage_path; default ROOT/runs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -123,7 +129,11 @@ def cli_overrides(args: argparse.Namespace, sections: list[str]) -> list[str]:
         flags |= {"scaling.gpus_per_worker": args.gpus_per_worker} if args.gpus_per_worker > 0 else {}
     if args.no_progress:
         flags["run.progress"] = False
-    return [f"{s}.{k}={v}" for s in sections for k, v in flags.items() if v is not None] + list(args.set)
+    out = [f"{s}.{k}={v}" for s in sections for k, v in flags.items() if v is not None]
+    if "vqgan" in sections and args.max_steps is not None:
+        # vqgan.hi_max_steps would otherwise win for vqgan_hi: a 10-step smoke run trained it 3,000 steps.
+        out.append(f"vqgan.hi_max_steps={args.max_steps}")
+    return out + list(args.set)  # --set last: it wins
 
 
 def result_summary(result) -> str:

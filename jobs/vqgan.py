@@ -232,10 +232,10 @@ def _build_one(cfg: TrainConfig, data: str, root: str, component: str, format: s
     vq_cfg = preset(section.lo_model if component == "vqgan_lo" else section.hi_model)
     if section.run.name:
         section = replace(section, run=replace(section.run, name=f"{section.run.name}_{component}"))
-    if component == "vqgan_hi" and section.hi_max_steps:
+    if component == "vqgan_hi" and section.hi_max_steps:  # `--max-steps` sets it too (jobs.stage.cli_overrides)
         section = replace(section, run=replace(section.run, max_steps=section.hi_max_steps))
     dataset = image_dataset(data, vq_cfg.resolution, cfg.tokenize, format, cache=section.run.cache_data)
-    job = {"root": root, "component": component, "model_config": to_dict(vq_cfg), "data_meta": {}}
+    job = {"root": root, "component": component, "stage": "vqgan", "model_config": to_dict(vq_cfg), "data_meta": {}}
     if component == "vqgan_hi" and section.hi_init_from_lo:
         job["init_from"] = lo_for_hi_init(root, vq_cfg)
     return fit_stage(VQGANWorker, section, job, dataset)

@@ -135,8 +135,29 @@ def test_train_all_asks_the_autoscaler_instead_of_reading_what_is_up():
     cluster = FakeAutoscaler()
     assert train_all_module.room_for_both(cfg, cluster.resources, cluster.request, autoscaling=True,
                                           wait_s=600, sleep=cluster.sleep, clock=lambda: cluster.now)
-    assert cluster.requests == [[{"CPU": 1.0, "GPU": 1.0}] * 4]  # both trainers' workers, asked for at once
+    # Both trainers' workers, asked for at once, then withdrawn once they are up: a request stands
+    # until replaced, and would keep the nodes as the cluster's minimum size after training.
+    assert cluster.requests == [[{"CPU": 1.0, "GPU": 1.0}] * 4, []]
     assert cluster.gpus >= 4
+
+
+def test_the_autoscaler_request_is_withdrawn_even_when_the_wait_fails():
+    cfg = tiny_config(*GPU_TRAINERS)
+    cluster = FakeAutoscaler()
+
+    def broken_sleep(seconds):
+        raise KeyboardInterrupt  # e.g. the user gives up waiting
+
+    with pytest.raises(KeyboardInterrupt):
+        train_all_module.room_for_both(cfg, cluster.resources, cluster.request, autoscaling=True, wait_s=600,
+                                       sleep=broken_sleep, clock=lambda: cluster.now)
+    assert cluster.requests[-1] == []
+
+
+def test_both_trainers_must_leave_ray_data_a_cpu():
+    cfg = tiny_config("base.scaling.num_workers=2", "superres.scaling.num_workers=2")  # 4 CPUs in all
+    assert not train_all_module.fit_together(cfg, {"CPU": 4.0})  # every CPU taken: the reads would hang
+    assert train_all_module.fit_together(cfg, {"CPU": 5.0})
 
 
 def test_train_all_runs_stages_in_turn_when_the_cluster_cannot_grow():

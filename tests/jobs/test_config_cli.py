@@ -99,3 +99,36 @@ def test_placement_group_cleaner_override_only_on_the_checked_ray(monkeypatch):
     assert loop._trainer_class() is not TorchTrainer and issubclass(loop._trainer_class(), TorchTrainer)
     monkeypatch.setattr(ray, "__version__", "9.0.0")
     assert loop._trainer_class() is TorchTrainer  # another release: the stock trainer, not a blind override
+
+
+def test_max_steps_caps_both_vqgan_runs(tmp_path, monkeypatch):
+    """vqgan.hi_max_steps (3,000 in the shipped configs) used to win over --max-steps for vqgan_hi, so
+    a 10-step smoke run trained the high-res tokenizer 3,000 steps."""
+    import jobs.data
+    from jobs import vqgan
+
+    runs = []
+    monkeypatch.setattr(vqgan, "fit_stage", lambda worker, section, job, dataset: runs.append(
+        (job["component"], section.run.max_steps)))
+    monkeypatch.setattr(jobs.data, "image_dataset", lambda *a, **k: None)
+    parser = vqgan.STAGE.parser()
+    for extra, hi in (([], 10), (["--set", "vqgan.hi_max_steps=50"], 50)):  # an explicit --set still wins
+        args = parser.parse_args(["--corpus", "c", "--checkpoint", str(tmp_path), "--config",
+                                  str(REPO / "configs" / "demo.yaml"), "--max-steps", "10"] + extra)
+        cfg = load_config(args.config, cli_overrides(args, ["vqgan"]))
+        runs.clear()
+        vqgan.build(cfg, "c", str(tmp_path), None, "auto")
+        assert runs == [("vqgan_lo", 10), ("vqgan_hi", hi)]
+    without = parser.parse_args(["--corpus", "c", "--checkpoint", str(tmp_path), "--config",
+                                 str(REPO / "configs" / "demo.yaml")])
+    assert load_config(without.config, cli_overrides(without, ["vqgan"])).vqgan.hi_max_steps == 3000
+    args = argparse.Namespace(workers=None, max_steps=10, cpus_per_worker=None, storage=None, gpus_per_worker=None,
+                              no_progress=False, set=[])
+    assert not any("hi_max_steps" in o for o in cli_overrides(args, ["base"]))  # only the vqgan section has it
+
+
+def test_model_help_says_a_run_of_the_same_name_resumes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["base", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "from scratch unless the run name" in help_text and "--set base.run.name=NEW" in help_text

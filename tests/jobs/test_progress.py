@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from jobs.progress import Board, Display, Reporter, format_seconds, progress_line
 
 
@@ -66,3 +68,32 @@ def test_display_redraws_in_place_on_a_terminal():
     assert "\x1b[1A\x1b[2K" in text  # the previous live line is cleared before the new one
     assert any("2/10 steps" in part for part in text.split("\x1b[1A")[1:])  # redrawn with the new state
     assert "\x1b[2K" in text.split("\x1b[1A")[-1] and "steps" not in text.split("\x1b[1A")[-1]  # cleared at the end
+
+
+def test_a_failed_attempt_is_one_line_on_the_console(monkeypatch):
+    """A worker's exception used to stay in Ray's logs while Ray Train retried it up to
+    run.max_failures times: rank 0 now puts its first line on the console, once per attempt."""
+    import ray
+    import ray.train
+
+    from jobs import loop
+
+    board = Board()
+    rank = [0]
+    monkeypatch.setattr(ray.train, "get_context", lambda: type("Ctx", (), {"get_world_rank": lambda self: rank[0]})())
+    monkeypatch.setattr(ray, "get", lambda value, timeout=None: value)  # the stand-in handle answers at once
+
+    def fails(job):
+        raise ValueError("base.lora_rank: LoRA adapts the component already in the model root\nsecond line")
+
+    monkeypatch.setattr(loop, "_train_loop", fails)
+    job = {"run_name": "base", "stage": "base", "progress_board": _Handle(board)}
+    with pytest.raises(ValueError, match="second line"):  # still raised: Ray Train decides what comes next
+        loop.train_loop_per_worker(job)
+    [line] = board.poll(0)[1]
+    assert line.startswith("[base] attempt failed: ValueError: base.lora_rank: LoRA adapts")
+    assert "second line" not in line and "base.run.max_failures" in line
+    rank[0] = 1  # the other ranks stay quiet: one line per attempt
+    with pytest.raises(ValueError):
+        loop.train_loop_per_worker(job)
+    assert len(board.poll(0)[1]) == 1

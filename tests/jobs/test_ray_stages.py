@@ -173,6 +173,8 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint
     assert meta["counters"]["samples"] == 6 * batch * 2  # steps 1-2 and 3-6 counted, step 3's retry once
     assert meta["schedulers"]["model"]["last_epoch"] == 6
     assert optimizer_steps(optim) == {6.0}  # AdamW's own step count came back from the checkpoint
+    # The checkpoint names its run, which the driver checks before a re-run resumes it (jobs.preflight).
+    assert meta["identity"]["root"] == root and meta["identity"]["component"] == "base"
     extra = checkpoint.component_extra(checkpoint.component_uri(root, "base"))
     assert extra["finished"] and extra["step"] == 6
     assert checkpoint.read_component_config(checkpoint.component_uri(root, "base"))[1] == before  # still tiny

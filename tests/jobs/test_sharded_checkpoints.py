@@ -11,6 +11,7 @@ import os
 import socket
 from dataclasses import replace
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -31,14 +32,14 @@ BATCH_SEEDS = (11, 12, 13, 14)  # the data of steps 1..4
 class Run:
     """A tiny base transformer with the stage's optimizer, schedule and EMA."""
 
-    def __init__(self, env: WorkerEnv):
+    def __init__(self, env: WorkerEnv, optim: OptimSettings = OptimSettings(lr=1e-3, warmup_steps=2),
+                 total_steps: int = 20):
         torch.manual_seed(0)
         model = MaskedTransformer(replace(preset("base-tiny"), layers=1, text_layers=1))  # few tensors: fast
         wrapper = TrainWrapper(model)  # the base stage's module: FSDP runs the context encoder inside it
         self.model = fsdp_wrap(wrapper, transformer_fsdp_units(model), env) if env.world_size > 1 else wrapper
-        optim = OptimSettings(lr=1e-3, warmup_steps=2)
         self.opt = build_optimizer(self.model, optim, env)
-        self.sched = build_scheduler(self.opt, optim, total_steps=20)
+        self.sched = build_scheduler(self.opt, optim, total_steps=total_steps)
         self.ema = EMA(self.model, 0.9)
         self.env = env
 
@@ -253,3 +254,35 @@ def test_staging_directories_of_dead_workers_are_removed_and_live_ones_kept(tmp_
     assert remove_orphaned_staging(str(tmp_path)) == [orphan.name]
     assert not orphan.exists() and os.path.isdir(mine) and older.exists() and other.exists()
     assert os.path.basename(mine).startswith(f"muse-checkpoint-{os.getpid()}-00000800-")
+
+
+def test_a_resume_keeps_the_configured_lr_betas_and_weight_decay(tmp_path):
+    """The checkpoint's param groups used to replace the config's: lowering the lr after a divergence
+    and resuming changed nothing, silently. The schedule follows the new lr (and a new max_steps) from
+    the first resumed step, and the change is named."""
+    from jobs.common import lr_factor
+
+    ref = Run(WorkerEnv())
+    for step in range(2):
+        ref.step(step)
+    ref.save(str(tmp_path), step=2)
+
+    same = Run(WorkerEnv())
+    assert same.load(str(tmp_path))["config_changes"] == []  # nothing changed: nothing to say
+    assert same.opt.param_groups[0]["lr"] == ref.opt.param_groups[0]["lr"]
+
+    lowered = OptimSettings(lr=2e-4, warmup_steps=2, betas=(0.9, 0.99), weight_decay=0.1)
+    back = Run(WorkerEnv(), lowered, total_steps=40)
+    meta = back.load(str(tmp_path))
+    assert meta["step"] == 2 and back.sched.last_epoch == 2  # the run itself resumed
+    assert meta["config_changes"] == ["model lr 0.001 -> 0.0002", "model betas (0.9, 0.96) -> (0.9, 0.99)",
+                                      "model weight_decay 0.045 -> 0.1"]
+    decay, no_decay = back.opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0  # per group, as configured
+    for group in (decay, no_decay):
+        assert group["betas"] == (0.9, 0.99) and group["initial_lr"] == 2e-4
+        assert group["lr"] == pytest.approx(2e-4 * lr_factor(2, 2, 40, 0.0))  # the new schedule at step 2
+    assert back.sched.base_lrs == [2e-4, 2e-4] and back.sched.get_last_lr()[0] == decay["lr"]
+    assert back.opt.state  # AdamW's moments did come back
+    back.step(2)
+    assert decay["lr"] == pytest.approx(2e-4 * lr_factor(3, 2, 40, 0.0))

@@ -1,0 +1,122 @@
+"""Driver-side checks before a stage's Ray Train run starts (`jobs.loop.fit_stage` calls them).
+
+An exception on a worker makes Ray Train restart the whole worker group, up to run.max_failures
+(100 by default) times, so what would fail the same way on every attempt is checked here, once:
+
+- the run's identity. A run name resumes the newest checkpoint under <storage_path>/<name>/
+  (Ray Train 2.60 keeps them in checkpoint_<time>/ folders there), which must come from a run of
+  the same model root, component and architecture: `run_identity`, written into every checkpoint's
+  trainer_state.json by `jobs.checkpointing.save_sharded`. A checkpoint without one (older code)
+  resumes as before;
+- one batch per worker, where the driver knows the row count (the token shards' manifest, or a
+  dataset read into the object store);
+- a CPU left for Ray Data: trainers that hold every CPU of a cluster that cannot grow leave its read
+  tasks none, and the run waits forever without a word.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from jobs.common import STATE_FILE
+from muse import storage
+
+IDENTITY_KEY = "identity"  # in trainer_state.json
+# CPUs kept free of trainers for Ray Data's tasks (a read task asks for one whole CPU by default).
+DATA_CPUS = 1.0
+
+
+class RunRefused(ValueError):
+    """A run that would fail on every attempt; the command lines print it as a usage error (exit 2)."""
+
+
+def canonical_root(root: str) -> str:
+    """The model root as one string per location: an absolute local path (file:// dropped) or an
+    s3:// URI without a trailing slash."""
+    root = storage.absolute(root)
+    if storage.is_s3(root):
+        return root.rstrip("/")
+    return os.path.normpath(storage.filesystem(root)[1])
+
+
+def model_hash(model_config: dict) -> str:
+    return hashlib.sha256(json.dumps(model_config, sort_keys=True).encode()).hexdigest()
+
+
+def run_identity(job: dict) -> dict[str, str]:
+    """What a run's checkpoints belong to: the model root, the component and the architecture."""
+    return {"root": canonical_root(job["root"]), "component": job["component"],
+            "model": model_hash(job["model_config"])}
+
+
+def newest_checkpoint_state(run_dir: str) -> tuple[str, dict] | None:
+    """(URI, trainer_state.json) of the newest checkpoint under `run_dir` that has its state file, or
+    None. Names sort by time; one whose upload never finished (no state file) is passed over."""
+    fs, path = storage.filesystem(run_dir)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    names = sorted((i.base_name for i in infos
+                    if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")), reverse=True)
+    for name in names:
+        try:
+            with fs.open_input_stream(f"{path.rstrip('/')}/{name}/{STATE_FILE}") as f:
+                return storage.join(run_dir, name), json.loads(f.read())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+_FIELDS = {"root": "model root", "component": "component", "model": "architecture"}
+
+
+def check_resume(run_dir: str, identity: dict[str, str], section: str) -> str | None:
+    """Refuse a run whose name would resume another run's checkpoint; returns the checkpoint it will
+    resume from (None: a fresh run). `section` is the config section, for the way out."""
+    found = newest_checkpoint_state(run_dir)
+    if found is None:
+        return None
+    uri, state = found
+    saved = state.get(IDENTITY_KEY)
+    if not saved:
+        return uri  # written before checkpoints named their run: resumed as before
+    differ = [k for k in identity if k in saved and saved[k] != identity[k]]
+    if not differ:
+        return uri
+
+    def shown(key: str, value: str) -> str:
+        return f"config sha256 {value[:12]}" if key == "model" else value
+
+    what = "; ".join(f"{_FIELDS[k]} {shown(k, saved[k])} (this run: {shown(k, identity[k])})" for k in differ)
+    raise RunRefused(f"{run_dir} holds a run of another {' and '.join(_FIELDS[k] for k in differ)}: {what}. "
+                     f"This run name would resume its checkpoint {uri}. Pass --set {section}.run.name=NEW to start "
+                     f"a new run, or delete {run_dir}")
+
+
+def check_rows(name: str, rows: int | None, batch_size: int, workers: int) -> None:
+    """Each worker gets floor(rows / workers) rows (Ray Train splits the dataset equally) and takes
+    whole batches only: fewer rows than a batch per worker never make a step."""
+    if rows is not None and rows < batch_size * workers:
+        raise RunRefused(f"{name}: the data has {rows} rows, fewer than one batch of {batch_size} for each of "
+                         f"{workers} worker(s) ({batch_size * workers} rows): use a smaller run.batch_size, "
+                         "fewer workers or more data")
+
+
+def trainer_cpus(scaling: Any) -> float:
+    """CPUs the trainer holds: its fewest workers when elastic (it takes more only where they fit)."""
+    return (scaling.min_workers or scaling.num_workers) * scaling.cpus_per_worker
+
+
+def data_cpu_problem(name: str, scaling: Any, cluster_cpus: float) -> str | None:
+    """Why the trainer leaves Ray Data no CPU on a cluster of `cluster_cpus`, or None when it does."""
+    need = trainer_cpus(scaling)
+    if need + DATA_CPUS <= cluster_cpus:
+        return None
+    room = max(0.0, cluster_cpus - DATA_CPUS)
+    return (f"{name}: its workers take {need:g} of the cluster's {cluster_cpus:g} CPUs, leaving less than "
+            f"{DATA_CPUS:g} for the Ray Data tasks that read its data, so the run would wait forever: keep the "
+            f"workers' CPUs (scaling.num_workers x scaling.cpus_per_worker, --workers / --cpus-per-worker) at "
+            f"{room:g} or less, or read small data once into memory (run.cache_data: true)")

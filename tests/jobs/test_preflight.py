@@ -1,0 +1,180 @@
+"""What the driver refuses before a Ray Train run starts (jobs.preflight, wired in jobs.loop.fit_stage):
+a run name whose checkpoints belong to another root, component or architecture; LoRA with nothing to
+adapt; fewer rows than a batch per worker; trainers that leave Ray Data no CPU. Each of these used to
+fail inside the workers, where Ray Train retried it run.max_failures (100) times without a word, or
+to hang. No Ray is started: the checks run before the trainer is built."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from jobs_helpers import tiny_config
+from torch import nn
+
+from jobs import loop, masked
+from jobs.base import BaseWorker
+from jobs.checkpointing import save_sharded
+from jobs.common import build_optimizer, build_scheduler
+from jobs.config import OptimSettings, ScalingSettings
+from jobs.parallel import WorkerEnv
+from jobs.preflight import (RunRefused, check_resume, check_rows, data_cpu_problem, newest_checkpoint_state,
+                            run_identity)
+from muse import storage
+
+MODEL = {"layers": 2, "hidden": 64}
+
+
+def job_for(root: str, model: dict = MODEL, component: str = "base") -> dict:
+    return {"root": root, "component": component, "stage": component, "model_config": model}
+
+
+def write_checkpoint(run_dir: str, name: str, identity: dict | None) -> str:
+    """A real sharded checkpoint of a tiny module, as a worker's save_sharded writes it."""
+    torch.manual_seed(0)
+    module = nn.Linear(4, 4)
+    opt = build_optimizer(module, OptimSettings(), WorkerEnv())
+    directory = os.path.join(run_dir, name)
+    os.makedirs(directory)
+    save_sharded(directory, step=2, env=WorkerEnv(), modules={"model": module}, optimizers={"model": opt},
+                 schedulers={"model": build_scheduler(opt, OptimSettings(), 10)}, ema=None, counters={},
+                 identity=identity)
+    return directory
+
+
+def test_checkpoints_name_their_run_and_only_that_run_resumes_them(tmp_path):
+    root, run_dir = str(tmp_path / "r2"), str(tmp_path / "r2" / "runs" / "base")
+    identity = run_identity(job_for(root))
+    assert identity["root"] == root and identity["component"] == "base" and len(identity["model"]) == 64
+    assert run_identity(job_for("file://" + root + "/")) == identity  # one location, one identity
+    assert check_resume(run_dir, identity, "base") is None  # nothing there yet: a fresh run
+    older = write_checkpoint(run_dir, "checkpoint_2026-12-01_10-00-00.000001", identity)
+    newest = write_checkpoint(run_dir, "checkpoint_2026-12-01_11-00-00.000001", identity)
+    os.makedirs(os.path.join(run_dir, "checkpoint_2026-12-01_12-00-00.000001"))  # an upload that never finished
+    assert json.load(open(os.path.join(newest, "trainer_state.json")))["identity"] == identity
+    assert newest_checkpoint_state(run_dir)[0] == newest and older < newest
+    assert check_resume(run_dir, identity, "base") == newest  # the same run: resumed
+
+    other_root = run_identity(job_for(str(tmp_path / "r4")))  # --storage shared with another root
+    with pytest.raises(RunRefused) as refused:
+        check_resume(run_dir, other_root, "base")
+    message = str(refused.value)
+    assert f"model root {root} (this run: {tmp_path / 'r4'})" in message
+    assert "--set base.run.name=NEW" in message and f"delete {run_dir}" in message and newest in message
+
+    other_model = run_identity(job_for(root, {"layers": 3, "hidden": 64}))  # --model of another architecture
+    with pytest.raises(RunRefused, match=r"another architecture: architecture config sha256 \w{12} \(this run"):
+        check_resume(run_dir, other_model, "base")
+
+
+def test_a_checkpoint_without_an_identity_resumes_as_before(tmp_path):
+    run_dir = str(tmp_path / "runs" / "base")
+    old = write_checkpoint(run_dir, "checkpoint_2026-12-01_10-00-00.000001", None)
+    assert "identity" not in json.load(open(os.path.join(old, "trainer_state.json")))
+    assert check_resume(run_dir, run_identity(job_for(str(tmp_path / "anything"))), "base") == old
+
+
+def test_the_identity_is_read_where_the_checkpoints_lie_on_s3(s3_bucket, tmp_path):
+    local = str(tmp_path / "run")
+    identity = run_identity(job_for(f"{s3_bucket}/model"))
+    assert identity["root"] == f"{s3_bucket}/model"
+    write_checkpoint(local, "checkpoint_2026-12-01_10-00-00.000001", identity)
+    for path in sorted(p for p in (tmp_path / "run").rglob("*") if p.is_file()):
+        storage.write_bytes(storage.join(f"{s3_bucket}/runs/base", str(path.relative_to(local))), path.read_bytes())
+    assert check_resume(f"{s3_bucket}/runs/base", identity, "base").startswith(f"{s3_bucket}/runs/base/checkpoint_")
+    with pytest.raises(RunRefused, match="another component"):
+        check_resume(f"{s3_bucket}/runs/base", identity | {"component": "superres"}, "superres")
+
+
+def test_fit_stage_refuses_another_runs_checkpoint_before_building_a_trainer(tmp_path):
+    root = str(tmp_path / "root")
+    write_checkpoint(str(tmp_path / "root" / "runs" / "base"), "checkpoint_2026-12-01_10-00-00.000001",
+                     run_identity(job_for(root)))
+    section = tiny_config().base
+    with pytest.raises(RunRefused, match="another architecture"):
+        loop.fit_stage(BaseWorker, section, job_for(root, {"layers": 9}), dataset=None)
+
+
+def test_too_few_rows_for_a_batch_per_worker_are_refused(tmp_path):
+    check_rows("base", 64, batch_size=32, workers=2)  # exactly one batch each
+    with pytest.raises(RunRefused, match="63 rows, fewer than one batch of 32 for each of 2 worker"):
+        check_rows("base", 63, batch_size=32, workers=2)
+    check_rows("base", None, batch_size=32, workers=2)  # unknown: the worker says so if it must
+    section = tiny_config("base.run.batch_size=32", "base.scaling.num_workers=2").base
+    with pytest.raises(RunRefused, match="24 rows"):
+        loop.fit_stage(BaseWorker, section, job_for(str(tmp_path / "root")), dataset=None, rows=24)
+
+
+@pytest.fixture
+def fake_build(monkeypatch, tiny_data):
+    """masked.build with the dataset and the run faked: what it hands fit_stage, or what it refuses."""
+    import jobs.data
+
+    info = {"tokens_lo_side": 8, "tokens_hi_side": 16, "text_dim": 64, "text_storage": "ids"}
+    monkeypatch.setattr(jobs.data, "token_dataset", lambda *a, **k: ("dataset", info))
+    calls = []
+    monkeypatch.setattr(masked, "fit_stage", lambda worker, section, job, dataset, rows=None: calls.append(
+        (job, rows)) or ["result"])
+    return calls
+
+
+def test_lora_without_a_component_to_adapt_is_refused_on_the_driver(fake_build, tiny_data, tmp_path):
+    cfg = tiny_config("base.lora_rank=4")  # train_tiny.yaml names base.model: a fresh base-tiny, nothing to adapt
+    with pytest.raises(RunRefused, match=r"asks for a new base-tiny: leave it unset \(after --config: --set "
+                                         r"base.model=null\)"):
+        masked.build("base", BaseWorker, cfg, tiny_data.tokens, tiny_data.root)
+    empty = str(tmp_path / "empty")
+    shutil.copytree(tiny_data.root, empty)
+    shutil.rmtree(os.path.join(empty, "base"))
+    with pytest.raises(RunRefused, match=f"{empty} has no base/"):
+        masked.build("base", BaseWorker, tiny_config("base.lora_rank=4", "base.model=null"), tiny_data.tokens, empty)
+    assert fake_build == []  # no run was started
+    masked.build("base", BaseWorker, tiny_config("base.lora_rank=4", "base.model=null"), tiny_data.tokens,
+                 tiny_data.root)
+    [(job, rows)] = fake_build
+    assert job["init_from"].endswith("base") and rows == 24  # the shards' manifest says 24 rows
+
+
+def test_trainers_must_leave_ray_data_a_cpu():
+    assert data_cpu_problem("base", ScalingSettings(num_workers=3), 4.0) is None
+    problem = data_cpu_problem("base", ScalingSettings(num_workers=4), 4.0)  # --workers 4 on a 4-CPU local Ray
+    assert "take 4 of the cluster's 4 CPUs" in problem and "at 3 or less" in problem
+    assert data_cpu_problem("base", ScalingSettings(num_workers=7, cpus_per_worker=0.5), 4.0)  # 3.5 of 4
+    assert data_cpu_problem("base", ScalingSettings(num_workers=6, cpus_per_worker=0.5), 4.0) is None
+    elastic = ScalingSettings(num_workers=8, min_workers=2)  # the fewest it runs with is what it must hold
+    assert data_cpu_problem("base", elastic, 4.0) is None
+
+
+def test_fit_stage_refuses_a_trainer_that_starves_the_data_on_a_cluster_that_cannot_grow(tmp_path, monkeypatch,
+                                                                                          capsys):
+    import ray
+
+    from jobs import progress
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    section = tiny_config("base.scaling.num_workers=4").base
+    with pytest.raises(RunRefused, match="would wait forever"):
+        loop.fit_stage(BaseWorker, section, job_for(str(tmp_path / "root")), dataset=None)
+    # A cluster with an autoscaler may add nodes: said, not refused.
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    monkeypatch.setattr(progress, "_display", None)
+    loop._check_data_cpus("base", section.scaling)
+    assert "warning: base: its workers take 4" in capsys.readouterr().out
+
+
+def test_the_command_line_says_a_refusal_in_one_line(fake_build, tiny_data, monkeypatch, capsys):
+    import jobs.stage
+    from jobs import base
+
+    monkeypatch.setattr(jobs.stage, "ensure_ray", lambda: None)
+    with pytest.raises(SystemExit) as exit_info:  # the review's repro: --model with --lora-rank
+        base.main(["--tokens", tiny_data.tokens, "--checkpoint", tiny_data.root, "--model", "base-tiny",
+                   "--lora-rank", "2", "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("muse train base: error: base.lora_rank: LoRA adapts") and "\n" not in err
+    assert fake_build == []
