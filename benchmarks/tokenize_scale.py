@@ -92,9 +92,11 @@ def corpus_of(work: str, n: int, full: str) -> str:
     return folder
 
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident set (VmRSS) or its peak (VmHWM: unlike ru_maxrss, not inherited from
+    the parent's size at fork)."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
 
 
 def _cpu_s() -> float:
@@ -115,7 +117,7 @@ def as_driver(corpus: str, out: str, root: str, placement: str) -> dict:
     return {"seconds": time.time() - start, "accepted": totals["accepted"], "cpu_s": _cpu_s() - cpu0,
             "coordinator_cpu_s": totals["coordinator_cpu_s"],
             "cpu_s_process": _cpu_s(), "rss_start_mb": rss0,
-            "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "rss_peak_mb": _rss_mb("VmHWM")}
 
 
 def as_loop(corpus: str, out: str, root: str) -> dict:
