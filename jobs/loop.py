@@ -240,12 +240,31 @@ def _train_loop(job: dict) -> None:
             raise ValueError(f"{tag} the data gives no full batch of {run.batch_size} per worker "
                              f"({env.world_size} workers): use a smaller run.batch_size or more data")
         epoch += 1
-    worker.export(step)
+    other = other_run_export(job) if step == resumed_from else None
+    if other is None:
+        worker.export(step)
+    elif env.is_main:
+        _console(job, f"{tag} nothing to train (finished at step {step}); {job['root']}/{job['component']} holds "
+                      f"run {other!r}'s export (e.g. the decoder fine-tune), left as it is")
     if reporter is not None:
         took = time.time() - started
         shown = ", ".join(f"{k} {float(v):.3g}" for k, v in live.items())
+        where = f"exported to {job['root']}" if other is None else f"{job['root']}/{job['component']} left as it is"
         reporter.finish(f"{step} steps ({step - resumed_from} this run) in {format_seconds(took)}"
-                        f"{', ' + shown if shown else ''}; exported to {job['root']}")
+                        f"{', ' + shown if shown else ''}; {where}")
+
+
+def other_run_export(job: dict) -> str | None:
+    """The run whose export the root's component holds, when that is another run than this one. A
+    finished run that is started again trains nothing and would export its old weights over a later
+    stage's (the decoder fine-tune writes vqgan_hi after the vqgan run)."""
+    from muse import checkpoint
+
+    uri = checkpoint.component_uri(job["root"], job["component"])
+    if not checkpoint.has_component(job["root"], job["component"]):
+        return None
+    written_by = (checkpoint.read_meta(uri).get("extra") or {}).get("run")
+    return written_by if written_by and written_by != job["run_name"] else None
 
 
 def _metrics(sums: dict, window: dict, env: WorkerEnv, peak: float | None, step: int, resumed_from: int,

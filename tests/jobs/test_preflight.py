@@ -178,3 +178,19 @@ def test_the_command_line_says_a_refusal_in_one_line(fake_build, tiny_data, monk
     err = capsys.readouterr().err.strip()
     assert err.startswith("muse train base: error: base.lora_rank: LoRA adapts") and "\n" not in err
     assert fake_build == []
+
+
+def test_a_finished_run_started_again_leaves_a_later_runs_export_alone(tmp_path):
+    """`muse train vqgan` again after the decoder fine-tune: the vqgan_hi run trains nothing and must not
+    export its old weights over the fine-tuned decoder (the export names the run that wrote it)."""
+    from muse import checkpoint
+
+    root = str(tmp_path / "root")
+    job = {"root": root, "component": "vqgan_hi", "run_name": "vqgan_hi"}
+    assert loop.other_run_export(job) is None  # nothing in the root yet: export
+    model = checkpoint.build_component("vqgan_hi", checkpoint.model_preset("tiny").vqgan_hi)
+    uri = checkpoint.component_uri(root, "vqgan_hi")
+    checkpoint.save_component(model, uri, extra=loop.finished_extra("vqgan_hi", 10, job))
+    assert loop.other_run_export(job) is None  # its own export: writing it again changes nothing
+    checkpoint.save_component(model, uri, extra=loop.finished_extra("decoder", 4, {"run_name": "decoder_vqgan_hi"}))
+    assert loop.other_run_export(job) == "decoder_vqgan_hi"
