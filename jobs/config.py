@@ -9,7 +9,7 @@ weight decay 0.045, β = (0.9, 0.96)); `configs/train_tiny.yaml` shrinks it to 2
 Model architectures are preset names (`muse.config.PRESETS`). The root decides: a transformer stage
 without a preset (`model: null`, the default) continues the component already in the model root, in
 its architecture and from its weights, and refuses tokens that do not fit it; a root without one gets
-the paper's preset. A named preset trains from scratch and replaces the root's component (a run of the
+the paper's preset. The VQGAN stage does the same with `lo_model` / `hi_model` "auto" (the default). A named preset trains from scratch and replaces the root's component (a run of the
 same name, root and preset resumes its checkpoints instead: `jobs.preflight`). A preset's
 codebook size, token grid and text width are taken from the tokens and the root's VQGAN and text
 encoder, so it never disagrees with the tokens it is trained on.
@@ -39,8 +39,12 @@ DEFAULT_PROMPTS = (
 )
 
 
+AUTO = "auto"  # a VQGAN model chosen by the root (jobs.vqgan.tokenizer_config)
+PAPER_VQGANS = {"vqgan_lo": "vqgan-f16-8192", "vqgan_hi": "vqgan-f8-8192"}
+
+
 def _check_preset(name: str | None, kind: type, where: str) -> None:
-    if name is None:
+    if name is None or name == AUTO:
         return
     if name not in PRESETS or not isinstance(PRESETS[name], kind):
         known = sorted(k for k, v in PRESETS.items() if isinstance(v, kind))
@@ -211,8 +215,11 @@ def _vqgan_optim() -> OptimSettings:
 class VQGANStage:
     """Trains the low-res (f16) and high-res (f8) tokenizers on raw images, one run each."""
 
-    lo_model: str = "vqgan-f16-8192"
-    hi_model: str | None = "vqgan-f8-8192"  # None = no high-res tokenizer (and no super-res)
+    # "auto": the root decides, as for the transformers: a root that holds the tokenizer continues it
+    # (its architecture and weights); an empty one gets the paper's (PAPER_VQGANS). A preset name trains
+    # that architecture from scratch and replaces the root's when done.
+    lo_model: str = AUTO
+    hi_model: str | None = AUTO  # None = no high-res tokenizer (and no super-res)
     # Start the high-res tokenizer from the trained ROOT/vqgan_lo (the two presets must differ only in
     # resolution; the VQGAN is convolutional): fine-tuning at the higher resolution costs far less
     # than training from scratch, and both tokenizers share a codebook.

@@ -31,10 +31,11 @@ from typing import Any
 import torch
 
 from jobs.common import EMA, build_optimizer, build_scheduler, clip_grad_norm, export_state, image_grid
-from jobs.config import TrainConfig, VQGANStage
+from jobs.config import AUTO, PAPER_VQGANS, TrainConfig, VQGANStage
 from jobs.data import collate_images
 from jobs.loop import StageWorker, finished_extra, fit_stage
 from jobs.parallel import WorkerEnv, allreduce_grads
+from jobs.progress import say
 from jobs.stage import Stage, add_format_arg
 from muse import checkpoint
 from muse.config import VQGANConfig, from_dict, preset, to_dict
@@ -229,16 +230,38 @@ def _build_one(cfg: TrainConfig, data: str, root: str, component: str, format: s
 
     section = cfg.vqgan
     check_weights(section.gan.perceptual_weights)
-    vq_cfg = preset(section.lo_model if component == "vqgan_lo" else section.hi_model)
+    vq_cfg, continued = tokenizer_config(root, component, section.lo_model if component == "vqgan_lo"
+                                         else section.hi_model)
+    if continued:  # its codebook is trained: no autoencoder warm-up that would seed it anew
+        section = replace(section, quantizer_warmup_steps=0)
     if section.run.name:
         section = replace(section, run=replace(section.run, name=f"{section.run.name}_{component}"))
     if component == "vqgan_hi" and section.hi_max_steps:  # `--max-steps` sets it too (jobs.stage.cli_overrides)
         section = replace(section, run=replace(section.run, max_steps=section.hi_max_steps))
     dataset = image_dataset(data, vq_cfg.resolution, cfg.tokenize, format, cache=section.run.cache_data)
     job = {"root": root, "component": component, "stage": "vqgan", "model_config": to_dict(vq_cfg), "data_meta": {}}
-    if component == "vqgan_hi" and section.hi_init_from_lo:
+    if continued:
+        job["init_from"] = checkpoint.component_uri(root, component)
+    elif component == "vqgan_hi" and section.hi_init_from_lo:
         job["init_from"] = lo_for_hi_init(root, vq_cfg)
     return fit_stage(VQGANWorker, section, job, dataset)
+
+
+def tokenizer_config(root: str, component: str, model: str) -> tuple[VQGANConfig, bool]:
+    """(the architecture to train, whether it continues the root's own tokenizer from its weights).
+    "auto": the root's component when it has one, else the paper's preset; a preset name trains that
+    from scratch, said out loud when it will replace what the root holds."""
+    uri = checkpoint.component_uri(root, component)
+    existing = checkpoint.read_component_config(uri)[1] if checkpoint.has_component(root, component) else None
+    if model == AUTO and existing is not None:
+        say(f"[{component}] continues the model root's {component} ({existing.resolution} px, "
+            f"{existing.codebook_size} codes) from its weights")
+        return existing, True
+    cfg = preset(PAPER_VQGANS[component] if model == AUTO else model)
+    if existing is not None and existing != cfg:
+        say(f"[{component}] trains {model} ({cfg.resolution} px, {cfg.codebook_size} codes) from scratch; it "
+            f"replaces the root's {component} when done")
+    return cfg, False
 
 
 def lo_for_hi_init(root: str, hi_cfg) -> str:
