@@ -270,9 +270,10 @@ def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, r
     model_cfg, init_from = transformer_config(stage, section.model, root, data, info)
     if section.lora_rank and init_from is None:
         raise RunRefused(lora_problem(stage, root, section.model))
-    warning = label_smoothing_warning(stage, model_cfg, section.label_smoothing)
-    if warning:
-        say(warning)
+    for warning in (label_smoothing_warning(stage, model_cfg, section.label_smoothing),
+                    stale_tokens_warning(stage, root, _tokenize_spec(data))):
+        if warning:
+            say(warning)
     job = {"root": root, "component": stage, "stage": stage, "model_config": to_dict(model_cfg),
            "data_meta": info, "init_from": init_from, "model_kind": checkpoint.kind_of_config(model_cfg)}
     return [fit_stage(worker, section, job, dataset, rows=token_rows(data))]
@@ -320,6 +321,21 @@ def model_arg(stage: str):
         parser.add_argument("--lora-rank", type=int, help=f"fine-tune the root's {stage} through rank-r LoRA "
                                                           "adapters, its weights frozen (exported merged)")
     return add
+
+
+def stale_tokens_warning(stage: str, root: str, spec: dict) -> str | None:
+    """A console warning when the root's tokenizers are not the ones that made the token shards (trained
+    again since): the transformer would learn codes its root's VQGAN decodes differently."""
+    from muse.components import component_version
+
+    made_with = spec.get("weights") or {}
+    changed = [name for name in ("vqgan_lo", "vqgan_hi") if made_with.get(name) is not None
+               and checkpoint.has_component(root, name)
+               and component_version(checkpoint.component_uri(root, name)) != made_with[name]]
+    if not changed:
+        return None
+    return (f"[{stage}] warning: the model root's {' and '.join(changed)} changed since these tokens were made "
+            "(trained again): re-tokenize into a new --output, or the model learns codes its VQGAN no longer draws")
 
 
 def _component_config(root: str, name: str) -> dict | None:

@@ -197,7 +197,7 @@ class Coordinator:
 
 def job_spec(input_uri: str, cfg: TokenizeConfig, models: Models) -> dict:
     """Everything that decides the content of the shards; a resumed run must match it."""
-    from muse.components import read_component_config
+    from muse.components import component_version, read_component_config
 
     lo = read_component_config(models.vqgan_lo)[1]
     hi = read_component_config(models.vqgan_hi)[1] if models.vqgan_hi else None
@@ -213,6 +213,9 @@ def job_spec(input_uri: str, cfg: TokenizeConfig, models: Models) -> dict:
         "precision": {"vqgan": _precision(cfg, cfg.vqgan_lo),
                       "text": _precision(cfg, cfg.text) if embeddings else None},
         "vqgan_lo": to_dict(lo), "vqgan_hi": to_dict(hi) if hi else None,
+        # Which weights: a retrained tokenizer with the same config makes other tokens.
+        "weights": {"vqgan_lo": component_version(models.vqgan_lo),
+                    "vqgan_hi": component_version(models.vqgan_hi) if models.vqgan_hi else None},
         "text_encoder": to_dict(text) if text else None, "reader": reader,
         "preprocess": {k: getattr(cfg.preprocess, k) for k in ("min_side", "max_pixels", "max_caption_chars")},
         "format_version": shards.FORMAT_VERSION,
@@ -232,7 +235,7 @@ def _precision(cfg: TokenizeConfig, pool: PoolConfig) -> str:
 
 
 # Spec fields added later: an output whose _job.json lacks one resumes as if it matched.
-_LATER_FIELDS = ("device", "precision")
+_LATER_FIELDS = ("device", "precision", "weights")
 
 
 def _read_job_spec(out: str) -> dict | None:
@@ -249,8 +252,10 @@ def _check_resumable(out: str, spec: dict, old: dict | None, finished: set[str],
                          and not (k in _LATER_FIELDS and k not in old))
         if changed:
             detail = "".join(f"; {k}: {old.get(k)} then, {spec.get(k)} now" for k in changed
-                             if k in ("models", *_LATER_FIELDS))
-            raise ValueError(f"{out} holds shards made with different {', '.join(changed)}{detail}; "
+                             if k in ("models", "device", "precision"))
+            hint = (" (the tokenizer was trained again since: its tokens would not match the new ones)"
+                    if "weights" in changed else "")
+            raise ValueError(f"{out} holds shards made with different {', '.join(changed)}{detail}{hint}; "
                              "re-run with the same settings to resume, or write to a new --output")
     stale = finished - planned
     if stale:

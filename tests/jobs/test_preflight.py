@@ -213,3 +213,26 @@ def test_the_vqgan_stage_continues_the_roots_tokenizer_unless_a_preset_is_named(
     cfg, continued = tokenizer_config(root, "vqgan_lo", "vqgan-f16-8192")
     assert cfg == preset("vqgan-f16-8192") and not continued
     assert "replaces the root's vqgan_lo" in capsys.readouterr().out
+
+
+def test_token_shards_remember_their_tokenizers_weights_and_training_warns_when_the_root_moved_on(tmp_path):
+    """Tokens made before the root's VQGAN was trained again: tokenize refuses to resume into them
+    (weights in its job spec), and a transformer stage reading them says so."""
+    from jobs.masked import stale_tokens_warning
+    from muse import checkpoint
+    from muse.components import component_version
+    from pipelines.tokenize import Models, job_spec
+
+    root = str(tmp_path / "root")
+    checkpoint.init_model_root("tiny", root, components=("text_encoder", "vqgan_lo"))
+    lo = checkpoint.component_uri(root, "vqgan_lo")
+    models = Models(vqgan_lo=lo, text_encoder=checkpoint.component_uri(root, "text_encoder"))
+    from pipelines.config import TokenizeConfig
+
+    spec = job_spec(str(tmp_path / "corpus"), TokenizeConfig(), models)
+    assert spec["weights"]["vqgan_lo"] == component_version(lo)
+    assert stale_tokens_warning("base", root, spec) is None
+    model = checkpoint.load_component(lo)
+    checkpoint.save_component(model, lo, extra=loop.finished_extra("vqgan", 1000, {"run_name": "vqgan_lo"}))
+    assert job_spec(str(tmp_path / "corpus"), TokenizeConfig(), models)["weights"] != spec["weights"]
+    assert "vqgan_lo changed since these tokens were made" in stale_tokens_warning("base", root, spec)
