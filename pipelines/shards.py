@@ -168,6 +168,18 @@ def io_retry_args(retries: int) -> dict:
     return {"max_retries": retries, "retry_exceptions": [OSError]}
 
 
+def read_datasource_retried(datasource, retries: int, **kwargs):
+    """`ray.data.read_datasource` whose read tasks are retried on storage errors (`io_retry_args`),
+    without Ray 2.60's deprecation warning for those args on every run (there is no other way yet)."""
+    import warnings
+
+    import ray
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+        return ray.data.read_datasource(datasource, ray_remote_args=io_retry_args(retries), **kwargs)
+
+
 def read_token_shards(uri: str, columns: list[str] | None = None, shuffle_seed: int | None = None):
     """Every published shard under `uri` as a Ray Dataset, streamed (what Ray Train workers consume).
 
@@ -175,12 +187,9 @@ def read_token_shards(uri: str, columns: list[str] | None = None, shuffle_seed: 
     read (Ray Data's own `read_parquet` starts a pool of footer-reading actors for every pass over the
     data). With `shuffle_seed`, every pass reads the files in a new permutation drawn from the seed
     and the pass's index, so a restart from the same state repeats its order."""
-    import ray
-
     files = token_shard_files(uri)
-    return ray.data.read_datasource(token_shard_datasource(files, columns, shuffle_seed),
-                                    override_num_blocks=len(files),
-                                    ray_remote_args=io_retry_args(IO_TASK_RETRIES))
+    return read_datasource_retried(token_shard_datasource(files, columns, shuffle_seed), IO_TASK_RETRIES,
+                                   override_num_blocks=len(files))
 
 
 def token_shard_datasource(files: list[str], columns: list[str] | None, shuffle_seed: int | None):
