@@ -370,7 +370,9 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
     storage_uri, name = run_location(job["root"], run, job["component"])
     run_dir = storage.join(storage_uri, name)
     identity = run_identity(job)
-    check_resume(run_dir, identity, job.get("stage", job["component"]))
+    resume_from = check_resume(run_dir, identity, job.get("stage", job["component"]))
+    if resume_from is not None:
+        say(resume_line(name, resume_from, run.max_steps))
     cached = _materialized(dataset)
     if rows is None and cached:
         rows = dataset.count()  # from the blocks' metadata: nothing is read
@@ -396,6 +398,21 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
         datasets={"train": dataset},
     )
     return trainer.fit()
+
+
+def resume_line(name: str, checkpoint_uri: str, max_steps: int) -> str:
+    """What a run started again will do: go on from its checkpoint, or nothing when it is finished."""
+    from jobs.checkpointing import read_meta
+
+    fs, path = storage.filesystem(checkpoint_uri)
+    try:
+        step = int(read_meta(path, fs)["step"])
+    except (OSError, ValueError, KeyError):
+        return f"[{name}] resumes its run from {checkpoint_uri}"
+    if step >= max_steps:
+        return (f"[{name}] the run already finished at step {step} of {max_steps}: nothing to train (raise "
+                f"--max-steps to go on, or --set <stage>.run.name=NEW for a new run)")
+    return f"[{name}] resumes its run at step {step} of {max_steps} ({checkpoint_uri})"
 
 
 def _materialized(dataset) -> bool:

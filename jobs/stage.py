@@ -24,7 +24,7 @@ from jobs.preflight import RunRefused
 from jobs.progress import set_verbose, stop_display
 from muse import storage
 
-DATA_KINDS = {"corpus": "data/synth", "tokens": "data/tokens"}  # --<kind> -> example path
+DATA_KINDS = {"corpus": "data/corpus", "tokens": "data/tokens"}  # --<kind> -> example path
 FORMATS = ("auto", "parquet", "folder", "webdataset")
 
 
@@ -65,7 +65,7 @@ class Stage:
                         "checkpoint; a run name whose checkpoints belong to another model root, component or "
                         "architecture is refused (pass --set <stage>.run.name=NEW).",
             epilog=f"example: muse train {self.name} --config configs/train_tiny.yaml {flag} {DATA_KINDS[self.data]} "
-                   "--checkpoint models/tiny. On a cluster: RAY_AUTH_MODE=token ray job submit --working-dir . -- "
+                   "--checkpoint ROOT. On a cluster: RAY_AUTH_MODE=token ray job submit --working-dir . -- "
                    f"python -m jobs.{self.name} {flag} s3://... --checkpoint s3://...",
         )
         parser.add_argument(flag, "--data", dest="data", required=True, metavar=self.data.upper(),

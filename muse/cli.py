@@ -31,24 +31,25 @@ def presets_main(argv: list[str] | None = None) -> None:
     from muse.config import AMUSED_MODELS, MODEL_PRESETS, PRESETS
 
     counts: dict[str, int | None] = {}
-    print(f"{'preset':<18} {'family':<7} {'kind':<13} {'parameters':>14}")
+    w = max(len(name) for name in PRESETS)
+    print(f"{'preset':<{w}} {'family':<7} {'kind':<13} {'parameters':>14}")
     for name, cfg in PRESETS.items():
         kind = kind_of_config(cfg)
         family, role = KINDS[kind].family, KINDS[kind].role
         if role == "text_encoder" and cfg.name_or_path:
             counts[name] = None  # pretrained: size comes from its files
-            print(f"{name:<18} {family:<7} {kind:<13} {'(pretrained)':>14}")
+            print(f"{name:<{w}} {family:<7} {kind:<13} {'(pretrained)':>14}")
             continue
         counts[name] = parameter_count("vqgan_lo" if role == "vqgan" else role, cfg)
-        print(f"{name:<18} {family:<7} {kind:<13} {counts[name]:>14,}")
+        print(f"{name:<{w}} {family:<7} {kind:<13} {counts[name]:>14,}")
     print()
     for name, parts in MODEL_PRESETS.items():
         known = [counts[p] for p in parts.values() if counts[p] is not None]
-        print(f"model {name:<12} muse    {' + '.join(parts.values())}  "
+        print(f"model {name:<{w - 6}} muse    {' + '.join(parts.values())}  "
               f"({sum(known):,} trainable-from-scratch parameters)")
     for name, parts in AMUSED_MODELS.items():
         known = [counts[p] for p in parts.values() if counts[p] is not None]
-        print(f"model {name:<12} amused  {' + '.join(parts.values())}  ({sum(known):,} parameters besides CLIP; "
+        print(f"model {name:<{w - 6}} amused  {' + '.join(parts.values())}  ({sum(known):,} parameters besides CLIP; "
               f"`muse import amused --source DIR --out ROOT` loads the released weights)")
 
 

@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
                     "file:// or s3://) into Parquet token shards with Ray Data: VQGAN ids for each "
                     "image and T5 ids (or embeddings) for each caption. Killed and run again with the "
                     "same arguments, it finishes the remaining parts and never duplicates a sample.",
-        epilog="example: muse tokenize --input data/synth --output data/tokens --checkpoint models/tiny",
+        epilog="example: muse tokenize --input data/corpus --output data/tokens --checkpoint ROOT --config configs/tokenize-local.yaml",
     )
     parser.add_argument("--input", required=True, help="corpus file or directory (local, file:// or s3://)")
     parser.add_argument("--output", required=True, help="directory for token shards (local or s3://)")

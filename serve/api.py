@@ -154,6 +154,9 @@ def build_fastapi(ing: Ingress) -> FastAPI:
         message = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
             param, message = None, "the request body is not valid JSON"
+        elif first.get("type") in ("dict_type", "model_attributes_type") and tuple(first.get("loc", ())) == ("body",):
+            param, message = None, ("the request body must be a JSON object, sent as Content-Type: "
+                                    "application/json")
         elif first.get("type") == "missing":
             message = f"'{param}' is required"
         elif param:

@@ -134,7 +134,8 @@ def resolve_size(size: str | None, lo_side: int, hi_side: int | None) -> tuple[s
         return "lo", lo_side
     if size in offered:
         return offered[size], int(size.split("x")[0])
-    raise APIError(400, f"size {size!r} is not supported; this model produces {', '.join(offered)} (or 'auto')",
+    listed = sorted(offered, key=lambda s: int(s.split("x")[0]))
+    raise APIError(400, f"size {size!r} is not supported; this model produces {', '.join(listed)} (or 'auto')",
                    param="size", code="invalid_size")
 
 

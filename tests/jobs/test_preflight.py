@@ -236,3 +236,10 @@ def test_token_shards_remember_their_tokenizers_weights_and_training_warns_when_
     checkpoint.save_component(model, lo, extra=loop.finished_extra("vqgan", 1000, {"run_name": "vqgan_lo"}))
     assert job_spec(str(tmp_path / "corpus"), TokenizeConfig(), models)["weights"] != spec["weights"]
     assert "vqgan_lo changed since these tokens were made" in stale_tokens_warning("base", root, spec)
+
+
+def test_a_run_started_again_says_where_it_resumes_or_that_it_is_finished(tmp_path):
+    run_dir = str(tmp_path / "runs" / "base")
+    uri = write_checkpoint(run_dir, "checkpoint_2026-12-01_10-00-00.000001", None)  # step 2
+    assert loop.resume_line("base", uri, 10) == f"[base] resumes its run at step 2 of 10 ({uri})"
+    assert "already finished at step 2 of 2: nothing to train" in loop.resume_line("base", uri, 2)

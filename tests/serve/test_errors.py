@@ -63,6 +63,14 @@ def test_malformed_bodies(muse_app, content):
     _assert_error(r, 400)
 
 
+def test_a_form_body_is_told_to_send_json(muse_app):
+    """`curl -d hello` sends a form, not JSON: the message says what to send."""
+    r = muse_app.client.post("/v1/images/generations", content=b"hello", timeout=FAST,
+                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+    _assert_error(r, 400)
+    assert "JSON object" in r.json()["error"]["message"]
+
+
 def test_oversized_bodies_get_413(muse_app):
     big = b'{"prompt": "' + b"x" * LIMIT + b'"}'
     _assert_error(muse_app.client.post("/v1/images/generations", content=big, timeout=FAST,

@@ -151,3 +151,11 @@ def test_partial_images_are_delivered_when_steps_exceed_the_tokens():
     partial = [e for e in events if e["type"] == "image_generation.partial_image"]
     assert [e["step"] for e in partial] == [60]  # the last preview the generator sent
     assert [e["type"] for e in events][-1] == "image_generation.completed"
+
+
+def test_an_unsupported_size_lists_the_sizes_on_offer_in_order():
+    from serve.schemas import resolve_size
+
+    with pytest.raises(APIError) as err:
+        resolve_size("300x300", 64, 128)
+    assert "64x64, 128x128, 256x256, 512x512 (or 'auto')" in err.value.message
