@@ -260,10 +260,9 @@ def other_run_export(job: dict) -> str | None:
     stage's (the decoder fine-tune writes vqgan_hi after the vqgan run)."""
     from muse import checkpoint
 
-    uri = checkpoint.component_uri(job["root"], job["component"])
     if not checkpoint.has_component(job["root"], job["component"]):
         return None
-    written_by = (checkpoint.read_meta(uri).get("extra") or {}).get("run")
+    written_by = checkpoint.component_extra(checkpoint.component_uri(job["root"], job["component"])).get("run")
     return written_by if written_by and written_by != job["run_name"] else None
 
 

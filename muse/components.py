@@ -122,11 +122,12 @@ def has_component(root: str, name: str) -> bool:
     return storage.exists(storage.join(component_uri(root, name), CONFIG_FILE))
 
 
-def component_version(uri: str) -> dict[str, Any]:
+def component_version(uri: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Which weights a component holds, cheaply: the training record its export wrote in config.json
     ("extra": stage, step, run) and the size of its weights file. Retraining changes it; copying the
-    component elsewhere does not. What token shards record of the tokenizers that made them."""
-    meta = read_meta(uri)
+    component elsewhere does not. What token shards record of the tokenizers that made them. `meta`:
+    its config.json when the caller has read it already."""
+    meta = read_meta(uri) if meta is None else meta
     fs, path = storage.filesystem(storage.join(uri, WEIGHTS_FILE))
     size = fs.get_file_info(path).size
     return {"extra": meta.get("extra") or {}, "weights_bytes": size}

@@ -24,9 +24,8 @@ import torch
 from PIL import Image
 
 from muse import storage
-from muse.data.images import ImageRejected, decode_image, tensor_to_pil, to_rgb, uint8_to_tensor
+from muse.data.images import TRANSPARENT_BELOW, ImageRejected, decode_image, tensor_to_pil, to_rgb, uint8_to_tensor
 
-ALPHA_TRANSPARENT_BELOW = 128  # as serve.images reads an edit's mask
 GREY_REGENERATE_FROM = 128
 
 
@@ -95,16 +94,8 @@ def mask_from_image(img: Image.Image) -> np.ndarray:
     if has_alpha:
         alpha = np.asarray(img.convert("RGBA").getchannel("A"))
         if (alpha < 255).any():
-            return alpha < ALPHA_TRANSPARENT_BELOW
+            return alpha < TRANSPARENT_BELOW
     return np.asarray(to_rgb(img).convert("L")) >= GREY_REGENERATE_FROM
-
-
-def centre_square(mask: torch.Tensor) -> torch.Tensor:
-    """The centre square of an (H, W) mask: the crop `pil_to_tensor` takes from the image."""
-    height, width = mask.shape
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
-    return mask[top:top + side, left:left + side]
 
 
 def letterbox(img: Image.Image, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,8 +25,8 @@ from PIL import Image
 
 from muse import checkpoint, editing, sampling
 from muse.context import Context
-from muse.data.images import pil_to_tensor, tensor_to_pil
-from muse.image_inputs import centre_square, letterbox, load_image, load_mask
+from muse.data.images import centre_square, pil_to_tensor, tensor_to_pil
+from muse.image_inputs import letterbox, load_image, load_mask
 from muse.transformer import MaskedTransformer, SuperResTransformer
 
 OUTPUTS = ("pil", "tokens")

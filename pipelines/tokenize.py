@@ -197,10 +197,16 @@ class Coordinator:
 
 def job_spec(input_uri: str, cfg: TokenizeConfig, models: Models) -> dict:
     """Everything that decides the content of the shards; a resumed run must match it."""
-    from muse.components import component_version, read_component_config
+    from muse.components import component_version, parse_config, read_meta
 
-    lo = read_component_config(models.vqgan_lo)[1]
-    hi = read_component_config(models.vqgan_hi)[1] if models.vqgan_hi else None
+    def tokenizer(uri: str | None) -> tuple[dict | None, dict | None]:
+        """(config, weights version) of a VQGAN, from one read of its config.json."""
+        if uri is None:
+            return None, None
+        meta = read_meta(uri)
+        return to_dict(parse_config(meta, uri)), component_version(uri, meta)
+
+    (lo, lo_weights), (hi, hi_weights) = tokenizer(models.vqgan_lo), tokenizer(models.vqgan_hi)
     text = text_encoder_config(models.text_encoder)
     reader = to_dict(cfg.reader)
     reader.pop("block_rows")
@@ -212,10 +218,9 @@ def job_spec(input_uri: str, cfg: TokenizeConfig, models: Models) -> dict:
         "device": {"vqgan": _device(cfg.vqgan_lo), "text": _device(cfg.text) if embeddings else None},
         "precision": {"vqgan": _precision(cfg, cfg.vqgan_lo),
                       "text": _precision(cfg, cfg.text) if embeddings else None},
-        "vqgan_lo": to_dict(lo), "vqgan_hi": to_dict(hi) if hi else None,
+        "vqgan_lo": lo, "vqgan_hi": hi,
         # Which weights: a retrained tokenizer with the same config makes other tokens.
-        "weights": {"vqgan_lo": component_version(models.vqgan_lo),
-                    "vqgan_hi": component_version(models.vqgan_hi) if models.vqgan_hi else None},
+        "weights": {"vqgan_lo": lo_weights, "vqgan_hi": hi_weights},
         "text_encoder": to_dict(text) if text else None, "reader": reader,
         "preprocess": {k: getattr(cfg.preprocess, k) for k in ("min_side", "max_pixels", "max_caption_chars")},
         "format_version": shards.FORMAT_VERSION,

@@ -17,10 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from muse.data.images import to_rgb, to_uint8_array
-
-TRANSPARENT_BELOW = 128  # alpha under this counts as transparent = regenerate
-
+from muse.data.images import TRANSPARENT_BELOW, centre_square, to_rgb, to_uint8_array
 
 class UploadError(ValueError):
     """An uploaded image or mask the API refuses; `param` names the form field."""
@@ -79,7 +76,7 @@ def prepare_edit(image_bytes: bytes, mask_bytes: bytes | None, sides: dict[str, 
     images = {stage: to_uint8_array(rgb, side) for stage, side in sides.items()}
     if not transparent.any():
         return EditInput(images, None)
-    square = _centre_square(transparent)
+    square = centre_square(transparent)
     if not square.any():
         side = square.shape[0]
         raise UploadError("mask" if mask_bytes is not None else "image",
@@ -99,10 +96,3 @@ def token_mask(pixels: np.ndarray, tokens_per_side: int) -> np.ndarray:
     cols = [(j * w // t, -(-(j + 1) * w // t)) for j in range(t)]
     return np.array([[pixels[r0:r1, c0:c1].any() for c0, c1 in cols] for r0, r1 in rows], dtype=bool)
 
-
-def _centre_square(a: np.ndarray) -> np.ndarray:
-    """The centre square of (H, W): the crop `to_uint8_array` takes from the image."""
-    h, w = a.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    return a[top:top + side, left:left + side]

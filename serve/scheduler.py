@@ -86,7 +86,7 @@ class DecodeTask(Task):
               fixed: torch.Tensor | None = None, finish: Callable[[torch.Tensor], Any] | None = None,
               top_k: int | None = None) -> None:
         B, N, mask_id, dev = self.rows, model.num_tokens, model.mask_token_id, scale.device
-        self.mask_id, self.N, self.requested_steps = mask_id, N, steps
+        self.mask_id, self.requested_steps = mask_id, steps
         self.scale, self.choice_temperature, self.finish, self.top_k = scale, choice_temperature, finish, top_k
         self.ids = sampling.initial_ids(B, N, mask_id, dev, init_ids, fixed)
         self.draws = sampling.row_uniforms(generators, (B, steps, 2, N), dev)  # as generate draws them

@@ -130,6 +130,18 @@ def _grey_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(a, 0, 255).astype(np.uint8)
 
 
+TRANSPARENT_BELOW = 128  # in a mask with transparency, alpha under this = regenerate (OpenAI's edits)
+
+
+def centre_square(a):
+    """The centre square of an (H, W, ...) array or tensor: the crop `resize_center_crop` takes from an
+    image, applied to its mask."""
+    h, w = a.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return a[top:top + side, left:left + side]
+
+
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     """Resize so the shorter side is `size`, then crop the centre size x size square."""
     width, height = img.size
