@@ -8,6 +8,7 @@ import random
 import struct
 import tarfile
 import zlib
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -125,3 +126,10 @@ def shuffled(rows, seed: int = 0):
     rows = list(rows)
     random.Random(seed).shuffle(rows)
     return rows
+
+
+def keys_once(table) -> Counter:
+    """Each key of a shard table with its count, asserting none was written twice."""
+    counts = Counter(table["key"].to_pylist())
+    assert max(counts.values()) == 1, [k for k, n in counts.items() if n > 1][:3]
+    return counts

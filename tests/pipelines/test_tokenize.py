@@ -1,28 +1,27 @@
+"""Tokenization end to end on real corpora (folder, WebDataset, Parquet, local and S3): what the shards
+hold, rejects by reason, the command line and configs (re-runs and faults: test_tokenize_resume.py)."""
+
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
-from collections import Counter
 from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from corpora import expected_counts, good, mixed_rows, write_folder, write_parquet, write_tar
+from corpora import expected_counts, good, keys_once, mixed_rows, write_folder, write_tar
 from muse import storage
 from muse.checkpoint import component_uri, load_component
-from pipelines import manifest, readers, shards
+from pipelines import manifest, shards
 from pipelines.config import PreprocessConfig, load_config
 from pipelines.preprocess import preprocess_batch
 from pipelines.readers import ROW_SCHEMA
-from pipelines.tokenize import decodes_in_actors, job_spec, main, resolve_models, run
+from pipelines.tokenize import decodes_in_actors, main, resolve_models, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,12 +33,6 @@ def pixels_of(image: bytes, size: int, hi: int | None = None) -> torch.Tensor:
     out = preprocess_batch(row, lo_size=size, hi_size=hi, cfg=PreprocessConfig(min_side=16))
     a = np.frombuffer(out["pixels_lo"][0].as_py(), np.uint8).reshape(1, size, size, 3)
     return torch.from_numpy(a.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def keys_once(table: pa.Table) -> Counter:
-    counts = Counter(table["key"].to_pylist())
-    assert max(counts.values()) == 1, [k for k, n in counts.items() if n > 1][:3]
-    return counts
 
 
 @pytest.mark.parametrize("placement", ["actors", "tasks"])  # decoding in the VQGAN actors, or a pool of its own
@@ -180,178 +173,6 @@ def test_s3_input_and_output_and_trailing_slashes(ray_session, s3_bucket, tiny_r
     assert json.loads(storage.read_text(storage.join(out, shards.JOB_FILE)))["input"] == f"{s3_bucket}/corpus"
 
 
-def corpus_of_parts(tmp_path, n_files: int = 4, per_file: int = 6) -> tuple[str, set[str], dict]:
-    """Parquet files of good rows plus a bad one each, in row groups of 4: rows_per_part 4 cuts each
-    in two."""
-    bad = {r[0]: r for r in mixed_rows() if r[3]}
-    accepted, rejects = set(), Counter()
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for f in range(n_files):
-        rows = [(f"g{f}-{i}", *good(f * 10 + i, 40), "") for i in range(per_file)]
-        rows = [(n, img, cap.encode(), r) for n, img, cap, r in rows]
-        rows.insert(2, bad["garbage"] if f % 2 else bad["empty_caption"])
-        path = folder / f"c{f}.parquet"
-        write_parquet(path, rows, row_group_size=4)
-        for i, r in enumerate(rows):
-            if r[3]:
-                rejects[r[3]] += 1
-            else:
-                accepted.add(f"{path}#{i}")
-    return str(folder), accepted, dict(rejects)
-
-
-def test_crash_after_some_parts_then_rerun_is_exactly_once(ray_session, tmp_path, tiny_root_lo_only,
-                                                            fast_cfg):
-    # 24 parts: enough that the crash after the second publish stops the run before it could
-    # publish them all (with 8, the tiny tokenizer was sometimes fast enough to finish every part).
-    corpus, accepted, rejects = corpus_of_parts(tmp_path, n_files=12)
-    out = str(tmp_path / "tokens")
-    models = resolve_models(tiny_root_lo_only)
-    seen = []
-
-    def crash_after_two(entry):
-        seen.append(entry)
-        if len(seen) == 2:
-            raise RuntimeError("simulated crash")
-
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(corpus, out, models, fast_cfg, on_published=crash_after_two, progress=False)
-    finished = manifest.read_manifest(out).num_rows
-    assert 2 <= finished < 24
-
-    totals = run(corpus, out, models, fast_cfg, progress=False)
-    assert totals["run_parts"] == 24 - finished and totals["parts"] == 24
-    assert set(keys_once(shards.load_token_shards(out))) == accepted
-    assert json.loads(storage.read_text(storage.join(out, "rejects.json")))["by_reason"] == rejects
-
-    # Finished: a third run does nothing (and needs no Ray).
-    again = run(corpus, out, models, fast_cfg, progress=False)
-    assert again["run_parts"] == 0 and again["accepted"] == len(accepted)
-
-    # A resumed run must match what produced the shards.
-    with pytest.raises(ValueError, match="text_storage"):
-        run(corpus, out, models, replace(fast_cfg, text_storage="embeddings"), progress=False)
-    with pytest.raises(ValueError, match="preprocess"):
-        run(corpus, out, models, replace(fast_cfg, preprocess=replace(fast_cfg.preprocess, max_pixels=10)),
-            progress=False)
-    os.remove(os.path.join(corpus, "c3.parquet"))
-    with pytest.raises(ValueError, match="not in the input"):
-        run(corpus, out, models, fast_cfg, progress=False)
-
-
-def test_output_written_before_relative_part_ids_resumes_with_its_own(ray_session, tmp_path, tiny_root_lo_only,
-                                                                     fast_cfg):
-    """An output whose _job.json predates relative part ids keeps hashing full paths, so its finished
-    parts stay finished; a new output names parts by their paths below the corpus."""
-    corpus, accepted, _ = corpus_of_parts(tmp_path, n_files=1)
-    models = resolve_models(tiny_root_lo_only)
-    legacy, fresh = str(tmp_path / "legacy"), str(tmp_path / "fresh")
-    spec = job_spec(corpus, fast_cfg, models) | {"parquet_parts": "whole row groups"}
-    storage.write_text(storage.join(legacy, shards.JOB_FILE), json.dumps(spec))
-    run(corpus, legacy, models, fast_cfg, progress=False)
-    run(corpus, fresh, models, fast_cfg, progress=False)
-    for out, ids in ((legacy, "absolute"), (fresh, "relative")):
-        planned = {p.id for p in readers.plan_parts(corpus, "auto", fast_cfg.reader, ids=ids)}
-        assert set(manifest.read_manifest(out)["part"].to_pylist()) == planned
-        assert set(keys_once(shards.load_token_shards(out))) == accepted
-        assert run(corpus, out, models, fast_cfg, progress=False)["run_parts"] == 0
-    assert "part_ids" not in json.loads(storage.read_text(storage.join(legacy, shards.JOB_FILE)))
-
-
-def test_sigkill_mid_run_then_rerun_is_exactly_once(ray_session, tmp_path, tiny_root_lo_only, fast_cfg):
-    corpus, accepted, rejects = corpus_of_parts(tmp_path, n_files=6)
-    out = str(tmp_path / "tokens")
-    cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text("reader: {rows_per_part: 4, block_rows: 4}\n"
-                        "preprocess: {num_cpus: 0.5, batch_size: 8, min_side: 16}\n"
-                        "vqgan_lo: {num_cpus: 0.5, batch_size: 8}\nvqgan_hi: {batch_size: 4}\n"
-                        "text: {num_cpus: 0.5, batch_size: 16}\nwrite_cpus: 0.25\ncommit_seconds: 0\n")
-    assert load_config(cfg_file) == fast_cfg
-    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address,
-               PYTHONPATH=REPO)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.tokenize", "--input", corpus, "--output", out,
-         "--checkpoint", tiny_root_lo_only, "--config", str(cfg_file), "--no-progress"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    logs = os.path.join(out, manifest.MANIFEST_DIR)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(logs) and any(f.endswith(".parquet") for f in os.listdir(logs)):
-            break  # (a .parquet.tmp-* file is a commit in progress)
-        time.sleep(0.02)
-    assert proc.poll() is None, "the job ended before a part was published"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    finished = manifest.read_manifest(out)
-    assert 1 <= finished.num_rows < 12, "killed mid-run"
-
-    # Also a kill after a part's shards were written but before its entry was committed: the
-    # shard files are there, the entry is not. The re-run removes them and redoes the part.
-    first = os.path.join(logs, sorted(f for f in os.listdir(logs) if f.endswith(".parquet"))[0])
-    lost = pq.read_table(first)
-    os.remove(first)
-    lost_files = [os.path.join(out, f) for f in pc.list_flatten(lost["files"]).to_pylist()]
-    assert lost_files and all(os.path.exists(f) for f in lost_files)
-
-    totals = run(corpus, out, resolve_models(tiny_root_lo_only), fast_cfg, progress=False)
-    assert totals["run_parts"] == 12 - finished.num_rows + lost.num_rows
-    assert totals["removed"] >= len(lost_files) and not any(os.path.exists(f) for f in lost_files)
-    assert set(keys_once(shards.load_token_shards(out))) == accepted
-    assert totals["rejects"]["by_reason"] == rejects
-
-
-def _kill_a_vqgan_actor_mid_task(job_id: str, stop: threading.Event, killed: list) -> None:
-    """SIGKILL a VQGAN actor of this job while it runs a part (its process title then ends in
-    `.submit`). Only this session's GCS is asked for actors, so no process of another Ray on the
-    machine can be picked; the state API would need the dashboard."""
-    from ray._private import state
-
-    actor = None
-    while not stop.is_set() and not killed:
-        if actor is None:
-            actor = next(((a, i["Pid"]) for a, i in state.actors(actor_state_name="ALIVE").items()
-                          if i["JobID"] == job_id and "(PartTokens)" in i["ActorClassName"] and i["Pid"]), None)
-        elif b"PartTokens" in (title := _title(actor[1])) and title.rstrip(b"\0").endswith(b".submit"):
-            os.kill(actor[1], signal.SIGKILL)
-            killed.append(actor)
-        elif not title:
-            actor = None  # gone (the pool scaled down or was restarted): look again
-        time.sleep(0.005)
-
-
-def _title(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return b""
-
-
-def test_sigkill_of_a_worker_mid_run_is_exactly_once(ray_session, tmp_path, tiny_root_lo_only, fast_cfg):
-    # Ray Data restarts a dead pool actor (max_restarts=-1) and retries its part on the new one
-    # (max_task_retries=-1); a retried part is written to the same file name. The run itself must
-    # finish, with every sample once.
-    from ray._private import state
-
-    corpus, accepted, rejects = corpus_of_parts(tmp_path, n_files=3)
-    out = str(tmp_path / "tokens")
-    stop, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_a_vqgan_actor_mid_task, daemon=True,
-                              args=(ray_session.get_runtime_context().get_job_id(), stop, killed))
-    killer.start()
-    try:
-        totals = run(corpus, out, resolve_models(tiny_root_lo_only), fast_cfg, progress=False)
-    finally:
-        stop.set()
-        killer.join()
-    assert killed, "no VQGAN actor was caught running a batch"
-    assert state.actors(killed[0][0])["NumRestarts"] >= 1
-    assert totals["run_parts"] == totals["parts"] == 6
-    assert set(keys_once(shards.load_token_shards(out))) == accepted
-    assert totals["rejects"]["by_reason"] == rejects
-
-
 def test_cli(tmp_path, tiny_root, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
@@ -421,48 +242,6 @@ assert "torch" not in sys.modules and "transformers" not in sys.modules
     subprocess.run([sys.executable, "-c", probe], check=True)
 
 
-def _part_tokens(root: str, cfg, out: str, retries: int):
-    from pipelines.models import PartTokens
-
-    models = resolve_models(root)
-    schema = shards.shard_schema(has_hi=False, text_storage="ids",
-                                 meta={"tokens_lo_side": 8, "tokens_hi_side": None, "text_storage": "ids", "text_dim": 64})
-    tokenizers = [{"uri": models.vqgan_lo, "pixels": "pixels_lo", "tokens": "tokens_lo", "batch_size": 2}]
-    return PartTokens(tokenizers, "cpu", "fp32", 1, reader=cfg.reader,
-                      preprocess={"lo_size": 64, "hi_size": None, "text_ids": models.text_encoder, "cfg": cfg.preprocess},
-                      write={"out": out, "run": "r", "schema": schema, "examples": 2}, retries=retries)
-
-
-def test_a_cpu_actor_redoes_a_part_after_a_storage_error_and_gives_up_after_its_retries(tmp_path, tiny_root_lo_only,
-                                                                                       fast_cfg, capsys):
-    rows = [(f"good{i}", *good(i)[:1], good(i)[1].encode(), "") for i in range(5)]
-    write_folder(tmp_path / "corpus", rows)
-    cfg = replace(fast_cfg, reader=replace(fast_cfg.reader, rows_per_part=5))
-    (part,) = readers.plan_parts(str(tmp_path / "corpus"), "auto", cfg.reader)
-    assert readers.Part.from_json(part.to_json()) == part
-    batch = pa.table({"part": [part.to_json()]})
-    image = tmp_path / "corpus" / "good3.img.png"
-    away = tmp_path / "away.png"
-
-    # The image is gone when the part is first read (a storage error, not a bad image), and back
-    # before the retry: the part is redone once, and its one record counts every row once.
-    image.rename(away)
-    threading.Timer(0.2, away.rename, [image]).start()
-    record = _part_tokens(tiny_root_lo_only, cfg, str(tmp_path / "out"), retries=2)(batch).to_pylist()
-    assert "retry 1 of 2" in capsys.readouterr().out
-    assert len(record) == 1 and record[0]["accepted"] == 5 and record[0]["part_rows"] == 5
-    shard = pq.read_table(tmp_path / "out" / record[0]["file"])
-    assert sorted(k.rsplit("/", 1)[-1] for k in shard["key"].to_pylist()) == [f"good{i}.img.png" for i in range(5)]
-
-    # A lasting storage error is raised after the retries, never counted as a reject.
-    image.rename(away)
-    start = time.time()
-    with pytest.raises(FileNotFoundError):
-        _part_tokens(tiny_root_lo_only, cfg, str(tmp_path / "out2"), retries=1)(batch)
-    assert time.time() - start >= 0.5 and "retry 1 of 1" in capsys.readouterr().out
-    assert not (tmp_path / "out2").exists()
-
-
 def test_bad_text_is_counted_end_to_end_and_the_driver_beats_while_it_runs(ray_session, tmp_path, tiny_root_lo_only,
                                                                           fast_cfg):
     import io
@@ -489,37 +268,3 @@ def test_bad_text_is_counted_end_to_end_and_the_driver_beats_while_it_runs(ray_s
     assert sorted(k.rsplit("#", 1)[1] for k in shards.load_token_shards(out)["key"].to_pylist()) == ["caf\\xe9", "ok"]
     assert beats == [True]  # a heartbeat while it ran, none once it ended
     assert not [f for f in storage.list_files(out) if f.endswith(manifest.HEARTBEAT)]
-
-
-def test_the_job_spec_names_models_one_way_and_holds_the_numerics(tiny_root_lo_only, tmp_path, monkeypatch):
-    from pipelines.tokenize import _check_resumable, _model_uri
-
-    cfg = load_config(None)
-    monkeypatch.chdir(os.path.dirname(tiny_root_lo_only))
-    spec = job_spec("/corpus", cfg, resolve_models(tiny_root_lo_only))
-    assert job_spec("/corpus", cfg, resolve_models("./" + os.path.basename(tiny_root_lo_only) + "/")) == spec
-    assert spec["models"]["vqgan_lo"] == component_uri(tiny_root_lo_only, "vqgan_lo")
-    assert _model_uri("google/t5-v1_1-base") == "google/t5-v1_1-base"  # a Hugging Face cache name
-    assert spec["device"] == {"vqgan": "cpu", "text": None} and spec["precision"] == {"vqgan": "fp32", "text": None}
-    models = resolve_models(tiny_root_lo_only)
-    gpu = job_spec("/corpus", load_config(None, ["vqgan_lo.num_gpus=1", "precision=fp16"]), models)
-    assert gpu["device"]["vqgan"] == "cuda" and gpu["precision"]["vqgan"] == "fp16"
-    # CPU runs fp32 whatever precision says: no reason to refuse that resume.
-    assert job_spec("/corpus", load_config(None, ["precision=fp16"]), models) == spec
-
-    out = str(tmp_path / "out")
-    with pytest.raises(ValueError, match=r"different device, precision; device: \{'vqgan': 'cpu'.*'cuda'"):
-        _check_resumable(out, gpu, spec, set(), set())
-    old = {k: v for k, v in spec.items() if k not in ("device", "precision")}  # written before they were checked
-    _check_resumable(out, gpu, old, set(), set())
-
-
-def test_a_second_driver_on_an_output_in_use_refuses_before_touching_it(tmp_path, tiny_root_lo_only, fast_cfg):
-    corpus, _, _ = corpus_of_parts(tmp_path, n_files=1)
-    out = str(tmp_path / "tokens")
-    manifest.Heartbeat(out, "first").beat()  # a driver that is writing (this process: alive)
-    written = storage.join(out, manifest.SHARDS_DIR, "first", "p-0-4.parquet")
-    storage.write_bytes(written, b"not committed yet")
-    with pytest.raises(manifest.OutputInUse, match="another run is writing to"):
-        run(corpus, out, resolve_models(tiny_root_lo_only), fast_cfg, progress=False)
-    assert os.listdir(os.path.join(out, manifest.SHARDS_DIR)) == ["first"] and os.path.exists(written)
