@@ -13,6 +13,9 @@ import os
 import posixpath
 import sys
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -128,48 +131,98 @@ def write_text(uri: str, text: str) -> None:
 
 
 def list_files(uri: str, recursive: bool = True, broken_links: list[str] | None = None) -> list[str]:
-    """Every file below `uri`, as URIs in the same scheme, sorted. Locally, a file (or folder) whose
-    name is not UTF-8 is skipped and named on stderr: pyarrow cannot hold such a path, and one used to
-    fail the whole listing without naming it. A dangling symlink is left out, or appended to
-    `broken_links` when that is given."""
+    """Every file below `uri`, as URIs in the same scheme, sorted (`iter_files`, all held). A dangling
+    symlink is left out, or appended to `broken_links` when that is given."""
+    files = []
+    for f in iter_files(uri, recursive):
+        if not f.broken:
+            files.append(f.uri)
+        elif broken_links is not None:
+            broken_links.append(f.uri)
+    return files
+
+
+class Listed(NamedTuple):
+    uri: str
+    siblings: frozenset[str]  # names of the files in the same folder (one set per folder, shared)
+    broken: bool = False  # a dangling symlink (local folders only)
+
+
+LISTING_LOOKAHEAD = 8  # folders listed ahead of the walk, in threads (an S3 listing is a round trip)
+
+
+def iter_files(uri: str, recursive: bool = True) -> Iterator[Listed]:
+    """Every file below `uri` (or `uri` itself, a file), streamed in sorted order: the same order as
+    sorting the whole list, since a folder's entries are sorted with "/" after a folder's name and
+    walked depth first. Memory holds the listings of the folders on the way down (and a few listed
+    ahead), never the whole tree: a corpus of 10^8 images in folders of 10^4 is walked in a few MB.
+
+    S3 is listed one "folder" (common prefix) at a time. Locally symlinks are followed (a loop is
+    walked once), and a file or folder whose name is not UTF-8 is skipped and named on stderr at the
+    end: pyarrow cannot hold such a path, and one used to fail the whole listing without naming it."""
     fs, path = filesystem(uri)
-    if is_s3(uri) or not os.path.isdir(path):  # S3 keys are UTF-8; pyarrow's errors for the rest
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
-        files = sorted(i.path for i in infos if i.type == pafs.FileType.File)
-        return ["s3://" + p for p in files] if is_s3(uri) else files
-    files, links, odd = [], [], []
-    _walk(path, recursive, files, links, odd, set())
+    s3 = is_s3(uri)
+    prefix = "s3://" if s3 else ""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        yield Listed(prefix + path, frozenset([info.base_name]))
+        return
+    if info.type == pafs.FileType.NotFound:
+        return
+    odd: list[str] = []
+    seen: set[tuple[int, int]] = set()
+
+    def listing(folder: str) -> tuple[tuple[int, int] | None, list[tuple[str, str, str]]]:
+        """(identity for loop detection, sorted [(sort key, kind, path)])."""
+        if s3:
+            infos = fs.get_file_info(pafs.FileSelector(folder, recursive=False, allow_not_found=True))
+            entries = [(i.base_name + "/", "dir", i.path) if i.type == pafs.FileType.Directory
+                       else (i.base_name, "file", i.path) for i in infos
+                       if i.type in (pafs.FileType.Directory, pafs.FileType.File)]
+            return None, sorted(entries)
+        st, entries = os.stat(folder), []
+        with os.scandir(folder) as found:
+            for e in found:
+                try:
+                    e.name.encode("utf-8")
+                except UnicodeEncodeError:
+                    odd.append(e.path)
+                    continue
+                if e.is_dir():
+                    entries.append((e.name + "/", "dir", e.path))
+                elif e.is_file():
+                    entries.append((e.name, "file", e.path))
+                elif e.is_symlink() and not os.path.exists(e.path):
+                    entries.append((e.name, "broken", e.path))
+        return (st.st_dev, st.st_ino), sorted(entries)
+
+    def walk(listed, pool: ThreadPoolExecutor) -> Iterator[Listed]:
+        identity, entries = listed
+        if identity is not None:
+            if identity in seen:  # a symlink loop, or a folder linked twice
+                return
+            seen.add(identity)
+        names = frozenset(name for name, kind, _ in entries if kind != "dir")
+        folders = [p for _, kind, p in entries if kind == "dir"] if recursive else []
+        ahead: dict[str, Future] = {}
+        submitted = 0
+        for _, kind, p in entries:
+            if kind != "dir":
+                yield Listed(prefix + p, names, kind == "broken")
+                continue
+            if not recursive:
+                continue
+            while submitted < len(folders) and len(ahead) < LISTING_LOOKAHEAD:
+                ahead[folders[submitted]] = pool.submit(listing, folders[submitted])
+                submitted += 1
+            yield from walk(ahead.pop(p).result(), pool)
+
+    with ThreadPoolExecutor(LISTING_LOOKAHEAD) as pool:
+        yield from walk(listing(path), pool)
     if odd:
         names = [p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for p in sorted(odd)]
         print(f"[storage] skipped {len(odd)} path(s) below {path} whose names are not UTF-8: "
               + ", ".join(names[:10]) + (", ..." if len(names) > 10 else ""), file=sys.stderr, flush=True)
-    if broken_links is not None:
-        broken_links.extend(sorted(links))
-    return sorted(files)
-
-
-def _walk(folder: str, recursive: bool, files: list[str], links: list[str], odd: list[str],
-          seen: set[tuple[int, int]]) -> None:
-    """Local listing as pyarrow's (symlinks followed), by str paths that may hold undecodable bytes
-    (surrogate-escaped), which are sorted into `odd` rather than raising."""
-    st = os.stat(folder)
-    if (st.st_dev, st.st_ino) in seen:  # a symlink loop
-        return
-    seen.add((st.st_dev, st.st_ino))
-    with os.scandir(folder) as entries:
-        for e in entries:
-            try:
-                e.name.encode("utf-8")
-            except UnicodeEncodeError:
-                odd.append(e.path)
-                continue
-            if e.is_dir():
-                if recursive:
-                    _walk(e.path, recursive, files, links, odd, seen)
-            elif e.is_file():
-                files.append(e.path)
-            elif e.is_symlink() and not os.path.exists(e.path):
-                links.append(e.path)
 
 
 def delete(uri: str) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import posixpath
 from collections.abc import Iterator
 
 from muse import storage
@@ -29,13 +28,14 @@ def inline_caption(value: object) -> tuple[str | None, str]:
     return None, CAPTION_NOT_TEXT
 
 
-def captions_table(root: str, files: list[str], cfg: ReaderConfig) -> dict[str, object] | None:
+def captions_table(root: str, cfg: ReaderConfig) -> dict[str, object] | None:
     """{relative image path: caption value as stored} from the captions JSONL/CSV, or None for
-    sidecar captions. A malformed line fails planning, naming the file and line."""
+    sidecar captions. A malformed line fails planning, naming the file and line. The file is read
+    whole, on the driver: ~300 bytes per image."""
     source = cfg.captions_file
     if source is None:
-        top = {f[len(root):].lstrip("/") for f in files if posixpath.basename(f).startswith("captions.")}
-        source = next((name for name in ("captions.jsonl", "captions.csv") if name in top), None)
+        source = next((name for name in ("captions.jsonl", "captions.csv")
+                       if storage.exists(storage.join(root, name))), None)
     if source is None:
         return None
     path = source if "://" in source or source.startswith("/") else storage.join(root, source)

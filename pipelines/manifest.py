@@ -50,6 +50,7 @@ CLEAN_MARK = "_clean"  # in a run's shard folder: every file in it is in the man
 REJECTS_FILE = "rejects.json"
 SUMMARY_FILE = "manifest.json"
 HEARTBEAT = "_heartbeat"  # in a running driver's shard folder
+PLAN_DIR = "_plan"  # in a run's shard folder: a folder corpus's part lists (pipelines.folder_plan)
 HEARTBEAT_SECONDS = 30.0  # how often a driver rewrites it
 HEARTBEAT_FRESH = 4 * HEARTBEAT_SECONDS  # a younger heartbeat: its driver is taken to be alive
 
@@ -270,12 +271,12 @@ def remove_stale(out: str, manifest: pa.Table, run: str | None = None, force: bo
             "re-run with --force-cleanup, which deletes the shards it left uncommitted")
     base = storage.filesystem(out)[1].rstrip("/") + "/"
     referenced = set(pc.list_flatten(manifest["files"]).to_pylist())
-    stale, beats = [], 0
+    stale, bookkeeping = [], 0
     for run_dir in dirty:
         files = fs.get_file_info(pafs.FileSelector(run_dir, recursive=True))
         stale += [i.path for i in files if i.type == pafs.FileType.File
                   and i.path.removeprefix(base) not in referenced]
-        beats += any(i.base_name == HEARTBEAT for i in files)
+        bookkeeping += sum(i.base_name == HEARTBEAT or f"/{PLAN_DIR}/" in i.path for i in files)
 
     def delete(path: str) -> None:
         try:
@@ -287,7 +288,7 @@ def remove_stale(out: str, manifest: pa.Table, run: str | None = None, force: bo
         list(pool.map(delete, stale))
     for run_dir in dirty:
         mark_clean(out, run_dir.removeprefix(base).removeprefix(SHARDS_DIR + "/"))
-    return len(stale) - beats  # shard files; a dead driver's heartbeat is not one
+    return len(stale) - bookkeeping  # shard files; a dead driver's heartbeat and plan are not
 
 
 def _live_runs(fs: pafs.FileSystem, runs: list[str], own: str | None, fresh: float) -> dict[str, tuple[float, str]]:

@@ -287,25 +287,24 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     part_ids = "absolute" if old_spec is not None and "part_ids" not in old_spec else "relative"
     if part_ids == "relative":
         spec["part_ids"] = part_ids
-    parts = readers.plan_parts(input_uri, format, cfg.reader, ids=part_ids)
-    if any(p.format == "parquet" for p in parts):
-        spec["parquet_parts"] = "whole row groups"  # outputs of the earlier row slices do not resume
     done = manifest.read_manifest(output)
     finished = set(done["part"].to_pylist())
-    _check_resumable(output, spec, old_spec, finished, {p.id for p in parts})
-    todo = [p for p in parts if p.id not in finished]
     run_id = manifest.new_run_id()
     # The heartbeat is written before the cleanup looks for others': two drivers starting at once
-    # see each other and both refuse, rather than both going on.
+    # see each other and both refuse, rather than both going on. It also keeps this run's plan files
+    # (written into its folder while planning) from another driver's cleanup.
     heartbeat = manifest.Heartbeat(output, run_id)
     heartbeat.beat()
+    todo: list[readers.Part] = []
     try:
         removed = manifest.remove_stale(output, done, run=run_id, force=force_cleanup)
-    except BaseException:
-        heartbeat.stop(remove_run=True)  # nothing of this run is written
-        raise
-    del done
-    try:
+        del done
+        parts = _plan(input_uri, format, cfg, part_ids, storage.join(output, manifest.SHARDS_DIR, run_id,
+                                                                    manifest.PLAN_DIR), heartbeat, progress, start)
+        if any(p.format == "parquet" for p in parts):
+            spec["parquet_parts"] = "whole row groups"  # outputs of the earlier row slices do not resume
+        _check_resumable(output, spec, old_spec, finished, {p.id for p in parts})
+        todo = [p for p in parts if p.id not in finished]
         if progress and reporter is None:
             print(f"tokenize: planned {len(parts)} parts in {time.time() - start:.1f}s, {len(todo)} to do"
                   + (f"; removed {removed} files a failed run left" if removed else ""), flush=True)
@@ -324,6 +323,26 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     elif progress:
         print(f"tokenize: {line}", flush=True)
     return totals | {"removed": removed}
+
+
+PLANNING_LINE_SECONDS = 10.0  # a long planning (a big folder corpus) says how far it is this often
+
+
+def _plan(input_uri: str, format: str, cfg: TokenizeConfig, part_ids: str, spill: str,
+          heartbeat: manifest.Heartbeat, progress: bool, start: float) -> list[readers.Part]:
+    """The corpus's parts; a folder corpus's image lists go to plan files in `spill`. The heartbeat
+    is kept while a big folder is listed."""
+    last = time.monotonic()
+
+    def planned(images: int, parts: int) -> None:
+        nonlocal last
+        heartbeat.beat()  # when due
+        if progress and time.monotonic() - last >= PLANNING_LINE_SECONDS:
+            last = time.monotonic()
+            print(f"tokenize: planning: {images} images in {parts} parts so far ({time.time() - start:.0f}s)",
+                  flush=True)
+
+    return readers.plan_parts(input_uri, format, cfg.reader, ids=part_ids, spill=spill, progress=planned)
 
 
 def _run_parts(todo: list[readers.Part], cfg: TokenizeConfig, models: Models, spec: dict, output: str,
@@ -391,6 +410,7 @@ def _run_parts(todo: list[readers.Part], cfg: TokenizeConfig, models: Models, sp
         finally:
             bar.close()
             ray.kill(coordinator)  # stops the pools too: they belong to it
+            storage.delete(storage.join(output, manifest.SHARDS_DIR, run_id, manifest.PLAN_DIR))
         published(log.flush())
         missing = assembler.incomplete()
         if missing:

@@ -1,0 +1,128 @@
+"""Planning a folder corpus without holding it on the driver.
+
+A folder corpus is cut into parts of `rows_per_part` images in sorted order. The images are listed
+as a stream (`muse.storage.iter_files`: one folder at a time, a few listed ahead), and a part's image
+list, once cut, goes to a *plan file* (`PlanSpill`) instead of staying in the driver's memory: the
+driver keeps each part's id and where its list lies, ~200 bytes per part of 1,000 images, where it
+kept ~630 bytes per image. The read task (or CPU actor) reads its part's list back (`part_items`).
+
+Plan files are Parquet, one row group per part, `PARTS_PER_PLAN_FILE` parts per file, under a
+folder the caller owns (tokenization: its run's folder, deleted when the run ends and, if the driver
+died, by the next run's cleanup). Without a spill folder the lists stay in the parts, for one-off
+readers of small corpora (a vocabulary sample, an evaluation sample).
+
+The captions file of a folder corpus is the one thing still read whole on the driver
+(`pipelines.captions_file`): past tens of millions of images, use sidecar `.txt` files, WebDataset
+tars or Parquet.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from muse import storage
+from pipelines.captions_file import captions_table, inline_caption
+
+PARTS_PER_PLAN_FILE = 64
+
+# One row per image; paths relative to the corpus folder.
+PLAN_SCHEMA = pa.schema([("image", pa.string()), ("caption_file", pa.string()), ("caption", pa.string()),
+                         ("reason", pa.string())])
+
+Item = tuple[str, "str | None", "str | None", str]  # (image uri, caption uri, inline caption, reason)
+
+
+class PlanSpill:
+    """Writes parts' image lists to Parquet plan files under `folder`, one row group per part."""
+
+    def __init__(self, folder: str, root: str):
+        self.folder, self.root = folder, root
+        self.pending: list[pa.Table] = []
+        self.files = 0
+
+    def add(self, items: Iterable[Item]) -> tuple[str, int]:
+        """Store one part's items; returns (plan file, row group) where `part_items` finds them."""
+        image, caption_file, caption, reason = zip(*items)
+        self.pending.append(pa.table([
+            [_below(self.root, i) for i in image], [None if c is None else _below(self.root, c) for c in caption_file],
+            list(caption), list(reason)], schema=PLAN_SCHEMA))
+        where = (self._name(self.files), len(self.pending) - 1)
+        if len(self.pending) == PARTS_PER_PLAN_FILE:
+            self.flush()
+        return where
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        fs, path = storage.filesystem(self._name(self.files))
+        if not storage.is_s3(self.folder):
+            storage.makedirs(self.folder)
+        with fs.open_output_stream(path) as out, pq.ParquetWriter(out, PLAN_SCHEMA) as writer:
+            for table in self.pending:
+                writer.write_table(table, row_group_size=max(1, table.num_rows))
+        self.pending, self.files = [], self.files + 1
+
+    def _name(self, n: int) -> str:
+        return storage.join(self.folder, f"plan-{n:06d}.parquet")
+
+
+def _below(root: str, uri: str) -> str:
+    return uri[len(root):].lstrip("/")
+
+
+def part_items(root: str, plan: str, group: int) -> tuple[Item, ...]:
+    """A spilled part's items, read back from its row group."""
+    fs, path = storage.filesystem(plan)
+    with fs.open_input_file(path) as fh:
+        table = pq.ParquetFile(fh).read_row_group(group)
+    root = root.rstrip("/")
+    return tuple(
+        (f"{root}/{image}", None if caption_file is None else f"{root}/{caption_file}", caption, reason)
+        for image, caption_file, caption, reason in zip(*(table[n].to_pylist() for n in PLAN_SCHEMA.names)))
+
+
+def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int, captions_cfg,
+                make_part: Callable[[str, tuple[Item, ...], int], object], spill: PlanSpill | None = None,
+                progress: Callable[[int, int], None] | None = None) -> list:
+    """Parts of the folder corpus at `root` from its image files (`images`, sorted, each with the
+    names of its folder's files for its sidecar caption). `make_part(first, items, start)` builds a
+    part of `items` (the ids are the caller's); with `spill`, the part keeps only where its items lie.
+    `progress(images, parts)` is called after every part."""
+    captions, parts, chunk, start = None, [], [], 0
+
+    def cut() -> None:
+        nonlocal chunk, start
+        items = tuple(chunk)
+        part = make_part(items[0][0], items, start)
+        if spill is not None:
+            plan, group = spill.add(items)
+            part = replace(part, items=(), plan=plan, plan_group=group)
+        parts.append(part)
+        start, chunk = start + len(items), []
+        if progress is not None:
+            progress(start, len(parts))
+
+    for n, f in enumerate(images):
+        if n == 0:  # read only for a corpus that has images
+            captions = captions_table(root, captions_cfg)
+        rel = _below(root, f.uri)
+        reason = "missing_image" if f.broken else ""
+        if captions is not None:
+            inline, bad = inline_caption(captions.get(rel, captions.get(posixpath.basename(rel))))
+            chunk.append((f.uri, None, inline, reason or bad))
+        else:
+            txt = posixpath.basename(f.uri).rsplit(".", 1)[0] + ".txt"
+            sidecar = f.uri.rsplit(".", 1)[0] + ".txt" if txt in f.siblings else None
+            chunk.append((f.uri, sidecar, None, reason))
+        if len(chunk) == rows_per_part:
+            cut()
+    if chunk:
+        cut()
+    if spill is not None:
+        spill.flush()
+    return parts
