@@ -121,6 +121,7 @@ def test_a_running_drivers_heartbeat_keeps_its_shards_from_a_second_drivers_clea
     for run in ("running", "dead"):
         manifest.Heartbeat(out, run).beat()
     running, dead = shard_file(out, "running", "p-0-4.parquet"), shard_file(out, "dead", "q-0-4.parquet")
+    plan = shard_file(out, "running", f"{manifest.PLAN_DIR}/plan-000000.parquet")  # a folder corpus's part lists
     age(out, "dead", 10 * 60)
     age(out, "running", manifest.HEARTBEAT_SECONDS)  # one beat ago: alive
     me = manifest.Heartbeat(out, "me")
@@ -128,11 +129,11 @@ def test_a_running_drivers_heartbeat_keeps_its_shards_from_a_second_drivers_clea
     in_use = r"run running \(host .*, pid \d+\) beat 3\ds ago.*--force-cleanup"
     with pytest.raises(manifest.OutputInUse, match=in_use):
         manifest.remove_stale(out, empty, run="me")
-    assert os.path.exists(running) and os.path.exists(dead)  # refused: nothing touched
+    assert os.path.exists(running) and os.path.exists(dead) and os.path.exists(plan)  # refused: nothing touched
 
     age(out, "running", manifest.HEARTBEAT_FRESH + 1)  # its driver stopped beating
-    assert manifest.remove_stale(out, empty, run="me") == 2
-    assert not os.path.exists(running) and not os.path.exists(dead) and os.path.exists(me.uri)
+    assert manifest.remove_stale(out, empty, run="me") == 2  # shard files: a plan is not one
+    assert not any(map(os.path.exists, (running, dead, plan))) and os.path.exists(me.uri)
     assert all(os.path.exists(os.path.join(out, manifest.SHARDS_DIR, r, manifest.CLEAN_MARK)) for r in ("running", "dead"))
 
     # Forced: a fresh heartbeat is taken for a dead driver's.

@@ -64,6 +64,7 @@ def test_folder_corpus_end_to_end(ray_session, tmp_path, tiny_root, fast_cfg, pl
     good_names = {r[0] for r in rows if not r[3]}
     assert {k.rsplit("/", 1)[-1].split(".")[0] for k in keys_once(table)} == good_names
     assert totals["accepted"] == table.num_rows == 9 and totals["parts"] == 4
+    assert not [f for f in storage.list_files(out) if f"/{manifest.PLAN_DIR}/" in f]  # the run's part lists went with it
 
     info = shards.shard_info(out)
     assert info == {"tokens_lo_side": 8, "tokens_hi_side": 16, "text_storage": "ids", "text_dim": 64,
