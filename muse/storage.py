@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import random
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -100,10 +102,25 @@ def makedirs(uri: str) -> None:
         fs.create_dir(path, recursive=True)
 
 
+# A throttled (503 SlowDown) ranged GET of a small object is misfiled by the AWS SDK: its error body
+# overflows the buffer sized to the object, and the request fails as INTERNAL_FAILURE "Failed to
+# flush response stream", which the SDK's retry strategy never retries. Tiny files (captions) hit it
+# whenever a prefix is hot, so whole-file reads retry it themselves.
+MISFILED_THROTTLE = "Failed to flush response stream"
+READ_ATTEMPTS = 8
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        except OSError as e:
+            if MISFILED_THROTTLE not in str(e) or attempt == READ_ATTEMPTS - 1:
+                raise
+            time.sleep(min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0))  # backoff with jitter
+    raise AssertionError("unreachable")
 
 
 def read_text(uri: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import socket
 import threading
+import time
 
 SLOW_DOWN = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: {n}\r\n"
              b"Connection: close\r\n\r\n")
@@ -17,10 +18,13 @@ SLOW_DOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown<
 class FaultProxy:
     """Forwards each connection's first request to `upstream` (host, port) unless a fault is drawn.
     `throttle` and `drop` are probabilities per request; `counts` says what happened and `requests`
-    lists the request lines ("PUT /bucket/key HTTP/1.1") in arrival order."""
+    lists the request lines ("PUT /bucket/key HTTP/1.1") in arrival order. `latency` seconds pass
+    before each request is answered, as a store's first byte takes (requests in flight together wait
+    together)."""
 
-    def __init__(self, upstream: tuple[str, int], throttle: float, drop: float, seed: int = 0):
-        self.upstream, self.throttle, self.drop = upstream, throttle, drop
+    def __init__(self, upstream: tuple[str, int], throttle: float, drop: float, seed: int = 0,
+                 latency: float = 0.0):
+        self.upstream, self.throttle, self.drop, self.latency = upstream, throttle, drop, latency
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts = {"forwarded": 0, "throttled": 0, "dropped": 0}
@@ -49,6 +53,8 @@ class FaultProxy:
             request = self._read_request(client)
             if request is None:
                 return
+            if self.latency:
+                time.sleep(self.latency)
             with self.lock:
                 draw = self.rng.random()
                 fault = "dropped" if draw < self.drop else "throttled" if draw < self.drop + self.throttle \

@@ -2,11 +2,14 @@
 the same parts and rows as lists kept in memory, locally and on S3, in memory that does not grow with
 the corpus."""
 
+import time
 import tracemalloc
+from urllib.parse import urlparse
 
 import pyarrow.parquet as pq
 import pytest
 from corpora import good, mixed_rows, write_folder
+from fault_proxy import FaultProxy
 
 from muse import storage
 from pipelines import folder_plan
@@ -64,22 +67,75 @@ def _planning_peak(root, cfg, spill) -> int:
 
 @pytest.mark.parametrize("spilled", [True, False])
 def test_planning_memory_does_not_grow_with_the_corpus_when_spilled(tmp_path, spilled):
-    """Python memory at peak while planning 2,000 and then 8,000 images (empty files: planning does
-    not read them) in folders of 100, more than the listing reads ahead. Spilled, the peak is the
+    """Python memory at peak while planning 1,000 and then 4,000 images (empty files: planning does
+    not read them) in folders of 50, more than the listing reads ahead. Spilled, the peak is the
     same for both; kept in memory, it grows with the corpus (the naive way, as the control)."""
-    cfg = ReaderConfig(rows_per_part=250)
+    cfg = ReaderConfig(rows_per_part=100)
     peaks = []
-    for n in (2_000, 8_000):
+    for n in (1_000, 4_000):
         root = tmp_path / f"c{n}"
         for i in range(n):
-            d = root / f"{i // 100:05d}"
+            d = root / f"{i // 50:05d}"
             d.mkdir(parents=True, exist_ok=True)
             (d / f"{i:07d}.jpg").touch()
             (d / f"{i:07d}.txt").touch()
         peak, parts = _planning_peak(root, cfg, str(tmp_path / f"plan{n}") if spilled else None)
-        assert parts == n // 250
+        assert parts == n // 100
         peaks.append(peak)
     if spilled:
         assert peaks[1] < 1.3 * peaks[0], peaks
     else:
         assert peaks[1] > 3 * peaks[0], peaks
+
+
+def s3_folder(bucket: str, n: int) -> tuple[str, set[str]]:
+    for i in range(n):
+        image, caption = good(i, 40)
+        storage.write_bytes(f"{bucket}/corpus/{i // 10:02d}/g{i}.png", image)
+        storage.write_bytes(f"{bucket}/corpus/{i // 10:02d}/g{i}.txt", caption.encode())
+    return f"{bucket}/corpus", {f"{bucket}/corpus/{i // 10:02d}/g{i}.png" for i in range(n)}
+
+
+def test_a_slow_throttled_prefix_plans_and_reads_every_sample_with_reads_in_flight(s3_server, s3_bucket,
+                                                                                    monkeypatch):
+    """Through a real proxy that holds every request 0.1 s, a part's 24 images and 24 captions (96
+    requests: a HEAD and a GET each, 9.6 s one at a time) come in a few seconds, several files at
+    once. Through one that throttles 1 in 5 and drops 1 in 20, listing, plan files and reads all
+    retry (a throttled read of a tiny caption is the SDK's misfiled INTERNAL_FAILURE), and every
+    sample arrives in the part's order."""
+    corpus, keys = s3_folder(s3_bucket, 24)
+    cfg = ReaderConfig(rows_per_part=24, block_rows=24)
+    up = urlparse(s3_server)
+    for faults in (False, True):
+        proxy = FaultProxy((up.hostname, up.port), throttle=0.2 * faults, drop=0.05 * faults, seed=3,
+                           latency=0.0 if faults else 0.1)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+        try:
+            (part,) = plan_parts(corpus, "auto", cfg, spill=f"{s3_bucket}/out/_plan{faults}")
+            start = time.perf_counter()
+            got = [r for r in rows_of([part], cfg) if r["index"] >= 0]
+            seconds = time.perf_counter() - start
+        finally:
+            proxy.close()
+        assert [r["key"] for r in got] == sorted(keys) and all(r["reject_reason"] == "" for r in got)
+        if faults:
+            assert proxy.counts["throttled"] >= 10 and proxy.counts["dropped"] >= 2, proxy.counts
+        else:
+            assert seconds < 4.0, seconds
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_files_deleted_after_planning_are_missing_not_fatal(tmp_path, request, where):
+    if where == "s3":
+        corpus, _ = s3_folder(request.getfixturevalue("s3_bucket"), 3)
+    else:
+        write_folder(tmp_path / "corpus", [(f"g{i}", *good(i, 40)[:1], good(i, 40)[1].encode(), "") for i in range(3)])
+        corpus = str(tmp_path / "corpus")
+    cfg = ReaderConfig()
+    (part,) = plan_parts(corpus, "auto", cfg)
+    image, caption = part.items[0][0], part.items[1][1]
+    storage.delete(image)
+    storage.delete(caption)
+    reasons = [r["reject_reason"] for r in rows_of([part], cfg) if r["index"] >= 0]
+    assert reasons == ["missing_image", "missing_caption", ""]
