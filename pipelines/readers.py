@@ -6,7 +6,8 @@ file (as many as fit in `rows_per_part`, at least one, so no row group is downlo
 a `rows_per_part` run of a folder's sorted images, or one tar. A part has an id derived only
 from where it comes from, is read by one Ray read task (or by the CPU actor that tokenizes it:
 `corpus_data.part_list`), and becomes one output shard, so a re-run can skip every finished part
-without opening it.
+without opening it. The listing is streamed, one folder at a time, and a folder part's image list
+can live in a plan file instead of the driver's memory (`pipelines.folder_plan`).
 
 A read task yields rows with the corpus columns
 
