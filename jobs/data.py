@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -67,20 +68,33 @@ def data_order_seed(run_seed: int, run_dir: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def image_dataset(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto", cache: bool = False):
+def image_dataset(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto", cache: bool = False,
+                  spill: str | None = None):
     """Ray Dataset with one column `pixels` (raw (size, size, 3) uint8 RGB bytes) of every accepted
     image of the corpus at `uri`, decoded, resized and centre-cropped as tokenization does it.
     `cache` runs the same reader and preprocessing functions once on the driver and keeps the pixels
-    in the object store (small corpora) instead of decoding every image again each epoch."""
-    parts = readers.plan_parts(uri, format, cfg.reader)
-    if not parts:
-        raise ValueError(f"no images in the corpus at {uri}")
+    in the object store (small corpora) instead of decoding every image again each epoch. `spill`: a
+    folder for a folder corpus's part lists (`pipelines.folder_plan`), which must outlive the dataset."""
     if cache:
         import ray.data
 
         return ray.data.from_arrow(read_images(uri, size, cfg, format))
+    parts = readers.plan_parts(uri, format, cfg.reader, spill=spill)
+    if not parts:
+        raise ValueError(f"no images in the corpus at {uri}")
     ds = preprocessed(parts, cfg, lo_size=size, hi_size=None)
     return ds.map_batches(_accepted_pixels, batch_format="pyarrow", batch_size=None)
+
+
+@contextmanager
+def run_images(uri: str, size: int, cfg: TokenizeConfig, format: str, cache: bool, run_dir: str):
+    """`image_dataset` for a training run: a folder corpus's part lists go to `RUN_DIR/_plan` (the
+    driver keeps ~200 bytes per part instead of ~630 per image), deleted when the run ends."""
+    plan = storage.join(run_dir, manifest.PLAN_DIR)
+    try:
+        yield image_dataset(uri, size, cfg, format, cache, spill=plan)
+    finally:
+        storage.delete(plan)
 
 
 def read_images(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto") -> pa.Table:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from jobs.config import DecoderStage, TrainConfig
-from jobs.loop import fit_stage
+from jobs.loop import fit_stage, run_dir
 from jobs.stage import Stage
 from jobs.vqgan import CORPUS_HELP, VQGAN_COMPONENTS, VQGANWorker, corpus_args
 from muse import checkpoint
@@ -69,7 +69,7 @@ def decoder_component(root: str, component: str) -> str:
 
 
 def build(cfg: TrainConfig, data: str, root: str, component: str | None, format: str) -> list[Any]:
-    from jobs.data import image_dataset
+    from jobs.data import run_images
     from jobs.perceptual import check_weights
 
     section = cfg.decoder
@@ -78,10 +78,11 @@ def build(cfg: TrainConfig, data: str, root: str, component: str | None, format:
     if not checkpoint.has_component(root, component):
         raise ValueError(f"the model root {root} has no {component}/ to fine-tune the decoder of")
     wide = widened_config(root, component, section)
-    dataset = image_dataset(data, wide.resolution, cfg.tokenize, format, cache=section.run.cache_data)
     job = {"root": root, "component": component, "stage": "decoder", "model_config": to_dict(wide), "data_meta": {}}
     section = replace(section, run=replace(section.run, name=section.run.name or f"decoder_{component}"))
-    return [fit_stage(DecoderWorker, section, job, dataset)]
+    with run_images(data, wide.resolution, cfg.tokenize, format, section.run.cache_data,
+                    run_dir(root, section.run, component)) as dataset:
+        return [fit_stage(DecoderWorker, section, job, dataset)]
 
 
 STAGE = Stage(

@@ -354,6 +354,11 @@ def run_location(root: str, run, default_name: str) -> tuple[str, str]:
     return storage.absolute(run.storage_path or storage.join(root, "runs")), run.name or default_name
 
 
+def run_dir(root: str, run, default_name: str) -> str:
+    """Where a run keeps its checkpoints (`run_location`, joined)."""
+    return storage.join(*run_location(root, run, default_name))
+
+
 def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows: int | None = None) -> Any:
     """Build and run the TorchTrainer whose workers run `worker`; returns the ray.train.Result (raises
     on failure). `job` holds "root", "component", "model_config" (and "stage", the config section, when
@@ -367,9 +372,9 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
 
     run, scaling = section.run, section.scaling
     storage_uri, name = run_location(job["root"], run, job["component"])
-    run_dir = storage.join(storage_uri, name)
+    folder = storage.join(storage_uri, name)
     identity = run_identity(job)
-    resume_from = check_resume(run_dir, identity, job.get("stage", job["component"]))
+    resume_from = check_resume(folder, identity, job.get("stage", job["component"]))
     if resume_from is not None:
         say(resume_line(name, resume_from, run.max_steps))
     cached = _materialized(dataset)
@@ -384,7 +389,7 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
         fs, path = None, storage.filesystem(storage_uri)[1]
         os.makedirs(path, exist_ok=True)
     job = dict(job, worker=worker_path(worker), section=to_dict(section), run_name=name, identity=identity,
-               progress_board=start_display() if run.progress else None, run_dir=run_dir,
+               progress_board=start_display() if run.progress else None, run_dir=folder,
                samples_dir=job.get("samples_dir") or storage.join(job["root"], "samples", name))
     trainer = _trainer_class()(
         train_loop_per_worker,

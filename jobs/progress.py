@@ -175,14 +175,15 @@ def start_display() -> Any | None:
     return handle
 
 
-def stop_display() -> None:
-    """Draw what is left and stop (before Ray shuts down)."""
+def stop_display() -> bool:
+    """Draw what is left and stop (before Ray shuts down); whether a display was drawing."""
     global _display, _board
     with _lock:
         display, _display = _display, None
     if display is not None:
         display.close()
     _board = None
+    return display is not None
 
 
 def say(line: str) -> None:

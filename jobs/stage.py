@@ -89,9 +89,9 @@ class Stage:
             stop_display()
             parser.exit(2, f"{parser.prog}: error: {e}\n")
         finally:
-            stop_display()
-        for result in results:
-            print(f"{self.name}: {result_summary(result)}", flush=True)
+            drawn = stop_display()
+        for result in results:  # the display's summary line already gave the run's metrics
+            print(f"{self.name}: {result_summary(result, metrics=not drawn)}", flush=True)
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -136,8 +136,12 @@ def cli_overrides(args: argparse.Namespace, sections: list[str]) -> list[str]:
     return out + list(args.set)  # --set last: it wins
 
 
-def result_summary(result) -> str:
-    """One line for a finished Ray Train run: its last metrics that a person reads, and the checkpoint."""
-    metrics = result.metrics or {}
-    shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("step", "loss", "acc", "psnr", "tokens_per_s") if k in metrics)
-    return f"finished ({shown}); checkpoint {result.checkpoint.path if result.checkpoint else None}"
+def result_summary(result, metrics: bool = True) -> str:
+    """One line for a finished Ray Train run: the checkpoint, and (`metrics`) its last reported
+    metrics that a person reads."""
+    path = result.checkpoint.path if result.checkpoint else None
+    if not metrics:
+        return f"finished; checkpoint {path}"
+    m = result.metrics or {}
+    shown = ", ".join(f"{k} {m[k]:.4g}" for k in ("step", "loss", "acc", "psnr", "tokens_per_s") if k in m)
+    return f"finished ({shown}); checkpoint {path}"

@@ -33,7 +33,7 @@ import torch
 from jobs.common import EMA, build_optimizer, build_scheduler, clip_grad_norm, export_state, image_grid
 from jobs.config import AUTO, PAPER_VQGANS, TrainConfig, VQGANStage
 from jobs.data import collate_images
-from jobs.loop import StageWorker, finished_extra, fit_stage
+from jobs.loop import StageWorker, finished_extra, fit_stage, run_dir
 from jobs.parallel import WorkerEnv, allreduce_grads
 from jobs.progress import say
 from jobs.stage import Stage, add_format_arg
@@ -225,7 +225,7 @@ def build(cfg: TrainConfig, data: str, root: str, component: str | None, format:
 
 
 def _build_one(cfg: TrainConfig, data: str, root: str, component: str, format: str):
-    from jobs.data import image_dataset
+    from jobs.data import run_images
     from jobs.perceptual import check_weights
 
     section = cfg.vqgan
@@ -238,13 +238,14 @@ def _build_one(cfg: TrainConfig, data: str, root: str, component: str, format: s
         section = replace(section, run=replace(section.run, name=f"{section.run.name}_{component}"))
     if component == "vqgan_hi" and section.hi_max_steps:  # `--max-steps` sets it too (jobs.stage.cli_overrides)
         section = replace(section, run=replace(section.run, max_steps=section.hi_max_steps))
-    dataset = image_dataset(data, vq_cfg.resolution, cfg.tokenize, format, cache=section.run.cache_data)
     job = {"root": root, "component": component, "stage": "vqgan", "model_config": to_dict(vq_cfg), "data_meta": {}}
     if continued:
         job["init_from"] = checkpoint.component_uri(root, component)
     elif component == "vqgan_hi" and section.hi_init_from_lo:
         job["init_from"] = lo_for_hi_init(root, vq_cfg)
-    return fit_stage(VQGANWorker, section, job, dataset)
+    with run_images(data, vq_cfg.resolution, cfg.tokenize, format, section.run.cache_data,
+                    run_dir(root, section.run, component)) as dataset:
+        return fit_stage(VQGANWorker, section, job, dataset)
 
 
 def tokenizer_config(root: str, component: str, model: str) -> tuple[VQGANConfig, bool]:

@@ -5,7 +5,8 @@
     muse outpaint --image in.png --direction left --scale 0.75 --prompt "..." --checkpoint ROOT --out out/
     muse edit     --image in.png --prompt "a green circle" --checkpoint s3://bucket/model --out out/
 
-Each writes <name>_<i>.png per image (prompt-major) and, for more than one image, grid.png.
+Each writes <name>_<i>.png per image (prompt-major), numbered on from what the folder holds (an
+earlier run's images are never overwritten), and for several images their grid, <name>_<first>-<last>.png.
 `main(argv)` takes the subcommand first: `python -m muse.generate_cli generate --help`.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from typing import Callable
 
@@ -123,14 +125,17 @@ def run(command: str, args: argparse.Namespace) -> list[str]:
 
 
 def write_images(images: list[Image.Image], out: str, name: str) -> list[str]:
-    """<out>/<name>_<i>.png for each image, plus <out>/grid.png when there are several."""
+    """<out>/<name>_<i>.png for each image, i counting on from the highest already in `out`, plus their
+    grid <out>/<name>_<first>-<last>.png when there are several."""
     os.makedirs(out, exist_ok=True)
+    taken = [int(m.group(1)) for f in os.listdir(out) if (m := re.fullmatch(rf"{re.escape(name)}_(\d+)\.png", f))]
+    first = max(taken, default=-1) + 1
     paths = []
-    for i, img in enumerate(images):
+    for i, img in enumerate(images, first):
         paths.append(os.path.join(out, f"{name}_{i:02d}.png"))
         img.save(paths[-1])
     if len(images) > 1:
-        paths.append(os.path.join(out, "grid.png"))
+        paths.append(os.path.join(out, f"{name}_{first:02d}-{first + len(images) - 1:02d}.png"))
         grid(images).save(paths[-1])
     return paths
 

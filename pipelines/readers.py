@@ -433,22 +433,16 @@ FOLDER_READS_IN_FLIGHT = 16  # a folder part's files fetched at once: an S3 GET 
 
 def _read_folder(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Table | None]:
     """Each image and sidecar caption is a file of its own: up to FOLDER_READS_IN_FLIGHT samples are
-    fetched at once, in threads, and added in the part's order. A file deleted since planning is a
-    missing image or caption, as a dangling symlink is."""
+    fetched at once, in threads, and added in the part's order. A file listed at planning that cannot
+    be read is a storage error (the part is retried), never a reject."""
     items = part.folder_items()
-
-    def read(uri: str) -> bytes | None:
-        try:
-            return storage.read_bytes(uri)
-        except FileNotFoundError:
-            return None
 
     def fetch(item) -> tuple[bytes | None, bytes | str | None]:
         image_uri, caption_uri, inline, reason = item
         if reason:  # found at planning (a dangling symlink, a caption that is not text): nothing to read
             return None, None
-        image = read(image_uri) if rows.images else _UNREAD
-        return image, read(caption_uri) if caption_uri is not None else inline
+        image = storage.read_bytes(image_uri) if rows.images else _UNREAD
+        return image, storage.read_bytes(caption_uri) if caption_uri is not None else inline
 
     with ThreadPoolExecutor(FOLDER_READS_IN_FLIGHT) as pool:
         ahead: deque[Future] = deque()

@@ -97,3 +97,16 @@ def test_a_failed_attempt_is_one_line_on_the_console(monkeypatch):
     with pytest.raises(ValueError):
         loop.train_loop_per_worker(job)
     assert len(board.poll(0)[1]) == 1
+
+
+def test_a_runs_last_line_gives_metrics_only_where_no_summary_line_did():
+    """With the display, its summary line has the run's (smoothed) metrics: the closing line gives the
+    checkpoint alone, not a second, different set of numbers. Without it, the closing line has them."""
+    from types import SimpleNamespace
+
+    from jobs.stage import result_summary
+
+    result = SimpleNamespace(metrics={"step": 40, "loss": 2.2831, "lr": 1e-4},
+                             checkpoint=SimpleNamespace(path="/r/runs/base/checkpoint_000001"))
+    assert result_summary(result, metrics=False) == "finished; checkpoint /r/runs/base/checkpoint_000001"
+    assert result_summary(result) == "finished (step 40, loss 2.283); checkpoint /r/runs/base/checkpoint_000001"

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from jobs.stages import run_stage
 from muse import checkpoint, storage
+from muse.data.synthetic import write_corpus
 
 
 def checkpoint_files(result) -> set[str]:
@@ -56,7 +57,9 @@ def test_vqgan_stage_trains_reports_and_exports(ray_session, tiny_data, tmp_path
     cfg = ray_test_config("vqgan", "vqgan.run.max_steps=3", "vqgan.run.checkpoint_every=3",
                           "vqgan.run.sample_every=3", "vqgan.run.batch_size=2", "vqgan.gan.disc_start=2",
                           "vqgan.run.cache_data=false")  # streamed through the tokenizer's Ray Data readers
-    [result] = run_stage("vqgan", cfg, tiny_data.corpus, root, component="vqgan_lo")
+    # A folder corpus: its parts' image lists live in plan files in the run's folder while it trains.
+    write_corpus(str(tmp_path / "folder"), 24, size=128, format="folder")
+    [result] = run_stage("vqgan", cfg, str(tmp_path / "folder"), root, component="vqgan_lo")
     assert result.metrics["step"] == 3 and "d_loss" in result.metrics  # the GAN started at step 2
     assert checkpoint_files(result) == SHARDS | {"trainer_state.json"}  # each rank's shards, merged by Ray
     uri = checkpoint.component_uri(root, "vqgan_lo")
@@ -66,6 +69,7 @@ def test_vqgan_stage_trains_reports_and_exports(ray_session, tiny_data, tmp_path
     assert not torch.equal(before.decoder.conv_out.weight, after.decoder.conv_out.weight)
     assert os.path.exists(tmp_path / "root" / "samples" / "vqgan_lo" / "step_000003.png")
     assert os.path.isdir(tmp_path / "root" / "runs")  # Ray Train's run folder too
+    assert not os.path.exists(tmp_path / "root" / "runs" / "vqgan_lo" / "_plan")  # gone with the run
 
 
 def test_decoder_stage_widens_and_keeps_the_tokens(ray_session, tiny_data, tmp_path):

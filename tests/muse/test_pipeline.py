@@ -290,10 +290,15 @@ def test_cli_generate_and_inpaint_write_pngs(tmp_path, photo, capsys):
     rc = generate_cli.main(["generate", "--prompt", "a red circle", "--preset", "tiny", "--n", "2",
                             "--steps", "2", "--superres-steps", "1", "--seed", "3", "--out", str(out)])
     assert rc == 0
-    assert sorted(p.name for p in out.iterdir()) == ["generate_00.png", "generate_01.png", "grid.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["generate_00-01.png", "generate_00.png", "generate_01.png"]
     assert Image.open(out / "generate_00.png").size == (128, 128)
-    assert Image.open(out / "grid.png").size == (256, 128)
+    assert Image.open(out / "generate_00-01.png").size == (256, 128)
     assert str(out / "generate_00.png") in capsys.readouterr().out
+    first = (out / "generate_00.png").read_bytes()
+    rc = generate_cli.main(["generate", "--prompt", "a blue square", "--preset", "tiny", "--n", "2",
+                            "--steps", "2", "--superres-steps", "1", "--seed", "4", "--out", str(out)])
+    assert rc == 0 and (out / "generate_00.png").read_bytes() == first  # a second run numbers on
+    assert {"generate_02.png", "generate_03.png", "generate_02-03.png"} <= {p.name for p in out.iterdir()}
 
     photo.save(tmp_path / "in.png")
     mask = np.zeros((96, 96), np.uint8)

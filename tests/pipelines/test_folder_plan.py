@@ -123,19 +123,3 @@ def test_a_slow_throttled_prefix_plans_and_reads_every_sample_with_reads_in_flig
             assert proxy.counts["throttled"] >= 10 and proxy.counts["dropped"] >= 2, proxy.counts
         else:
             assert seconds < 4.0, seconds
-
-
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_files_deleted_after_planning_are_missing_not_fatal(tmp_path, request, where):
-    if where == "s3":
-        corpus, _ = s3_folder(request.getfixturevalue("s3_bucket"), 3)
-    else:
-        write_folder(tmp_path / "corpus", [(f"g{i}", *good(i, 40)[:1], good(i, 40)[1].encode(), "") for i in range(3)])
-        corpus = str(tmp_path / "corpus")
-    cfg = ReaderConfig()
-    (part,) = plan_parts(corpus, "auto", cfg)
-    image, caption = part.items[0][0], part.items[1][1]
-    storage.delete(image)
-    storage.delete(caption)
-    reasons = [r["reject_reason"] for r in rows_of([part], cfg) if r["index"] >= 0]
-    assert reasons == ["missing_image", "missing_caption", ""]
