@@ -112,15 +112,16 @@ READ_ATTEMPTS = 8
 
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
-    for attempt in range(READ_ATTEMPTS):
+    for attempt in range(READ_ATTEMPTS - 1):
         try:
             with fs.open_input_stream(path) as f:
                 return f.read()
         except OSError as e:
-            if MISFILED_THROTTLE not in str(e) or attempt == READ_ATTEMPTS - 1:
+            if MISFILED_THROTTLE not in str(e):
                 raise
             time.sleep(min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0))  # backoff with jitter
-    raise AssertionError("unreachable")
+    with fs.open_input_stream(path) as f:
+        return f.read()
 
 
 def read_text(uri: str) -> str:

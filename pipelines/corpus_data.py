@@ -8,8 +8,9 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
-from pipelines.config import ReaderConfig
+from pipelines.config import IO_TASK_RETRIES, ReaderConfig
 from pipelines.readers import ROW_SCHEMA, Part, accepted, plan_parts, read_part
+from pipelines.shards import read_datasource_retried
 
 PART_SCHEMA = pa.schema([("part", pa.string())])
 
@@ -42,13 +43,12 @@ def _part_datasource(name: str, parts: list[Part], read, schema: pa.Schema):
     return PartDatasource()
 
 
-def read_parts(parts: list[Part], cfg: ReaderConfig, num_cpus: float = 1.0,
-               ray_remote_args: dict | None = None, images: bool = True):
-    """Ray Dataset of corpus rows (with bookkeeping columns and end rows) for `parts`."""
-    import ray
-
-    return ray.data.read_datasource(corpus_datasource(parts, cfg, images), override_num_blocks=max(1, len(parts)),
-                                    num_cpus=num_cpus, ray_remote_args=ray_remote_args)
+def read_parts(parts: list[Part], cfg: ReaderConfig, num_cpus: float = 1.0, retries: int = IO_TASK_RETRIES,
+               images: bool = True):
+    """Ray Dataset of corpus rows (with bookkeeping columns and end rows) for `parts`. A read task
+    that still fails on storage I/O after the filesystem's own retries runs again, `retries` times."""
+    return read_datasource_retried(corpus_datasource(parts, cfg, images), retries,
+                                   override_num_blocks=max(1, len(parts)), num_cpus=num_cpus)
 
 
 def part_list(parts: list[Part], *, num_cpus: float, num_gpus: float, memory: float):

@@ -129,9 +129,10 @@ def _caption_ids(uri: str, captions: list[str], reasons: list[str], part_rows: n
 
 
 def preprocessed(parts: list[readers.Part], cfg: TokenizeConfig, lo_size: int, hi_size: int | None,
-                 ray_remote_args: dict | None = None, pack: bool = False, text_ids: str | None = None):
-    """Ray Dataset of the corpus rows of `parts` after `preprocess_batch` (rejects and end rows kept)."""
-    ds = corpus_data.read_parts(parts, cfg.reader, num_cpus=cfg.preprocess.num_cpus, ray_remote_args=ray_remote_args)
+                 pack: bool = False, text_ids: str | None = None):
+    """Ray Dataset of the corpus rows of `parts` after `preprocess_batch` (rejects and end rows kept);
+    read tasks are retried `cfg.io_task_retries` times on storage errors."""
+    ds = corpus_data.read_parts(parts, cfg.reader, num_cpus=cfg.preprocess.num_cpus, retries=cfg.io_task_retries)
     # Decoding is a task pool of its own that fans out over every CPU of the cluster. Its memory
     # reservation also keeps Ray from fusing it into the first model pool (Ray fuses ops with equal
     # remote args, as on CPU-only runs), which would cap decoding at that pool's size.

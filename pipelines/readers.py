@@ -55,7 +55,7 @@ import pyarrow.parquet as pq
 
 from muse import storage
 from pipelines.captions_file import CAPTION_NOT_TEXT, inline_caption  # noqa: F401 (with the other reasons)
-from pipelines.config import ReaderConfig
+from pipelines.config import FORMATS, ReaderConfig
 from pipelines.folder_plan import PlanSpill, part_items, plan_folder
 
 MISSING_CAPTION = "missing_caption"
@@ -171,7 +171,7 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
     per part rather than ~630 per image; `progress(images, parts)` follows a folder's planning."""
     if ids not in PART_IDS:
         raise ValueError(f"ids must be one of {PART_IDS}, got {ids!r}")
-    if format not in ("auto", "parquet", "webdataset", "folder"):
+    if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}")
     uri = canonical(uri)
     alone = not storage.is_dir(uri)

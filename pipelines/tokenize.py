@@ -155,7 +155,7 @@ def build(cfg: TokenizeConfig, parts: list[readers.Part], models: Models, lo_siz
                                             "write": write if ids_only else None, "retries": cfg.io_task_retries},
                    cfg.vqgan_lo, None, memory=memory)
     else:
-        ds = preprocessed(parts, cfg, ray_remote_args=io_retries, pack=True, **decode)
+        ds = preprocessed(parts, cfg, pack=True, **decode)
         ds = _pool(ds, ImageTokens, actor, cfg.vqgan_lo, cfg.vqgan_lo.batch_size)
     if not ids_only:
         ds = _pool(ds, TextTokens, {"uri": models.text_encoder, "text_storage": cfg.text_storage,
@@ -300,7 +300,7 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
         removed = manifest.remove_stale(output, done, run=run_id, force=force_cleanup)
         del done
         parts = _plan(input_uri, format, cfg, part_ids, storage.join(output, manifest.SHARDS_DIR, run_id,
-                                                                    manifest.PLAN_DIR), heartbeat, progress, start)
+                                                                    manifest.PLAN_DIR), heartbeat, progress and reporter is None, start)
         if any(p.format == "parquet" for p in parts):
             spec["parquet_parts"] = "whole row groups"  # outputs of the earlier row slices do not resume
         _check_resumable(output, spec, old_spec, finished, {p.id for p in parts})
@@ -329,15 +329,15 @@ PLANNING_LINE_SECONDS = 10.0  # a long planning (a big folder corpus) says how f
 
 
 def _plan(input_uri: str, format: str, cfg: TokenizeConfig, part_ids: str, spill: str,
-          heartbeat: manifest.Heartbeat, progress: bool, start: float) -> list[readers.Part]:
+          heartbeat: manifest.Heartbeat, lines: bool, start: float) -> list[readers.Part]:
     """The corpus's parts; a folder corpus's image lists go to plan files in `spill`. The heartbeat
-    is kept while a big folder is listed."""
+    is kept while a big folder is listed, and with `lines` a line says how far it is."""
     last = time.monotonic()
 
     def planned(images: int, parts: int) -> None:
         nonlocal last
         heartbeat.beat()  # when due
-        if progress and time.monotonic() - last >= PLANNING_LINE_SECONDS:
+        if lines and time.monotonic() - last >= PLANNING_LINE_SECONDS:
             last = time.monotonic()
             print(f"tokenize: planning: {images} images in {parts} parts so far ({time.time() - start:.0f}s)",
                   flush=True)
