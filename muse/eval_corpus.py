@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -45,11 +46,19 @@ def corpus_samples(uri: str, n: int, *, seed: int = 0, format: str = "auto",
     gives a seeded random subset of its usable rows, so the sample spans at least ~32 parts of a
     large corpus without reading all of it. Rows the tokenize job would reject are skipped."""
     from pipelines.config import ReaderConfig  # the readers import Ray only in their Ray Data wrappers
-    from pipelines.preprocess import clean_caption
-    from pipelines.readers import plan_parts, read_part
+    from pipelines.readers import plan_parts
 
     cfg = ReaderConfig()
-    parts = plan_parts(uri, format, cfg)
+    with tempfile.TemporaryDirectory(prefix="muse-eval-plan-") as plan:  # a huge folder's part lists, on disk
+        parts = plan_parts(uri, format, cfg, spill=plan)
+        return _samples(uri, parts, cfg, n, seed, max_caption_chars)
+
+
+def _samples(uri: str, parts: list, cfg, n: int, seed: int,
+             max_caption_chars: int) -> list[tuple[str, Image.Image]]:
+    from pipelines.preprocess import clean_caption
+    from pipelines.readers import read_part
+
     rng = random.Random(f"muse-eval-corpus:{seed}")
     rng.shuffle(parts)
     per_part = max(math.ceil(1.25 * n / len(parts)), math.ceil(n / 32))

@@ -65,12 +65,14 @@ def part_list(parts: list[Part], *, num_cpus: float, num_gpus: float, memory: fl
                                     num_gpus=num_gpus, memory=memory)
 
 
-def read_corpus(uri: str, format: str = "auto", cfg: ReaderConfig | None = None, images: bool = True):
+def read_corpus(uri: str, format: str = "auto", cfg: ReaderConfig | None = None, images: bool = True,
+                max_images: int | None = None):
     """Ray Dataset of the corpus at `uri`: one row per readable sample, columns key, image, caption
     (bytes). Rows the reader refused (no caption, no image, unreadable file) are left out. With
-    `images=False` the image column is empty and no image is read (see `read_part`)."""
+    `images=False` the image column is empty and no image is read (see `read_part`). `max_images`:
+    a folder corpus's first parts only (`plan_parts`)."""
     cfg = cfg or ReaderConfig()
-    parts = plan_parts(uri, format, cfg)
+    parts = plan_parts(uri, format, cfg, max_images=max_images)
 
     def keep(batch: pa.Table) -> pa.Table:
         return batch.filter(accepted(batch)).select(["key", "image", "caption"])
@@ -80,6 +82,8 @@ def read_corpus(uri: str, format: str = "auto", cfg: ReaderConfig | None = None,
 
 def sample_captions(uri: str, n: int, format: str = "auto", cfg: ReaderConfig | None = None) -> list[str]:
     """Up to `n` captions of the corpus at `uri`, from its first parts (read by Ray tasks, streamed
-    and stopped once `n` are in): what a text encoder's vocabulary is fitted to."""
-    rows = read_corpus(uri, format, cfg, images=False).select_columns(["caption"]).limit(n).take_all()
+    and stopped once `n` are in): what a text encoder's vocabulary is fitted to. A folder corpus is
+    planned only as far as its first 2n images (room for rejects), not listed whole."""
+    rows = (read_corpus(uri, format, cfg, images=False, max_images=2 * n).select_columns(["caption"])
+            .limit(n).take_all())
     return [r["caption"].decode("utf-8", errors="replace") for r in rows]

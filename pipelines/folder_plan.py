@@ -88,11 +88,12 @@ def part_items(root: str, plan: str, group: int) -> tuple[Item, ...]:
 
 def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int, captions_cfg,
                 make_part: Callable[[str, tuple[Item, ...], int], object], spill: PlanSpill | None = None,
-                progress: Callable[[int, int], None] | None = None) -> list:
+                progress: Callable[[int, int], None] | None = None, max_images: int | None = None) -> list:
     """Parts of the folder corpus at `root` from its image files (`images`, sorted, each with the
     names of its folder's files for its sidecar caption). `make_part(first, items, start)` builds a
     part of `items` (the ids are the caller's); with `spill`, the part keeps only where its items lie.
-    `progress(images, parts)` is called after every part."""
+    `progress(images, parts)` is called after every part. With `max_images`, the walk stops after the
+    part that reaches that many: the corpus's first parts, as a full plan has them."""
     captions, parts, chunk, start = None, [], [], 0
 
     def cut() -> None:
@@ -121,6 +122,8 @@ def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int,
             chunk.append((f.uri, sidecar, None, reason))
         if len(chunk) == rows_per_part:
             cut()
+            if max_images is not None and start >= max_images:
+                break
     if chunk:
         cut()
     if spill is not None:

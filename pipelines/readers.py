@@ -162,13 +162,15 @@ def canonical(uri: str) -> str:
 
 
 def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", spill: str | None = None,
-               progress: Callable[[int, int], None] | None = None) -> list[Part]:
+               progress: Callable[[int, int], None] | None = None, max_images: int | None = None) -> list[Part]:
     """Every part of the corpus at `uri` (a file or a directory), in a deterministic order. Part ids
     hash the files' paths below `uri` (`ids` "relative") or their full spelling ("absolute").
 
     The listing is streamed (`storage.iter_files`). A folder corpus's image lists go to plan files in
     the folder `spill` when one is given (`pipelines.folder_plan`), so the driver holds ~200 bytes
-    per part rather than ~630 per image; `progress(images, parts)` follows a folder's planning."""
+    per part rather than ~630 per image; `progress(images, parts)` follows a folder's planning.
+    `max_images` plans only a folder corpus's first parts, up to that many images (its listing stops
+    there: a sample of a huge folder neither lists nor holds the rest)."""
     if ids not in PART_IDS:
         raise ValueError(f"ids must be one of {PART_IDS}, got {ids!r}")
     if format not in FORMATS:
@@ -204,7 +206,7 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
         return Part(pid, "folder", uri, start, start + len(chunk), chunk, first=first)
 
     folder = plan_folder(uri, images(), cfg.rows_per_part, cfg, make_part,
-                         PlanSpill(spill, uri) if spill is not None and not alone else None, progress)
+                         PlanSpill(spill, uri) if spill is not None and not alone else None, progress, max_images)
     if not listed:
         raise ValueError(f"no input at {uri}")
     if format == "auto":  # what detect_format decides, from the same listing

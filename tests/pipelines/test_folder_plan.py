@@ -2,6 +2,7 @@
 the same parts and rows as lists kept in memory, locally and on S3, in memory that does not grow with
 the corpus."""
 
+import os
 import time
 import tracemalloc
 from urllib.parse import urlparse
@@ -123,3 +124,20 @@ def test_a_slow_throttled_prefix_plans_and_reads_every_sample_with_reads_in_flig
             assert proxy.counts["throttled"] >= 10 and proxy.counts["dropped"] >= 2, proxy.counts
         else:
             assert seconds < 4.0, seconds
+
+
+def test_a_sample_plans_only_the_first_parts_and_lists_no_further(tmp_path, monkeypatch):
+    """`max_images` (what a vocabulary sample asks for): the corpus's first parts, the same as a whole
+    plan's, from a listing that stops there."""
+    for i in range(1_000):
+        d = tmp_path / "corpus" / f"{i // 50:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i:05d}.jpg").touch()
+        (d / f"{i:05d}.txt").touch()
+    cfg = ReaderConfig(rows_per_part=100)
+    whole = plan_parts(str(tmp_path / "corpus"), "auto", cfg)
+    listed, scandir = [], os.scandir
+    monkeypatch.setattr(os, "scandir", lambda p: listed.append(p) or scandir(p))
+    first = plan_parts(str(tmp_path / "corpus"), "auto", cfg, max_images=250)
+    assert [p.id for p in first] == [p.id for p in whole[:3]]
+    assert len(listed) <= 1 + 6 + storage.LISTING_LOOKAHEAD  # the root, the 6 folders used, a few ahead of 20
