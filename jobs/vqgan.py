@@ -35,6 +35,7 @@ from jobs.config import AUTO, PAPER_VQGANS, TrainConfig, VQGANStage
 from jobs.data import collate_images
 from jobs.loop import StageWorker, finished_extra, fit_stage, run_dir
 from jobs.parallel import WorkerEnv, allreduce_grads
+from jobs.preflight import RunRefused
 from jobs.progress import say
 from jobs.stage import Stage, add_format_arg
 from muse import checkpoint
@@ -245,7 +246,13 @@ def _build_one(cfg: TrainConfig, data: str, root: str, component: str, format: s
         job["init_from"] = lo_for_hi_init(root, vq_cfg)
     with run_images(data, vq_cfg.resolution, cfg.tokenize, format, section.run.cache_data,
                     run_dir(root, section.run, component)) as dataset:
-        return fit_stage(VQGANWorker, section, job, dataset)
+        try:
+            return fit_stage(VQGANWorker, section, job, dataset)
+        except RunRefused as e:
+            if continued and checkpoint.component_extra(job["init_from"]).get("decoder_finetuned"):
+                raise RunRefused(f"{e}. Note: {root}/{component} is the decoder fine-tune's export, whose "
+                                 "decoder is wider than the one this VQGAN run trained") from None
+            raise
 
 
 def tokenizer_config(root: str, component: str, model: str) -> tuple[VQGANConfig, bool]:

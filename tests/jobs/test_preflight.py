@@ -243,3 +243,32 @@ def test_a_run_started_again_says_where_it_resumes_or_that_it_is_finished(tmp_pa
     uri = write_checkpoint(run_dir, "checkpoint_2026-12-01_10-00-00.000001", None)  # step 2
     assert loop.resume_line("base", uri, 10) == f"[base] resumes its run at step 2 of 10 ({uri})"
     assert "already finished at step 2 of 2: nothing to train" in loop.resume_line("base", uri, 2)
+
+
+def test_training_the_vqgan_again_after_the_decoder_fine_tune_says_why_it_is_refused(tmp_path, monkeypatch):
+    """"auto" continues the root's tokenizer, which after the decoder fine-tune has a wider decoder
+    than the VQGAN run's checkpoints: the refusal says that the root holds the fine-tune's export."""
+    from contextlib import contextmanager
+
+    import jobs.data
+    from jobs import vqgan
+    from muse import checkpoint
+
+    root = str(tmp_path / "root")
+    checkpoint.init_model_root("tiny", root, components=("vqgan_lo",))
+    uri = checkpoint.component_uri(root, "vqgan_lo")
+    trained = checkpoint.load_component(uri)
+    write_checkpoint(os.path.join(root, "runs", "vqgan_lo"), "checkpoint_2026-12-01_10-00-00.000001",
+                     run_identity(job_for(root, {"the": "vqgan run's own decoder"}, component="vqgan_lo")))
+
+    @contextmanager
+    def no_data(*args):
+        yield None
+
+    monkeypatch.setattr(jobs.data, "run_images", no_data)
+    with pytest.raises(RunRefused, match="another architecture") as plain:
+        vqgan.build(tiny_config("vqgan.lo_model=auto"), "corpus", root, "vqgan_lo", "auto")
+    assert "decoder fine-tune" not in str(plain.value)
+    checkpoint.save_component(trained, uri, extra={"finished": True, "stage": "decoder", "decoder_finetuned": True})
+    with pytest.raises(RunRefused, match=r"vqgan_lo is the decoder fine-tune's export, whose decoder is wider"):
+        vqgan.build(tiny_config("vqgan.lo_model=auto"), "corpus", root, "vqgan_lo", "auto")
