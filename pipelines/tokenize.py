@@ -492,7 +492,10 @@ def main(argv: list[str] | None = None) -> None:
     totals = run(args.input, args.output, models, cfg, args.format, progress=not args.no_progress,
                  force_cleanup=args.force_cleanup)
     if totals["stats"] and not args.no_progress:
-        print(totals["stats"], flush=True)
+        # Ray Data counts the rows each operator emits: the writers' and the CPU actors' rows are
+        # records (one per block or part), not samples; the samples/s are in the line above.
+        print("tokenize: time per stage (Ray Data; its rows are records of blocks or parts, not samples):\n"
+              + totals["stats"], flush=True)
 
 
 if __name__ == "__main__":
