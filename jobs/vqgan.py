@@ -24,6 +24,7 @@ pair fixed images with their reconstructions; the component is exported to ROOT/
 from __future__ import annotations
 
 import argparse
+import math
 from collections import deque
 from dataclasses import replace
 from typing import Any
@@ -76,6 +77,7 @@ class VQGANWorker(StageWorker):
         # Latents of the last autoencoder steps, enough for SEED_CANDIDATES_PER_CODE per code.
         self.seed_latents: deque[torch.Tensor] = deque()
         self.seed_rows = 0
+        self.seed_step: int | None = None  # set at the first step (`seeding_step`)
 
     def build_vqgan(self) -> VQGAN:
         model = VQGAN(self.vq_config)
@@ -95,7 +97,9 @@ class VQGANWorker(StageWorker):
         if env.is_main and not hasattr(self, "_sample_images"):
             self._sample_images = images[: self.section.sample_images].clone()
         adversarial = step >= gan.disc_start
-        warming = step < self.quantizer_warmup_steps()
+        if self.seed_step is None:
+            self.seed_step = self.seeding_step(step)
+        warming = step <= self.seed_step
         with env.autocast():
             out = self.vqgan(images, quantize=not warming)
         recon = out.recon.float()
@@ -121,7 +125,7 @@ class VQGANWorker(StageWorker):
         self._step("vqgan")
         if warming:
             self.keep_for_seeding(out.latents)
-            if step == self.quantizer_warmup_steps() - 1:
+            if step == self.seed_step:
                 self.seed_codebook()
         if self.ema is not None:
             self.ema.update(step)
@@ -146,6 +150,18 @@ class VQGANWorker(StageWorker):
     def quantizer_warmup_steps(self) -> int:
         return self.section.quantizer_warmup_steps
 
+    def seeding_step(self, first: int) -> int:
+        """The step whose end seeds the codebook, for a run whose first step here is `first`: the
+        warm-up's last. A run resumed inside the warm-up starts with no latents kept (they are not
+        in the checkpoint), so it warms up until it holds as many as an uninterrupted run would have
+        (the same on every rank: from the configured batch). -1: no warm-up, or it is over."""
+        warmup = self.quantizer_warmup_steps()
+        if first >= warmup:
+            return -1
+        rows = self.section.run.batch_size * self.vq_config.tokens_per_side**2  # latents kept per step
+        needed = min(warmup, math.ceil(SEED_CANDIDATES_PER_CODE * self.vq_config.codebook_size / rows))
+        return max(warmup - 1, first + needed - 1)
+
     def keep_for_seeding(self, latents: torch.Tensor) -> None:
         self.seed_latents.append(latents.flatten(0, 2).float())
         self.seed_rows += self.seed_latents[-1].shape[0]
@@ -162,8 +178,8 @@ class VQGANWorker(StageWorker):
         if self.ema is not None:
             self.ema.copy_from_weights("quantizer.codebook")
         if self.env.is_main:
-            print(f"[{self.job['run_name']}] seeded {quantizer.codebook_size} codes by k-means++ after "
-                  f"{self.quantizer_warmup_steps()} autoencoder steps", flush=True)
+            print(f"[{self.job['run_name']}] seeded {quantizer.codebook_size} codes by k-means++ at step "
+                  f"{self.seed_step + 1} (autoencoder warm-up: {self.quantizer_warmup_steps()} steps)", flush=True)
 
     def _step(self, name: str) -> None:
         opt = self.optimizers[name]

@@ -213,6 +213,24 @@ def test_vqgan_autoencoder_warmup_then_seeds_the_codebook(tiny_data):
         tiny_config("vqgan.quantizer_warmup_steps=-1")
 
 
+def test_a_run_resumed_inside_the_warmup_seeds_from_as_many_latents_as_an_uninterrupted_one(tiny_data):
+    """The latents kept for seeding are not in the checkpoint: a run resumed at step 4 of a 6-step
+    warm-up warms up for 6 steps of its own (its last, step 9, seeds) rather than seeding at step 5
+    from 2 steps' latents. Uninterrupted, step 5 seeds, as before."""
+    cfg = tiny_config("vqgan.quantizer_warmup_steps=6", "vqgan.optim.warmup_steps=0", "vqgan.run.max_steps=12",
+                      "vqgan.run.batch_size=4")
+    worker = make_worker("vqgan", cfg.vqgan, tiny_data.root, preset("vqgan-tiny"), component="vqgan_lo")
+    assert worker.seeding_step(0) == 5 and worker.seeding_step(6) == -1
+    batch = worker.collate(image_batch(tiny_data, 64, 4))
+    initial = worker.vqgan.quantizer.codebook.detach().clone()
+    for step in range(4, 9):
+        assert float(worker.train_step(batch, step)["commit"]) == 0.0, step  # still an autoencoder
+    assert torch.equal(worker.vqgan.quantizer.codebook, initial) and worker.seed_rows == 5 * 4 * 64
+    worker.train_step(batch, 9)
+    assert not torch.equal(worker.vqgan.quantizer.codebook, initial) and not worker.seed_latents
+    assert float(worker.train_step(batch, 10)["commit"]) > 0.0
+
+
 def test_decoder_finetune_trains_only_the_decoder(tiny_data, tmp_path):
     from muse.checkpoint import component_uri, load_component
 
