@@ -57,6 +57,7 @@ from muse import storage
 from pipelines.captions_file import CAPTION_NOT_TEXT, inline_caption  # noqa: F401 (with the other reasons)
 from pipelines.config import FORMATS, ReaderConfig
 from pipelines.folder_plan import PlanSpill, part_items, plan_folder
+from pipelines.parquet_plan import row_group_parts
 
 MISSING_CAPTION = "missing_caption"
 MISSING_IMAGE = "missing_image"
@@ -141,14 +142,24 @@ PART_IDS = ("relative", "absolute")
 
 def detect_format(uri: str, cfg: ReaderConfig, files: list[str] | None = None) -> str:
     """parquet, webdataset or folder, from a file's extension or a directory's contents."""
-    files = _input_files(uri) if files is None else files
-    exts = {_ext(f) for f in files}
-    if "parquet" in exts:
+    files = storage.list_files(uri) if files is None else files
+    kinds = {_kind(f, cfg) for f in files}
+    return _format(uri, "parquet" in kinds, "tar" in kinds, "image" in kinds)
+
+
+def _kind(uri: str, cfg: ReaderConfig) -> str | None:
+    ext = _ext(uri)
+    if ext == "parquet":
         return "parquet"
-    if {"tar", "tgz"} & exts or any(f.endswith(".tar.gz") for f in files):
-        return "webdataset"
-    if exts & set(cfg.image_extensions):
-        return "folder"
+    if ext in ("tar", "tgz") or uri.endswith(".tar.gz"):
+        return "tar"
+    return "image" if ext in cfg.image_extensions else None
+
+
+def _format(uri: str, parquets: bool, tars: bool, images: bool) -> str:
+    """What a corpus is, from what it holds: Parquet files win over tars, tars over images."""
+    if parquets or tars or images:
+        return "parquet" if parquets else "webdataset" if tars else "folder"
     raise ValueError(f"cannot tell the format of {uri}: no .parquet, .tar or image files; pass --format")
 
 
@@ -177,14 +188,11 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
         raise ValueError(f"unknown format {format!r}")
     uri = canonical(uri)
     alone = not storage.is_dir(uri)
-    if alone and not storage.exists(uri):
-        raise ValueError(f"no input at {uri}")
     below = posixpath.dirname(uri) if alone else uri  # a file given alone: its basename
 
     def named(f: str) -> str:
         return f if ids == "absolute" else _relative(below, f)
 
-    exts = set(cfg.image_extensions)
     parquets, tars, listed = [], [], 0
 
     def images() -> Iterator[storage.Listed]:
@@ -192,12 +200,12 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
         nonlocal listed
         for f in storage.iter_files(uri):
             listed += 1
-            ext = _ext(f.uri)
-            if ext == "parquet":
+            kind = _kind(f.uri, cfg)
+            if kind == "parquet":
                 parquets.append(f.uri)
-            elif ext in ("tar", "tgz") or f.uri.endswith(".tar.gz"):
+            elif kind == "tar":
                 tars.append(f.uri)
-            elif ext in exts and format in ("auto", "folder"):
+            elif kind == "image" and format in ("auto", "folder"):
                 yield f
 
     def make_part(first: str, chunk: tuple, start: int) -> Part:
@@ -209,109 +217,18 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
                          PlanSpill(spill, uri) if spill is not None and not alone else None, progress, max_images)
     if not listed:
         raise ValueError(f"no input at {uri}")
-    if format == "auto":  # what detect_format decides, from the same listing
-        format = "parquet" if parquets else "webdataset" if tars else "folder" if folder else None
-        if format is None:
-            raise ValueError(f"cannot tell the format of {uri}: no .parquet, .tar or image files; pass --format")
+    if format == "auto":
+        format = _format(uri, bool(parquets), bool(tars), bool(folder))
     if format == "parquet":
-        return _plan_parquet(parquets, cfg, named)
+        return [Part(part_id("parquet", named(f), start, stop), "parquet", f, start, stop)
+                for f, start, stop in row_group_parts(parquets, cfg, is_bad_source)]
     if format == "webdataset":
         return [Part(part_id("webdataset", named(f)), "webdataset", f) for f in tars]
     return folder
 
 
-def _input_files(uri: str) -> list[str]:
-    """`uri` itself, or every file below it."""
-    files = storage.list_files(uri)
-    if not files:
-        raise ValueError(f"no input at {uri}")
-    return files
-
-
 def _ext(uri: str) -> str:
     return posixpath.basename(uri).rsplit(".", 1)[-1].lower() if "." in posixpath.basename(uri) else ""
-
-
-def _plan_parquet(files: list[str], cfg: ReaderConfig, named) -> list[Part]:
-    def rows(f: str) -> tuple[list[int] | None, pa.Schema | None]:
-        """(rows of each row group, Arrow schema), from the footer."""
-        try:
-            fs, path = storage.filesystem(f)
-            with fs.open_input_file(path) as fh:
-                meta = pq.ParquetFile(fh).metadata
-            groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-            return groups, meta.schema.to_arrow_schema()
-        except Exception as e:
-            if not is_bad_source(e):
-                raise
-            return None, None
-
-    with ThreadPoolExecutor(16) as pool:
-        infos = list(pool.map(rows, files))
-    wanted = {cfg.image_column, cfg.caption_column}
-    if files and not any(schema is not None and wanted <= set(schema.names) for _, schema in infos):
-        seen = next((schema.names for _, schema in infos if schema is not None), [])
-        raise ValueError(
-            f"no Parquet file has both columns {sorted(wanted)} (reader.image_column / "
-            f"reader.caption_column); columns found: {seen}"
-        )
-    for f, (_, schema) in zip(files, infos):
-        if schema is not None and wanted <= set(schema.names):
-            _check_column_types(f, schema, cfg)
-    parts = []
-    for f, (groups, _) in zip(files, infos):
-        if groups is None:  # unreadable footer: one part that reports it
-            parts.append(Part(part_id("parquet", named(f), 0, None), "parquet", f))
-            continue
-        for start, stop in _row_group_runs(groups, cfg.rows_per_part):
-            parts.append(Part(part_id("parquet", named(f), start, stop), "parquet", f, start, stop))
-    return parts
-
-
-_BYTES = (pa.types.is_binary, pa.types.is_large_binary)
-_TEXT = (pa.types.is_string, pa.types.is_large_string)
-
-
-def _is(t: pa.DataType, kinds) -> bool:
-    return any(k(t) for k in kinds)
-
-
-def _check_column_types(f: str, schema: pa.Schema, cfg: ReaderConfig) -> None:
-    """Refuse, before any work, columns that every row of the file would fail on (or, for URLs,
-    be rejected for): a whole-job problem, not a sample's."""
-    image, caption = schema.field(cfg.image_column).type, schema.field(cfg.caption_column).type
-    if _is(image, _TEXT):
-        raise ValueError(f"{f}: image column {cfg.image_column!r} holds strings ({image}), e.g. image URLs "
-                         "or paths; muse tokenize reads encoded image bytes and does not fetch URLs: "
-                         "download the images first (into this column as bytes, or a folder or tars)")
-    if pa.types.is_struct(image):
-        field = image.get_field_index("bytes")
-        if field < 0 or not _is(image.field(field).type, _BYTES):
-            raise ValueError(f"{f}: image column {cfg.image_column!r} is a struct ({image}) without a binary "
-                             "'bytes' field (as Hugging Face datasets stores an Image feature)")
-    elif not _is(image, _BYTES):
-        raise ValueError(f"{f}: image column {cfg.image_column!r} has type {image}; it must hold encoded "
-                         "image bytes (binary), or be a struct with a 'bytes' field")
-    if pa.types.is_list(caption) or pa.types.is_large_list(caption):
-        raise ValueError(f"{f}: caption column {cfg.caption_column!r} holds lists ({caption}), several captions "
-                         "per image; tokenization takes one: write one row per caption, or pick one")
-    if not _is(caption, _TEXT + _BYTES):
-        raise ValueError(f"{f}: caption column {cfg.caption_column!r} has type {caption}; it must be string "
-                         "or binary")
-
-
-def _row_group_runs(groups: list[int], rows_per_part: int) -> list[tuple[int, int]]:
-    """[start, stop) row ranges of consecutive whole row groups, each as many as fit in
-    `rows_per_part` (a larger group is a part of its own); one empty range for an empty file."""
-    runs, start, stop = [], 0, 0
-    for n in groups:
-        if stop > start and stop - start + n > rows_per_part:
-            runs.append((start, stop))
-            start = stop
-        stop += n
-    if stop > start or not runs:
-        runs.append((start, stop))
-    return runs
 
 
 def _relative(root: str, uri: str) -> str:

@@ -64,10 +64,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from muse import storage
-from muse.config import to_dict
 from pipelines import corpus_data, manifest, readers, shards
 from pipelines.config import FORMATS, PoolConfig, TokenizeConfig, load_config
-from pipelines.models import ImageTokens, PartTokens, TextTokens, load_tokenizer, text_encoder_config
+from pipelines.job_spec import check_resumable, device_of, job_spec, read_job_spec  # noqa: F401 (job_spec: the tests')
+from pipelines.models import ImageTokens, PartTokens, TextTokens, load_tokenizer
 from pipelines.preprocess import preprocessed
 
 __all__ = ["Models", "build", "load_tokenizer", "main", "resolve_models", "run"]
@@ -115,10 +115,6 @@ def _pool(ds, udf: type, kwargs: dict, pool: PoolConfig, batch_size: int | None,
     )
 
 
-def _device(pool: PoolConfig) -> str:
-    return "cuda" if pool.num_gpus > 0 else "cpu"
-
-
 def decodes_in_actors(cfg: TokenizeConfig) -> bool:
     """Whether the image-tokenizer actors read, decode and (with ids) write whole parts themselves
     (`PreprocessConfig.placement`). On CPU, tasks of their own only add object-store hops and
@@ -141,7 +137,7 @@ def build(cfg: TokenizeConfig, parts: list[readers.Part], models: Models, lo_siz
     if models.vqgan_hi:
         tokenizers.append({"uri": models.vqgan_hi, "pixels": "pixels_hi", "tokens": "tokens_hi",
                            "batch_size": cfg.vqgan_hi.batch_size})
-    actor = {"tokenizers": tokenizers, "device": _device(cfg.vqgan_lo), "precision": cfg.precision,
+    actor = {"tokenizers": tokenizers, "device": device_of(cfg.vqgan_lo), "precision": cfg.precision,
              "num_cpus": cfg.vqgan_lo.num_cpus}
     write = {"out": output, "run": run, "schema": schema, "examples": cfg.examples_per_reason}
     in_actors = decodes_in_actors(cfg)
@@ -159,7 +155,7 @@ def build(cfg: TokenizeConfig, parts: list[readers.Part], models: Models, lo_siz
         ds = _pool(ds, ImageTokens, actor, cfg.vqgan_lo, cfg.vqgan_lo.batch_size)
     if not ids_only:
         ds = _pool(ds, TextTokens, {"uri": models.text_encoder, "text_storage": cfg.text_storage,
-                                    "device": _device(cfg.text), "precision": cfg.precision,
+                                    "device": device_of(cfg.text), "precision": cfg.precision,
                                     "num_cpus": cfg.text.num_cpus}, cfg.text, cfg.text.batch_size)
     ds.context.enable_progress_bars = cfg.ray_progress_bars
     ds.context.raise_original_map_exception = True  # an OSError stays one, so Ray retries the writer
@@ -195,81 +191,6 @@ class Coordinator:
         return self.ds.stats(), usage.ru_utime + usage.ru_stime
 
 
-def job_spec(input_uri: str, cfg: TokenizeConfig, models: Models) -> dict:
-    """Everything that decides the content of the shards; a resumed run must match it."""
-    from muse.components import component_version, parse_config, read_meta
-
-    def tokenizer(uri: str | None) -> tuple[dict | None, dict | None]:
-        """(config, weights version) of a VQGAN, from one read of its config.json."""
-        if uri is None:
-            return None, None
-        meta = read_meta(uri)
-        return to_dict(parse_config(meta, uri)), component_version(uri, meta)
-
-    (lo, lo_weights), (hi, hi_weights) = tokenizer(models.vqgan_lo), tokenizer(models.vqgan_hi)
-    text = text_encoder_config(models.text_encoder)
-    reader = to_dict(cfg.reader)
-    reader.pop("block_rows")
-    embeddings = cfg.text_storage == "embeddings"  # ids need no model: no text device
-    return {
-        "input": input_uri, "models": {k: _model_uri(v) for k, v in to_dict(models).items()},
-        "text_storage": cfg.text_storage,
-        # The numerics of the token ids (and embeddings): CPU always runs fp32.
-        "device": {"vqgan": _device(cfg.vqgan_lo), "text": _device(cfg.text) if embeddings else None},
-        "precision": {"vqgan": _precision(cfg, cfg.vqgan_lo),
-                      "text": _precision(cfg, cfg.text) if embeddings else None},
-        "vqgan_lo": lo, "vqgan_hi": hi,
-        # Which weights: a retrained tokenizer with the same config makes other tokens.
-        "weights": {"vqgan_lo": lo_weights, "vqgan_hi": hi_weights},
-        "text_encoder": to_dict(text) if text else None, "reader": reader,
-        "preprocess": {k: getattr(cfg.preprocess, k) for k in ("min_side", "max_pixels", "max_caption_chars")},
-        "format_version": shards.FORMAT_VERSION,
-    }
-
-
-def _model_uri(uri: str | None) -> str | None:
-    """`readers.canonical` for a component's path or URI (`./root/x` and `/abs/root/x` are one
-    model); a Hugging Face cache name, which is no local path, stays as it is."""
-    if uri is None or not (storage.is_s3(uri) or uri.startswith("file://") or os.path.exists(uri)):
-        return uri
-    return readers.canonical(uri)
-
-
-def _precision(cfg: TokenizeConfig, pool: PoolConfig) -> str:
-    return cfg.precision if pool.num_gpus > 0 else "fp32"
-
-
-# Spec fields added later: an output whose _job.json lacks one resumes as if it matched.
-_LATER_FIELDS = ("device", "precision", "weights")
-
-
-def _read_job_spec(out: str) -> dict | None:
-    """The job spec an earlier run wrote to `out`, or None."""
-    try:
-        return json.loads(storage.read_text(storage.join(out, shards.JOB_FILE)))
-    except FileNotFoundError:
-        return None
-
-
-def _check_resumable(out: str, spec: dict, old: dict | None, finished: set[str], planned: set[str]) -> None:
-    if old is not None:
-        changed = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k)
-                         and not (k in _LATER_FIELDS and k not in old))
-        if changed:
-            detail = "".join(f"; {k}: {old.get(k)} then, {spec.get(k)} now" for k in changed
-                             if k in ("models", "device", "precision"))
-            hint = (" (the tokenizer was trained again since: its tokens would not match the new ones)"
-                    if "weights" in changed else "")
-            raise ValueError(f"{out} holds shards made with different {', '.join(changed)}{detail}{hint}; "
-                             "re-run with the same settings to resume, or write to a new --output")
-    stale = finished - planned
-    if stale:
-        raise ValueError(f"{len(stale)} finished part(s) in {out} are not in the input any more (the corpus "
-                         "changed since the first run); write to a new --output")
-    if old is None:
-        storage.write_text(storage.join(out, shards.JOB_FILE), json.dumps(spec, indent=1))
-
-
 def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None = None,
         format: str = "auto", on_published: Callable[[dict], None] | None = None,
         progress: bool = True, reporter=None, force_cleanup: bool = False) -> dict:
@@ -282,7 +203,7 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     input_uri, output = readers.canonical(input_uri), readers.canonical(output)
     start = time.time()
     spec = job_spec(input_uri, cfg, models)
-    old_spec = _read_job_spec(output)
+    old_spec = read_job_spec(output)
     # Outputs written before part ids were relative have no "part_ids" and keep their absolute ids.
     part_ids = "absolute" if old_spec is not None and "part_ids" not in old_spec else "relative"
     if part_ids == "relative":
@@ -303,7 +224,7 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
                                                                     manifest.PLAN_DIR), heartbeat, progress and reporter is None, start)
         if any(p.format == "parquet" for p in parts):
             spec["parquet_parts"] = "whole row groups"  # outputs of the earlier row slices do not resume
-        _check_resumable(output, spec, old_spec, finished, {p.id for p in parts})
+        check_resumable(output, spec, old_spec, finished, {p.id for p in parts})
         todo = [p for p in parts if p.id not in finished]
         if progress and reporter is None:
             print(f"tokenize: planned {len(parts)} parts in {time.time() - start:.1f}s, {len(todo)} to do"

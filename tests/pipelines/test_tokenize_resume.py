@@ -242,7 +242,8 @@ def test_a_cpu_actor_redoes_a_part_after_a_storage_error_and_gives_up_after_its_
 
 
 def test_the_job_spec_names_models_one_way_and_holds_the_numerics(tiny_root_lo_only, tmp_path, monkeypatch):
-    from pipelines.tokenize import _check_resumable, _model_uri
+    from pipelines.job_spec import _model_uri
+    from pipelines.job_spec import check_resumable as _check_resumable
 
     cfg = load_config(None)
     monkeypatch.chdir(os.path.dirname(tiny_root_lo_only))

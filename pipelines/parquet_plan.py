@@ -1,0 +1,97 @@
+"""Planning a Parquet corpus: parts are runs of whole row groups (`pipelines.readers.plan_parts`
+names them), so no row group is downloaded by two parts, and the columns' types are checked from the
+footers before any work."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from muse import storage
+from pipelines.config import ReaderConfig
+
+
+def row_group_parts(files: list[str], cfg: ReaderConfig, is_bad_source) -> list[tuple[str, int, int | None]]:
+    """(file, start row, stop row) of every part of the Parquet files: runs of whole row groups, as
+    many as fit in `rows_per_part`; (file, 0, None) for a file whose footer cannot be read (the
+    part reports it). Footers are read 16 at a time; column types are checked before any work."""
+    def rows(f: str) -> tuple[list[int] | None, pa.Schema | None]:
+        """(rows of each row group, Arrow schema), from the footer."""
+        try:
+            fs, path = storage.filesystem(f)
+            with fs.open_input_file(path) as fh:
+                meta = pq.ParquetFile(fh).metadata
+            groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            return groups, meta.schema.to_arrow_schema()
+        except Exception as e:
+            if not is_bad_source(e):
+                raise
+            return None, None
+
+    with ThreadPoolExecutor(16) as pool:
+        infos = list(pool.map(rows, files))
+    wanted = {cfg.image_column, cfg.caption_column}
+    if files and not any(schema is not None and wanted <= set(schema.names) for _, schema in infos):
+        seen = next((schema.names for _, schema in infos if schema is not None), [])
+        raise ValueError(
+            f"no Parquet file has both columns {sorted(wanted)} (reader.image_column / "
+            f"reader.caption_column); columns found: {seen}"
+        )
+    for f, (_, schema) in zip(files, infos):
+        if schema is not None and wanted <= set(schema.names):
+            _check_column_types(f, schema, cfg)
+    parts = []
+    for f, (groups, _) in zip(files, infos):
+        if groups is None:  # unreadable footer: one part that reports it
+            parts.append((f, 0, None))
+            continue
+        parts += [(f, start, stop) for start, stop in _row_group_runs(groups, cfg.rows_per_part)]
+    return parts
+
+
+_BYTES = (pa.types.is_binary, pa.types.is_large_binary)
+_TEXT = (pa.types.is_string, pa.types.is_large_string)
+
+
+def _is(t: pa.DataType, kinds) -> bool:
+    return any(k(t) for k in kinds)
+
+
+def _check_column_types(f: str, schema: pa.Schema, cfg: ReaderConfig) -> None:
+    """Refuse, before any work, columns that every row of the file would fail on (or, for URLs,
+    be rejected for): a whole-job problem, not a sample's."""
+    image, caption = schema.field(cfg.image_column).type, schema.field(cfg.caption_column).type
+    if _is(image, _TEXT):
+        raise ValueError(f"{f}: image column {cfg.image_column!r} holds strings ({image}), e.g. image URLs "
+                         "or paths; muse tokenize reads encoded image bytes and does not fetch URLs: "
+                         "download the images first (into this column as bytes, or a folder or tars)")
+    if pa.types.is_struct(image):
+        field = image.get_field_index("bytes")
+        if field < 0 or not _is(image.field(field).type, _BYTES):
+            raise ValueError(f"{f}: image column {cfg.image_column!r} is a struct ({image}) without a binary "
+                             "'bytes' field (as Hugging Face datasets stores an Image feature)")
+    elif not _is(image, _BYTES):
+        raise ValueError(f"{f}: image column {cfg.image_column!r} has type {image}; it must hold encoded "
+                         "image bytes (binary), or be a struct with a 'bytes' field")
+    if pa.types.is_list(caption) or pa.types.is_large_list(caption):
+        raise ValueError(f"{f}: caption column {cfg.caption_column!r} holds lists ({caption}), several captions "
+                         "per image; tokenization takes one: write one row per caption, or pick one")
+    if not _is(caption, _TEXT + _BYTES):
+        raise ValueError(f"{f}: caption column {cfg.caption_column!r} has type {caption}; it must be string "
+                         "or binary")
+
+
+def _row_group_runs(groups: list[int], rows_per_part: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of consecutive whole row groups, each as many as fit in
+    `rows_per_part` (a larger group is a part of its own); one empty range for an empty file."""
+    runs, start, stop = [], 0, 0
+    for n in groups:
+        if stop > start and stop - start + n > rows_per_part:
+            runs.append((start, stop))
+            start = stop
+        stop += n
+    if stop > start or not runs:
+        runs.append((start, stop))
+    return runs
