@@ -11,6 +11,13 @@ them) is planned by `pipelines.readers.plan_parts`, each time in a fresh process
 - with `--before DIR` (a checkout of an earlier commit, e.g. `git worktree add DIR 1a7a64f`), that
   code's planning too: a whole listing, then every part's list in memory.
 
+The same corpora again with one `captions.jsonl` instead of sidecars (what a caption table exported
+from a database looks like), planned spilled: the captions file is indexed on local disk
+(`pipelines.captions_file`); with `--before`, the earlier code's planning of it too.
+
+Then the captions index alone, at sizes past the corpora (`--index-sizes`): its peak RSS is bounded
+by SQLite's page cache (64 MB), not the file.
+
 Reported per size: the process's peak RSS (VmHWM, which includes the ~100 MB of Python, pyarrow
 and the readers' imports), planning seconds, parts, and the plan files' size. Prints the machine and
 its load average with the table.
@@ -21,7 +28,7 @@ byte; tests/fault_proxy.py): the part read with one file at a time (the naive wa
 did before) and with `FOLDER_READS_IN_FLIGHT` at once.
 
     python benchmarks/folder_corpus.py [--sizes 50000 200000 800000] [--work DIR] [--before DIR]
-                                       [--reads 200] [--latency 0.05]
+                                       [--index-sizes 800000 3200000] [--reads 200] [--latency 0.05]
 """
 
 from __future__ import annotations
@@ -58,14 +65,21 @@ print(json.dumps({"seconds": seconds, "parts": len(parts), "peak_mb": peak / 102
 """
 
 
-def make_corpus(root: str, n: int) -> None:
+def make_corpus(root: str, n: int, captions_file: bool = False) -> None:
+    """Sidecar captions (empty), or one `captions.jsonl` with a caption of ~60 characters per image."""
+    lines = open(os.path.join(root, "captions.jsonl"), "w") if captions_file else None
     for i in range(n):
         if i % PER_FOLDER == 0:
             folder = os.path.join(root, f"{i // PER_FOLDER:05d}")
             os.makedirs(folder, exist_ok=True)
-        for ext in ("jpg", "txt"):
+        for ext in ("jpg",) if captions_file else ("jpg", "txt"):
             with open(os.path.join(folder, f"{i:09d}.{ext}"), "wb"):
                 pass
+        if lines:
+            lines.write(json.dumps({"file": f"{i // PER_FOLDER:05d}/{i:09d}.jpg",
+                                    "caption": f"a photograph, number {i}, of a red square on a grey ground"}) + "\n")
+    if lines:
+        lines.close()
 
 
 def plan(root: str, spill: str | None, code: str = REPO) -> dict:
@@ -127,11 +141,70 @@ def s3_reads(n: int, latency: float) -> None:
         server.stop()
 
 
+def captions_file_table(work: str, sizes: list[int], before: str | None) -> None:
+    """The same corpora with one `captions.jsonl` instead of sidecars, planned spilled."""
+    print("\nWith a captions file (`captions.jsonl`, ~110 bytes per image) instead of sidecars, spilled:")
+    head = "| before: peak RSS | before: s " if before else ""
+    print(f"| images | captions file {head}| peak RSS | s |")
+    print("|---:" * (4 + 2 * bool(before)) + "|")
+    for n in sizes:
+        root = os.path.join(work, f"captioned{n}")
+        os.makedirs(root)
+        make_corpus(root, n, captions_file=True)
+        size = os.path.getsize(os.path.join(root, "captions.jsonl")) / 2**20
+        now = plan(root, os.path.join(work, f"plan{n}"))
+        old = plan(root, os.path.join(work, f"plan-before{n}"), before) if before else None
+        assert now["images"] == n and (old is None or old["parts"] == now["parts"])
+        head = f"| {old['peak_mb']:.0f} MB | {old['seconds']:.1f} " if old else ""
+        print(f"| {n:,} | {size:.0f} MB {head}| {now['peak_mb']:.0f} MB | {now['seconds']:.1f} |", flush=True)
+        for path in (root, os.path.join(work, f"plan{n}"), os.path.join(work, f"plan-before{n}")):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+INDEX = """
+import json, sys, time
+from pipelines.captions_file import CaptionsIndex
+from pipelines.config import ReaderConfig
+path, n = sys.argv[1], int(sys.argv[2])
+start = time.perf_counter()
+with CaptionsIndex(path, ReaderConfig()) as index:
+    indexed = time.perf_counter() - start
+    found = sum(c is not None for step in range(0, n, 1000)
+                for c, _ in index.lookup([f"{i // 10000:05d}/{i:09d}.jpg" for i in range(step, min(step + 1000, n))]))
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"indexed": indexed, "looked_up": time.perf_counter() - start - indexed, "found": found,
+                  "peak_mb": peak / 1024}))
+"""
+
+
+def captions_index_table(work: str, sizes: list[int]) -> None:
+    """The captions file's index alone (no image files), past the corpora above: a fresh process
+    indexes a `captions.jsonl` of n records and looks every image up, a part of 1,000 at a time."""
+    print("\nThe captions index alone (`pipelines.captions_file.CaptionsIndex`), fresh process each:")
+    print("| records | file | index s | lookups s | peak RSS |")
+    print("|---:|---:|---:|---:|---:|")
+    for n in sizes:
+        path = os.path.join(work, "captions.jsonl")
+        with open(path, "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"file": f"{i // PER_FOLDER:05d}/{i:09d}.jpg",
+                                    "caption": f"a photograph, number {i}, of a red square on a grey ground"}) + "\n")
+        out = subprocess.run([sys.executable, "-c", INDEX, path, str(n)], cwd=REPO, check=True,
+                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got["found"] == n, got
+        print(f"| {n:,} | {os.path.getsize(path) / 2**20:.0f} MB | {got['indexed']:.1f} | {got['looked_up']:.1f} | "
+              f"{got['peak_mb']:.0f} MB |", flush=True)
+        os.remove(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[50_000, 200_000, 800_000])
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one, deleted)")
     parser.add_argument("--before", default=None, help="a checkout of earlier code, planned the same way as a peer")
+    parser.add_argument("--index-sizes", type=int, nargs="*", default=[800_000, 3_200_000],
+                        help="captions-file records for the index-alone table (none: skip)")
     parser.add_argument("--reads", type=int, default=200, help="images in the S3 part read (0: skip)")
     parser.add_argument("--latency", type=float, default=0.05, help="seconds the proxy holds each S3 request")
     args = parser.parse_args(argv)
@@ -143,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for n in args.sizes:
             root = os.path.join(work, f"corpus{n}")
+            os.makedirs(root)
             make_corpus(root, n)
             kept = plan(root, None)
             spill = os.path.join(work, f"plan{n}")
@@ -155,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
                   flush=True)
             shutil.rmtree(root)
             shutil.rmtree(spill)
+        captions_file_table(work, args.sizes, args.before)
+        if args.index_sizes:
+            captions_index_table(work, args.index_sizes)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -110,18 +110,44 @@ MISFILED_THROTTLE = "Failed to flush response stream"
 READ_ATTEMPTS = 8
 
 
-def read_bytes(uri: str) -> bytes:
-    fs, path = filesystem(uri)
+def _misfiled_throttle_retried(read):
+    """`read()`, again with backoff while it fails with the misfiled throttle."""
     for attempt in range(READ_ATTEMPTS - 1):
         try:
-            with fs.open_input_stream(path) as f:
-                return f.read()
+            return read()
         except OSError as e:
             if MISFILED_THROTTLE not in str(e):
                 raise
             time.sleep(min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0))  # backoff with jitter
-    with fs.open_input_stream(path) as f:
-        return f.read()
+    return read()
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+
+    def read() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    return _misfiled_throttle_retried(read)
+
+
+READ_CHUNK_BYTES = 8 << 20
+
+
+def read_chunks(uri: str, chunk_bytes: int | None = None) -> Iterator[bytes]:
+    """A file of any size, in order, `chunk_bytes` (default READ_CHUNK_BYTES) at a time: one ranged
+    read per chunk on S3, each retried on its own, so a transient error late in a big file repeats
+    one chunk, not the file."""
+    chunk_bytes = chunk_bytes or READ_CHUNK_BYTES
+    fs, path = filesystem(uri)
+    with fs.open_input_file(path) as f:
+        size, offset = f.size(), 0
+        while offset < size:
+            chunk = _misfiled_throttle_retried(lambda: f.read_at(min(chunk_bytes, size - offset), offset))
+            if not chunk:
+                raise OSError(f"{uri}: ended at byte {offset} of {size}")
+            offset += len(chunk)
+            yield chunk
 
 
 def read_text(uri: str) -> str:

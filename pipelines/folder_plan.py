@@ -11,13 +11,13 @@ folder the caller owns (tokenization: its run's folder, deleted when the run end
 died, by the next run's cleanup). Without a spill folder the lists stay in the parts, for one-off
 readers of small corpora (a vocabulary sample, an evaluation sample).
 
-The captions file of a folder corpus is the one thing still read whole on the driver
-(`pipelines.captions_file`): past tens of millions of images, use sidecar `.txt` files, WebDataset
-tars or Parquet.
+A captions file (`captions.jsonl` / `.csv`) is streamed into an index on the driver's local disk
+(`pipelines.captions_file`) and looked up a part at a time, as the part is cut.
 """
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from muse import storage
-from pipelines.captions_file import captions_table, inline_caption
+from pipelines.captions_file import CaptionsIndex, captions_file
 
 PARTS_PER_PLAN_FILE = 64
 
@@ -88,44 +88,49 @@ def part_items(root: str, plan: str, group: int) -> tuple[Item, ...]:
 
 def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int, captions_cfg,
                 make_part: Callable[[str, tuple[Item, ...], int], object], spill: PlanSpill | None = None,
-                progress: Callable[[int, int], None] | None = None, max_images: int | None = None) -> list:
+                progress: Callable[..., None] | None = None, max_images: int | None = None) -> list:
     """Parts of the folder corpus at `root` from its image files (`images`, sorted, each with the
     names of its folder's files for its sidecar caption). `make_part(first, items, start)` builds a
     part of `items` (the ids are the caller's); with `spill`, the part keeps only where its items lie.
-    `progress(images, parts)` is called after every part. With `max_images`, the walk stops after the
-    part that reaches that many: the corpus's first parts, as a full plan has them."""
-    captions, parts, chunk, start = None, [], [], 0
+    `progress(images, parts)` is called after every part, and `progress(0, 0, captions=records)` while
+    a captions file is indexed. With `max_images`, the walk stops after the part that reaches that
+    many: the corpus's first parts, as a full plan has them."""
+    with contextlib.ExitStack() as cleanup:
+        captions, parts, chunk, start = None, [], [], 0
 
-    def cut() -> None:
-        nonlocal chunk, start
-        items = tuple(chunk)
-        part = make_part(items[0][0], items, start)
-        if spill is not None:
-            plan, group = spill.add(items)
-            part = replace(part, items=(), plan=plan, plan_group=group)
-        parts.append(part)
-        start, chunk = start + len(items), []
-        if progress is not None:
-            progress(start, len(parts))
+        def cut() -> None:
+            nonlocal chunk, start
+            items = tuple(chunk)
+            if captions is not None:
+                found = captions.lookup([_below(root, uri) for uri, *_ in items])
+                items = tuple((uri, None, caption, reason or bad)
+                              for (uri, _, _, reason), (caption, bad) in zip(items, found))
+            part = make_part(items[0][0], items, start)
+            if spill is not None:
+                plan, group = spill.add(items)
+                part = replace(part, items=(), plan=plan, plan_group=group)
+            parts.append(part)
+            start, chunk = start + len(items), []
+            if progress is not None:
+                progress(start, len(parts))
 
-    for n, f in enumerate(images):
-        if n == 0:  # read only for a corpus that has images
-            captions = captions_table(root, captions_cfg)
-        rel = _below(root, f.uri)
-        reason = "missing_image" if f.broken else ""
-        if captions is not None:
-            inline, bad = inline_caption(captions.get(rel, captions.get(posixpath.basename(rel))))
-            chunk.append((f.uri, None, inline, reason or bad))
-        else:
-            txt = posixpath.basename(f.uri).rsplit(".", 1)[0] + ".txt"
-            sidecar = f.uri.rsplit(".", 1)[0] + ".txt" if txt in f.siblings else None
-            chunk.append((f.uri, sidecar, None, reason))
-        if len(chunk) == rows_per_part:
+        for n, f in enumerate(images):
+            if n == 0 and (path := captions_file(root, captions_cfg)) is not None:  # only for a corpus with images
+                indexed = None if progress is None else (lambda records: progress(0, 0, captions=records))
+                captions = cleanup.enter_context(CaptionsIndex(path, captions_cfg, indexed))
+            reason = "missing_image" if f.broken else ""
+            if captions is not None:
+                chunk.append((f.uri, None, None, reason))  # its caption is looked up with its part's
+            else:
+                txt = posixpath.basename(f.uri).rsplit(".", 1)[0] + ".txt"
+                sidecar = f.uri.rsplit(".", 1)[0] + ".txt" if txt in f.siblings else None
+                chunk.append((f.uri, sidecar, None, reason))
+            if len(chunk) == rows_per_part:
+                cut()
+                if max_images is not None and start >= max_images:
+                    break
+        if chunk:
             cut()
-            if max_images is not None and start >= max_images:
-                break
-    if chunk:
-        cut()
     if spill is not None:
         spill.flush()
     return parts

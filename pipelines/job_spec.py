@@ -73,7 +73,11 @@ def read_job_spec(out: str) -> dict | None:
         return None
 
 
-def check_resumable(out: str, spec: dict, old: dict | None, finished: set[str], planned: set[str]) -> None:
+def check_resumable(out: str, spec: dict, old: dict | None, finished: set[str], planned: set[str],
+                    retire_changed: bool = False) -> set[str]:
+    """Refuse an output made with other settings. Returns the finished parts that are not in the
+    input any more (the corpus changed: files added, removed or renamed), to retire with
+    `retire_changed`; without it, they are refused too."""
     if old is not None:
         changed = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k)
                          and not (k in _LATER_FIELDS and k not in old))
@@ -85,8 +89,12 @@ def check_resumable(out: str, spec: dict, old: dict | None, finished: set[str], 
             raise ValueError(f"{out} holds shards made with different {', '.join(changed)}{detail}{hint}; "
                              "re-run with the same settings to resume, or write to a new --output")
     stale = finished - planned
-    if stale:
-        raise ValueError(f"{len(stale)} finished part(s) in {out} are not in the input any more (the corpus "
-                         "changed since the first run); write to a new --output")
+    if stale and not retire_changed:
+        raise ValueError(
+            f"{len(stale)} finished part(s) in {out} are not in the input any more: the corpus changed since "
+            "they were tokenized (files added, removed or renamed; a folder corpus is cut in sorted order, so a "
+            "change moves every part after it). Re-run with --retire-changed to delete their shards and "
+            "tokenize the parts that replace them, or write to a new --output")
     if old is None:
         storage.write_text(storage.join(out, shards.JOB_FILE), json.dumps(spec, indent=1))
+    return stale

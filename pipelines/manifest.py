@@ -9,7 +9,9 @@ in one scan however many parts there are:
     manifest-<run>.parquet    every entry, written when a run ends; the files it merged are deleted
 
 Entry schema: `part`, `run`, `source` (JSON: format, source URI, row range), `rows` (data rows read),
-`accepted`, `rejects` (map reason -> count) and `files` (shard paths relative to OUTPUT).
+`accepted`, `rejects` (map reason -> count) and `files` (shard paths relative to OUTPUT). A part
+whose input changed after it finished is retired by a tombstone (`retire`, in `retired-<run>.parquet`),
+which the merged file of the run leaves out.
 
 Writers run on Ray workers (`pipelines.shards.write_block`) and report one small record per block
 and part: the row index ranges it held, the part's row count when the part's end row was in it, its
@@ -54,6 +56,7 @@ PLAN_DIR = "_plan"  # in a run's shard folder: a folder corpus's part lists (pip
 HEARTBEAT_SECONDS = 30.0  # how often a driver rewrites it
 HEARTBEAT_FRESH = 4 * HEARTBEAT_SECONDS  # a younger heartbeat: its driver is taken to be alive
 
+RETIRED = -1  # `rows` of a tombstone: the entry's run retired the part (`retire`)
 SCHEMA = pa.schema([
     ("part", pa.string()), ("run", pa.string()), ("source", pa.string()), ("rows", pa.int64()),
     ("accepted", pa.int64()), ("rejects", pa.map_(pa.string(), pa.int64())), ("files", pa.list_(pa.string())),
@@ -86,11 +89,31 @@ def _read(files: list[str]) -> pa.Table:
     fs, _ = storage.filesystem(files[0])
     table = pads.dataset([storage.filesystem(f)[1] for f in files], schema=SCHEMA, format="parquet",
                          filesystem=fs).to_table()
-    if pc.count_distinct(table["part"]).as_py() == table.num_rows:
+    rows = table["rows"].to_numpy()
+    if pc.count_distinct(table["part"]).as_py() == table.num_rows and not (rows == RETIRED).any():
         return table
-    # A run that died between writing its merged file and deleting the logs: identical copies.
-    _, first = np.unique(table["part"].to_numpy(zero_copy_only=False), return_index=True)
-    return table.take(pa.array(np.sort(first)))
+    # Per part, the entry of the latest run counts, and a tombstone retires the part. Copies of one
+    # entry (a run that died between writing its merged file and deleting the logs) count once.
+    parts = table["part"].to_numpy(zero_copy_only=False).astype(str)
+    order = np.lexsort((table["run"].to_numpy(zero_copy_only=False).astype(str), parts))
+    latest = order[np.r_[parts[order][1:] != parts[order][:-1], True]]
+    return table.take(pa.array(np.sort(latest[rows[latest] != RETIRED])))
+
+
+def retire(out: str, run: str, parts: set[str]) -> tuple[int, int]:
+    """Retire finished parts whose input is gone or changed: run `run` commits a tombstone for each
+    (an entry with `rows` RETIRED), then deletes their shard files; returns (parts, data rows)
+    retired. A crash in between leaves files no manifest names, never a manifest naming deleted
+    files; a later run that finishes a part of the same id again supersedes the tombstone."""
+    table = read_manifest(out)
+    gone = table.filter(pc.is_in(table["part"], pa.array(sorted(parts), pa.string())))
+    if not gone.num_rows:
+        return 0, 0
+    write_entries(out, f"retired-{run}.parquet", [
+        {"part": part, "run": run, "source": source, "rows": RETIRED, "accepted": 0, "rejects": [], "files": []}
+        for part, source in zip(gone["part"].to_pylist(), gone["source"].to_pylist())])
+    _delete_all([storage.join(out, f) for f in pc.list_flatten(gone["files"]).to_pylist()])
+    return gone.num_rows, int(pc.sum(gone["rows"]).as_py())
 
 
 def write_entries(out: str, name: str, entries: list[dict] | pa.Table) -> None:

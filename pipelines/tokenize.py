@@ -193,12 +193,14 @@ class Coordinator:
 
 def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None = None,
         format: str = "auto", on_published: Callable[[dict], None] | None = None,
-        progress: bool = True, reporter=None, force_cleanup: bool = False) -> dict:
+        progress: bool = True, reporter=None, force_cleanup: bool = False, retire_changed: bool = False) -> dict:
     """Tokenize every unfinished part of the corpus at `input_uri` into `output`; returns totals.
     `on_published(entry)` is called on this thread once a part's manifest entry is committed.
     Progress is a tqdm bar, or goes to `reporter` (jobs.progress.Reporter: `update(done, metrics)`,
     `finish(line)`). Another driver writing to `output` (a fresh heartbeat) is refused with
-    `manifest.OutputInUse`; `force_cleanup` takes it for dead and deletes what it left uncommitted."""
+    `manifest.OutputInUse`; `force_cleanup` takes it for dead and deletes what it left uncommitted.
+    Finished parts that are not in the input any more are refused, or with `retire_changed` retired
+    (`manifest.retire`) and their images tokenized again in the parts that now hold them."""
     cfg = cfg or TokenizeConfig()
     input_uri, output = readers.canonical(input_uri), readers.canonical(output)
     start = time.time()
@@ -224,11 +226,14 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
                                                                     manifest.PLAN_DIR), heartbeat, progress and reporter is None, start)
         if any(p.format == "parquet" for p in parts):
             spec["parquet_parts"] = "whole row groups"  # outputs of the earlier row slices do not resume
-        check_resumable(output, spec, old_spec, finished, {p.id for p in parts})
+        changed = check_resumable(output, spec, old_spec, finished, {p.id for p in parts}, retire_changed)
+        retired = manifest.retire(output, run_id, changed) if changed else (0, 0)
         todo = [p for p in parts if p.id not in finished]
         if progress and reporter is None:
             print(f"tokenize: planned {len(parts)} parts in {time.time() - start:.1f}s, {len(todo)} to do"
-                  + (f"; removed {removed} files a failed run left" if removed else ""), flush=True)
+                  + (f"; removed {removed} files a failed run left" if removed else "")
+                  + (f"; retired {retired[0]} finished parts ({retired[1]} samples) whose input changed"
+                     if retired[0] else ""), flush=True)
         totals = _run_parts(todo, cfg, models, spec, output, run_id, heartbeat, start, on_published, progress,
                             reporter)
     finally:
@@ -243,7 +248,7 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
         reporter.finish(line)
     elif progress:
         print(f"tokenize: {line}", flush=True)
-    return totals | {"removed": removed}
+    return totals | {"removed": removed, "retired": retired[0]}
 
 
 PLANNING_LINE_SECONDS = 10.0  # a long planning (a big folder corpus) says how far it is this often
@@ -255,13 +260,14 @@ def _plan(input_uri: str, format: str, cfg: TokenizeConfig, part_ids: str, spill
     is kept while a big folder is listed, and with `lines` a line says how far it is."""
     last = time.monotonic()
 
-    def planned(images: int, parts: int) -> None:
+    def planned(images: int, parts: int, captions: int = 0) -> None:
         nonlocal last
         heartbeat.beat()  # when due
         if lines and time.monotonic() - last >= PLANNING_LINE_SECONDS:
             last = time.monotonic()
-            print(f"tokenize: planning: {images} images in {parts} parts so far ({time.time() - start:.0f}s)",
-                  flush=True)
+            so_far = (f"{images} images in {parts} parts" if images or not captions
+                      else f"{captions} records of the captions file indexed")
+            print(f"tokenize: planning: {so_far} so far ({time.time() - start:.0f}s)", flush=True)
 
     return readers.plan_parts(input_uri, format, cfg.reader, ids=part_ids, spill=spill, progress=planned)
 
@@ -404,6 +410,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force-cleanup", action="store_true",
                         help="start even though another run's heartbeat in --output is fresh (that run "
                              "is dead, e.g. killed a moment ago), deleting the shards it left uncommitted")
+    parser.add_argument("--retire-changed", action="store_true",
+                        help="the corpus changed since finished parts were tokenized (files added, removed or "
+                             "renamed): delete those parts' shards and tokenize the parts that replace them")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
@@ -411,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as e:
         parser.error(str(e))
     totals = run(args.input, args.output, models, cfg, args.format, progress=not args.no_progress,
-                 force_cleanup=args.force_cleanup)
+                 force_cleanup=args.force_cleanup, retire_changed=args.retire_changed)
     if totals["stats"] and not args.no_progress:
         # Ray Data counts the rows each operator emits: the writers' and the CPU actors' rows are
         # records (one per block or part), not samples; the samples/s are in the line above.

@@ -101,6 +101,17 @@ def write_folder(root, rows, sidecar: bool = True) -> None:
         (root / "captions.jsonl").write_text("\n".join(json.dumps(c) for c in captions))
 
 
+def empty_folder_corpus(root, n: int, per_folder: int = 50, sidecars: bool = True) -> None:
+    """`n` empty image files (planning never opens them) in folders of `per_folder`, as downloaders
+    lay them out (`00003/0000150.jpg`), each with an empty `.txt` sidecar unless not `sidecars`."""
+    for i in range(n):
+        folder = root / f"{i // per_folder:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:07d}.jpg").touch()
+        if sidecars:
+            (folder / f"{i:07d}.txt").touch()
+
+
 def write_parquet(path, rows, image_column: str = "image", caption_column: str = "caption",
                   row_group_size: int | None = None) -> None:
     table = pa.table({image_column: pa.array([r[1] for r in rows], pa.binary()),

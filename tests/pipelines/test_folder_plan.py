@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 
 import pyarrow.parquet as pq
 import pytest
-from corpora import good, mixed_rows, write_folder
+from corpora import empty_folder_corpus, good, mixed_rows, write_folder
 from fault_proxy import FaultProxy
 
 from muse import storage
@@ -75,11 +75,7 @@ def test_planning_memory_does_not_grow_with_the_corpus_when_spilled(tmp_path, sp
     peaks = []
     for n in (1_000, 4_000):
         root = tmp_path / f"c{n}"
-        for i in range(n):
-            d = root / f"{i // 50:05d}"
-            d.mkdir(parents=True, exist_ok=True)
-            (d / f"{i:07d}.jpg").touch()
-            (d / f"{i:07d}.txt").touch()
+        empty_folder_corpus(root, n)
         peak, parts = _planning_peak(root, cfg, str(tmp_path / f"plan{n}") if spilled else None)
         assert parts == n // 100
         peaks.append(peak)
@@ -129,11 +125,7 @@ def test_a_slow_throttled_prefix_plans_and_reads_every_sample_with_reads_in_flig
 def test_a_sample_plans_only_the_first_parts_and_lists_no_further(tmp_path, monkeypatch):
     """`max_images` (what a vocabulary sample asks for): the corpus's first parts, the same as a whole
     plan's, from a listing that stops there."""
-    for i in range(1_000):
-        d = tmp_path / "corpus" / f"{i // 50:03d}"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"{i:05d}.jpg").touch()
-        (d / f"{i:05d}.txt").touch()
+    empty_folder_corpus(tmp_path / "corpus", 1_000)
     cfg = ReaderConfig(rows_per_part=100)
     whole = plan_parts(str(tmp_path / "corpus"), "auto", cfg)
     listed, scandir = [], os.scandir

@@ -50,6 +50,36 @@ def test_rows_delivered_twice_are_never_committed_twice():
     assert parts.add(record("q", 4, 6, file="e")) is None and parts.incomplete() == ["q"]
 
 
+def entry(part, run, files=(), rows=2):
+    return {"part": part, "run": run, "source": "{}", "rows": rows, "accepted": rows, "rejects": [],
+            "files": list(files)}
+
+
+def test_a_retired_part_leaves_the_manifest_and_its_files_go(tmp_path):
+    """A tombstone retires a part however the manifest's files are merged or left behind, and a later
+    run that finishes a part of the same id again supersedes it."""
+    out = str(tmp_path)
+    for name in ("a", "b", "c"):
+        storage.write_bytes(f"{out}/shards/r1/{name}.parquet", b"x")
+    manifest.write_entries(out, "manifest-r1.parquet", [entry("a", "r1", ["shards/r1/a.parquet"]),
+                                                        entry("b", "r1", ["shards/r1/b.parquet", "shards/r1/c.parquet"])])
+    assert manifest.retire(out, "r2", {"b", "not-finished"}) == (1, 2)
+    assert manifest.read_manifest(out)["part"].to_pylist() == ["a"]
+    assert sorted(os.listdir(f"{out}/shards/r1")) == ["a.parquet"]
+    # A run that died after writing its merged file but before deleting the files it merged.
+    before = set(os.listdir(f"{out}/_manifest"))
+    merged = manifest.compact(out, "r2")
+    assert merged["part"].to_pylist() == ["a"] and os.listdir(f"{out}/_manifest") == ["manifest-r2.parquet"]
+    for name in before:
+        manifest.write_entries(out, name, [entry("a", "r1", ["shards/r1/a.parquet"]), entry("b", "r1")]
+                               if name.startswith("manifest") else
+                               [entry("b", "r2", rows=manifest.RETIRED)])
+    assert manifest.read_manifest(out)["part"].to_pylist() == ["a"]
+    manifest.write_entries(out, "log-r3-000000.parquet", [entry("b", "r3", ["shards/r3/b.parquet"], rows=5)])
+    table = manifest.read_manifest(out)
+    assert sorted(zip(table["part"].to_pylist(), table["rows"].to_pylist())) == [("a", 2), ("b", 5)]
+
+
 def stale_block(part: str, n: int, schema: pa.Schema) -> pa.Table:
     """Tokenized rows of `part` as the writer stage receives them."""
     return pa.table({

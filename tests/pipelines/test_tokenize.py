@@ -179,6 +179,7 @@ def test_cli(tmp_path, tiny_root, capsys):
         main(["--help"])
     help_text = capsys.readouterr().out
     assert e.value.code == 0 and "--checkpoint" in help_text and "--force-cleanup" in help_text
+    assert "--retire-changed" in help_text
     bad = tmp_path / "bad.yaml"
     bad.write_text("vqgan_lo: {num_gpu: 1}\n")
     with pytest.raises(SystemExit):

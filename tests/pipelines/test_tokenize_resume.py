@@ -83,8 +83,39 @@ def test_crash_after_some_parts_then_rerun_is_exactly_once(ray_session, tmp_path
         run(corpus, out, models, replace(fast_cfg, preprocess=replace(fast_cfg.preprocess, max_pixels=10)),
             progress=False)
     os.remove(os.path.join(corpus, "c3.parquet"))
-    with pytest.raises(ValueError, match="not in the input"):
+    with pytest.raises(ValueError, match="not in the input any more.*--retire-changed"):
         run(corpus, out, models, fast_cfg, progress=False)
+    # Retired: c3's two parts and their shards go, and nothing else is tokenized again.
+    shrunk = run(corpus, out, models, fast_cfg, progress=False, retire_changed=True)
+    assert shrunk["retired"] == 2 and shrunk["run_parts"] == 0 and shrunk["parts"] == 22
+    assert set(keys_once(shards.load_token_shards(out))) == {k for k in accepted if "/c3.parquet#" not in k}
+    assert not any("/c3.parquet" in s for s in manifest.read_manifest(out)["source"].to_pylist())
+
+
+def test_a_grown_folder_corpus_retires_its_changed_last_part(ray_session, tmp_path, tiny_root_lo_only, fast_cfg):
+    """A downloader adds a folder after the first run: the last part, cut short before, now holds
+    more images (a new id). It is refused, then retired with --retire-changed, and every image is in
+    the output exactly once; the other parts are not tokenized again."""
+    corpus, out = tmp_path / "corpus", str(tmp_path / "tokens")
+    models = resolve_models(tiny_root_lo_only)
+
+    def add_folder(name: str, first: int, n: int) -> None:
+        write_folder(corpus / name, [(f"g{i}", good(i, 40)[0], good(i, 40)[1].encode(), "")
+                                     for i in range(first, first + n)])
+
+    add_folder("00", 0, 5)
+    add_folder("01", 5, 5)
+    first = run(str(corpus), out, models, fast_cfg, progress=False)
+    assert first["parts"] == 3 and first["accepted"] == 10  # 4 + 4 + 2
+    add_folder("02", 10, 3)
+    with pytest.raises(ValueError, match="1 finished part"):
+        run(str(corpus), out, models, fast_cfg, progress=False)
+    grown = run(str(corpus), out, models, fast_cfg, progress=False, retire_changed=True)
+    assert grown["retired"] == 1 and grown["run_parts"] == 2 and grown["parts"] == 4  # 4 + 4 + 4 + 1
+    keys = keys_once(shards.load_token_shards(out))
+    assert sorted(k.rsplit("/", 1)[1] for k in keys) == sorted(f"g{i}.img.png" for i in range(13))
+    assert manifest.read_manifest(out)["accepted"].to_pylist().count(4) == 3
+    assert run(str(corpus), out, models, fast_cfg, progress=False)["run_parts"] == 0
 
 
 def test_output_written_before_relative_part_ids_resumes_with_its_own(ray_session, tmp_path, tiny_root_lo_only,
