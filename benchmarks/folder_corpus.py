@@ -18,6 +18,9 @@ from a database looks like), planned spilled: the captions file is indexed on lo
 Then the captions index alone, at sizes past the corpora (`--index-sizes`): its peak RSS is bounded
 by SQLite's page cache (64 MB), not the file.
 
+Then how many finished parts a change to a corpus retires, cut by names (what new outputs get) and by
+count (what outputs tokenized before keep): one image deleted from the middle, then a folder added.
+
 Reported per size: the process's peak RSS (VmHWM, which includes the ~100 MB of Python, pyarrow
 and the readers' imports), planning seconds, parts, and the plan files' size. Prints the machine and
 its load average with the table.
@@ -28,7 +31,8 @@ byte; tests/fault_proxy.py): the part read with one file at a time (the naive wa
 did before) and with `FOLDER_READS_IN_FLIGHT` at once.
 
     python benchmarks/folder_corpus.py [--sizes 50000 200000 800000] [--work DIR] [--before DIR]
-                                       [--index-sizes 800000 3200000] [--reads 200] [--latency 0.05]
+                                       [--index-sizes 800000 3200000] [--changing 200000]
+                                       [--reads 200] [--latency 0.05]
 """
 
 from __future__ import annotations
@@ -154,7 +158,7 @@ def captions_file_table(work: str, sizes: list[int], before: str | None) -> None
         size = os.path.getsize(os.path.join(root, "captions.jsonl")) / 2**20
         now = plan(root, os.path.join(work, f"plan{n}"))
         old = plan(root, os.path.join(work, f"plan-before{n}"), before) if before else None
-        assert now["images"] == n and (old is None or old["parts"] == now["parts"])
+        assert now["images"] == n and (old is None or old["images"] == n)
         head = f"| {old['peak_mb']:.0f} MB | {old['seconds']:.1f} " if old else ""
         print(f"| {n:,} | {size:.0f} MB {head}| {now['peak_mb']:.0f} MB | {now['seconds']:.1f} |", flush=True)
         for path in (root, os.path.join(work, f"plan{n}"), os.path.join(work, f"plan-before{n}")):
@@ -198,6 +202,40 @@ def captions_index_table(work: str, sizes: list[int]) -> None:
         os.remove(path)
 
 
+def stability_table(work: str, n: int) -> None:
+    """How many finished parts a change to the corpus retires (`--retire-changed`), by cut: one image
+    (and its sidecar) deleted from the middle, then a folder of 1,000 added at the end."""
+    from pipelines.config import ReaderConfig
+    from pipelines.readers import plan_parts
+
+    root = os.path.join(work, f"changing{n}")
+    os.makedirs(root)
+    make_corpus(root, n)
+    cfg = ReaderConfig()
+
+    def ids() -> dict[str, set[str]]:
+        return {cuts: {p.id for p in plan_parts(root, "folder", cfg, folder_cuts=cuts)} for cuts in ("count", "names")}
+
+    first = ids()
+    middle = n // 2
+    for ext in ("jpg", "txt"):
+        os.remove(os.path.join(root, f"{middle // PER_FOLDER:05d}", f"{middle:09d}.{ext}"))
+    deleted = ids()
+    extra = os.path.join(work, "extra")
+    os.makedirs(extra)
+    make_corpus(extra, 1_000)
+    os.rename(os.path.join(extra, "00000"), os.path.join(root, "99999"))
+    grown = ids()
+    print(f"\nParts retired by a change to a corpus of {n:,} images (`rows_per_part` {cfg.rows_per_part}):")
+    print("| cut | parts | one image deleted in the middle | then a folder of 1,000 added at the end |")
+    print("|---|---:|---:|---:|")
+    for cuts in ("count", "names"):
+        print(f"| {cuts} | {len(first[cuts]):,} | {len(first[cuts] - deleted[cuts]):,} | "
+              f"{len(deleted[cuts] - grown[cuts]):,} |", flush=True)
+    shutil.rmtree(root)
+    shutil.rmtree(extra)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[50_000, 200_000, 800_000])
@@ -205,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--before", default=None, help="a checkout of earlier code, planned the same way as a peer")
     parser.add_argument("--index-sizes", type=int, nargs="*", default=[800_000, 3_200_000],
                         help="captions-file records for the index-alone table (none: skip)")
+    parser.add_argument("--changing", type=int, default=200_000,
+                        help="images of the corpus that changes, for the parts-retired table (0: skip)")
     parser.add_argument("--reads", type=int, default=200, help="images in the S3 part read (0: skip)")
     parser.add_argument("--latency", type=float, default=0.05, help="seconds the proxy holds each S3 request")
     args = parser.parse_args(argv)
@@ -232,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
         captions_file_table(work, args.sizes, args.before)
         if args.index_sizes:
             captions_index_table(work, args.index_sizes)
+        if args.changing:
+            stability_table(work, args.changing)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Planning a folder corpus without holding it on the driver.
 
-A folder corpus is cut into parts of `rows_per_part` images in sorted order. The images are listed
+A folder corpus is cut into parts of about `rows_per_part` images in sorted order, at images chosen
+by a hash of their names (`ends_part`), so that a change to the corpus moves only the parts around it. The images are listed
 as a stream (`muse.storage.iter_files`: one folder at a time, a few listed ahead), and a part's image
 list, once cut, goes to a *plan file* (`PlanSpill`) instead of staying in the driver's memory: the
 driver keeps each part's id and where its list lies, ~200 bytes per part of 1,000 images, where it
@@ -18,6 +19,7 @@ A captions file (`captions.jsonl` / `.csv`) is streamed into an index on the dri
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import posixpath
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -86,31 +88,54 @@ def part_items(root: str, plan: str, group: int) -> tuple[Item, ...]:
         for image, caption_file, caption, reason in zip(*(table[n].to_pylist() for n in PLAN_SCHEMA.names)))
 
 
+FOLDER_CUTS = ("names", "count")
+
+
+def ends_part(name: str, size: int, rows_per_part: int) -> bool:
+    """Whether a part of `size` images whose last is `name` (its path below the corpus) ends there,
+    cut by names: from half a part on, at an image whose name hashes to a hit (one in every half
+    part), so parts average `rows_per_part`; at twice that, always. Where a part ends depends on its
+    own names, not on a count since the corpus's start: a file added or removed changes the part
+    that holds it (and at most a part or two after it), where count cuts change every later part."""
+    low = max(1, rows_per_part // 2)
+    if size < low:
+        return False
+    if size >= 2 * rows_per_part:
+        return True
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % max(1, rows_per_part - low) == 0
+
+
 def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int, captions_cfg,
-                make_part: Callable[[str, tuple[Item, ...], int], object], spill: PlanSpill | None = None,
-                progress: Callable[..., None] | None = None, max_images: int | None = None) -> list:
+                make_part: Callable[[str, tuple[Item, ...], int, list[str]], object], spill: PlanSpill | None = None,
+                progress: Callable[..., None] | None = None, max_images: int | None = None,
+                cuts: str = "names") -> list:
     """Parts of the folder corpus at `root` from its image files (`images`, sorted, each with the
-    names of its folder's files for its sidecar caption). `make_part(first, items, start)` builds a
-    part of `items` (the ids are the caller's); with `spill`, the part keeps only where its items lie.
+    names of its folder's files for its sidecar caption), cut by names (`ends_part`) or, as outputs
+    made before name cuts were tokenized, every `rows_per_part` images ("count").
+    `make_part(first, items, start, names)` builds a part of `items` (the ids are the caller's; `names`
+    are the images' paths below `root`); with `spill`, the part keeps only where its items lie.
     `progress(images, parts)` is called after every part, and `progress(0, 0, captions=records)` while
     a captions file is indexed. With `max_images`, the walk stops after the part that reaches that
     many: the corpus's first parts, as a full plan has them."""
+    if cuts not in FOLDER_CUTS:
+        raise ValueError(f"cuts must be one of {FOLDER_CUTS}, got {cuts!r}")
     with contextlib.ExitStack() as cleanup:
-        captions, parts, chunk, start = None, [], [], 0
+        captions, parts, chunk, names, start = None, [], [], [], 0
 
         def cut() -> None:
-            nonlocal chunk, start
+            nonlocal chunk, names, start
             items = tuple(chunk)
             if captions is not None:
-                found = captions.lookup([_below(root, uri) for uri, *_ in items])
+                found = captions.lookup(names)
                 items = tuple((uri, None, caption, reason or bad)
                               for (uri, _, _, reason), (caption, bad) in zip(items, found))
-            part = make_part(items[0][0], items, start)
+            part = make_part(items[0][0], items, start, names)
             if spill is not None:
                 plan, group = spill.add(items)
                 part = replace(part, items=(), plan=plan, plan_group=group)
             parts.append(part)
-            start, chunk = start + len(items), []
+            start, chunk, names = start + len(items), [], []
             if progress is not None:
                 progress(start, len(parts))
 
@@ -119,13 +144,14 @@ def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int,
                 indexed = None if progress is None else (lambda records: progress(0, 0, captions=records))
                 captions = cleanup.enter_context(CaptionsIndex(path, captions_cfg, indexed))
             reason = "missing_image" if f.broken else ""
+            names.append(_below(root, f.uri))
             if captions is not None:
                 chunk.append((f.uri, None, None, reason))  # its caption is looked up with its part's
             else:
                 txt = posixpath.basename(f.uri).rsplit(".", 1)[0] + ".txt"
                 sidecar = f.uri.rsplit(".", 1)[0] + ".txt" if txt in f.siblings else None
                 chunk.append((f.uri, sidecar, None, reason))
-            if len(chunk) == rows_per_part:
+            if (len(chunk) == rows_per_part if cuts == "count" else ends_part(names[-1], len(chunk), rows_per_part)):
                 cut()
                 if max_images is not None and start >= max_images:
                     break

@@ -92,9 +92,8 @@ def check_resumable(out: str, spec: dict, old: dict | None, finished: set[str], 
     if stale and not retire_changed:
         raise ValueError(
             f"{len(stale)} finished part(s) in {out} are not in the input any more: the corpus changed since "
-            "they were tokenized (files added, removed or renamed; a folder corpus is cut in sorted order, so a "
-            "change moves every part after it). Re-run with --retire-changed to delete their shards and "
-            "tokenize the parts that replace them, or write to a new --output")
+            "they were tokenized (files added, removed or renamed). Re-run with --retire-changed to delete "
+            "their shards and tokenize the parts that replace them, or write to a new --output")
     if old is None:
         storage.write_text(storage.join(out, shards.JOB_FILE), json.dumps(spec, indent=1))
     return stale

@@ -173,7 +173,8 @@ def canonical(uri: str) -> str:
 
 
 def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", spill: str | None = None,
-               progress: Callable[[int, int], None] | None = None, max_images: int | None = None) -> list[Part]:
+               progress: Callable[..., None] | None = None, max_images: int | None = None,
+               folder_cuts: str = "names") -> list[Part]:
     """Every part of the corpus at `uri` (a file or a directory), in a deterministic order. Part ids
     hash the files' paths below `uri` (`ids` "relative") or their full spelling ("absolute").
 
@@ -181,7 +182,8 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
     the folder `spill` when one is given (`pipelines.folder_plan`), so the driver holds ~200 bytes
     per part rather than ~630 per image; `progress(images, parts)` follows a folder's planning.
     `max_images` plans only a folder corpus's first parts, up to that many images (its listing stops
-    there: a sample of a huge folder neither lists nor holds the rest)."""
+    there: a sample of a huge folder neither lists nor holds the rest). A folder corpus is cut by
+    names, or by count for outputs tokenized before (`folder_plan.plan_folder`'s `cuts`)."""
     if ids not in PART_IDS:
         raise ValueError(f"ids must be one of {PART_IDS}, got {ids!r}")
     if format not in FORMATS:
@@ -208,13 +210,13 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
             elif kind == "image" and format in ("auto", "folder"):
                 yield f
 
-    def make_part(first: str, chunk: tuple, start: int) -> Part:
-        names = [_relative(uri, i[0]) for i in chunk]
+    def make_part(first: str, chunk: tuple, start: int, names: list[str]) -> Part:
         pid = part_id("folder", *names) if ids == "relative" else part_id("folder", uri, *names)
         return Part(pid, "folder", uri, start, start + len(chunk), chunk, first=first)
 
     folder = plan_folder(uri, images(), cfg.rows_per_part, cfg, make_part,
-                         PlanSpill(spill, uri) if spill is not None and not alone else None, progress, max_images)
+                         PlanSpill(spill, uri) if spill is not None and not alone else None, progress, max_images,
+                         folder_cuts)
     if not listed:
         raise ValueError(f"no input at {uri}")
     if format == "auto":

@@ -210,6 +210,8 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     part_ids = "absolute" if old_spec is not None and "part_ids" not in old_spec else "relative"
     if part_ids == "relative":
         spec["part_ids"] = part_ids
+    # Folder outputs tokenized before parts were cut by names keep their count cuts, and so their parts.
+    folder_cuts = "count" if old_spec is not None and "folder_cuts" not in old_spec else "names"
     done = manifest.read_manifest(output)
     finished = set(done["part"].to_pylist())
     run_id = manifest.new_run_id()
@@ -222,10 +224,13 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     try:
         removed = manifest.remove_stale(output, done, run=run_id, force=force_cleanup)
         del done
-        parts = _plan(input_uri, format, cfg, part_ids, storage.join(output, manifest.SHARDS_DIR, run_id,
-                                                                    manifest.PLAN_DIR), heartbeat, progress and reporter is None, start)
+        plan_dir = storage.join(output, manifest.SHARDS_DIR, run_id, manifest.PLAN_DIR)
+        parts = _plan(input_uri, format, cfg, part_ids, folder_cuts, plan_dir, heartbeat,
+                      progress and reporter is None, start)
         if any(p.format == "parquet" for p in parts):
             spec["parquet_parts"] = "whole row groups"  # outputs of the earlier row slices do not resume
+        if folder_cuts == "names" and any(p.format == "folder" for p in parts):
+            spec["folder_cuts"] = folder_cuts
         changed = check_resumable(output, spec, old_spec, finished, {p.id for p in parts}, retire_changed)
         retired = manifest.retire(output, run_id, changed) if changed else (0, 0)
         todo = [p for p in parts if p.id not in finished]
@@ -254,7 +259,7 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
 PLANNING_LINE_SECONDS = 10.0  # a long planning (a big folder corpus) says how far it is this often
 
 
-def _plan(input_uri: str, format: str, cfg: TokenizeConfig, part_ids: str, spill: str,
+def _plan(input_uri: str, format: str, cfg: TokenizeConfig, part_ids: str, folder_cuts: str, spill: str,
           heartbeat: manifest.Heartbeat, lines: bool, start: float) -> list[readers.Part]:
     """The corpus's parts; a folder corpus's image lists go to plan files in `spill`. The heartbeat
     is kept while a big folder is listed, and with `lines` a line says how far it is."""
@@ -269,7 +274,8 @@ def _plan(input_uri: str, format: str, cfg: TokenizeConfig, part_ids: str, spill
                       else f"{captions} records of the captions file indexed")
             print(f"tokenize: planning: {so_far} so far ({time.time() - start:.0f}s)", flush=True)
 
-    return readers.plan_parts(input_uri, format, cfg.reader, ids=part_ids, spill=spill, progress=planned)
+    return readers.plan_parts(input_uri, format, cfg.reader, ids=part_ids, spill=spill, progress=planned,
+                              folder_cuts=folder_cuts)
 
 
 def _run_parts(todo: list[readers.Part], cfg: TokenizeConfig, models: Models, spec: dict, output: str,

@@ -61,7 +61,7 @@ def _planning_peak(root, cfg, spill) -> int:
     tracemalloc.start()
     try:
         parts = plan_parts(str(root), "folder", cfg, spill=spill)
-        return tracemalloc.get_traced_memory()[1], len(parts)
+        return tracemalloc.get_traced_memory()[1], parts
     finally:
         tracemalloc.stop()
 
@@ -77,7 +77,7 @@ def test_planning_memory_does_not_grow_with_the_corpus_when_spilled(tmp_path, sp
         root = tmp_path / f"c{n}"
         empty_folder_corpus(root, n)
         peak, parts = _planning_peak(root, cfg, str(tmp_path / f"plan{n}") if spilled else None)
-        assert parts == n // 100
+        assert sum(p.stop - p.start for p in parts) == n and n // 200 <= len(parts) <= n // 50
         peaks.append(peak)
     if spilled:
         assert peaks[1] < 1.3 * peaks[0], peaks
@@ -101,7 +101,7 @@ def test_a_slow_throttled_prefix_plans_and_reads_every_sample_with_reads_in_flig
     retry (a throttled read of a tiny caption is the SDK's misfiled INTERNAL_FAILURE), and every
     sample arrives in the part's order."""
     corpus, keys = s3_folder(s3_bucket, 24)
-    cfg = ReaderConfig(rows_per_part=24, block_rows=24)
+    cfg = ReaderConfig(rows_per_part=100, block_rows=24)  # one part: a part is cut no shorter than half of this
     up = urlparse(s3_server)
     for faults in (False, True):
         proxy = FaultProxy((up.hostname, up.port), throttle=0.2 * faults, drop=0.05 * faults, seed=3,
@@ -133,3 +133,32 @@ def test_a_sample_plans_only_the_first_parts_and_lists_no_further(tmp_path, monk
     first = plan_parts(str(tmp_path / "corpus"), "auto", cfg, max_images=250)
     assert [p.id for p in first] == [p.id for p in whole[:3]]
     assert len(listed) <= 1 + 6 + storage.LISTING_LOOKAHEAD  # the root, the 6 folders used, a few ahead of 20
+
+
+def test_name_cuts_move_only_the_parts_around_a_change(tmp_path):
+    """Parts of about `rows_per_part` cut at images chosen by their names: a file removed or added
+    in the middle, or a folder added at the end, changes the part that holds it and at most a couple
+    after it. Cut by count (the control, what outputs tokenized before keep), a file removed in the
+    middle changes every part after it."""
+    corpus = tmp_path / "corpus"
+    empty_folder_corpus(corpus, 3_000)
+    cfg = ReaderConfig(rows_per_part=100)
+
+    def ids(cuts="names"):
+        return [p.id for p in plan_parts(str(corpus), "folder", cfg, folder_cuts=cuts)]
+
+    whole = plan_parts(str(corpus), "folder", cfg)
+    sizes = [p.stop - p.start for p in whole]
+    assert all(50 <= n <= 200 for n in sizes[:-1]) and 70 <= sum(sizes) / len(sizes) <= 140, sizes
+    before, by_count = ids(), ids("count")
+    assert len(by_count) == 30
+    for name in ("0001500.jpg", "0001500.txt"):
+        (corpus / "00030" / name).unlink()
+    assert 1 <= len(set(before) - set(ids())) <= 2
+    assert len(set(by_count) - set(ids("count"))) >= 14
+    (corpus / "00010" / "0000512b.jpg").touch()  # a file added in the middle
+    assert len(set(before) - set(ids())) <= 4
+    empty_folder_corpus(tmp_path / "more", 50)
+    (tmp_path / "more" / "00000").rename(corpus / "00060")
+    after = ids()
+    assert len(after) >= len(before) and len(set(before) - set(after)) <= 6

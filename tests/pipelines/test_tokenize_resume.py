@@ -92,29 +92,40 @@ def test_crash_after_some_parts_then_rerun_is_exactly_once(ray_session, tmp_path
     assert not any("/c3.parquet" in s for s in manifest.read_manifest(out)["source"].to_pylist())
 
 
-def test_a_grown_folder_corpus_retires_its_changed_last_part(ray_session, tmp_path, tiny_root_lo_only, fast_cfg):
-    """A downloader adds a folder after the first run: the last part, cut short before, now holds
-    more images (a new id). It is refused, then retired with --retire-changed, and every image is in
-    the output exactly once; the other parts are not tokenized again."""
-    corpus, out = tmp_path / "corpus", str(tmp_path / "tokens")
+def test_a_grown_folder_corpus_retires_the_parts_that_changed(ray_session, tmp_path, tiny_root_lo_only, fast_cfg):
+    """A downloader adds a folder after the first run: the last part, cut at the corpus's end, now
+    goes on into it (a new id). It is refused, then retired with --retire-changed, and every image is
+    in the output exactly once; the other parts are not tokenized again. An output tokenized before
+    parts were cut by names (its _job.json has no "folder_cuts") keeps its count cuts."""
+    corpus, out, legacy = tmp_path / "corpus", str(tmp_path / "tokens"), str(tmp_path / "legacy")
     models = resolve_models(tiny_root_lo_only)
 
     def add_folder(name: str, first: int, n: int) -> None:
         write_folder(corpus / name, [(f"g{i}", good(i, 40)[0], good(i, 40)[1].encode(), "")
                                      for i in range(first, first + n)])
 
+    def planned(cuts: str = "names") -> set[str]:
+        return {p.id for p in readers.plan_parts(str(corpus), "auto", fast_cfg.reader, folder_cuts=cuts)}
+
     add_folder("00", 0, 5)
     add_folder("01", 5, 5)
-    first = run(str(corpus), out, models, fast_cfg, progress=False)
-    assert first["parts"] == 3 and first["accepted"] == 10  # 4 + 4 + 2
+    old = planned()
+    assert run(str(corpus), out, models, fast_cfg, progress=False)["accepted"] == 10
+    spec = job_spec(str(corpus), fast_cfg, models) | {"part_ids": "relative"}
+    storage.write_text(storage.join(legacy, shards.JOB_FILE), json.dumps(spec))
+    run(str(corpus), legacy, models, fast_cfg, progress=False)
+    assert set(manifest.read_manifest(legacy)["part"].to_pylist()) == planned("count") != old
+
     add_folder("02", 10, 3)
-    with pytest.raises(ValueError, match="1 finished part"):
+    new = planned()
+    assert 1 <= len(old - new) <= 2 and len(old & new) >= 1
+    with pytest.raises(ValueError, match=f"{len(old - new)} finished part"):
         run(str(corpus), out, models, fast_cfg, progress=False)
     grown = run(str(corpus), out, models, fast_cfg, progress=False, retire_changed=True)
-    assert grown["retired"] == 1 and grown["run_parts"] == 2 and grown["parts"] == 4  # 4 + 4 + 4 + 1
+    assert grown["retired"] == len(old - new) and grown["run_parts"] == len(new - old) and grown["parts"] == len(new)
     keys = keys_once(shards.load_token_shards(out))
     assert sorted(k.rsplit("/", 1)[1] for k in keys) == sorted(f"g{i}.img.png" for i in range(13))
-    assert manifest.read_manifest(out)["accepted"].to_pylist().count(4) == 3
+    assert set(manifest.read_manifest(out)["part"].to_pylist()) == new
     assert run(str(corpus), out, models, fast_cfg, progress=False)["run_parts"] == 0
 
 
