@@ -31,10 +31,10 @@ class ReaderConfig:
     file_field: str = "file"  # captions file: field holding the image path relative to the folder
     caption_field: str = "caption"  # captions file: field holding the caption
     image_extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-    # Folders are cut into parts of about this many images (half to twice, at images chosen by their
-    # names, so a change to the corpus moves only the parts around it); Parquet files into runs of whole row groups of
-    # at most this many rows (a larger row group is a part of its own); one WebDataset tar is one
-    # part. A part is the unit of resumption, published once.
+    # Folders are cut into parts of about this many images (half to twice, ending at images chosen by
+    # their names, so a change to the corpus moves only the parts around it); Parquet files into runs
+    # of whole row groups of at most this many rows (a larger row group is a part of its own); one
+    # WebDataset tar is one part. A part is the unit of resumption, published once.
     rows_per_part: int = 1000
     block_rows: int = 256  # rows per block a read task yields
 

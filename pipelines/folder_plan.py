@@ -1,11 +1,11 @@
 """Planning a folder corpus without holding it on the driver.
 
-A folder corpus is cut into parts of about `rows_per_part` images in sorted order, at images chosen
-by a hash of their names (`ends_part`), so that a change to the corpus moves only the parts around it. The images are listed
-as a stream (`muse.storage.iter_files`: one folder at a time, a few listed ahead), and a part's image
-list, once cut, goes to a *plan file* (`PlanSpill`) instead of staying in the driver's memory: the
-driver keeps each part's id and where its list lies, ~200 bytes per part of 1,000 images, where it
-kept ~630 bytes per image. The read task (or CPU actor) reads its part's list back (`part_items`).
+A folder corpus is cut into parts of about `rows_per_part` images in sorted order, ending at images
+chosen by a hash of their names (`ends_part`), so that a change to the corpus moves only the parts
+around it. The images are listed as a stream (`muse.storage.iter_files`: one folder at a time, a
+few listed ahead), and a part's image list, once cut, goes to a *plan file* (`PlanSpill`) instead
+of staying in the driver's memory: the driver keeps each part's id and where its list lies, ~200
+bytes per part of 1,000 images, where it kept ~630 bytes per image. The read task (or CPU actor) reads its part's list back (`part_items`).
 
 Plan files are Parquet, one row group per part, `PARTS_PER_PLAN_FILE` parts per file, under a
 folder the caller owns (tokenization: its run's folder, deleted when the run ends and, if the driver
@@ -111,8 +111,8 @@ def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int,
                 progress: Callable[..., None] | None = None, max_images: int | None = None,
                 cuts: str = "names") -> list:
     """Parts of the folder corpus at `root` from its image files (`images`, sorted, each with the
-    names of its folder's files for its sidecar caption), cut by names (`ends_part`) or, as outputs
-    made before name cuts were tokenized, every `rows_per_part` images ("count").
+    names of its folder's files for its sidecar caption), cut by names (`ends_part`) or every
+    `rows_per_part` images ("count": how outputs tokenized before name cuts were cut).
     `make_part(first, items, start, names)` builds a part of `items` (the ids are the caller's; `names`
     are the images' paths below `root`); with `spill`, the part keeps only where its items lie.
     `progress(images, parts)` is called after every part, and `progress(0, 0, captions=records)` while
