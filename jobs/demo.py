@@ -23,6 +23,7 @@ import argparse
 import base64
 import io
 import json
+import logging
 import os
 import socket
 import time
@@ -207,7 +208,9 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
         gen = Generator(num_cpus=0.5)
         args = AppArgs(checkpoint=root, text_encoder=small, decoder=small, ingress=small, base=gen, superres=gen,
                        sampling=Sampling(**DEMO_SAMPLING))
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": port},
+                    logging_config={"log_level": "WARNING"})  # Serve's controller and proxy: only what goes wrong
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # this process's Serve client: the line below says it
         deployed = True  # from here on the app may exist, even if serve.run fails part-way
         serve.run(build_app(args), name=DEMO_APP, route_prefix="/", blocking=False)
         wait_healthy(url)

@@ -36,9 +36,11 @@ def build_app(args: AppArgs) -> Application:
     args = args.model_copy(update={"api_key": api_key, "checkpoint": root})  # replicas run elsewhere
     root, device, sampling = args.checkpoint, args.device, args.sampling
 
-    def deployment(cls, name: str, options: dict):
-        # A replica being replaced finishes what it holds: at least one request's time.
-        options = {"graceful_shutdown_timeout_s": args.limits.request_timeout_s, **options}
+    def deployment(cls, name: str, options: dict, access_log: bool = False):
+        # A replica being replaced finishes what it holds: at least one request's time. The ingress's
+        # access log has a line per HTTP request; the chain's calls behind it would add three more.
+        options = {"graceful_shutdown_timeout_s": args.limits.request_timeout_s,
+                   "logging_config": {"enable_access_log": access_log}, **options}
         return serve.deployment(cls, name=name).options(**options)
 
     text = deployment(TextEncoder, "TextEncoder", args.text_encoder.options()).bind(root, device)
@@ -51,4 +53,5 @@ def build_app(args: AppArgs) -> Application:
             root, device, args.superres.batching, sampling.choice_temperature, sampling.preview_every,
             sampling.compile, args.limits.request_timeout_s, sampling.superres_top_k)
     decoder = deployment(Decoder, "Decoder", args.decoder.options()).bind(root, device)
-    return deployment(Ingress, "Ingress", args.ingress.options()).bind(text, base, superres, decoder, args)
+    return deployment(Ingress, "Ingress", args.ingress.options(), access_log=True).bind(
+        text, base, superres, decoder, args)

@@ -16,6 +16,7 @@ jobs CLI and SDK then need RAY_AUTH_MODE=token. The images API above is separate
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import threading
@@ -55,18 +56,27 @@ def main(argv: list[str] | None = None) -> None:
     from serve.app import build_app
 
     join_ray(num_cpus=args.num_cpus, include_dashboard=False, quiet=False)  # replicas' logs stay on the console
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # this process's Serve client: the lines below say it
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        # Serve's controller and proxy say only what goes wrong; the replicas' logs and the ingress's
+        # line per request stay on the console.
+        serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"log_level": "WARNING"})
+        print(f"muse serve: starting {app_args.checkpoint} (loading the models)", flush=True)
         serve.run(build_app(app_args), name=APP_NAME, route_prefix="/", blocking=False)
-        print(f"serving {app_args.checkpoint} at http://{args.host}:{args.port}/  (Ctrl-C to stop)", flush=True)
+        print(f"muse serve: serving {app_args.checkpoint} at http://{args.host}:{args.port}/  (Ctrl-C to stop)",
+              flush=True)
         stop.wait()
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        print("muse serve: stopping", flush=True)
+        try:
+            serve.shutdown()
+            ray.shutdown()
+        except KeyboardInterrupt:  # a second Ctrl-C: Ray's processes still go when this one exits
+            print("muse serve: stopped without waiting for Serve to shut down", flush=True)
 
 
 if __name__ == "__main__":

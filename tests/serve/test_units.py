@@ -281,6 +281,9 @@ def test_serve_config_args_reach_build_app_the_way_serve_passes_them(tmp_path):
     *handles, built = app._bound_deployment.init_args
     assert built.checkpoint == root and built.base.batching.max_rows == 32 and built.api_key == "k"
     assert handles[2] is not None  # super-res present in this root
+    # One access-log line per HTTP request (the ingress's), not one more per stage of the chain.
+    assert app._bound_deployment.logging_config["enable_access_log"] is True
+    assert [h._bound_deployment.logging_config["enable_access_log"] for h in handles] == [False] * 4
     with pytest.raises(ValueError):
         call_user_app_builder_with_args_if_necessary(build_app, {"checkpoint": root, "bogus": 1})
 
