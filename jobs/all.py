@@ -24,6 +24,8 @@ from jobs.config import TrainConfig, load_config
 from jobs.decoder import decoder_component
 from jobs.loop import ensure_ray
 from jobs.preflight import DATA_CPUS, RunRefused
+from pipelines.job_spec import ResumeRefused
+from pipelines.manifest import OutputInUse
 from jobs.progress import Reporter, say, set_verbose, start_display, stop_display
 from jobs.stage import add_common_args, add_format_arg, cli_overrides
 from jobs.stages import run_stage
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(e))
     try:
         train_all(cfg, args.corpus, args.checkpoint, args.tokens, args.format, images=args.images)
-    except RunRefused as e:
+    except (RunRefused, ResumeRefused, OutputInUse) as e:  # a stage's or the tokenization's refusal
         stop_display()
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     finally:

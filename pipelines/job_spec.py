@@ -13,6 +13,11 @@ from pipelines.config import PoolConfig, TokenizeConfig
 from pipelines.models import text_encoder_config
 
 
+class ResumeRefused(ValueError):
+    """An output that this run may not resume as asked: made with other settings, or holding parts
+    of a corpus that changed. The command line prints it as a usage error (exit 2)."""
+
+
 def device_of(pool: PoolConfig) -> str:
     return "cuda" if pool.num_gpus > 0 else "cpu"
 
@@ -86,11 +91,11 @@ def check_resumable(out: str, spec: dict, old: dict | None, finished: set[str], 
                              if k in ("models", "device", "precision"))
             hint = (" (the tokenizer was trained again since: its tokens would not match the new ones)"
                     if "weights" in changed else "")
-            raise ValueError(f"{out} holds shards made with different {', '.join(changed)}{detail}{hint}; "
+            raise ResumeRefused(f"{out} holds shards made with different {', '.join(changed)}{detail}{hint}; "
                              "re-run with the same settings to resume, or write to a new --output")
     stale = finished - planned
     if stale and not retire_changed:
-        raise ValueError(
+        raise ResumeRefused(
             f"{len(stale)} finished part(s) in {out} are not in the input any more: the corpus changed since "
             "they were tokenized (files added, removed or renamed). Re-run with --retire-changed to delete "
             "their shards and tokenize the parts that replace them, or write to a new --output")

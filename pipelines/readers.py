@@ -172,6 +172,10 @@ def canonical(uri: str) -> str:
     return uri.rstrip("/") or "/"
 
 
+class NoInput(FileNotFoundError):
+    """Nothing to read at the corpus's URI: no file, or a folder with none in it."""
+
+
 def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", spill: str | None = None,
                progress: Callable[..., None] | None = None, max_images: int | None = None,
                folder_cuts: str = "names") -> list[Part]:
@@ -218,7 +222,7 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
                          PlanSpill(spill, uri) if spill is not None and not alone else None, progress, max_images,
                          folder_cuts)
     if not listed:
-        raise ValueError(f"no input at {uri}")
+        raise NoInput(f"no input at {uri}")
     if format == "auto":
         format = _format(uri, bool(parquets), bool(tars), bool(folder))
     if format == "parquet":

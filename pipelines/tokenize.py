@@ -66,7 +66,8 @@ from dataclasses import dataclass
 from muse import storage
 from pipelines import corpus_data, manifest, readers, shards
 from pipelines.config import FORMATS, PoolConfig, TokenizeConfig, load_config
-from pipelines.job_spec import check_resumable, device_of, job_spec, read_job_spec  # noqa: F401 (job_spec: the tests')
+from pipelines.job_spec import (ResumeRefused, check_resumable, device_of, job_spec,  # noqa: F401 (job_spec: the tests')
+                                read_job_spec)
 from pipelines.models import ImageTokens, PartTokens, TextTokens, load_tokenizer
 from pipelines.preprocess import preprocessed
 
@@ -425,8 +426,11 @@ def main(argv: list[str] | None = None) -> None:
         models = resolve_models(args.checkpoint, args.vqgan, args.vqgan_hi, args.text_encoder)
     except (ValueError, OSError) as e:
         parser.error(str(e))
-    totals = run(args.input, args.output, models, cfg, args.format, progress=not args.no_progress,
-                 force_cleanup=args.force_cleanup, retire_changed=args.retire_changed)
+    try:
+        totals = run(args.input, args.output, models, cfg, args.format, progress=not args.no_progress,
+                     force_cleanup=args.force_cleanup, retire_changed=args.retire_changed)
+    except (ResumeRefused, manifest.OutputInUse, readers.NoInput) as e:  # refused before any work: said once
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     if totals["stats"] and not args.no_progress:
         # Ray Data counts the rows each operator emits: the writers' and the CPU actors' rows are
         # records (one per block or part), not samples; the samples/s are in the line above.

@@ -181,6 +181,9 @@ def test_cli(tmp_path, tiny_root, capsys):
     help_text = capsys.readouterr().out
     assert e.value.code == 0 and "--checkpoint" in help_text and "--force-cleanup" in help_text
     assert "--retire-changed" in help_text
+    with pytest.raises(SystemExit) as refused:  # a usage error, not a traceback
+        main(["--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "out"), "--checkpoint", tiny_root])
+    assert refused.value.code == 2 and "muse tokenize: error: no input at" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("vqgan_lo: {num_gpu: 1}\n")
     with pytest.raises(SystemExit):

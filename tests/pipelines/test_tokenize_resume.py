@@ -16,13 +16,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from corpora import good, keys_once, mixed_rows, write_folder, write_parquet
 from muse import storage
 from muse.checkpoint import component_uri
+from muse.config import to_dict
 from pipelines import manifest, readers, shards
 from pipelines.config import load_config
-from pipelines.tokenize import job_spec, resolve_models, run
+from pipelines.tokenize import job_spec, main, resolve_models, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,7 +51,7 @@ def corpus_of_parts(tmp_path, n_files: int = 4, per_file: int = 6) -> tuple[str,
 
 
 def test_crash_after_some_parts_then_rerun_is_exactly_once(ray_session, tmp_path, tiny_root_lo_only,
-                                                            fast_cfg):
+                                                            fast_cfg, capsys):
     # 24 parts: enough that the crash after the second publish stops the run before it could
     # publish them all (with 8, the tiny tokenizer was sometimes fast enough to finish every part).
     corpus, accepted, rejects = corpus_of_parts(tmp_path, n_files=12)
@@ -85,6 +87,13 @@ def test_crash_after_some_parts_then_rerun_is_exactly_once(ray_session, tmp_path
     os.remove(os.path.join(corpus, "c3.parquet"))
     with pytest.raises(ValueError, match="not in the input any more.*--retire-changed"):
         run(corpus, out, models, fast_cfg, progress=False)
+    # The command line says it as a usage error, without a traceback.
+    settings = tmp_path / "fast.yaml"
+    settings.write_text(yaml.safe_dump(to_dict(fast_cfg)))
+    with pytest.raises(SystemExit) as refused:
+        main(["--input", corpus, "--output", out, "--checkpoint", tiny_root_lo_only, "--config", str(settings)])
+    assert refused.value.code == 2
+    assert "muse tokenize: error: 2 finished part(s)" in capsys.readouterr().err
     # Retired: c3's two parts and their shards go, and nothing else is tokenized again.
     shrunk = run(corpus, out, models, fast_cfg, progress=False, retire_changed=True)
     assert shrunk["retired"] == 2 and shrunk["run_parts"] == 0 and shrunk["parts"] == 22
