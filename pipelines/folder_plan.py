@@ -107,14 +107,17 @@ def ends_part(name: str, size: int, rows_per_part: int) -> bool:
 
 
 def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int, captions_cfg,
-                make_part: Callable[[str, tuple[Item, ...], int, list[str]], object], spill: PlanSpill | None = None,
+                make_part: Callable[[str, tuple[Item, ...], int, list[str], str | None], object],
+                spill: PlanSpill | None = None,
                 progress: Callable[..., None] | None = None, max_images: int | None = None,
                 cuts: str = "names") -> list:
     """Parts of the folder corpus at `root` from its image files (`images`, sorted, each with the
     names of its folder's files for its sidecar caption), cut by names (`ends_part`) or every
     `rows_per_part` images ("count": how outputs tokenized before name cuts were cut).
-    `make_part(first, items, start, names)` builds a part of `items` (the ids are the caller's; `names`
-    are the images' paths below `root`); with `spill`, the part keeps only where its items lie.
+    `make_part(first, items, start, names, captions)` builds a part of `items` (the ids are the
+    caller's; `names` are the images' paths below `root`, and `captions` fingerprints the part's
+    captions from a captions file when cut by names, so that a caption rewritten there changes its
+    part's id; sidecar captions are not read here); with `spill`, the part keeps only where its items lie.
     `progress(images, parts)` is called after every part, and `progress(0, 0, captions=records)` while
     a captions file is indexed. With `max_images`, the walk stops after the part that reaches that
     many: the corpus's first parts, as a full plan has them."""
@@ -125,12 +128,14 @@ def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int,
 
         def cut() -> None:
             nonlocal chunk, names, start
-            items = tuple(chunk)
+            items, fingerprint = tuple(chunk), None
             if captions is not None:
                 found = captions.lookup(names)
                 items = tuple((uri, None, caption, reason or bad)
                               for (uri, _, _, reason), (caption, bad) in zip(items, found))
-            part = make_part(items[0][0], items, start, names)
+                if cuts == "names":  # count cuts: outputs tokenized before, whose ids had no captions
+                    fingerprint = hashlib.blake2b(repr(found).encode(), digest_size=10).hexdigest()
+            part = make_part(items[0][0], items, start, names, fingerprint)
             if spill is not None:
                 plan, group = spill.add(items)
                 part = replace(part, items=(), plan=plan, plan_group=group)

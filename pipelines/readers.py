@@ -214,8 +214,9 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
             elif kind == "image" and format in ("auto", "folder"):
                 yield f
 
-    def make_part(first: str, chunk: tuple, start: int, names: list[str]) -> Part:
-        pid = part_id("folder", *names) if ids == "relative" else part_id("folder", uri, *names)
+    def make_part(first: str, chunk: tuple, start: int, names: list[str], captions: str | None) -> Part:
+        fields = [*names, f"captions {captions}"] if captions else names
+        pid = part_id("folder", *fields) if ids == "relative" else part_id("folder", uri, *fields)
         return Part(pid, "folder", uri, start, start + len(chunk), chunk, first=first)
 
     folder = plan_folder(uri, images(), cfg.rows_per_part, cfg, make_part,

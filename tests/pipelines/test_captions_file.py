@@ -115,3 +115,28 @@ def test_a_captions_file_on_a_throttled_s3_prefix(s3_server, s3_bucket, monkeypa
         proxy.close()
     assert dict(zip(EXPECTED, got)) == EXPECTED
     assert proxy.counts["throttled"] >= 5 and proxy.counts["dropped"] >= 1, proxy.counts
+
+
+def test_a_rewritten_caption_changes_only_its_parts_id(tmp_path):
+    """Cut by names, a part's id covers its captions from the captions file: a caption rewritten
+    there (a corpus recaptioned in part) changes the id of the part that holds it, so a re-run refuses
+    the output or, with --retire-changed, tokenizes that part again. Lines added for new images or
+    the file's lines reordered change no finished part. Count cuts (outputs tokenized before) keep
+    ids of names alone."""
+    corpus = tmp_path / "corpus"
+    empty_folder_corpus(corpus, 600, sidecars=False)
+    lines = [{"file": f"{i // 50:05d}/{i:07d}.jpg", "caption": f"caption {i}"} for i in range(600)]
+
+    def ids(records, cuts="names"):
+        (corpus / "captions.jsonl").write_text("\n".join(map(json.dumps, records)))
+        return [p.id for p in plan_parts(str(corpus), "folder", ReaderConfig(rows_per_part=100), folder_cuts=cuts)]
+
+    before, by_count = ids(lines), ids(lines, "count")
+    assert ids(lines[::-1]) == before
+    edited = [dict(r, caption="a better caption") if i == 321 else r for i, r in enumerate(lines)]
+    assert len(set(before) - set(ids(edited))) == 1
+    assert ids(edited, "count") == by_count
+    empty_folder_corpus(tmp_path / "more", 50, sidecars=False)
+    (tmp_path / "more" / "00000").rename(corpus / "00099")
+    grown = ids(lines + [{"file": f"00099/{i:07d}.jpg", "caption": f"new {i}"} for i in range(50)])
+    assert len(set(before) - set(grown)) == 1 and len(grown) >= len(before)  # the last part, which ended with the corpus
