@@ -24,13 +24,13 @@ from jobs.config import TrainConfig, load_config
 from jobs.decoder import decoder_component
 from jobs.loop import ensure_ray
 from jobs.preflight import DATA_CPUS, RunRefused
-from pipelines.job_spec import ResumeRefused
-from pipelines.manifest import OutputInUse
 from jobs.progress import Reporter, say, set_verbose, start_display, stop_display
 from jobs.stage import add_common_args, add_format_arg, cli_overrides
 from jobs.stages import run_stage
 from jobs.vqgan import CORPUS_HELP, vqgan_components
 from muse import checkpoint, storage
+from pipelines.job_spec import ResumeRefused
+from pipelines.manifest import OutputInUse
 
 TRANSFORMERS = ("base", "superres")
 

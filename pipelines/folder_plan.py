@@ -5,7 +5,8 @@ chosen by a hash of their names (`ends_part`), so that a change to the corpus mo
 around it. The images are listed as a stream (`muse.storage.iter_files`: one folder at a time, a
 few listed ahead), and a part's image list, once cut, goes to a *plan file* (`PlanSpill`) instead
 of staying in the driver's memory: the driver keeps each part's id and where its list lies, ~200
-bytes per part of 1,000 images, where it kept ~630 bytes per image. The read task (or CPU actor) reads its part's list back (`part_items`).
+bytes per part of 1,000 images, where it kept ~630 bytes per image. The read task (or CPU actor)
+reads its part's list back (`part_items`).
 
 Plan files are Parquet, one row group per part, `PARTS_PER_PLAN_FILE` parts per file, under a
 folder the caller owns (tokenization: its run's folder, deleted when the run ends and, if the driver
@@ -117,7 +118,8 @@ def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int,
     `make_part(first, items, start, names, captions)` builds a part of `items` (the ids are the
     caller's; `names` are the images' paths below `root`, and `captions` fingerprints the part's
     captions from a captions file when cut by names, so that a caption rewritten there changes its
-    part's id; sidecar captions are not read here); with `spill`, the part keeps only where its items lie.
+    part's id; sidecar captions are not read here); with `spill`, the part keeps only where its
+    items lie.
     `progress(images, parts)` is called after every part, and `progress(0, 0, captions=records)` while
     a captions file is indexed. With `max_images`, the walk stops after the part that reaches that
     many: the corpus's first parts, as a full plan has them."""

@@ -92,7 +92,7 @@ def check_resumable(out: str, spec: dict, old: dict | None, finished: set[str], 
             hint = (" (the tokenizer was trained again since: its tokens would not match the new ones)"
                     if "weights" in changed else "")
             raise ResumeRefused(f"{out} holds shards made with different {', '.join(changed)}{detail}{hint}; "
-                             "re-run with the same settings to resume, or write to a new --output")
+                                "re-run with the same settings to resume, or write to a new --output")
     stale = finished - planned
     if stale and not retire_changed:
         raise ResumeRefused(
