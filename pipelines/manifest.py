@@ -104,15 +104,22 @@ def retire(out: str, run: str, parts: set[str]) -> tuple[int, int]:
     """Retire finished parts whose input is gone or changed: run `run` commits a tombstone for each
     (an entry with `rows` RETIRED), then deletes their shard files; returns (parts, data rows)
     retired. A crash in between leaves files no manifest names, never a manifest naming deleted
-    files; a later run that finishes a part of the same id again supersedes the tombstone."""
+    files, and their run folders unmarked, so the next run's cleanup (`remove_stale`) deletes them.
+    A later run that finishes a part of the same id again supersedes the tombstone."""
     table = read_manifest(out)
     gone = table.filter(pc.is_in(table["part"], pa.array(sorted(parts), pa.string())))
     if not gone.num_rows:
         return 0, 0
+    files = pc.list_flatten(gone["files"]).to_pylist()
+    runs = sorted({f.split("/")[1] for f in files if f.startswith(SHARDS_DIR + "/") and f.count("/") >= 2})
+    runs = [r for r in runs if storage.exists(storage.join(out, SHARDS_DIR, r, CLEAN_MARK))]
+    _delete_all([storage.join(out, SHARDS_DIR, r, CLEAN_MARK) for r in runs])
     write_entries(out, f"retired-{run}.parquet", [
         {"part": part, "run": run, "source": source, "rows": RETIRED, "accepted": 0, "rejects": [], "files": []}
         for part, source in zip(gone["part"].to_pylist(), gone["source"].to_pylist())])
-    _delete_all([storage.join(out, f) for f in pc.list_flatten(gone["files"]).to_pylist()])
+    _delete_all([storage.join(out, f) for f in files])
+    for r in runs:
+        mark_clean(out, r)
     return gone.num_rows, int(pc.sum(gone["rows"]).as_py())
 
 

@@ -80,6 +80,31 @@ def test_a_retired_part_leaves_the_manifest_and_its_files_go(tmp_path):
     assert sorted(zip(table["part"].to_pylist(), table["rows"].to_pylist())) == [("a", 2), ("b", 5)]
 
 
+def test_a_crash_after_a_tombstone_leaves_files_the_next_cleanup_removes(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    for name in ("a", "b"):
+        storage.write_bytes(f"{out}/shards/r1/{name}.parquet", b"x")
+    manifest.mark_clean(out, "r1")
+    manifest.write_entries(out, "manifest-r1.parquet", [entry("a", "r1", ["shards/r1/a.parquet"]),
+                                                        entry("b", "r1", ["shards/r1/b.parquet"])])
+    delete_all, calls = manifest._delete_all, []
+
+    def dies_before_the_shards(uris):
+        calls.append(uris)
+        if len(calls) == 2:  # the run folder's clean mark went; the shards never do
+            raise KeyboardInterrupt
+        delete_all(uris)
+
+    monkeypatch.setattr(manifest, "_delete_all", dies_before_the_shards)
+    with pytest.raises(KeyboardInterrupt):
+        manifest.retire(out, "r2", {"b"})
+    monkeypatch.setattr(manifest, "_delete_all", delete_all)
+    table = manifest.read_manifest(out)
+    assert table["part"].to_pylist() == ["a"] and os.path.exists(f"{out}/shards/r1/b.parquet")
+    assert manifest.remove_stale(out, table, run="r3") == 1
+    assert sorted(os.listdir(f"{out}/shards/r1")) == [manifest.CLEAN_MARK, "a.parquet"]
+
+
 def stale_block(part: str, n: int, schema: pa.Schema) -> pa.Table:
     """Tokenized rows of `part` as the writer stage receives them."""
     return pa.table({
