@@ -23,7 +23,6 @@ import argparse
 import base64
 import io
 import json
-import logging
 import os
 import socket
 import time
@@ -166,7 +165,7 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
     from muse.data.synthetic import write_corpus
     from muse.evaluate import evaluate
     from muse.pipeline import MusePipeline
-    from serve.app import build_app
+    from serve.app import build_app, start_serve
     from serve.config import AppArgs, Deployment, Generator, Sampling
 
     train_cfg = load_config(config, list(overrides))  # a typo fails here, before Ray and the corpora
@@ -208,9 +207,7 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
         gen = Generator(num_cpus=0.5)
         args = AppArgs(checkpoint=root, text_encoder=small, decoder=small, ingress=small, base=gen, superres=gen,
                        sampling=Sampling(**DEMO_SAMPLING))
-        serve.start(http_options={"host": "127.0.0.1", "port": port},
-                    logging_config={"log_level": "WARNING"})  # Serve's controller and proxy: only what goes wrong
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # this process's Serve client: the line below says it
+        start_serve("127.0.0.1", port)
         deployed = True  # from here on the app may exist, even if serve.run fails part-way
         serve.run(build_app(args), name=DEMO_APP, route_prefix="/", blocking=False)
         wait_healthy(url)

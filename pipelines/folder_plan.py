@@ -48,11 +48,12 @@ class PlanSpill:
         self.pending: list[pa.Table] = []
         self.files = 0
 
-    def add(self, items: Iterable[Item]) -> tuple[str, int]:
-        """Store one part's items; returns (plan file, row group) where `part_items` finds them."""
-        image, caption_file, caption, reason = zip(*items)
+    def add(self, items: Iterable[Item], names: list[str]) -> tuple[str, int]:
+        """Store one part's items (`names`: their images' paths below the corpus, as planning has them);
+        returns (plan file, row group) where `part_items` finds them."""
+        _, caption_file, caption, reason = zip(*items)
         self.pending.append(pa.table([
-            [_below(self.root, i) for i in image], [None if c is None else _below(self.root, c) for c in caption_file],
+            names, [None if c is None else _below(self.root, c) for c in caption_file],
             list(caption), list(reason)], schema=PLAN_SCHEMA))
         where = (self._name(self.files), len(self.pending) - 1)
         if len(self.pending) == PARTS_PER_PLAN_FILE:
@@ -139,7 +140,7 @@ def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int,
                     fingerprint = hashlib.blake2b(repr(found).encode(), digest_size=10).hexdigest()
             part = make_part(items[0][0], items, start, names, fingerprint)
             if spill is not None:
-                plan, group = spill.add(items)
+                plan, group = spill.add(items, names)
                 part = replace(part, items=(), plan=plan, plan_group=group)
             parts.append(part)
             start, chunk, names = start + len(items), [], []
@@ -158,7 +159,8 @@ def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int,
                 txt = posixpath.basename(f.uri).rsplit(".", 1)[0] + ".txt"
                 sidecar = f.uri.rsplit(".", 1)[0] + ".txt" if txt in f.siblings else None
                 chunk.append((f.uri, sidecar, None, reason))
-            if (len(chunk) == rows_per_part if cuts == "count" else ends_part(names[-1], len(chunk), rows_per_part)):
+            full = len(chunk) == rows_per_part if cuts == "count" else ends_part(names[-1], len(chunk), rows_per_part)
+            if full:
                 cut()
                 if max_images is not None and start >= max_images:
                     break

@@ -11,6 +11,7 @@ when the model root has none (then only the base size is served).
 
 from __future__ import annotations
 
+import logging
 import os
 
 from ray import serve
@@ -20,6 +21,14 @@ from muse import checkpoint
 from serve.api import Ingress
 from serve.config import AppArgs
 from serve.deployments import BaseGenerator, Decoder, SuperResGenerator, TextEncoder
+
+
+def start_serve(host: str, port: int) -> None:
+    """Serve's HTTP proxy on host:port for a one-command server (`muse serve`, the demo). Serve's
+    controller and proxy, and this process's Serve client, log only what goes wrong: the caller says
+    what is served, and the replicas' logs and the ingress's line per request stay on the console."""
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
 
 
 def build_app(args: AppArgs) -> Application:

@@ -16,7 +16,6 @@ jobs CLI and SDK then need RAY_AUTH_MODE=token. The images API above is separate
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import threading
@@ -53,29 +52,36 @@ def main(argv: list[str] | None = None) -> None:
     from ray import serve
 
     from jobs.cluster import join_ray
-    from serve.app import build_app
+    from serve.app import build_app, start_serve
 
     join_ray(num_cpus=args.num_cpus, include_dashboard=False, quiet=False)  # replicas' logs stay on the console
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # this process's Serve client: the lines below say it
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def on_signal(*_) -> None:
+        # The first Ctrl-C (or SIGTERM) asks for a clean shutdown; another one stops waiting for it.
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     try:
-        # Serve's controller and proxy say only what goes wrong; the replicas' logs and the ingress's
-        # line per request stay on the console.
-        serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"log_level": "WARNING"})
+        start_serve(args.host, args.port)
         print(f"muse serve: starting {app_args.checkpoint} (loading the models)", flush=True)
         serve.run(build_app(app_args), name=APP_NAME, route_prefix="/", blocking=False)
-        print(f"muse serve: serving {app_args.checkpoint} at http://{args.host}:{args.port}/  (Ctrl-C to stop)",
-              flush=True)
-        stop.wait()
-    except KeyboardInterrupt:
+        if not stop.is_set():
+            print(f"muse serve: serving {app_args.checkpoint} at http://{args.host}:{args.port}/  (Ctrl-C to stop)",
+                  flush=True)
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:  # a second signal while starting
         pass
     finally:
-        print("muse serve: stopping", flush=True)
         try:
+            print("muse serve: stopping", flush=True)
             serve.shutdown()
             ray.shutdown()
-        except KeyboardInterrupt:  # a second Ctrl-C: Ray's processes still go when this one exits
+        except KeyboardInterrupt:  # Ray's processes still go when this one exits
             print("muse serve: stopped without waiting for Serve to shut down", flush=True)
 
 
