@@ -15,7 +15,7 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 from urllib.parse import urlparse
@@ -193,8 +193,9 @@ def list_files(uri: str, recursive: bool = True, broken_links: list[str] | None 
 
 class Listed(NamedTuple):
     uri: str
-    siblings: frozenset[str]  # names of the files in the same folder (one set per folder, shared)
+    siblings: Mapping[str, int]  # the files in the same folder: name -> size (one per folder, shared)
     broken: bool = False  # a dangling symlink (local folders only)
+    size: int = -1  # bytes, as listed (-1: a dangling symlink)
 
 
 LISTING_LOOKAHEAD = 8  # folders listed ahead of the walk, in threads (an S3 listing is a round trip)
@@ -214,19 +215,19 @@ def iter_files(uri: str, recursive: bool = True) -> Iterator[Listed]:
     prefix = "s3://" if s3 else ""
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
-        yield Listed(prefix + path, frozenset([info.base_name]))
+        yield Listed(prefix + path, {info.base_name: info.size}, size=info.size)
         return
     if info.type == pafs.FileType.NotFound:
         return
     odd: list[str] = []
     seen: set[tuple[int, int]] = set()
 
-    def listing(folder: str) -> tuple[tuple[int, int] | None, list[tuple[str, str, str]]]:
-        """(identity for loop detection, sorted [(sort key, kind, path)])."""
+    def listing(folder: str) -> tuple[tuple[int, int] | None, list[tuple[str, str, str, int]]]:
+        """(identity for loop detection, sorted [(sort key, kind, path, size)])."""
         if s3:
             infos = fs.get_file_info(pafs.FileSelector(folder, recursive=False, allow_not_found=True))
-            entries = [(i.base_name + "/", "dir", i.path) if i.type == pafs.FileType.Directory
-                       else (i.base_name, "file", i.path) for i in infos
+            entries = [(i.base_name + "/", "dir", i.path, -1) if i.type == pafs.FileType.Directory
+                       else (i.base_name, "file", i.path, i.size) for i in infos
                        if i.type in (pafs.FileType.Directory, pafs.FileType.File)]
             return None, sorted(entries)
         st, entries = os.stat(folder), []
@@ -238,11 +239,11 @@ def iter_files(uri: str, recursive: bool = True) -> Iterator[Listed]:
                     odd.append(e.path)
                     continue
                 if e.is_dir():
-                    entries.append((e.name + "/", "dir", e.path))
+                    entries.append((e.name + "/", "dir", e.path, -1))
                 elif e.is_file():
-                    entries.append((e.name, "file", e.path))
+                    entries.append((e.name, "file", e.path, None))  # sized by the walk
                 elif e.is_symlink() and not os.path.exists(e.path):
-                    entries.append((e.name, "broken", e.path))
+                    entries.append((e.name, "broken", e.path, -1))
         return (st.st_dev, st.st_ino), sorted(entries)
 
     def walk(listed, pool: ThreadPoolExecutor) -> Iterator[Listed]:
@@ -251,13 +252,15 @@ def iter_files(uri: str, recursive: bool = True) -> Iterator[Listed]:
             if identity in seen:  # a symlink loop, or a folder linked twice
                 return
             seen.add(identity)
-        names = frozenset(name for name, kind, _ in entries if kind != "dir")
-        folders = [p for _, kind, p in entries if kind == "dir"] if recursive else []
+        if not s3:  # here, not in the listing threads: a stat there hands the GIL back and forth
+            entries = [(key, kind, p, _size(p) if size is None else size) for key, kind, p, size in entries]
+        names = {name: size for name, kind, _, size in entries if kind != "dir"}
+        folders = [p for _, kind, p, _ in entries if kind == "dir"] if recursive else []
         ahead: dict[str, Future] = {}
         submitted = 0
-        for _, kind, p in entries:
+        for _, kind, p, size in entries:
             if kind != "dir":
-                yield Listed(prefix + p, names, kind == "broken")
+                yield Listed(prefix + p, names, kind == "broken", size)
                 continue
             if not recursive:
                 continue
@@ -272,6 +275,13 @@ def iter_files(uri: str, recursive: bool = True) -> Iterator[Listed]:
         names = [p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for p in sorted(odd)]
         print(f"[storage] skipped {len(odd)} path(s) below {path} whose names are not UTF-8: "
               + ", ".join(names[:10]) + (", ..." if len(names) > 10 else ""), file=sys.stderr, flush=True)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:  # gone since the folder was read: its read reports it
+        return -1
 
 
 def delete(uri: str) -> None:

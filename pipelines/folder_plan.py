@@ -109,28 +109,28 @@ def ends_part(name: str, size: int, rows_per_part: int) -> bool:
 
 
 def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int, captions_cfg,
-                make_part: Callable[[str, tuple[Item, ...], int, list[str], str | None], object],
+                make_part: Callable[[str, tuple[Item, ...], int, list[str], str | None, list[str]], object],
                 spill: PlanSpill | None = None,
                 progress: Callable[..., None] | None = None, max_images: int | None = None,
                 cuts: str = "names") -> list:
     """Parts of the folder corpus at `root` from its image files (`images`, sorted, each with the
     names of its folder's files for its sidecar caption), cut by names (`ends_part`) or every
     `rows_per_part` images ("count": how outputs tokenized before name cuts were cut).
-    `make_part(first, items, start, names, captions)` builds a part of `items` (the ids are the
-    caller's; `names` are the images' paths below `root`, and `captions` fingerprints the part's
-    captions from a captions file when cut by names, so that a caption rewritten there changes its
-    part's id; sidecar captions are not read here); with `spill`, the part keeps only where its
-    items lie.
+    `make_part(first, items, start, names, captions, sizes)` builds a part of `items` (the ids are
+    the caller's; `names` are the images' paths below `root`, `sizes` their sizes as listed, each
+    with its sidecar's ("size+size"), and `captions` fingerprints the part's captions from a
+    captions file when cut by names, so that a caption rewritten there changes its part's id;
+    captions are not read here); with `spill`, the part keeps only where its items lie.
     `progress(images, parts)` is called after every part, and `progress(0, 0, captions=records)` while
     a captions file is indexed. With `max_images`, the walk stops after the part that reaches that
     many: the corpus's first parts, as a full plan has them."""
     if cuts not in FOLDER_CUTS:
         raise ValueError(f"cuts must be one of {FOLDER_CUTS}, got {cuts!r}")
     with contextlib.ExitStack() as cleanup:
-        captions, parts, chunk, names, start = None, [], [], [], 0
+        captions, parts, chunk, names, sizes, start = None, [], [], [], [], 0
 
         def cut() -> None:
-            nonlocal chunk, names, start
+            nonlocal chunk, names, sizes, start
             items, fingerprint = tuple(chunk), None
             if captions is not None:
                 found = captions.lookup(names)
@@ -138,12 +138,12 @@ def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int,
                               for (uri, _, _, reason), (caption, bad) in zip(items, found))
                 if cuts == "names":  # count cuts: outputs tokenized before, whose ids had no captions
                     fingerprint = hashlib.blake2b(repr(found).encode(), digest_size=10).hexdigest()
-            part = make_part(items[0][0], items, start, names, fingerprint)
+            part = make_part(items[0][0], items, start, names, fingerprint, sizes)
             if spill is not None:
                 plan, group = spill.add(items, names)
                 part = replace(part, items=(), plan=plan, plan_group=group)
             parts.append(part)
-            start, chunk, names = start + len(items), [], []
+            start, chunk, names, sizes = start + len(items), [], [], []
             if progress is not None:
                 progress(start, len(parts))
 
@@ -155,10 +155,12 @@ def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int,
             names.append(_below(root, f.uri))
             if captions is not None:
                 chunk.append((f.uri, None, None, reason))  # its caption is looked up with its part's
+                sizes.append(str(f.size))
             else:
                 txt = posixpath.basename(f.uri).rsplit(".", 1)[0] + ".txt"
                 sidecar = f.uri.rsplit(".", 1)[0] + ".txt" if txt in f.siblings else None
                 chunk.append((f.uri, sidecar, None, reason))
+                sizes.append(f"{f.size}+{f.siblings[txt]}" if sidecar else str(f.size))
             full = len(chunk) == rows_per_part if cuts == "count" else ends_part(names[-1], len(chunk), rows_per_part)
             if full:
                 cut()

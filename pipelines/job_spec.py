@@ -81,7 +81,7 @@ def read_job_spec(out: str) -> dict | None:
 def check_resumable(out: str, spec: dict, old: dict | None, finished: set[str], planned: set[str],
                     retire_changed: bool = False) -> set[str]:
     """Refuse an output made with other settings. Returns the finished parts that are not in the
-    input any more (the corpus changed: files added, removed or renamed), to retire with
+    input any more (the corpus changed: files added, removed, renamed or resized), to retire with
     `retire_changed`; without it, they are refused too."""
     if old is not None:
         changed = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k)
@@ -97,7 +97,7 @@ def check_resumable(out: str, spec: dict, old: dict | None, finished: set[str], 
     if stale and not retire_changed:
         raise ResumeRefused(
             f"{len(stale)} finished part(s) in {out} are not in the input any more: the corpus changed since "
-            "they were tokenized (files added, removed or renamed). Re-run with --retire-changed to delete "
+            "they were tokenized (files added, removed, renamed, or written again with another size). Re-run with --retire-changed to delete "
             "their shards and tokenize the parts that replace them, or write to a new --output")
     if old is None:
         storage.write_text(storage.join(out, shards.JOB_FILE), json.dumps(spec, indent=1))

@@ -178,9 +178,12 @@ class NoInput(FileNotFoundError):
 
 def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", spill: str | None = None,
                progress: Callable[..., None] | None = None, max_images: int | None = None,
-               folder_cuts: str = "names") -> list[Part]:
+               folder_cuts: str = "names", sizes: bool = True) -> list[Part]:
     """Every part of the corpus at `uri` (a file or a directory), in a deterministic order. Part ids
-    hash the files' paths below `uri` (`ids` "relative") or their full spelling ("absolute").
+    hash the files' paths below `uri` (`ids` "relative") or their full spelling ("absolute"), and
+    with `sizes` the files' sizes as listed, so that a file rewritten under its name with another
+    size (an image replaced, a sidecar caption edited, a Parquet file or tar written again) changes
+    the id of the part that reads it. Outputs tokenized before sizes were covered plan without them.
 
     The listing is streamed (`storage.iter_files`). A folder corpus's image lists go to plan files in
     the folder `spill` when one is given (`pipelines.folder_plan`), so the driver holds ~200 bytes
@@ -199,7 +202,7 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
     def named(f: str) -> str:
         return f if ids == "absolute" else _relative(below, f)
 
-    parquets, tars, listed = [], [], 0
+    parquets, tars, file_sizes, listed = [], [], {}, 0
 
     def images() -> Iterator[storage.Listed]:
         """The image files of the listing; Parquet files and tars met on the way are noted."""
@@ -207,15 +210,20 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
         for f in storage.iter_files(uri):
             listed += 1
             kind = _kind(f.uri, cfg)
-            if kind == "parquet":
-                parquets.append(f.uri)
-            elif kind == "tar":
-                tars.append(f.uri)
+            if kind in ("parquet", "tar"):
+                (parquets if kind == "parquet" else tars).append(f.uri)
+                file_sizes[f.uri] = f.size
             elif kind == "image" and format in ("auto", "folder"):
                 yield f
 
-    def make_part(first: str, chunk: tuple, start: int, names: list[str], captions: str | None) -> Part:
+    def sized(f: str) -> tuple:
+        return (f"size {file_sizes[f]}",) if sizes else ()
+
+    def make_part(first: str, chunk: tuple, start: int, names: list[str], captions: str | None,
+                  part_sizes: list[str]) -> Part:
         fields = [*names, f"captions {captions}"] if captions else names
+        if sizes:
+            fields = [*fields, "sizes " + " ".join(part_sizes)]
         pid = part_id("folder", *fields) if ids == "relative" else part_id("folder", uri, *fields)
         return Part(pid, "folder", uri, start, start + len(chunk), chunk, first=first)
 
@@ -227,10 +235,10 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
     if format == "auto":
         format = _format(uri, bool(parquets), bool(tars), bool(folder))
     if format == "parquet":
-        return [Part(part_id("parquet", named(f), start, stop), "parquet", f, start, stop)
+        return [Part(part_id("parquet", named(f), start, stop, *sized(f)), "parquet", f, start, stop)
                 for f, start, stop in row_group_parts(parquets, cfg, is_bad_source)]
     if format == "webdataset":
-        return [Part(part_id("webdataset", named(f)), "webdataset", f) for f in tars]
+        return [Part(part_id("webdataset", named(f), *sized(f)), "webdataset", f) for f in tars]
     return folder
 
 

@@ -213,6 +213,10 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
         spec["part_ids"] = part_ids
     # Folder outputs tokenized before parts were cut by names keep their count cuts, and so their parts.
     folder_cuts = "count" if old_spec is not None and "folder_cuts" not in old_spec else "names"
+    # Outputs tokenized before part ids covered the files' sizes keep ids without them.
+    sizes = old_spec is None or "part_sizes" in old_spec
+    if sizes:
+        spec["part_sizes"] = "as listed"
     done = manifest.read_manifest(output)
     finished = set(done["part"].to_pylist())
     run_id = manifest.new_run_id()
@@ -226,7 +230,7 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
         removed = manifest.remove_stale(output, done, run=run_id, force=force_cleanup)
         del done
         plan_dir = storage.join(output, manifest.SHARDS_DIR, run_id, manifest.PLAN_DIR)
-        parts = _plan(input_uri, format, cfg, part_ids, folder_cuts, plan_dir, heartbeat,
+        parts = _plan(input_uri, format, cfg, part_ids, folder_cuts, sizes, plan_dir, heartbeat,
                       progress and reporter is None, start)
         if any(p.format == "parquet" for p in parts):
             spec["parquet_parts"] = "whole row groups"  # outputs of the earlier row slices do not resume
@@ -260,8 +264,8 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
 PLANNING_LINE_SECONDS = 10.0  # a long planning (a big folder corpus) says how far it is this often
 
 
-def _plan(input_uri: str, format: str, cfg: TokenizeConfig, part_ids: str, folder_cuts: str, spill: str,
-          heartbeat: manifest.Heartbeat, lines: bool, start: float) -> list[readers.Part]:
+def _plan(input_uri: str, format: str, cfg: TokenizeConfig, part_ids: str, folder_cuts: str, sizes: bool,
+          spill: str, heartbeat: manifest.Heartbeat, lines: bool, start: float) -> list[readers.Part]:
     """The corpus's parts; a folder corpus's image lists go to plan files in `spill`. The heartbeat
     is kept while a big folder is listed, and with `lines` a line says how far it is."""
     last = time.monotonic()
@@ -276,7 +280,7 @@ def _plan(input_uri: str, format: str, cfg: TokenizeConfig, part_ids: str, folde
             print(f"tokenize: planning: {so_far} so far ({time.time() - start:.0f}s)", flush=True)
 
     return readers.plan_parts(input_uri, format, cfg.reader, ids=part_ids, spill=spill, progress=planned,
-                              folder_cuts=folder_cuts)
+                              folder_cuts=folder_cuts, sizes=sizes)
 
 
 def _run_parts(todo: list[readers.Part], cfg: TokenizeConfig, models: Models, spec: dict, output: str,

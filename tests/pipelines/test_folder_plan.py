@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 
 import pyarrow.parquet as pq
 import pytest
-from corpora import empty_folder_corpus, good, mixed_rows, write_folder
+from corpora import empty_folder_corpus, good, mixed_rows, write_folder, write_parquet, write_tar
 from fault_proxy import FaultProxy
 
 from muse import storage
@@ -170,3 +170,40 @@ def test_name_cuts_move_only_the_parts_around_a_change(tmp_path):
     (tmp_path / "more" / "00000").rename(corpus / "00060")
     after = ids()
     assert len(after) >= len(before) and len(set(before) - set(after)) <= 6
+
+
+def test_a_file_written_again_with_another_size_changes_only_its_parts_id(tmp_path):
+    """Part ids cover the files' sizes as listed: an image replaced, a sidecar caption edited, a
+    Parquet file or a tar written again, each with another size, changes the id of the part that
+    reads it and no other. The same bytes written again change nothing, and ids planned without
+    sizes (outputs tokenized before) do not see any of it."""
+    cfg = ReaderConfig(rows_per_part=4)
+    folder, parquet, tars = tmp_path / "folder", tmp_path / "parquet", tmp_path / "tars"
+    rows = [(f"g{i}", good(i, 40)[0], good(i, 40)[1].encode(), "") for i in range(12)]
+    write_folder(folder, rows)
+    parquet.mkdir()
+    tars.mkdir()
+    for f in range(2):
+        write_parquet(parquet / f"c{f}.parquet", rows[f * 6:f * 6 + 6], row_group_size=3)
+        write_tar(tars / f"c{f}.tar", rows[f * 6:f * 6 + 6])
+
+    def ids(root, sizes=True):
+        return [p.id for p in plan_parts(str(root), "auto", cfg, sizes=sizes)]
+
+    def changed(root, rewrite) -> int:
+        """How many parts' ids changed; planned without sizes, none does."""
+        before, before_unsized = ids(root), ids(root, sizes=False)
+        rewrite()
+        after, after_unsized = ids(root), ids(root, sizes=False)
+        assert len(after) == len(before) >= 2 and after_unsized == before_unsized
+        return sum(a != b for a, b in zip(before, after))
+
+    image, sidecar = folder / "g5.img.png", folder / "g9.img.txt"
+    assert changed(folder, lambda: image.write_bytes(image.read_bytes())) == 0
+    assert changed(folder, lambda: image.write_bytes(good(99, 40)[0])) == 1
+    assert changed(folder, lambda: sidecar.write_bytes(sidecar.read_bytes() + b" again")) == 1
+    same = (parquet / "c1.parquet").read_bytes()
+    assert changed(parquet, lambda: (parquet / "c1.parquet").write_bytes(same)) == 0
+    assert changed(parquet, lambda: write_parquet(parquet / "c1.parquet", rows[:6], row_group_size=3)) == 2
+    # A tar is padded to whole records of 10 KiB: a change smaller than that can keep its size.
+    assert changed(tars, lambda: write_tar(tars / "c0.tar", rows[:2])) == 1

@@ -104,8 +104,9 @@ def test_crash_after_some_parts_then_rerun_is_exactly_once(ray_session, tmp_path
 def test_a_grown_folder_corpus_retires_the_parts_that_changed(ray_session, tmp_path, tiny_root_lo_only, fast_cfg):
     """A downloader adds a folder after the first run: the last part, cut at the corpus's end, now
     goes on into it (a new id). It is refused, then retired with --retire-changed, and every image is
-    in the output exactly once; the other parts are not tokenized again. An output tokenized before
-    parts were cut by names (its _job.json has no "folder_cuts") keeps its count cuts."""
+    in the output exactly once; the other parts are not tokenized again. So is an image replaced
+    under its name. An output tokenized before parts were cut by names and covered sizes (its
+    _job.json has no "folder_cuts" nor "part_sizes") keeps its count cuts and ids."""
     corpus, out, legacy = tmp_path / "corpus", str(tmp_path / "tokens"), str(tmp_path / "legacy")
     models = resolve_models(tiny_root_lo_only)
 
@@ -113,8 +114,8 @@ def test_a_grown_folder_corpus_retires_the_parts_that_changed(ray_session, tmp_p
         write_folder(corpus / name, [(f"g{i}", good(i, 40)[0], good(i, 40)[1].encode(), "")
                                      for i in range(first, first + n)])
 
-    def planned(cuts: str = "names") -> set[str]:
-        return {p.id for p in readers.plan_parts(str(corpus), "auto", fast_cfg.reader, folder_cuts=cuts)}
+    def planned(cuts: str = "names", sizes: bool = True) -> set[str]:
+        return {p.id for p in readers.plan_parts(str(corpus), "auto", fast_cfg.reader, folder_cuts=cuts, sizes=sizes)}
 
     add_folder("00", 0, 5)
     add_folder("01", 5, 5)
@@ -123,7 +124,7 @@ def test_a_grown_folder_corpus_retires_the_parts_that_changed(ray_session, tmp_p
     spec = job_spec(str(corpus), fast_cfg, models) | {"part_ids": "relative"}
     storage.write_text(storage.join(legacy, shards.JOB_FILE), json.dumps(spec))
     run(str(corpus), legacy, models, fast_cfg, progress=False)
-    assert set(manifest.read_manifest(legacy)["part"].to_pylist()) == planned("count") != old
+    assert set(manifest.read_manifest(legacy)["part"].to_pylist()) == planned("count", sizes=False) != old
 
     add_folder("02", 10, 3)
     new = planned()
@@ -136,6 +137,20 @@ def test_a_grown_folder_corpus_retires_the_parts_that_changed(ray_session, tmp_p
     assert sorted(k.rsplit("/", 1)[1] for k in keys) == sorted(f"g{i}.img.png" for i in range(13))
     assert set(manifest.read_manifest(out)["part"].to_pylist()) == new
     assert run(str(corpus), out, models, fast_cfg, progress=False)["run_parts"] == 0
+
+    # An image replaced under its name (another size): its part alone is retired and tokenized again.
+    def tokens_of(name: str) -> list:
+        table = shards.load_token_shards(out)
+        return next(t for k, t in zip(table["key"].to_pylist(), table["tokens_lo"].to_pylist()) if k.endswith(name))
+
+    replaced = corpus / "01" / "g7.img.png"
+    before = tokens_of("g7.img.png")
+    replaced.write_bytes(good(99, 40)[0])
+    with pytest.raises(ValueError, match="1 finished part"):
+        run(str(corpus), out, models, fast_cfg, progress=False)
+    again = run(str(corpus), out, models, fast_cfg, progress=False, retire_changed=True)
+    assert again["retired"] == 1 and again["run_parts"] == 1 and again["accepted"] == 13
+    assert len(keys_once(shards.load_token_shards(out))) == 13 and tokens_of("g7.img.png") != before
 
 
 def test_output_written_before_relative_part_ids_resumes_with_its_own(ray_session, tmp_path, tiny_root_lo_only,
@@ -150,7 +165,7 @@ def test_output_written_before_relative_part_ids_resumes_with_its_own(ray_sessio
     run(corpus, legacy, models, fast_cfg, progress=False)
     run(corpus, fresh, models, fast_cfg, progress=False)
     for out, ids in ((legacy, "absolute"), (fresh, "relative")):
-        planned = {p.id for p in readers.plan_parts(corpus, "auto", fast_cfg.reader, ids=ids)}
+        planned = {p.id for p in readers.plan_parts(corpus, "auto", fast_cfg.reader, ids=ids, sizes=ids == "relative")}
         assert set(manifest.read_manifest(out)["part"].to_pylist()) == planned
         assert set(keys_once(shards.load_token_shards(out))) == accepted
         assert run(corpus, out, models, fast_cfg, progress=False)["run_parts"] == 0
