@@ -341,6 +341,7 @@ def _run_parts(todo: list[readers.Part], cfg: TokenizeConfig, models: Models, sp
                     if entry is not None:
                         published(log.add(entry))
                 published(log.flush_if_due())
+            published(log.flush())  # before the bar closes, so that it ends at every part
             stats, coordinator_cpu_s = ray.get(coordinator.finish.remote())
         except BaseException:
             log.flush()  # parts finished before the failure stay finished
@@ -349,7 +350,6 @@ def _run_parts(todo: list[readers.Part], cfg: TokenizeConfig, models: Models, sp
             bar.close()
             ray.kill(coordinator)  # stops the pools too: they belong to it
             storage.delete(storage.join(output, manifest.SHARDS_DIR, run_id, manifest.PLAN_DIR))
-        published(log.flush())
         missing = assembler.incomplete()
         if missing:
             raise RuntimeError(f"{len(missing)} part(s) ended incomplete, e.g. {missing[:3]}; re-run to finish")

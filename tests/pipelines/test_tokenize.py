@@ -36,8 +36,9 @@ def pixels_of(image: bytes, size: int, hi: int | None = None) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("placement", ["actors", "tasks"])  # decoding in the VQGAN actors, or a pool of its own
-def test_folder_corpus_end_to_end(ray_session, tmp_path, tiny_root, fast_cfg, placement):
-    fast_cfg = replace(fast_cfg, preprocess=replace(fast_cfg.preprocess, placement=placement))
+def test_folder_corpus_end_to_end(ray_session, tmp_path, tiny_root, fast_cfg, placement, capsys):
+    # Commits once at the end (the default, 10 s, for a run this short), so the bar's last parts come from it.
+    fast_cfg = replace(fast_cfg, preprocess=replace(fast_cfg.preprocess, placement=placement), commit_seconds=600)
     rows = mixed_rows()
     write_folder(tmp_path / "corpus", rows)
     out = str(tmp_path / "tokens")
@@ -46,8 +47,7 @@ def test_folder_corpus_end_to_end(ray_session, tmp_path, tiny_root, fast_cfg, pl
     def published(entry):
         driver_threads.update(t.name for t in threading.enumerate())
 
-    totals = run(str(tmp_path / "corpus"), out, resolve_models(tiny_root), fast_cfg, on_published=published,
-                 progress=False)
+    totals = run(str(tmp_path / "corpus"), out, resolve_models(tiny_root), fast_cfg, on_published=published)
     # Ray Data's executor ran in the coordinator actor, not here: the driver only commits records.
     assert driver_threads and not any(t.startswith("StreamingExecutor") for t in driver_threads), driver_threads
     assert totals["coordinator_cpu_s"] > 0
@@ -66,6 +66,9 @@ def test_folder_corpus_end_to_end(ray_session, tmp_path, tiny_root, fast_cfg, pl
     parts = len(readers.plan_parts(str(tmp_path / "corpus"), "auto", fast_cfg.reader))
     assert totals["accepted"] == table.num_rows == 9 and totals["parts"] == parts > 1
     assert not [f for f in storage.list_files(out) if f"/{manifest.PLAN_DIR}/" in f]  # the run's part lists went with it
+    # The bar ends at every part (the last commit lands before it closes), then the summary line.
+    console = capsys.readouterr()
+    assert f"| {parts}/{parts} [" in console.err and "tokenize: 9 accepted, 6 rejected" in console.out, console
 
     info = shards.shard_info(out)
     assert info == {"tokens_lo_side": 8, "tokens_hi_side": 16, "text_storage": "ids", "text_dim": 64,
