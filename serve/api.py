@@ -49,11 +49,18 @@ logger = logging.getLogger("ray.serve")
 STATIC = Path(__file__).parent / "static"
 
 
+def not_router_start(record: logging.LogRecord) -> bool:
+    """A filter for the ingress's Serve logger: Serve's router says "Started <...LongPollClient
+    object at 0x...>" at the first request, an internal object's repr between the access lines."""
+    return not str(record.msg).startswith("Started <ray.serve._private.router")
+
+
 @serve.ingress()
 class Ingress:
     """Builds its FastAPI app per replica (`__serve_build_asgi_app__`) from the typed args."""
 
     def __init__(self, text_encoder, base, superres, decoder, args: AppArgs):
+        logger.addFilter(not_router_start)
         self.text, self.base, self.superres, self.decoder = text_encoder, base, superres, decoder
         self.args = args
         self.limits, self.sampling = args.limits, args.sampling

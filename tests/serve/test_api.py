@@ -38,6 +38,21 @@ def test_health_and_page(muse_app):
     assert "Muse on Ray" in page.text and "v1/images/generations" in page.text
 
 
+def test_the_ingress_logs_a_line_per_request_and_no_router_internals(muse_app):
+    """The ingress replica's log (what `muse serve` shows) has its access line per request, and not
+    Serve's "Started <...LongPollClient object at 0x...>" from its first request."""
+    import glob
+    import os
+
+    import ray
+
+    assert muse_app.generate(prompt="a red circle", size="64x64", response_format="b64_json").status_code == 200
+    logs = ray._private.worker._global_node.get_logs_dir_path()
+    text = "".join(open(f).read() for f in glob.glob(os.path.join(logs, "serve", "replica_*Ingress*.log")))
+    assert "POST /v1/images/generations 200" in text
+    assert "Started <" not in text
+
+
 def resampled(image: Image.Image, side: int) -> np.ndarray:
     """The pipeline's image as the API returns it at `side` (bicubic, when the stage draws another size)."""
     return pil_array(image if image.size == (side, side) else image.resize((side, side), Image.Resampling.BICUBIC))
