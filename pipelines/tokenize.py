@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -422,8 +423,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="start even though another run's heartbeat in --output is fresh (that run "
                              "is dead, e.g. killed a moment ago), deleting the shards it left uncommitted")
     parser.add_argument("--retire-changed", action="store_true",
-                        help="the corpus changed since finished parts were tokenized (files added, removed or "
-                             "renamed): delete those parts' shards and tokenize the parts that replace them")
+                        help="the corpus changed since finished parts were tokenized (files added, removed, "
+                             "renamed or rewritten with another size): delete those parts' shards and tokenize the parts that replace them")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
@@ -436,10 +437,37 @@ def main(argv: list[str] | None = None) -> None:
     except (ResumeRefused, manifest.OutputInUse, readers.NoInput) as e:  # refused before any work: said once
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     if totals["stats"] and not args.no_progress:
-        # Ray Data counts the rows each operator emits: the writers' and the CPU actors' rows are
-        # records (one per block or part), not samples; the samples/s are in the line above.
-        print("tokenize: time per stage (Ray Data; its rows are records of blocks or parts, not samples):\n"
-              + totals["stats"], flush=True)
+        from jobs.progress import VERBOSE_ENV
+
+        lines = None if os.environ.get(VERBOSE_ENV) else stage_times(totals["stats"])
+        if lines is None:  # Ray Data's whole report (its rows are records of blocks or parts, not samples)
+            print("tokenize: time per stage (Ray Data):\n" + totals["stats"], flush=True)
+        else:
+            print("tokenize: time per stage (Ray Data; work summed over its tasks; "
+                  f"{VERBOSE_ENV}=1 for its whole report):\n" + "\n".join(lines), flush=True)
+
+
+_OPERATOR = re.compile(r"^Operator \d+ (.+?): (\d+) tasks executed")
+_TOTAL = re.compile(r"^\* (Remote wall time|Remote cpu time|Output size bytes per block): .*?([\d.]+)\s*(us|ms|s)?\s+total")
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, None: 1.0}
+
+
+def stage_times(stats: str) -> list[str] | None:
+    """One line per Ray Data operator from its stats report (tasks, seconds of work and of CPU, bytes
+    out), or None when the report has no operator in the expected form."""
+    lines, current = [], None
+    for line in stats.splitlines():
+        if m := _OPERATOR.match(line.strip()):
+            current = {"name": m.group(1), "tasks": int(m.group(2))}
+            lines.append(current)
+        elif current is not None and (m := _TOTAL.match(line.strip())):
+            current[m.group(1)] = float(m.group(2)) * _UNITS[m.group(3)]
+    if not lines or any(len(op) < 5 for op in lines):
+        return None
+    width = max(len(op["name"]) for op in lines)
+    return [f"  {op['name']:<{width}}  {op['tasks']:>5} tasks  {op['Remote wall time']:8.2f} s"
+            f"  ({op['Remote cpu time']:.2f} s CPU)  {op['Output size bytes per block'] / 1e6:9.2f} MB out"
+            for op in lines]
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pipelines import manifest, readers, shards
 from pipelines.config import PreprocessConfig, load_config
 from pipelines.preprocess import preprocess_batch
 from pipelines.readers import ROW_SCHEMA
-from pipelines.tokenize import decodes_in_actors, main, resolve_models, run
+from pipelines.tokenize import decodes_in_actors, main, resolve_models, run, stage_times
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -56,6 +56,10 @@ def test_folder_corpus_end_to_end(ray_session, tmp_path, tiny_root, fast_cfg, pl
     assert operators == (["Operator 1 ReadParts->MapBatches(PartTokens)"] if placement == "actors" else
                          ["Operator 1 ReadCorpus", "Operator 2 MapBatches(preprocess_batch)",
                           "Operator 3 MapBatches(ImageTokens)", "Operator 4 MapBatches(write_block)"]), totals["stats"]
+    # The command line's summary has a line per operator, from Ray Data's report.
+    lines = stage_times(totals["stats"])
+    assert [line.split()[0] for line in lines] == [op.split(" ", 2)[2] for op in operators], lines
+    assert all(" tasks " in line and " s CPU) " in line for line in lines), lines
 
     rejects = json.loads(storage.read_text(storage.join(out, "rejects.json")))
     assert rejects["by_reason"] == expected_counts(rows) and rejects["total"] == 6
