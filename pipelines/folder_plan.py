@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import posixpath
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
@@ -157,7 +156,7 @@ def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int,
                 chunk.append((f.uri, None, None, reason))  # its caption is looked up with its part's
                 sizes.append(str(f.size))
             else:
-                txt = posixpath.basename(f.uri).rsplit(".", 1)[0] + ".txt"
+                txt = f.uri.rpartition("/")[2].rsplit(".", 1)[0] + ".txt"
                 sidecar = f.uri.rsplit(".", 1)[0] + ".txt" if txt in f.siblings else None
                 chunk.append((f.uri, sidecar, None, reason))
                 sizes.append(f"{f.size}+{f.siblings[txt]}" if sidecar else str(f.size))

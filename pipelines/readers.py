@@ -243,7 +243,8 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
 
 
 def _ext(uri: str) -> str:
-    return posixpath.basename(uri).rsplit(".", 1)[-1].lower() if "." in posixpath.basename(uri) else ""
+    name = uri.rpartition("/")[2]  # called for every file listed: string methods, not posixpath
+    return name.rpartition(".")[2].lower() if "." in name else ""
 
 
 def _relative(root: str, uri: str) -> str:
