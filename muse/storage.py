@@ -122,12 +122,21 @@ def _misfiled_throttle_retried(read):
     return read()
 
 
-def read_bytes(uri: str) -> bytes:
+class FileTooLarge(Exception):
+    """A file over the size a caller would read (`read_bytes`'s `limit`): not a storage error."""
+
+
+def read_bytes(uri: str, limit: int | None = None) -> bytes:
+    """The whole file; with `limit`, at most that many bytes are read, and a larger file raises
+    FileTooLarge."""
     fs, path = filesystem(uri)
 
     def read() -> bytes:
         with fs.open_input_stream(path) as f:
-            return f.read()
+            data = f.read() if limit is None else f.read(limit + 1)
+        if limit is not None and len(data) > limit:
+            raise FileTooLarge(f"{uri}: over {limit} bytes")
+        return data
     return _misfiled_throttle_retried(read)
 
 

@@ -107,7 +107,7 @@ def ends_part(name: str, size: int, rows_per_part: int) -> bool:
     return int.from_bytes(digest, "big") % max(1, rows_per_part - low) == 0
 
 
-def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int, captions_cfg,
+def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int, cfg,
                 make_part: Callable[[str, tuple[Item, ...], int, list[str], str | None, list[str]], object],
                 spill: PlanSpill | None = None,
                 progress: Callable[..., None] | None = None, max_images: int | None = None,
@@ -125,6 +125,11 @@ def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int,
     many: the corpus's first parts, as a full plan has them."""
     if cuts not in FOLDER_CUTS:
         raise ValueError(f"cuts must be one of {FOLDER_CUTS}, got {cuts!r}")
+    limit = cfg.max_file_bytes
+
+    def over(size: int) -> bool:  # rejected here, unread (file_too_large), from the listing's size
+        return limit is not None and size > limit
+
     with contextlib.ExitStack() as cleanup:
         captions, parts, chunk, names, sizes, start = None, [], [], [], [], 0
 
@@ -147,10 +152,10 @@ def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int,
                 progress(start, len(parts))
 
         for n, f in enumerate(images):
-            if n == 0 and (path := captions_file(root, captions_cfg)) is not None:  # only for a corpus with images
+            if n == 0 and (path := captions_file(root, cfg)) is not None:  # only for a corpus with images
                 indexed = None if progress is None else (lambda records: progress(0, 0, captions=records))
-                captions = cleanup.enter_context(CaptionsIndex(path, captions_cfg, indexed))
-            reason = "missing_image" if f.broken else ""
+                captions = cleanup.enter_context(CaptionsIndex(path, cfg, indexed))
+            reason = "missing_image" if f.broken else "file_too_large" if over(f.size) else ""
             names.append(_below(root, f.uri))
             if captions is not None:
                 chunk.append((f.uri, None, None, reason))  # its caption is looked up with its part's
@@ -158,6 +163,8 @@ def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int,
             else:
                 txt = f.uri.rpartition("/")[2].rsplit(".", 1)[0] + ".txt"
                 sidecar = f.uri.rsplit(".", 1)[0] + ".txt" if txt in f.siblings else None
+                if sidecar and not reason and over(f.siblings[txt]):
+                    reason = "file_too_large"
                 chunk.append((f.uri, sidecar, None, reason))
                 sizes.append(f"{f.size}+{f.siblings[txt]}" if sidecar else str(f.size))
             full = len(chunk) == rows_per_part if cuts == "count" else ends_part(names[-1], len(chunk), rows_per_part)

@@ -19,7 +19,8 @@ A read task yields rows with the corpus columns
 
 and the bookkeeping columns `part`, `index` (row number in the part), `part_rows` (-1 on data rows)
 and `reject_reason` ("" or why the reader itself refused the row: missing caption or image, a
-caption that is not text, or an unreadable source). After its rows each task yields one *end row*
+caption that is not text, a file over `max_file_bytes`, which is never read, or an unreadable
+source). After its rows each task yields one *end row*
 (`index` -1, `part_rows` = rows in the part) so whoever consumes the stream knows when a part is
 complete. A source that is corrupt (not Parquet, truncated tar, a Parquet file without the
 configured columns) never fails the job: the rows read so far are kept and one `unreadable_source`
@@ -62,6 +63,7 @@ from pipelines.parquet_plan import row_group_parts
 MISSING_CAPTION = "missing_caption"
 MISSING_IMAGE = "missing_image"
 UNREADABLE_SOURCE = "unreadable_source"
+FILE_TOO_LARGE = "file_too_large"
 
 CAPTION_EXTENSIONS = ("txt", "caption", "json")  # WebDataset members read as captions
 
@@ -259,8 +261,9 @@ def _relative(root: str, uri: str) -> str:
 class _Rows:
     """Collects rows of one part into blocks of `block_rows`."""
 
-    def __init__(self, part: Part, block_rows: int, images: bool = True):
+    def __init__(self, part: Part, block_rows: int, images: bool = True, max_bytes: int | None = None):
         self.part, self.block_rows, self.images, self.count = part, block_rows, images, 0
+        self.max_bytes = max_bytes
         self.cols: dict[str, list] = {n: [] for n in ROW_SCHEMA.names}
 
     def add(self, key: str, image: bytes, caption: bytes | None, reason: str = "") -> pa.Table | None:
@@ -287,7 +290,7 @@ def read_part(part: Part, cfg: ReaderConfig, images: bool = True) -> Iterator[pa
     """Blocks of corpus rows for `part`, ending with its end row. `images=False` reads the captions
     only (image files and Parquet image columns are not read; the image column stays empty), for what
     needs no pixels, such as fitting a vocabulary."""
-    rows = _Rows(part, cfg.block_rows, images)
+    rows = _Rows(part, cfg.block_rows, images, cfg.max_file_bytes)
     reader = {"parquet": _read_parquet, "webdataset": _read_tar, "folder": _read_folder}[part.format]
     try:
         for block in reader(part, cfg, rows):
@@ -344,6 +347,7 @@ def _image_bytes(column: pa.Array) -> list[bytes | None]:
 
 
 _UNREAD = b"\x01"  # captions only: an image is there, its bytes are not read (nor kept)
+_TOO_LARGE = object()  # a tar member over max_file_bytes, not read
 
 
 def _caption_bytes(text: str) -> bytes:
@@ -360,6 +364,8 @@ def _add(rows: _Rows, key: str, image: bytes | None, caption: str | bytes | None
          reason: str = "") -> pa.Table | None:
     caption = _caption_bytes(caption) if isinstance(caption, str) else caption
     reason = reason or (MISSING_IMAGE if not image else MISSING_CAPTION if caption is None else "")
+    if not reason and rows.max_bytes is not None and max(len(image), len(caption)) > rows.max_bytes:
+        reason = FILE_TOO_LARGE  # a Parquet value (files and tar members are not even read)
     return rows.add(key, (image or b"") if rows.images and not reason else b"", caption, reason)
 
 
@@ -372,20 +378,26 @@ def _read_folder(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Tabl
     be read is a storage error (the part is retried), never a reject."""
     items = part.folder_items()
 
-    def fetch(item) -> tuple[bytes | None, bytes | str | None]:
+    def fetch(item) -> tuple[bytes | None, bytes | str | None, str]:
+        """(image, caption, reason); a reason found at planning (a dangling symlink, a caption that
+        is not text, a file over max_file_bytes) leaves nothing to read."""
         image_uri, caption_uri, inline, reason = item
-        if reason:  # found at planning (a dangling symlink, a caption that is not text): nothing to read
-            return None, None
-        image = storage.read_bytes(image_uri) if rows.images else _UNREAD
-        return image, storage.read_bytes(caption_uri) if caption_uri is not None else inline
+        if reason:
+            return None, None, reason
+        try:
+            image = storage.read_bytes(image_uri, rows.max_bytes) if rows.images else _UNREAD
+            caption = storage.read_bytes(caption_uri, rows.max_bytes) if caption_uri is not None else inline
+        except storage.FileTooLarge:  # grown since planning
+            return None, None, FILE_TOO_LARGE
+        return image, caption, ""
 
     with ThreadPoolExecutor(FOLDER_READS_IN_FLIGHT) as pool:
         ahead: deque[Future] = deque()
         for n, item in enumerate(items):
             while len(ahead) < FOLDER_READS_IN_FLIGHT and n + len(ahead) < len(items):
                 ahead.append(pool.submit(fetch, items[n + len(ahead)]))
-            image, caption = ahead.popleft().result()
-            image_uri, _, _, reason = item
+            image, caption, reason = ahead.popleft().result()
+            image_uri = item[0]
             if reason:
                 yield rows.add(image_uri, b"", b"", reason)
             else:
@@ -419,6 +431,9 @@ def _read_tar(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Table |
             if not rows.images and ext.lower() in exts:
                 sample[ext.lower()] = _UNREAD if member.size else b""
                 continue
+            if rows.max_bytes is not None and member.size > rows.max_bytes:
+                sample[ext.lower()] = _TOO_LARGE  # never read: the stream skips it
+                continue
             data = tar.extractfile(member).read()
             if len(data) != member.size:
                 raise tarfile.ReadError(f"{member.name}: truncated ({len(data)} of {member.size} bytes)")
@@ -435,6 +450,8 @@ def _tar_sample(rows: _Rows, part: Part, key: str, sample: dict[str, bytes], ext
     if name in seen:  # a key repeated later in the tar: keep keys unique
         name = f"{name}#{rows.count}"
     seen.add(name)
+    if any(v is _TOO_LARGE for v in sample.values()):
+        return rows.add(name, b"", b"", FILE_TOO_LARGE)
     image = next((v for k, v in sample.items() if k in exts), None)
     caption, reason = sample.get("txt", sample.get("caption")), ""
     if caption is None and "json" in sample:

@@ -62,7 +62,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from muse import storage
 from pipelines import corpus_data, manifest, readers, shards
@@ -218,6 +218,10 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     sizes = old_spec is None or "part_sizes" in old_spec
     if sizes:
         spec["part_sizes"] = "as listed"
+    if old_spec is not None and "max_file_bytes" not in old_spec.get("reader", {}):
+        # Tokenized before files had a size limit: the rest of the output is read as its start was.
+        cfg = replace(cfg, reader=replace(cfg.reader, max_file_bytes=None))
+        spec["reader"].pop("max_file_bytes")
     done = manifest.read_manifest(output)
     finished = set(done["part"].to_pylist())
     run_id = manifest.new_run_id()

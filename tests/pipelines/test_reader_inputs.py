@@ -175,3 +175,47 @@ def test_parquet_columns_of_the_wrong_type_are_refused_at_planning(tmp_path, ima
     with pytest.raises(ValueError, match=message) as e:
         plan_parts(str(tmp_path), "auto", ReaderConfig())
     assert str(tmp_path / "a.parquet") in str(e.value)
+
+
+def test_files_over_the_size_limit_are_rejected_unread(tmp_path, monkeypatch):
+    """A 4 GiB "image" (sparse: no disk) is `file_too_large` from its listed size, without one byte
+    read, at the default limit. With a small limit, a sidecar, an image grown since planning, a tar
+    member and a Parquet value over it are rejected too, and the other samples are read."""
+    image, caption = good(0, 40)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        (folder / f"{name}.png").write_bytes(image)
+        (folder / f"{name}.txt").write_text(caption)
+    with open(folder / "huge.png", "wb") as f:
+        f.truncate(4 << 30)
+    (folder / "huge.txt").write_text(caption)
+    opened = []
+    real = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda uri, limit=None: opened.append(uri) or real(uri, limit))
+    rows = {r["key"].rsplit("/", 1)[1]: r["reject_reason"] for r in read(folder)}
+    assert rows == {"a.png": "", "b.png": "", "c.png": "", "huge.png": "file_too_large"}
+    assert not [u for u in opened if "huge" in u]
+    (folder / "huge.png").unlink()
+
+    small = ReaderConfig(max_file_bytes=len(image) + 10)
+    (folder / "b.txt").write_text("x" * (len(image) + 11))
+    parts = plan_parts(str(folder), "auto", small)
+    with open(folder / "c.png", "ab") as f:  # grown after planning: the capped read finds it
+        f.write(b"\0" * 11)
+    got = {r["key"].rsplit("/", 1)[1]: r["reject_reason"] for part in parts for block in read_part(part, small)
+           for r in block.to_pylist() if r["index"] != -1}
+    assert got == {"a.png": "", "b.png": "file_too_large", "c.png": "file_too_large"}
+
+    (tmp_path / "tars").mkdir()
+    with tarfile.open(tmp_path / "tars" / "a.tar", "w") as tar:
+        add(tar, "s0.png", image)
+        add(tar, "s0.txt", caption.encode())
+        add(tar, "s1.png", image + b"\0" * 11)
+        add(tar, "s1.txt", caption.encode())
+    assert [(r["key"].rsplit("#", 1)[1], r["reject_reason"]) for r in read(tmp_path / "tars", small)] == [
+        ("s0", ""), ("s1", "file_too_large")]
+    (tmp_path / "pq").mkdir()
+    write(tmp_path / "pq" / "a.parquet", {"image": [image, image + b"\0" * 11], "caption": [caption, caption]})
+    assert [r["reject_reason"] for r in read(tmp_path / "pq", small)] == ["", "file_too_large"]
+    assert [r["reject_reason"] for r in read(tmp_path / "pq", ReaderConfig(max_file_bytes=None))] == ["", ""]

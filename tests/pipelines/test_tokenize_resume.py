@@ -155,12 +155,14 @@ def test_a_grown_folder_corpus_retires_the_parts_that_changed(ray_session, tmp_p
 
 def test_output_written_before_relative_part_ids_resumes_with_its_own(ray_session, tmp_path, tiny_root_lo_only,
                                                                      fast_cfg):
-    """An output whose _job.json predates relative part ids keeps hashing full paths, so its finished
-    parts stay finished; a new output names parts by their paths below the corpus."""
+    """An output whose _job.json predates relative part ids (and the file size limit) keeps hashing
+    full paths, so its finished parts stay finished; a new output names parts by their paths below
+    the corpus."""
     corpus, accepted, _ = corpus_of_parts(tmp_path, n_files=1)
     models = resolve_models(tiny_root_lo_only)
     legacy, fresh = str(tmp_path / "legacy"), str(tmp_path / "fresh")
     spec = job_spec(corpus, fast_cfg, models) | {"parquet_parts": "whole row groups"}
+    del spec["reader"]["max_file_bytes"]  # written before files had a size limit, too
     storage.write_text(storage.join(legacy, shards.JOB_FILE), json.dumps(spec))
     run(corpus, legacy, models, fast_cfg, progress=False)
     run(corpus, fresh, models, fast_cfg, progress=False)
@@ -169,7 +171,8 @@ def test_output_written_before_relative_part_ids_resumes_with_its_own(ray_sessio
         assert set(manifest.read_manifest(out)["part"].to_pylist()) == planned
         assert set(keys_once(shards.load_token_shards(out))) == accepted
         assert run(corpus, out, models, fast_cfg, progress=False)["run_parts"] == 0
-    assert "part_ids" not in json.loads(storage.read_text(storage.join(legacy, shards.JOB_FILE)))
+    written = json.loads(storage.read_text(storage.join(legacy, shards.JOB_FILE)))
+    assert "part_ids" not in written and "max_file_bytes" not in written["reader"]
 
 
 def test_sigkill_mid_run_then_rerun_is_exactly_once(ray_session, tmp_path, tiny_root_lo_only, fast_cfg):
