@@ -219,3 +219,17 @@ def test_files_over_the_size_limit_are_rejected_unread(tmp_path, monkeypatch):
     write(tmp_path / "pq" / "a.parquet", {"image": [image, image + b"\0" * 11], "caption": [caption, caption]})
     assert [r["reject_reason"] for r in read(tmp_path / "pq", small)] == ["", "file_too_large"]
     assert [r["reject_reason"] for r in read(tmp_path / "pq", ReaderConfig(max_file_bytes=None))] == ["", ""]
+
+
+def test_the_size_limit_on_s3(s3_bucket):
+    """On S3 the limit holds the same way: from the listing's sizes at planning, and a capped read."""
+    image, caption = good(0, 40)
+    for name, data in (("a.png", image), ("a.txt", caption.encode()), ("b.png", image + b"\0" * 11),
+                       ("b.txt", caption.encode())):
+        storage.write_bytes(f"{s3_bucket}/sized/{name}", data)
+    small = ReaderConfig(max_file_bytes=len(image) + 10)
+    rows = {r["key"].rsplit("/", 1)[1]: r["reject_reason"] for r in read(f"{s3_bucket}/sized", small)}
+    assert rows == {"a.png": "", "b.png": "file_too_large"}
+    assert storage.read_bytes(f"{s3_bucket}/sized/a.png", len(image)) == image
+    with pytest.raises(storage.FileTooLarge):
+        storage.read_bytes(f"{s3_bucket}/sized/a.png", len(image) - 1)
