@@ -469,7 +469,7 @@ def stage_times(stats: str) -> list[str] | None:
     if not lines or any(len(op) < 5 for op in lines):
         return None
     width = max(len(op["name"]) for op in lines)
-    return [f"  {op['name']:<{width}}  {op['tasks']:>5} tasks  {op['Remote wall time']:8.2f} s"
+    return [f"  {op['name']:<{width}}  {op['tasks']:>5} task{'s' if op['tasks'] != 1 else ' '}  {op['Remote wall time']:8.2f} s"
             f"  ({op['Remote cpu time']:.2f} s CPU)  {op['Output size bytes per block'] / 1e6:9.2f} MB out"
             for op in lines]
 
