@@ -90,6 +90,9 @@ def part_items(root: str, plan: str, group: int) -> tuple[Item, ...]:
 
 
 FOLDER_CUTS = ("names", "count")
+# Reject reasons planning finds from the listing (`pipelines.readers` has the others).
+MISSING_IMAGE = "missing_image"  # a dangling symlink
+FILE_TOO_LARGE = "file_too_large"  # over reader.max_file_bytes: never read
 
 
 def ends_part(name: str, size: int, rows_per_part: int) -> bool:
@@ -155,7 +158,7 @@ def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int,
             if n == 0 and (path := captions_file(root, cfg)) is not None:  # only for a corpus with images
                 indexed = None if progress is None else (lambda records: progress(0, 0, captions=records))
                 captions = cleanup.enter_context(CaptionsIndex(path, cfg, indexed))
-            reason = "missing_image" if f.broken else "file_too_large" if over(f.size) else ""
+            reason = MISSING_IMAGE if f.broken else FILE_TOO_LARGE if over(f.size) else ""
             names.append(_below(root, f.uri))
             if captions is not None:
                 chunk.append((f.uri, None, None, reason))  # its caption is looked up with its part's
@@ -164,7 +167,7 @@ def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int,
                 txt = f.uri.rpartition("/")[2].rsplit(".", 1)[0] + ".txt"
                 sidecar = f.uri.rsplit(".", 1)[0] + ".txt" if txt in f.siblings else None
                 if sidecar and not reason and over(f.siblings[txt]):
-                    reason = "file_too_large"
+                    reason = FILE_TOO_LARGE
                 chunk.append((f.uri, sidecar, None, reason))
                 sizes.append(f"{f.size}+{f.siblings[txt]}" if sidecar else str(f.size))
             full = len(chunk) == rows_per_part if cuts == "count" else ends_part(names[-1], len(chunk), rows_per_part)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 from muse import storage
 from muse.config import to_dict
@@ -66,6 +67,27 @@ def _precision(cfg: TokenizeConfig, pool: PoolConfig) -> str:
     return cfg.precision if pool.num_gpus > 0 else "fp32"
 
 
+def settings_as_before(spec: dict, old: dict | None, cfg: TokenizeConfig) -> tuple[TokenizeConfig, str, str, bool]:
+    """(cfg, part ids, folder cuts, sizes in part ids) for a run into an output whose _job.json is
+    `old`: an output tokenized before one of these existed goes on as its start was made, and a new
+    output records them in `spec`. Folder cuts are recorded once planning has met a folder."""
+    new = old is None
+    # Part ids hashing full paths, before ids were relative to the corpus.
+    part_ids = "relative" if new or "part_ids" in old else "absolute"
+    # Folder parts cut every rows_per_part images, before parts were cut by names.
+    folder_cuts = "names" if new or "folder_cuts" in old else "count"
+    # Part ids of names alone, before they covered the files' sizes.
+    sizes = new or "part_sizes" in old
+    if part_ids == "relative":
+        spec["part_ids"] = part_ids
+    if sizes:
+        spec["part_sizes"] = "as listed"
+    if not new and "max_file_bytes" not in old.get("reader", {}):  # before files had a size limit
+        cfg = replace(cfg, reader=replace(cfg.reader, max_file_bytes=None))
+        spec["reader"].pop("max_file_bytes")
+    return cfg, part_ids, folder_cuts, sizes
+
+
 # Spec fields added later: an output whose _job.json lacks one resumes as if it matched.
 _LATER_FIELDS = ("device", "precision", "weights")
 
@@ -97,8 +119,9 @@ def check_resumable(out: str, spec: dict, old: dict | None, finished: set[str], 
     if stale and not retire_changed:
         raise ResumeRefused(
             f"{len(stale)} finished part(s) in {out} are not in the input any more: the corpus changed since "
-            "they were tokenized (files added, removed, renamed, or written again with another size). Re-run with --retire-changed to delete "
-            "their shards and tokenize the parts that replace them, or write to a new --output")
+            "they were tokenized (files added, removed, renamed, or written again with another size). Re-run "
+            "with --retire-changed to delete their shards and tokenize the parts that replace them, or write "
+            "to a new --output")
     if old is None:
         storage.write_text(storage.join(out, shards.JOB_FILE), json.dumps(spec, indent=1))
     return stale

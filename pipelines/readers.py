@@ -57,13 +57,11 @@ import pyarrow.parquet as pq
 from muse import storage
 from pipelines.captions_file import CAPTION_NOT_TEXT, inline_caption  # noqa: F401 (with the other reasons)
 from pipelines.config import FORMATS, ReaderConfig
-from pipelines.folder_plan import PlanSpill, part_items, plan_folder
+from pipelines.folder_plan import FILE_TOO_LARGE, MISSING_IMAGE, PlanSpill, part_items, plan_folder
 from pipelines.parquet_plan import row_group_parts
 
 MISSING_CAPTION = "missing_caption"
-MISSING_IMAGE = "missing_image"
 UNREADABLE_SOURCE = "unreadable_source"
-FILE_TOO_LARGE = "file_too_large"
 
 CAPTION_EXTENSIONS = ("txt", "caption", "json")  # WebDataset members read as captions
 

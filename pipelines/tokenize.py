@@ -62,13 +62,13 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from muse import storage
 from pipelines import corpus_data, manifest, readers, shards
 from pipelines.config import FORMATS, PoolConfig, TokenizeConfig, load_config
 from pipelines.job_spec import (ResumeRefused, check_resumable, device_of, job_spec,  # noqa: F401 (job_spec: the tests')
-                                read_job_spec)
+                                read_job_spec, settings_as_before)
 from pipelines.models import ImageTokens, PartTokens, TextTokens, load_tokenizer
 from pipelines.preprocess import preprocessed
 
@@ -208,20 +208,7 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     start = time.time()
     spec = job_spec(input_uri, cfg, models)
     old_spec = read_job_spec(output)
-    # Outputs written before part ids were relative have no "part_ids" and keep their absolute ids.
-    part_ids = "absolute" if old_spec is not None and "part_ids" not in old_spec else "relative"
-    if part_ids == "relative":
-        spec["part_ids"] = part_ids
-    # Folder outputs tokenized before parts were cut by names keep their count cuts, and so their parts.
-    folder_cuts = "count" if old_spec is not None and "folder_cuts" not in old_spec else "names"
-    # Outputs tokenized before part ids covered the files' sizes keep ids without them.
-    sizes = old_spec is None or "part_sizes" in old_spec
-    if sizes:
-        spec["part_sizes"] = "as listed"
-    if old_spec is not None and "max_file_bytes" not in old_spec.get("reader", {}):
-        # Tokenized before files had a size limit: the rest of the output is read as its start was.
-        cfg = replace(cfg, reader=replace(cfg.reader, max_file_bytes=None))
-        spec["reader"].pop("max_file_bytes")
+    cfg, part_ids, folder_cuts, sizes = settings_as_before(spec, old_spec, cfg)
     done = manifest.read_manifest(output)
     finished = set(done["part"].to_pylist())
     run_id = manifest.new_run_id()
@@ -428,7 +415,8 @@ def main(argv: list[str] | None = None) -> None:
                              "is dead, e.g. killed a moment ago), deleting the shards it left uncommitted")
     parser.add_argument("--retire-changed", action="store_true",
                         help="the corpus changed since finished parts were tokenized (files added, removed, "
-                             "renamed or rewritten with another size): delete those parts' shards and tokenize the parts that replace them")
+                             "renamed or rewritten with another size): delete those parts' shards and "
+                             "tokenize the parts that replace them")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
@@ -452,7 +440,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 _OPERATOR = re.compile(r"^Operator \d+ (.+?): (\d+) tasks executed")
-_TOTAL = re.compile(r"^\* (Remote wall time|Remote cpu time|Output size bytes per block): .*?([\d.]+)\s*(us|ms|s)?\s+total")
+_TOTALS = ("Remote wall time", "Remote cpu time", "Output size bytes per block")
+_TOTAL = re.compile(rf"^\* ({'|'.join(_TOTALS)}): .*?([\d.]+)\s*(us|ms|s)?\s+total")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, None: 1.0}
 
 
@@ -466,12 +455,12 @@ def stage_times(stats: str) -> list[str] | None:
             lines.append(current)
         elif current is not None and (m := _TOTAL.match(line.strip())):
             current[m.group(1)] = float(m.group(2)) * _UNITS[m.group(3)]
-    if not lines or any(len(op) < 5 for op in lines):
+    if not lines or any(k not in op for op in lines for k in _TOTALS):
         return None
     width = max(len(op["name"]) for op in lines)
-    return [f"  {op['name']:<{width}}  {op['tasks']:>5} task{'s' if op['tasks'] != 1 else ' '}  {op['Remote wall time']:8.2f} s"
-            f"  ({op['Remote cpu time']:.2f} s CPU)  {op['Output size bytes per block'] / 1e6:9.2f} MB out"
-            for op in lines]
+    return [f"  {op['name']:<{width}}  {op['tasks']:>5} task{'s' if op['tasks'] != 1 else ' '}"
+            f"  {op['Remote wall time']:8.2f} s  ({op['Remote cpu time']:.2f} s CPU)"
+            f"  {op['Output size bytes per block'] / 1e6:9.2f} MB out" for op in lines]
 
 
 if __name__ == "__main__":
