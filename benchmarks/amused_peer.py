@@ -18,7 +18,7 @@ import torch
 from muse import sampling
 from muse.checkpoint import build_component
 from muse.config import preset
-from muse.pipeline import TextCondition, base_tokens
+from muse.token_stages import TextCondition, base_tokens
 
 SIDE, CODES, TEXT_LEN = 16, 8192, 77
 SMALL_UVIT = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=704,

@@ -46,7 +46,8 @@ import legacy_sampling  # noqa: E402
 from muse import sampling  # noqa: E402
 from muse.checkpoint import build_component  # noqa: E402
 from muse.config import model_preset, preset  # noqa: E402
-from muse.pipeline import MusePipeline, TextCondition, stage_contexts  # noqa: E402
+from muse.pipeline import MusePipeline  # noqa: E402
+from muse.token_stages import TextCondition, stage_contexts  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -37,7 +37,8 @@ from muse.config import preset, to_dict
 from muse.data import synthetic
 from muse.data.images import pil_to_tensor, tensor_to_pil
 from muse.evaluate import read_holdout, training_pairs
-from muse.pipeline import MusePipeline, superres_tokens
+from muse.pipeline import MusePipeline
+from muse.token_stages import superres_tokens
 from pipelines import shards
 from base_recipe import demo_links, export_root, train_in_process  # benchmarks/base_recipe.py
 from sampling import machine  # benchmarks/sampling.py: the same machine line as the other scripts

@@ -41,7 +41,7 @@ class BaseWorker(MaskedWorker):
 
     @torch.no_grad()
     def sample_grid(self, step: int):
-        from muse.pipeline import TextCondition, base_tokens
+        from muse.token_stages import TextCondition, base_tokens
 
         model = self.eval_model()
         if model is None:

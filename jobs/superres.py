@@ -59,7 +59,7 @@ class SuperResWorker(MaskedWorker):
 
     @torch.no_grad()
     def sample_grid(self, step: int):
-        from muse.pipeline import TextCondition, superres_tokens
+        from muse.token_stages import TextCondition, superres_tokens
 
         model = self.eval_model()
         if model is None or not hasattr(self, "_sample_rows"):

@@ -159,12 +159,14 @@ def save_reference(config: Any, uri: str) -> None:
     its sentencepiece model the tokenizer.json converted from it. For pretrained text encoders, so
     that model roots share one T5-XXL (~19 GB in float32) rather than each copying it."""
     kind = kind_of_config(config)
-    if not getattr(config, "name_or_path", None) or not hasattr(_kinds()[kind][1], "from_reference"):
+    model_cls = _kinds()[kind][1]
+    if not getattr(config, "name_or_path", None) or not hasattr(model_cls, "from_reference"):
         raise ValueError(f"a {kind!r} component cannot be saved as a reference (needs name_or_path)")
+    model_cls.check_reference(config)
     meta = {"kind": kind, "format_version": FORMAT_VERSION, "config": to_dict(config), "reference": True}
-    storage.write_text(storage.join(uri, CONFIG_FILE), json.dumps(meta, indent=2))
     if KINDS[kind].role == "text_encoder":  # its caption ids then load without transformers
         write_tokenizer_json(config.name_or_path, uri)
+    storage.write_text(storage.join(uri, CONFIG_FILE), json.dumps(meta, indent=2))  # last: whole or absent
 
 
 def load_component(uri: str, device: str | torch.device = "cpu", expect_kind: str | None = None) -> nn.Module:
@@ -180,6 +182,8 @@ def load_component(uri: str, device: str | torch.device = "cpu", expect_kind: st
     config = parse_config(meta, uri)
     _, model_cls = _kinds()[kind]
     if meta.get("reference"):  # the weights stay where config.name_or_path says
+        if not hasattr(model_cls, "from_reference"):
+            raise CheckpointError(f"{uri}: a {kind!r} component cannot be a reference; it holds its weights")
         return model_cls.from_reference(config, device).eval()
     with tempfile.TemporaryDirectory() as tmp:
         local = _localise(uri, tmp)
@@ -293,15 +297,16 @@ def parameter_count(name: str, config: Any) -> int:
 
 def init_model_root(preset_name: str, out: str, seed: int = 0,
                     components: tuple[str, ...] = COMPONENTS) -> dict[str, nn.Module]:
-    """Write randomly initialised components of a model preset (e.g. "tiny") into a model root."""
+    """Write randomly initialised components of a model preset (e.g. "tiny") into a model root; returns
+    the models built. A pretrained component (T5-XXL) is referenced, neither copied nor loaded."""
     config = model_preset(preset_name)
     models = {}
     for i, name in enumerate(components):
-        torch.manual_seed(seed + i)
         part = getattr(config, name)
-        models[name] = build_component(name, part)
-        if getattr(part, "name_or_path", None):  # pretrained (T5-XXL): referenced, not copied
+        if getattr(part, "name_or_path", None):
             save_reference(part, component_uri(out, name))
-        else:
-            save_component(models[name], component_uri(out, name))
+            continue
+        torch.manual_seed(seed + i)
+        models[name] = build_component(name, part)
+        save_component(models[name], component_uri(out, name))
     return models

@@ -61,10 +61,17 @@ def init_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS))
     parser.add_argument("--out", required=True, help="model root to write (local path or s3://)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="overwrite the components a model root at --out holds")
     args = parser.parse_args(argv)
-    from muse.checkpoint import init_model_root
+    from muse.checkpoint import COMPONENTS, has_component, init_model_root
 
-    init_model_root(args.preset, args.out, seed=args.seed)
+    held = [name for name in COMPONENTS if has_component(args.out, name)]
+    if held and not args.force:  # a trained root is hours of work: never replaced by accident
+        parser.error(f"{args.out} already holds a model root ({', '.join(held)}); pass --force to overwrite it")
+    try:
+        init_model_root(args.preset, args.out, seed=args.seed)
+    except (ValueError, OSError) as e:
+        parser.exit(1, f"muse init: error: {e}\n")
     print(f"wrote a random {args.preset} model root to {args.out}")
 
 

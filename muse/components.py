@@ -100,8 +100,10 @@ def read_meta(uri: str) -> dict[str, Any]:
         raise CheckpointError(f"{cfg_uri}: format_version must be an integer, got {version!r}")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{cfg_uri}: format_version {meta['format_version']} is newer than this code")
-    if meta["kind"] not in KINDS:
+    if not isinstance(meta["kind"], str) or meta["kind"] not in KINDS:
         raise CheckpointError(f"{cfg_uri}: unknown kind {meta['kind']!r}; known {sorted(KINDS)}")
+    if not isinstance(meta["config"], dict):
+        raise CheckpointError(f"{cfg_uri}: 'config' must be an object of the {meta['kind']} config's fields")
     return meta
 
 

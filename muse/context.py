@@ -8,12 +8,14 @@ contexts of different lengths on top of each other along the batch without paddi
 guidance runs the conditional rows and the unconditional ones (a single null token) as one forward,
 and each block's cross-attention attends each part to its own keys (`CrossAttention.forward`); a
 model that attends all rows at once reads the stack as one padded Context (`ContextStack.flat`).
+`NullContextCache` keeps a model's unconditional context from one request to the next.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -114,3 +116,26 @@ class ContextStack:
         and masked), built once per stack: for models that attend every row in one call."""
         parts = [c.repeat(n) if c.batch_size == 1 and n > 1 else c for c, n in zip(self.parts, self.rows)]
         return parts[0] if len(parts) == 1 else Context.cat(parts)
+
+
+class NullContextCache:
+    """A model's unconditional context, encoded once and reused by every request until the weights
+    change: key is the device, dtype and each tensor's version (an in-place update, a training step),
+    and loading weights (`load_state_dict`, also with assign=True, whose fresh tensors start at
+    version 0 again) empties the cache."""
+
+    def init_null_cache(self) -> None:
+        self._null: tuple[tuple, Context] | None = None
+        self.register_load_state_dict_post_hook(_forget_null)
+
+    def cached_null(self, encode: Callable[[], Context]) -> Context:
+        tensors = [*self.parameters(), *self.buffers()]
+        key = (tensors[0].device, tensors[0].dtype, tuple(t._version for t in tensors))
+        if self._null is None or self._null[0] != key:
+            with torch.no_grad():
+                self._null = (key, encode())
+        return self._null[1]
+
+
+def _forget_null(module: NullContextCache, incompatible_keys) -> None:
+    module._null = None

@@ -38,10 +38,9 @@ def _common(parser: argparse.ArgumentParser, steps: bool = True) -> None:
     if steps:
         parser.add_argument("--steps", type=int, default=24, help="base decoding steps (default 24)")
     parser.add_argument("--superres-steps", type=int, default=8, help="super-res decoding steps (default 8)")
-    if steps:
-        parser.add_argument("--superres-top-k", type=int, default=None,
-                            help="super-res draws each code among its k likeliest (1: the likeliest; default: "
-                                 "the whole codebook)")
+    parser.add_argument("--superres-top-k", type=int, default=None,
+                        help="super-res draws each code among its k likeliest (1: the likeliest; default: "
+                             "the whole codebook)")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request: image i draws from a generator seeded from (seed, i), so no two seeds share "
                         "an image and the same seed and settings give the same images (default 0)")
@@ -95,6 +94,7 @@ def run(command: str, args: argparse.Namespace) -> list[str]:
 
     from muse.pipeline import MusePipeline
 
+    _check_out(args.out)  # before minutes of sampling, not after
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -106,22 +106,31 @@ def run(command: str, args: argparse.Namespace) -> list[str]:
     else:
         # Weights seeded 0, as `muse init --preset tiny` writes them; --seed is for sampling.
         pipe = MusePipeline.from_preset(args.preset, seed=0, device=args.device)
-    # A root without a super-res stage (an imported aMUSEd one) stops at the base resolution.
-    superres = not args.no_superres and pipe.superres is not None
+    # None: through super-res when the root has it (an imported aMUSEd root stops at the base resolution).
     common = dict(negative_prompt=args.negative_prompt, num_images=args.n, superres_steps=args.superres_steps,
-                  guidance_scale=args.guidance, seed=args.seed, superres=superres)
+                  guidance_scale=args.guidance, seed=args.seed, superres=False if args.no_superres else None,
+                  superres_top_k=args.superres_top_k)
     if command == "generate":
-        images = pipe(args.prompt, steps=args.steps, superres_top_k=args.superres_top_k, **common)
+        images = pipe(args.prompt, steps=args.steps, **common)
     elif command == "inpaint":
-        images = pipe.inpaint(args.image, args.mask, args.prompt, steps=args.steps,
-                              superres_top_k=args.superres_top_k, **common)
+        images = pipe.inpaint(args.image, args.mask, args.prompt, steps=args.steps, **common)
     elif command == "outpaint":
         images = pipe.outpaint(args.image, args.prompt, direction=args.direction, scale=args.scale,
-                               steps=args.steps, superres_top_k=args.superres_top_k, **common)
+                               steps=args.steps, **common)
     else:
         images = pipe.edit(args.image, args.prompt, iterations=args.iterations, fraction=args.fraction,
                            top_k=args.top_k, **common)
     return write_images(images, args.out, command)
+
+
+def _check_out(out: str) -> None:
+    """--out is a directory this process can write into (made if missing)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot make the directory ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: the directory is not writable")
 
 
 def write_images(images: list[Image.Image], out: str, name: str) -> list[str]:
@@ -159,6 +168,9 @@ def _command_main(command: str) -> Callable[[list[str] | None], int]:
         except ValueError as e:  # bad input: one clear line, not a traceback
             print(f"muse {command}: error: {e}", file=sys.stderr)
             return 2
+        except OSError as e:  # e.g. the disk filled up while writing
+            print(f"muse {command}: error: {e}", file=sys.stderr)
+            return 1
         for path in paths:
             print(path)
         return 0

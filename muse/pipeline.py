@@ -3,14 +3,11 @@
     prompts ──T5──▶ TextCondition ──base_tokens──▶ lo ids (B·n, h, w) ──superres_tokens──▶ hi ids
                                                                            ──VQGAN_hi.decode──▶ PIL
 
-`base_tokens` / `superres_tokens` are the two token stages as plain functions (the serving layer calls
-them per deployment); `MusePipeline` holds the five components of a model root and adds prompts,
-seeds, editing (inpaint / outpaint / mask-free edit) and PIL in and out.
-
-Each stage encodes its cross-attention context once per request (conditional, and unconditional or
-negative when guidance is on) and hands it to `sampling.generate`. Image i of a call with seed s draws
-from its own generator, seeded `sampling.image_seed(s, i)`, in both stages, so it does not depend on
-the other images, and no two seeds share an image.
+`MusePipeline` holds the five components of a model root and adds prompts, seeds, editing (inpaint /
+outpaint / mask-free edit) and PIL in and out around the two token stages (`muse.token_stages`, which
+the serving layer calls per deployment). Image i of prompt p of a call with seed s draws from its own
+generator, seeded `sampling.image_seed(s, i, p)`, in both stages, so it does not depend on the other
+images, and no two seeds share an image.
 """
 
 from __future__ import annotations
@@ -23,100 +20,14 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 
-from muse import checkpoint, editing, sampling
-from muse.context import Context
+from muse import checkpoint, editing, sampling, storage
 from muse.data.images import centre_square, pil_to_tensor, tensor_to_pil
 from muse.image_inputs import letterbox, load_image, load_mask
+from muse.token_stages import TextCondition, base_tokens, stage_contexts, superres_tokens
 from muse.transformer import MaskedTransformer, SuperResTransformer
 
 OUTPUTS = ("pil", "tokens")
 StageCallback = Callable[[str, int, torch.Tensor], None]  # (stage, step, ids)
-
-
-@dataclass
-class TextCondition:
-    """Text encoder output for B prompts: embeddings (B, L, D) and mask (B, L) bool."""
-
-    embeddings: torch.Tensor
-    mask: torch.Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.embeddings.shape[0]
-
-    def repeat(self, n: int) -> TextCondition:
-        """Each prompt repeated n times in a row."""
-        return TextCondition(self.embeddings.repeat_interleave(n, 0), self.mask.repeat_interleave(n, 0))
-
-    def null(self) -> TextCondition:
-        """The unconditional branch: every text position masked out (only the null token remains)."""
-        return TextCondition(self.embeddings, torch.zeros_like(self.mask))
-
-
-def stage_contexts(model: torch.nn.Module, cond: TextCondition, negative: TextCondition | None, *,
-                   guided: bool, lo_ids: torch.Tensor | None = None, repeat: int = 1) -> tuple[Context, Context | None]:
-    """(context, uncond_context) for one stage, each encoded once. The base model's contexts are
-    encoded per prompt and repeated `repeat` times; the super-res model's are encoded per row of
-    `lo_ids` (whose rows are the prompts' images, prompt-major). uncond is None when not guided; it
-    comes from `negative` when given, else it is the model's null context (the base model's is one
-    cached row that serves every row)."""
-    weight = next(model.parameters())
-    if lo_ids is not None:
-        lo_ids = lo_ids.to(weight.device)
-
-    def encode(c: TextCondition) -> Context:  # on the model's device and in its dtype, wherever c came from
-        emb, mask = c.embeddings.to(weight.device, weight.dtype), c.mask.to(weight.device).bool()
-        if lo_ids is None:
-            return model.encode_context(emb, mask).repeat(repeat) if repeat > 1 else model.encode_context(emb, mask)
-        return model.encode_context(emb, mask, lo_ids)
-
-    def rows(c: TextCondition, what: str) -> TextCondition:
-        target = cond.batch_size if lo_ids is None else lo_ids.shape[0]
-        if c.batch_size == target:
-            return c
-        if c.batch_size == 0 or target % c.batch_size:
-            raise ValueError(f"{what} has {c.batch_size} rows, which does not divide {target}")
-        return c.repeat(target // c.batch_size)
-
-    cond = rows(cond, "cond")
-    context = encode(cond)
-    if not guided:
-        return context, None
-    if negative is not None:
-        return context, encode(rows(negative, "negative"))
-    return context, model.null_context() if lo_ids is None else model.null_context(lo_ids)
-
-
-def base_tokens(base: MaskedTransformer, cond: TextCondition, negative: TextCondition | None = None, *,
-                num_images: int = 1, steps: int = 24, guidance_scale: float | torch.Tensor = 4.0,
-                generator: sampling.Generators, choice_temperature: float = 4.5, top_k: int | None = None,
-                callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Low-res token ids (B·num_images, h, w) for B prompts, prompt-major. `generator`: one, or one
-    per output row. `negative` (B or 1 rows) replaces the unconditional branch of guidance. `top_k`:
-    each token drawn among the k likeliest codes (None: the whole codebook)."""
-    guided = bool((torch.as_tensor(guidance_scale) != 0).any())
-    ctx, uncond = stage_contexts(base, cond, negative, guided=guided, repeat=num_images)
-    ids = sampling.generate(base, ctx, uncond, steps=steps, guidance_scale=guidance_scale, generator=generator,
-                            choice_temperature=choice_temperature, top_k=top_k, callback=callback)
-    side = base.config.tokens_per_side
-    return ids.view(-1, side, side)
-
-
-def superres_tokens(superres: SuperResTransformer, cond: TextCondition, lo_ids: torch.Tensor,
-                    negative: TextCondition | None = None, *, steps: int = 8,
-                    guidance_scale: float | torch.Tensor = 4.0, generator: sampling.Generators,
-                    choice_temperature: float = 4.5, top_k: int | None = None,
-                    callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """High-res token ids (B', H, W) for low-res ids (B', h, w); `cond` has B' rows or divides B'
-    (then each prompt's rows are consecutive, as `base_tokens` returns them). `top_k` as in
-    `base_tokens`."""
-    guided = bool((torch.as_tensor(guidance_scale) != 0).any())
-    ctx, uncond = stage_contexts(superres, cond, negative, guided=guided, lo_ids=lo_ids)
-    ids = sampling.generate(superres, ctx, uncond, steps=steps, guidance_scale=guidance_scale,
-                            generator=generator, choice_temperature=choice_temperature, top_k=top_k,
-                            callback=callback)
-    side = superres.config.hi_tokens_per_side
-    return ids.view(-1, side, side)
 
 
 class MusePipeline:
@@ -167,20 +78,37 @@ class MusePipeline:
                 parts[part] = checkpoint.build_component(part, getattr(config, part)).to(device).eval()
         return cls(**parts)
 
-    def save_pretrained(self, root_uri: str) -> None:
-        """Write every component as a model root that `from_pretrained` loads."""
+    def save_pretrained(self, root_uri: str, remove_others: bool = False) -> None:
+        """Write every component as a model root that `from_pretrained` loads. A root that already holds
+        a component this pipeline lacks would load it beside the new ones (a base-only pipeline saved
+        over a whole root: the new base with the old super-res), so that is refused, or with
+        `remove_others` those components are deleted first."""
+        others = [name for name in checkpoint.COMPONENTS
+                  if getattr(self, name) is None and checkpoint.has_component(root_uri, name)]
+        if others and not remove_others:
+            raise ValueError(f"{root_uri} holds {', '.join(others)}, which this pipeline does not: save into "
+                             "another root, or pass remove_others=True to delete them")
+        for name in others:
+            storage.delete(checkpoint.component_uri(root_uri, name))
         for name in checkpoint.COMPONENTS:
             model = getattr(self, name)
             if model is not None:
                 checkpoint.save_component(model, checkpoint.component_uri(root_uri, name))
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> MusePipeline:
-        """Move every component (and cast the transformers and VQGANs to `dtype`; the text encoder
-        keeps its own precision: its embeddings are cast when a stage reads them)."""
+        """Move every component (and cast the transformers and VQGANs to `dtype`). The text encoder
+        takes the precision its config names for the device, as `from_pretrained(device=...)` gives
+        it (T5's "auto": bfloat16 on a GPU); a stage casts its embeddings when it reads them."""
         for name in checkpoint.COMPONENTS:
             model = getattr(self, name)
-            if model is not None:
-                model.to(device=device, dtype=dtype if name != "text_encoder" else None)
+            if model is None:
+                continue
+            if name != "text_encoder":
+                model.to(device=device, dtype=dtype)
+            elif device is not None and hasattr(model, "place"):
+                model.place(device)
+            else:
+                model.to(device=device)
         return self
 
     def compile(self, mode: str | None = None) -> MusePipeline:
@@ -209,31 +137,33 @@ class MusePipeline:
     # -- text to image -------------------------------------------------------------------------
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                  num_images: int = 1, steps: int = 24, superres_steps: int = 8, guidance_scale: float = 4.0,
-                 seed: int | None = None, output: str = "pil", superres: bool = True,
+                 seed: int | None = None, output: str = "pil", superres: bool | None = None,
                  callback: StageCallback | None = None, choice_temperature: float = 4.5,
                  temperature: float | None = None, superres_top_k: int | None = None) -> list[Image.Image] | torch.Tensor:
         """Images for each prompt (prompt-major: all of prompt 0's images first).
 
         negative_prompt: one for all prompts or one per prompt; None = the unconditional branch.
-        seed: output image i draws from `sampling.image_seed(seed, i)` in both stages, so the same seed
-            and settings give the same images, and image i does not depend on how many were asked
-            for (None = a seed drawn from torch's global RNG).
+        seed: image i of prompt p draws from `sampling.image_seed(seed, i, p)` in both stages, so the
+            same seed and settings give the same images, and an image does not depend on how many
+            images or prompts were asked for (None = a seed drawn from torch's global RNG).
         output "pil" -> list of PIL images; "tokens" -> the last stage's ids (B·n, side, side).
+        superres: run the super-res stage; None = whenever the pipeline has it (the same in `inpaint`,
+            `outpaint` and `edit`).
         callback(stage, step, ids), stage "base" or "superres", after each decoding step.
         choice_temperature: MaskGIT's re-masking noise (`temperature` is its old name).
         superres_top_k: super-res draws each code among its k likeliest (1: the likeliest, which keeps
             the low-res image's colours where sampling the whole codebook sometimes does not:
             benchmarks/RESULTS.md, "Super-res drawing the likeliest code"); None: the whole codebook.
         """
+        superres = self._use_superres(superres)
         req = Request(num_images, steps, superres_steps, guidance_scale,
                       sampling.renamed_temperature(choice_temperature, temperature), seed, output, superres, callback,
                       superres_top_k=superres_top_k)
         prompts = _prompts(prompt)
         negatives = _negatives(negative_prompt, len(prompts))
         self._check(req)
-        gens = self._generators(seed, len(prompts) * num_images)
-        cond = self.encode_prompts(prompts)
-        negative = self.encode_prompts(negatives) if negatives is not None else None
+        gens = self._generators(seed, num_images, prompts=len(prompts))
+        cond, negative = self._conditions(prompts, negatives, guidance_scale)
         lo = base_tokens(self.base, cond, negative, num_images=num_images, steps=steps,
                          guidance_scale=guidance_scale, generator=gens, choice_temperature=req.choice_temperature,
                          callback=_stage(callback, "base"))
@@ -247,7 +177,7 @@ class MusePipeline:
     # -- editing -------------------------------------------------------------------------------
     def inpaint(self, image: Any, mask: Any, prompt: str, negative_prompt: str | None = None, num_images: int = 1,
                 steps: int = 24, superres_steps: int = 8, guidance_scale: float = 4.0, seed: int | None = None,
-                output: str = "pil", superres: bool = True, callback: StageCallback | None = None,
+                output: str = "pil", superres: bool | None = None, callback: StageCallback | None = None,
                 choice_temperature: float = 4.5,
                 superres_top_k: int | None = None) -> list[Image.Image] | torch.Tensor:
         """Regenerate the masked part of `image` under `prompt`.
@@ -257,6 +187,7 @@ class MusePipeline:
             regenerate.
         A token is regenerated when any pixel of its patch is masked; the rest stay fixed. The model
         sees the centre square of a non-square image (`muse.image_inputs`)."""
+        superres = self._use_superres(superres)
         req = Request(num_images, steps, superres_steps, guidance_scale, choice_temperature, seed, output, superres,
                       callback, superres_top_k=superres_top_k)
         img = load_image(image, "image")
@@ -272,7 +203,7 @@ class MusePipeline:
 
     def outpaint(self, image: Any, prompt: str, direction: str = "all", scale: float = 0.5,
                  negative_prompt: str | None = None, num_images: int = 1, steps: int = 24, superres_steps: int = 8,
-                 guidance_scale: float = 4.0, seed: int | None = None, output: str = "pil", superres: bool = True,
+                 guidance_scale: float = 4.0, seed: int | None = None, output: str = "pil", superres: bool | None = None,
                  callback: StageCallback | None = None,
                  choice_temperature: float = 4.5,
                  superres_top_k: int | None = None) -> list[Image.Image] | torch.Tensor:
@@ -280,6 +211,7 @@ class MusePipeline:
         to `scale` of the side in the centre; "left"/"right"/"up"/"down" shift it so it covers `scale`
         of the canvas and the strip on that side is new. The output keeps the model's resolution. A
         non-square image is letterboxed into the square, and its bands are drawn as well."""
+        superres = self._use_superres(superres)
         req = Request(num_images, steps, superres_steps, guidance_scale, choice_temperature, seed, output, superres,
                       callback, superres_top_k=superres_top_k)
         if direction not in editing.DIRECTIONS:
@@ -298,13 +230,16 @@ class MusePipeline:
 
     def edit(self, image: Any, prompt: str, negative_prompt: str | None = None, num_images: int = 1,
              iterations: int = 100, fraction: float = 0.08, guidance_scale: float = 4.0, top_k: int | None = 3,
-             superres_steps: int = 8, seed: int | None = None, output: str = "pil", superres: bool = True,
-             callback: StageCallback | None = None) -> list[Image.Image] | torch.Tensor:
+             superres_steps: int = 8, seed: int | None = None, output: str = "pil", superres: bool | None = None,
+             callback: StageCallback | None = None, choice_temperature: float = 4.5,
+             superres_top_k: int | None = None) -> list[Image.Image] | torch.Tensor:
         """Mask-free editing: starting from the image's tokens, resample a random `fraction` of them
         `iterations` times under `prompt` (guidance, top-k). Through super-res, high-res tokens are
-        regenerated where the low-res tokens changed and kept elsewhere. Stage names: "edit", "superres"."""
-        req = Request(num_images, iterations, superres_steps, guidance_scale, seed=seed, output=output,
-                      superres=superres, callback=callback, steps_name="iterations")
+        regenerated where the low-res tokens changed and kept elsewhere; that fill takes
+        `choice_temperature` and `superres_top_k` as `__call__` does. Stage names: "edit", "superres"."""
+        superres = self._use_superres(superres)
+        req = Request(num_images, iterations, superres_steps, guidance_scale, choice_temperature, seed, output,
+                      superres, callback, steps_name="iterations", superres_top_k=superres_top_k)
         (prompt_,) = _prompts([prompt] if isinstance(prompt, str) else prompt, single=True)
         negatives = _negatives(negative_prompt, 1)
         self._check(req)
@@ -315,8 +250,7 @@ class MusePipeline:
         img = load_image(image, "image")
         lo_img, hi_img = self._image_tensors(img, superres)
         gens = self._generators(seed, num_images)
-        cond = self.encode_prompts([prompt_])
-        negative = self.encode_prompts(negatives) if negatives is not None else None
+        cond, negative = self._conditions([prompt_], negatives, guidance_scale)
         source = self.vqgan_lo.encode(lo_img).repeat(num_images, 1, 1)  # (n, h, w)
         ctx, uncond = stage_contexts(self.base, cond, negative, guided=guidance_scale != 0, repeat=num_images)
         lo = editing.edit_tokens(self.base, ctx, uncond, source, iterations=iterations, fraction=fraction,
@@ -330,6 +264,12 @@ class MusePipeline:
         return hi if output == "tokens" else self._to_pil(self.vqgan_hi, hi)
 
     # -- internals -----------------------------------------------------------------------------
+    def _conditions(self, prompts: list[str], negatives: list[str] | None,
+                    guidance_scale: float) -> tuple[TextCondition, TextCondition | None]:
+        """The prompts' text condition, and the negative prompts' where guidance reads them (not at 0)."""
+        guided = negatives is not None and guidance_scale != 0
+        return self.encode_prompts(prompts), self.encode_prompts(negatives) if guided else None
+
     def _fill(self, lo_img, hi_img, regen: torch.Tensor, prompt: str, negative_prompt: str | None, req: Request):
         """Inpainting on both stages: lo tokens decoded where `regen` (1, h, w); hi tokens where the
         upsampled mask says, conditioned on the new lo tokens; known tokens fixed on both."""
@@ -338,8 +278,7 @@ class MusePipeline:
         self._check(req)
         n = req.num_images
         gens = self._generators(req.seed, n)
-        cond = self.encode_prompts([prompt_])
-        negative = self.encode_prompts(negatives) if negatives is not None else None
+        cond, negative = self._conditions([prompt_], negatives, req.guidance_scale)
         source = self.vqgan_lo.encode(lo_img).repeat(n, 1, 1)  # (n, h, w)
         regen = regen.to(self.device).repeat(n, 1, 1)
         ctx, uncond = stage_contexts(self.base, cond, negative, guided=req.guidance_scale != 0, repeat=n)
@@ -380,7 +319,7 @@ class MusePipeline:
             images = vqgan.decode(ids)
         return [tensor_to_pil(x) for x in images]
 
-    def _generators(self, seed: int | None, rows: int) -> list[torch.Generator]:
+    def _generators(self, seed: int | None, n: int, prompts: int = 1) -> list[torch.Generator]:
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         try:
@@ -389,7 +328,11 @@ class MusePipeline:
             value = -1
         if value < 0 or isinstance(seed, bool):
             raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
-        return sampling.image_generators(value, rows, self.device)
+        return sampling.image_generators(value, n, self.device, prompts)
+
+    def _use_superres(self, superres: bool | None) -> bool:
+        """Whether a call runs super-res: as asked, or (None) whenever the pipeline has the stage."""
+        return self.superres is not None if superres is None else superres
 
     def _check(self, req: Request) -> None:
         for name, value in ((req.steps_name, req.steps), ("num_images", req.num_images)):
@@ -407,7 +350,7 @@ class MusePipeline:
             raise ValueError(f"output must be one of {OUTPUTS}, got {req.output!r}")
         if req.superres and self.superres is None:
             raise ValueError("superres=True but this pipeline has no super-res stage (vqgan_hi + superres); "
-                             "pass superres=False (--no-superres on the command line)")
+                             "pass superres=False or None")
 
 
 @dataclass(frozen=True)

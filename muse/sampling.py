@@ -276,14 +276,17 @@ def guidance_scales(guidance_scale: float | torch.Tensor, batch: int, device: to
     return scale
 
 
-def image_seed(seed: int, index: int) -> int:
-    """The seed of image `index` of a request with `seed`: derived from the pair (seed, index)
-    (numpy's SeedSequence spawn key), so no two requests share an image stream, and image i of a
-    seed is the same whatever the number of images asked for."""
-    state = np.random.SeedSequence(entropy=seed, spawn_key=(index,)).generate_state(1, np.uint64)[0]
+def image_seed(seed: int, index: int, prompt: int = 0) -> int:
+    """The seed of image `index` of prompt `prompt` of a request with `seed`: derived from (seed,
+    index, prompt) (numpy's SeedSequence spawn key), so no two requests share an image stream, and an
+    image is the same whatever the number of images or of prompts asked for. The first prompt's key
+    is (index,) alone, which keeps the seeds of one-prompt requests as they were."""
+    key = (index,) if prompt == 0 else (index, prompt)
+    state = np.random.SeedSequence(entropy=seed, spawn_key=key).generate_state(1, np.uint64)[0]
     return int(state) & (2**63 - 1)
 
 
-def image_generators(seed: int, n: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
-    """One generator per image of a request, seeded `image_seed(seed, i)`."""
-    return [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in range(n)]
+def image_generators(seed: int, n: int, device: torch.device | str = "cpu", prompts: int = 1) -> list[torch.Generator]:
+    """One generator per image of a request, prompt-major: image i of prompt p seeded
+    `image_seed(seed, i, p)`."""
+    return [torch.Generator(device=device).manual_seed(image_seed(seed, i, p)) for p in range(prompts) for i in range(n)]

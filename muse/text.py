@@ -190,6 +190,15 @@ class TextEncoder(nn.Module):
         """The encoder a model root references (checkpoint.save_reference), loaded from its folder."""
         return cls.load_pretrained(config.name_or_path, config, device).place(device)
 
+    @classmethod
+    def check_reference(cls, config: TextEncoderConfig) -> None:
+        """Refuse a reference to a folder that is not there, without loading what it holds."""
+        folder = config.name_or_path
+        if not storage.is_s3(folder):
+            _local_folder(folder)
+        elif not storage.is_dir(folder):
+            raise ValueError(f"text encoder {folder!r}: no such folder on S3")
+
     def place(self, device: str | torch.device) -> TextEncoder:
         """Move to `device` in the dtype the config asks for (checkpoint.load_component calls this)."""
         self.model.to(device=device, dtype=resolve_dtype(self.config.dtype, device))
@@ -207,6 +216,8 @@ class TextEncoder(nn.Module):
         """Rebuild the architecture and tokenizer saved by `save_extra` (weights loaded by the caller)."""
         with open(os.path.join(directory, T5_CONFIG_FILE)) as f:
             t5 = T5EncoderConfig.from_dict(json.load(f))
+        if t5.d_model != config.d_model:  # what the transformers' text_dim is checked against
+            raise ValueError(f"config.json says d_model {config.d_model}, {T5_CONFIG_FILE} {t5.d_model}")
         return cls(config, T5Encoder(t5).eval(), load_saved_tokenizer(directory))
 
     # -- encoding -----------------------------------------------------------------------------

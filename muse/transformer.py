@@ -34,7 +34,7 @@ from torch import nn
 
 from muse.code_vectors import CODE_VECTORS, PixelPrior, pixel_patch_side
 from muse.config import BaseTransformerConfig, SuperResTransformerConfig
-from muse.context import Context, ContextStack
+from muse.context import Context, ContextStack, NullContextCache
 
 AnyContext = Context | ContextStack
 
@@ -413,12 +413,12 @@ def _rename_legacy_keys(state_dict, prefix, *args) -> None:
         state_dict[prefix + "text_proj." + key[len(prefix) + 5:]] = state_dict.pop(key)
 
 
-class MaskedTransformer(TokenTransformer):
+class MaskedTransformer(NullContextCache, TokenTransformer):
     """The base model: predicts low-res VQGAN token ids from partially masked ids and text."""
 
     def __init__(self, config: BaseTransformerConfig):
         super().__init__(config, config.codebook_size, config.tokens_per_side, config.layers)
-        self._null: tuple[tuple, Context] | None = None
+        self.init_null_cache()
         self.apply(_init_weights)
 
     def encode_context(self, text: torch.Tensor, text_mask: torch.Tensor) -> Context:
@@ -427,14 +427,9 @@ class MaskedTransformer(TokenTransformer):
         return self._context(*self.text_proj(text, text_mask))  # over (B, 1+L, C)
 
     def null_context(self) -> Context:
-        """The unconditional context (the null token alone, one row, no mask), cached: computed once
-        per device, dtype and version of the weights, not once per request."""
-        params = list(self.parameters())
-        key = (params[0].device, params[0].dtype, tuple(p._version for p in params))
-        if self._null is None or self._null[0] != key:
-            with torch.no_grad():
-                self._null = (key, self.encode_context(*self._empty_text()))
-        return self._null[1]
+        """The unconditional context (the null token alone, one row, no mask), cached
+        (`NullContextCache`): computed once per set of weights, not once per request."""
+        return self.cached_null(lambda: self.encode_context(*self._empty_text()))
 
 
 class SuperResTransformer(TokenTransformer):

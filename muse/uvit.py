@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from muse.config import UViTConfig
-from muse.context import Context, ContextStack
+from muse.context import Context, ContextStack, NullContextCache
 from muse.transformer import StepCompiler, sinusoidal
 
 
@@ -198,7 +198,7 @@ class ResStage(nn.Module):
         return x
 
 
-class UViT(StepCompiler, nn.Module):
+class UViT(NullContextCache, StepCompiler, nn.Module):
     """The aMUSEd transformer under our sampler: `encode_context` once per request, then
     `model(ids, context, select=mask)` per step. [MASK] is `config.mask_token_id`."""
 
@@ -235,7 +235,7 @@ class UViT(StepCompiler, nn.Module):
         self.head = nn.Linear(c.embed_dim, c.codebook_size, bias=c.bias)
         # The empty prompt's [pooled ; hidden states]: the unconditional branch (set on import).
         self.register_buffer("null_text", torch.zeros(1, 1 + c.text_len, c.text_dim))
-        self._null: tuple[tuple, Context] | None = None
+        self.init_null_cache()
 
     # -- per request ---------------------------------------------------------------------------
     def encode_context(self, text: torch.Tensor, text_mask: torch.Tensor,
@@ -267,14 +267,12 @@ class UViT(StepCompiler, nn.Module):
         return Context([k for k, _ in kvs], [v for _, v in kvs], mask, adaptive=cond)
 
     def null_context(self) -> Context:
-        """The empty prompt's context (one row), cached per device, dtype and weights version."""
-        params = list(self.parameters())
-        key = (params[0].device, params[0].dtype, tuple(p._version for p in params), self.null_text._version)
-        if self._null is None or self._null[0] != key:
-            with torch.no_grad():
-                mask = torch.ones(self.null_text.shape[:2], dtype=torch.bool, device=self.null_text.device)
-                self._null = (key, self.encode_context(self.null_text, mask))
-        return self._null[1]
+        """The empty prompt's context (one row), cached (`NullContextCache`)."""
+        def encode() -> Context:
+            mask = torch.ones(self.null_text.shape[:2], dtype=torch.bool, device=self.null_text.device)
+            return self.encode_context(self.null_text, mask)
+
+        return self.cached_null(encode)
 
     # -- per step ------------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, context: Context | ContextStack,

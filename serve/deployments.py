@@ -33,7 +33,7 @@ from ray import serve
 
 from muse import checkpoint, editing, sampling
 from muse.data.images import uint8_to_tensor
-from muse.pipeline import TextCondition, stage_contexts
+from muse.token_stages import TextCondition, stage_contexts
 from serve.config import Batching, cpu_threads
 from serve.pixels import fill_masked, grey_out, image_bytes
 from serve.scheduler import DecodeTask, EditTask, Scheduler

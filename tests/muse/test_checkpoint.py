@@ -60,7 +60,8 @@ def test_corrupt_and_mismatched_configs_are_clear(tmp_path):
     model = MaskedTransformer(preset("base-tiny"))
     path = tmp_path / "base"
     save_component(model, str(path))
-    meta = json.loads((path / "config.json").read_text())
+    good = (path / "config.json").read_text()
+    meta = json.loads(good)
     meta["config"]["hidden"] = 64  # weights no longer fit
     (path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError):
@@ -72,6 +73,25 @@ def test_corrupt_and_mismatched_configs_are_clear(tmp_path):
     (path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="no_such_key"):
         load_component(str(path))
+    for edit, message in (({"kind": ["base"]}, "unknown kind"), ({"config": [128]}, "must be an object"),
+                          ({"reference": True}, "cannot be a reference")):
+        (path / "config.json").write_text(json.dumps(json.loads(good) | edit))
+        with pytest.raises(CheckpointError, match=message):
+            load_component(str(path))
+
+
+def test_muse_init_never_overwrites_a_root_unless_forced(tmp_path, capsys):
+    from muse.cli import init_main
+
+    root = str(tmp_path / "root")
+    init_main(["--preset", "tiny", "--out", root, "--seed", "1"])
+    trained = (tmp_path / "root" / "base" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        init_main(["--preset", "tiny", "--out", root])
+    assert exit_.value.code == 2 and "already holds a model root" in capsys.readouterr().err
+    assert (tmp_path / "root" / "base" / "model.safetensors").read_bytes() == trained
+    init_main(["--preset", "tiny", "--out", root, "--force"])
+    assert (tmp_path / "root" / "base" / "model.safetensors").read_bytes() != trained
 
 
 def test_wrong_kind_is_rejected(tmp_path):

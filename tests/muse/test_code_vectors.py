@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from muse import checkpoint, sampling
 from muse.code_vectors import LEARNED_LOGIT_BOUND, pixel_code_vectors, pixel_patch_side
 from muse.config import SuperResTransformerConfig
-from muse.pipeline import TextCondition, superres_tokens
+from muse.token_stages import TextCondition, superres_tokens
 from muse.transformer import SuperResTransformer
 
 # 2x2 low-res tokens of 4x4 px (an 8 px image) under 4x4 high-res tokens of 4x4 px (16 px).

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from muse import checkpoint, generate_cli
-from muse.pipeline import MusePipeline, TextCondition, base_tokens, superres_tokens
+from muse.pipeline import MusePipeline
+from muse.token_stages import TextCondition, base_tokens, superres_tokens
 from muse.context import Context
 from fakes import context_tags, selected
 
@@ -115,6 +116,19 @@ def test_seed_reproduces_tokens_and_image_i_depends_on_seed_and_i_alone(pipe):
     assert sampling.image_seed(3, 1) != sampling.image_seed(4, 0)
 
 
+def test_a_prompts_images_depend_on_the_seed_and_their_place_not_on_how_many_were_asked_for(pipe):
+    kw = dict(seed=3, output="tokens", superres=False, steps=3)
+    prompts = ["a red circle", "a blue square on the left"]
+    one_each = pipe(prompts, **kw)
+    two_each = pipe(prompts, num_images=2, **kw)
+    three_prompts = pipe(prompts + ["two green triangles"], **kw)
+    assert torch.equal(one_each[1], two_each[2])  # prompt 1's first image, with n=1 and n=2
+    assert torch.equal(one_each, three_prompts[:2])  # a prompt added after them changes nothing
+    assert torch.equal(one_each[0], pipe("a red circle", **kw)[0])  # the first prompt's seeds are a lone one's
+    twice = pipe(["a red circle", "a red circle"], **kw)
+    assert not torch.equal(twice[0], twice[1])  # the same prompt twice: two images
+
+
 def test_contexts_are_encoded_once_per_stage_and_negative_prompt_replaces_null(pipe, monkeypatch):
     seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"base": [], "superres": []}
     for stage in seen:
@@ -168,8 +182,18 @@ def test_save_pretrained_to_s3_and_load_base_only_root(pipe, s3_bucket, tmp_path
     base_only = MusePipeline.from_pretrained(str(tmp_path / "lo"))
     assert base_only.superres is None and base_only.resolution == 64
     assert base_only("a red circle", superres=False, steps=2)[0].size == (64, 64)
+    assert base_only("a red circle", steps=2)[0].size == (64, 64)  # superres=None: the stages it has
     with pytest.raises(ValueError, match="superres"):
-        base_only("a red circle", steps=2)
+        base_only("a red circle", steps=2, superres=True)
+
+    # Saved over a whole root, it would load beside the old super-res: refused, or removed when asked.
+    whole = tmp_path / "whole"
+    pipe.save_pretrained(str(whole))
+    with pytest.raises(ValueError, match="vqgan_hi, superres"):
+        base_only.save_pretrained(str(whole))
+    assert MusePipeline.from_pretrained(str(whole)).superres is not None  # nothing was written
+    base_only.save_pretrained(str(whole), remove_others=True)
+    assert MusePipeline.from_pretrained(str(whole)).superres is None
 
 
 def _png(img: Image.Image) -> bytes:
@@ -257,7 +281,7 @@ def test_superres_top_k_one_draws_the_likeliest_code(pipe, photo):
     """With one super-res step every position is decoded at once: under superres_top_k=1 each is the
     likeliest code of the guided logits; sampling the whole codebook draws others."""
     from muse import sampling
-    from muse.pipeline import stage_contexts
+    from muse.token_stages import stage_contexts
 
     lo = pipe("a red circle", seed=2, output="tokens", superres=False, steps=3)
     hi = pipe("a red circle", seed=2, output="tokens", steps=3, superres_steps=1, superres_top_k=1)
@@ -351,3 +375,13 @@ def test_from_pretrained_checks_each_slot_and_loads_a_root_whose_superres_is_unf
     (root / "vqgan_hi").rename(root / "base")  # a VQGAN where the base transformer belongs
     with pytest.raises(CheckpointError, match="expected 'base'"):
         MusePipeline.from_pretrained(str(root))
+
+
+def test_to_a_device_gives_the_text_encoder_the_precision_its_config_names_there():
+    from dataclasses import replace
+
+    pipe = MusePipeline.from_preset("tiny")
+    pipe.text_encoder.config = replace(pipe.text_encoder.config, dtype="bfloat16")
+    pipe.to("cpu")  # as from_pretrained(device=...) places it ("auto" would be bfloat16 on a GPU)
+    assert next(pipe.text_encoder.parameters()).dtype == torch.bfloat16
+    assert next(pipe.base.parameters()).dtype == torch.float32

@@ -258,6 +258,10 @@ def test_a_root_may_reference_its_text_encoder(tmp_path, where, request):
     assert tokenizer(["hello"])["input_ids"][0] == ids[0][mask[0]].tolist() and max_length == enc.config.max_length
     with pytest.raises(ValueError, match="reference"):
         save_reference(preset("t5-tiny"), str(tmp_path / "other"))
+    # A folder that is not there is refused when the reference is written, not at its first load.
+    with pytest.raises(ValueError, match="neither a local directory"):
+        save_reference(replace(preset("t5-tiny"), name_or_path=str(tmp_path / "nowhere")), str(tmp_path / "other"))
+    assert not (tmp_path / "other").exists()
 
 
 def test_byt5_ids_match_the_byt5_tokenizer_without_importing_transformers():

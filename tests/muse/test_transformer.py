@@ -162,6 +162,16 @@ def test_null_context_is_the_fully_masked_text_and_is_cached_until_the_weights_c
         before = model.null_context()
         model.text_proj.null.add_(1.0)  # a training step changes the weights in place
         assert model.null_context() is not before
+        # Weights loaded anew (as checkpoint.load_component does: assign=True, fresh tensors, all at
+        # version 0 as the ones before them) are not served the old weights' null context.
+        fresh = lambda m: {k: v.clone() for k, v in m.state_dict().items()}  # noqa: E731
+        model.load_state_dict(fresh(model), assign=True)
+        model.null_context()
+        torch.manual_seed(1)
+        other = MaskedTransformer(preset("base-tiny")).eval()
+        want = other(ids, other.null_context())
+        model.load_state_dict(fresh(other), assign=True)
+        torch.testing.assert_close(model(ids, model.null_context()), want, atol=1e-5, rtol=1e-5)
 
 
 def test_select_gives_the_logits_of_the_selected_positions_only():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from muse import editing, sampling
-from muse.pipeline import TextCondition, base_tokens, stage_contexts
+from muse.token_stages import TextCondition, base_tokens, stage_contexts
 from serve.config import Batching
 from serve.deployments import BaseGenerator, Decode, TextEncoder, _Job
 from serve.specs import previews_sent
