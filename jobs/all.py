@@ -64,7 +64,7 @@ def ensure_text_encoder(cfg: TrainConfig, root: str, corpus: str, format: str = 
 
     from muse.config import preset
     from muse.text import TextEncoder
-    from pipelines.readers import sample_captions
+    from pipelines.corpus_data import sample_captions
 
     text_cfg = preset(cfg.text_encoder)
     captions = None

@@ -25,8 +25,7 @@ from itertools import islice
 
 from muse import storage
 from pipelines.config import ReaderConfig
-
-CAPTION_NOT_TEXT = "caption_not_text"
+from pipelines.rejects import CAPTION_NOT_TEXT, CorpusRefused
 INSERT_BATCH = 10_000
 LOOKUP_BATCH = 900  # bound parameters per query, under SQLite's oldest limit (999)
 
@@ -74,7 +73,7 @@ class CaptionsIndex:
             rows = []
             for line, r in batch:
                 if r.get(cfg.file_field) is None:
-                    raise ValueError(f"{path}, line {line}: no {cfg.file_field!r} (reader.file_field); "
+                    raise CorpusRefused(f"{path}, line {line}: no {cfg.file_field!r} (reader.file_field); "
                                      f"got {sorted(map(str, r))}")
                 has_captions = has_captions or cfg.caption_field in r
                 value = r.get(cfg.caption_field)
@@ -86,7 +85,7 @@ class CaptionsIndex:
             if progress is not None:
                 progress(count)
         if count and not has_captions:
-            raise ValueError(f"{path}: no record has {cfg.caption_field!r} (reader.caption_field)")
+            raise CorpusRefused(f"{path}: no record has {cfg.caption_field!r} (reader.caption_field)")
         self.db.commit()
         return count
 
@@ -160,9 +159,9 @@ def _jsonl_records(path: str, lines: Iterable[tuple[int, str]]) -> Iterator[tupl
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
+            raise CorpusRefused(f"{path}, line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{path}, line {n}: a record must be a JSON object, got {type(record).__name__}")
+            raise CorpusRefused(f"{path}, line {n}: a record must be a JSON object, got {type(record).__name__}")
         yield n, record
 
 

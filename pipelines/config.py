@@ -75,10 +75,16 @@ class PreprocessConfig:
     def __post_init__(self):
         if min(self.min_side, self.max_pixels, self.max_caption_chars, self.batch_size, self.memory_mb) < 1:
             raise ValueError("preprocess limits, batch_size and memory_mb must be positive")
+        if self.max_pixels > PILLOW_MAX_PIXELS:
+            raise ValueError(f"preprocess.max_pixels {self.max_pixels:,} is over Pillow's decompression-bomb limit "
+                             f"({PILLOW_MAX_PIXELS:,} pixels), which refuses larger images whatever this says")
         if self.num_cpus <= 0:
             raise ValueError("preprocess.num_cpus must be > 0")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"preprocess.placement must be one of {PLACEMENTS}, got {self.placement!r}")
+
+
+PILLOW_MAX_PIXELS = 178_956_970  # 2 x PIL.Image.MAX_IMAGE_PIXELS: Image.open raises past it
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,8 @@ class TokenizeConfig:
     reader: ReaderConfig = field(default_factory=ReaderConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     # The VQGAN actor pool: each actor holds vqgan_lo and, when the root has one, vqgan_hi, so the
-    # high-res pixels go to no actor that does not encode them. vqgan_hi sets only its model's batch.
+    # high-res pixels go to no actor that does not encode them. vqgan_hi sets only its model's batch,
+    # at most vqgan_lo's (the actor encodes vqgan_lo's batches).
     vqgan_lo: PoolConfig = field(default_factory=PoolConfig)
     vqgan_hi: PoolConfig = field(default_factory=PoolConfig)
     # The text-encoder pool, for text_storage "embeddings" only (ids are added by the preprocessing tasks).
@@ -128,6 +135,9 @@ class TokenizeConfig:
         if self.vqgan_hi != PoolConfig(batch_size=self.vqgan_hi.batch_size):
             raise ValueError("vqgan_hi sets only batch_size: both VQGANs run in each actor of the vqgan_lo pool "
                              "(the high-res pixels go to no other actor); set sizes, CPUs and GPUs in vqgan_lo")
+        if self.vqgan_hi.batch_size > self.vqgan_lo.batch_size:
+            raise ValueError(f"vqgan_hi.batch_size {self.vqgan_hi.batch_size} is over vqgan_lo.batch_size "
+                             f"{self.vqgan_lo.batch_size}: the actor encodes vqgan_lo's batches, so raise that")
         if self.write_cpus <= 0 or self.commit_seconds < 0 or self.io_task_retries < 0 \
                 or self.examples_per_reason < 0:
             raise ValueError("write_cpus must be > 0; commit_seconds, io_task_retries and "

@@ -29,11 +29,14 @@ import pyarrow.parquet as pq
 
 from muse import storage
 from pipelines.captions_file import CaptionsIndex, captions_file
+from pipelines.rejects import FILE_TOO_LARGE, MISSING_IMAGE
 
 PARTS_PER_PLAN_FILE = 64
 
-# One row per image; paths relative to the corpus folder.
-PLAN_SCHEMA = pa.schema([("image", pa.string()), ("caption_file", pa.string()), ("caption", pa.string()),
+# One row per image; paths relative to the corpus folder. A caption is stored as UTF-8 with surrogates
+# passed through: a captions file's bad bytes (and lone surrogates) come back as they were read, for
+# preprocessing to reject as caption_not_utf8.
+PLAN_SCHEMA = pa.schema([("image", pa.string()), ("caption_file", pa.string()), ("caption", pa.binary()),
                          ("reason", pa.string())])
 
 Item = tuple[str, "str | None", "str | None", str]  # (image uri, caption uri, inline caption, reason)
@@ -52,8 +55,9 @@ class PlanSpill:
         returns (plan file, row group) where `part_items` finds them."""
         _, caption_file, caption, reason = zip(*items)
         self.pending.append(pa.table([
-            names, [None if c is None else _below(self.root, c) for c in caption_file],
-            list(caption), list(reason)], schema=PLAN_SCHEMA))
+            names, [None if c is None else relative(self.root, c) for c in caption_file],
+            [None if c is None else c.encode("utf-8", "surrogatepass") for c in caption], list(reason)],
+            schema=PLAN_SCHEMA))
         where = (self._name(self.files), len(self.pending) - 1)
         if len(self.pending) == PARTS_PER_PLAN_FILE:
             self.flush()
@@ -74,7 +78,8 @@ class PlanSpill:
         return storage.join(self.folder, f"plan-{n:06d}.parquet")
 
 
-def _below(root: str, uri: str) -> str:
+def relative(root: str, uri: str) -> str:
+    """`uri` below `root` (listed from it, so in the same spelling), without building a client."""
     return uri[len(root):].lstrip("/")
 
 
@@ -84,15 +89,13 @@ def part_items(root: str, plan: str, group: int) -> tuple[Item, ...]:
     with fs.open_input_file(path) as fh:
         table = pq.ParquetFile(fh).read_row_group(group)
     root = root.rstrip("/")
+    image, caption_file, caption, reason = (table[n].to_pylist() for n in PLAN_SCHEMA.names)
     return tuple(
-        (f"{root}/{image}", None if caption_file is None else f"{root}/{caption_file}", caption, reason)
-        for image, caption_file, caption, reason in zip(*(table[n].to_pylist() for n in PLAN_SCHEMA.names)))
+        (f"{root}/{i}", None if f is None else f"{root}/{f}", None if c is None else c.decode("utf-8", "surrogatepass"), r)
+        for i, f, c, r in zip(image, caption_file, caption, reason))
 
 
 FOLDER_CUTS = ("names", "count")
-# Reject reasons planning finds from the listing (`pipelines.readers` has the others).
-MISSING_IMAGE = "missing_image"  # a dangling symlink
-FILE_TOO_LARGE = "file_too_large"  # over reader.max_file_bytes: never read
 
 
 def ends_part(name: str, size: int, rows_per_part: int) -> bool:
@@ -159,13 +162,14 @@ def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int,
                 indexed = None if progress is None else (lambda records: progress(0, 0, captions=records))
                 captions = cleanup.enter_context(CaptionsIndex(path, cfg, indexed))
             reason = MISSING_IMAGE if f.broken else FILE_TOO_LARGE if over(f.size) else ""
-            names.append(_below(root, f.uri))
+            names.append(relative(root, f.uri))
             if captions is not None:
                 chunk.append((f.uri, None, None, reason))  # its caption is looked up with its part's
                 sizes.append(str(f.size))
             else:
                 txt = f.uri.rpartition("/")[2].rsplit(".", 1)[0] + ".txt"
-                sidecar = f.uri.rsplit(".", 1)[0] + ".txt" if txt in f.siblings else None
+                # A dangling link (listed size -1) is no caption: the sample is missing_caption.
+                sidecar = f.uri.rsplit(".", 1)[0] + ".txt" if f.siblings.get(txt, -1) >= 0 else None
                 if sidecar and not reason and over(f.siblings[txt]):
                     reason = FILE_TOO_LARGE
                 chunk.append((f.uri, sidecar, None, reason))

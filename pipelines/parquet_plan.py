@@ -4,6 +4,7 @@ footers before any work."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -11,12 +12,15 @@ import pyarrow.parquet as pq
 
 from muse import storage
 from pipelines.config import ReaderConfig
+from pipelines.rejects import CorpusRefused
 
 
-def row_group_parts(files: list[str], cfg: ReaderConfig, is_bad_source) -> list[tuple[str, int, int | None]]:
+def row_group_parts(files: list[str], cfg: ReaderConfig, is_bad_source,
+                    read: Callable[[int], None] | None = None) -> list[tuple[str, int, int | None]]:
     """(file, start row, stop row) of every part of the Parquet files: runs of whole row groups, as
     many as fit in `rows_per_part`; (file, 0, None) for a file whose footer cannot be read (the
-    part reports it). Footers are read 16 at a time; column types are checked before any work."""
+    part reports it). Footers are read 16 at a time, `read(footers so far)` called as they come;
+    column types are checked before any work."""
     def rows(f: str) -> tuple[list[int] | None, pa.Schema | None]:
         """(rows of each row group, Arrow schema), from the footer."""
         try:
@@ -30,12 +34,16 @@ def row_group_parts(files: list[str], cfg: ReaderConfig, is_bad_source) -> list[
                 raise
             return None, None
 
+    infos = []
     with ThreadPoolExecutor(16) as pool:
-        infos = list(pool.map(rows, files))
+        for info in pool.map(rows, files):
+            infos.append(info)
+            if read is not None:
+                read(len(infos))
     wanted = {cfg.image_column, cfg.caption_column}
     if files and not any(schema is not None and wanted <= set(schema.names) for _, schema in infos):
         seen = next((schema.names for _, schema in infos if schema is not None), [])
-        raise ValueError(
+        raise CorpusRefused(
             f"no Parquet file has both columns {sorted(wanted)} (reader.image_column / "
             f"reader.caption_column); columns found: {seen}"
         )
@@ -51,36 +59,46 @@ def row_group_parts(files: list[str], cfg: ReaderConfig, is_bad_source) -> list[
     return parts
 
 
-_BYTES = (pa.types.is_binary, pa.types.is_large_binary)
-_TEXT = (pa.types.is_string, pa.types.is_large_string)
+_BYTES = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view)
+_TEXT = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
 
 
 def _is(t: pa.DataType, kinds) -> bool:
+    """Whether `t`, or the values of a dictionary-encoded `t` (pandas' category), is one of `kinds`."""
+    t = t.value_type if pa.types.is_dictionary(t) else t
     return any(k(t) for k in kinds)
 
 
 def _check_column_types(f: str, schema: pa.Schema, cfg: ReaderConfig) -> None:
     """Refuse, before any work, columns that every row of the file would fail on (or, for URLs,
-    be rejected for): a whole-job problem, not a sample's."""
+    be rejected for): a whole-job problem, not a sample's. A column of nulls only (pandas writes an
+    all-None column so) is every row's reject, not a refusal."""
     image, caption = schema.field(cfg.image_column).type, schema.field(cfg.caption_column).type
+    if not pa.types.is_null(image):
+        _check_image_type(f, image, cfg.image_column)
+    if pa.types.is_null(caption):
+        return
+    if pa.types.is_list(caption) or pa.types.is_large_list(caption):
+        raise CorpusRefused(f"{f}: caption column {cfg.caption_column!r} holds lists ({caption}), several captions "
+                            "per image; tokenization takes one: write one row per caption, or pick one")
+    if not _is(caption, _TEXT + _BYTES):
+        raise CorpusRefused(f"{f}: caption column {cfg.caption_column!r} has type {caption}; it must be string "
+                            "or binary")
+
+
+def _check_image_type(f: str, image: pa.DataType, column: str) -> None:
     if _is(image, _TEXT):
-        raise ValueError(f"{f}: image column {cfg.image_column!r} holds strings ({image}), e.g. image URLs "
-                         "or paths; muse tokenize reads encoded image bytes and does not fetch URLs: "
-                         "download the images first (into this column as bytes, or a folder or tars)")
+        raise CorpusRefused(f"{f}: image column {column!r} holds strings ({image}), e.g. image URLs "
+                            "or paths; muse tokenize reads encoded image bytes and does not fetch URLs: "
+                            "download the images first (into this column as bytes, or a folder or tars)")
     if pa.types.is_struct(image):
         field = image.get_field_index("bytes")
         if field < 0 or not _is(image.field(field).type, _BYTES):
-            raise ValueError(f"{f}: image column {cfg.image_column!r} is a struct ({image}) without a binary "
-                             "'bytes' field (as Hugging Face datasets stores an Image feature)")
+            raise CorpusRefused(f"{f}: image column {column!r} is a struct ({image}) without a binary "
+                                "'bytes' field (as Hugging Face datasets stores an Image feature)")
     elif not _is(image, _BYTES):
-        raise ValueError(f"{f}: image column {cfg.image_column!r} has type {image}; it must hold encoded "
-                         "image bytes (binary), or be a struct with a 'bytes' field")
-    if pa.types.is_list(caption) or pa.types.is_large_list(caption):
-        raise ValueError(f"{f}: caption column {cfg.caption_column!r} holds lists ({caption}), several captions "
-                         "per image; tokenization takes one: write one row per caption, or pick one")
-    if not _is(caption, _TEXT + _BYTES):
-        raise ValueError(f"{f}: caption column {cfg.caption_column!r} has type {caption}; it must be string "
-                         "or binary")
+        raise CorpusRefused(f"{f}: image column {column!r} has type {image}; it must hold encoded "
+                            "image bytes (binary), or be a struct with a 'bytes' field")
 
 
 def _row_group_runs(groups: list[int], rows_per_part: int) -> list[tuple[int, int]]:

@@ -37,10 +37,7 @@ import pyarrow as pa
 from muse.data.images import ImageRejected, decode_image_and_size, to_uint8_array
 from pipelines import corpus_data, readers
 from pipelines.config import PreprocessConfig, TokenizeConfig
-
-EMPTY_CAPTION = "empty_caption"
-CAPTION_NOT_UTF8 = "caption_not_utf8"
-OUT_OF_MEMORY = "out_of_memory"
+from pipelines.rejects import CAPTION_NOT_UTF8, EMPTY_CAPTION, OUT_OF_MEMORY
 
 
 def clean_caption(raw: bytes, max_chars: int) -> tuple[str, str]:

@@ -55,13 +55,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from muse import storage
-from pipelines.captions_file import CAPTION_NOT_TEXT, inline_caption  # noqa: F401 (with the other reasons)
+from pipelines.captions_file import inline_caption
 from pipelines.config import FORMATS, ReaderConfig
-from pipelines.folder_plan import FILE_TOO_LARGE, MISSING_IMAGE, PlanSpill, part_items, plan_folder
+from pipelines.folder_plan import PlanSpill, part_items, plan_folder, relative
 from pipelines.parquet_plan import row_group_parts
-
-MISSING_CAPTION = "missing_caption"
-UNREADABLE_SOURCE = "unreadable_source"
+from pipelines.rejects import FILE_TOO_LARGE, MISSING_CAPTION, MISSING_IMAGE, UNREADABLE_SOURCE, CorpusRefused
 
 CAPTION_EXTENSIONS = ("txt", "caption", "json")  # WebDataset members read as captions
 
@@ -140,13 +138,6 @@ PART_IDS = ("relative", "absolute")
 # Planning (driver).
 
 
-def detect_format(uri: str, cfg: ReaderConfig, files: list[str] | None = None) -> str:
-    """parquet, webdataset or folder, from a file's extension or a directory's contents."""
-    files = storage.list_files(uri) if files is None else files
-    kinds = {_kind(f, cfg) for f in files}
-    return _format(uri, "parquet" in kinds, "tar" in kinds, "image" in kinds)
-
-
 def _kind(uri: str, cfg: ReaderConfig) -> str | None:
     ext = _ext(uri)
     if ext == "parquet":
@@ -160,7 +151,7 @@ def _format(uri: str, parquets: bool, tars: bool, images: bool) -> str:
     """What a corpus is, from what it holds: Parquet files win over tars, tars over images."""
     if parquets or tars or images:
         return "parquet" if parquets else "webdataset" if tars else "folder"
-    raise ValueError(f"cannot tell the format of {uri}: no .parquet, .tar or image files; pass --format")
+    raise CorpusRefused(f"cannot tell the format of {uri}: no .parquet, .tar or image files; pass --format")
 
 
 def canonical(uri: str) -> str:
@@ -187,7 +178,10 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
 
     The listing is streamed (`storage.iter_files`). A folder corpus's image lists go to plan files in
     the folder `spill` when one is given (`pipelines.folder_plan`), so the driver holds ~200 bytes
-    per part rather than ~630 per image; `progress(images, parts)` follows a folder's planning.
+    per part rather than ~630 per image. `progress(images, parts)` follows a folder's planning, and
+    `progress(0, 0, note=...)` a listing of Parquet files or tars and the reading of their footers
+    (every LISTED_NOTE files). A `format` that finds nothing it reads where other files are is
+    refused (`NoInput`), and so is a corpus whose format cannot be told.
     `max_images` plans only a folder corpus's first parts, up to that many images (its listing stops
     there: a sample of a huge folder neither lists nor holds the rest). A folder corpus is cut by
     names, or by count for outputs tokenized before (`folder_plan.plan_folder`'s `cuts`)."""
@@ -200,21 +194,29 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
     below = posixpath.dirname(uri) if alone else uri  # a file given alone: its basename
 
     def named(f: str) -> str:
-        return f if ids == "absolute" else _relative(below, f)
+        return f if ids == "absolute" else relative(below, f)
 
-    parquets, tars, file_sizes, listed = [], [], {}, 0
+    parquets, tars, file_sizes, listed, image_files = [], [], {}, 0, 0
+
+    def note(text: str) -> None:
+        if progress is not None:
+            progress(0, 0, note=text)
 
     def images() -> Iterator[storage.Listed]:
         """The image files of the listing; Parquet files and tars met on the way are noted."""
-        nonlocal listed
+        nonlocal listed, image_files
         for f in storage.iter_files(uri):
             listed += 1
             kind = _kind(f.uri, cfg)
             if kind in ("parquet", "tar"):
                 (parquets if kind == "parquet" else tars).append(f.uri)
                 file_sizes[f.uri] = f.size
-            elif kind == "image" and format in ("auto", "folder"):
-                yield f
+                if (len(parquets) + len(tars)) % LISTED_NOTE == 0:
+                    note(f"{len(parquets)} Parquet files and {len(tars)} tars listed")
+            elif kind == "image":
+                image_files += 1
+                if format in ("auto", "folder"):
+                    yield f
 
     def sized(f: str) -> tuple:
         return (f"size {file_sizes[f]}",) if sizes else ()
@@ -232,24 +234,34 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
                          folder_cuts)
     if not listed:
         raise NoInput(f"no input at {uri}")
+    found = {"folder": image_files, "parquet": len(parquets), "webdataset": len(tars)}
     if format == "auto":
         format = _format(uri, bool(parquets), bool(tars), bool(folder))
+        passed = [f"{n} {FOUND[f]}" for f, n in found.items() if f != format and n]
+        if passed:  # said, not silent: a folder of Parquet files and stray images reads the Parquet files
+            print(f"[tokenize] {uri} is read as {format}; not read: {', '.join(passed)} (--format picks)", flush=True)
+    elif not found[format]:
+        listed_kinds = ", ".join(f"{n} {FOUND[f]}" for f, n in found.items() if n) or "no image, Parquet or tar file"
+        raise NoInput(f"--format {format}: {uri} holds no {FOUND[format]} ({listed_kinds})")
     if format == "parquet":
+        def footers(n: int) -> None:
+            if n % LISTED_NOTE == 0:
+                note(f"{n} of {len(parquets)} Parquet footers read")
+
         return [Part(part_id("parquet", named(f), start, stop, *sized(f)), "parquet", f, start, stop)
-                for f, start, stop in row_group_parts(parquets, cfg, is_bad_source)]
+                for f, start, stop in row_group_parts(parquets, cfg, is_bad_source, footers)]
     if format == "webdataset":
         return [Part(part_id("webdataset", named(f), *sized(f)), "webdataset", f) for f in tars]
     return folder
 
 
+FOUND = {"folder": "image files", "parquet": "Parquet files", "webdataset": "tars"}
+LISTED_NOTE = 100  # planning notes its progress (and the driver its heartbeat) every this many files
+
+
 def _ext(uri: str) -> str:
     name = uri.rpartition("/")[2]  # called for every file listed: string methods, not posixpath
     return name.rpartition(".")[2].lower() if "." in name else ""
-
-
-def _relative(root: str, uri: str) -> str:
-    """`uri` below `root` (listed from it, so in the same spelling), without building a client."""
-    return uri[len(root):].lstrip("/")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,10 +338,7 @@ def _read_parquet(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Tab
         columns = [cfg.image_column, cfg.caption_column] if rows.images else [cfg.caption_column]
         for batch in pf.iter_batches(batch_size=cfg.block_rows, row_groups=groups, columns=columns):
             images = _image_bytes(batch.column(cfg.image_column)) if rows.images else [_UNREAD] * batch.num_rows
-            captions = batch.column(cfg.caption_column)
-            if pa.types.is_string(captions.type) or pa.types.is_large_string(captions.type):
-                captions = captions.cast(pa.binary() if pa.types.is_string(captions.type) else pa.large_binary())
-            captions = captions.to_pylist()  # bytes: invalid UTF-8 is preprocessing's to count
+            captions = _values(batch.column(cfg.caption_column))
             for image, text in zip(images, captions):
                 if part.start <= row < stop:
                     yield _add(rows, f"{part.uri}#{row}", image, text)
@@ -341,6 +350,21 @@ def _image_bytes(column: pa.Array) -> list[bytes | None]:
     feature; null where the struct is null or holds only a path)."""
     if pa.types.is_struct(column.type):
         column = pc.struct_field(column, "bytes")
+    return _values(column)
+
+
+_AS_BYTES = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary(), pa.string_view(): pa.binary_view()}
+
+
+def _values(column: pa.Array) -> list[bytes | None]:
+    """A column of text or bytes (dictionary-encoded or not; nulls only) as Python bytes, so that
+    invalid UTF-8 in a caption is preprocessing's to count, not a decoding error here."""
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    if pa.types.is_null(column.type):
+        return [None] * len(column)
+    if column.type in _AS_BYTES:
+        column = column.cast(_AS_BYTES[column.type])
     return column.to_pylist()
 
 
@@ -361,7 +385,8 @@ def _caption_bytes(text: str) -> bytes:
 def _add(rows: _Rows, key: str, image: bytes | None, caption: str | bytes | None,
          reason: str = "") -> pa.Table | None:
     caption = _caption_bytes(caption) if isinstance(caption, str) else caption
-    reason = reason or (MISSING_IMAGE if not image else MISSING_CAPTION if caption is None else "")
+    # An empty file is there: decoding calls it corrupt_image.
+    reason = reason or (MISSING_IMAGE if image is None else MISSING_CAPTION if caption is None else "")
     if not reason and rows.max_bytes is not None and max(len(image), len(caption)) > rows.max_bytes:
         reason = FILE_TOO_LARGE  # a Parquet value (files and tar members are not even read)
     return rows.add(key, (image or b"") if rows.images and not reason else b"", caption, reason)
@@ -404,11 +429,13 @@ def _read_folder(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Tabl
 
 def _read_tar(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Table | None]:
     """WebDataset: consecutive members sharing a key (path up to the first dot of the basename) form
-    a sample; the image is the first member with an image extension, the caption `txt`/`caption`,
-    or `json` with a "caption" or "text" field."""
+    a sample; the image is its member with the first of `reader.image_extensions` it has, the caption
+    `txt`/`caption`, or `json` with a "caption" (else "text") field. A field whose last suffix is one of these counts
+    where no exact one is there (`IMG.2021.jpg` and `IMG.2021.txt`, as plain `tar` packs a folder of
+    photos: key `IMG`, fields `2021.jpg` and `2021.txt`)."""
     fs, path = storage.filesystem(part.uri)
-    exts = set(cfg.image_extensions)
-    wanted = exts | set(CAPTION_EXTENSIONS)
+    exts = tuple(cfg.image_extensions)
+    wanted = set(exts) | set(CAPTION_EXTENSIONS)
     seen: set[str] = set()
     with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
         key, sample = None, {}
@@ -423,24 +450,24 @@ def _read_tar(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Table |
             if member_key != key and key is not None:
                 yield _tar_sample(rows, part, key, sample, exts, seen)
                 sample = {}
-            key = member_key
-            if ext.lower() not in wanted:
+            key, field = member_key, ext.lower()
+            if field.rpartition(".")[2] not in wanted:
                 continue  # neither image nor caption (.mp4, .npy): never read, the stream skips it
-            if not rows.images and ext.lower() in exts:
-                sample[ext.lower()] = _UNREAD if member.size else b""
+            if not rows.images and field.rpartition(".")[2] in exts:
+                sample[field] = _UNREAD
                 continue
             if rows.max_bytes is not None and member.size > rows.max_bytes:
-                sample[ext.lower()] = _TOO_LARGE  # never read: the stream skips it
+                sample[field] = _TOO_LARGE  # never read: the stream skips it
                 continue
             data = tar.extractfile(member).read()
             if len(data) != member.size:
                 raise tarfile.ReadError(f"{member.name}: truncated ({len(data)} of {member.size} bytes)")
-            sample[ext.lower()] = data
+            sample[field] = data
         if key is not None:
             yield _tar_sample(rows, part, key, sample, exts, seen)
 
 
-def _tar_sample(rows: _Rows, part: Part, key: str, sample: dict[str, bytes], exts: set[str],
+def _tar_sample(rows: _Rows, part: Part, key: str, sample: dict[str, bytes], exts: tuple[str, ...],
                 seen: set[str]) -> pa.Table | None:
     # tarfile decodes a member name that is not UTF-8 with surrogateescape: show its bytes instead
     key = key.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="backslashreplace")
@@ -450,16 +477,27 @@ def _tar_sample(rows: _Rows, part: Part, key: str, sample: dict[str, bytes], ext
     seen.add(name)
     if any(v is _TOO_LARGE for v in sample.values()):
         return rows.add(name, b"", b"", FILE_TOO_LARGE)
-    image = next((v for k, v in sample.items() if k in exts), None)
-    caption, reason = sample.get("txt", sample.get("caption")), ""
-    if caption is None and "json" in sample:
+    image = _field(sample, exts)
+    caption, reason = _field(sample, ("txt", "caption")), ""
+    described = _field(sample, ("json",)) if caption is None else None
+    if described is not None:
         try:
-            meta = json.loads(sample["json"])
+            meta = json.loads(described)
         except (json.JSONDecodeError, UnicodeError):
             meta = None
-        value = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
+        value = meta.get("caption") if isinstance(meta, dict) else None
+        value = meta.get("text") if value is None and isinstance(meta, dict) else value
         caption, reason = inline_caption(value)
-    return _add(rows, name, image, caption, reason if image else "")
+    return _add(rows, name, image, caption, reason if image is not None else "")
+
+
+def _field(sample: dict[str, bytes], names: tuple[str, ...]) -> bytes | None:
+    """A sample's member for the first of the fields `names` it has, else the first member whose
+    field's last suffix is one of them."""
+    exact = next((sample[n] for n in names if n in sample), None)
+    if exact is not None:
+        return exact
+    return next((v for k, v in sample.items() if "." in k and k.rpartition(".")[2] in names), None)
 
 
 def accepted(batch: pa.Table) -> pa.ChunkedArray:
@@ -467,14 +505,3 @@ def accepted(batch: pa.Table) -> pa.ChunkedArray:
     that tokenization's model UDFs and training's image data apply."""
     return pc.and_(pc.equal(batch["part_rows"], -1), pc.equal(batch["reject_reason"], ""))
 
-
-# Moved to pipelines.corpus_data (the Ray Data wrappers); still importable from here.
-_MOVED = ("corpus_datasource", "PART_SCHEMA", "read_parts", "part_list", "read_corpus", "sample_captions")
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        from pipelines import corpus_data
-
-        return getattr(corpus_data, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -71,6 +71,7 @@ from pipelines.job_spec import (ResumeRefused, check_resumable, device_of, job_s
                                 read_job_spec, settings_as_before)
 from pipelines.models import ImageTokens, PartTokens, TextTokens, load_tokenizer
 from pipelines.preprocess import preprocessed
+from pipelines.rejects import CorpusRefused
 
 __all__ = ["Models", "build", "load_tokenizer", "main", "resolve_models", "run"]
 
@@ -205,6 +206,9 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     (`manifest.retire`) and their images tokenized again in the parts that now hold them."""
     cfg = cfg or TokenizeConfig()
     input_uri, output = readers.canonical(input_uri), readers.canonical(output)
+    if output == input_uri or output.startswith(input_uri.rstrip("/") + "/"):
+        raise CorpusRefused(f"the output {output} lies inside the input {input_uri}: a later run would read its "
+                            "shards (and this run its plan files) as corpus; write it elsewhere")
     start = time.time()
     spec = job_spec(input_uri, cfg, models)
     old_spec = read_job_spec(output)
@@ -262,12 +266,12 @@ def _plan(input_uri: str, format: str, cfg: TokenizeConfig, part_ids: str, folde
     is kept while a big folder is listed, and with `lines` a line says how far it is."""
     last = time.monotonic()
 
-    def planned(images: int, parts: int, captions: int = 0) -> None:
+    def planned(images: int, parts: int, captions: int = 0, note: str | None = None) -> None:
         nonlocal last
         heartbeat.beat()  # when due
         if lines and time.monotonic() - last >= PLANNING_LINE_SECONDS:
             last = time.monotonic()
-            so_far = (f"{images} images in {parts} parts" if images or not captions
+            so_far = (note if note else f"{images} images in {parts} parts" if images or not captions
                       else f"{captions} records of the captions file indexed")
             print(f"tokenize: planning: {so_far} so far ({time.time() - start:.0f}s)", flush=True)
 
@@ -426,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         totals = run(args.input, args.output, models, cfg, args.format, progress=not args.no_progress,
                      force_cleanup=args.force_cleanup, retire_changed=args.retire_changed)
-    except (ResumeRefused, manifest.OutputInUse, readers.NoInput) as e:  # refused before any work: said once
+    except (ResumeRefused, CorpusRefused, manifest.OutputInUse, readers.NoInput) as e:  # refused before any work
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     if totals["stats"] and not args.no_progress:
         from jobs.progress import VERBOSE_ENV

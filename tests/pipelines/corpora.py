@@ -122,7 +122,7 @@ def write_parquet(path, rows, image_column: str = "image", caption_column: str =
 def write_tar(path, rows, caption_ext: str = "txt") -> None:
     with tarfile.open(path, "w") as tar:
         for name, image, caption, _ in rows:
-            members = [(f"{name}.png", image)]
+            members = [(f"{name}.png", image)] if image is not None else []  # None: no image member
             if caption_ext == "json":
                 members.append((f"{name}.json", json.dumps({"caption": caption.decode("utf-8", "replace")}).encode()))
             else:

@@ -14,15 +14,16 @@ from corpora import good
 from muse import storage
 from pipelines.config import PreprocessConfig, ReaderConfig
 from pipelines.preprocess import preprocess_batch
-from pipelines.readers import plan_parts, read_part
+from pipelines.readers import NoInput, plan_parts, read_part
 
 CFG = PreprocessConfig(min_side=16)
 
 
-def read(uri, cfg=ReaderConfig()) -> list[dict]:
-    """Every data row of the corpus at `uri` after preprocessing: key, caption, reject_reason."""
+def read(uri, cfg=ReaderConfig(), spill: str | None = None) -> list[dict]:
+    """Every data row of the corpus at `uri` after preprocessing: key, caption, reject_reason (a folder
+    planned with its image lists in plan files under `spill`, as `muse tokenize` plans one)."""
     out = []
-    for part in plan_parts(str(uri), "auto", cfg):
+    for part in plan_parts(str(uri), "auto", cfg, spill=spill):
         for block in read_part(part, cfg):
             done = preprocess_batch(block, lo_size=16, hi_size=None, cfg=CFG)
             out += [{k: r[k] for k in ("key", "caption", "reject_reason")}
@@ -58,6 +59,34 @@ def test_bad_text_in_a_tar_is_a_counted_reject(tmp_path):
     assert rows["bom"]["caption"] == "a red circle"
 
 
+def test_tar_fields_with_dots_empty_images_and_null_json_captions(tmp_path):
+    """Members named as plain `tar` packs a folder of photos (`IMG.2021.png`: key `IMG`, field
+    `2021.png`) are read by their last suffix; an empty image is corrupt, not missing; a .json
+    whose "caption" is null falls back to its "text"."""
+    image, caption = good(0, 40)
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        add(tar, "IMG.2021.png", image)
+        add(tar, "IMG.2021.txt", caption.encode())
+        add(tar, "exact.png", image)
+        add(tar, "exact.seg.png", b"not this one")  # an exact field wins over a suffix
+        add(tar, "exact.txt", caption.encode())
+        add(tar, "empty.png", b"")
+        add(tar, "empty.txt", caption.encode())
+        add(tar, "described.png", image)
+        add(tar, "described.json", json.dumps({"caption": None, "text": caption}).encode())
+    rows = {r["key"].split("#", 1)[1]: (r["reject_reason"], r["caption"]) for r in read(tmp_path)}
+    assert rows == {"IMG": ("", caption), "exact": ("", caption), "empty": ("corrupt_image", caption),
+                    "described": ("", caption)}
+
+
+def test_an_empty_image_file_is_corrupt_not_missing(tmp_path):
+    image, caption = good(0, 40)
+    for name, data in (("a", image), ("empty", b"")):
+        (tmp_path / f"{name}.png").write_bytes(data)
+        (tmp_path / f"{name}.txt").write_text(caption)
+    assert [r["reject_reason"] for r in read(tmp_path)] == ["", "corrupt_image"]
+
+
 def test_tar_members_that_are_neither_image_nor_caption_are_not_read(tmp_path, monkeypatch):
     image, caption = good(0, 40)
     with tarfile.open(tmp_path / "a.tar", "w") as tar:
@@ -88,15 +117,20 @@ def test_captions_file_values_that_are_not_text(tmp_path):
              {"file": "bom.png", "caption": "\ufeffa blue square"}]
     # The file itself starts with a BOM, as editors on Windows write it.
     (tmp_path / "captions.jsonl").write_bytes("\ufeff".encode() + "\n".join(map(json.dumps, lines)).encode())
-    rows = {r["key"].rsplit("/", 1)[1]: r for r in read(tmp_path)}
-    reasons = {k.removesuffix(".png"): r["reject_reason"] for k, r in rows.items()}
-    assert reasons == {"text": "", "null": "missing_caption", "absent": "missing_caption",
-                       "number": "caption_not_text", "list": "caption_not_text", "surrogate": "caption_not_utf8",
-                       "bom": "", "unlisted": "missing_caption"}
-    assert rows["text.png"]["caption"] == "a red circle" and rows["bom.png"]["caption"] == "a blue square"
+    for spill in (None, f"{tmp_path}-plan"):  # held in the parts, and in plan files as tokenize plans
+        rows = {r["key"].rsplit("/", 1)[1]: r for r in read(tmp_path, spill=spill)}
+        reasons = {k.removesuffix(".png"): r["reject_reason"] for k, r in rows.items()}
+        assert reasons == {"text": "", "null": "missing_caption", "absent": "missing_caption",
+                           "number": "caption_not_text", "list": "caption_not_text", "surrogate": "caption_not_utf8",
+                           "bom": "", "unlisted": "missing_caption"}
+        assert rows["text.png"]["caption"] == "a red circle" and rows["bom.png"]["caption"] == "a blue square"
+    # A CSV saved in cp1252: its bytes are no UTF-8, one sample's reject, also through a plan file.
+    (tmp_path / "captions.jsonl").unlink()
+    (tmp_path / "captions.csv").write_bytes(b"file,caption\ntext.png,a red circle\nnull.png,a caf\xe9 sign\n")
+    rows = {r["key"].rsplit("/", 1)[1]: r["reject_reason"] for r in read(tmp_path, spill=f"{tmp_path}-plan2")}
+    assert rows["text.png"] == "" and rows["null.png"] == "caption_not_utf8"
 
     # CSV: a row without its caption field (no comma) is a missing caption, not the text "None".
-    (tmp_path / "captions.jsonl").unlink()
     (tmp_path / "captions.csv").write_text("file,caption\ntext.png,a red circle\nnull.png\n")
     rows = {r["key"].rsplit("/", 1)[1]: r["reject_reason"] for r in read(tmp_path)}
     assert rows["text.png"] == "" and rows["null.png"] == "missing_caption"
@@ -145,6 +179,11 @@ def test_dangling_symlinks_are_missing_images_not_dropped(tmp_path):
     assert broken == [f"{tmp_path}/b.png"]
     rows = {r["key"].rsplit("/", 1)[1]: r["reject_reason"] for r in read(tmp_path)}
     assert rows == {"a.png": "", "b.png": "missing_image", "c.png": ""}
+    # A dangling link as the sidecar caption: that sample's missing caption, not a failed read.
+    (tmp_path / "d.png").write_bytes(image)
+    os.symlink(tmp_path / "nowhere.txt", tmp_path / "d.txt")
+    rows = {r["key"].rsplit("/", 1)[1]: r["reject_reason"] for r in read(tmp_path)}
+    assert rows == {"a.png": "", "b.png": "missing_image", "c.png": "", "d.png": "missing_caption"}
 
 
 def write(path, columns: dict) -> None:
@@ -161,6 +200,22 @@ def test_parquet_hugging_face_image_structs_are_read(tmp_path):
     rows = read(tmp_path)
     assert [r["reject_reason"] for r in rows] == ["", "missing_image", "missing_image"]
     assert rows[0]["caption"] == caption
+
+
+def test_parquet_text_as_categories_views_or_nulls_only_is_read(tmp_path):
+    """What pandas, Polars and Arrow >= 16 writers make of text columns: dictionary-encoded strings
+    (pandas' category), string and binary views, and a column of nulls only."""
+    image, caption = good(0, 40)
+    write(tmp_path / "category.parquet", {"image": pa.array([image, image]),
+                                          "caption": pa.array([caption, None]).dictionary_encode()})
+    write(tmp_path / "views.parquet", {"image": pa.array([image], pa.binary_view()),
+                                       "caption": pa.array([caption], pa.string_view())})
+    write(tmp_path / "no_captions.parquet", {"image": pa.array([image]), "caption": pa.nulls(1)})
+    write(tmp_path / "no_images.parquet", {"image": pa.nulls(1), "caption": pa.array([caption])})
+    rows = {r["key"].rsplit("/", 1)[1]: (r["reject_reason"], r["caption"]) for r in read(tmp_path)}
+    assert rows == {"category.parquet#0": ("", caption), "category.parquet#1": ("missing_caption", ""),
+                    "views.parquet#0": ("", caption), "no_captions.parquet#0": ("missing_caption", ""),
+                    "no_images.parquet#0": ("missing_image", "")}
 
 
 @pytest.mark.parametrize("image, caption, message", [
@@ -233,3 +288,30 @@ def test_the_size_limit_on_s3(s3_bucket):
     assert storage.read_bytes(f"{s3_bucket}/sized/a.png", len(image)) == image
     with pytest.raises(storage.FileTooLarge):
         storage.read_bytes(f"{s3_bucket}/sized/a.png", len(image) - 1)
+
+
+def test_a_format_that_finds_nothing_is_refused_and_auto_says_what_it_leaves(tmp_path, capsys):
+    image, caption = good(0, 40)
+    (tmp_path / "a.png").write_bytes(image)
+    (tmp_path / "a.txt").write_text(caption)
+    with pytest.raises(NoInput, match=r"--format webdataset: .* holds no tars \(1 image files\)"):
+        plan_parts(str(tmp_path), "webdataset", ReaderConfig())
+    write(tmp_path / "b.parquet", {"image": [image], "caption": [caption]})
+    parts = plan_parts(str(tmp_path), "auto", ReaderConfig())
+    assert [p.format for p in parts] == ["parquet"]
+    assert "read as parquet; not read: 1 image files" in capsys.readouterr().out
+
+
+def test_planning_notes_its_progress_while_listing_and_reading_footers(tmp_path, monkeypatch):
+    """What keeps the driver's heartbeat (and the planning line) going on a corpus of many Parquet
+    files or tars, where no folder part is cut."""
+    from pipelines import readers
+
+    monkeypatch.setattr(readers, "LISTED_NOTE", 2)
+    image, caption = good(0, 40)
+    for n in range(4):
+        write(tmp_path / f"{n}.parquet", {"image": [image], "caption": [caption]})
+    notes = []
+    plan_parts(str(tmp_path), "auto", ReaderConfig(), progress=lambda images, parts, note=None: notes.append(note))
+    assert notes == ["2 Parquet files and 0 tars listed", "4 Parquet files and 0 tars listed",
+                     "2 of 4 Parquet footers read", "4 of 4 Parquet footers read"]

@@ -9,7 +9,7 @@ from corpora import good, write_folder, write_parquet, write_tar
 from muse import storage
 from pipelines.config import ReaderConfig
 from pipelines.corpus_data import read_corpus, sample_captions
-from pipelines.readers import detect_format, plan_parts, read_part
+from pipelines.readers import plan_parts, read_part
 
 
 def rows_of(parts, cfg):
@@ -113,8 +113,8 @@ def test_folder_with_sidecar_captions(tmp_path):
     (tmp_path / "f" / "nocap.png").write_bytes(rows[0][1])
     (tmp_path / "f" / "notes.json").write_text("{}")  # ignored
     cfg = ReaderConfig(rows_per_part=4)
-    assert detect_format(str(tmp_path / "f"), cfg) == "folder"
     parts = plan_parts(str(tmp_path / "f"), "auto", cfg)
+    assert {p.format for p in parts} == {"folder"}
     assert sum(len(p.items) for p in parts) == 6 and all(2 <= len(p.items) <= 8 for p in parts[:-1])
     data, ends = rows_of(parts, cfg)
     by_key = {r["key"].rsplit("/", 1)[-1]: r for r in data}
@@ -194,7 +194,7 @@ def test_read_corpus_through_ray(ray_session, tmp_path):
 
 def test_sample_captions_stops_at_n_and_leaves_rejected_rows_out(ray_session, tmp_path):
     rows = [(n, i, c.encode(), r) for n, i, c, r in corpus(6)]
-    rows[2] = (rows[2][0], b"", rows[2][2], rows[2][3])  # a reject (no image) keeps its caption out
+    rows[2] = (rows[2][0], None, rows[2][2], rows[2][3])  # a reject (no image) keeps its caption out
     write_tar(tmp_path / "a.tar", rows[:3])
     write_tar(tmp_path / "b.tar", rows[3:])
     captions = {r[2].decode() for i, r in enumerate(rows) if i != 2}
@@ -209,7 +209,7 @@ def test_captions_only_reads_no_image(tmp_path, form):
     """What fits a vocabulary reads captions, not images: the folder's image files are deleted after
     planning (reading one would fail), and no image bytes come out of any form."""
     rows = [(n, i, c.encode(), r) for n, i, c, r in corpus(5)]
-    rows[1] = (rows[1][0], b"", rows[1][2], "")  # an empty image (tar, folder): still no caption of it
+    rows[1] = (rows[1][0], b"", rows[1][2], "")  # an empty image: only decoding would call it corrupt
     if form == "folder":
         write_folder(tmp_path / "c", rows)
     elif form == "parquet":
@@ -226,9 +226,7 @@ def test_captions_only_reads_no_image(tmp_path, form):
            if r["index"] != -1]
     assert all(r["image"] == b"" for r in got)
     kept = [r["caption"] for r in got if not r["reject_reason"]]
-    # Only the tar's stream shows an image's size; Parquet's column and the folder's files are not read.
-    skipped = {1} if form == "webdataset" else set()
-    assert sorted(kept) == sorted(r[2] for i, r in enumerate(rows) if i not in skipped)
+    assert sorted(kept) == sorted(r[2] for r in rows)
 
 
 def test_bad_files_are_rejects_by_reason(tmp_path):

@@ -200,6 +200,15 @@ def test_cli(tmp_path, tiny_root, capsys):
     with pytest.raises(SystemExit):
         main(["--input", ".", "--output", str(tmp_path), "--checkpoint", str(tmp_path)])
     assert "vqgan_lo" in capsys.readouterr().err
+    # Refused at planning, in one line: what the corpus is cannot be told; an output inside the input.
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "notes.txt").write_text("no images here")
+    for output, said in ((tmp_path / "out2", "cannot tell the format"), (corpus / "tokens", "lies inside the input")):
+        with pytest.raises(SystemExit) as refused:
+            main(["--input", str(corpus), "--output", str(output), "--checkpoint", tiny_root, "--no-progress"])
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and said in err and err.count("\n") == 1, err
 
 
 def test_decoding_runs_in_cpu_actors_and_beside_gpu_actors():
@@ -216,6 +225,20 @@ def test_vqgan_hi_shares_the_vqgan_lo_actors():
     assert load_config(None, ["vqgan_hi.batch_size=4"]).vqgan_hi.batch_size == 4
     with pytest.raises(ValueError, match="vqgan_hi sets only batch_size"):
         load_config(None, ["vqgan_hi.num_gpus=1"])
+    with pytest.raises(ValueError, match="encodes vqgan_lo's batches"):  # it would run at vqgan_lo's
+        load_config(None, ["vqgan_hi.batch_size=64"])
+
+
+def test_a_pixel_limit_over_pillows_own_is_refused():
+    """Image.open refuses images past 2 x PIL.Image.MAX_IMAGE_PIXELS whatever max_pixels says."""
+    from PIL import Image
+
+    from pipelines.config import PILLOW_MAX_PIXELS
+
+    assert PILLOW_MAX_PIXELS == 2 * Image.MAX_IMAGE_PIXELS
+    assert load_config(None, [f"preprocess.max_pixels={PILLOW_MAX_PIXELS}"])
+    with pytest.raises(ValueError, match="decompression-bomb limit"):
+        load_config(None, ["preprocess.max_pixels=500000000"])
 
 
 def test_model_flags_override_the_root(tiny_root, tiny_root_lo_only):
