@@ -5,7 +5,9 @@
       vqgan_lo/  vqgan_hi/  config.json, model.safetensors
       base/      superres/  config.json, model.safetensors
 
-config.json is {"kind", "format_version", "config": {dataclass fields}}. Loading never unpickles:
+config.json is {"kind", "format_version", "config": {dataclass fields}}, plus "extra" (the training
+record) and "files_sha256" (the fingerprint of the other files) where `save_component` wrote it, or
+"reference" (`save_reference`). Loading never unpickles:
 weights are safetensors and configs are JSON validated against the dataclasses (missing keys take
 their defaults, so older checkpoints stay loadable; unknown keys are rejected).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -30,6 +33,7 @@ from muse import storage
 from muse.components import (  # noqa: F401 - re-exported: muse.checkpoint is where callers look
     COMPONENTS,
     CONFIG_FILE,
+    FINGERPRINT,
     FORMAT_VERSION,
     KINDS,
     REQUIRED_COMPONENTS,
@@ -84,7 +88,10 @@ def family_of(model: nn.Module) -> str | None:
 
 def save_component(model: nn.Module, uri: str, extra: dict[str, Any] | None = None) -> None:
     """Write `model` (with its `.config`) as a component directory at a local path or s3:// URI.
-    `extra` (JSON-ready) is stored in config.json under "extra" (e.g. training step).
+    `extra` (JSON-ready) is stored in config.json under "extra" (e.g. training step), and the
+    fingerprint of every other file it writes under "files_sha256" (`files_sha256`, of the files as
+    written locally, before any upload): what `component_version` tells weights apart by, so that
+    token shards notice a tokenizer trained again with the same run name and step.
 
     Replacing a component is atomic on a local filesystem: the new files are written into a hidden
     sibling directory that then trades places with the old one in one rename, so a crash at any point
@@ -119,12 +126,32 @@ def _write_component(model: nn.Module, meta: dict[str, Any], directory: str) -> 
     save_model(model, os.path.join(directory, WEIGHTS_FILE))
     if hasattr(model, "save_extra"):
         model.save_extra(directory)
+    meta = meta | {FINGERPRINT: files_sha256(directory)}
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump(meta, f, indent=2)
     for entry in os.scandir(directory):
         if entry.is_file():
             with open(entry.path, "rb") as f:
                 os.fsync(f.fileno())
+
+
+def files_sha256(directory: str) -> dict[str, str]:
+    """{path below it (with "/"): sha256 of its bytes} of every file of a local component directory
+    but its config.json, in sorted path order: per file, so that what reads only some of them (caption
+    ids read a text encoder's tokenizer, not its weights) compares those. The same model saved again
+    gives the same values: safetensors, the architecture's JSON and the tokenizer files are written
+    the same way each time. Reads each file once (what was just written: from the page cache)."""
+    files = []
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            rel = os.path.relpath(os.path.join(parent, name), directory).replace(os.sep, "/")
+            if rel != CONFIG_FILE:
+                files.append(rel)
+    digests = {}
+    for rel in sorted(files):
+        with open(os.path.join(directory, rel), "rb") as f:
+            digests[rel] = hashlib.file_digest(f, "sha256").hexdigest()
+    return digests
 
 
 def _switch(staged: str, path: str) -> None:

@@ -19,6 +19,8 @@ from muse.config import from_dict
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# The key of config.json that fingerprints the component's other files (`component_version`).
+FINGERPRINT = "files_sha256"
 COMPONENTS = ("text_encoder", "vqgan_lo", "vqgan_hi", "base", "superres")
 # Components a root must have for text-to-image at base resolution; the rest are optional.
 REQUIRED_COMPONENTS = ("text_encoder", "vqgan_lo", "base")
@@ -124,12 +126,21 @@ def has_component(root: str, name: str) -> bool:
     return storage.exists(storage.join(component_uri(root, name), CONFIG_FILE))
 
 
-def component_version(uri: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Which weights a component holds, cheaply: the training record its export wrote in config.json
-    ("extra": stage, step, run) and the size of its weights file. Retraining changes it; copying the
-    component elsewhere does not. What token shards record of the tokenizers that made them. `meta`:
-    its config.json when the caller has read it already."""
+def component_version(uri: str, meta: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Which weights a component holds, cheaply (from its config.json alone): the training record its
+    export wrote ("extra": stage, step, run) and the fingerprint of the files it wrote beside
+    config.json (FINGERPRINT, see `muse.checkpoint.save_component`). Retraining changes it, even with
+    the same run name and step; exporting the same weights again with the same record, or copying the
+    component elsewhere, does not. What token shards record of the models that made them. A
+    component saved before the fingerprint has the size of its weights file instead (one stat), as
+    it was then; a reference (`save_reference`: weights in the folder its config names) gives None,
+    its config being all there is to it. `meta`: its config.json when the caller has read it already."""
     meta = read_meta(uri) if meta is None else meta
+    if meta.get("reference"):
+        return None
+    extra = meta.get("extra") or {}
+    if meta.get(FINGERPRINT):
+        return {"extra": extra, FINGERPRINT: meta[FINGERPRINT]}
     fs, path = storage.filesystem(storage.join(uri, WEIGHTS_FILE))
     size = fs.get_file_info(path).size
-    return {"extra": meta.get("extra") or {}, "weights_bytes": size}
+    return {"extra": extra, "weights_bytes": size}

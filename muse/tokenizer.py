@@ -14,25 +14,27 @@ from collections.abc import Iterable
 from typing import Any
 
 from muse import storage
-from muse.components import KINDS, CheckpointError, read_component_meta
+from muse.components import KINDS, CheckpointError, parse_config, read_meta
 from muse.config import TextEncoderConfig
 
 
 def text_encoder_config(uri: str):
     """The config of a muse text-encoder component (T5, or an imported aMUSEd root's CLIP), or None for
     a Hugging Face directory/name."""
-    return _text_component(uri)[0]
+    return text_component(uri)[0]
 
 
-def _text_component(uri: str) -> tuple[Any, bool]:
-    """(`text_encoder_config`, whether the component is a reference), from one read of config.json."""
+def text_component(uri: str) -> tuple[Any, dict[str, Any] | None]:
+    """(`text_encoder_config`, its config.json), from one read of the file; (None, None) for a Hugging
+    Face directory/name."""
     try:
-        kind, cfg, reference = read_component_meta(uri)
+        meta = read_meta(uri)
+        cfg = parse_config(meta, uri)
     except (CheckpointError, OSError, ValueError):
-        return None, False
-    if KINDS[kind].role != "text_encoder":
-        raise ValueError(f"{uri} holds a {kind!r} component, not a text encoder")
-    return cfg, reference
+        return None, None
+    if KINDS[meta["kind"]].role != "text_encoder":
+        raise ValueError(f"{uri} holds a {meta['kind']!r} component, not a text encoder")
+    return cfg, meta
 
 
 BYT5_SPECIALS = ("<pad>", "</s>", "<unk>", *(f"<extra_id_{i}>" for i in range(125)))
@@ -141,9 +143,9 @@ def load_tokenizer(uri: str):
     with them, in the directory it names, or converted beside its config (`write_tokenizer_json`).
     Most load without transformers: muse's ByT5 (the offline default) as `ByT5Ids`, a fitted BPE and
     a T5 folder with a tokenizer.json (its own or converted) as `TokenizerJsonIds`."""
-    cfg, reference = _text_component(uri)
+    cfg, meta = text_component(uri)
     max_length = (cfg or TextEncoderConfig()).max_length
-    if reference:
+    if meta is not None and meta.get("reference"):
         converted = storage.join(uri, TOKENIZER_JSON)
         if storage.exists(converted):
             return TokenizerJsonIds(storage.read_text(converted)), max_length

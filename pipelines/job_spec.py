@@ -11,7 +11,6 @@ from muse import storage
 from muse.config import to_dict
 from pipelines import readers, shards
 from pipelines.config import PoolConfig, TokenizeConfig
-from pipelines.models import text_encoder_config
 
 
 class ResumeRefused(ValueError):
@@ -25,7 +24,8 @@ def device_of(pool: PoolConfig) -> str:
 
 def job_spec(input_uri: str, cfg: TokenizeConfig, models) -> dict:
     """Everything that decides the content of the shards; a resumed run must match it."""
-    from muse.components import component_version, parse_config, read_meta
+    from muse.components import FINGERPRINT, WEIGHTS_FILE, component_version, parse_config, read_meta
+    from muse.tokenizer import text_component
 
     def tokenizer(uri: str | None) -> tuple[dict | None, dict | None]:
         """(config, weights version) of a VQGAN, from one read of its config.json."""
@@ -34,11 +34,27 @@ def job_spec(input_uri: str, cfg: TokenizeConfig, models) -> dict:
         meta = read_meta(uri)
         return to_dict(parse_config(meta, uri)), component_version(uri, meta)
 
+    def text_encoder(uri: str) -> tuple[dict | None, dict | None]:
+        """(config, version) of a muse text-encoder component, from one read of its config.json;
+        (None, None) for a Hugging Face folder or name. A reference to a Hugging Face folder
+        (`save_reference`) has its config only: its folder is not hashed. Caption ids depend on its
+        tokenizer's files, not its weights: an ids output records the fingerprints of those alone."""
+        config, meta = text_component(uri)
+        if meta is None:
+            return None, None
+        version = component_version(uri, meta)
+        if version is not None and not embeddings:
+            version = {k: v for k, v in version.items() if k != "weights_bytes"}
+            if FINGERPRINT in version:
+                version[FINGERPRINT] = {name: digest for name, digest in version[FINGERPRINT].items()
+                                        if name != WEIGHTS_FILE}
+        return to_dict(config), version
+
+    embeddings = cfg.text_storage == "embeddings"  # ids need no model: no text device
     (lo, lo_weights), (hi, hi_weights) = tokenizer(models.vqgan_lo), tokenizer(models.vqgan_hi)
-    text = text_encoder_config(models.text_encoder)
+    text, text_weights = text_encoder(models.text_encoder)
     reader = to_dict(cfg.reader)
     reader.pop("block_rows")
-    embeddings = cfg.text_storage == "embeddings"  # ids need no model: no text device
     return {
         "input": input_uri, "models": {k: _model_uri(v) for k, v in to_dict(models).items()},
         "text_storage": cfg.text_storage,
@@ -47,9 +63,10 @@ def job_spec(input_uri: str, cfg: TokenizeConfig, models) -> dict:
         "precision": {"vqgan": _precision(cfg, cfg.vqgan_lo),
                       "text": _precision(cfg, cfg.text) if embeddings else None},
         "vqgan_lo": lo, "vqgan_hi": hi,
-        # Which weights: a retrained tokenizer with the same config makes other tokens.
-        "weights": {"vqgan_lo": lo_weights, "vqgan_hi": hi_weights},
-        "text_encoder": to_dict(text) if text else None, "reader": reader,
+        # Which weights: a retrained tokenizer with the same config makes other tokens, a text
+        # encoder exported again other embeddings (or, refitted, other caption ids).
+        "weights": {"vqgan_lo": lo_weights, "vqgan_hi": hi_weights, "text_encoder": text_weights},
+        "text_encoder": text, "reader": reader,
         "preprocess": {k: getattr(cfg.preprocess, k) for k in ("min_side", "max_pixels", "max_caption_chars")},
         "format_version": shards.FORMAT_VERSION,
     }
@@ -88,8 +105,41 @@ def settings_as_before(spec: dict, old: dict | None, cfg: TokenizeConfig) -> tup
     return cfg, part_ids, folder_cuts, sizes
 
 
-# Spec fields added later: an output whose _job.json lacks one resumes as if it matched.
-_LATER_FIELDS = ("device", "precision", "weights")
+# Spec fields added later, as paths: an output whose _job.json lacks one resumes as if it matched.
+_LATER_FIELDS = (("device",), ("precision",), ("weights",),
+                 ("weights", "text_encoder"))  # before the text encoder's weights were recorded
+_SHOWN_FIELDS = 4  # differing fields a refusal names with their values; the rest are counted
+_SHOWN_CHARS = 60  # a value longer than this loses its middle (paths differ at either end)
+_ABSENT = object()
+
+
+def spec_differences(old: dict, new: dict, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], object, object]]:
+    """(path, old value, new value) of each leaf field that differs between two job specs, nested
+    dicts compared field by field. A field missing on one side is `_ABSENT` there (None at the top,
+    where a missing section has always matched a null one), and a later field (`_LATER_FIELDS`)
+    missing from `old` does not count."""
+    differences = []
+    missing = _ABSENT if path else None
+    for key in sorted(set(old) | set(new)):
+        at = (*path, key)
+        if key not in old and at in _LATER_FIELDS:
+            continue
+        was, now = old.get(key, missing), new.get(key, missing)
+        if isinstance(was, dict) and isinstance(now, dict):
+            differences += spec_differences(was, now, at)
+        elif was != now:
+            differences.append((at, was, now))
+    return differences
+
+
+def _shown(value: object) -> str:
+    if value is _ABSENT:
+        return "absent"
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if len(text) <= _SHOWN_CHARS:
+        return text
+    head = (_SHOWN_CHARS - 3) // 2
+    return f"{text[:head]}...{text[head + 3 - _SHOWN_CHARS:]}"
 
 
 def read_job_spec(out: str) -> dict | None:
@@ -106,13 +156,17 @@ def check_resumable(out: str, spec: dict, old: dict | None, finished: set[str], 
     input any more (the corpus changed: files added, removed, renamed or resized), to retire with
     `retire_changed`; without it, they are refused too."""
     if old is not None:
-        changed = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k)
-                         and not (k in _LATER_FIELDS and k not in old))
-        if changed:
-            detail = "".join(f"; {k}: {old.get(k)} then, {spec.get(k)} now" for k in changed
-                             if k in ("models", "device", "precision"))
-            hint = (" (the tokenizer was trained again since: its tokens would not match the new ones)"
-                    if "weights" in changed else "")
+        differences = spec_differences(old, spec)
+        if differences:
+            changed = list(dict.fromkeys(path[0] for path, _, _ in differences))
+            detail = "".join(f"; {'.'.join(path)}: {_shown(was)} then, {_shown(now)} now"
+                             for path, was, now in differences[:_SHOWN_FIELDS])
+            if len(differences) > _SHOWN_FIELDS:
+                detail += f"; and {len(differences) - _SHOWN_FIELDS} more field(s)"
+            retrained = sorted({path[1] for path, was, now in differences  # the same files, other bytes
+                                if path[0] == "weights" and len(path) > 2 and _ABSENT not in (was, now)})
+            hint = (f" ({' and '.join(retrained)} trained or exported again since: shards made now would not "
+                    "match the ones there)" if retrained else "")
             raise ResumeRefused(f"{out} holds shards made with different {', '.join(changed)}{detail}{hint}; "
                                 "re-run with the same settings to resume, or write to a new --output")
     stale = finished - planned

@@ -166,3 +166,67 @@ def test_components_are_built_on_the_meta_device_and_filled_from_the_file(tmp_pa
     t5 = text.model
     assert t5.shared.weight is t5.encoder.embed_tokens.weight and not t5.shared.weight.is_meta
     assert torch.equal(t5.shared.weight, saved["text_encoder"].model.shared.weight)
+
+
+def test_save_component_fingerprints_the_files_it_writes(tmp_path):
+    """config.json records a sha256 of the other files, so a component holding other weights under
+    the same training record (a tokenizer trained again to the same step of the same run) has
+    another version; the same weights saved again have the same one. A component saved before the
+    fingerprint keeps the version it had, and a reference has none beyond its config."""
+    from muse.checkpoint import files_sha256
+    from muse.components import component_version
+
+    torch.manual_seed(0)
+    model = MaskedTransformer(preset("base-tiny"))
+    record = {"finished": True, "stage": "base", "step": 10, "run": "base"}
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    save_component(model, a, extra=record)
+    save_component(load_component(a), b, extra=record)  # exported again: byte for byte the same
+    meta = json.loads((tmp_path / "a" / "config.json").read_text())
+    again = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert meta["files_sha256"] == files_sha256(a) == again["files_sha256"]
+    assert component_version(a) == component_version(b) == {"extra": record, "files_sha256": meta["files_sha256"]}
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)  # trained again: same size, same record
+    save_component(model, c, extra=record)
+    assert component_version(c) != component_version(a)
+
+    # Saved before fingerprints: the record and the weights' size, as then.
+    del meta["files_sha256"]
+    (tmp_path / "a" / "config.json").write_text(json.dumps(meta))
+    size = (tmp_path / "a" / "model.safetensors").stat().st_size
+    assert component_version(a) == {"extra": record, "weights_bytes": size}
+    # A reference to a Hugging Face folder: its config is all there is (the folder is not read).
+    reference = tmp_path / "ref"
+    reference.mkdir()
+    (reference / "config.json").write_text(json.dumps({"kind": "text_encoder", "format_version": 1, "reference": True,
+                                                       "config": {"name_or_path": str(tmp_path / "no-t5")}}))
+    assert component_version(str(reference)) is None
+
+
+def test_a_text_encoders_fingerprint_covers_its_tokenizer(tmp_path):
+    """A "bpe" text encoder fitted again to other captions has the same weights (same seed) and
+    config, but other caption ids: its fingerprint differs."""
+    from muse.components import component_version
+    from muse.text import TextEncoder
+
+    versions = []
+    for i, captions in enumerate((["a red circle", "a blue square"] * 50, ["green triangles on grass"] * 100,
+                                  ["a red circle", "a blue square"] * 50)):
+        torch.manual_seed(0)
+        encoder = TextEncoder.build(preset("t5-tiny-bpe"), captions=captions)
+        save_component(encoder, str(tmp_path / f"te{i}"))
+        versions.append(component_version(str(tmp_path / f"te{i}")))
+    assert (tmp_path / "te0" / "tokenizer.json").exists()
+    weights = [(tmp_path / f"te{i}" / "model.safetensors").read_bytes() for i in (0, 1)]
+    assert weights[0] == weights[1]
+    assert versions[0] != versions[1] and versions[0] == versions[2]
+
+
+def test_a_component_on_s3_has_the_fingerprint_of_the_files_it_uploaded(s3_bucket, tmp_path):
+    torch.manual_seed(0)
+    model = MaskedTransformer(preset("base-tiny"))
+    save_component(model, f"{s3_bucket}/base")
+    save_component(model, str(tmp_path / "base"))
+    remote = json.loads(storage.read_text(f"{s3_bucket}/base/config.json"))
+    assert remote["files_sha256"] == json.loads((tmp_path / "base" / "config.json").read_text())["files_sha256"]
