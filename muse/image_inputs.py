@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 from muse import storage
-from muse.data.images import TRANSPARENT_BELOW, ImageRejected, decode_image, tensor_to_pil, to_rgb, uint8_to_tensor
+from muse.data.images import (TRANSPARENT_BELOW, ImageRejected, decode_image, has_alpha, tensor_to_pil, to_rgb,
+                              uint8_to_tensor)
 
 GREY_REGENERATE_FROM = 128
 
@@ -90,8 +91,7 @@ def load_mask(mask: Any, size: tuple[int, int]) -> torch.Tensor:
 
 def mask_from_image(img: Image.Image) -> np.ndarray:
     """(H, W) bool, True = regenerate: transparent pixels when the image has transparency, else white."""
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    if has_alpha:
+    if has_alpha(img):
         alpha = np.asarray(img.convert("RGBA").getchannel("A"))
         if (alpha < 255).any():
             return alpha < TRANSPARENT_BELOW

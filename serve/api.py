@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import secrets
+import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -83,10 +85,11 @@ class Ingress:
     def side(self, stage: str) -> int:
         return self.hi_side if stage == "hi" else self.lo_side
 
-    def usage(self, prompt: str, n: int, stage: str) -> dict:
+    def usage(self, prompt: str, n: int, stage: str, text: bool = True) -> dict:
+        """OpenAI's usage block for n images of `stage`; without `text`, their image tokens alone."""
         tokens = self.lo_tokens**2 + (self.hi_tokens**2 if stage == "hi" else 0)
-        text = len(self.tokenizer(prompt, truncation=True, max_length=self.max_text_tokens)["input_ids"])
-        return usage(text, n, tokens)
+        read = len(self.tokenizer(prompt, truncation=True, max_length=self.max_text_tokens)["input_ids"]) if text else 0
+        return usage(read, n, tokens)
 
     def decodes(self, n: int, seed: int, steps: int | None, superres_steps: int | None,
                 guidance: float | None, base_default: int | None = None) -> tuple[Decode, Decode]:
@@ -164,6 +167,8 @@ def build_fastapi(ing: Ingress) -> FastAPI:
         elif first.get("type") in ("dict_type", "model_attributes_type") and tuple(first.get("loc", ())) == ("body",):
             param, message = None, ("the request body must be a JSON object, sent as Content-Type: "
                                     "application/json")
+        elif first.get("type") == "missing" and param is None:
+            message = "the request body is empty: send a JSON object, as Content-Type: application/json"
         elif first.get("type") == "missing":
             message = f"'{param}' is required"
         elif param:
@@ -207,11 +212,12 @@ def build_fastapi(ing: Ingress) -> FastAPI:
 
     @app.get("/v1/files/{name}")
     async def files(name: str) -> Response:
-        stem, _, ext = name.rpartition(".")
-        data = await ing.responses.file(stem) if ext in OUTPUT_FORMATS else None
+        data = await ing.responses.file(name)  # None unless the name, its format included, is one it gave
         if data is None:
             raise APIError(404, "no such file (or it has expired)", param="file", code="not_found")
-        return Response(data, media_type=OUTPUT_FORMATS[ext], headers={"Cache-Control": "private, max-age=3600"})
+        max_age = max(0, int(name.split("-", 1)[0]) - int(time.time()))  # until it expires
+        return Response(data, media_type=OUTPUT_FORMATS[name.rpartition(".")[2]],
+                        headers={"Cache-Control": f"private, max-age={max_age}"})
 
     @app.post("/v1/images/generations")
     async def generations(req: GenerationRequest, request: Request):
@@ -268,6 +274,10 @@ def build_fastapi(ing: Ingress) -> FastAPI:
         if quality is not None and not 0 <= quality <= 100:
             raise APIError(400, "'output_compression' must be between 0 and 100", param="output_compression",
                            code="invalid_value")
+        partial = f.integer("partial_images")  # streamed previews: read as the JSON route reads it
+        if partial is not None and not 0 <= partial <= 3:
+            raise APIError(400, "'partial_images' must be between 0 and 3", param="partial_images",
+                           code="invalid_value")
         if f.text("stream") not in (None, "false", "False", "0"):
             raise APIError(400, "streaming edits are not supported; leave out 'stream'", param="stream",
                            code="invalid_value")
@@ -282,23 +292,29 @@ def build_fastapi(ing: Ingress) -> FastAPI:
     return app
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
 class _EditForm:
-    """Typed reads of a multipart form's text fields; an empty value is an absent one (as a null)."""
+    """Typed reads of a multipart form's text fields; an empty value is an absent one (as a null), and
+    a file part where text belongs is a 400."""
 
     def __init__(self, form):
         self.form = form
 
     def text(self, name: str) -> str | None:
         value = self.form.get(name)
-        return None if value is None or value == "" or value == "null" else str(value)
+        if value is not None and not isinstance(value, str):
+            raise APIError(400, f"'{name}' must be a text field, not a file", param=name, code="invalid_type")
+        return None if value is None or value == "" else value
 
     def integer(self, name: str, default: int | None = None) -> int | None:
         value = self.text(name)
-        try:
-            return default if value is None else int(value)
-        except ValueError:
-            raise APIError(400, f"'{name}' must be an integer, got {value!r}", param=name,
-                           code="invalid_type") from None
+        if value is None:
+            return default
+        if not _INTEGER.fullmatch(value.strip()):  # int() would take "0_2" or "٣"
+            raise APIError(400, f"'{name}' must be an integer, got {value[:40]!r}", param=name, code="invalid_type")
+        return int(value)
 
     def number(self, name: str) -> float | None:
         value = self.text(name)

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     from jobs.cluster import join_ray
     from serve.app import build_app, start_serve
 
-    join_ray(num_cpus=args.num_cpus, include_dashboard=False, quiet=False)  # replicas' logs stay on the console
+    local = join_ray(num_cpus=args.num_cpus, include_dashboard=False, quiet=False)  # replicas' logs stay on the console
     stop = threading.Event()
 
     def on_signal(*_) -> None:
@@ -79,10 +79,23 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         try:
             print("muse serve: stopping", flush=True)
-            serve.shutdown()
-            ray.shutdown()
+            stop_serving(APP_NAME, local)
         except KeyboardInterrupt:  # Ray's processes still go when this one exits
             print("muse serve: stopped without waiting for Serve to shut down", flush=True)
+
+
+def stop_serving(app_name: str, local: bool) -> None:
+    """Undo what `muse serve` started: on its own local Ray, Serve and Ray; on a cluster it joined
+    (RAY_ADDRESS, or a `ray start` one on this node), only its app, leaving the cluster's other
+    Serve apps and its HTTP proxy running."""
+    import ray
+    from ray import serve
+
+    if local:
+        serve.shutdown()
+        ray.shutdown()
+    else:
+        serve.delete(app_name)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from muse.config import RENAMED_TEMPERATURE
+from muse.data.images import PILLOW_MAX_PIXELS
 
 
 def cpu_threads(num_cpus: float | None) -> int:
@@ -114,7 +115,8 @@ class Limits(Strict):
     max_steps: int = Field(100, ge=1)
     max_guidance_scale: float = Field(30.0, ge=0)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
-    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    # Pillow refuses images past its decompression-bomb limit (~179M pixels) whatever this says.
+    max_image_pixels: int = Field(4096 * 4096, ge=1, le=PILLOW_MAX_PIXELS)
     request_timeout_s: float = Field(300.0, gt=0)
     max_in_flight: int = Field(48, ge=1)  # image requests per ingress replica; more get a quick 429
     max_retries: int = Field(1, ge=0, le=2)  # re-runs after a replica was lost (never after one crashed under it)
@@ -177,6 +179,14 @@ class AppArgs(Strict):
     base: Generator = Generator()
     superres: Generator = Generator()
     decoder: Deployment = Deployment()
+
+    @model_validator(mode="after")
+    def _files_every_ingress_serves(self) -> AppArgs:
+        several = self.ingress.autoscaling is not None or (self.ingress.num_replicas or 1) > 1
+        if several and self.files.uri is None:
+            raise ValueError("more than one ingress replica keeps `url` images in each replica's memory, where the "
+                             "others cannot serve them: set files.uri to a directory or s3:// URI they share")
+        return self
 
     @model_validator(mode="after")
     def _gpus_for_cuda(self) -> AppArgs:

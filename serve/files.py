@@ -1,7 +1,8 @@
-"""Short-lived PNGs behind `response_format: "url"`: GET /v1/files/<id>.png.
+"""Short-lived images behind `response_format: "url"`: GET /v1/files/<name>.
 
-An id is `<expiry unix seconds>-<32 hex chars>`: unguessable (128 random bits, so the URL itself is
-the credential, as with OpenAI's signed URLs) and self-expiring (the expiry is read from the id, no
+A name is `<expiry unix seconds>-<32 hex chars>.<format>` (png, jpeg or webp: what the bytes are, and
+the only extension it is served under): unguessable (128 random bits, so the URL itself is the
+credential, as with OpenAI's signed URLs) and self-expiring (the expiry is read from the name, no
 index needed). Two backends: the ingress replica's memory (an LRU capped at `max_files`), or a
 directory / s3:// prefix through `muse.storage` that every ingress replica shares, swept of expired
 files every tenth of the TTL in a background thread. Calls block on storage: the ingress makes them
@@ -19,7 +20,7 @@ from collections import OrderedDict
 from muse import storage
 from serve.config import Files
 
-ID_PATTERN = re.compile(r"^(\d{10,12})-([0-9a-f]{32})$")
+NAME_PATTERN = re.compile(r"^(\d{10,12})-([0-9a-f]{32})\.(png|jpeg|webp)$")
 
 
 class FileStore:
@@ -32,10 +33,12 @@ class FileStore:
         if config.uri is not None and not storage.is_s3(config.uri):
             storage.makedirs(config.uri)
 
-    def put(self, data: bytes) -> str:
-        """Store PNG bytes; returns the id."""
+    def put(self, data: bytes, fmt: str = "png") -> str:
+        """Store encoded image bytes of format `fmt`; returns the file's name."""
+        if fmt not in ("png", "jpeg", "webp"):
+            raise ValueError(f"unknown image format {fmt!r}")
         now = self.clock()
-        file_id = f"{int(now + self.config.ttl_s)}-{secrets.token_hex(16)}"
+        file_id = f"{int(now + self.config.ttl_s)}-{secrets.token_hex(16)}.{fmt}"
         if self.config.uri is None:
             with self._lock:
                 self._drop_expired(now)
@@ -53,8 +56,8 @@ class FileStore:
         return file_id
 
     def get(self, file_id: str) -> bytes | None:
-        """The bytes, or None when the id is malformed, unknown or expired."""
-        match = ID_PATTERN.match(file_id)
+        """The bytes, or None when the name is malformed, unknown or expired."""
+        match = NAME_PATTERN.match(file_id)
         if match is None or int(match.group(1)) < self.clock():
             return None
         if self.config.uri is None:
@@ -64,7 +67,7 @@ class FileStore:
         return storage.read_bytes(uri) if storage.exists(uri) else None
 
     def _uri(self, file_id: str) -> str:
-        return storage.join(self.config.uri, f"{file_id}.png")
+        return storage.join(self.config.uri, file_id)
 
     def _drop_expired(self, now: float) -> None:
         for key in [k for k in self._memory if int(k.split("-", 1)[0]) < now]:
@@ -72,6 +75,6 @@ class FileStore:
 
     def _sweep(self, now: float) -> None:
         for uri in storage.list_files(self.config.uri):
-            match = ID_PATTERN.match(uri.rsplit("/", 1)[-1].removesuffix(".png"))
+            match = NAME_PATTERN.match(uri.rsplit("/", 1)[-1])
             if match is not None and int(match.group(1)) < now:
                 storage.delete(uri)

@@ -55,18 +55,30 @@ class Guard:
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         image_request = path.startswith(IMAGE_ROUTES)
-        if image_request and self.in_flight >= self.max_in_flight:
+        if not image_request:
+            return await self._with_body(scope, receive, send, too_large)
+        if self.in_flight >= self.max_in_flight:
             return await error_response(429, "too many requests in flight; retry shortly", type="rate_limit_error",
                                         code="rate_limit_exceeded",
                                         headers={"Retry-After": str(RETRY_AFTER_S)})(scope, receive, send)
+        # The slot is taken before the body is read (uploads still arriving count) and held until the
+        # response, a stream included, has been sent, whatever ends it.
+        self.in_flight += 1
+        try:
+            return await self._with_body(scope, receive, send, too_large)
+        finally:
+            self.in_flight -= 1
+
+    async def _with_body(self, scope, receive, send, too_large):
+        """Read the whole body (at most max_body_bytes, else 413) and hand the app a replay of it."""
         chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return None
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > limit:
+            if size > self.max_body_bytes:
                 return await too_large(scope, receive, send)
             if not message.get("more_body", False):
                 break
@@ -79,10 +91,4 @@ class Guard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        if not image_request:
-            return await self.app(scope, replay, send)
-        self.in_flight += 1  # held until the response (a stream included) has been sent
-        try:
-            return await self.app(scope, replay, send)
-        finally:
-            self.in_flight -= 1
+        return await self.app(scope, replay, send)

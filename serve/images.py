@@ -10,14 +10,14 @@ asks for mask-free editing toward the new prompt.
 
 from __future__ import annotations
 
-import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from muse.data.images import TRANSPARENT_BELOW, centre_square, to_rgb, to_uint8_array
+from muse.data.images import (TOO_MANY_PIXELS, TRANSPARENT_BELOW, ImageRejected, centre_square, decode_image,
+                              has_alpha, to_rgb, to_uint8_array)
+
 
 class UploadError(ValueError):
     """An uploaded image or mask the API refuses; `param` names the form field."""
@@ -28,22 +28,24 @@ class UploadError(ValueError):
 
 
 def read_upload(data: bytes, param: str, max_pixels: int) -> Image.Image:
-    """Encoded bytes -> an RGBA PIL image; UploadError for anything unreadable or too large."""
+    """Encoded bytes -> the image as the library decodes any (`muse.data.images.decode_image`: upright
+    by its EXIF orientation, 16-bit grey scaled, size checked before decoding, any codec error a
+    rejection) in its own mode, transparency kept; UploadError for anything unreadable or too large."""
     if not data:
         raise UploadError(param, f"'{param}' is empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            if img.width * img.height > max_pixels:
-                raise UploadError(param, f"'{param}' is {img.width}x{img.height}, over {max_pixels} pixels")
-            img.load()
-            return img.convert("RGBA")
-    except UploadError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
-        raise UploadError(param, f"'{param}' is not a readable image ({type(e).__name__})") from None
+        return decode_image(data, max_pixels=max_pixels, keep_mode=True)
+    except ImageRejected as e:
+        if e.reason == TOO_MANY_PIXELS:
+            raise UploadError(param, f"'{param}' has too many pixels: {e.detail}") from None
+        raise UploadError(param, f"'{param}' is not a readable image ({e.detail})") from None
+
+
+def transparent_pixels(img: Image.Image) -> np.ndarray:
+    """(H, W) bool: the pixels whose alpha is under TRANSPARENT_BELOW (none in an image without alpha)."""
+    if not has_alpha(img):
+        return np.zeros((img.height, img.width), dtype=bool)
+    return np.asarray(img.convert("RGBA").getchannel("A")) < TRANSPARENT_BELOW
 
 
 @dataclass
@@ -67,7 +69,7 @@ def prepare_edit(image_bytes: bytes, mask_bytes: bytes | None, sides: dict[str, 
         if alpha_source.size != image.size:
             raise UploadError("mask", f"mask is {alpha_source.width}x{alpha_source.height} but image is "
                                       f"{image.width}x{image.height}; they must match")
-    transparent = np.asarray(alpha_source.getchannel("A")) < TRANSPARENT_BELOW  # (H, W)
+    transparent = transparent_pixels(alpha_source)  # (H, W)
     if mask_bytes is not None and not transparent.any():
         raise UploadError("mask", "the mask has no transparent pixels, so nothing would be regenerated; make the "
                                   "area to repaint transparent, or send no mask (with an opaque image) for a "

@@ -1,5 +1,5 @@
 """What an images request answers: each image inline (`b64_json`) or as a short-lived file URL
-(`url`, stored in the ingress's FileStore and served at /v1/files/<id>.<format>)."""
+(`url`, stored in the ingress's FileStore and served at /v1/files/<name>, `<id>.<format>`)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ class Responses:
         if response_format == "b64_json":
             return {"b64_json": b64(data)}
         base = (self.config.public_url or base_url).rstrip("/")
-        file_id = await asyncio.to_thread(self.files.put, data)  # disk or S3: off the event loop
-        return {"url": f"{base}/v1/files/{file_id}.{fmt}"}
+        name = await asyncio.to_thread(self.files.put, data, fmt)  # disk or S3: off the event loop
+        return {"url": f"{base}/v1/files/{name}"}
 
     async def images(self, images: list[bytes], response_format: str, seed: int, out: Output, base_url: str,
                      used: dict) -> dict:
@@ -37,5 +37,5 @@ class Responses:
             "usage": used,
         }
 
-    async def file(self, stem: str) -> bytes | None:
-        return await asyncio.to_thread(self.files.get, stem)
+    async def file(self, name: str) -> bytes | None:
+        return await asyncio.to_thread(self.files.get, name)

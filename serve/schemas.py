@@ -24,7 +24,7 @@ from serve.config import Limits
 
 BASE_ALIAS, SUPERRES_ALIAS = "256x256", "512x512"
 # Fields of OpenAI's request that existing clients may send and that do not apply to this model:
-# accepted and ignored (one model per server; PNG only). Any other unknown field is a 400.
+# accepted and ignored (one model per server). Any other unknown field is a 400.
 OPENAI_IGNORED = ("model", "quality", "style", "user", "background", "moderation", "input_fidelity")
 OUTPUT_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # Every field either route takes (the edit route adds image, image[] and mask).
@@ -56,7 +56,7 @@ class GenerationRequest(BaseModel):
     prompt: str
     n: int = Field(1, ge=1)
     size: str | None = None  # default ("auto"): the base resolution
-    response_format: Literal["url", "b64_json"] | None = None  # "url" unless streaming (see api.stream)
+    response_format: Literal["url", "b64_json"] | None = None  # "url"; a stream's events carry b64_json as well
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_compression: int | None = Field(None, ge=0, le=100)  # jpeg/webp quality; default 100
     stream: StrictBool = False  # not "yes" nor 1

@@ -102,11 +102,13 @@ async def _events(ing: Ingress, req: GenerationRequest, stage: str, seed: int, b
             finally:
                 events.cancel()
         pngs = await _within(ing.decoder.decode.remote(tokens, stage, out), deadline)
-        used = ing.usage(req.prompt, req.n, stage)
+        # Each image's event carries its own usage: its tokens, and the prompt's in the first only, so
+        # that the events add up to the request's usage.
+        used = [ing.usage(req.prompt, 1, stage, text=i == 0) for i in range(len(pngs))]
         for i, png in enumerate(pngs):  # always b64_json, as OpenAI's streams; a URL too if asked
             url = await ing.responses.item(png, "url", base_url, out.format) if req.response_format == "url" else {}
             yield sse("image_generation.completed", {
-                "b64_json": b64(png), **url, "index": i, "seed": seed, "usage": used, **fields})
+                "b64_json": b64(png), **url, "index": i, "seed": seed, "usage": used[i], **fields})
     except asyncio.TimeoutError:
         if not admitted:
             raise

@@ -34,6 +34,7 @@ REJECT_REASONS = (CORRUPT, TOO_SMALL, TOO_MANY_PIXELS)
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000x8000; bigger is almost always a bomb or a scan
 WHITE = (255, 255, 255)
+PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # Image.open refuses larger images (DecompressionBombError)
 EXIF_ORIENTATION = 0x0112
 
 
@@ -103,14 +104,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         return Image.fromarray(_grey_to_uint8(np.asarray(img), mode)).convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        mode in ("P", "L", "RGB") and "transparency" in img.info
-    )
-    if has_alpha:
+    if has_alpha(img):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, WHITE + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def has_alpha(img: Image.Image) -> bool:
+    """Whether a Pillow image carries transparency: an alpha band, or a transparent colour."""
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode in ("P", "L", "RGB") and "transparency" in img.info)
 
 
 def _grey_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:

@@ -82,6 +82,9 @@ def test_url_response_can_be_fetched(muse_app):
     fetched = httpx.get(url)  # no API key needed: the URL is the credential
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
     assert png_array(fetched.content).shape == (512, 512, 3)
+    max_age = int(fetched.headers["cache-control"].rsplit("=", 1)[1])
+    assert 0 < max_age <= 3600  # cached until the file expires (files.ttl_s), no longer
+    assert httpx.get(url.replace(".png", ".jpeg")).status_code == 404  # served only as what it is
     missing = httpx.get(muse_app.url + "/v1/files/9999999999-" + "0" * 32 + ".png")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
 
@@ -140,10 +143,13 @@ def test_stream_sends_previews_then_the_final_image(muse_app):
     assert png_array(partial[0]["b64_json"]).shape == (128, 128, 3)
     assert png_array(partial[-1]["b64_json"]).shape == (128, 128, 3)
     # The streamed final image is the same as the non-streamed one for the same request.
-    plain = muse_app.generate(**{**body, "stream": False, "response_format": "b64_json"}).json()["data"]
+    plain = muse_app.generate(**{**body, "stream": False, "response_format": "b64_json"}).json()
     finals = sorted((data for name, data in events if name == "image_generation.completed"), key=lambda d: d["index"])
-    for final, ref in zip(finals, plain):
+    for final, ref in zip(finals, plain["data"]):
         assert_same_image(png_array(final["b64_json"]), png_array(ref["b64_json"]))
+    # Each completed event's usage is its image's: together they are the request's, counted once.
+    for key in ("input_tokens", "output_tokens"):
+        assert sum(f["usage"][key] for f in finals) == plain["usage"][key]
 
 
 def _png(img: Image.Image) -> bytes:
@@ -294,3 +300,23 @@ def test_openai_clients_as_they_really_call(muse_app, pipe):
                                                         "mask": ("m.png", _png(opaque_mask), "image/png")},
                              data={"prompt": "x"})
     assert r.status_code == 400 and "no transparent pixels" in r.json()["error"]["message"]
+
+
+def test_stopping_on_a_joined_cluster_deletes_only_its_own_app(muse_app):
+    """`muse serve` joined to a cluster (RAY_ADDRESS or `ray start`) takes down its app alone: the
+    cluster's other apps, its HTTP proxy and Ray stay up."""
+    import ray
+    from ray import serve
+
+    from serve.cli import stop_serving
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Other:
+        def __call__(self, request) -> str:
+            return "still here"
+
+    serve.run(Other.bind(), name="other-team", route_prefix="/other-team", blocking=False)
+    assert "other-team" in serve.status().applications
+    stop_serving("other-team", local=False)
+    assert "other-team" not in serve.status().applications and ray.is_initialized()
+    assert muse_app.client.get("/healthz").status_code == 200

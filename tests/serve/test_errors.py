@@ -61,6 +61,7 @@ def test_malformed_bodies(muse_app, content):
     r = muse_app.client.post("/v1/images/generations", content=content, timeout=FAST,
                              headers={"Content-Type": "application/json"})
     _assert_error(r, 400)
+    assert "None" not in r.json()["error"]["message"]  # an empty body is told what to send
 
 
 def test_a_form_body_is_told_to_send_json(muse_app):
@@ -109,6 +110,10 @@ IMAGE = _png(Image.new("RGB", (64, 64), (200, 10, 10)))
     ({"image": ("i.png", IMAGE)}, {"prompt": "x", "steps": "0"}, "steps"),
     ({"image": ("i.png", IMAGE)}, {"prompt": "x", "response_format": "gif"}, "response_format"),
     ({"image": ("i.png", IMAGE)}, {"prompt": "x", "stream": "true"}, "stream"),
+    ({"image": ("i.png", IMAGE), "prompt": ("p.txt", b"a red circle")}, {}, "prompt"),  # a file, not text
+    ({"image": ("i.png", IMAGE)}, {"prompt": "x", "n": "0_2"}, "n"),
+    ({"image": ("i.png", IMAGE)}, {"prompt": "x", "partial_images": "lots"}, "partial_images"),
+    ({"image": ("i.png", IMAGE)}, {"prompt": "x", "partial_images": "7"}, "partial_images"),
 ])
 def test_bad_edit_requests(muse_app, files, data, param):
     _assert_error(muse_app.client.post("/v1/images/edits", files=files or None, data=data, timeout=FAST), 400, param)

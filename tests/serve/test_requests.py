@@ -101,6 +101,49 @@ def test_a_malformed_content_length_is_a_400_and_a_large_one_a_413(declared, sta
         assert "Content-Length" in body["error"]["message"] and body["error"]["type"] == "invalid_request_error"
 
 
+def test_uploads_still_arriving_count_against_max_in_flight():
+    """Ten requests whose bodies come in two chunks, at a limit of 2: two reach the app, eight get a
+    429 at once (the slot is taken before the body is read, not after)."""
+    async def main():
+        running, peak, statuses = 0, 0, []
+        release = asyncio.Event()
+
+        async def app(scope, receive, send):
+            nonlocal running, peak
+            await receive()
+            running += 1
+            peak = max(peak, running)
+            await release.wait()
+            running -= 1
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        async def one():
+            chunks = iter([{"type": "http.request", "body": b'{"a":', "more_body": True},
+                           {"type": "http.request", "body": b' 1}', "more_body": False}])
+
+            async def receive():
+                await asyncio.sleep(0.01)  # the upload takes a moment
+                return next(chunks)
+
+            async def send(message):
+                if message["type"] == "http.response.start":
+                    statuses.append(message["status"])
+
+            scope = {"type": "http", "method": "POST", "path": "/v1/images/edits", "root_path": "", "headers": []}
+            await guard(scope, receive, send)
+
+        guard = Guard(app, None, 1024, 2)
+        tasks = [asyncio.create_task(one()) for _ in range(10)]
+        await asyncio.sleep(0.2)
+        release.set()
+        await asyncio.gather(*tasks)
+        return peak, sorted(statuses), guard.in_flight
+
+    peak, statuses, left = asyncio.run(main())
+    assert peak == 2 and statuses == [200] * 2 + [429] * 8 and left == 0
+
+
 class _Stream:
     """A generator's stream as Serve hands it to the ingress: admitted, `previews` previews, done."""
 
@@ -143,7 +186,7 @@ def test_partial_images_are_delivered_when_steps_exceed_the_tokens():
                                         decode=_remote(lambda *a: [b"final"]))
     ing.superres = None
     ing.decodes = lambda *a, **k: Ingress.decodes(ing, *a, **k)
-    ing.usage = lambda *a: {}
+    ing.usage = lambda *a, **k: {}
     r = _post(ing, json={"prompt": "a red circle", "stream": True, "steps": 100, "partial_images": 1,
                          "size": "64x64"})
     assert r.status_code == 200, r.text

@@ -60,6 +60,8 @@ def test_shipped_serve_config_is_valid_and_typed():
     {"checkpoint": "x", "decoder": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}},
     {"checkpoint": "x", "base": {"num_cpus": -1}},
     {"checkpoint": "x", "device": "cuda"},  # replicas without a GPU fraction would see no GPU
+    {"checkpoint": "x", "ingress": {"num_replicas": 2}},  # url images in one replica's memory
+    {"checkpoint": "x", "limits": {"max_image_pixels": 200_000_000}},  # past Pillow's own limit
     {},
 ])
 def test_bad_config_is_refused(data):
@@ -92,8 +94,9 @@ def test_load_args_accepts_a_plain_mapping(tmp_path):
 def test_file_store_in_memory_expires_and_caps():
     now = [1_800_000_000.0]
     store = FileStore(Files(ttl_s=10, max_files=2), clock=lambda: now[0])
-    a, b = store.put(b"a"), store.put(b"b")
-    assert store.get(a) == b"a" and store.get(b) == b"b"
+    a, b = store.put(b"a"), store.put(b"b", "webp")
+    assert store.get(a) == b"a" and store.get(b) == b"b" and a.endswith(".png") and b.endswith(".webp")
+    assert store.get(a.replace(".png", ".jpeg")) is None  # served only as what it is
     c = store.put(b"c")  # over max_files: the oldest goes
     assert store.get(a) is None and store.get(c) == b"c"
     now[0] += 11
@@ -106,13 +109,13 @@ def test_file_store_on_shared_storage_sweeps_expired(tmp_path):
     now = [1_800_000_000.0]
     store = FileStore(Files(uri=str(tmp_path / "files"), ttl_s=100), clock=lambda: now[0])
     old = store.put(b"old")
-    assert store.get(old) == b"old" and (tmp_path / "files" / f"{old}.png").exists()
+    assert store.get(old) == b"old" and (tmp_path / "files" / old).exists()
     assert FileStore(Files(uri=str(tmp_path / "files")), clock=lambda: now[0]).get(old) == b"old"  # another replica
     now[0] += 101
     new = store.put(b"new")  # starts a sweep in the background
     assert store.get(old) is None  # expired at once, by its id
     deadline = time.monotonic() + 10
-    while (tmp_path / "files" / f"{old}.png").exists():
+    while (tmp_path / "files" / old).exists():
         assert time.monotonic() < deadline, "the expired file was never swept"
         time.sleep(0.05)
     assert store.get(new) == b"new"
@@ -185,6 +188,40 @@ def test_prepare_edit_refuses_bad_uploads(image, mask, param):
     with pytest.raises(UploadError) as err:
         prepare_edit(image, mask, {"lo": 64}, 8, max_pixels=100 * 100)
     assert err.value.param == param
+
+
+def test_uploads_decode_as_the_library_decodes_them():
+    """16-bit grey is scaled (not clipped to white), EXIF orientation is applied (a mask drawn on the
+    photo as shown fits it), and bytes a codec chokes on in any way are a 400's UploadError."""
+    import io
+
+    from muse.data.images import decode_image
+
+    grey = Image.fromarray(np.full((64, 64), 32768, dtype=np.uint16))
+    edit = prepare_edit(_png(grey), None, {"lo": 64}, 8, max_pixels=10**6)
+    assert tuple(edit.images["lo"][10, 10]) == (128, 128, 128)
+
+    photo = Image.new("RGB", (64, 32), (255, 0, 0))
+    photo.paste((0, 0, 255), (32, 0, 64, 32))  # stored: red left, blue right; shown a quarter turn on
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG", exif=exif)
+    shown = decode_image(buf.getvalue())
+    assert shown.size == (32, 64)
+    mask = Image.new("RGBA", shown.size, (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 16, 32, 24))  # the top quarter of the centre square
+    edit = prepare_edit(buf.getvalue(), _png(mask), {"lo": 64}, 8, max_pixels=10**6)
+    top, bottom = edit.images["lo"][2, 32], edit.images["lo"][61, 32]
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]  # red above blue, as shown
+    assert edit.regenerate[:2].all() and not edit.regenerate[2:].any()
+
+    im = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(im, format="IM")  # Pillow raises TypeError on this header
+    hostile = im.getvalue().replace(b"Image size (x*y): 16*16", b"Image size (x*y): 1.*16")
+    with pytest.raises(UploadError, match="not a readable image") as err:
+        prepare_edit(hostile, None, {"lo": 64}, 8, max_pixels=10**6)
+    assert err.value.param == "image"
 
 
 def test_previews_grey_out_undecided_tokens():
