@@ -315,3 +315,19 @@ def test_planning_notes_its_progress_while_listing_and_reading_footers(tmp_path,
     plan_parts(str(tmp_path), "auto", ReaderConfig(), progress=lambda images, parts, note=None: notes.append(note))
     assert notes == ["2 Parquet files and 0 tars listed", "4 Parquet files and 0 tars listed",
                      "2 of 4 Parquet footers read", "4 of 4 Parquet footers read"]
+
+
+def test_every_reject_reason_is_explained_in_the_docs():
+    """The docs' table is what a user reads a manifest's rejects by: none may be missing there, and
+    decoding's reasons (the library's) are the ones listed."""
+    import re
+
+    from muse.data import images
+    from pipelines.rejects import IMAGE_REASONS, REASONS
+
+    assert IMAGE_REASONS == (images.CORRUPT, images.TOO_SMALL, images.TOO_MANY_PIXELS)
+    docs = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "tokenization.md")).read()
+    table = docs.split("## Reject reasons", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| (`.*?`(?:, `.*?`)*) \|", table, re.M))
+    named = {name for cell in documented for name in re.findall(r"`(\w+)`", cell)}
+    assert set(REASONS) <= named, set(REASONS) - named
