@@ -110,7 +110,7 @@ class TokenizeConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     # The VQGAN actor pool: each actor holds vqgan_lo and, when the root has one, vqgan_hi, so the
     # high-res pixels go to no actor that does not encode them. vqgan_hi sets only its model's batch,
-    # at most vqgan_lo's (the actor encodes vqgan_lo's batches).
+    # which takes effect up to vqgan_lo's (the actor is handed vqgan_lo's batches).
     vqgan_lo: PoolConfig = field(default_factory=PoolConfig)
     vqgan_hi: PoolConfig = field(default_factory=PoolConfig)
     # The text-encoder pool, for text_storage "embeddings" only (ids are added by the preprocessing tasks).
@@ -135,9 +135,6 @@ class TokenizeConfig:
         if self.vqgan_hi != PoolConfig(batch_size=self.vqgan_hi.batch_size):
             raise ValueError("vqgan_hi sets only batch_size: both VQGANs run in each actor of the vqgan_lo pool "
                              "(the high-res pixels go to no other actor); set sizes, CPUs and GPUs in vqgan_lo")
-        if self.vqgan_hi.batch_size > self.vqgan_lo.batch_size:
-            raise ValueError(f"vqgan_hi.batch_size {self.vqgan_hi.batch_size} is over vqgan_lo.batch_size "
-                             f"{self.vqgan_lo.batch_size}: the actor encodes vqgan_lo's batches, so raise that")
         if self.write_cpus <= 0 or self.commit_seconds < 0 or self.io_task_retries < 0 \
                 or self.examples_per_reason < 0:
             raise ValueError("write_cpus must be > 0; commit_seconds, io_task_retries and "

@@ -206,9 +206,10 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     (`manifest.retire`) and their images tokenized again in the parts that now hold them."""
     cfg = cfg or TokenizeConfig()
     input_uri, output = readers.canonical(input_uri), readers.canonical(output)
-    if output == input_uri or output.startswith(input_uri.rstrip("/") + "/"):
-        raise CorpusRefused(f"the output {output} lies inside the input {input_uri}: a later run would read its "
-                            "shards (and this run its plan files) as corpus; write it elsewhere")
+    if output == input_uri:
+        raise CorpusRefused(f"the output {output} is the input: write the shards to another folder")
+    # An output inside its corpus is left out of the corpus's listing: its shards are no corpus.
+    inside = output if output.startswith(input_uri.rstrip("/") + "/") else None
     start = time.time()
     spec = job_spec(input_uri, cfg, models)
     old_spec = read_job_spec(output)
@@ -227,7 +228,7 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
         del done
         plan_dir = storage.join(output, manifest.SHARDS_DIR, run_id, manifest.PLAN_DIR)
         parts = _plan(input_uri, format, cfg, part_ids, folder_cuts, sizes, plan_dir, heartbeat,
-                      progress and reporter is None, start)
+                      progress and reporter is None, start, skip=inside)
         if any(p.format == "parquet" for p in parts):
             spec["parquet_parts"] = "whole row groups"  # outputs of the earlier row slices do not resume
         if folder_cuts == "names" and any(p.format == "folder" for p in parts):
@@ -261,9 +262,11 @@ PLANNING_LINE_SECONDS = 10.0  # a long planning (a big folder corpus) says how f
 
 
 def _plan(input_uri: str, format: str, cfg: TokenizeConfig, part_ids: str, folder_cuts: str, sizes: bool,
-          spill: str, heartbeat: manifest.Heartbeat, lines: bool, start: float) -> list[readers.Part]:
-    """The corpus's parts; a folder corpus's image lists go to plan files in `spill`. The heartbeat
-    is kept while a big folder is listed, and with `lines` a line says how far it is."""
+          spill: str, heartbeat: manifest.Heartbeat, lines: bool, start: float,
+          skip: str | None = None) -> list[readers.Part]:
+    """The corpus's parts (`skip`: an output inside the corpus, not listed); a folder corpus's image
+    lists go to plan files in `spill`. The heartbeat is kept while a big folder is listed, and with
+    `lines` a line says how far it is."""
     last = time.monotonic()
 
     def planned(images: int, parts: int, captions: int = 0, note: str | None = None) -> None:
@@ -276,7 +279,7 @@ def _plan(input_uri: str, format: str, cfg: TokenizeConfig, part_ids: str, folde
             print(f"tokenize: planning: {so_far} so far ({time.time() - start:.0f}s)", flush=True)
 
     return readers.plan_parts(input_uri, format, cfg.reader, ids=part_ids, spill=spill, progress=planned,
-                              folder_cuts=folder_cuts, sizes=sizes)
+                              folder_cuts=folder_cuts, sizes=sizes, skip=skip)
 
 
 def _run_parts(todo: list[readers.Part], cfg: TokenizeConfig, models: Models, spec: dict, output: str,

@@ -200,15 +200,15 @@ def test_cli(tmp_path, tiny_root, capsys):
     with pytest.raises(SystemExit):
         main(["--input", ".", "--output", str(tmp_path), "--checkpoint", str(tmp_path)])
     assert "vqgan_lo" in capsys.readouterr().err
-    # Refused at planning, in one line: what the corpus is cannot be told; an output inside the input.
+    # Refused at planning, in one line: what the corpus is cannot be told; the output is the input.
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "notes.txt").write_text("no images here")
-    for output, said in ((tmp_path / "out2", "cannot tell the format"), (corpus / "tokens", "lies inside the input")):
+    for output, said in ((tmp_path / "out2", "cannot tell the format"), (corpus, "the output .* is the input")):
         with pytest.raises(SystemExit) as refused:
             main(["--input", str(corpus), "--output", str(output), "--checkpoint", tiny_root, "--no-progress"])
         err = capsys.readouterr().err
-        assert refused.value.code == 2 and said in err and err.count("\n") == 1, err
+        assert refused.value.code == 2 and re.search(said, err) and err.count("\n") == 1, err
 
 
 def test_decoding_runs_in_cpu_actors_and_beside_gpu_actors():
@@ -225,8 +225,6 @@ def test_vqgan_hi_shares_the_vqgan_lo_actors():
     assert load_config(None, ["vqgan_hi.batch_size=4"]).vqgan_hi.batch_size == 4
     with pytest.raises(ValueError, match="vqgan_hi sets only batch_size"):
         load_config(None, ["vqgan_hi.num_gpus=1"])
-    with pytest.raises(ValueError, match="encodes vqgan_lo's batches"):  # it would run at vqgan_lo's
-        load_config(None, ["vqgan_hi.batch_size=64"])
 
 
 def test_a_pixel_limit_over_pillows_own_is_refused():
