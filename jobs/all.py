@@ -23,14 +23,12 @@ from jobs.cluster import cluster_may_grow
 from jobs.config import TrainConfig, load_config
 from jobs.decoder import decoder_component
 from jobs.loop import ensure_ray
-from jobs.preflight import DATA_CPUS, RunRefused
+from jobs.preflight import DATA_CPUS
 from jobs.progress import Reporter, say, set_verbose, start_display, stop_display
-from jobs.stage import add_common_args, add_format_arg, cli_overrides
+from jobs.stage import add_common_args, add_format_arg, cli_overrides, errors_in_one_line
 from jobs.stages import run_stage
 from jobs.vqgan import CORPUS_HELP, vqgan_components
 from muse import checkpoint, storage
-from pipelines.job_spec import ResumeRefused
-from pipelines.manifest import OutputInUse
 
 TRANSFORMERS = ("base", "superres")
 
@@ -205,10 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as e:
         parser.error(str(e))
     try:
-        train_all(cfg, args.corpus, args.checkpoint, args.tokens, args.format, images=args.images)
-    except (RunRefused, ResumeRefused, OutputInUse) as e:  # a stage's or the tokenization's refusal
-        stop_display()
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+        with errors_in_one_line(parser):
+            train_all(cfg, args.corpus, args.checkpoint, args.tokens, args.format, images=args.images)
     finally:
         stop_display()
 

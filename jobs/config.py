@@ -138,7 +138,7 @@ class RunSettings:
     # from storage every epoch: for data that fits in memory (the tiny demo), where reading dominates.
     cache_data: bool = False
     peak_tflops: float | None = None  # accelerator peak for MFU; None = by GPU name, no MFU on CPU
-    progress: bool = True  # tqdm bar on the rank-0 worker
+    progress: bool = True  # the live progress line (off: the notes and summary lines only)
     # Fault injection, for checking recovery end to end: the last worker exits (os._exit) once when
     # it reaches this step; a marker file in the run directory keeps it from firing again.
     fail_at_step: int | None = None

@@ -33,7 +33,7 @@ from PIL import Image
 
 from jobs.cluster import join_ray
 from jobs.loop import worker_env
-from jobs.preflight import RunRefused
+from jobs.stage import errors_in_one_line
 from jobs.progress import quiet_ray_loggers, set_verbose, stop_display
 from muse import storage
 from muse.data.synthetic import GRID_LAYOUTS
@@ -282,12 +282,10 @@ def main(argv: list[str] | None = None) -> None:
         load_config(args.config, list(args.set))
     except (ValueError, OSError) as e:
         parser.error(str(e))
-    try:
+    with errors_in_one_line(parser):
         run_demo(args.output, config=args.config, overrides=tuple(args.set), corpus_size=args.corpus_size,
                  corpus_grid=args.corpus_grid, corpus_layout=args.corpus_layout, n_seen=args.n_seen,
                  tokenizer_images=args.tokenizer_images)
-    except RunRefused as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
 if __name__ == "__main__":

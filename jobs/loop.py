@@ -39,7 +39,7 @@ from torch import nn
 from jobs.checkpointing import load_training_state, remove_orphaned_staging, save_sharded, staging_directory
 from jobs.common import EMA, peak_flops
 from jobs.parallel import WorkerEnv, allreduce_mean
-from jobs.preflight import RunRefused, check_resume, check_rows, data_cpu_problem, run_identity
+from jobs.preflight import RunRefused, check_resume, check_rows, room_problem, run_identity
 from jobs.progress import Reporter, format_seconds, quiet_ray_loggers, say, start_display
 from muse import storage
 from muse.config import from_dict
@@ -180,8 +180,9 @@ def _train_loop(job: dict) -> None:
               f"{env.world_size} worker(s) on {env.device.type}, strategy {section.scaling.strategy}, {precision}, "
               f"{run.max_steps} steps of {run.batch_size}/worker", flush=True)
     peak = peak_flops(env.device, run.peak_tflops)
-    reporter = (Reporter(job.get("progress_board"), job["run_name"], run.max_steps, start_done=step)
-                if env.is_main and run.progress else None)
+    # run.progress off (--no-progress): no live line, but the notes and the summary still reach the console.
+    reporter = (Reporter(job.get("progress_board"), job["run_name"], run.max_steps, start_done=step,
+                         live=run.progress) if env.is_main else None)
     started, live = time.time(), {}
     shard = ray.train.get_dataset_shard("train")
     window = {"time": 0.0, "tokens": 0.0, "flops": 0.0, "samples": 0.0, "steps": 0}
@@ -381,15 +382,14 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
     if rows is None and cached:
         rows = dataset.count()  # from the blocks' metadata: nothing is read
     check_rows(name, rows, run.batch_size, scaling.num_workers)
-    if not cached:  # streamed: Ray Data's read tasks need CPUs beside the trainer's
-        _check_data_cpus(name, scaling)
+    _check_room(name, scaling, streamed=not cached)  # streamed: Ray Data's read tasks need CPUs beside it
     if storage.is_s3(storage_uri):
         fs, path = storage.s3_filesystem(), storage_uri[len("s3://"):].rstrip("/")
     else:
         fs, path = None, storage.filesystem(storage_uri)[1]
         os.makedirs(path, exist_ok=True)
     job = dict(job, worker=worker_path(worker), section=to_dict(section), run_name=name, identity=identity,
-               progress_board=start_display() if run.progress else None, run_dir=folder,
+               progress_board=start_display(), run_dir=folder,
                samples_dir=job.get("samples_dir") or storage.join(job["root"], "samples", name))
     trainer = _trainer_class()(
         train_loop_per_worker,
@@ -426,14 +426,14 @@ def _materialized(dataset) -> bool:
     return isinstance(dataset, MaterializedDataset)
 
 
-def _check_data_cpus(name: str, scaling) -> None:
-    """Refuse a trainer that leaves Ray Data no CPU on a cluster that cannot grow; on one that may
-    (the autoscaler can add nodes) only warn."""
+def _check_room(name: str, scaling, streamed: bool) -> None:
+    """Refuse a trainer that can never start on a cluster that cannot grow (its workers' CPUs or GPUs,
+    and with streamed data a CPU for Ray Data); on one that may (the autoscaler can add nodes) only warn."""
     import ray
 
     from jobs.cluster import cluster_may_grow
 
-    problem = data_cpu_problem(name, scaling, float(ray.cluster_resources().get("CPU", 0.0)))
+    problem = room_problem(name, scaling, ray.cluster_resources(), streamed)
     if problem is None:
         return
     if not cluster_may_grow():

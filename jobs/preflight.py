@@ -110,6 +110,26 @@ def trainer_cpus(scaling: Any) -> float:
     return (scaling.min_workers or scaling.num_workers) * scaling.cpus_per_worker
 
 
+def room_problem(name: str, scaling: Any, resources: dict[str, float], streamed: bool) -> str | None:
+    """Why the trainer can never start on a cluster of `resources` (its workers' CPUs or GPUs are more
+    than it has; with `streamed` data, also a CPU for Ray Data), or None when it fits. Ray Train would
+    wait for the placement group for ever, silently."""
+    workers = scaling.min_workers or scaling.num_workers
+    gpus = float(resources.get("GPU", 0.0))
+    if scaling.use_gpu and workers * scaling.gpus_per_worker > gpus:
+        return (f"{name}: its {workers} worker(s) ask for {workers * scaling.gpus_per_worker:g} GPUs and the "
+                f"cluster has {gpus:g}, so the run would wait forever: fewer workers (--workers), a GPU fraction "
+                "(--gpus-per-worker), or --gpus-per-worker 0 to train on CPU")
+    cpus = float(resources.get("CPU", 0.0))
+    if streamed:
+        return data_cpu_problem(name, scaling, cpus)
+    if trainer_cpus(scaling) > cpus:
+        return (f"{name}: its workers take {trainer_cpus(scaling):g} CPUs and the cluster has {cpus:g}, so the "
+                "run would wait forever: keep scaling.num_workers x scaling.cpus_per_worker (--workers / "
+                f"--cpus-per-worker) at {cpus:g} or less")
+    return None
+
+
 def data_cpu_problem(name: str, scaling: Any, cluster_cpus: float) -> str | None:
     """Why the trainer leaves Ray Data no CPU on a cluster of `cluster_cpus`, or None when it does."""
     need = trainer_cpus(scaling)

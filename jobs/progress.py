@@ -198,16 +198,17 @@ def say(line: str) -> None:
 
 class Reporter:
     """What a stage posts: `update(done, metrics)` at most every `every` seconds, `finish(summary)`.
-    With no board handle (verbose, or no Ray) it does nothing: the caller's own prints are the log."""
+    With no board handle (verbose, or no Ray) it does nothing: the caller's own prints are the log.
+    Without `live` (`--no-progress`: logs, CI) it posts the summary only, no live line."""
 
     def __init__(self, handle, name: str, total: int | None, unit: str = "steps", rate_unit: str = "step/s",
-                 every: float = 1.0, start_done: int = 0):
+                 every: float = 1.0, start_done: int = 0, live: bool = True):
         self.handle, self.name, self.total, self.unit, self.rate_unit = handle, name, total, unit, rate_unit
-        self.every, self.last = every, 0.0
+        self.every, self.last, self.live = every, 0.0, live
         self.mark, self.mark_done, self.rate = time.time(), start_done, None
 
     def update(self, done: int, metrics: dict[str, Any] | None = None, force: bool = False) -> None:
-        if self.handle is None:
+        if self.handle is None or not self.live:
             return
         now = time.time()
         if not force and now - self.last < self.every:

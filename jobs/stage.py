@@ -15,6 +15,8 @@ generate and serve call it). The older `--data` and `--output` stay as aliases.
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -83,15 +85,52 @@ class Stage:
         except (ValueError, OSError) as e:
             parser.error(str(e))
         try:
-            results = self.train(cfg, args.data, args.checkpoint, component=getattr(args, "component", None),
-                                 format=getattr(args, "format", "auto"))
-        except RunRefused as e:  # would fail on every attempt: said once, as a usage error
-            stop_display()
-            parser.exit(2, f"{parser.prog}: error: {e}\n")
+            with errors_in_one_line(parser):
+                results = self.train(cfg, args.data, args.checkpoint, component=getattr(args, "component", None),
+                                     format=getattr(args, "format", "auto"))
         finally:
             drawn = stop_display()
         for result in results:  # the display's summary line already gave the run's metrics
             print(f"{self.name}: {result_summary(result, metrics=not drawn)}", flush=True)
+
+
+@contextlib.contextmanager
+def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """Around a training command's work: a refusal (what would fail on every attempt, found before
+    it; a tokenization's refusal in `train all`) is one usage line and exit status 2; training that
+    failed after Ray Train's retries one line naming the first worker's error and exit status 1.
+    Anything else is a bug, with its traceback."""
+    from pipelines.job_spec import ResumeRefused
+    from pipelines.manifest import OutputInUse
+    from pipelines.readers import NoInput
+    from pipelines.rejects import CorpusRefused
+
+    try:
+        yield
+    except (RunRefused, ResumeRefused, OutputInUse, NoInput, CorpusRefused) as e:
+        stop_display()
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except Exception as e:
+        failed = _training_failure(e)
+        if failed is None:
+            raise
+        stop_display()
+        parser.exit(1, f"{parser.prog}: error: training failed after its retries (run.max_failures): {failed}; "
+                       "the workers' logs: --verbose, or Ray's session folder (/tmp/ray/session_latest/logs)\n")
+
+
+def _training_failure(e: BaseException) -> str | None:
+    """The first worker's error of a Ray Train run that failed for good, in one line; None for any
+    other exception."""
+    import sys
+
+    train = sys.modules.get("ray.train")  # imported wherever a run can have failed
+    if train is None or not isinstance(e, train.TrainingFailedError):
+        return None
+    failures = getattr(e, "worker_failures", None) or {}
+    first = failures[min(failures)] if failures else e
+    text = " ".join(str(first).split())
+    return f"{type(first).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +149,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                                           "(run.storage_path; default ROOT/runs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set base.optim.lr=3e-4 (repeatable)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress line (logs, CI)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no live progress line (logs, CI); notes, failed attempts and the summary still print")
     parser.add_argument("--verbose", action="store_true",
                         help="Ray's own logs and every worker's lines instead of one progress line per stage")
 

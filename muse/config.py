@@ -447,8 +447,16 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r} conflicts with another override")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[parts[-1]] = _yaml(raw, f"override {item!r}") if raw.strip() else ""
     return out
+
+
+def _yaml(text: str, where: str) -> Any:
+    """YAML, or a ValueError naming `where` (what every command line turns into one usage line)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where} is not valid YAML: {' '.join(str(e).split())}") from None
 
 
 def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -465,7 +473,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tu
     data: dict[str, Any] = {}
     if path is not None:
         text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
+        loaded = _yaml(text, str(path)) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: the top level must be a mapping of keys to values")
         data = loaded

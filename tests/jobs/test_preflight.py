@@ -162,8 +162,21 @@ def test_fit_stage_refuses_a_trainer_that_starves_the_data_on_a_cluster_that_can
     # A cluster with an autoscaler may add nodes: said, not refused.
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     monkeypatch.setattr(progress, "_display", None)
-    loop._check_data_cpus("base", section.scaling)
+    loop._check_room("base", section.scaling, streamed=True)
     assert "warning: base: its workers take 4" in capsys.readouterr().out
+
+
+def test_a_trainer_larger_than_the_cluster_is_refused_whether_its_data_is_cached_or_streamed():
+    """Ray Train would wait for its placement group for ever, silently (Ctrl-C included)."""
+    from jobs.preflight import room_problem
+
+    cpus = {"CPU": 4.0}
+    assert room_problem("base", ScalingSettings(num_workers=4), cpus, streamed=False) is None  # cached data
+    assert "take 5 CPUs and the cluster has 4" in room_problem("base", ScalingSettings(num_workers=5), cpus, False)
+    assert "leaving less than 1" in room_problem("base", ScalingSettings(num_workers=4), cpus, streamed=True)
+    gpu = ScalingSettings(num_workers=2, use_gpu=True, gpus_per_worker=1.0)
+    assert "ask for 2 GPUs and the cluster has 0" in room_problem("base", gpu, cpus, False)
+    assert room_problem("base", gpu, {"CPU": 4.0, "GPU": 2.0}, False) is None
 
 
 def test_the_command_line_says_a_refusal_in_one_line(fake_build, tiny_data, monkeypatch, capsys):
@@ -272,3 +285,25 @@ def test_training_the_vqgan_again_after_the_decoder_fine_tune_says_why_it_is_ref
     checkpoint.save_component(trained, uri, extra={"finished": True, "stage": "decoder", "decoder_finetuned": True})
     with pytest.raises(RunRefused, match=r"vqgan_lo is the decoder fine-tune's export, whose decoder is wider"):
         vqgan.build(tiny_config("vqgan.lo_model=auto"), "corpus", root, "vqgan_lo", "auto")
+
+
+def test_a_run_that_failed_for_good_and_a_tokenization_refusal_are_one_line_each(capsys):
+    import argparse
+
+    from ray.train import WorkerGroupError
+
+    from jobs.stage import errors_in_one_line
+    from pipelines.rejects import CorpusRefused
+
+    parser = argparse.ArgumentParser(prog="muse train base")
+    failed = WorkerGroupError("Training failed due to worker errors:\n...", {1: RuntimeError("b"),
+                                                                            0: ValueError("no full\nbatch")})
+    for error, code, said in ((failed, 1, "training failed after its retries (run.max_failures): ValueError: "
+                                           "no full batch; the workers' logs"),
+                              (CorpusRefused("cannot tell the format"), 2, "error: cannot tell the format")):
+        with pytest.raises(SystemExit) as exited, errors_in_one_line(parser):
+            raise error
+        err = capsys.readouterr().err
+        assert exited.value.code == code and said in err and err.count("\n") == 1, err
+    with pytest.raises(KeyError), errors_in_one_line(parser):  # a bug keeps its traceback
+        raise KeyError("bug")

@@ -34,6 +34,10 @@ def test_reporter_posts_at_most_every_interval_and_finishes_with_a_summary():
     assert states == {} and finished == ["✓ base         100 steps in 1m00s"]
     assert board.poll(1) == ({}, [])
     assert Reporter(None, "x", 1).update(1) is None  # verbose: no board, nothing posted
+    quiet = Reporter(_Handle(board), "superres", total=10, live=False)  # --no-progress: the summary only
+    quiet.update(5, {"loss": 1.0}, force=True)
+    quiet.finish("10 steps in 5s")
+    assert "superres" not in board.states and board.poll(1) == ({}, ["✓ superres     10 steps in 5s"])
 
 
 def test_display_prints_running_lines_periodically_and_each_summary_once_without_a_terminal():

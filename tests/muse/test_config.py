@@ -42,6 +42,12 @@ def test_load_yaml_overrides_and_rejects_unknown(tmp_path):
         load(MuseConfig, path)
     with pytest.raises(ValueError, match="expected int"):
         from_dict(BaseTransformerConfig, {"layers": "many"})
+    # Malformed YAML, in the file or an override, is a ValueError naming where (a usage line, not a traceback).
+    path.write_text("base: {layers: 3\n")
+    with pytest.raises(ValueError, match=f"{path} is not valid YAML"):
+        load(MuseConfig, path)
+    with pytest.raises(ValueError, match="override 'base.hidden=\\[1' is not valid YAML"):
+        load(MuseConfig, None, ["base.hidden=[1"])
 
 
 def test_round_trip_dict():
