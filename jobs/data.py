@@ -6,6 +6,10 @@
 - Raw images for the VQGAN and decoder stages, through the tokenization pipeline's own readers and
   preprocessing (`pipelines.readers`, `pipelines.preprocess`), so a tokenizer is trained on exactly
   the pixels it will later encode.
+
+Both streamed kinds are read in the same data order: the shard files, or the corpus's parts, in a
+seeded permutation drawn afresh for every pass over the data (`pipelines.shards.pass_order`), from a
+seed the driver derives from the run's newest checkpoint (`data_order_seed`).
 """
 
 from __future__ import annotations
@@ -29,10 +33,10 @@ def token_dataset(uri: str, *, hi: bool, cache: bool = False, shuffle_seed: int 
     driver into the object store (small data) instead of streaming them from storage every epoch.
 
     Streamed shards are read in a seeded file permutation drawn afresh for every pass over the data
-    (every epoch, and the new pass a restarted worker group starts): `shuffle_seed`,
-    which the driver derives from the run's newest checkpoint (`data_order_seed`), so a resumed run
-    begins a new permutation instead of the corpus's first files. Rows within a file are mixed by
-    each worker's local shuffle buffer (run.shuffle_buffer)."""
+    (every epoch, and the new pass a restarted worker group starts; `pipelines.shards.pass_order`):
+    `shuffle_seed`, which the driver derives from the run's newest checkpoint (`data_order_seed`), so
+    a resumed run begins a new permutation instead of the corpus's first files. Rows within a file
+    are mixed by each worker's local shuffle buffer (run.shuffle_buffer)."""
     info = shards.shard_info(uri)
     if hi and not info.get("tokens_hi_side"):
         raise ValueError(f"the token shards under {uri} have no tokens_hi: tokenize with a vqgan_hi in the "
@@ -69,12 +73,17 @@ def data_order_seed(run_seed: int, run_dir: str) -> int:
 
 
 def image_dataset(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto", cache: bool = False,
-                  spill: str | None = None):
+                  spill: str | None = None, shuffle_seed: int | None = None):
     """Ray Dataset with one column `pixels` (raw (size, size, 3) uint8 RGB bytes) of every accepted
     image of the corpus at `uri`, decoded, resized and centre-cropped as tokenization does it.
     `cache` runs the same reader and preprocessing functions once on the driver and keeps the pixels
     in the object store (small corpora) instead of decoding every image again each epoch. `spill`: a
-    folder for a folder corpus's part lists (`pipelines.folder_plan`), which must outlive the dataset."""
+    folder for a folder corpus's part lists (`pipelines.folder_plan`), which must outlive the dataset.
+
+    Streamed, the corpus's parts (`readers.plan_parts`) are read as `token_dataset` reads shard files:
+    with `shuffle_seed` (`data_order_seed`), in a seeded permutation drawn afresh for every pass, so
+    neither a new epoch, nor a restarted worker group, nor a resumed run starts at the corpus's first
+    parts again; without, in the plan's order."""
     if cache:
         import ray.data
 
@@ -82,17 +91,20 @@ def image_dataset(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto"
     parts = readers.plan_parts(uri, format, cfg.reader, spill=spill)
     if not parts:
         raise ValueError(f"no images in the corpus at {uri}")
-    ds = preprocessed(parts, cfg, lo_size=size, hi_size=None)
+    ds = preprocessed(parts, cfg, lo_size=size, hi_size=None, shuffle_seed=shuffle_seed)
     return ds.map_batches(_accepted_pixels, batch_format="pyarrow", batch_size=None)
 
 
 @contextmanager
-def run_images(uri: str, size: int, cfg: TokenizeConfig, format: str, cache: bool, run_dir: str):
-    """`image_dataset` for a training run: a folder corpus's part lists go to `RUN_DIR/_plan` (the
-    driver keeps ~200 bytes per part instead of ~630 per image), deleted when the run ends."""
+def run_images(uri: str, size: int, cfg: TokenizeConfig, format: str, cache: bool, run_dir: str, run_seed: int):
+    """`image_dataset` for a training run: its parts read in the run's data order (`data_order_seed` of
+    run.seed `run_seed` and the run's newest checkpoint in `run_dir`), and a folder corpus's part
+    lists in `RUN_DIR/_plan` (the driver keeps ~200 bytes per part instead of ~630 per image),
+    deleted when the run ends."""
+    seed = data_order_seed(run_seed, run_dir)  # before the plan is written into run_dir
     plan = storage.join(run_dir, manifest.PLAN_DIR)
     try:
-        yield image_dataset(uri, size, cfg, format, cache, spill=plan)
+        yield image_dataset(uri, size, cfg, format, cache, spill=plan, shuffle_seed=seed)
     finally:
         storage.delete(plan)
 

@@ -81,7 +81,7 @@ def build(cfg: TrainConfig, data: str, root: str, component: str | None, format:
     job = {"root": root, "component": component, "stage": "decoder", "model_config": to_dict(wide), "data_meta": {}}
     section = replace(section, run=replace(section.run, name=section.run.name or f"decoder_{component}"))
     with run_images(data, wide.resolution, cfg.tokenize, format, section.run.cache_data,
-                    run_dir(root, section.run, component)) as dataset:
+                    run_dir(root, section.run, component), section.run.seed) as dataset:
         return [fit_stage(DecoderWorker, section, job, dataset)]
 
 

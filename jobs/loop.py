@@ -19,8 +19,9 @@ run the driver lost, on any number of workers (`jobs.checkpointing` reshards), i
 belong to the same model root, component and architecture: the driver refuses others before the
 trainer starts, with what would fail on every attempt (`jobs.preflight`). Ray Data iterators have no
 position to restore, so a resumed run does not continue the data stream where it was: it starts a
-fresh seeded permutation of the shard files (`jobs.data.token_dataset`), not the first files again,
-and rows mix in a local shuffle buffer of thousands of rows. An epoch cut short by a failure is not
+fresh seeded permutation of the token shard files or of the corpus's parts (`jobs.data.token_dataset`,
+`jobs.data.image_dataset`), not the first ones again, and rows mix in a local shuffle buffer of
+thousands of rows. An epoch cut short by a failure is not
 completed first.
 """
 

@@ -261,7 +261,7 @@ def _build_one(cfg: TrainConfig, data: str, root: str, component: str, format: s
     elif component == "vqgan_hi" and section.hi_init_from_lo:
         job["init_from"] = lo_for_hi_init(root, vq_cfg)
     with run_images(data, vq_cfg.resolution, cfg.tokenize, format, section.run.cache_data,
-                    run_dir(root, section.run, component)) as dataset:
+                    run_dir(root, section.run, component), section.run.seed) as dataset:
         try:
             return fit_stage(VQGANWorker, section, job, dataset)
         except RunRefused as e:

@@ -10,18 +10,21 @@ import pyarrow as pa
 
 from pipelines.config import IO_TASK_RETRIES, ReaderConfig
 from pipelines.readers import ROW_SCHEMA, Part, accepted, plan_parts, read_part
-from pipelines.shards import read_datasource_retried
+from pipelines.shards import pass_order, read_datasource_retried
 
 PART_SCHEMA = pa.schema([("part", pa.string())])
 
 
-def corpus_datasource(parts: list[Part], cfg: ReaderConfig, images: bool = True):
-    """A Ray Data datasource with one read task per part (`read_part`)."""
-    return _part_datasource("Corpus", parts, lambda p: read_part(p, cfg, images), ROW_SCHEMA)
+def corpus_datasource(parts: list[Part], cfg: ReaderConfig, images: bool = True, shuffle_seed: int | None = None):
+    """A Ray Data datasource with one read task per part (`read_part`). With `shuffle_seed`, every pass
+    reads the parts in a new seeded permutation (`pipelines.shards.pass_order`), as training's token
+    shards are read; without, in `parts`' order."""
+    return _part_datasource("Corpus", parts, lambda p: read_part(p, cfg, images), ROW_SCHEMA, shuffle_seed)
 
 
-def _part_datasource(name: str, parts: list[Part], read, schema: pa.Schema):
-    """A Ray Data datasource with one read task per part, yielding the blocks of `read(part)`."""
+def _part_datasource(name: str, parts: list[Part], read, schema: pa.Schema, shuffle_seed: int | None = None):
+    """A Ray Data datasource with one read task per part, yielding the blocks of `read(part)`, in the
+    order `pass_order` gives each pass."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
@@ -37,17 +40,18 @@ def _part_datasource(name: str, parts: list[Part], read, schema: pa.Schema):
                 ReadTask(lambda p=p: read(p),
                          BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[p.uri]),
                          schema=schema)
-                for p in parts
+                for p in pass_order(parts, shuffle_seed, data_context)
             ]
 
     return PartDatasource()
 
 
 def read_parts(parts: list[Part], cfg: ReaderConfig, num_cpus: float = 1.0, retries: int = IO_TASK_RETRIES,
-               images: bool = True):
+               images: bool = True, shuffle_seed: int | None = None):
     """Ray Dataset of corpus rows (with bookkeeping columns and end rows) for `parts`. A read task
-    that still fails on storage I/O after the filesystem's own retries runs again, `retries` times."""
-    return read_datasource_retried(corpus_datasource(parts, cfg, images), retries,
+    that still fails on storage I/O after the filesystem's own retries runs again, `retries` times.
+    `shuffle_seed`: read the parts in a new seeded permutation every pass (`corpus_datasource`)."""
+    return read_datasource_retried(corpus_datasource(parts, cfg, images, shuffle_seed), retries,
                                    override_num_blocks=max(1, len(parts)), num_cpus=num_cpus)
 
 

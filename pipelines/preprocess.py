@@ -126,10 +126,12 @@ def _caption_ids(uri: str, captions: list[str], reasons: list[str], part_rows: n
 
 
 def preprocessed(parts: list[readers.Part], cfg: TokenizeConfig, lo_size: int, hi_size: int | None,
-                 pack: bool = False, text_ids: str | None = None):
+                 pack: bool = False, text_ids: str | None = None, shuffle_seed: int | None = None):
     """Ray Dataset of the corpus rows of `parts` after `preprocess_batch` (rejects and end rows kept);
-    read tasks are retried `cfg.io_task_retries` times on storage errors."""
-    ds = corpus_data.read_parts(parts, cfg.reader, num_cpus=cfg.preprocess.num_cpus, retries=cfg.io_task_retries)
+    read tasks are retried `cfg.io_task_retries` times on storage errors. `shuffle_seed`: the parts are
+    read in a new seeded permutation every pass (`corpus_data.read_parts`; training), else in order."""
+    ds = corpus_data.read_parts(parts, cfg.reader, num_cpus=cfg.preprocess.num_cpus, retries=cfg.io_task_retries,
+                                shuffle_seed=shuffle_seed)
     # Decoding is a task pool of its own that fans out over every CPU of the cluster. Its memory
     # reservation also keeps Ray from fusing it into the first model pool (Ray fuses ops with equal
     # remote args, as on CPU-only runs), which would cap decoding at that pool's size.

@@ -192,6 +192,18 @@ def read_token_shards(uri: str, columns: list[str] | None = None, shuffle_seed: 
                                    override_num_blocks=len(files))
 
 
+def pass_order(items: list, shuffle_seed: int | None, data_context=None) -> list:
+    """The order in which one pass over a dataset reads its `items` (files, corpus parts): as given
+    without a seed, else a permutation drawn from (`shuffle_seed`, the pass's index). Ray Data counts
+    the passes over a dataset in the DataContext it gives `Datasource.get_read_tasks` (its own file
+    shuffle uses that count), so every epoch, and the new pass a restarted worker group starts, gets a
+    new permutation, and a restart from the same state repeats its order."""
+    if shuffle_seed is None:
+        return list(items)
+    execution = getattr(data_context, "_execution_idx", 0) or 0
+    return [items[i] for i in np.random.default_rng([shuffle_seed, execution]).permutation(len(items))]
+
+
 def token_shard_datasource(files: list[str], columns: list[str] | None, shuffle_seed: int | None):
     """A Ray Data datasource with one read task per shard file, yielding one block per row group."""
     from ray.data.block import BlockMetadata
@@ -212,13 +224,9 @@ def token_shard_datasource(files: list[str], columns: list[str] | None, shuffle_
             return None
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
-            order = files
-            if shuffle_seed is not None:  # Ray Data counts the passes over a dataset (its own file shuffle uses it)
-                execution = getattr(data_context, "_execution_idx", 0) or 0
-                order = [files[i] for i in np.random.default_rng([shuffle_seed, execution]).permutation(len(files))]
             return [ReadTask(lambda f=f: read(f), BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
                                                                 input_files=[f]),
                              per_task_row_limit=per_task_row_limit)
-                    for f in order]
+                    for f in pass_order(files, shuffle_seed, data_context)]
 
     return TokenShards()
