@@ -16,6 +16,7 @@ Ray Train run resumes from its last checkpoint (same run name and storage).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,7 +28,7 @@ from jobs.preflight import DATA_CPUS
 from jobs.progress import Reporter, say, set_verbose, start_display, stop_display
 from jobs.stage import add_common_args, add_format_arg, cli_overrides, errors_in_one_line
 from jobs.stages import run_stage
-from jobs.vqgan import CORPUS_HELP, vqgan_components
+from jobs.vqgan import CORPUS_HELP, component_run, vqgan_components
 from muse import checkpoint, storage
 
 TRANSFORMERS = ("base", "superres")
@@ -39,10 +40,20 @@ def component_extra(root: str, name: str) -> dict:
     return checkpoint.component_extra(checkpoint.component_uri(root, name))
 
 
-def finished(root: str, name: str, stages: tuple[str, ...]) -> bool:
-    """Whether ROOT/<name> was exported at the end of a run of one of `stages`."""
+def finished(root: str, name: str, stage: str, run, later: tuple[str, ...] = ()) -> bool:
+    """Whether ROOT/<name> holds what this config's run of `stage` would leave there: the export of a
+    finished run under the same name (`run.name`, else the component's) that reached `run.max_steps`,
+    or the export of a `later` stage built on it (the decoder fine-tune's vqgan_hi). Another run's
+    export, or a shorter one (a smoke run before the full budget), is trained on: its run resumes or
+    the stage continues the component."""
     extra = component_extra(root, name)
-    return bool(extra.get("finished")) and extra.get("stage") in stages
+    if extra.get("finished") and extra.get("stage") in later:
+        return True
+    if not extra.get("finished") or extra.get("stage") != stage:
+        return False
+    if "run" not in extra:  # exported before the run was recorded
+        return True
+    return extra["run"] == (run.name or name) and int(extra.get("step", 0)) >= run.max_steps
 
 
 def decoder_finished(root: str, name: str) -> bool:
@@ -138,22 +149,27 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
 
     ensure_text_encoder(cfg, root, corpus, format)
     for component in vqgan_components(cfg, None) if "vqgan" in cfg.stages else []:
-        if finished(root, component, ("vqgan", "decoder")):
+        if finished(root, component, "vqgan", component_run(cfg.vqgan, component), later=("decoder",)):
             report[component] = "skipped (finished)"
             continue
         timed(component, lambda c=component: run_stage("vqgan", cfg, images, root, component=c, format=format))
 
-    has_hi = checkpoint.has_component(root, "vqgan_hi")
+    # vqgan.hi_model null: no high-res tokenizer and no super-res, whatever vqgan_hi the root holds
+    # (`muse init` writes a random one).
+    has_hi = checkpoint.has_component(root, "vqgan_hi") and cfg.vqgan.hi_model is not None
     wanted = [s for s in TRANSFORMERS if s in cfg.stages and (s == "base" or has_hi)]
-    todo = [s for s in wanted if not finished(root, s, (s,))]
+    todo = [s for s in wanted if not finished(root, s, s, getattr(cfg, s).run)]
     if todo:
         from pipelines import tokenize
 
         show = any(getattr(cfg, s).run.progress for s in todo)
         board = start_display() if show else None
         reporter = Reporter(board, "tokenize", None, unit="parts", rate_unit="part/s") if board else None
-        timed("tokenize", lambda: tokenize.run(corpus, tokens, tokenize.resolve_models(root), cfg.tokenize,
-                                               format, progress=show, reporter=reporter))
+        models = tokenize.resolve_models(root)
+        if not has_hi and models.vqgan_hi is not None:
+            models = dataclasses.replace(models, vqgan_hi=None)
+        timed("tokenize", lambda: tokenize.run(corpus, tokens, models, cfg.tokenize, format, progress=show,
+                                               reporter=reporter))
     else:
         report["tokenize"] = "skipped (no transformer left to train)"
     for s in wanted:

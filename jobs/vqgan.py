@@ -241,6 +241,15 @@ def build(cfg: TrainConfig, data: str, root: str, component: str | None, format:
     return [_build_one(cfg, data, root, c, format) for c in vqgan_components(cfg, component)]
 
 
+def component_run(section, component: str):
+    """The run settings of one tokenizer's run: named `<run.name>_<component>` (else after the
+    component), and vqgan_hi's to `hi_max_steps` when that is set."""
+    run = replace(section.run, name=f"{section.run.name}_{component}") if section.run.name else section.run
+    if component == "vqgan_hi" and section.hi_max_steps:  # `--max-steps` sets it too (jobs.stage.cli_overrides)
+        run = replace(run, max_steps=section.hi_max_steps)
+    return run
+
+
 def _build_one(cfg: TrainConfig, data: str, root: str, component: str, format: str):
     from jobs.data import run_images
     from jobs.perceptual import check_weights
@@ -249,12 +258,12 @@ def _build_one(cfg: TrainConfig, data: str, root: str, component: str, format: s
     check_weights(section.gan.perceptual_weights)
     vq_cfg, continued = tokenizer_config(root, component, section.lo_model if component == "vqgan_lo"
                                          else section.hi_model)
-    if continued:  # its codebook is trained: no autoencoder warm-up that would seed it anew
+    uri = checkpoint.component_uri(root, component)
+    if continued and checkpoint.component_extra(uri).get("stage"):
+        # A trained codebook: no autoencoder warm-up that would seed it anew (a `muse init` root's
+        # random one, which no run exported, gets the warm-up).
         section = replace(section, quantizer_warmup_steps=0)
-    if section.run.name:
-        section = replace(section, run=replace(section.run, name=f"{section.run.name}_{component}"))
-    if component == "vqgan_hi" and section.hi_max_steps:  # `--max-steps` sets it too (jobs.stage.cli_overrides)
-        section = replace(section, run=replace(section.run, max_steps=section.hi_max_steps))
+    section = replace(section, run=component_run(section, component))
     job = {"root": root, "component": component, "stage": "vqgan", "model_config": to_dict(vq_cfg), "data_meta": {}}
     if continued:
         job["init_from"] = checkpoint.component_uri(root, component)

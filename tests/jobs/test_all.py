@@ -45,7 +45,7 @@ class FakeStages:
 
     def tokenize(self, corpus, tokens, models, cfg, format, progress=True, reporter=None):
         self.calls.append("tokenize")
-        self.data["tokenize"] = corpus
+        self.data["tokenize"], self.models = corpus, models
         return {}
 
 
@@ -58,7 +58,8 @@ def fake(monkeypatch, tmp_path):
     monkeypatch.setattr(train_all_module, "ensure_ray", lambda: None)
     monkeypatch.setattr(train_all_module, "run_stage", stages.run_stage)
     monkeypatch.setattr(tokenize, "run", stages.tokenize)
-    monkeypatch.setattr(tokenize, "resolve_models", lambda root: None)
+    monkeypatch.setattr(tokenize, "resolve_models", lambda root: tokenize.Models(f"{root}/vqgan_lo", f"{root}/text_encoder",
+                                                                                 f"{root}/vqgan_hi"))
     monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 8.0})
     return stages
 
@@ -94,6 +95,32 @@ def test_resumes_after_the_last_finished_stage(fake):
     write_fake_component(fake.root, "superres", {})  # e.g. from `muse init`: random, not trained
     train_all_module.train_all(tiny_config(ALL_STAGES, "concurrent=false"), "corpus", fake.root)
     assert fake.calls == ["tokenize", "superres", "decoder"]
+
+
+def test_a_stage_is_finished_only_for_the_run_this_config_would_train(fake):
+    """A smoke run's export (fewer steps than this config's) or another run's (a LoRA fine-tune) is
+    trained on, not skipped; the exports of this config's runs, and the decoder's vqgan_hi, are."""
+    from jobs.vqgan import component_run
+
+    cfg = tiny_config(ALL_STAGES, "concurrent=false")
+    done = {"finished": True}
+    write_fake_component(fake.root, "vqgan_lo", done | {"stage": "vqgan", "run": "vqgan_lo",
+                                                        "step": component_run(cfg.vqgan, "vqgan_lo").max_steps})
+    write_fake_component(fake.root, "vqgan_hi", done | {"stage": "vqgan", "run": "vqgan_hi", "step": 5})
+    write_fake_component(fake.root, "base", done | {"stage": "base", "run": "base", "step": cfg.base.run.max_steps})
+    write_fake_component(fake.root, "superres", done | {"stage": "superres", "run": "lora", "step": 10**6})
+    train_all_module.train_all(cfg, "corpus", fake.root)
+    assert fake.calls == ["vqgan_hi", "tokenize", "superres", "decoder"]
+    write_fake_component(fake.root, "vqgan_hi", done | {"stage": "decoder", "run": "decoder_vqgan_hi", "step": 1})
+    fake.calls.clear()
+    train_all_module.train_all(tiny_config(ALL_STAGES, "concurrent=false", "stages=[vqgan]"), "corpus", fake.root)
+    assert fake.calls == []  # the decoder fine-tune built on it
+
+
+def test_no_high_res_tokenizer_means_no_super_res_whatever_the_root_holds(fake):
+    write_fake_component(fake.root, "vqgan_hi", {})  # `muse init` writes a random one
+    train_all_module.train_all(tiny_config("stages=[base,superres]", "vqgan.hi_model=null"), "corpus", fake.root)
+    assert fake.calls == ["tokenize", "base"] and fake.models.vqgan_hi is None
 
 
 def test_sequential_when_the_cluster_has_no_room_for_both(fake, monkeypatch):

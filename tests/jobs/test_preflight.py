@@ -307,3 +307,31 @@ def test_a_run_that_failed_for_good_and_a_tokenization_refusal_are_one_line_each
         assert exited.value.code == code and said in err and err.count("\n") == 1, err
     with pytest.raises(KeyError), errors_in_one_line(parser):  # a bug keeps its traceback
         raise KeyError("bug")
+
+
+def test_a_muse_init_roots_random_tokenizer_still_gets_the_warm_up(tmp_path, monkeypatch):
+    """"auto" continues the root's tokenizer; the codebook warm-up (autoencoder steps, then k-means++
+    seeding) is dropped only for one a run trained, not for the random one `muse init` wrote."""
+    from contextlib import contextmanager
+
+    import jobs.data
+    from jobs import vqgan
+    from muse import checkpoint
+
+    root = str(tmp_path / "root")
+    checkpoint.init_model_root("tiny", root, components=("vqgan_lo",))
+    seen = []
+
+    @contextmanager
+    def no_data(*args):
+        yield None
+
+    monkeypatch.setattr(jobs.data, "run_images", no_data)
+    monkeypatch.setattr(vqgan, "fit_stage", lambda worker, section, job, dataset: seen.append(section))
+    cfg = tiny_config("vqgan.lo_model=auto", "vqgan.quantizer_warmup_steps=50")
+    vqgan.build(cfg, "corpus", root, "vqgan_lo", "auto")
+    uri = checkpoint.component_uri(root, "vqgan_lo")
+    checkpoint.save_component(checkpoint.load_component(uri), uri,
+                              extra=loop.finished_extra("vqgan", 1000, {"run_name": "vqgan_lo"}))
+    vqgan.build(cfg, "corpus", root, "vqgan_lo", "auto")
+    assert [s.quantizer_warmup_steps for s in seen] == [50, 0]
