@@ -378,6 +378,7 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
     identity = run_identity(job)
     resume_from = check_resume(folder, identity, job.get("stage", job["component"]))
     if resume_from is not None:
+        _refuse_training_over_another_export(job, name, folder, resume_from, run.max_steps)
         say(resume_line(name, resume_from, run.max_steps))
     cached = _materialized(dataset)
     if rows is None and cached:
@@ -405,14 +406,42 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
     return trainer.fit()
 
 
-def resume_line(name: str, checkpoint_uri: str, max_steps: int) -> str:
-    """What a run started again will do: go on from its checkpoint, or nothing when it is finished."""
+def _refuse_training_over_another_export(job: dict, name: str, folder: str, checkpoint_uri: str,
+                                         max_steps: int) -> None:
+    """A run that continues the root's component (init_from) but resumes its own checkpoint trains on
+    from the checkpoint, not from the component: when another run wrote the component since (a LoRA
+    fine-tune under another name), the export at the end would replace that run's work with training
+    that never saw it. Refused, with the ways out. A finished run trains nothing and leaves it."""
+    from muse import checkpoint
+
+    other = other_run_export(dict(job, run_name=name))
+    if other is None or job.get("init_from") != checkpoint.component_uri(job["root"], job["component"]):
+        return
+    step = checkpoint_step(checkpoint_uri)
+    if step is not None and step >= max_steps:
+        return
+    section = job.get("stage", job["component"])
+    raise RunRefused(f"[{name}] {job['root']}/{job['component']} holds run {other!r}'s export, but this run resumes its "
+                     f"own checkpoint ({checkpoint_uri}, step {step}) and would overwrite that export with training "
+                     f"that never saw it: pass --set {section}.run.name=NEW to continue the root's {job['component']} "
+                     f"in a new run, or delete {folder} to drop this run's checkpoints")
+
+
+def checkpoint_step(checkpoint_uri: str) -> int | None:
+    """The step a checkpoint was saved at, None when its state cannot be read."""
     from jobs.checkpointing import read_meta
 
     fs, path = storage.filesystem(checkpoint_uri)
     try:
-        step = int(read_meta(path, fs)["step"])
+        return int(read_meta(path, fs)["step"])
     except (OSError, ValueError, KeyError):
+        return None
+
+
+def resume_line(name: str, checkpoint_uri: str, max_steps: int) -> str:
+    """What a run started again will do: go on from its checkpoint, or nothing when it is finished."""
+    step = checkpoint_step(checkpoint_uri)
+    if step is None:
         return f"[{name}] resumes its run from {checkpoint_uri}"
     if step >= max_steps:
         return (f"[{name}] the run already finished at step {step} of {max_steps}: nothing to train (raise "

@@ -335,3 +335,24 @@ def test_a_muse_init_roots_random_tokenizer_still_gets_the_warm_up(tmp_path, mon
                               extra=loop.finished_extra("vqgan", 1000, {"run_name": "vqgan_lo"}))
     vqgan.build(cfg, "corpus", root, "vqgan_lo", "auto")
     assert [s.quantizer_warmup_steps for s in seen] == [50, 0]
+
+
+def test_a_run_resuming_its_checkpoint_does_not_train_over_another_runs_export(tmp_path):
+    """Run "base" has a checkpoint at step 2 of 10; since then a LoRA run exported ROOT/base. Continuing
+    the root's base under the name "base" would resume step 2 and overwrite the LoRA export: refused."""
+    from muse import checkpoint
+
+    root = str(tmp_path / "root")
+    checkpoint.init_model_root("tiny", root, components=("base",))
+    uri = checkpoint.component_uri(root, "base")
+    checkpoint.save_component(checkpoint.load_component(uri), uri,
+                              extra=loop.finished_extra("base", 500, {"run_name": "lora"}))
+    job = job_for(root) | {"init_from": uri}
+    write_checkpoint(os.path.join(root, "runs", "base"), "checkpoint_2026-12-01_10-00-00.000001", run_identity(job))
+    section = tiny_config("base.run.max_steps=10").base
+    with pytest.raises(RunRefused, match=r"holds run 'lora''s export, but this run resumes its own checkpoint .* step 2"):
+        loop.fit_stage(BaseWorker, section, job, dataset=None)
+    # Trained from a preset (no init_from), it replaces the component by design: not this refusal.
+    with pytest.raises(Exception) as other:
+        loop.fit_stage(BaseWorker, section, job_for(root), dataset=None)
+    assert "holds run 'lora'" not in str(other.value)
