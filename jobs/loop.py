@@ -238,9 +238,10 @@ def _train_loop(job: dict) -> None:
             tick = time.perf_counter()
             if last:
                 break
-        if seen == 0:
-            raise ValueError(f"{tag} the data gives no full batch of {run.batch_size} per worker "
-                             f"({env.world_size} workers): use a smaller run.batch_size or more data")
+        if seen == 0:  # so on every attempt: told to the driver (a refusal there), not retried by Ray Train
+            if env.is_main:
+                storage.write_text(storage.join(job["run_dir"], NO_FULL_BATCH), "no full batch")
+            return
         epoch += 1
     other = other_run_export(job) if step == resumed_from else None
     if other is None:
@@ -403,7 +404,20 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
                              checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints)),
         datasets={"train": dataset},
     )
-    return trainer.fit()
+    marker = storage.join(folder, NO_FULL_BATCH)
+    storage.delete(marker)  # left by an earlier attempt at this run
+    result = trainer.fit()
+    if storage.exists(marker):
+        storage.delete(marker)
+        raise RunRefused(f"{name}: the data gives no full batch of {run.batch_size} per worker ({scaling.workers()} "
+                         "worker(s)) after the rejected images: use a smaller run.batch_size, fewer workers or "
+                         "more data")
+    return result
+
+
+# What rank 0 writes into the run's folder when an epoch of its data made no step (Ray Train keeps no
+# metrics reported without a checkpoint).
+NO_FULL_BATCH = "_no_full_batch"
 
 
 def _refuse_training_over_another_export(job: dict, name: str, folder: str, checkpoint_uri: str,

@@ -185,3 +185,18 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint
     pipe = MusePipeline.from_pretrained(root)
     [image] = pipe("a red circle", steps=2, guidance_scale=2.0, superres=False, seed=0)
     assert image.size == (64, 64)
+
+
+def test_a_streamed_corpus_too_small_for_a_batch_is_refused_once_not_retried(ray_session, tiny_data, tmp_path):
+    """Rows of a streamed image corpus are known only once read: the workers say so at the end of an
+    empty epoch, and the driver refuses, where an error would be retried run.max_failures times."""
+    from jobs.preflight import RunRefused
+
+    copy_tree(tiny_data.root, str(tmp_path / "root"))
+    write_corpus(str(tmp_path / "small"), 3, size=128, format="folder")
+    cfg = ray_test_config("vqgan", "vqgan.run.max_steps=3", "vqgan.run.batch_size=2", "vqgan.run.cache_data=false",
+                          "vqgan.run.max_failures=5")
+    started = time.monotonic()
+    with pytest.raises(RunRefused, match="no full batch of 2 per worker"):
+        run_stage("vqgan", cfg, str(tmp_path / "small"), str(tmp_path / "root"), component="vqgan_lo")
+    assert time.monotonic() - started < 120  # one attempt, not six
