@@ -251,25 +251,27 @@ class MaskedWorker(StageWorker):
         return self.text_encoder
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Driver side.
 
 
 def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, root: str) -> list[Any]:
-    """The token dataset and the architecture for `stage` ("base" or "superres"), then its run."""
+    """The architecture for `stage` ("base" or "superres") and its token dataset, then its run. What the
+    shards' metadata and the root refuse is refused before any shard is read (or loaded, cache_data)."""
     from jobs.data import data_order_seed, token_dataset, token_rows
+    from pipelines import shards
 
     section = getattr(cfg, stage)
-    storage_uri, name = run_location(root, section.run, stage)
-    seed = data_order_seed(section.run.seed, storage.join(storage_uri, name))
-    dataset, info = token_dataset(data, hi=stage == "superres", cache=section.run.cache_data, shuffle_seed=seed)
+    info = shards.shard_info(data)
     if info.get("text_storage", "ids") != "embeddings" and not checkpoint.has_component(root, "text_encoder"):
-        raise ValueError(f"the token shards hold text ids but the model root {root} has no text_encoder/ to "
+        raise RunRefused(f"the token shards hold text ids but the model root {root} has no text_encoder/ to "
                          "encode them (write one with `muse init` or train with `muse train all`)")
     model_cfg, init_from = transformer_config(stage, section.model, root, data, info)
     if section.lora_rank and init_from is None:
         raise RunRefused(lora_problem(stage, root, section.model))
+    storage_uri, name = run_location(root, section.run, stage)
+    seed = data_order_seed(section.run.seed, storage.join(storage_uri, name))
+    dataset, info = token_dataset(data, hi=stage == "superres", cache=section.run.cache_data, shuffle_seed=seed)
     for warning in (label_smoothing_warning(stage, model_cfg, section.label_smoothing),
                     stale_tokens_warning(stage, root, _tokenize_spec(data))):
         if warning:
@@ -412,7 +414,7 @@ def transformer_config(stage: str, model: str | None, root: str, data: str, info
                   if superres else ("tokens_per_side", "codebook_size")) + ("text_dim",)
         diff = {f: (getattr(cfg, f), getattr(wanted, f)) for f in fields if getattr(cfg, f) != getattr(wanted, f)}
         if diff:
-            raise ValueError(
+            raise RunRefused(
                 f"the model root's {stage} does not fit these tokens (root vs data: {diff}); give "
                 f"--model PRESET (or {stage}.model in the config) to train a new {stage} that replaces it")
         say(f"[{stage}] continues the model root's {stage} ({_describe(cfg)}) from its weights")

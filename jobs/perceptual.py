@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jobs.preflight import RunRefused
+
 # VGG16 "D": conv widths, "M" = 2x2 max-pool. Feature taps after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 TAPS = (3, 8, 15, 22, 29)  # indices in torchvision's `features` Sequential
@@ -69,10 +71,14 @@ class PerceptualLoss(nn.Module):
         return total
 
 
+class MissingWeights(RunRefused, FileNotFoundError):
+    """A configured weights file that is not there: refused on the driver, before any run (one line)."""
+
+
 def check_weights(path: str | None) -> None:
     """Fail fast, on the driver, when a configured weights file is absent."""
     if path is not None and not os.path.isfile(path):
-        raise FileNotFoundError(MISSING.format(path=path))
+        raise MissingWeights(MISSING.format(path=path))
 
 
 def load_perceptual(path: str, device: torch.device | str = "cpu") -> PerceptualLoss:

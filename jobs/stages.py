@@ -49,8 +49,3 @@ def run_stage(stage: str, cfg: TrainConfig, data: str, root: str, *, component: 
     """Train one stage on `data` and export into the model root `root`; returns the Ray Train results
     (one per trained component)."""
     return get(stage).train(cfg, data, root, component=component, format=format)
-
-
-def stage_main(stage: str, argv: list[str] | None = None) -> None:
-    """`muse train <stage> ...` for one stage."""
-    get(stage).main(argv)
