@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     from jobs.cluster import join_ray
     from jobs.config import load_config
     from jobs.demo import DEFAULT_CONFIG
-    from jobs.loop import worker_env
+    from jobs.fit import worker_env
     from jobs.stages import run_stage
 
     layouts = [parse_layout(t) for t in (args.layouts or DEFAULT_LAYOUTS[args.stage]).split(",")]

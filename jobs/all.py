@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from jobs.cluster import cluster_may_grow
 from jobs.config import TrainConfig, load_config
 from jobs.decoder import decoder_component
-from jobs.loop import ensure_ray
+from jobs.fit import ensure_ray
 from jobs.preflight import DATA_CPUS
 from jobs.progress import Reporter, say, set_verbose, start_display, stop_display
 from jobs.stage import add_common_args, add_format_arg, cli_overrides, errors_in_one_line

@@ -25,6 +25,7 @@ from muse import storage
 from muse.data.images import uint8_to_tensor
 from pipelines import manifest, readers, shards
 from pipelines.config import TokenizeConfig
+from pipelines.rows import accepted
 from pipelines.preprocess import preprocessed, preprocessed_local
 
 
@@ -120,7 +121,7 @@ def read_images(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto") 
 
 
 def _accepted_pixels(batch: pa.Table) -> pa.Table:
-    return batch.filter(readers.accepted(batch)).select(["pixels_lo"]).rename_columns(["pixels"])
+    return batch.filter(accepted(batch)).select(["pixels_lo"]).rename_columns(["pixels"])
 
 
 # ---------------------------------------------------------------------------------------------

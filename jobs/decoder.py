@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from jobs.config import DecoderStage, TrainConfig
-from jobs.loop import fit_stage, run_dir
+from jobs.fit import fit_stage, run_dir
 from jobs.stage import Stage
 from jobs.vqgan import CORPUS_HELP, VQGAN_COMPONENTS, VQGANWorker, corpus_args
 from muse import checkpoint

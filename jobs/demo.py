@@ -32,7 +32,7 @@ import urllib.request
 from PIL import Image
 
 from jobs.cluster import join_ray
-from jobs.loop import worker_env
+from jobs.fit import worker_env
 from jobs.stage import errors_in_one_line
 from jobs.progress import quiet_ray_loggers, set_verbose, stop_display
 from muse import storage

@@ -1,4 +1,5 @@
-"""The Ray Train layer shared by every stage: one per-worker loop and one `TorchTrainer` builder.
+"""The Ray Train layer shared by every stage: one per-worker loop (here) and one `TorchTrainer`
+builder (`jobs.fit`).
 
     driver:  fit_stage(worker class, section, job, dataset)
                TorchTrainer(train_loop_per_worker, ScalingConfig(workers, GPUs, CPUs per worker),
@@ -14,7 +15,7 @@
 A failed worker (or node) makes Ray Train restart the whole worker group (FailureConfig.max_failures);
 the new workers resume from the last checkpoint whose upload finished, with the step counter,
 optimizer, scheduler, EMA and sample/token counters it holds; rank 0 puts each failed attempt's error
-on the console in one line. Calling `fit_stage` again with the same run name and storage resumes a
+on the console in one line. Calling `jobs.fit.fit_stage` again with the same run name and storage resumes a
 run the driver lost, on any number of workers (`jobs.checkpointing` reshards), if its checkpoints
 belong to the same model root, component and architecture: the driver refuses others before the
 trainer starts, with what would fail on every attempt (`jobs.preflight`). Ray Data iterators have no
@@ -28,7 +29,6 @@ completed first.
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import sys
 import time
@@ -40,8 +40,7 @@ from torch import nn
 from jobs.checkpointing import load_training_state, remove_orphaned_staging, save_sharded, staging_directory
 from jobs.common import EMA, peak_flops
 from jobs.parallel import WorkerEnv, allreduce_mean
-from jobs.preflight import RunRefused, check_resume, check_rows, room_problem, run_identity
-from jobs.progress import Reporter, format_seconds, quiet_ray_loggers, say, start_display
+from jobs.progress import Reporter, format_seconds
 from muse import storage
 from muse.config import from_dict
 
@@ -348,191 +347,6 @@ def _collate_fn(fn):
     return Collate()
 
 
-# ---------------------------------------------------------------------------------------------
-# Driver side.
-
-
-def run_location(root: str, run, default_name: str) -> tuple[str, str]:
-    """(storage_path URI, run name): run.storage_path or ROOT/runs, and run.name or the default."""
-    return storage.absolute(run.storage_path or storage.join(root, "runs")), run.name or default_name
-
-
-def run_dir(root: str, run, default_name: str) -> str:
-    """Where a run keeps its checkpoints (`run_location`, joined)."""
-    return storage.join(*run_location(root, run, default_name))
-
-
-def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows: int | None = None) -> Any:
-    """Build and run the TorchTrainer whose workers run `worker`; returns the ray.train.Result (raises
-    on failure). `job` holds "root", "component", "model_config" (and "stage", the config section, when
-    it is not the component's name); `rows`: the dataset's row count where the caller knows it. What
-    would fail on every attempt is refused first (`jobs.preflight`)."""
-    import ray
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-
-    from muse.config import to_dict
-
-    run, scaling = section.run, section.scaling
-    storage_uri, name = run_location(job["root"], run, job["component"])
-    folder = storage.join(storage_uri, name)
-    identity = run_identity(job)
-    resume_from = check_resume(folder, identity, job.get("stage", job["component"]))
-    if resume_from is not None:
-        _refuse_training_over_another_export(job, name, folder, resume_from, run.max_steps)
-        say(resume_line(name, resume_from, run.max_steps))
-    cached = _materialized(dataset)
-    if rows is None and cached:
-        rows = dataset.count()  # from the blocks' metadata: nothing is read
-    check_rows(name, rows, run.batch_size, scaling.num_workers)
-    _check_room(name, scaling, streamed=not cached)  # streamed: Ray Data's read tasks need CPUs beside it
-    if storage.is_s3(storage_uri):
-        fs, path = storage.s3_filesystem(), storage_uri[len("s3://"):].rstrip("/")
-    else:
-        fs, path = None, storage.filesystem(storage_uri)[1]
-        os.makedirs(path, exist_ok=True)
-    job = dict(job, worker=worker_path(worker), section=to_dict(section), run_name=name, identity=identity,
-               progress_board=start_display(), run_dir=folder,
-               samples_dir=job.get("samples_dir") or storage.join(job["root"], "samples", name))
-    trainer = _trainer_class()(
-        train_loop_per_worker,
-        train_loop_config=job,
-        scaling_config=ScalingConfig(num_workers=scaling.workers(), use_gpu=scaling.use_gpu,
-                                     resources_per_worker=scaling.resources_per_worker()),
-        run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=run.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints)),
-        datasets={"train": dataset},
-    )
-    marker = storage.join(folder, NO_FULL_BATCH)
-    storage.delete(marker)  # left by an earlier attempt at this run
-    result = trainer.fit()
-    if storage.exists(marker):
-        storage.delete(marker)
-        raise RunRefused(f"{name}: the data gives no full batch of {run.batch_size} per worker ({scaling.workers()} "
-                         "worker(s)) after the rejected images: use a smaller run.batch_size, fewer workers or "
-                         "more data")
-    return result
-
-
 # What rank 0 writes into the run's folder when an epoch of its data made no step (Ray Train keeps no
 # metrics reported without a checkpoint).
 NO_FULL_BATCH = "_no_full_batch"
-
-
-def _refuse_training_over_another_export(job: dict, name: str, folder: str, checkpoint_uri: str,
-                                         max_steps: int) -> None:
-    """A run that continues the root's component (init_from) but resumes its own checkpoint trains on
-    from the checkpoint, not from the component: when another run wrote the component since (a LoRA
-    fine-tune under another name), the export at the end would replace that run's work with training
-    that never saw it. Refused, with the ways out. A finished run trains nothing and leaves it."""
-    from muse import checkpoint
-
-    other = other_run_export(dict(job, run_name=name))
-    if other is None or job.get("init_from") != checkpoint.component_uri(job["root"], job["component"]):
-        return
-    step = checkpoint_step(checkpoint_uri)
-    if step is not None and step >= max_steps:
-        return
-    section = job.get("stage", job["component"])
-    raise RunRefused(f"[{name}] {job['root']}/{job['component']} holds run {other!r}'s export, but this run resumes its "
-                     f"own checkpoint ({checkpoint_uri}, step {step}) and would overwrite that export with training "
-                     f"that never saw it: pass --set {section}.run.name=NEW to continue the root's {job['component']} "
-                     f"in a new run, or delete {folder} to drop this run's checkpoints")
-
-
-def checkpoint_step(checkpoint_uri: str) -> int | None:
-    """The step a checkpoint was saved at, None when its state cannot be read."""
-    from jobs.checkpointing import read_meta
-
-    fs, path = storage.filesystem(checkpoint_uri)
-    try:
-        return int(read_meta(path, fs)["step"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def resume_line(name: str, checkpoint_uri: str, max_steps: int) -> str:
-    """What a run started again will do: go on from its checkpoint, or nothing when it is finished."""
-    step = checkpoint_step(checkpoint_uri)
-    if step is None:
-        return f"[{name}] resumes its run from {checkpoint_uri}"
-    if step >= max_steps:
-        return (f"[{name}] the run already finished at step {step} of {max_steps}: nothing to train (raise "
-                f"--max-steps to go on, or --set <stage>.run.name=NEW for a new run)")
-    return f"[{name}] resumes its run at step {step} of {max_steps} ({checkpoint_uri})"
-
-
-def _materialized(dataset) -> bool:
-    """Whether the dataset sits in the object store already (run.cache_data): no read tasks to feed."""
-    from ray.data.dataset import MaterializedDataset
-
-    return isinstance(dataset, MaterializedDataset)
-
-
-def _check_room(name: str, scaling, streamed: bool) -> None:
-    """Refuse a trainer that can never start on a cluster that cannot grow (its workers' CPUs or GPUs,
-    and with streamed data a CPU for Ray Data); on one that may (the autoscaler can add nodes) only warn."""
-    import ray
-
-    from jobs.cluster import cluster_may_grow
-
-    problem = room_problem(name, scaling, ray.cluster_resources(), streamed)
-    if problem is None:
-        return
-    if not cluster_may_grow():
-        raise RunRefused(problem)
-    say(f"warning: {problem} (unless the autoscaler adds nodes)")
-
-
-PLACEMENT_GROUP_CLEANER = "PlacementGroupCleanerCallback"
-CLEANER_OVERRIDE_RAY = "2.60."  # the Ray release the override below was checked against
-
-
-def _trainer_class():
-    """TorchTrainer without the PlacementGroupCleaner callback of Ray 2.60. The cleaner treats one
-    missed State API answer as "controller dead" and removes the live run's placement group, which
-    kills healthy workers on a busy machine (ray-project/ray#65447 review; seen here on 2 cores). It
-    only matters when a controller dies ungracefully, and the driver's Ray job cleans up after that.
-    `_create_default_callbacks` is private, so the override applies only to the Ray release it was
-    checked against; any other release runs the stock trainer, and a missing callback is logged."""
-    import ray
-    from ray.train.torch import TorchTrainer
-
-    log = logging.getLogger(__name__)
-    if not ray.__version__.startswith(CLEANER_OVERRIDE_RAY) or not hasattr(TorchTrainer, "_create_default_callbacks"):
-        log.info("Ray %s: the stock TorchTrainer (the placement-group cleaner override is for Ray %sx)",
-                 ray.__version__, CLEANER_OVERRIDE_RAY)
-        return TorchTrainer
-
-    class Trainer(TorchTrainer):
-        def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            kept = [cb for cb in callbacks if type(cb).__name__ != PLACEMENT_GROUP_CLEANER]
-            if len(kept) == len(callbacks):
-                log.warning("Ray %s has no %s: nothing to remove", ray.__version__, PLACEMENT_GROUP_CLEANER)
-            return kept
-
-    return Trainer
-
-
-def ensure_ray() -> None:
-    """Join Ray (`jobs.cluster.join_ray`: RAY_ADDRESS, a `ray start` cluster on this node, or a local
-    Ray), quiet unless verbose; Ray Data's per-operator progress bars are turned off (each stage has
-    its own line)."""
-    import ray.data
-
-    from jobs.cluster import join_ray
-
-    # A local Ray gets at least 4 logical CPUs even on 2 cores, so a trainer's workers and the data
-    # tasks feeding them never wait on each other (a cluster is joined as it is).
-    join_ray(worker_env(), num_cpus=max(4, os.cpu_count() or 1))
-    quiet_ray_loggers()
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
-
-def worker_env() -> dict[str, str]:
-    """Environment for Ray workers: the console verbosity travels with them."""
-    from jobs.progress import VERBOSE_ENV
-
-    return {"TOKENIZERS_PARALLELISM": "false", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "")}

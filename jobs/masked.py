@@ -31,7 +31,8 @@ from torch import nn
 from jobs.common import EMA, build_optimizer, build_scheduler, clip_grad_norm, export_state
 from jobs.config import PAPER_PRESETS, TrainConfig, TransformerStage
 from jobs.data import collate_tokens
-from jobs.loop import StageWorker, finished_extra, fit_stage, run_location
+from jobs.fit import fit_stage, run_location
+from jobs.loop import StageWorker, finished_extra
 from jobs.parallel import WorkerEnv, transformer_fsdp_units, wrap
 from jobs.preflight import RunRefused
 from jobs.progress import say

@@ -1,4 +1,4 @@
-"""Driver-side checks before a stage's Ray Train run starts (`jobs.loop.fit_stage` calls them).
+"""Driver-side checks before a stage's Ray Train run starts (`jobs.fit.fit_stage` calls them).
 
 An exception on a worker makes Ray Train restart the whole worker group, up to run.max_failures
 (100 by default) times, so what would fail the same way on every attempt is checked here, once:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from jobs.config import load_config
-from jobs.loop import ensure_ray
+from jobs.fit import ensure_ray
 from jobs.preflight import RunRefused
 from jobs.progress import set_verbose, stop_display
 from muse import storage
@@ -37,7 +37,7 @@ def _no_args(parser: argparse.ArgumentParser) -> None:
 @dataclass(frozen=True)
 class Stage:
     """One stage. `build(cfg, data, root, component, format) -> [ray.train.Result]` runs on the driver
-    with absolute URIs and Ray up: it makes the dataset and the job and calls `jobs.loop.fit_stage`.
+    with absolute URIs and Ray up: it makes the dataset and the job and calls `jobs.fit.fit_stage`.
     `component` and `format` come from `--component` / `--format` where the stage has them."""
 
     name: str

@@ -34,7 +34,8 @@ import torch
 from jobs.common import EMA, build_optimizer, build_scheduler, clip_grad_norm, export_state, image_grid
 from jobs.config import AUTO, PAPER_VQGANS, TrainConfig, VQGANStage
 from jobs.data import collate_images
-from jobs.loop import StageWorker, finished_extra, fit_stage, run_dir
+from jobs.fit import fit_stage, run_dir
+from jobs.loop import StageWorker, finished_extra
 from jobs.parallel import WorkerEnv, allreduce_grads
 from jobs.preflight import RunRefused
 from jobs.progress import say

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import pyarrow as pa
 
 from pipelines.config import IO_TASK_RETRIES, ReaderConfig
-from pipelines.readers import ROW_SCHEMA, Part, accepted, plan_parts, read_part
+from pipelines.readers import Part, plan_parts, read_part
+from pipelines.rows import ROW_SCHEMA, accepted
 from pipelines.shards import pass_order, read_datasource_retried
 
 PART_SCHEMA = pa.schema([("part", pa.string())])

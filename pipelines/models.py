@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from muse.config import TextEncoderConfig
 from muse.tokenizer import load_tokenizer, text_encoder_config
-from pipelines import readers
+from pipelines import readers, rows
 from pipelines.preprocess import preprocess_batch, unpack_pixels
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -50,7 +50,7 @@ def list_column(values: list[np.ndarray], ok: np.ndarray, value_type: pa.DataTyp
 
 def _accepted(batch: pa.Table) -> np.ndarray:
     """Rows to run a model on, as a numpy mask."""
-    return readers.accepted(batch).to_numpy(zero_copy_only=False)
+    return rows.accepted(batch).to_numpy(zero_copy_only=False)
 
 
 class VQGANTokens:

@@ -20,7 +20,7 @@ images (synthetic corpora, small sources) compress 15-50x with LZ4 at ~0.1 ms; p
 image (encode here, decode in the GPU actor), and CPU is what decoding already runs short of.
 
 A rejected row is kept, with its reason and without pixels, so the consumer can count it against
-its part; the model UDFs skip it (`pipelines.readers.accepted`). End rows (see `pipelines.readers`)
+its part; the model UDFs skip it (`pipelines.rows.accepted`). End rows (see `pipelines.readers`)
 pass through unchanged.
 
 `preprocessed` is the read -> preprocess chain as a Ray Dataset, `preprocessed_local` the same chain

@@ -9,7 +9,8 @@ from where it comes from, is read by one Ray read task (or by the CPU actor that
 without opening it. The listing is streamed, one folder at a time, and a folder part's image list
 can live in a plan file instead of the driver's memory (`pipelines.folder_plan`).
 
-A read task yields rows with the corpus columns
+A read task yields rows (`pipelines.rows`: the schema, and how a sample becomes a row or a reject;
+WebDataset tars are read by `pipelines.webdataset`) with the corpus columns
 
     key      stable id: the source URI + "#" + row index (Parquet), + "#" + sample key (tar),
              or the image URI itself (folder)
@@ -55,19 +56,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from muse import storage
-from pipelines.captions_file import inline_caption
 from pipelines.config import FORMATS, ReaderConfig
 from pipelines.folder_plan import PlanSpill, part_items, plan_folder, relative
 from pipelines.parquet_plan import row_group_parts
-from pipelines.rejects import FILE_TOO_LARGE, MISSING_CAPTION, MISSING_IMAGE, UNREADABLE_SOURCE, CorpusRefused
-
-CAPTION_EXTENSIONS = ("txt", "caption", "json")  # WebDataset members read as captions
-
-ROW_SCHEMA = pa.schema([
-    ("key", pa.string()), ("image", pa.binary()), ("caption", pa.binary()), ("part", pa.string()),
-    ("index", pa.int64()), ("part_rows", pa.int64()), ("reject_reason", pa.string()),
-])
-
+from pipelines.rejects import FILE_TOO_LARGE, UNREADABLE_SOURCE, CorpusRefused
+from pipelines.rows import UNREAD, Rows, add_sample
+from pipelines.webdataset import read_tar
 
 class BadSource(Exception):
     """The source is readable but not a corpus file of the configured shape."""
@@ -269,40 +263,12 @@ def _ext(uri: str) -> str:
 # Reading one part (inside a Ray read task, or anywhere).
 
 
-class _Rows:
-    """Collects rows of one part into blocks of `block_rows`."""
-
-    def __init__(self, part: Part, block_rows: int, images: bool = True, max_bytes: int | None = None):
-        self.part, self.block_rows, self.images, self.count = part, block_rows, images, 0
-        self.max_bytes = max_bytes
-        self.cols: dict[str, list] = {n: [] for n in ROW_SCHEMA.names}
-
-    def add(self, key: str, image: bytes, caption: bytes | None, reason: str = "") -> pa.Table | None:
-        for name, value in zip(ROW_SCHEMA.names, (key, image, caption or b"", self.part.id,
-                                                  self.count, -1, reason)):
-            self.cols[name].append(value)
-        self.count += 1
-        return self.flush() if len(self.cols["key"]) >= self.block_rows else None
-
-    def flush(self) -> pa.Table | None:
-        if not self.cols["key"]:
-            return None
-        table = pa.table(self.cols, schema=ROW_SCHEMA)
-        self.cols = {n: [] for n in ROW_SCHEMA.names}
-        return table
-
-    def end(self) -> pa.Table:
-        return pa.table({"key": [""], "image": [b""], "caption": [b""], "part": [self.part.id],
-                         "index": [-1], "part_rows": [self.count], "reject_reason": [""]},
-                        schema=ROW_SCHEMA)
-
-
 def read_part(part: Part, cfg: ReaderConfig, images: bool = True) -> Iterator[pa.Table]:
     """Blocks of corpus rows for `part`, ending with its end row. `images=False` reads the captions
     only (image files and Parquet image columns are not read; the image column stays empty), for what
     needs no pixels, such as fitting a vocabulary."""
-    rows = _Rows(part, cfg.block_rows, images, cfg.max_file_bytes)
-    reader = {"parquet": _read_parquet, "webdataset": _read_tar, "folder": _read_folder}[part.format]
+    rows = Rows(part, cfg.block_rows, images, cfg.max_file_bytes)
+    reader = {"parquet": _read_parquet, "webdataset": read_tar, "folder": _read_folder}[part.format]
     try:
         for block in reader(part, cfg, rows):
             if block is not None:
@@ -318,7 +284,7 @@ def read_part(part: Part, cfg: ReaderConfig, images: bool = True) -> Iterator[pa
     yield rows.end()
 
 
-def _read_parquet(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Table | None]:
+def _read_parquet(part: Part, cfg: ReaderConfig, rows: Rows) -> Iterator[pa.Table | None]:
     fs, path = storage.filesystem(part.uri)
     with fs.open_input_file(path) as fh:
         pf = pq.ParquetFile(fh)
@@ -338,11 +304,11 @@ def _read_parquet(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Tab
         row = first
         columns = [cfg.image_column, cfg.caption_column] if rows.images else [cfg.caption_column]
         for batch in pf.iter_batches(batch_size=cfg.block_rows, row_groups=groups, columns=columns):
-            images = _image_bytes(batch.column(cfg.image_column)) if rows.images else [_UNREAD] * batch.num_rows
+            images = _image_bytes(batch.column(cfg.image_column)) if rows.images else [UNREAD] * batch.num_rows
             captions = _values(batch.column(cfg.caption_column))
             for image, text in zip(images, captions):
                 if part.start <= row < stop:
-                    yield _add(rows, f"{part.uri}#{row}", image, text)
+                    yield add_sample(rows, f"{part.uri}#{row}", image, text)
                 row += 1
 
 
@@ -369,34 +335,10 @@ def _values(column: pa.Array) -> list[bytes | None]:
     return column.to_pylist()
 
 
-_UNREAD = b"\x01"  # captions only: an image is there, its bytes are not read (nor kept)
-_TOO_LARGE = object()  # a tar member over max_file_bytes, not read
-
-
-def _caption_bytes(text: str) -> bytes:
-    """UTF-8 of a caption decoded with surrogateescape (the original bytes come back). A lone
-    surrogate that came from elsewhere (a JSON escape such as "\\ud800") is kept as the invalid
-    UTF-8 it is, so preprocessing counts it as `caption_not_utf8` instead of the job failing."""
-    try:
-        return text.encode("utf-8", errors="surrogateescape")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", errors="surrogatepass")
-
-
-def _add(rows: _Rows, key: str, image: bytes | None, caption: str | bytes | None,
-         reason: str = "") -> pa.Table | None:
-    caption = _caption_bytes(caption) if isinstance(caption, str) else caption
-    # An empty file is there: decoding calls it corrupt_image.
-    reason = reason or (MISSING_IMAGE if image is None else MISSING_CAPTION if caption is None else "")
-    if not reason and rows.max_bytes is not None and max(len(image), len(caption)) > rows.max_bytes:
-        reason = FILE_TOO_LARGE  # a Parquet value (files and tar members are not even read)
-    return rows.add(key, (image or b"") if rows.images and not reason else b"", caption, reason)
-
-
 FOLDER_READS_IN_FLIGHT = 16  # a folder part's files fetched at once: an S3 GET waits ~20-50 ms for its first byte
 
 
-def _read_folder(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Table | None]:
+def _read_folder(part: Part, cfg: ReaderConfig, rows: Rows) -> Iterator[pa.Table | None]:
     """Each image and sidecar caption is a file of its own: up to FOLDER_READS_IN_FLIGHT samples are
     fetched at once, in threads, and added in the part's order. A file listed at planning that cannot
     be read is a storage error (the part is retried), never a reject."""
@@ -409,7 +351,7 @@ def _read_folder(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Tabl
         if reason:
             return None, None, reason
         try:
-            image = storage.read_bytes(image_uri, rows.max_bytes) if rows.images else _UNREAD
+            image = storage.read_bytes(image_uri, rows.max_bytes) if rows.images else UNREAD
             caption = storage.read_bytes(caption_uri, rows.max_bytes) if caption_uri is not None else inline
         except storage.FileTooLarge:  # grown since planning
             return None, None, FILE_TOO_LARGE
@@ -425,84 +367,4 @@ def _read_folder(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Tabl
             if reason:
                 yield rows.add(image_uri, b"", b"", reason)
             else:
-                yield _add(rows, image_uri, image, caption)
-
-
-def _read_tar(part: Part, cfg: ReaderConfig, rows: _Rows) -> Iterator[pa.Table | None]:
-    """WebDataset: consecutive members sharing a key (path up to the first dot of the basename) form
-    a sample; the image is its member with the first of `reader.image_extensions` it has, the caption
-    `txt`/`caption`, or `json` with a "caption" (else "text") field. A field whose last suffix is one of these counts
-    where no exact one is there (`IMG.2021.jpg` and `IMG.2021.txt`, as plain `tar` packs a folder of
-    photos: key `IMG`, fields `2021.jpg` and `2021.txt`)."""
-    fs, path = storage.filesystem(part.uri)
-    exts = tuple(cfg.image_extensions)
-    wanted = set(exts) | set(CAPTION_EXTENSIONS)
-    seen: set[str] = set()
-    with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-        key, sample = None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            dirname, base = posixpath.split(member.name)
-            if base.startswith("."):
-                continue
-            stem, _, ext = base.partition(".")
-            member_key = posixpath.join(dirname, stem)
-            if member_key != key and key is not None:
-                yield _tar_sample(rows, part, key, sample, exts, seen)
-                sample = {}
-            key, field = member_key, ext.lower()
-            if field.rpartition(".")[2] not in wanted:
-                continue  # neither image nor caption (.mp4, .npy): never read, the stream skips it
-            if not rows.images and field.rpartition(".")[2] in exts:
-                sample[field] = _UNREAD
-                continue
-            if rows.max_bytes is not None and member.size > rows.max_bytes:
-                sample[field] = _TOO_LARGE  # never read: the stream skips it
-                continue
-            data = tar.extractfile(member).read()
-            if len(data) != member.size:
-                raise tarfile.ReadError(f"{member.name}: truncated ({len(data)} of {member.size} bytes)")
-            sample[field] = data
-        if key is not None:
-            yield _tar_sample(rows, part, key, sample, exts, seen)
-
-
-def _tar_sample(rows: _Rows, part: Part, key: str, sample: dict[str, bytes], exts: tuple[str, ...],
-                seen: set[str]) -> pa.Table | None:
-    # tarfile decodes a member name that is not UTF-8 with surrogateescape: show its bytes instead
-    key = key.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="backslashreplace")
-    name = f"{part.uri}#{key}"
-    if name in seen:  # a key repeated later in the tar: keep keys unique
-        name = f"{name}#{rows.count}"
-    seen.add(name)
-    if any(v is _TOO_LARGE for v in sample.values()):
-        return rows.add(name, b"", b"", FILE_TOO_LARGE)
-    image = _field(sample, exts)
-    caption, reason = _field(sample, ("txt", "caption")), ""
-    described = _field(sample, ("json",)) if caption is None else None
-    if described is not None:
-        try:
-            meta = json.loads(described)
-        except (json.JSONDecodeError, UnicodeError):
-            meta = None
-        value = meta.get("caption") if isinstance(meta, dict) else None
-        value = meta.get("text") if value is None and isinstance(meta, dict) else value
-        caption, reason = inline_caption(value)
-    return _add(rows, name, image, caption, reason if image is not None else "")
-
-
-def _field(sample: dict[str, bytes], names: tuple[str, ...]) -> bytes | None:
-    """A sample's member for the first of the fields `names` it has, else the first member whose
-    field's last suffix is one of them."""
-    exact = next((sample[n] for n in names if n in sample), None)
-    if exact is not None:
-        return exact
-    return next((v for k, v in sample.items() if "." in k and k.rpartition(".")[2] in names), None)
-
-
-def accepted(batch: pa.Table) -> pa.ChunkedArray:
-    """Which rows are data that no stage rejected (not end rows, no reject reason): the one filter
-    that tokenization's model UDFs and training's image data apply."""
-    return pc.and_(pc.equal(batch["part_rows"], -1), pc.equal(batch["reject_reason"], ""))
-
+                yield add_sample(rows, image_uri, image, caption)

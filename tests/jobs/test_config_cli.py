@@ -93,12 +93,12 @@ def test_placement_group_cleaner_override_only_on_the_checked_ray(monkeypatch):
     import ray
     from ray.train.torch import TorchTrainer
 
-    from jobs import loop
+    from jobs import fit
 
-    assert ray.__version__.startswith(loop.CLEANER_OVERRIDE_RAY)
-    assert loop._trainer_class() is not TorchTrainer and issubclass(loop._trainer_class(), TorchTrainer)
+    assert ray.__version__.startswith(fit.CLEANER_OVERRIDE_RAY)
+    assert fit._trainer_class() is not TorchTrainer and issubclass(fit._trainer_class(), TorchTrainer)
     monkeypatch.setattr(ray, "__version__", "9.0.0")
-    assert loop._trainer_class() is TorchTrainer  # another release: the stock trainer, not a blind override
+    assert fit._trainer_class() is TorchTrainer  # another release: the stock trainer, not a blind override
 
 
 def test_max_steps_caps_both_vqgan_runs(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""What the driver refuses before a Ray Train run starts (jobs.preflight, wired in jobs.loop.fit_stage):
+"""What the driver refuses before a Ray Train run starts (jobs.preflight, wired in jobs.fit.fit_stage):
 a run name whose checkpoints belong to another root, component or architecture; LoRA with nothing to
 adapt; fewer rows than a batch per worker; trainers that leave Ray Data no CPU. Each of these used to
 fail inside the workers, where Ray Train retried it run.max_failures (100) times without a word, or
@@ -15,7 +15,7 @@ import torch
 from jobs_helpers import tiny_config
 from torch import nn
 
-from jobs import loop, masked
+from jobs import fit, loop, masked
 from jobs.base import BaseWorker
 from jobs.checkpointing import save_sharded
 from jobs.common import build_optimizer, build_scheduler
@@ -95,7 +95,7 @@ def test_fit_stage_refuses_another_runs_checkpoint_before_building_a_trainer(tmp
                      run_identity(job_for(root)))
     section = tiny_config().base
     with pytest.raises(RunRefused, match="another architecture"):
-        loop.fit_stage(BaseWorker, section, job_for(root, {"layers": 9}), dataset=None)
+        fit.fit_stage(BaseWorker, section, job_for(root, {"layers": 9}), dataset=None)
 
 
 def test_too_few_rows_for_a_batch_per_worker_are_refused(tmp_path):
@@ -105,7 +105,7 @@ def test_too_few_rows_for_a_batch_per_worker_are_refused(tmp_path):
     check_rows("base", None, batch_size=32, workers=2)  # unknown: the worker says so if it must
     section = tiny_config("base.run.batch_size=32", "base.scaling.num_workers=2").base
     with pytest.raises(RunRefused, match="24 rows"):
-        loop.fit_stage(BaseWorker, section, job_for(str(tmp_path / "root")), dataset=None, rows=24)
+        fit.fit_stage(BaseWorker, section, job_for(str(tmp_path / "root")), dataset=None, rows=24)
 
 
 @pytest.fixture
@@ -158,11 +158,11 @@ def test_fit_stage_refuses_a_trainer_that_starves_the_data_on_a_cluster_that_can
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     section = tiny_config("base.scaling.num_workers=4").base
     with pytest.raises(RunRefused, match="would wait forever"):
-        loop.fit_stage(BaseWorker, section, job_for(str(tmp_path / "root")), dataset=None)
+        fit.fit_stage(BaseWorker, section, job_for(str(tmp_path / "root")), dataset=None)
     # A cluster with an autoscaler may add nodes: said, not refused.
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     monkeypatch.setattr(progress, "_display", None)
-    loop._check_room("base", section.scaling, streamed=True)
+    fit._check_room("base", section.scaling, streamed=True)
     assert "warning: base: its workers take 4" in capsys.readouterr().out
 
 
@@ -254,8 +254,8 @@ def test_token_shards_remember_their_tokenizers_weights_and_training_warns_when_
 def test_a_run_started_again_says_where_it_resumes_or_that_it_is_finished(tmp_path):
     run_dir = str(tmp_path / "runs" / "base")
     uri = write_checkpoint(run_dir, "checkpoint_2026-12-01_10-00-00.000001", None)  # step 2
-    assert loop.resume_line("base", uri, 10) == f"[base] resumes its run at step 2 of 10 ({uri})"
-    assert "already finished at step 2 of 2: nothing to train" in loop.resume_line("base", uri, 2)
+    assert fit.resume_line("base", uri, 10) == f"[base] resumes its run at step 2 of 10 ({uri})"
+    assert "already finished at step 2 of 2: nothing to train" in fit.resume_line("base", uri, 2)
 
 
 def test_training_the_vqgan_again_after_the_decoder_fine_tune_says_why_it_is_refused(tmp_path, monkeypatch):
@@ -351,8 +351,8 @@ def test_a_run_resuming_its_checkpoint_does_not_train_over_another_runs_export(t
     write_checkpoint(os.path.join(root, "runs", "base"), "checkpoint_2026-12-01_10-00-00.000001", run_identity(job))
     section = tiny_config("base.run.max_steps=10").base
     with pytest.raises(RunRefused, match=r"holds run 'lora''s export, but this run resumes its own checkpoint .* step 2"):
-        loop.fit_stage(BaseWorker, section, job, dataset=None)
-    # Trained from a preset (no init_from), it replaces the component by design: not this refusal.
-    with pytest.raises(Exception) as other:
-        loop.fit_stage(BaseWorker, section, job_for(root), dataset=None)
-    assert "holds run 'lora'" not in str(other.value)
+        fit.fit_stage(BaseWorker, section, job, dataset=None)
+    # Trained from a preset (no init_from), it replaces the component by design; finished, it trains nothing.
+    checkpoint_uri = os.path.join(root, "runs", "base", "checkpoint_2026-12-01_10-00-00.000001")
+    assert fit._refuse_training_over_another_export(job_for(root), "base", "runs", checkpoint_uri, 10) is None
+    assert fit._refuse_training_over_another_export(job, "base", "runs", checkpoint_uri, 2) is None

@@ -5,7 +5,7 @@ import pytest
 from corpora import expected_counts, mixed_rows
 from pipelines.config import PreprocessConfig
 from pipelines.preprocess import clean_caption, pack_pixels, preprocess_batch, unpack_pixels
-from pipelines.readers import ROW_SCHEMA
+from pipelines.rows import ROW_SCHEMA
 
 
 def batch_of(rows, end_rows: int | None = None) -> pa.Table:

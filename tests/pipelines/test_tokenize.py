@@ -21,7 +21,7 @@ from muse.checkpoint import component_uri, load_component
 from pipelines import manifest, readers, shards
 from pipelines.config import PreprocessConfig, load_config
 from pipelines.preprocess import preprocess_batch
-from pipelines.readers import ROW_SCHEMA
+from pipelines.rows import ROW_SCHEMA
 from pipelines.tokenize import decodes_in_actors, main, resolve_models, run, stage_times
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

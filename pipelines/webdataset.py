@@ -1,0 +1,98 @@
+"""WebDataset tars: consecutive members sharing a key (the path up to the first dot of the file name)
+form a sample. Read as one stream: members that are neither image nor caption are skipped unread, and
+so are members over `reader.max_file_bytes`.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import tarfile
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+
+from muse import storage
+from pipelines.captions_file import inline_caption
+from pipelines.config import ReaderConfig
+from pipelines.rejects import FILE_TOO_LARGE
+from pipelines.rows import TOO_LARGE, UNREAD, Rows, add_sample
+
+if TYPE_CHECKING:
+    from pipelines.readers import Part
+
+CAPTION_EXTENSIONS = ("txt", "caption", "json")  # WebDataset members read as captions
+
+
+def read_tar(part: Part, cfg: ReaderConfig, rows: Rows) -> Iterator[pa.Table | None]:
+    """WebDataset: consecutive members sharing a key (path up to the first dot of the basename) form
+    a sample; the image is its member with the first of `reader.image_extensions` it has, the caption
+    `txt`/`caption`, or `json` with a "caption" (else "text") field. A field whose last suffix is one of these counts
+    where no exact one is there (`IMG.2021.jpg` and `IMG.2021.txt`, as plain `tar` packs a folder of
+    photos: key `IMG`, fields `2021.jpg` and `2021.txt`)."""
+    fs, path = storage.filesystem(part.uri)
+    exts = tuple(cfg.image_extensions)
+    wanted = set(exts) | set(CAPTION_EXTENSIONS)
+    seen: set[str] = set()
+    with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        key, sample = None, {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            dirname, base = posixpath.split(member.name)
+            if base.startswith("."):
+                continue
+            stem, _, ext = base.partition(".")
+            member_key = posixpath.join(dirname, stem)
+            if member_key != key and key is not None:
+                yield _tar_sample(rows, part, key, sample, exts, seen)
+                sample = {}
+            key, field = member_key, ext.lower()
+            if field.rpartition(".")[2] not in wanted:
+                continue  # neither image nor caption (.mp4, .npy): never read, the stream skips it
+            if not rows.images and field.rpartition(".")[2] in exts:
+                sample[field] = UNREAD
+                continue
+            if rows.max_bytes is not None and member.size > rows.max_bytes:
+                sample[field] = TOO_LARGE  # never read: the stream skips it
+                continue
+            data = tar.extractfile(member).read()
+            if len(data) != member.size:
+                raise tarfile.ReadError(f"{member.name}: truncated ({len(data)} of {member.size} bytes)")
+            sample[field] = data
+        if key is not None:
+            yield _tar_sample(rows, part, key, sample, exts, seen)
+
+
+def _tar_sample(rows: Rows, part: Part, key: str, sample: dict[str, bytes], exts: tuple[str, ...],
+                seen: set[str]) -> pa.Table | None:
+    # tarfile decodes a member name that is not UTF-8 with surrogateescape: show its bytes instead
+    key = key.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="backslashreplace")
+    name = f"{part.uri}#{key}"
+    if name in seen:  # a key repeated later in the tar: keep keys unique
+        name = f"{name}#{rows.count}"
+    seen.add(name)
+    if any(v is TOO_LARGE for v in sample.values()):
+        return rows.add(name, b"", b"", FILE_TOO_LARGE)
+    image = _field(sample, exts)
+    caption, reason = _field(sample, ("txt", "caption")), ""
+    described = _field(sample, ("json",)) if caption is None else None
+    if described is not None:
+        try:
+            meta = json.loads(described)
+        except (json.JSONDecodeError, UnicodeError):
+            meta = None
+        value = meta.get("caption") if isinstance(meta, dict) else None
+        value = meta.get("text") if value is None and isinstance(meta, dict) else value
+        caption, reason = inline_caption(value)
+    return add_sample(rows, name, image, caption, reason if image is not None else "")
+
+
+def _field(sample: dict[str, bytes], names: tuple[str, ...]) -> bytes | None:
+    """A sample's member for the first of the fields `names` it has, else the first member whose
+    field's last suffix is one of them."""
+    exact = next((sample[n] for n in names if n in sample), None)
+    if exact is not None:
+        return exact
+    return next((v for k, v in sample.items() if "." in k and k.rpartition(".")[2] in names), None)
