@@ -33,6 +33,7 @@ from PIL import Image
 
 from jobs.cluster import join_ray
 from jobs.fit import worker_env
+from jobs.preflight import RunRefused
 from jobs.stage import errors_in_one_line
 from jobs.progress import quiet_ray_loggers, set_verbose, stop_display
 from muse import storage
@@ -180,6 +181,7 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
     try:
         start = time.time()
         if storage.exists(storage.join(corpus, "holdout.json")):
+            check_reused_corpus(corpus, n=corpus_size, size=image_size, grid=corpus_grid, layout=corpus_layout)
             print(f"[demo] corpus: reusing {corpus}", flush=True)
         else:
             print(f"[demo] corpus: writing {corpus_size} synthetic {image_size}px images to {corpus}", flush=True)
@@ -251,6 +253,16 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
           f"  report.json               every figure above, stage times, the provenance check\n"
           f"  checkpoint/               the model root: muse serve --checkpoint {root}", flush=True)
     return report
+
+
+def check_reused_corpus(corpus: str, **wanted) -> None:
+    """Refuse to reuse a corpus written with other settings (--corpus-size, --corpus-grid,
+    --corpus-layout) than this run asks for; what its holdout.json does not record is not compared."""
+    written = json.loads(storage.read_text(storage.join(corpus, "holdout.json")))
+    differ = {k: (written[k], v) for k, v in wanted.items() if k in written and written[k] != v}
+    if differ:
+        shown = ", ".join(f"{k} {was} (asked: {now})" for k, (was, now) in differ.items())
+        raise RunRefused(f"{corpus} was written with {shown}: delete it to write a new one, or ask for the same")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,8 +28,9 @@ MIN_N = 500
 DEFAULT_N = 2000
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-FEATURE_NET_HELP = ("a TorchScript feature network (.pt, e.g. NVlabs' inception-2015-12-05.pt) or a local "
-                    "Hugging Face CLIP folder (full CLIPModel or a CLIP vision model); nothing is downloaded")
+FEATURE_NET_HELP = ("a TorchScript feature network (.pt, e.g. NVlabs' inception-2015-12-05.pt; TorchScript runs "
+                    "the code it holds: load only files you trust) or a local Hugging Face CLIP folder (full "
+                    "CLIPModel or a CLIP vision model); nothing is downloaded")
 
 
 def check_n(n: int, allow_small_n: bool = False) -> None:

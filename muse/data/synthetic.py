@@ -361,7 +361,7 @@ def write_corpus(out: str, n: int, size: int = 256, seed: int = 0, holdout_fract
             rows.append((f"{i:07d}", png_bytes(img), caption(scene)))
         _write_shard(out, format, start // shard_size, rows)
     info = {
-        "fraction": holdout_fraction, "seed": seed, "grid": grid, "layout": layout,
+        "n": n, "size": size, "fraction": holdout_fraction, "seed": seed, "grid": grid, "layout": layout,
         "pairs": [list(p) for p in held], "eval_captions": eval_captions(held, seed),
     }
     storage.write_text(storage.join(out, "holdout.json"), json.dumps(info, indent=1))

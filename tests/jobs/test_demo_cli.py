@@ -89,3 +89,15 @@ def test_a_demo_that_fails_before_serving_leaves_serve_alone(joined, monkeypatch
     with pytest.raises(RuntimeError, match="training failed"):
         demo.run_demo(out)
     assert fake.apps == {"someone-elses-app"} and not fake.shut_down
+
+
+def test_a_corpus_written_with_other_settings_is_not_silently_reused(tmp_path):
+    from jobs.demo import check_reused_corpus
+    from jobs.preflight import RunRefused
+    from muse.data.synthetic import write_corpus
+
+    corpus = str(tmp_path / "corpus")
+    write_corpus(corpus, 8, size=64, grid=8, layout="lines")
+    check_reused_corpus(corpus, n=8, size=64, grid=8, layout="lines")  # the same: reused
+    with pytest.raises(RunRefused, match=r"written with n 8 \(asked: 16\), layout lines \(asked: scattered\)"):
+        check_reused_corpus(corpus, n=16, size=64, grid=8, layout="scattered")
