@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from jobs.cluster import cluster_may_grow
 from jobs.config import TrainConfig, load_config
@@ -179,12 +179,21 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
             cfg, ray.cluster_resources, request_resources, autoscaling=cluster_may_grow(),
             wait_s=cfg.concurrent_wait_s):
         say("[all] training base and super-res concurrently")
+        start = time.time()
+
+        def train(stage: str) -> None:  # each stage's time is its own, whichever ends first
+            run_stage(stage, cfg, tokens, root)
+            report[stage] = f"trained in {time.time() - start:.0f}s (concurrently)"
+
         with ThreadPoolExecutor(2, thread_name_prefix="train") as pool:
-            start = time.time()
-            futures = {s: pool.submit(run_stage, s, cfg, tokens, root) for s in todo}
-            for s, future in futures.items():
+            futures = {pool.submit(train, s): s for s in todo}
+            for future in as_completed(futures):
+                if future.exception() is not None:  # said at once; the other trainer runs to its end
+                    others = [s for f, s in futures.items() if not f.done()]
+                    say(f"[all] {futures[future]} failed: {type(future.exception()).__name__}"
+                        + (f"; waiting for {others[0]} to finish" if others else ""))
+            for future in futures:
                 future.result()
-                report[s] = f"trained in {time.time() - start:.0f}s (concurrently)"
     else:
         for s in todo:
             timed(s, lambda s=s: run_stage(s, cfg, tokens, root))

@@ -198,3 +198,18 @@ def test_train_all_runs_stages_in_turn_when_the_cluster_cannot_grow():
     assert not train_all_module.room_for_both(cfg, local.resources, local.request, autoscaling=True, wait_s=60,
                                               sleep=local.sleep, clock=lambda: local.now)
     assert local.requests[-1] == [] and local.now >= 60
+
+
+def test_a_concurrent_trainer_that_fails_is_said_at_once_and_raised(fake, monkeypatch, capsys):
+    real = fake.run_stage
+
+    def base_fails(stage, *args, **kwargs):
+        if stage == "base":
+            raise RuntimeError("base broke")
+        return real(stage, *args, **kwargs)
+
+    monkeypatch.setattr(train_all_module, "run_stage", base_fails)
+    with pytest.raises(RuntimeError, match="base broke"):
+        train_all_module.train_all(tiny_config(ALL_STAGES), "corpus", fake.root)
+    out = capsys.readouterr().out
+    assert "[all] base failed: RuntimeError" in out and "superres" in fake.calls
