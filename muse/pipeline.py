@@ -190,6 +190,7 @@ class MusePipeline:
         superres = self._use_superres(superres)
         req = Request(num_images, steps, superres_steps, guidance_scale, choice_temperature, seed, output, superres,
                       callback, superres_top_k=superres_top_k)
+        prompt_, negatives = self._checked(req, prompt, negative_prompt)
         img = load_image(image, "image")
         pixel_mask = load_mask(mask, img.size)
         lo_img, hi_img = self._image_tensors(img, superres)
@@ -199,7 +200,7 @@ class MusePipeline:
                              f"{img.width}x{img.height} image, which is all the model sees of it: crop the image "
                              "to a square around what to repaint")
         regen = editing.token_mask_from_pixels(square[None], self.base.config.tokens_per_side)  # (1, h, w)
-        return self._fill(lo_img, hi_img, regen, prompt, negative_prompt, req)
+        return self._fill(lo_img, hi_img, regen, prompt_, negatives, req)
 
     def outpaint(self, image: Any, prompt: str, direction: str = "all", scale: float = 0.5,
                  negative_prompt: str | None = None, num_images: int = 1, steps: int = 24, superres_steps: int = 8,
@@ -214,6 +215,7 @@ class MusePipeline:
         superres = self._use_superres(superres)
         req = Request(num_images, steps, superres_steps, guidance_scale, choice_temperature, seed, output, superres,
                       callback, superres_top_k=superres_top_k)
+        prompt_, negatives = self._checked(req, prompt, negative_prompt)
         if direction not in editing.DIRECTIONS:
             raise ValueError(f"direction must be one of {editing.DIRECTIONS}, got {direction!r}")
         if not 0 < scale < 1:
@@ -226,7 +228,7 @@ class MusePipeline:
             pixels, inside = self._letterboxed(img, self.vqgan_hi)
             hi_canvas = editing.outpaint_canvas(pixels, direction, scale, known=inside)[0]
         regen = editing.token_mask_from_pixels(new, self.base.config.tokens_per_side)
-        return self._fill(lo_canvas, hi_canvas, regen, prompt, negative_prompt, req)
+        return self._fill(lo_canvas, hi_canvas, regen, prompt_, negatives, req)
 
     def edit(self, image: Any, prompt: str, negative_prompt: str | None = None, num_images: int = 1,
              iterations: int = 100, fraction: float = 0.08, guidance_scale: float = 4.0, top_k: int | None = 3,
@@ -240,9 +242,7 @@ class MusePipeline:
         superres = self._use_superres(superres)
         req = Request(num_images, iterations, superres_steps, guidance_scale, choice_temperature, seed, output,
                       superres, callback, steps_name="iterations", superres_top_k=superres_top_k)
-        (prompt_,) = _prompts([prompt] if isinstance(prompt, str) else prompt, single=True)
-        negatives = _negatives(negative_prompt, 1)
-        self._check(req)
+        prompt_, negatives = self._checked(req, prompt, negative_prompt)
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         if top_k is not None and top_k < 1:
@@ -270,12 +270,10 @@ class MusePipeline:
         guided = negatives is not None and guidance_scale != 0
         return self.encode_prompts(prompts), self.encode_prompts(negatives) if guided else None
 
-    def _fill(self, lo_img, hi_img, regen: torch.Tensor, prompt: str, negative_prompt: str | None, req: Request):
+    def _fill(self, lo_img, hi_img, regen: torch.Tensor, prompt_: str, negatives: list[str] | None, req: Request):
         """Inpainting on both stages: lo tokens decoded where `regen` (1, h, w); hi tokens where the
-        upsampled mask says, conditioned on the new lo tokens; known tokens fixed on both."""
-        (prompt_,) = _prompts([prompt] if isinstance(prompt, str) else prompt, single=True)
-        negatives = _negatives(negative_prompt, 1)
-        self._check(req)
+        upsampled mask says, conditioned on the new lo tokens; known tokens fixed on both. The caller
+        has checked the request (`_checked`) before decoding any image."""
         n = req.num_images
         gens = self._generators(req.seed, n)
         cond, negative = self._conditions([prompt_], negatives, req.guidance_scale)
@@ -329,6 +327,14 @@ class MusePipeline:
         if value < 0 or isinstance(seed, bool):
             raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
         return sampling.image_generators(value, n, self.device, prompts)
+
+    def _checked(self, req: Request, prompt: str, negative_prompt: str | None) -> tuple[str, list[str] | None]:
+        """The one prompt and its negative of an editing call, and its settings, checked before any
+        image is read."""
+        (prompt_,) = _prompts([prompt] if isinstance(prompt, str) else prompt, single=True)
+        negatives = _negatives(negative_prompt, 1)
+        self._check(req)
+        return prompt_, negatives
 
     def _use_superres(self, superres: bool | None) -> bool:
         """Whether a call runs super-res: as asked, or (None) whenever the pipeline has the stage."""
