@@ -15,6 +15,7 @@ from jobs.preflight import RunRefused, check_resume, check_rows, room_problem, r
 from jobs.progress import quiet_ray_loggers, say, start_display
 from muse import storage
 
+
 def run_location(root: str, run, default_name: str) -> tuple[str, str]:
     """(storage_path URI, run name): run.storage_path or ROOT/runs, and run.name or the default."""
     return storage.absolute(run.storage_path or storage.join(root, "runs")), run.name or default_name
@@ -93,9 +94,9 @@ def _refuse_training_over_another_export(job: dict, name: str, folder: str, chec
     if step is not None and step >= max_steps:
         return
     section = job.get("stage", job["component"])
-    raise RunRefused(f"[{name}] {job['root']}/{job['component']} holds run {other!r}'s export, but this run resumes its "
-                     f"own checkpoint ({checkpoint_uri}, step {step}) and would overwrite that export with training "
-                     f"that never saw it: pass --set {section}.run.name=NEW to continue the root's {job['component']} "
+    raise RunRefused(f"[{name}] {job['root']}/{job['component']} holds run {other!r}'s export, but this run "
+                     f"resumes its own checkpoint ({checkpoint_uri}, step {step}) and would overwrite that export "
+                     f"with training that never saw it: pass --set {section}.run.name=NEW to continue the root's {job['component']} "
                      f"in a new run, or delete {folder} to drop this run's checkpoints")
 
 

@@ -44,6 +44,7 @@ from jobs.progress import Reporter, format_seconds
 from muse import storage
 from muse.config import from_dict
 
+
 class StageWorker:
     """What the loop needs from a stage, on one worker. Subclasses set `config_class`, build
     `modules` / `optimizers` / `schedulers` / `ema` in __init__ and implement the methods below."""

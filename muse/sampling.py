@@ -289,4 +289,5 @@ def image_seed(seed: int, index: int, prompt: int = 0) -> int:
 def image_generators(seed: int, n: int, device: torch.device | str = "cpu", prompts: int = 1) -> list[torch.Generator]:
     """One generator per image of a request, prompt-major: image i of prompt p seeded
     `image_seed(seed, i, p)`."""
-    return [torch.Generator(device=device).manual_seed(image_seed(seed, i, p)) for p in range(prompts) for i in range(n)]
+    return [torch.Generator(device=device).manual_seed(image_seed(seed, i, p))
+            for p in range(prompts) for i in range(n)]

@@ -91,7 +91,8 @@ def part_items(root: str, plan: str, group: int) -> tuple[Item, ...]:
     root = root.rstrip("/")
     image, caption_file, caption, reason = (table[n].to_pylist() for n in PLAN_SCHEMA.names)
     return tuple(
-        (f"{root}/{i}", None if f is None else f"{root}/{f}", None if c is None else c.decode("utf-8", "surrogatepass"), r)
+        (f"{root}/{i}", None if f is None else f"{root}/{f}",
+         None if c is None else c.decode("utf-8", "surrogatepass"), r)
         for i, f, c, r in zip(image, caption_file, caption, reason))
 
 

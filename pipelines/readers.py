@@ -63,6 +63,7 @@ from pipelines.rejects import FILE_TOO_LARGE, UNREADABLE_SOURCE, CorpusRefused
 from pipelines.rows import UNREAD, Rows, add_sample
 from pipelines.webdataset import read_tar
 
+
 class BadSource(Exception):
     """The source is readable but not a corpus file of the configured shape."""
 
