@@ -286,15 +286,8 @@ def _non_persistent(model: nn.Module) -> set[str]:
 def _localise(uri: str, tmp: str) -> str:
     """A local directory with the component's files (downloads from S3 into `tmp`)."""
     if not storage.is_s3(uri):
-        fs_path = storage.filesystem(uri)[1]
-        return fs_path
-    prefix = uri.rstrip("/") + "/"
-    for f in storage.list_files(uri):
-        rel = f[len(prefix):]
-        dest = os.path.join(tmp, rel)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        with open(dest, "wb") as out:
-            out.write(storage.read_bytes(f))
+        return storage.filesystem(uri)[1]
+    storage.download_dir(uri, tmp)
     return tmp
 
 

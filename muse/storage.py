@@ -159,6 +159,21 @@ def read_chunks(uri: str, chunk_bytes: int | None = None) -> Iterator[bytes]:
             yield chunk
 
 
+def download_dir(uri: str, dest: str) -> list[str]:
+    """Copy every file below `uri` (local or s3://) into the local folder `dest`, keeping their paths
+    below it, a chunk at a time (`read_chunks`: each read retried, no file held whole); returns the
+    files copied."""
+    prefix = uri.rstrip("/") + "/"
+    files = list_files(uri)
+    for f in files:
+        local = os.path.join(dest, f[len(prefix):])
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        with open(local, "wb") as out:
+            for chunk in read_chunks(f):
+                out.write(chunk)
+    return files
+
+
 def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 

@@ -34,20 +34,6 @@ T5_MODEL_TYPES = ("t5", "mt5")  # config.json model types whose encoder is muse.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _download_dir(uri: str, dest: str) -> str:
-    """Copy every file under an s3:// prefix into `dest`; return `dest`."""
-    files = storage.list_files(uri)
-    if not files:
-        raise FileNotFoundError(f"no files under {uri}")
-    prefix = uri.rstrip("/") + "/"
-    for f in files:
-        local = os.path.join(dest, f[len(prefix):])
-        os.makedirs(os.path.dirname(local), exist_ok=True)
-        with open(local, "wb") as out:
-            out.write(storage.read_bytes(f))
-    return dest
-
-
 def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     """A config's dtype name -> torch dtype; "auto" is bfloat16 on a GPU and float32 elsewhere.
     float16 is refused: T5 v1.1 (and its XXL) overflows in it."""
@@ -173,7 +159,9 @@ class TextEncoder(nn.Module):
 
         if storage.is_s3(name_or_path):
             with tempfile.TemporaryDirectory() as tmp:
-                return cls.load_pretrained(_download_dir(name_or_path, tmp), config, device)
+                if not storage.download_dir(name_or_path, tmp):
+                    raise FileNotFoundError(f"no files under {name_or_path}")
+                return cls.load_pretrained(tmp, config, device)
         base = config or TextEncoderConfig()
         folder = _local_folder(name_or_path)
         model = load_t5_encoder(folder, resolve_dtype(base.dtype, device))
