@@ -18,9 +18,9 @@ import os
 import torch
 from torch import nn
 
+from muse.components import CLIP_CONFIG_FILE
 from muse.config import CLIPTextConfig
 
-CLIP_CONFIG_FILE = "clip_config.json"
 
 
 class CLIPTextEncoder(nn.Module):

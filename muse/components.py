@@ -21,6 +21,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # The key of config.json that fingerprints the component's other files (`component_version`).
 FINGERPRINT = "files_sha256"
+# What a text encoder saves beside its weights besides its tokenizer: its architecture (which also
+# records the transformers version it was written with).
+T5_CONFIG_FILE, CLIP_CONFIG_FILE = "t5_config.json", "clip_config.json"
 COMPONENTS = ("text_encoder", "vqgan_lo", "vqgan_hi", "base", "superres")
 # Components a root must have for text-to-image at base resolution; the rest are optional.
 REQUIRED_COMPONENTS = ("text_encoder", "vqgan_lo", "base")

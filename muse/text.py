@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from muse import storage
+from muse.components import T5_CONFIG_FILE
 from muse.config import TextEncoderConfig
 from muse.meta import meta_device
 from muse.t5 import T5Encoder, T5EncoderConfig
 from muse.tokenizer import fit_bpe_tokenizer, load_saved_tokenizer
 
-T5_CONFIG_FILE = "t5_config.json"
 T5_MODEL_TYPES = ("t5", "mt5")  # config.json model types whose encoder is muse.t5's
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -24,7 +24,8 @@ def device_of(pool: PoolConfig) -> str:
 
 def job_spec(input_uri: str, cfg: TokenizeConfig, models) -> dict:
     """Everything that decides the content of the shards; a resumed run must match it."""
-    from muse.components import FINGERPRINT, WEIGHTS_FILE, component_version, parse_config, read_meta
+    from muse.components import (CLIP_CONFIG_FILE, FINGERPRINT, T5_CONFIG_FILE, WEIGHTS_FILE, component_version,
+                                 parse_config, read_meta)
     from muse.tokenizer import text_component
 
     def tokenizer(uri: str | None) -> tuple[dict | None, dict | None]:
@@ -38,7 +39,8 @@ def job_spec(input_uri: str, cfg: TokenizeConfig, models) -> dict:
         """(config, version) of a muse text-encoder component, from one read of its config.json;
         (None, None) for a Hugging Face folder or name. A reference to a Hugging Face folder
         (`save_reference`) has its config only: its folder is not hashed. Caption ids depend on its
-        tokenizer's files, not its weights: an ids output records the fingerprints of those alone."""
+        tokenizer's files, not its weights nor its architecture: an ids output records the
+        fingerprints of the tokenizer's files alone."""
         config, meta = text_component(uri)
         if meta is None:
             return None, None
@@ -46,8 +48,9 @@ def job_spec(input_uri: str, cfg: TokenizeConfig, models) -> dict:
         if version is not None and not embeddings:
             version = {k: v for k, v in version.items() if k != "weights_bytes"}
             if FINGERPRINT in version:
+                model_files = (WEIGHTS_FILE, T5_CONFIG_FILE, CLIP_CONFIG_FILE)
                 version[FINGERPRINT] = {name: digest for name, digest in version[FINGERPRINT].items()
-                                        if name != WEIGHTS_FILE}
+                                        if name not in model_files}
         return to_dict(config), version
 
     embeddings = cfg.text_storage == "embeddings"  # ids need no model: no text device

@@ -392,8 +392,15 @@ def test_the_job_spec_tells_weights_apart_by_their_files_not_their_record(tmp_pa
     with pytest.raises(ResumeRefused, match=r"different weights; weights\.text_encoder\.files_sha256\.model\.safetensors: "
                                             r".* \(text_encoder trained or exported again"):
         check_resumable(out, after, before, set(), set())
-    # Caption ids do not depend on the weights: an ids output goes on with them.
+    # Caption ids depend on neither the weights nor the architecture file (which records the
+    # transformers version it was written with): an ids output goes on with them.
     assert job_spec("/corpus", ids, models)["weights"] == before_ids["weights"]
+    meta_file = tmp_path / "root" / "text_encoder" / "config.json"  # as if exported under another transformers
+    meta = json.loads(meta_file.read_text())
+    meta["files_sha256"]["t5_config.json"] = "0" * 64
+    meta_file.write_text(json.dumps(meta))
+    assert job_spec("/corpus", ids, models)["weights"] == before_ids["weights"]
+    assert job_spec("/corpus", embeddings, models)["weights"] != after["weights"]
 
     # Caption ids: a "bpe" tokenizer fitted again to other captions (the same weights).
     def bpe(captions: list[str]) -> dict:
@@ -475,6 +482,6 @@ def test_a_refusal_names_each_field_that_differs_with_both_values(tiny_root_lo_o
     # (embeddings read the text encoder's weights, which caption ids do not: weights differ too)
     assert "different device, input, precision, preprocess, reader, text_storage, weights;" in message
     assert (f"; device.text: null then, cpu now; input: /corpus then, /data/{'x' * 22}...{'x' * 22}/corpus now; "
-            "precision.text: null then, fp32 now; preprocess.max_pixels: 64000000 then, 10 now; and 4 more field(s); "
+            "precision.text: null then, fp32 now; preprocess.max_pixels: 64000000 then, 10 now; and 5 more field(s); "
             "re-run") in message
     assert not os.path.exists(out)
