@@ -3,7 +3,7 @@
 One Ray Train run per worker count (gloo, FSDP when 2 workers, one CPU each) trains the base
 transformer on random tokens and checkpoints every `--every` steps into S3 (a moto server on
 loopback, started here, so the upload really crosses HTTP). The first half of the checkpoints take
-the old path (`jobs.common.save_training_state`: every tensor gathered to rank 0, which writes it,
+the old path (`jobs.common.save_gathered_state`: every tensor gathered to rank 0, which writes it,
 then a synchronous upload and a wait for the commit); the second half the new one
 (`jobs.checkpointing.save_sharded`: every rank writes its own shards, Ray uploads them in the
 background). Reported, on rank 0, means over each half:
@@ -37,7 +37,7 @@ def bench_loop(config: dict) -> None:
     from torch import nn
 
     from jobs.checkpointing import save_sharded
-    from jobs.common import EMA, build_optimizer, build_scheduler, save_training_state
+    from jobs.common import EMA, build_optimizer, build_scheduler, save_gathered_state
     from jobs.config import OptimSettings
     from jobs.masked import TrainWrapper
     from jobs.parallel import ray_worker_env, transformer_fsdp_units, wrap
@@ -83,7 +83,7 @@ def bench_loop(config: dict) -> None:
         start = time.perf_counter()
         if mode == MODES[0]:  # what jobs.loop did before: gather to rank 0, upload, wait for the commit
             with tempfile.TemporaryDirectory() as d:
-                save_training_state(d, step=i, env=env, counters={}, **state)
+                save_gathered_state(d, step=i, env=env, counters={}, **state)
                 saved = time.perf_counter()
                 ckpt = ray.train.Checkpoint.from_directory(d) if env.is_main else None
                 ray.train.report({"step": i}, checkpoint=ckpt)

@@ -28,7 +28,7 @@ disk per failure; the next worker on the node removes the directories of process
 On load the optimizers keep the lr, betas and weight decay they were built with from the config, and
 the schedule its base lrs: the checkpoint's values would otherwise win without a word.
 
-Checkpoints of format_version 1 (full tensors gathered to rank 0: `jobs.common.save_training_state`)
+Checkpoints of format_version 1 (full tensors gathered to rank 0: `jobs.common.save_gathered_state`)
 still load, on any worker count (from S3 each rank downloads one to a temporary directory first).
 """
 
@@ -240,7 +240,7 @@ def _load(directory: str, *, modules: dict[str, nn.Module], optimizers: dict[str
     meta = read_meta(directory, fs)
     if meta.get("format") != FORMAT:
         with _local_copy(directory, fs) as local_dir:
-            return common.load_training_state(local_dir, modules=modules, optimizers=optimizers,
+            return common.load_gathered_state(local_dir, modules=modules, optimizers=optimizers,
                                               schedulers=schedulers, ema=ema)
     if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
         raise ValueError(f"checkpoint format {meta['format_version']} is newer than this code")

@@ -183,7 +183,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict, meta: 
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_training_state(directory: str, *, step: int, env: WorkerEnv, modules: dict[str, nn.Module],
+def save_gathered_state(directory: str, *, step: int, env: WorkerEnv, modules: dict[str, nn.Module],
                         optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any],
                         ema: EMA | None, counters: dict[str, float]) -> None:
     """Write a checkpoint directory on rank 0; every rank must call it (FSDP gathers)."""
@@ -207,10 +207,10 @@ def save_training_state(directory: str, *, step: int, env: WorkerEnv, modules: d
             json.dump(meta, f, indent=1)
 
 
-def load_training_state(directory: str, *, modules: dict[str, nn.Module],
+def load_gathered_state(directory: str, *, modules: dict[str, nn.Module],
                         optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any],
                         ema: EMA | None) -> dict:
-    """Restore everything `save_training_state` wrote (on every rank); returns the JSON meta."""
+    """Restore everything `save_gathered_state` wrote (on every rank); returns the JSON meta."""
     with open(os.path.join(directory, STATE_FILE)) as f:
         meta = json.load(f)
     if meta.get("format_version", 1) > FORMAT_VERSION:

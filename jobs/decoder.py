@@ -8,7 +8,8 @@ Loads ROOT/vqgan_hi (or vqgan_lo; `decoder.component`), replaces its decoder by 
 ids and the transformers stay valid), freezes everything else (`freeze_for_decoder_finetune`) and
 trains the new decoder with the VQGAN stage's reconstruction + adversarial losses. The transformers
 are not involved at all, so they are frozen by construction. Sample grids show image | old decoder |
-new decoder; the export replaces the component in the root (config.json records decoder_finetuned).
+new decoder (image | new decoder when a finished run goes on: the root then holds its own export, not
+the old decoder); the export replaces the component in the root (config.json records decoder_finetuned).
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ class DecoderWorker(VQGANWorker):
         if wide.config != self.vq_config:
             raise ValueError(f"{uri} changed since the run started: its widened config {wide.config} differs "
                              f"from the run's {self.vq_config}")
-        self.original = self.original.to(self.env.device) if self.env.is_main else None
+        own_export = checkpoint.component_extra(uri).get("run") == self.job["run_name"]
+        if own_export and self.env.is_main:  # a finished run continued: the old decoder is gone from the root
+            print(f"[{self.job['run_name']}] {uri} holds this run's own export: the sample grids show the "
+                  "new decoder only", flush=True)
+        self.original = self.original.to(self.env.device) if self.env.is_main and not own_export else None
         return freeze_for_decoder_finetune(wide)
 
     def quantizer_warmup_steps(self) -> int:

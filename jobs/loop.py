@@ -125,12 +125,22 @@ def _post_failure(job: dict, error: Exception) -> None:
         if board is None or ray.train.get_context().get_world_rank() != 0:
             return
         message = (str(error).strip().splitlines() or [""])[0][:400]
-        stage = job.get("stage", job.get("component"))
-        line = (f"[{job['run_name']}] attempt failed: {type(error).__name__}: {message} (Ray Train restarts the "
-                f"workers from the last checkpoint, up to {stage}.run.max_failures times)")
+        failed = ray.get(board.attempt_failed.remote(job["run_name"]), timeout=10)
+        line = f"[{job['run_name']}] attempt {failed} failed: {type(error).__name__}: {message} ({_what_next(job, failed)})"
         ray.get(board.note.remote(line), timeout=10)  # waited for: the worker may be torn down next
     except Exception:  # the console line is a courtesy; the error itself still propagates
         pass
+
+
+def _what_next(job: dict, failed: int) -> str:
+    """After `failed` failed attempts: whether Ray Train starts the workers again (run.max_failures
+    restarts, -1 for no limit)."""
+    stage = job.get("stage", job.get("component"))
+    allowed = int(job["section"]["run"]["max_failures"])
+    if 0 <= allowed < failed:
+        return f"no restarts left of {stage}.run.max_failures={allowed}: the run fails"
+    return (f"Ray Train restarts the workers from the last checkpoint: restart {failed} of "
+            f"{stage}.run.max_failures={'no limit' if allowed < 0 else allowed}")
 
 
 def _console(job: dict, line: str) -> None:
@@ -199,6 +209,7 @@ def _train_loop(job: dict) -> None:
         seen, tick = 0, time.perf_counter()
         for batch in batches:
             seen += 1
+            lr = _current_lr(worker)  # the step's own lr: its scheduler moves on inside train_step
             metrics = worker.train_step(batch, step)
             step += 1
             _fail_once_if_asked(run, job, env, step)
@@ -220,7 +231,7 @@ def _train_loop(job: dict) -> None:
             last = step >= run.max_steps
             report = None
             if step % run.log_every == 0 or last or step % run.checkpoint_every == 0:
-                report = _metrics(sums, window, env, peak, step, resumed_from, worker)
+                report = _metrics(sums, window, env, peak, step, resumed_from) | {"lr": lr}
                 report["samples_seen"] = counters["samples"]
                 if stall is not None:
                     report["checkpoint_stall_s"], stall = stall, None
@@ -269,8 +280,13 @@ def other_run_export(job: dict) -> str | None:
     return written_by if written_by and written_by != job["run_name"] else None
 
 
-def _metrics(sums: dict, window: dict, env: WorkerEnv, peak: float | None, step: int, resumed_from: int,
-             worker: StageWorker) -> dict[str, float]:
+def _current_lr(worker: StageWorker) -> float:
+    """The learning rate of the first optimizer's first group (0 without optimizers)."""
+    return next(iter(worker.optimizers.values())).param_groups[0]["lr"] if worker.optimizers else 0.0
+
+
+def _metrics(sums: dict, window: dict, env: WorkerEnv, peak: float | None, step: int,
+             resumed_from: int) -> dict[str, float]:
     """Mean metrics over the window and the workers, plus throughput (all ranks call it)."""
     means = {k: float(total) / count for k, (total, count) in sums.items()}  # the window's one host sync
     seconds = max(window["time"], 1e-9)
@@ -281,7 +297,6 @@ def _metrics(sums: dict, window: dict, env: WorkerEnv, peak: float | None, step:
     out["tokens_per_s"] = merged["tokens_per_s_per_worker"] * env.world_size
     if peak:
         out["mfu"] = merged["flops"] / peak
-    out["lr"] = next(iter(worker.optimizers.values())).param_groups[0]["lr"] if worker.optimizers else 0.0
     out["resumed_from"] = float(resumed_from)
     return out
 

@@ -82,6 +82,7 @@ class Board:
     def __init__(self):
         self.states: dict[str, dict] = {}
         self.finished: list[str] = []
+        self.failed_attempts: dict[str, int] = {}
 
     def update(self, name: str, state: dict) -> None:
         self.states[name] = state
@@ -92,6 +93,11 @@ class Board:
 
     def note(self, line: str) -> None:
         self.finished.append(line)
+
+    def attempt_failed(self, name: str) -> int:
+        """Count a failed attempt of run `name`; how many have failed under this driver."""
+        self.failed_attempts[name] = self.failed_attempts.get(name, 0) + 1
+        return self.failed_attempts[name]
 
     def poll(self, seen: int) -> tuple[dict[str, dict], list[str]]:
         """(running states, summaries after the first `seen`)."""

@@ -13,10 +13,10 @@ from jobs.common import (
     EMA,
     build_optimizer,
     build_scheduler,
-    load_training_state,
+    load_gathered_state,
     lr_factor,
     param_groups,
-    save_training_state,
+    save_gathered_state,
 )
 from jobs.config import OptimSettings
 from jobs.parallel import WorkerEnv, configure_cpu_worker, uses_bf16
@@ -77,14 +77,14 @@ def _fresh(seed: int = 0):
 def test_checkpoint_restores_model_optimizer_scheduler_and_ema_exactly(tmp_path):
     model, opt, sched, ema = _fresh()
     _train(model, opt, sched, ema, 3, seed=1)
-    save_training_state(str(tmp_path), step=3, env=WorkerEnv(), modules={"model": model}, optimizers={"model": opt},
+    save_gathered_state(str(tmp_path), step=3, env=WorkerEnv(), modules={"model": model}, optimizers={"model": opt},
                         schedulers={"model": sched}, ema=ema, counters={"samples": 12.0})
     assert sorted(os.listdir(tmp_path)) == ["ema.safetensors", "model.optim.safetensors", "model.safetensors",
                                             "trainer_state.json"]  # no pickles
     _train(model, opt, sched, ema, 3, seed=2)  # the uninterrupted run
 
     model2, opt2, sched2, ema2 = _fresh(seed=123)  # different initial weights: all must come from disk
-    meta = load_training_state(str(tmp_path), modules={"model": model2}, optimizers={"model": opt2},
+    meta = load_gathered_state(str(tmp_path), modules={"model": model2}, optimizers={"model": opt2},
                                schedulers={"model": sched2}, ema=ema2)
     assert meta["step"] == 3 and meta["counters"] == {"samples": 12.0}
     assert sched2.last_epoch == 3 and opt2.state[opt2.param_groups[0]["params"][0]]["step"] == 3
@@ -98,10 +98,10 @@ def test_checkpoint_restores_model_optimizer_scheduler_and_ema_exactly(tmp_path)
 
 def test_checkpoint_from_another_model_is_refused(tmp_path):
     model, opt, sched, ema = _fresh()
-    save_training_state(str(tmp_path), step=1, env=WorkerEnv(), modules={"model": model}, optimizers={},
+    save_gathered_state(str(tmp_path), step=1, env=WorkerEnv(), modules={"model": model}, optimizers={},
                         schedulers={}, ema=None, counters={})
     with pytest.raises(ValueError, match="does not match"):
-        load_training_state(str(tmp_path), modules={"model": nn.Linear(2, 2)}, optimizers={}, schedulers={}, ema=None)
+        load_gathered_state(str(tmp_path), modules={"model": nn.Linear(2, 2)}, optimizers={}, schedulers={}, ema=None)
 
 
 def test_perceptual_loss_needs_user_weights_and_never_downloads(tmp_path):

@@ -13,7 +13,7 @@ class _Handle:
     """A local stand-in for the board actor's handle: `.update.remote(...)` calls the board."""
 
     def __init__(self, board: Board):
-        for name in ("update", "finish", "note"):
+        for name in ("update", "finish", "note", "attempt_failed"):
             setattr(self, name, type("Method", (), {"remote": staticmethod(getattr(board, name))})())
 
 
@@ -91,16 +91,23 @@ def test_a_failed_attempt_is_one_line_on_the_console(monkeypatch):
         raise ValueError("base.lora_rank: LoRA adapts the component already in the model root\nsecond line")
 
     monkeypatch.setattr(loop, "_train_loop", fails)
-    job = {"run_name": "base", "stage": "base", "progress_board": _Handle(board)}
+    job = {"run_name": "base", "stage": "base", "progress_board": _Handle(board),
+           "section": {"run": {"max_failures": 1}}}
     with pytest.raises(ValueError, match="second line"):  # still raised: Ray Train decides what comes next
         loop.train_loop_per_worker(job)
     [line] = board.poll(0)[1]
-    assert line.startswith("[base] attempt failed: ValueError: base.lora_rank: LoRA adapts")
-    assert "second line" not in line and "base.run.max_failures" in line
+    assert line.startswith("[base] attempt 1 failed: ValueError: base.lora_rank: LoRA adapts")
+    assert "second line" not in line
+    assert line.endswith("(Ray Train restarts the workers from the last checkpoint: restart 1 of base.run.max_failures=1)")
     rank[0] = 1  # the other ranks stay quiet: one line per attempt
     with pytest.raises(ValueError):
         loop.train_loop_per_worker(job)
     assert len(board.poll(0)[1]) == 1
+    rank[0] = 0  # the last attempt does not promise a restart
+    with pytest.raises(ValueError):
+        loop.train_loop_per_worker(job)
+    last = board.poll(1)[1][0]
+    assert last.startswith("[base] attempt 2 failed") and "no restarts left of base.run.max_failures=1: the run fails" in last
 
 
 def test_a_runs_last_line_gives_metrics_only_where_no_summary_line_did():

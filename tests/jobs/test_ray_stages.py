@@ -19,6 +19,7 @@ import torch
 from jobs_helpers import copy_tree, ray_test_config
 from safetensors.torch import load_file
 
+from jobs.common import lr_factor
 from jobs.stages import run_stage
 from muse import checkpoint, storage
 from muse.data.synthetic import write_corpus
@@ -130,6 +131,10 @@ def test_superres_fsdp_with_checkpoints_and_model_root_on_s3(ray_session, tiny_d
                           "superres.run.cache_data=false")
     [result] = run_stage("superres", cfg, tokens, root)
     assert result.metrics["step"] == 4 and result.metrics["tokens_per_s"] > 0
+    optim = cfg.superres.optim  # the report's lr is the one step 4 trained with, not the next step's
+    factor = lr_factor(3, min(optim.warmup_steps, 3), 4, optim.final_lr_fraction)
+    assert factor != lr_factor(4, min(optim.warmup_steps, 3), 4, optim.final_lr_fraction)
+    assert result.metrics["lr"] == pytest.approx(optim.lr * factor)
     run_files = storage.list_files(f"{root}/runs/superres")
     saved = {f.rsplit("/", 1)[-1] for f in run_files if "/checkpoint_" in f}
     assert SHARDS | {"trainer_state.json"} <= saved

@@ -251,6 +251,25 @@ def test_decoder_finetune_trains_only_the_decoder(tiny_data, tmp_path):
     assert torch.equal(original.encode(images), worker.vqgan.encode(images))  # same tokens as before
 
 
+def test_decoder_grids_compare_with_the_old_decoder_only_while_the_root_holds_it(tiny_data, tmp_path):
+    """A finished decoder run continued with more steps finds its own export in the root: that is not
+    the old decoder, so its grids show image | new decoder, not a column mislabelled "old"."""
+    from muse.checkpoint import component_extra, component_uri, load_component, save_component
+
+    from jobs.decoder import widened_config
+    from jobs_helpers import copy_tree
+
+    root = copy_tree(tiny_data.root, str(tmp_path / "root"))
+    cfg = tiny_config("decoder.decoder_base_channels=64")
+    wide = widened_config(root, "vqgan_lo", cfg.decoder)
+    worker = make_worker("decoder", cfg.decoder, root, wide, component="vqgan_lo")
+    assert len(worker.reconstructions(worker.vqgan, torch.zeros(2, 3, 64, 64))) == 2  # old and new decoder
+    uri = component_uri(root, "vqgan_lo")
+    save_component(load_component(uri), uri, extra=component_extra(uri) | {"run": "test_decoder"})
+    again = make_worker("decoder", cfg.decoder, root, wide, component="vqgan_lo")
+    assert again.original is None and len(again.reconstructions(again.vqgan, torch.zeros(2, 3, 64, 64))) == 1
+
+
 def test_hi_tokenizer_can_start_from_the_trained_lo_one(tiny_data, tmp_path):
     from dataclasses import replace
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from jobs.checkpointing import FORMAT, load_training_state, save_sharded
-from jobs.common import EMA, build_optimizer, build_scheduler, save_training_state
+from jobs.common import EMA, build_optimizer, build_scheduler, save_gathered_state
 from jobs.config import OptimSettings
 from jobs.masked import TrainWrapper
 from jobs.parallel import WorkerEnv, fsdp_wrap, full_tensor, transformer_fsdp_units
@@ -146,7 +146,7 @@ def test_a_run_reshards_from_one_worker_to_two_fsdp_workers_and_back(tmp_path):
 def test_full_state_checkpoints_of_format_1_still_load(tmp_path):
     ref = Run(WorkerEnv())
     ref.step(0)
-    save_training_state(str(tmp_path), step=1, env=WorkerEnv(), counters={}, **ref.state())
+    save_gathered_state(str(tmp_path), step=1, env=WorkerEnv(), counters={}, **ref.state())
     back = Run(WorkerEnv())
     assert back.load(str(tmp_path))["step"] == 1
     assert_same(back.full(), ref.full())
@@ -182,7 +182,7 @@ def test_a_checkpoint_on_s3_is_read_in_place_and_the_run_continues(s3_bucket, tm
         ref.step(step)
     ref.save(str(tmp_path / "sharded"), step=2)
     os.makedirs(tmp_path / "full")
-    save_training_state(str(tmp_path / "full"), step=2, env=WorkerEnv(), counters={}, **ref.state())
+    save_gathered_state(str(tmp_path / "full"), step=2, env=WorkerEnv(), counters={}, **ref.state())
     for name in ("sharded", "full"):
         fs, path = _upload(str(tmp_path / name), f"{s3_bucket}/run/{name}")
         back = Run(WorkerEnv())
