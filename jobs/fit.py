@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from jobs.loop import NO_FULL_BATCH, StageWorker, other_run_export, train_loop_per_worker, worker_path
-from jobs.preflight import RunRefused, check_resume, check_rows, room_problem, run_identity
+from jobs.preflight import ResumePoint, RunRefused, check_resume, check_rows, room_problem, run_identity
 from jobs.progress import quiet_ray_loggers, say, start_display
 from muse import storage
 
@@ -41,10 +41,10 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
     storage_uri, name = run_location(job["root"], run, job["component"])
     folder = storage.join(storage_uri, name)
     identity = run_identity(job)
-    resume_from = check_resume(folder, identity, job.get("stage", job["component"]))
-    if resume_from is not None:
-        _refuse_training_over_another_export(job, name, folder, resume_from, run.max_steps)
-        say(resume_line(name, resume_from, run.max_steps))
+    resume = check_resume(folder, identity, job.get("stage", job["component"]))
+    if resume is not None:
+        _refuse_training_over_another_export(job, name, folder, resume, run.max_steps)
+        say(resume_line(name, resume, run.max_steps))
     cached = _materialized(dataset)
     if rows is None and cached:
         rows = dataset.count()  # from the blocks' metadata: nothing is read
@@ -79,7 +79,7 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
     return result
 
 
-def _refuse_training_over_another_export(job: dict, name: str, folder: str, checkpoint_uri: str,
+def _refuse_training_over_another_export(job: dict, name: str, folder: str, resume: ResumePoint,
                                          max_steps: int) -> None:
     """A run that continues the root's component (init_from) but resumes its own checkpoint trains on
     from the checkpoint, not from the component: when another run wrote the component since (a LoRA
@@ -90,36 +90,23 @@ def _refuse_training_over_another_export(job: dict, name: str, folder: str, chec
     other = other_run_export(dict(job, run_name=name))
     if other is None or job.get("init_from") != checkpoint.component_uri(job["root"], job["component"]):
         return
-    step = checkpoint_step(checkpoint_uri)
-    if step is not None and step >= max_steps:
+    if resume.step is not None and resume.step >= max_steps:
         return
     section = job.get("stage", job["component"])
     raise RunRefused(f"[{name}] {job['root']}/{job['component']} holds run {other!r}'s export, but this run "
-                     f"resumes its own checkpoint ({checkpoint_uri}, step {step}) and would overwrite that export "
+                     f"resumes its own checkpoint ({resume.uri}, step {resume.step}) and would overwrite that export "
                      f"with training that never saw it: pass --set {section}.run.name=NEW to continue the root's {job['component']} "
                      f"in a new run, or delete {folder} to drop this run's checkpoints")
 
 
-def checkpoint_step(checkpoint_uri: str) -> int | None:
-    """The step a checkpoint was saved at, None when its state cannot be read."""
-    from jobs.checkpointing import read_meta
-
-    fs, path = storage.filesystem(checkpoint_uri)
-    try:
-        return int(read_meta(path, fs)["step"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def resume_line(name: str, checkpoint_uri: str, max_steps: int) -> str:
+def resume_line(name: str, resume: ResumePoint, max_steps: int) -> str:
     """What a run started again will do: go on from its checkpoint, or nothing when it is finished."""
-    step = checkpoint_step(checkpoint_uri)
-    if step is None:
-        return f"[{name}] resumes its run from {checkpoint_uri}"
-    if step >= max_steps:
-        return (f"[{name}] the run already finished at step {step} of {max_steps}: nothing to train (raise "
+    if resume.step is None:
+        return f"[{name}] resumes its run from {resume.uri}"
+    if resume.step >= max_steps:
+        return (f"[{name}] the run already finished at step {resume.step} of {max_steps}: nothing to train (raise "
                 f"--max-steps to go on, or --set <stage>.run.name=NEW for a new run)")
-    return f"[{name}] resumes its run at step {step} of {max_steps} ({checkpoint_uri})"
+    return f"[{name}] resumes its run at step {resume.step} of {max_steps} ({resume.uri})"
 
 
 def _materialized(dataset) -> bool:

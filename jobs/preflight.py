@@ -3,8 +3,8 @@
 An exception on a worker makes Ray Train restart the whole worker group, up to run.max_failures
 (100 by default) times, so what would fail the same way on every attempt is checked here, once:
 
-- the run's identity. A run name resumes the newest checkpoint under <storage_path>/<name>/
-  (Ray Train 2.60 keeps them in checkpoint_<time>/ folders there), which must come from a run of
+- the run's identity. A run name resumes the latest checkpoint under <storage_path>/<name>/
+  (Ray Train 2.60 keeps them in checkpoint_<time>/ folders there and records the latest), which must come from a run of
   the same model root, component and architecture: `run_identity`, written into every checkpoint's
   trainer_state.json by `jobs.checkpointing.save_sharded`. A checkpoint without one (older code)
   resumes as before;
@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -54,26 +55,57 @@ def run_identity(job: dict) -> dict[str, str]:
             "model": model_hash(job["model_config"])}
 
 
+# Ray Train 2.60's record of a run's checkpoints, in its run folder: a run started again resumes the
+# latest one it names, which need not be the newest folder (an upload that was never registered).
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run started again resumes from, and the step it was saved at (None when its
+    state names none)."""
+
+    uri: str
+    step: int | None
+
+
 def newest_checkpoint_state(run_dir: str) -> tuple[str, dict] | None:
-    """(URI, trainer_state.json) of the newest checkpoint under `run_dir` that has its state file, or
-    None. Names sort by time; one whose upload never finished (no state file) is passed over."""
+    """(URI, trainer_state.json) of the checkpoint a run started again resumes, or None: the latest one
+    Ray Train recorded, else (no readable record) the newest that has its state file. Names sort by
+    time; one whose upload never finished (no state file) is passed over."""
     fs, path = storage.filesystem(run_dir)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
-    names = sorted((i.base_name for i in infos
-                    if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")), reverse=True)
+    path = path.rstrip("/")
+    recorded = _recorded_latest(fs, path)
+    if recorded is not None:
+        names = [recorded]
+    else:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+        names = sorted((i.base_name for i in infos
+                        if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")), reverse=True)
     for name in names:
         try:
-            with fs.open_input_stream(f"{path.rstrip('/')}/{name}/{STATE_FILE}") as f:
+            with fs.open_input_stream(f"{path}/{name}/{STATE_FILE}") as f:
                 return storage.join(run_dir, name), json.loads(f.read())
         except (OSError, ValueError):
             continue
     return None
 
 
+def _recorded_latest(fs: pafs.FileSystem, path: str) -> str | None:
+    """The folder name of the latest checkpoint in Ray Train's record, None without a readable one."""
+    try:
+        with fs.open_input_stream(f"{path}/{RAY_TRAIN_SNAPSHOT}") as f:
+            latest = json.loads(f.read()).get("latest_checkpoint_result") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    name = latest.get("checkpoint_dir_name") if isinstance(latest, dict) else None
+    return name if isinstance(name, str) and name.startswith("checkpoint_") and "/" not in name else None
+
+
 _FIELDS = {"root": "model root", "component": "component", "model": "architecture"}
 
 
-def check_resume(run_dir: str, identity: dict[str, str], section: str) -> str | None:
+def check_resume(run_dir: str, identity: dict[str, str], section: str) -> ResumePoint | None:
     """Refuse a run whose name would resume another run's checkpoint; returns the checkpoint it will
     resume from (None: a fresh run). `section` is the config section, for the way out."""
     found = newest_checkpoint_state(run_dir)
@@ -81,11 +113,10 @@ def check_resume(run_dir: str, identity: dict[str, str], section: str) -> str | 
         return None
     uri, state = found
     saved = state.get(IDENTITY_KEY)
-    if not saved:
-        return uri  # written before checkpoints named their run: resumed as before
-    differ = [k for k in identity if k in saved and saved[k] != identity[k]]
-    if not differ:
-        return uri
+    differ = [k for k in identity if k in saved and saved[k] != identity[k]] if saved else []
+    if not differ:  # (a checkpoint written before they named their run resumes as before)
+        step = state.get("step")
+        return ResumePoint(uri, int(step) if isinstance(step, (int, float)) else None)
 
     def shown(key: str, value: str) -> str:
         return f"config sha256 {value[:12]}" if key == "model" else value

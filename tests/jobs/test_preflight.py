@@ -21,7 +21,7 @@ from jobs.checkpointing import save_sharded
 from jobs.common import build_optimizer, build_scheduler
 from jobs.config import OptimSettings, ScalingSettings
 from jobs.parallel import WorkerEnv
-from jobs.preflight import (RunRefused, check_resume, check_rows, data_cpu_problem, newest_checkpoint_state,
+from jobs.preflight import (RAY_TRAIN_SNAPSHOT, ResumePoint, RunRefused, check_resume, check_rows, data_cpu_problem, newest_checkpoint_state,
                             run_identity)
 from muse import storage
 
@@ -56,7 +56,7 @@ def test_checkpoints_name_their_run_and_only_that_run_resumes_them(tmp_path):
     os.makedirs(os.path.join(run_dir, "checkpoint_2026-12-01_12-00-00.000001"))  # an upload that never finished
     assert json.load(open(os.path.join(newest, "trainer_state.json")))["identity"] == identity
     assert newest_checkpoint_state(run_dir)[0] == newest and older < newest
-    assert check_resume(run_dir, identity, "base") == newest  # the same run: resumed
+    assert check_resume(run_dir, identity, "base") == ResumePoint(newest, 2)  # the same run: resumed
 
     other_root = run_identity(job_for(str(tmp_path / "r4")))  # --storage shared with another root
     with pytest.raises(RunRefused) as refused:
@@ -74,7 +74,7 @@ def test_a_checkpoint_without_an_identity_resumes_as_before(tmp_path):
     run_dir = str(tmp_path / "runs" / "base")
     old = write_checkpoint(run_dir, "checkpoint_2026-12-01_10-00-00.000001", None)
     assert "identity" not in json.load(open(os.path.join(old, "trainer_state.json")))
-    assert check_resume(run_dir, run_identity(job_for(str(tmp_path / "anything"))), "base") == old
+    assert check_resume(run_dir, run_identity(job_for(str(tmp_path / "anything"))), "base").uri == old
 
 
 def test_the_identity_is_read_where_the_checkpoints_lie_on_s3(s3_bucket, tmp_path):
@@ -84,7 +84,7 @@ def test_the_identity_is_read_where_the_checkpoints_lie_on_s3(s3_bucket, tmp_pat
     write_checkpoint(local, "checkpoint_2026-12-01_10-00-00.000001", identity)
     for path in sorted(p for p in (tmp_path / "run").rglob("*") if p.is_file()):
         storage.write_bytes(storage.join(f"{s3_bucket}/runs/base", str(path.relative_to(local))), path.read_bytes())
-    assert check_resume(f"{s3_bucket}/runs/base", identity, "base").startswith(f"{s3_bucket}/runs/base/checkpoint_")
+    assert check_resume(f"{s3_bucket}/runs/base", identity, "base").uri.startswith(f"{s3_bucket}/runs/base/checkpoint_")
     with pytest.raises(RunRefused, match="another component"):
         check_resume(f"{s3_bucket}/runs/base", identity | {"component": "superres"}, "superres")
 
@@ -254,8 +254,27 @@ def test_token_shards_remember_their_tokenizers_weights_and_training_warns_when_
 def test_a_run_started_again_says_where_it_resumes_or_that_it_is_finished(tmp_path):
     run_dir = str(tmp_path / "runs" / "base")
     uri = write_checkpoint(run_dir, "checkpoint_2026-12-01_10-00-00.000001", None)  # step 2
-    assert fit.resume_line("base", uri, 10) == f"[base] resumes its run at step 2 of 10 ({uri})"
-    assert "already finished at step 2 of 2: nothing to train" in fit.resume_line("base", uri, 2)
+    resume = check_resume(run_dir, run_identity(job_for(str(tmp_path))), "base")
+    assert fit.resume_line("base", resume, 10) == f"[base] resumes its run at step 2 of 10 ({uri})"
+    assert "already finished at step 2 of 2: nothing to train" in fit.resume_line("base", resume, 2)
+
+
+def test_a_run_resumes_the_checkpoint_ray_train_recorded_not_the_newest_folder(tmp_path):
+    """A checkpoint uploaded whole but never registered (the driver died in between) is not what Ray
+    Train resumes: its record names the latest registered one, and so does the resume line."""
+    run_dir = str(tmp_path / "runs" / "base")
+    identity = run_identity(job_for(str(tmp_path)))
+    registered = write_checkpoint(run_dir, "checkpoint_2026-12-01_10-00-00.000001", identity)
+    unregistered = write_checkpoint(run_dir, "checkpoint_2026-12-01_11-00-00.000001", identity)
+    assert check_resume(run_dir, identity, "base").uri == unregistered  # no record: the newest folder
+    record = {"ray_version": "2.60.0", "checkpoint_results": [],
+              "latest_checkpoint_result": {"checkpoint_dir_name": os.path.basename(registered), "metrics": {}}}
+    with open(os.path.join(run_dir, RAY_TRAIN_SNAPSHOT), "w") as f:
+        json.dump(record, f)
+    assert check_resume(run_dir, identity, "base").uri == registered
+    with open(os.path.join(run_dir, RAY_TRAIN_SNAPSHOT), "w") as f:
+        f.write("{not json")  # an unreadable record: the newest folder, as before
+    assert check_resume(run_dir, identity, "base").uri == unregistered
 
 
 def test_training_the_vqgan_again_after_the_decoder_fine_tune_says_why_it_is_refused(tmp_path, monkeypatch):
@@ -353,6 +372,6 @@ def test_a_run_resuming_its_checkpoint_does_not_train_over_another_runs_export(t
     with pytest.raises(RunRefused, match=r"holds run 'lora''s export, but this run resumes its own checkpoint .* step 2"):
         fit.fit_stage(BaseWorker, section, job, dataset=None)
     # Trained from a preset (no init_from), it replaces the component by design; finished, it trains nothing.
-    checkpoint_uri = os.path.join(root, "runs", "base", "checkpoint_2026-12-01_10-00-00.000001")
-    assert fit._refuse_training_over_another_export(job_for(root), "base", "runs", checkpoint_uri, 10) is None
-    assert fit._refuse_training_over_another_export(job, "base", "runs", checkpoint_uri, 2) is None
+    resume = check_resume(os.path.join(root, "runs", "base"), run_identity(job), "base")
+    assert fit._refuse_training_over_another_export(job_for(root), "base", "runs", resume, 10) is None
+    assert fit._refuse_training_over_another_export(job, "base", "runs", resume, 2) is None

@@ -20,6 +20,7 @@ from jobs_helpers import copy_tree, ray_test_config
 from safetensors.torch import load_file
 
 from jobs.common import lr_factor
+from jobs.preflight import RAY_TRAIN_SNAPSHOT, check_resume
 from jobs.stages import run_stage
 from muse import checkpoint, storage
 from muse.data.synthetic import write_corpus
@@ -136,6 +137,9 @@ def test_superres_fsdp_with_checkpoints_and_model_root_on_s3(ray_session, tiny_d
     assert factor != lr_factor(4, min(optim.warmup_steps, 3), 4, optim.final_lr_fraction)
     assert result.metrics["lr"] == pytest.approx(optim.lr * factor)
     run_files = storage.list_files(f"{root}/runs/superres")
+    resume = check_resume(f"{root}/runs/superres", {}, "superres")  # from Ray Train's own record of its checkpoints
+    assert f"{root}/runs/superres/{RAY_TRAIN_SNAPSHOT}" in run_files and resume.step == 4
+    assert resume.uri.endswith(result.checkpoint.path.rsplit("/", 1)[-1])
     saved = {f.rsplit("/", 1)[-1] for f in run_files if "/checkpoint_" in f}
     assert SHARDS | {"trainer_state.json"} <= saved
     assert result.checkpoint.path.startswith(root[len("s3://"):])  # through the S3 storage_filesystem
