@@ -2,7 +2,7 @@
 
     POST /v1/images/generations   JSON; `stream: true` answers with server-sent events
     POST /v1/images/edits         multipart: image, optional mask, prompt, ...
-    GET  /v1/models  /v1/files/<id>.<format>  /healthz  /
+    GET  /v1/models  /v1/models/<id>  /v1/files/<id>.<format>  /healthz  /
 
 Each request chains the model deployments by handing one call's DeploymentResponse to the next
 (text -> base -> super-res -> decoder), so token grids go from replica to replica and only image
@@ -35,13 +35,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from muse import components
 from muse.tokenizer import load_tokenizer
-from serve.chain import run_chain
+from serve.chain import NOT_RETRIED, run_chain
 from serve.config import AppArgs
 from serve.guard import RETRY_AFTER_S, Guard
 from serve.images import UploadError, prepare_edit
 from serve.responses import Responses
 from serve.schemas import (
-    FIELDS, OUTPUT_FORMATS, APIError, GenerationRequest, check_common, check_prompt, check_unknown_fields,
+    FIELDS, OUTPUT_FORMATS, APIError, GenerationRequest, check_background, check_common, check_prompt,
+    check_unknown_fields,
     error_response, resolve_size, supported_sizes, usage, validation_param,
 )
 from serve.specs import Decode, Output
@@ -85,11 +86,12 @@ class Ingress:
     def side(self, stage: str) -> int:
         return self.hi_side if stage == "hi" else self.lo_side
 
-    def usage(self, prompt: str, n: int, stage: str, text: bool = True) -> dict:
-        """OpenAI's usage block for n images of `stage`; without `text`, their image tokens alone."""
+    def usage(self, prompt: str, n: int, stage: str, text: bool = True, edit: bool = False) -> dict:
+        """OpenAI's usage block for n images of `stage`; without `text`, their image tokens alone; an
+        `edit` also reads its source image's tokens at each stage."""
         tokens = self.lo_tokens**2 + (self.hi_tokens**2 if stage == "hi" else 0)
         read = len(self.tokenizer(prompt, truncation=True, max_length=self.max_text_tokens)["input_ids"]) if text else 0
-        return usage(read, n, tokens)
+        return usage(read, n, tokens, image_tokens=tokens if edit else 0)
 
     def decodes(self, n: int, seed: int, steps: int | None, superres_steps: int | None,
                 guidance: float | None, base_default: int | None = None) -> tuple[Decode, Decode]:
@@ -143,7 +145,23 @@ class Ingress:
 
 
 def _seed(seed: int | None) -> int:
-    return seed if seed is not None else secrets.randbelow(2**62)
+    # A drawn seed stays below 2**53: JavaScript reads larger JSON numbers rounded, and a rounded seed
+    # sent back draws another image.
+    return seed if seed is not None else secrets.randbelow(2**53)
+
+
+def default_response_format(model: str | None) -> str:
+    """OpenAI's current image models answer base64 unless asked; its DALL-E models answered URLs."""
+    return "url" if (model or "").startswith("dall-e") else "b64_json"
+
+
+def _retry_headers(status: int, code: str | None) -> dict | None:
+    """Retry-After where coming back helps (at capacity, no replica); on a failure that would repeat
+    (the model failed on this request, it crashed a replica, it ran out of time) OpenAI's SDKs are told
+    not to resend it, as they otherwise do on any 5xx."""
+    if code in NOT_RETRIED or (status >= 500 and code == "server_error"):
+        return {"x-should-retry": "false"}
+    return {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
 
 
 def build_fastapi(ing: Ingress) -> FastAPI:
@@ -153,9 +171,7 @@ def build_fastapi(ing: Ingress) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
-        # Over capacity or no replica: tell clients (OpenAI's SDKs read it) when to come back.
-        retry = {"Retry-After": str(RETRY_AFTER_S)} if e.status in (429, 503) else None
-        return error_response(e.status, e.message, e.param, e.code, e.type, headers=retry)
+        return error_response(e.status, e.message, e.param, e.code, e.type, headers=_retry_headers(e.status, e.code))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, e: RequestValidationError):
@@ -176,15 +192,17 @@ def build_fastapi(ing: Ingress) -> FastAPI:
         return error_response(400, message, param, "invalid_value" if first.get("type") != "missing" else "missing")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, e: StarletteHTTPException):
-        return error_response(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        if e.status_code == 404:  # as OpenAI words an unknown route (e.g. /v1/images/variations)
+            return error_response(404, f"Invalid URL ({request.method} {request.url.path})", code="not_found")
+        return error_response(e.status_code, str(e.detail))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception):
-        # A bug here, not the caller's fault; a 503 with Retry-After keeps clients' retry logic simple.
+        # A bug here, not the caller's fault: a 503 (never a 500) that clients are told not to resend.
         logger.exception("unhandled error")
         return error_response(503, f"internal error: {type(e).__name__}", type="server_error", code="server_error",
-                              headers={"Retry-After": str(RETRY_AFTER_S)})
+                              headers=_retry_headers(503, "server_error"))
 
     app.add_middleware(Guard, api_key=ing.args.api_key, max_body_bytes=limits.max_body_bytes,
                        max_in_flight=limits.max_in_flight)
@@ -197,18 +215,26 @@ def build_fastapi(ing: Ingress) -> FastAPI:
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/v1/models")
-    async def models() -> dict:
+    def model_card() -> dict:
         sizes = {}
         for size, stage in supported_sizes(ing.lo_side, ing.hi_side).items():
             native, asked = ing.lo_side if stage == "lo" else ing.hi_side, int(size.split("x")[0])
             name = "base" if stage == "lo" else "super-res"
             sizes[size] = name if native == asked else f"{name}, drawn at {native}x{native} and resampled"
-        return {"object": "list", "data": [{
-            "id": ing.args.model_name, "object": "model", "created": 0, "owned_by": "muse-on-ray",
-            "sizes": sizes, "default_size": f"{ing.lo_side}x{ing.lo_side}",
-            "defaults": ing.sampling.model_dump(), "limits": limits.model_dump(exclude={"request_timeout_s"}),
-        }]}
+        return {"id": ing.args.model_name, "object": "model", "created": 0, "owned_by": "muse-on-ray",
+                "sizes": sizes, "default_size": f"{ing.lo_side}x{ing.lo_side}",
+                "defaults": ing.sampling.model_dump(), "limits": limits.model_dump(exclude={"request_timeout_s"})}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str) -> dict:
+        if model_id != ing.args.model_name:
+            raise APIError(404, f"The model '{model_id}' does not exist; this server has '{ing.args.model_name}'",
+                           param="model", code="model_not_found")
+        return model_card()
 
     @app.get("/v1/files/{name}")
     async def files(name: str) -> Response:
@@ -234,20 +260,26 @@ def build_fastapi(ing: Ingress) -> FastAPI:
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         images = await ing.generate(req, stage, seed, out)
-        return await ing.responses.images(images, req.response_format or "url", seed, out, base_url,
+        response_format = req.response_format or default_response_format((req.model_extra or {}).get("model"))
+        return await ing.responses.images(images, response_format, seed, out, base_url,
                                           ing.usage(req.prompt, req.n, stage))
 
     @app.post("/v1/images/edits")
     async def edits(request: Request):
         """Multipart, as OpenAI's: `image` (or `image[]`, as openai-python sends a list: one image is
         used, more are a 400), optional `mask`, and the fields of `FIELDS`; empty values are absent."""
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise APIError(400, "send the edit as multipart/form-data: an 'image' file, an optional 'mask' file "
+                                "and the text fields", param="image", code="invalid_request")
         form = await request.form()
         unknown = sorted(set(form) - set(FIELDS) - {"image", "image[]", "mask"})
         if unknown:
             raise APIError(400, f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0],
                            code="unknown_parameter")
         images = form.getlist("image") + form.getlist("image[]")
-        if len(images) != 1 or not hasattr(images[0], "read"):
+        if any(not hasattr(image, "read") for image in images):
+            raise APIError(400, "'image' must be a file, not a text field", param="image", code="invalid_type")
+        if len(images) != 1:
             raise APIError(400, f"give exactly one image file ('image' or 'image[]'), got {len(images)}",
                            param="image", code="invalid_value")
         mask = form.get("mask")
@@ -262,7 +294,8 @@ def build_fastapi(ing: Ingress) -> FastAPI:
         check_common(n, steps, superres_steps, guidance, limits)
         if seed is not None and not 0 <= seed < 2**63:
             raise APIError(400, "'seed' must be between 0 and 2**63 - 1", param="seed", code="invalid_value")
-        response_format = f.text("response_format") or "url"
+        check_background(f.text("background"))
+        response_format = f.text("response_format") or default_response_format(f.text("model"))
         if response_format not in ("url", "b64_json"):
             raise APIError(400, "'response_format' must be 'url' or 'b64_json'", param="response_format",
                            code="invalid_value")
@@ -287,7 +320,7 @@ def build_fastapi(ing: Ingress) -> FastAPI:
         data = await ing.edit(await images[0].read(), await mask.read() if mask is not None else None, prompt,
                               negative, n, stage, seed_, steps, superres_steps, guidance, out)
         return await ing.responses.images(data, response_format, seed_, out, str(request.base_url),
-                                          ing.usage(prompt, n, stage))
+                                          ing.usage(prompt, n, stage, edit=True))
 
     return app
 

@@ -10,6 +10,9 @@ final one within the request timeout and maps what can go wrong to OpenAI-shaped
     a replica was lost              re-run on a replacement, at most `max_retries` times; 503 after
     a replica crashed under it      not re-run (the request may be what crashed it), 503
     the model failed on it          503 (never a 500: the server itself is fine)
+
+The timeout, the crash and the model's failure would repeat: their answers carry `x-should-retry:
+false`, which OpenAI's SDKs read (they resend any other 5xx).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from serve.schemas import APIError
 
 logger = logging.getLogger("ray.serve")
 RETRY_BACKOFF_S = (0.5, 1.0)  # waits before the re-runs after a replica was lost
+# Error codes of failures that would repeat if the client sent the request again.
+NOT_RETRIED = ("timeout", "replica_crashed", "model_error")
 
 
 async def run_chain(chain: Callable[[], list], timeout_s: float, max_retries: int = 1) -> Any:

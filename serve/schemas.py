@@ -3,8 +3,8 @@ OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`.
 
 Sizes: the model root decides what it can produce, its base resolution ("lo") and, when it has a
 super-res stage, the super-res resolution ("hi"). A request may name either as "WxH", or "256x256"
-(the base stage) and "512x512" (through super-res) on any model, so clients written for the paper's
-256/512 model work unchanged; "auto" (or no size) is the base stage. The image returned always has the
+(the base stage) and "512x512" or "1024x1024" (through super-res) on any model, so clients written
+for the paper's 256/512 model, or for OpenAI's 1024 px default, work unchanged; "auto" (or no size) is the base stage. The image returned always has the
 size asked for: where the stage's own resolution differs (the tiny root draws 64 and 128 px), it is
 resampled, and `/v1/models` says so. Anything else is a 400 naming the sizes on offer.
 
@@ -23,9 +23,14 @@ from pydantic_core import PydanticCustomError
 from serve.config import Limits
 
 BASE_ALIAS, SUPERRES_ALIAS = "256x256", "512x512"
+# OpenAI's usual size (its current models' default), drawn through super-res and resampled.
+LARGE_ALIAS = "1024x1024"
 # Fields of OpenAI's request that existing clients may send and that do not apply to this model:
-# accepted and ignored (one model per server). Any other unknown field is a 400.
-OPENAI_IGNORED = ("model", "quality", "style", "user", "background", "moderation", "input_fidelity")
+# accepted (as a string or null) and ignored, one model per server. Any other unknown field is a 400.
+OPENAI_IGNORED = ("model", "quality", "style", "user", "safety_identifier", "background", "moderation",
+                  "input_fidelity", "complexity")
+# `background` values this model honours: its images are opaque.
+BACKGROUNDS = ("auto", "opaque")
 OUTPUT_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # Every field either route takes (the edit route adds image, image[] and mask).
 FIELDS = ("prompt", "n", "size", "response_format", "output_format", "output_compression", "stream",
@@ -92,10 +97,21 @@ class GenerationRequest(BaseModel):
 
 
 def check_unknown_fields(req: BaseModel) -> None:
-    """Unknown fields are a 400 naming the field, except OpenAI's that do not apply here."""
-    for key in (req.model_extra or {}):
+    """Unknown fields are a 400 naming the field; OpenAI's that do not apply here must be strings."""
+    extra = req.model_extra or {}
+    for key, value in extra.items():
         if key not in OPENAI_IGNORED:
             raise APIError(400, f"Unrecognized request argument supplied: {key}", param=key, code="unknown_parameter")
+        if not isinstance(value, str):
+            raise APIError(400, f"'{key}' must be a string", param=key, code="invalid_type")
+    check_background(extra.get("background"))
+
+
+def check_background(background: str | None) -> None:
+    """A transparent background is refused rather than ignored: every image here is opaque."""
+    if background is not None and background not in BACKGROUNDS:
+        raise APIError(400, f"'background' {background[:40]!r} is not supported: this model draws opaque images "
+                            f"({' or '.join(BACKGROUNDS)})", param="background", code="invalid_value")
 
 
 def check_prompt(prompt: str | None, limits: Limits, param: str = "prompt", required: bool = True) -> None:
@@ -143,16 +159,18 @@ def supported_sizes(lo_side: int, hi_side: int | None) -> dict[str, str]:
     """Every size a client may ask for -> the stage that draws it."""
     sizes = {f"{lo_side}x{lo_side}": "lo", BASE_ALIAS: "lo"}
     if hi_side is not None:
-        sizes |= {f"{hi_side}x{hi_side}": "hi", SUPERRES_ALIAS: "hi"}
+        sizes |= {f"{hi_side}x{hi_side}": "hi", SUPERRES_ALIAS: "hi", LARGE_ALIAS: "hi"}
     return sizes
 
 
-def usage(text_tokens: int, images: int, tokens_per_image: int) -> dict:
+def usage(text_tokens: int, images: int, tokens_per_image: int, image_tokens: int = 0) -> dict:
     """OpenAI's `usage` block: input = the prompt's tokens in the model's own text tokenizer (what
-    the text encoder reads, after its length cap), output = the image tokens decoded."""
+    the text encoder reads, after its length cap) plus an edit's source image tokens, output = the
+    image tokens decoded."""
     out = images * tokens_per_image
-    return {"input_tokens": text_tokens, "output_tokens": out, "total_tokens": text_tokens + out,
-            "input_tokens_details": {"text_tokens": text_tokens, "image_tokens": 0}}
+    read = text_tokens + image_tokens
+    return {"input_tokens": read, "output_tokens": out, "total_tokens": read + out,
+            "input_tokens_details": {"text_tokens": text_tokens, "image_tokens": image_tokens}}
 
 
 def validation_param(loc: tuple) -> str | None:

@@ -72,7 +72,9 @@ def decode_image_and_size(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, 
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise ImageRejected(TOO_MANY_PIXELS, str(e)) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    except UnidentifiedImageError:  # its message is the repr of an in-memory buffer
+        raise ImageRejected(CORRUPT, "not an image format Pillow reads") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageRejected(CORRUPT, f"{type(e).__name__}: {e}") from None
     width, height = img.size
     if width * height > max_pixels:

@@ -4,6 +4,7 @@ streaming, edits, and the official `openai` client."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ def test_models_advertises_the_sizes_the_model_produces(muse_app):
     body = muse_app.client.get("/v1/models").json()
     model = body["data"][0]
     assert body["object"] == "list" and model["id"] == "muse"
-    assert set(model["sizes"]) == {"64x64", "128x128", "256x256", "512x512"}
+    assert set(model["sizes"]) == {"64x64", "128x128", "256x256", "512x512", "1024x1024"}
     assert model["sizes"]["256x256"] == "base, drawn at 64x64 and resampled"
     assert model["default_size"] == "64x64"
 
@@ -75,7 +76,7 @@ def test_generation_at_both_sizes_matches_the_pipeline(muse_app, pipe, size, sid
 
 
 def test_url_response_can_be_fetched(muse_app):
-    r = muse_app.generate(prompt="a blue square", size="512x512", seed=1)  # url is the default format
+    r = muse_app.generate(prompt="a blue square", size="512x512", seed=1, response_format="url")
     assert r.status_code == 200, r.text
     url = r.json()["data"][0]["url"]
     assert url.startswith(muse_app.url + "/v1/files/") and url.endswith(".png")
@@ -209,8 +210,10 @@ def test_official_openai_client(muse_app, pipe):
     want = pipe("a red circle", num_images=2, steps=STEPS, superres_steps=SR_STEPS, seed=5)
     assert_same_image(png_array(result.data[1].b64_json), resampled(want[1], 512))
 
-    by_url = client.images.generate(prompt="a red circle", size="256x256", model="dall-e-2")
+    by_url = client.images.generate(prompt="a red circle", size="256x256", model="dall-e-2")  # DALL-E's default
     assert png_array(httpx.get(by_url.data[0].url).content).shape == (256, 256, 3)
+    plain = client.images.generate(prompt="a red circle", size="1024x1024", safety_identifier="user-1")
+    assert png_array(base64.b64decode(plain.data[0].b64_json)).shape == (1024, 1024, 3)  # as OpenAI's own example reads it
 
     image = _picture()
     mask = Image.new("RGBA", image.size, (0, 0, 0, 255))
@@ -230,7 +233,7 @@ def test_official_openai_client(muse_app, pipe):
                                   pil_array(pipe("a red circle", steps=STEPS, seed=5, superres=False)[0]))
 
     with pytest.raises(openai.BadRequestError) as err:
-        client.images.generate(prompt="x", size="1024x1024")
+        client.images.generate(prompt="x", size="1536x1024")
     assert err.value.body["param"] == "size"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=muse_app.url + "/v1", api_key="wrong", max_retries=0).images.generate(prompt="x")

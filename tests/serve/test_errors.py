@@ -39,7 +39,7 @@ GOOD = {"prompt": "a red circle", "size": "64x64"}
     ({**GOOD, "n": 5}, "n"),  # over max_images
     ({**GOOD, "n": "many"}, "n"),
     ({**GOOD, "size": "100x100"}, "size"),
-    ({**GOOD, "size": "1024x1024"}, "size"),
+    ({**GOOD, "size": "2048x2048"}, "size"),
     ({**GOOD, "size": "big"}, "size"),
     ({**GOOD, "steps": 0}, "steps"),
     ({**GOOD, "steps": 101}, "steps"),  # over max_steps

@@ -27,12 +27,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("size, stage, side", [(None, "lo", 64), ("auto", "lo", 64), ("64x64", "lo", 64),
                                                ("256x256", "lo", 256), ("128x128", "hi", 128), ("512x512", "hi", 512),
-                                               (" 512X512 ", "hi", 512)])
+                                               (" 512X512 ", "hi", 512), ("1024x1024", "hi", 1024)])
 def test_sizes_map_to_stages_and_the_side_asked_for(size, stage, side):
     assert resolve_size(size, 64, 128) == (stage, side)
 
 
-@pytest.mark.parametrize("size, hi", [("100x100", 128), ("1024x1024", 128), ("512x512", None), ("128x128", None),
+@pytest.mark.parametrize("size, hi", [("100x100", 128), ("1024x1024", None), ("512x512", None), ("128x128", None),
                                       ("", 128), ("64", 128)])
 def test_other_sizes_are_refused(size, hi):
     with pytest.raises(APIError) as err:

@@ -52,7 +52,7 @@ def test_page_generates_with_live_previews_and_inpaints(muse_app, browser):
     page.wait_for_function("document.getElementById('status').textContent.includes('401')")
     page.fill("#apikey", muse_app.key)
     page.dispatch_event("#apikey", "change")
-    page.wait_for_function("document.querySelectorAll('#size option').length === 4")
+    page.wait_for_function("document.querySelectorAll('#size option').length === 5")
     page.select_option("#size", "128x128")
     page.fill("#seed", "5")
     page.fill("#prompt", "a red circle on a blue background")
