@@ -13,6 +13,7 @@ local instance only; the workers' environment goes to both. Never `address="auto
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -43,6 +44,22 @@ def cluster_may_grow() -> bool:
     return bool(os.environ.get("RAY_ADDRESS"))
 
 
+# Set by `ray job submit` in the driver's environment: the job's config, its runtime_env included.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def without_job_env_vars(env: dict[str, str] | None) -> dict[str, str]:
+    """`env` less the variables a submitted job's runtime_env sets already (`ray job submit
+    --runtime-env-json '{"env_vars": ...}'`): Ray refuses to merge a driver's runtime_env that names the
+    same variable, even with the same value, and the job's reach every worker anyway."""
+    env = dict(env or {})
+    try:
+        job_env = (json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        job_env = {}
+    return {key: value for key, value in env.items() if key not in job_env}
+
+
 def join_ray(env: dict[str, str] | None = None, *, num_cpus: int | None = None,
              local_env: dict[str, str] | None = None, quiet: bool = True, **local: Any) -> bool:
     """Connect this process to Ray as the module says, unless it is connected already. `env`: the
@@ -58,7 +75,7 @@ def join_ray(env: dict[str, str] | None = None, *, num_cpus: int | None = None,
     console = ray_init_kwargs() if quiet else {}
     address = cluster_address()
     if address is not None:
-        ray.init(address=address, runtime_env={"env_vars": dict(env or {})}, **console)
+        ray.init(address=address, runtime_env={"env_vars": without_job_env_vars(env)}, **console)
         return False
     use_local_driver_env()
     ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": dict(env or {}) | dict(local_env or {})},

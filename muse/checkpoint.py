@@ -316,10 +316,14 @@ def parameter_count(name: str, config: Any) -> int:
 
 
 def init_model_root(preset_name: str, out: str, seed: int = 0,
-                    components: tuple[str, ...] = COMPONENTS) -> dict[str, nn.Module]:
+                    components: tuple[str, ...] = COMPONENTS, text_encoder: str | None = None) -> dict[str, nn.Module]:
     """Write randomly initialised components of a model preset (e.g. "tiny") into a model root; returns
-    the models built. A pretrained component (T5-XXL) is referenced, neither copied nor loaded."""
+    the models built. A pretrained component (T5-XXL) is referenced, neither copied nor loaded.
+    `text_encoder`: a Hugging Face T5 folder (local or s3://) for the root to reference instead of the
+    preset's text encoder; its width must be the transformers' text_dim."""
     config = model_preset(preset_name)
+    if text_encoder is not None:
+        config = dataclasses.replace(config, text_encoder=referenced_text_encoder(config, text_encoder))
     models = {}
     for i, name in enumerate(components):
         part = getattr(config, name)
@@ -330,3 +334,19 @@ def init_model_root(preset_name: str, out: str, seed: int = 0,
         models[name] = build_component(name, part)
         save_component(models[name], component_uri(out, name))
     return models
+
+
+def referenced_text_encoder(config: Any, folder: str) -> Any:
+    """The preset's text encoder config pointed at `folder`, with the folder's width (its config.json's
+    d_model, read without loading any weights); ValueError when the transformers read another width."""
+    try:
+        d_model = json.loads(storage.read_text(storage.join(folder, "config.json")))["d_model"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"text encoder {folder!r}: no readable T5 config.json with d_model there ({e})") from None
+    widths = {name: part.text_dim for name in ("base", "superres") if (part := getattr(config, name, None)) is not None}
+    wrong = {name: width for name, width in widths.items() if width != d_model}
+    if wrong:
+        raise ValueError(f"text encoder {folder!r} gives {d_model}-wide embeddings, but "
+                         + ", ".join(f"{name} reads text_dim {width}" for name, width in wrong.items())
+                         + ": pick the preset made for that encoder")
+    return dataclasses.replace(config.text_encoder, name_or_path=folder, d_model=int(d_model))

@@ -62,6 +62,10 @@ def init_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="model root to write (local path or s3://)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="overwrite the components a model root at --out holds")
+    parser.add_argument("--text-encoder", metavar="DIR",
+                        help="a Hugging Face T5 folder (local or s3://, e.g. a copy of google/t5-v1_1-xxl) for the "
+                             "root to reference instead of the preset's text encoder: nothing is copied or "
+                             "loaded, and every node reads it from there (nothing is downloaded at run time)")
     args = parser.parse_args(argv)
     from muse.checkpoint import COMPONENTS, has_component, init_model_root
 
@@ -69,7 +73,7 @@ def init_main(argv: list[str] | None = None) -> None:
     if held and not args.force:  # a trained root is hours of work: never replaced by accident
         parser.error(f"{args.out} already holds a model root ({', '.join(held)}); pass --force to overwrite it")
     try:
-        init_model_root(args.preset, args.out, seed=args.seed)
+        init_model_root(args.preset, args.out, seed=args.seed, text_encoder=args.text_encoder)
     except (ValueError, OSError) as e:
         parser.exit(1, f"muse init: error: {e}\n")
     print(f"wrote a random {args.preset} model root to {args.out}")

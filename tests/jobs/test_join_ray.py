@@ -1,5 +1,6 @@
 """jobs.cluster.join_ray: which Ray each entry point joins, with ray.init recorded (nothing started)."""
 
+import json
 import os
 
 import pytest
@@ -57,3 +58,19 @@ def test_a_ray_start_cluster_on_the_node_is_joined(calls, monkeypatch):
 def test_a_connected_process_stays_as_it_is(calls, monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     assert join_ray(num_cpus=6) is False and calls == []
+
+
+def test_a_submitted_job_leaves_its_own_env_vars_to_its_runtime_env(calls, monkeypatch):
+    """`ray job submit --runtime-env-json '{"env_vars": {"AWS_ENDPOINT_URL_S3": ...}}'` sets variables
+    that tokenize forwards too: Ray refuses a driver runtime_env naming the same variable (even with the
+    same value), so the job's own values are left to the job."""
+    from ray._private.worker import _merge_runtime_env
+
+    job_env = {"env_vars": {"AWS_ENDPOINT_URL_S3": "http://minio:9000", "MUSE_VERBOSE": "1"}}
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job_env, "metadata": {}}))
+    forwarded = {"AWS_ENDPOINT_URL_S3": "http://minio:9000", "MUSE_VERBOSE": "", "TOKENIZERS_PARALLELISM": "false"}
+    assert _merge_runtime_env(job_env, {"env_vars": forwarded}) is None  # what Ray would refuse
+    join_ray(forwarded)
+    assert calls[0]["runtime_env"] == {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    assert _merge_runtime_env(job_env, calls[0]["runtime_env"]) is not None

@@ -149,13 +149,13 @@ def test_loads_a_hugging_face_t5_directory(tmp_path):
     assert torch.allclose(emb, ref, atol=1e-6)
 
 
-def _t5_folder(path, full: bool = False, weights: str = "bin"):
+def _t5_folder(path, full: bool = False, weights: str = "bin", d_model: int = 32):
     """A Hugging Face T5 folder as official ones ship: config.json, a tokenizer, and only
     pytorch_model.bin (or model.safetensors); `full` = an encoder-decoder checkpoint."""
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel, T5ForConditionalGeneration
 
     torch.manual_seed(0)
-    cfg = T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
+    cfg = T5Config(vocab_size=384, d_model=d_model, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
                    feed_forward_proj="gated-gelu")
     hf = (T5ForConditionalGeneration if full else T5EncoderModel)(cfg).eval()
     path.mkdir()
@@ -382,3 +382,25 @@ def _assert_t5_ids_without_transformers(uri: str, theirs) -> None:
              "ids = tok('a green triangle', truncation=True, max_length=n)['input_ids']; assert ids[-1] == 1, ids; "
              "assert 'transformers' not in sys.modules and 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", probe], check=True)
+
+
+def test_muse_init_references_a_t5_folder_of_the_transformers_width(tmp_path, capsys):
+    """On a cluster no node has a Hugging Face cache: `muse init --text-encoder DIR` makes the root
+    reference a T5 copy every node reads (local or s3://), without loading it; a T5 of another width
+    than the transformers read is refused at once, not at the first request."""
+    from muse.checkpoint import component_uri, load_component, read_meta
+    from muse.cli import init_main
+
+    _t5_folder(tmp_path / "t5-32")
+    fits = _t5_folder(tmp_path / "t5-64", d_model=64)
+    root = str(tmp_path / "root")
+    with pytest.raises(SystemExit) as exit_:
+        init_main(["--preset", "tiny", "--out", root, "--text-encoder", str(tmp_path / "t5-32")])
+    assert exit_.value.code == 1
+    assert "gives 32-wide embeddings, but base reads text_dim 64, superres reads text_dim 64" in capsys.readouterr().err
+    init_main(["--preset", "tiny", "--out", root, "--text-encoder", str(tmp_path / "t5-64")])
+    meta = read_meta(component_uri(root, "text_encoder"))
+    assert meta["reference"] and meta["config"]["name_or_path"] == str(tmp_path / "t5-64")
+    encoder = load_component(component_uri(root, "text_encoder"))
+    ids, mask = encoder.tokenize(["a red circle"])
+    assert torch.allclose(encoder.encode_ids(ids, mask), fits(input_ids=ids, attention_mask=mask).last_hidden_state)
