@@ -20,11 +20,11 @@ import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from jobs.cluster import cluster_may_grow
+from jobs.cluster import check_shared_paths, cluster_may_grow
 from jobs.config import TrainConfig, load_config
 from jobs.decoder import decoder_component
 from jobs.fit import ensure_ray
-from jobs.preflight import DATA_CPUS
+from jobs.preflight import DATA_CPUS, RunRefused
 from jobs.progress import Reporter, say, set_verbose, start_display, stop_display
 from jobs.stage import add_common_args, add_format_arg, cli_overrides, errors_in_one_line
 from jobs.stages import run_stage
@@ -76,6 +76,14 @@ def ensure_text_encoder(cfg: TrainConfig, root: str, corpus: str, format: str = 
     from pipelines.corpus_data import sample_captions
 
     text_cfg = preset(cfg.text_encoder)
+    if text_cfg.name_or_path is not None:  # pretrained (T5-XXL): referenced where it is, never copied
+        try:
+            checkpoint.save_reference(text_cfg, checkpoint.component_uri(root, "text_encoder"))
+        except ValueError as e:
+            raise RunRefused(f"{e}; or make the root reference your copy first: muse init --preset PRESET --out "
+                             f"{root} --components text_encoder --text-encoder DIR") from None
+        say(f"[all] {root}/text_encoder references {text_cfg.name_or_path}")
+        return
     captions = None
     if text_cfg.name_or_path is None and text_cfg.tokenizer == "bpe":
         captions = sample_captions(corpus, VOCAB_CAPTIONS, format)
@@ -139,6 +147,7 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
     corpus, root = storage.absolute(corpus), storage.absolute(root)
     images = storage.absolute(images) if images else corpus
     tokens = storage.absolute(tokens or storage.join(root, "tokens"))
+    check_shared_paths({"--corpus": corpus, "--images": images, "--tokens": tokens, "--checkpoint": root})
     report: dict[str, str] = {}
 
     def timed(name: str, fn) -> None:

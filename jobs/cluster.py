@@ -81,3 +81,33 @@ def join_ray(env: dict[str, str] | None = None, *, num_cpus: int | None = None,
     ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": dict(env or {}) | dict(local_env or {})},
              **local, **console)
     return True
+
+
+# "1": local paths lie on a filesystem every node mounts at the same place (EFS, FSx, NFS).
+SHARED_FS_ENV = "MUSE_SHARED_FS"
+
+
+class LocalPathRefused(ValueError):
+    """A local path given to a job on a Ray of several nodes, where it names a different disk on each."""
+
+
+def check_shared_paths(paths: dict[str, str | None]) -> None:
+    """Refuse local paths (`paths`: flag -> path) on a joined Ray that has several nodes: tasks, actors
+    and workers on other nodes would read and write their own disks (shards scattered, checkpoints
+    lost with the node). On a cluster that may still grow, only warn. MUSE_SHARED_FS=1 lifts both."""
+    import ray
+
+    from jobs.progress import say
+    from muse import storage
+
+    local = {flag: path for flag, path in paths.items() if path and not storage.is_s3(path)}
+    if not local or os.environ.get(SHARED_FS_ENV) == "1" or not ray.is_initialized():
+        return
+    named = ", ".join(f"{flag} {path}" for flag, path in local.items())
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if nodes > 1:
+        raise LocalPathRefused(f"this Ray has {nodes} nodes and {named} is local, a different disk on each node: "
+                               f"give s3:// paths (or set {SHARED_FS_ENV}=1 where every node mounts it)")
+    if cluster_may_grow():
+        say(f"warning: {named} is local: if the autoscaler adds nodes, work on them reads and writes their own "
+            f"disks (give s3:// paths, or set {SHARED_FS_ENV}=1 where every node mounts it)")

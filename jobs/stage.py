@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from jobs.cluster import LocalPathRefused, check_shared_paths
 from jobs.config import load_config
 from jobs.fit import ensure_ray
 from jobs.preflight import RunRefused
@@ -56,6 +57,7 @@ class Stage:
         """Train on `data` and export into the model root `root`; the Ray Train results."""
         data, root = storage.absolute(data), storage.absolute(root)
         ensure_ray()
+        check_shared_paths({f"--{self.data}": data, "--checkpoint": root})
         return self.build(cfg, data, root, component, format)
 
     def parser(self) -> argparse.ArgumentParser:
@@ -107,7 +109,7 @@ def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
 
     try:
         yield
-    except (RunRefused, ResumeRefused, OutputInUse, NoInput, CorpusRefused) as e:
+    except (RunRefused, ResumeRefused, OutputInUse, NoInput, CorpusRefused, LocalPathRefused) as e:
         stop_display()
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     except Exception as e:
@@ -116,7 +118,17 @@ def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
             raise
         stop_display()
         parser.exit(1, f"{parser.prog}: error: training failed after its retries (run.max_failures): {failed}; "
-                       "the workers' logs: --verbose, or Ray's session folder (/tmp/ray/session_latest/logs)\n")
+                       f"the workers' logs: --verbose, or {_where_logs_are()}\n")
+
+
+def _where_logs_are() -> str:
+    """Where the workers' logs of a run are: this node's session folder, or on a cluster the nodes
+    the workers ran on (which the autoscaler may have removed since), read through the dashboard."""
+    from jobs.cluster import cluster_may_grow
+
+    if cluster_may_grow():
+        return "the Ray dashboard (the job's page, or Logs by node), or `ray logs cluster`"
+    return "Ray's session folder (/tmp/ray/session_latest/logs)"
 
 
 def _training_failure(e: BaseException) -> str | None:

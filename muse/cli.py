@@ -66,14 +66,21 @@ def init_main(argv: list[str] | None = None) -> None:
                         help="a Hugging Face T5 folder (local or s3://, e.g. a copy of google/t5-v1_1-xxl) for the "
                              "root to reference instead of the preset's text encoder: nothing is copied or "
                              "loaded, and every node reads it from there (nothing is downloaded at run time)")
+    parser.add_argument("--components", metavar="NAME,...",
+                        help="write only these components (default: all), e.g. text_encoder to add the reference "
+                             "--text-encoder names to a root that holds the others")
     args = parser.parse_args(argv)
     from muse.checkpoint import COMPONENTS, has_component, init_model_root
 
-    held = [name for name in COMPONENTS if has_component(args.out, name)]
+    chosen = tuple(args.components.split(",")) if args.components else COMPONENTS
+    unknown = sorted(set(chosen) - set(COMPONENTS))
+    if unknown:
+        parser.error(f"--components: no component {', '.join(unknown)}; a root holds {', '.join(COMPONENTS)}")
+    held = [name for name in chosen if has_component(args.out, name)]
     if held and not args.force:  # a trained root is hours of work: never replaced by accident
         parser.error(f"{args.out} already holds a model root ({', '.join(held)}); pass --force to overwrite it")
     try:
-        init_model_root(args.preset, args.out, seed=args.seed, text_encoder=args.text_encoder)
+        init_model_root(args.preset, args.out, seed=args.seed, components=chosen, text_encoder=args.text_encoder)
     except (ValueError, OSError) as e:
         parser.exit(1, f"muse init: error: {e}\n")
     print(f"wrote a random {args.preset} model root to {args.out}")

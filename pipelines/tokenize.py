@@ -64,6 +64,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from jobs.cluster import LocalPathRefused, check_shared_paths
 from muse import storage
 from pipelines import corpus_data, manifest, readers, shards
 from pipelines.config import FORMATS, PoolConfig, TokenizeConfig, load_config
@@ -296,6 +297,9 @@ def _run_parts(todo: list[readers.Part], cfg: TokenizeConfig, models: Models, sp
         import ray
 
         _init_ray(cfg)
+        text = models.text_encoder if storage.is_s3(models.text_encoder) or os.path.isdir(models.text_encoder) else None
+        check_shared_paths({"--input": todo[0].uri, "--output": output, "vqgan_lo": models.vqgan_lo,
+                            "vqgan_hi": models.vqgan_hi, "text_encoder": text})  # (a cache name is no path)
         heartbeat.beat()
         meta = {"tokens_lo_side": lo_size // _factor(spec["vqgan_lo"]),
                 "tokens_hi_side": hi_size // _factor(spec["vqgan_hi"]) if hi_size else None,
@@ -433,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         totals = run(args.input, args.output, models, cfg, args.format, progress=not args.no_progress,
                      force_cleanup=args.force_cleanup, retire_changed=args.retire_changed)
-    except (ResumeRefused, CorpusRefused, manifest.OutputInUse, readers.NoInput) as e:  # refused before any work
+    except (ResumeRefused, CorpusRefused, manifest.OutputInUse, readers.NoInput, LocalPathRefused) as e:  # refused before any work
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     if totals["stats"] and not args.no_progress:
         from jobs.progress import VERBOSE_ENV

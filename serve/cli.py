@@ -51,10 +51,14 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from ray import serve
 
-    from jobs.cluster import join_ray
+    from jobs.cluster import LocalPathRefused, check_shared_paths, join_ray
     from serve.app import build_app, start_serve
 
     local = join_ray(num_cpus=args.num_cpus, include_dashboard=False, quiet=False)  # replicas' logs stay on the console
+    try:
+        check_shared_paths({"--checkpoint": app_args.checkpoint})  # replicas on other nodes load it too
+    except LocalPathRefused as e:
+        raise SystemExit(f"muse serve: {e}") from None
     stop = threading.Event()
 
     def on_signal(*_) -> None:

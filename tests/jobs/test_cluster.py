@@ -40,11 +40,45 @@ def test_head_cpu_workers_and_autoscaled_gpu_workers(cluster):
 
 
 def test_gpu_workers_fit_for_training(cluster):
-    """One zone, a cluster placement group, EFA devices in the container, and pinned versions."""
+    """One zone, a cluster placement group, pinned versions, and no device the node is not launched
+    with (Docker refuses to start a container given a --device path that does not exist)."""
     assert "," not in cluster["provider"]["availability_zone"]  # NCCL never crosses zones
     gpu = cluster["available_node_types"]["gpu_worker"]
     assert gpu["node_config"]["Placement"]["GroupName"]
-    assert "--device=/dev/infiniband" in gpu["docker"]["worker_run_options"]
+    efa = any(i.get("InterfaceType") == "efa" for i in gpu["node_config"].get("NetworkInterfaces", []))
+    assert efa == ("--device=/dev/infiniband" in gpu["docker"]["worker_run_options"])
     image = cluster["docker"]["image"]
     assert image.startswith("rayproject/ray:2.60.") and "latest" not in image
     assert any("torch==" in c for c in cluster["setup_commands"])
+    assert not any("--shm-size" in option for option in cluster["docker"]["run_options"])  # Ray sizes it per node
+
+
+def test_every_node_names_its_ami_and_instance_profile(cluster):
+    """Ray's default AMI has no driver for H100s, and its bootstrap gives a role to the head only:
+    every node type names both, so workers reach S3 and GPUs work."""
+    for name, node in cluster["available_node_types"].items():
+        config = node["node_config"]
+        assert config["ImageId"].startswith("ami-"), name
+        assert config["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::"), name
+
+
+def test_the_cluster_runs_with_token_authentication(cluster):
+    """Both `ray start` commands turn token auth on and read the token the file mounts bring."""
+    token_dir = "~/.muse-ray-auth"
+    assert token_dir in cluster["file_mounts"]
+    for commands in (cluster["head_start_ray_commands"], cluster["worker_start_ray_commands"]):
+        start = next(c for c in commands if "ray start" in c)
+        assert "RAY_AUTH_MODE=token" in start and f"RAY_AUTH_TOKEN_PATH={token_dir}/auth_token" in start
+        assert start.index("RAY_AUTH_MODE") < start.index("ray start")
+
+
+def test_job_packages_leave_the_data_behind():
+    """`ray job submit --working-dir .` honours .gitignore and .rayignore: history and local data
+    stay out of every job's package (Ray refuses one over 512 MiB)."""
+    from ray._private.runtime_env.packaging import get_excludes_from_ignore_files
+
+    excluded = get_excludes_from_ignore_files(REPO, include_gitignore=True)
+    for path in (".git/HEAD", "data/corpus/a.png", "out/x", "demo_output/grid.png", "roots/r/base/model.safetensors"):
+        assert any(match(REPO / path) for match in excluded), path
+    for path in ("jobs/all.py", "configs/train_632m.yaml", "muse/vqgan.py"):
+        assert not any(match(REPO / path) for match in excluded), path

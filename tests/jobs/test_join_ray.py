@@ -74,3 +74,27 @@ def test_a_submitted_job_leaves_its_own_env_vars_to_its_runtime_env(calls, monke
     join_ray(forwarded)
     assert calls[0]["runtime_env"] == {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     assert _merge_runtime_env(job_env, calls[0]["runtime_env"]) is not None
+
+
+def test_local_paths_are_refused_on_a_ray_of_several_nodes(monkeypatch, capsys):
+    """A local --output on a cluster scatters shards over the nodes' disks while the job succeeds; a
+    local checkpoint dies with its node: refused where Ray has several nodes, a warning where it may
+    grow, and allowed where every node mounts the path (MUSE_SHARED_FS=1)."""
+    from jobs.cluster import LocalPathRefused, check_shared_paths
+
+    nodes = [{"Alive": True}, {"Alive": False}]
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    paths = {"--output": "/data/tokens", "--input": "s3://bucket/corpus", "vqgan_hi": None}
+    check_shared_paths(paths)  # one live node: the paths are this node's
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # a cluster the autoscaler may grow
+    check_shared_paths(paths)
+    assert "warning: --output /data/tokens is local" in capsys.readouterr().out
+    nodes.append({"Alive": True})
+    with pytest.raises(LocalPathRefused, match=r"2 nodes and --output /data/tokens is local"):
+        check_shared_paths(paths)
+    check_shared_paths({"--input": "s3://bucket/corpus"})  # S3 only: nothing to say
+    monkeypatch.setenv("MUSE_SHARED_FS", "1")
+    check_shared_paths(paths)

@@ -306,7 +306,7 @@ def test_training_the_vqgan_again_after_the_decoder_fine_tune_says_why_it_is_ref
         vqgan.build(tiny_config("vqgan.lo_model=auto"), "corpus", root, "vqgan_lo", "auto")
 
 
-def test_a_run_that_failed_for_good_and_a_tokenization_refusal_are_one_line_each(capsys):
+def test_a_run_that_failed_for_good_and_a_tokenization_refusal_are_one_line_each(capsys, monkeypatch):
     import argparse
 
     from ray.train import WorkerGroupError
@@ -326,6 +326,14 @@ def test_a_run_that_failed_for_good_and_a_tokenization_refusal_are_one_line_each
         assert exited.value.code == code and said in err and err.count("\n") == 1, err
     with pytest.raises(KeyError), errors_in_one_line(parser):  # a bug keeps its traceback
         raise KeyError("bug")
+    # On a cluster the workers' logs lie on their nodes, not in this node's session folder.
+    for address, where in ((None, "/tmp/ray/session_latest/logs"), ("10.0.0.5:6379", "`ray logs cluster`")):
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        if address:
+            monkeypatch.setenv("RAY_ADDRESS", address)
+        with pytest.raises(SystemExit), errors_in_one_line(parser):
+            raise failed
+        assert where in capsys.readouterr().err
 
 
 def test_a_muse_init_roots_random_tokenizer_still_gets_the_warm_up(tmp_path, monkeypatch):
