@@ -233,7 +233,8 @@ class VectorQuantizer(nn.Module):
 
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
         """Unit vectors (B, h, w, d) -> ids (B, h, w) of the nearest code by cosine similarity."""
-        return (z @ self.codes().t()).argmax(dim=-1)
+        with torch.autocast(z.device.type, enabled=False):  # bf16 scores would pick other codes
+            return (z.float() @ self.codes().t()).argmax(dim=-1)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, h, w) -> unit-norm codes (B, d, h, w), the decoder's input."""

@@ -398,7 +398,11 @@ def test_muse_init_references_a_t5_folder_of_the_transformers_width(tmp_path, ca
         init_main(["--preset", "tiny", "--out", root, "--text-encoder", str(tmp_path / "t5-32")])
     assert exit_.value.code == 1
     assert "gives 32-wide embeddings, but base reads text_dim 64, superres reads text_dim 64" in capsys.readouterr().err
-    init_main(["--preset", "tiny", "--out", root, "--text-encoder", str(tmp_path / "t5-64")])
+    init_main(["--preset", "tiny", "--out", root])
+    base = (tmp_path / "root" / "base" / "model.safetensors").read_bytes()
+    init_main(["--preset", "tiny", "--out", root, "--components", "text_encoder", "--force",
+               "--text-encoder", str(tmp_path / "t5-64")])  # the rest of the root stays as it is
+    assert (tmp_path / "root" / "base" / "model.safetensors").read_bytes() == base
     meta = read_meta(component_uri(root, "text_encoder"))
     assert meta["reference"] and meta["config"]["name_or_path"] == str(tmp_path / "t5-64")
     encoder = load_component(component_uri(root, "text_encoder"))

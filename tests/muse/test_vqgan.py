@@ -394,8 +394,15 @@ def test_forward_runs_under_cpu_bf16_autocast_with_a_float32_code_search():
 
     torch.manual_seed(0)
     model = VQGAN(preset("vqgan-tiny"))
-    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    q = model.quantizer
+    x = torch.rand(8, 3, 64, 64) * 2 - 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
-    assert out.ids.shape == (2, 8, 8) and torch.isfinite(out.recon.float()).all()
-    assert out.codebook_loss.dtype == torch.float32  # the quantizer's losses stay in float32
+        z = model.encoder(x)
+        encoded = model.encode(x)
+    assert z.dtype == torch.bfloat16  # the encoder does run in bf16
+    assert out.ids.shape == (8, 8, 8) and torch.isfinite(out.recon.float()).all()
+    # The same bf16 encoder output, projected and searched with autocast off, is the float32 answer.
+    assert out.latents.dtype == torch.float32 and torch.equal(out.latents, q.project(z))
+    nearest = (out.latents @ q.codes().t()).argmax(dim=-1)  # (the forward's restarts are done by now)
+    assert torch.equal(out.ids, nearest) and torch.equal(encoded, nearest)

@@ -19,21 +19,31 @@ def _replica_actor(deployment: str, replica_id: str):
     raise AssertionError(f"no actor for replica {replica_id} of {deployment}")
 
 
+def _held(stats: dict) -> bool:
+    """The replica holds a request: queued in its scheduler or decoding."""
+    return stats["in_flight_rows"] > 0 or stats["waiting"] > 0
+
+
 def test_killed_base_replica_is_replaced_and_requests_succeed(muse_app, pipe):
     base = serve.get_deployment_handle("BaseGenerator", app_name=APP)
     before = base.stats.remote().result()["replica"]
     body = dict(prompt="a white moon", size="64x64", seed=21, steps=100, response_format="b64_json")
     with ThreadPoolExecutor(1) as pool:
-        in_flight = pool.submit(muse_app.generate, **body)  # 100 decoding steps: still running at the kill
-        time.sleep(1.0)
+        in_flight = pool.submit(muse_app.generate, **body)
+        deadline = time.monotonic() + 60
+        while not _held(base.stats.remote().result()):  # kill only once the replica holds the request
+            assert not in_flight.done(), in_flight.result().text
+            assert time.monotonic() < deadline, "the request never reached the base replica"
         ray.kill(_replica_actor("BaseGenerator", before), no_restart=True)
         r = in_flight.result(timeout=150)
     assert r.status_code == 200, r.text
     want = pipe("a white moon", steps=100, seed=21, superres=False)
     assert_same_image(png_array(r.json()["data"][0]["b64_json"]), pil_array(want[0]))
 
-    after = base.stats.remote().result()["replica"]
-    assert after != before, "Serve did not start a new replica"
+    stats = base.stats.remote().result()
+    assert stats["replica"] != before, "Serve did not start a new replica"
+    # The request was re-run on the replacement, not finished on the killed replica before the kill.
+    assert stats["outcomes"] == {"completed": 1}, stats["outcomes"]
     for seed in (1, 2):  # and later requests, through super-res too, keep working
         r = muse_app.generate(prompt="a white moon", size="128x128", seed=seed, response_format="b64_json")
         assert r.status_code == 200, r.text

@@ -76,13 +76,14 @@ def test_a_replica_computes_on_the_whole_cpus_it_claims(num_cpus, threads):
 
 
 def test_a_model_built_outside_ray_claims_nothing_and_starts_no_ray():
-    import ray
+    """In a fresh interpreter: this session's own Ray would hide a call that starts one."""
+    import subprocess
+    import sys
 
-    from serve.deployments import _claimed_cpus
-
-    if ray.is_initialized():
-        pytest.skip("this session already runs Ray")
-    assert _claimed_cpus() is None and not ray.is_initialized()  # get_runtime_context() would start one
+    probe = ("import ray; from serve.deployments import _claimed_cpus; "
+             "assert _claimed_cpus() is None; "
+             "assert not ray.is_initialized(), 'get_runtime_context() started a Ray'")
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=REPO)
 
 
 def test_load_args_accepts_a_plain_mapping(tmp_path):
