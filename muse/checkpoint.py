@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from muse import storage
+from muse import node_cache, storage
 from muse.components import (  # noqa: F401 - re-exported: muse.checkpoint is where callers look
     COMPONENTS,
     CONFIG_FILE,
@@ -212,8 +212,7 @@ def load_component(uri: str, device: str | torch.device = "cpu", expect_kind: st
         if not hasattr(model_cls, "from_reference"):
             raise CheckpointError(f"{uri}: a {kind!r} component cannot be a reference; it holds its weights")
         return model_cls.from_reference(config, device).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        local = _localise(uri, tmp)
+    with node_cache.local_folder(uri) as local:  # from S3: one download per machine, shared
         weights = os.path.join(local, WEIGHTS_FILE)
         if not os.path.exists(weights):
             raise CheckpointError(f"no {WEIGHTS_FILE} in {uri}")
@@ -281,14 +280,6 @@ def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 def _non_persistent(model: nn.Module) -> set[str]:
     return {f"{prefix}.{name}" if prefix else name for prefix, m in model.named_modules()
             for name in m._non_persistent_buffers_set}
-
-
-def _localise(uri: str, tmp: str) -> str:
-    """A local directory with the component's files (downloads from S3 into `tmp`)."""
-    if not storage.is_s3(uri):
-        return storage.filesystem(uri)[1]
-    storage.download_dir(uri, tmp)
-    return tmp
 
 
 def slot_role(name: str) -> str:

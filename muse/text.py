@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from muse import storage
+from muse import node_cache, storage
 from muse.components import T5_CONFIG_FILE
 from muse.config import TextEncoderConfig
 from muse.meta import meta_device
@@ -157,11 +156,11 @@ class TextEncoder(nn.Module):
 
         from transformers import AutoTokenizer
 
-        if storage.is_s3(name_or_path):
-            with tempfile.TemporaryDirectory() as tmp:
-                if not storage.download_dir(name_or_path, tmp):
-                    raise FileNotFoundError(f"no files under {name_or_path}")
-                return cls.load_pretrained(tmp, config, device)
+        if storage.is_s3(name_or_path):  # one download per machine, shared by its processes
+            with node_cache.local_folder(name_or_path) as local:
+                encoder = cls.load_pretrained(local, config, device)
+            encoder.config = replace(encoder.config, name_or_path=name_or_path)  # where it lives, not the copy
+            return encoder
         base = config or TextEncoderConfig()
         folder = _local_folder(name_or_path)
         model = load_t5_encoder(folder, resolve_dtype(base.dtype, device))

@@ -16,9 +16,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_server():
+def s3_server(tmp_path_factory):
     """A real S3-compatible HTTP server (moto's server mode) on 127.0.0.1. Sets the standard AWS
-    environment variables so boto3, pyarrow and Ray workers started afterwards all reach it."""
+    environment variables so boto3, pyarrow and Ray workers started afterwards all reach it, and the
+    node cache of S3 folders (muse.node_cache) to this session's own folder."""
     from moto.server import ThreadedMotoServer
 
     port = _free_port()
@@ -32,6 +33,7 @@ def s3_server():
         "AWS_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ENDPOINT_URL_S3": endpoint,
+        "MUSE_CACHE_DIR": str(tmp_path_factory.mktemp("muse-cache")),
     }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
