@@ -64,7 +64,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from jobs.cluster import LocalPathRefused, check_shared_paths
+from jobs.cluster import LocalPathRefused, check_shared_paths, on_this_node
 from muse import storage
 from pipelines import corpus_data, manifest, readers, shards
 from pipelines.config import FORMATS, PoolConfig, TokenizeConfig, load_config
@@ -326,7 +326,7 @@ def _run_parts(todo: list[readers.Part], cfg: TokenizeConfig, models: Models, sp
                 if on_published is not None:
                     on_published(entry)
 
-        coordinator = ray.remote(num_cpus=0, max_restarts=0)(Coordinator).remote(
+        coordinator = ray.remote(num_cpus=0, max_restarts=0)(Coordinator).options(**on_this_node()).remote(
             cfg, todo, models, lo_size, hi_size, output=output, run=run_id, schema=schema)
         try:
             records = coordinator.records.options(num_returns="streaming").remote()

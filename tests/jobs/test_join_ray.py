@@ -98,3 +98,21 @@ def test_local_paths_are_refused_on_a_ray_of_several_nodes(monkeypatch, capsys):
     check_shared_paths({"--input": "s3://bucket/corpus"})  # S3 only: nothing to say
     monkeypatch.setenv("MUSE_SHARED_FS", "1")
     check_shared_paths(paths)
+
+
+def test_bookkeeping_actors_are_pinned_to_the_drivers_node(ray_session):
+    """The progress board and tokenization's coordinator hold no CPU, so Ray may place them on any
+    node, spot workers included: they are pinned to the driver's node, hard."""
+    from jobs import progress
+    from jobs.cluster import on_this_node
+
+    strategy = on_this_node()["scheduling_strategy"]
+    assert strategy.node_id == ray.get_runtime_context().get_node_id() and strategy.soft is False
+    assert progress.board() is not None  # created with them
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def node(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+    assert ray.get(Probe.options(**on_this_node()).remote().node.remote()) == strategy.node_id
