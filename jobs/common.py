@@ -42,14 +42,18 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 # Optimizer and schedule.
 
 
+DECAYED = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)  # the layers whose weights get weight decay
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on Linear/Conv weights only: not on biases, norms, embeddings, positions, codebooks."""
+    """Weight decay on Linear/Conv weights only (transposed convs too: the patch tokenizer's output and
+    the U-ViT's upsampling are ConvTranspose2d): not on biases, norms, embeddings, positions, codebooks."""
     decay, no_decay = [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            (decay if isinstance(module, (nn.Linear, nn.Conv2d)) and name == "weight" else no_decay).append(p)
+            (decay if isinstance(module, DECAYED) and name == "weight" else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -35,10 +35,15 @@ def test_reads_writes_and_listings_survive_throttling_and_dropped_connections(s3
 
 def test_without_retries_the_same_faults_fail(s3_bucket, hot_prefix, monkeypatch):
     monkeypatch.setenv("MUSE_S3_MAX_ATTEMPTS", "1")
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as err:
         for i in range(10):
             storage.write_bytes(f"{s3_bucket}/once/{i:02d}.bin", b"x")
             storage.read_bytes(f"{s3_bucket}/once/{i:02d}.bin")
+    # The call failed on the proxy's first fault, its last request: every request before it went through.
+    counts, last = hot_prefix.counts, len(hot_prefix.requests) - 1
+    assert counts["throttled"] + counts["dropped"] == 1 and counts["forwarded"] == last >= 1, counts
+    said = "SLOW_DOWN" if counts["throttled"] else "Empty reply from server"  # a 503 SlowDown; a dropped connection
+    assert said in str(err.value), err.value
 
 
 def test_a_training_checkpoint_resumes_through_the_hot_prefix(s3_bucket, hot_prefix, tmp_path):

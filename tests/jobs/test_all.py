@@ -201,15 +201,25 @@ def test_train_all_runs_stages_in_turn_when_the_cluster_cannot_grow():
 
 
 def test_a_concurrent_trainer_that_fails_is_said_at_once_and_raised(fake, monkeypatch, capsys):
-    real = fake.run_stage
+    real, real_say = fake.run_stage, train_all_module.say
+    failure_said, said_while_superres_ran = threading.Event(), []
+
+    def say(line):
+        real_say(line)
+        if "base failed" in line:
+            failure_said.set()
 
     def base_fails(stage, *args, **kwargs):
         if stage == "base":
             raise RuntimeError("base broke")
+        if stage == "superres":  # holds on until the failure is said (or gives up): "at once" means meanwhile
+            said_while_superres_ran.append(failure_said.wait(timeout=10))
         return real(stage, *args, **kwargs)
 
+    monkeypatch.setattr(train_all_module, "say", say)
     monkeypatch.setattr(train_all_module, "run_stage", base_fails)
     with pytest.raises(RuntimeError, match="base broke"):
         train_all_module.train_all(tiny_config(ALL_STAGES), "corpus", fake.root)
     out = capsys.readouterr().out
-    assert "[all] base failed: RuntimeError" in out and "superres" in fake.calls
+    assert said_while_superres_ran == [True]
+    assert "[all] base failed: RuntimeError; waiting for superres to finish" in out and "superres" in fake.calls

@@ -34,13 +34,26 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_final_fraction():
 
 
 def test_weight_decay_only_on_linear_and_conv_weights():
-    model = MaskedTransformer(preset("base-tiny"))
-    decay, no_decay = param_groups(model, 0.05)
-    names = {id(p): n for n, p in model.named_parameters()}
-    linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    assert {names[id(p)] for p in decay["params"]} == linear_weights
-    assert "embed.tokens.weight" in {names[id(p)] for p in no_decay["params"]}
-    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    from dataclasses import replace
+
+    from muse.vqgan import VQGAN
+
+    # The transformer has no convolutions; the VQGAN stages are mostly Conv2d (a small conv form here),
+    # and the patch form draws its output with a ConvTranspose2d.
+    vqgan = VQGAN(replace(preset("vqgan-tiny"), form="conv", base_channels=32, channel_mult=(1, 2)))
+    patch = VQGAN(preset("vqgan-tiny"))
+    assert isinstance(patch.decoder.conv_out, nn.ConvTranspose2d)
+    for model in (MaskedTransformer(preset("base-tiny")), patch, vqgan):
+        decay, no_decay = param_groups(model, 0.05)
+        names = {id(p): n for n, p in model.named_parameters()}
+        weights = {f"{n}.weight" for n, m in model.named_modules()
+                   if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))}
+        assert {names[id(p)] for p in decay["params"]} == weights
+        assert {names[id(p)] for p in no_decay["params"]} == set(names.values()) - weights
+        assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    # In the VQGAN: convolutions decayed; biases, norms and the codebook not.
+    assert {"encoder.conv_in.weight", "quantizer.proj.weight"} <= weights
+    assert {"encoder.conv_in.bias", "encoder.norm_out.weight", "quantizer.codebook"} <= set(names.values()) - weights
 
 
 def test_ema_warms_up_its_decay_and_tracks_the_weights():
@@ -51,6 +64,13 @@ def test_ema_warms_up_its_decay_and_tracks_the_weights():
     ema.update(step=0)  # decay min(0.99, 1/10) = 0.1: the average moves 90% of the way
     start = ema.full_state()["weight"]
     assert torch.allclose(start, model.weight - 0.1, atol=1e-6)
+    # Later steps: decay (1 + step) / (10 + step) = 6/15 at step 5, then the configured 0.99 once reached.
+    for step, moved in ((5, 1 - 6 / 15), (10_000, 1 - 0.99)):
+        before = ema.full_state()["weight"].clone()  # full_state may hand back the average itself
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update(step=step)
+        assert torch.allclose(ema.full_state()["weight"], before + moved * (model.weight - before), atol=1e-6)
 
 
 def _train(model, opt, sched, ema, steps: int, seed: int):

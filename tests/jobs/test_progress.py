@@ -33,7 +33,9 @@ def test_reporter_posts_at_most_every_interval_and_finishes_with_a_summary():
     states, finished = board.poll(0)
     assert states == {} and finished == ["✓ base         100 steps in 1m00s"]
     assert board.poll(1) == ({}, [])
-    assert Reporter(None, "x", 1).update(1) is None  # verbose: no board, nothing posted
+    verbose = Reporter(None, "x", 1)  # verbose: no board, so nothing to post to (a post would raise)
+    verbose.update(1, {"loss": 1.0}, force=True)
+    verbose.finish("1 step in 1s")
     quiet = Reporter(_Handle(board), "superres", total=10, live=False)  # --no-progress: the summary only
     quiet.update(5, {"loss": 1.0}, force=True)
     quiet.finish("10 steps in 5s")

@@ -55,7 +55,7 @@ def test_empty_and_wrongly_sized_masks_are_refused():
     with pytest.raises(ValueError, match="empty"):
         load_mask(Image.new("L", (8, 8), 0), (8, 8))
     with pytest.raises(ValueError, match="empty"):
-        load_mask(Image.new("RGBA", (8, 8), (255, 255, 255, 255)).convert("L").point(lambda v: 0), (8, 8))
+        load_mask(Image.new("RGBA", (8, 8), (0, 0, 0, 255)), (8, 8))  # opaque black: nothing transparent or white
     with pytest.raises(ValueError, match="size"):
         load_mask(np.ones((4, 8)), (8, 8))
 

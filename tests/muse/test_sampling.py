@@ -25,11 +25,13 @@ class FakeTransformer(torch.nn.Module):
         self.base = 2 * torch.randn(num_tokens, codebook_size, generator=g)
         self.direction = 2 * torch.randn(num_tokens, codebook_size, generator=g)
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.selects: list[torch.Tensor | None] = []  # each forward's `select`
 
     def forward(self, ids: torch.Tensor, ctx: Context, select: torch.Tensor | None = None) -> torch.Tensor:
         assert ids.shape == (ctx.batch_size, self.num_tokens)
         tags = context_tags(ctx)  # (B,)
         self.calls.append((ids.clone(), tags.clone()))
+        self.selects.append(None if select is None else select.clone())
         return selected(self.base + tags[:, None, None] * self.direction, select)
 
 
@@ -226,14 +228,15 @@ def test_small_region_takes_one_step_per_token_and_stops_when_nothing_is_masked(
     assert torch.equal(none_free, init) and not model.calls
 
 
-def test_forward_logits_only_at_masked_positions():
+@pytest.mark.parametrize("guidance_scale", [0.0, 3.0])
+def test_forward_logits_only_at_masked_positions(guidance_scale):
     model = FakeTransformer()
-    seen: list[int] = []
-    sampling.generate(model, ctx(1.0), steps=4, generator=gen(0),
-                      callback=lambda s, ids: seen.append(int((ids == model.mask_token_id).sum())))
-    # The fake records ids; the sampler asked for logits where ids were [MASK] before each step.
-    masked_before = [int((ids == model.mask_token_id).sum()) for ids, _ in model.calls]
-    assert masked_before == [N] + seen[:-1]
+    sampling.generate(model, ctx(1.0, -1.0), ctx(0.0), steps=4, guidance_scale=guidance_scale, generator=gen(0))
+    rows = [ids.shape[0] for ids, _ in model.calls]
+    assert len(rows) == 4 and (2 * 2 in rows) == (guidance_scale != 0)  # guided steps ran a doubled batch
+    # Every forward was asked only for the positions that were [MASK] in the ids it was given.
+    for (ids, _), select in zip(model.calls, model.selects):
+        assert select is not None and torch.equal(select, ids == model.mask_token_id)
 
 
 def _reference_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ index on local disk, looked up a part at a time; the same captions as reading it
 that does not grow with the file, on S3 through throttling too."""
 
 import json
+import os
 import tempfile
 import tracemalloc
 from urllib.parse import urlparse
@@ -55,16 +56,27 @@ def test_chunked_reads_give_the_captions_a_whole_read_gives(tmp_path, monkeypatc
 def test_the_index_is_deleted_after_planning_and_after_a_bad_line(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
+    folders = []  # each index's folder, seen while it loads: (path, existed then)
+    load = CaptionsIndex._load
+
+    def spy(self, *args, **kwargs):
+        folders.append((self.folder, os.path.isdir(self.folder)))
+        return load(self, *args, **kwargs)
+
+    monkeypatch.setattr(CaptionsIndex, "_load", spy)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "a.png").write_bytes(good(0, 40)[0])
     write_jsonl(corpus / "captions.jsonl")
     (part,) = plan_parts(str(corpus), "auto", ReaderConfig())
     assert [item[2] for item in part.folder_items()] == ["a red circle, again"]
-    assert list((tmp_path / "tmp").iterdir()) == []
     (corpus / "captions.jsonl").write_text('{"file": "a.png", "caption": "ok"}\n{"file": \n')
     with pytest.raises(ValueError, match="line 2: not valid JSON"):
         plan_parts(str(corpus), "auto", ReaderConfig())
+    assert len(folders) == 2
+    for folder, existed in folders:
+        assert existed and os.path.dirname(folder) == str(tmp_path / "tmp")
+        assert not os.path.exists(folder)
     assert list((tmp_path / "tmp").iterdir()) == []
 
 

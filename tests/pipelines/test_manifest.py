@@ -199,6 +199,26 @@ def test_a_running_drivers_heartbeat_keeps_its_shards_from_a_second_drivers_clea
     assert manifest.remove_stale(out, empty, run="me", force=True) == 1 and not os.path.exists(killed)
 
 
+def test_heartbeat_ages_are_read_on_the_stores_clock_not_this_machines(tmp_path):
+    """The store's clock is what this driver's own new heartbeat says; here it is an hour off ours."""
+    out = str(tmp_path / "tokens")
+    empty = manifest.SCHEMA.empty_table()
+    manifest.Heartbeat(out, "running").beat()
+    left = shard_file(out, "running", "p-0-4.parquet")
+    me = manifest.Heartbeat(out, "me")
+    me.beat()
+    # A store an hour behind: 30 s old by its clock (alive), an hour old by ours.
+    age(out, "me", 3600)
+    age(out, "running", 3600 + 30)
+    with pytest.raises(manifest.OutputInUse, match=r"run running .* beat 30s ago"):
+        manifest.remove_stale(out, empty, run="me")
+    assert os.path.exists(left)
+    # A store an hour ahead: an hour old by its clock (dead), just written by ours.
+    age(out, "me", -3600)
+    age(out, "running", 0)
+    assert manifest.remove_stale(out, empty, run="me") == 1 and not os.path.exists(left)
+
+
 def test_a_fresh_heartbeat_of_a_process_gone_from_this_host_is_stale(tmp_path):
     """A driver killed on this machine (SIGKILL, then re-run at once) does not block its re-run."""
     out = str(tmp_path / "tokens")

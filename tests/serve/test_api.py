@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -47,11 +48,21 @@ def test_the_ingress_logs_a_line_per_request_and_no_router_internals(muse_app):
 
     import ray
 
-    assert muse_app.generate(prompt="a red circle", size="64x64", response_format="b64_json").status_code == 200
     logs = ray._private.worker._global_node.get_logs_dir_path()
-    text = "".join(open(f).read() for f in glob.glob(os.path.join(logs, "serve", "replica_*Ingress*.log")))
-    assert "POST /v1/images/generations 200" in text
-    assert "Started <" not in text
+
+    def ingress_log() -> str:  # the whole session's: earlier tests' requests are in it too
+        return "".join(open(f).read() for f in glob.glob(os.path.join(logs, "serve", "replica_*Ingress*.log")))
+
+    def access_lines() -> int:
+        return sum("POST /v1/images/generations 200" in line for line in ingress_log().splitlines())
+
+    before = access_lines()
+    assert muse_app.generate(prompt="a red circle", size="64x64", response_format="b64_json").status_code == 200
+    deadline = time.monotonic() + 10  # the replica may write its line just after answering
+    while access_lines() == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert access_lines() == before + 1
+    assert "Started <" not in ingress_log()
 
 
 def resampled(image: Image.Image, side: int) -> np.ndarray:

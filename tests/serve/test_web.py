@@ -3,11 +3,17 @@ while generating, shows the result, and inpaints what the brush painted."""
 
 from __future__ import annotations
 
+import base64
+import io
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from serve_helpers import TEST_ARGS, assert_same_image, pil_array, png_array
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -40,7 +46,21 @@ def browser(tmp_path_factory):
         context.close()
 
 
-def test_page_generates_with_live_previews_and_inpaints(muse_app, browser):
+# Keeps the files of each form the page posts to /v1/images/edits, as data URLs, in window.sentEdits.
+RECORD_EDITS = """() => { const fetch0 = window.fetch; window.sentEdits = [];
+    const dataUrl = (blob) => new Promise((done) => { const r = new FileReader(); r.onload = () => done(r.result);
+                                                      r.readAsDataURL(blob); });
+    window.fetch = async (url, init) => {
+        if (String(url).includes('images/edits')) window.sentEdits.push(
+            {image: await dataUrl(init.body.get('image')), mask: await dataUrl(init.body.get('mask'))});
+        return fetch0(url, init); }; }"""
+
+
+def _data_url_image(url: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+def test_page_generates_with_live_previews_and_inpaints(muse_app, pipe, browser):
     page = browser.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -76,14 +96,32 @@ def test_page_generates_with_live_previews_and_inpaints(muse_app, browser):
     page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.3, steps=8)
     page.mouse.up()
     assert page.is_enabled("#inpaint")
+    page.evaluate(RECORD_EDITS)
     page.click("#inpaint")
     page.wait_for_function("['inpainted'].includes(document.getElementById('status').textContent) || "
                            "document.getElementById('status').className === 'error'", timeout=120_000)
     assert page.text_content("#status") == "inpainted", page.text_content("#status")
     result_after = page.eval_on_selector("#result", "img => img.src")
     assert result_after.startswith("data:image/png;base64,") and result_after != result_before
+    [sent] = page.evaluate("window.sentEdits")
     assert not errors, errors
     page.close()
+
+    # The page sent the result shown and a mask that is transparent (regenerate) where the brush went only.
+    image = _data_url_image(sent["image"]).convert("RGB")
+    assert_same_image(pil_array(image), png_array(result_before.split(",", 1)[1]))
+    alpha = np.asarray(_data_url_image(sent["mask"]).convert("RGBA"))[..., 3]
+    assert alpha.shape == (128, 128)
+    scale = 128 / box["width"]  # canvas pixels per CSS pixel
+    start, end = np.array([5 * scale, 5 * scale]), np.array([0.4 * 128, 0.3 * 128])  # (x, y)
+    for k in (0, 4, 8):  # the stroke's ends and middle (the mouse moved there in 8 steps)
+        x, y = (start + k / 8 * (end - start)).astype(int)
+        assert alpha[y, x] == 0, (k, x, y)
+    assert (alpha[48:, :] == 255).all() and (alpha[:, 60:] == 255).all()  # away from the stroke: kept
+    # What the page shows is that inpainting, as the one-process pipeline does it.
+    want = pipe.inpaint(image, alpha == 0, "a red circle on a blue background", steps=TEST_ARGS["sampling"]["steps"],
+                        superres_steps=TEST_ARGS["sampling"]["superres_steps"], seed=5)
+    assert_same_image(png_array(result_after.split(",", 1)[1]), pil_array(want[0]))
 
 
 def test_editor_before_and_after_an_image_layout_touch_and_no_blank_inpaint(muse_app, browser):
