@@ -83,16 +83,6 @@ def join_ray(env: dict[str, str] | None = None, *, num_cpus: int | None = None,
     return True
 
 
-def on_this_node() -> dict[str, Any]:
-    """Actor options that place an actor on the driver's node (the head, for a submitted job): the
-    job's bookkeeping actors (the progress board, tokenization's coordinator) must not land on a spot
-    node whose loss would end the job."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
-
-
 # "1": local paths lie on a filesystem every node mounts at the same place (EFS, FSx, NFS).
 SHARED_FS_ENV = "MUSE_SHARED_FS"
 

@@ -116,7 +116,7 @@ def board():
         if _board is None:
             import ray
 
-            from jobs.cluster import on_this_node
+            from jobs.placement import on_this_node
 
             _board = ray.remote(num_cpus=0)(Board).options(max_concurrency=4, **on_this_node()).remote()
         return _board

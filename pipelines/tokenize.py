@@ -64,7 +64,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from jobs.cluster import LocalPathRefused, check_shared_paths, on_this_node
+from jobs.cluster import LocalPathRefused, check_shared_paths
+from jobs.placement import on_this_node
 from muse import storage
 from pipelines import corpus_data, manifest, readers, shards
 from pipelines.config import FORMATS, PoolConfig, TokenizeConfig, load_config

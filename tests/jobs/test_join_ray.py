@@ -104,7 +104,7 @@ def test_bookkeeping_actors_are_pinned_to_the_drivers_node(ray_session):
     """The progress board and tokenization's coordinator hold no CPU, so Ray may place them on any
     node, spot workers included: they are pinned to the driver's node, hard."""
     from jobs import progress
-    from jobs.cluster import on_this_node
+    from jobs.placement import on_this_node
 
     strategy = on_this_node()["scheduling_strategy"]
     assert strategy.node_id == ray.get_runtime_context().get_node_id() and strategy.soft is False

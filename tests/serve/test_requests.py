@@ -201,4 +201,4 @@ def test_an_unsupported_size_lists_the_sizes_on_offer_in_order():
 
     with pytest.raises(APIError) as err:
         resolve_size("300x300", 64, 128)
-    assert "64x64, 128x128, 256x256, 512x512 (or 'auto')" in err.value.message
+    assert "64x64, 128x128, 256x256, 512x512, 1024x1024 (or 'auto')" in err.value.message
