@@ -26,34 +26,12 @@ from jobs.decoder import decoder_component
 from jobs.fit import ensure_ray
 from jobs.preflight import DATA_CPUS, RunRefused
 from jobs.progress import Reporter, say, set_verbose, start_display, stop_display
-from jobs.stage import add_common_args, add_format_arg, cli_overrides, errors_in_one_line
+from jobs.stage import add_common_args, add_format_arg, cli_overrides, component_extra, errors_in_one_line, finished
 from jobs.stages import run_stage
 from jobs.vqgan import CORPUS_HELP, component_run, vqgan_components
 from muse import checkpoint, storage
 
 TRANSFORMERS = ("base", "superres")
-
-
-def component_extra(root: str, name: str) -> dict:
-    if not checkpoint.has_component(root, name):
-        return {}
-    return checkpoint.component_extra(checkpoint.component_uri(root, name))
-
-
-def finished(root: str, name: str, stage: str, run, later: tuple[str, ...] = ()) -> bool:
-    """Whether ROOT/<name> holds what this config's run of `stage` would leave there: the export of a
-    finished run under the same name (`run.name`, else the component's) that reached `run.max_steps`,
-    or the export of a `later` stage built on it (the decoder fine-tune's vqgan_hi). Another run's
-    export, or a shorter one (a smoke run before the full budget), is trained on: its run resumes or
-    the stage continues the component."""
-    extra = component_extra(root, name)
-    if extra.get("finished") and extra.get("stage") in later:
-        return True
-    if not extra.get("finished") or extra.get("stage") != stage:
-        return False
-    if "run" not in extra:  # exported before the run was recorded
-        return True
-    return extra["run"] == (run.name or name) and int(extra.get("step", 0)) >= run.max_steps
 
 
 def decoder_finished(root: str, name: str) -> bool:

@@ -15,7 +15,7 @@ import torch
 from jobs import masked
 from jobs.common import image_grid
 from jobs.masked import MaskedWorker
-from jobs.stage import Stage
+from jobs.stage import Stage, transformer_finished
 from muse.config import BaseTransformerConfig
 from muse.data.images import tensor_to_pil
 
@@ -69,6 +69,7 @@ STAGE = Stage(
     data="tokens",
     data_help="token shards written by `muse tokenize` (local or s3://)",
     add_args=masked.model_arg("base"),
+    finished=transformer_finished("base"),
 )
 
 

@@ -24,8 +24,8 @@ from jobs.cluster import LocalPathRefused, check_shared_paths
 from jobs.config import load_config
 from jobs.fit import ensure_ray
 from jobs.preflight import RunRefused
-from jobs.progress import set_verbose, stop_display
-from muse import storage
+from jobs.progress import say, set_verbose, stop_display
+from muse import checkpoint, storage
 
 DATA_KINDS = {"corpus": "data/corpus", "tokens": "data/tokens"}  # --<kind> -> example path
 FORMATS = ("auto", "parquet", "folder", "webdataset")
@@ -33,6 +33,33 @@ FORMATS = ("auto", "parquet", "folder", "webdataset")
 
 def _no_args(parser: argparse.ArgumentParser) -> None:
     return None
+
+
+def component_extra(root: str, name: str) -> dict:
+    if not checkpoint.has_component(root, name):
+        return {}
+    return checkpoint.component_extra(checkpoint.component_uri(root, name))
+
+
+def finished(root: str, name: str, stage: str, run, later: tuple[str, ...] = ()) -> bool:
+    """Whether ROOT/<name> holds what this config's run of `stage` would leave there: the export of a
+    finished run under the same name (`run.name`, else the component's) that reached `run.max_steps`,
+    or the export of a `later` stage built on it (the decoder fine-tune's vqgan_hi). Another run's
+    export, or a shorter one (a smoke run before the full budget), is trained on: its run resumes or
+    the stage continues the component."""
+    extra = component_extra(root, name)
+    if extra.get("finished") and extra.get("stage") in later:
+        return True
+    if not extra.get("finished") or extra.get("stage") != stage:
+        return False
+    if "run" not in extra:  # exported before the run was recorded
+        return True
+    return extra["run"] == (run.name or name) and int(extra.get("step", 0)) >= run.max_steps
+
+
+def transformer_finished(stage: str) -> Callable[[Any, str], bool]:
+    """`Stage.finished` of a stage that trains the root's component of its own name."""
+    return lambda cfg, root: finished(root, stage, stage, getattr(cfg, stage).run)
 
 
 @dataclass(frozen=True)
@@ -48,6 +75,8 @@ class Stage:
     data: str  # "corpus" or "tokens": what the stage reads, and the name of its data flag
     data_help: str
     add_args: Callable[[argparse.ArgumentParser], None] = _no_args
+    # (cfg, root) -> whether the root holds what this run would leave (checked before Ray starts)
+    finished: Callable[[Any, str], bool] | None = None
 
     def __post_init__(self):
         if self.data not in DATA_KINDS:
@@ -56,6 +85,11 @@ class Stage:
     def train(self, cfg, data: str, root: str, *, component: str | None = None, format: str = "auto") -> list[Any]:
         """Train on `data` and export into the model root `root`; the Ray Train results."""
         data, root = storage.absolute(data), storage.absolute(root)
+        if self.finished is not None and self.finished(cfg, root):
+            run = getattr(cfg, self.name).run
+            say(f"[{self.name}] {root}/{self.name} holds this run's finished export ({run.max_steps} steps): nothing "
+                f"to train (raise --max-steps to go on, or --set {self.name}.run.name=NEW for a new run)")
+            return []
         ensure_ray()
         check_shared_paths({f"--{self.data}": data, "--checkpoint": root})
         return self.build(cfg, data, root, component, format)

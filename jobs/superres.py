@@ -17,7 +17,7 @@ from torch import nn
 from jobs import masked
 from jobs.common import image_grid
 from jobs.masked import MaskedWorker
-from jobs.stage import Stage
+from jobs.stage import Stage, transformer_finished
 from muse.config import SuperResTransformerConfig
 from muse.data.images import tensor_to_pil
 
@@ -91,6 +91,7 @@ STAGE = Stage(
     data="tokens",
     data_help="token shards with tokens_hi written by `muse tokenize` (local or s3://)",
     add_args=masked.model_arg("superres"),
+    finished=transformer_finished("superres"),
 )
 
 

@@ -383,3 +383,27 @@ def test_a_run_resuming_its_checkpoint_does_not_train_over_another_runs_export(t
     resume = check_resume(os.path.join(root, "runs", "base"), run_identity(job), "base")
     assert fit._refuse_training_over_another_export(job_for(root), "base", "runs", resume, 10) is None
     assert fit._refuse_training_over_another_export(job, "base", "runs", resume, 2) is None
+
+
+def test_a_finished_transformer_run_started_again_says_so_without_starting_ray(tmp_path, monkeypatch, capsys):
+    """`muse train base` run again after it finished used to start Ray and a trainer (~17 s here) to
+    find nothing to train: the root's export says so before either starts. More steps still train."""
+    from jobs import stage as stage_module
+    from jobs.stages import get
+    from muse import checkpoint
+
+    root = str(tmp_path / "root")
+    checkpoint.init_model_root("tiny", root, components=("base",))
+    uri = checkpoint.component_uri(root, "base")
+    checkpoint.save_component(checkpoint.load_component(uri), uri,
+                              extra=loop.finished_extra("base", 40, {"run_name": "base"}))
+
+    def no_ray():
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(stage_module, "ensure_ray", no_ray)
+    assert get("base").train(tiny_config("base.run.max_steps=40"), str(tmp_path / "tokens"), root) == []
+    assert "holds this run's finished export (40 steps): nothing to train" in capsys.readouterr().out
+    for more in ("base.run.max_steps=80", "base.run.name=other"):  # a longer run, or another run: trained
+        with pytest.raises(AssertionError, match="Ray started"):
+            get("base").train(tiny_config(more), str(tmp_path / "tokens"), root)
