@@ -7,9 +7,9 @@ file lock that the other processes wait on, and hands them all the same folder.
 
 An entry is keyed by the URI, every file's path, size and modification time, and the folder's
 config.json (a component's records its weights' sha256), so a component replaced at the same URI (a
-stage's export) is a new entry, never a stale copy; the two newest entries
-of a URI are kept (a process may still be reading the older). `MUSE_CACHE_DIR=off` gives each call a
-temporary copy of its own instead.
+stage's export) is a new entry, never a stale copy. The two newest entries of a URI are kept (a
+process may still be reading the older). `MUSE_CACHE_DIR=off` gives each call a temporary copy of its
+own instead.
 """
 
 from __future__ import annotations
