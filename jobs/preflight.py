@@ -24,7 +24,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from jobs.common import STATE_FILE
+from jobs.checkpointing import read_meta
 from muse import storage
 
 IDENTITY_KEY = "identity"  # in trainer_state.json
@@ -84,8 +84,7 @@ def newest_checkpoint_state(run_dir: str) -> tuple[str, dict] | None:
                         if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")), reverse=True)
     for name in names:
         try:
-            with fs.open_input_stream(f"{path}/{name}/{STATE_FILE}") as f:
-                return storage.join(run_dir, name), json.loads(f.read())
+            return storage.join(run_dir, name), read_meta(f"{path}/{name}", fs)
         except (OSError, ValueError):
             continue
     return None
