@@ -106,27 +106,42 @@ def import_worker(path: str) -> type[StageWorker]:
 
 
 def train_loop_per_worker(job: dict) -> None:
+    attempt = _attempt_started(job)
     try:
-        _train_loop(job)
+        _train_loop(job, attempt)
     except Exception as e:
-        _post_failure(job, e)
+        _post_failure(job, attempt, e)
         raise
 
 
-def _post_failure(job: dict, error: Exception) -> None:
-    """At the default verbosity the workers' tracebacks stay in Ray's logs, and Ray Train restarts the
-    worker group up to run.max_failures times: rank 0 puts one line on the driver's console per failed
-    attempt, so a failure that repeats is seen at once."""
+def _attempt_started(job: dict) -> int | None:
+    """This attempt's number under this driver, counted by the progress board (rank 0 only; None
+    elsewhere or without a board). Ray Train restarts the worker group after a failure, and an
+    attempt whose workers or node were killed reports nothing itself: the next one says it resumed."""
     import ray
     import ray.train
 
     board = job.get("progress_board")
     try:
         if board is None or ray.train.get_context().get_world_rank() != 0:
-            return
+            return None
+        return ray.get(board.attempt_started.remote(job["run_name"]), timeout=10)
+    except Exception:  # the console lines are a courtesy; training goes on without them
+        return None
+
+
+def _post_failure(job: dict, attempt: int | None, error: Exception) -> None:
+    """At the default verbosity the workers' tracebacks stay in Ray's logs, and Ray Train restarts the
+    worker group up to run.max_failures times: rank 0 puts one line on the driver's console per failed
+    attempt, so a failure that repeats is seen at once."""
+    import ray
+
+    board = job.get("progress_board")
+    if board is None or attempt is None:
+        return
+    try:
         message = (str(error).strip().splitlines() or [""])[0][:400]
-        failed = ray.get(board.attempt_failed.remote(job["run_name"]), timeout=10)
-        line = f"[{job['run_name']}] attempt {failed} failed: {type(error).__name__}: {message} ({_what_next(job, failed)})"
+        line = f"[{job['run_name']}] attempt {attempt} failed: {type(error).__name__}: {message} ({_what_next(job, attempt)})"
         ray.get(board.note.remote(line), timeout=10)  # waited for: the worker may be torn down next
     except Exception:  # the console line is a courtesy; the error itself still propagates
         pass
@@ -151,7 +166,7 @@ def _console(job: dict, line: str) -> None:
         job["progress_board"].note.remote(line)  # not waited for: training goes on
 
 
-def _train_loop(job: dict) -> None:
+def _train_loop(job: dict, attempt: int | None = None) -> None:
     import ray.train
 
     from jobs.common import save_png
@@ -190,6 +205,10 @@ def _train_loop(job: dict) -> None:
         print(f"{tag} {'resuming from step ' + str(step) + read if checkpoint else 'starting'}: "
               f"{env.world_size} worker(s) on {env.device.type}, strategy {section.scaling.strategy}, {precision}, "
               f"{run.max_steps} steps of {run.batch_size}/worker", flush=True)
+    if attempt is not None and attempt > 1:  # a restart: the failed attempt may not have said so itself
+        _console(job, f"{tag} attempt {attempt} " + (f"resumes from step {step}" if checkpoint else
+                      "starts again from step 0 (no checkpoint was reported before)") +
+                 f" on {env.world_size} worker(s)")
     peak = peak_flops(env.device, run.peak_tflops)
     # run.progress off (--no-progress): no live line, but the notes and the summary still reach the console.
     reporter = (Reporter(job.get("progress_board"), job["run_name"], run.max_steps, start_done=step,

@@ -82,7 +82,7 @@ class Board:
     def __init__(self):
         self.states: dict[str, dict] = {}
         self.finished: list[str] = []
-        self.failed_attempts: dict[str, int] = {}
+        self.attempts: dict[str, int] = {}
 
     def update(self, name: str, state: dict) -> None:
         self.states[name] = state
@@ -94,10 +94,11 @@ class Board:
     def note(self, line: str) -> None:
         self.finished.append(line)
 
-    def attempt_failed(self, name: str) -> int:
-        """Count a failed attempt of run `name`; how many have failed under this driver."""
-        self.failed_attempts[name] = self.failed_attempts.get(name, 0) + 1
-        return self.failed_attempts[name]
+    def attempt_started(self, name: str) -> int:
+        """Count an attempt of run `name` (Ray Train's first start or a restart); its number under
+        this driver."""
+        self.attempts[name] = self.attempts.get(name, 0) + 1
+        return self.attempts[name]
 
     def poll(self, seen: int) -> tuple[dict[str, dict], list[str]]:
         """(running states, summaries after the first `seen`)."""

@@ -222,10 +222,19 @@ def cli_overrides(args: argparse.Namespace, sections: list[str]) -> list[str]:
     return out + list(args.set)  # --set last: it wins
 
 
+def checkpoint_uri(checkpoint) -> str:
+    """A Ray Train checkpoint's location as a user gives it: Ray keeps an S3 one as "bucket/key"."""
+    import pyarrow.fs
+
+    if isinstance(getattr(checkpoint, "filesystem", None), pyarrow.fs.S3FileSystem):
+        return f"s3://{checkpoint.path.lstrip('/')}"
+    return checkpoint.path
+
+
 def result_summary(result, metrics: bool = True) -> str:
     """One line for a finished Ray Train run: the checkpoint, and (`metrics`) its last reported
     metrics that a person reads."""
-    path = result.checkpoint.path if result.checkpoint else None
+    path = checkpoint_uri(result.checkpoint) if result.checkpoint else None
     if not metrics:
         return f"finished; checkpoint {path}"
     m = result.metrics or {}

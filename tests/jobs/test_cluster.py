@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -71,6 +75,23 @@ def test_the_cluster_runs_with_token_authentication(cluster):
         assert "RAY_AUTH_MODE=token" in start and f"RAY_AUTH_TOKEN_PATH={token_dir}/auth_token" in start
         assert start.index("RAY_AUTH_MODE") < start.index("ray start")
 
+
+
+def test_the_documented_token_command_makes_a_token_ray_reads(tmp_path):
+    """The README's and cluster.yaml's first command, run as written (HOME in a temporary folder):
+    it writes a private token file that Ray's own loader accepts in token mode."""
+    readme = (REPO / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("mkdir -p ~/.muse-ray-auth"))
+    assert command in (REPO / "cluster.yaml").read_text()
+    env = {**os.environ, "HOME": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    subprocess.run(["bash", "-c", command], env=env, check=True, timeout=60)
+    token_file = tmp_path / ".muse-ray-auth" / "auth_token"
+    assert token_file.stat().st_mode & 0o077 == 0
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+    printed = subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    assert printed.stdout.strip() == token_file.read_text().strip() and len(printed.stdout.strip()) >= 32
 
 def test_job_packages_leave_the_data_behind():
     """`ray job submit --working-dir .` honours .gitignore and .rayignore: history and local data

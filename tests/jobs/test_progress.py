@@ -13,7 +13,7 @@ class _Handle:
     """A local stand-in for the board actor's handle: `.update.remote(...)` calls the board."""
 
     def __init__(self, board: Board):
-        for name in ("update", "finish", "note", "attempt_failed"):
+        for name in ("update", "finish", "note", "attempt_started"):
             setattr(self, name, type("Method", (), {"remote": staticmethod(getattr(board, name))})())
 
 
@@ -89,7 +89,7 @@ def test_a_failed_attempt_is_one_line_on_the_console(monkeypatch):
     monkeypatch.setattr(ray.train, "get_context", lambda: type("Ctx", (), {"get_world_rank": lambda self: rank[0]})())
     monkeypatch.setattr(ray, "get", lambda value, timeout=None: value)  # the stand-in handle answers at once
 
-    def fails(job):
+    def fails(job, attempt):
         raise ValueError("base.lora_rank: LoRA adapts the component already in the model root\nsecond line")
 
     monkeypatch.setattr(loop, "_train_loop", fails)
@@ -123,3 +123,8 @@ def test_a_runs_last_line_gives_metrics_only_where_no_summary_line_did():
                              checkpoint=SimpleNamespace(path="/r/runs/base/checkpoint_000001"))
     assert result_summary(result, metrics=False) == "finished; checkpoint /r/runs/base/checkpoint_000001"
     assert result_summary(result) == "finished (step 40, loss 2.283); checkpoint /r/runs/base/checkpoint_000001"
+    import pyarrow.fs  # Ray Train keeps an S3 checkpoint's path without its scheme: the line gives it back
+
+    result.checkpoint = SimpleNamespace(path="bucket/r/runs/base/checkpoint_000001",
+                                        filesystem=pyarrow.fs.S3FileSystem(anonymous=True, region="us-east-1"))
+    assert result_summary(result, metrics=False) == "finished; checkpoint s3://bucket/r/runs/base/checkpoint_000001"

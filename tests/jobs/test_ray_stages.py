@@ -166,10 +166,16 @@ def test_superres_fsdp_with_checkpoints_and_model_root_on_s3(ray_session, tiny_d
     # (One rank back to two FSDP ranks: tests/jobs/test_sharded_checkpoints.py, in-process.)
 
 
-def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint(ray_session, tiny_data, tmp_path):
-    """Also the README's path: no model named, so the root's own tiny base is continued."""
+def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint(ray_session, tiny_data, tmp_path,
+                                                                                 monkeypatch):
+    """Also the README's path: no model named, so the root's own tiny base is continued. The killed
+    worker says nothing itself: the console hears of the restart from the attempt that replaced it."""
+    from jobs import progress
     from muse.pipeline import MusePipeline
 
+    monkeypatch.delenv(progress.VERBOSE_ENV, raising=False)  # so the workers post to the board
+    board = progress.start_display()
+    seen = len(ray_session.get(board.poll.remote(0))[1])
     root = copy_tree(tiny_data.root, str(tmp_path / "root"))
     before = checkpoint.read_component_config(checkpoint.component_uri(root, "base"))[1]
     batch = 4
@@ -181,6 +187,8 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint
     assert storage.exists(os.path.join(root, "runs", "base", "fault_injected_at_step_3"))  # it did die
     assert result.metrics["step"] == 6
     assert result.metrics["resumed_from"] == 2  # the replacement group restarted from step 2, not 0
+    notes = [line for line in ray_session.get(board.poll.remote(seen))[1] if line.startswith("[base] attempt")]
+    assert notes == ["[base] attempt 2 resumes from step 2 on 2 worker(s)"]
     meta, optim = trainer_state(result)
     assert meta["step"] == 6
     assert meta["counters"]["samples"] == 6 * batch * 2  # steps 1-2 and 3-6 counted, step 3's retry once
