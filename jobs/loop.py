@@ -141,13 +141,16 @@ def _post_failure(job: dict, attempt: int | None, error: Exception) -> None:
         return
     try:
         message = (str(error).strip().splitlines() or [""])[0][:400]
-        line = f"[{job['run_name']}] attempt {attempt} failed: {type(error).__name__}: {message} ({_what_next(job, attempt)})"
-        ray.get(board.note.remote(line), timeout=10)  # waited for: the worker may be torn down next
+        restarts = _restarts(job, attempt)
+        line = f"[{job['run_name']}] attempt {attempt} failed: {type(error).__name__}: {message} ({restarts})"
+        status = "failed" if restarts.startswith("no restarts") else f"attempt {attempt} failed, restarting"
+        # Waited for: the worker may be torn down next.
+        ray.get(board.attempt_failed.remote(job["run_name"], line, status), timeout=10)
     except Exception:  # the console line is a courtesy; the error itself still propagates
         pass
 
 
-def _what_next(job: dict, failed: int) -> str:
+def _restarts(job: dict, failed: int) -> str:
     """After `failed` failed attempts: whether Ray Train starts the workers again (run.max_failures
     restarts, -1 for no limit)."""
     stage = job.get("stage", job.get("component"))

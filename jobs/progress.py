@@ -71,6 +71,8 @@ def progress_line(name: str, state: dict) -> str:
         parts.append(f"{rate:7.1f} {rate_unit}")
         if total:
             parts.append(f"ETA {format_seconds((total - done) / rate)}")
+    if state.get("status"):
+        parts.append(state["status"])
     parts += [f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in state.get("metrics", {}).items()]
     return "  ".join(parts)
 
@@ -93,6 +95,14 @@ class Board:
 
     def note(self, line: str) -> None:
         self.finished.append(line)
+
+    def attempt_failed(self, name: str, line: str, status: str) -> None:
+        """A failed attempt's console line; its live line keeps the step reached, with `status` in place
+        of a rate and ETA that no longer hold, until the next attempt reports."""
+        self.finished.append(line)
+        if name in self.states:
+            state = {k: v for k, v in self.states[name].items() if k not in ("rate", "metrics")}
+            self.states[name] = state | {"status": status}
 
     def attempt_started(self, name: str) -> int:
         """Count an attempt of run `name` (Ray Train's first start or a restart); its number under

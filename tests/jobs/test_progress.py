@@ -13,7 +13,7 @@ class _Handle:
     """A local stand-in for the board actor's handle: `.update.remote(...)` calls the board."""
 
     def __init__(self, board: Board):
-        for name in ("update", "finish", "note", "attempt_started"):
+        for name in ("update", "finish", "note", "attempt_started", "attempt_failed"):
             setattr(self, name, type("Method", (), {"remote": staticmethod(getattr(board, name))})())
 
 
@@ -95,8 +95,12 @@ def test_a_failed_attempt_is_one_line_on_the_console(monkeypatch):
     monkeypatch.setattr(loop, "_train_loop", fails)
     job = {"run_name": "base", "stage": "base", "progress_board": _Handle(board),
            "section": {"run": {"max_failures": 1}}}
+    board.update("base", {"done": 40, "total": 100, "rate": 2.0, "metrics": {"loss": 1.5}})
     with pytest.raises(ValueError, match="second line"):  # still raised: Ray Train decides what comes next
         loop.train_loop_per_worker(job)
+    # The live line keeps the step reached, without the rate and ETA of the attempt that failed.
+    assert progress_line("base", board.poll(0)[0]["base"]).split() == \
+        ["base", "40/100", "steps", "attempt", "1", "failed,", "restarting"]
     [line] = board.poll(0)[1]
     assert line.startswith("[base] attempt 1 failed: ValueError: base.lora_rank: LoRA adapts")
     assert "second line" not in line
@@ -109,6 +113,7 @@ def test_a_failed_attempt_is_one_line_on_the_console(monkeypatch):
     with pytest.raises(ValueError):
         loop.train_loop_per_worker(job)
     last = board.poll(1)[1][0]
+    assert board.poll(0)[0]["base"]["status"] == "failed"
     assert last.startswith("[base] attempt 2 failed") and "no restarts left of base.run.max_failures=1: the run fails" in last
 
 
