@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from typing import Any
 
 # Driver settings of a local instance. Ray Train's controller (which takes these from the driver)
@@ -76,11 +78,26 @@ def join_ray(env: dict[str, str] | None = None, *, num_cpus: int | None = None,
     address = cluster_address()
     if address is not None:
         ray.init(address=address, runtime_env={"env_vars": without_job_env_vars(env)}, **console)
+        stop_on_sigterm()
         return False
     use_local_driver_env()
     ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": dict(env or {}) | dict(local_env or {})},
              **local, **console)
+    stop_on_sigterm()
     return True
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (what `ray job stop` sends a job's driver) raises KeyboardInterrupt, as Ctrl-C does, so
+    a job stopped either way ends with its own line. ray.init's handler exits at once instead, and
+    Ray kills a stopped driver a few seconds later. Main thread only, as Python requires."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 # "1": local paths lie on a filesystem every node mounts at the same place (EFS, FSx, NFS).

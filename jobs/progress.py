@@ -205,6 +205,23 @@ def stop_display() -> bool:
     return display is not None
 
 
+def running_now() -> list[str]:
+    """What the board shows running ("base at 78/300 steps"), for a command's last line when it is
+    stopped; empty without a board, or when it does not answer at once."""
+    with _lock:
+        handle = _board
+    if handle is None:
+        return []
+    try:
+        import ray
+
+        states = ray.get(handle.poll.remote(1 << 62), timeout=2)[0]
+    except Exception:
+        return []
+    return [f"{name} at {s.get('done', 0)}{'/' + str(s['total']) if s.get('total') else ''} {s.get('unit', 'steps')}"
+            for name, s in states.items()]
+
+
 def say(line: str) -> None:
     """Print a line on the driver's console; above the live lines while they are drawn."""
     with _lock:

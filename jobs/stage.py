@@ -24,7 +24,7 @@ from jobs.cluster import LocalPathRefused, check_shared_paths
 from jobs.config import load_config
 from jobs.fit import ensure_ray
 from jobs.preflight import RunRefused
-from jobs.progress import say, set_verbose, stop_display
+from jobs.progress import running_now, say, set_verbose, stop_display
 from muse import checkpoint, storage
 
 DATA_KINDS = {"corpus": "data/corpus", "tokens": "data/tokens"}  # --<kind> -> example path
@@ -143,6 +143,11 @@ def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
 
     try:
         yield
+    except KeyboardInterrupt:  # Ctrl-C, or `ray job stop` (jobs.cluster.stop_on_sigterm)
+        running = running_now()
+        stop_display()
+        parser.exit(130, f"{parser.prog}: stopped{' with ' + ', '.join(running) if running else ''}; finished stages "
+                         "and registered checkpoints stay: the same command resumes from them\n")
     except (RunRefused, ResumeRefused, OutputInUse, NoInput, CorpusRefused, LocalPathRefused) as e:
         stop_display()
         parser.exit(2, f"{parser.prog}: error: {e}\n")

@@ -440,6 +440,9 @@ def main(argv: list[str] | None = None) -> None:
                      force_cleanup=args.force_cleanup, retire_changed=args.retire_changed)
     except (ResumeRefused, CorpusRefused, manifest.OutputInUse, readers.NoInput, LocalPathRefused) as e:  # refused before any work
         parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except KeyboardInterrupt:  # Ctrl-C, or `ray job stop` (jobs.cluster.stop_on_sigterm)
+        parser.exit(130, f"{parser.prog}: stopped; the parts published so far stay, and the same command "
+                         "tokenizes the rest\n")
     if totals["stats"] and not args.no_progress:
         from jobs.progress import VERBOSE_ENV
 

@@ -2,11 +2,15 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import ray
 import ray._private.utils
+from jobs_helpers import REPO
 
+from jobs import cluster
 from jobs.cluster import LOCAL_DRIVER_ENV, join_ray
 
 
@@ -18,6 +22,7 @@ def calls(monkeypatch):
     monkeypatch.setattr(ray._private.utils, "read_ray_address", lambda temp_dir=None: None)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: recorded.append(kw))
+    monkeypatch.setattr(cluster, "stop_on_sigterm", lambda: None)  # this process keeps pytest's handlers
     return recorded
 
 
@@ -116,3 +121,29 @@ def test_bookkeeping_actors_are_pinned_to_the_drivers_node(ray_session):
             return ray.get_runtime_context().get_node_id()
 
     assert ray.get(Probe.options(**on_this_node()).remote().node.remote()) == strategy.node_id
+
+
+STOPPED_BY_SIGTERM = """
+import argparse, os, signal, time
+from jobs import cluster
+from jobs.cluster import join_ray
+from jobs.stage import errors_in_one_line
+
+cluster.cluster_address = lambda: None  # a local Ray of its own, whatever runs on this machine
+with errors_in_one_line(argparse.ArgumentParser(prog="muse train base")):
+    join_ray(num_cpus=1, include_dashboard=False)
+    os.kill(os.getpid(), signal.SIGTERM)  # what `ray job stop` sends the driver
+    time.sleep(60)
+"""
+
+
+def test_sigterm_ends_a_command_with_its_own_line(tmp_path):
+    """`ray job stop` sends a job's driver SIGTERM, on which ray.init's handler exited at once (status
+    15, Ray's signal dump, nothing of ours). After join_ray it ends the command as Ctrl-C does: one
+    line that says what stays, exit status 130."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", STOPPED_BY_SIGTERM], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 130, run.stderr[-3000:]
+    assert "muse train base: stopped; finished stages and registered checkpoints stay" in run.stderr
+    assert "SIGTERM received" not in run.stderr + run.stdout
