@@ -27,6 +27,7 @@ from jobs.fit import ensure_ray
 from jobs.preflight import DATA_CPUS, RunRefused
 from jobs.progress import Reporter, say, set_verbose, start_display, stop_display
 from jobs.stage import add_common_args, add_format_arg, cli_overrides, component_extra, errors_in_one_line, finished
+from jobs import stages
 from jobs.stages import run_stage
 from jobs.vqgan import CORPUS_HELP, component_run, vqgan_components
 from muse import checkpoint, storage
@@ -145,7 +146,7 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
     # (`muse init` writes a random one).
     has_hi = checkpoint.has_component(root, "vqgan_hi") and cfg.vqgan.hi_model is not None
     wanted = [s for s in TRANSFORMERS if s in cfg.stages and (s == "base" or has_hi)]
-    todo = [s for s in wanted if not finished(root, s, s, getattr(cfg, s).run)]
+    todo = [s for s in wanted if not stages.get(s).finished(cfg, root)]  # what `muse train base/superres` checks
     if todo:
         from pipelines import tokenize
 

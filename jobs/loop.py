@@ -141,24 +141,24 @@ def _post_failure(job: dict, attempt: int | None, error: Exception) -> None:
         return
     try:
         message = (str(error).strip().splitlines() or [""])[0][:400]
-        restarts = _restarts(job, attempt)
+        restarted, restarts = _restarts(job, attempt)
         line = f"[{job['run_name']}] attempt {attempt} failed: {type(error).__name__}: {message} ({restarts})"
-        status = "failed" if restarts.startswith("no restarts") else f"attempt {attempt} failed, restarting"
+        status = f"attempt {attempt} failed, restarting" if restarted else "failed"
         # Waited for: the worker may be torn down next.
         ray.get(board.attempt_failed.remote(job["run_name"], line, status), timeout=10)
     except Exception:  # the console line is a courtesy; the error itself still propagates
         pass
 
 
-def _restarts(job: dict, failed: int) -> str:
+def _restarts(job: dict, failed: int) -> tuple[bool, str]:
     """After `failed` failed attempts: whether Ray Train starts the workers again (run.max_failures
-    restarts, -1 for no limit)."""
+    restarts, -1 for no limit), and the words for it."""
     stage = job.get("stage", job.get("component"))
     allowed = int(job["section"]["run"]["max_failures"])
     if 0 <= allowed < failed:
-        return f"no restarts left of {stage}.run.max_failures={allowed}: the run fails"
-    return (f"Ray Train restarts the workers from the last checkpoint: restart {failed} of "
-            f"{stage}.run.max_failures={'no limit' if allowed < 0 else allowed}")
+        return False, f"no restarts left of {stage}.run.max_failures={allowed}: the run fails"
+    return True, (f"Ray Train restarts the workers from the last checkpoint: restart {failed} of "
+                  f"{stage}.run.max_failures={'no limit' if allowed < 0 else allowed}")
 
 
 def _console(job: dict, line: str) -> None:

@@ -62,11 +62,17 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def done_so_far(state: dict, width: int = 0) -> str:
+    """'done/total unit' of a running stage's state (done right-aligned in `width`)."""
+    done, total = state.get("done", 0), state.get("total")
+    return f"{done:>{width}}{'/' + str(total) if total else ''} {state.get('unit', 'steps')}"
+
+
 def progress_line(name: str, state: dict) -> str:
     """'name  done/total unit  rate  ETA  metric value ...' for one running stage."""
-    done, total, unit = state.get("done", 0), state.get("total"), state.get("unit", "steps")
+    done, total = state.get("done", 0), state.get("total")
     rate, rate_unit = state.get("rate"), state.get("rate_unit", "step/s")
-    parts = [f"{name:<12}", f"{done:>6}/{total} {unit}" if total else f"{done:>6} {unit}"]
+    parts = [f"{name:<12}", done_so_far(state, width=6)]
     if rate:
         parts.append(f"{rate:7.1f} {rate_unit}")
         if total:
@@ -215,11 +221,10 @@ def running_now() -> list[str]:
     try:
         import ray
 
-        states = ray.get(handle.poll.remote(1 << 62), timeout=2)[0]
+        states = ray.get(handle.poll.remote(0), timeout=2)[0]
     except Exception:
         return []
-    return [f"{name} at {s.get('done', 0)}{'/' + str(s['total']) if s.get('total') else ''} {s.get('unit', 'steps')}"
-            for name, s in states.items()]
+    return [f"{name} at {done_so_far(state)}" for name, state in states.items()]
 
 
 def say(line: str) -> None:
