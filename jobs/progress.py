@@ -5,8 +5,8 @@ console twice, between Ray Train's own "Reporting training result" lines. So at 
 the workers print nothing to the console (their lines stay in Ray's log files): the rank-0 worker of a
 stage sends its progress to a small `Board` actor, and the driver draws from it
 
-    vqgan_lo      1200/2000 steps   9.8 step/s  ETA 1m22s  psnr 24.1
-    tokenize        12/16 parts    84.0 img/s   ETA 0m04s
+    vqgan_lo          1200/2000 steps      9.8 step/s  ETA 1m22s  psnr 24.1
+    tokenize              12/16 parts      0.9 part/s  ETA 0m04s
     ✓ vqgan_hi     400 steps (400 this run) in 2m05s, loss 0.04, psnr 27.3; exported to ROOT
 
 redrawn in place on a terminal, and as plain lines every `interval` seconds otherwise (a CI log, or
@@ -63,16 +63,16 @@ def format_seconds(seconds: float) -> str:
 
 
 def done_so_far(state: dict, width: int = 0) -> str:
-    """'done/total unit' of a running stage's state (done right-aligned in `width`)."""
+    """'done/total unit' of a running stage's state ('done/total' right-aligned in `width`)."""
     done, total = state.get("done", 0), state.get("total")
-    return f"{done:>{width}}{'/' + str(total) if total else ''} {state.get('unit', 'steps')}"
+    return f"{str(done) + ('/' + str(total) if total else ''):>{width}} {state.get('unit', 'steps')}"
 
 
-def progress_line(name: str, state: dict) -> str:
+def progress_line(name: str, state: dict, name_width: int = 12) -> str:
     """'name  done/total unit  rate  ETA  metric value ...' for one running stage."""
     done, total = state.get("done", 0), state.get("total")
     rate, rate_unit = state.get("rate"), state.get("rate_unit", "step/s")
-    parts = [f"{name:<12}", done_so_far(state, width=6)]
+    parts = [f"{name:<{name_width}}", done_so_far(state, width=13)]
     if rate:
         parts.append(f"{rate:7.1f} {rate_unit}")
         if total:
@@ -163,7 +163,9 @@ class Display:
         except Exception:  # the board went with a Ray shutdown; nothing left to draw
             return
         self.seen += len(finished)
-        lines = [progress_line(name, state) for name, state in states.items()]
+        # Run names are the user's (`run.name`): the column widens for a long one, so the lines align.
+        width = max([12, *map(len, states)])
+        lines = [progress_line(name, state, width) for name, state in states.items()]
         if self.tty:
             out = "\x1b[1A\x1b[2K" * self.drawn  # up and clear the previous live lines
             out += "".join(f"{line}\n" for line in finished)

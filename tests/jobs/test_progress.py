@@ -57,6 +57,18 @@ def test_display_prints_running_lines_periodically_and_each_summary_once_without
     assert "10/100 steps" in text and "\x1b[" not in text  # no cursor movement outside a terminal
 
 
+def test_live_lines_stay_aligned_when_a_run_name_is_longer_than_the_column():
+    board = Board()
+    out = io.StringIO()
+    display = Display(board.poll, stream=out, interval=0.0)
+    board.update("base", {"done": 10, "total": 100, "rate": 5.0, "metrics": {}})
+    board.update("base-finetune-lora", {"done": 3, "total": 50, "rate": 1.0, "metrics": {}})
+    display.draw()
+    display.close()
+    lines = [line for line in out.getvalue().splitlines() if "steps" in line]
+    assert len(lines) == 2 and len({line.index("steps") for line in lines}) == 1
+
+
 def test_display_redraws_in_place_on_a_terminal():
     class Tty(io.StringIO):
         def isatty(self):
