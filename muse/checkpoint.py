@@ -40,9 +40,11 @@ from muse.components import (  # noqa: F401 - re-exported: muse.checkpoint is wh
     WEIGHTS_FILE,
     CheckpointError,
     Kind,
+    check_fit,
     component_extra,
     component_uri,
     config_class,
+    config_text_width,
     has_component,
     parse_config,
     read_component_config,
@@ -76,14 +78,6 @@ def kind_of_config(config: Any) -> str:
         if type(config) is config_cls:
             return kind
     raise TypeError(f"not a muse component config: {type(config).__name__}")
-
-
-def family_of(model: nn.Module) -> str | None:
-    """The model family of a component; None for anything else (a test's stand-in)."""
-    try:
-        return KINDS[kind_of(model)].family
-    except TypeError:
-        return None
 
 
 def save_component(model: nn.Module, uri: str, extra: dict[str, Any] | None = None) -> None:
@@ -315,6 +309,7 @@ def init_model_root(preset_name: str, out: str, seed: int = 0,
     config = model_preset(preset_name)
     if text_encoder is not None:
         config = dataclasses.replace(config, text_encoder=referenced_text_encoder(config, text_encoder))
+    _check_fits_root(preset_name, config, out, components)
     models = {}
     for i, name in enumerate(components):
         part = getattr(config, name)
@@ -325,6 +320,25 @@ def init_model_root(preset_name: str, out: str, seed: int = 0,
         models[name] = build_component(name, part)
         save_component(models[name], component_uri(out, name))
     return models
+
+
+def _check_fits_root(preset_name: str, config: Any, out: str, components: tuple[str, ...]) -> None:
+    """ValueError when the components about to be written into `out` cannot work with those it keeps."""
+    kept = [name for name in COMPONENTS if name not in components and has_component(out, name)]
+    if not kept:
+        return
+    configs, width = {name: getattr(config, name) for name in components}, None
+    if "text_encoder" in components:  # built here, or referenced with the folder's width
+        width = config_text_width(config.text_encoder, reference=True)
+    for name in kept:
+        _, configs[name], reference = read_component_meta(component_uri(out, name))
+        if name == "text_encoder":
+            width = config_text_width(configs[name], reference=reference)
+    try:
+        check_fit(configs, width)
+    except ValueError as e:
+        raise ValueError(f"{preset_name}'s {', '.join(components)} would not fit the "
+                         f"{', '.join(kept)} that {out} holds: {e}") from None
 
 
 def referenced_text_encoder(config: Any, folder: str) -> Any:

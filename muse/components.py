@@ -147,3 +147,47 @@ def component_version(uri: str, meta: dict[str, Any] | None = None) -> dict[str,
     fs, path = storage.filesystem(storage.join(uri, WEIGHTS_FILE))
     size = fs.get_file_info(path).size
     return {"extra": extra, "weights_bytes": size}
+
+
+def family_of_config(config: Any) -> str | None:
+    """The model family of a component config; None for anything else (a test's stand-in)."""
+    for kind in KINDS.values():
+        if type(config) is resolve_ref(kind.config):
+            return kind.family
+    return None
+
+
+def check_fit(configs: dict[str, Any], text_width: int | None = None) -> None:
+    """ValueError naming the first components of a model root that cannot work together. `configs`:
+    slot name -> component config, for the slots known (others are skipped); `text_width`: the width of
+    the text encoder's embeddings, where known."""
+    families = {name: family_of_config(c) for name, c in configs.items()}
+    if len(set(families.values()) - {None}) > 1:
+        raise ValueError(f"a model root holds one model family; these components mix them: {families}")
+    lo, b, hi, s = (configs.get(name) for name in ("vqgan_lo", "base", "vqgan_hi", "superres"))
+    for name, reader in (("base", b), ("superres", s)):
+        if reader is not None and text_width is not None and text_width != reader.text_dim:
+            raise ValueError(f"the text encoder gives {text_width}-wide embeddings but {name} reads text_dim "
+                             f"{reader.text_dim}: use the text encoder the transformers were trained with")
+    if lo is not None and b is not None and (lo.codebook_size, lo.tokens_per_side) != (b.codebook_size, b.tokens_per_side):
+        raise ValueError(f"base expects {b.tokens_per_side}x{b.tokens_per_side} tokens of {b.codebook_size} codes, "
+                         f"vqgan_lo gives {lo.tokens_per_side}x{lo.tokens_per_side} of {lo.codebook_size}")
+    if s is not None and b is not None and (s.lo_codebook_size, s.lo_tokens_per_side) != (b.codebook_size, b.tokens_per_side):
+        raise ValueError(f"superres reads {s.lo_tokens_per_side}x{s.lo_tokens_per_side} low-res tokens of "
+                         f"{s.lo_codebook_size} codes, base draws {b.tokens_per_side}x{b.tokens_per_side} of "
+                         f"{b.codebook_size}")
+    if s is not None and hi is not None and (s.hi_codebook_size, s.hi_tokens_per_side) != (hi.codebook_size, hi.tokens_per_side):
+        raise ValueError(f"superres draws {s.hi_tokens_per_side}x{s.hi_tokens_per_side} tokens of "
+                         f"{s.hi_codebook_size} codes, vqgan_hi reads {hi.tokens_per_side}x{hi.tokens_per_side} "
+                         f"of {hi.codebook_size}")
+
+
+def config_text_width(config: Any, reference: bool = False) -> int | None:
+    """The width of a text encoder's embeddings where its config alone says it: a built encoder or a
+    referenced folder (whose width was read when the reference was written); None for a copy of
+    pretrained weights, whose width is in its own files."""
+    if hasattr(config, "hidden") and not hasattr(config, "d_model"):  # CLIP: its width is always recorded
+        return int(config.hidden)
+    if getattr(config, "name_or_path", None) is None or reference:
+        return int(config.d_model)
+    return None

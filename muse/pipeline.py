@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from muse import checkpoint, editing, sampling, storage
+from muse.components import check_fit
 from muse.data.images import centre_square, pil_to_tensor, tensor_to_pil
 from muse.image_inputs import letterbox, load_image, load_mask
 from muse.token_stages import TextCondition, base_tokens, stage_contexts, superres_tokens
@@ -404,23 +405,6 @@ def _negatives(negative_prompt: str | Sequence[str] | None, n: int) -> list[str]
 def _check_compatible(text_encoder, vqgan_lo, base, vqgan_hi, superres) -> None:
     parts = {"text_encoder": text_encoder, "vqgan_lo": vqgan_lo, "base": base, "vqgan_hi": vqgan_hi,
              "superres": superres}
-    families = {name: checkpoint.family_of(m) for name, m in parts.items() if m is not None}
-    if len(set(families.values()) - {None}) > 1:
-        raise ValueError(f"a model root holds one model family; these components mix them: {families}")
-    lo, b = vqgan_lo.config, base.config
     width = getattr(text_encoder, "dim", None)
-    if isinstance(width, int) and width != b.text_dim:
-        raise ValueError(f"the text encoder gives {width}-wide embeddings but base reads text_dim {b.text_dim}: "
-                         "load the text encoder the transformer was trained with")
-    if superres is not None and isinstance(width, int) and width != superres.config.text_dim:
-        raise ValueError(f"the text encoder gives {width}-wide embeddings but superres reads text_dim "
-                         f"{superres.config.text_dim}")
-    if (lo.codebook_size, lo.tokens_per_side) != (b.codebook_size, b.tokens_per_side):
-        raise ValueError(f"base expects {b.tokens_per_side}x{b.tokens_per_side} tokens of {b.codebook_size} codes, "
-                         f"vqgan_lo gives {lo.tokens_per_side}x{lo.tokens_per_side} of {lo.codebook_size}")
-    if superres is not None:
-        hi, s = vqgan_hi.config, superres.config
-        if (s.lo_codebook_size, s.lo_tokens_per_side) != (b.codebook_size, b.tokens_per_side):
-            raise ValueError("superres low-res tokens do not match the base model's")
-        if (s.hi_codebook_size, s.hi_tokens_per_side) != (hi.codebook_size, hi.tokens_per_side):
-            raise ValueError("superres high-res tokens do not match vqgan_hi's")
+    check_fit({name: m.config for name, m in parts.items() if m is not None and hasattr(m, "config")},
+              width if isinstance(width, int) else None)

@@ -405,6 +405,20 @@ def test_muse_init_references_a_t5_folder_of_the_transformers_width(tmp_path, ca
     assert (tmp_path / "root" / "base" / "model.safetensors").read_bytes() == base
     meta = read_meta(component_uri(root, "text_encoder"))
     assert meta["reference"] and meta["config"]["name_or_path"] == str(tmp_path / "t5-64")
+    # Components that would not work with what the root keeps are refused, and the root stays whole.
+    xxl = tmp_path / "t5-xxl"
+    xxl.mkdir()
+    (xxl / "config.json").write_text(json.dumps({"d_model": 4096}))  # its width is all that is read
+    capsys.readouterr()
+    for argv, why in ((["--components", "text_encoder", "--text-encoder", str(xxl)],
+                       "text_encoder would not fit the vqgan_lo, vqgan_hi, base, superres that"),
+                      (["--components", "base"], "gives 64-wide embeddings but base reads text_dim 4096")):
+        with pytest.raises(SystemExit) as exit_:
+            init_main(["--preset", "muse-632m", *argv, "--out", root, "--force"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and why in err, err
+    assert read_meta(component_uri(root, "text_encoder")) == meta
+    assert (tmp_path / "root" / "base" / "model.safetensors").read_bytes() == base
     encoder = load_component(component_uri(root, "text_encoder"))
     ids, mask = encoder.tokenize(["a red circle"])
     assert torch.allclose(encoder.encode_ids(ids, mask), fits(input_ids=ids, attention_mask=mask).last_hidden_state)
