@@ -38,6 +38,23 @@ def pixel_code_vectors(pixels: torch.Tensor, channels: int = 3) -> torch.Tensor:
     return torch.cat([centred, outline], dim=1)
 
 
+def code_classes(unit: torch.Tensor, min_cosine: float, chunk: int = 1024) -> torch.Tensor:
+    """(K,) the class of each of K unit code vectors: the lowest code reachable through pairs whose cosine
+    is above `min_cosine`. Closeness is not transitive (a~b, b~c, not a~c), so a class is a connected
+    component, found by spreading the lowest index along the pairs (in chunks of rows: K x K at 8192
+    codes is half a GiB as integers)."""
+    k = len(unit)
+    classes = torch.arange(k, device=unit.device)
+    while True:
+        spread = torch.cat([
+            torch.where((unit[i:i + chunk] @ unit.t()) > min_cosine, classes[None, :], k).amin(dim=1)
+            for i in range(0, k, chunk)])
+        spread = torch.minimum(spread, classes)  # a zero vector matches nothing: its own class
+        if torch.equal(spread, classes):
+            return classes
+        classes = spread
+
+
 def pixel_code_dim(tokenizer: VQGANConfig) -> int:
     """The width of `pixel_code_vectors` for a patch-form tokenizer's codes."""
     if tokenizer.form != "patch":

@@ -120,17 +120,26 @@ class ContextStack:
 
 class NullContextCache:
     """A model's unconditional context, encoded once and reused by every request until the weights
-    change: key is the device, dtype and each tensor's version (an in-place update, a training step),
-    and loading weights (`load_state_dict`, also with assign=True, whose fresh tensors start at
-    version 0 again) empties the cache."""
+    change. The key is the autocast state (a context encoded under bf16 autocast is bf16) and each
+    weight's storage and version: an in-place update or a training step bumps a version, and a module
+    swapped for another (LoRA added or merged) brings other storages. Loading weights
+    (`load_state_dict`, also with assign=True, whose fresh tensors start at version 0 again) empties
+    the cache. Writes through `.data` bypass versions: call `forget_null()` after them."""
 
     def init_null_cache(self) -> None:
         self._null: tuple[tuple, Context] | None = None
         self.register_load_state_dict_post_hook(_forget_null)
 
+    def forget_null(self) -> None:
+        self._null = None
+
     def cached_null(self, encode: Callable[[], Context]) -> Context:
         tensors = [*self.parameters(), *self.buffers()]
-        key = (tensors[0].device, tensors[0].dtype, tuple(t._version for t in tensors))
+        device = tensors[0].device
+        autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        # Inference tensors keep no version, and change in place only under inference mode.
+        key = (device, autocast, tuple((t.data_ptr(), t.dtype, -1 if t.is_inference() else t._version)
+                                       for t in tensors))
         if self._null is None or self._null[0] != key:
             with torch.no_grad():
                 self._null = (key, encode())

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from muse.code_vectors import CODE_VECTORS, PixelPrior, pixel_patch_side
+from muse.code_vectors import CODE_VECTORS, PixelPrior, code_classes, pixel_patch_side
 from muse.config import BaseTransformerConfig, SuperResTransformerConfig
 from muse.context import Context, ContextStack, NullContextCache
 
@@ -168,7 +168,8 @@ class TokenEmbedding(nn.Module):
         `pixel_code_vectors(VQGAN.code_pixels())`.
 
         Codes whose `same_by` vectors (default: `vectors`) match (cosine > SAME_CODE_COSINE) are one
-        class: each maps to the first of them (`code_class`), and only that one gets a logit. A codebook
+        class (with the codes those match, and so on): each maps to the first of them (`code_class`), and only
+        that one gets a logit. A codebook
         kept in use by dead-code restarts holds many copies of each kind of patch (the tiny tokenizers:
         512 codes, ~20 kinds), and logits that are maps of the vectors could not tell the copies apart.
         Copies are told by the codebook: their decoded patches differ by a little noise."""
@@ -182,9 +183,7 @@ class TokenEmbedding(nn.Module):
         self.code_vectors.copy_(vectors.to(self.code_vectors))
         unit = F.normalize((self.code_vectors if same_by is None else same_by.to(self.code_vectors)).float(),
                            dim=-1)
-        same = (unit @ unit.t()) > SAME_CODE_COSINE  # (K, K)
-        same |= torch.eye(len(same), dtype=torch.bool, device=same.device)  # a zero vector is its own class
-        self.code_class.copy_(same.int().argmax(dim=1))  # the first code each one matches (itself at worst)
+        self.code_class.copy_(code_classes(unit, SAME_CODE_COSINE))
 
     def undrawn(self) -> torch.Tensor | None:
         """(K,) bool: the codes that are not the first of their class, whose logits are floored."""

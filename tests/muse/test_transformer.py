@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -172,6 +174,35 @@ def test_null_context_is_the_fully_masked_text_and_is_cached_until_the_weights_c
         want = other(ids, other.null_context())
         model.load_state_dict(fresh(other), assign=True)
         torch.testing.assert_close(model(ids, model.null_context()), want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_cached_null_context_follows_lora_merges_autocast_and_inference_tensors():
+    from muse.lora import add_lora, merge_lora
+
+    torch.manual_seed(0)
+    model = MaskedTransformer(preset("base-tiny")).eval()
+    ids = torch.randint(0, 513, (1, 64))
+
+    def uncached(m):  # the null context as the weights give it now
+        m.forget_null()
+        return m(ids, m.null_context())
+
+    with torch.no_grad():
+        model(ids, model.null_context())  # cached
+        add_lora(model, rank=4)
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_()
+        merge_lora(model)  # new modules whose weights have the same versions as the ones replaced
+        torch.testing.assert_close(model(ids, model.null_context()), uncached(model))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(ids, model.null_context())  # a bf16 context, cached under autocast
+        assert model(ids, model.null_context()).dtype == torch.float32  # not the bf16 one, outside it
+    with torch.inference_mode():  # loaded as a server might: inference tensors keep no version
+        loaded = MaskedTransformer(preset("base-tiny")).eval()
+        loaded.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+        assert loaded.null_context() is loaded.null_context()
+        torch.testing.assert_close(loaded(ids, loaded.null_context()), uncached(model))
 
 
 def test_select_gives_the_logits_of_the_selected_positions_only():
@@ -349,6 +380,16 @@ def test_codes_can_be_told_apart_by_other_vectors_than_the_ones_read():
     torch.testing.assert_close(model.embed.code_vectors, pixels)  # what the model reads
     model.embed.set_code_vectors(pixels)  # by the pixels themselves: every code its own class
     assert not model.embed.undrawn().any()
+    # A chain: 20 is close to 21 and 21 to 22, but 20 not to 22. One class, drawn as 20: a class whose
+    # first code is itself undrawn would be a target no logit can reach.
+    angle = math.acos(0.995)
+    chain = codebook.clone()
+    chain[20:23] = 0
+    chain[20:23, :2] = torch.tensor([[math.cos(a * angle), math.sin(a * angle)] for a in range(3)])
+    assert (chain[20] @ chain[22]).item() < 0.99 < (chain[20] @ chain[21]).item()
+    model.embed.set_code_vectors(pixels, same_by=chain)
+    assert model.embed.classes(torch.tensor([20, 21, 22, 9])).tolist() == [20, 20, 20, 7]
+    assert model.embed.undrawn().nonzero().flatten().tolist() == [9, 21, 22]
     with pytest.raises(ValueError, match="one vector per code"):
         model.embed.set_code_vectors(pixels, same_by=codebook[:100])
     with pytest.raises(ValueError, match="code_vectors"):
