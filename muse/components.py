@@ -191,3 +191,21 @@ def config_text_width(config: Any, reference: bool = False) -> int | None:
     if getattr(config, "name_or_path", None) is None or reference:
         return int(config.d_model)
     return None
+
+
+def check_root(root: str) -> None:
+    """ValueError when `root` cannot be loaded as a model root, from its config.json files alone (no
+    weights read): required components missing, a config unreadable, or components that do not fit."""
+    missing = [name for name in REQUIRED_COMPONENTS if not has_component(root, name)]
+    if missing:
+        raise ValueError(f"model root {root} lacks {', '.join(missing)}; `muse init --out DIR` writes a random one")
+    configs, width = {}, None
+    for name in COMPONENTS:
+        if name in REQUIRED_COMPONENTS or has_component(root, name):
+            _, configs[name], reference = read_component_meta(component_uri(root, name))
+            if name == "text_encoder":
+                width = config_text_width(configs[name], reference=reference)
+    try:
+        check_fit(configs, width)
+    except ValueError as e:
+        raise ValueError(f"model root {root}: {e}") from None

@@ -18,6 +18,7 @@ from ray import serve
 from ray.serve import Application
 
 from muse import checkpoint
+from muse.components import check_root
 from serve.api import Ingress
 from serve.config import AppArgs
 from serve.deployments import BaseGenerator, Decoder, SuperResGenerator, TextEncoder
@@ -37,9 +38,7 @@ def build_app(args: AppArgs) -> Application:
     `args.api_key_env` where the app is built; with neither, the API is open (loopback use)."""
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
-    missing = [c for c in checkpoint.REQUIRED_COMPONENTS if not checkpoint.has_component(args.checkpoint, c)]
-    if missing:
-        raise ValueError(f"model root {args.checkpoint} lacks {missing}; `muse init --out DIR` writes a random one")
+    check_root(args.checkpoint)
     api_key = args.api_key or os.environ.get(args.api_key_env) or None
     root = args.checkpoint if "://" in args.checkpoint else os.path.abspath(args.checkpoint)
     args = args.model_copy(update={"api_key": api_key, "checkpoint": root})  # replicas run elsewhere

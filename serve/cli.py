@@ -6,7 +6,8 @@ joins Ray as every entry point does (`jobs.cluster`: RAY_ADDRESS, a `ray start` 
 node, or a new local Ray), starts Serve's HTTP proxy on host:port, deploys
 `serve.app:build_app` and blocks until Ctrl-C. `--config` takes a Ray Serve config file (the args of
 its first application are used; `serve/config.yaml` is one) or a plain YAML mapping of AppArgs
-fields; --checkpoint overrides its `checkpoint`. Set MUSE_API_KEY to require
+fields; --checkpoint overrides its `checkpoint`, and --host and --port its `http_options`. The flags, the
+config and the model root's config files are checked before Ray starts. Set MUSE_API_KEY to require
 `Authorization: Bearer <key>` on /v1/; without a key the API is open, so keep the default loopback host.
 
 Ray 2.60 turns token authentication on for its own cluster APIs (`ray.init` writes the token); the
@@ -23,37 +24,78 @@ import threading
 APP_NAME = "muse"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="muse serve", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="The API: POST /v1/images/generations, POST /v1/images/edits, "
                                             "GET /v1/models, GET /healthz, and a web page at /.")
     parser.add_argument("--checkpoint", help="model root (local path or s3://); required unless --config has it")
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    parser.add_argument("--port", type=int, help="HTTP port (default: the config's http_options.port, else 8000)")
+    parser.add_argument("--host", help="address to listen on (default: the config's http_options.host, else "
+                                       "127.0.0.1, loopback only)")
     parser.add_argument("--config", help="YAML: a Ray Serve config (serve/config.yaml) or a mapping of AppArgs")
     parser.add_argument("--num-cpus", type=int, default=max(4, os.cpu_count() or 1),
                         help="logical CPUs of a local Ray (default: max(4, cores)); ignored when joining a cluster")
-    return parser.parse_args(argv)
+    return parser, parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    from serve.config import AppArgs, load_args
+def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """(AppArgs, host, port) from the flags and --config, with the model root checked, before Ray
+    starts: every mistake a flag or the config can hold is one `muse serve: error:` line (exit 2)."""
+    from pydantic import ValidationError
 
-    data = load_args(args.config) if args.config else {}
+    from muse.components import check_root
+    from serve.config import AppArgs, load_args, load_http_options
+
+    try:
+        data = load_args(args.config) if args.config else {}
+        http = load_http_options(args.config) if args.config else {}
+    except (OSError, ValueError) as e:
+        parser.error(f"--config: {e}")
     if args.checkpoint:
         data["checkpoint"] = args.checkpoint
     if "checkpoint" not in data:
-        raise SystemExit("muse serve: give --checkpoint ROOT (or a config with `checkpoint`)")
-    app_args = AppArgs.model_validate(data)
+        parser.error("give --checkpoint ROOT (or a config with `checkpoint`)")
+    try:
+        app_args = AppArgs.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'args'}: {err['msg']}" for err in e.errors())
+        parser.error(f"--config: {problems}")
+    host = args.host or http.get("host") or "127.0.0.1"
+    port = args.port if args.port is not None else http.get("port", 8000)
+    if not isinstance(port, int) or not 1 <= port <= 65535:
+        parser.error(f"--port must be 1-65535, got {port!r}")
+    try:
+        check_root(app_args.checkpoint)
+    except (OSError, ValueError) as e:
+        parser.error(f"--checkpoint: {e}")
+    return app_args, host, port
 
-    import ray
+
+def port_taken(host: str, port: int) -> str | None:
+    """Why host:port cannot be listened on (another server holds it, no such address), or None."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, port))
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser, args = parse_args(argv)
+    app_args, host, port = resolve(parser, args)
+
     from ray import serve
 
-    from jobs.cluster import LocalPathRefused, check_shared_paths, join_ray
+    from jobs.cluster import LocalPathRefused, check_shared_paths, cluster_address, join_ray
     from serve.app import build_app, start_serve
 
+    # On a Ray of its own, Serve's proxy will listen here; on a cluster, one may be listening already.
+    if cluster_address() is None and (why := port_taken(host, port)):
+        parser.error(f"cannot listen on {host}:{port}: {why} (pick another --port)")
     local = join_ray(num_cpus=args.num_cpus, include_dashboard=False, quiet=False)  # replicas' logs stay on the console
     try:
         check_shared_paths({"--checkpoint": app_args.checkpoint})  # replicas on other nodes load it too
@@ -70,11 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        start_serve(args.host, args.port)
+        start_serve(host, port)
         print(f"muse serve: starting {app_args.checkpoint} (loading the models)", flush=True)
         serve.run(build_app(app_args), name=APP_NAME, route_prefix="/", blocking=False)
         if not stop.is_set():
-            print(f"muse serve: serving {app_args.checkpoint} at http://{args.host}:{args.port}/  (Ctrl-C to stop)",
+            print(f"muse serve: serving {app_args.checkpoint} at http://{host}:{port}/  (Ctrl-C to stop)",
                   flush=True)
         while not stop.wait(0.5):
             pass

@@ -202,9 +202,7 @@ class AppArgs(Strict):
 def load_args(path: str | Path, app_name: str | None = None) -> dict[str, Any]:
     """The `args` mapping of a YAML file: either a Ray Serve config (`applications: [{args: ...}]`,
     the first application or the one named `app_name`) or a plain mapping of AppArgs fields."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a mapping")
+    data = _load_yaml(path)
     if "applications" not in data:
         return data
     apps = data["applications"] or []
@@ -212,3 +210,21 @@ def load_args(path: str | Path, app_name: str | None = None) -> dict[str, Any]:
         if app_name is None or app.get("name") == app_name:
             return dict(app.get("args") or {})
     raise ValueError(f"{path}: no application named {app_name!r}")
+
+
+def load_http_options(path: str | Path) -> dict[str, Any]:
+    """A Ray Serve config's `http_options` (host, port, ...); empty for a plain mapping of AppArgs."""
+    options = _load_yaml(path).get("http_options") or {}
+    if not isinstance(options, dict):
+        raise ValueError(f"{path}: http_options must be a mapping")
+    return options
+
+
+def _load_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping")
+    return data
