@@ -225,9 +225,8 @@ class Listed(NamedTuple):
 LISTING_LOOKAHEAD = 8  # folders listed ahead of the walk, in threads (an S3 listing is a round trip)
 
 
-def iter_files(uri: str, recursive: bool = True, skip: str | None = None) -> Iterator[Listed]:
-    """Every file below `uri` (or `uri` itself, a file) but those below the folder `skip`, streamed in
-    sorted order: the same order as
+def iter_files(uri: str, recursive: bool = True) -> Iterator[Listed]:
+    """Every file below `uri` (or `uri` itself, a file), streamed in sorted order: the same order as
     sorting the whole list, since a folder's entries are sorted with "/" after a folder's name and
     walked depth first. Memory holds the listings of the folders on the way down (and a few listed
     ahead), never the whole tree: a corpus of 10^8 images in folders of 10^4 is walked in a few MB.
@@ -246,7 +245,6 @@ def iter_files(uri: str, recursive: bool = True, skip: str | None = None) -> Ite
         return
     odd: list[str] = []
     seen: set[tuple[int, int]] = set()
-    skipped = filesystem(skip)[1].rstrip("/") if skip is not None else None
 
     def listing(folder: str) -> tuple[tuple[int, int] | None, list[tuple[str, str, str, int]]]:
         """(identity for loop detection, sorted [(sort key, kind, path, size)])."""
@@ -281,14 +279,14 @@ def iter_files(uri: str, recursive: bool = True, skip: str | None = None) -> Ite
         if not s3:  # here, not in the listing threads: a stat there hands the GIL back and forth
             entries = [(key, kind, p, _size(p) if size is None else size) for key, kind, p, size in entries]
         names = {name: size for name, kind, _, size in entries if kind != "dir"}
-        folders = [p for _, kind, p, _ in entries if kind == "dir" and p != skipped] if recursive else []
+        folders = [p for _, kind, p, _ in entries if kind == "dir"] if recursive else []
         ahead: dict[str, Future] = {}
         submitted = 0
         for _, kind, p, size in entries:
             if kind != "dir":
                 yield Listed(prefix + p, names, kind == "broken", size)
                 continue
-            if not recursive or p == skipped:
+            if not recursive:
                 continue
             while submitted < len(folders) and len(ahead) < LISTING_LOOKAHEAD:
                 ahead[folders[submitted]] = pool.submit(listing, folders[submitted])

@@ -164,7 +164,7 @@ class NoInput(FileNotFoundError):
 
 def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", spill: str | None = None,
                progress: Callable[..., None] | None = None, max_images: int | None = None,
-               folder_cuts: str = "names", sizes: bool = True, skip: str | None = None) -> list[Part]:
+               folder_cuts: str = "names", sizes: bool = True) -> list[Part]:
     """Every part of the corpus at `uri` (a file or a directory), in a deterministic order. Part ids
     hash the files' paths below `uri` (`ids` "relative") or their full spelling ("absolute"), and
     with `sizes` the files' sizes as listed, so that a file rewritten under its name with another
@@ -179,8 +179,7 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
     refused (`NoInput`), and so is a corpus whose format cannot be told.
     `max_images` plans only a folder corpus's first parts, up to that many images (its listing stops
     there: a sample of a huge folder neither lists nor holds the rest). A folder corpus is cut by
-    names, or by count for outputs tokenized before (`folder_plan.plan_folder`'s `cuts`). A folder
-    `skip` below `uri` is not listed (an output written inside its corpus)."""
+    names, or by count for outputs tokenized before (`folder_plan.plan_folder`'s `cuts`)."""
     if ids not in PART_IDS:
         raise ValueError(f"ids must be one of {PART_IDS}, got {ids!r}")
     if format not in FORMATS:
@@ -201,7 +200,7 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
     def images() -> Iterator[storage.Listed]:
         """The image files of the listing; Parquet files and tars met on the way are noted."""
         nonlocal listed, image_files
-        for f in storage.iter_files(uri, skip=skip):
+        for f in storage.iter_files(uri):
             listed += 1
             kind = _kind(f.uri, cfg)
             if kind in ("parquet", "tar"):

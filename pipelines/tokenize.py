@@ -201,8 +201,8 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
         progress: bool = True, reporter=None, force_cleanup: bool = False, retire_changed: bool = False) -> dict:
     """Tokenize every unfinished part of the corpus at `input_uri` into `output`; returns totals.
     `on_published(entry)` is called on this thread once a part's manifest entry is committed.
-    Progress is a tqdm bar, or goes to `reporter` (jobs.progress.Reporter: `update(done, metrics)`,
-    `finish(line)`). Another driver writing to `output` (a fresh heartbeat) is refused with
+    Progress is a tqdm bar (`progress`), or goes to `reporter` (jobs.progress.Reporter: `update(done,
+    metrics)`, `finish(line)`); without a reporter the plan's line and the summary are printed. Another driver writing to `output` (a fresh heartbeat) is refused with
     `manifest.OutputInUse`; `force_cleanup` takes it for dead and deletes what it left uncommitted.
     Finished parts that are not in the input any more are refused, or with `retire_changed` retired
     (`manifest.retire`) and their images tokenized again in the parts that now hold them."""
@@ -210,8 +210,9 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     input_uri, output = readers.canonical(input_uri), readers.canonical(output)
     if output == input_uri:
         raise CorpusRefused(f"the output {output} is the input: write the shards to another folder")
-    # An output inside its corpus is left out of the corpus's listing: its shards are no corpus.
-    inside = output if output.startswith(input_uri.rstrip("/") + "/") else None
+    if output.startswith(input_uri.rstrip("/") + "/"):  # its Parquet shards would be read as corpus
+        raise CorpusRefused(f"the output {output} lies inside the input {input_uri}: a later run, or a VQGAN "
+                            "trained on that corpus, would read its shards as corpus; write it elsewhere")
     start = time.time()
     spec = job_spec(input_uri, cfg, models)
     old_spec = read_job_spec(output)
@@ -230,7 +231,7 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
         del done
         plan_dir = storage.join(output, manifest.SHARDS_DIR, run_id, manifest.PLAN_DIR)
         parts = _plan(input_uri, format, cfg, part_ids, folder_cuts, sizes, plan_dir, heartbeat,
-                      progress and reporter is None, start, skip=inside)
+                      progress and reporter is None, start)
         if any(p.format == "parquet" for p in parts):
             spec["parquet_parts"] = "whole row groups"  # outputs of the earlier row slices do not resume
         if folder_cuts == "names" and any(p.format == "folder" for p in parts):
@@ -238,7 +239,7 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
         changed = check_resumable(output, spec, old_spec, finished, {p.id for p in parts}, retire_changed)
         retired = manifest.retire(output, run_id, changed) if changed else (0, 0)
         todo = [p for p in parts if p.id not in finished]
-        if progress and reporter is None:
+        if reporter is None:
             print(f"tokenize: planned {len(parts)} parts in {time.time() - start:.1f}s, {len(todo)} to do"
                   + (f"; removed {removed} files a failed run left" if removed else "")
                   + (f"; retired {retired[0]} finished parts ({retired[1]} samples) whose input changed"
@@ -255,7 +256,7 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
             f"samples/s) -> {output}")
     if reporter is not None:
         reporter.finish(line)
-    elif progress:
+    else:
         print(f"tokenize: {line}", flush=True)
     return totals | {"removed": removed, "retired": retired[0]}
 
@@ -264,11 +265,9 @@ PLANNING_LINE_SECONDS = 10.0  # a long planning (a big folder corpus) says how f
 
 
 def _plan(input_uri: str, format: str, cfg: TokenizeConfig, part_ids: str, folder_cuts: str, sizes: bool,
-          spill: str, heartbeat: manifest.Heartbeat, lines: bool, start: float,
-          skip: str | None = None) -> list[readers.Part]:
-    """The corpus's parts (`skip`: an output inside the corpus, not listed); a folder corpus's image
-    lists go to plan files in `spill`. The heartbeat is kept while a big folder is listed, and with
-    `lines` a line says how far it is."""
+          spill: str, heartbeat: manifest.Heartbeat, lines: bool, start: float) -> list[readers.Part]:
+    """The corpus's parts; a folder corpus's image lists go to plan files in `spill`. The heartbeat is
+    kept while a big folder is listed, and with `lines` a line says how far it is."""
     last = time.monotonic()
 
     def planned(images: int, parts: int, captions: int = 0, note: str | None = None) -> None:
@@ -281,7 +280,7 @@ def _plan(input_uri: str, format: str, cfg: TokenizeConfig, part_ids: str, folde
             print(f"tokenize: planning: {so_far} so far ({time.time() - start:.0f}s)", flush=True)
 
     return readers.plan_parts(input_uri, format, cfg.reader, ids=part_ids, spill=spill, progress=planned,
-                              folder_cuts=folder_cuts, sizes=sizes, skip=skip)
+                              folder_cuts=folder_cuts, sizes=sizes)
 
 
 def _run_parts(todo: list[readers.Part], cfg: TokenizeConfig, models: Models, spec: dict, output: str,
@@ -421,7 +420,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config field, e.g. --set vqgan_lo.num_gpus=1 (repeatable)")
     parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bar and no per-stage timing at the end (logs, CI)")
+                        help="no progress bar and no per-stage timing at the end (logs, CI); the plan's "
+                             "line and the summary still print")
     parser.add_argument("--force-cleanup", action="store_true",
                         help="start even though another run's heartbeat in --output is fresh (that run "
                              "is dead, e.g. killed a moment ago), deleting the shards it left uncommitted")

@@ -331,15 +331,3 @@ def test_every_reject_reason_is_explained_in_the_docs():
     documented = set(re.findall(r"^\| (`.*?`(?:, `.*?`)*) \|", table, re.M))
     named = {name for cell in documented for name in re.findall(r"`(\w+)`", cell)}
     assert set(REASONS) <= named, set(REASONS) - named
-
-
-def test_an_output_inside_its_corpus_is_not_listed(tmp_path):
-    """`--output corpus/tokens`: the shards (Parquet) a first run wrote there are no corpus to a re-run."""
-    image, caption = good(0, 40)
-    (tmp_path / "a.png").write_bytes(image)
-    (tmp_path / "a.txt").write_text(caption)
-    (tmp_path / "tokens" / "shards").mkdir(parents=True)
-    write(tmp_path / "tokens" / "shards" / "x.parquet", {"image": [image], "caption": [caption]})
-    assert [p.format for p in plan_parts(str(tmp_path), "auto", ReaderConfig())] == ["parquet"]
-    parts = plan_parts(str(tmp_path), "auto", ReaderConfig(), skip=str(tmp_path / "tokens"))
-    assert [p.format for p in parts] == ["folder"] and [i[0] for i in parts[0].items] == [f"{tmp_path}/a.png"]

@@ -200,11 +200,13 @@ def test_cli(tmp_path, tiny_root, capsys):
     with pytest.raises(SystemExit):
         main(["--input", ".", "--output", str(tmp_path), "--checkpoint", str(tmp_path)])
     assert "vqgan_lo" in capsys.readouterr().err
-    # Refused at planning, in one line: what the corpus is cannot be told; the output is the input.
+    # Refused at planning, in one line: what the corpus is cannot be told; the output is the input, or
+    # inside it (a later run, or a VQGAN trained on the corpus, would read its shards as corpus).
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "notes.txt").write_text("no images here")
-    for output, said in ((tmp_path / "out2", "cannot tell the format"), (corpus, "the output .* is the input")):
+    for output, said in ((tmp_path / "out2", "cannot tell the format"), (corpus, "the output .* is the input"),
+                         (corpus / "tokens", "the output .* lies inside the input")):
         with pytest.raises(SystemExit) as refused:
             main(["--input", str(corpus), "--output", str(output), "--checkpoint", tiny_root, "--no-progress"])
         err = capsys.readouterr().err

@@ -4,6 +4,7 @@ lands exactly once."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -97,6 +98,9 @@ def test_crash_after_some_parts_then_rerun_is_exactly_once(ray_session, tmp_path
     # Retired: c3's two parts and their shards go, and nothing else is tokenized again.
     shrunk = run(corpus, out, models, fast_cfg, progress=False, retire_changed=True)
     assert shrunk["retired"] == 2 and shrunk["run_parts"] == 0 and shrunk["parts"] == 22
+    said = capsys.readouterr().out  # no bar (`--no-progress`), but the plan's line and the summary
+    assert re.search(r"tokenize: planned \d+ parts .*retired 2 finished parts", said), said
+    assert re.search(r"tokenize: \d+ accepted, .*\(22 already done\)", said), said
     assert set(keys_once(shards.load_token_shards(out))) == {k for k in accepted if "/c3.parquet#" not in k}
     assert not any("/c3.parquet" in s for s in manifest.read_manifest(out)["source"].to_pylist())
 
