@@ -12,6 +12,7 @@ images, and no two seeds share an image.
 
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 from dataclasses import dataclass
@@ -348,8 +349,8 @@ class MusePipeline:
         if req.superres and (not isinstance(req.superres_steps, int) or req.superres_steps < 1):
             raise ValueError(f"superres_steps must be an integer >= 1, got {req.superres_steps!r}")
         g = req.guidance_scale
-        if not isinstance(g, (int, float)) or isinstance(g, bool) or g < 0:
-            raise ValueError(f"guidance_scale must be a number >= 0, got {g!r}")
+        if not isinstance(g, (int, float)) or isinstance(g, bool) or not 0 <= g < math.inf:  # NaN fails too
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {g!r}")
         k = req.superres_top_k
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise ValueError(f"superres_top_k must be an integer >= 1 or None, got {k!r}")

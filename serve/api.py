@@ -325,7 +325,7 @@ def build_fastapi(ing: Ingress) -> FastAPI:
     return app
 
 
-_INTEGER = re.compile(r"[+-]?[0-9]+")
+_INTEGER = re.compile(r"[+-]?[0-9]{1,30}")  # ASCII digits; past 30 no field is in range, and int() refuses 4300
 
 
 class _EditForm:
@@ -346,7 +346,8 @@ class _EditForm:
         if value is None:
             return default
         if not _INTEGER.fullmatch(value.strip()):  # int() would take "0_2" or "٣"
-            raise APIError(400, f"'{name}' must be an integer, got {value[:40]!r}", param=name, code="invalid_type")
+            raise APIError(400, f"'{name}' must be an integer of at most 30 digits, got {value[:40]!r}", param=name,
+                           code="invalid_type")
         return int(value)
 
     def number(self, name: str) -> float | None:
@@ -356,5 +357,6 @@ class _EditForm:
         except ValueError:
             number = math.nan
         if number is not None and not math.isfinite(number):
-            raise APIError(400, f"'{name}' must be a finite number, got {value!r}", param=name, code="invalid_type")
+            raise APIError(400, f"'{name}' must be a finite number, got {value[:40]!r}", param=name,
+                           code="invalid_type")
         return number

@@ -216,6 +216,8 @@ def photo() -> Image.Image:
     (lambda p, im: p("a cat", steps=2, superres_steps=0), "superres_steps"),
     (lambda p, im: p("a cat", num_images=0), "num_images"),
     (lambda p, im: p("a cat", guidance_scale=-1.0), "guidance_scale"),
+    (lambda p, im: p("a cat", guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+    (lambda p, im: p.edit(im, "a cat", guidance_scale=float("inf")), "guidance_scale must be a finite number"),
     (lambda p, im: p("a cat", output="jpeg"), "output"),
     (lambda p, im: p("a cat", seed=-1), "seed"),
     (lambda p, im: p("a cat", superres_top_k=0), "superres_top_k"),

@@ -279,6 +279,31 @@ def test_an_overloaded_server_says_when_to_retry():
     assert r.json()["error"]["code"] == "overloaded"
 
 
+def test_numbers_no_field_can_hold_are_a_400_naming_the_field():
+    """A 5,000-digit integer in a form (past Python's int() limit), NaN guidance in JSON."""
+    import asyncio
+
+    from serve.api import build_fastapi
+
+    png = io.BytesIO()
+    Image.new("RGBA", (64, 64)).save(png, "PNG")
+
+    async def post() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=build_fastapi(fake_ingress(None)))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            edits = [await client.post("/v1/images/edits", files={"image": ("i.png", png.getvalue())},
+                                       data={"prompt": "a red circle", field: "9" * 5000})
+                     for field in ("n", "seed")]
+            guidance = await client.post("/v1/images/generations", content=b'{"prompt": "x", "guidance_scale": NaN}',
+                                         headers={"Content-Type": "application/json"})
+            return [*edits, guidance]
+
+    for r, field, said in zip(asyncio.run(post()), ("n", "seed", "guidance_scale"),
+                              ("at most 30 digits", "at most 30 digits", "finite number")):
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+        assert said in r.json()["error"]["message"] and len(r.text) < 500, r.text
+
+
 def test_build_app_reads_the_key_from_the_environment(tmp_path, monkeypatch):
     from muse.checkpoint import init_model_root
     from serve.app import build_app
