@@ -7,12 +7,14 @@
 
 Each writes <name>_<i>.png per image (prompt-major), numbered on from what the folder holds (an
 earlier run's images are never overwritten), and for several images their grid, <name>_<first>-<last>.png.
+`--n` images are decoded `--batch-size` at a time, so memory holds one batch however many are asked for.
 `main(argv)` takes the subcommand first: `python -m muse.generate_cli generate --help`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import re
@@ -35,6 +37,9 @@ def _common(parser: argparse.ArgumentParser, steps: bool = True) -> None:
     parser.add_argument("--negative-prompt", default=None,
                         help="what to steer away from (replaces the unconditional branch of guidance)")
     parser.add_argument("--n", type=int, default=1, help="images to write (default 1)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="images decoded at once (default 8): memory holds one batch, and --n images come "
+                             "in batches, the same images as in one")
     if steps:
         parser.add_argument("--steps", type=int, default=24, help="base decoding steps (default 24)")
     parser.add_argument("--superres-steps", type=int, default=8, help="super-res decoding steps (default 8)")
@@ -106,20 +111,25 @@ def run(command: str, args: argparse.Namespace) -> list[str]:
     else:
         # Weights seeded 0, as `muse init --preset tiny` writes them; --seed is for sampling.
         pipe = MusePipeline.from_preset(args.preset, seed=0, device=args.device)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     # None: through super-res when the root has it (an imported aMUSEd root stops at the base resolution).
-    common = dict(negative_prompt=args.negative_prompt, num_images=args.n, superres_steps=args.superres_steps,
+    common = dict(negative_prompt=args.negative_prompt, superres_steps=args.superres_steps,
                   guidance_scale=args.guidance, seed=args.seed, superres=False if args.no_superres else None,
                   superres_top_k=args.superres_top_k)
     if command == "generate":
-        images = pipe(args.prompt, steps=args.steps, **common)
+        draw = functools.partial(pipe, args.prompt, steps=args.steps, **common)
     elif command == "inpaint":
-        images = pipe.inpaint(args.image, args.mask, args.prompt, steps=args.steps, **common)
+        draw = functools.partial(pipe.inpaint, args.image, args.mask, args.prompt, steps=args.steps, **common)
     elif command == "outpaint":
-        images = pipe.outpaint(args.image, args.prompt, direction=args.direction, scale=args.scale,
-                               steps=args.steps, **common)
+        draw = functools.partial(pipe.outpaint, args.image, args.prompt, direction=args.direction, scale=args.scale,
+                                 steps=args.steps, **common)
     else:
-        images = pipe.edit(args.image, args.prompt, iterations=args.iterations, fraction=args.fraction,
-                           top_k=args.top_k, **common)
+        draw = functools.partial(pipe.edit, args.image, args.prompt, iterations=args.iterations,
+                                 fraction=args.fraction, top_k=args.top_k, **common)
+    images = draw(num_images=min(args.n, args.batch_size))  # the first batch checks every argument
+    for first in range(len(images), args.n, args.batch_size):
+        images += draw(num_images=min(args.batch_size, args.n - first), first_image=first)
     return write_images(images, args.out, command)
 
 

@@ -141,13 +141,17 @@ class MusePipeline:
                  num_images: int = 1, steps: int = 24, superres_steps: int = 8, guidance_scale: float = 4.0,
                  seed: int | None = None, output: str = "pil", superres: bool | None = None,
                  callback: StageCallback | None = None, choice_temperature: float = 4.5,
-                 temperature: float | None = None, superres_top_k: int | None = None) -> list[Image.Image] | torch.Tensor:
+                 temperature: float | None = None, superres_top_k: int | None = None,
+                 first_image: int = 0) -> list[Image.Image] | torch.Tensor:
         """Images for each prompt (prompt-major: all of prompt 0's images first).
 
         negative_prompt: one for all prompts or one per prompt; None = the unconditional branch.
         seed: image i of prompt p draws from `sampling.image_seed(seed, i, p)` in both stages, so the
             same seed and settings give the same images, and an image does not depend on how many
             images or prompts were asked for (None = a seed drawn from torch's global RNG).
+        first_image: i of the first image (the same in `inpaint`, `outpaint` and `edit`): a long run is
+            drawn in batches, `num_images` at a time from first_image 0, num_images, ..., and gives the
+            images one call would.
         output "pil" -> list of PIL images; "tokens" -> the last stage's ids (B·n, side, side).
         superres: run the super-res stage; None = whenever the pipeline has it (the same in `inpaint`,
             `outpaint` and `edit`).
@@ -160,11 +164,11 @@ class MusePipeline:
         superres = self._use_superres(superres)
         req = Request(num_images, steps, superres_steps, guidance_scale,
                       sampling.renamed_temperature(choice_temperature, temperature), seed, output, superres, callback,
-                      superres_top_k=superres_top_k)
+                      superres_top_k=superres_top_k, first_image=first_image)
         prompts = _prompts(prompt)
         negatives = _negatives(negative_prompt, len(prompts))
         self._check(req)
-        gens = self._generators(seed, num_images, prompts=len(prompts))
+        gens = self._generators(seed, num_images, prompts=len(prompts), first=first_image)
         cond, negative = self._conditions(prompts, negatives, guidance_scale)
         lo = base_tokens(self.base, cond, negative, num_images=num_images, steps=steps,
                          guidance_scale=guidance_scale, generator=gens, choice_temperature=req.choice_temperature,
@@ -180,8 +184,8 @@ class MusePipeline:
     def inpaint(self, image: Any, mask: Any, prompt: str, negative_prompt: str | None = None, num_images: int = 1,
                 steps: int = 24, superres_steps: int = 8, guidance_scale: float = 4.0, seed: int | None = None,
                 output: str = "pil", superres: bool | None = None, callback: StageCallback | None = None,
-                choice_temperature: float = 4.5,
-                superres_top_k: int | None = None) -> list[Image.Image] | torch.Tensor:
+                choice_temperature: float = 4.5, superres_top_k: int | None = None,
+                first_image: int = 0) -> list[Image.Image] | torch.Tensor:
         """Regenerate the masked part of `image` under `prompt`.
 
         image: PIL image, encoded bytes, a path (local or s3://) or a (3, H, W) tensor in [-1, 1].
@@ -191,7 +195,7 @@ class MusePipeline:
         sees the centre square of a non-square image (`muse.image_inputs`)."""
         superres = self._use_superres(superres)
         req = Request(num_images, steps, superres_steps, guidance_scale, choice_temperature, seed, output, superres,
-                      callback, superres_top_k=superres_top_k)
+                      callback, superres_top_k=superres_top_k, first_image=first_image)
         prompt_, negatives = self._checked(req, prompt, negative_prompt)
         img = load_image(image, "image")
         pixel_mask = load_mask(mask, img.size)
@@ -208,15 +212,15 @@ class MusePipeline:
                  negative_prompt: str | None = None, num_images: int = 1, steps: int = 24, superres_steps: int = 8,
                  guidance_scale: float = 4.0, seed: int | None = None, output: str = "pil", superres: bool | None = None,
                  callback: StageCallback | None = None,
-                 choice_temperature: float = 4.5,
-                 superres_top_k: int | None = None) -> list[Image.Image] | torch.Tensor:
+                 choice_temperature: float = 4.5, superres_top_k: int | None = None,
+                 first_image: int = 0) -> list[Image.Image] | torch.Tensor:
         """Extend `image` beyond its borders (see `editing.outpaint_canvas`): direction "all" shrinks it
         to `scale` of the side in the centre; "left"/"right"/"up"/"down" shift it so it covers `scale`
         of the canvas and the strip on that side is new. The output keeps the model's resolution. A
         non-square image is letterboxed into the square, and its bands are drawn as well."""
         superres = self._use_superres(superres)
         req = Request(num_images, steps, superres_steps, guidance_scale, choice_temperature, seed, output, superres,
-                      callback, superres_top_k=superres_top_k)
+                      callback, superres_top_k=superres_top_k, first_image=first_image)
         prompt_, negatives = self._checked(req, prompt, negative_prompt)
         if direction not in editing.DIRECTIONS:
             raise ValueError(f"direction must be one of {editing.DIRECTIONS}, got {direction!r}")
@@ -236,14 +240,15 @@ class MusePipeline:
              iterations: int = 100, fraction: float = 0.08, guidance_scale: float = 4.0, top_k: int | None = 3,
              superres_steps: int = 8, seed: int | None = None, output: str = "pil", superres: bool | None = None,
              callback: StageCallback | None = None, choice_temperature: float = 4.5,
-             superres_top_k: int | None = None) -> list[Image.Image] | torch.Tensor:
+             superres_top_k: int | None = None, first_image: int = 0) -> list[Image.Image] | torch.Tensor:
         """Mask-free editing: starting from the image's tokens, resample a random `fraction` of them
         `iterations` times under `prompt` (guidance, top-k). Through super-res, high-res tokens are
         regenerated where the low-res tokens changed and kept elsewhere; that fill takes
         `choice_temperature` and `superres_top_k` as `__call__` does. Stage names: "edit", "superres"."""
         superres = self._use_superres(superres)
         req = Request(num_images, iterations, superres_steps, guidance_scale, choice_temperature, seed, output,
-                      superres, callback, steps_name="iterations", superres_top_k=superres_top_k)
+                      superres, callback, steps_name="iterations", superres_top_k=superres_top_k,
+                      first_image=first_image)
         prompt_, negatives = self._checked(req, prompt, negative_prompt)
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
@@ -251,7 +256,7 @@ class MusePipeline:
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
         img = load_image(image, "image")
         lo_img, hi_img = self._image_tensors(img, superres)
-        gens = self._generators(seed, num_images)
+        gens = self._generators(seed, num_images, first=first_image)
         cond, negative = self._conditions([prompt_], negatives, guidance_scale)
         source = self.vqgan_lo.encode(lo_img).repeat(num_images, 1, 1)  # (n, h, w)
         ctx, uncond = stage_contexts(self.base, cond, negative, guided=guidance_scale != 0, repeat=num_images)
@@ -277,7 +282,7 @@ class MusePipeline:
         upsampled mask says, conditioned on the new lo tokens; known tokens fixed on both. The caller
         has checked the request (`_checked`) before decoding any image."""
         n = req.num_images
-        gens = self._generators(req.seed, n)
+        gens = self._generators(req.seed, n, first=req.first_image)
         cond, negative = self._conditions([prompt_], negatives, req.guidance_scale)
         source = self.vqgan_lo.encode(lo_img).repeat(n, 1, 1)  # (n, h, w)
         regen = regen.to(self.device).repeat(n, 1, 1)
@@ -319,7 +324,7 @@ class MusePipeline:
             images = vqgan.decode(ids)
         return [tensor_to_pil(x) for x in images]
 
-    def _generators(self, seed: int | None, n: int, prompts: int = 1) -> list[torch.Generator]:
+    def _generators(self, seed: int | None, n: int, prompts: int = 1, first: int = 0) -> list[torch.Generator]:
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         try:
@@ -328,7 +333,7 @@ class MusePipeline:
             value = -1
         if value < 0 or isinstance(seed, bool):
             raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
-        return sampling.image_generators(value, n, self.device, prompts)
+        return sampling.image_generators(value, n, self.device, prompts, first)
 
     def _checked(self, req: Request, prompt: str, negative_prompt: str | None) -> tuple[str, list[str] | None]:
         """The one prompt and its negative of an editing call, and its settings, checked before any
@@ -343,9 +348,10 @@ class MusePipeline:
         return self.superres is not None if superres is None else superres
 
     def _check(self, req: Request) -> None:
-        for name, value in ((req.steps_name, req.steps), ("num_images", req.num_images)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name, value, least in ((req.steps_name, req.steps, 1), ("num_images", req.num_images, 1),
+                                   ("first_image", req.first_image, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         if req.superres and (not isinstance(req.superres_steps, int) or req.superres_steps < 1):
             raise ValueError(f"superres_steps must be an integer >= 1, got {req.superres_steps!r}")
         g = req.guidance_scale
@@ -376,6 +382,7 @@ class Request:
     callback: StageCallback | None = None
     steps_name: str = "steps"
     superres_top_k: int | None = None
+    first_image: int = 0
 
 
 def _stage(callback: StageCallback | None, stage: str) -> Callable[[int, torch.Tensor], None] | None:

@@ -286,8 +286,9 @@ def image_seed(seed: int, index: int, prompt: int = 0) -> int:
     return int(state) & (2**63 - 1)
 
 
-def image_generators(seed: int, n: int, device: torch.device | str = "cpu", prompts: int = 1) -> list[torch.Generator]:
+def image_generators(seed: int, n: int, device: torch.device | str = "cpu", prompts: int = 1,
+                     first: int = 0) -> list[torch.Generator]:
     """One generator per image of a request, prompt-major: image i of prompt p seeded
-    `image_seed(seed, i, p)`."""
+    `image_seed(seed, i, p)`, for i from `first` (a batch of a longer run) to first + n - 1."""
     return [torch.Generator(device=device).manual_seed(image_seed(seed, i, p))
-            for p in range(prompts) for i in range(n)]
+            for p in range(prompts) for i in range(first, first + n)]

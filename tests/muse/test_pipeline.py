@@ -129,6 +129,30 @@ def test_a_prompts_images_depend_on_the_seed_and_their_place_not_on_how_many_wer
     assert not torch.equal(twice[0], twice[1])  # the same prompt twice: two images
 
 
+def test_a_run_drawn_in_batches_gives_the_images_of_one_call(pipe, photo, tmp_path):
+    """`first_image`: a long run in batches (`muse generate --n 5 --batch-size 2`) holds one batch in
+    memory and gives the images one call gives, through both stages and in every way of sampling."""
+    from muse.generate_cli import main
+
+    kw = dict(seed=3, output="tokens", steps=3, superres_steps=2)
+    mask = np.zeros((96, 96), np.uint8)
+    mask[:48] = 255
+    for draw in (lambda **k: pipe("a red circle", **kw, **k),
+                 lambda **k: pipe.inpaint(photo, mask, "a red circle", **kw, **k),
+                 lambda **k: pipe.edit(photo, "a red circle", iterations=3, seed=3, output="tokens", **k)):
+        whole = draw(num_images=5)
+        batches = torch.cat([draw(num_images=2), draw(num_images=2, first_image=2), draw(num_images=1, first_image=4)])
+        assert torch.equal(whole, batches)
+    with pytest.raises(ValueError, match="first_image must be an integer >= 0"):
+        pipe("a red circle", first_image=-1)
+    out = tmp_path / "out"
+    for batch in ("5", "2"):
+        main(["generate", "--preset", "tiny", "--prompt", "a red circle", "--n", "5", "--batch-size", batch,
+              "--steps", "2", "--superres-steps", "1", "--out", str(out / batch)])
+    for i in range(5):
+        assert (out / "5" / f"generate_{i:02d}.png").read_bytes() == (out / "2" / f"generate_{i:02d}.png").read_bytes()
+
+
 def test_contexts_are_encoded_once_per_stage_and_negative_prompt_replaces_null(pipe, monkeypatch):
     seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"base": [], "superres": []}
     for stage in seen:
