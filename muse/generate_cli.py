@@ -104,6 +104,8 @@ def run(command: str, args: argparse.Namespace) -> list[str]:
         device = torch.device(args.device)
     except RuntimeError as e:
         raise ValueError(f"--device {args.device!r}: {e}") from None
+    if device.type == "meta":
+        raise ValueError("--device meta holds shapes, not numbers: use cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: this PyTorch sees no CUDA device (torch {torch.__version__})")
     if args.checkpoint:

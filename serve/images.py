@@ -71,9 +71,9 @@ def prepare_edit(image_bytes: bytes, mask_bytes: bytes | None, sides: dict[str, 
                                       f"{image.width}x{image.height}; they must match")
     transparent = transparent_pixels(alpha_source)  # (H, W)
     if mask_bytes is not None and not transparent.any():
-        raise UploadError("mask", "the mask has no transparent pixels, so nothing would be regenerated; make the "
-                                  "area to repaint transparent, or send no mask (with an opaque image) for a "
-                                  "mask-free edit of the whole image")
+        raise UploadError("mask", f"the mask has no transparent pixels (alpha under {TRANSPARENT_BELOW}), so "
+                                  "nothing would be regenerated; make the area to repaint transparent, or send no "
+                                  "mask (with an opaque image) for a mask-free edit of the whole image")
     rgb = to_rgb(image)
     images = {stage: to_uint8_array(rgb, side) for stage, side in sides.items()}
     if not transparent.any():

@@ -17,6 +17,7 @@ Images as tensors are float (B,3,H,W) / (3,H,W) in [-1, 1]; as arrays, uint8 (H,
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from typing import TYPE_CHECKING
 
@@ -70,8 +71,10 @@ def decode_image_and_size(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise ImageRejected(TOO_MANY_PIXELS, str(e)) from None
+    except Image.DecompressionBombError as e:  # over Pillow's own limit, so over max_pixels too
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise ImageRejected(TOO_MANY_PIXELS, f"{found.group(1) if found else 'more'} pixels is over {max_pixels} "
+                                             "pixels") from None
     except UnidentifiedImageError:  # its message is the repr of an in-memory buffer
         raise ImageRejected(CORRUPT, "not an image format Pillow reads") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:

@@ -364,6 +364,11 @@ def test_cli_bad_input_exits_2_with_a_message_and_help_exits_0(tmp_path, capsys)
     rc = generate_cli.main(["edit", "--image", str(tmp_path / "missing.png"), "--prompt", "x",
                             "--preset", "tiny", "--out", str(tmp_path / "o")])
     assert rc == 2 and "image" in capsys.readouterr().err
+    for argv, said in ((["--device", "meta"], "--device meta holds shapes"), (["--guidance", "nan"], "finite"),
+                       (["--batch-size", "0"], "--batch-size must be >= 1")):
+        rc = generate_cli.main(["generate", "--prompt", "x", "--preset", "tiny", "--out", str(tmp_path / "o"), *argv])
+        err = capsys.readouterr().err
+        assert rc == 2 and said in err and "Traceback" not in err, err
     for command in generate_cli.COMMANDS:
         with pytest.raises(SystemExit) as exc:
             generate_cli.main([command, "--help"])
