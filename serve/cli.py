@@ -138,8 +138,7 @@ def stop_serving(app_name: str, local: bool) -> None:
     from ray import serve
 
     if local:
-        serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # takes Serve with it; serve.shutdown() first only races its controller's own exit
     else:
         serve.delete(app_name)
 
