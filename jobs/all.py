@@ -26,7 +26,8 @@ from jobs.decoder import decoder_component
 from jobs.fit import ensure_ray
 from jobs.preflight import DATA_CPUS, RunRefused
 from jobs.progress import Reporter, say, set_verbose, start_display, stop_display
-from jobs.stage import add_common_args, add_format_arg, cli_overrides, component_extra, errors_in_one_line, finished
+from jobs.stage import (StopWithThreads, add_common_args, add_format_arg, cli_overrides, component_extra,
+                        errors_in_one_line, finished)
 from jobs import stages
 from jobs.stages import run_stage
 from jobs.vqgan import CORPUS_HELP, component_run, vqgan_components
@@ -173,15 +174,20 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
             run_stage(stage, cfg, tokens, root)
             report[stage] = f"trained in {time.time() - start:.0f}s (concurrently)"
 
-        with ThreadPoolExecutor(2, thread_name_prefix="train") as pool:
+        pool = ThreadPoolExecutor(2, thread_name_prefix="train")
+        try:
             futures = {pool.submit(train, s): s for s in todo}
             for future in as_completed(futures):
                 if future.exception() is not None:  # said at once; the other trainer runs to its end
                     others = [s for f, s in futures.items() if not f.done()]
                     say(f"[all] {futures[future]} failed: {type(future.exception()).__name__}"
                         + (f"; waiting for {others[0]} to finish" if others else ""))
-            for future in futures:
-                future.result()
+        except KeyboardInterrupt:  # Ray Train aborts a run on Ctrl-C only from the main thread's fit()
+            raise StopWithThreads from None
+        finally:
+            pool.shutdown(wait=False)
+        for future in futures:
+            future.result()
     else:
         for s in todo:
             timed(s, lambda s=s: run_stage(s, cfg, tokens, root))

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -130,6 +132,12 @@ class Stage:
             print(f"{self.name}: {result_summary(result, metrics=not drawn)}", flush=True)
 
 
+class StopWithThreads(KeyboardInterrupt):
+    """A stop (Ctrl-C, `ray job stop`) while trainers run in threads (`train all`'s base and super-res):
+    Ray Train aborts a run only from a fit() in the main thread, and the threads stay blocked in Ray, so
+    the process leaves Ray (its trainers, owned by this driver, go with it) and exits without them."""
+
+
 @contextlib.contextmanager
 def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
     """Around a training command's work: a refusal (what would fail on every attempt, found before
@@ -143,11 +151,19 @@ def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
 
     try:
         yield
-    except KeyboardInterrupt:  # Ctrl-C, or `ray job stop` (jobs.cluster.stop_on_sigterm)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or `ray job stop` (jobs.cluster.stop_on_sigterm)
         running = running_now()
         stop_display()
-        parser.exit(130, f"{parser.prog}: stopped{' with ' + ', '.join(running) if running else ''}; finished stages "
-                         "and registered checkpoints stay: the same command resumes from them\n")
+        line = (f"{parser.prog}: stopped{' with ' + ', '.join(running) if running else ''}; finished stages "
+                "and registered checkpoints stay: the same command resumes from them\n")
+        if isinstance(stop, StopWithThreads):
+            import ray
+
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            ray.shutdown()
+            os._exit(130)
+        parser.exit(130, line)
     except (RunRefused, ResumeRefused, OutputInUse, NoInput, CorpusRefused, LocalPathRefused) as e:
         stop_display()
         parser.exit(2, f"{parser.prog}: error: {e}\n")

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import ray
@@ -147,3 +148,57 @@ def test_sigterm_ends_a_command_with_its_own_line(tmp_path):
     assert run.returncode == 130, run.stderr[-3000:]
     assert "muse train base: stopped; finished stages and registered checkpoints stay" in run.stderr
     assert "SIGTERM received" not in run.stderr + run.stdout
+
+
+STOPPED_IN_CONCURRENT_TRAINING = """
+import argparse, os, signal, sys, threading, time
+import ray
+sys.path.insert(0, os.path.join({repo!r}, "tests", "jobs"))
+from jobs_helpers import tiny_config
+from jobs import all as train_all, cluster
+from jobs.cluster import join_ray
+from jobs.progress import Reporter, start_display
+from jobs.stage import errors_in_one_line
+
+cluster.cluster_address = lambda: None  # a local Ray of its own, whatever runs on this machine
+started = threading.Barrier(3)
+
+@ray.remote(num_cpus=0)
+class Fit:  # as Ray Train's fit() waits on its controller actor: a blocking ray.get in the thread
+    def run(self):
+        time.sleep(600)
+
+def run_stage(stage, *args, **kwargs):
+    Reporter(start_display(), stage, total=100).update(3, force=True)
+    fit = Fit.remote()
+    started.wait()
+    ray.get(fit.run.remote())
+
+train_all.run_stage, train_all.ensure_ray = run_stage, lambda: None
+from pipelines import tokenize  # the corpus is tokenized already, as far as this run knows
+tokenize.run = lambda *args, **kwargs: {{}}
+with errors_in_one_line(argparse.ArgumentParser(prog="muse train all")):
+    join_ray(num_cpus=4, include_dashboard=False)
+    threading.Thread(target=lambda: (started.wait(), time.sleep(2), os.kill(os.getpid(), signal.SIGTERM)),
+                     daemon=True).start()
+    train_all.train_all(tiny_config("stages=[base,superres]"), "corpus", {root!r}, tokens={tokens!r})
+"""
+
+
+def test_a_stop_ends_base_and_superres_training_side_by_side(tmp_path):
+    """`train all` trains base and super-res in two threads, where Ray Train's own Ctrl-C handling does
+    not reach: a stop waited for both to train to the end, then said 'stopped'. Now it leaves Ray (the
+    trainers are this driver's) and exits at once, with the steps each stage reached."""
+    from muse.checkpoint import init_model_root
+
+    root, tokens = str(tmp_path / "root"), str(tmp_path / "tokens")
+    init_model_root("tiny", root)
+    os.makedirs(tokens)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(REPO)}
+    script = STOPPED_IN_CONCURRENT_TRAINING.format(repo=str(REPO), root=root, tokens=tokens)
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=180)
+    assert run.returncode == 130, run.stderr[-3000:]
+    assert "muse train all: stopped with " in run.stderr and "base at 3/100 steps" in run.stderr, run.stderr[-3000:]
+    assert "superres at 3/100 steps" in run.stderr and time.monotonic() - start < 90
