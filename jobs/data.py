@@ -23,6 +23,7 @@ import torch
 
 from muse import storage
 from muse.data.images import uint8_to_tensor
+from jobs.preflight import RunRefused
 from pipelines import manifest, readers, shards
 from pipelines.config import TokenizeConfig
 from pipelines.rows import accepted
@@ -40,7 +41,7 @@ def token_dataset(uri: str, *, hi: bool, cache: bool = False, shuffle_seed: int 
     are mixed by each worker's local shuffle buffer (run.shuffle_buffer)."""
     info = shards.shard_info(uri)
     if hi and not info.get("tokens_hi_side"):
-        raise ValueError(f"the token shards under {uri} have no tokens_hi: tokenize with a vqgan_hi in the "
+        raise RunRefused(f"the token shards under {uri} have no tokens_hi: tokenize with a vqgan_hi in the "
                          "model root to train super-res")
     columns = ["tokens_lo"] + (["tokens_hi"] if hi else [])
     columns += ["text_emb", "text_len"] if info.get("text_storage") == "embeddings" else ["text_ids"]
@@ -91,7 +92,7 @@ def image_dataset(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto"
         return ray.data.from_arrow(read_images(uri, size, cfg, format))
     parts = readers.plan_parts(uri, format, cfg.reader, spill=spill)
     if not parts:
-        raise ValueError(f"no images in the corpus at {uri}")
+        raise RunRefused(f"no images in the corpus at {uri}")
     ds = preprocessed(parts, cfg, lo_size=size, hi_size=None, shuffle_seed=shuffle_seed)
     return ds.map_batches(_accepted_pixels, batch_format="pyarrow", batch_size=None)
 
@@ -116,7 +117,7 @@ def read_images(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto") 
     tables = [_accepted_pixels(block) for block in preprocessed_local(parts, cfg, lo_size=size, hi_size=None)]
     table = pa.concat_tables(tables) if tables else None
     if table is None or table.num_rows == 0:
-        raise ValueError(f"no image of the corpus at {uri} passed preprocessing")
+        raise RunRefused(f"no image of the corpus at {uri} passed preprocessing")
     return table
 
 

@@ -21,6 +21,7 @@ import torch
 
 from jobs.config import DecoderStage, TrainConfig
 from jobs.fit import fit_stage, run_dir
+from jobs.preflight import RunRefused
 from jobs.stage import Stage
 from jobs.vqgan import CORPUS_HELP, VQGAN_COMPONENTS, VQGANWorker, corpus_args
 from muse import checkpoint
@@ -62,7 +63,7 @@ def widened_config(root: str, component: str, section: DecoderStage):
     """The config of ROOT/<component> with the decoder widths of `section` (computed on the driver)."""
     kind, cfg = checkpoint.read_component_config(checkpoint.component_uri(root, component))
     if kind != "vqgan":
-        raise ValueError(f"{root}/{component} is a {kind!r} component, not a VQGAN")
+        raise RunRefused(f"{root}/{component} is a {kind!r} component, not a VQGAN")
     return replace(cfg, decoder_base_channels=section.decoder_base_channels,
                    decoder_num_res_blocks=section.decoder_num_res_blocks)
 
@@ -81,7 +82,7 @@ def build(cfg: TrainConfig, data: str, root: str, component: str | None, format:
     check_weights(section.gan.perceptual_weights)
     component = decoder_component(root, component or section.component)
     if not checkpoint.has_component(root, component):
-        raise ValueError(f"the model root {root} has no {component}/ to fine-tune the decoder of")
+        raise RunRefused(f"the model root {root} has no {component}/ to fine-tune the decoder of")
     wide = widened_config(root, component, section)
     job = {"root": root, "component": component, "stage": "decoder", "model_config": to_dict(wide), "data_meta": {}}
     section = replace(section, run=replace(section.run, name=section.run.name or f"decoder_{component}"))

@@ -148,6 +148,7 @@ def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
     from pipelines.manifest import OutputInUse
     from pipelines.readers import NoInput
     from pipelines.rejects import CorpusRefused
+    from pipelines.shards import NoTokenShards
 
     try:
         yield
@@ -164,7 +165,7 @@ def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
             ray.shutdown()
             os._exit(130)
         parser.exit(130, line)
-    except (RunRefused, ResumeRefused, OutputInUse, NoInput, CorpusRefused, LocalPathRefused) as e:
+    except (RunRefused, ResumeRefused, OutputInUse, NoInput, CorpusRefused, LocalPathRefused, NoTokenShards) as e:
         stop_display()
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     except Exception as e:

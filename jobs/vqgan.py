@@ -232,7 +232,7 @@ def vqgan_components(cfg: TrainConfig, component: str | None) -> list[str]:
     wanted = list(VQGAN_COMPONENTS) if component in (None, "both") else [component]
     if "vqgan_hi" in wanted and cfg.vqgan.hi_model is None:
         if component == "vqgan_hi":
-            raise ValueError("vqgan.hi_model is null: there is no high-res tokenizer to train")
+            raise RunRefused("vqgan.hi_model is null: there is no high-res tokenizer to train")
         wanted.remove("vqgan_hi")
     return wanted
 
@@ -305,11 +305,11 @@ def lo_for_hi_init(root: str, hi_cfg) -> str:
 
     uri = checkpoint.component_uri(root, "vqgan_lo")
     if not checkpoint.has_component(root, "vqgan_lo"):
-        raise ValueError(f"vqgan.hi_init_from_lo: the model root {root} has no vqgan_lo/ to start vqgan_hi from")
+        raise RunRefused(f"vqgan.hi_init_from_lo: the model root {root} has no vqgan_lo/ to start vqgan_hi from")
     lo_cfg = checkpoint.read_component_config(uri)[1]
     same = replace(lo_cfg, resolution=hi_cfg.resolution) == hi_cfg
     if not same and (lo_cfg.form != "conv" or grown_config(lo_cfg) != hi_cfg):
-        raise ValueError("vqgan.hi_init_from_lo needs vqgan.hi_model to be vqgan.lo_model at another resolution, "
+        raise RunRefused("vqgan.hi_init_from_lo needs vqgan.hi_model to be vqgan.lo_model at another resolution, "
                          f"or grown by one level at twice the resolution; got {lo_cfg} and {hi_cfg}")
     return uri
 

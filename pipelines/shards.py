@@ -138,11 +138,16 @@ def write_table(out: str, table: pa.Table, part: str = "table") -> None:
 # Reading (training side).
 
 
+class NoTokenShards(FileNotFoundError):
+    """A token output with no published shard: nothing to train on."""
+
+
 def token_shard_files(uri: str) -> list[str]:
     """The published shards of the output at `uri`, from its manifest (never by listing), sorted."""
     files = pc.list_flatten(manifest.read_manifest(uri)["files"]).to_pylist()
     if not files:
-        raise FileNotFoundError(f"no published token shards under {uri} (no manifest entry names a file)")
+        raise NoTokenShards(f"no published token shards under {uri} (no manifest entry names a file): tokenize "
+                            "the corpus there first (muse tokenize)")
     return sorted(storage.join(uri, f) for f in files)
 
 

@@ -193,6 +193,26 @@ def test_the_command_line_says_a_refusal_in_one_line(fake_build, tiny_data, monk
     assert fake_build == []
 
 
+def test_data_and_roots_a_stage_cannot_use_are_one_line_too(tiny_data, tmp_path, monkeypatch, capsys):
+    """No token shards where --tokens points, a root without the component to fine-tune: refused in
+    one line (exit 2), where they were tracebacks (exit 1)."""
+    import jobs.stage
+    from jobs import base, decoder
+    from muse.checkpoint import init_model_root
+
+    monkeypatch.setattr(jobs.stage, "ensure_ray", lambda: None)
+    lacking = str(tmp_path / "lacking")
+    init_model_root("tiny", lacking, components=("text_encoder",))
+    for command, argv, said in (
+            (base.main, ["--tokens", str(tmp_path / "nothing"), "--checkpoint", tiny_data.root],
+             "no published token shards under"),
+            (decoder.main, ["--corpus", tiny_data.corpus, "--checkpoint", lacking], "has no vqgan_lo/ to fine-tune")):
+        with pytest.raises(SystemExit) as exit_info:
+            command([*argv, "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and said in err and "\n" not in err, err
+
+
 def test_a_finished_run_started_again_leaves_a_later_runs_export_alone(tmp_path):
     """`muse train vqgan` again after the decoder fine-tune: the vqgan_hi run trains nothing and must not
     export its old weights over the fine-tuned decoder (the export names the run that wrote it)."""
