@@ -22,11 +22,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from jobs.cluster import check_shared_paths, cluster_may_grow
 from jobs.config import TrainConfig, load_config
-from jobs.decoder import decoder_component
+from jobs.decoder import decoder_component, decoder_finished
 from jobs.fit import ensure_ray
 from jobs.preflight import DATA_CPUS, RunRefused
 from jobs.progress import Reporter, say, set_verbose, start_display, stop_display
-from jobs.stage import (StopWithThreads, add_common_args, add_format_arg, cli_overrides, component_extra,
+from jobs.stage import (StopWithThreads, add_common_args, add_format_arg, cli_overrides,
                         errors_in_one_line, finished)
 from jobs import stages
 from jobs.stages import run_stage
@@ -34,10 +34,6 @@ from jobs.vqgan import CORPUS_HELP, component_run, vqgan_components
 from muse import checkpoint, storage
 
 TRANSFORMERS = ("base", "superres")
-
-
-def decoder_finished(root: str, name: str) -> bool:
-    return bool(component_extra(root, name).get("decoder_finetuned"))
 
 
 VOCAB_CAPTIONS = 100_000  # captions a "bpe" text encoder's vocabulary is fitted to
@@ -193,7 +189,7 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
             timed(s, lambda s=s: run_stage(s, cfg, tokens, root))
 
     component = decoder_component(root, cfg.decoder.component)
-    if "decoder" in cfg.stages and decoder_finished(root, component):
+    if "decoder" in cfg.stages and decoder_finished(cfg, root, component):
         report["decoder"] = "skipped (finished)"
     elif "decoder" in cfg.stages:
         timed("decoder", lambda: run_stage("decoder", cfg, images, root, component=component, format=format))

@@ -22,7 +22,7 @@ import torch
 from jobs.config import DecoderStage, TrainConfig
 from jobs.fit import fit_stage, run_dir
 from jobs.preflight import RunRefused
-from jobs.stage import Stage
+from jobs.stage import Stage, finished
 from jobs.vqgan import CORPUS_HELP, VQGAN_COMPONENTS, VQGANWorker, corpus_args
 from muse import checkpoint
 from muse.config import to_dict
@@ -85,10 +85,20 @@ def build(cfg: TrainConfig, data: str, root: str, component: str | None, format:
         raise RunRefused(f"the model root {root} has no {component}/ to fine-tune the decoder of")
     wide = widened_config(root, component, section)
     job = {"root": root, "component": component, "stage": "decoder", "model_config": to_dict(wide), "data_meta": {}}
-    section = replace(section, run=replace(section.run, name=section.run.name or f"decoder_{component}"))
+    section = replace(section, run=decoder_run(section, component))
     with run_images(data, wide.resolution, cfg.tokenize, format, section.run.cache_data,
                     run_dir(root, section.run, component), section.run.seed) as dataset:
         return [fit_stage(DecoderWorker, section, job, dataset)]
+
+
+def decoder_run(section: DecoderStage, component: str):
+    """The fine-tune's run settings, named: `run.name`, else `decoder_<component>`."""
+    return replace(section.run, name=section.run.name or f"decoder_{component}")
+
+
+def decoder_finished(cfg: TrainConfig, root: str, component: str) -> bool:
+    """Whether ROOT/<component> holds the export of this config's fine-tune run (its name and max_steps)."""
+    return finished(root, component, "decoder", decoder_run(cfg.decoder, component))
 
 
 STAGE = Stage(

@@ -83,7 +83,8 @@ class StageWorker:
 
 def finished_extra(stage: str, step: int, job: dict) -> dict[str, Any]:
     """What a stage records in its component's config.json "extra": `train all` skips finished stages."""
-    return {"finished": True, "stage": stage, "step": int(step), "run": job.get("run_name")}
+    return {"finished": True, "stage": stage, "step": int(step), "run": job.get("run_name"),
+            "model": job.get("preset")}
 
 
 def worker_path(cls: type) -> str:

@@ -36,6 +36,7 @@ from jobs.loop import StageWorker, finished_extra
 from jobs.parallel import WorkerEnv, transformer_fsdp_units, wrap
 from jobs.preflight import RunRefused
 from jobs.progress import say
+from jobs.stage import named_run
 from muse import checkpoint, storage
 from muse.config import VQGANConfig, from_dict, preset, to_dict
 from muse.lora import add_lora, merge_lora
@@ -262,7 +263,7 @@ def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, r
     from jobs.data import data_order_seed, token_dataset, token_rows
     from pipelines import shards
 
-    section = getattr(cfg, stage)
+    section = named_run(getattr(cfg, stage), stage)
     info = shards.shard_info(data)
     if info.get("text_storage", "ids") != "embeddings" and not checkpoint.has_component(root, "text_encoder"):
         raise RunRefused(f"the token shards hold text ids but the model root {root} has no text_encoder/ to "
@@ -278,7 +279,8 @@ def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, r
         if warning:
             say(warning)
     job = {"root": root, "component": stage, "stage": stage, "model_config": to_dict(model_cfg),
-           "data_meta": info, "init_from": init_from, "model_kind": checkpoint.kind_of_config(model_cfg)}
+           "data_meta": info, "init_from": init_from, "model_kind": checkpoint.kind_of_config(model_cfg),
+           "preset": section.model}
     return [fit_stage(worker, section, job, dataset, rows=token_rows(data))]
 
 

@@ -19,7 +19,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from jobs.cluster import LocalPathRefused, check_shared_paths
@@ -43,12 +43,12 @@ def component_extra(root: str, name: str) -> dict:
     return checkpoint.component_extra(checkpoint.component_uri(root, name))
 
 
-def finished(root: str, name: str, stage: str, run, later: tuple[str, ...] = ()) -> bool:
+def finished(root: str, name: str, stage: str, run, later: tuple[str, ...] = (), model: str | None = None) -> bool:
     """Whether ROOT/<name> holds what this config's run of `stage` would leave there: the export of a
-    finished run under the same name (`run.name`, else the component's) that reached `run.max_steps`,
-    or the export of a `later` stage built on it (the decoder fine-tune's vqgan_hi). Another run's
-    export, or a shorter one (a smoke run before the full budget), is trained on: its run resumes or
-    the stage continues the component."""
+    finished run under the same name (`run.name`, else the component's) that reached `run.max_steps`
+    (from the preset `model` where one is asked for), or the export of a `later` stage built on it (the
+    decoder fine-tune's vqgan_hi). Another run's export, or a shorter one (a smoke run before the full
+    budget), is trained on: its run resumes or the stage continues the component."""
     extra = component_extra(root, name)
     if extra.get("finished") and extra.get("stage") in later:
         return True
@@ -56,12 +56,26 @@ def finished(root: str, name: str, stage: str, run, later: tuple[str, ...] = ())
         return False
     if "run" not in extra:  # exported before the run was recorded
         return True
-    return extra["run"] == (run.name or name) and int(extra.get("step", 0)) >= run.max_steps
+    return (extra["run"] == (run.name or name) and int(extra.get("step", 0)) >= run.max_steps
+            and extra.get("model", model) == model)  # exports before the preset was recorded: any
 
 
 def transformer_finished(stage: str) -> Callable[[Any, str], bool]:
     """`Stage.finished` of a stage that trains the root's component of its own name."""
-    return lambda cfg, root: finished(root, stage, stage, getattr(cfg, stage).run)
+    def done(cfg, root: str) -> bool:
+        section = named_run(getattr(cfg, stage), stage)
+        return finished(root, stage, stage, section.run, model=section.model)
+
+    return done
+
+
+def named_run(section, stage: str):
+    """A transformer stage's section with its run's name: `run.name`, else the stage's own, and for a
+    LoRA run `<stage>_lora`: its checkpoints hold adapters and are not the full run's to resume, and its
+    export is its own."""
+    if section.run.name or not section.lora_rank:
+        return section
+    return replace(section, run=replace(section.run, name=f"{stage}_lora"))
 
 
 @dataclass(frozen=True)
@@ -88,8 +102,8 @@ class Stage:
         """Train on `data` and export into the model root `root`; the Ray Train results."""
         data, root = storage.absolute(data), storage.absolute(root)
         if self.finished is not None and self.finished(cfg, root):
-            run = getattr(cfg, self.name).run
-            say(f"[{self.name}] {root}/{self.name} holds this run's finished export ({run.max_steps} steps): nothing "
+            step = component_extra(root, self.name).get("step", getattr(cfg, self.name).run.max_steps)
+            say(f"[{self.name}] {root}/{self.name} holds this run's finished export (step {step}): nothing "
                 f"to train (raise --max-steps to go on, or --set {self.name}.run.name=NEW for a new run)")
             return []
         ensure_ray()

@@ -21,6 +21,7 @@ from jobs.checkpointing import save_sharded
 from jobs.common import build_optimizer, build_scheduler
 from jobs.config import OptimSettings, ScalingSettings
 from jobs.parallel import WorkerEnv
+from jobs.stage import named_run
 from jobs.preflight import (RAY_TRAIN_SNAPSHOT, ResumePoint, RunRefused, check_resume, check_rows, data_cpu_problem, newest_checkpoint_state,
                             run_identity)
 from muse import storage
@@ -415,15 +416,21 @@ def test_a_finished_transformer_run_started_again_says_so_without_starting_ray(t
     root = str(tmp_path / "root")
     checkpoint.init_model_root("tiny", root, components=("base",))
     uri = checkpoint.component_uri(root, "base")
+    preset = tiny_config().base.model
     checkpoint.save_component(checkpoint.load_component(uri), uri,
-                              extra=loop.finished_extra("base", 40, {"run_name": "base"}))
+                              extra=loop.finished_extra("base", 40, {"run_name": "base", "preset": preset}))
 
     def no_ray():
         raise AssertionError("Ray started")
 
     monkeypatch.setattr(stage_module, "ensure_ray", no_ray)
-    assert get("base").train(tiny_config("base.run.max_steps=40"), str(tmp_path / "tokens"), root) == []
-    assert "holds this run's finished export (40 steps): nothing to train" in capsys.readouterr().out
-    for more in ("base.run.max_steps=80", "base.run.name=other"):  # a longer run, or another run: trained
+    assert get("base").train(tiny_config("base.run.max_steps=30"), str(tmp_path / "tokens"), root) == []
+    assert "holds this run's finished export (step 40): nothing to train" in capsys.readouterr().out
+    # A longer run, another run, a LoRA fine-tune of the export (a run of its own, base_lora), a new
+    # model from another preset, or the root's model continued: each trains.
+    for more in ("base.run.max_steps=80", "base.run.name=other", "base.lora_rank=4", "base.model=base-tiny-codes",
+                 "base.model=null"):
         with pytest.raises(AssertionError, match="Ray started"):
-            get("base").train(tiny_config(more), str(tmp_path / "tokens"), root)
+            get("base").train(tiny_config("base.run.max_steps=40", more), str(tmp_path / "tokens"), root)
+    assert named_run(tiny_config("base.lora_rank=4").base, "base").run.name == "base_lora"
+    assert named_run(tiny_config("base.lora_rank=4", "base.run.name=mine").base, "base").run.name == "mine"
