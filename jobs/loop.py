@@ -83,8 +83,9 @@ class StageWorker:
 
 def finished_extra(stage: str, step: int, job: dict) -> dict[str, Any]:
     """What a stage records in its component's config.json "extra": `train all` skips finished stages."""
-    return {"finished": True, "stage": stage, "step": int(step), "run": job.get("run_name"),
-            "model": job.get("preset")}
+    # A transformer's export records the preset it was trained from (None: the root's own model).
+    return {"finished": True, "stage": stage, "step": int(step), "run": job.get("run_name")} | (
+        {"model": job["preset"]} if "preset" in job else {})
 
 
 def worker_path(cls: type) -> str:

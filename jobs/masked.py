@@ -37,6 +37,7 @@ from jobs.parallel import WorkerEnv, transformer_fsdp_units, wrap
 from jobs.preflight import RunRefused
 from jobs.progress import say
 from jobs.stage import named_run
+from pipelines.job_spec import text_ids_mismatch
 from muse import checkpoint, storage
 from muse.config import VQGANConfig, from_dict, preset, to_dict
 from muse.lora import add_lora, merge_lora
@@ -268,6 +269,12 @@ def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, r
     if info.get("text_storage", "ids") != "embeddings" and not checkpoint.has_component(root, "text_encoder"):
         raise RunRefused(f"the token shards hold text ids but the model root {root} has no text_encoder/ to "
                          "encode them (write one with `muse init` or train with `muse train all`)")
+    made_by = _tokenize_spec(data)
+    mismatch = text_ids_mismatch(made_by, checkpoint.component_uri(root, "text_encoder"))
+    if mismatch and info.get("text_storage", "ids") != "embeddings":
+        raise RunRefused(f"the token shards under {data} hold caption ids of another tokenizer than the model root's "
+                         f"text encoder ({mismatch}): the model would learn other words than its prompts give; "
+                         "tokenize the corpus with this root (a new --output)")
     model_cfg, init_from = transformer_config(stage, section.model, root, data, info)
     if section.lora_rank and init_from is None:
         raise RunRefused(lora_problem(stage, root, section.model))
@@ -275,7 +282,7 @@ def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, r
     seed = data_order_seed(section.run.seed, storage.join(storage_uri, name))
     dataset, info = token_dataset(data, hi=stage == "superres", cache=section.run.cache_data, shuffle_seed=seed)
     for warning in (label_smoothing_warning(stage, model_cfg, section.label_smoothing),
-                    stale_tokens_warning(stage, root, _tokenize_spec(data))):
+                    stale_tokens_warning(stage, root, made_by)):
         if warning:
             say(warning)
     job = {"root": root, "component": stage, "stage": stage, "model_config": to_dict(model_cfg),

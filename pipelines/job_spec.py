@@ -24,9 +24,7 @@ def device_of(pool: PoolConfig) -> str:
 
 def job_spec(input_uri: str, cfg: TokenizeConfig, models) -> dict:
     """Everything that decides the content of the shards; a resumed run must match it."""
-    from muse.components import (CLIP_CONFIG_FILE, FINGERPRINT, T5_CONFIG_FILE, WEIGHTS_FILE, component_version,
-                                 parse_config, read_meta)
-    from muse.tokenizer import text_component
+    from muse.components import component_version, parse_config, read_meta
 
     def tokenizer(uri: str | None) -> tuple[dict | None, dict | None]:
         """(config, weights version) of a VQGAN, from one read of its config.json."""
@@ -35,27 +33,9 @@ def job_spec(input_uri: str, cfg: TokenizeConfig, models) -> dict:
         meta = read_meta(uri)
         return to_dict(parse_config(meta, uri)), component_version(uri, meta)
 
-    def text_encoder(uri: str) -> tuple[dict | None, dict | None]:
-        """(config, version) of a muse text-encoder component, from one read of its config.json;
-        (None, None) for a Hugging Face folder or name. A reference to a Hugging Face folder
-        (`save_reference`) has its config only: its folder is not hashed. Caption ids depend on its
-        tokenizer's files, not its weights nor its architecture: an ids output records the
-        fingerprints of the tokenizer's files alone."""
-        config, meta = text_component(uri)
-        if meta is None:
-            return None, None
-        version = component_version(uri, meta)
-        if version is not None and not embeddings:
-            version = {k: v for k, v in version.items() if k != "weights_bytes"}
-            if FINGERPRINT in version:
-                model_files = (WEIGHTS_FILE, T5_CONFIG_FILE, CLIP_CONFIG_FILE)
-                version[FINGERPRINT] = {name: digest for name, digest in version[FINGERPRINT].items()
-                                        if name not in model_files}
-        return to_dict(config), version
-
     embeddings = cfg.text_storage == "embeddings"  # ids need no model: no text device
     (lo, lo_weights), (hi, hi_weights) = tokenizer(models.vqgan_lo), tokenizer(models.vqgan_hi)
-    text, text_weights = text_encoder(models.text_encoder)
+    text, text_weights = text_encoder_record(models.text_encoder, embeddings)
     reader = to_dict(cfg.reader)
     reader.pop("block_rows")
     return {
@@ -73,6 +53,47 @@ def job_spec(input_uri: str, cfg: TokenizeConfig, models) -> dict:
         "preprocess": {k: getattr(cfg.preprocess, k) for k in ("min_side", "max_pixels", "max_caption_chars")},
         "format_version": shards.FORMAT_VERSION,
     }
+
+
+def text_encoder_record(uri: str, embeddings: bool) -> tuple[dict | None, dict | None]:
+    """(config, version) of a muse text-encoder component, from one read of its config.json; (None,
+    None) for a Hugging Face folder or name. A reference to a Hugging Face folder (`save_reference`)
+    has its config only: its folder is not hashed. Caption ids depend on its tokenizer's files, not its
+    weights nor its architecture: for ids (not `embeddings`) the version holds the fingerprints of the
+    tokenizer's files alone."""
+    from muse.components import CLIP_CONFIG_FILE, FINGERPRINT, T5_CONFIG_FILE, WEIGHTS_FILE, component_version
+    from muse.tokenizer import text_component
+
+    config, meta = text_component(uri)
+    if meta is None:
+        return None, None
+    version = component_version(uri, meta)
+    if version is not None and not embeddings:
+        version = {k: v for k, v in version.items() if k != "weights_bytes"}
+        if FINGERPRINT in version:
+            model_files = (WEIGHTS_FILE, T5_CONFIG_FILE, CLIP_CONFIG_FILE)
+            version[FINGERPRINT] = {name: digest for name, digest in version[FINGERPRINT].items()
+                                    if name not in model_files}
+    return to_dict(config), version
+
+
+def text_ids_mismatch(spec: dict, root_text_encoder: str) -> str | None:
+    """Why caption ids an output holds (`spec`, its job spec) are not the ids `root_text_encoder`'s
+    tokenizer gives, or None: another tokenizer kind or vocabulary, or other tokenizer files."""
+    if spec.get("text_storage", "ids") != "ids" or not spec.get("text_encoder"):
+        return None
+    from muse.components import FINGERPRINT
+
+    config, version = text_encoder_record(root_text_encoder, embeddings=False)
+    made, made_version = spec["text_encoder"], (spec.get("weights") or {}).get("text_encoder") or {}
+    if config is None:
+        return None
+    differ = [f"{k} {made.get(k)!r} vs {config.get(k)!r}" for k in ("tokenizer", "vocab_size")
+              if k in made and made.get(k) != config.get(k)]
+    if not differ and version and FINGERPRINT in made_version and \
+            made_version[FINGERPRINT] != version.get(FINGERPRINT):
+        differ = ["other tokenizer files"]
+    return ", ".join(differ) or None
 
 
 def _model_uri(uri: str | None) -> str | None:

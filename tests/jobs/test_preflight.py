@@ -214,6 +214,41 @@ def test_data_and_roots_a_stage_cannot_use_are_one_line_too(tiny_data, tmp_path,
         assert exit_info.value.code == 2 and said in err and "\n" not in err, err
 
 
+def test_caption_ids_of_another_tokenizer_are_refused(tiny_data, tmp_path, monkeypatch, capsys):
+    """Tokens made through another root's text encoder (a fitted BPE vocabulary, read here as bytes)
+    trained without a word: the model learns other words than its prompts give."""
+    import shutil
+
+    import jobs.stage
+    from jobs import base
+    from muse.checkpoint import component_uri
+    from pipelines.config import load_config
+    from pipelines.job_spec import job_spec, text_ids_mismatch
+    from pipelines.shards import JOB_FILE
+    from pipelines.tokenize import resolve_models
+
+    spec = json.loads(json.dumps(job_spec(tiny_data.corpus, load_config(None), resolve_models(tiny_data.root))))
+    text_encoder = component_uri(tiny_data.root, "text_encoder")
+    assert text_ids_mismatch(spec, text_encoder) is None  # the root that made them
+    other = json.loads(json.dumps(spec))
+    other["text_encoder"] |= {"tokenizer": "bpe", "vocab_size": 1024}
+    assert text_ids_mismatch(other, text_encoder) == "tokenizer 'bpe' vs 'byt5', vocab_size 1024 vs 384"
+    refitted = json.loads(json.dumps(spec))
+    refitted["weights"]["text_encoder"]["files_sha256"] = {"tokenizer.json": "0" * 64}
+    assert text_ids_mismatch(refitted, text_encoder) == "other tokenizer files"
+    assert text_ids_mismatch(other | {"text_storage": "embeddings"}, text_encoder) is None  # no ids to misread
+
+    tokens = str(tmp_path / "tokens")
+    shutil.copytree(tiny_data.tokens, tokens)
+    with open(os.path.join(tokens, JOB_FILE), "w") as f:
+        json.dump(other, f)
+    monkeypatch.setattr(jobs.stage, "ensure_ray", lambda: None)
+    with pytest.raises(SystemExit) as exit_info:
+        base.main(["--tokens", tokens, "--checkpoint", tiny_data.root, "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "hold caption ids of another tokenizer" in err and "\n" not in err, err
+
+
 def test_a_finished_run_started_again_leaves_a_later_runs_export_alone(tmp_path):
     """`muse train vqgan` again after the decoder fine-tune: the vqgan_hi run trains nothing and must not
     export its old weights over the fine-tuned decoder (the export names the run that wrote it)."""
