@@ -38,8 +38,7 @@ def token_dataset(uri: str, *, hi: bool, cache: bool = False, shuffle_seed: int 
     (every epoch, and the new pass a restarted worker group starts; `pipelines.shards.pass_order`):
     `shuffle_seed`, which the driver derives from the run's newest checkpoint (`data_order_seed`), so
     a resumed run begins a new permutation instead of the corpus's first files. Rows within a file
-    are mixed by each worker's local shuffle buffer (run.shuffle_buffer). Cached, the rows are held in
-    a permutation of `shuffle_seed` (`seeded_rows`), so a resumed run does not start at the same rows."""
+    are mixed by each worker's local shuffle buffer (run.shuffle_buffer)."""
     info = shards.shard_info(uri)
     if hi and not info.get("tokens_hi_side"):
         raise RunRefused(f"the token shards under {uri} have no tokens_hi: tokenize with a vqgan_hi in the "
@@ -49,15 +48,8 @@ def token_dataset(uri: str, *, hi: bool, cache: bool = False, shuffle_seed: int 
     if cache:
         import ray.data
 
-        return ray.data.from_arrow(seeded_rows(shards.load_token_shards(uri, columns=columns), shuffle_seed)), info
+        return ray.data.from_arrow(shards.load_token_shards(uri, columns=columns)), info
     return shards.read_token_shards(uri, columns, shuffle_seed), info
-
-
-def seeded_rows(table: pa.Table, seed: int | None) -> pa.Table:
-    """A cached table's rows in the permutation of `seed` (the run's `data_order_seed`); as read without."""
-    if seed is None:
-        return table
-    return table.take(np.random.default_rng(seed).permutation(table.num_rows))
 
 
 def token_rows(uri: str) -> int | None:
@@ -97,7 +89,7 @@ def image_dataset(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto"
     if cache:
         import ray.data
 
-        return ray.data.from_arrow(seeded_rows(read_images(uri, size, cfg, format), shuffle_seed))
+        return ray.data.from_arrow(read_images(uri, size, cfg, format))
     parts = readers.plan_parts(uri, format, cfg.reader, spill=spill)
     if not parts:
         raise RunRefused(f"no images in the corpus at {uri}")

@@ -52,18 +52,3 @@ def test_a_resumed_run_reads_a_new_permutation_not_the_first_files(ray_session, 
     assert resumed != fresh
     resumed_ds, _ = token_dataset(out, hi=False, shuffle_seed=resumed)
     assert file_order(resumed_ds)[:2] != first_epoch[:2]  # the resumed run does not re-read the same first files
-
-
-def test_cached_rows_are_held_in_the_runs_permutation(ray_session, tmp_path):
-    """run.cache_data: the rows read once on the driver are held in the permutation of the run's seed,
-    so a resumed run (another seed) does not start again at the same rows."""
-    import ray.data
-
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    out = str(tmp_path / "tokens")
-    write_parts(out)
-    orders = {seed: file_order(token_dataset(out, hi=False, cache=True, shuffle_seed=seed)[0]) for seed in (1, 2)}
-    unseeded = [row[0] for row in shards.load_token_shards(out, columns=["tokens_lo"])["tokens_lo"].to_pylist()]
-    assert file_order(token_dataset(out, hi=False, cache=True, shuffle_seed=1)[0]) == orders[1]  # reproducible
-    assert orders[1] != orders[2] and orders[1][:4] != orders[2][:4]
-    assert len(orders[1]) > FILES and sorted(set(orders[1])) == sorted(set(unseeded))  # rows mixed across files
