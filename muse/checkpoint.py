@@ -50,6 +50,7 @@ from muse.components import (  # noqa: F401 - re-exported: muse.checkpoint is wh
     read_component_config,
     read_component_meta,
     read_meta,
+    read_root_configs,
     register,
     resolve_ref,
 )
@@ -327,13 +328,10 @@ def _check_fits_root(preset_name: str, config: Any, out: str, components: tuple[
     kept = [name for name in COMPONENTS if name not in components and has_component(out, name)]
     if not kept:
         return
-    configs, width = {name: getattr(config, name) for name in components}, None
+    configs, width = read_root_configs(out, kept)
+    configs |= {name: getattr(config, name) for name in components}
     if "text_encoder" in components:  # built here, or referenced with the folder's width
         width = config_text_width(config.text_encoder, reference=True)
-    for name in kept:
-        _, configs[name], reference = read_component_meta(component_uri(out, name))
-        if name == "text_encoder":
-            width = config_text_width(configs[name], reference=reference)
     try:
         check_fit(configs, width)
     except ValueError as e:

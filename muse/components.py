@@ -199,13 +199,19 @@ def check_root(root: str) -> None:
     missing = [name for name in REQUIRED_COMPONENTS if not has_component(root, name)]
     if missing:
         raise ValueError(f"model root {root} lacks {', '.join(missing)}; `muse init --out DIR` writes a random one")
-    configs, width = {}, None
-    for name in COMPONENTS:
-        if name in REQUIRED_COMPONENTS or has_component(root, name):
-            _, configs[name], reference = read_component_meta(component_uri(root, name))
-            if name == "text_encoder":
-                width = config_text_width(configs[name], reference=reference)
+    present = [name for name in COMPONENTS if name in REQUIRED_COMPONENTS or has_component(root, name)]
+    configs, width = read_root_configs(root, present)
     try:
         check_fit(configs, width)
     except ValueError as e:
         raise ValueError(f"model root {root}: {e}") from None
+
+
+def read_root_configs(root: str, names: list[str]) -> tuple[dict[str, Any], int | None]:
+    """(name -> config, the text encoder's width where its config says it) of components of `root`."""
+    configs, width = {}, None
+    for name in names:
+        _, configs[name], reference = read_component_meta(component_uri(root, name))
+        if name == "text_encoder":
+            width = config_text_width(configs[name], reference=reference)
+    return configs, width
