@@ -78,6 +78,8 @@ def port_taken(host: str, port: int) -> str | None:
 
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            # As servers bind: a port whose last server just stopped (TIME_WAIT) is free to listen on.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
     except OSError as e:
         return e.strerror or str(e)

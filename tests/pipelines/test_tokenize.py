@@ -118,11 +118,13 @@ def test_embeddings_from_webdataset_load_as_training_input(ray_session, tmp_path
                                                            tiny_root_lo_only, fast_cfg):
     rows = [(f"w{i}", *good(i, 64), "") for i in range(6)]
     rows = [(n, img, cap.encode(), r) for n, img, cap, r in rows]
-    write_tar(tmp_path / "a.tar", rows[:4])
-    write_tar(tmp_path / "b.tar", rows[4:], caption_ext="json")
+    (tmp_path / "corpus").mkdir()
+    write_tar(tmp_path / "corpus" / "a.tar", rows[:4])
+    write_tar(tmp_path / "corpus" / "b.tar", rows[4:], caption_ext="json")
     out = str(tmp_path / "tokens")
     cfg = replace(fast_cfg, text_storage="embeddings")
-    run(f"file://{tmp_path}", out, resolve_models(tiny_root_lo_only), cfg, format="webdataset", progress=False)
+    run(f"file://{tmp_path}/corpus", out, resolve_models(tiny_root_lo_only), cfg, format="webdataset",
+        progress=False)
 
     table = shards.load_token_shards(out)
     keys_once(table)
