@@ -1,0 +1,71 @@
+"""`muse serve`'s command line: the flags, the config and the model root, checked before Ray starts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def test_cli_mistakes_are_one_line_before_ray_starts(tmp_path, capsys, monkeypatch):
+    """Every mistake the flags, the config or the model root can hold is one `muse serve: error:` line
+    and exit status 2, found before Ray and Serve start (which take seconds and print their own lines)."""
+    import socket
+
+    import jobs.cluster
+    from muse.checkpoint import init_model_root
+    from serve.cli import main, parse_args, port_taken
+
+    _, args = parse_args(["--checkpoint", "/m", "--port", "9000"])
+    assert (args.checkpoint, args.port, args.host, args.config) == ("/m", 9000, None, None)
+    root = str(tmp_path / "root")
+    init_model_root("tiny", root)
+    bad_key, bad_limit = tmp_path / "bad_key.yaml", tmp_path / "bad_limit.yaml"
+    bad_key.write_text("checkpoint: x\nbogus: 1\n")
+    bad_limit.write_text("limits:\n  max_images: 0\n")
+    other = str(tmp_path / "other")
+    init_model_root("tiny", other)
+    meta_path = tmp_path / "other" / "vqgan_lo" / "config.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["codebook_size"] = 8192  # a tokenizer of other codes than the base draws: no fit
+    meta_path.write_text(json.dumps(meta))
+    with socket.socket() as held:  # a port some other server holds
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        assert "in use" in port_taken("127.0.0.1", taken)
+        monkeypatch.setattr(jobs.cluster, "cluster_address", lambda: None)  # as on a machine with no Ray
+        for argv, why in (([], "give --checkpoint ROOT"),
+                          (["--checkpoint", str(tmp_path / "nope")], "lacks text_encoder, vqgan_lo, base"),
+                          (["--checkpoint", other], "base expects 8x8 tokens of 512 codes, vqgan_lo gives 8x8 of 8192"),
+                          (["--checkpoint", root, "--config", str(tmp_path / "none.yaml")], "--config: [Errno 2]"),
+                          (["--config", str(bad_key)], "bogus: Extra inputs are not permitted"),
+                          (["--checkpoint", root, "--config", str(bad_limit)], "limits.max_images:"),
+                          (["--checkpoint", root, "--port", "70000"], "--port must be 1-65535"),
+                          (["--checkpoint", root, "--port", str(taken)], f"cannot listen on 127.0.0.1:{taken}")):
+            with pytest.raises(SystemExit) as exit_:
+                main(argv)
+            err = capsys.readouterr().err
+            assert exit_.value.code == 2 and why in err and "Traceback" not in err, (argv, err)
+            assert err.count("muse serve: error:") == 1
+
+
+def test_cli_takes_host_and_port_from_a_serve_config(tmp_path):
+    from serve.cli import parse_args, resolve
+
+    root = str(tmp_path / "root")
+    from muse.checkpoint import init_model_root
+
+    init_model_root("tiny", root, components=("text_encoder", "vqgan_lo", "base"))
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"http_options:\n  host: 0.0.0.0\n  port: 8123\napplications:\n  - args:\n"
+                      f"      checkpoint: {root}\n")
+    parser, args = parse_args(["--config", str(config)])
+    app_args, host, port = resolve(parser, args)
+    assert (app_args.checkpoint, host, port) == (root, "0.0.0.0", 8123)
+    parser, args = parse_args(["--config", str(config), "--port", "9001", "--host", "127.0.0.1"])
+    assert resolve(parser, args)[1:] == ("127.0.0.1", 9001)  # the flags win
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(f"checkpoint: {root}\n")
+    parser, args = parse_args(["--config", str(plain)])
+    assert resolve(parser, args)[1:] == ("127.0.0.1", 8000)
