@@ -271,7 +271,7 @@ def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, r
                          "encode them (write one with `muse init` or train with `muse train all`)")
     made_by = _tokenize_spec(data)
     mismatch = text_ids_mismatch(made_by, checkpoint.component_uri(root, "text_encoder"))
-    if mismatch and info.get("text_storage", "ids") != "embeddings":
+    if mismatch:
         raise RunRefused(f"the token shards under {data} hold caption ids of another tokenizer than the model root's "
                          f"text encoder ({mismatch}): the model would learn other words than its prompts give; "
                          "tokenize the corpus with this root (a new --output)")

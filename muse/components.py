@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from muse import storage
-from muse.config import from_dict
+from muse.config import CLIPTextConfig, from_dict
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -186,7 +186,7 @@ def config_text_width(config: Any, reference: bool = False) -> int | None:
     """The width of a text encoder's embeddings where its config alone says it: a built encoder or a
     referenced folder (whose width was read when the reference was written); None for a copy of
     pretrained weights, whose width is in its own files."""
-    if hasattr(config, "hidden") and not hasattr(config, "d_model"):  # CLIP: its width is always recorded
+    if isinstance(config, CLIPTextConfig):  # its width is always recorded
         return int(config.hidden)
     if getattr(config, "name_or_path", None) is None or reference:
         return int(config.d_model)

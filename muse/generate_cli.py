@@ -100,6 +100,8 @@ def run(command: str, args: argparse.Namespace) -> list[str]:
     from muse.pipeline import MusePipeline
 
     _check_out(args.out)  # before minutes of sampling, not after
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -113,8 +115,6 @@ def run(command: str, args: argparse.Namespace) -> list[str]:
     else:
         # Weights seeded 0, as `muse init --preset tiny` writes them; --seed is for sampling.
         pipe = MusePipeline.from_preset(args.preset, seed=0, device=args.device)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     # None: through super-res when the root has it (an imported aMUSEd root stops at the base resolution).
     common = dict(negative_prompt=args.negative_prompt, superres_steps=args.superres_steps,
                   guidance_scale=args.guidance, seed=args.seed, superres=False if args.no_superres else None,

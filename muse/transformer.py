@@ -168,10 +168,10 @@ class TokenEmbedding(nn.Module):
         `pixel_code_vectors(VQGAN.code_pixels())`.
 
         Codes whose `same_by` vectors (default: `vectors`) match (cosine > SAME_CODE_COSINE) are one
-        class (with the codes those match, and so on): each maps to the first of them (`code_class`), and only
-        that one gets a logit. A codebook
-        kept in use by dead-code restarts holds many copies of each kind of patch (the tiny tokenizers:
-        512 codes, ~20 kinds), and logits that are maps of the vectors could not tell the copies apart.
+        class (with the codes those match, and so on): each maps to the first of them (`code_class`), and
+        only that one gets a logit. A codebook kept in use by dead-code restarts holds many copies of each
+        kind of patch (the tiny tokenizers: 512 codes, ~20 kinds), and logits that are maps of the vectors
+        could not tell the copies apart.
         Copies are told by the codebook: their decoded patches differ by a little noise."""
         if not self.code_dim:
             raise ValueError("this model reads codes through a free embedding (code_dim 0): it holds no code vectors")

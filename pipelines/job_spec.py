@@ -88,8 +88,8 @@ def text_ids_mismatch(spec: dict, root_text_encoder: str) -> str | None:
     made, made_version = spec["text_encoder"], (spec.get("weights") or {}).get("text_encoder") or {}
     if config is None:
         return None
-    differ = [f"{k} {made.get(k)!r} vs {config.get(k)!r}" for k in ("tokenizer", "vocab_size")
-              if k in made and made.get(k) != config.get(k)]
+    differ = [f"{k} {made[k]!r} vs {config.get(k)!r}" for k in ("tokenizer", "vocab_size")
+              if k in made and made[k] != config.get(k)]
     if not differ and version and FINGERPRINT in made_version and \
             made_version[FINGERPRINT] != version.get(FINGERPRINT):
         differ = ["other tokenizer files"]

@@ -202,8 +202,8 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     """Tokenize every unfinished part of the corpus at `input_uri` into `output`; returns totals.
     `on_published(entry)` is called on this thread once a part's manifest entry is committed.
     Progress is a tqdm bar (`progress`), or goes to `reporter` (jobs.progress.Reporter: `update(done,
-    metrics)`, `finish(line)`); without a reporter the plan's line and the summary are printed. Another driver writing to `output` (a fresh heartbeat) is refused with
-    `manifest.OutputInUse`; `force_cleanup` takes it for dead and deletes what it left uncommitted.
+    metrics)`, `finish(line)`); without a reporter the plan's line and the summary are printed. Another
+    driver writing to `output` (a fresh heartbeat) is refused with `manifest.OutputInUse`; `force_cleanup` takes it for dead and deletes what it left uncommitted.
     Finished parts that are not in the input any more are refused, or with `retire_changed` retired
     (`manifest.retire`) and their images tokenized again in the parts that now hold them."""
     cfg = cfg or TokenizeConfig()

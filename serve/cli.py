@@ -45,11 +45,10 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace):
     from pydantic import ValidationError
 
     from muse.components import check_root
-    from serve.config import AppArgs, load_args, load_http_options
+    from serve.config import AppArgs, load_config_file
 
     try:
-        data = load_args(args.config) if args.config else {}
-        http = load_http_options(args.config) if args.config else {}
+        data, http = load_config_file(args.config) if args.config else ({}, {})
     except (OSError, ValueError) as e:
         parser.error(f"--config: {e}")
     if args.checkpoint:

@@ -200,24 +200,24 @@ class AppArgs(Strict):
 
 
 def load_args(path: str | Path, app_name: str | None = None) -> dict[str, Any]:
-    """The `args` mapping of a YAML file: either a Ray Serve config (`applications: [{args: ...}]`,
-    the first application or the one named `app_name`) or a plain mapping of AppArgs fields."""
+    """The `args` mapping of a YAML file (`load_config_file`)."""
+    return load_config_file(path, app_name)[0]
+
+
+def load_config_file(path: str | Path, app_name: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(args, http_options) of a YAML file, read once: either a Ray Serve config (`applications:
+    [{args: ...}]`, the first application or the one named `app_name`, and its `http_options`) or a
+    plain mapping of AppArgs fields (no http_options)."""
     data = _load_yaml(path)
     if "applications" not in data:
-        return data
-    apps = data["applications"] or []
-    for app in apps:
-        if app_name is None or app.get("name") == app_name:
-            return dict(app.get("args") or {})
-    raise ValueError(f"{path}: no application named {app_name!r}")
-
-
-def load_http_options(path: str | Path) -> dict[str, Any]:
-    """A Ray Serve config's `http_options` (host, port, ...); empty for a plain mapping of AppArgs."""
-    options = _load_yaml(path).get("http_options") or {}
-    if not isinstance(options, dict):
+        return data, {}
+    http = data.get("http_options") or {}
+    if not isinstance(http, dict):
         raise ValueError(f"{path}: http_options must be a mapping")
-    return options
+    for app in data["applications"] or []:
+        if app_name is None or app.get("name") == app_name:
+            return dict(app.get("args") or {}), http
+    raise ValueError(f"{path}: no application named {app_name!r}")
 
 
 def _load_yaml(path: str | Path) -> dict[str, Any]:

@@ -1,10 +1,16 @@
-"""`muse serve`'s command line: the flags, the config and the model root, checked before Ray starts."""
+"""`muse serve`'s command line (the flags, the config and the model root, checked before Ray starts)
+and a Serve config's args on their way to build_app."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+
+from serve.config import load_args
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_cli_mistakes_are_one_line_before_ray_starts(tmp_path, capsys, monkeypatch):
@@ -69,3 +75,24 @@ def test_cli_takes_host_and_port_from_a_serve_config(tmp_path):
     plain.write_text(f"checkpoint: {root}\n")
     parser, args = parse_args(["--config", str(plain)])
     assert resolve(parser, args)[1:] == ("127.0.0.1", 8000)
+
+
+def test_serve_config_args_reach_build_app_the_way_serve_passes_them(tmp_path):
+    """`serve run serve/config.yaml` hands build_app the YAML's `args` through Serve's own builder call."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from muse.checkpoint import init_model_root
+    from serve.app import build_app
+
+    root = str(tmp_path / "root")
+    init_model_root("tiny", root)
+    args = load_args(REPO / "serve" / "config.yaml")
+    app = call_user_app_builder_with_args_if_necessary(build_app, {**args, "checkpoint": root, "api_key": "k"})
+    *handles, built = app._bound_deployment.init_args
+    assert built.checkpoint == root and built.base.batching.max_rows == 32 and built.api_key == "k"
+    assert handles[2] is not None  # super-res present in this root
+    # One access-log line per HTTP request (the ingress's), not one more per stage of the chain.
+    assert app._bound_deployment.logging_config["enable_access_log"] is True
+    assert [h._bound_deployment.logging_config["enable_access_log"] for h in handles] == [False] * 4
+    with pytest.raises(ValueError):
+        call_user_app_builder_with_args_if_necessary(build_app, {"checkpoint": root, "bogus": 1})
