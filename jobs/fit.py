@@ -56,6 +56,7 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
         fs, path = None, storage.filesystem(storage_uri)[1]
         os.makedirs(path, exist_ok=True)
     job = dict(job, worker=worker_path(worker), section=to_dict(section), run_name=name, identity=identity,
+               cached_rows=dataset.count() if cached else None,  # an epoch's length, to resume mid-epoch
                progress_board=start_display(), run_dir=folder,
                samples_dir=job.get("samples_dir") or storage.join(job["root"], "samples", name))
     trainer = _trainer_class()(

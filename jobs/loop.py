@@ -18,17 +18,18 @@ optimizer, scheduler, EMA and sample/token counters it holds; rank 0 puts each f
 on the console in one line. Calling `jobs.fit.fit_stage` again with the same run name and storage resumes a
 run the driver lost, on any number of workers (`jobs.checkpointing` reshards), if its checkpoints
 belong to the same model root, component and architecture: the driver refuses others before the
-trainer starts, with what would fail on every attempt (`jobs.preflight`). Ray Data iterators have no
-position to restore, so a resumed run does not continue the data stream where it was: it starts a
-fresh seeded permutation of the token shard files or of the corpus's parts (`jobs.data.token_dataset`,
+trainer starts, with what would fail on every attempt (`jobs.preflight`). Where a resumed run reads
+from (`batch_stream`): data cached in the object store (run.cache_data) continues its stream where
+the checkpoint left it; streamed data has no position to restore, so it starts a fresh seeded
+permutation of the token shard files or of the corpus's parts (`jobs.data.token_dataset`,
 `jobs.data.image_dataset`), not the first ones again, and rows mix in a local shuffle buffer of
-thousands of rows. An epoch cut short by a failure is not
-completed first.
+thousands of rows.
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import sys
 import time
@@ -223,16 +224,10 @@ def _train_loop(job: dict, attempt: int | None = None) -> None:
     window = {"time": 0.0, "tokens": 0.0, "flops": 0.0, "samples": 0.0, "steps": 0}
     sums: dict[str, tuple[Any, int]] = {}  # device tensors until a log step
     stall: float | None = None  # seconds the last checkpoint held training up, for the next report
-    epoch = 0
-    while step < run.max_steps:
-        worker.reseed(step)
-        batches = shard.iter_torch_batches(
-            batch_size=run.batch_size, collate_fn=_collate_fn(worker.collate), drop_last=True,
-            local_shuffle_buffer_size=run.shuffle_buffer or None,
-            local_shuffle_seed=run.seed + 1000 * epoch + env.rank + step if run.shuffle_buffer else None)
-        seen, tick = 0, time.perf_counter()
-        for batch in batches:
-            seen += 1
+    tick = time.perf_counter()
+    if step < run.max_steps:
+        for batch in batch_stream(shard, run, env.rank, env.world_size, step, job.get("cached_rows"),
+                                  _collate_fn(worker.collate), on_epoch=worker.reseed):
             lr = _current_lr(worker)  # the step's own lr: its scheduler moves on inside train_step
             metrics = worker.train_step(batch, step)
             step += 1
@@ -273,11 +268,10 @@ def _train_loop(job: dict, attempt: int | None = None) -> None:
             tick = time.perf_counter()
             if last:
                 break
-        if seen == 0:  # so on every attempt: told to the driver (a refusal there), not retried by Ray Train
-            if env.is_main:
-                storage.write_text(storage.join(job["run_dir"], NO_FULL_BATCH), "no full batch")
-            return
-        epoch += 1
+    if step < run.max_steps:  # an epoch made no step: told to the driver (a refusal there), not retried
+        if env.is_main:
+            storage.write_text(storage.join(job["run_dir"], NO_FULL_BATCH), "no full batch")
+        return
     other = other_run_export(job) if step == resumed_from else None
     if other is None:
         worker.export(step)
@@ -375,6 +369,38 @@ def _fail_once_if_asked(run, job: dict, env: WorkerEnv, step: int) -> None:
     print(f"[{job['run_name']}] fault injection: rank {env.rank} exits at step {step}", flush=True)
     sys.stdout.flush()
     os._exit(1)
+
+
+def batch_stream(shard, run, rank: int, world_size: int, step: int, cached_rows: int | None, collate_fn,
+                 on_epoch=lambda step: None):
+    """The batches of `shard` (a worker's Ray Data iterator) for steps `step`, `step` + 1, ..., epoch
+    after epoch, until an epoch gives no full batch. Each epoch mixes its rows in the local shuffle
+    buffer seeded by (run.seed, epoch, rank, the step it starts at); `on_epoch(step)` is called as
+    each epoch starts.
+
+    Data cached in the object store (`cached_rows`: its rows, which Ray Train splits equally across
+    `world_size` workers) has a known epoch length, so a run resumed at `step` continues the stream
+    where it was: it starts that step's epoch with the seed that epoch had and skips the batches the
+    run already trained on. With one worker these are exactly the batches an uninterrupted run reads;
+    with several, the same place in the epoch (Ray Data decides which rows reach which worker).
+    Streamed data starts a new pass (`jobs.data`: a fresh file permutation per resume point)."""
+    epoch_steps = (cached_rows // world_size) // run.batch_size if cached_rows else 0
+    epoch, skip = divmod(step, epoch_steps) if epoch_steps else (0, 0)
+    start = step - skip  # the step this epoch started at
+    while True:
+        on_epoch(start + skip)
+        batches = iter(shard.iter_torch_batches(
+            batch_size=run.batch_size, collate_fn=collate_fn, drop_last=True,
+            local_shuffle_buffer_size=run.shuffle_buffer or None,
+            local_shuffle_seed=run.seed + 1000 * epoch + rank + start if run.shuffle_buffer else None))
+        skipped = sum(1 for _ in itertools.islice(batches, skip))
+        seen = 0
+        for batch in batches:
+            seen += 1
+            yield batch
+        if seen == 0 and skipped == 0:
+            return
+        start, epoch, skip = start + skipped + seen, epoch + 1, 0
 
 
 def _collate_fn(fn):

@@ -52,3 +52,46 @@ def test_a_resumed_run_reads_a_new_permutation_not_the_first_files(ray_session, 
     assert resumed != fresh
     resumed_ds, _ = token_dataset(out, hi=False, shuffle_seed=resumed)
     assert file_order(resumed_ds)[:2] != first_epoch[:2]  # the resumed run does not re-read the same first files
+
+
+ROWS, BATCH = 40, 4  # 10 steps an epoch
+
+
+def stream_rows(ds, step: int, steps: int, cached_rows: int | None) -> list[list[int]]:
+    """The rows of `steps` batches a worker trains on when its run (re)starts at `step`."""
+    from jobs.config import RunSettings
+    from jobs.loop import _collate_fn, batch_stream
+
+    run = RunSettings(batch_size=BATCH, shuffle_buffer=8, seed=3)  # a buffer smaller than the data
+    stream = batch_stream(ds.iterator(), run, 0, 1, step, cached_rows, _collate_fn(lambda b: b["row"].tolist()))
+    return [next(stream) for _ in range(steps)]
+
+
+def test_a_resumed_cached_run_continues_its_data_stream(ray_session):
+    """Data cached in the object store has a known epoch length: a run resumed at step 13 trains on
+    the batches an uninterrupted run trains on from step 13 (epoch 1, three batches in), not on the
+    cached rows' first batches again."""
+    import ray.data
+
+    ds = ray.data.from_arrow(pa.table({"row": list(range(ROWS))})).materialize()
+    straight = stream_rows(ds, 0, 25, ROWS)
+    assert sorted(sum(straight[:10], [])) == list(range(ROWS))  # an epoch is every row once
+    assert sorted(sum(straight[10:20], [])) == list(range(ROWS)) and straight[10:20] != straight[:10]
+    assert stream_rows(ds, 13, 12, ROWS) == straight[13:25]
+    assert stream_rows(ds, 20, 3, ROWS) == straight[20:23]  # at an epoch's first step
+    # Without the epoch's length (streamed data), a restart begins a pass of its own.
+    assert stream_rows(ds, 13, 3, None) != straight[13:16]
+
+
+def test_workers_split_cached_rows_equally(ray_session):
+    """The epoch length `batch_stream` assumes for several workers: Ray Train's equal split gives each
+    of 2 workers 41 // 2 rows, so 5 full batches of 4."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray.data
+
+    ds = ray.data.from_arrow(pa.table({"row": list(range(41))})).materialize()
+    splits = ds.streaming_split(2, equal=True)  # as ray.train's DataConfig splits a dataset
+    with ThreadPoolExecutor(2) as pool:
+        counts = list(pool.map(lambda it: sum(1 for _ in it.iter_batches(batch_size=BATCH, drop_last=True)), splits))
+    assert counts == [(41 // 2) // BATCH] * 2
