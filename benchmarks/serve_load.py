@@ -182,7 +182,7 @@ async def cancellation_recovery(url: str, mode: str, body: dict, timeout: float,
         idle = min([await timed() for _ in range(3)])
 
         async def leave_early(i: int) -> None:
-            stream = {**body, "stream": True, "steps": 100, "seed": 1000 + i}
+            stream = {**body, "stream": True, "steps": 100, "partial_images": 3, "seed": 1000 + i}
             async with http.stream("POST", "/v1/images/generations", json=stream) as r:
                 async for line in r.aiter_lines():
                     if line.startswith("data: "):

@@ -4,9 +4,9 @@
     POST /v1/images/edits         multipart: image, optional mask, prompt, ...
     GET  /v1/models  /v1/models/<id>  /v1/files/<id>.<format>  /healthz  /
 
-Each request chains the model deployments by handing one call's DeploymentResponse to the next
-(text -> base -> super-res -> decoder), so token grids go from replica to replica and only image
-bytes come back here. Where each concern lives:
+Each request chains the model deployments (text -> base -> super-res -> decoder), making each call
+once the calls it reads have finished and handing it their DeploymentResponses, so every stage's
+queue limit holds, token grids go from replica to replica, and only image bytes come back here. Where each concern lives:
 
     serve/chain.py      running a chain: timeout, cancellation, retries on a lost replica, errors
     serve/streaming.py  server-sent events, admitted before the first byte
@@ -35,13 +35,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from muse import components
 from muse.tokenizer import load_tokenizer
-from serve.chain import NOT_RETRIED, run_chain
+from serve.chain import NOT_RETRIED, Calls, run_chain
 from serve.config import AppArgs
 from serve.guard import RETRY_AFTER_S, Guard
 from serve.images import UploadError, prepare_edit
 from serve.responses import Responses
 from serve.schemas import (
-    FIELDS, OUTPUT_FORMATS, APIError, GenerationRequest, check_background, check_common, check_prompt,
+    FIELDS, OUTPUT_FORMATS, APIError, GenerationRequest, blank, check_background, check_common, check_prompt,
     check_unknown_fields,
     error_response, resolve_size, supported_sizes, usage, validation_param,
 )
@@ -103,12 +103,15 @@ class Ingress:
     async def generate(self, req: GenerationRequest, stage: str, seed: int, out: Output) -> list[bytes]:
         lo_decode, hi_decode = self.decodes(req.n, seed, req.steps, req.superres_steps, req.guidance_scale)
 
-        def chain() -> list:
-            calls = [self.text.encode.remote(req.prompt, req.negative_prompt)]
-            calls.append(self.base.generate.remote(calls[0], lo_decode))
+        async def chain(calls: Calls) -> None:
+            cond = calls.start(self.text.encode.remote(req.prompt, req.negative_prompt))
+            await calls.ready(cond)
+            tokens = calls.start(self.base.generate.remote(cond, lo_decode))
+            await calls.ready(tokens)
             if stage == "hi":
-                calls.append(self.superres.generate.remote(calls[0], calls[-1], hi_decode))
-            return [*calls, self.decoder.decode.remote(calls[-1], stage, out)]
+                tokens = calls.start(self.superres.generate.remote(cond, tokens, hi_decode))
+                await calls.ready(tokens)
+            calls.start(self.decoder.decode.remote(tokens, stage, out))
 
         return await self.call(chain)
 
@@ -125,18 +128,21 @@ class Ingress:
         lo_decode, hi_decode = self.decodes(n, seed, steps, superres_steps, guidance,
                                             base_default=self.sampling.edit_iterations if mask_free else None)
 
-        def chain() -> list:
-            cond = self.text.encode.remote(prompt, negative)
-            source = self.decoder.encode.remote(edit.images["lo"], "lo")
+        async def chain(calls: Calls) -> None:
+            cond = calls.start(self.text.encode.remote(prompt, negative))
+            source = calls.start(self.decoder.encode.remote(edit.images["lo"], "lo"))
+            await calls.ready(cond, source)
             if mask_free:
                 tokens = self.base.edit.remote(cond, lo_decode, source, lo_decode.steps, self.sampling.edit_fraction)
             else:
                 tokens = self.base.generate.remote(cond, lo_decode, source, edit.regenerate)
-            calls = [cond, source, tokens]
+            calls.start(tokens)
             if stage == "hi":
-                calls.append(self.decoder.encode.remote(edit.images["hi"], "hi"))
-                calls.append(self.superres.generate.remote(cond, tokens, hi_decode, calls[-1]))
-            return [*calls, self.decoder.decode.remote(calls[-1], stage, out)]
+                hi_source = calls.start(self.decoder.encode.remote(edit.images["hi"], "hi"))
+                await calls.ready(tokens, hi_source)
+                tokens = calls.start(self.superres.generate.remote(cond, tokens, hi_decode, hi_source))
+            await calls.ready(tokens)
+            calls.start(self.decoder.decode.remote(tokens, stage, out))
 
         return await self.call(chain)
 
@@ -287,6 +293,7 @@ def build_fastapi(ing: Ingress) -> FastAPI:
             raise APIError(400, "'mask' must be an image file", param="mask", code="invalid_value")
         f = _EditForm(form)
         prompt, negative = f.text("prompt"), f.text("negative_prompt")
+        negative = None if blank(negative) else negative  # none, as on the JSON route
         check_prompt(prompt, limits)
         check_prompt(negative, limits, "negative_prompt", required=False)
         n, steps, superres_steps = f.integer("n", 1), f.integer("steps"), f.integer("superres_steps")

@@ -1,8 +1,13 @@
 """Running one request's chain of deployment calls: its timeout, its cancellation, and its retries.
 
-A chain is a function that starts the calls (text -> base -> super-res -> decoder, each handed the
-previous call's DeploymentResponse) and returns them, the final one last. `run_chain` awaits the
-final one within the request timeout and maps what can go wrong to OpenAI-shaped errors:
+A chain is a coroutine function that makes the calls (text -> base -> super-res -> decoder, each
+handed the DeploymentResponses it reads) through a `Calls`, the final one last, and makes each call
+only once the calls it reads have finished (`Calls.ready`). Serve checks a deployment's
+`max_queued_requests` when a call is made but counts the call as queued only once its arguments are
+ready, so a call made earlier, on an unfinished response, would pass every check and then queue
+without bound; made after, it meets the limit. The results stay in the object store: only the final
+image bytes come back here. `run_chain` runs the chain and awaits the final call within the request
+timeout, and maps what can go wrong to OpenAI-shaped errors:
 
     timeout                         every call cancelled, 504
     caller gone (cancelled)         every call cancelled (the schedulers drop their rows)
@@ -20,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Awaitable, Callable
 
+import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError, RayServeException,
                                   ReplicaUnavailableError)
@@ -34,14 +41,58 @@ RETRY_BACKOFF_S = (0.5, 1.0)  # waits before the re-runs after a replica was los
 NOT_RETRIED = ("timeout", "replica_crashed", "model_error")
 
 
-async def run_chain(chain: Callable[[], list], timeout_s: float, max_retries: int = 1) -> Any:
-    """The final call's result of `chain()`, re-running the chain after a lost replica."""
+# Threads that wait for calls to finish (ray.wait blocks; it is asked again every WAIT_SLICE_S, so a
+# thread is back within that time of a cancelled request). Waits past this many queue for a thread.
+_WAITERS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="muse-chain-wait")
+WAIT_SLICE_S = 0.5
+
+
+class Calls:
+    """The calls one run of a chain has made, in order: what a timeout or a cancellation cancels."""
+
+    def __init__(self) -> None:
+        self.made: list = []
+
+    def start(self, response):
+        self.made.append(response)
+        return response
+
+    async def ready(self, *responses) -> None:
+        """Wait until these calls have finished, or failed (a failure reaches the caller through the
+        call that reads them), without fetching their results into this process."""
+        for response in responses:
+            await finished(response)
+
+
+async def finished(response) -> None:
+    """Wait until a DeploymentResponse's call has finished. Its ObjectRef (Serve's developer API) is
+    waited on with `fetch_local=False`: the result is not pulled here. Raises BackPressureError when
+    Serve refused the call."""
+    ref = await response._to_object_ref()
+    loop = asyncio.get_running_loop()
+    while not await loop.run_in_executor(_WAITERS, _ready, ref):
+        pass
+
+
+def _ready(ref) -> bool:
+    done, _ = ray.wait([ref], timeout=WAIT_SLICE_S, fetch_local=False)
+    return bool(done)
+
+
+async def run_chain(chain: Callable[[Calls], Awaitable[None]], timeout_s: float, max_retries: int = 1) -> Any:
+    """The final call's result of `chain(calls)`, re-running the chain after a lost replica."""
     deadline = time.monotonic() + timeout_s
     attempt = 0
     while True:
-        calls = chain()
+        made = Calls()
+        calls = made.made
+
+        async def whole():
+            await chain(made)
+            return await calls[-1]
+
         try:
-            return await asyncio.wait_for(_result(calls[-1]), max(0.0, deadline - time.monotonic()))
+            return await asyncio.wait_for(whole(), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             _cancel(calls)
             raise APIError(504, f"the request took longer than {timeout_s:g} s", type="server_error",
@@ -113,7 +164,3 @@ def _cancel(calls: list) -> None:
             response.cancel()
         except Exception:  # noqa: BLE001 - a call that already failed (its replica died) has nothing to free
             logger.debug("cancel of a failed call raised", exc_info=True)
-
-
-async def _result(response: Any) -> Any:
-    return await response

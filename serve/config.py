@@ -28,7 +28,7 @@ def cpu_threads(num_cpus: float | None) -> int:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no NaN or inf setting
 
 
 class Autoscaling(Strict):

@@ -12,7 +12,8 @@ Here a batch is one decoding step: new requests join at the next step boundary, 
 (client gone, timeout) leaves there and frees its rows, and tasks at different steps share a forward.
 
 Row budget: a task takes `n` rows, or `2n` when it uses classifier-free guidance (the conditional and
-unconditional branches run as one batched forward, so they cost two rows each). Tasks are admitted in
+unconditional branches run as one batched forward, so they cost two rows each); a forward holds just
+those rows (an unguided task adds no unconditional rows). Tasks are admitted in
 arrival order while their rows fit in `max_rows`; a task larger than the budget runs when it is alone.
 
 Same images batched or not: each task holds its own ids, its rows' uniforms (drawn up front from its
@@ -86,7 +87,7 @@ class DecodeTask(Task):
               fixed: torch.Tensor | None = None, finish: Callable[[torch.Tensor], Any] | None = None,
               top_k: int | None = None) -> None:
         B, N, mask_id, dev = self.rows, model.num_tokens, model.mask_token_id, scale.device
-        self.mask_id, self.requested_steps = mask_id, steps
+        self.mask_id = mask_id
         self.scale, self.choice_temperature, self.finish, self.top_k = scale, choice_temperature, finish, top_k
         self.ids = sampling.initial_ids(B, N, mask_id, dev, init_ids, fixed)
         self.draws = sampling.row_uniforms(generators, (B, steps, 2, N), dev)  # as generate draws them
@@ -110,7 +111,7 @@ class DecodeTask(Task):
         if self.step == self.steps or not bool((self.ids == self.mask_id).any()):
             self.result, self.done = self.finish(self.ids), True
         elif self.preview_every and preview_after(step, self.steps, self.preview_every):
-            self.outbox.append(("preview", step + 1, self.requested_steps, self.ids.clone()))
+            self.outbox.append(("preview", step + 1, self.steps, self.ids.clone()))  # the steps run, not asked
 
 
 class EditTask(Task):
@@ -283,16 +284,20 @@ class Scheduler:
                 task.fail(e)
 
     def _forward(self, tasks: list[Task], inputs: list[Step]) -> list[torch.Tensor]:
-        """Logits at each task's selected positions (M_i, K), from one forward of all rows."""
-        rows = [t.rows for t in tasks]
-        context = ContextStack([t.context for t in tasks], rows)
-        joint = None
-        if any(s.guided for s in inputs):
-            # An unguided task's own context fills its unconditional half (t = 0: discarded exactly).
-            joint = ContextStack([t.context for t in tasks] + [t.uncond or t.context for t in tasks], rows + rows)
-        ids = torch.cat([s.ids for s in inputs])
-        select = torch.cat([s.select for s in inputs])
-        weight = torch.cat([s.weight if s.guided else torch.zeros_like(s.weight) for s in inputs])
-        logits = sampling.guided_logits(self.model, ids, context, joint, weight, select)
-        return list(logits.split([int(s.select.sum()) for s in inputs]))
+        """Logits at each task's selected positions (M_i, K), from one forward of every task's
+        conditional rows and the unconditional rows of the tasks guided at this step only, so a
+        forward holds the rows the budget counted; guidance is `sampling.guided_logits`' mix."""
+        guided = [i for i, s in enumerate(inputs) if s.guided]
+        parts = [*range(len(tasks)), *guided]  # the conditional rows of every task, then the unconditional
+        context = ContextStack([tasks[i].context for i in range(len(tasks))] + [tasks[i].uncond for i in guided],
+                               [tasks[i].rows for i in parts])
+        ids = torch.cat([inputs[i].ids for i in parts])
+        select = torch.cat([inputs[i].select for i in parts])
+        logits = self.model(ids, context, select=select).split([int(inputs[i].select.sum()) for i in parts])
+        out = list(logits[:len(tasks)])
+        for i, uncond in zip(guided, logits[len(tasks):]):
+            s = inputs[i]
+            weight = (1 + s.weight).to(uncond.dtype)[:, None].expand_as(s.select)[s.select][:, None]
+            out[i] = uncond.lerp_(out[i], weight)  # uncond + (1 + t)(cond - uncond), as guided_logits
+        return out
 

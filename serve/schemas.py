@@ -64,7 +64,7 @@ class GenerationRequest(BaseModel):
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_compression: int | None = Field(None, ge=0, le=100)  # jpeg/webp quality; default 100
     stream: StrictBool = False  # not "yes" nor 1
-    partial_images: int | None = Field(None, ge=0, le=3)  # streamed previews; None: every preview_every steps
+    partial_images: int = Field(0, ge=0, le=3)  # streamed previews, spread over the decode; 0 as OpenAI's default
     negative_prompt: str | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     steps: int | None = Field(None, ge=1)
@@ -74,9 +74,11 @@ class GenerationRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _nulls_are_absent(cls, data):
-        """OpenAI's SDKs send explicit nulls for optional fields: they mean the default."""
+        """OpenAI's SDKs send explicit nulls for optional fields: they mean the default. A blank
+        negative prompt means none, as on the edits route (a form's empty field)."""
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None or k == "prompt"}
+            return {k: v for k, v in data.items() if (v is not None or k == "prompt")
+                    and not (k == "negative_prompt" and blank(v))}
         return data
 
     @field_validator(*NUMBER_FIELDS, mode="before")
@@ -104,6 +106,10 @@ def check_background(background: str | None) -> None:
     if background is not None and background not in BACKGROUNDS:
         raise APIError(400, f"'background' {background[:40]!r} is not supported: this model draws opaque images "
                             f"({' or '.join(BACKGROUNDS)})", param="background", code="invalid_value")
+
+
+def blank(value) -> bool:
+    return isinstance(value, str) and not value.strip()
 
 
 def check_prompt(prompt: str | None, limits: Limits, param: str = "prompt", required: bool = True) -> None:

@@ -134,10 +134,10 @@ def event_fields(size: str, output_format: str = "png") -> dict:
             "quality": "auto"}
 
 
-def spread(offered: int, wanted: int | None) -> set[int]:
-    """Which of `offered` previews to send: all (wanted None), or `wanted` of them spread evenly,
-    the last one included."""
-    if wanted is None or wanted >= offered:
+def spread(offered: int, wanted: int) -> set[int]:
+    """Which of `offered` previews to send: `wanted` of them spread evenly, the last one included
+    (all when fewer are offered)."""
+    if wanted >= offered:
         return set(range(offered))
     return {offered - 1 - round(i * offered / wanted) for i in range(wanted)}
 

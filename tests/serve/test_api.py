@@ -141,7 +141,7 @@ def _events(response: httpx.Response) -> list[tuple[str, dict]]:
 
 
 def test_stream_sends_previews_then_the_final_image(muse_app):
-    body = dict(prompt="a yellow star", size="128x128", seed=3, stream=True, n=2)
+    body = dict(prompt="a yellow star", size="128x128", seed=3, stream=True, n=2, partial_images=3)
     with muse_app.client.stream("POST", "/v1/images/generations", json=body) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = _events(r)
@@ -237,9 +237,9 @@ def test_official_openai_client(muse_app, pipe):
     want = pipe.inpaint(image, regen, "a tree", steps=STEPS, seed=1, superres=False)
     assert_same_image(png_array(edited.data[0].b64_json), resampled(want[0], 256))
 
+    # No partial_images: no previews, as OpenAI's default (0).
     events = list(client.images.generate(prompt="a red circle", size="64x64", stream=True, extra_body={"seed": 5}))
-    assert [e.type for e in events][-1] == "image_generation.completed"
-    assert {e.type for e in events[:-1]} == {"image_generation.partial_image"}
+    assert [e.type for e in events] == ["image_generation.completed"]
     assert_same_image(png_array(events[-1].b64_json),
                                   pil_array(pipe("a red circle", steps=STEPS, seed=5, superres=False)[0]))
 
@@ -257,12 +257,14 @@ def test_a_stream_whose_client_leaves_stops_decoding(muse_app):
 
     base = serve.get_deployment_handle("BaseGenerator", app_name=APP)
     before = base.stats.remote().result()["streams"]
-    body = dict(prompt="a long decode", size="64x64", seed=1, stream=True, steps=100)
+    # 64 tokens: 64 steps run, a preview every 2; 3 of those 31 are sent, the first after step 20.
+    body = dict(prompt="a long decode", size="64x64", seed=1, stream=True, steps=100, partial_images=3)
     with muse_app.client.stream("POST", "/v1/images/generations", json=body) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
-                assert json.loads(line[6:])["step"] == 2
-                break  # leave after the first preview, 98 steps early
+                event = json.loads(line[6:])
+                assert (event["step"], event["steps"]) == (20, 64)  # the steps that run, not the 100 asked
+                break  # leave after the first preview, 44 steps early
     deadline = time.monotonic() + 30
     while (after := base.stats.remote().result()["streams"]).get("stopped", 0) == before.get("stopped", 0):
         assert time.monotonic() < deadline, f"the base stream was not stopped: {after}"

@@ -46,7 +46,7 @@ def test_disconnected_streams_free_their_rows_at_once(muse_app):
     go, decoding, leave = threading.Barrier(8), threading.Barrier(9), threading.Event()
 
     def stream(i: int) -> None:
-        body = dict(prompt=f"a long decode {i}", size="64x64", seed=i, stream=True, steps=100)
+        body = dict(prompt=f"a long decode {i}", size="64x64", seed=i, stream=True, steps=100, partial_images=3)
         with httpx.Client(base_url=muse_app.url, headers=muse_app.client.headers, timeout=60) as client:
             go.wait(timeout=30)
             with client.stream("POST", "/v1/images/generations", json=body) as r:

@@ -202,3 +202,43 @@ def test_an_unsupported_size_lists_the_sizes_on_offer_in_order():
     with pytest.raises(APIError) as err:
         resolve_size("300x300", 64, 128)
     assert "64x64, 128x128, 256x256, 512x512, 1024x1024 (or 'auto')" in err.value.message
+
+
+@pytest.mark.parametrize("negative", ["", "   "])
+def test_a_blank_negative_prompt_means_none_on_both_routes(negative):
+    """A client that sends "" for "unset" gets no negative prompt, on the JSON route as on the edits
+    route (whose form reads an empty field as absent), not a 400 on one of them."""
+    ing = fake_ingress()
+    asked = []
+
+    async def generate(req, *_):
+        asked.append(req.negative_prompt)
+        raise APIError(503, "reached the models", type="server_error", code="reached")
+
+    async def edit(image, mask, prompt, negative_prompt, *_):
+        asked.append(negative_prompt)
+        raise APIError(503, "reached the models", type="server_error", code="reached")
+
+    ing.generate, ing.edit = generate, edit
+    r = _post(ing, json={"prompt": "a red circle", "negative_prompt": negative})
+    assert r.json()["error"]["code"] == "reached", r.text
+    from serve.api import build_fastapi
+
+    async def post_edit() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_fastapi(ing)), base_url="http://t") as c:
+            return await c.post("/v1/images/edits", files={"image": ("i.png", _png())},
+                                data={"prompt": "a red circle", "negative_prompt": negative})
+
+    r = asyncio.run(post_edit())
+    assert r.json()["error"]["code"] == "reached", r.text
+    assert asked == [None, None]
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(out, format="PNG")
+    return out.getvalue()

@@ -217,3 +217,35 @@ def test_rows_with_different_regions_decode_as_the_library_does(models):
     alone = sampling.generate(model, ctx.index(slice(0, 1)), unc, steps=6, guidance_scale=3.0,
                               generator=sampling.image_generators(5, 1), init_ids=src[:1], fixed=fixed[:1])
     assert torch.equal(alone[0], want[0])  # the 3-token row as if it were alone
+
+
+def test_a_forward_holds_the_rows_its_budget_counted(models):
+    """A guided image costs two rows of the budget and an unguided one one: a forward that mixes
+    them feeds the model at most those rows (no unconditional rows for the unguided tasks), and each
+    task still decodes what it decodes alone."""
+    text, base = models
+    cond = text.encode("a red circle")
+    fed = []
+    forward = base.model.forward
+
+    def counting(ids, context, select=None):
+        fed.append(ids.shape[0])
+        return forward(ids, context, select=select)
+
+    calls = [lambda: base.generate(cond, Decode(1, 4, 4.0, 1))] + [
+        (lambda s=s: base.generate(cond, Decode(2, 4, 0.0, s))) for s in range(3)]
+
+    async def together():
+        return await asyncio.gather(*(c() for c in calls))
+
+    before = base.scheduler.stats.rows_per_forward.copy()
+    base.model.forward = counting
+    try:
+        batched = asyncio.run(together())
+    finally:
+        del base.model.forward
+    counted = base.scheduler.stats.rows_per_forward - before
+    # (the first step has no guidance yet: the guided image feeds one row there)
+    assert len(fed) == counted.total() and max(fed) == max(counted) == 2 + 3 * 2, (fed, counted)
+    for call, got in zip(calls, batched):
+        assert torch.equal(asyncio.run(call()).ids, got.ids)

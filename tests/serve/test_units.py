@@ -62,6 +62,8 @@ def test_shipped_serve_config_is_valid_and_typed():
     {"checkpoint": "x", "device": "cuda"},  # replicas without a GPU fraction would see no GPU
     {"checkpoint": "x", "ingress": {"num_replicas": 2}},  # url images in one replica's memory
     {"checkpoint": "x", "limits": {"max_image_pixels": 200_000_000}},  # past Pillow's own limit
+    {"checkpoint": "x", "sampling": {"choice_temperature": float("inf")}},  # would re-mask kept tokens
+    {"checkpoint": "x", "limits": {"request_timeout_s": float("nan")}},
     {},
 ])
 def test_bad_config_is_refused(data):
@@ -320,83 +322,6 @@ def test_build_app_reads_the_key_from_the_environment(tmp_path, monkeypatch):
     assert args.api_key == "from-env"
 
 
-class _FakeResponse:
-    """Stands in for a DeploymentResponse: awaitable, cancellable."""
-
-    def __init__(self, result=None, error: BaseException | None = None, delay: float = 0.0):
-        self.result, self.error, self.delay, self.cancelled = result, error, delay, False
-
-    def __await__(self):
-        return self._wait().__await__()
-
-    async def _wait(self):
-        import asyncio
-
-        await asyncio.sleep(self.delay)
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-    def cancel(self):
-        self.cancelled = True
-
-
-def test_chains_retry_a_lost_replica_at_most_max_retries_and_never_a_crashed_one(monkeypatch):
-    import asyncio
-
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
-    from ray.serve.exceptions import BackPressureError
-
-    import serve.chain as chain_mod
-
-    monkeypatch.setattr(chain_mod, "RETRY_BACKOFF_S", (0.01,))
-    call = lambda chain, timeout=0.5, retries=1: asyncio.run(chain_mod.run_chain(chain, timeout, retries))  # noqa: E731
-
-    attempts = []
-
-    def flaky():
-        attempts.append(1)
-        first = len(attempts) == 1
-        lost = ActorUnavailableError("unreachable", b"0" * 16)
-        return [_FakeResponse(), _FakeResponse(error=lost if first else None, result="png")]
-
-    assert call(flaky) == "png" and len(attempts) == 2
-
-    hanging = [_FakeResponse(), _FakeResponse(delay=30)]
-    with pytest.raises(APIError) as err:
-        call(lambda: hanging)
-    assert err.value.status == 504 and all(r.cancelled for r in hanging)
-
-    with pytest.raises(APIError) as err:
-        call(lambda: [_FakeResponse(error=BackPressureError(num_queued_requests=9, max_queued_requests=8))])
-    assert err.value.status == 503 and err.value.code == "overloaded"
-
-    attempts.clear()
-
-    def always_lost():
-        attempts.append(1)
-        return [_FakeResponse(error=ActorUnavailableError("unreachable", b"0" * 16))]
-
-    with pytest.raises(APIError) as err:  # one re-run, then 503
-        call(always_lost, timeout=30)
-    assert err.value.status == 503 and err.value.code == "replica_unavailable" and len(attempts) == 2
-
-    attempts.clear()
-
-    def crashing():  # the replica's process died while running the request: maybe the request did it
-        attempts.append(1)
-        return [_FakeResponse(error=ActorDiedError())]
-
-    with pytest.raises(APIError) as err:
-        call(crashing, timeout=30)
-    assert err.value.code == "replica_crashed" and len(attempts) == 1
-
-    failed = RayTaskError("generate", "traceback", IndexError("index out of range"))
-    with pytest.raises(APIError) as err:  # the model failed on this request: a 503, not a 500
-        call(lambda: [_FakeResponse(error=failed)])
-    assert err.value.status == 503 and err.value.code == "model_error"
-
-
 def test_deployments_load_their_models_from_s3(s3_bucket):
     """Each deployment class loads its component from an s3:// model root (a local S3 server)."""
     from muse.checkpoint import init_model_root
@@ -469,14 +394,3 @@ def test_a_stream_that_cannot_be_admitted_gets_a_503_before_any_event():
     r = asyncio.run(post())
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert r.headers["content-type"].startswith("application/json") and r.json()["error"]["code"] == "overloaded"
-
-
-def test_an_upstream_replica_lost_behind_serves_wrapper_is_a_lost_replica():
-    from ray.serve.exceptions import RayServeException
-
-    from serve.chain import crashed, replica_lost
-
-    wrapped = RayServeException("Request to deployment 'SuperResGenerator' failed because an upstream actor "
-                                "died before finishing a dependent task. Ray reported: ...")
-    assert replica_lost(wrapped) is wrapped and not crashed(wrapped)  # re-run on a replacement
-    assert replica_lost(RayServeException("something else")) is None  # other Serve errors are not retried

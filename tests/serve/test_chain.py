@@ -1,0 +1,168 @@
+"""Running a request's chain of deployment calls (serve/chain.py): each stage is called only once
+what it reads has finished, so Serve's queue limit on it holds; timeouts, cancellation, retries on a
+lost replica, and the errors a client gets."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+
+import pytest
+
+from serve.config import Limits, Sampling
+from serve.schemas import APIError, GenerationRequest
+from serve.specs import Output
+
+
+class _FakeResponse:
+    """Stands in for a DeploymentResponse: awaitable, cancellable."""
+
+    def __init__(self, result=None, error: BaseException | None = None, delay: float = 0.0):
+        self.result, self.error, self.delay, self.cancelled, self.done = result, error, delay, False, False
+
+    def __await__(self):
+        return self._wait().__await__()
+
+    async def _wait(self):
+        import asyncio
+
+        await asyncio.sleep(self.delay)
+        self.done = True
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    async def settle(self):  # what chain.finished does: wait, without the result
+        try:
+            await self._wait()
+        except Exception:  # noqa: BLE001 - reaches the caller through the call that reads it
+            pass
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def _listed(responses):
+    """A chain that makes the calls `responses()` returns, without waiting between them."""
+    async def chain(calls):
+        for response in responses():
+            calls.start(response)
+    return chain
+
+
+def test_chains_retry_a_lost_replica_at_most_max_retries_and_never_a_crashed_one(monkeypatch):
+    import asyncio
+
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+    from ray.serve.exceptions import BackPressureError
+
+    import serve.chain as chain_mod
+
+    monkeypatch.setattr(chain_mod, "RETRY_BACKOFF_S", (0.01,))
+    call = lambda chain, timeout=0.5, retries=1: asyncio.run(chain_mod.run_chain(_listed(chain), timeout, retries))  # noqa: E731
+
+    attempts = []
+
+    def flaky():
+        attempts.append(1)
+        first = len(attempts) == 1
+        lost = ActorUnavailableError("unreachable", b"0" * 16)
+        return [_FakeResponse(), _FakeResponse(error=lost if first else None, result="png")]
+
+    assert call(flaky) == "png" and len(attempts) == 2
+
+    hanging = [_FakeResponse(), _FakeResponse(delay=30)]
+    with pytest.raises(APIError) as err:
+        call(lambda: hanging)
+    assert err.value.status == 504 and all(r.cancelled for r in hanging)
+
+    with pytest.raises(APIError) as err:
+        call(lambda: [_FakeResponse(error=BackPressureError(num_queued_requests=9, max_queued_requests=8))])
+    assert err.value.status == 503 and err.value.code == "overloaded"
+
+    attempts.clear()
+
+    def always_lost():
+        attempts.append(1)
+        return [_FakeResponse(error=ActorUnavailableError("unreachable", b"0" * 16))]
+
+    with pytest.raises(APIError) as err:  # one re-run, then 503
+        call(always_lost, timeout=30)
+    assert err.value.status == 503 and err.value.code == "replica_unavailable" and len(attempts) == 2
+
+    attempts.clear()
+
+    def crashing():  # the replica's process died while running the request: maybe the request did it
+        attempts.append(1)
+        return [_FakeResponse(error=ActorDiedError())]
+
+    with pytest.raises(APIError) as err:
+        call(crashing, timeout=30)
+    assert err.value.code == "replica_crashed" and len(attempts) == 1
+
+    failed = RayTaskError("generate", "traceback", IndexError("index out of range"))
+    with pytest.raises(APIError) as err:  # the model failed on this request: a 503, not a 500
+        call(lambda: [_FakeResponse(error=failed)])
+    assert err.value.status == 503 and err.value.code == "model_error"
+
+
+
+def test_an_upstream_replica_lost_behind_serves_wrapper_is_a_lost_replica():
+    from ray.serve.exceptions import RayServeException
+
+    from serve.chain import crashed, replica_lost
+
+    wrapped = RayServeException("Request to deployment 'SuperResGenerator' failed because an upstream actor "
+                                "died before finishing a dependent task. Ray reported: ...")
+    assert replica_lost(wrapped) is wrapped and not crashed(wrapped)  # re-run on a replacement
+    assert replica_lost(RayServeException("something else")) is None  # other Serve errors are not retried
+
+
+class _Handle:
+    """Stands in for a DeploymentHandle: `handle.method.remote(*args)` records, for each call, whether
+    every call it reads had finished when it was made."""
+
+    def __init__(self, name: str, log: list):
+        self.name, self.log = name, log
+
+    def __getattr__(self, method):
+        def remote(*args):
+            read = [a for a in args if isinstance(a, _FakeResponse)]
+            self.log.append((f"{self.name}.{method}", all(a.done for a in read)))
+            return _FakeResponse(result=[b"png"], delay=0.02)
+        return types.SimpleNamespace(remote=remote)
+
+
+def _ingress(log: list):
+    from serve.api import Ingress
+
+    ing = types.SimpleNamespace(sampling=Sampling(), limits=Limits(), lo_side=64, hi_side=128, lo_tokens=8,
+                                **{name: _Handle(name, log) for name in ("text", "base", "superres", "decoder")})
+    for method in ("decodes", "call", "generate", "edit"):
+        setattr(ing, method, types.MethodType(getattr(Ingress, method), ing))
+    return ing
+
+
+@pytest.mark.parametrize("mask_free", [False, True])
+def test_each_stage_is_called_once_what_it_reads_has_finished(monkeypatch, mask_free):
+    """Serve checks a deployment's max_queued_requests when a call is made, but counts the call as
+    queued only once its arguments are ready: a super-res call made on an unfinished base response
+    would pass every check and queue without bound."""
+    import serve.api
+    import serve.chain as chain_mod
+
+    monkeypatch.setattr(chain_mod, "finished", lambda response: response.settle())
+    log: list = []
+    ing = _ingress(log)
+    request = GenerationRequest(prompt="a red circle")
+    assert asyncio.run(ing.generate(request, "hi", 1, Output())) == [b"png"]
+    assert log == [("text.encode", True), ("base.generate", True), ("superres.generate", True),
+                   ("decoder.decode", True)]
+
+    log.clear()
+    edit = types.SimpleNamespace(images={"lo": "lo pixels", "hi": "hi pixels"}, regenerate=None if mask_free else "mask")
+    monkeypatch.setattr(serve.api, "prepare_edit", lambda *args: edit)
+    assert asyncio.run(ing.edit(b"image", None, "a blue square", None, 1, "hi", 1, None, None, None, Output())) == [b"png"]
+    assert [name for name, _ in log] == ["text.encode", "decoder.encode", f"base.{'edit' if mask_free else 'generate'}",
+                                         "decoder.encode", "superres.generate", "decoder.decode"]
+    assert all(ready for _, ready in log), log
