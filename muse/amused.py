@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from muse import checkpoint
+from muse import checkpoint, storage
 from muse.clip import CLIPTextEncoder
 from muse.config import UViTConfig, VQConfig
 from muse.uvit import UViT
@@ -185,9 +185,18 @@ def load_amused(source: str) -> dict[str, nn.Module]:
     return {"text_encoder": text_encoder.eval(), "vqgan_lo": vq.eval(), "base": uvit.eval()}
 
 
-def import_amused(source: str, out: str) -> dict[str, nn.Module]:
-    """Convert the checkpoint at `source` and write it as a model root at `out` (local or s3://)."""
+def import_amused(source: str, out: str, force: bool = False) -> dict[str, nn.Module]:
+    """Convert the checkpoint at `source` and write it as a model root at `out` (local or s3://). A root
+    that already holds components is refused (the old vqgan_hi / superres beside the new ones would be
+    a root of two families, which nothing loads); `force` replaces it whole, the components the import
+    does not write deleted."""
+    held = [name for name in checkpoint.COMPONENTS if checkpoint.has_component(out, name)]
+    if held and not force:  # checked before minutes of conversion
+        raise ValueError(f"{out} already holds a model root ({', '.join(held)}); pass --force to replace it")
     parts = load_amused(source)
+    for name in held:  # only once the source has converted: a bad one leaves the root as it was
+        if name not in parts:
+            storage.delete(checkpoint.component_uri(out, name))
     for name, model in parts.items():
         checkpoint.save_component(model, checkpoint.component_uri(out, name),
                                   extra={"imported_from": os.path.abspath(source), "format": "diffusers"})
@@ -202,10 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", required=True,
                         help="directory with model_index.json, transformer/, vqvae/, text_encoder/, tokenizer/")
     parser.add_argument("--out", required=True, help="model root to write (local path or s3://)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the model root at --out: its components the import does not write "
+                             "(vqgan_hi, superres) are deleted")
     args = parser.parse_args(argv)
     try:
-        parts = import_amused(args.source, args.out)
-    except (AmusedImportError, OSError) as e:
+        parts = import_amused(args.source, args.out, force=args.force)
+    except (ValueError, OSError) as e:  # AmusedImportError and CheckpointError are ValueErrors
         print(f"muse import: error: {e}", file=sys.stderr)
         return 2
     base = parts["base"].config

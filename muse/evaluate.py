@@ -19,6 +19,7 @@ Writes `report.json` and a PNG grid (prompt -> image) into `--out`.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import random
@@ -166,33 +167,43 @@ def reconstruction_psnr(vqgan, images: list[Image.Image]) -> float:
 
 
 @torch.no_grad()
-def token_accuracy(pipe, samples: list[tuple[str, Image.Image]], mask_rate: float = 0.5, seed: int = 0) -> dict:
-    """Masked-token accuracy of the base (and super-res) model at a fixed mask rate."""
+def token_accuracy(pipe, samples: list[tuple[str, Image.Image]], mask_rate: float = 0.5, seed: int = 0,
+                   hi_samples: list[tuple[str, Image.Image]] | None = None) -> dict:
+    """Masked-token accuracy of the base (and super-res) model at a fixed mask rate. Super-res is
+    measured on `hi_samples` (default `samples`): images at vqgan_hi's resolution, so its targets are
+    tokens of a native render, not of an upsampled one; its low-res tokens are those images
+    downsampled, as tokenizing a corpus makes them."""
     from muse.losses import masked_token_accuracy
 
     g = torch.Generator().manual_seed(seed)
-    prompts = [c for c, _ in samples]
-    cond = pipe.encode_prompts(prompts)
-    rates = torch.full((len(samples),), mask_rate)
 
-    def ids(vqgan) -> torch.Tensor:  # on the CPU, where the masking generator lives
+    def ids(vqgan, images: list[tuple[str, Image.Image]]) -> torch.Tensor:  # on the CPU, where `g` lives
         p = next(vqgan.parameters())
-        img = torch.stack([pil_to_tensor(im, vqgan.config.resolution) for _, im in samples])
+        img = torch.stack([pil_to_tensor(im, vqgan.config.resolution) for _, im in images])
         return vqgan.encode(img.to(p.device, p.dtype)).flatten(1).cpu()
 
     def accuracy(model, ids: torch.Tensor, ctx) -> float:
-        masked, mask = mask_tokens(ids, rates, model.mask_token_id, g)
+        masked, mask = mask_tokens(ids, torch.full((len(ids),), mask_rate), model.mask_token_id, g)
         logits = model(masked.to(pipe.device), ctx).float()
-        targets = model.embed.classes(ids.to(pipe.device))  # copies of a code are one class to a code-vector model
+        # Copies of a code are one class to a code-vector model; a model without classes (aMUSEd's
+        # U-ViT) scores the ids themselves.
+        classes = getattr(model.embed, "classes", None)
+        targets = ids.to(pipe.device) if classes is None else classes(ids.to(pipe.device))
         return masked_token_accuracy(logits, targets, mask.to(pipe.device)).item()
 
-    dtype = next(pipe.base.parameters()).dtype
-    emb, mask = cond.embeddings.to(dtype), cond.mask
-    lo = ids(pipe.vqgan_lo)
+    def condition(images: list[tuple[str, Image.Image]]) -> tuple[torch.Tensor, torch.Tensor]:
+        cond = pipe.encode_prompts([c for c, _ in images])
+        return cond.embeddings.to(next(pipe.base.parameters()).dtype), cond.mask
+
+    emb, mask = condition(samples)
+    lo = ids(pipe.vqgan_lo, samples)
     out = {"mask_rate": mask_rate, "base": accuracy(pipe.base, lo, pipe.base.encode_context(emb, mask))}
     if pipe.superres is not None and pipe.vqgan_hi is not None:
+        if hi_samples is not None:
+            emb, mask = condition(hi_samples)
+            lo = ids(pipe.vqgan_lo, hi_samples)
         ctx = pipe.superres.encode_context(emb, mask, lo.to(pipe.device))
-        out["superres"] = accuracy(pipe.superres, ids(pipe.vqgan_hi), ctx)
+        out["superres"] = accuracy(pipe.superres, ids(pipe.vqgan_hi, hi_samples or samples), ctx)
     return out
 
 
@@ -239,26 +250,50 @@ def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: 
              ceiling_images: int = 200, n_held_out: int | None = None) -> dict:
     """Run every evaluation that applies and write report.json + grid.png into `out`.
     `base_generate` (images from the base stage alone) adds `judge_base` and grid_base.png, so a
-    weak super-res stage cannot hide what the base model draws."""
+    weak super-res stage cannot hide what the base model draws. A section that fails still leaves
+    report.json with the sections before it (and "error" saying what stopped it), then raises:
+    judging is the slow part, and is not lost to a later failure."""
     report: dict = {}
     rows: list[dict] = []
     base_rows: list[dict] = []
+    try:
+        _measure(report, rows, base_rows, generate, pipe, corpus, n_seen=n_seen, seed=seed, clip_path=clip_path,
+                 reference_images=reference_images, base_generate=base_generate, ceiling_images=ceiling_images,
+                 n_held_out=n_held_out)
+    except Exception as e:
+        if report:  # something was measured: keep it, saying what stopped the rest
+            report["error"] = f"{type(e).__name__}: {e}"
+            write_report(out, report, rows, base_rows)
+            e.add_note(f"{storage.join(out, 'report.json')} holds the sections measured before it")
+        raise
+    write_report(out, report, rows, base_rows)
+    return report
+
+
+def _measure(report: dict, rows: list[dict], base_rows: list[dict], generate: Generate, pipe, corpus: str | None,
+             *, n_seen: int, seed: int, clip_path: str | None, reference_images: int, base_generate: Generate | None,
+             ceiling_images: int, n_held_out: int | None) -> None:
+    """`evaluate`'s sections, each adding its entry to `report` (and the judged images to `rows` and
+    `base_rows`, for the grids) as it ends."""
     holdout: dict = {}
     if corpus is not None:
         holdout = read_holdout(corpus)
-        report["judge"], rows = judge_sets(generate, holdout, n_seen, seed, n_held_out=n_held_out)
+        report["judge"], judged = judge_sets(generate, holdout, n_seen, seed, n_held_out=n_held_out)
+        rows.extend(judged)
         if base_generate is not None:
-            report["judge_base"], base_rows = judge_sets(base_generate, holdout, n_seen, seed, label="base: ",
-                                                         n_held_out=n_held_out)
+            report["judge_base"], judged = judge_sets(base_generate, holdout, n_seen, seed, label="base: ",
+                                                      n_held_out=n_held_out)
+            base_rows.extend(judged)
     # The corpus's layout, so the tokenizers are judged on images like those they learnt.
     corpus_layout = {"grid": holdout.get("grid", 0), "layout": holdout.get("layout", "scattered")}
     if pipe is not None:
         samples = heldout_images(reference_images, pipe.vqgan_lo.config.resolution, **corpus_layout)
         report["psnr_db"] = {"vqgan_lo": reconstruction_psnr(pipe.vqgan_lo, [im for _, im in samples])}
+        hi = None
         if pipe.vqgan_hi is not None:
             hi = heldout_images(reference_images, pipe.vqgan_hi.config.resolution, **corpus_layout)
             report["psnr_db"]["vqgan_hi"] = reconstruction_psnr(pipe.vqgan_hi, [im for _, im in hi])
-        report["masked_token_accuracy"] = token_accuracy(pipe, samples, seed=seed)
+        report["masked_token_accuracy"] = token_accuracy(pipe, samples, seed=seed, hi_samples=hi)
         # Judged on scenes of the pairings the corpus has (what the transformers learn from) and,
         # apart, of the held-out ones, which the tokenizers never saw either.
         held = sorted(tuple(p) for p in holdout.get("pairs", []))
@@ -266,8 +301,9 @@ def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: 
         if held:
             sets["tokenizer_ceiling_held_out"] = held
         tokenizers = [(n, vq) for n, vq in (("vqgan_lo", pipe.vqgan_lo), ("vqgan_hi", pipe.vqgan_hi)) if vq is not None]
+        side = max([128] + [vq.config.resolution for _, vq in tokenizers])  # downsampled for each, never up
         for key, pairs in sets.items():
-            judged = heldout_images(ceiling_images, 128, seed=seed + 55, pairs=pairs, **corpus_layout)
+            judged = heldout_images(ceiling_images, side, seed=seed + 55, pairs=pairs, **corpus_layout)
             report[key] = {name: tokenizer_ceiling(vq, judged) for name, vq in tokenizers}
     # No FID here: a few dozen judged images are far too few (see muse/eval_corpus.py).
     clip = load_clip(clip_path, device=pipe.device if pipe is not None else "cpu")
@@ -276,16 +312,17 @@ def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: 
     elif rows:
         img_f, txt_f = clip_features(clip, [r["image"] for r in rows], [r["prompt"] for r in rows])
         report["clip"] = {"clip_score": clip_score(img_f, txt_f), "n": len(rows)}
+
+
+def write_report(out: str, report: dict, rows: list[dict], base_rows: list[dict]) -> None:
+    """report.json, and grid.png / grid_base.png for the judged rows there are."""
     storage.makedirs(out)
     storage.write_text(storage.join(out, "report.json"), json.dumps(report, indent=1))
-    import io
-
     for name, grid_rows in (("grid.png", rows), ("grid_base.png", base_rows)):
         if grid_rows:
             buf = io.BytesIO()
             image_grid(grid_rows).save(buf, format="PNG")
             storage.write_bytes(storage.join(out, name), buf.getvalue())
-    return report
 
 
 def pipeline_generator(pipe, *, steps: int, superres_steps: int, guidance_scale: float, superres: bool) -> Generate:
@@ -297,15 +334,18 @@ def pipeline_generator(pipe, *, steps: int, superres_steps: int, guidance_scale:
 
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """'auto': CUDA when present; bf16 there, fp32 on the CPU."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
+    try:
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                           "cpu" if device == "auto" else device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r}: {e}") from None
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
     return dev, getattr(torch, dtype)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from muse.eval_corpus import FORMATS, CorpusEvalConfig
+    from muse.eval_corpus import FORMATS
     from muse.fid import DEFAULT_N, FEATURE_NET_HELP, MIN_N
 
     parser = argparse.ArgumentParser(prog="muse eval", description=__doc__,
@@ -334,23 +374,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-superres", action="store_true", help="evaluate base-resolution images")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    try:
+        cfg = _checked(args)
+        device, dtype = resolve_device(args.device, args.dtype)
+        with torch.no_grad():  # scoped: main() also runs inside other programs (tests, notebooks)
+            _evaluate_root(args, cfg, device, dtype)
+    except ValueError as e:  # bad input (CheckpointError is one): one clear line, not a traceback
+        parser.exit(2, f"muse eval: error: {' '.join([str(e), *getattr(e, '__notes__', [])])}\n")
+    except OSError as e:  # e.g. the disk filled up while writing
+        parser.exit(1, f"muse eval: error: {e}\n")
+
+
+def _checked(args: argparse.Namespace) -> CorpusEvalConfig | None:
+    """The real corpus's config (None for a synthetic one); ValueError on bad arguments, before the
+    model is loaded."""
+    from muse.eval_corpus import CorpusEvalConfig
+    from muse.fid import FEATURE_NET_HELP, check_n
+
+    for name, value in (("--steps", args.steps), ("--superres-steps", args.superres_steps)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if args.corpus is not None and not storage.exists(args.corpus):
+        raise ValueError(f"--corpus {args.corpus}: no such file or directory")
     fmt = args.corpus_format
     if args.corpus and fmt == "auto" and storage.exists(storage.join(args.corpus, "holdout.json")):
         fmt = "synthetic"
-    real = args.corpus is not None and fmt != "synthetic"
-    if real:  # fail on a bad n or missing networks before loading the model
-        cfg = CorpusEvalConfig(n=args.n, allow_small_n=args.allow_small_n, format=fmt, batch=args.batch,
-                               seed=args.seed)
-        from muse.fid import check_n
-
-        check_n(cfg.n, cfg.allow_small_n)
-        if not (args.fid_net or args.clip):
-            parser.error(f"a real corpus needs --fid-net ({FEATURE_NET_HELP}) and/or --clip (a local CLIP folder)")
-    else:
-        cfg = None
-    device, dtype = resolve_device(args.device, args.dtype)
-    with torch.no_grad():  # scoped: main() also runs inside other programs (tests, notebooks)
-        _evaluate_root(args, cfg, device, dtype)
+    if args.corpus is None or fmt == "synthetic":
+        return None
+    # A real corpus: fail on a bad n or missing networks before loading the model.
+    cfg = CorpusEvalConfig(n=args.n, allow_small_n=args.allow_small_n, format=fmt, batch=args.batch, seed=args.seed)
+    check_n(cfg.n, cfg.allow_small_n)
+    if not (args.fid_net or args.clip):
+        raise ValueError(f"a real corpus needs --fid-net ({FEATURE_NET_HELP}) and/or --clip (a local CLIP folder)")
+    return cfg
 
 
 def _evaluate_root(args, cfg: CorpusEvalConfig | None, device, dtype) -> None:

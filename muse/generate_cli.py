@@ -62,10 +62,13 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     elif command == "inpaint":
         p = argparse.ArgumentParser(
             prog="muse inpaint",
-            description="Regenerate the masked part of an image under a prompt; the rest is kept.")
+            description="Regenerate the masked part of an image under a prompt. Outside the mask the image's "
+                        "tokens are kept, not its pixels: the output there is the tokenizer's decoding of "
+                        "those tokens (beside the new ones), not the input's own pixels.")
         p.add_argument("--image", required=True, help="input image file (local path or s3://)")
         p.add_argument("--mask", required=True,
-                       help="mask image of the same size: white = regenerate, black = keep; in a mask with "
+                       help="mask image of the same size: white = regenerate, black = keep its tokens (the "
+                            "output there is their decoding, not the input's pixels); in a mask with "
                             "transparency, the transparent pixels are regenerated (as the HTTP API reads one)")
         _common(p)
     elif command == "outpaint":

@@ -191,8 +191,10 @@ class MusePipeline:
         image: PIL image, encoded bytes, a path (local or s3://) or a (3, H, W) tensor in [-1, 1].
         mask: same size as the image (PIL image, image file/bytes, array or tensor (H, W)); non-zero =
             regenerate.
-        A token is regenerated when any pixel of its patch is masked; the rest stay fixed. The model
-        sees the centre square of a non-square image (`muse.image_inputs`)."""
+        A token is regenerated when any pixel of its patch is masked; the rest stay fixed, so outside the
+        mask the image is the tokenizer's decoding of the input's tokens (beside the new ones), not its
+        pixels: nothing is pasted back. The model sees the centre square of a non-square image
+        (`muse.image_inputs`)."""
         superres = self._use_superres(superres)
         req = Request(num_images, steps, superres_steps, guidance_scale, choice_temperature, seed, output, superres,
                       callback, superres_top_k=superres_top_k, first_image=first_image)
@@ -357,6 +359,7 @@ class MusePipeline:
         g = req.guidance_scale
         if not isinstance(g, (int, float)) or isinstance(g, bool) or not 0 <= g < math.inf:  # NaN fails too
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {g!r}")
+        sampling.check_choice_temperature(req.choice_temperature)
         k = req.superres_top_k
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise ValueError(f"superres_top_k must be an integer >= 1 or None, got {k!r}")

@@ -28,6 +28,8 @@ same tokens as running it by itself (given the same logits), and the loop makes 
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -74,7 +76,7 @@ def generate(
     top_k: sample only among the k most likely ids at each position (None = the full codebook).
     callback(step, ids): after each step, with the current ids ([MASK] where still undecided).
     """
-    choice_temperature = renamed_temperature(choice_temperature, temperature)
+    choice_temperature = check_choice_temperature(renamed_temperature(choice_temperature, temperature))
     B = context.batch_size
     N, mask_id = model.num_tokens, model.mask_token_id
     device = context.mask.device
@@ -148,11 +150,22 @@ def remask(ids: torch.Tensor, masked: torch.Tensor, picked: torch.Tensor, logp: 
     B, N = ids.shape
     sampled = ids.masked_scatter(masked, picked)
     confidence = torch.full((B, N), float("inf"), device=ids.device)
-    confidence[masked] = logp + plan.noise[step][:, None].expand(B, N)[masked] * gumbel(noise_u)
+    score = logp + plan.noise[step][:, None].expand(B, N)[masked] * gumbel(noise_u)
+    # Kept tokens alone stay at +inf: a NaN or infinite score (NaN noise sorts last) must never rank a
+    # masked position above a fixed one, which would then be masked and resampled.
+    confidence[masked] = score.nan_to_num(nan=float("-inf"), posinf=torch.finfo(confidence.dtype).max)
     order = confidence.argsort(dim=1, stable=True)  # least confident first
     ranks = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=ids.device).expand(B, N))
     remain = torch.minimum(plan.keep[step], masked.sum(dim=1) - 1).clamp(min=0)
     return torch.where(ranks < remain[:, None], torch.full_like(ids, mask_id), sampled)
+
+
+def check_choice_temperature(value: float) -> float:
+    """`value` if it is a finite number >= 0; else ValueError (the noise scale of the re-masking
+    confidence: NaN or inf make it meaningless, and a negative one is not a Gumbel-max ordering)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value < math.inf:
+        raise ValueError(f"choice_temperature must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def renamed_temperature(choice_temperature: float, temperature: float | None, stacklevel: int = 3) -> float:

@@ -223,6 +223,55 @@ def test_not_an_amused_directory_is_a_clear_error(tmp_path, capsys):
     assert "model_index.json" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("imported", ["amused-256"], indirect=True)  # one architecture covers the root's files
+def test_import_over_a_model_root_is_refused_unless_forced_and_force_leaves_one_family(imported, tmp_path, capsys):
+    """Importing over a Muse root would keep its vqgan_hi and superres beside the aMUSEd parts, a root
+    that refuses to load: refused, the root untouched; with --force the root is aMUSEd alone."""
+    _, _, ours, root = imported
+    src = str(Path(root).parent / "src")
+    target = str(tmp_path / "root")
+    MusePipeline.from_preset("tiny").save_pretrained(target)
+    before = {p: p.read_bytes() for p in Path(target).rglob("*") if p.is_file()}
+    assert import_main(["amused", "--source", src, "--out", target]) == 2
+    err = capsys.readouterr().err
+    assert "--force" in err and "already holds" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in Path(target).rglob("*") if p.is_file()} == before
+
+    assert import_main(["amused", "--source", src, "--out", target, "--force"]) == 0
+    assert [n for n in checkpoint.COMPONENTS if checkpoint.has_component(target, n)] == \
+        ["text_encoder", "vqgan_lo", "base"]
+    again = MusePipeline.from_pretrained(target)
+    assert again.superres is None and type(again.base) is type(ours.base)
+    ids = torch.randint(0, 8192, (1, 256))
+    cond = ours.encode_prompts(["a cat"])
+    assert torch.equal(again.base(ids, again.base.encode_context(cond.embeddings, cond.mask)),
+                       ours.base(ids, ours.base.encode_context(cond.embeddings, cond.mask)))
+
+
+@pytest.mark.parametrize("imported", ["amused-256"], indirect=True)  # the U-ViT's token embedding is one kind
+def test_eval_of_the_imported_root_writes_every_section(imported, tmp_path, monkeypatch):
+    """`muse eval`'s sections on a U-ViT (a plain embedding, no code classes: its token accuracy
+    scores the ids themselves), to the end and report.json; the 256 px VQ reads no upsampled image."""
+    import muse.evaluate as ev
+    from muse.data.synthetic import write_corpus
+    from muse.evaluate import evaluate, pipeline_generator
+
+    _, _, ours, _ = imported
+    sizes = []  # (image side, the side a tokenizer reads it at)
+    monkeypatch.setattr(ev, "pil_to_tensor",
+                        lambda im, size: sizes.append((im.size[0], size)) or pil_to_tensor(im, size))
+    write_corpus(str(tmp_path / "corpus"), n=4, size=64, holdout_fraction=0.2)
+    gen = pipeline_generator(ours, steps=2, superres_steps=2, guidance_scale=3.0, superres=False)
+    with torch.no_grad():
+        report = evaluate(gen, ours, str(tmp_path / "corpus"), str(tmp_path / "out"), n_seen=2, n_held_out=1,
+                          reference_images=2, ceiling_images=2)
+    accuracy = report["masked_token_accuracy"]
+    assert set(accuracy) == {"mask_rate", "base"} and 0.0 <= accuracy["base"] <= 1.0
+    assert set(report["psnr_db"]) == {"vqgan_lo"} and report["judge"]["seen"]["n"] == 2
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == json.loads(json.dumps(report))
+    assert sizes and not [s for s in sizes if s[0] < s[1]], sizes
+
+
 def test_serving_deployments_run_the_imported_root(imported):
     """The Serve deployments' methods without Serve: text -> tokens -> PNG at the root's size."""
     import asyncio

@@ -218,10 +218,11 @@ def test_fid_refuses_small_n_and_says_why(tmp_path):
     check_n(500)
     corpus = tmp_path / "corpus"
     write_corpus(str(corpus), n=4, size=32, holdout_fraction=0.0)
-    # Refused before the model root is even opened.
-    with pytest.raises(ValueError, match="below 500"):
+    # Refused before the model root is even opened (a missing root would be another message).
+    with pytest.raises(SystemExit) as exit_:
         main(["--checkpoint", str(tmp_path / "nowhere"), "--corpus", str(corpus), "--corpus-format", "parquet",
               "--out", str(tmp_path / "out"), "--n", "100", "--clip", "x"])
+    assert exit_.value.code == 2
 
 
 @pytest.mark.parametrize("format", ["parquet", "folder"])
@@ -292,3 +293,72 @@ def test_token_accuracy_counts_copies_of_a_code_as_one_class():
     captions = ("a red circle", "two blue squares on the left and a green triangle on the right")
     samples = [(c, render(parse_caption(c), 64, random.Random(i))) for i, c in enumerate(captions)]
     assert token_accuracy(pipe, samples)["base"] == 1.0  # it can only draw code 0, the class of every target
+
+
+def test_muse_eval_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
+    """Ordinary mistakes say what is wrong in one line, with no traceback, and nothing is written
+    (a CLIP folder being loaded may log beside it)."""
+    from muse.evaluate import main
+
+    root = tmp_path / "root"
+    MusePipeline.from_preset("tiny", seed=0).save_pretrained(str(root))
+    synthetic, real = tmp_path / "synthetic", tmp_path / "real"
+    write_corpus(str(synthetic), n=4, size=32, holdout_fraction=0.2)
+    write_corpus(str(real), n=4, size=32, holdout_fraction=0.0)
+    small = ["--corpus", str(real), "--corpus-format", "parquet", "--allow-small-n"]
+    clip = _tiny_clip(tmp_path)
+    capsys.readouterr()  # what building the tiny CLIP logs
+    cases = [
+        (["--checkpoint", str(tmp_path / "nope"), "--corpus", str(synthetic)], "no checkpoint at"),
+        (["--checkpoint", str(root), "--corpus", str(tmp_path / "missing")], "no such file or directory"),
+        (["--checkpoint", str(root), *small, "--n", "4", "--fid-net", "/nonexistent.pt"], "no feature network"),
+        (["--checkpoint", str(root), *small, "--n", "1", "--clip", "x"], "n must be >= 2"),
+        (["--checkpoint", str(root), *small, "--n", "6", "--clip", clip], "gave only 4 usable"),
+        (["--checkpoint", str(root), "--corpus", str(synthetic), "--steps", "0"], "--steps must be >= 1"),
+    ]
+    for argv, said in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--out", str(tmp_path / "out"), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2, (argv, err)
+        said_lines = [line for line in err.splitlines() if line.startswith("muse eval: error: ")]
+        assert len(said_lines) == 1 and said in said_lines[0] and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_late_failure_keeps_the_sections_measured_before_it(tmp_path, monkeypatch):
+    """The judge's verdicts (the slow part) survive a section after them that fails."""
+    import muse.evaluate as ev
+
+    corpus = tmp_path / "corpus"
+    write_corpus(str(corpus), n=4, size=64, holdout_fraction=0.2)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the CLIP folder is broken")
+
+    monkeypatch.setattr(ev, "load_clip", broken)
+    with pytest.raises(RuntimeError, match="broken") as raised:
+        evaluate(_oracle, None, str(corpus), str(tmp_path / "out"), n_seen=4)
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["judge"]["seen"]["n"] == 4 and saved["error"] == "RuntimeError: the CLIP folder is broken"
+    assert (tmp_path / "out" / "grid.png").exists()
+    assert any("report.json holds the sections" in note for note in raised.value.__notes__)
+
+
+def test_superres_token_accuracy_reads_native_renders_and_nothing_is_upsampled(tmp_path, monkeypatch):
+    """Every image a tokenizer encodes is drawn at its resolution or above: super-res's targets are
+    tokens of a 128 px render, not of a 64 px one upsampled."""
+    import muse.evaluate as ev
+
+    pipe = MusePipeline.from_preset("tiny", seed=0)
+    sizes: list[tuple[int, int]] = []
+    real = ev.pil_to_tensor
+
+    def spy(image, size):
+        sizes.append((image.size[0], size))
+        return real(image, size)
+
+    monkeypatch.setattr(ev, "pil_to_tensor", spy)
+    report = evaluate(_oracle, pipe, None, str(tmp_path / "out"), reference_images=2, ceiling_images=2)
+    assert "superres" in report["masked_token_accuracy"]
+    assert (128, 128) in sizes and not [s for s in sizes if s[0] < s[1]], sizes

@@ -242,6 +242,10 @@ def photo() -> Image.Image:
     (lambda p, im: p("a cat", guidance_scale=-1.0), "guidance_scale"),
     (lambda p, im: p("a cat", guidance_scale=float("nan")), "guidance_scale must be a finite number"),
     (lambda p, im: p.edit(im, "a cat", guidance_scale=float("inf")), "guidance_scale must be a finite number"),
+    (lambda p, im: p("a cat", choice_temperature=float("nan")), "choice_temperature must be a finite number"),
+    (lambda p, im: p.inpaint("/nonexistent/x.png", np.ones((96, 96)), "a cat", choice_temperature=float("inf")),
+     "choice_temperature must be a finite number"),  # checked before the image is read
+    (lambda p, im: p.edit(im, "a cat", choice_temperature=-1.0), "choice_temperature must be a finite number"),
     (lambda p, im: p("a cat", output="jpeg"), "output"),
     (lambda p, im: p("a cat", seed=-1), "seed"),
     (lambda p, im: p("a cat", superres_top_k=0), "superres_top_k"),

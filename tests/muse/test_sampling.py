@@ -212,6 +212,34 @@ def test_old_temperature_name_still_works_with_a_warning():
     assert torch.equal(new, old)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, True, "4.5"])
+def test_choice_temperature_must_be_a_finite_number_at_least_zero(bad):
+    with pytest.raises(ValueError, match="choice_temperature must be a finite number >= 0"):
+        sampling.generate(FakeTransformer(), ctx(0.5), steps=4, choice_temperature=bad, generator=gen(1))
+
+
+@pytest.mark.parametrize("noise", [float("nan"), float("inf")])
+def test_remask_never_masks_a_kept_token_whatever_the_confidences(noise):
+    """A plan whose noise is NaN or inf (made without `generate`'s check, as the serving scheduler
+    makes one) and NaN / inf log p: only positions that were masked may be masked again."""
+    mask_id = K
+    ids = torch.randint(0, K, (2, N), generator=gen(0))
+    masked = torch.zeros(2, N, dtype=torch.bool)
+    masked[0, 8:] = True  # the kept tokens come first, where a stable sort puts ties and NaNs' rivals
+    masked[1, ::2] = True
+    ids[masked] = mask_id
+    plan = sampling.decode_plan(masked.sum(1).tolist(), 4, noise, [False, False])
+    picked = torch.randint(0, K, (int(masked.sum()),), generator=gen(1))
+    logp = torch.full_like(picked, -1.0, dtype=torch.float32)
+    logp[::3], logp[1::3] = float("nan"), float("inf")
+    for step in range(plan.steps):
+        out = sampling.remask(ids, masked, picked, logp, torch.rand(picked.shape, generator=gen(step)), plan,
+                              step, mask_id)
+        assert torch.equal(out[~masked], ids[~masked]), step
+        remain = (out == mask_id).sum(1)
+        assert torch.equal(remain, torch.minimum(plan.keep[step], masked.sum(1) - 1)), step
+
+
 def test_small_region_takes_one_step_per_token_and_stops_when_nothing_is_masked():
     """MaskGIT's clamp: every step decodes at least one token, so 3 free tokens need 3 forwards of
     the 24 asked for, not 24; a grid with nothing to decode needs none."""
