@@ -120,14 +120,17 @@ class CaptionsIndex:
 
 def captions_file(root: str, cfg: ReaderConfig) -> str | None:
     """The folder's captions file (`reader.captions_file`, relative to the folder or a full URI, or
-    `captions.jsonl` / `captions.csv` in the folder), or None for sidecar captions."""
+    `captions.jsonl` / `captions.csv` in the folder), or None for sidecar captions. A captions file
+    named but not there is refused."""
     source = cfg.captions_file
     if source is None:
         source = next((name for name in ("captions.jsonl", "captions.csv")
                        if storage.exists(storage.join(root, name))), None)
-    if source is None:
-        return None
-    return source if "://" in source or source.startswith("/") else storage.join(root, source)
+        return None if source is None else storage.join(root, source)
+    path = source if "://" in source or source.startswith("/") else storage.join(root, source)
+    if not storage.exists(path):  # a typo in the config: one line, not pyarrow's traceback
+        raise CorpusRefused(f"reader.captions_file {source!r}: no such file ({path})")
+    return path
 
 
 def _lines(path: str) -> Iterator[tuple[int, str]]:

@@ -11,6 +11,12 @@ from muse import storage
 from muse.config import to_dict
 from pipelines import readers, shards
 from pipelines.config import PoolConfig, TokenizeConfig
+from pipelines.rejects import CorpusRefused
+
+
+class ModelRefused(CorpusRefused):
+    """A model component that is missing or unreadable (`muse.components.CheckpointError`), found
+    before any work: printed as a usage error, as the corpus's refusals are."""
 
 
 class ResumeRefused(ValueError):
@@ -24,17 +30,21 @@ def device_of(pool: PoolConfig) -> str:
 
 def job_spec(input_uri: str, cfg: TokenizeConfig, models) -> dict:
     """Everything that decides the content of the shards; a resumed run must match it."""
-    from muse.components import component_version, parse_config, read_meta
+    from muse.components import CheckpointError, component_version, parse_config, read_meta
 
-    def tokenizer(uri: str | None) -> tuple[dict | None, dict | None]:
+    def tokenizer(name: str, uri: str | None) -> tuple[dict | None, dict | None]:
         """(config, weights version) of a VQGAN, from one read of its config.json."""
         if uri is None:
             return None, None
-        meta = read_meta(uri)
+        try:
+            meta = read_meta(uri)
+        except CheckpointError as e:  # a wrong --vqgan or model root
+            raise ModelRefused(f"{name}: {e}") from None
         return to_dict(parse_config(meta, uri)), component_version(uri, meta)
 
     embeddings = cfg.text_storage == "embeddings"  # ids need no model: no text device
-    (lo, lo_weights), (hi, hi_weights) = tokenizer(models.vqgan_lo), tokenizer(models.vqgan_hi)
+    (lo, lo_weights), (hi, hi_weights) = (tokenizer("vqgan_lo", models.vqgan_lo),
+                                          tokenizer("vqgan_hi", models.vqgan_hi))
     text, text_weights = text_encoder_record(models.text_encoder, embeddings)
     reader = to_dict(cfg.reader)
     reader.pop("block_rows")
@@ -172,6 +182,14 @@ def read_job_spec(out: str) -> dict | None:
         return json.loads(storage.read_text(storage.join(out, shards.JOB_FILE)))
     except FileNotFoundError:
         return None
+
+
+def resumed_spec(out: str, finished: set[str]) -> dict | None:
+    """The job spec a run into `out` must match: the one there, or None while no part is finished. A
+    run that finished none (stopped at once, or set up wrong) left no shard made with its settings
+    (the start-up cleanup deletes its uncommitted files before `check_resumable` writes), so the new
+    run's spec replaces its _job.json instead of being refused."""
+    return read_job_spec(out) if finished else None
 
 
 def check_resumable(out: str, spec: dict, old: dict | None, finished: set[str], planned: set[str],

@@ -45,6 +45,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from muse import storage
+from pipelines.rejects import CorpusRefused
 
 MANIFEST_DIR = "_manifest"
 SHARDS_DIR = "shards"
@@ -68,16 +69,24 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
+class OutputRefused(CorpusRefused):
+    """An output no run can write into: a file, or one written by an older muse tokenize. Printed as
+    a usage error (exit 2), as the corpus's refusals are."""
+
+
 def _manifest_files(out: str) -> list[str]:
     files = storage.list_files(storage.join(out, MANIFEST_DIR), recursive=False)
     if any(f.endswith(".json") for f in files):
-        raise ValueError(f"{out} was written by an older version of muse tokenize (one JSON per part); "
-                         "tokenize into a new --output")
+        raise OutputRefused(f"{out} was written by an older version of muse tokenize (one JSON per part); "
+                            "tokenize into a new --output")
     return [f for f in files if f.endswith(".parquet")]
 
 
 def read_manifest(out: str) -> pa.Table:
-    """Every finished part of `out`, one row each (empty when nothing is finished)."""
+    """Every finished part of `out`, one row each (empty when nothing is finished). A local `out` that
+    is a file is refused: no folder can be made there (on S3 an object beside the prefix is no bar)."""
+    if not storage.is_s3(out) and os.path.isfile(storage.filesystem(out)[1]):
+        raise OutputRefused(f"the output {out} is a file: name a folder (new or holding shards)")
     return _read(_manifest_files(out))
 
 

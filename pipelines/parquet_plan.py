@@ -20,9 +20,9 @@ def row_group_parts(files: list[str], cfg: ReaderConfig, is_bad_source,
     """(file, start row, stop row) of every part of the Parquet files: runs of whole row groups, as
     many as fit in `rows_per_part`; (file, 0, None) for a file whose footer cannot be read (the
     part reports it). Footers are read 16 at a time, `read(footers so far)` called as they come;
-    column types are checked before any work."""
-    def rows(f: str) -> tuple[list[int] | None, pa.Schema | None]:
-        """(rows of each row group, Arrow schema), from the footer."""
+    columns and their types are checked before any work."""
+    def rows(f: str) -> tuple[list[int] | None, pa.Schema | Exception]:
+        """(rows of each row group, Arrow schema), from the footer; (None, why) for a bad file."""
         try:
             fs, path = storage.filesystem(f)
             with fs.open_input_file(path) as fh:
@@ -32,7 +32,7 @@ def row_group_parts(files: list[str], cfg: ReaderConfig, is_bad_source,
         except Exception as e:
             if not is_bad_source(e):
                 raise
-            return None, None
+            return None, e
 
     infos = []
     with ThreadPoolExecutor(16) as pool:
@@ -40,16 +40,7 @@ def row_group_parts(files: list[str], cfg: ReaderConfig, is_bad_source,
             infos.append(info)
             if read is not None:
                 read(len(infos))
-    wanted = {cfg.image_column, cfg.caption_column}
-    if files and not any(schema is not None and wanted <= set(schema.names) for _, schema in infos):
-        seen = next((schema.names for _, schema in infos if schema is not None), [])
-        raise CorpusRefused(
-            f"no Parquet file has both columns {sorted(wanted)} (reader.image_column / "
-            f"reader.caption_column); columns found: {seen}"
-        )
-    for f, (_, schema) in zip(files, infos):
-        if schema is not None and wanted <= set(schema.names):
-            _check_column_types(f, schema, cfg)
+    _check_columns(files, [schema for _, schema in infos], cfg)
     parts = []
     for f, (groups, _) in zip(files, infos):
         if groups is None:  # unreadable footer: one part that reports it
@@ -57,6 +48,31 @@ def row_group_parts(files: list[str], cfg: ReaderConfig, is_bad_source,
             continue
         parts += [(f, start, stop) for start, stop in _row_group_runs(groups, cfg.rows_per_part)]
     return parts
+
+
+def _check_columns(files: list[str], schemas: list[pa.Schema | Exception], cfg: ReaderConfig) -> None:
+    """Refuse, before any work, a corpus of no readable file, and any file without both columns:
+    read, each would be one `unreadable_source` reject for all its rows. Then check their types."""
+    bad = [(f, s) for f, s in zip(files, schemas) if isinstance(s, Exception)]
+    if files and len(bad) == len(files):
+        f, e = bad[0]
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        why = (str(e).splitlines() or [""])[0]
+        raise CorpusRefused(f"no Parquet file could be read: {f}{more} ({type(e).__name__}: {why}); "
+                            "are they Parquet files, written whole?")
+    wanted = [cfg.image_column, cfg.caption_column]
+    lacking = [(f, s) for f, s in zip(files, schemas)
+               if isinstance(s, pa.Schema) and not set(wanted) <= set(s.names)]
+    if lacking:
+        f, schema = lacking[0]
+        missing = " and no ".join(repr(c) for c in wanted if c not in schema.names)
+        names = schema.names if len(schema.names) <= 12 else [*schema.names[:12], "..."]
+        more = f"; {len(lacking) - 1} more file(s) lack them too" if len(lacking) > 1 else ""
+        raise CorpusRefused(f"{f} has no {missing} column (reader.image_column / reader.caption_column); "
+                            f"its columns: {names}{more}")
+    for f, schema in zip(files, schemas):
+        if isinstance(schema, pa.Schema):
+            _check_column_types(f, schema, cfg)
 
 
 _BYTES = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view)

@@ -27,5 +27,5 @@ REASONS = (MISSING_IMAGE, MISSING_CAPTION, CAPTION_NOT_TEXT, FILE_TOO_LARGE, UNR
 
 
 class CorpusRefused(ValueError):
-    """The corpus (or where its output goes) cannot be tokenized as given; nothing was done. The
-    command line prints it as a usage error (exit 2)."""
+    """The corpus (or where its output goes, or what it would run with: a model, the cluster) cannot
+    be tokenized as given; nothing was done. The command line prints it as a usage error (exit 2)."""

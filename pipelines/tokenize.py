@@ -70,10 +70,11 @@ from muse import storage
 from pipelines import corpus_data, manifest, readers, shards
 from pipelines.config import FORMATS, PoolConfig, TokenizeConfig, load_config
 from pipelines.job_spec import (ResumeRefused, check_resumable, device_of, job_spec,  # noqa: F401 (job_spec: the tests')
-                                read_job_spec, settings_as_before)
+                                resumed_spec, settings_as_before)
 from pipelines.models import ImageTokens, PartTokens, TextTokens, load_tokenizer
 from pipelines.preprocess import preprocessed
 from pipelines.rejects import CorpusRefused
+from pipelines.room import check_room
 
 __all__ = ["Models", "build", "load_tokenizer", "main", "resolve_models", "run"]
 
@@ -215,10 +216,10 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
                             "trained on that corpus, would read its shards as corpus; write it elsewhere")
     start = time.time()
     spec = job_spec(input_uri, cfg, models)
-    old_spec = read_job_spec(output)
-    cfg, part_ids, folder_cuts, sizes = settings_as_before(spec, old_spec, cfg)
     done = manifest.read_manifest(output)
     finished = set(done["part"].to_pylist())
+    old_spec = resumed_spec(output, finished)
+    cfg, part_ids, folder_cuts, sizes = settings_as_before(spec, old_spec, cfg)
     run_id = manifest.new_run_id()
     # The heartbeat is written before the cleanup looks for others': two drivers starting at once
     # see each other and both refuse, rather than both going on. It also keeps this run's plan files
@@ -383,6 +384,7 @@ def _init_ray(cfg: TokenizeConfig) -> None:
     need = pools + 2 * cfg.preprocess.num_cpus + cfg.write_cpus
     join_ray(env, num_cpus=max(4, os.cpu_count() or 1, math.ceil(need)),
              local_env={"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    check_room(cfg)  # an actor no node can hold would hang the job without a word
 
 
 def _text_dim(text: dict | None) -> int | None:

@@ -1,6 +1,8 @@
 """WebDataset tars: consecutive members sharing a key (the path up to the first dot of the file name)
-form a sample. Read as one stream: members that are neither image nor caption are skipped unread, and
-so are members over `reader.max_file_bytes`.
+form a sample, unless several of its stems (names up to the last dot) each hold an image and a caption:
+a plain tar of dotted photo names (`IMG.2021.jpg`, `IMG.2022.jpg`), which then splits into a sample
+per stem. Read as one stream: members that are neither image nor caption are skipped unread, and so
+are members over `reader.max_file_bytes`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def read_tar(part: Part, cfg: ReaderConfig, rows: Rows) -> Iterator[pa.Table | N
     a sample; the image is its member with the first of `reader.image_extensions` it has, the caption
     `txt`/`caption`, or `json` with a "caption" (else "text") field. A field whose last suffix is one of these counts
     where no exact one is there (`IMG.2021.jpg` and `IMG.2021.txt`, as plain `tar` packs a folder of
-    photos: key `IMG`, fields `2021.jpg` and `2021.txt`)."""
+    photos: key `IMG`, fields `2021.jpg` and `2021.txt`). A key whose members hold an image and a
+    caption under more than one stem is such a folder of photos, not one sample: see `_split`."""
     fs, path = storage.filesystem(part.uri)
     exts = tuple(cfg.image_extensions)
     wanted = set(exts) | set(CAPTION_EXTENSIONS)
@@ -46,12 +49,14 @@ def read_tar(part: Part, cfg: ReaderConfig, rows: Rows) -> Iterator[pa.Table | N
             stem, _, ext = base.partition(".")
             member_key = posixpath.join(dirname, stem)
             if member_key != key and key is not None:
-                yield _tar_sample(rows, part, key, sample, exts, seen)
+                for sub_key, sub in _split(key, sample, exts):
+                    yield _tar_sample(rows, part, sub_key, sub, exts, seen)
                 sample = {}
-            key, field = member_key, ext.lower()
-            if field.rpartition(".")[2] not in wanted:
+            key, field = member_key, ext  # case kept for split keys; matched in lower case
+            last = field.rpartition(".")[2].lower()
+            if last not in wanted:
                 continue  # neither image nor caption (.mp4, .npy): never read, the stream skips it
-            if not rows.images and field.rpartition(".")[2] in exts:
+            if not rows.images and last in exts:
                 sample[field] = UNREAD
                 continue
             if rows.max_bytes is not None and member.size > rows.max_bytes:
@@ -62,7 +67,25 @@ def read_tar(part: Part, cfg: ReaderConfig, rows: Rows) -> Iterator[pa.Table | N
                 raise tarfile.ReadError(f"{member.name}: truncated ({len(data)} of {member.size} bytes)")
             sample[field] = data
         if key is not None:
-            yield _tar_sample(rows, part, key, sample, exts, seen)
+            for sub_key, sub in _split(key, sample, exts):
+                yield _tar_sample(rows, part, sub_key, sub, exts, seen)
+
+
+def _split(key: str, sample: dict[str, bytes],
+           exts: tuple[str, ...]) -> list[tuple[str, dict[str, bytes]]]:
+    """The samples of one key's members, fields in lower case. One, as WebDataset means it (`a.jpg`,
+    `a.seg.png`, `a.txt`), unless more than one stem holds both an image and a caption: then each stem
+    is a sample keyed by itself (`IMG.2021`, `IMG.2022`), as a folder of those files would be, so no
+    image is merged away uncounted. Stems are fixed by the member names, so keys stay stable."""
+    stems: dict[str, dict[str, bytes]] = {}
+    for field, value in sample.items():
+        rest, _, last = field.rpartition(".")
+        stems.setdefault(rest, {})[last.lower()] = value
+    complete = [s for s in stems.values()
+                if any(f in exts for f in s) and any(f in CAPTION_EXTENSIONS for f in s)]
+    if len(complete) < 2:
+        return [(key, {field.lower(): value for field, value in sample.items()})]
+    return [(f"{key}.{rest}" if rest else key, fields) for rest, fields in stems.items()]
 
 
 def _tar_sample(rows: Rows, part: Part, key: str, sample: dict[str, bytes], exts: tuple[str, ...],

@@ -79,6 +79,33 @@ def test_tar_fields_with_dots_empty_images_and_null_json_captions(tmp_path):
                     "described": ("", caption)}
 
 
+def test_a_plain_tar_of_dotted_photo_names_is_a_sample_per_stem(tmp_path):
+    """`IMG.2021.jpg`, `IMG.2022.jpg` ... share the WebDataset key `IMG`: as several stems each hold an
+    image and a caption, each stem is its own sample (keyed by itself, the same on every read), and a
+    stem with an image alone is counted missing_caption, not dropped. A WebDataset sample with an extra
+    image field of no caption of its own stays one sample."""
+    image, caption = good(0, 40)
+    other, other_caption = good(1, 40)
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        add(tar, "IMG.2021.png", image)
+        add(tar, "IMG.2021.txt", caption.encode())
+        add(tar, "IMG.2022.png", other)
+        add(tar, "IMG.2022.txt", other_caption.encode())
+        add(tar, "IMG.2023.png", image)  # no caption
+        add(tar, "2021.05.01.PNG", other)
+        add(tar, "2021.05.01.txt", other_caption.encode())
+        add(tar, "2021.05.02.png", image)
+        add(tar, "2021.05.02.json", json.dumps({"caption": caption}).encode())
+        add(tar, "a.png", image)
+        add(tar, "a.seg.png", b"not this one")
+        add(tar, "a.txt", caption.encode())
+    want = [("IMG.2021", "", caption), ("IMG.2022", "", other_caption), ("IMG.2023", "missing_caption", ""),
+            ("2021.05.01", "", other_caption), ("2021.05.02", "", caption), ("a", "", caption)]
+    for _ in range(2):  # resume depends on keys: the same ones each read
+        rows = [(r["key"].split("#", 1)[1], r["reject_reason"], r["caption"]) for r in read(tmp_path)]
+        assert rows == want
+
+
 def test_an_empty_image_file_is_corrupt_not_missing(tmp_path):
     image, caption = good(0, 40)
     for name, data in (("a", image), ("empty", b"")):

@@ -10,6 +10,7 @@ from muse import storage
 from pipelines.config import ReaderConfig
 from pipelines.corpus_data import read_corpus, sample_captions
 from pipelines.readers import plan_parts, read_part
+from pipelines.rejects import CorpusRefused
 
 
 def rows_of(parts, cfg):
@@ -94,6 +95,28 @@ def test_parquet_without_the_columns_is_a_config_error(tmp_path):
     pq.write_table(pa.table({"img": [b"x"]}), tmp_path / "c.parquet")
     with pytest.raises(ValueError, match="image_column"):
         plan_parts(str(tmp_path), "auto", ReaderConfig())
+
+
+def test_any_parquet_file_without_the_columns_is_refused_at_planning(tmp_path):
+    """One file without a column would be a single `unreadable_source` reject for all its rows, which
+    would vanish from the totals: refused before any work, naming the file and its columns. A corpus
+    whose only files are unreadable says so, naming them."""
+    rows = [(n, i, c.encode(), r) for n, i, c, r in corpus(2)]
+    write_parquet(tmp_path / "a_ok.parquet", rows)
+    pq.write_table(pa.table({"image": [rows[0][1]] * 500, "text": ["a caption"] * 500}), tmp_path / "b_text.parquet")
+    with pytest.raises(CorpusRefused, match=r"b_text\.parquet has no 'caption' column \(reader\.image_column / "
+                                            r"reader\.caption_column\); its columns: \['image', 'text'\]$"):
+        plan_parts(str(tmp_path), "auto", ReaderConfig())
+    with pytest.raises(CorpusRefused, match=r"a_ok\.parquet has no 'text' column .*: \['image', 'caption'\]$"):
+        plan_parts(str(tmp_path), "auto", ReaderConfig(caption_column="text"))
+
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    for name in ("x.parquet", "y.parquet"):
+        (garbage / name).write_bytes(b"PAR1 garbage")
+    with pytest.raises(CorpusRefused, match=r"no Parquet file could be read: .*garbage/x\.parquet and 1 more "
+                                            r"\(\w+: .*\); are they Parquet files"):
+        plan_parts(str(garbage), "auto", ReaderConfig())
 
 
 def test_corrupt_parquet_is_one_counted_row_not_a_crash(tmp_path):
@@ -231,7 +254,7 @@ def test_captions_only_reads_no_image(tmp_path, form):
 
 def test_bad_files_are_rejects_by_reason(tmp_path):
     """Permanent damage is a counted reject: no Parquet footer, corrupt compressed pages (pyarrow's
-    bare OSError), a file without the configured columns."""
+    bare OSError). (A file without the configured columns is refused at planning.)"""
     rows = [(n, i, c.encode(), r) for n, i, c, r in corpus(6)]
     write_parquet(tmp_path / "a_ok.parquet", rows)
     write_parquet(tmp_path / "b_corrupt.parquet", rows, row_group_size=2)
@@ -239,13 +262,12 @@ def test_bad_files_are_rejects_by_reason(tmp_path):
     first = pq.ParquetFile(tmp_path / "b_corrupt.parquet").metadata.row_group(1).column(0)
     start = first.dictionary_page_offset or first.data_page_offset
     (tmp_path / "b_corrupt.parquet").write_bytes(data[:start + 40] + b"\x00" * 2000 + data[start + 2040:])
-    pq.write_table(pa.table({"img": [b"x"]}), tmp_path / "c_columns.parquet")
     (tmp_path / "d_garbage.parquet").write_bytes(b"PAR1 garbage")
     parts = plan_parts(str(tmp_path), "auto", ReaderConfig())
     data, ends = rows_of(parts, ReaderConfig())
     bad = {r["key"].rsplit("/", 1)[-1] for r in data if r["reject_reason"] == "unreadable_source"}
-    assert bad == {"b_corrupt.parquet#error", "c_columns.parquet#error", "d_garbage.parquet#error"}
-    assert [e["part_rows"] for e in ends] == [6, 1, 1, 1]
+    assert bad == {"b_corrupt.parquet#error", "d_garbage.parquet#error"}
+    assert [e["part_rows"] for e in ends] == [6, 1, 1]
 
 
 @pytest.mark.parametrize("error", [

@@ -215,6 +215,71 @@ def test_cli(tmp_path, tiny_root, capsys):
         assert refused.value.code == 2 and re.search(said, err) and err.count("\n") == 1, err
 
 
+def test_setup_mistakes_are_refused_in_one_line(tmp_path, tiny_root_lo_only, capsys):
+    """A captions file that is not there, a VQGAN that is not there, an output written by an older
+    muse tokenize and an output that is a file: each one usage line and exit status 2, never a
+    traceback, and no job spec or shard written."""
+    corpus = tmp_path / "corpus"
+    write_folder(corpus, [("good0", good(0, 40)[0], good(0, 40)[1].encode(), "")])
+    old = tmp_path / "old"
+    (old / manifest.MANIFEST_DIR).mkdir(parents=True)
+    (old / manifest.MANIFEST_DIR / "part-0.json").write_text("{}")
+    (tmp_path / "file").write_text("not a folder")
+    args = ["--input", str(corpus), "--checkpoint", tiny_root_lo_only, "--no-progress"]
+    for extra, said in (
+            (["--output", str(tmp_path / "o1"), "--set", "reader.captions_file=missing.jsonl"],
+             r"reader\.captions_file 'missing\.jsonl': no such file \(.*corpus/missing\.jsonl\)"),
+            (["--output", str(tmp_path / "o2"), "--vqgan", str(tmp_path / "nonexistent")],
+             r"vqgan_lo: no checkpoint at .*nonexistent"),
+            (["--output", str(old)], r".*old was written by an older version of muse tokenize"),
+            (["--output", str(tmp_path / "file")], r"the output .*file is a file: name a folder")):
+        with pytest.raises(SystemExit) as refused:
+            main(args + extra)
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and err.count("\n") == 1, err
+        assert re.search(f"^muse tokenize: error: {said}", err), err
+    assert not (tmp_path / "o1" / shards.JOB_FILE).exists() and not (tmp_path / "o2").exists()
+    assert os.listdir(old) == [manifest.MANIFEST_DIR] and (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_a_pool_no_node_can_hold_is_refused_in_one_line(ray_session, tmp_path, tiny_root_lo_only, capsys,
+                                                         monkeypatch):
+    """An actor asking more GPUs (or CPUs) than any node has would make Ray Data wait forever without a
+    word: refused once Ray is joined, or only a warning where the autoscaler may add nodes."""
+    from pipelines.config import PoolConfig, TokenizeConfig
+    from pipelines.room import room_problem
+
+    corpus = tmp_path / "corpus"
+    write_folder(corpus, [("good0", good(0, 40)[0], good(0, 40)[1].encode(), "")])
+    args = ["--input", str(corpus), "--checkpoint", tiny_root_lo_only, "--no-progress",
+            "--set", "vqgan_lo.num_gpus=99"]  # more than any test machine has
+    with pytest.raises(SystemExit) as refused:
+        main(args + ["--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and err.count("\n") == 1, err
+    assert re.search(r"error: each vqgan_lo actor asks for 99 GPUs and no node .* wait forever", err), err
+
+    class Started(Exception):
+        """Raised where the job's bookkeeping starts: past the check."""
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(manifest, "PartAssembler", started)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a submitted job: the cluster may grow
+    with pytest.raises(Started):
+        main(args + ["--output", str(tmp_path / "out2")])
+    assert "tokenize: warning: each vqgan_lo actor asks for 99 GPUs" in capsys.readouterr().out
+
+    cpu_node, gpu_node = {"CPU": 16.0, "GPU": 0.0}, {"CPU": 8.0, "GPU": 1.0}
+    assert room_problem(TokenizeConfig(vqgan_lo=PoolConfig(num_gpus=1)), [cpu_node, gpu_node]) is None
+    assert "keep vqgan_lo.num_cpus at 16 or less" in room_problem(
+        TokenizeConfig(vqgan_lo=PoolConfig(num_cpus=32)), [cpu_node, gpu_node])
+    text = TokenizeConfig(text=PoolConfig(num_gpus=0.5))  # the text pool runs only for embeddings
+    assert room_problem(text, [cpu_node]) is None
+    assert "set text.num_gpus=0" in room_problem(replace(text, text_storage="embeddings"), [cpu_node])
+
+
 def test_decoding_runs_in_cpu_actors_and_beside_gpu_actors():
     cfg = load_config(None)
     assert cfg.preprocess.placement == "auto" and decodes_in_actors(cfg)

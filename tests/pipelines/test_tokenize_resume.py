@@ -105,7 +105,20 @@ def test_crash_after_some_parts_then_rerun_is_exactly_once(ray_session, tmp_path
     assert not any("/c3.parquet" in s for s in manifest.read_manifest(out)["source"].to_pylist())
 
 
-def test_a_grown_folder_corpus_retires_the_parts_that_changed(ray_session, tmp_path, tiny_root_lo_only, fast_cfg):
+def run_as_before(monkeypatch, *args, **kwargs) -> dict:
+    """`run` into an output whose _job.json an older muse tokenize wrote: that version's first run kept
+    the spec it found there before any part was finished (this one replaces such a spec), and every
+    later run resumes with it, as the finished parts now make it."""
+    import pipelines.tokenize as tokenize
+    from pipelines.job_spec import read_job_spec
+
+    with monkeypatch.context() as patched:
+        patched.setattr(tokenize, "resumed_spec", lambda out, finished: read_job_spec(out))
+        return run(*args, **kwargs)
+
+
+def test_a_grown_folder_corpus_retires_the_parts_that_changed(ray_session, tmp_path, tiny_root_lo_only, fast_cfg,
+                                                              monkeypatch):
     """A downloader adds a folder after the first run: the last part, cut at the corpus's end, now
     goes on into it (a new id). It is refused, then retired with --retire-changed, and every image is
     in the output exactly once; the other parts are not tokenized again. So is an image replaced
@@ -127,8 +140,9 @@ def test_a_grown_folder_corpus_retires_the_parts_that_changed(ray_session, tmp_p
     assert run(str(corpus), out, models, fast_cfg, progress=False)["accepted"] == 10
     spec = job_spec(str(corpus), fast_cfg, models) | {"part_ids": "relative"}
     storage.write_text(storage.join(legacy, shards.JOB_FILE), json.dumps(spec))
-    run(str(corpus), legacy, models, fast_cfg, progress=False)
+    run_as_before(monkeypatch, str(corpus), legacy, models, fast_cfg, progress=False)
     assert set(manifest.read_manifest(legacy)["part"].to_pylist()) == planned("count", sizes=False) != old
+    assert run(str(corpus), legacy, models, fast_cfg, progress=False)["run_parts"] == 0  # resumed as made
 
     add_folder("02", 10, 3)
     new = planned()
@@ -158,7 +172,7 @@ def test_a_grown_folder_corpus_retires_the_parts_that_changed(ray_session, tmp_p
 
 
 def test_output_written_before_relative_part_ids_resumes_with_its_own(ray_session, tmp_path, tiny_root_lo_only,
-                                                                     fast_cfg):
+                                                                     fast_cfg, monkeypatch):
     """An output whose _job.json predates relative part ids (and the file size limit) keeps hashing
     full paths, so its finished parts stay finished; a new output names parts by their paths below
     the corpus."""
@@ -168,7 +182,7 @@ def test_output_written_before_relative_part_ids_resumes_with_its_own(ray_sessio
     spec = job_spec(corpus, fast_cfg, models) | {"parquet_parts": "whole row groups"}
     del spec["reader"]["max_file_bytes"]  # written before files had a size limit, too
     storage.write_text(storage.join(legacy, shards.JOB_FILE), json.dumps(spec))
-    run(corpus, legacy, models, fast_cfg, progress=False)
+    run_as_before(monkeypatch, corpus, legacy, models, fast_cfg, progress=False)
     run(corpus, fresh, models, fast_cfg, progress=False)
     for out, ids in ((legacy, "absolute"), (fresh, "relative")):
         planned = {p.id for p in readers.plan_parts(corpus, "auto", fast_cfg.reader, ids=ids, sizes=ids == "relative")}
@@ -489,3 +503,38 @@ def test_a_refusal_names_each_field_that_differs_with_both_values(tiny_root_lo_o
             "precision.text: null then, fp32 now; preprocess.max_pixels: 64000000 then, 10 now; and 5 more field(s); "
             "re-run") in message
     assert not os.path.exists(out)
+
+
+def test_an_output_with_no_finished_part_takes_the_new_settings(tmp_path, tiny_root_lo_only, fast_cfg, monkeypatch):
+    """A first run stopped before finishing any part (Ctrl-C, a config mistake) holds no shard: a
+    re-run with other settings replaces its _job.json (after the cleanup has deleted what it left
+    uncommitted) instead of refusing. Once a part is finished, other settings are refused."""
+    import pipelines.tokenize as tokenize
+
+    class Stopped(Exception):
+        """Raised where the Ray job would start: the spec is checked and written by then."""
+
+    def stop(todo, *args, **kwargs):
+        raise Stopped
+
+    monkeypatch.setattr(tokenize, "_run_parts", stop)
+    corpus, _, _ = corpus_of_parts(tmp_path, n_files=1)
+    out, models = str(tmp_path / "tokens"), resolve_models(tiny_root_lo_only)
+    with pytest.raises(Stopped):
+        run(corpus, out, models, fast_cfg, progress=False)
+    job = tmp_path / "tokens" / shards.JOB_FILE
+    assert json.loads(job.read_text())["reader"]["rows_per_part"] == 4
+    left = storage.join(out, manifest.SHARDS_DIR, "20000101T000000-dead00", "p-0-4.parquet")
+    storage.write_bytes(left, b"uncommitted")  # what the stopped run's writers had left
+
+    other = replace(fast_cfg, reader=replace(fast_cfg.reader, rows_per_part=8))
+    with pytest.raises(Stopped):
+        run(corpus, out, models, other, progress=False)
+    assert json.loads(job.read_text())["reader"]["rows_per_part"] == 8
+    assert not os.path.exists(left)
+
+    manifest.write_entries(out, "log-x-0.parquet", [{"part": "p", "run": "x", "source": "{}", "rows": 1,
+                                                      "accepted": 1, "rejects": [], "files": []}])
+    with pytest.raises(tokenize.ResumeRefused, match=r"reader\.rows_per_part: 8 then, 4 now"):
+        run(corpus, out, models, fast_cfg, progress=False)
+    assert json.loads(job.read_text())["reader"]["rows_per_part"] == 8
