@@ -144,3 +144,24 @@ def keys_once(table) -> Counter:
     counts = Counter(table["key"].to_pylist())
     assert max(counts.values()) == 1, [k for k, n in counts.items() if n > 1][:3]
     return counts
+
+
+def corpus_of_parts(tmp_path, n_files: int = 4, per_file: int = 6) -> tuple[str, set[str], dict]:
+    """Parquet files of good rows plus a bad one each, in row groups of 4: rows_per_part 4 cuts each
+    in two."""
+    bad = {r[0]: r for r in mixed_rows() if r[3]}
+    accepted, rejects = set(), Counter()
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for f in range(n_files):
+        rows = [(f"g{f}-{i}", *good(f * 10 + i, 40), "") for i in range(per_file)]
+        rows = [(n, img, cap.encode(), r) for n, img, cap, r in rows]
+        rows.insert(2, bad["garbage"] if f % 2 else bad["empty_caption"])
+        path = folder / f"c{f}.parquet"
+        write_parquet(path, rows, row_group_size=4)
+        for i, r in enumerate(rows):
+            if r[3]:
+                rejects[r[3]] += 1
+            else:
+                accepted.add(f"{path}#{i}")
+    return str(folder), accepted, dict(rejects)
