@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from muse import fid
-from muse.data.images import ImageRejected, decode_image
+from muse.data.images import ImageRejected, decode_image, resize_center_crop
 
 FORMATS = ("auto", "parquet", "folder", "webdataset")
 
@@ -40,22 +40,23 @@ class CorpusEvalConfig:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
 
 
-def corpus_samples(uri: str, n: int, *, seed: int = 0, format: str = "auto",
-                   max_caption_chars: int = 1024) -> list[tuple[str, Image.Image]]:
+def corpus_samples(uri: str, n: int, *, seed: int = 0, format: str = "auto", max_caption_chars: int = 1024,
+                   side: int | None = None) -> list[tuple[str, Image.Image]]:
     """n (caption, image) pairs from the corpus at `uri`. Parts are visited in a seeded order and each
     gives a seeded random subset of its usable rows, so the sample spans at least ~32 parts of a
-    large corpus without reading all of it. Rows the tokenize job would reject are skipped."""
+    large corpus without reading all of it. Rows the tokenize job would reject are skipped. With
+    `side`, each image is resized and centre-cropped to side x side as it is read."""
     from pipelines.config import ReaderConfig  # the readers import Ray only in their Ray Data wrappers
     from pipelines.readers import plan_parts
 
     cfg = ReaderConfig()
     with tempfile.TemporaryDirectory(prefix="muse-eval-plan-") as plan:  # a huge folder's part lists, on disk
         parts = plan_parts(uri, format, cfg, spill=plan)
-        return _samples(uri, parts, cfg, n, seed, max_caption_chars)
+        return _samples(uri, parts, cfg, n, seed, max_caption_chars, side)
 
 
-def _samples(uri: str, parts: list, cfg, n: int, seed: int,
-             max_caption_chars: int) -> list[tuple[str, Image.Image]]:
+def _samples(uri: str, parts: list, cfg, n: int, seed: int, max_caption_chars: int,
+             side: int | None) -> list[tuple[str, Image.Image]]:
     from pipelines.preprocess import clean_caption
     from pipelines.readers import read_part
 
@@ -79,7 +80,7 @@ def _samples(uri: str, parts: list, cfg, n: int, seed: int,
                 image = decode_image(raw_image)
             except ImageRejected:
                 continue
-            out.append((text, image))
+            out.append((text, image if side is None else resize_center_crop(image, side)))
             kept += 1
             if kept == per_part or len(out) == n:
                 break
@@ -106,17 +107,22 @@ def clip_scores(clip, images: list[Image.Image], prompts: list[str], batch: int 
 
 
 def evaluate_corpus(generate, uri: str, cfg: CorpusEvalConfig, *, feature_net: fid.FeatureNet | None = None,
-                    clip=None) -> tuple[dict, list[dict]]:
+                    clip=None, side: int | None = None) -> tuple[dict, list[dict]]:
     """FID and CLIP score of `generate` ((prompts, seed) -> images) against the corpus at `uri`:
-    (report, the first 16 prompts with their images for a grid)."""
+    (report, the first 16 prompts with their images for a grid). `side`: the generated images' side;
+    the corpus images are resized and centre-cropped to it as they are read, so FID compares images
+    of one resolution (a photo larger than the model draws would look sharper to the feature network
+    than any generated image can), and n of them fit in memory whatever the corpus's image sizes."""
     fid.check_n(cfg.n, cfg.allow_small_n)
     if feature_net is None and clip is None:
         raise ValueError(f"nothing to measure: FID needs --fid-net ({fid.FEATURE_NET_HELP}); "
                          "CLIP score needs --clip (a local Hugging Face CLIP folder)")
-    samples = corpus_samples(uri, cfg.n, seed=cfg.seed, format=cfg.format, max_caption_chars=cfg.max_caption_chars)
+    samples = corpus_samples(uri, cfg.n, seed=cfg.seed, format=cfg.format, max_caption_chars=cfg.max_caption_chars,
+                             side=side)
     prompts, reference = [c for c, _ in samples], [im for _, im in samples]
     images = generate_images(generate, prompts, cfg.seed, cfg.batch)
-    report: dict = {"corpus": uri, "n": cfg.n, "comparable": cfg.n >= fid.MIN_N, "prompts": "corpus captions"}
+    report: dict = {"corpus": uri, "n": cfg.n, "comparable": cfg.n >= fid.MIN_N, "prompts": "corpus captions",
+                    "reference_side": side}
     if not report["comparable"]:
         report["note"] = f"n < {fid.MIN_N} (--allow-small-n): a smoke run; FID at this n is not comparable"
     if feature_net is not None:
@@ -134,8 +140,9 @@ def evaluate_corpus(generate, uri: str, cfg: CorpusEvalConfig, *, feature_net: f
 
 
 def run(generate, uri: str, cfg: CorpusEvalConfig, out: str, *, fid_net: str | None, clip_path: str | None,
-        device: torch.device, dtype: torch.dtype) -> dict:
-    """Load the user's networks, evaluate, and write report.json and grid.png into `out`."""
+        device: torch.device, dtype: torch.dtype, side: int | None = None) -> dict:
+    """Load the user's networks, evaluate (`side`: the generated images' side), and write report.json
+    and grid.png into `out`."""
     import io
     import json
 
@@ -145,7 +152,7 @@ def run(generate, uri: str, cfg: CorpusEvalConfig, out: str, *, fid_net: str | N
     fid.check_n(cfg.n, cfg.allow_small_n)  # before any loading
     net = fid.load_feature_net(fid_net, device, dtype) if fid_net else None
     clip = load_clip(clip_path, device, dtype)
-    report, rows = evaluate_corpus(generate, uri, cfg, feature_net=net, clip=clip)
+    report, rows = evaluate_corpus(generate, uri, cfg, feature_net=net, clip=clip, side=side)
     report |= {"device": str(device), "dtype": str(dtype).removeprefix("torch.")}
     storage.makedirs(out)
     storage.write_text(storage.join(out, "report.json"), json.dumps(report, indent=1))

@@ -422,8 +422,9 @@ def _evaluate_root(args, cfg: CorpusEvalConfig | None, device, dtype) -> None:
     if real:
         from muse.eval_corpus import run
 
+        side = (pipe.vqgan_hi if superres else pipe.vqgan_lo).config.resolution
         report = run(gen, args.corpus, cfg, args.out, fid_net=args.fid_net, clip_path=args.clip,
-                     device=device, dtype=dtype)
+                     device=device, dtype=dtype, side=side)
         print(json.dumps(report, indent=1))
         print(f"wrote {storage.join(args.out, 'report.json')}")
         return

@@ -36,14 +36,15 @@ class ReaderConfig:
     # of whole row groups of at most this many rows (a larger row group is a part of its own); one
     # WebDataset tar is one part. A part is the unit of resumption, published once.
     rows_per_part: int = 1000
-    block_rows: int = 256  # rows per block a read task yields
+    block_rows: int = 256  # rows per block a read task yields,
+    block_bytes: int = 64 << 20  # or fewer: a block holds about this many bytes of images at most
     # A larger image or caption file (or tar member, or Parquet value) is rejected unread
     # (file_too_large): one huge file must not take a worker's memory. None: no limit.
     max_file_bytes: int | None = 256 << 20
 
     def __post_init__(self):
-        if self.rows_per_part < 1 or self.block_rows < 1:
-            raise ValueError("reader.rows_per_part and reader.block_rows must be positive")
+        if self.rows_per_part < 1 or self.block_rows < 1 or self.block_bytes < 1:
+            raise ValueError("reader.rows_per_part, reader.block_rows and reader.block_bytes must be positive")
         if self.max_file_bytes is not None and self.max_file_bytes < 1:
             raise ValueError("reader.max_file_bytes must be positive (or null: no limit)")
 

@@ -47,7 +47,8 @@ def job_spec(input_uri: str, cfg: TokenizeConfig, models) -> dict:
                                           tokenizer("vqgan_hi", models.vqgan_hi))
     text, text_weights = text_encoder_record(models.text_encoder, embeddings)
     reader = to_dict(cfg.reader)
-    reader.pop("block_rows")
+    reader.pop("block_rows")  # how rows are cut into blocks: not what the shards hold
+    reader.pop("block_bytes")
     return {
         "input": input_uri, "models": {k: _model_uri(v) for k, v in to_dict(models).items()},
         "text_storage": cfg.text_storage,

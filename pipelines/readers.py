@@ -267,7 +267,7 @@ def read_part(part: Part, cfg: ReaderConfig, images: bool = True) -> Iterator[pa
     """Blocks of corpus rows for `part`, ending with its end row. `images=False` reads the captions
     only (image files and Parquet image columns are not read; the image column stays empty), for what
     needs no pixels, such as fitting a vocabulary."""
-    rows = Rows(part, cfg.block_rows, images, cfg.max_file_bytes)
+    rows = Rows(part, cfg.block_rows, images, cfg.max_file_bytes, cfg.block_bytes)
     reader = {"parquet": _read_parquet, "webdataset": read_tar, "folder": _read_folder}[part.format]
     try:
         for block in reader(part, cfg, rows):
@@ -303,7 +303,11 @@ def _read_parquet(part: Part, cfg: ReaderConfig, rows: Rows) -> Iterator[pa.Tabl
             return
         row = first
         columns = [cfg.image_column, cfg.caption_column] if rows.images else [cfg.caption_column]
-        for batch in pf.iter_batches(batch_size=cfg.block_rows, row_groups=groups, columns=columns):
+        # Batches of about block_bytes too, by the row groups' own sizes: a batch is held beside the block.
+        size = sum(pf.metadata.row_group(g).total_byte_size for g in groups) if rows.images else 0
+        count = sum(pf.metadata.row_group(g).num_rows for g in groups)
+        batch_rows = max(1, min(cfg.block_rows, cfg.block_bytes * count // max(size, 1)))
+        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
             images = _image_bytes(batch.column(cfg.image_column)) if rows.images else [UNREAD] * batch.num_rows
             captions = _values(batch.column(cfg.caption_column))
             for image, text in zip(images, captions):

@@ -26,11 +26,14 @@ ROW_SCHEMA = pa.schema([
 
 
 class Rows:
-    """Collects rows of one part into blocks of `block_rows`."""
+    """Collects rows of one part into blocks of `block_rows`, or fewer once they hold `block_bytes`
+    of images and captions: a worker holds a block (and builds its table beside it), so photos of
+    tens of MB must not make a block of GBs."""
 
-    def __init__(self, part: Part, block_rows: int, images: bool = True, max_bytes: int | None = None):
+    def __init__(self, part: Part, block_rows: int, images: bool = True, max_bytes: int | None = None,
+                 block_bytes: int | None = None):
         self.part, self.block_rows, self.images, self.count = part, block_rows, images, 0
-        self.max_bytes = max_bytes
+        self.max_bytes, self.block_bytes, self.held = max_bytes, block_bytes, 0
         self.cols: dict[str, list] = {n: [] for n in ROW_SCHEMA.names}
 
     def add(self, key: str, image: bytes, caption: bytes | None, reason: str = "") -> pa.Table | None:
@@ -38,13 +41,15 @@ class Rows:
                                                   self.count, -1, reason)):
             self.cols[name].append(value)
         self.count += 1
-        return self.flush() if len(self.cols["key"]) >= self.block_rows else None
+        self.held += len(image) + len(caption or b"")
+        full = len(self.cols["key"]) >= self.block_rows
+        return self.flush() if full or (self.block_bytes is not None and self.held >= self.block_bytes) else None
 
     def flush(self) -> pa.Table | None:
         if not self.cols["key"]:
             return None
         table = pa.table(self.cols, schema=ROW_SCHEMA)
-        self.cols = {n: [] for n in ROW_SCHEMA.names}
+        self.cols, self.held = {n: [] for n in ROW_SCHEMA.names}, 0
         return table
 
     def end(self) -> pa.Table:

@@ -6,7 +6,8 @@
 
 Each request chains the model deployments (text -> base -> super-res -> decoder), making each call
 once the calls it reads have finished and handing it their DeploymentResponses, so every stage's
-queue limit holds, token grids go from replica to replica, and only image bytes come back here. Where each concern lives:
+queue limit holds, token grids go from replica to replica, and only image bytes come back here.
+Where each concern lives:
 
     serve/chain.py      running a chain: timeout, cancellation, retries on a lost replica, errors
     serve/streaming.py  server-sent events, admitted before the first byte

@@ -226,9 +226,10 @@ def test_fid_refuses_small_n_and_says_why(tmp_path):
 
 
 @pytest.mark.parametrize("format", ["parquet", "folder"])
-def test_corpus_eval_prompts_are_corpus_captions_and_scores_are_finite(tmp_path, format):
+def test_corpus_eval_prompts_are_corpus_captions_and_scores_are_finite(tmp_path, format, monkeypatch):
     import pyarrow.parquet as pq
 
+    from muse import fid
     from muse.eval_corpus import CorpusEvalConfig, evaluate_corpus
     from muse.evaluate import load_clip
     from muse.fid import load_feature_net
@@ -241,13 +242,25 @@ def test_corpus_eval_prompts_are_corpus_captions_and_scores_are_finite(tmp_path,
         captions = {f.read_text() for f in corpus.rglob("*.txt")}
     seen = []
 
+    side = 16  # what the model draws; the corpus's images are 32 px
+
     def generate(prompts, seed):
         seen.extend(prompts)
-        return _noise_images(len(prompts), seed)
+        return [im.resize((side, side)) for im in _noise_images(len(prompts), seed)]
 
     cfg = CorpusEvalConfig(n=10, allow_small_n=True, batch=4)
     net = load_feature_net(_tiny_clip_vision(tmp_path))
-    report, rows = evaluate_corpus(generate, str(corpus), cfg, feature_net=net, clip=load_clip(_tiny_clip(tmp_path)))
+    sizes = []
+    features = fid.features
+
+    def recording(net, images):  # the images the feature network sees, generated and corpus
+        sizes.append({im.size for im in images})
+        return features(net, images)
+
+    monkeypatch.setattr(fid, "features", recording)
+    report, rows = evaluate_corpus(generate, str(corpus), cfg, feature_net=net, clip=load_clip(_tiny_clip(tmp_path)),
+                                   side=side)
+    assert sizes == [{(side, side)}, {(side, side)}]  # the corpus's images at the generated side
     assert len(seen) == 10 and len(set(seen)) == 10 and set(seen) <= captions
     assert [r["prompt"] for r in rows] == seen
     assert report["n"] == 10 and report["comparable"] is False and "not comparable" in report["note"]

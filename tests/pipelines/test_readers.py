@@ -289,3 +289,27 @@ def test_bugs_and_storage_errors_raise_instead_of_becoming_rejects(tmp_path, mon
     monkeypatch.setattr(readers, "_read_parquet", broken)
     with pytest.raises(type(error)):
         rows_of(plan_parts(str(tmp_path), "auto", ReaderConfig()), ReaderConfig())
+
+
+@pytest.mark.parametrize("form", ["parquet", "folder", "webdataset"])
+def test_a_block_holds_about_block_bytes_of_images(tmp_path, form):
+    """Blocks are cut by bytes as well as rows: a worker holds a block, so photos of tens of MB must
+    not make blocks of GBs. Every row still arrives, once, in order."""
+    rows = [(name, image, caption.encode(), reason) for name, image, caption, reason in corpus(24)]
+    image_bytes = max(len(r[1]) for r in rows)
+    if form == "parquet":
+        write_parquet(tmp_path / "c.parquet", rows, row_group_size=24)
+    elif form == "webdataset":
+        write_tar(tmp_path / "c.tar", rows)
+    else:
+        write_folder(tmp_path / "c", rows)
+    uri = str(tmp_path / ("c" if form == "folder" else f"c.{'tar' if form == 'webdataset' else 'parquet'}"))
+    cfg = ReaderConfig(block_rows=256, block_bytes=3 * image_bytes, rows_per_part=100)
+    blocks = [b for part in plan_parts(uri, form, cfg) for b in read_part(part, cfg)]
+    data = [b for b in blocks if b["index"].to_pylist() != [-1]]
+    for b in data:  # a block is cut at the row that reaches block_bytes
+        held = [len(i) + len(c) for i, c in zip(b["image"].to_pylist(), b["caption"].to_pylist())]
+        assert sum(held[:-1]) < cfg.block_bytes, [b.num_rows for b in data]
+    assert len(data) > 1 and sum(b.num_rows for b in data) == 24
+    keys = [k for b in data for k in b["key"].to_pylist()]
+    assert len(set(keys)) == 24
