@@ -36,7 +36,7 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -64,9 +64,31 @@ SCHEMA = pa.schema([
 ])
 
 
-def new_run_id() -> str:
-    """Sortable by start time, unique across drivers."""
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+def new_run_id(out: str | None = None) -> str:
+    """Sortable by start time, unique across drivers, and after every run in `out`'s manifest: the
+    latest run's entry for a part is the one that counts, so a driver whose clock is behind an
+    earlier driver's must not write entries (or tombstones) that sort before those they supersede."""
+    stamp = datetime.now(timezone.utc).replace(microsecond=0)
+    latest = latest_run(out) if out is not None else None
+    try:
+        after = datetime.strptime((latest or "")[:15], "%Y%m%dT%H%M%S").replace(tzinfo=timezone.utc)
+        stamp = max(stamp, after + timedelta(seconds=1))
+    except ValueError:  # no run yet (or an id of another form)
+        pass
+    return stamp.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def latest_run(out: str) -> str | None:
+    """The latest run id in `out`'s manifest, tombstones included; None when it has none."""
+    files = _manifest_files(out)
+    if not files:
+        return None
+    fs, _ = storage.filesystem(files[0])
+    import pyarrow.dataset as pads
+
+    runs = pads.dataset([storage.filesystem(f)[1] for f in files], schema=SCHEMA, format="parquet",
+                        filesystem=fs).to_table(columns=["run"])["run"]
+    return pc.max(runs).as_py()
 
 
 class OutputRefused(CorpusRefused):

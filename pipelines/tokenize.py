@@ -220,7 +220,7 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     finished = set(done["part"].to_pylist())
     old_spec = resumed_spec(output, finished)
     cfg, part_ids, folder_cuts, sizes = settings_as_before(spec, old_spec, cfg)
-    run_id = manifest.new_run_id()
+    run_id = manifest.new_run_id(output)
     # The heartbeat is written before the cleanup looks for others': two drivers starting at once
     # see each other and both refuse, rather than both going on. It also keeps this run's plan files
     # (written into its folder while planning) from another driver's cleanup.

@@ -80,6 +80,23 @@ def test_a_retired_part_leaves_the_manifest_and_its_files_go(tmp_path):
     assert sorted(zip(table["part"].to_pylist(), table["rows"].to_pylist())) == [("a", 2), ("b", 5)]
 
 
+def test_a_run_started_on_a_clock_behind_the_last_runs_still_supersedes_it(tmp_path):
+    """The latest run's entry for a part counts: a driver whose clock is behind the one that wrote the
+    manifest (another machine) takes a run id after it, so its tombstone retires the part instead of
+    losing to the entry it retires (which would then name deleted files)."""
+    out = str(tmp_path)
+    ahead = "20991231T235958-aaaaaa"  # written by a driver whose clock is far ahead of this one
+    storage.write_bytes(f"{out}/shards/{ahead}/x.parquet", b"x")
+    manifest.write_entries(out, f"manifest-{ahead}.parquet", [entry("x", ahead, [f"shards/{ahead}/x.parquet"])])
+    run = manifest.new_run_id(out)
+    assert run > ahead and run.startswith("20991231T235959-")
+    manifest.write_entries(out, f"log-{run}-000000.parquet", [entry("y", run)])
+    assert manifest.new_run_id(out) > run  # the next one after that again
+    assert manifest.retire(out, run, {"x"}) == (1, 2)
+    assert manifest.compact(out, run)["part"].to_pylist() == ["y"]  # x stays retired once merged
+    assert manifest.new_run_id(str(tmp_path / "empty")) < ahead  # an output with no runs: this clock
+
+
 def test_a_crash_after_a_tombstone_leaves_files_the_next_cleanup_removes(tmp_path, monkeypatch):
     out = str(tmp_path)
     for name in ("a", "b"):
