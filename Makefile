@@ -9,8 +9,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU wheel of torch first, so no dependency resolves to the multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	# torch pinned first, so no dependency resolves another build. PyPI's Linux wheel is the CUDA build;
+	# for the CPU one: make install TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+	$(PY) -m pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

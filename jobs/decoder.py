@@ -25,6 +25,7 @@ from jobs.preflight import RunRefused
 from jobs.stage import Stage, finished
 from jobs.vqgan import CORPUS_HELP, VQGAN_COMPONENTS, VQGANWorker, corpus_args
 from muse import checkpoint
+from muse.components import TOKENS_FROM, token_version
 from muse.config import to_dict
 from muse.vqgan import VQGAN, freeze_for_decoder_finetune, widen_decoder
 
@@ -56,7 +57,8 @@ class DecoderWorker(VQGANWorker):
         return old + [model.decode(ids)]
 
     def export_extra(self, step: int) -> dict:
-        return super().export_extra(step) | {"decoder_finetuned": True}
+        # The encoder and codebook are frozen: its tokens are those of the tokenizer it started from.
+        return super().export_extra(step) | {"decoder_finetuned": True, TOKENS_FROM: self.job[TOKENS_FROM]}
 
 
 def widened_config(root: str, component: str, section: DecoderStage):
@@ -84,7 +86,8 @@ def build(cfg: TrainConfig, data: str, root: str, component: str | None, format:
     if not checkpoint.has_component(root, component):
         raise RunRefused(f"the model root {root} has no {component}/ to fine-tune the decoder of")
     wide = widened_config(root, component, section)
-    job = {"root": root, "component": component, "stage": "decoder", "model_config": to_dict(wide), "data_meta": {}}
+    job = {"root": root, "component": component, "stage": "decoder", "model_config": to_dict(wide), "data_meta": {},
+           TOKENS_FROM: token_version(checkpoint.component_uri(root, component))}
     section = replace(section, run=decoder_run(section, component))
     with run_images(data, wide.resolution, cfg.tokenize, format, section.run.cache_data,
                     run_dir(root, section.run, component), section.run.seed) as dataset:

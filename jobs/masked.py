@@ -276,6 +276,10 @@ def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, r
                          f"text encoder ({mismatch}): the model would learn other words than its prompts give; "
                          "tokenize the corpus with this root (a new --output)")
     model_cfg, init_from = transformer_config(stage, section.model, root, data, info)
+    uri = checkpoint.component_uri(root, stage)
+    if (section.lora_rank and init_from is None and section.model is not None and checkpoint.has_component(root, stage)
+            and checkpoint.read_component_config(uri)[1] == model_cfg):
+        init_from = uri  # the preset (a config's default) names the root's own architecture: adapt that
     if section.lora_rank and init_from is None:
         raise RunRefused(lora_problem(stage, root, section.model))
     storage_uri, name = run_location(root, section.run, stage)
@@ -338,12 +342,12 @@ def model_arg(stage: str):
 def stale_tokens_warning(stage: str, root: str, spec: dict) -> str | None:
     """A console warning when the root's tokenizers are not the ones that made the token shards (trained
     again since): the transformer would learn codes its root's VQGAN decodes differently."""
-    from muse.components import component_version
+    from muse.components import token_version
 
     made_with = spec.get("weights") or {}
     changed = [name for name in ("vqgan_lo", "vqgan_hi") if made_with.get(name) is not None
                and checkpoint.has_component(root, name)
-               and component_version(checkpoint.component_uri(root, name)) != made_with[name]]
+               and token_version(checkpoint.component_uri(root, name)) != made_with[name]]
     if not changed:
         return None
     return (f"[{stage}] warning: the model root's {' and '.join(changed)} changed since these tokens were made "

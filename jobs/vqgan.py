@@ -265,6 +265,13 @@ def _build_one(cfg: TrainConfig, data: str, root: str, component: str, format: s
         # random one, which no run exported, gets the warm-up).
         section = replace(section, quantizer_warmup_steps=0)
     section = replace(section, run=component_run(section, component))
+    warmup, steps = section.quantizer_warmup_steps, section.run.max_steps
+    if warmup and steps <= warmup:
+        inside = steps < warmup
+        say(f"[{component}] warning: {steps} steps end {'inside' if inside else 'with'} the autoencoder warm-up "
+            f"(vqgan.quantizer_warmup_steps={warmup}), so no step trains through the codebook"
+            f"{', which is never seeded' if inside else ''}: the exported tokenizer is not a trained one "
+            "(raise --max-steps, or lower the warm-up)")
     job = {"root": root, "component": component, "stage": "vqgan", "model_config": to_dict(vq_cfg), "data_meta": {}}
     if continued:
         job["init_from"] = checkpoint.component_uri(root, component)

@@ -83,7 +83,8 @@ def init_main(argv: list[str] | None = None) -> None:
         init_model_root(args.preset, args.out, seed=args.seed, components=chosen, text_encoder=args.text_encoder)
     except (ValueError, OSError) as e:
         parser.exit(1, f"muse init: error: {e}\n")
-    print(f"wrote a random {args.preset} model root to {args.out}")
+    what = "model root" if set(chosen) == set(COMPONENTS) else ", ".join(chosen)
+    print(f"wrote a random {args.preset} {what} to {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int | None:

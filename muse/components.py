@@ -149,6 +149,19 @@ def component_version(uri: str, meta: dict[str, Any] | None = None) -> dict[str,
     return {"extra": extra, "weights_bytes": size}
 
 
+# In a decoder fine-tune's "extra": the `token_version` of the tokenizer whose encoder and codebook it
+# kept frozen, so the tokens it makes are that tokenizer's.
+TOKENS_FROM = "tokens_from"
+
+
+def token_version(uri: str, meta: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Which tokens a VQGAN makes: `component_version`, except for a decoder fine-tune (which changes
+    only the decoder), whose tokens are those of the tokenizer it started from (TOKENS_FROM)."""
+    meta = read_meta(uri) if meta is None else meta
+    kept = (meta.get("extra") or {}).get(TOKENS_FROM)
+    return kept if kept is not None else component_version(uri, meta)
+
+
 def family_of_config(config: Any) -> str | None:
     """The model family of a component config; None for anything else (a test's stand-in)."""
     for kind in KINDS.values():

@@ -356,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus-format", choices=("synthetic",) + FORMATS, default="auto",
                         help="auto: synthetic when the corpus has holdout.json, else detected from its files")
     parser.add_argument("--out", required=True, help="directory for report.json and grid.png")
-    parser.add_argument("--n-seen", type=int, default=16, help="synthetic: seen-pairing prompts to judge")
+    parser.add_argument("--n-seen", type=int, default=16,
+                        help="synthetic: seen-pairing prompts to judge (default 16)")
     parser.add_argument("--n", type=int, default=DEFAULT_N,
                         help=f"real corpus: captions to draw and corpus images to compare with (>= {MIN_N})")
     parser.add_argument("--allow-small-n", action="store_true",
@@ -368,11 +369,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="the model's transformers and VQGANs, and on a real corpus the CLIP and CLIP "
                              "feature networks (auto: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--superres-steps", type=int, default=8)
-    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--steps", type=int, default=12,
+                        help="base decoding steps (default 12; muse generate and muse serve decode 24, so give "
+                             "--steps 24 to score the images they make)")
+    parser.add_argument("--superres-steps", type=int, default=8, help="super-res decoding steps (default 8)")
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0; generate and serve use 4)")
     parser.add_argument("--no-superres", action="store_true", help="evaluate base-resolution images")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="which prompts and images (default 0)")
     args = parser.parse_args(argv)
     try:
         cfg = _checked(args)

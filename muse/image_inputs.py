@@ -81,8 +81,8 @@ def load_mask(mask: Any, size: tuple[int, int]) -> torch.Tensor:
         mask = mask[0]
     width, height = size
     if tuple(mask.shape) != (height, width):
-        raise ValueError(f"mask must have the image's size {width}x{height} (H, W) = ({height}, {width}), "
-                         f"got shape {tuple(mask.shape)}")
+        got = f"{mask.shape[1]}x{mask.shape[0]}" if mask.dim() == 2 else f"an array of shape {tuple(mask.shape)}"
+        raise ValueError(f"mask must have the image's size, {width}x{height} (width x height), got {got}")
     masked = mask.cpu() != 0
     if not masked.any():
         raise ValueError("mask is empty: nothing to regenerate (white or transparent pixels are regenerated)")

@@ -30,17 +30,18 @@ def device_of(pool: PoolConfig) -> str:
 
 def job_spec(input_uri: str, cfg: TokenizeConfig, models) -> dict:
     """Everything that decides the content of the shards; a resumed run must match it."""
-    from muse.components import CheckpointError, component_version, parse_config, read_meta
+    from muse.components import CheckpointError, parse_config, read_meta, token_version
 
     def tokenizer(name: str, uri: str | None) -> tuple[dict | None, dict | None]:
-        """(config, weights version) of a VQGAN, from one read of its config.json."""
+        """(config, version of its tokens) of a VQGAN, from one read of its config.json: a decoder
+        fine-tune makes the tokens of the tokenizer it started from (`token_version`)."""
         if uri is None:
             return None, None
         try:
             meta = read_meta(uri)
         except CheckpointError as e:  # a wrong --vqgan or model root
             raise ModelRefused(f"{name}: {e}") from None
-        return to_dict(parse_config(meta, uri)), component_version(uri, meta)
+        return to_dict(parse_config(meta, uri)), token_version(uri, meta)
 
     embeddings = cfg.text_storage == "embeddings"  # ids need no model: no text device
     (lo, lo_weights), (hi, hi_weights) = (tokenizer("vqgan_lo", models.vqgan_lo),
@@ -143,6 +144,9 @@ def settings_as_before(spec: dict, old: dict | None, cfg: TokenizeConfig) -> tup
 # Spec fields added later, as paths: an output whose _job.json lacks one resumes as if it matched.
 _LATER_FIELDS = (("device",), ("precision",), ("weights",),
                  ("weights", "text_encoder"))  # before the text encoder's weights were recorded
+# A VQGAN's decoder widths: the decoder fine-tune widens them, and tokens depend on its encoder and codebook.
+_DECODER_ONLY = {(name, field) for name in ("vqgan_lo", "vqgan_hi")
+                 for field in ("decoder_base_channels", "decoder_num_res_blocks")}
 _SHOWN_FIELDS = 4  # differing fields a refusal names with their values; the rest are counted
 _SHOWN_CHARS = 60  # a value longer than this loses its middle (paths differ at either end)
 _ABSENT = object()
@@ -157,7 +161,7 @@ def spec_differences(old: dict, new: dict, path: tuple[str, ...] = ()) -> list[t
     missing = _ABSENT if path else None
     for key in sorted(set(old) | set(new)):
         at = (*path, key)
-        if key not in old and at in _LATER_FIELDS:
+        if key not in old and at in _LATER_FIELDS or at in _DECODER_ONLY:
             continue
         was, now = old.get(key, missing), new.get(key, missing)
         if isinstance(was, dict) and isinstance(now, dict):

@@ -274,7 +274,10 @@ def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _rows(mask: torch.Tensor | np.ndarray | None, n: int) -> torch.Tensor | None:
-    """One (h, w) mask for all n rows (a numpy array from the ingress) -> (n, N)."""
+    """One (h, w) mask for all n rows (a numpy array from the ingress) -> (n, N). An array that came
+    through the object store is read-only, which torch would share and warn about: copied (h * w bools)."""
+    if isinstance(mask, np.ndarray) and not mask.flags.writeable:
+        mask = mask.copy()
     return None if mask is None else torch.as_tensor(mask).reshape(1, -1).expand(n, -1)
 
 

@@ -123,8 +123,8 @@ def fake_build(monkeypatch, tiny_data):
 
 
 def test_lora_without_a_component_to_adapt_is_refused_on_the_driver(fake_build, tiny_data, tmp_path):
-    cfg = tiny_config("base.lora_rank=4")  # train_tiny.yaml names base.model: a fresh base-tiny, nothing to adapt
-    with pytest.raises(RunRefused, match=r"asks for a new base-tiny: leave it unset \(after --config: --set "
+    cfg = tiny_config("base.lora_rank=4", "base.model=base-632m")  # a new architecture: nothing to adapt
+    with pytest.raises(RunRefused, match=r"asks for a new base-632m: leave it unset \(after --config: --set "
                                          r"base.model=null\)"):
         masked.build("base", BaseWorker, cfg, tiny_data.tokens, tiny_data.root)
     empty = str(tmp_path / "empty")
@@ -135,8 +135,10 @@ def test_lora_without_a_component_to_adapt_is_refused_on_the_driver(fake_build, 
     assert fake_build == []  # no run was started
     masked.build("base", BaseWorker, tiny_config("base.lora_rank=4", "base.model=null"), tiny_data.tokens,
                  tiny_data.root)
-    [(job, rows)] = fake_build
-    assert job["init_from"].endswith("base") and rows == 24  # the shards' manifest says 24 rows
+    # train_tiny.yaml's own base.model (base-tiny) is the root's architecture: that is adapted too.
+    masked.build("base", BaseWorker, tiny_config("base.lora_rank=4"), tiny_data.tokens, tiny_data.root)
+    assert [job["init_from"] for job, _ in fake_build] == [os.path.join(tiny_data.root, "base")] * 2
+    assert all(rows == 24 for _, rows in fake_build)  # the shards' manifest says 24 rows
 
 
 def test_trainers_must_leave_ray_data_a_cpu():
@@ -185,8 +187,8 @@ def test_the_command_line_says_a_refusal_in_one_line(fake_build, tiny_data, monk
     from jobs import base
 
     monkeypatch.setattr(jobs.stage, "ensure_ray", lambda: None)
-    with pytest.raises(SystemExit) as exit_info:  # the review's repro: --model with --lora-rank
-        base.main(["--tokens", tiny_data.tokens, "--checkpoint", tiny_data.root, "--model", "base-tiny",
+    with pytest.raises(SystemExit) as exit_info:  # --lora-rank with --model naming another architecture
+        base.main(["--tokens", tiny_data.tokens, "--checkpoint", tiny_data.root, "--model", "base-632m",
                    "--lora-rank", "2", "--no-progress"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
@@ -392,7 +394,7 @@ def test_a_run_that_failed_for_good_and_a_tokenization_refusal_are_one_line_each
         assert where in capsys.readouterr().err
 
 
-def test_a_muse_init_roots_random_tokenizer_still_gets_the_warm_up(tmp_path, monkeypatch):
+def test_a_muse_init_roots_random_tokenizer_still_gets_the_warm_up(tmp_path, monkeypatch, capsys):
     """"auto" continues the root's tokenizer; the codebook warm-up (autoencoder steps, then k-means++
     seeding) is dropped only for one a run trained, not for the random one `muse init` wrote."""
     from contextlib import contextmanager
@@ -413,6 +415,11 @@ def test_a_muse_init_roots_random_tokenizer_still_gets_the_warm_up(tmp_path, mon
     monkeypatch.setattr(vqgan, "fit_stage", lambda worker, section, job, dataset: seen.append(section))
     cfg = tiny_config("vqgan.lo_model=auto", "vqgan.quantizer_warmup_steps=50")
     vqgan.build(cfg, "corpus", root, "vqgan_lo", "auto")
+    assert "warm-up" not in capsys.readouterr().out
+    vqgan.build(tiny_config("vqgan.lo_model=auto", "vqgan.quantizer_warmup_steps=50", "vqgan.run.max_steps=20"),
+                "corpus", root, "vqgan_lo", "auto")  # a few steps for a try: never seeded, and told so
+    assert "20 steps end inside the autoencoder warm-up" in capsys.readouterr().out
+    seen.pop()
     uri = checkpoint.component_uri(root, "vqgan_lo")
     checkpoint.save_component(checkpoint.load_component(uri), uri,
                               extra=loop.finished_extra("vqgan", 1000, {"run_name": "vqgan_lo"}))

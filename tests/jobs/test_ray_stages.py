@@ -88,6 +88,16 @@ def test_decoder_stage_widens_and_keeps_the_tokens(ray_session, tiny_data, tmp_p
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     assert torch.equal(wide.encode(images), old.encode(images))  # encoder and codebook untouched
     assert wide.decode(wide.encode(images)).shape == (2, 3, 64, 64)
+    # So the tokens made before the fine-tune are still this root's: no staleness warning, and a
+    # tokenize run into the same output with the fine-tuned root resumes (no tokenizer difference).
+    from jobs.masked import stale_tokens_warning
+    from pipelines.config import TokenizeConfig
+    from pipelines.job_spec import job_spec, spec_differences
+    from pipelines.tokenize import resolve_models
+
+    before, after = (job_spec(tiny_data.corpus, TokenizeConfig(), resolve_models(r)) for r in (tiny_data.root, root))
+    assert stale_tokens_warning("base", root, before) is None
+    assert [path for path, _, _ in spec_differences(before, after) if path[0] != "models"] == []
 
 
 UPLOAD_DELAY_S = 5.0

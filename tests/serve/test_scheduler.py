@@ -249,3 +249,19 @@ def test_a_forward_holds_the_rows_its_budget_counted(models):
     assert len(fed) == counted.total() and max(fed) == max(counted) == 2 + 3 * 2, (fed, counted)
     for call, got in zip(calls, batched):
         assert torch.equal(asyncio.run(call()).ids, got.ids)
+
+
+def test_a_read_only_mask_from_the_object_store_is_taken_without_a_warning():
+    import warnings
+
+    import numpy as np
+
+    from serve.deployments import _rows
+
+    mask = np.zeros((8, 8), bool)
+    mask[:2] = True
+    mask.flags.writeable = False  # as a numpy array arrives through Ray's object store
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = _rows(mask, 3)
+    assert rows.shape == (3, 64) and int(rows[0].sum()) == 16 and torch.equal(rows[0], rows[2])
