@@ -233,6 +233,13 @@ def _shown(value: Any) -> str:
     return "(" + ", ".join(f"{v:g}" for v in value) + ")" if isinstance(value, tuple) else f"{value:g}"
 
 
+def _state_never_saved(missing: set[str], saved_keys: set[str]) -> list[str]:
+    """The optimizer-state keys (`optim/<module>/<param>/<key>`) of `missing` whose parameter has no
+    optimizer state in the checkpoint at all (an Adam state that was never created), not a partial one."""
+    saved_params = {key.rsplit("/", 1)[0] for key in saved_keys if key.startswith("optim/")}
+    return [key for key in missing if key.startswith("optim/") and key.rsplit("/", 1)[0] not in saved_params]
+
+
 def _load(directory: str, *, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
           schedulers: dict[str, Any], ema: EMA | None, filesystem: pafs.FileSystem | None,
           stats: dict | None) -> dict:
@@ -249,6 +256,10 @@ def _load(directory: str, *, modules: dict[str, nn.Module], optimizers: dict[str
     restart_ema = ema is not None and not any(k.startswith("ema/") for k in saved_keys)
     unstepped = {name for name, saved in meta["optimizers"].items() if saved.get("unstepped")}
     flat, nested, _ = _state(modules, optimizers, None if restart_ema else ema, unstepped)
+    # A parameter that had no gradient before the save (the VQGAN codebook in its warm-up) has no Adam
+    # state there; the fresh optimizer here has zero state for it, and keeps that.
+    for key in _state_never_saved(set(flat) - saved_keys, saved_keys):
+        del flat[key]
     missing = set(flat) - saved_keys
     if missing:
         raise ValueError(f"{directory} does not match the model: missing {sorted(missing)[:5]}")

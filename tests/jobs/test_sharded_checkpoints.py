@@ -286,3 +286,36 @@ def test_a_resume_keeps_the_configured_lr_betas_and_weight_decay(tmp_path):
     assert back.opt.state  # AdamW's moments did come back
     back.step(2)
     assert decay["lr"] == pytest.approx(2e-4 * lr_factor(3, 2, 40, 0.0))
+
+
+def test_a_parameter_without_optimizer_state_at_the_save_resumes_with_fresh_state(tmp_path):
+    """The VQGAN codebook gets no gradient during the quantizer warm-up, so a checkpoint taken then
+    holds no Adam state for it: the run resumes (that parameter's state starting afresh) instead of
+    refusing the checkpoint on every restart. A checkpoint of another model is still refused."""
+    env, cfg = WorkerEnv(), OptimSettings(lr=1e-3, warmup_steps=2)
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.ModuleDict({"enc": nn.Linear(4, 4), "codebook": nn.Embedding(8, 4)})
+        opt = build_optimizer(model, cfg, env)
+        return model, opt, build_scheduler(opt, cfg, 10)
+
+    model, opt, sched = make()
+    model["enc"](torch.randn(2, 4)).sum().backward()  # the codebook unused: warm-up
+    opt.step()
+    sched.step()
+    save_sharded(str(tmp_path / "ck"), step=1, env=env, modules={"m": model}, optimizers={"m": opt},
+                 schedulers={"m": sched}, ema=None, counters={})
+    back, back_opt, back_sched = make()
+    meta = load_training_state(str(tmp_path / "ck"), modules={"m": back}, optimizers={"m": back_opt},
+                               schedulers={"m": back_sched}, ema=None)
+    assert meta["step"] == 1
+    assert torch.equal(back["enc"].weight, model["enc"].weight)
+    saved = opt.state[model["enc"].weight]["exp_avg"]
+    assert torch.equal(back_opt.state[back["enc"].weight]["exp_avg"], saved)
+    assert not back_opt.state[back["codebook"].weight]["exp_avg"].any()  # fresh
+    other = nn.ModuleDict({"enc": nn.Linear(4, 4), "head": nn.Linear(4, 2)})
+    other_opt = build_optimizer(other, cfg, env)
+    with pytest.raises(ValueError, match="does not match the model"):
+        load_training_state(str(tmp_path / "ck"), modules={"m": other}, optimizers={"m": other_opt},
+                            schedulers={"m": build_scheduler(other_opt, cfg, 10)}, ema=None)
