@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 from jobs.loop import NO_FULL_BATCH, StageWorker, other_run_export, train_loop_per_worker, worker_path
@@ -71,13 +72,46 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
     )
     marker = storage.join(folder, NO_FULL_BATCH)
     storage.delete(marker)  # left by an earlier attempt at this run
-    result = trainer.fit()
+    result = fit_off_the_main_thread(trainer)
     if storage.exists(marker):
         storage.delete(marker)
         raise RunRefused(f"{name}: the data gives no full batch of {run.batch_size} per worker ({scaling.workers()} "
                          "worker(s)) after the rejected images: use a smaller run.batch_size, fewer workers or "
                          "more data")
     return result
+
+
+class StopWithThreads(KeyboardInterrupt):
+    """A stop (Ctrl-C, `ray job stop`) while trainers run in threads: the threads stay blocked in Ray,
+    so the process leaves Ray (its trainers, owned by this driver, go with it) and exits without them
+    (`jobs.stage.errors_in_one_line`)."""
+
+
+def fit_off_the_main_thread(trainer) -> Any:
+    """`trainer.fit()`, run in a thread of its own. In the main thread Ray Train 2.60's fit() takes
+    SIGINT over for good (its handler aborts the run and may `sys.exit(0)`), so a Ctrl-C would end the
+    command with neither our stop line nor status 130, and a later Ctrl-C in `train all` would reach a
+    finished run's handler. Here a stop reaches this thread as KeyboardInterrupt: StopWithThreads."""
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()  # already off it (train all's concurrent trainers)
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, name="fit", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)  # a timed wait, so a signal's KeyboardInterrupt arrives here
+    except KeyboardInterrupt:
+        raise StopWithThreads from None
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _refuse_training_over_another_export(job: dict, name: str, folder: str, resume: ResumePoint,

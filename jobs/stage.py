@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from jobs.cluster import LocalPathRefused, check_shared_paths
 from jobs.config import load_config
-from jobs.fit import ensure_ray
+from jobs.fit import StopWithThreads, ensure_ray
 from jobs.preflight import RunRefused
 from jobs.progress import running_now, say, set_verbose, stop_display
 from muse import checkpoint, storage
@@ -146,12 +146,6 @@ class Stage:
             print(f"{self.name}: {result_summary(result, metrics=not drawn)}", flush=True)
 
 
-class StopWithThreads(KeyboardInterrupt):
-    """A stop (Ctrl-C, `ray job stop`) while trainers run in threads (`train all`'s base and super-res):
-    Ray Train aborts a run only from a fit() in the main thread, and the threads stay blocked in Ray, so
-    the process leaves Ray (its trainers, owned by this driver, go with it) and exits without them."""
-
-
 @contextlib.contextmanager
 def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
     """Around a training command's work: a refusal (what would fail on every attempt, found before
@@ -167,8 +161,12 @@ def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt as stop:  # Ctrl-C, or `ray job stop` (jobs.cluster.stop_on_sigterm)
-        running = running_now()
-        stop_display()
+        running: list[str] = []
+        try:  # a second Ctrl-C (or `timeout`, which signals the driver and then its process group) skips these
+            running = running_now()
+            stop_display()
+        except KeyboardInterrupt:
+            pass
         line = (f"{parser.prog}: stopped{' with ' + ', '.join(running) if running else ''}; finished stages "
                 "and registered checkpoints stay: the same command resumes from them\n")
         if isinstance(stop, StopWithThreads):
@@ -176,8 +174,10 @@ def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
 
             sys.stderr.write(line)
             sys.stderr.flush()
-            ray.shutdown()
-            os._exit(130)
+            try:
+                ray.shutdown()
+            finally:
+                os._exit(130)
         parser.exit(130, line)
     except (RunRefused, ResumeRefused, OutputInUse, NoInput, CorpusRefused, LocalPathRefused, NoTokenShards) as e:
         stop_display()

@@ -202,3 +202,35 @@ def test_a_stop_ends_base_and_superres_training_side_by_side(tmp_path):
     assert run.returncode == 130, run.stderr[-3000:]
     assert "muse train all: stopped with " in run.stderr and "base at 3/100 steps" in run.stderr, run.stderr[-3000:]
     assert "superres at 3/100 steps" in run.stderr and time.monotonic() - start < 90
+
+
+def test_a_stop_during_one_stages_fit_reaches_our_handler(monkeypatch):
+    """Ray Train 2.60's fit() in the main thread installs a SIGINT handler of its own (abort, maybe
+    sys.exit(0)) and keeps it: the command then ended with status 1 or 0 and no line of ours. fit()
+    runs in a thread of its own, so Ctrl-C is our KeyboardInterrupt (StopWithThreads: the stop line,
+    status 130), and the main thread's handler is the one it had before."""
+    import signal
+    import threading
+
+    from jobs.fit import StopWithThreads, fit_off_the_main_thread
+
+    release = threading.Event()
+
+    class Trainer:  # what Ray Train's fit() does with signals, then a run that goes on
+        def fit(self):
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+            release.wait(30)
+            return "result"
+
+    before = signal.getsignal(signal.SIGINT)
+    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    try:
+        with pytest.raises(StopWithThreads):
+            fit_off_the_main_thread(Trainer())
+    finally:
+        release.set()
+    assert signal.getsignal(signal.SIGINT) is before
+    release.clear()
+    threading.Timer(0.2, release.set).start()
+    assert fit_off_the_main_thread(Trainer()) == "result"
