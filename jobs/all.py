@@ -23,11 +23,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from jobs.cluster import check_shared_paths, cluster_may_grow
 from jobs.config import TrainConfig, load_config
 from jobs.decoder import decoder_component, decoder_finished
-from jobs.fit import ensure_ray
+from jobs.fit import ensure_ray, run_dir
 from jobs.preflight import DATA_CPUS, RunRefused
 from jobs.progress import Reporter, say, set_verbose, start_display, stop_display
 from jobs.stage import (StopWithThreads, add_common_args, add_format_arg, cli_overrides,
-                        errors_in_one_line, finished)
+                        errors_in_one_line, finished, named_run)
 from jobs import stages
 from jobs.stages import run_stage
 from jobs.vqgan import CORPUS_HELP, component_run, vqgan_components
@@ -111,6 +111,33 @@ def room_for_both(cfg: TrainConfig, resources, request, autoscaling: bool, wait_
         request(bundles=[])
 
 
+def replace_stale_tokens(tokens: str, root: str, owned: bool) -> None:
+    """Token shards made by tokenizers the root has retrained since would be refused by the resuming
+    tokenization (and learnt as the wrong codes): `train all`'s own ROOT/tokens is made again; a
+    --tokens folder of the user's is not deleted, but refused with the way out."""
+    from jobs.masked import _tokenize_spec, retrained_tokenizers
+
+    changed = retrained_tokenizers(root, _tokenize_spec(tokens)) if storage.exists(tokens) else []
+    if not changed:
+        return
+    if not owned:
+        raise RunRefused(f"--tokens {tokens} holds tokens of the root's {' and '.join(changed)} as they were before "
+                         "they were trained again: give a new --tokens folder (or delete that one)")
+    say(f"[all] {tokens} holds tokens of the root's {' and '.join(changed)} before they were trained again: "
+        "tokenizing the corpus again")
+    storage.delete(tokens)
+
+
+def check_run_folders(cfg: TrainConfig, root: str) -> None:
+    """Refuse, before any work, base and super-res runs named into one folder (`run.name` set alike):
+    their checkpoints would mix, concurrently or not, and neither run could resume its own."""
+    folders = {stage: run_dir(root, named_run(getattr(cfg, stage), stage).run, stage) for stage in TRANSFORMERS
+               if stage in cfg.stages}
+    if len(set(folders.values())) < len(folders):
+        raise RunRefused(f"base and superres would both keep their checkpoints in {folders['base']}: give them "
+                         "different run names (--set superres.run.name=...)")
+
+
 def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = None, format: str = "auto",
               images: str | None = None) -> dict:
     """Run every unfinished stage; returns {stage: "trained" | "skipped"} with seconds per stage.
@@ -125,6 +152,7 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
     tokens = storage.absolute(tokens or storage.join(root, "tokens"))
     check_shared_paths({"--corpus": corpus, "--images": images, "--tokens": tokens, "--checkpoint": root})
     report: dict[str, str] = {}
+    check_run_folders(cfg, root)
 
     def timed(name: str, fn) -> None:
         start = time.time()
@@ -150,6 +178,7 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
         show = any(getattr(cfg, s).run.progress for s in todo)
         board = start_display() if show else None
         reporter = Reporter(board, "tokenize", None, unit="parts", rate_unit="part/s") if board else None
+        replace_stale_tokens(tokens, root, owned=tokens == storage.join(root, "tokens"))
         models = tokenize.resolve_models(root)
         if not has_hi and models.vqgan_hi is not None:
             models = dataclasses.replace(models, vqgan_hi=None)
@@ -176,7 +205,9 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
             for future in as_completed(futures):
                 if future.exception() is not None:  # said at once; the other trainer runs to its end
                     others = [s for f, s in futures.items() if not f.done()]
-                    say(f"[all] {futures[future]} failed: {type(future.exception()).__name__}"
+                    error = future.exception()
+                    why = (str(error).strip().splitlines() or [""])[0][:300]
+                    say(f"[all] {futures[future]} failed: {type(error).__name__}{': ' + why if why else ''}"
                         + (f"; waiting for {others[0]} to finish" if others else ""))
         except KeyboardInterrupt:  # Ray Train aborts a run on Ctrl-C only from the main thread's fit()
             raise StopWithThreads from None

@@ -145,7 +145,7 @@ def _jsonable(groups: list[dict]) -> list[dict]:
 
 def save_sharded(directory: str, *, step: int, env: WorkerEnv, modules: dict[str, nn.Module],
                  optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any], ema: EMA | None,
-                 counters: dict[str, float], identity: dict | None = None) -> None:
+                 counters: dict[str, Any], identity: dict | None = None) -> None:
     """Write this rank's shards into `directory` (and the JSON on rank 0). Every rank calls it: DCP
     agrees on who writes which piece (a replicated tensor is written once) through the process group.
     `identity`: the run's (`jobs.preflight.run_identity`), which the driver checks before resuming."""

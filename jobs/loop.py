@@ -225,9 +225,11 @@ def _train_loop(job: dict, attempt: int | None = None) -> None:
     sums: dict[str, tuple[Any, int]] = {}  # device tensors until a log step
     stall: float | None = None  # seconds the last checkpoint held training up, for the next report
     tick = time.perf_counter()
+    where: dict = {}  # the data stream's place, recorded with each checkpoint (counters["data"])
     if step < run.max_steps:
         for batch in batch_stream(shard, run, env.rank, env.world_size, step, job.get("cached_rows"),
-                                  _collate_fn(worker.collate), on_epoch=worker.reseed):
+                                  _collate_fn(worker.collate), on_epoch=worker.reseed,
+                                  resumed=counters.get("data"), where=where):
             lr = _current_lr(worker)  # the step's own lr: its scheduler moves on inside train_step
             metrics = worker.train_step(batch, step)
             step += 1
@@ -262,6 +264,7 @@ def _train_loop(job: dict, attempt: int | None = None) -> None:
                 if grid is not None and env.is_main:
                     save_png(grid, storage.join(job["samples_dir"], f"step_{step:06d}.png"))
             if step % run.checkpoint_every == 0 or last:
+                counters["data"] = {**where, "world_size": env.world_size}
                 stall = _report_checkpoint(worker, env, step, counters, report)
             elif report is not None:
                 _report(report)
@@ -372,22 +375,34 @@ def _fail_once_if_asked(run, job: dict, env: WorkerEnv, step: int) -> None:
 
 
 def batch_stream(shard, run, rank: int, world_size: int, step: int, cached_rows: int | None, collate_fn,
-                 on_epoch=lambda step: None):
+                 on_epoch=lambda step: None, resumed: dict | None = None, where: dict | None = None):
     """The batches of `shard` (a worker's Ray Data iterator) for steps `step`, `step` + 1, ..., epoch
     after epoch, until an epoch gives no full batch. Each epoch mixes its rows in the local shuffle
     buffer seeded by (run.seed, epoch, rank, the step it starts at); `on_epoch(step)` is called as
-    each epoch starts.
+    each epoch starts, and `where` ({"epoch", "batch"}: batches of it read so far) kept up to date,
+    for a checkpoint to record.
 
     Data cached in the object store (`cached_rows`: its rows, which Ray Train splits equally across
     `world_size` workers) has a known epoch length, so a run resumed at `step` continues the stream
-    where it was: it starts that step's epoch with the seed that epoch had and skips the batches the
-    run already trained on. With one worker these are exactly the batches an uninterrupted run reads;
-    with several, the same place in the epoch (Ray Data decides which rows reach which worker).
-    Streamed data starts a new pass (`jobs.data`: a fresh file permutation per resume point)."""
+    where it was (`resumed`: the checkpoint's `where` and world size; without it, as `step` gives it):
+    it starts that epoch with the seed it had and skips the batches the run already trained on. With
+    one worker these are exactly the batches an uninterrupted run reads; with several, the same place
+    in the epoch (Ray Data decides which rows reach which worker); on another number of workers (whose
+    split differs) a new epoch. Streamed data starts a new pass (`jobs.data`: a fresh file
+    permutation per resume point)."""
     epoch_steps = (cached_rows // world_size) // run.batch_size if cached_rows else 0
-    epoch, skip = divmod(step, epoch_steps) if epoch_steps else (0, 0)
+    if not epoch_steps:
+        epoch, skip = 0, 0
+    elif resumed is None:
+        epoch, skip = divmod(step, epoch_steps)
+    elif resumed.get("world_size") == world_size:
+        epoch, skip = int(resumed["epoch"]), int(resumed["batch"])
+    else:
+        epoch, skip = int(resumed["epoch"]) + 1, 0
+    where = {} if where is None else where
     start = step - skip  # the step this epoch started at
     while True:
+        where.update(epoch=epoch, batch=skip)
         on_epoch(start + skip)
         batches = iter(shard.iter_torch_batches(
             batch_size=run.batch_size, collate_fn=collate_fn, drop_last=True,
@@ -397,6 +412,7 @@ def batch_stream(shard, run, rank: int, world_size: int, step: int, cached_rows:
         seen = 0
         for batch in batches:
             seen += 1
+            where["batch"] = skipped + seen
             yield batch
         if seen == 0 and skipped == 0:
             return

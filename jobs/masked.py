@@ -339,15 +339,21 @@ def model_arg(stage: str):
     return add
 
 
-def stale_tokens_warning(stage: str, root: str, spec: dict) -> str | None:
-    """A console warning when the root's tokenizers are not the ones that made the token shards (trained
-    again since): the transformer would learn codes its root's VQGAN decodes differently."""
+def retrained_tokenizers(root: str, spec: dict) -> list[str]:
+    """The root's tokenizers that are not the ones that made the token shards of job spec `spec` (trained
+    again since): their codes would be read differently."""
     from muse.components import token_version
 
     made_with = spec.get("weights") or {}
-    changed = [name for name in ("vqgan_lo", "vqgan_hi") if made_with.get(name) is not None
-               and checkpoint.has_component(root, name)
-               and token_version(checkpoint.component_uri(root, name)) != made_with[name]]
+    return [name for name in ("vqgan_lo", "vqgan_hi") if made_with.get(name) is not None
+            and checkpoint.has_component(root, name)
+            and token_version(checkpoint.component_uri(root, name)) != made_with[name]]
+
+
+def stale_tokens_warning(stage: str, root: str, spec: dict) -> str | None:
+    """A console warning when the root's tokenizers are not the ones that made the token shards (trained
+    again since): the transformer would learn codes its root's VQGAN decodes differently."""
+    changed = retrained_tokenizers(root, spec)
     if not changed:
         return None
     return (f"[{stage}] warning: the model root's {' and '.join(changed)} changed since these tokens were made "

@@ -12,6 +12,7 @@ import pytest
 from jobs_helpers import tiny_config
 
 from jobs import all as train_all_module
+from jobs.preflight import RunRefused
 from muse import checkpoint, storage
 
 ALL_STAGES = "stages=[vqgan,base,superres,decoder]"
@@ -86,6 +87,34 @@ def test_tokenizers_learn_from_the_images_given_and_the_rest_from_the_corpus(fak
     assert fake.data["vqgan_lo"] == fake.data["vqgan_hi"] == fake.data["decoder"] == images
     assert fake.data["tokenize"] == corpus
     assert fake.data["base"] == fake.data["superres"] == storage.join(fake.root, "tokens")
+
+
+def test_base_and_superres_named_into_one_run_folder_are_refused_before_any_work(fake):
+    """Their checkpoints would mix in one folder (Ray's record keeping one run's), and neither could resume."""
+    cfg = tiny_config(ALL_STAGES, "base.run.name=shared", "superres.run.name=shared")
+    with pytest.raises(RunRefused, match="both keep their checkpoints in .*shared.*superres.run.name"):
+        train_all_module.train_all(cfg, "corpus", fake.root)
+    assert fake.calls == []
+    train_all_module.train_all(tiny_config(ALL_STAGES, "base.run.name=shared"), "corpus", fake.root)
+    assert "base" in fake.calls and "superres" in fake.calls
+
+
+def test_tokens_of_tokenizers_trained_again_are_made_again_or_refused(fake, tmp_path):
+    """Token shards whose tokenizers the root has retrained since (a smoke run, then the real one)
+    would be refused by the resuming tokenization on every run: train all's own ROOT/tokens is made
+    again; a --tokens folder of the user's is refused, not deleted."""
+    from pipelines.shards import JOB_FILE
+
+    before = json.dumps({"weights": {"vqgan_lo": {"extra": {"run": "a smoke run"}}}})
+    mine = str(tmp_path / "my_tokens")
+    storage.write_text(storage.join(mine, JOB_FILE), before)
+    with pytest.raises(RunRefused, match="--tokens .*my_tokens holds tokens of the root's vqgan_lo"):
+        train_all_module.train_all(tiny_config(ALL_STAGES, "concurrent=false"), "corpus", fake.root, tokens=mine)
+    assert storage.exists(storage.join(mine, JOB_FILE)) and "tokenize" not in fake.calls
+    owned = storage.join(fake.root, "tokens")
+    storage.write_text(storage.join(owned, JOB_FILE), before)
+    train_all_module.train_all(tiny_config(ALL_STAGES, "concurrent=false"), "corpus", fake.root)
+    assert not storage.exists(storage.join(owned, JOB_FILE)) and "tokenize" in fake.calls
 
 
 def test_resumes_after_the_last_finished_stage(fake):
@@ -222,4 +251,4 @@ def test_a_concurrent_trainer_that_fails_is_said_at_once_and_raised(fake, monkey
         train_all_module.train_all(tiny_config(ALL_STAGES), "corpus", fake.root)
     out = capsys.readouterr().out
     assert said_while_superres_ran == [True]
-    assert "[all] base failed: RuntimeError; waiting for superres to finish" in out and "superres" in fake.calls
+    assert "[all] base failed: RuntimeError: base broke; waiting for superres to finish" in out and "superres" in fake.calls

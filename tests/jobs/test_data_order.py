@@ -57,13 +57,16 @@ def test_a_resumed_run_reads_a_new_permutation_not_the_first_files(ray_session, 
 ROWS, BATCH = 40, 4  # 10 steps an epoch
 
 
-def stream_rows(ds, step: int, steps: int, cached_rows: int | None) -> list[list[int]]:
-    """The rows of `steps` batches a worker trains on when its run (re)starts at `step`."""
+def stream_rows(ds, step: int, steps: int, cached_rows: int | None, resumed: dict | None = None,
+                where: dict | None = None) -> list[list[int]]:
+    """The rows of `steps` batches a worker trains on when its run (re)starts at `step` (from a
+    checkpoint's `resumed` place, if given; `where` follows the place as it reads)."""
     from jobs.config import RunSettings
     from jobs.loop import _collate_fn, batch_stream
 
     run = RunSettings(batch_size=BATCH, shuffle_buffer=8, seed=3)  # a buffer smaller than the data
-    stream = batch_stream(ds.iterator(), run, 0, 1, step, cached_rows, _collate_fn(lambda b: b["row"].tolist()))
+    stream = batch_stream(ds.iterator(), run, 0, 1, step, cached_rows, _collate_fn(lambda b: b["row"].tolist()),
+                          resumed=resumed, where=where)
     return [next(stream) for _ in range(steps)]
 
 
@@ -81,6 +84,14 @@ def test_a_resumed_cached_run_continues_its_data_stream(ray_session):
     assert stream_rows(ds, 20, 3, ROWS) == straight[20:23]  # at an epoch's first step
     # Without the epoch's length (streamed data), a restart begins a pass of its own.
     assert stream_rows(ds, 13, 3, None) != straight[13:16]
+    # The place a checkpoint records (counters["data"]) gives the same:
+    where: dict = {}
+    stream_rows(ds, 0, 13, ROWS, where=where)
+    assert where == {"epoch": 1, "batch": 3}
+    assert stream_rows(ds, 13, 12, ROWS, resumed={**where, "world_size": 1}) == straight[13:25]
+    # Saved by another number of workers (another split of the rows): a new epoch, not epoch 1 again.
+    regrouped = stream_rows(ds, 13, 10, ROWS, resumed={**where, "world_size": 2})
+    assert sorted(sum(regrouped, [])) == list(range(ROWS)) and regrouped != straight[10:20]
 
 
 def test_workers_split_cached_rows_equally(ray_session):
