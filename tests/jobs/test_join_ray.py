@@ -204,7 +204,7 @@ def test_a_stop_ends_base_and_superres_training_side_by_side(tmp_path):
     assert "superres at 3/100 steps" in run.stderr and time.monotonic() - start < 90
 
 
-def test_a_stop_during_one_stages_fit_reaches_our_handler(monkeypatch):
+def test_a_stop_during_one_stages_fit_reaches_our_handler():
     """Ray Train 2.60's fit() in the main thread installs a SIGINT handler of its own (abort, maybe
     sys.exit(0)) and keeps it: the command then ended with status 1 or 0 and no line of ours. fit()
     runs in a thread of its own, so Ctrl-C is our KeyboardInterrupt (StopWithThreads: the stop line,
@@ -223,14 +223,18 @@ def test_a_stop_during_one_stages_fit_reaches_our_handler(monkeypatch):
             release.wait(30)
             return "result"
 
-    before = signal.getsignal(signal.SIGINT)
-    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    # A command starts with Python's own handler (an earlier test in this process may have left Ray's).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with pytest.raises(StopWithThreads):
-            fit_off_the_main_thread(Trainer())
+        threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        try:
+            with pytest.raises(StopWithThreads):
+                fit_off_the_main_thread(Trainer())
+        finally:
+            release.set()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
-        release.set()
-    assert signal.getsignal(signal.SIGINT) is before
+        signal.signal(signal.SIGINT, previous)
     release.clear()
     threading.Timer(0.2, release.set).start()
     assert fit_off_the_main_thread(Trainer()) == "result"
