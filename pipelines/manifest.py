@@ -81,14 +81,7 @@ def new_run_id(out: str | None = None) -> str:
 def latest_run(out: str) -> str | None:
     """The latest run id in `out`'s manifest, tombstones included; None when it has none."""
     files = _manifest_files(out)
-    if not files:
-        return None
-    fs, _ = storage.filesystem(files[0])
-    import pyarrow.dataset as pads
-
-    runs = pads.dataset([storage.filesystem(f)[1] for f in files], schema=SCHEMA, format="parquet",
-                        filesystem=fs).to_table(columns=["run"])["run"]
-    return pc.max(runs).as_py()
+    return pc.max(_entries(files, columns=["run"])["run"]).as_py() if files else None
 
 
 class OutputRefused(CorpusRefused):
@@ -112,14 +105,19 @@ def read_manifest(out: str) -> pa.Table:
     return _read(_manifest_files(out))
 
 
-def _read(files: list[str]) -> pa.Table:
-    if not files:
-        return SCHEMA.empty_table()
+def _entries(files: list[str], columns: list[str] | None = None) -> pa.Table:
+    """Every entry of the manifest files, tombstones and superseded ones included."""
     import pyarrow.dataset as pads
 
     fs, _ = storage.filesystem(files[0])
-    table = pads.dataset([storage.filesystem(f)[1] for f in files], schema=SCHEMA, format="parquet",
-                         filesystem=fs).to_table()
+    return pads.dataset([storage.filesystem(f)[1] for f in files], schema=SCHEMA, format="parquet",
+                        filesystem=fs).to_table(columns=columns)
+
+
+def _read(files: list[str]) -> pa.Table:
+    if not files:
+        return SCHEMA.empty_table()
+    table = _entries(files)
     rows = table["rows"].to_numpy()
     if pc.count_distinct(table["part"]).as_py() == table.num_rows and not (rows == RETIRED).any():
         return table
