@@ -101,7 +101,8 @@ def provenance_check(served, pipe, args, steps: int | None) -> dict:
     remote = np.asarray(served([prompt], seed)[0], dtype=np.int16)
     local = pipe([prompt], steps=steps or args.sampling.steps, superres_steps=args.sampling.superres_steps,
                  guidance_scale=args.sampling.guidance_scale, choice_temperature=args.sampling.choice_temperature,
-                 superres_top_k=args.sampling.superres_top_k, seed=seed, superres=pipe.superres is not None)[0]
+                 superres_top_k=args.sampling.superres_top_k if pipe.superres is not None else None, seed=seed,
+                 superres=pipe.superres is not None)[0]
     if local.size != remote.shape[1::-1]:  # the API resamples to the size asked for, bicubic
         from PIL import Image
 

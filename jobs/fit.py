@@ -45,7 +45,7 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
     resume = check_resume(folder, identity, job.get("stage", job["component"]))
     if resume is not None:
         _refuse_training_over_another_export(job, name, folder, resume, run.max_steps)
-        say(resume_line(name, resume, run.max_steps))
+        say(resume_line(name, resume, run.max_steps, job.get("stage", job["component"])))
     cached = _materialized(dataset)
     if rows is None and cached:
         rows = dataset.count()  # from the blocks' metadata: nothing is read
@@ -134,13 +134,14 @@ def _refuse_training_over_another_export(job: dict, name: str, folder: str, resu
                      f"in a new run, or delete {folder} to drop this run's checkpoints")
 
 
-def resume_line(name: str, resume: ResumePoint, max_steps: int) -> str:
-    """What a run started again will do: go on from its checkpoint, or nothing when it is finished."""
+def resume_line(name: str, resume: ResumePoint, max_steps: int, section: str) -> str:
+    """What a run started again will do: go on from its checkpoint, or nothing when it is finished.
+    `section`: the config section that names the run (what --set changes)."""
     if resume.step is None:
         return f"[{name}] resumes its run from {resume.uri}"
     if resume.step >= max_steps:
         return (f"[{name}] the run already finished at step {resume.step} of {max_steps}: nothing to train (raise "
-                f"--max-steps to go on, or --set <stage>.run.name=NEW for a new run)")
+                f"--max-steps to go on, or --set {section}.run.name=NEW for a new run)")
     return f"[{name}] resumes its run at step {resume.step} of {max_steps} ({resume.uri})"
 
 

@@ -117,7 +117,7 @@ class Stage:
             description=f"{self.summary[:1].upper()}{self.summary[1:]}, with Ray Train, and export it into the "
                         "model root. Re-running with the same --checkpoint (and run name) resumes from the last "
                         "checkpoint; a run name whose checkpoints belong to another model root, component or "
-                        "architecture is refused (pass --set <stage>.run.name=NEW).",
+                        f"architecture is refused (pass --set {self.name}.run.name=NEW).",
             epilog=f"example: muse train {self.name} --config configs/train_tiny.yaml {flag} {DATA_KINDS[self.data]} "
                    "--checkpoint ROOT. On a cluster: RAY_AUTH_MODE=token ray job submit --working-dir . -- "
                    f"python -m jobs.{self.name} {flag} s3://... --checkpoint s3://...",

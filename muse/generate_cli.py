@@ -42,7 +42,7 @@ def _common(parser: argparse.ArgumentParser, steps: bool = True) -> None:
                              "in batches, the same images as in one")
     if steps:
         parser.add_argument("--steps", type=int, default=24, help="base decoding steps (default 24)")
-    parser.add_argument("--superres-steps", type=int, default=8, help="super-res decoding steps (default 8)")
+    parser.add_argument("--superres-steps", type=int, default=None, help="super-res decoding steps (default 8)")
     parser.add_argument("--superres-top-k", type=int, default=None,
                         help="super-res draws each code among its k likeliest (1: the likeliest; default: "
                              "the whole codebook)")
@@ -118,10 +118,13 @@ def run(command: str, args: argparse.Namespace) -> list[str]:
     else:
         # Weights seeded 0, as `muse init --preset tiny` writes them; --seed is for sampling.
         pipe = MusePipeline.from_preset(args.preset, seed=0, device=args.device)
-    # None: through super-res when the root has it (an imported aMUSEd root stops at the base resolution).
-    common = dict(negative_prompt=args.negative_prompt, superres_steps=args.superres_steps,
-                  guidance_scale=args.guidance, seed=args.seed, superres=False if args.no_superres else None,
-                  superres_top_k=args.superres_top_k)
+    # Through super-res when the root has it (an imported aMUSEd root stops at the base resolution).
+    superres = pipe.superres is not None and not args.no_superres
+    if not superres and (args.superres_steps is not None or args.superres_top_k is not None):
+        skipped = "--no-superres skips it" if args.no_superres else f"{args.checkpoint or args.preset} has none"
+        raise ValueError(f"--superres-steps and --superres-top-k set the super-res stage, and {skipped}: drop them")
+    common = dict(negative_prompt=args.negative_prompt, superres_steps=args.superres_steps or 8,
+                  guidance_scale=args.guidance, seed=args.seed, superres=superres, superres_top_k=args.superres_top_k)
     if command == "generate":
         draw = functools.partial(pipe, args.prompt, steps=args.steps, **common)
     elif command == "inpaint":

@@ -363,6 +363,9 @@ class MusePipeline:
         k = req.superres_top_k
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise ValueError(f"superres_top_k must be an integer >= 1 or None, got {k!r}")
+        if k is not None and not req.superres:
+            raise ValueError("superres_top_k applies to the super-res stage, which this call skips (superres=False, "
+                             "or a pipeline without it): leave it None")
         if req.output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {req.output!r}")
         if req.superres and self.superres is None:

@@ -108,13 +108,21 @@ def test_local_paths_are_refused_on_a_ray_of_several_nodes(monkeypatch, capsys):
 
 def test_bookkeeping_actors_are_pinned_to_the_drivers_node(ray_session):
     """The progress board and tokenization's coordinator hold no CPU, so Ray may place them on any
-    node, spot workers included: they are pinned to the driver's node, hard."""
+    node, spot workers included: they are pinned to the driver's node, hard. The board keeps each
+    caller's lines in the order sent."""
     from jobs import progress
     from jobs.placement import on_this_node
 
     strategy = on_this_node()["scheduling_strategy"]
     assert strategy.node_id == ray.get_runtime_context().get_node_id() and strategy.soft is False
-    assert progress.board() is not None  # created with them
+    board = progress.board()  # created with them
+
+    # A stage's summary and the driver's next lines show in the order they were sent.
+    seen = len(ray.get(board.poll.remote(0))[1])
+    for i in range(200):
+        board.finish.remote("stage", str(i)) if i % 2 else board.note.remote(str(i))
+    shown = [int(line.split()[-1]) for line in ray.get(board.poll.remote(seen))[1]]
+    assert shown == list(range(200))
 
     @ray.remote(num_cpus=0)
     class Probe:

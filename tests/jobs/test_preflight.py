@@ -313,8 +313,10 @@ def test_a_run_started_again_says_where_it_resumes_or_that_it_is_finished(tmp_pa
     run_dir = str(tmp_path / "runs" / "base")
     uri = write_checkpoint(run_dir, "checkpoint_2026-12-01_10-00-00.000001", None)  # step 2
     resume = check_resume(run_dir, run_identity(job_for(str(tmp_path))), "base")
-    assert fit.resume_line("base", resume, 10) == f"[base] resumes its run at step 2 of 10 ({uri})"
-    assert "already finished at step 2 of 2: nothing to train" in fit.resume_line("base", resume, 2)
+    assert fit.resume_line("base", resume, 10, "base") == f"[base] resumes its run at step 2 of 10 ({uri})"
+    finished = fit.resume_line("base", resume, 2, "superres")
+    assert "already finished at step 2 of 2: nothing to train" in finished
+    assert "--set superres.run.name=NEW" in finished
 
 
 def test_a_run_resumes_the_checkpoint_ray_train_recorded_not_the_newest_folder(tmp_path):

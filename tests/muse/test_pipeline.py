@@ -249,6 +249,7 @@ def photo() -> Image.Image:
     (lambda p, im: p("a cat", output="jpeg"), "output"),
     (lambda p, im: p("a cat", seed=-1), "seed"),
     (lambda p, im: p("a cat", superres_top_k=0), "superres_top_k"),
+    (lambda p, im: p("a cat", superres=False, superres_top_k=1), "superres_top_k applies to the super-res stage"),
     (lambda p, im: p(["a", "b"], negative_prompt=["c"]), "negative_prompt"),
     (lambda p, im: p.inpaint(im, np.ones((64, 64)), "a cat", steps=1), "mask"),
     (lambda p, im: p.inpaint(im, np.zeros((96, 96)), "a cat", steps=1), "mask"),
@@ -369,7 +370,9 @@ def test_cli_bad_input_exits_2_with_a_message_and_help_exits_0(tmp_path, capsys)
                             "--preset", "tiny", "--out", str(tmp_path / "o")])
     assert rc == 2 and "image" in capsys.readouterr().err
     for argv, said in ((["--device", "meta"], "--device meta holds shapes"), (["--guidance", "nan"], "finite"),
-                       (["--batch-size", "0"], "--batch-size must be >= 1")):
+                       (["--batch-size", "0"], "--batch-size must be >= 1"),
+                       (["--no-superres", "--superres-top-k", "1"], "--no-superres skips it: drop them"),
+                       (["--no-superres", "--superres-steps", "4"], "--no-superres skips it: drop them")):
         rc = generate_cli.main(["generate", "--prompt", "x", "--preset", "tiny", "--out", str(tmp_path / "o"), *argv])
         err = capsys.readouterr().err
         assert rc == 2 and said in err and "Traceback" not in err, err
