@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from jobs.cluster import check_shared_paths, cluster_may_grow
 from jobs.config import TrainConfig, load_config
 from jobs.decoder import decoder_component, decoder_finished
+from jobs import fit
 from jobs.fit import ensure_ray, run_dir
 from jobs.preflight import DATA_CPUS, RunRefused
 from jobs.progress import Reporter, say, set_verbose, start_display, stop_display
@@ -194,9 +195,15 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
             wait_s=cfg.concurrent_wait_s):
         say("[all] training base and super-res concurrently")
         start = time.time()
+        gate = fit.start_gate = fit.StartTogether(len(todo))
 
         def train(stage: str) -> None:  # each stage's time is its own, whichever ends first
-            run_stage(stage, cfg, tokens, root)
+            try:
+                run_stage(stage, cfg, tokens, root)
+            except BaseException:
+                gate.ended(stage, failed=True)
+                raise
+            gate.ended(stage, failed=False)
             report[stage] = f"trained in {time.time() - start:.0f}s (concurrently)"
 
         pool = ThreadPoolExecutor(2, thread_name_prefix="train")
@@ -213,8 +220,10 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
             raise StopWithThreads from None
         finally:
             pool.shutdown(wait=False)
-        for future in futures:
-            future.result()
+            fit.start_gate = None
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:  # the refusal itself, not the stage it kept from starting
+            raise next((e for e in errors if not isinstance(e, fit.NotStarted)), errors[0])
     else:
         for s in todo:
             timed(s, lambda s=s: run_stage(s, cfg, tokens, root))

@@ -27,6 +27,43 @@ def run_dir(root: str, run, default_name: str) -> str:
     return storage.join(*run_location(root, run, default_name))
 
 
+class NotStarted(RunRefused):
+    """A concurrent stage that passed its checks, not started because the stage beside it was refused."""
+
+
+class StartTogether:
+    """Trainers run side by side (`train all`) start only once each has passed its checks: a stage
+    refused on them ends the command at once, instead of after the other has trained for hours. Each
+    thread counts once: at `ready` (its trainer is about to start) or at `ended` (it stopped before)."""
+
+    def __init__(self, count: int):
+        self.left, self.refused = count, None
+        self.counted = threading.local()
+        self.cond = threading.Condition()
+
+    def ready(self, name: str) -> None:
+        with self.cond:
+            self._count()
+            self.cond.wait_for(lambda: self.left == 0 or self.refused is not None)
+            if self.refused is not None:
+                raise NotStarted(f"[{name}] not started: {self.refused} failed before training (said above)")
+
+    def ended(self, name: str, failed: bool) -> None:
+        with self.cond:
+            if not getattr(self.counted, "done", False):
+                self._count()
+                if failed:
+                    self.refused = name
+
+    def _count(self) -> None:
+        self.counted.done = True
+        self.left -= 1
+        self.cond.notify_all()
+
+
+start_gate: StartTogether | None = None  # set by `train all` while its trainers run side by side
+
+
 def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows: int | None = None) -> Any:
     """Build and run the TorchTrainer whose workers run `worker`; returns the ray.train.Result (raises
     on failure). `job` holds "root", "component", "model_config" (and "stage", the config section, when
@@ -72,6 +109,8 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
     )
     marker = storage.join(folder, NO_FULL_BATCH)
     storage.delete(marker)  # left by an earlier attempt at this run
+    if start_gate is not None:
+        start_gate.ready(name)
     result = fit_off_the_main_thread(trainer)
     if storage.exists(marker):
         storage.delete(marker)

@@ -252,3 +252,28 @@ def test_a_concurrent_trainer_that_fails_is_said_at_once_and_raised(fake, monkey
     out = capsys.readouterr().out
     assert said_while_superres_ran == [True]
     assert "[all] base failed: RuntimeError: base broke; waiting for superres to finish" in out and "superres" in fake.calls
+
+
+def test_a_concurrent_stage_refused_before_training_keeps_the_other_from_starting(fake, monkeypatch, capsys):
+    """Side by side, each trainer starts only once both passed their checks: super-res refused on them
+    ends the command at once, and base, waiting at its start, trains nothing."""
+    from jobs import fit
+
+    real, started = fake.run_stage, []
+
+    def stage(stage, *args, **kwargs):
+        if stage == "superres":
+            time.sleep(0.3)  # base reaches its start first, and waits there
+            raise RunRefused("superres: its run folder holds another architecture")
+        if stage == "base":
+            fit.start_gate.ready("base")  # where fit_stage starts its trainer
+            started.append(stage)
+        return real(stage, *args, **kwargs)
+
+    monkeypatch.setattr(train_all_module, "run_stage", stage)
+    begun = time.time()
+    with pytest.raises(RunRefused, match="holds another architecture"):
+        train_all_module.train_all(tiny_config(ALL_STAGES), "corpus", fake.root)
+    out = capsys.readouterr().out
+    assert started == [] and "base" not in fake.calls and time.time() - begun < 10
+    assert "not started: superres failed before training" in out and fit.start_gate is None
