@@ -20,11 +20,13 @@ class FaultProxy:
     `throttle` and `drop` are probabilities per request; `counts` says what happened and `requests`
     lists the request lines ("PUT /bucket/key HTTP/1.1") in arrival order. `latency` seconds pass
     before each request is answered, as a store's first byte takes (requests in flight together wait
-    together)."""
+    together). `max_in_a_row`: a request line faulted that many times in a row is forwarded next, which
+    bounds the SDK's exponential backoff (seconds after a few faults) and so a test's time."""
 
     def __init__(self, upstream: tuple[str, int], throttle: float, drop: float, seed: int = 0,
-                 latency: float = 0.0):
+                 latency: float = 0.0, max_in_a_row: int | None = None):
         self.upstream, self.throttle, self.drop, self.latency = upstream, throttle, drop, latency
+        self.max_in_a_row, self.in_a_row = max_in_a_row, {}
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts = {"forwarded": 0, "throttled": 0, "dropped": 0}
@@ -55,12 +57,17 @@ class FaultProxy:
                 return
             if self.latency:
                 time.sleep(self.latency)
+            line = request.split(b"\r\n", 1)[0].decode("latin-1")
             with self.lock:
                 draw = self.rng.random()
                 fault = "dropped" if draw < self.drop else "throttled" if draw < self.drop + self.throttle \
                     else "forwarded"
+                if fault != "forwarded" and self.max_in_a_row is not None:
+                    if self.in_a_row.get(line, 0) >= self.max_in_a_row:
+                        fault = "forwarded"
+                self.in_a_row[line] = 0 if fault == "forwarded" else self.in_a_row.get(line, 0) + 1
                 self.counts[fault] += 1
-                self.requests.append(request.split(b"\r\n", 1)[0].decode("latin-1"))
+                self.requests.append(line)
             if fault == "dropped":
                 client.shutdown(socket.SHUT_RDWR)  # the connection closes with no answer at all
                 return
