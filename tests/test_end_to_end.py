@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -59,14 +60,18 @@ def test_demo_loop_end_to_end(ray_session, tmp_path):
         ("bf16 autocast" if cpu_runs_bf16() else "fp32")
 
     # Served images come from the trained checkpoint: identical to this process's pipeline on the
-    # trained root, and different from the same pipeline with random weights.
+    # trained root, and different from the same root with its transformers at random weights (the
+    # same architectures, text encoder and tokenizers: only the training differs).
     assert report["served_matches_checkpoint"]["matches"], report["served_matches_checkpoint"]
     assert set(report["tokenizer_ceiling"]) == set(report["tokenizer_ceiling_held_out"]) == {"vqgan_lo", "vqgan_hi"}
-    trained = MusePipeline.from_pretrained(root)
-    random_pipe = MusePipeline.from_preset("tiny", seed=0)
+    trained, untrained = MusePipeline.from_pretrained(root), MusePipeline.from_pretrained(root)
+    torch.manual_seed(0)
+    for stage in ("base", "superres"):
+        config = checkpoint.read_component_config(checkpoint.component_uri(root, stage))[1]
+        setattr(untrained, stage, checkpoint.build_component(stage, config).eval())
     prompt = report["served_matches_checkpoint"]["prompt"]
     a = np.asarray(trained([prompt], steps=3, seed=5)[0], dtype=np.int16)
-    b = np.asarray(random_pipe([prompt], steps=3, seed=5)[0], dtype=np.int16)
+    b = np.asarray(untrained([prompt], steps=3, seed=5)[0], dtype=np.int16)
     assert np.abs(a - b).mean() > 1.0
 
     # A second run reuses every finished stage (the training half of the demo: serving and judging

@@ -30,15 +30,18 @@ class FakeServe:
 
     def __init__(self):
         self.apps, self.shut_down = {"someone-elses-app"}, False
+        self.ran, self.deleted = [], []
 
     def start(self, **kwargs):
         pass
 
     def run(self, app, name, route_prefix, blocking):
         self.apps.add(name)
+        self.ran.append(name)
 
     def delete(self, name):
         self.apps.discard(name)
+        self.deleted.append(name)
 
     def shutdown(self):
         self.shut_down, self.apps = True, set()
@@ -74,6 +77,7 @@ def test_on_a_joined_cluster_the_demo_removes_only_its_own_app(joined, monkeypat
     monkeypatch.setattr(demo, "wait_healthy", unhealthy)
     with pytest.raises(TimeoutError):
         demo.run_demo(out)
+    assert fake.ran == fake.deleted == [demo.DEMO_APP]  # deployed, then removed
     assert fake.apps == {"someone-elses-app"} and not fake.shut_down
 
 
@@ -88,7 +92,7 @@ def test_a_demo_that_fails_before_serving_leaves_serve_alone(joined, monkeypatch
     monkeypatch.setattr(jobs.all, "train_all", fails)
     with pytest.raises(RuntimeError, match="training failed"):
         demo.run_demo(out)
-    assert fake.apps == {"someone-elses-app"} and not fake.shut_down
+    assert fake.ran == [] and fake.apps == {"someone-elses-app"} and not fake.shut_down
 
 
 def test_a_corpus_written_with_other_settings_is_not_silently_reused(tmp_path):

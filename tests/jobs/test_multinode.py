@@ -22,7 +22,7 @@ def test_an_elastic_run_loses_a_node_and_finishes_on_the_other(s3_bucket, tiny_d
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     # Ray Train's first restart asks for the lost node's worker too and waits this long (60 s by default)
     # before it starts with the workers that fit.
-    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "20"
+    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "8"
     run = subprocess.run([sys.executable, str(REPO / "tests" / "jobs" / "multinode_elastic.py"), root, tokens,
                           str(tmp_path / "tokens")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]  # the driver's output: Ray's own lines and the console

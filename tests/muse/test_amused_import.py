@@ -290,15 +290,20 @@ def test_serving_deployments_run_the_imported_root(imported):
         return await asyncio.gather(base.generate(text.encode("a red circle"), Decode(1, 2, 3.0, 0)),
                                     base.generate(text.encode("two cats", "blurry"), Decode(2, 2, 3.0, 1)))
 
-    for tokens, n in zip(asyncio.run(both()), (1, 2)):
+    pipe = MusePipeline.from_pretrained(root)
+    want = [pipe("a red circle", steps=2, guidance_scale=3.0, seed=0, choice_temperature=4.5, output="tokens"),
+            pipe("two cats", negative_prompt="blurry", num_images=2, steps=2, guidance_scale=3.0, seed=1,
+                 choice_temperature=4.5, output="tokens")]
+    for tokens, n, expected in zip(asyncio.run(both()), (1, 2), want):
+        assert torch.equal(tokens.ids, expected)  # the request's own images, as the library draws them
         pngs = decoder.decode(tokens, "lo")
         assert [Image.open(io.BytesIO(png)).size for png in pngs] == [(res, res)] * n
 
 
 @pytest.mark.parametrize("imported", ["amused-256"], indirect=True)  # one architecture: a Serve app costs ~20 s
 def test_imported_root_serves_over_http(imported, ray_session):
-    """`muse serve` on the imported root: the OpenAI images API answers with the root's size, and a
-    size the root cannot produce is a 400 with a message."""
+    """`muse serve` on the imported root: the OpenAI images API answers with the root's images at its
+    size, and a size the root cannot produce is a 400 with a message."""
     import base64
     import io
 
@@ -308,7 +313,7 @@ def test_imported_root_serves_over_http(imported, ray_session):
 
     from jobs.demo import free_port, wait_healthy
     from serve.app import build_app
-    from serve.config import AppArgs, Deployment, Generator
+    from serve.config import AppArgs, Deployment, Generator, Sampling
 
     _, _, _, root = imported
     port = free_port()
@@ -325,10 +330,16 @@ def test_imported_root_serves_over_http(imported, ray_session):
             ok = client.post("/v1/images/generations", json={"prompt": "a red circle", "n": 2, "seed": 3,
                                                                "response_format": "b64_json"})
             assert ok.status_code == 200, ok.text
-            sizes = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).size for d in ok.json()["data"]]
-            assert sizes == [(256, 256)] * 2
+            got = [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).convert("RGB"))
+                   for d in ok.json()["data"]]
+            sampling = Sampling(steps=2)
+            want = MusePipeline.from_pretrained(root)(
+                "a red circle", num_images=2, steps=2, guidance_scale=sampling.guidance_scale, seed=3,
+                choice_temperature=sampling.choice_temperature)
+            for image, expected in zip(got, want, strict=True):  # a pixel may round one step apart
+                assert np.abs(image.astype(np.int16) - np.asarray(expected, np.int16)).max() <= 2
             models = client.get("/v1/models").json()
-            assert models["data"], models
+            assert "256x256" in models["data"][0]["sizes"], models
             bad = client.post("/v1/images/generations", json={"prompt": "a red circle", "size": "7x7"})
             assert bad.status_code == 400 and bad.json()["error"]["message"], bad.text
     finally:
@@ -384,6 +395,7 @@ def test_import_writes_to_s3_and_loads_back(imported, s3_bucket):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("imported", ["amused-256"], indirect=True)  # one architecture covers the training path
 def test_base_stage_fine_tunes_the_imported_uvit_with_lora(imported):
     """`muse train base --lora-rank r` on an imported root: the worker adapts the U-ViT from shard-style
     rows (VQ ids, CLIP ids trimmed to their length), only the adapters move, the export is merged."""
@@ -394,9 +406,7 @@ def test_base_stage_fine_tunes_the_imported_uvit_with_lora(imported):
     from muse import checkpoint
     from muse.config import to_dict
 
-    arch, _, ours, root = imported
-    if arch != "amused-256":
-        pytest.skip("one architecture is enough for the training path")
+    _, _, ours, root = imported
     text = ours.text_encoder
     images = torch.rand(2, 3, ours.resolution, ours.resolution) * 2 - 1
     ids = ours.vqgan_lo.encode(images).flatten(1)  # what `muse tokenize` stores with the imported VQ
@@ -434,6 +444,7 @@ def test_base_stage_fine_tunes_the_imported_uvit_with_lora(imported):
     assert again(PROMPTS[0], steps=2, seed=0, superres=False)[0].size == (ours.resolution, ours.resolution)
 
 
+@pytest.mark.parametrize("imported", ["amused-256"], indirect=True)  # one architecture covers the tokenization path
 def test_tokenize_a_corpus_with_the_imported_root(imported, ray_session, tmp_path):
     """`muse tokenize --checkpoint ROOT` with an imported root: the VQ writes the token grid, CLIP's
     tokenizer the caption ids, and the shards say the CLIP width."""
@@ -441,9 +452,7 @@ def test_tokenize_a_corpus_with_the_imported_root(imported, ray_session, tmp_pat
     from pipelines import shards, tokenize
     from pipelines.config import TokenizeConfig
 
-    arch, _, ours, root = imported
-    if arch != "amused-256":
-        pytest.skip("one architecture is enough for the tokenization path")
+    _, _, ours, root = imported
     write_corpus(str(tmp_path / "corpus"), 12, size=64, holdout_fraction=0.0)
     tokenize.run(str(tmp_path / "corpus"), str(tmp_path / "tokens"), tokenize.resolve_models(root),
                  TokenizeConfig(), "auto", progress=False)

@@ -322,18 +322,24 @@ def test_build_app_reads_the_key_from_the_environment(tmp_path, monkeypatch):
     assert args.api_key == "from-env"
 
 
-def test_deployments_load_their_models_from_s3(s3_bucket):
-    """Each deployment class loads its component from an s3:// model root (a local S3 server)."""
+def test_deployments_load_their_models_from_s3(s3_bucket, tmp_path):
+    """Each deployment class loads its component from an s3:// model root (a local S3 server): the
+    same images as the library makes from the same root written locally."""
     from muse.checkpoint import init_model_root
+    from muse.pipeline import MusePipeline
     from serve.config import Batching
     from serve.deployments import BaseGenerator, Decode, Decoder, TextEncoder
 
-    root = f"{s3_bucket}/models/tiny"
-    init_model_root("tiny", root, components=("text_encoder", "vqgan_lo", "base"))
+    root, local = f"{s3_bucket}/models/tiny", str(tmp_path / "tiny")
+    for where in (root, local):
+        init_model_root("tiny", where, components=("text_encoder", "vqgan_lo", "base"))
     text, base, decoder = TextEncoder(root), BaseGenerator(root, "cpu", Batching(), 4.5, 2), Decoder(root)
     tokens = asyncio.run(base.generate(text.encode("a red circle"), Decode(1, 2, 1.0, 0)))
     (png,) = decoder.decode(tokens, "lo")
     assert Image.open(io.BytesIO(png)).size == (64, 64) and set(decoder.vqgans) == {"lo"}
+    want = MusePipeline.from_pretrained(local)("a red circle", steps=2, guidance_scale=1.0, seed=0,
+                                               choice_temperature=4.5, output="tokens")
+    assert torch.equal(tokens.ids, want)
 
 
 def test_health_check_fails_on_a_stalled_decode_and_passes_again_after_it(tmp_path):
