@@ -208,7 +208,8 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
         url = f"http://127.0.0.1:{port}"
         small = Deployment(num_cpus=0.25)
         gen = Generator(num_cpus=0.5)
-        args = AppArgs(checkpoint=root, text_encoder=small, decoder=small, ingress=small, base=gen, superres=gen,
+        ingress = AppArgs.model_fields["ingress"].default.model_copy(update={"num_cpus": 0.25})  # its queue kept
+        args = AppArgs(checkpoint=root, text_encoder=small, decoder=small, ingress=ingress, base=gen, superres=gen,
                        sampling=Sampling(**DEMO_SAMPLING))
         start_serve("127.0.0.1", port)
         deployed = True  # from here on the app may exist, even if serve.run fails part-way

@@ -39,7 +39,7 @@ from muse.tokenizer import load_tokenizer
 from serve.chain import NOT_RETRIED, Calls, run_chain
 from serve.config import AppArgs
 from serve.guard import RETRY_AFTER_S, Guard
-from serve.images import UploadError, prepare_edit
+from serve.images import EditInput, UploadError, prepare_edit
 from serve.responses import Responses
 from serve.schemas import (
     FIELDS, OUTPUT_FORMATS, APIError, GenerationRequest, blank, check_background, check_common, check_prompt,
@@ -47,7 +47,7 @@ from serve.schemas import (
     error_response, resolve_size, supported_sizes, usage, validation_param,
 )
 from serve.specs import Decode, Output
-from serve.streaming import open_stream
+from serve.streaming import StreamRequest, open_stream
 
 logger = logging.getLogger("ray.serve")
 STATIC = Path(__file__).parent / "static"
@@ -116,18 +116,18 @@ class Ingress:
 
         return await self.call(chain)
 
-    async def edit(self, image: bytes, mask: bytes | None, prompt: str, negative: str | None, n: int, stage: str,
-                   seed: int, steps: int | None, superres_steps: int | None, guidance: float | None,
-                   out: Output) -> list[bytes]:
+    async def prepare_edit(self, image: bytes, mask: bytes | None, stage: str) -> EditInput:
+        """The upload at each stage's side, and the low-res tokens its mask regenerates (400 if unreadable)."""
         sides = {"lo": self.lo_side, **({"hi": self.hi_side} if stage == "hi" else {})}
         try:
-            edit = await asyncio.to_thread(prepare_edit, image, mask, sides, self.lo_tokens,
+            return await asyncio.to_thread(prepare_edit, image, mask, sides, self.lo_tokens,
                                            self.limits.max_image_pixels)
         except UploadError as e:
             raise APIError(400, str(e), param=e.param, code="invalid_image") from None
+
+    async def edit(self, edit: EditInput, prompt: str, negative: str | None, stage: str, lo_decode: Decode,
+                   hi_decode: Decode, out: Output) -> list[bytes]:
         mask_free = edit.regenerate is None
-        lo_decode, hi_decode = self.decodes(n, seed, steps, superres_steps, guidance,
-                                            base_default=self.sampling.edit_iterations if mask_free else None)
 
         async def chain(calls: Calls) -> None:
             cond = calls.start(self.text.encode.remote(prompt, negative))
@@ -164,9 +164,9 @@ def default_response_format(model: str | None) -> str:
 
 def _retry_headers(status: int, code: str | None) -> dict | None:
     """Retry-After where coming back helps (at capacity, no replica); on a failure that would repeat
-    (the model failed on this request, it crashed a replica, it ran out of time) OpenAI's SDKs are told
-    not to resend it, as they otherwise do on any 5xx."""
-    if code in NOT_RETRIED or (status >= 500 and code == "server_error"):
+    (the model failed on this request, it crashed a replica, it ran out of time, the link store is full
+    until its oldest link expires) OpenAI's SDKs are told not to resend it, as they otherwise do on any 5xx."""
+    if code in NOT_RETRIED or code == "files_full" or (status >= 500 and code == "server_error"):
         return {"x-should-retry": "false"}
     return {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
 
@@ -212,7 +212,7 @@ def build_fastapi(ing: Ingress) -> FastAPI:
                               headers=_retry_headers(503, "server_error"))
 
     app.add_middleware(Guard, api_key=ing.args.api_key, max_body_bytes=limits.max_body_bytes,
-                       max_in_flight=limits.max_in_flight)
+                       max_in_flight=limits.max_in_flight, body_timeout_s=limits.body_timeout_s)
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
@@ -262,12 +262,13 @@ def build_fastapi(ing: Ingress) -> FastAPI:
         out = Output(side, req.output_format, req.output_compression)
         seed = _seed(req.seed)
         base_url = str(request.base_url)
-        if req.stream:  # admitted (or refused with a 503) before the first event
-            events = await open_stream(ing, req, stage, seed, base_url, out)
-            return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        images = await ing.generate(req, stage, seed, out)
+        if req.stream:
+            lo, hi = ing.decodes(req.n, seed, req.steps, req.superres_steps, req.guidance_scale)
+            return await streamed(StreamRequest(req.prompt, req.negative_prompt, stage, seed, lo, hi,
+                                                req.partial_images, req.response_format), base_url, out)
         response_format = req.response_format or default_response_format((req.model_extra or {}).get("model"))
+        ing.responses.check_room(req.n, response_format)
+        images = await ing.generate(req, stage, seed, out)
         return await ing.responses.images(images, response_format, seed, out, base_url,
                                           ing.usage(req.prompt, req.n, stage))
 
@@ -319,16 +320,27 @@ def build_fastapi(ing: Ingress) -> FastAPI:
         if partial is not None and not 0 <= partial <= 3:
             raise APIError(400, "'partial_images' must be between 0 and 3", param="partial_images",
                            code="invalid_value")
-        if f.text("stream") not in (None, "false", "False", "0"):
-            raise APIError(400, "streaming edits are not supported; leave out 'stream'", param="stream",
-                           code="invalid_value")
+        stream = f.boolean("stream")
         stage, side = resolve_size(f.text("size"), ing.lo_side, ing.hi_side)
         out = Output(side, output_format, quality)
         seed_ = _seed(seed)
-        data = await ing.edit(await images[0].read(), await mask.read() if mask is not None else None, prompt,
-                              negative, n, stage, seed_, steps, superres_steps, guidance, out)
+        edit = await ing.prepare_edit(await images[0].read(), await mask.read() if mask is not None else None, stage)
+        lo, hi = ing.decodes(n, seed_, steps, superres_steps, guidance,
+                             base_default=ing.sampling.edit_iterations if edit.regenerate is None else None)
+        if stream:
+            return await streamed(StreamRequest(prompt, negative, stage, seed_, lo, hi, partial or 0,
+                                                f.text("response_format"), edit), str(request.base_url), out)
+        ing.responses.check_room(n, response_format)
+        data = await ing.edit(edit, prompt, negative, stage, lo, hi, out)
         return await ing.responses.images(data, response_format, seed_, out, str(request.base_url),
                                           ing.usage(prompt, n, stage, edit=True))
+
+    async def streamed(req: StreamRequest, base_url: str, out: Output) -> StreamingResponse:
+        """Server-sent events, admitted (or refused with a 503) before the first one."""
+        ing.responses.check_room(req.lo.n, req.response_format)
+        events = await open_stream(ing, req, base_url, out)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
 
@@ -357,6 +369,15 @@ class _EditForm:
             raise APIError(400, f"'{name}' must be an integer of at most 30 digits, got {value[:40]!r}", param=name,
                            code="invalid_type")
         return int(value)
+
+    def boolean(self, name: str) -> bool:
+        """A flag as multipart clients send one ("true"/"false", any case; absent is false)."""
+        value = self.text(name)
+        if value is None or value.lower() == "false":
+            return False
+        if value.lower() == "true":
+            return True
+        raise APIError(400, f"'{name}' must be true or false, got {value[:40]!r}", param=name, code="invalid_type")
 
     def number(self, name: str) -> float | None:
         value = self.text(name)

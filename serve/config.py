@@ -108,13 +108,14 @@ class Generator(Deployment):
 
 
 class Limits(Strict):
-    """What the HTTP API accepts; requests beyond these get a 400 / 413 in OpenAI's error shape."""
+    """What the HTTP API accepts; requests beyond these get a 400 / 408 / 413 in OpenAI's error shape."""
 
     max_prompt_chars: int = Field(1000, ge=1)
     max_images: int = Field(4, ge=1)  # `n`
     max_steps: int = Field(100, ge=1)
     max_guidance_scale: float = Field(30.0, ge=0)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    body_timeout_s: float = Field(30.0, gt=0)  # for the whole body to arrive, else 408 (it holds a max_in_flight slot)
     # Pillow refuses images past its decompression-bomb limit (~179M pixels) whatever this says.
     max_image_pixels: int = Field(4096 * 4096, ge=1, le=PILLOW_MAX_PIXELS)
     request_timeout_s: float = Field(300.0, gt=0)
@@ -156,7 +157,7 @@ class Files(Strict):
 
     uri: str | None = None
     ttl_s: float = Field(3600.0, gt=0)
-    max_files: int = Field(512, ge=1)  # in-memory store only: oldest dropped first
+    max_files: int = Field(512, ge=1)  # in-memory store only: past it, links are refused (503) until one expires
     public_url: str | None = None  # base of returned URLs; default: the URL the request came in on
 
 
@@ -186,6 +187,16 @@ class AppArgs(Strict):
         if several and self.files.uri is None:
             raise ValueError("more than one ingress replica keeps `url` images in each replica's memory, where the "
                              "others cannot serve them: set files.uri to a directory or s3:// URI they share")
+        return self
+
+    @model_validator(mode="after")
+    def _admission_before_serve_queue(self) -> AppArgs:
+        # Past the ingress's max_ongoing_requests Serve queues requests before they reach the admission
+        # check, so they would wait there instead of getting their 429; one spare slot answers it.
+        if self.limits.max_in_flight >= self.ingress.max_ongoing_requests:
+            raise ValueError(f"limits.max_in_flight {self.limits.max_in_flight} must be below "
+                             f"ingress.max_ongoing_requests {self.ingress.max_ongoing_requests}: otherwise requests "
+                             "past it wait in Serve's queue instead of getting a 429; lower the one or raise the other")
         return self
 
     @model_validator(mode="after")

@@ -1,8 +1,10 @@
-"""ASGI middleware in front of every route: the API key, the body size limit and admission.
+"""ASGI middleware in front of every route: the API key, the body size and time limits and admission.
 
     401  /v1/ requests without the API key (when one is configured; the web page, /healthz and file
          URLs stay open). The Bearer scheme is matched case-insensitively.
     400  a Content-Length that is not a non-negative integer.
+    408  a body that has not wholly arrived `body_timeout_s` after Guard began reading it (a stalled
+         upload would otherwise hold its admission slot for ever).
     413  a body over `max_body_bytes`, by Content-Length or, for chunked uploads, while it is read
          (the body is buffered here, so routes never see more than the limit).
     429  an image request while `max_in_flight` are already in flight on this ingress replica,
@@ -11,8 +13,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 
+from ray.exceptions import TaskCancelledError
+
+from serve.config import Limits
 from serve.schemas import error_response
 
 RETRY_AFTER_S = 1  # the Retry-After of a 503 (at capacity, no replica) or 429
@@ -26,10 +32,23 @@ def authorized(api_key: str | None, header: bytes | None) -> bool:
     return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), api_key.encode())
 
 
+def client_gone_as_disconnect(receive):
+    """`receive`, answering http.disconnect where Ray Serve raises TaskCancelledError: it cancels the
+    replica's receive from the proxy when the client goes away, and that is no server error."""
+    async def wrapped():
+        try:
+            return await receive()
+        except TaskCancelledError:
+            return {"type": "http.disconnect"}
+    return wrapped
+
+
 class Guard:
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, max_in_flight: int):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, max_in_flight: int,
+                 body_timeout_s: float = Limits.model_fields["body_timeout_s"].default):
         self.app, self.api_key = app, api_key
         self.max_body_bytes, self.max_in_flight = max_body_bytes, max_in_flight
+        self.body_timeout_s = body_timeout_s
         self.in_flight = 0
 
     async def __call__(self, scope, receive, send):
@@ -70,18 +89,27 @@ class Guard:
             self.in_flight -= 1
 
     async def _with_body(self, scope, receive, send, too_large):
-        """Read the whole body (at most max_body_bytes, else 413) and hand the app a replay of it."""
+        """Read the whole body (at most max_body_bytes, else 413; within body_timeout_s, else 408) and
+        hand the app a replay of it. A client that leaves meanwhile gets no answer."""
+        receive = client_gone_as_disconnect(receive)
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body_bytes:
-                return await too_large(scope, receive, send)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > self.max_body_bytes or not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            # The rest of the body may still come: the connection cannot carry another request.
+            return await error_response(408, f"the request body did not arrive within body_timeout_s = "
+                                             f"{self.body_timeout_s:g} s", code="request_timeout",
+                                        headers={"Connection": "close"})(scope, receive, send)
+        if size > self.max_body_bytes:
+            return await too_large(scope, receive, send)
         body, replayed = b"".join(chunks), False
 
         async def replay():

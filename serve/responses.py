@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from serve.config import Files
-from serve.files import FileStore
+from serve.files import FileStore, StoreFull
+from serve.schemas import APIError
 from serve.specs import Output
 from serve.streaming import b64
 
@@ -17,18 +19,24 @@ class Responses:
         self.config = config
         self.files = FileStore(config)
 
-    async def item(self, data: bytes, response_format: str, base_url: str, fmt: str = "png") -> dict:
-        """{"b64_json": ...} or {"url": ...} for one encoded image."""
-        if response_format == "b64_json":
-            return {"b64_json": b64(data)}
+    def check_room(self, count: int, response_format: str | None) -> None:
+        """Refuse a request for links (503) before its work when the store could not keep them."""
+        if response_format == "url":
+            with _refused_when_full():
+                self.files.check_room(count)
+
+    async def urls(self, images: list[bytes], base_url: str, fmt: str = "png") -> list[dict]:
+        """{"url": ...} for each encoded image, stored all or none."""
         base = (self.config.public_url or base_url).rstrip("/")
-        name = await asyncio.to_thread(self.files.put, data, fmt)  # disk or S3: off the event loop
-        return {"url": f"{base}/v1/files/{name}"}
+        with _refused_when_full():
+            names = await asyncio.to_thread(self.files.put_all, images, fmt)  # disk or S3: off the event loop
+        return [{"url": f"{base}/v1/files/{name}"} for name in names]
 
     async def images(self, images: list[bytes], response_format: str, seed: int, out: Output, base_url: str,
                      used: dict) -> dict:
         """The body of a non-streamed images response, as OpenAI's."""
-        items = [await self.item(data, response_format, base_url, out.format) for data in images]
+        items = [{"b64_json": b64(data)} for data in images] if response_format == "b64_json" else \
+            await self.urls(images, base_url, out.format)
         return {
             "created": int(time.time()),
             "data": [{**item, "revised_prompt": None, "seed": seed, "index": i} for i, item in enumerate(items)],
@@ -39,3 +47,14 @@ class Responses:
 
     async def file(self, name: str) -> bytes | None:
         return await asyncio.to_thread(self.files.get, name)
+
+
+
+@contextlib.contextmanager
+def _refused_when_full():
+    """StoreFull as the API's 503: new links would cut short the ones given out, so they are refused."""
+    try:
+        yield
+    except StoreFull as e:
+        raise APIError(503, f"{e}; ask for response_format b64_json, retry in {e.retry_after_s} s, or set files.uri "
+                            "to shared storage", type="server_error", code="files_full") from None

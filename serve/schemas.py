@@ -83,10 +83,11 @@ class GenerationRequest(BaseModel):
 
     @field_validator(*NUMBER_FIELDS, mode="before")
     @classmethod
-    def _not_a_boolean(cls, v):
-        # Pydantic's lax mode reads true as 1: `n: true` is a client's mistake, not one image.
-        if isinstance(v, bool):
-            raise PydanticCustomError("number_type", "Input should be a number, not a boolean")
+    def _a_json_number(cls, v):
+        # Pydantic's lax mode reads true as 1 and "2" as 2: a client's mistake, which OpenAI refuses too.
+        if isinstance(v, (bool, str)):
+            raise PydanticCustomError("number_type", "Input should be a JSON number, not a {kind}",
+                                      {"kind": "boolean" if isinstance(v, bool) else "string"})
         return v
 
 

@@ -1,5 +1,7 @@
 """Server-sent events for `stream: true`, as OpenAI's image streams: `image_generation.partial_image`
-previews while the stages decode, then one `image_generation.completed` per image with `usage`.
+previews while the stages decode, then one `image_generation.completed` per image with `usage`
+(`image_edit.*` for edits; a mask-free edit's base stage resamples the whole image each iteration, so
+its previews come from super-res alone).
 
 A stream is admitted before its first byte: `open_stream` waits until the base generator's scheduler
 has taken the request (or Serve refused it), so an overloaded server answers a plain 503 with
@@ -14,13 +16,15 @@ import base64
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator
 
 from ray.serve.exceptions import BackPressureError
 
 from serve.chain import model_failed, overloaded, replica_lost
-from serve.schemas import APIError, GenerationRequest
-from serve.specs import Output, previews_sent
+from serve.images import EditInput
+from serve.schemas import APIError
+from serve.specs import Decode, Output, previews_sent
 
 if TYPE_CHECKING:
     from serve.api import Ingress
@@ -28,40 +32,51 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ray.serve")
 
 
-async def open_stream(ing: Ingress, req: GenerationRequest, stage: str, seed: int, base_url: str,
-                      out: Output) -> AsyncIterator[str]:
+@dataclass(frozen=True)
+class StreamRequest:
+    """What a stream decodes, from either route."""
+
+    prompt: str
+    negative_prompt: str | None
+    stage: str  # "lo" (base only) or "hi" (through super-res)
+    seed: int
+    lo: Decode
+    hi: Decode
+    partial_images: int
+    response_format: str | None
+    edit: EditInput | None = None  # an edit's source image (and mask); None for a generation
+
+    @property
+    def event(self) -> str:
+        return "image_edit" if self.edit is not None else "image_generation"
+
+
+async def open_stream(ing: Ingress, req: StreamRequest, base_url: str, out: Output) -> AsyncIterator[str]:
     """The stream's events, once the request is admitted: raises APIError (503) before any event
     when it is not."""
-    events = _events(ing, req, stage, seed, base_url, out)
+    events = _events(ing, req, base_url, out)
     try:
         await events.__anext__()  # the admission marker (bounded by the request's deadline)
-    except BackPressureError:
-        await events.aclose()
-        raise overloaded() from None
     except asyncio.TimeoutError:
         await events.aclose()
         raise APIError(503, "the request was not admitted within the timeout", type="server_error",
                        code="overloaded") from None
-    except APIError:
+    except Exception as e:  # noqa: BLE001 - refused, or a model or replica failure before the first event
         await events.aclose()
-        raise
-    except Exception as e:  # noqa: BLE001 - a model or replica failure before the first event
-        await events.aclose()
-        if replica_lost(e) is not None:
-            raise APIError(503, "a model replica was lost; retry", type="server_error",
-                           code="replica_unavailable") from None
-        raise model_failed(e) from e
+        raise stream_failure(e) from None
     return events
 
 
-async def _events(ing: Ingress, req: GenerationRequest, stage: str, seed: int, base_url: str,
-                  out: Output) -> AsyncIterator[str | None]:
+async def _events(ing: Ingress, req: StreamRequest, base_url: str, out: Output) -> AsyncIterator[str | None]:
     """None once the base stage admitted the request, then the SSE text of each event."""
-    lo_decode, hi_decode = ing.decodes(req.n, seed, req.steps, req.superres_steps, req.guidance_scale)
     fields = event_fields(f"{out.side}x{out.side}", out.format)
+    edit, mask_free = req.edit, req.edit is not None and req.edit.regenerate is None
     every = ing.sampling.preview_every
-    # What the generators will send: a stage runs at most as many steps as it has tokens to decode.
-    stages = [(lo_decode.steps, ing.lo_tokens**2)] + ([(hi_decode.steps, ing.hi_tokens**2)] if stage == "hi" else [])
+    # What the generators will send: a stage runs at most as many steps as it has tokens to decode (an
+    # edit's super-res decodes only what its base changed: at most all of them, so maybe fewer previews).
+    lo_tokens = int(edit.regenerate.sum()) if edit is not None and not mask_free else ing.lo_tokens**2
+    stages = ([] if mask_free else [(req.lo.steps, lo_tokens)]) + \
+        ([(req.hi.steps, ing.hi_tokens**2)] if req.stage == "hi" else [])
     offered = sum(previews_sent(steps, tokens, every) for steps, tokens in stages)
     keep = spread(offered, req.partial_images)
     partial = seen = 0
@@ -69,11 +84,22 @@ async def _events(ing: Ingress, req: GenerationRequest, stage: str, seed: int, b
     deadline = time.monotonic() + ing.limits.request_timeout_s
     try:
         cond = ing.text.encode.remote(req.prompt, req.negative_prompt)
+        sources = {s: ing.decoder.encode.remote(edit.images[s], s) for s in ("lo", req.stage)} if edit else {}
         tokens = None
-        for name, deployment, decode in (("base", ing.base, lo_decode), ("superres", ing.superres, hi_decode)):
-            if name == "superres" and stage != "hi":
+        if mask_free:  # not streamed: admitted once it is done
+            tokens = await _within(ing.base.edit.remote(cond, req.lo, sources["lo"], req.lo.steps,
+                                                        ing.sampling.edit_fraction), deadline)
+            admitted = True
+            yield None
+        for name, deployment in (("base", ing.base), ("superres", ing.superres)):
+            if name == "superres" and req.stage != "hi":
                 break
-            call_args = (cond, decode) if tokens is None else (cond, tokens, decode)
+            if name == "base" and mask_free:
+                continue
+            if name == "base":
+                call_args = (cond, req.lo) + ((sources["lo"], edit.regenerate) if edit else ())
+            else:
+                call_args = (cond, tokens, req.hi) + ((sources["hi"],) if edit else ())
             events = deployment.options(stream=True).stream.remote(*call_args)
             try:
                 while True:
@@ -95,20 +121,21 @@ async def _events(ing: Ingress, req: GenerationRequest, stage: str, seed: int, b
                     previews = await _within(ing.decoder.preview.remote(
                         event["ids"], "lo" if name == "base" else "hi", out), deadline)
                     for i, png in enumerate(previews):
-                        yield sse("image_generation.partial_image", {
+                        yield sse(f"{req.event}.partial_image", {
                             "b64_json": b64(png), "index": i, "partial_image_index": partial, "stage": name,
                             "step": event["step"], "steps": event["steps"], **fields})
                     partial += 1
             finally:
                 events.cancel()
-        pngs = await _within(ing.decoder.decode.remote(tokens, stage, out), deadline)
-        # Each image's event carries its own usage: its tokens, and the prompt's in the first only, so
-        # that the events add up to the request's usage.
-        used = [ing.usage(req.prompt, 1, stage, text=i == 0) for i in range(len(pngs))]
+        pngs = await _within(ing.decoder.decode.remote(tokens, req.stage, out), deadline)
+        # Each image's event carries its own usage: its tokens, and the prompt's (and an edit's source
+        # image's) in the first only, so that the events add up to the request's usage.
+        used = [ing.usage(req.prompt, 1, req.stage, text=i == 0, edit=edit is not None and i == 0)
+                for i in range(len(pngs))]
         for i, png in enumerate(pngs):  # always b64_json, as OpenAI's streams; a URL too if asked
-            url = await ing.responses.item(png, "url", base_url, out.format) if req.response_format == "url" else {}
-            yield sse("image_generation.completed", {
-                "b64_json": b64(png), **url, "index": i, "seed": seed, "usage": used[i], **fields})
+            url = (await ing.responses.urls([png], base_url, out.format))[0] if req.response_format == "url" else {}
+            yield sse(f"{req.event}.completed", {
+                "b64_json": b64(png), **url, "index": i, "seed": req.seed, "usage": used[i], **fields})
     except asyncio.TimeoutError:
         if not admitted:
             raise
@@ -116,8 +143,20 @@ async def _events(ing: Ingress, req: GenerationRequest, stage: str, seed: int, b
     except Exception as e:  # noqa: BLE001 - headers are sent: report in-band and end the stream
         if not admitted:
             raise
-        logger.warning("stream failed: %s: %s", type(e).__name__, str(e)[:300])
-        yield sse("error", {"error": error_body(f"generation failed: {type(e).__name__}", "server_error")})
+        failure = stream_failure(e)
+        yield sse("error", {"error": error_body(failure.message, failure.code, failure.type, failure.param)})
+
+
+def stream_failure(e: Exception) -> APIError:
+    """A stream's failure as a plain response would report it (at capacity, a lost replica, the model
+    failed): its status before the first event, its error event after."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, BackPressureError):
+        return overloaded()
+    if replica_lost(e) is not None:
+        return APIError(503, "a model replica was lost; retry", type="server_error", code="replica_unavailable")
+    return model_failed(e)  # logs it
 
 
 async def _within(awaitable, deadline: float):

@@ -321,7 +321,8 @@ def test_imported_root_serves_over_http(imported, ray_session):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     small, gen = Deployment(num_cpus=0.25), Generator(num_cpus=0.5)
     args = AppArgs(checkpoint=root, api_key="k", sampling={"steps": 2}, text_encoder=small, decoder=small,
-                   ingress=small, base=gen, superres=gen)
+                   ingress=AppArgs.model_fields["ingress"].default.model_copy(update={"num_cpus": 0.25}),
+                   base=gen, superres=gen)
     serve.run(build_app(args), name="amused", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     try:

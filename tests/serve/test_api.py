@@ -211,6 +211,46 @@ def test_transparent_canvas_outpaints_and_opaque_image_is_edited_mask_free(muse_
     assert_same_image(png_array(r.json()["data"][0]["b64_json"]), pil_array(want[0]))
 
 
+def test_edits_stream_previews_then_the_edited_images(muse_app, pipe):
+    """Streamed edits, as OpenAI's `image_edit.*` events: an inpainting streams previews from both
+    stages and ends with the same images as the plain request; a mask-free edit's previews come from
+    super-res alone."""
+    image = _picture()
+    mask = Image.new("RGBA", image.size, (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (10, 20, 60, 50))
+    fields = {"prompt": "a purple circle", "size": "128x128", "n": "2", "seed": "4", "stream": "true",
+              "partial_images": "3"}
+    upload = {"image": ("i.png", _png(image)), "mask": ("m.png", _png(mask))}
+    with muse_app.client.stream("POST", "/v1/images/edits", files=upload, data=fields) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = _events(r)
+    assert {name for name, _ in events} == {"image_edit.partial_image", "image_edit.completed"}, events[-1]
+    partial = [d for name, d in events if name == "image_edit.partial_image" and d["index"] == 0]
+    assert [p["partial_image_index"] for p in partial] == [0, 1, 2] and partial[-1]["stage"] == "superres"
+    assert partial[0]["stage"] == "base" and png_array(partial[0]["b64_json"]).shape == (128, 128, 3)
+    regen = np.zeros((96, 96), bool)
+    regen[20:50, 10:60] = True
+    want = pipe.inpaint(image, regen, "a purple circle", num_images=2, steps=STEPS, superres_steps=SR_STEPS, seed=4)
+    finals = sorted((d for name, d in events if name == "image_edit.completed"), key=lambda d: d["index"])
+    for final, img in zip(finals, want, strict=True):
+        assert_same_image(png_array(final["b64_json"]), pil_array(img))
+    plain = muse_app.client.post("/v1/images/edits", files=upload, data={**fields, "stream": "false"}).json()
+    for key in ("input_tokens", "output_tokens"):
+        assert sum(f["usage"][key] for f in finals) == plain["usage"][key]
+
+    opaque = _picture(seed=3)
+    with muse_app.client.stream("POST", "/v1/images/edits", files={"image": ("o.png", _png(opaque))},
+                                data={"prompt": "make it blue", "size": "128x128", "seed": "8", "steps": "5",
+                                      "stream": "true", "partial_images": "3"}) as r:
+        assert r.status_code == 200, r.read()
+        events = _events(r)
+    assert {d["stage"] for name, d in events if name == "image_edit.partial_image"} == {"superres"}
+    want = pipe.edit(opaque, "make it blue", iterations=5, superres_steps=SR_STEPS, seed=8)
+    assert_same_image(png_array(events[-1][1]["b64_json"]), pil_array(want[0]))
+    bad = muse_app.client.post("/v1/images/edits", files=upload, data={**fields, "stream": "yes"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "stream"
+
+
 def test_official_openai_client(muse_app, pipe):
     import openai
 
@@ -236,6 +276,12 @@ def test_official_openai_client(muse_app, pipe):
     regen[:, :48] = True
     want = pipe.inpaint(image, regen, "a tree", steps=STEPS, seed=1, superres=False)
     assert_same_image(png_array(edited.data[0].b64_json), resampled(want[0], 256))
+
+    streamed = list(client.images.edit(image=("image.png", _png(image), "image/png"),
+                                       mask=("mask.png", _png(mask), "image/png"), prompt="a tree", size="256x256",
+                                       stream=True, partial_images=1, extra_body={"seed": 1}))
+    assert [e.type for e in streamed] == ["image_edit.partial_image", "image_edit.completed"]
+    assert_same_image(png_array(streamed[-1].b64_json), resampled(want[0], 256))
 
     # No partial_images: no previews, as OpenAI's default (0).
     events = list(client.images.generate(prompt="a red circle", size="64x64", stream=True, extra_body={"seed": 5}))

@@ -148,7 +148,6 @@ def test_each_stage_is_called_once_what_it_reads_has_finished(monkeypatch, mask_
     """Serve checks a deployment's max_queued_requests when a call is made, but counts the call as
     queued only once its arguments are ready: a super-res call made on an unfinished base response
     would pass every check and queue without bound."""
-    import serve.api
     import serve.chain as chain_mod
 
     monkeypatch.setattr(chain_mod, "finished", lambda response: response.settle())
@@ -161,8 +160,8 @@ def test_each_stage_is_called_once_what_it_reads_has_finished(monkeypatch, mask_
 
     log.clear()
     edit = types.SimpleNamespace(images={"lo": "lo pixels", "hi": "hi pixels"}, regenerate=None if mask_free else "mask")
-    monkeypatch.setattr(serve.api, "prepare_edit", lambda *args: edit)
-    assert asyncio.run(ing.edit(b"image", None, "a blue square", None, 1, "hi", 1, None, None, None, Output())) == [b"png"]
+    lo, hi = ing.decodes(1, 1, None, None, None)
+    assert asyncio.run(ing.edit(edit, "a blue square", None, "hi", lo, hi, Output())) == [b"png"]
     assert [name for name, _ in log] == ["text.encode", "decoder.encode", f"base.{'edit' if mask_free else 'generate'}",
                                          "decoder.encode", "superres.generate", "decoder.decode"]
     assert all(ready for _, ready in log), log

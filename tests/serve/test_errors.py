@@ -44,6 +44,9 @@ GOOD = {"prompt": "a red circle", "size": "64x64"}
     ({**GOOD, "steps": 0}, "steps"),
     ({**GOOD, "steps": 101}, "steps"),  # over max_steps
     ({**GOOD, "steps": 2.5}, "steps"),
+    ({**GOOD, "n": "2"}, "n"),  # a number in a string: OpenAI's API refuses it too
+    ({**GOOD, "seed": " 7"}, "seed"),
+    ({**GOOD, "guidance_scale": "3"}, "guidance_scale"),
     ({**GOOD, "superres_steps": 0}, "superres_steps"),
     ({**GOOD, "guidance_scale": -1}, "guidance_scale"),
     ({**GOOD, "guidance_scale": 1e9}, "guidance_scale"),
@@ -109,7 +112,7 @@ IMAGE = _png(Image.new("RGB", (64, 64), (200, 10, 10)))
     ({"image": ("i.png", IMAGE)}, {"prompt": "x", "size": "300x300"}, "size"),
     ({"image": ("i.png", IMAGE)}, {"prompt": "x", "steps": "0"}, "steps"),
     ({"image": ("i.png", IMAGE)}, {"prompt": "x", "response_format": "gif"}, "response_format"),
-    ({"image": ("i.png", IMAGE)}, {"prompt": "x", "stream": "true"}, "stream"),
+    ({"image": ("i.png", IMAGE)}, {"prompt": "x", "stream": "sometimes"}, "stream"),
     ({"image": ("i.png", IMAGE), "prompt": ("p.txt", b"a red circle")}, {}, "prompt"),  # a file, not text
     ({"image": ("i.png", IMAGE)}, {"prompt": "x", "n": "0_2"}, "n"),
     ({"image": ("i.png", IMAGE)}, {"prompt": "x", "partial_images": "lots"}, "partial_images"),

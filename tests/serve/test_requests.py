@@ -27,6 +27,33 @@ def _post(ing, **kwargs) -> httpx.Response:
     return asyncio.run(post())
 
 
+def test_links_are_refused_not_cut_short_when_the_store_is_full():
+    """The in-memory store keeps every link it gave until it expires: past files.max_files a request
+    for links is a 503 that says what to do, before its images are drawn, and b64_json still works."""
+    from serve.config import Files
+    from serve.responses import Responses
+
+    ing, drawn = fake_ingress(), []
+    ing.responses = Responses(Files(max_files=2))
+    ing.usage = lambda *args, **kwargs: {}
+
+    async def generate(req, *_):
+        drawn.append(req.n)
+        return [b"png"] * req.n
+
+    ing.generate = generate
+    body = {"prompt": "a red circle", "response_format": "url"}
+    first = _post(ing, json={**body, "n": 2})
+    assert first.status_code == 200 and len(first.json()["data"]) == 2, first.text
+    full = _post(ing, json=body)
+    assert full.status_code == 503 and full.json()["error"]["code"] == "files_full", full.text
+    assert "b64_json" in full.json()["error"]["message"] and full.headers["x-should-retry"] == "false"
+    assert drawn == [2]  # refused before any model work
+    assert _post(ing, json={**body, "response_format": "b64_json"}).status_code == 200
+    names = [d["url"].rsplit("/", 1)[1] for d in first.json()["data"]]
+    assert all(ing.responses.files.get(name) == b"png" for name in names)  # the links given still work
+
+
 def _checked_ingress():
     """An ingress whose model chain answers a recognisable 503: a request that passed validation."""
     ing = fake_ingress()
@@ -144,6 +171,90 @@ def test_uploads_still_arriving_count_against_max_in_flight():
     assert peak == 2 and statuses == [200] * 2 + [429] * 8 and left == 0
 
 
+def _stalled_upload():
+    """An upload that sends its first bytes and then nothing more, as a client that stops writing."""
+    chunks = iter([{"type": "http.request", "body": b'{"prompt":', "more_body": True}])
+
+    async def receive():
+        try:
+            return next(chunks)
+        except StopIteration:
+            await asyncio.Event().wait()  # never set
+    return receive
+
+
+async def _guarded(guard: Guard, path: str, receive) -> tuple[list[dict], bool]:
+    """(messages sent, whether the app was reached) for one POST to `path` through `guard`."""
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "headers": []}
+    await asyncio.wait_for(guard(scope, receive, send), 5)  # a bounded wait: a stalled read fails, not hangs
+    return sent, guard.app.reached
+
+
+def _app():
+    async def app(scope, receive, send):
+        app.reached = True
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+    app.reached = False
+    return app
+
+
+@pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/other"])
+def test_a_stalled_upload_is_a_408_that_frees_its_slot(path):
+    """A body that stops arriving is answered 408 once body_timeout_s has passed, on every route, and
+    its admission slot goes to the next request instead of being held while the client idles."""
+    async def main():
+        guard = Guard(_app(), None, 1024, 1, body_timeout_s=0.05)
+        sent, reached = await _guarded(guard, path, _stalled_upload())
+        assert not reached and sent[0]["status"] == 408
+        error = json.loads(sent[1]["body"])["error"]
+        assert error["code"] == "request_timeout" and "body_timeout_s" in error["message"], error
+        assert guard.in_flight == 0
+        whole = iter([{"type": "http.request", "body": b"{}", "more_body": False}])
+
+        async def receive():
+            return next(whole)
+
+        sent, reached = await _guarded(guard, path, receive)
+        assert reached and sent[0]["status"] == 200
+
+    asyncio.run(main())
+
+
+def test_a_client_gone_mid_upload_is_no_error_and_frees_its_slot():
+    """Ray Serve cancels the replica's receive when the client goes away (TaskCancelledError out of
+    receive()): Guard stops without an answer or an exception. A cancelled task stays cancelled."""
+    from ray.exceptions import TaskCancelledError
+
+    async def main():
+        guard = Guard(_app(), None, 1024, 1)
+        first = iter([{"type": "http.request", "body": b'{"prompt":', "more_body": True}])
+
+        async def receive():
+            try:
+                return next(first)
+            except StopIteration:
+                raise TaskCancelledError() from None
+
+        sent, reached = await _guarded(guard, "/v1/images/generations", receive)
+        assert sent == [] and not reached and guard.in_flight == 0
+
+        task = asyncio.create_task(_guarded(guard, "/v1/images/generations", _stalled_upload()))
+        await asyncio.sleep(0.01)
+        assert guard.in_flight == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert guard.in_flight == 0
+
+    asyncio.run(main())
+
+
 class _Stream:
     """A generator's stream as Serve hands it to the ingress: admitted, `previews` previews, done."""
 
@@ -215,11 +326,15 @@ def test_a_blank_negative_prompt_means_none_on_both_routes(negative):
         asked.append(req.negative_prompt)
         raise APIError(503, "reached the models", type="server_error", code="reached")
 
-    async def edit(image, mask, prompt, negative_prompt, *_):
+    async def prepare_edit(image, mask, stage):
+        return types.SimpleNamespace(regenerate=None)
+
+    async def edit(prepared, prompt, negative_prompt, *_):
         asked.append(negative_prompt)
         raise APIError(503, "reached the models", type="server_error", code="reached")
 
-    ing.generate, ing.edit = generate, edit
+    ing.generate, ing.prepare_edit, ing.edit = generate, prepare_edit, edit
+    ing.decodes = lambda *args, **kwargs: (None, None)
     r = _post(ing, json={"prompt": "a red circle", "negative_prompt": negative})
     assert r.json()["error"]["code"] == "reached", r.text
     from serve.api import build_fastapi

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from serve.config import AppArgs, Deployment, Files, Generator, cpu_threads, load_args
-from serve.files import FileStore
+from serve.files import FileStore, StoreFull
 from serve.images import UploadError, prepare_edit
 from serve.pixels import fill_masked, grey_out
 from serve.schemas import APIError, resolve_size
@@ -94,16 +94,26 @@ def test_load_args_accepts_a_plain_mapping(tmp_path):
     assert AppArgs.model_validate(load_args(path)).base == Generator(batching={"max_rows": 2})
 
 
-def test_file_store_in_memory_expires_and_caps():
+def test_file_store_in_memory_expires_and_keeps_every_link_it_gave_until_then():
     now = [1_800_000_000.0]
-    store = FileStore(Files(ttl_s=10, max_files=2), clock=lambda: now[0])
+    store = FileStore(Files(ttl_s=10, max_files=3), clock=lambda: now[0])
     a, b = store.put(b"a"), store.put(b"b", "webp")
     assert store.get(a) == b"a" and store.get(b) == b"b" and a.endswith(".png") and b.endswith(".webp")
     assert store.get(a.replace(".png", ".jpeg")) is None  # served only as what it is
-    c = store.put(b"c")  # over max_files: the oldest goes
-    assert store.get(a) is None and store.get(c) == b"c"
-    now[0] += 11
-    assert store.get(b) is None and store.get(c) is None
+    with pytest.raises(StoreFull) as full:  # a response's images are stored all or none
+        store.put_all([b"c", b"d"])
+    assert full.value.retry_after_s == 10 and len(store._memory) == 2
+    now[0] += 4
+    store.check_room(1)
+    c = store.put(b"c")
+    with pytest.raises(StoreFull) as full:  # over max_files: refused, never a link cut short
+        store.check_room(1)
+    assert full.value.retry_after_s == 6 and (store.get(a), store.get(b), store.get(c)) == (b"a", b"b", b"c")
+    now[0] += 7  # a and b expire, and make room
+    assert store.get(a) is None and store.get(b) is None and store.get(c) == b"c"
+    store.put_all([b"d", b"e"])
+    now[0] += 5
+    assert store.get(c) is None
     for bad in ("", "../etc/passwd", "1-abc", c + "x", c.upper()):
         assert store.get(bad) is None
 
