@@ -410,3 +410,14 @@ def test_a_stream_that_cannot_be_admitted_gets_a_503_before_any_event():
     r = asyncio.run(post())
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert r.headers["content-type"].startswith("application/json") and r.json()["error"]["code"] == "overloaded"
+
+
+def test_a_stream_failing_after_its_headers_is_coded_as_a_plain_response_would_be():
+    """At capacity mid-stream (super-res refusing what base finished) is `overloaded`, as the 503 of a
+    plain request is, not a generic server error; a model failure stays `model_error`."""
+    from ray.serve.exceptions import BackPressureError
+
+    from serve.streaming import stream_failure
+
+    assert stream_failure(BackPressureError(num_queued_requests=8, max_queued_requests=8)).code == "overloaded"
+    assert stream_failure(ValueError("bad tokens")).code == "model_error"
