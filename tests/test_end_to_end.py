@@ -44,8 +44,9 @@ def test_demo_loop_end_to_end(ray_session, tmp_path):
     assert len(tokens.column("tokens_lo")[0].as_py()) == lo_side**2
     base_cfg = checkpoint.read_component_config(checkpoint.component_uri(root, "base"))[1]
     assert base_cfg.tokens_per_side == lo_side
-    for stage in ("base", "superres"):
-        assert checkpoint.component_extra(checkpoint.component_uri(root, stage)).get("finished")
+    for stage, steps in (("base", 6), ("superres", 4)):  # exported by the runs, at their last step
+        extra = checkpoint.component_extra(checkpoint.component_uri(root, stage))
+        assert extra.get("finished") and extra["step"] == steps, extra
 
     # The report and the grid exist; the judge scored every prompt.
     saved = json.loads((out / "report.json").read_text())
@@ -60,8 +61,8 @@ def test_demo_loop_end_to_end(ray_session, tmp_path):
         ("bf16 autocast" if cpu_runs_bf16() else "fp32")
 
     # Served images come from the trained checkpoint: identical to this process's pipeline on the
-    # trained root, and different from the same root with its transformers at random weights (the
-    # same architectures, text encoder and tokenizers: only the training differs).
+    # trained root, and different from the same root with its transformers freshly initialised (the
+    # same architectures, text encoder and tokenizers), so not from an initialisation.
     assert report["served_matches_checkpoint"]["matches"], report["served_matches_checkpoint"]
     assert set(report["tokenizer_ceiling"]) == set(report["tokenizer_ceiling_held_out"]) == {"vqgan_lo", "vqgan_hi"}
     trained, untrained = MusePipeline.from_pretrained(root), MusePipeline.from_pretrained(root)
