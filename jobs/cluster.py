@@ -39,15 +39,47 @@ def cluster_address() -> str | None:
     return os.environ.get("RAY_ADDRESS") or read_ray_address() or None
 
 
-def cluster_may_grow() -> bool:
-    """Whether the joined Ray may get more nodes than it has now. RAY_ADDRESS (what `ray job submit`
-    sets) is taken to mean a cluster with an autoscaler; a local Ray, or a `ray start` cluster on this
-    node found without it, is taken as it is."""
-    return bool(os.environ.get("RAY_ADDRESS"))
-
-
 # Set by `ray job submit` in the driver's environment: the job's config, its runtime_env included.
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# "1" or "0": whether the autoscaler can add nodes, for a cluster whose autoscaler Ray does not record.
+GROWS_ENV = "MUSE_CLUSTER_GROWS"
+# Where `ray up` leaves the autoscaler's config on the head node (Ray Tune reads it the same way).
+RAY_UP_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+def cluster_may_grow() -> bool:
+    """Whether the joined Ray may get more nodes than it has now: MUSE_CLUSTER_GROWS where set; else
+    the autoscaler's node groups as Ray records them, against what is up; else whether this is the head
+    of a `ray up` cluster. Failing those, a RAY_ADDRESS the user set means a remote cluster with an
+    autoscaler, but not the one Ray's job supervisor sets for every submitted job: a job on a plain
+    `ray start` cluster, a local Ray, or a `ray start` cluster found on this node is taken as it is."""
+    said = os.environ.get(GROWS_ENV)
+    if said in ("0", "1"):
+        return said == "1"
+    most = _autoscaler_limits()
+    if most is not None:
+        import ray
+
+        have = ray.cluster_resources()
+        return any(amount > have.get(name, 0) for name, amount in most.items())
+    if os.path.exists(os.path.expanduser(RAY_UP_CONFIG)):
+        return True
+    return bool(os.environ.get("RAY_ADDRESS")) and JOB_CONFIG_ENV not in os.environ
+
+
+def _autoscaler_limits() -> dict[str, float] | None:
+    """The most of each resource the autoscaler's node groups can hold, as the cluster's GCS records
+    them (what Ray Train checks a worker group against); None where none is recorded."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config() or None
+    except Exception:  # noqa: BLE001 - a private API: without it, the checks below decide
+        return None
 
 
 def without_job_env_vars(env: dict[str, str] | None) -> dict[str, str]:

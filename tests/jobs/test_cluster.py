@@ -103,3 +103,19 @@ def test_job_packages_leave_the_data_behind():
         assert any(match(REPO / path) for match in excluded), path
     for path in ("jobs/all.py", "configs/train_632m.yaml", "muse/vqgan.py"):
         assert not any(match(REPO / path) for match in excluded), path
+
+
+def test_a_submitted_jobs_working_dir_carries_every_package_file_and_no_local_data():
+    """`ray job submit --working-dir .` drops what .gitignore and .rayignore match, as Ray reads them:
+    every file of the packages goes (an unanchored `data/` once dropped muse.data), local data does not."""
+    from ray._private.runtime_env.packaging import get_excludes_from_ignore_files
+
+    repo = Path(REPO)
+    excluded = get_excludes_from_ignore_files(repo, include_gitignore=True)
+    package_files = [p for package in ("muse", "jobs", "pipelines", "serve", "configs")
+                     for p in (repo / package).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert any(p.parts[-2] == "data" for p in package_files)  # muse/data is among them
+    dropped = [str(p.relative_to(repo)) for p in package_files if any(rule(p) for rule in excluded)]
+    assert dropped == []
+    for local in ("data/corpus/x.parquet", "roots/tiny/base/model.safetensors", "out/grid.png"):
+        assert any(rule(repo / local) for rule in excluded), local

@@ -246,3 +246,28 @@ def test_a_stop_during_one_stages_fit_reaches_our_handler():
     release.clear()
     threading.Timer(0.2, release.set).start()
     assert fit_off_the_main_thread(Trainer()) == "result"
+
+
+def test_whether_the_cluster_may_grow(monkeypatch, tmp_path):
+    """A submitted job's RAY_ADDRESS is Ray's own, not a sign of an autoscaler: a job on a plain
+    `ray start` cluster is refused what would wait for ever. The autoscaler's node groups as Ray
+    records them, a `ray up` head, or MUSE_CLUSTER_GROWS decide instead."""
+    monkeypatch.setattr(cluster, "RAY_UP_CONFIG", str(tmp_path / "ray_bootstrap_config.yaml"))
+    monkeypatch.setattr(cluster, "_autoscaler_limits", lambda: None)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    monkeypatch.delenv(cluster.GROWS_ENV, raising=False)
+    monkeypatch.delenv(cluster.JOB_CONFIG_ENV, raising=False)
+    assert cluster.cluster_may_grow()  # set by the user: a remote cluster with an autoscaler
+    monkeypatch.setenv(cluster.JOB_CONFIG_ENV, "{}")  # what the job supervisor sets beside it
+    assert not cluster.cluster_may_grow()
+    (tmp_path / "ray_bootstrap_config.yaml").write_text("max_workers: 4\n")
+    assert cluster.cluster_may_grow()  # the head of a `ray up` cluster
+    monkeypatch.setenv(cluster.GROWS_ENV, "0")
+    assert not cluster.cluster_may_grow()
+
+    monkeypatch.delenv(cluster.GROWS_ENV)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    monkeypatch.setattr(cluster, "_autoscaler_limits", lambda: {"CPU": 8.0, "GPU": 4.0})
+    assert cluster.cluster_may_grow()  # GPU nodes it can add
+    monkeypatch.setattr(cluster, "_autoscaler_limits", lambda: {"CPU": 8.0})
+    assert not cluster.cluster_may_grow()  # at its most already, whatever else says
