@@ -132,6 +132,15 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def in_job_package(path: str) -> bool:
+    """Whether a local path lies in a submitted job's working directory: Ray's unpacked copy of
+    `--working-dir` (a `_ray_pkg_<hash>` folder), where a relative path given to the job lands."""
+    cwd = os.getcwd()
+    if JOB_CONFIG_ENV not in os.environ or "_ray_pkg_" not in os.path.basename(cwd):
+        return False
+    return os.path.abspath(path).startswith(cwd.rstrip("/") + "/")
+
+
 # "1": local paths lie on a filesystem every node mounts at the same place (EFS, FSx, NFS).
 SHARED_FS_ENV = "MUSE_SHARED_FS"
 
@@ -150,6 +159,11 @@ def check_shared_paths(paths: dict[str, str | None]) -> None:
     from muse import storage
 
     local = {flag: path for flag, path in paths.items() if path and not storage.is_s3(path)}
+    in_package = {flag: path for flag, path in local.items() if in_job_package(path)}
+    if in_package:
+        named = ", ".join(f"{flag} {path}" for flag, path in in_package.items())
+        raise LocalPathRefused(f"{named} lies in this job's copy of its --working-dir, which Ray deletes once the "
+                               "job is done: give an absolute path on storage every node shares, or s3://")
     if not local or os.environ.get(SHARED_FS_ENV) == "1" or not ray.is_initialized():
         return
     named = ", ".join(f"{flag} {path}" for flag, path in local.items())

@@ -271,3 +271,17 @@ def test_whether_the_cluster_may_grow(monkeypatch, tmp_path):
     assert cluster.cluster_may_grow()  # GPU nodes it can add
     monkeypatch.setattr(cluster, "_autoscaler_limits", lambda: {"CPU": 8.0})
     assert not cluster.cluster_may_grow()  # at its most already, whatever else says
+
+
+def test_a_submitted_job_refuses_paths_inside_its_working_dir_copy(monkeypatch, tmp_path):
+    """`ray job submit --working-dir . -- muse tokenize --output tokens` would write into Ray's unpacked
+    copy of the working dir, deleted after the job: refused, naming the flag. Absolute paths pass."""
+    package = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    package.mkdir(parents=True)
+    monkeypatch.chdir(package)
+    monkeypatch.setenv(cluster.SHARED_FS_ENV, "1")  # the node count is not what is checked here
+    cluster.check_shared_paths({"--output": str(package / "tokens")})  # not a submitted job
+    monkeypatch.setenv(cluster.JOB_CONFIG_ENV, "{}")
+    with pytest.raises(cluster.LocalPathRefused, match=r"--output .*tokens lies in this job's copy of its --working-dir"):
+        cluster.check_shared_paths({"--output": str(package / "tokens"), "--input": "s3://bucket/corpus"})
+    cluster.check_shared_paths({"--output": str(tmp_path / "shared" / "tokens")})
