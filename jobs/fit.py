@@ -11,8 +11,10 @@ import os
 import threading
 from typing import Any
 
+from jobs import run_lock
 from jobs.loop import NO_FULL_BATCH, StageWorker, other_run_export, train_loop_per_worker, worker_path
-from jobs.preflight import ResumePoint, RunRefused, check_resume, check_rows, room_problem, run_identity
+from jobs.preflight import (ResumePoint, RunRefused, check_resume, check_root_weights, check_rows, room_problem,
+                            run_identity)
 from jobs.progress import quiet_ray_loggers, say, start_display
 from muse import storage
 
@@ -78,46 +80,52 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
     run, scaling = section.run, section.scaling
     storage_uri, name = run_location(job["root"], run, job["component"])
     folder = storage.join(storage_uri, name)
-    identity = run_identity(job)
-    resume = check_resume(folder, identity, job.get("stage", job["component"]))
-    if resume is not None:
-        _refuse_training_over_another_export(job, name, folder, resume, run.max_steps)
-        say(resume_line(name, resume, run.max_steps, job.get("stage", job["component"])))
-    cached = _materialized(dataset)
-    if rows is None and cached:
-        rows = dataset.count()  # from the blocks' metadata: nothing is read
-    check_rows(name, rows, run.batch_size, scaling.num_workers)
-    _check_room(name, scaling, streamed=not cached)  # streamed: Ray Data's read tasks need CPUs beside it
-    if storage.is_s3(storage_uri):
-        fs, path = storage.s3_filesystem(), storage_uri[len("s3://"):].rstrip("/")
-    else:
-        fs, path = None, storage.filesystem(storage_uri)[1]
-        os.makedirs(path, exist_ok=True)
-    job = dict(job, worker=worker_path(worker), section=to_dict(section), run_name=name, identity=identity,
-               cached_rows=dataset.count() if cached else None,  # an epoch's length, to resume mid-epoch
-               progress_board=start_display(), run_dir=folder,
-               samples_dir=job.get("samples_dir") or storage.join(job["root"], "samples", name))
-    trainer = _trainer_class()(
-        train_loop_per_worker,
-        train_loop_config=job,
-        scaling_config=ScalingConfig(num_workers=scaling.workers(), use_gpu=scaling.use_gpu,
-                                     resources_per_worker=scaling.resources_per_worker()),
-        run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=run.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints)),
-        datasets={"train": dataset},
-    )
-    marker = storage.join(folder, NO_FULL_BATCH)
-    storage.delete(marker)  # left by an earlier attempt at this run
-    if start_gate is not None:
-        start_gate.ready(name)
-    result = fit_off_the_main_thread(trainer)
-    if storage.exists(marker):
-        storage.delete(marker)
-        raise RunRefused(f"{name}: the data gives no full batch of {run.batch_size} per worker ({scaling.workers()} "
-                         "worker(s)) after the rejected images: use a smaller run.batch_size, fewer workers or "
-                         "more data")
-    return result
+    # Held until the run ends: a second driver on this folder would delete this one's checkpoints.
+    lock = run_lock.claim(folder, name, job.get("stage", job["component"]))
+    try:
+        check_root_weights(job["root"])
+        identity = run_identity(job)
+        resume = check_resume(folder, identity, job.get("stage", job["component"]))
+        if resume is not None:
+            _refuse_training_over_another_export(job, name, folder, resume, run.max_steps)
+            say(resume_line(name, resume, run.max_steps, job.get("stage", job["component"])))
+        cached = _materialized(dataset)
+        if rows is None and cached:
+            rows = dataset.count()  # from the blocks' metadata: nothing is read
+        check_rows(name, rows, run.batch_size, scaling.num_workers)
+        _check_room(name, scaling, streamed=not cached)  # streamed: Ray Data's read tasks need CPUs beside it
+        if storage.is_s3(storage_uri):
+            fs, path = storage.s3_filesystem(), storage_uri[len("s3://"):].rstrip("/")
+        else:
+            fs, path = None, storage.filesystem(storage_uri)[1]
+            os.makedirs(path, exist_ok=True)
+        job = dict(job, worker=worker_path(worker), section=to_dict(section), run_name=name, identity=identity,
+                   cached_rows=dataset.count() if cached else None,  # an epoch's length, to resume mid-epoch
+                   progress_board=start_display(), run_dir=folder,
+                   samples_dir=job.get("samples_dir") or storage.join(job["root"], "samples", name))
+        trainer = _trainer_class()(
+            train_loop_per_worker,
+            train_loop_config=job,
+            scaling_config=ScalingConfig(num_workers=scaling.workers(), use_gpu=scaling.use_gpu,
+                                         resources_per_worker=scaling.resources_per_worker()),
+            run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
+                                 failure_config=FailureConfig(max_failures=run.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints)),
+            datasets={"train": dataset},
+        )
+        marker = storage.join(folder, NO_FULL_BATCH)
+        storage.delete(marker)  # left by an earlier attempt at this run
+        if start_gate is not None:
+            start_gate.ready(name)
+        result = fit_off_the_main_thread(trainer)
+        if storage.exists(marker):
+            storage.delete(marker)
+            raise RunRefused(f"{name}: the data gives no full batch of {run.batch_size} per worker ({scaling.workers()} "
+                             "worker(s)) after the rejected images: use a smaller run.batch_size, fewer workers or "
+                             "more data")
+        return result
+    finally:
+        lock.release()
 
 
 class StopWithThreads(KeyboardInterrupt):

@@ -11,7 +11,8 @@ An exception on a worker makes Ray Train restart the whole worker group, up to r
 - one batch per worker, where the driver knows the row count (the token shards' manifest, or a
   dataset read into the object store);
 - a CPU left for Ray Data: trainers that hold every CPU of a cluster that cannot grow leave its read
-  tasks none, and the run waits forever without a word.
+  tasks none, and the run waits forever without a word;
+- the root's components: a weights file cut short or garbled fails every worker that loads it.
 """
 
 from __future__ import annotations
@@ -124,6 +125,20 @@ def check_resume(run_dir: str, identity: dict[str, str], section: str) -> Resume
     raise RunRefused(f"{run_dir} holds a run of another {' and '.join(_FIELDS[k] for k in differ)}: {what}. "
                      f"This run name would resume its checkpoint {uri}. Pass --set {section}.run.name=NEW to start "
                      f"a new run, or delete {run_dir}")
+
+
+def check_root_weights(root: str) -> None:
+    """Refuse a run on a model root holding a component whose weights are missing, cut short or garbled:
+    its workers load the root's components, and every attempt would fail on it."""
+    from muse import checkpoint
+
+    for name in checkpoint.COMPONENTS:
+        if checkpoint.has_component(root, name):
+            try:
+                checkpoint.check_weights(checkpoint.component_uri(root, name))
+            except checkpoint.CheckpointError as e:
+                raise RunRefused(f"{e}: the workers would fail on it at every attempt; write {name} again "
+                                 "(train its stage, `muse init`, or restore the file)") from None
 
 
 def check_rows(name: str, rows: int | None, batch_size: int, workers: int) -> None:

@@ -20,10 +20,12 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 import uuid
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
@@ -189,6 +191,41 @@ def save_reference(config: Any, uri: str) -> None:
     if KINDS[kind].role == "text_encoder":  # its caption ids then load without transformers
         write_tokenizer_json(config.name_or_path, uri)
     storage.write_text(storage.join(uri, CONFIG_FILE), json.dumps(meta, indent=2))  # last: whole or absent
+
+
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
+
+
+def check_weights(uri: str) -> None:
+    """Raise CheckpointError when the component at `uri` has no weights file, or one cut short or
+    garbled: its safetensors header, read alone, must parse and account for the file's size. Two small
+    reads, so a driver can check what its workers will load before they start, instead of each
+    attempt failing on it."""
+    meta = read_meta(uri)
+    if meta.get("reference"):
+        return
+    weights = storage.join(uri, WEIGHTS_FILE)
+    fs, path = storage.filesystem(weights)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise CheckpointError(f"no {WEIGHTS_FILE} in {uri}")
+    try:
+        with fs.open_input_file(path) as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > MAX_HEADER_BYTES:
+                raise ValueError(f"a header of {length:,} bytes")
+            end = None
+            if 8 + length <= info.size:
+                header = json.loads(f.read(length))
+                end = max((t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, struct.error) as e:
+        raise CheckpointError(f"{weights} is corrupt: {type(e).__name__}: {str(e)[:200]}") from None
+    if end is None:
+        raise CheckpointError(f"{weights} is cut short: its header alone is {length:,} bytes and the file holds "
+                              f"{info.size:,}")
+    if 8 + length + end != info.size:
+        raise CheckpointError(f"{weights} is cut short or corrupt: its header accounts for {8 + length + end:,} "
+                              f"bytes and the file holds {info.size:,}")
 
 
 def load_component(uri: str, device: str | torch.device = "cpu", expect_kind: str | None = None) -> nn.Module:

@@ -5,7 +5,7 @@ import torch
 
 from muse import storage
 from muse.checkpoint import (
-    COMPONENTS, CheckpointError, component_uri, has_component, init_model_root, load_component,
+    COMPONENTS, CheckpointError, check_weights, component_uri, has_component, init_model_root, load_component,
     read_component_config, save_component,
 )
 from muse.config import preset
@@ -54,6 +54,25 @@ def test_corrupt_weights_are_clear(tmp_path):
     (tmp_path / "base" / "model.safetensors").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(CheckpointError, match="corrupt"):
         load_component(str(tmp_path / "base"))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_weights_cut_short_or_garbled_are_found_from_their_header_alone(tmp_path, s3_bucket, where):
+    """check_weights: what a driver checks before its workers load a component (two small reads)."""
+    torch.manual_seed(0)
+    uri = str(tmp_path / "base") if where == "local" else f"{s3_bucket}/check/base"
+    save_component(MaskedTransformer(preset("base-tiny")), uri)
+    check_weights(uri)  # whole: passes
+    weights = storage.join(uri, "model.safetensors")
+    whole = storage.read_bytes(weights)
+    for damaged, said in ((whole[:-1], "cut short or corrupt"), (whole[:1000], "cut short: its header alone"),
+                          (b"\x00garbage" * 10, "corrupt"), (whole + b"x", "the file holds")):
+        storage.write_bytes(weights, damaged)
+        with pytest.raises(CheckpointError, match=said):
+            check_weights(uri)
+    storage.delete(weights)
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        check_weights(uri)
 
 
 def test_corrupt_and_mismatched_configs_are_clear(tmp_path):

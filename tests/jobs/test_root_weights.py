@@ -1,0 +1,26 @@
+"""A model root whose component is cut short would fail every worker that loads it, attempt after
+attempt (run.max_failures of them): the driver finds it first, from the files' headers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from jobs_helpers import tiny_config
+
+from jobs import fit
+from jobs.base import BaseWorker
+from jobs.preflight import RunRefused
+from muse.checkpoint import component_uri, init_model_root
+
+
+def test_fit_stage_refuses_a_root_with_a_component_cut_short_before_any_worker(tmp_path):
+    root = str(tmp_path / "root")
+    init_model_root("tiny", root, components=("text_encoder", "vqgan_lo", "base"))
+    weights = os.path.join(component_uri(root, "text_encoder"), "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(1000)
+    job = {"root": root, "component": "base", "stage": "base", "model_config": {}}
+    with pytest.raises(RunRefused, match=r"text_encoder/model.safetensors is cut short.*every attempt"):
+        fit.fit_stage(BaseWorker, tiny_config().base, job, dataset=None)
+    assert not [f for f in os.listdir(tmp_path / "root" / "runs" / "base") if f.startswith("_active")]  # lock let go
