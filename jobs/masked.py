@@ -291,7 +291,7 @@ def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, r
             say(warning)
     job = {"root": root, "component": stage, "stage": stage, "model_config": to_dict(model_cfg),
            "data_meta": info, "init_from": init_from, "model_kind": checkpoint.kind_of_config(model_cfg),
-           "preset": section.model}
+           "preset": section.model, "lora_rank": section.lora_rank}
     return [fit_stage(worker, section, job, dataset, rows=token_rows(data))]
 
 
