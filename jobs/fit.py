@@ -87,7 +87,7 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
         identity = run_identity(job)
         resume = check_resume(folder, identity, job.get("stage", job["component"]))
         if resume is not None:
-            _refuse_training_over_another_export(job, name, folder, resume, run.max_steps)
+            _refuse_training_over_another_export(job, name, folder, resume, run.max_steps, identity)
             say(resume_line(name, resume, run.max_steps, job.get("stage", job["component"])))
         cached = _materialized(dataset)
         if rows is None and cached:
@@ -162,23 +162,29 @@ def fit_off_the_main_thread(trainer) -> Any:
 
 
 def _refuse_training_over_another_export(job: dict, name: str, folder: str, resume: ResumePoint,
-                                         max_steps: int) -> None:
+                                         max_steps: int, identity: dict) -> None:
     """A run that continues the root's component (init_from) but resumes its own checkpoint trains on
-    from the checkpoint, not from the component: when another run wrote the component since (a LoRA
-    fine-tune under another name), the export at the end would replace that run's work with training
-    that never saw it. Refused, with the ways out. A finished run trains nothing and leaves it."""
+    from the checkpoint, not from the component. When another run wrote the component since (a LoRA
+    fine-tune under another name), or it was replaced (imported again, `muse import --force`), the
+    export at the end would replace those weights with training that never saw them. Refused, with the
+    ways out. A finished run trains nothing and leaves it; the run's own export is its to continue."""
     from muse import checkpoint
 
+    if not job.get("init_from") or resume.step is not None and resume.step >= max_steps:
+        return
+    section, component = job.get("stage", job["component"]), job["component"]
+    ways_out = (f"pass --set {section}.run.name=NEW to continue the root's {component} in a new run, or delete "
+                f"{folder} to drop this run's checkpoints")
     other = other_run_export(dict(job, run_name=name))
-    if other is None or job.get("init_from") != checkpoint.component_uri(job["root"], job["component"]):
-        return
-    if resume.step is not None and resume.step >= max_steps:
-        return
-    section = job.get("stage", job["component"])
-    raise RunRefused(f"[{name}] {job['root']}/{job['component']} holds run {other!r}'s export, but this run "
-                     f"resumes its own checkpoint ({resume.uri}, step {resume.step}) and would overwrite that export "
-                     f"with training that never saw it: pass --set {section}.run.name=NEW to continue the root's {job['component']} "
-                     f"in a new run, or delete {folder} to drop this run's checkpoints")
+    if other is not None and job["init_from"] == checkpoint.component_uri(job["root"], component):
+        raise RunRefused(f"[{name}] {job['root']}/{component} holds run {other!r}'s export, but this run "
+                         f"resumes its own checkpoint ({resume.uri}, step {resume.step}) and would overwrite that "
+                         f"export with training that never saw it: {ways_out}")
+    written_by = checkpoint.component_extra(job["init_from"]).get("run")
+    if resume.started_from and identity.get("init") != resume.started_from and written_by != name:
+        raise RunRefused(f"[{name}] {job['init_from']} holds other weights than this run started from (written "
+                         f"again or imported since), but the run resumes its own checkpoint ({resume.uri}, step "
+                         f"{resume.step}), which holds the old ones, and would export them over the new: {ways_out}")
 
 
 def resume_line(name: str, resume: ResumePoint, max_steps: int, section: str) -> str:

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from jobs.checkpointing import load_training_state, remove_orphaned_staging, save_sharded, staging_directory
 from jobs.common import EMA, peak_flops
@@ -112,7 +113,7 @@ def train_loop_per_worker(job: dict) -> None:
     attempt = _attempt_started(job)
     try:
         _train_loop(job, attempt)
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
         _post_failure(job, attempt, e)
         raise
 

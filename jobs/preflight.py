@@ -51,9 +51,17 @@ def model_hash(model_config: dict) -> str:
 
 
 def run_identity(job: dict) -> dict[str, str]:
-    """What a run's checkpoints belong to: the model root, the component and the architecture."""
-    return {"root": canonical_root(job["root"]), "component": job["component"],
-            "model": model_hash(job["model_config"])}
+    """What a run's checkpoints belong to: the model root, the component, the architecture and its
+    adapters; and ("init") which weights of the root's component the run started from, when it
+    continues one (`jobs.fit` compares that on resume, where the component may be the run's own export)."""
+    identity = {"root": canonical_root(job["root"]), "component": job["component"],
+                "model": model_hash(job["model_config"]),
+                "adapters": f"LoRA rank {job['lora_rank']}" if job.get("lora_rank") else "none"}
+    if job.get("init_from"):
+        from muse.components import component_version
+
+        identity["init"] = model_hash(component_version(job["init_from"]) or {})
+    return identity
 
 
 # Ray Train 2.60's record of a run's checkpoints, in its run folder: a run started again resumes the
@@ -68,6 +76,7 @@ class ResumePoint:
 
     uri: str
     step: int | None
+    started_from: str | None = None  # the identity's "init": which component weights the run began from
 
 
 def newest_checkpoint_state(run_dir: str) -> tuple[str, dict] | None:
@@ -102,7 +111,7 @@ def _recorded_latest(fs: pafs.FileSystem, path: str) -> str | None:
     return name if isinstance(name, str) and name.startswith("checkpoint_") and "/" not in name else None
 
 
-_FIELDS = {"root": "model root", "component": "component", "model": "architecture"}
+_FIELDS = {"root": "model root", "component": "component", "model": "architecture", "adapters": "adapters"}
 
 
 def check_resume(run_dir: str, identity: dict[str, str], section: str) -> ResumePoint | None:
@@ -113,10 +122,10 @@ def check_resume(run_dir: str, identity: dict[str, str], section: str) -> Resume
         return None
     uri, state = found
     saved = state.get(IDENTITY_KEY)
-    differ = [k for k in identity if k in saved and saved[k] != identity[k]] if saved else []
-    if not differ:  # (a checkpoint written before they named their run resumes as before)
+    differ = [k for k in _FIELDS if k in identity and k in (saved or {}) and saved[k] != identity[k]]
+    if not differ:  # (a checkpoint written before they named their run, or some of it, resumes as before)
         step = state.get("step")
-        return ResumePoint(uri, int(step) if isinstance(step, (int, float)) else None)
+        return ResumePoint(uri, int(step) if isinstance(step, (int, float)) else None, (saved or {}).get("init"))
 
     def shown(key: str, value: str) -> str:
         return f"config sha256 {value[:12]}" if key == "model" else value

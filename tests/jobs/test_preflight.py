@@ -446,8 +446,8 @@ def test_a_run_resuming_its_checkpoint_does_not_train_over_another_runs_export(t
         fit.fit_stage(BaseWorker, section, job, dataset=None)
     # Trained from a preset (no init_from), it replaces the component by design; finished, it trains nothing.
     resume = check_resume(os.path.join(root, "runs", "base"), run_identity(job), "base")
-    assert fit._refuse_training_over_another_export(job_for(root), "base", "runs", resume, 10) is None
-    assert fit._refuse_training_over_another_export(job, "base", "runs", resume, 2) is None
+    assert fit._refuse_training_over_another_export(job_for(root), "base", "runs", resume, 10, {}) is None
+    assert fit._refuse_training_over_another_export(job, "base", "runs", resume, 2, run_identity(job)) is None
 
 
 def test_a_finished_transformer_run_started_again_says_so_without_starting_ray(tmp_path, monkeypatch, capsys):

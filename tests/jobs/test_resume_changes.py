@@ -1,0 +1,48 @@
+"""A run resumed after what it trains changed under it: another LoRA rank, or the root's component
+replaced (imported again with --force). Either would fail on every attempt or quietly train on the old
+weights; both are refused before any worker starts."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from jobs_helpers import tiny_config
+from test_preflight import job_for, write_checkpoint
+
+from jobs import fit, loop
+from jobs.base import BaseWorker
+from jobs.preflight import RunRefused, check_resume, run_identity
+from muse import checkpoint
+
+CHECKPOINT = "checkpoint_2026-12-01_10-00-00.000001"  # step 2
+
+
+def test_another_lora_rank_is_refused_and_the_same_one_resumes(tmp_path):
+    root, run_dir = str(tmp_path / "root"), str(tmp_path / "root" / "runs" / "base_lora")
+    rank4 = job_for(root) | {"lora_rank": 4}
+    write_checkpoint(run_dir, CHECKPOINT, run_identity(rank4))
+    assert check_resume(run_dir, run_identity(rank4), "base").step == 2
+    with pytest.raises(RunRefused, match=r"another adapters: adapters LoRA rank 4 \(this run: LoRA rank 8\)"):
+        check_resume(run_dir, run_identity(job_for(root) | {"lora_rank": 8}), "base")
+
+
+def test_resuming_over_a_component_replaced_since_the_run_started_is_refused(tmp_path):
+    root = str(tmp_path / "root")
+    checkpoint.init_model_root("tiny", root, components=("base",), seed=0)
+    uri = checkpoint.component_uri(root, "base")
+    job = job_for(root) | {"init_from": uri}
+    run_dir = os.path.join(root, "runs", "base")
+    write_checkpoint(run_dir, CHECKPOINT, run_identity(job))  # the run began from this base
+    section = tiny_config("base.run.max_steps=10").base
+    resume = check_resume(run_dir, run_identity(job), "base")
+    assert fit._refuse_training_over_another_export(job, "base", run_dir, resume, 10, run_identity(job)) is None
+
+    checkpoint.init_model_root("tiny", root, components=("base",), seed=1)  # written again (an import --force)
+    with pytest.raises(RunRefused, match=r"holds other weights than this run started from .* step 2"):
+        fit.fit_stage(BaseWorker, section, job, dataset=None)
+    # The run's own export since (a finished run given more steps) is its own to continue.
+    model = checkpoint.load_component(uri)
+    checkpoint.save_component(model, uri, extra=loop.finished_extra("base", 2, {"run_name": "base"}))
+    resume = check_resume(run_dir, run_identity(job), "base")
+    assert fit._refuse_training_over_another_export(job, "base", run_dir, resume, 10, run_identity(job)) is None
