@@ -62,6 +62,11 @@ class LoRALinear(nn.Module):
         return out
 
 
+def _attention(module: nn.Module) -> bool:
+    """An attention block: it projects queries (`q`, or `qkv` fused)."""
+    return any(isinstance(getattr(module, name, None), (nn.Linear, LoRALinear)) for name in ("q", "qkv"))
+
+
 def add_lora(model: nn.Module, rank: int, alpha: float | None = None,
              targets: tuple[str, ...] = DEFAULT_TARGETS) -> list[str]:
     """Wrap every `nn.Linear` whose attribute name is in `targets` and freeze everything else.
@@ -72,6 +77,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None,
         p.requires_grad_(False)
     wrapped = []
     for name, module in list(model.named_modules()):
+        if not _attention(module):  # a feed-forward's `out` (the U-ViT's) is not a target
+            continue
         for child_name, child in list(module.named_children()):
             if child_name in targets and type(child) is nn.Linear:
                 setattr(module, child_name, LoRALinear(child, rank, float(alpha or rank)))

@@ -82,7 +82,8 @@ def test_lora_on_the_amused_uvit():
     with torch.no_grad():
         reference = model(ids, model.encode_context(text, mask))
     wrapped = add_lora(model, rank=2)
-    assert any(".q" in n for n in wrapped)
+    assert any(n.endswith(".attn.q") for n in wrapped) and any(n.endswith(".cross.out") for n in wrapped)
+    assert not [n for n in wrapped if ".ff." in n], wrapped  # attention projections only, as documented
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):
