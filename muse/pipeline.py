@@ -101,6 +101,10 @@ class MusePipeline:
         """Move every component (and cast the transformers and VQGANs to `dtype`). The text encoder
         takes the precision its config names for the device, as `from_pretrained(device=...)` gives
         it (T5's "auto": bfloat16 on a GPU); a stage casts its embeddings when it reads them."""
+        from muse.vq import VQModel
+
+        if dtype == torch.float16 and any(isinstance(getattr(self, n), VQModel) for n in ("vqgan_lo", "vqgan_hi")):
+            raise ValueError("aMUSEd's VQ tokenizer overflows in float16: use bfloat16 or float32")
         for name in checkpoint.COMPONENTS:
             model = getattr(self, name)
             if model is None:

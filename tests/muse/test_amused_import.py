@@ -184,6 +184,8 @@ def test_pipeline_generates_at_the_released_size(imported, tmp_path):
     first = ours(["a red circle"], steps=3, guidance_scale=3.0, seed=0, superres=False, output="tokens")
     again = ours(["a red circle"], steps=3, guidance_scale=3.0, seed=0, superres=False, output="tokens")
     assert torch.equal(first, again) and first.shape == (1, res // 16, res // 16)
+    with pytest.raises(ValueError, match="overflows in float16: use bfloat16 or float32"):
+        MusePipeline.from_pretrained(root).to(dtype=torch.float16)
     if arch == "amused-256":
         from muse.generate_cli import main as generate_main
 
