@@ -116,7 +116,7 @@ def replace_stale_tokens(tokens: str, root: str, owned: bool) -> None:
     """Token shards made by tokenizers the root has retrained since would be refused by the resuming
     tokenization (and learnt as the wrong codes): `train all`'s own ROOT/tokens is made again; a
     --tokens folder of the user's is not deleted, but refused with the way out."""
-    from jobs.masked import _tokenize_spec, retrained_tokenizers
+    from jobs.root_fit import _tokenize_spec, retrained_tokenizers
 
     changed = retrained_tokenizers(root, _tokenize_spec(tokens)) if storage.exists(tokens) else []
     if not changed:

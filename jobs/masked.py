@@ -21,8 +21,6 @@ jobs.config), and makes the token dataset; base and super-res differ only in `hi
 from __future__ import annotations
 
 import argparse
-import json
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -36,15 +34,17 @@ from jobs.loop import StageWorker, finished_extra
 from jobs.parallel import WorkerEnv, transformer_fsdp_units, wrap
 from jobs.preflight import RunRefused
 from jobs.progress import say
+from jobs.root_fit import _ids_difference, _tokenize_spec, foreign_tokens_problem, stale_tokens_warning, transformer_config
 from jobs.stage import named_run
 from pipelines.job_spec import text_ids_mismatch
 from muse import checkpoint, storage
-from muse.config import VQGANConfig, from_dict, preset, to_dict
+from muse.components import family_of_config
+from muse.config import from_dict, preset, to_dict
 from muse.lora import add_lora, merge_lora
 from muse.losses import masked_token_accuracy, masked_token_loss
 from muse.masking import mask_tokens, sample_mask_rates
 from muse.meta import meta_device
-from muse.code_vectors import pixel_code_dim, pixel_code_vectors
+from muse.code_vectors import pixel_code_vectors
 
 
 class TrainWrapper(nn.Module):
@@ -270,13 +270,24 @@ def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, r
         raise RunRefused(f"the token shards hold text ids but the model root {root} has no text_encoder/ to "
                          "encode them (write one with `muse init` or train with `muse train all`)")
     made_by = _tokenize_spec(data)
-    mismatch = text_ids_mismatch(made_by, checkpoint.component_uri(root, "text_encoder"))
+    text_uri = checkpoint.component_uri(root, "text_encoder")
+    mismatch = text_ids_mismatch(made_by, text_uri)
     if mismatch:
         raise RunRefused(f"the token shards under {data} hold caption ids of another tokenizer than the model root's "
-                         f"text encoder ({mismatch}): the model would learn other words than its prompts give; "
-                         "tokenize the corpus with this root (a new --output)")
-    model_cfg, init_from = transformer_config(stage, section.model, root, data, info)
+                         f"text encoder ({_ids_difference(made_by, text_uri, mismatch)}): the model would learn "
+                         "other words than its prompts give; tokenize the corpus with this root (a new --output)")
+    foreign = foreign_tokens_problem(stage, root, data, made_by)
+    if foreign:
+        raise RunRefused(foreign)
     uri = checkpoint.component_uri(root, stage)
+    if section.lora_rank and (not checkpoint.has_component(root, stage) or section.model is not None and
+                              family_of_config(preset(section.model))
+                              != family_of_config(checkpoint.read_component_config(uri)[1])):
+        # Nothing to adapt, or a preset of another family, which is never the root's architecture.
+        raise RunRefused(lora_problem(stage, root, section.model))
+    # What the choice of architecture says is printed once nothing below refuses the run.
+    notes: list[str] = []
+    model_cfg, init_from = transformer_config(stage, section.model, root, data, info, notes=notes)
     if (section.lora_rank and init_from is None and section.model is not None and checkpoint.has_component(root, stage)
             and checkpoint.read_component_config(uri)[1] == model_cfg):
         init_from = uri  # the preset (a config's default) names the root's own architecture: adapt that
@@ -285,7 +296,7 @@ def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, r
     storage_uri, name = run_location(root, section.run, stage)
     seed = data_order_seed(section.run.seed, storage.join(storage_uri, name))
     dataset, info = token_dataset(data, hi=stage == "superres", cache=section.run.cache_data, shuffle_seed=seed)
-    for warning in (label_smoothing_warning(stage, model_cfg, section.label_smoothing),
+    for warning in (*notes, label_smoothing_warning(stage, model_cfg, section.label_smoothing),
                     stale_tokens_warning(stage, root, made_by)):
         if warning:
             say(warning)
@@ -337,114 +348,3 @@ def model_arg(stage: str):
         parser.add_argument("--lora-rank", type=int, help=f"fine-tune the root's {stage} through rank-r LoRA "
                                                           "adapters, its weights frozen (exported merged)")
     return add
-
-
-def retrained_tokenizers(root: str, spec: dict) -> list[str]:
-    """The root's tokenizers that are not the ones that made the token shards of job spec `spec` (trained
-    again since): their codes would be read differently."""
-    from muse.components import token_version
-
-    made_with = spec.get("weights") or {}
-    return [name for name in ("vqgan_lo", "vqgan_hi") if made_with.get(name) is not None
-            and checkpoint.has_component(root, name)
-            and token_version(checkpoint.component_uri(root, name)) != made_with[name]]
-
-
-def stale_tokens_warning(stage: str, root: str, spec: dict) -> str | None:
-    """A console warning when the root's tokenizers are not the ones that made the token shards (trained
-    again since): the transformer would learn codes its root's VQGAN decodes differently."""
-    changed = retrained_tokenizers(root, spec)
-    if not changed:
-        return None
-    return (f"[{stage}] warning: the model root's {' and '.join(changed)} changed since these tokens were made "
-            "(trained again): re-tokenize into a new --output, or the model learns codes its VQGAN no longer draws")
-
-
-def _component_config(root: str, name: str) -> dict | None:
-    if not checkpoint.has_component(root, name):
-        return None
-    return to_dict(checkpoint.read_component_config(checkpoint.component_uri(root, name))[1])
-
-
-def _tokenize_spec(data: str) -> dict:
-    """What produced the token shards (`_job.json` of pipelines.tokenize), or {}."""
-    from pipelines.shards import JOB_FILE
-
-    path = storage.join(data, JOB_FILE)
-    return json.loads(storage.read_text(path)) if storage.exists(path) else {}
-
-
-def _code_dim(cfg, field: str, tokenizer: dict | None) -> dict:
-    """A preset that reads codes through code vectors takes their width from the tokenizer: its
-    codebook's width, or for "pixels" that of `pixel_code_vectors` ((in_channels + 1) * f * f)."""
-    if not getattr(cfg, field) or not tokenizer:
-        return {}
-    if cfg.code_vectors == "pixels":
-        try:
-            return {field: pixel_code_dim(from_dict(VQGANConfig, tokenizer))}
-        except ValueError as e:
-            raise ValueError(f"{field}: the preset reads codes as the patches they decode to (code_vectors "
-                             f"pixels): {e}") from None
-    if not tokenizer.get("codebook_dim"):
-        raise ValueError(f"{field}: the preset reads codes through its tokenizer's code vectors, but that "
-                         f"tokenizer's config names no codebook_dim")
-    return {field: int(tokenizer["codebook_dim"])}
-
-
-def token_model_config(name: str, root: str, data: str, info: dict, superres: bool, quiet: bool = False):
-    """The transformer preset `name`, with codebook sizes, token grids and text width taken from the
-    token shards (and the tokenizers that made them, else the root's), so model and data agree."""
-    cfg = preset(name)
-    spec = _tokenize_spec(data)
-    lo = spec.get("vqgan_lo") or _component_config(root, "vqgan_lo")
-    hi = spec.get("vqgan_hi") or _component_config(root, "vqgan_hi")
-    text = _component_config(root, "text_encoder")
-    changes: dict[str, Any] = {}
-    text_dim = info.get("text_dim") or (text or {}).get("d_model")
-    if text_dim:
-        changes["text_dim"] = int(text_dim)
-    if superres:
-        changes |= {"lo_tokens_per_side": info["tokens_lo_side"], "hi_tokens_per_side": info["tokens_hi_side"]}
-        changes |= {"lo_codebook_size": lo["codebook_size"]} if lo else {}
-        changes |= {"hi_codebook_size": hi["codebook_size"]} if hi else {}
-        changes |= _code_dim(cfg, "lo_code_dim", lo) | _code_dim(cfg, "code_dim", hi)
-    else:
-        changes["tokens_per_side"] = info["tokens_lo_side"]
-        changes |= {"codebook_size": lo["codebook_size"]} if lo else {}
-        changes |= _code_dim(cfg, "code_dim", lo)
-    adapted = replace(cfg, **changes)
-    diff = {k: v for k, v in changes.items() if getattr(cfg, k) != v}
-    if diff and not quiet:
-        say(f"[{'superres' if superres else 'base'}] preset {name} adapted to the data: {diff}")
-    return adapted
-
-
-def transformer_config(stage: str, model: str | None, root: str, data: str, info: dict):
-    """(model config, component URI to start from or None). The root decides: without an explicit
-    preset, a root that already holds the stage's component is continued in that architecture from its
-    weights, and a mismatch with the tokens is refused; an empty root gets the paper's preset. An
-    explicit preset is trained from scratch and replaces what the root holds, said out loud."""
-    superres = stage == "superres"
-    uri = checkpoint.component_uri(root, stage)
-    existing = checkpoint.read_component_config(uri)[1] if checkpoint.has_component(root, stage) else None
-    if model is None and existing is not None:
-        cfg = existing
-        wanted = token_model_config(PAPER_PRESETS[stage], root, data, info, superres=superres, quiet=True)
-        fields = (("lo_tokens_per_side", "hi_tokens_per_side", "lo_codebook_size", "hi_codebook_size")
-                  if superres else ("tokens_per_side", "codebook_size")) + ("text_dim",)
-        diff = {f: (getattr(cfg, f), getattr(wanted, f)) for f in fields if getattr(cfg, f) != getattr(wanted, f)}
-        if diff:
-            raise RunRefused(
-                f"the model root's {stage} does not fit these tokens (root vs data: {diff}); give "
-                f"--model PRESET (or {stage}.model in the config) to train a new {stage} that replaces it")
-        say(f"[{stage}] continues the model root's {stage} ({_describe(cfg)}) from its weights")
-        return cfg, uri
-    cfg = token_model_config(model or PAPER_PRESETS[stage], root, data, info, superres=superres)
-    if existing is not None and existing != cfg:
-        say(f"[{stage}] trains {model} ({_describe(cfg)}) from scratch; it replaces the root's {stage} when done")
-    return cfg, None
-
-
-def _describe(cfg) -> str:
-    layers = getattr(cfg, "layers", None) or getattr(cfg, "hi_layers", None)
-    return f"{layers} layers, hidden {cfg.hidden}"

@@ -404,8 +404,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="muse tokenize",
         description="Tokenize an image-caption corpus (Parquet, image folder or WebDataset; local, "
-                    "file:// or s3://) into Parquet token shards with Ray Data: VQGAN ids for each "
-                    "image and T5 ids (or embeddings) for each caption. Killed and run again with the "
+                    "file:// or s3://) into Parquet token shards with Ray Data: the image tokenizer's ids "
+                    "for each image and the text encoder's token ids (or embeddings) for each caption. "
+                    "Killed and run again with the "
                     "same arguments, it finishes the remaining parts and never duplicates a sample.",
         epilog="example: muse tokenize --input data/corpus --output data/tokens --checkpoint ROOT --config configs/tokenize-local.yaml",
     )

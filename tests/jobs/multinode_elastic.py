@@ -48,7 +48,7 @@ def run(cluster, workers: list, root: str, tokens: str, local_path: str) -> dict
         out["refused"] = str(refused)
     cfg = load_config("configs/train_tiny.yaml", [
         "base.scaling.num_workers=2", "base.scaling.min_workers=1", "base.scaling.cpus_per_worker=1",
-        "base.run.max_steps=16", "base.run.checkpoint_every=2", "base.run.batch_size=4", "base.run.log_every=2",
+        "base.run.max_steps=24", "base.run.checkpoint_every=2", "base.run.batch_size=4", "base.run.log_every=2",
         "base.run.sample_every=0", "base.run.max_failures=2", "base.run.cache_data=true", "base.model=null",
         "base.optim.warmup_steps=1"])
     times = {"start": time.time()}
@@ -57,8 +57,10 @@ def run(cluster, workers: list, root: str, tokens: str, local_path: str) -> dict
         registered = storage.join(root, "runs", "base", RAY_TRAIN_SNAPSHOT)  # written once a checkpoint counts
         while not storage.exists(registered):
             time.sleep(0.2)
-        node_id = next(a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
-                                                               ("state", "=", "ALIVE")]))
+        alive = []
+        while not alive:  # between attempts no worker is up: look again
+            alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        node_id = alive[0].node_id
         times["kill"] = time.time()
         cluster.remove_node(next(n for n in workers if n.node_id == node_id), allow_graceful=False)
         out["killed"].append(node_id)

@@ -8,7 +8,7 @@ import torch
 from jobs_helpers import tiny_config
 from test_recipes import make_worker, numpy_batch, token_table
 
-from jobs.masked import transformer_config
+from jobs.root_fit import transformer_config
 from muse import checkpoint
 from muse.lora import LoRALinear
 

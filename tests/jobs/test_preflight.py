@@ -289,7 +289,7 @@ def test_the_vqgan_stage_continues_the_roots_tokenizer_unless_a_preset_is_named(
 def test_token_shards_remember_their_tokenizers_weights_and_training_warns_when_the_root_moved_on(tmp_path):
     """Tokens made before the root's VQGAN was trained again: tokenize refuses to resume into them
     (weights in its job spec), and a transformer stage reading them says so."""
-    from jobs.masked import stale_tokens_warning
+    from jobs.root_fit import stale_tokens_warning
     from muse import checkpoint
     from muse.components import component_version
     from pipelines.tokenize import Models, job_spec

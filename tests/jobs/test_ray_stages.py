@@ -90,7 +90,7 @@ def test_decoder_stage_widens_and_keeps_the_tokens(ray_session, tiny_data, tmp_p
     assert wide.decode(wide.encode(images)).shape == (2, 3, 64, 64)
     # So the tokens made before the fine-tune are still this root's: no staleness warning, and a
     # tokenize run into the same output with the fine-tuned root resumes (no tokenizer difference).
-    from jobs.masked import stale_tokens_warning
+    from jobs.root_fit import stale_tokens_warning
     from pipelines.config import TokenizeConfig
     from pipelines.job_spec import job_spec, spec_differences
     from pipelines.tokenize import resolve_models

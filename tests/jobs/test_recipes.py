@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from jobs import stages
-from jobs.masked import drop_text, token_model_config
+from jobs.masked import drop_text
+from jobs.root_fit import token_model_config
 from jobs.parallel import WorkerEnv
 from muse.config import preset, to_dict
 from pipelines.shards import load_token_shards
@@ -102,7 +103,7 @@ def test_superres_loss_falls(tiny_data):
 def test_fresh_transformers_take_the_code_vectors_of_the_roots_tokenizers(tiny_data, tmp_path):
     from dataclasses import replace
 
-    from jobs.masked import _code_dim
+    from jobs.root_fit import _code_dim
     from muse import checkpoint
 
     info = {"tokens_lo_side": 8, "tokens_hi_side": 16, "text_storage": "ids", "text_dim": 64}
@@ -134,7 +135,7 @@ def test_fresh_transformers_take_the_code_vectors_of_the_roots_tokenizers(tiny_d
 def test_demo_presets_read_codes_as_the_patches_the_roots_tokenizers_draw(tiny_data):
     from dataclasses import replace
 
-    from jobs.masked import _code_dim
+    from jobs.root_fit import _code_dim
     from muse import checkpoint
     from muse.code_vectors import pixel_code_vectors
 

@@ -1,11 +1,11 @@
-"""Which architecture a transformer stage trains (`jobs.masked.transformer_config`): the root's own
+"""Which architecture a transformer stage trains (`jobs.root_fit.transformer_config`): the root's own
 component unless a preset is asked for; a mismatch with the tokens is refused. No Ray needed."""
 
 from __future__ import annotations
 
 import pytest
 
-from jobs.masked import transformer_config
+from jobs.root_fit import transformer_config
 from muse import checkpoint
 from muse.config import preset
 

@@ -403,7 +403,7 @@ def test_base_stage_fine_tunes_the_imported_uvit_with_lora(imported):
     """`muse train base --lora-rank r` on an imported root: the worker adapts the U-ViT from shard-style
     rows (VQ ids, CLIP ids trimmed to their length), only the adapters move, the export is merged."""
     from jobs.config import load_config
-    from jobs.masked import transformer_config
+    from jobs.root_fit import transformer_config
     from jobs.parallel import WorkerEnv
     from jobs.stages import get as stage
     from muse import checkpoint
