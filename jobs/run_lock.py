@@ -44,6 +44,8 @@ CLAIM_WAIT_LOCAL = 0.5  # covers another claim's write (fsync, rename) in flight
 CLAIM_WAIT_S3 = 2.0  # and on S3 a PUT in flight plus LastModified's whole seconds
 
 log = logging.getLogger(__name__)
+_held: set[RunLock] = set()  # this process's locks, for `release_all` on a stop that leaves threads behind
+_held_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ class RunLock:
     def release(self) -> None:
         """Stop beating and delete our claim (only ours: another driver's claim has its own name).
         Never raises: a claim left behind ages out, and must not hide how the run ended."""
+        with _held_lock:
+            _held.discard(self)
         self._stop.set()
         try:
             with self._mutex:
@@ -138,8 +142,19 @@ def claim(folder: str, name: str, section: str, *, interval: float = HEARTBEAT_S
     except BaseException:
         lock.release()  # a refused or interrupted claim leaves nothing behind
         raise
+    with _held_lock:
+        _held.add(lock)
     lock.start()
     return lock
+
+
+def release_all() -> None:
+    """Release every lock this process holds: `train all` stopped while its trainers run in threads
+    exits without them reaching their own release."""
+    with _held_lock:
+        held = list(_held)
+    for lock in held:
+        lock.release()
 
 
 def _claims(folder: str) -> list[Claim]:

@@ -172,9 +172,12 @@ def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
         if isinstance(stop, StopWithThreads):
             import ray
 
+            from jobs import run_lock
+
             sys.stderr.write(line)
             sys.stderr.flush()
             try:
+                run_lock.release_all()  # the trainers' threads never reach their own release
                 ray.shutdown()
             finally:
                 os._exit(130)

@@ -131,6 +131,16 @@ def test_release_leaves_no_file_and_deletes_only_its_own_claim(where):
     assert claims(folder) == [run_lock.PREFIX + "f" * 32 + run_lock.SUFFIX]
 
 
+def test_a_stop_that_leaves_trainer_threads_behind_releases_every_lock_held(tmp_path):
+    """`train all` stopped mid-run exits without its threads: their locks go with it, not after 3 min."""
+    base, superres = str(tmp_path / "runs" / "base"), str(tmp_path / "runs" / "superres")
+    held = [run_lock.claim(folder, name, name, claim_wait=QUICK) for folder, name in ((base, "base"),
+                                                                                     (superres, "superres"))]
+    run_lock.release_all()
+    assert claims(base) == claims(superres) == [] and all(lock._stop.is_set() for lock in held)
+    run_lock.release_all()  # nothing left: nothing to do
+
+
 def test_the_holder_refreshes_its_heartbeat_until_released(where, capsys):
     folder = storage.join(where, "base")
     lock = run_lock.claim(folder, "base", "base", interval=0.2, claim_wait=QUICK)
