@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 from jobs import run_lock
-from jobs.loop import NO_FULL_BATCH, StageWorker, other_run_export, train_loop_per_worker, worker_path
+from jobs.loop import NO_FULL_BATCH, StageWorker, train_loop_per_worker, worker_path
 from jobs.preflight import (ResumePoint, RunRefused, check_resume, check_root_weights, check_rows, room_problem,
                             run_identity)
 from jobs.progress import quiet_ray_loggers, say, start_display
@@ -80,15 +80,16 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
     run, scaling = section.run, section.scaling
     storage_uri, name = run_location(job["root"], run, job["component"])
     folder = storage.join(storage_uri, name)
+    stage = job.get("stage", job["component"])  # the config section: what --set names
     # Held until the run ends: a second driver on this folder would delete this one's checkpoints.
-    lock = run_lock.claim(folder, name, job.get("stage", job["component"]))
+    lock = run_lock.claim(folder, name, stage)
     try:
         check_root_weights(job["root"])
         identity = run_identity(job)
-        resume = check_resume(folder, identity, job.get("stage", job["component"]))
+        resume = check_resume(folder, identity, stage)
         if resume is not None:
             _refuse_training_over_another_export(job, name, folder, resume, run.max_steps, identity)
-            say(resume_line(name, resume, run.max_steps, job.get("stage", job["component"])))
+            say(resume_line(name, resume, run.max_steps, stage))
         cached = _materialized(dataset)
         if rows is None and cached:
             rows = dataset.count()  # from the blocks' metadata: nothing is read
@@ -172,16 +173,17 @@ def _refuse_training_over_another_export(job: dict, name: str, folder: str, resu
 
     if not job.get("init_from") or resume.step is not None and resume.step >= max_steps:
         return
+    written_by = checkpoint.component_extra(job["init_from"]).get("run")
+    if written_by == name:
+        return
     section, component = job.get("stage", job["component"]), job["component"]
     ways_out = (f"pass --set {section}.run.name=NEW to continue the root's {component} in a new run, or delete "
                 f"{folder} to drop this run's checkpoints")
-    other = other_run_export(dict(job, run_name=name))
-    if other is not None and job["init_from"] == checkpoint.component_uri(job["root"], component):
-        raise RunRefused(f"[{name}] {job['root']}/{component} holds run {other!r}'s export, but this run "
+    if written_by and job["init_from"] == checkpoint.component_uri(job["root"], component):
+        raise RunRefused(f"[{name}] {job['root']}/{component} holds run {written_by!r}'s export, but this run "
                          f"resumes its own checkpoint ({resume.uri}, step {resume.step}) and would overwrite that "
                          f"export with training that never saw it: {ways_out}")
-    written_by = checkpoint.component_extra(job["init_from"]).get("run")
-    if resume.started_from and identity.get("init") != resume.started_from and written_by != name:
+    if resume.started_from and identity.get("init") != resume.started_from:
         raise RunRefused(f"[{name}] {job['init_from']} holds other weights than this run started from (written "
                          f"again or imported since), but the run resumes its own checkpoint ({resume.uri}, step "
                          f"{resume.step}), which holds the old ones, and would export them over the new: {ways_out}")

@@ -36,6 +36,7 @@ import pyarrow.fs as pafs
 from jobs.preflight import RunRefused
 from jobs.progress import say
 from muse import storage
+from pipelines.manifest import as_utc, driver_gone
 
 PREFIX, SUFFIX = "_active-", ".json"  # a claim in the run folder: PREFIX + token + SUFFIX
 HEARTBEAT_SECONDS = 30.0  # how often the holder rewrites its claim
@@ -127,7 +128,7 @@ def claim(folder: str, name: str, section: str, *, interval: float = HEARTBEAT_S
             if c.token == lock.token:
                 continue
             age = (mine.mtime - c.mtime).total_seconds()
-            if age >= stale or _dead_here(c.who):
+            if age >= stale or driver_gone(c.who):
                 _take_over(c, folder, name, age)
             elif winner is None and (c.who.get("state") == "held" or (c.mtime, c.token) < (mine.mtime, mine.token)):
                 winner = (c, age)
@@ -172,15 +173,14 @@ def _claims(folder: str) -> list[Claim]:
             continue
         except (OSError, ValueError):
             who = {}
-        mtime = info.mtime if info.mtime is not None else datetime.now(timezone.utc)
+        mtime = as_utc(info.mtime) if info.mtime is not None else datetime.now(timezone.utc)
         token = info.base_name[len(PREFIX):-len(SUFFIX)]
-        found.append(Claim(token, uri, mtime if mtime.tzinfo else mtime.replace(tzinfo=timezone.utc),
-                           who if isinstance(who, dict) else {}))
+        found.append(Claim(token, uri, mtime, who if isinstance(who, dict) else {}))
     return found
 
 
 def _take_over(c: Claim, folder: str, name: str, age: float) -> None:
-    why = (f"its heartbeat is {age:.0f}s old" if not _dead_here(c.who)
+    why = (f"its heartbeat is {age:.0f}s old" if not driver_gone(c.who)
            else "its process is gone from this host")
     say(f"[{name}] taking over {folder} from a driver taken for dead (host {c.who.get('host', '?')}, "
         f"pid {c.who.get('pid', '?')}: {why})")
@@ -188,17 +188,3 @@ def _take_over(c: Claim, folder: str, name: str, age: float) -> None:
         storage.delete(c.uri)
     except FileNotFoundError:
         pass  # another driver took it over too: the claims decide between us
-
-
-def _dead_here(who: dict) -> bool:
-    """A driver on this host whose process is gone (a Ctrl-C'd or killed one): no need to wait it out."""
-    pid = who.get("pid")
-    if who.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass  # someone else's process, alive
-    return False

@@ -123,8 +123,10 @@ def run(command: str, args: argparse.Namespace) -> list[str]:
     if not superres and (args.superres_steps is not None or args.superres_top_k is not None):
         skipped = "--no-superres skips it" if args.no_superres else f"{args.checkpoint or args.preset} has none"
         raise ValueError(f"--superres-steps and --superres-top-k set the super-res stage, and {skipped}: drop them")
-    common = dict(negative_prompt=args.negative_prompt, superres_steps=args.superres_steps or 8,
-                  guidance_scale=args.guidance, seed=args.seed, superres=superres, superres_top_k=args.superres_top_k)
+    common = dict(negative_prompt=args.negative_prompt, guidance_scale=args.guidance, seed=args.seed,
+                  superres=superres, superres_top_k=args.superres_top_k)
+    if args.superres_steps is not None:  # else the pipeline's default
+        common["superres_steps"] = args.superres_steps
     if command == "generate":
         draw = functools.partial(pipe, args.prompt, steps=args.steps, **common)
     elif command == "inpaint":

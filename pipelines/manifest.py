@@ -356,10 +356,10 @@ def _live_runs(fs: pafs.FileSystem, runs: list[str], own: str | None, fresh: flo
     those whose driver is known dead: on this host, a process that is gone."""
     infos = fs.get_file_info([f"{r}/{HEARTBEAT}" for r in runs] + ([own] if own else []))
     mine = infos.pop() if own else None
-    now = _utc(mine.mtime) if mine is not None and mine.mtime is not None else datetime.now(timezone.utc)
+    now = as_utc(mine.mtime) if mine is not None and mine.mtime is not None else datetime.now(timezone.utc)
     live = {}
     for r, info in zip(runs, infos):
-        if info.type != pafs.FileType.File or (age := (now - _utc(info.mtime)).total_seconds()) >= fresh:
+        if info.type != pafs.FileType.File or (age := (now - as_utc(info.mtime)).total_seconds()) >= fresh:
             continue
         try:
             with fs.open_input_stream(info.path) as f:
@@ -368,26 +368,30 @@ def _live_runs(fs: pafs.FileSystem, runs: list[str], own: str | None, fresh: flo
             continue  # that run has just ended
         except (OSError, ValueError):
             who = {}
-        if who.get("host") == socket.gethostname() and not _alive(who.get("pid")):
+        if driver_gone(who):
             continue
         live[r] = (age, f"host {who.get('host', '?')}, pid {who.get('pid', '?')}")
     return live
 
 
-def _utc(t: datetime) -> datetime:
+def as_utc(t: datetime) -> datetime:
+    """A store's file time as an aware UTC time (local files give naive ones)."""
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return True  # unknown: assume the worst
+def driver_gone(who: dict) -> bool:
+    """Whether the driver a heartbeat names ({"host", "pid"}) ran on this host and its process is gone:
+    its heartbeat need not be waited out. Tokenize's runs and the training run lock read it."""
+    pid = who.get("pid")
+    if who.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False  # elsewhere, or unknown: assume the worst
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
+        return True
     except PermissionError:
         pass  # someone else's process, but alive
-    return True
+    return False
 
 
 def mark_clean(out: str, run: str) -> None:
