@@ -14,6 +14,10 @@ the claims in the folder:
 - otherwise ours is rewritten as held, and a daemon thread rewrites it every HEARTBEAT_SECONDS until
   `RunLock.release` deletes it. A killed driver leaves it to age.
 
+A driver taken for dead may only have been silent (stopped with Ctrl-Z, storage unreachable): its
+next beat finds its claim gone and stops the driver as Ctrl-C does (`taken_over` then says why), so
+that two drivers never go on training one run.
+
 Ages are on the store's clock (file mtime, S3 LastModified) against our own claim's, so machines whose
 clocks disagree do not matter. The wait lets a claim written at the same time land before we list
 (and outlasts S3's whole-second LastModified, so two claims of one second see each other).
@@ -21,6 +25,7 @@ clocks disagree do not matter. The wait lets a claim written at the same time la
 
 from __future__ import annotations
 
+import _thread
 import json
 import logging
 import os
@@ -47,6 +52,7 @@ CLAIM_WAIT_S3 = 2.0  # and on S3 a PUT in flight plus LastModified's whole secon
 log = logging.getLogger(__name__)
 _held: set[RunLock] = set()  # this process's locks, for `release_all` on a stop that leaves threads behind
 _held_lock = threading.Lock()
+_taken_over: list[str] = []  # why this process was stopped: its lock was taken over (see `taken_over`)
 
 
 @dataclass(frozen=True)
@@ -85,9 +91,11 @@ class RunLock:
                     if self._stop.is_set():
                         return
                     if not storage.exists(self.uri):  # taken for dead: writing it again would make two holders
-                        say(f"[{self.name}] warning: the lock on {self.folder} was taken over by another driver "
-                            f"(this one's heartbeat was silent for over {self.stale:.0f}s); two drivers may now "
-                            "train this run")
+                        _taken_over.append(
+                            f"[{self.name}] another driver took over {self.folder}: this driver's heartbeat had been "
+                            f"silent for over {self.stale:.0f}s, so it was taken for dead. This driver stops so that "
+                            "only one trains the run; its registered checkpoints stay")
+                        _thread.interrupt_main()  # the stop path of Ctrl-C: ends the run, releases the locks
                         return
                     self.write("held")
             except Exception as e:  # noqa: BLE001 - a failed beat (after the S3 client's retries) is tried again next time
@@ -147,6 +155,11 @@ def claim(folder: str, name: str, section: str, *, interval: float = HEARTBEAT_S
         _held.add(lock)
     lock.start()
     return lock
+
+
+def taken_over() -> str | None:
+    """Why this process was stopped, where a lock of its was taken over by another driver."""
+    return _taken_over[0] if _taken_over else None
 
 
 def release_all() -> None:

@@ -153,7 +153,7 @@ def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
     failed after Ray Train's retries one line naming the first worker's error and exit status 1.
     Anything else is a bug, with its traceback."""
     from pipelines.job_spec import ResumeRefused
-    from pipelines.manifest import OutputInUse
+    from pipelines.manifest import OutputInUse, OutputTakenOver
     from pipelines.readers import NoInput
     from pipelines.rejects import CorpusRefused
     from pipelines.shards import NoTokenShards
@@ -167,12 +167,15 @@ def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
             stop_display()
         except KeyboardInterrupt:
             pass
+        from jobs import run_lock
+
+        taken, code = run_lock.taken_over(), 130
         line = (f"{parser.prog}: stopped{' with ' + ', '.join(running) if running else ''}; finished stages "
                 "and registered checkpoints stay: the same command resumes from them\n")
+        if taken is not None:  # the interrupt came from a lock's heartbeat, not from the user
+            line, code = f"{parser.prog}: error: {taken}\n", 1
         if isinstance(stop, StopWithThreads):
             import ray
-
-            from jobs import run_lock
 
             sys.stderr.write(line)
             sys.stderr.flush()
@@ -180,11 +183,14 @@ def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
                 run_lock.release_all()  # the trainers' threads never reach their own release
                 ray.shutdown()
             finally:
-                os._exit(130)
-        parser.exit(130, line)
+                os._exit(code)
+        parser.exit(code, line)
     except (RunRefused, ResumeRefused, OutputInUse, NoInput, CorpusRefused, LocalPathRefused, NoTokenShards) as e:
         stop_display()
         parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except OutputTakenOver as e:  # `train all`'s tokenization, silent too long
+        stop_display()
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
     except Exception as e:
         failed = _training_failure(e)
         if failed is None:

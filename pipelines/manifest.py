@@ -23,7 +23,10 @@ Two drivers on one output: a running driver keeps a heartbeat file in its run's 
 cleanup (`remove_stale`) refuses to start while another run's heartbeat is fresh, instead of
 deleting the shards that run has written but not yet committed. Ages are measured on the store's
 clock (file mtime, S3 LastModified) against the starting driver's own new heartbeat, so machines
-whose clocks disagree do not matter.
+whose clocks disagree do not matter. A driver taken for dead may only have been silent (stopped with
+Ctrl-Z, storage unreachable for minutes): the cleanup leaves a TAKEN_OVER mark in its run folder
+before deleting anything, and that driver's next beat finds it and stops (`OutputTakenOver`)
+without committing another part, since the files of those parts may be gone.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ CLEAN_MARK = "_clean"  # in a run's shard folder: every file in it is in the man
 REJECTS_FILE = "rejects.json"
 SUMMARY_FILE = "manifest.json"
 HEARTBEAT = "_heartbeat"  # in a running driver's shard folder
+TAKEN_OVER = "_taken_over"  # in a run's shard folder: another driver's cleanup took this run for dead
 PLAN_DIR = "_plan"  # in a run's shard folder: a folder corpus's part lists (pipelines.folder_plan)
 HEARTBEAT_SECONDS = 30.0  # how often a driver rewrites it
 HEARTBEAT_FRESH = 4 * HEARTBEAT_SECONDS  # a younger heartbeat: its driver is taken to be alive
@@ -174,8 +178,10 @@ class ManifestLog:
     """Commits finished parts: buffered, then written as one log file per flush. A crash loses at
     most the entries of one interval, whose parts the next run redoes."""
 
-    def __init__(self, out: str, run: str, flush_seconds: float):
-        self.out, self.run, self.flush_seconds = out, run, flush_seconds
+    def __init__(self, out: str, run: str, flush_seconds: float, fence=None):
+        """`fence`: called before each write, raises where this run may no longer commit
+        (`Heartbeat.check`)."""
+        self.out, self.run, self.flush_seconds, self.fence = out, run, flush_seconds, fence
         self.pending: list[dict] = []
         self.seq = 0
         self.last = time.monotonic()
@@ -192,6 +198,8 @@ class ManifestLog:
         self.last = time.monotonic()
         if not self.pending:
             return []
+        if self.fence is not None:
+            self.fence()
         done, self.pending = self.pending, []
         write_entries(self.out, f"log-{self.run}-{self.seq:06d}.parquet", done)
         self.seq += 1
@@ -283,6 +291,10 @@ class OutputInUse(RuntimeError):
     """Another driver is writing to this output."""
 
 
+class OutputTakenOver(RuntimeError):
+    """Another driver took this driver's run for dead and cleaned it up: this one must stop."""
+
+
 class Heartbeat:
     """Says that this driver is writing to `out`: a small file in its run's shard folder, rewritten
     by `beat()` at most every `seconds` (from the driver's own loop, no thread of its own). A run
@@ -294,10 +306,27 @@ class Heartbeat:
         self.last: float | None = None
 
     def beat(self) -> None:
+        """Rewrite the heartbeat when due; OutputTakenOver where another driver took this run for dead
+        (its mark is read before the write, so a taken-over run never looks alive again)."""
         if self.last is not None and time.monotonic() - self.last < self.seconds:
             return
+        self.check()
         storage.write_text(self.uri, json.dumps({"run": self.run, "host": socket.gethostname(), "pid": os.getpid()}))
         self.last = time.monotonic()
+
+    def check(self) -> None:
+        """OutputTakenOver where another driver's cleanup has marked this run as taken over."""
+        try:
+            who = json.loads(storage.read_text(storage.join(self.out, SHARDS_DIR, self.run, TAKEN_OVER)))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError):
+            who = {}
+        raise OutputTakenOver(
+            f"run {self.run} was taken over by run {who.get('run', '?')} (host {who.get('host', '?')}, pid "
+            f"{who.get('pid', '?')}), which found this driver's heartbeat over {HEARTBEAT_FRESH:.0f}s old and "
+            f"deleted the shards it had not committed: this driver stops without committing more; the parts it "
+            "had committed stay, and that run does the rest")
 
     def due_in(self) -> float:
         """Seconds until the next beat is due: how long the driver's loop may wait."""
@@ -328,12 +357,19 @@ def remove_stale(out: str, manifest: pa.Table, run: str | None = None, force: bo
             + (f", and {len(more)} more" if more else "") + f" (a running driver beats every "
             f"{HEARTBEAT_SECONDS:.0f}s). Wait for it to end; if it is dead (killed under {fresh:.0f}s ago), "
             "re-run with --force-cleanup, which deletes the shards it left uncommitted")
+    # A dead-looking driver may only be silent: the mark stops it at its next beat (Heartbeat.check).
+    mark = json.dumps({"run": run, "host": socket.gethostname(), "pid": os.getpid()}).encode()
+    with_heartbeat = [d for d, info in zip(dirty, fs.get_file_info([f"{d}/{HEARTBEAT}" for d in dirty]))
+                      if info.type == pafs.FileType.File]
+    for run_dir in with_heartbeat:
+        with fs.open_output_stream(f"{run_dir}/{TAKEN_OVER}") as f:
+            f.write(mark)
     base = storage.filesystem(out)[1].rstrip("/") + "/"
     referenced = set(pc.list_flatten(manifest["files"]).to_pylist())
     stale, bookkeeping = [], 0
     for run_dir in dirty:
         files = fs.get_file_info(pafs.FileSelector(run_dir, recursive=True))
-        stale += [i.path for i in files if i.type == pafs.FileType.File
+        stale += [i.path for i in files if i.type == pafs.FileType.File and i.base_name != TAKEN_OVER
                   and i.path.removeprefix(base) not in referenced]
         bookkeeping += sum(i.base_name == HEARTBEAT or f"/{PLAN_DIR}/" in i.path for i in files)
 

@@ -313,7 +313,7 @@ def _run_parts(todo: list[readers.Part], cfg: TokenizeConfig, models: Models, sp
             reporter.total = len(todo)
         assembler = manifest.PartAssembler(run_id, {p.id: json.dumps(p.describe()) for p in todo},
                                            cfg.examples_per_reason)
-        log = manifest.ManifestLog(output, run_id, cfg.commit_seconds)
+        log = manifest.ManifestLog(output, run_id, cfg.commit_seconds, fence=heartbeat.check)
 
         def published(entries: list[dict]) -> None:
             nonlocal rows
@@ -347,6 +347,8 @@ def _run_parts(todo: list[readers.Part], cfg: TokenizeConfig, models: Models, sp
                 published(log.flush_if_due())
             published(log.flush())  # before the bar closes, so that it ends at every part
             stats, coordinator_cpu_s = ray.get(coordinator.finish.remote())
+        except manifest.OutputTakenOver:
+            raise  # the files of its pending parts may be gone: nothing more is committed
         except BaseException:
             log.flush()  # parts finished before the failure stay finished
             raise
@@ -443,6 +445,8 @@ def main(argv: list[str] | None = None) -> None:
                      force_cleanup=args.force_cleanup, retire_changed=args.retire_changed)
     except (ResumeRefused, CorpusRefused, manifest.OutputInUse, readers.NoInput, LocalPathRefused) as e:  # refused before any work
         parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except manifest.OutputTakenOver as e:
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
     except KeyboardInterrupt:  # Ctrl-C, or `ray job stop` (jobs.cluster.stop_on_sigterm)
         parser.exit(130, f"{parser.prog}: stopped; the parts published so far stay, and the same command "
                          "tokenizes the rest\n")

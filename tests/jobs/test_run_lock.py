@@ -5,6 +5,7 @@ Ray is started."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -19,6 +20,7 @@ from jobs_helpers import tiny_config
 from jobs import fit, run_lock
 from jobs.base import BaseWorker
 from jobs.preflight import RunRefused
+from jobs.stage import errors_in_one_line
 from muse import storage
 
 QUICK = 0.1  # claim wait where only one driver claims
@@ -164,13 +166,23 @@ def test_the_holder_refreshes_its_heartbeat_until_released(where, capsys):
         lock.release()
     time.sleep(0.5)
     assert claims(folder) == []  # no beat after release writes it again
-    # A holder whose claim was taken over stops beating rather than make two holders.
+    # A holder whose claim was taken over (its driver was silent, not dead) stops its driver as Ctrl-C
+    # does, and the command's last line says why: two drivers must not go on training one run.
     lock = run_lock.claim(folder, "base", "base", interval=0.2, claim_wait=QUICK)
-    storage.delete(lock.uri)
-    lock._thread.join(timeout=20)
-    assert not lock._thread.is_alive() and not storage.exists(lock.uri)
-    assert f"the lock on {folder} was taken over by another driver" in capsys.readouterr().out
-    lock.release()
+    try:
+        with pytest.raises(SystemExit) as exited, errors_in_one_line(argparse.ArgumentParser(prog="muse train base")):
+            storage.delete(lock.uri)  # what another driver's take-over does
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert exited.value.code == 1
+        assert not storage.exists(lock.uri) and not lock._thread.is_alive()  # not written again
+        line = capsys.readouterr().err
+        assert f"muse train base: error: [base] another driver took over {folder}" in line, line
+        assert "This driver stops so that only one trains the run" in line
+    finally:
+        run_lock._taken_over.clear()
+        lock.release()
 
 
 def test_fit_stage_refuses_a_run_folder_another_driver_trains_and_releases_its_own(tmp_path):

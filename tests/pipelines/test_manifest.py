@@ -261,3 +261,30 @@ def test_heartbeats_on_s3_by_the_stores_clock(s3_bucket):
     assert not storage.exists(left) and storage.exists(me.uri)
     me.stop(remove_run=True)
     assert not storage.list_files(storage.join(out, manifest.SHARDS_DIR, "me"))
+
+
+def test_a_driver_taken_for_dead_while_only_silent_stops_at_its_next_commit_or_beat(tmp_path):
+    """A driver stopped with Ctrl-Z (or cut off from storage) for longer than HEARTBEAT_FRESH looks dead,
+    and a second driver's cleanup deletes its uncommitted shards. When it wakes, committing the parts of
+    those shards would name files that are gone: its commit and its beat refuse, and a later cleanup
+    leaves the mark that says so."""
+    out = str(tmp_path / "tokens")
+    silent = manifest.Heartbeat(out, "silent", seconds=0.0)
+    silent.beat()
+    uncommitted = shard_file(out, "silent", "p-0-4.parquet")
+    log = manifest.ManifestLog(out, "silent", flush_seconds=0.0, fence=silent.check)
+    age(out, "silent", manifest.HEARTBEAT_FRESH + 1)
+    me = manifest.Heartbeat(out, "me")
+    me.beat()
+    assert manifest.remove_stale(out, manifest.SCHEMA.empty_table(), run="me") == 1
+    assert not os.path.exists(uncommitted)
+
+    log.pending.append(entry("p", "silent", ["shards/silent/p-0-4.parquet"]))
+    with pytest.raises(manifest.OutputTakenOver, match=r"run silent was taken over by run me \(host .*, pid \d+\)"):
+        log.flush()
+    with pytest.raises(manifest.OutputTakenOver, match="stops without committing more"):
+        silent.beat()
+    assert manifest.read_manifest(out).num_rows == 0 and not os.path.exists(silent.uri)
+    assert sorted(os.listdir(os.path.join(out, manifest.SHARDS_DIR, "silent"))) == [
+        manifest.CLEAN_MARK, manifest.TAKEN_OVER]
+    me.check()  # the driver that took over is not stopped by its own cleanup
