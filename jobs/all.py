@@ -116,11 +116,17 @@ def replace_stale_tokens(tokens: str, root: str, owned: bool) -> None:
     """Token shards made by tokenizers the root has retrained since would be refused by the resuming
     tokenization (and learnt as the wrong codes): `train all`'s own ROOT/tokens is made again; a
     --tokens folder of the user's is not deleted, but refused with the way out."""
-    from jobs.root_fit import _tokenize_spec, retrained_tokenizers
+    from jobs.root_fit import _made_elsewhere, _owner, _tokenize_spec, retrained_tokenizers
 
-    changed = retrained_tokenizers(root, _tokenize_spec(tokens)) if storage.exists(tokens) else []
+    spec = _tokenize_spec(tokens) if storage.exists(tokens) else {}
+    changed = retrained_tokenizers(root, spec)
     if not changed:
         return
+    foreign = {name: where for name in changed if (where := _made_elsewhere(root, spec, name)) is not None}
+    if foreign and not owned:  # another root's tokenizer, not this one's before it was trained again
+        makers = ", ".join(f"{name} of {_owner(where, name)}" for name, where in foreign.items())
+        raise RunRefused(f"--tokens {tokens} holds tokens made by another tokenizer than the model root {root}'s "
+                         f"({makers}): give a new --tokens folder, or leave --tokens out to tokenize into {root}/tokens")
     if not owned:
         raise RunRefused(f"--tokens {tokens} holds tokens of the root's {' and '.join(changed)} as they were before "
                          "they were trained again: give a new --tokens folder (or delete that one)")

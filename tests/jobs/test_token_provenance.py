@@ -80,6 +80,24 @@ def test_tokens_of_another_roots_tokenizer_of_the_same_grid_are_refused(tiny_dat
     assert fake_run == [] and capsys.readouterr().out == ""  # nothing said or run before the refusal
 
 
+def test_train_all_refuses_another_roots_tokens_as_another_tokenizers_not_as_retrained(tiny_data, tmp_path):
+    """`train all --tokens T` over tokens another root made: the refusal names that root, not "trained
+    again" (this root's tokenizer was never trained)."""
+    from jobs.all import replace_stale_tokens
+
+    other = str(tmp_path / "other")
+    checkpoint.init_model_root("tiny", other, seed=3)
+    tokens = tokens_made_by(tiny_data, str(tmp_path / "tokens"), vqgan_lo=uri(tiny_data.root, "vqgan_lo"),
+                            text_encoder=uri(other, "text_encoder"))
+    with pytest.raises(RunRefused) as refused:
+        replace_stale_tokens(tokens, other, owned=False)
+    message = str(refused.value)
+    assert f"made by another tokenizer than the model root {other}'s (vqgan_lo of model root {tiny_data.root})" \
+        in message and "trained again" not in message, message
+    assert os.path.exists(tokens)  # the user's folder is never deleted
+    replace_stale_tokens(tokens, tiny_data.root, owned=False)  # the root that made them: nothing to say
+
+
 def test_a_copy_of_the_root_is_accepted_and_its_own_retrained_tokenizer_still_warns(tiny_data, tmp_path, fake_run,
                                                                                    capsys):
     from jobs.loop import finished_extra
