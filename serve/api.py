@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from ray import serve
@@ -213,6 +214,15 @@ def build_fastapi(ing: Ingress) -> FastAPI:
 
     app.add_middleware(Guard, api_key=ing.args.api_key, max_body_bytes=limits.max_body_bytes,
                        max_in_flight=limits.max_in_flight, body_timeout_s=limits.body_timeout_s)
+    cors = ing.args.cors
+    if cors.allow_origins:
+        # Added last, so outermost: a preflight is answered before the API key is asked for, and the
+        # Guard's 401/413/429 carry the headers a browser needs to read them. The request's own headers
+        # are allowed (the OpenAI SDKs send several, Authorization among them); Retry-After and
+        # x-should-retry are exposed to the SDKs' retry logic.
+        app.add_middleware(CORSMiddleware, allow_origins=cors.allow_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["Retry-After", "x-should-retry"],
+                           max_age=cors.max_age_s)
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:

@@ -161,6 +161,14 @@ class Files(Strict):
     public_url: str | None = None  # base of returned URLs; default: the URL the request came in on
 
 
+class Cors(Strict):
+    """Browser pages of other origins that may call the API (CORS). None by default: the web page at /
+    is the API's own origin and needs none."""
+
+    allow_origins: list[str] = []  # e.g. ["https://app.example.com"]; ["*"] for any origin
+    max_age_s: int = Field(600, ge=0)  # how long a browser may cache a preflight's answer
+
+
 class AppArgs(Strict):
     """Everything `build_app` needs. Only `checkpoint` is required."""
 
@@ -172,6 +180,7 @@ class AppArgs(Strict):
     limits: Limits = Limits()
     sampling: Sampling = Sampling()
     files: Files = Files()
+    cors: Cors = Cors()
     # The ingress's own Serve queue only holds requests on their way to its admission check, which
     # answers past `limits.max_in_flight` with a quick 429 in OpenAI's shape; a deep queue keeps Serve's
     # plain-text 503 for floods far beyond it.

@@ -269,6 +269,70 @@ def test_api_is_open_without_a_key_and_closed_with_one():
     assert asyncio.run(_models("s3cret", {"Authorization": "Basic s3cret"})) == 401
 
 
+def test_browser_pages_of_the_origins_allowed_may_call_the_api_and_no_others():
+    """A preflight needs no API key and is answered for allowed origins only; the API's answers (a 401 and
+    a 429 included) carry the headers a browser needs to read them, and expose Retry-After."""
+    import asyncio
+
+    from serve.api import build_fastapi
+    from serve.config import AppArgs
+
+    page, elsewhere = "https://app.example.com", "https://evil.example.com"
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type,x-stainless-lang"}
+
+    async def calls(client: httpx.AsyncClient) -> list[httpx.Response]:
+        return [await client.options("/v1/images/generations", headers={"Origin": page} | preflight),
+                await client.options("/v1/images/generations", headers={"Origin": elsewhere} | preflight),
+                await client.get("/v1/models", headers={"Origin": page}),
+                await client.get("/v1/models", headers={"Origin": page, "Authorization": "Bearer s3cret"}),
+                await client.post("/v1/images/generations", json={"prompt": "a red circle"},
+                                  headers={"Origin": page, "Authorization": "Bearer s3cret"})]
+
+    ing = fake_ingress("s3cret")
+    ing.args = AppArgs(checkpoint="unused", api_key="s3cret", cors={"allow_origins": [page]})
+    ing.limits = ing.args.limits.model_copy(update={"max_in_flight": 1})
+    release = None
+
+    async def held(*_):  # one request in flight, so the next is a 429
+        await release.wait()
+        raise APIError(503, "the server is at capacity; retry shortly", type="server_error", code="overloaded")
+
+    async def run() -> tuple[list[httpx.Response], httpx.Response]:
+        nonlocal release
+        release = asyncio.Event()
+        transport = httpx.ASGITransport(app=build_fastapi(ing))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            first = asyncio.create_task(client.post("/v1/images/generations", json={"prompt": "a"},
+                                                    headers={"Authorization": "Bearer s3cret"}))
+            await asyncio.sleep(0.2)
+            answers = await calls(client)
+            release.set()
+            assert (await first).status_code == 503
+            return answers
+
+    ing.generate = held
+    ok, refused, no_key, listed, busy = asyncio.run(run())
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == page
+    assert "authorization" in ok.headers["access-control-allow-headers"].lower()
+    assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+    assert no_key.status_code == 401 and no_key.headers["access-control-allow-origin"] == page
+    assert listed.status_code == 200 and listed.headers["access-control-allow-origin"] == page
+    assert busy.status_code == 429 and busy.headers["access-control-allow-origin"] == page
+    assert "retry-after" in busy.headers["access-control-expose-headers"].lower()
+
+    # Without allowed origins (the default) a preflight is refused and no CORS header is sent.
+    async def default() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=build_fastapi(fake_ingress(None)))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [await client.options("/v1/images/generations", headers={"Origin": page} | preflight),
+                    await client.get("/v1/models", headers={"Origin": page})]
+
+    options, models = asyncio.run(default())
+    assert options.status_code == 405 and models.status_code == 200
+    assert not any(h.startswith("access-control-") for h in [*options.headers, *models.headers])
+
+
 def test_an_overloaded_server_says_when_to_retry():
     import asyncio
 
