@@ -14,7 +14,7 @@ model that attends all rows at once reads the stack as one padded Context (`Cont
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -32,11 +32,22 @@ class Context:
     adaptive: torch.Tensor | None = None  # (B, D) conditioning of adaptive norms (U-ViT: pooled text + micro-conds)
     prior_pixels: torch.Tensor | None = None  # (B, N, D) the super-res pixel prior's upsampled low-res pixels
 
-    @functools.cached_property
+    _dense: bool | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
     def dense(self) -> bool:
         """No key is masked, so attention needs no mask. Read once, on first use: a host sync, which
-        contexts only built on the way to another (repeat, index, cat) never pay."""
-        return bool(self.mask.all())
+        contexts only built on the way to another (repeat, index, cat) never pay. Cached in a plain
+        field, not a functools.cached_property, whose lock torch.compile cannot trace: every block
+        would become a graph of its own (`resolve` reads it before a compiled step)."""
+        if self._dense is None:
+            self._dense = bool(self.mask.all())
+        return self._dense
+
+    def resolve(self) -> Context:
+        """Read what is read lazily (`dense`), so that a compiled step finds it as a constant."""
+        _ = self.dense
+        return self
 
     @property
     def batch_size(self) -> int:
@@ -109,6 +120,11 @@ class ContextStack:
     @property
     def batch_size(self) -> int:
         return sum(self.rows)
+
+    def resolve(self) -> ContextStack:
+        for part in self.parts:
+            part.resolve()
+        return self
 
     @functools.cached_property
     def flat(self) -> Context:

@@ -310,12 +310,14 @@ class StepCompiler:
 
     def compile_step(self, mode: str | None = None) -> StepCompiler:
         """Run `features` through `torch.compile` from now on (mode None: "reduce-overhead", i.e. CUDA
-        graphs, on a GPU; inductor's default on CPU). Shapes are fixed per batch size, so a decode
-        compiles once per (batch, guided or not). If compiling or running the compiled step fails,
+        graphs, on a GPU; inductor's default on CPU). The first decode compiles for its shapes; a
+        size that later changes (batch, prompt length, the other stage's grid) is compiled once more
+        as a free size, so serving's changing batches and prompts stop compiling after a few requests
+        (CUDA graphs still record once per shape). If compiling or running the compiled step fails,
         the model warns once and runs eagerly: the compiled path is never needed for correctness."""
         if mode is None:
             mode = "reduce-overhead" if next(self.parameters()).is_cuda else "default"
-        self._compiled = torch.compile(self.features, mode=mode, dynamic=False)
+        self._compiled = torch.compile(self.features, mode=mode, dynamic=None)
         return self
 
     def _features(self, ids: torch.Tensor, context: AnyContext) -> torch.Tensor:
@@ -323,7 +325,7 @@ class StepCompiler:
         if compiled is None or torch.is_grad_enabled():
             return self.features(ids, context)
         try:
-            return compiled(ids, context)
+            return compiled(ids, context.resolve())
         except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the eager step
             warnings.warn(f"the compiled step failed ({type(e).__name__}: {str(e)[:200]}); running eagerly",
                           RuntimeWarning, stacklevel=3)

@@ -133,8 +133,8 @@ class Sampling(Strict):
     # Super-res draws each code among its k likeliest (1: the likeliest); None: the whole codebook (Muse).
     superres_top_k: int | None = Field(None, ge=1)
     # torch.compile each generator's step (CUDA graphs on GPU); eager if that fails. The scheduler's
-    # batches change shape as requests join and leave: each new shape compiles once, up to torch's
-    # recompile limit, and runs eagerly past it.
+    # batches change shape as requests join and leave: a size that changes is compiled once more as a
+    # free size, after which no new batch or prompt length compiles (CUDA graphs record once per shape).
     compile: bool = False
     edit_iterations: int = Field(100, ge=1)  # mask-free editing (Muse §3.3: ~100 at ~8%)
     edit_fraction: float = Field(0.08, gt=0, le=1)

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -440,3 +441,38 @@ def test_code_vectors_are_saved_with_the_model_and_superres_reads_both_grids_thr
     hi = torch.full((2, 256), sr.mask_token_id)
     with torch.no_grad():
         torch.testing.assert_close(loaded(hi, loaded.encode_context(emb, mask, lo)), sr(hi, sr.encode_context(emb, mask, lo)))
+
+
+def test_the_compiled_step_is_one_graph_and_compiles_once_more_for_other_prompt_lengths(monkeypatch):
+    """A decode through both stages with `MusePipeline.compile()`: every block in one graph (a lazily
+    cached field read under a lock split the step into one graph per block, and guards on the block
+    index hit torch's recompile limit after 8), and prompts of other lengths reuse one recompiled
+    graph instead of compiling again each (8 lengths, then eager for good). Dynamo's eager backend:
+    the graphs, breaks and recompiles are dynamo's, and inductor would only take minutes here."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from muse.pipeline import MusePipeline
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, dynamic=None: real(fn, backend="eager",
+                                                                                    dynamic=dynamic))
+    torch._dynamo.reset()
+    counters.clear()
+    pipe = MusePipeline.from_preset("tiny", seed=0).compile()
+    prompts = ["a red circle", "a blue square on grey", "a green triangle beside a small yellow star",
+               "red", "a big orange circle above a blue square", "a tiny grey star in the corner of the frame"]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fallback to the eager step
+            for prompt in prompts[:3]:
+                pipe(prompt, steps=2, superres_steps=2, seed=0, output="tokens")
+            warm = counters["stats"]["unique_graphs"]
+            for prompt in prompts[3:]:
+                pipe(prompt, steps=2, superres_steps=2, seed=0, output="tokens")
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        # Both stages share one code object, whose cache holds 8 graphs: sizes that changed once are
+        # free from then on, so other prompt lengths compile nothing more.
+        assert counters["stats"]["unique_graphs"] == warm <= 8, dict(counters["stats"])
+    finally:
+        torch._dynamo.reset()
