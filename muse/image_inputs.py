@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from muse import storage
 from muse.data.images import (TRANSPARENT_BELOW, ImageRejected, decode_image, has_alpha, tensor_to_pil, to_rgb,
@@ -33,8 +33,9 @@ GREY_REGENERATE_FROM = 128
 def load_image(image: Any, name: str, keep_mode: bool = False) -> Image.Image:
     """PIL image, encoded bytes, a local/s3 path or a (3, H, W) tensor in [-1, 1] -> RGB PIL (with
     `keep_mode`, images keep their own mode, alpha included)."""
-    if isinstance(image, Image.Image):
-        return image if keep_mode else to_rgb(image)
+    if isinstance(image, Image.Image):  # upright as a file's image is (`decode_image`), whatever form it came in
+        upright = ImageOps.exif_transpose(image)
+        return upright if keep_mode else to_rgb(upright)
     if isinstance(image, torch.Tensor):
         return _tensor_image(image, name)
     if isinstance(image, (str, os.PathLike)):
@@ -69,8 +70,8 @@ def _tensor_image(t: torch.Tensor, name: str) -> Image.Image:
 
 def load_mask(mask: Any, size: tuple[int, int]) -> torch.Tensor:
     """A mask the size (W, H) of the image -> (H, W) bool, True = regenerate (rules above)."""
-    if isinstance(mask, (str, os.PathLike, bytes, bytearray, memoryview)):
-        mask = load_image(mask, "mask", keep_mode=True)
+    if isinstance(mask, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)):
+        mask = load_image(mask, "mask", keep_mode=True)  # upright, as the image is
     if isinstance(mask, Image.Image):
         mask = torch.from_numpy(mask_from_image(mask))
     elif isinstance(mask, np.ndarray):

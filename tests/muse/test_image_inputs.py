@@ -37,6 +37,25 @@ def test_transparent_pixels_are_regenerated_in_every_form(tmp_path):
         assert torch.equal(load_mask(mask, (32, 32)), expected), form
 
 
+def test_a_phone_photos_exif_rotation_is_applied_in_every_form(tmp_path):
+    """A JPEG stored sideways with EXIF orientation 6 (a quarter turn, as phones write them): the mask
+    and the image are upright whether given as a file, bytes or an opened PIL image, so a mask from
+    one form matches an image from another."""
+    stored = np.zeros((40, 60), np.uint8)  # as stored: 60 wide, 40 high, white band along the top
+    stored[:10] = 255
+    img = Image.fromarray(stored, "L")
+    exif = img.getexif()
+    exif[0x0112] = 6
+    path = tmp_path / "mask.jpg"
+    img.save(path, exif=exif.tobytes(), quality=95)
+    forms = {"pil": Image.open(path), "bytes": path.read_bytes(), "path": str(path)}
+    masks = {form: load_mask(mask, (40, 60)) for form, mask in forms.items()}  # displayed: 40 wide, 60 high
+    for form, mask in masks.items():
+        assert mask.shape == (60, 40) and torch.equal(mask, masks["path"]), form
+        assert mask[:, -10:].all() and not mask[:, :-10].any(), form  # the band is on the right, upright
+    assert {load_image(f, "image").size for f in forms.values()} == {(40, 60)}
+
+
 def test_opaque_masks_regenerate_white_with_antialiased_edges_thresholded(tmp_path):
     grey = np.zeros((32, 32), np.uint8)
     grey[:, 16:] = 255
