@@ -141,6 +141,7 @@ class MusePipeline:
         return TextCondition(emb, mask)
 
     # -- text to image -------------------------------------------------------------------------
+    @torch.no_grad()  # inference: no autograd graph is kept (context encodings, VQGAN encodes)
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                  num_images: int = 1, steps: int = 24, superres_steps: int = 8, guidance_scale: float = 4.0,
                  seed: int | None = None, output: str = "pil", superres: bool | None = None,
@@ -185,6 +186,7 @@ class MusePipeline:
         return hi if output == "tokens" else self._to_pil(self.vqgan_hi, hi)
 
     # -- editing -------------------------------------------------------------------------------
+    @torch.no_grad()
     def inpaint(self, image: Any, mask: Any, prompt: str, negative_prompt: str | None = None, num_images: int = 1,
                 steps: int = 24, superres_steps: int = 8, guidance_scale: float = 4.0, seed: int | None = None,
                 output: str = "pil", superres: bool | None = None, callback: StageCallback | None = None,
@@ -214,6 +216,7 @@ class MusePipeline:
         regen = editing.token_mask_from_pixels(square[None], self.base.config.tokens_per_side)  # (1, h, w)
         return self._fill(lo_img, hi_img, regen, prompt_, negatives, req)
 
+    @torch.no_grad()
     def outpaint(self, image: Any, prompt: str, direction: str = "all", scale: float = 0.5,
                  negative_prompt: str | None = None, num_images: int = 1, steps: int = 24, superres_steps: int = 8,
                  guidance_scale: float = 4.0, seed: int | None = None, output: str = "pil", superres: bool | None = None,
@@ -242,6 +245,7 @@ class MusePipeline:
         regen = editing.token_mask_from_pixels(new, self.base.config.tokens_per_side)
         return self._fill(lo_canvas, hi_canvas, regen, prompt_, negatives, req)
 
+    @torch.no_grad()
     def edit(self, image: Any, prompt: str, negative_prompt: str | None = None, num_images: int = 1,
              iterations: int = 100, fraction: float = 0.08, guidance_scale: float = 4.0, top_k: int | None = 3,
              superres_steps: int = 8, seed: int | None = None, output: str = "pil", superres: bool | None = None,

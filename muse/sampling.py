@@ -88,7 +88,7 @@ def generate(
         raise ValueError("guidance_scale != 0 needs an uncond_context")
     joint = cfg_context(context, uncond_context) if bool((scale != 0).any()) else None
     ids = initial_ids(B, N, mask_id, device, init_ids, fixed)
-    draws = row_uniforms(gens, (B, steps, 2, N), device)  # [token sample, confidence noise] per step
+    draws = decode_uniforms(gens, B, steps, N, device)
 
     plan = decode_plan((ids == mask_id).sum(dim=1).tolist(), steps, choice_temperature, (scale != 0).tolist(),
                        schedule, device)
@@ -267,6 +267,14 @@ def row_uniforms(generators: list[torch.Generator] | torch.Generator, shape: tup
         return torch.rand(shape, generator=generators, device=generators.device).to(device)
     rows = [torch.rand(shape[1:], generator=g, device=g.device) for g in generators]
     return torch.stack(rows).to(device)
+
+
+def decode_uniforms(generators: list[torch.Generator] | torch.Generator, batch: int, steps: int, tokens: int,
+                    device: torch.device) -> torch.Tensor:
+    """A decode's uniforms, (B, steps, 2, N): [token sample, confidence noise] per step. At most N steps
+    ever run (each decodes one token or more), so no more are drawn: a huge `steps` costs no memory.
+    The first steps' draws are the same either way."""
+    return row_uniforms(generators, (batch, min(steps, tokens), 2, tokens), device)
 
 
 def row_generators(generator: Generators, batch: int) -> list[torch.Generator] | torch.Generator:

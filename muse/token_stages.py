@@ -35,6 +35,7 @@ class TextCondition:
         return TextCondition(self.embeddings.repeat_interleave(n, 0), self.mask.repeat_interleave(n, 0))
 
 
+@torch.no_grad()  # decoding only: no autograd graph kept through the decode
 def stage_contexts(model: torch.nn.Module, cond: TextCondition, negative: TextCondition | None, *,
                    guided: bool, lo_ids: torch.Tensor | None = None, repeat: int = 1) -> tuple[Context, Context | None]:
     """(context, uncond_context) for one stage, each encoded once. The base model's contexts are

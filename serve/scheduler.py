@@ -90,7 +90,7 @@ class DecodeTask(Task):
         self.mask_id = mask_id
         self.scale, self.choice_temperature, self.finish, self.top_k = scale, choice_temperature, finish, top_k
         self.ids = sampling.initial_ids(B, N, mask_id, dev, init_ids, fixed)
-        self.draws = sampling.row_uniforms(generators, (B, steps, 2, N), dev)  # as generate draws them
+        self.draws = sampling.decode_uniforms(generators, B, steps, N, dev)  # as generate draws them
         guided_rows = (scale != 0).tolist() if self.guided else [False] * B
         self.plan = sampling.decode_plan((self.ids == mask_id).sum(dim=1).tolist(), steps, choice_temperature,
                                          guided_rows, "cosine", dev)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from muse import checkpoint, generate_cli
 from muse.pipeline import MusePipeline
-from muse.token_stages import TextCondition, base_tokens, superres_tokens
+from muse.token_stages import TextCondition, base_tokens, stage_contexts, superres_tokens
 from muse.context import Context
 from fakes import context_tags, selected
 
@@ -182,6 +182,27 @@ def test_contexts_are_encoded_once_per_stage_and_negative_prompt_replaces_null(p
         text, mask = seen[stage][1]
         assert torch.equal(mask, negative.mask)
         torch.testing.assert_close(text, negative.embeddings)
+
+
+def test_no_autograd_graph_is_kept_by_any_call(pipe, photo, monkeypatch):
+    """Every context encoding and VQGAN encode of a call runs without autograd: a graph kept through
+    the decode holds the text layers', K/V projections' and encoders' activations for nothing."""
+    grad_seen = []
+    for model in (pipe.base, pipe.superres, pipe.vqgan_lo, pipe.vqgan_hi):
+        for name in ("encode_context", "encode"):
+            if hasattr(model, name):
+                real = getattr(model, name)
+                monkeypatch.setattr(model, name, lambda *a, _real=real, **k: grad_seen.append(
+                    torch.is_grad_enabled()) or _real(*a, **k))
+    mask = torch.zeros(photo.height, photo.width, dtype=torch.bool)
+    mask[:8, :8] = True
+    pipe("a red circle", seed=0, **STEPS)
+    pipe.inpaint(photo, mask, "a red circle", seed=0, **STEPS)
+    pipe.outpaint(photo, "a red circle", seed=0, **STEPS)
+    pipe.edit(photo, "a red circle", seed=0, iterations=2, superres_steps=2)
+    assert grad_seen and not any(grad_seen), grad_seen
+    ctx, _ = stage_contexts(pipe.base, pipe.encode_prompts(["x"]), None, guided=False)
+    assert ctx.keys[0].grad_fn is None
 
 
 def test_from_pretrained_round_trip_equals_from_preset(tmp_path):

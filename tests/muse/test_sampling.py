@@ -256,6 +256,18 @@ def test_small_region_takes_one_step_per_token_and_stops_when_nothing_is_masked(
     assert torch.equal(none_free, init) and not model.calls
 
 
+def test_steps_past_the_token_count_draw_no_more_and_decode_the_same(monkeypatch):
+    """At most N steps run, so a million steps asked for draws N steps' uniforms (not a million: ~1 GB
+    per image at 64 tokens), and decodes what N steps asked for do."""
+    drawn = []
+    row_uniforms = sampling.row_uniforms
+    monkeypatch.setattr(sampling, "row_uniforms", lambda g, shape, device: drawn.append(shape) or
+                        row_uniforms(g, shape, device))
+    at_n = sampling.generate(FakeTransformer(), ctx(1.0, 0.5), steps=N, generator=[gen(1), gen(2)])
+    huge = sampling.generate(FakeTransformer(), ctx(1.0, 0.5), steps=10**6, generator=[gen(1), gen(2)])
+    assert drawn == [(2, N, 2, N)] * 2 and torch.equal(at_n, huge)
+
+
 @pytest.mark.parametrize("guidance_scale", [0.0, 3.0])
 def test_forward_logits_only_at_masked_positions(guidance_scale):
     model = FakeTransformer()
