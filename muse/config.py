@@ -422,7 +422,7 @@ def _coerce(hint: Any, value: Any, current: Any, where: str) -> Any:
             raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
         try:
             out = hint(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(.inf)
             raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}") from None
         if hint is int and isinstance(value, float) and value != out:
             raise ValueError(f"{where}: expected an integer, got {value!r}")

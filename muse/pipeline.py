@@ -13,6 +13,7 @@ images, and no two seeds share an image.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import warnings
 from dataclasses import dataclass
@@ -173,16 +174,16 @@ class MusePipeline:
         prompts = _prompts(prompt)
         negatives = _negatives(negative_prompt, len(prompts))
         self._check(req)
-        gens = self._generators(seed, num_images, prompts=len(prompts), first=first_image)
-        cond, negative = self._conditions(prompts, negatives, guidance_scale)
-        lo = base_tokens(self.base, cond, negative, num_images=num_images, steps=steps,
-                         guidance_scale=guidance_scale, generator=gens, choice_temperature=req.choice_temperature,
+        gens = self._generators(seed, req.num_images, prompts=len(prompts), first=req.first_image)
+        cond, negative = self._conditions(prompts, negatives, req.guidance_scale)
+        lo = base_tokens(self.base, cond, negative, num_images=req.num_images, steps=req.steps,
+                         guidance_scale=req.guidance_scale, generator=gens, choice_temperature=req.choice_temperature,
                          callback=_stage(callback, "base"))
         if not superres:
             return lo if output == "tokens" else self._to_pil(self.vqgan_lo, lo)
-        hi = superres_tokens(self.superres, cond, lo, negative, steps=superres_steps, guidance_scale=guidance_scale,
-                             generator=gens, choice_temperature=req.choice_temperature, top_k=superres_top_k,
-                             callback=_stage(callback, "superres"))
+        hi = superres_tokens(self.superres, cond, lo, negative, steps=req.superres_steps,
+                             guidance_scale=req.guidance_scale, generator=gens, choice_temperature=req.choice_temperature,
+                             top_k=req.superres_top_k, callback=_stage(callback, "superres"))
         return hi if output == "tokens" else self._to_pil(self.vqgan_hi, hi)
 
     # -- editing -------------------------------------------------------------------------------
@@ -266,12 +267,13 @@ class MusePipeline:
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
         img = load_image(image, "image")
         lo_img, hi_img = self._image_tensors(img, superres)
-        gens = self._generators(seed, num_images, first=first_image)
-        cond, negative = self._conditions([prompt_], negatives, guidance_scale)
-        source = self.vqgan_lo.encode(lo_img).repeat(num_images, 1, 1)  # (n, h, w)
-        ctx, uncond = stage_contexts(self.base, cond, negative, guided=guidance_scale != 0, repeat=num_images)
-        lo = editing.edit_tokens(self.base, ctx, uncond, source, iterations=iterations, fraction=fraction,
-                                 guidance_scale=guidance_scale, top_k=top_k, generator=gens,
+        gens = self._generators(seed, req.num_images, first=req.first_image)
+        cond, negative = self._conditions([prompt_], negatives, req.guidance_scale)
+        source = self.vqgan_lo.encode(lo_img).repeat(req.num_images, 1, 1)  # (n, h, w)
+        ctx, uncond = stage_contexts(self.base, cond, negative, guided=req.guidance_scale != 0, repeat=req.num_images)
+        lo = editing.edit_tokens(self.base, ctx, uncond, source, iterations=req.steps, fraction=float(fraction),
+                                 guidance_scale=req.guidance_scale, top_k=None if top_k is None else int(top_k),
+                                 generator=gens,
                                  callback=_stage(callback, "edit"))
         if not superres:
             return lo if output == "tokens" else self._to_pil(self.vqgan_lo, lo)
@@ -397,6 +399,17 @@ class Request:
     steps_name: str = "steps"
     superres_top_k: int | None = None
     first_image: int = 0
+
+    def __post_init__(self):
+        # NumPy's numbers (np.int64(2), np.float32(3.0)) as Python's, so `_check` reads them as numbers.
+        for name in ("num_images", "steps", "superres_steps", "superres_top_k", "first_image"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, (int, bool)):
+                object.__setattr__(self, name, int(value))
+        for name in ("guidance_scale", "choice_temperature"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, (int, float, bool)):
+                object.__setattr__(self, name, float(value))
 
 
 def _stage(callback: StageCallback | None, stage: str) -> Callable[[int, torch.Tensor], None] | None:

@@ -344,6 +344,8 @@ class TokenTransformer(StepCompiler, nn.Module):
     def __init__(self, config, codebook_size: int, tokens_per_side: int, layers: int):
         super().__init__()
         c = config
+        if min(c.hidden, c.heads, 1 if c.kv_heads is None else c.kv_heads) < 1:
+            raise ValueError(f"hidden {c.hidden}, heads {c.heads} and kv_heads {c.kv_heads} must be >= 1")
         if c.hidden % c.heads or (c.kv_heads and c.heads % c.kv_heads):
             raise ValueError(f"hidden {c.hidden} / heads {c.heads} / kv_heads {c.kv_heads} do not divide")
         if c.code_vectors not in CODE_VECTORS:

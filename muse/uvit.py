@@ -205,6 +205,9 @@ class UViT(NullContextCache, StepCompiler, nn.Module):
     def __init__(self, config: UViTConfig):
         super().__init__()
         c = self.config = config
+        if min(c.hidden, c.heads, c.conv_channels, c.conv_heads) < 1:
+            raise ValueError(f"hidden {c.hidden}, heads {c.heads}, conv_channels {c.conv_channels} and conv_heads "
+                             f"{c.conv_heads} must be >= 1")
         if c.hidden % c.heads or c.conv_channels % c.conv_heads:
             raise ValueError(f"hidden {c.hidden} / heads {c.heads} or conv_channels {c.conv_channels} / "
                              f"conv_heads {c.conv_heads} do not divide")

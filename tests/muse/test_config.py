@@ -42,6 +42,8 @@ def test_load_yaml_overrides_and_rejects_unknown(tmp_path):
         load(MuseConfig, path)
     with pytest.raises(ValueError, match="expected int"):
         from_dict(BaseTransformerConfig, {"layers": "many"})
+    with pytest.raises(ValueError, match="expected int"):  # YAML's .inf: int() overflows
+        load(MuseConfig, None, ["base.layers=.inf"])
     # Malformed YAML, in the file or an override, is a ValueError naming where (a usage line, not a traceback).
     path.write_text("base: {layers: 3\n")
     with pytest.raises(ValueError, match=f"{path} is not valid YAML"):
@@ -58,3 +60,13 @@ def test_round_trip_dict():
 def test_unknown_preset_lists_known():
     with pytest.raises(ValueError, match="base-tiny"):
         preset("base-9b")
+
+
+@pytest.mark.parametrize("field", ["heads", "hidden", "kv_heads"])
+def test_a_transformer_with_no_heads_is_refused_by_name(field):
+    from dataclasses import replace
+
+    from muse.transformer import MaskedTransformer
+
+    with pytest.raises(ValueError, match=rf"{field} 0\b.*must be >= 1"):
+        MaskedTransformer(replace(model_preset("tiny").base, **{field: 0}))

@@ -184,6 +184,21 @@ def test_contexts_are_encoded_once_per_stage_and_negative_prompt_replaces_null(p
         torch.testing.assert_close(text, negative.embeddings)
 
 
+def test_numpy_numbers_are_taken_as_pythons(pipe, photo):
+    """Settings read from arrays or configs (np.int64, np.float32) give what Python's numbers give."""
+    as_py = dict(num_images=2, steps=2, superres_steps=2, guidance_scale=3.0, choice_temperature=2.0, seed=1,
+                 first_image=1, output="tokens")
+    as_np = dict(as_py, num_images=np.int64(2), steps=np.int32(2), superres_steps=np.int64(2),
+                 guidance_scale=np.float32(3.0), choice_temperature=np.float64(2.0), seed=np.int64(1),
+                 first_image=np.int64(1))
+    assert torch.equal(pipe("a red circle", **as_np), pipe("a red circle", **as_py))
+    edit = dict(as_py, iterations=2, top_k=2)
+    del edit["steps"]
+    edit_np = dict(edit, num_images=np.int64(2), iterations=np.int64(2), top_k=np.int64(2),
+                   guidance_scale=np.float32(3.0))
+    assert torch.equal(pipe.edit(photo, "a red circle", **edit_np), pipe.edit(photo, "a red circle", **edit))
+
+
 def test_no_autograd_graph_is_kept_by_any_call(pipe, photo, monkeypatch):
     """Every context encoding and VQGAN encode of a call runs without autograd: a graph kept through
     the decode holds the text layers', K/V projections' and encoders' activations for nothing."""
