@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         description="Train everything from a raw image-caption corpus: vqgan -> tokenize -> base and "
                     "super-res -> decoder fine-tune, into the model root --checkpoint. Finished stages are "
                     "skipped, so re-running the same command resumes after an interruption.",
-        epilog="example: muse train all --config configs/train_tiny.yaml --corpus data/corpus --checkpoint ROOT",
+        epilog="example: muse train all --config configs/demo.yaml --corpus data/corpus --checkpoint ROOT",
     )
     parser.add_argument("--corpus", required=True, help=CORPUS_HELP)
     parser.add_argument("--tokens", help="where token shards go (default ROOT/tokens)")

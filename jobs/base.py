@@ -1,6 +1,6 @@
 """Stage `base`: the base masked transformer on low-res token shards (Muse §2.2).
 
-    muse train base --config configs/train_tiny.yaml --tokens TOKENS --checkpoint ROOT
+    muse train base --config configs/demo.yaml --tokens TOKENS --checkpoint ROOT
     python -m jobs.base ...            (the same, for `ray job submit --working-dir . -- python -m jobs.base ...`)
 
 Reads token shards written by `muse tokenize`, re-encodes their text ids with ROOT/text_encoder,

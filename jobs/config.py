@@ -4,7 +4,7 @@ One `TrainConfig` covers the whole staged recipe; each stage reads its own secti
 drives `muse train base` and `muse train all`. YAML files hold only what differs from these defaults
 (`configs/train_*.yaml`); unknown keys are rejected with the list of valid ones. The defaults are the
 paper's cluster recipe (Muse arXiv 2301.00704 §4: lr 1e-4, 5000 warm-up steps, cosine decay,
-weight decay 0.045, β = (0.9, 0.96)); `configs/train_tiny.yaml` shrinks it to 2 CPU cores.
+weight decay 0.045, β = (0.9, 0.96)); `configs/demo.yaml` shrinks it to 2 CPU cores.
 
 Model architectures are preset names (`muse.config.PRESETS`). The root decides: a transformer stage
 without a preset (`model: null`, the default) continues the component already in the model root, in

@@ -1,6 +1,6 @@
 """Stage `decoder`: decoder fine-tuning (Muse §2.5).
 
-    muse train decoder --config configs/train_tiny.yaml --corpus CORPUS --checkpoint ROOT
+    muse train decoder --config configs/demo.yaml --corpus CORPUS --checkpoint ROOT
     python -m jobs.decoder ...
 
 Loads ROOT/vqgan_hi (or vqgan_lo; `decoder.component`), replaces its decoder by a wider/deeper one

@@ -8,7 +8,9 @@ Writes into --output (default demo_output/):
   corpus/       the synthetic corpus and holdout.json
   images/       with --tokenizer-images all-pairings: as many images again, of every pairing, that
                 the tokenizers learn from instead of the corpus
-  checkpoint/   the trained model root (`muse serve --checkpoint demo_output/checkpoint` serves it)
+  checkpoint/   the trained model root
+  serve.yaml    the root with the demo's sampling: `muse serve --config demo_output/serve.yaml` serves
+                it afterwards as the demo did
   grid.png      prompt -> served image (base + super-res), with the judge's verdict
   grid_base.png the same prompts through the base stage alone
   report.json   judge accuracy (seen vs held-out pairings, and the chance level of the same images
@@ -51,6 +53,22 @@ DEMO_APP = "muse-demo"  # the demo's Serve application: the only one it deletes
 TOKENIZER_IMAGES = ("corpus", "all-pairings")  # what the tokenizers learn from (--tokenizer-images)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
+
+
+SERVE_CONFIG = "serve.yaml"
+
+
+def write_serve_config(output: str, root: str) -> str:
+    """OUTPUT/serve.yaml: AppArgs overrides (the root, the demo's sampling) for `muse serve --config`, so
+    the root is served afterwards as the demo served it, not with Serve's defaults (guidance 4, super-res
+    sampling the whole codebook), under which the tiny model draws other images."""
+    import yaml
+
+    path = storage.join(output, SERVE_CONFIG)
+    storage.write_text(path, "# `muse serve --config " + path + "`: the demo's model with the demo's sampling\n"
+                       + yaml.safe_dump({"checkpoint": os.path.abspath(root) if not storage.is_s3(root) else root,
+                                         "sampling": dict(DEMO_SAMPLING)}, sort_keys=False))
+    return path
 
 
 def free_port() -> int:
@@ -211,6 +229,7 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
         ingress = AppArgs.model_fields["ingress"].default.model_copy(update={"num_cpus": 0.25})  # its queue kept
         args = AppArgs(checkpoint=root, text_encoder=small, decoder=small, ingress=ingress, base=gen, superres=gen,
                        sampling=Sampling(**DEMO_SAMPLING))
+        write_serve_config(output, root)
         start_serve("127.0.0.1", port)
         deployed = True  # from here on the app may exist, even if serve.run fails part-way
         serve.run(build_app(args), name=DEMO_APP, route_prefix="/", blocking=False)
@@ -253,7 +272,8 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
     print(f"\n[demo] outputs in {output}:\n"
           f"  grid.png, grid_base.png   prompt -> served image, full chain and base stage, with the verdicts\n"
           f"  report.json               every figure above, stage times, the provenance check\n"
-          f"  checkpoint/               the model root: muse serve --checkpoint {root}", flush=True)
+          f"  checkpoint/, serve.yaml   the model root, served as here by: muse serve --config "
+          f"{storage.join(output, SERVE_CONFIG)}", flush=True)
     return report
 
 

@@ -118,7 +118,7 @@ class Stage:
                         "model root. Re-running with the same --checkpoint (and run name) resumes from the last "
                         "checkpoint; a run name whose checkpoints belong to another model root, component or "
                         f"architecture is refused (pass --set {self.name}.run.name=NEW).",
-            epilog=f"example: muse train {self.name} --config configs/train_tiny.yaml {flag} {DATA_KINDS[self.data]} "
+            epilog=f"example: muse train {self.name} --config configs/demo.yaml {flag} {DATA_KINDS[self.data]} "
                    "--checkpoint ROOT. On a cluster: RAY_AUTH_MODE=token ray job submit --working-dir . -- "
                    f"python -m jobs.{self.name} {flag} s3://... --checkpoint s3://...",
         )
@@ -227,7 +227,7 @@ def _training_failure(e: BaseException) -> str | None:
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """The flags every `muse train` command takes."""
     parser.add_argument("--config", help="training YAML with only what differs from the defaults "
-                                         "(e.g. configs/train_tiny.yaml); see jobs/config.py")
+                                         "(e.g. configs/demo.yaml); see jobs/config.py")
     parser.add_argument("--checkpoint", "--output", dest="checkpoint", required=True, metavar="ROOT",
                         help="model root to write components into (local or s3://), the --checkpoint that "
                              "tokenize, generate and serve read; runs go to ROOT/runs and sample grids to ROOT/samples")

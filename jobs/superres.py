@@ -1,6 +1,6 @@
 """Stage `superres`: the super-res transformer on low-res + high-res token shards (Muse §2.3).
 
-    muse train superres --config configs/train_tiny.yaml --tokens TOKENS --checkpoint ROOT
+    muse train superres --config configs/demo.yaml --tokens TOKENS --checkpoint ROOT
     python -m jobs.superres ...
 
 The same masked-token recipe as `base` (jobs.masked) on `tokens_hi`, conditioned on the text and the

@@ -1,6 +1,6 @@
 """Stage `vqgan`: the low-res (f16) and high-res (f8) image tokenizers, trained on raw images.
 
-    muse train vqgan --config configs/train_tiny.yaml --corpus CORPUS --checkpoint ROOT [--component vqgan_lo]
+    muse train vqgan --config configs/demo.yaml --corpus CORPUS --checkpoint ROOT [--component vqgan_lo]
     python -m jobs.vqgan ...
 
 Images come through the tokenization pipeline's readers and preprocessing (`jobs.data.image_dataset`).

@@ -81,10 +81,17 @@ def init_main(argv: list[str] | None = None) -> None:
         parser.error(f"{args.out} already holds a model root ({', '.join(held)}); pass --force to overwrite it")
     try:
         init_model_root(args.preset, args.out, seed=args.seed, components=chosen, text_encoder=args.text_encoder)
-    except (ValueError, OSError) as e:
+    except ValueError as e:  # a bad preset, folder or width: a refusal, as argparse's are
+        parser.exit(2, f"muse init: error: {e}\n")
+    except OSError as e:
         parser.exit(1, f"muse init: error: {e}\n")
-    what = "model root" if set(chosen) == set(COMPONENTS) else ", ".join(chosen)
-    print(f"wrote a random {args.preset} {what} to {args.out}")
+    referenced = args.text_encoder is not None and "text_encoder" in chosen
+    built = [name for name in chosen if not (referenced and name == "text_encoder")]
+    what = "model root" if set(chosen) == set(COMPONENTS) and not referenced else ", ".join(built)
+    line = f"wrote a random {args.preset} {what}" if built else "wrote"
+    if referenced:
+        line += f"{' and' if built else ''} a text_encoder that references {args.text_encoder} (nothing copied)"
+    print(f"{line} to {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int | None:

@@ -37,6 +37,7 @@ from muse.judge import judge, summarize
 from muse.masking import mask_tokens
 
 Generate = Callable[[list[str], int], list[Image.Image]]  # (prompts, seed) -> one image per prompt
+DEFAULT_BATCH = 16  # real corpus: prompts per generation call
 
 
 def read_holdout(corpus: str) -> dict:
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"real corpus: run with n < {MIN_N} as a smoke test; the report says not comparable")
     parser.add_argument("--fid-net", help=f"real corpus: FID feature network, {FEATURE_NET_HELP}")
     parser.add_argument("--clip", help="local Hugging Face CLIP folder (CLIPModel + tokenizer) for CLIP score")
-    parser.add_argument("--batch", type=int, default=16, help="real corpus: prompts per generation call")
+    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="real corpus: prompts per generation call")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="the model's transformers and VQGANs, and on a real corpus the CLIP and CLIP "
@@ -392,7 +393,7 @@ def _checked(args: argparse.Namespace) -> CorpusEvalConfig | None:
     """The real corpus's config (None for a synthetic one); ValueError on bad arguments, before the
     model is loaded."""
     from muse.eval_corpus import CorpusEvalConfig
-    from muse.fid import FEATURE_NET_HELP, check_n
+    from muse.fid import DEFAULT_N, FEATURE_NET_HELP, check_n
 
     for name, value in (("--steps", args.steps), ("--superres-steps", args.superres_steps)):
         if value < 1:
@@ -403,6 +404,14 @@ def _checked(args: argparse.Namespace) -> CorpusEvalConfig | None:
     if args.corpus and fmt == "auto" and storage.exists(storage.join(args.corpus, "holdout.json")):
         fmt = "synthetic"
     if args.corpus is None or fmt == "synthetic":
+        real_only = [flag for flag, given in (("--fid-net", args.fid_net), ("--allow-small-n", args.allow_small_n),
+                                             ("--n", args.n != DEFAULT_N), ("--batch", args.batch != DEFAULT_BATCH))
+                     if given]
+        if real_only:  # they would be ignored: the synthetic judge reads none of them
+            raise ValueError(f"{', '.join(real_only)} apply to a real corpus, and "
+                             + (f"{args.corpus} is a synthetic one (it has holdout.json), scored by its attribute "
+                                "judge (--n-seen prompts): leave them out, or give --corpus-format with the corpus's "
+                                "format to score it as a real corpus" if args.corpus else "no --corpus was given"))
         return None
     # A real corpus: fail on a bad n or missing networks before loading the model.
     cfg = CorpusEvalConfig(n=args.n, allow_small_n=args.allow_small_n, format=fmt, batch=args.batch, seed=args.seed)

@@ -328,6 +328,10 @@ def test_muse_eval_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
         (["--checkpoint", str(root), *small, "--n", "1", "--clip", "x"], "n must be >= 2"),
         (["--checkpoint", str(root), *small, "--n", "6", "--clip", clip], "gave only 4 usable"),
         (["--checkpoint", str(root), "--corpus", str(synthetic), "--steps", "0"], "--steps must be >= 1"),
+        # Real-corpus flags on the synthetic corpus would be ignored: refused, naming them.
+        (["--checkpoint", str(root), "--corpus", str(synthetic), "--fid-net", "/nonexistent.pt", "--n", "16"],
+         "--fid-net, --n apply to a real corpus, and " + str(synthetic) + " is a synthetic one"),
+        (["--checkpoint", str(root), "--corpus", str(real), "--allow-small-n"], "--allow-small-n apply to a real"),
     ]
     for argv, said in cases:
         with pytest.raises(SystemExit) as exit_:

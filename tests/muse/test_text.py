@@ -396,12 +396,14 @@ def test_muse_init_references_a_t5_folder_of_the_transformers_width(tmp_path, ca
     root = str(tmp_path / "root")
     with pytest.raises(SystemExit) as exit_:
         init_main(["--preset", "tiny", "--out", root, "--text-encoder", str(tmp_path / "t5-32")])
-    assert exit_.value.code == 1
+    assert exit_.value.code == 2  # a refusal, as argparse's are
     assert "gives 32-wide embeddings, but base reads text_dim 64, superres reads text_dim 64" in capsys.readouterr().err
     init_main(["--preset", "tiny", "--out", root])
     base = (tmp_path / "root" / "base" / "model.safetensors").read_bytes()
     init_main(["--preset", "tiny", "--out", root, "--components", "text_encoder", "--force",
                "--text-encoder", str(tmp_path / "t5-64")])  # the rest of the root stays as it is
+    assert f"wrote a text_encoder that references {tmp_path / 't5-64'} (nothing copied) to {root}" in \
+        capsys.readouterr().out
     assert (tmp_path / "root" / "base" / "model.safetensors").read_bytes() == base
     meta = read_meta(component_uri(root, "text_encoder"))
     assert meta["reference"] and meta["config"]["name_or_path"] == str(tmp_path / "t5-64")
@@ -416,7 +418,7 @@ def test_muse_init_references_a_t5_folder_of_the_transformers_width(tmp_path, ca
         with pytest.raises(SystemExit) as exit_:
             init_main(["--preset", "muse-632m", *argv, "--out", root, "--force"])
         err = capsys.readouterr().err
-        assert exit_.value.code == 1 and why in err, err
+        assert exit_.value.code == 2 and why in err, err
     assert read_meta(component_uri(root, "text_encoder")) == meta
     assert (tmp_path / "root" / "base" / "model.safetensors").read_bytes() == base
     encoder = load_component(component_uri(root, "text_encoder"))
