@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -106,6 +107,18 @@ def load_t5_encoder(folder: str, dtype: torch.dtype) -> T5Encoder:
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     model.encoder.embed_tokens = model.shared  # tied again: assigning each name set its own tensor
     return model.eval()
+
+
+def warn_if_cut(tokenizer, prompts: list[str], max_length: int) -> None:
+    """Warn when a prompt is longer than the text encoder reads, so that its end is silently ignored.
+    Only prompts that could be too long are tokenized again (a token covers a byte or more)."""
+    long = [p for p in prompts if len(p.encode("utf-8")) + 2 > max_length]
+    if not long:
+        return
+    cut = [p for p, row in zip(long, tokenizer(long, truncation=False)["input_ids"]) if len(row) > max_length]
+    if cut:  # one message per encoder length, so Python's filter shows it once per process, not per batch
+        warnings.warn(f"prompts longer than the text encoder's {max_length} tokens are cut: only their start is read",
+                      UserWarning, stacklevel=3)
 
 
 class TextEncoder(nn.Module):
@@ -213,6 +226,7 @@ class TextEncoder(nn.Module):
         if isinstance(prompts, str):
             prompts = [prompts]
         rows = self.tokenizer(list(prompts), truncation=True, max_length=self.config.max_length)["input_ids"]
+        warn_if_cut(self.tokenizer, prompts, self.config.max_length)
         # Padded on the right to the longest, as transformers pads T5 (the tokenizer may be muse's own).
         ids = torch.full((len(rows), max(map(len, rows), default=0)), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros(ids.shape, dtype=torch.bool)

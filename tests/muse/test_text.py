@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -123,10 +124,14 @@ def test_bpe_encoder_needs_captions_and_room_for_the_bytes():
         TextEncoderConfig(tokenizer="sentencepiece")
 
 
-def test_max_length_truncates():
+def test_max_length_truncates_and_says_so():
     enc = TextEncoder.build(preset("t5-tiny"))
-    ids, mask = enc.tokenize(["x" * 1000])
+    with pytest.warns(UserWarning, match=f"longer than the text encoder's {enc.config.max_length} tokens are cut"):
+        ids, mask = enc.tokenize(["a red circle", "x" * 1000])
     assert ids.shape[1] == enc.config.max_length
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a prompt that fits says nothing, even one near the limit
+        enc.tokenize(["a red circle", "y" * (enc.config.max_length - 1)])
 
 
 def test_missing_pretrained_path_is_a_clear_error(tmp_path):
