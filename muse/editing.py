@@ -42,7 +42,7 @@ def upsample_token_mask(mask: torch.Tensor, tokens_per_side: int) -> torch.Tenso
 
 
 def outpaint_canvas(images: torch.Tensor, direction: str = "all", scale: float = 0.5,
-                    known: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    known: torch.Tensor | None = None, placed_at: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Place images (B, 3, H, W) on a canvas of the same size and mark what to generate.
 
     direction "all": the image is shrunk to `scale` of the side and centred; the border is new.
@@ -50,6 +50,9 @@ def outpaint_canvas(images: torch.Tensor, direction: str = "all", scale: float =
     that it covers `scale` of the canvas; the uncovered strip on that side is new.
     known (B, H, W) bool: where the images hold a picture (default everywhere; a letterboxed image's
     bands are not), moved with it, so the rest is new as well.
+    placed_at: place the image as on a canvas of this side (the base stage's), scaled up to this one's,
+        so that the high-res canvas is the low-res one pixel for pixel: rounded apart, a high-res token
+        kept under a kept low-res token could hold a strip of the grey canvas. H must be a multiple.
     Returns (canvas (B, 3, H, W) with 0 = grey where new, pixel mask (B, H, W) bool, True = new).
     """
     if direction not in DIRECTIONS:
@@ -57,24 +60,28 @@ def outpaint_canvas(images: torch.Tensor, direction: str = "all", scale: float =
     if not 0 < scale < 1:
         raise ValueError(f"scale must be in (0, 1), got {scale}")
     B, C, H, W = images.shape
+    if placed_at is not None and (H != W or H % placed_at):
+        raise ValueError(f"a {H}x{W} canvas cannot be placed as one of side {placed_at}: it must be square and a "
+                         "multiple of it")
+    unit, (H0, W0) = (1, (H, W)) if placed_at is None else (H // placed_at, (placed_at, placed_at))
     source = torch.ones(B, H, W, dtype=torch.bool, device=images.device) if known is None else known.bool()
     canvas = images.new_zeros(B, C, H, W)
     placed = torch.zeros(B, H, W, dtype=torch.bool, device=images.device)
     if direction == "all":
-        h, w = max(1, round(H * scale)), max(1, round(W * scale))
-        top, left = (H - h) // 2, (W - w) // 2
+        h, w = unit * max(1, round(H0 * scale)), unit * max(1, round(W0 * scale))
+        top, left = unit * ((H0 - h // unit) // 2), unit * ((W0 - w // unit) // 2)
         canvas[:, :, top:top + h, left:left + w] = F.interpolate(  # float32: no low-precision kernel on CPU
             images.float(), size=(h, w), mode="bilinear", antialias=True, align_corners=False
         ).to(images.dtype)
         placed[:, top:top + h, left:left + w] = F.interpolate(source[:, None].float(), size=(h, w))[:, 0] > 0.5
     elif direction in ("left", "right"):
-        keep = max(1, round(W * scale))
+        keep = unit * max(1, round(W0 * scale))
         if direction == "left":  # new content on the left: the image's left part moves right
             canvas[..., W - keep:], placed[..., W - keep:] = images[..., :keep], source[..., :keep]
         else:
             canvas[..., :keep], placed[..., :keep] = images[..., W - keep:], source[..., W - keep:]
     else:
-        keep = max(1, round(H * scale))
+        keep = unit * max(1, round(H0 * scale))
         if direction == "up":
             canvas[..., H - keep:, :], placed[:, H - keep:, :] = images[..., :keep, :], source[:, :keep, :]
         else:

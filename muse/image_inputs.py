@@ -99,14 +99,19 @@ def mask_from_image(img: Image.Image) -> np.ndarray:
     return np.asarray(to_rgb(img).convert("L")) >= GREY_REGENERATE_FROM
 
 
-def letterbox(img: Image.Image, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def letterbox(img: Image.Image, size: int, placed_at: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole image resized to fit a size x size square and centred on it: ((3, size, size) float
-    in [-1, 1], grey where empty; (size, size) bool, True where the image is)."""
+    in [-1, 1], grey where empty; (size, size) bool, True where the image is). `placed_at`: placed as on
+    a square of that side (the base stage's), scaled up, so two resolutions' bands agree pixel for pixel
+    (`size` a multiple of it)."""
     width, height = img.size
-    scale = size / max(width, height)
-    w, h = max(1, round(width * scale)), max(1, round(height * scale))
+    base = size if placed_at is None else placed_at
+    if size % base:
+        raise ValueError(f"a {size} px square cannot be placed as one of {base} px: it must be a multiple")
+    unit, scale = size // base, base / max(width, height)
+    w, h = unit * max(1, round(width * scale)), unit * max(1, round(height * scale))
     canvas = np.full((size, size, 3), 127.5, dtype=np.float32)
-    left, top = (size - w) // 2, (size - h) // 2
+    left, top = unit * ((base - w // unit) // 2), unit * ((base - h // unit) // 2)
     resized = to_rgb(img).resize((w, h), Image.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
     canvas[top:top + h, left:left + w] = np.asarray(resized, dtype=np.float32)
     inside = torch.zeros(size, size, dtype=torch.bool)

@@ -240,9 +240,10 @@ class MusePipeline:
         pixels, inside = self._letterboxed(img, self.vqgan_lo)
         lo_canvas, new = editing.outpaint_canvas(pixels, direction, scale, known=inside)
         hi_canvas = None
-        if superres and self.vqgan_hi is not None:
-            pixels, inside = self._letterboxed(img, self.vqgan_hi)
-            hi_canvas = editing.outpaint_canvas(pixels, direction, scale, known=inside)[0]
+        if superres and self.vqgan_hi is not None:  # placed as the low-res canvas is, pixel for pixel
+            side = lo_canvas.shape[-1]
+            pixels, inside = self._letterboxed(img, self.vqgan_hi, placed_at=side)
+            hi_canvas = editing.outpaint_canvas(pixels, direction, scale, known=inside, placed_at=side)[0]
         regen = editing.token_mask_from_pixels(new, self.base.config.tokens_per_side)
         return self._fill(lo_canvas, hi_canvas, regen, prompt_, negatives, req)
 
@@ -326,9 +327,9 @@ class MusePipeline:
 
         return at(self.vqgan_lo), (at(self.vqgan_hi) if superres and self.vqgan_hi is not None else None)
 
-    def _letterboxed(self, img: Image.Image, vqgan) -> tuple[torch.Tensor, torch.Tensor]:
+    def _letterboxed(self, img: Image.Image, vqgan, placed_at: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, 3, r, r) of the whole image letterboxed at vqgan's resolution, and (1, r, r) where it is."""
-        pixels, inside = letterbox(img, vqgan.config.resolution)
+        pixels, inside = letterbox(img, vqgan.config.resolution, placed_at)
         return pixels[None].to(self.device, next(vqgan.parameters()).dtype), inside[None].to(self.device)
 
     def _to_pil(self, vqgan, ids: torch.Tensor) -> list[Image.Image]:

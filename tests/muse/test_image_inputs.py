@@ -97,3 +97,15 @@ def test_letterbox_keeps_the_whole_image_centred():
     from muse.data.images import pil_to_tensor
 
     assert torch.equal(letterbox(square, 64)[0], pil_to_tensor(square, 64))  # a square is as before
+
+
+def test_a_letterbox_placed_at_the_base_side_agrees_with_it_pixel_for_pixel():
+    """The super-res canvas keeps the tokens over the base canvas's image: its bands must be the base
+    bands scaled, not rounded on their own (a 100x61 image: 39 rows of 64, but 78 or 79 of 128)."""
+    for size in [(100, 61), (61, 100), (333, 100), (100, 99), (7, 64)]:
+        img = Image.new("RGB", size, (255, 0, 0))
+        _, lo = letterbox(img, 64)
+        _, hi = letterbox(img, 128, placed_at=64)
+        assert torch.equal(hi, torch.nn.functional.interpolate(lo[None, None].float(), size=(128, 128))[0, 0] > 0), size
+    with pytest.raises(ValueError, match="must be a multiple"):
+        letterbox(img, 100, placed_at=64)
