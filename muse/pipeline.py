@@ -7,7 +7,10 @@
 outpaint / mask-free edit) and PIL in and out around the two token stages (`muse.token_stages`, which
 the serving layer calls per deployment). Image i of prompt p of a call with seed s draws from its own
 generator, seeded `sampling.image_seed(s, i, p)`, in both stages, so it does not depend on the other
-images, and no two seeds share an image.
+images, and no two seeds share an image. One caveat in bf16 and fp16: prompts of a call are padded to
+the longest, and padding changes the text's encoding and attention by rounding, which can flip a few
+sampled tokens; ask for one prompt per call there (as the serving layer encodes each request alone)
+to get the image a single-prompt call gives. In float32 the images are the same.
 """
 
 from __future__ import annotations
@@ -154,7 +157,8 @@ class MusePipeline:
         negative_prompt: one for all prompts or one per prompt; None = the unconditional branch.
         seed: image i of prompt p draws from `sampling.image_seed(seed, i, p)` in both stages, so the
             same seed and settings give the same images, and an image does not depend on how many
-            images or prompts were asked for (None = a seed drawn from torch's global RNG).
+            images or prompts were asked for (in bf16 and fp16 other prompts can flip a few tokens: see
+            the module's note) (None = a seed drawn from torch's global RNG).
         first_image: i of the first image (the same in `inpaint`, `outpaint` and `edit`): a long run is
             drawn in batches, `num_images` at a time from first_image 0, num_images, ..., and gives the
             images one call would.
