@@ -204,12 +204,14 @@ def cfg_context(context: Context, uncond_context: Context | None) -> ContextStac
 
 def guided_logits(model: torch.nn.Module, ids: torch.Tensor, context: Context, joint: ContextStack | None,
                   t: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
-    """(1 + t)·ℓ_cond − t·ℓ_uncond, t (B,), in the model's dtype: one forward of 2B rows over `joint`
+    """(1 + t)·ℓ_cond − t·ℓ_uncond, t (B,), in the model's dtype (float32 for fp16): one forward of 2B rows over `joint`
     = cfg_context(...); with joint None, one forward of B rows on `context` alone (no guidance).
     With `select` ((B, N) bool) only the selected positions' logits (M, K), else (B, N, K)."""
     if joint is None:
         return model(ids, context, select=select)
     both = model(torch.cat([ids, ids]), joint, select=None if select is None else torch.cat([select, select]))
+    if both.dtype == torch.float16:  # fp16 tops out at 65504: a large guidance would make every logit inf
+        both = both.float()
     cond, uncond = both.chunk(2)
     weight = (1 + t).to(both.dtype)
     weight = weight[:, None, None] if select is None else weight[:, None].expand_as(select)[select][:, None]

@@ -293,7 +293,10 @@ class Scheduler:
                                [tasks[i].rows for i in parts])
         ids = torch.cat([inputs[i].ids for i in parts])
         select = torch.cat([inputs[i].select for i in parts])
-        logits = self.model(ids, context, select=select).split([int(inputs[i].select.sum()) for i in parts])
+        logits = self.model(ids, context, select=select)
+        if logits.dtype == torch.float16 and guided:  # as guided_logits: fp16 would overflow at a large scale
+            logits = logits.float()
+        logits = logits.split([int(inputs[i].select.sum()) for i in parts])
         out = list(logits[:len(tasks)])
         for i, uncond in zip(guided, logits[len(tasks):]):
             s = inputs[i]

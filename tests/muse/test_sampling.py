@@ -137,6 +137,22 @@ def test_guided_logits_formula_and_linear_ramp_to_target():
     assert torch.equal(ids, got.argmax(dim=-1))
 
 
+def test_fp16_logits_are_guided_in_float32_so_a_large_scale_stays_finite():
+    """(1 + t) is past fp16's largest value (65504) at t = 7e4: the guided logits stayed all inf and the
+    sampler drew one code everywhere. They are combined in float32."""
+    model = FakeTransformer()
+    half = lambda *a, **k: FakeTransformer.forward(model, *a, **k).half()  # noqa: E731
+    cond, uncond = ctx(1.0, 2.0), ctx(-1.0, 0.5)
+    ids = torch.full((2, N), model.mask_token_id)
+    t = torch.tensor([7e4, 3.0])
+    fake = torch.nn.Module()
+    fake.forward = half
+    got = sampling.guided_logits(fake, ids, cond, sampling.cfg_context(cond, uncond), t)
+    lc, lu = model(ids, cond).half().float(), model(ids, uncond).half().float()
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    torch.testing.assert_close(got, (1 + t[:, None, None]) * lc - t[:, None, None] * lu, rtol=1e-3, atol=1.0)
+
+
 def test_guidance_ramp_reaches_target_on_last_step():
     """Spy on guided_logits: t goes 0, s/(S-1)·scale, ..., scale."""
     model = FakeTransformer()
