@@ -97,11 +97,6 @@ def main(argv: list[str] | None = None) -> None:
     # On a Ray of its own, Serve's proxy will listen here; on a cluster, one may be listening already.
     if cluster_address() is None and (why := port_taken(host, port)):
         parser.error(f"cannot listen on {host}:{port}: {why} (pick another --port)")
-    local = join_ray(num_cpus=args.num_cpus, include_dashboard=False, quiet=False)  # replicas' logs stay on the console
-    try:
-        check_shared_paths({"--checkpoint": app_args.checkpoint})  # replicas on other nodes load it too
-    except LocalPathRefused as e:
-        raise SystemExit(f"muse serve: {e}") from None
     stop = threading.Event()
 
     def on_signal(*_) -> None:
@@ -110,9 +105,29 @@ def main(argv: list[str] | None = None) -> None:
             raise KeyboardInterrupt
         stop.set()
 
+    # Before Ray starts too: a signal while it starts would otherwise kill this process and leave
+    # Ray's agents running on their own.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
+        local = join_ray(num_cpus=args.num_cpus, include_dashboard=False, quiet=False)  # replicas' logs on the console
+    except KeyboardInterrupt:  # a second signal while Ray started
+        import ray
+
+        ray.shutdown()
+        raise SystemExit("muse serve: stopped while Ray started") from None
+    signal.signal(signal.SIGTERM, on_signal)  # join_ray's own handler replaced it
+    try:
+        check_shared_paths({"--checkpoint": app_args.checkpoint})  # replicas on other nodes load it too
+    except LocalPathRefused as e:
+        if local:
+            import ray
+
+            ray.shutdown()
+        raise SystemExit(f"muse serve: {e}") from None
+    try:
+        if stop.is_set():
+            raise KeyboardInterrupt  # asked to stop while Ray started
         start_serve(host, port)
         print(f"muse serve: starting {app_args.checkpoint} (loading the models)", flush=True)
         serve.run(build_app(app_args), name=APP_NAME, route_prefix="/", blocking=False)
@@ -125,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
         pass
     finally:
         try:
-            print("muse serve: stopping", flush=True)
+            print("muse serve: stopping; the requests in flight finish first (Ctrl-C again to stop at once)",
+                  flush=True)
             stop_serving(APP_NAME, local)
         except KeyboardInterrupt:  # Ray's processes still go when this one exits
             print("muse serve: stopped without waiting for Serve to shut down", flush=True)
@@ -138,10 +154,15 @@ def stop_serving(app_name: str, local: bool) -> None:
     import ray
     from ray import serve
 
+    # Deleting the app first lets each replica finish the requests it holds (Serve waits up to their
+    # graceful_shutdown_timeout_s, request_timeout_s here) while new ones are refused; a second
+    # Ctrl-C stops waiting.
+    try:
+        serve.delete(app_name)
+    except Exception as e:  # noqa: BLE001 - stopped before Serve or the app started: nothing to drain
+        print(f"muse serve: no app to drain ({type(e).__name__})", flush=True)
     if local:
         ray.shutdown()  # takes Serve with it; serve.shutdown() first only races its controller's own exit
-    else:
-        serve.delete(app_name)
 
 
 if __name__ == "__main__":

@@ -382,3 +382,36 @@ def test_stopping_on_a_joined_cluster_deletes_only_its_own_app(muse_app):
     stop_serving("other-team", local=False)
     assert "other-team" not in serve.status().applications and ray.is_initialized()
     assert muse_app.client.get("/healthz").status_code == 200
+
+
+def test_stopping_lets_the_requests_in_flight_finish(muse_app, monkeypatch):
+    """`muse serve` stopped by Ctrl-C or SIGTERM deletes its app before Ray goes: each replica finishes
+    the requests it holds (graceful_shutdown_timeout_s) instead of dropping their connections."""
+    import asyncio
+
+    import ray
+    from ray import serve
+
+    from serve.cli import stop_serving
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=60)
+    class Slow:
+        async def __call__(self, request) -> str:
+            await asyncio.sleep(4)
+            return "finished"
+
+    serve.run(Slow.bind(), name="slow", route_prefix="/slow", blocking=False)
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(httpx.get, muse_app.url + "/slow", timeout=60)
+        time.sleep(1.5)  # in flight
+        stop_serving("slow", local=False)
+        r = answer.result()
+    assert r.status_code == 200 and r.text == "finished"
+    assert "slow" not in serve.status().applications
+
+    # On a Ray of its own, the app is deleted (drained) before Ray shuts down.
+    order = []
+    monkeypatch.setattr(serve, "delete", lambda name: order.append(("delete", name)))
+    monkeypatch.setattr(ray, "shutdown", lambda: order.append(("shutdown",)))
+    stop_serving("muse", local=True)
+    assert order == [("delete", "muse"), ("shutdown",)]
