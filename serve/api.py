@@ -257,7 +257,9 @@ def build_fastapi(ing: Ingress) -> FastAPI:
     async def files(name: str) -> Response:
         data = await ing.responses.file(name)  # None unless the name, its format included, is one it gave
         if data is None:
-            raise APIError(404, "no such file (or it has expired)", param="file", code="not_found")
+            kept = "" if ing.args.files.uri else (", or the server restarted since it was made (links are kept in "
+                                                  "memory unless files.uri is set)")
+            raise APIError(404, f"no such file: it has expired{kept}", param="file", code="not_found")
         max_age = max(0, int(name.split("-", 1)[0]) - int(time.time()))  # until it expires
         return Response(data, media_type=OUTPUT_FORMATS[name.rpartition(".")[2]],
                         headers={"Cache-Control": f"private, max-age={max_age}"})

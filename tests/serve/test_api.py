@@ -99,6 +99,7 @@ def test_url_response_can_be_fetched(muse_app):
     assert httpx.get(url.replace(".png", ".jpeg")).status_code == 404  # served only as what it is
     missing = httpx.get(muse_app.url + "/v1/files/9999999999-" + "0" * 32 + ".png")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert "or the server restarted since it was made" in missing.json()["error"]["message"]  # in-memory links
 
 
 def test_negative_prompt_and_guidance_follow_the_pipeline(muse_app, pipe):
