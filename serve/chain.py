@@ -151,8 +151,11 @@ def replica_lost(e: BaseException | None) -> BaseException | None:
 
 def crashed(e: BaseException) -> bool:
     """The replica's process died on its own while running the call (a segfault, the OOM killer),
-    as opposed to being stopped (ray.kill, downscaling, a drained node) or unreachable."""
-    if not isinstance(e, ActorDiedError) or getattr(e, "preempted", False):
+    as opposed to being stopped (ray.kill, downscaling, a drained node) or unreachable. An upstream
+    replica's death reaches the call that reads its result as Serve's "an upstream actor died",
+    which quotes the ActorDiedError: read the same way, so a crash is one whichever stage died."""
+    upstream = isinstance(e, RayServeException) and "ActorDiedError" in str(e)
+    if not (isinstance(e, ActorDiedError) or upstream) or getattr(e, "preempted", False):
         return False
     message = str(e)
     return not any(s in message for s in ("ray.kill", "never ran", "intended", "INTENDED"))

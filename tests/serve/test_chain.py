@@ -115,6 +115,12 @@ def test_an_upstream_replica_lost_behind_serves_wrapper_is_a_lost_replica():
     wrapped = RayServeException("Request to deployment 'SuperResGenerator' failed because an upstream actor "
                                 "died before finishing a dependent task. Ray reported: ...")
     assert replica_lost(wrapped) is wrapped and not crashed(wrapped)  # re-run on a replacement
+    # Where Serve quotes the upstream ActorDiedError, it is read as that error is: stopped, or crashed.
+    quoted = ("Request to deployment 'Decoder' failed because an upstream actor died before finishing a "
+              "dependent task. Ray reported: ... ray.exceptions.ActorDiedError: The actor died unexpectedly "
+              "before finishing this task. ... The actor is dead because its worker process has died. ")
+    assert crashed(RayServeException(quoted + "Worker exit type: SYSTEM_ERROR"))
+    assert not crashed(RayServeException(quoted + "The actor is dead because it was killed by `ray.kill`."))
     assert replica_lost(RayServeException("something else")) is None  # other Serve errors are not retried
 
 

@@ -50,3 +50,34 @@ def test_killed_base_replica_is_replaced_and_requests_succeed(muse_app, pipe):
         want = pipe("a white moon", steps=TEST_ARGS["sampling"]["steps"],
                     superres_steps=TEST_ARGS["sampling"]["superres_steps"], seed=seed)
         assert_same_image(png_array(r.json()["data"][0]["b64_json"]), pil_array(want[0]))
+
+
+def test_a_base_replica_that_dies_under_a_request_is_a_crash_not_re_run_as_the_decoders_would_be(muse_app):
+    """A replica process killed (SIGKILL, as the OOM killer does) while it holds a request: the request
+    gets 503 replica_crashed with x-should-retry false, whichever stage died. A dead base replica used
+    to reach the ingress only as the next call's "an upstream actor died" and was re-run, where a dead
+    decoder was not; the upstream call's own error now says it crashed."""
+    import os
+    import signal
+
+    base = serve.get_deployment_handle("BaseGenerator", app_name=APP)
+    before = base.stats.remote().result()["replica"]
+    pid = ray.get(_replica_actor("BaseGenerator", before).__ray_call__.remote(lambda replica: os.getpid()))
+    body = dict(prompt="a white moon", size="64x64", seed=22, steps=100, response_format="b64_json")
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(muse_app.generate, **body)
+        deadline = time.monotonic() + 60
+        while not _held(base.stats.remote().result()):
+            assert not in_flight.done(), in_flight.result().text
+            assert time.monotonic() < deadline, "the request never reached the base replica"
+        os.kill(pid, signal.SIGKILL)
+        r = in_flight.result(timeout=150)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "replica_crashed", r.text
+    assert r.headers["x-should-retry"] == "false"
+    deadline = time.monotonic() + 120
+    while True:  # Serve replaces it, and requests work again
+        r = muse_app.generate(prompt="a white moon", size="64x64", seed=1, response_format="b64_json")
+        if r.status_code == 200:
+            break
+        assert time.monotonic() < deadline, r.text
+        time.sleep(1)
