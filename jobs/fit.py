@@ -168,7 +168,8 @@ def _refuse_training_over_another_export(job: dict, name: str, folder: str, resu
     from the checkpoint, not from the component. When another run wrote the component since (a LoRA
     fine-tune under another name), or it was replaced (imported again, `muse import --force`), the
     export at the end would replace those weights with training that never saw them. Refused, with the
-    ways out. A finished run trains nothing and leaves it; the run's own export is its to continue."""
+    ways out. A finished run trains nothing and leaves it; the run's own export is its to continue, and
+    so is a component still the one the run started from, whoever wrote it."""
     from muse import checkpoint
 
     if not job.get("init_from") or resume.step is not None and resume.step >= max_steps:
@@ -176,6 +177,8 @@ def _refuse_training_over_another_export(job: dict, name: str, folder: str, resu
     written_by = checkpoint.component_extra(job["init_from"]).get("run")
     if written_by == name:
         return
+    if resume.started_from and identity.get("init") == resume.started_from:
+        return  # the component is still the one this run started from (an interrupted LoRA run over base)
     section, component = job.get("stage", job["component"]), job["component"]
     ways_out = (f"pass --set {section}.run.name=NEW to continue the root's {component} in a new run, or delete "
                 f"{folder} to drop this run's checkpoints")

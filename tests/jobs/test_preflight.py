@@ -437,10 +437,12 @@ def test_a_run_resuming_its_checkpoint_does_not_train_over_another_runs_export(t
     root = str(tmp_path / "root")
     checkpoint.init_model_root("tiny", root, components=("base",))
     uri = checkpoint.component_uri(root, "base")
-    checkpoint.save_component(checkpoint.load_component(uri), uri,
-                              extra=loop.finished_extra("base", 500, {"run_name": "lora"}))
     job = job_for(root) | {"init_from": uri}
     write_checkpoint(os.path.join(root, "runs", "base"), "checkpoint_2026-12-01_10-00-00.000001", run_identity(job))
+    model = checkpoint.load_component(uri)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)  # the LoRA run's merged weights
+    checkpoint.save_component(model, uri, extra=loop.finished_extra("base", 500, {"run_name": "lora"}))
     section = tiny_config("base.run.max_steps=10").base
     with pytest.raises(RunRefused, match=r"holds run 'lora''s export, but this run resumes its own checkpoint .* step 2"):
         fit.fit_stage(BaseWorker, section, job, dataset=None)

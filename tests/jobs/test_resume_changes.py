@@ -46,3 +46,19 @@ def test_resuming_over_a_component_replaced_since_the_run_started_is_refused(tmp
     checkpoint.save_component(model, uri, extra=loop.finished_extra("base", 2, {"run_name": "base"}))
     resume = check_resume(run_dir, run_identity(job), "base")
     assert fit._refuse_training_over_another_export(job, "base", run_dir, resume, 10, run_identity(job)) is None
+
+
+def test_an_interrupted_run_over_a_component_another_run_wrote_resumes_when_the_component_is_unchanged(tmp_path):
+    """`train base`, then `train base --lora-rank 8` (run "base_lora") killed at step 2: ROOT/base is still
+    run "base"'s export, the very weights the LoRA run started from, so the same command resumes."""
+    root = str(tmp_path / "root")
+    checkpoint.init_model_root("tiny", root, components=("base",))
+    uri = checkpoint.component_uri(root, "base")
+    checkpoint.save_component(checkpoint.load_component(uri), uri,
+                              extra=loop.finished_extra("base", 500, {"run_name": "base"}))
+    job = job_for(root) | {"init_from": uri, "lora_rank": 8}
+    run_dir = os.path.join(root, "runs", "base_lora")
+    write_checkpoint(run_dir, "checkpoint_2026-12-01_10-00-00.000001", run_identity(job))
+    resume = check_resume(run_dir, run_identity(job), "base")
+    assert resume.step == 2 and resume.started_from == run_identity(job)["init"]
+    assert fit._refuse_training_over_another_export(job, "base_lora", run_dir, resume, 10, run_identity(job)) is None
