@@ -203,6 +203,10 @@ def _train_loop(job: dict, attempt: int | None = None) -> None:
     if checkpoint is not None and meta.get("config_changes") and env.is_main:
         _console(job, f"{tag} warning: the checkpoint's optimizer settings differ from the config, which now "
                       f"applies: {'; '.join(meta['config_changes'])}")
+    saved_batch = (counters.get("data") or {}).get("batch_size")
+    if checkpoint is not None and saved_batch not in (None, run.batch_size) and env.is_main:
+        _console(job, f"{tag} warning: run.batch_size is {run.batch_size}, the checkpoint's {saved_batch}: the data "
+                      "starts a new epoch rather than skip what the checkpoint read in batches of another size")
     if env.is_main:
         read = (f" (this rank read {fetched['fetched_bytes'] / 1e6:,.1f} of the checkpoint's "
                 f"{fetched['total_bytes'] / 1e6:,.1f} MB)" if checkpoint and fetched else "")
@@ -265,7 +269,7 @@ def _train_loop(job: dict, attempt: int | None = None) -> None:
                 if grid is not None and env.is_main:
                     save_png(grid, storage.join(job["samples_dir"], f"step_{step:06d}.png"))
             if step % run.checkpoint_every == 0 or last:
-                counters["data"] = {**where, "world_size": env.world_size}
+                counters["data"] = {**where, "world_size": env.world_size, "batch_size": run.batch_size}
                 stall = _report_checkpoint(worker, env, step, counters, report)
             elif report is not None:
                 _report(report)
@@ -389,14 +393,14 @@ def batch_stream(shard, run, rank: int, world_size: int, step: int, cached_rows:
     it starts that epoch with the seed it had and skips the batches the run already trained on. With
     one worker these are exactly the batches an uninterrupted run reads; with several, the same place
     in the epoch (Ray Data decides which rows reach which worker); on another number of workers (whose
-    split differs) a new epoch. Streamed data starts a new pass (`jobs.data`: a fresh file
+    split differs) or another batch size (whose batches the count does not measure) a new epoch. Streamed data starts a new pass (`jobs.data`: a fresh file
     permutation per resume point)."""
     epoch_steps = (cached_rows // world_size) // run.batch_size if cached_rows else 0
     if not epoch_steps:
         epoch, skip = 0, 0
     elif resumed is None:
         epoch, skip = divmod(step, epoch_steps)
-    elif resumed.get("world_size") == world_size:
+    elif resumed.get("world_size") == world_size and resumed.get("batch_size", run.batch_size) == run.batch_size:
         epoch, skip = int(resumed["epoch"]), int(resumed["batch"])
     else:
         epoch, skip = int(resumed["epoch"]) + 1, 0

@@ -92,6 +92,11 @@ def test_a_resumed_cached_run_continues_its_data_stream(ray_session):
     # Saved by another number of workers (another split of the rows): a new epoch, not epoch 1 again.
     regrouped = stream_rows(ds, 13, 10, ROWS, resumed={**where, "world_size": 2})
     assert sorted(sum(regrouped, [])) == list(range(ROWS)) and regrouped != straight[10:20]
+    # Saved with another batch size: 3 batches of 8 are 24 rows, not the 12 that 3 batches of 4 would
+    # skip; rows 12-23 of the epoch would go unseen. A new epoch instead, as for another split.
+    resized = stream_rows(ds, 13, 10, ROWS, resumed={**where, "world_size": 1, "batch_size": 2 * BATCH})
+    assert sorted(sum(resized, [])) == list(range(ROWS)) and resized != straight[10:20]
+    assert stream_rows(ds, 13, 12, ROWS, resumed={**where, "world_size": 1, "batch_size": BATCH}) == straight[13:25]
 
 
 def test_workers_split_cached_rows_equally(ray_session):
