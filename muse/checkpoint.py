@@ -226,6 +226,35 @@ def check_weights(uri: str) -> None:
     if 8 + length + end != info.size:
         raise CheckpointError(f"{weights} is cut short or corrupt: its header accounts for {8 + length + end:,} "
                               f"bytes and the file holds {info.size:,}")
+    _check_shapes(uri, meta, {name: tuple(t["shape"]) for name, t in header.items() if name != "__metadata__"})
+
+
+def _check_shapes(uri: str, meta: dict, stored: dict[str, tuple[int, ...]]) -> None:
+    """CheckpointError when the weights file's tensors are not the config's architecture (an S3 write
+    cut between the weights and config.json leaves new weights under the old config): the model is
+    built on the meta device, so nothing is allocated. Components rebuilt from files beside the
+    weights (a text encoder's) are left to their load."""
+    config = parse_config(meta, uri)
+    _, model_cls = _kinds()[meta["kind"]]
+    if hasattr(model_cls, "from_saved"):
+        return
+    with meta_device():
+        model = model_cls(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    optional = _non_persistent(model)
+    tied: dict[int, list[str]] = {}  # safetensors keeps one name of tied tensors
+    for name, t in _tensors(model):
+        tied.setdefault(id(t), []).append(name)
+    aliases = {name: names for names in tied.values() for name in names}
+    wrong = [f"{name} {stored[name]} (config: {shape})" for name, shape in expected.items()
+             if name in stored and stored[name] != shape]
+    missing = [name for name in expected if name not in stored and name not in optional
+               and not any(n in stored for n in aliases.get(name, ()))]
+    unexpected = [name for name in stored if name not in expected]
+    if wrong or missing or unexpected:
+        raise CheckpointError(f"{uri}: weights do not match its config.json (another architecture's weights, e.g. "
+                              f"an upload cut before config.json): shapes {wrong[:3]}, missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
 
 
 def load_component(uri: str, device: str | torch.device = "cpu", expect_kind: str | None = None) -> nn.Module:

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -72,6 +73,13 @@ def test_weights_cut_short_or_garbled_are_found_from_their_header_alone(tmp_path
             check_weights(uri)
     storage.delete(weights)
     with pytest.raises(CheckpointError, match="no model.safetensors"):
+        check_weights(uri)
+    # An S3 export cut between its two uploads: new weights (a wider model) under the old config.json.
+    old_config = storage.read_bytes(storage.join(uri, "config.json"))
+    save_component(MaskedTransformer(replace(preset("base-tiny"), hidden=96, heads=4)), uri)
+    check_weights(uri)
+    storage.write_bytes(storage.join(uri, "config.json"), old_config)
+    with pytest.raises(CheckpointError, match=r"weights do not match its config.json .*shapes \['"):
         check_weights(uri)
 
 
