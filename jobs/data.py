@@ -63,13 +63,14 @@ def token_rows(uri: str) -> int | None:
 
 
 def data_order_seed(run_seed: int, run_dir: str) -> int:
-    """The file-order seed of a run (re)started now: run.seed mixed with the name of the newest
-    checkpoint in its run directory, so each resume point reads a different permutation while a
+    """The file-order seed of a run (re)started now: run.seed mixed with the name of the checkpoint it
+    resumes (`jobs.preflight.newest_checkpoint_state`: the latest Ray Train registered, not a newer
+    folder an interrupted upload left), so each resume point reads a different permutation while a
     restart from the same checkpoint reads the same one."""
-    newest = ""
-    if storage.exists(run_dir):
-        names = {f[len(run_dir):].lstrip("/").split("/")[0] for f in storage.list_files(run_dir)}
-        newest = max((n for n in names if n.startswith("checkpoint_")), default="")
+    from jobs.preflight import newest_checkpoint_state
+
+    found = newest_checkpoint_state(run_dir) if storage.exists(run_dir) else None
+    newest = found[0].rstrip("/").rsplit("/", 1)[-1] if found else ""
     digest = hashlib.sha256(f"{run_seed}:{newest}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 

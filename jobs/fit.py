@@ -13,8 +13,8 @@ from typing import Any
 
 from jobs import run_lock
 from jobs.loop import NO_FULL_BATCH, StageWorker, train_loop_per_worker, worker_path
-from jobs.preflight import (ResumePoint, RunRefused, check_resume, check_root_weights, check_rows, room_problem,
-                            run_identity)
+from jobs.preflight import (ResumePoint, RunRefused, check_resume, check_root_weights, check_rows, remove_unregistered,
+                            room_problem, run_identity)
 from jobs.progress import quiet_ray_loggers, say, start_display
 from muse import storage
 
@@ -87,6 +87,9 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
         check_root_weights(job["root"])
         identity = run_identity(job)
         resume = check_resume(folder, identity, stage)
+        if resume is not None and (stray := remove_unregistered(folder)):
+            say(f"[{name}] removed {stray} checkpoint folder(s) an interrupted attempt wrote after its last "
+                "registered checkpoint (never resumed from)")
         if resume is not None:
             _refuse_training_over_another_export(job, name, folder, resume, run.max_steps, identity)
             say(resume_line(name, resume, run.max_steps, stage))

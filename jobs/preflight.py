@@ -100,6 +100,23 @@ def newest_checkpoint_state(run_dir: str) -> tuple[str, dict] | None:
     return None
 
 
+def remove_unregistered(run_dir: str) -> int:
+    """Delete the checkpoint folders newer than the latest one Ray Train registered: an interrupted
+    run's, written but never registered, which no resume reads and `keep_checkpoints` never prunes.
+    Only with a readable record (else which are registered is unknown); returns how many went."""
+    fs, path = storage.filesystem(run_dir)
+    path = path.rstrip("/")
+    recorded = _recorded_latest(fs, path)
+    if recorded is None:
+        return 0
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    stray = [i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+             and i.base_name > recorded]
+    for folder in stray:
+        fs.delete_dir(folder)
+    return len(stray)
+
+
 def _recorded_latest(fs: pafs.FileSystem, path: str) -> str | None:
     """The folder name of the latest checkpoint in Ray Train's record, None without a readable one."""
     try:

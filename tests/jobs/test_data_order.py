@@ -4,9 +4,9 @@ so a restarted run does not start again at the corpus's first files."""
 from __future__ import annotations
 
 import pyarrow as pa
+from test_preflight import write_checkpoint
 
 from jobs.data import data_order_seed, token_dataset
-from muse import storage
 from pipelines import shards
 
 FILES = 8
@@ -47,7 +47,7 @@ def test_a_resumed_run_reads_a_new_permutation_not_the_first_files(ray_session, 
     assert sorted(second_epoch) == list(range(FILES)) and second_epoch != first_epoch
     assert file_order(token_dataset(out, hi=False, shuffle_seed=fresh)[0]) == first_epoch  # a restart repeats it
 
-    storage.write_text(storage.join(run_dir, "checkpoint_2026-12-02_12-00-00.000001", "meta.json"), "{}")
+    write_checkpoint(run_dir, "checkpoint_2026-12-02_12-00-00.000001", None)
     resumed = data_order_seed(0, run_dir)
     assert resumed != fresh
     resumed_ds, _ = token_dataset(out, hi=False, shuffle_seed=resumed)

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from test_preflight import write_checkpoint
 
 from jobs.data import run_images
 from muse import storage
@@ -112,7 +113,7 @@ def test_an_image_stage_reads_a_new_part_permutation_every_pass_and_resume(ray_s
     assert read(corpus, run_dir) == first_pass  # the same seed and run folder: a restart repeats it
     assert part_order(read(corpus, run_dir, seed=1))[:2] != first_parts[:2]  # another run.seed, another order
 
-    storage.write_text(storage.join(run_dir, "checkpoint_2026-12-02_12-00-00.000001", "meta.json"), "{}")
+    write_checkpoint(run_dir, "checkpoint_2026-12-02_12-00-00.000001", None)  # a resume point
     resumed = read(corpus, run_dir)
     assert sorted(resumed) == EVERY_IMAGE
     assert part_order(resumed)[:2] != first_parts[:2]  # the resumed run does not re-read the same first parts

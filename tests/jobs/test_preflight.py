@@ -22,8 +22,8 @@ from jobs.common import build_optimizer, build_scheduler
 from jobs.config import OptimSettings, ScalingSettings
 from jobs.parallel import WorkerEnv
 from jobs.stage import named_run
-from jobs.preflight import (RAY_TRAIN_SNAPSHOT, ResumePoint, RunRefused, check_resume, check_rows, data_cpu_problem, newest_checkpoint_state,
-                            run_identity)
+from jobs.preflight import (RAY_TRAIN_SNAPSHOT, ResumePoint, RunRefused, check_resume, check_rows, data_cpu_problem,
+                            newest_checkpoint_state, remove_unregistered, run_identity)
 from muse import storage
 
 MODEL = {"layers": 2, "hidden": 64}
@@ -335,6 +335,16 @@ def test_a_run_resumes_the_checkpoint_ray_train_recorded_not_the_newest_folder(t
     with open(os.path.join(run_dir, RAY_TRAIN_SNAPSHOT), "w") as f:
         f.write("{not json")  # an unreadable record: the newest folder, as before
     assert check_resume(run_dir, identity, "base").uri == unregistered
+    assert remove_unregistered(run_dir) == 0  # without a record, nothing is known to be stray
+
+    # With the record, the folder no resume reads goes, and the data order follows what is resumed.
+    from jobs.data import data_order_seed
+
+    with open(os.path.join(run_dir, RAY_TRAIN_SNAPSHOT), "w") as f:
+        json.dump(record, f)
+    seed = data_order_seed(0, run_dir)
+    assert remove_unregistered(run_dir) == 1 and not os.path.exists(unregistered) and os.path.exists(registered)
+    assert data_order_seed(0, run_dir) == seed  # the stray folder never decided it
 
 
 def test_training_the_vqgan_again_after_the_decoder_fine_tune_says_why_it_is_refused(tmp_path, monkeypatch):
