@@ -200,7 +200,10 @@ def resume_line(name: str, resume: ResumePoint, max_steps: int, section: str) ->
     `section`: the config section that names the run (what --set changes)."""
     if resume.step is None:
         return f"[{name}] resumes its run from {resume.uri}"
-    if resume.step >= max_steps:
+    if resume.step > max_steps:
+        return (f"[{name}] the run's checkpoint is at step {resume.step}, past --max-steps {max_steps}: nothing to "
+                f"train (raise --max-steps to go on, or --set {section}.run.name=NEW for a new run)")
+    if resume.step == max_steps:
         return (f"[{name}] the run already finished at step {resume.step} of {max_steps}: nothing to train (raise "
                 f"--max-steps to go on, or --set {section}.run.name=NEW for a new run)")
     return f"[{name}] resumes its run at step {resume.step} of {max_steps} ({resume.uri})"

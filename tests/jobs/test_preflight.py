@@ -317,6 +317,8 @@ def test_a_run_started_again_says_where_it_resumes_or_that_it_is_finished(tmp_pa
     finished = fit.resume_line("base", resume, 2, "superres")
     assert "already finished at step 2 of 2: nothing to train" in finished
     assert "--set superres.run.name=NEW" in finished
+    # A checkpoint past a lowered --max-steps: not "finished at step 2 of 1", which it never was.
+    assert "checkpoint is at step 2, past --max-steps 1: nothing to train" in fit.resume_line("base", resume, 1, "base")
 
 
 def test_a_run_resumes_the_checkpoint_ray_train_recorded_not_the_newest_folder(tmp_path):
