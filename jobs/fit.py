@@ -87,6 +87,8 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
         check_root_weights(job["root"])
         identity = run_identity(job)
         resume = check_resume(folder, identity, stage)
+        for note in job.get("notes", ()):  # what the stage chose, once the run is not refused for it
+            say(note)
         if resume is not None and (stray := remove_unregistered(folder)):
             say(f"[{name}] removed {stray} checkpoint folder(s) an interrupted attempt wrote after its last "
                 "registered checkpoint (never resumed from)")

@@ -296,13 +296,12 @@ def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, r
     storage_uri, name = run_location(root, section.run, stage)
     seed = data_order_seed(section.run.seed, storage.join(storage_uri, name))
     dataset, info = token_dataset(data, hi=stage == "superres", cache=section.run.cache_data, shuffle_seed=seed)
-    for warning in (*notes, label_smoothing_warning(stage, model_cfg, section.label_smoothing),
-                    stale_tokens_warning(stage, root, made_by)):
-        if warning:
-            say(warning)
+    said = [w for w in (*notes, label_smoothing_warning(stage, model_cfg, section.label_smoothing),
+                        stale_tokens_warning(stage, root, made_by)) if w]
     job = {"root": root, "component": stage, "stage": stage, "model_config": to_dict(model_cfg),
            "data_meta": info, "init_from": init_from, "model_kind": checkpoint.kind_of_config(model_cfg),
-           "preset": section.model, "lora_rank": section.lora_rank}
+           "preset": section.model, "lora_rank": section.lora_rank,
+           "notes": said}  # said by fit_stage once its resume checks pass, never before a refusal
     return [fit_stage(worker, section, job, dataset, rows=token_rows(data))]
 
 

@@ -27,7 +27,7 @@ def test_another_lora_rank_is_refused_and_the_same_one_resumes(tmp_path):
         check_resume(run_dir, run_identity(job_for(root) | {"lora_rank": 8}), "base")
 
 
-def test_resuming_over_a_component_replaced_since_the_run_started_is_refused(tmp_path):
+def test_resuming_over_a_component_replaced_since_the_run_started_is_refused(tmp_path, capsys):
     root = str(tmp_path / "root")
     checkpoint.init_model_root("tiny", root, components=("base",), seed=0)
     uri = checkpoint.component_uri(root, "base")
@@ -39,8 +39,10 @@ def test_resuming_over_a_component_replaced_since_the_run_started_is_refused(tmp
     assert fit._refuse_training_over_another_export(job, "base", run_dir, resume, 10, run_identity(job)) is None
 
     checkpoint.init_model_root("tiny", root, components=("base",), seed=1)  # written again (an import --force)
+    noted = job | {"notes": ["[base] trains base-tiny from scratch; it replaces the root's base when done"]}
     with pytest.raises(RunRefused, match=r"holds other weights than this run started from .* step 2"):
-        fit.fit_stage(BaseWorker, section, job, dataset=None)
+        fit.fit_stage(BaseWorker, section, noted, dataset=None)
+    assert "from scratch" not in capsys.readouterr().out  # what the stage chose is not said before a refusal
     # The run's own export since (a finished run given more steps) is its own to continue.
     model = checkpoint.load_component(uri)
     checkpoint.save_component(model, uri, extra=loop.finished_extra("base", 2, {"run_name": "base"}))

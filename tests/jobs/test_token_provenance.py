@@ -29,8 +29,16 @@ def fake_run(monkeypatch):
     import jobs.data
 
     monkeypatch.setattr(jobs.data, "token_dataset", lambda *a, **k: ("dataset", INFO))
+    from jobs.progress import say
+
     calls = []
-    monkeypatch.setattr(masked, "fit_stage", lambda worker, section, job, dataset, rows=None: calls.append(job))
+
+    def fit_stage(worker, section, job, dataset, rows=None):  # says the stage's notes, as fit_stage does
+        calls.append(job)
+        for note in job.get("notes", ()):
+            say(note)
+
+    monkeypatch.setattr(masked, "fit_stage", fit_stage)
     return calls
 
 
