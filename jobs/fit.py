@@ -87,13 +87,14 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
         check_root_weights(job["root"])
         identity = run_identity(job)
         resume = check_resume(folder, identity, stage)
-        for note in job.get("notes", ()):  # what the stage chose, once the run is not refused for it
-            say(note)
-        if resume is not None and (stray := remove_unregistered(folder)):
-            say(f"[{name}] removed {stray} checkpoint folder(s) an interrupted attempt wrote after its last "
-                "registered checkpoint (never resumed from)")
         if resume is not None:
             _refuse_training_over_another_export(job, name, folder, resume, run.max_steps, identity)
+        for note in job.get("notes", ()):  # what the stage chose, once the run is not refused for it
+            say(note)
+        if resume is not None:
+            if stray := remove_unregistered(folder):
+                say(f"[{name}] removed {stray} checkpoint folder(s) an interrupted attempt wrote after its last "
+                    "registered checkpoint (never resumed from)")
             say(resume_line(name, resume, run.max_steps, stage))
         cached = _materialized(dataset)
         if rows is None and cached:
