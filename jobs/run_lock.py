@@ -29,6 +29,7 @@ import _thread
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -95,7 +96,9 @@ class RunLock:
                             f"[{self.name}] another driver took over {self.folder}: this driver's heartbeat had been "
                             f"silent for over {self.stale:.0f}s, so it was taken for dead. This driver stops so that "
                             "only one trains the run; its registered checkpoints stay")
-                        _thread.interrupt_main()  # the stop path of Ctrl-C: ends the run, releases the locks
+                        if not _interrupt_main():
+                            say(f"[{self.name}] warning: {_taken_over[-1]}, but this process handles neither SIGINT "
+                                "nor SIGTERM: stop it, or two drivers train this run")
                         return
                     self.write("held")
             except Exception as e:  # noqa: BLE001 - a failed beat (after the S3 client's retries) is tried again next time
@@ -155,6 +158,18 @@ def claim(folder: str, name: str, section: str, *, interval: float = HEARTBEAT_S
         _held.add(lock)
     lock.start()
     return lock
+
+
+def _interrupt_main() -> bool:
+    """Stop the main thread as a stop signal does (KeyboardInterrupt: the commands' stop path ends the
+    run and releases the locks), through whichever of SIGINT and SIGTERM Python handles here: a driver
+    started in the background (nohup ... &) ignores SIGINT, and the commands turn SIGTERM into
+    KeyboardInterrupt (`jobs.cluster.stop_on_sigterm`). False when neither is handled."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if callable(signal.getsignal(signum)):
+            _thread.interrupt_main(signum)
+            return True
+    return False
 
 
 def taken_over() -> str | None:

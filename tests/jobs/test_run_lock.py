@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -152,7 +153,7 @@ def beats(uri: str) -> int:
         return -1
 
 
-def test_the_holder_refreshes_its_heartbeat_until_released(where, capsys):
+def test_the_holder_refreshes_its_heartbeat_until_released(where):
     folder = storage.join(where, "base")
     lock = run_lock.claim(folder, "base", "base", interval=0.2, claim_wait=QUICK)
     try:
@@ -166,8 +167,23 @@ def test_the_holder_refreshes_its_heartbeat_until_released(where, capsys):
         lock.release()
     time.sleep(0.5)
     assert claims(folder) == []  # no beat after release writes it again
-    # A holder whose claim was taken over (its driver was silent, not dead) stops its driver as Ctrl-C
-    # does, and the command's last line says why: two drivers must not go on training one run.
+
+
+@pytest.mark.parametrize("started", ["in a terminal", "in the background"])
+def test_a_holder_whose_claim_was_taken_over_stops_its_driver_with_a_line_saying_why(where, capsys, started):
+    """Its driver was silent (Ctrl-Z, storage unreachable), not dead, and another took the run over:
+    it stops as a stop signal does, and the command's last line says why, so that two drivers never
+    go on training one run. Started in the background (nohup ... &) SIGINT is ignored, and the stop
+    goes through SIGTERM, which the commands turn into KeyboardInterrupt."""
+    from jobs.cluster import stop_on_sigterm
+
+    folder = storage.join(where, "base")
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    if started == "in a terminal":
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    else:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stop_on_sigterm()
     lock = run_lock.claim(folder, "base", "base", interval=0.2, claim_wait=QUICK)
     try:
         with pytest.raises(SystemExit) as exited, errors_in_one_line(argparse.ArgumentParser(prog="muse train base")):
@@ -176,6 +192,7 @@ def test_the_holder_refreshes_its_heartbeat_until_released(where, capsys):
             while time.monotonic() < deadline:
                 time.sleep(0.05)
         assert exited.value.code == 1
+        lock._thread.join(timeout=5)
         assert not storage.exists(lock.uri) and not lock._thread.is_alive()  # not written again
         line = capsys.readouterr().err
         assert f"muse train base: error: [base] another driver took over {folder}" in line, line
@@ -183,6 +200,8 @@ def test_the_holder_refreshes_its_heartbeat_until_released(where, capsys):
     finally:
         run_lock._taken_over.clear()
         lock.release()
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
 
 
 def test_fit_stage_refuses_a_run_folder_another_driver_trains_and_releases_its_own(tmp_path):
