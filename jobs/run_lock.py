@@ -97,8 +97,9 @@ class RunLock:
                             f"silent for over {self.stale:.0f}s, so it was taken for dead. This driver stops so that "
                             "only one trains the run; its registered checkpoints stay")
                         if not _interrupt_main():
-                            say(f"[{self.name}] warning: {_taken_over[-1]}, but this process handles neither SIGINT "
-                                "nor SIGTERM: stop it, or two drivers train this run")
+                            say(f"[{self.name}] warning: another driver took over {self.folder}, and this process "
+                                "handles neither SIGINT nor SIGTERM to stop itself: stop it, or two drivers train "
+                                "this run")
                         return
                     self.write("held")
             except Exception as e:  # noqa: BLE001 - a failed beat (after the S3 client's retries) is tried again next time
