@@ -242,10 +242,7 @@ def _check_shapes(uri: str, meta: dict, stored: dict[str, tuple[int, ...]]) -> N
         model = model_cls(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     optional = _non_persistent(model)
-    tied: dict[int, list[str]] = {}  # safetensors keeps one name of tied tensors
-    for name, t in _tensors(model):
-        tied.setdefault(id(t), []).append(name)
-    aliases = {name: names for names in tied.values() for name in names}
+    aliases = {name: names for names in _tied_names(model) for name in names}  # safetensors keeps one of each
     wrong = [f"{name} {stored[name]} (config: {shape})" for name, shape in expected.items()
              if name in stored and stored[name] != shape]
     missing = [name for name in expected if name not in stored and name not in optional
@@ -315,15 +312,13 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], uri: str) -> tuple
     for key, value in state.items():
         if key in own and value.dtype != own[key].dtype and own[key].is_floating_point():
             state[key] = value.to(own[key].dtype)
-    tied: dict[int, list[str]] = {}
-    for name, t in _tensors(model):
-        tied.setdefault(id(t), []).append(name)
+    tied = _tied_names(model)
     try:
         _, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{uri}: weights do not match its config: {e}") from e
     current = dict(_tensors(model))
-    for names in tied.values():  # assigning one name of a tied pair unties it: tie the rest again
+    for names in tied:  # assigning one name of a tied pair unties it: tie the rest again
         loaded = [n for n in names if not current[n].is_meta]
         for name in names:
             if loaded and current[name].is_meta:
@@ -336,6 +331,14 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], uri: str) -> tuple
 
 def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+
+
+def _tied_names(model: nn.Module) -> list[list[str]]:
+    """The names of each tensor of the model, grouped: a group of two or more is one tied tensor."""
+    groups: dict[int, list[str]] = {}
+    for name, t in _tensors(model):
+        groups.setdefault(id(t), []).append(name)
+    return list(groups.values())
 
 
 def _non_persistent(model: nn.Module) -> set[str]:
