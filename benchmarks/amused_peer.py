@@ -58,6 +58,16 @@ def amused_runner(pipe, steps: int, guidance: float, device: str, dtype: torch.d
     return run
 
 
+def compiled_amused(pipe):
+    """The same pipeline (shared modules) with its transformer through `torch.compile`."""
+    from diffusers import AmusedPipeline
+
+    twin = AmusedPipeline(vqvae=pipe.vqvae, tokenizer=None, text_encoder=None,
+                          transformer=torch.compile(pipe.transformer), scheduler=pipe.scheduler)
+    twin.set_progress_bar_config(disable=True)
+    return twin
+
+
 def ours(kind: str, device: str, dtype: torch.dtype):
     torch.manual_seed(0)
     cfg = preset("base-632m")

@@ -100,6 +100,14 @@ def compiled(models: list[torch.nn.Module], on: bool):
             m._compiled = None
 
 
+def compiled_runner(models: list[torch.nn.Module], run: Callable[[], object]) -> Callable[[], object]:
+    """`run` with the compiled step of `models` on."""
+    def run_compiled():
+        with compiled(models, True):
+            return run()
+    return run_compiled
+
+
 def stage(model, cond: TextCondition, steps: int, scale: float, seed: int, loop: str,
           lo_ids: torch.Tensor | None = None) -> torch.Tensor:
     """One decoding stage (base when lo_ids is None, else super-res) with per-image generators."""
@@ -173,7 +181,10 @@ def build_paper_pipeline(name: str, device: str, dtype: torch.dtype) -> MusePipe
     return MusePipeline(text_encoder=None, **parts)
 
 
-def bench_peer(device: str, dtype: torch.dtype, steps: int, guidance: float, repeats: dict[str, int]) -> None:
+def bench_peer(device: str, dtype: torch.dtype, steps: int, guidance: float, repeats: dict[str, int],
+               compile_too: bool = False) -> None:
+    """With `compile_too`, each side also runs compiled (aMUSEd's transformer through `torch.compile`,
+    ours through `compile_step`), taking turns with the eager runs; the first call of each compiles."""
     import amused_peer as peer
     from diffusers.utils import logging as diffusers_logging
 
@@ -181,7 +192,7 @@ def bench_peer(device: str, dtype: torch.dtype, steps: int, guidance: float, rep
 
     print(f"\nagainst aMUSEd (diffusers AmusedPipeline, random weights): 16x16 tokens, 8192 codes, 256 px, "
           f"{steps} steps, CFG {guidance}, batch 1, VQ decode included, text encoding excluded")
-    header = (f"{'pair':<6} {'aMUSEd params':>13} {'ours params':>11} {'aMUSEd GFLOP/step':>17} {'ours GFLOP/step':>15} "
+    header = (f"{'pair':<14} {'aMUSEd params':>13} {'ours params':>11} {'aMUSEd GFLOP/step':>17} {'ours GFLOP/step':>15} "
               f"{'aMUSEd s/img':>12} {'ours s/img':>10} {'speed-up':>8} {'per FLOP':>8}")
     print(header + "\n" + "-" * len(header))
     for kind in ("small", "equal"):
@@ -190,13 +201,17 @@ def bench_peer(device: str, dtype: torch.dtype, steps: int, guidance: float, rep
         flops_peer, flops_ours = peer.flops_per_step(kind, pipe, base)
         fns = {"aMUSEd": peer.amused_runner(pipe, steps, guidance, device, dtype),
                "ours": peer.ours_runner(base, vqgan, steps, guidance, device, dtype)}
-        times, _ = timed(fns, device, repeats[kind], warmup=kind == "small")
+        if compile_too:
+            fns["aMUSEd compiled"] = peer.amused_runner(peer.compiled_amused(pipe), steps, guidance, device, dtype)
+            fns["ours compiled"] = compiled_runner([base], fns["ours"])
+        times, _ = timed(fns, device, repeats[kind], warmup=kind == "small" or compile_too)
         n_peer = sum(p.numel() for p in pipe.transformer.parameters()) / 1e6
         n_ours = sum(p.numel() for p in base.parameters()) / 1e6
-        speed = times["aMUSEd"] / times["ours"]
-        print(f"{kind:<6} {n_peer:>12.1f}M {n_ours:>10.1f}M {flops_peer:>17.1f} {flops_ours:>15.1f} "
-              f"{times['aMUSEd']:>12.2f} {times['ours']:>10.2f} {speed:>7.2f}x {speed * flops_ours / flops_peer:>7.2f}x",
-              flush=True)
+        for suffix in ("", " compiled") if compile_too else ("",):
+            t_peer, t_ours = times["aMUSEd" + suffix], times["ours" + suffix]
+            speed = t_peer / t_ours
+            print(f"{(kind + suffix):<14} {n_peer:>12.1f}M {n_ours:>10.1f}M {flops_peer:>17.1f} {flops_ours:>15.1f} "
+                  f"{t_peer:>12.2f} {t_ours:>10.2f} {speed:>7.2f}x {speed * flops_ours / flops_peer:>7.2f}x", flush=True)
         del pipe, base, vqgan
 
 
@@ -302,6 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peer-steps", type=int, default=12)
     parser.add_argument("--peer-guidance", type=float, default=10.0)
     parser.add_argument("--peer-repeats", default="small=3,equal=2", help="timed runs per pair")
+    parser.add_argument("--peer-compile", action="store_true",
+                        help="--peer also with both transformers compiled (torch.compile), beside eager")
     parser.add_argument("--imported", action="store_true",
                         help="aMUSEd-256 at its real size: diffusers vs our pipeline on the imported weights")
     parser.add_argument("--imported-batches", default="1,8")
@@ -353,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  legacy/lean {result['legacy'] / result['lean']:.2f}x", flush=True)
     if args.peer:
         repeats = {k: int(v) for k, v in (kv.split("=") for kv in args.peer_repeats.split(","))}
-        bench_peer(args.device, dtype, args.peer_steps, args.peer_guidance, repeats)
+        bench_peer(args.device, dtype, args.peer_steps, args.peer_guidance, repeats, args.peer_compile)
     if args.imported:
         bench_imported(args.device, dtype, args.peer_steps, args.peer_guidance,
                        [int(b) for b in args.imported_batches.split(",")], args.imported_repeats, args.imported_size)

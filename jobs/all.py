@@ -145,6 +145,12 @@ def check_run_folders(cfg: TrainConfig, root: str) -> None:
                          "different run names (--set superres.run.name=...)")
 
 
+def tokenize_outcome(totals: dict, seconds: float) -> str:
+    if not totals["run_parts"]:
+        return "skipped (every part already tokenized)"
+    return f"tokenized {totals['run_parts']} parts ({totals['run_rows']} samples) in {seconds:.0f}s"
+
+
 def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = None, format: str = "auto",
               images: str | None = None) -> dict:
     """Run every unfinished stage; returns {stage: "trained" | "skipped"} with seconds per stage.
@@ -161,11 +167,10 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
     report: dict[str, str] = {}
     check_run_folders(cfg, root)
 
-    def timed(name: str, fn) -> None:
+    def timed(name: str, fn, outcome=lambda result, seconds: f"trained in {seconds:.0f}s") -> None:
         start = time.time()
-        fn()
-        report[name] = f"trained in {time.time() - start:.0f}s"
-        say(f"[all] {name} done in {time.time() - start:.0f}s")
+        report[name] = outcome(fn(), time.time() - start)
+        say(f"[all] {name}: {report[name]}")
 
     ensure_text_encoder(cfg, root, corpus, format)
     for component in vqgan_components(cfg, None) if "vqgan" in cfg.stages else []:
@@ -190,7 +195,7 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
         if not has_hi and models.vqgan_hi is not None:
             models = dataclasses.replace(models, vqgan_hi=None)
         timed("tokenize", lambda: tokenize.run(corpus, tokens, models, cfg.tokenize, format, progress=show,
-                                               reporter=reporter))
+                                               reporter=reporter), tokenize_outcome)
     else:
         report["tokenize"] = "skipped (no transformer left to train)"
     for s in wanted:

@@ -29,6 +29,7 @@ class FakeStages:
         self.root, self.calls, self.active, self.overlap = root, [], 0, False
         self.data: dict[str, str] = {}  # stage or component -> the data it was given
         self.lock = threading.Lock()
+        self.tokenized = {"run_parts": 2, "run_rows": 40}  # what tokenize.run returns
 
     def run_stage(self, stage, cfg, data, root, component=None, format="auto"):
         with self.lock:
@@ -47,7 +48,7 @@ class FakeStages:
     def tokenize(self, corpus, tokens, models, cfg, format, progress=True, reporter=None):
         self.calls.append("tokenize")
         self.data["tokenize"], self.models = corpus, models
-        return {}
+        return dict(self.tokenized)
 
 
 @pytest.fixture
@@ -74,11 +75,22 @@ def test_runs_every_stage_in_order_then_skips_them_all(fake):
     assert checkpoint.has_component(fake.root, "text_encoder")  # written from the t5-tiny preset
     assert checkpoint.component_extra(checkpoint.component_uri(fake.root, "vqgan_hi"))["decoder_finetuned"]
     assert "trained" in report["base"]
+    assert report["tokenize"].startswith("tokenized 2 parts (40 samples) in ")
 
     fake.calls.clear()
     report = train_all_module.train_all(cfg, "corpus", fake.root)
     assert fake.calls == []  # nothing left to do, not even tokenization
     assert all(v.startswith("skipped") for v in report.values())
+
+
+def test_tokenization_with_nothing_left_says_skipped(fake):
+    """A rerun after the tokens were all written (training not yet finished) tokenizes nothing: the
+    report says so instead of "trained in 0s"."""
+    fake.tokenized = {"run_parts": 0, "run_rows": 0}
+    report = train_all_module.train_all(tiny_config("stages=[base]"), "corpus", fake.root)
+    assert fake.calls == ["tokenize", "base"]
+    assert report["tokenize"] == "skipped (every part already tokenized)"
+    assert report["base"].startswith("trained in ")
 
 
 def test_tokenizers_learn_from_the_images_given_and_the_rest_from_the_corpus(fake, tmp_path):
