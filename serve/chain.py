@@ -94,30 +94,41 @@ async def run_chain(chain: Callable[[Calls], Awaitable[None]], timeout_s: float,
         try:
             return await asyncio.wait_for(whole(), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
-            _cancel(calls)
+            cancel_calls(calls)
             raise APIError(504, f"the request took longer than {timeout_s:g} s", type="server_error",
                            code="timeout") from None
         except asyncio.CancelledError:  # the client went away: free the model work it holds
-            _cancel(calls)
+            cancel_calls(calls)
             raise
         except BackPressureError:
-            _cancel(calls)
+            cancel_calls(calls)
             raise overloaded() from None
         except Exception as e:  # noqa: BLE001 - sorted below
-            _cancel(calls)
+            cancel_calls(calls)
             lost = replica_lost(e)
             if lost is None:
                 raise model_failed(e) from e
-            if crashed(lost):
-                raise APIError(503, "a model replica crashed while running this request; it is not retried",
-                               type="server_error", code="replica_crashed") from None
-            wait = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
-            if attempt >= max_retries or time.monotonic() + wait > deadline:
-                raise APIError(503, "a model replica was lost and no replacement answered; retry",
-                               type="server_error", code="replica_unavailable") from None
+            wait = retry_wait(lost, attempt, max_retries, deadline)
             attempt += 1
-            logger.warning("a replica was lost under a request (%s); re-running it", type(lost).__name__)
             await asyncio.sleep(wait)
+
+
+def retry_wait(lost: BaseException, attempt: int, max_retries: int, deadline: float) -> float:
+    """Seconds to wait before re-running a request whose replica was `lost` (after `attempt` re-runs),
+    or the 503 that ends it: a crash is never re-run, nor a request out of re-runs or of time."""
+    if crashed(lost):
+        raise crash_error() from None
+    wait = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+    if attempt >= max_retries or time.monotonic() + wait > deadline:
+        raise APIError(503, "a model replica was lost and no replacement answered; retry",
+                       type="server_error", code="replica_unavailable") from None
+    logger.warning("a replica was lost under a request (%s); re-running it", type(lost).__name__)
+    return wait
+
+
+def crash_error() -> APIError:
+    return APIError(503, "a model replica crashed while running this request; it is not retried",
+                    type="server_error", code="replica_crashed")
 
 
 def overloaded() -> APIError:
@@ -161,7 +172,7 @@ def crashed(e: BaseException) -> bool:
     return not any(s in message for s in ("ray.kill", "never ran", "intended", "INTENDED"))
 
 
-def _cancel(calls: list) -> None:
+def cancel_calls(calls: list) -> None:
     for response in calls:
         try:
             response.cancel()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 from ray.serve.exceptions import BackPressureError
 
-from serve.chain import model_failed, overloaded, replica_lost
+from serve.chain import Calls, cancel_calls, crash_error, crashed, model_failed, overloaded, replica_lost, retry_wait
 from serve.images import EditInput
 from serve.schemas import APIError
 from serve.specs import Decode, Output, previews_sent
@@ -53,22 +53,33 @@ class StreamRequest:
 
 async def open_stream(ing: Ingress, req: StreamRequest, base_url: str, out: Output) -> AsyncIterator[str]:
     """The stream's events, once the request is admitted: raises APIError (503) before any event
-    when it is not."""
-    events = _events(ing, req, base_url, out)
-    try:
-        await events.__anext__()  # the admission marker (bounded by the request's deadline)
-    except asyncio.TimeoutError:
-        await events.aclose()
-        raise APIError(503, "the request was not admitted within the timeout", type="server_error",
-                       code="overloaded") from None
-    except Exception as e:  # noqa: BLE001 - refused, or a model or replica failure before the first event
-        await events.aclose()
-        raise stream_failure(e) from None
-    return events
+    when it is not. A replica lost before then is retried as a plain request's chain is."""
+    deadline = time.monotonic() + ing.limits.request_timeout_s
+    attempt = 0
+    while True:
+        events = _events(ing, req, base_url, out, deadline)
+        try:
+            await events.__anext__()  # the admission marker (bounded by the request's deadline)
+            return events
+        except asyncio.TimeoutError:
+            await events.aclose()
+            raise APIError(503, "the request was not admitted within the timeout", type="server_error",
+                           code="overloaded") from None
+        except Exception as e:  # noqa: BLE001 - refused, or a model or replica failure before the first event
+            await events.aclose()
+            lost = replica_lost(e)
+            if lost is None:
+                raise stream_failure(e) from None
+            wait = retry_wait(lost, attempt, ing.limits.max_retries, deadline)
+        attempt += 1
+        await asyncio.sleep(wait)
 
 
-async def _events(ing: Ingress, req: StreamRequest, base_url: str, out: Output) -> AsyncIterator[str | None]:
-    """None once the base stage admitted the request, then the SSE text of each event."""
+async def _events(ing: Ingress, req: StreamRequest, base_url: str, out: Output,
+                  deadline: float) -> AsyncIterator[str | None]:
+    """None once the base stage admitted the request, then the SSE text of each event. Each stage is
+    called only once what it reads has finished, as a plain request's chain does (Serve's queue limit
+    then holds); the calls still running when the stream ends early are cancelled."""
     fields = event_fields(f"{out.side}x{out.side}", out.format)
     edit, mask_free = req.edit, req.edit is not None and req.edit.regenerate is None
     every = ing.sampling.preview_every
@@ -80,15 +91,17 @@ async def _events(ing: Ingress, req: StreamRequest, base_url: str, out: Output) 
     offered = sum(previews_sent(steps, tokens, every) for steps, tokens in stages)
     keep = spread(offered, req.partial_images)
     partial = seen = 0
-    admitted = False
-    deadline = time.monotonic() + ing.limits.request_timeout_s
+    admitted = completed = False
+    calls = Calls()
     try:
-        cond = ing.text.encode.remote(req.prompt, req.negative_prompt)
-        sources = {s: ing.decoder.encode.remote(edit.images[s], s) for s in ("lo", req.stage)} if edit else {}
+        cond = calls.start(ing.text.encode.remote(req.prompt, req.negative_prompt))
+        sources = {s: calls.start(ing.decoder.encode.remote(edit.images[s], s))
+                   for s in ("lo", req.stage)} if edit else {}
+        await _within(calls.ready(cond, *sources.values()), deadline)
         tokens = None
         if mask_free:  # not streamed: admitted once it is done
-            tokens = await _within(ing.base.edit.remote(cond, req.lo, sources["lo"], req.lo.steps,
-                                                        ing.sampling.edit_fraction), deadline)
+            tokens = await _within(calls.start(ing.base.edit.remote(cond, req.lo, sources["lo"], req.lo.steps,
+                                                                    ing.sampling.edit_fraction)), deadline)
             admitted = True
             yield None
         for name, deployment in (("base", ing.base), ("superres", ing.superres)):
@@ -118,8 +131,8 @@ async def _events(ing: Ingress, req: StreamRequest, base_url: str, out: Output) 
                     seen += 1
                     if seen - 1 not in keep:
                         continue
-                    previews = await _within(ing.decoder.preview.remote(
-                        event["ids"], "lo" if name == "base" else "hi", out), deadline)
+                    previews = await _within(calls.start(ing.decoder.preview.remote(
+                        event["ids"], "lo" if name == "base" else "hi", out)), deadline)
                     for i, png in enumerate(previews):
                         yield sse(f"{req.event}.partial_image", {
                             "b64_json": b64(png), "index": i, "partial_image_index": partial, "stage": name,
@@ -127,7 +140,7 @@ async def _events(ing: Ingress, req: StreamRequest, base_url: str, out: Output) 
                     partial += 1
             finally:
                 events.cancel()
-        pngs = await _within(ing.decoder.decode.remote(tokens, req.stage, out), deadline)
+        pngs = await _within(calls.start(ing.decoder.decode.remote(tokens, req.stage, out)), deadline)
         # Each image's event carries its own usage: its tokens, and the prompt's (and an edit's source
         # image's) in the first only, so that the events add up to the request's usage.
         used = [ing.usage(req.prompt, 1, req.stage, text=i == 0, edit=edit is not None and i == 0)
@@ -136,6 +149,7 @@ async def _events(ing: Ingress, req: StreamRequest, base_url: str, out: Output) 
             url = (await ing.responses.urls([png], base_url, out.format))[0] if req.response_format == "url" else {}
             yield sse(f"{req.event}.completed", {
                 "b64_json": b64(png), **url, "index": i, "seed": req.seed, "usage": used[i], **fields})
+        completed = True
     except asyncio.TimeoutError:
         if not admitted:
             raise
@@ -145,6 +159,9 @@ async def _events(ing: Ingress, req: StreamRequest, base_url: str, out: Output) 
             raise
         failure = stream_failure(e)
         yield sse("error", {"error": error_body(failure.message, failure.code, failure.type, failure.param)})
+    finally:
+        if not completed:  # failed, timed out, or the client left: free the model work still queued
+            cancel_calls(calls.made)
 
 
 def stream_failure(e: Exception) -> APIError:
@@ -154,7 +171,10 @@ def stream_failure(e: Exception) -> APIError:
         return e
     if isinstance(e, BackPressureError):
         return overloaded()
-    if replica_lost(e) is not None:
+    lost = replica_lost(e)
+    if lost is not None:
+        if crashed(lost):
+            return crash_error()
         return APIError(503, "a model replica was lost; retry", type="server_error", code="replica_unavailable")
     return model_failed(e)  # logs it
 

@@ -126,17 +126,44 @@ def test_an_upstream_replica_lost_behind_serves_wrapper_is_a_lost_replica():
 
 class _Handle:
     """Stands in for a DeploymentHandle: `handle.method.remote(*args)` records, for each call, whether
-    every call it reads had finished when it was made."""
+    every call it reads had finished when it was made. `handle.options(stream=True).stream.remote`
+    answers a generator's events (admitted, done); `stream_errors` are raised, one per call, first."""
 
     def __init__(self, name: str, log: list):
-        self.name, self.log = name, log
+        self.name, self.log, self.made, self.stream_errors = name, log, [], []
+
+    def options(self, **_):
+        return self
 
     def __getattr__(self, method):
         def remote(*args):
             read = [a for a in args if isinstance(a, _FakeResponse)]
             self.log.append((f"{self.name}.{method}", all(a.done for a in read)))
-            return _FakeResponse(result=[b"png"], delay=0.02)
+            if method == "stream":
+                return _FakeStream(self.stream_errors.pop(0) if self.stream_errors else None)
+            self.made.append(_FakeResponse(result=[b"png"], delay=0.02))
+            return self.made[-1]
         return types.SimpleNamespace(remote=remote)
+
+
+class _FakeStream:
+    def __init__(self, error: BaseException | None):
+        self.events = iter([{"kind": "admitted"}, {"kind": "done", "ids": "ids"}])
+        self.error = error
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.error is not None:
+            raise self.error
+        try:
+            return next(self.events)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    def cancel(self):
+        pass
 
 
 def _ingress(log: list):
@@ -146,7 +173,21 @@ def _ingress(log: list):
                                 **{name: _Handle(name, log) for name in ("text", "base", "superres", "decoder")})
     for method in ("decodes", "call", "generate", "edit"):
         setattr(ing, method, types.MethodType(getattr(Ingress, method), ing))
+    ing.hi_tokens, ing.usage = 16, lambda *a, **k: {}
     return ing
+
+
+def _stream(ing, edit=None):
+    """Open a stream through super-res and read it to its end: its events' names."""
+    from serve.streaming import StreamRequest, open_stream
+
+    lo, hi = ing.decodes(1, 1, None, None, None)
+
+    async def read():
+        events = await open_stream(ing, StreamRequest("a red circle", None, "hi", 1, lo, hi, 0, None, edit),
+                                   "http://test", Output())
+        return [e.split("\n", 1)[0] async for e in events]
+    return asyncio.run(read())
 
 
 @pytest.mark.parametrize("mask_free", [False, True])
@@ -171,3 +212,74 @@ def test_each_stage_is_called_once_what_it_reads_has_finished(monkeypatch, mask_
     assert [name for name, _ in log] == ["text.encode", "decoder.encode", f"base.{'edit' if mask_free else 'generate'}",
                                          "decoder.encode", "superres.generate", "decoder.decode"]
     assert all(ready for _, ready in log), log
+
+
+@pytest.mark.parametrize("mask_free", [False, True])
+def test_streams_call_each_stage_once_what_it_reads_has_finished(monkeypatch, mask_free):
+    """As plain requests: a stream's base call made on the unfinished text encoding (or an edit's
+    source tokens) would pass Serve's queue check and then queue without bound."""
+    import serve.chain as chain_mod
+
+    monkeypatch.setattr(chain_mod, "finished", lambda response: response.settle())
+    log: list = []
+    ing = _ingress(log)
+    assert _stream(ing) == ["event: image_generation.completed"]
+    assert log == [("text.encode", True), ("base.stream", True), ("superres.stream", True),
+                   ("decoder.decode", True)]
+
+    log.clear()
+    edit = types.SimpleNamespace(images={"lo": "lo pixels", "hi": "hi pixels"},
+                                 regenerate=None if mask_free else torch_mask())
+    assert _stream(ing, edit) == ["event: image_edit.completed"]
+    assert [name for name, _ in log] == ["text.encode", "decoder.encode", "decoder.encode",
+                                         "base.edit" if mask_free else "base.stream", "superres.stream",
+                                         "decoder.decode"]
+    assert all(ready for _, ready in log), log
+
+
+def torch_mask():
+    import torch
+
+    return torch.ones(8, 8, dtype=torch.bool)
+
+
+def test_a_stream_whose_replica_is_lost_before_admission_is_rerun_and_a_crash_is_not(monkeypatch):
+    """Before its first event a stream can still be re-run on a replacement, as a plain request is;
+    a replica that crashed under it is not re-run, and both answer with a plain request's codes."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    import serve.chain as chain_mod
+
+    monkeypatch.setattr(chain_mod, "finished", lambda response: response.settle())
+    monkeypatch.setattr(chain_mod, "RETRY_BACKOFF_S", (0.01,))
+    log: list = []
+    ing = _ingress(log)
+    ing.base.stream_errors = [ActorUnavailableError("unreachable", b"0" * 16)]
+    assert _stream(ing) == ["event: image_generation.completed"]
+    assert [name for name, _ in log].count("base.stream") == 2
+
+    for errors, code in (([ActorUnavailableError("unreachable", b"0" * 16)] * 2, "replica_unavailable"),
+                         ([ActorDiedError()], "replica_crashed")):
+        log.clear()
+        ing.base.stream_errors = list(errors)
+        with pytest.raises(APIError) as err:
+            _stream(ing)
+        assert err.value.status == 503 and err.value.code == code
+        assert [name for name, _ in log].count("base.stream") == len(errors)  # max_retries = 1
+
+
+def test_a_stream_that_ends_early_cancels_the_calls_it_made(monkeypatch):
+    """A model failure after the stream's first event ends it with an error event, and the calls it
+    made that may still be queued (the decoder's) are cancelled instead of running for no one."""
+    import serve.chain as chain_mod
+
+    monkeypatch.setattr(chain_mod, "finished", lambda response: response.settle())
+    log: list = []
+    ing = _ingress(log)
+    ing.superres.stream_errors = [ValueError("bad tokens")]
+    assert _stream(ing) == ["event: error"]
+    assert ing.text.made and all(r.cancelled for r in ing.text.made)
+
+    ing.superres.stream_errors = []
+    _stream(ing)
+    assert not any(r.cancelled for r in ing.text.made[1:] + ing.decoder.made)  # a finished stream cancels nothing

@@ -453,11 +453,16 @@ class _RefusedStream:
         pass
 
 
-def test_a_stream_that_cannot_be_admitted_gets_a_503_before_any_event():
+def test_a_stream_that_cannot_be_admitted_gets_a_503_before_any_event(monkeypatch):
     import asyncio
 
+    import serve.chain
     from serve.api import Ingress, build_fastapi
 
+    async def finished(response):  # the text encoding, done at once
+        pass
+
+    monkeypatch.setattr(serve.chain, "finished", finished)
     ing = fake_ingress(None)
     call = types.SimpleNamespace(remote=lambda *a: None)
     ing.text = types.SimpleNamespace(encode=call)
