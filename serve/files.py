@@ -88,7 +88,12 @@ class FileStore:
             with self._lock:
                 return self._memory.get(file_id)
         uri = self._uri(file_id)
-        return storage.read_bytes(uri) if storage.exists(uri) else None
+        if not storage.exists(uri):
+            return None
+        try:
+            return storage.read_bytes(uri)
+        except FileNotFoundError:  # swept (by any replica) between the two calls
+            return None
 
     def _uri(self, file_id: str) -> str:
         return storage.join(self.config.uri, file_id)
