@@ -314,7 +314,8 @@ class StepCompiler:
         size that later changes (batch, prompt length, the other stage's grid) is compiled once more
         as a free size, so serving's changing batches and prompts stop compiling after a few requests
         (CUDA graphs still record once per shape). If compiling or running the compiled step fails,
-        the model warns once and runs eagerly: the compiled path is never needed for correctness."""
+        the model warns once and runs eagerly: the compiled path is never needed for correctness. Out of
+        memory is the request's failure, not the compiler's: it is raised, and the compiled step stays."""
         if mode is None:
             mode = "reduce-overhead" if next(self.parameters()).is_cuda else "default"
         self._compiled = torch.compile(self.features, mode=mode, dynamic=None)
@@ -326,6 +327,8 @@ class StepCompiler:
             return self.features(ids, context)
         try:
             return compiled(ids, context.resolve())
+        except torch.OutOfMemoryError:  # this request's size, not the compiler: eager would not fit either
+            raise
         except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the eager step
             warnings.warn(f"the compiled step failed ({type(e).__name__}: {str(e)[:200]}); running eagerly",
                           RuntimeWarning, stacklevel=3)

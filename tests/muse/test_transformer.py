@@ -297,6 +297,15 @@ def test_a_failing_compiled_step_falls_back_to_the_eager_one(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(model(ids, ctx), eager)  # warned once, eager from then on
 
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: out_of_memory)
+    model.compile_step()
+    with torch.no_grad(), pytest.raises(torch.OutOfMemoryError):  # the request's failure, not the compiler's
+        model(ids, ctx)
+    assert model._compiled is out_of_memory  # kept for the next request
+
 
 def test_sinusoidal_text_positions_let_the_text_layers_tell_word_order_and_add_no_weights():
     from dataclasses import replace

@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 from serve.config import AppArgs, Deployment, Files, Generator, cpu_threads, load_args
-from serve.files import FileStore, StoreFull
 from serve.images import UploadError, prepare_edit
 from serve.pixels import fill_masked, grey_out
 from serve.schemas import APIError, resolve_size
@@ -92,46 +91,6 @@ def test_load_args_accepts_a_plain_mapping(tmp_path):
     path = tmp_path / "args.yaml"
     path.write_text("checkpoint: /models/tiny\nbase:\n  batching: {max_rows: 2}\n")
     assert AppArgs.model_validate(load_args(path)).base == Generator(batching={"max_rows": 2})
-
-
-def test_file_store_in_memory_expires_and_keeps_every_link_it_gave_until_then():
-    now = [1_800_000_000.0]
-    store = FileStore(Files(ttl_s=10, max_files=3), clock=lambda: now[0])
-    a, b = store.put(b"a"), store.put(b"b", "webp")
-    assert store.get(a) == b"a" and store.get(b) == b"b" and a.endswith(".png") and b.endswith(".webp")
-    assert store.get(a.replace(".png", ".jpeg")) is None  # served only as what it is
-    with pytest.raises(StoreFull) as full:  # a response's images are stored all or none
-        store.put_all([b"c", b"d"])
-    assert full.value.retry_after_s == 10 and len(store._memory) == 2
-    now[0] += 4
-    store.check_room(1)
-    c = store.put(b"c")
-    with pytest.raises(StoreFull) as full:  # over max_files: refused, never a link cut short
-        store.check_room(1)
-    assert full.value.retry_after_s == 6 and (store.get(a), store.get(b), store.get(c)) == (b"a", b"b", b"c")
-    now[0] += 7  # a and b expire, and make room
-    assert store.get(a) is None and store.get(b) is None and store.get(c) == b"c"
-    store.put_all([b"d", b"e"])
-    now[0] += 5
-    assert store.get(c) is None
-    for bad in ("", "../etc/passwd", "1-abc", c + "x", c.upper()):
-        assert store.get(bad) is None
-
-
-def test_file_store_on_shared_storage_sweeps_expired(tmp_path):
-    now = [1_800_000_000.0]
-    store = FileStore(Files(uri=str(tmp_path / "files"), ttl_s=100), clock=lambda: now[0])
-    old = store.put(b"old")
-    assert store.get(old) == b"old" and (tmp_path / "files" / old).exists()
-    assert FileStore(Files(uri=str(tmp_path / "files")), clock=lambda: now[0]).get(old) == b"old"  # another replica
-    now[0] += 101
-    new = store.put(b"new")  # starts a sweep in the background
-    assert store.get(old) is None  # expired at once, by its id
-    deadline = time.monotonic() + 10
-    while (tmp_path / "files" / old).exists():
-        assert time.monotonic() < deadline, "the expired file was never swept"
-        time.sleep(0.05)
-    assert store.get(new) == b"new"
 
 
 def _png(img: Image.Image) -> bytes:
