@@ -58,8 +58,8 @@ class ScalingSettings:
     num_workers: int = 1
     # Elastic training: with min_workers set, Ray Train runs with any number of workers in
     # [min_workers, num_workers] that fits, and regrows toward num_workers as nodes return, so a lost
-    # node no longer stalls the run. Checkpoints hold full (gathered) state, so a run resumes on any
-    # worker count; the batch per worker stays, so the global batch follows the worker count.
+    # node no longer stalls the run. Each rank's checkpoint shards reshard on load (jobs/checkpointing.py),
+    # so a run resumes on any worker count; the batch per worker stays, so the global batch follows it.
     min_workers: int | None = None
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
