@@ -102,8 +102,7 @@ def save_component(model: nn.Module, uri: str, extra: dict[str, Any] | None = No
         with tempfile.TemporaryDirectory() as tmp:
             _write_component(model, meta, tmp)
             for name in sorted(os.listdir(tmp), key=lambda n: n == CONFIG_FILE):  # config.json last
-                with open(os.path.join(tmp, name), "rb") as f:
-                    storage.write_bytes(storage.join(uri, name), f.read())
+                storage.upload_file(os.path.join(tmp, name), storage.join(uri, name))
         return
     path = storage.filesystem(uri)[1]
     parent, name = os.path.split(path.rstrip("/"))

@@ -194,6 +194,15 @@ def write_bytes(uri: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def upload_file(path: str, uri: str) -> None:
+    """Copy the local file `path` to `uri` (S3) without holding it in memory: pyarrow streams it in
+    parts from C++, so a Python exception (Ctrl-C) cannot land between two parts and close a
+    truncated object. Each request is retried by the filesystem's retry strategy."""
+    fs, dest = filesystem(uri)
+    pafs.copy_files(path, dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs,
+                    chunk_size=READ_CHUNK_BYTES, use_threads=False)
+
+
 def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
