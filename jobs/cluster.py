@@ -14,10 +14,13 @@ local instance only; the workers' environment goes to both. Never `address="auto
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # Driver settings of a local instance. Ray Train's controller (which takes these from the driver)
 # polls its workers every 2 s by default, and a stage's start and end each wait for polls: on one node
@@ -34,9 +37,14 @@ def use_local_driver_env() -> None:
 
 def cluster_address() -> str | None:
     """The cluster to join: RAY_ADDRESS, else the one `ray start` last started on this node, else None."""
-    from ray._private.utils import read_ray_address
-
-    return os.environ.get("RAY_ADDRESS") or read_ray_address() or None
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        from ray._private.utils import read_ray_address
+    except ImportError:  # a private API that a later Ray may move: RAY_ADDRESS still names a cluster
+        log.warning("this Ray cannot say which cluster `ray start` started here: set RAY_ADDRESS to join it")
+        return None
+    return read_ray_address() or None
 
 
 # Set by `ray job submit` in the driver's environment: the job's config, its runtime_env included.
