@@ -52,14 +52,15 @@ def build_app(args: AppArgs) -> Application:
         return serve.deployment(cls, name=name).options(**options)
 
     text = deployment(TextEncoder, "TextEncoder", args.text_encoder.options()).bind(root, device)
+    # A decode that makes no progress for a whole request's time fails the health check.
+    generating = dict(choice_temperature=sampling.choice_temperature, preview_every=sampling.preview_every,
+                      compile_step=sampling.compile, stuck_after_s=args.limits.request_timeout_s)
     base = deployment(BaseGenerator, "BaseGenerator", args.base.options()).bind(
-        root, device, args.base.batching, sampling.choice_temperature, sampling.preview_every, sampling.compile,
-        args.limits.request_timeout_s)
+        root, device, args.base.batching, **generating)
     superres = None
     if checkpoint.has_component(root, "superres") and checkpoint.has_component(root, "vqgan_hi"):
         superres = deployment(SuperResGenerator, "SuperResGenerator", args.superres.options()).bind(
-            root, device, args.superres.batching, sampling.choice_temperature, sampling.preview_every,
-            sampling.compile, args.limits.request_timeout_s, sampling.superres_top_k)
+            root, device, args.superres.batching, top_k=sampling.superres_top_k, **generating)
     decoder = deployment(Decoder, "Decoder", args.decoder.options()).bind(root, device)
     return deployment(Ingress, "Ingress", args.ingress.options(), access_log=True).bind(
         text, base, superres, decoder, args)
