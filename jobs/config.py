@@ -136,6 +136,7 @@ class RunSettings:
     shuffle_buffer: int = 4096
     # Read (and decode) the data once, on the driver, into Ray's object store instead of streaming it
     # from storage every epoch: for data that fits in memory (the tiny demo), where reading dominates.
+    # Refused past 4 GiB (jobs.data.CACHE_MAX_BYTES).
     cache_data: bool = False
     peak_tflops: float | None = None  # accelerator peak for MFU; None = by GPU name, no MFU on CPU
     progress: bool = True  # the live progress line (off: the notes and summary lines only)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import contextmanager
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -48,8 +49,26 @@ def token_dataset(uri: str, *, hi: bool, cache: bool = False, shuffle_seed: int 
     if cache:
         import ray.data
 
-        return ray.data.from_arrow(shards.load_token_shards(uri, columns=columns)), info
+        table = held_whole(shards.iter_token_shards(uri, columns), f"the token shards under {uri}")
+        return ray.data.from_arrow(table), info
     return shards.read_token_shards(uri, columns, shuffle_seed), info
+
+
+# run.cache_data holds the whole data in the driver's memory (then in the object store): past this it
+# is refused, with a way out, instead of taking the driver down with it.
+CACHE_MAX_BYTES = 4 << 30
+
+
+def held_whole(tables: Iterable[pa.Table], what: str) -> pa.Table:
+    """`tables` concatenated, or RunRefused as soon as they pass CACHE_MAX_BYTES."""
+    held, total = [], 0
+    for table in tables:
+        total += table.nbytes
+        if total > CACHE_MAX_BYTES:
+            raise RunRefused(f"run.cache_data holds {what} in the driver's memory, and they are over "
+                             f"{CACHE_MAX_BYTES / 2**30:g} GiB: set run.cache_data=false to stream them")
+        held.append(table)
+    return pa.concat_tables(held, promote_options="permissive") if held else pa.table({})
 
 
 def token_rows(uri: str) -> int | None:
@@ -115,9 +134,9 @@ def run_images(uri: str, size: int, cfg: TokenizeConfig, format: str, cache: boo
 def read_images(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto") -> pa.Table:
     """The `pixels` table of `image_dataset`, read in this process with the same functions (no Ray)."""
     parts = readers.plan_parts(uri, format, cfg.reader)
-    tables = [_accepted_pixels(block) for block in preprocessed_local(parts, cfg, lo_size=size, hi_size=None)]
-    table = pa.concat_tables(tables) if tables else None
-    if table is None or table.num_rows == 0:
+    blocks = preprocessed_local(parts, cfg, lo_size=size, hi_size=None)
+    table = held_whole((_accepted_pixels(block) for block in blocks), f"the images of {uri} at {size} px")
+    if table.num_rows == 0:
         raise RunRefused(f"no image of the corpus at {uri} passed preprocessing")
     return table
 

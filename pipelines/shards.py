@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import json
 import zlib
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -159,11 +160,14 @@ def shard_info(uri: str) -> dict:
 
 def load_token_shards(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Every published shard under `uri` as one pyarrow Table (no Ray): small corpora and tests."""
-    tables = []
+    return pa.concat_tables(iter_token_shards(uri, columns), promote_options="permissive")
+
+
+def iter_token_shards(uri: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """Each published shard under `uri` as a pyarrow Table, one at a time (no Ray)."""
     for f in token_shard_files(uri):
         fs, path = storage.filesystem(f)
-        tables.append(pq.read_table(path, filesystem=fs, columns=columns))
-    return pa.concat_tables(tables, promote_options="permissive")
+        yield pq.read_table(path, filesystem=fs, columns=columns)
 
 
 def io_retry_args(retries: int) -> dict:

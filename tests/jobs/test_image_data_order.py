@@ -129,3 +129,18 @@ def test_every_corpus_format_is_read_whole_in_a_seeded_order(ray_session, ordere
     streamed = read(corpus, run_dir)
     assert sorted(streamed) == EVERY_IMAGE and streamed != EVERY_IMAGE
     assert sorted(read(corpus, run_dir, cache=True)) == EVERY_IMAGE
+
+
+def test_cached_data_past_the_cap_is_refused_with_the_way_out(tmp_path, monkeypatch):
+    """run.cache_data holds everything in the driver: a corpus or token output past the cap is a
+    refusal naming the setting, found while reading (before the rest is held), not a driver OOM."""
+    from jobs import data
+    from jobs.preflight import RunRefused
+
+    corpus = str(tmp_path / "corpus")
+    write_corpus(corpus, "parquet")
+    monkeypatch.setattr(data, "CACHE_MAX_BYTES", SIZE * SIZE * 3 * 5)  # five images' pixels
+    with pytest.raises(RunRefused, match="run.cache_data=false"):
+        data.read_images(corpus, SIZE, CFG)
+    monkeypatch.setattr(data, "CACHE_MAX_BYTES", 1 << 30)
+    assert data.read_images(corpus, SIZE, CFG).num_rows == len(EVERY_IMAGE)
