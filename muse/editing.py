@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from muse import sampling
+from muse.config import SAMPLING
 from muse.context import Context
 
 DIRECTIONS = ("all", "left", "right", "up", "down")
@@ -99,7 +100,7 @@ def inpaint_tokens(
     steps: int,
     guidance_scale: float | torch.Tensor = 0.0,
     generator: sampling.Generators,
-    choice_temperature: float = 4.5,
+    choice_temperature: float = SAMPLING.choice_temperature,
     top_k: int | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
@@ -123,9 +124,9 @@ def edit_tokens(
     uncond_context: Context | None,
     ids: torch.Tensor,
     *,
-    iterations: int = 100,
-    fraction: float = 0.08,
-    guidance_scale: float | torch.Tensor = 4.0,
+    iterations: int = SAMPLING.edit_iterations,
+    fraction: float = SAMPLING.edit_fraction,
+    guidance_scale: float | torch.Tensor = SAMPLING.guidance_scale,
     top_k: int | None = 3,
     generator: sampling.Generators,
     editable: torch.Tensor | None = None,

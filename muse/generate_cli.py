@@ -23,6 +23,8 @@ from typing import Callable
 
 from PIL import Image
 
+from muse.config import SAMPLING
+
 COMMANDS = ("generate", "inpaint", "outpaint", "edit")
 
 
@@ -41,12 +43,15 @@ def _common(parser: argparse.ArgumentParser, steps: bool = True) -> None:
                         help="images decoded at once (default 8): memory holds one batch, and --n images come "
                              "in batches, the same images as in one")
     if steps:
-        parser.add_argument("--steps", type=int, default=24, help="base decoding steps (default 24)")
-    parser.add_argument("--superres-steps", type=int, default=None, help="super-res decoding steps (default 8)")
+        parser.add_argument("--steps", type=int, default=SAMPLING.steps,
+                            help=f"base decoding steps (default {SAMPLING.steps})")
+    parser.add_argument("--superres-steps", type=int, default=None,
+                        help=f"super-res decoding steps (default {SAMPLING.superres_steps})")
     parser.add_argument("--superres-top-k", type=int, default=None,
                         help="super-res draws each code among its k likeliest (1: the likeliest; default: "
                              "the whole codebook)")
-    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
+    parser.add_argument("--guidance", type=float, default=SAMPLING.guidance_scale,
+                        help=f"classifier-free guidance scale (default {SAMPLING.guidance_scale:g})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request: image i draws from a generator seeded from (seed, i), so no two seeds share "
                         "an image and the same seed and settings give the same images (default 0)")
     parser.add_argument("--no-superres", action="store_true",
@@ -86,9 +91,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             description="Mask-free editing: repeatedly resample a random share of the image's tokens under "
                         "the new prompt, keeping its layout.")
         p.add_argument("--image", required=True, help="input image file (local path or s3://)")
-        p.add_argument("--iterations", type=int, default=100, help="resampling iterations (default 100)")
-        p.add_argument("--fraction", type=float, default=0.08,
-                       help="share of tokens resampled per iteration (default 0.08)")
+        p.add_argument("--iterations", type=int, default=SAMPLING.edit_iterations,
+                       help=f"resampling iterations (default {SAMPLING.edit_iterations})")
+        p.add_argument("--fraction", type=float, default=SAMPLING.edit_fraction,
+                       help=f"share of tokens resampled per iteration (default {SAMPLING.edit_fraction:g})")
         p.add_argument("--top-k", type=int, default=3, help="sample among the k likeliest tokens (default 3)")
         _common(p, steps=False)
     else:

@@ -27,6 +27,7 @@ from PIL import Image
 
 from muse import checkpoint, editing, sampling, storage
 from muse.components import check_fit
+from muse.config import SAMPLING
 from muse.data.images import centre_square, pil_to_tensor, tensor_to_pil
 from muse.image_inputs import letterbox, load_image, load_mask
 from muse.token_stages import TextCondition, base_tokens, stage_contexts, superres_tokens
@@ -147,9 +148,10 @@ class MusePipeline:
     # -- text to image -------------------------------------------------------------------------
     @torch.no_grad()  # inference: no autograd graph is kept (context encodings, VQGAN encodes)
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
-                 num_images: int = 1, steps: int = 24, superres_steps: int = 8, guidance_scale: float = 4.0,
-                 seed: int | None = None, output: str = "pil", superres: bool | None = None,
-                 callback: StageCallback | None = None, choice_temperature: float = 4.5,
+                 num_images: int = 1, steps: int = SAMPLING.steps, superres_steps: int = SAMPLING.superres_steps,
+                 guidance_scale: float = SAMPLING.guidance_scale, seed: int | None = None, output: str = "pil",
+                 superres: bool | None = None,
+                 callback: StageCallback | None = None, choice_temperature: float = SAMPLING.choice_temperature,
                  temperature: float | None = None, superres_top_k: int | None = None,
                  first_image: int = 0) -> list[Image.Image] | torch.Tensor:
         """Images for each prompt (prompt-major: all of prompt 0's images first).
@@ -193,9 +195,10 @@ class MusePipeline:
     # -- editing -------------------------------------------------------------------------------
     @torch.no_grad()
     def inpaint(self, image: Any, mask: Any, prompt: str, negative_prompt: str | None = None, num_images: int = 1,
-                steps: int = 24, superres_steps: int = 8, guidance_scale: float = 4.0, seed: int | None = None,
-                output: str = "pil", superres: bool | None = None, callback: StageCallback | None = None,
-                choice_temperature: float = 4.5, superres_top_k: int | None = None,
+                steps: int = SAMPLING.steps, superres_steps: int = SAMPLING.superres_steps,
+                guidance_scale: float = SAMPLING.guidance_scale, seed: int | None = None, output: str = "pil",
+                superres: bool | None = None, callback: StageCallback | None = None,
+                choice_temperature: float = SAMPLING.choice_temperature, superres_top_k: int | None = None,
                 first_image: int = 0) -> list[Image.Image] | torch.Tensor:
         """Regenerate the masked part of `image` under `prompt`.
 
@@ -223,10 +226,11 @@ class MusePipeline:
 
     @torch.no_grad()
     def outpaint(self, image: Any, prompt: str, direction: str = "all", scale: float = 0.5,
-                 negative_prompt: str | None = None, num_images: int = 1, steps: int = 24, superres_steps: int = 8,
-                 guidance_scale: float = 4.0, seed: int | None = None, output: str = "pil", superres: bool | None = None,
+                 negative_prompt: str | None = None, num_images: int = 1, steps: int = SAMPLING.steps,
+                 superres_steps: int = SAMPLING.superres_steps, guidance_scale: float = SAMPLING.guidance_scale,
+                 seed: int | None = None, output: str = "pil", superres: bool | None = None,
                  callback: StageCallback | None = None,
-                 choice_temperature: float = 4.5, superres_top_k: int | None = None,
+                 choice_temperature: float = SAMPLING.choice_temperature, superres_top_k: int | None = None,
                  first_image: int = 0) -> list[Image.Image] | torch.Tensor:
         """Extend `image` beyond its borders (see `editing.outpaint_canvas`): direction "all" shrinks it
         to `scale` of the side in the centre; "left"/"right"/"up"/"down" shift it so it covers `scale`
@@ -253,9 +257,11 @@ class MusePipeline:
 
     @torch.no_grad()
     def edit(self, image: Any, prompt: str, negative_prompt: str | None = None, num_images: int = 1,
-             iterations: int = 100, fraction: float = 0.08, guidance_scale: float = 4.0, top_k: int | None = 3,
-             superres_steps: int = 8, seed: int | None = None, output: str = "pil", superres: bool | None = None,
-             callback: StageCallback | None = None, choice_temperature: float = 4.5,
+             iterations: int = SAMPLING.edit_iterations, fraction: float = SAMPLING.edit_fraction,
+             guidance_scale: float = SAMPLING.guidance_scale, top_k: int | None = 3,
+             superres_steps: int = SAMPLING.superres_steps, seed: int | None = None, output: str = "pil",
+             superres: bool | None = None,
+             callback: StageCallback | None = None, choice_temperature: float = SAMPLING.choice_temperature,
              superres_top_k: int | None = None, first_image: int = 0) -> list[Image.Image] | torch.Tensor:
         """Mask-free editing: starting from the image's tokens, resample a random `fraction` of them
         `iterations` times under `prompt` (guidance, top-k). Through super-res, high-res tokens are
@@ -393,10 +399,10 @@ class Request:
     """The settings every way of sampling shares, checked in one place (`MusePipeline._check`)."""
 
     num_images: int = 1
-    steps: int = 24  # base decoding steps, or mask-free edit iterations (steps_name says which)
-    superres_steps: int = 8
-    guidance_scale: float = 4.0
-    choice_temperature: float = 4.5
+    steps: int = SAMPLING.steps  # base decoding steps, or mask-free edit iterations (steps_name says which)
+    superres_steps: int = SAMPLING.superres_steps
+    guidance_scale: float = SAMPLING.guidance_scale
+    choice_temperature: float = SAMPLING.choice_temperature
     seed: int | None = None
     output: str = "pil"
     superres: bool = True

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from muse.config import RENAMED_TEMPERATURE
+from muse.config import RENAMED_TEMPERATURE, SAMPLING
 from muse.data.images import PILLOW_MAX_PIXELS
 
 
@@ -126,18 +126,18 @@ class Limits(Strict):
 class Sampling(Strict):
     """Defaults for fields a request leaves out."""
 
-    steps: int = Field(24, ge=1)  # base decoding steps (Muse: 24)
-    superres_steps: int = Field(8, ge=1)  # super-res decoding steps (Muse: 8)
-    guidance_scale: float = Field(4.0, ge=0)
-    choice_temperature: float = Field(4.5, ge=0)  # MaskGIT's annealed Gumbel noise on the re-masking confidence
+    steps: int = Field(SAMPLING.steps, ge=1)  # base decoding steps (Muse: 24)
+    superres_steps: int = Field(SAMPLING.superres_steps, ge=1)  # super-res decoding steps (Muse: 8)
+    guidance_scale: float = Field(SAMPLING.guidance_scale, ge=0)
+    choice_temperature: float = Field(SAMPLING.choice_temperature, ge=0)  # MaskGIT's re-masking noise
     # Super-res draws each code among its k likeliest (1: the likeliest); None: the whole codebook (Muse).
     superres_top_k: int | None = Field(None, ge=1)
     # torch.compile each generator's step (CUDA graphs on GPU); eager if that fails. The scheduler's
     # batches change shape as requests join and leave: a size that changes is compiled once more as a
     # free size, after which no new batch or prompt length compiles (CUDA graphs record once per shape).
     compile: bool = False
-    edit_iterations: int = Field(100, ge=1)  # mask-free editing (Muse §3.3: ~100 at ~8%)
-    edit_fraction: float = Field(0.08, gt=0, le=1)
+    edit_iterations: int = Field(SAMPLING.edit_iterations, ge=1)  # mask-free editing (Muse §3.3: ~100 at ~8%)
+    edit_fraction: float = Field(SAMPLING.edit_fraction, gt=0, le=1)
     preview_every: int = Field(4, ge=1)  # streaming: one preview every k decoding steps
 
     @model_validator(mode="before")
