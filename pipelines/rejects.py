@@ -11,7 +11,7 @@ from __future__ import annotations
 # Found by the readers (and at planning, from the listing).
 MISSING_IMAGE = "missing_image"  # no image: none in the sample, a null value, a dangling symlink
 MISSING_CAPTION = "missing_caption"
-CAPTION_NOT_TEXT = "caption_not_text"  # a captions-file or tar .json caption that is a list, number or object
+CAPTION_NOT_TEXT = "caption_not_text"  # a captions-file or tar .json caption that is a list, number or object, or no JSON
 FILE_TOO_LARGE = "file_too_large"  # over reader.max_file_bytes: never read
 UNREADABLE_SOURCE = "unreadable_source"  # a Parquet file or tar that is itself corrupt
 # Found by preprocessing.

@@ -18,7 +18,7 @@ import pyarrow as pa
 from muse import storage
 from pipelines.captions_file import inline_caption
 from pipelines.config import ReaderConfig
-from pipelines.rejects import FILE_TOO_LARGE
+from pipelines.rejects import CAPTION_NOT_TEXT, CAPTION_NOT_UTF8, FILE_TOO_LARGE
 from pipelines.rows import TOO_LARGE, UNREAD, Rows, add_sample
 
 if TYPE_CHECKING:
@@ -48,7 +48,9 @@ def read_tar(part: Part, cfg: ReaderConfig, rows: Rows) -> Iterator[pa.Table | N
                 continue
             stem, _, ext = base.partition(".")
             member_key = posixpath.join(dirname, stem)
-            if member_key != key and key is not None:
+            # A field the sample already holds starts a sample of the same key (tars appended with `tar -r`
+            # or concatenated): it is kept, under a key made unique, not written over the first.
+            if key is not None and (member_key != key or ext in sample):
                 for sub_key, sub in _split(key, sample, exts):
                     yield _tar_sample(rows, part, sub_key, sub, exts, seen)
                 sample = {}
@@ -104,11 +106,14 @@ def _tar_sample(rows: Rows, part: Part, key: str, sample: dict[str, bytes], exts
     if described is not None:
         try:
             meta = json.loads(described)
-        except (json.JSONDecodeError, UnicodeError):
-            meta = None
-        value = meta.get("caption") if isinstance(meta, dict) else None
-        value = meta.get("text") if value is None and isinstance(meta, dict) else value
-        caption, reason = inline_caption(value)
+        except UnicodeError:
+            meta, reason = None, CAPTION_NOT_UTF8
+        except json.JSONDecodeError:
+            meta, reason = None, CAPTION_NOT_TEXT
+        if not reason:
+            value = meta.get("caption") if isinstance(meta, dict) else None
+            value = meta.get("text") if value is None and isinstance(meta, dict) else value
+            caption, reason = inline_caption(value)
     return add_sample(rows, name, image, caption, reason if image is not None else "")
 
 

@@ -51,12 +51,34 @@ def test_bad_text_in_a_tar_is_a_counted_reject(tmp_path):
         add(tar, "listed.json", json.dumps({"caption": ["two", "captions"]}).encode())
         add(tar, "bom.png", image)
         add(tar, "bom.txt", "\ufeffa red circle".encode())
+        add(tar, "broken.png", image)
+        add(tar, "broken.json", b'{"caption": "cut sho')  # not JSON: not a missing caption either
+        add(tar, "latin.png", image)
+        add(tar, "latin.json", '{"caption": "caf\xe9"}'.encode("latin-1"))
     rows = {r["key"].split("#", 1)[1]: r for r in read(tmp_path)}
     assert rows["ok"]["reject_reason"] == "" and rows["ok"]["caption"] == caption
     assert rows["surrogate"]["reject_reason"] == "caption_not_utf8"
     assert rows["caf\\xe9"]["reject_reason"] == "" and rows["caf\\xe9"]["caption"] == "a cafe"  # key shows the byte
     assert rows["listed"]["reject_reason"] == "caption_not_text"
     assert rows["bom"]["caption"] == "a red circle"
+    assert rows["broken"]["reject_reason"] == "caption_not_text"
+    assert rows["latin"]["reject_reason"] == "caption_not_utf8"
+
+
+def test_a_key_repeated_back_to_back_in_a_tar_is_two_samples(tmp_path):
+    """Tars appended to (`tar -r`) or concatenated can hold the same members twice in a row: the
+    second is a sample of its own under a unique key, not written over the first."""
+    first, second = good(0, 40), good(1, 40)
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        add(tar, "x.png", first[0])
+        add(tar, "x.txt", b"the first")
+        add(tar, "x.png", second[0])
+        add(tar, "x.txt", b"the second")
+        add(tar, "y.png", first[0])
+        add(tar, "y.txt", b"after them")
+    rows = read(tmp_path)
+    assert [r["caption"] for r in rows] == ["the first", "the second", "after them"]
+    assert len({r["key"] for r in rows}) == 3 and all(r["reject_reason"] == "" for r in rows)
 
 
 def test_tar_fields_with_dots_empty_images_and_null_json_captions(tmp_path):
