@@ -489,8 +489,9 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tu
     """Config of type `cls`: `base` (or defaults) <- YAML file at `path` <- `overrides`."""
     data: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
-        loaded = _yaml(text, str(path)) or {}
+        if not Path(path).is_file():
+            raise ValueError(f"config file {path}: no such file")
+        loaded = _yaml(Path(path).read_text(), str(path)) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: the top level must be a mapping of keys to values")
         data = loaded

@@ -99,6 +99,8 @@ def resolve_models(checkpoint: str | None, vqgan: str | None = None, vqgan_hi: s
             return flag
         if checkpoint and has_component(checkpoint, name):
             return component_uri(checkpoint, name)
+        if required and not checkpoint:
+            raise ValueError(f"no {name}: give the model root (--checkpoint ROOT) or name the {name} itself")
         if required:
             raise ValueError(f"no {name}: the model root {checkpoint!r} has no {name}/ and no flag names one")
         return None
@@ -209,9 +211,10 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     (`manifest.retire`) and their images tokenized again in the parts that now hold them."""
     cfg = cfg or TokenizeConfig()
     input_uri, output = readers.canonical(input_uri), readers.canonical(output)
-    if output == input_uri:
+    real_input, real_output = _resolved(input_uri), _resolved(output)  # through symlinks
+    if real_output == real_input:
         raise CorpusRefused(f"the output {output} is the input: write the shards to another folder")
-    if output.startswith(input_uri.rstrip("/") + "/"):  # its Parquet shards would be read as corpus
+    if real_output.startswith(real_input.rstrip("/") + "/"):  # its Parquet shards would be read as corpus
         raise CorpusRefused(f"the output {output} lies inside the input {input_uri}: a later run, or a VQGAN "
                             "trained on that corpus, would read its shards as corpus; write it elsewhere")
     start = time.time()
@@ -389,6 +392,10 @@ def _init_ray(cfg: TokenizeConfig) -> None:
     check_room(cfg)  # an actor no node can hold would hang the job without a word
 
 
+def _resolved(uri: str) -> str:
+    return uri if storage.is_s3(uri) else os.path.realpath(uri)
+
+
 def _text_dim(text: dict | None) -> int | None:
     """Width of a text encoder config: T5's d_model, or CLIP's hidden (an imported aMUSEd root)."""
     if not text:
@@ -438,8 +445,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(args.config, args.set)
         models = resolve_models(args.checkpoint, args.vqgan, args.vqgan_hi, args.text_encoder)
-    except (ValueError, OSError) as e:
-        parser.error(str(e))
+    except (ValueError, OSError) as e:  # one line, as every other refusal
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     try:
         totals = run(args.input, args.output, models, cfg, args.format, progress=not args.no_progress,
                      force_cleanup=args.force_cleanup, retire_changed=args.retire_changed)

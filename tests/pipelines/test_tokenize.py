@@ -207,10 +207,13 @@ def test_cli(tmp_path, tiny_root, capsys):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "notes.txt").write_text("no images here")
-    for output, said in ((tmp_path / "out2", "cannot tell the format"), (corpus, "the output .* is the input"),
-                         (corpus / "tokens", "the output .* lies inside the input")):
+    (tmp_path / "link").symlink_to(corpus)  # the same folder by another name
+    for given, output, said in ((corpus, tmp_path / "out2", "cannot tell the format"),
+                                (corpus, corpus, "the output .* is the input"),
+                                (corpus, corpus / "tokens", "the output .* lies inside the input"),
+                                (tmp_path / "link", corpus / "tokens", "the output .* lies inside the input")):
         with pytest.raises(SystemExit) as refused:
-            main(["--input", str(corpus), "--output", str(output), "--checkpoint", tiny_root, "--no-progress"])
+            main(["--input", str(given), "--output", str(output), "--checkpoint", tiny_root, "--no-progress"])
         err = capsys.readouterr().err
         assert refused.value.code == 2 and re.search(said, err) and err.count("\n") == 1, err
 
@@ -232,7 +235,11 @@ def test_setup_mistakes_are_refused_in_one_line(tmp_path, tiny_root_lo_only, cap
             (["--output", str(tmp_path / "o2"), "--vqgan", str(tmp_path / "nonexistent")],
              r"vqgan_lo: no checkpoint at .*nonexistent"),
             (["--output", str(old)], r".*old was written by an older version of muse tokenize"),
-            (["--output", str(tmp_path / "file")], r"the output .*file is a file: name a folder")):
+            (["--output", str(tmp_path / "file")], r"the output .*file is a file: name a folder"),
+            (["--output", str(tmp_path / "o3"), "--config", str(tmp_path / "typo.yaml")],
+             r"config file .*typo\.yaml: no such file"),
+            (["--output", str(tmp_path / "o4"), "--checkpoint", ""],
+             r"no vqgan_lo: give the model root \(--checkpoint ROOT\)")):
         with pytest.raises(SystemExit) as refused:
             main(args + extra)
         err = capsys.readouterr().err
