@@ -139,6 +139,7 @@ def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int,
 
     with contextlib.ExitStack() as cleanup:
         captions, parts, chunk, names, sizes, start = None, [], [], [], [], 0
+        sidecars_of, sidecars = None, {}  # a folder's `.txt` files in any case, by their lower-case name
 
         def cut() -> None:
             nonlocal chunk, names, sizes, start
@@ -168,9 +169,15 @@ def plan_folder(root: str, images: Iterable[storage.Listed], rows_per_part: int,
                 chunk.append((f.uri, None, None, reason))  # its caption is looked up with its part's
                 sizes.append(str(f.size))
             else:
-                txt = f.uri.rpartition("/")[2].rsplit(".", 1)[0] + ".txt"
+                folder, _, name = f.uri.rpartition("/")
+                txt = name.rsplit(".", 1)[0] + ".txt"
+                if txt not in f.siblings:  # `a.TXT` beside `a.jpg`: the extension in any case, as an image's
+                    if sidecars_of is not f.siblings:  # one index per folder (siblings are shared)
+                        sidecars_of = f.siblings
+                        sidecars = {n[:-4] + ".txt": n for n in f.siblings if n[-4:].lower() == ".txt"}
+                    txt = sidecars.get(txt, txt)
                 # A dangling link (listed size -1) is no caption: the sample is missing_caption.
-                sidecar = f.uri.rsplit(".", 1)[0] + ".txt" if f.siblings.get(txt, -1) >= 0 else None
+                sidecar = f"{folder}/{txt}" if f.siblings.get(txt, -1) >= 0 else None
                 if sidecar and not reason and over(f.siblings[txt]):
                     reason = FILE_TOO_LARGE
                 chunk.append((f.uri, sidecar, None, reason))

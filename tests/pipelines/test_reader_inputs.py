@@ -65,6 +65,19 @@ def test_bad_text_in_a_tar_is_a_counted_reject(tmp_path):
     assert rows["latin"]["reject_reason"] == "caption_not_utf8"
 
 
+def test_folder_sidecar_captions_match_their_extension_in_any_case(tmp_path):
+    """`a.TXT` beside `a.png` is its caption, as `.PNG` is an image; the name before the extension
+    still has to match exactly."""
+    image, caption = good(0, 40)
+    for name, text_name in (("upper", "upper.TXT"), ("mixed", "mixed.Txt"), ("plain", "plain.txt"),
+                            ("Stem", "stem.txt")):
+        (tmp_path / f"{name}.png").write_bytes(image)
+        (tmp_path / text_name).write_text(f"{caption} {name}")
+    rows = {r["key"].rsplit("/", 1)[1]: (r["reject_reason"], r["caption"]) for r in read(tmp_path)}
+    assert rows == {"upper.png": ("", f"{caption} upper"), "mixed.png": ("", f"{caption} mixed"),
+                    "plain.png": ("", f"{caption} plain"), "Stem.png": ("missing_caption", "")}
+
+
 def test_a_key_repeated_back_to_back_in_a_tar_is_two_samples(tmp_path):
     """Tars appended to (`tar -r`) or concatenated can hold the same members twice in a row: the
     second is a sample of its own under a unique key, not written over the first."""
