@@ -454,7 +454,7 @@ def summarize(out: str, manifest: pa.Table, examples: dict[str, list[str]], per_
     except FileNotFoundError:
         old = {}
     merged = {}
-    for reason in sorted(set(old) | set(examples)):
+    for reason in sorted(r for r in set(old) | set(examples) if by_reason.get(r)):  # none once retired away
         keys = list(dict.fromkeys(old.get(reason, []) + examples.get(reason, [])))
         merged[reason] = keys[:per_reason]
     rejects = {"total": sum(by_reason.values()), "by_reason": by_reason, "examples": merged}

@@ -80,6 +80,22 @@ def test_a_retired_part_leaves_the_manifest_and_its_files_go(tmp_path):
     assert sorted(zip(table["part"].to_pylist(), table["rows"].to_pylist())) == [("a", 2), ("b", 5)]
 
 
+def test_rejects_json_keeps_examples_only_of_reasons_still_counted(tmp_path):
+    """A part whose missing caption was fixed and retired counts no reject any more: its old example
+    key leaves rejects.json with its count, and other reasons' examples stay."""
+    out = str(tmp_path)
+    rejected = entry("a", "r1") | {"accepted": 1, "rejects": [("missing_caption", 1)]}
+    table = pa.Table.from_pylist([rejected, entry("b", "r1") | {"rejects": [("corrupt_image", 1)]}],
+                                 schema=manifest.SCHEMA)
+    manifest.summarize(out, table, {"missing_caption": ["a#x"], "corrupt_image": ["b#y"]})
+    fixed = pa.Table.from_pylist([entry("a", "r2"), entry("b", "r1") | {"rejects": [("corrupt_image", 1)]}],
+                                 schema=manifest.SCHEMA)
+    totals = manifest.summarize(out, fixed, {})
+    saved = json.loads(storage.read_text(f"{out}/{manifest.REJECTS_FILE}"))
+    assert saved == totals["rejects"] == {"total": 1, "by_reason": {"corrupt_image": 1},
+                                          "examples": {"corrupt_image": ["b#y"]}}
+
+
 def test_a_run_started_on_a_clock_behind_the_last_runs_still_supersedes_it(tmp_path):
     """The latest run's entry for a part counts: a driver whose clock is behind the one that wrote the
     manifest (another machine) takes a run id after it, so its tombstone retires the part instead of
