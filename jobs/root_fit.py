@@ -23,12 +23,12 @@ from muse.code_vectors import pixel_code_dim
 def retrained_tokenizers(root: str, spec: dict) -> list[str]:
     """The root's tokenizers that are not the ones that made the token shards of job spec `spec` (trained
     again since): their codes would be read differently."""
-    from muse.components import token_version
+    from muse.components import comparable, token_version
 
     made_with = spec.get("weights") or {}
     return [name for name in ("vqgan_lo", "vqgan_hi") if made_with.get(name) is not None
             and checkpoint.has_component(root, name)
-            and token_version(checkpoint.component_uri(root, name)) != made_with[name]]
+            and token_version(checkpoint.component_uri(root, name)) != comparable(made_with[name])]
 
 
 def _made_elsewhere(root: str, spec: dict, name: str) -> str | None:

@@ -129,6 +129,22 @@ def has_component(root: str, name: str) -> bool:
     return storage.exists(storage.join(component_uri(root, name), CONFIG_FILE))
 
 
+# "extra" keys that say where a component came from, not what it holds: the same files imported from
+# two folders are the same weights.
+PROVENANCE = ("imported_from",)
+
+
+def comparable(version: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A recorded `component_version` / `token_version` without its PROVENANCE keys (records written
+    before they were left out hold them), so that only what tells weights apart is compared."""
+    if not isinstance(version, dict):
+        return version
+    out = {k: comparable(v) if k == TOKENS_FROM else v for k, v in version.items() if k not in PROVENANCE}
+    if isinstance(out.get("extra"), dict):
+        out["extra"] = comparable(out["extra"])
+    return out
+
+
 def component_version(uri: str, meta: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Which weights a component holds, cheaply (from its config.json alone): the training record its
     export wrote ("extra": stage, step, run) and the fingerprint of the files it wrote beside
@@ -141,7 +157,7 @@ def component_version(uri: str, meta: dict[str, Any] | None = None) -> dict[str,
     meta = read_meta(uri) if meta is None else meta
     if meta.get("reference"):
         return None
-    extra = meta.get("extra") or {}
+    extra = {k: v for k, v in (meta.get("extra") or {}).items() if k not in PROVENANCE}
     if meta.get(FINGERPRINT):
         return {"extra": extra, FINGERPRINT: meta[FINGERPRINT]}
     fs, path = storage.filesystem(storage.join(uri, WEIGHTS_FILE))
@@ -159,7 +175,7 @@ def token_version(uri: str, meta: dict[str, Any] | None = None) -> dict[str, Any
     only the decoder), whose tokens are those of the tokenizer it started from (TOKENS_FROM)."""
     meta = read_meta(uri) if meta is None else meta
     kept = (meta.get("extra") or {}).get(TOKENS_FROM)
-    return kept if kept is not None else component_version(uri, meta)
+    return comparable(kept) if kept is not None else component_version(uri, meta)
 
 
 def family_of_config(config: Any) -> str | None:

@@ -8,6 +8,7 @@ import os
 from dataclasses import replace
 
 from muse import storage
+from muse.components import PROVENANCE
 from muse.config import to_dict
 from pipelines import readers, shards
 from pipelines.config import PoolConfig, TokenizeConfig
@@ -161,7 +162,7 @@ def spec_differences(old: dict, new: dict, path: tuple[str, ...] = ()) -> list[t
     missing = _ABSENT if path else None
     for key in sorted(set(old) | set(new)):
         at = (*path, key)
-        if key not in old and at in _LATER_FIELDS or at in _DECODER_ONLY:
+        if key not in old and at in _LATER_FIELDS or at in _DECODER_ONLY or key in PROVENANCE:
             continue
         was, now = old.get(key, missing), new.get(key, missing)
         if isinstance(was, dict) and isinstance(now, dict):

@@ -269,3 +269,23 @@ def test_a_file_larger_than_a_part_uploads_whole(s3_bucket, tmp_path, monkeypatc
     (tmp_path / "big.bin").write_bytes(data)
     storage.upload_file(str(tmp_path / "big.bin"), f"{s3_bucket}/big.bin")
     assert storage.read_bytes(f"{s3_bucket}/big.bin") == data
+
+
+def test_the_same_weights_imported_from_two_folders_are_the_same_version(tmp_path):
+    """Where a component was imported from is provenance, not content: tokens made with one import
+    are the other's too. Versions recorded before it was left out still compare equal."""
+    from muse.components import TOKENS_FROM, comparable, component_version, token_version
+
+    torch.manual_seed(0)
+    model = MaskedTransformer(preset("base-tiny"))
+    for name, source in (("a", "/downloads/amused-256"), ("b", "/elsewhere/amused-256")):
+        save_component(model, str(tmp_path / name), extra={"imported_from": source, "format": "diffusers"})
+    a, b = component_version(str(tmp_path / "a")), component_version(str(tmp_path / "b"))
+    assert a == b and "imported_from" not in a["extra"]
+    recorded = {**a, "extra": {**a["extra"], "imported_from": "/downloads/amused-256"}}  # an older output's record
+    assert comparable(recorded) == b
+    save_component(model, str(tmp_path / "tuned"), extra={TOKENS_FROM: recorded})  # a decoder fine-tune's record
+    assert token_version(str(tmp_path / "tuned")) == b
+    torch.manual_seed(1)
+    save_component(MaskedTransformer(preset("base-tiny")), str(tmp_path / "c"), extra={"imported_from": "/downloads/amused-256"})
+    assert component_version(str(tmp_path / "c")) != a  # other weights still differ

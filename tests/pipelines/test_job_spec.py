@@ -218,3 +218,16 @@ def test_an_output_with_no_finished_part_takes_the_new_settings(tmp_path, tiny_r
     with pytest.raises(tokenize.ResumeRefused, match=r"reader\.rows_per_part: 8 then, 4 now"):
         run(corpus, out, models, fast_cfg, progress=False)
     assert json.loads(job.read_text())["reader"]["rows_per_part"] == 8
+
+
+def test_where_a_model_was_imported_from_is_no_difference_between_job_specs():
+    """An output tokenized when an import's source folder was part of its tokenizer's version resumes
+    with the same weights imported from elsewhere; other weights are still a difference."""
+    from pipelines.job_spec import spec_differences
+
+    version = {"extra": {"format": "diffusers"}, "files_sha256": {"model.safetensors": "ab"}}
+    old = {"weights": {"vqgan_lo": {**version, "extra": {**version["extra"], "imported_from": "/downloads/a"}}}}
+    assert spec_differences(old, {"weights": {"vqgan_lo": version}}) == []
+    other = {**version, "files_sha256": {"model.safetensors": "cd"}}
+    assert [path for path, _, _ in spec_differences(old, {"weights": {"vqgan_lo": other}})] == \
+        [("weights", "vqgan_lo", "files_sha256", "model.safetensors")]
