@@ -28,6 +28,7 @@ from jobs.fit import StopWithThreads, ensure_ray
 from jobs.preflight import RunRefused
 from jobs.progress import running_now, say, set_verbose, stop_display
 from muse import checkpoint, storage
+from muse.components import CheckpointError
 
 DATA_KINDS = {"corpus": "data/corpus", "tokens": "data/tokens"}  # --<kind> -> example path
 FORMATS = ("auto", "parquet", "folder", "webdataset")
@@ -185,7 +186,8 @@ def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
             finally:
                 os._exit(code)
         parser.exit(code, line)
-    except (RunRefused, ResumeRefused, OutputInUse, NoInput, CorpusRefused, LocalPathRefused, NoTokenShards) as e:
+    except (RunRefused, ResumeRefused, OutputInUse, NoInput, CorpusRefused, LocalPathRefused, NoTokenShards,
+            CheckpointError) as e:  # a model root that is none (a diffusers folder not imported) among them
         stop_display()
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     except OutputTakenOver as e:  # `train all`'s tokenization, silent too long

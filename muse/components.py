@@ -90,6 +90,17 @@ def component_extra(uri: str) -> dict[str, Any]:
     return read_meta(uri).get("extra", {})
 
 
+def diffusers_hint(folder: str) -> str:
+    """What to do with `folder` when it is a diffusers pipeline (its model_index.json), else ""."""
+    try:
+        if not storage.exists(storage.join(folder, "model_index.json")):
+            return ""
+    except (OSError, ValueError):
+        return ""
+    return (f": {storage.absolute(folder)} is a diffusers model folder; `muse import amused --source "
+            f"{storage.absolute(folder)} --out ROOT` makes a model root of it")
+
+
 def read_meta(uri: str) -> dict[str, Any]:
     cfg_uri = storage.join(uri, CONFIG_FILE)
     if not storage.exists(cfg_uri):
@@ -99,7 +110,8 @@ def read_meta(uri: str) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{cfg_uri} is not valid JSON: {e}") from e
     if not isinstance(meta, dict) or "kind" not in meta or "config" not in meta:
-        raise CheckpointError(f"{cfg_uri} is not a muse component config (needs 'kind' and 'config')")
+        raise CheckpointError(f"{cfg_uri} is not a muse component config (needs 'kind' and 'config')"
+                              + diffusers_hint(uri.rstrip("/").rpartition("/")[0]))
     version = meta.get("format_version", 1)
     if not isinstance(version, int) or isinstance(version, bool):
         raise CheckpointError(f"{cfg_uri}: format_version must be an integer, got {version!r}")
@@ -227,7 +239,8 @@ def check_root(root: str) -> None:
     weights read): required components missing, a config unreadable, or components that do not fit."""
     missing = [name for name in REQUIRED_COMPONENTS if not has_component(root, name)]
     if missing:
-        raise ValueError(f"model root {root} lacks {', '.join(missing)}; `muse init --out DIR` writes a random one")
+        hint = diffusers_hint(root) or "; `muse init --out DIR` writes a random one"
+        raise ValueError(f"model root {root} lacks {', '.join(missing)}{hint}")
     present = [name for name in COMPONENTS if name in REQUIRED_COMPONENTS or has_component(root, name)]
     configs, width = read_root_configs(root, present)
     try:

@@ -31,3 +31,25 @@ def test_an_explicit_preset_trains_from_scratch_and_an_empty_root_gets_the_paper
     empty = str(tmp_path / "empty")
     paper, init_from = transformer_config("base", None, empty, tiny_data.tokens, INFO)
     assert init_from is None and paper.layers == preset("base-632m").layers and paper.tokens_per_side == 8
+
+
+def test_a_diffusers_folder_given_as_the_root_says_to_import_it(tiny_data, tmp_path, capsys):
+    """The aMUSEd download itself passed where its imported root belongs: one line naming the import
+    command, from training as from serving, never a traceback."""
+    import json
+
+    from jobs.base import main
+
+    folder = tmp_path / "amused-256"
+    (folder / "text_encoder").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "AmusedPipeline"}))
+    (folder / "text_encoder" / "config.json").write_text(json.dumps({"architectures": ["CLIPTextModelWithProjection"]}))
+    with pytest.raises(SystemExit) as refused:
+        main(["--tokens", tiny_data.tokens, "--checkpoint", str(folder), "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert f"muse import amused --source {folder} --out ROOT" in err
+    from muse.components import check_root
+
+    with pytest.raises(ValueError, match="muse import amused"):  # muse serve and generate check a root so
+        check_root(str(folder))
