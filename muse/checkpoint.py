@@ -113,9 +113,31 @@ def save_component(model: nn.Module, uri: str, extra: dict[str, Any] | None = No
     staged = tempfile.mkdtemp(prefix=f".{name}.staging-", dir=parent)
     try:
         _write_component(model, meta, staged)
+        _open_as_umask_allows(staged)
         _switch(staged, path)
     finally:
         shutil.rmtree(staged, ignore_errors=True)  # after a switch: the old component, if there was one
+
+
+def _open_as_umask_allows(directory: str) -> None:
+    """Give the staged folder (mkdtemp makes it 0700) and its files the modes a plain mkdir and open
+    would: workers running as another user on a shared mount read the root."""
+    umask = _umask()
+    os.chmod(directory, 0o777 & ~umask)
+    for folder, subfolders, files in os.walk(directory):
+        for sub in subfolders:
+            os.chmod(os.path.join(folder, sub), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(folder, f), 0o666 & ~umask)
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it (os.umask sets it, for every thread, meanwhile)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        return 0o022
 
 
 def _write_component(model: nn.Module, meta: dict[str, Any], directory: str) -> None:

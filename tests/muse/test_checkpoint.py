@@ -289,3 +289,16 @@ def test_the_same_weights_imported_from_two_folders_are_the_same_version(tmp_pat
     torch.manual_seed(1)
     save_component(MaskedTransformer(preset("base-tiny")), str(tmp_path / "c"), extra={"imported_from": "/downloads/amused-256"})
     assert component_version(str(tmp_path / "c")) != a  # other weights still differ
+
+
+def test_a_saved_component_is_readable_as_the_umask_allows(tmp_path):
+    """The staging folder mkdtemp made (0700) becomes what mkdir and open would make: another user
+    (a worker on a shared mount) can read the root."""
+    old = os.umask(0o022)
+    try:
+        torch.manual_seed(0)
+        save_component(MaskedTransformer(preset("base-tiny")), str(tmp_path / "base"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "base").stat().st_mode & 0o777 == 0o755
+    assert {f.stat().st_mode & 0o777 for f in (tmp_path / "base").iterdir()} == {0o644}
