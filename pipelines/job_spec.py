@@ -68,6 +68,17 @@ def job_spec(input_uri: str, cfg: TokenizeConfig, models) -> dict:
     }
 
 
+def embeddings_refusal(config, uri: str) -> str | None:
+    """Why the text encoder at `uri` (its component config, None for a Hugging Face T5) cannot store
+    embeddings, or None."""
+    from muse.config import TextEncoderConfig
+
+    if config is not None and not isinstance(config, TextEncoderConfig):
+        return (f"text_storage 'embeddings' stores T5 encoders' outputs; {uri} is another text encoder (CLIP, "
+                "an imported aMUSEd root): tokenize with text_storage 'ids'")
+    return None
+
+
 def text_encoder_record(uri: str, embeddings: bool) -> tuple[dict | None, dict | None]:
     """(config, version) of a muse text-encoder component, from one read of its config.json; (None,
     None) for a Hugging Face folder or name. A reference to a Hugging Face folder (`save_reference`)
@@ -78,6 +89,8 @@ def text_encoder_record(uri: str, embeddings: bool) -> tuple[dict | None, dict |
     from muse.tokenizer import text_component
 
     config, meta = text_component(uri)
+    if embeddings and (refused := embeddings_refusal(config, uri)):  # before Ray and the actors that load it
+        raise ModelRefused(refused)
     if meta is None:
         return None, None
     version = component_version(uri, meta)

@@ -14,9 +14,9 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from muse.config import TextEncoderConfig
 from muse.tokenizer import load_tokenizer, text_encoder_config
 from pipelines import readers, rows
+from pipelines.job_spec import embeddings_refusal
 from pipelines.preprocess import preprocess_batch, unpack_pixels
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -178,9 +178,8 @@ class TextTokens:
             from muse.text import TextEncoder
 
             config = text_encoder_config(uri)  # one read of the component's config.json
-            if config is not None and not isinstance(config, TextEncoderConfig):
-                raise ValueError(f"text_storage 'embeddings' stores T5 encoders' outputs; {uri} is another text "
-                                 "encoder (CLIP, an imported aMUSEd root): tokenize with text_storage 'ids'")
+            if (refused := embeddings_refusal(config, uri)) is not None:  # the driver refuses it first
+                raise ValueError(refused)
             if config is not None:
                 self.encoder = load_component(uri, device=device, expect_kind="text_encoder")
             else:

@@ -467,3 +467,11 @@ def test_tokenize_a_corpus_with_the_imported_root(imported, ray_session, tmp_pat
     assert len(row["tokens_lo"]) == side * side
     decoded = ours.text_encoder.tokenizer.decode(row["text_ids"], skip_special_tokens=True)
     assert decoded.replace(" ", "") == row["caption"].replace(" ", "")
+
+    # Embeddings store T5 outputs: a CLIP root is refused in the driver, before any actor loads it.
+    from pipelines.job_spec import ModelRefused
+
+    with pytest.raises(ModelRefused, match="tokenize with text_storage 'ids'"):
+        tokenize.run(str(tmp_path / "corpus"), str(tmp_path / "embedded"), tokenize.resolve_models(root),
+                     TokenizeConfig(text_storage="embeddings"), "auto", progress=False)
+    assert not (tmp_path / "embedded" / shards.JOB_FILE).exists()
