@@ -178,6 +178,9 @@ class TransformerStage:
     def __post_init__(self):
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = no LoRA), got {self.lora_rank}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha scales the adapters by alpha / rank: it must be > 0 (null: the rank), "
+                             f"got {self.lora_alpha}")
         if not 0.0 <= self.text_dropout <= 0.5:
             raise ValueError(f"text_dropout is the share of samples whose text is dropped (Muse: 0.1); "
                              f"{self.text_dropout} would train mostly unconditionally (a keep rate?): use [0, 0.5]")

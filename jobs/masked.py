@@ -305,6 +305,14 @@ def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, r
     return [fit_stage(worker, section, job, dataset, rows=token_rows(data))]
 
 
+def lora_rank(text: str) -> int:
+    """--lora-rank's value: 0 would train every weight, which leaving the flag out already says."""
+    rank = int(text)
+    if rank < 1:
+        raise argparse.ArgumentTypeError(f"a LoRA rank is at least 1, got {rank}: leave the flag out to train every weight")
+    return rank
+
+
 def lora_problem(stage: str, root: str, model: str | None = None) -> str:
     """Why a LoRA run has nothing to adapt: a preset asked for (a new model), or a root without one."""
     if model:
@@ -344,6 +352,7 @@ def model_arg(stage: str):
                                             f"'{stage}') has checkpoints of this preset on this root: then it "
                                             "resumes them; checkpoints of another architecture or root are "
                                             f"refused. For a fresh start: --set {stage}.run.name=NEW")
-        parser.add_argument("--lora-rank", type=int, help=f"fine-tune the root's {stage} through rank-r LoRA "
-                                                          "adapters, its weights frozen (exported merged)")
+        parser.add_argument("--lora-rank", type=lora_rank, help=f"fine-tune the root's {stage} through rank-r "
+                                                                "LoRA adapters (r >= 1), its weights frozen "
+                                                                "(exported merged); without it every weight trains")
     return add

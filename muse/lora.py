@@ -73,6 +73,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None,
     alpha defaults to rank (scale 1). Returns the wrapped modules' names."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if alpha is not None and not alpha > 0:
+        raise ValueError(f"LoRA alpha must be > 0 (None: the rank), got {alpha}")
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []
@@ -81,7 +83,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None,
             continue
         for child_name, child in list(module.named_children()):
             if child_name in targets and type(child) is nn.Linear:
-                setattr(module, child_name, LoRALinear(child, rank, float(alpha or rank)))
+                setattr(module, child_name, LoRALinear(child, rank, float(rank if alpha is None else alpha)))
                 wrapped.append(f"{name}.{child_name}" if name else child_name)
     if not wrapped:
         raise ValueError(f"no nn.Linear named one of {targets} in {type(model).__name__}")

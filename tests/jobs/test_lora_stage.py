@@ -52,3 +52,16 @@ def test_lora_needs_a_component_to_adapt(tiny_data):
     assert init_from is None
     with pytest.raises(ValueError, match="LoRA adapts the component already in the model root"):
         make_worker("base", cfg.base, tiny_data.root, model_cfg, INFO)
+
+
+def test_the_command_line_and_config_refuse_a_rank_or_alpha_that_means_something_else(capsys):
+    """`--lora-rank 0` ran a full fine-tune that overwrote the root's base: a rank is at least 1, and
+    leaving the flag out is how every weight trains."""
+    from jobs.base import main
+    from jobs.config import load_config
+
+    with pytest.raises(SystemExit) as refused:
+        main(["--tokens", "t", "--checkpoint", "r", "--lora-rank", "0"])
+    assert refused.value.code == 2 and "leave the flag out to train every weight" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="lora_alpha .* must be > 0"):
+        load_config(None, ["base.lora_rank=4", "base.lora_alpha=0"])

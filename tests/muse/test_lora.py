@@ -66,6 +66,10 @@ def test_bad_rank_and_no_targets_are_refused():
         add_lora(tiny_base(), rank=0)
     with pytest.raises(ValueError, match="no nn.Linear"):
         add_lora(tiny_base(), rank=2, targets=("nothing",))
+    for alpha in (0, -2.0):  # 0 was taken for "the rank", a negative one flipped the adapters' sign
+        with pytest.raises(ValueError, match="alpha must be > 0"):
+            add_lora(tiny_base(), rank=2, alpha=alpha)
+
 
 
 def test_lora_on_the_amused_uvit():
