@@ -309,7 +309,8 @@ def lora_rank(text: str) -> int:
     """--lora-rank's value: 0 would train every weight, which leaving the flag out already says."""
     rank = int(text)
     if rank < 1:
-        raise argparse.ArgumentTypeError(f"a LoRA rank is at least 1, got {rank}: leave the flag out to train every weight")
+        raise argparse.ArgumentTypeError(f"a LoRA rank is at least 1, got {rank}: leave the flag out to train "
+                                         "every weight")
     return rank
 
 
