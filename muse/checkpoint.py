@@ -313,9 +313,14 @@ def load_component(uri: str, device: str | torch.device = "cpu", expect_kind: st
             model = build()
         missing, unexpected = _assign(model, state, uri)
         if missing and all(name in _non_persistent(model) for name in missing):
-            # Buffers computed at construction, not saved (CLIP's position ids): build for real.
-            model = build()
-            missing, unexpected = _assign(model, state, uri)
+            # Buffers computed at construction, not saved (CLIP's position ids): the model computes them
+            # again where it can, else it is built for real (random init, a second copy of the weights).
+            if hasattr(model, "restore_buffers"):
+                model.restore_buffers()
+                missing = [name for name in missing if model.get_buffer(name).is_meta]
+            if missing:
+                model = build()
+                missing, unexpected = _assign(model, state, uri)
         if missing or unexpected:
             raise CheckpointError(
                 f"{uri}: weights do not match the {kind} config "

@@ -73,6 +73,14 @@ class CLIPTextEncoder(nn.Module):
         tokenizer = CLIPTokenizer.from_pretrained(directory, local_files_only=True)
         return cls(config, CLIPTextModelWithProjection(hf).eval(), tokenizer)
 
+    def restore_buffers(self) -> None:
+        """The position ids CLIP computes at construction and never saves, for a model built on the
+        meta device (muse.checkpoint.load_component): loading needs no random init of the real model."""
+        embeddings = self.model.text_model.embeddings
+        if embeddings.position_ids.is_meta:
+            ids = torch.arange(embeddings.position_embedding.num_embeddings).expand((1, -1))
+            embeddings.register_buffer("position_ids", ids, persistent=False)
+
     # -- encoding -----------------------------------------------------------------------------
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """prompts -> ids (B, max_length), padded as aMUSEd pads; mask (B, max_length) all True

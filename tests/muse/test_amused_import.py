@@ -124,6 +124,22 @@ def test_clip_hidden_states_and_pooled_equal(imported):
     torch.testing.assert_close(emb[:, 0], pooled, rtol=0, atol=1e-6)
 
 
+def test_the_text_encoder_loads_from_one_meta_build(imported, monkeypatch):
+    """CLIP's unsaved position ids are computed again on the meta-built model: no second, randomly
+    initialised build (seconds and a second copy of the weights for CLIP-L)."""
+    from muse.clip import CLIPTextEncoder
+
+    _, _, ours, root = imported
+    built, from_saved = [], CLIPTextEncoder.from_saved.__func__
+    monkeypatch.setattr(CLIPTextEncoder, "from_saved",
+                        classmethod(lambda cls, config, folder: built.append(1) or from_saved(cls, config, folder)))
+    encoder = checkpoint.load_component(checkpoint.component_uri(root, "text_encoder"))
+    assert len(built) == 1
+    positions = encoder.model.text_model.embeddings.position_ids
+    assert torch.equal(positions, ours.text_encoder.model.text_model.embeddings.position_ids)
+    assert positions.tolist()[0] == list(range(positions.shape[1]))
+
+
 @torch.no_grad()
 def test_transformer_logits_equal_diffusers(imported):
     arch, pipe, ours, _ = imported
