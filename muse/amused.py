@@ -76,24 +76,26 @@ def read_json(path: str) -> dict:
 
 
 def read_weights(folder: str) -> dict[str, torch.Tensor]:
-    """A diffusers folder's state dict (one safetensors file, a sharded one, or a .bin), in float32."""
-    names = sorted(os.listdir(folder))
-    index = [n for n in names if n.endswith(".safetensors.index.json")]
-    # The plain file first; a folder holding only a variant (model.fp16.safetensors) uses that.
-    single = sorted((n for n in names if n.endswith(".safetensors")), key=lambda n: n.count("."))
-    state: dict[str, torch.Tensor] = {}
-    if index:  # sharded: the index names the shards
-        shards = sorted(set(read_json(os.path.join(folder, index[0]))["weight_map"].values()))
-        for shard in shards:
-            state.update(load_file(os.path.join(folder, shard)))
-    elif single:
-        state = load_file(os.path.join(folder, single[0]))
-    elif any(n.endswith(".bin") for n in names):
-        path = os.path.join(folder, next(n for n in names if n.endswith(".bin")))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        raise AmusedImportError(f"no weights in {folder} (.safetensors or .bin)")
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    """A diffusers folder's state dict (one safetensors file, a sharded one, or a .bin, sharded or
+    not), in float32. Plain files come before a variant's (model.fp16.safetensors, or its sharded
+    index); a folder holding only a variant uses that."""
+    names = sorted(os.listdir(folder), key=lambda n: (n.count("."), n))  # plain names have fewest dots
+    for kind in (".safetensors", ".bin"):
+        index = [n for n in names if kind + ".index" in n and n.endswith(".json")]
+        single = [n for n in names if n.endswith(kind)]
+        if index:  # sharded: the index names the shards
+            shards = sorted(set(read_json(os.path.join(folder, index[0]))["weight_map"].values()))
+            files = [os.path.join(folder, shard) for shard in shards]
+        elif single:
+            files = [os.path.join(folder, single[0])]
+        else:
+            continue
+        state: dict[str, torch.Tensor] = {}
+        for path in files:
+            state.update(load_file(path) if kind == ".safetensors"
+                         else torch.load(path, map_location="cpu", weights_only=True))
+        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    raise AmusedImportError(f"no weights in {folder} (.safetensors or .bin)")
 
 
 def renamed(state: dict[str, torch.Tensor], rules: list[tuple[str, str]], model: nn.Module) -> dict[str, torch.Tensor]:

@@ -52,7 +52,8 @@ class CLIPTextEncoder(nn.Module):
         """From Hugging Face folders (a local path; the tokenizer may sit in its own folder)."""
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-        model = CLIPTextModelWithProjection.from_pretrained(model_dir, local_files_only=True)
+        model = CLIPTextModelWithProjection.from_pretrained(model_dir, local_files_only=True,
+                                                            variant=weights_variant(model_dir))
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir or model_dir, local_files_only=True)
         return cls.from_transformers(model.float(), tokenizer, model_dir)
 
@@ -109,3 +110,16 @@ class CLIPTextEncoder(nn.Module):
         ids, _ = self.tokenize(prompts)
         emb = self.encode_ids(ids)
         return emb, torch.ones(emb.shape[:2], dtype=torch.bool, device=emb.device)
+
+
+def weights_variant(folder: str) -> str | None:
+    """The variant a Hugging Face folder's weights come in (`model.fp16.safetensors`: "fp16") when it
+    holds no plain weights file, else None: what `from_pretrained(variant=...)` needs to find them."""
+    names = os.listdir(folder)
+    plain = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+    if any(n in plain for n in names):
+        return None
+    variants = sorted(n.split(".")[-2] for n in names
+                      if n.startswith(("model.", "pytorch_model.")) and n.endswith((".safetensors", ".bin"))
+                      and n.count(".") == 2)
+    return variants[0] if variants else None

@@ -374,32 +374,6 @@ def test_presets_list_both_families(capsys):
     assert "model amused-512" in out and "model muse-632m" in out
 
 
-def test_weights_are_read_from_sharded_variant_and_bin_folders(tmp_path):
-    from safetensors.torch import save_file
-
-    from muse.amused import read_weights
-
-    a, b = {"x": torch.ones(2)}, {"y": torch.zeros(3, dtype=torch.float16)}
-    sharded = tmp_path / "sharded"
-    sharded.mkdir()
-    save_file(a, str(sharded / "m-00001-of-00002.safetensors"))
-    save_file(b, str(sharded / "m-00002-of-00002.safetensors"))
-    (sharded / "m.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"x": "m-00001-of-00002.safetensors", "y": "m-00002-of-00002.safetensors"}}))
-    state = read_weights(str(sharded))
-    assert set(state) == {"x", "y"} and state["y"].dtype == torch.float32
-    variant = tmp_path / "variant"
-    variant.mkdir()
-    save_file(b, str(variant / "m.fp16.safetensors"))
-    assert set(read_weights(str(variant))) == {"y"}
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    torch.save(a, legacy / "m.bin")
-    assert torch.equal(read_weights(str(legacy))["x"], torch.ones(2))
-    with pytest.raises(AmusedImportError, match="no weights"):
-        read_weights(str(tmp_path))
-
-
 @pytest.mark.parametrize("imported", ["amused-256"], indirect=True)  # one architecture covers storage
 def test_import_writes_to_s3_and_loads_back(imported, s3_bucket):
     arch, _, ours, root = imported
