@@ -59,8 +59,9 @@ def cluster_may_grow() -> bool:
     """Whether the joined Ray may get more nodes than it has now: MUSE_CLUSTER_GROWS where set; else
     the autoscaler's node groups as Ray records them, against what is up; else whether this is the head
     of a `ray up` cluster. Failing those, a RAY_ADDRESS the user set means a remote cluster with an
-    autoscaler, but not the one Ray's job supervisor sets for every submitted job: a job on a plain
-    `ray start` cluster, a local Ray, or a `ray start` cluster found on this node is taken as it is."""
+    autoscaler, but not the one Ray's job supervisor sets for every submitted job, nor "local" (a new
+    Ray in this process): a job on a plain `ray start` cluster, a local Ray, or a `ray start` cluster
+    found on this node is taken as it is."""
     said = os.environ.get(GROWS_ENV)
     if said in ("0", "1"):
         return said == "1"
@@ -72,7 +73,8 @@ def cluster_may_grow() -> bool:
         return any(amount > have.get(name, 0) for name, amount in most.items())
     if os.path.exists(os.path.expanduser(RAY_UP_CONFIG)):
         return True
-    return bool(os.environ.get("RAY_ADDRESS")) and JOB_CONFIG_ENV not in os.environ
+    address = os.environ.get("RAY_ADDRESS", "")
+    return bool(address) and address != "local" and JOB_CONFIG_ENV not in os.environ  # "local": a new Ray here
 
 
 def _autoscaler_limits() -> dict[str, float] | None:

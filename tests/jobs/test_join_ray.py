@@ -268,6 +268,9 @@ def test_whether_the_cluster_may_grow(monkeypatch, tmp_path):
     monkeypatch.delenv(cluster.GROWS_ENV, raising=False)
     monkeypatch.delenv(cluster.JOB_CONFIG_ENV, raising=False)
     assert cluster.cluster_may_grow()  # set by the user: a remote cluster with an autoscaler
+    monkeypatch.setenv("RAY_ADDRESS", "local")  # Ray's name for a new local instance: no autoscaler
+    assert not cluster.cluster_may_grow()
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
     monkeypatch.setenv(cluster.JOB_CONFIG_ENV, "{}")  # what the job supervisor sets beside it
     assert not cluster.cluster_may_grow()
     (tmp_path / "ray_bootstrap_config.yaml").write_text("max_workers: 4\n")
