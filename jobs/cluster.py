@@ -37,6 +37,8 @@ def use_local_driver_env() -> None:
 
 def cluster_address() -> str | None:
     """The cluster to join: RAY_ADDRESS, else the one `ray start` last started on this node, else None."""
+    if os.environ.get("RAY_ADDRESS") == "local":  # Ray's name for a new instance here: ours, with our options
+        return None
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]
     try:

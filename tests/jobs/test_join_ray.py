@@ -54,6 +54,12 @@ def test_ray_address_is_joined_as_it_is(calls, monkeypatch):
     assert calls == [{"address": "10.0.0.5:6379", "runtime_env": {"env_vars": {"A": "1"}}}]
 
 
+def test_ray_address_local_starts_a_local_ray_with_the_local_options(calls, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert join_ray({"A": "1"}, num_cpus=6, local_env={"B": "2"}) is True  # the caller's to shut down
+    assert calls[0]["address"] == "local" and calls[0]["num_cpus"] == 6
+
+
 def test_a_ray_start_cluster_on_the_node_is_joined(calls, monkeypatch):
     monkeypatch.setattr(ray._private.utils, "read_ray_address", lambda temp_dir=None: "127.0.0.1:6380")
     assert join_ray(num_cpus=6) is False
