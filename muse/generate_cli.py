@@ -129,7 +129,8 @@ def run(command: str, args: argparse.Namespace) -> list[str]:
     if not superres and (args.superres_steps is not None or args.superres_top_k is not None):
         skipped = "--no-superres skips it" if args.no_superres else f"{args.checkpoint or args.preset} has none"
         raise ValueError(f"--superres-steps and --superres-top-k set the super-res stage, and {skipped}: drop them")
-    common = dict(negative_prompt=args.negative_prompt, guidance_scale=args.guidance, seed=args.seed,
+    negative = args.negative_prompt if args.negative_prompt and args.negative_prompt.strip() else None  # "": none
+    common = dict(negative_prompt=negative, guidance_scale=args.guidance, seed=args.seed,
                   superres=superres, superres_top_k=args.superres_top_k)
     if args.superres_steps is not None:  # else the pipeline's default
         common["superres_steps"] = args.superres_steps
@@ -186,13 +187,25 @@ def grid(images: list[Image.Image]) -> Image.Image:
     return out
 
 
+# The library's argument names, as these commands' flags call them.
+FLAGS = {"num_images": "--n", "top_k": "--top-k", "superres_top_k": "--superres-top-k", "guidance_scale": "--guidance",
+         "steps": "--steps", "superres_steps": "--superres-steps", "iterations": "--iterations",
+         "fraction": "--fraction", "negative_prompt": "--negative-prompt", "prompt": "--prompt", "scale": "--scale"}
+
+
+def as_flags(message: str) -> str:
+    """A library error that starts with an argument's name, starting with its flag instead."""
+    name, sep, rest = message.partition(" ")
+    return f"{FLAGS[name]}{sep}{rest.replace(' or None', ' (or left out)')}" if name in FLAGS else message
+
+
 def _command_main(command: str) -> Callable[[list[str] | None], int]:
     def main_(argv: list[str] | None = None) -> int:
         args = build_parser(command).parse_args(argv)
         try:
             paths = run(command, args)
         except ValueError as e:  # bad input: one clear line, not a traceback
-            print(f"muse {command}: error: {e}", file=sys.stderr)
+            print(f"muse {command}: error: {as_flags(str(e))}", file=sys.stderr)
             return 2
         except OSError as e:  # e.g. the disk filled up while writing
             print(f"muse {command}: error: {e}", file=sys.stderr)

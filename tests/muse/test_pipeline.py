@@ -408,10 +408,16 @@ def test_cli_bad_input_exits_2_with_a_message_and_help_exits_0(tmp_path, capsys)
     for argv, said in ((["--device", "meta"], "--device meta holds shapes"), (["--guidance", "nan"], "finite"),
                        (["--batch-size", "0"], "--batch-size must be >= 1"),
                        (["--no-superres", "--superres-top-k", "1"], "--no-superres skips it: drop them"),
-                       (["--no-superres", "--superres-steps", "4"], "--no-superres skips it: drop them")):
+                       (["--no-superres", "--superres-steps", "4"], "--no-superres skips it: drop them"),
+                       (["--n", "0"], "--n must be an integer >= 1"),  # the flag's name, not the library's
+                       (["--superres-top-k", "0"], "--superres-top-k must be an integer >= 1 (or left out)")):
         rc = generate_cli.main(["generate", "--prompt", "x", "--preset", "tiny", "--out", str(tmp_path / "o"), *argv])
         err = capsys.readouterr().err
         assert rc == 2 and said in err and "Traceback" not in err, err
+    # An empty negative prompt is none, as on the HTTP API.
+    assert generate_cli.main(["generate", "--prompt", "x", "--preset", "tiny", "--out", str(tmp_path / "o"),
+                              "--negative-prompt", "", "--steps", "1", "--no-superres"]) == 0
+    capsys.readouterr()
     for command in generate_cli.COMMANDS:
         with pytest.raises(SystemExit) as exc:
             generate_cli.main([command, "--help"])
