@@ -72,7 +72,10 @@ def read_json(path: str) -> dict:
         raise AmusedImportError(f"missing {path}: expected a diffusers-format aMUSEd directory "
                            "(model_index.json, transformer/, vqvae/, text_encoder/, tokenizer/, scheduler/)")
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise AmusedImportError(f"{path} is not valid JSON: {e}") from None
 
 
 def read_weights(folder: str) -> dict[str, torch.Tensor]:
@@ -187,13 +190,32 @@ def load_amused(source: str) -> dict[str, nn.Module]:
     return {"text_encoder": text_encoder.eval(), "vqgan_lo": vq.eval(), "base": uvit.eval()}
 
 
+LAYOUT = ("model_index.json", "transformer", "vqvae", "text_encoder", "tokenizer")
+
+
+def check_layout(source: str) -> None:
+    """AmusedImportError unless `source` is a local folder laid out as a diffusers aMUSEd download."""
+    if "://" in source:
+        raise AmusedImportError(f"--source {source}: give a local copy of the aMUSEd folder (it is read with "
+                                "local files only)")
+    if not os.path.isdir(source):
+        raise AmusedImportError(f"--source {source} is not a folder")
+    missing = [name for name in LAYOUT if not os.path.exists(os.path.join(source, name))]
+    if missing:
+        raise AmusedImportError(f"{source} lacks {', '.join(missing)}: expected a diffusers-format aMUSEd "
+                                f"directory ({', '.join(LAYOUT)}, scheduler/)")
+
+
 def import_amused(source: str, out: str, force: bool = False) -> dict[str, nn.Module]:
     """Convert the checkpoint at `source` and write it as a model root at `out` (local or s3://). A root
     that already holds components is refused (the old vqgan_hi / superres beside the new ones would be
     a root of two families, which nothing loads); `force` replaces it whole, the components the import
     does not write deleted."""
+    check_layout(source)  # everything below is checked before minutes of conversion
+    if not storage.is_s3(out) and os.path.isfile(out):
+        raise ValueError(f"--out {out} is a file: name a folder for the model root")
     held = [name for name in checkpoint.COMPONENTS if checkpoint.has_component(out, name)]
-    if held and not force:  # checked before minutes of conversion
+    if held and not force:
         raise ValueError(f"{out} already holds a model root ({', '.join(held)}); pass --force to replace it")
     parts = load_amused(source)
     for name in held:  # only once the source has converted: a bad one leaves the root as it was

@@ -234,11 +234,26 @@ def test_a_muse_component_cannot_join_an_amused_root(imported):
 
 
 def test_not_an_amused_directory_is_a_clear_error(tmp_path, capsys):
+    """Each found before any weights are read: another pipeline, a folder missing a part, a file that
+    is not JSON, an S3 source, and an --out that is a file."""
+    for part in ("transformer", "vqvae", "text_encoder", "tokenizer"):
+        (tmp_path / part).mkdir()
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(AmusedImportError, match="not an aMUSEd pipeline"):
         import_amused(str(tmp_path), str(tmp_path / "root"))
-    assert import_main(["amused", "--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
-    assert "model_index.json" in capsys.readouterr().err
+    (tmp_path / "model_index.json").write_text("{not json")
+    with pytest.raises(AmusedImportError, match="model_index.json is not valid JSON"):
+        import_amused(str(tmp_path), str(tmp_path / "root"))
+    (tmp_path / "tokenizer").rmdir()
+    with pytest.raises(AmusedImportError, match="lacks tokenizer"):
+        import_amused(str(tmp_path), str(tmp_path / "root"))
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "a-file").write_text("")
+    for source, out, said in (("nowhere", "r", "is not a folder"), ("s3://bucket/amused", "r", "give a local copy"),
+                              (str(tmp_path), str(tmp_path / "a-file"), "is a file: name a folder")):
+        source = source if "/" in source else str(tmp_path / source)
+        assert import_main(["amused", "--source", source, "--out", str(tmp_path / out)]) == 2
+        assert said in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("imported", ["amused-256"], indirect=True)  # one architecture covers the root's files
