@@ -88,7 +88,7 @@ class CLIPTextEncoder(nn.Module):
         (aMUSEd's text encoder and transformer attend to the padding)."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        warn_if_cut(self.tokenizer, list(prompts), self.config.max_length)
+        warn_if_cut(self.tokenizer, list(prompts), self.config.max_length, verbose=False)
         ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
                              max_length=self.config.max_length, return_tensors="pt")["input_ids"]
         ids = ids.to(next(self.model.parameters()).device)

@@ -19,6 +19,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -109,13 +110,14 @@ def load_t5_encoder(folder: str, dtype: torch.dtype) -> T5Encoder:
     return model.eval()
 
 
-def warn_if_cut(tokenizer, prompts: list[str], max_length: int) -> None:
+def warn_if_cut(tokenizer, prompts: list[str], max_length: int, **call: Any) -> None:
     """Warn when a prompt is longer than the text encoder reads, so that its end is silently ignored.
-    Only prompts that could be too long are tokenized again (a token covers a byte or more)."""
+    Only prompts that could be too long are tokenized again (a token covers a byte or more); `call`:
+    more arguments for the tokenizer (a Hugging Face one's `verbose=False`: this is the warning)."""
     long = [p for p in prompts if len(p.encode("utf-8")) + 2 > max_length]
     if not long:
         return
-    cut = [p for p, row in zip(long, tokenizer(long, truncation=False)["input_ids"]) if len(row) > max_length]
+    cut = [p for p, row in zip(long, tokenizer(long, truncation=False, **call)["input_ids"]) if len(row) > max_length]
     if cut:  # one message per encoder length, so Python's filter shows it once per process, not per batch
         warnings.warn(f"prompts longer than the text encoder's {max_length} tokens are cut: only their start is read",
                       UserWarning, stacklevel=3)

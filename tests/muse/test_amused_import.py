@@ -140,6 +140,18 @@ def test_the_text_encoder_loads_from_one_meta_build(imported, monkeypatch):
     assert positions.tolist()[0] == list(range(positions.shape[1]))
 
 
+def test_a_long_prompt_gets_one_warning_that_says_it_is_cut(imported, capfd, caplog):
+    """Ours says the end of the prompt is not read; transformers' own notice ("will result in indexing
+    errors") would be wrong here, as the ids are cut to the encoder's length."""
+    _, _, _, root = imported
+    encoder = checkpoint.load_component(checkpoint.component_uri(root, "text_encoder"))
+    encoder.tokenizer.model_max_length = encoder.config.max_length  # as CLIP-L's tokenizer says (77)
+    with pytest.warns(UserWarning, match="are cut"):
+        ids, _ = encoder.tokenize(["a red circle " * 60])
+    assert ids.shape[1] == encoder.config.max_length
+    assert "indexing errors" not in capfd.readouterr().err + caplog.text
+
+
 @torch.no_grad()
 def test_transformer_logits_equal_diffusers(imported):
     arch, pipe, ours, _ = imported
