@@ -41,7 +41,8 @@ def _common(parser: argparse.ArgumentParser, steps: bool = True) -> None:
     parser.add_argument("--n", type=int, default=1, help="images to write (default 1)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="images decoded at once (default 8): memory holds one batch, and --n images come "
-                             "in batches, the same images as in one")
+                             "in batches with the same tokens as in one (a pixel may differ by 1/255: the "
+                             "decoder's float arithmetic depends on the batch size)")
     if steps:
         parser.add_argument("--steps", type=int, default=SAMPLING.steps,
                             help=f"base decoding steps (default {SAMPLING.steps})")
