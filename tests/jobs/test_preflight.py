@@ -208,7 +208,7 @@ def test_data_and_roots_a_stage_cannot_use_are_one_line_too(tiny_data, tmp_path,
     init_model_root("tiny", lacking, components=("text_encoder",))
     for command, argv, said in (
             (base.main, ["--tokens", str(tmp_path / "nothing"), "--checkpoint", tiny_data.root],
-             "no published token shards under"),
+             "nothing does not exist: give the --output of a `muse tokenize` run"),
             (decoder.main, ["--corpus", tiny_data.corpus, "--checkpoint", lacking], "has no vqgan_lo/ to fine-tune")):
         with pytest.raises(SystemExit) as exit_info:
             command([*argv, "--no-progress"])
