@@ -83,3 +83,25 @@ def fake_ingress(api_key: str | None = None) -> types.SimpleNamespace:
     return types.SimpleNamespace(args=args, limits=Limits(), sampling=Sampling(), lo_side=64, hi_side=128,
                                  lo_tokens=8, hi_tokens=16, responses=Responses(Files()),
                                  page="<html>Muse on Ray</html>")
+
+
+class FakeStream:
+    """A generator's stream as Serve hands it to the ingress: `events` in order (admitted, previews,
+    done), or `error` raised at the first read."""
+
+    def __init__(self, events: list[dict], error: BaseException | None = None):
+        self.events, self.error = iter(events), error
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.error is not None:
+            raise self.error
+        try:
+            return next(self.events)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    def cancel(self):
+        pass

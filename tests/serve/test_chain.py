@@ -12,6 +12,7 @@ import pytest
 from serve.config import Limits, Sampling
 from serve.schemas import APIError, GenerationRequest
 from serve.specs import Output
+from serve_helpers import FakeStream
 
 
 class _FakeResponse:
@@ -140,30 +141,11 @@ class _Handle:
             read = [a for a in args if isinstance(a, _FakeResponse)]
             self.log.append((f"{self.name}.{method}", all(a.done for a in read)))
             if method == "stream":
-                return _FakeStream(self.stream_errors.pop(0) if self.stream_errors else None)
+                return FakeStream([{"kind": "admitted"}, {"kind": "done", "ids": "ids"}],
+                                  self.stream_errors.pop(0) if self.stream_errors else None)
             self.made.append(_FakeResponse(result=[b"png"], delay=0.02))
             return self.made[-1]
         return types.SimpleNamespace(remote=remote)
-
-
-class _FakeStream:
-    def __init__(self, error: BaseException | None):
-        self.events = iter([{"kind": "admitted"}, {"kind": "done", "ids": "ids"}])
-        self.error = error
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        if self.error is not None:
-            raise self.error
-        try:
-            return next(self.events)
-        except StopIteration:
-            raise StopAsyncIteration from None
-
-    def cancel(self):
-        pass
 
 
 def _ingress(log: list):

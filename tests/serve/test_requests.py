@@ -13,7 +13,7 @@ import pytest
 
 from serve.guard import Guard
 from serve.schemas import APIError
-from serve_helpers import fake_ingress
+from serve_helpers import FakeStream, fake_ingress
 
 
 def _post(ing, **kwargs) -> httpx.Response:
@@ -255,24 +255,10 @@ def test_a_client_gone_mid_upload_is_no_error_and_frees_its_slot():
     asyncio.run(main())
 
 
-class _Stream:
-    """A generator's stream as Serve hands it to the ingress: admitted, `previews` previews, done."""
-
-    def __init__(self, previews: int):
-        shown = [{"kind": "preview", "step": 4 * (i + 1), "steps": 100, "ids": i} for i in range(previews)]
-        self.events = iter([{"kind": "admitted"}, *shown, {"kind": "done", "ids": "grid"}])
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        try:
-            return next(self.events)
-        except StopIteration:
-            raise StopAsyncIteration from None
-
-    def cancel(self):
-        pass
+def _stream(previews: int) -> FakeStream:
+    """Admitted, `previews` previews, done."""
+    shown = [{"kind": "preview", "step": 4 * (i + 1), "steps": 100, "ids": i} for i in range(previews)]
+    return FakeStream([{"kind": "admitted"}, *shown, {"kind": "done", "ids": "grid"}])
 
 
 def _remote(fn) -> types.SimpleNamespace:
@@ -282,16 +268,21 @@ def _remote(fn) -> types.SimpleNamespace:
     return types.SimpleNamespace(remote=call)
 
 
-def test_partial_images_are_delivered_when_steps_exceed_the_tokens():
+def test_partial_images_are_delivered_when_steps_exceed_the_tokens(monkeypatch):
     """steps 100 over the tiny root's 8x8 = 64 tokens: the generator runs 64 steps and, previewing
     every 4, sends 15 previews (tests/serve/test_scheduler.py checks that count on a real generator);
     `partial_images: 1` must pick the last of those 15, not of the 24 that 100 steps would give."""
+    import serve.chain
     from serve.api import Ingress
 
+    async def finished(response):  # the text encoding, done at once
+        pass
+
+    monkeypatch.setattr(serve.chain, "finished", finished)
     ing = fake_ingress()
     assert ing.sampling.preview_every == 4 and ing.lo_tokens == 8
-    ing.text = types.SimpleNamespace(encode=types.SimpleNamespace(remote=lambda *a: "cond"))  # passed on, not awaited
-    stream = types.SimpleNamespace(remote=lambda *a: _Stream(15))
+    ing.text = types.SimpleNamespace(encode=types.SimpleNamespace(remote=lambda *a: "cond"))  # passed on
+    stream = types.SimpleNamespace(remote=lambda *a: _stream(15))
     ing.base = types.SimpleNamespace(options=lambda **_: types.SimpleNamespace(stream=stream))
     ing.decoder = types.SimpleNamespace(preview=_remote(lambda ids, *a: [b"preview-%d" % ids]),
                                         decode=_remote(lambda *a: [b"final"]))
