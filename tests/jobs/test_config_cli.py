@@ -19,6 +19,34 @@ def test_every_training_yaml_loads(path: Path):
     assert cfg.base.model.startswith("base-") and cfg.superres.model.startswith("superres-")
 
 
+def _leaves(data: dict, path: tuple[str, ...] = ()):
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, (*path, key))
+        else:
+            yield (*path, key), value
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_yaml_holds_only_what_differs_from_the_defaults(path: Path):
+    """A YAML that repeats a default hides which settings a recipe chose, and keeps an old value
+    when the default moves on."""
+    import yaml
+
+    from muse.config import to_dict
+    from pipelines.config import TokenizeConfig
+
+    defaults = to_dict(TokenizeConfig() if path.name.startswith("tokenize") else load_config())
+    repeated = []
+    for keys, value in _leaves(yaml.safe_load(path.read_text()) or {}):
+        default = defaults
+        for key in keys:
+            default = default.get(key, KeyError) if isinstance(default, dict) else KeyError
+        if default == value:
+            repeated.append(".".join(keys))
+    assert not repeated, f"{path.name} repeats defaults: {repeated}"
+
+
 def test_tiny_and_3b_configs_hold_what_they_promise():
     tiny = load_config(REPO / "configs" / "train_tiny.yaml")
     assert (tiny.text_encoder, tiny.vqgan.lo_model, tiny.base.model) == ("t5-tiny", "vqgan-tiny", "base-tiny")
