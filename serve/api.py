@@ -32,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -43,9 +44,8 @@ from serve.guard import RETRY_AFTER_S, Guard
 from serve.images import EditInput, UploadError, prepare_edit
 from serve.responses import Responses
 from serve.schemas import (
-    FIELDS, OUTPUT_FORMATS, APIError, GenerationRequest, blank, check_background, check_common, check_prompt,
-    check_unknown_fields,
-    error_response, resolve_size, supported_sizes, usage, validation_param,
+    FIELDS, OUTPUT_FORMATS, APIError, GenerationRequest, check_common, check_prompt, check_unknown_fields,
+    error_response, request_error, resolve_size, supported_sizes, usage,
 )
 from serve.specs import Decode, Output
 from serve.streaming import StreamRequest, open_stream
@@ -183,21 +183,8 @@ def build_fastapi(ing: Ingress) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        param = validation_param(tuple(first.get("loc", ())))
-        message = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            param, message = None, "the request body is not valid JSON"
-        elif first.get("type") in ("dict_type", "model_attributes_type") and tuple(first.get("loc", ())) == ("body",):
-            param, message = None, ("the request body must be a JSON object, sent as Content-Type: "
-                                    "application/json")
-        elif first.get("type") == "missing" and param is None:
-            message = "the request body is empty: send a JSON object, as Content-Type: application/json"
-        elif first.get("type") == "missing":
-            message = f"'{param}' is required"
-        elif param:
-            message = f"'{param}': {message}"
-        return error_response(400, message, param, "invalid_value" if first.get("type") != "missing" else "missing")
+        error = request_error(e.errors())
+        return error_response(error.status, error.message, error.param, error.code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
@@ -305,47 +292,26 @@ def build_fastapi(ing: Ingress) -> FastAPI:
         mask = form.get("mask")
         if mask is not None and not hasattr(mask, "read"):
             raise APIError(400, "'mask' must be an image file", param="mask", code="invalid_value")
-        f = _EditForm(form)
-        prompt, negative = f.text("prompt"), f.text("negative_prompt")
-        negative = None if blank(negative) else negative  # none, as on the JSON route
-        check_prompt(prompt, limits)
-        check_prompt(negative, limits, "negative_prompt", required=False)
-        n, steps, superres_steps = f.integer("n", 1), f.integer("steps"), f.integer("superres_steps")
-        guidance, seed = f.number("guidance_scale"), f.integer("seed")
-        check_common(n, steps, superres_steps, guidance, limits)
-        if seed is not None and not 0 <= seed < 2**63:
-            raise APIError(400, "'seed' must be between 0 and 2**63 - 1", param="seed", code="invalid_value")
-        check_background(f.text("background"))
-        response_format = f.text("response_format") or default_response_format(f.text("model"))
-        if response_format not in ("url", "b64_json"):
-            raise APIError(400, "'response_format' must be 'url' or 'b64_json'", param="response_format",
-                           code="invalid_value")
-        output_format = f.text("output_format") or "png"
-        if output_format not in OUTPUT_FORMATS:
-            raise APIError(400, f"'output_format' must be one of {sorted(OUTPUT_FORMATS)}", param="output_format",
-                           code="invalid_value")
-        quality = f.integer("output_compression")
-        if quality is not None and not 0 <= quality <= 100:
-            raise APIError(400, "'output_compression' must be between 0 and 100", param="output_compression",
-                           code="invalid_value")
-        partial = f.integer("partial_images")  # streamed previews: read as the JSON route reads it
-        if partial is not None and not 0 <= partial <= 3:
-            raise APIError(400, "'partial_images' must be between 0 and 3", param="partial_images",
-                           code="invalid_value")
-        stream = f.boolean("stream")
-        stage, side = resolve_size(f.text("size"), ing.lo_side, ing.hi_side)
-        out = Output(side, output_format, quality)
-        seed_ = _seed(seed)
+        req = _EditForm(form).request()  # the JSON route's fields, limits and messages
+        check_unknown_fields(req)
+        check_prompt(req.prompt, limits)
+        check_prompt(req.negative_prompt, limits, "negative_prompt", required=False)
+        check_common(req.n, req.steps, req.superres_steps, req.guidance_scale, limits)
+        response_format = req.response_format or default_response_format((req.model_extra or {}).get("model"))
+        stage, side = resolve_size(req.size, ing.lo_side, ing.hi_side)
+        out = Output(side, req.output_format, req.output_compression)
+        seed = _seed(req.seed)
         edit = await ing.prepare_edit(await images[0].read(), await mask.read() if mask is not None else None, stage)
-        lo, hi = ing.decodes(n, seed_, steps, superres_steps, guidance,
+        lo, hi = ing.decodes(req.n, seed, req.steps, req.superres_steps, req.guidance_scale,
                              base_default=ing.sampling.edit_iterations if edit.regenerate is None else None)
-        if stream:
-            return await streamed(StreamRequest(prompt, negative, stage, seed_, lo, hi, partial or 0,
-                                                f.text("response_format"), edit), str(request.base_url), out)
-        ing.responses.check_room(n, response_format)
-        data = await ing.edit(edit, prompt, negative, stage, lo, hi, out)
-        return await ing.responses.images(data, response_format, seed_, out, str(request.base_url),
-                                          ing.usage(prompt, n, stage, edit=True))
+        if req.stream:
+            return await streamed(StreamRequest(req.prompt, req.negative_prompt, stage, seed, lo, hi,
+                                                req.partial_images, req.response_format, edit),
+                                  str(request.base_url), out)
+        ing.responses.check_room(req.n, response_format)
+        data = await ing.edit(edit, req.prompt, req.negative_prompt, stage, lo, hi, out)
+        return await ing.responses.images(data, response_format, seed, out, str(request.base_url),
+                                          ing.usage(req.prompt, req.n, stage, edit=True))
 
     async def streamed(req: StreamRequest, base_url: str, out: Output) -> StreamingResponse:
         """Server-sent events, admitted (or refused with a 503) before the first one."""
@@ -364,8 +330,21 @@ class _EditForm:
     """Typed reads of a multipart form's text fields; an empty value is an absent one (as a null), and
     a file part where text belongs is a 400."""
 
+    INTEGERS = ("n", "output_compression", "partial_images", "seed", "steps", "superres_steps")
+
     def __init__(self, form):
         self.form = form
+
+    def request(self) -> GenerationRequest:
+        """The form as the JSON route's request: numbers and flags read from their text, then the same
+        validation (limits, choices) and the same 400s."""
+        fields = {name: self.text(name) for name in FIELDS if name not in self.INTEGERS + ("guidance_scale", "stream")}
+        fields |= {name: self.integer(name) for name in self.INTEGERS}
+        fields |= {"guidance_scale": self.number("guidance_scale"), "stream": self.boolean("stream")}
+        try:
+            return GenerationRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+        except ValidationError as e:
+            raise request_error(e.errors()) from None
 
     def text(self, name: str) -> str | None:
         value = self.form.get(name)

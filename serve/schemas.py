@@ -172,6 +172,25 @@ def usage(text_tokens: int, images: int, tokens_per_image: int, image_tokens: in
             "input_tokens_details": {"text_tokens": text_tokens, "image_tokens": image_tokens}}
 
 
+def request_error(errors: list[dict]) -> APIError:
+    """The 400 of a request that failed validation (FastAPI's, or `GenerationRequest.model_validate`
+    on the edits route's form), as OpenAI words it: its first error, naming the field."""
+    first = errors[0] if errors else {}
+    loc = tuple(first.get("loc", ()))
+    param, message, kind = validation_param(loc), first.get("msg", "invalid request"), first.get("type")
+    if kind == "json_invalid":
+        param, message = None, "the request body is not valid JSON"
+    elif kind in ("dict_type", "model_attributes_type") and loc == ("body",):
+        param, message = None, "the request body must be a JSON object, sent as Content-Type: application/json"
+    elif kind == "missing" and param is None:
+        message = "the request body is empty: send a JSON object, as Content-Type: application/json"
+    elif kind == "missing":
+        message = f"'{param}' is required"
+    elif param:
+        message = f"'{param}': {message}"
+    return APIError(400, message, param, "missing" if kind == "missing" else "invalid_value")
+
+
 def validation_param(loc: tuple) -> str | None:
     """The field name of a pydantic/FastAPI error location such as ("body", "n")."""
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]

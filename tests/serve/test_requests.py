@@ -348,3 +348,40 @@ def _png() -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 30, 30)).save(out, format="PNG")
     return out.getvalue()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("output_compression", 101), ("partial_images", 7), ("seed", 2**63), ("response_format", "gif"),
+    ("output_format", "gif"), ("n", 0), ("steps", 0), ("guidance_scale", -1), ("background", "transparent"),
+    ("size", "300x300"), ("quality", None),
+])
+def test_the_edits_form_is_refused_as_the_json_route_refuses_the_same_field(field, value):
+    """The edits route reads its form into the JSON route's request: one list of fields, limits and
+    messages, so the two never drift apart. (A form's empty field is an absent one, as a JSON null.)"""
+    from serve.api import build_fastapi
+
+    ing = fake_ingress()
+
+    async def reached(*_):
+        raise APIError(503, "reached the models", type="server_error", code="reached")
+
+    async def prepare_edit(*_):
+        return types.SimpleNamespace(regenerate=None)
+
+    ing.generate, ing.edit, ing.prepare_edit = reached, reached, prepare_edit
+    ing.decodes = lambda *args, **kwargs: (None, None)
+    fields = {"prompt": "a red circle", field: value}
+
+    async def post_both() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_fastapi(ing)), base_url="http://t") as c:
+            as_json = await c.post("/v1/images/generations", json=fields)
+            as_form = await c.post("/v1/images/edits", files={"image": ("i.png", _png())},
+                                   data={k: "" if v is None else str(v) for k, v in fields.items()})
+            return as_json, as_form
+
+    as_json, as_form = asyncio.run(post_both())
+    if value is None:  # null / empty: the default, on both routes; the request goes on to the models
+        assert as_form.json()["error"]["code"] == as_json.json()["error"]["code"] == "reached", as_form.text
+        return
+    assert as_json.status_code == as_form.status_code == 400, (as_json.text, as_form.text)
+    assert as_form.json()["error"] == as_json.json()["error"]
