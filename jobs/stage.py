@@ -29,9 +29,9 @@ from jobs.preflight import RunRefused
 from jobs.progress import running_now, say, set_verbose, stop_display
 from muse import checkpoint, storage
 from muse.components import CheckpointError
+from pipelines.config import FORMATS
 
 DATA_KINDS = {"corpus": "data/corpus", "tokens": "data/tokens"}  # --<kind> -> example path
-FORMATS = ("auto", "parquet", "folder", "webdataset")
 
 
 def _no_args(parser: argparse.ArgumentParser) -> None:

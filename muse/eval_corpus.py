@@ -19,9 +19,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from muse import fid
+from muse.data import CORPUS_FORMATS
 from muse.data.images import ImageRejected, decode_image, resize_center_crop
 
-FORMATS = ("auto", "parquet", "folder", "webdataset")
+FORMATS = ("auto", *CORPUS_FORMATS)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 from muse import storage
+from muse.data import CORPUS_FORMATS
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -62,7 +63,7 @@ POSITION_PHRASES: dict[str, str] = {
 }
 BACKGROUND = (255, 255, 255)
 MIN_SHAPE, MAX_SHAPE = 1 / 8, 1 / 5  # shape size as a fraction of the image side
-FORMATS = ("parquet", "folder", "webdataset")
+FORMATS = CORPUS_FORMATS
 GRID_LAYOUTS = ("scattered", "lines")  # where shapes go on the lattice (`grid` > 0)
 
 Pair = tuple[str, str]  # (color, shape)
