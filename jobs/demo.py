@@ -78,11 +78,12 @@ def free_port() -> int:
 
 
 def http_generate(url: str, size: str, steps: int | None = None, timeout: float = 300.0):
-    """A `(prompts, seed) -> images` function that asks the served API, one request per prompt."""
-    def generate(prompts: list[str], seed: int) -> list[Image.Image]:
+    """A `(prompts, seeds) -> images` function (`muse.evaluate.Generate`) that asks the served API, one
+    request per prompt with its seed."""
+    def generate(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         images = []
-        for i, prompt in enumerate(prompts):
-            body = {"prompt": prompt, "n": 1, "size": size, "seed": seed + i, "response_format": "b64_json"}
+        for prompt, seed in zip(prompts, seeds):
+            body = {"prompt": prompt, "n": 1, "size": size, "seed": seed, "response_format": "b64_json"}
             if steps is not None:
                 body["steps"] = steps
             request = urllib.request.Request(f"{url}/v1/images/generations", data=json.dumps(body).encode(),
@@ -116,7 +117,7 @@ def provenance_check(served, pipe, args, steps: int | None) -> dict:
     import numpy as np
 
     prompt, seed = "two red circles on the left and a blue square on the right", 1234
-    remote = np.asarray(served([prompt], seed)[0], dtype=np.int16)
+    remote = np.asarray(served([prompt], [seed])[0], dtype=np.int16)
     local = pipe([prompt], steps=steps or args.sampling.steps, superres_steps=args.sampling.superres_steps,
                  guidance_scale=args.sampling.guidance_scale, choice_temperature=args.sampling.choice_temperature,
                  superres_top_k=args.sampling.superres_top_k if pipe.superres is not None else None, seed=seed,

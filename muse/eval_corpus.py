@@ -92,9 +92,13 @@ def _samples(uri: str, parts: list, cfg, n: int, seed: int, max_caption_chars: i
 
 
 def generate_images(generate, prompts: list[str], seed: int, batch: int) -> list[Image.Image]:
+    """One image per prompt, each seeded by its index (`evaluate.prompt_seeds`), whatever `batch` is."""
+    from muse.evaluate import CORPUS_STREAM, prompt_seeds
+
     images: list[Image.Image] = []
     for start in tqdm(range(0, len(prompts), batch), desc="generating", unit="batch", disable=None):
-        images.extend(generate(prompts[start:start + batch], seed + start))
+        chunk = prompts[start:start + batch]
+        images.extend(generate(chunk, prompt_seeds(seed, start, len(chunk), CORPUS_STREAM)))
     return images
 
 

@@ -36,7 +36,20 @@ from muse.fid import clip_pixels
 from muse.judge import judge, summarize
 from muse.masking import mask_tokens
 
-Generate = Callable[[list[str], int], list[Image.Image]]  # (prompts, seed) -> one image per prompt
+# (prompts, one seed per prompt) -> one image per prompt, each drawn as a request of its own with its seed
+Generate = Callable[[list[str], list[int]], list[Image.Image]]
+
+# Which evaluation draws a seed stream (`prompt_seeds`): prompts of different sets never share one.
+SEEN_STREAM, HELD_OUT_STREAM, CORPUS_STREAM = 1, 2, 3
+
+
+def prompt_seeds(seed: int, first: int, n: int, stream: int) -> list[int]:
+    """The request seeds of prompts first .. first + n - 1 of an evaluation set: derived from (seed,
+    index, stream) as `sampling.image_seed` derives an image's, so an image depends on neither how the
+    set is cut into calls nor on other seeds' runs, and `muse generate --seed S` redraws it."""
+    from muse.sampling import image_seed
+
+    return [image_seed(seed, first + i, stream) % 2**53 for i in range(n)]
 DEFAULT_BATCH = 16  # real corpus: prompts per generation call
 
 
@@ -60,14 +73,16 @@ def seen_prompts(holdout: dict, n: int, seed: int = 0) -> list[str]:
     return [caption(sample_scene(rng, allowed)) for _ in range(n)]
 
 
-def judge_prompts(generate: Generate, prompts: Sequence[str], seed: int, batch: int = 8,
+def judge_prompts(generate: Generate, prompts: Sequence[str], seed: int, stream: int, batch: int = 8,
                   desc: str = "judging") -> list[dict]:
-    """Generate one image per prompt and judge it. Returns rows with prompt, verdict and image."""
+    """Generate one image per prompt (seeded by `prompt_seeds`) and judge it. Returns rows with prompt,
+    seed, verdict and image."""
     rows = []
     for start in tqdm(range(0, len(prompts), batch), desc=desc, unit="batch", disable=None):  # no bar in logs
         chunk = list(prompts[start:start + batch])
-        for prompt, image in zip(chunk, generate(chunk, seed + start)):
-            rows.append({"prompt": prompt, "image": image, "verdict": judge(image, prompt)})
+        seeds = prompt_seeds(seed, start, len(chunk), stream)
+        for prompt, request_seed, image in zip(chunk, seeds, generate(chunk, seeds)):
+            rows.append({"prompt": prompt, "seed": request_seed, "image": image, "verdict": judge(image, prompt)})
     return rows
 
 
@@ -86,15 +101,16 @@ def judge_sets(generate: Generate, holdout: dict, n_seen: int, seed: int, label:
                n_held_out: int | None = None) -> tuple[dict, list[dict]]:
     """Judge seen-pairing prompts and the held-out ones (all of them, or the first n_held_out):
     (summary for report.json, rows)."""
-    seen = judge_prompts(generate, seen_prompts(holdout, n_seen, seed), seed, desc=f"{label}seen prompts")
-    held = judge_prompts(generate, holdout.get("eval_captions", [])[:n_held_out], seed + 1,
+    seen = judge_prompts(generate, seen_prompts(holdout, n_seen, seed), seed, SEEN_STREAM,
+                         desc=f"{label}seen prompts")
+    held = judge_prompts(generate, holdout.get("eval_captions", [])[:n_held_out], seed, HELD_OUT_STREAM,
                          desc=f"{label}held-out prompts")
     summary = {
         "seen": summarize([r["verdict"] for r in seen]),
         "held_out": summarize([r["verdict"] for r in held]),
         "chance": {"seen": chance_level(seen), "held_out": chance_level(held)},
         "held_out_pairs": holdout.get("pairs", []),
-        "prompts": [{"prompt": r["prompt"], "set": s, **r["verdict"].as_dict()}
+        "prompts": [{"prompt": r["prompt"], "set": s, "seed": r["seed"], **r["verdict"].as_dict()}
                     for s, group in (("seen", seen), ("held_out", held)) for r in group],
     }
     return summary, seen + held
@@ -327,9 +343,9 @@ def write_report(out: str, report: dict, rows: list[dict], base_rows: list[dict]
 
 
 def pipeline_generator(pipe, *, steps: int, superres_steps: int, guidance_scale: float, superres: bool) -> Generate:
-    def generate(prompts: list[str], seed: int) -> list[Image.Image]:
+    def generate(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         return pipe(prompts, steps=steps, superres_steps=superres_steps, guidance_scale=guidance_scale,
-                    seed=seed, superres=superres)
+                    seed=list(seeds), superres=superres)
     return generate
 
 

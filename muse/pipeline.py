@@ -149,8 +149,8 @@ class MusePipeline:
     @torch.no_grad()  # inference: no autograd graph is kept (context encodings, VQGAN encodes)
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                  num_images: int = 1, steps: int = SAMPLING.steps, superres_steps: int = SAMPLING.superres_steps,
-                 guidance_scale: float = SAMPLING.guidance_scale, seed: int | None = None, output: str = "pil",
-                 superres: bool | None = None,
+                 guidance_scale: float = SAMPLING.guidance_scale, seed: int | Sequence[int] | None = None,
+                 output: str = "pil", superres: bool | None = None,
                  callback: StageCallback | None = None, choice_temperature: float = SAMPLING.choice_temperature,
                  temperature: float | None = None, superres_top_k: int | None = None,
                  first_image: int = 0) -> list[Image.Image] | torch.Tensor:
@@ -160,7 +160,9 @@ class MusePipeline:
         seed: image i of prompt p draws from `sampling.image_seed(seed, i, p)` in both stages, so the
             same seed and settings give the same images, and an image does not depend on how many
             images or prompts were asked for (in bf16 and fp16 other prompts can flip a few tokens: see
-            the module's note) (None = a seed drawn from torch's global RNG).
+            the module's note) (None = a seed drawn from torch's global RNG). One seed per prompt: each
+            prompt's images are those of a call for that prompt alone with its seed (a batch of several
+            requests, or an evaluation whose images must not depend on how it is cut into calls).
         first_image: i of the first image (the same in `inpaint`, `outpaint` and `edit`): a long run is
             drawn in batches, `num_images` at a time from first_image 0, num_images, ..., and gives the
             images one call would.
@@ -347,7 +349,12 @@ class MusePipeline:
             images = vqgan.decode(ids)
         return [tensor_to_pil(x) for x in images]
 
-    def _generators(self, seed: int | None, n: int, prompts: int = 1, first: int = 0) -> list[torch.Generator]:
+    def _generators(self, seed: int | Sequence[int] | None, n: int, prompts: int = 1,
+                    first: int = 0) -> list[torch.Generator]:
+        if isinstance(seed, (list, tuple)):  # one per prompt, each as its own request's
+            if len(seed) != prompts:
+                raise ValueError(f"seed must be one integer, or one per prompt ({prompts}), got {len(seed)}")
+            return [g for s in seed for g in self._generators(s, n, first=first)]
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         try:
@@ -403,7 +410,7 @@ class Request:
     superres_steps: int = SAMPLING.superres_steps
     guidance_scale: float = SAMPLING.guidance_scale
     choice_temperature: float = SAMPLING.choice_temperature
-    seed: int | None = None
+    seed: int | Sequence[int] | None = None  # one per prompt: each prompt as a request of its own
     output: str = "pil"
     superres: bool = True
     callback: StageCallback | None = None

@@ -27,11 +27,11 @@ def test_seen_prompts_never_use_held_out_pairs():
         assert not parse_caption(p).pairs & {("red", "circle"), ("blue", "square")}
 
 
-def _oracle(prompts, seed):
+def _oracle(prompts, seeds):
     """A perfect 'model': draws exactly what the prompt says."""
     import random
 
-    return [render(parse_caption(p), 64, random.Random(seed + i)) for i, p in enumerate(prompts)]
+    return [render(parse_caption(p), 64, random.Random(seed)) for p, seed in zip(prompts, seeds)]
 
 
 def test_evaluate_scores_an_oracle_high_and_a_blank_model_low(tmp_path):
@@ -86,6 +86,24 @@ def _tiny_clip_vision(path) -> str:
     torch.manual_seed(0)
     CLIPVisionModel(CLIPVisionConfig(**VISION)).save_pretrained(path / "vision")
     return str(path / "vision")
+
+
+def test_an_evaluation_image_does_not_depend_on_the_batch_it_was_drawn_in():
+    """Prompt k of a set draws with its own request seed, so `--batch` changes speed only, no two
+    sets or seeds share a stream, and the report's seed redraws the image alone."""
+    from muse.evaluate import HELD_OUT_STREAM, SEEN_STREAM, judge_prompts, pipeline_generator, prompt_seeds
+
+    pipe = MusePipeline.from_preset("tiny", seed=0)
+    gen = pipeline_generator(pipe, steps=2, superres_steps=1, guidance_scale=2.0, superres=False)
+    prompts = ["a red circle", "two blue squares", "a green triangle", "a red circle"]
+    whole = judge_prompts(gen, prompts, 7, SEEN_STREAM, batch=4)
+    cut = judge_prompts(gen, prompts, 7, SEEN_STREAM, batch=3)
+    assert [np.asarray(r["image"]).tolist() for r in whole] == [np.asarray(r["image"]).tolist() for r in cut]
+    assert whole[0]["seed"] != whole[3]["seed"]  # the same prompt twice: two draws
+    alone = pipe([prompts[1]], steps=2, guidance_scale=2.0, seed=whole[1]["seed"], superres=False)[0]
+    assert np.array_equal(np.asarray(alone), np.asarray(whole[1]["image"]))
+    assert not set(prompt_seeds(7, 0, 4, SEEN_STREAM)) & set(prompt_seeds(7, 0, 4, HELD_OUT_STREAM))
+    assert not set(prompt_seeds(7, 0, 4, SEEN_STREAM)) & set(prompt_seeds(8, 0, 4, SEEN_STREAM))
 
 
 def test_evaluate_with_tiny_pipeline_and_clip(tmp_path):
@@ -246,7 +264,7 @@ def test_corpus_eval_prompts_are_corpus_captions_and_scores_are_finite(tmp_path,
 
     def generate(prompts, seed):
         seen.extend(prompts)
-        return [im.resize((side, side)) for im in _noise_images(len(prompts), seed)]
+        return [im.resize((side, side)) for im in _noise_images(len(prompts), seed[0])]
 
     cfg = CorpusEvalConfig(n=10, allow_small_n=True, batch=4)
     net = load_feature_net(_tiny_clip_vision(tmp_path))
