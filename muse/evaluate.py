@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 from muse import storage
 from muse.data.images import pil_to_tensor
-from muse.data.synthetic import all_pairs, caption, render, sample_scene
+from muse.data.synthetic import all_pairs, caption, parse_caption, render, sample_scene
 from muse.fid import clip_pixels
-from muse.judge import judge, summarize
+from muse.judge import find_blobs, judge, judge_blobs, summarize
 from muse.masking import mask_tokens
 
 # (prompts, one seed per prompt) -> one image per prompt, each drawn as a request of its own with its seed
@@ -87,13 +87,14 @@ def judge_prompts(generate: Generate, prompts: Sequence[str], seed: int, stream:
 
 
 def chance_level(rows: list[dict]) -> dict[str, float]:
-    """The same images judged against another prompt of the set (the next one that differs): what
-    images that ignore their prompts score, given what this model draws."""
+    """The same images judged against every other prompt of the set: what images that ignore their
+    prompts score, given what this model draws (not against a neighbour: sets list a pairing's
+    prompts together, so the next prompt often shares the colour and shape)."""
+    scenes = {p: parse_caption(p) for p in dict.fromkeys(r["prompt"] for r in rows)}
     verdicts = []
-    for i, row in enumerate(rows):
-        other = next((r["prompt"] for r in rows[i + 1:] + rows[:i] if r["prompt"] != row["prompt"]), None)
-        if other is not None:
-            verdicts.append(judge(row["image"], other))
+    for row in rows:
+        blobs = find_blobs(row["image"])  # read once, judged against each other prompt
+        verdicts += [judge_blobs(blobs, scene) for p, scene in scenes.items() if p != row["prompt"]]
     return summarize(verdicts)
 
 

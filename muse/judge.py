@@ -19,10 +19,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from muse.data.synthetic import COLORS, Group, Scene, parse_caption
+from muse.data.synthetic import COLORS, MAX_SHAPE, Group, Scene, parse_caption
 
 MAX_COLOR_DISTANCE = 60.0  # RGB distance under which a pixel counts as a palette colour
 MIN_AREA_FRACTION = 0.25  # a blob smaller than this share of the smallest drawable shape is noise
+OVERSIZED = 1.5  # a blob wider or taller than this many times the largest drawable shape names no shape
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,12 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def _shape_of(pixels: np.ndarray) -> str:
+def _shape_of(pixels: np.ndarray, side: int) -> str:
     ys, xs = pixels[:, 0], pixels[:, 1]
-    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-    fill = len(pixels) / box
+    height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    if max(height, width) > OVERSIZED * MAX_SHAPE * side:  # a flooded canvas or region is no shape drawn
+        return "oversized"
+    fill = len(pixels) / (height * width)
     if fill > 0.89:
         return "square"
     if fill > 0.64:
@@ -95,7 +98,7 @@ def find_blobs(image: Image.Image) -> list[Blob]:
         for pixels in _components(close & (nearest == k)):
             if len(pixels) < min_area:
                 continue
-            blobs.append(Blob(name, _shape_of(pixels), len(pixels),
+            blobs.append(Blob(name, _shape_of(pixels, side), len(pixels),
                               float(pixels[:, 1].mean() + 0.5) / side, float(pixels[:, 0].mean() + 0.5) / side))
     return blobs
 
@@ -108,13 +111,17 @@ def _on_side(blob: Blob, position: str | None) -> bool:
 
 
 def judge_scene(image: Image.Image, scene: Scene) -> Verdict:
-    blobs = find_blobs(image)
+    return judge_blobs(find_blobs(image), scene)
+
+
+def judge_blobs(blobs: list[Blob], scene: Scene) -> Verdict:
+    """The verdict on an image's blobs (`find_blobs`, read once for any number of scenes)."""
     wanted_colors = {g.color for g in scene.groups}
     color_ok = {b.color for b in blobs} == wanted_colors
 
     def members(group: Group) -> list[Blob]:
-        # Two groups of one colour never occur (pairs differ), but may share a colour in prompts
-        # typed by hand: then a blob belongs to the group whose shape and side it matches.
+        # Two groups may share a colour (their shapes differ): a blob then belongs to the group on
+        # whose side it lies, so a swap of sides fails on shape or count, not on placement.
         same = [b for b in blobs if b.color == group.color]
         if sum(g.color == group.color for g in scene.groups) > 1:
             same = [b for b in same if _on_side(b, group.position)]
