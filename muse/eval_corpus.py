@@ -52,43 +52,66 @@ def corpus_samples(uri: str, n: int, *, seed: int = 0, format: str = "auto", max
 
     cfg = ReaderConfig()
     with tempfile.TemporaryDirectory(prefix="muse-eval-plan-") as plan:  # a huge folder's part lists, on disk
-        parts = plan_parts(uri, format, cfg, spill=plan)
+        try:
+            parts = plan_parts(uri, format, cfg, spill=plan)
+        except FileNotFoundError as e:  # the readers' NoInput: no such format there, in this command's words
+            raise ValueError(str(e).replace("--format", "--corpus-format")) from None
         return _samples(uri, parts, cfg, n, seed, max_caption_chars, side)
 
 
 def _samples(uri: str, parts: list, cfg, n: int, seed: int, max_caption_chars: int,
              side: int | None) -> list[tuple[str, Image.Image]]:
-    from pipelines.preprocess import clean_caption
-    from pipelines.readers import read_part
-
-    rng = random.Random(f"muse-eval-corpus:{seed}")
-    rng.shuffle(parts)
+    """Up to `per_part` rows from each part in a seeded order, then, where that was not n (parts of
+    very different sizes), the rest of the parts that had more."""
+    parts = list(parts)
+    random.Random(f"muse-eval-corpus:{seed}").shuffle(parts)
     per_part = max(math.ceil(1.25 * n / len(parts)), math.ceil(n / 32))
     out: list[tuple[str, Image.Image]] = []
+    more: list[tuple] = []  # (part, where its rows go on)
     for part in parts:
-        rows = [(raw_image, raw_caption) for block in read_part(part, cfg)
-                for raw_image, raw_caption, reason, index in zip(
-                    block["image"].to_pylist(), block["caption"].to_pylist(),
-                    block["reject_reason"].to_pylist(), block["index"].to_pylist())
-                if index >= 0 and not reason]
-        rng.shuffle(rows)
-        kept = 0
-        for raw_image, raw_caption in rows:
-            text, why = clean_caption(raw_caption, max_caption_chars)
-            if why:
-                continue
-            try:
-                image = decode_image(raw_image)
-            except ImageRejected:
-                continue
-            out.append((text, image if side is None else resize_center_crop(image, side)))
-            kept += 1
-            if kept == per_part or len(out) == n:
-                break
+        stopped = _take(part, cfg, seed, max_caption_chars, side, out, n, start=0, limit=per_part)
+        if len(out) == n:
+            return out
+        if stopped is not None:
+            more.append((part, stopped))
+    for part, start in more:
+        _take(part, cfg, seed, max_caption_chars, side, out, n, start=start, limit=None)
         if len(out) == n:
             return out
     raise ValueError(f"{uri} gave only {len(out)} usable (image, caption) rows of the {n} asked for; "
                      f"lower --n (FID wants >= {fid.MIN_N})")
+
+
+def _take(part, cfg, seed: int, max_caption_chars: int, side: int | None, out: list, n: int, *, start: int,
+          limit: int | None) -> int | None:
+    """Append the part's usable rows, in its seeded order from `start`, to `out` until it holds n or
+    `limit` were added; returns where the part's rows go on, or None when none are left."""
+    from pipelines.preprocess import clean_caption
+    from pipelines.readers import read_part
+
+    rows = [(raw_image, raw_caption) for block in read_part(part, cfg)
+            for raw_image, raw_caption, reason, index in zip(
+                block["image"].to_pylist(), block["caption"].to_pylist(),
+                block["reject_reason"].to_pylist(), block["index"].to_pylist())
+            if index >= 0 and not reason]
+    random.Random(f"muse-eval-corpus:{seed}:{part.id}").shuffle(rows)
+    kept = 0
+    for position in range(start, len(rows)):
+        raw_image, raw_caption = rows[position]
+        text, why = clean_caption(raw_caption, max_caption_chars)
+        if why:
+            continue
+        try:
+            image = decode_image(raw_image)
+        except ImageRejected:
+            continue
+        out.append((text, image if side is None else resize_center_crop(image, side)))
+        kept += 1
+        if len(out) == n:
+            return None
+        if kept == limit:
+            return position + 1 if position + 1 < len(rows) else None
+    return None
 
 
 def generate_images(generate, prompts: list[str], seed: int, batch: int) -> list[Image.Image]:
@@ -145,7 +168,7 @@ def evaluate_corpus(generate, uri: str, cfg: CorpusEvalConfig, *, feature_net: f
 
 
 def run(generate, uri: str, cfg: CorpusEvalConfig, out: str, *, fid_net: str | None, clip_path: str | None,
-        device: torch.device, dtype: torch.dtype, side: int | None = None) -> dict:
+        device: torch.device, dtype: torch.dtype, side: int | None = None, settings: dict | None = None) -> dict:
     """Load the user's networks, evaluate (`side`: the generated images' side), and write report.json
     and grid.png into `out`."""
     import io
@@ -158,7 +181,8 @@ def run(generate, uri: str, cfg: CorpusEvalConfig, out: str, *, fid_net: str | N
     net = fid.load_feature_net(fid_net, device, dtype) if fid_net else None
     clip = load_clip(clip_path, device, dtype)
     report, rows = evaluate_corpus(generate, uri, cfg, feature_net=net, clip=clip, side=side)
-    report |= {"device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+    report = ({"settings": settings} if settings else {}) | report | {"device": str(device),
+                                                                       "dtype": str(dtype).removeprefix("torch.")}
     storage.makedirs(out)
     storage.write_text(storage.join(out, "report.json"), json.dumps(report, indent=1))
     buf = io.BytesIO()

@@ -41,6 +41,7 @@ Generate = Callable[[list[str], list[int]], list[Image.Image]]
 
 # Which evaluation draws a seed stream (`prompt_seeds`): prompts of different sets never share one.
 SEEN_STREAM, HELD_OUT_STREAM, CORPUS_STREAM = 1, 2, 3
+DEFAULT_N_SEEN = 16  # seen-pairing prompts `muse eval` judges
 
 
 def prompt_seeds(seed: int, first: int, n: int, stream: int) -> list[int]:
@@ -265,8 +266,9 @@ def clip_score(image_features: torch.Tensor, text_features: torch.Tensor) -> flo
 
 def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: int = 16, seed: int = 0,
              clip_path: str | None = None, reference_images: int = 32, base_generate: Generate | None = None,
-             ceiling_images: int = 200, n_held_out: int | None = None) -> dict:
-    """Run every evaluation that applies and write report.json + grid.png into `out`.
+             ceiling_images: int = 200, n_held_out: int | None = None, settings: dict | None = None) -> dict:
+    """Run every evaluation that applies and write report.json + grid.png into `out`; `settings` (what
+    made the images: the root, steps, guidance, seed, device) head the report.
     `base_generate` (images from the base stage alone) adds `judge_base` and grid_base.png, so a
     weak super-res stage cannot hide what the base model draws. A section that fails still leaves
     report.json with the sections before it (and "error" saying what stopped it), then raises:
@@ -281,9 +283,10 @@ def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: 
     except Exception as e:
         if report:  # something was measured: keep it, saying what stopped the rest
             report["error"] = f"{type(e).__name__}: {e}"
-            write_report(out, report, rows, base_rows)
+            write_report(out, {"settings": settings} | report if settings else report, rows, base_rows)
             e.add_note(f"{storage.join(out, 'report.json')} holds the sections measured before it")
         raise
+    report = {"settings": settings} | report if settings else report
     write_report(out, report, rows, base_rows)
     return report
 
@@ -352,11 +355,10 @@ def pipeline_generator(pipe, *, steps: int, superres_steps: int, guidance_scale:
 
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """'auto': CUDA when present; bf16 there, fp32 on the CPU."""
-    try:
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           "cpu" if device == "auto" else device)
-    except RuntimeError as e:
-        raise ValueError(f"--device {device!r}: {e}") from None
+    from muse.devices import checked_device
+
+    dev = checked_device("cuda" if device == "auto" and torch.cuda.is_available() else
+                         "cpu" if device == "auto" else device)
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
     return dev, getattr(torch, dtype)
@@ -374,8 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus-format", choices=("synthetic",) + FORMATS, default="auto",
                         help="auto: synthetic when the corpus has holdout.json, else detected from its files")
     parser.add_argument("--out", required=True, help="directory for report.json and grid.png")
-    parser.add_argument("--n-seen", type=int, default=16,
-                        help="synthetic: seen-pairing prompts to judge (default 16)")
+    parser.add_argument("--n-seen", type=int, default=DEFAULT_N_SEEN,
+                        help=f"synthetic: seen-pairing prompts to judge (default {DEFAULT_N_SEEN})")
     parser.add_argument("--n", type=int, default=DEFAULT_N,
                         help=f"real corpus: captions to draw and corpus images to compare with (>= {MIN_N})")
     parser.add_argument("--allow-small-n", action="store_true",
@@ -412,9 +414,15 @@ def _checked(args: argparse.Namespace) -> CorpusEvalConfig | None:
     from muse.eval_corpus import CorpusEvalConfig
     from muse.fid import DEFAULT_N, FEATURE_NET_HELP, check_n
 
-    for name, value in (("--steps", args.steps), ("--superres-steps", args.superres_steps)):
+    for name, value in (("--steps", args.steps), ("--superres-steps", args.superres_steps), ("--batch", args.batch)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if not args.guidance >= 0 or args.n_seen < 0:  # `not >=`: NaN too
+        raise ValueError(f"--guidance must be a number >= 0 and --n-seen >= 0, got {args.guidance} and {args.n_seen}")
+    if args.clip is not None and not storage.exists(args.clip):  # before minutes of judging
+        raise ValueError(f"--clip {args.clip}: no such folder (a local Hugging Face CLIP folder)")
+    if args.clip is not None and args.corpus is None:
+        raise ValueError("--clip scores images against a corpus's captions: give --corpus")
     if args.corpus is not None and not storage.exists(args.corpus):
         raise ValueError(f"--corpus {args.corpus}: no such file or directory")
     fmt = args.corpus_format
@@ -430,6 +438,9 @@ def _checked(args: argparse.Namespace) -> CorpusEvalConfig | None:
                                 "judge (--n-seen prompts): leave them out, or give --corpus-format with the corpus's "
                                 "format to score it as a real corpus" if args.corpus else "no --corpus was given"))
         return None
+    if args.n_seen != DEFAULT_N_SEEN:
+        raise ValueError("--n-seen applies to a synthetic corpus's attribute judge; a real corpus is scored on --n "
+                         "of its captions")
     # A real corpus: fail on a bad n or missing networks before loading the model.
     cfg = CorpusEvalConfig(n=args.n, allow_small_n=args.allow_small_n, format=fmt, batch=args.batch, seed=args.seed)
     check_n(cfg.n, cfg.allow_small_n)
@@ -446,6 +457,9 @@ def _evaluate_root(args, cfg: CorpusEvalConfig | None, device, dtype) -> None:
     real = cfg is not None
     pipe = MusePipeline.from_pretrained(args.checkpoint).to(device, dtype)
     superres = not args.no_superres and pipe.superres is not None
+    settings = {"checkpoint": args.checkpoint, "seed": args.seed, "steps": args.steps,
+                "superres_steps": args.superres_steps if superres else None, "guidance_scale": args.guidance,
+                "superres": superres, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
     gen = pipeline_generator(pipe, steps=args.steps, superres_steps=args.superres_steps,
                              guidance_scale=args.guidance, superres=superres)
     if real:
@@ -453,15 +467,15 @@ def _evaluate_root(args, cfg: CorpusEvalConfig | None, device, dtype) -> None:
 
         side = (pipe.vqgan_hi if superres else pipe.vqgan_lo).config.resolution
         report = run(gen, args.corpus, cfg, args.out, fid_net=args.fid_net, clip_path=args.clip,
-                     device=device, dtype=dtype, side=side)
+                     device=device, dtype=dtype, side=side, settings=settings | {"batch": cfg.batch})
         print(json.dumps(report, indent=1))
         print(f"wrote {storage.join(args.out, 'report.json')}")
         return
     base_gen = pipeline_generator(pipe, steps=args.steps, superres_steps=args.superres_steps,
                                   guidance_scale=args.guidance, superres=False) if superres else None
     report = evaluate(gen, pipe, args.corpus, args.out, n_seen=args.n_seen, seed=args.seed, clip_path=args.clip,
-                      base_generate=base_gen)
-    summary = {k: v for k, v in report.items() if k not in ("judge", "judge_base")}
+                      base_generate=base_gen, settings=settings)
+    summary = {k: v for k, v in report.items() if k not in ("judge", "judge_base", "settings")}
     for key in ("judge", "judge_base"):
         if key in report:
             summary[key] = {k: report[key][k] for k in ("seen", "held_out", "chance")}

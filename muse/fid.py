@@ -53,7 +53,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     inner = np.linalg.eigvalsh(root_a @ sb @ root_a)
     covmean_trace = np.sqrt(np.clip(inner, 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * covmean_trace)
+    distance = ((mu_a - mu_b) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * covmean_trace
+    return max(0.0, float(distance))  # >= 0 exactly; rounding leaves a set against itself at about -1e-3
 
 
 class FeatureNet(Protocol):

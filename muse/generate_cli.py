@@ -105,21 +105,13 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 def run(command: str, args: argparse.Namespace) -> list[str]:
     """Run a parsed command; returns the paths written."""
-    import torch
-
+    from muse.devices import checked_device
     from muse.pipeline import MusePipeline
 
     _check_out(args.out)  # before minutes of sampling, not after
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        raise ValueError(f"--device {args.device!r}: {e}") from None
-    if device.type == "meta":
-        raise ValueError("--device meta holds shapes, not numbers: use cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this PyTorch sees no CUDA device (torch {torch.__version__})")
+    checked_device(args.device)
     if args.checkpoint:
         pipe = MusePipeline.from_pretrained(args.checkpoint, device=args.device)
     else:

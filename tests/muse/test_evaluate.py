@@ -16,6 +16,8 @@ def test_frechet_distance_and_psnr():
     a = rng.normal(size=(400, 4))
     assert abs(frechet_distance(a, a)) < 1e-6
     assert frechet_distance(a, a + 3.0) == pytest.approx(36.0, rel=0.05)  # |Δμ|² = 4·3²
+    wide = rng.normal(size=(40, 64))  # fewer samples than dimensions: rounding goes below 0 unclamped
+    assert 0.0 <= frechet_distance(wide, wide) < 1e-2
     x = torch.zeros(1, 3, 4, 4)
     assert psnr(x, x) == float("inf")
     assert psnr(x, x + 0.2) == pytest.approx(20.0, abs=0.01)  # mse of 0.1 in [0,1] units
@@ -304,9 +306,26 @@ def test_muse_eval_cli_on_a_real_corpus(tmp_path):
           "--steps", "2", "--no-superres", "--batch", "3"])
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["n"] == 6 and report["comparable"] is False and report["device"] == "cpu"
+    assert report["settings"] | {"checkpoint": None} == {  # what made the images, to compare runs by
+        "checkpoint": None, "seed": 0, "steps": 2, "superres_steps": None, "guidance_scale": 3.0, "superres": False,
+        "device": "cpu", "dtype": "float32", "batch": 3}
     assert report["fid"]["features"] == "clip:vision" and np.isfinite(report["fid"]["value"])
     assert np.isfinite(report["clip_score"]["generated"]) and (tmp_path / "out" / "grid.png").exists()
     assert torch.is_grad_enabled()  # main() leaves the calling program's autograd as it found it
+
+
+def test_a_corpus_of_uneven_parts_gives_every_row_asked_for(tmp_path):
+    """Parts of 12 and 2 rows hold 14: n = 12 is drawn (the first pass takes up to a share per part,
+    the second the rest of the big one), and the draw does not depend on anything but the seed."""
+    from muse.eval_corpus import corpus_samples
+
+    corpus = tmp_path / "corpus"
+    write_corpus(str(corpus), n=14, size=32, holdout_fraction=0.0, shard_size=12)
+    drawn = corpus_samples(str(corpus), 12, seed=3)
+    assert len(drawn) == 12 and len({c for c, _ in drawn}) >= 8
+    assert [c for c, _ in corpus_samples(str(corpus), 12, seed=3)] == [c for c, _ in drawn]
+    with pytest.raises(ValueError, match="gave only 14 usable"):
+        corpus_samples(str(corpus), 15)
 
 
 def test_token_accuracy_counts_copies_of_a_code_as_one_class():
@@ -344,7 +363,16 @@ def test_muse_eval_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
         (["--checkpoint", str(tmp_path / "nope"), "--corpus", str(synthetic)], "no checkpoint at"),
         (["--checkpoint", str(root), "--corpus", str(tmp_path / "missing")], "no such file or directory"),
         (["--checkpoint", str(root), *small, "--n", "4", "--fid-net", "/nonexistent.pt"], "no feature network"),
-        (["--checkpoint", str(root), *small, "--n", "1", "--clip", "x"], "n must be >= 2"),
+        (["--checkpoint", str(root), *small, "--n", "1", "--clip", clip], "n must be >= 2"),
+        (["--checkpoint", str(root), *small, "--n", "4", "--clip", "x"], "--clip x: no such folder"),
+        (["--checkpoint", str(root), "--corpus", str(synthetic), "--clip", "x"], "--clip x: no such folder"),
+        (["--checkpoint", str(root), "--clip", clip], "--clip scores images against a corpus's captions"),
+        (["--checkpoint", str(root), *small, "--n", "4", "--clip", clip, "--batch", "0"], "--batch must be >= 1"),
+        (["--checkpoint", str(root), "--corpus", str(synthetic), "--guidance", "-2"], "--guidance must be"),
+        (["--checkpoint", str(root), *small, "--n", "4", "--clip", clip, "--n-seen", "3"],
+         "--n-seen applies to a synthetic corpus"),
+        (["--checkpoint", str(root), "--corpus", str(real), "--corpus-format", "folder", "--allow-small-n",
+          "--n", "4", "--clip", clip], "--corpus-format folder"),
         (["--checkpoint", str(root), *small, "--n", "6", "--clip", clip], "gave only 4 usable"),
         (["--checkpoint", str(root), "--corpus", str(synthetic), "--steps", "0"], "--steps must be >= 1"),
         # Real-corpus flags on the synthetic corpus would be ignored: refused, naming them.
@@ -360,6 +388,10 @@ def test_muse_eval_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
         said_lines = [line for line in err.splitlines() if line.startswith("muse eval: error: ")]
         assert len(said_lines) == 1 and said in said_lines[0] and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as exit_:  # a device this PyTorch cannot use: before the root loads
+        main(["--checkpoint", str(root), "--corpus", str(synthetic), "--out", str(tmp_path / "out"),
+              "--device", "cuda:7"])
+    assert exit_.value.code == 2 and "--device cuda:7" in capsys.readouterr().err
 
 
 def test_a_late_failure_keeps_the_sections_measured_before_it(tmp_path, monkeypatch):
