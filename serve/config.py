@@ -73,6 +73,15 @@ class Deployment(Strict):
         return out
 
 
+class IngressDeployment(Deployment):
+    """The ingress's own Serve queue only holds requests on their way to its admission check, which
+    answers past `limits.max_in_flight` with a quick 429 in OpenAI's shape; a deep queue keeps Serve's
+    plain-text 503 for floods far beyond it. Its own defaults, so `ingress: {num_cpus: 0.5}` keeps them."""
+
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(512, ge=-1)
+
+
 class Batching(Strict):
     """The step scheduler of a generator replica (serve/scheduler.py): requests from different
     callers share each forward, up to `max_rows` rows. An image takes one row, two with guidance
@@ -181,10 +190,7 @@ class AppArgs(Strict):
     sampling: Sampling = Sampling()
     files: Files = Files()
     cors: Cors = Cors()
-    # The ingress's own Serve queue only holds requests on their way to its admission check, which
-    # answers past `limits.max_in_flight` with a quick 429 in OpenAI's shape; a deep queue keeps Serve's
-    # plain-text 503 for floods far beyond it.
-    ingress: Deployment = Deployment(max_ongoing_requests=64, max_queued_requests=512)
+    ingress: IngressDeployment = IngressDeployment()
     text_encoder: Deployment = Deployment()
     base: Generator = Generator()
     superres: Generator = Generator()

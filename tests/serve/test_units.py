@@ -49,6 +49,9 @@ def test_shipped_serve_config_is_valid_and_typed():
     for name in ("ingress", "text_encoder", "base", "superres", "decoder"):  # finite queues everywhere
         assert getattr(args, name).options()["max_queued_requests"] > 0
     assert args.base.autoscaling.target_ongoing_requests == args.base.batching.max_rows / 2  # fills a forward
+    # Setting one ingress field keeps the ingress's own queue defaults (not every deployment's 32/32).
+    ingress = AppArgs(checkpoint="x", ingress={"num_cpus": 0.5}).ingress
+    assert (ingress.num_cpus, ingress.max_ongoing_requests, ingress.max_queued_requests) == (0.5, 64, 512)
 
 
 @pytest.mark.parametrize("data", [
