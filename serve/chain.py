@@ -13,7 +13,7 @@ timeout, and maps what can go wrong to OpenAI-shaped errors:
     caller gone (cancelled)         every call cancelled (the schedulers drop their rows)
     a queue is full (BackPressure)  503 + Retry-After, at once
     a replica was lost              re-run on a replacement, at most `max_retries` times; 503 after
-    a replica crashed under it      not re-run (the request may be what crashed it), 503
+    a replica crashed under it      re-run once (its batch-mates did not crash it); a second crash, 503
     the model failed on it          503 (never a 500: the server itself is fine)
 
 The timeout, the crash and the model's failure would repeat: their answers carry `x-should-retry:
@@ -115,10 +115,12 @@ async def run_chain(chain: Callable[[Calls], Awaitable[None]], timeout_s: float,
 
 def retry_wait(lost: BaseException, attempt: int, max_retries: int, deadline: float) -> float:
     """Seconds to wait before re-running a request whose replica was `lost` (after `attempt` re-runs),
-    or the 503 that ends it: a crash is never re-run, nor a request out of re-runs or of time."""
-    if crashed(lost):
-        raise crash_error() from None
+    or the 503 that ends it, out of re-runs or of time. A crash is re-run once: the replica's batch
+    held other requests than the one that may have crashed it; crashing a second replica, it is
+    answered replica_crashed and never sent again."""
     wait = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+    if crashed(lost) and (attempt > 0 or max_retries == 0 or time.monotonic() + wait > deadline):
+        raise crash_error() from None
     if attempt >= max_retries or time.monotonic() + wait > deadline:
         raise APIError(503, "a model replica was lost and no replacement answered; retry",
                        type="server_error", code="replica_unavailable") from None

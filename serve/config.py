@@ -129,7 +129,7 @@ class Limits(Strict):
     max_image_pixels: int = Field(4096 * 4096, ge=1, le=PILLOW_MAX_PIXELS)
     request_timeout_s: float = Field(300.0, gt=0)
     max_in_flight: int = Field(48, ge=1)  # image requests per ingress replica; more get a quick 429
-    max_retries: int = Field(1, ge=0, le=2)  # re-runs after a replica was lost (never after one crashed under it)
+    max_retries: int = Field(1, ge=0, le=2)  # re-runs after a replica was lost (after a crash, one at most)
 
 
 class Sampling(Strict):

@@ -16,6 +16,7 @@ import base64
 import json
 import logging
 import time
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator
 
@@ -52,34 +53,69 @@ class StreamRequest:
 
 
 async def open_stream(ing: Ingress, req: StreamRequest, base_url: str, out: Output) -> AsyncIterator[str]:
-    """The stream's events, once the request is admitted: raises APIError (503) before any event
-    when it is not. A replica lost before then is retried as a plain request's chain is."""
+    """The stream's events, once the request is admitted: raises APIError before any event when it
+    is not (503 refused, 504 not admitted within the request's time)."""
+    events = _events(ing, req, base_url, out)
+    try:
+        await events.__anext__()  # the admission marker (bounded by the request's deadline)
+    except asyncio.TimeoutError:
+        await events.aclose()
+        raise APIError(504, "the request was not admitted within the timeout", type="server_error",
+                       code="timeout") from None
+    except Exception as e:  # noqa: BLE001 - refused, or a model or replica failure before the first event
+        await events.aclose()
+        raise stream_failure(e) from None
+    return events
+
+
+async def _events(ing: Ingress, req: StreamRequest, base_url: str, out: Output) -> AsyncIterator[str | None]:
+    """None once admitted, then the SSE text of each event. A replica lost (or crashed, once) under
+    the request is re-run as a plain request's chain is (`retry_wait`), until the first event has
+    been sent: seeds make the re-run's images the same. Failures after that end the stream with an
+    error event."""
     deadline = time.monotonic() + ing.limits.request_timeout_s
-    attempt = 0
+    attempt, admitted, sent = 0, False, False
     while True:
-        events = _events(ing, req, base_url, out, deadline)
         try:
-            await events.__anext__()  # the admission marker (bounded by the request's deadline)
-            return events
+            async with aclosing(_attempt(ing, req, base_url, out, deadline)) as events:
+                async for event in events:
+                    if event is None:  # admitted (again, on a re-run: said once)
+                        if not admitted:
+                            admitted = True
+                            yield None
+                        continue
+                    sent = True
+                    yield event
+            return
         except asyncio.TimeoutError:
-            await events.aclose()
-            raise APIError(503, "the request was not admitted within the timeout", type="server_error",
-                           code="overloaded") from None
-        except Exception as e:  # noqa: BLE001 - refused, or a model or replica failure before the first event
-            await events.aclose()
+            if not admitted:
+                raise
+            yield sse("error", {"error": error_body("the request took longer than the timeout", "timeout")})
+            return
+        except Exception as e:  # noqa: BLE001 - a lost replica is re-run; the rest is reported
+            failure = e
             lost = replica_lost(e)
-            if lost is None:
-                raise stream_failure(e) from None
-            wait = retry_wait(lost, attempt, ing.limits.max_retries, deadline)
-        attempt += 1
-        await asyncio.sleep(wait)
+            if lost is not None and not sent:
+                try:
+                    wait = retry_wait(lost, attempt, ing.limits.max_retries, deadline)
+                except APIError as refused:
+                    failure = refused
+                else:
+                    attempt += 1
+                    await asyncio.sleep(wait)
+                    continue
+            if not admitted:
+                raise failure from None
+            failure = stream_failure(failure)
+            yield sse("error", {"error": error_body(failure.message, failure.code, failure.type, failure.param)})
+            return
 
 
-async def _events(ing: Ingress, req: StreamRequest, base_url: str, out: Output,
-                  deadline: float) -> AsyncIterator[str | None]:
-    """None once the base stage admitted the request, then the SSE text of each event. Each stage is
-    called only once what it reads has finished, as a plain request's chain does (Serve's queue limit
-    then holds); the calls still running when the stream ends early are cancelled."""
+async def _attempt(ing: Ingress, req: StreamRequest, base_url: str, out: Output,
+                   deadline: float) -> AsyncIterator[str | None]:
+    """One run of the stream's chain: None when admitted, then SSE text. Each stage is called only
+    once what it reads has finished, as a plain request's chain does (Serve's queue limit then
+    holds); the calls still running when it ends early are cancelled."""
     fields = event_fields(f"{out.side}x{out.side}", out.format)
     edit, mask_free = req.edit, req.edit is not None and req.edit.regenerate is None
     every = ing.sampling.preview_every
@@ -91,18 +127,17 @@ async def _events(ing: Ingress, req: StreamRequest, base_url: str, out: Output,
     offered = sum(previews_sent(steps, tokens, every) for steps, tokens in stages)
     keep = spread(offered, req.partial_images)
     partial = seen = 0
-    admitted = completed = False
+    completed = False
     calls = Calls()
     try:
         cond = calls.start(ing.text.encode.remote(req.prompt, req.negative_prompt))
         sources = {s: calls.start(ing.decoder.encode.remote(edit.images[s], s))
-                   for s in ("lo", req.stage)} if edit else {}
+                   for s in dict.fromkeys(("lo", req.stage))} if edit else {}  # "lo" once at the base size
         await _within(calls.ready(cond, *sources.values()), deadline)
         tokens = None
         if mask_free:  # not streamed: admitted once it is done
             tokens = await _within(calls.start(ing.base.edit.remote(cond, req.lo, sources["lo"], req.lo.steps,
                                                                     ing.sampling.edit_fraction)), deadline)
-            admitted = True
             yield None
         for name, deployment in (("base", ing.base), ("superres", ing.superres)):
             if name == "superres" and req.stage != "hi":
@@ -121,9 +156,7 @@ async def _events(ing: Ingress, req: StreamRequest, base_url: str, out: Output,
                     except StopAsyncIteration:
                         break
                     if event["kind"] == "admitted":
-                        if not admitted:
-                            admitted = True
-                            yield None
+                        yield None  # said once by `_events`
                         continue
                     if event["kind"] == "done":
                         tokens = event["ids"]
@@ -150,15 +183,6 @@ async def _events(ing: Ingress, req: StreamRequest, base_url: str, out: Output,
             yield sse(f"{req.event}.completed", {
                 "b64_json": b64(png), **url, "index": i, "seed": req.seed, "usage": used[i], **fields})
         completed = True
-    except asyncio.TimeoutError:
-        if not admitted:
-            raise
-        yield sse("error", {"error": error_body("the request took longer than the timeout", "timeout")})
-    except Exception as e:  # noqa: BLE001 - headers are sent: report in-band and end the stream
-        if not admitted:
-            raise
-        failure = stream_failure(e)
-        yield sse("error", {"error": error_body(failure.message, failure.code, failure.type, failure.param)})
     finally:
         if not completed:  # failed, timed out, or the client left: free the model work still queued
             cancel_calls(calls.made)

@@ -87,17 +87,18 @@ def fake_ingress(api_key: str | None = None) -> types.SimpleNamespace:
 
 class FakeStream:
     """A generator's stream as Serve hands it to the ingress: `events` in order (admitted, previews,
-    done), or `error` raised at the first read."""
+    done), and `error` raised once `error_after` of them were read (0: at the first read)."""
 
-    def __init__(self, events: list[dict], error: BaseException | None = None):
-        self.events, self.error = iter(events), error
+    def __init__(self, events: list[dict], error: BaseException | None = None, error_after: int = 0):
+        self.events, self.error, self.error_after, self.read = iter(events), error, error_after, 0
 
     def __aiter__(self):
         return self
 
     async def __anext__(self):
-        if self.error is not None:
+        if self.error is not None and self.read == self.error_after:
             raise self.error
+        self.read += 1
         try:
             return next(self.events)
         except StopIteration:

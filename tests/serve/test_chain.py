@@ -97,9 +97,21 @@ def test_chains_retry_a_lost_replica_at_most_max_retries_and_never_a_crashed_one
         attempts.append(1)
         return [_FakeResponse(error=ActorDiedError())]
 
-    with pytest.raises(APIError) as err:
-        call(crashing, timeout=30)
+    with pytest.raises(APIError) as err:  # re-run once (its batch-mates did not crash it), then refused
+        call(crashing, timeout=30, retries=2)
+    assert err.value.code == "replica_crashed" and len(attempts) == 2
+    attempts.clear()
+    with pytest.raises(APIError) as err:  # no re-runs allowed: not even one
+        call(crashing, timeout=30, retries=0)
     assert err.value.code == "replica_crashed" and len(attempts) == 1
+
+    attempts.clear()
+
+    def crashed_once():
+        attempts.append(1)
+        return [_FakeResponse(error=ActorDiedError() if len(attempts) == 1 else None, result="png")]
+
+    assert call(crashed_once, timeout=30) == "png" and len(attempts) == 2
 
     failed = RayTaskError("generate", "traceback", IndexError("index out of range"))
     with pytest.raises(APIError) as err:  # the model failed on this request: a 503, not a 500
@@ -132,6 +144,7 @@ class _Handle:
 
     def __init__(self, name: str, log: list):
         self.name, self.log, self.made, self.stream_errors = name, log, [], []
+        self.stream_events: list = []  # each stream call's events (default: admitted, done)
 
     def options(self, **_):
         return self
@@ -141,8 +154,10 @@ class _Handle:
             read = [a for a in args if isinstance(a, _FakeResponse)]
             self.log.append((f"{self.name}.{method}", all(a.done for a in read)))
             if method == "stream":
-                return FakeStream([{"kind": "admitted"}, {"kind": "done", "ids": "ids"}],
-                                  self.stream_errors.pop(0) if self.stream_errors else None)
+                given = self.stream_events.pop(0) if self.stream_events else None  # then the error, if any
+                error = self.stream_errors.pop(0) if self.stream_errors else None
+                return FakeStream(given or [{"kind": "admitted"}, {"kind": "done", "ids": "ids"}], error,
+                                  error_after=len(given) if given else 0)
             self.made.append(_FakeResponse(result=[b"png"], delay=0.02))
             return self.made[-1]
         return types.SimpleNamespace(remote=remote)
@@ -159,15 +174,15 @@ def _ingress(log: list):
     return ing
 
 
-def _stream(ing, edit=None):
+def _stream(ing, edit=None, partial_images: int = 0):
     """Open a stream through super-res and read it to its end: its events' names."""
     from serve.streaming import StreamRequest, open_stream
 
     lo, hi = ing.decodes(1, 1, None, None, None)
 
     async def read():
-        events = await open_stream(ing, StreamRequest("a red circle", None, "hi", 1, lo, hi, 0, None, edit),
-                                   "http://test", Output())
+        events = await open_stream(ing, StreamRequest("a red circle", None, "hi", 1, lo, hi, partial_images, None,
+                                                      edit), "http://test", Output())
         return [e.split("\n", 1)[0] async for e in events]
     return asyncio.run(read())
 
@@ -225,9 +240,10 @@ def torch_mask():
     return torch.ones(8, 8, dtype=torch.bool)
 
 
-def test_a_stream_whose_replica_is_lost_before_admission_is_rerun_and_a_crash_is_not(monkeypatch):
-    """Before its first event a stream can still be re-run on a replacement, as a plain request is;
-    a replica that crashed under it is not re-run, and both answer with a plain request's codes."""
+def test_a_stream_whose_replica_is_lost_before_its_first_event_is_rerun_as_a_plain_request(monkeypatch):
+    """Until its first event a stream can still be re-run on a replacement, as a plain request is:
+    after a lost replica (max_retries), and after a crash once; then it is answered with a plain
+    request's codes."""
     from ray.exceptions import ActorDiedError, ActorUnavailableError
 
     import serve.chain as chain_mod
@@ -240,14 +256,45 @@ def test_a_stream_whose_replica_is_lost_before_admission_is_rerun_and_a_crash_is
     assert _stream(ing) == ["event: image_generation.completed"]
     assert [name for name, _ in log].count("base.stream") == 2
 
+    ing.base.stream_errors = [ActorDiedError()]  # crashed once: re-run
+    log.clear()
+    assert _stream(ing) == ["event: image_generation.completed"]
+    assert [name for name, _ in log].count("base.stream") == 2
     for errors, code in (([ActorUnavailableError("unreachable", b"0" * 16)] * 2, "replica_unavailable"),
-                         ([ActorDiedError()], "replica_crashed")):
+                         ([ActorDiedError()] * 2, "replica_crashed")):
         log.clear()
         ing.base.stream_errors = list(errors)
         with pytest.raises(APIError) as err:
             _stream(ing)
         assert err.value.status == 503 and err.value.code == code
         assert [name for name, _ in log].count("base.stream") == len(errors)  # max_retries = 1
+
+
+def test_a_stream_admitted_then_lost_before_any_event_is_rerun_and_after_one_is_not(monkeypatch):
+    """Admitted (its 200 sent) but no event yet: the re-run's images are the same, so it is re-run
+    transparently. After a preview it ends with an error event instead (what was shown cannot be
+    taken back)."""
+    from ray.exceptions import ActorUnavailableError
+
+    import serve.chain as chain_mod
+
+    monkeypatch.setattr(chain_mod, "finished", lambda response: response.settle())
+    monkeypatch.setattr(chain_mod, "RETRY_BACKOFF_S", (0.01,))
+    log: list = []
+    ing = _ingress(log)
+    lost = ActorUnavailableError("unreachable", b"0" * 16)
+    ing.base.stream_events = [[{"kind": "admitted"}]]  # then lost
+    ing.base.stream_errors = [lost]
+    assert _stream(ing) == ["event: image_generation.completed"]
+    assert [name for name, _ in log].count("base.stream") == 2
+
+    log.clear()
+    previews = [{"kind": "preview", "step": i, "steps": 30, "ids": "ids"} for i in range(30)]  # some are sent
+    ing.base.stream_events = [[{"kind": "admitted"}, *previews]]
+    ing.base.stream_errors = [lost]
+    events = _stream(ing, partial_images=3)
+    assert "event: image_generation.partial_image" in events and events[-1] == "event: error"
+    assert [name for name, _ in log].count("base.stream") == 1
 
 
 def test_a_stream_that_ends_early_cancels_the_calls_it_made(monkeypatch):
