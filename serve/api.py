@@ -40,7 +40,7 @@ from muse import components
 from muse.tokenizer import load_tokenizer
 from serve.chain import NOT_RETRIED, Calls, run_chain
 from serve.config import AppArgs
-from serve.guard import RETRY_AFTER_S, Guard
+from serve.guard import RETRY_AFTER_S, Admission, Guard
 from serve.images import EditInput, UploadError, prepare_edit
 from serve.responses import Responses
 from serve.schemas import (
@@ -76,6 +76,7 @@ class Ingress:
             _, hi = components.read_component_config(components.component_uri(args.checkpoint, "vqgan_hi"))
             self.hi_side, self.hi_tokens = hi.resolution, hi.tokens_per_side
         self.responses = Responses(args.files)
+        self.admission = Admission()  # what its Guard lets in, and whether it drains
         self.page = (STATIC / "index.html").read_text()
         # The tokenizer alone (no weights): `usage` counts the prompt as the text encoder reads it.
         text_encoder = components.component_uri(args.checkpoint, "text_encoder")
@@ -83,6 +84,15 @@ class Ingress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_fastapi(self)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new image requests (503 shutting_down) and wait, at most `timeout_s`, until those in
+        flight have been answered, while the models behind them still run; returns how many were left."""
+        self.admission.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.admission.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return self.admission.in_flight
 
     # -- the model DAG -------------------------------------------------------------------------
     def side(self, stage: str) -> int:
@@ -200,7 +210,8 @@ def build_fastapi(ing: Ingress) -> FastAPI:
                               headers=_retry_headers(503, "server_error"))
 
     app.add_middleware(Guard, api_key=ing.args.api_key, max_body_bytes=limits.max_body_bytes,
-                       max_in_flight=limits.max_in_flight, body_timeout_s=limits.body_timeout_s)
+                       max_in_flight=limits.max_in_flight, body_timeout_s=limits.body_timeout_s,
+                       admission=ing.admission)
     cors = ing.args.cors
     if cors.allow_origins:
         # Added last, so outermost: a preflight is answered before the API key is asked for, and the

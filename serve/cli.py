@@ -142,27 +142,45 @@ def main(argv: list[str] | None = None) -> None:
         try:
             print("muse serve: stopping; the requests in flight finish first (Ctrl-C again to stop at once)",
                   flush=True)
-            stop_serving(APP_NAME, local)
+            stop_serving(APP_NAME, local, app_args.limits.request_timeout_s)
         except KeyboardInterrupt:  # Ray's processes still go when this one exits
             print("muse serve: stopped without waiting for Serve to shut down", flush=True)
 
 
-def stop_serving(app_name: str, local: bool) -> None:
+def stop_serving(app_name: str, local: bool, drain_s: float = 300.0) -> None:
     """Undo what `muse serve` started: on its own local Ray, Serve and Ray; on a cluster it joined
     (RAY_ADDRESS, or a `ray start` one on this node), only its app, leaving the cluster's other
     Serve apps and its HTTP proxy running."""
     import ray
     from ray import serve
 
-    # Deleting the app first lets each replica finish the requests it holds (Serve waits up to their
-    # graceful_shutdown_timeout_s, request_timeout_s here) while new ones are refused; a second
-    # Ctrl-C stops waiting.
+    # The ingress drains first, refusing new requests, while every model behind it still runs: deleting
+    # the app at once would stop the super-res and decoder replicas that its requests still need.
+    # Then Serve stops each replica once it holds nothing. A second Ctrl-C stops waiting.
+    drain_ingress(app_name, drain_s)
     try:
         serve.delete(app_name)
-    except Exception as e:  # noqa: BLE001 - stopped before Serve or the app started: nothing to drain
-        print(f"muse serve: no app to drain ({type(e).__name__})", flush=True)
+    except Exception as e:  # noqa: BLE001 - the app never started
+        print(f"muse serve: no app to delete ({type(e).__name__})", flush=True)
     if local:
         ray.shutdown()  # takes Serve with it; serve.shutdown() first only races its controller's own exit
+
+
+def drain_ingress(app_name: str, drain_s: float) -> None:
+    """Have the app's ingress refuse new requests and wait for those in flight (`Ingress.drain`)."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+        if app is None or "Ingress" not in app.deployments:  # not started, or not this server's app
+            return
+        left = serve.get_deployment_handle("Ingress", app_name=app_name).drain.remote(drain_s).result(
+            timeout_s=drain_s + 30)
+    except Exception as e:  # noqa: BLE001 - Serve or the ingress already gone: nothing to drain
+        print(f"muse serve: nothing to drain ({type(e).__name__})", flush=True)
+        return
+    if left:
+        print(f"muse serve: {left} request(s) still in flight after {drain_s:g} s; stopping anyway", flush=True)
 
 
 if __name__ == "__main__":

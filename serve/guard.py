@@ -9,6 +9,8 @@
          (the body is buffered here, so routes never see more than the limit).
     429  an image request while `max_in_flight` are already in flight on this ingress replica,
          answered at once with Retry-After: excess load is told to come back instead of queueing.
+    503  an image request while the server drains to stop (`Admission.draining`): those in flight
+         finish, new ones go elsewhere or come back.
 """
 
 from __future__ import annotations
@@ -43,13 +45,26 @@ def client_gone_as_disconnect(receive):
     return wrapped
 
 
+class Admission:
+    """An ingress replica's image requests in flight, and whether it drains: shared by its Guard
+    and the replica (`Ingress.drain`)."""
+
+    def __init__(self) -> None:
+        self.in_flight, self.draining = 0, False
+
+
 class Guard:
     def __init__(self, app, api_key: str | None, max_body_bytes: int, max_in_flight: int,
-                 body_timeout_s: float = Limits.model_fields["body_timeout_s"].default):
+                 body_timeout_s: float = Limits.model_fields["body_timeout_s"].default,
+                 admission: Admission | None = None):
         self.app, self.api_key = app, api_key
         self.max_body_bytes, self.max_in_flight = max_body_bytes, max_in_flight
         self.body_timeout_s = body_timeout_s
-        self.in_flight = 0
+        self.admission = admission or Admission()
+
+    @property
+    def in_flight(self) -> int:
+        return self.admission.in_flight
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -76,17 +91,22 @@ class Guard:
         image_request = path.startswith(IMAGE_ROUTES)
         if not image_request:
             return await self._with_body(scope, receive, send, too_large)
-        if self.in_flight >= self.max_in_flight:
+        admission = self.admission
+        if admission.draining:
+            return await error_response(503, "the server is shutting down; retry shortly", type="server_error",
+                                        code="shutting_down",
+                                        headers={"Retry-After": str(RETRY_AFTER_S)})(scope, receive, send)
+        if admission.in_flight >= self.max_in_flight:
             return await error_response(429, "too many requests in flight; retry shortly", type="rate_limit_error",
                                         code="rate_limit_exceeded",
                                         headers={"Retry-After": str(RETRY_AFTER_S)})(scope, receive, send)
         # The slot is taken before the body is read (uploads still arriving count) and held until the
         # response, a stream included, has been sent, whatever ends it.
-        self.in_flight += 1
+        admission.in_flight += 1
         try:
             return await self._with_body(scope, receive, send, too_large)
         finally:
-            self.in_flight -= 1
+            admission.in_flight -= 1
 
     async def _with_body(self, scope, receive, send, too_large):
         """Read the whole body (at most max_body_bytes, else 413; within body_timeout_s, else 408) and

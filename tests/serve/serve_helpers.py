@@ -77,12 +77,13 @@ def fake_ingress(api_key: str | None = None) -> types.SimpleNamespace:
     """What build_fastapi (and a stream) reads from an Ingress, with no models behind it: the tiny
     root's sides and token grids."""
     from serve.config import AppArgs, Files, Limits, Sampling
+    from serve.guard import Admission
     from serve.responses import Responses
 
     args = AppArgs(checkpoint="unused", api_key=api_key)
     return types.SimpleNamespace(args=args, limits=Limits(), sampling=Sampling(), lo_side=64, hi_side=128,
                                  lo_tokens=8, hi_tokens=16, responses=Responses(Files()),
-                                 page="<html>Muse on Ray</html>")
+                                 page="<html>Muse on Ray</html>", admission=Admission())
 
 
 class FakeStream:

@@ -410,9 +410,12 @@ def test_stopping_lets_the_requests_in_flight_finish(muse_app, monkeypatch):
     assert r.status_code == 200 and r.text == "finished"
     assert "slow" not in serve.status().applications
 
-    # On a Ray of its own, the app is deleted (drained) before Ray shuts down.
+    # On a Ray of its own, the ingress drains, then the app is deleted, then Ray shuts down.
+    from serve import cli as serve_cli
+
     order = []
+    monkeypatch.setattr(serve_cli, "drain_ingress", lambda name, seconds: order.append(("drain", name, seconds)))
     monkeypatch.setattr(serve, "delete", lambda name: order.append(("delete", name)))
     monkeypatch.setattr(ray, "shutdown", lambda: order.append(("shutdown",)))
-    stop_serving("muse", local=True)
-    assert order == [("delete", "muse"), ("shutdown",)]
+    stop_serving("muse", local=True, drain_s=120)
+    assert order == [("drain", "muse", 120), ("delete", "muse"), ("shutdown",)]

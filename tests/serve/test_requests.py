@@ -385,3 +385,31 @@ def test_the_edits_form_is_refused_as_the_json_route_refuses_the_same_field(fiel
         return
     assert as_json.status_code == as_form.status_code == 400, (as_json.text, as_form.text)
     assert as_form.json()["error"] == as_json.json()["error"]
+
+
+def test_a_draining_ingress_refuses_new_requests_and_waits_for_those_in_flight():
+    """What `muse serve` does on Ctrl-C before Serve stops any replica: new image requests get 503
+    shutting_down (Retry-After), the ones in flight finish, and drain returns once they have."""
+    from serve.api import Ingress
+
+    async def main():
+        ing = fake_ingress()
+        guard = Guard(_app(), None, 1024, 4, admission=ing.admission)
+        upload = asyncio.create_task(_guarded(guard, "/v1/images/generations", _stalled_upload()))
+        await asyncio.sleep(0.01)
+        assert ing.admission.in_flight == 1
+        drained = asyncio.create_task(Ingress.drain(ing, 30))
+        await asyncio.sleep(0.3)
+        assert not drained.done()  # waits for the one in flight
+        async def whole_body():
+            return {"type": "http.request", "body": b'{"prompt": "x"}', "more_body": False}
+
+        sent, reached = await _guarded(guard, "/v1/images/generations", whole_body)
+        assert sent[0]["status"] == 503 and not reached
+        assert b"shutting_down" in sent[1]["body"]
+        upload.cancel()  # the request in flight ends
+        with pytest.raises(asyncio.CancelledError):
+            await upload
+        assert await asyncio.wait_for(drained, 5) == 0
+
+    asyncio.run(main())
