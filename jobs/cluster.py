@@ -37,10 +37,9 @@ def use_local_driver_env() -> None:
 
 def cluster_address() -> str | None:
     """The cluster to join: RAY_ADDRESS, else the one `ray start` last started on this node, else None."""
-    if os.environ.get("RAY_ADDRESS") == "local":  # Ray's name for a new instance here: ours, with our options
-        return None
-    if os.environ.get("RAY_ADDRESS"):
-        return os.environ["RAY_ADDRESS"]
+    address = os.environ.get("RAY_ADDRESS")
+    if address:  # "local": Ray's name for a new instance here, which is ours to start with our options
+        return None if address == "local" else address
     try:
         from ray._private.utils import read_ray_address
     except ImportError:  # a private API that a later Ray may move: RAY_ADDRESS still names a cluster

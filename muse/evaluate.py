@@ -274,6 +274,7 @@ def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: 
     report.json with the sections before it (and "error" saying what stopped it), then raises:
     judging is the slow part, and is not lost to a later failure."""
     report: dict = {}
+    head = {"settings": settings} if settings else {}
     rows: list[dict] = []
     base_rows: list[dict] = []
     try:
@@ -283,10 +284,10 @@ def evaluate(generate: Generate, pipe, corpus: str | None, out: str, *, n_seen: 
     except Exception as e:
         if report:  # something was measured: keep it, saying what stopped the rest
             report["error"] = f"{type(e).__name__}: {e}"
-            write_report(out, {"settings": settings} | report if settings else report, rows, base_rows)
+            write_report(out, head | report, rows, base_rows)
             e.add_note(f"{storage.join(out, 'report.json')} holds the sections measured before it")
         raise
-    report = {"settings": settings} | report if settings else report
+    report = head | report
     write_report(out, report, rows, base_rows)
     return report
 

@@ -145,9 +145,9 @@ class NoTokenShards(FileNotFoundError):
 
 def token_shard_files(uri: str) -> list[str]:
     """The published shards of the output at `uri`, from its manifest (never by listing), sorted."""
-    if not storage.exists(uri):
-        raise NoTokenShards(f"{uri} does not exist: give the --output of a `muse tokenize` run")
     files = pc.list_flatten(manifest.read_manifest(uri)["files"]).to_pylist()
+    if not files and not storage.exists(uri):  # asked only when there is nothing to read
+        raise NoTokenShards(f"{uri} does not exist: give the --output of a `muse tokenize` run")
     if not files:
         raise NoTokenShards(f"no published token shards under {uri} (no manifest entry names a file): tokenize "
                             "the corpus there first (muse tokenize)")
