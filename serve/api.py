@@ -13,6 +13,7 @@ Where each concern lives:
     serve/streaming.py  server-sent events, admitted before the first byte
     serve/responses.py  b64_json or file URLs
     serve/guard.py      API key, body size, admission (429 past `max_in_flight`)
+    serve/draining.py   every ingress replica refusing new requests while `muse serve` stops
     serve/schemas.py    request fields and validation
 
 Every failure is answered in OpenAI's error shape, never as a 500.
@@ -40,6 +41,7 @@ from muse import components
 from muse.tokenizer import load_tokenizer
 from serve.chain import NOT_RETRIED, Calls, run_chain
 from serve.config import AppArgs
+from serve.draining import watch_for_drain
 from serve.guard import RETRY_AFTER_S, Admission, Guard
 from serve.images import EditInput, UploadError, prepare_edit
 from serve.responses import Responses
@@ -77,6 +79,9 @@ class Ingress:
             self.hi_side, self.hi_tokens = hi.resolution, hi.tokens_per_side
         self.responses = Responses(args.files)
         self.admission = Admission()  # what its Guard lets in, and whether it drains
+        # For the replica's whole life: `muse serve` stopping drains every ingress replica this way.
+        self.drain_watch = asyncio.get_running_loop().create_task(
+            watch_for_drain(serve.get_replica_context().app_name, self.admission))
         self.page = (STATIC / "index.html").read_text()
         # The tokenizer alone (no weights): `usage` counts the prompt as the text encoder reads it.
         text_encoder = components.component_uri(args.checkpoint, "text_encoder")
@@ -84,15 +89,6 @@ class Ingress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_fastapi(self)
-
-    async def drain(self, timeout_s: float) -> int:
-        """Refuse new image requests (503 shutting_down) and wait, at most `timeout_s`, until those in
-        flight have been answered, while the models behind them still run; returns how many were left."""
-        self.admission.draining = True
-        deadline = time.monotonic() + timeout_s
-        while self.admission.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        return self.admission.in_flight
 
     # -- the model DAG -------------------------------------------------------------------------
     def side(self, stage: str) -> int:

@@ -157,30 +157,32 @@ def stop_serving(app_name: str, local: bool, drain_s: float = 300.0) -> None:
     # The ingress drains first, refusing new requests, while every model behind it still runs: deleting
     # the app at once would stop the super-res and decoder replicas that its requests still need.
     # Then Serve stops each replica once it holds nothing. A second Ctrl-C stops waiting.
-    drain_ingress(app_name, drain_s)
+    board = drain_ingress(app_name, drain_s)
     try:
         serve.delete(app_name)
     except Exception as e:  # noqa: BLE001 - the app never started
         print(f"muse serve: no app to delete ({type(e).__name__})", flush=True)
+    if board is not None:
+        ray.kill(board)
     if local:
         ray.shutdown()  # takes Serve with it; serve.shutdown() first only races its controller's own exit
 
 
-def drain_ingress(app_name: str, drain_s: float) -> None:
-    """Have the app's ingress refuse new requests and wait for those in flight (`Ingress.drain`)."""
-    from ray import serve
+def drain_ingress(app_name: str, drain_s: float):
+    """Have every replica of the app's ingress refuse new requests and wait for those in flight
+    (`serve.draining`); returns the drain board, which keeps them refusing until it is killed."""
+    from serve.draining import drain, running_ingress_replicas
 
     try:
-        app = serve.status().applications.get(app_name)
-        if app is None or "Ingress" not in app.deployments:  # not started, or not this server's app
-            return
-        left = serve.get_deployment_handle("Ingress", app_name=app_name).drain.remote(drain_s).result(
-            timeout_s=drain_s + 30)
+        if not running_ingress_replicas(app_name):  # not started, or not this server's app
+            return None
+        board, left = drain(app_name, drain_s)
     except Exception as e:  # noqa: BLE001 - Serve or the ingress already gone: nothing to drain
         print(f"muse serve: nothing to drain ({type(e).__name__})", flush=True)
-        return
+        return None
     if left:
         print(f"muse serve: {left} request(s) still in flight after {drain_s:g} s; stopping anyway", flush=True)
+    return board
 
 
 if __name__ == "__main__":

@@ -385,6 +385,28 @@ def test_stopping_on_a_joined_cluster_deletes_only_its_own_app(muse_app):
     assert muse_app.client.get("/healthz").status_code == 200
 
 
+def test_the_running_ingress_sees_the_drain_board_and_takes_requests_again_when_it_goes(muse_app):
+    """The drain `muse serve` does on stopping, against the real app: once the board is up, the ingress
+    replica reports and answers 503 shutting_down; with the board gone it serves again."""
+    import ray
+
+    from serve import draining
+
+    board, left = draining.drain(APP, 30)
+    try:
+        assert left == 0 and list(ray.get(board.reports.remote()).values()) == [0]  # one replica, idle
+        r = muse_app.client.post("/v1/images/generations", json={"prompt": "a red circle", "steps": 1})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
+    finally:
+        ray.kill(board)
+    deadline = time.monotonic() + 10
+    while (r := muse_app.client.post("/v1/images/generations", json={"prompt": "a red circle", "steps": 1,
+                                                                      "superres_steps": 1})).status_code == 503:
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.2)
+    assert r.status_code == 200, r.text
+
+
 def test_stopping_lets_the_requests_in_flight_finish(muse_app, monkeypatch):
     """`muse serve` stopped by Ctrl-C or SIGTERM deletes its app before Ray goes: each replica finishes
     the requests it holds (graceful_shutdown_timeout_s) instead of dropping their connections."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import types
 
 import httpx
@@ -387,20 +388,45 @@ def test_the_edits_form_is_refused_as_the_json_route_refuses_the_same_field(fiel
     assert as_form.json()["error"] == as_json.json()["error"]
 
 
-def test_a_draining_ingress_refuses_new_requests_and_waits_for_those_in_flight():
-    """What `muse serve` does on Ctrl-C before Serve stops any replica: new image requests get 503
-    shutting_down (Retry-After), the ones in flight finish, and drain returns once they have."""
-    from serve.api import Ingress
+def test_a_draining_ingress_refuses_new_requests_and_reports_those_in_flight(monkeypatch):
+    """What each ingress replica does once `muse serve` stopping puts up the drain board, before Serve
+    stops any replica: new image requests get 503 shutting_down (Retry-After), and it reports its
+    requests in flight until the last has finished; a board that goes away ends the drain."""
+    import ray
+
+    from serve import draining
+
+    monkeypatch.setattr(draining, "LOOK_EVERY_S", 0.05)
+    monkeypatch.setattr(draining, "REPORT_EVERY_S", 0.05)
+
+    class Board:  # the named actor's interface, with awaitable calls as a handle's are
+        def __init__(self):
+            self.reports, self.gone = [], False
+
+        @property
+        def report(self):
+            board = self
+
+            class Call:
+                @staticmethod
+                async def remote(replica, in_flight):
+                    if board.gone:
+                        raise ray.exceptions.RayActorError()
+                    board.reports.append(in_flight)
+            return Call
 
     async def main():
         ing = fake_ingress()
         guard = Guard(_app(), None, 1024, 4, admission=ing.admission)
+        board, up = Board(), []
+        watch = asyncio.create_task(draining.watch_for_drain("muse", ing.admission, lambda app: board if up else None))
         upload = asyncio.create_task(_guarded(guard, "/v1/images/generations", _stalled_upload()))
-        await asyncio.sleep(0.01)
-        assert ing.admission.in_flight == 1
-        drained = asyncio.create_task(Ingress.drain(ing, 30))
+        await asyncio.sleep(0.2)
+        assert ing.admission.in_flight == 1 and not ing.admission.draining and not board.reports
+        up.append(True)  # the CLI puts the board up
         await asyncio.sleep(0.3)
-        assert not drained.done()  # waits for the one in flight
+        assert ing.admission.draining and board.reports[-1] == 1  # waits for the one in flight
+
         async def whole_body():
             return {"type": "http.request", "body": b'{"prompt": "x"}', "more_body": False}
 
@@ -410,6 +436,32 @@ def test_a_draining_ingress_refuses_new_requests_and_waits_for_those_in_flight()
         upload.cancel()  # the request in flight ends
         with pytest.raises(asyncio.CancelledError):
             await upload
-        assert await asyncio.wait_for(drained, 5) == 0
+        await asyncio.sleep(0.2)
+        assert board.reports[-1] == 0
+        board.gone = True  # the CLI was killed: the replica takes requests again
+        await asyncio.sleep(0.2)
+        assert not ing.admission.draining
+        watch.cancel()
 
     asyncio.run(main())
+
+
+def test_the_drain_waits_for_every_running_ingress_replica(ray_session):
+    """The stopping CLI's side: done once as many replicas as are running have each reported 0 (a dead
+    replica's last report does not hold it up); at the deadline, what is left is counted."""
+    import ray
+
+    from serve import draining
+
+    running = lambda app: 2  # noqa: E731
+    board = draining.DrainBoard.options(name=draining.board_name("t-drain"), namespace=draining.NAMESPACE).remote()
+    try:
+        ray.get([board.report.remote("a", 0), board.report.remote("b", 3)])
+        found, left = draining.drain("t-drain", 0.3, running)
+        assert left == 3 and found._actor_id == board._actor_id  # b still busy: the deadline; the same board
+        ray.get([board.report.remote("b", 0), board.report.remote("dead", 5)])
+        t = time.monotonic()
+        assert draining.drain("t-drain", 30, running)[1] == 0
+        assert time.monotonic() - t < 5
+    finally:
+        ray.kill(board)
