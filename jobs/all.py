@@ -145,6 +145,23 @@ def check_run_folders(cfg: TrainConfig, root: str) -> None:
                          "different run names (--set superres.run.name=...)")
 
 
+def reached_step(cfg: TrainConfig, root: str, stage: str) -> int | None:
+    """The step of the checkpoint `stage`'s run would resume from, when that is at or past its
+    max_steps (the run trains nothing and exports that checkpoint); else None."""
+    from jobs.preflight import newest_checkpoint_state
+
+    section = named_run(getattr(cfg, stage), stage)
+    found = newest_checkpoint_state(run_dir(root, section.run, stage))
+    step = found[1].get("step") if found else None
+    return int(step) if isinstance(step, (int, float)) and step >= section.run.max_steps else None
+
+
+def trained_outcome(reached: int | None, seconds: float, how: str = "") -> str:
+    if reached is not None:
+        return f"nothing to train (its run was at step {reached}), exported in {seconds:.0f}s"
+    return f"trained in {seconds:.0f}s{how}"
+
+
 def tokenize_outcome(totals: dict, seconds: float) -> str:
     if not totals["run_parts"]:
         return "skipped (every part already tokenized)"
@@ -209,13 +226,14 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
         gate = fit.start_gate = fit.StartTogether(len(todo))
 
         def train(stage: str) -> None:  # each stage's time is its own, whichever ends first
+            reached = reached_step(cfg, root, stage)
             try:
                 run_stage(stage, cfg, tokens, root)
             except BaseException:
                 gate.ended(stage, failed=True)
                 raise
             gate.ended(stage, failed=False)
-            report[stage] = f"trained in {time.time() - start:.0f}s (concurrently)"
+            report[stage] = trained_outcome(reached, time.time() - start, " (concurrently)")
 
         pool = ThreadPoolExecutor(2, thread_name_prefix="train")
         try:
@@ -237,7 +255,8 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
             raise next((e for e in errors if not isinstance(e, fit.NotStarted)), errors[0])
     else:
         for s in todo:
-            timed(s, lambda s=s: run_stage(s, cfg, tokens, root))
+            reached = reached_step(cfg, root, s)
+            timed(s, lambda s=s: run_stage(s, cfg, tokens, root), lambda _, seconds: trained_outcome(reached, seconds))
 
     component = decoder_component(root, cfg.decoder.component)
     if "decoder" in cfg.stages and decoder_finished(cfg, root, component):

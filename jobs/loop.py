@@ -86,8 +86,9 @@ class StageWorker:
 def finished_extra(stage: str, step: int, job: dict) -> dict[str, Any]:
     """What a stage records in its component's config.json "extra": `train all` skips finished stages."""
     # A transformer's export records the preset it was trained from (None: the root's own model).
+    # A transformer's also records which tokenizers' codes it learnt (`jobs.root_fit.codes_version`).
     return {"finished": True, "stage": stage, "step": int(step), "run": job.get("run_name")} | (
-        {"model": job["preset"]} if "preset" in job else {})
+        {"model": job["preset"]} if "preset" in job else {}) | ({"codes": job["codes"]} if job.get("codes") else {})
 
 
 def worker_path(cls: type) -> str:
@@ -284,8 +285,9 @@ def _train_loop(job: dict, attempt: int | None = None) -> None:
     if other is None:
         worker.export(step)
     elif env.is_main:
+        later = " (the decoder fine-tune's)" if other.startswith("decoder") else ""
         _console(job, f"{tag} nothing to train (finished at step {step}); {job['root']}/{job['component']} holds "
-                      f"run {other!r}'s export (e.g. the decoder fine-tune), left as it is")
+                      f"the export of run {other}{later}, left as it is")
     if reporter is not None:
         took = time.time() - started
         shown = ", ".join(f"{k} {float(v):.3g}" for k, v in live.items())

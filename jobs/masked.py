@@ -34,7 +34,8 @@ from jobs.loop import StageWorker, finished_extra
 from jobs.parallel import WorkerEnv, transformer_fsdp_units, wrap
 from jobs.preflight import RunRefused
 from jobs.progress import say
-from jobs.root_fit import _ids_difference, _tokenize_spec, foreign_tokens_problem, stale_tokens_warning, transformer_config
+from jobs.root_fit import (_ids_difference, _tokenize_spec, codes_version, foreign_tokens_problem, stale_tokens_problem,
+                           transformer_config)
 from jobs.stage import named_run
 from pipelines.job_spec import text_ids_mismatch
 from muse import checkpoint, storage
@@ -276,9 +277,9 @@ def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, r
         raise RunRefused(f"the token shards under {data} hold caption ids of another tokenizer than the model root's "
                          f"text encoder ({_ids_difference(made_by, text_uri, mismatch)}): the model would learn "
                          "other words than its prompts give; tokenize the corpus with this root (a new --output)")
-    foreign = foreign_tokens_problem(stage, root, data, made_by)
-    if foreign:
-        raise RunRefused(foreign)
+    problem = foreign_tokens_problem(stage, root, data, made_by) or stale_tokens_problem(stage, root, data, made_by)
+    if problem:
+        raise RunRefused(problem)
     uri = checkpoint.component_uri(root, stage)
     if section.lora_rank and (not checkpoint.has_component(root, stage) or section.model is not None and
                               family_of_config(preset(section.model))
@@ -296,11 +297,10 @@ def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, r
     storage_uri, name = run_location(root, section.run, stage)
     seed = data_order_seed(section.run.seed, storage.join(storage_uri, name))
     dataset, info = token_dataset(data, hi=stage == "superres", cache=section.run.cache_data, shuffle_seed=seed)
-    said = [w for w in (*notes, label_smoothing_warning(stage, model_cfg, section.label_smoothing),
-                        stale_tokens_warning(stage, root, made_by)) if w]
+    said = [w for w in (*notes, label_smoothing_warning(stage, model_cfg, section.label_smoothing)) if w]
     job = {"root": root, "component": stage, "stage": stage, "model_config": to_dict(model_cfg),
            "data_meta": info, "init_from": init_from, "model_kind": checkpoint.kind_of_config(model_cfg),
-           "preset": section.model, "lora_rank": section.lora_rank,
+           "preset": section.model, "lora_rank": section.lora_rank, "codes": codes_version(stage, root),
            "notes": said}  # said by fit_stage once its resume checks pass, never before a refusal
     return [fit_stage(worker, section, job, dataset, rows=token_rows(data))]
 

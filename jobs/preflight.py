@@ -57,6 +57,8 @@ def run_identity(job: dict) -> dict[str, str]:
     identity = {"root": canonical_root(job["root"]), "component": job["component"],
                 "model": model_hash(job["model_config"]),
                 "adapters": f"LoRA rank {job['lora_rank']}" if job.get("lora_rank") else "none"}
+    if job.get("codes"):  # a transformer's: which tokenizers' codes it learns (`jobs.root_fit.codes_version`)
+        identity["codes"] = job["codes"]
     if job.get("init_from"):
         from muse.components import component_version
 
@@ -128,7 +130,8 @@ def _recorded_latest(fs: pafs.FileSystem, path: str) -> str | None:
     return name if isinstance(name, str) and name.startswith("checkpoint_") and "/" not in name else None
 
 
-_FIELDS = {"root": "model root", "component": "component", "model": "architecture", "adapters": "adapters"}
+_FIELDS = {"root": "model root", "component": "component", "model": "architecture", "adapters": "adapters",
+           "codes": "tokenizer codes"}
 
 
 def check_resume(run_dir: str, identity: dict[str, str], section: str) -> ResumePoint | None:
@@ -145,9 +148,13 @@ def check_resume(run_dir: str, identity: dict[str, str], section: str) -> Resume
         return ResumePoint(uri, int(step) if isinstance(step, (int, float)) else None, (saved or {}).get("init"))
 
     def shown(key: str, value: str) -> str:
-        return f"config sha256 {value[:12]}" if key == "model" else value
+        if key == "model":
+            return f"config sha256 {value[:12]}"
+        return f"sha256 {value[:12]}" if key == "codes" else value
 
     what = "; ".join(f"{_FIELDS[k]} {shown(k, saved[k])} (this run: {shown(k, identity[k])})" for k in differ)
+    if "codes" in differ:
+        what += ", as a tokenizer it reads was trained again since that run began"
     raise RunRefused(f"{run_dir} holds a run of another {' and '.join(_FIELDS[k] for k in differ)}: {what}. "
                      f"This run name would resume its checkpoint {uri}. Pass --set {section}.run.name=NEW to start "
                      f"a new run, or delete {run_dir}")

@@ -1,6 +1,6 @@
 """Whether a masked stage's token shards and architecture fit the model root it trains into, decided
 on the driver before any shard is read: the tokens' makers (`foreign_tokens_problem`,
-`stale_tokens_warning`), the caption ids' tokenizer, and the architecture the root decides
+`stale_tokens_problem`), the caption ids' tokenizer, and the architecture the root decides
 (`transformer_config`), of the root's own family and grid.
 """
 
@@ -51,7 +51,7 @@ def foreign_tokens_problem(stage: str, root: str, data: str, spec: dict) -> str 
     it reads made them that lies elsewhere and has other weights than the root's own (another root's,
     of the same grid perhaps), so the root's VQGAN would decode the learnt codes as other images. A copy
     of this root's tokenizer (the same weights elsewhere) is accepted; this root's own tokenizer trained
-    again since is `stale_tokens_warning`'s."""
+    again since is `stale_tokens_problem`'s."""
     retrained = retrained_tokenizers(root, spec)
     foreign = {name: where for name in _tokenizers_read(stage) if name in retrained
                and (where := _made_elsewhere(root, spec, name)) is not None}
@@ -71,16 +71,29 @@ def _owner(where: str, name: str) -> str:
     return f"model root {parent}" if base == name and parent else where
 
 
-def stale_tokens_warning(stage: str, root: str, spec: dict) -> str | None:
-    """A console warning when the root's tokenizers are not the ones that made the token shards (trained
-    again since): the transformer would learn codes its root's VQGAN decodes differently. Tokens made
-    elsewhere are not this root's tokenizer trained again: `foreign_tokens_problem` refuses those that
-    the stage reads, and the others (vqgan_hi for base) it does not read."""
-    changed = [name for name in retrained_tokenizers(root, spec) if _made_elsewhere(root, spec, name) is None]
+def stale_tokens_problem(stage: str, root: str, data: str, spec: dict) -> str | None:
+    """Why `stage` may not learn the token shards under `data` (job spec `spec`): a tokenizer it reads is
+    this root's own, trained again since they were made, so its codes now draw other images and the
+    model would learn codes its VQGAN no longer makes. Tokens made elsewhere are `foreign_tokens_problem`'s."""
+    changed = [name for name in retrained_tokenizers(root, spec)
+               if name in _tokenizers_read(stage) and _made_elsewhere(root, spec, name) is None]
     if not changed:
         return None
-    return (f"[{stage}] warning: the model root's {' and '.join(changed)} changed since these tokens were made "
-            "(trained again): re-tokenize into a new --output, or the model learns codes its VQGAN no longer draws")
+    names = " and ".join(changed)
+    return (f"the token shards under {data} hold the codes of the model root's {names} as it was before it was "
+            f"trained again: its codes now draw other images; tokenize the corpus again (`muse tokenize "
+            f"--checkpoint {root}`, a new --output) and train on those tokens")
+
+
+def codes_version(stage: str, root: str) -> str:
+    """Which codes `stage` learns in `root`: a hash of the `token_version` of each tokenizer it reads.
+    Its runs' checkpoints and its export record it, so neither is resumed or kept as finished once a
+    tokenizer was trained again."""
+    from jobs.preflight import model_hash
+    from muse.components import token_version
+
+    return model_hash({name: token_version(checkpoint.component_uri(root, name)) if checkpoint.has_component(root, name)
+                       else None for name in _tokenizers_read(stage)})
 
 
 def _ids_difference(spec: dict, text_uri: str, mismatch: str) -> str:

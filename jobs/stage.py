@@ -27,6 +27,7 @@ from jobs.config import load_config
 from jobs.fit import StopWithThreads, ensure_ray
 from jobs.preflight import RunRefused
 from jobs.progress import running_now, say, set_verbose, stop_display
+from jobs.root_fit import codes_version
 from muse import checkpoint, storage
 from muse.components import CheckpointError
 from pipelines.config import FORMATS
@@ -65,7 +66,11 @@ def transformer_finished(stage: str) -> Callable[[Any, str], bool]:
     """`Stage.finished` of a stage that trains the root's component of its own name."""
     def done(cfg, root: str) -> bool:
         section = named_run(getattr(cfg, stage), stage)
-        return finished(root, stage, stage, section.run, model=section.model)
+        if not finished(root, stage, stage, section.run, model=section.model):
+            return False
+        # Not once a tokenizer it reads was trained again: it learnt codes that now draw other images.
+        learnt = component_extra(root, stage).get("codes")
+        return learnt is None or learnt == codes_version(stage, root)  # None: exported before it was recorded
 
     return done
 

@@ -289,3 +289,18 @@ def test_a_concurrent_stage_refused_before_training_keeps_the_other_from_startin
     out = capsys.readouterr().out
     assert started == [] and "base" not in fake.calls and time.time() - begun < 10
     assert "not started: superres failed before training" in out and fit.start_gate is None
+
+
+def test_a_stage_whose_run_is_past_its_steps_is_summarised_as_nothing_trained(tmp_path):
+    """A run at or past max_steps trains nothing and exports its checkpoint: `train all`'s summary says
+    so, instead of "trained"."""
+    from test_preflight import write_checkpoint
+
+    root = str(tmp_path / "root")
+    write_checkpoint(f"{root}/runs/base", "checkpoint_2026-12-01_10-00-00.000001", None)  # step 2
+    past = tiny_config("base.run.max_steps=2")
+    assert train_all_module.reached_step(past, root, "base") == 2
+    assert train_all_module.trained_outcome(2, 11.2) == "nothing to train (its run was at step 2), exported in 11s"
+    assert train_all_module.reached_step(tiny_config("base.run.max_steps=10"), root, "base") is None
+    assert train_all_module.reached_step(past, root, "superres") is None  # no run yet
+    assert train_all_module.trained_outcome(None, 11.2, " (concurrently)") == "trained in 11s (concurrently)"

@@ -286,10 +286,10 @@ def test_the_vqgan_stage_continues_the_roots_tokenizer_unless_a_preset_is_named(
     assert "replaces the root's vqgan_lo" in capsys.readouterr().out
 
 
-def test_token_shards_remember_their_tokenizers_weights_and_training_warns_when_the_root_moved_on(tmp_path):
+def test_token_shards_remember_their_tokenizers_weights_and_training_refuses_them_once_the_root_moved_on(tmp_path):
     """Tokens made before the root's VQGAN was trained again: tokenize refuses to resume into them
-    (weights in its job spec), and a transformer stage reading them says so."""
-    from jobs.root_fit import stale_tokens_warning
+    (weights in its job spec), and a transformer stage refuses to learn them."""
+    from jobs.root_fit import stale_tokens_problem
     from muse import checkpoint
     from muse.components import component_version
     from pipelines.tokenize import Models, job_spec
@@ -302,11 +302,12 @@ def test_token_shards_remember_their_tokenizers_weights_and_training_warns_when_
 
     spec = job_spec(str(tmp_path / "corpus"), TokenizeConfig(), models)
     assert spec["weights"]["vqgan_lo"] == component_version(lo)
-    assert stale_tokens_warning("base", root, spec) is None
+    assert stale_tokens_problem("base", root, "TOKENS", spec) is None
     model = checkpoint.load_component(lo)
     checkpoint.save_component(model, lo, extra=loop.finished_extra("vqgan", 1000, {"run_name": "vqgan_lo"}))
     assert job_spec(str(tmp_path / "corpus"), TokenizeConfig(), models)["weights"] != spec["weights"]
-    assert "vqgan_lo changed since these tokens were made" in stale_tokens_warning("base", root, spec)
+    assert "hold the codes of the model root's vqgan_lo as it was before" in stale_tokens_problem("base", root, "TOKENS",
+                                                                                                   spec)
 
 
 def test_a_run_started_again_says_where_it_resumes_or_that_it_is_finished(tmp_path):

@@ -88,15 +88,17 @@ def test_decoder_stage_widens_and_keeps_the_tokens(ray_session, tiny_data, tmp_p
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     assert torch.equal(wide.encode(images), old.encode(images))  # encoder and codebook untouched
     assert wide.decode(wide.encode(images)).shape == (2, 3, 64, 64)
-    # So the tokens made before the fine-tune are still this root's: no staleness warning, and a
-    # tokenize run into the same output with the fine-tuned root resumes (no tokenizer difference).
-    from jobs.root_fit import stale_tokens_warning
+    # So the tokens made before the fine-tune are still this root's: not refused as stale, a base trained
+    # before it is still finished, and a tokenize run into the same output with the fine-tuned root
+    # resumes (no tokenizer difference).
+    from jobs.root_fit import codes_version, stale_tokens_problem
     from pipelines.config import TokenizeConfig
     from pipelines.job_spec import job_spec, spec_differences
     from pipelines.tokenize import resolve_models
 
     before, after = (job_spec(tiny_data.corpus, TokenizeConfig(), resolve_models(r)) for r in (tiny_data.root, root))
-    assert stale_tokens_warning("base", root, before) is None
+    assert stale_tokens_problem("base", root, "TOKENS", before) is None
+    assert codes_version("base", root) == codes_version("base", tiny_data.root)
     assert [path for path, _, _ in spec_differences(before, after) if path[0] != "models"] == []
 
 

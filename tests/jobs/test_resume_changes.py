@@ -27,6 +27,18 @@ def test_another_lora_rank_is_refused_and_the_same_one_resumes(tmp_path):
         check_resume(run_dir, run_identity(job_for(root) | {"lora_rank": 8}), "base")
 
 
+def test_a_run_that_learnt_codes_of_a_tokenizer_trained_again_since_is_refused(tmp_path):
+    """Its checkpoints learnt codes that now draw other images: going on would mix them; `train all`
+    re-tokenizes first, then this says how to start over."""
+    root, run_dir = str(tmp_path / "root"), str(tmp_path / "root" / "runs" / "base")
+    write_checkpoint(run_dir, CHECKPOINT, run_identity(job_for(root) | {"codes": "a" * 64}))
+    assert check_resume(run_dir, run_identity(job_for(root) | {"codes": "a" * 64}), "base").step == 2
+    with pytest.raises(RunRefused, match=r"another tokenizer codes: .*trained again since that run began.*"
+                                         r"--set base.run.name=NEW"):
+        check_resume(run_dir, run_identity(job_for(root) | {"codes": "b" * 64}), "base")
+    assert check_resume(run_dir, run_identity(job_for(root)), "base").step == 2  # a stage that learns no codes
+
+
 def test_resuming_over_a_component_replaced_since_the_run_started_is_refused(tmp_path, capsys):
     root = str(tmp_path / "root")
     checkpoint.init_model_root("tiny", root, components=("base",), seed=0)

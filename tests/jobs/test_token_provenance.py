@@ -106,8 +106,10 @@ def test_train_all_refuses_another_roots_tokens_as_another_tokenizers_not_as_ret
     replace_stale_tokens(tokens, tiny_data.root, owned=False)  # the root that made them: nothing to say
 
 
-def test_a_copy_of_the_root_is_accepted_and_its_own_retrained_tokenizer_still_warns(tiny_data, tmp_path, fake_run,
-                                                                                   capsys):
+def test_a_copy_of_the_root_is_accepted_and_its_own_retrained_tokenizer_is_refused(tiny_data, tmp_path, fake_run):
+    """Tokens of the root's own tokenizer as it was before it was trained again are refused, as another
+    root's are: its codes now draw other images. Tokens made again are taken, and the run learns (and
+    records, `codes`) the new codes."""
     from jobs.loop import finished_extra
 
     copy = str(tmp_path / "copy")
@@ -115,19 +117,46 @@ def test_a_copy_of_the_root_is_accepted_and_its_own_retrained_tokenizer_still_wa
     tokens = tokens_made_by(tiny_data, str(tmp_path / "tokens"), vqgan_lo=uri(tiny_data.root, "vqgan_lo"),
                             text_encoder=uri(copy, "text_encoder"))
     masked.build("base", BaseWorker, tiny_config(), tokens, copy)  # the same weights elsewhere
-    assert len(fake_run) == 1 and "changed since these tokens were made" not in capsys.readouterr().out
+    assert len(fake_run) == 1
 
     own = tokens_made_by(tiny_data, str(tmp_path / "own"), vqgan_lo=uri(copy, "vqgan_lo"),
                          text_encoder=uri(copy, "text_encoder"))
     checkpoint.save_component(checkpoint.load_component(uri(copy, "vqgan_lo")), uri(copy, "vqgan_lo"),
                               extra=finished_extra("vqgan", 1000, {"run_name": "vqgan_lo"}))
     assert root_fit.foreign_tokens_problem("base", copy, own, root_fit._tokenize_spec(own)) is None
-    masked.build("base", BaseWorker, tiny_config(), own, copy)  # this root's tokenizer trained again: said
-    assert "vqgan_lo changed since these tokens were made (trained again)" in capsys.readouterr().out
-    assert len(fake_run) == 2
-    # Refused now: tokens from the root as it was, read by a root whose vqgan_lo moved on.
+    with pytest.raises(RunRefused, match="codes of the model root's vqgan_lo as it was before it was trained again"):
+        masked.build("base", BaseWorker, tiny_config(), own, copy)
+    # Refused too: tokens from the root as it was, read by a root whose vqgan_lo moved on.
     with pytest.raises(RunRefused, match=f"model root {tiny_data.root}"):
         masked.build("base", BaseWorker, tiny_config(), tokens, copy)
+    again = tokens_made_by(tiny_data, str(tmp_path / "again"), vqgan_lo=uri(copy, "vqgan_lo"),
+                           text_encoder=uri(copy, "text_encoder"))
+    masked.build("base", BaseWorker, tiny_config(), again, copy)
+    assert len(fake_run) == 2 and fake_run[1]["codes"] != fake_run[0]["codes"]
+    assert fake_run[1]["codes"] == root_fit.codes_version("base", copy)
+
+
+def test_a_transformer_is_not_finished_once_a_tokenizer_it_reads_was_trained_again(tiny_data, tmp_path):
+    """`train all` skips a finished base or super-res; one that learnt a tokenizer's codes before that
+    tokenizer was trained again is trained again instead of being kept beside it."""
+    from jobs.loop import finished_extra
+    from jobs.stage import transformer_finished
+
+    root = str(tmp_path / "root")
+    shutil.copytree(tiny_data.root, root)
+    cfg = tiny_config()
+    for stage in ("base", "superres"):
+        job = {"run_name": stage, "codes": root_fit.codes_version(stage, root)}
+        checkpoint.save_component(checkpoint.load_component(uri(root, stage)), uri(root, stage),
+                                  extra=finished_extra(stage, getattr(cfg, stage).run.max_steps, job))
+    assert transformer_finished("base")(cfg, root) and transformer_finished("superres")(cfg, root)
+    checkpoint.save_component(checkpoint.load_component(uri(root, "vqgan_hi")), uri(root, "vqgan_hi"),
+                              extra=finished_extra("vqgan", 1000, {"run_name": "vqgan_hi"}))
+    assert transformer_finished("base")(cfg, root)  # base reads no vqgan_hi codes
+    assert not transformer_finished("superres")(cfg, root)
+    checkpoint.save_component(checkpoint.load_component(uri(root, "vqgan_lo")), uri(root, "vqgan_lo"),
+                              extra=finished_extra("vqgan", 1000, {"run_name": "vqgan_lo"}))
+    assert not transformer_finished("base")(cfg, root)
 
 
 def test_super_res_refuses_another_roots_high_res_tokens_that_base_does_not_read(tiny_data, tmp_path, fake_run,
