@@ -131,7 +131,7 @@ def _recorded_latest(fs: pafs.FileSystem, path: str) -> str | None:
 
 
 _FIELDS = {"root": "model root", "component": "component", "model": "architecture", "adapters": "adapters",
-           "codes": "tokenizer codes"}
+           "codes": "tokenizer's codes"}
 
 
 def check_resume(run_dir: str, identity: dict[str, str], section: str) -> ResumePoint | None:

@@ -135,7 +135,8 @@ def edit_tokens(
     """Mask-free editing: each iteration masks a random `fraction` of the tokens of each row (among
     `editable` positions, default all), predicts them under the prompt with constant guidance, and
     writes back samples from the top-k. ids (B, h, w) or (B, N) -> edited ids of the same shape.
-    callback(iteration, ids (B, N)) after each iteration."""
+    callback(iteration, ids (B, N)) after each iteration. Uniforms are drawn per iteration (B, 2, N), so
+    memory does not grow with `iterations`."""
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     if not 0 < fraction <= 1:
@@ -156,17 +157,19 @@ def edit_tokens(
     n_pick = torch.minimum((n_allowed.float() * fraction).round().clamp(min=1).long(), n_allowed)  # (B,)
     if not bool(n_allowed.any()):
         return ids.clone()
-    draws = sampling.row_uniforms(gens, (B, iterations, 2, N), cur.device)  # [which positions, token sample]
 
     with torch.no_grad():
         for it in range(iterations):
+            # Drawn per iteration, so many iterations cost no memory; from per-row generators these are
+            # the values one draw of (B, iterations, 2, N) would give. [which positions, token sample]
+            draw = sampling.row_uniforms(gens, (B, 2, N), cur.device)
             # A random subset of n_pick allowed positions per row: the lowest random scores.
-            scores = draws[:, it, 0].masked_fill(~allowed, 2.0)
+            scores = draw[:, 0].masked_fill(~allowed, 2.0)
             ranks = scores.argsort(dim=1).argsort(dim=1)
             pick = (ranks < n_pick[:, None]) & allowed  # (B, N)
             inputs = torch.where(pick, torch.full_like(cur, mask_id), cur)
             logits = sampling.guided_logits(model, inputs, context, joint, scale, pick)
-            sampled, _ = sampling.sample_tokens(logits, draws[:, it, 1][pick], top_k=top_k)
+            sampled, _ = sampling.sample_tokens(logits, draw[:, 1][pick], top_k=top_k)
             cur = cur.masked_scatter(pick, sampled)
             if callback is not None:
                 callback(it, cur)

@@ -6,8 +6,9 @@
     muse edit     --image in.png --prompt "a green circle" --checkpoint s3://bucket/model --out out/
 
 Each writes <name>_<i>.png per image (prompt-major), numbered on from what the folder holds (an
-earlier run's images are never overwritten), and for several images their grid, <name>_<first>-<last>.png.
-`--n` images are decoded `--batch-size` at a time, so memory holds one batch however many are asked for.
+earlier run's images are never overwritten), and for several images their grid, <name>_<first>-<last>.png
+(of the first 64). `--n` images are decoded and written `--batch-size` at a time, so memory holds one
+batch (and the grid's images) however many are asked for. The inputs are checked before the model loads.
 `main(argv)` takes the subcommand first: `python -m muse.generate_cli generate --help`.
 """
 
@@ -96,7 +97,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                        help=f"resampling iterations (default {SAMPLING.edit_iterations})")
         p.add_argument("--fraction", type=float, default=SAMPLING.edit_fraction,
                        help=f"share of tokens resampled per iteration (default {SAMPLING.edit_fraction:g})")
-        p.add_argument("--top-k", type=int, default=3, help="sample among the k likeliest tokens (default 3)")
+        p.add_argument("--top-k", type=int, default=3,
+                       help="sample among the k likeliest tokens (default 3; 0: the whole codebook)")
         _common(p, steps=False)
     else:
         raise ValueError(f"unknown command {command!r}; commands are {COMMANDS}")
@@ -109,8 +111,7 @@ def run(command: str, args: argparse.Namespace) -> list[str]:
     from muse.pipeline import MusePipeline
 
     _check_out(args.out)  # before minutes of sampling, not after
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    inputs = _checked_inputs(command, args)  # and before a model root that may take minutes to load
     checked_device(args.device)
     if args.checkpoint:
         pipe = MusePipeline.from_pretrained(args.checkpoint, device=args.device)
@@ -123,6 +124,10 @@ def run(command: str, args: argparse.Namespace) -> list[str]:
         skipped = "--no-superres skips it" if args.no_superres else f"{args.checkpoint or args.preset} has none"
         raise ValueError(f"--superres-steps and --superres-top-k set the super-res stage, and {skipped}: drop them")
     negative = args.negative_prompt if args.negative_prompt and args.negative_prompt.strip() else None  # "": none
+    if negative is not None and args.guidance == 0:
+        print(f"muse {command}: warning: --negative-prompt has no effect with --guidance 0 (only guidance reads it)",
+              file=sys.stderr)
+        negative = None
     common = dict(negative_prompt=negative, guidance_scale=args.guidance, seed=args.seed,
                   superres=superres, superres_top_k=args.superres_top_k)
     if args.superres_steps is not None:  # else the pipeline's default
@@ -130,17 +135,41 @@ def run(command: str, args: argparse.Namespace) -> list[str]:
     if command == "generate":
         draw = functools.partial(pipe, args.prompt, steps=args.steps, **common)
     elif command == "inpaint":
-        draw = functools.partial(pipe.inpaint, args.image, args.mask, args.prompt, steps=args.steps, **common)
+        draw = functools.partial(pipe.inpaint, *inputs, args.prompt, steps=args.steps, **common)
     elif command == "outpaint":
-        draw = functools.partial(pipe.outpaint, args.image, args.prompt, direction=args.direction, scale=args.scale,
+        draw = functools.partial(pipe.outpaint, *inputs, args.prompt, direction=args.direction, scale=args.scale,
                                  steps=args.steps, **common)
     else:
-        draw = functools.partial(pipe.edit, args.image, args.prompt, iterations=args.iterations,
-                                 fraction=args.fraction, top_k=args.top_k, **common)
-    images = draw(num_images=min(args.n, args.batch_size))  # the first batch checks every argument
-    for first in range(len(images), args.n, args.batch_size):
-        images += draw(num_images=min(args.batch_size, args.n - first), first_image=first)
-    return write_images(images, args.out, command)
+        draw = functools.partial(pipe.edit, *inputs, args.prompt, iterations=args.iterations,
+                                 fraction=args.fraction, top_k=args.top_k or None, **common)
+    writer = ImageWriter(args.out, command)
+    writer.add(draw(num_images=min(args.n, args.batch_size)))  # the first batch checks every argument
+    for first in range(args.batch_size, args.n, args.batch_size):
+        writer.add(draw(num_images=min(args.batch_size, args.n - first), first_image=first))
+    return writer.finish()
+
+
+def _checked_inputs(command: str, args: argparse.Namespace) -> tuple:
+    """What can be checked without the model, read once: the flags, and the image (and mask) files,
+    handed on to the pipeline decoded."""
+    from muse.image_inputs import load_image, load_mask
+
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty: say what the image should show")
+    for flag, value, least in (("--n", args.n, 1), ("--batch-size", args.batch_size, 1), ("--seed", args.seed, 0),
+                               ("--top-k", getattr(args, "top_k", 0), 0)):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    if command == "outpaint" and not 0 < args.scale < 1:
+        raise ValueError(f"--scale must be in (0, 1), got {args.scale}")
+    if command == "generate":
+        return ()
+    image = load_image(args.image, "--image")
+    if command != "inpaint":
+        return (image,)
+    mask = load_image(args.mask, "--mask", keep_mode=True)
+    load_mask(mask, image.size)  # its size and that it marks something
+    return image, mask
 
 
 def _check_out(out: str) -> None:
@@ -153,20 +182,35 @@ def _check_out(out: str) -> None:
         raise ValueError(f"--out {out}: the directory is not writable")
 
 
-def write_images(images: list[Image.Image], out: str, name: str) -> list[str]:
-    """<out>/<name>_<i>.png for each image, i counting on from the highest already in `out`, plus their
-    grid <out>/<name>_<first>-<last>.png when there are several."""
-    os.makedirs(out, exist_ok=True)
-    taken = [int(m.group(1)) for f in os.listdir(out) if (m := re.fullmatch(rf"{re.escape(name)}_(\d+)\.png", f))]
-    first = max(taken, default=-1) + 1
-    paths = []
-    for i, img in enumerate(images, first):
-        paths.append(os.path.join(out, f"{name}_{i:02d}.png"))
-        img.save(paths[-1])
-    if len(images) > 1:
-        paths.append(os.path.join(out, f"{name}_{first:02d}-{first + len(images) - 1:02d}.png"))
-        grid(images).save(paths[-1])
-    return paths
+GRID_MAX = 64  # images in a run's grid: the first ones; past that a grid is too large to look at
+
+
+class ImageWriter:
+    """<out>/<name>_<i>.png for each image as it comes, i counting on from the highest already in
+    `out`, and at `finish` the grid of the first GRID_MAX, <out>/<name>_<first>-<last>.png, when there
+    are several. Holds no image but the grid's."""
+
+    def __init__(self, out: str, name: str):
+        os.makedirs(out, exist_ok=True)
+        taken = [int(m.group(1)) for f in os.listdir(out) if (m := re.fullmatch(rf"{re.escape(name)}_(\d+)\.png", f))]
+        self.out, self.name, self.first = out, name, max(taken, default=-1) + 1
+        self.paths: list[str] = []
+        self.shown: list[Image.Image] = []
+
+    def add(self, images: list[Image.Image]) -> None:
+        for img in images:
+            self.paths.append(os.path.join(self.out, f"{self.name}_{self.first + len(self.paths):02d}.png"))
+            img.save(self.paths[-1])
+            if len(self.shown) < GRID_MAX:
+                self.shown.append(img)
+
+    def finish(self) -> list[str]:
+        """The paths written, the grid's last."""
+        if len(self.shown) > 1:
+            last = self.first + len(self.shown) - 1
+            self.paths.append(os.path.join(self.out, f"{self.name}_{self.first:02d}-{last:02d}.png"))
+            grid(self.shown).save(self.paths[-1])
+        return self.paths
 
 
 def grid(images: list[Image.Image]) -> Image.Image:
@@ -183,7 +227,8 @@ def grid(images: list[Image.Image]) -> Image.Image:
 # The library's argument names, as these commands' flags call them.
 FLAGS = {"num_images": "--n", "top_k": "--top-k", "superres_top_k": "--superres-top-k", "guidance_scale": "--guidance",
          "steps": "--steps", "superres_steps": "--superres-steps", "iterations": "--iterations",
-         "fraction": "--fraction", "negative_prompt": "--negative-prompt", "prompt": "--prompt", "scale": "--scale"}
+         "fraction": "--fraction", "negative_prompt": "--negative-prompt", "prompt": "--prompt", "scale": "--scale",
+         "seed": "--seed"}
 
 
 def as_flags(message: str) -> str:

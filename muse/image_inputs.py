@@ -94,8 +94,9 @@ def mask_from_image(img: Image.Image) -> np.ndarray:
     """(H, W) bool, True = regenerate: transparent pixels when the image has transparency, else white."""
     if has_alpha(img):
         alpha = np.asarray(img.convert("RGBA").getchannel("A"))
-        if (alpha < 255).any():
-            return alpha < TRANSPARENT_BELOW
+        transparent = alpha < TRANSPARENT_BELOW
+        if transparent.any():  # a region marked by transparency; faint alpha alone (254) marks none
+            return transparent
     return np.asarray(to_rgb(img).convert("L")) >= GREY_REGENERATE_FROM
 
 

@@ -254,7 +254,12 @@ class MusePipeline:
             side = lo_canvas.shape[-1]
             pixels, inside = self._letterboxed(img, self.vqgan_hi, placed_at=side)
             hi_canvas = editing.outpaint_canvas(pixels, direction, scale, known=inside, placed_at=side)[0]
-        regen = editing.token_mask_from_pixels(new, self.base.config.tokens_per_side)
+        side = self.base.config.tokens_per_side
+        regen = editing.token_mask_from_pixels(new, side)
+        if not regen.any() or regen.all():  # the image would come back alone, or not at all
+            left = "no token of the canvas is new" if not regen.any() else "no token of the image is kept"
+            raise ValueError(f"scale {scale:g} {direction}: {left} on the model's {side}x{side} tokens; take a scale "
+                             f"{'further from 1' if not regen.any() else 'nearer 1'}")
         return self._fill(lo_canvas, hi_canvas, regen, prompt_, negatives, req)
 
     @torch.no_grad()
@@ -299,6 +304,8 @@ class MusePipeline:
     def _conditions(self, prompts: list[str], negatives: list[str] | None,
                     guidance_scale: float) -> tuple[TextCondition, TextCondition | None]:
         """The prompts' text condition, and the negative prompts' where guidance reads them (not at 0)."""
+        if negatives is not None and guidance_scale == 0:
+            warnings.warn("negative_prompt has no effect at guidance_scale 0: only guidance reads it", stacklevel=3)
         guided = negatives is not None and guidance_scale != 0
         return self.encode_prompts(prompts), self.encode_prompts(negatives) if guided else None
 

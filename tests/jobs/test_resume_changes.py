@@ -33,7 +33,7 @@ def test_a_run_that_learnt_codes_of_a_tokenizer_trained_again_since_is_refused(t
     root, run_dir = str(tmp_path / "root"), str(tmp_path / "root" / "runs" / "base")
     write_checkpoint(run_dir, CHECKPOINT, run_identity(job_for(root) | {"codes": "a" * 64}))
     assert check_resume(run_dir, run_identity(job_for(root) | {"codes": "a" * 64}), "base").step == 2
-    with pytest.raises(RunRefused, match=r"another tokenizer codes: .*trained again since that run began.*"
+    with pytest.raises(RunRefused, match=r"another tokenizer's codes: .*trained again since that run began.*"
                                          r"--set base.run.name=NEW"):
         check_resume(run_dir, run_identity(job_for(root) | {"codes": "b" * 64}), "base")
     assert check_resume(run_dir, run_identity(job_for(root)), "base").step == 2  # a stage that learns no codes

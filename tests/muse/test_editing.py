@@ -201,3 +201,17 @@ def test_outpaint_canvas_marks_what_a_letterboxed_image_does_not_cover_as_new():
     assert torch.equal(canvas[..., 4:12, 8:], images[..., 4:12, :8])
     _, new_all = editing.outpaint_canvas(images, "all", 0.5, known=known)
     assert int((~new_all).sum()) == 8 * 4  # the centre 8x8 holds the image's 8x4 rows that are real
+
+
+def test_edit_draws_its_uniforms_per_iteration(monkeypatch):
+    """Memory does not grow with `iterations`: no draw spans them."""
+    from muse import sampling
+
+    shapes = []
+    real = sampling.row_uniforms
+    monkeypatch.setattr(sampling, "row_uniforms", lambda gens, shape, device: (shapes.append(shape),
+                                                                               real(gens, shape, device))[1])
+    model = FakeTransformer(side=4)
+    ids = torch.randint(0, 8, (2, 4, 4), generator=gen(3))
+    editing.edit_tokens(model, ctx(1.0, 1.0), ctx(0.0), ids, iterations=5, fraction=0.25, generator=[gen(1), gen(2)])
+    assert shapes == [(2, 2, 16)] * 5
