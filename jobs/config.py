@@ -106,7 +106,7 @@ class OptimSettings:
 
     def __post_init__(self):
         if self.lr <= 0 or len(self.betas) != 2 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError("optim: lr > 0, two betas, warmup_steps >= 0 and grad_clip >= 0 are required")
+            raise ValueError("lr > 0, two betas, warmup_steps >= 0 and grad_clip >= 0 are required")
         if not 0.0 <= self.ema_decay < 1.0 or not 0.0 <= self.final_lr_fraction <= 1.0:
             raise ValueError("optim.ema_decay must be in [0, 1) and final_lr_fraction in [0, 1]")
 

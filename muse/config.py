@@ -385,29 +385,29 @@ def json_ready(value: Any) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any], base: T | None = None) -> T:
-    """Build `cls` from `data` on top of `base` (or the defaults); unknown keys raise ValueError."""
+def from_dict(cls: type[T], data: dict[str, Any], base: T | None = None, where: str | None = None) -> T:
+    """Build `cls` from `data` on top of `base` (or the defaults); unknown keys and bad values raise
+    ValueError naming `where`: the section's path from the top (`TrainConfig.base.run`)."""
+    where = where or cls.__name__
     if not isinstance(data, dict):
-        raise ValueError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in fields(cls) if f.init}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ValueError(
-            f"{cls.__name__}: unknown key(s) {unknown}; valid keys: {sorted(known)}"
-        )
+    if unknown := sorted(set(data) - set(known)):
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
     current = base if base is not None else cls()
-    changes: dict[str, Any] = {}
-    for key, value in data.items():
-        changes[key] = _coerce(hints[key], value, getattr(current, key), f"{cls.__name__}.{key}")
-    return replace(current, **changes)
+    changes = {key: _coerce(hints[key], value, getattr(current, key), f"{where}.{key}") for key, value in data.items()}
+    try:
+        return replace(current, **changes)
+    except ValueError as e:  # the section's own checks (__post_init__), which do not know where it sits
+        raise ValueError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
 
 
 def _coerce(hint: Any, value: Any, current: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if is_dataclass(hint):
-        return from_dict(hint, value, current if is_dataclass(current) else None)
+        return from_dict(hint, value, current if is_dataclass(current) else None, where)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -490,7 +490,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tu
     data: dict[str, Any] = {}
     if path is not None:
         if not Path(path).is_file():
-            raise ValueError(f"config file {path}: no such file")
+            raise ValueError(f"config file {path}: {'a directory, not a file' if Path(path).is_dir() else 'no such file'}")
         loaded = _yaml(Path(path).read_text(), str(path)) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: the top level must be a mapping of keys to values")

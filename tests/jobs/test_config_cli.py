@@ -58,8 +58,14 @@ def test_tiny_and_3b_configs_hold_what_they_promise():
 def test_unknown_keys_and_bad_values_are_rejected(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("base:\n  optim:\n    learning_rate: 0.1\n")
-    with pytest.raises(ValueError, match="learning_rate.*valid keys"):
-        load_config(bad)
+    with pytest.raises(ValueError, match=r"^TrainConfig\.base\.optim: unknown key\(s\) \['learning_rate'\]; valid keys"):
+        load_config(bad)  # the section's path: a config has a run and an optim section per stage
+    with pytest.raises(ValueError, match=r"^TrainConfig\.superres\.optim: lr > 0, two betas"):
+        load_config(None, ["superres.optim.betas=[0.9,0.9,0.9]"])
+    with pytest.raises(ValueError, match=r"^TrainConfig\.base\.run\.max_steps: expected int"):
+        load_config(None, ["base.run.max_steps=abc"])
+    with pytest.raises(ValueError, match="a directory, not a file"):
+        load_config(tmp_path)
     with pytest.raises(ValueError, match="num_workers"):
         load_config(None, ["base.scaling.num_workers=0"])
     with pytest.raises(ValueError, match="strategy"):
