@@ -13,8 +13,8 @@ from typing import Any
 
 from jobs import run_lock
 from jobs.loop import NO_FULL_BATCH, StageWorker, train_loop_per_worker, worker_path
-from jobs.preflight import (ResumePoint, RunRefused, check_resume, check_root_weights, check_rows, remove_unregistered,
-                            room_problem, run_identity)
+from jobs.preflight import (ResumePoint, RunRefused, check_resume, check_root_weights, check_rows,
+                            newest_checkpoint_state, remove_unregistered, room_problem, run_identity)
 from jobs.progress import quiet_ray_loggers, say, start_display
 from muse import storage
 
@@ -64,6 +64,20 @@ class StartTogether:
 
 
 start_gate: StartTogether | None = None  # set by `train all` while its trainers run side by side
+run_folders: dict[str, str] = {}  # run name -> its folder, for the line a stopped command ends with
+
+
+def resume_note(name: str) -> str:
+    """Where run `name` of this process resumes: its latest registered checkpoint's step."""
+    folder = run_folders.get(name)
+    if folder is None:
+        return ""
+    try:
+        found = newest_checkpoint_state(folder)
+    except Exception:  # noqa: BLE001 - storage unreachable: the stop line goes without it
+        return ""
+    step = found[1].get("step") if found else None
+    return f" (resumes from step {int(step)})" if isinstance(step, (int, float)) else " (no checkpoint yet)"
 
 
 def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows: int | None = None) -> Any:
@@ -79,7 +93,7 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
 
     run, scaling = section.run, section.scaling
     storage_uri, name = run_location(job["root"], run, job["component"])
-    folder = storage.join(storage_uri, name)
+    folder = run_folders[name] = storage.join(storage_uri, name)
     stage = job.get("stage", job["component"])  # the config section: what --set names
     # Held until the run ends: a second driver on this folder would delete this one's checkpoints.
     lock = run_lock.claim(folder, name, stage)

@@ -215,20 +215,20 @@ def stop_display() -> bool:
     return display is not None
 
 
-def running_now() -> list[str]:
-    """What the board shows running ("base at 78/300 steps"), for a command's last line when it is
-    stopped; empty without a board, or when it does not answer at once."""
+def running_now() -> dict[str, str]:
+    """What the board shows running, by name ({"base": "base at 78/300 steps"}), for a command's last
+    line when it is stopped; empty without a board, or when it does not answer at once."""
     with _lock:
         handle = _board
     if handle is None:
-        return []
+        return {}
     try:
         import ray
 
         states = ray.get(handle.poll.remote(0), timeout=2)[0]
     except Exception:
-        return []
-    return [f"{name} at {done_so_far(state)}" for name, state in states.items()]
+        return {}
+    return {name: f"{name} at {done_so_far(state)}" for name, state in states.items()}
 
 
 def say(line: str) -> None:

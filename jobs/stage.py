@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from jobs.cluster import LocalPathRefused, check_shared_paths
 from jobs.config import load_config
-from jobs.fit import StopWithThreads, ensure_ray
+from jobs.fit import StopWithThreads, ensure_ray, resume_note
 from jobs.preflight import RunRefused
 from jobs.progress import running_now, say, set_verbose, stop_display
 from jobs.root_fit import codes_version
@@ -169,8 +169,9 @@ def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
     except KeyboardInterrupt as stop:  # Ctrl-C, or `ray job stop` (jobs.cluster.stop_on_sigterm)
         running: list[str] = []
         try:  # a second Ctrl-C (or `timeout`, which signals the driver and then its process group) skips these
-            running = running_now()
+            shown = running_now()
             stop_display()
+            running = [text + resume_note(name) for name, text in shown.items()]
         except KeyboardInterrupt:
             pass
         from jobs import run_lock

@@ -179,7 +179,7 @@ import argparse, os, signal, sys, threading, time
 import ray
 sys.path.insert(0, os.path.join({repo!r}, "tests", "jobs"))
 from jobs_helpers import tiny_config
-from jobs import all as train_all, cluster
+from jobs import all as train_all, cluster, fit as fit_module
 from jobs.cluster import join_ray
 from jobs.progress import Reporter, start_display
 from jobs.stage import errors_in_one_line
@@ -193,6 +193,7 @@ class Fit:  # as Ray Train's fit() waits on its controller actor: a blocking ray
         time.sleep(600)
 
 def run_stage(stage, *args, **kwargs):
+    fit_module.run_folders[stage] = os.path.join({runs!r}, stage)  # as fit_stage records it
     Reporter(start_display(), stage, total=100).update(3, force=True)
     fit = Fit.remote()
     started.wait()
@@ -212,20 +213,26 @@ with errors_in_one_line(argparse.ArgumentParser(prog="muse train all")):
 def test_a_stop_ends_base_and_superres_training_side_by_side(tmp_path):
     """`train all` trains base and super-res in two threads, where Ray Train's own Ctrl-C handling does
     not reach: a stop waited for both to train to the end, then said 'stopped'. Now it leaves Ray (the
-    trainers are this driver's) and exits at once, with the steps each stage reached."""
+    trainers are this driver's) and exits at once, with the steps each stage reached and where each
+    resumes: its latest registered checkpoint."""
+    from test_preflight import write_checkpoint
+
     from muse.checkpoint import init_model_root
 
     root, tokens = str(tmp_path / "root"), str(tmp_path / "tokens")
+    write_checkpoint(str(tmp_path / "runs" / "base"), "checkpoint_2026-12-01_10-00-00.000001", None)  # step 2
     init_model_root("tiny", root)
     os.makedirs(tokens)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(REPO)}
-    script = STOPPED_IN_CONCURRENT_TRAINING.format(repo=str(REPO), root=root, tokens=tokens)
+    script = STOPPED_IN_CONCURRENT_TRAINING.format(repo=str(REPO), root=root, tokens=tokens,
+                                                   runs=str(tmp_path / "runs"))
     start = time.monotonic()
     run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=180)
     assert run.returncode == 130, run.stderr[-3000:]
-    assert "muse train all: stopped with " in run.stderr and "base at 3/100 steps" in run.stderr, run.stderr[-3000:]
-    assert "superres at 3/100 steps" in run.stderr and time.monotonic() - start < 90
+    assert "muse train all: stopped with " in run.stderr, run.stderr[-3000:]
+    assert "base at 3/100 steps (resumes from step 2)" in run.stderr, run.stderr[-3000:]
+    assert "superres at 3/100 steps (no checkpoint yet)" in run.stderr and time.monotonic() - start < 90
 
 
 def test_a_stop_during_one_stages_fit_reaches_our_handler():
