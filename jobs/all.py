@@ -112,22 +112,32 @@ def room_for_both(cfg: TrainConfig, resources, request, autoscaling: bool, wait_
         request(bundles=[])
 
 
+def refuse_foreign_tokens(tokens: str, root: str) -> None:
+    """Refuse a --tokens folder of the user's made by another root's tokenizer: checked before any stage
+    trains, as well as once the tokenizers are trained (`replace_stale_tokens`)."""
+    from jobs.root_fit import _made_elsewhere, _owner, _tokenize_spec, retrained_tokenizers
+
+    spec = _tokenize_spec(tokens) if storage.exists(tokens) else {}
+    foreign = {name: where for name in retrained_tokenizers(root, spec)
+               if (where := _made_elsewhere(root, spec, name)) is not None}
+    if foreign:  # another root's tokenizer, not this one's before it was trained again
+        makers = ", ".join(f"{name} of {_owner(where, name)}" for name, where in foreign.items())
+        raise RunRefused(f"--tokens {tokens} holds tokens made by another tokenizer than the model root {root}'s "
+                         f"({makers}): give a new --tokens folder, or leave --tokens out to tokenize into {root}/tokens")
+
+
 def replace_stale_tokens(tokens: str, root: str, owned: bool) -> None:
     """Token shards made by tokenizers the root has retrained since would be refused by the resuming
     tokenization (and learnt as the wrong codes): `train all`'s own ROOT/tokens is made again; a
     --tokens folder of the user's is not deleted, but refused with the way out."""
-    from jobs.root_fit import _made_elsewhere, _owner, _tokenize_spec, retrained_tokenizers
+    from jobs.root_fit import _tokenize_spec, retrained_tokenizers
 
     spec = _tokenize_spec(tokens) if storage.exists(tokens) else {}
     changed = retrained_tokenizers(root, spec)
     if not changed:
         return
-    foreign = {name: where for name in changed if (where := _made_elsewhere(root, spec, name)) is not None}
-    if foreign and not owned:  # another root's tokenizer, not this one's before it was trained again
-        makers = ", ".join(f"{name} of {_owner(where, name)}" for name, where in foreign.items())
-        raise RunRefused(f"--tokens {tokens} holds tokens made by another tokenizer than the model root {root}'s "
-                         f"({makers}): give a new --tokens folder, or leave --tokens out to tokenize into {root}/tokens")
     if not owned:
+        refuse_foreign_tokens(tokens, root)
         raise RunRefused(f"--tokens {tokens} holds tokens of the root's {' and '.join(changed)} as they were before "
                          "they were trained again: give a new --tokens folder (or delete that one)")
     say(f"[all] {tokens} holds tokens of the root's {' and '.join(changed)} before they were trained again: "
@@ -183,6 +193,8 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
     check_shared_paths({"--corpus": corpus, "--images": images, "--tokens": tokens, "--checkpoint": root})
     report: dict[str, str] = {}
     check_run_folders(cfg, root)
+    if tokens != storage.join(root, "tokens"):
+        refuse_foreign_tokens(tokens, root)
 
     def timed(name: str, fn, outcome=lambda result, seconds: f"trained in {seconds:.0f}s") -> None:
         start = time.time()

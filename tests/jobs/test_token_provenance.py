@@ -106,6 +106,22 @@ def test_train_all_refuses_another_roots_tokens_as_another_tokenizers_not_as_ret
     replace_stale_tokens(tokens, tiny_data.root, owned=False)  # the root that made them: nothing to say
 
 
+def test_train_all_refuses_another_roots_tokens_before_any_stage_trains(tiny_data, tmp_path, monkeypatch):
+    """Not after the tokenizer stages have trained for minutes: the tokens' makers are known at once."""
+    from jobs import all as train_all_module
+
+    other = str(tmp_path / "other")
+    checkpoint.init_model_root("tiny", other, seed=3)
+    tokens = tokens_made_by(tiny_data, str(tmp_path / "tokens"), vqgan_lo=uri(tiny_data.root, "vqgan_lo"),
+                            text_encoder=uri(other, "text_encoder"))
+    ran = []
+    monkeypatch.setattr(train_all_module, "ensure_ray", lambda: None)
+    monkeypatch.setattr(train_all_module, "run_stage", lambda *args, **kwargs: ran.append(args[0]))
+    with pytest.raises(RunRefused, match=f"vqgan_lo of model root {tiny_data.root}"):
+        train_all_module.train_all(tiny_config("stages=[vqgan,base]"), str(tmp_path / "corpus"), other, tokens=tokens)
+    assert ran == []
+
+
 def test_a_copy_of_the_root_is_accepted_and_its_own_retrained_tokenizer_is_refused(tiny_data, tmp_path, fake_run):
     """Tokens of the root's own tokenizer as it was before it was trained again are refused, as another
     root's are: its codes now draw other images. Tokens made again are taken, and the run learns (and
