@@ -29,7 +29,7 @@ from jobs.preflight import RunRefused
 from jobs.progress import running_now, say, set_verbose, stop_display
 from jobs.root_fit import codes_version
 from muse import checkpoint, storage
-from muse.components import CheckpointError
+from muse.components import COMPONENTS, CheckpointError
 from pipelines.config import FORMATS
 
 DATA_KINDS = {"corpus": "data/corpus", "tokens": "data/tokens"}  # --<kind> -> example path
@@ -64,7 +64,7 @@ def finished(root: str, name: str, stage: str, run, later: tuple[str, ...] = (),
 
 def transformer_finished(stage: str) -> Callable[[Any, str], bool]:
     """`Stage.finished` of a stage that trains the root's component of its own name."""
-    def done(cfg, root: str) -> bool:
+    def done(cfg, root: str, component: str | None = None) -> bool:
         section = named_run(getattr(cfg, stage), stage)
         if not finished(root, stage, stage, section.run, model=section.model):
             return False
@@ -97,8 +97,8 @@ class Stage:
     data: str  # "corpus" or "tokens": what the stage reads, and the name of its data flag
     data_help: str
     add_args: Callable[[argparse.ArgumentParser], None] = _no_args
-    # (cfg, root) -> whether the root holds what this run would leave (checked before Ray starts)
-    finished: Callable[[Any, str], bool] | None = None
+    # (cfg, root, component) -> whether the root holds what this run would leave (checked before Ray starts)
+    finished: Callable[[Any, str, str | None], bool] | None = None
 
     def __post_init__(self):
         if self.data not in DATA_KINDS:
@@ -107,10 +107,13 @@ class Stage:
     def train(self, cfg, data: str, root: str, *, component: str | None = None, format: str = "auto") -> list[Any]:
         """Train on `data` and export into the model root `root`; the Ray Train results."""
         data, root = storage.absolute(data), storage.absolute(root)
-        if self.finished is not None and self.finished(cfg, root):
-            step = component_extra(root, self.name).get("step", getattr(cfg, self.name).run.max_steps)
-            say(f"[{self.name}] {root}/{self.name} holds this run's finished export (step {step}): nothing "
-                f"to train (raise --max-steps to go on, or --set {self.name}.run.name=NEW for a new run)")
+        if self.finished is not None and self.finished(cfg, root, component):
+            # (the vqgan stage's exports are per tokenizer)
+            step = component_extra(root, self.name).get("step") if self.name in COMPONENTS else None
+            held = f"{root}/{self.name} holds this run's finished export (step {step})" if step is not None else \
+                f"{root} holds this run's finished exports"
+            say(f"[{self.name}] {held}: nothing to train (raise --max-steps to go on, or --set "
+                f"{self.name}.run.name=NEW for a new run)")
             return []
         ensure_ray()
         check_shared_paths({f"--{self.data}": data, "--checkpoint": root})

@@ -39,7 +39,7 @@ from jobs.loop import StageWorker, finished_extra
 from jobs.parallel import WorkerEnv, allreduce_grads
 from jobs.preflight import RunRefused
 from jobs.progress import say
-from jobs.stage import Stage, add_format_arg
+from jobs.stage import Stage, add_format_arg, finished
 from muse import checkpoint
 from muse.config import VQGANConfig, from_dict, preset, to_dict
 from muse.data.images import tensor_to_pil
@@ -332,6 +332,13 @@ def corpus_args(components: tuple[str, ...], help: str):
     return add
 
 
+def tokenizers_finished(cfg: TrainConfig, root: str, component: str | None = None) -> bool:
+    """Whether the root holds the finished exports of every tokenizer run asked for (or the decoder
+    fine-tune built on one), as `train all` checks before training them."""
+    return all(finished(root, c, "vqgan", component_run(cfg.vqgan, c), later=("decoder",))
+               for c in vqgan_components(cfg, component))
+
+
 STAGE = Stage(
     name="vqgan",
     summary="train the low-res and high-res VQGAN tokenizers on raw images",
@@ -340,6 +347,7 @@ STAGE = Stage(
     data="corpus",
     data_help=CORPUS_HELP,
     add_args=corpus_args(("both",) + VQGAN_COMPONENTS, "which tokenizer (default: both, low-res first)"),
+    finished=tokenizers_finished,
 )
 
 

@@ -134,3 +134,34 @@ def test_stage_modules_import_in_any_order_without_ray():
     for order, proc in runs.items():
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, (order, err[-2000:])
+
+
+def test_a_finished_tokenizer_run_is_said_before_ray_starts(tmp_path, monkeypatch, capsys):
+    """`muse train vqgan` again after its runs finished (or after the decoder fine-tune of vqgan_hi)
+    says there is nothing to train without starting Ray; one tokenizer not finished trains."""
+    from jobs_helpers import tiny_config
+
+    from jobs import loop
+    from jobs import stage as stage_module
+    from muse import checkpoint
+
+    root = str(tmp_path / "root")
+    checkpoint.init_model_root("tiny", root, components=("vqgan_lo", "vqgan_hi"))
+    cfg = tiny_config("vqgan.run.max_steps=10", "vqgan.hi_max_steps=10")
+
+    def export(name: str, stage: str, run_name: str) -> None:
+        uri = checkpoint.component_uri(root, name)
+        checkpoint.save_component(checkpoint.load_component(uri), uri,
+                                  extra=loop.finished_extra(stage, 10, {"run_name": run_name}))
+
+    def no_ray():
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(stage_module, "ensure_ray", no_ray)
+    export("vqgan_lo", "vqgan", "vqgan_lo")
+    with pytest.raises(AssertionError, match="Ray started"):  # vqgan_hi is not trained yet
+        stages.get("vqgan").train(cfg, str(tmp_path / "corpus"), root)
+    assert stages.get("vqgan").train(cfg, str(tmp_path / "corpus"), root, component="vqgan_lo") == []
+    export("vqgan_hi", "decoder", "decoder_vqgan_hi")  # the decoder fine-tune built on it
+    assert stages.get("vqgan").train(cfg, str(tmp_path / "corpus"), root) == []
+    assert f"{root} holds this run's finished exports: nothing to train" in capsys.readouterr().out
