@@ -120,7 +120,7 @@ class RunSettings:
     seed: int = 0
     log_every: int = 50  # print a metrics line and ray.train.report the metrics
     checkpoint_every: int = 1000  # report a checkpoint (and always at the last step)
-    sample_every: int = 1000  # write a sample grid PNG to ROOT/samples/<run>/; 0 = never
+    sample_every: int = 1000  # a sample grid PNG to ROOT/samples/<run>/ (or <storage_path>/<run>/samples/); 0: never
     keep_checkpoints: int = 2
     # Worker-group restarts from the last checkpoint before the run fails (-1 = no limit). Weeks on
     # many nodes see many node losses; a crash that repeats at once still ends the run after this many.

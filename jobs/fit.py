@@ -24,6 +24,14 @@ def run_location(root: str, run, default_name: str) -> tuple[str, str]:
     return storage.absolute(run.storage_path or storage.join(root, "runs")), run.name or default_name
 
 
+def samples_dir(root: str, run, name: str) -> str:
+    """Where run `name` writes its sample grids: ROOT/samples/<name>, or with run.storage_path in its
+    run folder there, so two runs of one name in two places do not write over each other's."""
+    if run.storage_path:
+        return storage.join(storage.absolute(run.storage_path), name, "samples")
+    return storage.join(root, "samples", name)
+
+
 def run_dir(root: str, run, default_name: str) -> str:
     """Where a run keeps its checkpoints (`run_location`, joined)."""
     return storage.join(*run_location(root, run, default_name))
@@ -123,7 +131,7 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
         job = dict(job, worker=worker_path(worker), section=to_dict(section), run_name=name, identity=identity,
                    cached_rows=dataset.count() if cached else None,  # an epoch's length, to resume mid-epoch
                    progress_board=start_display(), run_dir=folder,
-                   samples_dir=job.get("samples_dir") or storage.join(job["root"], "samples", name))
+                   samples_dir=job.get("samples_dir") or samples_dir(job["root"], run, name))
         trainer = _trainer_class()(
             train_loop_per_worker,
             train_loop_config=job,

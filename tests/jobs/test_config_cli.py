@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 import pytest
-from jobs_helpers import REPO
+from jobs_helpers import REPO, tiny_config
 
 from jobs import cli, stages
 from jobs.config import load_config
@@ -166,3 +166,13 @@ def test_model_help_says_a_run_of_the_same_name_resumes(capsys):
         cli.main(["base", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "from scratch unless the run name" in help_text and "--set base.run.name=NEW" in help_text
+
+
+def test_sample_grids_go_beside_the_run_when_it_is_stored_elsewhere(tmp_path):
+    """Two runs of one name, one under ROOT/runs and one under run.storage_path, keep their own grids."""
+    from jobs.fit import samples_dir
+
+    root = str(tmp_path / "root")
+    assert samples_dir(root, tiny_config().base.run, "base") == f"{root}/samples/base"
+    elsewhere = tiny_config("base.run.storage_path=s3://bucket/runs").base.run
+    assert samples_dir(root, elsewhere, "base") == "s3://bucket/runs/base/samples"
