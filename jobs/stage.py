@@ -62,7 +62,7 @@ def finished(root: str, name: str, stage: str, run, later: tuple[str, ...] = (),
             and extra.get("model", model) == model)  # exports before the preset was recorded: any
 
 
-def transformer_finished(stage: str) -> Callable[[Any, str], bool]:
+def transformer_finished(stage: str) -> Callable[[Any, str, str | None], bool]:
     """`Stage.finished` of a stage that trains the root's component of its own name."""
     def done(cfg, root: str, component: str | None = None) -> bool:
         section = named_run(getattr(cfg, stage), stage)
