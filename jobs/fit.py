@@ -111,7 +111,8 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
         resume = check_resume(folder, identity, stage)
         if resume is not None:
             _refuse_training_over_another_export(job, name, folder, resume, run.max_steps, identity)
-        for note in job.get("notes", ()):  # what the stage chose, once the run is not refused for it
+        nothing_left = resume is not None and resume.step is not None and resume.step >= run.max_steps
+        for note in () if nothing_left else job.get("notes", ()):  # what the run will do, once not refused for it
             say(note)
         if resume is not None:
             if stray := remove_unregistered(folder):

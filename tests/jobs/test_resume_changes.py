@@ -76,3 +76,23 @@ def test_an_interrupted_run_over_a_component_another_run_wrote_resumes_when_the_
     resume = check_resume(run_dir, run_identity(job), "base")
     assert resume.step == 2 and resume.started_from == run_identity(job)["init"]
     assert fit._refuse_training_over_another_export(job, "base_lora", run_dir, resume, 10, run_identity(job)) is None
+
+
+def test_a_run_with_nothing_left_to_train_says_nothing_of_what_it_would_train(tmp_path, capsys, monkeypatch):
+    """"trains X from scratch; it replaces the root's base" before "nothing to train" said two
+    contrary things: a run at or past its steps keeps the stage's notes to itself."""
+    root = str(tmp_path / "root")
+    job = job_for(root) | {"notes": ["[base] trains base-tiny from scratch; it replaces the root's base when done"]}
+    write_checkpoint(os.path.join(root, "runs", "base"), CHECKPOINT, run_identity(job))  # step 2
+
+    class NotesSaid(Exception):
+        pass
+
+    def after_the_notes(folder):
+        raise NotesSaid
+
+    monkeypatch.setattr(fit, "remove_unregistered", after_the_notes)
+    for max_steps, said in ((2, False), (10, True)):
+        with pytest.raises(NotesSaid):
+            fit.fit_stage(BaseWorker, tiny_config(f"base.run.max_steps={max_steps}").base, job, dataset=None)
+        assert ("from scratch" in capsys.readouterr().out) == said
