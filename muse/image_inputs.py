@@ -84,6 +84,9 @@ def load_mask(mask: Any, size: tuple[int, int]) -> torch.Tensor:
     if tuple(mask.shape) != (height, width):
         got = f"{mask.shape[1]}x{mask.shape[0]}" if mask.dim() == 2 else f"an array of shape {tuple(mask.shape)}"
         raise ValueError(f"mask must have the image's size, {width}x{height} (width x height), got {got}")
+    if mask.dtype != torch.bool and bool((mask < 0).any()):  # an image's [-1, 1] range: all of it would be masked
+        raise ValueError(f"mask values must be >= 0 (non-zero regenerates), got down to {float(mask.min()):g}: for a "
+                         "mask in an image's [-1, 1] range pass `mask > 0`")
     masked = mask.cpu() != 0
     if not masked.any():
         raise ValueError("mask is empty: nothing to regenerate (white or transparent pixels are regenerated)")

@@ -77,6 +77,12 @@ def test_empty_and_wrongly_sized_masks_are_refused():
         load_mask(Image.new("RGBA", (8, 8), (0, 0, 0, 255)), (8, 8))  # opaque black: nothing transparent or white
     with pytest.raises(ValueError, match="size"):
         load_mask(np.ones((4, 8)), (8, 8))
+    # A mask in an image's [-1, 1] range would regenerate everything: refused, with the way out.
+    image_range = torch.full((8, 8), -1.0)
+    image_range[:2] = 1.0
+    with pytest.raises(ValueError, match=r"mask values must be >= 0 .* pass `mask > 0`"):
+        load_mask(image_range, (8, 8))
+    assert load_mask(image_range > 0, (8, 8)).sum() == 16
 
 
 def test_image_tensors_must_be_float_in_minus_one_one():
