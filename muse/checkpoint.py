@@ -202,12 +202,15 @@ def save_reference(config: Any, uri: str) -> None:
     """A component that names the directory its weights live in (config.name_or_path: a Hugging Face
     folder, local or s3://) instead of holding a copy: config.json, and for a T5 folder that ships only
     its sentencepiece model the tokenizer.json converted from it. For pretrained text encoders, so
-    that model roots share one T5-XXL (~19 GB in float32) rather than each copying it."""
+    that model roots share one T5-XXL (~19 GB in float32) rather than each copying it. A component
+    at `uri` that holds its weights is replaced (deleted first)."""
     kind = kind_of_config(config)
     model_cls = _kinds()[kind][1]
     if not getattr(config, "name_or_path", None) or not hasattr(model_cls, "from_reference"):
         raise ValueError(f"a {kind!r} component cannot be saved as a reference (needs name_or_path)")
     model_cls.check_reference(config)
+    if storage.exists(storage.join(uri, CONFIG_FILE)) and not read_meta(uri).get("reference"):
+        storage.delete(uri)  # its weights would stay beside the reference, unread
     meta = {"kind": kind, "format_version": FORMAT_VERSION, "config": to_dict(config), "reference": True}
     if KINDS[kind].role == "text_encoder":  # its caption ids then load without transformers
         write_tokenizer_json(config.name_or_path, uri)
@@ -290,7 +293,9 @@ def load_component(uri: str, device: str | torch.device = "cpu", expect_kind: st
     if meta.get("reference"):  # the weights stay where config.name_or_path says
         if not hasattr(model_cls, "from_reference"):
             raise CheckpointError(f"{uri}: a {kind!r} component cannot be a reference; it holds its weights")
-        return model_cls.from_reference(config, device).eval()
+        model = model_cls.from_reference(config, device).eval()
+        model.referenced = True  # saved again as the same reference (`MusePipeline.save_pretrained`)
+        return model
     with node_cache.local_folder(uri) as local:  # from S3: one download per machine, shared
         weights = os.path.join(local, WEIGHTS_FILE)
         if not os.path.exists(weights):
@@ -399,7 +404,9 @@ def parameter_count(name: str, config: Any) -> int:
 def init_model_root(preset_name: str, out: str, seed: int = 0,
                     components: tuple[str, ...] = COMPONENTS, text_encoder: str | None = None) -> dict[str, nn.Module]:
     """Write randomly initialised components of a model preset (e.g. "tiny") into a model root; returns
-    the models built. A pretrained component (T5-XXL) is referenced, neither copied nor loaded.
+    the models built. Component i of COMPONENTS is seeded seed + i, whichever are written, as
+    `MusePipeline.from_preset` builds them. A pretrained component (T5-XXL) is referenced, neither copied
+    nor loaded.
     `text_encoder`: a Hugging Face T5 folder (local or s3://) for the root to reference instead of the
     preset's text encoder; its width must be the transformers' text_dim."""
     config = model_preset(preset_name)
@@ -407,14 +414,15 @@ def init_model_root(preset_name: str, out: str, seed: int = 0,
         config = dataclasses.replace(config, text_encoder=referenced_text_encoder(config, text_encoder))
     _check_fits_root(preset_name, config, out, components)
     models = {}
-    for i, name in enumerate(components):
-        part = getattr(config, name)
-        if getattr(part, "name_or_path", None):
-            save_reference(part, component_uri(out, name))
-            continue
-        torch.manual_seed(seed + i)
-        models[name] = build_component(name, part)
-        save_component(models[name], component_uri(out, name))
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+        for name in components:
+            part = getattr(config, name)
+            if getattr(part, "name_or_path", None):
+                save_reference(part, component_uri(out, name))
+                continue
+            torch.manual_seed(seed + COMPONENTS.index(name))  # by slot: a subset writes what the whole root would
+            models[name] = build_component(name, part)
+            save_component(models[name], component_uri(out, name))
     return models
 
 

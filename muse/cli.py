@@ -72,7 +72,9 @@ def init_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from muse.checkpoint import COMPONENTS, has_component, init_model_root
 
-    chosen = tuple(args.components.split(",")) if args.components else COMPONENTS
+    chosen = tuple(n for n in args.components.split(",") if n.strip()) if args.components is not None else COMPONENTS
+    if not chosen:
+        parser.error("--components names no component: give NAME,... or leave it out for all of them")
     unknown = sorted(set(chosen) - set(COMPONENTS))
     if unknown:
         parser.error(f"--components: no component {', '.join(unknown)}; a root holds {', '.join(COMPONENTS)}")

@@ -89,7 +89,8 @@ class MusePipeline:
         """Write every component as a model root that `from_pretrained` loads. A root that already holds
         a component this pipeline lacks would load it beside the new ones (a base-only pipeline saved
         over a whole root: the new base with the old super-res), so that is refused, or with
-        `remove_others` those components are deleted first."""
+        `remove_others` those components are deleted first. A text encoder loaded from a folder its root
+        referenced is written as the same reference, not as a copy of its weights."""
         others = [name for name in checkpoint.COMPONENTS
                   if getattr(self, name) is None and checkpoint.has_component(root_uri, name)]
         if others and not remove_others:
@@ -99,7 +100,9 @@ class MusePipeline:
             storage.delete(checkpoint.component_uri(root_uri, name))
         for name in checkpoint.COMPONENTS:
             model = getattr(self, name)
-            if model is not None:
+            if getattr(model, "referenced", False):  # a folder the root named (T5-XXL): named again, not copied
+                checkpoint.save_reference(model.config, checkpoint.component_uri(root_uri, name))
+            elif model is not None:
                 checkpoint.save_component(model, checkpoint.component_uri(root_uri, name))
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> MusePipeline:

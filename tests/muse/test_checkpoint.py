@@ -302,3 +302,31 @@ def test_a_saved_component_is_readable_as_the_umask_allows(tmp_path):
         os.umask(old)
     assert (tmp_path / "base").stat().st_mode & 0o777 == 0o755
     assert {f.stat().st_mode & 0o777 for f in (tmp_path / "base").iterdir()} == {0o644}
+
+
+def test_a_subset_of_a_root_is_seeded_as_the_whole_root_and_the_global_rng_is_left_alone(tmp_path):
+    """`muse init --components base --seed 0` writes the base a whole `init --seed 0` writes, whatever
+    else is named and in which order; the caller's torch RNG is not reseeded."""
+    import torch
+
+    from muse.checkpoint import init_model_root
+    from muse.pipeline import MusePipeline
+
+    whole = MusePipeline.from_preset("tiny", seed=0)
+    before = torch.get_rng_state()
+    subset = init_model_root("tiny", str(tmp_path / "a"), seed=0, components=("superres", "base"))
+    assert torch.equal(torch.get_rng_state(), before)
+    for name in ("base", "superres"):
+        ours, theirs = subset[name].state_dict(), getattr(whole, name).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+
+
+def test_init_with_an_empty_component_list_is_refused(tmp_path, capsys):
+    import pytest
+
+    from muse.cli import init_main
+
+    with pytest.raises(SystemExit) as exit_:
+        init_main(["--preset", "tiny", "--out", str(tmp_path / "r"), "--components", ""])
+    assert exit_.value.code == 2 and "--components names no component" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -429,3 +429,23 @@ def test_muse_init_references_a_t5_folder_of_the_transformers_width(tmp_path, ca
     encoder = load_component(component_uri(root, "text_encoder"))
     ids, mask = encoder.tokenize(["a red circle"])
     assert torch.allclose(encoder.encode_ids(ids, mask), fits(input_ids=ids, attention_mask=mask).last_hidden_state)
+
+
+def test_a_referenced_text_encoder_is_saved_again_as_the_reference_not_a_copy(tmp_path):
+    """`MusePipeline.save_pretrained` of a root whose T5 is referenced writes the reference again (into
+    another root, or over the root itself): a copy would be ~19 GB of T5-XXL per root, in the dtype it
+    was loaded in. A reference saved over a component that held weights replaces it whole."""
+    from muse.checkpoint import component_uri, init_model_root, read_meta, save_component
+    from muse.pipeline import MusePipeline
+
+    _t5_folder(tmp_path / "t5-64", d_model=64)
+    root, out = str(tmp_path / "root"), str(tmp_path / "out")
+    init_model_root("tiny", root, text_encoder=str(tmp_path / "t5-64"))
+    pipe = MusePipeline.from_pretrained(root)
+    save_component(MusePipeline.from_preset("tiny").text_encoder, component_uri(out, "text_encoder"))  # a copy
+    for target in (out, root):
+        pipe.save_pretrained(target)
+        meta = read_meta(component_uri(target, "text_encoder"))
+        assert meta["reference"] and meta["config"]["name_or_path"] == str(tmp_path / "t5-64")
+        assert not (tmp_path / target / "text_encoder" / "model.safetensors").exists()
+    assert MusePipeline.from_pretrained(out).text_encoder.referenced
