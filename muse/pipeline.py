@@ -172,7 +172,8 @@ class MusePipeline:
         output "pil" -> list of PIL images; "tokens" -> the last stage's ids (B·n, side, side).
         superres: run the super-res stage; None = whenever the pipeline has it (the same in `inpaint`,
             `outpaint` and `edit`).
-        callback(stage, step, ids), stage "base" or "superres", after each decoding step.
+        callback(stage, step, ids), stage "base" or "superres", after each decoding step; ids (B·n, N) flat,
+            where output="tokens" gives (B·n, side, side).
         choice_temperature: MaskGIT's re-masking noise (`temperature` is its old name).
         superres_top_k: super-res draws each code among its k likeliest (1: the likeliest, which keeps
             the low-res image's colours where sampling the whole codebook sometimes does not:
