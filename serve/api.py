@@ -223,8 +223,12 @@ def build_fastapi(ing: Ingress) -> FastAPI:
         return HTMLResponse(ing.page)
 
     @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok"}
+    async def healthz() -> Response:
+        # Draining: a load balancer stops sending here while the requests in flight finish.
+        if ing.admission.draining:
+            return Response('{"status": "draining"}', status_code=503, media_type="application/json",
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
+        return Response('{"status": "ok"}', media_type="application/json")
 
     def model_card() -> dict:
         sizes = {}

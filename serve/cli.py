@@ -166,6 +166,7 @@ def stop_serving(app_name: str, local: bool, drain_s: float = 300.0) -> None:
         ray.kill(board)
     if local:
         ray.shutdown()  # takes Serve with it; serve.shutdown() first only races its controller's own exit
+    print("muse serve: stopped", flush=True)
 
 
 def drain_ingress(app_name: str, drain_s: float):
@@ -176,7 +177,8 @@ def drain_ingress(app_name: str, drain_s: float):
     try:
         if not running_ingress_replicas(app_name):  # not started, or not this server's app
             return None
-        board, left = drain(app_name, drain_s)
+        board, left = drain(app_name, drain_s, waiting=lambda n: print(
+            f"muse serve: draining: {n} request(s) still in flight", flush=True))
     except Exception as e:  # noqa: BLE001 - Serve or the ingress already gone: nothing to drain
         print(f"muse serve: nothing to drain ({type(e).__name__})", flush=True)
         return None

@@ -230,6 +230,10 @@ def load_args(path: str | Path, app_name: str | None = None) -> dict[str, Any]:
     return load_config_file(path, app_name)[0]
 
 
+# What `muse serve` reads of a Serve config's http_options (the rest of Serve's are for `serve deploy`).
+HTTP_OPTIONS = {"host", "port"}
+
+
 def load_config_file(path: str | Path, app_name: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(args, http_options) of a YAML file, read once: either a Ray Serve config (`applications:
     [{args: ...}]`, the first application or the one named `app_name`, and its `http_options`) or a
@@ -240,10 +244,21 @@ def load_config_file(path: str | Path, app_name: str | None = None) -> tuple[dic
     http = data.get("http_options") or {}
     if not isinstance(http, dict):
         raise ValueError(f"{path}: http_options must be a mapping")
-    for app in data["applications"] or []:
+    if unknown := sorted(set(http) - HTTP_OPTIONS):
+        raise ValueError(f"{path}: http_options: `muse serve` reads host and port only, not {unknown}: drop them, "
+                         "or deploy the file with `serve deploy`, which reads Serve's other options")
+    if not isinstance(http.get("host", ""), str) or not isinstance(http.get("port", 0), int):
+        raise ValueError(f"{path}: http_options: host must be a string and port an integer")
+    apps = data["applications"] or []
+    if not isinstance(apps, list) or not all(isinstance(app, dict) for app in apps):
+        raise ValueError(f"{path}: applications must be a list of mappings (name, import_path, args, ...)")
+    for app in apps:
         if app_name is None or app.get("name") == app_name:
-            return dict(app.get("args") or {}), http
-    raise ValueError(f"{path}: no application named {app_name!r}")
+            args = app.get("args") or {}
+            if not isinstance(args, dict):
+                raise ValueError(f"{path}: the application's args must be a mapping of AppArgs fields")
+            return dict(args), http
+    raise ValueError(f"{path}: no application named {app_name!r}" if app_name else f"{path}: applications is empty")
 
 
 def _load_yaml(path: str | Path) -> dict[str, Any]:

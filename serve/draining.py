@@ -75,13 +75,19 @@ def running_ingress_replicas(app_name: str) -> int:
     return app.deployments["Ingress"].replica_states.get("RUNNING", 0)
 
 
-def drain(app_name: str, timeout_s: float, running=running_ingress_replicas) -> tuple[ray.actor.ActorHandle, int]:
+def drain(app_name: str, timeout_s: float, running=running_ingress_replicas,
+          waiting=lambda in_flight: None, every_s: float = 5.0) -> tuple[ray.actor.ActorHandle, int]:
     """Start the drain and wait, at most `timeout_s`, until every running ingress replica has reported
-    none in flight. Returns the board (kill it once the app is deleted) and how many were left."""
+    none in flight; `waiting(in_flight)` every `every_s` meanwhile. Returns the board (kill it once the
+    app is deleted) and how many were left."""
     board = DrainBoard.options(name=board_name(app_name), namespace=NAMESPACE, get_if_exists=True).remote()
     deadline = time.monotonic() + timeout_s
+    said = time.monotonic()
     while True:
         reports = ray.get(board.reports.remote())
+        if time.monotonic() - said >= every_s:
+            waiting(sum(reports.values()))
+            said = time.monotonic()
         # A replica that died keeps its last report; the ones running now must each have said 0.
         if sum(1 for n in reports.values() if n == 0) >= running(app_name):
             return board, 0

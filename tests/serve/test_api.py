@@ -387,7 +387,7 @@ def test_stopping_on_a_joined_cluster_deletes_only_its_own_app(muse_app):
 
 def test_the_running_ingress_sees_the_drain_board_and_takes_requests_again_when_it_goes(muse_app):
     """The drain `muse serve` does on stopping, against the real app: once the board is up, the ingress
-    replica reports and answers 503 shutting_down; with the board gone it serves again."""
+    replica reports and answers 503 shutting_down (and /healthz 503); with the board gone it serves again."""
     import ray
 
     from serve import draining
@@ -397,6 +397,8 @@ def test_the_running_ingress_sees_the_drain_board_and_takes_requests_again_when_
         assert left == 0 and list(ray.get(board.reports.remote()).values()) == [0]  # one replica, idle
         r = muse_app.client.post("/v1/images/generations", json={"prompt": "a red circle", "steps": 1})
         assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
+        health = muse_app.client.get("/healthz")  # a load balancer stops sending here
+        assert health.status_code == 503 and health.json() == {"status": "draining"}
     finally:
         ray.kill(board)
     deadline = time.monotonic() + 10

@@ -48,12 +48,30 @@ def test_cli_mistakes_are_one_line_before_ray_starts(tmp_path, capsys, monkeypat
                           (["--config", str(bad_key)], "bogus: Extra inputs are not permitted"),
                           (["--checkpoint", root, "--config", str(bad_limit)], "limits.max_images:"),
                           (["--checkpoint", root, "--port", "70000"], "--port must be 1-65535"),
-                          (["--checkpoint", root, "--port", str(taken)], f"cannot listen on 127.0.0.1:{taken}")):
+                          (["--checkpoint", root, "--port", str(taken)], f"cannot listen on 127.0.0.1:{taken}"),
+                          *((["--checkpoint", root, "--config", str(write(tmp_path / f"malformed{i}.yaml", text))], why)
+                            for i, (text, why) in enumerate(MALFORMED_SERVE_CONFIGS))):
             with pytest.raises(SystemExit) as exit_:
                 main(argv)
             err = capsys.readouterr().err
             assert exit_.value.code == 2 and why in err and "Traceback" not in err, (argv, err)
             assert err.count("muse serve: error:") == 1
+
+
+# Serve configs of the wrong shape: one line each, not a traceback.
+MALFORMED_SERVE_CONFIGS = (
+    ("applications: foo\n", "applications must be a list of mappings"),
+    ("applications: [foo]\n", "applications must be a list of mappings"),
+    ("applications:\n  - args: [1, 2]\n", "args must be a mapping"),
+    ("applications: []\n", "applications is empty"),
+    ("http_options: {host: 5}\napplications: [{args: {}}]\n", "host must be a string and port an integer"),
+    ("http_options: {hots: 0.0.0.0}\napplications: [{args: {}}]\n", "reads host and port only, not ['hots']"),
+)
+
+
+def write(path, text: str):
+    path.write_text(text)
+    return path
 
 
 def test_cli_takes_host_and_port_from_a_serve_config(tmp_path):

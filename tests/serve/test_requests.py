@@ -457,8 +457,10 @@ def test_the_drain_waits_for_every_running_ingress_replica(ray_session):
     board = draining.DrainBoard.options(name=draining.board_name("t-drain"), namespace=draining.NAMESPACE).remote()
     try:
         ray.get([board.report.remote("a", 0), board.report.remote("b", 3)])
-        found, left = draining.drain("t-drain", 0.3, running)
+        said = []
+        found, left = draining.drain("t-drain", 0.3, running, waiting=said.append, every_s=0.1)
         assert left == 3 and found._actor_id == board._actor_id  # b still busy: the deadline; the same board
+        assert said and set(said) == {3}  # what is still in flight, said while it waits
         ray.get([board.report.remote("b", 0), board.report.remote("dead", 5)])
         t = time.monotonic()
         assert draining.drain("t-drain", 30, running)[1] == 0
