@@ -97,13 +97,15 @@ def main(argv: list[str] | None = None) -> None:
     # On a Ray of its own, Serve's proxy will listen here; on a cluster, one may be listening already.
     if cluster_address() is None and (why := port_taken(host, port)):
         parser.error(f"cannot listen on {host}:{port}: {why} (pick another --port)")
-    stop = threading.Event()
+    stop, serving = threading.Event(), threading.Event()
 
     def on_signal(*_) -> None:
         # The first Ctrl-C (or SIGTERM) asks for a clean shutdown; another one stops waiting for it.
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
+        if not serving.is_set():  # the models may take minutes to load: say that it was heard
+            print("muse serve: stopping once the models have loaded (Ctrl-C again to stop at once)", flush=True)
 
     # Before Ray starts too: a signal while it starts would otherwise kill this process and leave
     # Ray's agents running on their own.
@@ -125,41 +127,48 @@ def main(argv: list[str] | None = None) -> None:
 
             ray.shutdown()
         raise SystemExit(f"muse serve: {e}") from None
+    at_once = False
     try:
         if stop.is_set():
             raise KeyboardInterrupt  # asked to stop while Ray started
         start_serve(host, port)
         print(f"muse serve: starting {app_args.checkpoint} (loading the models)", flush=True)
         serve.run(build_app(app_args), name=APP_NAME, route_prefix="/", blocking=False)
+        serving.set()
         if not stop.is_set():
             print(f"muse serve: serving {app_args.checkpoint} at http://{host}:{port}/  (Ctrl-C to stop)",
                   flush=True)
         while not stop.wait(0.5):
             pass
-    except KeyboardInterrupt:  # a second signal while starting
-        pass
+    except KeyboardInterrupt:  # a second signal while starting: nothing was served yet, nothing to drain
+        at_once = True
     finally:
         try:
-            print("muse serve: stopping; the requests in flight finish first (Ctrl-C again to stop at once)",
-                  flush=True)
-            stop_serving(APP_NAME, local, app_args.limits.request_timeout_s)
+            if at_once:
+                print("muse serve: stopping at once", flush=True)
+                stop_serving(APP_NAME, local, at_once=True)
+            else:
+                print("muse serve: stopping; the requests in flight finish first (Ctrl-C again to stop at once)",
+                      flush=True)
+                stop_serving(APP_NAME, local, app_args.limits.request_timeout_s)
         except KeyboardInterrupt:  # Ray's processes still go when this one exits
             print("muse serve: stopped without waiting for Serve to shut down", flush=True)
 
 
-def stop_serving(app_name: str, local: bool, drain_s: float = 300.0) -> None:
+def stop_serving(app_name: str, local: bool, drain_s: float = 300.0, at_once: bool = False) -> None:
     """Undo what `muse serve` started: on its own local Ray, Serve and Ray; on a cluster it joined
     (RAY_ADDRESS, or a `ray start` one on this node), only its app, leaving the cluster's other
-    Serve apps and its HTTP proxy running."""
+    Serve apps and its HTTP proxy running. `at_once`: stopped before anything was served (no drain)."""
     import ray
     from ray import serve
 
     # The ingress drains first, refusing new requests, while every model behind it still runs: deleting
     # the app at once would stop the super-res and decoder replicas that its requests still need.
     # Then Serve stops each replica once it holds nothing. A second Ctrl-C stops waiting.
-    board = drain_ingress(app_name, drain_s)
+    board = None if at_once else drain_ingress(app_name, drain_s)
     try:
-        serve.delete(app_name)
+        if not (at_once and local):  # (Ray's shutdown below takes a local app with it)
+            serve.delete(app_name)
     except Exception as e:  # noqa: BLE001 - the app never started
         print(f"muse serve: no app to delete ({type(e).__name__})", flush=True)
     if board is not None:

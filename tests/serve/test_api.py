@@ -443,3 +443,9 @@ def test_stopping_lets_the_requests_in_flight_finish(muse_app, monkeypatch):
     monkeypatch.setattr(ray, "shutdown", lambda: order.append(("shutdown",)))
     stop_serving("muse", local=True, drain_s=120)
     assert order == [("drain", "muse", 120), ("delete", "muse"), ("shutdown",)]
+    # Stopped at once (a second Ctrl-C while the models loaded): nothing was served, nothing to drain.
+    order.clear()
+    stop_serving("muse", local=True, at_once=True)
+    assert order == [("shutdown",)]
+    stop_serving("muse", local=False, at_once=True)  # on a cluster it joined: its app goes, not Ray
+    assert order == [("shutdown",), ("delete", "muse")]
