@@ -115,3 +115,17 @@ def test_a_letterbox_placed_at_the_base_side_agrees_with_it_pixel_for_pixel():
         assert torch.equal(hi, torch.nn.functional.interpolate(lo[None, None].float(), size=(128, 128))[0, 0] > 0), size
     with pytest.raises(ValueError, match="must be a multiple"):
         letterbox(img, 100, placed_at=64)
+
+
+def test_faint_alpha_in_a_mask_does_not_hide_its_white_region():
+    """Transparency marks the region only where a pixel is transparent (alpha < 128): a mask opaque but
+    for one alpha-254 pixel is read by its white pixels."""
+    from muse.image_inputs import mask_from_image
+
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 3] = 255
+    rgba[2:4, 2:6, :3] = 255
+    rgba[0, 0, 3] = 254
+    assert mask_from_image(Image.fromarray(rgba)).sum() == 8
+    rgba[0, 0, 3] = 0  # a transparent pixel: transparency marks the region
+    assert mask_from_image(Image.fromarray(rgba)).sum() == 1
