@@ -54,13 +54,19 @@ class MusePipeline:
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, root_uri: str, device: str | torch.device = "cpu") -> MusePipeline:
+    def from_pretrained(cls, root_uri: str, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> MusePipeline:
         """Load a model root (local path, file:// or s3://). vqgan_hi + superres are loaded when both
         are there; a root with only one of them (super-res still training) loads without super-res,
-        with a warning."""
+        with a warning. `dtype`: the transformers and VQGANs cast as `to(dtype=...)` casts them, each as
+        it loads, so memory holds two copies of one component at most, not of the whole root."""
         def load(name: str) -> torch.nn.Module:
-            return checkpoint.load_component(checkpoint.component_uri(root_uri, name), device=device,
-                                             expect_kind=checkpoint.slot_role(name))
+            model = checkpoint.load_component(checkpoint.component_uri(root_uri, name), device=device,
+                                              expect_kind=checkpoint.slot_role(name))
+            if dtype is not None and name != "text_encoder":
+                _check_dtype(model, dtype)
+                model.to(dtype=dtype)
+            return model
 
         parts = {name: load(name) for name in checkpoint.REQUIRED_COMPONENTS}
         present = [name for name in ("vqgan_hi", "superres") if checkpoint.has_component(root_uri, name)]
@@ -109,10 +115,8 @@ class MusePipeline:
         """Move every component (and cast the transformers and VQGANs to `dtype`). The text encoder
         takes the precision its config names for the device, as `from_pretrained(device=...)` gives
         it (T5's "auto": bfloat16 on a GPU); a stage casts its embeddings when it reads them."""
-        from muse.vq import VQModel
-
-        if dtype == torch.float16 and any(isinstance(getattr(self, n), VQModel) for n in ("vqgan_lo", "vqgan_hi")):
-            raise ValueError("aMUSEd's VQ tokenizer overflows in float16: use bfloat16 or float32")
+        for name in ("vqgan_lo", "vqgan_hi"):
+            _check_dtype(getattr(self, name), dtype)
         for name in checkpoint.COMPONENTS:
             model = getattr(self, name)
             if model is None:
@@ -464,6 +468,13 @@ def _negatives(negative_prompt: str | Sequence[str] | None, n: int) -> list[str]
         raise ValueError(f"negative_prompt must be None, a non-empty string, or {n} non-empty strings "
                          f"(one per prompt), got {negative_prompt!r}")
     return negatives
+
+
+def _check_dtype(model: torch.nn.Module | None, dtype: torch.dtype | None) -> None:
+    from muse.vq import VQModel
+
+    if dtype == torch.float16 and isinstance(model, VQModel):
+        raise ValueError("aMUSEd's VQ tokenizer overflows in float16: use bfloat16 or float32")
 
 
 def _check_compatible(text_encoder, vqgan_lo, base, vqgan_hi, superres) -> None:

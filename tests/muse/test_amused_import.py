@@ -214,6 +214,8 @@ def test_pipeline_generates_at_the_released_size(imported, tmp_path):
     assert torch.equal(first, again) and first.shape == (1, res // 16, res // 16)
     with pytest.raises(ValueError, match="overflows in float16: use bfloat16 or float32"):
         MusePipeline.from_pretrained(root).to(dtype=torch.float16)
+    with pytest.raises(ValueError, match="overflows in float16"):
+        MusePipeline.from_pretrained(root, dtype=torch.float16)
     if arch == "amused-256":
         from muse.generate_cli import main as generate_main
 

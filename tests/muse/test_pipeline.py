@@ -229,6 +229,13 @@ def test_from_pretrained_round_trip_equals_from_preset(tmp_path):
     assert not torch.equal(MusePipeline.from_preset("tiny", seed=3)("a red circle", **kwargs),
                            built("a red circle", **kwargs))
 
+    # Loaded in another dtype: each component cast as it loads, as `to(dtype=...)` casts the pipeline.
+    bf16 = MusePipeline.from_pretrained(str(tmp_path / "root"), dtype=torch.bfloat16)
+    for name in ("vqgan_lo", "base", "vqgan_hi", "superres"):
+        assert {p.dtype for p in getattr(bf16, name).parameters()} == {torch.bfloat16}, name
+    assert {p.dtype for p in bf16.text_encoder.parameters()} == {torch.float32}  # its config's, as `to` keeps
+    assert torch.equal(bf16("a red circle", **kwargs), loaded.to(dtype=torch.bfloat16)("a red circle", **kwargs))
+
 
 def test_save_pretrained_to_s3_and_load_base_only_root(pipe, s3_bucket, tmp_path):
     root = f"{s3_bucket}/model"
