@@ -112,18 +112,18 @@ def room_for_both(cfg: TrainConfig, resources, request, autoscaling: bool, wait_
         request(bundles=[])
 
 
-def refuse_foreign_tokens(tokens: str, root: str) -> None:
+def refuse_foreign_tokens(tokens: str, root: str, spec: dict | None = None) -> None:
     """Refuse a --tokens folder of the user's made by another root's tokenizer: checked before any stage
-    trains, as well as once the tokenizers are trained (`replace_stale_tokens`)."""
-    from jobs.root_fit import _made_elsewhere, _owner, _tokenize_spec, retrained_tokenizers
+    trains, as well as once the tokenizers are trained (`replace_stale_tokens`). `spec`: its job spec,
+    when the caller has read it."""
+    from jobs.root_fit import _tokenize_spec, foreign_makers, makers_text
 
-    spec = _tokenize_spec(tokens) if storage.exists(tokens) else {}
-    foreign = {name: where for name in retrained_tokenizers(root, spec)
-               if (where := _made_elsewhere(root, spec, name)) is not None}
-    if foreign:  # another root's tokenizer, not this one's before it was trained again
-        makers = ", ".join(f"{name} of {_owner(where, name)}" for name, where in foreign.items())
+    if spec is None:
+        spec = _tokenize_spec(tokens) if storage.exists(tokens) else {}
+    if foreign := foreign_makers(root, spec):  # another root's tokenizer, not this one's before it was trained again
         raise RunRefused(f"--tokens {tokens} holds tokens made by another tokenizer than the model root {root}'s "
-                         f"({makers}): give a new --tokens folder, or leave --tokens out to tokenize into {root}/tokens")
+                         f"({makers_text(foreign)}): give a new --tokens folder, or leave --tokens out to tokenize "
+                         f"into {root}/tokens")
 
 
 def replace_stale_tokens(tokens: str, root: str, owned: bool) -> None:
@@ -137,7 +137,7 @@ def replace_stale_tokens(tokens: str, root: str, owned: bool) -> None:
     if not changed:
         return
     if not owned:
-        refuse_foreign_tokens(tokens, root)
+        refuse_foreign_tokens(tokens, root, spec)
         raise RunRefused(f"--tokens {tokens} holds tokens of the root's {' and '.join(changed)} as they were before "
                          "they were trained again: give a new --tokens folder (or delete that one)")
     say(f"[all] {tokens} holds tokens of the root's {' and '.join(changed)} before they were trained again: "

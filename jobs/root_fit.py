@@ -52,17 +52,26 @@ def foreign_tokens_problem(stage: str, root: str, data: str, spec: dict) -> str 
     of the same grid perhaps), so the root's VQGAN would decode the learnt codes as other images. A copy
     of this root's tokenizer (the same weights elsewhere) is accepted; this root's own tokenizer trained
     again since is `stale_tokens_problem`'s."""
-    retrained = retrained_tokenizers(root, spec)
-    foreign = {name: where for name in _tokenizers_read(stage) if name in retrained
-               and (where := _made_elsewhere(root, spec, name)) is not None}
+    foreign = foreign_makers(root, spec, _tokenizers_read(stage))
     if not foreign:
         return None
-    makers = ", ".join(f"{name} of {_owner(where, name)}" for name, where in foreign.items())
     names = " and ".join(foreign)
     return (f"the token shards under {data} were made by another tokenizer than the model root {root}'s "
-            f"({makers}): its {names} has other weights and would decode those codes as other images; "
+            f"({makers_text(foreign)}): its {names} has other weights and would decode those codes as other images; "
             f"tokenize the corpus with this root (`muse tokenize --checkpoint {root}`, a new --output) and "
             "train on those tokens")
+
+
+def foreign_makers(root: str, spec: dict, names: tuple[str, ...] = ("vqgan_lo", "vqgan_hi")) -> dict[str, str]:
+    """{tokenizer: where it lies} for those of `names` that made the shards of job spec `spec`, lie
+    elsewhere than `root` and hold other weights than the root's own (another root's)."""
+    retrained = retrained_tokenizers(root, spec)
+    return {name: where for name in names if name in retrained
+            and (where := _made_elsewhere(root, spec, name)) is not None}
+
+
+def makers_text(foreign: dict[str, str]) -> str:
+    return ", ".join(f"{name} of {_owner(where, name)}" for name, where in foreign.items())
 
 
 def _owner(where: str, name: str) -> str:

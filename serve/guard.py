@@ -47,7 +47,7 @@ def client_gone_as_disconnect(receive):
 
 class Admission:
     """An ingress replica's image requests in flight, and whether it drains: shared by its Guard
-    and the replica (`Ingress.drain`)."""
+    and the replica's drain watch (`serve.draining`)."""
 
     def __init__(self) -> None:
         self.in_flight, self.draining = 0, False
