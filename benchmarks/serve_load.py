@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import time
@@ -203,15 +202,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from ray import serve
 
     from muse.checkpoint import init_model_root
+    from serve.app import unused_port
 
     tmp = tempfile.TemporaryDirectory()
     root = args.checkpoint
     if root is None:
         root = os.path.join(tmp.name, "tiny")
         init_model_root("tiny", root)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = unused_port()
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     body = {"prompt": "a red circle above a blue square", "size": args.size, "n": 1, "response_format": "b64_json"}
     results = []

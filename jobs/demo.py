@@ -26,7 +26,6 @@ import base64
 import io
 import json
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -69,12 +68,6 @@ def write_serve_config(output: str, root: str) -> str:
                        + yaml.safe_dump({"checkpoint": os.path.abspath(root) if not storage.is_s3(root) else root,
                                          "sampling": dict(DEMO_SAMPLING)}, sort_keys=False))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_generate(url: str, size: str, steps: int | None = None, timeout: float = 300.0):
@@ -186,7 +179,7 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
     from muse.data.synthetic import write_corpus
     from muse.evaluate import evaluate
     from muse.pipeline import MusePipeline
-    from serve.app import build_app, start_serve
+    from serve.app import build_app, start_serve, unused_port
     from serve.config import AppArgs, Deployment, Generator, Sampling
 
     train_cfg = load_config(config, list(overrides))  # a typo fails here, before Ray and the corpora
@@ -223,7 +216,7 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
         timings["training_s"] = time.time() - start
 
         start = time.time()
-        port = free_port()
+        port = unused_port()
         url = f"http://127.0.0.1:{port}"
         small = Deployment(num_cpus=0.25)
         gen = Generator(num_cpus=0.5)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import random
+import socket
 
 from ray import serve
 from ray.serve import Application
@@ -30,6 +32,32 @@ def start_serve(host: str, port: int) -> None:
     what is served, and the replicas' logs and the ingress's line per request stay on the console."""
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
+
+
+def unused_port(host: str = "127.0.0.1") -> int:
+    """A port free on host now, for a server about to start there. It is drawn above Ray's worker ports
+    (10002-19999) and below the kernel's ephemeral range, from which every bind(0) and outgoing
+    connection takes its port: a port found free in that range may be taken by one of Ray's own
+    processes before the server binds it."""
+    low, high = 20000, _ephemeral_ports_start()
+    for port in random.SystemRandom().sample(range(low, high), min(64, max(high - low, 0))):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # all taken (or an unusual range): any port the kernel gives
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _ephemeral_ports_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def build_app(args: AppArgs) -> Application:

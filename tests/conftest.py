@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import pytest
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def pytest_report_header(config) -> str:
+    """The machine a run's timings and failures come from, and the disk its temporary folders have:
+    the suite needs a few hundred MB there, and a full disk fails tests far from the cause."""
+    import shutil
+    import tempfile
+
+    tmp = tempfile.gettempdir()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"machine: {os.cpu_count()} logical cores, {memory:.0f} GiB memory; "
+            f"{shutil.disk_usage(tmp).free / 2**30:.1f} GiB free in {tmp}")
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +27,9 @@ def s3_server(tmp_path_factory):
     node cache of S3 folders (muse.node_cache) to this session's own folder."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    from serve.app import unused_port
+
+    port = unused_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -47,13 +54,26 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture
-def s3_bucket(s3_server) -> str:
+def s3_bucket(s3_server):
     """A fresh, empty bucket; returns its s3:// URI."""
     import boto3
 
     name = f"test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
-    return f"s3://{name}"
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.create_bucket(Bucket=name)
+    yield f"s3://{name}"
+    # The server keeps every object (in memory, or spooled to unnamed temporary files) until deleted:
+    # without this, a session's buckets add up to hundreds of MB of disk.
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+        for upload in client.list_multipart_uploads(Bucket=name).get("Uploads", []):
+            client.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
+        client.delete_bucket(Bucket=name)
+    except Exception as e:  # a test that stopped the server, or left it behind a fault proxy
+        print(f"bucket {name} not emptied: {e!r}")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import replace
 
 import pytest
@@ -25,6 +24,7 @@ from jobs.masked import TrainWrapper
 from jobs.parallel import WorkerEnv, fsdp_wrap, full_tensor, transformer_fsdp_units
 from muse.config import preset
 from muse.transformer import MaskedTransformer
+from serve.app import unused_port
 
 BATCH_SEEDS = (11, 12, 13, 14)  # the data of steps 1..4
 
@@ -100,12 +100,6 @@ def _two_workers(rank: int, port: int, load_dir: str, save_dir: str, out: str) -
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for k in a:
@@ -126,7 +120,7 @@ def test_a_run_reshards_from_one_worker_to_two_fsdp_workers_and_back(tmp_path):
     expected_loss = ref.step(2)  # the single worker's own step 3
 
     # 1 -> 2: fork two workers (no Ray, no fresh interpreter: seconds).
-    mp.start_processes(_two_workers, args=(_free_port(), one, two, out), nprocs=2, start_method="fork")
+    mp.start_processes(_two_workers, args=(unused_port(), one, two, out), nprocs=2, start_method="fork")
     got = json.load(open(os.path.join(out, "result.json")))
     assert got["step"] == 2 and got["last_epoch"] == 3
     assert abs(got["resumed_loss"] - expected_resumed_loss) < 1e-5  # the loss continues where it was

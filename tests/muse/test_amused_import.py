@@ -358,12 +358,13 @@ def test_imported_root_serves_over_http(imported, ray_session):
     from PIL import Image
     from ray import serve
 
-    from jobs.demo import free_port, wait_healthy
+    from jobs.demo import wait_healthy
+    from serve.app import unused_port
     from serve.app import build_app
     from serve.config import AppArgs, Deployment, Generator, Sampling
 
     _, _, _, root = imported
-    port = free_port()
+    port = unused_port()
     serve.shutdown()  # another test's Serve may still be up, on its own port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     small, gen = Deployment(num_cpus=0.25), Generator(num_cpus=0.5)

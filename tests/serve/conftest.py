@@ -9,7 +9,9 @@ import time
 import httpx
 import pytest
 
-from serve_helpers import APP, KEY, TEST_ARGS, App, free_port, healthy
+from serve_helpers import APP, KEY, TEST_ARGS, App, healthy
+
+from serve.app import unused_port
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +38,7 @@ def muse_app(ray_session, tiny_root):
     from serve.app import build_app
     from serve.config import AppArgs
 
-    port = free_port()
+    port = unused_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(AppArgs(checkpoint=tiny_root, **TEST_ARGS)), name=APP, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import types
 from dataclasses import dataclass
 
@@ -27,12 +26,6 @@ TEST_ARGS = {
     "limits": {"max_body_bytes": 1 << 20, "max_images": 4, "max_prompt_chars": 200, "request_timeout_s": 120,
                "max_in_flight": 24},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -114,3 +114,25 @@ def test_serve_config_args_reach_build_app_the_way_serve_passes_them(tmp_path):
     assert [h._bound_deployment.logging_config["enable_access_log"] for h in handles] == [False] * 4
     with pytest.raises(ValueError):
         call_user_app_builder_with_args_if_necessary(build_app, {"checkpoint": root, "bogus": 1})
+
+
+def test_a_port_for_a_new_server_is_free_and_outside_the_ranges_other_processes_take_ports_from(monkeypatch):
+    """The demo's and the tests' servers listen on `unused_port()`: free now, above Ray's worker ports and
+    below the kernel's ephemeral range, so no bind(0) or outgoing connection of Ray's takes it first (a
+    port from the ephemeral range once failed the demo's proxy: 'Failed to bind to address')."""
+    import random
+    import socket
+
+    from serve import app
+
+    start = app._ephemeral_ports_start()
+    ports = {app.unused_port() for _ in range(20)}
+    assert all(20000 <= p < start for p in ports) and len(ports) > 1
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+    with socket.socket() as held:  # a drawn port that is taken is passed over
+        held.bind(("127.0.0.1", min(ports)))
+        draws = iter([[min(ports), max(ports)]])
+        monkeypatch.setattr(random.SystemRandom, "sample", lambda self, population, k: next(draws))
+        assert app.unused_port() == max(ports)
