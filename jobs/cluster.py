@@ -9,6 +9,8 @@ In this order:
 A cluster is sized by whoever started it, so `num_cpus` and the other start-up options apply to a
 local instance only; the workers' environment goes to both. Never `address="auto"`: beyond the
 `ray start` cluster it falls back to any Ray process on the machine, e.g. another user's test run.
+A cluster that does not answer, or refuses this process's token, is `RayUnreachable` within Ray's
+GCS wait (20 s), where ray.init would try for about 14 minutes.
 """
 
 from __future__ import annotations
@@ -105,6 +107,59 @@ def without_job_env_vars(env: dict[str, str] | None) -> dict[str, str]:
     return {key: value for key, value in env.items() if key not in job_env}
 
 
+class RayUnreachable(ConnectionError):
+    """The cluster to join does not answer, or refuses this process's authentication token."""
+
+
+# How long a cluster may not answer before a command gives up: Ray's own budget for reaching a GCS
+# (RAY_gcs_server_port_wait_time_s, else ~20 tries a second apart), where ray.init would go on for
+# about 14 minutes (each try waits on a 40 s timeout) printing warnings.
+GCS_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"
+GCS_WAIT_S = 20.0
+
+
+def check_reachable(address: str, source: str) -> None:
+    """Raise RayUnreachable unless something accepts a connection at `address` (host:port, or
+    ray://host:port) within the GCS wait; a name Ray resolves itself ("auto") passes."""
+    import socket
+    import time
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        wait = max(1.0, float(os.environ.get(GCS_WAIT_ENV) or GCS_WAIT_S))
+    except ValueError:
+        wait = GCS_WAIT_S
+    deadline, error = time.monotonic() + wait, None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, wait)):
+                return
+        except OSError as e:
+            error = e
+            time.sleep(1.0)
+    raise RayUnreachable(f"cannot join the Ray cluster at {address} ({source}): nothing answered there in "
+                         f"{wait:.0f} s ({error}). Start it, correct RAY_ADDRESS, or set RAY_ADDRESS=local "
+                         "to run on a Ray of this command's own")
+
+
+def _why_not_joined(address: str, source: str, error: BaseException) -> str:
+    import ray.exceptions
+
+    chain, seen = [], error
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    # ray.init gives up after its tries with a RuntimeError that quotes the last one's traceback.
+    refused = any(isinstance(e, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in str(e) for e in chain)
+    if refused:  # the token itself is never shown
+        return (f"cannot join the Ray cluster at {address} ({source}): it refuses this process's authentication "
+                "token. Give the cluster's token in RAY_AUTH_TOKEN_PATH (a file), RAY_AUTH_TOKEN or "
+                "~/.ray/auth_token; `ray get-auth-token` on its head node prints it")
+    return f"cannot join the Ray cluster at {address} ({source}): {error}"
+
+
 def join_ray(env: dict[str, str] | None = None, *, num_cpus: int | None = None,
              local_env: dict[str, str] | None = None, quiet: bool = True, **local: Any) -> bool:
     """Connect this process to Ray as the module says, unless it is connected already. `env`: the
@@ -120,7 +175,12 @@ def join_ray(env: dict[str, str] | None = None, *, num_cpus: int | None = None,
     console = ray_init_kwargs() if quiet else {}
     address = cluster_address()
     if address is not None:
-        ray.init(address=address, runtime_env={"env_vars": without_job_env_vars(env)}, **console)
+        source = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "the cluster `ray start` recorded on this node"
+        check_reachable(address, source)
+        try:
+            ray.init(address=address, runtime_env={"env_vars": without_job_env_vars(env)}, **console)
+        except ConnectionError as e:
+            raise RayUnreachable(_why_not_joined(address, source, e)) from None
         stop_on_sigterm()
         return False
     use_local_driver_env()

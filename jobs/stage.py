@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from jobs.cluster import LocalPathRefused, check_shared_paths
+from jobs.cluster import LocalPathRefused, RayUnreachable, check_shared_paths
 from jobs.config import load_config
 from jobs.fit import StopWithThreads, ensure_ray, resume_note
 from jobs.preflight import RunRefused
@@ -195,8 +195,8 @@ def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
             finally:
                 os._exit(code)
         parser.exit(code, line)
-    except (RunRefused, ResumeRefused, OutputInUse, NoInput, CorpusRefused, LocalPathRefused, NoTokenShards,
-            CheckpointError) as e:  # a model root that is none (a diffusers folder not imported) among them
+    except (RunRefused, ResumeRefused, OutputInUse, NoInput, CorpusRefused, LocalPathRefused, RayUnreachable,
+            NoTokenShards, CheckpointError) as e:  # a model root that is none (a diffusers folder not imported) among them
         stop_display()
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     except OutputTakenOver as e:  # `train all`'s tokenization, silent too long

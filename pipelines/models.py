@@ -1,4 +1,5 @@
-"""The model UDFs of tokenization: models loaded once per actor in `__init__`, called per batch.
+"""The models of tokenization: where each comes from (`Models`, `resolve_models`), and the UDFs that
+load them once per actor in `__init__` and call them per batch.
 
 The image tokenizers share one Ray Data actor pool (`ImageTokens`; on CPU `PartTokens`, which also
 reads, decodes and writes whole parts), the text model has its own (`pipelines.tokenize.build`).
@@ -9,15 +10,58 @@ through without a model call and get nulls in the new columns.
 from __future__ import annotations
 
 import functools
+import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
+from muse import storage
 from muse.tokenizer import load_tokenizer, text_encoder_config
 from pipelines import readers, rows
 from pipelines.job_spec import embeddings_refusal
 from pipelines.preprocess import preprocess_batch, unpack_pixels
+
+@dataclass(frozen=True)
+class Models:
+    """Where each component comes from: muse component directories (local or s3://); the text
+    encoder may also be a Hugging Face T5 directory or cache name."""
+
+    vqgan_lo: str
+    text_encoder: str
+    vqgan_hi: str | None = None
+
+
+def resolve_models(checkpoint: str | None, vqgan: str | None = None, vqgan_hi: str | None = None,
+                   text_encoder: str | None = None) -> Models:
+    """The model root's vqgan_lo/, vqgan_hi/ (when present) and text_encoder/, each overridable."""
+    from muse.components import component_uri, has_component
+
+    def pick(flag: str | None, name: str, required: bool) -> str | None:
+        if flag:
+            return flag
+        if checkpoint and has_component(checkpoint, name):
+            return component_uri(checkpoint, name)
+        if required and not checkpoint:
+            raise ValueError(f"no {name}: give the model root (--checkpoint ROOT) or name the {name} itself")
+        if required:
+            raise ValueError(f"no {name}: the model root {checkpoint!r} has no {name}/ and no flag names one")
+        return None
+
+    return Models(pick(vqgan, "vqgan_lo", True), pick(text_encoder, "text_encoder", True),
+                  pick(vqgan_hi, "vqgan_hi", False))
+
+
+def for_workers(models: Models) -> Models:
+    """`models` with local paths made absolute: the actors of a joined cluster start in a folder of
+    their own (the `ray start` one), where a relative path names another folder or none. A name that
+    is no path (a Hugging Face cache name) stays as it is."""
+    def absolute(uri: str | None) -> str | None:
+        return storage.absolute(uri) if uri and not storage.is_s3(uri) and os.path.exists(uri) else uri
+
+    return Models(absolute(models.vqgan_lo), absolute(models.text_encoder), absolute(models.vqgan_hi))
+
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 

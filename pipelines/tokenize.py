@@ -62,51 +62,21 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from jobs.cluster import LocalPathRefused, check_shared_paths
+from jobs.cluster import LocalPathRefused, RayUnreachable, check_shared_paths
 from jobs.placement import on_this_node
 from muse import storage
 from pipelines import corpus_data, manifest, readers, shards
 from pipelines.config import FORMATS, PoolConfig, TokenizeConfig, load_config
 from pipelines.job_spec import (ResumeRefused, check_resumable, device_of, job_spec,  # noqa: F401 (job_spec: the tests')
                                 resumed_spec, settings_as_before)
-from pipelines.models import ImageTokens, PartTokens, TextTokens, load_tokenizer
+from pipelines.models import (ImageTokens, Models, PartTokens, TextTokens, for_workers, load_tokenizer,
+                              resolve_models)
 from pipelines.preprocess import preprocessed
 from pipelines.rejects import CorpusRefused
 from pipelines.room import check_room
 
 __all__ = ["Models", "build", "load_tokenizer", "main", "resolve_models", "run"]
-
-
-@dataclass(frozen=True)
-class Models:
-    """Where each component comes from: muse component directories (local or s3://); the text
-    encoder may also be a Hugging Face T5 directory or cache name."""
-
-    vqgan_lo: str
-    text_encoder: str
-    vqgan_hi: str | None = None
-
-
-def resolve_models(checkpoint: str | None, vqgan: str | None = None, vqgan_hi: str | None = None,
-                   text_encoder: str | None = None) -> Models:
-    """The model root's vqgan_lo/, vqgan_hi/ (when present) and text_encoder/, each overridable."""
-    from muse.components import component_uri, has_component
-
-    def pick(flag: str | None, name: str, required: bool) -> str | None:
-        if flag:
-            return flag
-        if checkpoint and has_component(checkpoint, name):
-            return component_uri(checkpoint, name)
-        if required and not checkpoint:
-            raise ValueError(f"no {name}: give the model root (--checkpoint ROOT) or name the {name} itself")
-        if required:
-            raise ValueError(f"no {name}: the model root {checkpoint!r} has no {name}/ and no flag names one")
-        return None
-
-    return Models(pick(vqgan, "vqgan_lo", True), pick(text_encoder, "text_encoder", True),
-                  pick(vqgan_hi, "vqgan_hi", False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +181,7 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     (`manifest.retire`) and their images tokenized again in the parts that now hold them."""
     cfg = cfg or TokenizeConfig()
     input_uri, output = readers.canonical(input_uri), readers.canonical(output)
+    models = for_workers(models)
     real_input, real_output = _resolved(input_uri), _resolved(output)  # through symlinks
     if real_output == real_input:
         raise CorpusRefused(f"the output {output} is the input: write the shards to another folder")
@@ -450,7 +421,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         totals = run(args.input, args.output, models, cfg, args.format, progress=not args.no_progress,
                      force_cleanup=args.force_cleanup, retire_changed=args.retire_changed)
-    except (ResumeRefused, CorpusRefused, manifest.OutputInUse, readers.NoInput, LocalPathRefused) as e:  # refused before any work
+    except (ResumeRefused, CorpusRefused, manifest.OutputInUse, readers.NoInput, LocalPathRefused,
+            RayUnreachable) as e:  # refused before any work
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     except manifest.OutputTakenOver as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")

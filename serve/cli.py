@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from ray import serve
 
-    from jobs.cluster import LocalPathRefused, check_shared_paths, cluster_address, join_ray
+    from jobs.cluster import LocalPathRefused, RayUnreachable, check_shared_paths, cluster_address, join_ray
     from serve.app import build_app, start_serve
 
     # On a Ray of its own, Serve's proxy will listen here; on a cluster, one may be listening already.
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
 
         ray.shutdown()
         raise SystemExit("muse serve: stopped while Ray started") from None
+    except RayUnreachable as e:
+        parser.exit(2, f"muse serve: error: {e}\n")
     signal.signal(signal.SIGTERM, on_signal)  # join_ray's own handler replaced it
     try:
         check_shared_paths({"--checkpoint": app_args.checkpoint})  # replicas on other nodes load it too

@@ -24,6 +24,7 @@ def calls(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: recorded.append(kw))
     monkeypatch.setattr(cluster, "stop_on_sigterm", lambda: None)  # this process keeps pytest's handlers
+    monkeypatch.setattr(cluster, "check_reachable", lambda address, source: None)  # nothing listens at them
     return recorded
 
 
@@ -311,3 +312,63 @@ def test_a_submitted_job_refuses_paths_inside_its_working_dir_copy(monkeypatch, 
     with pytest.raises(cluster.LocalPathRefused, match=r"--output .*tokens lies in this job's copy of its --working-dir"):
         cluster.check_shared_paths({"--output": str(package / "tokens"), "--input": "s3://bucket/corpus"})
     cluster.check_shared_paths({"--output": str(tmp_path / "shared" / "tokens")})
+
+
+def test_a_cluster_that_does_not_answer_is_one_line_within_the_gcs_wait(tmp_path, monkeypatch, capsys):
+    """RAY_ADDRESS naming a cluster that is down: ray.init tried for ~14 minutes, printing a warning
+    every few seconds. Every command now says so in one line (exit status 2) within Ray's GCS wait."""
+    import signal
+    import socket
+
+    from muse.checkpoint import init_model_root
+    from serve.cli import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = str(tmp_path / "root")
+    init_model_root("tiny", root)
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    monkeypatch.setenv(cluster.GCS_WAIT_ENV, "2")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as a new process
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    start = time.monotonic()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main(["--checkpoint", root])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and time.monotonic() - start < 15, err
+    assert err.strip().splitlines() == [
+        f"muse serve: error: cannot join the Ray cluster at 127.0.0.1:{port} (RAY_ADDRESS): nothing answered there "
+        "in 2 s ([Errno 111] Connection refused). Start it, correct RAY_ADDRESS, or set RAY_ADDRESS=local to run on "
+        "a Ray of this command's own"]
+
+
+JOIN_WITHOUT_THE_TOKEN = """
+from jobs.cluster import RayUnreachable, join_ray
+try:
+    join_ray()
+except RayUnreachable as e:
+    print("refused:", e)
+"""
+
+
+def test_a_cluster_that_refuses_the_token_says_where_the_token_goes(ray_session, tmp_path):
+    """A process without the cluster's token (another user's, or RAY_AUTH_MODE unset) is refused by
+    every GCS call; ray.init's error named only the address. The line says where the token goes, and
+    the token itself is never printed."""
+    if os.environ.get("RAY_AUTH_MODE") == "disabled":
+        pytest.skip("this session's Ray runs without token authentication (RAY_AUTH_MODE=disabled)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env |= {"HOME": str(tmp_path), "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+            cluster.GCS_WAIT_ENV: "2", "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", JOIN_WITHOUT_THE_TOKEN], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert "refused:" in run.stdout and "it refuses this process's authentication token" in run.stdout, run.stderr[-2000:]
+    assert "~/.ray/auth_token" in run.stdout
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    token = os.environ.get("RAY_AUTH_TOKEN") or open(token_file).read().strip()
+    assert len(token) >= 16 and token not in run.stdout + run.stderr

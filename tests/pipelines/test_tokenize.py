@@ -324,6 +324,20 @@ def test_model_flags_override_the_root(tiny_root, tiny_root_lo_only):
     assert m.vqgan_hi == component_uri(tiny_root, "vqgan_hi") and m.text_encoder == "/elsewhere/t5"
 
 
+def test_the_actors_get_absolute_model_paths(tiny_root, monkeypatch):
+    """The actors of a joined cluster start in the folder of its `ray start`, where `--checkpoint root`
+    named nothing: the job hands them absolute paths (a name that is no path, e.g. a Hugging Face
+    cache name, and s3:// stay as they are)."""
+    from pipelines.models import Models, for_workers
+
+    monkeypatch.chdir(os.path.dirname(tiny_root))
+    models = for_workers(resolve_models(os.path.basename(tiny_root)))
+    assert models == resolve_models(tiny_root)
+    assert all(os.path.isabs(uri) for uri in (models.vqgan_lo, models.vqgan_hi, models.text_encoder))
+    named = Models("s3://bucket/root/vqgan_lo", "google/t5-v1_1-small")
+    assert for_workers(named) == named
+
+
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(REPO, "configs"))
                                         if f.startswith("tokenize")))
 def test_shipped_configs_load(name):
