@@ -118,13 +118,16 @@ class CaptionsIndex:
         self.close()
 
 
+CAPTIONS_FILE_NAMES = ("captions.jsonl", "captions.csv")  # looked for in the folder, in this order
+
+
 def captions_file(root: str, cfg: ReaderConfig) -> str | None:
     """The folder's captions file (`reader.captions_file`, relative to the folder or a full URI, or
     `captions.jsonl` / `captions.csv` in the folder), or None for sidecar captions. A captions file
     named but not there is refused."""
     source = cfg.captions_file
     if source is None:
-        source = next((name for name in ("captions.jsonl", "captions.csv")
+        source = next((name for name in CAPTIONS_FILE_NAMES
                        if storage.exists(storage.join(root, name))), None)
         return None if source is None else storage.join(root, source)
     path = source if "://" in source or source.startswith("/") else storage.join(root, source)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
@@ -28,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from muse import storage
-from pipelines.captions_file import CaptionsIndex, captions_file
+from pipelines.captions_file import CAPTIONS_FILE_NAMES, CaptionsIndex, captions_file
 from pipelines.rejects import FILE_TOO_LARGE, MISSING_IMAGE
 
 PARTS_PER_PLAN_FILE = 64
@@ -97,6 +98,53 @@ def part_items(root: str, plan: str, group: int) -> tuple[Item, ...]:
 
 
 FOLDER_CUTS = ("names", "count")
+
+
+class PassedOver:
+    """The files of a folder corpus that are neither an image it reads nor an image's caption, counted
+    as the corpus is listed (a few names kept): a caption whose image has a type that is not read
+    (`.heic`, `.avif`, a typo), or images of such a type, were passed over without a word."""
+
+    MAX_TYPES = 64  # counted by extension up to this many kinds; the rest together
+
+    def __init__(self, root: str, image_extensions: Iterable[str], captions_file: str | None = None):
+        self.root, self.image_extensions = root, set(image_extensions)
+        self.captions_names = {*CAPTIONS_FILE_NAMES, (captions_file or "").rpartition("/")[2]}
+        self.types: Counter[str] = Counter()
+        self.orphans, self.examples = 0, []
+        self._siblings: dict | None = None
+        self._image_stems: set[str] = set()
+
+    def add(self, f: storage.Listed) -> None:
+        name = f.uri.rpartition("/")[2]
+        ext = name.rpartition(".")[2].lower() if "." in name else ""
+        if name in self.captions_names:
+            return
+        if ext != "txt":
+            kind = "." + ext if ext else "no extension"
+            self.types[kind if kind in self.types or len(self.types) < self.MAX_TYPES else "other"] += 1
+            return
+        if f.siblings is not self._siblings:  # one index per folder, as planning's sidecar lookup
+            self._siblings = f.siblings
+            self._image_stems = {n.rpartition(".")[0] for n in f.siblings
+                                 if n.rpartition(".")[2].lower() in self.image_extensions}
+        if name[:-4] not in self._image_stems:
+            self.orphans += 1
+            if len(self.examples) < 3:
+                self.examples.append(relative(self.root, f.uri))
+
+    def line(self) -> str | None:
+        """What was passed over, in one line; None when nothing was."""
+        said = []
+        if self.orphans:
+            more = ", ..." if self.orphans > len(self.examples) else ""
+            said.append(f"{self.orphans} caption(s) with no image of their name beside them "
+                        f"({', '.join(self.examples)}{more})")
+        if self.types:
+            kinds = ", ".join(f"{kind} {n}" for kind, n in self.types.most_common(6))
+            said.append(f"{sum(self.types.values())} file(s) of other types ({kinds}"
+                        f"{', ...' if len(self.types) > 6 else ''}; reader.image_extensions lists the types read)")
+        return "; ".join(said) or None
 
 
 def ends_part(name: str, size: int, rows_per_part: int) -> bool:

@@ -57,7 +57,7 @@ import pyarrow.parquet as pq
 
 from muse import storage
 from pipelines.config import FORMATS, ReaderConfig
-from pipelines.folder_plan import PlanSpill, part_items, plan_folder, relative
+from pipelines.folder_plan import PassedOver, PlanSpill, part_items, plan_folder, relative
 from pipelines.parquet_plan import row_group_parts
 from pipelines.rejects import FILE_TOO_LARGE, UNREADABLE_SOURCE, CorpusRefused
 from pipelines.rows import UNREAD, Rows, add_sample
@@ -142,11 +142,12 @@ def _kind(uri: str, cfg: ReaderConfig) -> str | None:
     return "image" if ext in cfg.image_extensions else None
 
 
-def _format(uri: str, parquets: bool, tars: bool, images: bool) -> str:
+def _format(uri: str, parquets: bool, tars: bool, images: bool, others: str | None = None) -> str:
     """What a corpus is, from what it holds: Parquet files win over tars, tars over images."""
     if parquets or tars or images:
         return "parquet" if parquets else "webdataset" if tars else "folder"
-    raise CorpusRefused(f"cannot tell the format of {uri}: no .parquet, .tar or image files; pass --format")
+    raise CorpusRefused(f"cannot tell the format of {uri}: no .parquet, .tar or image files"
+                        f"{' (it holds ' + others + ')' if others else ''}; pass --format")
 
 
 def canonical(uri: str) -> str:
@@ -192,6 +193,7 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
         return f if ids == "absolute" else relative(below, f)
 
     parquets, tars, file_sizes, listed, image_files = [], [], {}, 0, 0
+    passed_over = PassedOver(uri, cfg.image_extensions, cfg.captions_file)
 
     def note(text: str) -> None:
         if progress is not None:
@@ -212,6 +214,8 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
                 image_files += 1
                 if format in ("auto", "folder"):
                     yield f
+            elif format in ("auto", "folder"):
+                passed_over.add(f)
 
     def sized(f: str) -> tuple:
         return (f"size {file_sizes[f]}",) if sizes else ()
@@ -231,7 +235,7 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
         raise NoInput(f"no input at {uri}")
     found = {"folder": image_files, "parquet": len(parquets), "webdataset": len(tars)}
     if format == "auto":
-        format = _format(uri, bool(parquets), bool(tars), bool(folder))
+        format = _format(uri, bool(parquets), bool(tars), bool(folder), passed_over.line())
         passed = [f"{n} {FOUND[f]}" for f, n in found.items() if f != format and n]
         if passed:  # said, not silent: a folder of Parquet files and stray images reads the Parquet files
             print(f"[tokenize] {uri} is read as {format}; not read: {', '.join(passed)} (--format picks)", flush=True)
@@ -247,6 +251,8 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
                 for f, start, stop in row_group_parts(parquets, cfg, is_bad_source, footers)]
     if format == "webdataset":
         return [Part(part_id("webdataset", named(f), *sized(f)), "webdataset", f) for f in tars]
+    if (passed := passed_over.line()) and max_images is None:  # (a sample has not listed the rest)
+        print(f"[tokenize] {uri}: not read: {passed}", flush=True)
     return folder
 
 

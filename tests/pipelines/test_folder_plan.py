@@ -16,6 +16,7 @@ from muse import storage
 from pipelines import folder_plan
 from pipelines.config import ReaderConfig
 from pipelines.readers import plan_parts, read_part
+from pipelines.rejects import CorpusRefused
 
 
 def rows_of(parts, cfg):
@@ -207,3 +208,30 @@ def test_a_file_written_again_with_another_size_changes_only_its_parts_id(tmp_pa
     assert changed(parquet, lambda: write_parquet(parquet / "c1.parquet", rows[:6], row_group_size=3)) == 2
     # A tar is padded to whole records of 10 KiB: a change smaller than that can keep its size.
     assert changed(tars, lambda: write_tar(tars / "c0.tar", rows[:2])) == 1
+
+
+def test_files_a_folder_corpus_does_not_read_are_said_in_one_line(tmp_path, capsys):
+    """A caption whose image has a type that is not read (`.heic`), or no image at all, and files of
+    other types were passed over without a word: planning says what it did not read, and the parts
+    are the same as without those files."""
+    corpus = tmp_path / "corpus"
+    write_folder(corpus, [(f"g{i}", *good(i, 40)[:1], good(i, 40)[1].encode(), "") for i in range(3)])
+    cfg = ReaderConfig(rows_per_part=8)
+    before = plan_parts(str(corpus), "auto", cfg)
+    assert "not read" not in capsys.readouterr().out
+    (corpus / "photo.heic").write_bytes(b"\0" * 10)
+    (corpus / "photo.txt").write_text("a photo of a type not read")
+    (corpus / "sub").mkdir()
+    (corpus / "sub" / "lonely.TXT").write_text("no image of this name")
+    (corpus / "README").write_text("about this corpus")
+    (corpus / "captions.csv.bak").write_text("x")
+    after = plan_parts(str(corpus), "auto", cfg)
+    assert [p.id for p in after] == [p.id for p in before]
+    assert capsys.readouterr().out.splitlines() == [
+        f"[tokenize] {corpus}: not read: 2 caption(s) with no image of their name beside them (photo.txt, "
+        "sub/lonely.TXT); 3 file(s) of other types (no extension 1, .bak 1, .heic 1; reader.image_extensions "
+        "lists the types read)"]
+    for i in range(3):  # a folder with no image it reads: the refusal names what it has
+        (corpus / f"g{i}.img.png").unlink()
+    with pytest.raises(CorpusRefused, match=r"no .parquet, .tar or image files \(it holds .*\.heic 1"):
+        plan_parts(str(corpus), "auto", cfg)
