@@ -139,8 +139,10 @@ def check_reachable(address: str, source: str) -> None:
         except OSError as e:
             error = e
             time.sleep(1.0)
+    way_out = ("correct RAY_ADDRESS" if source == "RAY_ADDRESS" else
+               "start it again (a Ray that stopped without `ray stop` leaves this record behind)")
     raise RayUnreachable(f"cannot join the Ray cluster at {address} ({source}): nothing answered there in "
-                         f"{wait:.0f} s ({error}). Start it, correct RAY_ADDRESS, or set RAY_ADDRESS=local "
+                         f"{wait:.0f} s ({error}). {way_out[0].upper() + way_out[1:]}, or set RAY_ADDRESS=local "
                          "to run on a Ray of this command's own")
 
 
@@ -155,8 +157,8 @@ def _why_not_joined(address: str, source: str, error: BaseException) -> str:
     refused = any(isinstance(e, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in str(e) for e in chain)
     if refused:  # the token itself is never shown
         return (f"cannot join the Ray cluster at {address} ({source}): it refuses this process's authentication "
-                "token. Give the cluster's token in RAY_AUTH_TOKEN_PATH (a file), RAY_AUTH_TOKEN or "
-                "~/.ray/auth_token; `ray get-auth-token` on its head node prints it")
+                "token. Set RAY_AUTH_MODE=token and give the cluster's token in RAY_AUTH_TOKEN_PATH (a file), "
+                "RAY_AUTH_TOKEN or ~/.ray/auth_token; `ray get-auth-token` on its head node prints it")
     return f"cannot join the Ray cluster at {address} ({source}): {error}"
 
 

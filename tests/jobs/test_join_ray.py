@@ -343,8 +343,8 @@ def test_a_cluster_that_does_not_answer_is_one_line_within_the_gcs_wait(tmp_path
     assert exit_.value.code == 2 and time.monotonic() - start < 15, err
     assert err.strip().splitlines() == [
         f"muse serve: error: cannot join the Ray cluster at 127.0.0.1:{port} (RAY_ADDRESS): nothing answered there "
-        "in 2 s ([Errno 111] Connection refused). Start it, correct RAY_ADDRESS, or set RAY_ADDRESS=local to run on "
-        "a Ray of this command's own"]
+        "in 2 s ([Errno 111] Connection refused). Correct RAY_ADDRESS, or set RAY_ADDRESS=local to run on a Ray of "
+        "this command's own"]
 
 
 JOIN_WITHOUT_THE_TOKEN = """
@@ -368,7 +368,23 @@ def test_a_cluster_that_refuses_the_token_says_where_the_token_goes(ray_session,
     run = subprocess.run([sys.executable, "-c", JOIN_WITHOUT_THE_TOKEN], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=120)
     assert "refused:" in run.stdout and "it refuses this process's authentication token" in run.stdout, run.stderr[-2000:]
-    assert "~/.ray/auth_token" in run.stdout
+    assert "Set RAY_AUTH_MODE=token" in run.stdout and "~/.ray/auth_token" in run.stdout
     token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
     token = os.environ.get("RAY_AUTH_TOKEN") or open(token_file).read().strip()
     assert len(token) >= 16 and token not in run.stdout + run.stderr
+
+
+def test_a_stale_record_of_a_ray_start_cluster_is_named_as_such(monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv(cluster.GCS_WAIT_ENV, "1")
+    monkeypatch.setattr(ray._private.utils, "read_ray_address", lambda temp_dir=None: address)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail("ray.init called for a cluster that does not answer"))
+    with pytest.raises(cluster.RayUnreachable, match=rf"at {address} \(the cluster `ray start` recorded on this node\): "
+                       r"nothing answered there in 1 s .*Start it again \(a Ray that stopped without `ray stop`"):
+        join_ray()
