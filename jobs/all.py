@@ -155,6 +155,14 @@ def check_run_folders(cfg: TrainConfig, root: str) -> None:
                          "different run names (--set superres.run.name=...)")
 
 
+def check_before_training(todo: list[str], cfg: TrainConfig, tokens: str, root: str) -> None:
+    """Refuse, before either trains, a base or super-res run that would be refused at its start: a
+    super-res refusal once base had trained wasted base's hours, and was found again on every rerun."""
+    for stage in todo:
+        if (check := stages.get(stage).preflight) is not None:
+            check(cfg, tokens, root)
+
+
 def reached_step(cfg: TrainConfig, root: str, stage: str) -> int | None:
     """The step of the checkpoint `stage`'s run would resume from, when that is at or past its
     max_steps (the run trains nothing and exports that checkpoint); else None."""
@@ -230,6 +238,7 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
     for s in wanted:
         if s not in todo:
             report[s] = "skipped (finished)"
+    check_before_training(todo, cfg, tokens, root)
     if len(todo) == 2 and cfg.concurrent and room_for_both(
             cfg, ray.cluster_resources, request_resources, autoscaling=cluster_may_grow(),
             wait_s=cfg.concurrent_wait_s):

@@ -70,6 +70,7 @@ STAGE = Stage(
     data_help="token shards written by `muse tokenize` (local or s3://)",
     add_args=masked.model_arg("base"),
     finished=transformer_finished("base"),
+    preflight=lambda cfg, data, root: masked.preflight("base", cfg, data, root),
 )
 
 

@@ -106,11 +106,10 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
     # Held until the run ends: a second driver on this folder would delete this one's checkpoints.
     lock = run_lock.claim(folder, name, stage)
     try:
-        check_root_weights(job["root"])
-        identity = run_identity(job)
-        resume = check_resume(folder, identity, stage)
-        if resume is not None:
-            _refuse_training_over_another_export(job, name, folder, resume, run.max_steps, identity)
+        cached = _materialized(dataset)
+        if rows is None and cached:
+            rows = dataset.count()  # from the blocks' metadata: nothing is read
+        identity, resume = check_run(section, job, rows, streamed=not cached)
         nothing_left = resume is not None and resume.step is not None and resume.step >= run.max_steps
         for note in () if nothing_left else job.get("notes", ()):  # what the run will do, once not refused for it
             say(note)
@@ -119,11 +118,6 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
                 say(f"[{name}] removed {stray} checkpoint folder(s) an interrupted attempt wrote after its last "
                     "registered checkpoint (never resumed from)")
             say(resume_line(name, resume, run.max_steps, stage))
-        cached = _materialized(dataset)
-        if rows is None and cached:
-            rows = dataset.count()  # from the blocks' metadata: nothing is read
-        check_rows(name, rows, run.batch_size, scaling.num_workers)
-        _check_room(name, scaling, streamed=not cached)  # streamed: Ray Data's read tasks need CPUs beside it
         if storage.is_s3(storage_uri):
             fs, path = storage.s3_filesystem(), storage_uri[len("s3://"):].rstrip("/")
         else:
@@ -156,6 +150,25 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
         return result
     finally:
         lock.release()
+
+
+def check_run(section: Any, job: dict, rows: int | None, streamed: bool) -> tuple[dict, ResumePoint | None]:
+    """What would fail on every attempt of `section`'s run of `job`, refused before a trainer is built
+    (`train all` asks this of every transformer before the first trains): a root whose weights are
+    not ours, another run's checkpoints under its name, too few `rows` for a batch per worker, workers
+    the cluster cannot hold (with `streamed` data, and a CPU for Ray Data). Returns the run's identity
+    and the checkpoint it resumes from."""
+    run, scaling = section.run, section.scaling
+    storage_uri, name = run_location(job["root"], run, job["component"])
+    folder = storage.join(storage_uri, name)
+    check_root_weights(job["root"])
+    identity = run_identity(job)
+    resume = check_resume(folder, identity, job.get("stage", job["component"]))
+    if resume is not None:
+        _refuse_training_over_another_export(job, name, folder, resume, run.max_steps, identity)
+    check_rows(name, rows, run.batch_size, scaling.num_workers)
+    _check_room(name, scaling, streamed)  # streamed: Ray Data's read tasks need CPUs beside it
+    return identity, resume
 
 
 class StopWithThreads(KeyboardInterrupt):

@@ -29,7 +29,7 @@ from torch import nn
 from jobs.common import EMA, build_optimizer, build_scheduler, clip_grad_norm, export_state
 from jobs.config import PAPER_PRESETS, TrainConfig, TransformerStage
 from jobs.data import collate_tokens
-from jobs.fit import fit_stage, run_location
+from jobs.fit import check_run, fit_stage, run_location
 from jobs.loop import StageWorker, finished_extra
 from jobs.parallel import WorkerEnv, transformer_fsdp_units, wrap
 from jobs.preflight import RunRefused
@@ -263,6 +263,26 @@ def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, r
     """The architecture for `stage` ("base" or "superres") and its token dataset, then its run. What the
     shards' metadata and the root refuse is refused before any shard is read (or loaded, cache_data)."""
     from jobs.data import data_order_seed, token_dataset, token_rows
+
+    section, job = planned_job(stage, cfg, data, root)
+    storage_uri, name = run_location(root, section.run, stage)
+    seed = data_order_seed(section.run.seed, storage.join(storage_uri, name))
+    dataset, info = token_dataset(data, hi=stage == "superres", cache=section.run.cache_data, shuffle_seed=seed)
+    return [fit_stage(worker, section, dict(job, data_meta=info), dataset, rows=token_rows(data))]
+
+
+def preflight(stage: str, cfg: TrainConfig, data: str, root: str) -> None:
+    """Raise RunRefused where `build` would refuse the run, reading only the shards' metadata: `train
+    all` asks this of super-res before base trains, which took hours to reach the refusal."""
+    from jobs.data import token_rows
+
+    section, job = planned_job(stage, cfg, data, root)
+    check_run(section, job, token_rows(data), streamed=not section.run.cache_data)
+
+
+def planned_job(stage: str, cfg: TrainConfig, data: str, root: str) -> tuple[Any, dict]:
+    """`stage`'s config section and its job (the architecture, where it starts from, its notes), once
+    nothing the shards' metadata and the root say refuses it."""
     from pipelines import shards
 
     section = named_run(getattr(cfg, stage), stage)
@@ -294,15 +314,11 @@ def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, r
         init_from = uri  # the preset (a config's default) names the root's own architecture: adapt that
     if section.lora_rank and init_from is None:
         raise RunRefused(lora_problem(stage, root, section.model))
-    storage_uri, name = run_location(root, section.run, stage)
-    seed = data_order_seed(section.run.seed, storage.join(storage_uri, name))
-    dataset, info = token_dataset(data, hi=stage == "superres", cache=section.run.cache_data, shuffle_seed=seed)
     said = [w for w in (*notes, label_smoothing_warning(stage, model_cfg, section.label_smoothing)) if w]
-    job = {"root": root, "component": stage, "stage": stage, "model_config": to_dict(model_cfg),
-           "data_meta": info, "init_from": init_from, "model_kind": checkpoint.kind_of_config(model_cfg),
-           "preset": section.model, "lora_rank": section.lora_rank, "codes": codes_version(stage, root),
-           "notes": said}  # said by fit_stage once its resume checks pass, never before a refusal
-    return [fit_stage(worker, section, job, dataset, rows=token_rows(data))]
+    return section, {"root": root, "component": stage, "stage": stage, "model_config": to_dict(model_cfg),
+                     "data_meta": info, "init_from": init_from, "model_kind": checkpoint.kind_of_config(model_cfg),
+                     "preset": section.model, "lora_rank": section.lora_rank, "codes": codes_version(stage, root),
+                     "notes": said}  # said by fit_stage once its resume checks pass, never before a refusal
 
 
 def lora_rank(text: str) -> int:

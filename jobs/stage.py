@@ -99,6 +99,9 @@ class Stage:
     add_args: Callable[[argparse.ArgumentParser], None] = _no_args
     # (cfg, root, component) -> whether the root holds what this run would leave (checked before Ray starts)
     finished: Callable[[Any, str, str | None], bool] | None = None
+    # (cfg, data, root): raise RunRefused where `build` would refuse, without training (Ray up); `train
+    # all` asks it of each transformer before the first trains
+    preflight: Callable[[Any, str, str], None] | None = None
 
     def __post_init__(self):
         if self.data not in DATA_KINDS:

@@ -92,6 +92,7 @@ STAGE = Stage(
     data_help="token shards with tokens_hi written by `muse tokenize` (local or s3://)",
     add_args=masked.model_arg("superres"),
     finished=transformer_finished("superres"),
+    preflight=lambda cfg, data, root: masked.preflight("superres", cfg, data, root),
 )
 
 

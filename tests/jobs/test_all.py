@@ -16,6 +16,7 @@ from jobs.preflight import RunRefused
 from muse import checkpoint, storage
 
 ALL_STAGES = "stages=[vqgan,base,superres,decoder]"
+CHECK_BEFORE_TRAINING = train_all_module.check_before_training
 
 
 def write_fake_component(root: str, name: str, extra: dict) -> None:
@@ -59,6 +60,7 @@ def fake(monkeypatch, tmp_path):
     stages = FakeStages(root)
     monkeypatch.setattr(train_all_module, "ensure_ray", lambda: None)
     monkeypatch.setattr(train_all_module, "run_stage", stages.run_stage)
+    monkeypatch.setattr(train_all_module, "check_before_training", lambda *args: None)  # fake tokens
     monkeypatch.setattr(tokenize, "run", stages.tokenize)
     monkeypatch.setattr(tokenize, "resolve_models", lambda root: tokenize.Models(f"{root}/vqgan_lo", f"{root}/text_encoder",
                                                                                  f"{root}/vqgan_hi"))
@@ -304,3 +306,27 @@ def test_a_stage_whose_run_is_past_its_steps_is_summarised_as_nothing_trained(tm
     assert train_all_module.reached_step(tiny_config("base.run.max_steps=10"), root, "base") is None
     assert train_all_module.reached_step(past, root, "superres") is None  # no run yet
     assert train_all_module.trained_outcome(None, 11.2, " (concurrently)") == "trained in 11s (concurrently)"
+
+
+def test_a_superres_run_that_would_be_refused_is_refused_before_base_trains(fake, monkeypatch, ray_session, tiny_data):
+    """`train all` trained base (hours at paper size), then super-res was refused at its start (here: a
+    batch larger than the tokens hold), and every rerun found the refusal there again. Each
+    transformer's start checks run on the real tokens and root before either trains."""
+    real_check = CHECK_BEFORE_TRAINING  # the fixture's fake stands in for it in train_all
+    fits = ("stages=[base,superres]", "concurrent=false", "base.run.batch_size=8", "superres.run.batch_size=8")
+    real_check(["base", "superres"], tiny_config(*fits), tiny_data.tokens, tiny_data.root)
+    cfg = tiny_config(*fits, "superres.run.batch_size=64")
+    with pytest.raises(RunRefused, match=r"^superres: the data has 24 rows, fewer than one batch of 64"):
+        real_check(["base", "superres"], cfg, tiny_data.tokens, tiny_data.root)
+
+    checked = []
+
+    def refuse(todo, cfg, tokens, root):
+        checked.append((list(todo), fake.calls[-1]))
+        raise RunRefused("superres: refused")
+
+    monkeypatch.setattr(train_all_module, "check_before_training", refuse)
+    with pytest.raises(RunRefused, match="superres: refused"):
+        train_all_module.train_all(tiny_config("stages=[vqgan,base,superres]", "concurrent=false"), "corpus",
+                                   fake.root)
+    assert checked == [(["base", "superres"], "tokenize")] and "base" not in fake.calls
