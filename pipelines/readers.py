@@ -238,7 +238,7 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
         format = _format(uri, bool(parquets), bool(tars), bool(folder), passed_over.line())
         passed = [f"{n} {FOUND[f]}" for f, n in found.items() if f != format and n]
         if passed:  # said, not silent: a folder of Parquet files and stray images reads the Parquet files
-            print(f"[tokenize] {uri} is read as {format}; not read: {', '.join(passed)} (--format picks)", flush=True)
+            print(f"[corpus] {uri} is read as {format}; not read: {', '.join(passed)} (--format picks)", flush=True)
     elif not found[format]:
         listed_kinds = ", ".join(f"{n} {FOUND[f]}" for f, n in found.items() if n) or "no image, Parquet or tar file"
         raise NoInput(f"--format {format}: {uri} holds no {FOUND[format]} ({listed_kinds})")
@@ -252,7 +252,7 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
     if format == "webdataset":
         return [Part(part_id("webdataset", named(f), *sized(f)), "webdataset", f) for f in tars]
     if (passed := passed_over.line()) and max_images is None:  # (a sample has not listed the rest)
-        print(f"[tokenize] {uri}: not read: {passed}", flush=True)
+        print(f"[corpus] {uri}: not read: {passed}", flush=True)
     return folder
 
 

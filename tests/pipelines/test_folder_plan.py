@@ -228,7 +228,7 @@ def test_files_a_folder_corpus_does_not_read_are_said_in_one_line(tmp_path, caps
     after = plan_parts(str(corpus), "auto", cfg)
     assert [p.id for p in after] == [p.id for p in before]
     assert capsys.readouterr().out.splitlines() == [
-        f"[tokenize] {corpus}: not read: 2 caption(s) with no image of their name beside them (photo.txt, "
+        f"[corpus] {corpus}: not read: 2 caption(s) with no image of their name beside them (photo.txt, "
         "sub/lonely.TXT); 3 file(s) of other types (no extension 1, .bak 1, .heic 1; reader.image_extensions "
         "lists the types read)"]
     for i in range(3):  # a folder with no image it reads: the refusal names what it has
