@@ -115,9 +115,10 @@ class PassedOver:
         self._siblings: dict | None = None
         self._image_stems: set[str] = set()
 
-    def add(self, f: storage.Listed) -> None:
+    def add(self, f: storage.Listed, ext: str) -> None:
+        """`f`, a listed file that is neither an image nor a Parquet file or tar; `ext` its lower-case
+        extension."""
         name = f.uri.rpartition("/")[2]
-        ext = name.rpartition(".")[2].lower() if "." in name else ""
         if name in self.captions_names:
             return
         if ext != "txt":

@@ -133,8 +133,7 @@ PART_IDS = ("relative", "absolute")
 # Planning (driver).
 
 
-def _kind(uri: str, cfg: ReaderConfig) -> str | None:
-    ext = _ext(uri)
+def _kind(uri: str, ext: str, cfg: ReaderConfig) -> str | None:
     if ext == "parquet":
         return "parquet"
     if ext in ("tar", "tgz") or uri.endswith(".tar.gz"):
@@ -204,7 +203,8 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
         nonlocal listed, image_files
         for f in storage.iter_files(uri):
             listed += 1
-            kind = _kind(f.uri, cfg)
+            ext = _ext(f.uri)
+            kind = _kind(f.uri, ext, cfg)
             if kind in ("parquet", "tar"):
                 (parquets if kind == "parquet" else tars).append(f.uri)
                 file_sizes[f.uri] = f.size
@@ -215,7 +215,7 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
                 if format in ("auto", "folder"):
                     yield f
             elif format in ("auto", "folder"):
-                passed_over.add(f)
+                passed_over.add(f, ext)
 
     def sized(f: str) -> tuple:
         return (f"size {file_sizes[f]}",) if sizes else ()

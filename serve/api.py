@@ -32,7 +32,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -226,9 +226,8 @@ def build_fastapi(ing: Ingress) -> FastAPI:
     async def healthz() -> Response:
         # Draining: a load balancer stops sending here while the requests in flight finish.
         if ing.admission.draining:
-            return Response('{"status": "draining"}', status_code=503, media_type="application/json",
-                            headers={"Retry-After": str(RETRY_AFTER_S)})
-        return Response('{"status": "ok"}', media_type="application/json")
+            return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        return JSONResponse({"status": "ok"})
 
     def model_card() -> dict:
         sizes = {}
