@@ -267,7 +267,12 @@ def _check_room(name: str, scaling, streamed: bool) -> None:
         return
     if not cluster_may_grow():
         raise RunRefused(problem)
-    say(f"warning: {problem} (unless the autoscaler adds nodes)")
+    if problem not in _ROOM_WARNED:  # `train all` checks each trainer before the first trains, then again
+        _ROOM_WARNED.add(problem)
+        say(f"warning: {problem} (unless the autoscaler adds nodes)")
+
+
+_ROOM_WARNED: set[str] = set()
 
 
 PLACEMENT_GROUP_CLEANER = "PlacementGroupCleanerCallback"

@@ -165,13 +165,11 @@ def check_root_weights(root: str) -> None:
     its workers load the root's components, and every attempt would fail on it."""
     from muse import checkpoint
 
-    for name in checkpoint.COMPONENTS:
-        if checkpoint.has_component(root, name):
-            try:
-                checkpoint.check_weights(checkpoint.component_uri(root, name))
-            except checkpoint.CheckpointError as e:
-                raise RunRefused(f"{e}: the workers would fail on it at every attempt; write {name} again "
-                                 "(train its stage, `muse init`, or restore the file)") from None
+    try:
+        checkpoint.check_root_weights(root)
+    except checkpoint.CheckpointError as e:
+        raise RunRefused(f"{e}: the workers would fail on it at every attempt; write it again "
+                         "(train its stage, `muse init`, or restore the file)") from None
 
 
 def check_rows(name: str, rows: int | None, batch_size: int, workers: int) -> None:

@@ -30,7 +30,6 @@ from jobs.progress import running_now, say, set_verbose, stop_display
 from jobs.root_fit import codes_version
 from muse import checkpoint, storage
 from muse.components import COMPONENTS, CheckpointError
-from pipelines.config import FORMATS
 
 DATA_KINDS = {"corpus": "data/corpus", "tokens": "data/tokens"}  # --<kind> -> example path
 
@@ -261,7 +260,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_format_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", default="auto", choices=FORMATS, help="corpus format (default: detect)")
+    from pipelines.readers import formats
+
+    parser.add_argument("--format", default="auto", choices=formats(), help="corpus format (default: detect)")
 
 
 def cli_overrides(args: argparse.Namespace, sections: list[str]) -> list[str]:

@@ -253,6 +253,17 @@ def check_weights(uri: str) -> None:
     _check_shapes(uri, meta, {name: tuple(t["shape"]) for name, t in header.items() if name != "__metadata__"})
 
 
+def check_root_weights(root: str) -> None:
+    """`check_weights` for every component of the model root `root` (CheckpointError naming the
+    first bad one): what its loaders (training workers, Serve replicas) would fail on at every attempt."""
+    for name in COMPONENTS:
+        if has_component(root, name):
+            try:
+                check_weights(component_uri(root, name))
+            except CheckpointError as e:
+                raise CheckpointError(f"{name}: {e}") from None
+
+
 def _check_shapes(uri: str, meta: dict, stored: dict[str, tuple[int, ...]]) -> None:
     """CheckpointError when the weights file's tensors are not the config's architecture (an S3 write
     cut between the weights and config.json leaves new weights under the old config): the model is

@@ -19,10 +19,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from muse import fid
-from muse.data import CORPUS_FORMATS
 from muse.data.images import ImageRejected, decode_image, resize_center_crop
 
-FORMATS = ("auto", *CORPUS_FORMATS)
+
+def corpus_formats() -> tuple[str, ...]:
+    """The formats a real corpus may be read in: the tokenize job's readers' (`muse tokenize --format`)."""
+    from pipelines.readers import formats  # the readers import Ray only in their Ray Data wrappers
+
+    return formats()
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,8 @@ class CorpusEvalConfig:
     def __post_init__(self):
         if self.n < 2 or self.batch < 1:
             raise ValueError("n must be >= 2 and batch >= 1")
-        if self.format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if self.format not in corpus_formats():
+            raise ValueError(f"format must be one of {corpus_formats()}, got {self.format!r}")
 
 
 def corpus_samples(uri: str, n: int, *, seed: int = 0, format: str = "auto", max_caption_chars: int = 1024,

@@ -366,7 +366,7 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from muse.eval_corpus import FORMATS
+    from muse.eval_corpus import corpus_formats
     from muse.fid import DEFAULT_N, FEATURE_NET_HELP, MIN_N
 
     parser = argparse.ArgumentParser(prog="muse eval", description=__doc__,
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, help="model root (local or s3://)")
     parser.add_argument("--corpus", help="a synthetic corpus (with holdout.json) for the attribute judge, "
                                          "or a real corpus for FID / CLIP score")
-    parser.add_argument("--corpus-format", choices=("synthetic",) + FORMATS, default="auto",
+    parser.add_argument("--corpus-format", choices=("synthetic", *corpus_formats()), default="auto",
                         help="auto: synthetic when the corpus has holdout.json, else detected from its files")
     parser.add_argument("--out", required=True, help="directory for report.json and grid.png")
     parser.add_argument("--n-seen", type=int, default=DEFAULT_N_SEEN,

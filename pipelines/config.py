@@ -12,12 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from muse.config import load
-from muse.data import CORPUS_FORMATS
 
 IO_TASK_RETRIES = 4  # the default of `io_task_retries`, also what training's shard reads get
 
 TEXT_STORAGE = ("ids", "embeddings")
-FORMATS = ("auto", *CORPUS_FORMATS)
 
 
 @dataclass(frozen=True)

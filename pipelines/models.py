@@ -20,7 +20,7 @@ import pyarrow as pa
 from muse import storage
 from muse.tokenizer import load_tokenizer, text_encoder_config
 from pipelines import readers, rows
-from pipelines.job_spec import embeddings_refusal
+from pipelines.job_spec import ModelRefused, embeddings_refusal
 from pipelines.preprocess import preprocess_batch, unpack_pixels
 
 @dataclass(frozen=True)
@@ -61,6 +61,30 @@ def for_workers(models: Models) -> Models:
         return storage.absolute(uri) if uri and not storage.is_s3(uri) and os.path.exists(uri) else uri
 
     return Models(absolute(models.vqgan_lo), absolute(models.text_encoder), absolute(models.vqgan_hi))
+
+
+def check_loadable(models: Models, embeddings: bool) -> None:
+    """Refuse (`job_spec.ModelRefused`) a component the actors would fail to load at every attempt: a
+    VQGAN that is another kind of component, or whose weights are missing, cut short or garbled; the
+    text encoder's weights too when captions are stored as embeddings (ids need only its tokenizer).
+    A few small reads each, so one line says so before Ray starts rather than a traceback per actor."""
+    from muse.checkpoint import check_weights
+    from muse.components import KINDS, CheckpointError, read_meta
+    from muse.tokenizer import text_component
+
+    named = [("vqgan_lo", models.vqgan_lo, "vqgan"), ("vqgan_hi", models.vqgan_hi, "vqgan")]
+    if embeddings and text_component(models.text_encoder)[1] is not None:  # (not a Hugging Face folder)
+        named.append(("text_encoder", models.text_encoder, "text_encoder"))
+    for name, uri, role in named:
+        if uri is None:
+            continue
+        try:
+            kind = read_meta(uri)["kind"]
+            if role not in (kind, KINDS[kind].role):
+                raise CheckpointError(f"{uri} holds a {kind!r} component, not a {role}")
+            check_weights(uri)
+        except CheckpointError as e:
+            raise ModelRefused(f"{name}: {e}") from None
 
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}

@@ -1,5 +1,7 @@
 """Corpus readers: Parquet, image folders and WebDataset tars, local, file:// or s3://
-(`pipelines.corpus_data` wraps them as Ray Data).
+(`pipelines.corpus_data` wraps them as Ray Data). A format whose files hold many samples is one
+`FileFormat` entry of FILE_FORMATS (at the end of this module): how its files are known, planned and
+read. Any other listed file of an image type belongs to a folder corpus.
 
 A corpus is cut into *parts* on the driver (`plan_parts`): a run of whole row groups of a Parquet
 file (as many as fit in `rows_per_part`, at least one, so no row group is downloaded by two parts),
@@ -56,7 +58,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from muse import storage
-from pipelines.config import FORMATS, ReaderConfig
+from pipelines.config import ReaderConfig
 from pipelines.folder_plan import PassedOver, PlanSpill, part_items, plan_folder, relative
 from pipelines.parquet_plan import row_group_parts
 from pipelines.rejects import FILE_TOO_LARGE, UNREADABLE_SOURCE, CorpusRefused
@@ -133,20 +135,64 @@ PART_IDS = ("relative", "absolute")
 # Planning (driver).
 
 
-def _kind(uri: str, ext: str, cfg: ReaderConfig) -> str | None:
-    if ext == "parquet":
-        return "parquet"
-    if ext in ("tar", "tgz") or uri.endswith(".tar.gz"):
-        return "tar"
-    return "image" if ext in cfg.image_extensions else None
+@dataclass(frozen=True)
+class FilePlan:
+    """What a format's planner is given: its files as listed, in order, and how to name their parts."""
+
+    files: list[str]
+    cfg: ReaderConfig
+    part_id: Callable[..., str]  # part_id(file, *fields): the id of the part of `file` that `fields` say
+    note: Callable[[str], None]  # progress of a long planning (and the driver's heartbeat)
 
 
-def _format(uri: str, parquets: bool, tars: bool, images: bool, others: str | None = None) -> str:
-    """What a corpus is, from what it holds: Parquet files win over tars, tars over images."""
-    if parquets or tars or images:
-        return "parquet" if parquets else "webdataset" if tars else "folder"
-    raise CorpusRefused(f"cannot tell the format of {uri}: no .parquet, .tar or image files"
-                        f"{' (it holds ' + others + ')' if others else ''}; pass --format")
+@dataclass(frozen=True)
+class FileFormat:
+    """A corpus format whose files each hold many samples (Parquet files, tars): how the listing knows
+    its files, how they are cut into parts, and how a part is read into rows (`pipelines.rows`). Every
+    other file of an image type is a folder corpus's image. Adding a reader is its module and one
+    entry in FILE_FORMATS."""
+
+    found: str  # what the listing counts, in messages: "Parquet files"
+    claims: Callable[[str, str], bool]  # (uri, lower-case extension): one of this format's files
+    plan: Callable[[FilePlan], list[Part]]
+    read: Callable[[Part, ReaderConfig, Rows], Iterator[pa.Table | None]]
+
+
+def _plan_parquet(plan: FilePlan) -> list[Part]:
+    def footers(n: int) -> None:
+        if n % LISTED_NOTE == 0:
+            plan.note(f"{n} of {len(plan.files)} Parquet footers read")
+
+    return [Part(plan.part_id(f, start, stop), "parquet", f, start, stop)
+            for f, start, stop in row_group_parts(plan.files, plan.cfg, is_bad_source, footers)]
+
+
+def _plan_tars(plan: FilePlan) -> list[Part]:
+    return [Part(plan.part_id(f), "webdataset", f) for f in plan.files]
+
+
+def _is_tar(uri: str, ext: str) -> bool:
+    return ext in ("tar", "tgz") or uri.endswith(".tar.gz")
+
+
+def formats() -> tuple[str, ...]:
+    """What `--format` takes: "auto" (told from the files) and every reader's name."""
+    return ("auto", *FILE_FORMATS, FOLDER)
+
+
+def _claimed_by(uri: str, ext: str) -> str | None:
+    return next((name for name, fmt in FILE_FORMATS.items() if fmt.claims(uri, ext)), None)
+
+
+def _format(uri: str, files: dict[str, list[str]], images: bool, others: str | None = None) -> str:
+    """What a corpus is, from what it holds: the first of FILE_FORMATS with files, else a folder."""
+    name = next((name for name, found in files.items() if found), None)
+    if name is not None:
+        return name
+    if images:
+        return FOLDER
+    raise CorpusRefused(f"cannot tell the format of {uri}: no {', '.join(f.found for f in FILE_FORMATS.values())} "
+                        f"or image files{' (it holds ' + others + ')' if others else ''}; pass --format")
 
 
 def canonical(uri: str) -> str:
@@ -182,7 +228,7 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
     names, or by count for outputs tokenized before (`folder_plan.plan_folder`'s `cuts`)."""
     if ids not in PART_IDS:
         raise ValueError(f"ids must be one of {PART_IDS}, got {ids!r}")
-    if format not in FORMATS:
+    if format not in formats():
         raise ValueError(f"unknown format {format!r}")
     uri = canonical(uri)
     alone = not storage.is_dir(uri)
@@ -191,7 +237,8 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
     def named(f: str) -> str:
         return f if ids == "absolute" else relative(below, f)
 
-    parquets, tars, file_sizes, listed, image_files = [], [], {}, 0, 0
+    files: dict[str, list[str]] = {name: [] for name in FILE_FORMATS}  # each format's files, as listed
+    file_sizes, listed, image_files = {}, 0, 0
     passed_over = PassedOver(uri, cfg.image_extensions, cfg.captions_file)
 
     def note(text: str) -> None:
@@ -199,64 +246,55 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
             progress(0, 0, note=text)
 
     def images() -> Iterator[storage.Listed]:
-        """The image files of the listing; Parquet files and tars met on the way are noted."""
+        """The image files of the listing; the other formats' files met on the way are noted."""
         nonlocal listed, image_files
         for f in storage.iter_files(uri):
             listed += 1
             ext = _ext(f.uri)
-            kind = _kind(f.uri, ext, cfg)
-            if kind in ("parquet", "tar"):
-                (parquets if kind == "parquet" else tars).append(f.uri)
+            if (claimed := _claimed_by(f.uri, ext)) is not None:
+                files[claimed].append(f.uri)
                 file_sizes[f.uri] = f.size
-                if (len(parquets) + len(tars)) % LISTED_NOTE == 0:
-                    note(f"{len(parquets)} Parquet files and {len(tars)} tars listed")
-            elif kind == "image":
+                if sum(map(len, files.values())) % LISTED_NOTE == 0:
+                    note(" and ".join(f"{len(files[n])} {fmt.found}" for n, fmt in FILE_FORMATS.items()) + " listed")
+            elif ext in cfg.image_extensions:
                 image_files += 1
-                if format in ("auto", "folder"):
+                if format in ("auto", FOLDER):
                     yield f
-            elif format in ("auto", "folder"):
+            elif format in ("auto", FOLDER):
                 passed_over.add(f, ext)
-
-    def sized(f: str) -> tuple:
-        return (f"size {file_sizes[f]}",) if sizes else ()
 
     def make_part(first: str, chunk: tuple, start: int, names: list[str], captions: str | None,
                   part_sizes: list[str]) -> Part:
         fields = [*names, f"captions {captions}"] if captions else names
         if sizes:
             fields = [*fields, "sizes " + " ".join(part_sizes)]
-        pid = part_id("folder", *fields) if ids == "relative" else part_id("folder", uri, *fields)
-        return Part(pid, "folder", uri, start, start + len(chunk), chunk, first=first)
+        pid = part_id(FOLDER, *fields) if ids == "relative" else part_id(FOLDER, uri, *fields)
+        return Part(pid, FOLDER, uri, start, start + len(chunk), chunk, first=first)
 
     folder = plan_folder(uri, images(), cfg.rows_per_part, cfg, make_part,
                          PlanSpill(spill, uri) if spill is not None and not alone else None, progress, max_images,
                          folder_cuts)
     if not listed:
         raise NoInput(f"no input at {uri}")
-    found = {"folder": image_files, "parquet": len(parquets), "webdataset": len(tars)}
+    found = {FOLDER: (image_files, "image files")} | {n: (len(files[n]), fmt.found) for n, fmt in FILE_FORMATS.items()}
     if format == "auto":
-        format = _format(uri, bool(parquets), bool(tars), bool(folder), passed_over.line())
-        passed = [f"{n} {FOUND[f]}" for f, n in found.items() if f != format and n]
+        format = _format(uri, files, bool(folder), passed_over.line())
+        passed = [f"{n} {what}" for f, (n, what) in found.items() if f != format and n]
         if passed:  # said, not silent: a folder of Parquet files and stray images reads the Parquet files
             print(f"[corpus] {uri} is read as {format}; not read: {', '.join(passed)} (--format picks)", flush=True)
-    elif not found[format]:
-        listed_kinds = ", ".join(f"{n} {FOUND[f]}" for f, n in found.items() if n) or "no image, Parquet or tar file"
-        raise NoInput(f"--format {format}: {uri} holds no {FOUND[format]} ({listed_kinds})")
-    if format == "parquet":
-        def footers(n: int) -> None:
-            if n % LISTED_NOTE == 0:
-                note(f"{n} of {len(parquets)} Parquet footers read")
+    elif not found[format][0]:
+        listed_kinds = ", ".join(f"{n} {what}" for n, what in found.values() if n) or "no file of a format read here"
+        raise NoInput(f"--format {format}: {uri} holds no {found[format][1]} ({listed_kinds})")
+    if format in FILE_FORMATS:
+        def file_part_id(f: str, *fields: object) -> str:
+            return part_id(format, named(f), *fields, *((f"size {file_sizes[f]}",) if sizes else ()))
 
-        return [Part(part_id("parquet", named(f), start, stop, *sized(f)), "parquet", f, start, stop)
-                for f, start, stop in row_group_parts(parquets, cfg, is_bad_source, footers)]
-    if format == "webdataset":
-        return [Part(part_id("webdataset", named(f), *sized(f)), "webdataset", f) for f in tars]
+        return FILE_FORMATS[format].plan(FilePlan(files[format], cfg, file_part_id, note))
     if (passed := passed_over.line()) and max_images is None:  # (a sample has not listed the rest)
         print(f"[corpus] {uri}: not read: {passed}", flush=True)
     return folder
 
 
-FOUND = {"folder": "image files", "parquet": "Parquet files", "webdataset": "tars"}
 LISTED_NOTE = 100  # planning notes its progress (and the driver its heartbeat) every this many files
 
 
@@ -274,7 +312,7 @@ def read_part(part: Part, cfg: ReaderConfig, images: bool = True) -> Iterator[pa
     only (image files and Parquet image columns are not read; the image column stays empty), for what
     needs no pixels, such as fitting a vocabulary."""
     rows = Rows(part, cfg.block_rows, images, cfg.max_file_bytes, cfg.block_bytes)
-    reader = {"parquet": _read_parquet, "webdataset": read_tar, "folder": _read_folder}[part.format]
+    reader = _read_folder if part.format == FOLDER else FILE_FORMATS[part.format].read
     try:
         for block in reader(part, cfg, rows):
             if block is not None:
@@ -378,3 +416,11 @@ def _read_folder(part: Part, cfg: ReaderConfig, rows: Rows) -> Iterator[pa.Table
                 yield rows.add(image_uri, b"", b"", reason)
             else:
                 yield add_sample(rows, image_uri, image, caption)
+
+
+# In the order "auto" prefers them: Parquet files win over tars, and both over a folder's images.
+FILE_FORMATS: dict[str, FileFormat] = {
+    "parquet": FileFormat("Parquet files", lambda uri, ext: ext == "parquet", _plan_parquet, _read_parquet),
+    "webdataset": FileFormat("tars", _is_tar, _plan_tars, read_tar),
+}
+FOLDER = "folder"  # images one per file, captions beside them or in a captions file (`pipelines.folder_plan`)

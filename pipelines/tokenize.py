@@ -67,11 +67,11 @@ from jobs.cluster import LocalPathRefused, RayUnreachable, check_shared_paths
 from jobs.placement import on_this_node
 from muse import storage
 from pipelines import corpus_data, manifest, readers, shards
-from pipelines.config import FORMATS, PoolConfig, TokenizeConfig, load_config
+from pipelines.config import PoolConfig, TokenizeConfig, load_config
 from pipelines.job_spec import (ResumeRefused, check_resumable, device_of, job_spec,  # noqa: F401 (job_spec: the tests')
                                 resumed_spec, settings_as_before)
-from pipelines.models import (ImageTokens, Models, PartTokens, TextTokens, for_workers, load_tokenizer,
-                              resolve_models)
+from pipelines.models import (ImageTokens, Models, PartTokens, TextTokens, check_loadable, for_workers,
+                              load_tokenizer, resolve_models)
 from pipelines.preprocess import preprocessed
 from pipelines.rejects import CorpusRefused
 from pipelines.room import check_room
@@ -190,6 +190,7 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
                             "trained on that corpus, would read its shards as corpus; write it elsewhere")
     start = time.time()
     spec = job_spec(input_uri, cfg, models)
+    check_loadable(models, cfg.text_storage == "embeddings")
     done = manifest.read_manifest(output)
     finished = set(done["part"].to_pylist())
     old_spec = resumed_spec(output, finished)
@@ -397,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vqgan-hi", help="high-res VQGAN component directory (overrides ROOT/vqgan_hi)")
     parser.add_argument("--text-encoder", help="text encoder component directory, or a local Hugging Face "
                                                "T5 directory/cache name (overrides ROOT/text_encoder)")
-    parser.add_argument("--format", choices=FORMATS, default="auto", help="corpus format (default: detect)")
+    parser.add_argument("--format", choices=readers.formats(), default="auto", help="corpus format (default: detect)")
     parser.add_argument("--config", help="YAML with TokenizeConfig fields that differ from the defaults "
                                          "(see configs/tokenize-*.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -20,6 +20,7 @@ from ray import serve
 from ray.serve import Application
 
 from muse import checkpoint
+from muse.checkpoint import check_root_weights
 from muse.components import check_root
 from serve.api import Ingress
 from serve.config import AppArgs
@@ -67,6 +68,7 @@ def build_app(args: AppArgs) -> Application:
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
     check_root(args.checkpoint)
+    check_root_weights(args.checkpoint)  # here, not in a replica that Serve restarts, tracebacks and all
     api_key = args.api_key or os.environ.get(args.api_key_env) or None
     root = args.checkpoint if "://" in args.checkpoint else os.path.abspath(args.checkpoint)
     args = args.model_copy(update={"api_key": api_key, "checkpoint": root})  # replicas run elsewhere

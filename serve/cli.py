@@ -44,6 +44,7 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace):
     starts: every mistake a flag or the config can hold is one `muse serve: error:` line (exit 2)."""
     from pydantic import ValidationError
 
+    from muse.checkpoint import check_root_weights
     from muse.components import check_root
     from serve.config import AppArgs, load_config_file
 
@@ -66,6 +67,7 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace):
         parser.error(f"--port must be 1-65535, got {port!r}")
     try:
         check_root(app_args.checkpoint)
+        check_root_weights(app_args.checkpoint)  # a replica failing on it would retry, each with a traceback
     except (OSError, ValueError) as e:
         parser.error(f"--checkpoint: {e}")
     return app_args, host, port

@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 from muse import storage
-from muse.data import CORPUS_FORMATS
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -63,7 +62,7 @@ POSITION_PHRASES: dict[str, str] = {
 }
 BACKGROUND = (255, 255, 255)
 MIN_SHAPE, MAX_SHAPE = 1 / 8, 1 / 5  # shape size as a fraction of the image side
-FORMATS = CORPUS_FORMATS
+FORMATS = ("parquet", "folder", "webdataset")  # as it can be written; the tokenize job reads each
 GRID_LAYOUTS = ("scattered", "lines")  # where shapes go on the lattice (`grid` > 0)
 
 Pair = tuple[str, str]  # (color, shape)

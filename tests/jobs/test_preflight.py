@@ -165,8 +165,10 @@ def test_fit_stage_refuses_a_trainer_that_starves_the_data_on_a_cluster_that_can
     # A cluster with an autoscaler may add nodes: said, not refused.
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     monkeypatch.setattr(progress, "_display", None)
+    monkeypatch.setattr(fit, "_ROOM_WARNED", set())
     fit._check_room("base", section.scaling, streamed=True)
-    assert "warning: base: its workers take 4" in capsys.readouterr().out
+    fit._check_room("base", section.scaling, streamed=True)  # `train all`: before the first stage, then its own
+    assert capsys.readouterr().out.count("warning: base: its workers take 4") == 1
 
 
 def test_a_trainer_larger_than_the_cluster_is_refused_whether_its_data_is_cached_or_streamed():

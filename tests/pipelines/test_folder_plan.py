@@ -233,5 +233,5 @@ def test_files_a_folder_corpus_does_not_read_are_said_in_one_line(tmp_path, caps
         "lists the types read)"]
     for i in range(3):  # a folder with no image it reads: the refusal names what it has
         (corpus / f"g{i}.img.png").unlink()
-    with pytest.raises(CorpusRefused, match=r"no .parquet, .tar or image files \(it holds .*\.heic 1"):
+    with pytest.raises(CorpusRefused, match=r"no Parquet files, tars or image files \(it holds .*\.heic 1"):
         plan_parts(str(corpus), "auto", cfg)

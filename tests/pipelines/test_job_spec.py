@@ -231,3 +231,38 @@ def test_where_a_model_was_imported_from_is_no_difference_between_job_specs():
     other = {**version, "files_sha256": {"model.safetensors": "cd"}}
     assert [path for path, _, _ in spec_differences(old, {"weights": {"vqgan_lo": other}})] == \
         [("weights", "vqgan_lo", "files_sha256", "model.safetensors")]
+
+
+def test_a_component_the_actors_could_not_load_is_refused_before_any_work(tiny_root_lo_only, tmp_path, capsys):
+    """A VQGAN whose weights are cut short, or that is another kind of component, is one usage line
+    before Ray starts (the actors would each fail on it with a traceback); the text encoder's weights
+    count only when captions are stored as embeddings."""
+    import shutil
+
+    from pipelines.models import check_loadable
+    from pipelines.tokenize import main
+
+    root = str(tmp_path / "root")
+    shutil.copytree(tiny_root_lo_only, root)
+    corpus = corpus_of_parts(tmp_path, 1, 2)[0]
+    weights = os.path.join(root, "text_encoder", "model.safetensors")
+    whole = open(weights, "rb").read()
+    with open(weights, "wb") as f:  # cut short, as an interrupted copy leaves it
+        f.write(whole[:len(whole) // 2])
+
+    def refusal(*args: str) -> str:
+        with pytest.raises(SystemExit) as stop:
+            main(["--input", corpus, "--output", str(tmp_path / "out"), "--checkpoint", root, "--no-progress", *args])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.count("\n") == 1, err
+        return err
+
+    err = refusal("--set", "text_storage=embeddings")
+    assert "text_encoder: " in err and "model.safetensors is cut short" in err
+    check_loadable(resolve_models(root), embeddings=False)  # caption ids need the tokenizer alone
+    assert "holds a 'text_encoder' component, not a vqgan" in refusal("--vqgan", os.path.join(root, "text_encoder"))
+    vqgan = os.path.join(root, "vqgan_lo", "model.safetensors")
+    with open(vqgan, "r+b") as f:
+        f.write(b"\xff" * 8)  # a garbled header length
+    assert "vqgan_lo: " in refusal() and "is corrupt" in refusal()
+    assert not os.path.exists(tmp_path / "out" / "shards")

@@ -286,7 +286,9 @@ def test_bugs_and_storage_errors_raise_instead_of_becoming_rejects(tmp_path, mon
         yield None
         raise error
 
-    monkeypatch.setattr(readers, "_read_parquet", broken)
+    from dataclasses import replace
+
+    monkeypatch.setitem(readers.FILE_FORMATS, "parquet", replace(readers.FILE_FORMATS["parquet"], read=broken))
     with pytest.raises(type(error)):
         rows_of(plan_parts(str(tmp_path), "auto", ReaderConfig()), ReaderConfig())
 
@@ -313,3 +315,41 @@ def test_a_block_holds_about_block_bytes_of_images(tmp_path, form):
     assert len(data) > 1 and sum(b.num_rows for b in data) == 24
     keys = [k for b in data for k in b["key"].to_pylist()]
     assert len(set(keys)) == 24
+
+
+def test_a_new_reader_is_its_module_and_one_registry_entry(tmp_path, monkeypatch, capsys):
+    """A format registered in `readers.FILE_FORMATS` alone is listed, told apart by "auto", planned,
+    named in refusals and read: no other place in the readers knows the formats."""
+    import base64
+
+    from pipelines import readers
+    from pipelines.rows import add_sample
+
+    def plan(p: readers.FilePlan) -> list[readers.Part]:
+        return [readers.Part(p.part_id(f), "lines", f) for f in p.files]
+
+    def read(part, cfg, rows):  # one sample per line: base64 image, a tab, the caption
+        for i, line in enumerate(storage.read_text(part.uri).splitlines()):
+            image, _, caption = line.partition("\t")
+            yield add_sample(rows, f"{part.uri}#{i}", base64.b64decode(image), caption)
+
+    monkeypatch.setitem(readers.FILE_FORMATS, "lines",
+                        readers.FileFormat("sample lists", lambda uri, ext: ext == "samples", plan, read))
+    samples = corpus(3)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.samples").write_text(
+        "".join(f"{base64.b64encode(image).decode()}\t{caption}\n" for _, image, caption, _ in samples))
+    write_folder(tmp_path / "c", [(n, i, c.encode(), r) for n, i, c, r in samples[:1]])  # a stray image: said, not read
+    cfg = ReaderConfig()
+    assert "lines" in readers.formats()
+    parts = plan_parts(str(tmp_path / "c"), "auto", cfg)
+    assert [p.format for p in parts] == ["lines"]
+    assert "is read as lines; not read: 1 image files" in capsys.readouterr().out
+    assert parts == plan_parts(str(tmp_path / "c"), "lines", cfg)
+    data, ends = rows_of(parts, cfg)
+    assert [r["caption"].decode() for r in data] == [c for _, _, c, _ in samples]
+    assert [r["image"] for r in data] == [image for _, image, _, _ in samples] and ends[0]["part_rows"] == 3
+    (tmp_path / "d").mkdir()
+    write_parquet(tmp_path / "d" / "x.parquet", [(n, i, c.encode(), r) for n, i, c, r in samples], "image", "caption")
+    with pytest.raises(readers.NoInput, match=r"holds no sample lists \(1 Parquet files\)"):
+        plan_parts(str(tmp_path / "d"), "lines", cfg)

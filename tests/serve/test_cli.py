@@ -35,6 +35,10 @@ def test_cli_mistakes_are_one_line_before_ray_starts(tmp_path, capsys, monkeypat
     meta = json.loads(meta_path.read_text())
     meta["config"]["codebook_size"] = 8192  # a tokenizer of other codes than the base draws: no fit
     meta_path.write_text(json.dumps(meta))
+    cut = str(tmp_path / "cut")  # weights cut short, as an interrupted copy leaves them
+    init_model_root("tiny", cut)
+    weights = tmp_path / "cut" / "superres" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
     with socket.socket() as held:  # a port some other server holds
         held.bind(("127.0.0.1", 0))
         held.listen()
@@ -44,6 +48,7 @@ def test_cli_mistakes_are_one_line_before_ray_starts(tmp_path, capsys, monkeypat
         for argv, why in (([], "give --checkpoint ROOT"),
                           (["--checkpoint", str(tmp_path / "nope")], "lacks text_encoder, vqgan_lo, base"),
                           (["--checkpoint", other], "base expects 8x8 tokens of 512 codes, vqgan_lo gives 8x8 of 8192"),
+                          (["--checkpoint", cut], "--checkpoint: superres: "),
                           (["--checkpoint", root, "--config", str(tmp_path / "none.yaml")], "--config: [Errno 2]"),
                           (["--config", str(bad_key)], "bogus: Extra inputs are not permitted"),
                           (["--checkpoint", root, "--config", str(bad_limit)], "limits.max_images:"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import time
 import types
 from pathlib import Path
@@ -356,6 +357,11 @@ def test_build_app_reads_the_key_from_the_environment(tmp_path, monkeypatch):
     text, base, superres, decoder, args = ingress.init_args
     assert superres is None  # no super-res stage in this root: only the base size is served
     assert args.api_key == "from-env"
+    weights = os.path.join(root, "base", "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) - 100)  # cut short: every Base replica would fail on it
+    with pytest.raises(ValueError, match="base: .*model.safetensors is cut short"):
+        build_app({"checkpoint": root})
 
 
 def test_deployments_load_their_models_from_s3(s3_bucket, tmp_path):
