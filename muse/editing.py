@@ -8,6 +8,8 @@ Mask-free editing starts from the image's own tokens and, for ~100 iterations, r
 of them under the new prompt (guidance ≈ 4, top-k ≈ 3), so the image drifts toward the prompt while
 keeping its layout.
 
+`keep_pixels` puts the input's own pixels back outside the mask once the tokens are decoded.
+
 Through the super-res stage, the same token mask is upsampled to the high-res grid: high-res tokens of
 known regions stay fixed and the rest are decoded conditioned on the edited low-res tokens.
 """
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from muse import sampling
 from muse.config import SAMPLING
 from muse.context import Context
+from muse.data.images import resized_mask
 
 DIRECTIONS = ("all", "left", "right", "up", "down")
 
@@ -40,6 +43,25 @@ def token_mask_from_pixels(mask: torch.Tensor, tokens_per_side: int) -> torch.Te
 def upsample_token_mask(mask: torch.Tensor, tokens_per_side: int) -> torch.Tensor:
     """Token mask (B, h, w) -> (B, H, W) on a finer grid (each coarse token covers a block)."""
     return F.interpolate(mask[:, None].float(), size=(tokens_per_side, tokens_per_side), mode="nearest")[:, 0] > 0
+
+
+FEATHER_PER_SIDE = 1 / 128  # the blend band around a kept mask: 2 px at 256, 4 at 512
+
+
+def keep_pixels(images: torch.Tensor, original: torch.Tensor, regenerated: torch.Tensor) -> torch.Tensor:
+    """Decoded images (n, 3, R, R) with the `original`'s pixels (1 or n, 3, R, R) back wherever the
+    pixel mask `regenerated` ((S, S) bool, resized to R by `muse.data.images.resized_mask`) asked for
+    nothing new: there the decoding of the kept tokens is only as close to the input as a round trip
+    through the tokenizer. A band of FEATHER_PER_SIDE of the side outside the mask blends the two, so
+    no seam shows."""
+    side = images.shape[-1]
+    if tuple(regenerated.shape) != (side, side):
+        regenerated = torch.from_numpy(resized_mask(regenerated.cpu().numpy(), side))
+    mask = regenerated[None, None].to(images.device, torch.float32)
+    band = max(1, round(side * FEATHER_PER_SIDE))
+    soft = F.avg_pool2d(mask, 2 * band + 1, stride=1, padding=band, count_include_pad=False)
+    alpha = torch.maximum(mask, soft).to(images.dtype)  # the masked pixels stay wholly new
+    return alpha * images + (1 - alpha) * original.to(images.device, images.dtype)
 
 
 def outpaint_canvas(images: torch.Tensor, direction: str = "all", scale: float = 0.5,

@@ -62,6 +62,13 @@ def _common(parser: argparse.ArgumentParser, steps: bool = True) -> None:
     parser.add_argument("--out", required=True, help="directory to write PNGs into (created if missing)")
 
 
+def _keep_pixels_arg(parser: argparse.ArgumentParser, where: str) -> None:
+    parser.add_argument("--keep-pixels", action="store_true",
+                        help=f"put the input's own pixels back {where}, blended over a thin band at the edge "
+                             "(default: the tokenizer's decoding of its kept tokens, as close to the input as "
+                             "a round trip through the tokenizer)")
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "generate":
         p = argparse.ArgumentParser(prog="muse generate", description="Text to image: write PNGs for a prompt.")
@@ -71,12 +78,13 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             prog="muse inpaint",
             description="Regenerate the masked part of an image under a prompt. Outside the mask the image's "
                         "tokens are kept, not its pixels: the output there is the tokenizer's decoding of "
-                        "those tokens (beside the new ones), not the input's own pixels.")
+                        "those tokens (beside the new ones), unless --keep-pixels puts the input's own pixels back.")
         p.add_argument("--image", required=True, help="input image file (local path or s3://)")
         p.add_argument("--mask", required=True,
                        help="mask image of the same size: white = regenerate, black = keep its tokens (the "
-                            "output there is their decoding, not the input's pixels); in a mask with "
-                            "transparency, the transparent pixels are regenerated (as the HTTP API reads one)")
+                            "output there is their decoding, or with --keep-pixels the input's pixels); in a mask "
+                            "with transparency, the transparent pixels are regenerated (as the HTTP API reads one)")
+        _keep_pixels_arg(p, "outside the mask")
         _common(p)
     elif command == "outpaint":
         p = argparse.ArgumentParser(prog="muse outpaint", description="Extend an image beyond its borders.")
@@ -86,6 +94,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                             "the image away from it (default all)")
         p.add_argument("--scale", type=float, default=0.5,
                        help="share of the output side the original image still covers, in (0, 1) (default 0.5)")
+        _keep_pixels_arg(p, "where the canvas holds the image")
         _common(p)
     elif command == "edit":
         p = argparse.ArgumentParser(
@@ -135,10 +144,11 @@ def run(command: str, args: argparse.Namespace) -> list[str]:
     if command == "generate":
         draw = functools.partial(pipe, args.prompt, steps=args.steps, **common)
     elif command == "inpaint":
-        draw = functools.partial(pipe.inpaint, *inputs, args.prompt, steps=args.steps, **common)
+        draw = functools.partial(pipe.inpaint, *inputs, args.prompt, steps=args.steps, keep_pixels=args.keep_pixels,
+                                 **common)
     elif command == "outpaint":
         draw = functools.partial(pipe.outpaint, *inputs, args.prompt, direction=args.direction, scale=args.scale,
-                                 steps=args.steps, **common)
+                                 steps=args.steps, keep_pixels=args.keep_pixels, **common)
     else:
         draw = functools.partial(pipe.edit, *inputs, args.prompt, iterations=args.iterations,
                                  fraction=args.fraction, top_k=args.top_k or None, **common)

@@ -209,7 +209,7 @@ class MusePipeline:
                 guidance_scale: float = SAMPLING.guidance_scale, seed: int | None = None, output: str = "pil",
                 superres: bool | None = None, callback: StageCallback | None = None,
                 choice_temperature: float = SAMPLING.choice_temperature, superres_top_k: int | None = None,
-                first_image: int = 0) -> list[Image.Image] | torch.Tensor:
+                first_image: int = 0, keep_pixels: bool = False) -> list[Image.Image] | torch.Tensor:
         """Regenerate the masked part of `image` under `prompt`.
 
         image: PIL image, encoded bytes, a path (local or s3://) or a (3, H, W) tensor in [-1, 1].
@@ -217,8 +217,8 @@ class MusePipeline:
             regenerate.
         A token is regenerated when any pixel of its patch is masked; the rest stay fixed, so outside the
         mask the image is the tokenizer's decoding of the input's tokens (beside the new ones), not its
-        pixels: nothing is pasted back. The model sees the centre square of a non-square image
-        (`muse.image_inputs`)."""
+        pixels, unless `keep_pixels` puts the input's pixels back there (`editing.keep_pixels`). The
+        model sees the centre square of a non-square image (`muse.image_inputs`)."""
         superres = self._use_superres(superres)
         req = Request(num_images, steps, superres_steps, guidance_scale, choice_temperature, seed, output, superres,
                       callback, superres_top_k=superres_top_k, first_image=first_image)
@@ -232,7 +232,7 @@ class MusePipeline:
                              f"{img.width}x{img.height} image, which is all the model sees of it: crop the image "
                              "to a square around what to repaint")
         regen = editing.token_mask_from_pixels(square[None], self.base.config.tokens_per_side)  # (1, h, w)
-        return self._fill(lo_img, hi_img, regen, prompt_, negatives, req)
+        return self._fill(lo_img, hi_img, regen, prompt_, negatives, req, square if keep_pixels else None)
 
     @torch.no_grad()
     def outpaint(self, image: Any, prompt: str, direction: str = "all", scale: float = 0.5,
@@ -241,11 +241,12 @@ class MusePipeline:
                  seed: int | None = None, output: str = "pil", superres: bool | None = None,
                  callback: StageCallback | None = None,
                  choice_temperature: float = SAMPLING.choice_temperature, superres_top_k: int | None = None,
-                 first_image: int = 0) -> list[Image.Image] | torch.Tensor:
+                 first_image: int = 0, keep_pixels: bool = False) -> list[Image.Image] | torch.Tensor:
         """Extend `image` beyond its borders (see `editing.outpaint_canvas`): direction "all" shrinks it
         to `scale` of the side in the centre; "left"/"right"/"up"/"down" shift it so it covers `scale`
         of the canvas and the strip on that side is new. The output keeps the model's resolution. A
-        non-square image is letterboxed into the square, and its bands are drawn as well."""
+        non-square image is letterboxed into the square, and its bands are drawn as well. `keep_pixels`
+        puts the (shrunk or shifted) image's own pixels back where the canvas holds it."""
         superres = self._use_superres(superres)
         req = Request(num_images, steps, superres_steps, guidance_scale, choice_temperature, seed, output, superres,
                       callback, superres_top_k=superres_top_k, first_image=first_image)
@@ -268,7 +269,7 @@ class MusePipeline:
             left = "no token of the canvas is new" if not regen.any() else "no token of the image is kept"
             raise ValueError(f"scale {scale:g} {direction}: {left} on the model's {side}x{side} tokens; take a scale "
                              f"{'further from 1' if not regen.any() else 'nearer 1'}")
-        return self._fill(lo_canvas, hi_canvas, regen, prompt_, negatives, req)
+        return self._fill(lo_canvas, hi_canvas, regen, prompt_, negatives, req, new[0] if keep_pixels else None)
 
     @torch.no_grad()
     def edit(self, image: Any, prompt: str, negative_prompt: str | None = None, num_images: int = 1,
@@ -317,9 +318,11 @@ class MusePipeline:
         guided = negatives is not None and guidance_scale != 0
         return self.encode_prompts(prompts), self.encode_prompts(negatives) if guided else None
 
-    def _fill(self, lo_img, hi_img, regen: torch.Tensor, prompt_: str, negatives: list[str] | None, req: Request):
+    def _fill(self, lo_img, hi_img, regen: torch.Tensor, prompt_: str, negatives: list[str] | None, req: Request,
+              kept_outside: torch.Tensor | None = None):
         """Inpainting on both stages: lo tokens decoded where `regen` (1, h, w); hi tokens where the
-        upsampled mask says, conditioned on the new lo tokens; known tokens fixed on both. The caller
+        upsampled mask says, conditioned on the new lo tokens; known tokens fixed on both. With
+        `kept_outside`, a pixel mask, the images get the input's pixels back outside it. The caller
         has checked the request (`_checked`) before decoding any image."""
         n = req.num_images
         gens = self._generators(req.seed, n, first=req.first_image)
@@ -331,10 +334,10 @@ class MusePipeline:
                                     guidance_scale=req.guidance_scale, generator=gens,
                                     choice_temperature=req.choice_temperature, callback=_stage(req.callback, "base"))
         if not req.superres:
-            return lo if req.output == "tokens" else self._to_pil(self.vqgan_lo, lo)
+            return lo if req.output == "tokens" else self._to_pil(self.vqgan_lo, lo, lo_img, kept_outside)
         regen_hi = editing.upsample_token_mask(regen, self.superres.config.hi_tokens_per_side)
         hi = self._superres_fill(cond, negative, lo, hi_img, regen_hi, req, gens)
-        return hi if req.output == "tokens" else self._to_pil(self.vqgan_hi, hi)
+        return hi if req.output == "tokens" else self._to_pil(self.vqgan_hi, hi, hi_img, kept_outside)
 
     def _superres_fill(self, cond: TextCondition, negative: TextCondition | None, lo: torch.Tensor,
                        hi_img: torch.Tensor, regen_hi: torch.Tensor, req: Request, gens: list[torch.Generator]):
@@ -359,9 +362,12 @@ class MusePipeline:
         pixels, inside = letterbox(img, vqgan.config.resolution, placed_at)
         return pixels[None].to(self.device, next(vqgan.parameters()).dtype), inside[None].to(self.device)
 
-    def _to_pil(self, vqgan, ids: torch.Tensor) -> list[Image.Image]:
+    def _to_pil(self, vqgan, ids: torch.Tensor, original: torch.Tensor | None = None,
+                kept_outside: torch.Tensor | None = None) -> list[Image.Image]:
         with torch.no_grad():
             images = vqgan.decode(ids)
+            if kept_outside is not None:
+                images = editing.keep_pixels(images, original, kept_outside)
         return [tensor_to_pil(x) for x in images]
 
     def _generators(self, seed: int | Sequence[int] | None, n: int, prompts: int = 1,

@@ -123,12 +123,12 @@ class Ingress:
 
         return await self.call(chain)
 
-    async def prepare_edit(self, image: bytes, mask: bytes | None, stage: str) -> EditInput:
+    async def prepare_edit(self, image: bytes, mask: bytes | None, stage: str, keep_pixels: bool = False) -> EditInput:
         """The upload at each stage's side, and the low-res tokens its mask regenerates (400 if unreadable)."""
         sides = {"lo": self.lo_side, **({"hi": self.hi_side} if stage == "hi" else {})}
         try:
             return await asyncio.to_thread(prepare_edit, image, mask, sides, self.lo_tokens,
-                                           self.limits.max_image_pixels)
+                                           self.limits.max_image_pixels, keep_pixels)
         except UploadError as e:
             raise APIError(400, str(e), param=e.param, code="invalid_image") from None
 
@@ -150,7 +150,7 @@ class Ingress:
                 await calls.ready(tokens, hi_source)
                 tokens = calls.start(self.superres.generate.remote(cond, tokens, hi_decode, hi_source))
             await calls.ready(tokens)
-            calls.start(self.decoder.decode.remote(tokens, stage, out))
+            calls.start(self.decoder.decode.remote(tokens, stage, out, edit.kept(stage)))
 
         return await self.call(chain)
 
@@ -264,6 +264,9 @@ def build_fastapi(ing: Ingress) -> FastAPI:
     @app.post("/v1/images/generations")
     async def generations(req: GenerationRequest, request: Request):
         check_unknown_fields(req)
+        if req.keep_pixels:
+            raise APIError(400, "keep_pixels applies to edits (/v1/images/edits with a mask): a generation has no "
+                                "input pixels to keep", param="keep_pixels", code="invalid_value")
         check_prompt(req.prompt, limits)
         check_prompt(req.negative_prompt, limits, "negative_prompt", required=False)
         check_common(req.n, req.steps, req.superres_steps, req.guidance_scale, limits)
@@ -311,7 +314,8 @@ def build_fastapi(ing: Ingress) -> FastAPI:
         stage, side = resolve_size(req.size, ing.lo_side, ing.hi_side)
         out = Output(side, req.output_format, req.output_compression)
         seed = _seed(req.seed)
-        edit = await ing.prepare_edit(await images[0].read(), await mask.read() if mask is not None else None, stage)
+        edit = await ing.prepare_edit(await images[0].read(), await mask.read() if mask is not None else None, stage,
+                                      req.keep_pixels)
         lo, hi = ing.decodes(req.n, seed, req.steps, req.superres_steps, req.guidance_scale,
                              base_default=ing.sampling.edit_iterations if edit.regenerate is None else None)
         if req.stream:
@@ -348,9 +352,11 @@ class _EditForm:
     def request(self) -> GenerationRequest:
         """The form as the JSON route's request: numbers and flags read from their text, then the same
         validation (limits, choices) and the same 400s."""
-        fields = {name: self.text(name) for name in FIELDS if name not in self.INTEGERS + ("guidance_scale", "stream")}
+        fields = {name: self.text(name) for name in FIELDS
+                  if name not in self.INTEGERS + ("guidance_scale", "stream", "keep_pixels")}
         fields |= {name: self.integer(name) for name in self.INTEGERS}
-        fields |= {"guidance_scale": self.number("guidance_scale"), "stream": self.boolean("stream")}
+        fields |= {"guidance_scale": self.number("guidance_scale"), "stream": self.boolean("stream"),
+                   "keep_pixels": self.boolean("keep_pixels")}
         try:
             return GenerationRequest.model_validate({k: v for k, v in fields.items() if v is not None})
         except ValidationError as e:

@@ -309,9 +309,14 @@ class Decoder:
         return checkpoint.load_component(checkpoint.component_uri(root, name), device=self.device, expect_kind="vqgan")
 
     @torch.no_grad()
-    def decode(self, tokens: Tokens, stage: str, out: Output = Output()) -> list[bytes]:
-        """Tokens (n, h, w) -> n encoded images (PNG at the stage's resolution by default)."""
+    def decode(self, tokens: Tokens, stage: str, out: Output = Output(),
+               kept: tuple[np.ndarray, np.ndarray] | None = None) -> list[bytes]:
+        """Tokens (n, h, w) -> n encoded images (PNG at the stage's resolution by default). `kept`, an
+        edit's (image (side, side, 3) uint8, pixel mask (side, side) bool): its pixels back outside the mask."""
         images = self.vqgans[stage].decode(tokens.ids.to(self.device)).cpu()
+        if kept is not None:
+            image, mask = kept
+            images = editing.keep_pixels(images, uint8_to_tensor(image[None]), torch.as_tensor(np.array(mask)))
         return [image_bytes(img, out) for img in images]
 
     @torch.no_grad()

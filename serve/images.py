@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from muse.data.images import (TOO_MANY_PIXELS, TRANSPARENT_BELOW, ImageRejected, centre_square, decode_image,
-                              has_alpha, to_rgb, to_uint8_array)
+                              has_alpha, resized_mask, to_rgb, to_uint8_array)
 
 
 class UploadError(ValueError):
@@ -54,10 +54,16 @@ class EditInput:
 
     images: dict[str, np.ndarray]  # stage -> (side, side, 3) uint8
     regenerate: np.ndarray | None  # (h, w) bool on the low-res token grid; None = mask-free editing
+    # keep_pixels: stage -> (side, side) bool, the pixels the mask regenerates; the image's own go back elsewhere
+    kept_outside: dict[str, np.ndarray] | None = None
+
+    def kept(self, stage: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(image, pixel mask) at the stage's side, for the decoder to put the image back outside the mask."""
+        return None if self.kept_outside is None else (self.images[stage], self.kept_outside[stage])
 
 
 def prepare_edit(image_bytes: bytes, mask_bytes: bytes | None, sides: dict[str, int], lo_tokens: int,
-                 max_pixels: int) -> EditInput:
+                 max_pixels: int, keep_pixels: bool = False) -> EditInput:
     """sides: stage -> image side, e.g. {"lo": 256, "hi": 512}; lo_tokens: low-res tokens per side.
 
     The image is prepared exactly as `MusePipeline` prepares one (transparency composited on white,
@@ -77,6 +83,9 @@ def prepare_edit(image_bytes: bytes, mask_bytes: bytes | None, sides: dict[str, 
     rgb = to_rgb(image)
     images = {stage: to_uint8_array(rgb, side) for stage, side in sides.items()}
     if not transparent.any():
+        if keep_pixels:
+            raise UploadError("keep_pixels", "keep_pixels needs a mask (or transparent pixels in the image) to "
+                                             "keep the pixels outside of; a mask-free edit redraws the whole image")
         return EditInput(images, None)
     square = centre_square(transparent)
     if not square.any():
@@ -85,7 +94,9 @@ def prepare_edit(image_bytes: bytes, mask_bytes: bytes | None, sides: dict[str, 
                           f"the transparent area lies outside the centre {side}x{side} square of the "
                           f"{image.width}x{image.height} image, which is all the model sees of it; crop the image "
                           "to a square around the area to repaint")
-    return EditInput(images, token_mask(square, lo_tokens))
+    kept = {stage: resized_mask(square, side) for stage, side in sides.items()} if keep_pixels else None
+    return EditInput(images, token_mask(square, lo_tokens), kept)
+
 
 
 def token_mask(pixels: np.ndarray, tokens_per_side: int) -> np.ndarray:

@@ -33,7 +33,8 @@ BACKGROUNDS = ("auto", "opaque")
 OUTPUT_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # Every field either route takes (the edit route adds image, image[] and mask).
 FIELDS = ("prompt", "n", "size", "response_format", "output_format", "output_compression", "stream",
-          "partial_images", "negative_prompt", "seed", "steps", "superres_steps", "guidance_scale") + OPENAI_IGNORED
+          "partial_images", "negative_prompt", "seed", "steps", "superres_steps", "guidance_scale",
+          "keep_pixels") + OPENAI_IGNORED
 NUMBER_FIELDS = ("n", "output_compression", "partial_images", "seed", "steps", "superres_steps", "guidance_scale")
 
 
@@ -70,6 +71,7 @@ class GenerationRequest(BaseModel):
     steps: int | None = Field(None, ge=1)
     superres_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
+    keep_pixels: StrictBool = False  # edits with a mask: the image's own pixels outside it
 
     @model_validator(mode="before")
     @classmethod

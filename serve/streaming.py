@@ -173,7 +173,8 @@ async def _attempt(ing: Ingress, req: StreamRequest, base_url: str, out: Output,
                     partial += 1
             finally:
                 events.cancel()
-        pngs = await _within(calls.start(ing.decoder.decode.remote(tokens, req.stage, out)), deadline)
+        kept = edit.kept(req.stage) if edit is not None else None  # keep_pixels
+        pngs = await _within(calls.start(ing.decoder.decode.remote(tokens, req.stage, out, kept)), deadline)
         # Each image's event carries its own usage: its tokens, and the prompt's (and an edit's source
         # image's) in the first only, so that the events add up to the request's usage.
         used = [ing.usage(req.prompt, 1, req.stage, text=i == 0, edit=edit is not None and i == 0)

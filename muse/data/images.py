@@ -151,6 +151,15 @@ def centre_square(a):
     return a[top:top + side, left:left + side]
 
 
+def resized_mask(mask: np.ndarray, side: int) -> np.ndarray:
+    """A square pixel mask (S, S) bool at side x side: a pixel is set when any under it is (shrunk), or
+    as the nearest one is (enlarged). The library and the HTTP API resize an edit's mask with it alike."""
+    if mask.shape == (side, side):
+        return mask.astype(bool)
+    resample = Image.Resampling.BOX if min(mask.shape) >= side else Image.Resampling.NEAREST
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((side, side), resample)) > 0
+
+
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     """Resize so the shorter side is `size`, then crop the centre size x size square."""
     width, height = img.size

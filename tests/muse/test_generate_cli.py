@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from muse import generate_cli
+from muse.data.images import to_uint8_array
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,6 +50,14 @@ def test_cli_generate_and_inpaint_write_pngs(tmp_path, photo, capsys):
                             "--prompt", "a red circle", "--preset", "tiny", "--steps", "2", "--no-superres",
                             "--out", str(tmp_path / "inp")])
     assert rc == 0 and Image.open(tmp_path / "inp" / "inpaint_00.png").size == (64, 64)
+    rc = generate_cli.main(["inpaint", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                            "--prompt", "a red circle", "--preset", "tiny", "--steps", "2", "--no-superres",
+                            "--keep-pixels", "--out", str(tmp_path / "kept")])
+    kept = np.asarray(Image.open(tmp_path / "kept" / "inpaint_00.png"), np.int16)
+    src = to_uint8_array(photo, 64).astype(np.int16)  # the input as the model sees it
+    plain = np.asarray(Image.open(tmp_path / "inp" / "inpaint_00.png"), np.int16)
+    # Below the mask's top half (and its 1-pixel blend band) the input itself comes back.
+    assert rc == 0 and np.abs(kept[34:] - src[34:]).max() <= 1 < np.abs(plain[34:] - src[34:]).max()
 
 
 def test_cli_bad_input_exits_2_with_a_message_and_help_exits_0(tmp_path, capsys):

@@ -326,6 +326,39 @@ def test_inpaint_keeps_known_tokens_at_base_and_through_superres(pipe, photo):
     assert [im.size for im in images] == [(128, 128)] * 2
 
 
+def test_keep_pixels_gives_back_the_input_outside_the_mask_and_new_pixels_inside(pipe, photo):
+    """Without it, outside the mask is the tokenizer's round trip of the input; with it, the input
+    itself, but for a feathered band of FEATHER_PER_SIDE of the side along the mask's edge."""
+    from muse.editing import FEATHER_PER_SIDE, outpaint_canvas
+
+    mask = np.zeros((96, 96), np.uint8)
+    mask[:, 60:] = 255  # the right 36 of 96 columns: 48 of 128 after super-res
+    src = pipe._image_tensors(photo, True)[1]  # the input as the model sees it, at 128
+    want = np.asarray(tensor_pil(src[0]), np.int16)
+    kw = dict(seed=0, num_images=2, **STEPS)
+    plain = [np.asarray(im, np.int16) for im in pipe.inpaint(photo, mask, "a red circle", **kw)]
+    kept = [np.asarray(im, np.int16) for im in pipe.inpaint(photo, mask, "a red circle", keep_pixels=True, **kw)]
+    band = max(1, round(128 * FEATHER_PER_SIDE))
+    outside, inside = slice(0, 80 - band), slice(80, 128)
+    for p, k in zip(plain, kept):
+        assert np.abs(p[:, outside] - want[:, outside]).max() > 8  # random weights: a poor round trip
+        assert np.abs(k[:, outside] - want[:, outside]).max() <= 1  # the input (uint8 rounding)
+        assert np.array_equal(k[:, inside], p[:, inside])  # what the model drew, untouched
+        assert not np.array_equal(k[:, 80 - band:80], want[:, 80 - band:80])  # the feathered seam
+    lo = pipe.inpaint(photo, mask, "a red circle", keep_pixels=True, superres=False, seed=0, steps=3)[0]
+    lo_src = np.asarray(tensor_pil(pipe._image_tensors(photo, False)[0][0]), np.int16)
+    assert lo.size == (64, 64) and np.abs(np.asarray(lo, np.int16)[:, :38] - lo_src[:, :38]).max() <= 1
+    out = pipe.outpaint(photo, "a red circle", direction="left", scale=0.5, keep_pixels=True, seed=0, **STEPS)[0]
+    canvas = np.asarray(tensor_pil(outpaint_canvas(src, "left", 0.5)[0][0]), np.int16)
+    assert np.abs(np.asarray(out, np.int16)[:, 64 + band:] - canvas[:, 64 + band:]).max() <= 1  # the shifted image
+
+
+def tensor_pil(x: torch.Tensor) -> Image.Image:
+    from muse.data.images import tensor_to_pil
+
+    return tensor_to_pil(x)
+
+
 def test_outpaint_keeps_the_placed_image_tokens(pipe, photo):
     from muse.editing import outpaint_canvas
 

@@ -18,6 +18,7 @@ from PIL import Image
 from serve_helpers import APP, TEST_ARGS, assert_same_image, pil_array, png_array
 
 from muse.checkpoint import component_uri
+from muse.data.images import to_uint8_array
 from muse.tokenizer import load_tokenizer
 
 STEPS = TEST_ARGS["sampling"]["steps"]
@@ -189,6 +190,33 @@ def test_inpainting_with_a_mask_matches_the_pipeline(muse_app, pipe):
     want = pipe.inpaint(image, regen, "a purple circle", num_images=2, steps=STEPS, superres_steps=SR_STEPS, seed=4)
     for got, img in zip(r.json()["data"], want):
         assert_same_image(png_array(got["b64_json"]), pil_array(img))
+
+
+def test_keep_pixels_serves_the_pipelines_image_with_the_input_outside_the_mask(muse_app, pipe):
+    """`keep_pixels`: the served edit equals the library's, plain and streamed, and only edits with a
+    mask take it."""
+    image = _picture()
+    mask = Image.new("RGBA", image.size, (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (10, 20, 60, 50))
+    upload = {"image": ("i.png", _png(image)), "mask": ("m.png", _png(mask))}
+    fields = {"prompt": "a purple circle", "size": "128x128", "seed": "4", "keep_pixels": "true",
+              "response_format": "b64_json"}
+    r = muse_app.client.post("/v1/images/edits", files=upload, data=fields)
+    assert r.status_code == 200, r.text
+    regen = np.zeros((96, 96), bool)
+    regen[20:50, 10:60] = True
+    want = pil_array(pipe.inpaint(image, regen, "a purple circle", steps=STEPS, superres_steps=SR_STEPS, seed=4,
+                                  keep_pixels=True)[0])
+    got = png_array(r.json()["data"][0]["b64_json"])
+    assert_same_image(got, want)
+    source = to_uint8_array(image, 128).astype(np.int16)  # the input as the model sees it
+    assert np.abs(got[80:].astype(np.int16) - source[80:]).max() <= 2  # below the mask (and its band): the input
+    with muse_app.client.stream("POST", "/v1/images/edits", files=upload, data={**fields, "stream": "true"}) as r:
+        events = _events(r)
+    final = [d for name, d in events if name == "image_edit.completed"]
+    assert len(final) == 1 and np.array_equal(png_array(final[0]["b64_json"]), got)
+    r = muse_app.generate(prompt="x", keep_pixels=True)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "keep_pixels", r.text
 
 
 def test_transparent_canvas_outpaints_and_opaque_image_is_edited_mask_free(muse_app, pipe):

@@ -10,6 +10,7 @@ import types
 import pytest
 
 from serve.config import Limits, Sampling
+from serve.images import EditInput
 from serve.schemas import APIError, GenerationRequest
 from serve.specs import Output
 from serve_helpers import FakeStream
@@ -203,7 +204,7 @@ def test_each_stage_is_called_once_what_it_reads_has_finished(monkeypatch, mask_
                    ("decoder.decode", True)]
 
     log.clear()
-    edit = types.SimpleNamespace(images={"lo": "lo pixels", "hi": "hi pixels"}, regenerate=None if mask_free else "mask")
+    edit = EditInput(images={"lo": "lo pixels", "hi": "hi pixels"}, regenerate=None if mask_free else "mask")
     lo, hi = ing.decodes(1, 1, None, None, None)
     assert asyncio.run(ing.edit(edit, "a blue square", None, "hi", lo, hi, Output())) == [b"png"]
     assert [name for name, _ in log] == ["text.encode", "decoder.encode", f"base.{'edit' if mask_free else 'generate'}",
@@ -225,8 +226,7 @@ def test_streams_call_each_stage_once_what_it_reads_has_finished(monkeypatch, ma
                    ("decoder.decode", True)]
 
     log.clear()
-    edit = types.SimpleNamespace(images={"lo": "lo pixels", "hi": "hi pixels"},
-                                 regenerate=None if mask_free else torch_mask())
+    edit = EditInput(images={"lo": "lo pixels", "hi": "hi pixels"}, regenerate=None if mask_free else torch_mask())
     assert _stream(ing, edit) == ["event: image_edit.completed"]
     assert [name for name, _ in log] == ["text.encode", "decoder.encode", "decoder.encode",
                                          "base.edit" if mask_free else "base.stream", "superres.stream",

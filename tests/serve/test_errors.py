@@ -117,6 +117,8 @@ IMAGE = _png(Image.new("RGB", (64, 64), (200, 10, 10)))
     ({"image": ("i.png", IMAGE)}, {"prompt": "x", "n": "0_2"}, "n"),
     ({"image": ("i.png", IMAGE)}, {"prompt": "x", "partial_images": "lots"}, "partial_images"),
     ({"image": ("i.png", IMAGE)}, {"prompt": "x", "partial_images": "7"}, "partial_images"),
+    ({"image": ("i.png", IMAGE)}, {"prompt": "x", "keep_pixels": "yes"}, "keep_pixels"),
+    ({"image": ("i.png", IMAGE)}, {"prompt": "x", "keep_pixels": "true"}, "keep_pixels"),  # no mask: nothing to keep
 ])
 def test_bad_edit_requests(muse_app, files, data, param):
     _assert_error(muse_app.client.post("/v1/images/edits", files=files or None, data=data, timeout=FAST), 400, param)

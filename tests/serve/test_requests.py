@@ -318,7 +318,7 @@ def test_a_blank_negative_prompt_means_none_on_both_routes(negative):
         asked.append(req.negative_prompt)
         raise APIError(503, "reached the models", type="server_error", code="reached")
 
-    async def prepare_edit(image, mask, stage):
+    async def prepare_edit(image, mask, stage, keep_pixels=False):
         return types.SimpleNamespace(regenerate=None)
 
     async def edit(prepared, prompt, negative_prompt, *_):

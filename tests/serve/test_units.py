@@ -116,7 +116,10 @@ def test_prepare_edit_marks_the_tokens_under_transparent_pixels():
     mask = Image.new("RGBA", (128, 96), (0, 0, 0, 255))
     mask.paste((0, 0, 0, 0), (100, 84, 112, 96))  # bottom-right corner of the square
     edit = prepare_edit(_png(image.convert("RGB")), _png(mask), {"lo": 64}, 8, max_pixels=10**6)
-    assert np.argwhere(edit.regenerate).tolist() == [[7, 7]]
+    assert np.argwhere(edit.regenerate).tolist() == [[7, 7]] and edit.kept("lo") is None
+    kept = prepare_edit(_png(image.convert("RGB")), _png(mask), {"lo": 64, "hi": 128}, 8, 10**6, keep_pixels=True)
+    assert [kept.kept(s)[1].shape for s in ("lo", "hi")] == [(64, 64), (128, 128)]
+    assert np.argwhere(kept.kept("lo")[1]).min(axis=0).tolist() == [56, 56]  # the square's corner (12 of 96)
     assert prepare_edit(_png(image.convert("RGB")), None, {"lo": 64}, 8, max_pixels=10**6).regenerate is None
 
     outside = Image.new("RGBA", (128, 96), (0, 0, 0, 255))

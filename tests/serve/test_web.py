@@ -15,6 +15,8 @@ from PIL import Image
 
 from serve_helpers import TEST_ARGS, assert_same_image, pil_array, png_array
 
+from muse.data.images import TRANSPARENT_BELOW
+
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -52,7 +54,8 @@ RECORD_EDITS = """() => { const fetch0 = window.fetch; window.sentEdits = [];
                                                       r.readAsDataURL(blob); });
     window.fetch = async (url, init) => {
         if (String(url).includes('images/edits')) window.sentEdits.push(
-            {image: await dataUrl(init.body.get('image')), mask: await dataUrl(init.body.get('mask'))});
+            {image: await dataUrl(init.body.get('image')), mask: await dataUrl(init.body.get('mask')),
+             keep_pixels: init.body.get('keep_pixels')});
         return fetch0(url, init); }; }"""
 
 
@@ -118,9 +121,11 @@ def test_page_generates_with_live_previews_and_inpaints(muse_app, pipe, browser)
         x, y = (start + k / 8 * (end - start)).astype(int)
         assert alpha[y, x] == 0, (k, x, y)
     assert (alpha[48:, :] == 255).all() and (alpha[:, 60:] == 255).all()  # away from the stroke: kept
-    # What the page shows is that inpainting, as the one-process pipeline does it.
-    want = pipe.inpaint(image, alpha == 0, "a red circle on a blue background", steps=TEST_ARGS["sampling"]["steps"],
-                        superres_steps=TEST_ARGS["sampling"]["superres_steps"], seed=5)
+    # What the page shows is that inpainting, as the one-process pipeline does it, keeping the unpainted
+    # pixels as the page does unless its box is cleared.
+    assert sent["keep_pixels"] == "true"
+    want = pipe.inpaint(image, alpha < TRANSPARENT_BELOW, "a red circle on a blue background", steps=TEST_ARGS["sampling"]["steps"],
+                        superres_steps=TEST_ARGS["sampling"]["superres_steps"], seed=5, keep_pixels=True)
     assert_same_image(png_array(result_after.split(",", 1)[1]), pil_array(want[0]))
 
 
@@ -131,8 +136,9 @@ def test_editor_before_and_after_an_image_layout_touch_and_no_blank_inpaint(muse
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(muse_app.url + "/")
-    for control in ("#brushsize", "#clear", "#inpaint"):  # not covered by the editor's canvases
-        hit = page.evaluate("""(sel) => { const r = document.querySelector(sel).getBoundingClientRect();
+    for control in ("#brushsize", "#keeppixels", "#clear", "#inpaint"):  # not covered by the editor's canvases
+        hit = page.evaluate("""(sel) => { document.querySelector(sel).scrollIntoView({block: 'center'});
+            const r = document.querySelector(sel).getBoundingClientRect();
             const el = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
             return el && el.closest(sel) !== null; }""", control)
         assert hit, f"{control} is covered"
