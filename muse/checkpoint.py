@@ -109,14 +109,23 @@ def save_component(model: nn.Module, uri: str, extra: dict[str, Any] | None = No
     os.makedirs(parent, exist_ok=True)
     for stale in os.listdir(parent):  # left by an export that was killed
         if stale.startswith(f".{name}.staging-") or stale.startswith(f".{name}.old-"):
-            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+            _remove(os.path.join(parent, stale))
     staged = tempfile.mkdtemp(prefix=f".{name}.staging-", dir=parent)
     try:
         _write_component(model, meta, staged)
         _open_as_umask_allows(staged)
         _switch(staged, path)
     finally:
-        shutil.rmtree(staged, ignore_errors=True)  # after a switch: the old component, if there was one
+        _remove(staged)  # after a switch: the old component, if there was one
+
+
+def _remove(path: str) -> None:
+    """Remove a directory tree, or the symlink that a component linked from elsewhere was (the switch
+    puts the new files in the root; what the link pointed at stays as it was)."""
+    if os.path.islink(path):
+        os.unlink(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _open_as_umask_allows(directory: str) -> None:

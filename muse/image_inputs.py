@@ -17,6 +17,7 @@ draws the bands as well (`letterbox`).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,9 @@ def _tensor_image(t: torch.Tensor, name: str) -> Image.Image:
     if not bool(torch.isfinite(finite).all()) or float(finite.abs().max()) > 1.5:
         raise ValueError(f"{name}: an image tensor must hold values in [-1, 1], got [{float(finite.min()):.3g}, "
                          f"{float(finite.max()):.3g}]")
+    if float(finite.min()) >= 0 and float(finite.max()) > 0:  # every pixel at least mid-grey: likely [0, 1]
+        warnings.warn(f"{name}: every value of the image tensor is in [0, 1]; it is read as [-1, 1] (-1 black, 1 "
+                      "white), so a [0, 1] image comes out pale: pass 2 * t - 1", stacklevel=4)
     try:
         return tensor_to_pil(t)
     except ValueError as e:

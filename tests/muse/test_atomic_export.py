@@ -49,3 +49,21 @@ def test_a_killed_export_leaves_the_old_component_and_the_next_export_replaces_i
     checkpoint.save_component(VQGAN(wide), uri, extra={"decoder_finetuned": True})
     assert checkpoint.load_component(uri).config == wide
     assert os.listdir(root) == ["vqgan_hi"]  # the killed export's files are gone, and the old component
+
+
+def test_exporting_over_a_linked_component_writes_it_into_the_root_and_leaves_the_link_target(tmp_path):
+    """A root whose component is a symlink to a shared one: the new component lands in the root, the
+    shared one stays as it was (other roots read it), and no hidden link is left behind."""
+    torch.manual_seed(0)
+    cfg = preset("vqgan-hi-tiny")
+    shared = str(tmp_path / "shared" / "vqgan_hi")
+    checkpoint.save_component(VQGAN(cfg), shared)
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(shared, root / "vqgan_hi")
+    wide = replace(cfg, decoder_base_channels=2 * cfg.base_channels)
+    uri = checkpoint.component_uri(str(root), "vqgan_hi")
+    checkpoint.save_component(VQGAN(wide), uri)
+    assert not os.path.islink(uri) and checkpoint.load_component(uri).config == wide
+    assert checkpoint.load_component(shared).config == cfg
+    assert os.listdir(root) == ["vqgan_hi"]

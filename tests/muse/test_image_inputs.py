@@ -4,6 +4,7 @@ whatever form it comes in."""
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -91,6 +92,12 @@ def test_image_tensors_must_be_float_in_minus_one_one():
         load_image(torch.full((3, 4, 4), 200, dtype=torch.uint8), "image")
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         load_image(torch.full((3, 4, 4), 200.0), "image")
+    # A [0, 1] image (as most loaders give) is read as [-1, 1] and comes out pale: said, not refused.
+    with pytest.warns(UserWarning, match=r"every value of the image tensor is in \[0, 1\].*2 \* t - 1"):
+        load_image(torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0)), "image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_image(torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1, "image")
 
 
 def test_letterbox_keeps_the_whole_image_centred():
