@@ -21,6 +21,7 @@ from serve.guard import Admission
 NAMESPACE = "muse"
 LOOK_EVERY_S = 1.0  # how soon an idle replica notices a drain
 REPORT_EVERY_S = 0.2  # how often a draining replica reports its requests in flight
+STATUS_EVERY_S = 1.0  # how often the drain asks Serve's controller how many replicas run (one RPC each)
 
 logger = logging.getLogger("ray.serve")
 
@@ -82,14 +83,17 @@ def drain(app_name: str, timeout_s: float, running=running_ingress_replicas,
     app is deleted) and how many were left."""
     board = DrainBoard.options(name=board_name(app_name), namespace=NAMESPACE, get_if_exists=True).remote()
     deadline = time.monotonic() + timeout_s
-    said = time.monotonic()
+    said = asked = time.monotonic()
+    replicas = running(app_name)
     while True:
         reports = ray.get(board.reports.remote())
         if time.monotonic() - said >= every_s:
             waiting(sum(reports.values()))
             said = time.monotonic()
+        if time.monotonic() - asked >= STATUS_EVERY_S:
+            replicas, asked = running(app_name), time.monotonic()
         # A replica that died keeps its last report; the ones running now must each have said 0.
-        if sum(1 for n in reports.values() if n == 0) >= running(app_name):
+        if sum(1 for n in reports.values() if n == 0) >= replicas:
             return board, 0
         if time.monotonic() >= deadline:
             return board, sum(reports.values())

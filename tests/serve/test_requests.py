@@ -453,7 +453,8 @@ def test_the_drain_waits_for_every_running_ingress_replica(ray_session):
 
     from serve import draining
 
-    running = lambda app: 2  # noqa: E731
+    asked = []
+    running = lambda app: asked.append(app) or 2  # noqa: E731
     board = draining.DrainBoard.options(name=draining.board_name("t-drain"), namespace=draining.NAMESPACE).remote()
     try:
         ray.get([board.report.remote("a", 0), board.report.remote("b", 3)])
@@ -461,6 +462,7 @@ def test_the_drain_waits_for_every_running_ingress_replica(ray_session):
         found, left = draining.drain("t-drain", 0.3, running, waiting=said.append, every_s=0.1)
         assert left == 3 and found._actor_id == board._actor_id  # b still busy: the deadline; the same board
         assert said and set(said) == {3}  # what is still in flight, said while it waits
+        assert len(asked) == 1  # Serve's controller is asked once a second, not at every look at the board
         ray.get([board.report.remote("b", 0), board.report.remote("dead", 5)])
         t = time.monotonic()
         assert draining.drain("t-drain", 30, running)[1] == 0
