@@ -11,6 +11,7 @@ skews the ratio less than wall time would. Needs diffusers (`pip install -e .[be
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -23,7 +24,8 @@ import amused_peer as peer  # noqa: E402
 from muse import sampling  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     torch.set_num_threads(1)
     pipe = peer.amused("equal", "cpu", torch.float32)
     uvit, vq = peer.imported(pipe, "cpu", torch.float32)
