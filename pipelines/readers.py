@@ -153,7 +153,7 @@ class FileFormat:
     entry in FILE_FORMATS."""
 
     found: str  # what the listing counts, in messages: "Parquet files"
-    claims: Callable[[str, str], bool]  # (uri, lower-case extension): one of this format's files
+    extensions: tuple[str, ...]  # of its files, lower case, without the dot ("tar.gz" too)
     plan: Callable[[FilePlan], list[Part]]
     read: Callable[[Part, ReaderConfig, Rows], Iterator[pa.Table | None]]
 
@@ -171,17 +171,26 @@ def _plan_tars(plan: FilePlan) -> list[Part]:
     return [Part(plan.part_id(f), "webdataset", f) for f in plan.files]
 
 
-def _is_tar(uri: str, ext: str) -> bool:
-    return ext in ("tar", "tgz") or uri.endswith(".tar.gz")
-
-
 def formats() -> tuple[str, ...]:
     """What `--format` takes: "auto" (told from the files) and every reader's name."""
     return ("auto", *FILE_FORMATS, FOLDER)
 
 
-def _claimed_by(uri: str, ext: str) -> str | None:
-    return next((name for name, fmt in FILE_FORMATS.items() if fmt.claims(uri, ext)), None)
+def _by_extension() -> dict[str, list[tuple[str, str]]]:
+    """Last extension -> [(format, whole extension)]: one dict lookup per listed file."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    for name, fmt in FILE_FORMATS.items():
+        for whole in fmt.extensions:
+            found.setdefault(whole.rpartition(".")[2], []).append((name, whole))
+    return found
+
+
+def _claimed_by(uri: str, ext: str, by_extension: dict[str, list[tuple[str, str]]]) -> str | None:
+    """The format whose file `uri` (last extension `ext`) is, if any."""
+    for name, whole in by_extension.get(ext, ()):
+        if whole == ext or uri.lower().endswith("." + whole):
+            return name
+    return None
 
 
 def _format(uri: str, files: dict[str, list[str]], images: bool, others: str | None = None) -> str:
@@ -238,7 +247,7 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
         return f if ids == "absolute" else relative(below, f)
 
     files: dict[str, list[str]] = {name: [] for name in FILE_FORMATS}  # each format's files, as listed
-    file_sizes, listed, image_files = {}, 0, 0
+    file_sizes, listed, image_files, by_extension = {}, 0, 0, _by_extension()
     passed_over = PassedOver(uri, cfg.image_extensions, cfg.captions_file)
 
     def note(text: str) -> None:
@@ -251,7 +260,7 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
         for f in storage.iter_files(uri):
             listed += 1
             ext = _ext(f.uri)
-            if (claimed := _claimed_by(f.uri, ext)) is not None:
+            if (claimed := _claimed_by(f.uri, ext, by_extension)) is not None:
                 files[claimed].append(f.uri)
                 file_sizes[f.uri] = f.size
                 if sum(map(len, files.values())) % LISTED_NOTE == 0:
@@ -420,7 +429,7 @@ def _read_folder(part: Part, cfg: ReaderConfig, rows: Rows) -> Iterator[pa.Table
 
 # In the order "auto" prefers them: Parquet files win over tars, and both over a folder's images.
 FILE_FORMATS: dict[str, FileFormat] = {
-    "parquet": FileFormat("Parquet files", lambda uri, ext: ext == "parquet", _plan_parquet, _read_parquet),
-    "webdataset": FileFormat("tars", _is_tar, _plan_tars, read_tar),
+    "parquet": FileFormat("Parquet files", ("parquet",), _plan_parquet, _read_parquet),
+    "webdataset": FileFormat("tars", ("tar", "tgz", "tar.gz"), _plan_tars, read_tar),
 }
 FOLDER = "folder"  # images one per file, captions beside them or in a captions file (`pipelines.folder_plan`)

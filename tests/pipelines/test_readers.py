@@ -334,7 +334,7 @@ def test_a_new_reader_is_its_module_and_one_registry_entry(tmp_path, monkeypatch
             yield add_sample(rows, f"{part.uri}#{i}", base64.b64decode(image), caption)
 
     monkeypatch.setitem(readers.FILE_FORMATS, "lines",
-                        readers.FileFormat("sample lists", lambda uri, ext: ext == "samples", plan, read))
+                        readers.FileFormat("sample lists", ("samples",), plan, read))
     samples = corpus(3)
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "a.samples").write_text(
