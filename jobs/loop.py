@@ -145,14 +145,33 @@ def _post_failure(job: dict, attempt: int | None, error: Exception) -> None:
     if board is None or attempt is None:
         return
     try:
-        message = (str(error).strip().splitlines() or [""])[0][:400]
-        restarted, restarts = _restarts(job, attempt)
-        line = f"[{job['run_name']}] attempt {attempt} failed: {type(error).__name__}: {message} ({restarts})"
-        status = f"attempt {attempt} failed, restarting" if restarted else "failed"
+        line, status = failure_line(job, attempt, error)
         # Waited for: the worker may be torn down next.
         ray.get(board.attempt_failed.remote(job["run_name"], line, status), timeout=10)
     except Exception:  # the console line is a courtesy; the error itself still propagates
         pass
+
+
+def failure_line(job: dict, attempt: int, error: BaseException) -> tuple[str, str]:
+    """(console line, live-line status) of a failed attempt. An error raised in another Ray task or
+    actor (a data read in Ray Data's split coordinator) is named by its cause, whose message is the
+    user's: Ray's own first line holds only where it was raised (pid, actor id)."""
+    error = raised_by(error)
+    message = (str(error).strip().splitlines() or [""])[0][:400]
+    restarted, restarts = _restarts(job, attempt)
+    line = f"[{job['run_name']}] attempt {attempt} failed: {type(error).__name__}: {message} ({restarts})"
+    return line, f"attempt {attempt} failed, restarting" if restarted else "failed"
+
+
+def raised_by(error: BaseException) -> BaseException:
+    """The error a Ray task or actor raised, through RayTaskError's wrapping (one per task that waited
+    on another: a worker on Ray Data's split coordinator, it on a read task)."""
+    for _ in range(8):
+        cause = getattr(error, "cause", None)
+        if not isinstance(cause, BaseException):
+            break
+        error = cause
+    return error
 
 
 def _restarts(job: dict, failed: int) -> tuple[bool, str]:

@@ -167,7 +167,7 @@ def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
     from pipelines.manifest import OutputInUse, OutputTakenOver
     from pipelines.readers import NoInput
     from pipelines.rejects import CorpusRefused
-    from pipelines.shards import NoTokenShards
+    from pipelines.shards import CorruptShard, NoTokenShards
 
     try:
         yield
@@ -198,7 +198,7 @@ def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
                 os._exit(code)
         parser.exit(code, line)
     except (RunRefused, ResumeRefused, OutputInUse, NoInput, CorpusRefused, LocalPathRefused, RayUnreachable,
-            NoTokenShards, CheckpointError) as e:  # a model root that is none (a diffusers folder not imported) among them
+            NoTokenShards, CorruptShard, CheckpointError) as e:  # a model root that is none (a diffusers folder not imported) among them
         stop_display()
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     except OutputTakenOver as e:  # `train all`'s tokenization, silent too long
@@ -231,9 +231,13 @@ def _training_failure(e: BaseException) -> str | None:
     train = sys.modules.get("ray.train")  # imported wherever a run can have failed
     if train is None or not isinstance(e, train.TrainingFailedError):
         return None
+    from jobs.loop import raised_by
+
     failures = getattr(e, "worker_failures", None) or {}
-    first = failures[min(failures)] if failures else e
-    text = " ".join(str(first).split())
+    wrapped = failures[min(failures)] if failures else e
+    first = raised_by(wrapped)
+    # A cause unwrapped from Ray's RayTaskError: its message is its first line (Ray appends its traceback).
+    text = " ".join((str(first) if first is wrapped else str(first).strip().split("\n")[0]).split())
     return f"{type(first).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
 
 

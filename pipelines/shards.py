@@ -143,6 +143,10 @@ class NoTokenShards(FileNotFoundError):
     """A token output with no published shard: nothing to train on."""
 
 
+class CorruptShard(ValueError):
+    """A published token shard that does not read as Parquet (damaged after it was written)."""
+
+
 def token_shard_files(uri: str) -> list[str]:
     """The published shards of the output at `uri`, from its manifest (never by listing), sorted."""
     files = pc.list_flatten(manifest.read_manifest(uri)["files"]).to_pylist()
@@ -155,9 +159,27 @@ def token_shard_files(uri: str) -> list[str]:
 
 
 def shard_info(uri: str) -> dict:
-    """The b"muse" metadata of the shards under `uri` (token sides, text storage, text dim)."""
-    fs, path = storage.filesystem(token_shard_files(uri)[0])
-    return json.loads(pq.read_schema(path, filesystem=fs).metadata[b"muse"])
+    """The b"muse" metadata of the shards under `uri` (token sides, text storage, text dim), from the
+    first shard's footer; CorruptShard when that shard does not read as one."""
+    first = token_shard_files(uri)[0]
+    fs, path = storage.filesystem(first)
+    try:
+        return json.loads(pq.read_schema(path, filesystem=fs).metadata[b"muse"])
+    except Exception as e:  # a storage error stays itself
+        if not (_damaged(e) or isinstance(e, (KeyError, TypeError, ValueError))):  # (no b"muse" in it)
+            raise
+        raise _corrupt(first, e) from None
+
+
+def _damaged(e: BaseException) -> bool:
+    from pipelines.readers import is_bad_source
+
+    return is_bad_source(e)
+
+
+def _corrupt(file: str, e: BaseException) -> CorruptShard:
+    return CorruptShard(f"{file} is not a readable token shard ({type(e).__name__}: {str(e)[:200]}): restore it, "
+                        "or tokenize the corpus again into a new output")
 
 
 def load_token_shards(uri: str, columns: list[str] | None = None) -> pa.Table:
@@ -222,10 +244,15 @@ def token_shard_datasource(files: list[str], columns: list[str] | None, shuffle_
 
     def read(file: str):
         fs, path = storage.filesystem(file)
-        with fs.open_input_file(path) as f:
-            shard = pq.ParquetFile(f)
-            for group in range(shard.num_row_groups):
-                yield shard.read_row_group(group, columns=columns)
+        try:
+            with fs.open_input_file(path) as f:
+                shard = pq.ParquetFile(f)
+                for group in range(shard.num_row_groups):
+                    yield shard.read_row_group(group, columns=columns)
+        except Exception as e:  # a storage error stays itself, and its read task is retried
+            if not _damaged(e):
+                raise
+            raise _corrupt(file, e) from None
 
     class TokenShards(Datasource):
         def get_name(self) -> str:

@@ -390,10 +390,18 @@ def test_a_run_that_failed_for_good_and_a_tokenization_refusal_are_one_line_each
     from pipelines.rejects import CorpusRefused
 
     parser = argparse.ArgumentParser(prog="muse train base")
+    from ray.exceptions import RayTaskError
+
+    from pipelines.shards import CorruptShard
+
     failed = WorkerGroupError("Training failed due to worker errors:\n...", {1: RuntimeError("b"),
                                                                             0: ValueError("no full\nbatch")})
+    read = RayTaskError("SplitCoordinator.get", "Traceback (most recent call last): ...",
+                        CorruptShard("x.parquet is not a readable token shard")).as_instanceof_cause()
     for error, code, said in ((failed, 1, "training failed after its retries (run.max_failures): ValueError: "
                                            "no full batch; the workers' logs"),
+                              (WorkerGroupError("...", {0: read}), 1, "training failed after its retries "
+                               "(run.max_failures): CorruptShard: x.parquet is not a readable token shard; the"),
                               (CorpusRefused("cannot tell the format"), 2, "error: cannot tell the format")):
         with pytest.raises(SystemExit) as exited, errors_in_one_line(parser):
             raise error

@@ -129,6 +129,24 @@ def test_a_failed_attempt_is_one_line_on_the_console(monkeypatch):
     assert last.startswith("[base] attempt 2 failed") and "no restarts left of base.run.max_failures=1: the run fails" in last
 
 
+def test_an_error_from_another_ray_task_is_named_by_its_cause():
+    """A shard that fails its read in Ray Data's split coordinator reaches the worker as a RayTaskError
+    whose first line is where it was raised (pid, actor id): the attempt's line names the cause."""
+    from ray.exceptions import RayTaskError
+
+    from jobs.loop import failure_line
+    from pipelines.shards import CorruptShard
+
+    read = RayTaskError("ReadTokenShards", "Traceback ...", CorruptShard("s3://b/t/x.parquet is not a readable "
+                                                                         "token shard (ArrowInvalid: ...)"))
+    error = RayTaskError("SplitCoordinator.get", "Traceback ...", read.as_instanceof_cause()).as_instanceof_cause()
+    assert "readable" not in str(error).splitlines()[0]  # Ray's header line: where, not what
+    line, status = failure_line({"run_name": "base", "stage": "base", "section": {"run": {"max_failures": 100}}},
+                                3, error)
+    assert line.startswith("[base] attempt 3 failed: CorruptShard: s3://b/t/x.parquet is not a readable token shard")
+    assert status == "attempt 3 failed, restarting"
+
+
 def test_a_runs_last_line_gives_metrics_only_where_no_summary_line_did():
     """With the display, its summary line has the run's (smoothed) metrics: the closing line gives the
     checkpoint alone, not a second, different set of numbers. Without it, the closing line has them."""

@@ -304,3 +304,30 @@ def test_a_driver_taken_for_dead_while_only_silent_stops_at_its_next_commit_or_b
     assert sorted(os.listdir(os.path.join(out, manifest.SHARDS_DIR, "silent"))) == [
         manifest.CLEAN_MARK, manifest.TAKEN_OVER]
     me.check()  # the driver that took over is not stopped by its own cleanup
+
+
+def test_a_damaged_token_shard_is_named_and_a_storage_error_stays_itself(tmp_path, monkeypatch):
+    """Training's read of a shard that is no Parquet any more raises CorruptShard naming the file and
+    the way out (every attempt would fail on it); a storage error is not mistaken for one, so Ray
+    retries its read task."""
+    import pyarrow.parquet as pq
+
+    good, bad = str(tmp_path / "good.parquet"), str(tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"key": ["a", "b"]}), good)
+    with open(bad, "wb") as f:
+        f.write(b"PAR1" + b"\0" * 64)  # cut short: no footer
+    tasks = shards.token_shard_datasource([good, bad], ["key"], None).get_read_tasks(1)
+    assert [row for block in tasks[0]() for row in block.column("key").to_pylist()] == ["a", "b"]
+    with pytest.raises(shards.CorruptShard, match=r"bad\.parquet is not a readable token shard .*new output"):
+        list(tasks[1]())
+    monkeypatch.setattr(shards, "token_shard_files", lambda uri: [bad])  # the first shard: read for its metadata
+    with pytest.raises(shards.CorruptShard, match=r"bad\.parquet is not a readable token shard"):
+        shards.shard_info(str(tmp_path))
+    monkeypatch.setattr(shards.storage, "filesystem", lambda uri: (_Unreachable(), uri))
+    with pytest.raises(OSError, match="AWS Error NETWORK_CONNECTION"):
+        list(tasks[0]())
+
+
+class _Unreachable:
+    def open_input_file(self, path):
+        raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 7")
