@@ -229,12 +229,15 @@ def save_reference(config: Any, uri: str) -> None:
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
 
 
-def check_weights(uri: str) -> None:
+def check_weights(uri: str, expect_kind: str | None = None) -> None:
     """Raise CheckpointError when the component at `uri` has no weights file, or one cut short or
     garbled: its safetensors header, read alone, must parse and account for the file's size. Two small
     reads, so a driver can check what its workers will load before they start, instead of each
-    attempt failing on it."""
+    attempt failing on it. With `expect_kind`, a component of another kind is refused as
+    `load_component` refuses it."""
     meta = read_meta(uri)
+    if not _kind_fits(meta["kind"], expect_kind):
+        raise CheckpointError(f"{uri} holds a {meta['kind']!r} component, not a {expect_kind}")
     if meta.get("reference"):
         return
     weights = storage.join(uri, WEIGHTS_FILE)
@@ -273,6 +276,12 @@ def check_root_weights(root: str) -> None:
                 raise CheckpointError(f"{name}: {e}") from None
 
 
+def _kind_fits(kind: str, expect_kind: str | None) -> bool:
+    """Whether a component of `kind` is what `expect_kind` names: a kind or a role (a "vqgan" is our
+    VQGAN or an imported VQ); None takes any."""
+    return expect_kind is None or expect_kind in (kind, KINDS[kind].role)
+
+
 def _check_shapes(uri: str, meta: dict, stored: dict[str, tuple[int, ...]]) -> None:
     """CheckpointError when the weights file's tensors are not the config's architecture (an S3 write
     cut between the weights and config.json leaves new weights under the old config): the model is
@@ -306,7 +315,7 @@ def load_component(uri: str, device: str | torch.device = "cpu", expect_kind: st
     hold two, and spend minutes initialising what is then overwritten)."""
     meta = read_meta(uri)
     kind = meta["kind"]
-    if expect_kind is not None and expect_kind not in (kind, KINDS[kind].role):
+    if not _kind_fits(kind, expect_kind):
         raise CheckpointError(f"{uri} holds a {kind!r} component, expected {expect_kind!r}")
     config = parse_config(meta, uri)
     _, model_cls = _kinds()[kind]

@@ -23,6 +23,7 @@ from pipelines import readers, rows
 from pipelines.job_spec import ModelRefused, embeddings_refusal
 from pipelines.preprocess import preprocess_batch, unpack_pixels
 
+
 @dataclass(frozen=True)
 class Models:
     """Where each component comes from: muse component directories (local or s3://); the text
@@ -69,7 +70,7 @@ def check_loadable(models: Models, embeddings: bool) -> None:
     text encoder's weights too when captions are stored as embeddings (ids need only its tokenizer).
     A few small reads each, so one line says so before Ray starts rather than a traceback per actor."""
     from muse.checkpoint import check_weights
-    from muse.components import KINDS, CheckpointError, read_meta
+    from muse.components import CheckpointError
     from muse.tokenizer import text_component
 
     named = [("vqgan_lo", models.vqgan_lo, "vqgan"), ("vqgan_hi", models.vqgan_hi, "vqgan")]
@@ -79,10 +80,7 @@ def check_loadable(models: Models, embeddings: bool) -> None:
         if uri is None:
             continue
         try:
-            kind = read_meta(uri)["kind"]
-            if role not in (kind, KINDS[kind].role):
-                raise CheckpointError(f"{uri} holds a {kind!r} component, not a {role}")
-            check_weights(uri)
+            check_weights(uri, expect_kind=role)
         except CheckpointError as e:
             raise ModelRefused(f"{name}: {e}") from None
 

@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from muse import storage
 from pipelines import manifest
 from pipelines.config import IO_TASK_RETRIES
+from pipelines.readers import is_bad_source
 
 FORMAT_VERSION = 2
 JOB_FILE = "_job.json"
@@ -166,15 +167,9 @@ def shard_info(uri: str) -> dict:
     try:
         return json.loads(pq.read_schema(path, filesystem=fs).metadata[b"muse"])
     except Exception as e:  # a storage error stays itself
-        if not (_damaged(e) or isinstance(e, (KeyError, TypeError, ValueError))):  # (no b"muse" in it)
+        if not (is_bad_source(e) or isinstance(e, (KeyError, TypeError, ValueError))):  # (no b"muse" in it)
             raise
         raise _corrupt(first, e) from None
-
-
-def _damaged(e: BaseException) -> bool:
-    from pipelines.readers import is_bad_source
-
-    return is_bad_source(e)
 
 
 def _corrupt(file: str, e: BaseException) -> CorruptShard:
@@ -250,7 +245,7 @@ def token_shard_datasource(files: list[str], columns: list[str] | None, shuffle_
                 for group in range(shard.num_row_groups):
                     yield shard.read_row_group(group, columns=columns)
         except Exception as e:  # a storage error stays itself, and its read task is retried
-            if not _damaged(e):
+            if not is_bad_source(e):
                 raise
             raise _corrupt(file, e) from None
 
