@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 from jobs import run_lock
-from jobs.loop import NO_FULL_BATCH, StageWorker, train_loop_per_worker, worker_path
+from jobs.loop import NO_FULL_BATCH, STOPPED, StageWorker, train_loop_per_worker, worker_path
 from jobs.preflight import (ResumePoint, RunRefused, check_resume, check_root_weights, check_rows,
                             newest_checkpoint_state, remove_unregistered, room_problem, run_identity)
 from jobs.progress import quiet_ray_loggers, say, start_display
@@ -137,11 +137,17 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
                                  checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints)),
             datasets={"train": dataset},
         )
-        marker = storage.join(folder, NO_FULL_BATCH)
-        storage.delete(marker)  # left by an earlier attempt at this run
+        marker, stopped = storage.join(folder, NO_FULL_BATCH), storage.join(folder, STOPPED)
+        for left in (marker, stopped):  # by an earlier run of this name: its cause may be mended since
+            storage.delete(left)
         if start_gate is not None:
             start_gate.ready(name)
         result = fit_off_the_main_thread(trainer)
+        if storage.exists(stopped):
+            why = storage.read_text(stopped)
+            storage.delete(stopped)
+            raise RunRefused(f"[{name}] stopped, not restarted: {why} (it fails every attempt the same way); "
+                             f"mend that and run the same command again{resume_note(name)}")
         if storage.exists(marker):
             storage.delete(marker)
             raise RunRefused(f"{name}: the data gives no full batch of {run.batch_size} per worker ({scaling.workers()} "

@@ -15,7 +15,8 @@ builder (`jobs.fit`).
 A failed worker (or node) makes Ray Train restart the whole worker group (FailureConfig.max_failures);
 the new workers resume from the last checkpoint whose upload finished, with the step counter,
 optimizer, scheduler, EMA and sample/token counters it holds; rank 0 puts each failed attempt's error
-on the console in one line. Calling `jobs.fit.fit_stage` again with the same run name and storage resumes a
+on the console in one line. An error that fails every attempt the same way (a damaged token shard) is
+not retried: the next attempt's workers return at once and the driver refuses the run in one line. Calling `jobs.fit.fit_stage` again with the same run name and storage resumes a
 run the driver lost, on any number of workers (`jobs.checkpointing` reshards), if its checkpoints
 belong to the same model root, component and architecture: the driver refuses others before the
 trainer starts, with what would fail on every attempt (`jobs.preflight`). Where a resumed run reads
@@ -111,12 +112,28 @@ def import_worker(path: str) -> type[StageWorker]:
 
 
 def train_loop_per_worker(job: dict) -> None:
+    if storage.exists(storage.join(job["run_dir"], STOPPED)):
+        return  # an earlier attempt met an error that fails every attempt: the driver refuses the run
     attempt = _attempt_started(job)
     try:
         _train_loop(job, attempt)
     except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
+        if fails_every_attempt(e):
+            # Ray Train would restart the workers run.max_failures times: the next attempt reads this and returns.
+            # Any rank writes it: the rank that met the error may be the only one to raise before the teardown.
+            error = raised_by(e)
+            storage.write_text(storage.join(job["run_dir"], STOPPED),
+                               f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:400]}")
         _post_failure(job, attempt, e)
         raise
+
+
+def fails_every_attempt(error: BaseException) -> bool:
+    """Whether `error` (raised in a worker, maybe through Ray tasks) would fail every restart the same
+    way: a token shard damaged after it was written fails each pass that reaches it."""
+    from pipelines.shards import CorruptShard
+
+    return isinstance(raised_by(error), CorruptShard)
 
 
 def _attempt_started(job: dict) -> int | None:
@@ -156,9 +173,11 @@ def failure_line(job: dict, attempt: int, error: BaseException) -> tuple[str, st
     """(console line, live-line status) of a failed attempt. An error raised in another Ray task or
     actor (a data read in Ray Data's split coordinator) is named by its cause, whose message is the
     user's: Ray's own first line holds only where it was raised (pid, actor id)."""
+    restarted, restarts = _restarts(job, attempt)
+    if fails_every_attempt(error):
+        restarted, restarts = False, "it fails every attempt the same way: the run stops"
     error = raised_by(error)
     message = (str(error).strip().splitlines() or [""])[0][:400]
-    restarted, restarts = _restarts(job, attempt)
     line = f"[{job['run_name']}] attempt {attempt} failed: {type(error).__name__}: {message} ({restarts})"
     return line, f"attempt {attempt} failed, restarting" if restarted else "failed"
 
@@ -458,3 +477,6 @@ def _collate_fn(fn):
 # What rank 0 writes into the run's folder when an epoch of its data made no step (Ray Train keeps no
 # metrics reported without a checkpoint).
 NO_FULL_BATCH = "_no_full_batch"
+# What a worker writes into the run's folder (the error, in one line) when it met an error that fails
+# every attempt (`fails_every_attempt`): the next attempt returns at once, and the driver refuses the run.
+STOPPED = "_stopped"

@@ -88,7 +88,7 @@ def test_display_redraws_in_place_on_a_terminal():
     assert "\x1b[2K" in text.split("\x1b[1A")[-1] and "steps" not in text.split("\x1b[1A")[-1]  # cleared at the end
 
 
-def test_a_failed_attempt_is_one_line_on_the_console(monkeypatch):
+def test_a_failed_attempt_is_one_line_on_the_console(monkeypatch, tmp_path):
     """A worker's exception used to stay in Ray's logs while Ray Train retried it up to
     run.max_failures times: rank 0 now puts its first line on the console, once per attempt."""
     import ray
@@ -105,7 +105,7 @@ def test_a_failed_attempt_is_one_line_on_the_console(monkeypatch):
         raise ValueError("base.lora_rank: LoRA adapts the component already in the model root\nsecond line")
 
     monkeypatch.setattr(loop, "_train_loop", fails)
-    job = {"run_name": "base", "stage": "base", "progress_board": _Handle(board),
+    job = {"run_name": "base", "stage": "base", "progress_board": _Handle(board), "run_dir": str(tmp_path),
            "section": {"run": {"max_failures": 1}}}
     board.update("base", {"done": 40, "total": 100, "rate": 2.0, "metrics": {"loss": 1.5}})
     with pytest.raises(ValueError, match="second line"):  # still raised: Ray Train decides what comes next
@@ -127,6 +127,31 @@ def test_a_failed_attempt_is_one_line_on_the_console(monkeypatch):
     last = board.poll(1)[1][0]
     assert board.poll(0)[0]["base"]["status"] == "failed"
     assert last.startswith("[base] attempt 2 failed") and "no restarts left of base.run.max_failures=1: the run fails" in last
+    assert not (tmp_path / loop.STOPPED).exists()  # a restart may mend those
+
+
+def test_an_error_that_fails_every_attempt_stops_the_run_at_the_next(monkeypatch, tmp_path):
+    """A damaged token shard fails every pass that reaches it: the attempt says the run stops, and
+    writes the error where the next attempt's workers find it and return before building anything."""
+    from ray.exceptions import RayTaskError
+
+    from jobs import loop
+    from pipelines.shards import CorruptShard
+
+    calls = []
+
+    def fails(job, attempt):
+        calls.append(attempt)
+        read = RayTaskError("ReadTokenShards", "Traceback ...", CorruptShard("t/x.parquet is not a readable shard"))
+        raise RayTaskError("SplitCoordinator.get", "Traceback ...", read.as_instanceof_cause()).as_instanceof_cause()
+
+    monkeypatch.setattr(loop, "_train_loop", fails)
+    job = {"run_name": "base", "stage": "base", "run_dir": str(tmp_path), "section": {"run": {"max_failures": 100}}}
+    with pytest.raises(RayTaskError):  # still raised: this attempt's workers are torn down as any failed one's
+        loop.train_loop_per_worker(job)
+    assert (tmp_path / loop.STOPPED).read_text() == "CorruptShard: t/x.parquet is not a readable shard"
+    loop.train_loop_per_worker(job)  # the restart: returns without training
+    assert len(calls) == 1
 
 
 def test_an_error_from_another_ray_task_is_named_by_its_cause():
@@ -144,7 +169,8 @@ def test_an_error_from_another_ray_task_is_named_by_its_cause():
     line, status = failure_line({"run_name": "base", "stage": "base", "section": {"run": {"max_failures": 100}}},
                                 3, error)
     assert line.startswith("[base] attempt 3 failed: CorruptShard: s3://b/t/x.parquet is not a readable token shard")
-    assert status == "attempt 3 failed, restarting"
+    assert line.endswith("(it fails every attempt the same way: the run stops)")
+    assert status == "failed"
 
 
 def test_a_runs_last_line_gives_metrics_only_where_no_summary_line_did():

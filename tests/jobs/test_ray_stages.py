@@ -236,3 +236,37 @@ def test_a_streamed_corpus_too_small_for_a_batch_is_refused_once_not_retried(ray
     # Rank 0 posts "[run] attempt N failed: ..." for every attempt that raised: none did.
     lines = ray_session.get(board.poll.remote(seen))[1]
     assert not [line for line in lines if "attempt" in line and "failed" in line], lines
+
+
+def test_a_damaged_shard_stops_the_run_at_the_first_attempt_that_reads_it(ray_session, tiny_data, tmp_path,
+                                                                         monkeypatch):
+    """A token shard damaged after it was written fails every pass that reaches it, where Ray Train
+    would restart the workers run.max_failures times: the attempt's workers record the error, the next
+    attempt returns at once, and the driver refuses the run in one line. (The first shard's footer is
+    read before training starts, tests/jobs/test_preflight.py; this is the second.)"""
+    from jobs import progress
+    from jobs.loop import STOPPED
+    from jobs.preflight import RunRefused
+    from pipelines.shards import load_token_shards, token_shard_files, write_table
+
+    monkeypatch.delenv(progress.VERBOSE_ENV, raising=False)  # so the workers post failed attempts to the board
+    board = progress.start_display()
+    seen = len(ray_session.get(board.poll.remote(0))[1])
+    root = copy_tree(tiny_data.root, str(tmp_path / "root"))
+    tokens = copy_tree(tiny_data.tokens, str(tmp_path / "tokens"))
+    write_table(tokens, load_token_shards(tokens), part="zz")
+    damaged = token_shard_files(tokens)[-1]
+    assert damaged.endswith("zz.parquet")
+    with open(damaged, "r+b") as f:
+        f.truncate(os.path.getsize(damaged) // 2)
+    cfg = ray_test_config("base", "base.run.max_steps=50", "base.run.batch_size=4", "base.run.cache_data=false",
+                          "base.run.max_failures=5", "base.model=null")
+    with pytest.raises(RunRefused, match=r"\[base\] stopped, not restarted: CorruptShard: \S+zz.parquet is not a "
+                                         r"readable token shard .* mend that and run the same command again"):
+        run_stage("base", cfg, tokens, root)
+    lines = ray_session.get(board.poll.remote(seen))[1]
+    failed = [line for line in lines if "attempt" in line and "failed" in line]
+    assert len(failed) <= 1 and all(line.endswith("(it fails every attempt the same way: the run stops)")
+                                    for line in failed), lines
+    assert not [line for line in lines if "resumes from step" in line or "starts again" in line], lines
+    assert not storage.exists(os.path.join(root, "runs", "base", STOPPED))  # a re-run after the mend trains
