@@ -260,8 +260,9 @@ def test_a_damaged_shard_stops_the_run_at_the_first_attempt_that_reads_it(ray_se
     with open(damaged, "r+b") as f:
         f.truncate(os.path.getsize(damaged) // 2)
     cfg = ray_test_config("base", "base.run.max_steps=50", "base.run.batch_size=4", "base.run.cache_data=false",
-                          "base.run.max_failures=5", "base.model=null")
-    with pytest.raises(RunRefused, match=r"\[base\] stopped, not restarted: CorruptShard: \S+zz.parquet is not a "
+                          "base.run.max_failures=5", "base.model=null",
+                          "base.run.name=damaged")  # its own name: the board counts attempts by name
+    with pytest.raises(RunRefused, match=r"\[damaged\] stopped, not restarted: CorruptShard: \S+zz.parquet is not a "
                                          r"readable token shard .* mend that and run the same command again"):
         run_stage("base", cfg, tokens, root)
     lines = ray_session.get(board.poll.remote(seen))[1]
@@ -269,4 +270,4 @@ def test_a_damaged_shard_stops_the_run_at_the_first_attempt_that_reads_it(ray_se
     assert len(failed) <= 1 and all(line.endswith("(it fails every attempt the same way: the run stops)")
                                     for line in failed), lines
     assert not [line for line in lines if "resumes from step" in line or "starts again" in line], lines
-    assert not storage.exists(os.path.join(root, "runs", "base", STOPPED))  # a re-run after the mend trains
+    assert not storage.exists(os.path.join(root, "runs", "damaged", STOPPED))  # a re-run after the mend trains
