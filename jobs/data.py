@@ -10,16 +10,22 @@
 Both streamed kinds are read in the same data order: the shard files, or the corpus's parts, in a
 seeded permutation drawn afresh for every pass over the data (`pipelines.shards.pass_order`), from a
 seed the driver derives from the run's newest checkpoint (`data_order_seed`).
+
+Images that preprocessing rejects (a corrupt file, a damaged Parquet file or tar, too small) are left
+out of the batches and counted by reason (`RejectTally`), once each however many passes read them: the
+run's driver says how many were left out when it ends.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from contextlib import contextmanager
 from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from muse import storage
@@ -95,12 +101,13 @@ def data_order_seed(run_seed: int, run_dir: str) -> int:
 
 
 def image_dataset(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto", cache: bool = False,
-                  spill: str | None = None, shuffle_seed: int | None = None):
+                  spill: str | None = None, shuffle_seed: int | None = None, tally=None):
     """Ray Dataset with one column `pixels` (raw (size, size, 3) uint8 RGB bytes) of every accepted
     image of the corpus at `uri`, decoded, resized and centre-cropped as tokenization does it.
     `cache` runs the same reader and preprocessing functions once on the driver and keeps the pixels
     in the object store (small corpora) instead of decoding every image again each epoch. `spill`: a
     folder for a folder corpus's part lists (`pipelines.folder_plan`), which must outlive the dataset.
+    `tally`: a `RejectTally` (a Ray actor of one when streamed) that counts the images left out.
 
     Streamed, the corpus's parts (`readers.plan_parts`) are read as `token_dataset` reads shard files:
     with `shuffle_seed` (`data_order_seed`), in a seeded permutation drawn afresh for every pass, so
@@ -109,12 +116,12 @@ def image_dataset(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto"
     if cache:
         import ray.data
 
-        return ray.data.from_arrow(read_images(uri, size, cfg, format))
+        return ray.data.from_arrow(read_images(uri, size, cfg, format, tally))
     parts = readers.plan_parts(uri, format, cfg.reader, spill=spill)
     if not parts:
         raise RunRefused(f"no images in the corpus at {uri}")
     ds = preprocessed(parts, cfg, lo_size=size, hi_size=None, shuffle_seed=shuffle_seed)
-    return ds.map_batches(_accepted_pixels, batch_format="pyarrow", batch_size=None)
+    return ds.map_batches(_accepted_pixels, batch_format="pyarrow", batch_size=None, fn_kwargs={"tally": tally})
 
 
 @contextmanager
@@ -122,27 +129,83 @@ def run_images(uri: str, size: int, cfg: TokenizeConfig, format: str, cache: boo
     """`image_dataset` for a training run: its parts read in the run's data order (`data_order_seed` of
     run.seed `run_seed` and the run's newest checkpoint in `run_dir`), and a folder corpus's part
     lists in `RUN_DIR/_plan` (the driver keeps ~200 bytes per part instead of ~630 per image),
-    deleted when the run ends."""
+    deleted when the run ends. A run that ends says how many images its data left out, by reason."""
+    import ray
+
+    from jobs.placement import on_this_node
+    from jobs.progress import say
+
     seed = data_order_seed(run_seed, run_dir)  # before the plan is written into run_dir
     plan = storage.join(run_dir, manifest.PLAN_DIR)
+    tally = RejectTally() if cache else ray.remote(num_cpus=0)(RejectTally).options(**on_this_node()).remote()
     try:
-        yield image_dataset(uri, size, cfg, format, cache, spill=plan, shuffle_seed=seed)
+        yield image_dataset(uri, size, cfg, format, cache, spill=plan, shuffle_seed=seed, tally=tally)
+        counts, examples, capped = tally.totals() if cache else ray.get(tally.totals.remote(), timeout=30)
+        if counts:
+            name = run_dir.rstrip("/").rsplit("/", 1)[-1]
+            found = ", ".join(f"{r} {n:,} (e.g. {examples[r]})" for r, n in sorted(counts.items()))
+            say(f"[{name}] left out of training, rejected as tokenization rejects them{' (at least)' if capped else ''}: "
+                f"{found}; docs/tokenization.md, \"Reject reasons\", says what each means")
     finally:
         storage.delete(plan)
+        if not cache:
+            ray.kill(tally)
 
 
-def read_images(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto") -> pa.Table:
-    """The `pixels` table of `image_dataset`, read in this process with the same functions (no Ray)."""
+def read_images(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto", tally=None) -> pa.Table:
+    """The `pixels` table of `image_dataset`, read in this process with the same functions (no Ray);
+    `tally`: a `RejectTally` that counts the images left out."""
     parts = readers.plan_parts(uri, format, cfg.reader)
     blocks = preprocessed_local(parts, cfg, lo_size=size, hi_size=None)
-    table = held_whole((_accepted_pixels(block) for block in blocks), f"the images of {uri} at {size} px")
+    table = held_whole((_accepted_pixels(block, tally) for block in blocks), f"the images of {uri} at {size} px")
     if table.num_rows == 0:
         raise RunRefused(f"no image of the corpus at {uri} passed preprocessing")
     return table
 
 
-def _accepted_pixels(batch: pa.Table) -> pa.Table:
-    return batch.filter(accepted(batch)).select(["pixels_lo"]).rename_columns(["pixels"])
+def _accepted_pixels(batch: pa.Table, tally=None) -> pa.Table:
+    keep = accepted(batch)
+    if tally is not None:
+        rejected = batch.filter(pc.and_(pc.invert(keep), pc.equal(batch["part_rows"], -1)))  # (not end rows)
+        if rejected.num_rows:
+            found = list(zip(*(rejected[c].to_pylist() for c in ("part", "index", "reject_reason", "key"))))
+            if isinstance(tally, RejectTally):
+                tally.add(found)
+            else:  # waited for: the batch's images must not reach training before their rejects are counted
+                import ray
+
+                ray.get(tally.add.remote(found), timeout=60)
+    return batch.filter(keep).select(["pixels_lo"]).rename_columns(["pixels"])
+
+
+class RejectTally:
+    """The images a training run's data left out, by reason, each counted once however many passes
+    read it: rejects are known by (part, index in part). A Ray actor while the data streams. Past
+    `MAX_KEYS` distinct rejects it stops counting, and says so (its totals are then a floor)."""
+
+    MAX_KEYS = 200_000  # ~30 MB of keys
+
+    def __init__(self):
+        self.seen: set[tuple[str, int]] = set()
+        self.counts: Counter = Counter()
+        self.examples: dict[str, str] = {}  # the first sample's key by reason: where to look
+        self.capped = False
+
+    def add(self, rejects: list[tuple[str, int, str, str]]) -> None:
+        """(part, index in part, reason, the sample's key) of each reject."""
+        for part, index, reason, key in rejects:
+            if (part, index) in self.seen:
+                continue
+            if len(self.seen) < self.MAX_KEYS:
+                self.seen.add((part, index))
+                self.counts[reason] += 1
+                self.examples.setdefault(reason, key)
+            else:
+                self.capped = True
+
+    def totals(self) -> tuple[dict[str, int], dict[str, str], bool]:
+        """(count by reason, an example key by reason, whether counting stopped at MAX_KEYS)."""
+        return dict(self.counts), dict(self.examples), self.capped
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -144,3 +145,43 @@ def test_cached_data_past_the_cap_is_refused_with_the_way_out(tmp_path, monkeypa
         data.read_images(corpus, SIZE, CFG)
     monkeypatch.setattr(data, "CACHE_MAX_BYTES", 1 << 30)
     assert data.read_images(corpus, SIZE, CFG).num_rows == len(EVERY_IMAGE)
+
+
+def test_the_images_left_out_are_counted_once_by_reason(ray_session, ordered, tmp_path, capsys):
+    """A damaged Parquet file (its images) and a corrupt image are left out of the batches and counted
+    by reason once, however many passes read them; the run says so when it ends, streamed or
+    cached."""
+    corpus, run_dir = str(tmp_path / "corpus"), str(tmp_path / "runs" / "vqgan_lo")
+    write_corpus(corpus, "parquet")
+    damaged = os.path.join(corpus, "part03.parquet")
+    with open(damaged, "r+b") as f:
+        f.truncate(os.path.getsize(damaged) // 2)
+    pq.write_table(pa.table({"image": [png(5 * PER_PART), b"not an image"], "caption": ["grey", "broken"]}),
+                   os.path.join(corpus, "part05.parquet"))  # its first image kept, its second corrupt
+    kept = [i for i in EVERY_IMAGE if i // PER_PART != 3 and i != 5 * PER_PART + 1]
+    # A damaged file is one reject (what it held is unknown), as tokenization counts it; each reason
+    # names a sample (or file) of it.
+    said = re.compile(r"\[vqgan_lo\] left out of training, rejected as tokenization rejects them: corrupt_image 1 "
+                      r"\(e\.g\. \S+/part05\.parquet#1\), unreadable_source 1 \(e\.g\. \S+/part03\.parquet#error\); "
+                      r"docs/tokenization\.md")
+    with run_images(corpus, SIZE, CFG, "auto", False, run_dir, 0) as ds:
+        assert sorted(image_order(ds)) == kept
+        assert sorted(image_order(ds)) == kept  # a second epoch: its rejects are the same ones
+        assert not said.search(capsys.readouterr().out)  # said when the run ends
+    assert said.search(capsys.readouterr().out)
+    with run_images(corpus, SIZE, CFG, "auto", True, run_dir, 0) as ds:  # cached: read once, here
+        assert sorted(image_order(ds)) == kept
+    assert said.search(capsys.readouterr().out)
+
+
+def test_the_reject_tally_counts_each_reject_once_and_stops_at_its_cap(monkeypatch):
+    from jobs.data import RejectTally
+
+    monkeypatch.setattr(RejectTally, "MAX_KEYS", 3)
+    tally = RejectTally()
+    tally.add([("p0", 1, "corrupt_image", "a"), ("p0", 2, "too_small", "b"), ("p1", 1, "corrupt_image", "c")])
+    tally.add([("p0", 1, "corrupt_image", "a")])  # the next pass's
+    examples = {"corrupt_image": "a", "too_small": "b"}
+    assert tally.totals() == ({"corrupt_image": 2, "too_small": 1}, examples, False)
+    tally.add([("p2", 0, "too_small", "d")])  # a fourth: past the cap, a floor
+    assert tally.totals() == ({"corrupt_image": 2, "too_small": 1}, examples, True)
