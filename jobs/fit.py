@@ -251,7 +251,9 @@ def resume_line(name: str, resume: ResumePoint, max_steps: int, section: str) ->
     if resume.step == max_steps:
         return (f"[{name}] the run already finished at step {resume.step} of {max_steps}: nothing to train (raise "
                 f"--max-steps to go on, or --set {section}.run.name=NEW for a new run)")
-    return f"[{name}] resumes its run at step {resume.step} of {max_steps} ({resume.uri})"
+    moved = f"; its checkpoints name the model root {resume.moved_from}, which this root was copied or moved from" \
+        if resume.moved_from else ""
+    return f"[{name}] resumes its run at step {resume.step} of {max_steps} ({resume.uri}{moved})"
 
 
 def _materialized(dataset) -> bool:

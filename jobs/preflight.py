@@ -46,6 +46,11 @@ def canonical_root(root: str) -> str:
     return os.path.normpath(storage.filesystem(root)[1])
 
 
+def within(uri: str, root: str) -> bool:
+    """Whether `uri` lies inside the model root `root` (one location however it is spelled)."""
+    return canonical_root(uri).startswith(canonical_root(root) + "/")
+
+
 def model_hash(model_config: dict) -> str:
     return hashlib.sha256(json.dumps(model_config, sort_keys=True).encode()).hexdigest()
 
@@ -79,6 +84,7 @@ class ResumePoint:
     uri: str
     step: int | None
     started_from: str | None = None  # the identity's "init": which component weights the run began from
+    moved_from: str | None = None  # the model root the checkpoint names, where the root was copied or moved from
 
 
 def newest_checkpoint_state(run_dir: str) -> tuple[str, dict] | None:
@@ -143,9 +149,13 @@ def check_resume(run_dir: str, identity: dict[str, str], section: str) -> Resume
     uri, state = found
     saved = state.get(IDENTITY_KEY)
     differ = [k for k in _FIELDS if k in identity and k in (saved or {}) and saved[k] != identity[k]]
-    if not differ:  # (a checkpoint written before they named their run, or some of it, resumes as before)
+    # A run folder inside this root that names another root came with the root, copied or moved (to S3
+    # for the cluster, say): the run is this root's. One elsewhere (--storage) may be another root's.
+    moved = differ == ["root"] and within(run_dir, identity["root"])
+    if not differ or moved:  # (a checkpoint written before they named their run, or some of it, resumes as before)
         step = state.get("step")
-        return ResumePoint(uri, int(step) if isinstance(step, (int, float)) else None, (saved or {}).get("init"))
+        return ResumePoint(uri, int(step) if isinstance(step, (int, float)) else None, (saved or {}).get("init"),
+                           saved["root"] if moved else None)
 
     def shown(key: str, value: str) -> str:
         if key == "model":

@@ -71,6 +71,26 @@ def test_checkpoints_name_their_run_and_only_that_run_resumes_them(tmp_path):
         check_resume(run_dir, other_model, "base")
 
 
+def test_a_copied_roots_run_resumes_in_the_copy(tmp_path, s3_bucket):
+    """A root copied or moved with its runs (to S3 for the cluster, say) resumes them, saying from
+    where; a copy of only the run folder, outside the root, is still another root's run."""
+    from jobs.fit import resume_line
+    from jobs_helpers import copy_tree
+
+    root = str(tmp_path / "laptop")
+    newest = write_checkpoint(f"{root}/runs/base", "checkpoint_2026-12-01_10-00-00.000001",
+                              run_identity(job_for(root)))
+    for copy in (str(tmp_path / "moved"), f"{s3_bucket}/cluster"):
+        copy_tree(root, copy)
+        resume = check_resume(f"{copy}/runs/base", run_identity(job_for(copy)), "base")
+        assert resume == ResumePoint(storage.join(f"{copy}/runs/base", os.path.basename(newest)), 2, None, root)
+        assert resume_line("base", resume, 10, "base").endswith(
+            f"; its checkpoints name the model root {root}, which this root was copied or moved from)")
+    copy_tree(f"{root}/runs", str(tmp_path / "shared_runs"))  # --storage elsewhere: not the root's own
+    with pytest.raises(RunRefused, match="another model root"):
+        check_resume(str(tmp_path / "shared_runs" / "base"), run_identity(job_for(str(tmp_path / "moved"))), "base")
+
+
 def test_a_checkpoint_without_an_identity_resumes_as_before(tmp_path):
     run_dir = str(tmp_path / "runs" / "base")
     old = write_checkpoint(run_dir, "checkpoint_2026-12-01_10-00-00.000001", None)
