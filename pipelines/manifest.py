@@ -109,13 +109,42 @@ def read_manifest(out: str) -> pa.Table:
     return _read(_manifest_files(out))
 
 
+class DamagedManifest(OutputRefused):
+    """A manifest file of an output that does not read as one (damaged after it was written: its
+    writes are atomic). What the output holds is then unknown, so nothing reads or resumes it."""
+
+
 def _entries(files: list[str], columns: list[str] | None = None) -> pa.Table:
     """Every entry of the manifest files, tombstones and superseded ones included."""
     import pyarrow.dataset as pads
 
     fs, _ = storage.filesystem(files[0])
-    return pads.dataset([storage.filesystem(f)[1] for f in files], schema=SCHEMA, format="parquet",
-                        filesystem=fs).to_table(columns=columns)
+    try:
+        return pads.dataset([storage.filesystem(f)[1] for f in files], schema=SCHEMA, format="parquet",
+                            filesystem=fs).to_table(columns=columns)
+    except Exception as e:  # a storage error stays itself
+        from pipelines.readers import is_bad_source
+
+        if not (is_bad_source(e) or isinstance(e, (TypeError, ValueError))):
+            raise
+        raise _damaged(files, e) from None
+
+
+def _damaged(files: list[str], e: BaseException) -> DamagedManifest:
+    """The refusal for manifest `files` that failed to read with `e`, naming the first that does not
+    read on its own (the error names none when it is the schema that differs)."""
+    for f in files:
+        try:
+            pq.read_schema(storage.filesystem(f)[1], filesystem=storage.filesystem(f)[0]).field("part")
+        except Exception:  # noqa: BLE001 - this one is named; why is the error's
+            break
+    else:
+        f = files[0].rsplit("/", 1)[0]  # the manifest folder
+    said = " ".join(str(e).split())
+    said = said if len(said) <= 300 else said[:300] + "..."
+    return DamagedManifest(f"{f} is not a readable manifest file ({type(e).__name__}: {said}): what the "
+                           "output holds is unknown without it. Restore it, or tokenize the corpus again into a "
+                           "new output")
 
 
 def _read(files: list[str]) -> pa.Table:

@@ -15,6 +15,7 @@ import pytest
 from corpora import good, write_parquet
 from muse import storage
 from pipelines import manifest, shards
+from pipelines.rejects import CorpusRefused
 from pipelines.tokenize import resolve_models, run
 
 
@@ -326,6 +327,25 @@ def test_a_damaged_token_shard_is_named_and_a_storage_error_stays_itself(tmp_pat
     monkeypatch.setattr(shards.storage, "filesystem", lambda uri: (_Unreachable(), uri))
     with pytest.raises(OSError, match="AWS Error NETWORK_CONNECTION"):
         list(tasks[0]())
+
+
+def test_a_damaged_manifest_file_is_named_and_nothing_reads_or_resumes_the_output(tmp_path):
+    """A manifest file cut short (a copy of the output that stopped half way) leaves what the output
+    holds unknown: reading it (a resumed tokenization, training's file list) is one refusal naming
+    the file, not pyarrow's traceback."""
+    out = str(tmp_path / "tokens")
+    for part in ("p1", "p2"):
+        manifest.write_entries(out, f"manifest-{part}.parquet", [
+            {"part": part, "run": "r", "source": "", "rows": 1, "accepted": 1, "rejects": [],
+             "files": [f"shards/{part}.parquet"]}])
+    assert manifest.read_manifest(out).num_rows == 2
+    damaged = tmp_path / "tokens" / manifest.MANIFEST_DIR / "manifest-p2.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    for read in (manifest.read_manifest, manifest.latest_run, shards.token_shard_files):
+        with pytest.raises(manifest.DamagedManifest, match=rf"{damaged} is not a readable manifest file "
+                                                           r"\(ArrowInvalid: .*\): .* tokenize the corpus again"):
+            read(out)
+    assert issubclass(manifest.DamagedManifest, CorpusRefused)  # a usage error's one line, exit status 2
 
 
 class _Unreachable:
