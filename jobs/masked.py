@@ -33,7 +33,6 @@ from jobs.fit import check_run, fit_stage, run_location
 from jobs.loop import StageWorker, finished_extra
 from jobs.parallel import WorkerEnv, transformer_fsdp_units, wrap
 from jobs.preflight import RunRefused
-from jobs.progress import say
 from jobs.root_fit import (_ids_difference, _tokenize_spec, codes_version, foreign_tokens_problem, stale_tokens_problem,
                            transformer_config)
 from jobs.stage import named_run

@@ -6,14 +6,13 @@ on the driver before any shard is read: the tokens' makers (`foreign_tokens_prob
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from typing import Any
 
 from jobs.config import PAPER_PRESETS
 from jobs.preflight import RunRefused
 from jobs.progress import say
-from muse import checkpoint, storage
+from muse import checkpoint
 from muse.components import COMPONENTS, KINDS, check_fit, family_of_config, read_root_configs
 from muse.config import (PRESETS, BaseTransformerConfig, SuperResTransformerConfig, VQGANConfig, from_dict, preset,
                          to_dict)
@@ -137,10 +136,9 @@ def _component_config(root: str, name: str) -> dict | None:
 
 def _tokenize_spec(data: str) -> dict:
     """What produced the token shards (`_job.json` of pipelines.tokenize), or {}."""
-    from pipelines.shards import JOB_FILE
+    from pipelines.job_spec import read_job_spec
 
-    path = storage.join(data, JOB_FILE)
-    return json.loads(storage.read_text(path)) if storage.exists(path) else {}
+    return read_job_spec(data) or {}
 
 
 def _code_dim(cfg, field: str, tokenizer: dict | None) -> dict:

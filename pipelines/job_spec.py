@@ -10,7 +10,7 @@ from dataclasses import replace
 from muse import storage
 from muse.components import PROVENANCE
 from muse.config import to_dict
-from pipelines import readers, shards
+from pipelines import manifest, readers, shards
 from pipelines.config import PoolConfig, TokenizeConfig
 from pipelines.rejects import CorpusRefused
 
@@ -196,11 +196,21 @@ def _shown(value: object) -> str:
 
 
 def read_job_spec(out: str) -> dict | None:
-    """The job spec an earlier run wrote to `out`, or None."""
+    """The job spec an earlier run wrote to `out`, or None. One damaged since (its write is atomic)
+    is refused: the settings the output's shards were made with are then unknown."""
+    uri = storage.join(out, shards.JOB_FILE)
     try:
-        return json.loads(storage.read_text(storage.join(out, shards.JOB_FILE)))
+        spec = json.loads(storage.read_text(uri))
     except FileNotFoundError:
         return None
+    except ValueError as e:  # not UTF-8, or not JSON
+        spec = e
+    if not isinstance(spec, dict):
+        why = f"{type(spec).__name__}: {spec}" if isinstance(spec, ValueError) else "not a JSON object"
+        raise manifest.DamagedManifest(f"{uri} is not a readable job spec ({why}): the settings the output's "
+                                       "shards were made with are unknown without it. Restore it, or tokenize the "
+                                       "corpus again into a new output")
+    return spec
 
 
 def resumed_spec(out: str, finished: set[str]) -> dict | None:

@@ -266,3 +266,22 @@ def test_a_component_the_actors_could_not_load_is_refused_before_any_work(tiny_r
         f.write(b"\xff" * 8)  # a garbled header length
     assert "vqgan_lo: " in refusal() and "is corrupt" in refusal()
     assert not os.path.exists(tmp_path / "out" / "shards")
+
+
+def test_a_damaged_job_spec_is_refused_naming_the_file(tmp_path):
+    """`_job.json` cut short or garbled after it was written (its write is atomic): what made the
+    shards is unknown, so a resumed tokenization and training both refuse it in one line."""
+    from jobs.root_fit import _tokenize_spec
+    from pipelines.job_spec import read_job_spec
+
+    out = str(tmp_path / "tokens")
+    assert read_job_spec(out) is None and _tokenize_spec(out) == {}  # none yet: a new output
+    path = storage.join(out, shards.JOB_FILE)
+    storage.write_text(path, json.dumps({"spec": 1}))
+    assert read_job_spec(out) == {"spec": 1}
+    for damaged, why in (('{"spec": ', "JSONDecodeError"), ("[1, 2]", "not a JSON object")):
+        storage.write_text(path, damaged)
+        for read in (read_job_spec, _tokenize_spec):
+            with pytest.raises(manifest.DamagedManifest, match=rf"_job\.json is not a readable job spec \({why}.*"
+                                                               r"tokenize the corpus again into a new output"):
+                read(out)
