@@ -30,6 +30,7 @@ them (`manifest.remove_stale`).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import zlib
@@ -164,17 +165,21 @@ def shard_info(uri: str) -> dict:
     first shard's footer; CorruptShard when that shard does not read as one."""
     first = token_shard_files(uri)[0]
     fs, path = storage.filesystem(first)
-    try:
+    with read_as_shard(first, also=(KeyError, TypeError, ValueError)):  # (no b"muse" in it)
         return json.loads(pq.read_schema(path, filesystem=fs).metadata[b"muse"])
-    except Exception as e:  # a storage error stays itself
-        if not (is_bad_source(e) or isinstance(e, (KeyError, TypeError, ValueError))):  # (no b"muse" in it)
+
+
+@contextlib.contextmanager
+def read_as_shard(file: str, also: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Around a read of the token shard `file`: an error that says the file is not one (or is one of
+    `also`) is CorruptShard, naming it and the way out; a storage error stays itself (retried)."""
+    try:
+        yield
+    except Exception as e:
+        if not (is_bad_source(e) or isinstance(e, also)):
             raise
-        raise _corrupt(first, e) from None
-
-
-def _corrupt(file: str, e: BaseException) -> CorruptShard:
-    return CorruptShard(f"{file} is not a readable token shard ({type(e).__name__}: {str(e)[:200]}): restore it, "
-                        "or tokenize the corpus again into a new output")
+        raise CorruptShard(f"{file} is not a readable token shard ({type(e).__name__}: {str(e)[:200]}): restore "
+                           "it, or tokenize the corpus again into a new output") from None
 
 
 def load_token_shards(uri: str, columns: list[str] | None = None) -> pa.Table:
@@ -186,7 +191,9 @@ def iter_token_shards(uri: str, columns: list[str] | None = None) -> Iterator[pa
     """Each published shard under `uri` as a pyarrow Table, one at a time (no Ray)."""
     for f in token_shard_files(uri):
         fs, path = storage.filesystem(f)
-        yield pq.read_table(path, filesystem=fs, columns=columns)
+        with read_as_shard(f):
+            table = pq.read_table(path, filesystem=fs, columns=columns)
+        yield table
 
 
 def io_retry_args(retries: int) -> dict:
@@ -239,15 +246,11 @@ def token_shard_datasource(files: list[str], columns: list[str] | None, shuffle_
 
     def read(file: str):
         fs, path = storage.filesystem(file)
-        try:
+        with read_as_shard(file):  # a storage error stays itself, and its read task is retried
             with fs.open_input_file(path) as f:
                 shard = pq.ParquetFile(f)
                 for group in range(shard.num_row_groups):
                     yield shard.read_row_group(group, columns=columns)
-        except Exception as e:  # a storage error stays itself, and its read task is retried
-            if not is_bad_source(e):
-                raise
-            raise _corrupt(file, e) from None
 
     class TokenShards(Datasource):
         def get_name(self) -> str:

@@ -321,6 +321,9 @@ def test_a_damaged_token_shard_is_named_and_a_storage_error_stays_itself(tmp_pat
     assert [row for block in tasks[0]() for row in block.column("key").to_pylist()] == ["a", "b"]
     with pytest.raises(shards.CorruptShard, match=r"bad\.parquet is not a readable token shard .*new output"):
         list(tasks[1]())
+    monkeypatch.setattr(shards, "token_shard_files", lambda uri: [good, bad])
+    with pytest.raises(shards.CorruptShard, match=r"bad\.parquet is not a readable token shard"):
+        list(shards.iter_token_shards(str(tmp_path)))  # what run.cache_data reads on the driver
     monkeypatch.setattr(shards, "token_shard_files", lambda uri: [bad])  # the first shard: read for its metadata
     with pytest.raises(shards.CorruptShard, match=r"bad\.parquet is not a readable token shard"):
         shards.shard_info(str(tmp_path))
