@@ -142,12 +142,12 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
             storage.delete(left)
         if start_gate is not None:
             start_gate.ready(name)
-        result = fit_off_the_main_thread(trainer)
-        if storage.exists(stopped):
-            why = storage.read_text(stopped)
-            storage.delete(stopped)
-            raise RunRefused(f"[{name}] stopped, not restarted: {why} (it fails every attempt the same way); "
-                             f"mend that and run the same command again{resume_note(name)}")
+        try:
+            result = fit_off_the_main_thread(trainer)
+        except Exception:  # run.max_failures=0: no next attempt read the marker
+            _refuse_if_stopped(name, stopped)
+            raise
+        _refuse_if_stopped(name, stopped)
         if storage.exists(marker):
             storage.delete(marker)
             raise RunRefused(f"{name}: the data gives no full batch of {run.batch_size} per worker ({scaling.workers()} "
@@ -156,6 +156,15 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
         return result
     finally:
         lock.release()
+
+
+def _refuse_if_stopped(name: str, stopped: str) -> None:
+    """Refuse run `name` when its workers met an error that fails every attempt (`jobs.loop.STOPPED`)."""
+    if storage.exists(stopped):
+        why = storage.read_text(stopped)
+        storage.delete(stopped)
+        raise RunRefused(f"[{name}] stopped, not restarted: {why} (it fails every attempt the same way); "
+                         f"mend that and run the same command again{resume_note(name)}")
 
 
 def check_run(section: Any, job: dict, rows: int | None, streamed: bool) -> tuple[dict, ResumePoint | None]:
