@@ -3,7 +3,7 @@ or run.storage_path/<name>) from before its checks until the run ends, so a seco
 the same run is refused at once (`RunRefused`) instead of training beside it, where each deletes the
 other's checkpoints (Ray Train's num_to_keep) until one fails on a checkpoint that is gone.
 
-Mirrors tokenize's heartbeat (`pipelines.manifest.Heartbeat`). S3 has no atomic create, so each
+Mirrors tokenize's heartbeat (`pipelines.output_runs.Heartbeat`). S3 has no atomic create, so each
 driver writes a claim of its own, `_active-<token>.json` (host, pid), waits `claim_wait`, then lists
 the claims in the folder:
 
@@ -42,7 +42,7 @@ import pyarrow.fs as pafs
 from jobs.preflight import RunRefused
 from jobs.progress import say
 from muse import storage
-from pipelines.manifest import as_utc, driver_gone
+from pipelines.output_runs import as_utc, driver_gone
 
 PREFIX, SUFFIX = "_active-", ".json"  # a claim in the run folder: PREFIX + token + SUFFIX
 HEARTBEAT_SECONDS = 30.0  # how often the holder rewrites its claim

@@ -164,7 +164,7 @@ def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
     failed after Ray Train's retries one line naming the first worker's error and exit status 1.
     Anything else is a bug, with its traceback."""
     from pipelines.job_spec import ResumeRefused
-    from pipelines.manifest import OutputInUse, OutputTakenOver
+    from pipelines.output_runs import OutputInUse, OutputTakenOver
     from pipelines.readers import NoInput
     from pipelines.rejects import CorpusRefused
     from pipelines.shards import CorruptShard, NoTokenShards

@@ -25,7 +25,7 @@ text_storage, format_version, so a reader reshapes without guessing.
 Exactly once: each file is written whole (temp + rename locally, one PUT on S3) under its run's
 folder, and is published only when its part's manifest entry, naming it, is committed. Readers take
 the file list from the manifest, so files of unfinished parts are never read; the next run deletes
-them (`manifest.remove_stale`).
+them (`output_runs.remove_stale`).
 """
 
 from __future__ import annotations

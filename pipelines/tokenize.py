@@ -30,7 +30,7 @@ files a failed run left uncommitted, and refuses to mix outputs of different mod
 numerics (the VQGAN pool's device and precision) or inputs (`s3://b/c` and `s3://b/c/` are the same
 input, and so are `./root` and `/abs/root` models). A driver keeps a heartbeat in the output while
 it runs, and a second driver on the same output refuses to start instead of deleting the first
-one's uncommitted shards (`manifest.Heartbeat`; `--force-cleanup` when the first is known dead).
+one's uncommitted shards (`output_runs.Heartbeat`; `--force-cleanup` when the first is known dead).
 Why not Ray Data's `CheckpointConfig`: it filters finished rows by id *after* re-reading and
 re-decoding the whole corpus, holds every finished id in memory, and has nowhere to record rejected
 rows (which are never written), so a re-run would count them again. The manifest skips whole parts
@@ -66,7 +66,7 @@ from collections.abc import Callable
 from jobs.cluster import LocalPathRefused, RayUnreachable, check_shared_paths
 from jobs.placement import on_this_node
 from muse import storage
-from pipelines import corpus_data, manifest, readers, shards
+from pipelines import corpus_data, manifest, output_runs, readers, shards
 from pipelines.config import PoolConfig, TokenizeConfig, load_config
 from pipelines.job_spec import (ResumeRefused, check_resumable, device_of, job_spec,  # noqa: F401 (job_spec: the tests')
                                 resumed_spec, settings_as_before)
@@ -176,7 +176,7 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     `on_published(entry)` is called on this thread once a part's manifest entry is committed.
     Progress is a tqdm bar (`progress`), or goes to `reporter` (jobs.progress.Reporter: `update(done,
     metrics)`, `finish(line)`); without a reporter the plan's line and the summary are printed. Another
-    driver writing to `output` (a fresh heartbeat) is refused with `manifest.OutputInUse`; `force_cleanup` takes it for dead and deletes what it left uncommitted.
+    driver writing to `output` (a fresh heartbeat) is refused with `output_runs.OutputInUse`; `force_cleanup` takes it for dead and deletes what it left uncommitted.
     Finished parts that are not in the input any more are refused, or with `retire_changed` retired
     (`manifest.retire`) and their images tokenized again in the parts that now hold them."""
     cfg = cfg or TokenizeConfig()
@@ -199,11 +199,11 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     # The heartbeat is written before the cleanup looks for others': two drivers starting at once
     # see each other and both refuse, rather than both going on. It also keeps this run's plan files
     # (written into its folder while planning) from another driver's cleanup.
-    heartbeat = manifest.Heartbeat(output, run_id)
+    heartbeat = output_runs.Heartbeat(output, run_id)
     heartbeat.beat()
     todo: list[readers.Part] = []
     try:
-        removed = manifest.remove_stale(output, done, run=run_id, force=force_cleanup)
+        removed = output_runs.remove_stale(output, done, run=run_id, force=force_cleanup)
         del done
         plan_dir = storage.join(output, manifest.SHARDS_DIR, run_id, manifest.PLAN_DIR)
         parts = _plan(input_uri, format, cfg, part_ids, folder_cuts, sizes, plan_dir, heartbeat,
@@ -241,7 +241,7 @@ PLANNING_LINE_SECONDS = 10.0  # a long planning (a big folder corpus) says how f
 
 
 def _plan(input_uri: str, format: str, cfg: TokenizeConfig, part_ids: str, folder_cuts: str, sizes: bool,
-          spill: str, heartbeat: manifest.Heartbeat, lines: bool, start: float) -> list[readers.Part]:
+          spill: str, heartbeat: output_runs.Heartbeat, lines: bool, start: float) -> list[readers.Part]:
     """The corpus's parts; a folder corpus's image lists go to plan files in `spill`. The heartbeat is
     kept while a big folder is listed, and with `lines` a line says how far it is."""
     last = time.monotonic()
@@ -260,7 +260,7 @@ def _plan(input_uri: str, format: str, cfg: TokenizeConfig, part_ids: str, folde
 
 
 def _run_parts(todo: list[readers.Part], cfg: TokenizeConfig, models: Models, spec: dict, output: str,
-               run_id: str, heartbeat: manifest.Heartbeat, start: float, on_published, progress: bool,
+               run_id: str, heartbeat: output_runs.Heartbeat, start: float, on_published, progress: bool,
                reporter) -> dict:
     """Tokenize `todo` as run `run_id`, commit each part as it finishes, then compact the manifest
     and write the totals; the driver's loop also keeps the heartbeat."""
@@ -322,7 +322,7 @@ def _run_parts(todo: list[readers.Part], cfg: TokenizeConfig, models: Models, sp
                 published(log.flush_if_due())
             published(log.flush())  # before the bar closes, so that it ends at every part
             stats, coordinator_cpu_s = ray.get(coordinator.finish.remote())
-        except manifest.OutputTakenOver:
+        except output_runs.OutputTakenOver:
             raise  # the files of its pending parts may be gone: nothing more is committed
         except BaseException:
             log.flush()  # parts finished before the failure stay finished
@@ -422,10 +422,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         totals = run(args.input, args.output, models, cfg, args.format, progress=not args.no_progress,
                      force_cleanup=args.force_cleanup, retire_changed=args.retire_changed)
-    except (ResumeRefused, CorpusRefused, manifest.OutputInUse, readers.NoInput, LocalPathRefused,
+    except (ResumeRefused, CorpusRefused, output_runs.OutputInUse, readers.NoInput, LocalPathRefused,
             RayUnreachable) as e:  # refused before any work
         parser.exit(2, f"{parser.prog}: error: {e}\n")
-    except manifest.OutputTakenOver as e:
+    except output_runs.OutputTakenOver as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     except KeyboardInterrupt:  # Ctrl-C, or `ray job stop` (jobs.cluster.stop_on_sigterm)
         parser.exit(130, f"{parser.prog}: stopped; the parts published so far stay, and the same command "

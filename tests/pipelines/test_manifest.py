@@ -14,7 +14,7 @@ import pytest
 
 from corpora import good, write_parquet
 from muse import storage
-from pipelines import manifest, shards
+from pipelines import manifest, output_runs, shards
 from pipelines.rejects import CorpusRefused
 from pipelines.tokenize import resolve_models, run
 
@@ -135,7 +135,7 @@ def test_a_crash_after_a_tombstone_leaves_files_the_next_cleanup_removes(tmp_pat
     monkeypatch.setattr(manifest, "_delete_all", delete_all)
     table = manifest.read_manifest(out)
     assert table["part"].to_pylist() == ["a"] and os.path.exists(f"{out}/shards/r1/b.parquet")
-    assert manifest.remove_stale(out, table, run="r3") == 1
+    assert output_runs.remove_stale(out, table, run="r3") == 1
     assert sorted(os.listdir(f"{out}/shards/r1")) == [manifest.CLEAN_MARK, "a.parquet"]
 
 
@@ -200,7 +200,7 @@ def shard_file(out: str, run: str, name: str) -> str:
 
 
 def age(out: str, run: str, seconds: float) -> None:
-    path = os.path.join(out, manifest.SHARDS_DIR, run, manifest.HEARTBEAT)
+    path = os.path.join(out, manifest.SHARDS_DIR, run, output_runs.HEARTBEAT)
     os.utime(path, (time.time() - seconds, time.time() - seconds))
 
 
@@ -208,49 +208,49 @@ def test_a_running_drivers_heartbeat_keeps_its_shards_from_a_second_drivers_clea
     out = str(tmp_path / "tokens")
     empty = manifest.SCHEMA.empty_table()
     for run in ("running", "dead"):
-        manifest.Heartbeat(out, run).beat()
+        output_runs.Heartbeat(out, run).beat()
     running, dead = shard_file(out, "running", "p-0-4.parquet"), shard_file(out, "dead", "q-0-4.parquet")
     plan = shard_file(out, "running", f"{manifest.PLAN_DIR}/plan-000000.parquet")  # a folder corpus's part lists
     age(out, "dead", 10 * 60)
-    age(out, "running", manifest.HEARTBEAT_SECONDS)  # one beat ago: alive
-    me = manifest.Heartbeat(out, "me")
+    age(out, "running", output_runs.HEARTBEAT_SECONDS)  # one beat ago: alive
+    me = output_runs.Heartbeat(out, "me")
     me.beat()
     in_use = r"run running \(host .*, pid \d+\) beat 3\ds ago.*--force-cleanup"
-    with pytest.raises(manifest.OutputInUse, match=in_use):
-        manifest.remove_stale(out, empty, run="me")
+    with pytest.raises(output_runs.OutputInUse, match=in_use):
+        output_runs.remove_stale(out, empty, run="me")
     assert os.path.exists(running) and os.path.exists(dead) and os.path.exists(plan)  # refused: nothing touched
 
-    age(out, "running", manifest.HEARTBEAT_FRESH + 1)  # its driver stopped beating
-    assert manifest.remove_stale(out, empty, run="me") == 2  # shard files: a plan is not one
+    age(out, "running", output_runs.HEARTBEAT_FRESH + 1)  # its driver stopped beating
+    assert output_runs.remove_stale(out, empty, run="me") == 2  # shard files: a plan is not one
     assert not any(map(os.path.exists, (running, dead, plan))) and os.path.exists(me.uri)
     assert all(os.path.exists(os.path.join(out, manifest.SHARDS_DIR, r, manifest.CLEAN_MARK)) for r in ("running", "dead"))
 
     # Forced: a fresh heartbeat is taken for a dead driver's.
-    manifest.Heartbeat(out, "killed").beat()
+    output_runs.Heartbeat(out, "killed").beat()
     killed = shard_file(out, "killed", "r-0-4.parquet")
-    with pytest.raises(manifest.OutputInUse):
-        manifest.remove_stale(out, empty, run="me")
-    assert manifest.remove_stale(out, empty, run="me", force=True) == 1 and not os.path.exists(killed)
+    with pytest.raises(output_runs.OutputInUse):
+        output_runs.remove_stale(out, empty, run="me")
+    assert output_runs.remove_stale(out, empty, run="me", force=True) == 1 and not os.path.exists(killed)
 
 
 def test_heartbeat_ages_are_read_on_the_stores_clock_not_this_machines(tmp_path):
     """The store's clock is what this driver's own new heartbeat says; here it is an hour off ours."""
     out = str(tmp_path / "tokens")
     empty = manifest.SCHEMA.empty_table()
-    manifest.Heartbeat(out, "running").beat()
+    output_runs.Heartbeat(out, "running").beat()
     left = shard_file(out, "running", "p-0-4.parquet")
-    me = manifest.Heartbeat(out, "me")
+    me = output_runs.Heartbeat(out, "me")
     me.beat()
     # A store an hour behind: 30 s old by its clock (alive), an hour old by ours.
     age(out, "me", 3600)
     age(out, "running", 3600 + 30)
-    with pytest.raises(manifest.OutputInUse, match=r"run running .* beat 30s ago"):
-        manifest.remove_stale(out, empty, run="me")
+    with pytest.raises(output_runs.OutputInUse, match=r"run running .* beat 30s ago"):
+        output_runs.remove_stale(out, empty, run="me")
     assert os.path.exists(left)
     # A store an hour ahead: an hour old by its clock (dead), just written by ours.
     age(out, "me", -3600)
     age(out, "running", 0)
-    assert manifest.remove_stale(out, empty, run="me") == 1 and not os.path.exists(left)
+    assert output_runs.remove_stale(out, empty, run="me") == 1 and not os.path.exists(left)
 
 
 def test_a_fresh_heartbeat_of_a_process_gone_from_this_host_is_stale(tmp_path):
@@ -258,23 +258,23 @@ def test_a_fresh_heartbeat_of_a_process_gone_from_this_host_is_stale(tmp_path):
     out = str(tmp_path / "tokens")
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    beat = manifest.Heartbeat(out, "killed")
+    beat = output_runs.Heartbeat(out, "killed")
     beat.beat()
     storage.write_text(beat.uri, json.dumps({"run": "killed", "host": socket.gethostname(), "pid": gone.pid}))
     left = shard_file(out, "killed", "p-0-4.parquet")
-    assert manifest.remove_stale(out, manifest.SCHEMA.empty_table()) == 1 and not os.path.exists(left)
+    assert output_runs.remove_stale(out, manifest.SCHEMA.empty_table()) == 1 and not os.path.exists(left)
 
 
 def test_heartbeats_on_s3_by_the_stores_clock(s3_bucket):
     out = f"{s3_bucket}/tokens"
-    manifest.Heartbeat(out, "other").beat()
+    output_runs.Heartbeat(out, "other").beat()
     left = shard_file(out, "other", "p-0-4.parquet")
     time.sleep(1.2)  # LastModified has whole seconds
-    me = manifest.Heartbeat(out, "me")
+    me = output_runs.Heartbeat(out, "me")
     me.beat()
-    with pytest.raises(manifest.OutputInUse, match="run other"):
-        manifest.remove_stale(out, manifest.SCHEMA.empty_table(), run="me")
-    assert manifest.remove_stale(out, manifest.SCHEMA.empty_table(), run="me", fresh=1.0) == 1
+    with pytest.raises(output_runs.OutputInUse, match="run other"):
+        output_runs.remove_stale(out, manifest.SCHEMA.empty_table(), run="me")
+    assert output_runs.remove_stale(out, manifest.SCHEMA.empty_table(), run="me", fresh=1.0) == 1
     assert not storage.exists(left) and storage.exists(me.uri)
     me.stop(remove_run=True)
     assert not storage.list_files(storage.join(out, manifest.SHARDS_DIR, "me"))
@@ -286,24 +286,24 @@ def test_a_driver_taken_for_dead_while_only_silent_stops_at_its_next_commit_or_b
     those shards would name files that are gone: its commit and its beat refuse, and a later cleanup
     leaves the mark that says so."""
     out = str(tmp_path / "tokens")
-    silent = manifest.Heartbeat(out, "silent", seconds=0.0)
+    silent = output_runs.Heartbeat(out, "silent", seconds=0.0)
     silent.beat()
     uncommitted = shard_file(out, "silent", "p-0-4.parquet")
     log = manifest.ManifestLog(out, "silent", flush_seconds=0.0, fence=silent.check)
-    age(out, "silent", manifest.HEARTBEAT_FRESH + 1)
-    me = manifest.Heartbeat(out, "me")
+    age(out, "silent", output_runs.HEARTBEAT_FRESH + 1)
+    me = output_runs.Heartbeat(out, "me")
     me.beat()
-    assert manifest.remove_stale(out, manifest.SCHEMA.empty_table(), run="me") == 1
+    assert output_runs.remove_stale(out, manifest.SCHEMA.empty_table(), run="me") == 1
     assert not os.path.exists(uncommitted)
 
     log.pending.append(entry("p", "silent", ["shards/silent/p-0-4.parquet"]))
-    with pytest.raises(manifest.OutputTakenOver, match=r"run silent was taken over by run me \(host .*, pid \d+\)"):
+    with pytest.raises(output_runs.OutputTakenOver, match=r"run silent was taken over by run me \(host .*, pid \d+\)"):
         log.flush()
-    with pytest.raises(manifest.OutputTakenOver, match="stops without committing more"):
+    with pytest.raises(output_runs.OutputTakenOver, match="stops without committing more"):
         silent.beat()
     assert manifest.read_manifest(out).num_rows == 0 and not os.path.exists(silent.uri)
     assert sorted(os.listdir(os.path.join(out, manifest.SHARDS_DIR, "silent"))) == [
-        manifest.CLEAN_MARK, manifest.TAKEN_OVER]
+        manifest.CLEAN_MARK, output_runs.TAKEN_OVER]
     me.check()  # the driver that took over is not stopped by its own cleanup
 
 

@@ -18,7 +18,7 @@ import torch
 from corpora import expected_counts, good, keys_once, mixed_rows, write_folder, write_tar
 from muse import storage
 from muse.checkpoint import component_uri, load_component
-from pipelines import manifest, readers, shards
+from pipelines import manifest, output_runs, readers, shards
 from pipelines.config import PreprocessConfig, load_config
 from pipelines.preprocess import preprocess_batch
 from pipelines.rows import ROW_SCHEMA
@@ -385,11 +385,11 @@ def test_bad_text_is_counted_end_to_end_and_the_driver_beats_while_it_runs(ray_s
     beats = []
 
     def published(entry):
-        beats.append(os.path.exists(os.path.join(out, manifest.SHARDS_DIR, entry["run"], manifest.HEARTBEAT)))
+        beats.append(os.path.exists(os.path.join(out, manifest.SHARDS_DIR, entry["run"], output_runs.HEARTBEAT)))
 
     totals = run(str(tmp_path / "a.tar"), out, resolve_models(tiny_root_lo_only), fast_cfg, on_published=published,
                  progress=False)
     assert totals["accepted"] == 2 and totals["rejects"]["by_reason"] == {"caption_not_text": 1, "caption_not_utf8": 1}
     assert sorted(k.rsplit("#", 1)[1] for k in shards.load_token_shards(out)["key"].to_pylist()) == ["caf\\xe9", "ok"]
     assert beats == [True]  # a heartbeat while it ran, none once it ended
-    assert not [f for f in storage.list_files(out) if f.endswith(manifest.HEARTBEAT)]
+    assert not [f for f in storage.list_files(out) if f.endswith(output_runs.HEARTBEAT)]

@@ -21,7 +21,7 @@ import yaml
 from corpora import corpus_of_parts, good, keys_once, write_folder
 from muse import storage
 from muse.config import to_dict
-from pipelines import manifest, readers, shards
+from pipelines import manifest, output_runs, readers, shards
 from pipelines.config import load_config
 from pipelines.tokenize import job_spec, main, resolve_models, run
 
@@ -308,9 +308,9 @@ def test_a_cpu_actor_redoes_a_part_after_a_storage_error_and_gives_up_after_its_
 def test_a_second_driver_on_an_output_in_use_refuses_before_touching_it(tmp_path, tiny_root_lo_only, fast_cfg):
     corpus, _, _ = corpus_of_parts(tmp_path, n_files=1)
     out = str(tmp_path / "tokens")
-    manifest.Heartbeat(out, "first").beat()  # a driver that is writing (this process: alive)
+    output_runs.Heartbeat(out, "first").beat()  # a driver that is writing (this process: alive)
     written = storage.join(out, manifest.SHARDS_DIR, "first", "p-0-4.parquet")
     storage.write_bytes(written, b"not committed yet")
-    with pytest.raises(manifest.OutputInUse, match="another run is writing to"):
+    with pytest.raises(output_runs.OutputInUse, match="another run is writing to"):
         run(corpus, out, resolve_models(tiny_root_lo_only), fast_cfg, progress=False)
     assert os.listdir(os.path.join(out, manifest.SHARDS_DIR)) == ["first"] and os.path.exists(written)
