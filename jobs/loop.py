@@ -12,17 +12,18 @@ builder (`jobs.fit`).
                      shards locally and reports them; Ray Train uploads them in the background
              -> export the stage's component(s) into the model root
 
-A failed worker (or node) makes Ray Train restart the whole worker group (FailureConfig.max_failures);
-the new workers resume from the last checkpoint whose upload finished, with the step counter,
-optimizer, scheduler, EMA and sample/token counters it holds; rank 0 puts each failed attempt's error
-on the console in one line. An error that fails every attempt the same way (a damaged token shard) is
-not retried: the next attempt's workers return at once and the driver refuses the run in one line. Calling `jobs.fit.fit_stage` again with the same run name and storage resumes a
-run the driver lost, on any number of workers (`jobs.checkpointing` reshards), if its checkpoints
-belong to the same model root, component and architecture: the driver refuses others before the
-trainer starts, with what would fail on every attempt (`jobs.preflight`). Where a resumed run reads
-from (`batch_stream`): data cached in the object store (run.cache_data) continues its stream where
-the checkpoint left it; streamed data has no position to restore, so it starts a fresh seeded
-permutation of the token shard files or of the corpus's parts (`jobs.data.token_dataset`,
+A failed worker (or node) makes Ray Train restart the whole worker group
+(FailureConfig.max_failures); the new workers resume from the last checkpoint whose upload finished,
+with the step counter, optimizer, scheduler, EMA and sample/token counters it holds; rank 0 puts
+each failed attempt's error on the console in one line. An error that fails every attempt the same
+way (a damaged token shard) is not retried: the next attempt's workers return at once and the driver
+refuses the run in one line. Calling `jobs.fit.fit_stage` again with the same run name and storage
+resumes a run the driver lost, on any number of workers (`jobs.checkpointing` reshards), if its
+checkpoints belong to the same model root, component and architecture: the driver refuses others
+before the trainer starts, with what would fail on every attempt (`jobs.preflight`). Where a resumed
+run reads from (`batch_stream`): data cached in the object store (run.cache_data) continues its
+stream where the checkpoint left it; streamed data has no position to restore, so it starts a fresh
+seeded permutation of the token shard files or of the corpus's parts (`jobs.data.token_dataset`,
 `jobs.data.image_dataset`), not the first ones again, and rows mix in a local shuffle buffer of
 thousands of rows.
 """
@@ -121,9 +122,7 @@ def train_loop_per_worker(job: dict) -> None:
         if fails_every_attempt(e):
             # Ray Train would restart the workers run.max_failures times: the next attempt reads this and returns.
             # Any rank writes it: the rank that met the error may be the only one to raise before the teardown.
-            error = raised_by(e)
-            storage.write_text(storage.join(job["run_dir"], STOPPED),
-                               f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:400]}")
+            storage.write_text(storage.join(job["run_dir"], STOPPED), error_line(e))
         _post_failure(job, attempt, e)
         raise
 
@@ -176,10 +175,14 @@ def failure_line(job: dict, attempt: int, error: BaseException) -> tuple[str, st
     restarted, restarts = _restarts(job, attempt)
     if fails_every_attempt(error):
         restarted, restarts = False, "it fails every attempt the same way: the run stops"
-    error = raised_by(error)
-    message = (str(error).strip().splitlines() or [""])[0][:400]
-    line = f"[{job['run_name']}] attempt {attempt} failed: {type(error).__name__}: {message} ({restarts})"
+    line = f"[{job['run_name']}] attempt {attempt} failed: {error_line(error)} ({restarts})"
     return line, f"attempt {attempt} failed, restarting" if restarted else "failed"
+
+
+def error_line(error: BaseException) -> str:
+    """The error a worker met (`raised_by`), named, in one line."""
+    error = raised_by(error)
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:400]}"
 
 
 def raised_by(error: BaseException) -> BaseException:
