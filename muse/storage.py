@@ -8,6 +8,7 @@ temporary name and renamed; an S3 object is a single PUT.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import posixpath
@@ -124,6 +125,20 @@ def _misfiled_throttle_retried(read):
 
 class FileTooLarge(Exception):
     """A file over the size a caller would read (`read_bytes`'s `limit`): not a storage error."""
+
+
+def full_disk(error: BaseException) -> OSError | None:
+    """The error of a local disk or quota that is full in `error`, or in the error it wraps (a Ray
+    task's, through `cause`) or was raised while handling (a cleanup's); None when there is none. No
+    retry mends it: the user frees space or writes elsewhere."""
+    for _ in range(8):
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):  # (pyarrow's writes too)
+            return error
+        cause = getattr(error, "cause", None) or error.__context__
+        if not isinstance(cause, BaseException):
+            return None
+        error = cause
+    return None
 
 
 def read_bytes(uri: str, limit: int | None = None) -> bytes:

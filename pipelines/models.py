@@ -198,7 +198,7 @@ class PartTokens:
             try:
                 return self._tokenize(part)
             except OSError as e:
-                if retried == self.retries:
+                if retried == self.retries or storage.full_disk(e):  # a full disk stays full
                     raise
                 delay = 0.5 * 2 ** retried
                 retried += 1

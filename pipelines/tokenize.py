@@ -427,6 +427,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     except output_runs.OutputTakenOver as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
+    except OSError as e:
+        if (full := storage.full_disk(e)) is None:
+            raise
+        parser.exit(1, f"{parser.prog}: error: writing to {args.output}: {full.strerror or full}: free space there, or "
+                       "give another --output; the parts published so far stay, and the same command tokenizes the "
+                       "rest\n")
     except KeyboardInterrupt:  # Ctrl-C, or `ray job stop` (jobs.cluster.stop_on_sigterm)
         parser.exit(130, f"{parser.prog}: stopped; the parts published so far stay, and the same command "
                          "tokenizes the rest\n")

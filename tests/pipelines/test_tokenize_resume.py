@@ -314,3 +314,59 @@ def test_a_second_driver_on_an_output_in_use_refuses_before_touching_it(tmp_path
     with pytest.raises(output_runs.OutputInUse, match="another run is writing to"):
         run(corpus, out, resolve_models(tiny_root_lo_only), fast_cfg, progress=False)
     assert os.listdir(os.path.join(out, manifest.SHARDS_DIR)) == ["first"] and os.path.exists(written)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real filesystem of 40 KB (tmpfs), which tokenizing a few parts fills; its size can be raised."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_is_one_line_not_retried_and_the_same_command_finishes_once_there_is_room(
+        small_disk, tmp_path, tiny_root_lo_only, fast_cfg, capsys):
+    corpus, accepted, rejects = corpus_of_parts(tmp_path, n_files=2)
+    settings = tmp_path / "fast.yaml"
+    settings.write_text(yaml.safe_dump(to_dict(fast_cfg)))
+    out = str(small_disk / "tokens")
+    command = ["--input", corpus, "--output", out, "--checkpoint", tiny_root_lo_only, "--config", str(settings),
+               "--no-progress"]
+    with pytest.raises(SystemExit) as failed:
+        main(command)
+    said = capsys.readouterr()
+    assert failed.value.code == 1
+    assert said.err == (f"muse tokenize: error: writing to {out}: No space left on device: free space there, or give "
+                        "another --output; the parts published so far stay, and the same command tokenizes the rest\n")
+    assert "redone in" not in said.out  # a full disk stays full: no part is redone for it
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
+    totals = run(corpus, out, resolve_models(tiny_root_lo_only), fast_cfg, progress=False)
+    assert set(keys_once(shards.load_token_shards(out))) == accepted  # every sample once
+    assert totals["rejects"]["by_reason"] == rejects
+
+
+def test_a_full_disk_is_found_through_ray_and_a_cleanups_error():
+    from ray.exceptions import RayTaskError
+
+    with pytest.raises(OSError) as full:
+        with open("/dev/full", "wb") as f:  # a real ENOSPC
+            f.write(b"x" * 65536)
+            f.flush()
+    assert storage.full_disk(full.value) is full.value
+    wrapped = RayTaskError("PartTokens.submit", "Traceback ...", full.value).as_instanceof_cause()
+    assert storage.full_disk(wrapped) is full.value
+    try:
+        try:
+            raise wrapped
+        except OSError:
+            raise RuntimeError("a cleanup that failed too")
+    except RuntimeError as e:
+        assert storage.full_disk(e) is full.value
+    assert storage.full_disk(ConnectionResetError(104, "Connection reset by peer")) is None
+    assert storage.full_disk(OSError("AWS Error SLOW_DOWN during PutObject")) is None
