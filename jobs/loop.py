@@ -119,20 +119,29 @@ def train_loop_per_worker(job: dict) -> None:
     try:
         _train_loop(job, attempt)
     except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
-        if fails_every_attempt(e):
-            # Ray Train would restart the workers run.max_failures times: the next attempt reads this and returns.
-            # Any rank writes it: the rank that met the error may be the only one to raise before the teardown.
-            storage.write_text(storage.join(job["run_dir"], STOPPED), error_line(e))
-        _post_failure(job, attempt, e)
+        _post_failure(job, attempt, e, stops=fails_every_attempt(e) and _stop_run(job, e))
         raise
 
 
 def fails_every_attempt(error: BaseException) -> bool:
     """Whether `error` (raised in a worker, maybe through Ray tasks) would fail every restart the same
-    way: a token shard damaged after it was written fails each pass that reaches it."""
+    way: a token shard damaged after it was written fails each pass that reaches it, and a full disk
+    each checkpoint."""
     from pipelines.shards import CorruptShard
 
-    return isinstance(raised_by(error), CorruptShard)
+    return isinstance(raised_by(error), CorruptShard) or storage.full_disk(error) is not None
+
+
+def _stop_run(job: dict, error: BaseException) -> bool:
+    """Tell the next attempt to return at once (Ray Train would restart the workers run.max_failures
+    times), and so the driver to refuse the run; whether that was written (not on a full disk that
+    holds the run's folder: then the run is restarted as for any error). Any rank writes it: the rank
+    that met the error may be the only one to raise before the teardown."""
+    try:
+        storage.write_text(storage.join(job["run_dir"], STOPPED), error_line(error))
+        return True
+    except OSError:
+        return False
 
 
 def _attempt_started(job: dict) -> int | None:
@@ -151,7 +160,7 @@ def _attempt_started(job: dict) -> int | None:
         return None
 
 
-def _post_failure(job: dict, attempt: int | None, error: Exception) -> None:
+def _post_failure(job: dict, attempt: int | None, error: Exception, stops: bool = False) -> None:
     """At the default verbosity the workers' tracebacks stay in Ray's logs, and Ray Train restarts the
     worker group up to run.max_failures times: rank 0 puts one line on the driver's console per failed
     attempt, so a failure that repeats is seen at once."""
@@ -161,19 +170,20 @@ def _post_failure(job: dict, attempt: int | None, error: Exception) -> None:
     if board is None or attempt is None:
         return
     try:
-        line, status = failure_line(job, attempt, error)
+        line, status = failure_line(job, attempt, error, stops)
         # Waited for: the worker may be torn down next.
         ray.get(board.attempt_failed.remote(job["run_name"], line, status), timeout=10)
     except Exception:  # the console line is a courtesy; the error itself still propagates
         pass
 
 
-def failure_line(job: dict, attempt: int, error: BaseException) -> tuple[str, str]:
-    """(console line, live-line status) of a failed attempt. An error raised in another Ray task or
-    actor (a data read in Ray Data's split coordinator) is named by its cause, whose message is the
-    user's: Ray's own first line holds only where it was raised (pid, actor id)."""
+def failure_line(job: dict, attempt: int, error: BaseException, stops: bool = False) -> tuple[str, str]:
+    """(console line, live-line status) of a failed attempt; `stops`: the run stops after it
+    (`_stop_run`). An error raised in another Ray task or actor (a data read in Ray Data's split
+    coordinator) is named by its cause, whose message is the user's: Ray's own first line holds only
+    where it was raised (pid, actor id)."""
     restarted, restarts = _restarts(job, attempt)
-    if fails_every_attempt(error):
+    if stops:
         restarted, restarts = False, "it fails every attempt the same way: the run stops"
     line = f"[{job['run_name']}] attempt {attempt} failed: {error_line(error)} ({restarts})"
     return line, f"attempt {attempt} failed, restarting" if restarted else "failed"

@@ -238,7 +238,12 @@ def _training_failure(e: BaseException) -> str | None:
     first = raised_by(wrapped)
     # A cause unwrapped from Ray's RayTaskError: its message is its first line (Ray appends its traceback).
     text = " ".join((str(first) if first is wrapped else str(first).strip().split("\n")[0]).split())
-    return f"{type(first).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+    line = f"{type(first).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+    if storage.full_disk(first) is not None:
+        line += ("; a disk is full: free space where the run writes (its checkpoints under run.storage_path, by "
+                 "default ROOT/runs, and the local temporary folder they are staged in), and the same command "
+                 "resumes from its last checkpoint")
+    return line
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:

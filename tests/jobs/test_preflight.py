@@ -379,6 +379,9 @@ def test_a_run_that_failed_for_good_and_a_tokenization_refusal_are_one_line_each
                                            "no full batch; the workers' logs"),
                               (WorkerGroupError("...", {0: read}), 1, "training failed after its retries "
                                "(run.max_failures): CorruptShard: x.parquet is not a readable token shard; the"),
+                              (WorkerGroupError("...", {0: OSError(28, "No space left on device")}), 1,
+                               "OSError: [Errno 28] No space left on device; a disk is full: free space where the "
+                               "run writes"),
                               (CorpusRefused("cannot tell the format"), 2, "error: cannot tell the format")):
         with pytest.raises(SystemExit) as exited, errors_in_one_line(parser):
             raise error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import pytest
@@ -154,6 +155,34 @@ def test_an_error_that_fails_every_attempt_stops_the_run_at_the_next(monkeypatch
     assert len(calls) == 1
 
 
+def test_a_full_disk_stops_the_run_where_it_can_say_so(monkeypatch, tmp_path):
+    """A full disk fails each checkpoint: the run stops as for a damaged shard, unless the stop cannot
+    be written either (the run's folder on that disk), where the restarts go on as for any error."""
+    from jobs import loop
+
+    with pytest.raises(OSError) as full:
+        with open("/dev/full", "wb") as f:  # a real ENOSPC
+            f.write(b"x" * 65536)
+            f.flush()
+    calls = []
+
+    def fails(job, attempt):
+        calls.append(attempt)
+        raise full.value
+
+    monkeypatch.setattr(loop, "_train_loop", fails)
+    for run_dir, stops in ((str(tmp_path), True), ("/dev/full/runs/base", False)):
+        job = {"run_name": "base", "stage": "base", "run_dir": run_dir, "section": {"run": {"max_failures": 100}}}
+        calls.clear()
+        with pytest.raises(OSError):
+            loop.train_loop_per_worker(job)
+        assert loop.fails_every_attempt(full.value)
+        with contextlib.suppress(OSError):
+            loop.train_loop_per_worker(job)  # the restart
+        assert len(calls) == (1 if stops else 2)
+    assert "No space left on device" in (tmp_path / loop.STOPPED).read_text()
+
+
 def test_an_error_from_another_ray_task_is_named_by_its_cause():
     """A shard that fails its read in Ray Data's split coordinator reaches the worker as a RayTaskError
     whose first line is where it was raised (pid, actor id): the attempt's line names the cause."""
@@ -167,7 +196,7 @@ def test_an_error_from_another_ray_task_is_named_by_its_cause():
     error = RayTaskError("SplitCoordinator.get", "Traceback ...", read.as_instanceof_cause()).as_instanceof_cause()
     assert "readable" not in str(error).splitlines()[0]  # Ray's header line: where, not what
     line, status = failure_line({"run_name": "base", "stage": "base", "section": {"run": {"max_failures": 100}}},
-                                3, error)
+                                3, error, stops=True)
     assert line.startswith("[base] attempt 3 failed: CorruptShard: s3://b/t/x.parquet is not a readable token shard")
     assert line.endswith("(it fails every attempt the same way: the run stops)")
     assert status == "failed"
