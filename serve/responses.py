@@ -29,7 +29,12 @@ class Responses:
         """{"url": ...} for each encoded image, stored all or none."""
         base = (self.config.public_url or base_url).rstrip("/")
         with _refused_when_full():
-            names = await asyncio.to_thread(self.files.put_all, images, fmt)  # disk or S3: off the event loop
+            try:
+                names = await asyncio.to_thread(self.files.put_all, images, fmt)  # disk or S3: off the event loop
+            except OSError as e:  # after the filesystem's own retries: an outage, or a full disk
+                raise APIError(503, f"the images were made but could not be stored for links ({type(e).__name__}: "
+                                    f"{' '.join(str(e).split())[:200]}): ask for response_format b64_json, or retry "
+                                    "later", type="server_error", code="files_unavailable") from None
         return [{"url": f"{base}/v1/files/{name}"} for name in names]
 
     async def images(self, images: list[bytes], response_format: str, seed: int, out: Output, base_url: str,

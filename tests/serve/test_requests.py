@@ -55,6 +55,30 @@ def test_links_are_refused_not_cut_short_when_the_store_is_full():
     assert all(ing.responses.files.get(name) == b"png" for name in names)  # the links given still work
 
 
+def test_links_that_cannot_be_stored_are_a_503_that_says_to_ask_for_b64_json(tmp_path):
+    """A store whose disk is full or whose S3 is down (after its own retries): the request is a 503
+    worth retrying, which says how to get the images without links, never a 500."""
+    from serve.config import Files
+    from serve.responses import Responses
+
+    ing = fake_ingress()
+    links = tmp_path / "links"
+    ing.responses = Responses(Files(uri=str(links)))
+    links.rmdir()
+    links.write_bytes(b"")  # the store's folder is gone, a file in its place: a real OSError on every write
+    ing.usage = lambda *args, **kwargs: {}
+
+    async def generate(req, *_):
+        return [b"png"] * req.n
+
+    ing.generate = generate
+    failed = _post(ing, json={"prompt": "a red circle", "response_format": "url"})
+    assert failed.status_code == 503 and failed.json()["error"]["code"] == "files_unavailable", failed.text
+    assert "ask for response_format b64_json" in failed.json()["error"]["message"]
+    assert "Retry-After" in failed.headers
+    assert _post(ing, json={"prompt": "a red circle", "response_format": "b64_json"}).status_code == 200
+
+
 def _checked_ingress():
     """An ingress whose model chain answers a recognisable 503: a request that passed validation."""
     ing = fake_ingress()
