@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import torch
+from safetensors import SafetensorError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
@@ -150,7 +152,13 @@ def _umask() -> int:
 
 
 def _write_component(model: nn.Module, meta: dict[str, Any], directory: str) -> None:
-    save_model(model, os.path.join(directory, WEIGHTS_FILE))
+    path = os.path.join(directory, WEIGHTS_FILE)
+    try:
+        save_model(model, path)
+    except SafetensorError as e:  # its I/O errors are no OSError: a full disk is said as one
+        if "os error 28" not in str(e):
+            raise
+        raise OSError(errno.ENOSPC, f"No space left on device writing {path}") from None
     if hasattr(model, "save_extra"):
         model.save_extra(directory)
     meta = meta | {FINGERPRINT: files_sha256(directory)}

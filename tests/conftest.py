@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 
 import pytest
@@ -96,3 +97,18 @@ def ray_session(s3_server):
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real filesystem of 40 KB (tmpfs), which a few token parts or a tiny model root fill; `mount -o
+    remount,size=...` gives it room."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -122,6 +122,19 @@ def test_muse_init_never_overwrites_a_root_unless_forced(tmp_path, capsys):
     assert (tmp_path / "root" / "base" / "model.safetensors").read_bytes() != trained
 
 
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_half_written_component(small_disk, capsys):
+    """safetensors says a full disk as its own error, not an OSError: a component write says it as one."""
+    from muse.cli import init_main
+
+    with pytest.raises(SystemExit) as exit_:
+        init_main(["--preset", "tiny", "--out", str(small_disk / "root")])
+    err = capsys.readouterr().err
+    assert exit_.value.code != 0 and err.count("\n") == 1, err
+    assert "No space left on device writing " in err and "model.safetensors" in err, err
+    left = [p.name for p in (small_disk / "root").iterdir()]
+    assert not [name for name in left if "staging" in name], left  # whole components or none
+
+
 def test_wrong_kind_is_rejected(tmp_path):
     save_component(MaskedTransformer(preset("base-tiny")), str(tmp_path / "base"))
     with pytest.raises(CheckpointError, match="expected 'superres'"):

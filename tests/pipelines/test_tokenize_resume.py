@@ -316,20 +316,6 @@ def test_a_second_driver_on_an_output_in_use_refuses_before_touching_it(tmp_path
     assert os.listdir(os.path.join(out, manifest.SHARDS_DIR)) == ["first"] and os.path.exists(written)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real filesystem of 40 KB (tmpfs), which tokenizing a few parts fills; its size can be raised."""
-    disk = tmp_path / "small"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
-
-
 def test_a_full_disk_is_one_line_not_retried_and_the_same_command_finishes_once_there_is_room(
         small_disk, tmp_path, tiny_root_lo_only, fast_cfg, capsys):
     corpus, accepted, rejects = corpus_of_parts(tmp_path, n_files=2)
