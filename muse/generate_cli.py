@@ -210,7 +210,7 @@ class ImageWriter:
     def add(self, images: list[Image.Image]) -> None:
         for img in images:
             self.paths.append(os.path.join(self.out, f"{self.name}_{self.first + len(self.paths):02d}.png"))
-            img.save(self.paths[-1])
+            _save(img, self.paths[-1])
             if len(self.shown) < GRID_MAX:
                 self.shown.append(img)
 
@@ -219,8 +219,16 @@ class ImageWriter:
         if len(self.shown) > 1:
             last = self.first + len(self.shown) - 1
             self.paths.append(os.path.join(self.out, f"{self.name}_{self.first:02d}-{last:02d}.png"))
-            grid(self.shown).save(self.paths[-1])
+            _save(grid(self.shown), self.paths[-1])
         return self.paths
+
+
+def _save(img: Image.Image, path: str) -> None:
+    """Save a PNG; a failed write (a full disk) names the file, which PIL's error does not."""
+    try:
+        img.save(path)
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror or e} writing {path}") from None
 
 
 def grid(images: list[Image.Image]) -> Image.Image:

@@ -60,6 +60,13 @@ def test_cli_generate_and_inpaint_write_pngs(tmp_path, photo, capsys):
     assert rc == 0 and np.abs(kept[34:] - src[34:]).max() <= 1 < np.abs(plain[34:] - src[34:]).max()
 
 
+def test_a_full_disk_names_the_png_it_could_not_write(small_disk, capsys):
+    rc = generate_cli.main(["generate", "--prompt", "a red circle", "--preset", "tiny", "--n", "8", "--steps", "1",
+                            "--superres-steps", "1", "--out", str(small_disk / "gen")])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"No space left on device writing {small_disk / 'gen'}/generate_" in err, err
+
+
 def test_cli_bad_input_exits_2_with_a_message_and_help_exits_0(tmp_path, capsys):
     rc = generate_cli.main(["edit", "--image", str(tmp_path / "missing.png"), "--prompt", "x",
                             "--preset", "tiny", "--out", str(tmp_path / "o")])
