@@ -205,6 +205,9 @@ def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
         stop_display()
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     except Exception as e:
+        if refused := storage.s3_refusal(e):  # a missing bucket, credentials that do not allow it
+            stop_display()
+            parser.exit(2, f"{parser.prog}: error: {refused}\n")
         failed = _training_failure(e)
         if failed is None:
             raise

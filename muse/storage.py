@@ -141,6 +141,24 @@ def full_disk(error: BaseException) -> OSError | None:
     return None
 
 
+# S3 answers that no retry changes: a missing bucket, or credentials that do not allow the request.
+S3_REFUSALS = ("NO_SUCH_BUCKET", "ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
+               "HTTP status 403", "EXPIRED_TOKEN", "INVALID_TOKEN")
+
+
+def s3_refusal(error: BaseException) -> str | None:
+    """The first line of an S3 error in `error` (or the error it wraps) that no retry changes, else None."""
+    for _ in range(8):
+        line = (str(error).strip().splitlines() or [""])[0]
+        if isinstance(error, OSError) and "AWS Error" in line and any(code in line for code in S3_REFUSALS):
+            return " ".join(line.split())
+        cause = getattr(error, "cause", None) or error.__context__
+        if not isinstance(cause, BaseException):
+            return None
+        error = cause
+    return None
+
+
 def read_bytes(uri: str, limit: int | None = None) -> bytes:
     """The whole file; with `limit`, at most that many bytes are read, and a larger file raises
     FileTooLarge."""

@@ -428,6 +428,8 @@ def main(argv: list[str] | None = None) -> None:
     except output_runs.OutputTakenOver as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     except OSError as e:
+        if refused := storage.s3_refusal(e):  # a missing bucket, credentials that do not allow it
+            parser.exit(2, f"{parser.prog}: error: {refused}\n")
         if (full := storage.full_disk(e)) is None:
             raise
         parser.exit(1, f"{parser.prog}: error: writing to {args.output}: {full.strerror or full}: free space there, or "

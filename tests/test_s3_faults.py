@@ -63,3 +63,34 @@ def test_a_training_checkpoint_resumes_through_the_hot_prefix(s3_bucket, hot_pre
     dcp.load(loaded, storage_reader=RangedCheckpointReader(fs, path, coalesce_gap=0), no_dist=True)  # a GET per tensor
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert hot_prefix.counts["throttled"] >= 3, hot_prefix.counts
+
+
+def test_a_missing_bucket_is_one_line_not_a_traceback(s3_bucket, tmp_path, capsys):
+    """S3 answers that no retry changes (a bucket that does not exist; likewise credentials that do not
+    allow the request) end `muse tokenize` and training in one line, exit status 2."""
+    import argparse
+
+    from jobs.stage import errors_in_one_line
+    from muse.checkpoint import init_model_root
+    from muse.data.synthetic import write_corpus
+    from pipelines.tokenize import main as tokenize_main
+
+    missing = f"s3://no-such-bucket-{urlparse(s3_bucket).netloc}"
+    with pytest.raises(OSError) as real:
+        storage.write_text(f"{missing}/runs/base/_active.json", "{}")
+    assert "NO_SUCH_BUCKET" in storage.s3_refusal(real.value)
+    assert storage.s3_refusal(OSError("AWS Error SLOW_DOWN during PutObject operation")) is None  # retried
+    parser = argparse.ArgumentParser(prog="muse train base")
+    with pytest.raises(SystemExit) as exit_, errors_in_one_line(parser):
+        raise real.value
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "NO_SUCH_BUCKET" in err, err
+
+    root, corpus = str(tmp_path / "root"), str(tmp_path / "corpus")
+    init_model_root("tiny", root, components=("vqgan_lo", "text_encoder"))
+    write_corpus(corpus, 4, size=64)
+    with pytest.raises(SystemExit) as exit_:
+        tokenize_main(["--input", corpus, "--output", f"{missing}/tokens", "--checkpoint", root, "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("muse tokenize: error: ") and "NO_SUCH_BUCKET" in err, err
+    assert err.count("\n") == 1, err
