@@ -148,9 +148,19 @@ S3_REFUSALS = ("NO_SUCH_BUCKET", "ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGN
 
 def s3_refusal(error: BaseException) -> str | None:
     """The first line of an S3 error in `error` (or the error it wraps) that no retry changes, else None."""
+    return _s3_error_line(error, S3_REFUSALS)
+
+
+def s3_failure(error: BaseException) -> str | None:
+    """The first line of any S3 error in `error` (or the error it wraps): one that outlasted the
+    filesystem's retries (S3_MAX_ATTEMPTS per request), or a refusal; None when there is none."""
+    return _s3_error_line(error, ("",))
+
+
+def _s3_error_line(error: BaseException, codes: tuple[str, ...]) -> str | None:
     for _ in range(8):
         line = (str(error).strip().splitlines() or [""])[0]
-        if isinstance(error, OSError) and "AWS Error" in line and any(code in line for code in S3_REFUSALS):
+        if isinstance(error, OSError) and "AWS Error" in line and any(code in line for code in codes):
             return " ".join(line.split())
         cause = getattr(error, "cause", None) or error.__context__
         if not isinstance(cause, BaseException):

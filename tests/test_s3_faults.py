@@ -65,32 +65,66 @@ def test_a_training_checkpoint_resumes_through_the_hot_prefix(s3_bucket, hot_pre
     assert hot_prefix.counts["throttled"] >= 3, hot_prefix.counts
 
 
-def test_a_missing_bucket_is_one_line_not_a_traceback(s3_bucket, tmp_path, capsys):
-    """S3 answers that no retry changes (a bucket that does not exist; likewise credentials that do not
-    allow the request) end `muse tokenize` and training in one line, exit status 2."""
+def _exits(capsys, command, *argv) -> tuple[int, str]:
+    """(exit status, stderr) of a command's main that must exit; stderr must be one line."""
     import argparse
 
     from jobs.stage import errors_in_one_line
+
+    with pytest.raises(SystemExit) as exit_:
+        if isinstance(command, BaseException):  # an error as training's driver meets it
+            with errors_in_one_line(argparse.ArgumentParser(prog="muse train base")):
+                raise command
+        command(list(argv))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return exit_.value.code, err
+
+
+def _tokenize_into(tmp_path, capsys, output: str) -> tuple[int, str]:
+    """`muse tokenize` of a 4-image corpus with a tiny root into `output`."""
     from muse.checkpoint import init_model_root
     from muse.data.synthetic import write_corpus
-    from pipelines.tokenize import main as tokenize_main
+    from pipelines.tokenize import main
 
+    root, corpus = str(tmp_path / "root"), str(tmp_path / "corpus")
+    init_model_root("tiny", root, components=("vqgan_lo", "text_encoder"))
+    write_corpus(corpus, 4, size=64)
+    return _exits(capsys, main, "--input", corpus, "--output", output, "--checkpoint", root, "--no-progress")
+
+
+def test_a_missing_bucket_is_one_line_not_a_traceback(s3_bucket, tmp_path, capsys):
+    """S3 answers that no retry changes (a bucket that does not exist; likewise credentials that do not
+    allow the request) end `muse tokenize` and training in one line, exit status 2."""
     missing = f"s3://no-such-bucket-{urlparse(s3_bucket).netloc}"
     with pytest.raises(OSError) as real:
         storage.write_text(f"{missing}/runs/base/_active.json", "{}")
     assert "NO_SUCH_BUCKET" in storage.s3_refusal(real.value)
     assert storage.s3_refusal(OSError("AWS Error SLOW_DOWN during PutObject operation")) is None  # retried
-    parser = argparse.ArgumentParser(prog="muse train base")
-    with pytest.raises(SystemExit) as exit_, errors_in_one_line(parser):
-        raise real.value
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.count("\n") == 1 and "NO_SUCH_BUCKET" in err, err
+    code, err = _exits(capsys, real.value)
+    assert code == 2 and "NO_SUCH_BUCKET" in err, err
+    code, err = _tokenize_into(tmp_path, capsys, f"{missing}/tokens")
+    assert code == 2 and err.startswith("muse tokenize: error: ") and "NO_SUCH_BUCKET" in err, err
 
-    root, corpus = str(tmp_path / "root"), str(tmp_path / "corpus")
-    init_model_root("tiny", root, components=("vqgan_lo", "text_encoder"))
-    write_corpus(corpus, 4, size=64)
-    with pytest.raises(SystemExit) as exit_:
-        tokenize_main(["--input", corpus, "--output", f"{missing}/tokens", "--checkpoint", root, "--no-progress"])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.startswith("muse tokenize: error: ") and "NO_SUCH_BUCKET" in err, err
-    assert err.count("\n") == 1, err
+
+def test_s3_unreachable_past_its_retries_is_one_line_saying_the_command_resumes(tmp_path, monkeypatch, capsys):
+    """Every request refused at the socket (S3 down, a wrong endpoint) past the filesystem's retries:
+    one line that says so and that the same command goes on, exit status 1, for tokenize and training."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MUSE_S3_MAX_ATTEMPTS", "2")
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_REGION", "us-east-1")):  # no look for credentials elsewhere
+        monkeypatch.setenv(name, value)
+    with pytest.raises(OSError) as real:
+        storage.read_text("s3://bucket/runs/base/state.json")
+    assert "NETWORK_CONNECTION" in storage.s3_failure(real.value) and storage.s3_refusal(real.value) is None
+    code, err = _exits(capsys, real.value)
+    assert code == 1 and "the same command resumes from them" in err, err
+    code, err = _tokenize_into(tmp_path, capsys, "s3://bucket/tokens")
+    assert code == 1 and "NETWORK_CONNECTION" in err and "the same command tokenizes the rest" in err, err
