@@ -29,7 +29,6 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 from safetensors import SafetensorError
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 

@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from muse import storage
+from pipelines.readers import is_bad_source
 from pipelines.rejects import CorpusRefused
 
 MANIFEST_DIR = "_manifest"
@@ -109,8 +110,6 @@ def _entries(files: list[str], columns: list[str] | None = None) -> pa.Table:
         return pads.dataset([storage.filesystem(f)[1] for f in files], schema=SCHEMA, format="parquet",
                             filesystem=fs).to_table(columns=columns)
     except Exception as e:  # a storage error stays itself
-        from pipelines.readers import is_bad_source
-
         if not (is_bad_source(e) or isinstance(e, (TypeError, ValueError))):
             raise
         raise _damaged(files, e) from None
@@ -122,7 +121,9 @@ def _damaged(files: list[str], e: BaseException) -> DamagedManifest:
     for f in files:
         try:
             pq.read_schema(storage.filesystem(f)[1], filesystem=storage.filesystem(f)[0]).field("part")
-        except Exception:  # noqa: BLE001 - this one is named; why is the error's
+        except Exception as bad:  # a storage error meanwhile stays itself: it names no damaged file
+            if not (is_bad_source(bad) or isinstance(bad, (KeyError, TypeError, ValueError))):
+                raise
             break
     else:
         f = files[0].rsplit("/", 1)[0]  # the manifest folder
