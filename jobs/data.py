@@ -18,10 +18,11 @@ run's driver says how many were left out when it ends.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import Counter
 from contextlib import contextmanager
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -101,13 +102,14 @@ def data_order_seed(run_seed: int, run_dir: str) -> int:
 
 
 def image_dataset(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto", cache: bool = False,
-                  spill: str | None = None, shuffle_seed: int | None = None, tally=None):
+                  spill: str | None = None, shuffle_seed: int | None = None,
+                  count_rejects: Callable[[list], None] | None = None):
     """Ray Dataset with one column `pixels` (raw (size, size, 3) uint8 RGB bytes) of every accepted
     image of the corpus at `uri`, decoded, resized and centre-cropped as tokenization does it.
     `cache` runs the same reader and preprocessing functions once on the driver and keeps the pixels
     in the object store (small corpora) instead of decoding every image again each epoch. `spill`: a
     folder for a folder corpus's part lists (`pipelines.folder_plan`), which must outlive the dataset.
-    `tally`: a `RejectTally` (a Ray actor of one when streamed) that counts the images left out.
+    `count_rejects` is called with the (part, index, reason, key) of the images left out (`RejectTally.add`).
 
     Streamed, the corpus's parts (`readers.plan_parts`) are read as `token_dataset` reads shard files:
     with `shuffle_seed` (`data_order_seed`), in a seeded permutation drawn afresh for every pass, so
@@ -116,12 +118,13 @@ def image_dataset(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto"
     if cache:
         import ray.data
 
-        return ray.data.from_arrow(read_images(uri, size, cfg, format, tally))
+        return ray.data.from_arrow(read_images(uri, size, cfg, format, count_rejects))
     parts = readers.plan_parts(uri, format, cfg.reader, spill=spill)
     if not parts:
         raise RunRefused(f"no images in the corpus at {uri}")
     ds = preprocessed(parts, cfg, lo_size=size, hi_size=None, shuffle_seed=shuffle_seed)
-    return ds.map_batches(_accepted_pixels, batch_format="pyarrow", batch_size=None, fn_kwargs={"tally": tally})
+    return ds.map_batches(_accepted_pixels, batch_format="pyarrow", batch_size=None,
+                          fn_kwargs={"count_rejects": count_rejects})
 
 
 @contextmanager
@@ -137,9 +140,11 @@ def run_images(uri: str, size: int, cfg: TokenizeConfig, format: str, cache: boo
 
     seed = data_order_seed(run_seed, run_dir)  # before the plan is written into run_dir
     plan = storage.join(run_dir, manifest.PLAN_DIR)
+    # Streamed, the tally is an actor that the read tasks count into; cached, the reads run here.
     tally = RejectTally() if cache else ray.remote(num_cpus=0)(RejectTally).options(**on_this_node()).remote()
+    count = tally.add if cache else functools.partial(_count_in_actor, tally)
     try:
-        yield image_dataset(uri, size, cfg, format, cache, spill=plan, shuffle_seed=seed, tally=tally)
+        yield image_dataset(uri, size, cfg, format, cache, spill=plan, shuffle_seed=seed, count_rejects=count)
         counts, examples, capped = tally.totals() if cache else ray.get(tally.totals.remote(), timeout=30)
         if counts:
             name = run_dir.rstrip("/").rsplit("/", 1)[-1]
@@ -152,30 +157,33 @@ def run_images(uri: str, size: int, cfg: TokenizeConfig, format: str, cache: boo
             ray.kill(tally)
 
 
-def read_images(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto", tally=None) -> pa.Table:
-    """The `pixels` table of `image_dataset`, read in this process with the same functions (no Ray);
-    `tally`: a `RejectTally` that counts the images left out."""
+def read_images(uri: str, size: int, cfg: TokenizeConfig, format: str = "auto",
+                count_rejects: Callable[[list], None] | None = None) -> pa.Table:
+    """The `pixels` table of `image_dataset`, read in this process with the same functions (no Ray)."""
     parts = readers.plan_parts(uri, format, cfg.reader)
     blocks = preprocessed_local(parts, cfg, lo_size=size, hi_size=None)
-    table = held_whole((_accepted_pixels(block, tally) for block in blocks), f"the images of {uri} at {size} px")
+    table = held_whole((_accepted_pixels(block, count_rejects) for block in blocks),
+                       f"the images of {uri} at {size} px")
     if table.num_rows == 0:
         raise RunRefused(f"no image of the corpus at {uri} passed preprocessing")
     return table
 
 
-def _accepted_pixels(batch: pa.Table, tally=None) -> pa.Table:
+def _accepted_pixels(batch: pa.Table, count_rejects: Callable[[list], None] | None = None) -> pa.Table:
     keep = accepted(batch)
-    if tally is not None:
+    if count_rejects is not None:
         rejected = batch.filter(pc.and_(pc.invert(keep), pc.equal(batch["part_rows"], -1)))  # (not end rows)
         if rejected.num_rows:
-            found = list(zip(*(rejected[c].to_pylist() for c in ("part", "index", "reject_reason", "key"))))
-            if isinstance(tally, RejectTally):
-                tally.add(found)
-            else:  # waited for: the batch's images must not reach training before their rejects are counted
-                import ray
-
-                ray.get(tally.add.remote(found), timeout=60)
+            count_rejects(list(zip(*(rejected[c].to_pylist() for c in ("part", "index", "reject_reason", "key")))))
     return batch.filter(keep).select(["pixels_lo"]).rename_columns(["pixels"])
+
+
+def _count_in_actor(tally, rejects: list) -> None:
+    """`RejectTally.add` on the run's tally actor, waited for: a batch's images must not reach training
+    before their rejects are counted."""
+    import ray
+
+    ray.get(tally.add.remote(rejects), timeout=60)
 
 
 class RejectTally:

@@ -208,12 +208,12 @@ def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
         if refused := storage.s3_refusal(e):  # a missing bucket, credentials that do not allow it
             stop_display()
             parser.exit(2, f"{parser.prog}: error: {refused}\n")
-        if (failed := storage.s3_failure(e)) and _training_failure(e) is None:  # the driver's own request
+        failed = _training_failure(e)
+        if failed is None and (s3_failed := storage.s3_failure(e)):  # the driver's own request
             stop_display()
-            parser.exit(1, f"{parser.prog}: error: {failed} (after the retries of each request, "
+            parser.exit(1, f"{parser.prog}: error: {s3_failed} (after the retries of each request, "
                            "MUSE_S3_MAX_ATTEMPTS); finished stages and registered checkpoints stay: the same "
                            "command resumes from them\n")
-        failed = _training_failure(e)
         if failed is None:
             raise
         stop_display()

@@ -127,18 +127,22 @@ class FileTooLarge(Exception):
     """A file over the size a caller would read (`read_bytes`'s `limit`): not a storage error."""
 
 
-def full_disk(error: BaseException) -> OSError | None:
-    """The error of a local disk or quota that is full in `error`, or in the error it wraps (a Ray
-    task's, through `cause`) or was raised while handling (a cleanup's); None when there is none. No
-    retry mends it: the user frees space or writes elsewhere."""
+def _error_chain(error: BaseException) -> Iterator[BaseException]:
+    """`error`, then the error it wraps (a Ray task's, through `cause`) or was raised while handling (a
+    cleanup's), and so on: a few levels at most."""
     for _ in range(8):
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):  # (pyarrow's writes too)
-            return error
+        yield error
         cause = getattr(error, "cause", None) or error.__context__
         if not isinstance(cause, BaseException):
-            return None
+            return
         error = cause
-    return None
+
+
+def full_disk(error: BaseException) -> OSError | None:
+    """The error of a local disk or quota that is full in `error`'s chain (`_error_chain`), or None.
+    No retry mends it: the user frees space or writes elsewhere."""
+    return next((e for e in _error_chain(error)  # (pyarrow's writes carry the errno too)
+                 if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)), None)
 
 
 # S3 answers that no retry changes: a missing bucket, or credentials that do not allow the request.
@@ -147,25 +151,21 @@ S3_REFUSALS = ("NO_SUCH_BUCKET", "ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGN
 
 
 def s3_refusal(error: BaseException) -> str | None:
-    """The first line of an S3 error in `error` (or the error it wraps) that no retry changes, else None."""
+    """The first line of an S3 error in `error`'s chain that no retry changes, else None."""
     return _s3_error_line(error, S3_REFUSALS)
 
 
 def s3_failure(error: BaseException) -> str | None:
-    """The first line of any S3 error in `error` (or the error it wraps): one that outlasted the
-    filesystem's retries (S3_MAX_ATTEMPTS per request), or a refusal; None when there is none."""
+    """The first line of any S3 error in `error`'s chain: one that outlasted the filesystem's retries
+    (S3_MAX_ATTEMPTS per request), or a refusal; None when there is none."""
     return _s3_error_line(error, ("",))
 
 
 def _s3_error_line(error: BaseException, codes: tuple[str, ...]) -> str | None:
-    for _ in range(8):
-        line = (str(error).strip().splitlines() or [""])[0]
-        if isinstance(error, OSError) and "AWS Error" in line and any(code in line for code in codes):
+    for e in _error_chain(error):
+        line = (str(e).strip().splitlines() or [""])[0]
+        if isinstance(e, OSError) and "AWS Error" in line and any(code in line for code in codes):
             return " ".join(line.split())
-        cause = getattr(error, "cause", None) or error.__context__
-        if not isinstance(cause, BaseException):
-            return None
-        error = cause
     return None
 
 

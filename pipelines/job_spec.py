@@ -201,12 +201,12 @@ def read_job_spec(out: str) -> dict | None:
     uri = storage.join(out, shards.JOB_FILE)
     try:
         spec = json.loads(storage.read_text(uri))
+        why = None if isinstance(spec, dict) else "not a JSON object"
     except FileNotFoundError:
         return None
     except ValueError as e:  # not UTF-8, or not JSON
-        spec = e
-    if not isinstance(spec, dict):
-        why = f"{type(spec).__name__}: {spec}" if isinstance(spec, ValueError) else "not a JSON object"
+        why = f"{type(e).__name__}: {e}"
+    if why is not None:
         raise manifest.DamagedManifest(f"{uri} is not a readable job spec ({why}): the settings the output's "
                                        "shards were made with are unknown without it. Restore it, or tokenize the "
                                        "corpus again into a new output")

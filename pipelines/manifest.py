@@ -119,8 +119,9 @@ def _damaged(files: list[str], e: BaseException) -> DamagedManifest:
     """The refusal for manifest `files` that failed to read with `e`, naming the first that does not
     read on its own (the error names none when it is the schema that differs)."""
     for f in files:
+        fs, path = storage.filesystem(f)
         try:
-            pq.read_schema(storage.filesystem(f)[1], filesystem=storage.filesystem(f)[0]).field("part")
+            pq.read_schema(path, filesystem=fs).field("part")
         except Exception as bad:  # a storage error meanwhile stays itself: it names no damaged file
             if not (is_bad_source(bad) or isinstance(bad, (KeyError, TypeError, ValueError))):
                 raise
