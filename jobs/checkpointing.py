@@ -53,6 +53,7 @@ from jobs import common
 from jobs.checkpoint_reader import RangedCheckpointReader
 from jobs.common import EMA, STATE_FILE
 from jobs.parallel import WorkerEnv, is_dtensor, local
+from muse import storage
 
 FORMAT = "torch-dcp-safetensors"
 FORMAT_VERSION = 2
@@ -66,6 +67,20 @@ def staging_directory(step: int, parent: str | None = None) -> str:
     the process id, so that an orphan can be told from a directory still being uploaded."""
     return tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-{step:08d}-", dir=parent)
 
+
+
+def check_room_for_upload(directory: str, run_dir: str, step: int) -> None:
+    """Ray Train uploads the checkpoint staged in `directory` in a background thread, where a full disk
+    fails the attempt unseen by the training loop, and so every restart the same way: refuse it here,
+    as an error the loop stops the run for (`jobs.loop.fails_every_attempt`). Each rank checks its own
+    shards only, so a checkpoint that fits is never refused."""
+    size = sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(directory)
+               for name in names)
+    try:
+        storage.check_room(run_dir, size, f"this worker's shards of the checkpoint at step {step}")
+    except OSError:
+        shutil.rmtree(directory, ignore_errors=True)  # never uploaded: nothing else removes it
+        raise
 
 def remove_orphaned_staging(parent: str | None = None) -> list[str]:
     """Delete the staging directories under `parent` (default: the temp dir) whose process no longer

@@ -41,7 +41,8 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from jobs.checkpointing import load_training_state, remove_orphaned_staging, save_sharded, staging_directory
+from jobs.checkpointing import (check_room_for_upload, load_training_state, remove_orphaned_staging, save_sharded,
+                               staging_directory)
 from jobs.common import EMA, peak_flops
 from jobs.parallel import WorkerEnv, allreduce_mean
 from jobs.progress import Reporter, format_seconds
@@ -410,6 +411,7 @@ def _report_checkpoint(worker: StageWorker, env: WorkerEnv, step: int, counters:
     save_sharded(directory, step=step, env=env, modules=worker.modules, optimizers=worker.optimizers,
                  schedulers=worker.schedulers, ema=worker.ema, counters=dict(counters),
                  identity=worker.job.get("identity"))
+    check_room_for_upload(directory, worker.job["run_dir"], step)
     _report(report or {"step": float(step)}, checkpoint=ray.train.Checkpoint.from_directory(directory))
     return time.perf_counter() - start
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 from types import SimpleNamespace
@@ -271,3 +272,32 @@ def test_a_damaged_shard_stops_the_run_at_the_first_attempt_that_reads_it(ray_se
                                     for line in failed), lines
     assert not [line for line in lines if "resumes from step" in line or "starts again" in line], lines
     assert not storage.exists(os.path.join(root, "runs", "damaged", STOPPED))  # a re-run after the mend trains
+
+
+def test_a_checkpoint_the_disk_cannot_hold_stops_the_run_before_its_upload(ray_session, tiny_data, small_disk,
+                                                                          monkeypatch):
+    """Ray Train uploads checkpoints in a background thread, where a full disk fails the attempt unseen
+    by the loop, and each restart fails the same way: each rank checks that its shards fit before the
+    upload, and the run stops at the first attempt in one line. The model root sits on a real tmpfs
+    with room for its weights and less than a checkpoint (weights, Adam moments and EMA)."""
+    from jobs import progress
+    from jobs.preflight import RunRefused
+
+    monkeypatch.delenv(progress.VERBOSE_ENV, raising=False)  # so the workers post failed attempts to the board
+    board = progress.start_display()
+    seen = len(ray_session.get(board.poll.remote(0))[1])
+    weights = sum(os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(tiny_data.root) for f in names)
+    subprocess.run(["mount", "-o", f"remount,size={weights // 1024 + 2048}k", str(small_disk)], check=True)
+    root = copy_tree(tiny_data.root, str(small_disk / "root"))
+    cfg = ray_test_config("base", "base.run.max_steps=4", "base.run.batch_size=4", "base.run.max_failures=5",
+                          "base.model=null", "base.run.name=fulldisk")  # its own name: the board counts attempts
+    with pytest.raises(RunRefused, match=r"\[fulldisk\] stopped, not restarted: OSError: \[Errno 28\] No space left "
+                                         r"on device for this worker's shards of the checkpoint at step 2: it needs "
+                                         r"[\d.]+ MB under \S+fulldisk, which has [\d.]+ MB free"):
+        run_stage("base", cfg, tiny_data.tokens, root)
+    lines = ray_session.get(board.poll.remote(seen))[1]
+    failed = [line for line in lines if "attempt" in line and "failed" in line]
+    assert len(failed) <= 1 and all(line.endswith("(it fails every attempt the same way: the run stops)")
+                                    for line in failed), lines
+    assert not [line for line in lines if "resumes from step" in line or "starts again" in line], lines
+    assert not [name for name in os.listdir(os.path.join(root, "runs", "fulldisk")) if name.startswith("checkpoint_")]
