@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -315,15 +316,22 @@ class StepCompiler:
         as a free size, so serving's changing batches and prompts stop compiling after a few requests
         (CUDA graphs still record once per shape). If compiling or running the compiled step fails,
         the model warns once and runs eagerly: the compiled path is never needed for correctness. Out of
-        memory is the request's failure, not the compiler's: it is raised, and the compiled step stays."""
-        if mode is None:
-            mode = "reduce-overhead" if next(self.parameters()).is_cuda else "default"
-        self._compiled = torch.compile(self.features, mode=mode, dynamic=None)
+        memory is the request's failure, not the compiler's: it is raised, and the compiled step stays.
+        Compiled at the first decode on each device: `compile_step()`, then `.to("cuda")`, gets graphs."""
+        self._step_mode, self._compiled, self._compiled_on = mode or "auto", None, None
         return self
 
+    def _compiled_step(self, device: torch.device) -> Callable | None:
+        mode = getattr(self, "_step_mode", None)
+        if mode is not None and self._compiled_on != device.type:
+            if mode == "auto":
+                mode = "reduce-overhead" if device.type == "cuda" else "default"
+            self._compiled, self._compiled_on = torch.compile(self.features, mode=mode, dynamic=None), device.type
+        return self._compiled if mode is not None else None
+
     def _features(self, ids: torch.Tensor, context: AnyContext) -> torch.Tensor:
-        compiled = getattr(self, "_compiled", None)
-        if compiled is None or torch.is_grad_enabled():
+        compiled = None if torch.is_grad_enabled() else self._compiled_step(ids.device)
+        if compiled is None:
             return self.features(ids, context)
         try:
             return compiled(ids, context.resolve())
@@ -332,7 +340,7 @@ class StepCompiler:
         except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the eager step
             warnings.warn(f"the compiled step failed ({type(e).__name__}: {str(e)[:200]}); running eagerly",
                           RuntimeWarning, stacklevel=3)
-            self._compiled = None
+            self._step_mode = self._compiled = None
             return self.features(ids, context)
 
 

@@ -1,5 +1,4 @@
 import math
-import warnings
 
 import pytest
 import torch
@@ -277,36 +276,6 @@ def test_checkpoints_from_before_the_text_proj_rename_still_load():
     assert torch.equal(fresh.text_proj.proj.weight, model.text_proj.proj.weight)
 
 
-def test_a_failing_compiled_step_falls_back_to_the_eager_one(monkeypatch):
-    torch.manual_seed(0)
-    model = MaskedTransformer(preset("base-tiny")).eval()
-    emb, mask = _text()
-    ctx = model.encode_context(emb, mask)
-    ids = torch.randint(0, 513, (2, 64))
-    with torch.no_grad():
-        eager = model(ids, ctx)
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("no C++ compiler")
-
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
-    model.compile_step()
-    with torch.no_grad(), pytest.warns(RuntimeWarning, match="running eagerly"):
-        fallback = model(ids, ctx)
-    torch.testing.assert_close(fallback, eager)
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids, ctx), eager)  # warned once, eager from then on
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory")
-
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: out_of_memory)
-    model.compile_step()
-    with torch.no_grad(), pytest.raises(torch.OutOfMemoryError):  # the request's failure, not the compiler's
-        model(ids, ctx)
-    assert model._compiled is out_of_memory  # kept for the next request
-
-
 def test_sinusoidal_text_positions_let_the_text_layers_tell_word_order_and_add_no_weights():
     from dataclasses import replace
 
@@ -450,38 +419,3 @@ def test_code_vectors_are_saved_with_the_model_and_superres_reads_both_grids_thr
     hi = torch.full((2, 256), sr.mask_token_id)
     with torch.no_grad():
         torch.testing.assert_close(loaded(hi, loaded.encode_context(emb, mask, lo)), sr(hi, sr.encode_context(emb, mask, lo)))
-
-
-def test_the_compiled_step_is_one_graph_and_compiles_once_more_for_other_prompt_lengths(monkeypatch):
-    """A decode through both stages with `MusePipeline.compile()`: every block in one graph (a lazily
-    cached field read under a lock split the step into one graph per block, and guards on the block
-    index hit torch's recompile limit after 8), and prompts of other lengths reuse one recompiled
-    graph instead of compiling again each (8 lengths, then eager for good). Dynamo's eager backend:
-    the graphs, breaks and recompiles are dynamo's, and inductor would only take minutes here."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    from muse.pipeline import MusePipeline
-
-    real = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, dynamic=None: real(fn, backend="eager",
-                                                                                    dynamic=dynamic))
-    torch._dynamo.reset()
-    counters.clear()
-    pipe = MusePipeline.from_preset("tiny", seed=0).compile()
-    prompts = ["a red circle", "a blue square on grey", "a green triangle beside a small yellow star",
-               "red", "a big orange circle above a blue square", "a tiny grey star in the corner of the frame"]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", RuntimeWarning)  # no fallback to the eager step
-            for prompt in prompts[:3]:
-                pipe(prompt, steps=2, superres_steps=2, seed=0, output="tokens")
-            warm = counters["stats"]["unique_graphs"]
-            for prompt in prompts[3:]:
-                pipe(prompt, steps=2, superres_steps=2, seed=0, output="tokens")
-        assert not counters["graph_break"], dict(counters["graph_break"])
-        # Both stages share one code object, whose cache holds 8 graphs: sizes that changed once are
-        # free from then on, so other prompt lengths compile nothing more.
-        assert counters["stats"]["unique_graphs"] == warm <= 8, dict(counters["stats"])
-    finally:
-        torch._dynamo.reset()
