@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 from urllib.parse import urlparse
@@ -292,15 +292,18 @@ class Listed(NamedTuple):
 LISTING_LOOKAHEAD = 8  # folders listed ahead of the walk, in threads (an S3 listing is a round trip)
 
 
-def iter_files(uri: str, recursive: bool = True) -> Iterator[Listed]:
+def iter_files(uri: str, recursive: bool = True,
+               unlisted: Callable[[str, str], None] | None = None) -> Iterator[Listed]:
     """Every file below `uri` (or `uri` itself, a file), streamed in sorted order: the same order as
     sorting the whole list, since a folder's entries are sorted with "/" after a folder's name and
     walked depth first. Memory holds the listings of the folders on the way down (and a few listed
     ahead), never the whole tree: a corpus of 10^8 images in folders of 10^4 is walked in a few MB.
 
     S3 is listed one "folder" (common prefix) at a time. Locally symlinks are followed (a loop is
-    walked once), and a file or folder whose name is not UTF-8 is skipped and named on stderr at the
-    end: pyarrow cannot hold such a path, and one used to fail the whole listing without naming it."""
+    walked once), and what cannot be listed is skipped rather than failing the whole listing: a file
+    or folder whose name is not UTF-8 (pyarrow cannot hold such a path), and a folder below `uri` that
+    this user may not read. Each is passed to `unlisted(path, why)`, or without it named on stderr at
+    the end. `uri` itself unreadable raises PermissionError."""
     fs, path = filesystem(uri)
     s3 = is_s3(uri)
     prefix = "s3://" if s3 else ""
@@ -310,7 +313,7 @@ def iter_files(uri: str, recursive: bool = True) -> Iterator[Listed]:
         return
     if info.type == pafs.FileType.NotFound:
         return
-    odd: list[str] = []
+    skipped: list[tuple[str, str]] = []
     seen: set[tuple[int, int]] = set()
 
     def listing(folder: str) -> tuple[tuple[int, int] | None, list[tuple[str, str, str, int]]]:
@@ -322,12 +325,19 @@ def iter_files(uri: str, recursive: bool = True) -> Iterator[Listed]:
                        if i.type in (pafs.FileType.Directory, pafs.FileType.File)]
             return None, sorted(entries)
         st, entries = os.stat(folder), []
-        with os.scandir(folder) as found:
+        try:
+            found = os.scandir(folder)
+        except PermissionError:
+            if folder == path:
+                raise
+            skipped.append((folder, UNLISTED_FOLDER))
+            return (st.st_dev, st.st_ino), []
+        with found:
             for e in found:
                 try:
                     e.name.encode("utf-8")
                 except UnicodeEncodeError:
-                    odd.append(e.path)
+                    skipped.append((e.path, NOT_UTF8_NAME))
                     continue
                 if e.is_dir():
                     entries.append((e.name + "/", "dir", e.path, -1))
@@ -362,10 +372,21 @@ def iter_files(uri: str, recursive: bool = True) -> Iterator[Listed]:
 
     with ThreadPoolExecutor(LISTING_LOOKAHEAD) as pool:
         yield from walk(listing(path), pool)
-    if odd:
-        names = [p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for p in sorted(odd)]
-        print(f"[storage] skipped {len(odd)} path(s) below {path} whose names are not UTF-8: "
-              + ", ".join(names[:10]) + (", ..." if len(names) > 10 else ""), file=sys.stderr, flush=True)
+    for skipped_path, why in sorted(skipped) if unlisted is not None else ():
+        unlisted(shown_path(skipped_path), why)
+    for why in sorted({why for _, why in skipped}) if unlisted is None else ():
+        names = sorted(shown_path(p) for p, w in skipped if w == why)
+        print(f"[storage] skipped {len(names)} {why} below {path}: " + ", ".join(names[:10])
+              + (", ..." if len(names) > 10 else ""), file=sys.stderr, flush=True)
+
+
+NOT_UTF8_NAME = "path(s) whose names are not UTF-8"
+UNLISTED_FOLDER = "folder(s) this user may not list (permission denied)"
+
+
+def shown_path(path: str) -> str:
+    """`path` printable: bytes of a name that is not UTF-8 escaped (caf\\xe9.png)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _size(path: str) -> int:

@@ -112,6 +112,7 @@ class PassedOver:
         self.captions_names = {*CAPTIONS_FILE_NAMES, (captions_file or "").rpartition("/")[2]}
         self.types: Counter[str] = Counter()
         self.orphans, self.examples = 0, []
+        self.skipped: dict[str, tuple[int, list[str]]] = {}  # why -> (count, a few paths)
         self._siblings: dict | None = None
         self._image_stems: set[str] = set()
 
@@ -134,9 +135,20 @@ class PassedOver:
             if len(self.examples) < 3:
                 self.examples.append(relative(self.root, f.uri))
 
+    def unlisted(self, path: str, why: str) -> None:
+        """A path the listing skipped (`storage.iter_files`: a folder this user may not list, a name
+        that is not UTF-8), counted by why, a few named."""
+        count, examples = self.skipped.get(why, (0, []))
+        self.skipped[why] = (count + 1, examples + [relative(self.root, path)] if len(examples) < 3 else examples)
+
+    def unlisted_line(self) -> str | None:
+        """What the listing skipped, in one line (any corpus format); None when nothing was."""
+        return "; ".join(f"{count} {why} ({', '.join(examples)}{', ...' if count > len(examples) else ''})"
+                         for why, (count, examples) in sorted(self.skipped.items())) or None
+
     def line(self) -> str | None:
         """What was passed over, in one line; None when nothing was."""
-        said = []
+        said = [unlisted] if (unlisted := self.unlisted_line()) else []
         if self.orphans:
             more = ", ..." if self.orphans > len(self.examples) else ""
             said.append(f"{self.orphans} caption(s) with no image of their name beside them "

@@ -61,7 +61,7 @@ from muse import storage
 from pipelines.config import ReaderConfig
 from pipelines.folder_plan import PassedOver, PlanSpill, part_items, plan_folder, relative
 from pipelines.parquet_plan import row_group_parts
-from pipelines.rejects import FILE_TOO_LARGE, UNREADABLE_SOURCE, CorpusRefused
+from pipelines.rejects import FILE_TOO_LARGE, PERMISSION_DENIED, UNREADABLE_SOURCE, CorpusRefused
 from pipelines.rows import UNREAD, Rows, add_sample
 from pipelines.webdataset import read_tar
 
@@ -257,7 +257,7 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
     def images() -> Iterator[storage.Listed]:
         """The image files of the listing; the other formats' files met on the way are noted."""
         nonlocal listed, image_files
-        for f in storage.iter_files(uri):
+        for f in storage.iter_files(uri, unlisted=passed_over.unlisted):
             listed += 1
             ext = _ext(f.uri)
             if (claimed := _claimed_by(f.uri, ext, by_extension)) is not None:
@@ -298,6 +298,8 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
         def file_part_id(f: str, *fields: object) -> str:
             return part_id(format, named(f), *fields, *((f"size {file_sizes[f]}",) if sizes else ()))
 
+        if skipped := passed_over.unlisted_line():
+            print(f"[corpus] {uri}: not read: {skipped}", flush=True)
         return FILE_FORMATS[format].plan(FilePlan(files[format], cfg, file_part_id, note))
     if (passed := passed_over.line()) and max_images is None:  # (a sample has not listed the rest)
         print(f"[corpus] {uri}: not read: {passed}", flush=True)
@@ -327,9 +329,10 @@ def read_part(part: Part, cfg: ReaderConfig, images: bool = True) -> Iterator[pa
             if block is not None:
                 yield block
     except Exception as e:
-        if not is_bad_source(e):
+        if not (isinstance(e, PermissionError) or is_bad_source(e)):
             raise
-        rows.add(f"{part.uri}#error", b"", b"", UNREADABLE_SOURCE)
+        reason = PERMISSION_DENIED if isinstance(e, PermissionError) else UNREADABLE_SOURCE
+        rows.add(f"{part.uri}#error", b"", b"", reason)
         print(f"[tokenize] unreadable source {part.uri}: {type(e).__name__}: {e}")
     last = rows.flush()
     if last is not None:
@@ -398,7 +401,7 @@ FOLDER_READS_IN_FLIGHT = 16  # a folder part's files fetched at once: an S3 GET 
 def _read_folder(part: Part, cfg: ReaderConfig, rows: Rows) -> Iterator[pa.Table | None]:
     """Each image and sidecar caption is a file of its own: up to FOLDER_READS_IN_FLIGHT samples are
     fetched at once, in threads, and added in the part's order. A file listed at planning that cannot
-    be read is a storage error (the part is retried), never a reject."""
+    be read is a storage error (the part is retried), never a reject, unless this user may not read it."""
     items = part.folder_items()
 
     def fetch(item) -> tuple[bytes | None, bytes | str | None, str]:
@@ -412,6 +415,8 @@ def _read_folder(part: Part, cfg: ReaderConfig, rows: Rows) -> Iterator[pa.Table
             caption = storage.read_bytes(caption_uri, rows.max_bytes) if caption_uri is not None else inline
         except storage.FileTooLarge:  # grown since planning
             return None, None, FILE_TOO_LARGE
+        except PermissionError:  # no retry changes it (S3's AccessDenied is an OSError of its own)
+            return None, None, PERMISSION_DENIED
         return image, caption, ""
 
     with ThreadPoolExecutor(FOLDER_READS_IN_FLIGHT) as pool:

@@ -14,6 +14,7 @@ MISSING_CAPTION = "missing_caption"
 CAPTION_NOT_TEXT = "caption_not_text"  # a captions-file or tar .json caption that is a list, number or object, or no JSON
 FILE_TOO_LARGE = "file_too_large"  # over reader.max_file_bytes: never read
 UNREADABLE_SOURCE = "unreadable_source"  # a Parquet file or tar that is itself corrupt
+PERMISSION_DENIED = "permission_denied"  # a local file this user may not read (S3's AccessDenied stops the job)
 # Found by preprocessing.
 CAPTION_NOT_UTF8 = "caption_not_utf8"
 EMPTY_CAPTION = "empty_caption"
@@ -22,8 +23,8 @@ OUT_OF_MEMORY = "out_of_memory"
 # import its image stack).
 IMAGE_REASONS = ("corrupt_image", "too_small", "too_many_pixels")
 
-REASONS = (MISSING_IMAGE, MISSING_CAPTION, CAPTION_NOT_TEXT, FILE_TOO_LARGE, UNREADABLE_SOURCE, CAPTION_NOT_UTF8,
-           EMPTY_CAPTION, OUT_OF_MEMORY, *IMAGE_REASONS)
+REASONS = (MISSING_IMAGE, MISSING_CAPTION, CAPTION_NOT_TEXT, FILE_TOO_LARGE, UNREADABLE_SOURCE, PERMISSION_DENIED,
+           CAPTION_NOT_UTF8, EMPTY_CAPTION, OUT_OF_MEMORY, *IMAGE_REASONS)
 
 
 class CorpusRefused(ValueError):

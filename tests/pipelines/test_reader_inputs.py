@@ -1,10 +1,13 @@
 """Bad inputs that one sample (or one file name) carries: each is a counted reject or a clear
 planning error, never a job failure mid-run. Readers and preprocessing only, no Ray."""
 
+import contextlib
 import io
 import json
 import os
+import shutil
 import tarfile
+import tempfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -225,6 +228,58 @@ def test_non_utf8_file_names_are_skipped_and_named(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "skipped 3 path(s)" in err and "caf\\xe9.png" in err and "d\\xe9j\\xe0" in err
     assert [r["reject_reason"] for r in read(tmp_path)] == [""]
+
+
+@contextlib.contextmanager
+def as_another_user():
+    """Run the block with the file permissions of an unprivileged user: root (which every permission
+    lets through) takes the effective user id of `nobody` meanwhile; anyone else already is one."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_what_this_user_may_not_read_is_named_or_a_counted_reject_never_the_end_of_the_job(capfd):
+    """Shared corpora hold folders and files of other users. A folder the job's user may not list is
+    skipped and named when planning ends; an image or a tar it may not read is a `permission_denied`
+    reject. Both failed the whole job with a bare PermissionError."""
+    image, caption = good(0, 40)
+    corpus = tempfile.mkdtemp(dir="/tmp")  # not below pytest's folder, which only its owner may enter
+    try:
+        os.chmod(corpus, 0o755)
+        for folder, name in (("open", "a"), ("open", "b"), ("closed", "c")):
+            os.makedirs(os.path.join(corpus, folder), mode=0o755, exist_ok=True)
+            open(os.path.join(corpus, folder, f"{name}.png"), "wb").write(image)
+            open(os.path.join(corpus, folder, f"{name}.txt"), "w").write(caption)
+        assert len(read(corpus)) == 3  # as root, before anything is closed: the code paths are warm
+        os.chmod(os.path.join(corpus, "closed"), 0o700)
+        os.chmod(os.path.join(corpus, "open", "b.png"), 0o600)
+        capfd.readouterr()
+        with as_another_user():
+            rows = read(corpus)
+        assert [(r["key"].rpartition("/")[2], r["reject_reason"]) for r in rows] == [
+            ("a.png", ""), ("b.png", "permission_denied")]
+        out = capfd.readouterr().out
+        assert f"[corpus] {corpus}: not read: 1 folder(s) this user may not list (permission denied) (closed)" in out
+
+        tars = os.path.join(corpus, "tars")
+        os.makedirs(tars, mode=0o755)
+        for name in ("x", "y"):
+            with tarfile.open(os.path.join(tars, f"{name}.tar"), "w") as tar:
+                add(tar, f"{name}.png", image)
+                add(tar, f"{name}.txt", caption.encode())
+        os.chmod(os.path.join(tars, "y.tar"), 0o600)
+        with as_another_user():
+            rows = read(tars)
+        assert [r["reject_reason"] for r in rows] == ["", "permission_denied"]
+        assert rows[1]["key"] == f"{tars}/y.tar#error"
+    finally:
+        shutil.rmtree(corpus)
 
 
 def test_dangling_symlinks_are_missing_images_not_dropped(tmp_path):
