@@ -1,13 +1,15 @@
 """Bad inputs that one sample (or one file name) carries: each is a counted reject or a clear
 planning error, never a job failure mid-run. Readers and preprocessing only, no Ray."""
 
-import contextlib
 import io
 import json
 import os
+import pickle
 import shutil
+import sys
 import tarfile
 import tempfile
+import traceback
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -230,18 +232,33 @@ def test_non_utf8_file_names_are_skipped_and_named(tmp_path, capfd):
     assert [r["reject_reason"] for r in read(tmp_path)] == [""]
 
 
-@contextlib.contextmanager
-def as_another_user():
-    """Run the block with the file permissions of an unprivileged user: root (which every permission
-    lets through) takes the effective user id of `nobody` meanwhile; anyone else already is one."""
+def as_another_user(fn):
+    """fn() with the file permissions of an unprivileged user, in a forked child: root (which every
+    permission lets through) takes the user id of `nobody` there, where no other thread of this process
+    (Ray's) is touched; anyone else already is such a user."""
     if os.geteuid() != 0:
-        yield
-        return
-    os.seteuid(65534)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
+        return fn()
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgid(65534)
+            os.setuid(65534)
+            with os.fdopen(write_end, "wb") as out:
+                pickle.dump(fn(), out)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as got:
+        data = got.read()
+    assert os.waitpid(child, 0)[1] == 0, "the child failed: its traceback is above"
+    return pickle.loads(data)
 
 
 def test_what_this_user_may_not_read_is_named_or_a_counted_reject_never_the_end_of_the_job(capfd):
@@ -260,8 +277,7 @@ def test_what_this_user_may_not_read_is_named_or_a_counted_reject_never_the_end_
         os.chmod(os.path.join(corpus, "closed"), 0o700)
         os.chmod(os.path.join(corpus, "open", "b.png"), 0o600)
         capfd.readouterr()
-        with as_another_user():
-            rows = read(corpus)
+        rows = as_another_user(lambda: read(corpus))
         assert [(r["key"].rpartition("/")[2], r["reject_reason"]) for r in rows] == [
             ("a.png", ""), ("b.png", "permission_denied")]
         out = capfd.readouterr().out
@@ -274,8 +290,7 @@ def test_what_this_user_may_not_read_is_named_or_a_counted_reject_never_the_end_
                 add(tar, f"{name}.png", image)
                 add(tar, f"{name}.txt", caption.encode())
         os.chmod(os.path.join(tars, "y.tar"), 0o600)
-        with as_another_user():
-            rows = read(tars)
+        rows = as_another_user(lambda: read(tars))
         assert [r["reject_reason"] for r in rows] == ["", "permission_denied"]
         assert rows[1]["key"] == f"{tars}/y.tar#error"
     finally:
