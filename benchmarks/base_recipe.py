@@ -47,6 +47,7 @@ from jobs.base import BaseWorker
 from jobs.config import load_config
 from jobs.data import collate_tokens
 from jobs.parallel import WorkerEnv, configure_cpu_worker, uses_bf16
+from jobs.train_job import TrainJob
 from muse import checkpoint, masking
 from muse.config import preset, to_dict
 from pipelines import shards
@@ -278,8 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = len(data["tokens_lo"])
     changes = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.model_set)}
     model_cfg = replace(preset(section.model or "base-tiny"), text_dim=encoder.dim, **changes)
-    job = {"root": demo_root, "component": "base", "model_config": to_dict(model_cfg), "run_name": "base_recipe",
-           "data_meta": {"text_storage": "embeddings", "text_dim": encoder.dim}}
+    job = TrainJob(root=demo_root, component="base", model_config=to_dict(model_cfg), run_name="base_recipe",
+                   data_meta={"text_storage": "embeddings", "text_dim": encoder.dim})
     torch.manual_seed(args.seed)
     cpu_bf16 = uses_bf16(torch.device("cpu"), bf16=False, cpu_bf16=section.run.cpu_bf16)
     worker = BaseWorker(section, job, WorkerEnv(bf16=cpu_bf16))

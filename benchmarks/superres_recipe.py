@@ -32,6 +32,7 @@ from jobs.config import load_config
 from jobs.data import collate_tokens
 from jobs.parallel import WorkerEnv, configure_cpu_worker, uses_bf16
 from jobs.superres import SuperResWorker
+from jobs.train_job import TrainJob
 from muse import checkpoint, judge, sampling
 from muse.config import preset, to_dict
 from muse.data import synthetic
@@ -118,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     changes = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.model_set)}
     name = args.model or section.model or "superres-tiny"
     model_cfg = replace(preset(name), text_dim=encoder.dim, **changes)
-    job = {"root": demo_root, "component": "superres", "model_config": to_dict(model_cfg),
-           "run_name": "superres_recipe", "data_meta": {"text_storage": "embeddings", "text_dim": encoder.dim}}
+    job = TrainJob(root=demo_root, component="superres", model_config=to_dict(model_cfg),
+                   run_name="superres_recipe", data_meta={"text_storage": "embeddings", "text_dim": encoder.dim})
     torch.manual_seed(args.seed)
     worker = SuperResWorker(section, job, WorkerEnv(bf16=uses_bf16(torch.device("cpu"), bf16=False,
                                                                    cpu_bf16=section.run.cpu_bf16)))

@@ -127,6 +127,7 @@ def gpu_inprocess(presets: list[str], steps: int, batch: int, peak_tflops: float
     from jobs.common import peak_flops
     from jobs.config import load_config
     from jobs.parallel import WorkerEnv
+    from jobs.train_job import TrainJob
     from muse.config import T5_XXL_DIM, to_dict
 
     device = torch.device("cuda")
@@ -136,8 +137,8 @@ def gpu_inprocess(presets: list[str], steps: int, batch: int, peak_tflops: float
         cfg = preset(name)
         section = load_config(None, [f"base.model={name}", f"base.run.max_steps={steps + 5}",
                                      "base.optim.warmup_steps=1"]).base
-        job = {"root": tempfile.mkdtemp(), "component": "base", "model_config": to_dict(cfg), "run_name": "bench",
-               "data_meta": {"text_storage": "embeddings", "text_dim": T5_XXL_DIM}}
+        job = TrainJob(root=tempfile.mkdtemp(), component="base", model_config=to_dict(cfg), run_name="bench",
+                       data_meta={"text_storage": "embeddings", "text_dim": T5_XXL_DIM})
         worker = BaseWorker(section, job, WorkerEnv(device=device, bf16=True))
         if compile:
             worker.wrapper = torch.compile(worker.wrapper)
@@ -170,10 +171,11 @@ def text_storage_compare(name: str, text_preset: str, steps: int, batch: int, de
     from jobs.base import BaseWorker
     from jobs.config import load_config
     from jobs.parallel import WorkerEnv
+    from jobs.train_job import TrainJob
     from muse import checkpoint
     from dataclasses import replace
 
-    from muse.config import to_dict
+    from muse.config import TextEncoderConfig, to_dict
 
     # "t5-xxl-shape": random weights at T5-XXL encoder's shape (24 layers, 4096 wide, 64 heads of 64, FF 10240),
     # for its cost on a machine without the real weights.
@@ -191,8 +193,8 @@ def text_storage_compare(name: str, text_preset: str, steps: int, batch: int, de
     section = load_config(None, [f"base.run.max_steps={2 * steps + 10}", "base.optim.warmup_steps=1"]).base
     workers, batches = {}, {}
     for storage in ("ids", "embeddings"):
-        job = {"root": root, "component": "base", "model_config": to_dict(cfg), "run_name": "bench",
-               "data_meta": {"text_storage": storage, "text_dim": text_cfg.d_model}}
+        job = TrainJob(root=root, component="base", model_config=to_dict(cfg), run_name="bench",
+                       data_meta={"text_storage": storage, "text_dim": text_cfg.d_model})
         workers[storage] = BaseWorker(section, job, WorkerEnv(device=device, bf16=device.type == "cuda"))
         workers[storage].reseed(0)
         text = {"text_ids": ids, "text_mask": mask} if storage == "ids" else {"text_emb": emb, "text_mask": mask}
@@ -225,6 +227,7 @@ def cpu_attention_compare(name: str, steps: int, batch: int) -> list[dict]:
     from jobs.base import BaseWorker
     from jobs.config import load_config
     from jobs.parallel import WorkerEnv
+    from jobs.train_job import TrainJob
     from muse.config import to_dict
 
     class PlainAutocastEnv(WorkerEnv):  # the step before the math kernel: autocast only
@@ -233,8 +236,8 @@ def cpu_attention_compare(name: str, steps: int, batch: int) -> list[dict]:
 
     cfg = preset(name)
     section = load_config(None, [f"base.run.max_steps={4 * steps + 20}", "base.optim.warmup_steps=1"]).base
-    job = {"root": tempfile.mkdtemp(), "component": "base", "model_config": to_dict(cfg), "run_name": "bench",
-           "data_meta": {"text_storage": "embeddings", "text_dim": cfg.text_dim}}
+    job = TrainJob(root=tempfile.mkdtemp(), component="base", model_config=to_dict(cfg), run_name="bench",
+                   data_meta={"text_storage": "embeddings", "text_dim": cfg.text_dim})
     g = torch.Generator().manual_seed(0)
     data = {"tokens_lo": torch.randint(0, cfg.codebook_size, (batch, cfg.num_tokens), generator=g),
             "text_emb": torch.randn(batch, TEXT_LEN, cfg.text_dim, generator=g),
@@ -274,6 +277,7 @@ def cpu_denormals_compare(steps: int, batch: int, window: int = 50) -> list[dict
     from jobs.demo import DEFAULT_CONFIG as DEMO_CONFIG
     from jobs.vqgan import VQGANWorker
     from jobs.parallel import WorkerEnv
+    from jobs.train_job import TrainJob
     from muse.config import to_dict
     from muse.data.synthetic import write_corpus
 
@@ -288,8 +292,7 @@ def cpu_denormals_compare(steps: int, batch: int, window: int = 50) -> list[dict
     def run(flush: bool) -> None:
         torch.set_num_threads(threads)
         torch.set_flush_denormal(flush)
-        job = {"root": "", "component": "vqgan_hi", "model_config": to_dict(vq_cfg), "data_meta": {},
-               "run_name": "bench", "stage": "vqgan"}
+        job = TrainJob(root="", component="vqgan_hi", stage="vqgan", model_config=to_dict(vq_cfg), run_name="bench")
         torch.manual_seed(0)
         worker = VQGANWorker(section, job, WorkerEnv())
         start = time.perf_counter()

@@ -36,6 +36,7 @@ import torch
 
 from jobs.config import load_config
 from jobs.parallel import WorkerEnv
+from jobs.train_job import TrainJob
 from jobs.vqgan import VQGANWorker
 from muse.config import preset, to_dict
 from muse.data.images import pil_to_tensor, tensor_to_pil
@@ -82,8 +83,8 @@ def run_form(form: str, args, train: torch.Tensor, held: tuple[list[str], torch.
     cfg = load_config(DEMO_CONFIG, section_overrides + args.set + [f"vqgan.run.max_steps={args.steps}",
                                                                    f"vqgan.run.batch_size={args.batch}"])
     section = cfg.vqgan
-    job = {"root": "", "component": "vqgan_lo" if args.size == 64 else "vqgan_hi",
-           "model_config": to_dict(model_cfg), "data_meta": {}, "run_name": form, "stage": "vqgan"}
+    job = TrainJob(root="", component="vqgan_lo" if args.size == 64 else "vqgan_hi", stage="vqgan",
+                   model_config=to_dict(model_cfg), run_name=form)
     torch.manual_seed(args.seed)
     worker = VQGANWorker(section, job, WorkerEnv())
     gen = torch.Generator().manual_seed(args.seed + 1)

@@ -23,6 +23,7 @@ from jobs.config import DecoderStage, TrainConfig
 from jobs.fit import fit_stage, run_dir
 from jobs.preflight import RunRefused
 from jobs.stage import Stage, finished
+from jobs.train_job import TrainJob
 from jobs.vqgan import CORPUS_HELP, VQGAN_COMPONENTS, VQGANWorker, corpus_args
 from muse import checkpoint
 from muse.components import TOKENS_FROM, token_version
@@ -41,9 +42,9 @@ class DecoderWorker(VQGANWorker):
         if wide.config != self.vq_config:
             raise ValueError(f"{uri} changed since the run started: its widened config {wide.config} differs "
                              f"from the run's {self.vq_config}")
-        own_export = checkpoint.component_extra(uri).get("run") == self.job["run_name"]
+        own_export = checkpoint.component_extra(uri).get("run") == self.job.run_name
         if own_export and self.env.is_main:  # a finished run continued: the old decoder is gone from the root
-            print(f"[{self.job['run_name']}] {uri} holds this run's own export: the sample grids show the "
+            print(f"[{self.job.run_name}] {uri} holds this run's own export: the sample grids show the "
                   "new decoder only", flush=True)
         self.original = self.original.to(self.env.device) if self.env.is_main and not own_export else None
         return freeze_for_decoder_finetune(wide)
@@ -58,7 +59,7 @@ class DecoderWorker(VQGANWorker):
 
     def export_extra(self, step: int) -> dict:
         # The encoder and codebook are frozen: its tokens are those of the tokenizer it started from.
-        return super().export_extra(step) | {"decoder_finetuned": True, TOKENS_FROM: self.job[TOKENS_FROM]}
+        return super().export_extra(step) | {"decoder_finetuned": True, TOKENS_FROM: self.job.tokens_from}
 
 
 def widened_config(root: str, component: str, section: DecoderStage):
@@ -86,8 +87,8 @@ def build(cfg: TrainConfig, data: str, root: str, component: str | None, format:
     if not checkpoint.has_component(root, component):
         raise RunRefused(f"the model root {root} has no {component}/ to fine-tune the decoder of")
     wide = widened_config(root, component, section)
-    job = {"root": root, "component": component, "stage": "decoder", "model_config": to_dict(wide), "data_meta": {},
-           TOKENS_FROM: token_version(checkpoint.component_uri(root, component))}
+    job = TrainJob(root=root, component=component, stage="decoder", model_config=to_dict(wide),
+                   tokens_from=token_version(checkpoint.component_uri(root, component)))
     section = replace(section, run=decoder_run(section, component))
     with run_images(data, wide.resolution, cfg.tokenize, format, section.run.cache_data,
                     run_dir(root, section.run, component), section.run.seed) as dataset:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import replace
 from typing import Any
 
 from jobs import run_lock
@@ -16,6 +17,7 @@ from jobs.loop import NO_FULL_BATCH, STOPPED, StageWorker, train_loop_per_worker
 from jobs.preflight import (ResumePoint, RunRefused, check_resume, check_root_weights, check_rows,
                             newest_checkpoint_state, remove_unregistered, room_problem, run_identity)
 from jobs.progress import quiet_ray_loggers, say, start_display
+from jobs.train_job import TrainJob
 from muse import storage
 
 
@@ -88,10 +90,10 @@ def resume_note(name: str) -> str:
     return f" (resumes from step {int(step)})" if isinstance(step, (int, float)) else " (no checkpoint yet)"
 
 
-def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows: int | None = None) -> Any:
+def fit_stage(worker: type[StageWorker], section: Any, job: TrainJob, dataset, rows: int | None = None) -> Any:
     """Build and run the TorchTrainer whose workers run `worker`; returns the ray.train.Result (raises
-    on failure). `job` holds "root", "component", "model_config" (and "stage", the config section, when
-    it is not the component's name); `rows`: the dataset's row count where the caller knows it. What
+    on failure). `job` is the stage's plan of the run (`jobs.train_job.TrainJob`), which gets the run's
+    own fields here; `rows`: the dataset's row count where the caller knows it. What
     would fail on every attempt is refused first (`jobs.preflight`)."""
     import ray
     import ray.train
@@ -100,9 +102,9 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
     from muse.config import to_dict
 
     run, scaling = section.run, section.scaling
-    storage_uri, name = run_location(job["root"], run, job["component"])
+    storage_uri, name = run_location(job.root, run, job.component)
     folder = run_folders[name] = storage.join(storage_uri, name)
-    stage = job.get("stage", job["component"])  # the config section: what --set names
+    stage = job.section_name  # the config section: what --set names
     # Held until the run ends: a second driver on this folder would delete this one's checkpoints.
     lock = run_lock.claim(folder, name, stage)
     try:
@@ -111,7 +113,7 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
             rows = dataset.count()  # from the blocks' metadata: nothing is read
         identity, resume = check_run(section, job, rows, streamed=not cached)
         nothing_left = resume is not None and resume.step is not None and resume.step >= run.max_steps
-        for note in () if nothing_left else job.get("notes", ()):  # what the run will do, once not refused for it
+        for note in () if nothing_left else job.notes:  # what the run will do, once not refused for it
             say(note)
         if resume is not None:
             if stray := remove_unregistered(folder):
@@ -123,13 +125,13 @@ def fit_stage(worker: type[StageWorker], section: Any, job: dict, dataset, rows:
         else:
             fs, path = None, storage.filesystem(storage_uri)[1]
             os.makedirs(path, exist_ok=True)
-        job = dict(job, worker=worker_path(worker), section=to_dict(section), run_name=name, identity=identity,
-                   cached_rows=dataset.count() if cached else None,  # an epoch's length, to resume mid-epoch
-                   progress_board=start_display(), run_dir=folder,
-                   samples_dir=job.get("samples_dir") or samples_dir(job["root"], run, name))
+        job = replace(job, worker=worker_path(worker), section=to_dict(section), run_name=name, identity=identity,
+                      cached_rows=dataset.count() if cached else None,  # an epoch's length, to resume mid-epoch
+                      progress_board=start_display(), run_dir=folder,
+                      samples_dir=job.samples_dir or samples_dir(job.root, run, name))
         trainer = _trainer_class()(
             train_loop_per_worker,
-            train_loop_config=job,
+            train_loop_config=job.as_config(),
             scaling_config=ScalingConfig(num_workers=scaling.workers(), use_gpu=scaling.use_gpu,
                                          resources_per_worker=scaling.resources_per_worker()),
             run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
@@ -167,18 +169,18 @@ def _refuse_if_stopped(name: str, stopped: str) -> None:
                          f"mend that and run the same command again{resume_note(name)}")
 
 
-def check_run(section: Any, job: dict, rows: int | None, streamed: bool) -> tuple[dict, ResumePoint | None]:
+def check_run(section: Any, job: TrainJob, rows: int | None, streamed: bool) -> tuple[dict, ResumePoint | None]:
     """What would fail on every attempt of `section`'s run of `job`, refused before a trainer is built
     (`train all` asks this of every transformer before the first trains): a root whose weights are
     not ours, another run's checkpoints under its name, too few `rows` for a batch per worker, workers
     the cluster cannot hold (with `streamed` data, and a CPU for Ray Data). Returns the run's identity
     and the checkpoint it resumes from."""
     run, scaling = section.run, section.scaling
-    storage_uri, name = run_location(job["root"], run, job["component"])
+    storage_uri, name = run_location(job.root, run, job.component)
     folder = storage.join(storage_uri, name)
-    check_root_weights(job["root"])
+    check_root_weights(job.root)
     identity = run_identity(job)
-    resume = check_resume(folder, identity, job.get("stage", job["component"]))
+    resume = check_resume(folder, identity, job.section_name)
     if resume is not None:
         _refuse_training_over_another_export(job, name, folder, resume, run.max_steps, identity)
     check_rows(name, rows, run.batch_size, scaling.num_workers)
@@ -219,7 +221,7 @@ def fit_off_the_main_thread(trainer) -> Any:
     return outcome["result"]
 
 
-def _refuse_training_over_another_export(job: dict, name: str, folder: str, resume: ResumePoint,
+def _refuse_training_over_another_export(job: TrainJob, name: str, folder: str, resume: ResumePoint,
                                          max_steps: int, identity: dict) -> None:
     """A run that continues the root's component (init_from) but resumes its own checkpoint trains on
     from the checkpoint, not from the component. When another run wrote the component since (a LoRA
@@ -229,22 +231,22 @@ def _refuse_training_over_another_export(job: dict, name: str, folder: str, resu
     so is a component still the one the run started from, whoever wrote it."""
     from muse import checkpoint
 
-    if not job.get("init_from") or resume.step is not None and resume.step >= max_steps:
+    if not job.init_from or resume.step is not None and resume.step >= max_steps:
         return
-    written_by = checkpoint.component_extra(job["init_from"]).get("run")
+    written_by = checkpoint.component_extra(job.init_from).get("run")
     if written_by == name:
         return
     if resume.started_from and identity.get("init") == resume.started_from:
         return  # the component is still the one this run started from (an interrupted LoRA run over base)
-    section, component = job.get("stage", job["component"]), job["component"]
+    section, component = job.section_name, job.component
     ways_out = (f"pass --set {section}.run.name=NEW to continue the root's {component} in a new run, or delete "
                 f"{folder} to drop this run's checkpoints")
-    if written_by and job["init_from"] == checkpoint.component_uri(job["root"], component):
-        raise RunRefused(f"[{name}] {job['root']}/{component} holds run {written_by!r}'s export, but this run "
+    if written_by and job.init_from == checkpoint.component_uri(job.root, component):
+        raise RunRefused(f"[{name}] {job.root}/{component} holds run {written_by!r}'s export, but this run "
                          f"resumes its own checkpoint ({resume.uri}, step {resume.step}) and would overwrite that "
                          f"export with training that never saw it: {ways_out}")
     if resume.started_from and identity.get("init") != resume.started_from:
-        raise RunRefused(f"[{name}] {job['init_from']} holds other weights than this run started from (written "
+        raise RunRefused(f"[{name}] {job.init_from} holds other weights than this run started from (written "
                          f"again or imported since), but the run resumes its own checkpoint ({resume.uri}, step "
                          f"{resume.step}), which holds the old ones, and would export them over the new: {ways_out}")
 

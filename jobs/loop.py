@@ -46,6 +46,7 @@ from jobs.checkpointing import (check_room_for_upload, load_training_state, remo
 from jobs.common import EMA, peak_flops
 from jobs.parallel import WorkerEnv, allreduce_mean
 from jobs.progress import Reporter, format_seconds
+from jobs.train_job import TrainJob
 from muse import storage
 from muse.config import from_dict
 
@@ -57,7 +58,7 @@ class StageWorker:
     config_class: type = object
     console_metrics: tuple[str, ...] = ("loss",)  # shown on the stage's live progress line
 
-    def __init__(self, section: Any, job: dict, env: WorkerEnv):
+    def __init__(self, section: Any, job: TrainJob, env: WorkerEnv):
         self.section, self.job, self.env = section, job, env
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -86,12 +87,11 @@ class StageWorker:
         raise NotImplementedError
 
 
-def finished_extra(stage: str, step: int, job: dict) -> dict[str, Any]:
-    """What a stage records in its component's config.json "extra": `train all` skips finished stages."""
-    # A transformer's export records the preset it was trained from (None: the root's own model).
-    # A transformer's also records which tokenizers' codes it learnt (`jobs.root_fit.codes_version`).
-    return {"finished": True, "stage": stage, "step": int(step), "run": job.get("run_name")} | (
-        {"model": job["preset"]} if "preset" in job else {}) | ({"codes": job["codes"]} if job.get("codes") else {})
+def finished_extra(stage: str, step: int, run: str, codes: str | None = None) -> dict[str, Any]:
+    """What a stage records in its component's config.json "extra", so that `train all` skips finished
+    stages: the run and its last step, and for a transformer which tokenizers' codes it learnt
+    (`jobs.root_fit.codes_version`; its export adds the preset it was trained from)."""
+    return {"finished": True, "stage": stage, "step": int(step), "run": run} | ({"codes": codes} if codes else {})
 
 
 def worker_path(cls: type) -> str:
@@ -113,8 +113,9 @@ def import_worker(path: str) -> type[StageWorker]:
 # Worker side.
 
 
-def train_loop_per_worker(job: dict) -> None:
-    if storage.exists(storage.join(job["run_dir"], STOPPED)):
+def train_loop_per_worker(config: dict) -> None:
+    job = TrainJob.from_config(config)
+    if storage.exists(storage.join(job.run_dir, STOPPED)):
         return  # an earlier attempt met an error that fails every attempt: the driver refuses the run
     attempt = _attempt_started(job)
     try:
@@ -133,52 +134,52 @@ def fails_every_attempt(error: BaseException) -> bool:
     return isinstance(raised_by(error), CorruptShard) or storage.full_disk(error) is not None
 
 
-def _stop_run(job: dict, error: BaseException) -> bool:
+def _stop_run(job: TrainJob, error: BaseException) -> bool:
     """Tell the next attempt to return at once (Ray Train would restart the workers run.max_failures
     times), and so the driver to refuse the run; whether that was written (not on a full disk that
     holds the run's folder: then the run is restarted as for any error). Any rank writes it: the rank
     that met the error may be the only one to raise before the teardown."""
     try:
-        storage.write_text(storage.join(job["run_dir"], STOPPED), error_line(error))
+        storage.write_text(storage.join(job.run_dir, STOPPED), error_line(error))
         return True
     except OSError:
         return False
 
 
-def _attempt_started(job: dict) -> int | None:
+def _attempt_started(job: TrainJob) -> int | None:
     """This attempt's number under this driver, counted by the progress board (rank 0 only; None
     elsewhere or without a board). Ray Train restarts the worker group after a failure, and an
     attempt whose workers or node were killed reports nothing itself: the next one says it resumed."""
     import ray
     import ray.train
 
-    board = job.get("progress_board")
+    board = job.progress_board
     try:
         if board is None or ray.train.get_context().get_world_rank() != 0:
             return None
-        return ray.get(board.attempt_started.remote(job["run_name"]), timeout=10)
+        return ray.get(board.attempt_started.remote(job.run_name), timeout=10)
     except Exception:  # the console lines are a courtesy; training goes on without them
         return None
 
 
-def _post_failure(job: dict, attempt: int | None, error: Exception, stops: bool = False) -> None:
+def _post_failure(job: TrainJob, attempt: int | None, error: Exception, stops: bool = False) -> None:
     """At the default verbosity the workers' tracebacks stay in Ray's logs, and Ray Train restarts the
     worker group up to run.max_failures times: rank 0 puts one line on the driver's console per failed
     attempt, so a failure that repeats is seen at once."""
     import ray
 
-    board = job.get("progress_board")
+    board = job.progress_board
     if board is None or attempt is None:
         return
     try:
         line, status = failure_line(job, attempt, error, stops)
         # Waited for: the worker may be torn down next.
-        ray.get(board.attempt_failed.remote(job["run_name"], line, status), timeout=10)
+        ray.get(board.attempt_failed.remote(job.run_name, line, status), timeout=10)
     except Exception:  # the console line is a courtesy; the error itself still propagates
         pass
 
 
-def failure_line(job: dict, attempt: int, error: BaseException, stops: bool = False) -> tuple[str, str]:
+def failure_line(job: TrainJob, attempt: int, error: BaseException, stops: bool = False) -> tuple[str, str]:
     """(console line, live-line status) of a failed attempt; `stops`: the run stops after it
     (`_stop_run`). An error raised in another Ray task or actor (a data read in Ray Data's split
     coordinator) is named by its cause, whose message is the user's: Ray's own first line holds only
@@ -186,7 +187,7 @@ def failure_line(job: dict, attempt: int, error: BaseException, stops: bool = Fa
     restarted, restarts = _restarts(job, attempt)
     if stops:
         restarted, restarts = False, "it fails every attempt the same way: the run stops"
-    line = f"[{job['run_name']}] attempt {attempt} failed: {error_line(error)} ({restarts})"
+    line = f"[{job.run_name}] attempt {attempt} failed: {error_line(error)} ({restarts})"
     return line, f"attempt {attempt} failed, restarting" if restarted else "failed"
 
 
@@ -207,40 +208,40 @@ def raised_by(error: BaseException) -> BaseException:
     return error
 
 
-def _restarts(job: dict, failed: int) -> tuple[bool, str]:
+def _restarts(job: TrainJob, failed: int) -> tuple[bool, str]:
     """After `failed` failed attempts: whether Ray Train starts the workers again (run.max_failures
     restarts, -1 for no limit), and the words for it."""
-    stage = job.get("stage", job.get("component"))
-    allowed = int(job["section"]["run"]["max_failures"])
+    stage = job.section_name
+    allowed = int(job.section["run"]["max_failures"])
     if 0 <= allowed < failed:
         return False, f"no restarts left of {stage}.run.max_failures={allowed}: the run fails"
     return True, (f"Ray Train restarts the workers from the last checkpoint: restart {failed} of "
                   f"{stage}.run.max_failures={'no limit' if allowed < 0 else allowed}")
 
 
-def _console(job: dict, line: str) -> None:
+def _console(job: TrainJob, line: str) -> None:
     """A line for the driver's console: through the progress board when there is one (the workers'
     own output then stays in Ray's logs), and in the worker's log either way."""
     print(line, flush=True)
-    if job.get("progress_board") is not None:
-        job["progress_board"].note.remote(line)  # not waited for: training goes on
+    if job.progress_board is not None:
+        job.progress_board.note.remote(line)  # not waited for: training goes on
 
 
-def _train_loop(job: dict, attempt: int | None = None) -> None:
+def _train_loop(job: TrainJob, attempt: int | None = None) -> None:
     import ray.train
 
     from jobs.common import save_png
     from jobs.parallel import configure_cpu_worker, ray_worker_env
 
-    cls = import_worker(job["worker"])
-    section = from_dict(cls.config_class, job["section"])
+    cls = import_worker(job.worker)
+    section = from_dict(cls.config_class, job.section)
     run = section.run
     env = ray_worker_env(section.scaling.strategy, run.bf16, run.cpu_bf16)
     if env.device.type == "cpu":
         configure_cpu_worker(section.scaling.cpus_per_worker)
     removed = remove_orphaned_staging()
     if removed:
-        print(f"[{job['run_name']}] removed {len(removed)} checkpoint staging dir(s) of crashed workers", flush=True)
+        print(f"[{job.run_name}] removed {len(removed)} checkpoint staging dir(s) of crashed workers", flush=True)
     torch.manual_seed(run.seed)  # identical initial weights on every rank
     worker = cls(section, job, env)
     step, counters = 0, {"samples": 0.0, "tokens": 0.0}
@@ -252,7 +253,7 @@ def _train_loop(job: dict, attempt: int | None = None) -> None:
                                    stats=fetched)
         step, counters = int(meta["step"]), meta["counters"]
     resumed_from = step
-    tag = f"[{job['run_name']}]"
+    tag = f"[{job.run_name}]"
     if checkpoint is not None and meta.get("config_changes") and env.is_main:
         _console(job, f"{tag} warning: the checkpoint's optimizer settings differ from the config, which now "
                       f"applies: {'; '.join(meta['config_changes'])}")
@@ -275,7 +276,7 @@ def _train_loop(job: dict, attempt: int | None = None) -> None:
                  f" on {env.world_size} worker(s)")
     peak = peak_flops(env.device, run.peak_tflops)
     # run.progress off (--no-progress): no live line, but the notes and the summary still reach the console.
-    reporter = (Reporter(job.get("progress_board"), job["run_name"], run.max_steps, start_done=step,
+    reporter = (Reporter(job.progress_board, job.run_name, run.max_steps, start_done=step,
                          live=run.progress) if env.is_main else None)
     started, live = time.time(), {}
     shard = ray.train.get_dataset_shard("train")
@@ -285,7 +286,7 @@ def _train_loop(job: dict, attempt: int | None = None) -> None:
     tick = time.perf_counter()
     where: dict = {}  # the data stream's place, recorded with each checkpoint (counters["data"])
     if step < run.max_steps:
-        for batch in batch_stream(shard, run, env.rank, env.world_size, step, job.get("cached_rows"),
+        for batch in batch_stream(shard, run, env.rank, env.world_size, step, job.cached_rows,
                                   _collate_fn(worker.collate), on_epoch=worker.reseed,
                                   resumed=counters.get("data"), where=where):
             lr = _current_lr(worker)  # the step's own lr: its scheduler moves on inside train_step
@@ -320,7 +321,7 @@ def _train_loop(job: dict, attempt: int | None = None) -> None:
             if run.sample_every and (step % run.sample_every == 0 or last):
                 grid = worker.sample_grid(step)
                 if grid is not None and env.is_main:
-                    save_png(grid, storage.join(job["samples_dir"], f"step_{step:06d}.png"))
+                    save_png(grid, storage.join(job.samples_dir, f"step_{step:06d}.png"))
             if step % run.checkpoint_every == 0 or last:
                 counters["data"] = {**where, "world_size": env.world_size, "batch_size": run.batch_size}
                 stall = _report_checkpoint(worker, env, step, counters, report)
@@ -331,33 +332,33 @@ def _train_loop(job: dict, attempt: int | None = None) -> None:
                 break
     if step < run.max_steps:  # an epoch made no step: told to the driver (a refusal there), not retried
         if env.is_main:
-            storage.write_text(storage.join(job["run_dir"], NO_FULL_BATCH), "no full batch")
+            storage.write_text(storage.join(job.run_dir, NO_FULL_BATCH), "no full batch")
         return
     other = other_run_export(job) if step == resumed_from else None
     if other is None:
         worker.export(step)
     elif env.is_main:
         later = " (the decoder fine-tune's)" if other.startswith("decoder") else ""
-        _console(job, f"{tag} nothing to train (finished at step {step}); {job['root']}/{job['component']} holds "
+        _console(job, f"{tag} nothing to train (finished at step {step}); {job.root}/{job.component} holds "
                       f"the export of run {other}{later}, left as it is")
     if reporter is not None:
         took = time.time() - started
         shown = ", ".join(f"{k} {float(v):.3g}" for k, v in live.items())
-        where = f"exported to {job['root']}" if other is None else f"{job['root']}/{job['component']} left as it is"
+        where = f"exported to {job.root}" if other is None else f"{job.root}/{job.component} left as it is"
         reporter.finish(f"{step} steps ({step - resumed_from} this run) in {format_seconds(took)}"
                         f"{', ' + shown if shown else ''}; {where}")
 
 
-def other_run_export(job: dict) -> str | None:
+def other_run_export(job: TrainJob) -> str | None:
     """The run whose export the root's component holds, when that is another run than this one. A
     finished run that is started again trains nothing and would export its old weights over a later
     stage's (the decoder fine-tune writes vqgan_hi after the vqgan run)."""
     from muse import checkpoint
 
-    if not checkpoint.has_component(job["root"], job["component"]):
+    if not checkpoint.has_component(job.root, job.component):
         return None
-    written_by = checkpoint.component_extra(checkpoint.component_uri(job["root"], job["component"])).get("run")
-    return written_by if written_by and written_by != job["run_name"] else None
+    written_by = checkpoint.component_extra(checkpoint.component_uri(job.root, job.component)).get("run")
+    return written_by if written_by and written_by != job.run_name else None
 
 
 def _current_lr(worker: StageWorker) -> float:
@@ -410,26 +411,26 @@ def _report_checkpoint(worker: StageWorker, env: WorkerEnv, step: int, counters:
     directory = staging_directory(step)  # Ray deletes it after the upload
     save_sharded(directory, step=step, env=env, modules=worker.modules, optimizers=worker.optimizers,
                  schedulers=worker.schedulers, ema=worker.ema, counters=dict(counters),
-                 identity=worker.job.get("identity"))
-    check_room_for_upload(directory, worker.job["run_dir"], step)
+                 identity=worker.job.identity)
+    check_room_for_upload(directory, worker.job.run_dir, step)
     _report(report or {"step": float(step)}, checkpoint=ray.train.Checkpoint.from_directory(directory))
     return time.perf_counter() - start
 
 
-def _fail_once_if_asked(run, job: dict, env: WorkerEnv, step: int) -> None:
+def _fail_once_if_asked(run, job: TrainJob, env: WorkerEnv, step: int) -> None:
     """Fault injection (run.fail_at_step): the last rank dies once, as a crashed process would."""
     import ray.train
 
     if run.fail_at_step is None or step != run.fail_at_step or env.rank != env.world_size - 1:
         return
-    marker = storage.join(job["run_dir"], f"fault_injected_at_step_{step}")
+    marker = storage.join(job.run_dir, f"fault_injected_at_step_{step}")
     if storage.exists(marker):
         return
     storage.write_text(marker, f"worker rank {env.rank} exited at step {step}\n")
     # The crash comes after the checkpoints reported so far are uploaded, so where it resumes from
     # does not depend on the upload's speed.
     ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-    print(f"[{job['run_name']}] fault injection: rank {env.rank} exits at step {step}", flush=True)
+    print(f"[{job.run_name}] fault injection: rank {env.rank} exits at step {step}", flush=True)
     sys.stdout.flush()
     os._exit(1)
 

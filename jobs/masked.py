@@ -21,6 +21,7 @@ jobs.config), and makes the token dataset; base and super-res differ only in `hi
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from jobs.preflight import RunRefused
 from jobs.root_fit import (_ids_difference, _tokenize_spec, codes_version, foreign_tokens_problem, stale_tokens_problem,
                            transformer_config)
 from jobs.stage import named_run
+from jobs.train_job import TrainJob
 from pipelines.job_spec import text_ids_mismatch
 from muse import checkpoint, storage
 from muse.components import family_of_config
@@ -90,17 +92,17 @@ class MaskedWorker(StageWorker):
     target = "tokens_lo"  # the token column the model predicts
     kind = "base"
 
-    def __init__(self, section: TransformerStage, job: dict, env: WorkerEnv):
+    def __init__(self, section: TransformerStage, job: TrainJob, env: WorkerEnv):
         super().__init__(section, job, env)
-        self.root = job["root"]
-        self.text_dim = job["data_meta"].get("text_dim")
-        self.uses_ids = job["data_meta"].get("text_storage", "ids") != "embeddings"
+        self.root = job.root
+        self.text_dim = job.data_meta.get("text_dim")
+        self.uses_ids = job.data_meta.get("text_storage", "ids") != "embeddings"
         self.text_encoder = self._load_text_encoder() if self.uses_ids else None
         # The root's component may be of another family (an imported aMUSEd U-ViT fills the base slot).
-        config_type = checkpoint.config_class(job["model_kind"]) if job.get("model_kind") else self.config_type()
-        self.model_config = from_dict(config_type, job["model_config"])
-        if job.get("init_from"):  # the root's own component, continued (a resumed run then loads its checkpoint)
-            model = checkpoint.load_component(job["init_from"], expect_kind=self.kind).train()
+        config_type = checkpoint.config_class(job.model_kind) if job.model_kind else self.config_type()
+        self.model_config = from_dict(config_type, job.model_config)
+        if job.init_from:  # the root's own component, continued (a resumed run then loads its checkpoint)
+            model = checkpoint.load_component(job.init_from, expect_kind=self.kind).train()
         elif section.lora_rank:  # the driver refuses this first (`lora_problem`); kept for direct callers
             raise ValueError(lora_problem(self.kind, self.root, section.model))
         else:
@@ -235,8 +237,9 @@ class MaskedWorker(StageWorker):
         if model is None:
             return
         uri = checkpoint.component_uri(self.root, self.kind)
-        checkpoint.save_component(model.cpu(), uri, extra=finished_extra(self.kind, step, self.job))
-        print(f"[{self.job['run_name']}] exported {'EMA ' if self.ema else ''}weights at step {step} to {uri}",
+        extra = finished_extra(self.kind, step, self.job.run_name, self.job.codes) | {"model": self.section.model}
+        checkpoint.save_component(model.cpu(), uri, extra=extra)
+        print(f"[{self.job.run_name}] exported {'EMA ' if self.ema else ''}weights at step {step} to {uri}",
               flush=True)
 
     def vqgan(self, name: str) -> nn.Module | None:
@@ -267,7 +270,7 @@ def build(stage: str, worker: type[MaskedWorker], cfg: TrainConfig, data: str, r
     storage_uri, name = run_location(root, section.run, stage)
     seed = data_order_seed(section.run.seed, storage.join(storage_uri, name))
     dataset, info = token_dataset(data, hi=stage == "superres", cache=section.run.cache_data, shuffle_seed=seed)
-    return [fit_stage(worker, section, dict(job, data_meta=info), dataset, rows=token_rows(data))]
+    return [fit_stage(worker, section, replace(job, data_meta=info), dataset, rows=token_rows(data))]
 
 
 def preflight(stage: str, cfg: TrainConfig, data: str, root: str) -> None:
@@ -314,10 +317,10 @@ def planned_job(stage: str, cfg: TrainConfig, data: str, root: str) -> tuple[Any
     if section.lora_rank and init_from is None:
         raise RunRefused(lora_problem(stage, root, section.model))
     said = [w for w in (*notes, label_smoothing_warning(stage, model_cfg, section.label_smoothing)) if w]
-    return section, {"root": root, "component": stage, "stage": stage, "model_config": to_dict(model_cfg),
-                     "data_meta": info, "init_from": init_from, "model_kind": checkpoint.kind_of_config(model_cfg),
-                     "preset": section.model, "lora_rank": section.lora_rank, "codes": codes_version(stage, root),
-                     "notes": said}  # said by fit_stage once its resume checks pass, never before a refusal
+    return section, TrainJob(root=root, component=stage, stage=stage, model_config=to_dict(model_cfg), data_meta=info,
+                             init_from=init_from, model_kind=checkpoint.kind_of_config(model_cfg),
+                             lora_rank=section.lora_rank, codes=codes_version(stage, root),
+                             notes=tuple(said))  # said by fit_stage once its resume checks pass, never before a refusal
 
 
 def lora_rank(text: str) -> int:

@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from jobs.checkpointing import read_meta
+from jobs.train_job import TrainJob
 from muse import storage
 
 IDENTITY_KEY = "identity"  # in trainer_state.json
@@ -55,19 +56,19 @@ def model_hash(model_config: dict) -> str:
     return hashlib.sha256(json.dumps(model_config, sort_keys=True).encode()).hexdigest()
 
 
-def run_identity(job: dict) -> dict[str, str]:
+def run_identity(job: TrainJob) -> dict[str, str]:
     """What a run's checkpoints belong to: the model root, the component, the architecture and its
     adapters; and ("init") which weights of the root's component the run started from, when it
     continues one (`jobs.fit` compares that on resume, where the component may be the run's own export)."""
-    identity = {"root": canonical_root(job["root"]), "component": job["component"],
-                "model": model_hash(job["model_config"]),
-                "adapters": f"LoRA rank {job['lora_rank']}" if job.get("lora_rank") else "none"}
-    if job.get("codes"):  # a transformer's: which tokenizers' codes it learns (`jobs.root_fit.codes_version`)
-        identity["codes"] = job["codes"]
-    if job.get("init_from"):
+    identity = {"root": canonical_root(job.root), "component": job.component,
+                "model": model_hash(job.model_config),
+                "adapters": f"LoRA rank {job.lora_rank}" if job.lora_rank else "none"}
+    if job.codes:  # a transformer's: which tokenizers' codes it learns (`jobs.root_fit.codes_version`)
+        identity["codes"] = job.codes
+    if job.init_from:
         from muse.components import component_version
 
-        identity["init"] = model_hash(component_version(job["init_from"]) or {})
+        identity["init"] = model_hash(component_version(job.init_from) or {})
     return identity
 
 

@@ -40,6 +40,7 @@ from jobs.parallel import WorkerEnv, allreduce_grads
 from jobs.preflight import RunRefused
 from jobs.progress import say
 from jobs.stage import Stage, add_format_arg, finished
+from jobs.train_job import TrainJob
 from muse import checkpoint
 from muse.config import VQGANConfig, from_dict, preset, to_dict
 from muse.data.images import tensor_to_pil
@@ -55,10 +56,10 @@ class VQGANWorker(StageWorker):
     stage = "vqgan"
     console_metrics = ("loss", "psnr")
 
-    def __init__(self, section, job: dict, env: WorkerEnv):
+    def __init__(self, section, job: TrainJob, env: WorkerEnv):
         super().__init__(section, job, env)
-        self.root, self.component = job["root"], job["component"]
-        self.vq_config = from_dict(VQGANConfig, job["model_config"])
+        self.root, self.component = job.root, job.component
+        self.vq_config = from_dict(VQGANConfig, job.model_config)
         self.size = self.vq_config.resolution
         self.vqgan = self.build_vqgan().to(env.device).train()
         self.disc = PatchDiscriminator(self.vq_config).to(env.device).train()
@@ -82,8 +83,8 @@ class VQGANWorker(StageWorker):
 
     def build_vqgan(self) -> VQGAN:
         model = VQGAN(self.vq_config)
-        if self.job.get("init_from"):  # vqgan.hi_init_from_lo (a resumed run then loads its checkpoint)
-            lo = checkpoint.load_component(self.job["init_from"], expect_kind="vqgan")
+        if self.job.init_from:  # vqgan.hi_init_from_lo (a resumed run then loads its checkpoint)
+            lo = checkpoint.load_component(self.job.init_from, expect_kind="vqgan")
             if lo.config.tokens_per_side == self.vq_config.tokens_per_side and lo.config != self.vq_config:
                 return grow(lo)  # one more level at twice the resolution (checked by the driver)
             model.load_state_dict(lo.state_dict())
@@ -179,7 +180,7 @@ class VQGANWorker(StageWorker):
         if self.ema is not None:
             self.ema.copy_from_weights("quantizer.codebook")
         if self.env.is_main:
-            print(f"[{self.job['run_name']}] seeded {quantizer.codebook_size} codes by k-means++ at step "
+            print(f"[{self.job.run_name}] seeded {quantizer.codebook_size} codes by k-means++ at step "
                   f"{self.seed_step + 1} (autoencoder warm-up: {self.quantizer_warmup_steps()} steps)", flush=True)
 
     def _step(self, name: str) -> None:
@@ -216,10 +217,10 @@ class VQGANWorker(StageWorker):
             return
         uri = checkpoint.component_uri(self.root, self.component)
         checkpoint.save_component(model.cpu(), uri, extra=self.export_extra(step))
-        print(f"[{self.job['run_name']}] exported {self.component} at step {step} to {uri}", flush=True)
+        print(f"[{self.job.run_name}] exported {self.component} at step {step} to {uri}", flush=True)
 
     def export_extra(self, step: int) -> dict:
-        return finished_extra(self.stage, step, self.job)
+        return finished_extra(self.stage, step, self.job.run_name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,17 +273,15 @@ def _build_one(cfg: TrainConfig, data: str, root: str, component: str, format: s
             f"(vqgan.quantizer_warmup_steps={warmup}), so no step trains through the codebook"
             f"{', which is never seeded' if inside else ''}: the exported tokenizer is not a trained one "
             "(raise --max-steps, or lower the warm-up)")
-    job = {"root": root, "component": component, "stage": "vqgan", "model_config": to_dict(vq_cfg), "data_meta": {}}
-    if continued:
-        job["init_from"] = checkpoint.component_uri(root, component)
-    elif component == "vqgan_hi" and section.hi_init_from_lo:
-        job["init_from"] = lo_for_hi_init(root, vq_cfg)
+    init_from = (checkpoint.component_uri(root, component) if continued
+                 else lo_for_hi_init(root, vq_cfg) if component == "vqgan_hi" and section.hi_init_from_lo else None)
+    job = TrainJob(root=root, component=component, stage="vqgan", model_config=to_dict(vq_cfg), init_from=init_from)
     with run_images(data, vq_cfg.resolution, cfg.tokenize, format, section.run.cache_data,
                     run_dir(root, section.run, component), section.run.seed) as dataset:
         try:
             return fit_stage(VQGANWorker, section, job, dataset)
         except RunRefused as e:
-            if continued and checkpoint.component_extra(job["init_from"]).get("decoder_finetuned"):
+            if continued and checkpoint.component_extra(job.init_from).get("decoder_finetuned"):
                 raise RunRefused(f"{e}. Note: {root}/{component} is the decoder fine-tune's export, whose "
                                  "decoder is wider than the one this VQGAN run trained") from None
             raise

@@ -143,7 +143,7 @@ def test_max_steps_caps_both_vqgan_runs(tmp_path, monkeypatch):
 
     runs = []
     monkeypatch.setattr(vqgan, "fit_stage", lambda worker, section, job, dataset: runs.append(
-        (job["component"], section.run.max_steps)))
+        (job.component, section.run.max_steps)))
     monkeypatch.setattr(jobs.data, "image_dataset", lambda *a, **k: None)
     parser = vqgan.STAGE.parser()
     for extra, hi in (([], 10), (["--set", "vqgan.hi_max_steps=50"], 50)):  # an explicit --set still wins

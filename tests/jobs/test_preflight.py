@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -24,13 +25,14 @@ from jobs.parallel import WorkerEnv
 from jobs.stage import named_run
 from jobs.preflight import (RAY_TRAIN_SNAPSHOT, ResumePoint, RunRefused, check_resume, check_rows,
                             newest_checkpoint_state, remove_unregistered, run_identity)
+from jobs.train_job import TrainJob
 from muse import storage
 
 MODEL = {"layers": 2, "hidden": 64}
 
 
-def job_for(root: str, model: dict = MODEL, component: str = "base") -> dict:
-    return {"root": root, "component": component, "stage": component, "model_config": model}
+def job_for(root: str, model: dict = MODEL, component: str = "base") -> TrainJob:
+    return TrainJob(root=root, component=component, stage=component, model_config=model)
 
 
 def write_checkpoint(run_dir: str, name: str, identity: dict | None) -> str:
@@ -157,7 +159,7 @@ def test_lora_without_a_component_to_adapt_is_refused_on_the_driver(fake_build, 
                  tiny_data.root)
     # train_tiny.yaml's own base.model (base-tiny) is the root's architecture: that is adapted too.
     masked.build("base", BaseWorker, tiny_config("base.lora_rank=4"), tiny_data.tokens, tiny_data.root)
-    assert [job["init_from"] for job, _ in fake_build] == [os.path.join(tiny_data.root, "base")] * 2
+    assert [job.init_from for job, _ in fake_build] == [os.path.join(tiny_data.root, "base")] * 2
     assert all(rows == 24 for _, rows in fake_build)  # the shards' manifest says 24 rows
 
 
@@ -236,13 +238,13 @@ def test_a_finished_run_started_again_leaves_a_later_runs_export_alone(tmp_path)
     from muse import checkpoint
 
     root = str(tmp_path / "root")
-    job = {"root": root, "component": "vqgan_hi", "run_name": "vqgan_hi"}
+    job = TrainJob(root=root, component="vqgan_hi", run_name="vqgan_hi")
     assert loop.other_run_export(job) is None  # nothing in the root yet: export
     model = checkpoint.build_component("vqgan_hi", checkpoint.model_preset("tiny").vqgan_hi)
     uri = checkpoint.component_uri(root, "vqgan_hi")
-    checkpoint.save_component(model, uri, extra=loop.finished_extra("vqgan_hi", 10, job))
+    checkpoint.save_component(model, uri, extra=loop.finished_extra("vqgan_hi", 10, "vqgan_hi"))
     assert loop.other_run_export(job) is None  # its own export: writing it again changes nothing
-    checkpoint.save_component(model, uri, extra=loop.finished_extra("decoder", 4, {"run_name": "decoder_vqgan_hi"}))
+    checkpoint.save_component(model, uri, extra=loop.finished_extra("decoder", 4, "decoder_vqgan_hi"))
     assert loop.other_run_export(job) == "decoder_vqgan_hi"
 
 
@@ -283,7 +285,7 @@ def test_token_shards_remember_their_tokenizers_weights_and_training_refuses_the
     assert spec["weights"]["vqgan_lo"] == component_version(lo)
     assert stale_tokens_problem("base", root, "TOKENS", spec) is None
     model = checkpoint.load_component(lo)
-    checkpoint.save_component(model, lo, extra=loop.finished_extra("vqgan", 1000, {"run_name": "vqgan_lo"}))
+    checkpoint.save_component(model, lo, extra=loop.finished_extra("vqgan", 1000, "vqgan_lo"))
     assert job_spec(str(tmp_path / "corpus"), TokenizeConfig(), models)["weights"] != spec["weights"]
     assert "hold the codes of the model root's vqgan_lo as it was before" in stale_tokens_problem("base", root, "TOKENS",
                                                                                                    spec)
@@ -427,7 +429,7 @@ def test_a_muse_init_roots_random_tokenizer_still_gets_the_warm_up(tmp_path, mon
     seen.pop()
     uri = checkpoint.component_uri(root, "vqgan_lo")
     checkpoint.save_component(checkpoint.load_component(uri), uri,
-                              extra=loop.finished_extra("vqgan", 1000, {"run_name": "vqgan_lo"}))
+                              extra=loop.finished_extra("vqgan", 1000, "vqgan_lo"))
     vqgan.build(cfg, "corpus", root, "vqgan_lo", "auto")
     assert [s.quantizer_warmup_steps for s in seen] == [50, 0]
 
@@ -440,12 +442,12 @@ def test_a_run_resuming_its_checkpoint_does_not_train_over_another_runs_export(t
     root = str(tmp_path / "root")
     checkpoint.init_model_root("tiny", root, components=("base",))
     uri = checkpoint.component_uri(root, "base")
-    job = job_for(root) | {"init_from": uri}
+    job = replace(job_for(root), init_from=uri)
     write_checkpoint(os.path.join(root, "runs", "base"), "checkpoint_2026-12-01_10-00-00.000001", run_identity(job))
     model = checkpoint.load_component(uri)
     with torch.no_grad():
         next(model.parameters()).add_(0.01)  # the LoRA run's merged weights
-    checkpoint.save_component(model, uri, extra=loop.finished_extra("base", 500, {"run_name": "lora"}))
+    checkpoint.save_component(model, uri, extra=loop.finished_extra("base", 500, "lora"))
     section = tiny_config("base.run.max_steps=10").base
     with pytest.raises(RunRefused, match=r"holds run 'lora''s export, but this run resumes its own checkpoint .* step 2"):
         fit.fit_stage(BaseWorker, section, job, dataset=None)
@@ -467,7 +469,7 @@ def test_a_finished_transformer_run_started_again_says_so_without_starting_ray(t
     uri = checkpoint.component_uri(root, "base")
     preset = tiny_config().base.model
     checkpoint.save_component(checkpoint.load_component(uri), uri,
-                              extra=loop.finished_extra("base", 40, {"run_name": "base", "preset": preset}))
+                              extra=loop.finished_extra("base", 40, "base") | {"model": preset})
 
     def no_ray():
         raise AssertionError("Ray started")

@@ -8,6 +8,7 @@ import io
 import pytest
 
 from jobs.progress import Board, Display, Reporter, format_seconds, progress_line
+from jobs.train_job import TrainJob
 
 
 class _Handle:
@@ -106,8 +107,8 @@ def test_a_failed_attempt_is_one_line_on_the_console(monkeypatch, tmp_path):
         raise ValueError("base.lora_rank: LoRA adapts the component already in the model root\nsecond line")
 
     monkeypatch.setattr(loop, "_train_loop", fails)
-    job = {"run_name": "base", "stage": "base", "progress_board": _Handle(board), "run_dir": str(tmp_path),
-           "section": {"run": {"max_failures": 1}}}
+    job = TrainJob(root="", component="base", run_name="base", progress_board=_Handle(board), run_dir=str(tmp_path),
+                   section={"run": {"max_failures": 1}}).as_config()
     board.update("base", {"done": 40, "total": 100, "rate": 2.0, "metrics": {"loss": 1.5}})
     with pytest.raises(ValueError, match="second line"):  # still raised: Ray Train decides what comes next
         loop.train_loop_per_worker(job)
@@ -147,7 +148,8 @@ def test_an_error_that_fails_every_attempt_stops_the_run_at_the_next(monkeypatch
         raise RayTaskError("SplitCoordinator.get", "Traceback ...", read.as_instanceof_cause()).as_instanceof_cause()
 
     monkeypatch.setattr(loop, "_train_loop", fails)
-    job = {"run_name": "base", "stage": "base", "run_dir": str(tmp_path), "section": {"run": {"max_failures": 100}}}
+    job = TrainJob(root="", component="base", run_name="base", run_dir=str(tmp_path),
+                   section={"run": {"max_failures": 100}}).as_config()
     with pytest.raises(RayTaskError):  # still raised: this attempt's workers are torn down as any failed one's
         loop.train_loop_per_worker(job)
     assert (tmp_path / loop.STOPPED).read_text() == "CorruptShard: t/x.parquet is not a readable shard"
@@ -172,7 +174,8 @@ def test_a_full_disk_stops_the_run_where_it_can_say_so(monkeypatch, tmp_path):
 
     monkeypatch.setattr(loop, "_train_loop", fails)
     for run_dir, stops in ((str(tmp_path), True), ("/dev/full/runs/base", False)):
-        job = {"run_name": "base", "stage": "base", "run_dir": run_dir, "section": {"run": {"max_failures": 100}}}
+        job = TrainJob(root="", component="base", run_name="base", run_dir=run_dir,
+                       section={"run": {"max_failures": 100}}).as_config()
         calls.clear()
         with pytest.raises(OSError):
             loop.train_loop_per_worker(job)
@@ -195,8 +198,8 @@ def test_an_error_from_another_ray_task_is_named_by_its_cause():
                                                                          "token shard (ArrowInvalid: ...)"))
     error = RayTaskError("SplitCoordinator.get", "Traceback ...", read.as_instanceof_cause()).as_instanceof_cause()
     assert "readable" not in str(error).splitlines()[0]  # Ray's header line: where, not what
-    line, status = failure_line({"run_name": "base", "stage": "base", "section": {"run": {"max_failures": 100}}},
-                                3, error, stops=True)
+    job = TrainJob(root="", component="base", run_name="base", section={"run": {"max_failures": 100}})
+    line, status = failure_line(job, 3, error, stops=True)
     assert line.startswith("[base] attempt 3 failed: CorruptShard: s3://b/t/x.parquet is not a readable token shard")
     assert line.endswith("(it fails every attempt the same way: the run stops)")
     assert status == "failed"

@@ -11,6 +11,7 @@ from jobs import stages
 from jobs.masked import drop_text
 from jobs.root_fit import token_model_config
 from jobs.parallel import WorkerEnv
+from jobs.train_job import TrainJob
 from muse.config import preset, to_dict
 from pipelines.shards import load_token_shards
 
@@ -18,8 +19,8 @@ from jobs_helpers import tiny_config
 
 
 def make_worker(stage: str, section, root: str, model_config, data_meta=None, component=None, **job_extra):
-    job = {"root": root, "component": component or stage, "model_config": to_dict(model_config),
-           "data_meta": data_meta or {}, "run_name": f"test_{stage}", "stage": stage} | job_extra
+    job = TrainJob(root=root, component=component or stage, stage=stage, model_config=to_dict(model_config),
+                   data_meta=data_meta or {}, run_name=f"test_{stage}", **job_extra)
     torch.manual_seed(0)
     worker = stages.get(stage).worker(section, job, WorkerEnv())
     worker.reseed(0)

@@ -152,7 +152,7 @@ def test_a_finished_tokenizer_run_is_said_before_ray_starts(tmp_path, monkeypatc
     def export(name: str, stage: str, run_name: str) -> None:
         uri = checkpoint.component_uri(root, name)
         checkpoint.save_component(checkpoint.load_component(uri), uri,
-                                  extra=loop.finished_extra(stage, 10, {"run_name": run_name}))
+                                  extra=loop.finished_extra(stage, 10, run_name))
 
     def no_ray():
         raise AssertionError("Ray started")

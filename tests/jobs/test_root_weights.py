@@ -11,6 +11,7 @@ from jobs_helpers import tiny_config
 from jobs import fit
 from jobs.base import BaseWorker
 from jobs.preflight import RunRefused
+from jobs.train_job import TrainJob
 from muse.checkpoint import component_uri, init_model_root
 
 
@@ -20,7 +21,7 @@ def test_fit_stage_refuses_a_root_with_a_component_cut_short_before_any_worker(t
     weights = os.path.join(component_uri(root, "text_encoder"), "model.safetensors")
     with open(weights, "r+b") as f:
         f.truncate(1000)
-    job = {"root": root, "component": "base", "stage": "base", "model_config": {}}
+    job = TrainJob(root=root, component="base", stage="base")
     with pytest.raises(RunRefused, match=r"text_encoder/model.safetensors is cut short.*every attempt"):
         fit.fit_stage(BaseWorker, tiny_config().base, job, dataset=None)
     assert not [f for f in os.listdir(tmp_path / "root" / "runs" / "base") if f.startswith("_active")]  # lock let go

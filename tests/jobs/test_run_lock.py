@@ -22,6 +22,7 @@ from jobs import fit, run_lock
 from jobs.base import BaseWorker
 from jobs.preflight import RunRefused
 from jobs.stage import errors_in_one_line
+from jobs.train_job import TrainJob
 from muse import storage
 
 QUICK = 0.1  # claim wait where only one driver claims
@@ -207,7 +208,7 @@ def test_a_holder_whose_claim_was_taken_over_stops_its_driver_with_a_line_saying
 def test_fit_stage_refuses_a_run_folder_another_driver_trains_and_releases_its_own(tmp_path):
     root = str(tmp_path / "root")
     folder = os.path.join(root, "runs", "base")
-    job = {"root": root, "component": "base", "stage": "base", "model_config": {"layers": 2}}
+    job = TrainJob(root=root, component="base", stage="base", model_config={"layers": 2})
     held = run_lock.claim(folder, "base", "base", claim_wait=QUICK)
     try:
         with pytest.raises(RunRefused, match=rf"another run is training {folder}: .* --set base\.run\.name=NEW"):

@@ -35,7 +35,7 @@ def fake_run(monkeypatch):
 
     def fit_stage(worker, section, job, dataset, rows=None):  # says the stage's notes, as fit_stage does
         calls.append(job)
-        for note in job.get("notes", ()):
+        for note in job.notes:
             say(note)
 
     monkeypatch.setattr(masked, "fit_stage", fit_stage)
@@ -138,7 +138,7 @@ def test_a_copy_of_the_root_is_accepted_and_its_own_retrained_tokenizer_is_refus
     own = tokens_made_by(tiny_data, str(tmp_path / "own"), vqgan_lo=uri(copy, "vqgan_lo"),
                          text_encoder=uri(copy, "text_encoder"))
     checkpoint.save_component(checkpoint.load_component(uri(copy, "vqgan_lo")), uri(copy, "vqgan_lo"),
-                              extra=finished_extra("vqgan", 1000, {"run_name": "vqgan_lo"}))
+                              extra=finished_extra("vqgan", 1000, "vqgan_lo"))
     assert root_fit.foreign_tokens_problem("base", copy, own, root_fit._tokenize_spec(own)) is None
     with pytest.raises(RunRefused, match="codes of the model root's vqgan_lo as it was before it was trained again"):
         masked.build("base", BaseWorker, tiny_config(), own, copy)
@@ -148,8 +148,8 @@ def test_a_copy_of_the_root_is_accepted_and_its_own_retrained_tokenizer_is_refus
     again = tokens_made_by(tiny_data, str(tmp_path / "again"), vqgan_lo=uri(copy, "vqgan_lo"),
                            text_encoder=uri(copy, "text_encoder"))
     masked.build("base", BaseWorker, tiny_config(), again, copy)
-    assert len(fake_run) == 2 and fake_run[1]["codes"] != fake_run[0]["codes"]
-    assert fake_run[1]["codes"] == root_fit.codes_version("base", copy)
+    assert len(fake_run) == 2 and fake_run[1].codes != fake_run[0].codes
+    assert fake_run[1].codes == root_fit.codes_version("base", copy)
 
 
 def test_a_transformer_is_not_finished_once_a_tokenizer_it_reads_was_trained_again(tiny_data, tmp_path):
@@ -162,16 +162,15 @@ def test_a_transformer_is_not_finished_once_a_tokenizer_it_reads_was_trained_aga
     shutil.copytree(tiny_data.root, root)
     cfg = tiny_config()
     for stage in ("base", "superres"):
-        job = {"run_name": stage, "codes": root_fit.codes_version(stage, root)}
-        checkpoint.save_component(checkpoint.load_component(uri(root, stage)), uri(root, stage),
-                                  extra=finished_extra(stage, getattr(cfg, stage).run.max_steps, job))
+        extra = finished_extra(stage, getattr(cfg, stage).run.max_steps, stage, root_fit.codes_version(stage, root))
+        checkpoint.save_component(checkpoint.load_component(uri(root, stage)), uri(root, stage), extra=extra)
     assert transformer_finished("base")(cfg, root) and transformer_finished("superres")(cfg, root)
     checkpoint.save_component(checkpoint.load_component(uri(root, "vqgan_hi")), uri(root, "vqgan_hi"),
-                              extra=finished_extra("vqgan", 1000, {"run_name": "vqgan_hi"}))
+                              extra=finished_extra("vqgan", 1000, "vqgan_hi"))
     assert transformer_finished("base")(cfg, root)  # base reads no vqgan_hi codes
     assert not transformer_finished("superres")(cfg, root)
     checkpoint.save_component(checkpoint.load_component(uri(root, "vqgan_lo")), uri(root, "vqgan_lo"),
-                              extra=finished_extra("vqgan", 1000, {"run_name": "vqgan_lo"}))
+                              extra=finished_extra("vqgan", 1000, "vqgan_lo"))
     assert not transformer_finished("base")(cfg, root)
 
 
@@ -221,7 +220,7 @@ def test_a_preset_of_another_family_is_refused_before_any_work(tiny_data, tmp_pa
     assert fake_run == [] and capsys.readouterr().out == ""
     # The root's own model still trains.
     masked.build("base", BaseWorker, tiny_config("base.model=null"), tiny_data.tokens, amused)
-    assert fake_run[0]["model_kind"] == "uvit" and fake_run[0]["init_from"] == uri(amused, "base")
+    assert fake_run[0].model_kind == "uvit" and fake_run[0].init_from == uri(amused, "base")
 
 
 def test_lora_with_a_new_preset_says_nothing_before_its_refusal(tiny_data, tmp_path, fake_run, capsys):

@@ -12,6 +12,7 @@ import torch
 from jobs.config import load_config
 from jobs.parallel import WorkerEnv
 from jobs.vqgan import VQGANWorker
+from jobs.train_job import TrainJob
 from muse.config import preset, to_dict
 from muse.data.images import pil_to_tensor
 from muse.data.synthetic import all_pairs, sample
@@ -37,8 +38,8 @@ def corpus_images(n: int, grid: int) -> torch.Tensor:
 def test_demo_tokenizer_recipe_reconstructs_scenes_the_judge_reads_right(one_thread):
     section = load_config(DEMO_CONFIG).vqgan
     grid = 8  # the demo's corpus layout (jobs.demo --corpus-grid)
-    job = {"root": "", "component": "vqgan_lo", "model_config": to_dict(preset(section.lo_model)),
-           "data_meta": {}, "run_name": "quality", "stage": "vqgan"}
+    job = TrainJob(root="", component="vqgan_lo", stage="vqgan", model_config=to_dict(preset(section.lo_model)),
+                   run_name="quality")
     torch.manual_seed(0)
     worker = VQGANWorker(section, job, WorkerEnv())
     train = corpus_images(1000, grid)

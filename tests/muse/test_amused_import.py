@@ -426,6 +426,7 @@ def test_base_stage_fine_tunes_the_imported_uvit_with_lora(imported):
     from jobs.root_fit import transformer_config
     from jobs.parallel import WorkerEnv
     from jobs.stages import get as stage
+    from jobs.train_job import TrainJob
     from muse import checkpoint
     from muse.config import to_dict
 
@@ -446,9 +447,8 @@ def test_base_stage_fine_tunes_the_imported_uvit_with_lora(imported):
     model_cfg, init_from = transformer_config("base", None, copy, None, info)
     cfg = load_config(None, ["base.lora_rank=2", "base.optim.warmup_steps=0", "base.optim.lr=1e-2",
                              "base.optim.ema_decay=0", "base.run.max_steps=3"])
-    job = {"root": copy, "component": "base", "model_config": to_dict(model_cfg), "data_meta": info,
-           "run_name": "lora", "stage": "base", "init_from": init_from,
-           "model_kind": checkpoint.kind_of_config(model_cfg)}
+    job = TrainJob(root=copy, component="base", stage="base", model_config=to_dict(model_cfg), data_meta=info,
+                   run_name="lora", init_from=init_from, model_kind=checkpoint.kind_of_config(model_cfg))
     worker = stage("base").worker(cfg.base, job, WorkerEnv())
     worker.reseed(0)
     before = {k: v.clone() for k, v in checkpoint.load_component(init_from).state_dict().items()}
