@@ -68,7 +68,6 @@ def staging_directory(step: int, parent: str | None = None) -> str:
     return tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-{step:08d}-", dir=parent)
 
 
-
 def check_room_for_upload(directory: str, run_dir: str, step: int) -> None:
     """Ray Train uploads the checkpoint staged in `directory` in a background thread, where a full disk
     fails the attempt unseen by the training loop, and so every restart the same way: refuse it here,
@@ -81,6 +80,7 @@ def check_room_for_upload(directory: str, run_dir: str, step: int) -> None:
     except OSError:
         shutil.rmtree(directory, ignore_errors=True)  # never uploaded: nothing else removes it
         raise
+
 
 def remove_orphaned_staging(parent: str | None = None) -> list[str]:
     """Delete the staging directories under `parent` (default: the temp dir) whose process no longer

@@ -146,7 +146,6 @@ def full_disk(error: BaseException) -> OSError | None:
                  if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)), None)
 
 
-
 def check_room(uri: str, needed: int, what: str) -> None:
     """Raise ENOSPC when the local filesystem that holds `uri` has less than `needed` bytes free, for a
     write that another thread will do, where its caller would not see the error. S3 has no such limit."""
@@ -159,6 +158,7 @@ def check_room(uri: str, needed: int, what: str) -> None:
     if free < needed:
         raise OSError(errno.ENOSPC, f"No space left on device for {what}: it needs {needed / 1e6:.1f} MB under "
                                     f"{path}, which has {free / 1e6:.1f} MB free")
+
 
 # S3 answers that no retry changes: a missing bucket, or credentials that do not allow the request.
 S3_REFUSALS = ("NO_SUCH_BUCKET", "ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
