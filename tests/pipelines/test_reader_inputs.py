@@ -4,18 +4,15 @@ planning error, never a job failure mid-run. Readers and preprocessing only, no 
 import io
 import json
 import os
-import pickle
 import shutil
-import sys
 import tarfile
 import tempfile
-import traceback
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from corpora import good
+from corpora import as_another_user, good
 from muse import storage
 from pipelines.config import PreprocessConfig, ReaderConfig
 from pipelines.preprocess import preprocess_batch
@@ -230,35 +227,6 @@ def test_non_utf8_file_names_are_skipped_and_named(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "skipped 3 path(s)" in err and "caf\\xe9.png" in err and "d\\xe9j\\xe0" in err
     assert [r["reject_reason"] for r in read(tmp_path)] == [""]
-
-
-def as_another_user(fn):
-    """fn() with the file permissions of an unprivileged user, in a forked child: root (which every
-    permission lets through) takes the user id of `nobody` there, where no other thread of this process
-    (Ray's) is touched; anyone else already is such a user."""
-    if os.geteuid() != 0:
-        return fn()
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            os.close(read_end)
-            os.setgid(65534)
-            os.setuid(65534)
-            with os.fdopen(write_end, "wb") as out:
-                pickle.dump(fn(), out)
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as got:
-        data = got.read()
-    assert os.waitpid(child, 0)[1] == 0, "the child failed: its traceback is above"
-    return pickle.loads(data)
 
 
 def test_what_this_user_may_not_read_is_named_or_a_counted_reject_never_the_end_of_the_job(capfd):

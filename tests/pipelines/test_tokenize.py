@@ -1,11 +1,15 @@
 """Tokenization end to end on real corpora (folder, WebDataset, Parquet, local and S3): what the shards
 hold, rejects by reason, the command line and configs (re-runs and faults: test_tokenize_resume.py)."""
 
+import contextlib
+import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import replace
 
@@ -15,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from corpora import expected_counts, good, keys_once, mixed_rows, write_folder, write_tar
+from corpora import as_another_user, expected_counts, good, keys_once, mixed_rows, write_folder, write_tar
 from muse import storage
 from muse.checkpoint import component_uri, load_component
 from pipelines import manifest, output_runs, readers, shards
@@ -216,6 +220,37 @@ def test_cli(tmp_path, tiny_root, capsys):
             main(["--input", str(given), "--output", str(output), "--checkpoint", tiny_root, "--no-progress"])
         err = capsys.readouterr().err
         assert refused.value.code == 2 and re.search(said, err) and err.count("\n") == 1, err
+
+
+def test_a_corpus_this_user_may_not_list_is_refused_in_one_line(tiny_root_lo_only):
+    """On a shared filesystem the corpus folder may be another user's: one line and exit status 2, where
+    it was a traceback. (A folder below it, or a file, is a skip or a reject: test_reader_inputs.py.)"""
+    shared = tempfile.mkdtemp(dir="/tmp")  # not below pytest's folder, which only its owner may enter
+    try:
+        root, corpus, out = (os.path.join(shared, name) for name in ("root", "corpus", "out"))
+        shutil.copytree(tiny_root_lo_only, root)
+        for folder in (shared, root, *(os.path.join(root, c) for c in os.listdir(root))):
+            os.chmod(folder, 0o755)
+        os.makedirs(out, mode=0o777)
+        os.chmod(out, 0o777)  # the heartbeat is written before the corpus is listed
+        os.makedirs(corpus)
+        for i in range(2):
+            image, caption = good(i, 40)
+            open(os.path.join(corpus, f"{i}.png"), "wb").write(image)
+            open(os.path.join(corpus, f"{i}.txt"), "w").write(caption)
+        os.chmod(corpus, 0o700)
+
+        def tokenize() -> tuple[int, str]:
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exited:
+                main(["--input", corpus, "--output", out, "--checkpoint", root, "--no-progress"])
+            return exited.value.code, err.getvalue()
+
+        code, err = as_another_user(tokenize)
+        assert (code, err) == (2, f"muse tokenize: error: [Errno 13] Permission denied: '{corpus}'; the parts "
+                                  "published so far stay\n")
+    finally:
+        shutil.rmtree(shared)
 
 
 def test_setup_mistakes_are_refused_in_one_line(tmp_path, tiny_root_lo_only, capsys):
