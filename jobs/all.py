@@ -194,10 +194,11 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
     import ray
     from ray.autoscaler.sdk import request_resources
 
-    ensure_ray()
     corpus, root = storage.absolute(corpus), storage.absolute(root)
     images = storage.absolute(images) if images else corpus
     tokens = storage.absolute(tokens or storage.join(root, "tokens"))
+    storage.check_writable(root)  # where every stage exports, before Ray starts
+    ensure_ray()
     check_shared_paths({"--corpus": corpus, "--images": images, "--tokens": tokens, "--checkpoint": root})
     report: dict[str, str] = {}
     check_run_folders(cfg, root)

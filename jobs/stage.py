@@ -117,6 +117,7 @@ class Stage:
             say(f"[{self.name}] {held}: nothing to train (raise --max-steps to go on, or --set "
                 f"{self.name}.run.name=NEW for a new run)")
             return []
+        storage.check_writable(root)  # where the run exports (and by default keeps its runs), before Ray
         ensure_ray()
         check_shared_paths({f"--{self.data}": data, "--checkpoint": root})
         return self.build(cfg, data, root, component, format)
@@ -205,7 +206,7 @@ def errors_in_one_line(parser: argparse.ArgumentParser) -> Iterator[None]:
         stop_display()
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     except Exception as e:
-        if refused := storage.s3_refusal(e):  # a missing bucket, credentials that do not allow it
+        if refused := storage.s3_refusal(e) or storage.access_refused(e):  # a missing bucket, a read-only disk
             stop_display()
             parser.exit(2, f"{parser.prog}: error: {refused}\n")
         failed = _training_failure(e)

@@ -160,6 +160,26 @@ def check_room(uri: str, needed: int, what: str) -> None:
                                     f"{path}, which has {free / 1e6:.1f} MB free")
 
 
+
+def access_refused(error: BaseException) -> OSError | None:
+    """The error of a local read or write that no retry allows in `error`'s chain (a read-only
+    filesystem, a folder of another user), or None."""
+    return next((e for e in _error_chain(error)
+                 if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)), None)
+
+
+def check_writable(uri: str) -> None:
+    """Raise the OSError that a write below the local `uri` would meet (a read-only filesystem, a
+    folder this user may not write), before any work is done. S3 answers for itself."""
+    if is_s3(uri):
+        return
+    path = filesystem(uri)[1]
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.access(path, os.W_OK):  # root is refused only by a read-only filesystem
+        code = errno.EROFS if os.statvfs(path).f_flag & os.ST_RDONLY else errno.EACCES
+        raise OSError(code, os.strerror(code), path)
+
 # S3 answers that no retry changes: a missing bucket, or credentials that do not allow the request.
 S3_REFUSALS = ("NO_SUCH_BUCKET", "ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
                "HTTP status 403", "EXPIRED_TOKEN", "INVALID_TOKEN")

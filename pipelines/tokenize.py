@@ -430,8 +430,8 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         if refused := storage.s3_refusal(e):  # a missing bucket, credentials that do not allow it
             parser.exit(2, f"{parser.prog}: error: {refused}\n")
-        if isinstance(e, PermissionError):  # the corpus's folder or the output: no retry changes it
-            parser.exit(2, f"{parser.prog}: error: {e}; the parts published so far stay\n")
+        if refused := storage.access_refused(e):  # the corpus's folder, or an output this user may not write
+            parser.exit(2, f"{parser.prog}: error: {refused}; the parts published so far stay\n")
         if failed := storage.s3_failure(e):  # S3 unreachable or throttling past every retry
             parser.exit(1, f"{parser.prog}: error: {failed} (after the retries of each request, "
                            "MUSE_S3_MAX_ATTEMPTS); the parts published so far stay, and the same command tokenizes "

@@ -112,3 +112,21 @@ def small_disk(tmp_path):
         yield disk
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder on a real read-only filesystem (a read-only bind mount), as a read-only NFS export or a
+    mount of another team's data is: writes below it fail with EROFS, root's included. What a test
+    puts in `tmp_path / "ro_source"` shows there."""
+    source, folder = tmp_path / "ro_source", tmp_path / "ro"
+    source.mkdir()
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "--bind", str(source), str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {mounted.stderr.decode().strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True, capture_output=True)
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

@@ -253,6 +253,21 @@ def test_a_corpus_this_user_may_not_list_is_refused_in_one_line(tiny_root_lo_onl
         shutil.rmtree(shared)
 
 
+def test_an_output_on_a_read_only_filesystem_is_refused_in_one_line(tmp_path, tiny_root_lo_only, read_only_dir,
+                                                                   capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    image, caption = good(0, 40)
+    (corpus / "a.png").write_bytes(image)
+    (corpus / "a.txt").write_text(caption)
+    out = read_only_dir / "tokens"
+    with pytest.raises(SystemExit) as refused:
+        main(["--input", str(corpus), "--output", str(out), "--checkpoint", tiny_root_lo_only, "--no-progress"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == (f"muse tokenize: error: [Errno 30] Read-only file system: '{out}'; the parts "
+                                       "published so far stay\n")
+
+
 def test_setup_mistakes_are_refused_in_one_line(tmp_path, tiny_root_lo_only, capsys):
     """A captions file that is not there, a VQGAN that is not there, an output written by an older
     muse tokenize and an output that is a file: each one usage line and exit status 2, never a
