@@ -425,6 +425,8 @@ def main(argv: list[str] | None = None) -> None:
                                args.format, args.shard_size, args.grid, args.layout)
     except ValueError as e:
         parser.error(str(e))
+    except OSError as e:  # the output cannot be written (read-only, full, S3 refusing): the cause in one line
+        parser.exit(1, f"{parser.prog}: error: writing {args.out}: {' '.join(str(e).split())}\n")
     print(f"wrote {summary['n']} {args.size}px images ({args.format}) to {args.out}; "
           f"{summary['holdout_pairs']} (color, shape) pairs held out in holdout.json")
 

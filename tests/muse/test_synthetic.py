@@ -234,6 +234,15 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert "holdout fraction" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "folder", "webdataset"])
+def test_an_output_that_cannot_be_written_is_one_line(read_only_dir, fmt, capsys):
+    with pytest.raises(SystemExit) as refused:
+        syn.main(["--out", str(read_only_dir / "corpus"), "--n", "3", "--size", "32", "--format", fmt])
+    err = capsys.readouterr().err
+    assert refused.value.code == 1 and err.startswith(f"muse synth: error: writing {read_only_dir}/corpus: ")
+    assert "Read-only file system" in err and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("layout", ["scattered", "lines"])
 def test_grid_corpus_records_its_layout_for_evaluation(tmp_path, layout):
     from muse.evaluate import heldout_images
