@@ -127,11 +127,12 @@ def train_loop_per_worker(config: dict) -> None:
 
 def fails_every_attempt(error: BaseException) -> bool:
     """Whether `error` (raised in a worker, maybe through Ray tasks) would fail every restart the same
-    way: a token shard damaged after it was written fails each pass that reaches it, and a full disk
-    each checkpoint."""
+    way: a token shard damaged after it was written fails each pass that reaches it, a full disk each
+    checkpoint, and a file this user may not read or write (a read-only mount) each access."""
     from pipelines.shards import CorruptShard
 
-    return isinstance(raised_by(error), CorruptShard) or storage.full_disk(error) is not None
+    return (isinstance(raised_by(error), CorruptShard) or storage.full_disk(error) is not None
+            or storage.access_refused(error) is not None)
 
 
 def _stop_run(job: TrainJob, error: BaseException) -> bool:

@@ -186,6 +186,27 @@ def test_a_full_disk_stops_the_run_where_it_can_say_so(monkeypatch, tmp_path):
     assert "No space left on device" in (tmp_path / loop.STOPPED).read_text()
 
 
+def test_a_file_this_process_may_not_write_stops_the_run(monkeypatch, tmp_path, read_only_dir):
+    """A read-only mount (or another user's file) fails every attempt the same way: the run stops."""
+    from jobs import loop
+
+    with pytest.raises(OSError) as refused:
+        open(read_only_dir / "step_000100.png", "wb")  # a real EROFS
+    calls = []
+
+    def fails(job, attempt):
+        calls.append(attempt)
+        raise refused.value
+
+    monkeypatch.setattr(loop, "_train_loop", fails)
+    job = TrainJob(root="", component="base", run_name="base", run_dir=str(tmp_path),
+                   section={"run": {"max_failures": 100}}).as_config()
+    with pytest.raises(OSError):
+        loop.train_loop_per_worker(job)
+    loop.train_loop_per_worker(job)  # the restart: returns without training
+    assert len(calls) == 1 and "Read-only file system" in (tmp_path / loop.STOPPED).read_text()
+
+
 def test_an_error_from_another_ray_task_is_named_by_its_cause():
     """A shard that fails its read in Ray Data's split coordinator reaches the worker as a RayTaskError
     whose first line is where it was raised (pid, actor id): the attempt's line names the cause."""
