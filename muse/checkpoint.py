@@ -339,6 +339,8 @@ def load_component(uri: str, device: str | torch.device = "cpu", expect_kind: st
         try:
             state = load_file(weights)
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            if not os.access(weights, os.R_OK):  # safetensors calls that "No such file or directory"
+                raise CheckpointError(f"{weights}: this user may not read it (permission denied)") from e
             raise CheckpointError(f"{weights} in {uri} is corrupt or does not match its config: {e}") from e
 
         def build() -> nn.Module:

@@ -135,6 +135,35 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_half_written_comp
     assert not [name for name in left if "staging" in name], left  # whole components or none
 
 
+def test_weights_this_user_may_not_read_are_said_so(tmp_path):
+    """A model root shared by users where one file is not readable by all: safetensors calls that
+    "No such file or directory", which sent users looking for a missing file."""
+    import shutil
+    import tempfile
+
+    from other_user import as_another_user
+
+    shared = tempfile.mkdtemp(dir="/tmp")  # not below pytest's folder, which only its owner may enter
+    try:
+        uri = os.path.join(shared, "base")
+        save_component(MaskedTransformer(preset("base-tiny")), uri)
+        for path in (shared, uri, *(os.path.join(uri, name) for name in os.listdir(uri))):
+            os.chmod(path, 0o755 if os.path.isdir(path) else 0o644)
+        os.chmod(os.path.join(uri, "model.safetensors"), 0o600)
+
+        def load() -> str:
+            try:
+                load_component(uri)
+            except CheckpointError as e:
+                return str(e)
+            return "loaded"
+
+        said = as_another_user(load)
+        assert said == f"{uri}/model.safetensors: this user may not read it (permission denied)", said
+    finally:
+        shutil.rmtree(shared)
+
+
 def test_wrong_kind_is_rejected(tmp_path):
     save_component(MaskedTransformer(preset("base-tiny")), str(tmp_path / "base"))
     with pytest.raises(CheckpointError, match="expected 'superres'"):

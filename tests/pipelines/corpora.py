@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import pickle
 import random
 import struct
-import sys
 import tarfile
-import traceback
 import zlib
 from collections import Counter
 
@@ -169,32 +165,3 @@ def corpus_of_parts(tmp_path, n_files: int = 4, per_file: int = 6) -> tuple[str,
             else:
                 accepted.add(f"{path}#{i}")
     return str(folder), accepted, dict(rejects)
-
-
-def as_another_user(fn):
-    """fn() with the file permissions of an unprivileged user, in a forked child: root (which every
-    permission lets through) takes the user id of `nobody` there, where no other thread of this process
-    (Ray's) is touched; anyone else already is such a user."""
-    if os.geteuid() != 0:
-        return fn()
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            os.close(read_end)
-            os.setgid(65534)
-            os.setuid(65534)
-            with os.fdopen(write_end, "wb") as out:
-                pickle.dump(fn(), out)
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as got:
-        data = got.read()
-    assert os.waitpid(child, 0)[1] == 0, "the child failed: its traceback is above"
-    return pickle.loads(data)

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from corpora import as_another_user, good
+from corpora import good
+from other_user import as_another_user
 from muse import storage
 from pipelines.config import PreprocessConfig, ReaderConfig
 from pipelines.preprocess import preprocess_batch

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from corpora import as_another_user, expected_counts, good, keys_once, mixed_rows, write_folder, write_tar
+from corpora import expected_counts, good, keys_once, mixed_rows, write_folder, write_tar
+from other_user import as_another_user
 from muse import storage
 from muse.checkpoint import component_uri, load_component
 from pipelines import manifest, output_runs, readers, shards
