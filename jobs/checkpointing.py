@@ -71,7 +71,7 @@ def staging_directory(step: int, parent: str | None = None) -> str:
 def check_room_for_upload(directory: str, run_dir: str, step: int) -> None:
     """Ray Train uploads the checkpoint staged in `directory` in a background thread, where a full disk
     fails the attempt unseen by the training loop, and so every restart the same way: refuse it here,
-    as an error the loop stops the run for (`jobs.loop.fails_every_attempt`). Each rank checks its own
+    as an error the loop stops the run for (`jobs.attempts.fails_every_attempt`). Each rank checks its own
     shards only, so a checkpoint that fits is never refused."""
     size = sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(directory)
                for name in names)

@@ -13,7 +13,8 @@ from dataclasses import replace
 from typing import Any
 
 from jobs import run_lock
-from jobs.loop import NO_FULL_BATCH, STOPPED, StageWorker, train_loop_per_worker, worker_path
+from jobs.attempts import STOPPED
+from jobs.loop import NO_FULL_BATCH, StageWorker, train_loop_per_worker, worker_path
 from jobs.preflight import (ResumePoint, RunRefused, check_resume, check_root_weights, check_rows,
                             newest_checkpoint_state, remove_unregistered, room_problem, run_identity)
 from jobs.progress import quiet_ray_loggers, say, start_display
@@ -161,7 +162,7 @@ def fit_stage(worker: type[StageWorker], section: Any, job: TrainJob, dataset, r
 
 
 def _refuse_if_stopped(name: str, stopped: str) -> None:
-    """Refuse run `name` when its workers met an error that fails every attempt (`jobs.loop.STOPPED`)."""
+    """Refuse run `name` when its workers met an error that fails every attempt (`jobs.attempts.STOPPED`)."""
     if storage.exists(stopped):
         why = storage.read_text(stopped)
         storage.delete(stopped)

@@ -240,7 +240,7 @@ def _training_failure(e: BaseException) -> str | None:
     train = sys.modules.get("ray.train")  # imported wherever a run can have failed
     if train is None or not isinstance(e, train.TrainingFailedError):
         return None
-    from jobs.loop import raised_by
+    from jobs.attempts import raised_by
 
     failures = getattr(e, "worker_failures", None) or {}
     wrapped = failures[min(failures)] if failures else e

@@ -96,7 +96,7 @@ def test_a_failed_attempt_is_one_line_on_the_console(monkeypatch, tmp_path):
     import ray
     import ray.train
 
-    from jobs import loop
+    from jobs import attempts, loop
 
     board = Board()
     rank = [0]
@@ -129,7 +129,7 @@ def test_a_failed_attempt_is_one_line_on_the_console(monkeypatch, tmp_path):
     last = board.poll(1)[1][0]
     assert board.poll(0)[0]["base"]["status"] == "failed"
     assert last.startswith("[base] attempt 2 failed") and "no restarts left of base.run.max_failures=1: the run fails" in last
-    assert not (tmp_path / loop.STOPPED).exists()  # a restart may mend those
+    assert not (tmp_path / attempts.STOPPED).exists()  # a restart may mend those
 
 
 def test_an_error_that_fails_every_attempt_stops_the_run_at_the_next(monkeypatch, tmp_path):
@@ -137,7 +137,7 @@ def test_an_error_that_fails_every_attempt_stops_the_run_at_the_next(monkeypatch
     writes the error where the next attempt's workers find it and return before building anything."""
     from ray.exceptions import RayTaskError
 
-    from jobs import loop
+    from jobs import attempts, loop
     from pipelines.shards import CorruptShard
 
     calls = []
@@ -152,7 +152,7 @@ def test_an_error_that_fails_every_attempt_stops_the_run_at_the_next(monkeypatch
                    section={"run": {"max_failures": 100}}).as_config()
     with pytest.raises(RayTaskError):  # still raised: this attempt's workers are torn down as any failed one's
         loop.train_loop_per_worker(job)
-    assert (tmp_path / loop.STOPPED).read_text() == "CorruptShard: t/x.parquet is not a readable shard"
+    assert (tmp_path / attempts.STOPPED).read_text() == "CorruptShard: t/x.parquet is not a readable shard"
     loop.train_loop_per_worker(job)  # the restart: returns without training
     assert len(calls) == 1
 
@@ -160,7 +160,7 @@ def test_an_error_that_fails_every_attempt_stops_the_run_at_the_next(monkeypatch
 def test_a_full_disk_stops_the_run_where_it_can_say_so(monkeypatch, tmp_path):
     """A full disk fails each checkpoint: the run stops as for a damaged shard, unless the stop cannot
     be written either (the run's folder on that disk), where the restarts go on as for any error."""
-    from jobs import loop
+    from jobs import attempts, loop
 
     with pytest.raises(OSError) as full:
         with open("/dev/full", "wb") as f:  # a real ENOSPC
@@ -179,16 +179,16 @@ def test_a_full_disk_stops_the_run_where_it_can_say_so(monkeypatch, tmp_path):
         calls.clear()
         with pytest.raises(OSError):
             loop.train_loop_per_worker(job)
-        assert loop.fails_every_attempt(full.value)
+        assert attempts.fails_every_attempt(full.value)
         with contextlib.suppress(OSError):
             loop.train_loop_per_worker(job)  # the restart
         assert len(calls) == (1 if stops else 2)
-    assert "No space left on device" in (tmp_path / loop.STOPPED).read_text()
+    assert "No space left on device" in (tmp_path / attempts.STOPPED).read_text()
 
 
 def test_a_file_this_process_may_not_write_stops_the_run(monkeypatch, tmp_path, read_only_dir):
     """A read-only mount (or another user's file) fails every attempt the same way: the run stops."""
-    from jobs import loop
+    from jobs import attempts, loop
 
     with pytest.raises(OSError) as refused:
         open(read_only_dir / "step_000100.png", "wb")  # a real EROFS
@@ -204,7 +204,7 @@ def test_a_file_this_process_may_not_write_stops_the_run(monkeypatch, tmp_path, 
     with pytest.raises(OSError):
         loop.train_loop_per_worker(job)
     loop.train_loop_per_worker(job)  # the restart: returns without training
-    assert len(calls) == 1 and "Read-only file system" in (tmp_path / loop.STOPPED).read_text()
+    assert len(calls) == 1 and "Read-only file system" in (tmp_path / attempts.STOPPED).read_text()
 
 
 def test_an_error_from_another_ray_task_is_named_by_its_cause():
@@ -212,7 +212,7 @@ def test_an_error_from_another_ray_task_is_named_by_its_cause():
     whose first line is where it was raised (pid, actor id): the attempt's line names the cause."""
     from ray.exceptions import RayTaskError
 
-    from jobs.loop import failure_line
+    from jobs.attempts import failure_line
     from pipelines.shards import CorruptShard
 
     read = RayTaskError("ReadTokenShards", "Traceback ...", CorruptShard("s3://b/t/x.parquet is not a readable "

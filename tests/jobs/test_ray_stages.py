@@ -246,7 +246,7 @@ def test_a_damaged_shard_stops_the_run_at_the_first_attempt_that_reads_it(ray_se
     attempt returns at once, and the driver refuses the run in one line. (The first shard's footer is
     read before training starts, tests/jobs/test_preflight.py; this is the second.)"""
     from jobs import progress
-    from jobs.loop import STOPPED
+    from jobs.attempts import STOPPED
     from jobs.preflight import RunRefused
     from pipelines.shards import load_token_shards, token_shard_files, write_table
 
