@@ -54,7 +54,7 @@ from pipelines import shards
 from sampling import machine  # benchmarks/sampling.py: the same machine line as the other scripts
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
-SERVED = {"steps": 24, "guidance_scale": 1.0, "choice_temperature": 4.5}  # jobs.demo.DEMO_SAMPLING's base part
+SERVED = {"steps": 24, "guidance_scale": 1.0, "choice_temperature": 4.5}  # configs/demo.yaml's sampling, its base part
 
 
 def shard_captions(table, tokenizer) -> list[str]:

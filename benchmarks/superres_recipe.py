@@ -45,7 +45,7 @@ from base_recipe import demo_links, export_root, train_in_process  # benchmarks/
 from sampling import machine  # benchmarks/sampling.py: the same machine line as the other scripts
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
-SERVED = {"superres_steps": 8, "guidance_scale": 1.0, "choice_temperature": 4.5,  # jobs.demo.DEMO_SAMPLING's part
+SERVED = {"superres_steps": 8, "guidance_scale": 1.0, "choice_temperature": 4.5,  # configs/demo.yaml's sampling, its part
           "superres_top_k": 1}
 SCENE_SIZE, GRID = 128, 8
 

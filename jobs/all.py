@@ -33,6 +33,7 @@ from jobs import stages
 from jobs.stages import run_stage
 from jobs.vqgan import CORPUS_HELP, component_run, vqgan_components
 from muse import checkpoint, storage
+from muse.root_sampling import write_root_sampling
 
 TRANSFORMERS = ("base", "superres")
 
@@ -285,6 +286,7 @@ def train_all(cfg: TrainConfig, corpus: str, root: str, tokens: str | None = Non
         report["decoder"] = "skipped (finished)"
     elif "decoder" in cfg.stages:
         timed("decoder", lambda: run_stage("decoder", cfg, images, root, component=component, format=format))
+    write_root_sampling(root, cfg.sampling)  # what generate and serve draw with, unless told otherwise
     say("[all] " + "; ".join(f"{k}: {v}" for k, v in report.items()))
     return report
 

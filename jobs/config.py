@@ -22,6 +22,7 @@ from pathlib import Path
 
 from muse.config import PRESETS, BaseTransformerConfig, SuperResTransformerConfig, TextEncoderConfig, VQGANConfig
 from muse.config import load
+from muse.root_sampling import RootSampling
 from pipelines.config import TokenizeConfig
 
 STRATEGIES = ("ddp", "fsdp")
@@ -284,6 +285,9 @@ class TrainConfig:
     # trainers before training them one after the other.
     concurrent_wait_s: float = 600.0
     stages: tuple[str, ...] = STAGES  # what `train all` runs (e.g. without "decoder": no decoder fine-tune)
+    # The sampling this recipe's model draws well with, recorded in ROOT/sampling.json when a transformer
+    # stage or `train all` finishes: `muse generate` and `muse serve` take it for what they leave out.
+    sampling: RootSampling = field(default_factory=RootSampling)
 
     def __post_init__(self):
         unknown = sorted(set(self.stages) - set(STAGES))

@@ -40,14 +40,6 @@ from jobs.progress import quiet_ray_loggers, set_verbose, stop_display
 from muse import storage
 from muse.data.synthetic import GRID_LAYOUTS
 
-# What the demo's server uses when a request leaves them out: on the tiny model, guidance 4 (the serve
-# default) fills the canvas with shapes and guidance 0 leaves it nearly blank; guidance 1 with the
-# serve defaults' 24 steps and choice temperature judged best (benchmarks/RESULTS.md).
-# Super-res draws the likeliest code at each position: sampling the whole codebook drew a patch of
-# another colour in 3 of 192 seen prompts whose base image was right, the likeliest in none
-# (benchmarks/RESULTS.md, "Super-res drawing the likeliest code").
-DEMO_SAMPLING = {"steps": 24, "superres_steps": 8, "guidance_scale": 1.0, "choice_temperature": 4.5,
-                 "superres_top_k": 1}
 DEMO_APP = "muse-demo"  # the demo's Serve application: the only one it deletes
 TOKENIZER_IMAGES = ("corpus", "all-pairings")  # what the tokenizers learn from (--tokenizer-images)
 
@@ -57,16 +49,17 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 SERVE_CONFIG = "serve.yaml"
 
 
-def write_serve_config(output: str, root: str) -> str:
-    """OUTPUT/serve.yaml: AppArgs overrides (the root, the demo's sampling) for `muse serve --config`, so
-    the root is served afterwards as the demo served it, not with Serve's defaults (guidance 4, super-res
-    sampling the whole codebook), under which the tiny model draws other images."""
+def write_serve_config(output: str, root: str, sampling: dict) -> str:
+    """OUTPUT/serve.yaml: AppArgs overrides (the root, the demo's sampling: configs/demo.yaml's, which the
+    root records too) for `muse serve --config`, so the root is served afterwards as the demo served it,
+    not with Serve's defaults (guidance 4, super-res sampling the whole codebook), under which the tiny
+    model draws other images."""
     import yaml
 
     path = storage.join(output, SERVE_CONFIG)
     storage.write_text(path, "# `muse serve --config " + path + "`: the demo's model with the demo's sampling\n"
                        + yaml.safe_dump({"checkpoint": os.path.abspath(root) if not storage.is_s3(root) else root,
-                                         "sampling": dict(DEMO_SAMPLING)}, sort_keys=False))
+                                         "sampling": dict(sampling)}, sort_keys=False))
     return path
 
 
@@ -221,9 +214,10 @@ def run_demo(output: str, *, config: str | None = DEFAULT_CONFIG, overrides: tup
         small = Deployment(num_cpus=0.25)
         gen = Generator(num_cpus=0.5)
         ingress = AppArgs.model_fields["ingress"].default.model_copy(update={"num_cpus": 0.25})  # its queue kept
+        sampling = train_cfg.sampling.recorded()  # what the recipe measured its model to draw well with
         args = AppArgs(checkpoint=root, text_encoder=small, decoder=small, ingress=ingress, base=gen, superres=gen,
-                       sampling=Sampling(**DEMO_SAMPLING))
-        write_serve_config(output, root)
+                       sampling=Sampling(**sampling))
+        write_serve_config(output, root, sampling)
         start_serve("127.0.0.1", port)
         deployed = True  # from here on the app may exist, even if serve.run fails part-way
         serve.run(build_app(args), name=DEMO_APP, route_prefix="/", blocking=False)

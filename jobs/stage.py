@@ -30,6 +30,7 @@ from jobs.progress import running_now, say, set_verbose, stop_display
 from jobs.root_fit import codes_version
 from muse import checkpoint, storage
 from muse.components import COMPONENTS, CheckpointError
+from muse.root_sampling import write_root_sampling
 
 DATA_KINDS = {"corpus": "data/corpus", "tokens": "data/tokens"}  # --<kind> -> example path
 
@@ -120,7 +121,10 @@ class Stage:
         storage.check_writable(root)  # where the run exports (and by default keeps its runs), before Ray
         ensure_ray()
         check_shared_paths({f"--{self.data}": data, "--checkpoint": root})
-        return self.build(cfg, data, root, component, format)
+        results = self.build(cfg, data, root, component, format)
+        if self.data == "tokens":  # a transformer: what generate and serve draw with, unless told otherwise
+            write_root_sampling(root, cfg.sampling)
+        return results
 
     def parser(self) -> argparse.ArgumentParser:
         flag = f"--{self.data}"

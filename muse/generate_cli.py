@@ -20,11 +20,12 @@ import math
 import os
 import re
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 from PIL import Image
 
 from muse.config import SAMPLING
+from muse.root_sampling import read_root_sampling
 
 COMMANDS = ("generate", "inpaint", "outpaint", "edit")
 
@@ -45,15 +46,17 @@ def _common(parser: argparse.ArgumentParser, steps: bool = True) -> None:
                              "in batches with the same tokens as in one (a pixel may differ by 1/255: the "
                              "decoder's float arithmetic depends on the batch size)")
     if steps:
-        parser.add_argument("--steps", type=int, default=SAMPLING.steps,
-                            help=f"base decoding steps (default {SAMPLING.steps})")
+        parser.add_argument("--steps", type=int, default=None,
+                            help=f"base decoding steps (default: the root's sampling.json, else {SAMPLING.steps})")
     parser.add_argument("--superres-steps", type=int, default=None,
-                        help=f"super-res decoding steps (default {SAMPLING.superres_steps})")
+                        help=f"super-res decoding steps (default: the root's sampling.json, else "
+                             f"{SAMPLING.superres_steps})")
     parser.add_argument("--superres-top-k", type=int, default=None,
-                        help="super-res draws each code among its k likeliest (1: the likeliest; default: "
-                             "the whole codebook)")
-    parser.add_argument("--guidance", type=float, default=SAMPLING.guidance_scale,
-                        help=f"classifier-free guidance scale (default {SAMPLING.guidance_scale:g})")
+                        help="super-res draws each code among its k likeliest (1: the likeliest; default: the "
+                             "root's sampling.json, else the whole codebook)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help=f"classifier-free guidance scale (default: the root's sampling.json, else "
+                             f"{SAMPLING.guidance_scale:g}); the root records what its recipe measured to draw well")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request: image i draws from a generator seeded from (seed, i), so no two seeds share "
                         "an image and the same seed and settings give the same images (default 0)")
     parser.add_argument("--no-superres", action="store_true",
@@ -129,26 +132,36 @@ def run(command: str, args: argparse.Namespace) -> list[str]:
         pipe = MusePipeline.from_preset(args.preset, seed=0, device=args.device)
     # Through super-res when the root has it (an imported aMUSEd root stops at the base resolution).
     superres = pipe.superres is not None and not args.no_superres
+    recorded = read_root_sampling(args.checkpoint).recorded() if args.checkpoint else {}
+
+    def setting(flag: str | None, name: str) -> Any:
+        """The flag's value, else the root's recorded setting, else the built-in default."""
+        given = getattr(args, flag, None) if flag else None
+        return given if given is not None else recorded.get(name, getattr(SAMPLING, name, None))
+
     if not superres and (args.superres_steps is not None or args.superres_top_k is not None):
         skipped = "--no-superres skips it" if args.no_superres else f"{args.checkpoint or args.preset} has none"
         raise ValueError(f"--superres-steps and --superres-top-k set the super-res stage, and {skipped}: drop them")
     negative = args.negative_prompt if args.negative_prompt and args.negative_prompt.strip() else None  # "": none
-    if negative is not None and args.guidance == 0:
+    guidance = setting("guidance", "guidance_scale")
+    if negative is not None and guidance == 0:
         print(f"muse {command}: warning: --negative-prompt has no effect with --guidance 0 (only guidance reads it)",
               file=sys.stderr)
         negative = None
-    common = dict(negative_prompt=negative, guidance_scale=args.guidance, seed=args.seed,
-                  superres=superres, superres_top_k=args.superres_top_k)
-    if args.superres_steps is not None:  # else the pipeline's default
-        common["superres_steps"] = args.superres_steps
+    common = dict(negative_prompt=negative, guidance_scale=guidance, seed=args.seed, superres=superres,
+                  choice_temperature=setting(None, "choice_temperature"))
+    if superres:  # (the super-res settings of a root drawn at the base resolution are left out)
+        common |= dict(superres_steps=setting("superres_steps", "superres_steps"),
+                       superres_top_k=setting("superres_top_k", "superres_top_k"))
+    steps = setting("steps", "steps")
     if command == "generate":
-        draw = functools.partial(pipe, args.prompt, steps=args.steps, **common)
+        draw = functools.partial(pipe, args.prompt, steps=steps, **common)
     elif command == "inpaint":
-        draw = functools.partial(pipe.inpaint, *inputs, args.prompt, steps=args.steps, keep_pixels=args.keep_pixels,
+        draw = functools.partial(pipe.inpaint, *inputs, args.prompt, steps=steps, keep_pixels=args.keep_pixels,
                                  **common)
     elif command == "outpaint":
         draw = functools.partial(pipe.outpaint, *inputs, args.prompt, direction=args.direction, scale=args.scale,
-                                 steps=args.steps, keep_pixels=args.keep_pixels, **common)
+                                 steps=steps, keep_pixels=args.keep_pixels, **common)
     else:
         draw = functools.partial(pipe.edit, *inputs, args.prompt, iterations=args.iterations,
                                  fraction=args.fraction, top_k=args.top_k or None, **common)

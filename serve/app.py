@@ -22,8 +22,9 @@ from ray.serve import Application
 from muse import checkpoint
 from muse.checkpoint import check_root_weights
 from muse.components import check_root
+from muse.root_sampling import read_root_sampling
 from serve.api import Ingress
-from serve.config import AppArgs
+from serve.config import AppArgs, Sampling
 from serve.deployments import BaseGenerator, Decoder, SuperResGenerator, TextEncoder
 
 
@@ -61,6 +62,15 @@ def _ephemeral_ports_start() -> int:
         return 32768  # Linux's default
 
 
+def with_root_sampling(sampling: Sampling, root: str) -> Sampling:
+    """`sampling` with what its config left out taken from the root's recorded sampling
+    (`muse.root_sampling`): a root trained by the demo's recipe draws its prompts at guidance 1, and
+    the default 4 fills its canvas with shapes."""
+    recorded = {name: value for name, value in read_root_sampling(root).recorded().items()
+                if name not in sampling.model_fields_set}
+    return sampling.model_copy(update=recorded) if recorded else sampling
+
+
 def build_app(args: AppArgs) -> Application:
     """The Serve application for `args` (a pydantic model; Serve validates a config's `args` dict
     into it). The API key comes from `args.api_key`, else from the environment variable
@@ -71,7 +81,8 @@ def build_app(args: AppArgs) -> Application:
     check_root_weights(args.checkpoint)  # here, not in a replica that Serve restarts, tracebacks and all
     api_key = args.api_key or os.environ.get(args.api_key_env) or None
     root = args.checkpoint if "://" in args.checkpoint else os.path.abspath(args.checkpoint)
-    args = args.model_copy(update={"api_key": api_key, "checkpoint": root})  # replicas run elsewhere
+    args = args.model_copy(update={"api_key": api_key, "checkpoint": root,  # replicas run elsewhere
+                                   "sampling": with_root_sampling(args.sampling, root)})
     root, device, sampling = args.checkpoint, args.device, args.sampling
 
     def deployment(cls, name: str, options: dict, access_log: bool = False):

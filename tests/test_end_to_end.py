@@ -53,13 +53,18 @@ def test_demo_loop_end_to_end(ray_session, tmp_path):
     assert saved["judge"]["seen"]["n"] == 3 and saved["judge"]["held_out"]["n"] == 2
     assert saved["judge_base"]["seen"]["n"] == 3 and "chance" in saved["judge_base"]  # base stage alone
     assert (out / "grid.png").exists() and (out / "grid_base.png").exists()
-    # serve.yaml serves the root afterwards with the sampling the demo served it with.
-    from jobs.demo import DEMO_SAMPLING
+    # serve.yaml serves the root afterwards with the sampling the demo served it with, and the root records
+    # it (configs/demo.yaml's), so that `muse generate` and a plain `muse serve` draw with it too.
+    from jobs.config import load_config
+    from jobs.demo import DEFAULT_CONFIG
+    from muse.root_sampling import read_root_sampling
     from serve.config import AppArgs, load_args
 
+    demo_sampling = load_config(DEFAULT_CONFIG).sampling.recorded()
+    assert demo_sampling["guidance_scale"] == 1.0 and read_root_sampling(root).recorded() == demo_sampling
     served_as = AppArgs(**load_args(out / "serve.yaml"))
-    assert served_as.checkpoint == str(root) and served_as.sampling.model_dump(include=set(DEMO_SAMPLING)) == \
-        DEMO_SAMPLING
+    assert served_as.checkpoint == str(root) and served_as.sampling.model_dump(include=set(demo_sampling)) == \
+        demo_sampling
     assert set(saved["psnr_db"]) == {"vqgan_lo", "vqgan_hi"}
     from jobs.parallel import cpu_runs_bf16
 

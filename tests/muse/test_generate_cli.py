@@ -123,3 +123,26 @@ def test_cli_checks_its_inputs_before_the_model_loads_and_writes_as_it_draws(tmp
     assert "--negative-prompt has no effect with --guidance 0" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["edit_00-01.png", "edit_00.png", "edit_01.png", "edit_02.png"]
     assert Image.open(out / "edit_00-01.png").size == (128, 64)
+
+
+def test_a_roots_recorded_sampling_is_what_the_flags_leave_out(tmp_path):
+    """A root records the sampling its recipe measured (the demo's: guidance 1, where the default 4 fills
+    the tiny model's canvas with shapes): `muse generate` without flags draws the same images as with
+    those settings given, and a flag still wins over the record."""
+    from muse.checkpoint import init_model_root
+    from muse.root_sampling import RootSampling, write_root_sampling
+
+    root = str(tmp_path / "root")
+    init_model_root("tiny", root)
+    write_root_sampling(root, RootSampling(steps=3, superres_steps=2, guidance_scale=1.0, superres_top_k=1))
+
+    def drawn(name: str, *flags: str) -> bytes:
+        out = tmp_path / name
+        assert generate_cli.main(["generate", "--prompt", "two red circles", "--checkpoint", root, "--seed", "5",
+                                  "--out", str(out), *flags]) == 0
+        return (out / "generate_00.png").read_bytes()
+
+    recorded = drawn("recorded")
+    given = ("--steps", "3", "--superres-steps", "2", "--superres-top-k", "1")
+    assert recorded == drawn("given", *given, "--guidance", "1")
+    assert recorded != drawn("guidance_4", *given, "--guidance", "4")

@@ -121,6 +121,30 @@ def test_serve_config_args_reach_build_app_the_way_serve_passes_them(tmp_path):
         call_user_app_builder_with_args_if_necessary(build_app, {"checkpoint": root, "bogus": 1})
 
 
+def test_what_the_config_leaves_out_of_sampling_is_the_roots_recorded_sampling(tmp_path):
+    """A root trained by the demo's recipe records guidance 1 (ROOT/sampling.json): served with the shipped
+    config, which leaves it out, requests draw with it, as `muse generate` does; a config that names a
+    setting keeps its own."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from muse.checkpoint import init_model_root
+    from muse.root_sampling import RootSampling, write_root_sampling
+    from serve.app import build_app
+
+    root = str(tmp_path / "root")
+    init_model_root("tiny", root)
+    write_root_sampling(root, RootSampling(guidance_scale=1.0, superres_top_k=1))
+    args = load_args(REPO / "serve" / "config.yaml")
+    for given, guidance in (({}, 1.0), ({"guidance_scale": 2.5}, 2.5)):
+        sampling = {**args["sampling"], **given}
+        app = call_user_app_builder_with_args_if_necessary(build_app, {**args, "checkpoint": root,
+                                                                       "sampling": sampling})
+        *handles, built = app._bound_deployment.init_args
+        assert (built.sampling.guidance_scale, built.sampling.superres_top_k) == (guidance, 1)
+        assert built.sampling.steps == 24 and built.sampling.preview_every == 4  # not recorded: the defaults
+        assert handles[2]._bound_deployment.init_kwargs["top_k"] == 1  # super-res draws the likeliest code
+
+
 def test_a_port_for_a_new_server_is_free_and_outside_the_ranges_other_processes_take_ports_from(monkeypatch):
     """The demo's and the tests' servers listen on `unused_port()`: free now, above Ray's worker ports and
     below the kernel's ephemeral range, so no bind(0) or outgoing connection of Ray's takes it first (a
