@@ -25,7 +25,6 @@ from typing import Any, Callable
 from PIL import Image
 
 from muse.config import SAMPLING
-from muse.root_sampling import read_root_sampling
 
 COMMANDS = ("generate", "inpaint", "outpaint", "edit")
 
@@ -132,7 +131,7 @@ def run(command: str, args: argparse.Namespace) -> list[str]:
         pipe = MusePipeline.from_preset(args.preset, seed=0, device=args.device)
     # Through super-res when the root has it (an imported aMUSEd root stops at the base resolution).
     superres = pipe.superres is not None and not args.no_superres
-    recorded = read_root_sampling(args.checkpoint).recorded() if args.checkpoint else {}
+    recorded = pipe.root_sampling.recorded()
 
     def setting(flag: str | None, name: str) -> Any:
         """The flag's value, else the root's recorded setting, else the built-in default."""

@@ -28,6 +28,7 @@ from PIL import Image
 from muse import checkpoint, editing, sampling, storage
 from muse.components import check_fit
 from muse.config import SAMPLING
+from muse.root_sampling import RootSampling, read_root_sampling, write_root_sampling
 from muse.data.images import centre_square, pil_to_tensor, tensor_to_pil
 from muse.image_inputs import letterbox, load_image, load_mask
 from muse.token_stages import TextCondition, base_tokens, stage_contexts, superres_tokens
@@ -51,6 +52,8 @@ class MusePipeline:
         self.text_encoder, self.vqgan_lo, self.base = text_encoder, vqgan_lo, base
         self.vqgan_hi, self.superres = vqgan_hi, superres
         _check_compatible(text_encoder, vqgan_lo, base, vqgan_hi, superres)
+        # What the root records it draws well with (`muse.root_sampling`): `pipe(p, **pipe.root_sampling.recorded())`.
+        self.root_sampling = RootSampling()
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -75,7 +78,9 @@ class MusePipeline:
         elif present:
             warnings.warn(f"{root_uri} has {present[0]}/ but not {({'vqgan_hi', 'superres'} - set(present)).pop()}/: "
                           "loading it without the super-res stage", stacklevel=2)
-        return cls(**parts)
+        pipe = cls(**parts)
+        pipe.root_sampling = read_root_sampling(root_uri)
+        return pipe
 
     @classmethod
     def from_preset(cls, name: str = "tiny", seed: int = 0, device: str | torch.device = "cpu") -> MusePipeline:
@@ -110,6 +115,7 @@ class MusePipeline:
                 checkpoint.save_reference(model.config, checkpoint.component_uri(root_uri, name))
             elif model is not None:
                 checkpoint.save_component(model, checkpoint.component_uri(root_uri, name))
+        write_root_sampling(root_uri, self.root_sampling)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> MusePipeline:
         """Move every component (and cast the transformers and VQGANs to `dtype`). The text encoder

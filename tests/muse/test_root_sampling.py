@@ -31,3 +31,17 @@ def test_a_file_that_is_not_one_is_refused_naming_it(tmp_path, text, said):
     with pytest.raises(ValueError) as refused:
         read_root_sampling(str(tmp_path))
     assert said in str(refused.value)
+
+
+def test_the_pipeline_carries_its_roots_sampling_and_saves_it_again(tmp_path):
+    from muse.checkpoint import init_model_root
+    from muse.pipeline import MusePipeline
+
+    root, copy = str(tmp_path / "root"), str(tmp_path / "copy")
+    init_model_root("tiny", root)
+    write_root_sampling(root, RootSampling(guidance_scale=1.0, superres_top_k=1))
+    pipe = MusePipeline.from_pretrained(root)
+    assert pipe.root_sampling.recorded() == {"guidance_scale": 1.0, "superres_top_k": 1}
+    pipe.save_pretrained(copy)
+    assert read_root_sampling(copy) == pipe.root_sampling
+    assert MusePipeline.from_preset("tiny").root_sampling == RootSampling()  # nothing recorded
