@@ -151,15 +151,20 @@ def check_room(uri: str, needed: int, what: str) -> None:
     write that another thread will do, where its caller would not see the error. S3 has no such limit."""
     if is_s3(uri):
         return
-    path = filesystem(uri)[1]
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
+    path = _nearest_existing(filesystem(uri)[1])
     free = shutil.disk_usage(path).free
     if free < needed:
         raise OSError(errno.ENOSPC, f"No space left on device for {what}: it needs {needed / 1e6:.1f} MB under "
                                     f"{path}, which has {free / 1e6:.1f} MB free")
 
 
+
+
+def _nearest_existing(path: str) -> str:
+    """`path`, or its nearest ancestor that exists: where a write below it would land."""
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
 
 def access_refused(error: BaseException) -> OSError | None:
     """The error of a local read or write that no retry allows in `error`'s chain (a read-only
@@ -173,9 +178,7 @@ def check_writable(uri: str) -> None:
     folder this user may not write), before any work is done. S3 answers for itself."""
     if is_s3(uri):
         return
-    path = filesystem(uri)[1]
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
+    path = _nearest_existing(filesystem(uri)[1])
     if not os.access(path, os.W_OK):  # root is refused only by a read-only filesystem
         code = errno.EROFS if os.statvfs(path).f_flag & os.ST_RDONLY else errno.EACCES
         raise OSError(code, os.strerror(code), path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gettext  # noqa: F401 - imported here: the child may not read the interpreter's own folder
 import locale  # noqa: F401
 import os
-import pickle
+import json
 import sys
 import traceback
 
@@ -26,8 +26,8 @@ def as_another_user(fn):
             os.close(read_end)
             os.setgid(65534)
             os.setuid(65534)
-            with os.fdopen(write_end, "wb") as out:
-                pickle.dump(fn(), out)
+            with os.fdopen(write_end, "w") as out:  # JSON: the results are strings, numbers and rows
+                json.dump(fn(), out)
             code = 0
         except BaseException:
             traceback.print_exc()
@@ -35,7 +35,7 @@ def as_another_user(fn):
             sys.stdout.flush()
             os._exit(code)
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as got:
+    with os.fdopen(read_end) as got:
         data = got.read()
     assert os.waitpid(child, 0)[1] == 0, "the child failed: its traceback is above"
-    return pickle.loads(data)
+    return json.loads(data)
