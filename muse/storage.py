@@ -44,13 +44,19 @@ def s3_filesystem() -> pafs.S3FileSystem:
     job down instead of killing it."""
     endpoint = s3_endpoint()
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    attempts = int(os.environ.get("MUSE_S3_MAX_ATTEMPTS", S3_MAX_ATTEMPTS))
-    return _s3_filesystem(endpoint, region, attempts)
+    return _s3_filesystem(endpoint, region, s3_max_attempts())
+
+
+def s3_max_attempts() -> int:
+    return int(os.environ.get("MUSE_S3_MAX_ATTEMPTS", S3_MAX_ATTEMPTS))
 
 
 @functools.lru_cache(maxsize=8)
 def _s3_filesystem(endpoint: str | None, region: str | None, attempts: int) -> pafs.S3FileSystem:
-    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)}
+    # A delayed open writes a file that fits in one part with one PutObject when it is closed, instead of
+    # a multipart upload's three requests (each of which a hot prefix may throttle).
+    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
+                    "allow_delayed_open": True}
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
@@ -109,12 +115,12 @@ def makedirs(uri: str) -> None:
 # flush response stream", which the SDK's retry strategy never retries. Tiny files (captions) hit it
 # whenever a prefix is hot, so whole-file reads retry it themselves.
 MISFILED_THROTTLE = "Failed to flush response stream"
-READ_ATTEMPTS = 8
 
 
 def _misfiled_throttle_retried(read):
-    """`read()`, again with backoff while it fails with the misfiled throttle."""
-    for attempt in range(READ_ATTEMPTS - 1):
+    """`read()`, again with backoff while it fails with the misfiled throttle, up to the same number of
+    attempts as any request."""
+    for attempt in range(s3_max_attempts() - 1):
         try:
             return read()
         except OSError as e:

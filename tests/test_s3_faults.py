@@ -24,10 +24,10 @@ def hot_prefix(s3_server, monkeypatch):
 def test_reads_writes_and_listings_survive_throttling_and_dropped_connections(s3_bucket, hot_prefix):
     """SlowDown is retried with the SDK's throttling backoff (about half a second), so few objects."""
     prefix = f"{s3_bucket}/objects"
-    for i in range(6):
+    for i in range(8):
         storage.write_bytes(f"{prefix}/{i:02d}.bin", bytes([i]) * 5000)
-    assert storage.list_files(prefix) == [f"{prefix}/{i:02d}.bin" for i in range(6)]
-    assert all(storage.read_bytes(f"{prefix}/{i:02d}.bin") == bytes([i]) * 5000 for i in range(6))
+    assert storage.list_files(prefix) == [f"{prefix}/{i:02d}.bin" for i in range(8)]
+    assert all(storage.read_bytes(f"{prefix}/{i:02d}.bin") == bytes([i]) * 5000 for i in range(8))
     assert storage.exists(f"{prefix}/03.bin") and not storage.exists(f"{prefix}/nope.bin")
     counts = hot_prefix.counts
     assert counts["throttled"] >= 5 and counts["dropped"] >= 1, counts  # the faults were real
@@ -42,8 +42,9 @@ def test_without_retries_the_same_faults_fail(s3_bucket, hot_prefix, monkeypatch
     # The call failed on the proxy's first fault, its last request: every request before it went through.
     counts, last = hot_prefix.counts, len(hot_prefix.requests) - 1
     assert counts["throttled"] + counts["dropped"] == 1 and counts["forwarded"] == last >= 1, counts
-    said = "SLOW_DOWN" if counts["throttled"] else "Empty reply from server"  # a 503 SlowDown; a dropped connection
-    assert said in str(err.value), err.value
+    # A 503 SlowDown (which the SDK misfiles on a tiny object's GET); a dropped connection.
+    said = ("SLOW_DOWN", storage.MISFILED_THROTTLE) if counts["throttled"] else ("Empty reply from server",)
+    assert any(s in str(err.value) for s in said), err.value
 
 
 def test_a_training_checkpoint_resumes_through_the_hot_prefix(s3_bucket, hot_prefix, tmp_path):
