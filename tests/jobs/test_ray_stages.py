@@ -1,5 +1,6 @@
 """Every stage through Ray Train: 2 CPU workers (gloo), a few steps on tiny data, checkpoints reported
-and exported components that the pipeline loads. One worker is killed mid-run and the run resumes
+and exported components that the pipeline loads (runs that must stop at their first attempt take one
+worker: on 2 cores a second one costs ~8 s and shows nothing more there). One worker is killed mid-run and the run resumes
 from its last checkpoint; one run keeps its checkpoints and model root on the loopback S3 server, with
 checkpoint uploads slowed down (training does not wait for them). Resuming on another number of
 workers: the S3 run's two FSDP ranks resume on one worker and then on two again; exact state
@@ -229,9 +230,9 @@ def test_a_streamed_corpus_too_small_for_a_batch_is_refused_once_not_retried(ray
     assert board is not None
     seen = len(ray_session.get(board.poll.remote(0))[1])
     copy_tree(tiny_data.root, str(tmp_path / "root"))
-    write_corpus(str(tmp_path / "small"), 3, size=128, format="folder")
+    write_corpus(str(tmp_path / "small"), 1, size=128, format="folder")
     cfg = ray_test_config("vqgan", "vqgan.run.max_steps=3", "vqgan.run.batch_size=2", "vqgan.run.cache_data=false",
-                          "vqgan.run.max_failures=5")
+                          "vqgan.run.max_failures=5", "vqgan.scaling.num_workers=1")
     with pytest.raises(RunRefused, match="no full batch of 2 per worker"):
         run_stage("vqgan", cfg, str(tmp_path / "small"), str(tmp_path / "root"), component="vqgan_lo")
     # Rank 0 posts "[run] attempt N failed: ..." for every attempt that raised: none did.
@@ -261,7 +262,7 @@ def test_a_damaged_shard_stops_the_run_at_the_first_attempt_that_reads_it(ray_se
     with open(damaged, "r+b") as f:
         f.truncate(os.path.getsize(damaged) // 2)
     cfg = ray_test_config("base", "base.run.max_steps=50", "base.run.batch_size=4", "base.run.cache_data=false",
-                          "base.run.max_failures=5", "base.model=null",
+                          "base.run.max_failures=5", "base.model=null", "base.scaling.num_workers=1",
                           "base.run.name=damaged")  # its own name: the board counts attempts by name
     with pytest.raises(RunRefused, match=r"\[damaged\] stopped, not restarted: CorruptShard: \S+zz.parquet is not a "
                                          r"readable token shard .* mend that and run the same command again"):
@@ -290,7 +291,8 @@ def test_a_checkpoint_the_disk_cannot_hold_stops_the_run_before_its_upload(ray_s
     subprocess.run(["mount", "-o", f"remount,size={weights // 1024 + 2048}k", str(small_disk)], check=True)
     root = copy_tree(tiny_data.root, str(small_disk / "root"))
     cfg = ray_test_config("base", "base.run.max_steps=4", "base.run.batch_size=4", "base.run.max_failures=5",
-                          "base.model=null", "base.run.name=fulldisk")  # its own name: the board counts attempts
+                          "base.model=null", "base.scaling.num_workers=1",
+                          "base.run.name=fulldisk")  # its own name: the board counts attempts
     with pytest.raises(RunRefused, match=r"\[fulldisk\] stopped, not restarted: OSError: \[Errno 28\] No space left "
                                          r"on device for this worker's shards of the checkpoint at step 2: it needs "
                                          r"[\d.]+ MB under \S+fulldisk, which has [\d.]+ MB free"):
