@@ -80,12 +80,15 @@ def s3_bucket(s3_server):
 @pytest.fixture(scope="session")
 def ray_session(s3_server):
     """One local Ray for the whole test session. More logical CPUs than cores so that actor pools
-    with fractional CPUs never starve read tasks; S3 variables are set first so workers inherit them."""
+    with fractional CPUs never starve read tasks; S3 variables are set first so workers inherit them.
+    The workers' variables come from this process's environment, not a runtime_env: Ray hands its
+    idle workers only to jobs without one, so tasks and actors start without booting a process."""
     import ray
 
     from jobs.cluster import use_local_driver_env
 
     use_local_driver_env()  # as a local instance of the jobs gets it
+    os.environ.update(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     if not ray.is_initialized():
         ray.init(
             address="local",
@@ -93,7 +96,6 @@ def ray_session(s3_server):
             include_dashboard=False,
             log_to_driver=False,
             object_store_memory=1_500_000_000,
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}},
         )
     yield ray
     ray.shutdown()

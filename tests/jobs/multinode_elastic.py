@@ -48,7 +48,7 @@ def run(cluster, workers: list, root: str, tokens: str, local_path: str) -> dict
         out["refused"] = str(refused)
     cfg = load_config("configs/train_tiny.yaml", [
         "base.scaling.num_workers=2", "base.scaling.min_workers=1", "base.scaling.cpus_per_worker=1",
-        "base.run.max_steps=24", "base.run.checkpoint_every=2", "base.run.batch_size=4", "base.run.log_every=2",
+        "base.run.max_steps=10", "base.run.checkpoint_every=2", "base.run.batch_size=4", "base.run.log_every=2",
         "base.run.sample_every=0", "base.run.max_failures=2", "base.run.cache_data=true", "base.model=null",
         "base.optim.warmup_steps=1"])
     times = {"start": time.time()}
