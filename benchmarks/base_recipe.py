@@ -51,7 +51,7 @@ from jobs.train_job import TrainJob
 from muse import checkpoint, masking
 from muse.config import preset, to_dict
 from pipelines import shards
-from sampling import machine  # benchmarks/sampling.py: the same machine line as the other scripts
+from machine import describe  # benchmarks/machine.py
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 SERVED = {"steps": 24, "guidance_scale": 1.0, "choice_temperature": 4.5}  # configs/demo.yaml's sampling, its base part
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     configure_cpu_worker(args.threads)
-    print(f"machine: {machine('cpu')}", flush=True)
+    print(f"machine: {describe()}", flush=True)
     demo_root = os.path.join(args.demo, "checkpoint")
     out = args.out or os.path.join(args.demo, "base_recipe")
     os.makedirs(out, exist_ok=True)

@@ -20,7 +20,7 @@ import os
 import yaml
 
 from jobs.demo import DEFAULT_CONFIG, run_demo
-from sampling import machine  # benchmarks/sampling.py: the same machine line as the other scripts
+from machine import describe  # benchmarks/machine.py
 
 # The tokenizers' autoencoder warm-up scales with their steps: unscaled, a quarter budget's 250 low-res
 # steps would end inside the 400-step warm-up, before the codebook is seeded.
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budgets", default="0.25,0.5,1", help="comma-separated step multipliers (default 0.25,0.5,1)")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="the recipe (default configs/demo.yaml)")
     args = parser.parse_args(argv)
-    print(machine("cpu"), flush=True)
+    print(f"machine: {describe()}", flush=True)
     rows = []
     for budget in (float(b) for b in args.budgets.split(",")):
         out = os.path.join(args.out, f"budget_{budget:g}")

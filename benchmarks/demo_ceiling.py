@@ -20,7 +20,7 @@ import torch
 
 from muse import checkpoint
 from muse.evaluate import heldout_images, read_holdout, tokenizer_ceiling, training_pairs
-from sampling import machine  # benchmarks/sampling.py: the same machine line as the other scripts
+from machine import describe  # benchmarks/machine.py
 
 ATTRS = ("color", "shape", "count", "placement", "correct")
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
                              "0 placed freely")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    print(machine("cpu"))
+    print(f"machine: {describe()}")
     pairs = training_pairs(read_holdout(args.corpus)) if args.corpus else None
     samples = heldout_images(args.n, args.size, seed=args.seed, grid=args.grid, pairs=pairs)
     print(f"{'':<34}" + "".join(f"{a:>11}" for a in ATTRS))

@@ -51,7 +51,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.tokenize_scale import load, machine  # noqa: E402
+from benchmarks.machine import describe, load_averages  # noqa: E402
 
 PER_FOLDER = 10_000
 
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency", type=float, default=0.05, help="seconds the proxy holds each S3 request")
     args = parser.parse_args(argv)
     work = args.work or tempfile.mkdtemp(prefix="folder-planning-")
-    print(f"machine: {machine()}; load average {load()} at start")
+    print(f"machine: {describe()}")
     before = "| before: peak RSS | before: s " if args.before else ""
     print(f"| images {before}| kept: peak RSS | kept: s | spilled: peak RSS | spilled: s | parts | plan files |")
     print("|---:" * (7 + 2 * bool(args.before)) + "|")
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(work, ignore_errors=True)
     if args.reads:
         s3_reads(args.reads, args.latency)
-    print(f"load average {load()} at end")
+    print(f"load average {load_averages()} at end")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from machine import describe
+
 # Peak RSS from VmHWM: ru_maxrss survives exec, so a child would report its parent's peak.
 CHILD = """
 import json, sys, time
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", default="/tmp/muse_load_bench")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
+    print(f"machine: {describe()}", flush=True)
     uri = os.path.join(args.root, args.preset)
     if not os.path.exists(os.path.join(uri, "config.json")):
         t = time.perf_counter()

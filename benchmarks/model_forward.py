@@ -10,26 +10,15 @@ against the naive forward that re-encodes the context every call. CPU by default
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
+from machine import describe
 from muse.checkpoint import KINDS, kind_of_config, parameter_count
 from muse.config import PRESETS, BaseTransformerConfig, SuperResTransformerConfig
 from muse.transformer import MaskedTransformer, SuperResTransformer
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}; {torch.get_num_threads()} torch threads; {gpu}; torch {torch.__version__}"
 
 
 def parameter_table() -> list[tuple[str, str, int]]:
@@ -91,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
-    print(f"machine: {machine()}\n")
+    print(f"machine: {describe(args.device)}\n")
     print(f"| {'preset':<16} | {'kind':<12} | {'parameters':>15} |")
     print(f"|{'-' * 18}|{'-' * 14}|{'-' * 17}|")
     for name, kind, n in parameter_table():

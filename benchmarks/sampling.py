@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import legacy_sampling  # noqa: E402
+from machine import describe  # noqa: E402
 
 from muse import sampling  # noqa: E402
 from muse.checkpoint import build_component  # noqa: E402
@@ -50,19 +50,6 @@ from muse.pipeline import MusePipeline  # noqa: E402
 from muse.token_stages import TextCondition, stage_contexts  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def machine(device: str) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "no GPU used"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}; {os.cpu_count()} logical cores; {torch.get_num_threads()} torch threads; {gpu}; "
-            f"torch {torch.__version__}; load average {load:.1f} at start")
 
 
 def _sync(device: str) -> None:
@@ -335,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(memory_step(args.memory_child, args.device, dtype, args.text_len)))
         return
 
-    print(f"machine: {machine(args.device)}")
+    print(f"machine: {describe(args.device)}")
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     if batches:
         if args.model == "tiny":

@@ -25,12 +25,13 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 
 import httpx
+
+from machine import describe
 
 APP = "muse_bench"
 
@@ -246,8 +247,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ray.shutdown()
         tmp.cleanup()
 
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"\n{platform.node()}: {os.cpu_count()} cores, load average at the end {load}; size {args.size}, "
+    print(f"\nmachine at the end: {describe(args.device)}; size {args.size}, "
           f"{args.steps} base steps{'' if args.size == '64x64' else f' + {args.superres_steps} super-res'}, "
           f"{args.duration:g} s per level and mode in {args.rounds} alternating windows\n")
     print("| batching | concurrency | req/s | p50 (s) | p99 (s) | errors | requests per base forward (size: count) |")

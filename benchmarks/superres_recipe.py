@@ -42,7 +42,7 @@ from muse.pipeline import MusePipeline
 from muse.token_stages import superres_tokens
 from pipelines import shards
 from base_recipe import demo_links, export_root, train_in_process  # benchmarks/base_recipe.py
-from sampling import machine  # benchmarks/sampling.py: the same machine line as the other scripts
+from machine import describe  # benchmarks/machine.py
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 SERVED = {"superres_steps": 8, "guidance_scale": 1.0, "choice_temperature": 4.5,  # configs/demo.yaml's sampling, its part
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     configure_cpu_worker(args.threads)
-    print(f"machine: {machine('cpu')}", flush=True)
+    print(f"machine: {describe()}", flush=True)
     demo_root, corpus = os.path.join(args.demo, "checkpoint"), os.path.join(args.demo, "corpus")
     out = args.out or os.path.join(args.demo, "superres_recipe")
     os.makedirs(out, exist_ok=True)

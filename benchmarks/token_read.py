@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
-from tokenize_scale import load, machine  # noqa: E402
+from machine import describe, load_averages  # noqa: E402
 
 from pipelines import shards  # noqa: E402
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
 
-    print(f"machine: {machine()}; load average {load()} at start", flush=True)
+    print(f"machine: {describe()}", flush=True)
     with tempfile.TemporaryDirectory() as work:
         out = os.path.join(work, "tokens")
         write_shards(out, args.files, args.rows)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                 times[name].append(seconds)
         ray.shutdown()
     print(f"\n{args.files} files x {args.rows} rows, {args.passes} passes each, alternating; "
-          f"load average {load()} at the end\n")
+          f"load average {load_averages()} at the end\n")
     print("| reader | seconds per pass (each) | median |\n|---|---|---:|")
     for name, t in times.items():
         print(f"| {name} | {' / '.join(f'{x:.2f}' for x in t)} | {float(np.median(t)):.2f} |")

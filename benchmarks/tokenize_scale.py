@@ -34,6 +34,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks.machine import describe, load_averages  # noqa: E402
+
 ROWS_PER_FILE = 1000
 CONFIG = {  # sized for throughput on a few cores; see configs/tokenize-*.yaml for real runs
     # One block per part: Ray Data's scheduling costs the driver per task, so per block.
@@ -43,21 +45,6 @@ CONFIG = {  # sized for throughput on a few cores; see configs/tokenize-*.yaml f
     "text": {"num_cpus": 0.5, "batch_size": 500},
     "write_cpus": 0.25,
 }
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, no GPU used"
-
-
-def load() -> str:
-    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def write_corpus(folder: str, n: int) -> None:
@@ -191,24 +178,24 @@ def main(argv: list[str] | None = None) -> None:
         t = time.time()
         write_corpus(full, max(args.sizes))
         print(f"corpus of {max(args.sizes)} images written in {time.time() - t:.0f}s", flush=True)
-    print(f"machine: {machine()}; load average at start {load()}", flush=True)
+    print(f"machine: {describe()}", flush=True)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONPATH=REPO)
     rows = []
     for n in args.sizes:
         corpus = corpus_of(work, n, full)
-        before = load()
+        before = load_averages()
         pipes = {p: child("driver", corpus, os.path.join(work, f"tokens-{n}-{p}-{time.time():.0f}"), root, env, p)
                  for p in args.placements}
         loop = child("loop", corpus, os.path.join(work, f"loop-{n}-{time.time():.0f}"), root)
         for placement, pipe in pipes.items():
             assert pipe["accepted"] == loop["accepted"] == n, (pipe, loop)
-            rows.append((n, placement, pipe, loop, f"{before} -> {load()}"))
+            rows.append((n, placement, pipe, loop, f"{before} -> {load_averages()}"))
             print(json.dumps({"images": n, "placement": placement, "pipeline": pipe, "loop": loop}), flush=True)
     ray.shutdown()
 
-    print(f"\nmachine: {machine()}\n")
+    print(f"\nmachine at the end: {describe()}\n")
     print("| images | decoding in | pipeline s | pipeline images/s | driver CPU-s (run / process) | driver CPU, % of a core "
           "| coordinator CPU-s | driver ms CPU per image | driver RSS MB (start of run / peak) | plain loop s "
           "| loop images/s | load average (1/5/15 min, before -> after) |")

@@ -19,10 +19,11 @@ import sys
 # and friends import): run as a script, its folder would shadow it, so take the folder off the path.
 if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
+# The repo root, at the end so it shadows nothing, for benchmarks.machine.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
 import io
-import platform
 import re
 import subprocess
 import tempfile
@@ -36,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from benchmarks.machine import describe
 from muse.checkpoint import component_uri, init_model_root, load_component, save_component
 from muse.config import MODEL_PRESETS, from_dict, preset
 from muse.data.images import uint8_to_tensor
@@ -47,18 +49,6 @@ from pipelines.readers import plan_parts, read_part
 from pipelines.tokenize import load_tokenizer, resolve_models, run
 
 SECTION = "## Tokenization (benchmarks/tokenize_throughput.py)"
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, load average {load:.1f} at start"
 
 
 def model_root(preset_name: str, root: str) -> None:
@@ -264,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", help="write this section into RESULTS.md at this path")
     args = parser.parse_args(argv)
 
-    mach = machine()
+    mach = describe(args.device)
     cfg = bench_config(args.device, os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
         corpus, root = os.path.join(tmp, "corpus"), os.path.join(tmp, "root")

@@ -46,27 +46,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 
 import numpy as np
 import torch
 
+from machine import describe
 from muse.config import preset
 
 TEXT_LEN = 16
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}; {os.cpu_count()} logical cores; {gpu}; torch {torch.__version__}"
 
 
 def write_shards(out: str, cfg, text_dim: int, rows: int, seed: int = 0) -> None:
@@ -342,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--every", type=int, default=5, help="--checkpoint-bench: steps between checkpoints")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
-    print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"machine: {describe(args.device)}", flush=True)
     if args.checkpoint_bench:
         from train_checkpoints import print_table, run
 
@@ -377,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r['batch_per_worker']}  tokens/s/worker {r['tokens_per_s_per_worker']:,.0f}{mfu}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+            json.dump({"machine": describe(args.device), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

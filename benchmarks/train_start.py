@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from tokenize_scale import load, machine  # noqa: E402
+from machine import describe, load_averages  # noqa: E402
 
 from jobs.cluster import LOCAL_DRIVER_ENV  # noqa: E402
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(fits(args.child)))
         return
 
-    print(f"machine: {machine()}; load average {load()} at start", flush=True)
+    print(f"machine: {describe()}", flush=True)
     base = {k: v for k, v in os.environ.items() if k not in LOCAL_DRIVER_ENV}
     settings = {"Ray's defaults": base, f"LOCAL_DRIVER_ENV {LOCAL_DRIVER_ENV}": base | LOCAL_DRIVER_ENV}
     times: dict[str, list[float]] = {name: [] for name in settings}
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             out = subprocess.run([sys.executable, __file__, "--child", str(args.fits)], env=env, cwd=REPO,
                                  capture_output=True, text=True, check=True).stdout
             times[name] += json.loads(out.strip().splitlines()[-1])
-    print(f"\nload average {load()} at the end\n")
+    print(f"\nload average {load_averages()} at the end\n")
     print("| driver settings | seconds per fit (the first on a fresh Ray first) | mean of the rest |\n|---|---|---:|")
     for name, t in times.items():
         rest = [x for i, x in enumerate(t) if i % args.fits]

@@ -42,7 +42,7 @@ from muse.config import preset, to_dict
 from muse.data.images import pil_to_tensor, tensor_to_pil
 from muse.data.synthetic import GRID_LAYOUTS, all_pairs, caption, holdout_pairs, sample
 from muse.judge import judge, summarize
-from sampling import machine  # benchmarks/sampling.py: the same machine line as the other scripts
+from machine import describe  # benchmarks/machine.py
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 CONV = {"form": "conv", "base_channels": 32, "num_res_blocks": 0, "mid_block": False}
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown forms {sorted(unknown)}; known: {', '.join(FORMS)}")
     torch.set_num_threads(args.threads)
-    print(f"machine: {machine('cpu')}")
+    print(f"machine: {describe()}")
     held_out = set(holdout_pairs(args.holdout_fraction))
     pairs = [p for p in all_pairs() if p not in held_out]
     _, train = load_images(0, args.images, args.size, args.render, args.grid, pairs, args.layout)

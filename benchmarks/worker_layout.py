@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from tokenize_scale import load, machine  # noqa: E402
+from machine import describe, load_averages  # noqa: E402
 
 DEFAULT_LAYOUTS = {"base": "1x1x32,1x2x32,2x1x16", "superres": "1x1x16,1x2x16,2x1x8"}
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     from jobs.stages import run_stage
 
     layouts = [parse_layout(t) for t in (args.layouts or DEFAULT_LAYOUTS[args.stage]).split(",")]
-    print(f"machine: {machine()}; load average {load()} at start", flush=True)
+    print(f"machine: {describe()}", flush=True)
     # As the jobs join Ray; the workers import this checkout, as this process does.
     started_ray = join_ray(worker_env(), num_cpus=args.num_cpus, include_dashboard=False,
                            local_env={"OMP_NUM_THREADS": "1", "PYTHONPATH": REPO})
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if started_ray:  # a failed fit must not leave the Ray this script started behind
             ray.shutdown()
-    print(f"\nload average {load()} at the end\n")
+    print(f"\nload average {load_averages()} at the end\n")
     print(f"{s}, {args.steps} steps per fit, steps/s over the last {args.log_every}\n")
     print("| workers x CPUs x batch per worker | step/s | fit s |\n|---|---:|---:|")
     for name, rate, fit_s in rows:
