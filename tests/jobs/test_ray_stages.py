@@ -1,6 +1,7 @@
 """Every stage through Ray Train: 2 CPU workers (gloo), a few steps on tiny data, checkpoints reported
-and exported components that the pipeline loads (runs that must stop at their first attempt take one
-worker: on 2 cores a second one costs ~8 s and shows nothing more there). One worker is killed mid-run and the run resumes
+and exported components that the pipeline loads (the decoder fine-tune, whose worker is the vqgan
+stage's, and runs that must stop at their first attempt take one worker: on 2 cores a second one
+costs ~8 s and shows nothing more there). One worker is killed mid-run and the run resumes
 from its last checkpoint; one run keeps its checkpoints and model root on the loopback S3 server, with
 checkpoint uploads slowed down (training does not wait for them). Resuming on another number of
 workers: the S3 run's two FSDP ranks resume on one worker and then on two again; exact state
@@ -80,7 +81,8 @@ def test_decoder_stage_widens_and_keeps_the_tokens(ray_session, tiny_data, tmp_p
     root = copy_tree(tiny_data.root, str(tmp_path / "root"))
     cfg = ray_test_config("decoder", "decoder.run.max_steps=2", "decoder.run.batch_size=2",
                           "decoder.decoder_base_channels=16", "decoder.decoder_num_res_blocks=2",
-                          "decoder.run.cache_data=true")
+                          "decoder.run.cache_data=true",
+                          "decoder.scaling.num_workers=1")  # its worker is the vqgan stage's, run on 2 above
     [result] = run_stage("decoder", cfg, tiny_data.corpus, root, component="vqgan_lo")
     assert result.metrics["step"] == 2
     uri = checkpoint.component_uri(root, "vqgan_lo")
