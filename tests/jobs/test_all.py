@@ -65,6 +65,12 @@ def fake(monkeypatch, tmp_path):
     monkeypatch.setattr(tokenize, "resolve_models", lambda root: tokenize.Models(f"{root}/vqgan_lo", f"{root}/text_encoder",
                                                                                  f"{root}/vqgan_hi"))
     monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 8.0})
+    # Lines printed as said, whether or not an earlier test left Ray up or a board drawing: a board
+    # draws them later, from its own thread.
+    from jobs import progress
+
+    progress.stop_display()
+    monkeypatch.setattr(train_all_module, "start_display", lambda: None)
     return stages
 
 
