@@ -313,9 +313,11 @@ def _delete_all(uris: list[str]) -> None:
         list(pool.map(storage.delete, uris))
 
 
-def summarize(out: str, manifest: pa.Table, examples: dict[str, list[str]], per_reason: int = 5) -> dict:
+def summarize(out: str, manifest: pa.Table, examples: dict[str, list[str]], per_reason: int = 5,
+              not_read: str = "") -> dict:
     """Write rejects.json (counts of every finished part, example keys of this run and earlier ones)
-    and manifest.json (totals); return the totals."""
+    and manifest.json (totals, and `not_read`: what this run's listing of the corpus passed over, when
+    anything was); return the totals."""
     rejects = manifest["rejects"].combine_chunks()
     by_reason: dict[str, int] = {}
     if len(rejects.keys):
@@ -339,6 +341,6 @@ def summarize(out: str, manifest: pa.Table, examples: dict[str, list[str]], per_
         "accepted": pc.sum(manifest["accepted"]).as_py() or 0,
         "rejected": rejects["total"],
         "files": pc.sum(pc.list_value_length(manifest["files"])).as_py() or 0,
-    }
+    } | ({"not_read": not_read} if not_read else {})
     storage.write_text(storage.join(out, SUMMARY_FILE), json.dumps(totals, indent=1))
     return totals | {"rejects": rejects}

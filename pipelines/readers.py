@@ -219,7 +219,7 @@ class NoInput(FileNotFoundError):
 
 def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", spill: str | None = None,
                progress: Callable[..., None] | None = None, max_images: int | None = None,
-               folder_cuts: str = "names", sizes: bool = True) -> list[Part]:
+               folder_cuts: str = "names", sizes: bool = True, not_read: list[str] | None = None) -> list[Part]:
     """Every part of the corpus at `uri` (a file or a directory), in a deterministic order. Part ids
     hash the files' paths below `uri` (`ids` "relative") or their full spelling ("absolute"), and
     with `sizes` the files' sizes as listed, so that a file rewritten under its name with another
@@ -234,7 +234,9 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
     refused (`NoInput`), and so is a corpus whose format cannot be told.
     `max_images` plans only a folder corpus's first parts, up to that many images (its listing stops
     there: a sample of a huge folder neither lists nor holds the rest). A folder corpus is cut by
-    names, or by count for outputs tokenized before (`folder_plan.plan_folder`'s `cuts`)."""
+    names, or by count for outputs tokenized before (`folder_plan.plan_folder`'s `cuts`).
+    What the listing passed over (files of other types, folders this user may not list) is said in a
+    `[corpus] ... not read:` line, and appended to `not_read` when given, for the job's summary."""
     if ids not in PART_IDS:
         raise ValueError(f"ids must be one of {PART_IDS}, got {ids!r}")
     if format not in formats():
@@ -291,6 +293,8 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
         passed = [f"{n} {what}" for f, (n, what) in found.items() if f != format and n]
         if passed:  # said, not silent: a folder of Parquet files and stray images reads the Parquet files
             print(f"[corpus] {uri} is read as {format}; not read: {', '.join(passed)} (--format picks)", flush=True)
+            if not_read is not None:
+                not_read.append(f"{', '.join(passed)} (the corpus is read as {format}; --format picks)")
     elif not found[format][0]:
         listed_kinds = ", ".join(f"{n} {what}" for n, what in found.values() if n) or "no file of a format read here"
         raise NoInput(f"--format {format}: {uri} holds no {found[format][1]} ({listed_kinds})")
@@ -299,11 +303,17 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
             return part_id(format, named(f), *fields, *((f"size {file_sizes[f]}",) if sizes else ()))
 
         if skipped := passed_over.unlisted_line():
-            print(f"[corpus] {uri}: not read: {skipped}", flush=True)
+            _say_not_read(uri, skipped, not_read)
         return FILE_FORMATS[format].plan(FilePlan(files[format], cfg, file_part_id, note))
     if (passed := passed_over.line()) and max_images is None:  # (a sample has not listed the rest)
-        print(f"[corpus] {uri}: not read: {passed}", flush=True)
+        _say_not_read(uri, passed, not_read)
     return folder
+
+
+def _say_not_read(uri: str, what: str, not_read: list[str] | None) -> None:
+    print(f"[corpus] {uri}: not read: {what}", flush=True)
+    if not_read is not None:
+        not_read.append(what)
 
 
 LISTED_NOTE = 100  # planning notes its progress (and the driver its heartbeat) every this many files

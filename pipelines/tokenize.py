@@ -202,12 +202,13 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
     heartbeat = output_runs.Heartbeat(output, run_id)
     heartbeat.beat()
     todo: list[readers.Part] = []
+    not_read: list[str] = []  # what the corpus's listing passed over, said again in the summary
     try:
         removed = output_runs.remove_stale(output, done, run=run_id, force=force_cleanup)
         del done
         plan_dir = storage.join(output, manifest.SHARDS_DIR, run_id, manifest.PLAN_DIR)
         parts = _plan(input_uri, format, cfg, part_ids, folder_cuts, sizes, plan_dir, heartbeat,
-                      progress and reporter is None, start)
+                      progress and reporter is None, start, not_read)
         if any(p.format == "parquet" for p in parts):
             spec["parquet_parts"] = "whole row groups"  # outputs of the earlier row slices do not resume
         if folder_cuts == "names" and any(p.format == "folder" for p in parts):
@@ -221,7 +222,7 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
                   + (f"; retired {retired[0]} finished parts ({retired[1]} samples) whose input changed"
                      if retired[0] else ""), flush=True)
         totals = _run_parts(todo, cfg, models, spec, output, run_id, heartbeat, start, on_published, progress,
-                            reporter)
+                            reporter, "; ".join(not_read))
     finally:
         heartbeat.stop(remove_run=not todo)
     seconds = totals["seconds"]
@@ -230,6 +231,8 @@ def run(input_uri: str, output: str, models: Models, cfg: TokenizeConfig | None 
             f"{totals['parts']} parts; this run {len(todo)} parts ({len(parts) - len(todo)} already done), "
             f"{totals['run_rows']} samples in {seconds:.1f}s ({totals['run_rows'] / max(seconds, 1e-9):.1f} "
             f"samples/s) -> {output}")
+    if "not_read" in totals:  # said at planning too, which a long job's log has long scrolled past
+        line += f"; not read in the corpus: {totals['not_read']}"
     if reporter is not None:
         reporter.finish(line)
     else:
@@ -241,9 +244,11 @@ PLANNING_LINE_SECONDS = 10.0  # a long planning (a big folder corpus) says how f
 
 
 def _plan(input_uri: str, format: str, cfg: TokenizeConfig, part_ids: str, folder_cuts: str, sizes: bool,
-          spill: str, heartbeat: output_runs.Heartbeat, lines: bool, start: float) -> list[readers.Part]:
+          spill: str, heartbeat: output_runs.Heartbeat, lines: bool, start: float,
+          not_read: list[str]) -> list[readers.Part]:
     """The corpus's parts; a folder corpus's image lists go to plan files in `spill`. The heartbeat is
-    kept while a big folder is listed, and with `lines` a line says how far it is."""
+    kept while a big folder is listed, and with `lines` a line says how far it is. What the listing
+    passed over is appended to `not_read`."""
     last = time.monotonic()
 
     def planned(images: int, parts: int, captions: int = 0, note: str | None = None) -> None:
@@ -256,14 +261,15 @@ def _plan(input_uri: str, format: str, cfg: TokenizeConfig, part_ids: str, folde
             print(f"tokenize: planning: {so_far} so far ({time.time() - start:.0f}s)", flush=True)
 
     return readers.plan_parts(input_uri, format, cfg.reader, ids=part_ids, spill=spill, progress=planned,
-                              folder_cuts=folder_cuts, sizes=sizes)
+                              folder_cuts=folder_cuts, sizes=sizes, not_read=not_read)
 
 
 def _run_parts(todo: list[readers.Part], cfg: TokenizeConfig, models: Models, spec: dict, output: str,
                run_id: str, heartbeat: output_runs.Heartbeat, start: float, on_published, progress: bool,
-               reporter) -> dict:
+               reporter, not_read: str) -> dict:
     """Tokenize `todo` as run `run_id`, commit each part as it finishes, then compact the manifest
-    and write the totals; the driver's loop also keeps the heartbeat."""
+    and write the totals (with `not_read`, what the listing passed over, when anything was); the
+    driver's loop also keeps the heartbeat."""
     from tqdm import tqdm
 
     lo_size = spec["vqgan_lo"]["resolution"]
@@ -338,7 +344,8 @@ def _run_parts(todo: list[readers.Part], cfg: TokenizeConfig, models: Models, sp
             manifest.mark_clean(output, run_id)
         examples = assembler.examples
     heartbeat.beat()
-    totals = manifest.summarize(output, manifest.compact(output, run_id), examples, cfg.examples_per_reason)
+    totals = manifest.summarize(output, manifest.compact(output, run_id), examples, cfg.examples_per_reason,
+                                not_read=not_read)
     return totals | {"run_parts": len(todo), "run_rows": rows, "seconds": time.time() - start,
                      "stats": stats, "coordinator_cpu_s": coordinator_cpu_s}
 

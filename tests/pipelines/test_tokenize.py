@@ -47,6 +47,7 @@ def test_folder_corpus_end_to_end(ray_session, tmp_path, tiny_root, fast_cfg, pl
     fast_cfg = replace(fast_cfg, preprocess=replace(fast_cfg.preprocess, placement=placement), commit_seconds=600)
     rows = mixed_rows()
     write_folder(tmp_path / "corpus", rows)
+    (tmp_path / "corpus" / "notes.md").write_text("a file of a type not read")
     out = str(tmp_path / "tokens")
     driver_threads: set[str] = set()
 
@@ -79,6 +80,10 @@ def test_folder_corpus_end_to_end(ray_session, tmp_path, tiny_root, fast_cfg, pl
     # The bar ends at every part (the last commit lands before it closes), then the summary line.
     console = capsys.readouterr()
     assert f"| {parts}/{parts} [" in console.err and "tokenize: 9 accepted, 6 rejected" in console.out, console
+    # What the listing passed over is said at planning, and again at the end (and in manifest.json).
+    passed_over = "1 file(s) of other types (.md 1; reader.image_extensions lists the types read)"
+    [summary] = [line for line in console.out.splitlines() if line.startswith("tokenize: 9 accepted")]
+    assert f": not read: {passed_over}" in console.out and summary.endswith(f"; not read in the corpus: {passed_over}")
 
     info = shards.shard_info(out)
     assert info == {"tokens_lo_side": 8, "tokens_hi_side": 16, "text_storage": "ids", "text_dim": 64,
@@ -116,7 +121,7 @@ def test_folder_corpus_end_to_end(ray_session, tmp_path, tiny_root, fast_cfg, pl
     assert shards.read_token_shards(out).count() == table.num_rows
     summary = json.loads(storage.read_text(storage.join(out, "manifest.json")))
     assert summary == {"parts": parts, "rows": 15, "accepted": 9, "rejected": 6,
-                       "files": len(shards.token_shard_files(out))}
+                       "files": len(shards.token_shard_files(out)), "not_read": passed_over}
 
 
 def test_embeddings_from_webdataset_load_as_training_input(ray_session, tmp_path, tiny_root,
