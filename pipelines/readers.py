@@ -292,9 +292,8 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
         format = _format(uri, files, bool(folder), passed_over.line())
         passed = [f"{n} {what}" for f, (n, what) in found.items() if f != format and n]
         if passed:  # said, not silent: a folder of Parquet files and stray images reads the Parquet files
-            print(f"[corpus] {uri} is read as {format}; not read: {', '.join(passed)} (--format picks)", flush=True)
-            if not_read is not None:
-                not_read.append(f"{', '.join(passed)} (the corpus is read as {format}; --format picks)")
+            _say_not_read(f"{uri} is read as {format}; not read: {', '.join(passed)} (--format picks)",
+                          f"{', '.join(passed)} (the corpus is read as {format}; --format picks)", not_read)
     elif not found[format][0]:
         listed_kinds = ", ".join(f"{n} {what}" for n, what in found.values() if n) or "no file of a format read here"
         raise NoInput(f"--format {format}: {uri} holds no {found[format][1]} ({listed_kinds})")
@@ -303,15 +302,16 @@ def plan_parts(uri: str, format: str, cfg: ReaderConfig, ids: str = "relative", 
             return part_id(format, named(f), *fields, *((f"size {file_sizes[f]}",) if sizes else ()))
 
         if skipped := passed_over.unlisted_line():
-            _say_not_read(uri, skipped, not_read)
+            _say_not_read(f"{uri}: not read: {skipped}", skipped, not_read)
         return FILE_FORMATS[format].plan(FilePlan(files[format], cfg, file_part_id, note))
     if (passed := passed_over.line()) and max_images is None:  # (a sample has not listed the rest)
-        _say_not_read(uri, passed, not_read)
+        _say_not_read(f"{uri}: not read: {passed}", passed, not_read)
     return folder
 
 
-def _say_not_read(uri: str, what: str, not_read: list[str] | None) -> None:
-    print(f"[corpus] {uri}: not read: {what}", flush=True)
+def _say_not_read(line: str, what: str, not_read: list[str] | None) -> None:
+    """Print `line` about the corpus; keep `what` in `not_read` (when given) for the job's summary."""
+    print(f"[corpus] {line}", flush=True)
     if not_read is not None:
         not_read.append(what)
 
